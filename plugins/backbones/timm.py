@@ -1,0 +1,86 @@
+"""Backbones ``timm:<model>``: any timm architecture, random init, never downloading weights.
+
+``in_chans`` follows the data (1 for grayscale); ViTs are built for the run's image size
+and also offer the token interface (:class:`sslkit.backbone.TokenBackbone`) that masked
+image modelling needs.
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any
+
+import timm
+import torch
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+import sslkit
+from sslkit.errors import UsageError
+
+
+class TimmBackbone(nn.Module):
+    """``(B, C, H, W) -> (B, D)``: a timm model with its classifier removed.
+
+    ``self.model`` is the plain timm module, so ``model.*`` keys of the state dict are
+    timm's own and load into ``timm.create_model(name, in_chans=C)``.
+    """
+
+    def __init__(self, name: str, model: nn.Module, in_chans: int) -> None:
+        super().__init__()
+        self.name = f"timm:{name}"
+        self.model = model
+        self.in_chans = in_chans
+        self.num_features = int(model.num_features)
+        if isinstance(model, VisionTransformer) and model.pos_embed is not None and not model.dynamic_img_size:
+            self.patch_size = int(model.patch_embed.patch_size[0])
+            self.embed_dim = int(model.embed_dim)
+            self.num_prefix_tokens = int(model.num_prefix_tokens)
+        else:
+            self.patch_size = 0  # not a token backbone
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    # --- token interface (ViTs) -------------------------------------------------------
+    def patchify(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, C, H, W) -> (B, N, D)``: patch embeddings plus their position embeddings."""
+        m = self.model
+        tokens = m.patch_embed(x)
+        start = 0 if m.no_embed_class else m.num_prefix_tokens
+        return tokens + m.pos_embed[:, start:]
+
+    def encode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``(B, n, D) -> (B, P + n, D)``: prepend class/register tokens, run blocks, norm."""
+        m = self.model
+        prefix = [t for t in (m.cls_token, m.reg_token) if t is not None]
+        if prefix:
+            pre = torch.cat(prefix, dim=1)
+            if not m.no_embed_class:
+                pre = pre + m.pos_embed[:, : m.num_prefix_tokens]
+            tokens = torch.cat([pre.expand(tokens.shape[0], -1, -1), tokens], dim=1)
+        x = m.norm_pre(m.pos_drop(tokens))
+        return m.norm(m.blocks(x))
+
+
+def create(model: str, in_chans: int, image_size: int, **options: Any) -> TimmBackbone:
+    """Build ``timm:<model>`` with ``pretrained=False`` and ``num_classes=0``."""
+    if not timm.is_model(model):
+        close = difflib.get_close_matches(model, timm.list_models(), n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else "; see timm.list_models()"
+        raise UsageError(f"unknown timm model {model!r}{hint}")
+    kwargs = dict(pretrained=False, num_classes=0, in_chans=in_chans, **options)
+    try:
+        try:
+            net = timm.create_model(model, img_size=image_size, **kwargs)
+        except TypeError:  # architectures without an img_size argument (CNNs)
+            net = timm.create_model(model, **kwargs)
+    except (TypeError, ValueError, AssertionError, RuntimeError) as exc:
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UsageError(f"cannot build timm:{model} for {in_chans}x{image_size}x{image_size} input: {msg}") from None
+    return TimmBackbone(model, net, in_chans)
+
+
+@sslkit.hookimpl
+def register_backbones(register):
+    register("timm", create)

@@ -1,0 +1,113 @@
+"""Source ``folder:PATH``: every image below PATH (PNG, JPEG, TIFF, BMP, WebP).
+
+Class sub-folders are ignored for pretraining and used as labels by ``eval``.
+8-bit images are scaled by 255, 16-bit ones by 65535 (never squashed to 8 bits first).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+import sslkit
+from sslkit.data.source import SampleRef, Source
+from sslkit.errors import UsageError
+
+EXTENSIONS = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp"}
+
+
+@dataclass
+class FolderOptions:
+    pass
+
+
+def walk_files(root: Path, keep) -> list[Path]:
+    """Files below ``root`` (sorted, hidden folders skipped) for which ``keep(path)``."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        found += [Path(dirpath) / f for f in sorted(filenames) if not f.startswith(".") and keep(Path(dirpath) / f)]
+    return found
+
+
+def check_dir(location: str, scheme: str) -> Path:
+    root = Path(location).expanduser()
+    if not root.exists():
+        raise UsageError(f"{scheme}: data directory {location!r} does not exist")
+    if not root.is_dir():
+        raise UsageError(f"{scheme}: {location!r} is not a directory")
+    return root
+
+
+def pil_to_array(img: Image.Image) -> np.ndarray:
+    """PIL image -> float32 (C, H, W) in [0, 1], keeping 16-bit precision."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
+        arr = np.asarray(img, dtype=np.uint16).astype(np.float32) / 65535.0
+    elif img.mode == "I":
+        a = np.asarray(img, dtype=np.int64)
+        arr = (a / 65535.0 if a.max() > 255 else a / 255.0).astype(np.float32)
+    elif img.mode == "F":
+        a = np.asarray(img, dtype=np.float32)
+        lo, hi = float(a.min()), float(a.max())
+        arr = (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)
+    else:
+        if img.mode not in ("L", "RGB"):
+            img = img.convert("RGBA" if "A" in img.getbands() or img.mode == "P" else "RGB")
+            if img.mode == "RGBA":
+                img = img.convert("RGB")
+        arr = np.asarray(img, dtype=np.float32) / 255.0
+    if arr.ndim == 2:
+        arr = arr[None]
+    else:
+        arr = arr.transpose(2, 0, 1)
+    return np.ascontiguousarray(arr, dtype=np.float32)
+
+
+class FolderSource(Source):
+    scheme = "folder"
+    Options = FolderOptions
+
+    def __init__(self, location: str, options=None) -> None:
+        super().__init__(location, options)
+        self.root = check_dir(location, self.scheme)
+
+    @classmethod
+    def sniff(cls, path: Path) -> float:
+        if path.is_dir():
+            for _, i in zip(range(200), path.rglob("*")):
+                if i.suffix.lower() in EXTENSIONS:
+                    return 0.5
+        return 0.0
+
+    def index(self) -> list[SampleRef]:
+        files = walk_files(self.root, lambda p: p.suffix.lower() in EXTENSIONS)
+        refs = []
+        for f in files:
+            rel = f.relative_to(self.root)
+            label = rel.parts[-2] if len(rel.parts) > 1 else None
+            refs.append(SampleRef(str(f), group=str(rel), label=label))
+        return refs
+
+    def channels_of(self, ref: SampleRef) -> int | None:
+        try:
+            with Image.open(ref.path) as img:
+                return 3 if img.mode in ("RGB", "RGBA", "P", "CMYK", "YCbCr") else 1
+        except Exception:
+            return None
+
+    def load(self, ref: SampleRef) -> np.ndarray:
+        with Image.open(ref.path) as img:
+            img.load()
+            return pil_to_array(img)
+
+    def describe(self) -> dict:
+        return {"scale": "8-bit / 255, 16-bit / 65535"}
+
+
+@sslkit.hookimpl
+def register_sources(register):
+    register("folder", FolderSource)

@@ -1,0 +1,169 @@
+"""Task ``mae``: Masked Autoencoders (He, Chen, Xie, Li, Dollár, Girshick, CVPR 2022).
+
+The image is cut into ``N`` patches; a random ``mask_ratio`` of them is dropped and the
+ViT encoder sees only the ``N_vis = N * (1 - mask_ratio)`` visible patches. A light
+transformer decoder gets the encoded visible tokens plus a shared learned mask token at
+every masked position and predicts the pixels of each patch. The loss is the mean squared
+error on masked patches only, against per-patch normalised pixels (``norm_pix_loss``)::
+
+    t_p = (x_p - mean(x_p)) / sqrt(var(x_p) + 1e-6)
+    L = sum_p m_p * ||y_p - t_p||^2 / (P * sum_p m_p)      (m_p = 1 for masked patches)
+
+Defaults: mask ratio 0.75, decoder depth 2, width 256, 8 heads (the paper uses 8 x 512 at
+ImageNet scale; override with ``--task-opt decoder_depth=8 decoder_dim=512``).
+Needs a ViT backbone (token interface), e.g. ``timm:vit_tiny_patch16_224``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from timm.models.vision_transformer import Block
+from torch import nn
+
+import sslkit
+from sslkit.augment import MultiView, ViewRecipe
+from sslkit.backbone import is_token_backbone
+from sslkit.task import Task
+
+
+@dataclass
+class MAEOptions:
+    mask_ratio: float = 0.75
+    decoder_dim: int = 256
+    decoder_depth: int = 2
+    decoder_heads: int = 8
+    norm_pix_loss: bool = True
+    min_scale: float = 0.2
+
+    def __post_init__(self) -> None:
+        if not 0 < self.mask_ratio < 1:
+            raise ValueError("mask_ratio must be in (0, 1)")
+        if self.decoder_dim % self.decoder_heads:
+            raise ValueError("decoder_dim must be divisible by decoder_heads")
+
+
+def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
+    """``(B, C, H, W) -> (B, N, p*p*C)``, patches in raster order, pixels (row, col, chan)."""
+    b, c, h, w = x.shape
+    x = x.reshape(b, c, h // p, p, w // p, p)
+    return x.permute(0, 2, 4, 3, 5, 1).reshape(b, (h // p) * (w // p), p * p * c)
+
+
+def unpatchify(x: torch.Tensor, p: int, c: int) -> torch.Tensor:
+    """Inverse of :func:`patchify` for square images: ``(B, N, p*p*C) -> (B, C, H, W)``."""
+    b, n, _ = x.shape
+    g = int(round(n**0.5))
+    x = x.reshape(b, g, g, p, p, c).permute(0, 5, 1, 3, 2, 4)
+    return x.reshape(b, c, g * p, g * p)
+
+
+def sincos_pos_embed_2d(dim: int, grid: int) -> torch.Tensor:
+    """Fixed 2-D sine-cosine position embedding ``(grid*grid, dim)``, raster order (MAE Sec. A.1).
+
+    Half the channels encode the row, half the column; each half is
+    ``[sin(pos * w_k), cos(pos * w_k)]`` with ``w_k = 1 / 10000^(k / (dim/4))``.
+    """
+    if dim % 4:
+        raise ValueError("decoder_dim must be divisible by 4")
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
+    pos = torch.arange(grid, dtype=torch.float64)
+    rows, cols = torch.meshgrid(pos, pos, indexing="ij")
+
+    def enc(p: torch.Tensor) -> torch.Tensor:
+        out = p.reshape(-1, 1) * omega[None]
+        return torch.cat([out.sin(), out.cos()], dim=1)
+
+    return torch.cat([enc(rows), enc(cols)], dim=1).float()
+
+
+def random_masking(n_batch: int, n_tokens: int, ratio: float, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-sample random masking by sorting uniform noise.
+
+    Returns ``ids_keep (B, N_vis)``, ``mask (B, N)`` (1 = masked, in original order) and
+    ``ids_restore (B, N)`` (the permutation that un-shuffles ``[visible, masked]``).
+    """
+    n_keep = max(1, int(round(n_tokens * (1 - ratio))))
+    noise = torch.rand(n_batch, n_tokens, device=device)
+    ids_shuffle = noise.argsort(dim=1)
+    ids_restore = ids_shuffle.argsort(dim=1)
+    ids_keep = ids_shuffle[:, :n_keep]
+    mask = torch.ones(n_batch, n_tokens, device=device)
+    mask[:, :n_keep] = 0
+    mask = mask.gather(1, ids_restore)
+    return ids_keep, mask, ids_restore
+
+
+class MAE(Task):
+    Options = MAEOptions
+    default_backbone = "timm:vit_tiny_patch16_224"
+
+    @classmethod
+    def check(cls, backbone, spec):
+        if not is_token_backbone(backbone):
+            return (f"MAE needs a ViT backbone with patch tokens, e.g. timm:vit_tiny_patch16_224 or "
+                    f"timm:vit_small_patch16_224; {getattr(backbone, 'name', 'this backbone')} is not one")
+        return None
+
+    def __init__(self, backbone, options: MAEOptions, spec) -> None:
+        super().__init__(backbone, options, spec)
+        p, c = backbone.patch_size, spec.channels
+        grid = spec.image_size // p
+        self.num_patches = grid * grid
+        d = options.decoder_dim
+        self.decoder_embed = nn.Linear(backbone.embed_dim, d)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, d))
+        self.register_buffer("decoder_pos", sincos_pos_embed_2d(d, grid)[None], persistent=False)
+        self.decoder_blocks = nn.Sequential(
+            *[Block(d, options.decoder_heads, mlp_ratio=4.0, qkv_bias=True) for _ in range(options.decoder_depth)]
+        )
+        self.decoder_norm = nn.LayerNorm(d)
+        self.decoder_pred = nn.Linear(d, p * p * c)
+        nn.init.normal_(self.mask_token, std=0.02)
+
+    def views(self, spec):
+        recipe = ViewRecipe(spec.image_size, scale=(self.options.min_scale, 1.0), jitter_p=0.0, gray_p=0.0,
+                            blur_p=0.0, gamma_p=0.0)
+        return MultiView([recipe], spec.mean, spec.std)
+
+    def forward_encoder(self, x: torch.Tensor):
+        """``x: (B, C, H, W)`` -> latent ``(B, P + N_vis, D)``, mask ``(B, N)``, ids_restore ``(B, N)``."""
+        tokens = self.encoder.patchify(x)
+        b, n, d = tokens.shape
+        ids_keep, mask, ids_restore = random_masking(b, n, self.options.mask_ratio, x.device)
+        visible = tokens.gather(1, ids_keep.unsqueeze(-1).expand(-1, -1, d))
+        return self.encoder.encode_tokens(visible), mask, ids_restore
+
+    def forward_decoder(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
+        """latent ``(B, P + N_vis, D)`` -> predicted pixels ``(B, N, p*p*C)``."""
+        prefix = self.encoder.num_prefix_tokens
+        x = self.decoder_embed(latent)
+        b, n = ids_restore.shape
+        visible = x[:, prefix:]
+        masked = self.mask_token.expand(b, n - visible.shape[1], -1)
+        full = torch.cat([visible, masked], dim=1)
+        full = full.gather(1, ids_restore.unsqueeze(-1).expand(-1, -1, full.shape[-1]))
+        x = self.decoder_norm(self.decoder_blocks(full + self.decoder_pos))
+        return self.decoder_pred(x)
+
+    def forward_loss(self, x: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Mean squared error on masked patches. x ``(B, C, H, W)``, pred ``(B, N, L)``, mask ``(B, N)``."""
+        target = patchify(x, self.encoder.patch_size)
+        if self.options.norm_pix_loss:
+            mean = target.mean(dim=-1, keepdim=True)
+            var = target.var(dim=-1, keepdim=True)
+            target = (target - mean) / (var + 1e-6) ** 0.5
+        per_patch = ((pred - target) ** 2).mean(dim=-1)
+        return (per_patch * mask).sum() / mask.sum()
+
+    def forward(self, views):
+        (x,) = views
+        latent, mask, ids_restore = self.forward_encoder(x)
+        pred = self.forward_decoder(latent, ids_restore)
+        return {"loss": self.forward_loss(x, pred, mask)}
+
+
+@sslkit.hookimpl
+def register_tasks(register):
+    register("mae", MAE)

@@ -1,0 +1,75 @@
+"""Task ``simclr``: SimCLR (Chen, Kornblith, Norouzi, Hinton, ICML 2020).
+
+Two augmented views of every image go through the backbone ``f`` and a projection MLP
+``g``; the NT-Xent loss pulls the two views of an image together and pushes the other
+``2N - 2`` views of the batch away. With ``z_i = g(f(x_i)) / ||g(f(x_i))||`` and
+``s_ij = z_i . z_j``, for a positive pair ``(i, j)``::
+
+    l(i, j) = -log( exp(s_ij / tau) / sum_{k != i} exp(s_ik / tau) )
+    L = 1 / 2N * sum_k [ l(2k-1, 2k) + l(2k, 2k-1) ]
+
+Defaults: tau = 0.5, projection 2048 -> 128 (2 layers, BN), views = random resized crop
+(0.08-1), flip, colour jitter 0.8 (strength 0.5), colour drop 0.2, blur 0.5 (images >= 96 px);
+1-channel data gets brightness / contrast / gamma instead of colour operations.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+import sslkit
+from sslkit.augment import MultiView, ViewRecipe
+from sslkit.heads import mlp
+from sslkit.task import Task
+
+
+def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5) -> torch.Tensor:
+    """NT-Xent over ``2N`` views. ``z1, z2: (N, d)`` projections (normalised here) -> scalar."""
+    n = z1.shape[0]
+    z = F.normalize(torch.cat([z1, z2]), dim=1)
+    logits = z @ z.T / temperature
+    logits.fill_diagonal_(float("-inf"))
+    targets = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
+    return F.cross_entropy(logits, targets)
+
+
+@dataclass
+class SimCLROptions:
+    temperature: float = 0.5
+    proj_hidden_dim: int = 2048
+    proj_dim: int = 128
+    min_scale: float = 0.08
+
+    def __post_init__(self) -> None:
+        if self.temperature <= 0:
+            raise ValueError("temperature must be > 0")
+        if not 0 < self.min_scale <= 1:
+            raise ValueError("min_scale must be in (0, 1]")
+
+
+class SimCLR(Task):
+    Options = SimCLROptions
+    default_backbone = "timm:resnet18"
+
+    def __init__(self, backbone, options: SimCLROptions, spec) -> None:
+        super().__init__(backbone, options, spec)
+        self.projector = mlp(backbone.num_features, options.proj_hidden_dim, options.proj_dim)
+
+    def views(self, spec):
+        recipe = ViewRecipe(spec.image_size, scale=(self.options.min_scale, 1.0), jitter=0.4, hue=0.1,
+                            blur_p=0.5 if spec.image_size >= 96 else 0.0)
+        return MultiView([recipe, recipe], spec.mean, spec.std)
+
+    def forward(self, views):
+        x1, x2 = views
+        z = self.projector(self.encoder(torch.cat([x1, x2])))
+        z1, z2 = z.chunk(2)
+        return {"loss": nt_xent_loss(z1, z2, self.options.temperature)}
+
+
+@sslkit.hookimpl
+def register_tasks(register):
+    register("simclr", SimCLR)

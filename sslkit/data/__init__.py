@@ -1,0 +1,1 @@
+"""Data: sources (plugins) give pixels; the core resizes, caches and batches them."""

@@ -1,0 +1,16 @@
+"""Errors a user can cause. The CLI prints them as one line and exits with code 2."""
+
+
+class UsageError(Exception):
+    """A mistake in what the user asked for (unknown name, missing data, bad option...).
+
+    The message is one line that says what was wrong and what would be right.
+    """
+
+    exit_code = 2
+
+
+class CheckFailed(Exception):
+    """A self-check failed (e.g. ONNX parity above tolerance). The CLI exits with code 1."""
+
+    exit_code = 1

@@ -1,0 +1,80 @@
+"""Typed options for tasks and sources: ``--task-opt key=value`` into a dataclass."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from typing import Any
+
+from sslkit.errors import UsageError
+
+
+def parse_pairs(pairs: tuple[str, ...] | list[str], flag: str) -> dict[str, str]:
+    """``("a=1", "b=x")`` -> ``{"a": "1", "b": "x"}``; a pair without ``=`` is a usage error."""
+    out: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"{flag} expects key=value, got {pair!r}")
+        out[key.strip().replace("-", "_")] = value.strip()
+    return out
+
+
+def build_options(cls: type | None, values: dict[str, Any], owner: str) -> Any:
+    """Instantiate the Options dataclass ``cls`` from strings or typed values."""
+    if cls is None:
+        if values:
+            raise UsageError(f"{owner} takes no options, got {', '.join(sorted(values))}")
+        return None
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, raw in values.items():
+        if key not in fields:
+            raise UsageError(
+                f"{owner} has no option {key!r}; options: {', '.join(fields) or 'none'}"
+            )
+        kwargs[key] = _convert(raw, hints[key], f"{owner} option {key!r}")
+    try:
+        options = cls(**kwargs)
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"{owner}: {exc}") from None
+    return options
+
+
+def _convert(raw: Any, hint: Any, what: str) -> Any:
+    if not isinstance(raw, str):
+        return raw
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        non_none = [a for a in args if a is not type(None)]
+        if raw.lower() in ("none", "null", "") and len(non_none) < len(args):
+            return None
+        hint = non_none[0]
+        origin, args = typing.get_origin(hint), typing.get_args(hint)
+    try:
+        if hint is bool:
+            if raw.lower() in ("1", "true", "yes", "on"):
+                return True
+            if raw.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if hint in (int, float, str):
+            return hint(raw)
+        if origin is typing.Literal:
+            for choice in args:
+                if str(choice) == raw:
+                    return choice
+            raise UsageError(f"{what} must be one of {', '.join(map(str, args))}, got {raw!r}")
+        if origin in (tuple, list):
+            item = args[0] if args else str
+            return origin(_convert(p, item, what) for p in raw.split(",") if p != "")
+    except ValueError:
+        raise UsageError(f"{what} expects {getattr(hint, '__name__', hint)}, got {raw!r}") from None
+    return raw
+
+
+def to_dict(options: Any) -> dict[str, Any]:
+    return dataclasses.asdict(options) if options is not None else {}

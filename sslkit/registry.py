@@ -1,0 +1,127 @@
+"""Look things up by name: tasks, backbones, sources, exporters.
+
+Modelled on timm's registry: ``list_*`` gives the names, ``get_*`` the registered object,
+``create_*`` builds one, and an unknown name raises a :class:`UsageError` listing the valid
+names (and the closest match).
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any
+
+from sslkit.errors import UsageError
+from sslkit.plugins import get_plugins
+
+
+def _names(kind: str) -> list[str]:
+    return sorted(get_plugins().entries[kind])
+
+
+def _get(kind: str, singular: str, name: str) -> Any:
+    entries = get_plugins().entries[kind]
+    if name in entries:
+        return entries[name].obj
+    raise UsageError(unknown_name_message(singular, name, sorted(entries)))
+
+
+def unknown_name_message(what: str, name: str, valid: list[str], hint: str = "") -> str:
+    close = difflib.get_close_matches(name, valid, n=1)
+    guess = f" (did you mean {close[0]!r}?)" if close else ""
+    listing = ", ".join(valid[:40]) + (", ..." if len(valid) > 40 else "") if valid else "none installed"
+    return f"unknown {what} {name!r}{guess}; choose from: {listing}{hint}"
+
+
+def plugin_of(kind: str, name: str) -> str:
+    """Which plugin registered ``name`` (for run metadata)."""
+    return get_plugins().entries[kind][name].plugin
+
+
+# --- tasks -----------------------------------------------------------------------------
+def list_tasks() -> list[str]:
+    return _names("tasks")
+
+
+def get_task(name: str) -> type:
+    return _get("tasks", "task", name)
+
+
+def create_task(name: str, backbone: Any, spec: Any, **options: Any) -> Any:
+    """Build task ``name`` around ``backbone``; ``options`` are its Options fields."""
+    from sslkit.options import build_options
+
+    cls = get_task(name)
+    reason = cls.check(backbone, spec)
+    if reason:
+        raise UsageError(f"task {name!r} cannot run here: {reason}")
+    return cls(backbone, build_options(cls.Options, options, f"task {name!r}"), spec)
+
+
+# --- backbones -------------------------------------------------------------------------
+def list_backbones() -> list[str]:
+    """Registered backbone prefixes; a backbone name is ``prefix:model``."""
+    return _names("backbones")
+
+
+def split_backbone_name(name: str) -> tuple[str, str]:
+    prefix, sep, model = name.partition(":")
+    if not sep or not model:
+        raise UsageError(
+            f"backbone {name!r} must be written prefix:model, e.g. timm:resnet18 "
+            f"(prefixes: {', '.join(list_backbones()) or 'none installed'})"
+        )
+    return prefix, model
+
+
+def create_backbone(name: str, in_chans: int, image_size: int, **options: Any) -> Any:
+    prefix, model = split_backbone_name(name)
+    factory = _get("backbones", "backbone prefix", prefix)
+    return factory(model, in_chans=in_chans, image_size=image_size, **options)
+
+
+# --- sources ---------------------------------------------------------------------------
+def list_sources() -> list[str]:
+    return _names("sources")
+
+
+def get_source(scheme: str) -> type:
+    return _get("sources", "data source", scheme)
+
+
+def resolve_data(data: str) -> tuple[str, str]:
+    """``"dicom:/scans"`` -> ``("dicom", "/scans")``; a bare path -> the best sniffing source."""
+    scheme, sep, location = data.partition(":")
+    if sep and scheme in get_plugins().entries["sources"]:
+        return scheme, location
+    if sep and len(scheme) > 1 and not Path(data).exists():
+        get_source(scheme)  # raises: unknown scheme, listing the valid ones
+    path = Path(data)
+    if not path.exists():
+        raise UsageError(f"data path {data!r} does not exist")
+    scores = {s: get_source(s).sniff(path) for s in list_sources()}
+    best = max(scores, key=scores.get, default=None)
+    if best is None or scores[best] <= 0:
+        raise UsageError(
+            f"cannot tell what kind of data {data!r} holds; prefix it with a source scheme: "
+            + ", ".join(f"{s}:" for s in list_sources())
+        )
+    return best, data
+
+
+def create_source(data: str, **options: Any) -> Any:
+    """Build the source for ``--data`` (``scheme:location`` or a bare path)."""
+    from sslkit.options import build_options
+
+    scheme, location = resolve_data(data)
+    cls = get_source(scheme)
+    return cls(location, build_options(cls.Options, options, f"source {scheme!r}"))
+
+
+# --- exporters -------------------------------------------------------------------------
+def list_exporters() -> list[str]:
+    return _names("exporters")
+
+
+def get_exporter(fmt: str) -> Any:
+    return _get("exporters", "export format", fmt)

@@ -1,0 +1,38 @@
+"""InputSpec: what the encoder expects, decided once and carried to export and embed."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """The preprocessing contract of one run.
+
+    Pixels leave the source as float32 ``(C, H, W)`` in ``[0, 1]`` (``preprocessing``
+    says how: DICOM window, bit depth...), are resized so the shorter side is
+    ``image_size`` and centre-cropped to ``image_size``², then normalised per channel with
+    ``(x - mean) / std``. The encoder sees only normalised pixels.
+    """
+
+    channels: int
+    image_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    source: str = ""
+    preprocessing: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["mean"], out["std"] = list(self.mean), list(self.std)
+        out["resize"] = "shorter side to image_size, centre crop"
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "InputSpec":
+        names = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in data.items() if k in names}
+        kwargs["mean"], kwargs["std"] = tuple(kwargs["mean"]), tuple(kwargs["std"])
+        return cls(**kwargs)
