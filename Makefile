@@ -1,0 +1,35 @@
+# sslkit: `make demo` sets everything up and runs the main job; `make test` runs the tests.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+TORCH  := torch==2.14.1 torchvision==0.29.1
+STAMP  := $(VENV)/.installed
+DEMO   := runs/demo-mae
+PYDICOM_FILES = $$($(BIN)/python -c 'import pathlib, pydicom; print(pathlib.Path(pydicom.__file__).parent / "data" / "test_files")')
+
+.PHONY: setup demo test test-slow bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q $(TORCH)
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+## Pretrain MAE on the DICOM files shipped in pydicom's wheel, export to ONNX, check parity.
+demo: setup
+	$(BIN)/sslkit pretrain --task mae --data dicom:$(PYDICOM_FILES) --out $(DEMO) \
+		--epochs 5 --batch-size 32 --image-size 64 --overwrite --quiet
+	$(BIN)/sslkit export $(DEMO) --out $(DEMO)/encoder.onnx --overwrite
+
+## The default test suite (long runs are marked slow and excluded).
+test: setup
+	$(BIN)/python -m pytest -q
+
+test-slow: setup
+	$(BIN)/python -m pytest -q -m slow
+
+clean:
+	rm -rf $(VENV) runs build *.egg-info

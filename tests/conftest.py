@@ -1,0 +1,83 @@
+"""Shared fixtures: small generated datasets, pydicom's shipped files, CLI runners."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+import pydicom
+
+from sslkit import plugins
+
+REPO = Path(__file__).resolve().parents[1]
+PYDICOM_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
+
+
+@pytest.fixture(autouse=True)
+def _fresh_plugins():
+    """Every test sees the plugins of the current environment, loaded anew."""
+    plugins.reset()
+    yield
+    plugins.reset()
+
+
+@pytest.fixture(scope="session")
+def pydicom_dir() -> Path:
+    """The DICOM test files that pydicom's wheel ships (no download)."""
+    return PYDICOM_FILES
+
+
+def make_images(root: Path, n_per_class: int = 8, size: int = 40, channels: int = 3,
+                classes=("a", "b"), seed: int = 0, bits: int = 8) -> Path:
+    """Write class folders of random-ish images: class ``a`` smooth, class ``b`` striped."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    for ci, cls in enumerate(classes):
+        (root / cls).mkdir(parents=True, exist_ok=True)
+        for i in range(n_per_class):
+            base = (np.sin((xx * (2 + 6 * ci) + rng.random()) * np.pi * 2) + 1) / 2
+            img = np.clip(base * 0.8 + rng.random((size, size)) * 0.2, 0, 1)
+            if bits == 16:
+                Image.fromarray((img * 65535).astype(np.uint16)).save(root / cls / f"{i}.png")
+            elif channels == 3:
+                rgb = np.stack([img, np.roll(img, 3, 0), 1 - img], -1)
+                Image.fromarray((rgb * 255).astype(np.uint8)).save(root / cls / f"{i}.png")
+            else:
+                Image.fromarray((img * 255).astype(np.uint8)).save(root / cls / f"{i}.png")
+    return root
+
+
+@pytest.fixture
+def rgb_folder(tmp_path) -> Path:
+    return make_images(tmp_path / "rgb", channels=3)
+
+
+@pytest.fixture
+def gray_folder(tmp_path) -> Path:
+    return make_images(tmp_path / "gray", channels=1)
+
+
+@pytest.fixture
+def cli():
+    """Run the sslkit CLI in-process: ``cli("list", "tasks")`` -> click Result."""
+    from sslkit.cli import main
+
+    def run(*args: str):
+        return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+    return run
+
+
+def run_sslkit(*args: str, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run the real ``sslkit`` executable in a subprocess (stdout/stderr captured)."""
+    full_env = {**os.environ, **(env or {})}
+    exe = Path(sys.executable).parent / "sslkit"
+    return subprocess.run([str(exe), *map(str, args)], capture_output=True, text=True, env=full_env,
+                          cwd=cwd, timeout=900)
