@@ -20,11 +20,12 @@ from tqdm import tqdm
 
 from sslkit import checkpoint
 from sslkit.data.loader import BatchLoader
-from sslkit.data.prepare import channel_stats, fingerprint, majority_channels, prepare
+from sslkit.data.pipeline import load_data
+from sslkit.data.prepare import channel_stats, fingerprint
 from sslkit.errors import UsageError
 from sslkit.optim import build_optimizer, warmup_cosine
-from sslkit.registry import create_backbone, create_source, create_task, get_task, resolve_data
-from sslkit.run import ENCODER_FILE, RUN_JSON, RunConfig, environment, prepare_run_dir, write_json_atomic
+from sslkit.registry import create_backbone, create_task, get_task, resolve_data
+from sslkit.run import ENCODER_FILE, RUN_JSON, RunConfig, check_run_dir, environment, prepare_run_dir, write_json_atomic
 from sslkit.spec import InputSpec
 
 
@@ -42,22 +43,13 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def load_data(cfg: RunConfig):
-    """Index and decode the source once: (source, prepared pixels, channels, report)."""
-    source = create_source(cfg.data, **cfg.source_options)
-    refs = source.index()
-    if not refs:
-        extra = f" ({len(source.skipped)} files skipped as unreadable)" if source.skipped else ""
-        raise UsageError(f"no images found in {cfg.data!r}{extra}")
-    channels = cfg.channels or majority_channels(source, refs)
-    prepared = prepare(source, refs, channels, cfg.image_size, cfg.cache_dir, cfg.progress)
-    prepared.skipped = list(source.skipped) + list(prepared.skipped)
-    if not len(prepared):
-        raise UsageError(
-            f"no decodable image in {cfg.data!r}: all {len(refs)} samples failed to decode "
-            f"(first: {prepared.skipped[0][1] if prepared.skipped else 'unknown'})"
-        )
-    return source, prepared, channels
+def _check_pairing(task_cls, backbone_name: str, cfg: RunConfig) -> None:
+    c = cfg.channels or 1
+    probe = create_backbone(backbone_name, in_chans=c, image_size=cfg.image_size)
+    spec = InputSpec(c, cfg.image_size, (0.5,) * c, (0.25,) * c)
+    reason = task_cls.check(probe, spec)
+    if reason:
+        raise UsageError(f"task {cfg.task!r} cannot run here: {reason}")
 
 
 def pretrain(cfg: RunConfig) -> dict[str, Any]:
@@ -65,20 +57,24 @@ def pretrain(cfg: RunConfig) -> dict[str, Any]:
     task_cls = get_task(cfg.task)
     resolve_data(cfg.data)  # fail on a bad --data before touching the run directory
     backbone_name = cfg.backbone or task_cls.default_backbone
-    out = prepare_run_dir(cfg)
+    check_run_dir(cfg)
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed)
 
-    source, prepared, channels = load_data(cfg)
+    _check_pairing(task_cls, backbone_name, cfg)  # fail fast, before decoding anything
+    data = load_data(cfg.data, cfg.image_size, cfg.channels, cfg.source_options, cfg.cache_dir, cfg.progress)
+    source, prepared, channels = data.source, data.prepared, data.channels
+    mean, std = channel_stats(prepared.pixels)
+    spec = InputSpec(channels, cfg.image_size, mean, std, source.scheme, source.describe())
+    backbone = create_backbone(backbone_name, in_chans=channels, image_size=cfg.image_size)
+    task = create_task(cfg.task, backbone, spec, **cfg.task_options)
+
+    # Everything the user asked for is valid: only now is the run directory written.
+    out = prepare_run_dir(cfg)
     write_json_atomic(out / "data_report.json", {
         "samples": len(prepared), "skipped": len(prepared.skipped),
         "skipped_files": [{"path": p, "reason": r} for p, r in prepared.skipped],
     })
-    mean, std = channel_stats(prepared.pixels)
-    spec = InputSpec(channels, cfg.image_size, mean, std, source.scheme, source.describe())
-
-    backbone = create_backbone(backbone_name, in_chans=channels, image_size=cfg.image_size)
-    task = create_task(cfg.task, backbone, spec, **cfg.task_options)
     augment = task.views(spec)
     task.to(device)
     if isinstance(augment, torch.nn.Module):

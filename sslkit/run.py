@@ -56,8 +56,8 @@ class RunConfig:
         return self.lr if self.lr is not None else self.base_lr * self.batch_size / 256
 
 
-def prepare_run_dir(cfg: RunConfig) -> Path:
-    """Create ``cfg.out``; refuse a non-empty one unless resuming or overwriting."""
+def check_run_dir(cfg: RunConfig) -> Path:
+    """Refuse a run directory that cannot be used, without touching anything."""
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {cfg.out!r} exists and is not a directory")
@@ -66,6 +66,14 @@ def prepare_run_dir(cfg: RunConfig) -> Path:
             f"run directory {cfg.out!r} is not empty; pass --resume to continue it or "
             f"--overwrite to replace it"
         )
+    if cfg.resume and not (out / RUN_JSON).exists():
+        raise UsageError(f"--resume: {cfg.out!r} holds no sslkit run to continue")
+    return out
+
+
+def prepare_run_dir(cfg: RunConfig) -> Path:
+    """Create ``cfg.out``, clearing sslkit's own files from it when overwriting."""
+    out = check_run_dir(cfg)
     if cfg.overwrite and out.is_dir() and not cfg.resume:
         for name in (RUN_JSON, ENCODER_FILE, "metrics.csv", "data_report.json"):
             (out / name).unlink(missing_ok=True)

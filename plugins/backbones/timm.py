@@ -78,6 +78,13 @@ def create(model: str, in_chans: int, image_size: int, **options: Any) -> TimmBa
     except (TypeError, ValueError, AssertionError, RuntimeError) as exc:
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise UsageError(f"cannot build timm:{model} for {in_chans}x{image_size}x{image_size} input: {msg}") from None
+    if isinstance(net, VisionTransformer):
+        p = int(net.patch_embed.patch_size[0])
+        if image_size % p:
+            raise UsageError(
+                f"--image-size {image_size} is not a multiple of timm:{model}'s patch size {p}; "
+                f"use {max(p, image_size // p * p)} or {(image_size // p + 1) * p}"
+            )
     return TimmBackbone(model, net, in_chans)
 
 
