@@ -86,6 +86,8 @@ def list_(kind: str, as_json: bool) -> None:
 @click.option("--max-steps", default=None, type=click.IntRange(min=1), help="Stop after this many steps.")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--channels", default=None, type=click.Choice(["1", "3"]), help="Default: what most images have.")
+@click.option("--backbone-opt", "backbone_opts", multiple=True, metavar="KEY=VALUE",
+              help="Backbone option (repeatable), e.g. cifar_stem=true, patch_size=8.")
 @click.option("--task-opt", "task_opts", multiple=True, metavar="KEY=VALUE", help="Task option (repeatable).")
 @click.option("--data-opt", "data_opts", multiple=True, metavar="KEY=VALUE", help="Source option (repeatable).")
 @click.option("--cache", "cache_dir", default=None, type=click.Path(file_okay=False),
@@ -97,13 +99,14 @@ def list_(kind: str, as_json: bool) -> None:
 def pretrain(**kw) -> None:
     """Pretrain an encoder with a self-supervised task."""
     from sslkit.engine import pretrain as run_pretrain
-    from sslkit.options import parse_pairs
+    from sslkit.options import parse_pairs, parse_values
     from sslkit.run import RunConfig
 
     cfg = RunConfig(
         task=kw["task"], data=kw["data"], out=kw["out"], backbone=kw["backbone"], epochs=kw["epochs"],
         batch_size=kw["batch_size"], image_size=kw["image_size"], lr=kw["lr"], max_steps=kw["max_steps"],
         seed=kw["seed"], channels=int(kw["channels"]) if kw["channels"] else None,
+        backbone_options=parse_values(parse_pairs(kw["backbone_opts"], "--backbone-opt")),
         task_options=parse_pairs(kw["task_opts"], "--task-opt"),
         source_options=parse_pairs(kw["data_opts"], "--data-opt"),
         cache_dir=kw["cache_dir"], device=kw["device"], progress=not kw["quiet"],

@@ -45,7 +45,7 @@ def seed_everything(seed: int) -> None:
 
 def _check_pairing(task_cls, backbone_name: str, cfg: RunConfig) -> None:
     c = cfg.channels or 1
-    probe = create_backbone(backbone_name, in_chans=c, image_size=cfg.image_size)
+    probe = create_backbone(backbone_name, in_chans=c, image_size=cfg.image_size, **cfg.backbone_options)
     spec = InputSpec(c, cfg.image_size, (0.5,) * c, (0.25,) * c)
     reason = task_cls.check(probe, spec)
     if reason:
@@ -66,7 +66,8 @@ def pretrain(cfg: RunConfig) -> dict[str, Any]:
     source, prepared, channels = data.source, data.prepared, data.channels
     mean, std = channel_stats(prepared.pixels)
     spec = InputSpec(channels, cfg.image_size, mean, std, source.scheme, source.describe())
-    backbone = create_backbone(backbone_name, in_chans=channels, image_size=cfg.image_size)
+    backbone = create_backbone(backbone_name, in_chans=channels, image_size=cfg.image_size,
+                               **cfg.backbone_options)
     task = create_task(cfg.task, backbone, spec, **cfg.task_options)
 
     # Everything the user asked for is valid: only now is the run directory written.
@@ -92,6 +93,7 @@ def pretrain(cfg: RunConfig) -> dict[str, Any]:
     info = {
         "task": cfg.task,
         "backbone": backbone_name,
+        "backbone_options": dict(cfg.backbone_options),
         "config": cfg.to_dict(),
         "input_spec": spec.to_dict(),
         "embedding_dim": int(backbone.num_features),

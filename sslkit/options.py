@@ -21,6 +21,25 @@ def parse_pairs(pairs: tuple[str, ...] | list[str], flag: str) -> dict[str, str]
     return out
 
 
+def parse_values(values: dict[str, str]) -> dict[str, Any]:
+    """Untyped options (backbone keyword arguments): ints, floats and booleans recognised."""
+    out: dict[str, Any] = {}
+    for key, raw in values.items():
+        low = raw.lower()
+        if low in ("true", "false"):
+            out[key] = low == "true"
+            continue
+        for cast in (int, float):
+            try:
+                out[key] = cast(raw)
+                break
+            except ValueError:
+                pass
+        else:
+            out[key] = raw
+    return out
+
+
 def build_options(cls: type | None, values: dict[str, Any], owner: str) -> Any:
     """Instantiate the Options dataclass ``cls`` from strings or typed values."""
     if cls is None:

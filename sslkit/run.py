@@ -40,6 +40,7 @@ class RunConfig:
     max_steps: int | None = None
     seed: int = 0
     channels: int | None = None  # None: what most samples have
+    backbone_options: dict[str, Any] = field(default_factory=dict)
     task_options: dict[str, Any] = field(default_factory=dict)
     source_options: dict[str, Any] = field(default_factory=dict)
     cache_dir: str | None = None  # None: in memory

@@ -63,8 +63,21 @@ class TimmBackbone(nn.Module):
         return m.norm(m.blocks(x))
 
 
-def create(model: str, in_chans: int, image_size: int, **options: Any) -> TimmBackbone:
-    """Build ``timm:<model>`` with ``pretrained=False`` and ``num_classes=0``."""
+def use_cifar_stem(net: nn.Module) -> None:
+    """Small-image stem for ResNets (SimCLR's CIFAR variant): 3x3 stride-1 conv, no max-pool."""
+    conv = getattr(net, "conv1", None)
+    if not isinstance(conv, nn.Conv2d) or not hasattr(net, "maxpool"):
+        raise UsageError("cifar_stem=true applies to ResNet-style timm models (conv1 + maxpool), e.g. timm:resnet18")
+    net.conv1 = nn.Conv2d(conv.in_channels, conv.out_channels, 3, 1, 1, bias=False)
+    net.maxpool = nn.Identity()
+
+
+def create(model: str, in_chans: int, image_size: int, cifar_stem: bool = False, **options: Any) -> TimmBackbone:
+    """Build ``timm:<model>`` with ``pretrained=False`` and ``num_classes=0``.
+
+    ``options`` go to ``timm.create_model`` (e.g. ``patch_size=8``, ``drop_path_rate=0.1``);
+    ``cifar_stem=True`` swaps a ResNet's stem for a 3x3 stride-1 conv without max-pool.
+    """
     if not timm.is_model(model):
         close = difflib.get_close_matches(model, timm.list_models(), n=3)
         hint = f"; did you mean {', '.join(close)}?" if close else "; see timm.list_models()"
@@ -78,6 +91,8 @@ def create(model: str, in_chans: int, image_size: int, **options: Any) -> TimmBa
     except (TypeError, ValueError, AssertionError, RuntimeError) as exc:
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise UsageError(f"cannot build timm:{model} for {in_chans}x{image_size}x{image_size} input: {msg}") from None
+    if cifar_stem:
+        use_cifar_stem(net)
     if isinstance(net, VisionTransformer):
         p = int(net.patch_embed.patch_size[0])
         if image_size % p:
