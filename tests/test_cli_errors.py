@@ -1,0 +1,93 @@
+"""Every user error is one line on stderr, exit code 2, no traceback, nothing written."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import make_images, run_sslkit
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    return make_images(tmp_path_factory.mktemp("imgs"), n_per_class=4, size=32)
+
+
+def _assert_user_error(proc, *needles: str) -> None:
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def _pretrain(*args, out):
+    return run_sslkit("pretrain", "--out", out, "--max-steps", "1", "--image-size", "32", "--quiet", *args)
+
+
+def test_unknown_task(images, tmp_path):
+    proc = _pretrain("--task", "maee", "--data", images, out=tmp_path / "r")
+    _assert_user_error(proc, "unknown task 'maee'", "did you mean 'mae'")
+    assert not (tmp_path / "r").exists()
+
+
+def test_unknown_backbone(images, tmp_path):
+    proc = _pretrain("--task", "simclr", "--backbone", "timm:resnet_nope", "--data", images, out=tmp_path / "r")
+    _assert_user_error(proc, "unknown timm model 'resnet_nope'")
+
+
+def test_unknown_source(tmp_path):
+    proc = _pretrain("--task", "simclr", "--data", "s3:bucket/scans", out=tmp_path / "r")
+    _assert_user_error(proc, "unknown data source 's3'", "dicom")
+
+
+def test_missing_data_dir(tmp_path):
+    proc = _pretrain("--task", "mae", "--data", f"dicom:{tmp_path / 'nope'}", out=tmp_path / "r")
+    _assert_user_error(proc, "does not exist")
+
+
+def test_empty_data_dir(tmp_path):
+    (tmp_path / "empty").mkdir()
+    proc = _pretrain("--task", "mae", "--data", f"folder:{tmp_path / 'empty'}", out=tmp_path / "r")
+    _assert_user_error(proc, "no images found")
+    assert not (tmp_path / "r").exists()
+
+
+def test_dir_without_decodable_image(tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for i in range(3):
+        (bad / f"{i}.png").write_bytes(b"not a png at all")
+    proc = _pretrain("--task", "simclr", "--data", f"folder:{bad}", out=tmp_path / "r")
+    _assert_user_error(proc, "no decodable image")
+    assert not (tmp_path / "r").exists()
+
+
+def test_mae_with_cnn_backbone(images, tmp_path):
+    proc = _pretrain("--task", "mae", "--backbone", "timm:resnet18", "--data", images, out=tmp_path / "r")
+    _assert_user_error(proc, "MAE needs a ViT backbone", "timm:vit_")
+    assert not (tmp_path / "r").exists()
+
+
+def test_bad_option_value_and_missing_option(images, tmp_path):
+    _assert_user_error(_pretrain("--task", "mae", "--data", images, "--task-opt", "mask_ratio=2",
+                                 out=tmp_path / "r"), "mask_ratio must be in (0, 1)")
+    _assert_user_error(run_sslkit("pretrain", "--task", "mae"), "Missing option")
+    _assert_user_error(run_sslkit("pretrain", "--task", "mae", "--data", images, "--out", tmp_path / "r",
+                                  "--epochs", "zero"), "--epochs")
+    _assert_user_error(run_sslkit("frobnicate"), "No such command")
+
+
+def test_non_empty_run_dir_is_refused(images, tmp_path):
+    out = tmp_path / "r"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    proc = _pretrain("--task", "simclr", "--data", images, out=out)
+    _assert_user_error(proc, "not empty", "--resume", "--overwrite")
+    assert (out / "precious.txt").read_text() == "keep me"
+
+
+def test_export_errors(tmp_path):
+    _assert_user_error(run_sslkit("export", tmp_path / "nope", "--out", tmp_path / "e.onnx"), "does not exist")
+    (tmp_path / "notrun").mkdir()
+    _assert_user_error(run_sslkit("export", tmp_path / "notrun", "--out", tmp_path / "e.onnx"), "not an sslkit run")
