@@ -28,6 +28,13 @@ def _fresh_plugins():
     plugins.reset()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _decoded_cache(tmp_path_factory):
+    """The default decoded-pixel cache lives in a per-session temp dir, never in ~/.cache."""
+    os.environ["SSLKIT_CACHE_DIR"] = str(tmp_path_factory.mktemp("sslkit-cache"))
+    yield
+
+
 @pytest.fixture(scope="session")
 def pydicom_dir() -> Path:
     """The DICOM test files that pydicom's wheel ships (no download)."""

@@ -1,33 +1,57 @@
 """Source ``dicom:PATH``: every DICOM image below PATH.
 
-Pixels go through pydicom: modality LUT (rescale slope/intercept) in float32, then the
-file's first VOI window (or min-max when it has none) to [0, 1]; MONOCHROME1 is inverted
-so that high attenuation is bright. Files without pixel data (SR, SEG, ...) are skipped
-as non-images; files that fail to decode are skipped and reported, never a crash.
-No patient identifier leaves this module: splits group by a salted hash of PatientID.
+Indexing reads headers only (``stop_before_pixels``), in parallel processes for large
+folders. Multi-frame files (enhanced CT/MR, ultrasound cine, tomosynthesis) give one
+sample per frame; all frames of a file share its split group. Objects without pixel
+data (SR, SEG, RTSTRUCT, PR, KO...) are skipped silently; unreadable files are skipped
+with a reason. Decoding (modality LUT, windows, MONOCHROME1, colour) is in
+:mod:`sslkit_plugins.sources.dicom_decode`.
+
+Privacy: no identifier leaves this module. Split groups are salted hashes of PatientID
+(else StudyInstanceUID, else the file) and exist only in memory; pydicom's warnings,
+which can quote element values, are silenced; error reasons have quoted values removed.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
+import logging
+import os
+import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Literal
 
 import numpy as np
 import pydicom
-from pydicom.pixels import apply_modality_lut, pixel_array
 
 import sslkit
-from sslkit.data.source import SampleRef, Source
+from sslkit.data.parallel import parallel_map
+from sslkit.data.source import NotAnImage, SampleRef, Source, Undecodable
 
+from sslkit_plugins.sources.dicom_decode import decode, parse_windows, read_dataset
 from sslkit_plugins.sources.folder import check_dir, walk_files
 
 GROUP_SALT = b"sslkit-group-v1"
+#: objects that carry Rows/Columns (or even pixels) but are not images to learn from
+NON_IMAGE_MODALITIES = {"SR", "KO", "PR", "SEG", "REG", "RTSTRUCT", "RTPLAN", "RTDOSE", "RTRECORD", "DOC", "ECG"}
+logging.getLogger("pydicom").setLevel(logging.ERROR)
 
 
 @dataclass
 class DicomOptions:
-    pass
+    """``--data-opt`` options of the ``dicom`` source (``--window`` etc. map onto them)."""
+
+    window: str = "auto"  # auto | minmax | W,L | PRESET | PRESET,PRESET,PRESET
+    modality: str = ""  # keep only these modalities, e.g. "CT,MR" (empty: all)
+    series_description: str = ""  # keep only series whose description matches this glob
+    frames: Literal["all", "middle"] = "all"  # multi-frame files: every frame, or the middle one
+    workers: int = 0  # header-reading processes (0: one per CPU, serial for small folders)
+
+    def __post_init__(self) -> None:
+        parse_windows(self.window)  # a bad window is a usage error before any file is read
 
 
 def is_dicom_file(path: Path) -> bool:
@@ -45,14 +69,69 @@ def salted_hash(value: str) -> str:
     return hashlib.sha256(GROUP_SALT + value.encode()).hexdigest()[:16]
 
 
+def safe_reason(exc: BaseException) -> str:
+    """``Type: message`` with quoted values removed (they can be element values)."""
+    msg = " ".join(str(exc).split())
+    msg = re.sub(r"'[^']*'|\"[^\"]*\"", "'…'", msg)
+    return f"{type(exc).__name__}: {msg}"[:400]
+
+
+def read_header(path: str) -> dict[str, Any]:
+    """Header facts of one file, without pixels and without identifiers.
+
+    ``{"kind": "image" | "nonimage" | "other" | "error", ...}``: images carry ``group``
+    (salted hash), ``modality``, ``series`` (description, for filtering only),
+    ``transfer_syntax``, ``photometric``, ``bits_stored``, ``rows``, ``columns``,
+    ``frames`` and ``samples_per_pixel``.
+    """
+    p = Path(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            ds = read_dataset(path, stop_before_pixels=True)
+        except Exception as exc:
+            if is_dicom_file(p):
+                return {"kind": "error", "reason": f"unreadable header: {safe_reason(exc)}"}
+            return {"kind": "other"}
+        try:
+            modality = str(ds.get("Modality", "") or "unknown").upper()
+            if "Rows" not in ds or "Columns" not in ds or modality in NON_IMAGE_MODALITIES:
+                return {"kind": "nonimage"}
+            ident = str(ds.get("PatientID", "") or "")
+            group = f"patient:{ident}" if ident else f"study:{ds.get('StudyInstanceUID', '') or ''}"
+            if group == "study:":
+                group = f"file:{p.name}:{os.path.getsize(p)}"
+            meta = getattr(ds, "file_meta", None)
+            ts = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
+            ts_name = pydicom.uid.UID(ts).name if ts else "none (raw data set)"
+            return {
+                "kind": "image",
+                "group": salted_hash(group),
+                "modality": modality,
+                "series": str(ds.get("SeriesDescription", "") or ""),
+                "transfer_syntax": ts_name,
+                "photometric": str(ds.get("PhotometricInterpretation", "") or "unknown"),
+                "bits_stored": int(ds.get("BitsStored", 0) or 0),
+                "rows": int(ds.Rows),
+                "columns": int(ds.Columns),
+                "frames": max(1, int(ds.get("NumberOfFrames", 1) or 1)),
+                "samples_per_pixel": int(ds.get("SamplesPerPixel", 1) or 1),
+            }
+        except Exception as exc:
+            return {"kind": "error", "reason": f"bad header value: {safe_reason(exc)}"}
+
+
 class DicomSource(Source):
     scheme = "dicom"
     Options = DicomOptions
 
-    def __init__(self, location: str, options=None) -> None:
-        super().__init__(location, options)
+    def __init__(self, location: str, options: DicomOptions | None = None) -> None:
+        super().__init__(location, options or DicomOptions())
         self.root = check_dir(location, self.scheme)
-        self._channels: dict[str, int] = {}
+        self.windows = parse_windows(self.options.window)
+        self.headers: dict[str, dict[str, Any]] = {}  # path -> read_header() of kept images
+        self.filtered = 0  # images left out by --modality / --series-description
+        self._last: tuple[str, Any] | None = None  # (path, dataset): frames of one file in a row
 
     @classmethod
     def sniff(cls, path: Path) -> float:
@@ -63,70 +142,78 @@ class DicomSource(Source):
         return 0.0
 
     def index(self) -> list[SampleRef]:
+        files = [str(f) for f in walk_files(self.root, lambda p: True)]
+        headers = parallel_map(read_header, files, workers=self.options.workers)
+        modalities = {m.strip().upper() for m in self.options.modality.split(",") if m.strip()}
+        glob = self.options.series_description.lower()
         refs: list[SampleRef] = []
-        for f in walk_files(self.root, lambda p: True):
-            try:
-                ds = pydicom.dcmread(f, stop_before_pixels=True)
-            except Exception as exc:
-                if is_dicom_file(f):
-                    self.skipped.append((str(f), f"unreadable header: {type(exc).__name__}"))
+        for f, h in zip(files, headers):
+            if h["kind"] == "error":
+                self.skipped.append((f, h["reason"]))
+            if h["kind"] != "image":
                 continue
-            try:
-                if "Rows" not in ds or "Columns" not in ds:
-                    continue  # not an image (SR, KO, RTSTRUCT, ...)
-                group = salted_hash(str(ds.get("PatientID", "") or ds.get("StudyInstanceUID", "") or f))
-                channels = int(ds.get("SamplesPerPixel", 1))
-                frames = int(ds.get("NumberOfFrames", 1) or 1)
-            except Exception as exc:
-                self.skipped.append((str(f), f"bad header value: {type(exc).__name__}: {exc}"))
+            if (modalities and h["modality"] not in modalities) or (
+                glob and not fnmatch.fnmatch(h["series"].lower(), glob)
+            ):
+                self.filtered += 1
                 continue
-            self._channels[str(f)] = channels
-            if frames > 1:
-                refs += [SampleRef(str(f), frame=i, group=group) for i in range(frames)]
+            self.headers[f] = {k: v for k, v in h.items() if k != "series"}
+            n = h["frames"]
+            if n == 1:
+                refs.append(SampleRef(f, group=h["group"]))
+            elif self.options.frames == "middle":
+                refs.append(SampleRef(f, frame=n // 2, group=h["group"]))
             else:
-                refs.append(SampleRef(str(f), group=group))
+                refs += [SampleRef(f, frame=i, group=h["group"]) for i in range(n)]
         return refs
 
     def channels_of(self, ref: SampleRef) -> int | None:
-        return self._channels.get(ref.path)
+        h = self.headers.get(ref.path)
+        if h is None:
+            return None
+        if h["samples_per_pixel"] == 3 or h["photometric"] == "PALETTE COLOR":
+            return 3
+        return len(self.windows)
 
     def load(self, ref: SampleRef) -> np.ndarray:
-        ds = pydicom.dcmread(ref.path)
-        if "PixelData" not in ds:
-            raise ValueError("no pixel data")
-        arr = pixel_array(ds, index=ref.frame)
-        spp = int(ds.get("SamplesPerPixel", 1))
-        if spp == 3:
-            if arr.ndim == 4:
-                arr = arr[0]
-            bits = int(ds.get("BitsStored", 8))
-            return (arr.astype(np.float32) / float(2**bits - 1)).transpose(2, 0, 1).copy()
-        if arr.ndim == 3:  # multi-frame read whole; take the first frame
-            arr = arr[0]
-        x = apply_modality_lut(arr, ds).astype(np.float32)
-        window = _first_window(ds)
-        if window is not None:
-            center, width = window
-            lo, hi = center - width / 2, center + width / 2
-        else:
-            lo, hi = float(x.min()), float(x.max())
-        x = np.clip((x - lo) / (hi - lo), 0, 1) if hi > lo else np.zeros_like(x)
-        if ds.get("PhotometricInterpretation", "") == "MONOCHROME1":
-            x = 1.0 - x
-        return x[None].astype(np.float32)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                if self._last is not None and self._last[0] == ref.path:
+                    ds = self._last[1]
+                else:
+                    self._last = None
+                    ds = read_dataset(ref.path)
+                    self._last = (ref.path, ds)
+                return decode(ds, ref.frame, self.windows)
+            except NotAnImage:
+                raise
+            except Exception as exc:
+                raise Undecodable(safe_reason(exc)) from None
+
+    def properties(self, ref: SampleRef) -> dict[str, Any]:
+        """Header facts for ``sslkit data inspect`` (no identifiers)."""
+        h = self.headers.get(ref.path, {})
+        return {
+            "modality": h.get("modality"),
+            "transfer_syntax": h.get("transfer_syntax"),
+            "photometric": h.get("photometric"),
+            "bits_stored": h.get("bits_stored"),
+            "size": f"{h.get('columns')}x{h.get('rows')}",
+            "frames": h.get("frames"),
+        }
 
     def describe(self) -> dict:
-        return {"modality_lut": True, "window": "auto (file's first VOI window, else min-max)",
-                "monochrome1": "inverted"}
-
-
-def _first_window(ds) -> tuple[float, float] | None:
-    c, w = ds.get("WindowCenter"), ds.get("WindowWidth")
-    if c is None or w is None:
-        return None
-    c = float(c[0] if isinstance(c, pydicom.multival.MultiValue) else c)
-    w = float(w[0] if isinstance(w, pydicom.multival.MultiValue) else w)
-    return (c, w) if w > 0 else None
+        return {
+            "modality_lut": True,
+            "window": [w.describe() for w in self.windows],
+            "auto": "file's first VOI window or VOI LUT, else min-max",
+            "monochrome1": "inverted after windowing",
+            "colour": "RGB (YBR and palette converted)",
+            "frames": self.options.frames,
+            "modality_filter": self.options.modality or None,
+            "series_filter": self.options.series_description or None,
+        }
 
 
 @sslkit.hookimpl

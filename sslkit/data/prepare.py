@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing
 import os
 import shutil
 import tempfile
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -21,9 +23,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from sslkit.data.source import SampleRef, Source, to_channels
+from sslkit.data.parallel import MIN_PARALLEL, default_workers
+from sslkit.data.source import NotAnImage, SampleRef, Source, Undecodable, to_channels
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 SCALE = 65535.0
 
 
@@ -69,13 +72,48 @@ def majority_channels(source: Source, refs: Sequence[SampleRef], limit: int = 51
     return max(sorted(counts), key=lambda k: (counts[k], -k))
 
 
+def default_cache_root() -> Path:
+    """``$SSLKIT_CACHE_DIR``, else ``$XDG_CACHE_HOME/sslkit``, else ``~/.cache/sslkit``."""
+    if os.environ.get("SSLKIT_CACHE_DIR"):
+        return Path(os.environ["SSLKIT_CACHE_DIR"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser() / "sslkit"
+
+
+def resolve_cache_dir(cache_dir: str | Path | bool | None) -> Path | None:
+    """``None`` or ``True``: the default cache root; ``False`` or ``""``: no disk cache."""
+    if cache_dir is None or cache_dir is True:
+        return default_cache_root()
+    if cache_dir is False or str(cache_dir) == "":
+        return None
+    return Path(cache_dir).expanduser()
+
+
+def file_digest(path: str, block: int = 4096) -> str:
+    """Identity of a file's content: size, mtime and its first and last ``block`` bytes."""
+    st = os.stat(path)
+    h = hashlib.blake2b(f"{st.st_size}\0{st.st_mtime_ns}\0".encode(), digest_size=16)
+    with open(path, "rb") as f:
+        h.update(f.read(block))
+        if st.st_size > block:
+            f.seek(max(block, st.st_size - block))
+            h.update(f.read(block))
+    return h.hexdigest()
+
+
 def cache_key(source: Source, refs: Sequence[SampleRef], channels: int, size: int) -> str:
-    """Hash of the preprocessing and of every file's identity (path, size, mtime)."""
+    """Hash of the preprocessing (source config, channels, size) and of every sample's file.
+
+    A file's identity is :func:`file_digest` (content + mtime), so editing, replacing or
+    adding a file, or changing ``--window`` etc., gives a new key: a stale cache is never read.
+    """
     h = hashlib.sha256()
     h.update(json.dumps([CACHE_FORMAT, source.scheme, source.describe(), channels, size], sort_keys=True, default=str).encode())
+    digests: dict[str, str] = {}
     for ref in refs:
-        st = os.stat(ref.path)
-        h.update(f"{ref.path}\0{ref.frame}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        if ref.path not in digests:
+            digests[ref.path] = file_digest(ref.path)
+        h.update(f"{ref.path}\0{ref.frame}\0{digests[ref.path]}\n".encode())
     return h.hexdigest()[:32]
 
 
@@ -84,30 +122,34 @@ def prepare(
     refs: Sequence[SampleRef],
     channels: int,
     size: int,
-    cache_dir: str | Path | None = None,
+    cache_dir: str | Path | bool | None = False,
     progress: bool = True,
+    workers: int = 0,
 ) -> Prepared:
-    """Decode, convert channels, resize; reuse ``cache_dir/<key>`` when it exists.
+    """Decode, convert channels, resize; reuse the cache entry ``<cache_dir>/<key>`` if any.
 
-    Without ``cache_dir`` the array lives in memory; with it, it is written straight to a
-    memory-mapped file in a temporary folder that is renamed into place when complete.
+    ``cache_dir`` as in :func:`resolve_cache_dir`. Without a cache the array lives in
+    memory; with one it is written straight to a memory-mapped file in a temporary
+    folder renamed into place when complete (an interrupted pass leaves no half entry).
+    Decoding runs in ``workers`` processes (0: one per CPU; serial for few samples).
     """
     refs = list(refs)
     shape = (len(refs), channels, size, size)
-    if cache_dir is None:
+    root = resolve_cache_dir(cache_dir)
+    if root is None:
         pixels = np.empty(shape, dtype=np.uint16)
-        kept, skipped = _decode(source, refs, pixels, progress)
+        kept, skipped = _decode(source, refs, pixels, progress, workers)
         return Prepared(pixels[: len(kept)], [refs[i] for i in kept], skipped)
-    target = Path(cache_dir) / cache_key(source, refs, channels, size)
+    target = root / cache_key(source, refs, channels, size)
     if not (target / "index.json").exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
         try:
             out = np.lib.format.open_memmap(tmp / "pixels.npy", mode="w+", dtype=np.uint16, shape=shape)
-            kept, skipped = _decode(source, refs, out, progress)
+            kept, skipped = _decode(source, refs, out, progress, workers)
             out.flush()
             del out
-            (tmp / "index.json").write_text(json.dumps({"kept": kept, "skipped": skipped}))
+            (tmp / "index.json").write_text(json.dumps({"format": CACHE_FORMAT, "kept": kept, "skipped": skipped}))
             if not target.exists():
                 os.replace(tmp, target)
         finally:
@@ -118,24 +160,65 @@ def prepare(
     return Prepared(pixels, kept_refs, [tuple(s) for s in meta["skipped"]], str(target))
 
 
+_WORKER: dict[str, Any] = {}
+
+
+def _init_worker(source: Source, channels: int, size: int) -> None:
+    torch.set_num_threads(1)
+    _WORKER.update(source=source, channels=channels, size=size)
+
+
+def _decode_one(ref: SampleRef) -> np.ndarray | str | None:
+    """uint16 ``(C, S, S)``, a skip reason, or None for a silently skipped non-image."""
+    source, channels, size = _WORKER["source"], _WORKER["channels"], _WORKER["size"]
+    try:
+        x = source.load(ref)
+        if x.ndim != 3 or min(x.shape[1:]) < 2:
+            raise ValueError(f"unusable image shape {tuple(x.shape)}")
+        x = resize_square(to_channels(x, channels), size)
+    except NotAnImage:
+        return None
+    except Exception as exc:
+        reason = str(exc) if isinstance(exc, Undecodable) else f"{type(exc).__name__}: {exc}"
+        return " ".join(reason.split())[:300]
+    return np.clip(np.rint(x * SCALE), 0, SCALE).astype(np.uint16)
+
+
 def _decode(
-    source: Source, refs: list[SampleRef], out: np.ndarray, progress: bool
+    source: Source, refs: list[SampleRef], out: np.ndarray, progress: bool, workers: int = 0
 ) -> tuple[list[int], list[tuple[str, str]]]:
-    """Fill ``out`` front to back with the decodable samples; return kept indices, skips."""
+    """Fill ``out`` front to back with the decodable samples; return kept indices, skips.
+
+    Samples of one file are adjacent in ``refs`` and stay in one worker chunk, so a
+    multi-frame file is read once per chunk, not once per frame.
+    """
     kept: list[int] = []
     skipped: list[tuple[str, str]] = []
-    bar = tqdm(refs, desc="decoding", unit="img", disable=not progress, leave=False)
-    for i, ref in enumerate(bar):
-        try:
-            x = source.load(ref)
-            if x.ndim != 3 or min(x.shape[1:]) < 2:
-                raise ValueError(f"unusable image shape {tuple(x.shape)}")
-            x = resize_square(to_channels(x, out.shape[1]), out.shape[2])
-        except Exception as exc:
-            skipped.append((ref.id, f"{type(exc).__name__}: {exc}".splitlines()[0][:300]))
-            continue
-        out[len(kept)] = np.clip(np.rint(x * SCALE), 0, SCALE).astype(np.uint16)
-        kept.append(i)
+    channels, size = out.shape[1], out.shape[2]
+    n_workers = workers or default_workers()
+    if n_workers <= 1 or len(refs) < MIN_PARALLEL:
+        _WORKER.update(source=source, channels=channels, size=size)
+        results = map(_decode_one, refs)
+        pool = None
+    else:
+        ctx = multiprocessing.get_context("spawn")
+        pool = ProcessPoolExecutor(n_workers, mp_context=ctx, initializer=_init_worker,
+                                   initargs=(source, channels, size))
+        results = pool.map(_decode_one, refs, chunksize=max(1, min(32, len(refs) // (n_workers * 4))))
+    try:
+        bar = tqdm(results, total=len(refs), desc="decoding", unit="img", disable=not progress, leave=False)
+        for i, (ref, res) in enumerate(zip(refs, bar)):
+            if res is None:
+                continue
+            if isinstance(res, str):
+                skipped.append((ref.id, res))
+                continue
+            out[len(kept)] = res
+            kept.append(i)
+    finally:
+        _WORKER.clear()
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
     return kept, skipped
 
 

@@ -9,6 +9,14 @@ from typing import Any, ClassVar
 import numpy as np
 
 
+class NotAnImage(ValueError):
+    """Raised by ``Source.load`` for an object that holds no image: skipped silently."""
+
+
+class Undecodable(ValueError):
+    """Raised by ``Source.load`` with a reason ready for ``data_report.json`` (no identifiers)."""
+
+
 @dataclass(frozen=True)
 class SampleRef:
     """One image a source can load.

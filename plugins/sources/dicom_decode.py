@@ -1,0 +1,221 @@
+"""DICOM pixels to float32 ``(C, H, W)`` in [0, 1], through pydicom's own LUT functions.
+
+Order of operations (DICOM PS3.4 N.2, the grayscale pipeline):
+
+1. ``pixel_array(ds, index=frame)``: decode one frame with whatever codec the transfer
+   syntax needs (pylibjpeg for JPEG, JPEG-LS, JPEG 2000, RLE); colour data comes back as
+   RGB (pydicom's ``convert_color_space`` for YBR_FULL / YBR_FULL_422, planar
+   configuration handled by the decoder).
+2. ``apply_modality_lut``: RescaleSlope / RescaleIntercept or a Modality LUT Sequence, in
+   float32, before any windowing (CT values become Hounsfield units).
+3. One window per output channel, each through ``apply_windowing`` / ``apply_voi``:
+
+   * ``auto``: the file's own first VOI window (or VOI LUT); min-max when it has none;
+   * ``minmax``: the image's own range;
+   * ``W,L`` or a preset (``lung``, ``mediastinum``, ``bone``, ``brain``, ``abdomen``...):
+     a linear window of width ``W`` centred on level ``L``.
+
+4. MONOCHROME1 is inverted *after* windowing, so high attenuation is bright in every
+   window mode.
+
+No LUT arithmetic is re-implemented here: explicit windows are applied by handing
+pydicom a VOI module that holds only that window, with a 16-bit unsigned output range.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi, apply_windowing, pixel_array
+from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+from sslkit.data.source import NotAnImage
+from sslkit.errors import UsageError
+
+#: CT windows in Hounsfield units: name -> (width, level). Common radiology defaults.
+PRESETS: dict[str, tuple[float, float]] = {
+    "lung": (1500.0, -600.0),
+    "mediastinum": (350.0, 50.0),
+    "bone": (1800.0, 400.0),
+    "brain": (80.0, 40.0),
+    "abdomen": (400.0, 50.0),
+    "liver": (150.0, 30.0),
+    "subdural": (200.0, 75.0),
+    "stroke": (40.0, 40.0),
+}
+
+PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+_NUM = r"[-+]?(?:\d+\.?\d*|\.\d+)"
+
+
+@dataclass(frozen=True)
+class Window:
+    """One intensity mapping to [0, 1]: ``auto``, ``minmax`` or a linear ``width``/``level``."""
+
+    name: str
+    width: float | None = None
+    level: float | None = None
+
+    def describe(self) -> str:
+        if self.width is None:
+            return self.name
+        return f"{self.name} (W {self.width:g}, L {self.level:g})" if self.name != "custom" else f"W {self.width:g}, L {self.level:g}"
+
+
+def parse_windows(text: str) -> tuple[Window, ...]:
+    """``"auto"``, ``"minmax"``, ``"400,40"`` (W,L), ``"lung"`` or ``"lung,mediastinum,bone"``.
+
+    Items of a stack may also be ``W:L`` (``"1500:-600,350:50,1800:400"``). A stack
+    gives one channel per window; 1 or 3 windows are allowed (the channel counts a
+    backbone takes).
+    """
+    text = (text or "auto").strip().lower().replace(" ", "")
+    m = re.fullmatch(f"({_NUM}),({_NUM})", text)
+    if m:
+        return (_linear("custom", m.group(1), m.group(2)),)
+    windows = []
+    for item in text.split(","):
+        if item in ("auto", "minmax"):
+            windows.append(Window(item))
+        elif item in PRESETS:
+            windows.append(Window(item, *PRESETS[item]))
+        elif m := re.fullmatch(f"({_NUM}):({_NUM})", item):
+            windows.append(_linear("custom", m.group(1), m.group(2)))
+        else:
+            raise UsageError(
+                f"window {item!r} is not auto, minmax, W,L (e.g. 400,40), W:L or a preset "
+                f"({', '.join(PRESETS)})"
+            )
+    if len(windows) not in (1, 3):
+        raise UsageError(f"--window stacks 1 or 3 windows (one per channel), got {len(windows)}: {text!r}")
+    return tuple(windows)
+
+
+def _linear(name: str, width: str, level: str) -> Window:
+    w, lvl = float(width), float(level)
+    if not w > 0:
+        raise UsageError(f"window width must be > 0, got {width}")
+    return Window(name, w, lvl)
+
+
+def read_dataset(path: str, stop_before_pixels: bool = False) -> Dataset:
+    """``dcmread``; files without a preamble / file meta are read with ``force=True``.
+
+    A forced read that finds no image attributes raises ``InvalidDicomError``; a missing
+    Transfer Syntax UID is filled in from how the data set was actually encoded.
+    """
+    try:
+        return pydicom.dcmread(path, stop_before_pixels=stop_before_pixels)
+    except pydicom.errors.InvalidDicomError:
+        ds = pydicom.dcmread(path, stop_before_pixels=stop_before_pixels, force=True)
+        if "SOPClassUID" not in ds and "Rows" not in ds:
+            raise pydicom.errors.InvalidDicomError("not a DICOM file (no preamble, no SOP class, no image)")
+        _fill_transfer_syntax(ds)
+        return ds
+
+
+def _fill_transfer_syntax(ds: Dataset) -> None:
+    meta = getattr(ds, "file_meta", None)
+    if meta is None:
+        ds.file_meta = meta = FileMetaDataset()
+    if "TransferSyntaxUID" not in meta:
+        implicit, little = ds.original_encoding
+        if implicit:
+            meta.TransferSyntaxUID = ImplicitVRLittleEndian
+        else:
+            meta.TransferSyntaxUID = ExplicitVRLittleEndian if little else ExplicitVRBigEndian
+
+
+def decode(ds: Dataset, frame: int | None, windows: tuple[Window, ...]) -> np.ndarray:
+    """One frame of ``ds`` -> float32 ``(C, H, W)`` in [0, 1].
+
+    Colour images give 3 channels (RGB); grayscale gives one channel per window.
+    """
+    if not any(k in ds for k in PIXEL_KEYWORDS):
+        raise NotAnImage("no pixel data")
+    if "TransferSyntaxUID" not in getattr(ds, "file_meta", {}):
+        _fill_transfer_syntax(ds)
+    arr = pixel_array(ds, index=frame) if _frames(ds) > 1 else pixel_array(ds)
+    if arr.ndim == 4 or (arr.ndim == 3 and int(ds.get("SamplesPerPixel", 1)) == 1):
+        arr = arr[0]  # a single-frame file that still came back with a frame axis
+    pi = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+    if pi == "PALETTE COLOR":
+        rgb = apply_color_lut(arr, ds)
+        bits = int(ds.RedPaletteColorLookupTableDescriptor[2])
+        return _unit(rgb.astype(np.float32) / float(2**bits - 1)).transpose(2, 0, 1).copy()
+    if arr.ndim == 3:  # RGB (pydicom converted YBR_* to RGB)
+        if arr.dtype.kind == "f":
+            return _minmax(arr.astype(np.float32)).transpose(2, 0, 1).copy()
+        bits = int(ds.get("BitsStored", 8 * arr.dtype.itemsize))
+        return _unit(arr.astype(np.float32) / float(2**bits - 1)).transpose(2, 0, 1).copy()
+    values = arr.astype(np.float32) if arr.dtype.kind == "f" else apply_modality_lut(arr, ds).astype(np.float32)
+    out = np.stack([apply_window(values, ds, w) for w in windows])
+    if pi == "MONOCHROME1":
+        out = 1.0 - out
+    return out.astype(np.float32, copy=False)
+
+
+def apply_window(values: np.ndarray, ds: Dataset, window: Window) -> np.ndarray:
+    """Modality values ``(H, W)`` -> float32 ``(H, W)`` in [0, 1] with one window."""
+    if window.name == "auto":
+        voi = own_window(ds)
+        if voi is not None:
+            return _unit(apply_windowing(values, voi).astype(np.float32) / 65535.0)
+        if ds.get("VOILUTSequence"):
+            bits = int(ds.VOILUTSequence[0].LUTDescriptor[2])
+            lut_in = np.rint(values).astype(np.int64)  # LUTs index stored/modality values
+            return _unit(apply_voi(lut_in, ds).astype(np.float32) / float(2**bits - 1))
+        return _minmax(values)
+    if window.name == "minmax":
+        return _minmax(values)
+    voi = _voi_module(window.width, window.level, "LINEAR_EXACT")
+    return _unit(apply_windowing(values, voi).astype(np.float32) / 65535.0)
+
+
+def own_window(ds: Dataset) -> Dataset | None:
+    """The file's first VOI window as a stand-alone VOI module (16-bit output), or None."""
+    c, w = ds.get("WindowCenter"), ds.get("WindowWidth")
+    if c is not None and w is not None and c != "" and w != "":
+        c = float(c[0] if isinstance(c, pydicom.multival.MultiValue) else c)
+        w = float(w[0] if isinstance(w, pydicom.multival.MultiValue) else w)
+        func = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR").upper()
+        if math.isfinite(c) and math.isfinite(w) and (w >= 1 or (w > 0 and func != "LINEAR")):
+            return _voi_module(w, c, func)
+    return None
+
+
+def _voi_module(width: float, level: float, function: str) -> Dataset:
+    voi = Dataset()
+    voi.PhotometricInterpretation = "MONOCHROME2"
+    voi.WindowWidth = float(width)
+    voi.WindowCenter = float(level)
+    voi.VOILUTFunction = function
+    voi.BitsStored = 16
+    voi.PixelRepresentation = 0  # output range [0, 65535]
+    return voi
+
+
+def _minmax(x: np.ndarray) -> np.ndarray:
+    finite = x[np.isfinite(x)]
+    if not finite.size:
+        return np.zeros_like(x, dtype=np.float32)
+    lo, hi = float(finite.min()), float(finite.max())
+    if hi <= lo:
+        return np.zeros_like(x, dtype=np.float32)
+    return _unit((x - lo) / (hi - lo))
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return np.clip(np.nan_to_num(x.astype(np.float32, copy=False)), 0.0, 1.0)
+
+
+def _frames(ds: Dataset) -> int:
+    try:
+        return int(ds.get("NumberOfFrames", 1) or 1)
+    except (TypeError, ValueError):
+        return 1
