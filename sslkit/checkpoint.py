@@ -1,14 +1,24 @@
-"""Checkpoints that are complete or absent, never half-written.
+"""Checkpoints that are complete or absent, never half-written, never executed.
 
-A checkpoint is a folder ``checkpoints/step-00000123/`` holding ``model.safetensors``
-(every tensor of the task: encoder, heads, EMA teachers, queues) and ``state.pt``
-(optimizer, step, RNG states; plain tensors and containers only, loaded with
-``weights_only=True`` so a malicious pickle is refused). It is written into a temporary
-folder, fsynced, and renamed into place; ``latest`` is the newest folder that loads.
+A checkpoint is a folder ``checkpoints/step-00000123/`` holding
+
+* ``model.safetensors``: every tensor of the task (encoder, heads, EMA teachers, queues,
+  centres: ``task.state_dict()``);
+* ``state.pt``: optimizer, schedule, AMP scaler, RNG states, data position, step: plain
+  tensors and containers only, read back with ``torch.load(weights_only=True)`` so a
+  malicious pickle is refused, not run;
+* ``manifest.json``: size and SHA-256 of both files, written last.
+
+The folder is written under a temporary name, every file fsynced, then renamed into place
+and the parent directory fsynced. :func:`load_latest` takes the newest checkpoint whose
+manifest matches and whose files load; a damaged or truncated one is skipped (and named
+in the returned list), so a crash mid-write never leaves a bad "latest".
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -18,7 +28,12 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from sslkit.errors import UsageError
+
 PREFIX = "step-"
+MODEL_FILE = "model.safetensors"
+STATE_FILE = "state.pt"
+MANIFEST = "manifest.json"
 
 
 def _fsync_dir(path: Path) -> None:
@@ -29,47 +44,101 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """CPU, contiguous copies; tensors sharing storage (tied weights) are cloned apart."""
+    out, seen = {}, set()
+    for k, v in tensors.items():
+        v = v.detach().contiguous().cpu()
+        key = (v.untyped_storage().data_ptr(), v.storage_offset())
+        if v.numel() and key in seen:
+            v = v.clone()
+        seen.add(key)
+        out[k] = v
+    return out
+
+
 def save(folder: Path, step: int, tensors: dict[str, torch.Tensor], state: dict[str, Any], keep: int = 3) -> Path:
-    """Write checkpoint ``step`` atomically; keep the newest ``keep`` ones."""
+    """Write checkpoint ``step`` atomically; keep the newest ``keep`` ones (0: keep all)."""
     folder.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=folder))
+    target = folder / f"{PREFIX}{step:08d}"
     try:
-        tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-        save_file(tensors, str(tmp / "model.safetensors"))
-        torch.save(state, tmp / "state.pt")
+        save_file(_unshared(tensors), str(tmp / MODEL_FILE))
+        torch.save(state, tmp / STATE_FILE)
+        manifest = {name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
+                    for name in (MODEL_FILE, STATE_FILE)}
+        (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": manifest}, indent=1))
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
-        target = folder / f"{PREFIX}{step:08d}"
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
+        _fsync_dir(tmp)
+        if target.exists():  # re-saving the same step (e.g. after a resume): replace it
+            old = Path(tempfile.mkdtemp(prefix=".old-", dir=folder))
+            os.replace(target, old / target.name)
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
         _fsync_dir(folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    for old in list_checkpoints(folder)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+    if keep > 0:
+        for old in list_checkpoints(folder)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
     return target
 
 
 def list_checkpoints(folder: Path) -> list[Path]:
+    """Checkpoint folders, oldest first (temporary folders are not listed)."""
     if not folder.is_dir():
         return []
     return sorted(p for p in folder.iterdir() if p.is_dir() and p.name.startswith(PREFIX))
 
 
+def verify(path: Path) -> None:
+    """Raise ``ValueError`` unless ``path`` holds a complete checkpoint matching its manifest."""
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"no readable {MANIFEST}: {exc}") from None
+    for name, meta in manifest.get("files", {}).items():
+        f = path / name
+        if not f.is_file() or f.stat().st_size != meta["bytes"]:
+            raise ValueError(f"{name} is missing or has the wrong size (truncated?)")
+        if _sha256(f) != meta["sha256"]:
+            raise ValueError(f"{name} does not match its checksum")
+
+
 def load(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    tensors = load_file(str(path / "model.safetensors"))
-    state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+    """Tensors and state of one checkpoint; a pickle that is not plain data is refused."""
+    verify(path)
+    tensors = load_file(str(path / MODEL_FILE))
+    try:
+        state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+    except Exception as exc:  # weights_only refuses arbitrary objects: report, never execute
+        raise ValueError(f"{STATE_FILE} is not a plain-data checkpoint, refused: "
+                         f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
     return tensors, state
 
 
-def load_latest(folder: Path) -> tuple[Path, dict[str, torch.Tensor], dict[str, Any]] | None:
-    """The newest checkpoint that loads completely, skipping damaged ones."""
+def load_latest(folder: Path) -> tuple[Path, dict[str, torch.Tensor], dict[str, Any], list[tuple[Path, str]]] | None:
+    """The newest checkpoint that verifies and loads, and the newer ones skipped (path, why)."""
+    skipped: list[tuple[Path, str]] = []
     for path in reversed(list_checkpoints(folder)):
         try:
             tensors, state = load(path)
-        except Exception:
+        except Exception as exc:
+            skipped.append((path, str(exc).splitlines()[0] if str(exc) else type(exc).__name__))
             continue
-        return path, tensors, state
+        return path, tensors, state, skipped
+    if skipped:
+        raise UsageError(f"no usable checkpoint in {folder}: newest {skipped[0][0].name}: {skipped[0][1]}")
     return None

@@ -73,72 +73,169 @@ def list_(kind: str, as_json: bool) -> None:
         click.echo("\n".join(names))
 
 
+def _default(name: str) -> str:
+    from sslkit.config import defaults
+
+    return f" (default: {defaults()[name]})"
+
+
 @main.command()
-@click.option("--task", required=True, help="Pretext task (sslkit list tasks).")
-@click.option("--data", required=True, help="dicom:PATH, folder:PATH, another source, or a bare path.")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory.")
+@click.option("--config", "config_file", default=None, type=click.Path(dir_okay=False),
+              help="TOML (or YAML) file of settings; options given here override it.")
+@click.option("--print-config", is_flag=True,
+              help="Print the resolved settings for --task/--backbone as TOML and exit.")
+@click.option("--task", default=None, help="Pretext task (sslkit list tasks).")
+@click.option("--data", default=None, help="dicom:PATH, folder:PATH, another source, or a bare path.")
+@click.option("--out", default=None, type=click.Path(file_okay=False), help="Run directory.")
 @click.option("--backbone", default=None, help="prefix:model, e.g. timm:resnet18 (default: the task's).")
-@click.option("--epochs", default=10, show_default=True, type=click.IntRange(min=1))
-@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
-@click.option("--image-size", default=224, show_default=True, type=click.IntRange(min=8))
-@click.option("--lr", default=None, type=click.FloatRange(min=0, min_open=True),
-              help="Learning rate (default: 1e-3 x batch-size / 256).")
-@click.option("--max-steps", default=None, type=click.IntRange(min=1), help="Stop after this many steps.")
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--epochs", default=None, type=click.IntRange(min=1), help="Passes over the data" + _default("epochs"))
+@click.option("--batch-size", default=None, type=click.IntRange(min=1),
+              help="Images per forward pass, summed over all processes" + _default("batch_size"))
+@click.option("--image-size", default=None, type=click.IntRange(min=8), help="Side in pixels" + _default("image_size"))
+@click.option("--max-steps", default=None, type=click.IntRange(min=1), help="Stop after this many optimizer steps.")
+@click.option("--seed", default=None, type=int, help="Seed of everything random" + _default("seed"))
 @click.option("--channels", default=None, type=click.Choice(["1", "3"]), help="Default: what most images have.")
+@click.option("--optimizer", default=None, type=click.Choice(["adamw", "sgd", "lars"]),
+              help="Optimizer" + _default("optimizer"))
+@click.option("--lr", default=None, type=click.FloatRange(min=0, min_open=True),
+              help="Learning rate, taken as is (default: --base-lr scaled by --lr-scaling).")
+@click.option("--base-lr", default=None, type=click.FloatRange(min=0, min_open=True),
+              help="LR for 256 images per step" + _default("base_lr"))
+@click.option("--lr-scaling", default=None, type=click.Choice(["linear", "sqrt", "none"]),
+              help="base-lr x (effective batch / 256), x its square root, or as is" + _default("lr_scaling"))
+@click.option("--weight-decay", default=None, type=click.FloatRange(min=0),
+              help="Not applied to norms and biases" + _default("weight_decay"))
+@click.option("--warmup-epochs", default=None, type=click.FloatRange(min=0),
+              help="Linear warm-up, then cosine decay by step" + _default("warmup_epochs"))
+@click.option("--grad-clip", default=None, type=click.FloatRange(min=0, min_open=True),
+              help="Clip the global gradient norm to this value (default: no clipping).")
+@click.option("--accumulate", default=None, type=click.IntRange(min=1),
+              help="Micro-batches per optimizer step (same update as a K x larger batch)" + _default("accumulate"))
+@click.option("--precision", default=None, type=click.Choice(["fp32", "bf16", "fp16"]),
+              help="Autocast precision; fp16 uses a gradient scaler (CUDA)" + _default("precision"))
+@click.option("--compile", "compile", is_flag=True, default=None, help="torch.compile the model (opt-in).")
+@click.option("--channels-last/--no-channels-last", default=None,
+              help="Channels-last memory format (default: on for CNNs on CUDA).")
+@click.option("--sync-bn", is_flag=True, default=None, help="SyncBatchNorm across processes (torchrun).")
+@click.option("--deterministic", is_flag=True, default=None,
+              help="Deterministic algorithms only (bit-exact repeats; slower on GPU).")
+@click.option("--checkpoint-every", default=None, type=click.IntRange(min=1),
+              help="Also checkpoint every N optimizer steps (always at the end of every epoch).")
+@click.option("--keep-checkpoints", default=None, type=click.IntRange(min=0),
+              help="Keep the newest N checkpoints, 0 for all" + _default("keep_checkpoints"))
 @click.option("--backbone-opt", "backbone_opts", multiple=True, metavar="KEY=VALUE",
               help="Backbone option (repeatable), e.g. cifar_stem=true, patch_size=8.")
 @click.option("--task-opt", "task_opts", multiple=True, metavar="KEY=VALUE", help="Task option (repeatable).")
 @click.option("--data-opt", "data_opts", multiple=True, metavar="KEY=VALUE", help="Source option (repeatable).")
 @click.option("--cache", "cache_dir", default=None, type=click.Path(file_okay=False),
               help="Keep decoded pixels in this folder for later epochs and runs.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
-@click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
-@click.option("--overwrite", is_flag=True, help="Replace the run in a non-empty --out.")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
-def pretrain(**kw) -> None:
-    """Pretrain an encoder with a self-supervised task."""
-    from sslkit.engine import pretrain as run_pretrain
-    from sslkit.options import parse_pairs, parse_values
-    from sslkit.run import RunConfig
+@click.option("--device", default=None, help="auto, cpu, cuda, cuda:N" + _default("device"))
+@click.option("--resume", default=None, is_flag=False, flag_value="", metavar="[RUN_DIR]",
+              help="Continue RUN_DIR (or --out) from its last checkpoint, exactly as configured.")
+@click.option("--overwrite", is_flag=True, default=None, help="Replace the run in a non-empty --out.")
+@click.option("--quiet", is_flag=True, default=None, help="No progress bar.")
+@click.pass_context
+def pretrain(ctx: click.Context, **kw) -> None:
+    """Pretrain an encoder with a self-supervised task.
 
-    cfg = RunConfig(
-        task=kw["task"], data=kw["data"], out=kw["out"], backbone=kw["backbone"], epochs=kw["epochs"],
-        batch_size=kw["batch_size"], image_size=kw["image_size"], lr=kw["lr"], max_steps=kw["max_steps"],
-        seed=kw["seed"], channels=int(kw["channels"]) if kw["channels"] else None,
-        backbone_options=parse_values(parse_pairs(kw["backbone_opts"], "--backbone-opt")),
-        task_options=parse_pairs(kw["task_opts"], "--task-opt"),
-        source_options=parse_pairs(kw["data_opts"], "--data-opt"),
-        cache_dir=kw["cache_dir"], device=kw["device"], progress=not kw["quiet"],
-        overwrite=kw["overwrite"], resume=kw["resume"],
-    )
+    Settings come from the defaults, the task's recommended engine settings, --config
+    and the options given here, in that order.
+    """
+    from click.core import ParameterSource
+
+    from sslkit import config
+    from sslkit.engine import pretrain as run_pretrain
+
+    given = {k for k in kw if ctx.get_parameter_source(k) not in (ParameterSource.DEFAULT, None)}
+    values = config.cli_values(kw, given)
+    if kw["print_config"]:
+        click.echo(config.print_config(values, kw["config_file"]), nl=False)
+        return
+    cfg = config.resolve(values, kw["config_file"])
     summary = run_pretrain(cfg)
-    click.echo(
-        f"done: {summary['steps']} steps in {summary['seconds']:.1f}s, {summary['img_per_s']} img/s, "
-        f"final loss {summary['final_loss']:.4f}; run saved in {cfg.out}"
-    )
+    if not summary.get("main", True):
+        return
+    if summary.get("already_finished"):
+        click.echo(f"run {cfg.out} already finished ({summary.get('steps', '?')} steps); nothing to resume")
+    elif summary.get("interrupted"):
+        click.echo(f"interrupted: checkpoint at step {summary['steps']} saved in {cfg.out}; continue with: "
+                   f"sslkit pretrain --resume {cfg.out}")
+    else:
+        loss = summary["final_loss"]
+        click.echo(
+            f"done: {summary['steps']} steps in {summary['seconds']:.1f}s, {summary['img_per_s']} img/s, "
+            f"final loss {loss:.4f}; run saved in {cfg.out}" if loss is not None else
+            f"done: {summary['steps']} steps; run saved in {cfg.out}"
+        )
 
 
 @main.command()
 @click.argument("run_dir", type=click.Path())
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output file.")
 @click.option("--format", "fmt", default="onnx", show_default=True, help="Export format (sslkit list exporters).")
-@click.option("--opset", default=18, show_default=True, type=int, help="ONNX opset.")
+@click.option("--opset", default=None, type=int, help="ONNX opset (default 18).")
+@click.option("--with-preprocessing", is_flag=True,
+              help="ONNX graph takes raw pixels and applies the run's scaling / window and normalisation.")
+@click.option("--input-dtype", default=None, type=click.Choice(["uint8", "uint16", "float32"]),
+              help="Raw input dtype with --with-preprocessing (default: uint8 for images, float32 for DICOM).")
+@click.option("--fp16", is_flag=True, help="Half-precision weights (checked with a looser tolerance).")
+@click.option("--check-data", default=None, metavar="SRC|none",
+              help="Data for the real-input parity check (default: the run's own data).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
 @click.option("--json", "as_json", is_flag=True, help="Print the verification report as JSON.")
-def export(run_dir: str, out: str, fmt: str, opset: int, overwrite: bool, as_json: bool) -> None:
+def export(run_dir: str, out: str, fmt: str, opset: int | None, with_preprocessing: bool, input_dtype: str | None,
+           fp16: bool, check_data: str | None, overwrite: bool, as_json: bool) -> None:
     """Export a run's encoder (the backbone alone) and verify it."""
     from sslkit.export import export_run
 
-    options = {"opset": opset} if fmt == "onnx" else {}
-    report = export_run(run_dir, out, fmt, overwrite=overwrite, **options)
+    given = {"opset": opset, "with_preprocessing": with_preprocessing or None, "input_dtype": input_dtype,
+             "fp16": fp16 or None}
+    options = {k: v for k, v in given.items() if v is not None}
+    report = export_run(run_dir, out, fmt, overwrite=overwrite, check_data=check_data,
+                        log=None if as_json else click.echo, **options)
     if as_json:
         _echo_json(report)
         return
-    for check in report.get("checks", []):
-        click.echo(f"parity batch {check['batch']}: max abs diff {check['max_abs_diff']:.2e}, "
-                   f"min cosine {check['min_cosine']:.6f}")
+    if "max_abs_diff" in report:
+        click.echo(f"float32: max abs diff {report['max_abs_diff']:.2e} (tolerance {report['tolerance']:g}), "
+                   f"min cosine {report['min_cosine']:.6f}; real inputs: {report.get('real_inputs')}")
+    if "fp16" in report:
+        click.echo(f"float16: max abs diff {report['fp16']['max_abs_diff']:.2e}, min cosine "
+                   f"{report['fp16']['min_cosine']:.6f} (tolerance: {report['fp16']['tolerance']})")
+    if report.get("client_note"):
+        click.echo(f"client: {report['client_note']}")
     click.echo(f"exported {report['format']} to {report['out']}")
+
+
+@main.command()
+@click.argument("model", type=click.Path())
+@click.option("--data", required=True, help="Images to embed: dicom:PATH, folder:PATH or a bare path.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output .npz file.")
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
+@click.option("--window", default=None, help="DICOM window, overriding the run's (auto, minmax, W,L, preset).")
+@click.option("--data-opt", "data_opts", multiple=True, metavar="KEY=VALUE",
+              help="Source option overriding the run's (repeatable).")
+@click.option("--device", default="cpu", show_default=True, help="Torch device for a run directory.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def embed(model: str, data: str, out: str, batch_size: int, window: str | None, data_opts: tuple[str, ...],
+          device: str, overwrite: bool, quiet: bool) -> None:
+    """Embed images with a run directory (PyTorch) or an exported .onnx file (onnxruntime)."""
+    from sslkit.embed import embed_to_file
+    from sslkit.options import parse_pairs
+
+    source_options = parse_pairs(data_opts, "--data-opt")
+    if window is not None:
+        source_options["window"] = window
+    summary = embed_to_file(model, data, out, batch_size=batch_size, source_options=source_options,
+                            device=device, overwrite=overwrite, progress=not quiet)
+    click.echo(f"embedded {summary['n']} images ({summary['dim']}-d, {summary['engine']}); "
+               f"{summary['skipped']} skipped; saved to {out}")
+
+
+from sslkit.eval.cli import eval_group  # noqa: E402  (`sslkit eval knn|linear|tsne|attention`)
+
+main.add_command(eval_group)
 
 
 if __name__ == "__main__":

@@ -1,39 +1,65 @@
 """The training loop: data -> views -> task loss -> optimizer, with checkpoints and logs.
 
 The engine knows no task by name: tasks plug in through ``views``, ``forward`` and
-``on_step_end`` (see :mod:`sslkit.task`).
+``on_step_end`` (see :mod:`sslkit.task`). One optimizer step is::
+
+    for each of `accumulate` micro-batches x: (b, C, S, S), b = batch_size / world:
+        views = augment(x)                      # task.views(spec), batched, on device
+        with autocast(precision): out = model(views)
+        scaler.scale(out["loss"] / accumulate).backward()   # DDP syncs on the last one
+    loss (mean over ranks) finite? else stop, the last checkpoint untouched
+    clip the global gradient norm; set LR = lr * warmup_cosine(step); optimizer step
+    task.on_step_end(step, total)               # EMA teachers, queues, centres
+
+Everything a step depends on is in a checkpoint (model and task tensors, optimizer,
+schedule position, AMP scaler, every RNG state of every rank, data position), so a
+resumed run repeats the uninterrupted one step for step.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
-import math
+import os
 import random
+import signal
+import tempfile
+import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from sslkit import checkpoint
+from sslkit import checkpoint, distributed
+from sslkit.backbone import is_token_backbone
 from sslkit.data.loader import BatchLoader
 from sslkit.data.pipeline import load_data
 from sslkit.data.prepare import channel_stats, fingerprint
 from sslkit.errors import UsageError
-from sslkit.optim import build_optimizer, warmup_cosine
+from sslkit.optim import build_optimizer, set_lr, warmup_cosine
 from sslkit.registry import create_backbone, create_task, get_task, resolve_data
 from sslkit.run import ENCODER_FILE, RUN_JSON, RunConfig, check_run_dir, environment, prepare_run_dir, write_json_atomic
 from sslkit.spec import InputSpec
 
+METRICS_FILE = "metrics.csv"
+CHECKPOINTS = "checkpoints"
+
 
 def resolve_device(name: str) -> torch.device:
+    """``auto`` | ``cpu`` | ``cuda`` | ``cuda:N``; under torchrun ``cuda`` means this rank's GPU."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError("--device cuda asked for, but no CUDA GPU is available; use --device cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UsageError("--device cuda asked for, but no CUDA GPU is available; use --device cpu")
+        if name == "cuda" and distributed.launched():
+            name = f"cuda:{distributed.local_rank()}"
+    elif name != "cpu":
+        raise UsageError(f"unknown --device {name!r}; choose from: auto, cpu, cuda, cuda:N")
     return torch.device(name)
 
 
@@ -52,176 +78,505 @@ def _check_pairing(task_cls, backbone_name: str, cfg: RunConfig) -> None:
         raise UsageError(f"task {cfg.task!r} cannot run here: {reason}")
 
 
+def _on_main(fn: Callable[[], Any]) -> Any:
+    """Run ``fn`` on rank 0 only; a UsageError there is raised on every rank."""
+    result, error = None, None
+    if distributed.is_main():
+        try:
+            result = fn()
+        except UsageError as exc:
+            error = str(exc)
+    error = distributed.broadcast_object(error)
+    if error is not None:
+        raise UsageError(error)
+    return result
+
+
 def pretrain(cfg: RunConfig) -> dict[str, Any]:
-    """Run (or resume) pretraining as ``cfg`` says; returns the final summary."""
-    task_cls = get_task(cfg.task)
-    resolve_data(cfg.data)  # fail on a bad --data before touching the run directory
-    backbone_name = cfg.backbone or task_cls.default_backbone
-    check_run_dir(cfg)
+    """Run (or resume) pretraining as ``cfg`` says; returns the final summary.
+
+    Under torchrun every process calls this; rank 0 alone writes the run directory.
+    """
+    get_task(cfg.task)
+    resolve_data(cfg.data)  # fail on a bad --data before touching anything
     device = resolve_device(cfg.device)
-    seed_everything(cfg.seed)
-
-    _check_pairing(task_cls, backbone_name, cfg)  # fail fast, before decoding anything
-    data = load_data(cfg.data, cfg.image_size, cfg.channels, cfg.source_options, cfg.cache_dir, cfg.progress)
-    source, prepared, channels = data.source, data.prepared, data.channels
-    mean, std = channel_stats(prepared.pixels)
-    spec = InputSpec(channels, cfg.image_size, mean, std, source.scheme, source.describe())
-    backbone = create_backbone(backbone_name, in_chans=channels, image_size=cfg.image_size,
-                               **cfg.backbone_options)
-    task = create_task(cfg.task, backbone, spec, **cfg.task_options)
-
-    # Everything the user asked for is valid: only now is the run directory written.
-    out = prepare_run_dir(cfg)
-    write_json_atomic(out / "data_report.json", {
-        "samples": len(prepared), "skipped": len(prepared.skipped),
-        "skipped_files": [{"path": p, "reason": r} for p, r in prepared.skipped],
-    })
-    augment = task.views(spec)
-    task.to(device)
-    if isinstance(augment, torch.nn.Module):
-        augment.to(device)
-
-    loader = BatchLoader(prepared.pixels, cfg.batch_size, cfg.seed)
-    steps_per_epoch = len(loader)
-    total = cfg.epochs * steps_per_epoch
-    if cfg.max_steps is not None:
-        total = min(total, cfg.max_steps)
-    warmup = min(int(cfg.warmup_epochs * steps_per_epoch), total // 2)
-    optimizer = build_optimizer(task, cfg.effective_lr, cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, total, warmup))
-
-    info = {
-        "task": cfg.task,
-        "backbone": backbone_name,
-        "backbone_options": dict(cfg.backbone_options),
-        "config": cfg.to_dict(),
-        "input_spec": spec.to_dict(),
-        "embedding_dim": int(backbone.num_features),
-        "dataset": {"fingerprint": fingerprint(prepared.refs, spec.preprocessing),
-                    "samples": len(prepared), "skipped": len(prepared.skipped)},
-        "steps_per_epoch": steps_per_epoch,
-        "total_steps": total,
-        "environment": environment(),
-        "status": "running",
-    }
-    write_json_atomic(out / RUN_JSON, info)
-
-    step, start_epoch, start_batch = 0, 0, 0
-    ckpt_dir = out / "checkpoints"
-    if cfg.resume:
-        found = checkpoint.load_latest(ckpt_dir)
-        if found is not None:
-            _, tensors, state = found
-            task.load_state_dict(tensors)
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            step, start_epoch, start_batch = state["step"], state["epoch"], state["batch"]
-            _set_rng(state["rng"])
-
-    metrics_file = out / "metrics.csv"
-    writer = _MetricsWriter(metrics_file, append=cfg.resume and step > 0)
-    bar = tqdm(total=total, initial=step, desc=f"{cfg.task}", unit="step", disable=not cfg.progress,
-               dynamic_ncols=True)
-    t_start = time.perf_counter()
-    images = 0
-    last = {}
-    task.train()
-    epoch, b = start_epoch, start_batch
+    if cfg.precision == "fp16" and device.type != "cuda":
+        raise UsageError("--precision fp16 needs a CUDA GPU; on CPU use bf16 or fp32")
+    created = distributed.init(device.type)
     try:
-        while step < total and epoch < cfg.epochs:
-            for batch in loader.epoch(epoch, b):
-                t0 = time.perf_counter()
-                batch = batch.to(device, non_blocking=True)
-                views = augment(batch)
-                result = task(views)
-                loss = result["loss"]
-                if not torch.isfinite(loss):
-                    raise UsageError(
-                        f"loss became {loss.item()} at step {step + 1}; lower --lr (now "
-                        f"{cfg.effective_lr:g}); the last good checkpoint is in {ckpt_dir}"
-                    )
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                scheduler.step()
-                step, b = step + 1, b + 1
-                task.on_step_end(step, total)
-                dt = time.perf_counter() - t0
-                images += batch.shape[0]
-                last = {k: float(v.detach()) for k, v in result.items() if torch.is_tensor(v) and v.numel() == 1}
-                row = {"step": step, "epoch": epoch, **last, "lr": optimizer.param_groups[0]["lr"],
-                       "img_per_s": batch.shape[0] / dt}
-                writer.write(row)
-                bar.update(1)
-                bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{row['lr']:.2e}",
-                                img_s=f"{row['img_per_s']:.0f}")
-                if step >= total:
-                    break
-            if b >= steps_per_epoch:
-                epoch, b = epoch + 1, 0
-            _save_checkpoint(ckpt_dir, task, optimizer, scheduler, step, epoch, b)
+        return _Trainer(cfg, device).run()
     finally:
-        bar.close()
-        writer.close()
-
-    encoder_state = {k: v.detach().contiguous().cpu() for k, v in task.encoder.state_dict().items()}
-    save_file(encoder_state, str(out / ENCODER_FILE))
-    elapsed = time.perf_counter() - t_start
-    summary = {"steps": step, "seconds": round(elapsed, 2),
-               "img_per_s": round(images / elapsed, 2) if elapsed > 0 else None,
-               "final_loss": last.get("loss")}
-    info.update(status="finished", summary=summary)
-    write_json_atomic(out / RUN_JSON, info)
-    return summary
+        if created:
+            distributed.teardown()
 
 
-def _save_checkpoint(folder: Path, task, optimizer, scheduler, step: int, epoch: int, batch: int) -> None:
+class _Trainer:
+    def __init__(self, cfg: RunConfig, device: torch.device) -> None:
+        self.cfg = cfg
+        self.device = device
+        self.rank, self.world = distributed.rank(), distributed.world_size()
+        self.main = self.rank == 0
+        self.out = Path(cfg.out)
+        self.ckpt_dir = self.out / CHECKPOINTS
+
+    # --- set-up --------------------------------------------------------------------
+    def build(self) -> None:
+        cfg = self.cfg
+        task_cls = get_task(cfg.task)
+        self.backbone_name = cfg.backbone or task_cls.default_backbone
+        _on_main(lambda: check_run_dir(cfg))
+        if cfg.batch_size % self.world:
+            raise UsageError(f"--batch-size {cfg.batch_size} is the batch over all {self.world} processes and "
+                             f"must be divisible by their number")
+        if cfg.deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True)
+            torch.backends.cudnn.benchmark = False
+        elif self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+        seed_everything(cfg.seed)
+
+        _check_pairing(task_cls, self.backbone_name, cfg)  # fail fast, before decoding anything
+        show = cfg.progress and self.main
+        if cfg.cache_dir and self.world > 1:  # rank 0 fills the cache, the others read it
+            data = load_data(cfg.data, cfg.image_size, cfg.channels, cfg.source_options, cfg.cache_dir, show) \
+                if self.main else None
+            distributed.barrier()
+            if not self.main:
+                data = load_data(cfg.data, cfg.image_size, cfg.channels, cfg.source_options, cfg.cache_dir, False)
+        else:
+            data = load_data(cfg.data, cfg.image_size, cfg.channels, cfg.source_options, cfg.cache_dir, show)
+        self.source, self.prepared, channels = data.source, data.prepared, data.channels
+        mean, std = channel_stats(self.prepared.pixels)
+        self.spec = spec = InputSpec(channels, cfg.image_size, mean, std, self.source.scheme, self.source.describe())
+        backbone = create_backbone(self.backbone_name, in_chans=channels, image_size=cfg.image_size,
+                                   **cfg.backbone_options)
+        self.task = task = create_task(cfg.task, backbone, spec, **cfg.task_options)
+        if cfg.sync_bn and self.world > 1:
+            task = self.task = torch.nn.SyncBatchNorm.convert_sync_batchnorm(task)
+        self.augment = task.views(spec)
+        task.to(self.device)
+        if isinstance(self.augment, torch.nn.Module):
+            self.augment.to(self.device)
+        cl = cfg.channels_last
+        self.channels_last = (not is_token_backbone(backbone) and self.device.type == "cuda") if cl is None else cl
+        if self.channels_last:
+            task.to(memory_format=torch.channels_last)
+
+        micro = cfg.batch_size // self.world
+        self.loader = BatchLoader(self.prepared.pixels, micro, cfg.seed, self.rank, self.world)
+        self.micro_batch = self.loader.batch_size
+        self.steps_per_epoch = len(self.loader) // cfg.accumulate
+        if self.steps_per_epoch < 1:
+            raise UsageError(
+                f"{len(self.prepared)} images are fewer than one optimizer step needs "
+                f"(--batch-size {cfg.batch_size} x --accumulate {cfg.accumulate}); lower them"
+            )
+        self.step_images = self.micro_batch * self.world * cfg.accumulate
+        total = cfg.epochs * self.steps_per_epoch
+        self.total = min(total, cfg.max_steps) if cfg.max_steps is not None else total
+        self.warmup = min(int(cfg.warmup_epochs * self.steps_per_epoch), self.total // 2)
+        self.lr = cfg.effective_lr
+        self.optimizer = build_optimizer(task, cfg.optimizer, self.lr, cfg.weight_decay, cfg.momentum, cfg.betas)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")
+        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
+
+        model = task
+        if self.world > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            model = torch.nn.parallel.DistributedDataParallel(task, device_ids=ids)
+        self.ddp = model if self.world > 1 else None
+        self.model = torch.compile(model) if cfg.compile else model
+
+        self.info = {
+            "task": cfg.task,
+            "backbone": self.backbone_name,
+            "backbone_options": dict(cfg.backbone_options),
+            "config": cfg.to_dict(),
+            "input_spec": spec.to_dict(),
+            "embedding_dim": int(backbone.num_features),
+            "dataset": {"fingerprint": fingerprint(self.prepared.refs, spec.preprocessing),
+                        "samples": len(self.prepared), "skipped": len(self.prepared.skipped)},
+            "steps_per_epoch": self.steps_per_epoch,
+            "total_steps": self.total,
+            "optimization": {"lr": self.lr, "effective_batch": self.step_images, "warmup_steps": self.warmup,
+                             "processes": self.world, "batch_per_process": self.micro_batch,
+                             "channels_last": self.channels_last},
+            "environment": {**environment(), "world_size": self.world, "device": str(self.device)},
+            "status": "running",
+        }
+
+    def _restore(self) -> None:
+        """Continue from the newest valid checkpoint (``--resume``); rank 0 chooses it."""
+        self.step, self.epoch, self.pos = 0, 0, 0
+        if not self.cfg.resume:
+            return
+        found = _on_main(lambda: _latest(self.ckpt_dir))
+        path = distributed.broadcast_object(str(found) if found else None)
+        self.resumed_from = None
+        if path is None:
+            return
+        tensors, state = checkpoint.load(Path(path))
+        missing, unexpected = self.task.load_state_dict(tensors, strict=False)
+        if missing or unexpected:
+            raise UsageError(f"checkpoint {path} does not fit this task/backbone "
+                             f"(missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]})")
+        self.optimizer.load_state_dict(state["optimizer"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.step = int(state["step"])
+        self.epoch, self.pos = int(state["data"]["epoch"]), int(state["data"]["step_in_epoch"])
+        rngs = state["rng"]
+        if len(rngs) == self.world:
+            _set_rng(rngs[self.rank], self.device)
+        else:
+            seed_everything(self.cfg.seed + 7919 * self.rank + self.step)
+            if self.main:
+                tqdm.write(f"note: checkpoint written by {len(rngs)} processes, resumed with {self.world}: "
+                           f"augmentations are re-seeded (data order is unchanged)")
+        self.resumed_from = self.step
+
+    # --- the loop ------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        cfg = self.cfg
+        self.build()
+        if self.world > 1:  # different augmentations per rank; the model is already identical
+            seed_everything(cfg.seed + 7919 * self.rank)
+
+        def prepare() -> None:
+            prepare_run_dir(cfg)
+            write_json_atomic(self.out / "data_report.json", {
+                "samples": len(self.prepared), "skipped": len(self.prepared.skipped),
+                "skipped_files": [{"path": p, "reason": r} for p, r in self.prepared.skipped],
+            })
+
+        _on_main(prepare)  # everything the user asked for is valid: only now is the run directory written
+        self._restore()
+        if cfg.resume and self.main:
+            old = _read_json(self.out / RUN_JSON)
+            self.info["resumes"] = old.get("resumes", []) + ([{"from_step": self.step}])
+            if old.get("status") == "finished" and self.step >= self.total:
+                return {**old.get("summary", {}), "already_finished": True, "main": True}
+        if cfg.resume and self.step >= self.total:
+            return {"already_finished": True, "main": self.main}
+        self._write_info()
+
+        self.metrics = _MetricsWriter(self.out / METRICS_FILE, keep_until=self.step if cfg.resume else None) \
+            if self.main else None
+        self.tb = _tensorboard(self.out / "tensorboard") if (self.main and cfg.tensorboard) else None
+        status, interrupted = "failed", False
+        with _StopSignal() as stop:
+            try:
+                summary = self._loop(stop)
+                interrupted = summary["interrupted"]
+                status = "interrupted" if interrupted else "finished"
+            except _Diverged as exc:
+                status = "diverged"
+                raise UsageError(str(exc)) from None
+            finally:
+                if self.metrics:
+                    self.metrics.close()
+                if self.tb:
+                    self.tb.close()
+                if self.main and status != "finished":
+                    self.info["status"] = status
+                    self._write_info()
+        if not interrupted and self.main:
+            _save_atomic(self.out / ENCODER_FILE,
+                         {k: v.detach().contiguous().cpu() for k, v in self.task.encoder.state_dict().items()})
+        if self.main:
+            self.info.update(status=status, summary={k: v for k, v in summary.items() if k != "main"})
+            self._write_info()
+        return summary
+
+    def _loop(self, stop: "_StopSignal") -> dict[str, Any]:
+        cfg, K = self.cfg, self.cfg.accumulate
+        bar = tqdm(total=self.total, initial=self.step, desc=cfg.task, unit="step", dynamic_ncols=True,
+                   disable=not (cfg.progress and self.main))
+        t_start = t_last = time.perf_counter()
+        images, start_step, last, saved_at = 0, self.step, {}, self.step
+        interrupted = False
+        self.task.train()
+        try:
+            while self.step < self.total and not interrupted:
+                if self.pos >= self.steps_per_epoch:
+                    self.epoch, self.pos = self.epoch + 1, 0
+                batches = self.loader.epoch(self.epoch, self.pos * K)
+                try:
+                    while self.pos < self.steps_per_epoch and self.step < self.total:
+                        scalars = self._accumulate(batches)
+                        scalars["stop"] = float(stop.requested)
+                        scalars = self._reduce(scalars)
+                        if not np.isfinite(scalars["loss"]):
+                            raise _Diverged(
+                                f"loss became {scalars['loss']} at step {self.step + 1}; nothing was updated. "
+                                f"Lower --lr (now {self.lr:g}) or set --grad-clip; the last good checkpoint "
+                                f"is in {self.ckpt_dir}"
+                            )
+                        grad_norm = self._optimizer_step()
+                        self.step, self.pos = self.step + 1, self.pos + 1
+                        self.task.on_step_end(self.step, self.total)
+
+                        now = time.perf_counter()
+                        images += self.step_images
+                        ips = self.step_images / max(now - t_last, 1e-9)
+                        t_last = now
+                        interrupted = scalars.pop("stop") > 0
+                        last = scalars
+                        row = {"step": self.step, "epoch": self.epoch, **scalars, "lr": self._lr_at(self.step - 1),
+                               "img_per_s": ips}
+                        if grad_norm is not None:
+                            row["grad_norm"] = grad_norm
+                        self._log(row, bar)
+                        end_of_epoch = self.pos >= self.steps_per_epoch
+                        every = cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0
+                        if every or end_of_epoch or self.step >= self.total or interrupted:
+                            self._checkpoint()
+                            saved_at = self.step
+                        if interrupted:
+                            break
+                finally:
+                    batches.close()
+            if saved_at != self.step:
+                self._checkpoint()
+        finally:
+            bar.close()
+        elapsed = time.perf_counter() - t_start
+        return {
+            "steps": self.step, "steps_this_session": self.step - start_step, "seconds": round(elapsed, 2),
+            "img_per_s": round(images / elapsed, 2) if elapsed > 0 and images else None,
+            "final_loss": last.get("loss"), "interrupted": interrupted, "main": self.main,
+        }
+
+    def _accumulate(self, batches) -> dict[str, torch.Tensor]:
+        """Forward and backward ``accumulate`` micro-batches; the mean of each logged scalar."""
+        K = self.cfg.accumulate
+        sums: dict[str, torch.Tensor] = {}
+        for k in range(K):
+            x = next(batches).to(self.device, non_blocking=True)
+            views = self.augment(x)
+            if self.channels_last:
+                views = tuple(v.contiguous(memory_format=torch.channels_last) if v.dim() == 4 else v for v in views)
+            sync = self.ddp.no_sync() if (self.ddp is not None and k < K - 1) else contextlib.nullcontext()
+            with sync:
+                with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
+                                    enabled=self.autocast_dtype is not None):
+                    result = self.model(views)
+                loss = result["loss"]
+                self.scaler.scale(loss.float() / K).backward()
+            for name, v in result.items():
+                if torch.is_tensor(v) and v.numel() == 1:
+                    sums[name] = sums.get(name, 0) + v.detach().float().reshape(()) / K
+        return sums
+
+    def _reduce(self, scalars: dict[str, Any]) -> dict[str, float]:
+        """Mean of every scalar over ranks (``stop``: the max), in one collective and one sync."""
+        names = sorted(scalars)
+        vec = torch.stack([torch.as_tensor(scalars[n], dtype=torch.float32, device=self.device).reshape(())
+                           for n in names])
+        if self.world > 1:
+            distributed.all_reduce_sum(vec)
+            vec = vec / self.world
+        return dict(zip(names, vec.tolist()))
+
+    def _lr_at(self, step: int) -> float:
+        return self.lr * warmup_cosine(step, self.total, self.warmup)
+
+    def _optimizer_step(self) -> float | None:
+        grad_norm = None
+        if self.cfg.grad_clip:
+            self.scaler.unscale_(self.optimizer)
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip))
+        set_lr(self.optimizer, self._lr_at(self.step))
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm
+
+    def _log(self, row: dict[str, Any], bar) -> None:
+        if not self.main:
+            return
+        self.metrics.write(row)
+        if self.tb is not None:
+            for k, v in row.items():
+                if k not in ("step", "epoch"):
+                    self.tb.add_scalar(f"train/{k}", v, row["step"])
+        bar.update(1)
+        bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", img_s=f"{row['img_per_s']:.0f}",
+                        refresh=False)
+
+    def _checkpoint(self) -> None:
+        rngs = distributed.gather_objects(_get_rng(self.device))
+        if not self.main:
+            return
+        state = {
+            "optimizer": self.optimizer.state_dict(),
+            "schedule": {"name": "warmup_cosine", "step": self.step, "total": self.total, "warmup": self.warmup,
+                         "lr": self.lr},
+            "scaler": self.scaler.state_dict(),
+            "step": self.step,
+            "data": {"epoch": self.epoch, "step_in_epoch": self.pos, "seed": self.cfg.seed,
+                     "world_size": self.world},
+            "rng": rngs,
+        }
+        checkpoint.save(self.ckpt_dir, self.step, self.task.state_dict(), state, keep=self.cfg.keep_checkpoints)
+
+    def _write_info(self) -> None:
+        if self.main:
+            write_json_atomic(self.out / RUN_JSON, self.info)
+
+
+class _Diverged(Exception):
+    pass
+
+
+def _latest(folder: Path) -> Path | None:
+    found = checkpoint.load_latest(folder)
+    if found is None:
+        return None
+    path, _, _, skipped = found
+    for bad, why in skipped:
+        tqdm.write(f"note: skipping damaged checkpoint {bad.name}: {why}")
+    return path
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    import json
+
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _save_atomic(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+# --- RNG state --------------------------------------------------------------------------
+def _get_rng(device: torch.device) -> dict[str, Any]:
+    """Python, NumPy, torch CPU and CUDA generator states as plain data (weights_only-safe)."""
+    np_state = np.random.get_state(legacy=False)
     state = {
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "step": step, "epoch": epoch, "batch": batch,
-        "rng": _get_rng(),
+        "python": random.getstate(),
+        "numpy": {"key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
+                  "pos": int(np_state["state"]["pos"]), "has_gauss": int(np_state["has_gauss"]),
+                  "gauss": float(np_state["gauss"])},
+        "torch": torch.get_rng_state(),
     }
-    checkpoint.save(folder, step, task.state_dict(), state)
-
-
-def _get_rng() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def _set_rng(state: dict[str, Any]) -> None:
+def _set_rng(state: dict[str, Any], device: torch.device) -> None:
+    random.setstate(_tuples(state["python"]))
+    np_state = state["numpy"]
+    np.random.set_state({"bit_generator": "MT19937",
+                         "state": {"key": np_state["key"].numpy().astype(np.uint32), "pos": np_state["pos"]},
+                         "has_gauss": np_state["has_gauss"], "gauss": np_state["gauss"]})
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if "cuda" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _tuples(obj: Any) -> Any:
+    if isinstance(obj, (list, tuple)):
+        return tuple(_tuples(v) for v in obj)
+    return obj
+
+
+# --- signals ----------------------------------------------------------------------------
+class _StopSignal:
+    """SIGINT / SIGTERM ask the loop to finish its step, checkpoint and return.
+
+    A second SIGINT aborts at once (KeyboardInterrupt). Only the main thread can install
+    handlers; elsewhere the signals keep their default behaviour.
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._old: dict[int, Any] = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        if distributed.is_main():
+            tqdm.write(f"{signal.Signals(signum).name}: stopping after this step and writing a checkpoint "
+                       f"(Ctrl-C again to abort now)")
+
+    def __enter__(self) -> "_StopSignal":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+# --- logs -------------------------------------------------------------------------------
+def _tensorboard(folder: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is optional
+        return None
+    return SummaryWriter(str(folder))
 
 
 class _MetricsWriter:
-    """metrics.csv: one row per optimizer step; columns fixed by the first row."""
+    """metrics.csv: one row per optimizer step; columns fixed by the first row.
 
-    def __init__(self, path: Path, append: bool) -> None:
+    Resuming (``keep_until``: the checkpoint's step) first drops the rows logged after
+    that step, so the file holds every step exactly once.
+    """
+
+    FIRST = ["step", "epoch", "loss", "lr", "img_per_s"]
+
+    def __init__(self, path: Path, keep_until: int | None) -> None:
         self.path = path
-        self.append = append and path.exists()
         self.file = None
         self.writer = None
+        self.fields: list[str] | None = None
+        if keep_until is not None and path.exists():
+            with open(path, newline="") as f:
+                rows = list(csv.reader(f))
+            if rows:
+                self.fields = rows[0]
+                kept = [r for r in rows[1:] if r and int(r[0]) <= keep_until]
+                fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+                with os.fdopen(fd, "w", newline="") as f:
+                    csv.writer(f).writerows([self.fields, *kept])
+                os.replace(tmp, path)
 
     def write(self, row: dict[str, Any]) -> None:
         if self.writer is None:
-            if self.append:
-                with open(self.path) as f:
-                    fields = next(csv.reader(f))
-            else:
-                fields = ["step", "epoch", "loss", "lr", "img_per_s"]
-                fields += sorted(k for k in row if k not in fields)
-            self.file = open(self.path, "a" if self.append else "w", newline="")
-            self.writer = csv.DictWriter(self.file, fieldnames=fields, extrasaction="ignore")
-            if not self.append:
+            append = self.fields is not None
+            if not append:
+                self.fields = self.FIRST + sorted(k for k in row if k not in self.FIRST)
+            self.file = open(self.path, "a" if append else "w", newline="")
+            self.writer = csv.DictWriter(self.file, fieldnames=self.fields, extrasaction="ignore")
+            if not append:
                 self.writer.writeheader()
-        self.writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+        self.writer.writerow({k: _fmt(k, v) for k, v in row.items()})
         self.file.flush()
 
     def close(self) -> None:
         if self.file:
             self.file.close()
+
+
+def _fmt(key: str, v: Any) -> Any:
+    if not isinstance(v, float):
+        return v
+    return f"{v:.1f}" if key == "img_per_s" else f"{v:.9g}"

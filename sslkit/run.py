@@ -6,11 +6,13 @@ import dataclasses
 import json
 import os
 import platform
+import shutil
+import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from sslkit.errors import UsageError
 from sslkit.spec import InputSpec
@@ -19,11 +21,23 @@ RUN_JSON = "run.json"
 ENCODER_FILE = "encoder.safetensors"
 
 
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+# Fields that may differ between a run and its --resume (they change how, not what, it computes).
+RESUMABLE_OVERRIDES = frozenset({
+    "out", "device", "progress", "compile", "checkpoint_every", "keep_checkpoints", "cache_dir",
+    "tensorboard", "resume", "overwrite",
+})
+
+
 @dataclass(frozen=True)
 class RunConfig:
-    """Everything that defines a pretraining run, resolved once from the CLI / a config.
+    """Everything that defines a pretraining run, resolved once from defaults, the task's
+    engine defaults, a config file and the CLI (:mod:`sslkit.config`).
 
-    Saved in ``run.json``; nothing downstream re-parses argv.
+    Saved in ``run.json``; nothing downstream re-parses argv. ``batch_size`` is the number
+    of images in one forward pass summed over all processes; one optimizer step sees
+    ``batch_size * accumulate`` images (the effective batch that scales the LR).
     """
 
     task: str
@@ -33,28 +47,77 @@ class RunConfig:
     epochs: int = 10
     batch_size: int = 64
     image_size: int = 224
-    lr: float | None = None  # None: base_lr * batch_size / 256
-    base_lr: float = 1e-3
-    weight_decay: float = 0.05
-    warmup_epochs: float = 1.0
     max_steps: int | None = None
     seed: int = 0
     channels: int | None = None  # None: what most samples have
+    # optimisation
+    optimizer: Literal["adamw", "sgd", "lars"] = "adamw"
+    lr: float | None = None  # None: base_lr scaled by lr_scaling
+    base_lr: float = 1e-3  # LR for an effective batch of 256 images
+    lr_scaling: Literal["linear", "sqrt", "none"] = "linear"
+    weight_decay: float = 0.05
+    momentum: float = 0.9  # sgd, lars
+    betas: tuple[float, float] = (0.9, 0.95)  # adamw
+    warmup_epochs: float = 1.0
+    grad_clip: float | None = None  # max global gradient norm; None: no clipping
+    accumulate: int = 1
+    # speed
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    compile: bool = False
+    channels_last: bool | None = None  # None: on for CNNs on CUDA
+    device: str = "auto"
+    sync_bn: bool = False
+    deterministic: bool = False
+    # checkpoints and logs
+    checkpoint_every: int | None = None  # optimizer steps; a checkpoint also ends every epoch
+    keep_checkpoints: int = 3  # 0: keep all
+    tensorboard: bool = True  # when the tensorboard package is installed
     backbone_options: dict[str, Any] = field(default_factory=dict)
     task_options: dict[str, Any] = field(default_factory=dict)
     source_options: dict[str, Any] = field(default_factory=dict)
     cache_dir: str | None = None  # None: in memory
-    device: str = "auto"
     progress: bool = True
     overwrite: bool = False
     resume: bool = False
 
+    def __post_init__(self) -> None:
+        def need(ok: bool, what: str) -> None:
+            if not ok:
+                raise UsageError(f"config: {what}")
+
+        need(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
+        need(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        need(self.image_size >= 8, f"image_size must be >= 8, got {self.image_size}")
+        need(self.max_steps is None or self.max_steps >= 1, f"max_steps must be >= 1, got {self.max_steps}")
+        need(self.accumulate >= 1, f"accumulate must be >= 1, got {self.accumulate}")
+        need(self.lr is None or self.lr > 0, f"lr must be > 0, got {self.lr}")
+        need(self.base_lr > 0, f"base_lr must be > 0, got {self.base_lr}")
+        need(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
+        need(self.warmup_epochs >= 0, f"warmup_epochs must be >= 0, got {self.warmup_epochs}")
+        need(self.grad_clip is None or self.grad_clip > 0, f"grad_clip must be > 0, got {self.grad_clip}")
+        need(self.checkpoint_every is None or self.checkpoint_every >= 1,
+             f"checkpoint_every must be >= 1, got {self.checkpoint_every}")
+        need(self.keep_checkpoints >= 0, f"keep_checkpoints must be >= 0, got {self.keep_checkpoints}")
+        need(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+             f"betas must be two numbers in [0, 1), got {list(self.betas)}")
+        need(self.channels in (None, 1, 3), f"channels must be 1 or 3, got {self.channels}")
+
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        out["betas"] = list(self.betas)
+        return out
+
+    @property
+    def effective_batch(self) -> int:
+        """Images per optimizer step, over all processes."""
+        return self.batch_size * self.accumulate
 
     @property
     def effective_lr(self) -> float:
-        return self.lr if self.lr is not None else self.base_lr * self.batch_size / 256
+        """``lr`` if given, else ``base_lr`` scaled to the effective batch by ``lr_scaling``."""
+        from sslkit.optim import scaled_lr
+
+        return self.lr if self.lr is not None else scaled_lr(self.base_lr, self.effective_batch, self.lr_scaling)
 
 
 def check_run_dir(cfg: RunConfig) -> Path:
@@ -78,10 +141,9 @@ def prepare_run_dir(cfg: RunConfig) -> Path:
     if cfg.overwrite and out.is_dir() and not cfg.resume:
         for name in (RUN_JSON, ENCODER_FILE, "metrics.csv", "data_report.json"):
             (out / name).unlink(missing_ok=True)
-        ckpts = out / "checkpoints"
-        if ckpts.is_dir():
-            for f in ckpts.iterdir():
-                f.unlink()
+        for name in ("checkpoints", "tensorboard"):
+            if (out / name).is_dir():
+                shutil.rmtree(out / name)
     out.mkdir(parents=True, exist_ok=True)
     return out
 
@@ -96,21 +158,43 @@ def write_json_atomic(path: Path, data: Any) -> None:
 
 
 def environment() -> dict[str, Any]:
-    """Versions and hardware for provenance (no user or host identifiers)."""
+    """Versions, hardware and code revision for provenance (no user or host identifiers)."""
     import timm
     import torch
 
     from sslkit import __version__
 
+    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
     return {
         "sslkit": __version__,
         "torch": torch.__version__,
         "timm": timm.__version__,
         "python": sys.version.split()[0],
         "platform": platform.machine(),
-        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "os": platform.system(),
+        "cuda": torch.cuda.get_device_name(0) if gpus else None,
+        "gpus": gpus,
+        "cuda_version": torch.version.cuda,
+        "cpu_count": os.cpu_count(),
         "cpu_threads": torch.get_num_threads(),
+        "git_commit": git_commit(),
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv else None,
     }
+
+
+def git_commit() -> str | None:
+    """The commit of the sslkit source checkout (``+dirty`` with local changes), if any."""
+    root = Path(__file__).resolve().parents[1]
+    if not (root / ".git").exists():
+        return None
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (head + ("+dirty" if dirty else "")) or None
 
 
 @dataclass

@@ -1,0 +1,310 @@
+"""Run configuration: defaults < the task's engine defaults < a config file < the CLI.
+
+A config file (TOML, or YAML when PyYAML is installed) uses :class:`RunConfig`'s field
+names at the top level (``-`` may stand for ``_``) and tables for the option groups::
+
+    task = "simclr"
+    data = "folder:/images"
+    out = "runs/simclr1"
+    batch_size = 256
+    optimizer = "lars"
+    base_lr = 0.3
+    lr_scaling = "linear"
+
+    [task_options]
+    temperature = 0.2
+
+A task class may carry ``engine_defaults`` (a dict of RunConfig fields, e.g. the
+optimizer its paper used); they sit between the built-in defaults and the file.
+``sslkit pretrain --print-config`` prints the result as a TOML file that loads back to the
+same configuration. Task options are resolved in full (every field of the task's
+``Options`` with its default), so ``run.json`` records every value the run used.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import tomllib
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+from sslkit.errors import UsageError
+from sslkit.run import RESUMABLE_OVERRIDES, RUN_JSON, RunConfig
+
+FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
+HINTS = typing.get_type_hints(RunConfig)
+OPTION_GROUPS = ("backbone_options", "task_options", "source_options")
+REQUIRED = ("task", "data", "out")
+
+
+def defaults() -> dict[str, Any]:
+    """RunConfig's built-in default for every field that has one."""
+    out = {}
+    for name, f in FIELDS.items():
+        if f.default is not dataclasses.MISSING:
+            out[name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            out[name] = f.default_factory()
+    return out
+
+
+def read_file(path: str | Path) -> dict[str, Any]:
+    """A config file as a dict of checked RunConfig values (unknown keys are errors)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"config file {str(path)!r} does not exist")
+    text = path.read_text()
+    if path.suffix.lower() in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError:
+            raise UsageError(f"{path.name} is YAML but PyYAML is not installed; pip install pyyaml "
+                             f"or write the config as TOML") from None
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
+            raise UsageError(f"{path}: invalid YAML: {str(exc).splitlines()[0]}") from None
+    elif path.suffix.lower() == ".toml":
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise UsageError(f"{path}: invalid TOML: {exc}") from None
+    else:
+        raise UsageError(f"config file {path.name!r} must end in .toml, .yaml or .yml")
+    if not isinstance(data, dict):
+        raise UsageError(f"{path}: the top level must be a table of settings")
+    return check_values(data, str(path))
+
+
+def check_values(values: dict[str, Any], origin: str) -> dict[str, Any]:
+    """Normalise keys and check every value against RunConfig's field types."""
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        name = str(key).replace("-", "_")
+        if name not in FIELDS:
+            close = difflib.get_close_matches(name, list(FIELDS), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise UsageError(f"{origin}: unknown setting {key!r}{hint}; settings: {', '.join(FIELDS)}")
+        out[name] = _check(name, value, HINTS[name], origin)
+    return out
+
+
+def _check(name: str, value: Any, hint: Any, origin: str) -> Any:
+    def bad(expected: str) -> UsageError:
+        return UsageError(f"{origin}: {name} must be {expected}, got {value!r}")
+
+    origin_t, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin_t in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        hint = next(a for a in args if a is not type(None))
+        origin_t, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin_t is typing.Literal:
+        if value not in args:
+            raise bad("one of " + ", ".join(map(str, args)))
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise bad("true or false")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad("an integer")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise bad("a number")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise bad("a string")
+        return value
+    if origin_t is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise bad(f"a list of {len(args)} numbers")
+        return tuple(_check(name, v, a, origin) for v, a in zip(value, args))
+    if origin_t is dict:
+        if not isinstance(value, dict):
+            raise bad("a table of key = value")
+        return {str(k).replace("-", "_"): v for k, v in value.items()}
+    return value
+
+
+def merge(*layers: dict[str, Any]) -> dict[str, Any]:
+    """Later layers win; option groups are merged key by key."""
+    out: dict[str, Any] = {}
+    for layer in layers:
+        for key, value in layer.items():
+            if key in OPTION_GROUPS and isinstance(out.get(key), dict):
+                out[key] = {**out[key], **value}
+            else:
+                out[key] = value
+    return out
+
+
+def _task_layer(values: dict[str, Any]) -> dict[str, Any]:
+    from sslkit.registry import get_task
+
+    task_cls = get_task(values["task"])
+    engine = getattr(task_cls, "engine_defaults", None) or {}
+    return check_values(engine, f"task {values['task']!r} engine_defaults")
+
+
+def _complete(values: dict[str, Any]) -> dict[str, Any]:
+    """Fill the backbone and every task option from the task's defaults (validated)."""
+    from sslkit.options import build_options, to_dict
+    from sslkit.registry import get_task
+
+    task_cls = get_task(values["task"])
+    values = dict(values)
+    values["backbone"] = values.get("backbone") or task_cls.default_backbone
+    options = build_options(task_cls.Options, values.get("task_options") or {}, f"task {values['task']!r}")
+    values["task_options"] = _plain(to_dict(options))
+    return values
+
+
+def _plain(obj: Any) -> Any:
+    """Tuples to lists, so a config survives JSON and TOML unchanged."""
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+def resolve(cli: dict[str, Any], config_file: str | None = None) -> RunConfig:
+    """The RunConfig for ``sslkit pretrain``: defaults < task < file < ``cli`` (given options only)."""
+    file_values = read_file(config_file) if config_file else {}
+    cli = check_values(cli, "command line")
+    given = merge(file_values, cli)
+    if given.get("resume"):
+        return resume_config(given)
+    missing = [k for k in REQUIRED if not given.get(k)]
+    if missing:
+        raise UsageError("missing " + ", ".join(f"--{k}" for k in missing) + " (on the command line or in --config)")
+    values = merge(defaults(), _task_layer(given), given)
+    return RunConfig(**_complete(values))
+
+
+def resume_config(given: dict[str, Any]) -> RunConfig:
+    """The saved config of run ``given["out"]``; only settings that keep the run exact may change."""
+    out = given.get("out")
+    if not out:
+        raise UsageError("--resume needs the run directory: --resume RUN_DIR")
+    file = Path(out) / RUN_JSON
+    if not file.is_file():
+        raise UsageError(f"--resume: {out!r} holds no sslkit run to continue (no {RUN_JSON})")
+    try:
+        saved = json.loads(file.read_text())["config"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise UsageError(f"--resume: {file} is not a readable sslkit run.json") from None
+    saved = check_values({k: v for k, v in saved.items() if k in FIELDS}, str(file))
+    for key, value in given.items():
+        if key in RESUMABLE_OVERRIDES:
+            continue
+        now = saved.get(key)
+        if key in OPTION_GROUPS:
+            now = {k: now.get(k) for k in value} if isinstance(now, dict) else now
+        if _plain(value) != _plain(now):
+            raise UsageError(
+                f"--resume continues the run exactly as it was configured: {key} was {_plain(now)!r}, "
+                f"not {_plain(value)!r}; start a new run to change it"
+            )
+    values = {**saved, **{k: v for k, v in given.items() if k in RESUMABLE_OVERRIDES}}
+    values.update(resume=True, overwrite=False, out=out)
+    return RunConfig(**values)
+
+
+def print_config(cli: dict[str, Any], config_file: str | None = None) -> str:
+    """TOML of the resolved config for the task (and backbone) given; loads back unchanged."""
+    file_values = read_file(config_file) if config_file else {}
+    given = merge(file_values, check_values(cli, "command line"))
+    given.pop("resume", None)
+    if not given.get("task"):
+        raise UsageError("--print-config needs --task (on the command line or in --config)")
+    values = _complete(merge(defaults(), _task_layer(given), given))
+    ordered = {k: values.get(k) for k in (*REQUIRED, *FIELDS) if k not in ("resume", "overwrite")}
+    return to_toml(ordered)
+
+
+def to_toml(values: dict[str, Any]) -> str:
+    """Settings as TOML: scalars first, then one table per option group; unset ones commented."""
+    lines = ["# sslkit pretrain --config FILE; command-line options override these values."]
+    for key, value in values.items():
+        if key in OPTION_GROUPS:
+            continue
+        if value is None or value == "":
+            note = "required" if key in REQUIRED else "unset"
+            lines.append(f"# {key} = ...  ({note})")
+        else:
+            lines.append(f"{key} = {_toml_value(value)}")
+    for group in OPTION_GROUPS:
+        lines += ["", f"[{group}]"]
+        for key, value in (values.get(group) or {}).items():
+            if value is None:
+                lines.append(f"# {key} = ...  (unset)")
+            else:
+                lines.append(f"{key} = {_toml_value(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise UsageError(f"cannot write {value!r} to a config file")
+
+
+# --- the command line -------------------------------------------------------------------
+# CLI options whose name differs from the RunConfig field they set.
+_CLI_ONLY = {"config_file", "print_config"}
+
+
+def cli_values(kw: dict[str, Any], given: set[str]) -> dict[str, Any]:
+    """RunConfig values from the options of ``sslkit pretrain`` the user actually gave.
+
+    Options named like a RunConfig field map to it directly, so a new option only needs
+    a field of the same name.
+    """
+    from sslkit.options import parse_pairs, parse_values
+
+    out: dict[str, Any] = {}
+    for name in given:
+        value = kw[name]
+        if name in _CLI_ONLY:
+            continue
+        if name == "task_opts":
+            out["task_options"] = parse_pairs(value, "--task-opt")
+        elif name == "backbone_opts":
+            out["backbone_options"] = parse_values(parse_pairs(value, "--backbone-opt"))
+        elif name == "data_opts":
+            out["source_options"] = parse_pairs(value, "--data-opt")
+        elif name == "quiet":
+            out["progress"] = not value
+        elif name == "channels":
+            out["channels"] = int(value) if value else None
+        elif name == "resume":
+            out["resume"] = True
+            if value:  # --resume RUN_DIR (bare --resume continues --out)
+                if kw.get("out") and "out" in given and Path(kw["out"]) != Path(value):
+                    raise UsageError(f"--resume {value!r} and --out {kw['out']!r} name different runs; give one")
+                out["out"] = value
+        elif name in FIELDS:
+            out[name] = value
+    return out
