@@ -1,17 +1,30 @@
-"""Embeddings of a dataset from a trained encoder: shared by ``embed`` and ``eval``."""
+"""Embeddings of a dataset from a trained encoder: shared by ``sslkit embed`` and ``eval``.
+
+The model is a run directory (PyTorch, the run's weights) or an ``.onnx`` file exported
+by sslkit (onnxruntime; preprocessing read from its ``sslkit`` metadata). Either way the
+data goes through the one data path (:func:`sslkit.data.pipeline.load_data`) with the
+model's channels, image size and source options (the run's; ``source_options`` given
+here override them when the data is of the run's source kind), so a run dir and its
+ONNX export give the same embeddings.
+"""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from sslkit.data.loader import BatchLoader
 from sslkit.data.pipeline import load_data
-from sslkit.run import load_run
+from sslkit.errors import UsageError
+from sslkit.output_file import check_output, write_atomic
+from sslkit.raw_input import RawInput
+from sslkit.registry import resolve_data
+from sslkit.spec import InputSpec
 
 
 @dataclass
@@ -19,28 +32,162 @@ class Embeddings:
     embeddings: np.ndarray  # (N, D) float32
     ids: list[str]  # file path, plus "#frame" for multi-frame files
     labels: list[str | None]
+    skipped: int = 0  # files that could not be decoded
 
 
-@torch.no_grad()
-def embed_run(run_dir: str, data: str, batch_size: int = 64, source_options: dict[str, Any] | None = None,
-              progress: bool = True, weights: bool = True) -> Embeddings:
-    """Embed every image of ``data`` with the run's encoder and preprocessing.
+@dataclass
+class Model:
+    """An encoder ready to embed: ``encode((B, C, S, S) float32 in [0, 1]) -> (B, D) float32``."""
 
-    ``weights=False`` uses a randomly initialised encoder of the same architecture
-    (the baseline of ``eval``).
-    """
+    spec: InputSpec
+    source_options: dict[str, Any]
+    encode: Callable[[np.ndarray], np.ndarray]
+    engine: str  # "torch" or "onnxruntime"
+    fixed_options: dict[str, Any]  # source options baked into the model (cannot be overridden)
+
+
+def _normalize(spec: InputSpec, unit: np.ndarray) -> np.ndarray:
+    mean = np.asarray(spec.mean, np.float32).reshape(1, -1, 1, 1)
+    std = np.asarray(spec.std, np.float32).reshape(1, -1, 1, 1)
+    return ((unit - mean) / std).astype(np.float32)
+
+
+def open_run(run_dir: str | Path, device: str = "cpu", weights: bool = True) -> Model:
+    """A run directory's encoder in PyTorch (``weights=False``: random init, same architecture)."""
+    import torch
+
+    from sslkit.run import load_run
+
     run = load_run(run_dir)
     spec = run.spec
-    loaded = load_data(data, spec.image_size, spec.channels, source_options, progress=progress)
-    encoder = run.build_encoder(weights=weights)
-    mean = torch.tensor(spec.mean).view(1, -1, 1, 1)
-    std = torch.tensor(spec.std).view(1, -1, 1, 1)
+    encoder = run.build_encoder(weights=weights).to(device)
+
+    @torch.no_grad()
+    def encode(unit: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(_normalize(spec, unit)).to(device)
+        return encoder(x).float().cpu().numpy()
+
+    options = dict(run.info.get("config", {}).get("source_options") or {})
+    return Model(spec, options, encode, "torch", {})
+
+
+def read_onnx_metadata(path: str | Path) -> dict[str, Any]:
+    """The ``sslkit`` metadata of an exported ONNX file (a usage error if unreadable)."""
+    import onnx
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:
+        raise UsageError(f"cannot read ONNX model {str(path)!r}: {type(exc).__name__}: {exc}".splitlines()[0]) from None
+    props = {p.key: p.value for p in model.metadata_props}
+    if "sslkit" not in props:
+        raise UsageError(f"{str(path)!r} was not exported by sslkit (no 'sslkit' metadata); "
+                         f"export it with sslkit export")
+    try:
+        meta = json.loads(props["sslkit"])
+        meta["input"]["raw"], meta["spec"]
+    except (ValueError, KeyError, TypeError):
+        raise UsageError(f"{str(path)!r} has sslkit metadata from an older or unknown format; re-export it") from None
+    return meta
+
+
+def open_onnx(path: str | Path) -> Model:
+    """An exported ONNX encoder in onnxruntime (CPU), with the preprocessing of its metadata."""
+    import onnxruntime as ort
+
+    meta = read_onnx_metadata(path)
+    try:
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise UsageError(f"onnxruntime cannot load {str(path)!r}: {exc}".splitlines()[0]) from None
+    spec = InputSpec.from_dict(meta["spec"])
+    raw = RawInput.from_json(meta["input"]["raw"])
+    name, output = meta["input"]["name"], meta["output"]["name"]
+
+    def encode(unit: np.ndarray) -> np.ndarray:
+        x = _normalize(spec, unit) if raw.kind == "normalized" else raw.from_unit(unit)
+        return session.run([output], {name: x})[0].astype(np.float32)
+
+    options = dict(meta.get("source_options") or {})
+    fixed = {"window": options.get("window")} if raw.kind == "window" else {}
+    return Model(spec, options, encode, "onnxruntime", fixed)
+
+
+def open_model(model: str | Path, device: str = "cpu", weights: bool = True) -> Model:
+    """A run directory or an ``.onnx`` file, as a :class:`Model`."""
+    path = Path(model)
+    if path.is_dir():
+        return open_run(path, device, weights)
+    if path.suffix.lower() == ".onnx" or path.is_file():
+        if not path.is_file():
+            raise UsageError(f"ONNX model {str(path)!r} does not exist")
+        if not weights:
+            raise UsageError("a random-init baseline needs a run directory, not an ONNX file")
+        return open_onnx(path)
+    raise UsageError(f"model {str(path)!r} does not exist; give a run directory or an .onnx file")
+
+
+def source_options_for(model: Model, data: str, overrides: dict[str, Any] | None) -> dict[str, Any]:
+    """The model's source options when ``data`` is of its source kind, then ``overrides``."""
+    scheme, _ = resolve_data(data)
+    options = dict(model.source_options) if scheme == model.spec.source else {}
+    for key, value in (overrides or {}).items():
+        if key in model.fixed_options and str(value) != str(model.fixed_options[key]):
+            raise UsageError(f"this ONNX file applies {key}={model.fixed_options[key]} inside its graph; "
+                             f"export the run again without --with-preprocessing to choose another {key}")
+        options[key] = value
+    return options
+
+
+def embed(model: str | Path | Model, data: str, batch_size: int = 64, source_options: dict[str, Any] | None = None,
+          progress: bool = True, weights: bool = True, device: str = "cpu") -> Embeddings:
+    """Embed every image of ``data``: ``N`` images -> ``(N, D)`` float32 embeddings and ids.
+
+    ``model``: a run directory, an exported ``.onnx`` file, or an opened :class:`Model`.
+    ``weights=False`` (run directory only) uses a randomly initialised encoder of the same
+    architecture (the baseline of ``eval``).
+    """
+    if not isinstance(model, Model):
+        model = open_model(model, device, weights)
+    spec = model.spec
+    loaded = load_data(data, spec.image_size, spec.channels, source_options_for(model, data, source_options),
+                       progress=progress)
     pixels = loaded.prepared.pixels
     reader = BatchLoader(pixels, batch_size, seed=0)
     out = []
     for start in tqdm(range(0, len(pixels), batch_size), desc="embedding", unit="batch",
                       disable=not progress, leave=False):
-        x = reader.read(np.arange(start, min(start + batch_size, len(pixels))))
-        out.append(encoder((x - mean) / std).float().numpy())
+        unit = reader.read(np.arange(start, min(start + batch_size, len(pixels)))).numpy()
+        out.append(model.encode(unit))
     refs = loaded.prepared.refs
-    return Embeddings(np.concatenate(out).astype(np.float32), [r.id for r in refs], [r.label for r in refs])
+    return Embeddings(np.concatenate(out).astype(np.float32), [r.id for r in refs], [r.label for r in refs],
+                      len(loaded.prepared.skipped))
+
+
+def embed_run(run_dir: str, data: str, batch_size: int = 64, source_options: dict[str, Any] | None = None,
+              progress: bool = True, weights: bool = True) -> Embeddings:
+    """Embed every image of ``data`` with the run's encoder and preprocessing (see :func:`embed`)."""
+    return embed(open_run(run_dir, weights=weights), data, batch_size, source_options, progress)
+
+
+def embed_to_file(model: str | Path, data: str, out: str | Path, overwrite: bool = False, **kwargs: Any) -> dict[str, Any]:
+    """:func:`embed`, saved as ``.npz`` with ``embeddings`` ``(N, D)`` float32 and ``ids`` (strings).
+
+    ``labels`` (strings, "" for none) is added when the data layout gives class names.
+    The output is checked before any work and written atomically.
+    """
+    out = Path(out)
+    check_output(out, overwrite)
+    opened = open_model(model, kwargs.pop("device", "cpu"))
+    result = embed(opened, data, **kwargs)
+    arrays = {"embeddings": result.embeddings, "ids": np.array(result.ids, dtype=str)}
+    if any(label is not None for label in result.labels):
+        arrays["labels"] = np.array([label or "" for label in result.labels], dtype=str)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+
+    write_atomic(out, write, suffix=".npz")
+    return {"n": len(result.ids), "dim": int(result.embeddings.shape[1]), "engine": opened.engine,
+            "skipped": result.skipped, "out": str(out)}

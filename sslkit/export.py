@@ -1,41 +1,119 @@
-"""Export a run's encoder through an exporter plugin (``register_exporters``)."""
+"""Export a run's encoder through an exporter plugin (``register_exporters``).
+
+``export_run`` reads the run back, checks the destination before any work (an existing
+file is never replaced without ``overwrite``; a missing or read-only folder is a usage
+error), gathers a few real samples of the run's data for the exporter's parity check,
+and hands the encoder, its :class:`~sslkit.spec.InputSpec` and the run's metadata to the
+exporter, which writes through a temporary file so nothing half-written is left.
+"""
 
 from __future__ import annotations
 
-import os
+import hashlib
+import inspect
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
+
+import numpy as np
 
 from sslkit.errors import UsageError
+from sslkit.output_file import check_output
 from sslkit.registry import get_exporter
-from sslkit.run import load_run
+from sslkit.run import ENCODER_FILE, Run, load_run
+
+REAL_SAMPLES = 8
 
 
-def export_metadata(run) -> dict[str, Any]:
-    """What an exported artefact carries about its run. No paths, no identifiers."""
+def run_id(run: Run) -> str | None:
+    """The run's id: ``run.json``'s ``run_id`` when it has one, else a hash of its weights."""
+    if run.info.get("run_id"):
+        return str(run.info["run_id"])
+    file = run.path / ENCODER_FILE
+    if not file.exists():
+        return None
+    h = hashlib.sha256()
+    with open(file, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def export_metadata(run: Run) -> dict[str, Any]:
+    """What an exported artefact carries about its run. No paths, no patient identifiers."""
     from sslkit import __version__
 
+    config = run.info.get("config", {})
     return {
         "input": run.spec.to_dict(),
         "task": run.info["task"],
         "backbone": run.backbone_name,
+        "backbone_options": dict(run.info.get("backbone_options", {})),
+        "source_options": dict(config.get("source_options") or {}),
         "embedding_dim": run.info["embedding_dim"],
         "dataset_fingerprint": run.info.get("dataset", {}).get("fingerprint"),
+        "run_id": run_id(run),
         "sslkit_version": __version__,
     }
 
 
+def real_samples(run: Run, data: str | None = None, n: int = REAL_SAMPLES) -> tuple[np.ndarray | None, str]:
+    """Up to ``n`` images of ``data`` (default: the run's own data), evenly spaced.
+
+    Decoded with the run's source options, converted to its channels and resized as in
+    pretraining: float32 ``(n, C, S, S)`` in [0, 1]. Returns ``(None, why)`` when the data
+    is not reachable (another machine, deleted) or ``data == "none"``.
+    """
+    from sslkit.data.prepare import resize_square
+    from sslkit.data.source import to_channels
+    from sslkit.registry import create_source
+
+    if data == "none":
+        return None, "skipped (--check-data none)"
+    location = data or run.info.get("config", {}).get("data")
+    if not location:
+        return None, "skipped: the run records no data location"
+    options = run.info.get("config", {}).get("source_options") or {}
+    spec = run.spec
+    try:
+        source = create_source(location, **options)
+        refs = source.index()
+    except UsageError as exc:
+        if data:
+            raise
+        return None, f"skipped: the run's data is not reachable here ({exc})"
+    out = []
+    for ref in refs[:: max(1, len(refs) // n)]:
+        try:
+            x = resize_square(to_channels(source.load(ref), spec.channels), spec.image_size)
+        except Exception:
+            continue  # undecodable files were skipped in pretraining too
+        out.append(x.astype(np.float32))
+        if len(out) == n:
+            break
+    if not out:
+        return None, "skipped: no decodable image in the run's data"
+    return np.stack(out), f"{len(out)} images of the run's data"
+
+
 def export_run(run_dir: str | Path, out: str | Path, fmt: str = "onnx", overwrite: bool = False,
+               check_data: str | None = None, log: Callable[[str], None] | None = None,
                **options: Any) -> dict[str, Any]:
+    """Export ``run_dir``'s encoder as ``fmt`` to ``out``; returns the exporter's report.
+
+    ``check_data``: data for the real-input parity check (default: the run's own data,
+    ``"none"`` to skip). ``options`` go to the exporter (e.g. ``opset``, ``fp16``,
+    ``with_preprocessing`` for ``onnx``).
+    """
     exporter = get_exporter(fmt)
     run = load_run(run_dir)
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise UsageError(f"{str(out)!r} already exists; pass --overwrite to replace it")
-    if not out.parent.is_dir():
-        raise UsageError(f"output folder {str(out.parent)!r} does not exist")
-    if not os.access(out.parent, os.W_OK):
-        raise UsageError(f"output folder {str(out.parent)!r} is not writable")
+    check_output(out, overwrite)
     encoder = run.build_encoder()
+    params = inspect.signature(exporter).parameters
+    if "samples" in params:
+        samples, note = real_samples(run, check_data)
+        options.update(samples=samples, samples_note=note)
+    if "log" in params and log is not None:
+        options["log"] = log
     report = exporter(encoder, run.spec, export_metadata(run), out, **options)
     return {"format": fmt, "out": str(out), **(report or {})}

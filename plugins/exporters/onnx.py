@@ -1,10 +1,26 @@
-"""Exporter ``onnx``: the encoder as ONNX, checked and compared against PyTorch.
+"""Exporter ``onnx``: the encoder as a self-describing, self-verified ONNX file.
 
-Input ``pixels`` ``(batch, C, S, S)`` float32 with a symbolic batch dimension, output
-``embedding`` ``(batch, D)``. The graph is checked with ``onnx.checker`` (full check),
-then onnxruntime is compared with PyTorch at batch 1 and 8; above the tolerance the
-export fails and no file is left behind. ``metadata_props["sslkit"]`` holds the JSON
-preprocessing contract (input spec, task, backbone, embedding dim, versions).
+Graph: input ``pixels`` ``(batch, C, H, W)``, output ``embedding`` ``(batch, D)``
+float32. The batch dimension is always symbolic; height and width are symbolic too for
+architectures without a fixed token grid (CNNs), fixed at the run's image size for ViTs.
+Exported with the torch dynamo exporter (``torch.onnx.export(dynamo=True)``).
+
+``with_preprocessing=True`` puts the run's mapping from raw pixels (uint8, uint16, or
+DICOM modality values with a fixed window; :mod:`sslkit.raw_input`) and its
+normalisation inside the graph; resizing always stays with the client.
+
+Every export verifies itself before the file appears: ``onnx.checker`` (full check),
+then onnxruntime against PyTorch on random and real inputs (samples of the run's data,
+when given) at batch 1 and 8, and at a second image size where H/W are dynamic. Above
+``tolerance`` (max abs difference, 1e-4) the export fails and nothing is left behind.
+``fp16=True`` additionally converts the graph to float16 (float32 input and output kept)
+and checks it against the float32 PyTorch encoder with its own tolerance:
+``max |ort - torch| <= fp16_tolerance * max |torch|`` and cosine >= 0.999.
+
+``metadata_props["sslkit"]`` holds JSON: input name, dtype, shape with dynamic axes,
+channels, image size, resize rule, mean/std or windows and whether they are in the graph,
+output, task, backbone, embedding dim, versions, run id, dataset fingerprint, and the
+verification results. Never a path or a patient identifier.
 """
 
 from __future__ import annotations
@@ -18,65 +34,244 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 import sslkit
-from sslkit.errors import CheckFailed
+from sslkit.backbone import is_token_backbone
+from sslkit.errors import CheckFailed, UsageError
+from sslkit.raw_input import RawInput, raw_input_for
 from sslkit.spec import InputSpec
 
 TOLERANCE = 1e-4
+FP16_TOLERANCE = 1e-2  # relative to the largest |embedding| value
+FP16_MIN_COSINE = 0.999
 INPUT, OUTPUT = "pixels", "embedding"
+FORMAT = "sslkit.onnx/1"
+MAX_SIDE = 8192
 
 
-def export_onnx(encoder: torch.nn.Module, spec: InputSpec, metadata: dict[str, Any], out: Path,
-                opset: int = 18, tolerance: float = TOLERANCE, **_: Any) -> dict[str, Any]:
+class GraphModule(nn.Module):
+    """What the ONNX graph computes: raw pixels ``(B, C_in, H, W) -> (B, D)``.
+
+    ``raw.kind == "normalized"`` is the encoder alone; otherwise the input is cast to
+    float32, mapped to [0, 1] as :class:`RawInput` documents, normalised with the run's
+    mean/std, and encoded.
+    """
+
+    def __init__(self, encoder: nn.Module, raw: RawInput, spec: InputSpec) -> None:
+        super().__init__()
+        self.encoder, self.kind = encoder, raw.kind
+        c = spec.channels
+        self.register_buffer("mean", torch.tensor(spec.mean, dtype=torch.float32).view(1, c, 1, 1))
+        self.register_buffer("std", torch.tensor(spec.std, dtype=torch.float32).view(1, c, 1, 1))
+        if raw.kind == "window":
+            self.register_buffer("lower", torch.tensor(raw.lower, dtype=torch.float32).view(1, -1, 1, 1))
+            self.register_buffer("span", torch.tensor(raw.upper, dtype=torch.float32).view(1, -1, 1, 1) - self.lower)
+        self.scale = {"uint8": 1 / 255.0, "uint16": 1 / 65535.0}.get(raw.kind, 1.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "normalized":
+            return self.encoder(x)
+        x = x.to(torch.float32)
+        if self.kind == "window":
+            x = ((x - self.lower) / self.span).clamp(0.0, 1.0)
+        elif self.scale != 1.0:
+            x = x * self.scale
+        return self.encoder((x - self.mean) / self.std)
+
+
+def export_onnx(encoder: nn.Module, spec: InputSpec, metadata: dict[str, Any], out: Path, opset: int = 18,
+                with_preprocessing: bool = False, input_dtype: str | None = None, fp16: bool = False,
+                tolerance: float = TOLERANCE, fp16_tolerance: float = FP16_TOLERANCE,
+                samples: np.ndarray | None = None, samples_note: str | None = None,
+                log=None, **unknown: Any) -> dict[str, Any]:
+    """Export ``encoder`` to ``out``; returns the verification report.
+
+    ``samples``: real images of the run's data, float32 ``(N, C, S, S)`` in [0, 1]
+    (before normalisation), for the real-input parity check; ``samples_note`` says why
+    there are none. ``log(line)`` receives progress lines.
+    """
     import onnx
 
+    if unknown:
+        raise UsageError(f"the onnx exporter has no option {', '.join(sorted(unknown))}")
     out = Path(out)
-    encoder = encoder.eval().float()
-    size, c = spec.image_size, spec.channels
-    example = torch.randn(2, c, size, size)
-    batch = torch.export.Dim("batch", min=1, max=4096)
+    log = log or (lambda line: None)
+    raw, client_note = raw_input_for(spec, with_preprocessing, input_dtype)
+    module = GraphModule(encoder.eval().float(), raw, spec).eval()
+    dynamic_hw = not is_token_backbone(encoder) and not _has_fixed_grid(encoder)
+    model, dynamic_hw = _torch_export(module, raw, spec, opset, dynamic_hw)
+    sizes = [(spec.image_size, spec.image_size)]
+    if dynamic_hw:
+        sizes.append((spec.image_size + 32, spec.image_size + 16))
+
     fd, tmp_name = tempfile.mkstemp(prefix=".tmp-", suffix=".onnx", dir=out.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")
-            program = torch.onnx.export(
-                encoder, (example,), dynamo=True, opset_version=opset, input_names=[INPUT],
-                output_names=[OUTPUT], dynamic_shapes=({0: batch},), external_data=False, verbose=False,
-            )
-        model = program.model_proto
-        entry = model.metadata_props.add()
-        entry.key, entry.value = "sslkit", json.dumps(metadata, sort_keys=True)
         onnx.save_model(model, str(tmp))
         onnx.checker.check_model(str(tmp), full_check=True)
-        report = parity(encoder, tmp, spec, tolerance)
+        report: dict[str, Any] = {"tolerance": tolerance, "dynamic_hw": dynamic_hw, "input_kind": raw.kind,
+                                  "client_note": client_note}
+        checks = verify(tmp, module, raw, spec, sizes, samples, tolerance, None, log)
+        report["checks"] = checks
+        report["max_abs_diff"] = max(c["max_abs_diff"] for c in checks)
+        report["min_cosine"] = min(c["min_cosine"] for c in checks)
+        report["real_inputs"] = samples_note or f"{len(samples)} samples of the run's data"
+        if samples is None or not len(samples):
+            log(f"real-input check skipped: {samples_note or 'no samples'}")
+        if fp16:
+            from onnxruntime.transformers.float16 import convert_float_to_float16
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                model = convert_float_to_float16(model, keep_io_types=True)
+            onnx.save_model(model, str(tmp))
+            onnx.checker.check_model(str(tmp), full_check=True)
+            fp16_checks = verify(tmp, module, raw, spec, sizes, samples, fp16_tolerance, FP16_MIN_COSINE, log)
+            report["fp16"] = {"tolerance": f"max abs diff <= {fp16_tolerance:g} x max |embedding|, "
+                                           f"cosine >= {FP16_MIN_COSINE}",
+                              "checks": fp16_checks,
+                              "max_abs_diff": max(c["max_abs_diff"] for c in fp16_checks),
+                              "min_cosine": min(c["min_cosine"] for c in fp16_checks)}
+        entry = model.metadata_props.add()
+        entry.key = "sslkit"
+        entry.value = json.dumps(_metadata(metadata, spec, raw, dynamic_hw, client_note, fp16, report), sort_keys=True)
+        onnx.save_model(model, str(tmp))
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
     return report
 
 
-def parity(encoder: torch.nn.Module, path: Path, spec: InputSpec, tolerance: float) -> dict[str, Any]:
-    """onnxruntime vs PyTorch on random normalised inputs at batch 1 and 8."""
+def _has_fixed_grid(encoder: nn.Module) -> bool:
+    """True when the model holds absolute position embeddings tied to one input size."""
+    return any(n.endswith("pos_embed") for n, _ in encoder.named_parameters())
+
+
+def example_input(raw: RawInput, batch: int, size: tuple[int, int], gen: torch.Generator) -> torch.Tensor:
+    """Random raw pixels of the graph's input kind ``(batch, C_in, H, W)``."""
+    shape = (batch, raw.channels, *size)
+    if raw.kind == "normalized":
+        return torch.randn(shape, generator=gen)
+    if raw.kind == "unit":
+        return torch.rand(shape, generator=gen)
+    if raw.kind in ("uint8", "uint16"):
+        top = 256 if raw.kind == "uint8" else 65536
+        return torch.randint(0, top, shape, generator=gen, dtype=torch.int32).to(getattr(torch, raw.kind))
+    lo, hi = min(raw.lower), max(raw.upper)
+    margin = 0.25 * (hi - lo)
+    return torch.rand(shape, generator=gen) * (hi - lo + 2 * margin) + (lo - margin)
+
+
+def _torch_export(module: GraphModule, raw: RawInput, spec: InputSpec, opset: int, dynamic_hw: bool):
+    """The ONNX ModelProto of ``module``; falls back to a fixed H/W if dynamic export fails."""
+    gen = torch.Generator().manual_seed(0)
+    example = example_input(raw, 2, (spec.image_size, spec.image_size), gen)
+    Dim = torch.export.Dim
+    shapes = {0: Dim("batch", min=1, max=4096)}
+    if dynamic_hw:
+        shapes.update({2: Dim("height", min=8, max=MAX_SIDE), 3: Dim("width", min=8, max=MAX_SIDE)})
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(
+                module, (example,), dynamo=True, opset_version=opset, input_names=[INPUT],
+                output_names=[OUTPUT], dynamic_shapes=(shapes,), external_data=False, verbose=False,
+                report=False,
+            )
+    except Exception:
+        if not dynamic_hw:
+            raise
+        return _torch_export(module, raw, spec, opset, False)
+    return program.model_proto, dynamic_hw
+
+
+def _compare(ref: np.ndarray, got: np.ndarray) -> tuple[float, float, float]:
+    diff = float(np.abs(ref.astype(np.float64) - got).max())
+    norms = np.linalg.norm(ref, axis=1) * np.linalg.norm(got, axis=1)
+    cos = float(np.min(np.sum(ref.astype(np.float64) * got, 1) / np.maximum(norms, 1e-12)))
+    return diff, cos, float(np.abs(ref).max())
+
+
+def verify(path: Path, module: GraphModule, raw: RawInput, spec: InputSpec, sizes: list[tuple[int, int]],
+           samples: np.ndarray | None, tolerance: float, min_cosine: float | None, log) -> list[dict[str, Any]]:
+    """onnxruntime on ``path`` vs ``module`` in PyTorch float32, random and real inputs.
+
+    ``min_cosine=None``: absolute tolerance on the max abs difference (float32);
+    otherwise the float16 rule (relative difference and a cosine floor).
+    """
     import onnxruntime as ort
+
+    from sslkit.data.prepare import resize_square
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     gen = torch.Generator().manual_seed(0)
-    report: dict[str, Any] = {"tolerance": tolerance, "checks": []}
-    for b in (1, 8):
-        x = torch.randn(b, spec.channels, spec.image_size, spec.image_size, generator=gen)
+    inputs: list[tuple[str, np.ndarray]] = []
+    for size in sizes:
+        for b in (1, 8):
+            inputs.append(("random", example_input(raw, b, size, gen).numpy()))
+    if samples is not None and len(samples):
+        mean = np.asarray(spec.mean, np.float32).reshape(1, -1, 1, 1)
+        std = np.asarray(spec.std, np.float32).reshape(1, -1, 1, 1)
+        for size in sorted({s[0] for s in sizes}):
+            unit = np.stack([resize_square(s, size) for s in samples]) if size != samples.shape[-1] else samples
+            unit = np.resize(unit, (max(8, len(unit)), *unit.shape[1:]))  # tile up to batch 8
+            for b in (1, 8):
+                u = unit[:b].astype(np.float32)
+                inputs.append(("real", (u - mean) / std if raw.kind == "normalized" else raw.from_unit(u)))
+    checks = []
+    for kind, x in inputs:
         with torch.no_grad():
-            ref = encoder(x).numpy()
-        got = session.run([OUTPUT], {INPUT: x.numpy()})[0]
-        diff = float(np.abs(ref - got).max())
-        cos = float(np.min(np.sum(ref * got, 1) / (np.linalg.norm(ref, axis=1) * np.linalg.norm(got, axis=1) + 1e-12)))
-        report["checks"].append({"batch": b, "max_abs_diff": diff, "min_cosine": cos})
-        if not diff <= tolerance:
-            raise CheckFailed(f"ONNX parity failed at batch {b}: max abs diff {diff:.3g} > {tolerance:g}")
-    report["max_abs_diff"] = max(c["max_abs_diff"] for c in report["checks"])
-    return report
+            ref = module(torch.from_numpy(np.ascontiguousarray(x))).numpy()
+        got = session.run([OUTPUT], {INPUT: x})[0]
+        diff, cos, scale = _compare(ref, got)
+        check = {"inputs": kind, "batch": int(x.shape[0]), "size": [int(x.shape[2]), int(x.shape[3])],
+                 "max_abs_diff": diff, "min_cosine": cos}
+        checks.append(check)
+        label = "fp16 " if min_cosine is not None else ""
+        log(f"{label}parity {kind:6s} batch {x.shape[0]} {x.shape[2]}x{x.shape[3]}: "
+            f"max abs diff {diff:.2e}, min cosine {cos:.6f}")
+        ok = diff <= tolerance if min_cosine is None else (diff <= tolerance * scale and cos >= min_cosine)
+        if not ok:
+            what = f"{tolerance:g}" if min_cosine is None else f"{tolerance:g} x {scale:.3g} or cosine < {min_cosine}"
+            raise CheckFailed(f"ONNX {label}parity failed on {kind} inputs at batch {x.shape[0]}, "
+                              f"{x.shape[2]}x{x.shape[3]}: max abs diff {diff:.3g} > {what}")
+    return checks
+
+
+def _metadata(base: dict[str, Any], spec: InputSpec, raw: RawInput, dynamic_hw: bool, client_note: str,
+              fp16: bool, report: dict[str, Any]) -> dict[str, Any]:
+    """The ``sslkit`` metadata entry: the run's ``base`` plus the graph's own contract."""
+    s = spec.image_size
+    shape: list[Any] = ["batch", raw.channels, "height", "width"] if dynamic_hw else ["batch", raw.channels, s, s]
+    normalize_in_graph = raw.kind != "normalized"
+    meta = dict(base)
+    meta.update({
+        "format": FORMAT,
+        "input": {
+            "name": INPUT, "dtype": raw.dtype, "layout": "NCHW", "shape": shape,
+            "dynamic_axes": {"0": "batch", **({"2": "height", "3": "width"} if dynamic_hw else {})},
+            "channels": raw.channels, "image_size": s,
+            "resize": "client: shorter side to image_size (bilinear, antialiased), centre crop to image_size",
+            "raw": raw.to_json(),
+            "preprocessing_in_graph": normalize_in_graph,
+            "mean": list(spec.mean), "std": list(spec.std),
+            "client_steps": client_note,
+        },
+        "output": {"name": OUTPUT, "dtype": "float32", "shape": ["batch", base.get("embedding_dim")]},
+        "spec": spec.to_dict(),
+        "precision": "float16" if fp16 else "float32",
+        "verification": {
+            "onnx_checker": "full",
+            "float32": {"max_abs_diff": report["max_abs_diff"], "min_cosine": report["min_cosine"],
+                        "tolerance": report["tolerance"]},
+            **({"float16": {k: report["fp16"][k] for k in ("max_abs_diff", "min_cosine", "tolerance")}} if fp16 else {}),
+            "inputs": sorted({c["inputs"] for c in report["checks"]}),
+            "sizes": sorted({tuple(c["size"]) for c in report["checks"]}),
+        },
+    })
+    return meta
 
 
 @sslkit.hookimpl

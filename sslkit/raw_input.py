@@ -1,0 +1,157 @@
+"""What an exported graph takes as input, and how it maps to the encoder's pixels.
+
+An encoder sees normalised pixels ``(x - mean) / std`` of ``x`` in [0, 1]. An export
+``--with-preprocessing`` takes the pixels as the client has them and does the mapping to
+[0, 1] inside the graph:
+
+* ``uint8``: 8-bit images, ``x = raw / 255``;
+* ``uint16``: 16-bit images, ``x = raw / 65535``;
+* ``window``: DICOM modality values (Hounsfield units for CT, after RescaleSlope /
+  Intercept) in float32, one fixed linear window per output channel,
+  ``x_c = clip((raw - lower_c) / (upper_c - lower_c), 0, 1)`` (DICOM ``LINEAR_EXACT``);
+  a stack of 3 windows turns a 1-channel input into 3 channels;
+* ``unit``: float32 already in [0, 1] (the client did the source's mapping, e.g. a
+  per-file DICOM window that no fixed graph can reproduce);
+* ``normalized``: no preprocessing in the graph; the client feeds ``(x - mean) / std``.
+
+Resizing (shorter side to ``image_size``, centre crop) always stays with the client.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from sslkit.errors import UsageError
+from sslkit.spec import InputSpec
+
+KINDS = ("normalized", "unit", "uint8", "uint16", "window")
+DTYPES = {"normalized": "float32", "unit": "float32", "uint8": "uint8", "uint16": "uint16", "window": "float32"}
+_WL = re.compile(r"W\s*([-+]?[\d.]+(?:e[-+]?\d+)?),\s*L\s*([-+]?[\d.]+(?:e[-+]?\d+)?)", re.I)
+
+
+@dataclass(frozen=True)
+class RawInput:
+    """The graph input contract: ``kind`` (see module doc), input channels, windows."""
+
+    kind: str
+    channels: int
+    lower: tuple[float, ...] = ()
+    upper: tuple[float, ...] = ()
+
+    @property
+    def dtype(self) -> str:
+        return DTYPES[self.kind]
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"kind": self.kind, "dtype": self.dtype, "channels": self.channels}
+        if self.kind == "window":
+            out["window"] = [{"lower": lo, "upper": hi, "width": hi - lo, "level": (lo + hi) / 2}
+                             for lo, hi in zip(self.lower, self.upper)]
+        return out
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "RawInput":
+        windows = data.get("window") or []
+        return cls(data["kind"], int(data["channels"]), tuple(float(w["lower"]) for w in windows),
+                   tuple(float(w["upper"]) for w in windows))
+
+    def to_unit(self, raw: np.ndarray) -> np.ndarray:
+        """``(B, C_in, H, W)`` raw pixels -> ``(B, C, H, W)`` float32 in [0, 1] (not for ``normalized``)."""
+        x = np.asarray(raw).astype(np.float32)
+        if self.kind == "uint8":
+            return x / np.float32(255.0)
+        if self.kind == "uint16":
+            return x / np.float32(65535.0)
+        if self.kind == "window":
+            lo, hi = self._bounds()
+            return np.clip((x - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
+        return x
+
+    def from_unit(self, unit: np.ndarray) -> np.ndarray:
+        """``(B, C, H, W)`` pixels in [0, 1] -> raw pixels that ``to_unit`` maps back to them.
+
+        Exact for ``uint8`` / ``uint16`` data that came from 8 / 16-bit images; for a
+        window stack, each pixel gets a modality value consistent with every channel.
+        """
+        u = np.clip(np.asarray(unit, dtype=np.float64), 0.0, 1.0)
+        if self.kind == "uint8":
+            return np.rint(u * 255.0).astype(np.uint8)
+        if self.kind == "uint16":
+            return np.rint(u * 65535.0).astype(np.uint16)
+        if self.kind != "window":
+            return u.astype(np.float32)
+        lo, hi = (b.astype(np.float64) for b in self._bounds())
+        point = lo + u * (hi - lo)
+        inside = (u > 0) & (u < 1)
+        n_inside = inside.sum(1, keepdims=True)
+        estimate = np.where(inside, point, 0).sum(1, keepdims=True) / np.maximum(n_inside, 1)
+        # all channels clipped: a value inside every channel's half-line
+        floor = np.where(u >= 1, hi, -np.inf).max(1, keepdims=True)
+        ceil = np.where(u <= 0, lo, np.inf).min(1, keepdims=True)
+        floor = np.where(np.isfinite(floor), floor, ceil - 1.0)
+        ceil = np.where(np.isfinite(ceil), ceil, floor + 1.0)
+        return np.where(n_inside > 0, estimate, (floor + ceil) / 2).astype(np.float32)
+
+    def _bounds(self) -> tuple[np.ndarray, np.ndarray]:
+        shape = (1, len(self.lower), 1, 1)
+        return (np.asarray(self.lower, np.float32).reshape(shape), np.asarray(self.upper, np.float32).reshape(shape))
+
+
+def fixed_windows(preprocessing: dict[str, Any]) -> list[tuple[float, float]] | None:
+    """The source's fixed linear windows as ``(lower, upper)``, or None when any is per-file.
+
+    Reads the ``window`` entry of ``Source.describe()``: a list of descriptions such as
+    ``"lung (W 1500, L -600)"`` or ``"W 400, L 40"`` (fixed) or ``"auto"`` / ``"minmax"``
+    (chosen per file).
+    """
+    windows = preprocessing.get("window")
+    if windows is None:
+        return None
+    if isinstance(windows, str):
+        windows = [windows]
+    out = []
+    for w in windows:
+        m = _WL.search(str(w))
+        if not m:
+            return None
+        width, level = float(m.group(1)), float(m.group(2))
+        out.append((level - width / 2, level + width / 2))
+    return out
+
+
+def raw_input_for(spec: InputSpec, with_preprocessing: bool, input_dtype: str | None = None) -> tuple[RawInput, str]:
+    """The graph input for ``spec``, and a note on what the client must still do.
+
+    ``input_dtype`` (``uint8``, ``uint16``, ``float32``) overrides the default of the
+    run's source: ``uint8`` for image folders, modality values with the window in the
+    graph for DICOM runs with fixed windows, float32 in [0, 1] otherwise.
+    """
+    c = spec.channels
+    if not with_preprocessing:
+        if input_dtype not in (None, "float32"):
+            raise UsageError("--input-dtype needs --with-preprocessing")
+        return RawInput("normalized", c), "client resizes and normalises: (x - mean) / std of x in [0, 1]"
+    windows = fixed_windows(spec.preprocessing) if spec.source == "dicom" else None
+    if spec.source == "dicom" and input_dtype in (None, "float32"):
+        if windows is None:
+            return RawInput("unit", c), (
+                "the run used a per-file DICOM window (auto/minmax) that no fixed graph can apply: "
+                "the client windows each file to [0, 1] as the run did; the graph normalises"
+            )
+        if len(windows) != c:
+            raise UsageError(f"the run's {len(windows)} windows do not match its {c} channels")
+        lower, upper = zip(*windows)
+        return RawInput("window", 1, tuple(lower), tuple(upper)), (
+            "client passes modality values (HU for CT) after RescaleSlope/Intercept; MONOCHROME1: "
+            "reflect them in the window first (lower + upper - value)"
+        )
+    kind = {None: "uint8", "uint8": "uint8", "uint16": "uint16", "float32": "unit"}.get(input_dtype)
+    if kind is None:
+        raise UsageError(f"--input-dtype must be uint8, uint16 or float32, not {input_dtype!r}")
+    if spec.source == "dicom":
+        raise UsageError("a DICOM run's graph takes float32 modality values; drop --input-dtype")
+    return RawInput(kind, c), "client resizes; the graph scales and normalises"
