@@ -196,7 +196,10 @@ def export(run_dir: str, out: str, fmt: str, opset: int | None, with_preprocessi
     if as_json:
         _echo_json(report)
         return
-    if "max_abs_diff" in report:
+    if "verified_by" in report:
+        click.echo(f"verified: {report['verified_by']} gives the encoder's features "
+                   f"(max abs diff {report['max_abs_diff']:.2e})")
+    elif "max_abs_diff" in report:
         click.echo(f"float32: max abs diff {report['max_abs_diff']:.2e} (tolerance {report['tolerance']:g}), "
                    f"min cosine {report['min_cosine']:.6f}; real inputs: {report.get('real_inputs')}")
     if "fp16" in report:
