@@ -1,0 +1,208 @@
+"""The training engine: accumulation, schedule as logged, optimizers, AMP, provenance,
+divergence. ``probe`` is a test task with deterministic views, installed as a plugin."""
+
+from __future__ import annotations
+
+import csv
+import json
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from sslkit import plugins
+from sslkit.errors import UsageError
+from tests.conftest import make_images
+
+PROBE = '''
+"""Test task: deterministic views (x, flipped x), a linear projection, and either the
+per-sample cosine loss (decomposable: accumulation is exact) or SimCLR's NT-Xent."""
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+import sslkit
+from sslkit.task import Task
+from sslkit_plugins.tasks.simclr import nt_xent_loss
+
+
+@dataclass
+class ProbeOptions:
+    loss: str = "cosine"  # or "ntxent"
+    nan_at_step: int = 0  # 1-based step whose loss is NaN (0: never)
+
+
+class Probe(Task):
+    Options = ProbeOptions
+    default_backbone = "timm:vit_tiny_patch16_224"
+
+    def __init__(self, backbone, options, spec):
+        super().__init__(backbone, options, spec)
+        self.proj = torch.nn.Linear(backbone.num_features, 16)
+        self.register_buffer("steps_seen", torch.zeros((), dtype=torch.long))
+
+    def views(self, spec):
+        mean = torch.tensor(spec.mean).view(1, -1, 1, 1)
+        std = torch.tensor(spec.std).view(1, -1, 1, 1)
+
+        def augment(x):
+            x = (x - mean.to(x.device)) / std.to(x.device)
+            return x, x.flip(-1)
+        return augment
+
+    def forward(self, views):
+        a, b = views
+        z1, z2 = self.proj(self.encoder(a)), self.proj(self.encoder(b))
+        if self.options.loss == "ntxent":
+            loss = nt_xent_loss(z1, z2, 0.5)
+        else:
+            loss = (1 - F.cosine_similarity(z1, z2.roll(1, dims=1))).mean()
+        if self.options.nan_at_step and int(self.steps_seen) + 1 == self.options.nan_at_step:
+            loss = loss * float("nan")
+        return {"loss": loss, "z_norm": z1.norm(dim=1).mean()}
+
+    def on_step_end(self, step, total):
+        self.steps_seen.fill_(step)
+
+
+@sslkit.hookimpl
+def register_tasks(register):
+    register("probe", Probe)
+'''
+
+TINY_VIT = {"depth": 2, "embed_dim": 32, "num_heads": 2}
+
+
+def install_probe(root: Path) -> Path:
+    """Write the probe plugin as an installed distribution on ``root``; returns ``root``."""
+    info = root / "sslkit_probe-0.1.dist-info"
+    info.mkdir(parents=True, exist_ok=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: sslkit-probe\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[sslkit]\nprobe = sslkit_probe\n")
+    (root / "sslkit_probe.py").write_text(textwrap.dedent(PROBE))
+    return root
+
+
+@pytest.fixture
+def probe(tmp_path, monkeypatch) -> Path:
+    root = install_probe(tmp_path / "probe_plugin")
+    monkeypatch.syspath_prepend(str(root))
+    plugins.reset()
+    return root
+
+
+@pytest.fixture
+def images(tmp_path) -> Path:
+    return make_images(tmp_path / "img", n_per_class=8, size=20)
+
+
+def config(images: Path, out: Path, **kw):
+    from sslkit.run import RunConfig
+
+    base = dict(task="probe", data=f"folder:{images}", out=str(out), image_size=16, epochs=1, batch_size=8,
+                backbone_options={**TINY_VIT, "patch_size": 8}, progress=False, deterministic=True,
+                warmup_epochs=0.5)
+    base.update(kw)
+    return RunConfig(**base)
+
+
+def read_metrics(run: Path) -> list[dict]:
+    with open(run / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def encoder(run: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(run / "encoder.safetensors"))
+
+
+def test_accumulation_equals_a_larger_batch(probe, images, tmp_path):
+    from sslkit.engine import pretrain
+
+    # SGD: unlike Adam its update scales with the gradient, so a wrong 1/K would show
+    sgd = dict(optimizer="sgd", base_lr=1.6, epochs=2)  # lr = 1.6 * 8 / 256 = 0.05 for both
+    big = pretrain(config(images, tmp_path / "big", batch_size=8, accumulate=1, **sgd))
+    acc = pretrain(config(images, tmp_path / "acc", batch_size=2, accumulate=4, **sgd))
+    assert big["steps"] == acc["steps"] == 4  # 16 images / 8 per step x 2 epochs
+    a, b = read_metrics(tmp_path / "big"), read_metrics(tmp_path / "acc")
+    for ra, rb in zip(a, b):
+        assert float(ra["lr"]) == float(rb["lr"])  # the LR rule sees the same effective batch
+        assert float(ra["loss"]) == pytest.approx(float(rb["loss"]), rel=1e-5, abs=1e-6)
+    ea, eb = encoder(tmp_path / "big"), encoder(tmp_path / "acc")
+    for k in ea:
+        torch.testing.assert_close(ea[k], eb[k], rtol=1e-4, atol=1e-5)
+    # and accumulation is not a no-op: a plain batch of 2 trains differently
+    small = pretrain(config(images, tmp_path / "small", batch_size=2, accumulate=1, max_steps=4, optimizer="sgd",
+                            lr=0.05))
+    assert small["steps"] == 4
+    assert any(not torch.allclose(ea[k], v) for k, v in encoder(tmp_path / "small").items())
+
+
+def test_metrics_schedule_and_provenance(probe, images, tmp_path):
+    from sslkit.engine import pretrain
+    from sslkit.optim import warmup_cosine
+
+    out = tmp_path / "run"
+    summary = pretrain(config(images, out, batch_size=4, epochs=2, base_lr=2e-3, grad_clip=1.0))
+    rows = read_metrics(out)
+    assert list(rows[0])[:5] == ["step", "epoch", "loss", "lr", "img_per_s"]
+    assert {"z_norm", "grad_norm"} <= set(rows[0])
+    assert [int(r["step"]) for r in rows] == list(range(1, 9)) and [int(r["epoch"]) for r in rows] == [0] * 4 + [1] * 4
+    lr = 2e-3 * 4 / 256  # linear rule
+    total, warmup = 8, 2  # 4 steps per epoch, warm-up half an epoch
+    for r in rows:
+        assert float(r["lr"]) == pytest.approx(lr * warmup_cosine(int(r["step"]) - 1, total, warmup), rel=1e-8)
+        assert float(r["img_per_s"]) > 0 and float(r["grad_norm"]) >= 0
+    info = json.loads((out / "run.json").read_text())
+    assert info["status"] == "finished" and info["summary"]["steps"] == 8 == summary["steps"]
+    assert info["config"]["grad_clip"] == 1.0 and info["optimization"]["lr"] == pytest.approx(lr)
+    env = info["environment"]
+    assert {"sslkit", "torch", "timm", "git_commit", "command", "cpu_count", "gpus", "world_size"} <= set(env)
+    assert info["dataset"]["fingerprint"] and info["dataset"]["samples"] == 16
+    assert summary["final_loss"] == pytest.approx(float(rows[-1]["loss"]))
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "lars"])
+def test_other_optimizers_train(probe, images, tmp_path, optimizer):
+    from sslkit.engine import pretrain
+
+    out = tmp_path / optimizer
+    summary = pretrain(config(images, out, optimizer=optimizer, epochs=2, batch_size=4, base_lr=5.0))
+    assert summary["steps"] == 8 and torch.isfinite(torch.tensor(summary["final_loss"]))
+    state = torch.load(sorted((out / "checkpoints").iterdir())[-1] / "state.pt", weights_only=True)
+    assert any("momentum_buffer" in s for s in state["optimizer"]["state"].values())
+
+
+def test_bf16_autocast_on_cpu(probe, images, tmp_path):
+    from sslkit.engine import pretrain
+
+    summary = pretrain(config(images, tmp_path / "bf16", precision="bf16", max_steps=2))
+    assert summary["steps"] == 2 and torch.isfinite(torch.tensor(summary["final_loss"]))
+    with pytest.raises(UsageError, match="fp16 needs a CUDA GPU"):
+        pretrain(config(images, tmp_path / "fp16", precision="fp16", device="cpu"))
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(probe, images, tmp_path):
+    from sslkit import checkpoint
+    from sslkit.engine import pretrain
+
+    out = tmp_path / "run"
+    with pytest.raises(UsageError, match="loss became nan at step 5"):
+        pretrain(config(images, out, batch_size=2, checkpoint_every=2, task_options={"nan_at_step": 5}))
+    assert [p.name for p in checkpoint.list_checkpoints(out / "checkpoints")] == ["step-00000002", "step-00000004"]
+    path, tensors, state, skipped = checkpoint.load_latest(out / "checkpoints")
+    assert state["step"] == 4 and not skipped
+    assert all(torch.isfinite(t).all() for t in tensors.values() if t.is_floating_point())
+    assert json.loads((out / "run.json").read_text())["status"] == "diverged"
+    assert len(read_metrics(out)) == 4 and not (out / "encoder.safetensors").exists()
+
+
+def test_batch_must_split_over_processes_and_fit_the_data(probe, images, tmp_path):
+    from sslkit.engine import pretrain
+
+    with pytest.raises(UsageError, match="fewer than one optimizer step"):
+        pretrain(config(images, tmp_path / "r", batch_size=8, accumulate=4))
+    assert not (tmp_path / "r").exists()  # nothing written for a run that cannot start

@@ -1,0 +1,115 @@
+"""Exact resume: a run killed (SIGKILL) or interrupted (SIGINT) mid-epoch and resumed
+repeats the uninterrupted run's per-step losses exactly (CPU, deterministic algorithms)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import make_images, run_sslkit
+
+SSLKIT = str(Path(sys.executable).parent / "sslkit")
+# 32 images, batch 6 -> 5 steps per epoch; 3 epochs = 15 steps; checkpoints every 2 steps
+# and at every epoch end, so kills land mid-epoch and resumes start mid-epoch.
+ARGS = ["--task", "simclr", "--backbone", "timm:resnet10t", "--image-size", "24", "--batch-size", "6",
+        "--epochs", "3", "--checkpoint-every", "2", "--seed", "3", "--deterministic", "--quiet",
+        "--task-opt", "proj_hidden_dim=32", "--task-opt", "proj_dim=16", "--warmup-epochs", "0.5"]
+TOTAL = 15
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Path:
+    return make_images(tmp_path_factory.mktemp("resume") / "img", n_per_class=16, size=28)
+
+
+def losses(run: Path) -> list[tuple[int, int, str, str]]:
+    """(step, epoch, loss, lr) per row, as written (exact decimal strings)."""
+    with open(run / "metrics.csv", newline="") as f:
+        return [(int(r["step"]), int(r["epoch"]), r["loss"], r["lr"]) for r in csv.DictReader(f)]
+
+
+@pytest.fixture(scope="module")
+def reference_run(images, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ref") / "run"
+    proc = run_sslkit("pretrain", "--data", f"folder:{images}", "--out", out, *ARGS)
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(reference_run) -> list:
+    rows = losses(reference_run)
+    assert [r[0] for r in rows] == list(range(1, TOTAL + 1))
+    assert len({r[2] for r in rows}) > 1
+    return rows
+
+
+def start_and_stop(images: Path, out: Path, sig: int, after_rows: int) -> subprocess.CompletedProcess:
+    """Start a run, send ``sig`` once metrics.csv has ``after_rows`` rows, wait for the exit."""
+    proc = subprocess.Popen([SSLKIT, "pretrain", "--data", f"folder:{images}", "--out", str(out), *ARGS],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = out / "metrics.csv"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) - 1 >= after_rows:
+            proc.send_signal(sig)
+            break
+        time.sleep(0.005)
+    stdout, stderr = proc.communicate(timeout=300)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+def test_sigkill_then_resume_repeats_every_loss(images, reference, tmp_path):
+    out = tmp_path / "run"
+    killed = start_and_stop(images, out, signal.SIGKILL, after_rows=5)
+    assert killed.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    done_before = len(losses(out))
+    assert done_before < TOTAL
+    assert json.loads((out / "run.json").read_text())["status"] == "running"
+
+    proc = run_sslkit("pretrain", "--resume", out, "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    rows = losses(out)
+    assert rows == reference  # every step once, same loss and LR to the last digit
+    info = json.loads((out / "run.json").read_text())
+    assert info["status"] == "finished" and info["resumes"][0]["from_step"] in range(2, done_before + 1)
+    assert (out / "encoder.safetensors").exists()
+
+
+def test_sigint_checkpoints_exits_0_and_resume_repeats_every_loss(images, reference, tmp_path):
+    out = tmp_path / "run"
+    stopped = start_and_stop(images, out, signal.SIGINT, after_rows=4)
+    assert stopped.returncode == 0, stopped.stderr
+    assert "--resume" in stopped.stdout and "interrupted" in stopped.stdout
+    rows = losses(out)
+    step = rows[-1][0]
+    assert 4 <= step < TOTAL
+    assert (out / "checkpoints" / f"step-{step:08d}").is_dir()  # checkpoint at the very step it stopped
+    assert json.loads((out / "run.json").read_text())["status"] == "interrupted"
+    assert not (out / "encoder.safetensors").exists()
+
+    # the same data order and augmentations continue mid-epoch; any CLI form of resume works
+    proc = run_sslkit("pretrain", "--out", out, "--resume", "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    assert losses(out) == reference
+
+    again = run_sslkit("pretrain", "--resume", out)
+    assert again.returncode == 0 and "already finished" in again.stdout
+
+
+def test_resume_refuses_changes_that_would_break_exactness(reference_run, tmp_path):
+    before = (reference_run / "run.json").read_text()
+    bad = run_sslkit("pretrain", "--resume", reference_run, "--batch-size", "8")
+    assert bad.returncode == 2
+    assert len(bad.stderr.strip().splitlines()) == 1 and "batch_size" in bad.stderr
+    assert (reference_run / "run.json").read_text() == before
+    missing = run_sslkit("pretrain", "--resume", tmp_path / "nothing")
+    assert missing.returncode == 2 and "no sslkit run" in missing.stderr
