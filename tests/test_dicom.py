@@ -13,7 +13,7 @@ from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
 from sslkit.data.source import NotAnImage
 from sslkit.errors import UsageError
 from sslkit.registry import create_source
-from sslkit_plugins.sources.dicom import DicomSource, read_header
+from sslkit_plugins.sources.dicom import DicomSource, is_dicom_file, read_header
 from sslkit_plugins.sources.dicom_decode import PRESETS, parse_windows
 
 
@@ -74,8 +74,8 @@ def test_every_pydicom_file_decodes_like_pydicom_or_is_reported(pydicom_dir):
     assert decoded >= 60
     # every DICOM file is accounted for: decoded, skipped with a reason, or a non-image
     images = {r.path for r in refs}
-    for f in sorted(Path(pydicom_dir).glob("*.dcm")):
-        if str(f) in images or str(f) in skipped:
+    for f in sorted(Path(pydicom_dir).rglob("*")):
+        if not f.is_file() or not is_dicom_file(f) or str(f) in images or str(f) in skipped:
             continue
         assert read_header(str(f))["kind"] == "nonimage", f.name
     assert "MR_truncated.dcm" in " ".join(skipped)
@@ -146,16 +146,32 @@ def test_stacked_windows_become_channels(pydicom_dir):
     assert src.channels_of(ref) == 3
 
 
+CR_MONOCHROME1 = "dicomdirtests/77654033/CR1/6154"  # a real CR, MONOCHROME1, RescaleSlope 0.684
+
+
 @pytest.mark.parametrize("window", ["auto", "minmax", "lung", "400,40", "lung,mediastinum,bone"])
 def test_monochrome1_is_inverted_in_every_window_mode(pydicom_dir, tmp_path, window):
-    for name in ("CT_small.dcm", "MR_small.dcm"):
+    """The real MONOCHROME1 CR equals 1 - the same pixels labelled MONOCHROME2 (and back)."""
+    (tmp_path / "flip").mkdir()
+    for name in (CR_MONOCHROME1, "CT_small.dcm", "MR_small.dcm"):
         ds = pydicom.dcmread(Path(pydicom_dir) / name)
-        ds.PhotometricInterpretation = "MONOCHROME1"
-        (tmp_path / "m1").mkdir(exist_ok=True)
-        ds.save_as(tmp_path / "m1" / name)
-        m2 = _source(pydicom_dir, window=window).load(src_ref(str(Path(pydicom_dir) / name)))
-        m1 = _source(tmp_path / "m1", window=window).load(src_ref(str(tmp_path / "m1" / name)))
-        np.testing.assert_allclose(m1, 1.0 - m2, atol=1e-6)
+        before = ds.PhotometricInterpretation
+        ds.PhotometricInterpretation = "MONOCHROME2" if before == "MONOCHROME1" else "MONOCHROME1"
+        flipped = tmp_path / "flip" / Path(name).name
+        ds.save_as(flipped)
+        original = _source(pydicom_dir, window=window).load(src_ref(str(Path(pydicom_dir) / name)))
+        other = _source(tmp_path / "flip", window=window).load(src_ref(str(flipped)))
+        np.testing.assert_allclose(other, 1.0 - original, atol=1e-6, err_msg=name)
+
+
+def test_monochrome1_cr_high_attenuation_is_bright(pydicom_dir):
+    """In a MONOCHROME1 CR, low stored values are white: after decoding they must be bright."""
+    path = Path(pydicom_dir) / CR_MONOCHROME1
+    ds = pydicom.dcmread(path)
+    values = ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+    x = _source(pydicom_dir, window="minmax").load(src_ref(str(path)))[0]
+    np.testing.assert_allclose(x, 1 - (values - values.min()) / (values.max() - values.min()), atol=1e-6)
+    assert x.flat[values.argmin()] == 1.0 and x.flat[values.argmax()] == 0.0
 
 
 def test_multi_frame_gives_one_sample_per_frame(pydicom_dir, tmp_path):

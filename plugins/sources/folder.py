@@ -1,12 +1,17 @@
 """Source ``folder:PATH``: every image below PATH (PNG, JPEG, TIFF, BMP, WebP).
 
 Class sub-folders are ignored for pretraining and used as labels by ``eval``.
-8-bit images are scaled by 255, 16-bit ones by 65535 (never squashed to 8 bits first).
+8-bit images are scaled by 255, 16-bit ones by 65535 (never squashed to 8 bits first);
+TIFFs are read with tifffile, which keeps 16-bit RGB and multi-page stacks as they are.
+Splits group files by the ``group`` regex (``--data-opt group='^(patient[0-9]+)/'``):
+files whose relative path gives the same match (first capture group, else the whole
+match) stay on one side; without a match a file is its own group.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +27,22 @@ EXTENSIONS = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp"}
 
 @dataclass
 class FolderOptions:
-    pass
+    group: str = ""  # regex on the path relative to PATH; its match is the split group
+
+    def __post_init__(self) -> None:
+        try:
+            re.compile(self.group)
+        except re.error as exc:
+            raise UsageError(f"folder: group {self.group!r} is not a valid regular expression: {exc}") from None
+
+
+def group_of(rel: str, pattern: str) -> str:
+    """The split group of relative path ``rel``: the regex match, else the path itself."""
+    if pattern:
+        m = re.search(pattern, rel)
+        if m:
+            return "g:" + (m.group(1) if m.groups() and m.group(1) is not None else m.group(0))
+    return "f:" + rel
 
 
 def walk_files(root: Path, keep) -> list[Path]:
@@ -72,7 +92,7 @@ class FolderSource(Source):
     Options = FolderOptions
 
     def __init__(self, location: str, options=None) -> None:
-        super().__init__(location, options)
+        super().__init__(location, options or FolderOptions())
         self.root = check_dir(location, self.scheme)
 
     @classmethod
@@ -89,23 +109,68 @@ class FolderSource(Source):
         for f in files:
             rel = f.relative_to(self.root)
             label = rel.parts[-2] if len(rel.parts) > 1 else None
-            refs.append(SampleRef(str(f), group=str(rel), label=label))
+            refs.append(SampleRef(str(f), group=group_of(rel.as_posix(), self.options.group), label=label))
         return refs
 
     def channels_of(self, ref: SampleRef) -> int | None:
         try:
+            if Path(ref.path).suffix.lower() in TIFF:
+                return 3 if _tiff_array(ref.path, header=True).shape[0] >= 3 else 1
             with Image.open(ref.path) as img:
                 return 3 if img.mode in ("RGB", "RGBA", "P", "CMYK", "YCbCr") else 1
         except Exception:
             return None
 
+    def properties(self, ref: SampleRef) -> dict:
+        try:
+            with Image.open(ref.path) as img:
+                return {"format": img.format, "mode": img.mode, "size": f"{img.width}x{img.height}",
+                        "frames": getattr(img, "n_frames", 1)}
+        except Exception:
+            return {"format": Path(ref.path).suffix.lower().lstrip(".")}
+
     def load(self, ref: SampleRef) -> np.ndarray:
+        if Path(ref.path).suffix.lower() in TIFF:
+            return _tiff_array(ref.path)
         with Image.open(ref.path) as img:
             img.load()
             return pil_to_array(img)
 
     def describe(self) -> dict:
-        return {"scale": "8-bit / 255, 16-bit / 65535"}
+        return {"scale": "8-bit / 255, 16-bit / 65535, float min-max"}
+
+
+TIFF = {".tif", ".tiff"}
+
+
+def _tiff_array(path: str, header: bool = False) -> np.ndarray:
+    """A TIFF's first page as float32 ``(C, H, W)`` in [0, 1] (``header``: shape only, zeros)."""
+    import tifffile
+
+    with tifffile.TiffFile(path) as tif:
+        page = tif.pages[0]
+        if header:
+            shape = page.shape
+            c = shape[-1] if len(shape) == 3 and shape[-1] <= 4 else (shape[0] if len(shape) == 3 else 1)
+            return np.zeros((c, 1, 1), np.float32)
+        a = page.asarray()
+    if a.ndim == 3 and a.shape[-1] <= 4 and a.shape[0] > 4:  # (H, W, C)
+        a = a.transpose(2, 0, 1)
+    elif a.ndim == 2:
+        a = a[None]
+    if a.dtype == np.uint8:
+        x = a.astype(np.float32) / 255.0
+    elif a.dtype == np.uint16:
+        x = a.astype(np.float32) / 65535.0
+    elif a.dtype == bool:
+        x = a.astype(np.float32)
+    else:  # float or wide integer data: its own range
+        x = a.astype(np.float32)
+        lo, hi = float(np.nanmin(x)), float(np.nanmax(x))
+        x = (x - lo) / (hi - lo) if hi > lo else np.zeros_like(x)
+    if x.shape[0] == 4 or x.shape[0] == 2:
+        x = x[:-1]  # alpha
+    return np.ascontiguousarray(x, dtype=np.float32)
 
 
 @sslkit.hookimpl

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,8 @@ def load_data(data: str, image_size: int, channels: int | None = None,
             f"no decodable image in {data!r}: all {len(train)} samples failed to decode "
             f"(first: {prepared.skipped[0][1] if prepared.skipped else 'unknown'})"
         )
+    if prepared.skipped:  # one line, whatever --quiet says: the user must know data was left out
+        print(f"data: {summary_line(prepared)}", file=sys.stderr)
     return LoadedData(source, prepared, channels, split)
 
 

@@ -150,8 +150,11 @@ def prepare(
             out.flush()
             del out
             (tmp / "index.json").write_text(json.dumps({"format": CACHE_FORMAT, "kept": kept, "skipped": skipped}))
-            if not target.exists():
+            try:
                 os.replace(tmp, target)
+            except OSError:  # another process finished the same entry first: use theirs
+                if not (target / "index.json").exists():
+                    raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     meta = json.loads((target / "index.json").read_text())

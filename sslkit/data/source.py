@@ -67,6 +67,14 @@ class Source:
         """The channel count of ``ref`` if known from its header (for the majority vote)."""
         return None
 
+    def properties(self, ref: SampleRef) -> dict[str, Any]:
+        """Header facts of ``ref``'s file for ``sslkit data inspect`` (no identifiers).
+
+        Values are counted per file; a ``size`` of ``"WxH"`` and ``frames``, where
+        known, feed the decoded-size estimate.
+        """
+        return {}
+
     def describe(self) -> dict[str, Any]:
         """How pixels were brought to [0, 1] (no identifiers): stored in the InputSpec."""
         return {}

@@ -1,0 +1,38 @@
+"""``sslkit data ...`` commands: parse the arguments and delegate."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+
+@click.group("data")
+def data_group() -> None:
+    """Look at a data source before training on it."""
+
+
+@data_group.command("inspect")
+@click.argument("src")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--data-opt", "data_opts", multiple=True, metavar="KEY=VALUE", help="Source option (repeatable).")
+@click.option("--window", default=None, help="DICOM window (auto, minmax, W,L, preset, or 3 stacked).")
+@click.option("--modality", default=None, help="DICOM: keep only these modalities, e.g. CT,MR.")
+@click.option("--series-description", default=None, help="DICOM: keep only series matching this glob.")
+@click.option("--image-size", default=224, show_default=True, type=click.IntRange(min=8),
+              help="Side used for the cache-size estimate.")
+@click.option("--no-decode", is_flag=True, help="Headers only: skip the decode check of every file.")
+@click.option("--workers", default=0, type=click.IntRange(min=0), help="Processes (0: one per CPU).")
+def inspect(src: str, as_json: bool, data_opts: tuple[str, ...], window: str | None, modality: str | None,
+            series_description: str | None, image_size: int, no_decode: bool, workers: int) -> None:
+    """Counts by header facts, unusable files with reasons, decoded size. No identifiers."""
+    from sslkit.data.inspect import format_report, inspect_data
+    from sslkit.options import parse_pairs
+
+    options = parse_pairs(data_opts, "--data-opt")
+    for key, value in (("window", window), ("modality", modality), ("series_description", series_description)):
+        if value is not None:
+            options[key] = value
+    report = inspect_data(src, options, decode=not no_decode, image_size=image_size, workers=workers,
+                          progress=not as_json)
+    click.echo(json.dumps(report, indent=2, default=str) if as_json else format_report(report))
