@@ -9,7 +9,7 @@ Two augmented views of every image go through the backbone ``f`` and a projectio
     L = 1 / 2N * sum_k [ l(2k-1, 2k) + l(2k, 2k-1) ]
 
 Defaults: tau = 0.5, projection 2048 -> 128 (2 layers, BN), views = random resized crop
-(0.08-1), flip, colour jitter 0.8 (strength 0.5), colour drop 0.2, blur 0.5 (images >= 96 px);
+(0.08-1), flip, colour jitter 0.8 (strength 0.5: brightness, contrast, saturation 0.4, hue 0.1), colour drop 0.2, blur 0.5 (images >= 96 px);
 1-channel data gets brightness / contrast / gamma instead of colour operations.
 """
 
@@ -22,18 +22,29 @@ import torch.nn.functional as F
 
 import sslkit
 from sslkit.augment import MultiView, ViewRecipe
+from sslkit.distributed import all_gather_with_grad, rank
 from sslkit.heads import mlp
 from sslkit.task import Task
 
 
 def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5) -> torch.Tensor:
-    """NT-Xent over ``2N`` views. ``z1, z2: (N, d)`` projections (normalised here) -> scalar."""
+    """NT-Xent over ``2N`` views. ``z1, z2: (N, d)`` projections (normalised here) -> scalar.
+
+    Under DDP the negatives are the views of the whole global batch (gathered with
+    gradients); each process scores its own ``2N`` queries, so the mean over processes is
+    the single-process loss of the global batch.
+    """
     n = z1.shape[0]
-    z = F.normalize(torch.cat([z1, z2]), dim=1)
-    logits = z @ z.T / temperature
-    logits.fill_diagonal_(float("-inf"))
-    targets = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
-    return F.cross_entropy(logits, targets)
+    z1, z2 = F.normalize(z1, dim=1), F.normalize(z2, dim=1)
+    keys = torch.cat([all_gather_with_grad(z1), all_gather_with_grad(z2)])  # (2 W N, d)
+    total = keys.shape[0] // 2
+    queries = torch.cat([z1, z2])
+    logits = queries @ keys.T / temperature
+    own = torch.arange(n, device=z1.device) + rank() * n
+    self_idx = torch.cat([own, own + total])
+    positive = torch.cat([own + total, own])
+    logits[torch.arange(2 * n, device=z1.device), self_idx] = float("-inf")
+    return F.cross_entropy(logits, positive)
 
 
 @dataclass

@@ -1,0 +1,63 @@
+"""Task ``autoencoder``: a plain convolutional autoencoder (Hinton & Salakhutdinov, Science 2006;
+Masci et al., ICANN 2011 for the convolutional form).
+
+The backbone ``f`` is the encoder; its pooled embedding ``f(x): (B, D)`` is the bottleneck,
+and a convolutional decoder ``d`` (:class:`sslkit.heads.ConvDecoder`) reconstructs the
+normalised image from it::
+
+    L = 1 / (B C S S) * || d(f(x)) - x ||_2^2
+
+Defaults: decoder width 256 at 4x4, halved at every 2x upsampling; views = random resized
+crop (scale 0.5-1) + flip, no colour augmentation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.nn.functional as F
+
+import sslkit
+from sslkit.augment import MultiView, ViewRecipe
+from sslkit.heads import ConvDecoder
+from sslkit.task import Task
+
+
+def reconstruction_views(spec, min_scale: float) -> MultiView:
+    """One geometric-only view (crop + flip): what the autoencoding tasks reconstruct."""
+    recipe = ViewRecipe(spec.image_size, scale=(min_scale, 1.0), jitter_p=0.0, gray_p=0.0, blur_p=0.0,
+                        gamma_p=0.0)
+    return MultiView([recipe], spec.mean, spec.std)
+
+
+@dataclass
+class AutoencoderOptions:
+    decoder_width: int = 256
+    min_scale: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.decoder_width < 8:
+            raise ValueError("decoder_width must be >= 8")
+        if not 0 < self.min_scale <= 1:
+            raise ValueError("min_scale must be in (0, 1]")
+
+
+class Autoencoder(Task):
+    Options = AutoencoderOptions
+    default_backbone = "timm:resnet18"
+
+    def __init__(self, backbone, options: AutoencoderOptions, spec) -> None:
+        super().__init__(backbone, options, spec)
+        self.decoder = ConvDecoder(backbone.num_features, spec.channels, spec.image_size, options.decoder_width)
+
+    def views(self, spec):
+        return reconstruction_views(spec, self.options.min_scale)
+
+    def forward(self, views):
+        (x,) = views
+        return {"loss": F.mse_loss(self.decoder(self.encoder(x)), x)}
+
+
+@sslkit.hookimpl
+def register_tasks(register):
+    register("autoencoder", Autoencoder)

@@ -1,0 +1,76 @@
+"""Task ``barlowtwins``: Barlow Twins (Zbontar, Jing, Misra, LeCun, Deny, ICML 2021).
+
+Two views go through the backbone and a 3-layer projector; the projections ``z^A, z^B``
+``(N, d)`` are standardised along the batch (BatchNorm without affine parameters) and
+their cross-correlation matrix ``C = z_n^A^T z_n^B / N`` ``(d, d)`` is pushed to the
+identity (paper Eq. 1)::
+
+    L = sum_i (1 - C_ii)^2  +  lambda * sum_i sum_{j != i} C_ij^2
+
+Defaults: lambda 5e-3 (paper 0.0051), projector 3 layers of 2048 with BN + ReLU (paper:
+8192; raise ``proj_dim`` at scale), BYOL's asymmetric views. Under DDP the projections of
+the whole global batch are gathered (with gradients) before standardisation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+import sslkit
+from sslkit.augment import MultiView
+from sslkit.distributed import all_gather_with_grad
+from sslkit.heads import mlp
+from sslkit.task import Task
+from sslkit_plugins.tasks.byol import byol_recipes
+
+
+def barlow_twins_loss(z1: torch.Tensor, z2: torch.Tensor, lambd: float = 5e-3) -> torch.Tensor:
+    """``z1, z2: (N, d)`` -> scalar; standardisation uses the biased batch variance (as BN)."""
+    z1, z2 = all_gather_with_grad(z1), all_gather_with_grad(z2)
+    n = z1.shape[0]
+    z1 = F.batch_norm(z1, None, None, training=True)
+    z2 = F.batch_norm(z2, None, None, training=True)
+    c = z1.T @ z2 / n
+    on_diag = (torch.diagonal(c) - 1).pow(2).sum()
+    off_diag = c.pow(2).sum() - torch.diagonal(c).pow(2).sum()
+    return on_diag + lambd * off_diag
+
+
+@dataclass
+class BarlowTwinsOptions:
+    lambd: float = 5e-3
+    proj_dim: int = 2048
+    min_scale: float = 0.08
+
+    def __post_init__(self) -> None:
+        if self.lambd < 0:
+            raise ValueError("lambd must be >= 0")
+        if self.proj_dim < 1:
+            raise ValueError("proj_dim must be >= 1")
+        if not 0 < self.min_scale <= 1:
+            raise ValueError("min_scale must be in (0, 1]")
+
+
+class BarlowTwins(Task):
+    Options = BarlowTwinsOptions
+    default_backbone = "timm:resnet18"
+
+    def __init__(self, backbone, options: BarlowTwinsOptions, spec) -> None:
+        super().__init__(backbone, options, spec)
+        self.projector = mlp(backbone.num_features, options.proj_dim, options.proj_dim, layers=3)
+
+    def views(self, spec):
+        return MultiView(byol_recipes(spec.image_size, self.options.min_scale), spec.mean, spec.std)
+
+    def forward(self, views):
+        x1, x2 = views
+        z1, z2 = self.projector(self.encoder(torch.cat([x1, x2]))).chunk(2)
+        return {"loss": barlow_twins_loss(z1, z2, self.options.lambd)}
+
+
+@sslkit.hookimpl
+def register_tasks(register):
+    register("barlowtwins", BarlowTwins)

@@ -1,0 +1,99 @@
+"""Task ``byol``: Bootstrap Your Own Latent (Grill et al., NeurIPS 2020).
+
+An online network (backbone ``f``, projector ``g``, predictor ``q``) predicts the
+projection that a target network (``f'``, ``g'``: an exponential moving average of the
+online ``f``, ``g``, never trained by gradients) gives for the other view. With
+``p = q(g(f(v)))`` and ``z' = g'(f'(v'))``::
+
+    l(p, z') = || p/||p|| - z'/||z'|| ||^2 = 2 - 2 * cos(p, z')
+    L = mean_batch[ l(p_1, z'_2) + l(p_2, z'_1) ] / 2          (symmetrised)
+
+and after every step ``xi <- tau * xi + (1 - tau) * theta`` with ``tau`` following a
+cosine schedule from ``tau_base`` to 1 (:mod:`sslkit.ema`).
+
+Defaults (paper Sec. 3.3, App. B): tau_base 0.996, projector and predictor 2-layer MLPs
+4096 -> 256 with BN; views: random resized crop (0.08-1), flip, colour jitter 0.8
+(0.4, 0.4, 0.2, 0.1), colour drop 0.2, blur (p 1.0 / 0.1) and solarize (p 0 / 0.2)
+asymmetric between the two views (blur only for images >= 96 px). 1-channel data gets
+brightness / contrast / gamma instead of colour operations.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+import sslkit
+from sslkit.augment import MultiView, ViewRecipe
+from sslkit.ema import cosine_momentum, ema_update, frozen_copy
+from sslkit.heads import mlp
+from sslkit.task import Task
+
+
+def byol_recipes(size: int, min_scale: float = 0.08) -> list[ViewRecipe]:
+    """BYOL's two asymmetric view recipes (Grill et al. 2020, Table 6); also used by
+    Barlow Twins, VICReg, MoCo v3 and DINO's global crops."""
+    blur = size >= 96
+    common = dict(scale=(min_scale, 1.0), jitter_p=0.8, jitter=0.4, hue=0.1, gray_p=0.2)
+    return [ViewRecipe(size, blur_p=1.0 if blur else 0.0, solarize_p=0.0, **common),
+            ViewRecipe(size, blur_p=0.1 if blur else 0.0, solarize_p=0.2, **common)]
+
+
+def byol_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """``2 - 2 cos(p, z)`` averaged over the batch; ``p, z: (B, d)``, ``z`` is detached here."""
+    return (2 - 2 * F.cosine_similarity(p, z.detach(), dim=-1)).mean()
+
+
+@dataclass
+class BYOLOptions:
+    tau_base: float = 0.996
+    proj_hidden_dim: int = 4096
+    proj_dim: int = 256
+    pred_hidden_dim: int = 4096
+    min_scale: float = 0.08
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.tau_base <= 1:
+            raise ValueError("tau_base must be in [0, 1]")
+        if min(self.proj_hidden_dim, self.proj_dim, self.pred_hidden_dim) < 1:
+            raise ValueError("head dimensions must be >= 1")
+        if not 0 < self.min_scale <= 1:
+            raise ValueError("min_scale must be in (0, 1]")
+
+
+class BYOL(Task):
+    Options = BYOLOptions
+    default_backbone = "timm:resnet18"
+
+    def __init__(self, backbone, options: BYOLOptions, spec) -> None:
+        super().__init__(backbone, options, spec)
+        o = options
+        self.projector = mlp(backbone.num_features, o.proj_hidden_dim, o.proj_dim)
+        self.predictor = mlp(o.proj_dim, o.pred_hidden_dim, o.proj_dim)
+        self.target_encoder = frozen_copy(backbone)
+        self.target_projector = frozen_copy(self.projector)
+
+    def views(self, spec):
+        return MultiView(byol_recipes(spec.image_size, self.options.min_scale), spec.mean, spec.std)
+
+    def forward(self, views):
+        x1, x2 = views
+        x = torch.cat([x1, x2])
+        p1, p2 = self.predictor(self.projector(self.encoder(x))).chunk(2)
+        with torch.no_grad():
+            z1, z2 = self.target_projector(self.target_encoder(x)).chunk(2)
+        loss = (byol_loss(p1, z2) + byol_loss(p2, z1)) / 2
+        return {"loss": loss}
+
+    @torch.no_grad()
+    def on_step_end(self, step: int, total_steps: int) -> None:
+        tau = cosine_momentum(step - 1, total_steps, self.options.tau_base)  # a function of the step: resumable
+        ema_update(self.target_encoder, self.encoder, tau)
+        ema_update(self.target_projector, self.projector, tau)
+
+
+@sslkit.hookimpl
+def register_tasks(register):
+    register("byol", BYOL)

@@ -1,0 +1,98 @@
+"""Task ``denoising``: denoising autoencoder (Vincent, Larochelle, Bengio, Manzagol, ICML 2008).
+
+The input is corrupted by ``q(x~ | x)`` and the autoencoder (backbone ``f`` as encoder,
+:class:`sslkit.heads.ConvDecoder` ``d`` from its pooled embedding) reconstructs the clean
+image::
+
+    x~ = M * (x + sigma * eps) ,  eps ~ N(0, I),  M zeroes a random mask_ratio of
+         mask_patch x mask_patch patches (zero = the dataset mean after normalisation)
+    L  = 1 / (B C S S) * || d(f(x~)) - x ||_2^2
+
+``corruption`` picks ``noise`` (additive Gaussian), ``mask`` (masking noise, as the
+paper's) or ``both`` (default). Defaults: sigma 0.5 (in units of the data's standard
+deviation), mask ratio 0.25 of patches of side ``image_size // 8``; views = crop + flip.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+import sslkit
+from sslkit.heads import ConvDecoder
+from sslkit.task import Task
+from sslkit_plugins.tasks.autoencoder import reconstruction_views
+
+
+def patch_mask(b: int, size: int, patch: int, ratio: float, device) -> torch.Tensor:
+    """``(B, 1, S, S)`` float mask: 0 on a random ``ratio`` of ``patch``-sized cells, 1 elsewhere."""
+    grid = -(-size // patch)
+    n = grid * grid
+    k = int(round(n * ratio))
+    order = torch.rand(b, n, device=device).argsort(1)
+    keep = torch.ones(b, n, device=device)
+    keep.scatter_(1, order[:, :k], 0.0)
+    keep = keep.view(b, 1, grid, grid).repeat_interleave(patch, 2).repeat_interleave(patch, 3)
+    return keep[:, :, :size, :size]
+
+
+def corrupt(x: torch.Tensor, corruption: str, noise_std: float, mask_ratio: float, mask_patch: int) -> torch.Tensor:
+    """``x: (B, C, S, S)`` normalised -> corrupted copy of the same shape."""
+    out = x
+    if corruption in ("noise", "both"):
+        out = out + noise_std * torch.randn_like(out)
+    if corruption in ("mask", "both") and mask_ratio > 0:
+        out = out * patch_mask(x.shape[0], x.shape[-1], mask_patch, mask_ratio, x.device)
+    return out
+
+
+@dataclass
+class DenoisingOptions:
+    corruption: Literal["noise", "mask", "both"] = "both"
+    noise_std: float = 0.5
+    mask_ratio: float = 0.25
+    mask_patch: int | None = None  # default image_size // 8
+    decoder_width: int = 256
+    min_scale: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.corruption not in ("noise", "mask", "both"):
+            raise ValueError("corruption must be noise, mask or both")
+        if self.noise_std < 0:
+            raise ValueError("noise_std must be >= 0")
+        if not 0 <= self.mask_ratio < 1:
+            raise ValueError("mask_ratio must be in [0, 1)")
+        if self.mask_patch is not None and self.mask_patch < 1:
+            raise ValueError("mask_patch must be >= 1")
+        if self.decoder_width < 8:
+            raise ValueError("decoder_width must be >= 8")
+        if not 0 < self.min_scale <= 1:
+            raise ValueError("min_scale must be in (0, 1]")
+
+
+class Denoising(Task):
+    Options = DenoisingOptions
+    default_backbone = "timm:resnet18"
+
+    def __init__(self, backbone, options: DenoisingOptions, spec) -> None:
+        super().__init__(backbone, options, spec)
+        self.mask_patch = options.mask_patch or max(1, spec.image_size // 8)
+        self.decoder = ConvDecoder(backbone.num_features, spec.channels, spec.image_size, options.decoder_width)
+
+    def views(self, spec):
+        return reconstruction_views(spec, self.options.min_scale)
+
+    def forward(self, views):
+        (x,) = views
+        o = self.options
+        with torch.no_grad():
+            noisy = corrupt(x, o.corruption, o.noise_std, o.mask_ratio, self.mask_patch)
+        return {"loss": F.mse_loss(self.decoder(self.encoder(noisy)), x)}
+
+
+@sslkit.hookimpl
+def register_tasks(register):
+    register("denoising", Denoising)

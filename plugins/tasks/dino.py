@@ -1,0 +1,166 @@
+"""Task ``dino``: self-distillation with no labels (Caron et al., ICCV 2021).
+
+A student (backbone + DINO head, :class:`sslkit.heads.DINOHead`) and a teacher (the EMA
+of the student) see multi-crop views: 2 global crops (all of the image size, scale
+0.4-1) and ``local_crops`` small crops (scale 0.05-0.4, side ``image_size * 96/224``).
+The teacher sees only the global crops. With ``P_t = softmax((g_t(x) - c) / tau_t)``
+(centred, sharpened teacher) and ``P_s = softmax(g_s(x') / tau_s)`` (paper Eq. 1-3)::
+
+    L = 1 / |pairs| * sum_{x in globals} sum_{x' in all views, x' != x} -P_t(x) . log P_s(x')
+
+After every step: teacher ``theta_t <- m theta_t + (1 - m) theta_s`` (``m`` cosine from
+0.996 to 1) and centre ``c <- 0.9 c + 0.1 * mean_batch g_t(x)`` (over the global batch).
+The teacher temperature warms up linearly from ``warmup_teacher_temp`` to
+``teacher_temp`` over the first ``teacher_temp_warmup`` fraction of training.
+
+Defaults (paper): tau_s 0.1, tau_t 0.04 -> 0.07 (warm-up 30% of training), centre momentum
+0.9, 8 local crops, head 2048 hidden, 256 bottleneck, ``out_dim`` 4096 (paper: 65536).
+The centre, the current teacher temperature and the teacher live in the task's state
+dict (checkpointed). A backbone built for one input size (a timm ViT) cannot take local
+crops: use ``--task-opt local_crops=0`` or a CNN.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+import sslkit
+from sslkit.augment import MultiView, ViewRecipe
+from sslkit.distributed import all_reduce_sum, world_size
+from sslkit.ema import cosine_momentum, ema_update, frozen_copy
+from sslkit.errors import UsageError
+from sslkit.heads import DINOHead
+from sslkit.task import Task
+
+
+def dino_loss(teacher_out: torch.Tensor, student_out: list[torch.Tensor], center: torch.Tensor,
+              teacher_temp: float, student_temp: float = 0.1) -> torch.Tensor:
+    """Cross-entropy between centred/sharpened teacher and student distributions.
+
+    ``teacher_out: (T, B, K)`` logits of the global views; ``student_out``: ``S`` tensors
+    ``(B, K)`` with the same global views first; ``center: (1, K)``. Pairs where a view
+    meets itself (``t == s``) are skipped.
+    """
+    t = F.softmax((teacher_out.detach() - center) / teacher_temp, dim=-1)
+    s = F.log_softmax(torch.stack(student_out) / student_temp, dim=-1)
+    cross = -torch.einsum("tbk,sbk->ts", t, s)  # summed over the batch
+    n_t, n_s = cross.shape
+    same = torch.eye(n_t, n_s, dtype=torch.bool, device=cross.device)
+    return cross.masked_fill(same, 0).sum() / ((n_t * n_s - min(n_t, n_s)) * t.shape[1])
+
+
+@dataclass
+class DINOOptions:
+    out_dim: int = 4096
+    hidden_dim: int = 2048
+    bottleneck_dim: int = 256
+    local_crops: int = 8
+    local_size: int | None = None  # default: image_size * 96 / 224, even
+    global_scale_min: float = 0.4
+    local_scale_max: float = 0.4
+    student_temp: float = 0.1
+    teacher_temp: float = 0.07
+    warmup_teacher_temp: float = 0.04
+    teacher_temp_warmup: float = 0.3  # fraction of the run
+    center_momentum: float = 0.9
+    momentum: float = 0.996
+
+    def __post_init__(self) -> None:
+        if min(self.out_dim, self.hidden_dim, self.bottleneck_dim) < 1:
+            raise ValueError("out_dim, hidden_dim and bottleneck_dim must be >= 1")
+        if self.local_crops < 0:
+            raise ValueError("local_crops must be >= 0")
+        if self.local_size is not None and self.local_size < 8:
+            raise ValueError("local_size must be >= 8 pixels")
+        if not 0 < self.local_scale_max <= self.global_scale_min <= 1:
+            raise ValueError("need 0 < local_scale_max <= global_scale_min <= 1")
+        if min(self.student_temp, self.teacher_temp, self.warmup_teacher_temp) <= 0:
+            raise ValueError("temperatures must be > 0")
+        if not 0 <= self.teacher_temp_warmup <= 1:
+            raise ValueError("teacher_temp_warmup is a fraction of the run, in [0, 1]")
+        if not 0 <= self.center_momentum < 1 or not 0 <= self.momentum <= 1:
+            raise ValueError("center_momentum must be in [0, 1) and momentum in [0, 1]")
+
+
+class DINO(Task):
+    Options = DINOOptions
+    default_backbone = "timm:resnet18"
+
+    def __init__(self, backbone, options: DINOOptions, spec) -> None:
+        super().__init__(backbone, options, spec)
+        o = options
+        self.local_size = o.local_size or max(8, int(round(spec.image_size * 96 / 224 / 2)) * 2)
+        if o.local_crops:
+            _check_size(backbone, spec.channels, self.local_size)
+        self.head = DINOHead(backbone.num_features, o.out_dim, o.hidden_dim, o.bottleneck_dim)
+        self.teacher_encoder = frozen_copy(backbone)
+        self.teacher_head = frozen_copy(self.head)
+        self.register_buffer("center", torch.zeros(1, o.out_dim))
+        self.register_buffer("teacher_temp", torch.tensor(o.warmup_teacher_temp if o.teacher_temp_warmup > 0
+                                                          else o.teacher_temp))
+        self._batch_center: torch.Tensor | None = None
+
+    def views(self, spec):
+        o, s = self.options, spec.image_size
+        blur = s >= 96
+        common = dict(jitter_p=0.8, jitter=0.4, hue=0.1, gray_p=0.2)
+        recipes = [ViewRecipe(s, scale=(o.global_scale_min, 1.0), blur_p=1.0 if blur else 0.0, **common),
+                   ViewRecipe(s, scale=(o.global_scale_min, 1.0), blur_p=0.1 if blur else 0.0, solarize_p=0.2,
+                              **common)]
+        local = ViewRecipe(self.local_size, scale=(0.05, o.local_scale_max), blur_p=0.5 if blur else 0.0, **common)
+        return MultiView(recipes + [local] * o.local_crops, spec.mean, spec.std)
+
+    def forward(self, views):
+        o = self.options
+        n_global = 2
+        student = [self.head(self.encoder(torch.cat(views[:n_global])))]
+        if len(views) > n_global:
+            student.append(self.head(self.encoder(torch.cat(views[n_global:]))))
+        student = list(torch.cat(student).chunk(len(views)))
+        with torch.no_grad():
+            teacher = self.teacher_head(self.teacher_encoder(torch.cat(views[:n_global])))
+            teacher = teacher.view(n_global, -1, teacher.shape[-1])
+        loss = dino_loss(teacher, student, self.center, float(self.teacher_temp), o.student_temp)
+        self._batch_center = teacher.mean(dim=(0, 1), keepdim=False).unsqueeze(0)
+        with torch.no_grad():
+            entropy = -(F.softmax((teacher - self.center) / self.teacher_temp, -1)
+                        * F.log_softmax((teacher - self.center) / self.teacher_temp, -1)).sum(-1).mean()
+        return {"loss": loss, "teacher_entropy": entropy, "teacher_temp": self.teacher_temp.clone()}
+
+    @torch.no_grad()
+    def on_step_end(self, step: int, total_steps: int) -> None:
+        o = self.options
+        m = cosine_momentum(step - 1, total_steps, o.momentum)
+        ema_update(self.teacher_encoder, self.encoder, m)
+        ema_update(self.teacher_head, self.head, m)
+        if self._batch_center is not None:
+            batch_center = all_reduce_sum(self._batch_center.clone()) / world_size()
+            self.center.mul_(o.center_momentum).add_(batch_center, alpha=1 - o.center_momentum)
+            self._batch_center = None
+        warm = o.teacher_temp_warmup * total_steps
+        frac = min(1.0, step / warm) if warm > 0 else 1.0
+        self.teacher_temp.fill_(o.warmup_teacher_temp + frac * (o.teacher_temp - o.warmup_teacher_temp))
+
+
+def _check_size(backbone, channels: int, size: int) -> None:
+    """Refuse (one line) a backbone that cannot embed ``size``-pixel local crops."""
+    was_training = backbone.training
+    backbone.eval()
+    try:
+        with torch.no_grad():
+            backbone(torch.zeros(2, channels, size, size))
+    except Exception:  # noqa: BLE001 - any failure means: this backbone takes one input size
+        raise UsageError(
+            f"dino's {size}-pixel local crops do not fit {getattr(backbone, 'name', 'this backbone')} (built for "
+            f"one input size); use --task-opt local_crops=0 or a CNN backbone such as timm:resnet18"
+        ) from None
+    finally:
+        backbone.train(was_training)
+
+
+@sslkit.hookimpl
+def register_tasks(register):
+    register("dino", DINO)

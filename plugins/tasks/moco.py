@@ -1,0 +1,172 @@
+"""Task ``moco``: Momentum Contrast, v2 (Chen, Fan, Girshick, He 2020) and v3 (Chen, Xie, He, ICCV 2021).
+
+``--task-opt version=2`` (default): a query encoder ``f_q`` (backbone + 2-layer MLP
+projector) and a key encoder ``f_k``, the momentum (EMA) copy of ``f_q``. Negatives are
+the keys of past batches, kept in a queue ``Q`` of ``K`` unit vectors. With unit ``q``,
+its positive key ``k+`` (the other view, encoded by ``f_k``) and temperature ``tau``
+(InfoNCE, He et al. CVPR 2020, Eq. 1)::
+
+    L_q = -log( exp(q.k+ / tau) / (exp(q.k+ / tau) + sum_{k in Q} exp(q.k / tau)) )
+
+After each step ``theta_k <- m theta_k + (1 - m) theta_q`` and the step's keys replace the
+oldest entries of ``Q``. Defaults (paper): tau 0.2, m 0.999, projector 2048 -> 128; the
+queue is 4096 keys (paper: 65536 for ImageNet; keep it below the dataset size). Batch-norm
+leakage (the query and its key seeing the same batch statistics) is avoided without a
+cross-GPU shuffle: the key batch is permuted and encoded in ``key_bn_splits`` sub-batches,
+so a key's BN statistics come from other images than its query's.
+
+``--task-opt version=3``: no queue; query encoder = backbone + 3-layer projector
+(4096 -> 256, BN) + 2-layer predictor; keys from the momentum encoder of the other view,
+negatives are the other keys of the (global) batch; symmetric loss scaled by ``2 tau``
+(MoCo v3 Alg. 1)::
+
+    ctr(q, k) = CE( q_n . k_n^T / tau, labels = arange(N) ) * 2 tau
+    L = ctr(q_1, k_2) + ctr(q_2, k_1)
+
+Defaults (paper, ResNet setting): tau 1.0, m from 0.99 to 1 on a cosine schedule, BYOL's
+asymmetric views.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+import sslkit
+from sslkit.augment import MultiView, ViewRecipe
+from sslkit.distributed import all_gather_with_grad, rank
+from sslkit.ema import cosine_momentum, ema_update, frozen_copy
+from sslkit.heads import mlp
+from sslkit.task import Task
+from sslkit_plugins.tasks.byol import byol_recipes
+
+
+def moco_infonce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float) -> torch.Tensor:
+    """MoCo v2 InfoNCE. ``q, k: (B, d)`` (normalised here), ``queue: (K, d)`` unit keys -> scalar."""
+    q, k = F.normalize(q, dim=1), F.normalize(k, dim=1)
+    pos = (q * k).sum(1, keepdim=True)
+    neg = q @ queue.T
+    logits = torch.cat([pos, neg], dim=1) / temperature
+    return F.cross_entropy(logits, torch.zeros(q.shape[0], dtype=torch.long, device=q.device))
+
+
+def moco_v3_contrastive(q: torch.Tensor, k: torch.Tensor, temperature: float) -> torch.Tensor:
+    """MoCo v3 ``ctr(q, k)``: ``q, k: (B, d)``; keys gathered over processes; scaled by ``2 tau``."""
+    q, k = F.normalize(q, dim=1), F.normalize(k, dim=1)
+    keys = all_gather_with_grad(k.detach())
+    logits = q @ keys.T / temperature
+    labels = torch.arange(q.shape[0], device=q.device) + rank() * q.shape[0]
+    return F.cross_entropy(logits, labels) * (2 * temperature)
+
+
+@dataclass
+class MoCoOptions:
+    version: Literal[2, 3] = 2
+    temperature: float | None = None  # v2: 0.2, v3: 1.0
+    momentum: float | None = None  # v2: 0.999 (constant), v3: 0.99 -> 1 (cosine)
+    queue_size: int = 4096  # v2 only
+    proj_hidden_dim: int | None = None  # v2: 2048, v3: 4096
+    proj_dim: int | None = None  # v2: 128, v3: 256
+    key_bn_splits: int = 2  # v2 only
+    min_scale: float = 0.2
+
+    def __post_init__(self) -> None:
+        if self.version not in (2, 3):
+            raise ValueError("version must be 2 or 3")
+        v2 = self.version == 2
+        if self.temperature is None:
+            self.temperature = 0.2 if v2 else 1.0
+        if self.momentum is None:
+            self.momentum = 0.999 if v2 else 0.99
+        if self.proj_hidden_dim is None:
+            self.proj_hidden_dim = 2048 if v2 else 4096
+        if self.proj_dim is None:
+            self.proj_dim = 128 if v2 else 256
+        if self.temperature <= 0:
+            raise ValueError("temperature must be > 0")
+        if not 0 <= self.momentum <= 1:
+            raise ValueError("momentum must be in [0, 1]")
+        if self.queue_size < 1:
+            raise ValueError("queue_size must be >= 1")
+        if self.key_bn_splits < 1:
+            raise ValueError("key_bn_splits must be >= 1")
+        if not 0 < self.min_scale <= 1:
+            raise ValueError("min_scale must be in (0, 1]")
+
+
+class MoCo(Task):
+    Options = MoCoOptions
+    default_backbone = "timm:resnet18"
+
+    def __init__(self, backbone, options: MoCoOptions, spec) -> None:
+        super().__init__(backbone, options, spec)
+        o = options
+        if o.version == 2:
+            self.projector = mlp(backbone.num_features, o.proj_hidden_dim, o.proj_dim, batch_norm=False)
+            self.predictor = None
+            self.register_buffer("queue", F.normalize(torch.randn(o.queue_size, o.proj_dim), dim=1))
+            self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+        else:
+            self.projector = mlp(backbone.num_features, o.proj_hidden_dim, o.proj_dim, layers=3, last_bn=True)
+            self.predictor = mlp(o.proj_dim, o.proj_hidden_dim, o.proj_dim, last_bn=True)
+        self.key_encoder = frozen_copy(backbone)
+        self.key_projector = frozen_copy(self.projector)
+        self._keys: torch.Tensor | None = None
+
+    def views(self, spec):
+        if self.options.version == 3:
+            recipes = byol_recipes(spec.image_size, self.options.min_scale)
+        else:  # MoCo v2: SimCLR's augmentation plus blur
+            recipe = ViewRecipe(spec.image_size, scale=(self.options.min_scale, 1.0), jitter=0.4, hue=0.1,
+                                blur_p=0.5 if spec.image_size >= 96 else 0.0)
+            recipes = [recipe, recipe]
+        return MultiView(recipes, spec.mean, spec.std)
+
+    def _keys_of(self, x: torch.Tensor, splits: int) -> torch.Tensor:
+        """Key encoder on ``x: (B, C, H, W) -> (B, d)``, BN statistics per shuffled sub-batch."""
+        if splits <= 1 or x.shape[0] < 2 * splits:
+            return self.key_projector(self.key_encoder(x))
+        perm = torch.randperm(x.shape[0], device=x.device)
+        k = torch.cat([self.key_projector(self.key_encoder(c)) for c in x[perm].chunk(splits)])
+        return k[perm.argsort()]
+
+    def forward(self, views):
+        x1, x2 = views
+        o = self.options
+        if o.version == 2:
+            q = self.projector(self.encoder(x1))
+            with torch.no_grad():
+                k = F.normalize(self._keys_of(x2, o.key_bn_splits), dim=1)
+            self._keys = k
+            return {"loss": moco_infonce(q, k, self.queue.clone(), o.temperature)}
+        q1, q2 = self.predictor(self.projector(self.encoder(torch.cat([x1, x2])))).chunk(2)
+        with torch.no_grad():
+            k1, k2 = self.key_projector(self.key_encoder(torch.cat([x1, x2]))).chunk(2)
+        loss = moco_v3_contrastive(q1, k2, o.temperature) + moco_v3_contrastive(q2, k1, o.temperature)
+        return {"loss": loss}
+
+    @torch.no_grad()
+    def on_step_end(self, step: int, total_steps: int) -> None:
+        o = self.options
+        m = o.momentum if o.version == 2 else cosine_momentum(step - 1, total_steps, o.momentum)
+        ema_update(self.key_encoder, self.encoder, m)
+        ema_update(self.key_projector, self.projector, m)
+        if o.version == 2 and self._keys is not None:
+            self._enqueue(all_gather_with_grad(self._keys))
+            self._keys = None
+
+    @torch.no_grad()
+    def _enqueue(self, keys: torch.Tensor) -> None:
+        """Replace the oldest ``len(keys)`` entries of the queue (ring buffer)."""
+        keys = keys[-self.queue.shape[0]:]
+        idx = (self.queue_ptr + torch.arange(keys.shape[0], device=keys.device)) % self.queue.shape[0]
+        self.queue[idx] = keys.to(self.queue.dtype)
+        self.queue_ptr.copy_((self.queue_ptr + keys.shape[0]) % self.queue.shape[0])
+
+
+@sslkit.hookimpl
+def register_tasks(register):
+    register("moco", MoCo)

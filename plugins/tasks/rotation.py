@@ -1,0 +1,96 @@
+"""Task ``rotation``: predict image rotations (Gidaris, Singh, Komodakis, ICLR 2018).
+
+Every image of the batch is rotated by 0, 90, 180 and 270 degrees (``all_rotations``,
+the paper's setting: all four copies in the same batch) or by one random multiple of 90
+degrees; the backbone and a classifier ``h`` predict which. With ``y`` the rotation
+index (``k`` quarter turns counter-clockwise)::
+
+    L = 1 / (4B) * sum_i sum_{k=0..3} CE( h(f(rot_k(x_i))), k )
+
+Defaults: all four rotations, a 2-layer MLP classifier (hidden 512, BN), views = random
+resized crop (scale 0.3-1) + horizontal flip (the paper uses crops and flips only; no
+colour augmentation). Images are square, so every rotation keeps the shape.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+import sslkit
+from sslkit.augment import MultiView, ViewRecipe
+from sslkit.heads import mlp
+from sslkit.task import Task
+
+
+def rotate_batch(x: torch.Tensor, all_rotations: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x: (B, C, S, S)`` -> rotated ``(R, C, S, S)`` and labels ``(R,)`` (quarter turns CCW).
+
+    ``all_rotations``: ``R = 4B``, rotation ``k`` of image ``i`` at row ``k * B + i``;
+    otherwise ``R = B`` and each image gets one random rotation.
+    """
+    if all_rotations:
+        out = torch.cat([torch.rot90(x, k, dims=(2, 3)) for k in range(4)])
+        labels = torch.arange(4, device=x.device).repeat_interleave(x.shape[0])
+        return out, labels
+    labels = torch.randint(0, 4, (x.shape[0],), device=x.device)
+    out = x.clone()
+    for k in range(1, 4):
+        sel = labels == k
+        out[sel] = torch.rot90(x[sel], k, dims=(2, 3))
+    return out, labels
+
+
+class RotationViews(torch.nn.Module):
+    """``(B, C, S, S)`` in [0, 1] -> (rotated normalised views ``(R, C, S, S)``, labels ``(R,)``)."""
+
+    def __init__(self, recipe: ViewRecipe, mean, std, all_rotations: bool) -> None:
+        super().__init__()
+        self.base = MultiView([recipe], mean, std)
+        self.all_rotations = all_rotations
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor):
+        (v,) = self.base(x)
+        return rotate_batch(v, self.all_rotations)
+
+
+@dataclass
+class RotationOptions:
+    all_rotations: bool = True
+    hidden_dim: int = 512
+    min_scale: float = 0.3
+
+    def __post_init__(self) -> None:
+        if self.hidden_dim < 1:
+            raise ValueError("hidden_dim must be >= 1")
+        if not 0 < self.min_scale <= 1:
+            raise ValueError("min_scale must be in (0, 1]")
+
+
+class Rotation(Task):
+    Options = RotationOptions
+    default_backbone = "timm:resnet18"
+
+    def __init__(self, backbone, options: RotationOptions, spec) -> None:
+        super().__init__(backbone, options, spec)
+        self.classifier = mlp(backbone.num_features, options.hidden_dim, 4)
+
+    def views(self, spec):
+        recipe = ViewRecipe(spec.image_size, scale=(self.options.min_scale, 1.0), jitter_p=0.0, gray_p=0.0,
+                            blur_p=0.0, gamma_p=0.0)
+        return RotationViews(recipe, spec.mean, spec.std, self.options.all_rotations)
+
+    def forward(self, views):
+        x, labels = views
+        logits = self.classifier(self.encoder(x))
+        loss = F.cross_entropy(logits, labels)
+        accuracy = (logits.argmax(1) == labels).float().mean()
+        return {"loss": loss, "accuracy": accuracy.detach()}
+
+
+@sslkit.hookimpl
+def register_tasks(register):
+    register("rotation", Rotation)

@@ -1,0 +1,132 @@
+"""Task ``simmim``: SimMIM, simple masked image modeling (Xie et al., CVPR 2022).
+
+Random ``mask_patch``-sized squares (``mask_ratio`` of them) of the image are masked:
+their patch embeddings are replaced by a learned mask token *before* the encoder, which
+processes all tokens (unlike MAE). A one-layer prediction head - a 1x1 convolution to
+``stride^2 * C`` values followed by a pixel shuffle by the encoder's output stride -
+regresses the raw (normalised) pixels. With ``M`` the pixel mask (1 = masked), the loss
+is the L1 distance on masked pixels (paper Sec. 3, Eq. 1)::
+
+    L = sum( M * |x - x^| ) / (sum(M) * C)
+
+Backbones: timm ViTs (``timm:vit_*``; stride = patch size, prefix tokens dropped) and
+Swin transformers (``timm:swin_*``; stride 32, from the last stage). Defaults (paper):
+mask ratio 0.6, mask patch 32 px at 224 px (scaled with the image size, a multiple of
+the model's patch size).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+import sslkit
+from sslkit.errors import UsageError
+from sslkit.task import Task
+from sslkit_plugins.tasks.autoencoder import reconstruction_views
+
+try:  # the architectures SimMIM knows how to mask
+    from timm.models.swin_transformer import SwinTransformer
+    from timm.models.vision_transformer import VisionTransformer
+except ImportError:  # pragma: no cover
+    SwinTransformer = VisionTransformer = ()  # type: ignore[assignment,misc]
+
+
+def _model(backbone):
+    return getattr(backbone, "model", None)
+
+
+def token_mask(b: int, grid: int, scale: int, ratio: float, device) -> torch.Tensor:
+    """``(B, grid, grid)`` float token mask; masking is decided per ``scale x scale`` block."""
+    g = grid // scale
+    n = g * g
+    k = int(-(-n * ratio // 1))  # ceil
+    order = torch.rand(b, n, device=device).argsort(1)
+    m = torch.zeros(b, n, device=device)
+    m.scatter_(1, order[:, :k], 1.0)
+    return m.view(b, g, g).repeat_interleave(scale, 1).repeat_interleave(scale, 2)
+
+
+@dataclass
+class SimMIMOptions:
+    mask_ratio: float = 0.6
+    mask_patch: int | None = None  # default: 32 px at 224 px, scaled to the image size
+
+    def __post_init__(self) -> None:
+        if not 0 < self.mask_ratio < 1:
+            raise ValueError("mask_ratio must be in (0, 1)")
+        if self.mask_patch is not None and self.mask_patch < 1:
+            raise ValueError("mask_patch must be >= 1")
+
+
+class SimMIM(Task):
+    Options = SimMIMOptions
+    default_backbone = "timm:vit_tiny_patch16_224"
+
+    @classmethod
+    def check(cls, backbone, spec):
+        if not isinstance(_model(backbone), (VisionTransformer, SwinTransformer)):
+            return (f"SimMIM masks patch tokens and needs a ViT or Swin backbone, e.g. timm:vit_tiny_patch16_224 "
+                    f"or timm:swin_tiny_patch4_window7_224; {getattr(backbone, 'name', 'this backbone')} is not one")
+        return None
+
+    def __init__(self, backbone, options: SimMIMOptions, spec) -> None:
+        super().__init__(backbone, options, spec)
+        m = _model(backbone)
+        self.is_swin = isinstance(m, SwinTransformer)
+        p = int(m.patch_embed.patch_size[0])
+        s = spec.image_size
+        self.patch = p
+        self.grid = s // p
+        if options.mask_patch is None:
+            mp = max(p, int(round(32 * s / 224 / p)) * p)
+            mask_patch = mp if s % mp == 0 else p
+        else:
+            mask_patch = options.mask_patch
+            if mask_patch % p or s % mask_patch:
+                raise UsageError(f"simmim mask_patch={mask_patch} must be a multiple of the patch size {p} that "
+                                 f"divides --image-size {s}; e.g. mask_patch={p}")
+        self.scale = mask_patch // p
+        dim = m.embed_dim
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
+        nn.init.trunc_normal_(self.mask_token, std=0.02)
+        self.stride = s // self._out_grid(s) if self.is_swin else p
+        out_dim = m.num_features if self.is_swin else dim
+        self.head = nn.Sequential(nn.Conv2d(out_dim, self.stride**2 * spec.channels, 1), nn.PixelShuffle(self.stride))
+
+    def _out_grid(self, s: int) -> int:
+        m = _model(self.encoder)
+        with torch.no_grad():
+            return int(m.forward_features(torch.zeros(1, self.encoder.in_chans, s, s)).shape[1])
+
+    def views(self, spec):
+        return reconstruction_views(spec, 0.67)
+
+    def encode_masked(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """``x: (B, C, S, S)``, token mask ``(B, g, g)`` -> feature map ``(B, D', h, w)``."""
+        m = _model(self.encoder)
+        tokens = m.patch_embed(x)
+        if self.is_swin:  # (B, g, g, D), channels last
+            w = mask.unsqueeze(-1).to(tokens.dtype)
+            tokens = tokens * (1 - w) + self.mask_token.view(1, 1, 1, -1) * w
+            return m.norm(m.layers(tokens)).permute(0, 3, 1, 2)
+        w = mask.flatten(1).unsqueeze(-1).to(tokens.dtype)  # (B, N, 1)
+        tokens = tokens * (1 - w) + self.mask_token * w
+        h = m.norm(m.blocks(m.norm_pre(m.patch_drop(m._pos_embed(tokens)))))
+        h = h[:, m.num_prefix_tokens:]
+        return h.transpose(1, 2).reshape(h.shape[0], -1, self.grid, self.grid)
+
+    def forward(self, views):
+        (x,) = views
+        mask = token_mask(x.shape[0], self.grid, self.scale, self.options.mask_ratio, x.device)
+        rec = self.head(self.encode_masked(x, mask))
+        pix = mask.repeat_interleave(self.patch, 1).repeat_interleave(self.patch, 2).unsqueeze(1)
+        loss = ((x - rec).abs() * pix).sum() / (pix.sum() * x.shape[1] + 1e-5)
+        return {"loss": loss}
+
+
+@sslkit.hookimpl
+def register_tasks(register):
+    register("simmim", SimMIM)

@@ -1,0 +1,92 @@
+"""Task ``vae``: variational autoencoder (Kingma & Welling, ICLR 2014; beta-VAE, Higgins et al.,
+ICLR 2017; KL warm-up, Bowman et al. 2016 / Sonderby et al. 2016).
+
+The backbone ``f`` embeds the image; linear layers give ``mu, log sigma^2 : (B, z)``;
+``z = mu + sigma * eps`` (reparameterisation, ``eps ~ N(0, I)``) is decoded by
+:class:`sslkit.heads.ConvDecoder` ``d``. With a unit-variance Gaussian likelihood on the
+normalised pixels, the loss is the negative ELBO with a weighted KL term, per image
+(summed over pixels and latent dimensions), averaged over the batch::
+
+    recon = 1/2 * || d(z) - x ||^2
+    KL    = 1/2 * sum_j ( mu_j^2 + sigma_j^2 - 1 - log sigma_j^2 )
+    L     = recon + beta_t * KL ,   beta_t = beta * min(1, step / (kl_warmup * total_steps))
+
+Defaults: latent 128, beta 1, KL warm-up over the first 10% of training (``kl_warmup=0``
+for none). The exported encoder is the backbone (``mu`` is a linear map of its output).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+import sslkit
+from sslkit.heads import ConvDecoder
+from sslkit.task import Task
+from sslkit_plugins.tasks.autoencoder import reconstruction_views
+
+
+def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """``KL(N(mu, sigma^2) || N(0, I))`` per sample: ``(B, z), (B, z) -> (B,)``."""
+    return 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar).sum(1)
+
+
+@dataclass
+class VAEOptions:
+    latent_dim: int = 128
+    beta: float = 1.0
+    kl_warmup: float = 0.1  # fraction of the run
+    decoder_width: int = 256
+    min_scale: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.latent_dim < 1:
+            raise ValueError("latent_dim must be >= 1")
+        if self.beta < 0:
+            raise ValueError("beta must be >= 0")
+        if not 0 <= self.kl_warmup <= 1:
+            raise ValueError("kl_warmup is a fraction of the run, in [0, 1]")
+        if self.decoder_width < 8:
+            raise ValueError("decoder_width must be >= 8")
+        if not 0 < self.min_scale <= 1:
+            raise ValueError("min_scale must be in (0, 1]")
+
+
+class VAE(Task):
+    Options = VAEOptions
+    default_backbone = "timm:resnet18"
+
+    def __init__(self, backbone, options: VAEOptions, spec) -> None:
+        super().__init__(backbone, options, spec)
+        d = backbone.num_features
+        self.to_mu = nn.Linear(d, options.latent_dim)
+        self.to_logvar = nn.Linear(d, options.latent_dim)
+        nn.init.zeros_(self.to_logvar.weight)
+        nn.init.zeros_(self.to_logvar.bias)
+        self.decoder = ConvDecoder(options.latent_dim, spec.channels, spec.image_size, options.decoder_width)
+        self.register_buffer("kl_weight", torch.tensor(0.0 if options.kl_warmup > 0 else options.beta))
+
+    def views(self, spec):
+        return reconstruction_views(spec, self.options.min_scale)
+
+    def forward(self, views):
+        (x,) = views
+        h = self.encoder(x)
+        mu, logvar = self.to_mu(h), self.to_logvar(h).clamp(-30, 20)
+        z = mu + torch.randn_like(mu) * (0.5 * logvar).exp()
+        recon = 0.5 * (self.decoder(z) - x).pow(2).flatten(1).sum(1).mean()
+        kl = gaussian_kl(mu, logvar).mean()
+        return {"loss": recon + self.kl_weight * kl, "recon": recon.detach(), "kl": kl.detach(),
+                "kl_weight": self.kl_weight.clone()}
+
+    @torch.no_grad()
+    def on_step_end(self, step: int, total_steps: int) -> None:
+        warm = self.options.kl_warmup * total_steps
+        self.kl_weight.fill_(self.options.beta * (min(1.0, step / warm) if warm > 0 else 1.0))
+
+
+@sslkit.hookimpl
+def register_tasks(register):
+    register("vae", VAE)

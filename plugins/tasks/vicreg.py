@@ -1,0 +1,90 @@
+"""Task ``vicreg``: Variance-Invariance-Covariance Regularization (Bardes, Ponce, LeCun, ICLR 2022).
+
+Two views, backbone + 3-layer expander, embeddings ``Z, Z' : (N, d)``. With
+``v(Z) = 1/d sum_j max(0, 1 - sqrt(Var(Z_j) + eps))`` (unbiased variance),
+``c(Z) = 1/d sum_{i != j} Cov(Z)_ij^2`` and ``s(Z, Z') = 1/(N d) ||Z - Z'||_F^2``
+(paper Eq. 1-6)::
+
+    L = lambda * s(Z, Z') + mu * (v(Z) + v(Z')) / 2 + nu * (c(Z) + c(Z'))
+
+Defaults (paper): lambda = mu = 25, nu = 1, eps = 1e-4; expander 3 layers of 2048 with
+BN + ReLU (paper: 8192); BYOL's asymmetric views. The variance/covariance terms use the
+whole global batch under DDP. (The ``mu`` term averages the two views, as the authors'
+code and lightly do.)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+import sslkit
+from sslkit.augment import MultiView
+from sslkit.distributed import all_gather_with_grad
+from sslkit.heads import mlp
+from sslkit.task import Task
+from sslkit_plugins.tasks.byol import byol_recipes
+
+
+def _variance(z: torch.Tensor, eps: float) -> torch.Tensor:
+    return F.relu(1 - torch.sqrt(z.var(dim=0) + eps)).mean()
+
+
+def _covariance(z: torch.Tensor) -> torch.Tensor:
+    n, d = z.shape
+    z = z - z.mean(0)
+    cov = z.T @ z / (n - 1)
+    return (cov.pow(2).sum() - torch.diagonal(cov).pow(2).sum()) / d
+
+
+def vicreg_loss(z1: torch.Tensor, z2: torch.Tensor, lambd: float = 25.0, mu: float = 25.0, nu: float = 1.0,
+                eps: float = 1e-4) -> dict[str, torch.Tensor]:
+    """``z1, z2: (N, d)`` -> ``{"loss", "invariance", "variance", "covariance"}`` (scalars)."""
+    inv = F.mse_loss(z1, z2)
+    z1, z2 = all_gather_with_grad(z1), all_gather_with_grad(z2)
+    var = (_variance(z1, eps) + _variance(z2, eps)) / 2
+    cov = _covariance(z1) + _covariance(z2)
+    return {"loss": lambd * inv + mu * var + nu * cov, "invariance": inv.detach(), "variance": var.detach(),
+            "covariance": cov.detach()}
+
+
+@dataclass
+class VICRegOptions:
+    lambd: float = 25.0
+    mu: float = 25.0
+    nu: float = 1.0
+    proj_dim: int = 2048
+    min_scale: float = 0.08
+
+    def __post_init__(self) -> None:
+        if min(self.lambd, self.mu, self.nu) < 0:
+            raise ValueError("lambd, mu and nu must be >= 0")
+        if self.proj_dim < 1:
+            raise ValueError("proj_dim must be >= 1")
+        if not 0 < self.min_scale <= 1:
+            raise ValueError("min_scale must be in (0, 1]")
+
+
+class VICReg(Task):
+    Options = VICRegOptions
+    default_backbone = "timm:resnet18"
+
+    def __init__(self, backbone, options: VICRegOptions, spec) -> None:
+        super().__init__(backbone, options, spec)
+        self.projector = mlp(backbone.num_features, options.proj_dim, options.proj_dim, layers=3)
+
+    def views(self, spec):
+        return MultiView(byol_recipes(spec.image_size, self.options.min_scale), spec.mean, spec.std)
+
+    def forward(self, views):
+        x1, x2 = views
+        z1, z2 = self.projector(self.encoder(torch.cat([x1, x2]))).chunk(2)
+        o = self.options
+        return vicreg_loss(z1, z2, o.lambd, o.mu, o.nu)
+
+
+@sslkit.hookimpl
+def register_tasks(register):
+    register("vicreg", VICReg)
