@@ -11,7 +11,8 @@ ONNX export give the same embeddings.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -44,6 +45,7 @@ class Model:
     encode: Callable[[np.ndarray], np.ndarray]
     engine: str  # "torch" or "onnxruntime"
     fixed_options: dict[str, Any]  # source options baked into the model (cannot be overridden)
+    inexact: list[float] = field(default_factory=list)  # per image: pixel error of the raw round trip
 
 
 def _normalize(spec: InputSpec, unit: np.ndarray) -> np.ndarray:
@@ -106,11 +108,15 @@ def open_onnx(path: str | Path) -> Model:
 
     def encode(unit: np.ndarray) -> np.ndarray:
         x = _normalize(spec, unit) if raw.kind == "normalized" else raw.from_unit(unit)
+        if len(raw.lower) > 1:  # a window stack: one modality value per pixel must serve every channel
+            err = np.abs(raw.to_unit(x) - unit).reshape(len(unit), -1).max(1)
+            model.inexact.extend(float(e) for e in err if e > 1e-3)
         return session.run([output], {name: x})[0].astype(np.float32)
 
     options = dict(meta.get("source_options") or {})
     fixed = {"window": options.get("window")} if raw.kind == "window" else {}
-    return Model(spec, options, encode, "onnxruntime", fixed)
+    model = Model(spec, options, encode, "onnxruntime", fixed)
+    return model
 
 
 def open_model(model: str | Path, device: str = "cpu", weights: bool = True) -> Model:
@@ -159,6 +165,11 @@ def embed(model: str | Path | Model, data: str, batch_size: int = 64, source_opt
                       disable=not progress, leave=False):
         unit = reader.read(np.arange(start, min(start + batch_size, len(pixels)))).numpy()
         out.append(model.encode(unit))
+    if model.inexact:
+        print(f"sslkit: warning: {len(model.inexact)} images were windowed and resized before this graph's "
+              f"window stack, so no modality image reproduces them exactly (max pixel error "
+              f"{max(model.inexact):.3f}); their embeddings differ from the run directory's. A client that "
+              f"resizes modality values and lets the graph window them is not affected.", file=sys.stderr)
     refs = loaded.prepared.refs
     return Embeddings(np.concatenate(out).astype(np.float32), [r.id for r in refs], [r.label for r in refs],
                       len(loaded.prepared.skipped))

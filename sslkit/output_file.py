@@ -20,18 +20,28 @@ def check_output(out: Path, overwrite: bool) -> None:
         raise UsageError(f"{str(out)!r} already exists; pass --overwrite to replace it")
     if not out.parent.is_dir():
         raise UsageError(f"output folder {str(out.parent)!r} does not exist")
-    if not os.access(out.parent, os.W_OK | os.X_OK):
-        raise UsageError(f"output folder {str(out.parent)!r} is not writable")
+    try:  # a real probe: access() says yes to root even where nothing can be created
+        fd, probe = tempfile.mkstemp(prefix=".tmp-", dir=out.parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise UsageError(f"output folder {str(out.parent)!r} is not writable: {exc.strerror or exc}") from None
 
 
 def write_atomic(out: Path, write: Callable[[Path], None], suffix: str = "") -> None:
     """Call ``write(tmp)`` on a temporary file beside ``out``, then rename it to ``out``."""
     out = Path(out)
-    fd, name = tempfile.mkstemp(prefix=".tmp-", suffix=suffix or out.suffix, dir=out.parent)
+    try:
+        fd, name = tempfile.mkstemp(prefix=".tmp-", suffix=suffix or out.suffix, dir=out.parent)
+    except OSError as exc:
+        raise UsageError(f"cannot write to {str(out.parent)!r}: {exc.strerror or exc}") from None
     os.close(fd)
     tmp = Path(name)
     try:
         write(tmp)
-        os.replace(tmp, out)
+        try:
+            os.replace(tmp, out)
+        except OSError as exc:
+            raise UsageError(f"cannot write {str(out)!r}: {exc.strerror or exc}") from None
     finally:
         tmp.unlink(missing_ok=True)

@@ -26,8 +26,6 @@ verification results. Never a path or a patient identifier.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -39,6 +37,7 @@ from torch import nn
 import sslkit
 from sslkit.backbone import is_token_backbone
 from sslkit.errors import CheckFailed, UsageError
+from sslkit.output_file import write_atomic
 from sslkit.raw_input import RawInput, raw_input_for
 from sslkit.spec import InputSpec
 
@@ -105,14 +104,13 @@ def export_onnx(encoder: nn.Module, spec: InputSpec, metadata: dict[str, Any], o
     if dynamic_hw:
         sizes.append((spec.image_size + 32, spec.image_size + 16))
 
-    fd, tmp_name = tempfile.mkstemp(prefix=".tmp-", suffix=".onnx", dir=out.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+    report: dict[str, Any] = {"tolerance": tolerance, "dynamic_hw": dynamic_hw, "input_kind": raw.kind,
+                              "client_note": client_note}
+
+    def write(tmp: Path) -> None:
+        nonlocal model
         onnx.save_model(model, str(tmp))
         onnx.checker.check_model(str(tmp), full_check=True)
-        report: dict[str, Any] = {"tolerance": tolerance, "dynamic_hw": dynamic_hw, "input_kind": raw.kind,
-                                  "client_note": client_note}
         checks = verify(tmp, module, raw, spec, sizes, samples, tolerance, None, log)
         report["checks"] = checks
         report["max_abs_diff"] = max(c["max_abs_diff"] for c in checks)
@@ -138,9 +136,8 @@ def export_onnx(encoder: nn.Module, spec: InputSpec, metadata: dict[str, Any], o
         entry.key = "sslkit"
         entry.value = json.dumps(_metadata(metadata, spec, raw, dynamic_hw, client_note, fp16, report), sort_keys=True)
         onnx.save_model(model, str(tmp))
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+
+    write_atomic(out, write, suffix=".onnx")
     return report
 
 
