@@ -29,7 +29,7 @@ import pydicom
 
 import sslkit
 from sslkit.data.parallel import parallel_map
-from sslkit.data.source import NotAnImage, SampleRef, Source, Undecodable
+from sslkit.data.source import SampleRef, Source, Undecodable
 
 from sslkit_plugins.sources.dicom_decode import decode, parse_windows, read_dataset
 from sslkit_plugins.sources.folder import check_dir, walk_files
@@ -186,8 +186,6 @@ class DicomSource(Source):
                     ds = read_dataset(ref.path)
                     self._last = (ref.path, ds)
                 return decode(ds, ref.frame, self.windows)
-            except NotAnImage:
-                raise
             except Exception as exc:
                 raise Undecodable(safe_reason(exc)) from None
 

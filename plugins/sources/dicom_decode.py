@@ -34,7 +34,6 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi, apply_windowing, pixel_array
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from sslkit.data.source import NotAnImage
 from sslkit.errors import UsageError
 
 #: CT windows in Hounsfield units: name -> (width, level). Common radiology defaults.
@@ -137,7 +136,8 @@ def decode(ds: Dataset, frame: int | None, windows: tuple[Window, ...]) -> np.nd
     Colour images give 3 channels (RGB); grayscale gives one channel per window.
     """
     if not any(k in ds for k in PIXEL_KEYWORDS):
-        raise NotAnImage("no pixel data")
+        # only files whose header describes an image get here: its pixels are missing
+        raise ValueError("no pixel data in an image file (truncated or corrupt)")
     if "TransferSyntaxUID" not in getattr(ds, "file_meta", {}):
         _fill_transfer_syntax(ds)
     arr = pixel_array(ds, index=frame) if _frames(ds) > 1 else pixel_array(ds)

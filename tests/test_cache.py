@@ -1,0 +1,106 @@
+"""Decoded-pixel cache: read once, reused by later epochs and runs, invalidated by changes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sslkit.data.pipeline import load_data
+from sslkit_plugins.sources.dicom import DicomSource
+from tests.dicom_factory import write_dicom
+
+
+@pytest.fixture
+def dicom_folder(tmp_path) -> Path:
+    rng = np.random.default_rng(0)
+    root = tmp_path / "scans"
+    for i in range(6):
+        img = (rng.random((40, 40)) * 3000 + i * 100).astype(np.uint16)
+        write_dicom(root / f"p{i}" / "img.dcm", img, patient_id=f"P{i}", syntax=("explicit", "rle")[i % 2],
+                    slope=1.0, intercept=-1024.0, modality="CT")
+    return root
+
+
+@pytest.fixture
+def count_loads(monkeypatch):
+    """Count DicomSource.load calls (decoding is serial for so few files, so in this process)."""
+    calls = []
+    original = DicomSource.load
+
+    def counting(self, ref):
+        calls.append(ref.id)
+        return original(self, ref)
+
+    monkeypatch.setattr(DicomSource, "load", counting)
+    return calls
+
+
+def test_second_run_reads_no_dicom_and_window_change_invalidates(dicom_folder, tmp_path, count_loads):
+    cache = tmp_path / "cache"
+    first = load_data(f"dicom:{dicom_folder}", 24, cache_dir=cache, progress=False)
+    assert len(count_loads) == 6 and first.prepared.cache_path
+    count_loads.clear()
+    again = load_data(f"dicom:{dicom_folder}", 24, cache_dir=cache, progress=False)
+    assert count_loads == []  # served from the memory-mapped cache
+    assert isinstance(again.prepared.pixels, np.memmap)
+    np.testing.assert_array_equal(np.asarray(again.prepared.pixels), np.asarray(first.prepared.pixels))
+    # a different window is a different preprocessing: decoded again, new entry
+    lung = load_data(f"dicom:{dicom_folder}", 24, source_options={"window": "lung"}, cache_dir=cache, progress=False)
+    assert len(count_loads) == 6 and lung.prepared.cache_path != first.prepared.cache_path
+    assert not np.array_equal(np.asarray(lung.prepared.pixels), np.asarray(first.prepared.pixels))
+    # so is a different size
+    count_loads.clear()
+    load_data(f"dicom:{dicom_folder}", 16, cache_dir=cache, progress=False)
+    assert len(count_loads) == 6
+
+
+def test_changed_file_invalidates_the_cache(dicom_folder, tmp_path, count_loads):
+    cache = tmp_path / "cache"
+    before = load_data(f"dicom:{dicom_folder}", 24, cache_dir=cache, progress=False)
+    count_loads.clear()
+    f = dicom_folder / "p0" / "img.dcm"
+    stat = f.stat()
+    write_dicom(f, np.full((40, 40), 7, np.uint16) + np.eye(40, dtype=np.uint16) * 900, patient_id="P0",
+                slope=1.0, intercept=-1024.0, modality="CT")
+    os.utime(f, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # even with the old mtime restored
+    after = load_data(f"dicom:{dicom_folder}", 24, cache_dir=cache, progress=False)
+    assert len(count_loads) == 6 and after.prepared.cache_path != before.prepared.cache_path
+    i = [Path(r.path) for r in after.prepared.refs].index(f)
+    assert not np.array_equal(np.asarray(after.prepared.pixels[i]), np.asarray(before.prepared.pixels[i]))
+
+
+def test_no_cache_keeps_pixels_in_memory(dicom_folder, tmp_path, count_loads, monkeypatch):
+    monkeypatch.setenv("SSLKIT_CACHE_DIR", str(tmp_path / "default-cache"))
+    data = load_data(f"dicom:{dicom_folder}", 24, cache_dir="", progress=False)
+    assert data.prepared.cache_path is None and not (tmp_path / "default-cache").exists()
+    # cache_dir=None is the default cache location
+    data = load_data(f"dicom:{dicom_folder}", 24, progress=False)
+    assert Path(data.prepared.cache_path).parent == tmp_path / "default-cache"
+
+
+def test_pretrain_decodes_each_file_once_and_survives_a_truncated_file(dicom_folder, tmp_path, cli, count_loads):
+    good = dicom_folder / "p1" / "img.dcm"
+    broken = dicom_folder / "p9" / "broken.dcm"
+    broken.parent.mkdir()
+    broken.write_bytes(good.read_bytes()[: good.stat().st_size - 700])  # truncated RLE pixel data
+    cut = dicom_folder / "p9" / "cut.dcm"
+    raw = (dicom_folder / "p0" / "img.dcm").read_bytes()
+    cut.write_bytes(raw[: len(raw) - 700])  # truncated uncompressed pixel data
+    run = tmp_path / "run"
+    result = cli("pretrain", "--task", "mae", "--data", f"dicom:{dicom_folder}", "--out", run, "--epochs", "3",
+                 "--batch-size", "2", "--image-size", "32", "--cache", tmp_path / "cache", "--quiet")
+    assert result.exit_code == 0, result.output
+    assert sorted(count_loads) == sorted({*count_loads})  # every sample decoded once over 3 epochs
+    assert len(count_loads) == 8
+    report = json.loads((run / "data_report.json").read_text())
+    assert report["samples"] == 6 and report["skipped"] == 2
+    reasons = {f["path"]: f["reason"] for f in report["skipped_files"]}
+    assert set(reasons) == {str(broken), str(cut)}
+    assert "truncated" in reasons[str(broken)] and "less than expected" in reasons[str(cut)]
+    info = json.loads((run / "run.json").read_text())
+    assert info["dataset"]["samples"] == 6
