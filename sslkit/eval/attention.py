@@ -1,0 +1,169 @@
+"""``sslkit eval attention``: where does the encoder look? Pretrained beside random init.
+
+* ViTs (token backbones): the last block's attention from the class token to every patch,
+  one map per head (as in DINO, Caron et al. 2021, Fig. 1), recomputed from that block's
+  ``qkv`` projection: ``A = softmax(q_cls k^T / sqrt(d_head))`` over the patch tokens.
+  Without a class token, the attention each patch receives, averaged over queries.
+* CNNs with a spatial feature map (timm ``forward_features``): Grad-CAM (Selvaraju et al.
+  2017) of the embedding norm ``s = ||f(x)||``: ``cam = ReLU(sum_k a_k A^k)`` with
+  ``a_k = mean_ij ds/dA^k_ij``.
+* Anything else: the input-gradient saliency ``max_c |ds/dx_c|``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sslkit.backbone import is_token_backbone
+from sslkit.eval.features import BASELINE_SEED
+from sslkit.eval.report import new_report, save_report, unique_path
+from sslkit.eval.tsne import _check_out
+from sslkit.output_file import write_atomic
+
+CELL_INCHES = 2.0
+DPI = 100
+
+
+def vit_cls_attention(backbone: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``(B, C, S, S)`` normalised pixels -> ``(B, heads, S/p, S/p)`` last-layer attention maps."""
+    vit = backbone.model
+    attn_mod = vit.blocks[-1].attn
+    seen: dict[str, torch.Tensor] = {}
+    handle = attn_mod.register_forward_hook(lambda m, args, out: seen.__setitem__("x", args[0]))
+    try:
+        with torch.no_grad():
+            backbone(x)
+    finally:
+        handle.remove()
+    return _cls_maps(backbone, attn_mod, seen["x"], x.shape[-1] // backbone.patch_size)
+
+
+@torch.no_grad()
+def _cls_maps(backbone: nn.Module, attn_mod: nn.Module, t: torch.Tensor, g: int) -> torch.Tensor:
+    """Attention probabilities of the block input ``t: (B, N, D)`` -> ``(B, heads, g, g)``."""
+    vit = backbone.model
+    b, n, _ = t.shape
+    h = attn_mod.num_heads
+    qkv = attn_mod.qkv(t).reshape(b, n, 3, h, -1).permute(2, 0, 3, 1, 4)
+    q, k = attn_mod.q_norm(qkv[0]), attn_mod.k_norm(qkv[1])
+    scale = getattr(attn_mod, "scale", q.shape[-1] ** -0.5)
+    a = ((q * scale) @ k.transpose(-2, -1)).softmax(-1)  # (B, h, N, N)
+    p = int(getattr(vit, "num_prefix_tokens", 1))
+    maps = a[:, :, 0, p:] if p > 0 else a.mean(2)
+    return maps.reshape(b, h, g, g)
+
+
+def gradcam(backbone: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``(B, C, S, S)`` -> ``(B, 1, h, w)`` Grad-CAM of ``||f(x)||`` on the last feature map."""
+    net = backbone.model
+    with torch.enable_grad():
+        feat = net.forward_features(x).detach().requires_grad_(True)
+        score = net.forward_head(feat).norm(dim=1).sum()
+        (grad,) = torch.autograd.grad(score, feat)
+    return F.relu((grad.mean((2, 3), keepdim=True) * feat).sum(1, keepdim=True)).detach()
+
+
+def input_saliency(backbone: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``(B, C, S, S)`` -> ``(B, 1, S, S)``: ``max_c |d||f(x)|| / dx|``."""
+    with torch.enable_grad():
+        x = x.detach().clone().requires_grad_(True)
+        (grad,) = torch.autograd.grad(backbone(x).norm(dim=1).sum(), x)
+    return grad.abs().amax(1, keepdim=True)
+
+
+def saliency(backbone: nn.Module, x: torch.Tensor) -> tuple[str, torch.Tensor]:
+    """The method's name and ``(B, M, S, S)`` maps in [0, 1] (M heads, or 1)."""
+    if is_token_backbone(backbone):
+        kind, maps = "CLS attention, last layer", vit_cls_attention(backbone, x)
+    elif hasattr(getattr(backbone, "model", None), "forward_features"):
+        with torch.no_grad():
+            is_map = getattr(backbone, "model").forward_features(x[:1]).ndim == 4
+        kind, maps = ("Grad-CAM of ||f(x)||", gradcam(backbone, x)) if is_map else \
+            ("input gradient of ||f(x)||", input_saliency(backbone, x))
+    else:
+        kind, maps = "input gradient of ||f(x)||", input_saliency(backbone, x)
+    maps = F.interpolate(maps.float(), size=x.shape[-2:], mode="bilinear", align_corners=False)
+    lo = maps.amin((2, 3), keepdim=True)
+    hi = maps.amax((2, 3), keepdim=True)
+    return kind, ((maps - lo) / (hi - lo).clamp(min=1e-12)).clamp(0, 1)
+
+
+def plot_grid(images: np.ndarray, maps: dict[str, np.ndarray], title: str, out: Path) -> tuple[int, int]:
+    """Rows: images. Columns: input, then every map of each encoder (overlaid on the input).
+
+    ``images: (B, C, S, S)`` in [0, 1]; ``maps[name]: (B, M, S, S)`` in [0, 1]. The PNG is
+    exactly ``(cols * CELL_INCHES * DPI, rows * CELL_INCHES * DPI)`` pixels.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    rows = len(images)
+    cols = 1 + sum(m.shape[1] for m in maps.values())
+    fig = Figure(figsize=(cols * CELL_INCHES, rows * CELL_INCHES), dpi=DPI)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(rows, cols, squeeze=False)
+    for r in range(rows):
+        img = images[r].transpose(1, 2, 0)
+        luma = img[..., 0] if img.shape[2] == 1 else img @ np.array([0.2989, 0.587, 0.114], dtype=img.dtype)
+        axes[r, 0].imshow(luma if img.shape[2] == 1 else img, cmap="gray", vmin=0, vmax=1)
+        if r == 0:
+            axes[r, 0].set_title("input", fontsize=9)
+        c = 0
+        for name, m in maps.items():
+            for head in range(m.shape[1]):
+                c += 1
+                ax = axes[r, c]
+                ax.imshow(luma, cmap="gray", vmin=0, vmax=1)  # the map over the image's luminance
+                ax.imshow(m[r, head], cmap="inferno", alpha=0.65, vmin=0, vmax=1)
+                if r == 0:
+                    ax.set_title(name if m.shape[1] == 1 else f"{name} h{head + 1}", fontsize=9)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(title, fontsize=10)
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=1 - 0.6 / (rows * CELL_INCHES),
+                        wspace=0.04, hspace=0.04)
+    write_atomic(out, lambda tmp: fig.savefig(tmp, dpi=DPI, format="png"))
+    return int(cols * CELL_INCHES * DPI), int(rows * CELL_INCHES * DPI)
+
+
+def evaluate_attention(model_path: str, images: str, out: str | None = None, max_images: int = 8,
+                       baseline: bool = True, overwrite: bool = False,
+                       source_options: dict[str, Any] | None = None, progress: bool = True) -> dict[str, Any]:
+    """Saliency grid of the first ``max_images`` images of ``images``; PNG plus report."""
+    from sslkit.augment import Normalize
+    from sslkit.data.pipeline import load_data
+    from sslkit.eval.features import open_model
+
+    model = open_model(model_path)
+    out_path = _check_out(out, overwrite)
+    run, spec = model.run, model.run.spec
+    loaded = load_data(images, spec.image_size, spec.channels, source_options, progress=progress)
+    n = min(max_images, len(loaded.prepared))
+    from sslkit.data.prepare import SCALE
+
+    pixels = torch.from_numpy(np.asarray(loaded.prepared.pixels[:n], dtype=np.float32) / SCALE)
+    x = Normalize(spec.mean, spec.std)(pixels)
+    maps, kind = {}, ""
+    for name in ("pretrained", "random") if baseline else ("pretrained",):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(BASELINE_SEED)
+            encoder = run.build_encoder(weights=name == "pretrained")
+        kind, m = saliency(encoder, x)
+        maps[name] = m.numpy()
+    if out_path is None:
+        out_path = unique_path(model.report_dir, "attention", ".png")
+    desc = model.describe()
+    width, height = plot_grid(pixels.numpy(), maps, f"{kind}: {desc['task']} {desc['backbone']}", out_path)
+    report = new_report("attention", desc, {"method": kind, "max_images": max_images, "baseline": baseline})
+    report["data"] = {"data": {"source": images, "samples": n}}
+    report["files"] = [str(out_path)]
+    report["image_size"] = [width, height]
+    save_report(report, model.report_dir, picture=out_path)
+    return report

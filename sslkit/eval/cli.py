@@ -1,0 +1,168 @@
+"""``sslkit eval ...``: parses options and delegates to :mod:`sslkit.eval` (no logic here)."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from sslkit.errors import UsageError
+
+
+def _ints(text: str, flag: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UsageError(f"{flag} expects comma-separated integers, e.g. 20,200; got {text!r}") from None
+    if not values or min(values) < 1:
+        raise UsageError(f"{flag} expects positive integers, e.g. 20,200; got {text!r}")
+    return values
+
+
+def _floats(text: str, flag: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UsageError(f"{flag} expects comma-separated numbers, e.g. 0.01,0.1,1; got {text!r}") from None
+    if not values or min(values) <= 0:
+        raise UsageError(f"{flag} expects positive numbers; got {text!r}")
+    return values
+
+
+def _data_args(kw: dict):
+    from sslkit.eval.probes import DataArgs
+    from sslkit.options import parse_pairs
+
+    return DataArgs(train=kw["train"], test=kw["test"], labels_csv=kw["labels"], positive=kw["positive"],
+                    baseline=not kw["no_baseline"], batch_size=kw["batch_size"],
+                    source_options=parse_pairs(kw["data_opts"], "--data-opt"), progress=not kw["quiet"])
+
+
+def _print(report: dict, as_json: bool) -> None:
+    from sslkit.eval.report import format_table
+
+    if as_json:
+        click.echo(json.dumps(report, indent=2, default=str))
+        return
+    data = report["data"]
+    lines = [f"{report['kind']}: {report['model']['task']} {report['model']['backbone']} ({report['model']['path']})"]
+    for split, d in data.items():
+        extra = f", {d['unlabelled']} unlabelled skipped" if d.get("unlabelled") else ""
+        lines.append(f"  {split}: {d['samples']} images{extra}  [{d['source']}]")
+    if report["classes"]:
+        pos = f"; positive class {report['positive_class']!r} (AUROC)" if report["positive_class"] else ""
+        lines.append(f"  classes: {', '.join(report['classes'])}{pos}")
+    if report["results"]:
+        lines += ["", format_table(report)]
+    lines += [""] + [f"wrote {f}" for f in report["files"]] + [f"report: {report['report_file']}"]
+    click.echo("\n".join(lines))
+
+
+def probe_options(f):
+    """Options shared by ``knn`` and ``linear``."""
+    for deco in reversed([
+        click.argument("model", metavar="RUN"),
+        click.option("--train", required=True, help="Labelled images to fit on (class sub-folders, or --labels)."),
+        click.option("--test", required=True, help="Labelled images to score on."),
+        click.option("--labels", default=None, type=click.Path(dir_okay=False),
+                     help="CSV 'path,label' instead of class sub-folders."),
+        click.option("--positive", default=None, help="Positive class for AUROC (two classes; default: 2nd sorted)."),
+        click.option("--no-baseline", is_flag=True, help="Skip the random-init encoder."),
+        click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1)),
+        click.option("--data-opt", "data_opts", multiple=True, metavar="KEY=VALUE", help="Source option (repeatable)."),
+        click.option("--json", "as_json", is_flag=True, help="Print the report (schema sslkit.eval/1) as JSON."),
+        click.option("--quiet", is_flag=True, help="No progress bars."),
+    ]):
+        f = deco(f)
+    return f
+
+
+@click.group("eval")
+def eval_group() -> None:
+    """Is the encoder any good? Probes and pictures, beside a random-init baseline.
+
+    Every command writes its report (and pictures) into RUN/eval/, never overwriting one.
+    """
+
+
+@eval_group.command()
+@probe_options
+@click.option("--k", "ks", default="20,200", show_default=True, help="Neighbour counts, comma-separated.")
+@click.option("--temperature", default=0.07, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Vote weight exp(cos / T) (Wu et al. 2018).")
+def knn(**kw) -> None:
+    """Weighted kNN on L2-normalised embeddings (cosine)."""
+    from sslkit.eval.probes import evaluate_knn
+
+    report = evaluate_knn(kw["model"], _data_args(kw), _ints(kw["ks"], "--k"), kw["temperature"])
+    _print(report, kw["as_json"])
+
+
+@eval_group.command()
+@probe_options
+@click.option("--C", "c_grid", default="0.001,0.01,0.1,1,10", show_default=True,
+              help="Inverse regularisation strengths to choose from on the validation split.")
+@click.option("--val-fraction", default=0.2, show_default=True, type=click.FloatRange(0, 1, min_open=True, max_open=True))
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--finetune", is_flag=True, help="Also fine-tune the whole encoder + a linear head.")
+@click.option("--finetune-epochs", default=5, show_default=True, type=click.IntRange(min=1))
+@click.option("--finetune-lr", default=3e-4, show_default=True, type=click.FloatRange(min=0, min_open=True))
+@click.option("--device", default="auto", show_default=True, help="For --finetune: auto, cpu, cuda, cuda:N.")
+def linear(**kw) -> None:
+    """Linear probe (logistic regression) on frozen features; C chosen on a validation split."""
+    from sslkit.eval.finetune import FinetuneOptions
+    from sslkit.eval.probes import evaluate_linear
+
+    ft = FinetuneOptions(epochs=kw["finetune_epochs"], batch_size=kw["batch_size"], lr=kw["finetune_lr"],
+                         seed=kw["seed"])
+    report = evaluate_linear(kw["model"], _data_args(kw), _floats(kw["c_grid"], "--C"), kw["val_fraction"],
+                             kw["seed"], kw["finetune"], ft, kw["device"])
+    _print(report, kw["as_json"])
+
+
+@eval_group.command()
+@click.argument("model", metavar="RUN")
+@click.option("--data", required=True, help="Images to map (class sub-folders colour the points).")
+@click.option("--out", default=None, help="PNG file (default: RUN/eval/tsne-<time>.png).")
+@click.option("--umap", "use_umap", is_flag=True, help="UMAP instead of t-SNE (needs umap-learn).")
+@click.option("--perplexity", default=30.0, show_default=True, type=click.FloatRange(min=1))
+@click.option("--max-samples", default=5000, show_default=True, type=click.IntRange(min=3),
+              help="Map a random subset of this many images.")
+@click.option("--labels", default=None, type=click.Path(dir_okay=False), help="CSV 'path,label'.")
+@click.option("--no-baseline", is_flag=True, help="Skip the random-init encoder's map.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out file.")
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
+@click.option("--data-opt", "data_opts", multiple=True, metavar="KEY=VALUE", help="Source option (repeatable).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def tsne(**kw) -> None:
+    """2-D map of the embeddings (t-SNE or UMAP), coloured by label, as a PNG."""
+    from sslkit.eval.tsne import evaluate_tsne
+    from sslkit.options import parse_pairs
+
+    report = evaluate_tsne(kw["model"], kw["data"], kw["out"], kw["labels"], not kw["no_baseline"],
+                           "umap" if kw["use_umap"] else "tsne", kw["perplexity"], kw["max_samples"], kw["seed"],
+                           kw["overwrite"], kw["batch_size"], parse_pairs(kw["data_opts"], "--data-opt"),
+                           not kw["quiet"])
+    _print(report, kw["as_json"])
+
+
+@eval_group.command()
+@click.argument("model", metavar="RUN")
+@click.option("--images", required=True, help="Images to look at (a folder or any source).")
+@click.option("--out", default=None, help="PNG file (default: RUN/eval/attention-<time>.png).")
+@click.option("--max-images", default=8, show_default=True, type=click.IntRange(min=1, max=64))
+@click.option("--no-baseline", is_flag=True, help="Skip the random-init encoder's maps.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out file.")
+@click.option("--data-opt", "data_opts", multiple=True, metavar="KEY=VALUE", help="Source option (repeatable).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def attention(**kw) -> None:
+    """PNG grid: input, last-layer CLS attention per head (ViT) or Grad-CAM (CNN), pretrained vs random."""
+    from sslkit.eval.attention import evaluate_attention
+    from sslkit.options import parse_pairs
+
+    report = evaluate_attention(kw["model"], kw["images"], kw["out"], kw["max_images"], not kw["no_baseline"],
+                                kw["overwrite"], parse_pairs(kw["data_opts"], "--data-opt"), not kw["quiet"])
+    _print(report, kw["as_json"])

@@ -1,0 +1,47 @@
+"""Weighted k-nearest-neighbour classifier on L2-normalised embeddings.
+
+Wu, Xiong, Yu, Lin, "Unsupervised Feature Learning via Non-Parametric Instance
+Discrimination", CVPR 2018 (the kNN monitor used by InstDisc, MoCo, DINO): with
+``s_i = cos(q, x_i)`` for the ``k`` training embeddings most similar to a query ``q``,
+class ``c`` gets the vote::
+
+    w_c(q) = sum_{i in topk(q)} exp(s_i / T) * [y_i = c]          (T = 0.07)
+
+and the prediction is ``argmax_c w_c``; ``w_c / sum_c' w_c'`` is the class score used for
+AUROC.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+TEMPERATURE = 0.07
+
+
+def knn_votes(train: np.ndarray, train_y: np.ndarray, test: np.ndarray, n_classes: int,
+              ks: Sequence[int], temperature: float = TEMPERATURE, chunk: int = 1024) -> dict[int, np.ndarray]:
+    """Class scores for every query and every ``k``.
+
+    ``train: (N, D)``, ``train_y: (N,)`` class indices in ``[0, n_classes)``,
+    ``test: (M, D)`` -> ``{k: (M, n_classes)}`` normalised votes (rows sum to 1). ``k``
+    larger than ``N`` uses all ``N`` neighbours. Ties between classes go to the lower
+    class index (``argmax``).
+    """
+    xt = F.normalize(torch.from_numpy(np.asarray(train, dtype=np.float32)), dim=1)
+    yt = torch.from_numpy(np.asarray(train_y, dtype=np.int64))
+    kmax = min(max(ks), len(xt))
+    out: dict[int, list[torch.Tensor]] = {k: [] for k in ks}
+    for start in range(0, len(test), chunk):
+        q = F.normalize(torch.from_numpy(np.asarray(test[start:start + chunk], dtype=np.float32)), dim=1)
+        sims, idx = (q @ xt.T).topk(kmax, dim=1)  # sorted, most similar first
+        weights = (sims / temperature).exp()
+        onehot = F.one_hot(yt[idx], n_classes).to(weights.dtype)  # (m, kmax, K)
+        for k in ks:
+            kk = min(k, kmax)
+            votes = (weights[:, :kk, None] * onehot[:, :kk]).sum(1)
+            out[k].append(votes / votes.sum(1, keepdim=True))
+    return {k: torch.cat(v).numpy() for k, v in out.items()}

@@ -1,0 +1,115 @@
+"""Labels for evaluation: class sub-folders, or a CSV that maps files to classes.
+
+A labels CSV has two columns, ``path,label`` (a header row naming them is optional).
+``path`` is matched against the end of each sample's path, so it may be absolute,
+relative to the data folder, or a bare file name; the longest match wins. A multi-frame
+file's frames share its label unless a row names ``file#frame``.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path, PurePath
+from typing import Sequence
+
+import numpy as np
+
+from sslkit.errors import UsageError
+
+
+@dataclass
+class Labelled:
+    """The labelled part of an embedded dataset."""
+
+    x: np.ndarray  # (N, D) float32
+    labels: list[str]  # (N,) class names
+    unlabelled: int  # samples dropped for want of a label
+
+
+def read_labels_csv(path: str | Path) -> dict[str, str]:
+    """``path,label`` rows -> ``{normalised path: label}``."""
+    file = Path(path)
+    if not file.is_file():
+        raise UsageError(f"--labels: file {str(path)!r} does not exist")
+    table: dict[str, str] = {}
+    try:
+        with open(file, newline="", encoding="utf-8-sig") as f:
+            for i, row in enumerate(csv.reader(f)):
+                if not row or not "".join(row).strip() or row[0].lstrip().startswith("#"):
+                    continue
+                if len(row) < 2:
+                    raise UsageError(f"--labels {str(path)!r} line {i + 1}: expected 'path,label', got {row!r}")
+                key, label = _norm(row[0]), row[1].strip()
+                if i == 0 and label.lower() in ("label", "class", "target"):
+                    continue  # header
+                if not key or not label:
+                    raise UsageError(f"--labels {str(path)!r} line {i + 1}: empty path or label")
+                if table.get(key, label) != label:
+                    raise UsageError(f"--labels {str(path)!r}: {row[0]!r} has two labels, {table[key]!r} and {label!r}")
+                table[key] = label
+    except UnicodeDecodeError:
+        raise UsageError(f"--labels {str(path)!r} is not a UTF-8 text CSV file") from None
+    if not table:
+        raise UsageError(f"--labels {str(path)!r} holds no 'path,label' rows")
+    return table
+
+
+def _norm(p: str) -> str:
+    return p.strip().replace("\\", "/").strip("/")
+
+
+def _suffixes(sample_id: str) -> list[str]:
+    """``/a/b/c.png#2`` -> ``["a/b/c.png#2", "b/c.png#2", "c.png#2", "a/b/c.png", ...]``, longest first."""
+    path, _, frame = sample_id.partition("#")
+    parts = [p for p in PurePath(path.replace("\\", "/")).parts if p not in ("/", "")]
+    tails = ["/".join(parts[i:]) for i in range(len(parts))]
+    return ([f"{t}#{frame}" for t in tails] if frame else []) + tails
+
+
+def assign_labels(ids: Sequence[str], folder_labels: Sequence[str | None],
+                  table: dict[str, str] | None) -> list[str | None]:
+    """Each sample's label: from ``table`` (a labels CSV) when given, else its class folder."""
+    if table is None:
+        return list(folder_labels)
+    out = []
+    for sid in ids:
+        out.append(next((table[s] for s in _suffixes(sid) if s in table), None))
+    return out
+
+
+def no_labels(what: str, data: str, csv_given: bool) -> UsageError:
+    hint = ("no row of --labels matches its files" if csv_given else
+            f"put images in class sub-folders ({data}/<class>/image.png) or pass --labels labels.csv")
+    return UsageError(f"{what} {data!r} has no labelled images: {hint}")
+
+
+def select_labelled(x: np.ndarray, labels: Sequence[str | None], what: str, data: str,
+                    csv_given: bool) -> Labelled:
+    """Keep the samples that have a label; a set with none is a usage error."""
+    keep = [i for i, lab in enumerate(labels) if lab is not None]
+    if not keep:
+        raise no_labels(what, data, csv_given)
+    return Labelled(x[keep], [labels[i] for i in keep], len(labels) - len(keep))
+
+
+def class_index(train: Sequence[str], test: Sequence[str], positive: str | None) -> tuple[list[str], int | None]:
+    """Sorted class names of the training set and the index of the positive class (two classes).
+
+    The positive class defaults to the second name in sorted order (scikit-learn's
+    ``pos_label`` convention); name it with ``--positive``.
+    """
+    classes = sorted(set(train))
+    if len(classes) < 2:
+        raise UsageError(f"the training set has a single class ({classes[0]!r}); a probe needs at least two")
+    unseen = sorted(set(test) - set(classes))
+    if unseen:
+        raise UsageError(f"test classes {', '.join(map(repr, unseen))} do not occur in the training set "
+                         f"(training classes: {', '.join(classes)})")
+    if positive is not None and positive not in classes:
+        raise UsageError(f"--positive {positive!r} is not a class; choose from: {', '.join(classes)}")
+    if len(classes) != 2:
+        if positive is not None:
+            raise UsageError(f"--positive applies to two classes; there are {len(classes)}")
+        return classes, None
+    return classes, classes.index(positive) if positive is not None else 1

@@ -1,0 +1,92 @@
+"""Frozen-feature linear probe: multinomial logistic regression (scikit-learn).
+
+Features are standardised with the training set's mean and std. The inverse
+regularisation strength ``C`` is chosen on a stratified validation split of the
+training set (highest balanced accuracy, ties to the stronger regularisation), then the
+probe is refit on the whole training set with that ``C``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+C_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
+
+
+@dataclass
+class LinearProbe:
+    C: float
+    val_scores: dict[float, float] = field(default_factory=dict)  # C -> validation balanced accuracy
+    model: object = None  # the fitted sklearn Pipeline
+
+    def predict_proba(self, x: np.ndarray) -> np.ndarray:
+        """``(M, D) -> (M, K)`` class probabilities (columns in class-index order)."""
+        return self.model.predict_proba(x)
+
+
+def _fit(x: np.ndarray, y: np.ndarray, C: float, max_iter: int, seed: int):
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    model = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=max_iter, random_state=seed))
+    import warnings
+
+    from sklearn.exceptions import ConvergenceWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        model.fit(x, y)
+    return model
+
+
+def validation_split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Stratified split of indices ``(train_idx, val_idx)``; every class keeps >= 1 training sample."""
+    rng = np.random.default_rng(seed)
+    tr, va = [], []
+    for c in np.unique(y):
+        idx = rng.permutation(np.flatnonzero(y == c))
+        n_val = min(int(round(len(idx) * fraction)), len(idx) - 1)
+        va.append(idx[:n_val])
+        tr.append(idx[n_val:])
+    return np.sort(np.concatenate(tr)), np.sort(np.concatenate(va))
+
+
+def fit_linear_probe(x: np.ndarray, y: np.ndarray, n_classes: int, C_grid: Sequence[float] = C_GRID,
+                     val_fraction: float = 0.2, max_iter: int = 1000, seed: int = 0) -> LinearProbe:
+    """Choose ``C`` on a validation split, refit on all of ``x: (N, D)``, ``y: (N,)``.
+
+    ``y`` holds class indices in ``[0, n_classes)``; the returned probe's
+    ``predict_proba`` has ``n_classes`` columns even if a class is missing from ``y``.
+    """
+    from sklearn.metrics import balanced_accuracy_score
+
+    grid = sorted(set(float(c) for c in C_grid))
+    scores: dict[float, float] = {}
+    tr, va = validation_split(y, val_fraction, seed)
+    if len(grid) > 1 and len(va) and len(np.unique(y[tr])) > 1:
+        for C in grid:
+            m = _fit(x[tr], y[tr], C, max_iter, seed)
+            scores[C] = float(balanced_accuracy_score(y[va], m.predict(x[va])))
+        best = max(grid, key=lambda C: (scores[C], -C))
+    else:
+        best = grid[len(grid) // 2]
+    model = _fit(x, y, best, max_iter, seed)
+    probe = LinearProbe(best, scores, _Padded(model, n_classes))
+    return probe
+
+
+class _Padded:
+    """A fitted classifier whose probabilities are padded to all ``n_classes`` columns."""
+
+    def __init__(self, model, n_classes: int) -> None:
+        self.model, self.n_classes = model, n_classes
+
+    def predict_proba(self, x: np.ndarray) -> np.ndarray:
+        p = self.model.predict_proba(x)
+        out = np.zeros((len(x), self.n_classes), dtype=np.float64)
+        out[:, self.model.classes_.astype(int)] = p
+        return out

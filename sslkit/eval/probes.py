@@ -1,0 +1,154 @@
+"""``sslkit eval knn`` and ``sslkit eval linear``: embed, probe, score, report.
+
+Both score the pretrained encoder and, unless ``baseline=False``, a randomly
+initialised encoder of the same architecture on the same images, and save the report
+(:mod:`sslkit.eval.report`) in the model's ``eval/`` folder.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+
+from sslkit.eval.features import ENCODERS, EvalModel, check_labels, labelled_embeddings, open_model
+from sslkit.eval.knn import TEMPERATURE, knn_votes
+from sslkit.eval.labels import Labelled, assign_labels, class_index
+from sslkit.eval.linear import C_GRID, fit_linear_probe
+from sslkit.eval.metrics import classification_metrics
+from sslkit.eval.report import new_report, save_report
+
+
+@dataclass
+class DataArgs:
+    """Which labelled images to evaluate on and how to read them."""
+
+    train: str
+    test: str
+    labels_csv: str | None = None
+    positive: str | None = None
+    baseline: bool = True
+    batch_size: int = 64
+    source_options: dict[str, Any] = field(default_factory=dict)
+    progress: bool = True
+
+
+@dataclass
+class Prepared:
+    model: EvalModel
+    sets: dict[str, tuple[Labelled, Labelled]]  # encoder -> (train, test)
+    classes: list[str]
+    positive: int | None
+
+    def indices(self, labels: Sequence[str]) -> np.ndarray:
+        lookup = {c: i for i, c in enumerate(self.classes)}
+        return np.array([lookup[c] for c in labels], dtype=np.int64)
+
+
+def prepare(model_path: str, args: DataArgs) -> Prepared:
+    model = open_model(model_path)
+    kw = dict(batch_size=args.batch_size, source_options=args.source_options, progress=args.progress)
+    table, train_labels = check_labels(args.train, "--train", args.labels_csv, args.source_options)
+    _, test_labels = check_labels(args.test, "--test", args.labels_csv, args.source_options)
+    class_index(train_labels, test_labels, args.positive)  # fail fast, before embedding
+    train = labelled_embeddings(model, args.train, "--train", table, args.baseline, **kw)
+    test = labelled_embeddings(model, args.test, "--test", table, args.baseline, **kw)
+    classes, positive = class_index(train["pretrained"].labels, test["pretrained"].labels, args.positive)
+    return Prepared(model, {e: (train[e], test[e]) for e in train}, classes, positive)
+
+
+def _report(kind: str, prep: Prepared, args: DataArgs, settings: dict[str, Any]) -> dict[str, Any]:
+    report = new_report(kind, prep.model.describe(), settings)
+    tr, te = prep.sets["pretrained"]
+    report["data"] = {
+        "train": {"source": args.train, "samples": len(tr.labels), "unlabelled": tr.unlabelled},
+        "test": {"source": args.test, "samples": len(te.labels), "unlabelled": te.unlabelled},
+    }
+    report["classes"] = prep.classes
+    report["class_counts"] = {
+        split: {c: int(n) for c, n in zip(*np.unique(s.labels, return_counts=True))}
+        for split, s in (("train", tr), ("test", te))
+    }
+    report["positive_class"] = prep.classes[prep.positive] if prep.positive is not None else None
+    return report
+
+
+def evaluate_knn(model_path: str, args: DataArgs, ks: Sequence[int] = (20, 200),
+                 temperature: float = TEMPERATURE) -> dict[str, Any]:
+    """Weighted kNN (Wu et al. 2018) for every ``k``; returns the saved report."""
+    prep = prepare(model_path, args)
+    report = _report("knn", prep, args, {"k": list(ks), "temperature": temperature, "metric": "cosine",
+                                         "baseline": args.baseline})
+    for enc, (tr, te) in prep.sets.items():
+        ytr, yte = prep.indices(tr.labels), prep.indices(te.labels)
+        votes = knn_votes(tr.x, ytr, te.x, len(prep.classes), ks, temperature)
+        report["results"][enc] = {
+            f"k={k}": {**classification_metrics(yte, v.argmax(1), v, len(prep.classes), prep.positive),
+                       "k_used": min(k, len(ytr))}
+            for k, v in votes.items()
+        }
+    save_report(report, prep.model.report_dir)
+    return report
+
+
+def evaluate_linear(model_path: str, args: DataArgs, C_grid: Sequence[float] = C_GRID,
+                    val_fraction: float = 0.2, seed: int = 0, finetune: bool = False,
+                    finetune_options: Any = None, device: str = "auto") -> dict[str, Any]:
+    """Linear probe on frozen features (and optionally a short fine-tune); returns the saved report."""
+    prep = prepare(model_path, args)
+    settings: dict[str, Any] = {"C_grid": sorted(C_grid), "val_fraction": val_fraction, "seed": seed,
+                                "standardize": True, "baseline": args.baseline}
+    if finetune:
+        from dataclasses import asdict
+
+        from sslkit.eval.finetune import FinetuneOptions
+
+        finetune_options = finetune_options or FinetuneOptions()
+        settings["finetune"] = asdict(finetune_options)
+    report = _report("linear", prep, args, settings)
+    for enc, (tr, te) in prep.sets.items():
+        ytr, yte = prep.indices(tr.labels), prep.indices(te.labels)
+        probe = fit_linear_probe(tr.x, ytr, len(prep.classes), C_grid, val_fraction, seed=seed)
+        p = probe.predict_proba(te.x)
+        report["results"][enc] = {"linear": {
+            **classification_metrics(yte, p.argmax(1), p, len(prep.classes), prep.positive),
+            "C": probe.C, "val_balanced_accuracy": probe.val_scores.get(probe.C)}}
+    if finetune:
+        _add_finetune(report, prep, args, finetune_options, device)
+    save_report(report, prep.model.report_dir)
+    return report
+
+
+def _add_finetune(report: dict[str, Any], prep: Prepared, args: DataArgs, options: Any, device: str) -> None:
+    from sslkit.data.pipeline import load_data
+    from sslkit.engine import resolve_device
+    from sslkit.eval.features import BASELINE_SEED
+    from sslkit.eval.finetune import finetune, predict_proba
+    from sslkit.eval.labels import read_labels_csv
+
+    import torch
+
+    run, dev = prep.model.run, resolve_device(device)
+    spec = run.spec
+    table = read_labels_csv(args.labels_csv) if args.labels_csv else None
+    splits = {}
+    for name, data in (("train", args.train), ("test", args.test)):
+        loaded = load_data(data, spec.image_size, spec.channels, args.source_options, progress=args.progress)
+        refs = loaded.prepared.refs
+        labels = assign_labels([r.id for r in refs], [r.label for r in refs], table)
+        keep = np.array([i for i, lab in enumerate(labels) if lab is not None])
+        splits[name] = (loaded.prepared.pixels[keep], prep.indices([labels[i] for i in keep]))
+    (xtr, ytr), (xte, yte) = splits["train"], splits["test"]
+    for enc in prep.sets:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(BASELINE_SEED)
+            encoder = run.build_encoder(weights=enc == "pretrained")
+        model = finetune(encoder, spec, xtr, ytr, len(prep.classes), options, dev, args.progress)
+        p = predict_proba(model, spec, xte, args.batch_size, dev)
+        report["results"][enc]["finetune"] = {
+            **classification_metrics(yte, p.argmax(1), p, len(prep.classes), prep.positive),
+            "epochs": options.epochs}
+
+
+__all__ = ["DataArgs", "ENCODERS", "evaluate_knn", "evaluate_linear"]

@@ -1,0 +1,94 @@
+"""Evaluation reports: one JSON schema for every probe, saved beside the model, never overwritten.
+
+Schema ``sslkit.eval/1`` (documented in README, "sslkit eval --json")::
+
+    {"schema": "sslkit.eval/1", "kind": "knn" | "linear" | "tsne" | "attention",
+     "created": ISO-8601 UTC, "sslkit_version": str,
+     "model": {"path", "format", "task", "backbone", "backbone_options", "embedding_dim",
+               "image_size", "channels"},
+     "data": {"train"/"test"/"data": {"source", "samples", "unlabelled"}},
+     "classes": [str], "positive_class": str | null,
+     "settings": {...},                      # what the probe was run with
+     "results": {"pretrained": {SETTING: METRICS}, "random": {SETTING: METRICS}},
+     "files": [str],                         # pictures written (tsne, attention)
+     "report_file": str}
+
+``METRICS`` is ``{"n", "top1", "balanced_accuracy", "auroc"}`` plus probe-specific keys
+(``C`` and ``val_balanced_accuracy`` for the linear probe, ``epochs`` for fine-tuning).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+SCHEMA = "sslkit.eval/1"
+
+
+def new_report(kind: str, model: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
+    from sslkit import __version__
+
+    return {"schema": SCHEMA, "kind": kind,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "sslkit_version": __version__, "model": model, "data": {}, "classes": [],
+            "positive_class": None, "settings": settings, "results": {}, "files": []}
+
+
+def unique_path(folder: Path, stem: str, suffix: str) -> Path:
+    """``folder/stem-YYYYmmddTHHMMSSZ[-n]suffix``, created empty and exclusively (never overwrites)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    for n in range(1, 10_000):
+        path = folder / f"{stem}-{stamp}{'' if n == 1 else f'-{n}'}{suffix}"
+        try:
+            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            return path
+        except FileExistsError:
+            continue
+    raise RuntimeError(f"cannot find a free file name for {stem} in {folder}")
+
+
+def save_report(report: dict[str, Any], folder: Path, picture: Path | None = None) -> Path:
+    """Write ``report`` as ``folder/<kind>-<stamp>.json``; ``report["report_file"]`` names it.
+
+    The report of a ``picture`` saved in ``folder`` shares its name (``tsne-<stamp>.json``).
+    """
+    path = None
+    stem = picture.stem if picture is not None and picture.parent.resolve() == folder.resolve() else None
+    if stem is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            os.close(os.open(folder / f"{stem}.json", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            path = folder / f"{stem}.json"
+        except FileExistsError:
+            pass
+    path = path or unique_path(folder, report["kind"], ".json")
+    report["report_file"] = str(path)
+    tmp = path.with_name(f".tmp-{path.name}")
+    tmp.write_text(json.dumps(report, indent=2, default=str))
+    os.replace(tmp, path)
+    return path
+
+
+def _fmt(v: Any) -> str:
+    return "-" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """The results as an aligned text table, one row per (setting, encoder)."""
+    cols = ["top1", "balanced_accuracy", "auroc"]
+    extra = sorted({k for enc in report["results"].values() for m in enc.values() for k in m}
+                   - set(cols) - {"n"})
+    header = ["setting", "encoder", *cols, *extra]
+    rows = []
+    settings = list(dict.fromkeys(s for enc in report["results"].values() for s in enc))
+    for setting in settings:
+        for enc, res in report["results"].items():
+            if setting in res:
+                rows.append([setting, enc, *(_fmt(res[setting].get(c)) for c in header[2:])])
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows]]
+    return "\n".join(lines)

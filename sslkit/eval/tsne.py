@@ -1,0 +1,120 @@
+"""``sslkit eval tsne``: a 2-D map (t-SNE, or UMAP) of the embeddings, coloured by label.
+
+The pretrained encoder's map sits beside a random-init encoder's, so whether the classes
+separate *because of pretraining* is visible at a glance.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sslkit.errors import UsageError
+from sslkit.output_file import check_output, write_atomic
+from sslkit.eval.features import ENCODERS, embed, open_model
+from sslkit.eval.labels import assign_labels, read_labels_csv
+from sslkit.eval.report import new_report, save_report, unique_path
+
+PANEL_INCHES = 6.0
+DPI = 100
+UNLABELLED = "(unlabelled)"
+
+
+def reduce_2d(x: np.ndarray, method: str = "tsne", perplexity: float = 30.0, seed: int = 0) -> np.ndarray:
+    """``(N, D) -> (N, 2)`` with scikit-learn's t-SNE (PCA init) or umap-learn's UMAP.
+
+    The perplexity is capped at ``(N - 1) / 3`` so small sets work.
+    """
+    x = np.asarray(x, dtype=np.float32)
+    if len(x) < 3:
+        raise UsageError(f"a 2-D map needs at least 3 images, got {len(x)}")
+    if method == "umap":
+        try:
+            import umap
+        except ImportError:
+            raise UsageError("--umap needs umap-learn: pip install umap-learn") from None
+        return umap.UMAP(n_components=2, random_state=seed, n_neighbors=min(15, len(x) - 1)).fit_transform(x)
+    from sklearn.manifold import TSNE
+
+    perp = float(min(perplexity, (len(x) - 1) / 3))
+    return TSNE(n_components=2, perplexity=perp, init="pca", random_state=seed).fit_transform(x)
+
+
+def plot_maps(panels: dict[str, np.ndarray], labels: list[str], title: str, out: Path) -> tuple[int, int]:
+    """Scatter one ``(N, 2)`` map per panel side by side, coloured by ``labels``; PNG ``(W, H)`` px.
+
+    The image is exactly ``(PANEL_INCHES * DPI * len(panels), PANEL_INCHES * DPI)`` pixels.
+    """
+    import matplotlib
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    classes = sorted(set(labels) - {UNLABELLED}) + ([UNLABELLED] if UNLABELLED in labels else [])
+    fig = Figure(figsize=(PANEL_INCHES * len(panels), PANEL_INCHES), dpi=DPI)
+    FigureCanvasAgg(fig)
+    cmap = matplotlib.colormaps["tab10" if len(classes) <= 10 else "tab20"]
+    lab = np.asarray(labels)
+    size = max(2.0, min(20.0, 4000 / max(1, len(lab))))
+    for i, (name, xy) in enumerate(panels.items()):
+        ax = fig.add_subplot(1, len(panels), i + 1)
+        for ci, c in enumerate(classes):
+            m = lab == c
+            color = "lightgray" if c == UNLABELLED else cmap(ci % cmap.N)
+            ax.scatter(xy[m, 0], xy[m, 1], s=size, color=color, label=f"{c} ({int(m.sum())})", alpha=0.8,
+                       linewidths=0)
+        ax.set_title(f"{name} encoder")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.legend(loc="best", fontsize="small", markerscale=max(1.0, 6 / size ** 0.5), framealpha=0.8)
+    fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0, 1, 0.96))
+    write_atomic(out, lambda tmp: fig.savefig(tmp, dpi=DPI, format="png"))
+    return int(PANEL_INCHES * DPI * len(panels)), int(PANEL_INCHES * DPI)
+
+
+def evaluate_tsne(model_path: str, data: str, out: str | None = None, labels_csv: str | None = None,
+                  baseline: bool = True, method: str = "tsne", perplexity: float = 30.0,
+                  max_samples: int = 5000, seed: int = 0, overwrite: bool = False, batch_size: int = 64,
+                  source_options: dict[str, Any] | None = None, progress: bool = True) -> dict[str, Any]:
+    """Embed ``data``, map it to 2-D, save the PNG (``out`` or ``RUN/eval/tsne-<stamp>.png``) and a report."""
+    model = open_model(model_path)
+    out_path = _check_out(out, overwrite)
+    table = read_labels_csv(labels_csv) if labels_csv else None
+    panels, labels, n_total = {}, None, 0
+    for name in ENCODERS if baseline else ENCODERS[:1]:
+        emb = embed(model, data, random_init=name == "random", batch_size=batch_size,
+                    source_options=source_options, progress=progress)
+        n_total = len(emb.embeddings)
+        keep = np.sort(np.random.default_rng(seed).permutation(n_total)[:max_samples])
+        if labels is None:
+            labs = assign_labels(emb.ids, emb.labels, table)
+            labels = [labs[i] if labs[i] is not None else UNLABELLED for i in keep]
+        panels[name] = reduce_2d(emb.embeddings[keep], method, perplexity, seed)
+    if out_path is None:
+        out_path = unique_path(model.report_dir, method, ".png")
+    desc = model.describe()
+    title = (f"{'t-SNE' if method == 'tsne' else 'UMAP'} of {len(labels)} embeddings: "
+             f"{desc['task']} {desc['backbone']}")
+    width, height = plot_maps(panels, labels, title, out_path)
+    report = new_report(method, desc, {"method": method, "perplexity": perplexity, "seed": seed,
+                                       "max_samples": max_samples, "baseline": baseline})
+    report["data"] = {"data": {"source": data, "samples": n_total, "plotted": len(labels),
+                               "unlabelled": labels.count(UNLABELLED)}}
+    report["classes"] = sorted(set(labels) - {UNLABELLED})
+    report["files"] = [str(out_path)]
+    report["image_size"] = [width, height]
+    save_report(report, model.report_dir, picture=out_path)
+    return report
+
+
+def _check_out(out: str | None, overwrite: bool) -> Path | None:
+    """``--out`` as a path (refused when it would replace a file silently); None: default name."""
+    if out is None:
+        return None
+    path = Path(out)
+    if path.suffix.lower() != ".png":
+        raise UsageError(f"--out {out!r} must be a .png file")
+    check_output(path, overwrite)
+    return path

@@ -1,0 +1,302 @@
+"""sslkit eval: kNN, linear probe, metrics, labels, reports, t-SNE and attention PNGs, CLI errors."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from sslkit.errors import UsageError
+from sslkit.eval.knn import knn_votes
+from sslkit.eval.labels import assign_labels, class_index, read_labels_csv
+from sslkit.eval.linear import fit_linear_probe
+from sslkit.eval.metrics import classification_metrics
+from tests.conftest import make_images
+
+
+# --- kNN -----------------------------------------------------------------------------------
+def test_knn_weighted_vote_matches_hand_computation():
+    # One very close neighbour of class 0 against two far ones of class 1: a majority vote
+    # says 1, the temperature-weighted vote (Wu et al. 2018) says 0.
+    train = np.array([[1.0, 0.0], [0.5, math.sqrt(3) / 2], [0.5, -math.sqrt(3) / 2], [-1.0, 0.0]])
+    y = np.array([0, 1, 1, 1])
+    query = np.array([[3.0, 0.0]])  # normalised inside: cosine, not dot product
+    votes = knn_votes(train, y, query, 2, ks=[3], temperature=0.07)[3]
+    w0, w1 = math.exp(1 / 0.07), 2 * math.exp(0.5 / 0.07)
+    assert votes[0] == pytest.approx([w0 / (w0 + w1), w1 / (w0 + w1)], rel=1e-5)
+    assert votes.argmax(1)[0] == 0
+    # k=4 adds the opposite point (cos -1): tiny weight, prediction unchanged
+    v4 = knn_votes(train, y, query, 2, ks=[4])[4]
+    w1b = w1 + math.exp(-1 / 0.07)
+    assert v4[0, 1] == pytest.approx(w1b / (w0 + w1b), rel=1e-5)
+
+
+def test_knn_k_larger_than_train_uses_all_and_is_chunk_independent():
+    rng = np.random.default_rng(0)
+    train, y, test = rng.normal(size=(7, 5)), rng.integers(0, 3, 7), rng.normal(size=(10, 5))
+    a = knn_votes(train, y, test, 3, ks=[200, 7], chunk=3)
+    b = knn_votes(train, y, test, 3, ks=[200, 7], chunk=1024)
+    np.testing.assert_allclose(a[200], a[7], rtol=1e-6)
+    np.testing.assert_allclose(a[200], b[200], rtol=1e-6)
+
+
+# --- linear probe ----------------------------------------------------------------------------
+def _blobs(n, d=32, sep=4.0, seed=0):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, n)
+    x = rng.normal(size=(n, d)) + sep * y[:, None] * np.eye(d)[0]
+    return x.astype(np.float32), y
+
+
+def test_linear_probe_separable_is_near_perfect_and_shuffled_is_chance():
+    xtr, ytr = _blobs(400, sep=8.0, seed=0)
+    xte, yte = _blobs(600, sep=8.0, seed=1)
+    probe = fit_linear_probe(xtr, ytr, 2)
+    assert np.mean(probe.predict_proba(xte).argmax(1) == yte) >= 0.99
+    assert set(probe.val_scores) == {1e-3, 1e-2, 1e-1, 1.0, 10.0}
+    shuffled = np.random.default_rng(2).permutation(ytr)
+    probe = fit_linear_probe(xtr, shuffled, 2)
+    acc = np.mean(probe.predict_proba(xte).argmax(1) == yte)
+    assert 0.4 <= acc <= 0.6
+
+
+def test_linear_probe_pads_missing_class_columns():
+    x, y = _blobs(60)
+    probe = fit_linear_probe(x, y * 2, 3, C_grid=[1.0])  # classes 0 and 2 only
+    p = probe.predict_proba(x)
+    assert p.shape == (60, 3) and np.all(p[:, 1] == 0)
+    np.testing.assert_allclose(p.sum(1), 1.0, rtol=1e-6)
+
+
+# --- metrics and labels ----------------------------------------------------------------------
+def test_auroc_is_for_the_named_positive_class():
+    y = np.array([0, 0, 1, 1])  # classes ["a", "b"]
+    p_b = np.array([0.1, 0.4, 0.35, 0.8])
+    scores = np.stack([1 - p_b, p_b], 1)
+    # positives b: 0.35 beats 0.1 only, 0.8 beats both -> 3 of 4 pairs
+    m = classification_metrics(y, scores.argmax(1), scores, 2, positive=1)
+    assert m["auroc"] == pytest.approx(0.75)
+    assert m["top1"] == pytest.approx(0.75) and m["balanced_accuracy"] == pytest.approx(0.75)
+    # a score that ranks class a well but b badly: the AUROC follows the positive column
+    odd = np.stack([[0.9, 0.8, 0.1, 0.2], [0.9, 0.8, 0.1, 0.2]], 1)
+    assert classification_metrics(y, y, odd, 2, positive=0)["auroc"] == pytest.approx(1.0)
+    assert classification_metrics(y, y, odd, 2, positive=1)["auroc"] == pytest.approx(0.0)
+    assert classification_metrics(y, y, scores, 3, positive=None)["auroc"] is None
+
+
+def test_class_index_positive_default_and_errors():
+    assert class_index(["b", "a", "a"], ["a"], None) == (["a", "b"], 1)
+    assert class_index(["b", "a"], ["a"], "a") == (["a", "b"], 0)
+    assert class_index(["a", "b", "c"], ["a"], None) == (["a", "b", "c"], None)
+    with pytest.raises(UsageError, match="single class"):
+        class_index(["a", "a"], ["a"], None)
+    with pytest.raises(UsageError, match="do not occur in the training set"):
+        class_index(["a", "b"], ["c"], None)
+    with pytest.raises(UsageError, match="not a class"):
+        class_index(["a", "b"], ["a"], "z")
+
+
+def test_labels_csv_matches_by_longest_path_suffix(tmp_path):
+    csv = tmp_path / "labels.csv"
+    csv.write_text("path,label\nx/1.png,cat\n1.png,dog\n/abs/y/2.png,cow\nscan.dcm#3,frame3\n")
+    table = read_labels_csv(csv)
+    ids = ["/data/x/1.png", "/data/z/1.png", "/abs/y/2.png", "/data/3.png", "/d/scan.dcm#3", "/d/scan.dcm#4"]
+    assert assign_labels(ids, [None] * 6, table) == ["cat", "dog", "cow", None, "frame3", None]
+    assert assign_labels(ids[:2], ["f1", "f2"], None) == ["f1", "f2"]  # class folders without a CSV
+    bad = tmp_path / "bad.csv"
+    bad.write_text("a.png,x\na.png,y\n")
+    with pytest.raises(UsageError, match="two labels"):
+        read_labels_csv(bad)
+
+
+# --- end to end on a tiny run ------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A 2-step SimCLR run (resnet18, CIFAR stem, 16 px) and labelled train/test folders."""
+    from sslkit.engine import pretrain
+    from sslkit.run import RunConfig
+
+    root = tmp_path_factory.mktemp("eval")
+    train = make_images(root / "train", n_per_class=10, size=16, seed=0)
+    test = make_images(root / "test", n_per_class=6, size=16, seed=1)
+    cfg = RunConfig(task="simclr", data=str(train), out=str(root / "run"), backbone="timm:resnet18",
+                    backbone_options={"cifar_stem": True}, epochs=1, batch_size=8, image_size=16,
+                    max_steps=2, progress=False)
+    pretrain(cfg)
+    return root
+
+
+def _json(result):
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def test_cli_knn_json_report_and_baseline(tiny, cli):
+    r = tiny
+    rep = _json(cli("eval", "knn", r / "run", "--train", r / "train", "--test", r / "test", "--k", "3,50",
+                    "--json", "--quiet"))
+    assert rep["schema"] == "sslkit.eval/1" and rep["kind"] == "knn"
+    assert rep["classes"] == ["a", "b"] and rep["positive_class"] == "b"
+    assert set(rep["results"]) == {"pretrained", "random"}
+    for enc in rep["results"].values():
+        assert set(enc) == {"k=3", "k=50"}
+        m = enc["k=3"]
+        assert m["n"] == 12 and 0 <= m["top1"] <= 1 and 0 <= m["auroc"] <= 1
+        assert enc["k=50"]["k_used"] == 20
+    assert rep["data"]["train"]["samples"] == 20 and rep["data"]["test"]["samples"] == 12
+    saved = json.loads(Path(rep["report_file"]).read_text())
+    assert saved == rep and Path(rep["report_file"]).parent == r / "run" / "eval"
+    # a second evaluation never overwrites the first report; --no-baseline drops the random rows
+    rep2 = _json(cli("eval", "knn", r / "run", "--train", r / "train", "--test", r / "test", "--k", "3",
+                     "--positive", "a", "--no-baseline", "--json", "--quiet"))
+    assert rep2["report_file"] != rep["report_file"] and Path(rep["report_file"]).exists()
+    assert set(rep2["results"]) == {"pretrained"} and rep2["positive_class"] == "a"
+    # the pretrained rows do not depend on whether the baseline ran
+    assert rep2["results"]["pretrained"]["k=3"]["top1"] == rep["results"]["pretrained"]["k=3"]["top1"]
+
+
+def test_random_baseline_is_reproducible(tiny):
+    from sslkit.eval.features import embed, open_model
+
+    model = open_model(tiny / "run")
+    a = embed(model, str(tiny / "test"), random_init=True, progress=False)
+    b = embed(model, str(tiny / "test"), random_init=True, progress=False)
+    p = embed(model, str(tiny / "test"), progress=False)
+    np.testing.assert_array_equal(a.embeddings, b.embeddings)
+    assert not np.allclose(a.embeddings, p.embeddings)
+
+
+def test_cli_linear_probe_and_finetune(tiny, cli):
+    r = tiny
+    rep = _json(cli("eval", "linear", r / "run", "--train", r / "train", "--test", r / "test", "--C", "0.1,1",
+                    "--finetune", "--finetune-epochs", "1", "--batch-size", "8", "--json", "--quiet"))
+    assert rep["kind"] == "linear" and rep["settings"]["C_grid"] == [0.1, 1.0]
+    for enc in ("pretrained", "random"):
+        lin, ft = rep["results"][enc]["linear"], rep["results"][enc]["finetune"]
+        assert lin["C"] in (0.1, 1.0) and lin["n"] == 12 and ft["n"] == 12 and ft["epochs"] == 1
+        assert lin["auroc"] is not None
+
+
+def test_cli_knn_with_labels_csv(tiny, cli, tmp_path):
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    rows = ["path,label"]
+    for cls in ("a", "b"):
+        for f in sorted((tiny / "train" / cls).iterdir()):
+            (flat / f"{cls}{f.name}").write_bytes(f.read_bytes())
+            rows.append(f"{cls}{f.name},{cls}")
+    (tmp_path / "labels.csv").write_text("\n".join(rows[:-2]) + "\n")  # two files left unlabelled
+    rep = _json(cli("eval", "knn", tiny / "run", "--train", flat, "--test", flat, "--labels",
+                    tmp_path / "labels.csv", "--k", "1", "--no-baseline", "--json", "--quiet"))
+    assert rep["data"]["train"] == {"source": str(flat), "samples": 18, "unlabelled": 2}
+    assert rep["results"]["pretrained"]["k=1"]["top1"] == 1.0  # each image is its own neighbour
+
+
+def test_tsne_png_size_and_input_count(tiny, cli, monkeypatch):
+    import sslkit.eval.tsne as tsne
+
+    seen = []
+    real = tsne.reduce_2d
+    monkeypatch.setattr(tsne, "reduce_2d", lambda x, *a, **k: seen.append(len(x)) or real(x, *a, **k))
+    out = tiny / "map.png"
+    rep = _json(cli("eval", "tsne", tiny / "run", "--data", tiny / "test", "--out", out, "--perplexity", "5",
+                    "--json", "--quiet"))
+    assert seen == [12, 12]  # pretrained and random maps, every sample
+    assert rep["data"]["data"]["plotted"] == 12 and rep["files"] == [str(out)]
+    assert out.stat().st_size > 5000
+    with Image.open(out) as img:
+        assert img.size == (1200, 600) == tuple(rep["image_size"])
+        assert len(np.unique(np.asarray(img.convert("L")))) > 10  # not a blank canvas
+    again = cli("eval", "tsne", tiny / "run", "--data", tiny / "test", "--out", out, "--quiet")
+    assert again.exit_code == 2 and "already exists" in again.stderr
+
+
+def test_attention_grid_cnn(tiny, cli):
+    rep = _json(cli("eval", "attention", tiny / "run", "--images", tiny / "test", "--max-images", "3", "--json",
+                    "--quiet"))
+    assert rep["settings"]["method"].startswith("Grad-CAM")
+    png = Path(rep["files"][0])
+    assert png.parent == tiny / "run" / "eval" and png.stat().st_size > 5000
+    with Image.open(png) as img:
+        assert img.size == (3 * 200, 3 * 200)  # input | pretrained | random, 3 rows
+
+
+def test_vit_cls_attention_matches_timm_attention_probabilities():
+    from sslkit.eval.attention import vit_cls_attention
+    from sslkit.registry import create_backbone
+
+    torch.manual_seed(0)
+    vit = create_backbone("timm:vit_tiny_patch16_224", in_chans=1, image_size=32, patch_size=8).eval()
+    attn = vit.model.blocks[-1].attn
+    x = torch.randn(2, 1, 32, 32)
+    maps = vit_cls_attention(vit, x)
+    assert maps.shape == (2, 3, 4, 4)
+    attn.fused_attn = False  # timm's explicit path; its attn_drop sees the probabilities
+    seen = []
+    hook = attn.attn_drop.register_forward_hook(lambda m, a, out: seen.append(out))
+    with torch.no_grad():
+        vit(x)
+    hook.remove()
+    ref = seen[0][:, :, 0, vit.num_prefix_tokens:].reshape(2, 3, 4, 4)
+    torch.testing.assert_close(maps, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_gradcam_equals_closed_form_for_global_average_pooling():
+    from sslkit.eval.attention import gradcam
+    from sslkit.registry import create_backbone
+
+    torch.manual_seed(0)
+    net = create_backbone("timm:resnet18", in_chans=3, image_size=32).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        feat = net.model.forward_features(x)  # (B, K, h, w)
+        f = feat.mean((2, 3))  # the pooled embedding
+    # d||f|| / dA_k(ij) = f_k / (||f|| h w): the weights are the embedding itself, scaled
+    alpha = f / (f.norm(dim=1, keepdim=True) * feat.shape[2] * feat.shape[3])
+    ref = torch.relu((alpha[:, :, None, None] * feat).sum(1, keepdim=True))
+    torch.testing.assert_close(gradcam(net, x), ref, rtol=1e-4, atol=1e-7)
+
+
+def test_attention_grid_vit_has_one_column_per_head(tmp_path, cli):
+    from sslkit.engine import pretrain
+    from sslkit.run import RunConfig
+
+    data = make_images(tmp_path / "imgs", n_per_class=4, size=32, channels=1)
+    pretrain(RunConfig(task="mae", data=str(data), out=str(tmp_path / "mae"), backbone="timm:vit_tiny_patch16_224",
+                       backbone_options={"patch_size": 8}, epochs=1, batch_size=4, image_size=32, max_steps=1,
+                       progress=False))
+    out = tmp_path / "att.png"
+    rep = _json(cli("eval", "attention", tmp_path / "mae", "--images", data, "--max-images", "2", "--out", out,
+                    "--json", "--quiet"))
+    assert rep["settings"]["method"].startswith("CLS attention")
+    with Image.open(out) as img:
+        assert img.size == ((1 + 2 * 3) * 200, 2 * 200)  # input + 3 heads x (pretrained, random)
+
+
+# --- user errors: one line, exit code 2 ------------------------------------------------------
+@pytest.mark.parametrize("args, message", [
+    (["knn", "{run}", "--train", "{missing}", "--test", "{test}"], "does not exist"),
+    (["knn", "{missing}", "--train", "{train}", "--test", "{test}"], "does not exist"),
+    (["knn", "{run}", "--train", "{flat}", "--test", "{test}"], "no labelled images"),
+    (["knn", "{run}", "--train", "{train}", "--test", "{test}", "--k", "0"], "positive integers"),
+    (["knn", "{run}", "--train", "{train}", "--test", "{test}", "--positive", "zebra"], "not a class"),
+    (["linear", "{run}", "--train", "{train}", "--test", "{test}", "--C", "x"], "comma-separated numbers"),
+    (["knn", "{run}", "--train", "{train}", "--test", "{test}", "--labels", "{missing}"], "does not exist"),
+    (["tsne", "{run}", "--data", "{test}", "--out", "{root}/map.jpg"], "must be a .png"),
+    (["attention", "{run}", "--images", "{missing}"], "does not exist"),
+])
+def test_cli_user_errors_are_one_line_exit_2(tiny, cli, tmp_path, args, message):
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(flat / "x.png")
+    paths = {"run": tiny / "run", "train": tiny / "train", "test": tiny / "test", "missing": tmp_path / "nope",
+             "flat": flat, "root": tmp_path}
+    result = cli("eval", *[a.format(**paths) for a in args])
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and "Traceback" not in result.output
