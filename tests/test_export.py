@@ -1,0 +1,165 @@
+"""`sslkit export` on one tiny trained run: ONNX contract, metadata, preprocessing graphs, errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from sslkit.run import load_run
+from tests.conftest import make_images, run_sslkit
+
+SIZE = 32
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> dict[str, Path]:
+    """A gray 8-bit image folder and a 1-step SimCLR run of resnet10t on it."""
+    root = tmp_path_factory.mktemp("export")
+    data = make_images(root / "gray", n_per_class=6, size=40, channels=1)
+    run_dir = root / "run"
+    proc = run_sslkit("pretrain", "--task", "simclr", "--data", f"folder:{data}", "--out", run_dir,
+                      "--backbone", "timm:resnet10t", "--image-size", SIZE, "--batch-size", 8,
+                      "--max-steps", 1, "--epochs", 1, "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    return {"root": root, "data": data, "run": run_dir}
+
+
+def _meta(path: Path) -> dict:
+    return json.loads({p.key: p.value for p in onnx.load(str(path)).metadata_props}["sslkit"])
+
+
+def _encoder_on_unit(run_dir: Path, unit: np.ndarray) -> np.ndarray:
+    """The run's PyTorch encoder on pixels in [0, 1], normalised here from run.json."""
+    run = load_run(run_dir)
+    mean = np.array(run.spec.mean, np.float32).reshape(1, -1, 1, 1)
+    std = np.array(run.spec.std, np.float32).reshape(1, -1, 1, 1)
+    with torch.no_grad():
+        return run.build_encoder()(torch.from_numpy((unit - mean) / std)).numpy()
+
+
+def test_onnx_export_contract(trained, tmp_path):
+    out = tmp_path / "encoder.onnx"
+    proc = run_sslkit("export", trained["run"], "--out", out, "--json")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    # verified on random and real inputs, batch 1 and 8, at the run's size and a second (non-square) one
+    seen = {(c["inputs"], c["batch"], tuple(c["size"])) for c in report["checks"]}
+    assert {("random", 1, (32, 32)), ("random", 8, (32, 32)), ("random", 8, (64, 48)),
+            ("real", 1, (32, 32)), ("real", 8, (32, 32))} <= seen
+    assert report["max_abs_diff"] <= 1e-4 and report["min_cosine"] > 0.9999
+
+    model = onnx.load(str(out))
+    onnx.checker.check_model(model, full_check=True)
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_param or d.dim_value for d in dims] == ["batch", 1, "height", "width"]
+    assert model.graph.output[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+
+    meta = _meta(out)
+    assert meta["input"]["name"] == "pixels" and meta["input"]["dtype"] == "float32"
+    assert meta["input"]["shape"] == ["batch", 1, "height", "width"]
+    assert meta["input"]["dynamic_axes"] == {"0": "batch", "2": "height", "3": "width"}
+    assert meta["input"]["image_size"] == SIZE and meta["input"]["channels"] == 1
+    assert meta["input"]["preprocessing_in_graph"] is False
+    info = json.loads((trained["run"] / "run.json").read_text())
+    assert meta["input"]["mean"] == info["input_spec"]["mean"] and meta["input"]["std"] == info["input_spec"]["std"]
+    assert meta["task"] == "simclr" and meta["backbone"] == "timm:resnet10t" and meta["embedding_dim"] == 512
+    assert meta["dataset_fingerprint"] == info["dataset"]["fingerprint"] and meta["run_id"]
+    assert meta["sslkit_version"] and meta["precision"] == "float32"
+    assert str(trained["data"]) not in json.dumps(meta)  # no paths
+
+    # An independent size (neither checked size), straight through onnxruntime vs PyTorch.
+    unit = np.random.default_rng(0).random((3, 1, 40, 56), dtype=np.float32)
+    mean, std = np.float32(meta["input"]["mean"][0]), np.float32(meta["input"]["std"][0])
+    got = ort.InferenceSession(str(out)).run(["embedding"], {"pixels": (unit - mean) / std})[0]
+    np.testing.assert_allclose(got, _encoder_on_unit(trained["run"], unit), atol=1e-4)
+
+
+def test_with_preprocessing_takes_raw_pixels(trained, tmp_path):
+    out = tmp_path / "raw.onnx"
+    proc = run_sslkit("export", trained["run"], "--out", out, "--with-preprocessing", "--fp16", "--json")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["input_kind"] == "uint8" and report["max_abs_diff"] <= 1e-4
+    assert report["fp16"]["min_cosine"] >= 0.999 and report["fp16"]["checks"]
+    meta = _meta(out)
+    assert meta["input"]["dtype"] == "uint8" and meta["input"]["preprocessing_in_graph"] is True
+    assert meta["precision"] == "float16" and "float16" in meta["verification"]
+    model = onnx.load(str(out))
+    assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8
+    assert model.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT  # io kept float32
+
+    raw = np.random.default_rng(1).integers(0, 256, (8, 1, SIZE, SIZE), dtype=np.uint8)
+    got = ort.InferenceSession(str(out)).run(["embedding"], {"pixels": raw})[0]
+    ref = _encoder_on_unit(trained["run"], raw.astype(np.float32) / 255)
+    cos = (got * ref).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(ref, axis=1)
+    assert cos.min() > 0.999 and np.abs(got - ref).max() <= 1e-2 * np.abs(ref).max()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype,scale", [("uint8", 255), ("uint16", 65535), ("float32", 1)])
+def test_with_preprocessing_fp32_dtypes(trained, tmp_path, dtype, scale):
+    out = tmp_path / f"{dtype}.onnx"
+    proc = run_sslkit("export", trained["run"], "--out", out, "--with-preprocessing", "--input-dtype", dtype)
+    assert proc.returncode == 0, proc.stderr
+    rng = np.random.default_rng(2)
+    raw = (rng.integers(0, scale + 1, (4, 1, 48, 40)) if scale > 1 else rng.random((4, 1, 48, 40))).astype(dtype)
+    got = ort.InferenceSession(str(out)).run(["embedding"], {"pixels": raw})[0]
+    np.testing.assert_allclose(got, _encoder_on_unit(trained["run"], raw.astype(np.float32) / scale), atol=1e-4)
+
+
+def _assert_one_line_error(result, *fragments):
+    """``result``: a subprocess (returncode) or an in-process click result (exit_code)."""
+    code = getattr(result, "returncode", getattr(result, "exit_code", None))
+    assert code == 2, (result.stdout, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
+    for f in fragments:
+        assert f in lines[0], lines[0]
+
+
+def _leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith(".tmp-"))
+
+
+def test_bad_inputs_leave_nothing(trained, tmp_path, cli):
+    # a run directory without weights (pretraining never finished): the real executable
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    shutil.copy(trained["run"] / "run.json", broken / "run.json")
+    out = tmp_path / "x.onnx"
+    _assert_one_line_error(run_sslkit("export", broken, "--out", out), "encoder.safetensors")
+    assert not out.exists() and _leftovers(tmp_path) == []
+
+    # an unwritable location (even for root: /proc takes no new files), a missing folder
+    _assert_one_line_error(cli("export", trained["run"], "--out", "/proc/sslkit-x.onnx"), "not writable")
+    _assert_one_line_error(cli("export", trained["run"], "--out", tmp_path / "no" / "x.onnx"), "does not exist")
+
+    # an existing file is never replaced silently
+    keep = tmp_path / "keep.onnx"
+    keep.write_text("precious")
+    _assert_one_line_error(cli("export", trained["run"], "--out", keep), "already exists", "--overwrite")
+    assert keep.read_text() == "precious"
+
+    # options an exporter does not have, a format nobody registered
+    _assert_one_line_error(cli("export", trained["run"], "--out", out, "--format", "safetensors",
+                               "--with-preprocessing"), "no option")
+    _assert_one_line_error(cli("export", trained["run"], "--out", out, "--format", "tflite"), "unknown export format")
+    assert not out.exists() and _leftovers(tmp_path) == []
+
+
+def test_parity_failure_exits_1_without_file(trained, tmp_path):
+    """A tolerance no export can meet: the check fails (exit 1) and no file appears."""
+    from sslkit.errors import CheckFailed
+    from sslkit.export import export_run
+
+    out = tmp_path / "strict.onnx"
+    with pytest.raises(CheckFailed, match="parity failed"):
+        export_run(trained["run"], out, check_data="none", tolerance=1e-12)
+    assert not out.exists() and list(tmp_path.iterdir()) == []
