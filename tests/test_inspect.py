@@ -1,0 +1,49 @@
+"""``sslkit data inspect``: counts by header facts, unusable files with reasons, sizes."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from tests.dicom_factory import write_dicom
+
+
+def test_inspect_dicom_folder(tmp_path, cli, pydicom_dir):
+    rng = np.random.default_rng(0)
+    write_dicom(tmp_path / "a.dcm", (rng.random((3, 20, 30)) * 4000).astype(np.uint16), patient_id="A",
+                syntax="rle", bits_stored=12, photometric="MONOCHROME1")
+    write_dicom(tmp_path / "b.dcm", (rng.random((64, 96)) * 4000).astype(np.uint16), patient_id="B", syntax="j2k")
+    shutil.copy(Path(pydicom_dir) / "test-SR.dcm", tmp_path / "report.dcm")  # not an image: not counted
+    raw = (tmp_path / "b.dcm").read_bytes()
+    (tmp_path / "c.dcm").write_bytes(raw[: len(raw) - 300])  # truncated
+    (tmp_path / "notes.txt").write_text("not dicom")
+    r = cli("data", "inspect", f"dicom:{tmp_path}", "--json", "--image-size", "64")
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.output)
+    assert rep["files"] == 3 and rep["images"] == 5 and rep["groups"] == 2
+    c = rep["counts"]
+    assert c["modality"] == {"CR": 3}
+    assert c["transfer_syntax"] == {"JPEG 2000 Image Compression (Lossless Only)": 2, "RLE Lossless": 1}
+    assert c["photometric"] == {"MONOCHROME2": 2, "MONOCHROME1": 1}
+    assert c["bits_stored"] == {"16": 2, "12": 1} and c["frames"] == {"1": 2, "3": 1} and c["size"] == {"96x64": 2, "30x20": 1}
+    assert rep["estimated_bytes"]["cache_at_image_size"] == 5 * 64 * 64 * 2
+    assert rep["estimated_bytes"]["decoded_full_resolution_float32"] == 3 * 20 * 30 * 4 + 2 * 64 * 96 * 4
+    assert [u["path"] for u in rep["undecodable"]] == [str(tmp_path / "c.dcm")] and rep["decoded_ok"] == 2
+    text = cli("data", "inspect", f"dicom:{tmp_path}", "--modality", "CT")
+    assert text.exit_code == 0 and "0 images" in text.output and "filtered out" in text.output
+
+
+def test_inspect_user_errors(tmp_path, cli):
+    for args in (["dicom:" + str(tmp_path / "nope")], [f"dicom:{tmp_path}", "--window", "lungs"],
+                 [f"dicom:{tmp_path}", "--data-opt", "bogus=1"]):
+        r = cli("data", "inspect", *args)
+        assert r.exit_code == 2 and r.output.startswith("error:") and r.output.count("\n") == 1, r.output
+
+
+def test_inspect_folder_and_npz(tmp_path, cli, gray_folder):
+    r = cli("data", "inspect", f"folder:{gray_folder}", "--json", "--no-decode")
+    rep = json.loads(r.output)
+    assert rep["images"] == 16 and rep["counts"]["mode"] == {"L": 16} and "undecodable" not in rep

@@ -1,0 +1,72 @@
+"""No patient identifier in any output: run dir, checkpoints, exported model, reports, logs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from tests.dicom_factory import write_dicom
+
+SECRETS = {"name": "ZZTOPSECRET^WINIFRED", "id": "PIDX-88472913", "birth": "19310417"}
+
+
+def _needles() -> list[bytes]:
+    out = []
+    for value in SECRETS.values():
+        for v in {value, value.split("^")[0]}:
+            out += [v.encode(), v.encode("utf-16-le")]
+    return out
+
+
+def _scan(root: Path) -> list[str]:
+    hits = []
+    for f in root.rglob("*"):
+        if f.is_file():
+            data = f.read_bytes()
+            hits += [f"{f}: {n!r}" for n in _needles() if n in data]
+    return hits
+
+
+def test_no_identifier_in_any_output(tmp_path, cli):
+    rng = np.random.default_rng(1)
+    data = tmp_path / "data"
+    for i in range(6):
+        write_dicom(data / f"s{i}.dcm", (rng.random((36, 36)) * 4000).astype(np.uint16),
+                    patient_id=f"{SECRETS['id']}{i % 3}", patient_name=SECRETS["name"], birth_date=SECRETS["birth"],
+                    syntax=("explicit", "rle", "j2k")[i % 3], photometric=("MONOCHROME1", "MONOCHROME2")[i % 2])
+    # a broken file with identifiers in its header must be reported without them
+    good = (data / "s0.dcm").read_bytes()
+    (data / "s9.dcm").write_bytes(good[: len(good) - 500])
+    run, cache = tmp_path / "run", tmp_path / "cache"
+    logs = []
+    r = cli("pretrain", "--task", "simclr", "--data", f"dicom:{data}", "--out", run, "--epochs", "2",
+            "--batch-size", "2", "--image-size", "32", "--cache", cache, "--val-fraction", "0.34", "--quiet")
+    assert r.exit_code == 0, r.output
+    logs.append(r.output)
+    r = cli("export", run, "--out", run / "encoder.onnx")
+    assert r.exit_code == 0, r.output
+    logs.append(r.output)
+    r = cli("data", "inspect", f"dicom:{data}", "--json")
+    assert r.exit_code == 0, r.output
+    logs.append(r.output)
+    report = json.loads(r.output)
+    assert report["groups"] == 3  # patients are counted, never named
+    r = cli("data", "inspect", f"dicom:{data}")
+    logs.append(r.output)
+    (tmp_path / "logs.txt").write_text("\n".join(logs))
+    info = json.loads((run / "run.json").read_text())
+    assert info["dataset"]["val_groups"] == 1 and info["dataset"]["val_samples"] == 2
+    assert (run / "encoder.onnx").exists() and any((run / "checkpoints").iterdir())
+    skipped = json.loads((run / "data_report.json").read_text())["skipped_files"]
+    assert any(s["path"].endswith("s9.dcm") for s in skipped) or info["dataset"]["val_samples"]
+    assert _scan(run) == [] and _scan(cache) == []
+    assert not any(n in (tmp_path / "logs.txt").read_bytes() for n in _needles())
+
+
+def test_error_reasons_drop_quoted_values():
+    from sslkit_plugins.sources.dicom import safe_reason
+
+    reason = safe_reason(ValueError(f"Invalid value for VR PN: '{SECRETS['name']}'"))
+    assert SECRETS["name"] not in reason and reason.startswith("ValueError: Invalid value")
