@@ -161,14 +161,18 @@ def test_cli_knn_json_report_and_baseline(tiny, cli):
 
 
 def test_random_baseline_is_reproducible(tiny):
-    from sslkit.eval.features import embed, open_model
+    from sslkit.embed import embed
+    from sslkit.eval.features import embed_all, open_model
 
-    model = open_model(tiny / "run")
-    a = embed(model, str(tiny / "test"), random_init=True, progress=False)
-    b = embed(model, str(tiny / "test"), random_init=True, progress=False)
-    p = embed(model, str(tiny / "test"), progress=False)
-    np.testing.assert_array_equal(a.embeddings, b.embeddings)
-    assert not np.allclose(a.embeddings, p.embeddings)
+    model = open_model(tiny / "run", "cpu")
+    a = embed_all(model, str(tiny / "test"), progress=False)
+    b = embed_all(model, str(tiny / "test"), progress=False)
+    np.testing.assert_array_equal(a["random"].embeddings, b["random"].embeddings)
+    assert not np.allclose(a["random"].embeddings, a["pretrained"].embeddings)
+    # the one-pass pair equals what `sslkit embed` gives for the pretrained encoder
+    ref = embed(tiny / "run", str(tiny / "test"), progress=False)
+    np.testing.assert_allclose(a["pretrained"].embeddings, ref.embeddings, rtol=1e-5, atol=1e-6)
+    assert a["pretrained"].ids == ref.ids
 
 
 def test_cli_linear_probe_and_finetune(tiny, cli):
@@ -300,3 +304,20 @@ def test_cli_user_errors_are_one_line_exit_2(tiny, cli, tmp_path, args, message)
     assert result.exit_code == 2, result.output
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0] and "Traceback" not in result.output
+
+
+@pytest.mark.slow
+def test_knn_on_exported_onnx_matches_run_dir(tiny, cli):
+    from sslkit.export import export_run
+
+    onnx_file = tiny / "run" / "encoder.onnx"
+    if not onnx_file.exists():
+        export_run(tiny / "run", onnx_file)
+    args = ["--train", tiny / "train", "--test", tiny / "test", "--k", "3", "--json", "--quiet"]
+    from_run = _json(cli("eval", "knn", tiny / "run", *args))
+    from_onnx = _json(cli("eval", "knn", onnx_file, *args))
+    assert from_onnx["model"]["format"] == "onnx" and Path(from_onnx["report_file"]).parent == tiny / "run" / "eval"
+    for enc in ("pretrained", "random"):  # the baseline is rebuilt from the ONNX metadata's backbone
+        assert from_onnx["results"][enc]["k=3"]["top1"] == from_run["results"][enc]["k=3"]["top1"]
+    bad = cli("eval", "linear", onnx_file, *args[:4], "--finetune", "--quiet")
+    assert bad.exit_code == 2 and "needs the run directory" in bad.stderr

@@ -21,7 +21,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from sslkit.backbone import is_token_backbone
-from sslkit.eval.features import BASELINE_SEED
 from sslkit.eval.report import new_report, save_report, unique_path
 from sslkit.eval.tsne import _check_out
 from sslkit.output_file import write_atomic
@@ -141,10 +140,12 @@ def evaluate_attention(model_path: str, images: str, out: str | None = None, max
     from sslkit.data.pipeline import load_data
     from sslkit.eval.features import open_model
 
-    model = open_model(model_path)
+    model = open_model(model_path, "cpu")  # a few images: CPU is enough
     out_path = _check_out(out, overwrite)
-    run, spec = model.run, model.run.spec
-    loaded = load_data(images, spec.image_size, spec.channels, source_options, progress=progress)
+    run = model.require_run("sslkit eval attention")
+    spec = run.spec
+    loaded = load_data(images, spec.image_size, spec.channels, model.source_options(images, source_options),
+                       progress=progress)
     n = min(max_images, len(loaded.prepared))
     from sslkit.data.prepare import SCALE
 
@@ -152,9 +153,7 @@ def evaluate_attention(model_path: str, images: str, out: str | None = None, max
     x = Normalize(spec.mean, spec.std)(pixels)
     maps, kind = {}, ""
     for name in ("pretrained", "random") if baseline else ("pretrained",):
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(BASELINE_SEED)
-            encoder = run.build_encoder(weights=name == "pretrained")
+        encoder = run.build_encoder() if name == "pretrained" else model.build_random_encoder()
         kind, m = saliency(encoder, x)
         maps[name] = m.numpy()
     if out_path is None:

@@ -35,7 +35,8 @@ def _data_args(kw: dict):
 
     return DataArgs(train=kw["train"], test=kw["test"], labels_csv=kw["labels"], positive=kw["positive"],
                     baseline=not kw["no_baseline"], batch_size=kw["batch_size"],
-                    source_options=parse_pairs(kw["data_opts"], "--data-opt"), progress=not kw["quiet"])
+                    source_options=parse_pairs(kw["data_opts"], "--data-opt"), progress=not kw["quiet"],
+                    device=kw["device"])
 
 
 def _print(report: dict, as_json: bool) -> None:
@@ -61,7 +62,7 @@ def _print(report: dict, as_json: bool) -> None:
 def probe_options(f):
     """Options shared by ``knn`` and ``linear``."""
     for deco in reversed([
-        click.argument("model", metavar="RUN"),
+        click.argument("model", metavar="RUN_OR_ONNX"),
         click.option("--train", required=True, help="Labelled images to fit on (class sub-folders, or --labels)."),
         click.option("--test", required=True, help="Labelled images to score on."),
         click.option("--labels", default=None, type=click.Path(dir_okay=False),
@@ -70,6 +71,7 @@ def probe_options(f):
         click.option("--no-baseline", is_flag=True, help="Skip the random-init encoder."),
         click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1)),
         click.option("--data-opt", "data_opts", multiple=True, metavar="KEY=VALUE", help="Source option (repeatable)."),
+        click.option("--device", default="auto", show_default=True, help="PyTorch encoders: auto, cpu, cuda, cuda:N."),
         click.option("--json", "as_json", is_flag=True, help="Print the report (schema sslkit.eval/1) as JSON."),
         click.option("--quiet", is_flag=True, help="No progress bars."),
     ]):
@@ -107,7 +109,6 @@ def knn(**kw) -> None:
 @click.option("--finetune", is_flag=True, help="Also fine-tune the whole encoder + a linear head.")
 @click.option("--finetune-epochs", default=5, show_default=True, type=click.IntRange(min=1))
 @click.option("--finetune-lr", default=3e-4, show_default=True, type=click.FloatRange(min=0, min_open=True))
-@click.option("--device", default="auto", show_default=True, help="For --finetune: auto, cpu, cuda, cuda:N.")
 def linear(**kw) -> None:
     """Linear probe (logistic regression) on frozen features; C chosen on a validation split."""
     from sslkit.eval.finetune import FinetuneOptions
@@ -116,12 +117,12 @@ def linear(**kw) -> None:
     ft = FinetuneOptions(epochs=kw["finetune_epochs"], batch_size=kw["batch_size"], lr=kw["finetune_lr"],
                          seed=kw["seed"])
     report = evaluate_linear(kw["model"], _data_args(kw), _floats(kw["c_grid"], "--C"), kw["val_fraction"],
-                             kw["seed"], kw["finetune"], ft, kw["device"])
+                             kw["seed"], kw["finetune"], ft)
     _print(report, kw["as_json"])
 
 
 @eval_group.command()
-@click.argument("model", metavar="RUN")
+@click.argument("model", metavar="RUN_OR_ONNX")
 @click.option("--data", required=True, help="Images to map (class sub-folders colour the points).")
 @click.option("--out", default=None, help="PNG file (default: RUN/eval/tsne-<time>.png).")
 @click.option("--umap", "use_umap", is_flag=True, help="UMAP instead of t-SNE (needs umap-learn).")
@@ -134,6 +135,7 @@ def linear(**kw) -> None:
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out file.")
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
 @click.option("--data-opt", "data_opts", multiple=True, metavar="KEY=VALUE", help="Source option (repeatable).")
+@click.option("--device", default="auto", show_default=True, help="PyTorch encoders: auto, cpu, cuda, cuda:N.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def tsne(**kw) -> None:
@@ -144,7 +146,7 @@ def tsne(**kw) -> None:
     report = evaluate_tsne(kw["model"], kw["data"], kw["out"], kw["labels"], not kw["no_baseline"],
                            "umap" if kw["use_umap"] else "tsne", kw["perplexity"], kw["max_samples"], kw["seed"],
                            kw["overwrite"], kw["batch_size"], parse_pairs(kw["data_opts"], "--data-opt"),
-                           not kw["quiet"])
+                           not kw["quiet"], kw["device"])
     _print(report, kw["as_json"])
 
 

@@ -1,8 +1,10 @@
-"""What is evaluated (a run directory) and its embeddings of a labelled dataset.
+"""What is evaluated (a run directory or an exported ONNX file) and its embeddings.
 
-Embeddings come from :func:`sslkit.embed.embed_run` (the run's own preprocessing,
-batched, with a progress bar). The baseline is a randomly initialised encoder of the
-same architecture, drawn from a fixed seed so that two evaluations share it.
+Embeddings come from :func:`sslkit.embed.embed` (the model's own preprocessing, batched,
+with a progress bar). The baseline is a randomly initialised encoder of the same
+architecture (rebuilt from an ONNX file's metadata when that is what is evaluated),
+drawn from a fixed seed so that every evaluation shares it. Pretrained and random
+encoders embed in one pass over the data, so each image is decoded once.
 """
 
 from __future__ import annotations
@@ -11,12 +13,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from sslkit.embed import Embeddings, embed_run
+from sslkit import embed as embed_mod
+from sslkit.embed import Embeddings
 from sslkit.errors import UsageError
 from sslkit.eval.labels import Labelled, assign_labels, no_labels, read_labels_csv, select_labelled
-from sslkit.run import Run, load_run
+from sslkit.spec import InputSpec
 
 BASELINE_SEED = 0
 ENCODERS = ("pretrained", "random")
@@ -24,43 +28,114 @@ ENCODERS = ("pretrained", "random")
 
 @dataclass
 class EvalModel:
-    """The model under evaluation; reports go to ``report_dir``."""
+    """The model under evaluation. Reports go to ``report_dir``: ``RUN/eval`` for a run,
+    ``eval/`` beside an ONNX file (the run's own ``eval/`` when exported into the run)."""
 
     path: Path
-    run: Run
+    format: str  # "run" | "onnx"
+    info: dict[str, Any]  # task, backbone, backbone_options, embedding_dim
+    spec: InputSpec
+    run: Any = None  # sslkit.run.Run for a run directory
+    device: str = "cpu"
+    _pretrained: Any = None
+
+    @property
+    def pretrained(self) -> embed_mod.Model:
+        """The pretrained encoder as :class:`sslkit.embed.Model` (opened once)."""
+        if self._pretrained is None:
+            self._pretrained = embed_mod.open_model(self.path, self.device)
+        return self._pretrained
+
+    def source_options(self, data: str, overrides: dict[str, Any] | None) -> dict[str, Any]:
+        """The source options ``data`` is read with: the model's (same source kind), then ``overrides``."""
+        return embed_mod.source_options_for(self.pretrained, data, overrides)
 
     @property
     def report_dir(self) -> Path:
-        return self.path / "eval"
+        return (self.path if self.format == "run" else self.path.parent) / "eval"
 
     def describe(self) -> dict[str, Any]:
-        info = self.run.info
-        return {"path": str(self.path), "format": "run", "task": info.get("task"),
-                "backbone": self.run.backbone_name, "backbone_options": info.get("backbone_options", {}),
-                "embedding_dim": info.get("embedding_dim"), "image_size": self.run.spec.image_size,
-                "channels": self.run.spec.channels}
+        return {"path": str(self.path), "format": self.format, "task": self.info.get("task"),
+                "backbone": self.info.get("backbone"), "backbone_options": self.info.get("backbone_options") or {},
+                "embedding_dim": self.info.get("embedding_dim"), "image_size": self.spec.image_size,
+                "channels": self.spec.channels}
+
+    def require_run(self, what: str):
+        if self.run is None:
+            raise UsageError(f"{what} needs the run directory (PyTorch weights), not an ONNX file: "
+                             f"pass the run directory {str(self.path)!r} was exported from")
+        return self.run
+
+    def build_random_encoder(self) -> torch.nn.Module:
+        """A randomly initialised encoder of this architecture (fixed seed), in eval mode."""
+        from sslkit.registry import create_backbone
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(BASELINE_SEED)
+            if self.run is not None:
+                return self.run.build_encoder(weights=False)
+            return create_backbone(self.info["backbone"], in_chans=self.spec.channels,
+                                   image_size=self.spec.image_size, **(self.info.get("backbone_options") or {})).eval()
 
 
-def open_model(path: str | Path) -> EvalModel:
-    """A run directory (``sslkit pretrain --out``); an ONNX file is refused with a hint."""
+def open_model(path: str | Path, device: str = "auto") -> EvalModel:
+    """A run directory (``sslkit pretrain --out``) or an ``.onnx`` file from ``sslkit export``.
+
+    ``device`` (auto, cpu, cuda) runs PyTorch encoders; ONNX files run in onnxruntime.
+    """
+    from sslkit.engine import resolve_device
+
+    dev = str(resolve_device(device))
     p = Path(path)
-    if p.suffix.lower() == ".onnx":
-        raise UsageError(f"{str(path)!r}: evaluating an ONNX file is not supported yet; "
-                         f"pass the run directory it was exported from")
-    return EvalModel(p, load_run(p))
+    if p.is_dir():
+        from sslkit.run import load_run
+
+        run = load_run(p)
+        return EvalModel(p, "run", run.info, run.spec, run, dev)
+    if not p.is_file():
+        raise UsageError(f"model {str(path)!r} does not exist; give a run directory or an .onnx file")
+    meta = embed_mod.read_onnx_metadata(p)
+    return EvalModel(p, "onnx", meta, InputSpec.from_dict(meta["spec"]), None, dev)
 
 
-def embed(model: EvalModel, data: str, *, random_init: bool = False, batch_size: int = 64,
-          source_options: dict[str, Any] | None = None, progress: bool = True) -> Embeddings:
-    """``data`` -> Embeddings ``(N, D)`` from the pretrained (or a random-init) encoder."""
-    if not random_init:
-        return embed_run(str(model.path), data, batch_size, source_options, progress, weights=True)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(BASELINE_SEED)
-        return embed_run(str(model.path), data, batch_size, source_options, progress, weights=False)
+def _encoders(model: EvalModel, baseline: bool) -> list[embed_mod.Model]:
+    pretrained, device = model.pretrained, model.device
+    if not baseline:
+        return [pretrained]
+    encoder = model.build_random_encoder().to(device)
+
+    @torch.no_grad()
+    def encode(unit: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(embed_mod._normalize(model.spec, unit)).to(device)
+        return encoder(x).float().cpu().numpy()
+
+    random = embed_mod.Model(model.spec, pretrained.source_options, encode, "torch", pretrained.fixed_options)
+    return [pretrained, random]
 
 
-def check_labels(data: str, what: str, labels_csv: str | None,
+def embed_all(model: EvalModel, data: str, baseline: bool = True, batch_size: int = 64,
+              source_options: dict[str, Any] | None = None, progress: bool = True) -> dict[str, Embeddings]:
+    """``{"pretrained": Embeddings, "random": Embeddings}`` of ``data`` (``(N, D)`` each), one pass."""
+    models = _encoders(model, baseline)
+    first = models[0]
+    dims: list[int] = []
+
+    def encode(unit: np.ndarray) -> np.ndarray:
+        parts = [m.encode(unit) for m in models]
+        dims[:] = [p.shape[1] for p in parts]
+        return np.concatenate(parts, 1)
+
+    both = embed_mod.Model(first.spec, first.source_options, encode, first.engine, first.fixed_options, first.inexact)
+    emb = embed_mod.embed(both, data, batch_size, source_options, progress)
+    out, start = {}, 0
+    for name, d in zip(ENCODERS, dims):
+        out[name] = Embeddings(np.ascontiguousarray(emb.embeddings[:, start:start + d]), emb.ids, emb.labels,
+                               emb.skipped)
+        start += d
+    return out
+
+
+def check_labels(model: EvalModel, data: str, what: str, labels_csv: str | None,
                  source_options: dict[str, Any] | None = None) -> tuple[dict[str, str] | None, list[str]]:
     """Fail before decoding anything when ``data`` has no labelled image.
 
@@ -69,7 +144,7 @@ def check_labels(data: str, what: str, labels_csv: str | None,
     from sslkit.registry import create_source
 
     table = read_labels_csv(labels_csv) if labels_csv else None
-    refs = create_source(data, **(source_options or {})).index()
+    refs = create_source(data, **model.source_options(data, source_options)).index()
     if not refs:
         raise UsageError(f"{what}: no images found in {data!r}")
     labels = assign_labels([r.id for r in refs], [r.label for r in refs], table)
@@ -85,8 +160,7 @@ def labelled_embeddings(model: EvalModel, data: str, what: str, table: dict[str,
     ``table`` is a labels CSV read by :func:`check_labels` (None: class folders).
     """
     out = {}
-    for name in ENCODERS if baseline else ENCODERS[:1]:
-        emb = embed(model, data, random_init=name == "random", **kw)
+    for name, emb in embed_all(model, data, baseline, **kw).items():
         labels = assign_labels(emb.ids, emb.labels, table)
         out[name] = select_labelled(emb.embeddings, labels, what, data, table is not None)
     return out

@@ -32,6 +32,7 @@ class DataArgs:
     batch_size: int = 64
     source_options: dict[str, Any] = field(default_factory=dict)
     progress: bool = True
+    device: str = "auto"  # PyTorch encoders: auto, cpu, cuda
 
 
 @dataclass
@@ -46,11 +47,14 @@ class Prepared:
         return np.array([lookup[c] for c in labels], dtype=np.int64)
 
 
-def prepare(model_path: str, args: DataArgs) -> Prepared:
-    model = open_model(model_path)
+def prepare(model_path: str, args: DataArgs, needs_run: str | None = None) -> Prepared:
+    """Open the model, check labels (before decoding anything), embed train and test sets."""
+    model = open_model(model_path, args.device)
+    if needs_run:
+        model.require_run(needs_run)
     kw = dict(batch_size=args.batch_size, source_options=args.source_options, progress=args.progress)
-    table, train_labels = check_labels(args.train, "--train", args.labels_csv, args.source_options)
-    _, test_labels = check_labels(args.test, "--test", args.labels_csv, args.source_options)
+    table, train_labels = check_labels(model, args.train, "--train", args.labels_csv, args.source_options)
+    _, test_labels = check_labels(model, args.test, "--test", args.labels_csv, args.source_options)
     class_index(train_labels, test_labels, args.positive)  # fail fast, before embedding
     train = labelled_embeddings(model, args.train, "--train", table, args.baseline, **kw)
     test = labelled_embeddings(model, args.test, "--test", table, args.baseline, **kw)
@@ -94,9 +98,9 @@ def evaluate_knn(model_path: str, args: DataArgs, ks: Sequence[int] = (20, 200),
 
 def evaluate_linear(model_path: str, args: DataArgs, C_grid: Sequence[float] = C_GRID,
                     val_fraction: float = 0.2, seed: int = 0, finetune: bool = False,
-                    finetune_options: Any = None, device: str = "auto") -> dict[str, Any]:
+                    finetune_options: Any = None) -> dict[str, Any]:
     """Linear probe on frozen features (and optionally a short fine-tune); returns the saved report."""
-    prep = prepare(model_path, args)
+    prep = prepare(model_path, args, "--finetune" if finetune else None)
     settings: dict[str, Any] = {"C_grid": sorted(C_grid), "val_fraction": val_fraction, "seed": seed,
                                 "standardize": True, "baseline": args.baseline}
     if finetune:
@@ -115,35 +119,31 @@ def evaluate_linear(model_path: str, args: DataArgs, C_grid: Sequence[float] = C
             **classification_metrics(yte, p.argmax(1), p, len(prep.classes), prep.positive),
             "C": probe.C, "val_balanced_accuracy": probe.val_scores.get(probe.C)}}
     if finetune:
-        _add_finetune(report, prep, args, finetune_options, device)
+        _add_finetune(report, prep, args, finetune_options)
     save_report(report, prep.model.report_dir)
     return report
 
 
-def _add_finetune(report: dict[str, Any], prep: Prepared, args: DataArgs, options: Any, device: str) -> None:
+def _add_finetune(report: dict[str, Any], prep: Prepared, args: DataArgs, options: Any) -> None:
     from sslkit.data.pipeline import load_data
     from sslkit.engine import resolve_device
-    from sslkit.eval.features import BASELINE_SEED
     from sslkit.eval.finetune import finetune, predict_proba
     from sslkit.eval.labels import read_labels_csv
 
-    import torch
-
-    run, dev = prep.model.run, resolve_device(device)
+    run, dev = prep.model.require_run("--finetune"), resolve_device(args.device)
     spec = run.spec
     table = read_labels_csv(args.labels_csv) if args.labels_csv else None
     splits = {}
     for name, data in (("train", args.train), ("test", args.test)):
-        loaded = load_data(data, spec.image_size, spec.channels, args.source_options, progress=args.progress)
+        loaded = load_data(data, spec.image_size, spec.channels, prep.model.source_options(data, args.source_options),
+                           progress=args.progress)
         refs = loaded.prepared.refs
         labels = assign_labels([r.id for r in refs], [r.label for r in refs], table)
         keep = np.array([i for i, lab in enumerate(labels) if lab is not None])
         splits[name] = (loaded.prepared.pixels[keep], prep.indices([labels[i] for i in keep]))
     (xtr, ytr), (xte, yte) = splits["train"], splits["test"]
     for enc in prep.sets:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(BASELINE_SEED)
-            encoder = run.build_encoder(weights=enc == "pretrained")
+        encoder = run.build_encoder() if enc == "pretrained" else prep.model.build_random_encoder()
         model = finetune(encoder, spec, xtr, ytr, len(prep.classes), options, dev, args.progress)
         p = predict_proba(model, spec, xte, args.batch_size, dev)
         report["results"][enc]["finetune"] = {

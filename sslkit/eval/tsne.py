@@ -13,7 +13,7 @@ import numpy as np
 
 from sslkit.errors import UsageError
 from sslkit.output_file import check_output, write_atomic
-from sslkit.eval.features import ENCODERS, embed, open_model
+from sslkit.eval.features import embed_all, open_model
 from sslkit.eval.labels import assign_labels, read_labels_csv
 from sslkit.eval.report import new_report, save_report, unique_path
 
@@ -77,15 +77,15 @@ def plot_maps(panels: dict[str, np.ndarray], labels: list[str], title: str, out:
 def evaluate_tsne(model_path: str, data: str, out: str | None = None, labels_csv: str | None = None,
                   baseline: bool = True, method: str = "tsne", perplexity: float = 30.0,
                   max_samples: int = 5000, seed: int = 0, overwrite: bool = False, batch_size: int = 64,
-                  source_options: dict[str, Any] | None = None, progress: bool = True) -> dict[str, Any]:
+                  source_options: dict[str, Any] | None = None, progress: bool = True,
+                  device: str = "auto") -> dict[str, Any]:
     """Embed ``data``, map it to 2-D, save the PNG (``out`` or ``RUN/eval/tsne-<stamp>.png``) and a report."""
-    model = open_model(model_path)
+    model = open_model(model_path, device)
     out_path = _check_out(out, overwrite)
     table = read_labels_csv(labels_csv) if labels_csv else None
     panels, labels, n_total = {}, None, 0
-    for name in ENCODERS if baseline else ENCODERS[:1]:
-        emb = embed(model, data, random_init=name == "random", batch_size=batch_size,
-                    source_options=source_options, progress=progress)
+    embs = embed_all(model, data, baseline, batch_size, source_options, progress)
+    for name, emb in embs.items():
         n_total = len(emb.embeddings)
         keep = np.sort(np.random.default_rng(seed).permutation(n_total)[:max_samples])
         if labels is None:
