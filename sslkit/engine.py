@@ -139,13 +139,16 @@ class _Trainer:
         _check_pairing(task_cls, self.backbone_name, cfg)  # fail fast, before decoding anything
         show = cfg.progress and self.main
         if cfg.cache_dir and self.world > 1:  # rank 0 fills the cache, the others read it
-            data = load_data(cfg.data, cfg.image_size, cfg.channels, cfg.source_options, cfg.cache_dir, show) \
+            data = load_data(cfg.data, cfg.image_size, cfg.channels, cfg.source_options, cfg.cache_dir, show,
+                             val_fraction=cfg.val_fraction, seed=cfg.seed) \
                 if self.main else None
             distributed.barrier()
             if not self.main:
-                data = load_data(cfg.data, cfg.image_size, cfg.channels, cfg.source_options, cfg.cache_dir, False)
+                data = load_data(cfg.data, cfg.image_size, cfg.channels, cfg.source_options, cfg.cache_dir, False,
+                                 val_fraction=cfg.val_fraction, seed=cfg.seed)
         else:
-            data = load_data(cfg.data, cfg.image_size, cfg.channels, cfg.source_options, cfg.cache_dir, show)
+            data = load_data(cfg.data, cfg.image_size, cfg.channels, cfg.source_options, cfg.cache_dir, show,
+                             val_fraction=cfg.val_fraction, seed=cfg.seed)
         self.source, self.prepared, channels = data.source, data.prepared, data.channels
         mean, std = channel_stats(self.prepared.pixels)
         self.spec = spec = InputSpec(channels, cfg.image_size, mean, std, self.source.scheme, self.source.describe())
@@ -196,7 +199,7 @@ class _Trainer:
             "input_spec": spec.to_dict(),
             "embedding_dim": int(backbone.num_features),
             "dataset": {"fingerprint": fingerprint(self.prepared.refs, spec.preprocessing),
-                        "samples": len(self.prepared), "skipped": len(self.prepared.skipped)},
+                        "samples": len(self.prepared), "skipped": len(self.prepared.skipped), **data.split},
             "steps_per_epoch": self.steps_per_epoch,
             "total_steps": self.total,
             "optimization": {"lr": self.lr, "effective_batch": self.step_images, "warmup_steps": self.warmup,
@@ -304,19 +307,7 @@ class _Trainer:
                 batches = self.loader.epoch(self.epoch, self.pos * K)
                 try:
                     while self.pos < self.steps_per_epoch and self.step < self.total:
-                        scalars = self._accumulate(batches)
-                        scalars["stop"] = float(stop.requested)
-                        scalars = self._reduce(scalars)
-                        if not np.isfinite(scalars["loss"]):
-                            raise _Diverged(
-                                f"loss became {scalars['loss']} at step {self.step + 1}; nothing was updated. "
-                                f"Lower --lr (now {self.lr:g}) or set --grad-clip; the last good checkpoint "
-                                f"is in {self.ckpt_dir}"
-                            )
-                        grad_norm = self._optimizer_step()
-                        self.step, self.pos = self.step + 1, self.pos + 1
-                        self.task.on_step_end(self.step, self.total)
-
+                        scalars, grad_norm = self.train_step(batches, stop.requested)
                         now = time.perf_counter()
                         images += self.step_images
                         ips = self.step_images / max(now - t_last, 1e-9)
@@ -347,6 +338,26 @@ class _Trainer:
             "img_per_s": round(images / elapsed, 2) if elapsed > 0 and images else None,
             "final_loss": last.get("loss"), "interrupted": interrupted, "main": self.main,
         }
+
+    def train_step(self, batches, stop_requested: bool = False) -> tuple[dict[str, float], float | None]:
+        """One optimizer step from the next ``accumulate`` batches of ``batches``.
+
+        Returns the step's scalars (means over micro-batches and ranks; ``stop`` > 0 when
+        any rank was asked to stop) and the gradient norm when clipping.
+        """
+        scalars = self._accumulate(batches)
+        scalars["stop"] = float(stop_requested)
+        scalars = self._reduce(scalars)
+        if not np.isfinite(scalars["loss"]):
+            raise _Diverged(
+                f"loss became {scalars['loss']} at step {self.step + 1}; nothing was updated. "
+                f"Lower --lr (now {self.lr:g}) or set --grad-clip; the last good checkpoint "
+                f"is in {self.ckpt_dir}"
+            )
+        grad_norm = self._optimizer_step()
+        self.step, self.pos = self.step + 1, self.pos + 1
+        self.task.on_step_end(self.step, self.total)
+        return scalars, grad_norm
 
     def _accumulate(self, batches) -> dict[str, torch.Tensor]:
         """Forward and backward ``accumulate`` micro-batches; the mean of each logged scalar."""

@@ -1,0 +1,158 @@
+"""sslkit's SimCLR training step vs a bare PyTorch loop on the same tensors.
+
+Both run timm resnet18 + the SimCLR projection head + NT-Xent + backward + AdamW on the
+same pre-made views. The sslkit side is the engine's real loop (autocast context, loss
+reduction and finiteness check, LR schedule, optimizer step, on_step_end, metrics.csv
+row, progress bar), fed the fixed views instead of fresh augmentations; its per-step
+times are read back from metrics.csv. Blocks of the two alternate, so load from other
+processes on the machine hits both alike; the ratio of the medians is printed.
+
+    .venv/bin/python benchmarks/step_overhead.py [--steps 24] [--batch-size 256] [--image-size 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from sslkit.engine import _MetricsWriter, _StopSignal, _Trainer
+from sslkit.run import RunConfig
+from sslkit_plugins.tasks.simclr import nt_xent_loss
+
+
+def synthetic_folder(root: Path, n: int, size: int) -> Path:
+    rng = np.random.default_rng(0)
+    (root / "x").mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(root / "x" / f"{i}.png")
+    return root
+
+
+def sslkit_trainer(data: str, work: Path, batch_size: int, image_size: int, **cfg) -> _Trainer:
+    """An engine trainer for SimCLR/resnet18, built but not started (its run dir in ``work``)."""
+    config = RunConfig(task="simclr", data=data, out=str(work / "run"), backbone="timm:resnet18",
+                       batch_size=batch_size, image_size=image_size, epochs=1, progress=False, device="cpu",
+                       tensorboard=False, **cfg)
+    trainer = _Trainer(config, torch.device("cpu"))
+    trainer.build()
+    (work / "run").mkdir(parents=True, exist_ok=True)
+    trainer.metrics = _MetricsWriter(work / "run" / "metrics.csv", None)
+    trainer.tb = None
+    trainer.step = trainer.epoch = trainer.pos = 0
+    trainer._checkpoint = lambda: None  # checkpoints are not part of a step
+    return trainer
+
+
+class FixedLoader:
+    """Stands in for BatchLoader: the same batch every time."""
+
+    def __init__(self, batch: torch.Tensor) -> None:
+        self.batch = batch
+
+    def epoch(self, epoch: int, start: int = 0):
+        while True:
+            yield self.batch
+
+
+def run_engine(trainer: _Trainer, steps: int) -> None:
+    """Run the engine's real loop for ``steps`` more optimizer steps."""
+    trainer.total = trainer.step + steps
+    trainer.steps_per_epoch = trainer.pos + steps
+    trainer._loop(_StopSignal())
+
+
+def engine_step_times(trainer: _Trainer) -> list[float]:
+    """Seconds per step from metrics.csv, leaving out the first step of every block."""
+    with open(Path(trainer.cfg.out) / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    return [trainer.step_images / float(r["img_per_s"]) for r in rows]
+
+
+def fixed_views(batch_size: int, image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return (torch.randn(batch_size, 3, image_size, image_size, generator=g),
+            torch.randn(batch_size, 3, image_size, image_size, generator=g))
+
+
+def bare_step_fn(task, lr: float):
+    """The bare loop: same modules (a copy), NT-Xent, backward, AdamW, nothing else."""
+    model = copy.deepcopy(task)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.05)
+    model.train()
+
+    def step(views) -> None:
+        x1, x2 = views
+        z = model.projector(model.encoder(torch.cat([x1, x2])))
+        z1, z2 = z.chunk(2)
+        loss = nt_xent_loss(z1, z2, 0.5)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def time_calls(fn, n: int) -> list[float]:
+    out = []
+    for _ in range(n):
+        t = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t)
+    return out
+
+
+def interleave(blocks: int, per_block: int, engine_block, other_block) -> tuple[list[float], list[float]]:
+    """Alternate blocks of the two sides; the first step of every block is a warm-up."""
+    a: list[float] = []
+    b: list[float] = []
+    for _ in range(blocks):
+        a += engine_block(per_block)[1:]
+        b += other_block(per_block)[1:]
+    return a, b
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=24, help="steps per side (in blocks of 6)")
+    ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--image-size", type=int, default=32)
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        data = synthetic_folder(work / "data", args.batch_size, args.image_size)
+        trainer = sslkit_trainer(f"folder:{data}", work, args.batch_size, args.image_size)
+        views = fixed_views(args.batch_size, args.image_size)
+        trainer.loader = FixedLoader(torch.zeros(args.batch_size, 3, args.image_size, args.image_size))
+        trainer.augment = lambda x: views
+        bare = bare_step_fn(trainer.task, trainer.lr)
+        per_block = 6
+        blocks = max(1, args.steps // per_block)
+        seen = [0]
+
+        def engine_block(n: int) -> list[float]:
+            run_engine(trainer, n)
+            times = engine_step_times(trainer)[seen[0]:]
+            seen[0] += n
+            return times
+
+        ours, theirs = interleave(blocks, per_block, engine_block, lambda n: time_calls(lambda: bare(views), n))
+    m_ours, m_bare = statistics.median(ours), statistics.median(theirs)
+    print(f"simclr resnet18 {args.image_size}px batch {args.batch_size}, {len(ours)} timed steps per side, "
+          f"torch threads {torch.get_num_threads()}")
+    print(f"sslkit engine step  median {m_ours * 1000:8.1f} ms")
+    print(f"bare loop step      median {m_bare * 1000:8.1f} ms")
+    print(f"ratio sslkit / bare = {m_ours / m_bare:.3f}  (target <= 1.05)")
+
+
+if __name__ == "__main__":
+    main()
