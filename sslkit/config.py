@@ -294,7 +294,11 @@ def cli_values(kw: dict[str, Any], given: set[str]) -> dict[str, Any]:
         elif name == "backbone_opts":
             out["backbone_options"] = parse_values(parse_pairs(value, "--backbone-opt"))
         elif name == "data_opts":
-            out["source_options"] = parse_pairs(value, "--data-opt")
+            out["source_options"] = {**parse_pairs(value, "--data-opt"), **out.get("source_options", {})}
+        elif name in ("window", "modality", "series_description"):  # source options with their own flag
+            out["source_options"] = {**out.get("source_options", {}), name: value}
+        elif name == "no_cache":
+            out["cache_dir"] = ""
         elif name == "quiet":
             out["progress"] = not value
         elif name == "channels":

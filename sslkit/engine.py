@@ -138,7 +138,7 @@ class _Trainer:
 
         _check_pairing(task_cls, self.backbone_name, cfg)  # fail fast, before decoding anything
         show = cfg.progress and self.main
-        if cfg.cache_dir and self.world > 1:  # rank 0 fills the cache, the others read it
+        if cfg.cache_dir != "" and self.world > 1:  # rank 0 fills the cache, the others read it
             data = load_data(cfg.data, cfg.image_size, cfg.channels, cfg.source_options, cfg.cache_dir, show,
                              val_fraction=cfg.val_fraction, seed=cfg.seed) \
                 if self.main else None
