@@ -8,13 +8,24 @@ worker processes fight the model for CPU cores.
 
 Colour operations act only on 3-channel data; 1-channel data gets its own intensity
 operations (gamma, contrast), never fake RGB.
+
+The vocabulary is that of the SimCLR augmentation study (Chen et al. 2020, Fig. 4):
+random resized crop, flips, colour drop, colour jitter, rotation (free and 90° steps),
+cutout, gaussian noise, gaussian blur and Sobel filtering, plus gamma and contrast for
+1-channel data. Each random op has a deterministic twin taking per-sample parameters
+(``rotate(x, degrees)``, ``erase(x, boxes)``, ...) that equals
+``torchvision.transforms.v2.functional`` applied sample by sample (tests/test_augment.py);
+the random op only draws the parameters. Named recipes (:data:`RECIPES`) are
+:class:`ViewRecipe` settings; any field can be overridden by name
+(:func:`override_recipe`, :meth:`MultiView.override`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -52,11 +63,9 @@ def random_resized_crop(
     h = torch.sqrt(area / r).clamp(max=1.0)
     cx = (torch.rand(b, device=dev) * 2 - 1) * (1 - w)  # centre in [-1, 1] keeping the box inside
     cy = (torch.rand(b, device=dev) * 2 - 1) * (1 - h)
-    theta = torch.zeros(b, 2, 3, device=dev, dtype=x.dtype)
-    theta[:, 0, 0], theta[:, 0, 2] = w, cx
-    theta[:, 1, 1], theta[:, 1, 2] = h, cy
-    grid = F.affine_grid(theta, [b, x.shape[1], size, size], align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+    H, W = x.shape[2], x.shape[3]
+    boxes = torch.stack([(cy + 1 - h) * H / 2, (cx + 1 - w) * W / 2, h * H, w * W], 1)
+    return resized_crop(x, boxes, size)
 
 
 def horizontal_flip(x: torch.Tensor, p: float = 0.5) -> torch.Tensor:
@@ -133,22 +142,34 @@ def _hue_shift(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     return torch.cat([c.gather(1, idx) for c in (choices_r, choices_g, choices_b)], 1)
 
 
+def blur_kernel_size(h: int, w: int, kernel_frac: float = 0.1) -> int:
+    """Odd kernel side, about ``kernel_frac`` of the shorter image side (at least 3)."""
+    return max(3, int(kernel_frac * min(h, w)) // 2 * 2 + 1)
+
+
+def blur(x: torch.Tensor, sigma: torch.Tensor, k: int) -> torch.Tensor:
+    """Gaussian blur with per-sample ``sigma: (B,)``, kernel ``k`` (odd), reflect padding.
+
+    ``(B, C, H, W) -> (B, C, H, W)``; equals ``TF.gaussian_blur(x[i], [k, k], sigma[i])``.
+    """
+    b, c, h, w = x.shape
+    offs = torch.linspace(-(k // 2), k // 2, k, device=x.device, dtype=x.dtype)
+    kern = torch.exp(-0.5 * (offs.view(1, -1) / sigma.view(b, 1).to(x.dtype)) ** 2)
+    kern = kern / kern.sum(1, keepdim=True)  # (B, k)
+    weight = kern.repeat_interleave(c, 0)  # (B*C, k), one 1-D kernel per (sample, channel)
+    y = F.pad(x.reshape(1, b * c, h, w), (k // 2, k // 2, k // 2, k // 2), mode="reflect")
+    y = F.conv2d(y, weight.view(b * c, 1, 1, k), groups=b * c)
+    y = F.conv2d(y, weight.view(b * c, 1, k, 1), groups=b * c)
+    return y.view(b, c, h, w)
+
+
 def gaussian_blur(
     x: torch.Tensor, p: float = 0.5, sigma: tuple[float, float] = (0.1, 2.0), kernel_frac: float = 0.1
 ) -> torch.Tensor:
     """Blur with a per-sample sigma; kernel about ``kernel_frac`` of the image side (odd)."""
-    b, c, h, w = x.shape
-    k = max(3, int(kernel_frac * min(h, w)) // 2 * 2 + 1)
-    s = _uniform(b, *sigma, x.device).view(b, 1)
-    offs = torch.arange(k, device=x.device, dtype=x.dtype) - k // 2
-    kern = torch.exp(-(offs.view(1, -1) ** 2) / (2 * s**2))
-    kern = kern / kern.sum(1, keepdim=True)  # (B, k)
-    weight = kern.repeat_interleave(c, 0)  # (B*C, k), one 1-D kernel per (sample, channel)
-    y = x.reshape(1, b * c, h, w)
-    y = F.pad(y, (k // 2, k // 2, k // 2, k // 2), mode="reflect")
-    y = F.conv2d(y, weight.view(b * c, 1, 1, k), groups=b * c)
-    y = F.conv2d(y, weight.view(b * c, 1, k, 1), groups=b * c)
-    return _where(_coin(x, p), y.view(b, c, h, w), x)
+    s = _uniform(x.shape[0], *sigma, x.device)
+    y = blur(x, s, blur_kernel_size(x.shape[2], x.shape[3], kernel_frac))
+    return _where(_coin(x, p), y, x)
 
 
 def solarize(x: torch.Tensor, p: float = 0.2, threshold: float = 0.5) -> torch.Tensor:
@@ -159,6 +180,140 @@ def gamma(x: torch.Tensor, p: float = 0.5, log_range: float = 0.4) -> torch.Tens
     """Intensity gamma ``x ** g`` with ``log g`` uniform in ``±log_range`` (1-channel data)."""
     g = torch.exp(_uniform(x.shape[0], -log_range, log_range, x.device)).view(-1, 1, 1, 1)
     return _where(_coin(x, p), x.clamp(min=0).pow(g), x)
+
+
+def vertical_flip(x: torch.Tensor, p: float = 0.5) -> torch.Tensor:
+    return _where(_coin(x, p), x.flip(-2), x)
+
+
+def adjust_gamma(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """``x ** g`` with per-sample ``g: (B,)`` (as ``TF.adjust_gamma(x[i], g[i])``)."""
+    return x.clamp(min=0).pow(g.view(-1, 1, 1, 1).to(x.dtype)).clamp(0, 1)
+
+
+def adjust_contrast(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    """Blend with the mean luminance by per-sample ``f: (B,)`` (as ``TF.adjust_contrast``)."""
+    lum = _gray(x) if x.shape[1] == 3 else x
+    mean = lum.mean(dim=(1, 2, 3), keepdim=True)
+    f = f.view(-1, 1, 1, 1).to(x.dtype)
+    return (f * x + (1 - f) * mean).clamp(0, 1)
+
+
+def contrast(x: torch.Tensor, p: float = 0.5, strength: float = 0.4) -> torch.Tensor:
+    """Random contrast factor in ``[1 - strength, 1 + strength]`` (any channel count)."""
+    f = _uniform(x.shape[0], max(0.0, 1 - strength), 1 + strength, x.device)
+    return _where(_coin(x, p), adjust_contrast(x, f), x)
+
+
+def rotate(x: torch.Tensor, degrees: torch.Tensor) -> torch.Tensor:
+    """Rotate each sample counter-clockwise by ``degrees: (B,)`` about its centre.
+
+    Bilinear, corners filled with 0, size kept: ``TF.rotate(x[i], degrees[i])``.
+    ``(B, C, H, W) -> (B, C, H, W)``.
+    """
+    b, c, h, w = x.shape
+    a = torch.deg2rad(degrees.to(device=x.device, dtype=torch.float32))
+    cos, sin = torch.cos(a), torch.sin(a)
+    theta = torch.zeros(b, 2, 3, device=x.device, dtype=torch.float32)
+    # output pixel -> source pixel is the inverse rotation, in pixel units (aspect-correct)
+    theta[:, 0, 0], theta[:, 0, 1] = cos, -sin * h / w
+    theta[:, 1, 0], theta[:, 1, 1] = sin * w / h, cos
+    grid = F.affine_grid(theta, [b, c, h, w], align_corners=False).to(x.dtype)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def random_rotation(x: torch.Tensor, p: float = 0.5, degrees: float = 15.0) -> torch.Tensor:
+    """Free rotation by an angle uniform in ``±degrees`` (per sample)."""
+    angle = _uniform(x.shape[0], -degrees, degrees, x.device)
+    return _where(_coin(x, p), rotate(x, angle), x)
+
+
+def rotate90(x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Rotate sample ``i`` by ``k[i] * 90°`` counter-clockwise (exact; square images)."""
+    if x.shape[2] != x.shape[3]:
+        raise ValueError(f"90-degree rotations need square images, got {tuple(x.shape[2:])}")
+    out = x
+    for q in (1, 2, 3):
+        out = torch.where((k % 4 == q).view(-1, 1, 1, 1), torch.rot90(x, q, dims=(2, 3)), out)
+    return out
+
+
+def random_rotate90(x: torch.Tensor, p: float = 0.5) -> torch.Tensor:
+    """With probability ``p``, rotate by 90°, 180° or 270° (uniformly)."""
+    k = torch.randint(1, 4, (x.shape[0],), device=x.device)
+    return rotate90(x, torch.where(_coin(x, p), k, torch.zeros_like(k)))
+
+
+def erase(x: torch.Tensor, boxes: torch.Tensor, value: float = 0.0) -> torch.Tensor:
+    """Set box ``boxes[i] = (top, left, height, width)`` (pixels) of sample ``i`` to ``value``.
+
+    As ``TF.erase(x[i], top, left, height, width, value)``; a zero-size box erases nothing.
+    """
+    b, _, h, w = x.shape
+    ys = torch.arange(h, device=x.device).view(1, h, 1)
+    xs = torch.arange(w, device=x.device).view(1, 1, w)
+    t, l, bh, bw = (boxes[:, i].view(b, 1, 1) for i in range(4))
+    inside = (ys >= t) & (ys < t + bh) & (xs >= l) & (xs < l + bw)
+    return torch.where(inside.unsqueeze(1), torch.as_tensor(value, dtype=x.dtype, device=x.device), x)
+
+
+def cutout(x: torch.Tensor, p: float = 0.5, scale: tuple[float, float] = (0.02, 0.2),
+           ratio: tuple[float, float] = (0.3, 3.3)) -> torch.Tensor:
+    """Erase one random box (area fraction in ``scale``, aspect in ``ratio``) per sample."""
+    b, _, h, w = x.shape
+    area = _uniform(b, *scale, x.device) * h * w
+    r = torch.exp(_uniform(b, math.log(ratio[0]), math.log(ratio[1]), x.device))
+    bh = torch.sqrt(area / r).round().clamp(1, h).long()
+    bw = torch.sqrt(area * r).round().clamp(1, w).long()
+    top = (torch.rand(b, device=x.device) * (h - bh + 1)).long()
+    left = (torch.rand(b, device=x.device) * (w - bw + 1)).long()
+    keep = ~_coin(x, p)
+    bh, bw = bh.masked_fill(keep, 0), bw.masked_fill(keep, 0)
+    return erase(x, torch.stack([top, left, bh, bw], 1))
+
+
+def gaussian_noise(x: torch.Tensor, p: float = 0.5, std: tuple[float, float] = (0.0, 0.05)) -> torch.Tensor:
+    """Add ``N(0, s²)`` noise with ``s`` uniform in ``std`` per sample; clip to [0, 1]."""
+    s = _uniform(x.shape[0], *std, x.device).view(-1, 1, 1, 1).to(x.dtype)
+    return _where(_coin(x, p), (x + s * torch.randn_like(x)).clamp(0, 1), x)
+
+
+def sobel(x: torch.Tensor) -> torch.Tensor:
+    """Sobel gradient magnitude per channel, scaled to [0, 1]: ``(B, C, H, W) -> same``.
+
+    ``sqrt(gx² + gy²) / (4√2)`` with edge-replicating borders (``scipy.ndimage.sobel``
+    with ``mode="nearest"`` on each axis).
+    """
+    b, c, h, w = x.shape
+    d = torch.tensor([-1.0, 0.0, 1.0], device=x.device, dtype=x.dtype)
+    s = torch.tensor([1.0, 2.0, 1.0], device=x.device, dtype=x.dtype)
+    kx = (s.view(3, 1) * d.view(1, 3)).expand(b * c, 1, 3, 3)
+    ky = (d.view(3, 1) * s.view(1, 3)).expand(b * c, 1, 3, 3)
+    y = F.pad(x.reshape(1, b * c, h, w), (1, 1, 1, 1), mode="replicate")
+    gx, gy = F.conv2d(y, kx, groups=b * c), F.conv2d(y, ky, groups=b * c)
+    return (torch.sqrt(gx**2 + gy**2) / (4 * math.sqrt(2))).clamp(0, 1).view(b, c, h, w)
+
+
+def random_sobel(x: torch.Tensor, p: float = 0.5) -> torch.Tensor:
+    return _where(_coin(x, p), sobel(x), x)
+
+
+def resized_crop(x: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
+    """Crop ``boxes[i] = (top, left, height, width)`` (pixels, may be fractional) and resize.
+
+    Bilinear, no antialiasing: ``TF.resized_crop(x[i], *boxes[i], [size, size],
+    antialias=False)`` for integer boxes. ``(B, C, H, W) -> (B, C, size, size)``.
+    """
+    b, c, h, w = x.shape
+    top, left, bh, bw = (boxes[:, i].to(device=x.device, dtype=torch.float32).view(b, 1) for i in range(4))
+    centres = torch.arange(size, device=x.device, dtype=torch.float32).view(1, size) + 0.5
+    # source pixel of each output pixel centre, kept inside the box (as if cropped first)
+    sx = torch.minimum(torch.maximum(left + centres * bw / size - 0.5, left), left + bw - 1)
+    sy = torch.minimum(torch.maximum(top + centres * bh / size - 0.5, top), top + bh - 1)
+    gx = (2 * sx + 1) / w - 1  # (B, size), normalised for align_corners=False
+    gy = (2 * sy + 1) / h - 1
+    grid = torch.stack([gx.view(b, 1, size).expand(b, size, size), gy.view(b, size, 1).expand(b, size, size)], -1)
+    return F.grid_sample(x, grid.to(x.dtype), mode="bilinear", padding_mode="border", align_corners=False)
 
 
 class Normalize(nn.Module):
@@ -177,8 +332,10 @@ class Normalize(nn.Module):
 class ViewRecipe:
     """One view of the SimCLR augmentation family (Chen et al. 2020, Sec. 3 and App. A).
 
-    Colour ops apply to 3-channel data; on 1-channel data ``gamma_p`` and contrast /
-    brightness jitter take their place.
+    ``(B, C, H, W)`` in [0, 1] -> ``(B, C, size, size)`` in [0, 1]. Colour ops apply to
+    3-channel data; on 1-channel data ``gamma_p`` and contrast / brightness jitter take
+    their place. Ops whose probability (or range) is 0 draw no random numbers, so adding
+    fields never changes the views of an existing recipe.
     """
 
     size: int
@@ -191,21 +348,88 @@ class ViewRecipe:
     blur_p: float = 0.5
     solarize_p: float = 0.0
     gamma_p: float = 0.5
+    vflip_p: float = 0.0
+    rotate_p: float = 0.0
+    rotate_degrees: float = 15.0  # free rotation in ±degrees
+    rot90_p: float = 0.0  # 90°, 180° or 270°
+    contrast_p: float = 0.0  # extra contrast jitter (any channel count)
+    noise_p: float = 0.0
+    noise_std: tuple[float, float] = (0.0, 0.05)
+    cutout_p: float = 0.0
+    cutout_scale: tuple[float, float] = (0.02, 0.2)
+    sobel_p: float = 0.0
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x = random_resized_crop(x, self.size, self.scale)
         x = horizontal_flip(x, self.flip_p)
+        if self.vflip_p > 0:
+            x = vertical_flip(x, self.vflip_p)
+        if self.rot90_p > 0:
+            x = random_rotate90(x, self.rot90_p)
+        if self.rotate_p > 0:
+            x = random_rotation(x, self.rotate_p, self.rotate_degrees)
         if self.jitter_p > 0:
             x = color_jitter(x, self.jitter, self.jitter, self.jitter, self.hue, self.jitter_p)
         if x.shape[1] == 3:
             x = grayscale(x, self.gray_p)
         elif self.gamma_p > 0:
             x = gamma(x, self.gamma_p)
+        if self.contrast_p > 0:
+            x = contrast(x, self.contrast_p, self.jitter)
         if self.blur_p > 0:
             x = gaussian_blur(x, self.blur_p)
+        if self.sobel_p > 0:
+            x = random_sobel(x, self.sobel_p)
+        if self.noise_p > 0:
+            x = gaussian_noise(x, self.noise_p, self.noise_std)
+        if self.cutout_p > 0:
+            x = cutout(x, self.cutout_p, self.cutout_scale)
         if self.solarize_p > 0:
             x = solarize(x, self.solarize_p)
         return x
+
+
+#: Named recipes: ViewRecipe fields (``size`` comes from the run). ``recipe(name, size)``.
+RECIPES: dict[str, dict[str, Any]] = {
+    # SimCLR's ImageNet views (Chen et al. 2020, App. A)
+    "simclr": {},
+    # BYOL's second view: rarer blur, some solarization (Grill et al. 2020, Tab. 6)
+    "byol2": {"blur_p": 0.1, "solarize_p": 0.2},
+    # MAE: crop and flip only (He et al. 2022)
+    "crop": {"scale": (0.2, 1.0), "jitter_p": 0.0, "gray_p": 0.0, "blur_p": 0.0, "gamma_p": 0.0},
+    # radiographs / CT slices: mild geometry, intensity (not colour) changes, noise
+    "xray": {"scale": (0.3, 1.0), "rotate_p": 0.5, "rotate_degrees": 10.0, "jitter": 0.3, "hue": 0.0,
+             "gray_p": 0.0, "gamma_p": 0.5, "blur_p": 0.3, "noise_p": 0.3, "noise_std": (0.0, 0.03)},
+    # orientation-free data (histology, dermoscopy, microscopy): every flip and 90° turn
+    "orientation_free": {"vflip_p": 0.5, "rot90_p": 0.75},
+    # the study's full vocabulary, for ablations
+    "everything": {"vflip_p": 0.5, "rotate_p": 0.5, "rot90_p": 0.25, "contrast_p": 0.5, "noise_p": 0.5,
+                   "cutout_p": 0.5, "sobel_p": 0.1},
+}
+
+
+def recipe(name: str, size: int, **overrides: Any) -> ViewRecipe:
+    """The named recipe at ``size``, with ``overrides`` (field values or their strings)."""
+    if name not in RECIPES:
+        from sslkit.errors import UsageError
+        from sslkit.registry import unknown_name_message
+
+        raise UsageError(unknown_name_message("augmentation recipe", name, sorted(RECIPES)))
+    return override_recipe(ViewRecipe(size, **RECIPES[name]), overrides)
+
+
+def override_recipe(base: ViewRecipe, overrides: dict[str, Any]) -> ViewRecipe:
+    """``base`` with fields replaced; string values (``"0.5"``, ``"0.2,1.0"``) are parsed.
+
+    An unknown field or a bad value is a :class:`~sslkit.errors.UsageError`.
+    """
+    if not overrides:
+        return base
+    from sslkit.options import build_options
+
+    current = {f.name: getattr(base, f.name) for f in dataclasses.fields(base)}
+    parsed = dataclasses.asdict(build_options(ViewRecipe, {**{"size": base.size}, **overrides}, "augmentation"))
+    return dataclasses.replace(base, **{k: parsed[k] for k in overrides if k in current})
 
 
 class MultiView(nn.Module):
@@ -219,3 +443,9 @@ class MultiView(nn.Module):
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return tuple(self.normalize(recipe(x)) for recipe in self.recipes)
+
+    def override(self, **overrides: Any) -> "MultiView":
+        """The same views with ``overrides`` applied to every recipe (``--augment-opt``)."""
+        out = MultiView([override_recipe(r, overrides) for r in self.recipes], [0.0], [1.0])
+        out.normalize = self.normalize
+        return out

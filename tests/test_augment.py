@@ -1,0 +1,135 @@
+"""Batched augmentations against torchvision.transforms.v2.functional, sample by sample."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torchvision.transforms.v2.functional as TF
+from torchvision.transforms import InterpolationMode
+from scipy import ndimage
+
+from sslkit import augment as A
+from sslkit.errors import UsageError
+
+
+@pytest.fixture
+def x():
+    torch.manual_seed(0)
+    base = torch.rand(4, 3, 24, 24)
+    return torch.nn.functional.avg_pool2d(base, 3, 1, 1)  # some spatial structure
+
+
+def _per_sample(fn, x, *params):
+    return torch.stack([fn(x[i], *(p[i] for p in params)) for i in range(x.shape[0])])
+
+
+def test_blur_matches_torchvision(x):
+    sigma = torch.tensor([0.3, 0.8, 1.5, 2.0])
+    k = A.blur_kernel_size(24, 24, 0.25)
+    ref = _per_sample(lambda im, s: TF.gaussian_blur(im, [k, k], [float(s), float(s)]), x, sigma)
+    torch.testing.assert_close(A.blur(x, sigma, k), ref, atol=1e-6, rtol=0)
+
+
+def test_rotation_matches_torchvision(x):
+    angles = torch.tensor([0.0, 17.0, -40.0, 90.0])
+    rot = lambda im, a: TF.rotate(im, float(a), interpolation=InterpolationMode.BILINEAR)  # noqa: E731
+    ref = _per_sample(rot, x, angles)
+    torch.testing.assert_close(A.rotate(x, angles), ref, atol=1e-5, rtol=0)
+    wide = torch.rand(2, 1, 16, 28)  # non-square: pixel geometry, not normalised coordinates
+    a2 = torch.tensor([30.0, -75.0])
+    torch.testing.assert_close(A.rotate(wide, a2), _per_sample(rot, wide, a2), atol=1e-5, rtol=0)
+
+
+def test_rotate90_matches_torchvision(x):
+    k = torch.tensor([0, 1, 2, 3])
+    ref = _per_sample(lambda im, q: TF.rotate(im, 90.0 * int(q)), x, k)
+    torch.testing.assert_close(A.rotate90(x, k), ref, atol=1e-6, rtol=0)
+
+
+def test_erase_matches_torchvision(x):
+    boxes = torch.tensor([[0, 0, 5, 7], [10, 3, 8, 2], [20, 20, 4, 4], [0, 0, 0, 0]])
+    ref = _per_sample(lambda im, b: TF.erase(im, *map(int, b), v=torch.tensor(0.0)), x, boxes)
+    torch.testing.assert_close(A.erase(x, boxes), ref)
+
+
+def test_resized_crop_matches_torchvision(x):
+    boxes = torch.tensor([[0, 0, 24, 24], [3, 5, 12, 16], [10, 2, 14, 9], [6, 6, 6, 6]])
+    ref = _per_sample(lambda im, b: TF.resized_crop(im, *map(int, b), [16, 16], antialias=False), x, boxes)
+    torch.testing.assert_close(A.resized_crop(x, boxes, 16), ref, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_intensity_ops_match_torchvision(x, channels):
+    x = x[:, :channels]
+    g = torch.tensor([0.5, 0.8, 1.0, 1.9])
+    torch.testing.assert_close(A.adjust_gamma(x, g), _per_sample(lambda im, v: TF.adjust_gamma(im, float(v)), x, g))
+    f = torch.tensor([0.6, 1.0, 1.3, 0.0])
+    torch.testing.assert_close(A.adjust_contrast(x, f),
+                               _per_sample(lambda im, v: TF.adjust_contrast(im, float(v)), x, f), atol=1e-6, rtol=0)
+
+
+def test_hue_and_grayscale_match_torchvision(x):
+    shift = torch.tensor([0.0, 0.1, -0.25, 0.45])
+    ref = _per_sample(lambda im, h: TF.adjust_hue(im, float(h)), x, shift)
+    torch.testing.assert_close(A._hue_shift(x, shift), ref, atol=1e-5, rtol=0)
+    torch.testing.assert_close(A._gray(x), TF.rgb_to_grayscale(x), atol=1e-6, rtol=0)
+
+
+def test_sobel_matches_scipy(x):
+    y = A.sobel(x).numpy()
+    for i in range(2):
+        for c in range(3):
+            im = x[i, c].numpy().astype(np.float64)
+            mag = np.hypot(ndimage.sobel(im, 1, mode="nearest"), ndimage.sobel(im, 0, mode="nearest"))
+            np.testing.assert_allclose(y[i, c], mag / (4 * math.sqrt(2)), atol=1e-6)
+
+
+def test_random_ops_draw_per_sample_parameters(x):
+    torch.manual_seed(1)
+    out = A.random_rotation(x, p=1.0, degrees=45)
+    assert not torch.allclose(out[0], out[1]) and out.shape == x.shape
+    same = x[:1].expand(8, -1, -1, -1).contiguous()
+    cut = A.cutout(same, p=1.0, scale=(0.05, 0.2))
+    erased = (cut == 0).all(1).flatten(1).sum(1)  # erased pixels per sample
+    assert (erased > 0).all() and len(set(erased.tolist())) > 1  # different box per sample
+    assert torch.equal(A.cutout(same, p=0.0), same)
+    noisy = A.gaussian_noise(torch.full((64, 1, 16, 16), 0.5), p=1.0, std=(0.05, 0.05))
+    assert abs(float((noisy - 0.5).std()) - 0.05) < 0.005
+    r90 = A.random_rotate90(same, p=1.0)
+    assert all(any(torch.equal(r90[i], torch.rot90(same[0], q, (1, 2))) for q in (1, 2, 3)) for i in range(8))
+
+
+def test_colour_ops_leave_grayscale_alone():
+    g = torch.rand(4, 1, 16, 16)
+    torch.manual_seed(0)
+    assert torch.equal(A.grayscale(g, p=1.0), g)
+    out = A.color_jitter(g, 0.0, 0.0, 0.9, 0.4, p=1.0)  # saturation and hue only: no-ops on 1 channel
+    torch.testing.assert_close(out, g)
+    v = A.ViewRecipe(12, **A.RECIPES["everything"])(g)
+    assert v.shape == (4, 1, 12, 12) and 0 <= v.min() and v.max() <= 1
+
+
+def test_new_fields_do_not_change_existing_recipes():
+    """Off-by-default ops draw no random numbers: old recipes give the same views."""
+    x = torch.rand(4, 3, 20, 20)
+    torch.manual_seed(5)
+    a = A.ViewRecipe(16)(x)
+    torch.manual_seed(5)
+    b = A.ViewRecipe(16, vflip_p=0.0, rotate_p=0.0, noise_p=0.0, cutout_p=0.0, sobel_p=0.0)(x)
+    assert torch.equal(a, b)
+
+
+def test_named_recipes_and_overrides():
+    r = A.recipe("xray", 32, blur_p="0", scale="0.5,1.0", rotate_degrees=5)
+    assert (r.size, r.blur_p, r.scale, r.rotate_degrees, r.hue) == (32, 0.0, (0.5, 1.0), 5.0, 0.0)
+    with pytest.raises(UsageError, match="unknown augmentation recipe 'xrays'"):
+        A.recipe("xrays", 32)
+    with pytest.raises(UsageError, match="no option 'blurr_p'"):
+        A.recipe("simclr", 32, blurr_p=0)
+    mv = A.MultiView([A.ViewRecipe(8), A.ViewRecipe(8, blur_p=0.2)], [0.5], [0.2]).override(noise_p="0.3")
+    assert [v.noise_p for v in mv.recipes] == [0.3, 0.3] and mv.recipes[1].blur_p == 0.2
+    views = mv(torch.rand(2, 1, 10, 10))
+    assert len(views) == 2 and views[0].shape == (2, 1, 8, 8)
