@@ -1,0 +1,245 @@
+#!/usr/bin/env python
+"""Embed a folder of images with an encoder exported by ``sslkit export``: no sslkit, no torch.
+
+Needs only onnxruntime, numpy, pillow and (for DICOM files) pydicom. Everything else comes
+from the ``sslkit`` JSON in the ONNX file's metadata: input name and dtype, channels,
+image size, and the preprocessing the graph does not do itself.
+
+    python examples/onnx_inference.py encoder.onnx FOLDER --out embeddings.npz
+
+Per image, as in pretraining:
+
+1. read pixels: 8/16-bit PNG/JPEG/TIFF with pillow; DICOM with pydicom, through the
+   modality LUT (RescaleSlope/Intercept: Hounsfield units for CT);
+2. map to what the graph takes (``input.raw.kind`` in the metadata):
+   ``uint8`` / ``uint16`` raw pixels, ``window`` modality values (MONOCHROME1 reflected in
+   the window), ``unit`` [0, 1] after the run's DICOM window (``auto``: the file's first
+   VOI window, else min-max), or ``normalized`` ``(x - mean) / std``;
+3. convert channels (RGB -> luma 0.2989 R + 0.587 G + 0.114 B, gray -> repeated);
+4. resize the shorter side to ``image_size`` (bilinear, antialiased) and centre-crop.
+
+Writes ``embeddings`` (N, D) float32 and ``ids`` (file paths, ``#frame`` for frames).
+Pillow's resampling is close to, not bit-identical with, PyTorch's antialiased bilinear
+resize used in training; images already at ``image_size`` give identical embeddings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from PIL import Image
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp"}
+LUMA = (0.2989, 0.587, 0.114)
+
+
+def read_metadata(session: ort.InferenceSession) -> dict:
+    meta = session.get_modelmeta().custom_metadata_map
+    if "sslkit" not in meta:
+        sys.exit("error: this ONNX file has no 'sslkit' metadata; export it with `sslkit export`")
+    return json.loads(meta["sslkit"])
+
+
+def is_dicom(path: Path) -> bool:
+    if path.suffix.lower() in (".dcm", ".dicom"):
+        return True
+    with open(path, "rb") as f:
+        f.seek(128)
+        return f.read(4) == b"DICM"
+
+
+def list_files(folder: Path) -> list[Path]:
+    files = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            p = Path(dirpath) / name
+            if not name.startswith(".") and (p.suffix.lower() in IMAGE_SUFFIXES or is_dicom(p)):
+                files.append(p)
+    return files
+
+
+# --- 1-2: pixels as the graph takes them ------------------------------------------------
+def image_pixels(path: Path, raw: dict) -> np.ndarray:
+    """A pillow image -> (C, H, W) in the graph's raw kind (before channel conversion)."""
+    with Image.open(path) as img:
+        img.load()
+        if img.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
+            x, top = np.asarray(img, dtype=np.uint16).astype(np.float32), 65535.0
+        elif img.mode == "I":
+            a = np.asarray(img, dtype=np.float32)
+            x, top = a, 65535.0 if a.max() > 255 else 255.0
+        else:
+            if img.mode not in ("L", "RGB"):
+                img = img.convert("RGB")
+            x, top = np.asarray(img, dtype=np.float32), 255.0
+    x = x[None] if x.ndim == 2 else x.transpose(2, 0, 1)
+    kind = raw["kind"]
+    if kind == "uint8":
+        return x * (255.0 / top)  # a 16-bit image given to an 8-bit graph loses its low bits
+    if kind == "uint16":
+        return x * (65535.0 / top)
+    if kind == "window":
+        raise ValueError("this graph takes DICOM modality values, not a regular image")
+    return x / top
+
+
+def dicom_frames(path: Path) -> list[tuple[int | None, np.ndarray]]:
+    """Every frame of a DICOM file as (frame or None, float32 modality values or RGB)."""
+    import pydicom
+    from pydicom.pixels import apply_modality_lut
+
+    ds = pydicom.dcmread(path)
+    arr = ds.pixel_array
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    colour = int(ds.get("SamplesPerPixel", 1)) == 3
+    out = []
+    for i in range(frames):
+        a = arr[i] if frames > 1 else arr
+        if colour:
+            bits = int(ds.get("BitsStored", 8))
+            out.append((i if frames > 1 else None, ("rgb", a.astype(np.float32).transpose(2, 0, 1) / (2**bits - 1), ds)))
+        else:
+            out.append((i if frames > 1 else None, ("gray", apply_modality_lut(a, ds).astype(np.float32), ds)))
+    return out
+
+
+def _linear(values: np.ndarray, lower: float, upper: float) -> np.ndarray:
+    return np.clip((values - lower) / (upper - lower), 0.0, 1.0)
+
+
+def _file_window(ds, values: np.ndarray) -> np.ndarray:
+    """``auto``: the file's first window (DICOM LINEAR function), else the image's min-max."""
+    from pydicom.multival import MultiValue
+
+    c, w = ds.get("WindowCenter"), ds.get("WindowWidth")
+    if c not in (None, "") and w not in (None, ""):
+        c = float(c[0] if isinstance(c, MultiValue) else c)
+        w = float(w[0] if isinstance(w, MultiValue) else w)
+        if w > 1:
+            return _linear(values, c - 0.5 - (w - 1) / 2, c - 0.5 + (w - 1) / 2)
+    lo, hi = float(values.min()), float(values.max())
+    return _linear(values, lo, hi) if hi > lo else np.zeros_like(values)
+
+
+def dicom_pixels(item, raw: dict, spec: dict) -> np.ndarray:
+    """One DICOM frame -> (C, H, W) in the graph's raw kind."""
+    what, values, ds = item
+    if what == "rgb":
+        if raw["kind"] == "window":
+            raise ValueError("colour DICOM cannot be given to a graph that windows modality values")
+        return values
+    monochrome1 = str(ds.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1"
+    if raw["kind"] == "window":
+        lower, upper = raw["window"][0]["lower"], raw["window"][0]["upper"]
+        return (lower + upper - values if monochrome1 else values)[None]
+    windows = spec.get("preprocessing", {}).get("window") or ["auto"]
+    channels = []
+    for w in windows if isinstance(windows, list) else [windows]:
+        m = re.search(r"W\s*([-+\d.e]+),\s*L\s*([-+\d.e]+)", str(w))
+        if m:
+            width, level = float(m.group(1)), float(m.group(2))
+            x = _linear(values, level - width / 2, level + width / 2)
+        elif str(w).startswith("minmax"):
+            lo, hi = float(values.min()), float(values.max())
+            x = _linear(values, lo, hi) if hi > lo else np.zeros_like(values)
+        else:
+            x = _file_window(ds, values)
+        channels.append(1.0 - x if monochrome1 else x)
+    return np.stack(channels)
+
+
+# --- 3-4: channels and size -----------------------------------------------------------
+def to_channels(x: np.ndarray, channels: int) -> np.ndarray:
+    if x.shape[0] in (2, 4):
+        x = x[:-1]
+    if x.shape[0] == channels:
+        return x
+    if channels == 1 and x.shape[0] == 3:
+        return (LUMA[0] * x[0] + LUMA[1] * x[1] + LUMA[2] * x[2])[None]
+    return np.repeat(x[:1], channels, axis=0)
+
+
+def resize_square(x: np.ndarray, size: int) -> np.ndarray:
+    """(C, H, W) -> (C, size, size): shorter side to ``size`` (antialiased bilinear), centre crop."""
+    c, h, w = x.shape
+    if (h, w) == (size, size):
+        return x
+    scale = size / min(h, w)
+    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+    top, left = (nh - size) // 2, (nw - size) // 2
+    out = [np.asarray(Image.fromarray(ch.astype(np.float32), mode="F").resize((nw, nh), Image.BILINEAR))
+           for ch in x]
+    return np.stack(out)[:, top: top + size, left: left + size]
+
+
+def prepare(x: np.ndarray, meta: dict) -> np.ndarray:
+    inp, raw = meta["input"], meta["input"]["raw"]
+    x = resize_square(to_channels(x, inp["channels"]), inp["image_size"])
+    if raw["kind"] == "normalized":
+        mean = np.asarray(inp["mean"], np.float32).reshape(-1, 1, 1)
+        std = np.asarray(inp["std"], np.float32).reshape(-1, 1, 1)
+        x = (x - mean) / std
+    if inp["dtype"] in ("uint8", "uint16"):
+        x = np.clip(np.rint(x), 0, np.iinfo(inp["dtype"]).max)
+    return x.astype(inp["dtype"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
+    parser.add_argument("model", help="encoder.onnx exported by sslkit")
+    parser.add_argument("folder", help="folder of images (PNG, JPEG, TIFF, DICOM)")
+    parser.add_argument("--out", required=True, help="output .npz")
+    parser.add_argument("--batch-size", type=int, default=32)
+    args = parser.parse_args(argv)
+    if Path(args.out).exists():
+        sys.exit(f"error: {args.out} already exists")
+
+    session = ort.InferenceSession(args.model, providers=["CPUExecutionProvider"])
+    meta = read_metadata(session)
+    name, output = meta["input"]["name"], meta["output"]["name"]
+    raw, spec = meta["input"]["raw"], meta["spec"]
+
+    ids, batch, embeddings, skipped = [], [], [], 0
+    files = list_files(Path(args.folder))
+
+    def flush():
+        if batch:
+            embeddings.append(session.run([output], {name: np.stack(batch)})[0])
+            batch.clear()
+
+    for n, path in enumerate(files, 1):
+        try:
+            if is_dicom(path):
+                items = [(f, dicom_pixels(item, raw, spec)) for f, item in dicom_frames(path)]
+            else:
+                items = [(None, image_pixels(path, raw))]
+        except Exception as exc:
+            print(f"skipped {path}: {type(exc).__name__}: {exc}", file=sys.stderr)
+            skipped += 1
+            continue
+        for frame, x in items:
+            ids.append(str(path) if frame is None else f"{path}#{frame}")
+            batch.append(prepare(x, meta))
+            if len(batch) == args.batch_size:
+                flush()
+        print(f"\r{n}/{len(files)} files", end="", file=sys.stderr)
+    flush()
+    print(file=sys.stderr)
+    if not embeddings:
+        sys.exit("error: no image could be embedded")
+    result = np.concatenate(embeddings).astype(np.float32)
+    np.savez(args.out, embeddings=result, ids=np.array(ids, dtype=str))
+    print(f"embedded {len(ids)} images ({result.shape[1]}-d); {skipped} files skipped; saved to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,85 @@
+"""`sslkit embed`: a run directory (PyTorch) and its ONNX export (onnxruntime) agree."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sslkit.embed import embed, embed_run
+from sslkit.export import export_run
+from tests.conftest import make_images, run_sslkit
+from tests.test_export import _assert_one_line_error
+
+
+@pytest.fixture(scope="module")
+def run_and_onnx(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("embed")
+    data = make_images(root / "gray", n_per_class=5, size=40, channels=1)
+    run_dir = root / "run"
+    proc = run_sslkit("pretrain", "--task", "simclr", "--data", f"folder:{data}", "--out", run_dir,
+                      "--backbone", "timm:resnet10t", "--image-size", 32, "--batch-size", 8,
+                      "--max-steps", 1, "--epochs", 1, "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    export_run(run_dir, root / "encoder.onnx", check_data="none")
+    return {"root": root, "data": data, "run": run_dir, "onnx": root / "encoder.onnx"}
+
+
+def test_onnx_and_run_dir_agree(run_and_onnx, tmp_path, cli):
+    a, b = tmp_path / "run.npz", tmp_path / "onnx.npz"
+    proc = run_sslkit("embed", run_and_onnx["run"], "--data", run_and_onnx["data"], "--out", a)
+    assert proc.returncode == 0, proc.stderr
+    assert "embedded 10 images (512-d, torch)" in proc.stdout
+    assert "embedding" in proc.stderr  # the progress bar
+    result = cli("embed", run_and_onnx["onnx"], "--data", f"folder:{run_and_onnx['data']}", "--out", b, "--quiet")
+    assert result.exit_code == 0, result.output
+    assert "onnxruntime" in result.stdout
+
+    ra, rb = np.load(a), np.load(b)
+    assert ra["embeddings"].dtype == np.float32 and ra["embeddings"].shape == (10, 512)
+    assert ra["ids"].dtype.kind == "U" and list(ra["ids"]) == list(rb["ids"])
+    assert ra["ids"][0].endswith("gray/a/0.png") and set(ra["labels"]) == {"a", "b"}
+    np.testing.assert_allclose(ra["embeddings"], rb["embeddings"], atol=1e-4)
+    assert np.abs(ra["embeddings"]).max() > 1e-3  # not trivially zero
+
+
+def test_embed_run_is_embed_of_the_run_dir(run_and_onnx):
+    """``embed_run`` (used by eval) delegates to ``embed``; the random baseline differs."""
+    data = f"folder:{run_and_onnx['data']}"
+    direct = embed(run_and_onnx["run"], data, batch_size=4, progress=False)
+    legacy = embed_run(str(run_and_onnx["run"]), data, batch_size=3, progress=False)
+    np.testing.assert_allclose(direct.embeddings, legacy.embeddings, atol=1e-5)
+    assert direct.ids == legacy.ids and direct.labels == legacy.labels
+    baseline = embed_run(str(run_and_onnx["run"]), data, progress=False, weights=False)
+    assert np.abs(baseline.embeddings - direct.embeddings).max() > 1e-3
+
+
+def test_bad_models_and_outputs(run_and_onnx, tmp_path, cli):
+    data = str(run_and_onnx["data"])
+    out = tmp_path / "e.npz"
+    corrupt = tmp_path / "corrupt.onnx"
+    corrupt.write_bytes(run_and_onnx["onnx"].read_bytes()[:2000])
+    _assert_one_line_error(run_sslkit("embed", corrupt, "--data", data, "--out", out), "cannot read ONNX model")
+    _assert_one_line_error(cli("embed", tmp_path / "missing.onnx", "--data", data, "--out", out), "does not exist")
+    _assert_one_line_error(cli("embed", tmp_path / "nothing", "--data", data, "--out", out), "does not exist")
+
+    # an ONNX file that sslkit did not export
+    import onnx
+
+    foreign = onnx.load(str(run_and_onnx["onnx"]))
+    del foreign.metadata_props[:]
+    onnx.save(foreign, str(tmp_path / "foreign.onnx"))
+    _assert_one_line_error(cli("embed", tmp_path / "foreign.onnx", "--data", data, "--out", out), "not exported by sslkit")
+
+    # outputs: never overwritten silently, unwritable folders refused before any work
+    keep = tmp_path / "keep.npz"
+    keep.write_text("precious")
+    _assert_one_line_error(cli("embed", run_and_onnx["onnx"], "--data", data, "--out", keep), "already exists")
+    assert keep.read_text() == "precious"
+    _assert_one_line_error(cli("embed", run_and_onnx["onnx"], "--data", data, "--out", "/proc/e.npz"), "not writable")
+    _assert_one_line_error(cli("embed", run_and_onnx["onnx"], "--data", tmp_path / "nodata", "--out", out), "does not exist")
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
+
+    result = cli("embed", run_and_onnx["onnx"], "--data", data, "--out", keep, "--overwrite", "--quiet")
+    assert result.exit_code == 0 and np.load(keep)["embeddings"].shape == (10, 512)
