@@ -68,7 +68,7 @@ def real_samples(run: Run, data: str | None = None, n: int = REAL_SAMPLES) -> tu
     from sslkit.registry import create_source
 
     if data == "none":
-        return None, "skipped (--check-data none)"
+        return None, "skipped: --check-data none"
     location = data or run.info.get("config", {}).get("data")
     if not location:
         return None, "skipped: the run records no data location"

@@ -115,9 +115,11 @@ def export_onnx(encoder: nn.Module, spec: InputSpec, metadata: dict[str, Any], o
         report["checks"] = checks
         report["max_abs_diff"] = max(c["max_abs_diff"] for c in checks)
         report["min_cosine"] = min(c["min_cosine"] for c in checks)
-        report["real_inputs"] = samples_note or f"{len(samples)} samples of the run's data"
         if samples is None or not len(samples):
-            log(f"real-input check skipped: {samples_note or 'no samples'}")
+            report["real_inputs"] = samples_note or "skipped: no real samples given"
+            log(f"real-input check {report['real_inputs']}")
+        else:
+            report["real_inputs"] = samples_note or f"{len(samples)} real samples"
         if fp16:
             from onnxruntime.transformers.float16 import convert_float_to_float16
 
