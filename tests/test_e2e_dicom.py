@@ -32,7 +32,8 @@ def test_pydicom_files_to_checked_onnx(pydicom_dir, tmp_path):
     proc = run_sslkit("export", run_dir, "--out", onnx_path, "--json")
     assert proc.returncode == 0, proc.stderr
     parity = json.loads(proc.stdout)
-    assert [c["batch"] for c in parity["checks"]] == [1, 8] and parity["max_abs_diff"] <= 1e-4
+    assert {(c["inputs"], c["batch"]) for c in parity["checks"]} == {
+        ("random", 1), ("random", 8), ("real", 1), ("real", 8)} and parity["max_abs_diff"] <= 1e-4
 
     model = onnx.load(str(onnx_path))
     assert [i.name for i in model.graph.input] == ["pixels"]
