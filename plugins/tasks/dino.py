@@ -125,10 +125,11 @@ class DINO(Task):
             teacher = teacher.view(n_global, -1, teacher.shape[-1])
         loss = dino_loss(teacher, student, self.center, float(self.teacher_temp), o.student_temp)
         self._batch_center = teacher.mean(dim=(0, 1), keepdim=False).unsqueeze(0)
-        with torch.no_grad():
-            entropy = -(F.softmax((teacher - self.center) / self.teacher_temp, -1)
-                        * F.log_softmax((teacher - self.center) / self.teacher_temp, -1)).sum(-1).mean()
-        return {"loss": loss, "teacher_entropy": entropy, "teacher_temp": self.teacher_temp.clone()}
+        with torch.no_grad():  # loss = H(P_t) + KL(P_t || P_s), averaged over the view pairs
+            log_t = F.log_softmax((teacher - self.center) / self.teacher_temp, -1)
+            entropy = -(log_t.exp() * log_t).sum(-1).mean()
+        return {"loss": loss, "teacher_entropy": entropy, "kl": loss.detach() - entropy,
+                "teacher_temp": self.teacher_temp.clone()}
 
     @torch.no_grad()
     def on_step_end(self, step: int, total_steps: int) -> None:
