@@ -78,20 +78,42 @@ def _report(kind: str, prep: Prepared, args: DataArgs, settings: dict[str, Any])
     return report
 
 
+def knn_results(prep: Prepared, ks: Sequence[int] = (20, 200),
+                temperature: float = TEMPERATURE) -> dict[str, dict[str, Any]]:
+    """``{encoder: {"k=K": metrics}}`` of the weighted kNN for every ``k``."""
+    results = {}
+    for enc, (tr, te) in prep.sets.items():
+        ytr, yte = prep.indices(tr.labels), prep.indices(te.labels)
+        votes = knn_votes(tr.x, ytr, te.x, len(prep.classes), ks, temperature)
+        results[enc] = {
+            f"k={k}": {**classification_metrics(yte, v.argmax(1), v, len(prep.classes), prep.positive),
+                       "k_used": min(k, len(ytr))}
+            for k, v in votes.items()
+        }
+    return results
+
+
+def linear_results(prep: Prepared, C_grid: Sequence[float] = C_GRID, val_fraction: float = 0.2,
+                   seed: int = 0) -> dict[str, dict[str, Any]]:
+    """``{encoder: {"linear": metrics + chosen C}}`` of the frozen-feature linear probe."""
+    results = {}
+    for enc, (tr, te) in prep.sets.items():
+        ytr, yte = prep.indices(tr.labels), prep.indices(te.labels)
+        probe = fit_linear_probe(tr.x, ytr, len(prep.classes), C_grid, val_fraction, seed=seed)
+        p = probe.predict_proba(te.x)
+        results[enc] = {"linear": {
+            **classification_metrics(yte, p.argmax(1), p, len(prep.classes), prep.positive),
+            "C": probe.C, "val_balanced_accuracy": probe.val_scores.get(probe.C)}}
+    return results
+
+
 def evaluate_knn(model_path: str, args: DataArgs, ks: Sequence[int] = (20, 200),
                  temperature: float = TEMPERATURE) -> dict[str, Any]:
     """Weighted kNN (Wu et al. 2018) for every ``k``; returns the saved report."""
     prep = prepare(model_path, args)
     report = _report("knn", prep, args, {"k": list(ks), "temperature": temperature, "metric": "cosine",
                                          "baseline": args.baseline})
-    for enc, (tr, te) in prep.sets.items():
-        ytr, yte = prep.indices(tr.labels), prep.indices(te.labels)
-        votes = knn_votes(tr.x, ytr, te.x, len(prep.classes), ks, temperature)
-        report["results"][enc] = {
-            f"k={k}": {**classification_metrics(yte, v.argmax(1), v, len(prep.classes), prep.positive),
-                       "k_used": min(k, len(ytr))}
-            for k, v in votes.items()
-        }
+    report["results"] = knn_results(prep, ks, temperature)
     save_report(report, prep.model.report_dir)
     return report
 
@@ -111,13 +133,7 @@ def evaluate_linear(model_path: str, args: DataArgs, C_grid: Sequence[float] = C
         finetune_options = finetune_options or FinetuneOptions()
         settings["finetune"] = asdict(finetune_options)
     report = _report("linear", prep, args, settings)
-    for enc, (tr, te) in prep.sets.items():
-        ytr, yte = prep.indices(tr.labels), prep.indices(te.labels)
-        probe = fit_linear_probe(tr.x, ytr, len(prep.classes), C_grid, val_fraction, seed=seed)
-        p = probe.predict_proba(te.x)
-        report["results"][enc] = {"linear": {
-            **classification_metrics(yte, p.argmax(1), p, len(prep.classes), prep.positive),
-            "C": probe.C, "val_balanced_accuracy": probe.val_scores.get(probe.C)}}
+    report["results"] = linear_results(prep, C_grid, val_fraction, seed)
     if finetune:
         _add_finetune(report, prep, args, finetune_options)
     save_report(report, prep.model.report_dir)

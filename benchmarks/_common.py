@@ -1,0 +1,129 @@
+"""Shared pieces of the evaluation benchmarks: resumable stages, data splits, CPU budgets, probes.
+
+Every benchmark keeps its state in ``WORK/state.json``; a finished stage is skipped when
+the command is run again, and an interrupted ``sslkit pretrain`` continues with
+``--resume``. CPU time is process CPU time (user + system, all threads), so a budget
+means the same work on a quiet or a shared machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+class Stages:
+    """Named stages with their results in ``work/state.json``; done stages are skipped."""
+
+    def __init__(self, work: Path) -> None:
+        self.work = work
+        work.mkdir(parents=True, exist_ok=True)
+        self.file = work / "state.json"
+        self.state: dict[str, Any] = json.loads(self.file.read_text()) if self.file.exists() else {}
+
+    def run(self, name: str, fn: Callable[[], Any]) -> Any:
+        if name in self.state:
+            print(f"[skip] {name}: done earlier", flush=True)
+            return self.state[name]
+        print(f"[run ] {name}", flush=True)
+        t0 = time.time()
+        result = fn()
+        self.state[name] = result
+        tmp = self.file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.state, indent=2, default=str))
+        os.replace(tmp, self.file)
+        print(f"[done] {name} in {time.time() - t0:.0f}s wall", flush=True)
+        return result
+
+
+def cpu_seconds(children: bool = False) -> float:
+    who = resource.RUSAGE_CHILDREN if children else resource.RUSAGE_SELF
+    r = resource.getrusage(who)
+    return r.ru_utime + r.ru_stime
+
+
+def extract(tar: Path, dest: Path) -> Path:
+    """Unpack ``tar`` into ``dest`` (skipped when ``dest/.complete`` exists)."""
+    if not (dest / ".complete").exists():
+        if not tar.exists():
+            sys.exit(f"error: data archive {tar} does not exist (pass --data)")
+        dest.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(tar) as t:
+            t.extractall(dest, filter="data")
+        (dest / ".complete").write_text("")
+    return dest
+
+
+def link_split(files: dict[str, list[Path]], dest: Path) -> Path:
+    """``{class: [files]}`` -> ``dest/<class>/<file>`` symbolic links (a class-folder dataset)."""
+    if (dest / ".complete").exists():
+        return dest
+    for cls, paths in files.items():
+        (dest / cls).mkdir(parents=True, exist_ok=True)
+        for p in paths:
+            link = dest / cls / p.name
+            if not link.exists():
+                link.symlink_to(p.resolve())
+    (dest / ".complete").write_text("")
+    return dest
+
+
+def stratified_subset(files: dict[str, list[Path]], n: int, seed: int) -> dict[str, list[Path]]:
+    """About ``n`` files in all, the same fraction of every class."""
+    total = sum(len(v) for v in files.values())
+    if n >= total:
+        return files
+    rng = np.random.default_rng(seed)
+    return {c: sorted(rng.permutation(v)[: max(1, round(len(v) * n / total))].tolist()) for c, v in files.items()}
+
+
+def sslkit_pretrain(run_dir: Path, args: list[str]) -> dict[str, Any]:
+    """``sslkit pretrain ... --out run_dir`` in a subprocess (``--resume`` when interrupted before)."""
+    info = run_dir / "run.json"
+    resume = info.exists() and json.loads(info.read_text()).get("status") != "finished"
+    cmd = [sys.executable, "-m", "sslkit", "pretrain", *args, "--out", str(run_dir)]
+    if resume:
+        cmd.append("--resume")
+    print("  $ " + " ".join(cmd[2:]), flush=True)
+    c0, t0 = cpu_seconds(children=True), time.time()
+    subprocess.run(cmd, check=True)
+    return {"cpu_s": round(cpu_seconds(children=True) - c0, 1), "wall_s": round(time.time() - t0, 1),
+            "resumed": resume}
+
+
+def probe(run_dir: Path, train: Path, test: Path, baseline: bool, ks=(20, 200),
+          positive: str | None = None) -> dict[str, Any]:
+    """kNN and linear-probe metrics of ``run_dir`` (and of a random-init encoder with ``baseline``)."""
+    from sslkit.eval.probes import DataArgs, knn_results, linear_results, prepare
+
+    args = DataArgs(train=str(train), test=str(test), positive=positive, baseline=baseline, batch_size=128,
+                    progress=False, device="cpu")
+    prep = prepare(str(run_dir), args)
+    knn, lin = knn_results(prep, ks), linear_results(prep)
+    return {enc: {**knn[enc], **lin[enc]} for enc in knn}
+
+
+def table(rows: list[tuple[str, dict[str, Any]]], columns: list[tuple[str, str, str]]) -> str:
+    """Markdown table: one row per ``(name, results)``; ``columns`` = ``(header, setting, metric)``."""
+    head = "| encoder | " + " | ".join(h for h, _, _ in columns) + " |"
+    sep = "| --- |" + " ---: |" * len(columns)
+    lines = [head, sep]
+    for name, res in rows:
+        cells = []
+        for _, setting, metric in columns:
+            v = res.get(setting, {}).get(metric)
+            cells.append("-" if v is None else f"{100 * v:.1f}" if metric != "auroc" else f"{v:.3f}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
