@@ -143,7 +143,8 @@ class DicomSource(Source):
 
     def index(self) -> list[SampleRef]:
         files = [str(f) for f in walk_files(self.root, lambda p: True)]
-        headers = parallel_map(read_header, files, workers=self.options.workers)
+        # ~1-2 ms per header: processes pay off only for thousands of files
+        headers = parallel_map(read_header, files, workers=self.options.workers, min_parallel=2000)
         modalities = {m.strip().upper() for m in self.options.modality.split(",") if m.strip()}
         glob = self.options.series_description.lower()
         refs: list[SampleRef] = []

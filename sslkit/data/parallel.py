@@ -2,15 +2,20 @@
 
 Used for the two passes that touch every file: reading headers (``Source.index``) and
 the first decode. Workers are *spawned*, not forked: the parent has torch (and maybe
-CUDA and OpenMP thread pools) loaded, which a forked child must not inherit.
+CUDA and OpenMP thread pools) loaded, which a forked child must not inherit. Spawning
+costs seconds (each worker imports its modules), so small jobs run serially; where the
+main module cannot be re-imported by a worker (``python -``, some notebooks), or the
+pool breaks, the work runs serially instead of failing.
 """
 
 from __future__ import annotations
 
 import multiprocessing
 import os
+import sys
 from concurrent.futures import ProcessPoolExecutor
-from typing import Callable, Iterator, Sequence, TypeVar
+from concurrent.futures.process import BrokenProcessPool
+from typing import Any, Callable, Sequence, TypeVar
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -28,19 +33,37 @@ def default_workers() -> int:
     return max(1, min(16, n))
 
 
-def imap(fn: Callable[[T], R], items: Sequence[T], workers: int = 0, chunksize: int = 0,
-         min_parallel: int = MIN_PARALLEL) -> Iterator[R]:
-    """``fn(item)`` for every item, in order. ``workers``: 0 = :func:`default_workers`, 1 = serial."""
+def can_spawn() -> bool:
+    """Whether spawned workers can re-import ``__main__`` (false for ``python -`` / stdin)."""
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    return path is None or os.path.exists(path)
+
+
+def pool_size(n_items: int, workers: int = 0, min_parallel: int = MIN_PARALLEL) -> int:
+    """How many processes to use for ``n_items`` (1 = run in this process)."""
     workers = workers or default_workers()
-    if workers <= 1 or len(items) < min_parallel:
-        yield from map(fn, items)
-        return
-    chunksize = chunksize or max(1, min(64, len(items) // (workers * 8)))
-    ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-        yield from pool.map(fn, items, chunksize=chunksize)
+    if workers <= 1 or n_items < min_parallel or not can_spawn():
+        return 1
+    return workers
 
 
 def parallel_map(fn: Callable[[T], R], items: Sequence[T], workers: int = 0, chunksize: int = 0,
-                 min_parallel: int = MIN_PARALLEL) -> list[R]:
-    return list(imap(fn, items, workers, chunksize, min_parallel))
+                 min_parallel: int = MIN_PARALLEL, initializer: Callable[..., Any] | None = None,
+                 initargs: tuple = ()) -> list[R]:
+    """``[fn(item) for item in items]``, in worker processes when that pays off.
+
+    ``initializer(*initargs)`` runs once per worker (and once here when serial).
+    """
+    n = pool_size(len(items), workers, min_parallel)
+    if n > 1:
+        chunksize = chunksize or max(1, min(64, len(items) // (n * 8)))
+        try:
+            with ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn"),
+                                     initializer=initializer, initargs=initargs) as pool:
+                return list(pool.map(fn, items, chunksize=chunksize))
+        except BrokenProcessPool:
+            pass  # e.g. a worker could not start: do the work here
+    if initializer is not None:
+        initializer(*initargs)
+    return [fn(item) for item in items]

@@ -14,6 +14,7 @@ import os
 import shutil
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -23,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from sslkit.data.parallel import MIN_PARALLEL, default_workers
+from sslkit.data.parallel import pool_size
 from sslkit.data.source import NotAnImage, SampleRef, Source, Undecodable, to_channels
 
 CACHE_FORMAT = 2
@@ -192,22 +193,23 @@ def _decode(
 ) -> tuple[list[int], list[tuple[str, str]]]:
     """Fill ``out`` front to back with the decodable samples; return kept indices, skips.
 
-    Samples of one file are adjacent in ``refs`` and stay in one worker chunk, so a
-    multi-frame file is read once per chunk, not once per frame.
+    Runs in worker processes for many samples (:mod:`sslkit.data.parallel`), in chunks of
+    adjacent refs, so the frames of a multi-frame file are mostly read by one worker once.
+    Results are consumed in order as they arrive, so memory stays bounded by the chunks
+    in flight.
     """
     kept: list[int] = []
     skipped: list[tuple[str, str]] = []
     channels, size = out.shape[1], out.shape[2]
-    n_workers = workers or default_workers()
-    if n_workers <= 1 or len(refs) < MIN_PARALLEL:
+    n = pool_size(len(refs), workers)
+    pool = None
+    if n > 1:
+        pool = ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
+                                   initargs=(source, channels, size))
+        results = pool.map(_decode_one, refs, chunksize=max(1, min(32, len(refs) // (n * 4))))
+    else:
         _WORKER.update(source=source, channels=channels, size=size)
         results = map(_decode_one, refs)
-        pool = None
-    else:
-        ctx = multiprocessing.get_context("spawn")
-        pool = ProcessPoolExecutor(n_workers, mp_context=ctx, initializer=_init_worker,
-                                   initargs=(source, channels, size))
-        results = pool.map(_decode_one, refs, chunksize=max(1, min(32, len(refs) // (n_workers * 4))))
     try:
         bar = tqdm(results, total=len(refs), desc="decoding", unit="img", disable=not progress, leave=False)
         for i, (ref, res) in enumerate(zip(refs, bar)):
@@ -218,6 +220,10 @@ def _decode(
                 continue
             out[len(kept)] = res
             kept.append(i)
+    except BrokenProcessPool:  # a worker died (out of memory, a crashing codec...): redo it all here
+        pool.shutdown(cancel_futures=True)
+        pool = None
+        return _decode(source, refs, out, progress, workers=1)
     finally:
         _WORKER.clear()
         if pool is not None:
