@@ -65,16 +65,17 @@ def real_samples(run: Run, data: str | None = None, n: int = REAL_SAMPLES) -> tu
     """
     from sslkit.data.prepare import resize_square
     from sslkit.data.source import to_channels
-    from sslkit.registry import create_source
+    from sslkit.registry import create_source, resolve_data
 
     if data == "none":
         return None, "skipped: --check-data none"
     location = data or run.info.get("config", {}).get("data")
     if not location:
         return None, "skipped: the run records no data location"
-    options = run.info.get("config", {}).get("source_options") or {}
     spec = run.spec
     try:
+        same_kind = resolve_data(location)[0] == spec.source
+        options = (run.info.get("config", {}).get("source_options") or {}) if same_kind else {}
         source = create_source(location, **options)
         refs = source.index()
     except UsageError as exc:
