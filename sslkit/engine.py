@@ -97,15 +97,23 @@ def pretrain(cfg: RunConfig) -> dict[str, Any]:
 
     Under torchrun every process calls this; rank 0 alone writes the run directory.
     """
+    if cfg.resume:
+        old = _read_json(Path(cfg.out) / RUN_JSON)
+        if old.get("status") == "finished":  # nothing left to do; the config cannot have grown
+            return {**old.get("summary", {}), "already_finished": True,
+                    "main": int(os.environ.get("RANK", "0")) == 0}
     get_task(cfg.task)
     resolve_data(cfg.data)  # fail on a bad --data before touching anything
     device = resolve_device(cfg.device)
     if cfg.precision == "fp16" and device.type != "cuda":
         raise UsageError("--precision fp16 needs a CUDA GPU; on CPU use bf16 or fp32")
     created = distributed.init(device.type)
+    flags = torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark
     try:
         return _Trainer(cfg, device).run()
     finally:
+        torch.use_deterministic_algorithms(flags[0])  # leave the process as it was (library use)
+        torch.backends.cudnn.benchmark = flags[1]
         if created:
             distributed.teardown()
 
@@ -158,6 +166,10 @@ class _Trainer:
         if cfg.sync_bn and self.world > 1:
             task = self.task = torch.nn.SyncBatchNorm.convert_sync_batchnorm(task)
         self.augment = task.views(spec)
+        if cfg.augment_options:  # --augment-opt: override fields of the task's view recipes
+            if not hasattr(self.augment, "override"):
+                raise UsageError(f"task {cfg.task!r} builds its own augmentation; --augment-opt does not apply")
+            self.augment = self.augment.override(**cfg.augment_options)
         task.to(self.device)
         if isinstance(self.augment, torch.nn.Module):
             self.augment.to(self.device)
@@ -257,11 +269,7 @@ class _Trainer:
         self._restore()
         if cfg.resume and self.main:
             old = _read_json(self.out / RUN_JSON)
-            self.info["resumes"] = old.get("resumes", []) + ([{"from_step": self.step}])
-            if old.get("status") == "finished" and self.step >= self.total:
-                return {**old.get("summary", {}), "already_finished": True, "main": True}
-        if cfg.resume and self.step >= self.total:
-            return {"already_finished": True, "main": self.main}
+            self.info["resumes"] = old.get("resumes", []) + [{"from_step": self.step}]
         self._write_info()
 
         self.metrics = _MetricsWriter(self.out / METRICS_FILE, keep_until=self.step if cfg.resume else None) \
