@@ -127,8 +127,18 @@ def _default(name: str) -> str:
               help="Backbone option (repeatable), e.g. cifar_stem=true, patch_size=8.")
 @click.option("--task-opt", "task_opts", multiple=True, metavar="KEY=VALUE", help="Task option (repeatable).")
 @click.option("--data-opt", "data_opts", multiple=True, metavar="KEY=VALUE", help="Source option (repeatable).")
+@click.option("--augment-opt", "augment_opts", multiple=True, metavar="KEY=VALUE",
+              help="Override a view-recipe field of the task's augmentation (repeatable), e.g. rotate_p=0.5.")
 @click.option("--cache", "cache_dir", default=None, type=click.Path(file_okay=False),
-              help="Keep decoded pixels in this folder for later epochs and runs.")
+              help="Decoded-pixel cache folder (default: $SSLKIT_CACHE_DIR, else ~/.cache/sslkit).")
+@click.option("--no-cache", is_flag=True, default=None, help="Keep decoded pixels in memory only.")
+@click.option("--val-fraction", default=None, type=click.FloatRange(0, 1, max_open=True),
+              help="Hold out this fraction of patients (DICOM) / groups, never trained on (default 0).")
+@click.option("--window", default=None,
+              help="DICOM intensity: auto, minmax, W,L, a CT preset (lung, mediastinum, bone, brain, abdomen) "
+                   "or three stacked as channels (lung,mediastinum,bone).")
+@click.option("--modality", default=None, help="DICOM: keep only these modalities, e.g. CT,MR.")
+@click.option("--series-description", default=None, help="DICOM: keep only series whose description matches this glob.")
 @click.option("--device", default=None, help="auto, cpu, cuda, cuda:N" + _default("device"))
 @click.option("--resume", default=None, is_flag=False, flag_value="", metavar="[RUN_DIR]",
               help="Continue RUN_DIR (or --out) from its last checkpoint, exactly as configured.")
@@ -237,8 +247,10 @@ def embed(model: str, data: str, out: str, batch_size: int, window: str | None, 
 
 
 from sslkit.eval.cli import eval_group  # noqa: E402  (`sslkit eval knn|linear|tsne|attention`)
+from sslkit.data.cli import data_group  # noqa: E402  (`sslkit data inspect`)
 
 main.add_command(eval_group)
+main.add_command(data_group)
 
 
 if __name__ == "__main__":

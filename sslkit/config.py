@@ -38,7 +38,7 @@ from sslkit.run import RESUMABLE_OVERRIDES, RUN_JSON, RunConfig
 
 FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
 HINTS = typing.get_type_hints(RunConfig)
-OPTION_GROUPS = ("backbone_options", "task_options", "source_options")
+OPTION_GROUPS = ("backbone_options", "task_options", "source_options", "augment_options")
 REQUIRED = ("task", "data", "out")
 
 
@@ -297,6 +297,8 @@ def cli_values(kw: dict[str, Any], given: set[str]) -> dict[str, Any]:
             out["source_options"] = {**parse_pairs(value, "--data-opt"), **out.get("source_options", {})}
         elif name in ("window", "modality", "series_description"):  # source options with their own flag
             out["source_options"] = {**out.get("source_options", {}), name: value}
+        elif name == "augment_opts":
+            out["augment_options"] = parse_pairs(value, "--augment-opt")
         elif name == "no_cache":
             out["cache_dir"] = ""
         elif name == "quiet":

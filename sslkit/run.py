@@ -75,6 +75,7 @@ class RunConfig:
     backbone_options: dict[str, Any] = field(default_factory=dict)
     task_options: dict[str, Any] = field(default_factory=dict)
     source_options: dict[str, Any] = field(default_factory=dict)
+    augment_options: dict[str, Any] = field(default_factory=dict)  # ViewRecipe fields for every view
     cache_dir: str | None = None  # None: the default cache (~/.cache/sslkit); "": in memory (--no-cache)
     val_fraction: float = 0.0  # held out by patient/group (sslkit.data.splits), never trained on
     progress: bool = True
