@@ -107,6 +107,8 @@ def pretrain(cfg: RunConfig) -> dict[str, Any]:
     device = resolve_device(cfg.device)
     if cfg.precision == "fp16" and device.type != "cuda":
         raise UsageError("--precision fp16 needs a CUDA GPU; on CPU use bf16 or fp32")
+    if cfg.sync_bn and distributed.launched() and device.type != "cuda":
+        raise UsageError("--sync-bn needs CUDA GPUs (torch's SyncBatchNorm has no CPU implementation)")
     created = distributed.init(device.type)
     flags = torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark
     try:

@@ -71,8 +71,8 @@ def test_two_process_gloo_equals_one_process_and_only_rank0_writes(tmp_path, mon
     images = make_images(tmp_path / "img", n_per_class=8, size=20)
     # global batch 8 (4 per process), NT-Xent over the global batch, SGD so updates track gradients
     cfg = dict(task="probe", data=f"folder:{images}", image_size=16, epochs=2, batch_size=8, optimizer="sgd",
-               lr=0.1, warmup_epochs=0.0, backbone_options={**TINY_VIT, "patch_size": 8},
-               task_options={"loss": "ntxent"}, progress=False, deterministic=True, checkpoint_every=1)
+               lr=0.1, warmup_epochs=0.0, task_options={"loss": "ntxent"}, progress=False, deterministic=True,
+               checkpoint_every=1, cache_dir="", backbone_options={**TINY_VIT, "patch_size": 8})
     log_dir = tmp_path / "logs"
     log_dir.mkdir()
     ddp_out = tmp_path / "ddp"

@@ -206,3 +206,13 @@ def test_batch_must_split_over_processes_and_fit_the_data(probe, images, tmp_pat
     with pytest.raises(UsageError, match="fewer than one optimizer step"):
         pretrain(config(images, tmp_path / "r", batch_size=8, accumulate=4))
     assert not (tmp_path / "r").exists()  # nothing written for a run that cannot start
+
+
+@pytest.mark.slow
+def test_compile_gives_the_eager_losses(probe, images, tmp_path):
+    from sslkit.engine import pretrain
+
+    pretrain(config(images, tmp_path / "eager", max_steps=3))
+    pretrain(config(images, tmp_path / "compiled", max_steps=3, compile=True))
+    eager, compiled = read_metrics(tmp_path / "eager"), read_metrics(tmp_path / "compiled")
+    assert [float(r["loss"]) for r in compiled] == pytest.approx([float(r["loss"]) for r in eager], rel=1e-4)
