@@ -92,7 +92,8 @@ def test_pretrain_decodes_each_file_once_and_survives_a_truncated_file(dicom_fol
     raw = (dicom_folder / "p0" / "img.dcm").read_bytes()
     cut.write_bytes(raw[: len(raw) - 700])  # truncated uncompressed pixel data
     run = tmp_path / "run"
-    result = cli("pretrain", "--task", "simclr", "--data", f"dicom:{dicom_folder}", "--out", run, "--epochs", "3",
+    result = cli("pretrain", "--task", "simclr", "--backbone", "timm:test_resnet", "--data", f"dicom:{dicom_folder}",
+                 "--out", run, "--epochs", "3",
                  "--batch-size", "2", "--image-size", "32", "--cache", tmp_path / "cache", "--quiet")
     assert result.exit_code == 0, result.output
     assert sorted(count_loads) == sorted({*count_loads})  # every sample decoded once over 3 epochs

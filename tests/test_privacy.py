@@ -41,7 +41,8 @@ def test_no_identifier_in_any_output(tmp_path, cli):
     (data / "s9.dcm").write_bytes(good[: len(good) - 500])
     run, cache = tmp_path / "run", tmp_path / "cache"
     logs = []
-    r = cli("pretrain", "--task", "simclr", "--data", f"dicom:{data}", "--out", run, "--epochs", "2",
+    r = cli("pretrain", "--task", "simclr", "--backbone", "timm:test_resnet", "--data", f"dicom:{data}",
+            "--out", run, "--epochs", "2",
             "--batch-size", "2", "--image-size", "32", "--cache", cache, "--val-fraction", "0.34", "--quiet")
     assert r.exit_code == 0, r.output
     logs.append(r.output)
