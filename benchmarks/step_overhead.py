@@ -37,12 +37,12 @@ def synthetic_folder(root: Path, n: int, size: int) -> Path:
     return root
 
 
-def sslkit_trainer(data: str, work: Path, batch_size: int, image_size: int, **cfg) -> _Trainer:
-    """An engine trainer for SimCLR/resnet18, built but not started (its run dir in ``work``)."""
-    config = RunConfig(task="simclr", data=data, out=str(work / "run"), backbone="timm:resnet18",
-                       batch_size=batch_size, image_size=image_size, epochs=1, progress=False, device="cpu",
-                       tensorboard=False, **cfg)
-    trainer = _Trainer(config, torch.device("cpu"))
+def sslkit_trainer(data: str, work: Path, batch_size: int, image_size: int, task: str = "simclr",
+                   backbone: str = "timm:resnet18", device: str = "cpu", **cfg) -> _Trainer:
+    """An engine trainer (SimCLR/resnet18 by default), built but not started (run dir in ``work``)."""
+    config = RunConfig(task=task, data=data, out=str(work / "run"), backbone=backbone, batch_size=batch_size,
+                       image_size=image_size, epochs=1, progress=False, device=device, tensorboard=False, **cfg)
+    trainer = _Trainer(config, torch.device(device))
     trainer.build()
     (work / "run").mkdir(parents=True, exist_ok=True)
     trainer.metrics = _MetricsWriter(work / "run" / "metrics.csv", None)
