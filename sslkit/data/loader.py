@@ -19,13 +19,22 @@ from sslkit.data.prepare import SCALE
 
 
 class BatchLoader:
-    def __init__(self, pixels: np.ndarray, batch_size: int, seed: int, rank: int = 0, world: int = 1):
+    """``pixels`` ``(N, C, S, S)`` uint16 -> float batches ``(B, C, S, S)`` in [0, 1].
+
+    No worker processes: a batch is one vectorised read, and augmentation runs batched on
+    the training device. With CUDA present, batches are returned in pinned memory
+    (``pin_memory=None`` = auto) so ``.to(device, non_blocking=True)`` overlaps the copy.
+    """
+
+    def __init__(self, pixels: np.ndarray, batch_size: int, seed: int, rank: int = 0, world: int = 1,
+                 pin_memory: bool | None = None):
         if len(pixels) < batch_size * world:
             batch_size = max(1, len(pixels) // world)
         self.pixels = pixels
         self.batch_size = batch_size
         self.seed = seed
         self.rank, self.world = rank, world
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
 
     def __len__(self) -> int:
         """Optimizer steps per epoch (the incomplete last global batch is dropped)."""
@@ -41,7 +50,8 @@ class BatchLoader:
         return np.sort(idx[self.rank * self.batch_size : (self.rank + 1) * self.batch_size])
 
     def read(self, idx: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(np.asarray(self.pixels[idx], dtype=np.float32)).div_(SCALE)
+        x = torch.from_numpy(np.asarray(self.pixels[idx], dtype=np.float32)).div_(SCALE)
+        return x.pin_memory() if self.pin_memory else x
 
     def epoch(self, epoch: int, start: int = 0, prefetch: int = 2) -> Iterator[torch.Tensor]:
         """Yield batches ``start..len(self)-1`` of ``epoch`` as float (B, C, S, S) in [0, 1]."""
