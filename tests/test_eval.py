@@ -321,3 +321,22 @@ def test_knn_on_exported_onnx_matches_run_dir(tiny, cli):
         assert from_onnx["results"][enc]["k=3"]["top1"] == from_run["results"][enc]["k=3"]["top1"]
     bad = cli("eval", "linear", onnx_file, *args[:4], "--finetune", "--quiet")
     assert bad.exit_code == 2 and "needs the run directory" in bad.stderr
+
+
+def test_umap_without_umap_learn_is_a_usage_error(monkeypatch):
+    import builtins
+
+    from sslkit.eval.tsne import reduce_2d
+
+    real_import = builtins.__import__
+
+    def no_umap(name, *a, **k):
+        if name == "umap":
+            raise ImportError("no umap")
+        return real_import(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_umap)
+    with pytest.raises(UsageError, match="pip install umap-learn"):
+        reduce_2d(np.zeros((5, 3)), "umap")
+    with pytest.raises(UsageError, match="at least 3 images"):
+        reduce_2d(np.zeros((2, 3)))

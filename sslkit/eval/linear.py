@@ -8,6 +8,7 @@ probe is refit on the whole training set with that ``C``.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -28,15 +29,13 @@ class LinearProbe:
 
 
 def _fit(x: np.ndarray, y: np.ndarray, C: float, max_iter: int, seed: int):
+    """StandardScaler + LogisticRegression(C) fitted on ``x: (N, D)``, ``y: (N,)``."""
+    from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
     model = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=max_iter, random_state=seed))
-    import warnings
-
-    from sklearn.exceptions import ConvergenceWarning
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         model.fit(x, y)
@@ -74,9 +73,7 @@ def fit_linear_probe(x: np.ndarray, y: np.ndarray, n_classes: int, C_grid: Seque
         best = max(grid, key=lambda C: (scores[C], -C))
     else:
         best = grid[len(grid) // 2]
-    model = _fit(x, y, best, max_iter, seed)
-    probe = LinearProbe(best, scores, _Padded(model, n_classes))
-    return probe
+    return LinearProbe(best, scores, _Padded(_fit(x, y, best, max_iter, seed), n_classes))
 
 
 class _Padded:

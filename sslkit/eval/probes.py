@@ -36,7 +36,9 @@ class DataArgs:
 
 
 @dataclass
-class Prepared:
+class ProbeData:
+    """Embedded, labelled train and test sets of every encoder, and the class names."""
+
     model: EvalModel
     sets: dict[str, tuple[Labelled, Labelled]]  # encoder -> (train, test)
     classes: list[str]
@@ -47,7 +49,7 @@ class Prepared:
         return np.array([lookup[c] for c in labels], dtype=np.int64)
 
 
-def prepare(model_path: str, args: DataArgs, needs_run: str | None = None) -> Prepared:
+def prepare(model_path: str, args: DataArgs, needs_run: str | None = None) -> ProbeData:
     """Open the model, check labels (before decoding anything), embed train and test sets."""
     model = open_model(model_path, args.device)
     if needs_run:
@@ -59,10 +61,10 @@ def prepare(model_path: str, args: DataArgs, needs_run: str | None = None) -> Pr
     train = labelled_embeddings(model, args.train, "--train", table, args.baseline, **kw)
     test = labelled_embeddings(model, args.test, "--test", table, args.baseline, **kw)
     classes, positive = class_index(train["pretrained"].labels, test["pretrained"].labels, args.positive)
-    return Prepared(model, {e: (train[e], test[e]) for e in train}, classes, positive)
+    return ProbeData(model, {e: (train[e], test[e]) for e in train}, classes, positive)
 
 
-def _report(kind: str, prep: Prepared, args: DataArgs, settings: dict[str, Any]) -> dict[str, Any]:
+def _report(kind: str, prep: ProbeData, args: DataArgs, settings: dict[str, Any]) -> dict[str, Any]:
     report = new_report(kind, prep.model.describe(), settings)
     tr, te = prep.sets["pretrained"]
     report["data"] = {
@@ -78,7 +80,7 @@ def _report(kind: str, prep: Prepared, args: DataArgs, settings: dict[str, Any])
     return report
 
 
-def knn_results(prep: Prepared, ks: Sequence[int] = (20, 200),
+def knn_results(prep: ProbeData, ks: Sequence[int] = (20, 200),
                 temperature: float = TEMPERATURE) -> dict[str, dict[str, Any]]:
     """``{encoder: {"k=K": metrics}}`` of the weighted kNN for every ``k``."""
     results = {}
@@ -93,7 +95,7 @@ def knn_results(prep: Prepared, ks: Sequence[int] = (20, 200),
     return results
 
 
-def linear_results(prep: Prepared, C_grid: Sequence[float] = C_GRID, val_fraction: float = 0.2,
+def linear_results(prep: ProbeData, C_grid: Sequence[float] = C_GRID, val_fraction: float = 0.2,
                    seed: int = 0) -> dict[str, dict[str, Any]]:
     """``{encoder: {"linear": metrics + chosen C}}`` of the frozen-feature linear probe."""
     results = {}
@@ -140,7 +142,7 @@ def evaluate_linear(model_path: str, args: DataArgs, C_grid: Sequence[float] = C
     return report
 
 
-def _add_finetune(report: dict[str, Any], prep: Prepared, args: DataArgs, options: Any) -> None:
+def _add_finetune(report: dict[str, Any], prep: ProbeData, args: DataArgs, options: Any) -> None:
     from sslkit.data.pipeline import load_data
     from sslkit.engine import resolve_device
     from sslkit.eval.finetune import finetune, predict_proba
