@@ -378,3 +378,23 @@ def test_inpainting_adversarial_term_reaches_the_generator_not_the_discriminator
     assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-7) for a, b in zip(d_small, d_big))
     assert any(g.abs().sum() > 0 for g in d_small)
     assert not all(torch.allclose(a, b) for a, b in zip(e_small, e_big))
+
+
+def test_mae_decoder_width_follows_the_encoder():
+    from sslkit_plugins.tasks.mae import default_decoder_dim
+    assert [default_decoder_dim(d, 8) for d in (192, 384, 768, 1024, 64)] == [96, 192, 384, 512, 64]
+    task, _ = build("mae", "timm:vit_tiny_patch16_224", backbone_opts=TINY_VIT)
+    assert task.decoder_dim == 64 and task.decoder_pred.out_features == 8 * 8 * 1
+    task, _ = build("mae", "timm:vit_tiny_patch16_224", backbone_opts=TINY_VIT, decoder_dim=32, decoder_heads=4)
+    assert task.decoder_dim == 32
+
+
+def test_augment_overrides_reach_task_specific_views():
+    rot, spec = build("rotation")
+    with pytest.raises(UsageError, match="rot90_p"):
+        rot.views(spec).override(rot90_p="0.5")
+    views, labels = rot.views(spec).override(rotate_p="0.5", noise_p="1.0")(images(2, 1, 32))
+    assert views.shape == (8, 1, 32, 32) and labels.tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
+    jig, spec = build("jigsaw", size=64, num_permutations=5, tile_dim=8, hidden_dim=8)
+    noisy = jig.views(spec).override(noise_p="1.0")
+    assert noisy.recipe.noise_p == 1.0 and noisy(images(2, 1, 64))[0].shape == (2, 9, 1, 17, 17)

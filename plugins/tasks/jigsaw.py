@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import sslkit
-from sslkit.augment import MultiView, ViewRecipe
+from sslkit.augment import ViewRecipe, override_recipe
 from sslkit.backbone import is_token_backbone
 from sslkit.heads import mlp
 from sslkit.task import Task
@@ -123,6 +123,10 @@ class JigsawViews(nn.Module):
         tiles = (tiles - mean) / (std + 1e-3)
         labels = torch.randint(0, len(self.permutations), (x.shape[0],), device=x.device)
         return shuffle_tiles(tiles, self.permutations, labels), labels
+
+    def override(self, **overrides) -> "JigsawViews":
+        """``--augment-opt``: the same puzzles cut from views with ``overrides`` applied."""
+        return JigsawViews(override_recipe(self.recipe, overrides), self.permutations, self.tile)
 
 
 @dataclass

@@ -9,8 +9,11 @@ error on masked patches only, against per-patch normalised pixels (``norm_pix_lo
     t_p = (x_p - mean(x_p)) / sqrt(var(x_p) + 1e-6)
     L = sum_p m_p * ||y_p - t_p||^2 / (P * sum_p m_p)      (m_p = 1 for masked patches)
 
-Defaults: mask ratio 0.75, decoder depth 2, width 256, 8 heads (the paper uses 8 x 512 at
-ImageNet scale; override with ``--task-opt decoder_depth=8 decoder_dim=512``).
+Defaults: mask ratio 0.75, decoder depth 2 with 8 heads, decoder width half the encoder's
+(paper: 512 for ViT-L's 1024), a multiple of 32 between 64 and 512 (ViT-Tiny 96, ViT-Small
+192, ViT-Base 384), so the decoder stays a small fraction of the step at every encoder
+size (paper: 8 blocks of 512; ``--task-opt decoder_depth=8 decoder_dim=512``), per-patch
+normalised targets (``norm_pix_loss=true``), crops of scale 0.2-1 and flips only.
 Needs a ViT backbone (token interface), e.g. ``timm:vit_tiny_patch16_224``.
 """
 
@@ -31,7 +34,7 @@ from sslkit.task import Task
 @dataclass
 class MAEOptions:
     mask_ratio: float = 0.75
-    decoder_dim: int = 256
+    decoder_dim: int | None = None  # default: half the encoder width (see default_decoder_dim)
     decoder_depth: int = 2
     decoder_heads: int = 8
     norm_pix_loss: bool = True
@@ -40,8 +43,20 @@ class MAEOptions:
     def __post_init__(self) -> None:
         if not 0 < self.mask_ratio < 1:
             raise ValueError("mask_ratio must be in (0, 1)")
-        if self.decoder_dim % self.decoder_heads:
-            raise ValueError("decoder_dim must be divisible by decoder_heads")
+        if self.decoder_depth < 1 or self.decoder_heads < 1:
+            raise ValueError("decoder_depth and decoder_heads must be >= 1")
+        if self.decoder_dim is not None and (self.decoder_dim % self.decoder_heads or self.decoder_dim % 4):
+            raise ValueError("decoder_dim must be divisible by decoder_heads and by 4")
+        if not 0 < self.min_scale <= 1:
+            raise ValueError("min_scale must be in (0, 1]")
+
+
+def default_decoder_dim(embed_dim: int, heads: int) -> int:
+    """Half the encoder width, a multiple of 32 (and of ``heads``) in [64, 512]."""
+    d = max(64, min(512, embed_dim // 2 // 32 * 32))
+    while d % heads or d % 4:
+        d += 32
+    return d
 
 
 def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
@@ -111,7 +126,8 @@ class MAE(Task):
         p, c = backbone.patch_size, spec.channels
         grid = spec.image_size // p
         self.num_patches = grid * grid
-        d = options.decoder_dim
+        d = options.decoder_dim or default_decoder_dim(backbone.embed_dim, options.decoder_heads)
+        self.decoder_dim = d
         self.decoder_embed = nn.Linear(backbone.embed_dim, d)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, d))
         self.register_buffer("decoder_pos", sincos_pos_embed_2d(d, grid)[None], persistent=False)

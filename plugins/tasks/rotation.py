@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 
 import sslkit
-from sslkit.augment import MultiView, ViewRecipe
+from sslkit.augment import MultiView, ViewRecipe, rotate90
+from sslkit.errors import UsageError
 from sslkit.heads import mlp
 from sslkit.task import Task
 
@@ -32,15 +33,11 @@ def rotate_batch(x: torch.Tensor, all_rotations: bool = True) -> tuple[torch.Ten
     otherwise ``R = B`` and each image gets one random rotation.
     """
     if all_rotations:
-        out = torch.cat([torch.rot90(x, k, dims=(2, 3)) for k in range(4)])
+        out = torch.cat([torch.rot90(x, k, dims=(2, 3)) for k in range(4)])  # = rotate90(x, k) for all
         labels = torch.arange(4, device=x.device).repeat_interleave(x.shape[0])
         return out, labels
     labels = torch.randint(0, 4, (x.shape[0],), device=x.device)
-    out = x.clone()
-    for k in range(1, 4):
-        sel = labels == k
-        out[sel] = torch.rot90(x[sel], k, dims=(2, 3))
-    return out, labels
+    return rotate90(x, labels), labels
 
 
 class RotationViews(torch.nn.Module):
@@ -55,6 +52,16 @@ class RotationViews(torch.nn.Module):
     def forward(self, x: torch.Tensor):
         (v,) = self.base(x)
         return rotate_batch(v, self.all_rotations)
+
+    def override(self, **overrides) -> "RotationViews":
+        """``--augment-opt`` on the base view; turns and vertical flips would corrupt the labels."""
+        clash = sorted(k for k in ("rot90_p", "vflip_p") if k in overrides and float(overrides[k]) > 0)
+        if clash:
+            raise UsageError(f"rotation predicts 90-degree turns; --augment-opt {', '.join(clash)} would make its "
+                             f"labels ambiguous (small free rotations, rotate_p, are fine)")
+        out = RotationViews(self.base.recipes[0], [0.0], [1.0], self.all_rotations)
+        out.base = self.base.override(**overrides)
+        return out
 
 
 @dataclass

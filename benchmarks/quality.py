@@ -1,0 +1,152 @@
+"""CIFAR-10: do SimCLR, BYOL, MAE and rotation beat a random encoder under one CPU budget?
+
+Each task pretrains with ``sslkit pretrain`` on the same training images for the same CPU
+budget (``--budget-min`` CPU minutes, user + system over all threads, turned into a step
+count by timing three of that task's training steps here), then a cosine kNN (weighted
+votes, k = 20, T = 0.07; :mod:`sslkit.eval.knn`) on the held-out split scores its encoder
+beside a randomly initialised encoder of the same architecture
+(``sslkit.embed.embed_run(weights=False)``).
+
+Split: the 50k CIFAR-10 training images -> 45k / 5k (stratified, seeded). For speed the
+pretraining set, the kNN bank and the scored set are stratified subsets
+(``--pretrain-images``, ``--eval-train``, ``--eval-test``). Backbones at 32 px: the CNN
+tasks use ``timm:resnet18`` (standard stem), MAE ``timm:vit_tiny_patch16_224`` with
+``patch_size=8`` (16 tokens) - small enough for minutes of CPU.
+
+    .venv/bin/python benchmarks/quality.py --work runs/bench-quality [--budget-min 2]
+        [--tasks simclr,byol,mae,rotation] [--batch-size 128]
+
+Resumable (``WORK/state.json``); prints a markdown table (also ``WORK/results.md``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import (SHARED_DATA, Stages, cpu_seconds, extract, link_split, sslkit_pretrain,  # noqa: E402
+                     stratified_subset)
+from cifar10 import split_files  # noqa: E402
+
+SIZE = 32
+SETUPS = {  # task -> (backbone, backbone options, task options)
+    "simclr": ("timm:resnet18", {}, {}),
+    "byol": ("timm:resnet18", {}, {}),
+    "rotation": ("timm:resnet18", {}, {}),
+    "mae": ("timm:vit_tiny_patch16_224", {"patch_size": 8}, {}),
+    "moco": ("timm:resnet18", {}, {}),
+    "dino": ("timm:resnet18", {}, {}),
+    "barlowtwins": ("timm:resnet18", {}, {}),
+    "vicreg": ("timm:resnet18", {}, {}),
+}
+
+
+def calibrate(task_name: str, batch_size: int, steps: int = 3) -> float:
+    """CPU seconds of one training step (augment, forward, backward, AdamW, on_step_end)."""
+    import torch
+
+    from sslkit.registry import create_backbone, create_task
+    from sslkit.spec import InputSpec
+
+    backbone, bopts, topts = SETUPS[task_name]
+    torch.manual_seed(0)
+    spec = InputSpec(3, SIZE, (0.5,) * 3, (0.25,) * 3)
+    task = create_task(task_name, create_backbone(backbone, 3, SIZE, **bopts), spec, **topts)
+    augment = task.views(spec)
+    opt = torch.optim.AdamW([p for p in task.parameters() if p.requires_grad], lr=1e-3)
+    x = torch.rand(batch_size, 3, SIZE, SIZE)
+
+    def step(i: int) -> None:
+        loss = task(augment(x))["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        task.on_step_end(i, 1000)
+
+    step(1)  # warm-up
+    c0 = cpu_seconds()
+    for i in range(steps):
+        step(i + 2)
+    return (cpu_seconds() - c0) / steps
+
+
+def knn_accuracy(run_dir: Path, bank: Path, test: Path, weights: bool, k: int = 20) -> float:
+    """Top-1 of the weighted cosine kNN (bank = labelled train subset) on ``test``."""
+    from sslkit.embed import embed_run
+    from sslkit.eval.knn import knn_votes
+
+    tr = embed_run(str(run_dir), f"folder:{bank}", batch_size=256, progress=False, weights=weights)
+    te = embed_run(str(run_dir), f"folder:{test}", batch_size=256, progress=False, weights=weights)
+    classes = sorted(set(tr.labels))
+    ytr = np.array([classes.index(c) for c in tr.labels])
+    yte = np.array([classes.index(c) for c in te.labels])
+    votes = knn_votes(tr.embeddings, ytr, te.embeddings, len(classes), [k])[k]
+    return float((votes.argmax(1) == yte).mean())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--work", type=Path, default=Path("runs/bench-quality"))
+    ap.add_argument("--data", type=Path, default=SHARED_DATA / "cifar10-train.tar.gz")
+    ap.add_argument("--budget-min", type=float, default=2.0, help="CPU minutes of pretraining per task")
+    ap.add_argument("--tasks", default="simclr,byol,mae,rotation")
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--pretrain-images", type=int, default=10000, help="of the 45k training split")
+    ap.add_argument("--eval-train", type=int, default=5000, help="kNN bank (of the 45k split)")
+    ap.add_argument("--eval-test", type=int, default=1000, help="scored images (of the 5k split)")
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args()
+    tasks = [t.strip() for t in a.tasks.split(",") if t.strip()]
+    unknown = [t for t in tasks if t not in SETUPS]
+    if unknown:
+        sys.exit(f"error: no benchmark setup for {', '.join(unknown)}; choose from {', '.join(SETUPS)}")
+    work = a.work.resolve()
+    st = Stages(work)
+    raw = extract(a.data, work / "raw")
+    train_files, val_files = split_files(raw, 5000, a.seed)
+    pre_files = stratified_subset(train_files, a.pretrain_images, a.seed)
+    pretrain = link_split(pre_files, work / "split" / f"pretrain-{a.pretrain_images}")
+    bank = link_split(stratified_subset(train_files, a.eval_train, a.seed + 1), work / "split" / f"bank-{a.eval_train}")
+    test = link_split(stratified_subset(val_files, a.eval_test, a.seed), work / "split" / f"test-{a.eval_test}")
+    n_pre = sum(len(v) for v in pre_files.values())
+
+    rows = []
+    for task in tasks:
+        backbone, bopts, topts = SETUPS[task]
+        cal = st.run(f"calibrate-{task}", lambda: {"cpu_s_per_step": round(calibrate(task, a.batch_size), 3)})
+        steps = max(2, int(a.budget_min * 60 / cal["cpu_s_per_step"]))
+        epochs = math.ceil(steps / max(1, n_pre // a.batch_size)) + 1
+        run = work / "runs" / task
+        args = ["--task", task, "--data", f"folder:{pretrain}", "--backbone", backbone, "--image-size", str(SIZE),
+                "--channels", "3", "--batch-size", str(a.batch_size), "--epochs", str(epochs), "--max-steps",
+                str(steps), "--seed", str(a.seed), "--device", "cpu", "--cache", str(work / "cache"), "--quiet"]
+        for k, v in bopts.items():
+            args += ["--backbone-opt", f"{k}={v}"]
+        for k, v in topts.items():
+            args += ["--task-opt", f"{k}={v}"]
+        trained = st.run(f"pretrain-{task}", lambda: sslkit_pretrain(run, args))
+        acc = st.run(f"knn-{task}", lambda: {"pretrained": knn_accuracy(run, bank, test, True),
+                                             "random": knn_accuracy(run, bank, test, False)})
+        rows.append((task, backbone + "".join(f" {k}={v}" for k, v in bopts.items()), steps, trained, acc))
+
+    lines = [f"CIFAR-10 32 px, budget {a.budget_min} CPU min per task, batch {a.batch_size}, pretraining on "
+             f"{n_pre} of the 45k split; weighted cosine kNN (k=20) top-1 on {a.eval_test} held-out images "
+             f"with a {a.eval_train}-image bank", "",
+             "| task | backbone | steps | epochs seen | CPU min | kNN top-1 % | random init % | gain (points) |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for task, bb, steps, trained, acc in rows:
+        lines.append(f"| {task} | {bb} | {steps} | {steps * a.batch_size / n_pre:.2f} | {trained['cpu_s'] / 60:.1f} | "
+                     f"{100 * acc['pretrained']:.1f} | {100 * acc['random']:.1f} | "
+                     f"{100 * (acc['pretrained'] - acc['random']):+.1f} |")
+    text = "\n".join(lines)
+    (work / "results.md").write_text(text + "\n")
+    print("\n" + text)
+
+
+if __name__ == "__main__":
+    main()
