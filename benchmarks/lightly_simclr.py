@@ -95,7 +95,10 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--image-size", type=int, default=32)
     ap.add_argument("--workers", type=int, default=2, help="lightly DataLoader workers (the machine's cores)")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     from lightly.data import LightlyDataset
     from lightly.transforms import SimCLRTransform

@@ -214,6 +214,7 @@ class _Trainer:
             "embedding_dim": int(backbone.num_features),
             "dataset": {"fingerprint": fingerprint(self.prepared.refs, spec.preprocessing),
                         "samples": len(self.prepared), "skipped": len(self.prepared.skipped), **data.split},
+            "source_options_resolved": _plain_options(getattr(self.source, "options", None)),
             "steps_per_epoch": self.steps_per_epoch,
             "total_steps": self.total,
             "optimization": {"lr": self.lr, "effective_batch": self.step_images, "warmup_steps": self.warmup,
@@ -446,6 +447,13 @@ class _Trainer:
     def _write_info(self) -> None:
         if self.main:
             write_json_atomic(self.out / RUN_JSON, self.info)
+
+
+def _plain_options(options: Any) -> dict[str, Any]:
+    """Every field of a source's Options dataclass (defaults included), for run.json."""
+    import dataclasses
+
+    return dataclasses.asdict(options) if dataclasses.is_dataclass(options) else {}
 
 
 class _Diverged(Exception):

@@ -162,6 +162,7 @@ def test_metrics_schedule_and_provenance(probe, images, tmp_path):
     env = info["environment"]
     assert {"sslkit", "torch", "timm", "git_commit", "command", "cpu_count", "gpus", "world_size"} <= set(env)
     assert info["dataset"]["fingerprint"] and info["dataset"]["samples"] == 16
+    assert isinstance(info["source_options_resolved"], dict)
     assert summary["final_loss"] == pytest.approx(float(rows[-1]["loss"]))
 
 
