@@ -2,7 +2,8 @@
 
 Each task pretrains with ``sslkit pretrain`` on the same training images for the same CPU
 budget (``--budget-min`` CPU minutes, user + system over all threads, turned into a step
-count by timing three of that task's training steps here), then a cosine kNN (weighted
+count by timing five of that task's training steps here; one torch thread by default, so
+CPU time measures compute rather than threads spin-waiting on a busy machine), then a cosine kNN (weighted
 votes, k = 20, T = 0.07; :mod:`sslkit.eval.knn`) on the held-out split scores its encoder
 beside a randomly initialised encoder of the same architecture
 (``sslkit.embed.embed_run(weights=False)``).
@@ -46,7 +47,7 @@ SETUPS = {  # task -> (backbone, backbone options, task options)
 }
 
 
-def calibrate(task_name: str, batch_size: int, steps: int = 3) -> float:
+def calibrate(task_name: str, batch_size: int, steps: int = 5) -> float:
     """CPU seconds of one training step (augment, forward, backward, AdamW, on_step_end)."""
     import torch
 
@@ -68,7 +69,8 @@ def calibrate(task_name: str, batch_size: int, steps: int = 3) -> float:
         opt.step()
         task.on_step_end(i, 1000)
 
-    step(1)  # warm-up
+    step(1)  # warm-up (allocations)
+    step(1)
     c0 = cpu_seconds()
     for i in range(steps):
         step(i + 2)
@@ -100,7 +102,16 @@ def main() -> None:
     ap.add_argument("--eval-train", type=int, default=5000, help="kNN bank (of the 45k split)")
     ap.add_argument("--eval-test", type=int, default=1000, help="scored images (of the 5k split)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads here and in the pretraining processes (1: CPU time is compute time, "
+                         "not spin-waiting, on a shared machine)")
     a = ap.parse_args()
+    import os
+
+    import torch
+
+    os.environ["OMP_NUM_THREADS"] = str(a.threads)  # inherited by the sslkit pretrain subprocesses
+    torch.set_num_threads(a.threads)
     tasks = [t.strip() for t in a.tasks.split(",") if t.strip()]
     unknown = [t for t in tasks if t not in SETUPS]
     if unknown:
@@ -130,9 +141,15 @@ def main() -> None:
         for k, v in topts.items():
             args += ["--task-opt", f"{k}={v}"]
         trained = st.run(f"pretrain-{task}", lambda: sslkit_pretrain(run, args))
-        acc = st.run(f"knn-{task}", lambda: {"pretrained": knn_accuracy(run, bank, test, True),
-                                             "random": knn_accuracy(run, bank, test, False)})
-        rows.append((task, backbone + "".join(f" {k}={v}" for k, v in bopts.items()), steps, trained, acc))
+        arch = backbone + "".join(f" {k}={v}" for k, v in bopts.items())
+        acc = st.run(f"knn-{task}", lambda: knn_accuracy(run, bank, test, True))
+
+        def random_init() -> float:
+            torch.manual_seed(a.seed)
+            return knn_accuracy(run, bank, test, False)
+
+        rand = st.run(f"knn-random-{arch}", random_init)  # one random encoder per architecture
+        rows.append((task, arch, steps, trained, {"pretrained": acc, "random": rand}))
 
     lines = [f"CIFAR-10 32 px, budget {a.budget_min} CPU min per task, batch {a.batch_size}, pretraining on "
              f"{n_pre} of the 45k split; weighted cosine kNN (k=20) top-1 on {a.eval_test} held-out images "

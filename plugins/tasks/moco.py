@@ -111,7 +111,7 @@ class MoCo(Task):
             self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
         else:
             self.projector = mlp(backbone.num_features, o.proj_hidden_dim, o.proj_dim, layers=3, last_bn=True)
-            self.predictor = mlp(o.proj_dim, o.proj_hidden_dim, o.proj_dim, last_bn=True)
+            self.predictor = mlp(o.proj_dim, o.proj_hidden_dim, o.proj_dim)  # no last BN (MoCo v3 code)
         self.key_encoder = frozen_copy(backbone)
         self.key_projector = frozen_copy(self.projector)
         self._keys: torch.Tensor | None = None
