@@ -177,6 +177,10 @@ def pretrain(ctx: click.Context, **kw) -> None:
             f"final loss {loss:.4f}; run saved in {cfg.out}" if loss is not None else
             f"done: {summary['steps']} steps; run saved in {cfg.out}"
         )
+    from sslkit.data.pipeline import report_summary
+
+    if line := report_summary(cfg.out):
+        click.echo(f"data: {line}", err=True)
 
 
 @main.command()

@@ -105,3 +105,4 @@ def test_pretrain_decodes_each_file_once_and_survives_a_truncated_file(dicom_fol
     assert "truncated" in reasons[str(broken)] and "less than expected" in reasons[str(cut)]
     info = json.loads((run / "run.json").read_text())
     assert info["dataset"]["samples"] == 6
+    assert "data: 6 images; 2 files skipped (reasons in data_report.json)" in result.output  # end-of-run summary

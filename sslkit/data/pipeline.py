@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import sys
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,19 +50,27 @@ def load_data(data: str, image_size: int, channels: int | None = None,
             f"no decodable image in {data!r}: all {len(train)} samples failed to decode "
             f"(first: {prepared.skipped[0][1] if prepared.skipped else 'unknown'})"
         )
-    if prepared.skipped:  # one line, whatever --quiet says: the user must know data was left out
-        print(f"data: {summary_line(prepared)}", file=sys.stderr)
     return LoadedData(source, prepared, channels, split)
 
 
-def summary_line(prepared: Prepared) -> str:
-    """``"1234 images; 3 files skipped (see data_report.json): 2 x truncated ..."``."""
-    line = f"{len(prepared)} images"
-    if prepared.skipped:
+def summary_line(samples: int, skipped: list[tuple[str, str]]) -> str:
+    """``"1234 images; 3 files skipped (reasons in data_report.json): 2 x ValueError, ..."``."""
+    line = f"{samples} images"
+    if skipped:
         reasons: dict[str, int] = {}
-        for _, reason in prepared.skipped:
+        for _, reason in skipped:
             key = reason.split(":")[0]
             reasons[key] = reasons.get(key, 0) + 1
         top = ", ".join(f"{n} x {k}" for k, n in sorted(reasons.items(), key=lambda kv: -kv[1])[:3])
-        line += f"; {len(prepared.skipped)} skipped (reasons in data_report.json): {top}"
+        line += f"; {len(skipped)} files skipped (reasons in data_report.json): {top}"
     return line
+
+
+def report_summary(run_dir: str | Path) -> str | None:
+    """The summary line of ``RUN_DIR/data_report.json`` when files were skipped, else None."""
+    try:
+        report = json.loads((Path(run_dir) / "data_report.json").read_text())
+    except (OSError, ValueError):
+        return None
+    skipped = [(f["path"], f["reason"]) for f in report.get("skipped_files", [])]
+    return summary_line(report.get("samples", 0), skipped) if skipped else None
