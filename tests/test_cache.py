@@ -106,3 +106,17 @@ def test_pretrain_decodes_each_file_once_and_survives_a_truncated_file(dicom_fol
     info = json.loads((run / "run.json").read_text())
     assert info["dataset"]["samples"] == 6
     assert "data: 6 images; 2 files skipped (reasons in data_report.json)" in result.output  # end-of-run summary
+
+
+def test_cache_listing_and_clearing(dicom_folder, tmp_path, cli, count_loads):
+    cache = tmp_path / "cache"
+    load_data(f"dicom:{dicom_folder}", 24, cache_dir=cache, progress=False)
+    entries = json.loads(cli("data", "cache", "--cache", cache, "--json").output)
+    assert len(entries) == 1 and entries[0]["samples"] == 6 and entries[0]["shape"] == [6, 1, 24, 24]
+    assert entries[0]["source"] == f"dicom:{dicom_folder}" and entries[0]["bytes"] >= 6 * 24 * 24 * 2
+    assert json.loads(cli("data", "cache", "--cache", cache, "--clear-older-than", "1", "--json").output) == []
+    r = cli("data", "cache", "--cache", cache, "--clear")
+    assert r.exit_code == 0 and "removed: 1" in r.output and not any(cache.iterdir())
+    count_loads.clear()
+    load_data(f"dicom:{dicom_folder}", 24, cache_dir=cache, progress=False)
+    assert len(count_loads) == 6

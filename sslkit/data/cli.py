@@ -36,3 +36,30 @@ def inspect(src: str, as_json: bool, data_opts: tuple[str, ...], window: str | N
     report = inspect_data(src, options, decode=not no_decode, image_size=image_size, workers=workers,
                           progress=not as_json)
     click.echo(json.dumps(report, indent=2, default=str) if as_json else format_report(report))
+
+
+@data_group.command("cache")
+@click.option("--cache", "cache_dir", default=None, type=click.Path(file_okay=False),
+              help="Cache folder (default: $SSLKIT_CACHE_DIR, else ~/.cache/sslkit).")
+@click.option("--clear", is_flag=True, help="Delete every entry.")
+@click.option("--clear-older-than", default=None, type=click.FloatRange(min=0), metavar="DAYS",
+              help="Delete entries not used for DAYS days.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def cache(cache_dir: str | None, clear: bool, clear_older_than: float | None, as_json: bool) -> None:
+    """List the decoded-pixel cache entries, or delete them."""
+    from sslkit.data.prepare import cache_entries, clear_cache
+
+    if clear or clear_older_than is not None:
+        entries = clear_cache(cache_dir, None if clear else clear_older_than)
+        verb = "removed"
+    else:
+        entries = cache_entries(cache_dir)
+        verb = "entries"
+    if as_json:
+        click.echo(json.dumps(entries, indent=2))
+        return
+    for e in entries:
+        click.echo(f"{e['key']}  {e['bytes'] / 2**20:9.1f} MB  {e['samples']:7d} samples  shape {e['shape']}  "
+                   f"last used {e['last_used']}  {e['source']}")
+    total = sum(e["bytes"] for e in entries)
+    click.echo(f"{verb}: {len(entries)} ({total / 2**20:.1f} MB)")

@@ -13,6 +13,7 @@ import multiprocessing
 import os
 import shutil
 import tempfile
+import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -150,7 +151,11 @@ def prepare(
             kept, skipped = _decode(source, refs, out, progress, workers)
             out.flush()
             del out
-            (tmp / "index.json").write_text(json.dumps({"format": CACHE_FORMAT, "kept": kept, "skipped": skipped}))
+            (tmp / "index.json").write_text(json.dumps({
+                "format": CACHE_FORMAT, "source": f"{source.scheme}:{source.location}",
+                "preprocessing": source.describe(), "shape": [len(kept), *shape[1:]],
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "kept": kept, "skipped": skipped,
+            }, default=str))
             try:
                 os.replace(tmp, target)
             except OSError:  # another process finished the same entry first: use theirs
@@ -158,10 +163,43 @@ def prepare(
                     raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        os.utime(target / "index.json")  # "last used", for `sslkit data cache --clear-older-than`
     meta = json.loads((target / "index.json").read_text())
     pixels = np.load(target / "pixels.npy", mmap_mode="r")[: len(meta["kept"])]
     kept_refs = [refs[i] for i in meta["kept"]]
     return Prepared(pixels, kept_refs, [tuple(s) for s in meta["skipped"]], str(target))
+
+
+def cache_entries(cache_dir: str | Path | None = None) -> list[dict[str, Any]]:
+    """Complete entries under the cache root: key, path, bytes, samples, shape, source, last use."""
+    root = resolve_cache_dir(cache_dir) or default_cache_root()
+    out = []
+    for d in sorted(root.iterdir()) if root.is_dir() else []:
+        index = d / "index.json"
+        if d.name.startswith(".") or not index.is_file():
+            continue
+        try:
+            meta = json.loads(index.read_text())
+        except ValueError:
+            meta = {}
+        out.append({
+            "key": d.name, "path": str(d), "bytes": sum(f.stat().st_size for f in d.iterdir() if f.is_file()),
+            "samples": len(meta.get("kept", [])), "shape": meta.get("shape"), "source": meta.get("source"),
+            "created": meta.get("created"), "last_used": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(index.stat().st_mtime)),
+            "age_days": round((time.time() - index.stat().st_mtime) / 86400, 2),
+        })
+    return out
+
+
+def clear_cache(cache_dir: str | Path | None = None, older_than_days: float | None = None) -> list[dict[str, Any]]:
+    """Delete cache entries (all, or those unused for ``older_than_days``); returns them."""
+    removed = []
+    for entry in cache_entries(cache_dir):
+        if older_than_days is None or entry["age_days"] >= older_than_days:
+            shutil.rmtree(entry["path"], ignore_errors=True)
+            removed.append(entry)
+    return removed
 
 
 _WORKER: dict[str, Any] = {}
