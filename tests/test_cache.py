@@ -120,3 +120,21 @@ def test_cache_listing_and_clearing(dicom_folder, tmp_path, cli, count_loads):
     count_loads.clear()
     load_data(f"dicom:{dicom_folder}", 24, cache_dir=cache, progress=False)
     assert len(count_loads) == 6
+
+
+def test_parallel_decode_and_index_equal_serial(pydicom_dir, monkeypatch):
+    """Spawned worker processes give the same pixels, skips and headers as one process."""
+    from sslkit.data import prepare as prep
+    from sslkit.data.parallel import parallel_map
+    from sslkit.registry import create_source
+    from sslkit_plugins.sources.dicom import read_header
+
+    src = create_source(f"dicom:{pydicom_dir}", workers=1)
+    refs = src.index()
+    serial = prep.prepare(src, refs, 1, 16, cache_dir=False, progress=False, workers=1)
+    monkeypatch.setattr(prep, "pool_size", lambda n, workers: 2)
+    parallel = prep.prepare(src, refs, 1, 16, cache_dir=False, progress=False, workers=2)
+    assert [r.id for r in parallel.refs] == [r.id for r in serial.refs] and parallel.skipped == serial.skipped
+    np.testing.assert_array_equal(parallel.pixels, serial.pixels)
+    files = sorted({r.path for r in refs})[:40]
+    assert parallel_map(read_header, files, workers=2, min_parallel=0) == [read_header(f) for f in files]

@@ -14,8 +14,6 @@ from typing import Any
 from sslkit.data.prepare import majority_channels, prepare
 from sslkit.registry import create_source
 
-FACTS_PER_FILE = ("frames",)
-
 
 def inspect_data(data: str, source_options: dict[str, Any] | None = None, decode: bool = True,
                  image_size: int = 224, workers: int = 0, progress: bool = False) -> dict[str, Any]:
