@@ -28,6 +28,7 @@ class NpzOptions:
 class NpzSource(Source):
     scheme = "npz"
     Options = NpzOptions
+    parallel_decode = False  # an array slice: workers would only copy the whole array
 
     def __init__(self, location: str, options: NpzOptions | None = None) -> None:
         super().__init__(location, options or NpzOptions())

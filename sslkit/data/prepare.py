@@ -239,7 +239,7 @@ def _decode(
     kept: list[int] = []
     skipped: list[tuple[str, str]] = []
     channels, size = out.shape[1], out.shape[2]
-    n = pool_size(len(refs), workers)
+    n = pool_size(len(refs), workers) if source.parallel_decode else 1
     pool = None
     if n > 1:
         pool = ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,

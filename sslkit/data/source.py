@@ -46,6 +46,8 @@ class Source:
 
     scheme: ClassVar[str] = ""
     Options: ClassVar[type | None] = None
+    #: decode the first pass in worker processes (False where loading is a cheap array read)
+    parallel_decode: ClassVar[bool] = True
 
     def __init__(self, location: str, options: Any = None) -> None:
         self.location = location
