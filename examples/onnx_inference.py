@@ -138,6 +138,8 @@ def dicom_pixels(item, raw: dict, spec: dict) -> np.ndarray:
         return values
     monochrome1 = str(ds.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1"
     if raw["kind"] == "window":
+        if monochrome1 and len(raw["window"]) > 1:
+            raise ValueError("MONOCHROME1 cannot be reflected into a stack of windows")
         lower, upper = raw["window"][0]["lower"], raw["window"][0]["upper"]
         return (lower + upper - values if monochrome1 else values)[None]
     windows = spec.get("preprocessing", {}).get("window") or ["auto"]
