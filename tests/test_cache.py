@@ -138,3 +138,24 @@ def test_parallel_decode_and_index_equal_serial(pydicom_dir, monkeypatch):
     np.testing.assert_array_equal(parallel.pixels, serial.pixels)
     files = sorted({r.path for r in refs})[:40]
     assert parallel_map(read_header, files, workers=2, min_parallel=0) == [read_header(f) for f in files]
+
+
+def test_later_runs_reread_only_changed_headers(dicom_folder, tmp_path, monkeypatch):
+    import sslkit_plugins.sources.dicom as dicom_plugin
+
+    reads = []
+    original = dicom_plugin.read_header
+    monkeypatch.setattr(dicom_plugin, "read_header", lambda f: reads.append(f) or original(f))
+    cache = tmp_path / "cache"
+    first = load_data(f"dicom:{dicom_folder}", 16, cache_dir=cache, progress=False)
+    assert len(reads) == 6
+    reads.clear()
+    again = load_data(f"dicom:{dicom_folder}", 16, cache_dir=cache, progress=False)
+    assert reads == [] and again.prepared.refs == first.prepared.refs  # same refs, groups included
+    changed = dicom_folder / "p3" / "img.dcm"
+    write_dicom(changed, np.zeros((40, 40), np.uint16) + 5, patient_id="P3-new", modality="MR")
+    load_data(f"dicom:{dicom_folder}", 16, cache_dir=cache, progress=False)
+    assert reads == [str(changed)]
+    reads.clear()
+    load_data(f"dicom:{dicom_folder}", 16, cache_dir="", progress=False)  # --no-cache: no header cache either
+    assert len(reads) == 6

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
+import json
 import logging
 import os
 import re
@@ -35,6 +36,7 @@ from sslkit_plugins.sources.dicom_decode import decode, parse_windows, read_data
 from sslkit_plugins.sources.folder import check_dir, walk_files
 
 GROUP_SALT = b"sslkit-group-v1"
+HEADER_FORMAT = 1  # bump when read_header() changes what it returns
 #: objects that carry Rows/Columns (or even pixels) but are not images to learn from
 NON_IMAGE_MODALITIES = {"SR", "KO", "PR", "SEG", "REG", "RTSTRUCT", "RTPLAN", "RTDOSE", "RTRECORD", "DOC", "ECG"}
 logging.getLogger("pydicom").setLevel(logging.ERROR)
@@ -143,8 +145,7 @@ class DicomSource(Source):
 
     def index(self) -> list[SampleRef]:
         files = [str(f) for f in walk_files(self.root, lambda p: True)]
-        # ~1-2 ms per header: processes pay off only for thousands of files
-        headers = parallel_map(read_header, files, workers=self.options.workers, min_parallel=2000)
+        headers = self._headers(files)
         modalities = {m.strip().upper() for m in self.options.modality.split(",") if m.strip()}
         glob = self.options.series_description.lower()
         refs: list[SampleRef] = []
@@ -167,6 +168,37 @@ class DicomSource(Source):
             else:
                 refs += [SampleRef(f, frame=i, group=h["group"]) for i in range(n)]
         return refs
+
+    def _headers(self, files: list[str]) -> list[dict[str, Any]]:
+        """:func:`read_header` of every file; unchanged files come from ``header_cache``."""
+        store = None
+        known: dict[str, list] = {}
+        if self.header_cache is not None:
+            root_id = hashlib.sha256(f"{HEADER_FORMAT}\0{self.root.resolve()}".encode()).hexdigest()[:24]
+            store = Path(self.header_cache) / f"dicom-{root_id}.json"
+            try:
+                known = json.loads(store.read_text())
+            except (OSError, ValueError):
+                known = {}
+        stamps = []
+        for f in files:
+            try:
+                st = os.stat(f)
+                stamps.append(f"{st.st_size}:{st.st_mtime_ns}")
+            except OSError:
+                stamps.append("")
+        todo = [i for i, (f, s) in enumerate(zip(files, stamps)) if not s or known.get(f, [None])[0] != s]
+        # ~1-2 ms per header: processes pay off only for thousands of files
+        fresh = parallel_map(read_header, [files[i] for i in todo], workers=self.options.workers, min_parallel=2000)
+        headers = [known[f][1] if f in known else None for f in files]
+        for i, h in zip(todo, fresh):
+            headers[i] = h
+        if store is not None and (todo or len(known) != len(files)):
+            store.parent.mkdir(parents=True, exist_ok=True)
+            tmp = store.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_text(json.dumps({f: [s, h] for f, s, h in zip(files, stamps, headers) if s}))
+            os.replace(tmp, store)
+        return headers
 
     def channels_of(self, ref: SampleRef) -> int | None:
         h = self.headers.get(ref.path)

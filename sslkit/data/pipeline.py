@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sslkit.data.prepare import Prepared, majority_channels, prepare
+from sslkit.data.prepare import Prepared, majority_channels, prepare, resolve_cache_dir
 from sslkit.data.source import Source
 from sslkit.data.splits import groups_fingerprint, split_refs
 from sslkit.errors import UsageError
@@ -33,6 +33,8 @@ def load_data(data: str, image_size: int, channels: int | None = None,
     neither decoded nor trained on, and ``split`` records their count and fingerprint.
     """
     source = create_source(data, **(source_options or {}))
+    root = resolve_cache_dir(cache_dir)
+    source.header_cache = root / "headers" if root is not None else None
     refs = source.index()
     if not refs:
         extra = f" ({len(source.skipped)} files skipped as unreadable)" if source.skipped else ""

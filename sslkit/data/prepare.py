@@ -199,6 +199,8 @@ def clear_cache(cache_dir: str | Path | None = None, older_than_days: float | No
         if older_than_days is None or entry["age_days"] >= older_than_days:
             shutil.rmtree(entry["path"], ignore_errors=True)
             removed.append(entry)
+    if older_than_days is None:  # everything: the sources' header indexes too
+        shutil.rmtree((resolve_cache_dir(cache_dir) or default_cache_root()) / "headers", ignore_errors=True)
     return removed
 
 

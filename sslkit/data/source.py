@@ -53,6 +53,9 @@ class Source:
         self.location = location
         self.options = options
         self.skipped: list[tuple[str, str]] = []
+        #: a folder where ``index()`` may keep what it read from headers, keyed by each
+        #: file's size and mtime (set by the pipeline when the cache is on; None: off)
+        self.header_cache: Path | None = None
 
     @classmethod
     def sniff(cls, path: Path) -> float:
