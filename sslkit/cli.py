@@ -232,7 +232,7 @@ def export(run_dir: str, out: str, fmt: str, opset: int | None, with_preprocessi
 @click.option("--window", default=None, help="DICOM window, overriding the run's (auto, minmax, W,L, preset).")
 @click.option("--data-opt", "data_opts", multiple=True, metavar="KEY=VALUE",
               help="Source option overriding the run's (repeatable).")
-@click.option("--device", default="cpu", show_default=True, help="Torch device for a run directory.")
+@click.option("--device", default="cpu", show_default=True, help="Torch device for a run directory: auto, cpu, cuda, cuda:N.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def embed(model: str, data: str, out: str, batch_size: int, window: str | None, data_opts: tuple[str, ...],

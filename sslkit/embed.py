@@ -58,10 +58,12 @@ def open_run(run_dir: str | Path, device: str = "cpu", weights: bool = True) -> 
     """A run directory's encoder in PyTorch (``weights=False``: random init, same architecture)."""
     import torch
 
+    from sslkit.engine import resolve_device
     from sslkit.run import load_run
 
     run = load_run(run_dir)
     spec = run.spec
+    device = resolve_device(str(device))
     encoder = run.build_encoder(weights=weights).to(device)
 
     @torch.no_grad()
