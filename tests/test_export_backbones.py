@@ -27,6 +27,7 @@ CASES = [
     pytest.param("timm:convnext_atto", {}, 32, True, marks=pytest.mark.slow),
     pytest.param("timm:efficientnet_b0", {}, 32, True, marks=pytest.mark.slow),
     pytest.param("timm:vit_tiny_patch16_224", {}, 48, False, marks=pytest.mark.slow),
+    pytest.param("timm:vit_tiny_patch16_224", {"dynamic_img_size": True}, 32, True, marks=pytest.mark.slow),
     pytest.param("timm:resnet18", {"cifar_stem": True}, 32, True, marks=pytest.mark.slow),
 ]
 

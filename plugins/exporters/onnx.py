@@ -144,7 +144,10 @@ def export_onnx(encoder: nn.Module, spec: InputSpec, metadata: dict[str, Any], o
 
 
 def _has_fixed_grid(encoder: nn.Module) -> bool:
-    """True when the model holds absolute position embeddings tied to one input size."""
+    """True when the model holds absolute position embeddings tied to one input size
+    (timm ViTs built with ``dynamic_img_size=True`` resample them: not fixed)."""
+    if any(getattr(m, "dynamic_img_size", False) for m in encoder.modules()):
+        return False
     return any(n.endswith("pos_embed") for n, _ in encoder.named_parameters())
 
 
