@@ -45,7 +45,8 @@ class Model:
     encode: Callable[[np.ndarray], np.ndarray]
     engine: str  # "torch" or "onnxruntime"
     fixed_options: dict[str, Any]  # source options baked into the model (cannot be overridden)
-    inexact: list[float] = field(default_factory=list)  # per image: pixel error of the raw round trip
+    # images the raw graph input cannot represent exactly: (max pixel error in [0, 1], why)
+    inexact: list[tuple[float, str]] = field(default_factory=list)
 
 
 def _normalize(spec: InputSpec, unit: np.ndarray) -> np.ndarray:
@@ -108,11 +109,16 @@ def open_onnx(path: str | Path) -> Model:
     raw = RawInput.from_json(meta["input"]["raw"])
     name, output = meta["input"]["name"], meta["output"]["name"]
 
+    # Only a window stack can fail structurally; uint8/uint16 inputs round resized pixels to
+    # their grid, as any client feeding that dtype does (a difference of quantisation noise).
+    why = ("they were windowed and resized before this graph's window stack, so no modality image "
+           "reproduces them exactly (a client that resizes modality values is not affected)")
+
     def encode(unit: np.ndarray) -> np.ndarray:
         x = _normalize(spec, unit) if raw.kind == "normalized" else raw.from_unit(unit)
-        if len(raw.lower) > 1:  # a window stack: one modality value per pixel must serve every channel
+        if len(raw.lower) > 1:
             err = np.abs(raw.to_unit(x) - unit).reshape(len(unit), -1).max(1)
-            model.inexact.extend(float(e) for e in err if e > 1e-3)
+            model.inexact.extend((float(e), why) for e in err if e > 1e-3)
         return session.run([output], {name: x})[0].astype(np.float32)
 
     options = dict(meta.get("source_options") or {})
@@ -168,10 +174,9 @@ def embed(model: str | Path | Model, data: str, batch_size: int = 64, source_opt
         unit = reader.read(np.arange(start, min(start + batch_size, len(pixels)))).numpy()
         out.append(model.encode(unit))
     if model.inexact:
-        print(f"sslkit: warning: {len(model.inexact)} images were windowed and resized before this graph's "
-              f"window stack, so no modality image reproduces them exactly (max pixel error "
-              f"{max(model.inexact):.3f}); their embeddings differ from the run directory's. A client that "
-              f"resizes modality values and lets the graph window them is not affected.", file=sys.stderr)
+        error, why = max(model.inexact)
+        print(f"sslkit: warning: {len(model.inexact)} images cannot be given to this graph exactly (max pixel "
+              f"error {error:.2g}): {why}; their embeddings differ from the run directory's", file=sys.stderr)
     refs = loaded.prepared.refs
     return Embeddings(np.concatenate(out).astype(np.float32), [r.id for r in refs], [r.label for r in refs],
                       len(loaded.prepared.skipped))
