@@ -94,12 +94,21 @@ def export_onnx(encoder: nn.Module, spec: InputSpec, metadata: dict[str, Any], o
 
     if unknown:
         raise UsageError(f"the onnx exporter has no option {', '.join(sorted(unknown))}")
+    if opset < 18:
+        raise UsageError(f"--opset {opset}: the dynamo exporter writes opset 18 or newer")
     out = Path(out)
     log = log or (lambda line: None)
     raw, client_note = raw_input_for(spec, with_preprocessing, input_dtype)
     module = GraphModule(encoder.eval().float(), raw, spec).eval()
-    dynamic_hw = not is_token_backbone(encoder) and not _has_fixed_grid(encoder)
-    model, dynamic_hw = _torch_export(module, raw, spec, opset, dynamic_hw)
+    wanted = not is_token_backbone(encoder) and not _has_fixed_grid(encoder)
+    try:
+        model, dynamic_hw = _torch_export(module, raw, spec, opset, wanted)
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise CheckFailed(f"torch.onnx.export (dynamo) failed for {metadata.get('backbone')}: "
+                          f"{type(exc).__name__}: {first}") from None
+    if wanted and not dynamic_hw:
+        log("height/width fixed at the run's size: this architecture did not export with dynamic H/W")
     sizes = [(spec.image_size, spec.image_size)]
     if dynamic_hw:
         sizes.append((spec.image_size + 32, spec.image_size + 16))
