@@ -36,7 +36,7 @@ from sslkit_plugins.sources.dicom_decode import decode, parse_windows, read_data
 from sslkit_plugins.sources.folder import check_dir, walk_files
 
 GROUP_SALT = b"sslkit-group-v1"
-HEADER_FORMAT = 1  # bump when read_header() changes what it returns
+HEADER_FORMAT = 2  # bump when read_header() changes what it returns
 #: objects that carry Rows/Columns (or even pixels) but are not images to learn from
 NON_IMAGE_MODALITIES = {"SR", "KO", "PR", "SEG", "REG", "RTSTRUCT", "RTPLAN", "RTDOSE", "RTRECORD", "DOC", "ECG"}
 logging.getLogger("pydicom").setLevel(logging.ERROR)
@@ -102,7 +102,7 @@ def read_header(path: str) -> dict[str, Any]:
             ident = str(ds.get("PatientID", "") or "")
             group = f"patient:{ident}" if ident else f"study:{ds.get('StudyInstanceUID', '') or ''}"
             if group == "study:":
-                group = f"file:{p.name}:{os.path.getsize(p)}"
+                group = f"file:{p.resolve()}"  # frames of one file stay together
             meta = getattr(ds, "file_meta", None)
             ts = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
             ts_name = pydicom.uid.UID(ts).name if ts else "none (raw data set)"
@@ -232,6 +232,7 @@ class DicomSource(Source):
             "bits_stored": h.get("bits_stored"),
             "size": f"{h.get('columns')}x{h.get('rows')}",
             "frames": h.get("frames"),
+            "samples_per_pixel": h.get("samples_per_pixel"),
         }
 
     def describe(self) -> dict:
