@@ -25,8 +25,10 @@ def inspect_data(data: str, source_options: dict[str, Any] | None = None, decode
     source = create_source(data, **(source_options or {}))
     refs = source.index()
     first: dict[str, Any] = {}
+    per_file: Counter = Counter()
     for ref in refs:
         first.setdefault(ref.path, ref)
+        per_file[ref.path] += 1
     facts: dict[str, Counter] = {}
     full_bytes = 0
     for ref in first.values():
@@ -36,7 +38,7 @@ def inspect_data(data: str, source_options: dict[str, Any] | None = None, decode
         try:
             w, h = (int(v) for v in str(props.get("size", "")).split("x"))
             c = int(props.get("samples_per_pixel", props.get("channels", 1)) or 1)
-            full_bytes += w * h * max(1, int(props.get("frames", 1) or 1)) * c * 4
+            full_bytes += w * h * c * 4 * per_file[ref.path]  # every sample (frame, array row) of the file
         except (ValueError, TypeError):
             pass
     channels = majority_channels(source, refs) if refs else 1
