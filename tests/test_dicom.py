@@ -86,7 +86,7 @@ def test_non_images_are_skipped_silently(pydicom_dir):
     src = _source(pydicom_dir)
     names = {Path(r.path).name for r in src.index()}
     reported = {Path(p).name for p, _ in src.skipped}
-    for f in ("test-SR.dcm", "rtstruct.dcm", "rtplan.dcm", "waveform_ecg.dcm", "liver_1frame.dcm", "rtdose.dcm"):
+    for f in ("test-SR.dcm", "rtstruct.dcm", "rtplan.dcm", "waveform_ecg.dcm", "liver_1frame.dcm"):
         assert f not in names and f not in reported
 
 

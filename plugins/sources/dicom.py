@@ -38,7 +38,7 @@ from sslkit_plugins.sources.folder import check_dir, walk_files
 GROUP_SALT = b"sslkit-group-v1"
 HEADER_FORMAT = 2  # bump when read_header() changes what it returns
 #: objects that carry Rows/Columns (or even pixels) but are not images to learn from
-NON_IMAGE_MODALITIES = {"SR", "KO", "PR", "SEG", "REG", "RTSTRUCT", "RTPLAN", "RTDOSE", "RTRECORD", "DOC", "ECG"}
+NON_IMAGE_MODALITIES = {"SR", "KO", "PR", "SEG", "REG", "RTSTRUCT", "RTPLAN", "RTRECORD", "DOC", "ECG"}
 logging.getLogger("pydicom").setLevel(logging.ERROR)
 
 
