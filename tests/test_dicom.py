@@ -226,3 +226,34 @@ def test_files_without_meta_are_read(pydicom_dir, tmp_path):
 def test_bad_window_is_a_usage_error(bad):
     with pytest.raises(UsageError):
         parse_windows(bad)
+
+
+def test_enhanced_multiframe_per_frame_rescale_and_windows(tmp_path):
+    """Rescale and windows in functional groups (enhanced CT/MR) are applied frame by frame."""
+    from pydicom.dataset import Dataset
+
+    from tests.dicom_factory import write_dicom
+
+    stored = (np.random.default_rng(0).random((3, 24, 24)) * 2000).astype(np.uint16)
+    path = write_dicom(tmp_path / "enh.dcm", stored, patient_id="E", modality="CT")
+    ds = pydicom.dcmread(path)
+    shared, pvt = Dataset(), Dataset()
+    pvt.RescaleSlope, pvt.RescaleIntercept, pvt.RescaleType = 2, -1000, "HU"
+    shared.PixelValueTransformationSequence = [pvt]
+    ds.SharedFunctionalGroupsSequence = [shared]
+    frames = []
+    for c, w in ((0, 400), (-600, 1500), (300, 1800)):
+        group, voi = Dataset(), Dataset()
+        voi.WindowCenter, voi.WindowWidth = c, w
+        group.FrameVOILUTSequence = [voi]
+        frames.append(group)
+    ds.PerFrameFunctionalGroupsSequence = frames
+    ds.save_as(path)
+    src = _source(tmp_path)
+    refs = src.index()
+    for ref, (c, w) in zip(refs, ((0, 400), (-600, 1500), (300, 1800))):
+        hu = stored[ref.frame] * 2.0 - 1000
+        auto = src.load(ref)[0]  # the frame's own window, DICOM LINEAR: centre - 0.5, width - 1
+        np.testing.assert_allclose(auto, np.clip((hu - (c - 0.5)) / (w - 1) + 0.5, 0, 1), atol=1e-5)
+        fixed = _source(tmp_path, window="400,40").load(ref)[0]  # HU, so the intercept was applied
+        np.testing.assert_allclose(fixed, np.clip((hu + 160) / 400, 0, 1), atol=1e-5)

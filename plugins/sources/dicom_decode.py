@@ -7,7 +7,8 @@ Order of operations (DICOM PS3.4 N.2, the grayscale pipeline):
    RGB (pydicom's ``convert_color_space`` for YBR_FULL / YBR_FULL_422, planar
    configuration handled by the decoder).
 2. ``apply_modality_lut``: RescaleSlope / RescaleIntercept or a Modality LUT Sequence, in
-   float32, before any windowing (CT values become Hounsfield units).
+   float32, before any windowing (CT values become Hounsfield units); for enhanced
+   multi-frame objects the frame's own values from the functional groups (:func:`frame_luts`).
 3. One window per output channel, each through ``apply_windowing`` / ``apply_voi``:
 
    * ``auto``: the file's own first VOI window (or VOI LUT); min-max when it has none;
@@ -153,11 +154,51 @@ def decode(ds: Dataset, frame: int | None, windows: tuple[Window, ...]) -> np.nd
             return _minmax(arr.astype(np.float32)).transpose(2, 0, 1).copy()
         bits = int(ds.get("BitsStored", 8 * arr.dtype.itemsize))
         return _unit(arr.astype(np.float32) / float(2**bits - 1)).transpose(2, 0, 1).copy()
-    values = arr.astype(np.float32) if arr.dtype.kind == "f" else apply_modality_lut(arr, ds).astype(np.float32)
-    out = np.stack([apply_window(values, ds, w) for w in windows])
+    luts = frame_luts(ds, frame)
+    values = arr.astype(np.float32) if arr.dtype.kind == "f" else apply_modality_lut(arr, luts).astype(np.float32)
+    out = np.stack([apply_window(values, luts, w) for w in windows])
     if pi == "MONOCHROME1":
         out = 1.0 - out
     return out.astype(np.float32, copy=False)
+
+
+_LUT_KEYWORDS = ("PhotometricInterpretation", "BitsStored", "PixelRepresentation", "RescaleSlope",
+                 "RescaleIntercept", "RescaleType", "WindowCenter", "WindowWidth", "VOILUTFunction")
+
+
+def frame_luts(ds: Dataset, frame: int | None) -> Dataset:
+    """``ds`` itself, or for an enhanced multi-frame object the LUT attributes of ``frame``.
+
+    Enhanced CT/MR/XA keep rescale and window per frame in functional groups (Pixel Value
+    Transformation and Frame VOI LUT sequences, per-frame before shared), where pydicom's
+    LUT functions do not look: they are copied to the top level of a small data set so
+    that ``apply_modality_lut`` / ``apply_windowing`` apply them unchanged.
+    """
+    shared = ds.get("SharedFunctionalGroupsSequence")
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+    if not shared and not per_frame or "ModalityLUTSequence" in ds:
+        return ds
+    groups = []
+    if per_frame and frame is not None and frame < len(per_frame):
+        groups.append(per_frame[frame])
+    if shared:
+        groups.append(shared[0])
+    view = Dataset()
+    for kw in _LUT_KEYWORDS:
+        if kw in ds:
+            setattr(view, kw, ds[kw].value)
+    for seq_kw, keys in (("PixelValueTransformationSequence", ("RescaleSlope", "RescaleIntercept", "RescaleType")),
+                         ("FrameVOILUTSequence", ("WindowCenter", "WindowWidth", "VOILUTFunction"))):
+        for group in groups:
+            item = group.get(seq_kw)
+            if item:
+                for kw in keys:
+                    if kw in item[0]:
+                        setattr(view, kw, item[0][kw].value)
+                break
+    if "VOILUTSequence" in ds:
+        view.VOILUTSequence = ds.VOILUTSequence
+    return view
 
 
 def apply_window(values: np.ndarray, ds: Dataset, window: Window) -> np.ndarray:
