@@ -217,7 +217,10 @@ class DicomSource(Source):
                 else:
                     self._last = None
                     ds = read_dataset(ref.path)
-                    self._last = (ref.path, ds)
+                # keep a multi-frame file for its next frame; let go after its last one
+                frames = self.headers.get(ref.path, {}).get("frames", 1)
+                keep = ref.frame is not None and frames > 1 and ref.frame < frames - 1
+                self._last = (ref.path, ds) if keep else None
                 return decode(ds, ref.frame, self.windows)
             except Exception as exc:
                 raise Undecodable(safe_reason(exc)) from None
