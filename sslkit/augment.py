@@ -105,10 +105,7 @@ def color_jitter(
         f = _uniform(b, max(0.0, 1 - brightness), 1 + brightness, dev).view(-1, 1, 1, 1)
         out = (out * f).clamp(0, 1)
     if contrast > 0:
-        f = _uniform(b, max(0.0, 1 - contrast), 1 + contrast, dev).view(-1, 1, 1, 1)
-        lum = _gray(out) if out.shape[1] == 3 else out
-        mean = lum.mean(dim=(1, 2, 3), keepdim=True)
-        out = (f * out + (1 - f) * mean).clamp(0, 1)
+        out = adjust_contrast(out, _uniform(b, max(0.0, 1 - contrast), 1 + contrast, dev))
     if out.shape[1] == 3 and saturation > 0:
         f = _uniform(b, max(0.0, 1 - saturation), 1 + saturation, dev).view(-1, 1, 1, 1)
         out = (f * out + (1 - f) * _gray(out)).clamp(0, 1)
@@ -178,8 +175,8 @@ def solarize(x: torch.Tensor, p: float = 0.2, threshold: float = 0.5) -> torch.T
 
 def gamma(x: torch.Tensor, p: float = 0.5, log_range: float = 0.4) -> torch.Tensor:
     """Intensity gamma ``x ** g`` with ``log g`` uniform in ``±log_range`` (1-channel data)."""
-    g = torch.exp(_uniform(x.shape[0], -log_range, log_range, x.device)).view(-1, 1, 1, 1)
-    return _where(_coin(x, p), x.clamp(min=0).pow(g), x)
+    g = torch.exp(_uniform(x.shape[0], -log_range, log_range, x.device))
+    return _where(_coin(x, p), adjust_gamma(x, g), x)
 
 
 def vertical_flip(x: torch.Tensor, p: float = 0.5) -> torch.Tensor:
