@@ -77,12 +77,18 @@ def calibrate(task_name: str, batch_size: int, steps: int = 5) -> float:
     return (cpu_seconds() - c0) / steps
 
 
-def knn_accuracy(run_dir: Path, bank: Path, test: Path, weights: bool, k: int = 20) -> float:
+def knn_accuracy(run_dir: Path, bank: Path, test: Path, weights: bool, k: int = 20, seed: int = 0) -> float:
     """Top-1 of the weighted cosine kNN (bank = labelled train subset) on ``test``."""
     from sslkit.embed import embed_run
     from sslkit.eval.knn import knn_votes
 
+    import torch
+
+    # weights=False builds a fresh random encoder per call: the bank and the queries must
+    # see the same one, so both builds start from the same seed.
+    torch.manual_seed(seed)
     tr = embed_run(str(run_dir), f"folder:{bank}", batch_size=256, progress=False, weights=weights)
+    torch.manual_seed(seed)
     te = embed_run(str(run_dir), f"folder:{test}", batch_size=256, progress=False, weights=weights)
     classes = sorted(set(tr.labels))
     ytr = np.array([classes.index(c) for c in tr.labels])
@@ -144,11 +150,7 @@ def main() -> None:
         arch = backbone + "".join(f" {k}={v}" for k, v in bopts.items())
         acc = st.run(f"knn-{task}", lambda: knn_accuracy(run, bank, test, True))
 
-        def random_init() -> float:
-            torch.manual_seed(a.seed)
-            return knn_accuracy(run, bank, test, False)
-
-        rand = st.run(f"knn-random-{arch}", random_init)  # one random encoder per architecture
+        rand = st.run(f"knn-random-{arch}", lambda: knn_accuracy(run, bank, test, False, seed=a.seed))
         rows.append((task, arch, steps, trained, {"pretrained": acc, "random": rand}))
 
     lines = [f"CIFAR-10 32 px, budget {a.budget_min} CPU min per task, batch {a.batch_size}, pretraining on "
