@@ -62,8 +62,11 @@ def register_sources(register: Register) -> None:
 
     ``--data scheme:location`` builds ``SourceClass(location, **options)``, a
     :class:`sslkit.data.source.Source` with ``index() -> list[SampleRef]`` (cheap: headers
-    only) and ``load(ref) -> float32 array (C, H, W) in [0, 1]``. A bare path is given to the
-    source whose ``sniff(path)`` scores highest.
+    only) and ``load(ref) -> float32 array (C, H, W) in [0, 1]`` (raising ``NotAnImage`` to
+    skip silently, ``Undecodable`` or any error to skip with a reported reason). Optional:
+    ``channels_of(ref)``, ``properties(ref)`` (for ``sslkit data inspect``), ``describe()``
+    (how pixels reached [0, 1], stored in the run's InputSpec), ``parallel_decode``. A bare
+    path is given to the source whose ``sniff(path)`` scores highest.
     """
 
 
