@@ -25,7 +25,8 @@ UNLABELLED = "(unlabelled)"
 def reduce_2d(x: np.ndarray, method: str = "tsne", perplexity: float = 30.0, seed: int = 0) -> np.ndarray:
     """``(N, D) -> (N, 2)`` with scikit-learn's t-SNE (PCA init) or umap-learn's UMAP.
 
-    The perplexity is capped at ``(N - 1) / 3`` so small sets work.
+    The perplexity is capped at ``(N - 1) / 3`` so small sets work. t-SNE runs with one
+    OpenMP thread (see below).
     """
     x = np.asarray(x, dtype=np.float32)
     if len(x) < 3:
@@ -37,9 +38,13 @@ def reduce_2d(x: np.ndarray, method: str = "tsne", perplexity: float = 30.0, see
             raise UsageError("--umap needs umap-learn: pip install umap-learn") from None
         return umap.UMAP(n_components=2, random_state=seed, n_neighbors=min(15, len(x) - 1)).fit_transform(x)
     from sklearn.manifold import TSNE
+    from threadpoolctl import threadpool_limits
 
     perp = float(min(perplexity, (len(x) - 1) / 3))
-    return TSNE(n_components=2, perplexity=perp, init="pca", random_state=seed).fit_transform(x)
+    # scikit-learn's OpenMP runtime and torch's (another libgomp) fight over the cores once
+    # torch has run in this process: t-SNE of 300 points took minutes instead of a second.
+    with threadpool_limits(1, user_api="openmp"):
+        return TSNE(n_components=2, perplexity=perp, init="pca", random_state=seed).fit_transform(x)
 
 
 def plot_maps(panels: dict[str, np.ndarray], labels: list[str], title: str, out: Path) -> tuple[int, int]:
