@@ -108,7 +108,6 @@ def test_two_process_gloo_equals_one_process_and_only_rank0_writes(tmp_path, mon
     assert len(state["rng"]) == 2  # every rank's RNG state, for an exact resume
 
 
-@pytest.mark.slow
 def test_torchrun_cli(tmp_path):
     """The documented launch: torchrun --nproc-per-node 2 -m sslkit pretrain ..."""
     probe_root = install_probe(tmp_path / "probe_plugin")
