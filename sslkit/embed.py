@@ -49,7 +49,8 @@ class Model:
     inexact: list[tuple[float, str]] = field(default_factory=list)
 
 
-def _normalize(spec: InputSpec, unit: np.ndarray) -> np.ndarray:
+def normalize_unit(spec: InputSpec, unit: np.ndarray) -> np.ndarray:
+    """Pixels in [0, 1] ``(B, C, S, S)`` -> the encoder's normalised input, per the spec."""
     mean = np.asarray(spec.mean, np.float32).reshape(1, -1, 1, 1)
     std = np.asarray(spec.std, np.float32).reshape(1, -1, 1, 1)
     return ((unit - mean) / std).astype(np.float32)
@@ -69,7 +70,7 @@ def open_run(run_dir: str | Path, device: str = "cpu", weights: bool = True) -> 
 
     @torch.no_grad()
     def encode(unit: np.ndarray) -> np.ndarray:
-        x = torch.from_numpy(_normalize(spec, unit)).to(device)
+        x = torch.from_numpy(normalize_unit(spec, unit)).to(device)
         return encoder(x).float().cpu().numpy()
 
     options = dict(run.info.get("config", {}).get("source_options") or {})
@@ -115,7 +116,7 @@ def open_onnx(path: str | Path) -> Model:
            "reproduces them exactly (a client that resizes modality values is not affected)")
 
     def encode(unit: np.ndarray) -> np.ndarray:
-        x = _normalize(spec, unit) if raw.kind == "normalized" else raw.from_unit(unit)
+        x = normalize_unit(spec, unit) if raw.kind == "normalized" else raw.from_unit(unit)
         if len(raw.lower) > 1:
             err = np.abs(raw.to_unit(x) - unit).reshape(len(unit), -1).max(1)
             model.inexact.extend((float(e), why) for e in err if e > 1e-3)

@@ -219,25 +219,42 @@ class Run:
         return self.info["backbone"]
 
     def build_encoder(self, weights: bool = True):
-        """The backbone with the run's trained weights, in eval mode."""
+        """The backbone with the run's trained weights, in eval mode.
+
+        ``weights=False``: the random-init baseline of the same architecture, drawn from
+        :data:`BASELINE_SEED` so every caller (eval, embed, benchmarks) gets the same one.
+        """
         from safetensors.torch import load_file
 
-        from sslkit.registry import create_backbone
-
-        spec = self.spec
-        encoder = create_backbone(
-            self.backbone_name, in_chans=spec.channels, image_size=spec.image_size,
-            **self.info.get("backbone_options", {}),
-        )
-        if weights:
-            file = self.path / ENCODER_FILE
-            if not file.exists():
-                raise UsageError(f"run {str(self.path)!r} has no {ENCODER_FILE}: pretraining did not finish")
-            try:
-                encoder.load_state_dict(load_file(str(file)))
-            except Exception as exc:
-                raise UsageError(f"cannot load {file}: {type(exc).__name__}: {exc}".splitlines()[0]) from None
+        if not weights:
+            return build_baseline_encoder(self.backbone_name, self.spec, self.info.get("backbone_options") or {})
+        encoder = _create_encoder(self.backbone_name, self.spec, self.info.get("backbone_options") or {})
+        file = self.path / ENCODER_FILE
+        if not file.exists():
+            raise UsageError(f"run {str(self.path)!r} has no {ENCODER_FILE}: pretraining did not finish")
+        try:
+            encoder.load_state_dict(load_file(str(file)))
+        except Exception as exc:
+            raise UsageError(f"cannot load {file}: {type(exc).__name__}: {exc}".splitlines()[0]) from None
         return encoder.eval()
+
+
+BASELINE_SEED = 0
+
+
+def _create_encoder(backbone: str, spec: InputSpec, options: dict[str, Any]):
+    from sslkit.registry import create_backbone
+
+    return create_backbone(backbone, in_chans=spec.channels, image_size=spec.image_size, **options)
+
+
+def build_baseline_encoder(backbone: str, spec: InputSpec, options: dict[str, Any]):
+    """A randomly initialised encoder (fixed seed, global RNG untouched), in eval mode."""
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(BASELINE_SEED)
+        return _create_encoder(backbone, spec, options).eval()
 
 
 def load_run(path: str | Path) -> Run:

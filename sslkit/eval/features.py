@@ -22,7 +22,6 @@ from sslkit.errors import UsageError
 from sslkit.eval.labels import Labelled, assign_labels, no_labels, read_labels_csv, select_labelled
 from sslkit.spec import InputSpec
 
-BASELINE_SEED = 0
 ENCODERS = ("pretrained", "random")
 
 
@@ -68,14 +67,9 @@ class EvalModel:
 
     def build_random_encoder(self) -> torch.nn.Module:
         """A randomly initialised encoder of this architecture (fixed seed), in eval mode."""
-        from sslkit.registry import create_backbone
+        from sslkit.run import build_baseline_encoder
 
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(BASELINE_SEED)
-            if self.run is not None:
-                return self.run.build_encoder(weights=False)
-            return create_backbone(self.info["backbone"], in_chans=self.spec.channels,
-                                   image_size=self.spec.image_size, **(self.info.get("backbone_options") or {})).eval()
+        return build_baseline_encoder(self.info["backbone"], self.spec, self.info.get("backbone_options") or {})
 
 
 def open_model(path: str | Path, device: str = "auto") -> EvalModel:
@@ -106,7 +100,7 @@ def _encoders(model: EvalModel, baseline: bool) -> list[embed_mod.Model]:
 
     @torch.no_grad()
     def encode(unit: np.ndarray) -> np.ndarray:
-        x = torch.from_numpy(embed_mod._normalize(model.spec, unit)).to(device)
+        x = torch.from_numpy(embed_mod.normalize_unit(model.spec, unit)).to(device)
         return encoder(x).float().cpu().numpy()
 
     random = embed_mod.Model(model.spec, pretrained.source_options, encode, "torch", pretrained.fixed_options)
