@@ -115,28 +115,23 @@ def color_jitter(
 
 
 def _hue_shift(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """Rotate hue by ``shift`` turns (per sample) in HSV space."""
+    """Rotate hue by ``shift`` turns (per sample) in HSV space; equals ``TF.adjust_hue``.
+
+    With hue ``h`` in sixths of a turn, ``V = max`` and ``V * S = max - min``, each output
+    channel is ``V - V * S * clamp(min(k, 4 - k), 0, 1)`` with ``k = (n + h) mod 6`` and
+    ``n = 5, 3, 1`` for R, G, B: the closed form of HSV -> RGB, no per-sector gather.
+    """
     r, g, b = x.unbind(1)
-    maxc, _ = x.max(1)
-    minc, _ = x.min(1)
-    delta = maxc - minc
+    maxc = x.amax(1)
+    delta = maxc - x.amin(1)
     safe = torch.where(delta > 0, delta, torch.ones_like(delta))
     h = torch.where(maxc == r, ((g - b) / safe) % 6, torch.where(maxc == g, (b - r) / safe + 2, (r - g) / safe + 4))
-    h = torch.where(delta > 0, h / 6, torch.zeros_like(h))
-    h = (h + shift.view(-1, 1, 1)) % 1.0
-    s = torch.where(maxc > 0, delta / torch.where(maxc > 0, maxc, torch.ones_like(maxc)), torch.zeros_like(maxc))
-    v = maxc
-    i = torch.floor(h * 6)
-    f = h * 6 - i
-    p_ = v * (1 - s)
-    q = v * (1 - s * f)
-    t = v * (1 - s * (1 - f))
-    i = i.long() % 6
-    choices_r = torch.stack([v, q, p_, p_, t, v], 1)
-    choices_g = torch.stack([t, v, v, q, p_, p_], 1)
-    choices_b = torch.stack([p_, p_, t, v, v, q], 1)
-    idx = i.unsqueeze(1)
-    return torch.cat([c.gather(1, idx) for c in (choices_r, choices_g, choices_b)], 1)
+    h = (h + 6 * shift.view(-1, 1, 1)) % 6
+    channels = []
+    for n in (5.0, 3.0, 1.0):
+        k = (h + n) % 6
+        channels.append(maxc - delta * torch.minimum(k, 4 - k).clamp_(0, 1))
+    return torch.stack(channels, 1)
 
 
 def blur_kernel_size(h: int, w: int, kernel_frac: float = 0.1) -> int:

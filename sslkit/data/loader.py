@@ -41,7 +41,11 @@ class BatchLoader:
         return len(self.pixels) // (self.batch_size * self.world)
 
     def order(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, epoch]).permutation(len(self.pixels))
+        """The epoch's permutation (computed once per epoch, not once per batch)."""
+        if getattr(self, "_order_epoch", None) != epoch:
+            self._order = np.random.default_rng([self.seed, epoch]).permutation(len(self.pixels))
+            self._order_epoch = epoch
+        return self._order
 
     def indices(self, epoch: int, batch: int) -> np.ndarray:
         """This rank's sample indices for global batch ``batch`` of ``epoch`` (sorted)."""
@@ -50,7 +54,10 @@ class BatchLoader:
         return np.sort(idx[self.rank * self.batch_size : (self.rank + 1) * self.batch_size])
 
     def read(self, idx: np.ndarray) -> torch.Tensor:
-        x = torch.from_numpy(np.asarray(self.pixels[idx], dtype=np.float32)).div_(SCALE)
+        # numpy, not torch, scales the batch: a torch op on this (prefetch) thread would
+        # start its own OpenMP team, whose spinning threads steal the model's cores.
+        x = np.asarray(self.pixels[idx], dtype=np.float32)
+        x = torch.from_numpy(np.divide(x, SCALE, out=x))
         return x.pin_memory() if self.pin_memory else x
 
     def epoch(self, epoch: int, start: int = 0, prefetch: int = 2) -> Iterator[torch.Tensor]:
