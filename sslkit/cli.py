@@ -132,6 +132,9 @@ def _default(name: str) -> str:
 @click.option("--cache", "cache_dir", default=None, type=click.Path(file_okay=False),
               help="Decoded-pixel cache folder (default: $SSLKIT_CACHE_DIR, else ~/.cache/sslkit).")
 @click.option("--no-cache", is_flag=True, default=None, help="Keep decoded pixels in memory only.")
+@click.option("--cache-size", default=None, type=click.IntRange(min=8),
+              help="Store decoded pixels at this side length (>= --image-size; resized on the device), "
+                   "so runs at several image sizes share one cache (default: --image-size).")
 @click.option("--val-fraction", default=None, type=click.FloatRange(0, 1, max_open=True),
               help="Hold out this fraction of patients (DICOM) / groups, never trained on (default 0).")
 @click.option("--window", default=None,

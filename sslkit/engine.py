@@ -148,16 +148,20 @@ class _Trainer:
 
         _check_pairing(task_cls, self.backbone_name, cfg)  # fail fast, before decoding anything
         show = cfg.progress and self.main
+        self.stored_size = cfg.cache_size or cfg.image_size
+        if self.stored_size < cfg.image_size:
+            raise UsageError(f"--cache-size {cfg.cache_size} is below --image-size {cfg.image_size}; "
+                             f"use at least {cfg.image_size}")
         if cfg.cache_dir != "" and self.world > 1:  # rank 0 fills the cache, the others read it
-            data = load_data(cfg.data, cfg.image_size, cfg.channels, cfg.source_options, cfg.cache_dir, show,
+            data = load_data(cfg.data, self.stored_size, cfg.channels, cfg.source_options, cfg.cache_dir, show,
                              val_fraction=cfg.val_fraction, seed=cfg.seed) \
                 if self.main else None
             distributed.barrier()
             if not self.main:
-                data = load_data(cfg.data, cfg.image_size, cfg.channels, cfg.source_options, cfg.cache_dir, False,
+                data = load_data(cfg.data, self.stored_size, cfg.channels, cfg.source_options, cfg.cache_dir, False,
                                  val_fraction=cfg.val_fraction, seed=cfg.seed)
         else:
-            data = load_data(cfg.data, cfg.image_size, cfg.channels, cfg.source_options, cfg.cache_dir, show,
+            data = load_data(cfg.data, self.stored_size, cfg.channels, cfg.source_options, cfg.cache_dir, show,
                              val_fraction=cfg.val_fraction, seed=cfg.seed)
         self.source, self.prepared, channels = data.source, data.prepared, data.channels
         mean, std = channel_stats(self.prepared.pixels)
@@ -376,6 +380,9 @@ class _Trainer:
         sums: dict[str, torch.Tensor] = {}
         for k in range(K):
             x = next(batches).to(self.device, non_blocking=True)
+            if x.shape[-1] != self.spec.image_size:  # stored at --cache-size: resize on the device
+                x = torch.nn.functional.interpolate(x, size=(self.spec.image_size,) * 2, mode="bilinear",
+                                                    antialias=True, align_corners=False)
             views = self.augment(x)
             if self.channels_last:
                 views = tuple(v.contiguous(memory_format=torch.channels_last) if v.dim() == 4 else v for v in views)

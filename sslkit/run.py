@@ -77,6 +77,7 @@ class RunConfig:
     source_options: dict[str, Any] = field(default_factory=dict)
     augment_options: dict[str, Any] = field(default_factory=dict)  # ViewRecipe fields for every view
     cache_dir: str | None = None  # None: the default cache (~/.cache/sslkit); "": in memory (--no-cache)
+    cache_size: int | None = None  # side length the decoded pixels are stored at; None: image_size
     val_fraction: float = 0.0  # held out by patient/group (sslkit.data.splits), never trained on
     progress: bool = True
     overwrite: bool = False
