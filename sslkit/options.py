@@ -21,6 +21,12 @@ def parse_pairs(pairs: tuple[str, ...] | list[str], flag: str) -> dict[str, str]
     return out
 
 
+def check_unit_interval(name: str, value: float) -> None:
+    """For Options.__post_init__: a fraction in (0, 1], e.g. a crop's minimum area scale."""
+    if not 0 < value <= 1:
+        raise ValueError(f"{name} must be in (0, 1]")
+
+
 def parse_values(values: dict[str, str]) -> dict[str, Any]:
     """Untyped options (backbone keyword arguments): ints, floats and booleans recognised."""
     out: dict[str, Any] = {}

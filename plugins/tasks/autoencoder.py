@@ -21,6 +21,7 @@ import sslkit
 from sslkit.augment import MultiView, ViewRecipe
 from sslkit.heads import ConvDecoder
 from sslkit.task import Task
+from sslkit.options import check_unit_interval
 
 
 def reconstruction_views(spec, min_scale: float) -> MultiView:
@@ -38,8 +39,7 @@ class AutoencoderOptions:
     def __post_init__(self) -> None:
         if self.decoder_width < 8:
             raise ValueError("decoder_width must be >= 8")
-        if not 0 < self.min_scale <= 1:
-            raise ValueError("min_scale must be in (0, 1]")
+        check_unit_interval("min_scale", self.min_scale)
 
 
 class Autoencoder(Task):

@@ -25,6 +25,7 @@ from sslkit.distributed import all_gather_with_grad
 from sslkit.heads import mlp
 from sslkit.task import Task
 from sslkit_plugins.tasks.byol import byol_recipes
+from sslkit.options import check_unit_interval
 
 
 def barlow_twins_loss(z1: torch.Tensor, z2: torch.Tensor, lambd: float = 5e-3) -> torch.Tensor:
@@ -50,8 +51,7 @@ class BarlowTwinsOptions:
             raise ValueError("lambd must be >= 0")
         if self.proj_dim < 1:
             raise ValueError("proj_dim must be >= 1")
-        if not 0 < self.min_scale <= 1:
-            raise ValueError("min_scale must be in (0, 1]")
+        check_unit_interval("min_scale", self.min_scale)
 
 
 class BarlowTwins(Task):

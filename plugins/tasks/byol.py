@@ -30,6 +30,7 @@ from sslkit.augment import MultiView, ViewRecipe
 from sslkit.ema import cosine_momentum, ema_update, frozen_copy
 from sslkit.heads import mlp
 from sslkit.task import Task
+from sslkit.options import check_unit_interval
 
 
 def byol_recipes(size: int, min_scale: float = 0.08) -> list[ViewRecipe]:
@@ -59,8 +60,7 @@ class BYOLOptions:
             raise ValueError("tau_base must be in [0, 1]")
         if min(self.proj_hidden_dim, self.proj_dim, self.pred_hidden_dim) < 1:
             raise ValueError("head dimensions must be >= 1")
-        if not 0 < self.min_scale <= 1:
-            raise ValueError("min_scale must be in (0, 1]")
+        check_unit_interval("min_scale", self.min_scale)
 
 
 class BYOL(Task):

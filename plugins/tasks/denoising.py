@@ -25,6 +25,7 @@ import sslkit
 from sslkit.heads import ConvDecoder
 from sslkit.task import Task
 from sslkit_plugins.tasks.autoencoder import reconstruction_views
+from sslkit.options import check_unit_interval
 
 
 def patch_mask(b: int, size: int, patch: int, ratio: float, device) -> torch.Tensor:
@@ -69,8 +70,7 @@ class DenoisingOptions:
             raise ValueError("mask_patch must be >= 1")
         if self.decoder_width < 8:
             raise ValueError("decoder_width must be >= 8")
-        if not 0 < self.min_scale <= 1:
-            raise ValueError("min_scale must be in (0, 1]")
+        check_unit_interval("min_scale", self.min_scale)
 
 
 class Denoising(Task):

@@ -37,6 +37,7 @@ import sslkit
 from sslkit.heads import ConvDecoder
 from sslkit.task import Task
 from sslkit_plugins.tasks.autoencoder import reconstruction_views
+from sslkit.options import check_unit_interval
 
 
 def region_mask(b: int, size: int, frac: float, region: str, device) -> torch.Tensor:
@@ -93,8 +94,7 @@ class InpaintingOptions:
             raise ValueError("rec_weight must be > 0 and adv_weight >= 0")
         if self.decoder_width < 8:
             raise ValueError("decoder_width must be >= 8")
-        if not 0 < self.min_scale <= 1:
-            raise ValueError("min_scale must be in (0, 1]")
+        check_unit_interval("min_scale", self.min_scale)
 
 
 class Inpainting(Task):

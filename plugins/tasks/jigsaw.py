@@ -38,6 +38,7 @@ from sslkit.augment import ViewRecipe, override_recipe
 from sslkit.backbone import is_token_backbone
 from sslkit.heads import mlp
 from sslkit.task import Task
+from sslkit.options import check_unit_interval
 
 GRID = 3
 TILE_FRACTION = 0.85
@@ -142,8 +143,7 @@ class JigsawOptions:
             raise ValueError("num_permutations must be in [2, 362880] (9!)")
         if min(self.tile_dim, self.hidden_dim) < 1:
             raise ValueError("tile_dim and hidden_dim must be >= 1")
-        if not 0 < self.min_scale <= 1:
-            raise ValueError("min_scale must be in (0, 1]")
+        check_unit_interval("min_scale", self.min_scale)
 
 
 class Jigsaw(Task):

@@ -29,6 +29,7 @@ import sslkit
 from sslkit.augment import MultiView, ViewRecipe
 from sslkit.backbone import is_token_backbone
 from sslkit.task import Task
+from sslkit.options import check_unit_interval
 
 
 @dataclass
@@ -47,8 +48,7 @@ class MAEOptions:
             raise ValueError("decoder_depth and decoder_heads must be >= 1")
         if self.decoder_dim is not None and (self.decoder_dim % self.decoder_heads or self.decoder_dim % 4):
             raise ValueError("decoder_dim must be divisible by decoder_heads and by 4")
-        if not 0 < self.min_scale <= 1:
-            raise ValueError("min_scale must be in (0, 1]")
+        check_unit_interval("min_scale", self.min_scale)
 
 
 def default_decoder_dim(embed_dim: int, heads: int) -> int:

@@ -42,6 +42,7 @@ from sslkit.ema import cosine_momentum, ema_update, frozen_copy
 from sslkit.heads import mlp
 from sslkit.task import Task
 from sslkit_plugins.tasks.byol import byol_recipes
+from sslkit.options import check_unit_interval
 
 
 def moco_infonce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -93,8 +94,7 @@ class MoCoOptions:
             raise ValueError("queue_size must be >= 1")
         if self.key_bn_splits < 1:
             raise ValueError("key_bn_splits must be >= 1")
-        if not 0 < self.min_scale <= 1:
-            raise ValueError("min_scale must be in (0, 1]")
+        check_unit_interval("min_scale", self.min_scale)
 
 
 class MoCo(Task):

@@ -24,6 +24,7 @@ from sslkit.augment import MultiView, ViewRecipe, rotate90
 from sslkit.errors import UsageError
 from sslkit.heads import mlp
 from sslkit.task import Task
+from sslkit.options import check_unit_interval
 
 
 def rotate_batch(x: torch.Tensor, all_rotations: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,8 +74,7 @@ class RotationOptions:
     def __post_init__(self) -> None:
         if self.hidden_dim < 1:
             raise ValueError("hidden_dim must be >= 1")
-        if not 0 < self.min_scale <= 1:
-            raise ValueError("min_scale must be in (0, 1]")
+        check_unit_interval("min_scale", self.min_scale)
 
 
 class Rotation(Task):

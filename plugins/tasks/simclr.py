@@ -25,6 +25,7 @@ from sslkit.augment import MultiView, ViewRecipe
 from sslkit.distributed import all_gather_with_grad, rank
 from sslkit.heads import mlp
 from sslkit.task import Task
+from sslkit.options import check_unit_interval
 
 
 def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5) -> torch.Tensor:
@@ -57,8 +58,7 @@ class SimCLROptions:
     def __post_init__(self) -> None:
         if self.temperature <= 0:
             raise ValueError("temperature must be > 0")
-        if not 0 < self.min_scale <= 1:
-            raise ValueError("min_scale must be in (0, 1]")
+        check_unit_interval("min_scale", self.min_scale)
 
 
 class SimCLR(Task):

@@ -26,6 +26,7 @@ import sslkit
 from sslkit.heads import ConvDecoder
 from sslkit.task import Task
 from sslkit_plugins.tasks.autoencoder import reconstruction_views
+from sslkit.options import check_unit_interval
 
 
 def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
@@ -50,8 +51,7 @@ class VAEOptions:
             raise ValueError("kl_warmup is a fraction of the run, in [0, 1]")
         if self.decoder_width < 8:
             raise ValueError("decoder_width must be >= 8")
-        if not 0 < self.min_scale <= 1:
-            raise ValueError("min_scale must be in (0, 1]")
+        check_unit_interval("min_scale", self.min_scale)
 
 
 class VAE(Task):

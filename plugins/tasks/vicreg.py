@@ -26,6 +26,7 @@ from sslkit.distributed import all_gather_with_grad
 from sslkit.heads import mlp
 from sslkit.task import Task
 from sslkit_plugins.tasks.byol import byol_recipes
+from sslkit.options import check_unit_interval
 
 
 def _variance(z: torch.Tensor, eps: float) -> torch.Tensor:
@@ -63,8 +64,7 @@ class VICRegOptions:
             raise ValueError("lambd, mu and nu must be >= 0")
         if self.proj_dim < 1:
             raise ValueError("proj_dim must be >= 1")
-        if not 0 < self.min_scale <= 1:
-            raise ValueError("min_scale must be in (0, 1]")
+        check_unit_interval("min_scale", self.min_scale)
 
 
 class VICReg(Task):
