@@ -20,11 +20,8 @@ import torch
 import torch.nn.functional as F
 
 import sslkit
-from sslkit.augment import MultiView
 from sslkit.distributed import all_gather_with_grad
-from sslkit.heads import mlp
-from sslkit.task import Task
-from sslkit_plugins.tasks.byol import byol_recipes
+from sslkit_plugins.tasks.projected_pair import ProjectedPairTask
 from sslkit.options import check_unit_interval
 
 
@@ -54,20 +51,10 @@ class BarlowTwinsOptions:
         check_unit_interval("min_scale", self.min_scale)
 
 
-class BarlowTwins(Task):
+class BarlowTwins(ProjectedPairTask):
     Options = BarlowTwinsOptions
-    default_backbone = "timm:resnet18"
 
-    def __init__(self, backbone, options: BarlowTwinsOptions, spec) -> None:
-        super().__init__(backbone, options, spec)
-        self.projector = mlp(backbone.num_features, options.proj_dim, options.proj_dim, layers=3)
-
-    def views(self, spec):
-        return MultiView(byol_recipes(spec.image_size, self.options.min_scale), spec.mean, spec.std)
-
-    def forward(self, views):
-        x1, x2 = views
-        z1, z2 = self.projector(self.encoder(torch.cat([x1, x2]))).chunk(2)
+    def pair_loss(self, z1, z2):
         return {"loss": barlow_twins_loss(z1, z2, self.options.lambd)}
 
 

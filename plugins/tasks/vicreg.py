@@ -21,11 +21,8 @@ import torch
 import torch.nn.functional as F
 
 import sslkit
-from sslkit.augment import MultiView
 from sslkit.distributed import all_gather_with_grad
-from sslkit.heads import mlp
-from sslkit.task import Task
-from sslkit_plugins.tasks.byol import byol_recipes
+from sslkit_plugins.tasks.projected_pair import ProjectedPairTask
 from sslkit.options import check_unit_interval
 
 
@@ -67,20 +64,10 @@ class VICRegOptions:
         check_unit_interval("min_scale", self.min_scale)
 
 
-class VICReg(Task):
+class VICReg(ProjectedPairTask):
     Options = VICRegOptions
-    default_backbone = "timm:resnet18"
 
-    def __init__(self, backbone, options: VICRegOptions, spec) -> None:
-        super().__init__(backbone, options, spec)
-        self.projector = mlp(backbone.num_features, options.proj_dim, options.proj_dim, layers=3)
-
-    def views(self, spec):
-        return MultiView(byol_recipes(spec.image_size, self.options.min_scale), spec.mean, spec.std)
-
-    def forward(self, views):
-        x1, x2 = views
-        z1, z2 = self.projector(self.encoder(torch.cat([x1, x2]))).chunk(2)
+    def pair_loss(self, z1, z2):
         o = self.options
         return vicreg_loss(z1, z2, o.lambd, o.mu, o.nu)
 
