@@ -88,3 +88,11 @@ def run_sslkit(*args: str, env: dict | None = None, cwd: Path | None = None) -> 
     exe = Path(sys.executable).parent / "sslkit"
     return subprocess.run([str(exe), *map(str, args)], capture_output=True, text=True, env=full_env,
                           cwd=cwd, timeout=900)
+
+
+def tiny_run(data: str, out: Path, size: int = 32, *extra: str) -> Path:
+    """A finished one-step SimCLR run of ``timm:resnet10t`` on ``data`` (for export/embed tests)."""
+    proc = run_sslkit("pretrain", "--task", "simclr", "--data", data, "--out", out, "--backbone", "timm:resnet10t",
+                      "--image-size", size, "--batch-size", 8, "--max-steps", 1, "--epochs", 1, "--quiet", *extra)
+    assert proc.returncode == 0, proc.stderr
+    return out

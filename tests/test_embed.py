@@ -9,7 +9,7 @@ import pytest
 
 from sslkit.embed import embed, embed_run
 from sslkit.export import export_run
-from tests.conftest import make_images, run_sslkit
+from tests.conftest import make_images, run_sslkit, tiny_run
 from tests.test_export import _assert_one_line_error
 
 
@@ -17,11 +17,7 @@ from tests.test_export import _assert_one_line_error
 def run_and_onnx(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("embed")
     data = make_images(root / "gray", n_per_class=5, size=40, channels=1)
-    run_dir = root / "run"
-    proc = run_sslkit("pretrain", "--task", "simclr", "--data", f"folder:{data}", "--out", run_dir,
-                      "--backbone", "timm:resnet10t", "--image-size", 32, "--batch-size", 8,
-                      "--max-steps", 1, "--epochs", 1, "--quiet")
-    assert proc.returncode == 0, proc.stderr
+    run_dir = tiny_run(f"folder:{data}", root / "run")
     export_run(run_dir, root / "encoder.onnx", check_data="none")
     return {"root": root, "data": data, "run": run_dir, "onnx": root / "encoder.onnx"}
 

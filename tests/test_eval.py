@@ -123,7 +123,7 @@ def tiny(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("eval")
     train = make_images(root / "train", n_per_class=10, size=16, seed=0)
-    test = make_images(root / "test", n_per_class=6, size=16, seed=1)
+    make_images(root / "test", n_per_class=6, size=16, seed=1)
     cfg = RunConfig(task="simclr", data=str(train), out=str(root / "run"), backbone="timm:resnet18",
                     backbone_options={"cifar_stem": True}, epochs=1, batch_size=8, image_size=16,
                     max_steps=2, progress=False)

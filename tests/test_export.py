@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from sslkit.run import load_run
-from tests.conftest import make_images, run_sslkit
+from tests.conftest import make_images, run_sslkit, tiny_run
 
 SIZE = 32
 
@@ -23,11 +23,7 @@ def trained(tmp_path_factory) -> dict[str, Path]:
     """A gray 8-bit image folder and a 1-step SimCLR run of resnet10t on it."""
     root = tmp_path_factory.mktemp("export")
     data = make_images(root / "gray", n_per_class=6, size=40, channels=1)
-    run_dir = root / "run"
-    proc = run_sslkit("pretrain", "--task", "simclr", "--data", f"folder:{data}", "--out", run_dir,
-                      "--backbone", "timm:resnet10t", "--image-size", SIZE, "--batch-size", 8,
-                      "--max-steps", 1, "--epochs", 1, "--quiet")
-    assert proc.returncode == 0, proc.stderr
+    run_dir = tiny_run(f"folder:{data}", root / "run", SIZE)
     return {"root": root, "data": data, "run": run_dir}
 
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from sslkit.run import load_run
-from tests.conftest import REPO, make_images, run_sslkit
+from tests.conftest import REPO, make_images, run_sslkit, tiny_run
 from tests.dicom_factory import write_dicom
 from tests.test_export import _assert_one_line_error
 
@@ -36,11 +36,7 @@ def ct(tmp_path_factory) -> dict[str, Path]:
         write_dicom(root / "ct" / f"{i}.dcm", stored, modality="CT", slope=1.0, intercept=-1024.0,
                     patient_id=f"PID-{i}", patient_name=PATIENT, birth_date="19700101", bits_stored=12,
                     photometric="MONOCHROME1" if i == 3 else "MONOCHROME2")
-    run_dir, onnx_path = root / "run", root / "ct.onnx"
-    proc = run_sslkit("pretrain", "--task", "simclr", "--data", f"dicom:{root / 'ct'}", "--out", run_dir,
-                      "--backbone", "timm:resnet10t", "--image-size", 32, "--batch-size", 8, "--max-steps", 1,
-                      "--epochs", 1, "--data-opt", "window=lung", "--quiet")
-    assert proc.returncode == 0, proc.stderr
+    run_dir, onnx_path = tiny_run(f"dicom:{root / 'ct'}", root / "run", 32, "--data-opt", "window=lung"), root / "ct.onnx"
     proc = run_sslkit("export", run_dir, "--out", onnx_path, "--with-preprocessing", "--json")
     assert proc.returncode == 0, proc.stderr
     return {"root": root, "data": root / "ct", "run": run_dir, "onnx": onnx_path, "report": json.loads(proc.stdout)}

@@ -14,7 +14,6 @@ Install it with ``pip install ./examples/sslkit-example-plugin`` and it shows up
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
