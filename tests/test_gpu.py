@@ -1,0 +1,111 @@
+"""CUDA paths of the engine: fp16 with GradScaler (and its state resumed exactly), bf16 +
+torch.compile, channels_last for CNNs, an NCCL launch under torchrun with --sync-bn, and an
+ONNX export of a GPU-trained run. Skipped where no CUDA GPU is present (CI has none); run on
+a GPU machine with ``pytest tests/test_gpu.py``."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import make_images, run_sslkit
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+CNN = ["--task", "simclr", "--backbone", "timm:resnet10t", "--image-size", "32", "--batch-size", "8",
+       "--task-opt", "proj_hidden_dim=64", "--task-opt", "proj_dim=32", "--device", "cuda", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Path:
+    return make_images(tmp_path_factory.mktemp("gpu") / "img", n_per_class=16, size=40)
+
+
+def rows(run: Path) -> list[dict[str, str]]:
+    with open(run / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def finished(run: Path) -> dict:
+    info = json.loads((run / "run.json").read_text())
+    assert info["status"] == "finished"
+    assert all(math.isfinite(float(r["loss"])) for r in rows(run))
+    return info
+
+
+def test_fp16_scaler_state_is_checkpointed_and_resumed_exactly(images, tmp_path):
+    from sslkit import checkpoint
+
+    ref = tmp_path / "ref"
+    proc = run_sslkit("pretrain", "--data", f"folder:{images}", "--out", ref, *CNN, "--precision", "fp16",
+                      "--epochs", "3", "--checkpoint-every", "2", "--keep-checkpoints", "0", "--seed", "5",
+                      "--deterministic")
+    assert proc.returncode == 0, proc.stderr
+    info = finished(ref)
+    assert info["total_steps"] == 12 and info["optimization"]["channels_last"] is True
+
+    ckpts = sorted((ref / "checkpoints").iterdir())
+    _, state = checkpoint.load(ckpts[2])
+    assert state["step"] == 6
+    assert state["scaler"]["scale"] > 0 and state["scaler"]["_growth_tracker"] >= 0  # GradScaler state saved
+
+    # a crash right after step 6: newer checkpoints and the encoder never written
+    crashed = tmp_path / "crashed"
+    shutil.copytree(ref, crashed)
+    for late in ckpts[3:]:
+        shutil.rmtree(crashed / "checkpoints" / late.name)
+    (crashed / "encoder.safetensors").unlink()
+    meta = json.loads((crashed / "run.json").read_text())
+    (crashed / "run.json").write_text(json.dumps({**meta, "status": "running"}))
+
+    proc = run_sslkit("pretrain", "--resume", crashed, "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    again = rows(crashed)
+    assert [int(r["step"]) for r in again] == list(range(1, 13))
+    assert [(r["loss"], r["lr"]) for r in again] == [(r["loss"], r["lr"]) for r in rows(ref)]
+
+
+def test_bf16_compile_channels_last_cnn(images, tmp_path):
+    out = tmp_path / "run"
+    proc = run_sslkit("pretrain", "--data", f"folder:{images}", "--out", out, *CNN, "--precision", "bf16",
+                      "--compile", "--epochs", "2")
+    assert proc.returncode == 0, proc.stderr
+    info = finished(out)
+    assert info["optimization"]["channels_last"] is True
+    assert info["environment"]["cuda"] and info["environment"]["device"].startswith("cuda")
+    assert float(rows(out)[-1]["img_per_s"]) > 0
+
+
+def test_mae_vit_bf16_compile(images, tmp_path):
+    out = tmp_path / "run"
+    proc = run_sslkit("pretrain", "--task", "mae", "--data", f"folder:{images}", "--out", out,
+                      "--backbone", "timm:vit_tiny_patch16_224", "--image-size", "32", "--backbone-opt", "patch_size=8",
+                      "--batch-size", "8", "--epochs", "2", "--device", "cuda", "--precision", "bf16", "--compile",
+                      "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    info = finished(out)
+    assert info["optimization"]["channels_last"] is False  # token backbones stay contiguous
+
+
+def test_torchrun_nccl_sync_bn_then_onnx_export(images, tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1",
+           "-m", "sslkit", "pretrain", "--data", f"folder:{images}", "--out", str(out), *CNN, "--sync-bn",
+           "--epochs", "1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    info = finished(out)
+    assert info["environment"]["world_size"] == 1 and info["config"]["sync_bn"] is True
+
+    onnx = tmp_path / "encoder.onnx"
+    proc = run_sslkit("export", out, "--out", onnx)  # exports on CPU and checks parity against torch
+    assert proc.returncode == 0, proc.stderr
+    assert onnx.stat().st_size > 1_000_000
