@@ -55,6 +55,7 @@ def main() -> None:
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--peak-tflops", type=float, default=None)
+    ap.add_argument("--profile", action="store_true", help="also print the top GPU kernels of 5 steps")
     args = ap.parse_args()
     device = torch.device(args.device)
     B, S = args.batch_size, args.image_size
@@ -69,6 +70,11 @@ def main() -> None:
         run_engine(trainer, args.warmup)
         run_engine(trainer, args.steps)
         times = engine_step_times(trainer)[args.warmup:]
+        if args.profile:
+            from torch.profiler import ProfilerActivity, profile
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                run_engine(trainer, 5)
+            print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=15, max_name_column_width=60))
     sec = statistics.median(times)
     ips = B / sec
     peak = args.peak_tflops or peak_tflops(device)

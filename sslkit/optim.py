@@ -124,12 +124,17 @@ class LARS(torch.optim.Optimizer):
 
 def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float, momentum: float = 0.9,
                     betas: tuple[float, float] = (0.9, 0.999)) -> torch.optim.Optimizer:
-    """``adamw`` | ``sgd`` | ``lars`` over :func:`param_groups` of ``model``."""
+    """``adamw`` | ``sgd`` | ``lars`` over :func:`param_groups` of ``model``.
+
+    On CUDA, AdamW and SGD use torch's fused kernels (one launch for all parameters).
+    """
     groups = param_groups(model, weight_decay)
+    params = [p for g in groups for p in g["params"]]
+    fused = True if params and all(p.is_cuda for p in params) else None
     if name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas))
+        return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), fused=fused)
     if name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=momentum)
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, fused=fused)
     if name == "lars":
         return LARS(groups, lr=lr, momentum=momentum)
     raise UsageError(f"unknown optimizer {name!r}; choose from: {', '.join(OPTIMIZERS)}")

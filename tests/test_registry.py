@@ -77,6 +77,24 @@ def test_vit_token_interface_matches_full_forward():
         assert torch.allclose(tokens[:, 0], net(x), atol=1e-5)
 
 
+def test_vit_patch_embedding_as_matmul_equals_the_convolution(monkeypatch):
+    """The matrix-product patch embedding gives timm's convolution's values and gradients."""
+    net = registry.create_backbone("timm:vit_tiny_patch16_224", in_chans=3, image_size=48, patch_size=8)
+    x = torch.randn(2, 3, 48, 48)
+    calls = []
+    monkeypatch.setattr(net.model.patch_embed.proj, "forward", lambda t: calls.append(t) or None)
+    fast = net.embed_patches(x)
+    assert not calls  # the convolution was not called
+    monkeypatch.undo()
+    ref = net.model.patch_embed(x)
+    assert fast.shape == ref.shape == (2, 36, net.embed_dim)
+    assert torch.allclose(fast, ref, atol=1e-5)
+    w = net.model.patch_embed.proj.weight
+    g_fast, = torch.autograd.grad(fast.square().sum(), w)
+    g_ref, = torch.autograd.grad(ref.square().sum(), w)
+    assert torch.allclose(g_fast, g_ref, rtol=1e-4, atol=1e-4)
+
+
 def _sample_data(scheme: str, tmp_path, pydicom_dir) -> str | None:
     if scheme == "folder":
         return str(make_images(tmp_path / "f", 2))
