@@ -308,41 +308,70 @@ class _Trainer:
         return summary
 
     def _loop(self, stop: "_StopSignal") -> dict[str, Any]:
-        cfg, K = self.cfg, self.cfg.accumulate
+        """Train to ``self.total`` steps. Each step's scalars are read one step late.
+
+        Reading a loss waits for the device; reading step N's while step N+1 is already
+        queued keeps a GPU busy while Python launches work. A NaN loss is still caught
+        before any checkpoint could hold it: every checkpoint first reads all steps up to it.
+        """
+        cfg = self.cfg
         bar = tqdm(total=self.total, initial=self.step, desc=cfg.task, unit="step", dynamic_ncols=True,
                    disable=not (cfg.progress and self.main))
-        t_start = t_last = time.perf_counter()
-        images, start_step, last, saved_at = 0, self.step, {}, self.step
+        t_start = time.perf_counter()
+        clock = {"last": t_start}
+        images, start_step, saved_at = 0, self.step, self.step
+        last: dict[str, float] = {}
+        pending: list[dict[str, Any]] = []  # launched steps whose scalars are still on the device
+
+        def read(keep: int) -> bool:
+            """Read, check and log all but the newest ``keep`` pending steps; True if asked to stop."""
+            nonlocal images, last
+            asked = False
+            while len(pending) > keep:
+                p = pending.pop(0)
+                names = list(p["scalars"])
+                values = dict(zip(names, torch.stack([p["scalars"][n].float().reshape(()) for n in names]).tolist()))
+                if not np.isfinite(values["loss"]):
+                    raise _Diverged(
+                        f"loss became {values['loss']} at step {p['step']}; training stopped and no checkpoint "
+                        f"holds that step. Lower --lr (now {self.lr:g}) or set --grad-clip; the last good "
+                        f"checkpoint is in {self.ckpt_dir}")
+                now = time.perf_counter()
+                images += self.step_images
+                ips, clock["last"] = self.step_images / max(now - clock["last"], 1e-9), now
+                asked = values.pop("stop") > 0 or asked
+                grad_norm = values.pop("grad_norm", None)
+                last = values
+                row = {"step": p["step"], "epoch": p["epoch"], **values, "lr": p["lr"], "img_per_s": ips}
+                if grad_norm is not None:
+                    row["grad_norm"] = grad_norm
+                self._log(row, bar)
+            return asked
+
         interrupted = False
         self.task.train()
         try:
             while self.step < self.total and not interrupted:
                 if self.pos >= self.steps_per_epoch:
                     self.epoch, self.pos = self.epoch + 1, 0
-                batches = self.loader.epoch(self.epoch, self.pos * K)
+                batches = self.loader.epoch(self.epoch, self.pos * cfg.accumulate)
                 try:
                     while self.pos < self.steps_per_epoch and self.step < self.total:
-                        scalars, grad_norm = self.train_step(batches, stop.requested)
-                        now = time.perf_counter()
-                        images += self.step_images
-                        ips = self.step_images / max(now - t_last, 1e-9)
-                        t_last = now
-                        interrupted = scalars.pop("stop") > 0
-                        last = scalars
-                        row = {"step": self.step, "epoch": self.epoch, **scalars, "lr": self._lr_at(self.step - 1),
-                               "img_per_s": ips}
-                        if grad_norm is not None:
-                            row["grad_norm"] = grad_norm
-                        self._log(row, bar)
+                        scalars = self.train_step(batches, stop.requested)
+                        pending.append({"step": self.step, "epoch": self.epoch, "lr": self._lr_at(self.step - 1),
+                                        "scalars": scalars})
+                        interrupted = read(keep=1)
                         end_of_epoch = self.pos >= self.steps_per_epoch
                         every = cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0
                         if every or end_of_epoch or self.step >= self.total or interrupted:
+                            interrupted = read(keep=0) or interrupted
                             self._checkpoint()
                             saved_at = self.step
                         if interrupted:
                             break
                 finally:
                     batches.close()
+            interrupted = read(keep=0) or interrupted
             if saved_at != self.step:
                 self._checkpoint()
         finally:
@@ -354,25 +383,22 @@ class _Trainer:
             "final_loss": last.get("loss"), "interrupted": interrupted, "main": self.main,
         }
 
-    def train_step(self, batches, stop_requested: bool = False) -> tuple[dict[str, float], float | None]:
-        """One optimizer step from the next ``accumulate`` batches of ``batches``.
+    def train_step(self, batches, stop_requested: bool = False) -> dict[str, torch.Tensor]:
+        """Launch one optimizer step from the next ``accumulate`` batches of ``batches``.
 
-        Returns the step's scalars (means over micro-batches and ranks; ``stop`` > 0 when
-        any rank was asked to stop) and the gradient norm when clipping.
+        Returns the step's scalars as 0-d device tensors, not yet read (means over
+        micro-batches and ranks; ``stop`` > 0 when any rank was asked to stop;
+        ``grad_norm`` when clipping).
         """
         scalars = self._accumulate(batches)
         scalars["stop"] = float(stop_requested)
         scalars = self._reduce(scalars)
-        if not np.isfinite(scalars["loss"]):
-            raise _Diverged(
-                f"loss became {scalars['loss']} at step {self.step + 1}; nothing was updated. "
-                f"Lower --lr (now {self.lr:g}) or set --grad-clip; the last good checkpoint "
-                f"is in {self.ckpt_dir}"
-            )
         grad_norm = self._optimizer_step()
+        if grad_norm is not None:
+            scalars["grad_norm"] = grad_norm
         self.step, self.pos = self.step + 1, self.pos + 1
         self.task.on_step_end(self.step, self.total)
-        return scalars, grad_norm
+        return scalars
 
     def _accumulate(self, batches) -> dict[str, torch.Tensor]:
         """Forward and backward ``accumulate`` micro-batches; the mean of each logged scalar."""
@@ -398,25 +424,25 @@ class _Trainer:
                     sums[name] = sums.get(name, 0) + v.detach().float().reshape(()) / K
         return sums
 
-    def _reduce(self, scalars: dict[str, Any]) -> dict[str, float]:
-        """Mean of every scalar over ranks (``stop``: the max), in one collective and one sync."""
+    def _reduce(self, scalars: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Mean of every scalar over ranks (``stop`` > 0 if any rank's is), in one collective."""
         names = sorted(scalars)
         vec = torch.stack([torch.as_tensor(scalars[n], dtype=torch.float32, device=self.device).reshape(())
                            for n in names])
         if self.world > 1:
             distributed.all_reduce_sum(vec)
             vec = vec / self.world
-        return dict(zip(names, vec.tolist()))
+        return dict(zip(names, vec.unbind()))
 
     def _lr_at(self, step: int) -> float:
         return self.lr * warmup_cosine(step, self.total, self.warmup)
 
-    def _optimizer_step(self) -> float | None:
+    def _optimizer_step(self) -> torch.Tensor | None:
         grad_norm = None
         if self.cfg.grad_clip:
             self.scaler.unscale_(self.optimizer)
             params = [p for g in self.optimizer.param_groups for p in g["params"]]
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip))
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
         set_lr(self.optimizer, self._lr_at(self.step))
         self.scaler.step(self.optimizer)
         self.scaler.update()
