@@ -74,6 +74,27 @@ def test_linear_probe_pads_missing_class_columns():
 
 
 # --- metrics and labels ----------------------------------------------------------------------
+def test_linear_probe_extends_the_grid_past_a_winning_end(monkeypatch):
+    from sslkit.eval import linear
+
+    tried = []
+
+    def score(x, y, tr, va, C, max_iter, seed):  # validation score peaks at C = 100
+        tried.append(C)
+        return -abs(np.log10(C) - 2)
+
+    monkeypatch.setattr(linear, "_val_score", score)
+    x, y = np.random.default_rng(0).normal(size=(40, 3)), np.arange(40) % 2
+    probe = fit_linear_probe(x, y, 2)
+    assert tried == [1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1000.0] and probe.C == 100.0
+    tried.clear()
+    assert fit_linear_probe(x, y, 2, C_grid=[1.0, 10.0, 1000.0]).C == 10.0  # tie 10 / 1000: the stronger one
+    assert tried == [1.0, 10.0, 1000.0]  # the best is inside the grid: nothing added
+    tried.clear()
+    monkeypatch.setattr(linear, "_val_score", lambda *a: tried.append(a[4]) or 0.5)  # all tied: no extension
+    assert fit_linear_probe(x, y, 2).C == 1e-3 and len(tried) == 5
+
+
 def test_auroc_is_for_the_named_positive_class():
     y = np.array([0, 0, 1, 1])  # classes ["a", "b"]
     p_b = np.array([0.1, 0.4, 0.35, 0.8])

@@ -3,7 +3,9 @@
 Features are standardised with the training set's mean and std. The inverse
 regularisation strength ``C`` is chosen on a stratified validation split of the
 training set (highest balanced accuracy, ties to the stronger regularisation), then the
-probe is refit on the whole training set with that ``C``.
+probe is refit on the whole training set with that ``C``. When the best ``C`` is at an
+end of the grid and beats its neighbour, the grid is extended a decade beyond that end
+(twice at most), so a grid that stops too early does not silently cap the probe.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Sequence
 import numpy as np
 
 C_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
+MAX_EXTENSIONS = 2
 
 
 @dataclass
@@ -61,19 +64,35 @@ def fit_linear_probe(x: np.ndarray, y: np.ndarray, n_classes: int, C_grid: Seque
     ``y`` holds class indices in ``[0, n_classes)``; the returned probe's
     ``predict_proba`` has ``n_classes`` columns even if a class is missing from ``y``.
     """
-    from sklearn.metrics import balanced_accuracy_score
-
     grid = sorted(set(float(c) for c in C_grid))
     scores: dict[float, float] = {}
     tr, va = validation_split(y, val_fraction, seed)
     if len(grid) > 1 and len(va) and len(np.unique(y[tr])) > 1:
         for C in grid:
-            m = _fit(x[tr], y[tr], C, max_iter, seed)
-            scores[C] = float(balanced_accuracy_score(y[va], m.predict(x[va])))
-        best = max(grid, key=lambda C: (scores[C], -C))
+            scores[C] = _val_score(x, y, tr, va, C, max_iter, seed)
+        for _ in range(MAX_EXTENSIONS):
+            cs = sorted(scores)
+            best = max(cs, key=lambda C: (scores[C], -C))
+            if best == cs[-1] and scores[best] > scores[cs[-2]]:
+                beyond = best * 10
+            elif best == cs[0] and scores[best] > scores[cs[1]]:
+                beyond = best / 10
+            else:
+                break
+            scores[beyond] = _val_score(x, y, tr, va, beyond, max_iter, seed)
+        best = max(sorted(scores), key=lambda C: (scores[C], -C))
     else:
         best = grid[len(grid) // 2]
     return LinearProbe(best, scores, _Padded(_fit(x, y, best, max_iter, seed), n_classes))
+
+
+def _val_score(x: np.ndarray, y: np.ndarray, tr: np.ndarray, va: np.ndarray, C: float, max_iter: int,
+               seed: int) -> float:
+    """Balanced accuracy on ``va`` of a probe fitted on ``tr`` with this ``C``."""
+    from sklearn.metrics import balanced_accuracy_score
+
+    m = _fit(x[tr], y[tr], C, max_iter, seed)
+    return float(balanced_accuracy_score(y[va], m.predict(x[va])))
 
 
 class _Padded:
