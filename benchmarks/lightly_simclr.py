@@ -155,7 +155,7 @@ def main() -> None:
         ours_full = engine_mean(full, args.warmup, args.steps)
         batches = iter(loader)
         theirs_full = timed_loop(next_views, step, args.warmup, args.steps)
-        del batches  # stop the workers before the next measurement
+        batches = None  # drop the iterator: its workers stop before the next measurement
         loader = None
 
     print(f"SimCLR, timm resnet18, {S} px, batch {B}, AdamW; {args.steps} timed steps per side after "
