@@ -400,6 +400,15 @@ RECIPES: dict[str, dict[str, Any]] = {
 }
 
 
+def byol_recipes(size: int, min_scale: float = 0.08) -> list[ViewRecipe]:
+    """BYOL's two asymmetric view recipes (Grill et al. 2020, Table 6); also used by
+    Barlow Twins, VICReg, MoCo v3 and DINO's global crops."""
+    blur = size >= 96
+    common = dict(scale=(min_scale, 1.0), jitter_p=0.8, jitter=0.4, hue=0.1, gray_p=0.2)
+    return [ViewRecipe(size, blur_p=1.0 if blur else 0.0, solarize_p=0.0, **common),
+            ViewRecipe(size, blur_p=0.1 if blur else 0.0, solarize_p=0.2, **common)]
+
+
 def recipe(name: str, size: int, **overrides: Any) -> ViewRecipe:
     """The named recipe at ``size``, with ``overrides`` (field values or their strings)."""
     if name not in RECIPES:

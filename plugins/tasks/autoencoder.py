@@ -20,8 +20,8 @@ import torch.nn.functional as F
 import sslkit
 from sslkit.augment import MultiView, ViewRecipe
 from sslkit.heads import ConvDecoder
-from sslkit.task import Task
 from sslkit.options import check_unit_interval
+from sslkit.task import Task
 
 
 def reconstruction_views(spec, min_scale: float) -> MultiView:

@@ -18,10 +18,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from sslkit_plugins.tasks.projected_pair import ProjectedPairTask
 
 import sslkit
 from sslkit.distributed import all_gather_with_grad
-from sslkit_plugins.tasks.projected_pair import ProjectedPairTask
 from sslkit.options import check_unit_interval
 
 

@@ -26,20 +26,11 @@ import torch
 import torch.nn.functional as F
 
 import sslkit
-from sslkit.augment import MultiView, ViewRecipe
+from sslkit.augment import MultiView, byol_recipes
 from sslkit.ema import cosine_momentum, ema_update, frozen_copy
 from sslkit.heads import mlp
-from sslkit.task import Task
 from sslkit.options import check_unit_interval
-
-
-def byol_recipes(size: int, min_scale: float = 0.08) -> list[ViewRecipe]:
-    """BYOL's two asymmetric view recipes (Grill et al. 2020, Table 6); also used by
-    Barlow Twins, VICReg, MoCo v3 and DINO's global crops."""
-    blur = size >= 96
-    common = dict(scale=(min_scale, 1.0), jitter_p=0.8, jitter=0.4, hue=0.1, gray_p=0.2)
-    return [ViewRecipe(size, blur_p=1.0 if blur else 0.0, solarize_p=0.0, **common),
-            ViewRecipe(size, blur_p=0.1 if blur else 0.0, solarize_p=0.2, **common)]
+from sslkit.task import Task
 
 
 def byol_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:

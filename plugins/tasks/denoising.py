@@ -20,12 +20,12 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from sslkit_plugins.tasks.autoencoder import reconstruction_views
 
 import sslkit
 from sslkit.heads import ConvDecoder
-from sslkit.task import Task
-from sslkit_plugins.tasks.autoencoder import reconstruction_views
 from sslkit.options import check_unit_interval
+from sslkit.task import Task
 
 
 def patch_mask(b: int, size: int, patch: int, ratio: float, device) -> torch.Tensor:

@@ -30,14 +30,14 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from sslkit_plugins.tasks.autoencoder import reconstruction_views
 from torch import nn
 from torch.func import functional_call
 
 import sslkit
 from sslkit.heads import ConvDecoder
-from sslkit.task import Task
-from sslkit_plugins.tasks.autoencoder import reconstruction_views
 from sslkit.options import check_unit_interval
+from sslkit.task import Task
 
 
 def region_mask(b: int, size: int, frac: float, region: str, device) -> torch.Tensor:

@@ -37,8 +37,8 @@ import sslkit
 from sslkit.augment import ViewRecipe, override_recipe
 from sslkit.backbone import is_token_backbone
 from sslkit.heads import mlp
-from sslkit.task import Task
 from sslkit.options import check_unit_interval
+from sslkit.task import Task
 
 GRID = 3
 TILE_FRACTION = 0.85

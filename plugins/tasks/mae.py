@@ -28,8 +28,8 @@ from torch import nn
 import sslkit
 from sslkit.augment import MultiView, ViewRecipe
 from sslkit.backbone import is_token_backbone
-from sslkit.task import Task
 from sslkit.options import check_unit_interval
+from sslkit.task import Task
 
 
 @dataclass

@@ -36,13 +36,12 @@ import torch
 import torch.nn.functional as F
 
 import sslkit
-from sslkit.augment import MultiView, ViewRecipe
+from sslkit.augment import MultiView, ViewRecipe, byol_recipes
 from sslkit.distributed import all_gather_with_grad, rank
 from sslkit.ema import cosine_momentum, ema_update, frozen_copy
 from sslkit.heads import mlp
-from sslkit.task import Task
-from sslkit_plugins.tasks.byol import byol_recipes
 from sslkit.options import check_unit_interval
+from sslkit.task import Task
 
 
 def moco_infonce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import torch
 
-from sslkit.augment import MultiView
+from sslkit.augment import MultiView, byol_recipes
 from sslkit.heads import mlp
 from sslkit.task import Task
-from sslkit_plugins.tasks.byol import byol_recipes
 
 
 class ProjectedPairTask(Task):

@@ -23,8 +23,8 @@ import sslkit
 from sslkit.augment import MultiView, ViewRecipe, rotate90
 from sslkit.errors import UsageError
 from sslkit.heads import mlp
-from sslkit.task import Task
 from sslkit.options import check_unit_interval
+from sslkit.task import Task
 
 
 def rotate_batch(x: torch.Tensor, all_rotations: bool = True) -> tuple[torch.Tensor, torch.Tensor]:

@@ -24,8 +24,8 @@ import sslkit
 from sslkit.augment import MultiView, ViewRecipe
 from sslkit.distributed import all_gather_with_grad, rank
 from sslkit.heads import mlp
-from sslkit.task import Task
 from sslkit.options import check_unit_interval
+from sslkit.task import Task
 
 
 def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5) -> torch.Tensor:

@@ -20,13 +20,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from sslkit_plugins.tasks.autoencoder import reconstruction_views
 from torch import nn
 
 import sslkit
 from sslkit.heads import ConvDecoder
-from sslkit.task import Task
-from sslkit_plugins.tasks.autoencoder import reconstruction_views
 from sslkit.options import check_unit_interval
+from sslkit.task import Task
 
 
 def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
