@@ -69,13 +69,13 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _check_pairing(task_cls, backbone_name: str, cfg: RunConfig) -> None:
+def _check_pairing(backbone_name: str, cfg: RunConfig) -> None:
+    """Build the task once on a stand-in input spec, so that a task/backbone/options
+    mismatch (``Task.check``, option values, what the constructor refuses) is reported
+    before any image is decoded."""
     c = cfg.channels or 1
     probe = create_backbone(backbone_name, in_chans=c, image_size=cfg.image_size, **cfg.backbone_options)
-    spec = InputSpec(c, cfg.image_size, (0.5,) * c, (0.25,) * c)
-    reason = task_cls.check(probe, spec)
-    if reason:
-        raise UsageError(f"task {cfg.task!r} cannot run here: {reason}")
+    create_task(cfg.task, probe, InputSpec(c, cfg.image_size, (0.5,) * c, (0.25,) * c), **cfg.task_options)
 
 
 def _on_main(fn: Callable[[], Any]) -> Any:
@@ -146,7 +146,7 @@ class _Trainer:
             torch.backends.cudnn.benchmark = True
         seed_everything(cfg.seed)
 
-        _check_pairing(task_cls, self.backbone_name, cfg)  # fail fast, before decoding anything
+        _check_pairing(self.backbone_name, cfg)  # fail fast, before decoding anything
         show = cfg.progress and self.main
         self.stored_size = cfg.cache_size or cfg.image_size
         if self.stored_size < cfg.image_size:

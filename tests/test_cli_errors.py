@@ -91,3 +91,16 @@ def test_export_errors(tmp_path):
     _assert_user_error(run_sslkit("export", tmp_path / "nope", "--out", tmp_path / "e.onnx"), "does not exist")
     (tmp_path / "notrun").mkdir()
     _assert_user_error(run_sslkit("export", tmp_path / "notrun", "--out", tmp_path / "e.onnx"), "not an sslkit run")
+
+
+def test_task_options_that_cannot_fit_the_backbone_are_refused_before_decoding(tmp_path):
+    """DINO's local crops on a fixed-size ViT: refused from the options alone. The files are
+    not even images, so an error about them would mean decoding had started first."""
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for i in range(3):
+        (bad / f"{i}.png").write_bytes(b"not a png at all")
+    proc = _pretrain("--task", "dino", "--backbone", "timm:vit_tiny_patch16_224", "--data", f"folder:{bad}",
+                     out=tmp_path / "r")
+    _assert_user_error(proc, "local crops", "local_crops=0")
+    assert not (tmp_path / "r").exists()
