@@ -203,7 +203,9 @@ def test_cli_linear_probe_and_finetune(tiny, cli):
     assert rep["kind"] == "linear" and rep["settings"]["C_grid"] == [0.1, 1.0]
     for enc in ("pretrained", "random"):
         lin, ft = rep["results"][enc]["linear"], rep["results"][enc]["finetune"]
-        assert lin["C"] in (0.1, 1.0) and lin["n"] == 12 and ft["n"] == 12 and ft["epochs"] == 1
+        by_c = {float(c): v for c, v in lin["val_balanced_accuracy_by_C"].items()}
+        assert {0.1, 1.0} <= set(by_c) and by_c[lin["C"]] == max(by_c.values()) == lin["val_balanced_accuracy"]
+        assert lin["n"] == 12 and ft["n"] == 12 and ft["epochs"] == 1
         assert lin["auroc"] is not None
 
 

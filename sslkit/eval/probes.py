@@ -105,7 +105,8 @@ def linear_results(prep: ProbeData, C_grid: Sequence[float] = C_GRID, val_fracti
         p = probe.predict_proba(te.x)
         results[enc] = {"linear": {
             **classification_metrics(yte, p.argmax(1), p, len(prep.classes), prep.positive),
-            "C": probe.C, "val_balanced_accuracy": probe.val_scores.get(probe.C)}}
+            "C": probe.C, "val_balanced_accuracy": probe.val_scores.get(probe.C),
+            "val_balanced_accuracy_by_C": {f"{C:g}": v for C, v in sorted(probe.val_scores.items())}}}
     return results
 
 
