@@ -115,7 +115,7 @@ def _default(name: str) -> str:
               help="Autocast precision; fp16 uses a gradient scaler (CUDA)" + _default("precision"))
 @click.option("--compile", "compile", is_flag=True, default=None, help="torch.compile the model (opt-in).")
 @click.option("--channels-last/--no-channels-last", default=None,
-              help="Channels-last memory format (default: on for CNNs on CUDA).")
+              help="Channels-last memory format (default: on for CNNs, off for ViTs).")
 @click.option("--sync-bn", is_flag=True, default=None, help="SyncBatchNorm across processes (torchrun).")
 @click.option("--deterministic", is_flag=True, default=None,
               help="Deterministic algorithms only (bit-exact repeats; slower on GPU).")

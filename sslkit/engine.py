@@ -180,7 +180,9 @@ class _Trainer:
         if isinstance(self.augment, torch.nn.Module):
             self.augment.to(self.device)
         cl = cfg.channels_last
-        self.channels_last = (not is_token_backbone(backbone) and self.device.type == "cuda") if cl is None else cl
+        # CNNs run channels-last on every device: cuDNN and oneDNN both prefer it (on this
+        # project's CPU a resnet18 step is 7-31 % faster, a resnet50 24 %; BENCHMARKS.md)
+        self.channels_last = (not is_token_backbone(backbone)) if cl is None else cl
         if self.channels_last:
             task.to(memory_format=torch.channels_last)
 

@@ -64,7 +64,7 @@ class RunConfig:
     # speed
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     compile: bool = False
-    channels_last: bool | None = None  # None: on for CNNs on CUDA
+    channels_last: bool | None = None  # None: on for CNNs, off for token backbones (ViTs)
     device: str = "auto"
     sync_bn: bool = False
     deterministic: bool = False

@@ -217,3 +217,26 @@ def test_compile_gives_the_eager_losses(probe, images, tmp_path):
     pretrain(config(images, tmp_path / "compiled", max_steps=3, compile=True))
     eager, compiled = read_metrics(tmp_path / "eager"), read_metrics(tmp_path / "compiled")
     assert [float(r["loss"]) for r in compiled] == pytest.approx([float(r["loss"]) for r in eager], rel=1e-4)
+
+
+def test_cnns_train_channels_last_by_default_with_the_same_losses(images, tmp_path):
+    """Channels-last is a layout, not a different computation: the default (on for CNNs,
+    on CPU too) and ``channels_last=False`` give the same losses and encoder."""
+    from sslkit.engine import pretrain
+
+    runs = {}
+    for name, cl in (("default", None), ("nchw", False)):
+        out = tmp_path / name
+        pretrain(config(images, out, task="simclr", backbone="timm:resnet10t", backbone_options={},
+                        task_options={"proj_hidden_dim": 32, "proj_dim": 16}, channels_last=cl))
+        runs[name] = out
+    info = json.loads((runs["default"] / "run.json").read_text())
+    assert info["optimization"]["channels_last"] is True
+    assert json.loads((runs["nchw"] / "run.json").read_text())["optimization"]["channels_last"] is False
+    a, b = read_metrics(runs["default"]), read_metrics(runs["nchw"])
+    assert len(a) == len(b) == 2
+    for ra, rb in zip(a, b):
+        assert float(ra["loss"]) == pytest.approx(float(rb["loss"]), rel=1e-4)
+    ea, eb = encoder(runs["default"]), encoder(runs["nchw"])
+    assert all(ea[k].is_contiguous() for k in ea)  # saved in the standard layout
+    assert all(torch.allclose(ea[k], eb[k], rtol=1e-3, atol=1e-5) for k in ea)
