@@ -74,8 +74,9 @@ def _check_pairing(backbone_name: str, cfg: RunConfig) -> None:
     mismatch (``Task.check``, option values, what the constructor refuses) is reported
     before any image is decoded."""
     c = cfg.channels or 1
-    probe = create_backbone(backbone_name, in_chans=c, image_size=cfg.image_size, **cfg.backbone_options)
-    create_task(cfg.task, probe, InputSpec(c, cfg.image_size, (0.5,) * c, (0.25,) * c), **cfg.task_options)
+    with torch.random.fork_rng(devices=[]):  # the real model's initialisation must not depend on this
+        probe = create_backbone(backbone_name, in_chans=c, image_size=cfg.image_size, **cfg.backbone_options)
+        create_task(cfg.task, probe, InputSpec(c, cfg.image_size, (0.5,) * c, (0.25,) * c), **cfg.task_options)
 
 
 def _on_main(fn: Callable[[], Any]) -> Any:

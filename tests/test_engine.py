@@ -240,3 +240,16 @@ def test_cnns_train_channels_last_by_default_with_the_same_losses(images, tmp_pa
     ea, eb = encoder(runs["default"]), encoder(runs["nchw"])
     assert all(ea[k].is_contiguous() for k in ea)  # saved in the standard layout
     assert all(torch.allclose(ea[k], eb[k], rtol=1e-3, atol=1e-5) for k in ea)
+
+
+def test_the_pairing_check_before_decoding_leaves_the_rng_alone(images, tmp_path):
+    """The task built to check options must not shift the real model's initialisation."""
+    from sslkit.engine import _check_pairing
+
+    cfg = config(images, tmp_path / "r", task="simclr", backbone="timm:resnet10t", backbone_options={},
+                 task_options={"proj_hidden_dim": 32, "proj_dim": 16})
+    torch.manual_seed(0)
+    _check_pairing("timm:resnet10t", cfg)
+    after = torch.rand(4)
+    torch.manual_seed(0)
+    assert torch.equal(after, torch.rand(4))
