@@ -72,11 +72,19 @@ def seed_everything(seed: int) -> None:
 def _check_pairing(backbone_name: str, cfg: RunConfig) -> None:
     """Build the task once on a stand-in input spec, so that a task/backbone/options
     mismatch (``Task.check``, option values, what the constructor refuses) is reported
-    before any image is decoded."""
-    c = cfg.channels or 1
+    before any image is decoded. With the channel count still unknown (it comes from the
+    data), only what fails for both 1 and 3 channels is refused here."""
+    first: UsageError | None = None
     with torch.random.fork_rng(devices=[]):  # the real model's initialisation must not depend on this
-        probe = create_backbone(backbone_name, in_chans=c, image_size=cfg.image_size, **cfg.backbone_options)
-        create_task(cfg.task, probe, InputSpec(c, cfg.image_size, (0.5,) * c, (0.25,) * c), **cfg.task_options)
+        for c in (cfg.channels,) if cfg.channels else (1, 3):
+            try:
+                probe = create_backbone(backbone_name, in_chans=c, image_size=cfg.image_size, **cfg.backbone_options)
+                create_task(cfg.task, probe, InputSpec(c, cfg.image_size, (0.5,) * c, (0.25,) * c),
+                            **cfg.task_options)
+                return
+            except UsageError as exc:
+                first = first or exc
+    raise first
 
 
 def _on_main(fn: Callable[[], Any]) -> Any:

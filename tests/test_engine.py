@@ -253,3 +253,18 @@ def test_the_pairing_check_before_decoding_leaves_the_rng_alone(images, tmp_path
     after = torch.rand(4)
     torch.manual_seed(0)
     assert torch.equal(after, torch.rand(4))
+
+
+def test_the_pairing_check_refuses_only_what_fails_for_any_channel_count(images, tmp_path, monkeypatch):
+    """Before decoding the channel count may be unknown: a task that needs colour is not
+    refused then, only when 1 channel is asked for."""
+    from sslkit.engine import _check_pairing
+    from sslkit.errors import UsageError
+    from sslkit.registry import get_task
+
+    cls = get_task("simclr")
+    monkeypatch.setattr(cls, "check", classmethod(lambda c, backbone, spec: "needs colour" if spec.channels == 1 else None))
+    opts = dict(task="simclr", backbone="timm:resnet10t", backbone_options={}, task_options={"proj_dim": 16})
+    _check_pairing("timm:resnet10t", config(images, tmp_path / "a", **opts))  # channels from the data: fine
+    with pytest.raises(UsageError, match="needs colour"):
+        _check_pairing("timm:resnet10t", config(images, tmp_path / "b", channels=1, **opts))
