@@ -58,23 +58,27 @@ def normalize_unit(spec: InputSpec, unit: np.ndarray) -> np.ndarray:
 
 def open_run(run_dir: str | Path, device: str = "cpu", weights: bool = True) -> Model:
     """A run directory's encoder in PyTorch (``weights=False``: random init, same architecture)."""
-    import torch
-
     from sslkit.engine import resolve_device
     from sslkit.run import load_run
 
     run = load_run(run_dir)
-    spec = run.spec
     device = resolve_device(str(device))
-    encoder = run.build_encoder(weights=weights).to(device)
+    options = dict(run.info.get("config", {}).get("source_options") or {})
+    return Model(run.spec, options, torch_encode(run.build_encoder(weights=weights), run.spec, device), "torch", {})
+
+
+def torch_encode(encoder, spec: InputSpec, device) -> Callable[[np.ndarray], np.ndarray]:
+    """``encode(unit)`` for a PyTorch encoder: pixels in [0, 1] ``(B, C, S, S)`` -> ``(B, D)``."""
+    import torch
+
+    encoder = encoder.to(device)
 
     @torch.no_grad()
     def encode(unit: np.ndarray) -> np.ndarray:
         x = torch.from_numpy(normalize_unit(spec, unit)).to(device)
         return encoder(x).float().cpu().numpy()
 
-    options = dict(run.info.get("config", {}).get("source_options") or {})
-    return Model(spec, options, encode, "torch", {})
+    return encode
 
 
 def read_onnx_metadata(path: str | Path) -> dict[str, Any]:

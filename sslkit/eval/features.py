@@ -96,13 +96,7 @@ def _encoders(model: EvalModel, baseline: bool) -> list[embed_mod.Model]:
     pretrained, device = model.pretrained, model.device
     if not baseline:
         return [pretrained]
-    encoder = model.build_random_encoder().to(device)
-
-    @torch.no_grad()
-    def encode(unit: np.ndarray) -> np.ndarray:
-        x = torch.from_numpy(embed_mod.normalize_unit(model.spec, unit)).to(device)
-        return encoder(x).float().cpu().numpy()
-
+    encode = embed_mod.torch_encode(model.build_random_encoder(), model.spec, device)
     random = embed_mod.Model(model.spec, pretrained.source_options, encode, "torch", pretrained.fixed_options)
     return [pretrained, random]
 
