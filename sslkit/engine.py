@@ -161,17 +161,17 @@ class _Trainer:
         if self.stored_size < cfg.image_size:
             raise UsageError(f"--cache-size {cfg.cache_size} is below --image-size {cfg.image_size}; "
                              f"use at least {cfg.image_size}")
-        if cfg.cache_dir != "" and self.world > 1:  # rank 0 fills the cache, the others read it
-            data = load_data(cfg.data, self.stored_size, cfg.channels, cfg.source_options, cfg.cache_dir, show,
-                             val_fraction=cfg.val_fraction, seed=cfg.seed) \
-                if self.main else None
+        def load():
+            return load_data(cfg.data, self.stored_size, cfg.channels, cfg.source_options, cfg.cache_dir, show,
+                             val_fraction=cfg.val_fraction, seed=cfg.seed)
+
+        if cfg.cache_dir != "" and self.world > 1:  # rank 0 fills the cache, the others then read it
+            data = load() if self.main else None
             distributed.barrier()
             if not self.main:
-                data = load_data(cfg.data, self.stored_size, cfg.channels, cfg.source_options, cfg.cache_dir, False,
-                                 val_fraction=cfg.val_fraction, seed=cfg.seed)
+                data = load()
         else:
-            data = load_data(cfg.data, self.stored_size, cfg.channels, cfg.source_options, cfg.cache_dir, show,
-                             val_fraction=cfg.val_fraction, seed=cfg.seed)
+            data = load()
         self.source, self.prepared, channels = data.source, data.prepared, data.channels
         mean, std = channel_stats(self.prepared.pixels)
         self.spec = spec = InputSpec(channels, cfg.image_size, mean, std, self.source.scheme, self.source.describe())
