@@ -35,6 +35,7 @@ class BatchLoader:
         self.seed = seed
         self.rank, self.world = rank, world
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self._order: tuple[int, np.ndarray] | None = None  # (epoch, its permutation), set together
 
     def __len__(self) -> int:
         """Optimizer steps per epoch (the incomplete last global batch is dropped)."""
@@ -42,10 +43,9 @@ class BatchLoader:
 
     def order(self, epoch: int) -> np.ndarray:
         """The epoch's permutation (computed once per epoch, not once per batch)."""
-        if getattr(self, "_order_epoch", None) != epoch:
-            self._order = np.random.default_rng([self.seed, epoch]).permutation(len(self.pixels))
-            self._order_epoch = epoch
-        return self._order
+        if self._order is None or self._order[0] != epoch:
+            self._order = (epoch, np.random.default_rng([self.seed, epoch]).permutation(len(self.pixels)))
+        return self._order[1]
 
     def indices(self, epoch: int, batch: int) -> np.ndarray:
         """This rank's sample indices for global batch ``batch`` of ``epoch`` (sorted)."""
