@@ -18,6 +18,17 @@ from torch import nn
 
 
 @runtime_checkable
+class Backbone(Protocol):
+    """What every backbone factory returns: an ``nn.Module`` with ``in_chans``,
+    ``num_features`` (``D``) and ``forward(x): (B, C, H, W) -> (B, D)``."""
+
+    in_chans: int
+    num_features: int
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor: ...
+
+
+@runtime_checkable
 class TokenBackbone(Protocol):
     """What a ViT-like backbone exposes for masked image modelling.
 
@@ -38,6 +49,7 @@ class TokenBackbone(Protocol):
 
 
 def is_token_backbone(backbone: nn.Module) -> bool:
+    """True when ``backbone`` offers the :class:`TokenBackbone` interface masked tasks need."""
     return isinstance(backbone, TokenBackbone) and getattr(backbone, "patch_size", 0) > 0
 
 

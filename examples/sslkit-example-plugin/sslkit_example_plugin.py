@@ -20,12 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import sslkit
-from sslkit.augment import MultiView, ViewRecipe
-from sslkit.backbone import is_token_backbone
-from sslkit.data.source import SampleRef, Source
-from sslkit.errors import UsageError
-from sslkit.task import Task
+from sslkit.api import MultiView, SampleRef, Source, Task, UsageError, ViewRecipe, hookimpl, is_token_backbone
+
 
 NEIGHBOURS = [(-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1)]
 
@@ -122,11 +118,11 @@ class SyntheticSource(Source):
         return {"synthetic": {"size": self.options.size, "seed": self.options.seed}}
 
 
-@sslkit.hookimpl
+@hookimpl
 def register_tasks(register):
     register("relpos", RelativePosition)
 
 
-@sslkit.hookimpl
+@hookimpl
 def register_sources(register):
     register("synthetic", SyntheticSource)

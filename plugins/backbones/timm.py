@@ -16,8 +16,7 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-import sslkit
-from sslkit.errors import UsageError
+from sslkit.api import UsageError, hookimpl
 
 
 class TimmBackbone(nn.Module):
@@ -124,6 +123,6 @@ def create(model: str, in_chans: int, image_size: int, cifar_stem: bool = False,
     return TimmBackbone(model, net, in_chans)
 
 
-@sslkit.hookimpl
+@hookimpl
 def register_backbones(register):
     register("timm", create)

@@ -34,12 +34,9 @@ import numpy as np
 import torch
 from torch import nn
 
-import sslkit
-from sslkit.backbone import is_token_backbone
-from sslkit.errors import CheckFailed, UsageError
-from sslkit.output_file import write_atomic
-from sslkit.raw_input import RawInput, raw_input_for
-from sslkit.spec import InputSpec
+from sslkit.api import (CheckFailed, InputSpec, RawInput, UsageError, hookimpl, is_token_backbone,
+    raw_input_for, write_atomic)
+
 
 TOLERANCE = 1e-4
 FP16_TOLERANCE = 1e-2  # relative to the largest |embedding| value
@@ -214,7 +211,7 @@ def verify(path: Path, module: GraphModule, raw: RawInput, spec: InputSpec, size
     """
     import onnxruntime as ort
 
-    from sslkit.data.prepare import resize_square
+    from sslkit.api import resize_square
 
     options = ort.SessionOptions()
     options.log_severity_level = 3  # no buffer-reuse warnings when the second size runs
@@ -289,6 +286,6 @@ def _metadata(base: dict[str, Any], spec: InputSpec, raw: RawInput, dynamic_hw: 
     return meta
 
 
-@sslkit.hookimpl
+@hookimpl
 def register_exporters(register):
     register("onnx", export_onnx)

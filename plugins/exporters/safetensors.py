@@ -30,10 +30,8 @@ from typing import Any
 import torch
 from torch import nn
 
-import sslkit
-from sslkit.errors import CheckFailed, UsageError
-from sslkit.output_file import write_atomic
-from sslkit.spec import InputSpec
+from sslkit.api import CheckFailed, InputSpec, UsageError, hookimpl, write_atomic
+
 
 FORMAT = "sslkit.timm-weights/1"
 FP16_TOLERANCE = 1e-2  # relative to the largest |feature| value
@@ -124,6 +122,6 @@ def _verify(encoder: nn.Module, file: Path, name: str, kwargs: dict[str, Any], o
     return {"verified_by": route, "max_abs_diff": diff}
 
 
-@sslkit.hookimpl
+@hookimpl
 def register_exporters(register):
     register("safetensors", export_safetensors)

@@ -28,12 +28,8 @@ from typing import Any, Literal
 import numpy as np
 import pydicom
 
-import sslkit
-from sslkit.data.parallel import parallel_map
-from sslkit.data.source import SampleRef, Source, Undecodable
-
+from sslkit.api import SampleRef, Source, Undecodable, check_dir, hookimpl, parallel_map, walk_files
 from sslkit_plugins.sources.dicom_decode import decode, parse_windows, read_dataset
-from sslkit_plugins.sources.folder import check_dir, walk_files
 
 GROUP_SALT = b"sslkit-group-v1"
 HEADER_FORMAT = 2  # bump when read_header() changes what it returns
@@ -251,6 +247,6 @@ class DicomSource(Source):
         }
 
 
-@sslkit.hookimpl
+@hookimpl
 def register_sources(register):
     register("dicom", DicomSource)

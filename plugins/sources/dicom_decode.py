@@ -35,7 +35,8 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi, apply_windowing, pixel_array
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from sslkit.errors import UsageError
+from sslkit.api import UsageError
+
 
 #: CT windows in Hounsfield units: name -> (width, level). Common radiology defaults.
 PRESETS: dict[str, tuple[float, float]] = {

@@ -10,7 +10,6 @@ match) stay on one side; without a match a file is its own group.
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,9 +17,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-import sslkit
-from sslkit.data.source import SampleRef, Source
-from sslkit.errors import UsageError
+from sslkit.api import SampleRef, Source, UsageError, check_dir, hookimpl, walk_files
+
 
 EXTENSIONS = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp"}
 
@@ -43,24 +41,6 @@ def group_of(rel: str, pattern: str) -> str:
         if m:
             return "g:" + (m.group(1) if m.groups() and m.group(1) is not None else m.group(0))
     return "f:" + rel
-
-
-def walk_files(root: Path, keep) -> list[Path]:
-    """Files below ``root`` (sorted, hidden folders skipped) for which ``keep(path)``."""
-    found = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        found += [Path(dirpath) / f for f in sorted(filenames) if not f.startswith(".") and keep(Path(dirpath) / f)]
-    return found
-
-
-def check_dir(location: str, scheme: str) -> Path:
-    root = Path(location).expanduser()
-    if not root.exists():
-        raise UsageError(f"{scheme}: data directory {location!r} does not exist")
-    if not root.is_dir():
-        raise UsageError(f"{scheme}: {location!r} is not a directory")
-    return root
 
 
 def pil_to_array(img: Image.Image) -> np.ndarray:
@@ -173,6 +153,6 @@ def _tiff_array(path: str, header: bool = False) -> np.ndarray:
     return np.ascontiguousarray(x, dtype=np.float32)
 
 
-@sslkit.hookimpl
+@hookimpl
 def register_sources(register):
     register("folder", FolderSource)

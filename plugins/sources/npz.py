@@ -15,9 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-import sslkit
-from sslkit.data.source import SampleRef, Source
-from sslkit.errors import UsageError
+from sslkit.api import SampleRef, Source, UsageError, hookimpl
 
 
 @dataclass
@@ -99,6 +97,6 @@ class NpzSource(Source):
         return {"array": self.images_key, "scale": "uint8 / 255, uint16 / 65535, float min-max"}
 
 
-@sslkit.hookimpl
+@hookimpl
 def register_sources(register):
     register("npz", NpzSource)

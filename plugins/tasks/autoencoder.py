@@ -17,18 +17,7 @@ from dataclasses import dataclass
 
 import torch.nn.functional as F
 
-import sslkit
-from sslkit.augment import MultiView, ViewRecipe
-from sslkit.heads import ConvDecoder
-from sslkit.options import check_unit_interval
-from sslkit.task import Task
-
-
-def reconstruction_views(spec, min_scale: float) -> MultiView:
-    """One geometric-only view (crop + flip): what the autoencoding tasks reconstruct."""
-    recipe = ViewRecipe(spec.image_size, scale=(min_scale, 1.0), jitter_p=0.0, gray_p=0.0, blur_p=0.0,
-                        gamma_p=0.0)
-    return MultiView([recipe], spec.mean, spec.std)
+from sslkit.api import ConvDecoder, Task, check_unit_interval, hookimpl, reconstruction_views
 
 
 @dataclass
@@ -58,6 +47,6 @@ class Autoencoder(Task):
         return {"loss": F.mse_loss(self.decoder(self.encoder(x)), x)}
 
 
-@sslkit.hookimpl
+@hookimpl
 def register_tasks(register):
     register("autoencoder", Autoencoder)

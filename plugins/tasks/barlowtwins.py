@@ -18,11 +18,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from sslkit_plugins.tasks.projected_pair import ProjectedPairTask
 
-import sslkit
-from sslkit.distributed import all_gather_with_grad
-from sslkit.options import check_unit_interval
+from sslkit.api import ProjectedPairTask, all_gather_with_grad, check_unit_interval, hookimpl
 
 
 def barlow_twins_loss(z1: torch.Tensor, z2: torch.Tensor, lambd: float = 5e-3) -> torch.Tensor:
@@ -58,6 +55,6 @@ class BarlowTwins(ProjectedPairTask):
         return {"loss": barlow_twins_loss(z1, z2, self.options.lambd)}
 
 
-@sslkit.hookimpl
+@hookimpl
 def register_tasks(register):
     register("barlowtwins", BarlowTwins)

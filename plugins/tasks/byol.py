@@ -25,12 +25,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-import sslkit
-from sslkit.augment import MultiView, byol_recipes
-from sslkit.ema import cosine_momentum, ema_update, frozen_copy
-from sslkit.heads import mlp
-from sslkit.options import check_unit_interval
-from sslkit.task import Task
+from sslkit.api import (MultiView, Task, byol_recipes, check_unit_interval, cosine_momentum, ema_update,
+    frozen_copy, hookimpl, mlp)
 
 
 def byol_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -85,6 +81,6 @@ class BYOL(Task):
         ema_update(self.target_projector, self.projector, tau)
 
 
-@sslkit.hookimpl
+@hookimpl
 def register_tasks(register):
     register("byol", BYOL)

@@ -20,12 +20,8 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from sslkit_plugins.tasks.autoencoder import reconstruction_views
 
-import sslkit
-from sslkit.heads import ConvDecoder
-from sslkit.options import check_unit_interval
-from sslkit.task import Task
+from sslkit.api import ConvDecoder, Task, check_unit_interval, hookimpl, reconstruction_views
 
 
 def patch_mask(b: int, size: int, patch: int, ratio: float, device) -> torch.Tensor:
@@ -93,6 +89,6 @@ class Denoising(Task):
         return {"loss": F.mse_loss(self.decoder(self.encoder(noisy)), x)}
 
 
-@sslkit.hookimpl
+@hookimpl
 def register_tasks(register):
     register("denoising", Denoising)

@@ -27,13 +27,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-import sslkit
-from sslkit.augment import MultiView, ViewRecipe
-from sslkit.distributed import all_reduce_sum, world_size
-from sslkit.ema import cosine_momentum, ema_update, frozen_copy
-from sslkit.errors import UsageError
-from sslkit.heads import DINOHead
-from sslkit.task import Task
+from sslkit.api import (DINOHead, MultiView, Task, UsageError, ViewRecipe, all_reduce_sum,
+    cosine_momentum, ema_update, frozen_copy, hookimpl, world_size)
 
 
 def dino_loss(teacher_out: torch.Tensor, student_out: list[torch.Tensor], center: torch.Tensor,
@@ -162,6 +157,6 @@ def _check_size(backbone, channels: int, size: int) -> None:
         backbone.train(was_training)
 
 
-@sslkit.hookimpl
+@hookimpl
 def register_tasks(register):
     register("dino", DINO)

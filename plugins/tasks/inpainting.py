@@ -30,14 +30,10 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from sslkit_plugins.tasks.autoencoder import reconstruction_views
 from torch import nn
 from torch.func import functional_call
 
-import sslkit
-from sslkit.heads import ConvDecoder
-from sslkit.options import check_unit_interval
-from sslkit.task import Task
+from sslkit.api import ConvDecoder, Task, check_unit_interval, hookimpl, reconstruction_views
 
 
 def region_mask(b: int, size: int, frac: float, region: str, device) -> torch.Tensor:
@@ -129,6 +125,6 @@ class Inpainting(Task):
         return {"loss": loss, "rec": rec.detach(), "adv": adv.detach(), "disc": disc.detach()}
 
 
-@sslkit.hookimpl
+@hookimpl
 def register_tasks(register):
     register("inpainting", Inpainting)

@@ -33,12 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import sslkit
-from sslkit.augment import ViewRecipe, override_recipe
-from sslkit.backbone import is_token_backbone
-from sslkit.heads import mlp
-from sslkit.options import check_unit_interval
-from sslkit.task import Task
+from sslkit.api import (Task, ViewRecipe, check_unit_interval, hookimpl, is_token_backbone, mlp,
+    override_recipe)
+
 
 GRID = 3
 TILE_FRACTION = 0.85
@@ -183,6 +180,6 @@ class Jigsaw(Task):
         return {"loss": loss, "accuracy": (logits.argmax(1) == labels).float().mean().detach()}
 
 
-@sslkit.hookimpl
+@hookimpl
 def register_tasks(register):
     register("jigsaw", Jigsaw)

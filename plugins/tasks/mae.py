@@ -25,11 +25,7 @@ import torch
 from timm.models.vision_transformer import Block
 from torch import nn
 
-import sslkit
-from sslkit.augment import MultiView, ViewRecipe
-from sslkit.backbone import is_token_backbone
-from sslkit.options import check_unit_interval
-from sslkit.task import Task
+from sslkit.api import MultiView, Task, ViewRecipe, check_unit_interval, hookimpl, is_token_backbone
 
 
 @dataclass
@@ -180,6 +176,6 @@ class MAE(Task):
         return {"loss": self.forward_loss(x, pred, mask)}
 
 
-@sslkit.hookimpl
+@hookimpl
 def register_tasks(register):
     register("mae", MAE)

@@ -35,13 +35,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-import sslkit
-from sslkit.augment import MultiView, ViewRecipe, byol_recipes
-from sslkit.distributed import all_gather_with_grad, rank
-from sslkit.ema import cosine_momentum, ema_update, frozen_copy
-from sslkit.heads import mlp
-from sslkit.options import check_unit_interval
-from sslkit.task import Task
+from sslkit.api import (MultiView, Task, ViewRecipe, all_gather_with_grad, byol_recipes,
+    check_unit_interval, cosine_momentum, ema_update, frozen_copy, hookimpl, mlp, rank)
 
 
 def moco_infonce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -166,6 +161,6 @@ class MoCo(Task):
         self.queue_ptr.copy_((self.queue_ptr + keys.shape[0]) % self.queue.shape[0])
 
 
-@sslkit.hookimpl
+@hookimpl
 def register_tasks(register):
     register("moco", MoCo)

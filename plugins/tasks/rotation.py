@@ -19,12 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-import sslkit
-from sslkit.augment import MultiView, ViewRecipe, rotate90
-from sslkit.errors import UsageError
-from sslkit.heads import mlp
-from sslkit.options import check_unit_interval
-from sslkit.task import Task
+from sslkit.api import MultiView, Task, UsageError, ViewRecipe, check_unit_interval, hookimpl, mlp, rotate90
 
 
 def rotate_batch(x: torch.Tensor, all_rotations: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,6 +93,6 @@ class Rotation(Task):
         return {"loss": loss, "accuracy": accuracy.detach()}
 
 
-@sslkit.hookimpl
+@hookimpl
 def register_tasks(register):
     register("rotation", Rotation)

@@ -20,12 +20,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-import sslkit
-from sslkit.augment import MultiView, ViewRecipe
-from sslkit.distributed import all_gather_with_grad, rank
-from sslkit.heads import mlp
-from sslkit.options import check_unit_interval
-from sslkit.task import Task
+from sslkit.api import (MultiView, Task, ViewRecipe, all_gather_with_grad, check_unit_interval,
+    hookimpl, mlp, rank)
 
 
 def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5) -> torch.Tensor:
@@ -81,6 +77,6 @@ class SimCLR(Task):
         return {"loss": nt_xent_loss(z1, z2, self.options.temperature)}
 
 
-@sslkit.hookimpl
+@hookimpl
 def register_tasks(register):
     register("simclr", SimCLR)

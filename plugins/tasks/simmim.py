@@ -20,12 +20,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from sslkit_plugins.tasks.autoencoder import reconstruction_views
 from torch import nn
 
-import sslkit
-from sslkit.errors import UsageError
-from sslkit.task import Task
+from sslkit.api import Task, UsageError, hookimpl, reconstruction_views
+
 
 try:  # the architectures SimMIM knows how to mask
     from timm.models.swin_transformer import SwinTransformer
@@ -127,6 +125,6 @@ class SimMIM(Task):
         return {"loss": loss}
 
 
-@sslkit.hookimpl
+@hookimpl
 def register_tasks(register):
     register("simmim", SimMIM)

@@ -20,13 +20,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from sslkit_plugins.tasks.autoencoder import reconstruction_views
 from torch import nn
 
-import sslkit
-from sslkit.heads import ConvDecoder
-from sslkit.options import check_unit_interval
-from sslkit.task import Task
+from sslkit.api import ConvDecoder, Task, check_unit_interval, hookimpl, reconstruction_views
 
 
 def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
@@ -87,6 +83,6 @@ class VAE(Task):
         self.kl_weight.fill_(self.options.beta * (min(1.0, step / warm) if warm > 0 else 1.0))
 
 
-@sslkit.hookimpl
+@hookimpl
 def register_tasks(register):
     register("vae", VAE)

@@ -19,11 +19,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from sslkit_plugins.tasks.projected_pair import ProjectedPairTask
 
-import sslkit
-from sslkit.distributed import all_gather_with_grad
-from sslkit.options import check_unit_interval
+from sslkit.api import ProjectedPairTask, all_gather_with_grad, check_unit_interval, hookimpl
 
 
 def _variance(z: torch.Tensor, eps: float) -> torch.Tensor:
@@ -72,6 +69,6 @@ class VICReg(ProjectedPairTask):
         return vicreg_loss(z1, z2, o.lambd, o.mu, o.nu)
 
 
-@sslkit.hookimpl
+@hookimpl
 def register_tasks(register):
     register("vicreg", VICReg)

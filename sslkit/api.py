@@ -1,0 +1,53 @@
+"""sslkit's public API: the one module a plugin imports.
+
+Everything a task, backbone, source or exporter plugin needs is re-exported here; every
+other module of ``sslkit`` is private and may change in any release. ``API_VERSION``
+changes (1 -> 2) only when a name below is removed or changes meaning; new names may be
+added within a version. A plugin declares the range it was written for in its module
+(``sslkit_api = ">=1,<2"``); ``sslkit plugins`` refuses a plugin whose range excludes the
+running ``API_VERSION`` with one line naming it. See ``docs/plugins.md``.
+"""
+
+from __future__ import annotations
+
+from sslkit.augment import (MultiView, Normalize, ViewRecipe, byol_recipes, override_recipe, recipe, rotate,
+                            rotate90)
+from sslkit.backbone import Backbone, TokenBackbone, is_token_backbone
+from sslkit.data.parallel import parallel_map
+from sslkit.data.prepare import resize_square
+from sslkit.data.source import NotAnImage, SampleRef, Source, Undecodable, to_channels
+from sslkit.data.walk import check_dir, walk_files
+from sslkit.distributed import all_gather_with_grad, all_reduce_sum, rank, world_size
+from sslkit.ema import cosine_momentum, ema_update, frozen_copy
+from sslkit.errors import CheckFailed, UsageError
+from sslkit.heads import ConvDecoder, DINOHead, mlp
+from sslkit.hookspecs import hookimpl
+from sslkit.options import check_unit_interval
+from sslkit.output_file import write_atomic
+from sslkit.projected_pair import ProjectedPairTask
+from sslkit.raw_input import RawInput, raw_input_for
+from sslkit.reconstruction import reconstruction_views
+from sslkit.spec import InputSpec
+from sslkit.task import Task, Views
+
+#: The version of this module's contract (an int; see the module docstring).
+API_VERSION = 1
+
+__all__ = [
+    "API_VERSION", "hookimpl",
+    # tasks
+    "Task", "Views", "ProjectedPairTask", "reconstruction_views", "check_unit_interval",
+    # augmentation
+    "ViewRecipe", "MultiView", "Normalize", "recipe", "byol_recipes", "override_recipe", "rotate", "rotate90",
+    # heads and teachers
+    "mlp", "DINOHead", "ConvDecoder", "frozen_copy", "ema_update", "cosine_momentum",
+    # distributed
+    "rank", "world_size", "all_reduce_sum", "all_gather_with_grad",
+    # backbones
+    "Backbone", "TokenBackbone", "is_token_backbone",
+    # sources
+    "Source", "SampleRef", "NotAnImage", "Undecodable", "to_channels", "walk_files", "check_dir",
+    "parallel_map", "resize_square",
+    # inputs, export, errors
+    "InputSpec", "RawInput", "raw_input_for", "write_atomic", "UsageError", "CheckFailed",
+]
