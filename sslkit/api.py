@@ -15,10 +15,13 @@ from sslkit.augment import (MultiView, Normalize, ViewRecipe, byol_recipes, over
 from sslkit.backbone import Backbone, TokenBackbone, is_token_backbone
 from sslkit.data.parallel import parallel_map
 from sslkit.data.prepare import resize_square
-from sslkit.data.source import NotAnImage, SampleRef, Source, Undecodable, to_channels
+from sslkit.data.source import NotAnImage, SampleRef, Source, Undecodable, check_pixel_count, to_channels
+from sslkit.data.volume import (ORIENTATION, SampleMode, crop_or_pad, fit_volume, resample, slab_indices,
+                                stack_slab)
 from sslkit.data.walk import check_dir, walk_files
 from sslkit.distributed import all_gather_with_grad, all_reduce_sum, rank, world_size
 from sslkit.ema import cosine_momentum, ema_update, frozen_copy
+from sslkit.engine.events import Callback, RunInfo
 from sslkit.errors import CheckFailed, UsageError
 from sslkit.heads import ConvDecoder, DINOHead, mlp
 from sslkit.hookspecs import hookimpl
@@ -32,6 +35,8 @@ from sslkit.task import Task, Views
 
 #: The version of this module's contract (an int; see the module docstring).
 API_VERSION = 1
+"""The version of this module's contract: an int, bumped only when a public name is removed
+or changes meaning (see the module docstring and docs/plugins.md)."""
 
 __all__ = [
     "API_VERSION", "hookimpl",
@@ -47,7 +52,11 @@ __all__ = [
     "Backbone", "TokenBackbone", "is_token_backbone",
     # sources
     "Source", "SampleRef", "NotAnImage", "Undecodable", "to_channels", "walk_files", "check_dir",
-    "parallel_map", "resize_square",
+    "parallel_map", "resize_square", "check_pixel_count",
+    # volumetric sources (slice / slab:K / volume sampling)
+    "SampleMode", "ORIENTATION", "slab_indices", "stack_slab", "resample", "crop_or_pad", "fit_volume",
     # inputs, export, errors
     "InputSpec", "RawInput", "raw_input_for", "write_atomic", "UsageError", "CheckFailed",
+    # run callbacks (register_callbacks)
+    "Callback", "RunInfo",
 ]

@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
-import json
 import logging
-import os
 import re
 import warnings
 from dataclasses import dataclass
@@ -28,11 +26,15 @@ from typing import Any, Literal
 import numpy as np
 import pydicom
 
-from sslkit.api import SampleRef, Source, Undecodable, check_dir, hookimpl, parallel_map, walk_files
-from sslkit_plugins.sources.dicom_decode import decode, parse_windows, read_dataset
+from sslkit.api import SampleMode, SampleRef, Source, Undecodable, check_dir, hookimpl, walk_files
+from sslkit.api import check_pixel_count
+from sslkit_plugins.sources.dicom_decode import codec_failure, decode, parse_windows, read_dataset
+from sslkit_plugins.sources.dicom_headers import cached_headers, stable_groups
+from sslkit_plugins.sources.dicom_series import assemble, geometry
+from sslkit_plugins.sources.dicom_volume import VolumeSampler
 
 GROUP_SALT = b"sslkit-group-v1"
-HEADER_FORMAT = 2  # bump when read_header() changes what it returns
+HEADER_FORMAT = 3  # bump when read_header() changes what it returns
 #: objects that carry Rows/Columns (or even pixels) but are not images to learn from
 NON_IMAGE_MODALITIES = {"SR", "KO", "PR", "SEG", "REG", "RTSTRUCT", "RTPLAN", "RTRECORD", "DOC", "ECG"}
 logging.getLogger("pydicom").setLevel(logging.ERROR)
@@ -47,9 +49,13 @@ class DicomOptions:
     series_description: str = ""  # keep only series whose description matches this glob
     frames: Literal["all", "middle"] = "all"  # multi-frame files: every frame, or the middle one
     workers: int = 0  # header-reading processes (0: one per CPU, serial for small folders)
+    sample: str = "slice"  # slice | slab:K | volume (series assembled in space: dicom_series.py)
+    spacing: str = ""  # volume mode: resample to X[,Y,Z] mm (empty: the series' own)
+    volume_size: str = ""  # volume mode: crop / pad to D,H,W voxels
 
     def __post_init__(self) -> None:
         parse_windows(self.window)  # a bad window is a usage error before any file is read
+        SampleMode.parse(self.sample, self.spacing, self.volume_size)
 
 
 def is_dicom_file(path: Path) -> bool:
@@ -88,7 +94,7 @@ def read_header(path: str) -> dict[str, Any]:
         try:
             ds = read_dataset(path, stop_before_pixels=True)
         except Exception as exc:
-            if is_dicom_file(p):
+            if isinstance(exc, OSError) or is_dicom_file(p):  # OSError: e.g. no read permission
                 return {"kind": "error", "reason": f"unreadable header: {safe_reason(exc)}"}
             return {"kind": "other"}
         try:
@@ -112,11 +118,46 @@ def read_header(path: str) -> dict[str, Any]:
                 "bits_stored": int(ds.get("BitsStored", 0) or 0),
                 "rows": int(ds.Rows),
                 "columns": int(ds.Columns),
-                "frames": max(1, int(ds.get("NumberOfFrames", 1) or 1)),
+                "frames": frame_count(ds, p),
                 "samples_per_pixel": int(ds.get("SamplesPerPixel", 1) or 1),
+                **geometry(ds, str(p.resolve())),
             }
         except Exception as exc:
             return {"kind": "error", "reason": f"bad header value: {safe_reason(exc)}"}
+
+
+#: encapsulated (compressed) pixel data: every frame is at least one 8-byte item header
+_MIN_ENCAPSULATED_FRAME = 8
+#: deflate expands at most ~1032:1 (zlib's limit)
+_MAX_DEFLATE_RATIO = 1032
+
+
+def frame_count(ds: pydicom.Dataset, path: Path) -> int:
+    """NumberOfFrames, checked against what the file can hold before any per-frame work.
+
+    A header may claim 2^31 frames in a 33 KB file: uncompressed frames need
+    ``Rows x Columns x SamplesPerPixel x BitsAllocated / 8`` bytes each and encapsulated
+    ones at least one item header each, so a count the file's size cannot hold is an
+    error (one report row for the file), never 2^31 sample refs.
+    """
+    frames = max(1, int(ds.get("NumberOfFrames", 1) or 1))
+    rows, cols = int(ds.Rows), int(ds.Columns)
+    if rows < 1 or cols < 1:
+        raise ValueError(f"empty image ({rows} rows, {cols} columns)")
+    size = path.stat().st_size
+    meta = getattr(ds, "file_meta", None)
+    ts = pydicom.uid.UID(str(meta.get("TransferSyntaxUID", "")) if meta is not None else "")
+    if ts == pydicom.uid.DeflatedExplicitVRLittleEndian:
+        size *= _MAX_DEFLATE_RATIO
+    if ts and ts.is_encapsulated:
+        most = size // _MIN_ENCAPSULATED_FRAME
+    else:
+        bits = rows * cols * int(ds.get("SamplesPerPixel", 1) or 1) * int(ds.get("BitsAllocated", 8) or 8)
+        most = size * 8 // bits
+    if frames > 1 and frames > max(1, most):  # one frame: a truncated file is reported when decoded
+        raise ValueError(f"NumberOfFrames {frames} does not fit the file: its {path.stat().st_size} bytes hold "
+                         f"at most {most} frame(s) of {cols}x{rows}")
+    return frames
 
 
 class DicomSource(Source):
@@ -127,6 +168,8 @@ class DicomSource(Source):
         super().__init__(location, options or DicomOptions())
         self.root = check_dir(location, self.scheme)
         self.windows = parse_windows(self.options.window)
+        self.sample = SampleMode.parse(self.options.sample, self.options.spacing, self.options.volume_size)
+        self.sampler: VolumeSampler | None = None  # slab / volume modes, set by index()
         self.headers: dict[str, dict[str, Any]] = {}  # path -> read_header() of kept images
         self.filtered = 0  # images left out by --modality / --series-description
         self._last: tuple[str, Any] | None = None  # (path, dataset): frames of one file in a row
@@ -140,7 +183,7 @@ class DicomSource(Source):
         return 0.0
 
     def index(self) -> list[SampleRef]:
-        files = [str(f) for f in walk_files(self.root, lambda p: True)]
+        files = [str(f) for f in walk_files(self.root, lambda p: True, self.skipped)]
         headers = self._headers(files)
         modalities = {m.strip().upper() for m in self.options.modality.split(",") if m.strip()}
         glob = self.options.series_description.lower()
@@ -155,6 +198,11 @@ class DicomSource(Source):
             ):
                 self.filtered += 1
                 continue
+            try:  # from the header, before anything is decoded
+                check_pixel_count(h["columns"], h["rows"], self.max_pixels)
+            except Undecodable as exc:
+                self.skipped.append((f, str(exc)))
+                continue
             self.headers[f] = {k: v for k, v in h.items() if k != "series"}
             n = h["frames"]
             if n == 1:
@@ -163,51 +211,39 @@ class DicomSource(Source):
                 refs.append(SampleRef(f, frame=n // 2, group=h["group"]))
             else:
                 refs += [SampleRef(f, frame=i, group=h["group"]) for i in range(n)]
-        return refs
+        return refs if self.sample.mode == "slice" else self._volume_refs()
+
+    def _volume_refs(self) -> list[SampleRef]:
+        """Slab / volume mode: refs of the series assembled in space (no geometry: skipped in volume mode)."""
+        volumes = assemble(self.headers)
+        if self.sample.volumetric:
+            self.skipped += [(v.slices[0][0], "not a volume: no slice geometry") for v in volumes
+                             if "no slice geometry" in v.issues]
+            volumes = [v for v in volumes if "no slice geometry" not in v.issues]
+        self.sampler = VolumeSampler(volumes, self.sample, self.windows)
+        return self.sampler.refs()
 
     def _headers(self, files: list[str]) -> list[dict[str, Any]]:
-        """:func:`read_header` of every file; unchanged files come from ``header_cache``."""
-        store = None
-        known: dict[str, list] = {}
-        if self.header_cache is not None:
-            root_id = hashlib.sha256(f"{HEADER_FORMAT}\0{self.root.resolve()}".encode()).hexdigest()[:24]
-            store = Path(self.header_cache) / f"dicom-{root_id}.json"
-            try:
-                known = json.loads(store.read_text())
-            except (OSError, ValueError):
-                known = {}
-        stamps = []
-        for f in files:
-            try:
-                st = os.stat(f)
-                stamps.append(f"{st.st_size}:{st.st_mtime_ns}")
-            except OSError:
-                stamps.append("")
-        todo = [i for i, (f, s) in enumerate(zip(files, stamps)) if not s or known.get(f, [None])[0] != s]
-        # ~1-2 ms per header: processes pay off only for thousands of files
-        fresh = parallel_map(read_header, [files[i] for i in todo], workers=self.options.workers, min_parallel=2000)
-        headers = [known[f][1] if f in known else None for f in files]
-        for i, h in zip(todo, fresh):
-            headers[i] = h
-        if store is not None and (todo or len(known) != len(files)):
-            store.parent.mkdir(parents=True, exist_ok=True)
-            tmp = store.with_suffix(f".tmp{os.getpid()}")
-            tmp.write_text(json.dumps({f: [s, h] for f, s, h in zip(files, stamps, headers) if s}))
-            os.replace(tmp, store)
-        return headers
+        """:func:`read_header` of every file (unchanged files from ``header_cache``), with
+        split groups named by their first file (:func:`stable_groups`)."""
+        headers = cached_headers(files, self.root, self.header_cache, read_header, self.options.workers,
+                                 HEADER_FORMAT)
+        return stable_groups(files, headers, self.root)
 
     def channels_of(self, ref: SampleRef) -> int | None:
         h = self.headers.get(ref.path)
         if h is None:
             return None
         if h["samples_per_pixel"] == 3 or h["photometric"] == "PALETTE COLOR":
-            return 3
-        return len(self.windows)
+            return self.sample.channels(3)
+        return self.sample.channels(len(self.windows))
 
     def load(self, ref: SampleRef) -> np.ndarray:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             try:
+                if self.sampler is not None:
+                    return self.sampler.load(ref)
                 if self._last is not None and self._last[0] == ref.path:
                     ds = self._last[1]
                 else:
@@ -217,7 +253,13 @@ class DicomSource(Source):
                 frames = self.headers.get(ref.path, {}).get("frames", 1)
                 keep = ref.frame is not None and frames > 1 and ref.frame < frames - 1
                 self._last = (ref.path, ds) if keep else None
-                return decode(ds, ref.frame, self.windows)
+                check_pixel_count(int(ds.Columns), int(ds.Rows), self.max_pixels)
+                try:
+                    return decode(ds, ref.frame, self.windows)
+                except Exception as exc:
+                    raise Undecodable(codec_failure(ds, safe_reason(exc)) or safe_reason(exc)) from None
+            except Undecodable:
+                raise
             except Exception as exc:
                 raise Undecodable(safe_reason(exc)) from None
 
@@ -232,6 +274,7 @@ class DicomSource(Source):
             "size": f"{h.get('columns')}x{h.get('rows')}",
             "frames": h.get("frames"),
             "samples_per_pixel": h.get("samples_per_pixel"),
+            **({"volume_issues": "; ".join(self.sampler.volume_of(ref).issues) or "none"} if self.sampler else {}),
         }
 
     def describe(self) -> dict:
@@ -244,6 +287,7 @@ class DicomSource(Source):
             "frames": self.options.frames,
             "modality_filter": self.options.modality or None,
             "series_filter": self.options.series_description or None,
+            **self.sample.describe(),
         }
 
 

@@ -25,10 +25,12 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from sslkit.data.cache import (CACHE_FORMAT, cache_key, content_digest, disk_full_error, mark_root, readable,
+                               reserve, resolve_cache_dir)
 from sslkit.data.parallel import pool_size
 from sslkit.data.source import NotAnImage, SampleRef, Source, Undecodable, to_channels
+from sslkit.errors import UsageError
 
-CACHE_FORMAT = 2
 SCALE = 65535.0
 
 
@@ -67,56 +69,11 @@ def majority_channels(source: Source, refs: Sequence[SampleRef], limit: int = 51
                 c = source.load(ref).shape[0]
             except Exception:
                 continue
-        c = 3 if c in (3, 4) else 1
+        c = 3 if c in (3, 4) else (c if c > 4 else 1)  # > 4: a slab of K slices (sslkit.data.volume)
         counts[c] = counts.get(c, 0) + 1
     if not counts:
         return 1
     return max(sorted(counts), key=lambda k: (counts[k], -k))
-
-
-def default_cache_root() -> Path:
-    """``$SSLKIT_CACHE_DIR``, else ``$XDG_CACHE_HOME/sslkit``, else ``~/.cache/sslkit``."""
-    if os.environ.get("SSLKIT_CACHE_DIR"):
-        return Path(os.environ["SSLKIT_CACHE_DIR"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base).expanduser() / "sslkit"
-
-
-def resolve_cache_dir(cache_dir: str | Path | bool | None) -> Path | None:
-    """``None`` or ``True``: the default cache root; ``False`` or ``""``: no disk cache."""
-    if cache_dir is None or cache_dir is True:
-        return default_cache_root()
-    if cache_dir is False or str(cache_dir) == "":
-        return None
-    return Path(cache_dir).expanduser()
-
-
-def file_digest(path: str, block: int = 4096) -> str:
-    """Identity of a file's content: size, mtime and its first and last ``block`` bytes."""
-    st = os.stat(path)
-    h = hashlib.blake2b(f"{st.st_size}\0{st.st_mtime_ns}\0".encode(), digest_size=16)
-    with open(path, "rb") as f:
-        h.update(f.read(block))
-        if st.st_size > block:
-            f.seek(max(block, st.st_size - block))
-            h.update(f.read(block))
-    return h.hexdigest()
-
-
-def cache_key(source: Source, refs: Sequence[SampleRef], channels: int, size: int) -> str:
-    """Hash of the preprocessing (source config, channels, size) and of every sample's file.
-
-    A file's identity is :func:`file_digest` (content + mtime), so editing, replacing or
-    adding a file, or changing ``--window`` etc., gives a new key: a stale cache is never read.
-    """
-    h = hashlib.sha256()
-    h.update(json.dumps([CACHE_FORMAT, source.scheme, source.describe(), channels, size], sort_keys=True, default=str).encode())
-    digests: dict[str, str] = {}
-    for ref in refs:
-        if ref.path not in digests:
-            digests[ref.path] = file_digest(ref.path)
-        h.update(f"{ref.path}\0{ref.frame}\0{digests[ref.path]}\n".encode())
-    return h.hexdigest()[:32]
 
 
 def prepare(
@@ -133,75 +90,105 @@ def prepare(
     ``cache_dir`` as in :func:`resolve_cache_dir`. Without a cache the array lives in
     memory; with one it is written straight to a memory-mapped file in a temporary
     folder renamed into place when complete (an interrupted pass leaves no half entry).
-    Decoding runs in ``workers`` processes (0: one per CPU; serial for few samples).
+    Its disk space is allocated before the first write, so a full disk is one
+    :class:`UsageError` line, not a SIGBUS. An array that cannot fit the disk (or, in
+    memory, the RAM) is refused before anything is decoded. Files that cannot be read
+    are skipped with a reason. Decoding runs in ``workers`` processes (0: one per CPU;
+    serial for few samples). ``skipped`` paths are relative to the data root.
     """
-    refs = list(refs)
+    refs, unreadable = readable(list(refs), source.relative)
     shape = (len(refs), channels, size, size)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * 2
     root = resolve_cache_dir(cache_dir)
+    check_room(root, nbytes, shape, channels, size)
     if root is None:
         pixels = np.empty(shape, dtype=np.uint16)
         kept, skipped = _decode(source, refs, pixels, progress, workers)
-        return Prepared(pixels[: len(kept)], [refs[i] for i in kept], skipped)
+        return Prepared(pixels[: len(kept)], [refs[i] for i in kept], unreadable + skipped)
+    mark_root(root)
     target = root / cache_key(source, refs, channels, size)
     if not (target / "index.json").exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
-        try:
-            out = np.lib.format.open_memmap(tmp / "pixels.npy", mode="w+", dtype=np.uint16, shape=shape)
-            kept, skipped = _decode(source, refs, out, progress, workers)
-            out.flush()
-            del out
-            (tmp / "index.json").write_text(json.dumps({
-                "format": CACHE_FORMAT, "source": f"{source.scheme}:{source.location}",
-                "preprocessing": source.describe(), "shape": [len(kept), *shape[1:]],
-                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "kept": kept, "skipped": skipped,
-            }, default=str))
-            try:
-                os.replace(tmp, target)
-            except OSError:  # another process finished the same entry first: use theirs
-                if not (target / "index.json").exists():
-                    raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        _fill_entry(source, refs, shape, target, progress, workers)
     else:
         os.utime(target / "index.json")  # "last used", for `sslkit data cache --clear-older-than`
     meta = json.loads((target / "index.json").read_text())
     pixels = np.load(target / "pixels.npy", mmap_mode="r")[: len(meta["kept"])]
     kept_refs = [refs[i] for i in meta["kept"]]
-    return Prepared(pixels, kept_refs, [tuple(s) for s in meta["skipped"]], str(target))
+    return Prepared(pixels, kept_refs, unreadable + [tuple(s) for s in meta["skipped"]], str(target))
 
 
-def cache_entries(cache_dir: str | Path | None = None) -> list[dict[str, Any]]:
-    """Complete entries under the cache root: key, path, bytes, samples, shape, source, last use."""
-    root = resolve_cache_dir(cache_dir) or default_cache_root()
-    out = []
-    for d in sorted(root.iterdir()) if root.is_dir() else []:
-        index = d / "index.json"
-        if d.name.startswith(".") or not index.is_file():
-            continue
+def _fill_entry(source: Source, refs: list[SampleRef], shape: tuple[int, ...], target: Path, progress: bool,
+                workers: int) -> None:
+    """Decode into ``target`` through a temporary folder beside it (removed on any failure)."""
+    nbytes = int(np.prod(shape, dtype=np.int64)) * 2
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
+    except OSError as exc:
+        raise disk_full_error(target.parent, exc, nbytes) from None
+    try:
         try:
-            meta = json.loads(index.read_text())
-        except ValueError:
-            meta = {}
-        out.append({
-            "key": d.name, "path": str(d), "bytes": sum(f.stat().st_size for f in d.iterdir() if f.is_file()),
-            "samples": len(meta.get("kept", [])), "shape": meta.get("shape"), "source": meta.get("source"),
-            "created": meta.get("created"), "last_used": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(index.stat().st_mtime)),
-            "age_days": round((time.time() - index.stat().st_mtime) / 86400, 2),
-        })
-    return out
+            out = np.lib.format.open_memmap(tmp / "pixels.npy", mode="w+", dtype=np.uint16, shape=shape)
+            os.chmod(tmp / "pixels.npy", 0o600)
+            reserve(tmp / "pixels.npy", out.offset + nbytes)
+        except OSError as exc:
+            raise disk_full_error(target.parent, exc, nbytes) from None
+        kept, skipped = _decode(source, refs, out, progress, workers)
+        try:
+            out.flush()
+            del out
+            fd = os.open(tmp / "index.json", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                json.dump({
+                    "format": CACHE_FORMAT, "source": f"{source.scheme}:{source.location}",
+                    "preprocessing": source.describe(), "shape": [len(kept), *shape[1:]],
+                    "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "kept": kept, "skipped": skipped,
+                }, f, default=str)
+        except OSError as exc:
+            raise disk_full_error(target.parent, exc, nbytes) from None
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another process finished the same entry first: use theirs
+            if not (target / "index.json").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
-def clear_cache(cache_dir: str | Path | None = None, older_than_days: float | None = None) -> list[dict[str, Any]]:
-    """Delete cache entries (all, or those unused for ``older_than_days``); returns them."""
-    removed = []
-    for entry in cache_entries(cache_dir):
-        if older_than_days is None or entry["age_days"] >= older_than_days:
-            shutil.rmtree(entry["path"], ignore_errors=True)
-            removed.append(entry)
-    if older_than_days is None:  # everything: the sources' header indexes too
-        shutil.rmtree((resolve_cache_dir(cache_dir) or default_cache_root()) / "headers", ignore_errors=True)
-    return removed
+def check_room(root: Path | None, nbytes: int, shape: tuple[int, ...], channels: int, size: int) -> None:
+    """Refuse, before decoding, an array the cache's disk (or, without a cache, the RAM)
+    cannot hold, and a side so large that one resized sample does not fit in memory."""
+    n = shape[0]
+    hint = "lower --image-size (or --cache-size)"
+    sample = channels * size * size * 4 * 3  # float32 resize: input, output, crop
+    avail = available_memory()
+    if avail is not None and sample > avail:
+        raise UsageError(f"--image-size {size}: one decoded {channels}x{size}x{size} sample needs "
+                         f"{sample / 2**30:.1f} GB of memory to resize, {avail / 2**30:.1f} GB is available; {hint}")
+    if root is None:
+        if avail is not None and nbytes > avail:
+            raise UsageError(f"--image-size {size}: {n} images need {nbytes / 2**30:.1f} GB in memory "
+                             f"(--no-cache), {avail / 2**30:.1f} GB is available; {hint}, or use the disk cache")
+        return
+    probe = root
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if nbytes > free:
+        raise UsageError(f"--image-size {size}: the decoded-pixel cache for {n} images needs "
+                         f"{nbytes / 2**30:.1f} GB, {str(probe)!r} has {free / 2**30:.1f} GB free; {hint}, "
+                         f"or choose another folder with --cache DIR")
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to new allocations (``MemAvailable``), None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 _WORKER: dict[str, Any] = {}
@@ -233,13 +220,16 @@ def _decode(
 ) -> tuple[list[int], list[tuple[str, str]]]:
     """Fill ``out`` front to back with the decodable samples; return kept indices, skips.
 
+    Skips are one ``(path relative to the data root, reason)`` per file, however many of
+    its frames failed (the reason then says how many).
+
     Runs in worker processes for many samples (:mod:`sslkit.data.parallel`), in chunks of
     adjacent refs, so the frames of a multi-frame file are mostly read by one worker once.
     Results are consumed in order as they arrive, so memory stays bounded by the chunks
     in flight.
     """
     kept: list[int] = []
-    skipped: list[tuple[str, str]] = []
+    failed: dict[str, list] = {}  # path -> [first reason, frames failed]
     channels, size = out.shape[1], out.shape[2]
     n = pool_size(len(refs), workers) if source.parallel_decode else 1
     pool = None
@@ -256,7 +246,7 @@ def _decode(
             if res is None:
                 continue
             if isinstance(res, str):
-                skipped.append((ref.id, res))
+                failed.setdefault(ref.path, [res, 0])[1] += 1
                 continue
             out[len(kept)] = res
             kept.append(i)
@@ -268,6 +258,8 @@ def _decode(
         _WORKER.clear()
         if pool is not None:
             pool.shutdown(cancel_futures=True)
+    skipped = [(source.relative(path), reason if n == 1 else f"{reason} ({n} frames)")
+               for path, (reason, n) in failed.items()]
     return kept, skipped
 
 
@@ -281,8 +273,12 @@ def channel_stats(pixels: np.ndarray, limit: int = 1024) -> tuple[tuple[float, .
 
 
 def fingerprint(refs: Sequence[SampleRef], extra: Any = None) -> str:
-    """A hash naming the dataset (file names and sizes), for run.json. Holds no paths."""
-    h = hashlib.sha256(json.dumps(extra, sort_keys=True, default=str).encode())
+    """A hash of the dataset's content, for run.json: every sample's frame and its file's
+    :func:`~sslkit.data.cache.content_digest` (size, first and last 4 KiB), in path order,
+    and ``extra`` (the preprocessing). Holds no path or name; a replaced, added or removed
+    file changes it, a copy of the folder elsewhere does not. ``--resume`` compares it.
+    """
+    h = hashlib.sha256(json.dumps(["content-v2", extra], sort_keys=True, default=str).encode())
     for ref in sorted(refs, key=lambda r: (r.path, r.frame or 0)):
-        h.update(f"{Path(ref.path).name}\0{ref.frame}\0{os.path.getsize(ref.path)}\n".encode())
+        h.update(f"{ref.frame}\0{content_digest(ref.path)}\n".encode())
     return h.hexdigest()[:16]

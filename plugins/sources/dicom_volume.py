@@ -1,0 +1,93 @@
+"""Slabs and volumes of DICOM series: the ``dicom`` source's ``--sample slab:K|volume``.
+
+:class:`VolumeSampler` turns the volumes of :func:`dicom_series.assemble` into sample
+refs (one per slice for ``slab:K``, one per volume for ``volume``) and loads them. Each
+slice goes through the same decoding as a 2D file (:func:`dicom_decode.decode`: modality
+LUT, window, MONOCHROME1), slice by slice; a mosaic is decoded once and cut into its
+tiles. The last few decoded files are kept, so the K slices of neighbouring slabs are
+read once.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any
+
+import numpy as np
+from pydicom.pixels import apply_modality_lut, pixel_array
+
+from sslkit.api import SampleMode, SampleRef, fit_volume, slab_indices, stack_slab
+from sslkit_plugins.sources.dicom_decode import Window, decode, frame_luts, read_dataset
+from sslkit_plugins.sources.dicom_series import Volume, cut_mosaic
+
+
+def modality_values(ds: Any, frame: int | None) -> np.ndarray:
+    """Stored pixels of one frame through the modality LUT only: float32 ``(1, H, W)``."""
+    n = int(ds.get("NumberOfFrames", 1) or 1)
+    arr = pixel_array(ds, index=frame) if n > 1 and frame is not None else pixel_array(ds)
+    if arr.ndim == 3 and int(ds.get("SamplesPerPixel", 1)) == 1:
+        arr = arr[0]
+    if arr.ndim != 2:
+        raise ValueError("raw values of a colour image are not defined (use it without --raw)")
+    values = arr.astype(np.float32) if arr.dtype.kind == "f" else apply_modality_lut(arr, frame_luts(ds, frame))
+    return np.asarray(values, dtype=np.float32)[None]
+
+
+class VolumeSampler:
+    """Refs and pixels of volumes in one :class:`SampleMode` (slab or volume).
+
+    ``raw=True`` gives modality values (e.g. Hounsfield units) instead of windowed [0, 1].
+    """
+
+    def __init__(self, volumes: list[Volume], mode: SampleMode, windows: tuple[Window, ...], keep: int = 16):
+        self.volumes = volumes
+        self.mode = mode
+        self.windows = windows
+        self.keep = keep
+        self.where: dict[str, tuple[int, int | None]] = {}  # ref id -> (volume, slice or None)
+        self._files: OrderedDict[tuple, np.ndarray] = OrderedDict()
+
+    def refs(self) -> list[SampleRef]:
+        """One ref per slice (slab) or per volume, volumes in order, slices in spatial order."""
+        out = []
+        for v, vol in enumerate(self.volumes):
+            if self.mode.volumetric:
+                ref = SampleRef(vol.slices[0][0], None, vol.group)
+                self.where[ref.id] = (v, None)
+                out.append(ref)
+                continue
+            for i, (path, frame, tile) in enumerate(vol.slices):
+                ref = SampleRef(path, frame if tile is None else tile, vol.group)
+                self.where[ref.id] = (v, i)
+                out.append(ref)
+        return out
+
+    def volume_of(self, ref: SampleRef) -> Volume:
+        return self.volumes[self.where[ref.id][0]]
+
+    def load(self, ref: SampleRef, raw: bool = False) -> np.ndarray:
+        """``(C*K, H, W)`` for a slab, ``(C, D, H, W)`` (fitted to the mode) for a volume."""
+        v, i = self.where[ref.id]
+        vol = self.volumes[v]
+        if i is None:
+            x = np.stack([self.slice(vol, j, raw) for j in range(vol.depth)], axis=1)
+            return fit_volume(x, vol.spacing, self.mode)
+        return stack_slab([self.slice(vol, j, raw) for j in slab_indices(vol.depth, i, self.mode.slab)])
+
+    def slice(self, vol: Volume, index: int, raw: bool = False) -> np.ndarray:
+        """Slice ``index`` of ``vol``: float32 ``(C, H, W)``."""
+        path, frame, tile = vol.slices[index]
+        key = (path, frame if tile is None else -1, raw)
+        x = self._files.get(key)
+        if x is None:
+            ds = read_dataset(path)
+            x = modality_values(ds, frame) if raw else decode(ds, frame, self.windows)
+            if tile is not None:  # (C, R, Cols) -> (C, n, h, w)
+                x = cut_mosaic(x, vol.mosaic, (vol.rows, vol.columns))
+            self._files[key] = x
+            while len(self._files) > self.keep:
+                self._files.popitem(last=False)
+        else:
+            self._files.move_to_end(key)
+        return x[:, tile] if tile is not None else x
+
