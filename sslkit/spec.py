@@ -23,6 +23,26 @@ class InputSpec:
     std: tuple[float, ...]
     source: str = ""
     preprocessing: dict[str, Any] = field(default_factory=dict)
+    #: volumetric sources (sslkit.data.volume): "slice", "slab:K" or "volume"; the
+    #: resampled spacing (dz, dy, dx) mm and size (D, H, W) in volume mode; the axis order.
+    #: Taken from ``preprocessing`` (the source's own statement) when not given.
+    sample: str = "slice"
+    spacing: tuple[float, ...] | None = None
+    volume_size: tuple[int, ...] | None = None
+    orientation: str = ""
+
+    def __post_init__(self) -> None:
+        pre = self.preprocessing or {}
+        if self.sample == "slice" and pre.get("sample"):
+            object.__setattr__(self, "sample", str(pre["sample"]))
+            object.__setattr__(self, "orientation", str(pre.get("orientation", "")))
+            if isinstance(pre.get("spacing_mm"), list):
+                object.__setattr__(self, "spacing", tuple(float(v) for v in pre["spacing_mm"]))
+            if pre.get("volume_size"):
+                object.__setattr__(self, "volume_size", tuple(int(v) for v in pre["volume_size"]))
+        for name in ("spacing", "volume_size"):  # JSON lists back to tuples
+            if isinstance(getattr(self, name), list):
+                object.__setattr__(self, name, tuple(getattr(self, name)))
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
