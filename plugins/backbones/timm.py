@@ -42,6 +42,19 @@ class TimmBackbone(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
 
+    def init_target(self) -> dict[str, Any]:
+        """Where ``--init`` weights go: ``self.model`` (timm's key names), its stem weight
+        (timm's ``pretrained_cfg["first_conv"]``) and, for ViTs, the position embeddings'
+        patch grid ``(h, w)`` and the count of prefix tokens they include."""
+        m = self.model
+        first = (getattr(m, "pretrained_cfg", None) or {}).get("first_conv")
+        first = first[0] if isinstance(first, (list, tuple)) else first
+        target: dict[str, Any] = {"module": m, "first_conv": f"{first}.weight" if first else None, "pos_embed": None}
+        if isinstance(m, VisionTransformer) and m.pos_embed is not None:
+            target.update(pos_embed="pos_embed", grid=tuple(int(g) for g in m.patch_embed.grid_size),
+                          prefix_tokens=0 if m.no_embed_class else int(m.num_prefix_tokens))
+        return target
+
     # --- token interface (ViTs) -------------------------------------------------------
     def patchify(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, C, H, W) -> (B, N, D)``: patch embeddings plus their position embeddings."""

@@ -1,0 +1,100 @@
+"""``--init``: start a backbone from published or earlier weights instead of random init.
+
+:func:`load_init` resolves the source (:mod:`.resolve`: local file, run directory, Hub
+id or timm tag, offline by default), reads it without running pickled code
+(:mod:`.read`), renames its keys to timm's (:mod:`.keymap`), fits them to the backbone
+(:mod:`.adapt`: input channels, patch size, position grid) and loads them. Weights that
+cannot be fitted are one :class:`~sslkit.errors.UsageError` line naming the tensors.
+
+A backbone says where its published-layout weights live with an optional
+``init_target()`` method returning ``{"module", "first_conv", "pos_embed", "grid",
+"prefix_tokens"}`` (the timm plugin has one); without it the whole backbone is the
+target and its first 4-D weight is taken as the stem.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from sslkit.errors import UsageError
+from sslkit.init.adapt import fit
+from sslkit.init.keymap import to_timm
+from sslkit.init.read import read_state_dict
+from sslkit.init.resolve import InitFile, resolve_init
+
+MAX_MISSING_FRACTION = 0.1  # more of the backbone missing than this: the weights are of another model
+
+
+def load_init(init: str, backbone: nn.Module, allow_download: bool = False) -> dict[str, Any]:
+    """Load ``init`` into ``backbone`` (in place); returns the record for ``run.json``.
+
+    The record holds ``source`` (Hub id, timm tag or file name; never a full path),
+    ``kind``, ``sha256`` of the file, ``layout``, ``loaded`` (tensor count), ``adapted``,
+    ``missing`` and ``unexpected`` key lists, and ``summary`` (one line).
+    """
+    found = resolve_init(init, allow_download)
+    weights, sha = _read(found.path, found.path.stat().st_mtime_ns, found.path.stat().st_size, found.name)
+    target = init_target(backbone)
+    module: nn.Module = target["module"]
+    own = module.state_dict()
+    renamed, layout, prefix = to_timm(weights, own)
+    fitted = fit(renamed, own, target)
+    name = _backbone_name(backbone)
+    if fitted.mismatched:
+        more = f" (+{len(fitted.mismatched) - 3} more)" if len(fitted.mismatched) > 3 else ""
+        raise UsageError(f"--init {found.name} does not fit {name}: {len(fitted.mismatched)} tensors cannot be "
+                         f"adapted: {'; '.join(fitted.mismatched[:3])}{more}")
+    if not fitted.state or len(fitted.missing) > MAX_MISSING_FRACTION * len(own):
+        sample = ", ".join([k for k in weights if not k.endswith("num_batches_tracked")][:3])
+        raise UsageError(f"--init {found.name} does not fit {name}: {len(fitted.missing)} of its {len(own)} "
+                         f"tensors are not in the weights ({layout} layout; keys like {sample})")
+    module.load_state_dict(fitted.state, strict=False)
+    record = {"source": found.name, "kind": found.kind, "sha256": sha, "layout": layout, "prefix_removed": prefix,
+              "loaded": len(fitted.state), "adapted": fitted.adapted, "missing": fitted.missing,
+              "unexpected": fitted.unexpected}
+    record["summary"] = summary_line(record)
+    return record
+
+
+def summary_line(record: dict[str, Any]) -> str:
+    """``init: NAME (sha256 0123abcd): 150 tensors loaded; adapted: ...; missing: ...; unused: ...``."""
+    def listing(keys: list[str]) -> str:
+        return "none" if not keys else ", ".join(keys[:6]) + (f" (+{len(keys) - 6} more)" if len(keys) > 6 else "")
+
+    return (f"init: {record['source']} (sha256 {record['sha256'][:12]}, {record['layout']} layout): "
+            f"{record['loaded']} tensors loaded; adapted: {listing(record['adapted'])}; "
+            f"missing: {listing(record['missing'])}; unused: {listing(record['unexpected'])}")
+
+
+def init_target(backbone: nn.Module) -> dict[str, Any]:
+    """The backbone's ``init_target()``, or the generic one (whole module, first 4-D weight as the stem)."""
+    hook = getattr(backbone, "init_target", None)
+    if callable(hook):
+        return hook()
+    first = next((k for k, v in backbone.state_dict().items() if v.ndim == 4 and k.endswith("weight")), None)
+    return {"module": backbone, "first_conv": first, "pos_embed": None}
+
+
+def _backbone_name(backbone: nn.Module) -> str:
+    return getattr(backbone, "name", type(backbone).__name__)
+
+
+@functools.lru_cache(maxsize=1)
+def _read(path: Path, mtime_ns: int, size: int, name: str) -> tuple[dict[str, torch.Tensor], str]:
+    """The file's tensors and sha256; the last file read is kept (the pre-decoding check reads it first)."""
+    return read_state_dict(path, name), InitFile(path, "file", name).sha256()
+
+
+def onnx_record(record: dict[str, Any] | None) -> dict[str, Any] | None:
+    """What exported metadata keeps of a run's init: source name, kind, sha256, adaptations."""
+    if not record:
+        return None
+    return {k: record.get(k) for k in ("source", "kind", "sha256", "layout", "adapted")}
+
+
+__all__ = ["load_init", "init_target", "summary_line", "onnx_record", "resolve_init"]

@@ -1,0 +1,109 @@
+"""Fitting renamed weights to the run's backbone: input channels, patch size, position grid.
+
+Every target tensor is taken from the weights when the shapes agree; otherwise one of
+three adaptations applies (timm's own helpers, as ``timm.create_model(pretrained=True)``
+uses them), and anything else is a mismatch the caller refuses:
+
+* the **stem** (``first_conv``, ``(O, C, kh, kw)``): ``C`` 3 -> 1 sums the colour filters,
+  1 -> 3 repeats the filter and scales it by 1/3 (``timm.models.adapt_input_conv``), so a
+  grey image gives the same response either way;
+* a ViT's **patch size** (e.g. 14 -> 16): the patch-embedding kernel is resampled
+  (``timm.layers.resample_patch_embed``, FlexiViT's pseudo-inverse resize);
+* a ViT's **position embeddings** ``(1, P + h*w, D)``: the patch grid is resampled
+  bicubically to the run's grid (``timm.layers.resample_abs_pos_embed``); the ``P``
+  class/register positions are kept, or dropped when the backbone has none.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass
+class Fitted:
+    """The tensors to load and what happened to each part of the weights."""
+
+    state: dict[str, torch.Tensor] = field(default_factory=dict)  # target key -> tensor, target shapes
+    adapted: list[str] = field(default_factory=list)  # human-readable, one entry per adaptation
+    missing: list[str] = field(default_factory=list)  # target keys the weights lack (left as initialised)
+    unexpected: list[str] = field(default_factory=list)  # weight keys the backbone has no place for
+    mismatched: list[str] = field(default_factory=list)  # "key (weights shape) vs (backbone shape)"
+
+
+def fit(weights: dict[str, torch.Tensor], target: dict[str, torch.Tensor], info: dict[str, Any]) -> Fitted:
+    """Fit ``weights`` (timm names) to ``target`` (the backbone's state dict).
+
+    ``info``: ``first_conv`` (stem weight key or None), ``pos_embed`` (key or None),
+    ``grid`` ``(h, w)`` and ``prefix_tokens`` of the target's position embeddings.
+    """
+    out = Fitted()
+    out.unexpected = sorted(set(weights) - set(target))
+    for key, want in target.items():
+        have = weights.get(key)
+        if have is None:
+            if not key.endswith("num_batches_tracked"):  # a BatchNorm counter many checkpoints omit
+                out.missing.append(key)
+            continue
+        if tuple(have.shape) != tuple(want.shape):
+            if key == info.get("first_conv"):
+                have = _stem(have, want, key, out.adapted)
+            elif key == info.get("pos_embed"):
+                have = _pos_embed(have, want, info, out.adapted)
+            if have is None or tuple(have.shape) != tuple(want.shape):
+                out.mismatched.append(f"{key} {tuple(weights[key].shape)} vs {tuple(want.shape)}")
+                continue
+        out.state[key] = have.to(want.dtype)
+    return out
+
+
+def _stem(w: torch.Tensor, want: torch.Tensor, key: str, notes: list[str]) -> torch.Tensor | None:
+    """``(O, C, k, k)`` -> the target's channels and (patch embeddings) kernel size."""
+    from timm.layers import resample_patch_embed
+    from timm.models import adapt_input_conv
+
+    if w.ndim != 4 or w.shape[0] != want.shape[0]:
+        return None
+    if tuple(w.shape[2:]) != tuple(want.shape[2:]):
+        if not key.startswith("patch_embed"):
+            return None  # a CNN stem of another kernel size (e.g. cifar_stem) has no faithful resize
+        old = _hw(w)
+        w = resample_patch_embed(w.float(), list(want.shape[2:]))
+        notes.append(f"{key}: patch size {old} -> {_hw(w)} (kernel resampled)")
+    c_from, c_to = int(w.shape[1]), int(want.shape[1])
+    if c_from != c_to:
+        if c_to != 1 and c_from != 1:
+            return None
+        w = adapt_input_conv(c_to, w.float(), base_chans=c_from)
+        how = "summed" if c_to == 1 else f"repeated, scaled by 1/{c_to}"
+        notes.append(f"{key}: input channels {c_from} -> {c_to} ({how})")
+    return w
+
+
+def _hw(w: torch.Tensor) -> str:
+    return "x".join(str(int(s)) for s in w.shape[2:])
+
+
+def _pos_embed(pe: torch.Tensor, want: torch.Tensor, info: dict[str, Any], notes: list[str]) -> torch.Tensor | None:
+    """``(1, P' + h'*w', D)`` -> ``(1, P + h*w, D)`` on the target grid."""
+    from timm.layers import resample_abs_pos_embed
+
+    if pe.ndim != 3 or want.ndim != 3 or pe.shape[-1] != want.shape[-1]:
+        return None
+    gh, gw = info["grid"]
+    prefix = int(info.get("prefix_tokens", 0))
+    for p in dict.fromkeys((prefix, 1, 0, 5, 4)):  # class token, none, class + 4 registers, registers
+        side = math.isqrt(pe.shape[1] - p) if pe.shape[1] > p else 0
+        if side and side * side == pe.shape[1] - p and p >= prefix:
+            break
+    else:
+        return None
+    if p > prefix:  # the weights embed positions of prefix tokens this backbone does not have
+        pe = torch.cat([pe[:, :prefix], pe[:, p:]], 1) if prefix else pe[:, p:]
+    out = resample_abs_pos_embed(pe.float(), [gh, gw], [side, side], num_prefix_tokens=prefix)
+    notes.append(f"pos_embed: {side}x{side} -> {gh}x{gw} patch grid (bicubic)"
+                 + (f", {p - prefix} prefix positions dropped" if p > prefix else ""))
+    return out

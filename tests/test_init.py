@@ -1,0 +1,299 @@
+"""--init: weights from a file, a run, the Hugging Face cache or a timm tag; key mapping and adaptation.
+
+Every weights file is built here from a randomly initialised model (no download).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+from sslkit.errors import UsageError
+from sslkit.init import load_init
+from sslkit.registry import create_backbone
+from tests.conftest import make_images, run_sslkit
+
+TINY_VIT = dict(depth=2, embed_dim=24, num_heads=2)  # a dinov2-shaped ViT, small enough for a test
+
+
+def _vit(in_chans: int = 3, size: int = 28, seed: int = 0, name: str = "vit_small_patch14_dinov2"):
+    torch.manual_seed(seed)
+    return create_backbone(f"timm:{name}", in_chans=in_chans, image_size=size, **TINY_VIT).eval()
+
+
+def _random_like(module: torch.nn.Module, seed: int) -> dict[str, torch.Tensor]:
+    """Every float tensor of ``module``'s state dict replaced by random values (so copies are visible)."""
+    g = torch.Generator().manual_seed(seed)
+    out = {k: torch.randn(v.shape, generator=g) if v.is_floating_point() else v.clone()
+           for k, v in module.state_dict().items()}
+    return {k: v.abs() + 0.5 if k.endswith("running_var") else v for k, v in out.items()}
+
+
+def _assert_loaded(module: torch.nn.Module, expected: dict[str, torch.Tensor], skip=()):
+    own = module.state_dict()
+    for k, v in expected.items():
+        if k not in skip:
+            torch.testing.assert_close(own[k], v, rtol=0, atol=0, msg=k)
+
+
+# --- layouts ---------------------------------------------------------------------------------
+def test_timm_state_dict_with_prefix_and_head_loads_exactly(tmp_path):
+    src = create_backbone("timm:resnet18", in_chans=3, image_size=32)
+    weights = _random_like(src.model, 1)
+    file = tmp_path / "r18.safetensors"
+    save_file({**{f"module.backbone.{k}": v for k, v in weights.items()},
+               "module.head.fc.weight": torch.zeros(10, 512)}, str(file))
+    dst = create_backbone("timm:resnet18", in_chans=3, image_size=32)
+    rec = load_init(str(file), dst)
+    _assert_loaded(dst.model, weights)
+    assert rec["layout"] == "timm" and rec["prefix_removed"] == "module.backbone."
+    assert rec["missing"] == [] and rec["unexpected"] == ["module.head.fc.weight"] and rec["adapted"] == []
+    assert rec["source"] == "r18.safetensors" and len(rec["sha256"]) == 64
+    assert str(tmp_path) not in json.dumps(rec)  # no local path in the record
+
+
+def test_torchvision_resnet18_pth_loads_into_timm_resnet18(tmp_path):
+    import torchvision
+
+    torch.manual_seed(3)
+    tv = torchvision.models.resnet18(num_classes=7)
+    with torch.no_grad():
+        for m in tv.modules():  # non-trivial running stats, so BatchNorm buffers are compared too
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-1, 1)
+                m.running_var.uniform_(0.5, 2)
+    file = tmp_path / "tv.pth"
+    torch.save(tv.state_dict(), file)
+    dst = create_backbone("timm:resnet18", in_chans=3, image_size=32)
+    rec = load_init(str(file), dst)
+    _assert_loaded(dst.model, {k: v for k, v in tv.state_dict().items() if not k.startswith("fc.")})
+    assert sorted(rec["unexpected"]) == ["fc.bias", "fc.weight"] and rec["missing"] == []
+    x = torch.randn(2, 3, 64, 64)
+    tv.fc = torch.nn.Identity()
+    torch.testing.assert_close(dst.eval()(x), tv.eval()(x), rtol=1e-5, atol=1e-5)
+
+
+def _hf_dinov2(timm_sd: dict[str, torch.Tensor], prefix: str = "") -> dict[str, torch.Tensor]:
+    """The Hugging Face ``Dinov2Model`` key names of a timm dinov2 state dict (written out by hand)."""
+    hf = {"embeddings.cls_token": timm_sd["cls_token"], "embeddings.position_embeddings": timm_sd["pos_embed"],
+          "embeddings.mask_token": torch.zeros(1, timm_sd["cls_token"].shape[-1]),
+          "embeddings.patch_embeddings.projection.weight": timm_sd["patch_embed.proj.weight"],
+          "embeddings.patch_embeddings.projection.bias": timm_sd["patch_embed.proj.bias"],
+          "layernorm.weight": timm_sd["norm.weight"], "layernorm.bias": timm_sd["norm.bias"]}
+    for i in range(TINY_VIT["depth"]):
+        b, e = f"blocks.{i}.", f"encoder.layer.{i}."
+        for kind in ("weight", "bias"):
+            q, k, v = timm_sd[f"{b}attn.qkv.{kind}"].chunk(3, 0)
+            hf.update({f"{e}attention.attention.query.{kind}": q, f"{e}attention.attention.key.{kind}": k,
+                       f"{e}attention.attention.value.{kind}": v,
+                       f"{e}attention.output.dense.{kind}": timm_sd[f"{b}attn.proj.{kind}"],
+                       f"{e}norm1.{kind}": timm_sd[f"{b}norm1.{kind}"], f"{e}norm2.{kind}": timm_sd[f"{b}norm2.{kind}"],
+                       f"{e}mlp.fc1.{kind}": timm_sd[f"{b}mlp.fc1.{kind}"],
+                       f"{e}mlp.fc2.{kind}": timm_sd[f"{b}mlp.fc2.{kind}"]})
+        hf[f"{e}layer_scale1.lambda1"] = timm_sd[f"{b}ls1.gamma"]
+        hf[f"{e}layer_scale2.lambda1"] = timm_sd[f"{b}ls2.gamma"]
+    return {prefix + k: v.clone() for k, v in hf.items()}
+
+
+def test_hf_dinov2_layout_maps_to_timm_and_gives_the_same_embeddings(tmp_path):
+    ref = _vit(seed=0)
+    weights = _random_like(ref.model, 2)
+    ref.model.load_state_dict(weights)
+    file = tmp_path / "model.safetensors"
+    save_file(_hf_dinov2(weights, prefix="dinov2."), str(file))  # as Dinov2ForImageClassification saves it
+    dst = _vit(seed=5)
+    rec = load_init(str(file), dst)
+    assert rec["layout"] == "hf-vit" and rec["missing"] == [] and rec["unexpected"] == ["mask_token"]
+    _assert_loaded(dst.model, weights)
+    x = torch.randn(2, 3, 28, 28)
+    torch.testing.assert_close(dst(x), ref(x), rtol=0, atol=0)
+
+
+def test_hf_vit_names_layernorm_before_intermediate_output(tmp_path):
+    ref = create_backbone("timm:vit_tiny_patch16_224", in_chans=3, image_size=32, depth=1).eval()
+    w = _random_like(ref.model, 4)
+    hf = {"vit.embeddings.cls_token": w["cls_token"], "vit.embeddings.position_embeddings": w["pos_embed"],
+          "vit.embeddings.patch_embeddings.projection.weight": w["patch_embed.proj.weight"],
+          "vit.embeddings.patch_embeddings.projection.bias": w["patch_embed.proj.bias"],
+          "vit.layernorm.weight": w["norm.weight"], "vit.layernorm.bias": w["norm.bias"],
+          "vit.pooler.dense.weight": torch.zeros(192, 192), "classifier.weight": torch.zeros(2, 192)}
+    for kind in ("weight", "bias"):
+        q, k, v = w[f"blocks.0.attn.qkv.{kind}"].chunk(3, 0)
+        e = "vit.encoder.layer.0."
+        hf.update({f"{e}attention.attention.query.{kind}": q, f"{e}attention.attention.key.{kind}": k,
+                   f"{e}attention.attention.value.{kind}": v,
+                   f"{e}attention.output.dense.{kind}": w[f"blocks.0.attn.proj.{kind}"],
+                   f"{e}layernorm_before.{kind}": w[f"blocks.0.norm1.{kind}"],
+                   f"{e}layernorm_after.{kind}": w[f"blocks.0.norm2.{kind}"],
+                   f"{e}intermediate.dense.{kind}": w[f"blocks.0.mlp.fc1.{kind}"],
+                   f"{e}output.dense.{kind}": w[f"blocks.0.mlp.fc2.{kind}"]})
+    torch.save({"state_dict": {k: v.clone() for k, v in hf.items()}}, tmp_path / "pytorch_model.bin")
+    dst = create_backbone("timm:vit_tiny_patch16_224", in_chans=3, image_size=32, depth=1)
+    rec = load_init(str(tmp_path / "pytorch_model.bin"), dst)
+    _assert_loaded(dst.model, w)
+    assert rec["layout"] == "hf-vit" and rec["missing"] == []
+    assert sorted(rec["unexpected"]) == ["classifier.weight", "pooler.dense.weight"]
+
+
+# --- adaptation --------------------------------------------------------------------------------
+def test_three_to_one_channel_stem_sums_and_keeps_grey_responses(tmp_path):
+    src = create_backbone("timm:resnet18", in_chans=3, image_size=32).eval()  # timm's init: sane magnitudes
+    save_file(src.model.state_dict(), str(tmp_path / "rgb.safetensors"))
+    dst = create_backbone("timm:resnet18", in_chans=1, image_size=32).eval()
+    rec = load_init(str(tmp_path / "rgb.safetensors"), dst)
+    assert rec["adapted"] == ["conv1.weight: input channels 3 -> 1 (summed)"]
+    torch.testing.assert_close(dst.model.conv1.weight, src.model.conv1.weight.sum(1, keepdim=True))
+    grey = torch.rand(2, 1, 48, 48)
+    torch.testing.assert_close(dst(grey), src(grey.repeat(1, 3, 1, 1)), rtol=1e-4, atol=1e-4)
+
+
+def test_one_to_three_channel_patch_embed_repeats_over_three(tmp_path):
+    src = _vit(in_chans=1, seed=0)
+    src.model.load_state_dict(_random_like(src.model, 7))
+    save_file(src.model.state_dict(), str(tmp_path / "grey.safetensors"))
+    dst = _vit(in_chans=3, seed=1)
+    rec = load_init(str(tmp_path / "grey.safetensors"), dst)
+    assert rec["adapted"] == ["patch_embed.proj.weight: input channels 1 -> 3 (repeated, scaled by 1/3)"]
+    torch.testing.assert_close(dst.model.patch_embed.proj.weight, src.model.patch_embed.proj.weight.repeat(1, 3, 1, 1) / 3)
+    grey = torch.rand(2, 1, 28, 28)
+    torch.testing.assert_close(dst(grey.repeat(1, 3, 1, 1)), src(grey), rtol=1e-4, atol=1e-4)
+
+
+def test_position_embeddings_are_resampled_to_the_run_grid(tmp_path):
+    src = _vit(size=70, seed=0)  # 5 x 5 patches of 14 px
+    w = _random_like(src.model, 8)
+    save_file(w, str(tmp_path / "vit.safetensors"))
+    dst = _vit(size=112, seed=1)  # 8 x 8
+    rec = load_init(str(tmp_path / "vit.safetensors"), dst)
+    assert rec["adapted"] == ["pos_embed: 5x5 -> 8x8 patch grid (bicubic)"]
+    pe, d = w["pos_embed"], w["pos_embed"].shape[-1]
+    grid = pe[:, 1:].reshape(1, 5, 5, d).permute(0, 3, 1, 2)  # row-major patches -> (1, D, 5, 5)
+    want = F.interpolate(grid, size=(8, 8), mode="bicubic", antialias=True, align_corners=False)
+    want = torch.cat([pe[:, :1], want.permute(0, 2, 3, 1).reshape(1, 64, d)], 1)
+    torch.testing.assert_close(dst.model.pos_embed, want, rtol=1e-5, atol=1e-5)
+    # the class token's position is kept as it was; every other tensor is copied unchanged
+    _assert_loaded(dst.model, w, skip=("pos_embed",))
+
+
+def test_class_position_dropped_for_a_backbone_without_class_token(tmp_path):
+    src = _vit(size=28, seed=0)
+    w = _random_like(src.model, 9)
+    save_file(w, str(tmp_path / "vit.safetensors"))
+    dst = create_backbone("timm:vit_small_patch14_dinov2", in_chans=3, image_size=28, class_token=False,
+                          global_pool="avg", **TINY_VIT)
+    rec = load_init(str(tmp_path / "vit.safetensors"), dst)
+    torch.testing.assert_close(dst.model.pos_embed, w["pos_embed"][:, 1:])
+    assert "1 prefix positions dropped" in rec["adapted"][0] and "cls_token" in rec["unexpected"]
+
+
+def test_patch_size_14_weights_resampled_for_patch_16(tmp_path):
+    src = _vit(size=28, seed=0)
+    save_file(_random_like(src.model, 10), str(tmp_path / "p14.safetensors"))
+    dst = create_backbone("timm:vit_small_patch16_224", in_chans=3, image_size=32, **TINY_VIT)
+    rec = load_init(str(tmp_path / "p14.safetensors"), dst)
+    assert "patch_embed.proj.weight: patch size 14x14 -> 16x16 (kernel resampled)" in rec["adapted"]
+    assert dst.model.patch_embed.proj.weight.shape[-1] == 16
+
+
+# --- what cannot be loaded ------------------------------------------------------------------------
+def test_weights_of_another_architecture_are_one_line_errors(tmp_path):
+    save_file(create_backbone("timm:resnet18", in_chans=3, image_size=32).model.state_dict(),
+              str(tmp_path / "r18.safetensors"))
+    with pytest.raises(UsageError, match="does not fit timm:resnet34: 80 of its 216 tensors are not in the weights"):
+        load_init(str(tmp_path / "r18.safetensors"), create_backbone("timm:resnet34", in_chans=3, image_size=32))
+    with pytest.raises(UsageError, match=r"conv1.weight \(64, 3, 7, 7\) vs \(64, 3, 3, 3\)"):
+        load_init(str(tmp_path / "r18.safetensors"),
+                  create_backbone("timm:resnet18", in_chans=3, image_size=32, cifar_stem=True))
+
+
+def test_pickle_with_code_is_refused(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("ran",))
+
+    torch.save({"state_dict": {"w": torch.zeros(1)}, "obj": Evil()}, tmp_path / "evil.pth")
+    with pytest.raises(UsageError, match=r"weights_only=True"):
+        load_init(str(tmp_path / "evil.pth"), create_backbone("timm:resnet18", in_chans=3, image_size=32))
+
+
+# --- Hugging Face cache and timm tags ---------------------------------------------------------------
+def _fake_hub(cache: Path, repo: str, tensors: dict[str, torch.Tensor], rev: str = "0123456789abcdef") -> Path:
+    folder = cache / f"models--{repo.replace('/', '--')}"
+    snap = folder / "snapshots" / rev
+    snap.mkdir(parents=True)
+    (folder / "refs").mkdir()
+    (folder / "refs" / "main").write_text(rev)
+    save_file(tensors, str(snap / "model.safetensors"))
+    return snap / "model.safetensors"
+
+
+def test_hub_id_and_timm_tag_resolve_from_the_local_cache_only(tmp_path, monkeypatch):
+    cache = tmp_path / "hub"
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    src = create_backbone("timm:resnet18", in_chans=3, image_size=32)
+    w = _random_like(src.model, 11)
+    _fake_hub(cache, "acme/xray-r18", w)
+    _fake_hub(cache, "timm/resnet18.a1_in1k", w)
+    for init in ("acme/xray-r18", "hf-hub:acme/xray-r18", "timm:resnet18.a1_in1k"):
+        dst = create_backbone("timm:resnet18", in_chans=1, image_size=32)
+        rec = load_init(init, dst)
+        assert rec["source"] in ("acme/xray-r18", "timm:resnet18.a1_in1k")
+        assert rec["kind"] == ("timm" if init.startswith("timm:") else "hub")
+        _assert_loaded(dst.model, w, skip=("conv1.weight",))
+    with pytest.raises(UsageError, match="not in the local Hugging Face cache.*--allow-download"):
+        load_init("acme/other", create_backbone("timm:resnet18", in_chans=3, image_size=32))
+    with pytest.raises(UsageError, match="not in the local Hugging Face cache"):
+        load_init("timm:resnet18.tv_in1k", create_backbone("timm:resnet18", in_chans=3, image_size=32))
+
+
+# --- through pretrain and export ------------------------------------------------------------------
+def test_pretrain_init_is_recorded_in_run_json_and_export_metadata(tmp_path):
+    from sslkit.engine import pretrain
+    from sslkit.export import export_metadata
+    from sslkit.run import RunConfig, load_run
+
+    data = make_images(tmp_path / "imgs", n_per_class=4, size=32, channels=1)
+    src = create_backbone("timm:resnet18", in_chans=3, image_size=32)
+    w = _random_like(src.model, 12)
+    save_file(w, str(tmp_path / "imagenet.safetensors"))
+    cfg = RunConfig(task="simclr", data=str(data), out=str(tmp_path / "run"), backbone="timm:resnet18",
+                    init=str(tmp_path / "imagenet.safetensors"), epochs=1, batch_size=8, image_size=32,
+                    max_steps=1, lr=1e-12, progress=False, cache_dir="")
+    pretrain(cfg)
+    run = load_run(tmp_path / "run")
+    rec = run.info["init"]
+    assert rec["source"] == "imagenet.safetensors" and rec["adapted"] == ["conv1.weight: input channels 3 -> 1 (summed)"]
+    import hashlib
+
+    assert rec["sha256"] == hashlib.sha256((tmp_path / "imagenet.safetensors").read_bytes()).hexdigest()
+    enc = run.build_encoder().model.state_dict()  # one step at lr 1e-12: still the init weights
+    torch.testing.assert_close(enc["layer4.1.conv2.weight"], w["layer4.1.conv2.weight"], rtol=1e-5, atol=1e-6)
+    meta = export_metadata(run)
+    assert meta["init"]["sha256"] == rec["sha256"] and meta["init"]["source"] == "imagenet.safetensors"
+    assert str(tmp_path) not in json.dumps(meta["init"])
+
+
+def test_cli_init_that_does_not_fit_fails_before_decoding(tmp_path):
+    data = make_images(tmp_path / "imgs", n_per_class=2, size=32, channels=1)
+    save_file(create_backbone("timm:resnet18", in_chans=3, image_size=32).model.state_dict(),
+              str(tmp_path / "r18.safetensors"))
+    cache = tmp_path / "cache"
+    cases = [(str(tmp_path / "r18.safetensors"), "does not fit timm:resnet34"),
+             (str(tmp_path / "nope.safetensors"), "does not exist"),
+             ("acme/none", "not in the local Hugging Face cache")]
+    for init, message in cases:
+        proc = run_sslkit("pretrain", "--task", "simclr", "--data", data, "--out", tmp_path / "run",
+                          "--backbone", "timm:resnet34", "--init", init, "--image-size", 32, "--quiet",
+                          env={"SSLKIT_CACHE_DIR": str(cache), "HF_HUB_CACHE": str(tmp_path / "hub")})
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1 and message in lines[0], proc.stderr
+        assert not (tmp_path / "run").exists()
+        assert not cache.exists() or not any(p.is_file() and "headers" not in p.parts for p in cache.rglob("*"))
+    np.testing.assert_array_equal(sorted(p.name for p in (data / "a").iterdir()), ["0.png", "1.png"])
