@@ -1,0 +1,200 @@
+"""Source ``nifti:PATH``: NIfTI volumes (``.nii``, ``.nii.gz``), one file or every file below a folder.
+
+Read with nibabel (``pip install 'sslkit[volumes]'``). Each 3D image is one volume; a 4D
+image is one volume per time point. Voxels are scaled by the header (``scl_slope`` /
+``scl_inter``), the volume is turned to its closest canonical (RAS+) axes and laid out
+as an axial DICOM series is displayed (:data:`sslkit.api.ORIENTATION`): D inferior to
+superior, H anterior to posterior, W right to left; spacing ``(dz, dy, dx)`` comes from
+the header's zooms. ``--window`` maps values to [0, 1]: ``minmax`` over the whole volume
+(default) or a linear ``W,L`` in the file's units (e.g. Hounsfield units for CT).
+
+``--sample`` (:class:`sslkit.api.SampleMode`): ``slice`` (one 2D image per axial slice),
+``slab:K`` or ``volume``. Only headers are read by ``index()``. Every file is its own
+split group (a salted hash of its path); nothing from the header's free-text fields
+(``descrip``, ``db_name``, ``aux_file``) is read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sslkit.api import (SampleMode, SampleRef, Source, Undecodable, UsageError, check_dir, fit_volume, hookimpl,
+                        slab_indices, stack_slab, walk_files)
+
+SUFFIXES = (".nii", ".nii.gz")
+_NUM = r"[-+]?(?:\d+\.?\d*|\.\d+)"
+
+
+def is_nifti(path: Path) -> bool:
+    return path.name.lower().endswith(SUFFIXES)
+
+
+def _nibabel():
+    try:
+        import nibabel
+    except ImportError:
+        raise UsageError("nifti: needs nibabel; install it with: pip install 'sslkit[volumes]'") from None
+    return nibabel
+
+
+def parse_window(text: str) -> tuple[float, float] | None:
+    """``"minmax"`` -> None; ``"W,L"`` or ``"W:L"`` -> (width, level)."""
+    text = (text or "minmax").strip().lower().replace(" ", "")
+    if text == "minmax":
+        return None
+    m = re.fullmatch(f"({_NUM})[,:]({_NUM})", text)
+    if not m or not float(m.group(1)) > 0:
+        raise UsageError(f"nifti: --window {text!r} is not minmax or W,L with W > 0 (e.g. 400,40)")
+    return float(m.group(1)), float(m.group(2))
+
+
+@dataclass
+class NiftiOptions:
+    """``--data-opt`` options of the ``nifti`` source."""
+
+    window: str = "minmax"  # minmax (over the volume) | W,L in the file's units
+    sample: str = "slice"  # slice | slab:K | volume
+    spacing: str = ""  # volume mode: resample to X[,Y,Z] mm (empty: the file's own)
+    volume_size: str = ""  # volume mode: crop / pad to D,H,W voxels
+
+    def __post_init__(self) -> None:
+        parse_window(self.window)
+        SampleMode.parse(self.sample, self.spacing, self.volume_size)
+
+
+def canonical_volume(img: Any) -> tuple[np.ndarray, tuple[float, float, float]]:
+    """A nibabel image -> (float32 ``(T, D, H, W)`` in the file's units, spacing (dz, dy, dx) mm)."""
+    nib = _nibabel()
+    img = nib.as_closest_canonical(img)
+    data = np.asarray(img.dataobj, dtype=np.float32)
+    if data.ndim == 3:
+        data = data[..., None]
+    if data.ndim != 4:
+        raise ValueError(f"a NIfTI image of {data.ndim} dimensions is not a volume")
+    zooms = [float(z) for z in img.header.get_zooms()[:3]]
+    # (x: R, y: A, z: S, t) -> (t, z ascending, y descending = anterior to posterior, x descending = right to left)
+    vol = data.transpose(3, 2, 1, 0)[:, :, ::-1, ::-1]
+    return np.ascontiguousarray(vol), (zooms[2], zooms[1], zooms[0])
+
+
+class NiftiSource(Source):
+    scheme = "nifti"
+    Options = NiftiOptions
+
+    def __init__(self, location: str, options: NiftiOptions | None = None) -> None:
+        super().__init__(location, options or NiftiOptions())
+        _nibabel()
+        path = Path(location).expanduser()
+        self.root = path if path.is_file() else check_dir(location, self.scheme)
+        self.window = parse_window(self.options.window)
+        self.sample = SampleMode.parse(self.options.sample, self.options.spacing, self.options.volume_size)
+        self.volumes: list[tuple[str, int, int]] = []  # (path, time point, depth)
+        self.where: dict[str, tuple[int, int | None]] = {}  # ref id -> (volume, slice or None)
+        self._last: tuple[str, np.ndarray, tuple] | None = None  # (path, (T, D, H, W), spacing)
+        self._ranges: dict[tuple[str, int], tuple[float, float]] = {}  # min-max of each volume
+
+    def __getstate__(self):
+        return {**self.__dict__, "_last": None, "_ranges": {}}
+
+    @classmethod
+    def sniff(cls, path: Path) -> float:
+        if path.is_file():
+            return 0.95 if is_nifti(path) else 0.0
+        if path.is_dir():
+            for _, f in zip(range(200), path.rglob("*")):
+                if is_nifti(f):
+                    return 0.8
+        return 0.0
+
+    def index(self) -> list[SampleRef]:
+        nib = _nibabel()
+        files = [self.root] if self.root.is_file() else walk_files(self.root, is_nifti, self.skipped)
+        refs: list[SampleRef] = []
+        for f in map(str, files):
+            try:
+                img = nib.load(f)
+                shape = nib.as_closest_canonical(img).shape if img.ndim >= 3 else img.shape
+            except Exception as exc:
+                self.skipped.append((f, f"unreadable NIfTI header: {type(exc).__name__}"))
+                continue
+            if len(shape) not in (3, 4):
+                self.skipped.append((f, f"not a volume: {len(shape)} dimensions"))
+                continue
+            group = hashlib.sha256(b"sslkit-nifti-v1" + f.encode()).hexdigest()[:16]
+            depth = int(shape[2])
+            for t in range(int(shape[3]) if len(shape) == 4 else 1):
+                v = len(self.volumes)
+                self.volumes.append((f, t, depth))
+                if self.sample.volumetric:
+                    ref = SampleRef(f, t if len(shape) == 4 else None, group)
+                    self.where[ref.id] = (v, None)
+                    refs.append(ref)
+                    continue
+                for z in range(depth):
+                    ref = SampleRef(f, t * depth + z, group)
+                    self.where[ref.id] = (v, z)
+                    refs.append(ref)
+        return refs
+
+    def channels_of(self, ref: SampleRef) -> int | None:
+        return self.sample.channels(1)
+
+    def _volume(self, path: str) -> tuple[np.ndarray, tuple]:
+        if self._last is None or self._last[0] != path:
+            vol, spacing = canonical_volume(_nibabel().load(path))
+            self._last = (path, vol, spacing)
+        return self._last[1], self._last[2]
+
+    def to_unit(self, x: np.ndarray, volume: np.ndarray, key: tuple[str, int]) -> np.ndarray:
+        """Values -> [0, 1]: the window, or min-max over the whole ``volume``."""
+        if self.window is None:
+            if key not in self._ranges:
+                finite = volume[np.isfinite(volume)]
+                self._ranges[key] = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+            lo, hi = self._ranges[key]
+            y = (x - lo) / (hi - lo) if hi > lo else np.zeros_like(x)
+        else:
+            w, level = self.window
+            y = (x - level) / w + 0.5
+        return np.clip(np.nan_to_num(y), 0.0, 1.0).astype(np.float32)
+
+    def load(self, ref: SampleRef, raw: bool = False) -> np.ndarray:
+        """``(1, H, W)`` slice, ``(K, H, W)`` slab or ``(1, D, H, W)`` volume; ``raw``: file units."""
+        try:
+            v, z = self.where[ref.id]
+            path, t, depth = self.volumes[v]
+            vols, spacing = self._volume(path)
+            vol = vols[t]
+            unit = (lambda x: x) if raw else (lambda x: self.to_unit(x, vol, (path, t)))
+            if z is None:
+                return fit_volume(unit(vol)[None], spacing, self.sample)
+            return stack_slab([unit(vol[i])[None] for i in slab_indices(depth, z, self.sample.slab)])
+        except (OSError, ValueError, EOFError) as exc:
+            raise Undecodable(f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}") from None
+
+    def load_raw(self, ref: SampleRef) -> np.ndarray:
+        """:meth:`load` before the window: float32 values in the file's units."""
+        return self.load(ref, raw=True)
+
+    def properties(self, ref: SampleRef) -> dict[str, Any]:
+        v, _ = self.where.get(ref.id, (None, None))
+        return {"depth": self.volumes[v][2]} if v is not None else {}
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "window": "min-max over the volume" if self.window is None else f"W {self.window[0]:g}, L {self.window[1]:g}",
+            "scaling": "NIfTI scl_slope / scl_inter",
+            "axes": "closest canonical (RAS+), laid out as a displayed axial series",
+            **self.sample.describe(),
+        }
+
+
+@hookimpl
+def register_sources(register):
+    register("nifti", NiftiSource)

@@ -1,0 +1,104 @@
+"""The ``nifti`` source: canonical axes, header scaling, the three sample modes, user errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from sslkit.errors import UsageError
+from sslkit.registry import create_source
+from tests.conftest import run_sslkit
+
+X, Y, Z = 5, 4, 3
+
+
+def grid() -> np.ndarray:
+    """``data[x, y, z] = 100 z + 10 y + x`` (hand-checkable)."""
+    x, y, z = np.meshgrid(np.arange(X), np.arange(Y), np.arange(Z), indexing="ij")
+    return (100 * z + 10 * y + x).astype(np.int16)
+
+
+def displayed(data: np.ndarray) -> np.ndarray:
+    """RAS+ ``(x, y, z)`` -> ``(D, H, W)``: z up, y anterior to posterior, x right to left."""
+    return data.transpose(2, 1, 0)[:, ::-1, ::-1].astype(np.float32)
+
+
+def write(path: Path, data: np.ndarray, zooms=(2.0, 3.0, 4.0), flip_xy: bool = False, slope: float = 1.0) -> Path:
+    affine = np.diag([*zooms, 1.0])
+    if flip_xy:  # stored LPS-like: x and y axes reversed, same anatomy
+        affine[0, 0], affine[1, 1] = -zooms[0], -zooms[1]
+        affine[0, 3], affine[1, 3] = (X - 1) * zooms[0], (Y - 1) * zooms[1]
+        data = data[::-1, ::-1]
+    img = nib.Nifti1Image(np.ascontiguousarray(data), affine)
+    img.header.set_slope_inter(slope, 0.0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(img, path)
+    return path
+
+
+def test_volume_mode_is_canonical_and_hand_checkable(tmp_path):
+    write(tmp_path / "ras.nii.gz", grid())
+    write(tmp_path / "lps.nii", grid(), flip_xy=True)
+    for name in ("ras.nii.gz", "lps.nii"):
+        src = create_source(f"nifti:{tmp_path / name}", sample="volume", volume_size=f"{Z},{Y},{X}")
+        refs = src.index()
+        assert len(refs) == 1
+        np.testing.assert_array_equal(src.load_raw(refs[0])[0], displayed(grid()))
+        x = src.load(refs[0])
+        np.testing.assert_allclose(x[0], displayed(grid()) / 234.0, atol=1e-6)  # min-max over the volume (0..234)
+
+
+def test_header_scaling_reaches_raw_values(tmp_path):
+    write(tmp_path / "a.nii", grid(), slope=2.0)
+    src = create_source(f"nifti:{tmp_path / 'a.nii'}", sample="volume", volume_size=f"{Z},{Y},{X}")
+    np.testing.assert_array_equal(src.load_raw(src.index()[0])[0], 2 * displayed(grid()))
+
+
+def test_slice_and_slab_modes(tmp_path):
+    write(tmp_path / "d" / "a.nii.gz", grid())
+    src = create_source(f"nifti:{tmp_path / 'd'}", window="400,200")  # (v - 200) / 400 + 0.5 = v / 400
+    refs = src.index()
+    assert len(refs) == Z and src.load(refs[1]).shape == (1, Y, X)
+    np.testing.assert_allclose(src.load(refs[1])[0], displayed(grid())[1] / 400.0, atol=1e-6)
+    src = create_source(f"nifti:{tmp_path / 'd'}", window="400,200", sample="slab:3")
+    refs = src.index()
+    assert src.channels_of(refs[0]) == 3
+    np.testing.assert_allclose(src.load(refs[0]), displayed(grid())[[0, 0, 1]] / 400.0, atol=1e-6)
+    np.testing.assert_allclose(src.load(refs[2]), displayed(grid())[[1, 2, 2]] / 400.0, atol=1e-6)
+
+
+def test_volume_mode_resamples_to_the_spacing(tmp_path):
+    write(tmp_path / "a.nii", grid())  # 5 x 4 x 3 voxels of 2 x 3 x 4 mm: 10 x 12 x 12 mm
+    src = create_source(f"nifti:{tmp_path / 'a.nii'}", sample="volume", spacing="1,2,6", volume_size="2,6,10")
+    assert src.load(src.index()[0]).shape == (1, 2, 6, 10)
+    assert src.describe()["spacing_mm"] == [6.0, 2.0, 1.0]
+
+
+def test_4d_image_is_one_volume_per_time_point(tmp_path):
+    data = np.stack([grid(), grid() + 1000], axis=-1)
+    nib.save(nib.Nifti1Image(data, np.diag([2.0, 3.0, 4.0, 1.0])), tmp_path / "t.nii")
+    src = create_source(f"nifti:{tmp_path / 't.nii'}", sample="volume", volume_size=f"{Z},{Y},{X}")
+    refs = src.index()
+    assert len(refs) == 2
+    np.testing.assert_array_equal(src.load_raw(refs[1])[0], displayed(grid()) + 1000)
+
+
+def test_bad_options_are_usage_errors(tmp_path):
+    write(tmp_path / "a.nii", grid())
+    with pytest.raises(UsageError, match="slab:K"):
+        create_source(f"nifti:{tmp_path / 'a.nii'}", sample="slab:2")
+    with pytest.raises(UsageError, match="--volume-size"):
+        create_source(f"nifti:{tmp_path / 'a.nii'}", sample="volume")
+    with pytest.raises(UsageError, match="window"):
+        create_source(f"nifti:{tmp_path / 'a.nii'}", window="wide")
+
+
+def test_cli_refuses_a_bad_sample_mode_in_one_line(tmp_path):
+    write(tmp_path / "a.nii", grid())
+    proc = run_sslkit("pretrain", "--task", "simclr", "--data", f"nifti:{tmp_path / 'a.nii'}", "--out", tmp_path / "run",
+                      "--data-opt", "sample=cube", "--max-steps", 1)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "slab:K" in proc.stderr and not (tmp_path / "run").exists()
