@@ -28,7 +28,7 @@ from sslkit.hookspecs import hookimpl
 from sslkit.options import check_unit_interval
 from sslkit.output_file import write_atomic
 from sslkit.projected_pair import ProjectedPairTask
-from sslkit.raw_input import RawInput, raw_input_for
+from sslkit.raw_input import GraphPreprocessing, RawInput, raw_input_for
 from sslkit.reconstruction import reconstruction_views
 from sslkit.spec import InputSpec
 from sslkit.task import Task, Views
@@ -56,7 +56,7 @@ __all__ = [
     # volumetric sources (slice / slab:K / volume sampling)
     "SampleMode", "ORIENTATION", "slab_indices", "stack_slab", "resample", "crop_or_pad", "fit_volume",
     # inputs, export, errors
-    "InputSpec", "RawInput", "raw_input_for", "write_atomic", "UsageError", "CheckFailed",
+    "InputSpec", "GraphPreprocessing", "RawInput", "raw_input_for", "write_atomic", "UsageError", "CheckFailed",
     # run callbacks (register_callbacks)
     "Callback", "RunInfo",
 ]

@@ -8,6 +8,7 @@ import sys
 import click
 
 from sslkit.errors import CheckFailed, UsageError
+from sslkit.source_flags import SourceFlagsCommand, flag_values
 
 
 class Group(click.Group):
@@ -56,7 +57,9 @@ def plugins(as_json: bool) -> None:
     for info in infos:
         parts = [f"{k}: {', '.join(info[k])}" for k in ("tasks", "backbones", "sources", "exporters") if info[k]]
         status = f"  [error: {info['error']}]" if info.get("error") else ""
-        click.echo(f"{info['name']} {info['version'] or ''}  " + "; ".join(parts) + status)
+        status += "".join(f"  [conflict: {c}]" for c in info.get("conflicts", []))
+        origin = " (built-in)" if info["builtin"] else ""
+        click.echo(f"{info['name']} {info['version'] or ''}{origin}  " + "; ".join(parts) + status)
 
 
 @main.command("list")
@@ -79,15 +82,19 @@ def _default(name: str) -> str:
     return f" (default: {defaults()[name]})"
 
 
-@main.command()
+@main.command(cls=SourceFlagsCommand)
 @click.option("--config", "config_file", default=None, type=click.Path(dir_okay=False),
               help="TOML (or YAML) file of settings; options given here override it.")
 @click.option("--print-config", is_flag=True,
               help="Print the resolved settings for --task/--backbone as TOML and exit.")
 @click.option("--task", default=None, help="Pretext task (sslkit list tasks).")
 @click.option("--data", default=None, help="dicom:PATH, folder:PATH, another source, or a bare path.")
-@click.option("--out", default=None, type=click.Path(file_okay=False), help="Run directory.")
+@click.option("--out", default=None, type=click.Path(file_okay=False),
+              help="Run directory (default: runs/<task>-<timestamp>, a new folder).")
 @click.option("--backbone", default=None, help="prefix:model, e.g. timm:resnet18 (default: the task's).")
+@click.option("--init", default=None, metavar="FILE|RUN_DIR|ORG/NAME|timm:MODEL.TAG",
+              help="Start the backbone from these weights (Hub ids from the local cache only) instead of random init.")
+@click.option("--allow-download", is_flag=True, default=None, help="Let --init fetch Hub weights missing from the cache.")
 @click.option("--epochs", default=None, type=click.IntRange(min=1), help="Passes over the data" + _default("epochs"))
 @click.option("--batch-size", default=None, type=click.IntRange(min=1),
               help="Images per forward pass, summed over all processes" + _default("batch_size"))
@@ -107,6 +114,9 @@ def _default(name: str) -> str:
               help="Not applied to norms and biases" + _default("weight_decay"))
 @click.option("--warmup-epochs", default=None, type=click.FloatRange(min=0),
               help="Linear warm-up, then cosine decay by step" + _default("warmup_epochs"))
+@click.option("--schedule", default=None, type=click.Choice(["cosine", "constant", "step"]),
+              help="LR after the warm-up: cosine decay, constant, or x0.1 at 60 % and 80 % of the steps"
+                   + _default("schedule"))
 @click.option("--grad-clip", default=None, type=click.FloatRange(min=0, min_open=True),
               help="Clip the global gradient norm to this value (default: no clipping).")
 @click.option("--accumulate", default=None, type=click.IntRange(min=1),
@@ -137,22 +147,21 @@ def _default(name: str) -> str:
                    "so runs at several image sizes share one cache (default: --image-size).")
 @click.option("--val-fraction", default=None, type=click.FloatRange(0, 1, max_open=True),
               help="Hold out this fraction of patients (DICOM) / groups, never trained on (default 0).")
-@click.option("--window", default=None,
-              help="DICOM intensity: auto, minmax, W,L, a CT preset (lung, mediastinum, bone, brain, abdomen) "
-                   "or three stacked as channels (lung,mediastinum,bone).")
-@click.option("--modality", default=None, help="DICOM: keep only these modalities, e.g. CT,MR.")
-@click.option("--series-description", default=None, help="DICOM: keep only series whose description matches this glob.")
 @click.option("--device", default=None, help="auto, cpu, cuda, cuda:N" + _default("device"))
 @click.option("--resume", default=None, is_flag=False, flag_value="", metavar="[RUN_DIR]",
               help="Continue RUN_DIR (or --out) from its last checkpoint, exactly as configured.")
 @click.option("--overwrite", is_flag=True, default=None, help="Replace the run in a non-empty --out.")
+@click.option("--callbacks", default=None, metavar="NAME[,NAME...]",
+              help="Run callbacks that log metrics (sslkit plugins lists them), e.g. csv,tensorboard"
+                   + _default("callbacks"))
 @click.option("--quiet", is_flag=True, default=None, help="No progress bar.")
 @click.pass_context
 def pretrain(ctx: click.Context, **kw) -> None:
     """Pretrain an encoder with a self-supervised task.
 
     Settings come from the defaults, the task's recommended engine settings, --config
-    and the options given here, in that order.
+    and the options given here, in that order. Options in [brackets] come from the
+    source plugin named there and set its --data-opt of that name.
     """
     from click.core import ParameterSource
 
@@ -165,6 +174,8 @@ def pretrain(ctx: click.Context, **kw) -> None:
         click.echo(config.print_config(values, kw["config_file"]), nl=False)
         return
     cfg = config.resolve(values, kw["config_file"])
+    if "out" not in values and not cfg.resume:
+        click.echo(f"run directory: {cfg.out}")
     summary = run_pretrain(cfg)
     if not summary.get("main", True):
         return
@@ -194,7 +205,8 @@ def pretrain(ctx: click.Context, **kw) -> None:
 @click.option("--with-preprocessing", is_flag=True,
               help="ONNX graph takes raw pixels and applies the run's scaling / window and normalisation.")
 @click.option("--input-dtype", default=None, type=click.Choice(["uint8", "uint16", "float32"]),
-              help="Raw input dtype with --with-preprocessing (default: uint8 for images, float32 for DICOM).")
+              help="Raw input dtype with --with-preprocessing (default: what the run's source declares: uint8 for "
+                   "image files, float32 values where the graph applies the source's window, e.g. DICOM).")
 @click.option("--fp16", is_flag=True, help="Half-precision weights (checked with a looser tolerance).")
 @click.option("--check-data", default=None, metavar="SRC|none",
               help="Data for the real-input parity check (default: the run's own data).")
@@ -227,26 +239,24 @@ def export(run_dir: str, out: str, fmt: str, opset: int | None, with_preprocessi
     click.echo(f"exported {report['format']} to {report['out']}")
 
 
-@main.command()
+@main.command(cls=SourceFlagsCommand)
 @click.argument("model", type=click.Path())
 @click.option("--data", required=True, help="Images to embed: dicom:PATH, folder:PATH or a bare path.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output .npz file.")
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
-@click.option("--window", default=None, help="DICOM window, overriding the run's (auto, minmax, W,L, preset).")
 @click.option("--data-opt", "data_opts", multiple=True, metavar="KEY=VALUE",
-              help="Source option overriding the run's (repeatable).")
-@click.option("--device", default="cpu", show_default=True, help="Torch device for a run directory: auto, cpu, cuda, cuda:N.")
+              help="Source option overriding the run's (repeatable); so do the [source] options below.")
+@click.option("--device", default="auto", show_default=True,
+              help="Torch device for a run directory: auto (CUDA when available), cpu, cuda, cuda:N.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def embed(model: str, data: str, out: str, batch_size: int, window: str | None, data_opts: tuple[str, ...],
-          device: str, overwrite: bool, quiet: bool) -> None:
+def embed(model: str, data: str, out: str, batch_size: int, data_opts: tuple[str, ...],
+          device: str, overwrite: bool, quiet: bool, **source_flags) -> None:
     """Embed images with a run directory (PyTorch) or an exported .onnx file (onnxruntime)."""
     from sslkit.embed import embed_to_file
     from sslkit.options import parse_pairs
 
-    source_options = parse_pairs(data_opts, "--data-opt")
-    if window is not None:
-        source_options["window"] = window
+    source_options = {**parse_pairs(data_opts, "--data-opt"), **flag_values(source_flags)}
     summary = embed_to_file(model, data, out, batch_size=batch_size, source_options=source_options,
                             device=device, overwrite=overwrite, progress=not quiet)
     click.echo(f"embedded {summary['n']} images ({summary['dim']}-d, {summary['engine']}); "

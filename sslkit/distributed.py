@@ -29,10 +29,12 @@ def is_initialized() -> bool:
 
 
 def rank() -> int:
+    """This process's rank under ``torchrun`` (0 for a single process)."""
     return dist.get_rank() if is_initialized() else 0
 
 
 def world_size() -> int:
+    """The number of training processes (1 unless launched with ``torchrun``)."""
     return dist.get_world_size() if is_initialized() else 1
 
 

@@ -5,8 +5,14 @@ Environment variables (as in simonw's ``llm``):
 * ``SSLKIT_LOAD_PLUGINS=a,b``: load only these plugins (entry-point names); empty = none.
 * ``SSLKIT_DISABLE_PLUGINS=a,b``: skip these plugins.
 
-A plugin that fails to import, or whose ``register_*`` hook raises, is reported on stderr
-in one line naming it and the error; every other plugin keeps working.
+A plugin that fails to import, whose ``register_*`` hook raises, whose declared
+``sslkit_api`` range excludes :data:`sslkit.api.API_VERSION`, or that registers a source
+whose ``scheme`` differs from its registered name, is reported on stderr in one line naming
+it and the error; every other plugin (and the plugin's other registrations) keep working.
+
+Two plugins registering the same name of one kind do not stop anything from loading: the
+conflict is listed by ``sslkit plugins``, and only a command that uses that name fails, in
+one line naming both plugins (:meth:`Plugins.lookup`).
 """
 
 from __future__ import annotations
@@ -23,8 +29,9 @@ from sslkit import hookspecs
 from sslkit.errors import UsageError
 
 GROUP = "sslkit"
-KINDS = ("tasks", "backbones", "sources", "exporters")
-_SINGULAR = {"tasks": "task", "backbones": "backbone", "sources": "source", "exporters": "exporter"}
+KINDS = ("tasks", "backbones", "sources", "exporters", "callbacks")
+_SINGULAR = {"tasks": "task", "backbones": "backbone", "sources": "source", "exporters": "exporter",
+             "callbacks": "callback"}
 
 
 @dataclass
@@ -35,12 +42,18 @@ class PluginInfo:
     version: str | None = None
     registered: dict[str, list[str]] = field(default_factory=lambda: {k: [] for k in KINDS})
     error: str | None = None
+    #: shipped with sslkit itself (distribution ``sslkit``), not a third-party package
+    builtin: bool = False
+    #: one line per name this plugin registered that another plugin registered too
+    conflicts: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"name": self.name, "version": self.version}
+        out: dict[str, Any] = {"name": self.name, "version": self.version, "builtin": self.builtin}
         out.update({k: sorted(v) for k, v in self.registered.items()})
         if self.error:
             out["error"] = self.error
+        if self.conflicts:
+            out["conflicts"] = list(self.conflicts)
         return out
 
 
@@ -58,6 +71,8 @@ class Plugins:
         self.pm.add_hookspecs(hookspecs)
         self.infos: dict[str, PluginInfo] = {}
         self.entries: dict[str, dict[str, Entry]] = {k: {} for k in KINDS}
+        #: kind -> name -> every plugin that registered it, where more than one did
+        self.conflicts: dict[str, dict[str, list[str]]] = {k: {} for k in KINDS}
         self.failures: list[str] = []
         self._load_entry_points()
         for kind in KINDS:
@@ -72,11 +87,22 @@ class Plugins:
             if (allow is not None and ep.name not in allow) or ep.name in deny:
                 self.pm.set_blocked(ep.name)
                 continue
-            info = self.infos[ep.name] = PluginInfo(ep.name, ep.dist.version if ep.dist else None)
+            dist = (ep.dist.metadata["Name"] or "") if ep.dist else ""
+            info = self.infos[ep.name] = PluginInfo(ep.name, ep.dist.version if ep.dist else None,
+                                                    builtin=dist.lower() == "sslkit")
             try:
-                self.pm.load_setuptools_entrypoints(GROUP, name=ep.name)
+                plugin = ep.load()
             except Exception as exc:  # a broken plugin must not take the others down
                 self._fail(info, f"failed to load ({ep.value}): {type(exc).__name__}: {exc}")
+                continue
+            refused = api_incompatibility(plugin)
+            if refused:
+                self._fail(info, refused)
+                continue
+            try:
+                self.pm.register(plugin, name=ep.name)
+            except Exception as exc:  # e.g. a hook name sslkit does not define
+                self._fail(info, f"failed to register ({ep.value}): {type(exc).__name__}: {exc}")
 
     def _collect(self, kind: str) -> None:
         hook = getattr(self.pm.hook, f"register_{kind}")
@@ -94,22 +120,71 @@ class Plugins:
                 self._fail(info, f"register_{kind} raised {type(exc).__name__}: {exc}")
 
     def _add(self, kind: str, name: str, obj: Any, plugin: str) -> None:
+        what = _SINGULAR[kind]
         if not isinstance(name, str) or not name or ":" in name:
-            raise UsageError(f"plugin {plugin!r} registered an invalid {_SINGULAR[kind]} name {name!r}")
-        other = self.entries[kind].get(name)
-        if other is not None:
-            raise UsageError(
-                f"{_SINGULAR[kind]} {name!r} is registered by two plugins, {other.plugin!r} and "
-                f"{plugin!r}; uninstall one or set SSLKIT_DISABLE_PLUGINS={plugin}"
-            )
-        self.entries[kind][name] = Entry(obj, plugin)
+            self._fail(self.infos[plugin], f"registered an invalid {what} name {name!r} (skipped)")
+            return
+        if kind == "sources" and getattr(obj, "scheme", None) != name:
+            self._fail(self.infos[plugin], f"registered source {name!r} whose class has scheme "
+                                           f"{getattr(obj, 'scheme', None)!r}; set scheme = {name!r} (skipped)")
+            return
         self.infos[plugin].registered[kind].append(name)
+        other = self.entries[kind].get(name)
+        if other is None:
+            self.entries[kind][name] = Entry(obj, plugin)
+            return
+        owners = self.conflicts[kind].setdefault(name, [other.plugin])
+        owners.append(plugin)
+        for owner in owners:
+            line = f"{what} {name!r} is also registered by " + ", ".join(repr(p) for p in owners if p != owner)
+            conflicts = self.infos[owner].conflicts
+            conflicts[:] = [c for c in conflicts if not c.startswith(f"{what} {name!r} ")] + [line]
+
+    def conflict_message(self, kind: str, name: str) -> str | None:
+        """The one-line error for using ``name`` when several plugins registered it, else None."""
+        owners = self.conflicts[kind].get(name)
+        if not owners:
+            return None
+        return (f"{_SINGULAR[kind]} {name!r} is registered by {len(owners)} plugins, "
+                + " and ".join(repr(p) for p in owners)
+                + f"; uninstall one or set SSLKIT_DISABLE_PLUGINS={owners[-1]}")
+
+    def lookup(self, kind: str, name: str) -> Entry | None:
+        """The entry registered as ``name``; None if none; a :class:`UsageError` if ambiguous."""
+        message = self.conflict_message(kind, name)
+        if message:
+            raise UsageError(message)
+        return self.entries[kind].get(name)
 
     def _fail(self, info: PluginInfo, message: str) -> None:
-        info.error = message
+        info.error = message if not info.error else f"{info.error}; {message}"
         line = f"sslkit: plugin {info.name!r} {message}".replace("\n", " ")
         self.failures.append(line)
         print(line, file=sys.stderr)
+
+
+def api_incompatibility(plugin: Any) -> str | None:
+    """Why ``plugin`` (an entry point's module or object) cannot load with this sslkit's
+    :data:`sslkit.api.API_VERSION`, from its ``sslkit_api`` specifier (e.g. ``">=1,<2"``),
+    or None when it declares none or a range that includes it."""
+    import inspect
+
+    declared = getattr(plugin, "sslkit_api", None)
+    if declared is None:
+        declared = getattr(inspect.getmodule(plugin), "sslkit_api", None)
+    if declared is None:
+        return None
+    from packaging.specifiers import InvalidSpecifier, SpecifierSet
+
+    from sslkit.api import API_VERSION
+
+    try:
+        ok = str(API_VERSION) in SpecifierSet(str(declared))
+    except InvalidSpecifier:
+        return f"declares an invalid sslkit_api range {declared!r} (write e.g. '>=1,<2'); not loaded"
+    if ok:
+        return None
+    return f"needs sslkit API {declared} but this sslkit provides API {API_VERSION}; not loaded"
 
 
 def _env_list(name: str) -> list[str] | None:

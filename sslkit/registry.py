@@ -20,13 +20,17 @@ def _names(kind: str) -> list[str]:
 
 
 def _get(kind: str, singular: str, name: str) -> Any:
-    entries = get_plugins().entries[kind]
-    if name in entries:
-        return entries[name].obj
-    raise UsageError(unknown_name_message(singular, name, sorted(entries)))
+    """The object registered as ``name``; a one-line :class:`UsageError` if it is unknown, or
+    registered by two plugins (a conflict is an error only where the name is used)."""
+    plugins = get_plugins()
+    entry = plugins.lookup(kind, name)
+    if entry is not None:
+        return entry.obj
+    raise UsageError(unknown_name_message(singular, name, sorted(plugins.entries[kind])))
 
 
 def unknown_name_message(what: str, name: str, valid: list[str], hint: str = "") -> str:
+    """``unknown <what> '<name>' (did you mean ...?); choose from: ...`` in one line."""
     close = difflib.get_close_matches(name, valid, n=1)
     guess = f" (did you mean {close[0]!r}?)" if close else ""
     listing = ", ".join(valid[:40]) + (", ..." if len(valid) > 40 else "") if valid else "none installed"
@@ -99,13 +103,15 @@ def resolve_data(data: str) -> tuple[str, str]:
     path = Path(data)
     if not path.exists():
         raise UsageError(f"data path {data!r} does not exist")
-    scores = {s: get_source(s).sniff(path) for s in list_sources()}
+    entries = get_plugins().entries["sources"]
+    scores = {s: float(entries[s].obj.sniff(path)) for s in list_sources()}
     best = max(scores, key=scores.get, default=None)
     if best is None or scores[best] <= 0:
         raise UsageError(
             f"cannot tell what kind of data {data!r} holds; prefix it with a source scheme: "
             + ", ".join(f"{s}:" for s in list_sources())
         )
+    get_source(best)  # refuses a scheme two plugins registered (ambiguous)
     return best, data
 
 

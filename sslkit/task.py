@@ -20,6 +20,8 @@ from torch import nn
 from sslkit.spec import InputSpec
 
 Views = tuple[torch.Tensor, ...]
+"""What ``Task.views(spec)(x)`` returns and ``Task.forward`` receives: a tuple of tensors
+(normalised views, and e.g. labels or masks a task draws with them), all on the batch's device."""
 
 
 class Task(nn.Module):

@@ -77,34 +77,125 @@ def test_plugin_whose_hook_raises_is_reported(tmp_path, monkeypatch, capsys):
     assert "raising-plugin" in err and "register_tasks raised RuntimeError: boom" in err
 
 
-def test_same_name_from_two_plugins_is_an_error_naming_both(tmp_path, monkeypatch):
-    fake_dist(tmp_path, "clash-plugin", "sslkit_clash_plugin", """
-        import sslkit
+CLASH_TASK = """
+    from sslkit.api import hookimpl, Task
 
-        @sslkit.hookimpl
-        def register_tasks(register):
-            register("simclr", object)
+    class Other(Task):
+        pass
+
+    @hookimpl
+    def register_tasks(register):
+        register("simclr", Other)
+"""
+
+
+def test_same_name_from_two_plugins_is_listed_and_an_error_only_where_used(tmp_path, monkeypatch, capsys):
+    fake_dist(tmp_path, "clash-plugin", "sslkit_clash_plugin", CLASH_TASK)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    plugins.reset()
+    assert "simclr" in registry.list_tasks() and "mae" in registry.list_tasks()  # listing works
+    assert registry.get_task("mae").__name__  # other names work
+    with pytest.raises(UsageError) as info:
+        registry.get_task("simclr")
+    message = str(info.value)
+    assert "\n" not in message and "'simclr'" in message
+    assert "'simclr'" in message.split("plugins")[1] and "'clash-plugin'" in message  # both named
+    loaded = plugins.get_plugins()
+    assert loaded.infos["clash-plugin"].conflicts == ["task 'simclr' is also registered by 'simclr'"]
+    assert loaded.infos["simclr"].conflicts == ["task 'simclr' is also registered by 'clash-plugin'"]
+    assert capsys.readouterr().err == ""  # nothing printed until the name is used
+
+
+def test_plugins_json_lists_every_plugin_and_the_conflict_despite_a_duplicate(tmp_path):
+    from tests.conftest import run_sslkit
+
+    fake_dist(tmp_path, "clash-plugin", "sslkit_clash_plugin", CLASH_TASK)
+    env = {"PYTHONPATH": str(tmp_path)}
+    proc = run_sslkit("plugins", "--json", env=env)
+    assert proc.returncode == 0, proc.stderr
+    infos = {p["name"]: p for p in json.loads(proc.stdout)}
+    assert infos["clash-plugin"]["tasks"] == ["simclr"] and infos["clash-plugin"]["builtin"] is False
+    assert infos["clash-plugin"]["conflicts"] == ["task 'simclr' is also registered by 'simclr'"]
+    assert {"mae", "timm", "folder", "onnx"} <= set(infos)
+    text = run_sslkit("plugins", env=env)
+    assert text.returncode == 0 and "[conflict: task 'simclr' is also registered by 'clash-plugin']" in text.stdout
+    # Using the ambiguous name is one line, exit 2; every other task still runs.
+    proc = run_sslkit("pretrain", "--task", "simclr", "--data", tmp_path, "--out", tmp_path / "r", env=env)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert "'clash-plugin'" in lines[0] and "'simclr'" in lines[0] and "Traceback" not in proc.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def test_builtins_are_marked_builtin(cli):
+    infos = json.loads(cli("plugins", "--json").output)
+    assert infos and all(p["builtin"] is True for p in infos)  # this environment has only sslkit's own
+    assert "(built-in)" in cli("plugins").output.splitlines()[0]
+
+
+@pytest.mark.parametrize("declared,loads", [(">=1,<2", True), (">=1", True), ("==1", True), (">=2,<3", False),
+                                            ("<1", False), ("one", False)])
+def test_plugin_declaring_an_api_range_is_loaded_only_if_compatible(declared, loads, tmp_path, monkeypatch, capsys):
+    module = f"sslkit_ranged_plugin_{abs(hash(declared))}"  # a fresh module per case (sys.modules)
+    fake_dist(tmp_path, "ranged-plugin", module, f"""
+        from sslkit.api import hookimpl
+        sslkit_api = {declared!r}
+
+        @hookimpl
+        def register_exporters(register):
+            register("ranged", lambda *a, **k: {{}})
     """)
     monkeypatch.syspath_prepend(str(tmp_path))
     plugins.reset()
-    with pytest.raises(UsageError) as info:
-        registry.list_tasks()
-    message = str(info.value)
-    assert "'simclr'" in message and "'clash-plugin'" in message and "'simclr'" in message.split("plugins")[1]
+    assert ("ranged" in registry.list_exporters()) is loads
+    assert "mae" in registry.list_tasks()  # the rest keeps working
+    err = capsys.readouterr().err.strip().splitlines()
+    if loads:
+        assert err == [] and plugins.get_plugins().infos["ranged-plugin"].error is None
+    else:
+        assert len(err) == 1 and "'ranged-plugin'" in err[0] and "not loaded" in err[0]
+        assert plugins.get_plugins().infos["ranged-plugin"].error in err[0]
 
 
-def test_cli_reports_plugin_conflict_in_one_line(tmp_path, monkeypatch):
+def test_incompatible_plugin_is_an_error_line_in_sslkit_plugins(tmp_path):
     from tests.conftest import run_sslkit
 
-    fake_dist(tmp_path, "clash-plugin", "sslkit_clash_plugin", """
-        import sslkit
+    fake_dist(tmp_path, "future-plugin", "sslkit_future_plugin", """
+        from sslkit.api import hookimpl
+        sslkit_api = ">=2,<3"
 
-        @sslkit.hookimpl
-        def register_sources(register):
-            register("dicom", object)
+        @hookimpl
+        def register_exporters(register):
+            register("future", lambda *a, **k: {})
     """)
-    proc = run_sslkit("list", "sources", env={"PYTHONPATH": str(tmp_path)})
-    assert proc.returncode == 2
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and "clash-plugin" in lines[0] and "dicom" in lines[0]
-    assert "Traceback" not in proc.stderr
+    proc = run_sslkit("plugins", env={"PYTHONPATH": str(tmp_path)})
+    assert proc.returncode == 0
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("future-plugin")]
+    assert len(line) == 1 and "[error: needs sslkit API >=2,<3 but this sslkit provides API 1" in line[0]
+    assert proc.stderr.strip().splitlines() == [
+        "sslkit: plugin 'future-plugin' needs sslkit API >=2,<3 but this sslkit provides API 1; not loaded"]
+    assert "future" not in run_sslkit("list", "exporters", env={"PYTHONPATH": str(tmp_path)}).stdout
+
+
+def test_source_whose_scheme_differs_from_its_name_is_refused(tmp_path, monkeypatch, capsys):
+    fake_dist(tmp_path, "scheme-plugin", "sslkit_scheme_plugin", """
+        from sslkit.api import hookimpl, Source
+
+        class Good(Source):
+            scheme = "good"
+
+        class Bad(Source):
+            scheme = "other"
+
+        @hookimpl
+        def register_sources(register):
+            register("bad", Bad)
+            register("good", Good)
+    """)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    plugins.reset()
+    sources = registry.list_sources()
+    assert "good" in sources and "bad" not in sources and "folder" in sources
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["sslkit: plugin 'scheme-plugin' registered source 'bad' whose class has scheme 'other'; "
+                   "set scheme = 'bad' (skipped)"]
