@@ -29,6 +29,8 @@ import pluggy
 
 hookspec = pluggy.HookspecMarker("sslkit")
 hookimpl = pluggy.HookimplMarker("sslkit")
+"""Decorator marking a plugin function as the implementation of a hook below:
+``@hookimpl`` above ``def register_tasks(register): ...``."""
 
 Register = Callable[[str, Any], None]
 
@@ -78,4 +80,18 @@ def register_exporters(register: Register) -> None:
     encoder (the backbone alone, eval mode) to ``out`` and returns a report of what it
     checked. ``spec`` is the run's :class:`sslkit.spec.InputSpec`; ``metadata`` is a
     JSON-able dict (task, backbone, embedding dim, versions) to embed in the artefact.
+    """
+
+
+@hookspec
+def register_callbacks(register: Register) -> None:
+    """Register run callbacks: ``register(name, factory)``; ``--callbacks a,b`` picks them.
+
+    ``factory()`` returns a :class:`sslkit.api.Callback`, whose methods the engine calls:
+    ``on_run_start(run)`` (a :class:`sslkit.api.RunInfo`: run directory, ``run.json``
+    record, start step, horizon), ``on_step_end(step, metrics)`` after every optimizer
+    step, ``on_checkpoint(path)`` after every checkpoint and ``on_run_end(summary)`` at the
+    end, also after a failure. Rank 0 only unless the class sets ``all_ranks = True``; a
+    callback that raises is reported in one line and not called again, the run goes on.
+    ``metrics.csv`` (``csv``) and TensorBoard (``tensorboard``) are built-in callbacks.
     """

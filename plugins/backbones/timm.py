@@ -133,7 +133,10 @@ def create(model: str, in_chans: int, image_size: int, cifar_stem: bool = False,
                 f"--image-size {image_size} is not a multiple of timm:{model}'s patch size {p}; "
                 f"use {max(p, image_size // p * p)} or {(image_size // p + 1) * p}"
             )
-    return TimmBackbone(model, net, in_chans)
+    backbone = TimmBackbone(model, net, in_chans)
+    #: what turns a fresh ``timm.create_model(model)`` into this architecture (exporters rebuild it)
+    backbone.timm_modifier = use_cifar_stem if cifar_stem else None
+    return backbone
 
 
 @hookimpl
