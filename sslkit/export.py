@@ -41,6 +41,7 @@ def run_id(run: Run) -> str | None:
 def export_metadata(run: Run) -> dict[str, Any]:
     """What an exported artefact carries about its run. No paths, no patient identifiers."""
     from sslkit import __version__
+    from sslkit.init import onnx_record
 
     config = run.info.get("config", {})
     return {
@@ -53,6 +54,7 @@ def export_metadata(run: Run) -> dict[str, Any]:
         "dataset_fingerprint": run.info.get("dataset", {}).get("fingerprint"),
         "run_id": run_id(run),
         "sslkit_version": __version__,
+        "init": onnx_record(run.info.get("init")),  # --init: source name, sha256, adaptations (no path)
     }
 
 

@@ -9,7 +9,6 @@ import platform
 import shutil
 import subprocess
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -26,7 +25,7 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 # Fields that may differ between a run and its --resume (they change how, not what, it computes).
 RESUMABLE_OVERRIDES = frozenset({
     "out", "device", "progress", "compile", "checkpoint_every", "keep_checkpoints", "cache_dir",
-    "tensorboard", "resume", "overwrite",
+    "callbacks", "resume", "overwrite", "allow_download",
 })
 
 
@@ -44,6 +43,8 @@ class RunConfig:
     data: str
     out: str
     backbone: str | None = None  # None: the task's default_backbone
+    init: str | None = None  # initial backbone weights: a file, a run directory, ORG/NAME or timm:MODEL.TAG
+    allow_download: bool = False  # --init may fetch Hub weights missing from the local cache
     epochs: int = 10
     batch_size: int = 64
     image_size: int = 224
@@ -59,6 +60,7 @@ class RunConfig:
     momentum: float = 0.9  # sgd, lars
     betas: tuple[float, float] = (0.9, 0.95)  # adamw
     warmup_epochs: float = 1.0
+    schedule: Literal["cosine", "constant", "step"] = "cosine"  # after the warm-up (sslkit.engine.schedules)
     grad_clip: float | None = None  # max global gradient norm; None: no clipping
     accumulate: int = 1
     # speed
@@ -71,7 +73,7 @@ class RunConfig:
     # checkpoints and logs
     checkpoint_every: int | None = None  # optimizer steps; a checkpoint also ends every epoch
     keep_checkpoints: int = 3  # 0: keep all
-    tensorboard: bool = True  # when the tensorboard package is installed
+    callbacks: str = "csv"  # comma-separated names of registered callbacks (metrics.csv, tensorboard, ...)
     backbone_options: dict[str, Any] = field(default_factory=dict)
     task_options: dict[str, Any] = field(default_factory=dict)
     source_options: dict[str, Any] = field(default_factory=dict)
@@ -149,15 +151,6 @@ def prepare_run_dir(cfg: RunConfig) -> Path:
                 shutil.rmtree(out / name)
     out.mkdir(parents=True, exist_ok=True)
     return out
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2, default=str)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def environment() -> dict[str, Any]:
