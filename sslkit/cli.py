@@ -147,9 +147,14 @@ def _default(name: str) -> str:
                    "so runs at several image sizes share one cache (default: --image-size).")
 @click.option("--val-fraction", default=None, type=click.FloatRange(0, 1, max_open=True),
               help="Hold out this fraction of patients (DICOM) / groups, never trained on (default 0).")
+@click.option("--max-pixels", default=None, type=click.IntRange(min=0),
+              help="Skip images larger than this many pixels (width x height), checked from the header "
+                   "before decoding; 0: no limit (default: 178956970, PIL's decompression-bomb limit).")
 @click.option("--device", default=None, help="auto, cpu, cuda, cuda:N" + _default("device"))
 @click.option("--resume", default=None, is_flag=False, flag_value="", metavar="[RUN_DIR]",
               help="Continue RUN_DIR (or --out) from its last checkpoint, exactly as configured.")
+@click.option("--allow-data-change", is_flag=True, default=None,
+              help="With --resume: continue although the data's content changed (keeps the run's normalisation).")
 @click.option("--overwrite", is_flag=True, default=None, help="Replace the run in a non-empty --out.")
 @click.option("--callbacks", default=None, metavar="NAME[,NAME...]",
               help="Run callbacks that log metrics (sslkit plugins lists them), e.g. csv,tensorboard"

@@ -1,7 +1,12 @@
 """Run configuration: defaults < the task's engine defaults < a config file < the CLI.
 
-A config file (TOML, or YAML when PyYAML is installed) uses :class:`RunConfig`'s field
-names at the top level (``-`` may stand for ``_``) and tables for the option groups::
+A config file (TOML, or YAML when PyYAML is installed) takes every option name of
+``sslkit pretrain`` at the top level (``-`` may stand for ``_``): the :class:`RunConfig`
+fields, ``cache``, ``no_cache``, ``quiet`` and the flags that loaded source plugins
+declare (``window = "lung"`` sets the source option ``window``, as ``--window`` does). The
+repeatable ``--task-opt`` / ``--backbone-opt`` / ``--data-opt`` / ``--augment-opt`` are
+tables instead, ``[task_options]``, ``[backbone_options]``, ``[source_options]`` and
+``[augment_options]``::
 
     task = "simclr"
     data = "folder:/images"
@@ -16,8 +21,8 @@ names at the top level (``-`` may stand for ``_``) and tables for the option gro
 
 A task class may carry ``engine_defaults`` (a dict of RunConfig fields, e.g. the
 optimizer its paper used); they sit between the built-in defaults and the file.
-``sslkit pretrain --print-config`` prints the result as a TOML file that loads back to the
-same configuration. Task options are resolved in full (every field of the task's
+``sslkit pretrain --print-config`` prints the result as a TOML file, each setting under
+a comment with its help, that loads back to the same configuration. Task options are resolved in full (every field of the task's
 ``Options`` with its default), so ``run.json`` records every value the run used.
 """
 
@@ -58,7 +63,13 @@ def read_file(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"config file {str(path)!r} does not exist")
-    text = path.read_text()
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"config file {str(path)!r} is not UTF-8 text (byte {exc.start}); "
+                         f"save it as UTF-8") from None
+    except OSError as exc:
+        raise UsageError(f"cannot read config file {str(path)!r}: {exc.strerror or exc}") from None
     if path.suffix.lower() in (".yaml", ".yml"):
         try:
             import yaml
@@ -81,16 +92,51 @@ def read_file(path: str | Path) -> dict[str, Any]:
     return check_values(data, str(path))
 
 
+# Option names of ``sslkit pretrain`` that are not RunConfig fields, as config keys.
+_ALIASES = {"cache": "cache_dir"}
+_TABLES = {"task_opt": "task_options", "backbone_opt": "backbone_options", "data_opt": "source_options",
+           "augment_opt": "augment_options"}
+_COMMAND_ONLY = ("config", "config_file", "print_config")
+
+
 def check_values(values: dict[str, Any], origin: str) -> dict[str, Any]:
-    """Normalise keys and check every value against RunConfig's field types."""
+    """Normalise keys (option names included) and check every value against RunConfig's types.
+
+    ``cache``, ``no_cache`` and ``quiet`` map to the fields they set; a key named like a
+    source plugin's flag (``window``) becomes that source option, over ``[source_options]``.
+    """
+    from sslkit.source_flags import flag_fields
+
     out: dict[str, Any] = {}
+    flags: dict[str, Any] = {}
     for key, value in values.items():
         name = str(key).replace("-", "_")
-        if name not in FIELDS:
-            close = difflib.get_close_matches(name, list(FIELDS), n=1)
+        name = _ALIASES.get(name, name)
+        if name in ("no_cache", "quiet"):
+            if not isinstance(value, bool):
+                raise UsageError(f"{origin}: {name} must be true or false, got {value!r}")
+            if name == "quiet":
+                out["progress"] = not value
+            elif value:
+                out["cache_dir"] = ""
+        elif name in FIELDS:
+            out[name] = _check(name, value, HINTS[name], origin)
+        elif name in flag_fields():
+            if not isinstance(value, (str, int, float, bool)):
+                raise UsageError(f"{origin}: {name} must be a string or a number, got {value!r}")
+            flags[name] = value
+        elif name in _TABLES:
+            raise UsageError(f"{origin}: {key!r} is a command-line option; in a config file write these "
+                             f"options as a [{_TABLES[name]}] table of key = value")
+        elif name in _COMMAND_ONLY:
+            raise UsageError(f"{origin}: {key!r} is a command-line option only, not a setting")
+        else:
+            known = [*FIELDS, *_ALIASES, "no_cache", "quiet", *sorted(flag_fields())]
+            close = difflib.get_close_matches(name, known, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise UsageError(f"{origin}: unknown setting {key!r}{hint}; settings: {', '.join(FIELDS)}")
-        out[name] = _check(name, value, HINTS[name], origin)
+            raise UsageError(f"{origin}: unknown setting {key!r}{hint}; settings: {', '.join(known)}")
+    if flags:
+        out["source_options"] = {**out.get("source_options", {}), **flags}
     return out
 
 
@@ -184,11 +230,30 @@ def resolve(cli: dict[str, Any], config_file: str | None = None) -> RunConfig:
     given = merge(file_values, cli)
     if given.get("resume"):
         return resume_config(given)
+    if given.get("task") and not given.get("out"):
+        given["out"] = default_out(given["task"])
     missing = [k for k in REQUIRED if not given.get(k)]
     if missing:
         raise UsageError("missing " + ", ".join(f"--{k}" for k in missing) + " (on the command line or in --config)")
     values = merge(defaults(), _task_layer(given), given)
     return RunConfig(**_complete(values))
+
+
+def default_out(task: str, root: Path = Path("runs")) -> str:
+    """The run directory of a run started without ``--out``: ``runs/<task>-<YYYYmmdd-HHMMSS>``
+    (local time), with ``-2``, ``-3``, ... appended while that folder exists, so an earlier
+    run is never reused. Under torchrun every process must name the same folder: refused."""
+    import os
+    import time
+
+    if int(os.environ.get("WORLD_SIZE") or 1) > 1:
+        raise UsageError("--out is required under torchrun (every process must name the same run directory)")
+    base = f"{task}-{time.strftime('%Y%m%d-%H%M%S')}"
+    name, n = base, 1
+    while (root / name).exists():
+        n += 1
+        name = f"{base}-{n}"
+    return str(root / name)
 
 
 def resume_config(given: dict[str, Any]) -> RunConfig:
@@ -229,23 +294,78 @@ def print_config(cli: dict[str, Any], config_file: str | None = None) -> str:
         raise UsageError("--print-config needs --task (on the command line or in --config)")
     values = _complete(merge(defaults(), _task_layer(given), given))
     ordered = {k: values.get(k) for k in (*REQUIRED, *FIELDS) if k not in ("resume", "overwrite")}
-    return to_toml(ordered)
+    return to_toml(ordered, setting_help(values))
 
 
-def to_toml(values: dict[str, Any]) -> str:
-    """Settings as TOML: scalars first, then one table per option group; unset ones commented."""
+#: what each option group holds (the comment under its table header)
+_GROUP_HELP = {
+    "backbone_options": "keyword arguments of the backbone factory (--backbone-opt key=value)",
+    "task_options": "the task's options (--task-opt key=value), every one with its value",
+    "source_options": "options of the data source (--data-opt key=value; flags such as --window set them too)",
+    "augment_options": "fields of the task's view recipes (--augment-opt key=value)",
+}
+#: help of the RunConfig fields that have no option of their own on the command line
+_FIELD_HELP = {
+    "momentum": "Momentum of sgd and lars.",
+    "betas": "Adam betas of adamw.",
+    "progress": "Show a progress bar (--quiet: false).",
+}
+
+
+def setting_help(values: dict[str, Any]) -> dict[str, str]:
+    """A one-line help per setting of ``values``: ``key`` for top-level settings and
+    ``group.key`` for table entries (from the options of ``sslkit pretrain``, the source
+    plugins' flags, and the task's ``Options`` fields)."""
+    import click
+
+    from sslkit.cli import pretrain
+    from sslkit.registry import get_task
+    from sslkit.source_flags import declared_flags
+
+    notes = dict(_FIELD_HELP)
+    for param in pretrain.get_params(click.Context(pretrain)):
+        text = " ".join((getattr(param, "help", None) or "").split())
+        if param.name in FIELDS and text:
+            notes[param.name] = text
+    notes["cache_dir"] = notes.get("cache_dir", "") + ' "" keeps decoded pixels in memory only (--no-cache).'
+    for flag in declared_flags():
+        notes[f"source_options.{flag.field}"] = f"[{', '.join(flag.plugins)}] {flag.help} (--{flag.flag[2:]})"
+    if values.get("task"):
+        opts = get_task(values["task"]).Options
+        hints = typing.get_type_hints(opts) if opts else {}
+        for f in dataclasses.fields(opts) if opts else ():
+            kind = getattr(hints.get(f.name), "__name__", None) or str(hints.get(f.name)).replace("typing.", "")
+            notes[f"task_options.{f.name}"] = f"{values['task']} option ({kind})"
+    return notes
+
+
+def to_toml(values: dict[str, Any], notes: dict[str, str] | None = None) -> str:
+    """Settings as TOML: scalars first, then one table per option group; unset ones commented.
+
+    ``notes``: help per ``key`` / ``group.key`` (:func:`setting_help`), written as a
+    comment above the setting.
+    """
+    import textwrap
+
+    notes = notes or {}
+
+    def comment(text: str | None) -> list[str]:
+        return [f"# {line}" for line in textwrap.wrap(text, 96)] if text else []
+
     lines = ["# sslkit pretrain --config FILE; command-line options override these values."]
     for key, value in values.items():
         if key in OPTION_GROUPS:
             continue
-        if value is None or value == "":
+        lines += comment(notes.get(key))
+        if value is None or (value == "" and key in REQUIRED):
             note = "required" if key in REQUIRED else "unset"
             lines.append(f"# {key} = ...  ({note})")
         else:
             lines.append(f"{key} = {_toml_value(value)}")
     for group in OPTION_GROUPS:
-        lines += ["", f"[{group}]"]
+        lines += ["", f"[{group}]", *comment(_GROUP_HELP.get(group))]
         for key, value in (values.get(group) or {}).items():
+            lines += comment(notes.get(f"{group}.{key}"))
             if value is None:
                 lines.append(f"# {key} = ...  (unset)")
             else:
@@ -283,6 +403,7 @@ def cli_values(kw: dict[str, Any], given: set[str]) -> dict[str, Any]:
     a field of the same name.
     """
     from sslkit.options import parse_pairs, parse_values
+    from sslkit.source_flags import flag_fields
 
     out: dict[str, Any] = {}
     for name in given:
@@ -295,7 +416,7 @@ def cli_values(kw: dict[str, Any], given: set[str]) -> dict[str, Any]:
             out["backbone_options"] = parse_values(parse_pairs(value, "--backbone-opt"))
         elif name == "data_opts":
             out["source_options"] = {**parse_pairs(value, "--data-opt"), **out.get("source_options", {})}
-        elif name in ("window", "modality", "series_description"):  # source options with their own flag
+        elif name in flag_fields():  # a source option with its own flag (from a source plugin)
             out["source_options"] = {**out.get("source_options", {}), name: value}
         elif name == "augment_opts":
             out["augment_options"] = parse_pairs(value, "--augment-opt")

@@ -23,7 +23,7 @@ from sslkit.data.loader import BatchLoader
 from sslkit.data.pipeline import load_data
 from sslkit.errors import UsageError
 from sslkit.output_file import check_output, write_atomic
-from sslkit.raw_input import RawInput
+from sslkit.raw_input import RawInput, graph_preprocessing_of
 from sslkit.registry import resolve_data
 from sslkit.spec import InputSpec
 
@@ -116,8 +116,8 @@ def open_onnx(path: str | Path) -> Model:
 
     # Only a window stack can fail structurally; uint8/uint16 inputs round resized pixels to
     # their grid, as any client feeding that dtype does (a difference of quantisation noise).
-    why = ("they were windowed and resized before this graph's window stack, so no modality image "
-           "reproduces them exactly (a client that resizes modality values is not affected)")
+    why = ("they were windowed and resized before this graph's window stack, so no raw image "
+           "reproduces them exactly (a client that resizes the raw values is not affected)")
 
     def encode(unit: np.ndarray) -> np.ndarray:
         x = normalize_unit(spec, unit) if raw.kind == "normalized" else raw.from_unit(unit)
@@ -127,7 +127,8 @@ def open_onnx(path: str | Path) -> Model:
         return session.run([output], {name: x})[0].astype(np.float32)
 
     options = dict(meta.get("source_options") or {})
-    fixed = {"window": options.get("window")} if raw.kind == "window" else {}
+    # the source options whose effect the graph applies (the source said which)
+    fixed = {k: options.get(k) for k in graph_preprocessing_of(spec).options} if raw.kind == "window" else {}
     model = Model(spec, options, encode, "onnxruntime", fixed)
     return model
 

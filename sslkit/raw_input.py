@@ -6,22 +6,24 @@ An encoder sees normalised pixels ``(x - mean) / std`` of ``x`` in [0, 1]. An ex
 
 * ``uint8``: 8-bit images, ``x = raw / 255``;
 * ``uint16``: 16-bit images, ``x = raw / 65535``;
-* ``window``: DICOM modality values (Hounsfield units for CT, after RescaleSlope /
-  Intercept) in float32, one fixed linear window per output channel,
-  ``x_c = clip((raw - lower_c) / (upper_c - lower_c), 0, 1)`` (DICOM ``LINEAR_EXACT``);
+* ``window``: the source's values (e.g. CT Hounsfield units) in float32, one fixed linear
+  window per output channel, ``x_c = clip((raw - lower_c) / (upper_c - lower_c), 0, 1)``;
   a stack of 3 windows turns a 1-channel input into 3 channels;
 * ``unit``: float32 already in [0, 1] (the client did the source's mapping, e.g. a
-  per-file DICOM window that no fixed graph can reproduce);
+  per-file window that no fixed graph can reproduce);
 * ``normalized``: no preprocessing in the graph; the client feeds ``(x - mean) / std``.
 
-Resizing (shorter side to ``image_size``, centre crop) always stays with the client.
+Which of these a run's graph takes is the source's statement, never guessed from its
+name: :meth:`Source.graph_preprocessing` returns a :class:`GraphPreprocessing`, stored
+in the run's :class:`InputSpec` (``graph_preprocessing``). Resizing (shorter side to
+``image_size``, centre crop) always stays with the client.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -31,6 +33,55 @@ from sslkit.spec import InputSpec
 KINDS = ("normalized", "unit", "uint8", "uint16", "window")
 DTYPES = {"normalized": "float32", "unit": "float32", "uint8": "uint8", "uint16": "uint16", "window": "float32"}
 _WL = re.compile(r"W\s*([-+]?[\d.]+(?:e[-+]?\d+)?),\s*L\s*([-+]?[\d.]+(?:e[-+]?\d+)?)", re.I)
+
+
+@dataclass(frozen=True)
+class GraphPreprocessing:
+    """What a source's mapping to [0, 1] becomes in a graph exported ``--with-preprocessing``.
+
+    Returned by :meth:`sslkit.api.Source.graph_preprocessing`; stored in the run's
+    InputSpec, so export needs neither the data nor the source plugin.
+
+    ``kind``:
+
+    * ``"pixels"`` (the default): the source reads image pixels; the graph takes uint8
+      (or ``--input-dtype`` uint16 / float32 in [0, 1]) and scales them;
+    * ``"window"``: the graph takes one float32 channel of the source's values and applies
+      one fixed linear window per output channel, ``lower`` / ``upper`` (``C`` each):
+      ``x_c = clip((raw - lower_c) / (upper_c - lower_c), 0, 1)``;
+    * ``"unit"``: the mapping differs from file to file (a per-file window): the client
+      applies it, the graph takes float32 in [0, 1].
+
+    ``client``: one sentence on what the client does before the graph (export prints it
+    and stores it in the file's metadata). ``options``: the source options a ``window``
+    graph bakes in; embedding with that graph refuses other values for them.
+    """
+
+    kind: Literal["pixels", "window", "unit"] = "pixels"
+    lower: tuple[float, ...] = ()
+    upper: tuple[float, ...] = ()
+    client: str = ""
+    options: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("pixels", "window", "unit"):
+            raise ValueError(f"graph preprocessing kind must be pixels, window or unit, not {self.kind!r}")
+        if self.kind == "window" and (not self.lower or len(self.lower) != len(self.upper)
+                                      or any(hi <= lo for lo, hi in zip(self.lower, self.upper))):
+            raise ValueError("a window graph needs one lower < upper pair per output channel")
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"kind": self.kind, "client": self.client, "options": list(self.options)}
+        if self.kind == "window":
+            out["window"] = [{"lower": lo, "upper": hi} for lo, hi in zip(self.lower, self.upper)]
+        return out
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "GraphPreprocessing":
+        windows = data.get("window") or []
+        return cls(data.get("kind", "pixels"), tuple(float(w["lower"]) for w in windows),
+                   tuple(float(w["upper"]) for w in windows), str(data.get("client", "")),
+                   tuple(data.get("options") or ()))
 
 
 @dataclass(frozen=True)
@@ -101,12 +152,38 @@ class RawInput:
         return (np.asarray(self.lower, np.float32).reshape(shape), np.asarray(self.upper, np.float32).reshape(shape))
 
 
-def fixed_windows(preprocessing: dict[str, Any]) -> list[tuple[float, float]] | None:
-    """The source's fixed linear windows as ``(lower, upper)``, or None when any is per-file.
+def graph_preprocessing_of(spec: InputSpec) -> GraphPreprocessing:
+    """The source's statement stored in ``spec``; for a spec recorded before sources made
+    one (``graph_preprocessing`` None), what its ``preprocessing`` text says (:func:`legacy_graph_preprocessing`)."""
+    if spec.graph_preprocessing is not None:
+        return GraphPreprocessing.from_json(spec.graph_preprocessing)
+    return legacy_graph_preprocessing(spec.preprocessing)
 
-    Reads the ``window`` entry of ``Source.describe()``: a list of descriptions such as
-    ``"lung (W 1500, L -600)"`` or ``"W 400, L 40"`` (fixed) or ``"auto"`` / ``"minmax"``
-    (chosen per file).
+
+def legacy_graph_preprocessing(preprocessing: dict[str, Any]) -> GraphPreprocessing:
+    """The graph preprocessing of a run.json (or ONNX metadata) written before sources
+    declared it: such runs recorded fixed windows only as ``window`` descriptions of the
+    source (``"lung (W 1500, L -600)"``), and the option that chose them was ``window``.
+    Read so that old runs export as they always did; new runs never come here.
+    """
+    if "window" not in preprocessing:
+        return GraphPreprocessing()
+    windows = fixed_windows(preprocessing)
+    if windows is None:
+        return GraphPreprocessing("unit", client=(
+            "the run used a per-file window (auto/minmax) that no fixed graph can apply: the client "
+            "windows each file to [0, 1] as the run did; the graph normalises"))
+    lower, upper = zip(*windows)
+    return GraphPreprocessing("window", tuple(lower), tuple(upper), options=("window",), client=(
+        "client passes modality values (HU for CT) after RescaleSlope/Intercept; MONOCHROME1: "
+        "reflect them in the window first (lower + upper - value)"))
+
+
+def fixed_windows(preprocessing: dict[str, Any]) -> list[tuple[float, float]] | None:
+    """Legacy ``window`` descriptions as ``(lower, upper)``, or None when any is per-file.
+
+    A list of descriptions such as ``"lung (W 1500, L -600)"`` or ``"W 400, L 40"``
+    (fixed) or ``"auto"`` / ``"minmax"`` (chosen per file); see :func:`legacy_graph_preprocessing`.
     """
     windows = preprocessing.get("window")
     if windows is None:
@@ -126,32 +203,27 @@ def fixed_windows(preprocessing: dict[str, Any]) -> list[tuple[float, float]] | 
 def raw_input_for(spec: InputSpec, with_preprocessing: bool, input_dtype: str | None = None) -> tuple[RawInput, str]:
     """The graph input for ``spec``, and a note on what the client must still do.
 
-    ``input_dtype`` (``uint8``, ``uint16``, ``float32``) overrides the default of the
-    run's source: ``uint8`` for image folders, modality values with the window in the
-    graph for DICOM runs with fixed windows, float32 in [0, 1] otherwise.
+    ``input_dtype`` (``uint8``, ``uint16``, ``float32``) chooses the raw dtype of a
+    ``pixels`` source (default uint8); a source whose graph takes its own values
+    (``window``) or pixels it mapped per file (``unit``) fixes float32.
     """
     c = spec.channels
     if not with_preprocessing:
         if input_dtype not in (None, "float32"):
             raise UsageError("--input-dtype needs --with-preprocessing")
         return RawInput("normalized", c), "client resizes and normalises: (x - mean) / std of x in [0, 1]"
-    windows = fixed_windows(spec.preprocessing) if spec.source == "dicom" else None
-    if spec.source == "dicom" and input_dtype in (None, "float32"):
-        if windows is None:
-            return RawInput("unit", c), (
-                "the run used a per-file DICOM window (auto/minmax) that no fixed graph can apply: "
-                "the client windows each file to [0, 1] as the run did; the graph normalises"
-            )
-        if len(windows) != c:
-            raise UsageError(f"the run's {len(windows)} windows do not match its {c} channels")
-        lower, upper = zip(*windows)
-        return RawInput("window", 1, tuple(lower), tuple(upper)), (
-            "client passes modality values (HU for CT) after RescaleSlope/Intercept; MONOCHROME1: "
-            "reflect them in the window first (lower + upper - value)"
-        )
-    kind = {None: "uint8", "uint8": "uint8", "uint16": "uint16", "float32": "unit"}.get(input_dtype)
-    if kind is None:
-        raise UsageError(f"--input-dtype must be uint8, uint16 or float32, not {input_dtype!r}")
-    if spec.source == "dicom":
-        raise UsageError("a DICOM run's graph takes float32 modality values; drop --input-dtype")
-    return RawInput(kind, c), "client resizes; the graph scales and normalises"
+    declared = graph_preprocessing_of(spec)
+    if declared.kind == "pixels":
+        kind = {None: "uint8", "uint8": "uint8", "uint16": "uint16", "float32": "unit"}.get(input_dtype)
+        if kind is None:
+            raise UsageError(f"--input-dtype must be uint8, uint16 or float32, not {input_dtype!r}")
+        return RawInput(kind, c), "client resizes; the graph scales and normalises"
+    what = "the values its window applies to" if declared.kind == "window" else "pixels in [0, 1]"
+    if input_dtype not in (None, "float32"):
+        raise UsageError(f"this run's graph takes float32 {what} (its source {spec.source!r} says so); "
+                         f"drop --input-dtype")
+    if declared.kind == "unit":
+        return RawInput("unit", c), declared.client or "the client maps each file to [0, 1] as the run's source did"
+    if len(declared.lower) != c:
+        raise UsageError(f"the run's {len(declared.lower)} windows do not match its {c} channels")
+    return RawInput("window", 1, declared.lower, declared.upper), declared.client

@@ -30,6 +30,9 @@ class InputSpec:
     spacing: tuple[float, ...] | None = None
     volume_size: tuple[int, ...] | None = None
     orientation: str = ""
+    #: the source's :class:`sslkit.raw_input.GraphPreprocessing` as JSON (what an export
+    #: ``--with-preprocessing`` puts in its graph); None: recorded before sources stated it
+    graph_preprocessing: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         pre = self.preprocessing or {}

@@ -27,7 +27,7 @@ import numpy as np
 import pydicom
 
 from sslkit.api import SampleMode, SampleRef, Source, Undecodable, check_dir, hookimpl, walk_files
-from sslkit.api import check_pixel_count
+from sslkit.api import GraphPreprocessing, check_pixel_count
 from sslkit_plugins.sources.dicom_decode import codec_failure, decode, parse_windows, read_dataset
 from sslkit_plugins.sources.dicom_headers import cached_headers, stable_groups
 from sslkit_plugins.sources.dicom_series import assemble, geometry
@@ -253,7 +253,7 @@ class DicomSource(Source):
                 frames = self.headers.get(ref.path, {}).get("frames", 1)
                 keep = ref.frame is not None and frames > 1 and ref.frame < frames - 1
                 self._last = (ref.path, ds) if keep else None
-                check_pixel_count(int(ds.Columns), int(ds.Rows), self.max_pixels)
+                check_pixel_count(int(ds.get("Columns", 0) or 0), int(ds.get("Rows", 0) or 0), self.max_pixels)
                 try:
                     return decode(ds, ref.frame, self.windows)
                 except Exception as exc:
@@ -289,6 +289,19 @@ class DicomSource(Source):
             "series_filter": self.options.series_description or None,
             **self.sample.describe(),
         }
+
+    def graph_preprocessing(self) -> GraphPreprocessing:
+        """Fixed windows (presets, ``W,L``) go into an exported graph, which then takes modality
+        values; ``auto`` / ``minmax`` choose a window per file, which the client must apply."""
+        if any(w.width is None for w in self.windows):
+            return GraphPreprocessing("unit", client=(
+                "the run used a per-file DICOM window (auto/minmax) that no fixed graph can apply: the client "
+                "windows each file to [0, 1] as the run did; the graph normalises"))
+        return GraphPreprocessing(
+            "window", tuple(w.level - w.width / 2 for w in self.windows),
+            tuple(w.level + w.width / 2 for w in self.windows), options=("window",), client=(
+                "client passes modality values (HU for CT) after RescaleSlope/Intercept; MONOCHROME1: "
+                "reflect them in the window first (lower + upper - value)"))
 
 
 @hookimpl

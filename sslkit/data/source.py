@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
+
+from sslkit.raw_input import GraphPreprocessing
+
+
+#: the most pixels (width x height) one image may have before it is decoded: PIL's own
+#: decompression-bomb limit, applied to every decoder (``--max-pixels`` raises it)
+DEFAULT_MAX_PIXELS = 178_956_970
 
 
 class NotAnImage(ValueError):
@@ -56,6 +64,8 @@ class Source:
         #: a folder where ``index()`` may keep what it read from headers, keyed by each
         #: file's size and mtime (set by the pipeline when the cache is on; None: off)
         self.header_cache: Path | None = None
+        #: images with more pixels than this are skipped from their header, before decoding
+        self.max_pixels: int = DEFAULT_MAX_PIXELS
 
     @classmethod
     def sniff(cls, path: Path) -> float:
@@ -83,6 +93,42 @@ class Source:
     def describe(self) -> dict[str, Any]:
         """How pixels were brought to [0, 1] (no identifiers): stored in the InputSpec."""
         return {}
+
+    def graph_preprocessing(self) -> GraphPreprocessing:
+        """The part of ``load``'s mapping to [0, 1] that an exported graph can apply
+        (``sslkit export --with-preprocessing``), stored in the run's InputSpec.
+
+        Default: image pixels (the graph scales uint8 / uint16). A source that maps its own
+        values (CT Hounsfield units through a fixed window) returns ``kind="window"`` with
+        the windows; one whose mapping differs per file returns ``kind="unit"``. The core
+        never guesses this from the source's name or from :meth:`describe`.
+        """
+        return GraphPreprocessing()
+
+    def relative(self, path: str) -> str:
+        """``path`` as reports show it: relative to the data root (a file source: its name).
+
+        Folder names below the root can carry patient names; only the data argument
+        itself, which the user typed, is stored in full (run.json, the cache index).
+        """
+        root = Path(self.location).expanduser()
+        if not root.is_dir():
+            return Path(path).name if Path(path) == root else path
+        try:
+            return os.path.relpath(path, root)
+        except ValueError:  # another drive (Windows)
+            return Path(path).name
+
+
+def check_pixel_count(width: int, height: int, limit: int | None) -> None:
+    """Raise :class:`Undecodable` when a ``width x height`` image exceeds ``limit`` pixels.
+
+    Called from header sizes before any pixel is decoded, so a small compressed file that
+    expands to gigabytes is refused without allocating them. ``limit`` None or 0: no limit.
+    """
+    if limit and width * height > limit:
+        raise Undecodable(f"image of {width}x{height} = {width * height / 1e6:.0f} megapixels exceeds the "
+                          f"limit of {limit / 1e6:.0f} megapixels (raise it with --max-pixels)")
 
 
 def to_channels(x: np.ndarray, channels: int) -> np.ndarray:

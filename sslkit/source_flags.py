@@ -1,0 +1,133 @@
+"""Command-line flags that source plugins declare for their options (``--window`` ...).
+
+A source's options are the fields of its ``Options`` dataclass, each settable with
+``--data-opt key=value``. A plugin may give some of them a flag of their own: an entry
+point of group ``sslkit.source_flags``, named like the plugin's ``sslkit`` entry point,
+names a dict ``{field: help}`` (or ``{field: {"help": ..., "choices": [...]}}``) kept in
+a module that imports nothing heavy::
+
+    [project.entry-points."sslkit.source_flags"]
+    nifti = "sslkit_nifti.flags:FLAGS"
+
+    # sslkit_nifti/flags.py
+    FLAGS = {"spacing": "NIfTI: resample to this voxel spacing in mm."}
+
+sslkit reads these dicts without importing any plugin (so ``sslkit pretrain --help``
+stays fast), offers ``--spacing`` on the commands that take a source (``pretrain``,
+``embed``, ``data inspect``) and as a top-level config key, and hands the value to the
+source as its option ``spacing``: ``--window lung`` is ``--data-opt window=lung``. The
+flags of a plugin switched off with ``SSLKIT_DISABLE_PLUGINS`` / ``SSLKIT_LOAD_PLUGINS``
+are not offered. A flag that would shadow one of sslkit's own options is left out, with
+one warning line naming the plugin.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib.metadata import entry_points
+from typing import Any
+
+import click
+
+GROUP = "sslkit.source_flags"
+
+
+@dataclass(frozen=True)
+class SourceFlag:
+    """One declared flag: ``--field-name`` sets the source option ``field``."""
+
+    field: str
+    help: str
+    plugins: tuple[str, ...]  # the plugins that declare it (several sources may share a flag)
+    choices: tuple[str, ...] = ()
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.field.replace("_", "-")
+
+    def option(self) -> click.Option:
+        """The click option (``None`` when not given, so the source's default applies)."""
+        return click.Option([self.flag, self.field], default=None, metavar=None if self.choices else "TEXT",
+                            type=click.Choice(self.choices) if self.choices else None,
+                            help=f"[{', '.join(self.plugins)}] {self.help}")
+
+
+def _warn(line: str) -> None:
+    print(f"sslkit: {line}".replace("\n", " "), file=sys.stderr)
+
+
+def _parse(plugin: str, declared: Any) -> list[SourceFlag]:
+    if not isinstance(declared, Mapping):
+        raise TypeError(f"expected a dict {{option: help}}, got {type(declared).__name__}")
+    out = []
+    for field, spec in declared.items():
+        if not isinstance(field, str) or not field.isidentifier():
+            raise TypeError(f"option name {field!r} is not an identifier")
+        spec = {"help": spec} if isinstance(spec, str) else spec
+        if not isinstance(spec, Mapping) or not isinstance(spec.get("help"), str):
+            raise TypeError(f"option {field!r}: expected a help string or {{'help': ..., 'choices': [...]}}")
+        out.append(SourceFlag(field, spec["help"], (plugin,), tuple(str(c) for c in spec.get("choices") or ())))
+    return out
+
+
+@lru_cache(maxsize=8)
+def _declared(allow: tuple[str, ...] | None, deny: tuple[str, ...]) -> tuple[SourceFlag, ...]:
+    by_field: dict[str, SourceFlag] = {}
+    for ep in sorted(entry_points(group=GROUP), key=lambda e: e.name):
+        if (allow is not None and ep.name not in allow) or ep.name in deny:
+            continue
+        try:
+            flags = _parse(ep.name, ep.load())
+        except Exception as exc:  # a broken declaration must not take the command line down
+            _warn(f"plugin {ep.name!r}: its {GROUP} entry ({ep.value}) is ignored: {type(exc).__name__}: {exc}")
+            continue
+        for f in flags:
+            seen = by_field.get(f.field)
+            by_field[f.field] = f if seen is None else SourceFlag(
+                f.field, seen.help, (*seen.plugins, *f.plugins), tuple(dict.fromkeys(seen.choices + f.choices)))
+    return tuple(by_field.values())
+
+
+def declared_flags() -> tuple[SourceFlag, ...]:
+    """The flags of every enabled source plugin, by option name (read once per environment)."""
+    from sslkit.plugins import _env_list as env_list  # the same switches as plugin loading
+
+    allow = env_list("SSLKIT_LOAD_PLUGINS")
+    return _declared(None if allow is None else tuple(allow), tuple(env_list("SSLKIT_DISABLE_PLUGINS") or ()))
+
+
+def flag_fields() -> set[str]:
+    """The source option names that have a flag (and may be top-level config keys)."""
+    return {f.field for f in declared_flags()}
+
+
+def flag_values(kw: dict[str, Any]) -> dict[str, Any]:
+    """The source options set by flags among a command's parsed ``kw`` (unset ones left out)."""
+    return {f.field: kw[f.field] for f in declared_flags() if kw.get(f.field) is not None}
+
+
+class SourceFlagsCommand(click.Command):
+    """A click command that also takes the flags the enabled source plugins declare.
+
+    The callback receives them as keyword arguments named after the source option;
+    :func:`flag_values` picks them out.
+    """
+
+    _extra: tuple[tuple[SourceFlag, ...], list[click.Option]] | None = None
+
+    def get_params(self, ctx: click.Context) -> list[click.Parameter]:
+        rest = super().get_params(ctx)[len(self.params):]  # the --help option stays last
+        flags = declared_flags()
+        if self._extra is None or self._extra[0] is not flags:
+            taken = {name for p in self.params for name in (p.name, *getattr(p, "opts", ()))}
+            self._extra = (flags, [])
+            for f in flags:
+                if f.field in taken or f.flag in taken:
+                    _warn(f"plugin {', '.join(map(repr, f.plugins))}: flag {f.flag} would shadow "
+                          f"`sslkit {self.name}`'s own option; use --data-opt {f.field}=VALUE")
+                    continue
+                self._extra[1].append(f.option())
+        return [*self.params, *self._extra[1], *rest]
