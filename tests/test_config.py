@@ -72,8 +72,8 @@ def test_bad_config_files_are_one_line_usage_errors(tmp_path, cli, text, message
 
 
 def test_cli_errors(cli):
-    r = cli("pretrain", "--task", "simclr", "--data", "x")
-    assert r.exit_code == 2 and "missing --out" in r.output
+    r = cli("pretrain", "--data", "x")  # --out has a default (runs/<task>-<timestamp>); --task has none
+    assert r.exit_code == 2 and "missing --task" in r.output
     r = cli("pretrain", "--config", "/nonexistent/run.toml")
     assert r.exit_code == 2 and "does not exist" in r.output
     r = cli("pretrain", "--print-config")
@@ -109,3 +109,94 @@ def test_run_json_holds_the_resolved_config(tmp_path, cli):
     assert cfg["betas"] == [0.9, 0.99]
     # the saved config is a valid config file's content
     assert config.check_values(cfg, "run.json")["max_steps"] == 2
+
+
+# --- every option name of `sslkit pretrain` is a config key (issue 13, item 24) ---------------
+def _sample_value(param, hint):
+    import typing
+
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if args and typing.get_origin(hint) is not tuple and typing.get_origin(hint) is not dict:
+        hint = args[0] if typing.get_origin(hint) is not typing.Literal else hint
+    if typing.get_origin(hint) is typing.Literal:
+        return typing.get_args(hint)[0]
+    if typing.get_origin(hint) is tuple:
+        return [0.9, 0.95]
+    if typing.get_origin(hint) is dict:
+        return {}
+    if hint is None:
+        return True if getattr(param, "is_flag", False) else "lung"
+    return {bool: True, int: 1, float: 0.5, str: "x"}.get(hint, "x")
+
+
+def test_every_pretrain_option_name_is_a_config_key():
+    import click
+
+    from sslkit.cli import pretrain
+
+    for param in pretrain.get_params(click.Context(pretrain)):
+        if not isinstance(param, click.Option) or "--help" in param.opts:
+            continue
+        name = param.opts[0].lstrip("-")
+        for key in (name, name.replace("-", "_")):  # "batch-size" and "batch_size"
+            field = config._ALIASES.get(key.replace("-", "_"), key.replace("-", "_"))
+            value = _sample_value(param, config.HINTS.get(field))
+            try:
+                out = config.check_values({key: value}, "run.toml")
+            except UsageError as exc:  # only the repeatable KEY=VALUE options and --config itself
+                assert re.search(r"as a \[\w+_options\] table|command-line option only", str(exc)), (key, exc)
+                continue
+            assert out, key
+    checked = config.check_values({"cache": "/c", "quiet": True, "window": "lung", "series-description": "ax*"}, "f")
+    assert checked == {"cache_dir": "/c", "progress": False,
+                       "source_options": {"window": "lung", "series_description": "ax*"}}
+    assert config.check_values({"no_cache": True}, "f") == {"cache_dir": ""}
+    with pytest.raises(UsageError, match=r"write these options as a \[task_options\] table"):
+        config.check_values({"task-opt": ["temperature=0.1"]}, "run.toml")
+    with pytest.raises(UsageError, match="window must be a string or a number"):
+        config.check_values({"window": {"a": 1}}, "run.toml")
+
+
+def test_top_level_source_flag_in_a_config_file(tmp_path):
+    f = tmp_path / "run.toml"
+    f.write_text('task = "simclr"\nwindow = "lung"\n\n[source_options]\nframes = "middle"\nwindow = "bone"\n')
+    cfg = config.resolve({"data": "dicom:x", "out": str(tmp_path / "r")}, str(f))
+    assert cfg.source_options == {"frames": "middle", "window": "lung"}  # the flag's key wins, as on the CLI
+    cli = config.cli_values({"window": "brain", "data_opts": ("window=bone",)}, {"window", "data_opts"})
+    cfg = config.resolve({**cli, "data": "dicom:x", "out": str(tmp_path / "r")}, str(f))
+    assert cfg.source_options == {"frames": "middle", "window": "brain"}
+
+
+def test_print_config_is_commented_and_round_trips(tmp_path, cli):
+    args = ("--task", "simclr", "--window", "lung", "--no-cache", "--quiet", "--lr", "0.1", "--data-opt",
+            "frames=middle", "--task-opt", "temperature=0.2")
+    r = cli("pretrain", "--print-config", *args)
+    assert r.exit_code == 0, r.output
+    lines = r.output.splitlines()
+    settings = [i for i, line in enumerate(lines) if line and not line.startswith(("#", "["))]
+    assert len(settings) > 40
+    for i in settings:  # every setting sits under its help
+        assert lines[i - 1].startswith("# "), lines[i]
+    assert "# [dicom] Intensity window" in r.output and "# Learning rate, taken as is" in r.output
+    f = tmp_path / "printed.toml"
+    f.write_text(r.output)
+    where = {"data": "dicom:x", "out": str(tmp_path / "run")}
+    values = config.cli_values({"window": "lung", "no_cache": True, "quiet": True, "lr": 0.1, "task": "simclr",
+                                "data_opts": ("frames=middle",), "task_opts": ("temperature=0.2",)},
+                               {"window", "no_cache", "quiet", "lr", "task", "data_opts", "task_opts"})
+    from_cli = config.resolve({**values, **where})
+    from_file = config.resolve(where, str(f))
+    assert from_file == from_cli
+    assert from_file.cache_dir == "" and from_file.progress is False
+    assert from_file.source_options == {"window": "lung", "frames": "middle"}
+    assert config.print_config({}, str(f)) == r.output  # printing it again gives the same file
+
+
+def test_config_that_is_not_utf8_is_one_line(tmp_path):
+    from tests.conftest import run_sslkit
+
+    f = tmp_path / "latin1.toml"
+    f.write_bytes('task = "simclr"\n# Réglages\n'.encode("latin-1"))
+    proc = run_sslkit("pretrain", "--config", f, "--print-config")
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "is not UTF-8 text" in proc.stderr and "Traceback" not in proc.stderr

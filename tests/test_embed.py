@@ -24,7 +24,7 @@ def run_and_onnx(tmp_path_factory) -> dict[str, Path]:
 
 def test_onnx_and_run_dir_agree(run_and_onnx, tmp_path, cli):
     a, b = tmp_path / "run.npz", tmp_path / "onnx.npz"
-    proc = run_sslkit("embed", run_and_onnx["run"], "--data", run_and_onnx["data"], "--out", a)
+    proc = run_sslkit("embed", run_and_onnx["run"], "--data", run_and_onnx["data"], "--out", a, "--device", "cpu")
     assert proc.returncode == 0, proc.stderr
     assert "embedded 10 images (512-d, torch)" in proc.stdout
     assert "embedding" in proc.stderr  # the progress bar

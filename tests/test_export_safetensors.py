@@ -54,9 +54,10 @@ def test_timm_loads_the_weights(tmp_path, monkeypatch, name, options, size):
         keys = set(f.keys())
     assert not any(k.startswith("model.") for k in keys)  # timm's own names
     assert keys == set(timm.create_model(name, num_classes=0, in_chans=1, **options, **extra).state_dict())
-    assert header["format"] == "sslkit.timm-weights/1" and header["timm_model"] == name
-    overlay = json.loads(header["pretrained_cfg_overlay"])
-    assert overlay["input_size"] == [1, size, size] and overlay["mean"] == [0.3]
+    assert header["format"] == "sslkit.timm-weights/2" and header["timm_model"] == name
+    cfg = json.loads(header["pretrained_cfg"])
+    assert cfg["input_size"] == [1, size, size] and cfg["mean"] == [0.3] and cfg["crop_pct"] == 1.0
+    assert tuple(report["data_config"]["input_size"]) == (1, size, size) and tuple(report["data_config"]["std"]) == (0.2,)
     assert json.loads(header["sslkit"])["run_id"] == "abc"
 
 

@@ -1,0 +1,172 @@
+"""Issue 13, export side: no machine paths in ONNX files, a full disk during export, the
+safetensors README snippet, `pretrain` without --out, one --device default, `make test`
+progress. Everything through the real CLI, as a user meets it."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+from pathlib import Path
+
+import onnx
+import pytest
+
+from tests.conftest import REPO, make_images, run_sslkit, tiny_run
+
+SIZE = 32
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> dict[str, Path]:
+    """A gray 8-bit image folder and a 1-step SimCLR run of resnet10t on it."""
+    root = tmp_path_factory.mktemp("hardening")
+    data = make_images(root / "gray", n_per_class=4, size=40, channels=1)
+    return {"root": root, "data": data, "run": tiny_run(f"folder:{data}", root / "run", SIZE)}
+
+
+def _one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), proc.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+# -- 5: no paths of the build machine in the ONNX file ------------------------------------
+
+def test_onnx_file_holds_no_path_of_the_machine(trained, tmp_path):
+    out = tmp_path / "encoder.onnx"
+    proc = run_sslkit("export", trained["run"], "--out", out, "--check-data", "none")
+    assert proc.returncode == 0, proc.stderr
+    blob = out.read_bytes()
+    places = {"run dir": trained["run"], "data dir": trained["data"], "test tmp dir": tmp_path, "repository": REPO,
+              "venv": sys.prefix, "site-packages": sysconfig.get_paths()["purelib"],
+              "torch": Path(__import__("torch").__file__).parent, "home": os.path.expanduser("~"),
+              "tmp dir": tempfile.gettempdir() + os.sep}
+    found = {what: str(p) for what, p in places.items() if len(str(p)) > 4 and str(p).encode() in blob}
+    assert not found, f"the ONNX file names {found}"
+
+    model = onnx.load(str(out))
+    assert not any(node.metadata_props for node in model.graph.node)  # no stack traces, fx nodes, ...
+    assert not model.graph.metadata_props and not any(v.metadata_props for v in model.graph.value_info)
+    assert [p.key for p in model.metadata_props] == ["sslkit"]  # the client's contract stays
+
+
+# -- 7 / 14: a full disk during export ------------------------------------------------------
+
+def _namespaces_allowed() -> bool:
+    if not shutil.which("unshare"):
+        return False
+    return subprocess.run(["unshare", "-Urm", "true"], capture_output=True).returncode == 0
+
+
+FULL_DISK = """set -e
+d="$1"; shift
+mount -t tmpfs -o size=1m tmpfs "$d"
+printf precious > "$d/encoder.out"
+set +e
+"$@"; rc=$?
+echo "LEFT: $(ls -A "$d" | tr '\\n' ' ')| $(cat "$d/encoder.out")"
+exit $rc
+"""
+
+
+@pytest.mark.skipif(not _namespaces_allowed(), reason="needs unshare -Urm (user + mount namespaces) for a tmpfs")
+def test_onnx_export_to_a_full_disk(trained, tmp_path):
+    """A 1 MB tmpfs (in a private mount namespace) holds less than the 20 MB encoder."""
+    folder = tmp_path / "full"
+    folder.mkdir()
+    exe = Path(sys.executable).parent / "sslkit"
+    cmd = ["unshare", "-Urm", "sh", "-c", FULL_DISK, "sh", str(folder), str(exe), "export", str(trained["run"]),
+           "--out", str(folder / "encoder.out"), "--overwrite", "--check-data", "none"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    _one_line_error(proc, "No space left on device", str(folder / "encoder.out"))
+    assert "LEFT: encoder.out | precious" in proc.stdout  # the old file kept, no temporary file left
+
+
+def test_export_refused_by_the_file_size_limit(trained, tmp_path):
+    """The same failure without privileges, for the safetensors writer: RLIMIT_FSIZE makes the
+    kernel refuse the write (EFBIG), as a full disk refuses it (ENOSPC)."""
+    out = tmp_path / "encoder.safetensors"
+    out.write_text("precious")
+
+    def limit() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of a kill
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+    exe = Path(sys.executable).parent / "sslkit"
+    proc = subprocess.run([str(exe), "export", str(trained["run"]), "--out", str(out), "--format", "safetensors",
+                           "--overwrite"], capture_output=True, text=True, timeout=900, preexec_fn=limit)
+    _one_line_error(proc, "File too large")
+    assert out.read_text() == "precious" and sorted(p.name for p in tmp_path.iterdir()) == [out.name]
+
+
+# -- 22: the safetensors README snippet, exactly as printed ---------------------------------
+
+def _readme_block(containing: str) -> str:
+    blocks = re.findall(r"```python\n(.*?)```", (REPO / "README.md").read_text(), re.S)
+    found = [b for b in blocks if containing in b]
+    assert len(found) == 1, f"README has {len(found)} python blocks with {containing!r}"
+    return found[0]
+
+
+def test_safetensors_readme_snippet_gives_the_runs_data_config(trained, tmp_path):
+    proc = run_sslkit("export", trained["run"], "--out", tmp_path / "encoder.safetensors", "--format", "safetensors")
+    assert proc.returncode == 0, proc.stderr
+    snippet = _readme_block("resolve_data_config")
+    check = snippet + (
+        "\nimport sys\nfrom PIL import Image\n"
+        f"x = transform(Image.open({str(trained['data'] / 'a' / '0.png')!r}))\n"
+        "json.dump({'config': {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()},\n"
+        "           'x': list(x.shape), 'logits': list(model.eval()(x[None]).shape)}, sys.stdout)\n")
+    ran = subprocess.run([sys.executable, "-c", check], cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert ran.returncode == 0, ran.stderr
+    got = json.loads(ran.stdout)
+    spec = json.loads((trained["run"] / "run.json").read_text())["input_spec"]
+    assert got["config"] == {"input_size": [1, SIZE, SIZE], "interpolation": "bilinear", "mean": spec["mean"],
+                             "std": spec["std"], "crop_pct": 1.0, "crop_mode": "center"}
+    assert got["x"] == [1, SIZE, SIZE] and got["logits"] == [1, 5]
+
+
+# -- 17: `sslkit pretrain --task T --data DIR` without --out --------------------------------
+
+def test_pretrain_without_out_makes_a_new_run_dir(trained, tmp_path):
+    # Folders for the next minute's names already exist: the run must take a fresh one.
+    stamp = time.time()
+    taken = {time.strftime("simclr-%Y%m%d-%H%M%S", time.localtime(stamp + s)) for s in range(-1, 60)}
+    for name in taken:
+        (tmp_path / "runs" / name).mkdir(parents=True)
+        (tmp_path / "runs" / name / "mine.txt").write_text("precious")
+    proc = run_sslkit("pretrain", "--task", "simclr", "--data", trained["data"], "--backbone", "timm:resnet10t",
+                      "--image-size", SIZE, "--batch-size", 8, "--max-steps", 1, "--quiet", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    printed = re.search(r"^run directory: (runs/simclr-\d{8}-\d{6}-2)$", proc.stdout, re.M)
+    assert printed, proc.stdout
+    run_dir = tmp_path / printed.group(1)
+    assert (run_dir / "run.json").is_file() and f"run saved in {printed.group(1)}" in proc.stdout
+    assert all((tmp_path / "runs" / name / "mine.txt").read_text() == "precious" for name in taken)
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == sorted(taken | {run_dir.name})
+
+
+# -- 26: one --device default ----------------------------------------------------------------
+
+def test_embed_and_eval_share_the_device_default():
+    defaults = {}
+    for command in (["embed"], ["eval", "knn"], ["eval", "linear"]):
+        proc = run_sslkit(*command, "--help")
+        assert proc.returncode == 0, proc.stderr
+        text = " ".join(proc.stdout.split())
+        match = re.search(r"--device TEXT .*?\[default: (\w+)\]", text)
+        assert match, text
+        defaults[" ".join(command)] = match.group(1)
+    assert set(defaults.values()) == {"auto"}, defaults
