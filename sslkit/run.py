@@ -25,7 +25,7 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 # Fields that may differ between a run and its --resume (they change how, not what, it computes).
 RESUMABLE_OVERRIDES = frozenset({
     "out", "device", "progress", "compile", "checkpoint_every", "keep_checkpoints", "cache_dir",
-    "callbacks", "resume", "overwrite", "allow_download",
+    "callbacks", "resume", "overwrite", "allow_download", "allow_data_change",
 })
 
 
@@ -81,6 +81,8 @@ class RunConfig:
     cache_dir: str | None = None  # None: the default cache (~/.cache/sslkit); "": in memory (--no-cache)
     cache_size: int | None = None  # side length the decoded pixels are stored at; None: image_size
     val_fraction: float = 0.0  # held out by patient/group (sslkit.data.splits), never trained on
+    max_pixels: int | None = None  # largest image (W x H) a decoder may open; None: sslkit.data.source default
+    allow_data_change: bool = False  # --resume continues on data whose content changed
     progress: bool = True
     overwrite: bool = False
     resume: bool = False

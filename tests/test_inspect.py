@@ -31,7 +31,7 @@ def test_inspect_dicom_folder(tmp_path, cli, pydicom_dir):
     assert c["bits_stored"] == {"16": 2, "12": 1} and c["frames"] == {"1": 2, "3": 1} and c["size"] == {"96x64": 2, "30x20": 1}
     assert rep["estimated_bytes"]["cache_at_image_size"] == 5 * 64 * 64 * 2
     assert rep["estimated_bytes"]["decoded_full_resolution_float32"] == 3 * 20 * 30 * 4 + 2 * 64 * 96 * 4
-    assert [u["path"] for u in rep["undecodable"]] == [str(tmp_path / "c.dcm")] and rep["decoded_ok"] == 2
+    assert [u["path"] for u in rep["undecodable"]] == ["c.dcm"] and rep["decoded_ok"] == 2  # relative to the root
     text = cli("data", "inspect", f"dicom:{tmp_path}", "--modality", "CT")
     assert text.exit_code == 0 and "0 images" in text.output and "filtered out" in text.output
 

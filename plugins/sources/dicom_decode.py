@@ -261,3 +261,34 @@ def _frames(ds: Dataset) -> int:
         return int(ds.get("NumberOfFrames", 1) or 1)
     except (TypeError, ValueError):
         return 1
+
+
+def codec_failure(ds: Dataset, reason: str) -> str | None:
+    """Why compressed pixels could not be decoded, naming the transfer syntax, the bit
+    depth and the decoder that is missing; None for uncompressed data.
+
+    ``reason`` is the (identifier-free) codec error. 12-bit JPEG Extended (process 4) is
+    the common case: Pillow decodes only 8-bit JPEG, pylibjpeg-libjpeg and python-gdcm
+    decode 12-bit.
+    """
+    from pydicom.pixels import get_decoder
+
+    ts = pydicom.uid.UID(str(getattr(ds, "file_meta", {}).get("TransferSyntaxUID", "")))
+    if not ts or not ts.is_encapsulated:
+        return None
+    bits = int(ds.get("BitsStored", 0) or 0)
+    where = f"{ts.name} ({ts}), {bits}-bit"
+    try:
+        decoder = get_decoder(ts)
+    except NotImplementedError:
+        return f"{where}: pydicom has no decoder for this transfer syntax"
+    if not decoder.is_available:
+        return f"{where}: no decoder installed ({'; '.join(decoder.missing_dependencies)})"
+    tried = ", ".join(decoder.available_plugins)
+    need = ""
+    if ts == pydicom.uid.JPEGExtended12Bit and bits > 8:
+        if not {"pylibjpeg", "gdcm"} & set(decoder.available_plugins):
+            need = "; 12-bit JPEG needs pylibjpeg-libjpeg or python-gdcm (Pillow decodes 8-bit JPEG only)"
+        elif "gdcm" not in decoder.available_plugins:
+            need = "; python-gdcm may decode it"
+    return f"{where}: installed decoders ({tried}) failed: {reason}{need}"

@@ -11,13 +11,14 @@ match) stay on one side; without a match a file is its own group.
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from sslkit.api import SampleRef, Source, UsageError, check_dir, hookimpl, walk_files
+from sslkit.api import SampleRef, Source, UsageError, check_dir, check_pixel_count, hookimpl, walk_files
 
 
 EXTENSIONS = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp"}
@@ -84,7 +85,7 @@ class FolderSource(Source):
         return 0.0
 
     def index(self) -> list[SampleRef]:
-        files = walk_files(self.root, lambda p: p.suffix.lower() in EXTENSIONS)
+        files = walk_files(self.root, lambda p: p.suffix.lower() in EXTENSIONS, self.skipped)
         refs = []
         for f in files:
             rel = f.relative_to(self.root)
@@ -96,14 +97,14 @@ class FolderSource(Source):
         try:
             if Path(ref.path).suffix.lower() in TIFF:
                 return 3 if _tiff_array(ref.path, header=True).shape[0] >= 3 else 1
-            with Image.open(ref.path) as img:
+            with open_image(ref.path) as img:
                 return 3 if img.mode in ("RGB", "RGBA", "P", "CMYK", "YCbCr") else 1
         except Exception:
             return None
 
     def properties(self, ref: SampleRef) -> dict:
         try:
-            with Image.open(ref.path) as img:
+            with open_image(ref.path) as img:
                 return {"format": img.format, "mode": img.mode, "size": f"{img.width}x{img.height}",
                         "frames": getattr(img, "n_frames", 1)}
         except Exception:
@@ -111,8 +112,9 @@ class FolderSource(Source):
 
     def load(self, ref: SampleRef) -> np.ndarray:
         if Path(ref.path).suffix.lower() in TIFF:
-            return _tiff_array(ref.path)
-        with Image.open(ref.path) as img:
+            return _tiff_array(ref.path, limit=self.max_pixels)
+        with open_image(ref.path) as img:
+            check_pixel_count(img.width, img.height, self.max_pixels)  # from the header, before decoding
             img.load()
             return pil_to_array(img)
 
@@ -123,12 +125,27 @@ class FolderSource(Source):
 TIFF = {".tif", ".tiff"}
 
 
-def _tiff_array(path: str, header: bool = False) -> np.ndarray:
-    """A TIFF's first page as float32 ``(C, H, W)`` in [0, 1] (``header``: shape only, zeros)."""
+def open_image(path: str) -> Image.Image:
+    """``Image.open`` (header only) without PIL's own decompression-bomb refusal: the one
+    pixel limit, ``--max-pixels``, is checked by the caller before ``load()``."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        try:
+            return Image.open(path)
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
+
+
+def _tiff_array(path: str, header: bool = False, limit: int | None = None) -> np.ndarray:
+    """A TIFF's first page as float32 ``(C, H, W)`` in [0, 1] (``header``: shape only, zeros).
+
+    A page of more than ``limit`` pixels is refused from its header, before decoding."""
     import tifffile
 
     with tifffile.TiffFile(path) as tif:
         page = tif.pages[0]
+        check_pixel_count(int(page.imagewidth), int(page.imagelength), limit)
         if header:
             shape = page.shape
             c = shape[-1] if len(shape) == 3 and shape[-1] <= 4 else (shape[0] if len(shape) == 3 else 1)

@@ -16,13 +16,17 @@ from sslkit.registry import create_source
 
 
 def inspect_data(data: str, source_options: dict[str, Any] | None = None, decode: bool = True,
-                 image_size: int = 224, workers: int = 0, progress: bool = False) -> dict[str, Any]:
-    """A JSON-able report of ``data``.
+                 image_size: int = 224, workers: int = 0, progress: bool = False,
+                 max_pixels: int | None = None) -> dict[str, Any]:
+    """A JSON-able report of ``data``; file paths in it are relative to the data root.
 
     ``decode``: also decode one sample of every file (in parallel, nothing cached) so
     that files whose header reads but whose pixels do not are found and reported.
+    ``max_pixels`` as in :func:`sslkit.data.pipeline.load_data`.
     """
     source = create_source(data, **(source_options or {}))
+    if max_pixels is not None:
+        source.max_pixels = max_pixels
     refs = source.index()
     first: dict[str, Any] = {}
     per_file: Counter = Counter()
@@ -49,7 +53,7 @@ def inspect_data(data: str, source_options: dict[str, Any] | None = None, decode
         "groups": len({r.group for r in refs}),
         "channels": channels,
         "counts": {k: dict(v.most_common()) for k, v in facts.items()},
-        "unreadable": [{"path": p, "reason": r} for p, r in source.skipped],
+        "unreadable": [{"path": source.relative(p), "reason": r} for p, r in source.skipped],
         "preprocessing": source.describe(),
         "estimated_bytes": {
             "cache_at_image_size": len(refs) * channels * image_size * image_size * 2,
@@ -63,7 +67,7 @@ def inspect_data(data: str, source_options: dict[str, Any] | None = None, decode
     if decode and first:
         checked = prepare(source, list(first.values()), channels, 8, cache_dir=False, progress=progress,
                           workers=workers)
-        report["undecodable"] = [{"path": p.split("#")[0], "reason": r} for p, r in checked.skipped]
+        report["undecodable"] = [{"path": p, "reason": r} for p, r in checked.skipped]
         report["decoded_ok"] = len(checked)
     return report
 

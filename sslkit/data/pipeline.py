@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sslkit.data.prepare import Prepared, majority_channels, prepare, resolve_cache_dir
+from sslkit.data.cache import mark_root, resolve_cache_dir
+from sslkit.data.prepare import Prepared, fingerprint, majority_channels, prepare
 from sslkit.data.source import Source
-from sslkit.data.splits import groups_fingerprint, split_refs
+from sslkit.data.splits import split_refs
 from sslkit.errors import UsageError
 from sslkit.registry import create_source
 
@@ -24,18 +26,27 @@ class LoadedData:
 
 def load_data(data: str, image_size: int, channels: int | None = None,
               source_options: dict[str, Any] | None = None, cache_dir: str | Path | bool | None = None,
-              progress: bool = True, val_fraction: float = 0.0, seed: int = 0, workers: int = 0) -> LoadedData:
-    """Index and decode ``data`` once; skipped files (index + decode) are in ``prepared.skipped``.
+              progress: bool = True, val_fraction: float = 0.0, seed: int = 0, workers: int = 0,
+              max_pixels: int | None = None) -> LoadedData:
+    """Index and decode ``data`` once; skipped files (index + decode) are in ``prepared.skipped``
+    as ``(path relative to the data root, reason)``, one row per file.
 
     ``cache_dir``: ``None`` = the default cache (``$SSLKIT_CACHE_DIR``, else
     ``$XDG_CACHE_HOME/sslkit``, else ``~/.cache/sslkit``), ``False`` or ``""`` = in memory.
     ``val_fraction`` holds out whole groups (patients) with :func:`split_refs`; they are
-    neither decoded nor trained on, and ``split`` records their count and fingerprint.
+    neither decoded nor trained on, and ``split`` records their count and content fingerprint.
+    ``max_pixels``: the largest image (width x height) any decoder may open (None: the
+    default, :data:`~sslkit.data.source.DEFAULT_MAX_PIXELS`; 0: no limit).
     """
     source = create_source(data, **(source_options or {}))
+    if max_pixels is not None:
+        source.max_pixels = max_pixels
     root = resolve_cache_dir(cache_dir)
+    if root is not None:
+        mark_root(root)
     source.header_cache = root / "headers" if root is not None else None
     refs = source.index()
+    source.skipped = [(source.relative(p), r) for p, r in source.skipped]
     if not refs:
         extra = f" ({len(source.skipped)} files skipped as unreadable)" if source.skipped else ""
         raise UsageError(f"no images found in {data!r}{extra}")
@@ -43,7 +54,7 @@ def load_data(data: str, image_size: int, channels: int | None = None,
     split = {}
     if val:
         split = {"val_fraction": val_fraction, "val_samples": len(val), "val_groups": len({r.group for r in val}),
-                 "val_fingerprint": groups_fingerprint(val), "train_groups": len({r.group for r in train})}
+                 "val_fingerprint": fingerprint(val), "train_groups": len({r.group for r in train})}
     channels = channels or majority_channels(source, train)
     prepared = prepare(source, train, channels, image_size, cache_dir, progress, workers)
     prepared.skipped = list(source.skipped) + list(prepared.skipped)
@@ -55,16 +66,25 @@ def load_data(data: str, image_size: int, channels: int | None = None,
     return LoadedData(source, prepared, channels, split)
 
 
-def summary_line(samples: int, skipped: list[tuple[str, str]]) -> str:
-    """``"1234 images; 3 files skipped (reasons in data_report.json): 2 x ValueError, ..."``."""
+def summary_line(samples: int, skipped: list[tuple[str, str]], shown: int = 4) -> str:
+    """``"1234 images; 5 files skipped (reasons in data_report.json): 2 x unreadable header, ..."``.
+
+    Reasons are counted by their text before the first ``:``; the ``shown`` most common
+    are named and the rest summed as ``and N more (K other reasons)``, so the counts
+    always add up to the number skipped.
+    """
     line = f"{samples} images"
     if skipped:
         reasons: dict[str, int] = {}
         for _, reason in skipped:
-            key = reason.split(":")[0]
+            key = " ".join(reason.split(":")[0].split())[:80]
             reasons[key] = reasons.get(key, 0) + 1
-        top = ", ".join(f"{n} x {k}" for k, n in sorted(reasons.items(), key=lambda kv: -kv[1])[:3])
-        line += f"; {len(skipped)} files skipped (reasons in data_report.json): {top}"
+        ranked = sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0]))
+        parts = [f"{n} x {k}" for k, n in ranked[:shown]]
+        rest = ranked[shown:]
+        if rest:
+            parts.append(f"and {sum(n for _, n in rest)} more ({len(rest)} other reason{'s' * (len(rest) > 1)})")
+        line += f"; {len(skipped)} files skipped (reasons in data_report.json): {', '.join(parts)}"
     return line
 
 
@@ -76,3 +96,40 @@ def report_summary(run_dir: str | Path) -> str | None:
         return None
     skipped = [(f["path"], f["reason"]) for f in report.get("skipped_files", [])]
     return summary_line(report.get("samples", 0), skipped) if skipped else None
+
+
+def check_resume_data(saved: dict[str, Any], now: dict[str, Any], allow_change: bool) -> str | None:
+    """Whether a run may resume on the data it finds now (``--resume``).
+
+    ``saved`` and ``now`` are ``run.json``'s ``dataset`` records (``fingerprint`` from
+    :func:`~sslkit.data.prepare.fingerprint`: the content of every file, so a replaced
+    image is found even with its name and size unchanged). Changed data is refused with
+    one line unless ``allow_change`` (``--allow-data-change``); then a note is returned.
+    A run recorded without a fingerprint is not checked.
+    """
+    before, after = saved.get("fingerprint"), now.get("fingerprint")
+    if not before or before == after:
+        return None
+    what = (f"{saved.get('samples', '?')} samples then, {now.get('samples', '?')} now" if saved.get("samples")
+            != now.get("samples") else f"{now.get('samples', '?')} samples, content differs")
+    if not allow_change:
+        raise UsageError(f"--resume: the data changed since this run started ({what}); pass "
+                         f"--allow-data-change to continue on it with the run's normalisation, or start a new run")
+    return (f"note: the data changed since this run started ({what}); continuing on it, with the run's "
+            f"input spec (normalisation) unchanged")
+
+
+def resume_input_spec(run_dir: str | Path, prepared: Prepared, preprocessing: Any,
+                      allow_change: bool) -> dict[str, Any] | None:
+    """On ``--resume``: refuse changed data (:func:`check_resume_data`) and return the run's
+    saved ``input_spec`` (None when run.json has none), which a resumed run keeps: its
+    mean/std are what the encoder was trained with, whatever the data is now."""
+    try:
+        saved = json.loads((Path(run_dir) / "run.json").read_text())
+    except (OSError, ValueError):
+        return None
+    now = {"fingerprint": fingerprint(prepared.refs, preprocessing), "samples": len(prepared)}
+    note = check_resume_data(saved.get("dataset") or {}, now, allow_change)
+    if note:
+        print(note, file=sys.stderr)
+    return saved.get("input_spec")

@@ -3,18 +3,73 @@
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 
 from sslkit.errors import UsageError
 
+_KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISDIR, "a directory"))
 
-def walk_files(root: Path, keep) -> list[Path]:
-    """Files below ``root`` (sorted, hidden folders skipped) for which ``keep(path)``."""
-    found = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        found += [Path(dirpath) / f for f in sorted(filenames) if not f.startswith(".") and keep(Path(dirpath) / f)]
+
+def walk_files(root: Path, keep, skipped: list[tuple[str, str]] | None = None) -> list[Path]:
+    """Regular files below ``root`` (sorted, hidden entries skipped) for which ``keep(path)``.
+
+    Symbolic links are followed, but every real directory is walked once: a link back to
+    an ancestor (``ln -s . data/self``) or two links to one folder add nothing twice and
+    never loop. Entries that are not regular files (FIFOs, sockets, devices, dangling
+    links) are never opened; those ``keep`` would take, and folders that cannot be
+    listed, are appended to ``skipped`` as ``(path, reason)``.
+    """
+    skipped = skipped if skipped is not None else []
+    found: list[Path] = []
+    seen: set[tuple[int, int]] = set()
+    try:
+        st = os.stat(root)
+        seen.add((st.st_dev, st.st_ino))
+    except OSError:
+        pass
+
+    def unreadable(exc: OSError) -> None:
+        skipped.append((str(exc.filename), f"unreadable folder: {type(exc).__name__}: {exc.strerror}"))
+
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True, onerror=unreadable):
+        kept_dirs = []
+        for d in sorted(dirnames):
+            if d.startswith("."):
+                continue
+            try:
+                st = os.stat(os.path.join(dirpath, d))
+            except OSError:
+                continue
+            if (st.st_dev, st.st_ino) not in seen:  # each real directory once
+                seen.add((st.st_dev, st.st_ino))
+                kept_dirs.append(d)
+        dirnames[:] = kept_dirs
+        for name in sorted(filenames):
+            path = Path(dirpath) / name
+            if name.startswith(".") or not keep(path):
+                continue
+            why = _not_regular(path)
+            if why:
+                skipped.append((str(path), why))
+            else:
+                found.append(path)
     return found
+
+
+def _not_regular(path: Path) -> str | None:
+    """Why ``path`` is not a regular file to read (None when it is one)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        if os.path.islink(path):
+            return "dangling symbolic link"
+        return f"unreadable: {type(exc).__name__}: {exc.strerror}"
+    if stat.S_ISREG(mode):
+        return None
+    kind = next((name for test, name in _KINDS if test(mode)), "not a regular file")
+    return f"not a regular file ({kind}): skipped without opening it"
 
 
 def check_dir(location: str, scheme: str) -> Path:

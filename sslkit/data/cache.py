@@ -1,0 +1,192 @@
+"""The decoded-pixel cache on disk: where it lives, what names an entry, listing and clearing.
+
+A cache root holds a marker file (:data:`MARKER`) written by sslkit, entries named by
+their 32-hex-digit key (``<key>/pixels.npy`` + ``<key>/index.json``) and the sources'
+header indexes under ``headers/``. Clearing removes only those, and refuses a folder
+without the marker: ``--cache`` may name a folder that holds other things too. Every
+file sslkit writes here is mode 0600 in folders of mode 0700.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from sslkit.data.source import SampleRef, Source
+from sslkit.errors import UsageError
+
+CACHE_FORMAT = 2
+MARKER = ".sslkit-cache"
+_KEY = re.compile(r"[0-9a-f]{32}")
+_HEADER_INDEX = re.compile(r"[a-z0-9_]+-[0-9a-f]{24}\.json")
+
+
+def default_cache_root() -> Path:
+    """``$SSLKIT_CACHE_DIR``, else ``$XDG_CACHE_HOME/sslkit``, else ``~/.cache/sslkit``."""
+    if os.environ.get("SSLKIT_CACHE_DIR"):
+        return Path(os.environ["SSLKIT_CACHE_DIR"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser() / "sslkit"
+
+
+def resolve_cache_dir(cache_dir: str | Path | bool | None) -> Path | None:
+    """``None`` or ``True``: the default cache root; ``False`` or ``""``: no disk cache."""
+    if cache_dir is None or cache_dir is True:
+        return default_cache_root()
+    if cache_dir is False or str(cache_dir) == "":
+        return None
+    return Path(cache_dir).expanduser()
+
+
+def mark_root(root: Path) -> None:
+    """Create the cache root (0700) and its marker, so ``--clear`` knows it is sslkit's."""
+    try:
+        root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        marker = root / MARKER
+        if not marker.exists():
+            fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(json.dumps({"sslkit_cache": CACHE_FORMAT}) + "\n")
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise UsageError(f"cache folder {str(root)!r} cannot be written: {exc.strerror or exc}; "
+                         f"choose another with --cache DIR, or --no-cache") from None
+
+
+def content_digest(path: str, block: int = 4096) -> str:
+    """Identity of a file's content: its size and its first and last ``block`` bytes.
+
+    Cheap (8 KiB read per file), and for images enough to tell a replaced file from the
+    old one: headers, UIDs and compressed streams differ at both ends. Raises ``OSError``
+    for an unreadable file.
+    """
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        h = hashlib.blake2b(str(size).encode(), digest_size=16)
+        h.update(f.read(block))
+        if size > block:
+            f.seek(max(block, size - block))
+            h.update(f.read(block))
+    return h.hexdigest()
+
+
+def file_digest(path: str, block: int = 4096) -> str:
+    """:func:`content_digest` and the mtime: what keys a cache entry (a touched file is re-decoded)."""
+    return f"{content_digest(path, block)}:{os.stat(path).st_mtime_ns}"
+
+
+def readable(refs: Sequence[SampleRef], relative=str) -> tuple[list[SampleRef], list[tuple[str, str]]]:
+    """``refs`` whose files can be read, and ``(relative(path), reason)`` for each file that cannot."""
+    ok, bad, why = [], [], {}
+    for ref in refs:
+        if ref.path not in why:
+            try:
+                content_digest(ref.path)
+                why[ref.path] = None
+            except OSError as exc:
+                why[ref.path] = f"unreadable: {type(exc).__name__}: {exc.strerror or exc}"
+                bad.append((relative(ref.path), why[ref.path]))
+        if why[ref.path] is None:
+            ok.append(ref)
+    return ok, bad
+
+
+def cache_key(source: Source, refs: Sequence[SampleRef], channels: int, size: int) -> str:
+    """Hash of the preprocessing (source config, channels, size) and of every sample's file.
+
+    A file's identity is :func:`file_digest` (content + mtime), so editing, replacing or
+    adding a file, or changing ``--window`` etc., gives a new key: a stale cache is never read.
+    """
+    h = hashlib.sha256()
+    h.update(json.dumps([CACHE_FORMAT, source.scheme, source.describe(), channels, size], sort_keys=True,
+                        default=str).encode())
+    digests: dict[str, str] = {}
+    for ref in refs:
+        if ref.path not in digests:
+            digests[ref.path] = file_digest(ref.path)
+        h.update(f"{ref.path}\0{ref.frame}\0{digests[ref.path]}\n".encode())
+    return h.hexdigest()[:32]
+
+
+def reserve(path: Path, nbytes: int) -> None:
+    """Allocate ``nbytes`` of ``path`` on the disk now, so that writing into its memory map
+    later cannot hit a full disk (which kills the process with SIGBUS)."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        try:
+            os.posix_fallocate(fd, 0, nbytes)
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, getattr(errno, "ENOTSUP", -1)):
+                raise
+            if shutil.disk_usage(path.parent).free < nbytes:  # no fallocate here: the free space must do
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)) from None
+    finally:
+        os.close(fd)
+
+
+def disk_full_error(root: Path, exc: OSError, nbytes: int) -> UsageError:
+    """The one line for a cache that could not be written."""
+    return UsageError(f"cannot write the decoded-pixel cache in {str(root)!r} ({nbytes / 2**20:.1f} MB): "
+                      f"{exc.strerror or exc}; free space, choose another folder with --cache DIR, "
+                      f"or use --no-cache")
+
+
+def cache_entries(cache_dir: str | Path | None = None) -> list[dict[str, Any]]:
+    """Complete entries under the cache root: key, path, bytes, samples, shape, source, last use."""
+    root = resolve_cache_dir(cache_dir) or default_cache_root()
+    out = []
+    for d in sorted(root.iterdir()) if root.is_dir() else []:
+        index = d / "index.json"
+        if not _KEY.fullmatch(d.name) or not index.is_file():
+            continue
+        try:
+            meta = json.loads(index.read_text())
+        except (OSError, ValueError):
+            continue
+        if not isinstance(meta, dict) or meta.get("format") != CACHE_FORMAT:
+            continue
+        out.append({
+            "key": d.name, "path": str(d), "bytes": sum(f.stat().st_size for f in d.iterdir() if f.is_file()),
+            "samples": len(meta.get("kept", [])), "shape": meta.get("shape"), "source": meta.get("source"),
+            "created": meta.get("created"),
+            "last_used": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(index.stat().st_mtime)),
+            "age_days": round((time.time() - index.stat().st_mtime) / 86400, 2),
+        })
+    return out
+
+
+def clear_cache(cache_dir: str | Path | None = None, older_than_days: float | None = None) -> list[dict[str, Any]]:
+    """Delete cache entries (all, or those unused for ``older_than_days``); returns them.
+
+    Only what sslkit wrote is removed: entries named by a key that hold an sslkit
+    ``index.json``, and (clearing all) the header indexes in ``headers/``. A folder
+    without sslkit's marker file is refused with one line, nothing deleted.
+    """
+    root = resolve_cache_dir(cache_dir) or default_cache_root()
+    if not root.is_dir():
+        return []
+    if not (root / MARKER).is_file():
+        raise UsageError(f"{str(root)!r} is not an sslkit cache (no {MARKER} marker file); nothing deleted")
+    removed = []
+    for entry in cache_entries(root):
+        if older_than_days is None or entry["age_days"] >= older_than_days:
+            shutil.rmtree(entry["path"], ignore_errors=True)
+            removed.append(entry)
+    headers = root / "headers"
+    if older_than_days is None and headers.is_dir() and not headers.is_symlink():
+        for f in headers.iterdir():
+            if _HEADER_INDEX.fullmatch(f.name) and f.is_file():
+                f.unlink(missing_ok=True)
+        try:
+            headers.rmdir()  # only if nothing else is left in it
+        except OSError:
+            pass
+    return removed
