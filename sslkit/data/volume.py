@@ -28,6 +28,7 @@ from sslkit.errors import UsageError
 
 #: The axis order of every volume and slab a volumetric source yields.
 ORIENTATION = "D: along the slice normal (ascending), H: image rows, W: image columns (as displayed)"
+"""The axis convention of every ``(C, D, H, W)`` sample, as stored in the InputSpec."""
 MODES = ("slice", "slab:K", "volume")
 
 
