@@ -10,7 +10,6 @@ exporter, which writes through a temporary file so nothing half-written is left.
 from __future__ import annotations
 
 import hashlib
-import inspect
 from pathlib import Path
 from typing import Any, Callable
 
@@ -112,11 +111,8 @@ def export_run(run_dir: str | Path, out: str | Path, fmt: str = "onnx", overwrit
     out = Path(out)
     check_output(out, overwrite)
     encoder = run.build_encoder()
-    params = inspect.signature(exporter).parameters
-    if "samples" in params:
-        samples, note = real_samples(run, check_data)
-        options.update(samples=samples, samples_note=note)
-    if "log" in params and log is not None:
-        options["log"] = log
-    report = exporter(encoder, run.spec, export_metadata(run), out, **options)
+    samples, note = real_samples(run, check_data)
+    # The one exporter signature (hookspecs.register_exporters): always these keywords.
+    report = exporter(encoder, run.spec, export_metadata(run), out, samples=samples, samples_note=note,
+                      log=log or (lambda line: None), **options)
     return {"format": fmt, "out": str(out), **(report or {})}

@@ -8,17 +8,23 @@ below, announced through an entry point in the group ``sslkit``::
     my_plugin = "my_package.my_plugin"
 
     # my_package/my_plugin.py
-    import sslkit
+    from sslkit.api import hookimpl
 
-    @sslkit.hookimpl
+    sslkit_api = ">=1,<2"  # the sslkit.api versions this plugin was written for
+
+    @hookimpl
     def register_tasks(register):
         register("my_task", MyTask)
 
-Every hook receives one ``register(name, obj)`` callable. Names are unique across all
-plugins of one kind: two plugins registering the same task name is an error naming both.
-A plugin that fails to import, or whose hook raises, is reported in one line and skipped;
+Import only :mod:`sslkit.api` (every other sslkit module is private). Every hook receives
+one ``register(name, obj)`` callable; a name holds no ``:``. Names should be unique across
+all plugins of one kind: when two plugins register the same name, both load, ``sslkit
+plugins`` lists the conflict, and a command that uses that name fails in one line naming
+both plugins. A plugin that fails to import, whose hook raises, or whose ``sslkit_api``
+range excludes the running ``sslkit.api.API_VERSION`` is reported in one line and skipped;
 the others keep working. sslkit's own built-ins (``plugins/`` in the source tree, imported
-as ``sslkit_plugins``) use exactly these hooks and entry points.
+as ``sslkit_plugins``) use exactly these hooks and entry points. ``sslkit.testing`` checks
+a plugin against every rule below; docs/plugins.md is the guide.
 """
 
 from __future__ import annotations
@@ -39,11 +45,24 @@ Register = Callable[[str, Any], None]
 def register_tasks(register: Register) -> None:
     """Register pretext tasks: ``register(name, TaskClass)``.
 
-    ``TaskClass`` subclasses :class:`sslkit.task.Task`: an ``nn.Module`` built as
+    ``TaskClass`` subclasses :class:`sslkit.api.Task`: an ``nn.Module`` built as
     ``TaskClass(backbone, options, spec)``, with an ``Options`` dataclass (its fields are
-    the task's ``--task-opt key=value`` options), ``check(backbone, spec)`` (why a pairing
-    cannot work, or None), ``views(spec)`` (the batched augmentation producing the task's
-    views), ``forward(views) -> {"loss": tensor, ...}`` and ``on_step_end(step, total)``.
+    the task's ``--task-opt key=value`` options; None for none), ``check(backbone, spec)``
+    (why a pairing cannot work, one line, or None), ``views(spec)`` (the batched
+    augmentation producing the task's views), ``forward(views) -> {"loss": tensor, ...}``
+    and ``on_step_end(step, total)``. Rules (the engine enforces those marked *):
+
+    * ``forward`` returns ``"loss"`` (a scalar tensor) plus any other scalars to log; the
+      keys ``step``, ``epoch``, ``lr``, ``img_per_s``, ``grad_norm`` and ``stop`` are
+      reserved for the engine's own ``metrics.csv`` columns (*: one-line error naming the
+      task).
+    * ``views(spec)`` returns a callable ``(B, C, S, S) -> Views`` with an
+      ``override(**fields)`` method returning a copy with view-recipe fields replaced
+      (what ``--augment-opt`` calls; :class:`sslkit.api.MultiView` has it). Options it does
+      not know raise :class:`sslkit.api.UsageError`.
+    * Everything a resume needs (EMA teachers, queues, centres, schedules) lives in the
+      state dict (parameters and buffers), so a resumed run repeats the uninterrupted one.
+    * ``self.encoder`` is the backbone alone: it is what export ships.
     """
 
 
@@ -52,9 +71,12 @@ def register_backbones(register: Register) -> None:
     """Register backbone families: ``register(prefix, factory)``.
 
     A backbone name is ``prefix:model`` (``timm:resnet18``). The engine calls
-    ``factory(model, in_chans=C, image_size=S, **options)``, which returns a
-    :class:`sslkit.backbone.Backbone`: an ``nn.Module`` mapping ``(B, C, H, W)`` pixels to a
-    ``(B, D)`` embedding, with attributes ``in_chans`` and ``num_features``.
+    ``factory(model, in_chans=C, image_size=S, **options)`` (``options``: the
+    ``--backbone-opt`` values), which returns a :class:`sslkit.api.Backbone`: an
+    ``nn.Module`` mapping ``(B, C, H, W)`` pixels to a ``(B, D)`` embedding, with attributes
+    ``in_chans`` and ``num_features`` (``D``), for ``C`` = 1 and 3. An unknown model or
+    option raises :class:`sslkit.api.UsageError` (one line). ViT-like backbones may add the
+    :class:`sslkit.api.TokenBackbone` interface masked tasks use.
     """
 
 
@@ -62,13 +84,26 @@ def register_backbones(register: Register) -> None:
 def register_sources(register: Register) -> None:
     """Register dataset sources: ``register(scheme, SourceClass)``.
 
-    ``--data scheme:location`` builds ``SourceClass(location, **options)``, a
-    :class:`sslkit.data.source.Source` with ``index() -> list[SampleRef]`` (cheap: headers
-    only) and ``load(ref) -> float32 array (C, H, W) in [0, 1]`` (raising ``NotAnImage`` to
-    skip silently, ``Undecodable`` or any error to skip with a reported reason). Optional:
-    ``channels_of(ref)``, ``properties(ref)`` (for ``sslkit data inspect``), ``describe()``
-    (how pixels reached [0, 1], stored in the run's InputSpec), ``parallel_decode``. A bare
-    path is given to the source whose ``sniff(path)`` scores highest.
+    ``--data scheme:location`` builds ``SourceClass(location, options)``: ``options`` is an
+    instance of ``SourceClass.Options`` (a dataclass whose fields are the ``--data-opt``
+    options) built from the user's values, or None when the class has no ``Options``.
+    ``SourceClass`` subclasses :class:`sslkit.api.Source` with ``index() ->
+    list[SampleRef]`` (cheap: headers only) and ``load(ref) -> float32 array (C, H, W) in
+    [0, 1]`` (raising ``NotAnImage`` to skip silently, ``Undecodable`` or any error to skip
+    with a reported reason). Optional: ``channels_of(ref)``, ``properties(ref)`` (for
+    ``sslkit data inspect``), ``describe()`` (how pixels reached [0, 1], stored in the
+    run's InputSpec), ``parallel_decode``. Rules (* = enforced):
+
+    * ``SourceClass.scheme`` equals the registered name (*: at registration, one line
+      naming the plugin; the source is skipped).
+    * Every ``SampleRef.path`` is an existing file (fingerprints, caches and the
+      pairing of split groups read it); a source of generated data names a real file.
+    * A source pickles (``pickle.dumps(source)``): the first decoding pass runs ``load`` in
+      worker processes. Keep open handles out of its state, or drop them in
+      ``__getstate__``.
+    * A bare ``--data PATH`` goes to the source whose ``sniff(path)`` scores highest:
+      0 = not mine, about 0.5 = plausible (the right file extensions), 1 = certain (a
+      magic number matched); a path no source scores above 0 is a one-line error.
     """
 
 
@@ -76,10 +111,21 @@ def register_sources(register: Register) -> None:
 def register_exporters(register: Register) -> None:
     """Register export formats: ``register(format, export_function)``.
 
-    ``export_function(encoder, spec, metadata, out, **options) -> dict`` writes the trained
-    encoder (the backbone alone, eval mode) to ``out`` and returns a report of what it
-    checked. ``spec`` is the run's :class:`sslkit.spec.InputSpec`; ``metadata`` is a
-    JSON-able dict (task, backbone, embedding dim, versions) to embed in the artefact.
+    sslkit calls, always with these keywords::
+
+        export_function(encoder, spec, metadata, out, *, samples, samples_note, log, **options) -> dict
+
+    It writes the trained ``encoder`` (the backbone alone, eval mode) to ``out`` (a
+    ``Path``) and returns a JSON-able report of what it checked. ``spec`` is the run's
+    :class:`sslkit.api.InputSpec`; ``metadata`` a JSON-able dict (task, backbone, embedding
+    dim, versions; no paths or patient identifiers) to embed in the artefact; ``samples``
+    real images of the run's data, float32 ``(N, C, S, S)`` in [0, 1], or None (then
+    ``samples_note`` says why); ``log(line)`` prints progress; ``options`` are the
+    format's own options (``--opset``, ``--fp16``...): an unknown one raises
+    :class:`sslkit.api.UsageError`. Rules: write through
+    :func:`sslkit.api.write_atomic`, so a failed export leaves nothing behind; verify the
+    written file (load it back and compare with the encoder) before returning, raising
+    :class:`sslkit.api.CheckFailed` when it differs.
     """
 
 

@@ -25,11 +25,23 @@ Views = tuple[torch.Tensor, ...]
 
 
 class Task(nn.Module):
-    """Base class of every pretext task.
+    """Base class of every pretext task (registered with ``register_tasks``).
 
     Subclasses set ``Options`` (a dataclass whose fields are the ``--task-opt`` options;
     ``None`` for no options) and ``default_backbone``, and implement ``views`` and
-    ``forward``.
+    ``forward``. Built as ``TaskClass(backbone, options, spec)``.
+
+    Rules (``sslkit.testing.check_task`` checks them; the engine enforces the reserved keys):
+
+    * ``forward(views)`` returns ``{"loss": scalar tensor, other scalars to log}``; the keys
+      ``step``, ``epoch``, ``lr``, ``img_per_s``, ``grad_norm`` and ``stop`` are the
+      engine's own ``metrics.csv`` columns and are refused with a one-line error.
+    * ``views(spec)`` returns a callable with ``override(**fields)`` (``--augment-opt``);
+      :class:`sslkit.api.MultiView` provides it.
+    * State a resume needs (EMA teachers, queues, centres, schedules) is in the state
+      dict (parameters and buffers): a resumed run repeats the uninterrupted one exactly.
+    * The task trains with 1- and 3-channel input; ``self.encoder`` (the backbone alone)
+      is what export ships, so the task must not change its ``forward``.
     """
 
     Options: ClassVar[type | None] = None
@@ -43,14 +55,27 @@ class Task(nn.Module):
 
     @classmethod
     def check(cls, backbone: nn.Module, spec: InputSpec) -> str | None:
-        """Why this backbone/input pairing cannot work (one line), or None."""
+        """Why this backbone/input pairing cannot work (one line naming what would), or None.
+
+        Called before any image is decoded, on the real backbone and a stand-in spec.
+        """
         return None
 
     def views(self, spec: InputSpec) -> Callable[[torch.Tensor], Views]:
-        """The augmentation: ``(B, C, S, S)`` in [0, 1] -> tuple of normalised views."""
+        """The augmentation: ``(B, C, S, S)`` in [0, 1] -> tuple of normalised views.
+
+        Batched and on the batch's device. The returned object has ``override(**fields)``
+        (a copy with view-recipe fields replaced; unknown fields raise ``UsageError``),
+        which ``--augment-opt key=value`` calls: return a :class:`sslkit.api.MultiView`.
+        """
         raise NotImplementedError
 
     def forward(self, views: Views) -> dict[str, torch.Tensor]:
+        """``views`` (what ``views(spec)`` made) -> ``{"loss": scalar, name: scalar, ...}``.
+
+        Every value is logged to ``metrics.csv``; reserved keys: ``step``, ``epoch``,
+        ``lr``, ``img_per_s``, ``grad_norm``, ``stop``.
+        """
         raise NotImplementedError
 
     def on_step_end(self, step: int, total_steps: int) -> None:

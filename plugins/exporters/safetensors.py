@@ -58,8 +58,13 @@ def timm_recipe(metadata: dict[str, Any], spec: InputSpec) -> tuple[str, dict[st
 
 
 def export_safetensors(encoder: nn.Module, spec: InputSpec, metadata: dict[str, Any], out: Path,
-                       fp16: bool = False, **unknown: Any) -> dict[str, Any]:
-    """Write ``encoder.model``'s state dict to ``out`` and check timm loads it back."""
+                       fp16: bool = False, samples=None, samples_note: str | None = None, log=None,
+                       **unknown: Any) -> dict[str, Any]:
+    """Write ``encoder.model``'s state dict to ``out`` and check timm loads it back.
+
+    ``samples``, ``samples_note`` and ``log`` are the keywords sslkit passes every exporter;
+    this one checks on random inputs (features are equal bit for bit) and logs nothing.
+    """
     from safetensors.torch import save
 
     if unknown:

@@ -29,7 +29,8 @@ class Undecodable(ValueError):
 class SampleRef:
     """One image a source can load.
 
-    ``path`` is the file; ``frame`` the frame of a multi-frame file; ``group`` the key that
+    ``path`` is the file (it must exist: fingerprints and caches read its size and mtime;
+    a source of generated data names a real file, e.g. its own module); ``frame`` the frame of a multi-frame file; ``group`` the key that
     keeps related samples on one side of a split (a salted patient hash for DICOM, never
     the identifier itself); ``label`` a class name where the layout gives one.
     """
@@ -47,9 +48,22 @@ class SampleRef:
 class Source:
     """Base class of dataset sources (registered with ``register_sources``).
 
-    ``index()`` must be cheap (headers only) and records files it had to skip in
-    ``self.skipped`` as ``(path, reason)``. ``load(ref)`` returns float32 ``(C, H, W)`` in
-    ``[0, 1]`` and raises on an undecodable file (the caller records and skips it).
+    Built as ``SourceClass(location, options)``: ``location`` is what follows
+    ``scheme:`` in ``--data``; ``options`` an instance of ``Options`` (a dataclass whose
+    fields are the ``--data-opt`` options) or None; call ``super().__init__(location,
+    options or Options())``. ``index()`` must be cheap (headers only) and records files it
+    had to skip in ``self.skipped`` as ``(path, reason)``. ``load(ref)`` returns float32
+    ``(C, H, W)`` in ``[0, 1]`` and raises on an undecodable file (the caller records and
+    skips it).
+
+    Rules (``sslkit.testing.check_source`` checks them):
+
+    * ``scheme`` equals the name the plugin registers (enforced at registration).
+    * Every ``SampleRef.path`` from ``index()`` is an existing file.
+    * The source pickles: the first decoding pass calls ``load`` in worker processes.
+    * ``load`` of a damaged file raises (``Undecodable`` with a one-line reason, no patient
+      identifiers), never returns made-up pixels.
+    * ``sniff(path)``: 0 = not mine, about 0.5 = plausible, 1 = certain.
     """
 
     scheme: ClassVar[str] = ""
@@ -69,13 +83,24 @@ class Source:
 
     @classmethod
     def sniff(cls, path: Path) -> float:
-        """How sure this source is that a bare ``--data`` path is its kind (0 = not mine)."""
+        """How sure this source is that a bare ``--data`` path is its kind, in [0, 1]:
+        0 = not mine, about 0.5 = plausible (file extensions match), 0.9-1 = certain (magic
+        numbers or headers checked). The highest score wins; ties go to the first name."""
         return 0.0
 
     def index(self) -> list[SampleRef]:
+        """Every sample under ``location`` (headers only); skipped files go to ``self.skipped``.
+
+        A location that does not exist or holds nothing usable raises ``UsageError``.
+        """
         raise NotImplementedError
 
     def load(self, ref: SampleRef) -> np.ndarray:
+        """The pixels of ``ref``: float32 ``(C, H, W)`` in [0, 1] (``C`` as the file has it).
+
+        Raises ``NotAnImage`` (skipped silently) or ``Undecodable``/any error (skipped,
+        reason reported) for a file it cannot decode.
+        """
         raise NotImplementedError
 
     def channels_of(self, ref: SampleRef) -> int | None:
