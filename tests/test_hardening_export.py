@@ -15,6 +15,7 @@ import sys
 import sysconfig
 import tempfile
 import time
+import zipfile
 from pathlib import Path
 
 import onnx
@@ -170,3 +171,33 @@ def test_embed_and_eval_share_the_device_default():
         assert match, text
         defaults[" ".join(command)] = match.group(1)
     assert set(defaults.values()) == {"auto"}, defaults
+
+
+# -- 16: the README's install line works -------------------------------------------------------
+
+def test_readme_install_line_builds_a_complete_package(tmp_path):
+    """``pip install .`` (the README's line; sslkit is not on PyPI) builds a wheel with every
+    module of the tree, the ``sslkit`` command and every built-in plugin's entry point."""
+    readme = (REPO / "README.md").read_text()
+    install = re.findall(r"^ {4}(pip install \S+)", readme, re.M)
+    assert install and install[0] == "pip install .", install
+    assert not re.search(r"pip install sslkit\b", readme)
+
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
+                           text=True, check=True).stdout.split("\n")
+    src = tmp_path / "src"
+    for name in filter(None, files):
+        if (REPO / name).is_file():
+            (src / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, src / name)
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                           "-w", str(tmp_path / "dist"), str(src)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    (wheel,) = (tmp_path / "dist").glob("sslkit-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    modules = {str(p.relative_to(src)) for p in (src / "sslkit").rglob("*.py")}
+    modules |= {"sslkit_plugins/" + str(p.relative_to(src / "plugins")) for p in (src / "plugins").rglob("*.py")}
+    assert modules - names == set(), "pip install . would miss these modules"
+    (entry_points,) = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
+    text = zipfile.ZipFile(wheel).read(entry_points).decode()
+    assert "sslkit = sslkit.cli:main" in text and "onnx = sslkit_plugins.exporters.onnx" in text
