@@ -24,12 +24,13 @@ demo: setup
 		--epochs 5 --batch-size 32 --image-size 64 --overwrite --quiet
 	$(BIN)/sslkit export $(DEMO) --out $(DEMO)/encoder.onnx --overwrite
 
-## The default test suite (long runs are marked slow and excluded).
+## The default test suite (long runs are marked slow and excluded): one line per test file
+## as it runs (its name, a dot per test, the share of the suite done), the slowest at the end.
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest --durations=10
 
 test-slow: setup
-	$(BIN)/python -m pytest -q -m slow
+	$(BIN)/python -m pytest --durations=10 -m slow
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

@@ -201,3 +201,20 @@ def test_readme_install_line_builds_a_complete_package(tmp_path):
     (entry_points,) = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
     text = zipfile.ZipFile(wheel).read(entry_points).decode()
     assert "sslkit = sslkit.cli:main" in text and "onnx = sslkit_plugins.exporters.onnx" in text
+
+
+# -- 25: `make test` shows which file runs and how far the suite is ---------------------------
+
+def test_make_test_prints_a_line_per_test_file(tmp_path):
+    """Run two tiny test files with the pytest options of the Makefile's ``test`` recipe and
+    the project's pytest configuration: one line per file, with its name and the share done."""
+    recipe = re.search(r"^test:.*\n\t(.*)$", (REPO / "Makefile").read_text(), re.M).group(1)
+    args = recipe.split("-m pytest", 1)[1].split()
+    for name in ("test_first.py", "test_second.py"):
+        (tmp_path / name).write_text("def test_one():\n    pass\n\n\ndef test_two():\n    pass\n")
+    proc = subprocess.run([sys.executable, "-m", "pytest", *args, "-c", str(REPO / "pyproject.toml"),
+                           "--rootdir", str(tmp_path), "-p", "no:cacheprovider", str(tmp_path)],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout
+    assert re.search(r"^test_first\.py \.\.\s+\[ 50%\]$", proc.stdout, re.M), proc.stdout
+    assert re.search(r"^test_second\.py \.\.\s+\[100%\]$", proc.stdout, re.M), proc.stdout
