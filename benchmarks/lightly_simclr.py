@@ -124,7 +124,7 @@ def main() -> None:
         synth.loader = FixedLoader(torch.zeros(B, 3, S, S))
         synth.augment = lambda x: views
         model = lightly_model(lambda: create_backbone("timm:resnet18", in_chans=3, image_size=S))
-        step = lightly_step_fn(model, synth.lr)
+        step = lightly_step_fn(model, synth.schedule.peak_lr)
         transform = SimCLRTransform(input_size=S, cj_strength=0.5, gaussian_blur=0.0)
         dataset = LightlyDataset(input_dir=str(images), transform=transform)
         loader = torch.utils.data.DataLoader(dataset, batch_size=B, shuffle=True, drop_last=True,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
+import dataclasses
 import statistics
 import tempfile
 import time
@@ -24,7 +25,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from sslkit.engine import _MetricsWriter, _StopSignal, _Trainer
+from sslkit.engine import Events, RunInfo, RunState, Setup, StopSignal, build, train
+from sslkit.engine.callbacks import create_callbacks
 from sslkit.run import RunConfig
 from sslkit_plugins.tasks.simclr import nt_xent_loss
 
@@ -37,19 +39,34 @@ def synthetic_folder(root: Path, n: int, size: int) -> Path:
     return root
 
 
+class EngineRun:
+    """A built engine run: its :class:`Setup`, position and callbacks (metrics.csv only).
+
+    The setup's fields read and write through this object (``run.loader = ...``)."""
+
+    def __init__(self, setup: Setup, state: RunState, events: Events) -> None:
+        object.__setattr__(self, "setup", setup)
+        object.__setattr__(self, "state", state)
+        object.__setattr__(self, "events", events)
+
+    def __getattr__(self, name: str):
+        return getattr(self.setup, name)
+
+    def __setattr__(self, name: str, value) -> None:
+        setattr(self.setup, name, value)
+
+
 def sslkit_trainer(data: str, work: Path, batch_size: int, image_size: int, task: str = "simclr",
-                   backbone: str = "timm:resnet18", device: str = "cpu", **cfg) -> _Trainer:
-    """An engine trainer (SimCLR/resnet18 by default), built but not started (run dir in ``work``)."""
+                   backbone: str = "timm:resnet18", device: str = "cpu", **cfg) -> EngineRun:
+    """An engine run (SimCLR/resnet18 by default), built through the engine's public
+    :func:`sslkit.engine.build`, writing only metrics.csv (run dir in ``work``)."""
     config = RunConfig(task=task, data=data, out=str(work / "run"), backbone=backbone, batch_size=batch_size,
-                       image_size=image_size, epochs=1, progress=False, device=device, tensorboard=False, **cfg)
-    trainer = _Trainer(config, torch.device(device))
-    trainer.build()
+                       image_size=image_size, epochs=1, progress=False, device=device, callbacks="csv", **cfg)
+    setup = build(config, torch.device(device))
     (work / "run").mkdir(parents=True, exist_ok=True)
-    trainer.metrics = _MetricsWriter(work / "run" / "metrics.csv", None)
-    trainer.tb = None
-    trainer.step = trainer.epoch = trainer.pos = 0
-    trainer._checkpoint = lambda: None  # checkpoints are not part of a step
-    return trainer
+    events = Events(create_callbacks("csv"))
+    events.emit("on_run_start", RunInfo(setup.out, setup.info, 0, setup.total, 0, 1))
+    return EngineRun(setup, RunState(), events)
 
 
 class FixedLoader:
@@ -63,18 +80,21 @@ class FixedLoader:
             yield self.batch
 
 
-def run_engine(trainer: _Trainer, steps: int) -> None:
-    """Run the engine's real loop for ``steps`` more optimizer steps."""
-    trainer.total = trainer.step + steps
-    trainer.steps_per_epoch = trainer.pos + steps
-    trainer._loop(_StopSignal())
+def run_engine(run: EngineRun, steps: int) -> None:
+    """Run the engine's real loop (:func:`sslkit.engine.train`) for ``steps`` more optimizer
+    steps, as one epoch with the schedule's horizon at its end; checkpoints are not part of
+    a step and are not written."""
+    s, state = run.setup, run.state
+    s.steps_per_epoch = state.pos + steps
+    s.schedule = dataclasses.replace(s.schedule, total=state.step + steps)
+    train(s, state, run.events, StopSignal(), save=None, until=state.step + steps)
 
 
-def engine_step_times(trainer: _Trainer) -> list[float]:
-    """Seconds per step from metrics.csv, leaving out the first step of every block."""
-    with open(Path(trainer.cfg.out) / "metrics.csv", newline="") as f:
+def engine_step_times(run: EngineRun) -> list[float]:
+    """Seconds per step from metrics.csv (``img_per_s`` is measured over each step's own time)."""
+    with open(Path(run.cfg.out) / "metrics.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    return [trainer.step_images / float(r["img_per_s"]) for r in rows]
+    return [run.step_images / float(r["img_per_s"]) for r in rows]
 
 
 def fixed_views(batch_size: int, image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -155,7 +175,7 @@ def main() -> None:
         views = fixed_views(args.batch_size, args.image_size)
         trainer.loader = FixedLoader(torch.zeros(args.batch_size, 3, args.image_size, args.image_size))
         trainer.augment = lambda x: views
-        bare = bare_step_fn(trainer.task, trainer.lr)
+        bare = bare_step_fn(trainer.task, trainer.schedule.peak_lr)
         per_block = 4
         blocks = max(1, args.steps // per_block)
         seen = [0]

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from sslkit.augment import (MultiView, Normalize, ViewRecipe, byol_recipes, override_recipe, recipe, rotate,
                             rotate90)
+from sslkit.augment3d import (VolumeRecipe, VolumeViews, masked_volume_recipe, pair_volume_recipes,
+                               random_resized_crop_3d)
 from sslkit.backbone import Backbone, TokenBackbone, is_token_backbone
 from sslkit.data.parallel import parallel_map
 from sslkit.data.prepare import resize_square
@@ -44,6 +46,8 @@ __all__ = [
     "Task", "Views", "ProjectedPairTask", "reconstruction_views", "check_unit_interval",
     # augmentation
     "ViewRecipe", "MultiView", "Normalize", "recipe", "byol_recipes", "override_recipe", "rotate", "rotate90",
+    # 3D augmentation (volumes: --sample volume)
+    "VolumeRecipe", "VolumeViews", "masked_volume_recipe", "pair_volume_recipes", "random_resized_crop_3d",
     # heads and teachers
     "mlp", "DINOHead", "ConvDecoder", "frozen_copy", "ema_update", "cosine_momentum",
     # distributed

@@ -26,22 +26,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from sslkit.errors import UsageError
+from sslkit.output_file import TMP_PREFIX, fsync_path
 
 PREFIX = "step-"
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "state.pt"
 MANIFEST = "manifest.json"
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _sha256(path: Path) -> str:
@@ -67,19 +61,24 @@ def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def save(folder: Path, step: int, tensors: dict[str, torch.Tensor], state: dict[str, Any], keep: int = 3) -> Path:
     """Write checkpoint ``step`` atomically; keep the newest ``keep`` ones (0: keep all)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=folder))
     target = folder / f"{PREFIX}{step:08d}"
     try:
-        save_file(_unshared(tensors), str(tmp / MODEL_FILE))
-        torch.save(state, tmp / STATE_FILE)
-        manifest = {name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
-                    for name in (MODEL_FILE, STATE_FILE)}
-        (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": manifest}, indent=1))
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        _fsync_dir(tmp)
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=folder))
+    except OSError as exc:
+        raise _write_failed(folder, target, exc) from None
+    try:
+        try:
+            save_file(_unshared(tensors), str(tmp / MODEL_FILE))
+            torch.save(state, tmp / STATE_FILE)
+            manifest = {name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
+                        for name in (MODEL_FILE, STATE_FILE)}
+            (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": manifest}, indent=1))
+            for f in tmp.iterdir():
+                fsync_path(f)
+            fsync_path(tmp)
+        except (OSError, RuntimeError, SafetensorError) as exc:  # disk full: torch and safetensors wrap it
+            raise _write_failed(folder, target, exc) from None
         if target.exists():  # re-saving the same step (e.g. after a resume): replace it
             old = Path(tempfile.mkdtemp(prefix=".old-", dir=folder))
             os.replace(target, old / target.name)
@@ -87,13 +86,41 @@ def save(folder: Path, step: int, tensors: dict[str, torch.Tensor], state: dict[
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, target)
-        _fsync_dir(folder)
+        fsync_path(folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     if keep > 0:
         for old in list_checkpoints(folder)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     return target
+
+
+def _write_failed(folder: Path, target: Path, exc: Exception) -> UsageError:
+    """One line for a checkpoint that could not be written (a full disk, mostly)."""
+    why = getattr(exc, "strerror", None) or (str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+    kept = list_checkpoints(folder)
+    last = f"the last good checkpoint, {kept[-1].name}, is kept" if kept else "no earlier checkpoint exists"
+    return UsageError(f"cannot write checkpoint {target.name} in {folder}: {why}; {last}")
+
+
+def remove_orphans(folder: Path) -> list[str]:
+    """Clear what a killed :func:`save` left in ``folder``: unfinished ``.tmp-*`` folders
+    are deleted; an ``.old-*`` folder (a checkpoint being replaced by one of the same step)
+    is moved back when the replacement never arrived, else deleted. Call it only while
+    holding the run lock (another process's write in progress looks the same). Returns
+    the names removed."""
+    removed: list[str] = []
+    if not folder.is_dir():
+        return removed
+    for p in sorted(folder.iterdir()):
+        if p.name.startswith(".old-") and p.is_dir():
+            for inner in p.iterdir():
+                if inner.name.startswith(PREFIX) and not (folder / inner.name).exists():
+                    os.replace(inner, folder / inner.name)
+        if p.name.startswith((TMP_PREFIX, ".old-")):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+            removed.append(p.name)
+    return removed
 
 
 def list_checkpoints(folder: Path) -> list[Path]:

@@ -1,14 +1,24 @@
 """Output files a command writes: refused when they would replace something silently,
-written through a temporary file in the same folder so nothing half-written is left."""
+written through a temporary file in the same folder so nothing half-written is left.
+
+:func:`write_atomic` is sslkit's one way to write a file: the data goes to a temporary
+file beside the target (``.tmp-*``), is fsynced, renamed over the target, and the folder
+is fsynced, so after a crash or power loss the target is either the old file or the
+whole new one. A full disk or an unwritable folder is one :class:`UsageError` line, and
+the temporary file is removed.
+"""
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from sslkit.errors import UsageError
+
+TMP_PREFIX = ".tmp-"
 
 
 def check_output(out: Path, overwrite: bool) -> None:
@@ -20,28 +30,57 @@ def check_output(out: Path, overwrite: bool) -> None:
         raise UsageError(f"{str(out)!r} already exists; pass --overwrite to replace it")
     if not out.parent.is_dir():
         raise UsageError(f"output folder {str(out.parent)!r} does not exist")
-    try:  # a real probe: access() says yes to root even where nothing can be created
-        fd, probe = tempfile.mkstemp(prefix=".tmp-", dir=out.parent)
+    check_writable(out.parent)
+
+
+def check_writable(folder: Path) -> None:
+    """Refuse a folder in which no file can be created (a real probe: ``access()`` says
+    yes to root even where nothing can be created)."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=TMP_PREFIX, dir=folder)
         os.close(fd)
         os.unlink(probe)
     except OSError as exc:
-        raise UsageError(f"output folder {str(out.parent)!r} is not writable: {exc.strerror or exc}") from None
+        raise UsageError(f"output folder {str(folder)!r} is not writable: {exc.strerror or exc}") from None
+
+
+def fsync_path(path: Path) -> None:
+    """Flush a file's or a folder's contents (a folder: its entries) to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_atomic(out: Path, write: Callable[[Path], None], suffix: str = "") -> None:
-    """Call ``write(tmp)`` on a temporary file beside ``out``, then rename it to ``out``."""
+    """Call ``write(tmp)`` on a temporary file beside ``out``, fsync it, rename it to
+    ``out`` and fsync the folder. An ``OSError`` (disk full, permissions) becomes one
+    :class:`UsageError` line; ``out`` keeps its old content and no temporary file stays."""
     out = Path(out)
     try:
-        fd, name = tempfile.mkstemp(prefix=".tmp-", suffix=suffix or out.suffix, dir=out.parent)
+        fd, name = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=suffix or out.suffix, dir=out.parent)
     except OSError as exc:
         raise UsageError(f"cannot write to {str(out.parent)!r}: {exc.strerror or exc}") from None
     os.close(fd)
     tmp = Path(name)
     try:
-        write(tmp)
         try:
+            write(tmp)
+            fsync_path(tmp)
             os.replace(tmp, out)
+            fsync_path(out.parent)
         except OSError as exc:
             raise UsageError(f"cannot write {str(out)!r}: {exc.strerror or exc}") from None
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_text_atomic(out: Path, text: str) -> None:
+    """:func:`write_atomic` for a text file (UTF-8)."""
+    write_atomic(out, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def write_json_atomic(out: Path, data: Any) -> None:
+    """:func:`write_atomic` for a JSON file (indented; objects it cannot encode as ``str``)."""
+    write_text_atomic(out, json.dumps(data, indent=2, default=str))

@@ -46,6 +46,8 @@ class PluginInfo:
     builtin: bool = False
     #: one line per name this plugin registered that another plugin registered too
     conflicts: list[str] = field(default_factory=list)
+    #: the installed distribution that declared the entry point (None: registered in-process)
+    distribution: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"name": self.name, "version": self.version, "builtin": self.builtin}
@@ -89,7 +91,7 @@ class Plugins:
                 continue
             dist = (ep.dist.metadata["Name"] or "") if ep.dist else ""
             info = self.infos[ep.name] = PluginInfo(ep.name, ep.dist.version if ep.dist else None,
-                                                    builtin=dist.lower() == "sslkit")
+                                                    builtin=dist.lower() == "sslkit", distribution=dist or None)
             try:
                 plugin = ep.load()
             except Exception as exc:  # a broken plugin must not take the others down

@@ -1,0 +1,1 @@
+"""Built-in run callbacks (``--callbacks``): ``csv`` (metrics.csv) and ``tensorboard``."""

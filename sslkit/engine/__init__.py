@@ -1,0 +1,39 @@
+"""The training engine, in parts, each a module with one job:
+
+* :mod:`.setup` — :func:`build`: seeding, determinism, the pairing check, DDP-aware data
+  loading, input spec, backbone and task, augmentation, loader, schedule, optimizer,
+  scaler, DDP, compile; returns a plain :class:`Setup`.
+* :mod:`.loop` — :func:`train`: the step loop (accumulation, AMP, DDP, NaN check,
+  checkpoints at their steps) and :func:`train_step`, one optimizer step.
+* :mod:`.state` — :class:`RunState` and what a checkpoint holds (model, optimizer,
+  scaler, schedule, every RNG of every rank, the data position); save and restore.
+* :mod:`.schedules` — warm-up + ``cosine``, ``constant`` or ``step`` (``--schedule``).
+* :mod:`.signals` — SIGINT / SIGTERM: finish the step, checkpoint, stop.
+* :mod:`.events`, :mod:`.callbacks` — run events for plugin callbacks (metrics.csv and
+  TensorBoard are built-in callbacks in ``sslkit_plugins.callbacks``).
+* :mod:`.log` — the progress bar on a terminal, plain lines in a log file.
+* :mod:`.session` — :func:`pretrain`: one run from start to finish.
+
+The engine knows no task by name: tasks plug in through ``views``, ``forward`` and
+``on_step_end`` (see :mod:`sslkit.task`). Everything a step depends on is in a
+checkpoint, so a resumed run repeats the uninterrupted one step for step.
+
+Driving the loop yourself (what ``benchmarks/step_overhead.py`` does)::
+
+    s = build(cfg, torch.device("cpu"))      # nothing written yet
+    state = RunState()
+    train(s, state, Events([]), StopSignal(), save=None, until=state.step + 10)
+"""
+
+from sslkit.engine.events import Callback, Events, RunInfo
+from sslkit.engine.loop import Diverged, train, train_step
+from sslkit.engine.schedules import SCHEDULES, Schedule
+from sslkit.engine.session import pretrain
+from sslkit.engine.setup import Setup, build, check_pairing, resolve_device, seed_everything
+from sslkit.engine.signals import StopSignal
+from sslkit.engine.state import RunState
+
+_check_pairing = check_pairing  # the name tests and older code use
+
+__all__ = ["pretrain", "build", "Setup", "train", "train_step", "RunState", "Schedule", "SCHEDULES", "Events",
+           "Callback", "RunInfo", "StopSignal", "Diverged", "resolve_device", "seed_everything", "check_pairing"]

@@ -1,0 +1,38 @@
+"""``--callbacks a,b``: build the named callbacks that plugins registered."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sslkit.errors import UsageError
+from sslkit.plugins import get_plugins
+from sslkit.registry import unknown_name_message
+
+
+def callback_names(spec: str) -> list[str]:
+    """``"csv, tensorboard"`` -> ``["csv", "tensorboard"]`` (empty and repeated names dropped)."""
+    names: list[str] = []
+    for part in spec.split(","):
+        name = part.strip()
+        if name and name not in names:
+            names.append(name)
+    return names
+
+
+def check_callbacks(spec: str) -> None:
+    """Refuse an unknown callback name (one line, with the closest match)."""
+    plugins = get_plugins()
+    for name in callback_names(spec):
+        if plugins.lookup("callbacks", name) is None:
+            raise UsageError(unknown_name_message("callback", name, sorted(plugins.entries["callbacks"]),
+                                                  " (in --callbacks)"))
+
+
+def create_callbacks(spec: str) -> list[tuple[str, Any]]:
+    """``(label, callback)`` for every name in ``spec``, in order; the label names the plugin."""
+    check_callbacks(spec)
+    out = []
+    for name in callback_names(spec):
+        entry = get_plugins().lookup("callbacks", name)
+        out.append((f"{name!r} (plugin {entry.plugin!r})", entry.obj()))
+    return out

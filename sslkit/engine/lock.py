@@ -1,0 +1,56 @@
+"""One process per run directory: an advisory lock on ``RUN_DIR/.sslkit.lock``.
+
+Rank 0 takes the lock (``fcntl.flock``, exclusive, non-blocking) before it writes
+anything in the run directory and holds it until the process ends. The kernel drops the
+lock when its holder exits or dies (even by SIGKILL), so a lock is never stale: the
+next start simply takes it. A second ``sslkit pretrain`` on the same directory (a
+``--resume`` while the run still trains, a requeued job racing its predecessor) is
+refused in one line. The file stays; it holds the holder's process id, for the message.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from pathlib import Path
+
+from sslkit.errors import UsageError
+
+LOCK_FILE = ".sslkit.lock"
+
+
+class RunLock:
+    """``acquire()`` once the directory exists; ``release()`` (or process exit) frees it."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = Path(run_dir) / LOCK_FILE
+        self.fd: int | None = None
+
+    @property
+    def held(self) -> bool:
+        return self.fd is not None
+
+    def acquire(self) -> None:
+        """Take the lock (idempotent); a :class:`UsageError` when another process holds it."""
+        if self.fd is not None:
+            return
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise UsageError(f"cannot lock run directory {str(self.path.parent)!r}: {exc.strerror or exc}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise UsageError(f"run directory {str(self.path.parent)!r} is in use by another sslkit process "
+                             f"(pid {holder}); wait for it to end, or stop it first") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None

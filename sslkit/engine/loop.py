@@ -1,0 +1,221 @@
+"""The step loop: data -> views -> task loss -> optimizer, with checkpoints and logs.
+
+One optimizer step (:func:`train_step`) is::
+
+    for each of `accumulate` micro-batches x: (b, C, S, S), b = batch_size / world:
+        views = augment(x)                      # task.views(spec), batched, on device
+        with autocast(precision): out = model(views)
+        scaler.scale(out["loss"] / accumulate).backward()   # DDP syncs on the last one
+    scalars = mean over ranks (one all-reduce)
+    clip the global gradient norm; set LR = schedule(step); optimizer step
+    task.on_step_end(step, total)               # EMA teachers, queues, centres
+
+:func:`train` runs steps until the horizon (or a stop signal), checkpointing every
+``checkpoint_every`` steps, at every epoch end and at the end. Each step's scalars are
+read one step late (:class:`StepLog`): reading a loss waits for the device, and reading
+step N's while step N+1 is queued keeps a GPU busy while Python launches work. A NaN
+loss is still caught before any checkpoint could hold it: a checkpoint first reads every
+step it covers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+
+from sslkit import distributed
+from sslkit.engine import state as run_state
+from sslkit.engine.events import Events
+from sslkit.engine.log import Progress
+from sslkit.engine.setup import Setup
+from sslkit.engine.state import RunState
+from sslkit.errors import UsageError
+from sslkit.optim import set_lr
+
+#: metric names the engine writes itself; a task returning one of them is refused
+RESERVED_METRICS = frozenset({"step", "epoch", "lr", "img_per_s", "grad_norm", "stop"})
+
+SaveFn = Callable[[Setup, RunState], "Path | None"]
+
+
+class Diverged(Exception):
+    """The loss became NaN or infinite; the message says at which step."""
+
+
+def train(s: Setup, state: RunState, events: Events, stop: Any, save: SaveFn | None = run_state.save,
+          until: int | None = None) -> dict[str, Any]:
+    """Train from ``state`` to step ``until`` (default: the horizon ``s.total``), or until
+    ``stop.requested`` turns True; ``save`` writes a checkpoint (None: never). Returns the
+    session's summary (steps, seconds, img_per_s, final_loss, interrupted, main)."""
+    cfg, until = s.cfg, s.total if until is None else until
+    log = StepLog(s, events, Progress(cfg.task, s.total, state.step, cfg.progress and s.main))
+    start_step, saved_at, interrupted = state.step, state.step, False
+    t_start = time.perf_counter()
+    s.task.train()
+    try:
+        while state.step < until and not interrupted:
+            if state.pos >= s.steps_per_epoch:
+                state.epoch, state.pos = state.epoch + 1, 0
+            batches = s.loader.epoch(state.epoch, state.pos * cfg.accumulate)
+            try:
+                while state.pos < s.steps_per_epoch and state.step < until:
+                    t0 = time.perf_counter()
+                    scalars = train_step(s, state, batches, stop.requested)
+                    log.launched(state, s.schedule.lr_at(state.step - 1), scalars)
+                    interrupted = log.read(keep=1)
+                    log.timed(time.perf_counter() - t0)  # the step's own time, not a checkpoint's
+                    end_of_epoch = state.pos >= s.steps_per_epoch
+                    every = cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0
+                    if every or end_of_epoch or state.step >= until or interrupted:
+                        interrupted = log.read(keep=0) or interrupted
+                        _checkpoint(s, state, events, save)
+                        saved_at = state.step
+                    if interrupted:
+                        break
+            finally:
+                batches.close()
+        interrupted = log.read(keep=0) or interrupted
+        if saved_at != state.step:
+            _checkpoint(s, state, events, save)
+    finally:
+        log.progress.close()
+    elapsed = time.perf_counter() - t_start
+    return {
+        "steps": state.step, "steps_this_session": state.step - start_step, "seconds": round(elapsed, 2),
+        "img_per_s": round(log.images / elapsed, 2) if elapsed > 0 and log.images else None,
+        "final_loss": log.last.get("loss"), "interrupted": interrupted, "main": s.main,
+    }
+
+
+def _checkpoint(s: Setup, state: RunState, events: Events, save: SaveFn | None) -> None:
+    path = save(s, state) if save is not None else None
+    if path is not None:
+        events.emit("on_checkpoint", path)
+
+
+def train_step(s: Setup, state: RunState, batches: Iterator[torch.Tensor],
+               stop_requested: bool = False) -> dict[str, torch.Tensor]:
+    """Launch one optimizer step from the next ``accumulate`` batches; advance ``state``.
+
+    Returns the step's scalars as 0-d device tensors, not yet read (means over
+    micro-batches and ranks; ``stop`` > 0 when any rank was asked to stop; ``grad_norm``
+    when clipping).
+    """
+    scalars = accumulate(s, batches)
+    scalars["stop"] = float(stop_requested)
+    scalars = reduce_over_ranks(s, scalars)
+    grad_norm = optimizer_step(s, state.step)
+    if grad_norm is not None:
+        scalars["grad_norm"] = grad_norm
+    state.step, state.pos = state.step + 1, state.pos + 1
+    s.task.on_step_end(state.step, s.total)
+    return scalars
+
+
+def accumulate(s: Setup, batches: Iterator[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Forward and backward ``accumulate`` micro-batches; the mean of each logged scalar."""
+    K = s.cfg.accumulate
+    sums: dict[str, torch.Tensor] = {}
+    for k in range(K):
+        x = next(batches).to(s.device, non_blocking=True)
+        if x.dim() == 4 and x.shape[-1] != s.spec.image_size:  # stored at --cache-size: resize on the device
+            x = torch.nn.functional.interpolate(x, size=(s.spec.image_size,) * 2, mode="bilinear",
+                                                antialias=True, align_corners=False)
+        views = s.augment(x)
+        if s.channels_last:
+            views = tuple(v.contiguous(memory_format=torch.channels_last) if v.dim() == 4 else v for v in views)
+        sync = s.ddp.no_sync() if (s.ddp is not None and k < K - 1) else contextlib.nullcontext()
+        with sync:
+            with torch.autocast(s.device.type, dtype=s.autocast_dtype or torch.float32,
+                                enabled=s.autocast_dtype is not None):
+                result = s.model(views)
+            loss = result["loss"]
+            s.scaler.scale(loss.float() / K).backward()
+        if not RESERVED_METRICS.isdisjoint(result):
+            _reserved(s, result)
+        for name, v in result.items():
+            if torch.is_tensor(v) and v.numel() == 1:
+                sums[name] = sums.get(name, 0) + v.detach().float().reshape(()) / K
+    return sums
+
+
+def _reserved(s: Setup, result: dict[str, Any]) -> None:
+    from sslkit.registry import plugin_of
+
+    clash = sorted(RESERVED_METRICS.intersection(result))
+    raise UsageError(f"task {s.cfg.task!r} (plugin {plugin_of('tasks', s.cfg.task)!r}) returned the metric "
+                     f"{clash[0]!r}, which the engine logs itself; rename it (reserved: "
+                     f"{', '.join(sorted(RESERVED_METRICS))})")
+
+
+def reduce_over_ranks(s: Setup, scalars: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Mean of every scalar over ranks (``stop`` > 0 if any rank's is), in one collective."""
+    names = sorted(scalars)
+    vec = torch.stack([torch.as_tensor(scalars[n], dtype=torch.float32, device=s.device).reshape(())
+                       for n in names])
+    if s.world > 1:
+        distributed.all_reduce_sum(vec)
+        vec = vec / s.world
+    return dict(zip(names, vec.unbind()))
+
+
+def optimizer_step(s: Setup, step: int) -> torch.Tensor | None:
+    """Clip (with ``--grad-clip``), set the LR of 0-based ``step``, step, zero the gradients."""
+    grad_norm = None
+    if s.cfg.grad_clip:
+        s.scaler.unscale_(s.optimizer)
+        params = [p for g in s.optimizer.param_groups for p in g["params"]]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, s.cfg.grad_clip)
+    set_lr(s.optimizer, s.schedule.lr_at(step))
+    s.scaler.step(s.optimizer)
+    s.scaler.update()
+    s.optimizer.zero_grad(set_to_none=True)
+    return grad_norm
+
+
+class StepLog:
+    """Launched steps whose scalars are still on the device; reading them checks the loss
+    and sends each step's row to the callbacks and the progress display."""
+
+    def __init__(self, s: Setup, events: Events, progress: Progress) -> None:
+        self.s, self.events, self.progress = s, events, progress
+        self.pending: list[dict[str, Any]] = []
+        self.images = 0
+        self.last: dict[str, float] = {}
+
+    def launched(self, state: RunState, lr: float, scalars: dict[str, torch.Tensor]) -> None:
+        self.pending.append({"step": state.step, "epoch": state.epoch, "lr": lr, "scalars": scalars,
+                             "seconds": None})
+
+    def timed(self, seconds: float) -> None:
+        """The wall time of the newest launched step: its launch and the previous step's read."""
+        self.pending[-1]["seconds"] = seconds
+
+    def read(self, keep: int) -> bool:
+        """Read, check and log all but the newest ``keep`` pending steps; True if asked to stop."""
+        asked = False
+        while len(self.pending) > keep:
+            p = self.pending.pop(0)
+            names = list(p["scalars"])
+            values = dict(zip(names, torch.stack([p["scalars"][n].float().reshape(()) for n in names]).tolist()))
+            if not np.isfinite(values["loss"]):
+                raise Diverged(
+                    f"loss became {values['loss']} at step {p['step']}; training stopped and no checkpoint "
+                    f"holds that step. Lower --lr (now {self.s.schedule.peak_lr:g}) or set --grad-clip; the last "
+                    f"good checkpoint is in {self.s.checkpoint_dir}")
+            self.images += self.s.step_images
+            asked = values.pop("stop") > 0 or asked
+            grad_norm = values.pop("grad_norm", None)
+            self.last = values
+            ips = self.s.step_images / max(p["seconds"] or 0.0, 1e-9)
+            row = {"step": p["step"], "epoch": p["epoch"], **values, "lr": p["lr"], "img_per_s": ips}
+            if grad_norm is not None:
+                row["grad_norm"] = grad_norm
+            self.events.emit("on_step_end", p["step"], {k: v for k, v in row.items() if k != "step"})
+            self.progress.update(row)
+        return asked

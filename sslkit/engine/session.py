@@ -1,0 +1,124 @@
+"""One pretraining session, start to finish: :func:`pretrain`.
+
+Checks the configuration, joins the process group, builds the run (:mod:`.setup`),
+writes the run directory, restores a checkpoint (:mod:`.state`), trains (:mod:`.loop`)
+under the stop signals (:mod:`.signals`) with the callbacks (:mod:`.events`), then
+writes ``encoder.safetensors`` and the final ``run.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from sslkit import distributed
+from sslkit.engine import state as run_state
+from sslkit.engine.callbacks import check_callbacks, create_callbacks
+from sslkit.engine.events import Events, RunInfo
+from sslkit.engine.loop import Diverged, train
+from sslkit.engine.setup import Setup, build, on_main, resolve_device, seed_everything
+from sslkit.engine.signals import StopSignal
+from sslkit.errors import UsageError
+from sslkit.output_file import write_atomic, write_json_atomic
+from sslkit.registry import get_task, resolve_data
+from sslkit.run import ENCODER_FILE, RUN_JSON, RunConfig, prepare_run_dir
+
+
+def pretrain(cfg: RunConfig) -> dict[str, Any]:
+    """Run (or resume) pretraining as ``cfg`` says; returns the final summary.
+
+    Under torchrun every process calls this; rank 0 alone writes the run directory.
+    """
+    if cfg.resume:
+        old = read_json(Path(cfg.out) / RUN_JSON)
+        if old.get("status") == "finished":  # nothing left to do; the config cannot have grown
+            return {**old.get("summary", {}), "already_finished": True,
+                    "main": int(os.environ.get("RANK", "0")) == 0}
+    get_task(cfg.task)
+    resolve_data(cfg.data)  # fail on a bad --data before touching anything
+    check_callbacks(cfg.callbacks)
+    device = resolve_device(cfg.device)
+    if cfg.precision == "fp16" and device.type != "cuda":
+        raise UsageError("--precision fp16 needs a CUDA GPU; on CPU use bf16 or fp32")
+    if cfg.sync_bn and distributed.launched() and device.type != "cuda":
+        raise UsageError("--sync-bn needs CUDA GPUs (torch's SyncBatchNorm has no CPU implementation)")
+    created = distributed.init(device.type)
+    flags = torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark
+    try:
+        return run(build(cfg, device))
+    finally:
+        torch.use_deterministic_algorithms(flags[0])  # leave the process as it was (library use)
+        torch.backends.cudnn.benchmark = flags[1]
+        if created:
+            distributed.teardown()
+
+
+def run(s: Setup) -> dict[str, Any]:
+    """Train a built run to its end (or a stop signal); write the encoder and run.json."""
+    if s.world > 1:  # different augmentations per rank; the model is already identical
+        seed_everything(s.cfg.seed + 7919 * s.rank)
+    on_main(lambda: _prepare(s))  # everything asked for is valid: only now is the run directory written
+    state = run_state.restore(s)
+    if s.cfg.resume and s.main:
+        s.info["resumes"] = read_json(s.out / RUN_JSON).get("resumes", []) + [{"from_step": state.step}]
+    write_info(s)
+    events = Events(create_callbacks(s.cfg.callbacks), s.rank)
+    events.emit("on_run_start", RunInfo(s.out, s.info, state.step, s.total, s.rank, s.world))
+    summary: dict[str, Any] = {"steps": state.step}
+    status = "failed"
+    with StopSignal() as stop:
+        try:
+            summary = train(s, state, events, stop)
+            status = "interrupted" if summary["interrupted"] else "finished"
+        except Diverged as exc:
+            status = "diverged"
+            raise UsageError(str(exc)) from None
+        finally:
+            if status != "finished":
+                _end(s, events, status, summary)
+    if status == "finished" and s.main:
+        write_atomic(s.out / ENCODER_FILE, lambda tmp: save_file(
+            {k: v.detach().contiguous().cpu() for k, v in s.task.encoder.state_dict().items()}, str(tmp)))
+    if status == "finished":
+        _end(s, events, status, summary)
+    return summary
+
+
+def _end(s: Setup, events: Events, status: str, summary: dict[str, Any]) -> None:
+    """The final run.json (rank 0) and the ``on_run_end`` event."""
+    if s.main:
+        s.info["status"] = status
+        if status in ("finished", "interrupted"):
+            s.info["summary"] = {k: v for k, v in summary.items() if k != "main"}
+        write_info(s)
+    encoder = s.out / ENCODER_FILE
+    events.emit("on_run_end", {**{k: v for k, v in summary.items() if k != "main"}, "status": status,
+                               "encoder": encoder if status == "finished" and s.main else None})
+
+
+def _prepare(s: Setup) -> None:
+    prepare_run_dir(s.cfg)
+    prepared = s.data.prepared
+    write_json_atomic(s.out / "data_report.json", {
+        "samples": len(prepared), "skipped": len(prepared.skipped),
+        "skipped_files": [{"path": p, "reason": r} for p, r in prepared.skipped],
+    })
+
+
+def write_info(s: Setup) -> None:
+    """``run.json`` (rank 0)."""
+    if s.main:
+        write_json_atomic(s.out / RUN_JSON, s.info)
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON file's content; ``{}`` when it is missing or unreadable."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}

@@ -1,0 +1,185 @@
+"""Run callbacks (``register_callbacks``): a plugin installed from a folder receives every
+event of a run in order, a raising callback is reported once and the run goes on, names
+are checked, reserved metric names are refused, and every pretrain flag passes through
+torchrun's parser unchanged."""
+
+from __future__ import annotations
+
+import csv
+import json
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from sslkit import plugins
+from tests.conftest import make_images, run_sslkit
+from tests.test_engine import TINY_VIT, install_probe
+
+RECORDER = '''
+"""Test callbacks: ``record`` appends every event to $SSLKIT_TEST_EVENTS (JSON lines);
+``explode`` raises at step 2; ``lr_task`` is a task that returns a reserved metric."""
+import json
+import os
+
+import torch
+
+from sslkit.api import Callback, hookimpl
+from sslkit_probe import Probe
+
+
+class Record(Callback):
+    def _write(self, *event):
+        with open(os.environ["SSLKIT_TEST_EVENTS"], "a") as f:
+            f.write(json.dumps(event, default=str) + "\\n")
+
+    def on_run_start(self, run):
+        self._write("on_run_start", str(run.out), run.start_step, run.total_steps, run.resumed,
+                    run.config["task"])
+
+    def on_step_end(self, step, metrics):
+        self._write("on_step_end", step, sorted(metrics), metrics["loss"])
+
+    def on_checkpoint(self, path):
+        self._write("on_checkpoint", path.name, path.is_dir())
+
+    def on_run_end(self, summary):
+        self._write("on_run_end", summary["status"], summary["steps"], str(summary["encoder"]))
+
+
+class Explode(Callback):
+    def __init__(self):
+        self.calls = 0
+
+    def on_step_end(self, step, metrics):
+        self.calls += 1
+        if step == 2:
+            raise RuntimeError("tracker unreachable")
+        with open(os.environ["SSLKIT_TEST_EVENTS"], "a") as f:
+            f.write(json.dumps(["explode", step]) + "\\n")
+
+
+class LrTask(Probe):
+    def forward(self, views):
+        out = super().forward(views)
+        return {**out, "lr": torch.zeros(())}
+
+
+@hookimpl
+def register_callbacks(register):
+    register("record", Record)
+    register("explode", Explode)
+
+
+@hookimpl
+def register_tasks(register):
+    register("lr_task", LrTask)
+'''
+
+
+def install_recorder(root: Path) -> Path:
+    """The probe task plus the recorder plugin, as installed distributions on ``root``."""
+    install_probe(root)
+    info = root / "sslkit_recorder-0.1.dist-info"
+    info.mkdir(parents=True, exist_ok=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: sslkit-recorder\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[sslkit]\nrecorder = sslkit_recorder\n")
+    (root / "sslkit_recorder.py").write_text(textwrap.dedent(RECORDER))
+    return root
+
+
+@pytest.fixture
+def recorder(tmp_path, monkeypatch) -> Path:
+    root = install_recorder(tmp_path / "plugins")
+    monkeypatch.syspath_prepend(str(root))
+    monkeypatch.setenv("SSLKIT_TEST_EVENTS", str(tmp_path / "events.jsonl"))
+    plugins.reset()
+    return tmp_path / "events.jsonl"
+
+
+def config(images: Path, out: Path, **kw):
+    from sslkit.run import RunConfig
+
+    base = dict(task="probe", data=f"folder:{images}", out=str(out), image_size=16, epochs=3, max_steps=5,
+                batch_size=8, backbone_options={**TINY_VIT, "patch_size": 8}, progress=False, deterministic=True,
+                warmup_epochs=0.5, cache_dir="")
+    base.update(kw)
+    return RunConfig(**base)
+
+
+def events(path: Path) -> list[list]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_callback_plugin_receives_every_event_in_order(recorder, tmp_path):
+    from sslkit.engine import pretrain
+
+    images = make_images(tmp_path / "img", n_per_class=8, size=20)  # 16 images, batch 8: 2 steps per epoch
+    out = tmp_path / "run"
+    summary = pretrain(config(images, out, callbacks="csv,record"))
+    assert summary["steps"] == 5
+    got = events(recorder)
+    kinds = [(e[0], e[1]) for e in got]
+    assert kinds == [("on_run_start", str(out)),
+                     ("on_step_end", 1), ("on_step_end", 2), ("on_checkpoint", "step-00000002"),
+                     ("on_step_end", 3), ("on_step_end", 4), ("on_checkpoint", "step-00000004"),
+                     ("on_step_end", 5), ("on_checkpoint", "step-00000005"),
+                     ("on_run_end", "finished")]
+    assert got[0][2:] == [0, 5, False, "probe"]
+    assert all(e[2] for e in got if e[0] == "on_checkpoint")  # the folder exists when the event comes
+    assert got[1][2] == ["epoch", "img_per_s", "loss", "lr", "z_norm"]
+    with open(out / "metrics.csv", newline="") as f:  # the same losses the csv callback wrote
+        rows = list(csv.DictReader(f))
+    assert [float(r["loss"]) for r in rows] == pytest.approx([e[3] for e in got if e[0] == "on_step_end"])
+    assert got[-1][2] == 5 and got[-1][3] == str(out / "encoder.safetensors")
+
+
+def test_a_raising_callback_is_reported_once_and_the_run_goes_on(recorder, tmp_path, capsys):
+    from sslkit.engine import pretrain
+
+    images = make_images(tmp_path / "img", n_per_class=8, size=20)
+    out = tmp_path / "run"
+    summary = pretrain(config(images, out, callbacks="explode,csv"))
+    assert summary["steps"] == 5 and not summary["interrupted"]
+    err = [line for line in capsys.readouterr().err.splitlines() if "explode" in line]
+    assert len(err) == 1 and "RuntimeError" in err[0] and "tracker unreachable" in err[0], err
+    assert "'explode' (plugin 'recorder')" in err[0] and "disabled" in err[0]
+    assert events(recorder) == [["explode", 1]]  # never called again after raising
+    assert len((out / "metrics.csv").read_text().splitlines()) == 6  # the csv callback wrote every step
+    assert json.loads((out / "run.json").read_text())["status"] == "finished"
+
+
+def test_unknown_callback_and_reserved_metric_are_one_line_errors(tmp_path):
+    root = install_recorder(tmp_path / "plugins")
+    images = make_images(tmp_path / "img", n_per_class=8, size=20)
+    env = {"PYTHONPATH": str(root), "SSLKIT_TEST_EVENTS": str(tmp_path / "e.jsonl")}
+    common = ["--data", f"folder:{images}", "--image-size", "16", "--batch-size", "8", "--max-steps", "2",
+              "--quiet", "--no-cache", *[a for k, v in {**TINY_VIT, "patch_size": 8}.items()
+                                          for a in ("--backbone-opt", f"{k}={v}")]]
+    bad = run_sslkit("pretrain", "--task", "probe", "--out", tmp_path / "a", "--callbacks", "csv,tensorbord",
+                     *common, env=env)
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+    assert "unknown callback 'tensorbord'" in bad.stderr and "did you mean 'tensorboard'" in bad.stderr
+    assert not (tmp_path / "a").exists()  # refused before anything was written
+
+    lr = run_sslkit("pretrain", "--task", "lr_task", "--out", tmp_path / "b", *common, env=env)
+    assert lr.returncode == 2 and len(lr.stderr.strip().splitlines()) == 1, lr.stderr
+    assert "task 'lr_task' (plugin 'recorder')" in lr.stderr and "'lr'" in lr.stderr
+    assert not (tmp_path / "b" / "encoder.safetensors").exists()
+
+
+def test_every_pretrain_flag_passes_through_torchrun_unchanged():
+    """torchrun's parser refuses an argument that abbreviates one of its own options
+    (``--log`` for ``--log-dir``) even after ``-m sslkit``: no sslkit flag may."""
+    from torch.distributed.run import get_args_parser
+
+    from sslkit.cli import pretrain
+
+    flags = sorted({o for p in pretrain.params for o in (*p.opts, *p.secondary_opts) if o.startswith("--")})
+    assert "--callbacks" in flags and "--resume" in flags and len(flags) > 30
+    parser = get_args_parser()
+    for flag in flags:
+        argv = ["pretrain", flag, "1"]
+        args = parser.parse_args(["--nnodes", "1:2", "--nproc-per-node", "1", "-m", "sslkit", *argv])
+        assert args.module and args.training_script == "sslkit"
+        assert args.training_script_args == argv, flag
