@@ -92,7 +92,10 @@ def register_sources(register: Register) -> None:
     [0, 1]`` (raising ``NotAnImage`` to skip silently, ``Undecodable`` or any error to skip
     with a reported reason). Optional: ``channels_of(ref)``, ``properties(ref)`` (for
     ``sslkit data inspect``), ``describe()`` (how pixels reached [0, 1], stored in the
-    run's InputSpec), ``parallel_decode``. Rules (* = enforced):
+    run's InputSpec), ``graph_preprocessing()`` (what an export ``--with-preprocessing``
+    puts in its graph: a :class:`sslkit.api.GraphPreprocessing`, default image pixels),
+    ``parallel_decode``. CLI flags for some ``Options`` fields (``--window``) come from an
+    entry point of group ``sslkit.source_flags`` (:mod:`sslkit.source_flags`). Rules (* = enforced):
 
     * ``SourceClass.scheme`` equals the registered name (*: at registration, one line
       naming the plugin; the source is skipped).
