@@ -36,7 +36,8 @@ def _data_args(kw: dict):
     return DataArgs(train=kw["train"], test=kw["test"], labels_csv=kw["labels"], positive=kw["positive"],
                     baseline=not kw["no_baseline"], batch_size=kw["batch_size"],
                     source_options=parse_pairs(kw["data_opts"], "--data-opt"), progress=not kw["quiet"],
-                    device=kw["device"])
+                    device=kw["device"], data=kw["data"], split=kw["split"], group_by=kw["group_by"],
+                    group_pattern=kw["group_pattern"], seed=kw.get("seed", 0), allow_overlap=kw["allow_overlap"])
 
 
 def _print(report: dict, as_json: bool) -> None:
@@ -48,8 +49,17 @@ def _print(report: dict, as_json: bool) -> None:
     data = report["data"]
     lines = [f"{report['kind']}: {report['model']['task']} {report['model']['backbone']} ({report['model']['path']})"]
     for split, d in data.items():
+        if "samples" not in d:
+            continue
         extra = f", {d['unlabelled']} unlabelled skipped" if d.get("unlabelled") else ""
+        extra += f", {d['groups']} groups" if d.get("groups") else ""
         lines.append(f"  {split}: {d['samples']} images{extra}  [{d['source']}]")
+    if "overlap" in data:
+        lines.append(f"  warning: {data['overlap']['test_samples_in_train']} test images are also in --train "
+                     f"(--allow-overlap)")
+    if "split" in report["settings"]:
+        sp = report["settings"]["split"]
+        lines.append(f"  split: {sp['folds']}-fold by {sp['group_by']} groups; metrics are mean ± std over folds")
     if report["classes"]:
         pos = f"; positive class {report['positive_class']!r} (AUROC)" if report["positive_class"] else ""
         lines.append(f"  classes: {', '.join(report['classes'])}{pos}")
@@ -63,8 +73,17 @@ def probe_options(f):
     """Options shared by ``knn`` and ``linear``."""
     for deco in reversed([
         click.argument("model", metavar="RUN_OR_ONNX"),
-        click.option("--train", required=True, help="Labelled images to fit on (class sub-folders, or --labels)."),
-        click.option("--test", required=True, help="Labelled images to score on."),
+        click.option("--train", default=None, help="Labelled images to fit on (class sub-folders, or --labels)."),
+        click.option("--test", default=None, help="Labelled images to score on."),
+        click.option("--allow-overlap", is_flag=True,
+                     help="Evaluate even if --train and --test share images (by content); the count is reported."),
+        click.option("--data", default=None, help="One labelled folder, split into grouped folds (instead of "
+                                                  "--train/--test)."),
+        click.option("--split", default=None, metavar="group:K", help="Grouped k-fold for --data (default group:5)."),
+        click.option("--group-by", default="source", show_default=True, type=click.Choice(["source", "folder"]),
+                     help="Split groups: the source's (DICOM patient, --data-opt group=) or the file's folder."),
+        click.option("--group-pattern", default=None, metavar="REGEX",
+                     help="Split groups from the file name: the regex's first group (e.g. '^(person\\d+|IM-\\d+)')."),
         click.option("--labels", default=None, type=click.Path(dir_okay=False),
                      help="CSV 'path,label' instead of class sub-folders."),
         click.option("--positive", default=None, help="Positive class for AUROC (two classes; default: 2nd sorted)."),

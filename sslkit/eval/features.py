@@ -22,7 +22,7 @@ from sslkit.errors import UsageError
 from sslkit.eval.labels import Labelled, assign_labels, no_labels, read_labels_csv, select_labelled
 from sslkit.spec import InputSpec
 
-ENCODERS = ("pretrained", "random")
+ENCODERS = ("pretrained", "random", "init")  # "init": the --init weights before pretraining, when the run used them
 
 
 @dataclass
@@ -65,6 +65,32 @@ class EvalModel:
                              f"pass the run directory {str(self.path)!r} was exported from")
         return self.run
 
+    def build_init_encoder(self) -> torch.nn.Module | None:
+        """The run's ``--init`` weights before pretraining (same architecture), or None.
+
+        None when the model is not a run directory, the run did not use ``--init``, or its
+        weights cannot be found here or have changed (checked by SHA-256; a note says so).
+        """
+        import sys
+
+        record = (self.run.info.get("init") if self.run is not None else None) or {}
+        source = (self.run.config.get("init") if record else None)
+        if not source:
+            return None
+        from sslkit.init import load_init
+
+        encoder = self.build_random_encoder()
+        try:
+            got = load_init(source, encoder, allow_download=False)
+        except UsageError as exc:
+            print(f"sslkit: note: no 'init' row: {exc}", file=sys.stderr)
+            return None
+        if got["sha256"] != record.get("sha256"):
+            print(f"sslkit: note: no 'init' row: {record.get('source')} changed since the run (sha256 differs)",
+                  file=sys.stderr)
+            return None
+        return encoder.eval()
+
     def build_random_encoder(self) -> torch.nn.Module:
         """A randomly initialised encoder of this architecture (fixed seed), in eval mode."""
         from sslkit.run import build_baseline_encoder
@@ -92,19 +118,25 @@ def open_model(path: str | Path, device: str = "auto") -> EvalModel:
     return EvalModel(p, "onnx", meta, InputSpec.from_dict(meta["spec"]), None, dev)
 
 
-def _encoders(model: EvalModel, baseline: bool) -> list[embed_mod.Model]:
+def _encoders(model: EvalModel, baseline: bool) -> dict[str, embed_mod.Model]:
+    """``{"pretrained", "random", "init"}`` encoders (the baselines only with ``baseline``)."""
     pretrained, device = model.pretrained, model.device
+    out = {"pretrained": pretrained}
     if not baseline:
-        return [pretrained]
-    encode = embed_mod.torch_encode(model.build_random_encoder(), model.spec, device)
-    random = embed_mod.Model(model.spec, pretrained.source_options, encode, "torch", pretrained.fixed_options)
-    return [pretrained, random]
+        return out
+    baselines = {"random": model.build_random_encoder(), "init": model.build_init_encoder()}
+    for name, enc in baselines.items():
+        if enc is not None:
+            encode = embed_mod.torch_encode(enc, model.spec, device)
+            out[name] = embed_mod.Model(model.spec, pretrained.source_options, encode, "torch", pretrained.fixed_options)
+    return out
 
 
 def embed_all(model: EvalModel, data: str, baseline: bool = True, batch_size: int = 64,
               source_options: dict[str, Any] | None = None, progress: bool = True) -> dict[str, Embeddings]:
-    """``{"pretrained": Embeddings, "random": Embeddings}`` of ``data`` (``(N, D)`` each), one pass."""
-    models = _encoders(model, baseline)
+    """``{"pretrained": Embeddings, "random": Embeddings[, "init": ...]}`` of ``data`` (``(N, D)`` each), one pass."""
+    named = _encoders(model, baseline)
+    models = list(named.values())
     first = models[0]
     dims: list[int] = []
 
@@ -116,7 +148,7 @@ def embed_all(model: EvalModel, data: str, baseline: bool = True, batch_size: in
     both = embed_mod.Model(first.spec, first.source_options, encode, first.engine, first.fixed_options, first.inexact)
     emb = embed_mod.embed(both, data, batch_size, source_options, progress)
     out, start = {}, 0
-    for name, d in zip(ENCODERS, dims):
+    for name, d in zip(named, dims):
         out[name] = Embeddings(np.ascontiguousarray(emb.embeddings[:, start:start + d]), emb.ids, emb.labels,
                                emb.skipped)
         start += d
@@ -129,6 +161,13 @@ def check_labels(model: EvalModel, data: str, what: str, labels_csv: str | None,
 
     Reads the index only (file names, headers); returns the CSV table and the labels found.
     """
+    table, labels, _ = index_labels(model, data, what, labels_csv, source_options)
+    return table, labels
+
+
+def index_labels(model: EvalModel, data: str, what: str, labels_csv: str | None,
+                 source_options: dict[str, Any] | None = None) -> tuple[dict[str, str] | None, list[str], list]:
+    """:func:`check_labels` plus the source's sample refs (ids, split groups), from the index only."""
     from sslkit.registry import create_source
 
     table = read_labels_csv(labels_csv) if labels_csv else None
@@ -138,7 +177,7 @@ def check_labels(model: EvalModel, data: str, what: str, labels_csv: str | None,
     labels = assign_labels([r.id for r in refs], [r.label for r in refs], table)
     if all(lab is None for lab in labels):
         raise no_labels(what, data, table is not None)
-    return table, [lab for lab in labels if lab is not None]
+    return table, [lab for lab in labels if lab is not None], refs
 
 
 def labelled_embeddings(model: EvalModel, data: str, what: str, table: dict[str, str] | None = None,
@@ -150,5 +189,5 @@ def labelled_embeddings(model: EvalModel, data: str, what: str, table: dict[str,
     out = {}
     for name, emb in embed_all(model, data, baseline, **kw).items():
         labels = assign_labels(emb.ids, emb.labels, table)
-        out[name] = select_labelled(emb.embeddings, labels, what, data, table is not None)
+        out[name] = select_labelled(emb.embeddings, labels, what, data, table is not None, emb.ids)
     return out

@@ -9,7 +9,7 @@ file's frames share its label unless a row names ``file#frame``.
 from __future__ import annotations
 
 import csv
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePath
 from typing import Sequence
 
@@ -25,6 +25,7 @@ class Labelled:
     x: np.ndarray  # (N, D) float32
     labels: list[str]  # (N,) class names
     unlabelled: int  # samples dropped for want of a label
+    ids: list[str] = field(default_factory=list)  # (N,) sample ids (path, "#frame"), for grouped splits
 
 
 def read_labels_csv(path: str | Path) -> dict[str, str]:
@@ -85,12 +86,12 @@ def no_labels(what: str, data: str, csv_given: bool) -> UsageError:
 
 
 def select_labelled(x: np.ndarray, labels: Sequence[str | None], what: str, data: str,
-                    csv_given: bool) -> Labelled:
+                    csv_given: bool, ids: Sequence[str] = ()) -> Labelled:
     """Keep the samples that have a label; a set with none is a usage error."""
     keep = [i for i, lab in enumerate(labels) if lab is not None]
     if not keep:
         raise no_labels(what, data, csv_given)
-    return Labelled(x[keep], [labels[i] for i in keep], len(labels) - len(keep))
+    return Labelled(x[keep], [labels[i] for i in keep], len(labels) - len(keep), [ids[i] for i in keep] if ids else [])
 
 
 def class_index(train: Sequence[str], test: Sequence[str], positive: str | None) -> tuple[list[str], int | None]:

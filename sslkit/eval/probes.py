@@ -12,20 +12,23 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from sslkit.eval.features import ENCODERS, EvalModel, check_labels, labelled_embeddings, open_model
+from sslkit.errors import UsageError
+from sslkit.eval.features import ENCODERS, EvalModel, index_labels, labelled_embeddings, open_model
 from sslkit.eval.knn import TEMPERATURE, knn_votes
 from sslkit.eval.labels import Labelled, assign_labels, class_index
 from sslkit.eval.linear import C_GRID, fit_linear_probe
 from sslkit.eval.metrics import classification_metrics
+from sslkit.eval.overlap import check_overlap
 from sslkit.eval.report import new_report, save_report
+from sslkit.eval.split import group_folds, group_keys, mean_std, parse_split
 
 
 @dataclass
 class DataArgs:
     """Which labelled images to evaluate on and how to read them."""
 
-    train: str
-    test: str
+    train: str | None = None
+    test: str | None = None
     labels_csv: str | None = None
     positive: str | None = None
     baseline: bool = True
@@ -33,56 +36,131 @@ class DataArgs:
     source_options: dict[str, Any] = field(default_factory=dict)
     progress: bool = True
     device: str = "auto"  # PyTorch encoders: auto, cpu, cuda
+    # one labelled folder, grouped k-fold (sslkit.eval.split) instead of --train/--test
+    data: str | None = None
+    split: str | None = None  # "group:K"
+    group_by: str = "source"  # source | folder
+    group_pattern: str | None = None  # regex on the file name
+    seed: int = 0  # fold assignment
+    allow_overlap: bool = False  # --train/--test sharing images: evaluate anyway, report the count
+
+    def check(self) -> int | None:
+        """The fold count of ``--data`` mode (None for ``--train/--test``); one-line errors otherwise."""
+        if self.data is not None:
+            if self.train or self.test:
+                raise UsageError("give either --data (one labelled folder, split into folds) or --train and --test")
+            return parse_split(self.split or "group:5")
+        if not (self.train and self.test):
+            raise UsageError("give --train and --test, or one labelled folder with --data DIR --split group:5")
+        if self.split:
+            raise UsageError("--split applies to --data (one labelled folder); --train/--test are already split")
+        return None
 
 
 @dataclass
 class ProbeData:
-    """Embedded, labelled train and test sets of every encoder, and the class names."""
+    """Embedded, labelled train and test sets of every encoder, and the class names.
+
+    In ``--data`` mode both sides of ``sets`` hold all labelled samples and ``folds``
+    lists ``(train_idx, test_idx)``; :meth:`fold` gives one fold's sets.
+    """
 
     model: EvalModel
     sets: dict[str, tuple[Labelled, Labelled]]  # encoder -> (train, test)
     classes: list[str]
     positive: int | None
+    folds: list[tuple[np.ndarray, np.ndarray]] | None = None
+    groups: int = 0
+    overlap: int = 0  # test samples also in the training set (--allow-overlap)
 
     def indices(self, labels: Sequence[str]) -> np.ndarray:
         lookup = {c: i for i, c in enumerate(self.classes)}
         return np.array([lookup[c] for c in labels], dtype=np.int64)
 
+    def fold(self, i: int) -> "ProbeData":
+        tr, te = self.folds[i]
+        sets = {e: (_take(a, tr), _take(a, te)) for e, (a, _) in self.sets.items()}
+        return ProbeData(self.model, sets, self.classes, self.positive)
+
+
+def _take(s: Labelled, idx: np.ndarray) -> Labelled:
+    return Labelled(s.x[idx], [s.labels[i] for i in idx], 0, [s.ids[i] for i in idx] if s.ids else [])
+
 
 def prepare(model_path: str, args: DataArgs, needs_run: str | None = None) -> ProbeData:
     """Open the model, check labels (before decoding anything), embed train and test sets."""
+    k = args.check()
     model = open_model(model_path, args.device)
     if needs_run:
         model.require_run(needs_run)
+    if k is not None:
+        return _prepare_folds(model, args, k)
     kw = dict(batch_size=args.batch_size, source_options=args.source_options, progress=args.progress)
-    table, train_labels = check_labels(model, args.train, "--train", args.labels_csv, args.source_options)
-    _, test_labels = check_labels(model, args.test, "--test", args.labels_csv, args.source_options)
+    table, train_labels, train_refs = index_labels(model, args.train, "--train", args.labels_csv, args.source_options)
+    _, test_labels, test_refs = index_labels(model, args.test, "--test", args.labels_csv, args.source_options)
     class_index(train_labels, test_labels, args.positive)  # fail fast, before embedding
+    overlap = check_overlap(train_refs, test_refs, args.allow_overlap)
     train = labelled_embeddings(model, args.train, "--train", table, args.baseline, **kw)
     test = labelled_embeddings(model, args.test, "--test", table, args.baseline, **kw)
     classes, positive = class_index(train["pretrained"].labels, test["pretrained"].labels, args.positive)
-    return ProbeData(model, {e: (train[e], test[e]) for e in train}, classes, positive)
+    return ProbeData(model, {e: (train[e], test[e]) for e in train}, classes, positive, overlap=overlap)
+
+
+def _prepare_folds(model: EvalModel, args: DataArgs, k: int) -> ProbeData:
+    """``--data DIR --split group:K``: embed once, assign groups, cut grouped stratified folds."""
+    table, labels, refs = index_labels(model, args.data, "--data", args.labels_csv, args.source_options)
+    classes, positive = class_index(labels, labels, args.positive)
+    ids = [r.id for r in refs]
+    group_of = dict(zip(ids, group_keys(ids, {r.id: r.group for r in refs}, args.group_by, args.group_pattern)))
+    labelled = [(i, lab) for i, lab in zip(ids, assign_labels(ids, [r.label for r in refs], table)) if lab is not None]
+    group_folds(np.array([classes.index(lab) for _, lab in labelled]), [group_of[i] for i, _ in labelled], k,
+                args.seed)  # fail fast (too few groups), before decoding anything
+    embs = labelled_embeddings(model, args.data, "--data", table, args.baseline, batch_size=args.batch_size,
+                               source_options=args.source_options, progress=args.progress)
+    first = embs["pretrained"]
+    groups = [group_of[i] for i in first.ids]
+    folds = group_folds(np.array([classes.index(c) for c in first.labels]), groups, k, args.seed)
+    return ProbeData(model, {e: (s, s) for e, s in embs.items()}, classes, positive, folds, len(set(groups)))
 
 
 def _report(kind: str, prep: ProbeData, args: DataArgs, settings: dict[str, Any]) -> dict[str, Any]:
     report = new_report(kind, prep.model.describe(), settings)
     tr, te = prep.sets["pretrained"]
-    report["data"] = {
-        "train": {"source": args.train, "samples": len(tr.labels), "unlabelled": tr.unlabelled},
-        "test": {"source": args.test, "samples": len(te.labels), "unlabelled": te.unlabelled},
-    }
+    if prep.folds is not None:
+        settings["split"] = {"kind": "group", "folds": len(prep.folds), "group_by": "pattern" if args.group_pattern
+                             else args.group_by, "group_pattern": args.group_pattern, "seed": args.seed,
+                             "method": "StratifiedGroupKFold (shuffled)"}
+        report["data"] = {"data": {"source": args.data, "samples": len(tr.labels), "unlabelled": tr.unlabelled,
+                                   "groups": prep.groups}}
+        pairs = (("data", tr),)
+    else:
+        report["data"] = {
+            "train": {"source": args.train, "samples": len(tr.labels), "unlabelled": tr.unlabelled},
+            "test": {"source": args.test, "samples": len(te.labels), "unlabelled": te.unlabelled},
+        }
+        if args.allow_overlap:
+            report["data"]["overlap"] = {"test_samples_in_train": prep.overlap, "by": "sha256 of file content"}
+        pairs = (("train", tr), ("test", te))
     report["classes"] = prep.classes
-    report["class_counts"] = {
-        split: {c: int(n) for c, n in zip(*np.unique(s.labels, return_counts=True))}
-        for split, s in (("train", tr), ("test", te))
-    }
+    report["class_counts"] = {split: {c: int(n) for c, n in zip(*np.unique(s.labels, return_counts=True))}
+                              for split, s in pairs}
     report["positive_class"] = prep.classes[prep.positive] if prep.positive is not None else None
     return report
+
+
+def over_folds(prep: ProbeData, fn) -> dict[str, dict[str, Any]]:
+    """``fn(prep)`` once, or per fold with each metric's mean, ``std`` and ``folds`` (``--split``)."""
+    if prep.folds is None:
+        return fn(prep)
+    runs = [fn(prep.fold(i)) for i in range(len(prep.folds))]
+    return {enc: {s: mean_std([r[enc][s] for r in runs]) for s in runs[0][enc]} for enc in runs[0]}
 
 
 def knn_results(prep: ProbeData, ks: Sequence[int] = (20, 200),
                 temperature: float = TEMPERATURE) -> dict[str, dict[str, Any]]:
     """``{encoder: {"k=K": metrics}}`` of the weighted kNN for every ``k``."""
+    if prep.folds is not None:
+        return over_folds(prep, lambda p: knn_results(p, ks, temperature))
     results = {}
     for enc, (tr, te) in prep.sets.items():
         ytr, yte = prep.indices(tr.labels), prep.indices(te.labels)
@@ -98,6 +176,8 @@ def knn_results(prep: ProbeData, ks: Sequence[int] = (20, 200),
 def linear_results(prep: ProbeData, C_grid: Sequence[float] = C_GRID, val_fraction: float = 0.2,
                    seed: int = 0) -> dict[str, dict[str, Any]]:
     """``{encoder: {"linear": metrics + chosen C}}`` of the frozen-feature linear probe."""
+    if prep.folds is not None:
+        return over_folds(prep, lambda p: linear_results(p, C_grid, val_fraction, seed))
     results = {}
     for enc, (tr, te) in prep.sets.items():
         ytr, yte = prep.indices(tr.labels), prep.indices(te.labels)
@@ -125,6 +205,8 @@ def evaluate_linear(model_path: str, args: DataArgs, C_grid: Sequence[float] = C
                     val_fraction: float = 0.2, seed: int = 0, finetune: bool = False,
                     finetune_options: Any = None) -> dict[str, Any]:
     """Linear probe on frozen features (and optionally a short fine-tune); returns the saved report."""
+    if finetune and args.data is not None:
+        raise UsageError("--finetune runs on --train/--test only (fine-tuning once per fold is not supported)")
     prep = prepare(model_path, args, "--finetune" if finetune else None)
     settings: dict[str, Any] = {"C_grid": sorted(C_grid), "val_fraction": val_fraction, "seed": seed,
                                 "standardize": True, "baseline": args.baseline}
@@ -162,7 +244,8 @@ def _add_finetune(report: dict[str, Any], prep: ProbeData, args: DataArgs, optio
         splits[name] = (loaded.prepared.pixels[keep], prep.indices([labels[i] for i in keep]))
     (xtr, ytr), (xte, yte) = splits["train"], splits["test"]
     for enc in prep.sets:
-        encoder = run.build_encoder() if enc == "pretrained" else prep.model.build_random_encoder()
+        encoder = (run.build_encoder() if enc == "pretrained" else prep.model.build_init_encoder() if enc == "init"
+                   else prep.model.build_random_encoder())  # "init": fine-tuned from the --init weights
         model = finetune(encoder, spec, xtr, ytr, len(prep.classes), options, dev, args.progress)
         p = predict_proba(model, spec, xte, args.batch_size, dev)
         report["results"][enc]["finetune"] = {

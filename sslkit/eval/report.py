@@ -15,6 +15,9 @@ Schema ``sslkit.eval/1`` (documented in README, "sslkit eval --json")::
 
 ``METRICS`` is ``{"n", "top1", "balanced_accuracy", "auroc"}`` plus probe-specific keys
 (``C`` and ``val_balanced_accuracy`` for the linear probe, ``epochs`` for fine-tuning).
+With ``--split group:K`` the metrics are means over the folds, ``std`` holds their
+standard deviations and ``folds`` each fold's metrics. Encoders are ``pretrained``,
+``random`` and, for a run started with ``--init``, ``init`` (those weights before pretraining).
 """
 
 from __future__ import annotations
@@ -80,15 +83,18 @@ def _fmt(v: Any) -> str:
 def format_table(report: dict[str, Any]) -> str:
     """The results as an aligned text table, one row per (setting, encoder)."""
     cols = ["top1", "balanced_accuracy", "auroc"]
-    extra = sorted({k for enc in report["results"].values() for m in enc.values() for k in m}
-                   - set(cols) - {"n"})
+    extra = sorted({k for enc in report["results"].values() for m in enc.values() for k, v in m.items()
+                    if not isinstance(v, (dict, list))} - set(cols) - {"n"})
     header = ["setting", "encoder", *cols, *extra]
     rows = []
     settings = list(dict.fromkeys(s for enc in report["results"].values() for s in enc))
     for setting in settings:
         for enc, res in report["results"].items():
             if setting in res:
-                rows.append([setting, enc, *(_fmt(res[setting].get(c)) for c in header[2:])])
+                m = res[setting]
+                std = m.get("std") or {}
+                rows.append([setting, enc, *(_fmt(m.get(c)) + (f" ± {std[c]:.4f}" if std.get(c) is not None else "")
+                                             for c in header[2:])])
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows]]
     return "\n".join(lines)

@@ -1,0 +1,104 @@
+"""Grouped k-fold evaluation on one labelled folder: no patient on both sides of a fold.
+
+``--split group:K`` cuts the labelled samples into ``K`` folds with scikit-learn's
+``StratifiedGroupKFold`` (class proportions kept as far as whole groups allow; plain
+``GroupKFold`` when a class has fewer groups than folds). A sample's group is, in order:
+
+* ``--group-pattern REGEX``: searched in the file name (first capture group, else the
+  whole match; no match: the file is its own group), e.g. ``'^(person\\d+|IM-\\d+)'``;
+* ``--group-by folder``: the folder the file is in;
+* ``--group-by source`` (default): the group the source gives (DICOM: a salted hash of
+  the PatientID, else the study; folders: ``--data-opt group=REGEX`` on the relative
+  path, else the file).
+
+Each fold's metrics are computed as for ``--train/--test``; the report gives their mean
+and standard deviation (``ddof=1``) and every fold's numbers.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from pathlib import PurePath
+from typing import Any, Sequence
+
+import numpy as np
+
+from sslkit.errors import UsageError
+
+GROUP_BY = ("source", "folder")
+METRICS = ("top1", "balanced_accuracy", "auroc")
+
+
+def parse_split(text: str) -> int:
+    """``"group:K"`` -> ``K`` (>= 2)."""
+    kind, _, k = text.partition(":")
+    if kind != "group" or not k.isdigit() or int(k) < 2:
+        raise UsageError(f"--split expects group:K with K >= 2 folds, e.g. group:5; got {text!r}")
+    return int(k)
+
+
+def compile_pattern(pattern: str | None) -> re.Pattern | None:
+    if not pattern:
+        return None
+    try:
+        return re.compile(pattern)
+    except re.error as exc:
+        raise UsageError(f"--group-pattern {pattern!r} is not a valid regular expression: {exc}") from None
+
+
+def group_keys(ids: Sequence[str], source_groups: dict[str, str], group_by: str = "source",
+               pattern: str | None = None) -> list[str]:
+    """The split group of every sample id (see the module docstring for the order)."""
+    rx = compile_pattern(pattern)
+    if group_by not in GROUP_BY:
+        raise UsageError(f"--group-by must be one of {', '.join(GROUP_BY)}; got {group_by!r}")
+    out = []
+    for sid in ids:
+        path = sid.partition("#")[0]
+        if rx is not None:
+            m = rx.search(PurePath(path).name)
+            out.append("p:" + (m.group(1) if m and m.groups() and m.group(1) is not None else m.group(0))
+                       if m else "f:" + path)
+        elif group_by == "folder":
+            out.append("d:" + str(PurePath(path).parent))
+        else:
+            out.append(source_groups.get(sid) or "f:" + path)
+    return out
+
+
+def group_folds(y: np.ndarray, groups: Sequence[str], k: int, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``K`` pairs ``(train_idx, test_idx)``; every group is in exactly one test fold."""
+    from sklearn.model_selection import GroupKFold, StratifiedGroupKFold
+
+    n_groups = len(set(groups))
+    if n_groups < k:
+        raise UsageError(f"--split group:{k} needs at least {k} groups (patients); the labelled data has "
+                         f"{n_groups}: lower K or check --group-pattern / --group-by")
+    x = np.zeros((len(y), 1))
+    per_class = min(len({g for g, c in zip(groups, y) if c == cls}) for cls in np.unique(y))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "least populated class has only n members"
+        if per_class >= k:
+            splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+            folds = list(splitter.split(x, y, groups))
+        else:
+            folds = list(GroupKFold(n_splits=k).split(x, y, groups))
+    return [(np.sort(tr), np.sort(te)) for tr, te in folds]
+
+
+def mean_std(per_fold: list[dict[str, Any]]) -> dict[str, Any]:
+    """Fold metrics -> ``{"n", METRIC: mean, ..., "std": {METRIC: std}, "folds": per_fold}``.
+
+    ``n`` is the number of test samples over all folds (each sample is tested once).
+    Other numeric keys (``C``, ``k_used``...) are kept as the list of fold values.
+    """
+    out: dict[str, Any] = {"n": int(sum(m["n"] for m in per_fold))}
+    std: dict[str, float | None] = {}
+    for key in METRICS:
+        vals = [m[key] for m in per_fold if m.get(key) is not None]
+        out[key] = float(np.mean(vals)) if vals else None
+        std[key] = float(np.std(vals, ddof=1)) if len(vals) > 1 else None
+    out["std"] = std
+    out["folds"] = [{k: v for k, v in m.items() if not isinstance(v, dict)} for m in per_fold]
+    return out

@@ -1,0 +1,135 @@
+"""Evaluation without leakage: grouped k-fold on one labelled folder, overlap refused for --train/--test."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sslkit.errors import UsageError
+from sslkit.eval.split import group_folds, group_keys, mean_std, parse_split
+
+
+@pytest.fixture(scope="module")
+def patients(tmp_path_factory):
+    """40 "patients", each with two identical images; the class is a coin flip per patient, unrelated
+    to what the images show. A split that puts a patient's copies on both sides scores ~100 % with
+    1-NN; a patient-grouped split scores about chance."""
+    from sslkit.engine import pretrain
+    from sslkit.run import RunConfig
+
+    root = tmp_path_factory.mktemp("split")
+    rng = np.random.default_rng(0)
+    labels = ["sick" if i % 2 else "healthy" for i in rng.permutation(40)]
+    for i, cls in enumerate(labels):
+        (root / "data" / cls).mkdir(parents=True, exist_ok=True)
+        img = (rng.random((16, 16, 3)) * 255).astype(np.uint8)
+        for view in ("a", "b"):
+            Image.fromarray(img).save(root / "data" / cls / f"p{i}_{view}.png")
+    cfg = RunConfig(task="simclr", data=str(root / "data"), out=str(root / "run"), backbone="timm:resnet10t",
+                    epochs=1, batch_size=8, image_size=16, max_steps=1, progress=False, cache_dir="")
+    pretrain(cfg)
+    return root
+
+
+def _json(result):
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def test_group_keys_from_pattern_folder_and_source():
+    ids = ["/d/PNEUMONIA/person12_virus_3.jpg", "/d/PNEUMONIA/person12_bacteria_9.jpg",
+           "/d/NORMAL/IM-0115-0001.jpg", "/d/NORMAL/NORMAL2-IM-0115-0001.jpg", "/d/x/other.jpg#2"]
+    pattern = r"^(person\d+|NORMAL2-IM-\d+|IM-\d+)"
+    keys = group_keys(ids, {}, pattern=pattern)
+    assert keys[0] == keys[1] == "p:person12" and keys[2] == "p:IM-0115" and keys[3] == "p:NORMAL2-IM-0115"
+    assert keys[4] == "f:/d/x/other.jpg"  # no match: the file is its own group (all its frames together)
+    assert group_keys(ids, {}, "folder")[:3] == ["d:/d/PNEUMONIA", "d:/d/PNEUMONIA", "d:/d/NORMAL"]
+    assert group_keys(ids[:1], {ids[0]: "patient-hash"})[0] == "patient-hash"
+    with pytest.raises(UsageError, match="not a valid regular expression"):
+        group_keys(ids, {}, pattern="(")
+
+
+def test_group_folds_keep_groups_together_and_test_every_sample_once():
+    rng = np.random.default_rng(1)
+    groups = [f"g{i}" for i in rng.integers(0, 40, 300)]
+    y = np.array([int(g[1:]) % 3 for g in groups])  # the class is a property of the group, as for patients
+    folds = group_folds(y, groups, 5, seed=0)
+    assert len(folds) == 5
+    tested = np.concatenate([te for _, te in folds])
+    assert sorted(tested.tolist()) == list(range(300))
+    for tr, te in folds:
+        assert not {groups[i] for i in tr} & {groups[i] for i in te}
+        assert set(y[te]) == {0, 1, 2}  # stratified: every class in every fold
+    assert [te.tolist() for _, te in group_folds(y, groups, 5, seed=0)] == [te.tolist() for _, te in folds]
+    with pytest.raises(UsageError, match="needs at least 5 groups"):
+        group_folds(np.array([0, 1, 0, 1]), ["a", "a", "b", "c"], 5)
+    assert parse_split("group:3") == 3
+    for bad in ("group:1", "kfold:5", "group"):
+        with pytest.raises(UsageError, match="group:K"):
+            parse_split(bad)
+
+
+def test_mean_std_over_folds():
+    folds = [{"n": 10, "top1": 0.5, "balanced_accuracy": 0.5, "auroc": None, "C": 1.0},
+             {"n": 12, "top1": 0.7, "balanced_accuracy": 0.6, "auroc": 0.8, "C": 10.0}]
+    m = mean_std(folds)
+    assert m["n"] == 22 and m["top1"] == pytest.approx(0.6) and m["auroc"] == 0.8
+    assert m["std"]["top1"] == pytest.approx(np.std([0.5, 0.7], ddof=1)) and m["std"]["auroc"] is None
+    assert [f["C"] for f in m["folds"]] == [1.0, 10.0]
+
+
+def test_grouped_kfold_removes_the_leak_that_a_per_file_split_has(patients, cli):
+    run, data = patients / "run", patients / "data"
+    common = ["eval", "knn", run, "--data", data, "--split", "group:3", "--k", "1", "--no-baseline", "--json",
+              "--quiet"]
+    leaky = _json(cli(*common))  # source groups of a plain folder: every file is its own group
+    grouped = _json(cli(*common, "--group-pattern", r"^(p\d+)_"))
+    leak, fair = leaky["results"]["pretrained"]["k=1"], grouped["results"]["pretrained"]["k=1"]
+    # a copy on the training side is always the nearest neighbour (about 2/3 of the pairs are split up)
+    assert leak["top1"] >= 0.75 and leak["n"] == 80
+    assert fair["top1"] <= 0.65 and fair["n"] == 80  # labels are noise w.r.t. the images
+    assert len(fair["folds"]) == 3 and fair["top1"] == pytest.approx(np.mean([f["top1"] for f in fair["folds"]]))
+    assert fair["std"]["top1"] == pytest.approx(np.std([f["top1"] for f in fair["folds"]], ddof=1))
+    assert grouped["data"]["data"]["groups"] == 40 and leaky["data"]["data"]["groups"] == 80
+    assert grouped["settings"]["split"]["folds"] == 3 and grouped["settings"]["split"]["group_by"] == "pattern"
+    text = cli(*common[:-2], "--group-pattern", r"^(p\d+)_", "--quiet")
+    assert text.exit_code == 0 and " ± " in text.stdout and "3-fold" in text.stdout
+
+
+def test_linear_probe_over_folds_with_baseline(patients, cli):
+    rep = _json(cli("eval", "linear", patients / "run", "--data", patients / "data", "--split", "group:3",
+                    "--group-pattern", r"^(p\d+)_", "--C", "1", "--json", "--quiet"))
+    for enc in ("pretrained", "random"):
+        lin = rep["results"][enc]["linear"]
+        assert lin["n"] == 80 and len(lin["folds"]) == 3 and all(f["C"] == 1.0 for f in lin["folds"])
+
+
+def test_train_test_overlap_is_refused_or_reported(patients, cli, tmp_path):
+    test = tmp_path / "test"
+    shutil.copytree(patients / "data", test)
+    for f in list(test.rglob("*_a.png"))[:3]:  # renamed copies are found by content
+        f.rename(f.with_name("renamed_" + f.name))
+    args = ["eval", "knn", patients / "run", "--train", patients / "data", "--test", test, "--k", "1",
+            "--no-baseline", "--quiet"]
+    bad = cli(*args)
+    lines = bad.stderr.strip().splitlines()
+    assert bad.exit_code == 2 and len(lines) == 1 and "share 80 of the 80 test images" in lines[0]
+    rep = _json(cli(*args, "--allow-overlap", "--json"))
+    assert rep["data"]["overlap"]["test_samples_in_train"] == 80
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--data", "{data}", "--train", "{data}"], "either --data"),
+    (["--data", "{data}", "--split", "group:1"], "group:K"),
+    (["--data", "{data}", "--split", "group:41", "--group-pattern", r"^(p\d+)_"], "needs at least 41 groups"),
+    (["--train", "{data}"], "give --train and --test"),
+    (["--data", "{data}", "--group-pattern", "("], "not a valid regular expression"),
+])
+def test_split_user_errors_are_one_line(patients, cli, extra, message):
+    result = cli("eval", "knn", patients / "run", *[a.format(data=patients / "data") for a in extra], "--quiet")
+    lines = result.stderr.strip().splitlines()
+    assert result.exit_code == 2 and len(lines) == 1 and message in lines[0], result.output
