@@ -187,3 +187,24 @@ def attention(**kw) -> None:
     report = evaluate_attention(kw["model"], kw["images"], kw["out"], kw["max_images"], not kw["no_baseline"],
                                 kw["overwrite"], parse_pairs(kw["data_opts"], "--data-opt"), not kw["quiet"])
     _print(report, kw["as_json"])
+
+
+@eval_group.command()
+@probe_options
+@click.option("--fractions", default="0.01,0.1,1", show_default=True,
+              help="Fractions of the training labels to keep (stratified), comma-separated.")
+@click.option("--out", default=None, help="PNG file (default: RUN/eval/curve-<time>.png).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out file.")
+@click.option("--k", "k", default=20, show_default=True, type=click.IntRange(min=1), help="kNN neighbour count.")
+@click.option("--C", "c_grid", default="0.001,0.01,0.1,1,10", show_default=True,
+              help="Inverse regularisation strengths to choose from on the validation split.")
+@click.option("--val-fraction", default=0.2, show_default=True, type=click.FloatRange(0, 1, min_open=True, max_open=True))
+@click.option("--seed", default=0, show_default=True, type=int, help="Folds and label subsets.")
+def curve(**kw) -> None:
+    """Label-efficiency curve: linear probe and kNN at each label fraction, pretrained vs baselines (PNG + JSON)."""
+    from sslkit.eval.curve import evaluate_curve, parse_fractions
+
+    fractions = parse_fractions(kw["fractions"])
+    report = evaluate_curve(kw["model"], _data_args(kw), fractions, kw["out"], kw["overwrite"], kw["k"],
+                            _floats(kw["c_grid"], "--C"), kw["val_fraction"])
+    _print(report, kw["as_json"])

@@ -1,0 +1,104 @@
+"""``sslkit eval curve``: the label-efficiency curve. At my label budget, does pretraining help?
+
+For every label fraction ``f`` and every fold of ``--split group:K`` (or the one
+``--train``/``--test`` pair), a stratified random ``f`` of the fold's training images
+keeps its labels (at least :data:`MIN_PER_CLASS` per class); the linear probe and the
+weighted kNN are fitted on them and scored on the whole test fold. The same subset is
+used for every encoder (pretrained, random init, and the ``--init`` weights before
+pretraining when the run used them), so the comparison is paired. The report gives, for
+every ``(probe, fraction)``, the mean and standard deviation over folds; the PNG plots
+AUROC (two classes; balanced accuracy otherwise) against the fraction, with error bars.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from sslkit.errors import UsageError
+from sslkit.eval.knn import TEMPERATURE
+from sslkit.eval.labels import Labelled
+from sslkit.eval.linear import C_GRID
+from sslkit.eval.probes import DataArgs, ProbeData, _report, _take, knn_results, linear_results, prepare
+from sslkit.eval.report import save_report, unique_path
+from sslkit.eval.split import mean_std
+
+MIN_PER_CLASS = 2
+
+
+def label_subset(y: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Sorted indices of a stratified ``fraction`` of ``y: (N,)`` (>= MIN_PER_CLASS per class, if present)."""
+    if fraction >= 1:
+        return np.arange(len(y))
+    rng = np.random.default_rng(seed)
+    keep = []
+    for c in np.unique(y):
+        idx = np.flatnonzero(y == c)
+        n = min(len(idx), max(MIN_PER_CLASS, int(round(fraction * len(idx)))))
+        keep.append(rng.choice(idx, n, replace=False))
+    return np.sort(np.concatenate(keep))
+
+
+def _with_fraction(prep: ProbeData, fraction: float, seed: int) -> ProbeData:
+    """The same fold, its training side cut to a stratified ``fraction`` (same subset for every encoder)."""
+    tr0 = prep.sets["pretrained"][0]
+    idx = label_subset(prep.indices(tr0.labels), fraction, seed)
+    sets: dict[str, tuple[Labelled, Labelled]] = {e: (_take(tr, idx), te) for e, (tr, te) in prep.sets.items()}
+    return ProbeData(prep.model, sets, prep.classes, prep.positive)
+
+
+def curve_results(prep: ProbeData, fractions: Sequence[float], k: int = 20, C_grid: Sequence[float] = C_GRID,
+                  val_fraction: float = 0.2, seed: int = 0) -> dict[str, dict[str, Any]]:
+    """``{encoder: {"linear f=F" | "k=K f=F": mean ± std metrics + train_labels}}``."""
+    folds = [prep.fold(i) for i in range(len(prep.folds))] if prep.folds is not None else [prep]
+    out: dict[str, dict[str, Any]] = {}
+    for f in fractions:
+        runs = []
+        for i, fold in enumerate(folds):
+            sub = _with_fraction(fold, f, seed + 1000 * i)
+            n = len(sub.sets["pretrained"][0].labels)
+            lin = linear_results(sub, C_grid, val_fraction, seed)
+            knn = knn_results(sub, [k], TEMPERATURE)
+            runs.append({e: {f"linear f={f:g}": {**lin[e]["linear"], "train_labels": n},
+                             f"k={k} f={f:g}": {**knn[e][f"k={k}"], "train_labels": n}} for e in lin})
+        for enc in runs[0]:
+            for setting in runs[0][enc]:
+                agg = mean_std([r[enc][setting] for r in runs])
+                agg["train_labels"] = float(np.mean([r[enc][setting]["train_labels"] for r in runs]))
+                agg["fraction"] = f
+                out.setdefault(enc, {})[setting] = agg
+    return out
+
+
+def parse_fractions(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or any(not 0 < v <= 1 for v in values):
+        raise UsageError(f"--fractions expects comma-separated fractions in (0, 1], e.g. 0.01,0.1,1; got {text!r}")
+    return sorted(set(values))
+
+
+def evaluate_curve(model_path: str, args: DataArgs, fractions: Sequence[float], out: str | None = None,
+                   overwrite: bool = False, k: int = 20, C_grid: Sequence[float] = C_GRID,
+                   val_fraction: float = 0.2) -> dict[str, Any]:
+    """Probe at every label fraction, plot the curve, save PNG and report (schema ``sslkit.eval/1``)."""
+    from sslkit.eval.curve_plot import plot_curve
+    from sslkit.eval.tsne import _check_out
+
+    out_path = _check_out(out, overwrite)
+    prep = prepare(model_path, args)
+    settings = {"fractions": list(fractions), "k": k, "temperature": TEMPERATURE, "C_grid": sorted(C_grid),
+                "val_fraction": val_fraction, "seed": args.seed, "baseline": args.baseline,
+                "min_labels_per_class": MIN_PER_CLASS,
+                "metric": "auroc" if len(prep.classes) == 2 else "balanced_accuracy"}
+    report = _report("curve", prep, args, settings)
+    report["results"] = curve_results(prep, fractions, k, C_grid, val_fraction, args.seed)
+    out_path = out_path or unique_path(prep.model.report_dir, "curve", ".png")
+    report["image_size"] = list(plot_curve(report, Path(out_path)))
+    report["files"] = [str(out_path)]
+    save_report(report, prep.model.report_dir, picture=Path(out_path))
+    return report
