@@ -55,8 +55,10 @@ def create_task(name: str, backbone: Any, spec: Any, **options: Any) -> Any:
     """Build task ``name`` around ``backbone``; ``options`` are its Options fields."""
     from sslkit.options import build_options
 
+    from sslkit.sample_modes import pairing_problem
+
     cls = get_task(name)
-    reason = cls.check(backbone, spec)
+    reason = pairing_problem(name, cls, backbone, spec) or cls.check(backbone, spec)
     if reason:
         raise UsageError(f"task {name!r} cannot run here: {reason}")
     return cls(backbone, build_options(cls.Options, options, f"task {name!r}"), spec)

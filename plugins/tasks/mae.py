@@ -109,9 +109,22 @@ def random_masking(n_batch: int, n_tokens: int, ratio: float, device) -> tuple[t
 class MAE(Task):
     Options = MAEOptions
     default_backbone = "timm:vit_tiny_patch16_224"
+    capturable = True  # --capture graphs: the step has no host reads or Python-side state (engine/capture.py)
+    sample_modes = ("slice", "slab", "volume")  # volumes: MAE3D (mae_volume.py), cube patches
+
+    def __new__(cls, backbone=None, options=None, spec=None):
+        if cls is MAE and getattr(spec, "sample", "slice") == "volume":
+            from sslkit_plugins.tasks.mae_volume import MAE3D
+
+            return super().__new__(MAE3D)
+        return super().__new__(cls)
 
     @classmethod
     def check(cls, backbone, spec):
+        if cls is MAE and getattr(spec, "sample", "slice") == "volume":
+            from sslkit_plugins.tasks.mae_volume import MAE3D
+
+            return MAE3D.check(backbone, spec)
         if not is_token_backbone(backbone):
             return (f"MAE needs a ViT backbone with patch tokens, e.g. timm:vit_tiny_patch16_224 or "
                     f"timm:vit_small_patch16_224; {getattr(backbone, 'name', 'this backbone')} is not one")

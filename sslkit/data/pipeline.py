@@ -13,6 +13,7 @@ from sslkit.data.prepare import Prepared, fingerprint, majority_channels, prepar
 from sslkit.data.source import Source
 from sslkit.data.splits import split_refs
 from sslkit.errors import UsageError
+from sslkit.data.volume import stored_size
 from sslkit.registry import create_source
 
 
@@ -56,7 +57,7 @@ def load_data(data: str, image_size: int, channels: int | None = None,
         split = {"val_fraction": val_fraction, "val_samples": len(val), "val_groups": len({r.group for r in val}),
                  "val_fingerprint": fingerprint(val), "train_groups": len({r.group for r in train})}
     channels = channels or majority_channels(source, train)
-    prepared = prepare(source, train, channels, image_size, cache_dir, progress, workers)
+    prepared = prepare(source, train, channels, stored_size(source, image_size), cache_dir, progress, workers)
     prepared.skipped = list(source.skipped) + list(prepared.skipped)
     if not len(prepared):
         raise UsageError(

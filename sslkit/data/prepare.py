@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import multiprocessing
 import os
 import shutil
@@ -43,6 +44,11 @@ class Prepared:
 
     def __len__(self) -> int:
         return len(self.refs)
+
+
+def sides(size: int | Sequence[int]) -> tuple[int, ...]:
+    """The stored sample's spatial shape: ``(S, S)`` for an image side, ``(D, H, W)`` for a volume."""
+    return (size, size) if isinstance(size, int) else tuple(int(v) for v in size)
 
 
 def resize_square(x: np.ndarray, size: int) -> np.ndarray:
@@ -97,7 +103,7 @@ def prepare(
     serial for few samples). ``skipped`` paths are relative to the data root.
     """
     refs, unreadable = readable(list(refs), source.relative)
-    shape = (len(refs), channels, size, size)
+    shape = (len(refs), channels, *sides(size))
     nbytes = int(np.prod(shape, dtype=np.int64)) * 2
     root = resolve_cache_dir(cache_dir)
     check_room(root, nbytes, shape, channels, size)
@@ -159,7 +165,7 @@ def check_room(root: Path | None, nbytes: int, shape: tuple[int, ...], channels:
     cannot hold, and a side so large that one resized sample does not fit in memory."""
     n = shape[0]
     hint = "lower --image-size (or --cache-size)"
-    sample = channels * size * size * 4 * 3  # float32 resize: input, output, crop
+    sample = channels * math.prod(sides(size)) * 4 * 3  # float32 resize: input, output, crop
     avail = available_memory()
     if avail is not None and sample > avail:
         raise UsageError(f"--image-size {size}: one decoded {channels}x{size}x{size} sample needs "
@@ -204,14 +210,19 @@ def _decode_one(ref: SampleRef) -> np.ndarray | str | None:
     source, channels, size = _WORKER["source"], _WORKER["channels"], _WORKER["size"]
     try:
         x = source.load(ref)
-        if x.ndim != 3 or min(x.shape[1:]) < 2:
+        if not isinstance(size, int):  # a volume (C, D, H, W), already fitted by the source
+            if x.shape[1:] != tuple(size):
+                raise ValueError(f"volume of shape {tuple(x.shape)}, expected (C, {', '.join(map(str, size))})")
+            x = to_channels(x, channels)
+        elif x.ndim != 3 or min(x.shape[1:]) < 2:
             raise ValueError(f"unusable image shape {tuple(x.shape)}")
-        x = resize_square(to_channels(x, channels), size)
+        else:
+            x = resize_square(to_channels(x, channels), size)
     except NotAnImage:
         return None
     except Exception as exc:
         reason = str(exc) if isinstance(exc, Undecodable) else f"{type(exc).__name__}: {exc}"
-        return " ".join(reason.split())[:300]
+        return " ".join(reason.split())[:500]
     return np.clip(np.rint(x * SCALE), 0, SCALE).astype(np.uint16)
 
 
@@ -230,7 +241,7 @@ def _decode(
     """
     kept: list[int] = []
     failed: dict[str, list] = {}  # path -> [first reason, frames failed]
-    channels, size = out.shape[1], out.shape[2]
+    channels, size = out.shape[1], (out.shape[2] if out.ndim == 4 else tuple(out.shape[2:]))
     n = pool_size(len(refs), workers) if source.parallel_decode else 1
     pool = None
     if n > 1:
@@ -267,8 +278,9 @@ def channel_stats(pixels: np.ndarray, limit: int = 1024) -> tuple[tuple[float, .
     """Per-channel mean and std of up to ``limit`` evenly spaced samples, in [0, 1] units."""
     step = max(1, len(pixels) // limit)
     sample = np.asarray(pixels[::step], dtype=np.float64) / SCALE
-    mean = sample.mean(axis=(0, 2, 3))
-    std = np.maximum(sample.std(axis=(0, 2, 3)), 1e-3)
+    axes = tuple(a for a in range(sample.ndim) if a != 1)  # all but channels (2D or 3D samples)
+    mean = sample.mean(axis=axes)
+    std = np.maximum(sample.std(axis=axes), 1e-3)
     return tuple(round(float(m), 6) for m in mean), tuple(round(float(s), 6) for s in std)
 
 

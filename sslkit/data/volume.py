@@ -88,6 +88,18 @@ class SampleMode:
         return out
 
 
+def sample_mode(source: Any) -> SampleMode:
+    """A source's :class:`SampleMode` (its ``sample`` attribute; ``slice`` for 2D sources)."""
+    mode = getattr(source, "sample", None)
+    return mode if isinstance(mode, SampleMode) else SampleMode()
+
+
+def stored_size(source: Any, image_size: int) -> int | tuple[int, int, int]:
+    """What a sample is stored at: ``image_size`` (2D), or the volume size ``(D, H, W)``."""
+    mode = sample_mode(source)
+    return mode.size if mode.volumetric else image_size
+
+
 def _numbers(text: str, kind: type, flag: str, form: str) -> tuple | None:
     text = (text or "").strip()
     if not text:
