@@ -1,0 +1,45 @@
+"""sslkit.testing: the contract kit a plugin's CI runs (and sslkit's own registry-wide tests).
+
+Each check builds the plugin's object the way sslkit does, exercises it on tiny generated
+data on the CPU and raises ``AssertionError`` (with what was wrong) on a broken rule; it
+returns a small report dict when everything holds::
+
+    import pytest
+    from sslkit.testing import check_source, check_task, registered
+
+    @pytest.mark.parametrize("name", registered("tasks", "my-sslkit-plugin"))
+    def test_task_contract(name, tmp_path):
+        check_task(name, tmp_path=tmp_path)
+
+* :func:`check_task`: trains a few steps through ``sslkit pretrain`` (in-process) with 1-
+  and 3-channel input, finite losses; ``views(spec)`` has ``override``; the trained
+  encoder exports to ONNX (verified by onnxruntime); a run resumed from a mid-run
+  checkpoint logs the same losses as the uninterrupted run.
+* :func:`check_source`: indexes (real files), loads float32 ``(C, H, W)`` in [0, 1],
+  raises on a damaged file, pickles, sniffs in [0, 1].
+* :func:`check_backbone`: ``(B, C, H, W) -> (B, D)`` for 1 and 3 channels, gradients,
+  the token interface where offered, a one-line error for an unknown model.
+* :func:`check_exporter`: writes one file (nothing else left behind), returns a JSON-able
+  report, refuses an unknown option, takes the keywords sslkit always passes.
+* :func:`registered`: the names an installed distribution registers, for parametrize.
+
+Everything here is public, versioned with :data:`sslkit.api.API_VERSION`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["check_task", "check_source", "check_backbone", "check_exporter", "registered"]
+
+_WHERE = {"check_task": "tasks", "check_source": "sources", "check_backbone": "backbones",
+          "check_exporter": "exporters", "registered": "registry"}
+
+
+def __getattr__(name: str) -> Any:
+    """Import a check on first use, so ``import sslkit.testing`` stays light."""
+    if name in _WHERE:
+        import importlib
+
+        return getattr(importlib.import_module(f"sslkit.testing.{_WHERE[name]}"), name)
+    raise AttributeError(f"module 'sslkit.testing' has no attribute {name!r}")

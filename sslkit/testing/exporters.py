@@ -1,0 +1,62 @@
+"""``check_exporter``: an exporter writes one verified file and nothing else."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from sslkit.testing.registry import resolve
+
+
+def check_exporter(exporter: Any, *, tmp_path: Path, backbone: str = "timm:resnet10t",
+                   backbone_options: dict | None = None, channels: int = 1, image_size: int = 32,
+                   options: dict | None = None, reload: Any = None) -> dict[str, Any]:
+    """Check export function ``exporter`` (a registered format or the function).
+
+    Calls it as sslkit does, ``exporter(encoder, spec, metadata, out, samples=...,
+    samples_note=..., log=..., **options)``, on a fresh ``backbone`` (eval mode) and checks:
+    it returns a JSON-able dict, ``out`` exists and is not empty, nothing else is left in
+    its folder (no temporary files), and an unknown option raises ``UsageError`` without
+    writing anything. ``reload(out)``, if given, returns a callable ``(B, C, S, S) numpy ->
+    (B, D)`` loaded from the file, compared with the encoder (max abs diff <= 1e-4).
+    Returns the exporter's report.
+    """
+    import numpy as np
+    import torch
+
+    from sslkit.api import InputSpec, UsageError
+    from sslkit.registry import create_backbone
+
+    name, fn = resolve("exporters", exporter)
+    encoder = create_backbone(backbone, channels, image_size, **(backbone_options or {})).eval()
+    spec = InputSpec(channels, image_size, (0.5,) * channels, (0.25,) * channels, source="folder")
+    metadata = {"task": "sslkit.testing", "backbone": backbone, "backbone_options": dict(backbone_options or {}),
+                "embedding_dim": int(encoder.num_features), "sslkit_version": "test"}
+    samples = np.random.default_rng(0).random((4, channels, image_size, image_size), dtype=np.float32)
+    folder = Path(tmp_path) / f"export-{name or getattr(fn, '__name__', 'fn')}"
+    folder.mkdir(parents=True, exist_ok=True)
+    out, lines = folder / "encoder.out", []
+    report = fn(encoder, spec, metadata, out, samples=samples, samples_note="4 generated images",
+                log=lines.append, **(options or {}))
+    assert isinstance(report, dict), f"the exporter returned {type(report).__name__}, not a report dict"
+    json.dumps(report, default=float)
+    assert out.is_file() and out.stat().st_size > 0, "the exporter wrote no file"
+    assert sorted(p.name for p in folder.iterdir()) == [out.name], \
+        f"the exporter left other files behind: {sorted(p.name for p in folder.iterdir())}"
+    if reload is not None:
+        x = samples * 1.0
+        with torch.no_grad():
+            ref = encoder((torch.from_numpy(x) - 0.5) / 0.25).numpy()
+        got = np.asarray(reload(out)(((x - 0.5) / 0.25).astype(np.float32)))
+        assert got.shape == ref.shape and float(np.abs(got - ref).max()) <= 1e-4, "the reloaded file differs"
+    refused = folder / "refused.out"
+    try:
+        fn(encoder, spec, metadata, refused, samples=None, samples_note="none", log=lines.append,
+           no_such_option_for_sslkit_testing=1)
+    except UsageError:
+        pass
+    else:
+        raise AssertionError("an unknown exporter option must raise sslkit.api.UsageError")
+    assert not refused.exists(), "a refused export left a file behind"
+    return report

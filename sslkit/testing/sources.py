@@ -1,0 +1,111 @@
+"""``check_source``: a source indexes real files, loads [0, 1] pixels, reports damage, pickles."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pickle
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sslkit.testing.registry import resolve
+
+
+def check_source(source: Any, location: str, *, tmp_path: Path, options: Any = None, max_samples: int = 8,
+                 damaged_file_raises: bool = True) -> dict[str, Any]:
+    """Check source ``source`` (a registered scheme or the Source class) on ``location``.
+
+    Builds ``SourceClass(location, options)`` as sslkit does (``options``: an instance of
+    its ``Options``, a dict of its fields, or None) and checks: ``scheme`` is the registered
+    name; ``index()`` gives ``SampleRef`` objects whose ``path`` is an existing file;
+    ``load`` of up to ``max_samples`` of them gives float32 ``(C, H, W)`` in [0, 1] with
+    ``C`` as ``channels_of`` says; the source pickles and the copy loads the same pixels;
+    ``describe()`` is JSON-able; ``sniff`` is in [0, 1] and 0 for an empty folder; and, with
+    ``damaged_file_raises`` (turn it off only for sources that read no files), ``load`` of a
+    truncated copy of a sample's file raises instead of returning pixels. Returns
+    ``{"scheme", "samples", "loaded", "channels", "damaged"}``.
+    """
+    from sslkit.api import SampleRef, Source, Undecodable
+
+    name, cls = resolve("sources", source)
+    assert isinstance(cls, type) and issubclass(cls, Source), f"{source!r} is not a subclass of sslkit.api.Source"
+    assert name is None or cls.scheme == name, f"{cls.__name__}.scheme is {cls.scheme!r}, registered as {name!r}"
+    if isinstance(options, dict):
+        assert cls.Options is not None, f"{cls.__name__} has no Options dataclass but options were given"
+        options = cls.Options(**options)
+    src = cls(location, options)
+    refs = src.index()
+    assert isinstance(refs, list) and refs, f"{cls.__name__}.index() found nothing in {location!r}"
+    for ref in refs:
+        assert isinstance(ref, SampleRef), f"{cls.__name__}.index() returned {type(ref).__name__}, not SampleRef"
+        assert os.path.isfile(ref.path), f"SampleRef.path {ref.path!r} is not an existing file"
+    picked = refs[:: max(1, len(refs) // max_samples)][:max_samples]
+    channels = set()
+    for ref in picked:
+        x = src.load(ref)
+        what = f"{cls.__name__}.load({ref.id!r})"
+        assert isinstance(x, np.ndarray) and x.dtype == np.float32, f"{what}: want a float32 numpy array, got " \
+                                                                   f"{type(x).__name__} {getattr(x, 'dtype', '')}"
+        assert x.ndim == 3 and x.shape[0] >= 1 and min(x.shape[1:]) >= 1, f"{what}: want (C, H, W), got {x.shape}"
+        assert np.isfinite(x).all() and x.min() >= 0.0 and x.max() <= 1.0, \
+            f"{what}: values must be in [0, 1], got [{x.min()}, {x.max()}]"
+        declared = src.channels_of(ref)
+        assert declared is None or declared == x.shape[0], f"{what}: channels_of says {declared}, loaded {x.shape[0]}"
+        channels.add(int(x.shape[0]))
+    copy = pickle.loads(pickle.dumps(src))
+    assert np.array_equal(copy.load(picked[0]), src.load(picked[0])), f"{cls.__name__}: a pickled copy loads " \
+                                                                       "different pixels"
+    json.dumps(src.describe())
+    _check_sniff(cls, location, Path(tmp_path))
+    damaged = "not checked (damaged_file_raises=False)"
+    if damaged_file_raises:
+        damaged = _check_damaged(src, picked[0], Path(tmp_path), Undecodable)
+    return {"scheme": name or cls.scheme, "samples": len(refs), "loaded": len(picked), "channels": sorted(channels),
+            "damaged": damaged}
+
+
+def _check_sniff(cls: type, location: str, tmp_path: Path) -> None:
+    empty = tmp_path / "sniff-empty"
+    empty.mkdir(parents=True, exist_ok=True)
+    assert float(cls.sniff(empty)) == 0.0, f"{cls.__name__}.sniff claims an empty folder"
+    if Path(location).exists():
+        score = float(cls.sniff(Path(location)))
+        assert 0.0 <= score <= 1.0, f"{cls.__name__}.sniff({location!r}) = {score}, must be in [0, 1]"
+
+
+def _check_damaged(src: Any, ref: Any, tmp_path: Path, undecodable: type) -> str:
+    """A copy of ``ref``'s file cut to a few bytes must be reported: ``load`` of it raises,
+    or (a source that reads its one file when indexing) a source on the copy refuses it,
+    lists it in ``skipped``, or raises on every load."""
+    data = Path(ref.path).read_bytes()
+    bad = tmp_path / "damaged" / Path(ref.path).name
+    bad.parent.mkdir(parents=True, exist_ok=True)
+    bad.write_bytes(data[: min(64, len(data) // 2)])
+    try:
+        x = src.load(dataclasses.replace(ref, path=str(bad)))
+    except undecodable as exc:
+        assert str(exc).strip() and "\n" not in str(exc).strip(), "Undecodable needs a one-line reason"
+        return f"load raises Undecodable: {exc}"
+    except Exception as exc:  # any error is recorded and skipped by the pipeline
+        return f"load raises {type(exc).__name__}"
+    if Path(src.location).resolve() == Path(ref.path).resolve():  # the location is the file itself
+        try:
+            other = type(src)(str(bad), src.options)
+            refs = other.index()
+        except Exception as exc:
+            return f"a source on the damaged file refuses it: {type(exc).__name__}"
+        if other.skipped or not refs:
+            return "a source on the damaged file skips it"
+        for r in refs:
+            try:
+                other.load(r)
+            except Exception:
+                continue
+            break
+        else:
+            return "a source on the damaged file fails every load"
+    raise AssertionError(f"{type(src).__name__}.load of a truncated file returned an array of shape "
+                         f"{getattr(x, 'shape', None)} instead of raising")

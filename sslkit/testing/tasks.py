@@ -1,0 +1,145 @@
+"""``check_task``: a task trains, exports and resumes through the real command line."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+from sslkit.testing.cli import finite_losses, metric_rows, sslkit
+from sslkit.testing.data import image_folder
+from sslkit.testing.registry import registered_as, resolve
+
+#: the small stand-ins the kit trains with, by the task's default backbone family
+TINY_VIT = ("timm:vit_tiny_patch16_224", {"patch_size": 8, "depth": 2})
+TINY_CNN = ("timm:resnet10t", {})
+_EXPORTED: dict[tuple, str] = {}  # encoder architecture -> the run whose ONNX export verified it
+
+
+def kit_backbone(task_cls: type) -> tuple[str, dict[str, Any]]:
+    """A tiny backbone of the family of ``task_cls.default_backbone`` (timm ViT or CNN)."""
+    default = getattr(task_cls, "default_backbone", "timm:resnet18")
+    if default.startswith("timm:vit"):
+        return TINY_VIT
+    if default.startswith("timm:"):
+        return TINY_CNN
+    return default, {}
+
+
+def check_task(task: Any, *, tmp_path: Path, backbone: str | None = None, backbone_options: dict | None = None,
+               options: dict | None = None, image_size: int = 32, batch_size: int = 4, steps: int = 2,
+               channels: tuple[int, ...] = (1, 3), export: bool = True, resume: bool = True) -> dict[str, Any]:
+    """Check task ``task`` (a registered name or the Task class itself) end to end.
+
+    For each of ``channels``: ``sslkit pretrain`` for ``steps`` optimizer steps on
+    ``batch_size * steps`` generated ``image_size``² images, with ``backbone`` (default: a
+    tiny one of the task's default family) and ``options`` (``--task-opt``); every loss is
+    finite, the run finishes and its encoder maps ``(2, C, S, S) -> (2, D)``. Also:
+    ``views(spec)`` has ``override``; with ``export``, ``sslkit export`` writes a verified
+    ONNX file of the encoder (once per distinct architecture in this process); with
+    ``resume``, a copy of the first run cut back to its step-1 checkpoint (as a crash
+    leaves it) resumed with ``sslkit pretrain --resume`` logs the same losses, bit for bit.
+    A class that is not registered is made available under a temporary name for the
+    duration. Returns ``{"task", "backbone", "losses": {C: [...]}, "export", "resume"}``.
+    """
+    from sslkit.api import Task
+
+    name, cls = resolve("tasks", task)
+    assert isinstance(cls, type) and issubclass(cls, Task), f"{task!r} is not a subclass of sslkit.api.Task"
+    if backbone is None:
+        backbone, kit_options = kit_backbone(cls)
+        backbone_options = {**kit_options, **(backbone_options or {})}
+    tmp_path = Path(tmp_path)
+    temporary = registered_as("tasks", f"kit-{cls.__name__.lower()}", cls) if name is None else nullcontext(name)
+    with temporary as name:
+        report: dict[str, Any] = {"task": name, "backbone": backbone, "losses": {}}
+        _check_views(cls, backbone, backbone_options or {}, options or {}, image_size)
+        for i, c in enumerate(channels):
+            n = steps + 1 if (i == 0 and resume) else steps
+            data = image_folder(tmp_path / f"images-{c}x{image_size}-{batch_size * n}", batch_size * n, image_size, c)
+            out = tmp_path / f"run-{c}"
+            args = ["pretrain", "--task", name, "--data", f"folder:{data}", "--out", out, "--backbone", backbone,
+                    "--image-size", image_size, "--batch-size", batch_size, "--epochs", 1, "--max-steps", n,
+                    "--channels", c, "--seed", 0, "--deterministic", "--no-cache", "--quiet",
+                    "--checkpoint-every", 1, "--keep-checkpoints", 0]
+            for k, v in (backbone_options or {}).items():
+                args += ["--backbone-opt", f"{k}={v}"]
+            for k, v in (options or {}).items():
+                args += ["--task-opt", f"{k}={v}"]
+            sslkit(*args)
+            rows = metric_rows(out)
+            what = f"task {name!r} ({c} channel{'s' if c > 1 else ''})"
+            assert len(rows) == n, f"{what}: {len(rows)} optimizer steps logged, expected {n}"
+            report["losses"][c] = finite_losses(rows, what)
+            _check_encoder(out, c, image_size, what)
+            if i == 0 and export:
+                report["export"] = _check_export(out, tmp_path / f"encoder-{c}.onnx", c, image_size)
+            if i == 0 and resume:
+                report["resume"] = _check_resume(out, tmp_path / f"run-{c}-resumed", rows, what)
+    return report
+
+
+def _check_views(cls: type, backbone: str, backbone_options: dict, options: dict, image_size: int) -> None:
+    """``views(spec)`` returns a callable with ``override`` (what ``--augment-opt`` calls)."""
+    from sslkit.api import InputSpec
+    from sslkit.options import build_options
+    from sslkit.registry import create_backbone
+
+    spec = InputSpec(1, image_size, (0.5,), (0.25,))
+    net = create_backbone(backbone, 1, image_size, **backbone_options)
+    reason = cls.check(net, spec)
+    assert reason is None, f"{cls.__name__}.check refuses the kit's pairing ({backbone}, {image_size} px): {reason}"
+    task = cls(net, build_options(cls.Options, options, cls.__name__) if cls.Options else None, spec)
+    views = task.views(spec)
+    assert callable(views), f"{cls.__name__}.views(spec) must return a callable (B, C, S, S) -> Views"
+    assert callable(getattr(views, "override", None)), \
+        f"{cls.__name__}.views(spec) has no override(**fields) for --augment-opt (return an sslkit.api.MultiView)"
+    assert callable(views.override()), f"{cls.__name__}.views(spec).override() must return the views callable"
+
+
+def _check_encoder(run: Path, channels: int, size: int, what: str) -> None:
+    import torch
+
+    from sslkit.run import load_run
+
+    loaded = load_run(run)
+    assert loaded.info.get("status") == "finished", f"{what}: run status {loaded.info.get('status')!r}"
+    encoder = loaded.build_encoder()
+    with torch.no_grad():
+        emb = encoder(torch.rand(2, channels, size, size))
+    assert emb.shape == (2, loaded.info["embedding_dim"]), f"{what}: encoder gives {tuple(emb.shape)}"
+    assert torch.isfinite(emb).all(), f"{what}: the trained encoder gives non-finite embeddings"
+
+
+def _check_export(run: Path, out: Path, channels: int, size: int) -> str:
+    """``sslkit export RUN --format onnx`` (its own onnxruntime parity check), once per architecture."""
+    from sslkit.run import load_run
+
+    key = (repr(load_run(run).build_encoder()), channels, size)
+    if key in _EXPORTED:
+        return f"same architecture as {_EXPORTED[key]}, exported and verified earlier in this process"
+    sslkit("export", run, "--out", out, "--format", "onnx", "--check-data", "none", "--json")
+    assert out.is_file() and out.stat().st_size > 0, f"sslkit export wrote no {out}"
+    _EXPORTED[key] = str(run)
+    return "onnx export verified by onnxruntime"
+
+
+def _check_resume(run: Path, copy: Path, rows: list[dict[str, str]], what: str) -> str:
+    """Cut a copy of ``run`` back to its step-1 checkpoint, as a crash would leave it, and resume."""
+    shutil.copytree(run, copy)
+    checkpoints = sorted(p for p in (copy / "checkpoints").iterdir() if p.name.startswith("step-"))
+    assert len(checkpoints) == len(rows), f"{what}: expected a checkpoint per step, found {len(checkpoints)}"
+    for later in checkpoints[1:]:
+        shutil.rmtree(later)
+    info = json.loads((copy / "run.json").read_text())
+    info["status"] = "running"
+    info.pop("summary", None)
+    (copy / "run.json").write_text(json.dumps(info))
+    sslkit("pretrain", "--resume", copy, "--quiet")
+    expected = [(r["step"], r["loss"]) for r in rows]
+    got = [(r["step"], r["loss"]) for r in metric_rows(copy)]
+    assert got == expected, f"{what}: resumed from step 1, the losses differ from the uninterrupted run: " \
+                            f"{got} != {expected}"
+    return f"resumed from step 1, steps 2-{len(rows)} repeat the uninterrupted losses exactly"
