@@ -29,6 +29,15 @@ from tests.test_series import write_slice
 TINY_VIT3D = dict(patch_size=8, hidden_size=48, num_heads=2, num_layers=1)
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Small models on a shared 2-core machine: one intra-op thread is many times faster."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def volume_spec(size=(16, 16, 16), channels: int = 1) -> InputSpec:
     return InputSpec(channels, 224, (0.5,) * channels, (0.25,) * channels, "test",
                      {"sample": "volume", "volume_size": list(size), "spacing_mm": [2.0, 2.0, 2.0]})
@@ -164,3 +173,23 @@ def test_impossible_pairings_name_what_works(cli, ct_volumes, tmp_path, task, ba
                                        "--task", task, "--backbone", backbone, "--data-opt", f"sample={sample}",
                                        "--max-steps", "1", *extra])
     assert result.exit_code == 2 and needle in result.output, result.output
+
+
+@pytest.mark.parametrize("task", ["simclr", "vicreg"])
+def test_two_view_tasks_train_on_volumes(task):
+    """Two 3D views of each volume through a 3D ResNet: a finite loss, and a step lowers it on a fixed batch."""
+    torch.manual_seed(0)
+    spec = volume_spec((8, 8, 8))
+    model = create_task(task, create_backbone("monai:resnet10", 1, spec.volume_size), spec, proj_dim=32,
+                        **({"proj_hidden_dim": 64} if task == "simclr" else {}))
+    views = model.views(spec)(torch.rand(4, 1, 12, 12, 12))
+    assert len(views) == 2 and views[0].shape == (4, 1, 8, 8, 8) and not torch.equal(views[0], views[1])
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(3):
+        loss = model(views)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert all(np.isfinite(losses)) and losses[-1] < losses[0]

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from sslkit.api import (MultiView, Task, ViewRecipe, all_gather_with_grad, check_unit_interval,
-    hookimpl, mlp, rank)
+from sslkit.api import (MultiView, Task, ViewRecipe, VolumeViews, all_gather_with_grad, check_unit_interval,
+    hookimpl, mlp, pair_volume_recipes, rank)
 
 
 def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5) -> torch.Tensor:
@@ -60,12 +60,16 @@ class SimCLROptions:
 class SimCLR(Task):
     Options = SimCLROptions
     default_backbone = "timm:resnet18"
+    sample_modes = ("slice", "slab", "volume")  # volumes: two 3D views (sslkit.augment3d)
+    capturable = True  # --capture graphs: the step has no host reads or Python-side state (engine/capture.py)
 
     def __init__(self, backbone, options: SimCLROptions, spec) -> None:
         super().__init__(backbone, options, spec)
         self.projector = mlp(backbone.num_features, options.proj_hidden_dim, options.proj_dim)
 
     def views(self, spec):
+        if spec.sample == "volume":
+            return VolumeViews(pair_volume_recipes(spec.volume_size, self.options.min_scale), spec.mean, spec.std)
         recipe = ViewRecipe(spec.image_size, scale=(self.options.min_scale, 1.0), jitter=0.4, hue=0.1,
                             blur_p=0.5 if spec.image_size >= 96 else 0.0)
         return MultiView([recipe, recipe], spec.mean, spec.std)

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from sslkit.api import ProjectedPairTask, all_gather_with_grad, check_unit_interval, hookimpl
+from sslkit.api import (ProjectedPairTask, VolumeViews, all_gather_with_grad, check_unit_interval, hookimpl,
+                        pair_volume_recipes)
 
 
 def _variance(z: torch.Tensor, eps: float) -> torch.Tensor:
@@ -63,6 +64,12 @@ class VICRegOptions:
 
 class VICReg(ProjectedPairTask):
     Options = VICRegOptions
+    sample_modes = ("slice", "slab", "volume")  # volumes: two 3D views (sslkit.augment3d)
+
+    def views(self, spec):
+        if spec.sample == "volume":
+            return VolumeViews(pair_volume_recipes(spec.volume_size, self.options.min_scale), spec.mean, spec.std)
+        return super().views(spec)
 
     def pair_loss(self, z1, z2):
         o = self.options
