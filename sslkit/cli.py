@@ -124,6 +124,9 @@ def _default(name: str) -> str:
 @click.option("--precision", default=None, type=click.Choice(["fp32", "bf16", "fp16"]),
               help="Autocast precision; fp16 uses a gradient scaler (CUDA)" + _default("precision"))
 @click.option("--compile", "compile", is_flag=True, default=None, help="torch.compile the model (opt-in).")
+@click.option("--capture", default=None, type=click.Choice(["off", "auto", "graphs"]),
+              help="Replay the whole step as one CUDA graph: graphs (says once when it cannot), auto "
+                   "(where it can), off" + _default("capture"))
 @click.option("--channels-last/--no-channels-last", default=None,
               help="Channels-last memory format (default: on for CNNs, off for ViTs).")
 @click.option("--sync-bn", is_flag=True, default=None, help="SyncBatchNorm across processes (torchrun).")
@@ -182,24 +185,30 @@ def pretrain(ctx: click.Context, **kw) -> None:
     if "out" not in values and not cfg.resume:
         click.echo(f"run directory: {cfg.out}")
     summary = run_pretrain(cfg)
+    from sslkit.engine.signals import EXIT_REQUEUE
+
+    requeue = EXIT_REQUEUE if summary.get("interrupted") and summary.get("requeue") else 0
     if not summary.get("main", True):
-        return
+        ctx.exit(requeue)
     if summary.get("already_finished"):
         click.echo(f"run {cfg.out} already finished ({summary.get('steps', '?')} steps); nothing to resume")
     elif summary.get("interrupted"):
         click.echo(f"interrupted: checkpoint at step {summary['steps']} saved in {cfg.out}; continue with: "
-                   f"sslkit pretrain --resume {cfg.out}")
+                   f"sslkit pretrain --resume {cfg.out}" + (f" (exit {EXIT_REQUEUE}: requeue me)" if requeue else ""))
     else:
         loss = summary["final_loss"]
+        bound = {"max_steps": " (the --max-steps bound)", "epochs": " (the --epochs bound)"}.get(
+            summary.get("stopped_by"), "")
         click.echo(
-            f"done: {summary['steps']} steps in {summary['seconds']:.1f}s, {summary['img_per_s']} img/s, "
+            f"done: {summary['steps']} steps{bound} in {summary['seconds']:.1f}s, {summary['img_per_s']} img/s, "
             f"final loss {loss:.4f}; run saved in {cfg.out}" if loss is not None else
-            f"done: {summary['steps']} steps; run saved in {cfg.out}"
+            f"done: {summary['steps']} steps{bound}; run saved in {cfg.out}"
         )
     from sslkit.data.pipeline import report_summary
 
     if line := report_summary(cfg.out):
         click.echo(f"data: {line}", err=True)
+    ctx.exit(requeue)
 
 
 @main.command()
@@ -266,6 +275,19 @@ def embed(model: str, data: str, out: str, batch_size: int, data_opts: tuple[str
                             device=device, overwrite=overwrite, progress=not quiet)
     click.echo(f"embedded {summary['n']} images ({summary['dim']}-d, {summary['engine']}); "
                f"{summary['skipped']} skipped; saved to {out}")
+
+
+@main.command("new-plugin")
+@click.argument("name")
+@click.option("--kind", required=True, type=click.Choice(["task", "source", "backbone", "exporter"]),
+              help="What the plugin registers.")
+@click.option("--out", default=None, type=click.Path(file_okay=False), help="Folder to create (default: ./sslkit-NAME).")
+def new_plugin(name: str, kind: str, out: str | None) -> None:
+    """Write a ready plugin package: pyproject, module, README, tests using sslkit.testing."""
+    from sslkit.new_plugin import write_plugin
+
+    folder = write_plugin(name, kind, out)
+    click.echo(f"wrote {kind} plugin {name!r} to {folder}; next: pip install -e {folder} && pytest {folder}")
 
 
 from sslkit.eval.cli import eval_group  # noqa: E402  (`sslkit eval knn|linear|tsne|attention`)

@@ -1,8 +1,10 @@
-"""The third-party plugin in examples/ installs with pip and works like a built-in."""
+"""The third-party plugin in examples/ installs with pip, passes its own sslkit.testing
+tests (what its CI runs) and works like a built-in."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -53,3 +55,19 @@ def test_used_by_pretrain(installed, tmp_path):
     proc = run_sslkit("pretrain", "--task", "relpos", "--data", "synthetic:8", "--out", tmp_path / "x",
                       "--image-size", "32", "--quiet", env=installed)
     assert proc.returncode == 2 and "image-size >= 48" in proc.stderr
+
+
+def test_its_own_contract_tests_pass(installed):
+    """``pytest examples/sslkit-example-plugin``: the plugin's CI, on sslkit.testing."""
+    env = {**os.environ, **installed}
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(EXAMPLE)],
+                          capture_output=True, text=True, env=env, cwd=EXAMPLE, timeout=1500)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert "3 passed" in proc.stdout
+
+
+def test_imports_only_the_public_api():
+    code = (EXAMPLE / "sslkit_example_plugin.py").read_text()
+    imports = [ln for ln in code.splitlines() if "sslkit" in ln and ln.startswith(("from ", "import "))]
+    assert imports == [ln for ln in imports if ln.startswith("from sslkit.api import ")] and imports
+    assert len(code.splitlines()) < 100

@@ -1,0 +1,73 @@
+"""``sslkit new-plugin NAME --kind task|source|backbone|exporter``: a ready plugin package.
+
+Writes ``pyproject.toml`` (the ``sslkit`` entry point, a pytest config), the plugin
+module (declaring the ``sslkit_api`` range it is written for, importing only
+:mod:`sslkit.api`), a README and ``tests/`` that run :mod:`sslkit.testing` on what the
+package registers. Templates live in ``sslkit/new_plugin_templates/`` (package data).
+"""
+
+from __future__ import annotations
+
+import re
+from importlib import resources
+from pathlib import Path
+
+from sslkit.errors import UsageError
+
+KINDS = ("task", "source", "backbone", "exporter")
+USAGE = {
+    "task": "sslkit pretrain --task {name} --data folder:IMAGES --out runs/{name}",
+    "source": "sslkit pretrain --task simclr --data {name}:NPY_FOLDER --out runs/{name}",
+    "backbone": "sslkit pretrain --task simclr --backbone {name}:small --data folder:IMAGES --out runs/{name}",
+    "exporter": "sslkit export runs/RUN --format {name} --out encoder.npz",
+}
+
+
+def api_range() -> str:
+    """The ``sslkit_api`` specifier a new plugin declares: this API version up to the next."""
+    from sslkit.api import API_VERSION
+
+    return f">={API_VERSION},<{API_VERSION + 1}"
+
+
+def files_for(name: str, kind: str) -> dict[str, str]:
+    """``relative path -> text`` of the package for plugin ``name`` of ``kind``."""
+    if not re.fullmatch(r"[a-z][a-z0-9_]*", name):
+        raise UsageError(f"plugin name {name!r}: use lower-case letters, digits and _ (it becomes a Python module "
+                         f"and the registered name, e.g. --task {name.lower().replace('-', '_') or 'demo'})")
+    if kind not in KINDS:
+        raise UsageError(f"--kind {kind!r}: choose from {', '.join(KINDS)}")
+    module, dist = f"sslkit_{name}", f"sslkit-{name.replace('_', '-')}"
+    values = dict(name=name, kind=kind, module=module, dist=dist, api_range=api_range(),
+                  cls="".join(part.title() for part in name.split("_")) + kind.title())
+    values["usage"] = "Use it:\n\n```bash\n" + USAGE[kind].format(**values) + "\n```"
+    templates = resources.files("sslkit") / "new_plugin_templates"
+
+    def render(template: str) -> str:
+        return (templates / template).read_text().format(**values)
+
+    return {
+        "pyproject.toml": render("pyproject.toml.tmpl"),
+        "README.md": render("README.md.tmpl"),
+        f"{module}.py": render(f"{kind}.py.tmpl"),
+        f"tests/test_{name}.py": render(f"test_{kind}.py.tmpl"),
+    }
+
+
+def write_plugin(name: str, kind: str, out: str | Path | None = None) -> Path:
+    """Write the package for plugin ``name`` into ``out`` (default ``./sslkit-NAME``).
+
+    ``out`` must not exist or be empty: nothing is ever overwritten.
+    """
+    files = files_for(name, kind)
+    folder = Path(out) if out else Path(f"sslkit-{name.replace('_', '-')}")
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        raise UsageError(f"{str(folder)!r} already exists and is not empty; choose another --out")
+    try:
+        for rel, text in files.items():
+            path = folder / rel
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+    except OSError as exc:
+        raise UsageError(f"cannot write the plugin into {str(folder)!r}: {exc.strerror or exc}") from None
+    return folder
