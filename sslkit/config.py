@@ -236,6 +236,8 @@ def resolve(cli: dict[str, Any], config_file: str | None = None) -> RunConfig:
     if missing:
         raise UsageError("missing " + ", ".join(f"--{k}" for k in missing) + " (on the command line or in --config)")
     values = merge(defaults(), _task_layer(given), given)
+    if given.get("max_steps") is not None and "epochs" not in given:  # --max-steps alone sets the length
+        values["epochs"] = None
     return RunConfig(**_complete(values))
 
 
@@ -427,6 +429,13 @@ def cli_values(kw: dict[str, Any], given: set[str]) -> dict[str, Any]:
         elif name == "channels":
             out["channels"] = int(value) if value else None
         elif name == "resume":
+            if kw.get("overwrite"):
+                raise UsageError("--resume continues a run and --overwrite replaces it; give one of them")
+            if value == "auto":  # resume when --out holds a checkpoint, else start (sslkit.run.auto_resume)
+                from sslkit.run import auto_resume
+
+                out.update(auto_resume(kw.get("out") if "out" in given else None))
+                continue
             out["resume"] = True
             if value:  # --resume RUN_DIR (bare --resume continues --out)
                 if kw.get("out") and "out" in given and Path(kw["out"]) != Path(value):

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from sslkit.errors import UsageError
+from sslkit.output_file import check_writable
 from sslkit.spec import InputSpec
 
 RUN_JSON = "run.json"
@@ -24,8 +25,9 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 
 # Fields that may differ between a run and its --resume (they change how, not what, it computes).
 RESUMABLE_OVERRIDES = frozenset({
-    "out", "device", "progress", "compile", "checkpoint_every", "keep_checkpoints", "cache_dir",
+    "out", "device", "progress", "compile", "capture", "checkpoint_every", "keep_checkpoints", "cache_dir",
     "callbacks", "resume", "overwrite", "allow_download", "allow_data_change",
+    "epochs", "max_steps",  # a larger bound extends a run (the schedule is re-planned to the new horizon)
 })
 
 
@@ -45,7 +47,7 @@ class RunConfig:
     backbone: str | None = None  # None: the task's default_backbone
     init: str | None = None  # initial backbone weights: a file, a run directory, ORG/NAME or timm:MODEL.TAG
     allow_download: bool = False  # --init may fetch Hub weights missing from the local cache
-    epochs: int = 10
+    epochs: int | None = 10  # None: --max-steps alone sets the length
     batch_size: int = 64
     image_size: int = 224
     max_steps: int | None = None
@@ -66,6 +68,7 @@ class RunConfig:
     # speed
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     compile: bool = False
+    capture: Literal["off", "auto", "graphs"] = "off"  # the whole step as one CUDA graph (sslkit.engine.capture)
     channels_last: bool | None = None  # None: on for CNNs, off for token backbones (ViTs)
     device: str = "auto"
     sync_bn: bool = False
@@ -92,7 +95,8 @@ class RunConfig:
             if not ok:
                 raise UsageError(f"config: {what}")
 
-        need(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
+        need(self.epochs is None or self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
+        need(self.epochs is not None or self.max_steps is not None, "set epochs or max_steps (or both)")
         need(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
         need(self.image_size >= 8, f"image_size must be >= 8, got {self.image_size}")
         need(self.max_steps is None or self.max_steps >= 1, f"max_steps must be >= 1, got {self.max_steps}")
@@ -139,7 +143,23 @@ def check_run_dir(cfg: RunConfig) -> Path:
         )
     if cfg.resume and not (out / RUN_JSON).exists():
         raise UsageError(f"--resume: {cfg.out!r} holds no sslkit run to continue")
+    existing = out if out.is_dir() else next(p for p in out.absolute().parents if p.is_dir())
+    check_writable(existing)  # before any image is decoded
     return out
+
+
+def auto_resume(out: str | None) -> dict[str, Any]:
+    """``--resume auto``: the settings that continue ``out`` when it holds a checkpoint
+    (``resume``), replace an sslkit run that never reached one (``overwrite``), or start
+    fresh; one command line serves every requeue of a job."""
+    if not out:
+        raise UsageError("--resume auto needs the run directory: --out RUN_DIR")
+    run_dir = Path(out)
+    if not (run_dir / RUN_JSON).is_file():
+        return {}
+    if any(p.name.startswith("step-") for p in (run_dir / "checkpoints").glob("step-*")):
+        return {"resume": True, "out": out}
+    return {"overwrite": True}
 
 
 def prepare_run_dir(cfg: RunConfig) -> Path:
@@ -241,7 +261,8 @@ BASELINE_SEED = 0
 def _create_encoder(backbone: str, spec: InputSpec, options: dict[str, Any]):
     from sslkit.registry import create_backbone
 
-    return create_backbone(backbone, in_chans=spec.channels, image_size=spec.image_size, **options)
+    size = tuple(spec.volume_size) if spec.sample == "volume" and spec.volume_size else spec.image_size
+    return create_backbone(backbone, in_chans=spec.channels, image_size=size, **options)
 
 
 def build_baseline_encoder(backbone: str, spec: InputSpec, options: dict[str, Any]):

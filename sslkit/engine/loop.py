@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from sslkit import distributed
+from sslkit.data.loader import to_unit
 from sslkit.engine import state as run_state
 from sslkit.engine.events import Events
 from sslkit.engine.log import Progress
@@ -38,7 +39,7 @@ from sslkit.errors import UsageError
 from sslkit.optim import set_lr
 
 #: metric names the engine writes itself; a task returning one of them is refused
-RESERVED_METRICS = frozenset({"step", "epoch", "lr", "img_per_s", "grad_norm", "stop"})
+RESERVED_METRICS = frozenset({"step", "epoch", "lr", "img_per_s", "grad_norm", "stop", "requeue"})
 
 SaveFn = Callable[[Setup, RunState], "Path | None"]
 
@@ -65,7 +66,7 @@ def train(s: Setup, state: RunState, events: Events, stop: Any, save: SaveFn | N
             try:
                 while state.pos < s.steps_per_epoch and state.step < until:
                     t0 = time.perf_counter()
-                    scalars = train_step(s, state, batches, stop.requested)
+                    scalars = train_step(s, state, batches, stop.requested, stop.requeue)
                     log.launched(state, s.schedule.lr_at(state.step - 1), scalars)
                     interrupted = log.read(keep=1)
                     log.timed(time.perf_counter() - t0)  # the step's own time, not a checkpoint's
@@ -88,7 +89,8 @@ def train(s: Setup, state: RunState, events: Events, stop: Any, save: SaveFn | N
     return {
         "steps": state.step, "steps_this_session": state.step - start_step, "seconds": round(elapsed, 2),
         "img_per_s": round(log.images / elapsed, 2) if elapsed > 0 and log.images else None,
-        "final_loss": log.last.get("loss"), "interrupted": interrupted, "main": s.main,
+        "final_loss": log.last.get("loss"), "interrupted": interrupted, "requeue": interrupted and log.requeue,
+        "main": s.main,
     }
 
 
@@ -99,17 +101,19 @@ def _checkpoint(s: Setup, state: RunState, events: Events, save: SaveFn | None) 
 
 
 def train_step(s: Setup, state: RunState, batches: Iterator[torch.Tensor],
-               stop_requested: bool = False) -> dict[str, torch.Tensor]:
+               stop_requested: bool = False, requeue: bool = False) -> dict[str, torch.Tensor]:
     """Launch one optimizer step from the next ``accumulate`` batches; advance ``state``.
 
     Returns the step's scalars as 0-d device tensors, not yet read (means over
-    micro-batches and ranks; ``stop`` > 0 when any rank was asked to stop; ``grad_norm``
-    when clipping).
+    micro-batches and ranks; ``stop`` > 0 when any rank was asked to stop, ``requeue`` > 0
+    when by a pre-emption signal; ``grad_norm`` when clipping).
     """
-    scalars = accumulate(s, batches)
-    scalars["stop"] = float(stop_requested)
+    capture = getattr(s, "capture", None)  # --capture: the step replayed as one CUDA graph (capture.py)
+    captured = capture is not None and capture.active
+    scalars = capture.run(s, state.step, batches) if captured else accumulate(s, batches)
+    scalars["stop"], scalars["requeue"] = float(stop_requested), float(requeue)
     scalars = reduce_over_ranks(s, scalars)
-    grad_norm = optimizer_step(s, state.step)
+    grad_norm = None if captured else optimizer_step(s, state.step)  # captured: stepped in the graph
     if grad_norm is not None:
         scalars["grad_norm"] = grad_norm
     state.step, state.pos = state.step + 1, state.pos + 1
@@ -123,6 +127,8 @@ def accumulate(s: Setup, batches: Iterator[torch.Tensor]) -> dict[str, torch.Ten
     sums: dict[str, torch.Tensor] = {}
     for k in range(K):
         x = next(batches).to(s.device, non_blocking=True)
+        if not x.is_floating_point():  # the cache's uint16 copied as is (half the bytes): scale on the device
+            x = to_unit(x)
         if x.dim() == 4 and x.shape[-1] != s.spec.image_size:  # stored at --cache-size: resize on the device
             x = torch.nn.functional.interpolate(x, size=(s.spec.image_size,) * 2, mode="bilinear",
                                                 antialias=True, align_corners=False)
@@ -165,13 +171,18 @@ def reduce_over_ranks(s: Setup, scalars: dict[str, Any]) -> dict[str, torch.Tens
 
 
 def optimizer_step(s: Setup, step: int) -> torch.Tensor | None:
-    """Clip (with ``--grad-clip``), set the LR of 0-based ``step``, step, zero the gradients."""
+    """Set the LR of 0-based ``step``, then :func:`apply_gradients`."""
+    set_lr(s.optimizer, s.schedule.lr_at(step))
+    return apply_gradients(s)
+
+
+def apply_gradients(s: Setup) -> torch.Tensor | None:
+    """Clip (with ``--grad-clip``), step at the optimizer's current LR, zero the gradients."""
     grad_norm = None
     if s.cfg.grad_clip:
         s.scaler.unscale_(s.optimizer)
         params = [p for g in s.optimizer.param_groups for p in g["params"]]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, s.cfg.grad_clip)
-    set_lr(s.optimizer, s.schedule.lr_at(step))
     s.scaler.step(s.optimizer)
     s.scaler.update()
     s.optimizer.zero_grad(set_to_none=True)
@@ -187,6 +198,7 @@ class StepLog:
         self.pending: list[dict[str, Any]] = []
         self.images = 0
         self.last: dict[str, float] = {}
+        self.requeue = False  # a rank was stopped by SIGTERM / SIGUSR1
 
     def launched(self, state: RunState, lr: float, scalars: dict[str, torch.Tensor]) -> None:
         self.pending.append({"step": state.step, "epoch": state.epoch, "lr": lr, "scalars": scalars,
@@ -210,6 +222,7 @@ class StepLog:
                     f"good checkpoint is in {self.s.checkpoint_dir}")
             self.images += self.s.step_images
             asked = values.pop("stop") > 0 or asked
+            self.requeue = values.pop("requeue") > 0 or self.requeue
             grad_norm = values.pop("grad_norm", None)
             self.last = values
             ips = self.s.step_images / max(p["seconds"] or 0.0, 1e-9)

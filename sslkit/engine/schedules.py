@@ -34,6 +34,7 @@ class Schedule:
     peak_lr: float
     total: int
     warmup: int
+    bound: str = "epochs"  # what set ``total``: "epochs" or "max_steps" (the smaller wins)
 
     def __post_init__(self) -> None:
         if self.kind not in SCHEDULES:
@@ -61,7 +62,17 @@ class Schedule:
         return asdict(self)
 
 
-def make_schedule(kind: str, peak_lr: float, total: int, warmup_epochs: float, steps_per_epoch: int) -> Schedule:
+def horizon(epochs: int | None, max_steps: int | None, steps_per_epoch: int) -> tuple[int, str]:
+    """Optimizer steps of a run and which bound set them: ``--max-steps`` alone sets the
+    length, ``--epochs`` alone too, and with both the smaller wins (a tie names epochs)."""
+    by_epochs = epochs * steps_per_epoch if epochs is not None else None
+    if max_steps is not None and (by_epochs is None or max_steps < by_epochs):
+        return max_steps, "max_steps"
+    return by_epochs, "epochs"
+
+
+def make_schedule(kind: str, peak_lr: float, total: int, warmup_epochs: float, steps_per_epoch: int,
+                  bound: str = "epochs") -> Schedule:
     """The run's schedule: warm-up of ``warmup_epochs`` (at most half the run), then ``kind``."""
     warmup = min(int(warmup_epochs * steps_per_epoch), total // 2)
-    return Schedule(kind, peak_lr, total, warmup)
+    return Schedule(kind, peak_lr, total, warmup, bound)

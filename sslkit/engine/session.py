@@ -16,11 +16,14 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from sslkit import distributed
+from sslkit import checkpoint, distributed
 from sslkit.engine import state as run_state
 from sslkit.engine.callbacks import check_callbacks, create_callbacks
 from sslkit.engine.events import Events, RunInfo
+from sslkit.engine.lock import RunLock
+from sslkit.engine.log import note
 from sslkit.engine.loop import Diverged, train
+from sslkit.engine.schedules import horizon
 from sslkit.engine.setup import Setup, build, on_main, resolve_device, seed_everything
 from sslkit.engine.signals import StopSignal
 from sslkit.errors import UsageError
@@ -36,7 +39,7 @@ def pretrain(cfg: RunConfig) -> dict[str, Any]:
     """
     if cfg.resume:
         old = read_json(Path(cfg.out) / RUN_JSON)
-        if old.get("status") == "finished":  # nothing left to do; the config cannot have grown
+        if old.get("status") == "finished" and not _extends(cfg, old):  # nothing left to do
             return {**old.get("summary", {}), "already_finished": True,
                     "main": int(os.environ.get("RANK", "0")) == 0}
     get_task(cfg.task)
@@ -49,23 +52,39 @@ def pretrain(cfg: RunConfig) -> dict[str, Any]:
         raise UsageError("--sync-bn needs CUDA GPUs (torch's SyncBatchNorm has no CPU implementation)")
     created = distributed.init(device.type)
     flags = torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark
+    lock = RunLock(Path(cfg.out))
     try:
-        return run(build(cfg, device))
+        on_main(lambda: lock.acquire() if Path(cfg.out).is_dir() else None)  # a second process: refused now
+        return run(build(cfg, device), lock)
     finally:
+        lock.release()
         torch.use_deterministic_algorithms(flags[0])  # leave the process as it was (library use)
         torch.backends.cudnn.benchmark = flags[1]
         if created:
             distributed.teardown()
 
 
-def run(s: Setup) -> dict[str, Any]:
-    """Train a built run to its end (or a stop signal); write the encoder and run.json."""
+def _extends(cfg: RunConfig, old: dict[str, Any]) -> bool:
+    """Whether resuming finished run ``old`` with ``cfg``'s bounds has steps left to train."""
+    per_epoch, done = old.get("steps_per_epoch"), old.get("summary", {}).get("steps")
+    if not per_epoch or done is None:
+        return False
+    return horizon(cfg.epochs, cfg.max_steps, int(per_epoch))[0] > int(done)
+
+
+def run(s: Setup, lock: RunLock | None = None) -> dict[str, Any]:
+    """Train a built run to its end (or a stop signal); write the encoder and run.json.
+    ``lock``: the run directory's lock, taken (rank 0) once the directory exists."""
     if s.world > 1:  # different augmentations per rank; the model is already identical
         seed_everything(s.cfg.seed + 7919 * s.rank)
-    on_main(lambda: _prepare(s))  # everything asked for is valid: only now is the run directory written
+    on_main(lambda: _prepare(s, lock))  # everything asked is valid: only now is the run directory written
     state = run_state.restore(s)
+    if state.step > s.total:
+        raise UsageError(f"run {s.cfg.out} already has {state.step} steps, more than the {s.total} that "
+                         f"--epochs/--max-steps now allow; give a larger bound to extend it")
     if s.cfg.resume and s.main:
-        s.info["resumes"] = read_json(s.out / RUN_JSON).get("resumes", []) + [{"from_step": state.step}]
+        s.info["resumes"] = read_json(s.out / RUN_JSON).get("resumes", []) + [
+            {"from_step": state.step, "total_steps": s.total}]
     write_info(s)
     events = Events(create_callbacks(s.cfg.callbacks), s.rank)
     events.emit("on_run_start", RunInfo(s.out, s.info, state.step, s.total, s.rank, s.world))
@@ -75,6 +94,7 @@ def run(s: Setup) -> dict[str, Any]:
         try:
             summary = train(s, state, events, stop)
             status = "interrupted" if summary["interrupted"] else "finished"
+            summary["stopped_by"] = "signal" if summary["interrupted"] else s.schedule.bound
         except Diverged as exc:
             status = "diverged"
             raise UsageError(str(exc)) from None
@@ -95,14 +115,25 @@ def _end(s: Setup, events: Events, status: str, summary: dict[str, Any]) -> None
         s.info["status"] = status
         if status in ("finished", "interrupted"):
             s.info["summary"] = {k: v for k, v in summary.items() if k != "main"}
-        write_info(s)
+        try:
+            write_info(s)
+        except UsageError:  # a full disk: the error that stopped the run is the one to report
+            if status == "finished":
+                raise
     encoder = s.out / ENCODER_FILE
     events.emit("on_run_end", {**{k: v for k, v in summary.items() if k != "main"}, "status": status,
                                "encoder": encoder if status == "finished" and s.main else None})
 
 
-def _prepare(s: Setup) -> None:
+def _prepare(s: Setup, lock: RunLock | None) -> None:
+    """Create (or clear, with --overwrite) the run directory under the run lock; remove
+    temporary files a killed run left behind; write data_report.json."""
     prepare_run_dir(s.cfg)
+    if lock is not None:
+        lock.acquire()
+        for folder in (s.out, s.checkpoint_dir):
+            for name in checkpoint.remove_orphans(folder):
+                note(f"note: removed {name}, left in {folder} by an interrupted write")
     prepared = s.data.prepared
     write_json_atomic(s.out / "data_report.json", {
         "samples": len(prepared), "skipped": len(prepared.skipped),

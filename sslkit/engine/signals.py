@@ -1,8 +1,14 @@
 """Signals that stop a run cleanly: finish the current step, checkpoint, return.
 
-SIGINT (Ctrl-C) and SIGTERM ask the loop to stop after the step in flight; a second
-SIGINT aborts at once (KeyboardInterrupt). Only the main thread can install handlers;
-elsewhere the signals keep their default behaviour.
+* SIGINT (Ctrl-C): stop after the step in flight and checkpoint; the command exits 0
+  with the line to resume. A second SIGINT aborts at once (KeyboardInterrupt).
+* SIGTERM, SIGUSR1 (a scheduler pre-empting the job; SLURM's ``--signal=USR1@120``):
+  the same, then the command exits with :data:`EXIT_REQUEUE` (75, ``EX_TEMPFAIL``: "try
+  again"), so a job script can requeue itself; ``--resume auto`` continues exactly.
+
+Only the main thread can install handlers; elsewhere the signals keep their default
+behaviour. Under DDP each rank's request is all-reduced with the step's scalars, so all
+ranks stop after the same step.
 """
 
 from __future__ import annotations
@@ -14,20 +20,27 @@ from typing import Any
 from sslkit import distributed
 from sslkit.engine.log import note
 
+#: exit status of ``sslkit pretrain`` stopped by SIGTERM / SIGUSR1 after checkpointing
+EXIT_REQUEUE = 75
+REQUEUE_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
 
 class StopSignal:
-    """Context manager: ``requested`` turns True when a stop signal arrives."""
+    """Context manager: ``requested`` turns True when a stop signal arrives; ``requeue``
+    when that signal was SIGTERM or SIGUSR1 (pre-emption) rather than Ctrl-C."""
 
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    SIGNALS = (signal.SIGINT, *REQUEUE_SIGNALS)
 
     def __init__(self) -> None:
         self.requested = False
+        self.requeue = False
         self._old: dict[int, Any] = {}
 
     def _handle(self, signum, frame) -> None:
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested = True
+        self.requeue = self.requeue or signum in REQUEUE_SIGNALS
         if distributed.is_main():
             note(f"{signal.Signals(signum).name}: stopping after this step and writing a checkpoint "
                  f"(Ctrl-C again to abort now)")

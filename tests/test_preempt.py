@@ -1,0 +1,167 @@
+"""Pre-emption and run bounds through the CLI: SIGTERM / SIGUSR1 checkpoint at the end of
+the step and exit 75 (requeue); the same command line with ``--resume auto`` continues
+exactly; a full disk at a checkpoint is one line (exit 2) with the last good checkpoint
+kept; ``--resume --overwrite`` and an unwritable ``--out`` are refused before any work;
+``--max-steps``/``--epochs`` compose and a finished run extends by resuming with a larger
+bound; the LR is scaled from the batch actually used; a log file gets plain lines."""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from sslkit import checkpoint
+from tests.conftest import make_images, run_sslkit
+from tests.test_engine import TINY_VIT, install_probe
+
+SSLKIT = str(Path(sys.executable).parent / "sslkit")
+EXIT_REQUEUE = 75
+# 24 images, batch 4: 6 steps per epoch, 2 epochs = 12 steps; checkpoints every 4 steps and at epoch ends
+TOTAL = 12
+
+
+def args(images: Path, out: Path, *extra: str) -> list[str]:
+    return ["pretrain", "--task", "probe", "--data", f"folder:{images}", "--out", str(out), "--image-size", "16",
+            "--batch-size", "4", "--epochs", "2", "--checkpoint-every", "4", "--seed", "5", "--deterministic",
+            "--no-cache", "--quiet", "--warmup-epochs", "0.5", "--task-opt", "loss=ntxent",
+            *[a for k, v in {**TINY_VIT, "patch_size": 8}.items() for a in ("--backbone-opt", f"{k}={v}")], *extra]
+
+
+@pytest.fixture(scope="module")
+def setting(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("preempt")
+    probe = install_probe(root / "probe")
+    return {"images": make_images(root / "img", n_per_class=12, size=20), "env": {"PYTHONPATH": str(probe)},
+            "root": root}
+
+
+def rows(run: Path) -> list[tuple[str, str, str, str]]:
+    with open(run / "metrics.csv", newline="") as f:
+        return [(r["step"], r["epoch"], r["loss"], r["lr"]) for r in csv.DictReader(f)]
+
+
+@pytest.fixture(scope="module")
+def reference(setting) -> list:
+    out = setting["root"] / "reference"
+    proc = run_sslkit(*args(setting["images"], out, "--resume", "auto"), env=setting["env"])  # auto: fresh
+    assert proc.returncode == 0, proc.stderr
+    got = rows(out)
+    assert [int(r[0]) for r in got] == list(range(1, TOTAL + 1)) and len({r[2] for r in got}) > 1
+    return got
+
+
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])
+def test_preemption_signal_exits_for_requeue_and_resume_auto_repeats_every_loss(setting, reference, tmp_path,
+                                                                                sig):
+    import os
+
+    out = tmp_path / "run"
+    after = random.Random(int(sig)).randint(2, 6)  # a pseudo-random step, printed on failure
+    proc = subprocess.Popen([SSLKIT, *args(setting["images"], out, "--resume", "auto")], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, **setting["env"]})
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if (out / "metrics.csv").exists() and len((out / "metrics.csv").read_text().splitlines()) - 1 >= after:
+            proc.send_signal(sig)
+            break
+        time.sleep(0.002)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == EXIT_REQUEUE, (after, proc.returncode, stderr[-2000:])
+    assert f"exit {EXIT_REQUEUE}" in stdout
+    step = int(rows(out)[-1][0])
+    assert after <= step < TOTAL, (after, step)
+    assert (out / "checkpoints" / f"step-{step:08d}").is_dir()  # checkpoint at the step it stopped
+    info = json.loads((out / "run.json").read_text())
+    assert info["status"] == "interrupted" and info["summary"]["requeue"] is True
+
+    again = run_sslkit(*args(setting["images"], out, "--resume", "auto"), env=setting["env"])  # the same line
+    assert again.returncode == 0, again.stderr
+    assert rows(out) == reference  # every step once, the same loss and LR to the last digit
+    assert json.loads((out / "run.json").read_text())["resumes"][-1]["from_step"] == step
+    done = run_sslkit(*args(setting["images"], out, "--resume", "auto"), env=setting["env"])  # a third requeue
+    assert done.returncode == 0 and "already finished" in done.stdout
+
+
+def test_disk_full_at_a_checkpoint_is_one_line_and_keeps_the_last_good_one(setting, tmp_path):
+    """The second checkpoint's state.pt write fails with ENOSPC (torch.save patched in the child)."""
+    script = tmp_path / "full_disk.py"
+    script.write_text(
+        "import errno, sys, torch\n"
+        "real, calls = torch.save, [0]\n"
+        "def save(*a, **k):\n"
+        "    calls[0] += 1\n"
+        "    if calls[0] == 2:\n"
+        "        raise OSError(errno.ENOSPC, 'No space left on device')\n"
+        "    return real(*a, **k)\n"
+        "torch.save = save\n"
+        "from sslkit.cli import main\n"
+        "main(sys.argv[1:])\n")
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, str(script), *args(setting["images"], out)], capture_output=True,
+                          text=True, env={**__import__("os").environ, **setting["env"]}, timeout=600)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "No space left on device" in lines[0], proc.stderr
+    assert "step-00000006" in lines[0] and "step-00000004, is kept" in lines[0]
+    ckpts = out / "checkpoints"
+    assert [p.name for p in checkpoint.list_checkpoints(ckpts)] == ["step-00000004"]
+    assert not [p for p in ckpts.iterdir() if p.name.startswith(".")]  # no partial folder left
+    path, _, state, skipped = checkpoint.load_latest(ckpts)
+    assert state["step"] == 4 and not skipped
+    assert json.loads((out / "run.json").read_text())["status"] == "failed"
+
+
+def test_refused_before_any_work(setting, tmp_path):
+    cache = tmp_path / "cache"
+    both = run_sslkit(*args(setting["images"], tmp_path / "x", "--resume", "--overwrite"), env=setting["env"])
+    assert both.returncode == 2 and len(both.stderr.strip().splitlines()) == 1
+    assert "--resume" in both.stderr and "--overwrite" in both.stderr
+    unwritable = run_sslkit(*[a for a in args(setting["images"], Path("/proc/sslkit-run/x")) if a != "--no-cache"],
+                            "--cache", cache, env=setting["env"])
+    assert unwritable.returncode == 2 and len(unwritable.stderr.strip().splitlines()) == 1, unwritable.stderr
+    assert "not writable" in unwritable.stderr
+    assert not cache.exists()  # refused before a single image was decoded
+
+
+def test_max_steps_alone_both_bounds_and_extension(setting, tmp_path):
+    out = tmp_path / "run"
+    base = [a for a in args(setting["images"], out) if a not in ("--epochs", "2")]
+    alone = run_sslkit(*base, "--max-steps", "15", env=setting["env"])  # more than the default 10 epochs? no:
+    assert alone.returncode == 0, alone.stderr                           # 15 steps is 2.5 epochs of 6
+    assert len(rows(out)) == 15 and "(the --max-steps bound)" in alone.stdout
+    info = json.loads((out / "run.json").read_text())
+    assert info["horizon"] == {"epochs": None, "max_steps": 15, "total_steps": 15, "bound": "max_steps",
+                               "schedule": "cosine"}
+
+    longer = run_sslkit("pretrain", "--resume", out, "--max-steps", "18", "--quiet", env=setting["env"])
+    assert longer.returncode == 0, longer.stderr
+    assert [int(r[0]) for r in rows(out)] == list(range(1, 19))  # extended from the step-15 checkpoint
+    info = json.loads((out / "run.json").read_text())
+    assert info["resumes"][-1] == {"from_step": 15, "total_steps": 18} and info["horizon"]["total_steps"] == 18
+
+    both = tmp_path / "both"
+    proc = run_sslkit(*args(setting["images"], both, "--max-steps", "100"), env=setting["env"])
+    assert proc.returncode == 0 and "(the --epochs bound)" in proc.stdout  # 2 epochs = 12 steps < 100
+    assert len(rows(both)) == TOTAL
+
+
+def test_lr_scaled_from_the_batch_used_and_plain_log_lines(setting, tmp_path):
+    out = tmp_path / "run"
+    a = [x for x in args(setting["images"], out, "--max-steps", "3", "--base-lr", "0.256")
+         if x not in ("--quiet", "--epochs", "2")]
+    a[a.index("--batch-size") + 1] = "1000"  # one step per epoch of the 24 images
+    proc = run_sslkit(*a, env=setting["env"])
+    assert proc.returncode == 0, proc.stderr
+    info = json.loads((out / "run.json").read_text())
+    assert info["optimization"]["effective_batch"] == 24  # clamped to the 24 images
+    assert info["optimization"]["lr"] == pytest.approx(0.256 * 24 / 256)  # not 0.256 * 1000 / 256
+    assert "\r" not in proc.stderr  # not a terminal: plain lines, no redrawn bar
+    assert "probe step 3/3 epoch 2 loss" in proc.stderr
