@@ -227,3 +227,31 @@ def test_the_core_knows_no_source_by_name():
                 if any(m.split(".")[0] == "pydicom" for m in mods):
                     found.append(f"{path.name}:{node.lineno}: imports pydicom")
     assert not found, found
+
+
+@pytest.mark.slow
+def test_an_old_run_json_exports_the_same_window_graph(tmp_path):
+    """A DICOM run whose run.json predates ``graph_preprocessing`` (as written before this
+    change) exports --with-preprocessing exactly as the same run with the new record."""
+    import shutil
+
+    import onnx
+
+    from tests.conftest import tiny_run
+
+    run = tiny_run(f"dicom:{_ct_folder(tmp_path / 'ct', 8)}", tmp_path / "run", 32, "--window", "lung,mediastinum,bone")
+    info = json.loads((run / "run.json").read_text())
+    assert info["input_spec"]["graph_preprocessing"]["kind"] == "window"
+    old = tmp_path / "old"
+    shutil.copytree(run, old)
+    del info["input_spec"]["graph_preprocessing"]
+    (old / "run.json").write_text(json.dumps(info))
+    metas = []
+    for src in (run, old):
+        proc = run_sslkit("export", src, "--out", tmp_path / f"{src.name}.onnx", "--with-preprocessing")
+        assert proc.returncode == 0, proc.stderr
+        props = {p.key: p.value for p in onnx.load(str(tmp_path / f"{src.name}.onnx")).metadata_props}
+        metas.append(json.loads(props["sslkit"])["input"])
+    assert metas[0]["raw"] == metas[1]["raw"] and metas[0]["client_steps"] == metas[1]["client_steps"]
+    assert [(w["lower"], w["upper"]) for w in metas[0]["raw"]["window"]] == [
+        (-1350.0, 150.0), (-125.0, 225.0), (-500.0, 1300.0)]
