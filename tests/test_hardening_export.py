@@ -177,7 +177,7 @@ def test_embed_and_eval_share_the_device_default():
 
 def test_readme_install_line_builds_a_complete_package(tmp_path):
     """``pip install .`` (the README's line; sslkit is not on PyPI) builds a wheel with every
-    module of the tree, the ``sslkit`` command and every built-in plugin's entry point."""
+    file of the tree's packages, the ``sslkit`` command and the built-in plugins' entry points."""
     readme = (REPO / "README.md").read_text()
     install = re.findall(r"^ {4}(pip install \S+)", readme, re.M)
     assert install and install[0] == "pip install .", install
@@ -195,9 +195,11 @@ def test_readme_install_line_builds_a_complete_package(tmp_path):
     assert proc.returncode == 0, proc.stderr
     (wheel,) = (tmp_path / "dist").glob("sslkit-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    modules = {str(p.relative_to(src)) for p in (src / "sslkit").rglob("*.py")}
-    modules |= {"sslkit_plugins/" + str(p.relative_to(src / "plugins")) for p in (src / "plugins").rglob("*.py")}
-    assert modules - names == set(), "pip install . would miss these modules"
+    # every file of the two packages (modules, templates), as git sees the tree
+    modules = {str(p.relative_to(src)) for p in (src / "sslkit").rglob("*") if p.is_file()}
+    modules |= {"sslkit_plugins/" + str(p.relative_to(src / "plugins")) for p in (src / "plugins").rglob("*")
+                if p.is_file()}
+    assert modules - names == set(), "pip install . would miss these files"
     (entry_points,) = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
     text = zipfile.ZipFile(wheel).read(entry_points).decode()
     assert "sslkit = sslkit.cli:main" in text and "onnx = sslkit_plugins.exporters.onnx" in text
