@@ -1,9 +1,17 @@
 #!/usr/bin/env python
 """Embed a folder of images with an encoder exported by ``sslkit export``: no sslkit, no torch.
 
-Needs only onnxruntime, numpy, pillow and (for DICOM files) pydicom. Everything else comes
-from the ``sslkit`` JSON in the ONNX file's metadata: input name and dtype, channels,
-image size, and the preprocessing the graph does not do itself.
+Needs only onnxruntime, numpy, pillow and (for DICOM files) pydicom; compressed DICOM
+also needs pydicom's codec packages, as sslkit itself installs them::
+
+    pip install onnxruntime numpy pillow pydicom \
+        pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg pylibjpeg-rle
+
+(pylibjpeg-libjpeg: JPEG baseline/extended incl. 12-bit, JPEG lossless, JPEG-LS;
+pylibjpeg-openjpeg: JPEG 2000; pylibjpeg-rle: fast RLE). Without them such files are
+skipped, and the script says how many and why. Everything else comes from the ``sslkit``
+JSON in the ONNX file's metadata: input name and dtype, channels, image size, and the
+preprocessing the graph does not do itself.
 
     python examples/onnx_inference.py encoder.onnx FOLDER --out embeddings.npz
 
@@ -37,6 +45,7 @@ import onnxruntime as ort
 from PIL import Image
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp"}
+CODECS = "pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg pylibjpeg-rle"
 LUMA = (0.2989, 0.587, 0.114)
 
 
@@ -209,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     name, output = meta["input"]["name"], meta["output"]["name"]
     raw, spec = meta["input"]["raw"], meta["spec"]
 
-    ids, batch, embeddings, skipped = [], [], [], 0
+    ids, batch, embeddings, skipped = [], [], [], {}  # skipped: reason -> files
     files = list_files(Path(args.folder))
 
     def flush():
@@ -224,8 +233,9 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 items = [(None, image_pixels(path, raw))]
         except Exception as exc:
-            print(f"skipped {path}: {type(exc).__name__}: {exc}", file=sys.stderr)
-            skipped += 1
+            reason = why_skipped(exc)
+            print(f"\nskipped {path}: {reason}", file=sys.stderr)
+            skipped[reason] = skipped.get(reason, 0) + 1
             continue
         for frame, x in items:
             ids.append(str(path) if frame is None else f"{path}#{frame}")
@@ -235,12 +245,24 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\r{n}/{len(files)} files", end="", file=sys.stderr)
     flush()
     print(file=sys.stderr)
+    n_skipped = sum(skipped.values())
+    if n_skipped:
+        print(f"{n_skipped} file(s) skipped: " + "; ".join(f"{n} x {r}" for r, n in skipped.items()), file=sys.stderr)
+        if any("missing dependencies" in r or "Unable to decode" in r or "plugins" in r for r in skipped):
+            print(f"compressed DICOM needs pydicom's codecs: {CODECS}", file=sys.stderr)
     if not embeddings:
         sys.exit("error: no image could be embedded")
     result = np.concatenate(embeddings).astype(np.float32)
     np.savez(args.out, embeddings=result, ids=np.array(ids, dtype=str))
-    print(f"embedded {len(ids)} images ({result.shape[1]}-d); {skipped} files skipped; saved to {args.out}")
+    print(f"embedded {len(ids)} images ({result.shape[1]}-d); {n_skipped} files skipped; saved to {args.out}")
     return 0
+
+
+def why_skipped(exc: Exception) -> str:
+    """One line: the exception type and the first line of its message (pydicom names the
+    transfer syntax and the packages a missing codec needs)."""
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text[:300]}"
 
 
 if __name__ == "__main__":

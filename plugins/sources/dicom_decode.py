@@ -288,7 +288,7 @@ def codec_failure(ds: Dataset, reason: str) -> str | None:
     need = ""
     if ts == pydicom.uid.JPEGExtended12Bit and bits > 8:
         if not {"pylibjpeg", "gdcm"} & set(decoder.available_plugins):
-            need = "; 12-bit JPEG needs pylibjpeg-libjpeg or python-gdcm (Pillow decodes 8-bit JPEG only)"
+            need = " 12-bit JPEG needs pylibjpeg-libjpeg or python-gdcm (Pillow decodes 8-bit JPEG only);"
         elif "gdcm" not in decoder.available_plugins:
-            need = "; python-gdcm may decode it"
-    return f"{where}: installed decoders ({tried}) failed: {reason}{need}"
+            need = " python-gdcm may decode it;"
+    return f"{where}:{need} installed decoders ({tried}) failed: {reason}"

@@ -1,8 +1,9 @@
 """The ``dicom`` source's header index on disk: what a later run need not read again.
 
 One JSON file per data root under the cache's ``headers/`` folder, mode 0600, holding
-for every file (by its path relative to the root) its size and mtime and the technical
-header facts of :func:`~sslkit_plugins.sources.dicom.read_header`. Split groups are not
+for every file, keyed by its inode, size and mtime (no path: folder names can carry
+patient names), the technical header facts of
+:func:`~sslkit_plugins.sources.dicom.read_header`. Split groups are not
 stored, not even hashed: a hash of a PatientID can be reversed by trying IDs. The file
 keeps only which files share a group, as small integers numbered in file order; when
 files change, one unchanged file per stored group is read again to recover that group
@@ -20,7 +21,7 @@ from typing import Any, Callable
 
 from sslkit.api import UsageError, parallel_map, write_atomic
 
-FORMAT = 1  # of this file; the reader's own version (``version``) is part of the store's name
+FORMAT = 2  # of this file; the reader's own version (``version``) is part of the store's name
 
 
 def store_path(header_cache: Path, root: Path, version: int = 0) -> Path:
@@ -45,17 +46,16 @@ def cached_headers(files: list[str], root: Path, header_cache: Path | None,
         known = saved["files"] if saved.get("format") == FORMAT else {}
     except (OSError, ValueError, KeyError, TypeError):
         known = {}
-    rels = [os.path.relpath(f, root) for f in files]
     stamps = [_stamp(f) for f in files]
-    fresh = [i for i, (r, s) in enumerate(zip(rels, stamps)) if not s or known.get(r, [None])[0] != s]
+    fresh = [i for i, s in enumerate(stamps) if not s or s not in known]
     reuse = [i for i in range(len(files)) if i not in set(fresh)]
     headers: list[dict[str, Any] | None] = [None] * len(files)
     for i in reuse:
-        headers[i] = dict(known[rels[i]][1])
+        headers[i] = dict(known[stamps[i]][0])
     if fresh and reuse:  # one unchanged file per stored group gives that group back
         reps = {}
         for i in reuse:
-            reps.setdefault(known[rels[i]][2], i)
+            reps.setdefault(known[stamps[i]][1], i)
         reps.pop(None, None)
         todo = fresh + sorted(reps.values())
     else:
@@ -66,13 +66,13 @@ def cached_headers(files: list[str], root: Path, header_cache: Path | None,
     if any(g is None for g in groups.values()):  # a representative changed under us: read everything
         headers, groups, reuse = _read(read, files, workers), {}, []
     for i in reuse:
-        gi = known[rels[i]][2]
+        gi = known[stamps[i]][1]
         if gi is not None:
             if gi not in groups:  # nothing was read: the groups are only known as numbers
                 groups[gi] = f"stored-group:{gi}"
             headers[i]["group"] = groups[gi]
     if fresh or len(known) != len(files):
-        _save(store, rels, stamps, headers)
+        _save(store, stamps, headers)
     return headers
 
 
@@ -82,23 +82,24 @@ def _read(read: Callable[[str], dict[str, Any]], files: list[str], workers: int)
 
 
 def _stamp(path: str) -> str:
+    """A file's key in the index: inode, size and mtime (a changed or replaced file gets a new one)."""
     try:
         st = os.stat(path)
     except OSError:
         return ""
-    return f"{st.st_size}:{st.st_mtime_ns}"
+    return f"{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
 
 
-def _save(store: Path, rels: list[str], stamps: list[str], headers: list[dict[str, Any]]) -> None:
+def _save(store: Path, stamps: list[str], headers: list[dict[str, Any]]) -> None:
     """Write the index (0600, atomically); groups become integers in order of appearance."""
     numbers: dict[str, int] = {}
     files = {}
-    for rel, stamp, h in zip(rels, stamps, headers):
+    for stamp, h in zip(stamps, headers):
         if not stamp:
             continue
         group = h.get("group")
         gi = numbers.setdefault(group, len(numbers)) if group is not None else None
-        files[rel] = [stamp, {k: v for k, v in h.items() if k != "group"}, gi]
+        files[stamp] = [{k: v for k, v in h.items() if k != "group"}, gi]
     try:
         store.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         write_atomic(store, lambda tmp: tmp.write_text(json.dumps({"format": FORMAT, "files": files})))
