@@ -18,16 +18,24 @@ import torch
 from sslkit.data.prepare import SCALE
 
 
+def to_unit(x: torch.Tensor) -> torch.Tensor:
+    """A raw batch (the cache's uint16 ``round(x * 65535)``) as float32 in [0, 1], on its
+    device; bit-identical to :meth:`BatchLoader.read` without ``raw``."""
+    return x.to(torch.float32).div_(SCALE)
+
+
 class BatchLoader:
     """``pixels`` ``(N, C, S, S)`` uint16 -> float batches ``(B, C, S, S)`` in [0, 1].
 
     No worker processes: a batch is one vectorised read, and augmentation runs batched on
     the training device. With CUDA present, batches are returned in pinned memory
     (``pin_memory=None`` = auto) so ``.to(device, non_blocking=True)`` overlaps the copy.
+    With ``raw=True`` batches stay the stored integers (half the bytes of float32 to copy
+    to a GPU); :func:`to_unit` on the device then gives exactly the float batch.
     """
 
     def __init__(self, pixels: np.ndarray, batch_size: int, seed: int, rank: int = 0, world: int = 1,
-                 pin_memory: bool | None = None):
+                 pin_memory: bool | None = None, raw: bool = False):
         if len(pixels) < batch_size * world:
             batch_size = max(1, len(pixels) // world)
         self.pixels = pixels
@@ -35,6 +43,7 @@ class BatchLoader:
         self.seed = seed
         self.rank, self.world = rank, world
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self.raw = raw
         self._order: tuple[int, np.ndarray] | None = None  # (epoch, its permutation), set together
 
     def __len__(self) -> int:
@@ -56,6 +65,9 @@ class BatchLoader:
     def read(self, idx: np.ndarray) -> torch.Tensor:
         # numpy, not torch, scales the batch: a torch op on this (prefetch) thread would
         # start its own OpenMP team, whose spinning threads steal the model's cores.
+        if self.raw:
+            x = torch.from_numpy(np.ascontiguousarray(self.pixels[idx]))
+            return x.pin_memory() if self.pin_memory else x
         x = np.asarray(self.pixels[idx], dtype=np.float32)
         x = torch.from_numpy(np.divide(x, SCALE, out=x))
         return x.pin_memory() if self.pin_memory else x

@@ -1,0 +1,265 @@
+"""``--capture``: the step from static buffers with a device-tensor LR, recorded after a
+warm-up, and the clean fall-back. No CUDA here, so a stand-in recorder plays the CUDA graph
+(records nothing, each replay runs the recorded body on the same static buffers and writes
+the same output tensor); ``tests/test_gpu.py`` checks the real graphs on a GPU."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from sslkit.engine import capture as cap
+from sslkit.engine.capture import WARMUP_STEPS, StepCapture, TensorLR, blocker
+from tests.conftest import make_images, run_sslkit
+
+TINY_VIT = {"depth": 2, "embed_dim": 32, "num_heads": 2, "patch_size": 8}
+ARGS = dict(task="simclr", backbone="timm:vit_tiny_patch16_224", backbone_options=TINY_VIT, image_size=16,
+            batch_size=4, seed=3, deterministic=True, progress=False, warmup_epochs=0.5,
+            task_options={"proj_hidden_dim": 32, "proj_dim": 16})
+CLI = ["--task", "simclr", "--backbone", "timm:vit_tiny_patch16_224", "--image-size", "16", "--batch-size", "8",
+       "--max-steps", "2", "--seed", "3", "--quiet", "--task-opt", "proj_hidden_dim=32", "--task-opt",
+       "proj_dim=16", "--device", "cpu", *[f"--backbone-opt={k}={v}" for k, v in TINY_VIT.items()]]
+N = WARMUP_STEPS + 3  # steps in the in-process tests: warm-up, the recording, replays
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Path:
+    return make_images(tmp_path_factory.mktemp("capture") / "img", n_per_class=16, size=20)
+
+
+@pytest.fixture(scope="module")
+def plain(images, tmp_path_factory) -> list[dict[str, float]]:
+    """The scalars of N plain (uncaptured) steps."""
+    return values(steps(build(images, tmp_path_factory.mktemp("plain") / "run"), N))
+
+
+class StandIn:
+    """A recorder that behaves like a CUDA graph for what the engine can see: recording
+    runs nothing; a replay reads the static inputs seen at recording (their storage must
+    not change) and returns the same output tensor every time."""
+
+    def __init__(self, fail: Exception | None = None) -> None:
+        self.fail, self.records, self.replays = fail, 0, 0
+        self.capture: StepCapture | None = None
+
+    def __call__(self, body, stream):
+        if self.fail is not None:
+            raise self.fail
+        self.records += 1
+        ptrs = [b.data_ptr() for b in self.capture.inputs]
+        out: list[torch.Tensor] = []
+
+        def replay() -> torch.Tensor:
+            assert [b.data_ptr() for b in self.capture.inputs] == ptrs, "static inputs were reallocated"
+            self.replays += 1
+            v = body()
+            if not out:
+                out.append(v.clone())
+            out[0].copy_(v)
+            return out[0]
+
+        return replay
+
+
+def build(images: Path, out: Path, **kw):
+    from sslkit.engine import build as engine_build
+    from sslkit.run import RunConfig
+
+    return engine_build(RunConfig(data=f"folder:{images}", out=str(out), epochs=2, **{**ARGS, **kw}),
+                        torch.device("cpu"))
+
+
+def attach(s, recorder: StandIn, mode: str = "graphs", said: list | None = None) -> StepCapture:
+    c = StepCapture(s, mode, recorder=recorder, say=(said if said is not None else []).append)
+    recorder.capture, s.capture = c, c
+    return c
+
+
+def steps(s, n: int) -> list[dict[str, torch.Tensor]]:
+    """``n`` optimizer steps through the engine's train_step; scalars read only at the end
+    (as the loop reads them late), so a reused output buffer would show."""
+    from sslkit.engine import RunState, train_step
+
+    state, out = RunState(), []
+    batches = s.loader.epoch(0)
+    try:
+        for _ in range(n):
+            out.append(train_step(s, state, batches))
+    finally:
+        batches.close()
+    return out
+
+
+def values(rows: list[dict[str, torch.Tensor]]) -> list[dict[str, float]]:
+    return [{k: v.item() for k, v in r.items()} for r in rows]
+
+
+def test_static_buffer_step_equals_the_plain_step(images, tmp_path, plain):
+    s = build(images, tmp_path / "b")
+    rec = StandIn()
+    c = attach(s, rec)
+    assert torch.is_tensor(s.optimizer.param_groups[0]["lr"])
+    got = values(steps(s, N))
+    assert rec.records == 1 and rec.replays == N - WARMUP_STEPS and c.captured and c.active
+    assert got == plain  # every scalar, bit for bit (losses after LR-scheduled updates)
+    assert len({r["loss"] for r in got}) == N
+
+
+def test_static_buffers_with_accumulation_and_clipping(images, tmp_path):
+    """Two static micro-batch buffers, the clipped norm from inside the recording; the
+    model ends where the plain run's does."""
+    kw = dict(accumulate=2, grad_clip=1.0, batch_size=2)  # 32 images: 8 steps an epoch
+    a = build(images, tmp_path / "a", **kw)
+    expected = values(steps(a, N))
+    s = build(images, tmp_path / "b", **kw)  # build seeds every generator: after the plain run
+    attach(s, StandIn())
+    got = values(steps(s, N))
+    assert got == expected and all("grad_norm" in r for r in got)
+    assert len(s.capture.inputs) == 2
+    for p, q in zip(a.task.parameters(), s.task.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_capture_raising_falls_back_once_and_the_step_is_unchanged(images, tmp_path, plain):
+    expected = plain
+    s = build(images, tmp_path / "b")
+    said: list[str] = []
+    rec = StandIn(fail=RuntimeError("operation not permitted when stream is capturing\nmore detail"))
+    c = attach(s, rec, said=said)
+    got = values(steps(s, N))
+    assert got == expected
+    assert not c.active and not c.captured
+    assert said == ["note: --capture graphs: capturing the step failed (RuntimeError: operation not permitted "
+                    "when stream is capturing); the step runs eagerly"]
+    assert all(isinstance(g["lr"], float) for g in s.optimizer.param_groups)  # the optimizer is plain again
+
+
+def test_auto_on_cpu_is_silent_and_graphs_says_it_once(images, tmp_path):
+    s = build(images, tmp_path / "a")
+    said: list[str] = []
+    c = StepCapture(s, "auto", say=said.append)
+    assert not c.active and said == []
+    c = StepCapture(s, "graphs", say=said.append)
+    c.fall_back("again")
+    assert not c.active and said == ["note: --capture graphs: CUDA graphs need a CUDA device, this run is on cpu; "
+                                     "the step runs eagerly"]
+    assert isinstance(s.optimizer.param_groups[0]["lr"], float)
+
+
+def test_blocker_names_what_cannot_be_captured():
+    class Capturable(torch.nn.Module):
+        capturable = True
+
+    class Declines(torch.nn.Module):
+        capturable = "keeps the keys of forward for on_step_end in Python"
+
+    def run(task=Capturable(), world=1, device="cuda", **cfg):
+        base = dict(precision="bf16", optimizer="adamw", task="t")
+        return SimpleNamespace(device=torch.device(device), world=world, task=task,
+                               cfg=SimpleNamespace(**{**base, **cfg}))
+
+    assert blocker(run()) is None
+    assert blocker(run(device="cpu")) == "CUDA graphs need a CUDA device, this run is on cpu"
+    assert blocker(run(device="cpu"), need_cuda=False) is None
+    assert "DDP" in blocker(run(world=2))
+    assert "fp16" in blocker(run(precision="fp16"))
+    assert blocker(run(optimizer="lars")) == "--optimizer lars is not capturable (use adamw or sgd)"
+    assert blocker(run(task=torch.nn.Linear(1, 1))) == "task 't' does not declare itself capturable (Task.capturable)"
+    assert blocker(run(task=Declines())) == "task 't' keeps the keys of forward for on_step_end in Python"
+
+
+def test_shape_change_falls_back(images, tmp_path):
+    s = build(images, tmp_path / "a")
+    said: list[str] = []
+    c = attach(s, StandIn(), said=said)
+    x = torch.rand(8, 3, 16, 16)
+    c.run(s, 0, iter([x]))
+    out = c.run(s, 1, iter([torch.rand(4, 3, 16, 16)]))
+    assert not c.active and torch.isfinite(out["loss"])
+    assert said == ["note: --capture graphs: the batch shape changed to (4, 3, 16, 16); the step runs eagerly"]
+
+
+def test_checkpoints_hold_a_float_lr_and_load_back_the_tensor():
+    m = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(m.parameters(), lr=0.1)
+    lr = TensorLR(opt, torch.device("cpu"))
+    lr.apply()
+    lr.set(0.25)
+    m(torch.ones(1, 3)).sum().backward()
+    opt.step()
+    saved = opt.state_dict()
+    assert saved["param_groups"][0]["lr"] == 0.25 and isinstance(saved["param_groups"][0]["lr"], float)
+    assert saved["param_groups"][0]["capturable"] is False
+    assert opt.param_groups[0]["lr"] is lr.lr  # saving left the live optimizer alone
+    opt.load_state_dict(saved)
+    assert opt.param_groups[0]["lr"] is lr.lr
+    plain = torch.optim.AdamW(torch.nn.Linear(3, 2).parameters(), lr=0.1)
+    plain.load_state_dict(saved)  # a run without --capture reads the checkpoint as its own
+    assert plain.param_groups[0]["lr"] == 0.25
+
+
+def rows(run: Path) -> list[tuple[str, str, str]]:
+    with open(run / "metrics.csv", newline="") as f:
+        return [(r["step"], r["loss"], r["lr"]) for r in csv.DictReader(f)]
+
+
+def test_resume_with_capture_repeats_the_uninterrupted_run(images, tmp_path, monkeypatch):
+    """Captured in both sessions (each warms up anew), the resumed run writes the same
+    metrics as the uninterrupted one."""
+    from sslkit.engine import pretrain, setup
+    from sslkit.run import RunConfig
+
+    recorders: list[StandIn] = []
+
+    def standin_capture(s):
+        recorders.append(StandIn())
+        return attach(s, recorders[-1])
+
+    def cfg(out: Path, **kw) -> RunConfig:
+        return RunConfig(data=f"folder:{images}", out=str(out), epochs=2, max_steps=8, checkpoint_every=2,
+                         keep_checkpoints=0, **{**ARGS, **kw})
+
+    monkeypatch.setattr(setup, "make_capture", standin_capture)
+    ref = tmp_path / "ref"
+    pretrain(cfg(ref))
+    assert recorders[-1].replays > 0
+    total = len(rows(ref))
+    assert total == 8
+
+    crashed = tmp_path / "crashed"
+    shutil.copytree(ref, crashed)
+    for late in sorted((crashed / "checkpoints").iterdir())[1:]:  # the run "died" after step 2
+        shutil.rmtree(late)
+    (crashed / "encoder.safetensors").unlink()
+    meta = json.loads((crashed / "run.json").read_text())
+    (crashed / "run.json").write_text(json.dumps({**meta, "status": "running"}))
+    pretrain(cfg(crashed, resume=True))
+    assert recorders[-1].replays == total - 2 - WARMUP_STEPS
+    assert rows(crashed) == rows(ref)
+
+
+def test_cli_capture_graphs_on_cpu_says_one_line(images, tmp_path):
+    a = tmp_path / "a"
+    proc = run_sslkit("pretrain", "--data", f"folder:{images}", "--out", a, *CLI, "--capture", "graphs")
+    assert proc.returncode == 0, proc.stderr
+    notes = [line for line in proc.stderr.splitlines() if "--capture" in line]
+    assert notes == ["note: --capture graphs: CUDA graphs need a CUDA device, this run is on cpu; "
+                     "the step runs eagerly"]
+    assert json.loads((a / "run.json").read_text())["config"]["capture"] == "graphs"
+    assert len(rows(a)) == 2
+
+
+def test_cli_rejects_an_unknown_capture_mode(images, tmp_path):
+    proc = run_sslkit("pretrain", "--data", f"folder:{images}", "--out", tmp_path / "a", *CLI, "--capture", "yes")
+    assert proc.returncode == 2 and not (tmp_path / "a").exists()
+    assert "--capture" in proc.stderr
+
+
+def test_make_capture_is_none_when_off():
+    assert cap.make_capture(SimpleNamespace(cfg=SimpleNamespace(capture="off"))) is None
