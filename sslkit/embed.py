@@ -51,8 +51,9 @@ class Model:
 
 def normalize_unit(spec: InputSpec, unit: np.ndarray) -> np.ndarray:
     """Pixels in [0, 1] ``(B, C, S, S)`` -> the encoder's normalised input, per the spec."""
-    mean = np.asarray(spec.mean, np.float32).reshape(1, -1, 1, 1)
-    std = np.asarray(spec.std, np.float32).reshape(1, -1, 1, 1)
+    ones = (1,) * (unit.ndim - 2)  # (B, C, S, S) or volumes (B, C, D, H, W)
+    mean = np.asarray(spec.mean, np.float32).reshape(1, -1, *ones)
+    std = np.asarray(spec.std, np.float32).reshape(1, -1, *ones)
     return ((unit - mean) / std).astype(np.float32)
 
 
@@ -184,7 +185,8 @@ def embed(model: str | Path | Model, data: str, batch_size: int = 64, source_opt
         print(f"sslkit: warning: {len(model.inexact)} images cannot be given to this graph exactly (max pixel "
               f"error {error:.2g}): {why}; their embeddings differ from the run directory's", file=sys.stderr)
     refs = loaded.prepared.refs
-    return Embeddings(np.concatenate(out).astype(np.float32), [r.id for r in refs], [r.label for r in refs],
+    sample_id = getattr(loaded.source, "sample_id", lambda ref: ref.id)  # volumes: a non-identifying series key
+    return Embeddings(np.concatenate(out).astype(np.float32), [sample_id(r) for r in refs], [r.label for r in refs],
                       len(loaded.prepared.skipped))
 
 

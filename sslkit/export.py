@@ -86,7 +86,8 @@ def real_samples(run: Run, data: str | None = None, n: int = REAL_SAMPLES) -> tu
     out = []
     for ref in refs[:: max(1, len(refs) // n)]:
         try:
-            x = resize_square(to_channels(source.load(ref), spec.channels), spec.image_size)
+            x = to_channels(source.load(ref), spec.channels)
+            x = x if spec.sample == "volume" else resize_square(x, spec.image_size)  # volumes come fitted
         except Exception:
             continue  # undecodable files were skipped in pretraining too
         out.append(x.astype(np.float32))

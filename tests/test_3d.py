@@ -151,6 +151,23 @@ def test_mae_pretrains_on_ct_volumes(ct_volumes, tmp_path):
     assert proc.returncode == 0, proc.stderr
     spec = json.loads((tmp_path / "run" / "run.json").read_text())["input_spec"]
     assert spec["sample"] == "volume" and spec["volume_size"] == [16, 16, 16] and spec["spacing"] == [2.0, 2.0, 2.0]
+    # export: parity-checked ONNX whose metadata states the sample mode, spacing and size
+    onnx_file = tmp_path / "enc.onnx"
+    result = CliRunner().invoke(main, ["export", str(tmp_path / "run"), "--out", str(onnx_file)])
+    assert result.exit_code == 0, result.output
+    assert "parity real   batch 8 16x16x16" in result.output
+    from sslkit.embed import read_onnx_metadata
+
+    meta = read_onnx_metadata(onnx_file)["input"]
+    assert (meta["sample"], meta["layout"], meta["shape"]) == ("volume", "NCDHW", ["batch", 1, 16, 16, 16])
+    assert meta["spacing_mm"] == [2.0, 2.0, 2.0] and meta["volume_size"] == [16, 16, 16]
+    # embed: one row per series, named by a salted key (no UID, no path)
+    result = CliRunner().invoke(main, ["embed", str(onnx_file), "--data", f"dicom:{ct_volumes}",
+                                       "--out", str(tmp_path / "emb.npz")])
+    assert result.exit_code == 0, result.output
+    z = np.load(tmp_path / "emb.npz")
+    assert z["embeddings"].shape == (2, 48) and all(i.startswith("series:") and len(i) == 23 for i in z["ids"])
+    assert len(set(z["ids"])) == 2
 
 
 def test_3d_data_with_a_2d_backbone_is_refused_before_decoding(ct_volumes, tmp_path):

@@ -57,12 +57,12 @@ class GraphModule(nn.Module):
     def __init__(self, encoder: nn.Module, raw: RawInput, spec: InputSpec) -> None:
         super().__init__()
         self.encoder, self.kind = encoder, raw.kind
-        c = spec.channels
-        self.register_buffer("mean", torch.tensor(spec.mean, dtype=torch.float32).view(1, c, 1, 1))
-        self.register_buffer("std", torch.tensor(spec.std, dtype=torch.float32).view(1, c, 1, 1))
+        c, ones = spec.channels, (1,) * len(spatial_shape(spec))  # (B, C, H, W) or volumes (B, C, D, H, W)
+        self.register_buffer("mean", torch.tensor(spec.mean, dtype=torch.float32).view(1, c, *ones))
+        self.register_buffer("std", torch.tensor(spec.std, dtype=torch.float32).view(1, c, *ones))
         if raw.kind == "window":
-            self.register_buffer("lower", torch.tensor(raw.lower, dtype=torch.float32).view(1, -1, 1, 1))
-            self.register_buffer("span", torch.tensor(raw.upper, dtype=torch.float32).view(1, -1, 1, 1) - self.lower)
+            self.register_buffer("lower", torch.tensor(raw.lower, dtype=torch.float32).view(1, -1, *ones))
+            self.register_buffer("span", torch.tensor(raw.upper, dtype=torch.float32).view(1, -1, *ones) - self.lower)
         self.scale = {"uint8": 1 / 255.0, "uint16": 1 / 65535.0}.get(raw.kind, 1.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -97,7 +97,7 @@ def export_onnx(encoder: nn.Module, spec: InputSpec, metadata: dict[str, Any], o
     log = log or (lambda line: None)
     raw, client_note = raw_input_for(spec, with_preprocessing, input_dtype)
     module = GraphModule(encoder.eval().float(), raw, spec).eval()
-    wanted = not is_token_backbone(encoder) and not _has_fixed_grid(encoder)
+    wanted = not is_token_backbone(encoder) and not _has_fixed_grid(encoder) and spec.sample != "volume"
     try:
         model, dynamic_hw = _torch_export(module, raw, spec, opset, wanted)
     except Exception as exc:
@@ -106,7 +106,7 @@ def export_onnx(encoder: nn.Module, spec: InputSpec, metadata: dict[str, Any], o
                           f"{type(exc).__name__}: {first}") from None
     if wanted and not dynamic_hw:
         log("height/width fixed at the run's size: this architecture did not export with dynamic H/W")
-    sizes = [(spec.image_size, spec.image_size)]
+    sizes = [spatial_shape(spec)]
     if dynamic_hw:
         sizes.append((spec.image_size + 32, spec.image_size + 16))
 
@@ -195,6 +195,11 @@ def strip_build_metadata(model) -> None:
             nodes(node)
 
 
+def spatial_shape(spec: InputSpec) -> tuple[int, ...]:
+    """The graph input's spatial shape: ``(S, S)``, or ``(D, H, W)`` for ``--sample volume``."""
+    return tuple(spec.volume_size) if spec.sample == "volume" and spec.volume_size else (spec.image_size,) * 2
+
+
 def _has_fixed_grid(encoder: nn.Module) -> bool:
     """True when the model holds absolute position embeddings tied to one input size
     (timm ViTs built with ``dynamic_img_size=True`` resample them: not fixed)."""
@@ -221,7 +226,7 @@ def example_input(raw: RawInput, batch: int, size: tuple[int, int], gen: torch.G
 def _torch_export(module: GraphModule, raw: RawInput, spec: InputSpec, opset: int, dynamic_hw: bool):
     """The ONNX ModelProto of ``module``; falls back to a fixed H/W if dynamic export fails."""
     gen = torch.Generator().manual_seed(0)
-    example = example_input(raw, 2, (spec.image_size, spec.image_size), gen)
+    example = example_input(raw, 2, spatial_shape(spec), gen)
     Dim = torch.export.Dim
     shapes = {0: Dim("batch", min=1, max=4096)}
     if dynamic_hw:
@@ -268,10 +273,11 @@ def verify(path: Path, module: GraphModule, raw: RawInput, spec: InputSpec, size
         for b in (1, 8):
             inputs.append(("random", example_input(raw, b, size, gen).numpy()))
     if samples is not None and len(samples):
-        mean = np.asarray(spec.mean, np.float32).reshape(1, -1, 1, 1)
-        std = np.asarray(spec.std, np.float32).reshape(1, -1, 1, 1)
-        for size in sorted({s[0] for s in sizes}):
-            unit = np.stack([resize_square(s, size) for s in samples]) if size != samples.shape[-1] else samples
+        ones = (1,) * (samples.ndim - 2)
+        mean = np.asarray(spec.mean, np.float32).reshape(1, -1, *ones)
+        std = np.asarray(spec.std, np.float32).reshape(1, -1, *ones)
+        for size in sorted({s[0] for s in sizes}) if samples.ndim == 4 else [None]:  # volumes: their own size
+            unit = np.stack([resize_square(s, size) for s in samples]) if size not in (None, samples.shape[-1]) else samples
             unit = np.resize(unit, (max(8, len(unit)), *unit.shape[1:]))  # tile up to batch 8
             for b in (1, 8):
                 u = unit[:b].astype(np.float32)
@@ -282,11 +288,11 @@ def verify(path: Path, module: GraphModule, raw: RawInput, spec: InputSpec, size
             ref = module(torch.from_numpy(np.ascontiguousarray(x))).numpy()
         got = session.run([OUTPUT], {INPUT: x})[0]
         diff, cos, scale = _compare(ref, got)
-        check = {"inputs": kind, "batch": int(x.shape[0]), "size": [int(x.shape[2]), int(x.shape[3])],
+        check = {"inputs": kind, "batch": int(x.shape[0]), "size": [int(v) for v in x.shape[2:]],
                  "max_abs_diff": diff, "min_cosine": cos}
         checks.append(check)
         label = "fp16 " if min_cosine is not None else ""
-        log(f"{label}parity {kind:6s} batch {x.shape[0]} {x.shape[2]}x{x.shape[3]}: "
+        log(f"{label}parity {kind:6s} batch {x.shape[0]} {'x'.join(map(str, x.shape[2:]))}: "
             f"max abs diff {diff:.2e}, min cosine {cos:.6f}")
         ok = diff <= tolerance if min_cosine is None else (diff <= tolerance * scale and cos >= min_cosine)
         if not ok:
@@ -294,7 +300,7 @@ def verify(path: Path, module: GraphModule, raw: RawInput, spec: InputSpec, size
                     f"max abs diff {diff:.3g} (limit {tolerance:g} x max |embedding| {scale:.3g}), "
                     f"min cosine {cos:.6f} (limit {min_cosine})")
             raise CheckFailed(f"ONNX {label}parity failed on {kind} inputs at batch {x.shape[0]}, "
-                              f"{x.shape[2]}x{x.shape[3]}: {rule}")
+                              f"{'x'.join(map(str, x.shape[2:]))}: {rule}")
     return checks
 
 
@@ -302,7 +308,8 @@ def _metadata(base: dict[str, Any], spec: InputSpec, raw: RawInput, dynamic_hw: 
               fp16: bool, report: dict[str, Any]) -> dict[str, Any]:
     """The ``sslkit`` metadata entry: the run's ``base`` plus the graph's own contract."""
     s = spec.image_size
-    shape: list[Any] = ["batch", raw.channels, "height", "width"] if dynamic_hw else ["batch", raw.channels, s, s]
+    shape: list[Any] = ["batch", raw.channels, "height", "width"] if dynamic_hw else ["batch", raw.channels,
+                                                                                      *spatial_shape(spec)]
     normalize_in_graph = raw.kind != "normalized"
     meta = dict(base)
     meta.update({
@@ -329,6 +336,13 @@ def _metadata(base: dict[str, Any], spec: InputSpec, raw: RawInput, dynamic_hw: 
             "sizes": sorted({tuple(c["size"]) for c in report["checks"]}),
         },
     })
+    if spec.sample != "slice":  # slabs and volumes of a volumetric source (sslkit.data.volume)
+        meta["input"].update(sample=spec.sample, orientation=spec.orientation)
+    if spec.sample == "volume":
+        meta["input"].update(layout="NCDHW", volume_size=list(spec.volume_size),
+                             spacing_mm=list(spec.spacing) if spec.spacing else "native",
+                             resize="client: resample to spacing_mm (dz, dy, dx; trilinear), centre crop / zero pad "
+                                    "to volume_size (D, H, W)")
     return meta
 
 

@@ -263,6 +263,10 @@ class DicomSource(Source):
             except Exception as exc:
                 raise Undecodable(safe_reason(exc)) from None
 
+    def sample_id(self, ref: SampleRef) -> str:
+        """What ``sslkit embed`` calls a sample: ``series:<salted key>`` for a volume, else ``ref.id``."""
+        return self.sampler.sample_id(ref) if self.sampler is not None else ref.id
+
     def properties(self, ref: SampleRef) -> dict[str, Any]:
         """Header facts for ``sslkit data inspect`` (no identifiers)."""
         h = self.headers.get(ref.path, {})

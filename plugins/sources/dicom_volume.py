@@ -62,6 +62,11 @@ class VolumeSampler:
                 out.append(ref)
         return out
 
+    def sample_id(self, ref: SampleRef) -> str:
+        """``series:<key>`` for a volume (a salted hash: names no patient or UID), else ``ref.id``."""
+        v, i = self.where[ref.id]
+        return f"series:{self.volumes[v].key}" if i is None else ref.id
+
     def volume_of(self, ref: SampleRef) -> Volume:
         return self.volumes[self.where[ref.id][0]]
 
