@@ -10,13 +10,15 @@ writes the run directory.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import os
 import random
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -38,6 +40,7 @@ from sslkit.sample_modes import build_backbone
 from sslkit.spec import InputSpec
 
 CHECKPOINTS = "checkpoints"
+CACHE_LOCK = ".sslkit-cache.lock"
 
 
 @dataclass
@@ -258,15 +261,41 @@ def _load(cfg: RunConfig, rank: int, world: int) -> LoadedData:
                          f"use at least {cfg.image_size}")
 
     def load() -> LoadedData:
-        return load_data(cfg.data, stored_size, cfg.channels, cfg.source_options, cfg.cache_dir,
-                         cfg.progress and rank == 0, val_fraction=cfg.val_fraction, seed=cfg.seed,
-                         max_pixels=cfg.max_pixels)
+        with cache_build_lock(cfg.cache_dir):
+            return load_data(cfg.data, stored_size, cfg.channels, cfg.source_options, cfg.cache_dir,
+                             cfg.progress and rank == 0, val_fraction=cfg.val_fraction, seed=cfg.seed,
+                             max_pixels=cfg.max_pixels)
 
     if cfg.cache_dir != "" and world > 1:
         data = load() if rank == 0 else None
         distributed.barrier()
         return data if rank == 0 else load()
     return load()
+
+
+@contextlib.contextmanager
+def cache_build_lock(cache_dir: str | None) -> Iterator[None]:
+    """Hold ``CACHE_ROOT/.sslkit-cache.lock`` (``flock``, exclusive) while data is decoded
+    into the disk cache: processes that share the cache folder (the ranks of several
+    nodes on one file system, or two runs on the same data) decode a dataset once, the
+    others wait and then read the finished entry. Nothing without a disk cache."""
+    from sslkit.data.cache import mark_root, resolve_cache_dir
+
+    root = resolve_cache_dir(cache_dir)
+    if root is None:
+        yield
+        return
+    mark_root(root)
+    fd = os.open(root / CACHE_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            note(f"waiting for another process that is filling the cache in {root} ...")
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
 
 
 def _augmentation(cfg: RunConfig, task: torch.nn.Module, spec: InputSpec, device: torch.device):
