@@ -331,7 +331,7 @@ def setting_help(values: dict[str, Any]) -> dict[str, str]:
             notes[param.name] = text
     notes["cache_dir"] = notes.get("cache_dir", "") + ' "" keeps decoded pixels in memory only (--no-cache).'
     for flag in declared_flags():
-        notes[f"source_options.{flag.field}"] = f"[{', '.join(flag.plugins)}] {flag.help} (--{flag.flag[2:]})"
+        notes[f"source_options.{flag.field}"] = f"{flag.help} ({flag.flag})"
     if values.get("task"):
         opts = get_task(values["task"]).Options
         hints = typing.get_type_hints(opts) if opts else {}

@@ -37,22 +37,36 @@ GROUP = "sslkit.source_flags"
 
 @dataclass(frozen=True)
 class SourceFlag:
-    """One declared flag: ``--field-name`` sets the source option ``field``."""
+    """One declared flag: ``--field-name`` sets the source option ``field``.
+
+    Several source plugins may declare the same option (``window`` of ``dicom`` and
+    ``nifti``): ``helps`` holds each one's ``(plugin, help)``.
+    """
 
     field: str
-    help: str
-    plugins: tuple[str, ...]  # the plugins that declare it (several sources may share a flag)
+    helps: tuple[tuple[str, str], ...]
     choices: tuple[str, ...] = ()
 
     @property
     def flag(self) -> str:
         return "--" + self.field.replace("_", "-")
 
+    @property
+    def plugins(self) -> tuple[str, ...]:
+        return tuple(plugin for plugin, _ in self.helps)
+
+    @property
+    def help(self) -> str:
+        """``[dicom] help``; ``[dicom, nifti] help`` when they agree, else each plugin's own."""
+        texts = dict.fromkeys(text for _, text in self.helps)
+        if len(texts) == 1:
+            return f"[{', '.join(self.plugins)}] {next(iter(texts))}"
+        return " ".join(f"[{plugin}] {text}" for plugin, text in self.helps)
+
     def option(self) -> click.Option:
         """The click option (``None`` when not given, so the source's default applies)."""
         return click.Option([self.flag, self.field], default=None, metavar=None if self.choices else "TEXT",
-                            type=click.Choice(self.choices) if self.choices else None,
-                            help=f"[{', '.join(self.plugins)}] {self.help}")
+                            type=click.Choice(self.choices) if self.choices else None, help=self.help)
 
 
 def _warn(line: str) -> None:
@@ -69,7 +83,7 @@ def _parse(plugin: str, declared: Any) -> list[SourceFlag]:
         spec = {"help": spec} if isinstance(spec, str) else spec
         if not isinstance(spec, Mapping) or not isinstance(spec.get("help"), str):
             raise TypeError(f"option {field!r}: expected a help string or {{'help': ..., 'choices': [...]}}")
-        out.append(SourceFlag(field, spec["help"], (plugin,), tuple(str(c) for c in spec.get("choices") or ())))
+        out.append(SourceFlag(field, ((plugin, spec["help"]),), tuple(str(c) for c in spec.get("choices") or ())))
     return out
 
 
@@ -87,7 +101,7 @@ def _declared(allow: tuple[str, ...] | None, deny: tuple[str, ...]) -> tuple[Sou
         for f in flags:
             seen = by_field.get(f.field)
             by_field[f.field] = f if seen is None else SourceFlag(
-                f.field, seen.help, (*seen.plugins, *f.plugins), tuple(dict.fromkeys(seen.choices + f.choices)))
+                f.field, seen.helps + f.helps, tuple(dict.fromkeys(seen.choices + f.choices)))
     return tuple(by_field.values())
 
 

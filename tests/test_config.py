@@ -177,7 +177,7 @@ def test_print_config_is_commented_and_round_trips(tmp_path, cli):
     assert len(settings) > 25
     for i in settings:  # every setting sits under its help
         assert lines[i - 1].startswith("# "), lines[i]
-    assert "# [dicom] Intensity window" in r.output and "# Learning rate, taken as is" in r.output
+    assert "Intensity window" in r.output and "(--window)" in r.output and "# Learning rate, taken as is" in r.output
     f = tmp_path / "printed.toml"
     f.write_text(r.output)
     where = {"data": "dicom:x", "out": str(tmp_path / "run")}

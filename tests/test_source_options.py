@@ -32,8 +32,10 @@ def test_dicom_flags_only_while_the_plugin_is_loaded(command):
     only = run_sslkit(*command, "--help", env={"SSLKIT_LOAD_PLUGINS": "folder,simclr"})
     assert on.returncode == off.returncode == only.returncode == 0, on.stderr + off.stderr
     for flag in DICOM_FLAGS:
-        assert flag in on.stdout and flag not in off.stdout and flag not in only.stdout
-    assert "[dicom] Intensity window" in on.stdout and "--data-opt" in off.stdout
+        assert flag in on.stdout and flag not in only.stdout
+    assert "--modality" not in off.stdout and "--series-description" not in off.stdout
+    assert "[dicom] Intensity window: auto" in on.stdout and "[dicom" not in off.stdout
+    assert "--data-opt" in off.stdout  # other sources' flags (nifti's --window) may remain, as theirs
 
 
 def test_help_and_listing_import_neither_torch_nor_pydicom_needlessly():
@@ -72,11 +74,11 @@ def test_window_flag_reaches_the_dicom_source(tmp_path, cli):
 
 def _third_party(root: Path, flags: str) -> dict[str, str]:
     """An installed distribution (on PYTHONPATH) that declares source flags, nothing else."""
-    dist = root / "demo_nifti-0.1.dist-info"
+    dist = root / "demo_counts-0.1.dist-info"
     dist.mkdir(parents=True)
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: demo-nifti\nVersion: 0.1\n")
-    (dist / "entry_points.txt").write_text("[sslkit.source_flags]\nnifti = demo_nifti_flags:FLAGS\n")
-    (root / "demo_nifti_flags.py").write_text(f"FLAGS = {flags}\n")
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: demo-counts\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[sslkit.source_flags]\ndemo = demo_counts_flags:FLAGS\n")
+    (root / "demo_counts_flags.py").write_text(f"FLAGS = {flags}\n")
     return {"PYTHONPATH": str(root)}
 
 
@@ -97,31 +99,31 @@ def installed(monkeypatch):
 
 
 def test_a_third_party_source_gets_flags_without_core_edits(tmp_path, cli, installed):
-    env = _third_party(tmp_path / "site", '{"spacing": "Resample to this spacing in mm.", '
-                                          '"orientation": {"help": "Axis order.", "choices": ["RAS", "LPS"]}, '
+    env = _third_party(tmp_path / "site", '{"count_scale": "Divide photon counts by this.", '
+                                          '"detector": {"help": "Detector model.", "choices": ["A1", "B2"]}, '
                                           '"seed": "Shadows a core option."}')
     proc = run_sslkit("pretrain", "--help", env=env)
     assert proc.returncode == 0, proc.stderr
-    assert "--spacing" in proc.stdout and "[nifti] Resample" in proc.stdout and "[RAS|LPS]" in proc.stdout
+    assert "--count-scale" in proc.stdout and "[demo] Divide photon" in proc.stdout and "[A1|B2]" in proc.stdout
     assert "--window" in proc.stdout  # the built-in source's flags are still there
-    assert proc.stderr.strip() == ("sslkit: plugin 'nifti': flag --seed would shadow `sslkit pretrain`'s own "
+    assert proc.stderr.strip() == ("sslkit: plugin 'demo': flag --seed would shadow `sslkit pretrain`'s own "
                                    "option; use --data-opt seed=VALUE")
-    off = run_sslkit("pretrain", "--help", env={**env, "SSLKIT_DISABLE_PLUGINS": "nifti"})
-    assert "--spacing" not in off.stdout and "--window" in off.stdout and not off.stderr
+    off = run_sslkit("pretrain", "--help", env={**env, "SSLKIT_DISABLE_PLUGINS": "demo"})
+    assert "--count-scale" not in off.stdout and "--window" in off.stdout and not off.stderr
     installed(env)
-    r = cli("pretrain", "--print-config", "--task", "simclr", "--spacing", "1.5", "--orientation", "LPS")
+    r = cli("pretrain", "--print-config", "--task", "simclr", "--count-scale", "1.5", "--detector", "B2")
     assert r.exit_code == 0, r.output
-    assert 'spacing = "1.5"' in r.output and 'orientation = "LPS"' in r.output
-    assert "# [nifti] Resample to this spacing in mm. (--spacing)" in r.output
-    r = cli("pretrain", "--print-config", "--task", "simclr", "--orientation", "XYZ")
-    assert r.exit_code == 2 and "'XYZ' is not one of 'RAS', 'LPS'" in r.output
+    assert 'count_scale = "1.5"' in r.output and 'detector = "B2"' in r.output
+    assert "# [demo] Divide photon counts by this. (--count-scale)" in r.output
+    r = cli("pretrain", "--print-config", "--task", "simclr", "--detector", "XYZ")
+    assert r.exit_code == 2 and "'XYZ' is not one of 'A1', 'B2'" in r.output
 
 
 def test_a_broken_flag_declaration_is_one_line_and_the_rest_works(tmp_path):
     env = _third_party(tmp_path / "site", "3")
     proc = run_sslkit("pretrain", "--help", env=env)
     assert proc.returncode == 0 and "--window" in proc.stdout
-    assert proc.stderr.startswith("sslkit: plugin 'nifti': its sslkit.source_flags entry")
+    assert proc.stderr.startswith("sslkit: plugin 'demo': its sslkit.source_flags entry")
     assert len(proc.stderr.strip().splitlines()) == 1 and "is ignored: TypeError" in proc.stderr
 
 
@@ -206,15 +208,13 @@ def _string_constants(tree: ast.AST):
 
 
 def test_the_core_knows_no_source_by_name():
-    """No string in sslkit/ names a built-in source outside help texts, no comparison of a
-    source's name with a constant, no pydicom import (docstrings and comments may explain)."""
-    names = ("dicom", "folder", "npz")
+    """No string in sslkit/ names DICOM outside help texts, no comparison of a source's name
+    or scheme with a constant, no pydicom import (docstrings and comments may explain)."""
     found = []
     for path in sorted((REPO / "sslkit").rglob("*.py")):
         tree = ast.parse(path.read_text())
         for node, in_help in _string_constants(tree):
-            text = node.value.lower()
-            if (text in names or "dicom" in text) and not in_help:
+            if "dicom" in node.value.lower() and not in_help:
                 found.append(f"{path.name}:{node.lineno}: {node.value[:60]!r}")
         for node in ast.walk(tree):
             if isinstance(node, ast.Compare):
