@@ -55,7 +55,11 @@ def check_source(source: Any, location: str, *, tmp_path: Path, options: Any = N
         declared = src.channels_of(ref)
         assert declared is None or declared == x.shape[0], f"{what}: channels_of says {declared}, loaded {x.shape[0]}"
         channels.add(int(x.shape[0]))
-    copy = pickle.loads(pickle.dumps(src))
+    try:
+        copy = pickle.loads(pickle.dumps(src))
+    except Exception as exc:
+        raise AssertionError(f"{cls.__name__} does not pickle (the first decoding pass runs in worker "
+                             f"processes): {type(exc).__name__}: {exc}") from None
     assert np.array_equal(copy.load(picked[0]), src.load(picked[0])), f"{cls.__name__}: a pickled copy loads " \
                                                                        "different pixels"
     json.dumps(src.describe())

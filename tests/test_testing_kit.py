@@ -1,0 +1,172 @@
+"""The contract kit fails where a plugin breaks a rule, with a message naming the rule."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from sslkit.api import MultiView, SampleRef, Source, Task, UsageError, recipe, write_atomic
+from sslkit.testing import check_backbone, check_exporter, check_source, check_task
+
+
+@dataclass
+class NoOptions:
+    pass
+
+
+class Base(Task):
+    Options = NoOptions
+    default_backbone = "timm:resnet18"
+
+    def __init__(self, backbone, options, spec):
+        super().__init__(backbone, options, spec)
+        self.head = nn.Linear(backbone.num_features, 4)
+
+    def views(self, spec):
+        return MultiView([recipe("simclr", spec.image_size)], spec.mean, spec.std)
+
+    def forward(self, views):
+        return {"loss": self.head(self.encoder(views[0])).square().mean()}
+
+
+class NaNLoss(Base):
+    def forward(self, views):
+        return {"loss": super().forward(views)["loss"] * float("nan")}
+
+
+class NoOverride(Base):
+    def views(self, spec):
+        return lambda x: (x,)
+
+
+class ReservedKey(Base):
+    def forward(self, views):
+        out = super().forward(views)
+        return {**out, "lr": out["loss"].detach()}
+
+
+class HiddenState(Base):
+    """Keeps a step counter outside the state dict: a resumed run starts it again at 0."""
+
+    calls = 0
+
+    def forward(self, views):
+        self.calls += 1
+        return {"loss": super().forward(views)["loss"] * self.calls}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("cls,needle", [(NaNLoss, "loss"), (NoOverride, "override"), (ReservedKey, "'lr'")])
+def test_check_task_catches_a_broken_task(cls, needle, tmp_path):
+    with pytest.raises(AssertionError, match=needle):
+        check_task(cls, tmp_path=tmp_path, channels=(1,), export=False, resume=False, steps=1)
+
+
+def test_check_task_catches_state_a_resume_loses(tmp_path):
+    with pytest.raises(AssertionError, match="resumed from step 1, the losses differ"):
+        check_task(HiddenState, tmp_path=tmp_path, channels=(1,), export=False)
+
+
+class Arrays(Source):
+    scheme = "arrays"
+
+    def index(self):
+        return [SampleRef(str(p)) for p in sorted(Path(self.location).glob("*.npy"))]
+
+    def load(self, ref):
+        return np.load(ref.path).astype(np.float32)
+
+
+class Unscaled(Arrays):
+    def load(self, ref):
+        return super().load(ref) * 255
+
+
+class FakePaths(Arrays):
+    def index(self):
+        return [SampleRef(self.location + "/image#1")]
+
+
+class Unpicklable(Arrays):
+    def __init__(self, location, options=None):
+        super().__init__(location, options)
+        self.handle = open(__file__)
+
+
+class IgnoresDamage(Arrays):
+    def load(self, ref):
+        try:
+            return super().load(ref)
+        except Exception:
+            return np.zeros((1, 8, 8), np.float32)
+
+
+@pytest.fixture
+def arrays(tmp_path) -> str:
+    (tmp_path / "a").mkdir()
+    for i in range(3):
+        np.save(tmp_path / "a" / f"{i}.npy", np.random.default_rng(i).random((1, 8, 8)))
+    return str(tmp_path / "a")
+
+
+def test_check_source_passes_a_good_source(arrays, tmp_path):
+    assert check_source(Arrays, arrays, tmp_path=tmp_path)["damaged"].startswith("load raises")
+
+
+@pytest.mark.parametrize("cls,needle", [(Unscaled, r"\[0, 1\]"), (FakePaths, "not an existing file"),
+                                        (Unpicklable, "does not pickle"), (IgnoresDamage, "instead of raising")])
+def test_check_source_catches_a_broken_source(cls, needle, arrays, tmp_path):
+    with pytest.raises(AssertionError, match=needle):
+        check_source(cls, arrays, tmp_path=tmp_path)
+
+
+class Tiny(nn.Module):
+    def __init__(self, in_chans, out=8):
+        super().__init__()
+        self.in_chans, self.num_features = in_chans, 8
+        self.conv = nn.Conv2d(in_chans, out, 3)
+
+    def forward(self, x):
+        return self.conv(x).mean((2, 3))
+
+
+def good_factory(model, in_chans, image_size, **options):
+    if model != "tiny":
+        raise UsageError(f"unknown model {model!r}")
+    return Tiny(in_chans)
+
+
+def test_check_backbone_passes_a_good_factory_and_catches_bad_ones():
+    assert check_backbone(good_factory, "tiny")["num_features"] == 8
+    with pytest.raises(AssertionError, match="expected"):
+        check_backbone(lambda m, in_chans, image_size: Tiny(in_chans, out=5), "tiny")
+    with pytest.raises(AssertionError, match="unknown model name must raise"):
+        check_backbone(lambda m, in_chans, image_size: Tiny(in_chans), "tiny")
+
+
+def test_check_exporter_catches_stray_files_and_ignored_options(tmp_path):
+    def sloppy(encoder, spec, metadata, out, *, samples, samples_note, log, **options):
+        torch.save(encoder.state_dict(), out)
+        Path(str(out) + ".tmp").write_text("left behind")
+        return {}
+
+    def lenient(encoder, spec, metadata, out, *, samples, samples_note, log, **options):
+        write_atomic(Path(out), lambda tmp: torch.save(encoder.state_dict(), tmp))
+        return {}
+
+    with pytest.raises(AssertionError, match="left other files behind"):
+        check_exporter(sloppy, tmp_path=tmp_path / "a")
+    with pytest.raises(AssertionError, match="unknown exporter option"):
+        check_exporter(lenient, tmp_path=tmp_path / "b")
