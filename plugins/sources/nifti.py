@@ -24,8 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from sslkit.api import (SampleMode, SampleRef, Source, Undecodable, UsageError, check_dir, fit_volume, hookimpl,
-                        slab_indices, stack_slab, walk_files)
+from sslkit.api import (GraphPreprocessing, SampleMode, SampleRef, Source, Undecodable, UsageError, check_dir,
+                        fit_volume, hookimpl, slab_indices, stack_slab, walk_files)
 
 SUFFIXES = (".nii", ".nii.gz")
 _NUM = r"[-+]?(?:\d+\.?\d*|\.\d+)"
@@ -193,6 +193,17 @@ class NiftiSource(Source):
             "axes": "closest canonical (RAS+), laid out as a displayed axial series",
             **self.sample.describe(),
         }
+
+    def graph_preprocessing(self) -> GraphPreprocessing:
+        """A ``W,L`` window goes into an exported graph, which then takes values in the file's
+        units; ``minmax`` is per volume, so the client applies it."""
+        if self.window is None:
+            return GraphPreprocessing("unit", client=(
+                "the run scaled each volume by its own min-max, which no fixed graph can apply: the client "
+                "does the same; the graph normalises"))
+        w, level = self.window
+        return GraphPreprocessing("window", (level - w / 2,), (level + w / 2,), options=("window",),
+                                  client="client passes values in the file's units (after scl_slope / scl_inter)")
 
 
 @hookimpl
