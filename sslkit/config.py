@@ -22,8 +22,9 @@ tables instead, ``[task_options]``, ``[backbone_options]``, ``[source_options]``
 A task class may carry ``engine_defaults`` (a dict of RunConfig fields, e.g. the
 optimizer its paper used); they sit between the built-in defaults and the file.
 ``sslkit pretrain --print-config`` prints the result as a TOML file, each setting under
-a comment with its help, that loads back to the same configuration. Task options are resolved in full (every field of the task's
-``Options`` with its default), so ``run.json`` records every value the run used.
+a comment with its help, that loads back to the same configuration. Task options are
+resolved in full (every field of the task's ``Options`` with its default), so
+``run.json`` records every value the run used.
 """
 
 from __future__ import annotations
