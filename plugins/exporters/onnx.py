@@ -20,7 +20,9 @@ and checks it against the float32 PyTorch encoder with its own tolerance:
 ``metadata_props["sslkit"]`` holds JSON: input name, dtype, shape with dynamic axes,
 channels, image size, resize rule, mean/std or windows and whether they are in the graph,
 output, task, backbone, embedding dim, versions, run id, dataset fingerprint, and the
-verification results. Never a path or a patient identifier.
+verification results. Never a path or a patient identifier: the dynamo exporter's own
+annotations (per-node stack traces with the build machine's source paths, FX node text,
+class names) are stripped before the file is written (:func:`strip_build_metadata`).
 """
 
 from __future__ import annotations
