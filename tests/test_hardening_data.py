@@ -363,13 +363,13 @@ def test_image_size_too_large_is_refused_before_decoding(tmp_path):
             check_room(root, 10**15, (20, 3, 4_000_000, 4_000_000), 1, 8)  # 1 PB: no disk, no RAM
 
 
-def test_resume_refuses_changed_data_and_keeps_the_input_spec(tmp_path):
+def test_resume_refuses_changed_data_and_keeps_the_input_spec(tmp_path, cli):
     """Item 10: images replaced (same names and sizes) after a run started: --resume is one
     line and run.json is untouched; --allow-data-change continues with the run's InputSpec."""
     data, run = tmp_path / "d", tmp_path / "run"
     _good_dicoms(data, 8, 24)
-    proc = run_sslkit(*TRAIN, "--data", f"dicom:{data}", "--out", run, "--checkpoint-every", "1")
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = cli(*TRAIN, "--data", f"dicom:{data}", "--out", run, "--checkpoint-every", "1")  # in-process: setup
+    assert result.exit_code == 0, result.output
     info = json.loads((run / "run.json").read_text())
     info["status"] = "running"  # as a killed run leaves it
     (run / "run.json").write_text(json.dumps(info))
