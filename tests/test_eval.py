@@ -219,8 +219,9 @@ def test_cli_knn_with_labels_csv(tiny, cli, tmp_path):
             rows.append(f"{cls}{f.name},{cls}")
     (tmp_path / "labels.csv").write_text("\n".join(rows[:-2]) + "\n")  # two files left unlabelled
     rep = _json(cli("eval", "knn", tiny / "run", "--train", flat, "--test", flat, "--labels",
-                    tmp_path / "labels.csv", "--k", "1", "--no-baseline", "--json", "--quiet"))
+                    tmp_path / "labels.csv", "--k", "1", "--no-baseline", "--allow-overlap", "--json", "--quiet"))
     assert rep["data"]["train"] == {"source": str(flat), "samples": 18, "unlabelled": 2}
+    assert rep["data"]["overlap"]["test_samples_in_train"] == 20  # the same folder twice: leakage, reported
     assert rep["results"]["pretrained"]["k=1"]["top1"] == 1.0  # each image is its own neighbour
 
 
@@ -251,6 +252,29 @@ def test_attention_grid_cnn(tiny, cli):
     assert png.parent == tiny / "run" / "eval" and png.stat().st_size > 5000
     with Image.open(png) as img:
         assert img.size == (3 * 200, 3 * 200)  # input | pretrained | random, 3 rows
+    assert rep["class_counts"]["rows"] == {"a": 2, "b": 1}  # rows alternate between the classes
+
+
+def test_attention_rows_alternate_between_classes_and_spread_within():
+    from sslkit.eval.attention import pick_across_classes
+
+    labels = ["a"] * 10 + ["b"] * 3 + [None] * 2
+    rows = pick_across_classes(labels, 8)
+    assert [labels[i] for i in rows] == ["a", "b", None, "a", "b", None, "a", "b"]
+    assert [i for i in rows if labels[i] == "a"] == [0, 3, 6]  # evenly spread over a's 10 images
+    assert pick_across_classes(["a"] * 5, 9) == [0, 1, 2, 3, 4]
+
+
+def test_tsne_colour_by_folder_or_header_field(tiny, cli):
+    rep = _json(cli("eval", "tsne", tiny / "run", "--data", tiny / "test", "--color-by", "folder", "--perplexity", "3",
+                    "--no-baseline", "--json", "--quiet"))
+    assert rep["classes"] == ["a", "b"] and rep["settings"]["color_by"] == "folder"
+    rep = _json(cli("eval", "tsne", tiny / "run", "--data", tiny / "test", "--color-by", "Format", "--perplexity", "3",
+                    "--no-baseline", "--json", "--quiet"))
+    assert rep["classes"] == ["PNG"]  # folder images report their format in Source.properties
+    bad = cli("eval", "tsne", tiny / "run", "--data", tiny / "test", "--color-by", "BodyPartExamined", "--quiet")
+    lines = bad.stderr.strip().splitlines()
+    assert bad.exit_code == 2 and len(lines) == 1 and "choose from: label, folder, format" in lines[0]
 
 
 def test_vit_cls_attention_matches_timm_attention_probabilities():

@@ -93,11 +93,31 @@ def saliency(backbone: nn.Module, x: torch.Tensor) -> tuple[str, torch.Tensor]:
     return kind, ((maps - lo) / (hi - lo).clamp(min=1e-12)).clamp(0, 1)
 
 
-def plot_grid(images: np.ndarray, maps: dict[str, np.ndarray], title: str, out: Path) -> tuple[int, int]:
+def pick_across_classes(labels: list[str | None], n: int) -> list[int]:
+    """Up to ``n`` sample indices, rows alternating between the classes (sorted names,
+    unlabelled last); each class's picks are spread evenly over its samples."""
+    by_class: dict[str | None, list[int]] = {}
+    for i, lab in enumerate(labels):
+        by_class.setdefault(lab, []).append(i)
+    order = sorted(c for c in by_class if c is not None) + ([None] if None in by_class else [])
+    quota = dict.fromkeys(order, 0)
+    left = min(n, len(labels))
+    while left:  # round robin over the classes that still have samples
+        for c in order:
+            if left and quota[c] < len(by_class[c]):
+                quota[c] += 1
+                left -= 1
+    picks = {c: [by_class[c][int(j * len(by_class[c]) / quota[c])] for j in range(quota[c])] for c in order}
+    return [picks[c][j] for j in range(max(quota.values(), default=0)) for c in order if j < len(picks[c])]
+
+
+def plot_grid(images: np.ndarray, maps: dict[str, np.ndarray], title: str, out: Path,
+              row_labels: list[str] | None = None) -> tuple[int, int]:
     """Rows: images. Columns: input, then every map of each encoder (overlaid on the input).
 
-    ``images: (B, C, S, S)`` in [0, 1]; ``maps[name]: (B, M, S, S)`` in [0, 1]. The PNG is
-    exactly ``(cols * CELL_INCHES * DPI, rows * CELL_INCHES * DPI)`` pixels.
+    ``images: (B, C, S, S)`` in [0, 1]; ``maps[name]: (B, M, S, S)`` in [0, 1];
+    ``row_labels``: each row's class, written left of its input. The PNG is exactly
+    ``(cols * CELL_INCHES * DPI, rows * CELL_INCHES * DPI)`` pixels.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -113,6 +133,9 @@ def plot_grid(images: np.ndarray, maps: dict[str, np.ndarray], title: str, out: 
         axes[r, 0].imshow(luma if img.shape[2] == 1 else img, cmap="gray", vmin=0, vmax=1)
         if r == 0:
             axes[r, 0].set_title("input", fontsize=9)
+        if row_labels:
+            axes[r, 0].text(0.02, 0.98, row_labels[r], transform=axes[r, 0].transAxes, fontsize=9, va="top",
+                            color="yellow", bbox=dict(facecolor="black", alpha=0.6, pad=1.5, linewidth=0))
         c = 0
         for name, m in maps.items():
             for head in range(m.shape[1]):
@@ -146,22 +169,32 @@ def evaluate_attention(model_path: str, images: str, out: str | None = None, max
     spec = run.spec
     loaded = load_data(images, spec.image_size, spec.channels, model.source_options(images, source_options),
                        progress=progress)
-    n = min(max_images, len(loaded.prepared))
     from sslkit.data.prepare import SCALE
 
-    pixels = torch.from_numpy(np.asarray(loaded.prepared.pixels[:n], dtype=np.float32) / SCALE)
+    labels = [r.label for r in loaded.prepared.refs]
+    rows = pick_across_classes(labels, max_images)
+    pixels = torch.from_numpy(np.asarray(loaded.prepared.pixels[np.array(rows)], dtype=np.float32) / SCALE)
     x = Normalize(spec.mean, spec.std)(pixels)
     maps, kind = {}, ""
-    for name in ("pretrained", "random") if baseline else ("pretrained",):
-        encoder = run.build_encoder() if name == "pretrained" else model.build_random_encoder()
+    builders = {"pretrained": run.build_encoder}
+    if baseline:
+        builders.update(random=model.build_random_encoder, init=model.build_init_encoder)
+    for name, build in builders.items():
+        encoder = build()
+        if encoder is None:  # no --init weights
+            continue
         kind, m = saliency(encoder, x)
         maps[name] = m.numpy()
     if out_path is None:
         out_path = unique_path(model.report_dir, "attention", ".png")
     desc = model.describe()
-    width, height = plot_grid(pixels.numpy(), maps, f"{kind}: {desc['task']} {desc['backbone']}", out_path)
+    row_labels = [labels[i] or "(unlabelled)" for i in rows] if any(labels) else None
+    width, height = plot_grid(pixels.numpy(), maps, f"{kind}: {desc['task']} {desc['backbone']}", out_path,
+                              row_labels)
     report = new_report("attention", desc, {"method": kind, "max_images": max_images, "baseline": baseline})
-    report["data"] = {"data": {"source": images, "samples": n}}
+    report["data"] = {"data": {"source": images, "samples": len(rows)}}
+    report["classes"] = sorted({lab for lab in labels if lab is not None})
+    report["class_counts"] = {"rows": {c: sum(labels[i] == c for i in rows) for c in report["classes"]}}
     report["files"] = [str(out_path)]
     report["image_size"] = [width, height]
     save_report(report, model.report_dir, picture=out_path)

@@ -149,6 +149,8 @@ def linear(**kw) -> None:
 @click.option("--max-samples", default=5000, show_default=True, type=click.IntRange(min=3),
               help="Map a random subset of this many images.")
 @click.option("--labels", default=None, type=click.Path(dir_okay=False), help="CSV 'path,label'.")
+@click.option("--color-by", default="label", show_default=True, metavar="label|folder|FIELD",
+              help="Colour points by label, by folder, or by a header field of the source (e.g. Modality).")
 @click.option("--no-baseline", is_flag=True, help="Skip the random-init encoder's map.")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out file.")
@@ -165,7 +167,7 @@ def tsne(**kw) -> None:
     report = evaluate_tsne(kw["model"], kw["data"], kw["out"], kw["labels"], not kw["no_baseline"],
                            "umap" if kw["use_umap"] else "tsne", kw["perplexity"], kw["max_samples"], kw["seed"],
                            kw["overwrite"], kw["batch_size"], parse_pairs(kw["data_opts"], "--data-opt"),
-                           not kw["quiet"], kw["device"])
+                           not kw["quiet"], kw["device"], kw["color_by"])
     _print(report, kw["as_json"])
 
 

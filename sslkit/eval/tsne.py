@@ -6,7 +6,7 @@ separate *because of pretraining* is visible at a glance.
 
 from __future__ import annotations
 
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 
 import numpy as np
@@ -79,32 +79,66 @@ def plot_maps(panels: dict[str, np.ndarray], labels: list[str], title: str, out:
     return int(PANEL_INCHES * DPI * len(panels)), int(PANEL_INCHES * DPI)
 
 
+def header_values(model: Any, data: str, source_options: dict[str, Any] | None, field: str) -> dict[str, str]:
+    """``{sample id: value}`` of ``field`` for ``--color-by``: ``folder`` (the file's folder name) or
+    a header field the source reports in ``Source.properties(ref)`` (case and ``_`` ignored, so
+    ``Modality`` finds ``modality``). Index only: nothing is decoded."""
+    from sslkit.registry import create_source
+
+    source = create_source(data, **model.source_options(data, source_options))
+    refs = source.index()
+    if field == "folder":
+        return {r.id: PurePath(r.path).parent.name for r in refs}
+
+    def norm(key: str) -> str:
+        return key.lower().replace("_", "")
+
+    out: dict[str, str] = {}
+    known: set[str] = set()
+    for r in refs:
+        props = source.properties(r)
+        known |= set(props)
+        key = next((k for k in props if norm(k) == norm(field)), None)
+        if key is not None and props[key] is not None:
+            out[r.id] = str(props[key])
+    if not out:
+        raise UsageError(f"--color-by {field!r}: {source.scheme} data gives no such field; choose from: label, "
+                         f"folder{''.join(', ' + k for k in sorted(known))}")
+    return out
+
+
 def evaluate_tsne(model_path: str, data: str, out: str | None = None, labels_csv: str | None = None,
                   baseline: bool = True, method: str = "tsne", perplexity: float = 30.0,
                   max_samples: int = 5000, seed: int = 0, overwrite: bool = False, batch_size: int = 64,
                   source_options: dict[str, Any] | None = None, progress: bool = True,
-                  device: str = "auto") -> dict[str, Any]:
-    """Embed ``data``, map it to 2-D, save the PNG (``out`` or ``RUN/eval/tsne-<stamp>.png``) and a report."""
+                  device: str = "auto", color_by: str = "label") -> dict[str, Any]:
+    """Embed ``data``, map it to 2-D, save the PNG (``out`` or ``RUN/eval/tsne-<stamp>.png``) and a report.
+
+    Points are coloured by label (class folder or ``labels_csv``), or by ``color_by``: ``folder``
+    or a header field of the source (see :func:`header_values`).
+    """
     model = open_model(model_path, device)
     out_path = _check_out(out, overwrite)
     table = read_labels_csv(labels_csv) if labels_csv else None
+    colours = header_values(model, data, source_options, color_by) if color_by != "label" else None
     panels, labels, n_total = {}, None, 0
     embs = embed_all(model, data, baseline, batch_size, source_options, progress)
     for name, emb in embs.items():
         n_total = len(emb.embeddings)
         keep = np.sort(np.random.default_rng(seed).permutation(n_total)[:max_samples])
         if labels is None:
-            labs = assign_labels(emb.ids, emb.labels, table)
+            labs = [colours.get(i) for i in emb.ids] if colours is not None else assign_labels(emb.ids, emb.labels,
+                                                                                               table)
             labels = [labs[i] if labs[i] is not None else UNLABELLED for i in keep]
         panels[name] = reduce_2d(emb.embeddings[keep], method, perplexity, seed)
     if out_path is None:
         out_path = unique_path(model.report_dir, method, ".png")
     desc = model.describe()
     title = (f"{'t-SNE' if method == 'tsne' else 'UMAP'} of {len(labels)} embeddings: "
-             f"{desc['task']} {desc['backbone']}")
+             f"{desc['task']} {desc['backbone']}" + (f"; colour: {color_by}" if color_by != "label" else ""))
     width, height = plot_maps(panels, labels, title, out_path)
     report = new_report(method, desc, {"method": method, "perplexity": perplexity, "seed": seed,
-                                       "max_samples": max_samples, "baseline": baseline})
+                                       "max_samples": max_samples, "baseline": baseline, "color_by": color_by})
     report["data"] = {"data": {"source": data, "samples": n_total, "plotted": len(labels),
                                "unlabelled": labels.count(UNLABELLED)}}
     report["classes"] = sorted(set(labels) - {UNLABELLED})

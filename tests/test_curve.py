@@ -1,0 +1,87 @@
+"""sslkit eval curve: label subsets, fold aggregation, the init row, PNG and report."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+from safetensors.torch import save_file
+
+from sslkit.eval.curve import label_subset, parse_fractions
+from sslkit.errors import UsageError
+from tests.conftest import make_images
+
+VIT = {"depth": 1, "patch_size": 8}
+
+
+@pytest.fixture(scope="module")
+def init_run(tmp_path_factory):
+    """A 1-step MAE run at LR 1e-12 started from a (3-channel, 32 px) weights file: its pretrained
+    encoder is the init, adapted to 1 channel and a 2 x 2 patch grid."""
+    import torch
+
+    from sslkit.engine import pretrain
+    from sslkit.registry import create_backbone
+    from sslkit.run import RunConfig
+
+    root = tmp_path_factory.mktemp("curve")
+    data = make_images(root / "data", n_per_class=12, size=16, channels=1)
+    torch.manual_seed(1)
+    save_file(create_backbone("timm:vit_tiny_patch16_224", in_chans=3, image_size=32, **VIT).model.state_dict(),
+              str(root / "init.safetensors"))
+    cfg = RunConfig(task="mae", data=str(data), out=str(root / "run"), backbone="timm:vit_tiny_patch16_224",
+                    backbone_options=VIT, init=str(root / "init.safetensors"), epochs=1, batch_size=8,
+                    image_size=16, max_steps=1, lr=1e-12, progress=False, cache_dir="")
+    pretrain(cfg)
+    return root
+
+
+def test_label_subset_is_stratified_with_a_floor_per_class():
+    y = np.array([0] * 90 + [1] * 10)
+    idx = label_subset(y, 0.1, seed=0)
+    assert (y[idx] == 0).sum() == 9 and (y[idx] == 1).sum() == 2  # round(1.0) -> the floor of 2
+    assert np.array_equal(idx, np.sort(idx)) and len(set(idx)) == len(idx)
+    assert np.array_equal(label_subset(y, 0.1, seed=0), idx) and not np.array_equal(label_subset(y, 0.1, 1), idx)
+    assert len(label_subset(y, 1.0, 0)) == 100
+    assert parse_fractions("1,0.01,0.1") == [0.01, 0.1, 1.0]
+    for bad in ("0", "1.5", "x", ""):
+        with pytest.raises(UsageError, match="--fractions"):
+            parse_fractions(bad)
+
+
+def test_curve_cli_png_report_and_init_row(init_run, cli):
+    out = init_run / "curve.png"
+    result = cli("eval", "curve", init_run / "run", "--data", init_run / "data", "--split", "group:3",
+                 "--fractions", "0.25,1", "--k", "3", "--C", "1", "--out", out, "--json", "--quiet")
+    assert result.exit_code == 0, result.output
+    rep = json.loads(result.stdout)
+    assert rep["kind"] == "curve" and rep["schema"] == "sslkit.eval/1" and rep["files"] == [str(out)]
+    assert set(rep["results"]) == {"pretrained", "random", "init"}
+    res = rep["results"]
+    assert set(res["pretrained"]) == {"linear f=0.25", "k=3 f=0.25", "linear f=1", "k=3 f=1"}
+    for enc in res:
+        small, full = res[enc]["linear f=0.25"], res[enc]["linear f=1"]
+        assert small["n"] == full["n"] == 24  # every image tested once over the 3 folds
+        assert small["train_labels"] == pytest.approx(np.mean([f["train_labels"] for f in small["folds"]]))
+        assert 4 <= small["train_labels"] < full["train_labels"] == pytest.approx(16)
+        assert small["auroc"] == pytest.approx(np.mean([f["auroc"] for f in small["folds"]]))
+    # at LR 1e-12 the pretrained encoder is still the init: identical rows, unlike the random encoder's
+    for setting in res["init"]:
+        assert res["init"][setting]["auroc"] == pytest.approx(res["pretrained"][setting]["auroc"], abs=1e-9)
+    with Image.open(out) as img:
+        assert img.size == tuple(rep["image_size"]) == (1000, 400)
+    assert json.loads(open(rep["report_file"]).read())["results"] == res
+    again = cli("eval", "curve", init_run / "run", "--data", init_run / "data", "--out", out, "--quiet")
+    assert again.exit_code == 2 and "already exists" in again.stderr  # never replaced silently
+
+
+def test_curve_on_train_test_pair_has_no_std(init_run, cli, tmp_path):
+    test = make_images(tmp_path / "test", n_per_class=4, size=16, channels=1, seed=5)
+    result = cli("eval", "curve", init_run / "run", "--train", init_run / "data", "--test", test, "--fractions", "1",
+                 "--k", "3", "--C", "1", "--no-baseline", "--json", "--quiet")
+    assert result.exit_code == 0, result.output
+    rep = json.loads(result.stdout)
+    lin = rep["results"]["pretrained"]["linear f=1"]
+    assert lin["n"] == 8 and lin["std"]["auroc"] is None and len(lin["folds"]) == 1
