@@ -10,4 +10,8 @@ FLAGS = {
               "or three stacked as channels (lung,mediastinum,bone) (default: auto).",
     "modality": "Keep only these modalities, e.g. CT,MR.",
     "series_description": "Keep only series whose description matches this glob.",
+    "sample": "slice (one 2D image per slice, default), slab:K (K adjacent slices of a series as channels) "
+              "or volume (each series as one 3D volume).",
+    "spacing": "--sample volume: resample to X[,Y,Z] mm (default: the series' own spacing).",
+    "volume_size": "--sample volume: crop / zero pad to D,H,W voxels, e.g. 64,64,64.",
 }
