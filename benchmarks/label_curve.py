@@ -1,0 +1,126 @@
+"""Chest X-ray label-efficiency curve: does pretraining help at 1 %, 10 % and 100 % of the labels?
+
+MAE (ViT-Tiny, patch 16, 1 channel, 64 x 64) is pretrained on the 5216 unlabelled training
+X-rays, then ``sslkit eval curve`` scores a linear probe and weighted kNN at each label
+fraction with **patient-grouped 5-fold** cross-validation (patients from the file names:
+``personN_...``, ``IM-N-...``, ``NORMAL2-IM-N-...``), beside a random-init ViT-Tiny.
+Note: the encoder saw every image (test folds included) without labels, as in-domain
+self-supervised pretraining does; no label is used before the probes.
+
+With ``--init-imagenet`` a second run continues from timm's ImageNet weights of the same
+ViT (made into a local file from the Hugging Face cache, offline) and its curve adds the
+``init`` row (those weights before the X-ray pretraining); without cached weights this
+stage is skipped with a message.
+
+    .venv/bin/python benchmarks/label_curve.py --work runs/bench-curve [--data-dir /tmp/sslkit-data]
+        [--steps 150] [--image-size 64] [--fractions 0.01,0.1,1] [--init-imagenet]
+
+Resumable: finished stages are skipped (``WORK/state.json``). Torch runs with one OpenMP
+thread (``OMP_NUM_THREADS=1``): on the shared 2-core machine two spinning OpenMP threads
+per process made MAE steps 6-10x slower. Prints a markdown table (also ``WORK/results.md``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import SHARED_DATA, Stages, extract, sslkit_pretrain  # noqa: E402
+
+PATIENT = r"^(person\d+|NORMAL2-IM-\d+|IM-\d+)"
+BACKBONE = "timm:vit_tiny_patch16_224"
+IMAGENET_TAG = "vit_tiny_patch16_224.augreg_in21k_ft_in1k"
+
+
+def pretrain(stages: Stages, name: str, run: Path, data: Path, a: argparse.Namespace, extra: list[str]) -> None:
+    def go():
+        if (run / "run.json").exists() and json.loads((run / "run.json").read_text()).get("status") == "finished":
+            return {"note": "finished earlier"}
+        return sslkit_pretrain(run, ["--task", "mae", "--data", f"folder:{data}", "--backbone", BACKBONE,
+                                     "--image-size", str(a.image_size), "--batch-size", "128", "--channels", "1",
+                                     "--max-steps", str(a.steps), "--epochs", "100", "--quiet", *extra])
+    stages.run(name, go)
+
+
+def curve(stages: Stages, name: str, run: Path, data: Path, out: Path, fractions: str) -> dict:
+    def go():
+        cmd = [sys.executable, "-m", "sslkit", "eval", "curve", str(run), "--data", f"folder:{data}",
+               "--split", "group:5", "--group-pattern", PATIENT, "--fractions", fractions, "--out", str(out),
+               "--overwrite", "--json", "--quiet"]
+        print("  $ " + " ".join(cmd[2:]), flush=True)
+        return json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+    return stages.run(name, go)
+
+
+def imagenet_file(work: Path) -> Path | None:
+    """timm's ImageNet ViT-Tiny weights as a local file, from the Hugging Face cache only."""
+    out = work / "imagenet-vit-tiny.safetensors"
+    if out.exists():
+        return out
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        import timm
+        from safetensors.torch import save_file
+
+        model = timm.create_model(IMAGENET_TAG, pretrained=True, num_classes=0)
+    except Exception as exc:  # not cached, offline
+        print(f"skip: no ImageNet weights for {IMAGENET_TAG} in the local Hugging Face cache "
+              f"({type(exc).__name__}); the --init comparison needs them", flush=True)
+        return None
+    save_file(model.state_dict(), str(out))
+    return out
+
+
+def rows(report: dict, tag: str) -> list[str]:
+    out = []
+    fr = report["settings"]["fractions"]
+    for enc, res in report["results"].items():
+        cells = []
+        for f in fr:
+            for probe in ("linear", f"k={report['settings']['k']}"):
+                m = res[f"{probe} f={f:g}"]
+                cells.append(f"{m['auroc']:.3f} ± {m['std']['auroc']:.3f}")
+        n = [res[f"linear f={f:g}"]["train_labels"] for f in fr]
+        out.append(f"| {tag}{enc} | " + " | ".join(cells) + " |  " + ", ".join(f"{x:.0f}" for x in n))
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--work", type=Path, required=True)
+    p.add_argument("--data-dir", type=Path, default=None, help="Already extracted data (holds train/).")
+    p.add_argument("--steps", type=int, default=150)
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--fractions", default="0.01,0.1,1")
+    p.add_argument("--init-imagenet", action="store_true")
+    a = p.parse_args()
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    stages = Stages(a.work)
+    root = a.data_dir or extract(SHARED_DATA / "pneumonia-train.tar.gz", a.work / "data")
+    data = root / "train"
+    pretrain(stages, "pretrain", a.work / "mae", data, a, [])
+    reports = [("", curve(stages, "curve", a.work / "mae", data, a.work / "curve.png", a.fractions))]
+    if a.init_imagenet:
+        weights = imagenet_file(a.work)
+        if weights is not None:
+            pretrain(stages, "pretrain-init", a.work / "mae-init", data, a, ["--init", str(weights)])
+            reports.append(("init run: ", curve(stages, "curve-init", a.work / "mae-init", data,
+                                                a.work / "curve-init.png", a.fractions)))
+    fr = reports[0][1]["settings"]["fractions"]
+    head = "| encoder | " + " | ".join(f"{pr} AUROC @ {f:g}" for f in fr for pr in ("linear", "kNN")) + \
+        " | labels per fold |"
+    lines = [head, "| --- |" + " ---: |" * (2 * len(fr)) + " --- |"]
+    for tag, rep in reports:
+        lines += rows(rep, tag)
+    text = "\n".join(lines)
+    (a.work / "results.md").write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
