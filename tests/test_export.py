@@ -14,6 +14,7 @@ import torch
 
 from sslkit.run import load_run
 from tests.conftest import make_images, run_sslkit, tiny_run
+from tests.test_hardening_export import assert_no_machine_paths
 
 SIZE = 32
 
@@ -69,6 +70,7 @@ def test_onnx_export_contract(trained, tmp_path):
     assert meta["dataset_fingerprint"] == info["dataset"]["fingerprint"] and meta["run_id"]
     assert meta["sslkit_version"] and meta["precision"] == "float32"
     assert str(trained["data"]) not in json.dumps(meta)  # no paths
+    assert_no_machine_paths(out, trained["run"], trained["data"], tmp_path)  # nor anywhere in the file
 
     # An independent size (neither checked size), straight through onnxruntime vs PyTorch.
     unit = np.random.default_rng(0).random((3, 1, 40, 56), dtype=np.float32)
