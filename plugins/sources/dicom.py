@@ -31,7 +31,7 @@ from sslkit.api import GraphPreprocessing, check_pixel_count
 from sslkit_plugins.sources.dicom_decode import codec_failure, decode, parse_windows, read_dataset
 from sslkit_plugins.sources.dicom_headers import cached_headers, stable_groups
 from sslkit_plugins.sources.dicom_series import assemble, geometry
-from sslkit_plugins.sources.dicom_volume import VolumeSampler
+from sslkit_plugins.sources.dicom_volume import VolumeSampler, modality_values
 
 GROUP_SALT = b"sslkit-group-v1"
 HEADER_FORMAT = 3  # bump when read_header() changes what it returns
@@ -262,6 +262,24 @@ class DicomSource(Source):
                 raise
             except Exception as exc:
                 raise Undecodable(safe_reason(exc)) from None
+
+    def load_raw(self, ref: SampleRef) -> np.ndarray:
+        """:meth:`load` before windowing: modality values (e.g. HU), float32 (grayscale only)."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                if self.sampler is not None:
+                    return self.sampler.load(ref, raw=True)
+                return modality_values(read_dataset(ref.path), ref.frame)
+            except Exception as exc:
+                raise Undecodable(safe_reason(exc)) from None
+
+    def spacing_of(self, ref: SampleRef) -> list[float] | None:
+        """Voxel spacing of ``load(ref)`` in mm: ``[dz, dy, dx]`` (volume) or ``[dy, dx]``, None if unknown."""
+        if self.sampler is not None:
+            return self.sampler.spacing_of(ref)
+        ps = self.headers.get(ref.path, {}).get("pixel_spacing")
+        return [float(v) for v in ps] if ps else None
 
     def sample_id(self, ref: SampleRef) -> str:
         """What ``sslkit embed`` calls a sample: ``series:<salted key>`` for a volume, else ``ref.id``."""

@@ -67,6 +67,14 @@ class VolumeSampler:
         v, i = self.where[ref.id]
         return f"series:{self.volumes[v].key}" if i is None else ref.id
 
+    def spacing_of(self, ref: SampleRef) -> list[float]:
+        """``[dz, dy, dx]`` mm of a loaded volume (the mode's spacing, else the series'), ``[dy, dx]`` of a slab."""
+        v, i = self.where[ref.id]
+        vol = self.volumes[v]
+        if i is None:
+            return list(self.mode.spacing or vol.spacing)
+        return list(vol.spacing[1:])
+
     def volume_of(self, ref: SampleRef) -> Volume:
         return self.volumes[self.where[ref.id][0]]
 

@@ -182,6 +182,15 @@ class NiftiSource(Source):
         """:meth:`load` before the window: float32 values in the file's units."""
         return self.load(ref, raw=True)
 
+    def spacing_of(self, ref: SampleRef) -> list[float]:
+        """``[dz, dy, dx]`` mm of a loaded volume (the mode's spacing, else the file's), ``[dy, dx]`` of a slice."""
+        v, z = self.where[ref.id]
+        zooms = _nibabel().as_closest_canonical(_nibabel().load(self.volumes[v][0])).header.get_zooms()[:3]
+        native = [float(zooms[2]), float(zooms[1]), float(zooms[0])]
+        if z is None:
+            return list(self.sample.spacing or native)
+        return native[1:]
+
     def properties(self, ref: SampleRef) -> dict[str, Any]:
         v, _ = self.where.get(ref.id, (None, None))
         return {"depth": self.volumes[v][2]} if v is not None else {}

@@ -37,6 +37,46 @@ def inspect(src: str, as_json: bool, data_opts: tuple[str, ...], image_size: int
     click.echo(json.dumps(report, indent=2, default=str) if as_json else format_report(report))
 
 
+@data_group.command("preview", cls=SourceFlagsCommand)
+@click.argument("src")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="PNG file to write.")
+@click.option("--data-opt", "data_opts", multiple=True, metavar="KEY=VALUE", help="Source option (repeatable).")
+@click.option("--samples", default=6, show_default=True, type=click.IntRange(1, 64), help="Rows of the sheet.")
+@click.option("--image-size", default=224, show_default=True, type=click.IntRange(min=8),
+              help="Side the 2D samples are resized to (as in pretraining).")
+@click.option("--recipe", "recipe_name", default="simclr", show_default=True,
+              help="2D augmentation recipe of the two views (simclr, crop, xray, ...).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
+def preview(src: str, out: str, data_opts: tuple[str, ...], samples: int, image_size: int, recipe_name: str,
+            overwrite: bool, **source_flags) -> None:
+    """A sheet of decoded samples and two augmented views of each (volumes: three mid-planes)."""
+    from sslkit.data.preview import preview as draw
+    from sslkit.options import parse_pairs
+
+    options = {**parse_pairs(data_opts, "--data-opt"), **flag_values(source_flags)}
+    result = draw(src, out, options, samples, image_size, recipe_name, overwrite=overwrite)
+    click.echo(f"drew {result['samples']} samples ({result['sample']}) to {result['out']}")
+
+
+@data_group.command("dump", cls=SourceFlagsCommand)
+@click.argument("src")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help=".npz file to write.")
+@click.option("--data-opt", "data_opts", multiple=True, metavar="KEY=VALUE", help="Source option (repeatable).")
+@click.option("--raw", is_flag=True, help="Values before windowing (modality values, e.g. HU), float32.")
+@click.option("--limit", default=None, type=click.IntRange(min=1), help="At most this many samples.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
+def dump(src: str, out: str, data_opts: tuple[str, ...], raw: bool, limit: int | None, overwrite: bool,
+         **source_flags) -> None:
+    """Write the decoded arrays, one per sample keyed by id, with spacing and axis order."""
+    from sslkit.data.dump import dump as write_dump
+    from sslkit.options import parse_pairs
+
+    options = {**parse_pairs(data_opts, "--data-opt"), **flag_values(source_flags)}
+    result = write_dump(src, out, options, raw, limit, overwrite)
+    click.echo(f"wrote {result['samples']} arrays{' (raw)' if raw else ''} to {result['out']}"
+               + (f"; {result['skipped']} undecodable" if result["skipped"] else ""))
+
+
 @data_group.command("cache")
 @click.option("--cache", "cache_dir", default=None, type=click.Path(file_okay=False),
               help="Cache folder (default: $SSLKIT_CACHE_DIR, else ~/.cache/sslkit).")

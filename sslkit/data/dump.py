@@ -1,0 +1,78 @@
+"""``sslkit data dump``: the decoded arrays of a source, one per sample, to check against any tool.
+
+The ``.npz`` holds one float32 array per sample, keyed by its id (its path relative to the
+data root, ``#frame`` for a frame or slice; ``series:<salted key>`` for a DICOM volume),
+as the source decodes it: ``(C, H, W)`` images, ``(C*K, H, W)`` slabs or ``(C, D, H, W)``
+volumes, in [0, 1] after the window, or with ``raw`` the values before windowing (modality
+values such as Hounsfield units; the sources that have them: ``dicom``, ``nifti``). No
+resizing to ``--image-size``. ``__meta__`` is a JSON string saying the axis order, the
+value kind, the source's preprocessing and each sample's spacing in mm.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sslkit.data.volume import ORIENTATION, sample_mode
+from sslkit.errors import UsageError
+from sslkit.output_file import check_output, write_atomic
+from sslkit.registry import create_source
+
+
+def sample_key(source: Any, ref: Any) -> str:
+    """A sample's id as reports show it: relative to the data root, or the source's own id."""
+    own = getattr(source, "sample_id", None)
+    if own is not None and (key := own(ref)) != ref.id:
+        return key
+    rel = source.relative(ref.path)
+    return rel if ref.frame is None else f"{rel}#{ref.frame}"
+
+
+def dump(src: str, out: str | Path, options: dict[str, Any] | None = None, raw: bool = False,
+         limit: int | None = None, overwrite: bool = False) -> dict[str, Any]:
+    """Decode up to ``limit`` samples of ``src`` and save them to ``out`` (see the module docstring)."""
+    out = Path(out)
+    check_output(out, overwrite)
+    source = create_source(src, **(options or {}))
+    if raw and not hasattr(source, "load_raw"):
+        raise UsageError(f"--raw: the {source.scheme!r} source has no values before windowing "
+                         f"(dicom and nifti do); leave --raw out")
+    refs = source.index()
+    if not refs:
+        raise UsageError(f"no images found in {src!r}")
+    refs = refs[:limit] if limit else refs
+    arrays: dict[str, np.ndarray] = {}
+    spacing: dict[str, Any] = {}
+    skipped = 0
+    for ref in refs:
+        key = sample_key(source, ref)
+        try:
+            arrays[key] = np.asarray(source.load_raw(ref) if raw else source.load(ref), dtype=np.float32)
+        except Exception:
+            skipped += 1
+            continue
+        spacing[key] = getattr(source, "spacing_of", lambda r: None)(ref)
+    if not arrays:
+        raise UsageError(f"no decodable sample in {src!r} ({skipped} failed)")
+    volumetric = sample_mode(source).volumetric
+    meta = {
+        "axes": "C,D,H,W" if volumetric else "C,H,W",
+        "orientation": ORIENTATION if sample_mode(source).mode != "slice" else "as stored (rows, columns)",
+        "values": ("float32 values before windowing (modality values, e.g. HU for CT)" if raw
+                   else "float32 in [0, 1] after the window, as training decodes them (before resizing)"),
+        "spacing_mm": spacing,
+        "spacing_order": "[dz, dy, dx] for volumes, [dy, dx] for images; null where the source does not know",
+        "preprocessing": source.describe(),
+        "skipped": skipped,
+    }
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            np.savez(f, __meta__=np.array(json.dumps(meta, default=str)), **arrays)
+
+    write_atomic(out, write, suffix=".npz")
+    return {"samples": len(arrays), "skipped": skipped, "out": str(out), "raw": raw}

@@ -1,0 +1,121 @@
+"""``sslkit data preview``: a contact sheet of what the model sees.
+
+One row per sample (evenly spaced over the source): the decoded sample as training gets
+it (resized to ``image_size``; a volume as its three orthogonal mid-planes, axial,
+coronal, sagittal), then two augmented views of it (2D: a named recipe of
+:mod:`sslkit.augment`, default ``simclr``; volumes: :func:`sslkit.augment3d.pair_volume_recipes`).
+The caption states the source, sample mode, window and spacing. Slabs show their centre
+slice. Row labels are sample ids relative to the data root (DICOM volumes: salted series keys).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from sslkit.data.dump import sample_key
+from sslkit.data.prepare import resize_square
+from sslkit.data.volume import sample_mode
+from sslkit.errors import UsageError
+from sslkit.output_file import check_output, write_atomic
+from sslkit.registry import create_source
+
+PLANES = ("axial", "coronal", "sagittal")
+
+
+def planes(x: np.ndarray) -> list[np.ndarray]:
+    """``(C, D, H, W)`` -> its three mid-planes ``(H, W)``, ``(D, W)``, ``(D, H)`` (channel 0)."""
+    c, d, h, w = x.shape
+    return [x[0, d // 2], x[0, :, h // 2], x[0, :, :, w // 2]]
+
+
+def shown(x: np.ndarray) -> np.ndarray:
+    """A ``(C, H, W)`` image as matplotlib shows it: gray ``(H, W)`` or RGB ``(H, W, 3)``."""
+    if x.shape[0] == 3 and x.ndim == 3:
+        return np.clip(x.transpose(1, 2, 0), 0, 1)
+    return x[x.shape[0] // 2] if x.ndim == 3 else x  # a slab: its centre slice
+
+
+def views_of(batch: torch.Tensor, volumetric: bool, size: Any, recipe_name: str) -> list[torch.Tensor]:
+    """Two augmented views of ``batch`` in [0, 1] (no normalisation)."""
+    if volumetric:
+        from sslkit.augment3d import pair_volume_recipes
+
+        return [r(batch) for r in pair_volume_recipes(size)]
+    from sslkit.augment import recipe
+
+    r = recipe(recipe_name, size)
+    return [r(batch), r(batch)]
+
+
+def preview(src: str, out: str | Path, options: dict[str, Any] | None = None, samples: int = 6,
+            image_size: int = 224, recipe_name: str = "simclr", seed: int = 0,
+            overwrite: bool = False) -> dict[str, Any]:
+    """Draw the sheet (see the module docstring) to ``out`` (PNG); returns what was drawn."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(out)
+    check_output(out, overwrite)
+    source = create_source(src, **(options or {}))
+    refs = source.index()
+    if not refs:
+        raise UsageError(f"no images found in {src!r}")
+    mode = sample_mode(source)
+    picked, arrays = [], []
+    for ref in refs[:: max(1, len(refs) // samples)]:
+        try:
+            x = source.load(ref)
+        except Exception:
+            continue
+        arrays.append(x if mode.volumetric else resize_square(x.astype(np.float32), image_size))
+        picked.append(ref)
+        if len(arrays) == samples:
+            break
+    if not arrays:
+        raise UsageError(f"no decodable sample in {src!r}")
+    torch.manual_seed(seed)
+    batch = torch.from_numpy(np.stack(arrays).astype(np.float32))
+    views = [v.numpy() for v in views_of(batch, mode.volumetric, mode.size if mode.volumetric else image_size,
+                                         recipe_name)]
+    per = 3 if mode.volumetric else 1
+    fig, axes = plt.subplots(len(arrays), 3 * per, figsize=(2.2 * 3 * per, 2.3 * len(arrays)), squeeze=False)
+    titles = ["decoded", "view 1", "view 2"]
+    for i, ref in enumerate(picked):
+        images = [arrays[i], views[0][i], views[1][i]]
+        for j, img in enumerate(images):
+            panels = planes(img) if mode.volumetric else [shown(img)]
+            for k, panel in enumerate(panels):
+                ax = axes[i][j * per + k]
+                ax.imshow(panel, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+                ax.set_xticks([]), ax.set_yticks([])
+                if i == 0:
+                    ax.set_title(f"{titles[j]}" + (f" {PLANES[k]}" if mode.volumetric else ""), fontsize=8)
+        axes[i][0].set_ylabel(sample_key(source, ref)[-28:], fontsize=6)
+    fig.suptitle(caption(source, picked[0], mode), fontsize=8)
+    fig.tight_layout()
+
+    def write(tmp: Path) -> None:
+        fig.savefig(tmp, format="png", dpi=80)
+
+    try:
+        write_atomic(out, write, suffix=".png")
+    finally:
+        plt.close(fig)
+    return {"samples": len(arrays), "out": str(out), "sample": mode.describe().get("sample", "slice")}
+
+
+def caption(source: Any, ref: Any, mode: Any) -> str:
+    """``dicom: sample volume, window W 400, L 40, spacing 2 x 2 x 2 mm (first sample)``."""
+    desc = source.describe()
+    window = desc.get("window")
+    window = ", ".join(window) if isinstance(window, list) else window
+    spacing = getattr(source, "spacing_of", lambda r: None)(ref)
+    sp = " x ".join(f"{v:g}" for v in spacing) + " mm" if spacing else "unknown"
+    return (f"{source.scheme}: sample {desc.get('sample', 'slice')}, window {window or 'source scaling'}, "
+            f"spacing {sp} (first sample)")
