@@ -85,3 +85,15 @@ def test_curve_on_train_test_pair_has_no_std(init_run, cli, tmp_path):
     rep = json.loads(result.stdout)
     lin = rep["results"]["pretrained"]["linear f=1"]
     assert lin["n"] == 8 and lin["std"]["auroc"] is None and len(lin["folds"]) == 1
+
+
+def test_finetune_baseline_rows_include_the_init_weights(init_run, cli, tmp_path):
+    test = make_images(tmp_path / "test", n_per_class=3, size=16, channels=1, seed=7)
+    result = cli("eval", "linear", init_run / "run", "--train", init_run / "data", "--test", test, "--C", "1",
+                 "--finetune", "--finetune-epochs", "1", "--batch-size", "8", "--json", "--quiet")
+    assert result.exit_code == 0, result.output
+    res = json.loads(result.stdout)["results"]
+    assert set(res) == {"pretrained", "random", "init"}
+    assert all(res[e]["finetune"]["n"] == 6 for e in res)
+    # the frozen init encoder is the (LR 1e-12) pretrained one: same probe scores
+    assert res["init"]["linear"]["auroc"] == pytest.approx(res["pretrained"]["linear"]["auroc"], abs=1e-9)
