@@ -87,7 +87,7 @@ def format_report(report: dict[str, Any]) -> str:
     lines = [f"{report['source']}: {report['images']} images in {report['files']} files "
              f"({report['groups']} split groups), {report['channels']} channel(s) by majority"]
     if report.get("filtered_out"):
-        lines.append(f"filtered out by --modality / --series-description: {report['filtered_out']} files")
+        lines.append(f"filtered out by the source's options: {report['filtered_out']} files")
     for key, counts in report["counts"].items():
         items = list(counts.items())
         shown = ", ".join(f"{v} {n}" for v, n in items[:12]) + (f", ... ({len(items) - 12} more)" if len(items) > 12 else "")
