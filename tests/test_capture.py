@@ -263,3 +263,26 @@ def test_cli_rejects_an_unknown_capture_mode(images, tmp_path):
 
 def test_make_capture_is_none_when_off():
     assert cap.make_capture(SimpleNamespace(cfg=SimpleNamespace(capture="off"))) is None
+
+
+@pytest.mark.slow
+def test_compiled_views_equal_eager_views_and_draw_the_same_random_numbers():
+    """--compile compiles the views too (on CUDA); inductor compiles with a C++ compiler
+    on the CPU, hence slow. Same RNG state in, same views (to float rounding) and the
+    same RNG state out: a run's random stream does not depend on compiling."""
+    from sslkit.augment import MultiView, ViewRecipe
+    from sslkit.engine.compiled_views import compile_views
+
+    views = MultiView([ViewRecipe(32, blur_p=0.5, solarize_p=0.2), ViewRecipe(32, gray_p=0.5)],
+                      (0.5, 0.4, 0.3), (0.2, 0.25, 0.3))
+    x = torch.rand(6, 3, 40, 40, generator=torch.Generator().manual_seed(1))
+    compiled = compile_views(views)
+    assert compiled is not views and compile_views(print) is print
+    torch.manual_seed(5)
+    eager = views(x)
+    after_eager = torch.get_rng_state()
+    torch.manual_seed(5)
+    fused = compiled(x)
+    assert torch.equal(torch.get_rng_state(), after_eager)
+    for a, b in zip(eager, fused):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)  # normalised: ~4x the pixel error
