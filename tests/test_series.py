@@ -298,3 +298,18 @@ def test_assemble_keeps_no_identifier(tmp_path):
     src, refs = volume_source(tmp_path, sample="volume", volume_size="2,6,5")
     text = repr(assemble(src.headers)) + repr(src.headers)
     assert "P1" not in text.replace(str(tmp_path), "") and "1.2.3" not in text
+
+
+def test_editing_any_slice_of_a_volume_changes_its_cache_key(tmp_path):
+    import os
+
+    from sslkit.data.cache import cache_key
+
+    paths = write_series(tmp_path, n=4)
+    src, refs = volume_source(tmp_path, sample="volume", volume_size="4,6,5")
+    before = cache_key(src, refs, 1, (4, 6, 5))
+    last = max(paths, key=lambda p: src.sampler.volume_of(refs[0]).slices.index((str(p), None, None)))
+    assert str(last) != refs[0].path  # not the file the ref is named after
+    st = os.stat(last)
+    os.utime(last, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert cache_key(src, refs, 1, (4, 6, 5)) != before

@@ -281,6 +281,10 @@ class DicomSource(Source):
         ps = self.headers.get(ref.path, {}).get("pixel_spacing")
         return [float(v) for v in ps] if ps else None
 
+    def files_of(self, ref: SampleRef) -> list[str]:
+        """The files ``load(ref)`` reads (for the cache key): a slab's or a volume's slices."""
+        return self.sampler.files_of(ref) if self.sampler is not None else [ref.path]
+
     def sample_id(self, ref: SampleRef) -> str:
         """What ``sslkit embed`` calls a sample: ``series:<salted key>`` for a volume, else ``ref.id``."""
         return self.sampler.sample_id(ref) if self.sampler is not None else ref.id

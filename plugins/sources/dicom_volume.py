@@ -62,6 +62,13 @@ class VolumeSampler:
                 out.append(ref)
         return out
 
+    def files_of(self, ref: SampleRef) -> list[str]:
+        """The files ``load(ref)`` reads: the slab's K slices, or every slice of the volume."""
+        v, i = self.where[ref.id]
+        vol = self.volumes[v]
+        indices = range(vol.depth) if i is None else slab_indices(vol.depth, i, self.mode.slab)
+        return list(dict.fromkeys(vol.slices[j][0] for j in indices))
+
     def sample_id(self, ref: SampleRef) -> str:
         """``series:<key>`` for a volume (a salted hash: names no patient or UID), else ``ref.id``."""
         v, i = self.where[ref.id]

@@ -109,10 +109,14 @@ def cache_key(source: Source, refs: Sequence[SampleRef], channels: int, size: in
     h.update(json.dumps([CACHE_FORMAT, source.scheme, source.describe(), channels, size], sort_keys=True,
                         default=str).encode())
     digests: dict[str, str] = {}
+    # a slab or a volume is read from several files (its series' slices): every one counts
+    files_of = getattr(source, "files_of", lambda ref: (ref.path,))
     for ref in refs:
-        if ref.path not in digests:
-            digests[ref.path] = file_digest(ref.path)
-        h.update(f"{ref.path}\0{ref.frame}\0{digests[ref.path]}\n".encode())
+        files = files_of(ref)
+        for path in files:
+            if path not in digests:
+                digests[path] = file_digest(path)
+        h.update(f"{ref.path}\0{ref.frame}\0{'|'.join(digests[p] for p in files)}\n".encode())
     return h.hexdigest()[:32]
 
 
