@@ -284,7 +284,8 @@ def resume_config(given: dict[str, Any]) -> RunConfig:
                 f"not {_plain(value)!r}; start a new run to change it"
             )
     values = {**saved, **{k: v for k, v in given.items() if k in RESUMABLE_OVERRIDES}}
-    values.update(resume=True, overwrite=False, out=out)
+    values.update(resume=True, overwrite=False, out=out,
+                  allow_data_change=bool(given.get("allow_data_change")))  # per resume, never inherited
     return RunConfig(**values)
 
 

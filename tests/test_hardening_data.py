@@ -384,6 +384,9 @@ def test_resume_refuses_changed_data_and_keeps_the_input_spec(tmp_path, cli):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "data changed" in proc.stderr
     assert json.loads((run / "run.json").read_text())["input_spec"] == info["input_spec"]
+    from sslkit.config import resolve
+
+    assert resolve({"resume": True, "out": str(run)}).allow_data_change is False  # per resume, not inherited
 
 
 def _blocked_codecs(*argv: str) -> list[str]:

@@ -48,7 +48,8 @@ def cached_headers(files: list[str], root: Path, header_cache: Path | None,
         known = {}
     stamps = [_stamp(f) for f in files]
     fresh = [i for i, s in enumerate(stamps) if not s or s not in known]
-    reuse = [i for i in range(len(files)) if i not in set(fresh)]
+    fresh_set = set(fresh)
+    reuse = [i for i in range(len(files)) if i not in fresh_set]
     headers: list[dict[str, Any] | None] = [None] * len(files)
     for i in reuse:
         headers[i] = dict(known[stamps[i]][0])
