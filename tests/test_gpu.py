@@ -1,7 +1,9 @@
 """CUDA paths of the engine: fp16 with GradScaler (and its state resumed exactly), bf16 +
 torch.compile, channels_last for CNNs, an NCCL launch under torchrun with --sync-bn, and an
-ONNX export of a GPU-trained run. Skipped where no CUDA GPU is present (CI has none); run on
-a GPU machine with ``pytest tests/test_gpu.py``."""
+ONNX export of a GPU-trained run, and ``--capture graphs`` (the step captured, a bit-identical
+resume, MAE + compile captured, fp16 falling back in one line). Skipped where no CUDA GPU is
+present (CI has none); run on a GPU machine with ``pytest tests/test_gpu.py`` (or
+``bash benchmarks/gpu_checks.sh``, which runs the capture tests and the speed benchmarks)."""
 
 from __future__ import annotations
 
@@ -109,3 +111,60 @@ def test_torchrun_nccl_sync_bn_then_onnx_export(images, tmp_path):
     proc = run_sslkit("export", out, "--out", onnx)  # exports on CPU and checks parity against torch
     assert proc.returncode == 0, proc.stderr
     assert onnx.stat().st_size > 1_000_000
+
+
+def capture_notes(proc) -> list[str]:
+    return [line for line in proc.stderr.splitlines() if line.startswith("note: --capture")]
+
+
+def test_capture_graphs_resumes_bit_identically_and_tracks_eager(images, tmp_path):
+    """--capture graphs (bf16, accumulation, clipping, --deterministic): the step is
+    captured (no note), a crash-and-resume repeats every loss and LR exactly (the resumed
+    session warms up eagerly, then captures anew), and the losses follow the eager run's."""
+    args = [*CNN, "--precision", "bf16", "--epochs", "3", "--checkpoint-every", "2", "--keep-checkpoints", "0",
+            "--seed", "5", "--deterministic", "--accumulate", "2", "--batch-size", "4", "--grad-clip", "1.0"]
+    ref, eager = tmp_path / "ref", tmp_path / "eager"
+    proc = run_sslkit("pretrain", "--data", f"folder:{images}", "--out", ref, *args, "--capture", "graphs")
+    assert proc.returncode == 0, proc.stderr
+    assert capture_notes(proc) == []  # captured: nothing to say
+    finished(ref)
+    proc = run_sslkit("pretrain", "--data", f"folder:{images}", "--out", eager, *args)
+    assert proc.returncode == 0, proc.stderr
+    got, want = rows(ref), rows(eager)
+    assert [r["lr"] for r in got] == [r["lr"] for r in want]
+    for g, w in zip(got, want):  # same random numbers and kernels; bf16 leaves room for rounding
+        assert math.isclose(float(g["loss"]), float(w["loss"]), rel_tol=2e-2), (g, w)
+
+    ckpts = sorted((ref / "checkpoints").iterdir())
+    crashed = tmp_path / "crashed"
+    shutil.copytree(ref, crashed)
+    for late in ckpts[2:]:  # "died" after step 4: the resumed session runs 3 warm-up steps, then replays
+        shutil.rmtree(crashed / "checkpoints" / late.name)
+    (crashed / "encoder.safetensors").unlink()
+    meta = json.loads((crashed / "run.json").read_text())
+    (crashed / "run.json").write_text(json.dumps({**meta, "status": "running"}))
+    proc = run_sslkit("pretrain", "--resume", crashed, "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    assert [(r["step"], r["loss"], r["lr"]) for r in rows(crashed)] == [(r["step"], r["loss"], r["lr"]) for r in got]
+
+
+def test_capture_graphs_mae_vit_bf16_compile(images, tmp_path):
+    out = tmp_path / "run"
+    proc = run_sslkit("pretrain", "--task", "mae", "--data", f"folder:{images}", "--out", out,
+                      "--backbone", "timm:vit_tiny_patch16_224", "--image-size", "32", "--backbone-opt", "patch_size=8",
+                      "--batch-size", "8", "--epochs", "2", "--device", "cuda", "--precision", "bf16", "--compile",
+                      "--capture", "graphs", "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    assert capture_notes(proc) == []
+    finished(out)
+    assert len({r["loss"] for r in rows(out)}) > 1  # replays see new batches and new masks
+
+
+def test_capture_graphs_fp16_falls_back_with_one_line(images, tmp_path):
+    out = tmp_path / "run"
+    proc = run_sslkit("pretrain", "--data", f"folder:{images}", "--out", out, *CNN, "--precision", "fp16",
+                      "--epochs", "1", "--capture", "graphs")
+    assert proc.returncode == 0, proc.stderr
+    assert capture_notes(proc) == ["note: --capture graphs: fp16's gradient scaler reads the device every step "
+                                   "(use --precision bf16); the step runs eagerly"]
+    finished(out)
