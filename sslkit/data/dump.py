@@ -20,7 +20,7 @@ import numpy as np
 from sslkit.data.volume import ORIENTATION, sample_mode
 from sslkit.errors import UsageError
 from sslkit.output_file import check_output, write_atomic
-from sslkit.registry import create_source
+from sslkit.registry import create_source, get_source, list_sources
 
 
 def sample_key(source: Any, ref: Any) -> str:
@@ -39,8 +39,9 @@ def dump(src: str, out: str | Path, options: dict[str, Any] | None = None, raw: 
     check_output(out, overwrite)
     source = create_source(src, **(options or {}))
     if raw and not hasattr(source, "load_raw"):
+        able = [s for s in list_sources() if hasattr(get_source(s), "load_raw")]
         raise UsageError(f"--raw: the {source.scheme!r} source has no values before windowing "
-                         f"(dicom and nifti do); leave --raw out")
+                         f"(sources that do: {', '.join(able) or 'none loaded'}); leave --raw out")
     refs = source.index()
     if not refs:
         raise UsageError(f"no images found in {src!r}")
