@@ -111,7 +111,7 @@ def test_folder_walk_follows_each_directory_once_and_skips_a_fifo(hostile):
 
 def test_pixel_limit_applies_to_dicom_headers(hostile):
     """Item 3 (pydicom): a 20000x20000 header is refused before its pixels are read."""
-    assert "exceeds the limit of 179 megapixels" in hostile["reasons"]["bad/huge.dcm"]
+    assert "20000x20000 = 400,000,000 exceeds the limit of 178,956,970" in hostile["reasons"]["bad/huge.dcm"]
 
 
 def test_jpeg_extended_12bit_decodes_or_names_the_syntax(hostile):
@@ -250,7 +250,7 @@ def test_one_pixel_limit_for_pil_tifffile_and_pydicom(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     why = {u["path"]: u["reason"] for u in json.loads(proc.stdout)["undecodable"]}
     assert set(why) == {"bomb.tif", "bomb.png"}
-    assert all("20000x20000 = 400 megapixels exceeds the limit of 179 megapixels" in r for r in why.values())
+    assert all("20000x20000 = 400,000,000 exceeds the limit of 178,956,970" in r for r in why.values())
     # the same limit, lowered, for a 40x40 PNG, TIFF and DICOM alike
     small = tmp_path / "small"
     small.mkdir()
@@ -440,3 +440,15 @@ def test_example_client_says_how_many_files_it_skipped_and_why(tmp_path):
     assert "1 file(s) skipped: 1 x RuntimeError" in proc.stderr and "JPEG-LS" in proc.stderr
     assert "pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg pylibjpeg-rle" in proc.stderr
     assert "pylibjpeg-libjpeg" in example.read_text().split('"""')[1]  # the docstring lists them too
+
+
+def test_npz_images_over_the_pixel_limit_are_refused_from_the_header(tmp_path):
+    """Item 3 (arrays): a compressed .npz whose images exceed --max-pixels is one line,
+    decided from the .npy header before np.load decompresses anything."""
+    np.savez_compressed(tmp_path / "a.npz", train_images=np.zeros((2, 300, 200), np.uint8))
+    _one_line_error(run_sslkit("data", "inspect", f"npz:{tmp_path / 'a.npz'}", "--max-pixels", "1000"),
+                    "200x300 = 60,000 exceeds the limit of 1,000")
+    from sslkit.registry import create_source
+
+    src = create_source(f"npz:{tmp_path / 'a.npz'}")
+    assert src.image_shape() == (2, 300, 200) and len(src.index()) == 2  # the default limit lets it through

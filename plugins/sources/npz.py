@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sslkit.api import SampleRef, Source, UsageError, hookimpl
+from sslkit.api import SampleRef, Source, Undecodable, UsageError, check_pixel_count, hookimpl
 
 
 @dataclass
@@ -66,7 +66,22 @@ class NpzSource(Source):
             self._images = a
         return self._images
 
+    def image_shape(self) -> tuple[int, ...]:
+        """``(N, H, W)`` / ``(N, H, W, C)`` / ``(N, C, H, W)`` of the images array, from its
+        ``.npy`` header inside the zip: nothing is decompressed."""
+        with zipfile.ZipFile(self.path) as zf, zf.open(f"{self.images_key}.npy") as f:
+            version = np.lib.format.read_magic(f)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            return tuple(read(f)[0])
+
     def index(self) -> list[SampleRef]:
+        shape = self.image_shape()
+        if len(shape) in (3, 4):
+            h, w = shape[1:3] if len(shape) == 3 or shape[1] not in (1, 3, 4) else shape[2:4]
+            try:  # before np.load decompresses the whole array
+                check_pixel_count(int(w), int(h), self.max_pixels)
+            except Undecodable as exc:
+                raise UsageError(f"npz: {self.images_key} {shape}: {exc}") from None
         n = len(self._array())
         labels = [None] * n
         if self.labels_key:

@@ -152,8 +152,8 @@ def check_pixel_count(width: int, height: int, limit: int | None) -> None:
     expands to gigabytes is refused without allocating them. ``limit`` None or 0: no limit.
     """
     if limit and width * height > limit:
-        raise Undecodable(f"too many pixels: {width}x{height} = {width * height / 1e6:.0f} megapixels exceeds "
-                          f"the limit of {limit / 1e6:.0f} megapixels (--max-pixels raises it)")
+        raise Undecodable(f"too many pixels: {width}x{height} = {width * height:,} exceeds the limit of "
+                          f"{limit:,} (--max-pixels raises it)")
 
 
 def to_channels(x: np.ndarray, channels: int) -> np.ndarray:
