@@ -101,14 +101,33 @@ def values(rows: list[dict[str, torch.Tensor]]) -> list[dict[str, float]]:
 
 
 def test_static_buffer_step_equals_the_plain_step(images, tmp_path, plain):
+    """Also with the batches as the cache's uint16 (what a CUDA run copies), scaled inside
+    the recorded step."""
     s = build(images, tmp_path / "b")
+    s.loader.raw = True
     rec = StandIn()
     c = attach(s, rec)
     assert torch.is_tensor(s.optimizer.param_groups[0]["lr"])
     got = values(steps(s, N))
     assert rec.records == 1 and rec.replays == N - WARMUP_STEPS and c.captured and c.active
+    assert c.inputs[0].dtype == torch.uint16
     assert got == plain  # every scalar, bit for bit (losses after LR-scheduled updates)
     assert len({r["loss"] for r in got}) == N
+
+
+def test_raw_batches_scaled_on_the_device_equal_the_float_batches():
+    import numpy as np
+
+    from sslkit.data.loader import BatchLoader, to_unit
+
+    pixels = np.random.default_rng(0).integers(0, 65536, (12, 3, 5, 5), dtype=np.uint16)
+    pixels[0, 0, 0, :3] = [0, 65535, 32768]
+    floats, raw = BatchLoader(pixels, 4, 0, pin_memory=False), BatchLoader(pixels, 4, 0, pin_memory=False, raw=True)
+    for idx in (floats.indices(0, 0), floats.indices(1, 2), np.arange(12)):
+        r = raw.read(idx)
+        assert r.dtype == torch.uint16 and r.element_size() == 2
+        assert torch.equal(to_unit(r), floats.read(idx))
+    assert [x.dtype for x in raw.epoch(0)] == [torch.uint16] * 3
 
 
 def test_static_buffers_with_accumulation_and_clipping(images, tmp_path):

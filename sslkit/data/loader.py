@@ -21,6 +21,8 @@ from sslkit.data.prepare import SCALE
 def to_unit(x: torch.Tensor) -> torch.Tensor:
     """A raw batch (the cache's uint16 ``round(x * 65535)``) as float32 in [0, 1], on its
     device; bit-identical to :meth:`BatchLoader.read` without ``raw``."""
+    if x.dtype == torch.uint16:  # widened through int32: few kernels take unsigned 16-bit input
+        x = x.view(torch.int16).to(torch.int32).bitwise_and_(0xFFFF)
     return x.to(torch.float32).div_(SCALE)
 
 
