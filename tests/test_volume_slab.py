@@ -47,3 +47,23 @@ def test_slab3_trains_a_2d_task_on_ct_series(cli, ct_series, tmp_path, task):
 def test_slab3_trains_every_2d_task_on_ct_series(cli, ct_series, tmp_path, task):
     info = pretrain_on_slabs(cli, ct_series, tmp_path / "run", task)
     assert info["input_spec"]["sample"] == "slab:3" and info["summary"]["steps"] == 1
+
+
+def test_nifti_trains_in_slab_and_volume_modes(cli, tmp_path):
+    """nifti: the same sample modes through pretrain (slice is the default 2D path)."""
+    import nibabel as nib
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        nib.save(nib.Nifti1Image(rng.normal(0, 100, (16, 16, 12)).astype(np.float32), np.diag([2.0, 2.0, 2.0, 1.0])),
+                 tmp_path / f"v{i}.nii.gz")
+    common = ["pretrain", "--data", f"nifti:{tmp_path}", "--max-steps", 1, "--batch-size", 2, "--quiet"]
+    result = cli(*common, "--out", tmp_path / "slab", "--task", "simclr", "--backbone", "timm:resnet10t",
+                 "--image-size", 32, "--sample", "slab:3", "--task-opt", "proj_hidden_dim=64", "--task-opt", "proj_dim=32")
+    assert result.exit_code == 0, result.output
+    result = cli(*common, "--out", tmp_path / "vol", "--task", "vicreg", "--backbone", "monai:resnet10",
+                 "--sample", "volume", "--spacing", "2", "--volume-size", "8,8,8", "--task-opt", "proj_dim=32")
+    assert result.exit_code == 0, result.output
+    spec = json.loads((tmp_path / "vol" / "run.json").read_text())["input_spec"]
+    assert spec["sample"] == "volume" and spec["volume_size"] == [8, 8, 8] and spec["source"] == "nifti"
