@@ -86,7 +86,7 @@ def rows(report: dict, tag: str) -> list[str]:
                 m = res[f"{probe} f={f:g}"]
                 cells.append(f"{m['auroc']:.3f} ± {m['std']['auroc']:.3f}")
         n = [res[f"linear f={f:g}"]["train_labels"] for f in fr]
-        out.append(f"| {tag}{enc} | " + " | ".join(cells) + " |  " + ", ".join(f"{x:.0f}" for x in n))
+        out.append(f"| {tag}{enc} | " + " | ".join(cells) + " | " + ", ".join(f"{x:.0f}" for x in n) + " |")
     return out
 
 
