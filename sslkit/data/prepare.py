@@ -164,25 +164,26 @@ def check_room(root: Path | None, nbytes: int, shape: tuple[int, ...], channels:
     """Refuse, before decoding, an array the cache's disk (or, without a cache, the RAM)
     cannot hold, and a side so large that one resized sample does not fit in memory."""
     n = shape[0]
-    hint = "lower --image-size (or --cache-size)"
-    sample = channels * math.prod(sides(size)) * 4 * 3  # float32 resize: input, output, crop
+    lower = "lower --image-size (or --cache-size)"
+    sample = channels * math.prod(sides(size)) * 4 * 5  # float32: decoded, resized, cropped, scaled, rounded
     avail = available_memory()
     if avail is not None and sample > avail:
-        raise UsageError(f"--image-size {size}: one decoded {channels}x{size}x{size} sample needs "
-                         f"{sample / 2**30:.1f} GB of memory to resize, {avail / 2**30:.1f} GB is available; {hint}")
+        dims = "x".join(str(d) for d in (channels, *sides(size)))
+        raise UsageError(f"--image-size {size}: resizing one {dims} sample needs about "
+                         f"{sample / 2**30:.1f} GB of memory, {avail / 2**30:.1f} GB is available; {lower}")
     if root is None:
         if avail is not None and nbytes > avail:
-            raise UsageError(f"--image-size {size}: {n} images need {nbytes / 2**30:.1f} GB in memory "
-                             f"(--no-cache), {avail / 2**30:.1f} GB is available; {hint}, or use the disk cache")
+            raise UsageError(f"{n} images at {size} px need {nbytes / 2**30:.1f} GB of memory with --no-cache, "
+                             f"{avail / 2**30:.1f} GB is available; {lower}, or use the disk cache")
         return
     probe = root
     while not probe.exists() and probe.parent != probe:
         probe = probe.parent
     free = shutil.disk_usage(probe).free
     if nbytes > free:
-        raise UsageError(f"--image-size {size}: the decoded-pixel cache for {n} images needs "
-                         f"{nbytes / 2**30:.1f} GB, {str(probe)!r} has {free / 2**30:.1f} GB free; {hint}, "
-                         f"or choose another folder with --cache DIR")
+        raise UsageError(f"the decoded-pixel cache for {n} images at {size} px needs {nbytes / 2**30:.2f} GB, "
+                         f"{str(probe)!r} has {free / 2**30:.2f} GB free; free space, choose another folder "
+                         f"with --cache DIR, or {lower}")
 
 
 def available_memory() -> int | None:
