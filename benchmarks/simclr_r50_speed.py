@@ -69,32 +69,42 @@ def main() -> None:
                     help="SimCLR batch sizes to compare with timm (timm runs at twice the batch)")
     args = parse(ap)
     device = torch.device(args.device)
-    cfg = dict(channels_last=True)
-    results = sweep(f"SimCLR {args.backbone.removeprefix('timm:')}", "simclr", args.backbone, args, **cfg)
+    model = args.backbone.removeprefix("timm:")
+    compare = [b for b in args.batch_sizes if b in args.timm_at] or args.batch_sizes[:1]
+    reference: dict[tuple[int, bool], float | None] = {}
+
+    def timm_point(b: int, compiled: bool) -> None:
+        try:
+            reference[b, compiled] = timm_train_speed(model, 2 * b, args.image_size, device, args.precision,
+                                                      compiled, args.warmup, args.steps)
+            print(f"timm train step {model}, batch {2 * b}, compile={compiled}: {reference[b, compiled]:,.0f} img/s",
+                  flush=True)
+        except torch.OutOfMemoryError:
+            reference[b, compiled] = None
+            print(f"timm train step {model}, batch {2 * b}, compile={compiled}: out of memory", flush=True)
+        release(device)
+
+    if not args.no_timm:  # eager first: the reference timm's benchmark.py measures by default
+        for b in compare:
+            timm_point(b, False)
+    results = sweep(f"SimCLR {model}", "simclr", args.backbone, args, channels_last=True)
     if args.no_timm:
         return
-    model = args.backbone.removeprefix("timm:")
-    print(f"\ntimm train step ({model}, channels-last, {args.precision}, SGD, synthetic data on the device)")
-    print("| timm batch | torch.compile | img/s | sslkit best at the same images per step (SimCLR batch) | "
-          "sslkit views/s | ratio |\n| ---: | --- | ---: | --- | ---: | ---: |")
-    for b in [b for b in args.batch_sizes if b in args.timm_at] or args.batch_sizes[:1]:
-        ours = [r for r in results if r["batch"] == b and "img_s" in r]
-        best = max(ours, key=lambda r: r["img_s"], default=None)
-        for compiled in ([False] if args.no_compile else [False, True]):
-            try:
-                ref = timm_train_speed(model, 2 * b, args.image_size, device, args.precision, compiled,
-                                       args.warmup, args.steps)
-            except torch.OutOfMemoryError:
-                print(f"| {2 * b} | {compiled} | out of memory | | | |")
-                release(device)
-                continue
-            release(device)
-            if best is None:
-                print(f"| {2 * b} | {compiled} | {ref:,.0f} | - | - | - |")
-                continue
-            views = 2 * best["img_s"]
-            print(f"| {2 * b} | {compiled} | {ref:,.0f} | {best['mode']} (batch {b}) | {views:,.0f} | "
-                  f"{views / ref:.2f} |", flush=True)
+    if not args.no_compile:
+        for b in compare:
+            timm_point(b, True)
+    print(f"\ntimm train step ({model}, channels-last, {args.precision}, SGD, synthetic data on the device) "
+          f"beside sslkit SimCLR at the same images through the backbone per step")
+    print("| timm batch | torch.compile | timm img/s | sslkit best (SimCLR batch) | sslkit views/s | ratio |\n"
+          "| ---: | --- | ---: | --- | ---: | ---: |")
+    for (b, compiled), ref in reference.items():
+        best = max((r for r in results if r["batch"] == b and "img_s" in r), key=lambda r: r["img_s"], default=None)
+        if ref is None or best is None:
+            print(f"| {2 * b} | {compiled} | {'-' if ref is None else f'{ref:,.0f}'} | - | - | - |")
+            continue
+        views = 2 * best["img_s"]
+        print(f"| {2 * b} | {compiled} | {ref:,.0f} | {best['mode']} (batch {b}) | {views:,.0f} | {views / ref:.2f} |",
+              flush=True)
 
 
 if __name__ == "__main__":
