@@ -192,13 +192,14 @@ def test_impossible_pairings_name_what_works(cli, ct_volumes, tmp_path, task, ba
     assert result.exit_code == 2 and needle in result.output, result.output
 
 
-@pytest.mark.parametrize("task", ["simclr", "vicreg"])
+@pytest.mark.parametrize("task", ["simclr", "vicreg", "byol"])
 def test_two_view_tasks_train_on_volumes(task):
     """Two 3D views of each volume through a 3D ResNet: a finite loss, and a step lowers it on a fixed batch."""
     torch.manual_seed(0)
     spec = volume_spec((8, 8, 8))
     model = create_task(task, create_backbone("monai:resnet10", 1, spec.volume_size), spec, proj_dim=32,
-                        **({"proj_hidden_dim": 64} if task == "simclr" else {}))
+                        **({"proj_hidden_dim": 64} if task != "vicreg" else {}),
+                        **({"pred_hidden_dim": 64} if task == "byol" else {}))
     views = model.views(spec)(torch.rand(4, 1, 12, 12, 12))
     assert len(views) == 2 and views[0].shape == (4, 1, 8, 8, 8) and not torch.equal(views[0], views[1])
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)

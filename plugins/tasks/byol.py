@@ -25,8 +25,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from sslkit.api import (MultiView, Task, byol_recipes, check_unit_interval, cosine_momentum, ema_update,
-    frozen_copy, hookimpl, mlp)
+from sslkit.api import (MultiView, Task, VolumeViews, byol_recipes, check_unit_interval, cosine_momentum, ema_update,
+    frozen_copy, hookimpl, mlp, pair_volume_recipes)
 
 
 def byol_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -53,6 +53,7 @@ class BYOLOptions:
 class BYOL(Task):
     Options = BYOLOptions
     default_backbone = "timm:resnet18"
+    sample_modes = ("slice", "slab", "volume")  # volumes: two 3D views (sslkit.augment3d)
 
     def __init__(self, backbone, options: BYOLOptions, spec) -> None:
         super().__init__(backbone, options, spec)
@@ -63,6 +64,8 @@ class BYOL(Task):
         self.target_projector = frozen_copy(self.projector)
 
     def views(self, spec):
+        if spec.sample == "volume":
+            return VolumeViews(pair_volume_recipes(spec.volume_size, self.options.min_scale), spec.mean, spec.std)
         return MultiView(byol_recipes(spec.image_size, self.options.min_scale), spec.mean, spec.std)
 
     def forward(self, views):
