@@ -6,8 +6,9 @@
 #   1. ViT-S MAE 224 px bf16, batch 256: eager / compile / graphs -> img/s, MFU, kernel share
 #   2. SimCLR ResNet-50 224 px bf16 channels-last, batch 256: eager / compile / graphs, and the
 #      timm train step (benchmark.py's, re-implemented) at the same images per step -> ratio
-#   3. tests/test_gpu.py -k capture: graphs captured, bit-identical resume under --deterministic,
-#      MAE + compile captured, fp16 falls back in one line (ALL_GPU_TESTS=1: every CUDA test)
+#   3. tests/test_gpu.py -k "capture or prefetch": graphs captured, bit-identical resume under
+#      --deterministic, MAE + compile captured, fp16 falls back in one line, batches prefetched
+#      to the GPU unchanged (ALL_GPU_TESTS=1: every CUDA test)
 #   4. batch 1024: MAE compile / graphs, SimCLR graphs (skipped once $BUDGET seconds, default
 #      420, have gone by, so the whole script stays near 8 minutes)
 # The markdown rows of every table are gathered in $LOG/summary.md at the end.
@@ -35,7 +36,7 @@ timeout ${SIMCLR_TIMEOUT:-180} $PY simclr_r50_speed.py "${STEPS[@]}" --batch-siz
   2>&1 | tee "$LOG/simclr_256.log"
 cd ..
 stamp "3. CUDA tests"
-K=(-k capture); [ "${ALL_GPU_TESTS:-0}" = 1 ] && K=()
+K=(-k "capture or prefetch"); [ "${ALL_GPU_TESTS:-0}" = 1 ] && K=()
 timeout ${TEST_TIMEOUT:-150} $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py "${K[@]}" 2>&1 | tee "$LOG/gpu_tests.log"
 tests_rc=${PIPESTATUS[0]}
 cd benchmarks

@@ -305,3 +305,22 @@ def test_compiled_views_equal_eager_views_and_draw_the_same_random_numbers():
     assert torch.equal(torch.get_rng_state(), after_eager)
     for a, b in zip(eager, fused):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)  # normalised: ~4x the pixel error
+
+
+def test_prefetch_passes_cpu_batches_through_and_closes_the_source():
+    from sslkit.engine.transfer import prefetch_to
+
+    closed = []
+
+    def source():
+        try:
+            for i in range(5):
+                yield torch.full((2,), float(i))
+        finally:
+            closed.append(True)
+
+    out = prefetch_to(source(), torch.device("cpu"))
+    assert [next(out).tolist() for _ in range(2)] == [[0.0, 0.0], [1.0, 1.0]]
+    out.close()
+    assert closed == [True]
+    assert [b[0].item() for b in prefetch_to(iter([torch.zeros(1), torch.ones(1)]), torch.device("cpu"))] == [0, 1]

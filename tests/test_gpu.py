@@ -168,3 +168,12 @@ def test_capture_graphs_fp16_falls_back_with_one_line(images, tmp_path):
     assert capture_notes(proc) == ["note: --capture graphs: fp16's gradient scaler reads the device every step "
                                    "(use --precision bf16); the step runs eagerly"]
     finished(out)
+
+
+def test_prefetch_to_cuda_gives_the_same_batches():
+    """The data path: pinned uint16 batches copied one step ahead on their own stream."""
+    from sslkit.engine.transfer import prefetch_to
+
+    host = [torch.randint(0, 65536, (4, 3, 8, 8), dtype=torch.int32).to(torch.uint16).pin_memory() for _ in range(4)]
+    got = [b.cpu() for b in prefetch_to(iter(host), torch.device("cuda"))]
+    assert len(got) == 4 and all(g.dtype == torch.uint16 and torch.equal(g, h) for g, h in zip(got, host))

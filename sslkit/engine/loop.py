@@ -35,6 +35,7 @@ from sslkit.engine.events import Events
 from sslkit.engine.log import Progress
 from sslkit.engine.setup import Setup
 from sslkit.engine.state import RunState
+from sslkit.engine.transfer import prefetch_to
 from sslkit.errors import UsageError
 from sslkit.optim import set_lr
 
@@ -62,7 +63,8 @@ def train(s: Setup, state: RunState, events: Events, stop: Any, save: SaveFn | N
         while state.step < until and not interrupted:
             if state.pos >= s.steps_per_epoch:
                 state.epoch, state.pos = state.epoch + 1, 0
-            batches = s.loader.epoch(state.epoch, state.pos * cfg.accumulate)
+            # on CUDA each batch is copied one step ahead on its own stream (transfer.py)
+            batches = prefetch_to(s.loader.epoch(state.epoch, state.pos * cfg.accumulate), s.device)
             try:
                 while state.pos < s.steps_per_epoch and state.step < until:
                     t0 = time.perf_counter()
