@@ -7,6 +7,10 @@
   checkpoints at their steps) and :func:`train_step`, one optimizer step.
 * :mod:`.state` — :class:`RunState` and what a checkpoint holds (model, optimizer,
   scaler, schedule, every RNG of every rank, the data position); save and restore.
+* :mod:`.capture` — ``--capture graphs``: the whole step replayed as one CUDA graph
+  (static input buffers, a device-tensor LR), or a one-line fall-back to the eager step.
+* :mod:`.transfer` — batches copied to the GPU one step ahead on their own stream;
+  :mod:`.compiled_views` — the augmentation through ``torch.compile`` (``--compile``, CUDA).
 * :mod:`.schedules` — warm-up + ``cosine``, ``constant`` or ``step`` (``--schedule``).
 * :mod:`.signals` — SIGINT / SIGTERM: finish the step, checkpoint, stop.
 * :mod:`.events`, :mod:`.callbacks` — run events for plugin callbacks (metrics.csv and
