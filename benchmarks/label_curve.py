@@ -10,10 +10,11 @@ self-supervised pretraining does; no label is used before the probes.
 With ``--init-imagenet`` a second run continues from timm's ImageNet weights of the same
 ViT (made into a local file from the Hugging Face cache, offline) and its curve adds the
 ``init`` row (those weights before the X-ray pretraining); without cached weights this
-stage is skipped with a message.
+stage is skipped with a message. ``--init SRC`` does the same from any ``--init`` source
+(a weights file, a Hub id, or a run directory such as the first run: continued pretraining).
 
     .venv/bin/python benchmarks/label_curve.py --work runs/bench-curve [--data-dir /tmp/sslkit-data]
-        [--steps 150] [--image-size 64] [--fractions 0.01,0.1,1] [--init-imagenet]
+        [--steps 150] [--image-size 64] [--fractions 0.01,0.1,1] [--init-imagenet | --init SRC]
 
 Resumable: finished stages are skipped (``WORK/state.json``). Torch runs with one OpenMP
 thread (``OMP_NUM_THREADS=1``): on the shared 2-core machine two spinning OpenMP threads
@@ -98,6 +99,7 @@ def main() -> None:
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--fractions", default="0.01,0.1,1")
     p.add_argument("--init-imagenet", action="store_true")
+    p.add_argument("--init", default=None, help="Also continue pretraining from these weights (any --init source).")
     a = p.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     stages = Stages(a.work)
@@ -105,8 +107,8 @@ def main() -> None:
     data = root / "train"
     pretrain(stages, "pretrain", a.work / "mae", data, a, [])
     reports = [("", curve(stages, "curve", a.work / "mae", data, a.work / "curve.png", a.fractions))]
-    if a.init_imagenet:
-        weights = imagenet_file(a.work)
+    if a.init_imagenet or a.init:
+        weights = a.init or imagenet_file(a.work)
         if weights is not None:
             pretrain(stages, "pretrain-init", a.work / "mae-init", data, a, ["--init", str(weights)])
             reports.append(("init run: ", curve(stages, "curve-init", a.work / "mae-init", data,

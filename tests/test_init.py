@@ -298,3 +298,21 @@ def test_cli_init_that_does_not_fit_fails_before_decoding(tmp_path, cli, monkeyp
         assert result.exit_code == 2 and len(lines) == 1 and message in lines[0], result.output
     assert not (tmp_path / "run").exists()  # nothing written, nothing decoded into the cache
     assert not cache.exists() or not any(p.is_file() and "headers" not in p.parts for p in cache.rglob("*"))
+
+
+def test_torchvision_vit_layout_maps_to_timm_and_gives_the_same_embeddings(tmp_path):
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(13)
+    tv = VisionTransformer(image_size=32, patch_size=16, num_layers=2, num_heads=3, hidden_dim=192, mlp_dim=768)
+    with torch.no_grad():  # non-zero position embeddings and biases, so a misplaced tensor shows
+        for p in tv.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    torch.save(tv.state_dict(), tmp_path / "vit_tv.pth")
+    dst = create_backbone("timm:vit_tiny_patch16_224", in_chans=3, image_size=32, depth=2).eval()
+    rec = load_init(str(tmp_path / "vit_tv.pth"), dst)
+    assert rec["layout"] == "torchvision-vit" and rec["missing"] == []
+    assert sorted(rec["unexpected"]) == ["heads.head.bias", "heads.head.weight"]
+    tv.heads = torch.nn.Identity()  # torchvision's ViT then returns the normed class token, as timm's does
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(dst(x), tv.eval()(x), rtol=1e-4, atol=1e-4)
