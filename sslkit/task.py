@@ -46,6 +46,11 @@ class Task(nn.Module):
 
     Options: ClassVar[type | None] = None
     default_backbone: ClassVar[str] = "timm:resnet18"
+    #: ``True``: ``views`` and ``forward`` may be recorded as a CUDA graph (``--capture
+    #: graphs``): random numbers only from torch's generators, no host reads (``.item()``,
+    #: data-dependent shapes or branches), no Python-side state handed from ``forward`` to
+    #: ``on_step_end``. A string says why not (shown to the user); ``False``: not declared.
+    capturable: ClassVar[bool | str] = False
 
     def __init__(self, backbone: nn.Module, options: Any, spec: InputSpec) -> None:
         super().__init__()
