@@ -133,3 +133,24 @@ def test_split_user_errors_are_one_line(patients, cli, extra, message):
     result = cli("eval", "knn", patients / "run", *[a.format(data=patients / "data") for a in extra], "--quiet")
     lines = result.stderr.strip().splitlines()
     assert result.exit_code == 2 and len(lines) == 1 and message in lines[0], result.output
+
+
+def test_dicom_patient_key_groups_the_folds(patients, cli, tmp_path):
+    """Default --group-by source on DICOM: the source's salted PatientID hash is the group, so the
+    two studies of a patient (different files, different studies) stay in one fold."""
+    from tests.dicom_factory import write_dicom
+
+    rng = np.random.default_rng(3)
+    rows = ["path,label"]
+    for p in range(8):
+        img = (rng.random((16, 16)) * 4000).astype(np.uint16)
+        for s in range(2):
+            write_dicom(tmp_path / "dcm" / f"scan{p}_{s}.dcm", img, patient_id=f"PID{p:03d}")
+            rows.append(f"scan{p}_{s}.dcm,{'sick' if p % 2 else 'healthy'}")
+    (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
+    rep = _json(cli("eval", "knn", patients / "run", "--data", f"dicom:{tmp_path / 'dcm'}", "--split", "group:4",
+                    "--labels", tmp_path / "labels.csv", "--k", "1", "--no-baseline", "--json", "--quiet"))
+    assert rep["data"]["data"]["groups"] == 8 and rep["data"]["data"]["samples"] == 16
+    knn = rep["results"]["pretrained"]["k=1"]
+    assert knn["n"] == 16 and all(f["n"] == 4 for f in knn["folds"])  # 2 patients x 2 images per fold
+    assert "PID" not in json.dumps(rep)  # no patient identifier in the report
