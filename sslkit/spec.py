@@ -50,7 +50,8 @@ class InputSpec:
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out["mean"], out["std"] = list(self.mean), list(self.std)
-        out["resize"] = "shorter side to image_size, centre crop"
+        out["resize"] = ("resampled to spacing (dz, dy, dx mm), centre crop / zero pad to volume_size (D, H, W)"
+                         if self.sample == "volume" else "shorter side to image_size, centre crop")
         return out
 
     @classmethod
