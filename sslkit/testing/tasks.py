@@ -33,7 +33,7 @@ def check_task(task: Any, *, tmp_path: Path, backbone: str | None = None, backbo
                channels: tuple[int, ...] = (1, 3), export: bool = True, resume: bool = True) -> dict[str, Any]:
     """Check task ``task`` (a registered name or the Task class itself) end to end.
 
-    For each of ``channels``: ``sslkit pretrain`` for ``steps`` optimizer steps on
+    For each of ``channels``: ``sslkit pretrain --device cpu`` for ``steps`` optimizer steps on
     ``batch_size * steps`` generated ``image_size``² images, with ``backbone`` (default: a
     tiny one of the task's default family) and ``options`` (``--task-opt``); every loss is
     finite, the run finishes and its encoder maps ``(2, C, S, S) -> (2, D)``. Also:
@@ -62,7 +62,7 @@ def check_task(task: Any, *, tmp_path: Path, backbone: str | None = None, backbo
             out = tmp_path / f"run-{c}"
             args = ["pretrain", "--task", name, "--data", f"folder:{data}", "--out", out, "--backbone", backbone,
                     "--image-size", image_size, "--batch-size", batch_size, "--epochs", 1, "--max-steps", n,
-                    "--channels", c, "--seed", 0, "--deterministic", "--no-cache", "--quiet",
+                    "--channels", c, "--seed", 0, "--deterministic", "--no-cache", "--quiet", "--device", "cpu",
                     "--checkpoint-every", 1, "--keep-checkpoints", 0]
             for k, v in (backbone_options or {}).items():
                 args += ["--backbone-opt", f"{k}={v}"]
