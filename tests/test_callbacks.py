@@ -183,3 +183,48 @@ def test_every_pretrain_flag_passes_through_torchrun_unchanged():
         args = parser.parse_args(["--nnodes", "1:2", "--nproc-per-node", "1", "-m", "sslkit", *argv])
         assert args.module and args.training_script == "sslkit"
         assert args.training_script_args == argv, flag
+
+
+def test_mlflow_plugin_logs_params_metrics_and_the_encoder_to_a_file_store(tmp_path, monkeypatch):
+    """examples/sslkit-mlflow, pip-installed into a folder, against a local file store (no server)."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("mlflow")
+    from tests.conftest import REPO
+
+    site = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+                    "--target", str(site), str(REPO / "examples" / "sslkit-mlflow")], check=True, capture_output=True)
+    probe = install_probe(tmp_path / "probe")
+    for path in (site, probe):
+        monkeypatch.syspath_prepend(str(path))
+    store = tmp_path / "mlruns"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store.as_uri())
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "sslkit-test")
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3: the file store is opt-in
+    plugins.reset()
+    from sslkit.engine import pretrain
+
+    images = make_images(tmp_path / "img", n_per_class=8, size=20)
+    out = tmp_path / "run"
+    pretrain(config(images, out, callbacks="csv,mlflow"))
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=store.as_uri())
+    runs = client.search_runs([client.get_experiment_by_name("sslkit-test").experiment_id])
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.status == "FINISHED" and run.info.run_name == "run"
+    assert run.data.params["task"] == "probe" and run.data.params["batch_size"] == "8"
+    assert "data" not in run.data.params and "out" not in run.data.params  # paths stay local
+    history = client.get_metric_history(run.info.run_id, "loss")
+    with open(out / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(m.step for m in history) == [1, 2, 3, 4, 5]
+    assert [m.value for m in sorted(history, key=lambda m: m.step)] == pytest.approx([float(r["loss"]) for r in rows])
+    artefacts = {a.path for a in client.list_artifacts(run.info.run_id, "encoder")}
+    assert artefacts == {"encoder/encoder.safetensors", "encoder/run.json"}
+    local = client.download_artifacts(run.info.run_id, "encoder/encoder.safetensors", str(tmp_path / "dl"))
+    assert Path(local).read_bytes() == (out / "encoder.safetensors").read_bytes()

@@ -1,0 +1,92 @@
+"""sslkit callback ``mlflow``: a pretraining run as an MLflow run.
+
+    pip install ./examples/sslkit-mlflow
+    MLFLOW_TRACKING_URI=file:/shared/mlruns sslkit pretrain ... --callbacks csv,mlflow
+
+* ``on_run_start``: an MLflow run in experiment ``$MLFLOW_EXPERIMENT_NAME`` (default
+  ``sslkit``) at ``$MLFLOW_TRACKING_URI`` (default ``file:RUN_DIR/mlruns``, no server;
+  MLflow 3 wants ``MLFLOW_ALLOW_FILE_STORE=true`` for a ``file:`` store you name),
+  named after the run directory; every setting of the run as a param (the ``data``,
+  ``out`` and cache paths are left out: paths may carry patient names), task and
+  backbone as tags.
+* ``on_step_end``: every metric of the step (loss, lr, img_per_s, the task's scalars),
+  with its step number.
+* ``on_run_end``: ``encoder.safetensors`` and ``run.json`` as artefacts under
+  ``encoder/``; the MLflow run ends FINISHED, KILLED (interrupted) or FAILED.
+
+Rank 0 only (sslkit calls callbacks there). Each session of a resumed run is its own
+MLflow run, tagged with the step it resumed from.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from sslkit.api import Callback, RunInfo, hookimpl
+
+sslkit_api = ">=1,<2"
+
+PRIVATE = ("data", "out", "cache_dir", "init")  # paths: not sent to a tracking server
+STATUS = {"finished": "FINISHED", "interrupted": "KILLED"}
+
+
+def _flat(prefix: str, value: Any, out: dict[str, str]) -> None:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _flat(f"{prefix}.{k}" if prefix else str(k), v, out)
+    else:
+        out[prefix] = str(value)[:500]
+
+
+class MlflowCallback(Callback):
+    """Logs params at the start, metrics every step, the encoder at the end."""
+
+    def __init__(self) -> None:
+        from mlflow.tracking import MlflowClient
+
+        self._client_cls = MlflowClient
+        self.client = None
+        self.run_id: str | None = None
+
+    def on_run_start(self, run: RunInfo) -> None:
+        from mlflow.entities import Param
+
+        uri = os.environ.get("MLFLOW_TRACKING_URI")
+        if not uri:  # MLflow 3 keeps its file store behind an opt-in; the default here is one
+            uri = (run.out / "mlruns").absolute().as_uri()
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        self.client = self._client_cls(tracking_uri=uri)
+        name = os.environ.get("MLFLOW_EXPERIMENT_NAME", "sslkit")
+        experiment = self.client.get_experiment_by_name(name)
+        experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(name)
+        tags = {"sslkit.task": str(run.info.get("task")), "sslkit.backbone": str(run.info.get("backbone")),
+                "sslkit.resumed_from_step": str(run.start_step)}
+        self.run_id = self.client.create_run(experiment_id, run_name=run.out.name, tags=tags).info.run_id
+        params: dict[str, str] = {}
+        _flat("", {k: v for k, v in run.config.items() if k not in PRIVATE}, params)
+        params["total_steps"] = str(run.total_steps)
+        self.client.log_batch(self.run_id, params=[Param(k, v) for k, v in sorted(params.items())])
+
+    def on_step_end(self, step: int, metrics: dict[str, float]) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+    def on_run_end(self, summary: dict[str, Any]) -> None:
+        if self.run_id is None:
+            return
+        encoder = summary.get("encoder")
+        if encoder is not None:
+            self.client.log_artifact(self.run_id, str(encoder), "encoder")
+            run_json = encoder.parent / "run.json"
+            if run_json.exists():
+                self.client.log_artifact(self.run_id, str(run_json), "encoder")
+        self.client.set_terminated(self.run_id, STATUS.get(summary.get("status"), "FAILED"))
+
+
+@hookimpl
+def register_callbacks(register):
+    register("mlflow", MlflowCallback)
