@@ -102,3 +102,14 @@ def test_cli_refuses_a_bad_sample_mode_in_one_line(tmp_path):
                       "--data-opt", "sample=cube", "--max-steps", 1)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert "slab:K" in proc.stderr and not (tmp_path / "run").exists()
+
+
+def test_index_reads_headers_only_and_agrees_with_the_canonical_image(tmp_path):
+    from sslkit_plugins.sources.nifti import canonical_geometry
+
+    data = np.zeros((5, 4, 3), np.int16)
+    affine = np.array([[0, 0, 4.0, 0], [-2.0, 0, 0, 0], [0, 3.0, 0, 0], [0, 0, 0, 1]])  # axes permuted, one flipped
+    img = nib.Nifti1Image(data, affine)
+    canon = nib.as_closest_canonical(img)
+    shape, zooms = canonical_geometry(img)
+    assert shape == canon.shape and zooms == tuple(float(z) for z in canon.header.get_zooms())

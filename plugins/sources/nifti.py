@@ -83,6 +83,20 @@ def canonical_volume(img: Any) -> tuple[np.ndarray, tuple[float, float, float]]:
     return np.ascontiguousarray(vol), (zooms[2], zooms[1], zooms[0])
 
 
+def canonical_geometry(img: Any) -> tuple[tuple[int, ...], tuple[float, float, float]]:
+    """Shape and voxel size (x, y, z) of ``img`` once turned to RAS+, from the header alone
+    (``as_closest_canonical`` would read every voxel)."""
+    nib = _nibabel()
+    shape, zooms = list(img.shape), [float(z) for z in img.header.get_zooms()[:3]]
+    ornt = nib.orientations.io_orientation(img.affine)
+    if len(shape) < 3 or np.isnan(ornt).any():
+        return tuple(shape), (zooms + [1.0] * 3)[:3]
+    out_shape, out_zooms = list(shape), [0.0, 0.0, 0.0]
+    for axis, (target, _) in enumerate(ornt[:3]):
+        out_shape[int(target)], out_zooms[int(target)] = shape[axis], zooms[axis]
+    return tuple(out_shape), (out_zooms[0], out_zooms[1], out_zooms[2])
+
+
 class NiftiSource(Source):
     scheme = "nifti"
     Options = NiftiOptions
@@ -118,8 +132,7 @@ class NiftiSource(Source):
         refs: list[SampleRef] = []
         for f in map(str, files):
             try:
-                img = nib.load(f)
-                shape = nib.as_closest_canonical(img).shape if img.ndim >= 3 else img.shape
+                shape = canonical_geometry(nib.load(f))[0]
             except Exception as exc:
                 self.skipped.append((f, f"unreadable NIfTI header: {type(exc).__name__}"))
                 continue
@@ -185,8 +198,8 @@ class NiftiSource(Source):
     def spacing_of(self, ref: SampleRef) -> list[float]:
         """``[dz, dy, dx]`` mm of a loaded volume (the mode's spacing, else the file's), ``[dy, dx]`` of a slice."""
         v, z = self.where[ref.id]
-        zooms = _nibabel().as_closest_canonical(_nibabel().load(self.volumes[v][0])).header.get_zooms()[:3]
-        native = [float(zooms[2]), float(zooms[1]), float(zooms[0])]
+        zooms = canonical_geometry(_nibabel().load(self.volumes[v][0]))[1]
+        native = [zooms[2], zooms[1], zooms[0]]
         if z is None:
             return list(self.sample.spacing or native)
         return native[1:]
