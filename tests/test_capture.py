@@ -324,3 +324,32 @@ def test_prefetch_passes_cpu_batches_through_and_closes_the_source():
     out.close()
     assert closed == [True]
     assert [b[0].item() for b in prefetch_to(iter([torch.zeros(1), torch.ones(1)]), torch.device("cpu"))] == [0, 1]
+
+
+def test_views_the_compiler_refuses_stay_eager_and_say_so_once():
+    from sslkit.augment import MultiView, ViewRecipe
+    from sslkit.engine.compiled_views import CompiledViews
+
+    views = MultiView([ViewRecipe(8)], (0.5,) * 3, (0.25,) * 3)
+    said: list[str] = []
+    c = CompiledViews(views, say=said.append)
+    calls = []
+
+    def refuses(x):
+        calls.append(x)
+        raise RuntimeError("backend compiler failed\ndetails")
+
+    c.compiled = refuses
+    x = torch.rand(2, 3, 10, 10)
+    torch.manual_seed(0)
+    got = c(x)
+    torch.manual_seed(0)
+    assert torch.equal(got[0], views(x)[0]) and c(x)[0].shape == (2, 3, 8, 8)
+    assert said == ["note: --compile: the augmentation stays eager (RuntimeError: backend compiler failed)"]
+    assert len(calls) == 1 and c.recipes == views.recipes  # attributes read through
+
+    c = CompiledViews(views, say=said.append)
+    c.compiled, c.proven = refuses, True  # after a compiled call worked, an error is the caller's
+    with pytest.raises(RuntimeError):
+        c(x)
+
