@@ -40,8 +40,9 @@ def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5) -
     own = torch.arange(n, device=z1.device) + rank() * n
     self_idx = torch.cat([own, own + total])
     positive = torch.cat([own + total, own])
-    logits[torch.arange(2 * n, device=z1.device), self_idx] = float("-inf")
-    return F.cross_entropy(logits, positive)
+    # a mask, not an index_put: elementwise, so it records in a CUDA graph under --deterministic too
+    is_self = torch.arange(keys.shape[0], device=z1.device) == self_idx[:, None]
+    return F.cross_entropy(logits.masked_fill(is_self, float("-inf")), positive)
 
 
 @dataclass
