@@ -268,3 +268,34 @@ def test_the_pairing_check_refuses_only_what_fails_for_any_channel_count(images,
     _check_pairing("timm:resnet10t", config(images, tmp_path / "a", **opts))  # channels from the data: fine
     with pytest.raises(UsageError, match="needs colour"):
         _check_pairing("timm:resnet10t", config(images, tmp_path / "b", channels=1, **opts))
+
+
+def test_img_per_s_is_measured_over_each_steps_own_time():
+    """Issue 13 item 19: a step's images/s comes from its own wall time, however late its
+    scalars are read (at a checkpoint two steps are read back to back)."""
+    from types import SimpleNamespace
+
+    from sslkit.engine.events import Events
+    from sslkit.engine.log import Progress
+    from sslkit.engine.loop import StepLog
+    from sslkit.engine.state import RunState
+
+    got = []
+
+    class Record:
+        def on_step_end(self, step, metrics):
+            got.append((step, metrics["img_per_s"], metrics["loss"]))
+
+    s = SimpleNamespace(step_images=64, schedule=SimpleNamespace(peak_lr=0.1), checkpoint_dir="ckpt", main=True)
+    log = StepLog(s, Events([("record", Record())]), Progress("t", 3, 0, enabled=False))
+
+    def scalars(loss: float) -> dict:
+        return {"loss": torch.tensor(loss), "stop": torch.tensor(0.0), "requeue": torch.tensor(0.0)}
+
+    for step, seconds, checkpoint in ((1, 0.5, False), (2, 0.25, True), (3, 2.0, True)):
+        log.launched(RunState(step, 0, step), 0.1, scalars(float(step)))
+        assert not log.read(keep=1)
+        log.timed(seconds)
+        if checkpoint:
+            log.read(keep=0)
+    assert got == [(1, 128.0, 1.0), (2, 256.0, 2.0), (3, 32.0, 3.0)]

@@ -91,3 +91,21 @@ def test_lars_matches_its_equations():
         w_ref, b_ref = w_ref - lr * vw, b_ref - lr * vb
         torch.testing.assert_close(w.detach(), w_ref)
         torch.testing.assert_close(b.detach(), b_ref)
+
+
+def test_schedule_choices():
+    """--schedule: warm-up then cosine (the optimizer's warmup_cosine), constant, or x0.1 at 60 % and 80 %."""
+    from sslkit.engine.schedules import Schedule, horizon, make_schedule
+
+    cosine = make_schedule("cosine", 0.5, 110, warmup_epochs=1, steps_per_epoch=10)
+    assert cosine.warmup == 10 and [cosine.lr_at(k) for k in (0, 40, 109)] == pytest.approx(
+        [0.5 * warmup_cosine(k, 110, 10) for k in (0, 40, 109)])
+    constant = Schedule("constant", 0.5, 110, 10)
+    assert constant.lr_at(4) == pytest.approx(0.25) and constant.lr_at(10) == constant.lr_at(109) == 0.5
+    step = Schedule("step", 1.0, 110, 10)  # milestones at 10 + 60 and 10 + 80
+    assert [step.lr_at(k) for k in (9, 69, 70, 89, 90, 109)] == pytest.approx([1, 1, 0.1, 0.1, 0.01, 0.01])
+    with pytest.raises(UsageError, match="unknown --schedule 'linear'"):
+        Schedule("linear", 1.0, 10, 0)
+    assert horizon(None, 200, 12) == (200, "max_steps")  # --max-steps alone sets the length
+    assert horizon(10, None, 12) == (120, "epochs")
+    assert horizon(10, 200, 12) == (120, "epochs") and horizon(10, 100, 12) == (100, "max_steps")
