@@ -228,3 +228,24 @@ def test_mlflow_plugin_logs_params_metrics_and_the_encoder_to_a_file_store(tmp_p
     assert artefacts == {"encoder/encoder.safetensors", "encoder/run.json"}
     local = client.download_artifacts(run.info.run_id, "encoder/encoder.safetensors", str(tmp_path / "dl"))
     assert Path(local).read_bytes() == (out / "encoder.safetensors").read_bytes()
+
+
+def test_tensorboard_callback_writes_every_scalar(tmp_path, monkeypatch):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monkeypatch.syspath_prepend(str(install_probe(tmp_path / "probe")))
+    plugins.reset()
+    from sslkit.engine import pretrain
+
+    images = make_images(tmp_path / "img", n_per_class=8, size=20)
+    out = tmp_path / "run"
+    pretrain(config(images, out, callbacks="csv,tensorboard"))
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    assert set(events.Tags()["scalars"]) == {"train/loss", "train/lr", "train/img_per_s", "train/z_norm"}
+    with open(out / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    loss = events.Scalars("train/loss")
+    assert [e.step for e in loss] == [1, 2, 3, 4, 5]
+    assert [e.value for e in loss] == pytest.approx([float(r["loss"]) for r in rows], rel=1e-6)
