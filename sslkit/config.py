@@ -297,6 +297,8 @@ def print_config(cli: dict[str, Any], config_file: str | None = None) -> str:
     if not given.get("task"):
         raise UsageError("--print-config needs --task (on the command line or in --config)")
     values = _complete(merge(defaults(), _task_layer(given), given))
+    if given.get("max_steps") is not None and "epochs" not in given:  # as resolve(): --max-steps alone
+        values["epochs"] = None
     ordered = {k: values.get(k) for k in (*REQUIRED, *FIELDS) if k not in ("resume", "overwrite")}
     return to_toml(ordered, setting_help(values))
 
