@@ -21,7 +21,7 @@ from sslkit.errors import UsageError
 from sslkit.eval.knn import TEMPERATURE
 from sslkit.eval.labels import Labelled
 from sslkit.eval.linear import C_GRID
-from sslkit.eval.probes import DataArgs, ProbeData, _report, _take, knn_results, linear_results, prepare
+from sslkit.eval.probes import DataArgs, ProbeData, base_report, knn_results, linear_results, prepare, take_samples
 from sslkit.eval.report import save_report, unique_path
 from sslkit.eval.split import mean_std
 
@@ -45,7 +45,7 @@ def _with_fraction(prep: ProbeData, fraction: float, seed: int) -> ProbeData:
     """The same fold, its training side cut to a stratified ``fraction`` (same subset for every encoder)."""
     tr0 = prep.sets["pretrained"][0]
     idx = label_subset(prep.indices(tr0.labels), fraction, seed)
-    sets: dict[str, tuple[Labelled, Labelled]] = {e: (_take(tr, idx), te) for e, (tr, te) in prep.sets.items()}
+    sets: dict[str, tuple[Labelled, Labelled]] = {e: (take_samples(tr, idx), te) for e, (tr, te) in prep.sets.items()}
     return ProbeData(prep.model, sets, prep.classes, prep.positive)
 
 
@@ -95,7 +95,7 @@ def evaluate_curve(model_path: str, args: DataArgs, fractions: Sequence[float], 
                 "val_fraction": val_fraction, "seed": args.seed, "baseline": args.baseline,
                 "min_labels_per_class": MIN_PER_CLASS,
                 "metric": "auroc" if len(prep.classes) == 2 else "balanced_accuracy"}
-    report = _report("curve", prep, args, settings)
+    report = base_report("curve", prep, args, settings)
     report["results"] = curve_results(prep, fractions, k, C_grid, val_fraction, args.seed)
     out_path = out_path or unique_path(prep.model.report_dir, "curve", ".png")
     report["image_size"] = list(plot_curve(report, Path(out_path)))

@@ -79,11 +79,12 @@ class ProbeData:
 
     def fold(self, i: int) -> "ProbeData":
         tr, te = self.folds[i]
-        sets = {e: (_take(a, tr), _take(a, te)) for e, (a, _) in self.sets.items()}
+        sets = {e: (take_samples(a, tr), take_samples(a, te)) for e, (a, _) in self.sets.items()}
         return ProbeData(self.model, sets, self.classes, self.positive)
 
 
-def _take(s: Labelled, idx: np.ndarray) -> Labelled:
+def take_samples(s: Labelled, idx: np.ndarray) -> Labelled:
+    """The samples ``idx`` of ``s`` (embeddings, labels, ids)."""
     return Labelled(s.x[idx], [s.labels[i] for i in idx], 0, [s.ids[i] for i in idx] if s.ids else [])
 
 
@@ -123,7 +124,8 @@ def _prepare_folds(model: EvalModel, args: DataArgs, k: int) -> ProbeData:
     return ProbeData(model, {e: (s, s) for e, s in embs.items()}, classes, positive, folds, len(set(groups)))
 
 
-def _report(kind: str, prep: ProbeData, args: DataArgs, settings: dict[str, Any]) -> dict[str, Any]:
+def base_report(kind: str, prep: ProbeData, args: DataArgs, settings: dict[str, Any]) -> dict[str, Any]:
+    """A new report with the model, data (train/test or folds), classes and ``settings`` filled in."""
     report = new_report(kind, prep.model.describe(), settings)
     tr, te = prep.sets["pretrained"]
     if prep.folds is not None:
@@ -194,7 +196,7 @@ def evaluate_knn(model_path: str, args: DataArgs, ks: Sequence[int] = (20, 200),
                  temperature: float = TEMPERATURE) -> dict[str, Any]:
     """Weighted kNN (Wu et al. 2018) for every ``k``; returns the saved report."""
     prep = prepare(model_path, args)
-    report = _report("knn", prep, args, {"k": list(ks), "temperature": temperature, "metric": "cosine",
+    report = base_report("knn", prep, args, {"k": list(ks), "temperature": temperature, "metric": "cosine",
                                          "baseline": args.baseline})
     report["results"] = knn_results(prep, ks, temperature)
     save_report(report, prep.model.report_dir)
@@ -217,7 +219,7 @@ def evaluate_linear(model_path: str, args: DataArgs, C_grid: Sequence[float] = C
 
         finetune_options = finetune_options or FinetuneOptions()
         settings["finetune"] = asdict(finetune_options)
-    report = _report("linear", prep, args, settings)
+    report = base_report("linear", prep, args, settings)
     report["results"] = linear_results(prep, C_grid, val_fraction, seed)
     if finetune:
         _add_finetune(report, prep, args, finetune_options)
