@@ -452,3 +452,21 @@ def test_npz_images_over_the_pixel_limit_are_refused_from_the_header(tmp_path):
 
     src = create_source(f"npz:{tmp_path / 'a.npz'}")
     assert src.image_shape() == (2, 300, 200) and len(src.index()) == 2  # the default limit lets it through
+
+
+def test_folder_source_link_loops_and_a_fifo_named_png(tmp_path):
+    """Item 11, as reported: 10 images with `ln -s . data/self` (was counted as 410), a
+    second loop (hung) and a FIFO named x.png (hung): 10 images, the FIFO reported."""
+    from tests.conftest import make_images
+
+    data = make_images(tmp_path / "data", n_per_class=5, size=16)
+    os.symlink(".", data / "self")
+    (data / "selfloop").mkdir()
+    os.symlink("../selfloop", data / "selfloop" / "parent")
+    os.mkfifo(data / "x.png")
+    proc = subprocess.run([str(Path(sys.executable).parent / "sslkit"), "data", "inspect", f"folder:{data}",
+                           "--json"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rep = json.loads(proc.stdout)
+    assert rep["images"] == 10 and rep["decoded_ok"] == 10
+    assert [u["path"] for u in rep["unreadable"]] == ["x.png"] and "FIFO" in rep["unreadable"][0]["reason"]
