@@ -56,9 +56,10 @@ cd ..
 stamp "done"
 {
   cat "$LOG/env.txt"; echo
-  grep -h -E '^\| (MAE|SimCLR|model|---)' "$LOG"/mae_256.log "$LOG"/mae_1024.log "$LOG"/simclr_256.log \
-    "$LOG"/simclr_1024.log | awk '!(/^\| (model|---)/ && seen[$0]++)'
-  echo; grep -h -E "^timm train step|^\| [0-9]+ \| (True|False) \|" "$LOG/simclr_256.log"
+  grep -h -E '^\| (MAE|SimCLR|model) |^\| --- \| ---: \| --- \|' "$LOG"/mae_256.log "$LOG"/mae_1024.log \
+    "$LOG"/simclr_256.log "$LOG"/simclr_1024.log | awk '!(/^\| (model|---) / && seen[$0]++)'
+  echo; grep -h -E '^timm train step|^\| timm batch |^\| ---: \| --- \| ---: |^\| [0-9]+ \| (True|False) \|' \
+    "$LOG/simclr_256.log"
   echo; grep -h 'host-to-device' "$LOG"/*.log
   echo; tail -n 3 "$LOG/gpu_tests.log"
 } > "$LOG/summary.md"
