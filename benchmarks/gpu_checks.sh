@@ -12,6 +12,10 @@
 #   4. batch 1024: MAE compile / graphs, SimCLR graphs (skipped once $BUDGET seconds, default
 #      420, have gone by, so the whole script stays near 8 minutes)
 # The markdown rows of every table are gathered in $LOG/summary.md at the end.
+# The GPU image has torch, timm and the rest but no pydicom (tests/conftest.py imports it):
+# before the run, on a machine with network, in the repository root:
+#   .venv/bin/pip download --no-deps -d .whl pydicom==3.0.2 timm==1.0.31
+# (.whl is installed below into /tmp/site; delete it afterwards, it is not to be committed).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 LOG=${OUT:-gpu-checks}; mkdir -p "$LOG"; LOG=$(cd "$LOG" && pwd)
