@@ -9,7 +9,9 @@ graphs``: the whole step replayed as one CUDA graph; without ``--compile`` when
 ``torch.utils.flop_counter`` on an eager forward + backward; MFU = FLOPs per second / the
 GPU's dense bf16 peak (``--peak-tflops``, default from the device name: H100/H200 989,
 A100 312). The kernel share is the device time of the kernels in a ``torch.profiler`` trace
-of ``--profile-steps`` steps, per step, over the median step time.
+of ``--profile-steps`` steps, per step, over the median step time; for a captured step the
+last column also gives a replay's device time from CUDA events (a reading that does not
+depend on the profiler seeing the kernels inside a graph).
 
     .venv/bin/python benchmarks/mae_mfu.py                       # batch 256 and 1024, all modes
     .venv/bin/python benchmarks/mae_mfu.py --device cpu --batch-sizes 2 --steps 2 --warmup 1 \\
@@ -78,11 +80,34 @@ def kernel_ms_per_step(trainer, steps: int) -> float | None:
     return sum(e.self_device_time_total for e in prof.key_averages()) / 1000 / steps
 
 
-def capture_note(trainer) -> str:
+def replay_ms(trainer, reps: int = 10) -> float | None:
+    """Device time of one replay of the captured step (CUDA events around back-to-back
+    replays: the graph's kernels and the gaps inside it, no launch overhead); None when
+    the step was not captured. A second reading of the kernel time, one that does not
+    depend on the profiler seeing kernels inside graphs."""
+    c = getattr(trainer, "capture", None)
+    if c is None or not c.captured or trainer.device.type != "cuda":
+        return None
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        c.replay()
+        end.record()
+        times.append((start, end))
+    torch.cuda.synchronize()
+    return statistics.median(s.elapsed_time(e) for s, e in times)
+
+
+def capture_note(trainer, sec: float) -> str:
     c = getattr(trainer, "capture", None)
     if c is None:
         return ""
-    return "captured" if c.captured else f"not captured: {c.reason or 'warming up'}"
+    if not c.captured:
+        return f"not captured: {c.reason or 'warming up'}"
+    replay = replay_ms(trainer)
+    return "captured" if replay is None else f"captured; a replay takes {replay:.1f} ms on the device " \
+        f"({100 * replay / (sec * 1000):.0f} % of the step)"
 
 
 def measure(work: Path, data: str, task: str, backbone: str, batch_size: int, image_size: int, mode: str,
@@ -104,7 +129,7 @@ def measure(work: Path, data: str, task: str, backbone: str, batch_size: int, im
     out = {"mode": mode, "batch": batch_size, "step_ms": sec * 1000, "img_s": batch_size / sec,
            "tflops": flops / sec / 1e12, "gflop_per_step": flops / 1e9,
            "mfu": flops / sec / (peak * 1e12) if peak else None, "kernel_ms": kernel,
-           "kernel_share": kernel / (sec * 1000) if kernel is not None else None, "note": capture_note(trainer)}
+           "kernel_share": kernel / (sec * 1000) if kernel is not None else None, "note": capture_note(trainer, sec)}
     del trainer, batch
     release(device)
     return out
