@@ -106,14 +106,15 @@ def prepare(
     shape = (len(refs), channels, *sides(size))
     nbytes = int(np.prod(shape, dtype=np.int64)) * 2
     root = resolve_cache_dir(cache_dir)
-    check_room(root, nbytes, shape, channels, size)
     if root is None:
+        check_room(None, nbytes, shape, channels, size)
         pixels = np.empty(shape, dtype=np.uint16)
         kept, skipped = _decode(source, refs, pixels, progress, workers)
         return Prepared(pixels[: len(kept)], [refs[i] for i in kept], unreadable + skipped)
     mark_root(root)
     target = root / cache_key(source, refs, channels, size)
     if not (target / "index.json").exists():
+        check_room(root, nbytes, shape, channels, size)  # a cached entry needs neither room nor decoding
         _fill_entry(source, refs, shape, target, progress, workers)
     else:
         os.utime(target / "index.json")  # "last used", for `sslkit data cache --clear-older-than`
