@@ -48,7 +48,8 @@ class Setup:
     """A built run. ``task`` is the bare module (its ``state_dict`` is checkpointed),
     ``model`` what a step calls (``task``, DDP-wrapped and/or compiled); ``augment`` maps a
     batch ``x: (b, C, S', S')`` in [0, 1] to the task's views; ``loader.epoch(e, start)``
-    yields this rank's micro-batches. ``info`` is the ``run.json`` record."""
+    yields this rank's micro-batches (on CUDA the cache's uint16, scaled on the device by
+    :func:`sslkit.data.loader.to_unit`). ``info`` is the ``run.json`` record."""
 
     cfg: RunConfig
     device: torch.device
