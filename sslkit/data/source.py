@@ -31,8 +31,8 @@ class SampleRef:
 
     ``path`` is the file (it must exist: fingerprints and caches read its size and mtime;
     a source of generated data names a real file, e.g. its own module); ``frame`` the frame of a multi-frame file; ``group`` the key that
-    keeps related samples on one side of a split (a salted patient hash for DICOM, never
-    the identifier itself); ``label`` a class name where the layout gives one.
+    keeps related samples on one side of a split (for DICOM a hash of the relative path of
+    the patient's first file, never derived from the identifier); ``label`` a class name where the layout gives one.
     """
 
     path: str

@@ -1,7 +1,9 @@
 """Train / validation splits that keep every group (patient, study, file) on one side.
 
-Sources give each :class:`SampleRef` a ``group``: a salted hash of the PatientID (else the
-StudyInstanceUID, else the file) for DICOM, a user regex match for folders. All frames
+Sources give each :class:`SampleRef` a ``group``: for DICOM the files of one PatientID (else
+StudyInstanceUID, else the file), named after the group's first file; for folders a user
+regex match. ``run.json`` fingerprints the held-out part by content
+(:func:`sslkit.data.prepare.fingerprint`), never by its group keys. All frames
 of a file share it, so no patient and no multi-frame file is ever on both sides.
 """
 
@@ -52,10 +54,3 @@ def split_refs(refs: Sequence[SampleRef], fraction: float, seed: int = 0) -> tup
     val = [r for r in refs if (r.group or r.path) in val_groups]
     return train, val
 
-
-def groups_fingerprint(refs: Sequence[SampleRef]) -> str:
-    """A hash of the set of groups in ``refs`` (for run.json); reveals no group."""
-    h = hashlib.sha256(b"sslkit-groups")
-    for key in sorted({r.group or r.path for r in refs}):
-        h.update(key.encode() + b"\n")
-    return h.hexdigest()[:16]
