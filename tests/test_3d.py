@@ -181,7 +181,7 @@ def test_3d_data_with_a_2d_backbone_is_refused_before_decoding(ct_volumes, tmp_p
 
 
 @pytest.mark.parametrize("task,backbone,sample,needle", [
-    ("rotation", "monai:resnet10", "volume", "tasks that do: mae"),
+    ("rotation", "monai:resnet10", "volume", "tasks that do: byol, mae, simclr, vicreg"),
     ("simclr", "monai:resnet10", "slab:3", "takes --sample volume only"),
 ])
 def test_impossible_pairings_name_what_works(cli, ct_volumes, tmp_path, task, backbone, sample, needle):
