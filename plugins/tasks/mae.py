@@ -132,19 +132,24 @@ class MAE(Task):
 
     def __init__(self, backbone, options: MAEOptions, spec) -> None:
         super().__init__(backbone, options, spec)
-        p, c = backbone.patch_size, spec.channels
-        grid = spec.image_size // p
-        self.num_patches = grid * grid
+        p, grid = backbone.patch_size, spec.image_size // backbone.patch_size
+        self.build_decoder(grid * grid, lambda d: sincos_pos_embed_2d(d, grid), p * p * spec.channels)
+
+    def build_decoder(self, num_patches: int, pos_embed, patch_values: int) -> None:
+        """The light decoder: embed, mask token, fixed sin-cos positions ``pos_embed(d) -> (N, d)``,
+        ``decoder_depth`` blocks, norm, and a linear head to ``patch_values`` per patch."""
+        backbone, options = self.encoder, self.options
+        self.num_patches = num_patches
         d = options.decoder_dim or default_decoder_dim(backbone.embed_dim, options.decoder_heads)
         self.decoder_dim = d
         self.decoder_embed = nn.Linear(backbone.embed_dim, d)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, d))
-        self.register_buffer("decoder_pos", sincos_pos_embed_2d(d, grid)[None], persistent=False)
+        self.register_buffer("decoder_pos", pos_embed(d)[None], persistent=False)
         self.decoder_blocks = nn.Sequential(
             *[Block(d, options.decoder_heads, mlp_ratio=4.0, qkv_bias=True) for _ in range(options.decoder_depth)]
         )
         self.decoder_norm = nn.LayerNorm(d)
-        self.decoder_pred = nn.Linear(d, p * p * c)
+        self.decoder_pred = nn.Linear(d, patch_values)
         nn.init.normal_(self.mask_token, std=0.02)
 
     def views(self, spec):

@@ -18,11 +18,9 @@ from __future__ import annotations
 import math
 
 import torch
-from timm.models.vision_transformer import Block
-from torch import nn
 
 from sslkit.api import Task, VolumeViews, is_token_backbone, masked_volume_recipe
-from sslkit_plugins.tasks.mae import MAE, default_decoder_dim
+from sslkit_plugins.tasks.mae import MAE
 
 
 def patchify3d(x: torch.Tensor, p: int) -> torch.Tensor:
@@ -63,20 +61,9 @@ class MAE3D(MAE):
 
     def __init__(self, backbone, options, spec) -> None:
         Task.__init__(self, backbone, options, spec)
-        p, c = backbone.patch_size, spec.channels
+        p = backbone.patch_size
         grid = tuple(s // p for s in spec.volume_size)
-        self.num_patches = math.prod(grid)
-        d = options.decoder_dim or default_decoder_dim(backbone.embed_dim, options.decoder_heads)
-        self.decoder_dim = d
-        self.decoder_embed = nn.Linear(backbone.embed_dim, d)
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, d))
-        self.register_buffer("decoder_pos", sincos_pos_embed_3d(d, grid)[None], persistent=False)
-        self.decoder_blocks = nn.Sequential(
-            *[Block(d, options.decoder_heads, mlp_ratio=4.0, qkv_bias=True) for _ in range(options.decoder_depth)]
-        )
-        self.decoder_norm = nn.LayerNorm(d)
-        self.decoder_pred = nn.Linear(d, p**3 * c)
-        nn.init.normal_(self.mask_token, std=0.02)
+        self.build_decoder(math.prod(grid), lambda d: sincos_pos_embed_3d(d, grid), p**3 * spec.channels)
 
     def views(self, spec):
         return VolumeViews([masked_volume_recipe(spec.volume_size, self.options.min_scale)], spec.mean, spec.std)
