@@ -35,6 +35,20 @@ def _decoded_cache(tmp_path_factory):
     yield
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models on a shared 2-core machine: one intra-op thread is several times faster.
+
+    Use it per file with ``pytestmark = pytest.mark.usefixtures("one_thread")``.
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def pydicom_dir() -> Path:
     """The DICOM test files that pydicom's wheel ships (no download)."""

@@ -29,13 +29,7 @@ from tests.test_series import write_slice
 TINY_VIT3D = dict(patch_size=8, hidden_size=48, num_heads=2, num_layers=1)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small models on a shared 2-core machine: one intra-op thread is many times faster."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def volume_spec(size=(16, 16, 16), channels: int = 1) -> InputSpec:

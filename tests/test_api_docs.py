@@ -8,8 +8,6 @@ import re
 import sys
 
 import numpy as np
-import pytest
-import torch
 
 import sslkit.api as api
 from sslkit import hookspecs
@@ -58,14 +56,6 @@ def load(tmp_path, filename: str):
     sys.modules[name] = module  # pickling the source needs its module importable
     spec.loader.exec_module(module)
     return module
-
-
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_worked_source_example_passes_the_kit(tmp_path):

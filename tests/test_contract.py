@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from sslkit import registry
 from sslkit.testing import check_backbone, check_exporter, check_source, check_task
@@ -20,13 +19,7 @@ from tests.conftest import make_images
 IMAGE_SIZE = {"jigsaw": 64}  # 3x3 tiles of >= 19 px
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models on a shared 2-core machine: one intra-op thread is several times faster."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("task", registry.list_tasks())

@@ -47,13 +47,7 @@ def images(b: int, channels: int, size: int, seed: int = 0, noise: float = 0.2) 
     return (base * 0.8 + torch.rand(b, channels, size, size, generator=g) * noise).clamp(0, 1)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small models on a shared 2-core machine: one intra-op thread is many times faster."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def overfit(task, spec, steps: int, lr: float = 1e-3, batch: int = 8, seed: int = 0,

@@ -60,12 +60,7 @@ class HiddenState(Base):
         return {"loss": super().forward(views)["loss"] * self.calls}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("cls,needle", [(NaNLoss, "loss"), (NoOverride, "override"), (ReservedKey, "'lr'")])
