@@ -103,7 +103,8 @@ def elastic_with_a_kill(world: dict, epochs: int, kill_after_rows: int) -> Path:
     out, port = world["tmp"] / "elastic", free_port()
     cmd = [*TORCHRUN, "--nnodes", "1:2", "--nproc-per-node", "2", "--max-restarts", "2", *rendezvous(port, "elastic"),
            "-m", "sslkit", *sslkit_args(world["images"], out, epochs)]
-    agent = subprocess.Popen(cmd, env=world["env"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    agent = subprocess.Popen(cmd, env=world["env"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             start_new_session=True)  # its own process group, killed whole on a timeout
     metrics, killed, deadline = out / "metrics.csv", None, time.monotonic() + 600
     while killed is None and time.monotonic() < deadline and agent.poll() is None:
         if metrics.exists() and len(metrics.read_text().splitlines()) - 1 >= kill_after_rows:
@@ -111,7 +112,12 @@ def elastic_with_a_kill(world: dict, epochs: int, kill_after_rows: int) -> Path:
             if killed:
                 os.kill(killed, signal.SIGKILL)
         time.sleep(0.01)
-    _, err = agent.communicate(timeout=900)
+    try:
+        _, err = agent.communicate(timeout=600)
+    except subprocess.TimeoutExpired:
+        os.killpg(agent.pid, signal.SIGKILL)  # torchrun and its workers
+        agent.communicate()
+        raise
     assert killed, "the run ended before a worker could be killed"
     assert agent.returncode == 0, err[-3000:]
     return out
@@ -126,7 +132,9 @@ def test_two_nodes_on_localhost_match_one_process(world):
     assert len(list((world["tmp"] / "cache").glob("*/pixels.npy"))) == 1  # one cache entry, shared
 
 
-@pytest.mark.slow  # passes when run alone; under the shared 2-core load a restarted gloo group has timed out
+# Slow and not yet reliable here: of 6 runs on the shared 2-core machine 3 passed, 2 failed (the restarted
+# gloo group could not connect, restarts ran out) and 1 hung until killed. Run by hand it also passed.
+@pytest.mark.slow
 def test_killed_worker_restarts_the_group_which_resumes_exactly(world):
     out = elastic_with_a_kill(world, epochs=8, kill_after_rows=3)  # 16 steps, checkpoints every 2
     got, single = losses(out), single_process(world, epochs=8)
