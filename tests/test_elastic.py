@@ -132,8 +132,8 @@ def test_two_nodes_on_localhost_match_one_process(world):
     assert len(list((world["tmp"] / "cache").glob("*/pixels.npy"))) == 1  # one cache entry, shared
 
 
-# Slow and not yet reliable here: of 6 runs on the shared 2-core machine 3 passed, 2 failed (the restarted
-# gloo group could not connect, restarts ran out) and 1 hung until killed. Run by hand it also passed.
+# Slow and not yet reliable here: of 6 pytest runs on the shared 2-core machine 2 passed, 2 failed (the restarted
+# gloo group could not connect, restarts ran out) and 2 hung until killed. Run by hand it passed twice.
 @pytest.mark.slow
 def test_killed_worker_restarts_the_group_which_resumes_exactly(world):
     out = elastic_with_a_kill(world, epochs=8, kill_after_rows=3)  # 16 steps, checkpoints every 2
