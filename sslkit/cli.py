@@ -63,10 +63,10 @@ def plugins(as_json: bool) -> None:
 
 
 @main.command("list")
-@click.argument("kind", type=click.Choice(["tasks", "backbones", "sources", "exporters"]))
+@click.argument("kind", type=click.Choice(["tasks", "backbones", "sources", "exporters", "callbacks"]))
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def list_(kind: str, as_json: bool) -> None:
-    """List registered tasks, backbones, sources or exporters."""
+    """List registered tasks, backbones, sources, exporters or callbacks."""
     from sslkit import registry
 
     names = getattr(registry, f"list_{kind}")()

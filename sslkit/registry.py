@@ -131,5 +131,11 @@ def list_exporters() -> list[str]:
     return _names("exporters")
 
 
+# --- callbacks -------------------------------------------------------------------------
+def list_callbacks() -> list[str]:
+    """Registered run callbacks (``--callbacks a,b``)."""
+    return _names("callbacks")
+
+
 def get_exporter(fmt: str) -> Any:
     return _get("exporters", "export format", fmt)

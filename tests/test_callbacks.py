@@ -249,3 +249,9 @@ def test_tensorboard_callback_writes_every_scalar(tmp_path, monkeypatch):
     loss = events.Scalars("train/loss")
     assert [e.step for e in loss] == [1, 2, 3, 4, 5]
     assert [e.value for e in loss] == pytest.approx([float(r["loss"]) for r in rows], rel=1e-6)
+
+
+def test_list_callbacks_names_the_built_ins(cli):
+    result = cli("list", "callbacks", "--json")
+    assert result.exit_code == 0, result.output
+    assert {"csv", "tensorboard"} <= set(json.loads(result.output))

@@ -28,6 +28,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from sslkit.output_file import write_text_atomic
+
 SCHEMA = "sslkit.eval/1"
 
 
@@ -70,9 +72,7 @@ def save_report(report: dict[str, Any], folder: Path, picture: Path | None = Non
             pass
     path = path or unique_path(folder, report["kind"], ".json")
     report["report_file"] = str(path)
-    tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_text(json.dumps(report, indent=2, default=str))
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(report, indent=2, default=str))
     return path
 
 
