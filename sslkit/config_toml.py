@@ -1,0 +1,110 @@
+"""Settings written as a commented TOML file (``sslkit pretrain --print-config``).
+
+:func:`to_toml` writes scalars first, then one table per option group, each setting under
+a comment with its help (:func:`setting_help`); the file loads back with ``--config`` to
+the same resolved settings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import typing
+from typing import Any
+
+from sslkit.config import FIELDS, OPTION_GROUPS, REQUIRED
+from sslkit.errors import UsageError
+
+#: what each option group holds (the comment under its table header)
+_GROUP_HELP = {
+    "backbone_options": "keyword arguments of the backbone factory (--backbone-opt key=value)",
+    "task_options": "the task's options (--task-opt key=value), every one with its value",
+    "source_options": "options of the data source (--data-opt key=value; flags such as --window set them too)",
+    "augment_options": "fields of the task's view recipes (--augment-opt key=value)",
+}
+#: help of the RunConfig fields that have no option of their own on the command line
+_FIELD_HELP = {
+    "momentum": "Momentum of sgd and lars.",
+    "betas": "Adam betas of adamw.",
+    "progress": "Show a progress bar (--quiet: false).",
+}
+
+
+def setting_help(values: dict[str, Any]) -> dict[str, str]:
+    """A one-line help per setting of ``values``: ``key`` for top-level settings and
+    ``group.key`` for table entries (from the options of ``sslkit pretrain``, the source
+    plugins' flags, and the task's ``Options`` fields)."""
+    import click
+
+    from sslkit.cli import pretrain
+    from sslkit.registry import get_task
+    from sslkit.source_flags import declared_flags
+
+    notes = dict(_FIELD_HELP)
+    for param in pretrain.get_params(click.Context(pretrain)):
+        text = " ".join((getattr(param, "help", None) or "").split())
+        if param.name in FIELDS and text:
+            notes[param.name] = text
+    notes["cache_dir"] = notes.get("cache_dir", "") + ' "" keeps decoded pixels in memory only (--no-cache).'
+    for flag in declared_flags():
+        notes[f"source_options.{flag.field}"] = f"{flag.help} ({flag.flag})"
+    if values.get("task"):
+        opts = get_task(values["task"]).Options
+        hints = typing.get_type_hints(opts) if opts else {}
+        for f in dataclasses.fields(opts) if opts else ():
+            kind = getattr(hints.get(f.name), "__name__", None) or str(hints.get(f.name)).replace("typing.", "")
+            notes[f"task_options.{f.name}"] = f"{values['task']} option ({kind})"
+    return notes
+
+
+def to_toml(values: dict[str, Any], notes: dict[str, str] | None = None) -> str:
+    """Settings as TOML: scalars first, then one table per option group; unset ones commented.
+
+    ``notes``: help per ``key`` / ``group.key`` (:func:`setting_help`), written as a
+    comment above the setting.
+    """
+    import textwrap
+
+    notes = notes or {}
+
+    def comment(text: str | None) -> list[str]:
+        return [f"# {line}" for line in textwrap.wrap(text, 96)] if text else []
+
+    lines = ["# sslkit pretrain --config FILE; command-line options override these values."]
+    for key, value in values.items():
+        if key in OPTION_GROUPS:
+            continue
+        lines += comment(notes.get(key))
+        if value is None or (value == "" and key in REQUIRED):
+            note = "required" if key in REQUIRED else "unset"
+            lines.append(f"# {key} = ...  ({note})")
+        else:
+            lines.append(f"{key} = {_toml_value(value)}")
+    for group in OPTION_GROUPS:
+        lines += ["", f"[{group}]", *comment(_GROUP_HELP.get(group))]
+        for key, value in (values.get(group) or {}).items():
+            lines += comment(notes.get(f"{group}.{key}"))
+            if value is None:
+                lines.append(f"# {key} = ...  (unset)")
+            else:
+                lines.append(f"{key} = {_toml_value(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise UsageError(f"cannot write {value!r} to a config file")
