@@ -35,6 +35,20 @@ def _decoded_cache(tmp_path_factory):
     yield
 
 
+def install_plugin(root: Path, module: str, entry: str, source: str) -> Path:
+    """Write ``source`` as module ``module`` of an installed distribution on ``root`` (its
+    ``sslkit`` entry point named ``entry``), so adding ``root`` to sys.path installs it."""
+    import textwrap
+
+    dist = module.replace("_", "-")
+    info = root / f"{module}-0.1.dist-info"
+    info.mkdir(parents=True, exist_ok=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(f"[sslkit]\n{entry} = {module}\n")
+    (root / f"{module}.py").write_text(textwrap.dedent(source))
+    return root
+
+
 @pytest.fixture
 def one_thread():
     """Tiny models on a shared 2-core machine: one intra-op thread is several times faster.

@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import csv
 import json
-import textwrap
 from pathlib import Path
 
 import pytest
 
 from sslkit import plugins
-from tests.conftest import make_images, run_sslkit
+from tests.conftest import install_plugin, make_images, run_sslkit
 from tests.test_engine import TINY_VIT, install_probe
 
 RECORDER = '''
@@ -80,12 +79,7 @@ def register_tasks(register):
 def install_recorder(root: Path) -> Path:
     """The probe task plus the recorder plugin, as installed distributions on ``root``."""
     install_probe(root)
-    info = root / "sslkit_recorder-0.1.dist-info"
-    info.mkdir(parents=True, exist_ok=True)
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: sslkit-recorder\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text("[sslkit]\nrecorder = sslkit_recorder\n")
-    (root / "sslkit_recorder.py").write_text(textwrap.dedent(RECORDER))
-    return root
+    return install_plugin(root, "sslkit_recorder", "recorder", RECORDER)
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import json
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -13,7 +12,7 @@ import torch
 
 from sslkit import plugins
 from sslkit.errors import UsageError
-from tests.conftest import make_images
+from tests.conftest import install_plugin, make_images
 
 PROBE = '''
 """Test task: deterministic views (x, flipped x), a linear projection, and either the
@@ -77,12 +76,7 @@ TINY_VIT = {"depth": 2, "embed_dim": 32, "num_heads": 2}
 
 def install_probe(root: Path) -> Path:
     """Write the probe plugin as an installed distribution on ``root``; returns ``root``."""
-    info = root / "sslkit_probe-0.1.dist-info"
-    info.mkdir(parents=True, exist_ok=True)
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: sslkit-probe\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text("[sslkit]\nprobe = sslkit_probe\n")
-    (root / "sslkit_probe.py").write_text(textwrap.dedent(PROBE))
-    return root
+    return install_plugin(root, "sslkit_probe", "probe", PROBE)
 
 
 @pytest.fixture
