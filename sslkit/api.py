@@ -10,8 +10,7 @@ running ``API_VERSION`` with one line naming it. See ``docs/plugins.md``.
 
 from __future__ import annotations
 
-from sslkit.augment import (MultiView, Normalize, ViewRecipe, byol_recipes, override_recipe, recipe, rotate,
-                            rotate90)
+from sslkit.augment import Normalize, rotate, rotate90
 from sslkit.augment3d import (VolumeRecipe, VolumeViews, masked_volume_recipe, pair_volume_recipes,
                                random_resized_crop_3d)
 from sslkit.backbone import Backbone, TokenBackbone, is_token_backbone
@@ -34,6 +33,7 @@ from sslkit.raw_input import GraphPreprocessing, RawInput, raw_input_for
 from sslkit.reconstruction import reconstruction_views
 from sslkit.spec import InputSpec
 from sslkit.task import Task, Views
+from sslkit.views import MultiView, ViewRecipe, byol_recipes, override_recipe, recipe
 
 #: The version of this module's contract (an int; see the module docstring).
 API_VERSION = 1

@@ -15,16 +15,14 @@ cutout, gaussian noise, gaussian blur and Sobel filtering, plus gamma and contra
 1-channel data. Each random op has a deterministic twin taking per-sample parameters
 (``rotate(x, degrees)``, ``erase(x, boxes)``, ...) that equals
 ``torchvision.transforms.v2.functional`` applied sample by sample (tests/test_augment.py);
-the random op only draws the parameters. Named recipes (:data:`RECIPES`) are
-:class:`ViewRecipe` settings; any field can be overridden by name
-(:func:`override_recipe`, :meth:`MultiView.override`).
+the random op only draws the parameters. The views a task trains on are composed of
+these ops in :mod:`sslkit.views` (:class:`~sslkit.views.ViewRecipe`, named recipes,
+:class:`~sslkit.views.MultiView`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
@@ -320,133 +318,13 @@ class Normalize(nn.Module):
         return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
 
 
-@dataclass(frozen=True)
-class ViewRecipe:
-    """One view of the SimCLR augmentation family (Chen et al. 2020, Sec. 3 and App. A).
-
-    ``(B, C, H, W)`` in [0, 1] -> ``(B, C, size, size)`` in [0, 1]. Colour ops apply to
-    3-channel data; on 1-channel data ``gamma_p`` and contrast / brightness jitter take
-    their place. Ops whose probability (or range) is 0 draw no random numbers, so adding
-    fields never changes the views of an existing recipe.
-    """
-
-    size: int
-    scale: tuple[float, float] = (0.08, 1.0)
-    flip_p: float = 0.5
-    jitter_p: float = 0.8
-    jitter: float = 0.4  # brightness = contrast = saturation strength
-    hue: float = 0.1
-    gray_p: float = 0.2
-    blur_p: float = 0.5
-    solarize_p: float = 0.0
-    gamma_p: float = 0.5
-    vflip_p: float = 0.0
-    rotate_p: float = 0.0
-    rotate_degrees: float = 15.0  # free rotation in ±degrees
-    rot90_p: float = 0.0  # 90°, 180° or 270°
-    contrast_p: float = 0.0  # extra contrast jitter (any channel count)
-    noise_p: float = 0.0
-    noise_std: tuple[float, float] = (0.0, 0.05)
-    cutout_p: float = 0.0
-    cutout_scale: tuple[float, float] = (0.02, 0.2)
-    sobel_p: float = 0.0
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        x = random_resized_crop(x, self.size, self.scale)
-        x = horizontal_flip(x, self.flip_p)
-        if self.vflip_p > 0:
-            x = vertical_flip(x, self.vflip_p)
-        if self.rot90_p > 0:
-            x = random_rotate90(x, self.rot90_p)
-        if self.rotate_p > 0:
-            x = random_rotation(x, self.rotate_p, self.rotate_degrees)
-        if self.jitter_p > 0:
-            x = color_jitter(x, self.jitter, self.jitter, self.jitter, self.hue, self.jitter_p)
-        if x.shape[1] == 3:
-            x = grayscale(x, self.gray_p)
-        elif self.gamma_p > 0:
-            x = gamma(x, self.gamma_p)
-        if self.contrast_p > 0:
-            x = contrast(x, self.contrast_p, self.jitter)
-        if self.blur_p > 0:
-            x = gaussian_blur(x, self.blur_p)
-        if self.sobel_p > 0:
-            x = random_sobel(x, self.sobel_p)
-        if self.noise_p > 0:
-            x = gaussian_noise(x, self.noise_p, self.noise_std)
-        if self.cutout_p > 0:
-            x = cutout(x, self.cutout_p, self.cutout_scale)
-        if self.solarize_p > 0:
-            x = solarize(x, self.solarize_p)
-        return x
+_MOVED = ("RECIPES", "MultiView", "ViewRecipe", "byol_recipes", "override_recipe", "recipe")
 
 
-#: Named recipes: ViewRecipe fields (``size`` comes from the run). ``recipe(name, size)``.
-RECIPES: dict[str, dict[str, Any]] = {
-    # SimCLR's ImageNet views (Chen et al. 2020, App. A)
-    "simclr": {},
-    # BYOL's second view: rarer blur, some solarization (Grill et al. 2020, Tab. 6)
-    "byol2": {"blur_p": 0.1, "solarize_p": 0.2},
-    # MAE: crop and flip only (He et al. 2022)
-    "crop": {"scale": (0.2, 1.0), "jitter_p": 0.0, "gray_p": 0.0, "blur_p": 0.0, "gamma_p": 0.0},
-    # radiographs / CT slices: mild geometry, intensity (not colour) changes, noise
-    "xray": {"scale": (0.3, 1.0), "rotate_p": 0.5, "rotate_degrees": 10.0, "jitter": 0.3, "hue": 0.0,
-             "gray_p": 0.0, "gamma_p": 0.5, "blur_p": 0.3, "noise_p": 0.3, "noise_std": (0.0, 0.03)},
-    # orientation-free data (histology, dermoscopy, microscopy): every flip and 90° turn
-    "orientation_free": {"vflip_p": 0.5, "rot90_p": 0.75},
-    # the study's full vocabulary, for ablations
-    "everything": {"vflip_p": 0.5, "rotate_p": 0.5, "rot90_p": 0.25, "contrast_p": 0.5, "noise_p": 0.5,
-                   "cutout_p": 0.5, "sobel_p": 0.1},
-}
+def __getattr__(name: str) -> Any:
+    """The view recipes moved to :mod:`sslkit.views`; ``sslkit.augment.ViewRecipe`` still works."""
+    if name in _MOVED:
+        from sslkit import views
 
-
-def byol_recipes(size: int, min_scale: float = 0.08) -> list[ViewRecipe]:
-    """BYOL's two asymmetric view recipes (Grill et al. 2020, Table 6); also used by
-    Barlow Twins, VICReg, MoCo v3 and DINO's global crops."""
-    blur = size >= 96
-    common = dict(scale=(min_scale, 1.0), jitter_p=0.8, jitter=0.4, hue=0.1, gray_p=0.2)
-    return [ViewRecipe(size, blur_p=1.0 if blur else 0.0, solarize_p=0.0, **common),
-            ViewRecipe(size, blur_p=0.1 if blur else 0.0, solarize_p=0.2, **common)]
-
-
-def recipe(name: str, size: int, **overrides: Any) -> ViewRecipe:
-    """The named recipe at ``size``, with ``overrides`` (field values or their strings)."""
-    if name not in RECIPES:
-        from sslkit.errors import UsageError
-        from sslkit.registry import unknown_name_message
-
-        raise UsageError(unknown_name_message("augmentation recipe", name, sorted(RECIPES)))
-    return override_recipe(ViewRecipe(size, **RECIPES[name]), overrides)
-
-
-def override_recipe(base: ViewRecipe, overrides: dict[str, Any]) -> ViewRecipe:
-    """``base`` with fields replaced; string values (``"0.5"``, ``"0.2,1.0"``) are parsed.
-
-    An unknown field or a bad value is a :class:`~sslkit.errors.UsageError`.
-    """
-    if not overrides:
-        return base
-    from sslkit.options import build_options
-
-    current = {f.name: getattr(base, f.name) for f in dataclasses.fields(base)}
-    parsed = dataclasses.asdict(build_options(ViewRecipe, {**{"size": base.size}, **overrides}, "augmentation"))
-    return dataclasses.replace(base, **{k: parsed[k] for k in overrides if k in current})
-
-
-class MultiView(nn.Module):
-    """Apply several recipes to one batch and normalise: ``x -> (view_1, ..., view_k)``."""
-
-    def __init__(self, recipes: Sequence[ViewRecipe], mean: Sequence[float], std: Sequence[float]):
-        super().__init__()
-        self.recipes = list(recipes)
-        self.normalize = Normalize(mean, std)
-
-    @torch.no_grad()
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return tuple(self.normalize(recipe(x)) for recipe in self.recipes)
-
-    def override(self, **overrides: Any) -> "MultiView":
-        """The same views with ``overrides`` applied to every recipe (``--augment-opt``)."""
-        out = MultiView([override_recipe(r, overrides) for r in self.recipes], [0.0], [1.0])
-        out.normalize = self.normalize
-        return out
+        return getattr(views, name)
+    raise AttributeError(f"module 'sslkit.augment' has no attribute {name!r}")

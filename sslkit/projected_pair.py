@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from sslkit.augment import MultiView, byol_recipes
+from sslkit.views import MultiView, byol_recipes
 from sslkit.heads import mlp
 from sslkit.task import Task
 

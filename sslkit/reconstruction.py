@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sslkit.augment import MultiView, ViewRecipe
+from sslkit.views import MultiView, ViewRecipe
 
 
 def reconstruction_views(spec, min_scale: float) -> MultiView:

@@ -289,7 +289,7 @@ def test_compiled_views_equal_eager_views_and_draw_the_same_random_numbers():
     """--compile compiles the views too (on CUDA); inductor compiles with a C++ compiler
     on the CPU, hence slow. Same RNG state in, same views (to float rounding) and the
     same RNG state out: a run's random stream does not depend on compiling."""
-    from sslkit.augment import MultiView, ViewRecipe
+    from sslkit.views import MultiView, ViewRecipe
     from sslkit.engine.compiled_views import compile_views
 
     views = MultiView([ViewRecipe(32, blur_p=0.5, solarize_p=0.2), ViewRecipe(32, gray_p=0.5)],
@@ -327,7 +327,7 @@ def test_prefetch_passes_cpu_batches_through_and_closes_the_source():
 
 
 def test_views_the_compiler_refuses_stay_eager_and_say_so_once():
-    from sslkit.augment import MultiView, ViewRecipe
+    from sslkit.views import MultiView, ViewRecipe
     from sslkit.engine.compiled_views import CompiledViews
 
     views = MultiView([ViewRecipe(8)], (0.5,) * 3, (0.25,) * 3)

@@ -3,7 +3,7 @@
 One row per sample (evenly spaced over the source): the decoded sample as training gets
 it (resized to ``image_size``; a volume as its three orthogonal mid-planes, axial,
 coronal, sagittal), then two augmented views of it (2D: a named recipe of
-:mod:`sslkit.augment`, default ``simclr``; volumes: :func:`sslkit.augment3d.pair_volume_recipes`).
+:mod:`sslkit.views`, default ``simclr``; volumes: :func:`sslkit.augment3d.pair_volume_recipes`).
 The caption states the source, sample mode, window and spacing. Slabs show their centre
 slice. Row labels are sample ids relative to the data root (DICOM volumes: salted series keys).
 """
@@ -45,7 +45,7 @@ def views_of(batch: torch.Tensor, volumetric: bool, size: Any, recipe_name: str)
         from sslkit.augment3d import pair_volume_recipes
 
         return [r(batch) for r in pair_volume_recipes(size)]
-    from sslkit.augment import recipe
+    from sslkit.views import recipe
 
     r = recipe(recipe_name, size)
     return [r(batch), r(batch)]
