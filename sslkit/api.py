@@ -10,30 +10,69 @@ running ``API_VERSION`` with one line naming it. See ``docs/plugins.md``.
 
 from __future__ import annotations
 
-from sslkit.augment import Normalize, rotate, rotate90
-from sslkit.augment3d import (VolumeRecipe, VolumeViews, masked_volume_recipe, pair_volume_recipes,
-                               random_resized_crop_3d)
-from sslkit.backbone import Backbone, TokenBackbone, is_token_backbone
+import importlib
+from typing import TYPE_CHECKING
+
 from sslkit.data.parallel import parallel_map
 from sslkit.data.prepare import resize_square
 from sslkit.data.source import NotAnImage, SampleRef, Source, Undecodable, check_pixel_count, to_channels
 from sslkit.data.volume import (ORIENTATION, SampleMode, crop_or_pad, fit_volume, resample, slab_indices,
                                 stack_slab)
 from sslkit.data.walk import check_dir, walk_files
-from sslkit.distributed import all_gather_with_grad, all_reduce_sum, rank, world_size
-from sslkit.ema import cosine_momentum, ema_update, frozen_copy
-from sslkit.engine.events import Callback, RunInfo
 from sslkit.errors import CheckFailed, UsageError
-from sslkit.heads import ConvDecoder, DINOHead, mlp
 from sslkit.hookspecs import hookimpl
 from sslkit.options import check_unit_interval
 from sslkit.output_file import write_atomic
-from sslkit.projected_pair import ProjectedPairTask
+from sslkit.pseudonym import keyed_hash
 from sslkit.raw_input import GraphPreprocessing, RawInput, raw_input_for
-from sslkit.reconstruction import reconstruction_views
 from sslkit.spec import InputSpec
-from sslkit.task import Task, Views
-from sslkit.views import MultiView, ViewRecipe, byol_recipes, override_recipe, recipe
+
+if TYPE_CHECKING:  # imported on first use (``__getattr__`` below): these need torch, a decode worker does not
+    from sslkit.augment import Normalize, rotate, rotate90
+    from sslkit.augment3d import (VolumeRecipe, VolumeViews, masked_volume_recipe, pair_volume_recipes,
+                                   random_resized_crop_3d)
+    from sslkit.backbone import Backbone, TokenBackbone, is_token_backbone
+    from sslkit.distributed import all_gather_with_grad, all_reduce_sum, rank, world_size
+    from sslkit.ema import cosine_momentum, ema_update, frozen_copy
+    from sslkit.engine.events import Callback, RunInfo
+    from sslkit.heads import ConvDecoder, DINOHead, mlp
+    from sslkit.projected_pair import ProjectedPairTask
+    from sslkit.reconstruction import reconstruction_views
+    from sslkit.task import Task, Views
+    from sslkit.views import MultiView, ViewRecipe, byol_recipes, override_recipe, recipe
+
+#: module -> the names it gives this module, imported when one of them is first used
+_LAZY = {
+    "sslkit.augment": ("Normalize", "rotate", "rotate90"),
+    "sslkit.augment3d": ("VolumeRecipe", "VolumeViews", "masked_volume_recipe", "pair_volume_recipes",
+                         "random_resized_crop_3d"),
+    "sslkit.backbone": ("Backbone", "TokenBackbone", "is_token_backbone"),
+    "sslkit.distributed": ("all_gather_with_grad", "all_reduce_sum", "rank", "world_size"),
+    "sslkit.ema": ("cosine_momentum", "ema_update", "frozen_copy"),
+    "sslkit.engine.events": ("Callback", "RunInfo"),
+    "sslkit.heads": ("ConvDecoder", "DINOHead", "mlp"),
+    "sslkit.projected_pair": ("ProjectedPairTask",),
+    "sslkit.reconstruction": ("reconstruction_views",),
+    "sslkit.task": ("Task", "Views"),
+    "sslkit.views": ("MultiView", "ViewRecipe", "byol_recipes", "override_recipe", "recipe"),
+}
+_FROM = {name: module for module, names in _LAZY.items() for name in names}
+
+
+def __getattr__(name: str):
+    """The torch-backed names, imported on first use: a source plugin (and a decode worker
+    process that loads it) imports ``sslkit.api`` without importing torch."""
+    module = _FROM.get(name)
+    if module is None:
+        raise AttributeError(f"module 'sslkit.api' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_FROM))
+
 
 #: The version of this module's contract (an int; see the module docstring).
 API_VERSION = 1
@@ -56,7 +95,7 @@ __all__ = [
     "Backbone", "TokenBackbone", "is_token_backbone",
     # sources
     "Source", "SampleRef", "NotAnImage", "Undecodable", "to_channels", "walk_files", "check_dir",
-    "parallel_map", "resize_square", "check_pixel_count",
+    "parallel_map", "resize_square", "check_pixel_count", "keyed_hash",
     # volumetric sources (slice / slab:K / volume sampling)
     "SampleMode", "ORIENTATION", "slab_indices", "stack_slab", "resample", "crop_or_pad", "fit_volume",
     # inputs, export, errors

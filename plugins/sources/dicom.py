@@ -27,14 +27,14 @@ import numpy as np
 import pydicom
 
 from sslkit.api import SampleMode, SampleRef, Source, Undecodable, check_dir, hookimpl, walk_files
-from sslkit.api import GraphPreprocessing, check_pixel_count
+from sslkit.api import GraphPreprocessing, check_pixel_count, keyed_hash
 from sslkit_plugins.sources.dicom_decode import codec_failure, decode, parse_windows, read_dataset
 from sslkit_plugins.sources.dicom_headers import cached_headers, stable_groups
 from sslkit_plugins.sources.dicom_series import assemble, geometry
 from sslkit_plugins.sources.dicom_volume import VolumeSampler, modality_values
 
 GROUP_SALT = b"sslkit-group-v1"
-HEADER_FORMAT = 3  # bump when read_header() changes what it returns
+HEADER_FORMAT = 4  # bump when read_header() changes what it returns
 #: objects that carry Rows/Columns (or even pixels) but are not images to learn from
 NON_IMAGE_MODALITIES = {"SR", "KO", "PR", "SEG", "REG", "RTSTRUCT", "RTPLAN", "RTRECORD", "DOC", "ECG"}
 logging.getLogger("pydicom").setLevel(logging.ERROR)
@@ -226,8 +226,9 @@ class DicomSource(Source):
     def _headers(self, files: list[str]) -> list[dict[str, Any]]:
         """:func:`read_header` of every file (unchanged files from ``header_cache``), with
         split groups named by their first file (:func:`stable_groups`)."""
-        headers = cached_headers(files, self.root, self.header_cache, read_header, self.options.workers,
-                                 HEADER_FORMAT)
+        # series keys in the index are keyed hashes: another secret is another index
+        version = f"{HEADER_FORMAT}.{keyed_hash('header-index', 'dicom-headers', 12)}"
+        headers = cached_headers(files, self.root, self.header_cache, read_header, self.options.workers, version)
         return stable_groups(files, headers, self.root)
 
     def channels_of(self, ref: SampleRef) -> int | None:
@@ -286,7 +287,7 @@ class DicomSource(Source):
         return self.sampler.files_of(ref) if self.sampler is not None else [ref.path]
 
     def sample_id(self, ref: SampleRef) -> str:
-        """What ``sslkit embed`` calls a sample: ``series:<salted key>`` for a volume, else ``ref.id``."""
+        """What ``sslkit embed`` calls a sample: ``series:<keyed hash>`` for a volume, else ``ref.id``."""
         return self.sampler.sample_id(ref) if self.sampler is not None else ref.id
 
     def properties(self, ref: SampleRef) -> dict[str, Any]:

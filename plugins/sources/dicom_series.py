@@ -3,43 +3,53 @@
 Pure functions over header dicts (:func:`geometry`, stored by the ``dicom`` source next
 to its other header facts) and over arrays, so each step is testable on its own:
 
-* :func:`assemble` groups single-frame files by series (salted hash of SeriesInstanceUID),
-  splits a series whose files disagree on orientation, size or pixel spacing (and says
-  so), and orders the slices by the projection of ImagePositionPatient on the slice
-  normal (the cross product of the two ImageOrientationPatient rows), never by file name
-  or InstanceNumber;
+* :func:`assemble` groups single-frame files by series (:func:`series_key`: a keyed
+  hash of SeriesInstanceUID under this user's secret), splits a series whose files
+  disagree on orientation, size or pixel spacing (and says so), splits a multi-echo or
+  dynamic series whose positions repeat into one volume per echo / time point
+  (:func:`split_repeats`: EchoNumbers, TemporalPositionIdentifier, TriggerTime,
+  AcquisitionNumber), and orders the slices by the projection of ImagePositionPatient on
+  the slice normal (the cross product of the two ImageOrientationPatient rows), never by
+  file name or InstanceNumber;
 * :func:`check_spacing` reports duplicate positions, missing slices (a gap that is a
   multiple of the series' step), non-uniform spacing and :func:`gantry_tilt`;
 * a Siemens mosaic (ImageType holds ``MOSAIC``) is one volume whose slices are tiles of
-  the stored image (:func:`mosaic_count`, :func:`cut_mosaic`);
+  the stored image, each at its own position (:mod:`.dicom_mosaic`), ordered by them;
 * an enhanced multi-frame file is one volume ordered by its per-frame Plane Position
   functional groups.
 
 Axis convention of every volume: ``(D, H, W)`` = (ascending along the slice normal,
 image rows, image columns), as the series is displayed; spacing is ``(dz, dy, dx)`` mm.
-No identifier is kept: series and volume keys are salted hashes.
+No identifier is kept: series and volume keys are keyed hashes (HMAC-SHA256, :func:`sslkit.api.keyed_hash`).
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
-import warnings
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
 
-SERIES_SALT = b"sslkit-series-v1"
+from sslkit.api import keyed_hash
+from sslkit_plugins.sources.dicom_mosaic import (acquisition_tile, csa_image_header, csa_slice_normal,  # noqa: F401
+                                                 cut_mosaic, mosaic_count, mosaic_grid, mosaic_positions)
+
 #: positions closer than this (mm) along the normal are duplicates
 DUPLICATE_MM = 1e-3
 #: relative deviation of a step from the series' step that counts as non-uniform
 UNIFORM_TOLERANCE = 0.01
+#: what splits a series whose positions repeat, in the order tried: (header fact, keyword, name)
+REPEATS = (("echo", "EchoNumbers", "echo"), ("temporal", "TemporalPositionIdentifier", "time point"),
+           ("trigger", "TriggerTime", "trigger time"), ("acquisition", "AcquisitionNumber", "acquisition"))
+SUFFIX = {"echo": "e", "temporal": "t", "trigger": "tt", "acquisition": "a"}  # of a split volume's key
 
 
 def series_key(value: str) -> str:
-    """A non-identifying key for a series (salted hash, 16 hex digits)."""
-    return hashlib.sha256(SERIES_SALT + value.encode()).hexdigest()[:16]
+    """A non-linkable key for a series (16 hex digits): HMAC-SHA256 of its SeriesInstanceUID
+    (or file) under this user's secret (:func:`sslkit.api.keyed_hash`), so nobody holding
+    the UID can recompute it; stable for as long as the secret is."""
+    return keyed_hash(value, "dicom-series")
 
 
 def _floats(value: Any, n: int) -> list[float] | None:
@@ -48,6 +58,17 @@ def _floats(value: Any, n: int) -> list[float] | None:
     except (TypeError, ValueError):
         return None
     return out if len(out) == n and all(math.isfinite(v) for v in out) else None
+
+
+def _label(value: Any) -> float | None:
+    """A number that labels an echo or a time point (the first of a multi-valued element), rounded."""
+    if value is not None and not isinstance(value, (str, bytes)) and hasattr(value, "__len__"):
+        value = value[0] if len(value) else None
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return None
+    return round(v, 3) if math.isfinite(v) else None
 
 
 def _float(value: Any) -> float | None:
@@ -61,9 +82,12 @@ def _float(value: Any) -> float | None:
 def geometry(ds: Any, fallback_key: str) -> dict[str, Any]:
     """Geometry facts of a header (no pixels needed, no identifiers kept).
 
-    ``series_key`` (salted), ``position`` [x, y, z], ``orientation`` (6 direction
+    ``series_key`` (keyed hash), ``position`` [x, y, z], ``orientation`` (6 direction
     cosines), ``pixel_spacing`` [row, column] mm, ``slice_step`` (SpacingBetweenSlices,
-    else SliceThickness), ``mosaic`` (slices in a Siemens mosaic, 0 if not one), and for
+    else SliceThickness), ``echo`` / ``temporal`` / ``trigger`` / ``acquisition``
+    (EchoNumbers, TemporalPositionIdentifier, TriggerTime, AcquisitionNumber: what tells
+    the volumes of a multi-echo or dynamic series apart), ``mosaic`` (slices in a Siemens
+    mosaic, 0 if not one; with ``csa_normal``, the CSA SliceNormalVector), and for
     enhanced multi-frame files ``frame_positions`` (one [x, y, z] per frame).
     """
     uid = str(ds.get("SeriesInstanceUID", "") or "")
@@ -75,10 +99,13 @@ def geometry(ds: Any, fallback_key: str) -> dict[str, Any]:
         "slice_step": _float(ds.get("SpacingBetweenSlices")) or _float(ds.get("SliceThickness")),
         "mosaic": 0,
         "frame_positions": None,
+        **{name: _label(ds.get(keyword)) for name, keyword, _ in REPEATS},
     }
     image_type = [str(v).upper() for v in (ds.get("ImageType") or [])]
     if "MOSAIC" in image_type:
-        out["mosaic"] = mosaic_count(ds) or 0
+        csa = csa_image_header(ds)
+        out["mosaic"] = mosaic_count(ds, csa) or 0
+        out["csa_normal"] = csa_slice_normal(csa)
         out["acquisition_tile"] = acquisition_tile(ds)
         if not out["mosaic"] and out["acquisition_tile"]:
             side = int(ds.Rows) // out["acquisition_tile"][0]
@@ -109,77 +136,6 @@ def _group_value(frame_group: Any, shared: Any, sequence: str, keyword: str) -> 
             if keyword in item:
                 return item.get(keyword)
     return None
-
-
-def mosaic_count(ds: Any) -> int | None:
-    """Slices in a Siemens mosaic: ``NumberOfImagesInMosaic`` from (0019,xx0A), else the
-    CSA image header (read with :mod:`nibabel.nicom.csareader` when nibabel is installed).
-    None when neither is there (then the non-empty tiles are counted)."""
-    creator_el = _private_start(ds, 0x0019, "SIEMENS MR HEADER")
-    if creator_el is not None:
-        el = ds.get((0x0019, creator_el + 0x0A))
-        if el is not None:
-            try:
-                value = el.value
-                n = int.from_bytes(value[:2], "little") if isinstance(value, bytes) else int(value)
-                if n > 0:
-                    return n
-            except (TypeError, ValueError):
-                pass
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            from nibabel.nicom import csareader
-        n = csareader.get_n_mosaic(csareader.get_csa_header(ds, "image"))
-        return int(n) if n else None
-    except Exception:  # nibabel missing, no CSA header, or an unreadable one
-        return None
-
-
-def _private_start(ds: Any, group: int, creator: str) -> int | None:
-    for elem in range(0x10, 0x100):
-        el = ds.get((group, elem))
-        if el is not None and str(el.value).strip() == creator:
-            return elem << 8
-    return None
-
-
-def mosaic_grid(rows: int, columns: int, n: int, tile: tuple[int, int] | None = None) -> tuple[int, int, int]:
-    """``(tiles per side, tile height, tile width)`` of a mosaic of ``n`` slices.
-
-    Siemens lays the slices out row-major on a square grid of ``ceil(sqrt(n))`` tiles per
-    side; ``tile`` (from the acquisition matrix) is used when ``n`` is unknown.
-    """
-    if n > 0:
-        side = math.ceil(math.sqrt(n))
-        return side, rows // side, columns // side
-    if tile:
-        return rows // tile[0], tile[0], tile[1]
-    raise ValueError("mosaic without NumberOfImagesInMosaic or acquisition matrix")
-
-
-def cut_mosaic(image: np.ndarray, n: int, tile: tuple[int, int] | None = None) -> np.ndarray:
-    """A mosaic ``(..., R, C)`` -> its first ``n`` tiles ``(..., n, R/s, C/s)``, row-major.
-
-    ``n <= 0``: the slice count is unknown; the grid comes from ``tile`` and every tile is kept.
-    """
-    rows, cols = image.shape[-2:]
-    side, h, w = mosaic_grid(rows, cols, n, tile)
-    lead = image.shape[:-2]
-    grid = image[..., : side * h, : side * w].reshape(*lead, side, h, side, w)
-    tiles = np.moveaxis(grid, -3, -2).reshape(*lead, side * side, h, w)
-    return tiles[..., : (n if n > 0 else side * side), :, :]
-
-
-def acquisition_tile(ds: Any) -> tuple[int, int] | None:
-    """In-plane size of one mosaic slice from AcquisitionMatrix (frequency/phase rows, cols)."""
-    m = ds.get("AcquisitionMatrix")
-    try:
-        fr, fc, pr, pc = (int(v) for v in m)
-    except (TypeError, ValueError):
-        return None
-    rows, cols = (fr or pr), (fc or pc)
-    return (rows, cols) if rows and cols else None
 
 
 def slice_normal(orientation: Sequence[float]) -> np.ndarray:
@@ -251,7 +207,8 @@ class Volume:
 
     ``slices`` are ``(path, frame, tile)``: the file, the frame of a multi-frame file (None
     for single-frame) and the tile of a mosaic (None otherwise). ``spacing`` is
-    ``(dz, dy, dx)`` in mm (1.0 where the header does not say).
+    ``(dz, dy, dx)`` in mm (1.0 where the header does not say). ``positions``: the
+    ImagePositionPatient of each slice, in the same order (None without slice geometry).
     """
 
     key: str
@@ -262,6 +219,7 @@ class Volume:
     columns: int
     issues: list[str] = field(default_factory=list)
     mosaic: int = 0  # slices per mosaic (negative: -tiles of the grid, count unknown), 0 if not a mosaic
+    positions: list[list[float]] | None = None
 
     @property
     def depth(self) -> int:
@@ -285,8 +243,9 @@ def assemble(headers: dict[str, dict[str, Any]]) -> list[Volume]:
 
     A mosaic file or an enhanced multi-frame file with per-frame positions is a volume of
     its own; single-frame files of one series with positions and orientation form one
-    volume per consistent layout; anything else (a radiograph, a cine loop) is a volume
-    of its frames in stored order, flagged ``"no slice geometry"``.
+    volume per consistent layout, and one per echo / time point where positions repeat
+    (:func:`split_repeats`); anything else (a radiograph, a cine loop) is a volume of its
+    frames in stored order, flagged ``"no slice geometry"``.
     """
     volumes: list[Volume] = []
     series: dict[str, list[str]] = {}
@@ -306,47 +265,109 @@ def assemble(headers: dict[str, dict[str, Any]]) -> list[Volume]:
         for p in paths:
             layouts.setdefault(_layout(headers[p]), []).append(p)
         for i, part in enumerate(sorted(layouts.values(), key=len, reverse=True)):
-            vol = _series_volume(key if len(layouts) == 1 else f"{key}.{i}", part, headers)
-            if len(layouts) > 1:
-                vol.issues.append(f"series split into {len(layouts)} volumes (orientation, size or pixel spacing differ)")
-            volumes.append(vol)
+            layout_key = key if len(layouts) == 1 else f"{key}.{i}"
+            repeats, names = split_repeats(part, headers)
+            for suffix, label, sub in repeats:
+                vol = _series_volume(layout_key + suffix, sub, headers)
+                if len(layouts) > 1:
+                    vol.issues.append(f"series split into {len(layouts)} volumes (orientation, size or pixel "
+                                      f"spacing differ)")
+                if len(repeats) > 1:
+                    vol.issues.append(f"{label}: one of {len(repeats)} volumes of a series split by "
+                                      f"{' and '.join(names)} (positions repeat)")
+                volumes.append(vol)
     return volumes
 
 
-def _series_volume(key: str, paths: list[str], headers: dict[str, dict[str, Any]]) -> Volume:
-    first = headers[paths[0]]
-    orientation = first["orientation"]
-    positions = np.array([headers[p]["position"] for p in paths], float)
+def _repeated(paths: list[str], headers: dict[str, dict[str, Any]]) -> int:
+    """How many of ``paths`` repeat a position already taken along the normal."""
+    if len(paths) < 2:
+        return 0
+    _, dist = order_slices(np.array([headers[p]["position"] for p in paths], float), headers[paths[0]]["orientation"])
+    return int(np.sum(np.diff(dist) < DUPLICATE_MM))
+
+
+def split_repeats(paths: list[str], headers: dict[str, dict[str, Any]]
+                  ) -> tuple[list[tuple[str, str, list[str]]], list[str]]:
+    """A multi-echo or dynamic series -> one part per echo / time point.
+
+    Where positions repeat, the facts of :data:`REPEATS` that vary are tried in order
+    (echo, temporal position, trigger time, acquisition number); one is used when it
+    lowers the number of repeated positions, until none repeat. Returns ``([(key suffix,
+    label, paths)], names of the facts used)``; a single part ``("", "", paths)`` when no
+    fact explains the repeats (they stay reported as duplicate positions).
+    """
+    left = _repeated(paths, headers)
+    used: list[tuple[str, str]] = []
+    groups = {(): paths}
+    for fact, _, name in REPEATS:
+        if not left:
+            break
+        if len({headers[p].get(fact) for p in paths}) < 2:
+            continue
+        trial: dict[tuple, list[str]] = {}
+        for p in paths:
+            trial.setdefault(tuple(headers[p].get(f) for f, _ in used) + (headers[p].get(fact),), []).append(p)
+        repeats = sum(_repeated(g, headers) for g in trial.values())
+        if repeats < left:
+            used, groups, left = used + [(fact, name)], trial, repeats
+    if not used:
+        return [("", "", paths)], []
+
+    def order(values: tuple) -> tuple:
+        return tuple((v is None, v or 0.0) for v in values)
+
+    parts = []
+    for values in sorted(groups, key=order):
+        suffix = "".join(f".{SUFFIX[fact]}{'x' if v is None else f'{v:g}'}" for (fact, _), v in zip(used, values))
+        label = ", ".join(f"{name} {'unknown' if v is None else f'{v:g}'}" for (_, name), v in zip(used, values))
+        parts.append((suffix, label, groups[values]))
+    return parts, [name for _, name in used]
+
+
+def _ordered(positions: np.ndarray, orientation: Sequence[float], fallback_step: float | None
+             ) -> tuple[list[int], float, list[str]]:
+    """Indices of ``positions`` in spatial order (repeats dropped), the slice step, the issues."""
     order, dist = order_slices(positions, orientation)
     report = check_spacing(dist)
-    keep = [i for i in range(len(order)) if i not in set(report.duplicates)]
-    slices = [(paths[order[i]], None, None) for i in keep]
+    dup = set(report.duplicates)
+    keep = [int(order[i]) for i in range(len(order)) if i not in dup]
     issues = report.issues()
     tilt = gantry_tilt(positions[order], orientation)
     if tilt > 0.1:
         issues.append(f"gantry tilt {tilt:.1f} degrees (not corrected)")
-    step = report.step or first.get("slice_step") or 1.0
-    return Volume(key, first["group"], slices, (float(step), *_in_plane(first)), first["rows"], first["columns"], issues)
+    return keep, float(report.step or fallback_step or 1.0), issues
+
+
+def _series_volume(key: str, paths: list[str], headers: dict[str, dict[str, Any]]) -> Volume:
+    first = headers[paths[0]]
+    positions = np.array([headers[p]["position"] for p in paths], float)
+    keep, step, issues = _ordered(positions, first["orientation"], first.get("slice_step"))
+    return Volume(key, first["group"], [(paths[i], None, None) for i in keep], (step, *_in_plane(first)),
+                  first["rows"], first["columns"], issues, positions=positions[keep].tolist())
 
 
 def _enhanced_volume(path: str, h: dict[str, Any]) -> Volume:
     positions = np.array(h["frame_positions"], float)
-    order, dist = order_slices(positions, h["orientation"])
-    report = check_spacing(dist)
-    keep = [int(order[i]) for i in range(len(order)) if i not in set(report.duplicates)]
-    issues = report.issues()
-    tilt = gantry_tilt(positions[order], h["orientation"])
-    if tilt > 0.1:
-        issues.append(f"gantry tilt {tilt:.1f} degrees (not corrected)")
-    step = report.step or h.get("slice_step") or 1.0
-    return Volume(series_key(path), h["group"], [(path, f, None) for f in keep], (float(step), *_in_plane(h)),
-                  h["rows"], h["columns"], issues)
+    keep, step, issues = _ordered(positions, h["orientation"], h.get("slice_step"))
+    return Volume(series_key(path), h["group"], [(path, f, None) for f in keep], (step, *_in_plane(h)),
+                  h["rows"], h["columns"], issues, positions=positions[keep].tolist())
 
 
 def _mosaic_volume(path: str, h: dict[str, Any]) -> Volume:
+    """The tiles of a mosaic, ordered by their own positions (:func:`mosaic_positions`) where
+    the header gives position and orientation, else in stored order."""
     n = h["mosaic"]
     tile = tuple(h["acquisition_tile"]) if h.get("acquisition_tile") else None
     _, th, tw = mosaic_grid(h["rows"], h["columns"], n, tile)
     issues = [] if n > 0 else ["mosaic slice count not in the header: every tile of the grid kept"]
-    return Volume(series_key(path), h["group"], [(path, None, t) for t in range(abs(n))],
-                  (float(h.get("slice_step") or 1.0), *_in_plane(h)), th, tw, issues, mosaic=n)
+    step = float(h.get("slice_step") or 1.0)
+    keep, positions = list(range(abs(n))), None
+    if h.get("position") and h.get("orientation"):
+        pos = mosaic_positions(h["position"], h["orientation"], _in_plane(h), (h["rows"], h["columns"]), (th, tw),
+                               abs(n), step, h.get("csa_normal"))
+        keep, step, found = _ordered(pos, h["orientation"], step)
+        issues += found
+        positions = pos[keep].tolist()
+    return Volume(series_key(path), h["group"], [(path, None, t) for t in keep], (step, *_in_plane(h)), th, tw,
+                  issues, mosaic=n, positions=positions)

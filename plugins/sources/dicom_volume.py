@@ -70,7 +70,7 @@ class VolumeSampler:
         return list(dict.fromkeys(vol.slices[j][0] for j in indices))
 
     def sample_id(self, ref: SampleRef) -> str:
-        """``series:<key>`` for a volume (a salted hash: names no patient or UID), else ``ref.id``."""
+        """``series:<key>`` for a volume (a keyed hash: no UID, not linkable to one), else ``ref.id``."""
         v, i = self.where[ref.id]
         return f"series:{self.volumes[v].key}" if i is None else ref.id
 
