@@ -28,7 +28,7 @@ def attribute_docstrings(module_file: Path) -> dict[str, str]:
 
 def where_defined(name: str) -> Path:
     """The module file that binds ``name`` for sslkit.api (api.py itself, or the module it imports it from)."""
-    for stmt in ast.parse(Path(api.__file__).read_text()).body:
+    for stmt in ast.walk(ast.parse(Path(api.__file__).read_text())):  # also the lazy (TYPE_CHECKING) imports
         if isinstance(stmt, ast.ImportFrom) and any(a.name == name for a in stmt.names):
             return Path(importlib.import_module(stmt.module).__file__)
     return Path(api.__file__)
