@@ -58,19 +58,33 @@ def test_source_contract(scheme, tmp_path):
     if location is None:
         pytest.skip(f"no sample data known for source {scheme!r}")
     report = check_source(scheme, location, tmp_path=tmp_path)
-    assert report["loaded"] >= 1 and report["damaged"]
+    assert report["loaded"] >= 1 and report["damaged"] and report["graph"] in ("pixels", "unit", "window")
 
 
-BACKBONE_MODELS = {"timm": [("resnet10t", {}), ("convnext_atto", {}),
-                            ("vit_tiny_patch16_224", {"patch_size": 8, "depth": 2})]}
+def test_source_contract_with_a_fixed_window_graph(tmp_path):
+    """A DICOM lung window goes into the export graph: the kit checks that ``window`` graph."""
+    report = check_source("dicom", sample_data("dicom", tmp_path), tmp_path=tmp_path, options={"window": "lung"})
+    assert report["graph"] == "window"
+
+
+#: per prefix: (model, options, is a token backbone, spatial dims), the input size, a module it needs
+BACKBONE_MODELS = {
+    "timm": ([("resnet10t", {}, False, 2), ("convnext_atto", {}, False, 2),
+              ("vit_tiny_patch16_224", {"patch_size": 8, "depth": 2}, True, 2)], 32, None),
+    "monai": ([("resnet10", {}, False, 3),
+               ("vit", {"patch_size": 8, "hidden_size": 48, "num_layers": 1, "num_heads": 2}, True, 3)], 16, "monai"),
+}
 
 
 @pytest.mark.parametrize("prefix", registry.list_backbones())
 def test_backbone_contract(prefix):
     if prefix not in BACKBONE_MODELS:
         pytest.skip(f"no sample model known for backbone prefix {prefix!r}")
-    reports = [check_backbone(prefix, model, options=opts) for model, opts in BACKBONE_MODELS[prefix]]
-    assert [r["token"] for r in reports] == [False, False, True]
+    models, size, needs = BACKBONE_MODELS[prefix]
+    if needs:
+        pytest.importorskip(needs)
+    reports = [check_backbone(prefix, model, options=opts, image_size=size) for model, opts, _, _ in models]
+    assert [(r["token"], r["spatial_dims"]) for r in reports] == [(token, dims) for _, _, token, dims in models]
 
 
 @pytest.mark.parametrize("fmt", registry.list_exporters())

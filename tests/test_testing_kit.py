@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from sslkit.api import MultiView, SampleRef, Source, Task, UsageError, recipe, write_atomic
+from sslkit.api import GraphPreprocessing, MultiView, SampleRef, Source, Task, UsageError, recipe, write_atomic
 from sslkit.testing import check_backbone, check_exporter, check_source, check_task
 
 
@@ -108,6 +108,21 @@ class IgnoresDamage(Arrays):
             return np.zeros((1, 8, 8), np.float32)
 
 
+class GraphAsDict(Arrays):
+    def graph_preprocessing(self):
+        return {"kind": "window", "window": [{"lower": 0, "upper": 1}]}
+
+
+class GraphBakesInAnUnknownOption(Arrays):
+    def graph_preprocessing(self):
+        return GraphPreprocessing("window", (0.0,), (1.0,), options=("level",))
+
+
+class GraphWindowsMismatchChannels(Arrays):
+    def graph_preprocessing(self):  # three windows, but the arrays load one channel
+        return GraphPreprocessing("window", (0.0, 0.0, 0.0), (1.0, 2.0, 3.0))
+
+
 @pytest.fixture
 def arrays(tmp_path) -> str:
     (tmp_path / "a").mkdir()
@@ -117,11 +132,15 @@ def arrays(tmp_path) -> str:
 
 
 def test_check_source_passes_a_good_source(arrays, tmp_path):
-    assert check_source(Arrays, arrays, tmp_path=tmp_path)["damaged"].startswith("load raises")
+    report = check_source(Arrays, arrays, tmp_path=tmp_path)
+    assert report["damaged"].startswith("load raises") and report["graph"] == "pixels"
 
 
 @pytest.mark.parametrize("cls,needle", [(Unscaled, r"\[0, 1\]"), (FakePaths, "not an existing file"),
-                                        (Unpicklable, "does not pickle"), (IgnoresDamage, "instead of raising")])
+                                        (Unpicklable, "does not pickle"), (IgnoresDamage, "instead of raising"),
+                                        (GraphAsDict, "not sslkit.api.GraphPreprocessing"),
+                                        (GraphBakesInAnUnknownOption, r"options \['level'\] that are not fields"),
+                                        (GraphWindowsMismatchChannels, "export --with-preprocessing refuses")])
 def test_check_source_catches_a_broken_source(cls, needle, arrays, tmp_path):
     with pytest.raises(AssertionError, match=needle):
         check_source(cls, arrays, tmp_path=tmp_path)
@@ -149,6 +168,38 @@ def test_check_backbone_passes_a_good_factory_and_catches_bad_ones():
         check_backbone(lambda m, in_chans, image_size: Tiny(in_chans, out=5), "tiny")
     with pytest.raises(AssertionError, match="unknown model name must raise"):
         check_backbone(lambda m, in_chans, image_size: Tiny(in_chans), "tiny")
+
+
+class Flat3D(Tiny):
+    """Declares volumes but is built of 2D convolutions: a (B, C, D, H, W) batch fails."""
+
+    spatial_dims = 3
+
+
+class Tiny3D(nn.Module):
+    spatial_dims = 3
+
+    def __init__(self, in_chans):
+        super().__init__()
+        self.in_chans, self.num_features = in_chans, 8
+        self.conv = nn.Conv3d(in_chans, 8, 3)
+
+    def forward(self, x):
+        return self.conv(x).mean((2, 3, 4))
+
+
+def factory_of(cls):
+    def create(model, in_chans, image_size, **options):
+        good_factory(model, in_chans, image_size)  # the unknown-model error
+        return cls(in_chans)
+
+    return create
+
+
+def test_check_backbone_runs_a_3d_backbone_on_volumes():
+    assert check_backbone(factory_of(Tiny3D), "tiny", image_size=8)["spatial_dims"] == 3
+    with pytest.raises(AssertionError, match=r"spatial_dims 3, but \(B, C, D, H, W\) input"):
+        check_backbone(factory_of(Flat3D), "tiny", image_size=8)
 
 
 def test_check_exporter_catches_stray_files_and_ignored_options(tmp_path):

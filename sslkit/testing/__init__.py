@@ -16,9 +16,11 @@ returns a small report dict when everything holds::
   encoder exports to ONNX (verified by onnxruntime); a run resumed from a mid-run
   checkpoint logs the same losses as the uninterrupted run.
 * :func:`check_source`: indexes (real files), loads float32 ``(C, H, W)`` in [0, 1],
-  raises on a damaged file, pickles, sniffs in [0, 1].
-* :func:`check_backbone`: ``(B, C, H, W) -> (B, D)`` for 1 and 3 channels, gradients,
-  the token interface where offered, a one-line error for an unknown model.
+  raises on a damaged file, pickles, sniffs in [0, 1]; ``graph_preprocessing()`` reads
+  back unchanged from run.json and export accepts it.
+* :func:`check_backbone`: ``(B, C, H, W) -> (B, D)`` for 1 and 3 channels (``(B, C, D, H,
+  W)`` for ``spatial_dims = 3``), gradients, the token interface where offered, a one-line
+  error for an unknown model.
 * :func:`check_exporter`: writes one file (nothing else left behind), returns a JSON-able
   report, refuses an unknown option, takes the keywords sslkit always passes.
 * :func:`registered`: the names an installed distribution registers, for parametrize.

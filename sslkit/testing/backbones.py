@@ -1,4 +1,4 @@
-"""``check_backbone``: pixels in, one finite embedding per image out, for 1 and 3 channels."""
+"""``check_backbone``: pixels (or voxels) in, one finite embedding per image out, for 1 and 3 channels."""
 
 from __future__ import annotations
 
@@ -13,39 +13,20 @@ def check_backbone(factory: Any, model: str, *, options: dict | None = None, ima
 
     For each of ``channels``: ``factory(model, in_chans=C, image_size=S, **options)`` is an
     ``nn.Module`` with ``in_chans == C`` and ``num_features = D``, maps ``(B, C, S, S)`` to
-    finite ``(B, D)`` and passes gradients back to its parameters; a token backbone
-    (``sslkit.api.is_token_backbone``) also gives ``patchify: (B, C, S, S) -> (B, N, E)`` and
-    ``encode_tokens: (B, n, E) -> (B, prefix + n, E)``. An unknown model name raises
-    ``UsageError``. Returns ``{"model", "num_features", "token"}``.
+    finite ``(B, D)`` and passes gradients back to its parameters. A backbone that declares
+    ``spatial_dims = 3`` (volumes, e.g. ``monai:resnet10``) is checked on ``(B, C, S, S, S)``
+    instead. A token backbone (``sslkit.api.is_token_backbone``) also gives ``patchify:
+    input -> (B, N, E)`` (``N = (S / patch_size) ** spatial_dims``) and ``encode_tokens:
+    (B, n, E) -> (B, prefix + n, E)``. An unknown model name raises ``UsageError``. Returns
+    ``{"model", "num_features", "token", "spatial_dims"}``.
     """
-    import torch
-    from torch import nn
-
-    from sslkit.api import UsageError, is_token_backbone
+    from sslkit.api import UsageError
 
     _, factory = resolve("backbones", factory)
     report: dict[str, Any] = {"model": model}
     for c in channels:
         net = factory(model, in_chans=c, image_size=image_size, **(options or {}))
-        what = f"{model} ({c} channel{'s' if c > 1 else ''})"
-        assert isinstance(net, nn.Module), f"{what}: the factory returned {type(net).__name__}, not an nn.Module"
-        assert net.in_chans == c, f"{what}: in_chans is {getattr(net, 'in_chans', None)}"
-        d = int(net.num_features)
-        x = torch.rand(batch, c, image_size, image_size)
-        out = net.train()(x)
-        assert out.shape == (batch, d), f"{what}: (B, C, H, W) -> {tuple(out.shape)}, expected {(batch, d)}"
-        assert torch.isfinite(out).all(), f"{what}: non-finite embedding"
-        out.square().mean().backward()
-        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in net.parameters()), f"{what}: no gradient"
-        report["num_features"], report["token"] = d, is_token_backbone(net)
-        if report["token"]:
-            with torch.no_grad():
-                tokens = net.patchify(x)
-                n = (image_size // net.patch_size) ** 2
-                assert tokens.shape == (batch, n, net.embed_dim), f"{what}: patchify gives {tuple(tokens.shape)}"
-                enc = net.encode_tokens(tokens[:, : n // 2])
-                assert enc.shape == (batch, net.num_prefix_tokens + n // 2, net.embed_dim), \
-                    f"{what}: encode_tokens gives {tuple(enc.shape)}"
+        report.update(_check_one(net, f"{model} ({c} channel{'s' if c > 1 else ''})", c, image_size, batch))
     try:
         factory("no_such_model_for_sslkit_testing", in_chans=1, image_size=image_size)
     except UsageError as exc:
@@ -53,3 +34,38 @@ def check_backbone(factory: Any, model: str, *, options: dict | None = None, ima
     else:
         raise AssertionError("an unknown model name must raise sslkit.api.UsageError (one line)")
     return report
+
+
+def _check_one(net: Any, what: str, c: int, image_size: int, batch: int) -> dict[str, Any]:
+    """One built backbone: shapes, finiteness, gradients and the token interface."""
+    import torch
+    from torch import nn
+
+    from sslkit.api import is_token_backbone
+
+    assert isinstance(net, nn.Module), f"{what}: the factory returned {type(net).__name__}, not an nn.Module"
+    assert net.in_chans == c, f"{what}: in_chans is {getattr(net, 'in_chans', None)}"
+    dims = int(getattr(net, "spatial_dims", 2))
+    assert dims in (2, 3), f"{what}: spatial_dims must be 2 (images) or 3 (volumes), not {dims}"
+    d = int(net.num_features)
+    x = torch.rand(batch, c, *(image_size,) * dims)
+    layout = "(B, C, D, H, W)" if dims == 3 else "(B, C, H, W)"
+    try:
+        out = net.train()(x)
+    except Exception as exc:
+        raise AssertionError(f"{what}: spatial_dims {dims}, but {layout} input {tuple(x.shape)} fails: "
+                             f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
+    assert out.shape == (batch, d), f"{what}: {layout} -> {tuple(out.shape)}, expected {(batch, d)}"
+    assert torch.isfinite(out).all(), f"{what}: non-finite embedding"
+    out.square().mean().backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in net.parameters()), f"{what}: no gradient"
+    token = is_token_backbone(net)
+    if token:
+        with torch.no_grad():
+            tokens = net.patchify(x)
+            n = (image_size // net.patch_size) ** dims
+            assert tokens.shape == (batch, n, net.embed_dim), f"{what}: patchify gives {tuple(tokens.shape)}"
+            enc = net.encode_tokens(tokens[:, : n // 2])
+            assert enc.shape == (batch, net.num_prefix_tokens + n // 2, net.embed_dim), \
+                f"{what}: encode_tokens gives {tuple(enc.shape)}"
+    return {"num_features": d, "token": token, "spatial_dims": dims}

@@ -25,8 +25,12 @@ def check_source(source: Any, location: str, *, tmp_path: Path, options: Any = N
     ``C`` as ``channels_of`` says; the source pickles and the copy loads the same pixels;
     ``describe()`` is JSON-able; ``sniff`` is in [0, 1] and 0 for an empty folder; and, with
     ``damaged_file_raises`` (turn it off only for sources that read no files), ``load`` of a
-    truncated copy of a sample's file raises instead of returning pixels. Returns
-    ``{"scheme", "samples", "loaded", "channels", "damaged"}``.
+    truncated copy of a sample's file raises instead of returning pixels; and
+    ``graph_preprocessing()`` is a ``GraphPreprocessing`` that survives the run's InputSpec
+    (JSON, as ``run.json`` stores it) unchanged, names only fields of ``Options`` as baked-in
+    options, and (a ``window`` graph) has one window per loaded channel, so ``sslkit export
+    --with-preprocessing`` accepts it. Returns ``{"scheme", "samples", "loaded",
+    "channels", "damaged", "graph"}``.
     """
     from sslkit.api import SampleRef, Source, Undecodable
 
@@ -63,12 +67,46 @@ def check_source(source: Any, location: str, *, tmp_path: Path, options: Any = N
     assert np.array_equal(copy.load(picked[0]), src.load(picked[0])), f"{cls.__name__}: a pickled copy loads " \
                                                                        "different pixels"
     json.dumps(src.describe())
+    graph = _check_graph_preprocessing(src, cls, channels)
     _check_sniff(cls, location, Path(tmp_path))
     damaged = "not checked (damaged_file_raises=False)"
     if damaged_file_raises:
         damaged = _check_damaged(src, picked[0], Path(tmp_path), Undecodable)
     return {"scheme": name or cls.scheme, "samples": len(refs), "loaded": len(picked), "channels": sorted(channels),
-            "damaged": damaged}
+            "damaged": damaged, "graph": graph}
+
+
+def _check_graph_preprocessing(src: Any, cls: type, channels: set[int]) -> str:
+    """``graph_preprocessing()``: what ``sslkit export --with-preprocessing`` builds from the
+    run's InputSpec, checked the way it is stored (JSON) and read back."""
+    from sslkit.api import GraphPreprocessing, InputSpec, UsageError, raw_input_for
+    from sslkit.raw_input import graph_preprocessing_of
+
+    what = f"{cls.__name__}.graph_preprocessing()"
+    try:
+        declared = src.graph_preprocessing()
+    except Exception as exc:
+        raise AssertionError(f"{what} raised {type(exc).__name__}: {exc}") from None
+    assert isinstance(declared, GraphPreprocessing), \
+        f"{what} returned {type(declared).__name__}, not sslkit.api.GraphPreprocessing"
+    c = next(iter(channels)) if len(channels) == 1 else 1
+    spec = InputSpec(c, 32, (0.5,) * c, (0.25,) * c, source=cls.scheme, preprocessing=src.describe(),
+                     graph_preprocessing=declared.to_json())
+    try:
+        stored = json.loads(json.dumps(spec.to_dict()))
+    except (TypeError, ValueError) as exc:
+        raise AssertionError(f"{what} does not serialise into run.json: {exc}") from None
+    assert graph_preprocessing_of(InputSpec.from_dict(stored)) == declared, \
+        f"{what} reads back from run.json as something else: {stored['graph_preprocessing']}"
+    fields = {f.name for f in dataclasses.fields(cls.Options)} if dataclasses.is_dataclass(cls.Options) else set()
+    unknown = sorted(set(declared.options) - fields)
+    assert not unknown, f"{what} bakes in options {unknown} that are not fields of {cls.__name__}.Options"
+    if declared.kind == "window" and len(channels) == 1:
+        try:
+            raw_input_for(spec, True)
+        except UsageError as exc:
+            raise AssertionError(f"{what}: sslkit export --with-preprocessing refuses it: {exc}") from None
+    return declared.kind
 
 
 def _check_sniff(cls: type, location: str, tmp_path: Path) -> None:
