@@ -293,7 +293,9 @@ def split_repeats(paths: list[str], headers: dict[str, dict[str, Any]]
 
     Where positions repeat, the facts of :data:`REPEATS` that vary are tried in order
     (echo, temporal position, trigger time, acquisition number); one is used when it
-    lowers the number of repeated positions, until none repeat. Returns ``([(key suffix,
+    lowers the number of repeated positions without leaving a part of a single slice
+    (a number that changes every slice, as AcquisitionNumber may, explains nothing),
+    until none repeat. Returns ``([(key suffix,
     label, paths)], names of the facts used)``; a single part ``("", "", paths)`` when no
     fact explains the repeats (they stay reported as duplicate positions).
     """
@@ -309,7 +311,7 @@ def split_repeats(paths: list[str], headers: dict[str, dict[str, Any]]
         for p in paths:
             trial.setdefault(tuple(headers[p].get(f) for f, _ in used) + (headers[p].get(fact),), []).append(p)
         repeats = sum(_repeated(g, headers) for g in trial.values())
-        if repeats < left:
+        if repeats < left and min(map(len, trial.values())) > 1:  # a new value every slice explains nothing
             used, groups, left = used + [(fact, name)], trial, repeats
     if not used:
         return [("", "", paths)], []
