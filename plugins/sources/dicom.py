@@ -301,8 +301,13 @@ class DicomSource(Source):
             "size": f"{h.get('columns')}x{h.get('rows')}",
             "frames": h.get("frames"),
             "samples_per_pixel": h.get("samples_per_pixel"),
-            **({"volume_issues": "; ".join(self.sampler.volume_of(ref).issues) or "none"} if self.sampler else {}),
+            **(self._volume_properties(ref) if self.sampler else {}),
         }
+
+    def _volume_properties(self, ref: SampleRef) -> dict[str, Any]:
+        """Slab / volume mode: the volume's depth, slice size (a mosaic's tile) and issues."""
+        vol = self.sampler.volume_of(ref)
+        return {"size": f"{vol.columns}x{vol.rows}", "depth": vol.depth, "volume_issues": "; ".join(vol.issues) or "none"}
 
     def describe(self) -> dict:
         return {

@@ -2,7 +2,9 @@
 
 Counts files and samples by header facts (for DICOM: modality, transfer syntax,
 photometric interpretation, bits stored, size, frames), lists every file that cannot be
-indexed or decoded with its reason, and estimates the decoded size. Nothing identifying
+indexed or decoded with its reason, and estimates the decoded size: the cache holds one
+uint16 ``C x S x S`` image per sample (``slab:K``: ``C*K`` channels), or with
+``--sample volume`` one ``C x D x H x W`` volume per series (``--volume-size``). Nothing identifying
 is reported: header facts are technical, groups are only counted.
 """
 
@@ -12,6 +14,7 @@ from collections import Counter
 from typing import Any
 
 from sslkit.data.prepare import majority_channels, prepare
+from sslkit.data.volume import sample_mode
 from sslkit.registry import create_source
 
 
@@ -35,6 +38,7 @@ def inspect_data(data: str, source_options: dict[str, Any] | None = None, decode
         per_file[ref.path] += 1
     facts: dict[str, Counter] = {}
     full_bytes = 0
+    mode = sample_mode(source)
     for ref in first.values():
         props = source.properties(ref)
         for key, value in props.items():
@@ -42,10 +46,16 @@ def inspect_data(data: str, source_options: dict[str, Any] | None = None, decode
         try:
             w, h = (int(v) for v in str(props.get("size", "")).split("x"))
             c = int(props.get("samples_per_pixel", props.get("channels", 1)) or 1)
-            full_bytes += w * h * c * 4 * per_file[ref.path]  # every sample (frame, array row) of the file
+            depth = int(props.get("depth", 1) or 1) if mode.volumetric else 1  # a volume: all its slices
+            full_bytes += w * h * c * depth * 4 * per_file[ref.path]  # every sample (frame, array row) of the file
         except (ValueError, TypeError):
             pass
     channels = majority_channels(source, refs) if refs else 1
+    # what one sample is cached as (uint16): C x S x S (a slab: C*K channels), or C x D x H x W
+    stored = list(mode.size) if mode.volumetric else [image_size, image_size]
+    per_sample = channels * 2
+    for n in stored:
+        per_sample *= n
     report: dict[str, Any] = {
         "source": source.scheme,
         "files": len(first),
@@ -56,8 +66,10 @@ def inspect_data(data: str, source_options: dict[str, Any] | None = None, decode
         "unreadable": [{"path": source.relative(p), "reason": r} for p, r in source.skipped],
         "preprocessing": source.describe(),
         "estimated_bytes": {
-            "cache_at_image_size": len(refs) * channels * image_size * image_size * 2,
+            "cache_at_image_size": len(refs) * per_sample,
             "image_size": image_size,
+            "sample": mode.describe().get("sample", "slice"),
+            "stored_shape": [channels, *stored],
             "decoded_full_resolution_float32": full_bytes or None,
         },
     }
@@ -93,7 +105,11 @@ def format_report(report: dict[str, Any]) -> str:
         shown = ", ".join(f"{v} {n}" for v, n in items[:12]) + (f", ... ({len(items) - 12} more)" if len(items) > 12 else "")
         lines.append(f"  {key}: {shown}")
     est = report["estimated_bytes"]
-    lines.append(f"decoded size: {_size(est['cache_at_image_size'])} cached at {est['image_size']} px "
+    shape = est.get("stored_shape") or [report["channels"], est["image_size"], est["image_size"]]
+    at = (f"{'x'.join(map(str, shape[1:]))} voxels x {shape[0]} channel(s) per volume" if len(shape) == 4 else
+          f"{est['image_size']} px x {shape[0]} channel(s)"
+          + (f" ({est['sample']}: slices as channels)" if est.get("sample", "slice") != "slice" else ""))
+    lines.append(f"decoded size: {_size(est['cache_at_image_size'])} cached at {at} "
                  f"(uint16); {_size(est['decoded_full_resolution_float32'])} at full resolution (float32)")
     bad = report["unreadable"] + report.get("undecodable", [])
     if "decoded_ok" in report:
