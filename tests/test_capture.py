@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import csv
 import json
-import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -16,6 +15,7 @@ import torch
 
 from sslkit.engine import capture as cap
 from sslkit.engine.capture import WARMUP_STEPS, StepCapture, TensorLR, blocker
+from sslkit.testing import crashed_copy
 from tests.conftest import make_images, run_sslkit
 
 TINY_VIT = {"depth": 2, "embed_dim": 32, "num_heads": 2, "patch_size": 8}
@@ -251,13 +251,7 @@ def test_resume_with_capture_repeats_the_uninterrupted_run(images, tmp_path, mon
     total = len(rows(ref))
     assert total == 8
 
-    crashed = tmp_path / "crashed"
-    shutil.copytree(ref, crashed)
-    for late in sorted((crashed / "checkpoints").iterdir())[1:]:  # the run "died" after step 2
-        shutil.rmtree(late)
-    (crashed / "encoder.safetensors").unlink()
-    meta = json.loads((crashed / "run.json").read_text())
-    (crashed / "run.json").write_text(json.dumps({**meta, "status": "running"}))
+    crashed = crashed_copy(ref, tmp_path / "crashed", keep=1)  # the run "died" after step 2
     pretrain(cfg(crashed, resume=True))
     assert recorders[-1].replays == total - 2 - WARMUP_STEPS
     assert rows(crashed) == rows(ref)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from sslkit.testing import crashed_copy
 from tests.conftest import make_images, run_sslkit
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -59,15 +59,7 @@ def test_fp16_scaler_state_is_checkpointed_and_resumed_exactly(images, tmp_path)
     assert state["step"] == 6
     assert state["scaler"]["scale"] > 0 and state["scaler"]["_growth_tracker"] >= 0  # GradScaler state saved
 
-    # a crash right after step 6: newer checkpoints and the encoder never written
-    crashed = tmp_path / "crashed"
-    shutil.copytree(ref, crashed)
-    for late in ckpts[3:]:
-        shutil.rmtree(crashed / "checkpoints" / late.name)
-    (crashed / "encoder.safetensors").unlink()
-    meta = json.loads((crashed / "run.json").read_text())
-    (crashed / "run.json").write_text(json.dumps({**meta, "status": "running"}))
-
+    crashed = crashed_copy(ref, tmp_path / "crashed", keep=3)  # a crash right after step 6
     proc = run_sslkit("pretrain", "--resume", crashed, "--quiet")
     assert proc.returncode == 0, proc.stderr
     again = rows(crashed)
@@ -135,14 +127,8 @@ def test_capture_graphs_resumes_bit_identically_and_tracks_eager(images, tmp_pat
     for g, w in zip(got, want):  # same random numbers and kernels; bf16 leaves room for rounding
         assert math.isclose(float(g["loss"]), float(w["loss"]), rel_tol=2e-2), (g, w)
 
-    ckpts = sorted((ref / "checkpoints").iterdir())
-    crashed = tmp_path / "crashed"
-    shutil.copytree(ref, crashed)
-    for late in ckpts[2:]:  # "died" after step 4: the resumed session runs 3 warm-up steps, then replays
-        shutil.rmtree(crashed / "checkpoints" / late.name)
-    (crashed / "encoder.safetensors").unlink()
-    meta = json.loads((crashed / "run.json").read_text())
-    (crashed / "run.json").write_text(json.dumps({**meta, "status": "running"}))
+    # "died" after step 4: the resumed session runs 3 warm-up steps, then replays
+    crashed = crashed_copy(ref, tmp_path / "crashed", keep=2)
     proc = run_sslkit("pretrain", "--resume", crashed, "--quiet")
     assert proc.returncode == 0, proc.stderr
     assert [(r["step"], r["loss"], r["lr"]) for r in rows(crashed)] == [(r["step"], r["loss"], r["lr"]) for r in got]

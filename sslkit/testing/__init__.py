@@ -24,6 +24,8 @@ returns a small report dict when everything holds::
 * :func:`check_exporter`: writes one file (nothing else left behind), returns a JSON-able
   report, refuses an unknown option, takes the keywords sslkit always passes.
 * :func:`registered`: the names an installed distribution registers, for parametrize.
+* :func:`crashed_copy`: a copy of a run folder as a crash after its k-th checkpoint leaves
+  it (for resume tests: ``--resume`` on it must repeat the original's losses).
 
 Everything here is public, versioned with :data:`sslkit.api.API_VERSION`.
 """
@@ -32,10 +34,10 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["check_task", "check_source", "check_backbone", "check_exporter", "registered"]
+__all__ = ["check_task", "check_source", "check_backbone", "check_exporter", "registered", "crashed_copy"]
 
 _WHERE = {"check_task": "tasks", "check_source": "sources", "check_backbone": "backbones",
-          "check_exporter": "exporters", "registered": "registry"}
+          "check_exporter": "exporters", "registered": "registry", "crashed_copy": "runs"}
 
 
 def __getattr__(name: str) -> Any:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import shutil
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -11,6 +9,7 @@ from typing import Any
 from sslkit.testing.cli import finite_losses, metric_rows, sslkit
 from sslkit.testing.data import image_folder
 from sslkit.testing.registry import registered_as, resolve
+from sslkit.testing.runs import checkpoints, crashed_copy
 
 #: the small stand-ins the kit trains with, by the task's default backbone family
 TINY_VIT = ("timm:vit_tiny_patch16_224", {"patch_size": 8, "depth": 2})
@@ -128,15 +127,9 @@ def _check_export(run: Path, out: Path, channels: int, size: int) -> str:
 
 def _check_resume(run: Path, copy: Path, rows: list[dict[str, str]], what: str) -> str:
     """Cut a copy of ``run`` back to its step-1 checkpoint, as a crash would leave it, and resume."""
-    shutil.copytree(run, copy)
-    checkpoints = sorted(p for p in (copy / "checkpoints").iterdir() if p.name.startswith("step-"))
-    assert len(checkpoints) == len(rows), f"{what}: expected a checkpoint per step, found {len(checkpoints)}"
-    for later in checkpoints[1:]:
-        shutil.rmtree(later)
-    info = json.loads((copy / "run.json").read_text())
-    info["status"] = "running"
-    info.pop("summary", None)
-    (copy / "run.json").write_text(json.dumps(info))
+    saved = checkpoints(run)
+    assert len(saved) == len(rows), f"{what}: expected a checkpoint per step, found {len(saved)}"
+    crashed_copy(run, copy, keep=1)
     sslkit("pretrain", "--resume", copy, "--quiet")
     expected = [(r["step"], r["loss"]) for r in rows]
     got = [(r["step"], r["loss"]) for r in metric_rows(copy)]
