@@ -8,7 +8,10 @@ An encoder sees normalised pixels ``(x - mean) / std`` of ``x`` in [0, 1]. An ex
 * ``uint16``: 16-bit images, ``x = raw / 65535``;
 * ``window``: the source's values (e.g. CT Hounsfield units) in float32, one fixed linear
   window per output channel, ``x_c = clip((raw - lower_c) / (upper_c - lower_c), 0, 1)``;
-  a stack of 3 windows turns a 1-channel input into 3 channels;
+  a stack of 3 windows turns a 1-channel input into 3 channels. Output channel ``j``
+  reads input channel ``j % C_in``: a ``slab:K`` run takes the values of its K slices as
+  K input channels and applies each window to every slice (``C`` windows give the run's
+  ``C*K`` channels, channel-major as :func:`sslkit.data.volume.stack_slab` stacks them);
 * ``unit``: float32 already in [0, 1] (the client did the source's mapping, e.g. a
   per-file window that no fixed graph can reproduce);
 * ``normalized``: no preprocessing in the graph; the client feeds ``(x - mean) / std``.
@@ -111,14 +114,16 @@ class RawInput:
                    tuple(float(w["upper"]) for w in windows))
 
     def to_unit(self, raw: np.ndarray) -> np.ndarray:
-        """``(B, C_in, H, W)`` raw pixels -> ``(B, C, H, W)`` float32 in [0, 1] (not for ``normalized``)."""
+        """``(B, C_in, *spatial)`` raw pixels -> ``(B, C, *spatial)`` float32 in [0, 1] (not for ``normalized``)."""
         x = np.asarray(raw).astype(np.float32)
         if self.kind == "uint8":
             return x / np.float32(255.0)
         if self.kind == "uint16":
             return x / np.float32(65535.0)
         if self.kind == "window":
-            lo, hi = self._bounds()
+            lo, hi = self._bounds(x.ndim)
+            if x.shape[1] > 1:  # output channel j reads input channel j % C_in
+                x = np.tile(x, (1, len(self.lower) // x.shape[1]) + (1,) * (x.ndim - 2))
             return np.clip((x - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
         return x
 
@@ -135,7 +140,10 @@ class RawInput:
             return np.rint(u * 65535.0).astype(np.uint16)
         if self.kind != "window":
             return u.astype(np.float32)
-        lo, hi = (b.astype(np.float64) for b in self._bounds())
+        n, spatial = len(u), u.shape[2:]
+        per = (1, len(self.lower) // self.channels, self.channels) + (1,) * len(spatial)
+        u = u.reshape(n, *per[1:3], *spatial)  # (B, windows, C_in, ...): axis 1 holds one input's windows
+        lo, hi = (b.astype(np.float64).reshape(per) for b in self._bounds(u.ndim))
         point = lo + u * (hi - lo)
         inside = (u > 0) & (u < 1)
         n_inside = inside.sum(1, keepdims=True)
@@ -145,10 +153,11 @@ class RawInput:
         ceil = np.where(u <= 0, lo, np.inf).min(1, keepdims=True)
         floor = np.where(np.isfinite(floor), floor, ceil - 1.0)
         ceil = np.where(np.isfinite(ceil), ceil, floor + 1.0)
-        return np.where(n_inside > 0, estimate, (floor + ceil) / 2).astype(np.float32)
+        out = np.where(n_inside > 0, estimate, (floor + ceil) / 2)
+        return out.reshape(n, self.channels, *spatial).astype(np.float32)
 
-    def _bounds(self) -> tuple[np.ndarray, np.ndarray]:
-        shape = (1, len(self.lower), 1, 1)
+    def _bounds(self, ndim: int = 4) -> tuple[np.ndarray, np.ndarray]:
+        shape = (1, len(self.lower)) + (1,) * (ndim - 2)
         return (np.asarray(self.lower, np.float32).reshape(shape), np.asarray(self.upper, np.float32).reshape(shape))
 
 
@@ -224,6 +233,14 @@ def raw_input_for(spec: InputSpec, with_preprocessing: bool, input_dtype: str | 
                          f"drop --input-dtype")
     if declared.kind == "unit":
         return RawInput("unit", c), declared.client or "the client maps each file to [0, 1] as the run's source did"
-    if len(declared.lower) != c:
-        raise UsageError(f"the run's {len(declared.lower)} windows do not match its {c} channels")
-    return RawInput("window", 1, declared.lower, declared.upper), declared.client
+    k = int(spec.sample.split(":")[1]) if str(spec.sample).startswith("slab:") else 1
+    if len(declared.lower) * k != c:
+        raise UsageError(f"the run's {len(declared.lower)} windows do not match its {c} channels"
+                         + (f" ({k} slices per slab)" if k > 1 else ""))
+    if k == 1:
+        return RawInput("window", 1, declared.lower, declared.upper), declared.client
+    # slab:K: the K slices' values are the K input channels; window w applies to each of them
+    lower = tuple(lo for lo in declared.lower for _ in range(k))
+    upper = tuple(hi for hi in declared.upper for _ in range(k))
+    return RawInput("window", k, lower, upper), (f"{declared.client}; slab:{k}: pass the {k} slices' values as "
+                                                  f"{k} channels (edge slices repeated at the volume's ends)")

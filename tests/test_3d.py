@@ -162,6 +162,28 @@ def test_mae_pretrains_on_ct_volumes(ct_volumes, tmp_path):
     z = np.load(tmp_path / "emb.npz")
     assert z["embeddings"].shape == (2, 48) and all(i.startswith("series:") and len(i) == 23 for i in z["ids"])
     assert len(set(z["ids"])) == 2
+    _assert_no_series_identifier(ct_volumes, sorted(z["ids"]), [*(tmp_path / "run").rglob("*"), onnx_file])
+
+
+def _assert_no_series_identifier(data: Path, ids: list[str], files: list[Path]) -> None:
+    """ids are keyed hashes of the series UIDs; no UID, old constant-salt hash, key or secret in ``files``."""
+    import hashlib
+    import os
+
+    from pydicom import dcmread
+    from sslkit_plugins.sources.dicom_series import series_key
+
+    uids = sorted({str(dcmread(f, stop_before_pixels=True).SeriesInstanceUID) for f in data.rglob("*.dcm")})
+    assert ids == sorted(f"series:{series_key(u)}" for u in uids)
+    secret = Path(os.environ["SSLKIT_KEY_FILE"]).read_bytes()
+    needles = [secret, secret.hex().encode()]
+    for uid in uids:
+        needles += [uid.encode(), hashlib.sha256(b"sslkit-series-v1" + uid.encode()).hexdigest()[:16].encode(),
+                    series_key(uid).encode()]
+    for f in files:
+        if f.is_file():
+            blob = f.read_bytes()
+            assert not [n for n in needles if n in blob], f"{f.name} holds a series identifier or the secret"
 
 
 def test_3d_data_with_a_2d_backbone_is_refused_before_decoding(ct_volumes, tmp_path):

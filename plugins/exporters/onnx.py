@@ -66,12 +66,16 @@ class GraphModule(nn.Module):
             self.register_buffer("lower", torch.tensor(raw.lower, dtype=torch.float32).view(1, -1, *ones))
             self.register_buffer("span", torch.tensor(raw.upper, dtype=torch.float32).view(1, -1, *ones) - self.lower)
         self.scale = {"uint8": 1 / 255.0, "uint16": 1 / 65535.0}.get(raw.kind, 1.0)
+        # a window graph's output channel j reads input channel j % C_in (slab:K: each window on each slice)
+        self.repeat = len(raw.lower) // raw.channels if raw.kind == "window" and raw.channels > 1 else 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "normalized":
             return self.encoder(x)
         x = x.to(torch.float32)
         if self.kind == "window":
+            if self.repeat > 1:
+                x = x.repeat(1, self.repeat, *(1,) * (x.dim() - 2))
             x = ((x - self.lower) / self.span).clamp(0.0, 1.0)
         elif self.scale != 1.0:
             x = x * self.scale
