@@ -90,3 +90,10 @@ def test_slab_run_exports_a_window_graph_with_parity(tmp_path):
     with torch.no_grad():
         ref = loaded.build_encoder()(torch.from_numpy((unit - mean) / std)).numpy()
     np.testing.assert_allclose(got, ref, atol=1e-4)
+    # sslkit embed with the ONNX file and with the run directory: the same rows
+    for model, out in ((run, tmp_path / "run.npz"), (tmp_path / "slab.onnx", tmp_path / "onnx.npz")):
+        proc = run_sslkit("embed", model, "--data", f"dicom:{tmp_path / 'ct'}", "--out", out, "--quiet")
+        assert proc.returncode == 0, proc.stderr
+    a, b = np.load(tmp_path / "run.npz"), np.load(tmp_path / "onnx.npz")
+    assert a["embeddings"].shape[0] == 6 and list(a["ids"]) == list(b["ids"])
+    np.testing.assert_allclose(a["embeddings"], b["embeddings"], atol=1e-4)
