@@ -260,11 +260,14 @@ def export(run_dir: str, out: str, fmt: str, opset: int | None, with_preprocessi
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
 @click.option("--data-opt", "data_opts", multiple=True, metavar="KEY=VALUE",
               help="Source option overriding the run's (repeatable); so do the [source] options below.")
+@click.option("--max-pixels", default=None, type=click.IntRange(min=0),
+              help="Skip images larger than this many pixels (width x height), from the header; "
+                   "0: no limit (default: the run's --max-pixels).")
 @click.option("--device", default="auto", show_default=True,
               help="Torch device for a run directory: auto (CUDA when available), cpu, cuda, cuda:N.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def embed(model: str, data: str, out: str, batch_size: int, data_opts: tuple[str, ...],
+def embed(model: str, data: str, out: str, batch_size: int, data_opts: tuple[str, ...], max_pixels: int | None,
           device: str, overwrite: bool, quiet: bool, **source_flags) -> None:
     """Embed images with a run directory (PyTorch) or an exported .onnx file (onnxruntime)."""
     from sslkit.embed import embed_to_file
@@ -272,7 +275,7 @@ def embed(model: str, data: str, out: str, batch_size: int, data_opts: tuple[str
 
     source_options = {**parse_pairs(data_opts, "--data-opt"), **flag_values(source_flags)}
     summary = embed_to_file(model, data, out, batch_size=batch_size, source_options=source_options,
-                            device=device, overwrite=overwrite, progress=not quiet)
+                            device=device, overwrite=overwrite, progress=not quiet, max_pixels=max_pixels)
     click.echo(f"embedded {summary['n']} images ({summary['dim']}-d, {summary['engine']}); "
                f"{summary['skipped']} skipped; saved to {out}")
 

@@ -4,8 +4,9 @@ The model is a run directory (PyTorch, the run's weights) or an ``.onnx`` file e
 by sslkit (onnxruntime; preprocessing read from its ``sslkit`` metadata). Either way the
 data goes through the one data path (:func:`sslkit.data.pipeline.load_data`) with the
 model's channels, image size and source options (the run's; ``source_options`` given
-here override them when the data is of the run's source kind), so a run dir and its
-ONNX export give the same embeddings.
+here override them when the data is of the run's source kind) and the run's decode limit
+(``--max-pixels``, unless given here), so a run dir and its ONNX export give the same
+embeddings.
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ class Model:
     fixed_options: dict[str, Any]  # source options baked into the model (cannot be overridden)
     # images the raw graph input cannot represent exactly: (max pixel error in [0, 1], why)
     inexact: list[tuple[float, str]] = field(default_factory=list)
+    #: the largest image (W x H) a decoder may open: the run's --max-pixels (None: the default)
+    max_pixels: int | None = None
 
 
 def normalize_unit(spec: InputSpec, unit: np.ndarray) -> np.ndarray:
@@ -64,8 +67,10 @@ def open_run(run_dir: str | Path, device: str = "cpu", weights: bool = True) -> 
 
     run = load_run(run_dir)
     device = resolve_device(str(device))
-    options = dict(run.info.get("config", {}).get("source_options") or {})
-    return Model(run.spec, options, torch_encode(run.build_encoder(weights=weights), run.spec, device), "torch", {})
+    config = run.info.get("config", {})
+    options = dict(config.get("source_options") or {})
+    return Model(run.spec, options, torch_encode(run.build_encoder(weights=weights), run.spec, device), "torch", {},
+                 max_pixels=config.get("max_pixels"))
 
 
 def torch_encode(encoder, spec: InputSpec, device) -> Callable[[np.ndarray], np.ndarray]:
@@ -134,8 +139,16 @@ def open_onnx(path: str | Path) -> Model:
     return model
 
 
-def open_model(model: str | Path, device: str = "cpu", weights: bool = True) -> Model:
-    """A run directory or an ``.onnx`` file, as a :class:`Model`."""
+def open_model(model: str | Path, device: str = "cpu", weights: bool = True, max_pixels: int | None = None) -> Model:
+    """A run directory or an ``.onnx`` file, as a :class:`Model`; ``max_pixels`` (not None)
+    replaces the run's decode limit."""
+    opened = _open_model(model, device, weights)
+    if max_pixels is not None:
+        opened.max_pixels = max_pixels
+    return opened
+
+
+def _open_model(model: str | Path, device: str, weights: bool) -> Model:
     path = Path(model)
     if path.is_dir():
         return open_run(path, device, weights)
@@ -166,13 +179,14 @@ def embed(model: str | Path | Model, data: str, batch_size: int = 64, source_opt
 
     ``model``: a run directory, an exported ``.onnx`` file, or an opened :class:`Model`.
     ``weights=False`` (run directory only) uses a randomly initialised encoder of the same
-    architecture (the baseline of ``eval``).
+    architecture (the baseline of ``eval``). Images larger than the model's ``max_pixels``
+    (the run's ``--max-pixels``) are skipped unread, as in the run.
     """
     if not isinstance(model, Model):
         model = open_model(model, device, weights)
     spec = model.spec
     loaded = load_data(data, spec.image_size, spec.channels, source_options_for(model, data, source_options),
-                       progress=progress)
+                       progress=progress, max_pixels=model.max_pixels)
     pixels = loaded.prepared.pixels
     reader = BatchLoader(pixels, batch_size, seed=0)
     out = []
@@ -204,7 +218,7 @@ def embed_to_file(model: str | Path, data: str, out: str | Path, overwrite: bool
     """
     out = Path(out)
     check_output(out, overwrite)
-    opened = open_model(model, kwargs.pop("device", "cpu"))
+    opened = open_model(model, kwargs.pop("device", "cpu"), max_pixels=kwargs.pop("max_pixels", None))
     result = embed(opened, data, **kwargs)
     arrays = {"embeddings": result.embeddings, "ids": np.array(result.ids, dtype=str)}
     if any(label is not None for label in result.labels):

@@ -79,3 +79,38 @@ def test_bad_models_and_outputs(run_and_onnx, tmp_path, cli):
 
     result = cli("embed", run_and_onnx["onnx"], "--data", data, "--out", keep, "--overwrite", "--quiet")
     assert result.exit_code == 0 and np.load(keep)["embeddings"].shape == (10, 512)
+
+
+def test_embed_and_eval_read_data_with_the_runs_max_pixels(run_and_onnx, tmp_path, cli):
+    """A run's --max-pixels (run.json) is the decode limit of embed and eval on its encoder:
+    images over it are skipped unread (all of them: one line, exit 2); --max-pixels overrides it."""
+    import json
+
+    run = tmp_path / "run"
+    result = cli("pretrain", "--task", "simclr", "--data", f"folder:{run_and_onnx['data']}", "--out", run,
+                 "--backbone", "timm:resnet10t", "--image-size", 32, "--batch-size", 8, "--max-steps", 1,
+                 "--epochs", 1, "--no-cache", "--quiet", "--max-pixels", 2000)  # its images: 40 x 40 = 1600
+    assert result.exit_code == 0, result.output
+    assert json.loads((run / "run.json").read_text())["config"]["max_pixels"] == 2000
+    big = make_images(tmp_path / "big", n_per_class=2, size=64, channels=1)  # 64 x 64 = 4096 pixels
+    other = make_images(tmp_path / "other", n_per_class=2, size=64, channels=1, seed=1)
+    out = tmp_path / "e.npz"
+    limit = "exceeds the limit of 2,000 (--max-pixels raises it)"
+    _assert_one_line_error(run_sslkit("embed", run, "--data", big, "--out", out, "--quiet"), limit)
+    _assert_one_line_error(cli("eval", "knn", run, "--train", big, "--test", other, "--no-baseline", "--quiet"), limit)
+    assert not out.exists()
+    # (`other`: the decoded-pixel cache keeps `big`'s skips under a key without the limit)
+    result = cli("embed", run, "--data", other, "--out", out, "--max-pixels", 0, "--quiet")  # 0: no limit
+    assert result.exit_code == 0, result.output
+    assert np.load(out)["embeddings"].shape == (4, 512)
+
+
+def test_eval_takes_the_source_plugins_flags_like_pretrain(run_and_onnx, tmp_path, cli):
+    """`sslkit eval` offers the sslkit.source_flags flags (dicom's --window ...) and hands them
+    to the source exactly as --data-opt does."""
+    assert "--window" in cli("eval", "knn", "--help").output and "--window" in cli("eval", "tsne", "--help").output
+    data = str(run_and_onnx["data"])
+    args = ("eval", "knn", run_and_onnx["run"], "--train", data, "--test", data, "--allow-overlap", "--quiet")
+    flag, opt = cli(*args, "--window", "lung"), cli(*args, "--data-opt", "window=lung")
+    assert flag.exit_code == opt.exit_code == 2 and flag.stderr == opt.stderr and "window" in flag.stderr
+    assert len(flag.stderr.strip().splitlines()) == 1

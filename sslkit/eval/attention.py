@@ -157,18 +157,20 @@ def plot_grid(images: np.ndarray, maps: dict[str, np.ndarray], title: str, out: 
 
 def evaluate_attention(model_path: str, images: str, out: str | None = None, max_images: int = 8,
                        baseline: bool = True, overwrite: bool = False,
-                       source_options: dict[str, Any] | None = None, progress: bool = True) -> dict[str, Any]:
+                       source_options: dict[str, Any] | None = None, progress: bool = True,
+                       max_pixels: int | None = None) -> dict[str, Any]:
     """Saliency grid of the first ``max_images`` images of ``images``; PNG plus report."""
     from sslkit.augment import Normalize
     from sslkit.data.pipeline import load_data
     from sslkit.eval.features import open_model
 
     model = open_model(model_path, "cpu")  # a few images: CPU is enough
+    model.max_pixels = max_pixels
     out_path = _check_out(out, overwrite)
     run = model.require_run("sslkit eval attention")
     spec = run.spec
     loaded = load_data(images, spec.image_size, spec.channels, model.source_options(images, source_options),
-                       progress=progress)
+                       progress=progress, max_pixels=model.pixel_limit)
     from sslkit.data.prepare import SCALE
 
     labels = [r.label for r in loaded.prepared.refs]

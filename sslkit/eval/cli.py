@@ -7,6 +7,12 @@ import json
 import click
 
 from sslkit.errors import UsageError
+from sslkit.source_flags import SourceFlagsCommand, flag_values
+
+#: --max-pixels of every eval command (the data is read as the run read it unless given)
+MAX_PIXELS = click.option("--max-pixels", default=None, type=click.IntRange(min=0),
+                          help="Skip images larger than this many pixels (width x height), from the header; "
+                               "0: no limit (default: the run's --max-pixels).")
 
 
 def _ints(text: str, flag: str) -> list[int]:
@@ -29,15 +35,21 @@ def _floats(text: str, flag: str) -> list[float]:
     return values
 
 
-def _data_args(kw: dict):
-    from sslkit.eval.probes import DataArgs
+def _source_options(kw: dict) -> dict:
+    """``--data-opt KEY=VALUE`` and the source plugins' own flags (``--window`` ...), as pretrain takes them."""
     from sslkit.options import parse_pairs
 
+    return {**parse_pairs(kw["data_opts"], "--data-opt"), **flag_values(kw)}
+
+
+def _data_args(kw: dict):
+    from sslkit.eval.probes import DataArgs
+
     return DataArgs(train=kw["train"], test=kw["test"], labels_csv=kw["labels"], positive=kw["positive"],
-                    baseline=not kw["no_baseline"], batch_size=kw["batch_size"],
-                    source_options=parse_pairs(kw["data_opts"], "--data-opt"), progress=not kw["quiet"],
-                    device=kw["device"], data=kw["data"], split=kw["split"], group_by=kw["group_by"],
-                    group_pattern=kw["group_pattern"], seed=kw.get("seed", 0), allow_overlap=kw["allow_overlap"])
+                    baseline=not kw["no_baseline"], batch_size=kw["batch_size"], source_options=_source_options(kw),
+                    progress=not kw["quiet"], device=kw["device"], data=kw["data"], split=kw["split"],
+                    group_by=kw["group_by"], group_pattern=kw["group_pattern"], seed=kw.get("seed", 0),
+                    allow_overlap=kw["allow_overlap"], max_pixels=kw["max_pixels"])
 
 
 def _print(report: dict, as_json: bool) -> None:
@@ -89,7 +101,9 @@ def probe_options(f):
         click.option("--positive", default=None, help="Positive class for AUROC (two classes; default: 2nd sorted)."),
         click.option("--no-baseline", is_flag=True, help="Skip the random-init encoder."),
         click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1)),
-        click.option("--data-opt", "data_opts", multiple=True, metavar="KEY=VALUE", help="Source option (repeatable)."),
+        click.option("--data-opt", "data_opts", multiple=True, metavar="KEY=VALUE",
+                     help="Source option overriding the run's (repeatable); so do the [source] options below."),
+        MAX_PIXELS,
         click.option("--device", default="auto", show_default=True, help="PyTorch encoders: auto, cpu, cuda, cuda:N."),
         click.option("--json", "as_json", is_flag=True, help="Print the report (schema sslkit.eval/1) as JSON."),
         click.option("--quiet", is_flag=True, help="No progress bars."),
@@ -106,7 +120,7 @@ def eval_group() -> None:
     """
 
 
-@eval_group.command()
+@eval_group.command(cls=SourceFlagsCommand)
 @probe_options
 @click.option("--k", "ks", default="20,200", show_default=True, help="Neighbour counts, comma-separated.")
 @click.option("--temperature", default=0.07, show_default=True, type=click.FloatRange(min=0, min_open=True),
@@ -119,7 +133,7 @@ def knn(**kw) -> None:
     _print(report, kw["as_json"])
 
 
-@eval_group.command()
+@eval_group.command(cls=SourceFlagsCommand)
 @probe_options
 @click.option("--C", "c_grid", default="0.001,0.01,0.1,1,10", show_default=True,
               help="Inverse regularisation strengths to choose from on the validation split.")
@@ -140,7 +154,7 @@ def linear(**kw) -> None:
     _print(report, kw["as_json"])
 
 
-@eval_group.command()
+@eval_group.command(cls=SourceFlagsCommand)
 @click.argument("model", metavar="RUN_OR_ONNX")
 @click.option("--data", required=True, help="Images to map (class sub-folders colour the points).")
 @click.option("--out", default=None, help="PNG file (default: RUN/eval/tsne-<time>.png).")
@@ -155,43 +169,45 @@ def linear(**kw) -> None:
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out file.")
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
-@click.option("--data-opt", "data_opts", multiple=True, metavar="KEY=VALUE", help="Source option (repeatable).")
+@click.option("--data-opt", "data_opts", multiple=True, metavar="KEY=VALUE",
+              help="Source option overriding the run's (repeatable); so do the [source] options below.")
+@MAX_PIXELS
 @click.option("--device", default="auto", show_default=True, help="PyTorch encoders: auto, cpu, cuda, cuda:N.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def tsne(**kw) -> None:
     """2-D map of the embeddings (t-SNE or UMAP), coloured by label, as a PNG."""
     from sslkit.eval.tsne import evaluate_tsne
-    from sslkit.options import parse_pairs
 
     report = evaluate_tsne(kw["model"], kw["data"], kw["out"], kw["labels"], not kw["no_baseline"],
                            "umap" if kw["use_umap"] else "tsne", kw["perplexity"], kw["max_samples"], kw["seed"],
-                           kw["overwrite"], kw["batch_size"], parse_pairs(kw["data_opts"], "--data-opt"),
-                           not kw["quiet"], kw["device"], kw["color_by"])
+                           kw["overwrite"], kw["batch_size"], _source_options(kw), not kw["quiet"], kw["device"],
+                           kw["color_by"], kw["max_pixels"])
     _print(report, kw["as_json"])
 
 
-@eval_group.command()
+@eval_group.command(cls=SourceFlagsCommand)
 @click.argument("model", metavar="RUN")
 @click.option("--images", required=True, help="Images to look at (a folder or any source).")
 @click.option("--out", default=None, help="PNG file (default: RUN/eval/attention-<time>.png).")
 @click.option("--max-images", default=8, show_default=True, type=click.IntRange(min=1, max=64))
 @click.option("--no-baseline", is_flag=True, help="Skip the random-init encoder's maps.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out file.")
-@click.option("--data-opt", "data_opts", multiple=True, metavar="KEY=VALUE", help="Source option (repeatable).")
+@click.option("--data-opt", "data_opts", multiple=True, metavar="KEY=VALUE",
+              help="Source option overriding the run's (repeatable); so do the [source] options below.")
+@MAX_PIXELS
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def attention(**kw) -> None:
     """PNG grid: input, last-layer CLS attention per head (ViT) or Grad-CAM (CNN), pretrained vs random."""
     from sslkit.eval.attention import evaluate_attention
-    from sslkit.options import parse_pairs
 
     report = evaluate_attention(kw["model"], kw["images"], kw["out"], kw["max_images"], not kw["no_baseline"],
-                                kw["overwrite"], parse_pairs(kw["data_opts"], "--data-opt"), not kw["quiet"])
+                                kw["overwrite"], _source_options(kw), not kw["quiet"], kw["max_pixels"])
     _print(report, kw["as_json"])
 
 
-@eval_group.command()
+@eval_group.command(cls=SourceFlagsCommand)
 @probe_options
 @click.option("--fractions", default="0.01,0.1,1", show_default=True,
               help="Fractions of the training labels to keep (stratified), comma-separated.")

@@ -36,14 +36,22 @@ class EvalModel:
     spec: InputSpec
     run: Any = None  # sslkit.run.Run for a run directory
     device: str = "cpu"
+    max_pixels: int | None = None  # --max-pixels: replaces the run's decode limit (None: keep it)
     _pretrained: Any = None
 
     @property
     def pretrained(self) -> embed_mod.Model:
         """The pretrained encoder as :class:`sslkit.embed.Model` (opened once)."""
         if self._pretrained is None:
-            self._pretrained = embed_mod.open_model(self.path, self.device)
+            self._pretrained = embed_mod.open_model(self.path, self.device, max_pixels=self.max_pixels)
         return self._pretrained
+
+    @property
+    def pixel_limit(self) -> int | None:
+        """The decode limit data is read with: ``max_pixels``, else the run's ``--max-pixels``."""
+        if self.max_pixels is not None or self.run is None:
+            return self.max_pixels
+        return self.run.info.get("config", {}).get("max_pixels")
 
     def source_options(self, data: str, overrides: dict[str, Any] | None) -> dict[str, Any]:
         """The source options ``data`` is read with: the model's (same source kind), then ``overrides``."""
@@ -128,7 +136,8 @@ def _encoders(model: EvalModel, baseline: bool) -> dict[str, embed_mod.Model]:
     for name, enc in baselines.items():
         if enc is not None:
             encode = embed_mod.torch_encode(enc, model.spec, device)
-            out[name] = embed_mod.Model(model.spec, pretrained.source_options, encode, "torch", pretrained.fixed_options)
+            out[name] = embed_mod.Model(model.spec, pretrained.source_options, encode, "torch", pretrained.fixed_options,
+                                        max_pixels=pretrained.max_pixels)
     return out
 
 
@@ -145,7 +154,8 @@ def embed_all(model: EvalModel, data: str, baseline: bool = True, batch_size: in
         dims[:] = [p.shape[1] for p in parts]
         return np.concatenate(parts, 1)
 
-    both = embed_mod.Model(first.spec, first.source_options, encode, first.engine, first.fixed_options, first.inexact)
+    both = embed_mod.Model(first.spec, first.source_options, encode, first.engine, first.fixed_options, first.inexact,
+                           first.max_pixels)
     emb = embed_mod.embed(both, data, batch_size, source_options, progress)
     out, start = {}, 0
     for name, d in zip(named, dims):

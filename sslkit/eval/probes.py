@@ -43,6 +43,7 @@ class DataArgs:
     group_pattern: str | None = None  # regex on the file name
     seed: int = 0  # fold assignment
     allow_overlap: bool = False  # --train/--test sharing images: evaluate anyway, report the count
+    max_pixels: int | None = None  # decode limit (None: the run's --max-pixels)
 
     def check(self) -> int | None:
         """The fold count of ``--data`` mode (None for ``--train/--test``); one-line errors otherwise."""
@@ -92,6 +93,7 @@ def prepare(model_path: str, args: DataArgs, needs_run: str | None = None) -> Pr
     """Open the model, check labels (before decoding anything), embed train and test sets."""
     k = args.check()
     model = open_model(model_path, args.device)
+    model.max_pixels = args.max_pixels
     if needs_run:
         model.require_run(needs_run)
     if k is not None:
@@ -239,7 +241,7 @@ def _add_finetune(report: dict[str, Any], prep: ProbeData, args: DataArgs, optio
     splits = {}
     for name, data in (("train", args.train), ("test", args.test)):
         loaded = load_data(data, spec.image_size, spec.channels, prep.model.source_options(data, args.source_options),
-                           progress=args.progress)
+                           progress=args.progress, max_pixels=prep.model.pixel_limit)
         refs = loaded.prepared.refs
         labels = assign_labels([r.id for r in refs], [r.label for r in refs], table)
         keep = np.array([i for i, lab in enumerate(labels) if lab is not None])

@@ -111,13 +111,14 @@ def evaluate_tsne(model_path: str, data: str, out: str | None = None, labels_csv
                   baseline: bool = True, method: str = "tsne", perplexity: float = 30.0,
                   max_samples: int = 5000, seed: int = 0, overwrite: bool = False, batch_size: int = 64,
                   source_options: dict[str, Any] | None = None, progress: bool = True,
-                  device: str = "auto", color_by: str = "label") -> dict[str, Any]:
+                  device: str = "auto", color_by: str = "label", max_pixels: int | None = None) -> dict[str, Any]:
     """Embed ``data``, map it to 2-D, save the PNG (``out`` or ``RUN/eval/tsne-<stamp>.png``) and a report.
 
     Points are coloured by label (class folder or ``labels_csv``), or by ``color_by``: ``folder``
     or a header field of the source (see :func:`header_values`).
     """
     model = open_model(model_path, device)
+    model.max_pixels = max_pixels
     out_path = _check_out(out, overwrite)
     table = read_labels_csv(labels_csv) if labels_csv else None
     colours = header_values(model, data, source_options, color_by) if color_by != "label" else None
