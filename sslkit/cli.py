@@ -95,6 +95,14 @@ def _default(name: str) -> str:
 @click.option("--init", default=None, metavar="FILE|RUN_DIR|ORG/NAME|timm:MODEL.TAG",
               help="Start the backbone from these weights (Hub ids from the local cache only) instead of random init.")
 @click.option("--allow-download", is_flag=True, default=None, help="Let --init fetch Hub weights missing from the cache.")
+@click.option("--init-freeze-steps", default=None, type=click.IntRange(min=0),
+              help="With --init: keep the encoder at LR 0 for these first steps while the task's new heads "
+                   "warm up (default: 10 % of the run when a head starts from random, else 0).")
+@click.option("--init-lr-scale", default=None, type=click.FloatRange(0, 1, min_open=True),
+              help="With --init: the encoder's LR as a fraction of the heads' (default 0.1).")
+@click.option("--layer-decay", default=None, type=click.FloatRange(0, 1, min_open=True),
+              help="With --init: layer-wise LR decay over a ViT encoder's blocks, as in MAE fine-tuning "
+                   "(default: off).")
 @click.option("--epochs", default=None, type=click.IntRange(min=1), help="Passes over the data" + _default("epochs"))
 @click.option("--batch-size", default=None, type=click.IntRange(min=1),
               help="Images per forward pass, summed over all processes" + _default("batch_size"))

@@ -13,7 +13,7 @@
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
@@ -30,19 +30,44 @@ def is_no_decay(name: str, p: torch.Tensor) -> bool:
     return p.ndim <= 1 or name.endswith((".bias", "token", "pos_embed")) or "pos_embed" in name
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two groups: decayed weights, and exempt ones (``weight_decay=0``, ``lars_exclude``)."""
-    decay, no_decay = [], []
+def param_groups(model: nn.Module, weight_decay: float, lr_scale: Callable[[str], float] | None = None,
+                 freeze_steps: Callable[[str], int] | None = None) -> list[dict]:
+    """Decayed weights and exempt ones (``weight_decay=0``, ``lars_exclude``).
+
+    Without ``lr_scale``/``freeze_steps``: exactly those two groups. With them, each
+    group is split further by the parameter's LR multiplier ``lr_scale(name)`` (kept as
+    the group's ``lr_scale``) and its ``freeze_steps(name)`` (the first optimizer steps at
+    LR 0; kept as ``freeze_steps``), e.g. a lower LR and a warm-up freeze for the
+    encoder of a run continued from ``--init`` (:func:`sslkit.init.continued`).
+    """
+    split = lr_scale is not None or freeze_steps is not None
+    groups: dict[tuple, dict] = {}
     seen: set[int] = set()
     for name, p in model.named_parameters():
         if not p.requires_grad or id(p) in seen:
             continue
         seen.add(id(p))
-        (no_decay if is_no_decay(name, p) else decay).append(p)
-    return [
-        {"params": decay, "weight_decay": weight_decay, "lars_exclude": False},
-        {"params": no_decay, "weight_decay": 0.0, "lars_exclude": True},
-    ]
+        exempt = is_no_decay(name, p)
+        scale = float(lr_scale(name)) if lr_scale is not None else 1.0
+        freeze = int(freeze_steps(name)) if freeze_steps is not None else 0
+        key = (exempt, scale, freeze) if split else (exempt,)
+        if key not in groups:
+            groups[key] = {"params": [], "weight_decay": 0.0 if exempt else weight_decay, "lars_exclude": exempt}
+            if split:
+                groups[key].update(lr_scale=scale, freeze_steps=freeze, steps_done=0)
+        groups[key]["params"].append(p)
+    if not split:
+        return [groups.get((False,), {"params": [], "weight_decay": weight_decay, "lars_exclude": False}),
+                groups.get((True,), {"params": [], "weight_decay": 0.0, "lars_exclude": True})]
+    return [groups[k] for k in sorted(groups, key=lambda k: (k[0], -k[1], k[2]))]
+
+
+def group_lr(group: dict, lr: float) -> float:
+    """The LR of one parameter group when the schedule says ``lr``: ``lr * lr_scale``, or 0
+    while the group's ``steps_done`` (optimizer steps taken) is below its ``freeze_steps``."""
+    if group.get("steps_done", 0) < group.get("freeze_steps", 0):
+        return 0.0
+    return lr * group.get("lr_scale", 1.0)
 
 
 def scaled_lr(base_lr: float, effective_batch: int, rule: str) -> float:
@@ -74,8 +99,21 @@ def warmup_cosine(step: int, total: int, warmup: int) -> float:
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Every group's LR for the schedule's ``lr`` (:func:`group_lr`)."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = group_lr(group, lr)
+
+
+def _count_step(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+    """Optimizer step post-hook: one more step taken by every group (saved in its state dict,
+    so a resumed run leaves a ``freeze_steps`` warm-up at the same step)."""
+    for group in optimizer.param_groups:
+        group["steps_done"] = group.get("steps_done", 0) + 1
+
+
+def uses_group_lr(optimizer: torch.optim.Optimizer) -> bool:
+    """True when the groups' LRs differ from the schedule's (a multiplier or a freeze)."""
+    return any(g.get("lr_scale", 1.0) != 1.0 or g.get("freeze_steps", 0) > 0 for g in optimizer.param_groups)
 
 
 class LARS(torch.optim.Optimizer):
@@ -123,18 +161,27 @@ class LARS(torch.optim.Optimizer):
 
 
 def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float, momentum: float = 0.9,
-                    betas: tuple[float, float] = (0.9, 0.999)) -> torch.optim.Optimizer:
+                    betas: tuple[float, float] = (0.9, 0.999), lr_scale: Callable[[str], float] | None = None,
+                    freeze_steps: Callable[[str], int] | None = None) -> torch.optim.Optimizer:
     """``adamw`` | ``sgd`` | ``lars`` over :func:`param_groups` of ``model``.
 
     On CUDA, AdamW and SGD use torch's fused kernels (one launch for all parameters).
+    With per-parameter ``lr_scale``/``freeze_steps`` the groups carry them and every
+    step counts itself into the groups' ``steps_done`` (:func:`set_lr` reads them).
     """
-    groups = param_groups(model, weight_decay)
+    groups = param_groups(model, weight_decay, lr_scale, freeze_steps)
+    for g in groups:
+        g["lr"] = group_lr(g, lr)
     params = [p for g in groups for p in g["params"]]
     fused = True if params and all(p.is_cuda for p in params) else None
     if name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), fused=fused)
-    if name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=momentum, fused=fused)
-    if name == "lars":
-        return LARS(groups, lr=lr, momentum=momentum)
-    raise UsageError(f"unknown optimizer {name!r}; choose from: {', '.join(OPTIMIZERS)}")
+        opt = torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), fused=fused)
+    elif name == "sgd":
+        opt = torch.optim.SGD(groups, lr=lr, momentum=momentum, fused=fused)
+    elif name == "lars":
+        opt = LARS(groups, lr=lr, momentum=momentum)
+    else:
+        raise UsageError(f"unknown optimizer {name!r}; choose from: {', '.join(OPTIMIZERS)}")
+    if any("steps_done" in g for g in opt.param_groups):
+        opt.register_step_post_hook(_count_step)
+    return opt

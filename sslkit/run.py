@@ -47,6 +47,9 @@ class RunConfig:
     backbone: str | None = None  # None: the task's default_backbone
     init: str | None = None  # initial backbone weights: a file, a run directory, ORG/NAME or timm:MODEL.TAG
     allow_download: bool = False  # --init may fetch Hub weights missing from the local cache
+    init_freeze_steps: int | None = None  # --init: encoder at LR 0 for these first steps; None: sslkit.init.continued
+    init_lr_scale: float | None = None  # --init: the encoder's LR multiplier; None: sslkit.init.continued's default
+    layer_decay: float | None = None  # --init: layer-wise LR decay over a ViT encoder's blocks; None: off
     epochs: int | None = 10  # None: --max-steps alone sets the length
     batch_size: int = 64
     image_size: int = 224
@@ -112,6 +115,15 @@ class RunConfig:
         need(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
              f"betas must be two numbers in [0, 1), got {list(self.betas)}")
         need(self.channels in (None, 1, 3), f"channels must be 1 or 3, got {self.channels}")
+        need(self.init_freeze_steps is None or self.init_freeze_steps >= 0,
+             f"init_freeze_steps must be >= 0, got {self.init_freeze_steps}")
+        need(self.init_lr_scale is None or 0 < self.init_lr_scale <= 1,
+             f"init_lr_scale must be in (0, 1] (a multiplier of the LR for the --init encoder), got {self.init_lr_scale}")
+        need(self.layer_decay is None or 0 < self.layer_decay <= 1,
+             f"layer_decay must be in (0, 1], got {self.layer_decay}")
+        unused = [n for n in ("init_freeze_steps", "init_lr_scale", "layer_decay") if getattr(self, n) is not None]
+        need(self.init is not None or not unused, f"{unused[0] if unused else ''} (--"
+             f"{unused[0].replace('_', '-') if unused else ''}) applies to continued pretraining only; give --init too")
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)

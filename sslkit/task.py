@@ -85,3 +85,10 @@ class Task(nn.Module):
 
     def on_step_end(self, step: int, total_steps: int) -> None:
         """Called by the engine after every optimizer step (1-based ``step``)."""
+
+    def head_state(self) -> dict[str, torch.Tensor]:
+        """The task's state besides the encoder (decoders, projection heads, EMA teachers,
+        queues, centres): what ``--init RUN_DIR`` restores from an earlier run of the same
+        task, by name and shape, so continued pretraining does not restart them from random.
+        Default: every ``state_dict`` entry outside ``encoder.``; override to leave some out."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("encoder.")}

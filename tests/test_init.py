@@ -316,3 +316,157 @@ def test_torchvision_vit_layout_maps_to_timm_and_gives_the_same_embeddings(tmp_p
     tv.heads = torch.nn.Identity()  # torchvision's ViT then returns the normed class token, as timm's does
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(dst(x), tv.eval()(x), rtol=1e-4, atol=1e-4)
+
+
+# --- continued pretraining: task parts, encoder LR scale, warm-up freeze ------------------------------------
+def _tiny_mae_config(images: Path, out: Path, **kw):
+    from sslkit.run import RunConfig
+
+    base = dict(task="mae", data=f"folder:{images}", out=str(out), backbone="timm:vit_tiny_patch16_224",
+                backbone_options={"depth": 2, "patch_size": 4}, image_size=16, batch_size=8, epochs=2, seed=1,
+                deterministic=True, progress=False, warmup_epochs=0.5, cache_dir="")
+    return RunConfig(**{**base, **kw})
+
+
+@pytest.fixture
+def mae_init(tmp_path):
+    """24 images and a finished 2-step MAE run on them (the --init of the tests below)."""
+    from sslkit.engine import pretrain
+
+    images = make_images(tmp_path / "img", n_per_class=12, size=20)
+    pretrain(_tiny_mae_config(images, tmp_path / "first", max_steps=2))
+    return images, tmp_path / "first"
+
+
+def test_group_lr_scale_and_freeze_steps_leave_the_encoder_still_then_slow():
+    from sslkit.optim import build_optimizer, set_lr
+
+    torch.manual_seed(0)
+    model = torch.nn.ModuleDict({"encoder": torch.nn.Linear(4, 4), "head": torch.nn.Linear(4, 1)})
+    opt = build_optimizer(model, "sgd", 0.5, 0.0, momentum=0.0, lr_scale=lambda n: 0.1 if n.startswith("encoder.") else 1.0,
+                          freeze_steps=lambda n: 2 if n.startswith("encoder.") else 0)
+    x = torch.randn(8, 4)
+    for step in range(3):
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        set_lr(opt, 0.5)
+        assert sorted(g["lr"] for g in opt.param_groups) == ([0.0, 0.0, 0.5, 0.5] if step < 2 else [0.05, 0.05, 0.5, 0.5])
+        model["head"](model["encoder"](x)).square().mean().backward()
+        grads = {k: p.grad.clone() for k, p in model.named_parameters()}
+        opt.step()
+        opt.zero_grad()
+        for k, v in model.state_dict().items():  # plain SGD: w - lr * scale * g (0 while frozen)
+            lr = 0.5 if k.startswith("head") else (0.0 if step < 2 else 0.05)
+            torch.testing.assert_close(v, before[k] - lr * grads[k], rtol=0, atol=1e-7)
+    saved = opt.state_dict()
+    assert all(g["steps_done"] == 3 for g in saved["param_groups"])
+
+
+def test_layer_decay_scales_by_depth_from_the_top():
+    from sslkit.init.continued import lr_scale_fn
+
+    fn = lr_scale_fn({"encoder_lr_scale": 0.1, "layer_decay": 0.5, "depth": 2})
+    assert fn("decoder_pred.weight") == 1.0
+    assert fn("encoder.model.norm.weight") == pytest.approx(0.1)
+    assert fn("encoder.model.blocks.1.attn.qkv.weight") == pytest.approx(0.05)
+    assert fn("encoder.model.blocks.0.mlp.fc1.weight") == pytest.approx(0.025)
+    assert fn("encoder.model.patch_embed.proj.weight") == fn("encoder.model.cls_token") == pytest.approx(0.0125)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_init_run_dir_restores_the_decoder_and_records_the_continue_settings(mae_init, tmp_path):
+    from sslkit.checkpoint import list_checkpoints
+    from sslkit.engine import build
+    from sslkit.run import RunConfig  # noqa: F401
+
+    images, first = mae_init
+    s = build(_tiny_mae_config(images, tmp_path / "cont", init=str(first)), torch.device("cpu"))
+    rec = s.info["init"]
+    assert rec["task_parts"]["restored"] == ["decoder_blocks", "decoder_embed", "decoder_norm", "decoder_pred",
+                                             "mask_token"] and rec["task_parts"]["from"] == "first/checkpoints/step-00000002"
+    from safetensors.torch import load_file
+
+    saved = load_file(str(list_checkpoints(first / "checkpoints")[-1] / "model.safetensors"))
+    own = s.task.state_dict()
+    for k, v in saved.items():  # the whole task as the first run left it, encoder and decoder
+        torch.testing.assert_close(own[k], v, rtol=0, atol=0, msg=k)
+    cont = rec["continue"]
+    assert cont["encoder_lr_scale"] == 0.1 and cont["freeze_steps"] == 0 and cont["layer_decay"] is None
+    enc = {id(p) for p in s.task.encoder.parameters()}
+    for g in s.optimizer.param_groups:  # encoder groups at 0.1 x, the decoder at the full LR
+        assert g["lr_scale"] == (0.1 if all(id(p) in enc for p in g["params"]) else 1.0)
+    assert str(tmp_path) not in json.dumps(rec)
+
+    # the encoder file alone: no task parts, so the encoder waits 10 % of the run (6 steps -> 1) for the decoder
+    s2 = build(_tiny_mae_config(images, tmp_path / "cont2", init=str(first / "encoder.safetensors")),
+               torch.device("cpu"))
+    assert s2.info["init"]["task_parts"]["restored"] == [] and s2.info["init"]["continue"]["freeze_steps"] == 1
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_task_parts_of_another_task_are_not_restored(mae_init, tmp_path):
+    from sslkit.init.continued import restore_task_parts
+    from sslkit.registry import create_task
+    from sslkit.spec import InputSpec
+
+    _, first = mae_init
+    backbone = create_backbone("timm:vit_tiny_patch16_224", in_chans=3, image_size=16, depth=2, patch_size=4)
+    task = create_task("simmim", backbone, InputSpec(3, 16, (0.5,) * 3, (0.25,) * 3))
+    rec = restore_task_parts(str(first), task, "simmim")
+    assert rec["restored"] == [] and "the init run's task is 'mae'" in rec["skipped"][0]
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_resume_across_the_freeze_boundary_repeats_the_uninterrupted_run(mae_init, tmp_path):
+    import csv
+    import os
+    import signal
+    import threading
+    import time
+
+    from sslkit.engine import pretrain
+
+    images, first = mae_init
+    kw = dict(init=str(first / "encoder.safetensors"), init_freeze_steps=4, init_lr_scale=0.5)
+
+    def rows(run: Path):
+        with open(run / "metrics.csv", newline="") as f:
+            return [(r["step"], r["loss"], r["lr"]) for r in csv.DictReader(f)]
+
+    ref = pretrain(_tiny_mae_config(images, tmp_path / "ref", **kw))
+    assert ref["steps"] == 6
+    out = tmp_path / "run"
+
+    def watch() -> None:  # SIGINT once the first step is logged: the run stops inside the freeze
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            if (out / "metrics.csv").exists() and len((out / "metrics.csv").read_text().splitlines()) > 1:
+                os.kill(os.getpid(), signal.SIGINT)
+                return
+            time.sleep(0.002)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    part = pretrain(_tiny_mae_config(images, out, **kw))
+    watcher.join()
+    assert part["interrupted"] and 1 <= part["steps"] < 6, part
+    pretrain(_tiny_mae_config(images, out, resume=True, **kw))
+    assert rows(out) == rows(tmp_path / "ref")
+    from safetensors.torch import load_file
+
+    a, b = load_file(str(out / "encoder.safetensors")), load_file(str(tmp_path / "ref" / "encoder.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    info = json.loads((out / "run.json").read_text())
+    assert info["init"]["continue"]["freeze_steps"] == 4 and info["config"]["init_lr_scale"] == 0.5
+
+
+def test_continue_options_refused_without_init_or_out_of_range(tmp_path, cli):
+    data = make_images(tmp_path / "imgs", n_per_class=2, size=20, channels=1)
+    args = ["pretrain", "--task", "mae", "--data", data, "--out", tmp_path / "run", "--image-size", 16, "--quiet"]
+    for extra, message in [(["--init-freeze-steps", 3], "applies to continued pretraining only; give --init"),
+                           (["--init-lr-scale", 0.1], "applies to continued pretraining only"),
+                           (["--init", tmp_path / "x.safetensors", "--init-lr-scale", 1.5], "0<x<=1"),
+                           (["--init", tmp_path / "x.safetensors", "--layer-decay", 0], "0<x<=1")]:
+        result = cli(*args, *extra)
+        lines = result.stderr.strip().splitlines()
+        assert result.exit_code == 2 and len(lines) == 1 and message in lines[0], result.output
+    assert not (tmp_path / "run").exists()

@@ -33,7 +33,7 @@ from sslkit.engine.capture import make_capture
 from sslkit.engine.compiled_views import compile_views
 from sslkit.engine.schedules import Schedule, horizon, make_schedule
 from sslkit.errors import UsageError
-from sslkit.optim import build_optimizer, scaled_lr
+from sslkit.optim import build_optimizer, scaled_lr, uses_group_lr
 from sslkit.registry import create_task, get_task
 from sslkit.run import RunConfig, check_run_dir, environment
 from sslkit.sample_modes import build_backbone
@@ -197,7 +197,9 @@ def build(cfg: RunConfig, device: torch.device) -> Setup:
         task.to(memory_format=torch.channels_last)
 
     loader, steps_per_epoch, step_images, schedule = _batches_and_schedule(cfg, data, rank, world)
-    optimizer = build_optimizer(task, cfg.optimizer, schedule.peak_lr, cfg.weight_decay, cfg.momentum, cfg.betas)
+    scales = _continued(cfg, task, backbone, schedule.total)
+    optimizer = build_optimizer(task, cfg.optimizer, schedule.peak_lr, cfg.weight_decay, cfg.momentum, cfg.betas,
+                                **scales)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
     ddp = None
     if world > 1:
@@ -213,7 +215,22 @@ def build(cfg: RunConfig, device: torch.device) -> Setup:
     s.capture = make_capture(s)
     if cfg.init:
         s.info["init"] = backbone.init_record
+        if s.capture is not None and s.capture.active and uses_group_lr(optimizer):
+            s.capture.fall_back("--init sets the encoder's LR apart from the heads' (--init-lr-scale, "
+                                "--init-freeze-steps)", tell=cfg.capture == "graphs")
     return s
+
+
+def _continued(cfg: RunConfig, task: torch.nn.Module, backbone: torch.nn.Module, total: int) -> dict[str, Any]:
+    """With ``--init``: the encoder's LR multiplier and warm-up freeze (sslkit.init.continued),
+    recorded in the init record; ``{}`` otherwise."""
+    if not cfg.init:
+        return {}
+    from sslkit.init import continued
+
+    settings = continued.plan(cfg, task, total, backbone.init_record.get("task_parts", {}))
+    backbone.init_record["continue"] = settings
+    return {"lr_scale": continued.lr_scale_fn(settings), "freeze_steps": continued.freeze_fn(settings)}
 
 
 def create_model(cfg: RunConfig, backbone_name: str, spec: InputSpec) -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -226,6 +243,13 @@ def create_model(cfg: RunConfig, backbone_name: str, spec: InputSpec) -> tuple[t
         if distributed.is_main():
             print(backbone.init_record["summary"], file=sys.stderr)
     task = create_task(cfg.task, backbone, spec, **cfg.task_options)
+    if cfg.init:  # the decoder / heads / teachers of an earlier run of this task, where they fit
+        from sslkit.init.continued import parts_line, restore_task_parts
+
+        parts = restore_task_parts(cfg.init, task, cfg.task, cfg.allow_download)
+        backbone.init_record["task_parts"] = parts
+        if distributed.is_main():
+            print(parts_line(parts), file=sys.stderr)
     return backbone, task
 
 
