@@ -41,17 +41,27 @@ def files_for(name: str, kind: str) -> dict[str, str]:
     values = dict(name=name, kind=kind, module=module, dist=dist, api_range=api_range(),
                   cls="".join(part.title() for part in name.split("_")) + kind.title())
     values["usage"] = "Use it:\n\n```bash\n" + USAGE[kind].format(**values) + "\n```"
+    values.update(source_flags="", py_modules=f'"{module}"', flags_note="")
+    if kind == "source":  # its flags: a plain dict, read without importing the plugin
+        values.update(source_flags=f'\n# `--scale` on `sslkit pretrain` / `embed` / `eval` (sslkit.source_flags).\n'
+                                   f'[project.entry-points."sslkit.source_flags"]\n{name} = "{module}_flags:FLAGS"\n',
+                      py_modules=f'"{module}", "{module}_flags"',
+                      flags_note=f"`{module}_flags.py` gives the option `scale` its own flag, `--scale` (listed by "
+                                 f"`sslkit pretrain --help`).\n")
     templates = resources.files("sslkit") / "new_plugin_templates"
 
     def render(template: str) -> str:
         return (templates / template).read_text().format(**values)
 
-    return {
+    files = {
         "pyproject.toml": render("pyproject.toml.tmpl"),
         "README.md": render("README.md.tmpl"),
         f"{module}.py": render(f"{kind}.py.tmpl"),
         f"tests/test_{name}.py": render(f"test_{kind}.py.tmpl"),
     }
+    if kind == "source":
+        files[f"{module}_flags.py"] = render("source_flags.py.tmpl")
+    return files
 
 
 def write_plugin(name: str, kind: str, out: str | Path | None = None) -> Path:

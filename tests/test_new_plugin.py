@@ -1,8 +1,12 @@
 """``sslkit new-plugin``: the generated packages install, pass their own sslkit.testing tests,
-and their names work in ``sslkit pretrain`` and ``sslkit export``."""
+and their names (and the source's flag) work in ``sslkit pretrain`` and ``sslkit export``.
+
+One pip install of the four packages and one interpreter with them installed (the
+generated tests, then the commands, in-process) serve every test here."""
 
 from __future__ import annotations
 
+import ast
 import json
 import subprocess
 import sys
@@ -11,9 +15,27 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from sslkit.testing.cli import sslkit
 from tests.conftest import run_sslkit
 
 KINDS = ("task", "source", "backbone", "exporter")
+
+#: runs in a fresh interpreter where the packages are installed: pytest on the generated
+#: packages (what their CI runs), then each sslkit command of the plan through click
+INSTALLED = """
+import json, sys
+import pytest
+from click.testing import CliRunner
+from sslkit.cli import main
+
+plan = json.loads(sys.argv[1])
+results = {"pytest": int(pytest.main(["-q", "-p", "no:cacheprovider", *plan["dirs"]]))}
+for name, args in plan["commands"].items():
+    r = CliRunner().invoke(main, args)
+    results[name] = {"code": r.exit_code, "stdout": r.stdout, "stderr": r.stderr, "error": repr(r.exception)}
+with open(plan["results"], "w") as f:
+    json.dump(results, f)
+"""
 
 
 def with_site(site: Path, code: str, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
@@ -25,18 +47,34 @@ def with_site(site: Path, code: str, *args: str, cwd: Path | None = None) -> sub
 
 @pytest.fixture(scope="module")
 def generated(tmp_path_factory) -> dict:
-    """One package per kind, from the real CLI, pip-installed (editable) into a private site dir."""
+    """One package per kind from the CLI, pip-installed (editable) into a private site dir,
+    then the generated tests and the plan's commands run there in one interpreter."""
     root = tmp_path_factory.mktemp("new-plugin")
     dirs = {}
     for kind in KINDS:
         dirs[kind] = root / f"sslkit-kit-{kind}"
-        proc = run_sslkit("new-plugin", f"kit_{kind}", "--kind", kind, "--out", dirs[kind])
-        assert proc.returncode == 0 and "pip install -e" in proc.stdout, proc.stderr
+        assert "pip install -e" in sslkit("new-plugin", f"kit_{kind}", "--kind", kind, "--out", dirs[kind])
     site = root / "site"
     editable = [arg for d in dirs.values() for arg in ("-e", str(d))]
     subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
                     "--target", str(site), *editable], check=True, capture_output=True)
-    return {"root": root, "dirs": dirs, "site": site}
+    data, run = root / "npy", root / "run"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        np.save(data / f"{i}.npy", (rng.random((3, 36, 40)) * 255).astype(np.uint8))
+    commands = {
+        "help": ["pretrain", "--help"],
+        "pretrain": ["pretrain", "--task", "kit_task", "--data", f"kit_source:{data}", "--backbone", "kit_backbone:small",
+                     "--out", str(run), "--image-size", "32", "--batch-size", "4", "--max-steps", "2", "--epochs", "1",
+                     "--quiet", "--no-cache", "--scale", "255"],
+        "export": ["export", str(run), "--format", "kit_exporter", "--out", str(root / "encoder.npz")],
+    }
+    plan = {"dirs": [str(d) for d in dirs.values()], "commands": commands, "results": str(root / "results.json")}
+    proc = with_site(site, INSTALLED, json.dumps(plan), cwd=root)
+    assert (root / "results.json").is_file(), proc.stdout[-3000:] + proc.stderr[-3000:]
+    return {"root": root, "dirs": dirs, "run": run, "proc": proc,
+            "results": json.loads((root / "results.json").read_text())}
 
 
 def test_package_layout_and_api_range(generated):
@@ -46,44 +84,46 @@ def test_package_layout_and_api_range(generated):
     assert sorted(p.name for p in task.iterdir()) == ["README.md", "pyproject.toml", "sslkit_kit_task.py", "tests"]
     pyproject = (task / "pyproject.toml").read_text()
     assert '[project.entry-points.sslkit]\nkit_task = "sslkit_kit_task"' in pyproject
-    assert "[tool.pytest.ini_options]" in pyproject
+    assert "[tool.pytest.ini_options]" in pyproject and "sslkit.source_flags" not in pyproject
     module = (task / "sslkit_kit_task.py").read_text()
     assert f'sslkit_api = ">={API_VERSION},<{API_VERSION + 1}"' in module
     for d in generated["dirs"].values():  # only the public API
         code = next(d.glob("sslkit_*.py")).read_text()
         imports = [ln for ln in code.splitlines() if "sslkit" in ln and ln.startswith(("from ", "import "))]
         assert imports and all(ln.startswith("from sslkit.api import ") for ln in imports), imports
+    source = generated["dirs"]["source"]
+    assert '[project.entry-points."sslkit.source_flags"]\nkit_source = "sslkit_kit_source_flags:FLAGS"' in \
+        (source / "pyproject.toml").read_text()
+    flags = ast.parse((source / "sslkit_kit_source_flags.py").read_text())  # read for --help: imports nothing
+    assert not [n for n in ast.walk(flags) if isinstance(n, (ast.Import, ast.ImportFrom))]
 
 
 def test_generated_tests_pass(generated):
-    dirs = [str(d) for d in generated["dirs"].values()]
-    proc = with_site(generated["site"], "import pytest; sys.exit(pytest.main())", "-q", "-p", "no:cacheprovider",
-                     *dirs, cwd=generated["root"])
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
-    assert "9 passed" in proc.stdout  # 2 per kind + the backbone's second model
+    proc = generated["proc"]
+    assert generated["results"]["pytest"] == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert "10 passed" in proc.stdout  # 2 per kind + the backbone's second model + the source's flags
 
 
-def test_generated_names_work_in_pretrain_and_export(generated, tmp_path):
-    data = tmp_path / "npy"
-    data.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(8):
-        np.save(data / f"{i}.npy", (rng.random((3, 36, 40)) * 255).astype(np.uint8))
-    cli = "from sslkit.cli import main; main()"
-    run = tmp_path / "run"
-    proc = with_site(generated["site"], cli, "pretrain", "--task", "kit_task", "--data", f"kit_source:{data}",
-                     "--backbone", "kit_backbone:small", "--out", str(run), "--image-size", "32", "--batch-size", "4",
-                     "--max-steps", "2", "--epochs", "1", "--quiet", "--no-cache")
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    info = json.loads((run / "run.json").read_text())
+def test_generated_source_flag_is_offered_by_pretrain(generated):
+    help_ = generated["results"]["help"]
+    assert help_["code"] == 0, help_
+    assert "--scale TEXT" in help_["stdout"] and "[kit_source] Divide the arrays" in help_["stdout"]
+    proc = run_sslkit("pretrain", "--help")  # not installed here: not offered
+    assert proc.returncode == 0 and "--scale" not in proc.stdout
+
+
+def test_generated_names_work_in_pretrain_and_export(generated):
+    results = generated["results"]
+    assert results["pretrain"]["code"] == 0, results["pretrain"]
+    info = json.loads((generated["run"] / "run.json").read_text())
     assert (info["task"], info["input_spec"]["source"], info["backbone"]) == ("kit_task", "kit_source",
                                                                               "kit_backbone:small")
     assert info["input_spec"]["channels"] == 3 and info["summary"]["steps"] == 2
-    out = tmp_path / "encoder.npz"
-    proc = with_site(generated["site"], cli, "export", str(run), "--format", "kit_exporter", "--out", str(out))
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert out.is_file() and "exported kit_exporter" in proc.stdout
-    with np.load(out) as saved:
+    assert info["config"]["source_options"] == {"scale": "255"}  # the --scale flag reached the source
+    assert info["input_spec"]["preprocessing"] == {"kit_source": {"scale": "255"}}
+    assert results["export"]["code"] == 0, results["export"]
+    assert "exported kit_exporter" in results["export"]["stdout"]
+    with np.load(generated["root"] / "encoder.npz") as saved:
         assert json.loads(str(saved["__sslkit__"]))["task"] == "kit_task"
 
 
