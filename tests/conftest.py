@@ -32,8 +32,9 @@ def _fresh_plugins():
 def _decoded_cache(tmp_path_factory):
     """The default decoded-pixel cache lives in a per-session temp dir, never in ~/.cache."""
     os.environ["SSLKIT_CACHE_DIR"] = str(tmp_path_factory.mktemp("sslkit-cache"))
-    # the secret behind keyed hashes (sslkit.pseudonym): one per session, never ~/.config/sslkit/key
-    os.environ.pop("SSLKIT_KEY", None)
+    # the secret behind keyed hashes (sslkit.pseudonym): one per session, in the environment so that
+    # every subprocess (even one run as another user) agrees; never ~/.config/sslkit/key
+    os.environ["SSLKIT_KEY"] = os.urandom(32).hex()
     os.environ["SSLKIT_KEY_FILE"] = str(tmp_path_factory.mktemp("sslkit-config") / "key")
     yield
 

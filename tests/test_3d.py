@@ -175,7 +175,7 @@ def _assert_no_series_identifier(data: Path, ids: list[str], files: list[Path]) 
 
     uids = sorted({str(dcmread(f, stop_before_pixels=True).SeriesInstanceUID) for f in data.rglob("*.dcm")})
     assert ids == sorted(f"series:{series_key(u)}" for u in uids)
-    secret = Path(os.environ["SSLKIT_KEY_FILE"]).read_bytes()
+    secret = os.environ["SSLKIT_KEY"].encode()  # the session's secret (tests/conftest.py)
     needles = [secret, secret.hex().encode()]
     for uid in uids:
         needles += [uid.encode(), hashlib.sha256(b"sslkit-series-v1" + uid.encode()).hexdigest()[:16].encode(),
