@@ -148,3 +148,36 @@ def test_mosaic_slices_ordered_by_their_positions(tmp_path, normal, order, z):
     np.testing.assert_array_equal(src.sampler.load(refs[0], raw=True)[0], tiles[order].astype(np.float32))
     src, refs = volume_source(tmp_path, sample="slab:1")  # slices in the same spatial order
     np.testing.assert_array_equal(src.sampler.load(refs[0], raw=True)[0], tiles[order[0]].astype(np.float32))
+
+
+def test_enhanced_two_echo_file_gives_one_volume_per_echo(tmp_path):
+    """An enhanced MR file, 2 echoes x 3 positions, frames interleaved: per-frame MR Echo groups split it."""
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    from tests.test_series import ENHANCED_CT
+
+    z, echo_time = [5.0, 0.0, 5.0, 2.5, 0.0, 2.5], [30.0, 30.0, 10.0, 30.0, 10.0, 10.0]
+    echo = [1 if t == 10.0 else 2 for t in echo_time]  # the shorter echo time is echo 1
+    frames = np.stack([slice_pixels(int(zi / 2.5)) + 1000 * (e - 1) for zi, e in zip(z, echo)])
+    ds = _base(ENHANCED_CT, frames, generate_uid(), NumberOfFrames=len(frames))
+    shared, orient, measures = Dataset(), Dataset(), Dataset()
+    orient.ImageOrientationPatient = list(AXIAL)
+    measures.PixelSpacing, measures.SliceThickness = [0.7, 0.7], 2.5
+    shared.PlaneOrientationSequence, shared.PixelMeasuresSequence = Sequence([orient]), Sequence([measures])
+    ds.SharedFunctionalGroupsSequence = Sequence([shared])
+    per_frame = []
+    for zi, t in zip(z, echo_time):
+        group, pos, mr_echo = Dataset(), Dataset(), Dataset()
+        pos.ImagePositionPatient = [0.0, 0.0, zi]
+        mr_echo.EffectiveEchoTime = t
+        group.PlanePositionSequence, group.MREchoSequence = Sequence([pos]), Sequence([mr_echo])
+        per_frame.append(group)
+    ds.PerFrameFunctionalGroupsSequence = Sequence(per_frame)
+    ds.save_as(tmp_path / "enh.dcm", enforce_file_format=True)
+    src, refs, raws, vols = raw_volumes(tmp_path, 3)
+    assert len(refs) == 2 and [src.sample_id(r)[-3:] for r in refs] == [".e1", ".e2"]
+    for e, (raw, vol) in enumerate(zip(raws, vols)):
+        np.testing.assert_array_equal(raw, np.stack([slice_pixels(k) + 1000 * e for k in range(3)]))
+        assert vol.spacing == (2.5, 0.7, 0.7) and [p[2] for p in vol.positions] == [0.0, 2.5, 5.0]
+        assert vol.issues == [f"echo {e + 1}: one of 2 volumes of a file split by echo (positions repeat)"]

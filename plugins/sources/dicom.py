@@ -34,7 +34,7 @@ from sslkit_plugins.sources.dicom_series import assemble, geometry
 from sslkit_plugins.sources.dicom_volume import VolumeSampler, modality_values
 
 GROUP_SALT = b"sslkit-group-v1"
-HEADER_FORMAT = 4  # bump when read_header() changes what it returns
+HEADER_FORMAT = 5  # bump when read_header() changes what it returns
 #: objects that carry Rows/Columns (or even pixels) but are not images to learn from
 NON_IMAGE_MODALITIES = {"SR", "KO", "PR", "SEG", "REG", "RTSTRUCT", "RTPLAN", "RTRECORD", "DOC", "ECG"}
 logging.getLogger("pydicom").setLevel(logging.ERROR)

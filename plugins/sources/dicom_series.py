@@ -32,6 +32,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from sslkit.api import keyed_hash
+from sslkit_plugins.sources.dicom_repeats import REPEATS, frame_facts, label, split_repeats
 from sslkit_plugins.sources.dicom_mosaic import (acquisition_tile, csa_image_header, csa_slice_normal,  # noqa: F401
                                                  cut_mosaic, mosaic_count, mosaic_grid, mosaic_positions)
 
@@ -39,10 +40,6 @@ from sslkit_plugins.sources.dicom_mosaic import (acquisition_tile, csa_image_hea
 DUPLICATE_MM = 1e-3
 #: relative deviation of a step from the series' step that counts as non-uniform
 UNIFORM_TOLERANCE = 0.01
-#: what splits a series whose positions repeat, in the order tried: (header fact, keyword, name)
-REPEATS = (("echo", "EchoNumbers", "echo"), ("temporal", "TemporalPositionIdentifier", "time point"),
-           ("trigger", "TriggerTime", "trigger time"), ("acquisition", "AcquisitionNumber", "acquisition"))
-SUFFIX = {"echo": "e", "temporal": "t", "trigger": "tt", "acquisition": "a"}  # of a split volume's key
 
 
 def series_key(value: str) -> str:
@@ -58,17 +55,6 @@ def _floats(value: Any, n: int) -> list[float] | None:
     except (TypeError, ValueError):
         return None
     return out if len(out) == n and all(math.isfinite(v) for v in out) else None
-
-
-def _label(value: Any) -> float | None:
-    """A number that labels an echo or a time point (the first of a multi-valued element), rounded."""
-    if value is not None and not isinstance(value, (str, bytes)) and hasattr(value, "__len__"):
-        value = value[0] if len(value) else None
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        return None
-    return round(v, 3) if math.isfinite(v) else None
 
 
 def _float(value: Any) -> float | None:
@@ -99,7 +85,7 @@ def geometry(ds: Any, fallback_key: str) -> dict[str, Any]:
         "slice_step": _float(ds.get("SpacingBetweenSlices")) or _float(ds.get("SliceThickness")),
         "mosaic": 0,
         "frame_positions": None,
-        **{name: _label(ds.get(keyword)) for name, keyword, _ in REPEATS},
+        **{name: label(ds.get(keyword)) for name, keyword, _ in REPEATS},
     }
     image_type = [str(v).upper() for v in (ds.get("ImageType") or [])]
     if "MOSAIC" in image_type:
@@ -117,6 +103,7 @@ def geometry(ds: Any, fallback_key: str) -> dict[str, Any]:
                      for f in per_frame]
         if positions and all(p is not None for p in positions):
             out["frame_positions"] = positions
+            out["frame_facts"] = frame_facts(per_frame)
         first = per_frame[0]
         out["orientation"] = out["orientation"] or _floats(
             _group_value(first, shared, "PlaneOrientationSequence", "ImageOrientationPatient"), 6)
@@ -242,7 +229,8 @@ def assemble(headers: dict[str, dict[str, Any]]) -> list[Volume]:
     """Volumes from ``{path: header}`` (headers as the ``dicom`` source reads them).
 
     A mosaic file or an enhanced multi-frame file with per-frame positions is a volume of
-    its own; single-frame files of one series with positions and orientation form one
+    its own (an enhanced file with several echoes / time points: one per echo / time point);
+    single-frame files of one series with positions and orientation form one
     volume per consistent layout, and one per echo / time point where positions repeat
     (:func:`split_repeats`); anything else (a radiograph, a cine loop) is a volume of its
     frames in stored order, flagged ``"no slice geometry"``.
@@ -253,7 +241,7 @@ def assemble(headers: dict[str, dict[str, Any]]) -> list[Volume]:
         if h.get("mosaic") and h["frames"] == 1:
             volumes.append(_mosaic_volume(path, h))
         elif h.get("frame_positions") and h.get("orientation") and h["frames"] > 1:
-            volumes.append(_enhanced_volume(path, h))
+            volumes += _enhanced_volumes(path, h)
         elif h["frames"] == 1 and h.get("position") and h.get("orientation"):
             series.setdefault(h["series_key"], []).append(path)
         else:
@@ -266,65 +254,18 @@ def assemble(headers: dict[str, dict[str, Any]]) -> list[Volume]:
             layouts.setdefault(_layout(headers[p]), []).append(p)
         for i, part in enumerate(sorted(layouts.values(), key=len, reverse=True)):
             layout_key = key if len(layouts) == 1 else f"{key}.{i}"
-            repeats, names = split_repeats(part, headers)
-            for suffix, label, sub in repeats:
-                vol = _series_volume(layout_key + suffix, sub, headers)
+            positions = np.array([headers[p]["position"] for p in part], float)
+            repeats, names = split_repeats(positions, [headers[p] for p in part], headers[part[0]]["orientation"])
+            for suffix, text, indices in repeats:
+                vol = _series_volume(layout_key + suffix, [part[j] for j in indices], headers)
                 if len(layouts) > 1:
                     vol.issues.append(f"series split into {len(layouts)} volumes (orientation, size or pixel "
                                       f"spacing differ)")
                 if len(repeats) > 1:
-                    vol.issues.append(f"{label}: one of {len(repeats)} volumes of a series split by "
+                    vol.issues.append(f"{text}: one of {len(repeats)} volumes of a series split by "
                                       f"{' and '.join(names)} (positions repeat)")
                 volumes.append(vol)
     return volumes
-
-
-def _repeated(paths: list[str], headers: dict[str, dict[str, Any]]) -> int:
-    """How many of ``paths`` repeat a position already taken along the normal."""
-    if len(paths) < 2:
-        return 0
-    _, dist = order_slices(np.array([headers[p]["position"] for p in paths], float), headers[paths[0]]["orientation"])
-    return int(np.sum(np.diff(dist) < DUPLICATE_MM))
-
-
-def split_repeats(paths: list[str], headers: dict[str, dict[str, Any]]
-                  ) -> tuple[list[tuple[str, str, list[str]]], list[str]]:
-    """A multi-echo or dynamic series -> one part per echo / time point.
-
-    Where positions repeat, the facts of :data:`REPEATS` that vary are tried in order
-    (echo, temporal position, trigger time, acquisition number); one is used when it
-    lowers the number of repeated positions without leaving a part of a single slice
-    (a number that changes every slice, as AcquisitionNumber may, explains nothing),
-    until none repeat. Returns ``([(key suffix,
-    label, paths)], names of the facts used)``; a single part ``("", "", paths)`` when no
-    fact explains the repeats (they stay reported as duplicate positions).
-    """
-    left = _repeated(paths, headers)
-    used: list[tuple[str, str]] = []
-    groups = {(): paths}
-    for fact, _, name in REPEATS:
-        if not left:
-            break
-        if len({headers[p].get(fact) for p in paths}) < 2:
-            continue
-        trial: dict[tuple, list[str]] = {}
-        for p in paths:
-            trial.setdefault(tuple(headers[p].get(f) for f, _ in used) + (headers[p].get(fact),), []).append(p)
-        repeats = sum(_repeated(g, headers) for g in trial.values())
-        if repeats < left and min(map(len, trial.values())) > 1:  # a new value every slice explains nothing
-            used, groups, left = used + [(fact, name)], trial, repeats
-    if not used:
-        return [("", "", paths)], []
-
-    def order(values: tuple) -> tuple:
-        return tuple((v is None, v or 0.0) for v in values)
-
-    parts = []
-    for values in sorted(groups, key=order):
-        suffix = "".join(f".{SUFFIX[fact]}{'x' if v is None else f'{v:g}'}" for (fact, _), v in zip(used, values))
-        label = ", ".join(f"{name} {'unknown' if v is None else f'{v:g}'}" for (_, name), v in zip(used, values))
-        parts.append((suffix, label, groups[values]))
-    return parts, [name for _, name in used]
 
 
 def _ordered(positions: np.ndarray, orientation: Sequence[float], fallback_step: float | None
@@ -349,11 +290,22 @@ def _series_volume(key: str, paths: list[str], headers: dict[str, dict[str, Any]
                   first["rows"], first["columns"], issues, positions=positions[keep].tolist())
 
 
-def _enhanced_volume(path: str, h: dict[str, Any]) -> Volume:
+def _enhanced_volumes(path: str, h: dict[str, Any]) -> list[Volume]:
+    """An enhanced file's frames in spatial order: one volume, or one per echo / time point
+    when its positions repeat (:func:`split_repeats` on the per-frame functional groups)."""
     positions = np.array(h["frame_positions"], float)
-    keep, step, issues = _ordered(positions, h["orientation"], h.get("slice_step"))
-    return Volume(series_key(path), h["group"], [(path, f, None) for f in keep], (step, *_in_plane(h)),
-                  h["rows"], h["columns"], issues, positions=positions[keep].tolist())
+    facts = h.get("frame_facts") or [{}] * len(positions)
+    parts, names = split_repeats(positions, facts, h["orientation"])
+    out = []
+    for suffix, text, frames in parts:
+        keep, step, issues = _ordered(positions[frames], h["orientation"], h.get("slice_step"))
+        if len(parts) > 1:
+            issues.append(f"{text}: one of {len(parts)} volumes of a file split by {' and '.join(names)} "
+                          f"(positions repeat)")
+        out.append(Volume(series_key(path) + suffix, h["group"], [(path, frames[i], None) for i in keep],
+                          (step, *_in_plane(h)), h["rows"], h["columns"], issues,
+                          positions=positions[[frames[i] for i in keep]].tolist()))
+    return out
 
 
 def _mosaic_volume(path: str, h: dict[str, Any]) -> Volume:

@@ -10,7 +10,7 @@ read once.
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from typing import Any
 
 import numpy as np
@@ -50,9 +50,11 @@ class VolumeSampler:
     def refs(self) -> list[SampleRef]:
         """One ref per slice (slab) or per volume, volumes in order, slices in spatial order."""
         out = []
+        firsts = Counter(vol.slices[0][0] for vol in self.volumes)
         for v, vol in enumerate(self.volumes):
-            if self.mode.volumetric:
-                ref = SampleRef(vol.slices[0][0], None, vol.group)
+            if self.mode.volumetric:  # several volumes of one file (echoes): named by their first frame
+                path, frame, _ = vol.slices[0]
+                ref = SampleRef(path, frame if firsts[path] > 1 else None, vol.group)
                 self.where[ref.id] = (v, None)
                 out.append(ref)
                 continue
