@@ -17,4 +17,4 @@ def test_synthetic_contract(tmp_path):
     # generated data reads no file, so there is no damaged file to report
     report = check_source("synthetic", "6", tmp_path=tmp_path, options={"channels": 3}, damaged_file_raises=False)
     assert report == {"scheme": "synthetic", "samples": 6, "loaded": 6, "channels": [3],
-                      "damaged": "not checked (damaged_file_raises=False)"}
+                      "damaged": "not checked (damaged_file_raises=False)", "graph": "pixels"}
