@@ -10,6 +10,7 @@ file sslkit writes here is mode 0600 in folders of mode 0700.
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import json
 import os
@@ -61,26 +62,46 @@ def mark_root(root: Path) -> None:
                          f"choose another with --cache DIR, or --no-cache") from None
 
 
+#: (path, block) -> (the file's stat identity, its content digest): one pass reads each file once
+_DIGESTS: dict[tuple[str, int], tuple[tuple[int, ...], str]] = {}
+_DIGESTS_MAX = 1 << 20
+
+
+def _identity(st: os.stat_result) -> tuple[int, ...]:
+    # ctime changes on every write, rename over and utime, even one that restores the mtime
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
 def content_digest(path: str, block: int = 4096) -> str:
     """Identity of a file's content: its size and its first and last ``block`` bytes.
 
     Cheap (8 KiB read per file), and for images enough to tell a replaced file from the
     old one: headers, UIDs and compressed streams differ at both ends. Raises ``OSError``
-    for an unreadable file.
+    for an unreadable file. Within a process, a file whose stat identity (device, inode,
+    size, mtime, ctime) is unchanged is not read again: the readability check, the cache
+    key and the dataset fingerprint of one run share one read.
     """
     with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
+        st = os.fstat(f.fileno())
+        known = _DIGESTS.get((path, block))
+        if known is not None and known[0] == _identity(st):
+            return known[1]
+        size = st.st_size
         h = hashlib.blake2b(str(size).encode(), digest_size=16)
         h.update(f.read(block))
         if size > block:
             f.seek(max(block, size - block))
             h.update(f.read(block))
+    if len(_DIGESTS) >= _DIGESTS_MAX:
+        _DIGESTS.clear()
+    _DIGESTS[(path, block)] = (_identity(st), h.hexdigest())
     return h.hexdigest()
 
 
 def file_digest(path: str, block: int = 4096) -> str:
     """:func:`content_digest` and the mtime: what keys a cache entry (a touched file is re-decoded)."""
-    return f"{content_digest(path, block)}:{os.stat(path).st_mtime_ns}"
+    digest = content_digest(path, block)
+    return f"{digest}:{_DIGESTS[(path, block)][0][3]}"
 
 
 def readable(refs: Sequence[SampleRef], relative=str) -> tuple[list[SampleRef], list[tuple[str, str]]]:
@@ -118,6 +139,67 @@ def cache_key(source: Source, refs: Sequence[SampleRef], channels: int, size: in
                 digests[path] = file_digest(path)
         h.update(f"{ref.path}\0{ref.frame}\0{'|'.join(digests[p] for p in files)}\n".encode())
     return h.hexdigest()[:32]
+
+
+#: a temporary file sslkit writes in ``headers/`` is renamed within seconds; older ones were left by a killed process
+STALE_TMP_S = 600
+
+
+def remove_stale(root: Path) -> list[str]:
+    """Remove what a killed first pass left under ``root``: ``.tmp-*`` entry folders whose
+    ``.lock`` no process holds (the filling process holds it with ``flock`` until it
+    renames the folder into place; a killed one released it), ones without a lock older
+    than :data:`STALE_TMP_S`, and ``headers/.tmp-*`` files older than that. Safe while
+    other processes fill the same cache: a live folder's lock is held. Returns the names."""
+    removed = []
+    for folder in (root, root / "headers"):
+        try:
+            names = sorted(p for p in folder.iterdir() if p.name.startswith(".tmp-"))
+        except OSError:
+            continue
+        for p in names:
+            if p.is_dir() and not p.is_symlink() and folder == root:
+                if not _owner_gone(p):
+                    continue
+                shutil.rmtree(p, ignore_errors=True)
+            elif p.is_file() and _age(p) > STALE_TMP_S:
+                p.unlink(missing_ok=True)
+            else:
+                continue
+            removed.append(p.name)
+    return removed
+
+
+def _age(p: Path) -> float:
+    try:
+        return time.time() - p.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+def _owner_gone(tmp: Path) -> bool:
+    """Whether no process is filling ``tmp`` any more (its ``.lock`` is free, or absent and old)."""
+    try:
+        fd = os.open(tmp / ".lock", os.O_RDWR)
+    except FileNotFoundError:
+        return _age(tmp) > STALE_TMP_S
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def hold_fill_lock(tmp: Path) -> int:
+    """Create and ``flock`` ``tmp/.lock`` for as long as this process fills ``tmp``
+    (released when the returned descriptor is closed or the process dies)."""
+    fd = os.open(tmp / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    return fd
 
 
 def reserve(path: Path, nbytes: int) -> None:

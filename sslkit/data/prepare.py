@@ -13,6 +13,7 @@ import math
 import multiprocessing
 import os
 import shutil
+import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -22,13 +23,12 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
-from sslkit.data.cache import (CACHE_FORMAT, cache_key, content_digest, disk_full_error, mark_root, readable,
-                               reserve, resolve_cache_dir)
+from sslkit.data.cache import (CACHE_FORMAT, cache_key, content_digest, disk_full_error, hold_fill_lock, mark_root,
+                               readable, remove_stale, reserve, resolve_cache_dir)
 from sslkit.data.parallel import pool_size
+from sslkit.data.resize import resize_axis_aa
 from sslkit.data.source import NotAnImage, SampleRef, Source, Undecodable, to_channels
 from sslkit.errors import UsageError
 
@@ -52,15 +52,20 @@ def sides(size: int | Sequence[int]) -> tuple[int, ...]:
 
 
 def resize_square(x: np.ndarray, size: int) -> np.ndarray:
-    """``(C, H, W)`` -> ``(C, size, size)``: shorter side to ``size`` (antialiased), centre crop."""
+    """``(C, H, W)`` -> ``(C, size, size)``: shorter side to ``size`` (antialiased), centre crop.
+
+    Antialiased bilinear as torch's ``F.interpolate(..., antialias=True)`` computes it (up
+    to float rounding), in numpy (:mod:`sslkit.data.resize`), so decode workers need no torch.
+    """
     c, h, w = x.shape
     if (h, w) != (size, size):
         scale = size / min(h, w)
         nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
-        t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))[None]
-        t = F.interpolate(t, size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)[0]
+        x = np.asarray(x, dtype=np.float32)
+        x = resize_axis_aa(resize_axis_aa(x, 2, nw), 1, nh) if w / nw >= h / nh else \
+            resize_axis_aa(resize_axis_aa(x, 1, nh), 2, nw)
         top, left = (nh - size) // 2, (nw - size) // 2
-        x = t[:, top : top + size, left : left + size].numpy()
+        x = np.ascontiguousarray(x[:, top : top + size, left : left + size])
     return x
 
 
@@ -112,6 +117,7 @@ def prepare(
         kept, skipped = _decode(source, refs, pixels, progress, workers)
         return Prepared(pixels[: len(kept)], [refs[i] for i in kept], unreadable + skipped)
     mark_root(root)
+    remove_stale(root)  # what a killed first pass left
     target = root / cache_key(source, refs, channels, size)
     if not (target / "index.json").exists():
         check_room(root, nbytes, shape, channels, size)  # a cached entry needs neither room nor decoding
@@ -126,10 +132,12 @@ def prepare(
 
 def _fill_entry(source: Source, refs: list[SampleRef], shape: tuple[int, ...], target: Path, progress: bool,
                 workers: int) -> None:
-    """Decode into ``target`` through a temporary folder beside it (removed on any failure)."""
+    """Decode into ``target`` through a temporary folder beside it (removed on any failure;
+    after a SIGKILL, by the next :func:`prepare`: its ``.lock`` is then free)."""
     nbytes = int(np.prod(shape, dtype=np.int64)) * 2
     try:
         tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
+        lock = hold_fill_lock(tmp)
     except OSError as exc:
         raise disk_full_error(target.parent, exc, nbytes) from None
     try:
@@ -153,12 +161,14 @@ def _fill_entry(source: Source, refs: list[SampleRef], shape: tuple[int, ...], t
         except OSError as exc:
             raise disk_full_error(target.parent, exc, nbytes) from None
         try:
+            (tmp / ".lock").unlink()
             os.replace(tmp, target)
         except OSError:  # another process finished the same entry first: use theirs
             if not (target / "index.json").exists():
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        os.close(lock)
 
 
 def check_room(root: Path | None, nbytes: int, shape: tuple[int, ...], channels: int, size: int) -> None:
@@ -203,7 +213,8 @@ _WORKER: dict[str, Any] = {}
 
 
 def _init_worker(source: Source, channels: int, size: int) -> None:
-    torch.set_num_threads(1)
+    if "torch" in sys.modules:  # only where a source needs it: the decode itself does not
+        sys.modules["torch"].set_num_threads(1)
     _WORKER.update(source=source, channels=channels, size=size)
 
 
@@ -244,7 +255,10 @@ def _decode(
     kept: list[int] = []
     failed: dict[str, list] = {}  # path -> [first reason, frames failed]
     channels, size = out.shape[1], (out.shape[2] if out.ndim == 4 else tuple(out.shape[2:]))
-    n = pool_size(len(refs), workers) if source.parallel_decode else 1
+    # the work is the files read: a volume reads all its slices
+    files_of = getattr(source, "files_of", None)
+    files = sum(len(files_of(r)) for r in refs) if callable(files_of) else len(refs)
+    n = min(pool_size(files, workers), len(refs)) if source.parallel_decode else 1
     pool = None
     if n > 1:
         pool = ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,

@@ -21,9 +21,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
+from sslkit.data.resize import resize_axis_linear
 from sslkit.errors import UsageError
 
 #: The axis order of every volume and slab a volumetric source yields.
@@ -130,15 +129,19 @@ def resample(volume: np.ndarray, spacing: tuple[float, float, float],
              target: tuple[float, float, float] | None) -> np.ndarray:
     """``(C, D, H, W)`` at ``spacing`` (dz, dy, dx) mm -> the same field of view at ``target``.
 
-    Trilinear; a new side is ``round(side * spacing / target)`` (at least 1).
+    Trilinear; a new side is ``round(side * spacing / target)`` (at least 1). Computed in
+    numpy (:mod:`sslkit.data.resize`: torch's ``trilinear``, ``align_corners=False``, up to
+    float rounding), one axis at a time, the most shrunk first, so decode workers need no torch.
     """
     if target is None:
         return volume
     shape = tuple(max(1, round(n * s / t)) for n, s, t in zip(volume.shape[1:], spacing, target))
     if shape == volume.shape[1:]:
         return volume
-    t = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32))[None]
-    return F.interpolate(t, size=shape, mode="trilinear", align_corners=False)[0].numpy()
+    x = np.asarray(volume, dtype=np.float32)
+    for axis in sorted(range(3), key=lambda a: shape[a] / x.shape[a + 1]):
+        x = resize_axis_linear(x, axis + 1, shape[axis])
+    return x
 
 
 def crop_or_pad(volume: np.ndarray, size: tuple[int, int, int]) -> np.ndarray:

@@ -1,0 +1,85 @@
+"""The first pass (index + decode + cache write), timed the way a run pays it.
+
+Each measurement runs ``load_data`` into a fresh, empty cache folder in a new process
+started like the ``sslkit`` command (``python -c``: spawned decode workers re-import no
+benchmark script and its torch), with sslkit and its plugins imported before the clock
+starts, as ``sslkit pretrain`` has them by then. Used by data_pipeline.py and volumes.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+_CODE = """
+import json, sys, tempfile, time
+from sslkit.data.pipeline import load_data
+from sslkit.registry import create_source
+data, size, options, workers = json.loads(sys.argv[1])
+size = size if isinstance(size, int) else tuple(size)
+create_source(data, **options)  # plugins loaded before the clock, as in a run
+with tempfile.TemporaryDirectory() as cache:
+    t0 = time.perf_counter()
+    loaded = load_data(data, size, None, options, cache, progress=False, workers=workers)
+    print(json.dumps([len(loaded.prepared), time.perf_counter() - t0]))
+"""
+
+
+def parse_workers(text: str) -> list[int]:
+    """``"1,2,all"`` -> ``[1, 2, N]`` (N: the CPUs this process may use), duplicates dropped."""
+    from sslkit.data.parallel import default_workers
+
+    out: list[int] = []
+    for item in text.split(","):
+        n = default_workers() if item.strip() == "all" else int(item)
+        if n not in out:
+            out.append(n)
+    return out
+
+
+def first_pass(data: str, size, options: dict, workers: int) -> tuple[int, float]:
+    """``(samples, seconds)`` of one first pass with ``workers`` decode processes."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run([sys.executable, "-c", _CODE, json.dumps([data, size, options, workers])], env=env,
+                         cwd=REPO, capture_output=True, text=True, check=False)
+    if out.returncode:
+        raise RuntimeError(f"first pass failed: {out.stderr[-2000:]}")
+    samples, seconds = json.loads(out.stdout.strip().splitlines()[-1])
+    return samples, seconds
+
+
+def compare(naive, ours, workers: list[int], repeats: int, unit: str) -> dict[int, list[float]]:
+    """Alternate ``naive()`` (samples/s) and ``ours(w)`` (samples/s) for every worker count
+    ``w``, ``repeats`` times, the order swapped each time so load drifts hit both alike;
+    print each pair and the medians. Returns ``{workers: [ratio, ...]}``."""
+    import statistics
+
+    ratios: dict[int, list[float]] = {w: [] for w in workers}
+    rates: dict[int, list[float]] = {w: [] for w in workers}
+    naive_rates: list[float] = []
+    turn = 0
+    for r in range(repeats):
+        for w in workers:
+            if turn % 2 == 0:
+                a = naive()
+                b = ours(w)
+            else:
+                b = ours(w)
+                a = naive()
+            turn += 1
+            naive_rates.append(a)
+            rates[w].append(b)
+            ratios[w].append(b / a)
+            print(f"  repeat {r + 1}, {w} worker(s): naive {a:.2f} {unit}/s, first pass {b:.2f} {unit}/s "
+                  f"-> {b / a:.2f}x", flush=True)
+    print(f"naive loop (1 process), median of {len(naive_rates)}: {statistics.median(naive_rates):.2f} {unit}/s")
+    for w in workers:
+        print(f"first pass, {w} worker(s): median {statistics.median(rates[w]):.2f} {unit}/s, "
+              f"ratio to the naive run beside it: median {statistics.median(ratios[w]):.2f}x "
+              f"(each: {', '.join(f'{x:.2f}' for x in ratios[w])}); target >= 1x", flush=True)
+    return ratios
