@@ -65,14 +65,21 @@ class BatchLoader:
         return np.sort(idx[self.rank * self.batch_size : (self.rank + 1) * self.batch_size])
 
     def read(self, idx: np.ndarray) -> torch.Tensor:
-        # numpy, not torch, scales the batch: a torch op on this (prefetch) thread would
-        # start its own OpenMP team, whose spinning threads steal the model's cores.
+        """Samples ``idx`` as one batch tensor (float in [0, 1], or uint16 with ``raw``), pinned
+        when ``pin_memory``.
+
+        Only numpy works here (this runs on the prefetch thread), writing straight into the
+        batch's tensor: any torch op on this thread that runs in parallel (a conversion, a
+        scale, ``pin_memory()``'s copy) starts the thread's own OpenMP team, whose threads then
+        take cores from the training step's. ``torch.empty`` only allocates.
+        """
+        shape = (len(idx), *self.pixels.shape[1:])
+        out = torch.empty(shape, dtype=torch.uint16 if self.raw else torch.float32, pin_memory=self.pin_memory)
         if self.raw:
-            x = torch.from_numpy(np.ascontiguousarray(self.pixels[idx]))
-            return x.pin_memory() if self.pin_memory else x
-        x = np.asarray(self.pixels[idx], dtype=np.float32)
-        x = torch.from_numpy(np.divide(x, SCALE, out=x))
-        return x.pin_memory() if self.pin_memory else x
+            np.take(self.pixels, idx, axis=0, out=out.numpy())
+        else:
+            np.divide(self.pixels[idx], np.float32(SCALE), out=out.numpy(), dtype=np.float32)
+        return out
 
     def epoch(self, epoch: int, start: int = 0, prefetch: int = 2) -> Iterator[torch.Tensor]:
         """Yield batches ``start..len(self)-1`` of ``epoch`` as float (B, C, S, S) in [0, 1]."""
