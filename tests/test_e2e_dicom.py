@@ -14,7 +14,8 @@ from sslkit.run import load_run
 from tests.conftest import run_sslkit
 
 
-def test_pydicom_files_to_checked_onnx(pydicom_dir, tmp_path):
+def test_pydicom_files_to_checked_onnx(pydicom_dir, tmp_path, cli):
+    """Pretrain through the real executable; export in-process (the same CLI, one interpreter less)."""
     run_dir, onnx_path = tmp_path / "mae", tmp_path / "encoder.onnx"
     proc = run_sslkit("pretrain", "--task", "mae", "--data", f"dicom:{pydicom_dir}", "--out", run_dir,
                       "--epochs", "1", "--batch-size", "16", "--image-size", "32", "--quiet")
@@ -29,9 +30,9 @@ def test_pydicom_files_to_checked_onnx(pydicom_dir, tmp_path):
     report = json.loads((run_dir / "data_report.json").read_text())
     assert report["samples"] > 50 and report["skipped"] >= 1  # pydicom ships broken files on purpose
 
-    proc = run_sslkit("export", run_dir, "--out", onnx_path, "--json")
-    assert proc.returncode == 0, proc.stderr
-    parity = json.loads(proc.stdout)
+    result = cli("export", run_dir, "--out", onnx_path, "--json")
+    assert result.exit_code == 0, result.output
+    parity = json.loads(result.stdout)
     assert {(c["inputs"], c["batch"]) for c in parity["checks"]} == {
         ("random", 1), ("random", 8), ("real", 1), ("real", 8)} and parity["max_abs_diff"] <= 1e-4
 

@@ -11,50 +11,60 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, run_sslkit
+from sslkit import plugins
+from tests.conftest import REPO
 
 EXAMPLE = REPO / "examples" / "sslkit-example-plugin"
 
 
 @pytest.fixture(scope="module")
-def installed(tmp_path_factory) -> dict:
-    """pip-install the example into a private folder; PYTHONPATH makes it visible (no cleanup needed)."""
+def site_dir(tmp_path_factory) -> Path:
+    """pip-install the example into a private folder (no cleanup needed)."""
     target = tmp_path_factory.mktemp("site")
     subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
                     "--target", str(target), str(EXAMPLE)], check=True, capture_output=True)
     assert list(Path(target).glob("sslkit_example_plugin-*.dist-info"))
-    return {"PYTHONPATH": str(target)}
+    return target
 
 
-def test_listed_by_sslkit_plugins(installed):
-    proc = run_sslkit("plugins", "--json", env=installed)
-    assert proc.returncode == 0, proc.stderr
-    infos = {p["name"]: p for p in json.loads(proc.stdout)}
+@pytest.fixture
+def installed(site_dir, monkeypatch) -> dict:
+    """The example installed for this process (its folder on sys.path, plugins found anew)
+    and for subprocesses (PYTHONPATH)."""
+    monkeypatch.syspath_prepend(str(site_dir))
+    plugins.reset()
+    return {"PYTHONPATH": str(site_dir)}
+
+
+def test_listed_by_sslkit_plugins(installed, cli):
+    result = cli("plugins", "--json")
+    assert result.exit_code == 0, result.output
+    infos = {p["name"]: p for p in json.loads(result.stdout)}
     example = infos["example"]
     assert example["version"] == "0.1.0"
     assert example["tasks"] == ["relpos"] and example["sources"] == ["synthetic"]
     assert "mae" in infos  # built-ins still there
 
 
-def test_not_visible_without_install():
-    proc = run_sslkit("list", "tasks", "--json")
-    assert "relpos" not in json.loads(proc.stdout)
+def test_not_visible_without_install(cli):
+    assert "relpos" not in json.loads(cli("list", "tasks", "--json").stdout)
 
 
-def test_used_by_pretrain(installed, tmp_path):
+def test_used_by_pretrain(installed, tmp_path, cli):
     out = tmp_path / "relpos"
-    proc = run_sslkit("pretrain", "--task", "relpos", "--data", "synthetic:32", "--out", out,
-                      "--image-size", "48", "--batch-size", "8", "--epochs", "1", "--quiet", env=installed)
-    assert proc.returncode == 0, proc.stderr
+    result = cli("pretrain", "--task", "relpos", "--data", "synthetic:32", "--out", out,
+                 "--image-size", "48", "--batch-size", "8", "--epochs", "1", "--quiet")
+    assert result.exit_code == 0, result.output
     info = json.loads((out / "run.json").read_text())
     assert info["task"] == "relpos" and info["input_spec"]["source"] == "synthetic"
     assert info["summary"]["steps"] == 4
     header = (out / "metrics.csv").read_text().splitlines()[0].split(",")
     assert "accuracy" in header  # the plugin's own scalar is logged
     # The plugin's check() refuses a pairing with a one-line error.
-    proc = run_sslkit("pretrain", "--task", "relpos", "--data", "synthetic:8", "--out", tmp_path / "x",
-                      "--image-size", "32", "--quiet", env=installed)
-    assert proc.returncode == 2 and "image-size >= 48" in proc.stderr
+    result = cli("pretrain", "--task", "relpos", "--data", "synthetic:8", "--out", tmp_path / "x",
+                 "--image-size", "32", "--quiet")
+    assert result.exit_code == 2 and "image-size >= 48" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "x" / "run.json").exists()
 
 
 def test_its_own_contract_tests_pass(installed):
