@@ -121,13 +121,15 @@ def readable(refs: Sequence[SampleRef], relative=str) -> tuple[list[SampleRef], 
 
 
 def cache_key(source: Source, refs: Sequence[SampleRef], channels: int, size: int) -> str:
-    """Hash of the preprocessing (source config, channels, size) and of every sample's file.
+    """Hash of the preprocessing (source config, channels, size, pixel limit) and of every sample's file.
 
     A file's identity is :func:`file_digest` (content + mtime), so editing, replacing or
     adding a file, or changing ``--window`` etc., gives a new key: a stale cache is never read.
     """
     h = hashlib.sha256()
-    h.update(json.dumps([CACHE_FORMAT, source.scheme, source.describe(), channels, size], sort_keys=True,
+    # the pixel limit decides which files are skipped unread: another limit is another entry
+    limit = getattr(source, "max_pixels", None)
+    h.update(json.dumps([CACHE_FORMAT, source.scheme, source.describe(), channels, size, limit], sort_keys=True,
                         default=str).encode())
     digests: dict[str, str] = {}
     # a slab or a volume is read from several files (its series' slices): every one counts
