@@ -139,9 +139,8 @@ def main() -> None:
     print("first pass (index + decode + cache write, new process, empty cache) vs the naive loop, alternated:",
           flush=True)
 
-    def ours(workers: int) -> float:
-        samples, seconds = first_pass(data, args.image_size, {}, workers)
-        return samples / seconds
+    def ours(workers: int) -> tuple[int, float, float]:
+        return first_pass(data, args.image_size, {}, workers)
 
     ratios = compare(lambda: naive_epoch(files, args.image_size, args.batch_size), ours,
                      parse_workers(args.workers), args.repeats, "samples")

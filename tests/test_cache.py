@@ -132,7 +132,9 @@ def test_parallel_decode_and_index_equal_serial(pydicom_dir, monkeypatch):
     src = create_source(f"dicom:{pydicom_dir}", workers=1)
     refs = src.index()
     serial = prep.prepare(src, refs, 1, 16, cache_dir=False, progress=False, workers=1)
-    monkeypatch.setattr(prep, "pool_size", lambda n, workers: 2)
+    monkeypatch.setattr(prep, "pool_size", lambda n, workers, **kw: 2)
+    monkeypatch.setattr(prep, "PROBE_S", 0.0)  # the first sample here, the rest in the workers
+    monkeypatch.setattr(prep, "POOL_PAYOFF_S", 0.0)
     parallel = prep.prepare(src, refs, 1, 16, cache_dir=False, progress=False, workers=2)
     assert [r.id for r in parallel.refs] == [r.id for r in serial.refs] and parallel.skipped == serial.skipped
     np.testing.assert_array_equal(parallel.pixels, serial.pixels)

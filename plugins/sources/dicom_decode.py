@@ -242,10 +242,11 @@ def linear_window(values: np.ndarray, width: float, level: float, function: str 
         t /= width
         t += 0.5
         t *= 65535.0
-        np.clip(t, 0.0, 65535.0, out=t)
+        np.fmax(t, 0.0, out=t)  # fmax, not clip: NaN becomes 0 here, no nan_to_num pass
+        np.fmin(t, 65535.0, out=t)
     out = t.astype(np.float32)
     out /= np.float32(65535.0)
-    return np.nan_to_num(out, copy=False)
+    return out
 
 
 def own_window(ds: Dataset) -> Dataset | None:

@@ -236,7 +236,17 @@ def _decode_one(ref: SampleRef) -> np.ndarray | str | None:
     except Exception as exc:
         reason = str(exc) if isinstance(exc, Undecodable) else f"{type(exc).__name__}: {exc}"
         return " ".join(reason.split())[:500]
-    return np.clip(np.rint(x * SCALE), 0, SCALE).astype(np.uint16)
+    y = np.multiply(x, SCALE, dtype=np.result_type(x, np.float32))  # a new array: the source's stays as it is
+    np.rint(y, out=y)
+    np.clip(y, 0, SCALE, out=y)
+    return y.astype(np.uint16)
+
+
+#: decode this long (seconds) in this process before deciding on worker processes
+PROBE_S = 0.5
+#: start workers only when the rest would take longer than this (seconds) here: a spawned
+#: worker needs ~0.6 s of CPU to start (numpy, pydicom, the source's plugin: no torch)
+POOL_PAYOFF_S = 2.0
 
 
 def _decode(
@@ -245,49 +255,62 @@ def _decode(
     """Fill ``out`` front to back with the decodable samples; return kept indices, skips.
 
     Skips are one ``(path relative to the data root, reason)`` per file, however many of
-    its frames failed (the reason then says how many).
-
-    Runs in worker processes for many samples (:mod:`sslkit.data.parallel`), in chunks of
-    adjacent refs, so the frames of a multi-frame file are mostly read by one worker once.
-    Results are consumed in order as they arrive, so memory stays bounded by the chunks
-    in flight.
+    its frames failed (the reason then says how many). Results are consumed in order as
+    they arrive (:func:`_results`), so memory stays bounded by the chunks in flight.
     """
     kept: list[int] = []
     failed: dict[str, list] = {}  # path -> [first reason, frames failed]
     channels, size = out.shape[1], (out.shape[2] if out.ndim == 4 else tuple(out.shape[2:]))
-    # the work is the files read: a volume reads all its slices
-    files_of = getattr(source, "files_of", None)
-    files = sum(len(files_of(r)) for r in refs) if callable(files_of) else len(refs)
-    n = min(pool_size(files, workers), len(refs)) if source.parallel_decode else 1
-    pool = None
-    if n > 1:
-        pool = ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
-                                   initargs=(source, channels, size))
-        results = pool.map(_decode_one, refs, chunksize=max(1, min(32, len(refs) // (n * 4))))
-    else:
-        _WORKER.update(source=source, channels=channels, size=size)
-        results = map(_decode_one, refs)
-    try:
-        bar = tqdm(results, total=len(refs), desc="decoding", unit="img", disable=not progress, leave=False)
-        for i, (ref, res) in enumerate(zip(refs, bar)):
-            if res is None:
-                continue
-            if isinstance(res, str):
-                failed.setdefault(ref.path, [res, 0])[1] += 1
-                continue
-            out[len(kept)] = res
-            kept.append(i)
-    except BrokenProcessPool:  # a worker died (out of memory, a crashing codec...): redo it all here
-        pool.shutdown(cancel_futures=True)
-        pool = None
-        return _decode(source, refs, out, progress, workers=1)
-    finally:
-        _WORKER.clear()
-        if pool is not None:
-            pool.shutdown(cancel_futures=True)
+    n = min(pool_size(len(refs), workers, min_parallel=2), len(refs)) if source.parallel_decode else 1
+    results = _results(source, refs, channels, size, n)
+    bar = tqdm(results, total=len(refs), desc="decoding", unit="img", disable=not progress, leave=False)
+    for i, (ref, res) in enumerate(zip(refs, bar)):
+        if res is None:
+            continue
+        if isinstance(res, str):
+            failed.setdefault(ref.path, [res, 0])[1] += 1
+            continue
+        out[len(kept)] = res
+        kept.append(i)
     skipped = [(source.relative(path), reason if n == 1 else f"{reason} ({n} frames)")
                for path, (reason, n) in failed.items()]
     return kept, skipped
+
+
+def _results(source: Source, refs: list[SampleRef], channels: int, size, n: int):
+    """:func:`_decode_one` of every ref, in order: in this process for :data:`PROBE_S`, then,
+    when the rest would take longer than :data:`POOL_PAYOFF_S` at the rate seen, in ``n``
+    spawned worker processes (:mod:`sslkit.data.parallel`), in chunks of adjacent refs (the
+    frames of a multi-frame file mostly read by one worker once). A worker that dies (out
+    of memory, a crashing codec) leaves the rest to this process."""
+    i, t0 = 0, time.perf_counter()
+    _WORKER.update(source=source, channels=channels, size=size)
+    try:
+        while i < len(refs):
+            yield _decode_one(refs[i])
+            i += 1
+            spent = time.perf_counter() - t0
+            if n > 1 and spent >= PROBE_S:
+                if spent / i * (len(refs) - i) > POOL_PAYOFF_S:
+                    break
+                n = 1  # the rest is quicker here than a pool's start
+        if i < len(refs):
+            rest = refs[i:]
+            n = min(n, len(rest))
+            pool = ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
+                                       initargs=(source, channels, size))
+            try:
+                for res in pool.map(_decode_one, rest, chunksize=max(1, min(32, len(rest) // (n * 4)))):
+                    yield res
+                    i += 1
+            except BrokenProcessPool:
+                pass
+            finally:  # also when the caller stops early: drop the chunks not started
+                pool.shutdown(cancel_futures=True)
+            for ref in refs[i:]:  # only after a broken pool
+                yield _decode_one(ref)
+    finally:
+        _WORKER.clear()
 
 
 def channel_stats(pixels: np.ndarray, limit: int = 1024) -> tuple[tuple[float, ...], tuple[float, ...]]:
