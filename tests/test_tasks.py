@@ -434,3 +434,17 @@ def test_task_state_dict_carries_everything_a_resume_needs(task, opts):
     opt_b.load_state_dict(opt_state)
     torch.manual_seed(9)
     assert steps(b, opt_b, 4, 5) == expected
+
+
+@pytest.mark.parametrize("task", ALL_TASKS)
+def test_engine_defaults_reach_the_config_and_the_command_line_wins(task):
+    """A task's measured ``engine_defaults`` (benchmarks/task_table.py) are what a run uses
+    unless the user sets the field; the resolved config (run.json) records the value."""
+    from sslkit import config
+
+    defaults = getattr(registry.get_task(task), "engine_defaults", None) or {}
+    base = {"task": task, "data": "folder:x", "out": "y"}
+    cfg = config.resolve(dict(base))
+    for field, value in defaults.items():
+        assert getattr(cfg, field) == (tuple(value) if isinstance(value, list) else value)
+    assert config.resolve({**base, "base_lr": 0.123}).base_lr == 0.123

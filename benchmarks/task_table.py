@@ -1,0 +1,348 @@
+"""Every task at one small CPU budget: an LR sweep on CIFAR-10, then CIFAR-10 kNN and chest X-ray AUROC.
+
+For each of the 14 image tasks:
+
+1. **LR sweep (CIFAR-10, 32 px, 3 channels)**: ``sslkit pretrain`` with ``--base-lr`` =
+   ``--lr-mults`` x 1e-3 (the engine's built-in ``base_lr``), each run for the same
+   ``--budget-min`` CPU minutes (steps = budget / CPU time of one calibrated step, as in
+   ``quality.py``), everything else at the task's defaults. Score: weighted cosine kNN
+   (k = 20, T = 0.07) top-1 on ``--eval-test`` held-out images with an ``--eval-train``
+   bank. The best multiplier is the task's chosen ``base_lr``.
+2. **Chest X-ray (1 channel, 64 px)**: pretraining with the chosen ``base_lr`` for
+   ``--xray-budget-min`` CPU minutes on ``--xray-images`` images of the training folder
+   (no labels), then the weighted kNN AUROC (k = 20) with **patient-grouped 5-fold**
+   cross-validation (patients from the file names, as ``label_curve.py``).
+
+Both beside a random-init encoder of the same architecture (computed once per
+architecture and input). Standard errors: CIFAR-10 kNN: binomial SE of the accuracy, and
+the *paired* SE of the gain over random init (same test images: SE of the per-image
+difference of correctness); X-ray: SE over the 5 folds (std / sqrt 5), the gain's SE
+from the per-fold differences. The CIFAR-10 number of the chosen LR is the best of the
+sweep, so it is optimistic by selection; the X-ray numbers were not used to choose.
+
+Backbones: CNN tasks ``timm:resnet18`` (standard stem: 32 px ends as a 1x1 map, cheap);
+``mae``/``simmim`` ``timm:vit_tiny_patch16_224`` with ``patch_size=8``; ``jigsaw`` needs
+>= 57 px, so its CIFAR-10 images are upsampled to 64 px (and scored beside a random
+ResNet-18 at 64 px).
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/task_table.py --work runs/bench-tasks
+        [--tasks simclr,...] [--budget-min 0.5] [--xray-budget-min 1] [--lr-mults 0.3,1,3]
+        [--skip-xray] [--skip-sweep]
+
+Resumable (``WORK/state.json``: a finished stage is skipped); prints markdown tables
+(also ``WORK/results.md``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import Stages, cpu_seconds, link_split, sslkit_pretrain, stratified_subset  # noqa: E402
+from cifar10 import split_files  # noqa: E402
+
+TASKS = ("simclr", "moco", "byol", "dino", "barlowtwins", "vicreg", "mae", "simmim", "inpainting", "denoising",
+         "autoencoder", "vae", "rotation", "jigsaw")
+VIT = ("timm:vit_tiny_patch16_224", {"patch_size": 8})
+CNN = ("timm:resnet18", {})
+PATIENT = r"^(person\d+|NORMAL2-IM-\d+|IM-\d+)"
+REF_LR = 1e-3  # the engine's built-in base_lr; the sweep multiplies it
+
+
+class SharedStages(Stages):
+    """:class:`Stages` whose state file several processes (``--tasks`` split between them) share:
+    the file is re-read before every stage and merged before every write."""
+
+    def _reload(self) -> None:
+        if self.file.exists():
+            self.state = {**self.state, **json.loads(self.file.read_text())}
+
+    def run(self, name, fn):
+        self._reload()
+        if name in self.state:
+            return super().run(name, fn)
+        print(f"[run ] {name}", flush=True)
+        result = fn()
+        self._reload()
+        self.state[name] = result
+        tmp = self.file.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(self.state, indent=2, default=str))
+        os.replace(tmp, self.file)
+        print(f"[done] {name}", flush=True)
+        return result
+
+
+class Missing(Exception):
+    """``--report-only``: a stage has not run yet."""
+
+
+class ReadOnlyStages(SharedStages):
+    """``--report-only``: finished stages only; a missing one raises :class:`Missing`."""
+
+    def run(self, name, fn):
+        self._reload()
+        if name not in self.state:
+            raise Missing(name)
+        return self.state[name]
+
+
+def setup(task: str, dataset: str) -> tuple[str, dict, int, int]:
+    """(backbone, backbone options, image size, channels) of ``task`` on ``dataset``."""
+    backbone, bopts = VIT if task in ("mae", "simmim") else CNN
+    if dataset == "cifar":
+        return backbone, bopts, 64 if task == "jigsaw" else 32, 3
+    return backbone, bopts, 64, 1
+
+
+def calibrate(task: str, backbone: str, bopts: dict, size: int, channels: int, batch: int, steps: int = 3) -> float:
+    """CPU seconds of one training step (augment, forward, backward, AdamW, on_step_end)."""
+    import torch
+
+    from sslkit.registry import create_backbone, create_task
+    from sslkit.spec import InputSpec
+
+    torch.manual_seed(0)
+    spec = InputSpec(channels, size, (0.5,) * channels, (0.25,) * channels)
+    t = create_task(task, create_backbone(backbone, channels, size, **bopts), spec)
+    augment = t.views(spec)
+    opt = torch.optim.AdamW([p for p in t.parameters() if p.requires_grad], lr=1e-3)
+    x = torch.rand(batch, channels, size, size)
+
+    def step(i: int) -> None:
+        loss = t(augment(x))["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        t.on_step_end(i, 1000)
+
+    step(1)  # warm-up (allocations)
+    c0 = cpu_seconds()
+    for i in range(steps):
+        step(i + 2)
+    return (cpu_seconds() - c0) / steps
+
+
+def pretrain(st: Stages, name: str, task: str, data: Path, dataset: str, a, budget: float, n_images: int,
+             batch: int, base_lr: float | None) -> dict:
+    backbone, bopts, size, ch = setup(task, dataset)
+    cal = st.run(f"calibrate-{dataset}-{task}",
+                 lambda: {"cpu_s_per_step": round(calibrate(task, backbone, bopts, size, ch, batch), 3)})
+    steps = max(4, int(budget * 60 / cal["cpu_s_per_step"]))
+    epochs = math.ceil(steps / max(1, n_images // batch)) + 1
+    run = a.work / "runs" / name
+    args = ["--task", task, "--data", f"folder:{data}", "--backbone", backbone, "--image-size", str(size),
+            "--channels", str(ch), "--batch-size", str(batch), "--epochs", str(epochs), "--max-steps", str(steps),
+            "--seed", str(a.seed), "--device", "cpu", "--cache", str(a.work / f"cache-{dataset}-{size}"), "--quiet"]
+    if base_lr is not None:
+        args += ["--base-lr", f"{base_lr:g}"]
+    for k, v in bopts.items():
+        args += ["--backbone-opt", f"{k}={v}"]
+    def go() -> dict:
+        info = run / "run.json"
+        if info.exists() and json.loads(info.read_text()).get("status") == "finished":
+            return {"note": "finished earlier", "cpu_s": None}
+        return sslkit_pretrain(run, args)
+    out = st.run(f"pretrain-{name}", go)
+    cfg = json.loads((run / "run.json").read_text())
+    return {**out, "run": str(run), "steps": steps, "base_lr": cfg.get("config", cfg).get("base_lr")}
+
+
+def knn_correct(run_dir: Path, bank: Path, test: Path, weights: bool, seed: int, k: int = 20) -> str:
+    """Per-test-image correctness (a '0'/'1' string, sorted test order) of the weighted cosine kNN."""
+    import torch
+
+    from sslkit.embed import embed_run
+    from sslkit.eval.knn import knn_votes
+
+    torch.manual_seed(seed)  # weights=False: the bank and the queries must see the same random encoder
+    tr = embed_run(str(run_dir), f"folder:{bank}", batch_size=256, progress=False, weights=weights)
+    torch.manual_seed(seed)
+    te = embed_run(str(run_dir), f"folder:{test}", batch_size=256, progress=False, weights=weights)
+    classes = sorted(set(tr.labels))
+    ytr = np.array([classes.index(c) for c in tr.labels])
+    yte = np.array([classes.index(c) for c in te.labels])
+    votes = knn_votes(tr.embeddings, ytr, te.embeddings, len(classes), [k])[k]
+    order = np.argsort(np.array([str(i) for i in te.ids]))
+    return "".join("1" if c else "0" for c in (votes.argmax(1) == yte)[order])
+
+
+def xray_auroc(run_dir: Path, data: Path, baseline: bool, seed: int, k: int = 20) -> dict[str, list[float]]:
+    """``{encoder: per-fold kNN AUROC}`` (patient-grouped 5-fold); ``random`` too with ``baseline``."""
+    import torch
+
+    from sslkit.eval.probes import DataArgs, knn_results, prepare
+
+    torch.manual_seed(seed)
+    args = DataArgs(data=f"folder:{data}", split="group:5", group_pattern=PATIENT, positive="PNEUMONIA",
+                    baseline=baseline, batch_size=128, progress=False, device="cpu", seed=seed)
+    prep = prepare(str(run_dir), args)
+    folds = [knn_results(prep.fold(i), [k]) for i in range(len(prep.folds))]
+    return {enc: [float(f[enc][f"k={k}"]["auroc"]) for f in folds] for enc in folds[0]}
+
+
+def acc_se(bits: str) -> tuple[float, float]:
+    c = np.array([b == "1" for b in bits], dtype=float)
+    return c.mean(), c.std(ddof=1) / math.sqrt(len(c))
+
+
+def paired_se(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    d = np.asarray(a, float) - np.asarray(b, float)
+    return d.mean(), d.std(ddof=1) / math.sqrt(len(d))
+
+
+def bits(s: str) -> np.ndarray:
+    return np.array([ch == "1" for ch in s], dtype=float)
+
+
+def cifar_splits(a) -> tuple[Path, Path, Path, int]:
+    train_files, val_files = split_files(a.cifar, 5000, a.seed)
+    pre = stratified_subset(train_files, a.pretrain_images, a.seed)
+    split = a.work / "split"
+    pretrain = link_split(pre, split / f"pretrain-{a.pretrain_images}")
+    bank = link_split(stratified_subset(train_files, a.eval_train, a.seed + 1), split / f"bank-{a.eval_train}")
+    test = link_split(stratified_subset(val_files, a.eval_test, a.seed), split / f"test-{a.eval_test}")
+    return pretrain, bank, test, sum(len(v) for v in pre.values())
+
+
+def xray_split(a) -> tuple[Path, int]:
+    root = a.xray
+    files = {c: sorted((root / c).glob("*.jpeg")) + sorted((root / c).glob("*.jpg")) for c in ("NORMAL", "PNEUMONIA")}
+    sub = stratified_subset(files, a.xray_images, a.seed)
+    return link_split(sub, a.work / "split" / f"xray-{a.xray_images}"), sum(len(v) for v in sub.values())
+
+
+def fmt_pm(x: float, se: float, scale: float = 100, digits: int = 1) -> str:
+    return f"{scale * x:.{digits}f} ± {scale * se:.{digits}f}"
+
+
+def cifar_run(st, a, task: str, m: float | None, pretrain_dir: Path, bank: Path, test: Path, n_pre: int) -> dict:
+    name = f"cifar-{task}-" + ("default" if m is None else f"lr{m:g}")
+    lr = None if m is None else m * REF_LR
+    info = pretrain(st, name, task, pretrain_dir, "cifar", a, a.budget_min, n_pre, a.batch_size, lr)
+    run = Path(info["run"])
+    correct = st.run(f"knn-{name}", lambda: knn_correct(run, bank, test, True, a.seed))
+    backbone, bopts, size, _ = setup(task, "cifar")
+    arch = f"{backbone}{''.join(f' {k}={v}' for k, v in bopts.items())} {size}px"
+    rand = st.run(f"knn-random-cifar-{arch}", lambda: knn_correct(run, bank, test, False, a.seed))
+    return {**info, "correct": correct, "random": rand, "arch": arch}
+
+
+def xray_run(st, a, task: str, sweep: dict, xdata: Path, n_x: int) -> dict:
+    """Pretrain on the X-rays with the sweep's best LR; per-fold AUROC beside random init."""
+    best = max(sweep, key=lambda m: bits(sweep[m]["correct"]).mean())
+    name = f"xray-{task}"
+    info = pretrain(st, name, task, xdata, "xray", a, a.xray_budget_min, n_x, a.xray_batch_size,
+                    None if best is None else best * REF_LR)
+    run = Path(info["run"])
+    backbone, bopts, _, _ = setup(task, "xray")
+    key = "auroc-random-xray-" + backbone + "".join(f" {k}={v}" for k, v in bopts.items())
+    st._reload()
+    if key not in st.state:
+        both = st.run(f"auroc-{name}", lambda: xray_auroc(run, xdata, True, a.seed))
+        st.run(key, lambda: both["random"])
+    res = st.run(f"auroc-{name}", lambda: xray_auroc(run, xdata, False, a.seed))
+    return {**info, "folds": res["pretrained"], "random": st.state[key]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--work", type=Path, default=Path("runs/bench-tasks"))
+    ap.add_argument("--cifar", type=Path, default=Path("/tmp/sslkit-data/cifar"), help="holds train/<class>/*.jpg")
+    ap.add_argument("--xray", type=Path, default=Path("/tmp/sslkit-data/train"), help="holds NORMAL/, PNEUMONIA/")
+    ap.add_argument("--tasks", default=",".join(TASKS))
+    ap.add_argument("--budget-min", type=float, default=0.5, help="CPU minutes per CIFAR-10 run")
+    ap.add_argument("--xray-budget-min", type=float, default=0.6, help="CPU minutes per X-ray run")
+    ap.add_argument("--lr-mults", default="1,3",
+                    help="base_lr = mult x 1e-3 (multipliers already measured in WORK are shown too)")
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--xray-batch-size", type=int, default=32)
+    ap.add_argument("--pretrain-images", type=int, default=5000, help="CIFAR-10, of the 45k training split")
+    ap.add_argument("--eval-train", type=int, default=5000, help="kNN bank (of the 45k split)")
+    ap.add_argument("--eval-test", type=int, default=2000, help="scored images (of the 5k split)")
+    ap.add_argument("--xray-images", type=int, default=1500, help="X-ray images (pretraining and 5-fold eval)")
+    ap.add_argument("--skip-sweep", action="store_true", help="CIFAR-10: run only the task's default LR")
+    ap.add_argument("--skip-xray", action="store_true")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--report-only", action="store_true", help="print the tables of what has finished; run nothing")
+    a = ap.parse_args()
+    os.environ["OMP_NUM_THREADS"] = "1"  # inherited by the sslkit pretrain subprocesses
+    import torch
+
+    torch.set_num_threads(1)
+    tasks = [t.strip() for t in a.tasks.split(",") if t.strip()]
+    if bad := [t for t in tasks if t not in TASKS]:
+        sys.exit(f"error: unknown task {', '.join(bad)}; choose from {', '.join(TASKS)}")
+    a.work = a.work.resolve()
+    st = (ReadOnlyStages if a.report_only else SharedStages)(a.work)
+    mults = [None] if a.skip_sweep else [float(m) for m in a.lr_mults.split(",")]
+    pretrain_dir, bank, test, n_pre = cifar_splits(a)
+    xdata, n_x = (None, 0) if a.skip_xray else xray_split(a)
+    cifar: dict[str, dict] = {}
+    xray: dict[str, dict] = {}
+    for task in tasks:  # task by task, so that whatever has finished is a complete row
+        st._reload()
+        earlier = {float(k.rsplit("-lr", 1)[1]) for k in st.state if k.startswith(f"knn-cifar-{task}-lr")}
+        try:
+            for m in mults if mults == [None] else sorted(set(mults) | earlier):
+                cifar.setdefault(task, {})[m] = cifar_run(st, a, task, m, pretrain_dir, bank, test, n_pre)
+            if not a.skip_xray:
+                xray[task] = xray_run(st, a, task, cifar[task], xdata, n_x)
+        except Missing as exc:
+            print(f"not measured yet: {exc}", file=sys.stderr)
+    text = report(a, cifar, xray, n_pre)
+    (a.work / "results.md").write_text(text + "\n")
+    print("\n" + text)
+
+
+def verdict(gain: float, se: float) -> str:
+    return "yes" if gain > se else "**no**"
+
+
+def report(a, cifar: dict, xray: dict, n_pre: int) -> str:
+    lines = [f"LR sweep: CIFAR-10 32 px (jigsaw 64 px), {a.budget_min} CPU min per run, batch {a.batch_size}, "
+             f"{n_pre} pretraining images; weighted cosine kNN (k=20) top-1 % ± SE on {a.eval_test} held-out images, "
+             f"{a.eval_train}-image bank", ""]
+    mults = sorted({m for r in cifar.values() for m in r if m is not None})
+    heads = [f"base_lr {m * REF_LR:g}" for m in mults] or ["default base_lr"]
+    mults = mults or [None]
+    lines += ["| task | backbone | steps | " + " | ".join(heads)
+              + " | random init | chosen base_lr |", "| --- | --- | ---: |" + " ---: |" * (len(heads) + 2)]
+    best = {}
+    for task, runs in cifar.items():
+        best[task] = max(runs, key=lambda m: bits(runs[m]["correct"]).mean())
+        r0 = next(iter(runs.values()))
+        cells = [fmt_pm(*acc_se(runs[m]["correct"])) if m in runs else "-" for m in mults]
+        chosen = runs[best[task]]["base_lr"]
+        lines.append(f"| {task} | {r0['arch']} | {r0['steps']} | " + " | ".join(cells)
+                     + f" | {fmt_pm(*acc_se(r0['random']))} | {chosen:g} |")
+    lines += ["", f"Chosen defaults: CIFAR-10 kNN top-1 % (best of the sweep) and chest X-ray (1 channel, 64 px, "
+              f"{a.xray_images} images, {a.xray_budget_min} CPU min, batch {a.xray_batch_size}) kNN AUROC, "
+              "patient-grouped 5-fold, mean ± SE; gains with paired SEs", "",
+              "| task | base_lr | CIFAR-10 kNN % | random | gain (SE) | > SE | X-ray AUROC | random | gain (SE) | > SE |",
+              "| --- | ---: | ---: | ---: | ---: | :---: | ---: | ---: | ---: | :---: |"]
+    for task, runs in cifar.items():
+        r = runs[best[task]]
+        g, gse = paired_se(bits(r["correct"]), bits(r["random"]))
+        row = (f"| {task} | {r['base_lr']:g} | {fmt_pm(*acc_se(r['correct']))} | {100 * acc_se(r['random'])[0]:.1f} | "
+               f"{100 * g:+.1f} ({100 * gse:.1f}) | {verdict(g, gse)} |")
+        if task in xray:
+            x = xray[task]
+            f, rf = np.array(x["folds"]), np.array(x["random"])
+            xg, xse = paired_se(f, rf)
+            row += (f" {fmt_pm(f.mean(), f.std(ddof=1) / math.sqrt(len(f)), 1, 3)} | {rf.mean():.3f} | "
+                    f"{xg:+.3f} ({xse:.3f}) | {verdict(xg, xse)} |")
+        else:
+            row += " - | - | - | - |"
+        lines.append(row)
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
