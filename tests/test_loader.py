@@ -53,8 +53,10 @@ def test_read_runs_no_torch_compute_op(pixels, raw):
     assert set(ops.seen) <= {"aten.empty.memory_format", "aten.detach.default"}  # .numpy(): a view
 
 
-def test_epoch_order_and_resume(pixels):
-    loader = BatchLoader(pixels, 3, seed=5)
+@pytest.mark.parametrize("prefetch", [0, 2])
+def test_epoch_order_and_resume(pixels, prefetch):
+    """Read when asked (0, the CPU default) or ahead on a thread (CUDA's): the same batches."""
+    loader = BatchLoader(pixels, 3, seed=5, prefetch=prefetch)
     assert len(loader) == 3  # 10 samples: the incomplete last batch is dropped
     whole = list(loader.epoch(2))
     assert [torch.equal(b, loader.read(loader.indices(2, k))) for k, b in enumerate(whole)] == [True] * 3
@@ -69,10 +71,22 @@ def test_closing_an_epoch_early_stops_its_thread(pixels):
     import threading
 
     before = threading.active_count()
-    batches = BatchLoader(pixels, 1, 0).epoch(0)
+    batches = BatchLoader(pixels, 1, 0, prefetch=2).epoch(0)
     next(batches)
     batches.close()
     assert threading.active_count() == before
+
+
+def test_a_prefetch_thread_only_for_a_gpu(pixels):
+    import threading
+
+    loader = BatchLoader(pixels, 2, 0)
+    assert loader.prefetch == (2 if torch.cuda.is_available() else 0)
+    before = threading.active_count()
+    batches = BatchLoader(pixels, 2, 0, prefetch=0).epoch(0)
+    next(batches)
+    assert threading.active_count() == before  # read in the caller's thread, none started
+    batches.close()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned memory needs CUDA")

@@ -1,8 +1,9 @@
-"""Shuffled batches from a prepared pixel array, prefetched on a background thread.
+"""Shuffled batches from a prepared pixel array, prefetched on a background thread for a GPU.
 
 Batches are fancy-indexed reads of the (memory-mapped) uint16 array, so one batch costs
-one vectorised copy, not ``B`` Python calls; the thread overlaps that copy with the
-training step without another process competing for the cores. The order is a pure
+one vectorised copy, not ``B`` Python calls; with CUDA a thread overlaps that copy with
+the training step without another process competing for the cores (on the CPU each batch
+is read when the step asks for it: see :class:`BatchLoader`). The order is a pure
 function of ``(seed, epoch)``, so a resumed run sees exactly the same batches.
 """
 
@@ -34,10 +35,17 @@ class BatchLoader:
     (``pin_memory=None`` = auto) so ``.to(device, non_blocking=True)`` overlaps the copy.
     With ``raw=True`` batches stay the stored integers (half the bytes of float32 to copy
     to a GPU); :func:`to_unit` on the device then gives exactly the float batch.
+
+    ``prefetch`` batches are read ahead on a background thread while the step runs; the
+    default (None) is 2 with CUDA present and 0 (each batch read when asked, in the
+    caller's thread) without. On the CPU the step's intra-op threads already use every
+    core, a read (~1 ms) is <1 % of a step, and a live prefetch thread made a 3D step
+    15-35 % slower on a loaded 2-core machine (it needs the GIL; preempted while holding
+    it, it stalls the training thread): see BENCHMARKS.md, "Volumes".
     """
 
     def __init__(self, pixels: np.ndarray, batch_size: int, seed: int, rank: int = 0, world: int = 1,
-                 pin_memory: bool | None = None, raw: bool = False):
+                 pin_memory: bool | None = None, raw: bool = False, prefetch: int | None = None):
         if len(pixels) < batch_size * world:
             batch_size = max(1, len(pixels) // world)
         self.pixels = pixels
@@ -46,6 +54,7 @@ class BatchLoader:
         self.rank, self.world = rank, world
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.raw = raw
+        self.prefetch = (2 if torch.cuda.is_available() else 0) if prefetch is None else prefetch
         self._order: tuple[int, np.ndarray] | None = None  # (epoch, its permutation), set together
 
     def __len__(self) -> int:
@@ -81,8 +90,14 @@ class BatchLoader:
             np.divide(self.pixels[idx], np.float32(SCALE), out=out.numpy(), dtype=np.float32)
         return out
 
-    def epoch(self, epoch: int, start: int = 0, prefetch: int = 2) -> Iterator[torch.Tensor]:
-        """Yield batches ``start..len(self)-1`` of ``epoch`` as float (B, C, S, S) in [0, 1]."""
+    def epoch(self, epoch: int, start: int = 0, prefetch: int | None = None) -> Iterator[torch.Tensor]:
+        """Yield batches ``start..len(self)-1`` of ``epoch`` as float (B, C, S, S) in [0, 1],
+        read ``prefetch`` (default: ``self.prefetch``) ahead on a thread, or when asked if 0."""
+        prefetch = self.prefetch if prefetch is None else prefetch
+        if prefetch <= 0:
+            for b in range(start, len(self)):
+                yield self.read(self.indices(epoch, b))
+            return
         q: queue.Queue = queue.Queue(maxsize=prefetch)
         stop = threading.Event()
 
