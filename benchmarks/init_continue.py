@@ -8,7 +8,7 @@
 3. Continued MAE pretraining on the chest X-rays (1 channel, 64 px, as label_curve.py) from
    those weights, old recipe (encoder only, full LR, no freeze) vs the new ``--init``
    defaults and one variant per default (to choose them): LR scale 1 / 0.1, freeze 0 /
-   default, task parts restored or not, layer decay 0.75.
+   default, task parts restored or not, LR scale 0.3 / 0.03, layer decay 0.75.
 4. In domain: an X-ray MAE run, then continued from it (old recipe vs new defaults).
 
 Every encoder is then scored on the 5216 labelled X-rays by a linear probe and kNN
@@ -47,6 +47,9 @@ CONTINUED = {
     "cifar>new,scale1": ("cifar", ["--init-lr-scale", "1"]),
     "cifar>new,freeze0": ("cifar", ["--init-freeze-steps", "0"]),
     "cifar>new,no-parts": ("cifar-encoder", []),
+    "cifar>new,no-parts,freeze0": ("cifar-encoder", ["--init-freeze-steps", "0"]),
+    "cifar>new,scale0.3": ("cifar", ["--init-lr-scale", "0.3"]),
+    "cifar>new,scale0.03": ("cifar", ["--init-lr-scale", "0.03"]),
     "cifar>new,ld0.75": ("cifar", ["--layer-decay", "0.75"]),
     "xray>old": ("xray-encoder", ["--init-lr-scale", "1", "--init-freeze-steps", "0"]),
     "xray>new": ("xray", []),
