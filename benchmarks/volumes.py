@@ -9,7 +9,7 @@
 2. Epoch 2 from the cache (index + cache lookup + every batch read) vs. that naive loop.
    Target: >= 5x.
 3. Training step (3D MAE on monai:vit, views on the device) through the engine's loop, on
-   real cached batches from the run's BatchLoader (prefetch thread live, as in a run) vs. on
+   real cached batches from the run's BatchLoader (as a run reads them) vs. on
    synthetic tensors of the same shape, interleaved step by step (ABBA). Target: <= 1.10.
 
 The corpus is synthetic CT written with pydicom (int16 stored values with a rescale to
@@ -104,9 +104,9 @@ def cached_epoch(root: Path, cache: str, batch: int) -> float:
 
 
 class Alternating:
-    """Stands in for the engine's loader: the run's own :class:`BatchLoader`, its prefetch
-    thread live for the whole measurement (one ``epoch`` after another, as ``train`` opens
-    them), with pre-made synthetic batches of the same shape put between its batches in
+    """Stands in for the engine's loader: the run's own :class:`BatchLoader` read as a run
+    reads it (one ``epoch`` after another, as ``train`` opens them; ahead on its prefetch
+    thread with CUDA, when asked on the CPU), with pre-made synthetic batches of the same shape put between its batches in
     ABBA order (real, synthetic, synthetic, real, ...), so that load drifts hit both alike.
     Everything the data path costs (the wait on the queue, a new epoch's thread and first
     read, the thread's read of the next batch while the step runs) falls in the real steps."""
@@ -153,7 +153,7 @@ class StepClock:
 
 def step_ratio(root: Path, cache: str, batch: int, steps: int) -> tuple[float, float, float]:
     """Median wall seconds of a 3D MAE step through the engine's loop (``sslkit.engine.train``,
-    the run's BatchLoader with its prefetch thread live) on real cached volumes and on
+    the run's BatchLoader as a run uses it) on real cached volumes and on
     synthetic tensors, alternated; and the ratio of their median CPU times."""
     from step_overhead import run_engine, sslkit_trainer
 
@@ -205,7 +205,7 @@ def main() -> None:
         print(f"epoch 2 from the cache: {cached:.1f} series/s ({cached / naive:.1f}x naive)", flush=True)
         torch.set_num_threads(max(1, (os.cpu_count() or 1)))
         real, synth, cpu = step_ratio(args.out, cache, args.batch, args.steps)
-        print(f"3D MAE step through the engine (prefetch thread live), batch {args.batch} of 64^3, "
+        print(f"3D MAE step through the engine (its BatchLoader as a run uses it), batch {args.batch} of 64^3, "
               f"{torch.get_num_threads()} torch threads, {args.steps} steps each: real {real * 1000:.0f} ms, "
               f"synthetic {synth * 1000:.0f} ms (medians), ratio {real / synth:.3f} wall, {cpu:.3f} CPU", flush=True)
 
