@@ -290,9 +290,10 @@ def main() -> None:
         st._reload()
         earlier = {float(k.rsplit("-lr", 1)[1]) for k in st.state if k.startswith(f"knn-cifar-{task}-lr")}
         try:
-            for m in mults if mults == [None] else sorted(set(mults) | earlier):
+            todo = mults if mults == [None] else sorted(earlier if a.report_only else set(mults) | earlier)
+            for m in todo:
                 cifar.setdefault(task, {})[m] = cifar_run(st, a, task, m, pretrain_dir, bank, test, n_pre)
-            if not a.skip_xray:
+            if not a.skip_xray and task in cifar:
                 xray[task] = xray_run(st, a, task, cifar[task], xdata, n_x)
         except Missing as exc:
             print(f"not measured yet: {exc}", file=sys.stderr)
