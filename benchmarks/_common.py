@@ -54,6 +54,59 @@ def cpu_seconds(children: bool = False) -> float:
     return r.ru_utime + r.ru_stime
 
 
+def task_step_cpu_seconds(task: str, backbone: str, backbone_opts: dict, task_opts: dict, size: int,
+                          channels: int, batch: int, steps: int, warmup: int = 1) -> float:
+    """CPU seconds of one training step of ``task`` (augment, forward, backward, AdamW,
+    on_step_end) on random ``batch x channels x size x size`` tensors, after ``warmup`` steps."""
+    import torch
+
+    from sslkit.registry import create_backbone, create_task
+    from sslkit.spec import InputSpec
+
+    torch.manual_seed(0)
+    spec = InputSpec(channels, size, (0.5,) * channels, (0.25,) * channels)
+    t = create_task(task, create_backbone(backbone, channels, size, **backbone_opts), spec, **task_opts)
+    augment = t.views(spec)
+    opt = torch.optim.AdamW([p for p in t.parameters() if p.requires_grad], lr=1e-3)
+    x = torch.rand(batch, channels, size, size)
+
+    def step(i: int) -> None:
+        loss = t(augment(x))["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        t.on_step_end(i, 1000)
+
+    for _ in range(warmup):  # allocations
+        step(1)
+    c0 = cpu_seconds()
+    for i in range(steps):
+        step(i + 2)
+    return (cpu_seconds() - c0) / steps
+
+
+def knn_correctness(run_dir: Path, bank: Path, test: Path, weights: bool, seed: int = 0, k: int = 20) -> np.ndarray:
+    """Whether the weighted cosine kNN (bank = labelled folder ``bank``) classifies each image of
+    ``test`` right, in sorted sample-id order; ``weights=False``: the run's architecture at random init."""
+    import torch
+
+    from sslkit.embed import embed_run
+    from sslkit.eval.knn import knn_votes
+
+    # weights=False builds a fresh random encoder per call: the bank and the queries must
+    # see the same one, so both builds start from the same seed.
+    torch.manual_seed(seed)
+    tr = embed_run(str(run_dir), f"folder:{bank}", batch_size=256, progress=False, weights=weights)
+    torch.manual_seed(seed)
+    te = embed_run(str(run_dir), f"folder:{test}", batch_size=256, progress=False, weights=weights)
+    classes = sorted(set(tr.labels))
+    ytr = np.array([classes.index(c) for c in tr.labels])
+    yte = np.array([classes.index(c) for c in te.labels])
+    votes = knn_votes(tr.embeddings, ytr, te.embeddings, len(classes), [k])[k]
+    order = np.argsort(np.array([str(i) for i in te.ids]))
+    return (votes.argmax(1) == yte)[order]
+
+
 def extract(tar: Path, dest: Path) -> Path:
     """Unpack ``tar`` into ``dest`` (skipped when ``dest/.complete`` exists)."""
     if not (dest / ".complete").exists():

@@ -27,11 +27,9 @@ import math
 import sys
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (SHARED_DATA, Stages, cpu_seconds, extract, link_split, sslkit_pretrain,  # noqa: E402
-                     stratified_subset)
+from _common import (SHARED_DATA, Stages, extract, knn_correctness, link_split, sslkit_pretrain,  # noqa: E402
+                     stratified_subset, task_step_cpu_seconds)
 from cifar10 import split_files  # noqa: E402
 
 SIZE = 32
@@ -49,52 +47,13 @@ SETUPS = {  # task -> (backbone, backbone options, task options)
 
 def calibrate(task_name: str, batch_size: int, steps: int = 5) -> float:
     """CPU seconds of one training step (augment, forward, backward, AdamW, on_step_end)."""
-    import torch
-
-    from sslkit.registry import create_backbone, create_task
-    from sslkit.spec import InputSpec
-
     backbone, bopts, topts = SETUPS[task_name]
-    torch.manual_seed(0)
-    spec = InputSpec(3, SIZE, (0.5,) * 3, (0.25,) * 3)
-    task = create_task(task_name, create_backbone(backbone, 3, SIZE, **bopts), spec, **topts)
-    augment = task.views(spec)
-    opt = torch.optim.AdamW([p for p in task.parameters() if p.requires_grad], lr=1e-3)
-    x = torch.rand(batch_size, 3, SIZE, SIZE)
-
-    def step(i: int) -> None:
-        loss = task(augment(x))["loss"]
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        task.on_step_end(i, 1000)
-
-    step(1)  # warm-up (allocations)
-    step(1)
-    c0 = cpu_seconds()
-    for i in range(steps):
-        step(i + 2)
-    return (cpu_seconds() - c0) / steps
+    return task_step_cpu_seconds(task_name, backbone, bopts, topts, SIZE, 3, batch_size, steps, warmup=2)
 
 
 def knn_accuracy(run_dir: Path, bank: Path, test: Path, weights: bool, k: int = 20, seed: int = 0) -> float:
     """Top-1 of the weighted cosine kNN (bank = labelled train subset) on ``test``."""
-    from sslkit.embed import embed_run
-    from sslkit.eval.knn import knn_votes
-
-    import torch
-
-    # weights=False builds a fresh random encoder per call: the bank and the queries must
-    # see the same one, so both builds start from the same seed.
-    torch.manual_seed(seed)
-    tr = embed_run(str(run_dir), f"folder:{bank}", batch_size=256, progress=False, weights=weights)
-    torch.manual_seed(seed)
-    te = embed_run(str(run_dir), f"folder:{test}", batch_size=256, progress=False, weights=weights)
-    classes = sorted(set(tr.labels))
-    ytr = np.array([classes.index(c) for c in tr.labels])
-    yte = np.array([classes.index(c) for c in te.labels])
-    votes = knn_votes(tr.embeddings, ytr, te.embeddings, len(classes), [k])[k]
-    return float((votes.argmax(1) == yte).mean())
+    return float(knn_correctness(run_dir, bank, test, weights, seed, k).mean())
 
 
 def main() -> None:

@@ -45,7 +45,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import Stages, cpu_seconds, link_split, sslkit_pretrain, stratified_subset  # noqa: E402
+from _common import (Stages, knn_correctness, link_split, sslkit_pretrain, stratified_subset,  # noqa: E402
+                     task_step_cpu_seconds)
 from cifar10 import split_files  # noqa: E402
 
 TASKS = ("simclr", "moco", "byol", "dino", "barlowtwins", "vicreg", "mae", "simmim", "inpainting", "denoising",
@@ -103,30 +104,7 @@ def setup(task: str, dataset: str) -> tuple[str, dict, int, int]:
 
 def calibrate(task: str, backbone: str, bopts: dict, size: int, channels: int, batch: int, steps: int = 3) -> float:
     """CPU seconds of one training step (augment, forward, backward, AdamW, on_step_end)."""
-    import torch
-
-    from sslkit.registry import create_backbone, create_task
-    from sslkit.spec import InputSpec
-
-    torch.manual_seed(0)
-    spec = InputSpec(channels, size, (0.5,) * channels, (0.25,) * channels)
-    t = create_task(task, create_backbone(backbone, channels, size, **bopts), spec)
-    augment = t.views(spec)
-    opt = torch.optim.AdamW([p for p in t.parameters() if p.requires_grad], lr=1e-3)
-    x = torch.rand(batch, channels, size, size)
-
-    def step(i: int) -> None:
-        loss = t(augment(x))["loss"]
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        t.on_step_end(i, 1000)
-
-    step(1)  # warm-up (allocations)
-    c0 = cpu_seconds()
-    for i in range(steps):
-        step(i + 2)
-    return (cpu_seconds() - c0) / steps
+    return task_step_cpu_seconds(task, backbone, bopts, {}, size, channels, batch, steps)
 
 
 def pretrain(st: Stages, name: str, task: str, data: Path, dataset: str, a, budget: float, n_images: int,
@@ -156,21 +134,7 @@ def pretrain(st: Stages, name: str, task: str, data: Path, dataset: str, a, budg
 
 def knn_correct(run_dir: Path, bank: Path, test: Path, weights: bool, seed: int, k: int = 20) -> str:
     """Per-test-image correctness (a '0'/'1' string, sorted test order) of the weighted cosine kNN."""
-    import torch
-
-    from sslkit.embed import embed_run
-    from sslkit.eval.knn import knn_votes
-
-    torch.manual_seed(seed)  # weights=False: the bank and the queries must see the same random encoder
-    tr = embed_run(str(run_dir), f"folder:{bank}", batch_size=256, progress=False, weights=weights)
-    torch.manual_seed(seed)
-    te = embed_run(str(run_dir), f"folder:{test}", batch_size=256, progress=False, weights=weights)
-    classes = sorted(set(tr.labels))
-    ytr = np.array([classes.index(c) for c in tr.labels])
-    yte = np.array([classes.index(c) for c in te.labels])
-    votes = knn_votes(tr.embeddings, ytr, te.embeddings, len(classes), [k])[k]
-    order = np.argsort(np.array([str(i) for i in te.ids]))
-    return "".join("1" if c else "0" for c in (votes.argmax(1) == yte)[order])
+    return "".join("1" if c else "0" for c in knn_correctness(run_dir, bank, test, weights, seed, k))
 
 
 def xray_auroc(run_dir: Path, data: Path, baseline: bool, seed: int, k: int = 20) -> dict[str, list[float]]:

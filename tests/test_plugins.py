@@ -106,23 +106,22 @@ def test_same_name_from_two_plugins_is_listed_and_an_error_only_where_used(tmp_p
     assert capsys.readouterr().err == ""  # nothing printed until the name is used
 
 
-def test_plugins_json_lists_every_plugin_and_the_conflict_despite_a_duplicate(tmp_path):
-    from tests.conftest import run_sslkit
-
+def test_plugins_json_lists_every_plugin_and_the_conflict_despite_a_duplicate(tmp_path, monkeypatch, cli):
     fake_dist(tmp_path, "clash-plugin", "sslkit_clash_plugin", CLASH_TASK)
-    env = {"PYTHONPATH": str(tmp_path)}
-    proc = run_sslkit("plugins", "--json", env=env)
-    assert proc.returncode == 0, proc.stderr
+    monkeypatch.syspath_prepend(str(tmp_path))  # the fake distribution is installed, as far as discovery sees
+    plugins.reset()
+    proc = cli("plugins", "--json")
+    assert proc.exit_code == 0, proc.output
     infos = {p["name"]: p for p in json.loads(proc.stdout)}
     assert infos["clash-plugin"]["tasks"] == ["simclr"] and infos["clash-plugin"]["builtin"] is False
     assert infos["clash-plugin"]["conflicts"] == ["task 'simclr' is also registered by 'simclr'"]
     assert {"mae", "timm", "folder", "onnx"} <= set(infos)
-    text = run_sslkit("plugins", env=env)
-    assert text.returncode == 0 and "[conflict: task 'simclr' is also registered by 'clash-plugin']" in text.stdout
+    text = cli("plugins")
+    assert text.exit_code == 0 and "[conflict: task 'simclr' is also registered by 'clash-plugin']" in text.stdout
     # Using the ambiguous name is one line, exit 2; every other task still runs.
-    proc = run_sslkit("pretrain", "--task", "simclr", "--data", tmp_path, "--out", tmp_path / "r", env=env)
+    proc = cli("pretrain", "--task", "simclr", "--data", tmp_path, "--out", tmp_path / "r")
     lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert proc.exit_code == 2 and len(lines) == 1, proc.stderr
     assert "'clash-plugin'" in lines[0] and "'simclr'" in lines[0] and "Traceback" not in proc.stderr
     assert not (tmp_path / "r").exists()
 
