@@ -30,11 +30,12 @@ from sslkit.api import SampleMode, SampleRef, Source, Undecodable, check_dir, ho
 from sslkit.api import GraphPreprocessing, check_pixel_count, keyed_hash
 from sslkit_plugins.sources.dicom_decode import codec_failure, decode, parse_windows, read_dataset
 from sslkit_plugins.sources.dicom_headers import cached_headers, stable_groups
+from sslkit_plugins.sources.dicom_pixels import decode_located, pixel_facts, read_frame
 from sslkit_plugins.sources.dicom_series import assemble, geometry
-from sslkit_plugins.sources.dicom_volume import VolumeSampler, modality_values
+from sslkit_plugins.sources.dicom_volume import VolumeSampler
 
 GROUP_SALT = b"sslkit-group-v1"
-HEADER_FORMAT = 5  # bump when read_header() changes what it returns
+HEADER_FORMAT = 6  # bump when read_header() changes what it returns
 #: objects that carry Rows/Columns (or even pixels) but are not images to learn from
 NON_IMAGE_MODALITIES = {"SR", "KO", "PR", "SEG", "REG", "RTSTRUCT", "RTPLAN", "RTRECORD", "DOC", "ECG"}
 logging.getLogger("pydicom").setLevel(logging.ERROR)
@@ -92,7 +93,9 @@ def read_header(path: str) -> dict[str, Any]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            ds = read_dataset(path, stop_before_pixels=True)
+            with open(p, "rb") as fp:
+                ds = read_dataset(fp, stop_before_pixels=True)
+                pixels = located_pixels(ds, fp)
         except Exception as exc:
             if isinstance(exc, OSError) or is_dicom_file(p):  # OSError: e.g. no read permission
                 return {"kind": "error", "reason": f"unreadable header: {safe_reason(exc)}"}
@@ -121,9 +124,18 @@ def read_header(path: str) -> dict[str, Any]:
                 "frames": frame_count(ds, p),
                 "samples_per_pixel": int(ds.get("SamplesPerPixel", 1) or 1),
                 **geometry(ds, str(p.resolve())),
+                "pixels": pixels,
             }
         except Exception as exc:
             return {"kind": "error", "reason": f"bad header value: {safe_reason(exc)}"}
+
+
+def located_pixels(ds: pydicom.Dataset, fp: Any) -> dict[str, Any] | None:
+    """:func:`pixel_facts`, None on any surprise (the decode then reads the file in full)."""
+    try:
+        return pixel_facts(ds, fp)
+    except Exception:
+        return None
 
 
 #: encapsulated (compressed) pixel data: every frame is at least one 8-byte item header
@@ -220,7 +232,7 @@ class DicomSource(Source):
             self.skipped += [(v.slices[0][0], "not a volume: no slice geometry") for v in volumes
                              if "no slice geometry" in v.issues]
             volumes = [v for v in volumes if "no slice geometry" not in v.issues]
-        self.sampler = VolumeSampler(volumes, self.sample, self.windows)
+        self.sampler = VolumeSampler(volumes, self.sample, self.windows, self.headers)
         return self.sampler.refs()
 
     def _headers(self, files: list[str]) -> list[dict[str, Any]]:
@@ -245,6 +257,10 @@ class DicomSource(Source):
             try:
                 if self.sampler is not None:
                     return self.sampler.load(ref)
+                facts = self.headers.get(ref.path, {}).get("pixels")
+                located = decode_located(ref.path, ref.frame, self.windows, facts) if facts else None
+                if located is not None:  # the pixel bytes alone, where the index found them
+                    return located
                 if self._last is not None and self._last[0] == ref.path:
                     ds = self._last[1]
                 else:
@@ -271,7 +287,7 @@ class DicomSource(Source):
             try:
                 if self.sampler is not None:
                     return self.sampler.load(ref, raw=True)
-                return modality_values(read_dataset(ref.path), ref.frame)
+                return read_frame(ref.path, ref.frame, self.windows, self.headers.get(ref.path, {}).get("pixels"), True)
             except Exception as exc:
                 raise Undecodable(safe_reason(exc)) from None
 

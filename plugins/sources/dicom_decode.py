@@ -30,6 +30,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
+from typing import Any, BinaryIO
 
 import numpy as np
 import pydicom
@@ -106,8 +107,9 @@ def _linear(name: str, width: str, level: str) -> Window:
     return Window(name, w, lvl)
 
 
-def read_dataset(path: str, stop_before_pixels: bool = False) -> Dataset:
-    """``dcmread``; files without a preamble / file meta are read with ``force=True``.
+def read_dataset(path: str | BinaryIO, stop_before_pixels: bool = False) -> Dataset:
+    """``dcmread`` of a path or an open file; files without a preamble / file meta are
+    read with ``force=True``.
 
     A forced read that finds no image attributes raises ``InvalidDicomError``; a missing
     Transfer Syntax UID is filled in from how the data set was actually encoded.
@@ -115,6 +117,8 @@ def read_dataset(path: str, stop_before_pixels: bool = False) -> Dataset:
     try:
         return pydicom.dcmread(path, stop_before_pixels=stop_before_pixels)
     except pydicom.errors.InvalidDicomError:
+        if not isinstance(path, str):
+            path.seek(0)
         ds = pydicom.dcmread(path, stop_before_pixels=stop_before_pixels, force=True)
         if "SOPClassUID" not in ds and "Rows" not in ds:
             raise pydicom.errors.InvalidDicomError("not a DICOM file (no preamble, no SOP class, no image)")
@@ -167,6 +171,18 @@ def decode(ds: Dataset, frame: int | None, windows: tuple[Window, ...]) -> np.nd
 
 _LUT_KEYWORDS = ("PhotometricInterpretation", "BitsStored", "PixelRepresentation", "RescaleSlope",
                  "RescaleIntercept", "RescaleType", "WindowCenter", "WindowWidth", "VOILUTFunction")
+
+
+def modality_values(ds: Any, frame: int | None) -> np.ndarray:
+    """Stored pixels of one frame through the modality LUT only: float32 ``(1, H, W)``."""
+    n = int(ds.get("NumberOfFrames", 1) or 1)
+    arr = pixel_array(ds, index=frame) if n > 1 and frame is not None else pixel_array(ds)
+    if arr.ndim == 3 and int(ds.get("SamplesPerPixel", 1)) == 1:
+        arr = arr[0]
+    if arr.ndim != 2:
+        raise ValueError("raw values of a colour image are not defined (use it without --raw)")
+    values = arr.astype(np.float32) if arr.dtype.kind == "f" else apply_modality_lut(arr, frame_luts(ds, frame))
+    return np.asarray(values, dtype=np.float32)[None]
 
 
 def frame_luts(ds: Dataset, frame: int | None) -> Dataset:

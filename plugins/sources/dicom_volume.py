@@ -14,23 +14,11 @@ from collections import Counter, OrderedDict
 from typing import Any
 
 import numpy as np
-from pydicom.pixels import apply_modality_lut, pixel_array
 
 from sslkit.api import SampleMode, SampleRef, fit_volume, slab_indices, stack_slab
-from sslkit_plugins.sources.dicom_decode import Window, decode, frame_luts, read_dataset
+from sslkit_plugins.sources.dicom_decode import Window
+from sslkit_plugins.sources.dicom_pixels import read_frame
 from sslkit_plugins.sources.dicom_series import Volume, cut_mosaic
-
-
-def modality_values(ds: Any, frame: int | None) -> np.ndarray:
-    """Stored pixels of one frame through the modality LUT only: float32 ``(1, H, W)``."""
-    n = int(ds.get("NumberOfFrames", 1) or 1)
-    arr = pixel_array(ds, index=frame) if n > 1 and frame is not None else pixel_array(ds)
-    if arr.ndim == 3 and int(ds.get("SamplesPerPixel", 1)) == 1:
-        arr = arr[0]
-    if arr.ndim != 2:
-        raise ValueError("raw values of a colour image are not defined (use it without --raw)")
-    values = arr.astype(np.float32) if arr.dtype.kind == "f" else apply_modality_lut(arr, frame_luts(ds, frame))
-    return np.asarray(values, dtype=np.float32)[None]
 
 
 class VolumeSampler:
@@ -39,8 +27,10 @@ class VolumeSampler:
     ``raw=True`` gives modality values (e.g. Hounsfield units) instead of windowed [0, 1].
     """
 
-    def __init__(self, volumes: list[Volume], mode: SampleMode, windows: tuple[Window, ...], keep: int = 16):
+    def __init__(self, volumes: list[Volume], mode: SampleMode, windows: tuple[Window, ...],
+                 headers: dict[str, dict[str, Any]] | None = None, keep: int = 16):
         self.volumes = volumes
+        self.headers = headers or {}  # path -> read_header(): where each file's pixels lie
         self.mode = mode
         self.windows = windows
         self.keep = keep
@@ -102,8 +92,7 @@ class VolumeSampler:
         key = (path, frame if tile is None else -1, raw)
         x = self._files.get(key)
         if x is None:
-            ds = read_dataset(path)
-            x = modality_values(ds, frame) if raw else decode(ds, frame, self.windows)
+            x = read_frame(path, frame, self.windows, self.headers.get(path, {}).get("pixels"), raw)
             if tile is not None:  # (C, R, Cols) -> (C, n, h, w)
                 x = cut_mosaic(x, vol.mosaic, (vol.rows, vol.columns))
             self._files[key] = x

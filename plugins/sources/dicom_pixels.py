@@ -1,0 +1,179 @@
+"""Where a DICOM file's pixels lie, found while its header is read, so decoding need not
+parse the header a second time.
+
+The index reads every header once (``stop_before_pixels``); pydicom leaves the file at
+the Pixel Data element, so :func:`pixel_facts` notes the value's byte range and the
+attributes the decode uses (group 0028: the image pixel module, rescale, windows). The
+first decoding pass then reads only those bytes and rebuilds a small data set
+(:func:`pixels_dataset`) for the same :func:`~sslkit_plugins.sources.dicom_decode.decode`:
+the same pydicom calls on the same values, so the same pixels (tests compare both ways
+on every pydicom test file), without a second parse of a header that can be most of the
+cost of a small CT slice.
+
+Facts are noted only where that is certain to be equivalent: little-endian, not deflated,
+no modality / VOI LUT sequences, no functional groups, no palette, no extended offset
+table, encapsulated data in one frame. Anything else, and any failure while reading or
+decoding this way, goes through the full ``dcmread`` as before (so error reasons do not
+change). The facts hold no identifier: byte offsets, the transfer syntax and group 0028.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any, BinaryIO
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.multival import MultiValue
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
+
+from sslkit_plugins.sources.dicom_decode import Window, decode, modality_values, read_dataset
+
+PIXEL_DATA = 0x7FE00010
+ITEM, SEQUENCE_END = 0xFFFEE000, 0xFFFEE0DD
+#: keywords whose presence means decode() reads more than group 0028's plain values
+NOT_SIMPLE = ("ModalityLUTSequence", "VOILUTSequence", "SharedFunctionalGroupsSequence",
+              "PerFrameFunctionalGroupsSequence", "ExtendedOffsetTable", "FloatPixelData", "DoubleFloatPixelData")
+#: native multi-frame data whose frames are whole bytes of plain samples
+BYTE_FRAMES = ("MONOCHROME1", "MONOCHROME2", "RGB")
+
+
+def pixel_facts(ds: Dataset, fp: BinaryIO) -> dict[str, Any] | None:
+    """The pixel value's byte range and the decode's attributes, or None (decode in full).
+
+    ``fp`` is the file ``ds`` was read from with ``stop_before_pixels``, positioned where
+    pydicom stopped: at the Pixel Data element's tag, if the file has one.
+    """
+    meta = getattr(ds, "file_meta", None)
+    ts = UID(str(meta.get("TransferSyntaxUID", "")) if meta is not None else "")
+    if not ts or ts == DeflatedExplicitVRLittleEndian or not ts.is_little_endian:
+        return None
+    if any(k in ds for k in NOT_SIMPLE) or str(ds.get("PhotometricInterpretation", "")).upper() == "PALETTE COLOR":
+        return None
+    start = fp.tell()
+    head = fp.read(12)
+    if len(head) < 12 or struct.unpack("<HH", head[:4]) != (0x7FE0, 0x0010):
+        return None
+    if ts.is_implicit_VR:
+        vr, length, offset = ("OW" if int(ds.get("BitsAllocated", 8) or 8) > 8 else "OB"), *struct.unpack(
+            "<I", head[4:8]), start + 8
+    else:
+        vr, length, offset = head[4:6].decode("ascii", "replace"), struct.unpack("<I", head[8:12])[0], start + 12
+        if vr not in ("OB", "OW"):
+            return None
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if length == 0xFFFFFFFF:
+        end = _items_end(fp, offset) if ts.is_encapsulated and frames == 1 else None
+    else:
+        end = offset + length if not ts.is_encapsulated else None
+    elements = _group_0028(ds)
+    if end is None or elements is None:
+        return None
+    out = {"offset": offset, "end": end, "vr": vr, "ts": str(ts), "elements": elements}
+    if frames > 1:
+        bits = int(ds.get("BitsAllocated", 0) or 0)
+        if bits % 8 or str(ds.get("PhotometricInterpretation", "")).upper() not in BYTE_FRAMES:
+            return None
+        out["frame_bytes"] = int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1) or 1) * bits // 8
+    return out
+
+
+def _items_end(fp: BinaryIO, offset: int) -> int | None:
+    """Where an encapsulated value's sequence delimiter starts (item headers only are read)."""
+    pos = offset
+    for _ in range(1 << 20):
+        fp.seek(pos)
+        head = fp.read(8)
+        if len(head) < 8:
+            return None
+        group, elem, length = struct.unpack("<HHI", head)
+        tag = group << 16 | elem
+        if tag == SEQUENCE_END:
+            return pos
+        if tag != ITEM or length == 0xFFFFFFFF:
+            return None
+        pos += 8 + length
+    return None
+
+
+def _group_0028(ds: Dataset) -> list | None:
+    """``[tag, VR, value]`` of every group 0028 element (values as JSON can hold them), or
+    None when one holds bytes (LUT data: decode in full)."""
+    out = []
+    for tag in ds.keys():
+        if tag.group != 0x0028:
+            continue
+        elem = ds[tag]
+        value = elem.value
+        if isinstance(value, MultiValue):
+            value = [_plain(v) for v in value]
+        else:
+            value = _plain(value)
+        if value is _BYTES or (isinstance(value, list) and _BYTES in value):
+            return None
+        out.append([int(tag), elem.VR, value])
+    return out
+
+
+_BYTES = object()
+
+
+def _plain(value: Any) -> Any:
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, (pydicom.valuerep.DSfloat, pydicom.valuerep.DSdecimal, pydicom.valuerep.IS)):
+        return str(value)  # the string as written: rebuilt to the same value
+    if isinstance(value, (int, float)):
+        return value
+    return _BYTES
+
+
+def pixels_dataset(path: str, facts: dict[str, Any], frame: int | None) -> Dataset:
+    """A data set holding only group 0028, the transfer syntax and the pixel bytes of
+    ``path`` (of ``frame`` alone for native multi-frame data), as :func:`pixel_facts` found
+    them. Raises ``ValueError`` when the file no longer holds those bytes."""
+    offset, end = facts["offset"], facts["end"]
+    size = facts.get("frame_bytes")
+    if size and frame is not None:
+        offset += frame * size
+        end = offset + size
+        if end > facts["end"]:
+            raise ValueError("frame outside the pixel data")
+    with open(path, "rb") as f:
+        f.seek(offset)
+        data = f.read(end - offset)
+    if len(data) != end - offset:
+        raise ValueError("pixel data shorter than its header says")
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = UID(facts["ts"])
+    for tag, vr, value in facts["elements"]:
+        ds.add_new(tag, vr, value)
+    if size:
+        ds.NumberOfFrames = 1
+    ds.add_new(PIXEL_DATA, facts["vr"], data)
+    return ds
+
+
+def read_frame(path: str, frame: int | None, windows: tuple[Window, ...], facts: dict[str, Any] | None,
+               raw: bool = False) -> np.ndarray:
+    """:func:`decode` of one frame (``raw``: :func:`modality_values`): from the located pixel
+    bytes alone when ``facts`` says where they are, else, or when that way fails, from the
+    file read in full (whose error is then the one raised)."""
+    if facts is not None:
+        located = decode_located(path, frame, windows, facts, raw)
+        if located is not None:
+            return located
+    ds = read_dataset(path)
+    return modality_values(ds, frame) if raw else decode(ds, frame, windows)
+
+
+def decode_located(path: str, frame: int | None, windows: tuple[Window, ...], facts: dict[str, Any],
+                   raw: bool = False) -> np.ndarray | None:
+    """:func:`read_frame` through :func:`pixels_dataset` only; None when that way fails."""
+    try:
+        ds = pixels_dataset(path, facts, frame)
+        return modality_values(ds, frame) if raw else decode(ds, frame, windows)
+    except Exception:
+        return None

@@ -1,0 +1,115 @@
+"""The first pass decodes from pixel bytes the header index located (dicom_pixels.py):
+the same pixels as a full read, on every pydicom test file it applies to, and the full
+read (with its error) wherever it does not."""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+
+import numpy as np
+import pytest
+
+from sslkit.registry import create_source
+from sslkit_plugins.sources import dicom as dicom_module
+from sslkit_plugins.sources.dicom import read_header
+from sslkit_plugins.sources.dicom_decode import decode, modality_values, parse_windows, read_dataset
+from sslkit_plugins.sources.dicom_pixels import decode_located, pixels_dataset
+from tests.conftest import PYDICOM_FILES
+from tests.dicom_factory import write_dicom
+
+WINDOWS = [parse_windows(w) for w in ("auto", "minmax", "400,40")]
+
+
+def _full(path, frame, windows):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            return decode(read_dataset(path), frame, windows)
+        except Exception as exc:
+            return exc
+
+
+def test_located_pixels_equal_a_full_read_on_every_pydicom_file():
+    located = full_only = 0
+    for path in sorted(PYDICOM_FILES.rglob("*")):
+        if not path.is_file():
+            continue
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            h = read_header(str(path))
+        if h.get("kind") != "image":
+            continue
+        facts = h["pixels"]
+        if facts is None:
+            full_only += 1
+            continue
+        frames = [None] if h["frames"] == 1 else [0, h["frames"] - 1]
+        for windows in WINDOWS:
+            for frame in frames:
+                full = _full(str(path), frame, windows)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    fast = decode_located(str(path), frame, windows, facts)
+                if isinstance(full, Exception):  # the source then reads in full and reports this error
+                    assert fast is None, path.name
+                    continue
+                assert fast is not None, (path.name, frame)
+                assert fast.dtype == full.dtype and fast.shape == full.shape, path.name
+                np.testing.assert_array_equal(fast, full, err_msg=f"{path.name} frame {frame}")
+                located += 1
+        if h["samples_per_pixel"] == 1 and not isinstance(_full(str(path), frames[0], WINDOWS[0]), Exception):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                raw_full = modality_values(read_dataset(str(path)), frames[0])
+                raw_fast = modality_values(pixels_dataset(str(path), facts, frames[0]), frames[0])
+            np.testing.assert_array_equal(raw_fast, raw_full, err_msg=path.name)
+    assert located > 150 and full_only < 25, (located, full_only)  # most files go the short way
+
+
+def test_the_first_pass_reads_no_header_twice(tmp_path, monkeypatch):
+    rng = np.random.default_rng(0)
+    for i, syntax in enumerate(("explicit", "rle", "j2k")):
+        write_dicom(tmp_path / f"{i}.dcm", rng.integers(0, 4096, (40, 48)).astype(np.uint16), bits_stored=12,
+                    syntax=syntax, slope=1.0, intercept=-1024.0, window=(400.0, 40.0))
+    multi = rng.integers(0, 4096, (3, 40, 48)).astype(np.uint16)
+    write_dicom(tmp_path / "multi.dcm", multi, bits_stored=12)
+    source = create_source(f"dicom:{tmp_path}")
+    refs = source.index()
+    expected = [decode(read_dataset(r.path), r.frame, source.windows) for r in refs]
+
+    def no_full_read(path, stop_before_pixels=False):
+        raise AssertionError("read in full")
+
+    monkeypatch.setattr(dicom_module, "read_dataset", no_full_read)
+    monkeypatch.setattr("sslkit_plugins.sources.dicom_pixels.read_dataset", no_full_read)
+    for ref, want in zip(refs, expected):
+        np.testing.assert_array_equal(source.load(ref), want)
+    assert sum(r.frame is not None for r in refs) == 3
+
+
+def test_a_file_changed_after_indexing_is_read_in_full_and_reported(tmp_path):
+    path = write_dicom(tmp_path / "a.dcm", np.arange(64 * 64, dtype=np.uint16).reshape(64, 64))
+    source = create_source(f"dicom:{tmp_path}")
+    (ref,) = source.index()
+    assert source.headers[ref.path]["pixels"] is not None
+    with open(path, "r+b") as f:  # truncated after the index: the located bytes are gone
+        f.truncate(os.path.getsize(path) - 1000)
+    with pytest.raises(Exception) as located_way:
+        source.load(ref)
+    with pytest.raises(Exception) as full_way:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            source.headers[ref.path]["pixels"] = None
+            source.load(ref)
+    assert str(located_way.value) == str(full_way.value)
+
+
+def test_located_facts_hold_no_identifier(tmp_path):
+    write_dicom(tmp_path / "a.dcm", np.ones((8, 8), dtype=np.uint16), patient_id="PID-4711",
+                patient_name="Doe^Jane", birth_date="19700101")
+    facts = read_header(str(tmp_path / "a.dcm"))["pixels"]
+    text = json.dumps(facts)
+    assert facts["offset"] > 0 and not any(s in text for s in ("4711", "Doe", "Jane", "19700101"))
+    assert {tag >> 16 for tag, _, _ in facts["elements"]} == {0x0028}
