@@ -3,7 +3,10 @@ the step and exit 75 (requeue); the same command line with ``--resume auto`` con
 exactly; a full disk at a checkpoint is one line (exit 2) with the last good checkpoint
 kept; ``--resume --overwrite`` and an unwritable ``--out`` are refused before any work;
 ``--max-steps``/``--epochs`` compose and a finished run extends by resuming with a larger
-bound; the LR is scaled from the batch actually used; a log file gets plain lines."""
+bound; the LR is scaled from the batch actually used; a log file gets plain lines.
+
+The signal is sent to the real ``sslkit`` executable; every other run is the CLI in-process
+(``incli``: the probe plugin on ``sys.path``), the same command line without ~5 s of imports."""
 
 from __future__ import annotations
 
@@ -18,8 +21,11 @@ from pathlib import Path
 
 import pytest
 
-from sslkit import checkpoint
-from tests.conftest import make_images, run_sslkit
+from click.testing import CliRunner
+
+from sslkit import checkpoint, plugins
+from sslkit.cli import main
+from tests.conftest import make_images
 from tests.test_engine import TINY_VIT, install_probe
 
 SSLKIT = str(Path(sys.executable).parent / "sslkit")
@@ -48,11 +54,23 @@ def rows(run: Path) -> list[tuple[str, str, str, str]]:
         return [(r["step"], r["epoch"], r["loss"], r["lr"]) for r in csv.DictReader(f)]
 
 
+@pytest.fixture
+def incli(setting, cli, monkeypatch):
+    """``cli`` with the probe plugin installed (as ``setting["env"]`` installs it in a subprocess)."""
+    monkeypatch.syspath_prepend(setting["env"]["PYTHONPATH"])
+    plugins.reset()
+    return cli
+
+
 @pytest.fixture(scope="module")
 def reference(setting) -> list:
     out = setting["root"] / "reference"
-    proc = run_sslkit(*args(setting["images"], out, "--resume", "auto"), env=setting["env"])  # auto: fresh
-    assert proc.returncode == 0, proc.stderr
+    with pytest.MonkeyPatch.context() as mp:
+        mp.syspath_prepend(setting["env"]["PYTHONPATH"])
+        plugins.reset()
+        proc = CliRunner().invoke(main, args(setting["images"], out, "--resume", "auto"), catch_exceptions=False)
+    plugins.reset()
+    assert proc.exit_code == 0, proc.stderr  # auto: a fresh run
     got = rows(out)
     assert [int(r[0]) for r in got] == list(range(1, TOTAL + 1)) and len({r[2] for r in got}) > 1
     return got
@@ -60,7 +78,7 @@ def reference(setting) -> list:
 
 @pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])
 def test_preemption_signal_exits_for_requeue_and_resume_auto_repeats_every_loss(setting, reference, tmp_path,
-                                                                                sig):
+                                                                                sig, incli):
     import os
 
     out = tmp_path / "run"
@@ -82,32 +100,32 @@ def test_preemption_signal_exits_for_requeue_and_resume_auto_repeats_every_loss(
     info = json.loads((out / "run.json").read_text())
     assert info["status"] == "interrupted" and info["summary"]["requeue"] is True
 
-    again = run_sslkit(*args(setting["images"], out, "--resume", "auto"), env=setting["env"])  # the same line
-    assert again.returncode == 0, again.stderr
+    again = incli(*args(setting["images"], out, "--resume", "auto"))  # the same line
+    assert again.exit_code == 0, again.stderr
     assert rows(out) == reference  # every step once, the same loss and LR to the last digit
     assert json.loads((out / "run.json").read_text())["resumes"][-1]["from_step"] == step
-    done = run_sslkit(*args(setting["images"], out, "--resume", "auto"), env=setting["env"])  # a third requeue
-    assert done.returncode == 0 and "already finished" in done.stdout
+    done = incli(*args(setting["images"], out, "--resume", "auto"))  # a third requeue
+    assert done.exit_code == 0 and "already finished" in done.stdout
 
 
-def test_disk_full_at_a_checkpoint_is_one_line_and_keeps_the_last_good_one(setting, tmp_path):
-    """The second checkpoint's state.pt write fails with ENOSPC (torch.save patched in the child)."""
-    script = tmp_path / "full_disk.py"
-    script.write_text(
-        "import errno, sys, torch\n"
-        "real, calls = torch.save, [0]\n"
-        "def save(*a, **k):\n"
-        "    calls[0] += 1\n"
-        "    if calls[0] == 2:\n"
-        "        raise OSError(errno.ENOSPC, 'No space left on device')\n"
-        "    return real(*a, **k)\n"
-        "torch.save = save\n"
-        "from sslkit.cli import main\n"
-        "main(sys.argv[1:])\n")
+def test_disk_full_at_a_checkpoint_is_one_line_and_keeps_the_last_good_one(setting, tmp_path, incli, monkeypatch):
+    """The second checkpoint's state.pt write fails with ENOSPC (torch.save patched)."""
+    import errno
+
+    import torch
+
+    real, calls = torch.save, [0]
+
+    def save(*a, **k):
+        calls[0] += 1
+        if calls[0] == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(*a, **k)
+
+    monkeypatch.setattr(torch, "save", save)
     out = tmp_path / "run"
-    proc = subprocess.run([sys.executable, str(script), *args(setting["images"], out)], capture_output=True,
-                          text=True, env={**__import__("os").environ, **setting["env"]}, timeout=600)
-    assert proc.returncode == 2, proc.stderr[-2000:]
+    proc = incli(*args(setting["images"], out))
+    assert proc.exit_code == 2, proc.stderr[-2000:]
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "No space left on device" in lines[0], proc.stderr
     assert "step-00000006" in lines[0] and "step-00000004, is kept" in lines[0]
@@ -119,49 +137,51 @@ def test_disk_full_at_a_checkpoint_is_one_line_and_keeps_the_last_good_one(setti
     assert json.loads((out / "run.json").read_text())["status"] == "failed"
 
 
-def test_refused_before_any_work(setting, tmp_path):
+def test_refused_before_any_work(setting, tmp_path, incli):
     cache = tmp_path / "cache"
-    both = run_sslkit(*args(setting["images"], tmp_path / "x", "--resume", "--overwrite"), env=setting["env"])
-    assert both.returncode == 2 and len(both.stderr.strip().splitlines()) == 1
+    both = incli(*args(setting["images"], tmp_path / "x", "--resume", "--overwrite"))
+    assert both.exit_code == 2 and len(both.stderr.strip().splitlines()) == 1
     assert "--resume" in both.stderr and "--overwrite" in both.stderr
-    unwritable = run_sslkit(*[a for a in args(setting["images"], Path("/proc/sslkit-run/x")) if a != "--no-cache"],
-                            "--cache", cache, env=setting["env"])
-    assert unwritable.returncode == 2 and len(unwritable.stderr.strip().splitlines()) == 1, unwritable.stderr
+    unwritable = incli(*[a for a in args(setting["images"], Path("/proc/sslkit-run/x")) if a != "--no-cache"],
+                       "--cache", cache)
+    assert unwritable.exit_code == 2 and len(unwritable.stderr.strip().splitlines()) == 1, unwritable.stderr
     assert "not writable" in unwritable.stderr
     assert not cache.exists()  # refused before a single image was decoded
 
 
-def test_max_steps_alone_both_bounds_and_extension(setting, tmp_path):
+def test_max_steps_alone_both_bounds_and_extension(setting, tmp_path, incli):
     out = tmp_path / "run"
     base = [a for a in args(setting["images"], out) if a not in ("--epochs", "2")]
-    alone = run_sslkit(*base, "--max-steps", "15", env=setting["env"])  # more than the default 10 epochs? no:
-    assert alone.returncode == 0, alone.stderr                           # 15 steps is 2.5 epochs of 6
+    alone = incli(*base, "--max-steps", "15")  # more than the default 10 epochs? no:
+    assert alone.exit_code == 0, alone.stderr                            # 15 steps is 2.5 epochs of 6
     assert len(rows(out)) == 15 and "(the --max-steps bound)" in alone.stdout
     info = json.loads((out / "run.json").read_text())
     assert info["horizon"] == {"epochs": None, "max_steps": 15, "total_steps": 15, "bound": "max_steps",
                                "schedule": "cosine"}
 
-    longer = run_sslkit("pretrain", "--resume", out, "--max-steps", "18", "--quiet", env=setting["env"])
-    assert longer.returncode == 0, longer.stderr
+    longer = incli("pretrain", "--resume", out, "--max-steps", "18", "--quiet")
+    assert longer.exit_code == 0, longer.stderr
     assert [int(r[0]) for r in rows(out)] == list(range(1, 19))  # extended from the step-15 checkpoint
     info = json.loads((out / "run.json").read_text())
     assert info["resumes"][-1] == {"from_step": 15, "total_steps": 18} and info["horizon"]["total_steps"] == 18
 
     both = tmp_path / "both"
-    proc = run_sslkit(*args(setting["images"], both, "--max-steps", "100"), env=setting["env"])
-    assert proc.returncode == 0 and "(the --epochs bound)" in proc.stdout  # 2 epochs = 12 steps < 100
+    proc = incli(*args(setting["images"], both, "--max-steps", "100"))
+    assert proc.exit_code == 0 and "(the --epochs bound)" in proc.stdout  # 2 epochs = 12 steps < 100
     assert len(rows(both)) == TOTAL
 
 
-def test_lr_scaled_from_the_batch_used_and_plain_log_lines(setting, tmp_path):
+def test_lr_scaled_from_the_batch_used_and_plain_log_lines(setting, tmp_path, incli):
     out = tmp_path / "run"
     a = [x for x in args(setting["images"], out, "--max-steps", "3", "--base-lr", "0.256")
          if x not in ("--quiet", "--epochs", "2")]
     a[a.index("--batch-size") + 1] = "1000"  # one step per epoch of the 24 images
-    proc = run_sslkit(*a, env=setting["env"])
-    assert proc.returncode == 0, proc.stderr
+    proc = incli(*a)
+    assert proc.exit_code == 0, proc.stderr
     info = json.loads((out / "run.json").read_text())
     assert info["optimization"]["effective_batch"] == 24  # clamped to the 24 images
     assert info["optimization"]["lr"] == pytest.approx(0.256 * 24 / 256)  # not 0.256 * 1000 / 256
-    assert "\r" not in proc.stderr  # not a terminal: plain lines, no redrawn bar
-    assert "probe step 3/3 epoch 2 loss" in proc.stderr
+    assert "probe step 1/3 epoch 0 loss" in proc.stderr, proc.stderr
+    training = proc.stderr[proc.stderr.index("probe step 1/3"):]  # (the decoding bar before it redraws: known)
+    assert "\r" not in training  # not a terminal: plain lines, no redrawn bar
+    assert "probe step 3/3 epoch 2 loss" in training
