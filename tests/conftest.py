@@ -123,8 +123,13 @@ def run_sslkit(*args: str, env: dict | None = None, cwd: Path | None = None) -> 
 
 
 def tiny_run(data: str, out: Path, size: int = 32, *extra: str) -> Path:
-    """A finished one-step SimCLR run of ``timm:resnet10t`` on ``data`` (for export/embed tests)."""
-    proc = run_sslkit("pretrain", "--task", "simclr", "--data", data, "--out", out, "--backbone", "timm:resnet10t",
-                      "--image-size", size, "--batch-size", 8, "--max-steps", 1, "--epochs", 1, "--quiet", *extra)
-    assert proc.returncode == 0, proc.stderr
+    """A finished one-step SimCLR run of ``timm:resnet10t`` on ``data`` (for export/embed tests).
+
+    Trained by the CLI in-process: a subprocess would add ~5 s of imports and is not what these tests check."""
+    from sslkit.cli import main
+
+    args = ["pretrain", "--task", "simclr", "--data", data, "--out", out, "--backbone", "timm:resnet10t",
+            "--image-size", size, "--batch-size", 8, "--max-steps", 1, "--epochs", 1, "--quiet", *extra]
+    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    assert result.exit_code == 0, result.stderr
     return out

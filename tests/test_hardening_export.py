@@ -1,6 +1,7 @@
 """Issue 13, export side: no machine paths in ONNX files, a full disk during export, the
 safetensors README snippet, `pretrain` without --out, one --device default, `make test`
-progress. Everything through the real CLI, as a user meets it."""
+progress. Everything through the CLI, as a user meets it: the real executable where the
+process matters (a full disk, a file-size limit), in-process otherwise."""
 
 from __future__ import annotations
 
@@ -119,9 +120,9 @@ def _readme_block(containing: str) -> str:
     return found[0]
 
 
-def test_safetensors_readme_snippet_gives_the_runs_data_config(trained, tmp_path):
-    proc = run_sslkit("export", trained["run"], "--out", tmp_path / "encoder.safetensors", "--format", "safetensors")
-    assert proc.returncode == 0, proc.stderr
+def test_safetensors_readme_snippet_gives_the_runs_data_config(trained, tmp_path, cli):
+    proc = cli("export", trained["run"], "--out", tmp_path / "encoder.safetensors", "--format", "safetensors")
+    assert proc.exit_code == 0, proc.stderr
     assert_no_machine_paths(tmp_path / "encoder.safetensors", trained["run"], trained["data"], tmp_path)
     snippet = _readme_block("resolve_data_config")
     check = snippet + (
@@ -141,16 +142,17 @@ def test_safetensors_readme_snippet_gives_the_runs_data_config(trained, tmp_path
 
 # -- 17: `sslkit pretrain --task T --data DIR` without --out --------------------------------
 
-def test_pretrain_without_out_makes_a_new_run_dir(trained, tmp_path):
+def test_pretrain_without_out_makes_a_new_run_dir(trained, tmp_path, cli, monkeypatch):
     # Folders for the next minute's names already exist: the run must take a fresh one.
     stamp = time.time()
     taken = {time.strftime("simclr-%Y%m%d-%H%M%S", time.localtime(stamp + s)) for s in range(-1, 60)}
     for name in taken:
         (tmp_path / "runs" / name).mkdir(parents=True)
         (tmp_path / "runs" / name / "mine.txt").write_text("precious")
-    proc = run_sslkit("pretrain", "--task", "simclr", "--data", trained["data"], "--backbone", "timm:resnet10t",
-                      "--image-size", SIZE, "--batch-size", 8, "--max-steps", 1, "--quiet", cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
+    monkeypatch.chdir(tmp_path)
+    proc = cli("pretrain", "--task", "simclr", "--data", trained["data"], "--backbone", "timm:resnet10t",
+               "--image-size", SIZE, "--batch-size", 8, "--max-steps", 1, "--quiet")
+    assert proc.exit_code == 0, proc.stderr
     printed = re.search(r"^run directory: (runs/simclr-\d{8}-\d{6}-2)$", proc.stdout, re.M)
     assert printed, proc.stdout
     run_dir = tmp_path / printed.group(1)
