@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from sslkit.data.parallel import parallel_map
 from sslkit.data.prepare import resize_square
 from sslkit.data.source import NotAnImage, SampleRef, Source, Undecodable, check_pixel_count, to_channels
-from sslkit.data.volume import (ORIENTATION, SampleMode, crop_or_pad, fit_volume, resample, slab_indices,
+from sslkit.data.volume import (ORIENTATION, SampleMode, crop_or_pad, fit_volume, resample, slab_indices, volume_fit,
                                 stack_slab)
 from sslkit.data.walk import check_dir, walk_files
 from sslkit.errors import CheckFailed, UsageError
@@ -97,7 +97,7 @@ __all__ = [
     "Source", "SampleRef", "NotAnImage", "Undecodable", "to_channels", "walk_files", "check_dir",
     "parallel_map", "resize_square", "check_pixel_count", "keyed_hash",
     # volumetric sources (slice / slab:K / volume sampling)
-    "SampleMode", "ORIENTATION", "slab_indices", "stack_slab", "resample", "crop_or_pad", "fit_volume",
+    "SampleMode", "ORIENTATION", "slab_indices", "stack_slab", "resample", "crop_or_pad", "fit_volume", "volume_fit",
     # inputs, export, errors
     "InputSpec", "GraphPreprocessing", "RawInput", "raw_input_for", "write_atomic", "UsageError", "CheckFailed",
     # run callbacks (register_callbacks)

@@ -313,3 +313,35 @@ def test_editing_any_slice_of_a_volume_changes_its_cache_key(tmp_path):
     st = os.stat(last)
     os.utime(last, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
     assert cache_key(src, refs, 1, (4, 6, 5)) != before
+
+
+@pytest.mark.parametrize("shape,spacing,target,size", [
+    ((48, 40, 36), (2.5, 0.8, 0.8), (2.0, 2.0, 2.0), (16, 8, 12)),  # crop in-plane, pad along z
+    ((9, 16, 20), (1.0, 1.0, 1.0), None, (4, 30, 7)),  # no resampling: crop and pad only
+    ((30, 7, 33), (0.5, 3.0, 0.7), (1.0, 1.5, 0.6), (5, 20, 3)),
+])
+def test_volume_fit_computes_exactly_the_kept_part(shape, spacing, target, size):
+    from sslkit.api import SampleMode, crop_or_pad, resample, volume_fit
+
+    x = np.random.default_rng(0).normal(size=(2, *shape)).astype(np.float32)
+    fit = volume_fit(shape, spacing, SampleMode("volume", 1, target, size))
+    whole = crop_or_pad(resample(x, spacing, target), size)
+    np.testing.assert_array_equal(fit.apply(x[(slice(None), *fit.region)]), whole)  # bit for bit
+    if target is not None and shape[0] * spacing[0] / target[0] > size[0]:
+        assert fit.region[0].stop - fit.region[0].start < shape[0]  # fewer slices than the series has
+
+
+def test_a_cropped_volume_reads_only_its_kept_slices(tmp_path, monkeypatch):
+    from sslkit_plugins.sources import dicom_pixels
+
+    write_series(tmp_path, n=30, step=1.0)  # 30 slices 1 mm apart; the sample keeps the middle 6 mm
+    src = create_source(f"dicom:{tmp_path}", workers=1, window="4000,2000", sample="volume", spacing="0.5,0.5,1",
+                        volume_size="6,12,10")
+    refs = src.index()
+    read = []
+    real = dicom_pixels.pixels_dataset
+    monkeypatch.setattr(dicom_pixels, "pixels_dataset", lambda path, *a: read.append(path) or real(path, *a))
+    x = src.load(refs[0])
+    assert len(read) == 6 and x.shape == (1, 6, 12, 10)
+    ks = np.asarray(x)[0, :, 3, 2] * 40  # the padded 6 x 5 slice's first voxel: 100 * k windowed to k / 40
+    assert ks.round().tolist() == [12, 13, 14, 15, 16, 17]  # slices 12..17, in order

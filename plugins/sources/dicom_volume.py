@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from sslkit.api import SampleMode, SampleRef, fit_volume, slab_indices, stack_slab
+from sslkit.api import SampleMode, SampleRef, slab_indices, stack_slab, volume_fit
 from sslkit_plugins.sources.dicom_decode import Window
 from sslkit_plugins.sources.dicom_pixels import read_frame
 from sslkit_plugins.sources.dicom_series import Volume, cut_mosaic
@@ -81,9 +81,11 @@ class VolumeSampler:
         """``(C*K, H, W)`` for a slab, ``(C, D, H, W)`` (fitted to the mode) for a volume."""
         v, i = self.where[ref.id]
         vol = self.volumes[v]
-        if i is None:
-            x = np.stack([self.slice(vol, j, raw) for j in range(vol.depth)], axis=1)
-            return fit_volume(x, vol.spacing, self.mode)
+        if i is None:  # only the slices, rows and columns the fitted volume keeps are read and windowed
+            fit = volume_fit((vol.depth, vol.rows, vol.columns), vol.spacing, self.mode)
+            depth, rows, cols = fit.region
+            return fit.apply(np.stack([self.slice(vol, j, raw)[:, rows, cols] for j in range(depth.start, depth.stop)],
+                                      axis=1))
         return stack_slab([self.slice(vol, j, raw) for j in slab_indices(vol.depth, i, self.mode.slab)])
 
     def slice(self, vol: Volume, index: int, raw: bool = False) -> np.ndarray:

@@ -41,7 +41,7 @@ def _aa_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 @functools.lru_cache(maxsize=64)
-def _linear_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray]:
+def linear_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray]:
     """``(index, weight)``, both ``(n_out, 2)``, of linear interpolation, ``align_corners=False``."""
     f32 = np.float32
     src = np.maximum((np.arange(n_out, dtype=f32) + f32(0.5)) * (f32(n_in) / f32(n_out)) - f32(0.5), f32(0.0))
@@ -51,9 +51,9 @@ def _linear_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray]:
     return np.stack([i0, i1], 1), np.stack([1.0 - w1, w1], 1).astype(np.float32)
 
 
-def _apply(x: np.ndarray, axis: int, taps: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
-    """Sum over the taps of ``weight * x[index]`` along ``axis`` (float32)."""
-    idx, w = taps
+def apply_taps(x: np.ndarray, axis: int, idx: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Sum over the taps of ``weight * x[index]`` along ``axis`` (float32); ``idx`` and
+    ``w`` are ``(n_out, K)`` as :func:`linear_taps` gives them (or rows of them)."""
     axis = axis % x.ndim
     shape = [1] * x.ndim
     shape[axis] = idx.shape[0]
@@ -65,9 +65,9 @@ def _apply(x: np.ndarray, axis: int, taps: tuple[np.ndarray, np.ndarray]) -> np.
 
 def resize_axis_aa(x: np.ndarray, axis: int, size: int) -> np.ndarray:
     """``x`` (float32) with axis ``axis`` resampled to ``size``, antialiased linear."""
-    return x if x.shape[axis] == size else _apply(x, axis, _aa_taps(x.shape[axis], size))
+    return x if x.shape[axis] == size else apply_taps(x, axis, *_aa_taps(x.shape[axis], size))
 
 
 def resize_axis_linear(x: np.ndarray, axis: int, size: int) -> np.ndarray:
     """``x`` (float32) with axis ``axis`` resampled to ``size``, linear, ``align_corners=False``."""
-    return x if x.shape[axis] == size else _apply(x, axis, _linear_taps(x.shape[axis], size))
+    return x if x.shape[axis] == size else apply_taps(x, axis, *linear_taps(x.shape[axis], size))

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from sslkit.data.resize import resize_axis_linear
+from sslkit.data.resize import apply_taps, linear_taps, resize_axis_linear
 from sslkit.errors import UsageError
 
 #: The axis order of every volume and slab a volumetric source yields.
@@ -161,6 +161,58 @@ def crop_or_pad(volume: np.ndarray, size: tuple[int, int, int]) -> np.ndarray:
     return out
 
 
+@dataclass(frozen=True)
+class VolumeFit:
+    """How a ``(D, H, W)`` volume becomes a sample of its mode: which input voxels the
+    kept output reads (``region``: three slices), and :meth:`apply` to those voxels.
+
+    A centre crop keeps part of the resampled volume; only the part kept is computed,
+    from only the input voxels its taps read, with the same taps and weights in the same
+    axis order as :func:`resample`, so ``apply(volume[region])`` equals
+    ``crop_or_pad(resample(volume))`` exactly. A source can read just ``region`` (the
+    slices, rows and columns that matter) instead of the whole volume.
+    """
+
+    region: tuple[slice, slice, slice]
+    steps: tuple[tuple[int, np.ndarray, np.ndarray], ...]  # (axis, tap index into region, weight), in order
+    size: tuple[int, int, int]
+    placed: tuple[slice, slice, slice]  # where the computed block goes in the output (zero padding around)
+
+    def apply(self, x: np.ndarray) -> np.ndarray:
+        """``(C, *region shape)`` -> ``(C, *size)`` float32."""
+        x = np.asarray(x, dtype=np.float32)
+        for axis, idx, w in self.steps:
+            x = apply_taps(x, axis + 1, idx, w)
+        out = np.zeros((x.shape[0], *self.size), dtype=np.float32)
+        out[(slice(None), *self.placed)] = x
+        return out
+
+
+def volume_fit(shape: tuple[int, int, int], spacing: tuple[float, float, float], mode: SampleMode) -> VolumeFit:
+    """The :class:`VolumeFit` of a ``shape`` volume at ``spacing`` (dz, dy, dx) mm in ``mode``."""
+    target = mode.spacing
+    out_shape = tuple(shape) if target is None else tuple(
+        max(1, round(n * s / t)) for n, s, t in zip(shape, spacing, target))
+    region, placed, taps = [], [], {}
+    for axis, (n_in, n_out, m) in enumerate(zip(shape, out_shape, mode.size)):
+        a = (n_out - m) // 2 if n_out >= m else 0  # the kept outputs [a, a + k)
+        k = min(n_out, m)
+        placed.append(slice(0, k) if n_out >= m else slice((m - n_out) // 2, (m - n_out) // 2 + n_out))
+        if n_out == n_in:  # not resampled on this axis: a crop
+            region.append(slice(a, a + k))
+            continue
+        idx, w = linear_taps(n_in, n_out)
+        idx, w = idx[a : a + k], w[a : a + k]
+        lo, hi = int(idx.min()), int(idx.max()) + 1
+        region.append(slice(lo, hi))
+        taps[axis] = (idx - lo, w)
+    order = sorted(range(3), key=lambda ax: out_shape[ax] / shape[ax])  # as resample(): the most shrunk first
+    steps = tuple((ax, *taps[ax]) for ax in order if ax in taps)
+    return VolumeFit(tuple(region), steps, tuple(mode.size), tuple(placed))
+
+
 def fit_volume(volume: np.ndarray, spacing: tuple[float, float, float], mode: SampleMode) -> np.ndarray:
-    """A volume ``(C, D, H, W)`` as ``mode`` wants it: resampled, then cropped / padded."""
-    return crop_or_pad(resample(volume, spacing, mode.spacing), mode.size)
+    """A volume ``(C, D, H, W)`` as ``mode`` wants it: resampled, then cropped / padded
+    (computed for the kept part only: :func:`volume_fit`)."""
+    fit = volume_fit(volume.shape[1:], spacing, mode)
+    return fit.apply(volume[(slice(None), *fit.region)])
