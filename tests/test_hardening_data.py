@@ -1,6 +1,9 @@
 """Issue 13, the data side: hostile inputs meet the CLI as one line and exit 2, or as one
 reported row per file; nothing outside sslkit's own cache entries is deleted; no path
-below the data root, no hash of a patient identifier, reaches a report or the cache."""
+below the data root, no hash of a patient identifier, reaches a report or the cache.
+
+The CLI runs in-process (``cli``, ``_invoke``) unless the process itself is under test (another
+user, a private tmpfs, a file-size limit, codecs that cannot be imported)."""
 
 from __future__ import annotations
 
@@ -17,8 +20,10 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from click.testing import CliRunner, Result
 from PIL import Image
 
+from sslkit.cli import main
 from sslkit.errors import UsageError
 from tests.conftest import PYDICOM_FILES, REPO, run_sslkit
 from tests.dicom_factory import write_dicom
@@ -29,10 +34,16 @@ TRAIN = ("pretrain", "--task", "simclr", "--backbone", "timm:test_resnet", "--im
          "--max-steps", "1", "--epochs", "1", "--quiet")
 
 
-def _one_line_error(proc: subprocess.CompletedProcess, *words: str) -> str:
+def _invoke(*args) -> Result:
+    """``sslkit ARGS`` in-process (for module-scoped fixtures, which cannot use ``cli``)."""
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def _one_line_error(proc: subprocess.CompletedProcess | Result, *words: str) -> str:
     """``proc`` failed with exit 2 and exactly one line on stderr (no traceback), naming ``words``."""
     lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == 2, (proc.returncode, proc.stderr[-3000:])
+    code = proc.returncode if isinstance(proc, subprocess.CompletedProcess) else proc.exit_code
+    assert code == 2, (code, proc.stderr[-3000:])
     assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-3000:]
     for w in words:
         assert w in lines[0], lines[0]
@@ -76,11 +87,11 @@ def hostile(tmp_path_factory) -> dict:
     shutil.copy(PYDICOM_FILES / "JPGExtended.dcm", root / "jpeg" / "ext12.dcm")  # 12-bit, libjpeg decodes it
     shutil.copy(PYDICOM_FILES / "JPEG-lossy.dcm", root / "jpeg" / "lossy12.dcm")  # 12-bit, no codec here can
     run, cache = tmp / "run", tmp / "cache"
-    proc = run_sslkit(*TRAIN, "--data", f"dicom:{root}", "--out", run, "--cache", cache)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = _invoke(*TRAIN, "--data", f"dicom:{root}", "--out", run, "--cache", cache)
+    assert proc.exit_code == 0, proc.stderr[-3000:]
     report = json.loads((run / "data_report.json").read_text())
-    inspect = run_sslkit("data", "inspect", f"dicom:{root}", "--json")
-    assert inspect.returncode == 0, inspect.stderr[-2000:]
+    inspect = _invoke("data", "inspect", f"dicom:{root}", "--json")
+    assert inspect.exit_code == 0, inspect.stderr[-2000:]
     return {"root": root, "run": run, "cache": cache, "proc": proc, "report": report,
             "reasons": {f["path"]: f["reason"] for f in report["skipped_files"]},
             "inspect": json.loads(inspect.stdout), "inspect_output": inspect.stdout + inspect.stderr}
@@ -238,7 +249,7 @@ def _tiff_claiming(path: Path, width: int, height: int) -> Path:
     return path
 
 
-def test_one_pixel_limit_for_pil_tifffile_and_pydicom(tmp_path):
+def test_one_pixel_limit_for_pil_tifffile_and_pydicom(tmp_path, cli):
     """Item 3: a 20000x20000 TIFF header is refused like the same PNG, from the header; one
     limit for all three decoders, and --max-pixels moves it for all of them."""
     big = tmp_path / "big"
@@ -246,8 +257,8 @@ def test_one_pixel_limit_for_pil_tifffile_and_pydicom(tmp_path):
     _tiff_claiming(big / "bomb.tif", 20000, 20000)
     _png_16bit_header(big / "bomb.png", 20000, 20000)
     Image.fromarray(np.full((20, 20), 99, np.uint8)).save(big / "ok.png")
-    proc = run_sslkit("data", "inspect", f"folder:{big}", "--json")
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = cli("data", "inspect", f"folder:{big}", "--json")
+    assert proc.exit_code == 0, proc.stderr[-2000:]
     why = {u["path"]: u["reason"] for u in json.loads(proc.stdout)["undecodable"]}
     assert set(why) == {"bomb.tif", "bomb.png"}
     assert all("20000x20000 = 400,000,000 exceeds the limit of 178,956,970" in r for r in why.values())
@@ -259,7 +270,8 @@ def test_one_pixel_limit_for_pil_tifffile_and_pydicom(tmp_path):
 
     tifffile.imwrite(small / "b.tif", np.zeros((40, 40), np.uint16))
     write_dicom(small / "c.dcm", np.zeros((40, 40), np.uint16))
-    proc = run_sslkit("data", "inspect", f"folder:{small}", "--json", "--max-pixels", "1000")
+    proc = cli("data", "inspect", f"folder:{small}", "--json", "--max-pixels", "1000")
+    assert proc.exit_code == 0, proc.stderr[-2000:]
     rep = json.loads(proc.stdout)
     assert sorted(u["path"] for u in rep["undecodable"]) == ["a.png", "b.tif"]
     assert all("40x40" in u["reason"] and "--max-pixels" in u["reason"] for u in rep["undecodable"])
@@ -349,10 +361,10 @@ def test_file_size_limit_while_writing_the_cache_is_one_line(tmp_path):
     assert not list(cache.glob(".tmp-*")) and not list(cache.glob("*/pixels.npy"))
 
 
-def test_image_size_too_large_is_refused_before_decoding(tmp_path):
+def test_image_size_too_large_is_refused_before_decoding(tmp_path, cli):
     """Item 14: an image size whose cache or working memory cannot exist is one line."""
     _good_dicoms(tmp_path / "d", 6, 16)
-    proc = run_sslkit(*TRAIN[:-1], "--image-size", "100000", "--data", f"dicom:{tmp_path / 'd'}",
+    proc = cli(*TRAIN[:-1], "--image-size", "100000", "--data", f"dicom:{tmp_path / 'd'}",
                       "--out", tmp_path / "run", "--cache", tmp_path / "cache")
     _one_line_error(proc, "--image-size 100000", "GB")
     assert not (tmp_path / "run").exists() and not list((tmp_path / "cache").glob("*/pixels.npy"))
@@ -378,10 +390,10 @@ def test_resume_refuses_changed_data_and_keeps_the_input_spec(tmp_path, cli):
     for i in range(4):  # replace 4 images: same names, same sizes, other pixels
         write_dicom(data / f"p{i}.dcm", (rng.random((24, 24)) * 4000).astype(np.uint16), patient_id=IDS[i % 3],
                     patient_name="DOE^JOHN", modality="CT", slope=1.0, intercept=-1024.0)
-    _one_line_error(run_sslkit("pretrain", "--resume", run, "--quiet"), "data changed", "--allow-data-change")
+    _one_line_error(cli("pretrain", "--resume", run, "--quiet"), "data changed", "--allow-data-change")
     assert (run / "run.json").read_bytes() == saved
-    proc = run_sslkit("pretrain", "--resume", run, "--quiet", "--allow-data-change")
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = cli("pretrain", "--resume", run, "--quiet", "--allow-data-change")
+    assert proc.exit_code == 0, proc.stderr[-2000:]
     assert "data changed" in proc.stderr
     assert json.loads((run / "run.json").read_text())["input_spec"] == info["input_spec"]
     from sslkit.config import resolve
@@ -442,11 +454,11 @@ def test_example_client_says_how_many_files_it_skipped_and_why(tmp_path):
     assert "pylibjpeg-libjpeg" in example.read_text().split('"""')[1]  # the docstring lists them too
 
 
-def test_npz_images_over_the_pixel_limit_are_refused_from_the_header(tmp_path):
+def test_npz_images_over_the_pixel_limit_are_refused_from_the_header(tmp_path, cli):
     """Item 3 (arrays): a compressed .npz whose images exceed --max-pixels is one line,
     decided from the .npy header before np.load decompresses anything."""
     np.savez_compressed(tmp_path / "a.npz", train_images=np.zeros((2, 300, 200), np.uint8))
-    _one_line_error(run_sslkit("data", "inspect", f"npz:{tmp_path / 'a.npz'}", "--max-pixels", "1000"),
+    _one_line_error(cli("data", "inspect", f"npz:{tmp_path / 'a.npz'}", "--max-pixels", "1000"),
                     "200x300 = 60,000 exceeds the limit of 1,000")
     from sslkit.registry import create_source
 
@@ -454,7 +466,8 @@ def test_npz_images_over_the_pixel_limit_are_refused_from_the_header(tmp_path):
     assert src.image_shape() == (2, 300, 200) and len(src.index()) == 2  # the default limit lets it through
 
 
-def test_folder_source_link_loops_and_a_fifo_named_png(tmp_path):
+@pytest.mark.timeout(300)  # a hang (as reported) fails the test
+def test_folder_source_link_loops_and_a_fifo_named_png(tmp_path, cli):
     """Item 11, as reported: 10 images with `ln -s . data/self` (was counted as 410), a
     second loop (hung) and a FIFO named x.png (hung): 10 images, the FIFO reported."""
     from tests.conftest import make_images
@@ -464,9 +477,8 @@ def test_folder_source_link_loops_and_a_fifo_named_png(tmp_path):
     (data / "selfloop").mkdir()
     os.symlink("../selfloop", data / "selfloop" / "parent")
     os.mkfifo(data / "x.png")
-    proc = subprocess.run([str(Path(sys.executable).parent / "sslkit"), "data", "inspect", f"folder:{data}",
-                           "--json"], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = cli("data", "inspect", f"folder:{data}", "--json")
+    assert proc.exit_code == 0, proc.stderr[-2000:]
     rep = json.loads(proc.stdout)
     assert rep["images"] == 10 and rep["decoded_ok"] == 10
     assert [u["path"] for u in rep["unreadable"]] == ["x.png"] and "FIFO" in rep["unreadable"][0]["reason"]
