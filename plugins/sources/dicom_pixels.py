@@ -23,9 +23,9 @@ import struct
 from typing import Any, BinaryIO
 
 import numpy as np
-import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.multival import MultiValue
+from pydicom.dataelem import RawDataElement
+from pydicom.tag import BaseTag
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
 from sslkit_plugins.sources.dicom_decode import Window, decode, modality_values, read_dataset
@@ -49,7 +49,9 @@ def pixel_facts(ds: Dataset, fp: BinaryIO) -> dict[str, Any] | None:
     ts = UID(str(meta.get("TransferSyntaxUID", "")) if meta is not None else "")
     if not ts or ts == DeflatedExplicitVRLittleEndian or not ts.is_little_endian:
         return None
-    if any(k in ds for k in NOT_SIMPLE) or str(ds.get("PhotometricInterpretation", "")).upper() == "PALETTE COLOR":
+    elements = _group_0028(ds)  # first: before any value is converted
+    if elements is None or any(k in ds for k in NOT_SIMPLE) or \
+            str(ds.get("PhotometricInterpretation", "")).upper() == "PALETTE COLOR":
         return None
     start = fp.tell()
     head = fp.read(12)
@@ -67,10 +69,9 @@ def pixel_facts(ds: Dataset, fp: BinaryIO) -> dict[str, Any] | None:
         end = _items_end(fp, offset) if ts.is_encapsulated and frames == 1 else None
     else:
         end = offset + length if not ts.is_encapsulated else None
-    elements = _group_0028(ds)
-    if end is None or elements is None:
+    if end is None:
         return None
-    out = {"offset": offset, "end": end, "vr": vr, "ts": str(ts), "elements": elements}
+    out = {"offset": offset, "end": end, "vr": vr, "ts": str(ts), "implicit": ts.is_implicit_VR, "elements": elements}
     if frames > 1:
         bits = int(ds.get("BitsAllocated", 0) or 0)
         if bits % 8 or str(ds.get("PhotometricInterpretation", "")).upper() not in BYTE_FRAMES:
@@ -98,35 +99,20 @@ def _items_end(fp: BinaryIO, offset: int) -> int | None:
 
 
 def _group_0028(ds: Dataset) -> list | None:
-    """``[tag, VR, value]`` of every group 0028 element (values as JSON can hold them), or
-    None when one holds bytes (LUT data: decode in full)."""
+    """``[tag, VR, value bytes as hex]`` of every group 0028 element as the file holds it
+    (unconverted: the rebuilt data set converts them as a full read would), or None when
+    one with a value was converted already."""
     out = []
     for tag in ds.keys():
-        if tag.group != 0x0028:
-            continue
-        elem = ds[tag]
-        value = elem.value
-        if isinstance(value, MultiValue):
-            value = [_plain(v) for v in value]
-        else:
-            value = _plain(value)
-        if value is _BYTES or (isinstance(value, list) and _BYTES in value):
-            return None
-        out.append([int(tag), elem.VR, value])
+        if tag.group == 0x0028:
+            raw = ds.get_item(tag)
+            if isinstance(raw, RawDataElement) and raw.value is not None:
+                out.append([int(tag), raw.VR, raw.value.hex()])
+            elif raw.is_empty:  # pydicom converts some empty values while reading
+                out.append([int(tag), raw.VR, ""])
+            else:
+                return None
     return out
-
-
-_BYTES = object()
-
-
-def _plain(value: Any) -> Any:
-    if value is None or isinstance(value, str):
-        return value
-    if isinstance(value, (pydicom.valuerep.DSfloat, pydicom.valuerep.DSdecimal, pydicom.valuerep.IS)):
-        return str(value)  # the string as written: rebuilt to the same value
-    if isinstance(value, (int, float)):
-        return value
-    return _BYTES
 
 
 def pixels_dataset(path: str, facts: dict[str, Any], frame: int | None) -> Dataset:
@@ -145,11 +131,11 @@ def pixels_dataset(path: str, facts: dict[str, Any], frame: int | None) -> Datas
         data = f.read(end - offset)
     if len(data) != end - offset:
         raise ValueError("pixel data shorter than its header says")
-    ds = Dataset()
+    implicit = facts["implicit"]
+    ds = Dataset({BaseTag(tag): RawDataElement(BaseTag(tag), vr, len(value) // 2, bytes.fromhex(value), 0, implicit,
+                                                True) for tag, vr, value in facts["elements"]})
     ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = UID(facts["ts"])
-    for tag, vr, value in facts["elements"]:
-        ds.add_new(tag, vr, value)
     if size:
         ds.NumberOfFrames = 1
     ds.add_new(PIXEL_DATA, facts["vr"], data)
