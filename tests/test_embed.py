@@ -24,8 +24,8 @@ def run_and_onnx(tmp_path_factory) -> dict[str, Path]:
 
 def test_onnx_and_run_dir_agree(run_and_onnx, tmp_path, cli):
     a, b = tmp_path / "run.npz", tmp_path / "onnx.npz"
-    proc = run_sslkit("embed", run_and_onnx["run"], "--data", run_and_onnx["data"], "--out", a, "--device", "cpu")
-    assert proc.returncode == 0, proc.stderr
+    proc = cli("embed", run_and_onnx["run"], "--data", run_and_onnx["data"], "--out", a, "--device", "cpu")
+    assert proc.exit_code == 0, proc.stderr
     assert "embedded 10 images (512-d, torch)" in proc.stdout
     assert "embedding" in proc.stderr  # the progress bar
     result = cli("embed", run_and_onnx["onnx"], "--data", f"folder:{run_and_onnx['data']}", "--out", b, "--quiet")
@@ -56,6 +56,7 @@ def test_bad_models_and_outputs(run_and_onnx, tmp_path, cli):
     out = tmp_path / "e.npz"
     corrupt = tmp_path / "corrupt.onnx"
     corrupt.write_bytes(run_and_onnx["onnx"].read_bytes()[:2000])
+    # the real executable: a corrupt model is one line, exit 2, as a user sees it
     _assert_one_line_error(run_sslkit("embed", corrupt, "--data", data, "--out", out), "cannot read ONNX model")
     _assert_one_line_error(cli("embed", tmp_path / "missing.onnx", "--data", data, "--out", out), "does not exist")
     _assert_one_line_error(cli("embed", tmp_path / "nothing", "--data", data, "--out", out), "does not exist")
@@ -96,7 +97,7 @@ def test_embed_and_eval_read_data_with_the_runs_max_pixels(run_and_onnx, tmp_pat
     other = make_images(tmp_path / "other", n_per_class=2, size=64, channels=1, seed=1)
     out = tmp_path / "e.npz"
     limit = "exceeds the limit of 2,000 (--max-pixels raises it)"
-    _assert_one_line_error(run_sslkit("embed", run, "--data", big, "--out", out, "--quiet"), limit)
+    _assert_one_line_error(cli("embed", run, "--data", big, "--out", out, "--quiet"), limit)
     _assert_one_line_error(cli("eval", "knn", run, "--train", big, "--test", other, "--no-baseline", "--quiet"), limit)
     assert not out.exists()
     # (`other`: the decoded-pixel cache keeps `big`'s skips under a key without the limit)
