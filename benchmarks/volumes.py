@@ -184,14 +184,16 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("/tmp/ct-corpus"))
     ap.add_argument("--series", type=int, default=12)
     ap.add_argument("--slices", type=int, default=60)
+    ap.add_argument("--size", type=int, default=128, help="slice side in pixels (CT is usually 512)")
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--workers", default="1,2,all", help="first-pass decode processes to time, e.g. 1,2,all")
     ap.add_argument("--repeats", type=int, default=2, help="naive / first-pass pairs per worker count")
     ap.add_argument("--first-pass-only", action="store_true", help="stop after the first-pass comparison")
     args = ap.parse_args()
-    make_corpus(args.out, args.series, args.slices)
-    print(f"corpus: {args.series} series x {args.slices} slices of 128x128 -> volumes 64^3 at 2 mm", flush=True)
+    make_corpus(args.out, args.series, args.slices, args.size)
+    print(f"corpus: {args.series} series x {args.slices} slices of {args.size}x{args.size} (0.8 mm pixels, 2.5 mm "
+          f"apart) -> volumes 64^3 at 2 mm", flush=True)
     print("first pass (index + series assembly + decode + resample + cache write, new process, empty cache) "
           "vs the naive loop, alternated:", flush=True)
     ratios = compare(lambda: naive_epoch(args.out, SIZE, 2.0), lambda w: first_pass_rate(args.out, w),

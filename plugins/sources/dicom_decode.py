@@ -138,10 +138,13 @@ def _fill_transfer_syntax(ds: Dataset) -> None:
             meta.TransferSyntaxUID = ExplicitVRLittleEndian if little else ExplicitVRBigEndian
 
 
-def decode(ds: Dataset, frame: int | None, windows: tuple[Window, ...]) -> np.ndarray:
+def decode(ds: Dataset, frame: int | None, windows: tuple[Window, ...], region: tuple[slice, slice] | None = None
+           ) -> np.ndarray:
     """One frame of ``ds`` -> float32 ``(C, H, W)`` in [0, 1].
 
     Colour images give 3 channels (RGB); grayscale gives one channel per window.
+    ``region`` (rows, columns): only that part is returned; with fixed windows (``W,L``,
+    presets: value by value) only that part goes through the LUTs, else it is cut after.
     """
     if not any(k in ds for k in PIXEL_KEYWORDS):
         # only files whose header describes an image get here: its pixels are missing
@@ -155,32 +158,42 @@ def decode(ds: Dataset, frame: int | None, windows: tuple[Window, ...]) -> np.nd
     if pi == "PALETTE COLOR":
         rgb = apply_color_lut(arr, ds)
         bits = int(ds.RedPaletteColorLookupTableDescriptor[2])
-        return _unit(rgb.astype(np.float32) / float(2**bits - 1)).transpose(2, 0, 1).copy()
+        return _cut(_unit(rgb.astype(np.float32) / float(2**bits - 1)).transpose(2, 0, 1), region).copy()
     if arr.ndim == 3:  # RGB (pydicom converted YBR_* to RGB)
         if arr.dtype.kind == "f":
-            return _minmax(arr.astype(np.float32)).transpose(2, 0, 1).copy()
+            return _cut(_minmax(arr.astype(np.float32)).transpose(2, 0, 1), region).copy()
         bits = int(ds.get("BitsStored", 8 * arr.dtype.itemsize))
-        return _unit(arr.astype(np.float32) / float(2**bits - 1)).transpose(2, 0, 1).copy()
+        return _cut(_unit(arr.astype(np.float32) / float(2**bits - 1)).transpose(2, 0, 1), region).copy()
+    early = region is not None and all(w.width is not None for w in windows)
+    if early:
+        arr = arr[region]
     luts = frame_luts(ds, frame)
     values = arr.astype(np.float32) if arr.dtype.kind == "f" else apply_modality_lut(arr, luts).astype(np.float32)
     out = np.stack([apply_window(values, luts, w) for w in windows])
     if pi == "MONOCHROME1":
         out = 1.0 - out
-    return out.astype(np.float32, copy=False)
+    return (out if early else _cut(out, region)).astype(np.float32, copy=False)
+
+
+def _cut(x: np.ndarray, region: tuple[slice, slice] | None) -> np.ndarray:
+    return x if region is None else x[(slice(None), *region)]
 
 
 _LUT_KEYWORDS = ("PhotometricInterpretation", "BitsStored", "PixelRepresentation", "RescaleSlope",
                  "RescaleIntercept", "RescaleType", "WindowCenter", "WindowWidth", "VOILUTFunction")
 
 
-def modality_values(ds: Any, frame: int | None) -> np.ndarray:
-    """Stored pixels of one frame through the modality LUT only: float32 ``(1, H, W)``."""
+def modality_values(ds: Any, frame: int | None, region: tuple[slice, slice] | None = None) -> np.ndarray:
+    """Stored pixels of one frame through the modality LUT only: float32 ``(1, H, W)``
+    (``region``: of those rows and columns only)."""
     n = int(ds.get("NumberOfFrames", 1) or 1)
     arr = pixel_array(ds, index=frame) if n > 1 and frame is not None else pixel_array(ds)
     if arr.ndim == 3 and int(ds.get("SamplesPerPixel", 1)) == 1:
         arr = arr[0]
     if arr.ndim != 2:
         raise ValueError("raw values of a colour image are not defined (use it without --raw)")
+    if region is not None:
+        arr = arr[region]
     values = arr.astype(np.float32) if arr.dtype.kind == "f" else apply_modality_lut(arr, frame_luts(ds, frame))
     return np.asarray(values, dtype=np.float32)[None]
 

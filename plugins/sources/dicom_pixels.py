@@ -143,23 +143,24 @@ def pixels_dataset(path: str, facts: dict[str, Any], frame: int | None) -> Datas
 
 
 def read_frame(path: str, frame: int | None, windows: tuple[Window, ...], facts: dict[str, Any] | None,
-               raw: bool = False) -> np.ndarray:
-    """:func:`decode` of one frame (``raw``: :func:`modality_values`): from the located pixel
-    bytes alone when ``facts`` says where they are, else, or when that way fails, from the
-    file read in full (whose error is then the one raised)."""
+               raw: bool = False, region: tuple[slice, slice] | None = None) -> np.ndarray:
+    """:func:`decode` of one frame (``raw``: :func:`modality_values`; ``region``: rows and
+    columns to keep): from the located pixel bytes alone when ``facts`` says where they
+    are, else, or when that way fails, from the file read in full (whose error is then
+    the one raised)."""
     if facts is not None:
-        located = decode_located(path, frame, windows, facts, raw)
+        located = decode_located(path, frame, windows, facts, raw, region)
         if located is not None:
             return located
     ds = read_dataset(path)
-    return modality_values(ds, frame) if raw else decode(ds, frame, windows)
+    return modality_values(ds, frame, region) if raw else decode(ds, frame, windows, region)
 
 
 def decode_located(path: str, frame: int | None, windows: tuple[Window, ...], facts: dict[str, Any],
-                   raw: bool = False) -> np.ndarray | None:
+                   raw: bool = False, region: tuple[slice, slice] | None = None) -> np.ndarray | None:
     """:func:`read_frame` through :func:`pixels_dataset` only; None when that way fails."""
     try:
         ds = pixels_dataset(path, facts, frame)
-        return modality_values(ds, frame) if raw else decode(ds, frame, windows)
+        return modality_values(ds, frame, region) if raw else decode(ds, frame, windows, region)
     except Exception:
         return None

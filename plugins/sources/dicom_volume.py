@@ -84,23 +84,31 @@ class VolumeSampler:
         if i is None:  # only the slices, rows and columns the fitted volume keeps are read and windowed
             fit = volume_fit((vol.depth, vol.rows, vol.columns), vol.spacing, self.mode)
             depth, rows, cols = fit.region
-            return fit.apply(np.stack([self.slice(vol, j, raw)[:, rows, cols] for j in range(depth.start, depth.stop)],
+            return fit.apply(np.stack([self.slice(vol, j, raw, (rows, cols)) for j in range(depth.start, depth.stop)],
                                       axis=1))
         return stack_slab([self.slice(vol, j, raw) for j in slab_indices(vol.depth, i, self.mode.slab)])
 
-    def slice(self, vol: Volume, index: int, raw: bool = False) -> np.ndarray:
-        """Slice ``index`` of ``vol``: float32 ``(C, H, W)``."""
+    def slice(self, vol: Volume, index: int, raw: bool = False, region: tuple[slice, slice] | None = None
+              ) -> np.ndarray:
+        """Slice ``index`` of ``vol``: float32 ``(C, H, W)`` (``region``: those rows and columns only)."""
         path, frame, tile = vol.slices[index]
-        key = (path, frame if tile is None else -1, raw)
+        if tile is not None:  # a mosaic's tiles are cut from the whole file, kept for the next tile
+            return self._cached((path, -1, raw), lambda: cut_mosaic(
+                read_frame(path, frame, self.windows, self.headers.get(path, {}).get("pixels"), raw),
+                vol.mosaic, (vol.rows, vol.columns)))[:, tile][(slice(None), *(region or ()))]
+        cut = None if region is None else (region[0].start, region[0].stop, region[1].start, region[1].stop)
+        return self._cached((path, frame, raw, cut), lambda: read_frame(
+            path, frame, self.windows, self.headers.get(path, {}).get("pixels"), raw, region))
+
+    def _cached(self, key: tuple, read) -> np.ndarray:
+        """``read()``, kept for the next :attr:`keep` calls (the K slices of neighbouring slabs are read once)."""
         x = self._files.get(key)
         if x is None:
-            x = read_frame(path, frame, self.windows, self.headers.get(path, {}).get("pixels"), raw)
-            if tile is not None:  # (C, R, Cols) -> (C, n, h, w)
-                x = cut_mosaic(x, vol.mosaic, (vol.rows, vol.columns))
+            x = read()
             self._files[key] = x
             while len(self._files) > self.keep:
                 self._files.popitem(last=False)
         else:
             self._files.move_to_end(key)
-        return x[:, tile] if tile is not None else x
+        return x
 
