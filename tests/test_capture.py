@@ -257,10 +257,10 @@ def test_resume_with_capture_repeats_the_uninterrupted_run(images, tmp_path, mon
     assert rows(crashed) == rows(ref)
 
 
-def test_cli_capture_graphs_on_cpu_says_one_line(images, tmp_path):
+def test_cli_capture_graphs_on_cpu_says_one_line(images, tmp_path, cli):
     a = tmp_path / "a"
-    proc = run_sslkit("pretrain", "--data", f"folder:{images}", "--out", a, *CLI, "--capture", "graphs")
-    assert proc.returncode == 0, proc.stderr
+    proc = cli("pretrain", "--data", f"folder:{images}", "--out", a, *CLI, "--capture", "graphs")  # in-process
+    assert proc.exit_code == 0, proc.stderr
     notes = [line for line in proc.stderr.splitlines() if "--capture" in line]
     assert notes == ["note: --capture graphs: CUDA graphs need a CUDA device, this run is on cpu; "
                      "the step runs eagerly"]
