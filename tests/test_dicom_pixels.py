@@ -117,3 +117,38 @@ def test_located_facts_hold_no_identifier(tmp_path):
     text = json.dumps(facts)
     assert facts["offset"] > 0 and not any(s in text for s in ("4711", "Doe", "Jane", "19700101"))
     assert {tag >> 16 for tag, _, _ in facts["elements"]} == {0x0028}
+
+
+def test_stored_value_table_gives_the_pixels_of_the_direct_computation(monkeypatch, tmp_path):
+    """decode() looks large images up in a table of every stored value's output: bit-equal."""
+    from sslkit_plugins.sources import dicom_decode
+
+    rng = np.random.default_rng(1)
+    extra = [write_dicom(tmp_path / "signed.dcm", rng.integers(0, 4096, (64, 64)).astype(np.uint16), slope=2.0,
+                         intercept=-1024.5, window=(350.0, 40.0), photometric="MONOCHROME1", bits_stored=12)]
+    compared, tables = 0, []
+    real = dicom_decode._grayscale
+    monkeypatch.setattr(dicom_decode, "_grayscale", lambda arr, *a: tables.append(arr.ndim == 1) or real(arr, *a))
+    for path in sorted(PYDICOM_FILES.rglob("*")) + extra:
+        if not path.is_file():
+            continue
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                ds = read_dataset(str(path))
+                frame = 0 if int(ds.get("NumberOfFrames", 1) or 1) > 1 else None
+            except Exception:
+                continue
+            for windows in WINDOWS + [parse_windows("lung,bone,brain")]:
+                monkeypatch.setattr(dicom_decode, "TABLE_MIN_PIXELS", 10**12)
+                try:
+                    direct = decode(ds, frame, windows)
+                except Exception:
+                    continue
+                monkeypatch.setattr(dicom_decode, "TABLE_MIN_PIXELS", 0)
+                monkeypatch.setattr(dicom_decode, "TABLE_RATIO", 0)
+                looked_up = decode(ds, frame, windows)
+                assert looked_up.dtype == direct.dtype
+                np.testing.assert_array_equal(looked_up, direct, err_msg=f"{path.name} {windows}")
+                compared += 1
+    assert compared > 200 and sum(tables) > 150  # most through a table of stored values

@@ -143,8 +143,10 @@ def decode(ds: Dataset, frame: int | None, windows: tuple[Window, ...], region: 
     """One frame of ``ds`` -> float32 ``(C, H, W)`` in [0, 1].
 
     Colour images give 3 channels (RGB); grayscale gives one channel per window.
-    ``region`` (rows, columns): only that part is returned; with fixed windows (``W,L``,
-    presets: value by value) only that part goes through the LUTs, else it is cut after.
+    ``region`` (rows, columns): only that part is returned; where every window maps value
+    by value (``W,L``, presets, the file's own VOI) only that part goes through the LUTs,
+    and large images go through them once per stored value (:data:`TABLE_RATIO`); a
+    min-max window needs the whole image, so it is cut after.
     """
     if not any(k in ds for k in PIXEL_KEYWORDS):
         # only files whose header describes an image get here: its pixels are missing
@@ -164,15 +166,34 @@ def decode(ds: Dataset, frame: int | None, windows: tuple[Window, ...], region: 
             return _cut(_minmax(arr.astype(np.float32)).transpose(2, 0, 1), region).copy()
         bits = int(ds.get("BitsStored", 8 * arr.dtype.itemsize))
         return _cut(_unit(arr.astype(np.float32) / float(2**bits - 1)).transpose(2, 0, 1), region).copy()
-    early = region is not None and all(w.width is not None for w in windows)
-    if early:
-        arr = arr[region]
     luts = frame_luts(ds, frame)
+    local = all(w.width is not None or (w.name == "auto" and (own_window(luts) is not None or
+                                                              luts.get("VOILUTSequence"))) for w in windows)
+    if region is not None and local:
+        arr = arr[region]
+    if local and arr.dtype.kind in "iu" and arr.size >= TABLE_MIN_PIXELS:
+        lo, hi = int(arr.min()), int(arr.max())
+        if arr.size >= TABLE_RATIO * (hi - lo + 1):  # each stored value once, then one lookup per pixel
+            table = _grayscale(np.arange(lo, hi + 1, dtype=arr.dtype), luts, windows, pi)
+            offsets = arr - arr.dtype.type(lo) if arr.dtype.kind == "u" else arr.astype(np.int64) - lo
+            return table[:, offsets]
+    out = _grayscale(arr, luts, windows, pi)
+    return out if local else _cut(out, region)
+
+
+#: pixel-to-pixel stages are computed once per stored value and looked up (bit-equal, as every
+#: stage is value by value) when an image has at least TABLE_RATIO pixels per value in its range
+TABLE_RATIO = 8
+TABLE_MIN_PIXELS = 4096
+
+
+def _grayscale(arr: np.ndarray, luts: Dataset, windows: tuple[Window, ...], pi: str) -> np.ndarray:
+    """Stored values -> modality LUT -> one window per channel -> MONOCHROME1 inversion: float32 ``(C, *arr.shape)``."""
     values = arr.astype(np.float32) if arr.dtype.kind == "f" else apply_modality_lut(arr, luts).astype(np.float32)
     out = np.stack([apply_window(values, luts, w) for w in windows])
     if pi == "MONOCHROME1":
         out = 1.0 - out
-    return (out if early else _cut(out, region)).astype(np.float32, copy=False)
+    return out.astype(np.float32, copy=False)
 
 
 def _cut(x: np.ndarray, region: tuple[slice, slice] | None) -> np.ndarray:
