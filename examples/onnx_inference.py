@@ -217,6 +217,10 @@ def main(argv: list[str] | None = None) -> int:
     meta = read_metadata(session)
     name, output = meta["input"]["name"], meta["output"]["name"]
     raw, spec = meta["input"]["raw"], meta["spec"]
+    if meta["input"].get("sample", "slice") != "slice":  # K neighbouring slices, or a whole series
+        sys.exit(f"error: this encoder takes {meta['input']['sample']} samples assembled from series (slices "
+                 f"ordered in space); this example reads single images: embed with `sslkit embed {args.model} "
+                 f"--data dicom:{args.folder} --out {args.out}`")
 
     ids, batch, embeddings, skipped = [], [], [], {}  # skipped: reason -> files
     files = list_files(Path(args.folder))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import onnxruntime as ort
@@ -15,6 +17,7 @@ from sslkit.registry import create_source
 from sslkit.run import load_run
 from sslkit.spec import InputSpec
 from tests.conftest import run_sslkit, tiny_run
+from tests.test_onnx_inference import EXAMPLE
 from tests.test_series import write_slice
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -97,3 +100,8 @@ def test_slab_run_exports_a_window_graph_with_parity(tmp_path):
     a, b = np.load(tmp_path / "run.npz"), np.load(tmp_path / "onnx.npz")
     assert a["embeddings"].shape[0] == 6 and list(a["ids"]) == list(b["ids"])
     np.testing.assert_allclose(a["embeddings"], b["embeddings"], atol=1e-4)
+    # the torch-free example client reads single images: it refuses a slab encoder in one line, before any work
+    proc = subprocess.run([sys.executable, str(EXAMPLE), tmp_path / "slab.onnx", tmp_path / "ct", "--out",
+                           tmp_path / "client.npz"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "slab:3 samples" in proc.stderr and "sslkit embed" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "client.npz").exists()
