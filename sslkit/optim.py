@@ -54,7 +54,7 @@ def param_groups(model: nn.Module, weight_decay: float, lr_scale: Callable[[str]
         if key not in groups:
             groups[key] = {"params": [], "weight_decay": 0.0 if exempt else weight_decay, "lars_exclude": exempt}
             if split:
-                groups[key].update(lr_scale=scale, freeze_steps=freeze, steps_done=0)
+                groups[key].update(lr_scale=scale, freeze_steps=freeze)
         groups[key]["params"].append(p)
     if not split:
         return [groups.get((False,), {"params": [], "weight_decay": weight_decay, "lars_exclude": False}),
@@ -62,10 +62,10 @@ def param_groups(model: nn.Module, weight_decay: float, lr_scale: Callable[[str]
     return [groups[k] for k in sorted(groups, key=lambda k: (k[0], -k[1], k[2]))]
 
 
-def group_lr(group: dict, lr: float) -> float:
-    """The LR of one parameter group when the schedule says ``lr``: ``lr * lr_scale``, or 0
-    while the group's ``steps_done`` (optimizer steps taken) is below its ``freeze_steps``."""
-    if group.get("steps_done", 0) < group.get("freeze_steps", 0):
+def group_lr(group: dict, lr: float, step: int) -> float:
+    """The LR of one parameter group at 0-based optimizer ``step`` when the schedule says
+    ``lr``: ``lr * lr_scale``, or 0 while ``step`` is below the group's ``freeze_steps``."""
+    if step < group.get("freeze_steps", 0):
         return 0.0
     return lr * group.get("lr_scale", 1.0)
 
@@ -98,17 +98,11 @@ def warmup_cosine(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    """Every group's LR for the schedule's ``lr`` (:func:`group_lr`)."""
+def set_lr(optimizer: torch.optim.Optimizer, lr: float, step: int) -> None:
+    """Every group's LR at 0-based optimizer ``step`` for the schedule's ``lr`` (:func:`group_lr`;
+    the engine's step, restored on resume, so a freeze ends at the same step either way)."""
     for group in optimizer.param_groups:
-        group["lr"] = group_lr(group, lr)
-
-
-def _count_step(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
-    """Optimizer step post-hook: one more step taken by every group (saved in its state dict,
-    so a resumed run leaves a ``freeze_steps`` warm-up at the same step)."""
-    for group in optimizer.param_groups:
-        group["steps_done"] = group.get("steps_done", 0) + 1
+        group["lr"] = group_lr(group, lr, step)
 
 
 def uses_group_lr(optimizer: torch.optim.Optimizer) -> bool:
@@ -166,12 +160,12 @@ def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float,
     """``adamw`` | ``sgd`` | ``lars`` over :func:`param_groups` of ``model``.
 
     On CUDA, AdamW and SGD use torch's fused kernels (one launch for all parameters).
-    With per-parameter ``lr_scale``/``freeze_steps`` the groups carry them and every
-    step counts itself into the groups' ``steps_done`` (:func:`set_lr` reads them).
+    With per-parameter ``lr_scale``/``freeze_steps`` the groups carry them (:func:`set_lr`
+    reads them).
     """
     groups = param_groups(model, weight_decay, lr_scale, freeze_steps)
     for g in groups:
-        g["lr"] = group_lr(g, lr)
+        g["lr"] = group_lr(g, lr, 0)
     params = [p for g in groups for p in g["params"]]
     fused = True if params and all(p.is_cuda for p in params) else None
     if name == "adamw":
@@ -182,6 +176,4 @@ def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float,
         opt = LARS(groups, lr=lr, momentum=momentum)
     else:
         raise UsageError(f"unknown optimizer {name!r}; choose from: {', '.join(OPTIMIZERS)}")
-    if any("steps_done" in g for g in opt.param_groups):
-        opt.register_step_post_hook(_count_step)
     return opt

@@ -174,7 +174,7 @@ def reduce_over_ranks(s: Setup, scalars: dict[str, Any]) -> dict[str, torch.Tens
 
 def optimizer_step(s: Setup, step: int) -> torch.Tensor | None:
     """Set the LR of 0-based ``step``, then :func:`apply_gradients`."""
-    set_lr(s.optimizer, s.schedule.lr_at(step))
+    set_lr(s.optimizer, s.schedule.lr_at(step), step)
     return apply_gradients(s)
 
 
