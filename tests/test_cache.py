@@ -11,6 +11,7 @@ import pytest
 
 from sslkit.data.pipeline import load_data
 from sslkit_plugins.sources.dicom import DicomSource
+from tests.conftest import make_images
 from tests.dicom_factory import write_dicom
 
 
@@ -164,3 +165,34 @@ def test_later_runs_reread_only_changed_headers(dicom_folder, tmp_path, monkeypa
     reads.clear()
     load_data(f"dicom:{dicom_folder}", 16, cache_dir="", progress=False)  # --no-cache: no header cache either
     assert len(reads) == 6
+
+
+class CrashesInWorkers:
+    """Mixed into the folder source: loading image b/4 kills a worker process (as a
+    crashing codec or the OOM killer would), never this one."""
+
+    def load(self, ref):
+        import multiprocessing
+
+        if multiprocessing.current_process().name != "MainProcess" and ref.path.endswith("/b/4.png"):
+            os._exit(3)
+        return super().load(ref)
+
+
+def test_a_decode_worker_that_dies_leaves_the_rest_to_this_process(tmp_path, monkeypatch):
+    """Chunks alternate between this process and the workers; after a worker dies every
+    sample is still decoded once, in order, as one process decodes them."""
+    from sslkit.data import prepare as prep
+    from sslkit_plugins.sources.folder import FolderSource
+
+    images = make_images(tmp_path / "img", n_per_class=12, size=20)
+    source = type("Crashing", (CrashesInWorkers, FolderSource), {"__module__": __name__})(str(images))
+    globals()["Crashing"] = type(source)  # picklable by name for the spawned workers
+    refs = source.index()
+    serial = prep.prepare(source, refs, 3, 16, cache_dir=False, progress=False, workers=1)
+    monkeypatch.setattr(prep, "pool_size", lambda n, workers, **kw: 2)
+    monkeypatch.setattr(prep, "PROBE_S", 0.0)
+    monkeypatch.setattr(prep, "POOL_PAYOFF_S", 0.0)
+    shared = prep.prepare(source, refs, 3, 16, cache_dir=False, progress=False, workers=2)
+    assert [r.id for r in shared.refs] == [r.id for r in serial.refs] and len(serial.refs) == 24
+    np.testing.assert_array_equal(shared.pixels, serial.pixels)

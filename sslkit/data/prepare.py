@@ -280,9 +280,10 @@ def _decode(
 def _results(source: Source, refs: list[SampleRef], channels: int, size, n: int):
     """:func:`_decode_one` of every ref, in order: in this process for :data:`PROBE_S`, then,
     when the rest would take longer than :data:`POOL_PAYOFF_S` at the rate seen, in ``n``
-    spawned worker processes (:mod:`sslkit.data.parallel`), in chunks of adjacent refs (the
-    frames of a multi-frame file mostly read by one worker once). A worker that dies (out
-    of memory, a crashing codec) leaves the rest to this process."""
+    processes: this one and ``n - 1`` spawned workers (:mod:`sslkit.data.parallel`), in
+    chunks of adjacent refs (the frames of a multi-frame file mostly read by one process
+    once; :func:`_shared`). A worker that dies (out of memory, a crashing codec) leaves the
+    rest to this process."""
     i, t0 = 0, time.perf_counter()
     _WORKER.update(source=source, channels=channels, size=size)
     try:
@@ -295,22 +296,40 @@ def _results(source: Source, refs: list[SampleRef], channels: int, size, n: int)
                     break
                 n = 1  # the rest is quicker here than a pool's start
         if i < len(refs):
-            rest = refs[i:]
-            n = min(n, len(rest))
-            pool = ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
-                                       initargs=(source, channels, size))
-            try:
-                for res in pool.map(_decode_one, rest, chunksize=max(1, min(32, len(rest) // (n * 4)))):
-                    yield res
-                    i += 1
-            except BrokenProcessPool:
-                pass
-            finally:  # also when the caller stops early: drop the chunks not started
-                pool.shutdown(cancel_futures=True)
-            for ref in refs[i:]:  # only after a broken pool
-                yield _decode_one(ref)
+            yield from _shared(source, refs[i:], channels, size, min(n, len(refs) - i))
     finally:
         _WORKER.clear()
+
+
+def _shared(source: Source, rest: list[SampleRef], channels: int, size, n: int):
+    """``rest`` decoded in order by this process and ``n - 1`` spawned workers: chunk ``k``
+    here when ``k % n == 0``, else in a worker, submitted up to ``2 n`` chunks ahead (so
+    memory holds at most that many chunks of results)."""
+    if n < 2:
+        yield from (_decode_one(ref) for ref in rest)
+        return
+    chunk = max(1, min(32, len(rest) // (n * 4)))
+    chunks = [rest[a : a + chunk] for a in range(0, len(rest), chunk)]
+    pool = ProcessPoolExecutor(n - 1, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
+                               initargs=(source, channels, size))
+    pending: dict[int, Any] = {}
+    done = 0
+    try:
+        for k, part in enumerate(chunks):
+            for ahead in range(k, min(len(chunks), k + 2 * n)):  # keep the workers fed
+                if ahead % n and ahead not in pending:
+                    pending[ahead] = pool.submit(_decode_chunk, chunks[ahead])
+            results = pending.pop(k).result() if k % n else _decode_chunk(part)
+            yield from results
+            done += len(part)
+    except BrokenProcessPool:
+        yield from (_decode_one(ref) for ref in rest[done:])  # the rest here
+    finally:  # also when the caller stops early: drop the chunks not started
+        pool.shutdown(cancel_futures=True)
+
+
+def _decode_chunk(refs: list[SampleRef]) -> list:
+    return [_decode_one(ref) for ref in refs]
 
 
 def channel_stats(pixels: np.ndarray, limit: int = 1024) -> tuple[tuple[float, ...], tuple[float, ...]]:
