@@ -27,7 +27,14 @@ ResNet-18 at 64 px).
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/task_table.py --work runs/bench-tasks
         [--tasks simclr,...] [--budget-min 0.5] [--xray-budget-min 1] [--lr-mults 0.3,1,3]
-        [--skip-xray] [--skip-sweep]
+        [--skip-xray] [--skip-sweep] [--variant 'NAME=TASK[@BUDGET] FLAGS' ...]
+
+``--variant`` (repeatable) adds a CIFAR-10 run of one task with extra ``sslkit pretrain``
+flags (``--task-opt``, ``--backbone-opt``, ``--base-lr``, ...) at ``BUDGET`` CPU minutes
+(default ``--budget-min``; options that change a step's cost are calibrated apart), scored
+beside a random encoder of its own architecture in a third table: how the defaults were
+searched, e.g. ``--lr-mults 1 --variant 'mae-b2=mae@2' --variant 'mae-p4=mae --backbone-opt
+patch_size=4'``.
 
 Resumable (``WORK/state.json``: a finished stage is skipped); prints markdown tables
 (also ``WORK/results.md``).
@@ -39,6 +46,7 @@ import argparse
 import json
 import math
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -102,16 +110,21 @@ def setup(task: str, dataset: str) -> tuple[str, dict, int, int]:
     return backbone, bopts, 64, 1
 
 
-def calibrate(task: str, backbone: str, bopts: dict, size: int, channels: int, batch: int, steps: int = 3) -> float:
+def calibrate(task: str, backbone: str, bopts: dict, size: int, channels: int, batch: int, steps: int = 3,
+              topts: dict | None = None) -> float:
     """CPU seconds of one training step (augment, forward, backward, AdamW, on_step_end)."""
-    return task_step_cpu_seconds(task, backbone, bopts, {}, size, channels, batch, steps)
+    return task_step_cpu_seconds(task, backbone, bopts, topts or {}, size, channels, batch, steps)
 
 
 def pretrain(st: Stages, name: str, task: str, data: Path, dataset: str, a, budget: float, n_images: int,
-             batch: int, base_lr: float | None) -> dict:
+             batch: int, base_lr: float | None, extra: list[str] = (), opts: tuple[dict, dict] | None = None) -> dict:
+    """``sslkit pretrain`` for ``budget`` CPU min; ``extra`` flags, ``opts`` = (backbone, task) options they set."""
     backbone, bopts, size, ch = setup(task, dataset)
-    cal = st.run(f"calibrate-{dataset}-{task}",
-                 lambda: {"cpu_s_per_step": round(calibrate(task, backbone, bopts, size, ch, batch), 3)})
+    changed = bool(opts and (opts[0] or opts[1]))  # options that change a step's cost: calibrated apart
+    bopts, topts = ({**bopts, **opts[0]}, opts[1]) if changed else (bopts, {})
+    key = f"calibrate-{dataset}-{task}" + (f" {json.dumps([bopts, topts], sort_keys=True)}" if changed else "")
+    cal = st.run(key, lambda: {"cpu_s_per_step": round(calibrate(task, backbone, bopts, size, ch, batch,
+                                                                 topts=topts), 3)})
     steps = max(4, int(budget * 60 / cal["cpu_s_per_step"]))
     epochs = math.ceil(steps / max(1, n_images // batch)) + 1
     run = a.work / "runs" / name
@@ -122,6 +135,7 @@ def pretrain(st: Stages, name: str, task: str, data: Path, dataset: str, a, budg
         args += ["--base-lr", f"{base_lr:g}"]
     for k, v in bopts.items():
         args += ["--backbone-opt", f"{k}={v}"]
+    args += list(extra)
     def go() -> dict:
         info = run / "run.json"
         if info.exists() and json.loads(info.read_text()).get("status") == "finished":
@@ -129,7 +143,8 @@ def pretrain(st: Stages, name: str, task: str, data: Path, dataset: str, a, budg
         return sslkit_pretrain(run, args)
     out = st.run(f"pretrain-{name}", go)
     cfg = json.loads((run / "run.json").read_text())
-    return {**out, "run": str(run), "steps": steps, "base_lr": cfg.get("config", cfg).get("base_lr")}
+    c = cfg.get("config", cfg)
+    return {**out, "run": str(run), "steps": c.get("max_steps") or steps, "base_lr": c.get("base_lr")}
 
 
 def knn_correct(run_dir: Path, bank: Path, test: Path, weights: bool, seed: int, k: int = 20) -> str:
@@ -198,6 +213,45 @@ def cifar_run(st, a, task: str, m: float | None, pretrain_dir: Path, bank: Path,
     return {**info, "correct": correct, "random": rand, "arch": arch}
 
 
+def parse_variant(spec: str) -> tuple[str, str, float | None, list[str], dict, dict]:
+    """``"NAME=TASK[@BUDGET] FLAGS..."`` -> (name, task, budget, flags without --backbone-opt,
+    backbone options, task options)."""
+    from sslkit.options import parse_pairs, parse_values
+
+    head, _, rest = spec.strip().partition(" ")
+    name, _, target = head.partition("=")
+    task, _, budget = target.partition("@")
+    if not name or task not in TASKS:
+        sys.exit(f"error: --variant {spec!r}: write NAME=TASK[@BUDGET] FLAGS..., TASK one of {', '.join(TASKS)}")
+    words, flags, pairs = shlex.split(rest), [], {"--backbone-opt": [], "--task-opt": []}
+    while words:
+        w = words.pop(0)
+        if w in pairs and words:
+            pairs[w].append(words.pop(0))
+            if w == "--task-opt":  # --backbone-opt is passed merged with the benchmark's own
+                flags += [w, pairs[w][-1]]
+        else:
+            flags.append(w)
+    bopts = parse_values(parse_pairs(pairs["--backbone-opt"], "--backbone-opt"))
+    topts = parse_values(parse_pairs(pairs["--task-opt"], "--task-opt"))
+    return name, task, float(budget) if budget else None, flags, bopts, topts
+
+
+def variant_run(st, a, spec: str, pretrain_dir: Path, bank: Path, test: Path, n_pre: int) -> dict:
+    """One ``--variant``: the task with extra flags at its budget, kNN beside random init of its architecture."""
+    vname, task, budget, flags, bopts, topts = parse_variant(spec)
+    name = f"cifar-var-{vname}"
+    budget = a.budget_min if budget is None else budget
+    info = pretrain(st, name, task, pretrain_dir, "cifar", a, budget, n_pre, a.batch_size, None, flags, (bopts, topts))
+    run = Path(info["run"])
+    correct = st.run(f"knn-{name}", lambda: knn_correct(run, bank, test, True, a.seed))
+    backbone, base, size, _ = setup(task, "cifar")
+    arch = f"{backbone}{''.join(f' {k}={v}' for k, v in {**base, **bopts}.items())} {size}px"
+    rand = st.run(f"knn-random-cifar-{arch}", lambda: knn_correct(run, bank, test, False, a.seed))
+    return {**info, "correct": correct, "random": rand, "arch": arch, "task": task, "budget": budget,
+            "flags": " ".join(flags + [f"--backbone-opt {k}={v}" for k, v in bopts.items()])}
+
+
 def xray_run(st, a, task: str, sweep: dict, xdata: Path, n_x: int) -> dict:
     """Pretrain on the X-rays with the sweep's best LR; per-fold AUROC beside random init."""
     best = max(sweep, key=lambda m: bits(sweep[m]["correct"]).mean())
@@ -235,6 +289,10 @@ def main() -> None:
     ap.add_argument("--skip-xray", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--report-only", action="store_true", help="print the tables of what has finished; run nothing")
+    ap.add_argument("--variant", action="append", default=[], metavar="'NAME=TASK[@BUDGET] FLAGS'",
+                    help="also a CIFAR-10 run of TASK with extra pretrain FLAGS at BUDGET CPU min (default "
+                         "--budget-min), scored beside random init of its architecture (repeatable), e.g. "
+                         "'mae-b2=mae@2' or 'mae-p4=mae --backbone-opt patch_size=4'")
     a = ap.parse_args()
     os.environ["OMP_NUM_THREADS"] = "1"  # inherited by the sslkit pretrain subprocesses
     import torch
@@ -261,9 +319,29 @@ def main() -> None:
                 xray[task] = xray_run(st, a, task, cifar[task], xdata, n_x)
         except Missing as exc:
             print(f"not measured yet: {exc}", file=sys.stderr)
-    text = report(a, cifar, xray, n_pre)
+    variants = {}
+    for spec in a.variant:
+        try:
+            variants[parse_variant(spec)[0]] = variant_run(st, a, spec, pretrain_dir, bank, test, n_pre)
+        except Missing as exc:
+            print(f"not measured yet: {exc}", file=sys.stderr)
+    text = report(a, cifar, xray, n_pre) + variant_report(variants)
     (a.work / "results.md").write_text(text + "\n")
     print("\n" + text)
+
+
+def variant_report(variants: dict) -> str:
+    if not variants:
+        return ""
+    lines = ["", "", "Variants: CIFAR-10 kNN (k=20) top-1 % beside random init of the same architecture, paired SE", "",
+             "| variant | task | flags | CPU min | steps | kNN % | random | gain (SE) | > SE |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | :---: |"]
+    for name, r in variants.items():
+        g, gse = paired_se(bits(r["correct"]), bits(r["random"]))
+        lines.append(f"| {name} | {r['task']} | `{r['flags'] or '-'}` | {r['budget']:g} | {r['steps']} | "
+                     f"{fmt_pm(*acc_se(r['correct']))} | {100 * acc_se(r['random'])[0]:.1f} | "
+                     f"{100 * g:+.1f} ({100 * gse:.1f}) | {verdict(g, gse)} |")
+    return "\n".join(lines)
 
 
 def verdict(gain: float, se: float) -> str:

@@ -186,6 +186,21 @@ def test_mae_encoder_receives_exactly_the_visible_tokens():
     assert seen == [int(n * (1 - 0.75))] == [16]
 
 
+def test_mae_class_token_goes_through_the_decoder():
+    """As in the MAE authors' code: the encoder's class token (the exported embedding) is a
+    decoder input, so the loss trains it; its prediction is dropped (one output per patch)."""
+    task, spec = build("mae", "timm:vit_tiny_patch16_224", size=32, backbone_opts=TINY_VIT, decoder_dim=32,
+                       decoder_depth=1, decoder_heads=2)
+    x = task.views(spec)(images(2, 1, 32))[0]
+    latent, mask, ids_restore = task.forward_encoder(x)
+    assert task.encoder.num_prefix_tokens == 1
+    latent = latent.detach().requires_grad_(True)
+    pred = task.forward_decoder(latent, ids_restore)
+    assert pred.shape == (2, 16, 8 * 8)
+    task.forward_loss(x, pred, mask).backward()
+    assert latent.grad[:, 0].abs().sum() > 0
+
+
 def test_simmim_masks_the_requested_fraction_and_only_scores_masked_pixels():
     from sslkit_plugins.tasks.simmim import token_mask
     m = token_mask(3, 8, 2, 0.6, "cpu")
