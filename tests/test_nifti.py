@@ -10,7 +10,6 @@ import pytest
 
 from sslkit.errors import UsageError
 from sslkit.registry import create_source
-from tests.conftest import run_sslkit
 
 X, Y, Z = 5, 4, 3
 
@@ -96,11 +95,11 @@ def test_bad_options_are_usage_errors(tmp_path):
         create_source(f"nifti:{tmp_path / 'a.nii'}", window="wide")
 
 
-def test_cli_refuses_a_bad_sample_mode_in_one_line(tmp_path):
+def test_cli_refuses_a_bad_sample_mode_in_one_line(tmp_path, cli):
     write(tmp_path / "a.nii", grid())
-    proc = run_sslkit("pretrain", "--task", "simclr", "--data", f"nifti:{tmp_path / 'a.nii'}", "--out", tmp_path / "run",
-                      "--data-opt", "sample=cube", "--max-steps", 1)
-    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    proc = cli("pretrain", "--task", "simclr", "--data", f"nifti:{tmp_path / 'a.nii'}", "--out", tmp_path / "run",
+               "--data-opt", "sample=cube", "--max-steps", 1)
+    assert proc.exit_code == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert "slab:K" in proc.stderr and not (tmp_path / "run").exists()
 
 

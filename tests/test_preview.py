@@ -9,7 +9,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from sslkit.cli import main
-from tests.conftest import make_images, run_sslkit
+from tests.conftest import make_images
 from tests.test_nifti import displayed, grid, write
 from tests.test_series import expected_volume, slice_pixels, write_series
 
@@ -58,12 +58,11 @@ def test_dump_nifti_raw(tmp_path):
     assert json.loads(str(z["__meta__"]))["spacing_mm"]["a.nii.gz"] == [4.0, 3.0, 2.0]
 
 
-def test_dump_raw_of_a_source_without_raw_values_is_one_line(tmp_path):
+def test_dump_raw_of_a_source_without_raw_values_is_one_line(tmp_path, cli):
     make_images(tmp_path / "imgs", n_per_class=1)
     (tmp_path / "keep.npz").write_bytes(b"mine")
-    proc = run_sslkit("data", "dump", f"folder:{tmp_path / 'imgs'}", "--out", tmp_path / "keep.npz", "--raw",
-                      "--overwrite")
-    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and "--raw" in proc.stderr
+    proc = cli("data", "dump", f"folder:{tmp_path / 'imgs'}", "--out", tmp_path / "keep.npz", "--raw", "--overwrite")
+    assert proc.exit_code == 2 and len(proc.stderr.strip().splitlines()) == 1 and "--raw" in proc.stderr
     assert (tmp_path / "keep.npz").read_bytes() == b"mine"
 
 
