@@ -191,7 +191,7 @@ def embed(model: str | Path | Model, data: str, batch_size: int = 64, source_opt
     reader = BatchLoader(pixels, batch_size, seed=0)
     out = []
     for start in tqdm(range(0, len(pixels), batch_size), desc="embedding", unit="batch",
-                      disable=not progress, leave=False):
+                      disable=None if progress else True, leave=False):  # None: not in a log file
         unit = reader.read(np.arange(start, min(start + batch_size, len(pixels)))).numpy()
         out.append(model.encode(unit))
     if model.inexact:

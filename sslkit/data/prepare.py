@@ -263,7 +263,8 @@ def _decode(
     channels, size = out.shape[1], (out.shape[2] if out.ndim == 4 else tuple(out.shape[2:]))
     n = min(pool_size(len(refs), workers, min_parallel=2), len(refs)) if source.parallel_decode else 1
     results = _results(source, refs, channels, size, n)
-    bar = tqdm(results, total=len(refs), desc="decoding", unit="img", disable=not progress, leave=False)
+    bar = tqdm(results, total=len(refs), desc="decoding", unit="img",
+               disable=None if progress else True, leave=False)  # None: no redrawn bar where stderr is a log file
     for i, (ref, res) in enumerate(zip(refs, bar)):
         if res is None:
             continue
