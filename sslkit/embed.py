@@ -18,12 +18,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-from tqdm import tqdm
 
 from sslkit.data.loader import BatchLoader
 from sslkit.data.pipeline import load_data
 from sslkit.errors import UsageError
 from sslkit.output_file import check_output, write_atomic
+from sslkit.progress import counted
 from sslkit.raw_input import RawInput, graph_preprocessing_of
 from sslkit.registry import resolve_data
 from sslkit.spec import InputSpec
@@ -190,8 +190,8 @@ def embed(model: str | Path | Model, data: str, batch_size: int = 64, source_opt
     pixels = loaded.prepared.pixels
     reader = BatchLoader(pixels, batch_size, seed=0)
     out = []
-    for start in tqdm(range(0, len(pixels), batch_size), desc="embedding", unit="batch",
-                      disable=None if progress else True, leave=False):  # None: not in a log file
+    starts = range(0, len(pixels), batch_size)
+    for start in counted(starts, len(starts), "embedding", "batch", progress):
         unit = reader.read(np.arange(start, min(start + batch_size, len(pixels)))).numpy()
         out.append(model.encode(unit))
     if model.inexact:

@@ -293,3 +293,13 @@ def test_img_per_s_is_measured_over_each_steps_own_time():
         if checkpoint:
             log.read(keep=0)
     assert got == [(1, 128.0, 1.0), (2, 256.0, 2.0), (3, 32.0, 3.0)]
+
+
+def test_counted_progress_is_plain_lines_off_a_terminal(capsys):
+    from sslkit.progress import counted
+
+    assert list(counted(range(5), 5, "decoding", "img", every_s=0)) == list(range(5))
+    err = capsys.readouterr().err
+    assert "\r" not in err and err.splitlines() == [f"decoding: {i}/5 img" for i in range(5)]
+    assert list(counted(range(3), 3, "decoding", "img", enabled=False)) == [0, 1, 2]
+    assert capsys.readouterr().err == ""

@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-from tqdm import tqdm
 
 from sslkit.data.cache import (CACHE_FORMAT, cache_key, content_digest, disk_full_error, hold_fill_lock, mark_root,
                                readable, remove_stale, reserve, resolve_cache_dir)
@@ -31,6 +30,7 @@ from sslkit.data.parallel import pool_size
 from sslkit.data.resize import resize_axis_aa
 from sslkit.data.source import NotAnImage, SampleRef, Source, Undecodable, to_channels
 from sslkit.errors import UsageError
+from sslkit.progress import counted
 
 SCALE = 65535.0
 
@@ -263,8 +263,7 @@ def _decode(
     channels, size = out.shape[1], (out.shape[2] if out.ndim == 4 else tuple(out.shape[2:]))
     n = min(pool_size(len(refs), workers, min_parallel=2), len(refs)) if source.parallel_decode else 1
     results = _results(source, refs, channels, size, n)
-    bar = tqdm(results, total=len(refs), desc="decoding", unit="img",
-               disable=None if progress else True, leave=False)  # None: no redrawn bar where stderr is a log file
+    bar = counted(results, len(refs), "decoding", "img", progress)
     for i, (ref, res) in enumerate(zip(refs, bar)):
         if res is None:
             continue

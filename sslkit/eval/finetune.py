@@ -14,11 +14,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 from sslkit.augment import Normalize, horizontal_flip, random_resized_crop
 from sslkit.data.loader import BatchLoader
 from sslkit.optim import build_optimizer, warmup_cosine
+from sslkit.progress import counted
 from sslkit.spec import InputSpec
 
 
@@ -54,21 +54,17 @@ def finetune(encoder: nn.Module, spec: InputSpec, pixels: np.ndarray, y: np.ndar
     optimizer = build_optimizer(model, "adamw", lr=options.lr, weight_decay=options.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, steps, max(1, steps // 10)))
     labels = torch.from_numpy(np.asarray(y, dtype=np.int64))
-    bar = tqdm(total=steps, desc="fine-tuning", unit="step", disable=not progress, leave=False)
-    for epoch in range(options.epochs):
-        for b in range(max(1, len(loader))):
-            idx = loader.indices(epoch, b)
-            x = loader.read(idx).to(device)
-            with torch.no_grad():
-                x = norm(horizontal_flip(random_resized_crop(x, spec.image_size, (0.5, 1.0))))
-            loss = F.cross_entropy(model(x), labels[idx].to(device))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-    bar.close()
+    batches = [(epoch, b) for epoch in range(options.epochs) for b in range(max(1, len(loader)))]
+    for epoch, b in counted(batches, steps, "fine-tuning", "step", progress):
+        idx = loader.indices(epoch, b)
+        x = loader.read(idx).to(device)
+        with torch.no_grad():
+            x = norm(horizontal_flip(random_resized_crop(x, spec.image_size, (0.5, 1.0))))
+        loss = F.cross_entropy(model(x), labels[idx].to(device))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
     return model.eval()
 
 

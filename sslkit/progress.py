@@ -1,0 +1,40 @@
+"""Progress of a counted loop (decoding, embedding, fine-tuning) on stderr.
+
+On a terminal, tqdm's redrawn bar. Elsewhere (a log file, a SLURM job, CI) a redrawn bar
+piles ``\\r`` frames into the file, so plain lines instead: one when the loop starts and one
+at most every :data:`EVERY_S` seconds::
+
+    decoding: 1200/5216 img
+
+Training steps print their own lines (:mod:`sslkit.engine.log`).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Iterable, Iterator, TypeVar
+
+from tqdm import tqdm
+
+T = TypeVar("T")
+EVERY_S = 30.0
+
+
+def counted(items: Iterable[T], total: int, desc: str, unit: str, enabled: bool = True,
+            every_s: float | None = None) -> Iterator[T]:
+    """``items`` unchanged, with progress on stderr (see the module docstring)."""
+    if not enabled:
+        yield from items
+        return
+    if sys.stderr.isatty():
+        yield from tqdm(items, total=total, desc=desc, unit=unit, leave=False)
+        return
+    every = EVERY_S if every_s is None else every_s
+    print(f"{desc}: 0/{total} {unit}", file=sys.stderr, flush=True)
+    last = time.monotonic()
+    for i, item in enumerate(items, 1):
+        yield item
+        if time.monotonic() - last >= every and i < total:
+            print(f"{desc}: {i}/{total} {unit}", file=sys.stderr, flush=True)
+            last = time.monotonic()
