@@ -287,7 +287,8 @@ class DicomSource(Source):
             try:
                 if self.sampler is not None:
                     return self.sampler.load(ref, raw=True)
-                return read_frame(ref.path, ref.frame, self.windows, self.headers.get(ref.path, {}).get("pixels"), True)
+                facts = self.headers.get(ref.path, {}).get("pixels")
+                return read_frame(ref.path, ref.frame, self.windows, facts, raw=True)
             except Exception as exc:
                 raise Undecodable(safe_reason(exc)) from None
 

@@ -92,13 +92,13 @@ class VolumeSampler:
               ) -> np.ndarray:
         """Slice ``index`` of ``vol``: float32 ``(C, H, W)`` (``region``: those rows and columns only)."""
         path, frame, tile = vol.slices[index]
+        facts = self.headers.get(path, {}).get("pixels")
         if tile is not None:  # a mosaic's tiles are cut from the whole file, kept for the next tile
             return self._cached((path, -1, raw), lambda: cut_mosaic(
-                read_frame(path, frame, self.windows, self.headers.get(path, {}).get("pixels"), raw),
+                read_frame(path, frame, self.windows, facts, raw),
                 vol.mosaic, (vol.rows, vol.columns)))[:, tile][(slice(None), *(region or ()))]
         cut = None if region is None else (region[0].start, region[0].stop, region[1].start, region[1].stop)
-        return self._cached((path, frame, raw, cut), lambda: read_frame(
-            path, frame, self.windows, self.headers.get(path, {}).get("pixels"), raw, region))
+        return self._cached((path, frame, raw, cut), lambda: read_frame(path, frame, self.windows, facts, raw, region))
 
     def _cached(self, key: tuple, read) -> np.ndarray:
         """``read()``, kept for the next :attr:`keep` calls (the K slices of neighbouring slabs are read once)."""
