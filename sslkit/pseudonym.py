@@ -44,7 +44,8 @@ def key_file() -> Path:
 def secret() -> bytes:
     """This user's secret (see the module docstring), created on first use."""
     env = os.environ.get("SSLKIT_KEY", "")
-    where = (env, str(key_file()))
+    # what key_file() depends on, read without building paths (this runs once per hashed value)
+    where = (env, *(os.environ.get(k, "") for k in ("SSLKIT_KEY_FILE", "XDG_CONFIG_HOME", "HOME")))
     if where not in _cache:
         if env:
             if len(env) < MIN_ENV_CHARS:

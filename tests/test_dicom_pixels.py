@@ -15,7 +15,7 @@ from sslkit.registry import create_source
 from sslkit_plugins.sources import dicom as dicom_module
 from sslkit_plugins.sources.dicom import read_header
 from sslkit_plugins.sources.dicom_decode import decode, modality_values, parse_windows, read_dataset
-from sslkit_plugins.sources.dicom_pixels import decode_located, pixels_dataset
+from sslkit_plugins.sources.dicom_pixels import decode_located, native_pixels, pixels_dataset
 from tests.conftest import PYDICOM_FILES
 from tests.dicom_factory import write_dicom
 
@@ -67,7 +67,7 @@ def test_located_pixels_equal_a_full_read_on_every_pydicom_file():
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 raw_full = modality_values(read_dataset(str(path)), frames[0])
-                raw_fast = modality_values(pixels_dataset(str(path), facts, frames[0]), frames[0])
+                raw_fast = decode_located(str(path), frames[0], WINDOWS[0], facts, raw=True)
             np.testing.assert_array_equal(raw_fast, raw_full, err_msg=path.name)
     assert located > 150 and full_only < 25, (located, full_only)  # most files go the short way
 
@@ -152,3 +152,78 @@ def test_stored_value_table_gives_the_pixels_of_the_direct_computation(monkeypat
                 np.testing.assert_array_equal(looked_up, direct, err_msg=f"{path.name} {windows}")
                 compared += 1
     assert compared > 200 and sum(tables) > 150  # most through a table of stored values
+
+
+def _plain_file(path, stored: np.ndarray, bits_allocated: int, bits_stored: int, signed: int, photometric: str,
+                implicit: bool = False, frames: int = 1):
+    """A native grayscale file whose pixel bytes are ``stored`` as given: unused high bits
+    may hold anything, as some scanners leave them."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
+
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.Modality, ds.SamplesPerPixel, ds.PhotometricInterpretation = "CT", 1, photometric
+    ds.Rows, ds.Columns = stored.shape[-2:]
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = bits_allocated, bits_stored, \
+        bits_stored - 1, signed
+    if frames > 1:
+        ds.NumberOfFrames = frames
+    ds.RescaleSlope, ds.RescaleIntercept = 1.5, -1024.0
+    ds.PixelData = stored.tobytes() + (b"\0" if stored.nbytes % 2 else b"")
+    ds["PixelData"].VR = "OB" if bits_allocated == 8 else "OW"
+    ds.save_as(path, enforce_file_format=True)
+    return str(path)
+
+
+@pytest.mark.parametrize("bits_allocated,bits_stored,signed,photometric,implicit,frames,shape", [
+    (16, 12, 0, "MONOCHROME2", False, 1, (40, 48)),
+    (16, 12, 1, "MONOCHROME2", False, 1, (40, 48)),
+    (16, 16, 1, "MONOCHROME1", True, 1, (40, 48)),
+    (8, 7, 0, "MONOCHROME2", False, 1, (15, 17)),   # an odd number of bytes: a padding byte follows
+    (8, 8, 1, "MONOCHROME1", True, 3, (16, 16)),
+    (32, 20, 1, "MONOCHROME2", False, 2, (24, 20)),
+    (16, 10, 0, "MONOCHROME2", True, 4, (33, 31)),
+])
+def test_plain_grayscale_read_by_numpy_equals_pydicom(tmp_path, monkeypatch, bits_allocated, bits_stored, signed,
+                                                     photometric, implicit, frames, shape):
+    """Stored values with garbage in their unused high bits, signed and unsigned, 8 to 32 bits,
+    implicit VR, MONOCHROME1, multi-frame: the numpy read gives pydicom's ``pixel_array``,
+    and the decode built on it the pixels of a full read, in every window mode."""
+    rng = np.random.default_rng(bits_allocated + bits_stored + signed)
+    dtype = np.dtype(f"<{'ui'[signed]}{bits_allocated // 8}")
+    info = np.iinfo(dtype)
+    stored = rng.integers(info.min, info.max, (frames, *shape), dtype=dtype, endpoint=True)
+    path = _plain_file(tmp_path / "a.dcm", stored if frames > 1 else stored[0], bits_allocated, bits_stored, signed,
+                       photometric, implicit, frames)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        h = read_header(path)
+        facts = h["pixels"]
+        assert facts["native"][:2] + facts["native"][3:] == [*shape, bits_stored] and np.dtype(facts["native"][2]) == dtype
+        full = read_dataset(path)
+        for frame in (range(frames) if frames > 1 else [None]):
+            want = full.pixel_array if frames == 1 else full.pixel_array[frame]
+            got = native_pixels(path, facts, frame)
+            assert got.dtype == want.dtype and got.flags.writeable
+            np.testing.assert_array_equal(got, want)
+            for windows in WINDOWS:
+                np.testing.assert_array_equal(decode_located(path, frame, windows, facts),
+                                              decode(full, frame, windows))
+            np.testing.assert_array_equal(decode_located(path, frame, WINDOWS[0], facts, raw=True),
+                                          modality_values(full, frame))
+
+
+def test_the_plain_grayscale_way_is_the_one_taken_and_a_short_file_is_not_read_by_it(tmp_path, monkeypatch):
+    from sslkit_plugins.sources import dicom_pixels
+
+    stored = np.arange(40 * 48, dtype=np.uint16).reshape(40, 48)
+    path = _plain_file(tmp_path / "a.dcm", stored, 16, 16, 0, "MONOCHROME2")
+    facts = read_header(path)["pixels"]
+    monkeypatch.setattr(dicom_pixels, "pixels_dataset", lambda *a: pytest.fail("read through pydicom"))
+    assert decode_located(path, None, WINDOWS[2], facts) is not None
+    short = dict(facts, end=facts["end"] - 2, native=facts["native"])  # one sample fewer than rows x columns
+    assert native_pixels(path, short, None) is None

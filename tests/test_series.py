@@ -339,8 +339,8 @@ def test_a_cropped_volume_reads_only_its_kept_slices(tmp_path, monkeypatch):
                         volume_size="6,12,10")
     refs = src.index()
     read = []
-    real = dicom_pixels.pixels_dataset
-    monkeypatch.setattr(dicom_pixels, "pixels_dataset", lambda path, *a: read.append(path) or real(path, *a))
+    real = dicom_pixels._pixel_bytes
+    monkeypatch.setattr(dicom_pixels, "_pixel_bytes", lambda path, *a: read.append(path) or real(path, *a))
     x = src.load(refs[0])
     assert len(read) == 6 and x.shape == (1, 6, 12, 10)
     ks = np.asarray(x)[0, :, 3, 2] * 40  # the padded 6 x 5 slice's first voxel: 100 * k windowed to k / 40

@@ -32,6 +32,7 @@ from sslkit_plugins.sources.dicom_decode import codec_failure, decode, parse_win
 from sslkit_plugins.sources.dicom_headers import cached_headers, stable_groups
 from sslkit_plugins.sources.dicom_pixels import decode_located, pixel_facts, read_frame
 from sslkit_plugins.sources.dicom_series import assemble, geometry
+from sslkit_plugins.sources.dicom_values import value
 from sslkit_plugins.sources.dicom_volume import VolumeSampler
 
 GROUP_SALT = b"sslkit-group-v1"
@@ -101,29 +102,29 @@ def read_header(path: str) -> dict[str, Any]:
                 return {"kind": "error", "reason": f"unreadable header: {safe_reason(exc)}"}
             return {"kind": "other"}
         try:
-            modality = str(ds.get("Modality", "") or "unknown").upper()
+            modality = str(value(ds, "Modality", "") or "unknown").upper()
             if "Rows" not in ds or "Columns" not in ds or modality in NON_IMAGE_MODALITIES:
                 return {"kind": "nonimage"}
-            ident = str(ds.get("PatientID", "") or "")
-            group = f"patient:{ident}" if ident else f"study:{ds.get('StudyInstanceUID', '') or ''}"
+            ident = str(value(ds, "PatientID", "") or "")
+            group = f"patient:{ident}" if ident else f"study:{value(ds, 'StudyInstanceUID', '') or ''}"
             if group == "study:":
                 group = f"file:{p.resolve()}"  # frames of one file stay together
             meta = getattr(ds, "file_meta", None)
-            ts = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
+            ts = str(value(meta, "TransferSyntaxUID", "")) if meta is not None else ""
             ts_name = pydicom.uid.UID(ts).name if ts else "none (raw data set)"
             return {
                 "kind": "image",
                 "group": salted_hash(group),
                 "modality": modality,
-                "series": str(ds.get("SeriesDescription", "") or ""),
+                "series": str(value(ds, "SeriesDescription", "") or ""),
                 "transfer_syntax": ts_name,
-                "photometric": str(ds.get("PhotometricInterpretation", "") or "unknown"),
-                "bits_stored": int(ds.get("BitsStored", 0) or 0),
-                "rows": int(ds.Rows),
-                "columns": int(ds.Columns),
+                "photometric": str(value(ds, "PhotometricInterpretation", "") or "unknown"),
+                "bits_stored": int(value(ds, "BitsStored", 0) or 0),
+                "rows": int(value(ds, "Rows")),
+                "columns": int(value(ds, "Columns")),
                 "frames": frame_count(ds, p),
-                "samples_per_pixel": int(ds.get("SamplesPerPixel", 1) or 1),
-                **geometry(ds, str(p.resolve())),
+                "samples_per_pixel": int(value(ds, "SamplesPerPixel", 1) or 1),
+                **geometry(ds, p),
                 "pixels": pixels,
             }
         except Exception as exc:
@@ -152,19 +153,19 @@ def frame_count(ds: pydicom.Dataset, path: Path) -> int:
     ones at least one item header each, so a count the file's size cannot hold is an
     error (one report row for the file), never 2^31 sample refs.
     """
-    frames = max(1, int(ds.get("NumberOfFrames", 1) or 1))
-    rows, cols = int(ds.Rows), int(ds.Columns)
+    frames = max(1, int(value(ds, "NumberOfFrames", 1) or 1))
+    rows, cols = int(value(ds, "Rows")), int(value(ds, "Columns"))
     if rows < 1 or cols < 1:
         raise ValueError(f"empty image ({rows} rows, {cols} columns)")
     size = path.stat().st_size
     meta = getattr(ds, "file_meta", None)
-    ts = pydicom.uid.UID(str(meta.get("TransferSyntaxUID", "")) if meta is not None else "")
+    ts = pydicom.uid.UID(str(value(meta, "TransferSyntaxUID", "")) if meta is not None else "")
     if ts == pydicom.uid.DeflatedExplicitVRLittleEndian:
         size *= _MAX_DEFLATE_RATIO
     if ts and ts.is_encapsulated:
         most = size // _MIN_ENCAPSULATED_FRAME
     else:
-        bits = rows * cols * int(ds.get("SamplesPerPixel", 1) or 1) * int(ds.get("BitsAllocated", 8) or 8)
+        bits = rows * cols * int(value(ds, "SamplesPerPixel", 1) or 1) * int(value(ds, "BitsAllocated", 8) or 8)
         most = size * 8 // bits
     if frames > 1 and frames > max(1, most):  # one frame: a truncated file is reported when decoded
         raise ValueError(f"NumberOfFrames {frames} does not fit the file: its {path.stat().st_size} bytes hold "

@@ -138,22 +138,19 @@ def _fill_transfer_syntax(ds: Dataset) -> None:
             meta.TransferSyntaxUID = ExplicitVRLittleEndian if little else ExplicitVRBigEndian
 
 
-def decode(ds: Dataset, frame: int | None, windows: tuple[Window, ...], region: tuple[slice, slice] | None = None
-           ) -> np.ndarray:
+def decode(ds: Dataset, frame: int | None, windows: tuple[Window, ...], region: tuple[slice, slice] | None = None,
+           pixels: np.ndarray | None = None) -> np.ndarray:
     """One frame of ``ds`` -> float32 ``(C, H, W)`` in [0, 1].
 
     Colour images give 3 channels (RGB); grayscale gives one channel per window.
     ``region`` (rows, columns): only that part is returned; where every window maps value
     by value (``W,L``, presets, the file's own VOI) only that part goes through the LUTs,
     and large images go through them once per stored value (:data:`TABLE_RATIO`); a
-    min-max window needs the whole image, so it is cut after.
+    min-max window needs the whole image, so it is cut after. ``pixels``: the frame's
+    stored values as ``pixel_array`` would give them, already read (``ds`` then needs no
+    pixel data).
     """
-    if not any(k in ds for k in PIXEL_KEYWORDS):
-        # only files whose header describes an image get here: its pixels are missing
-        raise ValueError("no pixel data in an image file (truncated or corrupt)")
-    if "TransferSyntaxUID" not in getattr(ds, "file_meta", {}):
-        _fill_transfer_syntax(ds)
-    arr = pixel_array(ds, index=frame) if _frames(ds) > 1 else pixel_array(ds)
+    arr = _stored_frame(ds, frame) if pixels is None else pixels
     if arr.ndim == 4 or (arr.ndim == 3 and int(ds.get("SamplesPerPixel", 1)) == 1):
         arr = arr[0]  # a single-frame file that still came back with a frame axis
     pi = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
@@ -204,11 +201,21 @@ _LUT_KEYWORDS = ("PhotometricInterpretation", "BitsStored", "PixelRepresentation
                  "RescaleIntercept", "RescaleType", "WindowCenter", "WindowWidth", "VOILUTFunction")
 
 
-def modality_values(ds: Any, frame: int | None, region: tuple[slice, slice] | None = None) -> np.ndarray:
+def _stored_frame(ds: Dataset, frame: int | None) -> np.ndarray:
+    """One frame of ``ds``'s pixel data, decoded by pydicom with whatever codec it needs."""
+    if not any(k in ds for k in PIXEL_KEYWORDS):
+        # only files whose header describes an image get here: its pixels are missing
+        raise ValueError("no pixel data in an image file (truncated or corrupt)")
+    if "TransferSyntaxUID" not in getattr(ds, "file_meta", {}):
+        _fill_transfer_syntax(ds)
+    return pixel_array(ds, index=frame) if _frames(ds) > 1 and frame is not None else pixel_array(ds)
+
+
+def modality_values(ds: Any, frame: int | None, region: tuple[slice, slice] | None = None,
+                    pixels: np.ndarray | None = None) -> np.ndarray:
     """Stored pixels of one frame through the modality LUT only: float32 ``(1, H, W)``
-    (``region``: of those rows and columns only)."""
-    n = int(ds.get("NumberOfFrames", 1) or 1)
-    arr = pixel_array(ds, index=frame) if n > 1 and frame is not None else pixel_array(ds)
+    (``region``: of those rows and columns only; ``pixels``: as in :func:`decode`)."""
+    arr = _stored_frame(ds, frame) if pixels is None else pixels
     if arr.ndim == 3 and int(ds.get("SamplesPerPixel", 1)) == 1:
         arr = arr[0]
     if arr.ndim != 2:

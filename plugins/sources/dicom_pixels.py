@@ -20,6 +20,7 @@ change). The facts hold no identifier: byte offsets, the transfer syntax and gro
 from __future__ import annotations
 
 import struct
+from functools import lru_cache
 from typing import Any, BinaryIO
 
 import numpy as np
@@ -29,6 +30,7 @@ from pydicom.tag import BaseTag
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
 from sslkit_plugins.sources.dicom_decode import Window, decode, modality_values, read_dataset
+from sslkit_plugins.sources.dicom_values import value
 
 PIXEL_DATA = 0x7FE00010
 ITEM, SEQUENCE_END = 0xFFFEE000, 0xFFFEE0DD
@@ -37,6 +39,7 @@ NOT_SIMPLE = ("ModalityLUTSequence", "VOILUTSequence", "SharedFunctionalGroupsSe
               "PerFrameFunctionalGroupsSequence", "ExtendedOffsetTable", "FloatPixelData", "DoubleFloatPixelData")
 #: native multi-frame data whose frames are whole bytes of plain samples
 BYTE_FRAMES = ("MONOCHROME1", "MONOCHROME2", "RGB")
+MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
 
 
 def pixel_facts(ds: Dataset, fp: BinaryIO) -> dict[str, Any] | None:
@@ -46,25 +49,25 @@ def pixel_facts(ds: Dataset, fp: BinaryIO) -> dict[str, Any] | None:
     pydicom stopped: at the Pixel Data element's tag, if the file has one.
     """
     meta = getattr(ds, "file_meta", None)
-    ts = UID(str(meta.get("TransferSyntaxUID", "")) if meta is not None else "")
+    ts = UID(str(value(meta, "TransferSyntaxUID", "")) if meta is not None else "")
     if not ts or ts == DeflatedExplicitVRLittleEndian or not ts.is_little_endian:
         return None
     elements = _group_0028(ds)  # first: before any value is converted
-    if elements is None or any(k in ds for k in NOT_SIMPLE) or \
-            str(ds.get("PhotometricInterpretation", "")).upper() == "PALETTE COLOR":
+    photometric = str(value(ds, "PhotometricInterpretation", "")).upper()
+    if elements is None or any(k in ds for k in NOT_SIMPLE) or photometric == "PALETTE COLOR":
         return None
     start = fp.tell()
     head = fp.read(12)
     if len(head) < 12 or struct.unpack("<HH", head[:4]) != (0x7FE0, 0x0010):
         return None
     if ts.is_implicit_VR:
-        vr, length, offset = ("OW" if int(ds.get("BitsAllocated", 8) or 8) > 8 else "OB"), *struct.unpack(
+        vr, length, offset = ("OW" if int(value(ds, "BitsAllocated", 8) or 8) > 8 else "OB"), *struct.unpack(
             "<I", head[4:8]), start + 8
     else:
         vr, length, offset = head[4:6].decode("ascii", "replace"), struct.unpack("<I", head[8:12])[0], start + 12
         if vr not in ("OB", "OW"):
             return None
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    frames = int(value(ds, "NumberOfFrames", 1) or 1)
     if length == 0xFFFFFFFF:
         end = _items_end(fp, offset) if ts.is_encapsulated and frames == 1 else None
     else:
@@ -72,11 +75,16 @@ def pixel_facts(ds: Dataset, fp: BinaryIO) -> dict[str, Any] | None:
     if end is None:
         return None
     out = {"offset": offset, "end": end, "vr": vr, "ts": str(ts), "implicit": ts.is_implicit_VR, "elements": elements}
+    rows, columns = int(value(ds, "Rows")), int(value(ds, "Columns"))
+    samples, bits = int(value(ds, "SamplesPerPixel", 1) or 1), int(value(ds, "BitsAllocated", 0) or 0)
     if frames > 1:
-        bits = int(ds.get("BitsAllocated", 0) or 0)
-        if bits % 8 or str(ds.get("PhotometricInterpretation", "")).upper() not in BYTE_FRAMES:
+        if bits % 8 or photometric not in BYTE_FRAMES:
             return None
-        out["frame_bytes"] = int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1) or 1) * bits // 8
+        out["frame_bytes"] = rows * columns * samples * bits // 8
+    signed, stored = int(value(ds, "PixelRepresentation", 0) or 0), int(value(ds, "BitsStored", 0) or 0)
+    if not ts.is_encapsulated and samples == 1 and photometric in MONOCHROME and bits in (8, 16, 32) and \
+            signed in (0, 1) and 0 < stored <= bits:  # plain grayscale samples: numpy reads them as pydicom would
+        out["native"] = [rows, columns, f"<{'ui'[signed]}{bits // 8}", stored]
     return out
 
 
@@ -119,6 +127,16 @@ def pixels_dataset(path: str, facts: dict[str, Any], frame: int | None) -> Datas
     """A data set holding only group 0028, the transfer syntax and the pixel bytes of
     ``path`` (of ``frame`` alone for native multi-frame data), as :func:`pixel_facts` found
     them. Raises ``ValueError`` when the file no longer holds those bytes."""
+    data = _pixel_bytes(path, facts, frame)
+    ds = _attributes(facts)
+    if facts.get("frame_bytes"):
+        ds.NumberOfFrames = 1
+    ds.add_new(PIXEL_DATA, facts["vr"], data)
+    return ds
+
+
+def _pixel_bytes(path: str, facts: dict[str, Any], frame: int | None) -> bytes:
+    """The located pixel bytes of ``path`` (of one frame of native multi-frame data)."""
     offset, end = facts["offset"], facts["end"]
     size = facts.get("frame_bytes")
     if size and frame is not None:
@@ -131,15 +149,43 @@ def pixels_dataset(path: str, facts: dict[str, Any], frame: int | None) -> Datas
         data = f.read(end - offset)
     if len(data) != end - offset:
         raise ValueError("pixel data shorter than its header says")
+    return data
+
+
+def _attributes(facts: dict[str, Any]) -> Dataset:
+    """A new data set of the file's group 0028 (as it holds them) and its transfer syntax."""
     implicit = facts["implicit"]
     ds = Dataset({BaseTag(tag): RawDataElement(BaseTag(tag), vr, len(value) // 2, bytes.fromhex(value), 0, implicit,
                                                 True) for tag, vr, value in facts["elements"]})
     ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = UID(facts["ts"])
-    if size:
-        ds.NumberOfFrames = 1
-    ds.add_new(PIXEL_DATA, facts["vr"], data)
     return ds
+
+
+@lru_cache(maxsize=256)
+def _shared_attributes(ts: str, implicit: bool, elements: tuple) -> Dataset:
+    """:func:`_attributes`, one data set per distinct group 0028 (slices of a series share
+    theirs; values converted once). Only read, never changed, by the decode."""
+    return _attributes({"ts": ts, "implicit": implicit, "elements": [list(e) for e in elements]})
+
+
+def native_pixels(path: str, facts: dict[str, Any], frame: int | None) -> np.ndarray | None:
+    """Plain grayscale samples (``facts["native"]``: rows, columns, dtype, bits stored) as
+    numpy reads them from the located bytes: what pydicom's ``pixel_array`` gives for such
+    data (tests compare both), unused high bits cleared (signed: the sign extended) as
+    pydicom does; None where the bytes are not exactly one frame (pydicom then decides)."""
+    rows, columns, dtype, stored = facts["native"]
+    data = _pixel_bytes(path, facts, frame)
+    count = rows * columns
+    dtype = np.dtype(dtype)
+    if len(data) not in (count * dtype.itemsize, count * dtype.itemsize + 1):
+        return None
+    arr = np.frombuffer(bytearray(data), dtype=dtype, count=count).reshape(rows, columns)
+    unused = dtype.itemsize * 8 - stored
+    if unused:
+        np.left_shift(arr, unused, out=arr)
+        np.right_shift(arr, unused, out=arr)
+    return arr
 
 
 def read_frame(path: str, frame: int | None, windows: tuple[Window, ...], facts: dict[str, Any] | None,
@@ -158,9 +204,14 @@ def read_frame(path: str, frame: int | None, windows: tuple[Window, ...], facts:
 
 def decode_located(path: str, frame: int | None, windows: tuple[Window, ...], facts: dict[str, Any],
                    raw: bool = False, region: tuple[slice, slice] | None = None) -> np.ndarray | None:
-    """:func:`read_frame` through :func:`pixels_dataset` only; None when that way fails."""
+    """:func:`read_frame` through the located bytes only (plain grayscale straight to
+    numpy, with the series' shared attributes); None when that way fails."""
     try:
-        ds = pixels_dataset(path, facts, frame)
-        return modality_values(ds, frame, region) if raw else decode(ds, frame, windows, region)
+        pixels = native_pixels(path, facts, frame) if facts.get("native") else None
+        if pixels is not None:
+            ds = _shared_attributes(facts["ts"], facts["implicit"], tuple(map(tuple, facts["elements"])))
+        else:
+            ds = pixels_dataset(path, facts, frame)
+        return modality_values(ds, frame, region, pixels) if raw else decode(ds, frame, windows, region, pixels)
     except Exception:
         return None

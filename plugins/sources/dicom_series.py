@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -35,6 +36,7 @@ from sslkit.api import keyed_hash
 from sslkit_plugins.sources.dicom_repeats import REPEATS, frame_facts, label, split_repeats
 from sslkit_plugins.sources.dicom_mosaic import (acquisition_tile, csa_image_header, csa_slice_normal,  # noqa: F401
                                                  cut_mosaic, mosaic_count, mosaic_grid, mosaic_positions)
+from sslkit_plugins.sources.dicom_values import value
 
 #: positions closer than this (mm) along the normal are duplicates
 DUPLICATE_MM = 1e-3
@@ -65,7 +67,7 @@ def _float(value: Any) -> float | None:
     return v if math.isfinite(v) and v > 0 else None
 
 
-def geometry(ds: Any, fallback_key: str) -> dict[str, Any]:
+def geometry(ds: Any, path: Path) -> dict[str, Any]:
     """Geometry facts of a header (no pixels needed, no identifiers kept).
 
     ``series_key`` (keyed hash), ``position`` [x, y, z], ``orientation`` (6 direction
@@ -76,18 +78,18 @@ def geometry(ds: Any, fallback_key: str) -> dict[str, Any]:
     mosaic, 0 if not one; with ``csa_normal``, the CSA SliceNormalVector), and for
     enhanced multi-frame files ``frame_positions`` (one [x, y, z] per frame).
     """
-    uid = str(ds.get("SeriesInstanceUID", "") or "")
+    uid = str(value(ds, "SeriesInstanceUID", "") or "")
     out: dict[str, Any] = {
-        "series_key": series_key(uid or fallback_key),
-        "position": _floats(ds.get("ImagePositionPatient"), 3),
-        "orientation": _floats(ds.get("ImageOrientationPatient"), 6),
-        "pixel_spacing": _floats(ds.get("PixelSpacing"), 2),
-        "slice_step": _float(ds.get("SpacingBetweenSlices")) or _float(ds.get("SliceThickness")),
+        "series_key": series_key(uid or str(path.resolve())),  # no UID: the file is its own series
+        "position": _floats(value(ds, "ImagePositionPatient"), 3),
+        "orientation": _floats(value(ds, "ImageOrientationPatient"), 6),
+        "pixel_spacing": _floats(value(ds, "PixelSpacing"), 2),
+        "slice_step": _float(value(ds, "SpacingBetweenSlices")) or _float(value(ds, "SliceThickness")),
         "mosaic": 0,
         "frame_positions": None,
-        **{name: label(ds.get(keyword)) for name, keyword, _ in REPEATS},
+        **{name: label(value(ds, keyword)) for name, keyword, _ in REPEATS},
     }
-    image_type = [str(v).upper() for v in (ds.get("ImageType") or [])]
+    image_type = [str(v).upper() for v in (value(ds, "ImageType") or [])]
     if "MOSAIC" in image_type:
         csa = csa_image_header(ds)
         out["mosaic"] = mosaic_count(ds, csa) or 0
