@@ -32,7 +32,7 @@ from sslkit_plugins.sources.dicom_decode import codec_failure, decode, parse_win
 from sslkit_plugins.sources.dicom_headers import cached_headers, stable_groups
 from sslkit_plugins.sources.dicom_pixels import decode_located, pixel_facts, read_frame
 from sslkit_plugins.sources.dicom_series import assemble, geometry
-from sslkit_plugins.sources.dicom_values import value
+from sslkit_plugins.sources.dicom_values import has, transfer_syntax, value
 from sslkit_plugins.sources.dicom_volume import VolumeSampler
 
 GROUP_SALT = b"sslkit-group-v1"
@@ -103,15 +103,14 @@ def read_header(path: str) -> dict[str, Any]:
             return {"kind": "other"}
         try:
             modality = str(value(ds, "Modality", "") or "unknown").upper()
-            if "Rows" not in ds or "Columns" not in ds or modality in NON_IMAGE_MODALITIES:
+            if not has(ds, "Rows") or not has(ds, "Columns") or modality in NON_IMAGE_MODALITIES:
                 return {"kind": "nonimage"}
             ident = str(value(ds, "PatientID", "") or "")
             group = f"patient:{ident}" if ident else f"study:{value(ds, 'StudyInstanceUID', '') or ''}"
             if group == "study:":
                 group = f"file:{p.resolve()}"  # frames of one file stay together
-            meta = getattr(ds, "file_meta", None)
-            ts = str(value(meta, "TransferSyntaxUID", "")) if meta is not None else ""
-            ts_name = pydicom.uid.UID(ts).name if ts else "none (raw data set)"
+            ts = transfer_syntax(ds)
+            ts_name = ts.name if ts else "none (raw data set)"
             return {
                 "kind": "image",
                 "group": salted_hash(group),
@@ -158,8 +157,7 @@ def frame_count(ds: pydicom.Dataset, path: Path) -> int:
     if rows < 1 or cols < 1:
         raise ValueError(f"empty image ({rows} rows, {cols} columns)")
     size = path.stat().st_size
-    meta = getattr(ds, "file_meta", None)
-    ts = pydicom.uid.UID(str(value(meta, "TransferSyntaxUID", "")) if meta is not None else "")
+    ts = transfer_syntax(ds)
     if ts == pydicom.uid.DeflatedExplicitVRLittleEndian:
         size *= _MAX_DEFLATE_RATIO
     if ts and ts.is_encapsulated:

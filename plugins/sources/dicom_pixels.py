@@ -30,7 +30,7 @@ from pydicom.tag import BaseTag
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
 from sslkit_plugins.sources.dicom_decode import Window, decode, modality_values, read_dataset
-from sslkit_plugins.sources.dicom_values import value
+from sslkit_plugins.sources.dicom_values import has, transfer_syntax, value
 
 PIXEL_DATA = 0x7FE00010
 ITEM, SEQUENCE_END = 0xFFFEE000, 0xFFFEE0DD
@@ -48,13 +48,12 @@ def pixel_facts(ds: Dataset, fp: BinaryIO) -> dict[str, Any] | None:
     ``fp`` is the file ``ds`` was read from with ``stop_before_pixels``, positioned where
     pydicom stopped: at the Pixel Data element's tag, if the file has one.
     """
-    meta = getattr(ds, "file_meta", None)
-    ts = UID(str(value(meta, "TransferSyntaxUID", "")) if meta is not None else "")
+    ts = transfer_syntax(ds)
     if not ts or ts == DeflatedExplicitVRLittleEndian or not ts.is_little_endian:
         return None
     elements = _group_0028(ds)  # first: before any value is converted
     photometric = str(value(ds, "PhotometricInterpretation", "")).upper()
-    if elements is None or any(k in ds for k in NOT_SIMPLE) or photometric == "PALETTE COLOR":
+    if elements is None or any(has(ds, k) for k in NOT_SIMPLE) or photometric == "PALETTE COLOR":
         return None
     start = fp.tell()
     head = fp.read(12)

@@ -36,7 +36,7 @@ from sslkit.api import keyed_hash
 from sslkit_plugins.sources.dicom_repeats import REPEATS, frame_facts, label, split_repeats
 from sslkit_plugins.sources.dicom_mosaic import (acquisition_tile, csa_image_header, csa_slice_normal,  # noqa: F401
                                                  cut_mosaic, mosaic_count, mosaic_grid, mosaic_positions)
-from sslkit_plugins.sources.dicom_values import value
+from sslkit_plugins.sources.dicom_values import has, value
 
 #: positions closer than this (mm) along the normal are duplicates
 DUPLICATE_MM = 1e-3
@@ -98,8 +98,8 @@ def geometry(ds: Any, path: Path) -> dict[str, Any]:
         if not out["mosaic"] and out["acquisition_tile"]:
             side = int(ds.Rows) // out["acquisition_tile"][0]
             out["mosaic"] = -side * side  # negative: the count is the whole grid, not read from the file
-    shared = ds.get("SharedFunctionalGroupsSequence")
-    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+    shared = ds.get("SharedFunctionalGroupsSequence") if has(ds, "SharedFunctionalGroupsSequence") else None
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence") if has(ds, "PerFrameFunctionalGroupsSequence") else None
     if per_frame:
         positions = [_floats(_group_value(f, shared, "PlanePositionSequence", "ImagePositionPatient"), 3)
                      for f in per_frame]

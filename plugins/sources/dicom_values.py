@@ -22,6 +22,8 @@ from typing import Any
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
+from pydicom.tag import BaseTag
+from pydicom.uid import UID
 
 _UNSURE = object()
 _NUMBERS = {"US": ("H", 2), "UL": ("I", 4), "SS": ("h", 2), "SL": ("i", 4)}
@@ -34,11 +36,27 @@ _STRINGS = ("CS", "UI", "AE", "AS")
 
 
 @lru_cache(maxsize=None)
-def _tag_and_vr(keyword: str) -> tuple[int, str]:
+def _tag_and_vr(keyword: str) -> tuple[BaseTag, str]:
     tag = tag_for_keyword(keyword)
     if tag is None:
         raise KeyError(f"not a DICOM keyword: {keyword}")
-    return tag, dictionary_VR(tag)
+    return BaseTag(tag), dictionary_VR(tag)
+
+
+def has(ds: Dataset, keyword: str) -> bool:
+    """``keyword in ds``, without pydicom's keyword lookup on every call."""
+    return _tag_and_vr(keyword)[0] in ds
+
+
+def transfer_syntax(ds: Dataset) -> UID:
+    """The data set's Transfer Syntax UID from its file meta (an empty UID if none)."""
+    meta = getattr(ds, "file_meta", None)
+    return _uid(str(value(meta, "TransferSyntaxUID", "")) if meta is not None else "")
+
+
+@lru_cache(maxsize=64)
+def _uid(text: str) -> UID:
+    return UID(text)
 
 
 def value(ds: Dataset, keyword: str, default: Any = None) -> Any:
