@@ -10,6 +10,12 @@ the same pydicom calls on the same values, so the same pixels (tests compare bot
 on every pydicom test file), without a second parse of a header that can be most of the
 cost of a small CT slice.
 
+Plain grayscale samples (native transfer syntax, one sample per pixel, 8/16/32 bits,
+MONOCHROME1/2: most CT and MR slices) skip pydicom's pixel machinery too:
+:func:`native_pixels` reads them with numpy, clearing unused high bits as pydicom does,
+and the decode uses one group-0028 data set per distinct header (a series shares one),
+whose values pydicom converts once. Both are bit-equal to ``pixel_array`` (tests).
+
 Facts are noted only where that is certain to be equivalent: little-endian, not deflated,
 no modality / VOI LUT sequences, no functional groups, no palette, no extended offset
 table, encapsulated data in one frame. Anything else, and any failure while reading or
