@@ -107,6 +107,23 @@ def knn_correctness(run_dir: Path, bank: Path, test: Path, weights: bool, seed: 
     return (votes.argmax(1) == yte)[order]
 
 
+def bits(s: str) -> np.ndarray:
+    """A '0'/'1' correctness string (``knn_correctness`` stored in a state file) -> floats."""
+    return np.array([ch == "1" for ch in s], dtype=float)
+
+
+def acc_se(correct: str) -> tuple[float, float]:
+    """Accuracy of a '0'/'1' string and its binomial SE."""
+    c = bits(correct)
+    return c.mean(), c.std(ddof=1) / np.sqrt(len(c))
+
+
+def paired_se(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    """Mean of the per-item difference ``a - b`` (same items) and its SE."""
+    d = np.asarray(a, float) - np.asarray(b, float)
+    return d.mean(), d.std(ddof=1) / np.sqrt(len(d))
+
+
 def extract(tar: Path, dest: Path) -> Path:
     """Unpack ``tar`` into ``dest`` (skipped when ``dest/.complete`` exists)."""
     if not (dest / ".complete").exists():

@@ -7,7 +7,8 @@ trained twice under one CPU budget on the same 45k training split:
 * ``sslkit``: ``sslkit pretrain --task simclr`` (batched tensor augmentation, one process);
 * ``lightly``: lightly 1.6.0's ``SimCLRTransform`` (same crop scale, flip, colour jitter
   0.4/0.4/0.4/0.1 at p 0.8, grey 0.2, no blur at 32 px), ``SimCLRProjectionHead`` and
-  ``NTXentLoss`` around the same backbone, optimizer and schedule.
+  ``NTXentLoss`` around the same backbone, optimizer and schedule (``lightly_tasks.simclr``,
+  projection hidden width 2048 as sslkit's, trained by ``lightly_tasks.train``).
 
 The budget (``--budget-min`` CPU minutes, user + system over all threads; the issue asks
 for 30) is turned into a number of steps by timing sslkit's training step on this
@@ -26,15 +27,14 @@ continues with ``--resume``. Prints a markdown table at the end (also ``WORK/res
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import lightly_tasks  # noqa: E402
 from _common import (SHARED_DATA, Stages, cpu_seconds, extract, link_split, probe, sslkit_pretrain,  # noqa: E402
                      stratified_subset, table)
 
@@ -84,60 +84,6 @@ def calibrate(batch_size: int, steps: int = 3) -> float:
     return (cpu_seconds() - c0) / steps
 
 
-def lightly_simclr(train_dir: Path, sslkit_run: Path, out: Path, steps: int, batch_size: int) -> dict:
-    """lightly's SimCLR recipe around sslkit's backbone, optimizer and schedule; saved as a run dir."""
-    import shutil
-
-    import torch
-    import torchvision
-    from lightly.loss import NTXentLoss
-    from lightly.models.modules import SimCLRProjectionHead
-    from lightly.transforms import SimCLRTransform
-    from safetensors.torch import save_file
-
-    from sslkit.optim import build_optimizer, warmup_cosine
-    from sslkit.registry import create_backbone
-
-    info = json.loads((sslkit_run / "run.json").read_text())
-    spec, cfg = info["input_spec"], info["config"]
-    torch.manual_seed(0)
-    transform = SimCLRTransform(input_size=SIZE, cj_prob=0.8, cj_strength=0.5, min_scale=0.08, random_gray_scale=0.2,
-                                gaussian_blur=0.0, normalize={"mean": spec["mean"], "std": spec["std"]})
-    dataset = torchvision.datasets.ImageFolder(str(train_dir), transform=transform)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True, num_workers=0)
-    backbone = create_backbone(BACKBONE, 3, SIZE, **BACKBONE_OPTS)
-    head = SimCLRProjectionHead(backbone.num_features, 2048, 128)
-    model = torch.nn.ModuleDict({"backbone": backbone, "head": head}).train()
-    criterion = NTXentLoss(temperature=0.5)
-    lr = cfg.get("lr") or cfg["base_lr"] * batch_size / 256
-    opt = build_optimizer(model, cfg.get("optimizer", "adamw"), lr, cfg["weight_decay"],
-                          betas=tuple(cfg.get("betas", (0.9, 0.95))))
-    warmup = min(int(cfg.get("warmup_epochs", 1.0) * len(loader)), steps // 2)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, steps, warmup))
-    c0, t0, step, losses = cpu_seconds(), time.time(), 0, []
-    while step < steps:
-        for (x0, x1), _ in loader:
-            z0, z1 = head(backbone(x0)), head(backbone(x1))
-            loss = criterion(z0, z1)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-            step += 1
-            losses.append(float(loss.detach()))
-            if step % 10 == 0 or step == steps:
-                print(f"  lightly step {step}/{steps} loss {np.mean(losses[-10:]):.4f}", flush=True)
-            if step >= steps:
-                break
-    out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in backbone.state_dict().items()}, str(out / "encoder.safetensors"))
-    info = {**info, "task": "simclr (lightly 1.6.0)", "summary": {"steps": steps}}
-    (out / "run.json").write_text(json.dumps(info, indent=2))
-    shutil.copy(sslkit_run / "run.json", out / "sslkit_run.json")
-    return {"cpu_s": round(cpu_seconds() - c0, 1), "wall_s": round(time.time() - t0, 1),
-            "final_loss": float(np.mean(losses[-10:]))}
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--work", type=Path, default=Path("runs/bench-cifar10"))
@@ -173,7 +119,7 @@ def main() -> None:
         "--max-steps", str(steps), "--seed", str(a.seed), "--device", "cpu", "--cache", str(work / "cache"),
         "--quiet"]))
     lightly_run = work / "runs" / "lightly-simclr"
-    st.run("pretrain-lightly", lambda: lightly_simclr(train, sslkit_run, lightly_run, steps, a.batch_size))
+    st.run("pretrain-lightly", lambda: lightly_tasks.train("simclr", train, sslkit_run, lightly_run, steps, hidden=2048))
     st.run("probe-sslkit", lambda: probe(sslkit_run, eval_train, eval_test, baseline=True))
     st.run("probe-lightly", lambda: probe(lightly_run, eval_train, eval_test, baseline=False))
 

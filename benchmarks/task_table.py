@@ -27,7 +27,13 @@ ResNet-18 at 64 px).
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/task_table.py --work runs/bench-tasks
         [--tasks simclr,...] [--budget-min 0.5] [--xray-budget-min 1] [--lr-mults 0.3,1,3]
-        [--skip-xray] [--skip-sweep] [--variant 'NAME=TASK[@BUDGET] FLAGS' ...]
+        [--skip-xray] [--skip-sweep] [--lightly] [--variant 'NAME=TASK[@BUDGET] FLAGS' ...]
+
+``--lightly``: also lightly 1.6.0's recipe of each task lightly implements (simclr, moco,
+byol, barlowtwins, vicreg, dino, mae, simmim; ``lightly_tasks.py``) around the backbone,
+optimizer, LR, schedule, batch and input of the task's chosen sslkit run, for the same
+number of steps, scored with the same kNN: columns ``lightly`` and ``sslkit - lightly (SE)``
+(paired over the same test images) and a table of both sides' CPU seconds.
 
 ``--variant`` (repeatable) adds a CIFAR-10 run of one task with extra ``sslkit pretrain``
 flags (``--task-opt``, ``--backbone-opt``, ``--base-lr``, ...) at ``BUDGET`` CPU minutes
@@ -53,9 +59,10 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (Stages, knn_correctness, link_split, sslkit_pretrain, stratified_subset,  # noqa: E402
-                     task_step_cpu_seconds)
+from _common import (Stages, acc_se, bits, knn_correctness, link_split, paired_se, sslkit_pretrain,  # noqa: E402
+                     stratified_subset, task_step_cpu_seconds)
 from cifar10 import split_files  # noqa: E402
+import lightly_tasks  # noqa: E402
 
 TASKS = ("simclr", "moco", "byol", "dino", "barlowtwins", "vicreg", "mae", "simmim", "inpainting", "denoising",
          "autoencoder", "vae", "rotation", "jigsaw")
@@ -166,20 +173,6 @@ def xray_auroc(run_dir: Path, data: Path, baseline: bool, seed: int, k: int = 20
     return {enc: [float(f[enc][f"k={k}"]["auroc"]) for f in folds] for enc in folds[0]}
 
 
-def acc_se(bits: str) -> tuple[float, float]:
-    c = np.array([b == "1" for b in bits], dtype=float)
-    return c.mean(), c.std(ddof=1) / math.sqrt(len(c))
-
-
-def paired_se(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
-    d = np.asarray(a, float) - np.asarray(b, float)
-    return d.mean(), d.std(ddof=1) / math.sqrt(len(d))
-
-
-def bits(s: str) -> np.ndarray:
-    return np.array([ch == "1" for ch in s], dtype=float)
-
-
 def cifar_splits(a) -> tuple[Path, Path, Path, int]:
     train_files, val_files = split_files(a.cifar, 5000, a.seed)
     pre = stratified_subset(train_files, a.pretrain_images, a.seed)
@@ -287,6 +280,8 @@ def main() -> None:
     ap.add_argument("--xray-images", type=int, default=1500, help="X-ray images (pretraining and 5-fold eval)")
     ap.add_argument("--skip-sweep", action="store_true", help="CIFAR-10: run only the task's default LR")
     ap.add_argument("--skip-xray", action="store_true")
+    ap.add_argument("--lightly", action="store_true",
+                    help="also lightly 1.6.0's recipe of each task it implements, same steps (benchmarks/lightly_tasks.py)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--report-only", action="store_true", help="print the tables of what has finished; run nothing")
     ap.add_argument("--variant", action="append", default=[], metavar="'NAME=TASK[@BUDGET] FLAGS'",
@@ -308,6 +303,7 @@ def main() -> None:
     xdata, n_x = (None, 0) if a.skip_xray else xray_split(a)
     cifar: dict[str, dict] = {}
     xray: dict[str, dict] = {}
+    lightly: dict[str, dict] = {}
     for task in tasks:  # task by task, so that whatever has finished is a complete row
         st._reload()
         earlier = {float(k.rsplit("-lr", 1)[1]) for k in st.state if k.startswith(f"knn-cifar-{task}-lr")}
@@ -315,6 +311,9 @@ def main() -> None:
             todo = mults if mults == [None] else sorted(earlier if a.report_only else set(mults) | earlier)
             for m in todo:
                 cifar.setdefault(task, {})[m] = cifar_run(st, a, task, m, pretrain_dir, bank, test, n_pre)
+            if a.lightly and task in lightly_tasks.METHODS and task in cifar:
+                lightly[task] = lightly_tasks.table_run(st, a.work, task, chosen(cifar[task]), pretrain_dir, bank, test,
+                                                        a.seed)
             if not a.skip_xray and task in cifar:
                 xray[task] = xray_run(st, a, task, cifar[task], xdata, n_x)
         except Missing as exc:
@@ -325,7 +324,8 @@ def main() -> None:
             variants[parse_variant(spec)[0]] = variant_run(st, a, spec, pretrain_dir, bank, test, n_pre)
         except Missing as exc:
             print(f"not measured yet: {exc}", file=sys.stderr)
-    text = report(a, cifar, xray, n_pre) + variant_report(variants)
+    best = {t: chosen(runs) for t, runs in cifar.items()}
+    text = report(a, cifar, xray, n_pre, lightly) + lightly_tasks.report(best, lightly) + variant_report(variants)
     (a.work / "results.md").write_text(text + "\n")
     print("\n" + text)
 
@@ -344,11 +344,16 @@ def variant_report(variants: dict) -> str:
     return "\n".join(lines)
 
 
+def chosen(runs: dict) -> dict:
+    """The sweep's best run of a task (its chosen default)."""
+    return runs[max(runs, key=lambda m: bits(runs[m]["correct"]).mean())]
+
+
 def verdict(gain: float, se: float) -> str:
     return "yes" if gain > se else "**no**"
 
 
-def report(a, cifar: dict, xray: dict, n_pre: int) -> str:
+def report(a, cifar: dict, xray: dict, n_pre: int, lightly: dict | None = None) -> str:
     lines = [f"LR sweep: CIFAR-10 32 px (jigsaw 64 px), {a.budget_min} CPU min per run, batch {a.batch_size}, "
              f"{n_pre} pretraining images; weighted cosine kNN (k=20) top-1 % ± SE on {a.eval_test} held-out images, "
              f"{a.eval_train}-image bank", ""]
@@ -368,13 +373,17 @@ def report(a, cifar: dict, xray: dict, n_pre: int) -> str:
     lines += ["", f"Chosen defaults: CIFAR-10 kNN top-1 % (best of the sweep) and chest X-ray (1 channel, 64 px, "
               f"{a.xray_images} images, {a.xray_budget_min} CPU min, batch {a.xray_batch_size}) kNN AUROC, "
               "patient-grouped 5-fold, mean ± SE; gains with paired SEs", "",
-              "| task | base_lr | CIFAR-10 kNN % | random | gain (SE) | > SE | X-ray AUROC | random | gain (SE) | > SE |",
-              "| --- | ---: | ---: | ---: | ---: | :---: | ---: | ---: | ---: | :---: |"]
+              "| task | base_lr | CIFAR-10 kNN % | random | gain (SE) | > SE |"
+              + (" lightly | sslkit - lightly (SE) |" if lightly else "") + " X-ray AUROC | random | gain (SE) | > SE |",
+              "| --- | ---: | ---: | ---: | ---: | :---: |" + (" ---: | ---: |" if lightly else "")
+              + " ---: | ---: | ---: | :---: |"]
     for task, runs in cifar.items():
         r = runs[best[task]]
         g, gse = paired_se(bits(r["correct"]), bits(r["random"]))
         row = (f"| {task} | {r['base_lr']:g} | {fmt_pm(*acc_se(r['correct']))} | {100 * acc_se(r['random'])[0]:.1f} | "
                f"{100 * g:+.1f} ({100 * gse:.1f}) | {verdict(g, gse)} |")
+        if lightly:
+            row += lightly_tasks.diff_cells(r, lightly.get(task))
         if task in xray:
             x = xray[task]
             f, rf = np.array(x["folds"]), np.array(x["random"])

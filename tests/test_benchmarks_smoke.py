@@ -46,3 +46,46 @@ def test_simclr_r50_speed_smoke_with_the_timm_reference():
 
 def test_gpu_checks_script_parses():
     assert subprocess.run(["bash", "-n", str(REPO / "benchmarks" / "gpu_checks.sh")]).returncode == 0
+
+
+def test_lightly_recipes_train_the_sslkit_backbone_and_save_a_run_dir(tmp_path):
+    """Every lightly recipe of benchmarks/lightly_tasks.py (task_table.py --lightly) takes one
+    optimizer step with the sslkit run's settings and saves an encoder that loads into the
+    sslkit backbone, its weights moved from their initial values (the recipe trains that backbone)."""
+    import json
+
+    import numpy as np
+    import torch
+    from PIL import Image
+    from safetensors.torch import load_file
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import lightly_tasks
+
+    from sslkit.registry import create_backbone
+
+    rng = np.random.default_rng(0)
+    for cls in ("a", "b"):
+        (tmp_path / "data" / cls).mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(tmp_path / "data" / cls / f"{i}.png")
+    for method in lightly_tasks.METHODS:
+        vit = method in ("mae", "simmim")
+        backbone, opts = ("timm:vit_tiny_patch16_224", {"patch_size": 8}) if vit else ("timm:resnet18", {})
+        run = tmp_path / f"sslkit-{method}"
+        run.mkdir()
+        (run / "run.json").write_text(json.dumps({
+            "task": method, "backbone": backbone, "backbone_options": opts,
+            "input_spec": {"channels": 3, "image_size": 32, "mean": [0.5] * 3, "std": [0.25] * 3},
+            "config": {"batch_size": 4, "base_lr": 1e-3, "weight_decay": 0.05, "optimizer": "adamw", "betas": [0.9, 0.95]},
+            "optimization": {"lr": 1e-3, "warmup_steps": 0}}))
+        cost = lightly_tasks.train(method, tmp_path / "data", run, tmp_path / f"lightly-{method}", steps=1, seed=3)
+        assert cost["steps"] == 1 and np.isfinite(cost["final_loss"]) and cost["cpu_s"] >= 0, method
+        torch.manual_seed(3)
+        initial = create_backbone(backbone, 3, 32, **opts).state_dict()
+        saved = load_file(str(tmp_path / f"lightly-{method}" / "encoder.safetensors"))
+        assert saved.keys() == initial.keys(), method
+        weight = "model.blocks.0.attn.qkv.weight" if vit else "model.conv1.weight"  # moved only by a gradient step
+        assert not torch.equal(saved[weight], initial[weight]), method
+        info = json.loads((tmp_path / f"lightly-{method}" / "run.json").read_text())
+        assert info["task"] == f"{method} (lightly {lightly_tasks.LIGHTLY_VERSION})" and info["backbone"] == backbone
