@@ -8,8 +8,9 @@
 3. Continued MAE pretraining on the chest X-rays (1 channel, 64 px, as label_curve.py) from
    those weights, old recipe (encoder only, full LR, no freeze) vs the new ``--init``
    defaults and one variant per default (to choose them): LR scale 1 / 0.1, freeze 0 /
-   default, task parts restored or not, LR scale 0.3 / 0.03, layer decay 0.75.
-4. In domain: an X-ray MAE run, then continued from it (old recipe vs new defaults).
+   default, task parts restored or not, LR scale 0.3 / 0.03 / 0.01, layer decay 0.75.
+4. In domain: an X-ray MAE run, then continued from it (old recipe vs new defaults, LR
+   scale 0.03 / 0.01).
 
 Every encoder is then scored on the 5216 labelled X-rays by a linear probe and kNN
 (k=20) with patient-grouped 5-fold cross-validation at 1 %, 10 % and 100 % of each fold's
@@ -60,11 +61,16 @@ CONTINUED = {
     "cifar>new,no-parts,freeze0": ("cifar-encoder", ["--init-freeze-steps", "0"]),
     "cifar>new,scale0.3": ("cifar", ["--init-lr-scale", "0.3"]),
     "cifar>new,scale0.03": ("cifar", ["--init-lr-scale", "0.03"]),
+    "cifar>new,scale0.01": ("cifar", ["--init-lr-scale", "0.01"]),
     "cifar>new,ld0.75": ("cifar", ["--layer-decay", "0.75"]),
     "xray>old": ("xray-encoder", ["--init-lr-scale", "1", "--init-freeze-steps", "0"]),
     "xray>new": ("xray", []),
+    "xray>new,scale0.03": ("xray", ["--init-lr-scale", "0.03"]),
+    "xray>new,scale0.01": ("xray", ["--init-lr-scale", "0.01"]),
     "cifar>new,seed1": ("cifar", ["--seed", "1"]),  # replicates: another training seed
     "xray>new,seed1": ("xray", ["--seed", "1"]),
+    "cifar>new,scale0.01,seed1": ("cifar", ["--init-lr-scale", "0.01", "--seed", "1"]),
+    "xray>new,scale0.03,seed1": ("xray", ["--init-lr-scale", "0.03", "--seed", "1"]),
 }
 
 
