@@ -227,3 +227,30 @@ def test_the_plain_grayscale_way_is_the_one_taken_and_a_short_file_is_not_read_b
     assert decode_located(path, None, WINDOWS[2], facts) is not None
     short = dict(facts, end=facts["end"] - 2, native=facts["native"])  # one sample fewer than rows x columns
     assert native_pixels(path, short, None) is None
+
+
+def test_minmax_short_way_equals_the_general_one():
+    """_minmax skips its NaN and clip passes when min and max are finite and the range
+    cannot overflow: bit-equal to the general computation on ranges from 1e-30 to 3e38,
+    constants, NaN, infinities, and values one ulp apart."""
+    from sslkit_plugins.sources.dicom_decode import _minmax, _unit
+
+    def general(x):
+        finite = x[np.isfinite(x)]
+        if not finite.size:
+            return np.zeros_like(x, dtype=np.float32)
+        lo, hi = float(finite.min()), float(finite.max())
+        return np.zeros_like(x, dtype=np.float32) if hi <= lo else _unit((x - lo) / (hi - lo))
+
+    rng = np.random.default_rng(0)
+    cases = [(rng.normal(size=(64, 64)) * s).astype(np.float32) for s in (1e-30, 1e-3, 1, 1e3, 1e20, 1e37, 1e38)]
+    cases += [np.full((8, 8), 5, np.float32), np.zeros((0, 3), np.float32),
+              *(np.array([[v, 1, 2]], np.float32) for v in (np.nan, np.inf, -np.inf)),
+              np.array([[-3e38, 3e38, 0]], np.float32)]
+    for _ in range(500):
+        a = rng.uniform(-1e6, 1e6, (2, 3)).astype(np.float32)
+        cases += [a, np.nextafter(a, np.float32(np.inf))]
+    with np.errstate(all="ignore"):
+        for x in cases:
+            want, got = general(x), _minmax(x)
+            assert got.dtype == want.dtype == np.float32 and np.array_equal(got, want), x

@@ -333,6 +333,13 @@ def _voi_module(width: float, level: float, function: str) -> Dataset:
 
 
 def _minmax(x: np.ndarray) -> np.ndarray:
+    """``x`` scaled to [0, 1] by its finite minimum and maximum (NaN -> 0, inf clipped)."""
+    lo, hi = (float(x.min()), float(x.max())) if x.size and x.dtype == np.float32 else (math.nan, math.nan)
+    if math.isfinite(lo) and math.isfinite(hi) and 0 < hi - lo < 1e30:
+        # every value finite (min/max would be NaN or inf otherwise) and x - lo cannot
+        # overflow: the general path's NaN and clip passes change nothing but a last-ulp 1
+        out = (x - lo) / (hi - lo)
+        return np.minimum(out, np.float32(1.0), out=out)
     finite = x[np.isfinite(x)]
     if not finite.size:
         return np.zeros_like(x, dtype=np.float32)
