@@ -171,7 +171,7 @@ def _attributes(facts: dict[str, Any]) -> Dataset:
 def _shared_attributes(ts: str, implicit: bool, elements: tuple) -> Dataset:
     """:func:`_attributes`, one data set per distinct group 0028 (slices of a series share
     theirs; values converted once). Only read, never changed, by the decode."""
-    return _attributes({"ts": ts, "implicit": implicit, "elements": [list(e) for e in elements]})
+    return _attributes({"ts": ts, "implicit": implicit, "elements": elements})
 
 
 def native_pixels(path: str, facts: dict[str, Any], frame: int | None) -> np.ndarray | None:
