@@ -14,6 +14,7 @@ import resource
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -32,6 +33,7 @@ class Stages:
         work.mkdir(parents=True, exist_ok=True)
         self.file = work / "state.json"
         self.state: dict[str, Any] = json.loads(self.file.read_text()) if self.file.exists() else {}
+        self.lock = threading.Lock()  # stages may run in threads (cifar10.py --parallel)
 
     def run(self, name: str, fn: Callable[[], Any]) -> Any:
         if name in self.state:
@@ -40,10 +42,11 @@ class Stages:
         print(f"[run ] {name}", flush=True)
         t0 = time.time()
         result = fn()
-        self.state[name] = result
-        tmp = self.file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.state, indent=2, default=str))
-        os.replace(tmp, self.file)
+        with self.lock:
+            self.state[name] = result
+            tmp = self.file.with_suffix(".tmp")
+            tmp.write_text(json.dumps(self.state, indent=2, default=str))
+            os.replace(tmp, self.file)
         print(f"[done] {name} in {time.time() - t0:.0f}s wall", flush=True)
         return result
 

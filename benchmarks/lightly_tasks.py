@@ -252,10 +252,18 @@ METHODS: dict[str, Callable[..., Recipe]] = {"simclr": simclr, "moco": moco, "by
 
 
 def train(method: str, train_dir: Path, sslkit_run: Path, out: Path, steps: int, seed: int = 0,
-          log_every: int = 10, **options) -> dict:
+          log_every: int = 10, save_every: int = 25, **options) -> dict:
     """lightly's ``method`` recipe for ``steps`` steps with the sslkit run's backbone, optimizer,
-    LR, warm-up + cosine schedule, batch and input; the encoder saved in ``out`` as a run dir.
-    Returns process CPU seconds, wall seconds and the mean loss of the last 10 steps."""
+    LR, warm-up + cosine schedule, batch, input and precision (``bf16``: the step under CPU
+    autocast, as lightly's benchmarks run mixed precision); the encoder saved in ``out`` as a
+    run dir. Returns process CPU seconds, wall seconds and the mean loss of the last 10 steps.
+
+    Resumable: every ``save_every`` steps the models, optimizer, schedule, data position and
+    RNG states go to ``out/resume.pt``; a later call continues from there (a loss's own
+    state, e.g. MoCo's memory bank, starts empty again). Each epoch's order is a permutation
+    seeded by ``(seed, epoch)``, so a resumed run sees the images an uninterrupted one would."""
+    import random
+
     import torchvision
 
     from sslkit.optim import build_optimizer, warmup_cosine
@@ -268,18 +276,48 @@ def train(method: str, train_dir: Path, sslkit_run: Path, out: Path, steps: int,
     backbone = create_backbone(info["backbone"], int(spec["channels"]), size, **(info.get("backbone_options") or {}))
     recipe = METHODS[method](backbone, size, _norm(spec["mean"], spec["std"]), steps, **options)
     dataset = torchvision.datasets.ImageFolder(str(train_dir), transform=recipe.transform)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch, shuffle=True, drop_last=True, num_workers=0)
+    per_epoch = len(dataset) // batch
     lr = opt_info.get("lr") or cfg.get("lr") or cfg["base_lr"] * batch / 256
     opt = build_optimizer(recipe.model.train(), cfg.get("optimizer", "adamw"), lr, cfg["weight_decay"],
                           betas=tuple(cfg.get("betas", (0.9, 0.95))))
-    warmup = opt_info.get("warmup_steps", min(int(cfg.get("warmup_epochs", 1.0) * len(loader)), steps // 2))
+    warmup = opt_info.get("warmup_steps", min(int(cfg.get("warmup_epochs", 1.0) * per_epoch), steps // 2))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, steps, warmup))
-    c0, t0, step, losses = cpu_seconds(), time.time(), 0, []
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.get("precision") == "bf16")
+    ckpt, step, losses, spent = out / "resume.pt", 0, [], {"cpu_s": 0.0, "wall_s": 0.0}
+    if ckpt.exists():
+        state = torch.load(ckpt, weights_only=False)  # our own file, written below
+        recipe.model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        step, losses, spent = state["step"], state["losses"], state["spent"]
+        torch.set_rng_state(state["rng"]["torch"])
+        np.random.set_state(state["rng"]["numpy"])
+        random.setstate(state["rng"]["python"])
+        print(f"  lightly {method}: resumed at step {step}/{steps}", flush=True)
+    c0, t0 = cpu_seconds(), time.time()
+
+    def elapsed() -> dict:
+        return {"cpu_s": spent["cpu_s"] + cpu_seconds() - c0, "wall_s": spent["wall_s"] + time.time() - t0}
+
+    def save() -> None:
+        out.mkdir(parents=True, exist_ok=True)
+        state = {"model": recipe.model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                 "step": step, "losses": losses, "spent": elapsed(),
+                 "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}}
+        torch.save(state, out / "resume.tmp")
+        (out / "resume.tmp").replace(ckpt)
+
     while step < steps:
+        epoch, first = divmod(step, per_epoch)
+        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+        loader = torch.utils.data.DataLoader(dataset, batch_size=batch, sampler=order[first * batch:].tolist(),
+                                             drop_last=True, num_workers=0, generator=torch.Generator())
+        # (its own generator: a loader draws a seed from the global RNG, which the transforms use)
         for views, _ in loader:
             if recipe.before_step:
                 recipe.before_step(step)
-            loss = recipe.loss(views, step)
+            with autocast:
+                loss = recipe.loss(views, step)
             opt.zero_grad()
             loss.backward()
             if recipe.after_backward:
@@ -290,11 +328,15 @@ def train(method: str, train_dir: Path, sslkit_run: Path, out: Path, steps: int,
             losses.append(float(loss.detach()))
             if step % log_every == 0 or step == steps:
                 print(f"  lightly {method} step {step}/{steps} loss {np.mean(losses[-10:]):.4f}", flush=True)
+            if step % save_every == 0 and step < steps:
+                save()
             if step >= steps:
                 break
-    cost = {"cpu_s": round(cpu_seconds() - c0, 1), "wall_s": round(time.time() - t0, 1),
-            "final_loss": float(np.mean(losses[-10:])), "steps": steps, "lr": lr, "warmup_steps": warmup}
+    cost = {"cpu_s": round(elapsed()["cpu_s"], 1), "wall_s": round(elapsed()["wall_s"], 1),
+            "final_loss": float(np.mean(losses[-10:])), "steps": steps, "lr": lr, "warmup_steps": warmup,
+            "precision": cfg.get("precision", "fp32")}
     save_run(backbone, info, sslkit_run, out, f"{method} (lightly {LIGHTLY_VERSION})", cost)
+    ckpt.unlink(missing_ok=True)
     return cost
 
 
