@@ -51,6 +51,11 @@ class Task(nn.Module):
     #: data-dependent shapes or branches), no Python-side state handed from ``forward`` to
     #: ``on_step_end``. A string says why not (shown to the user); ``False``: not declared.
     capturable: ClassVar[bool | str] = False
+    #: ``True``: the encoder trains on inputs that are not the whole images it will embed
+    #: (jigsaw's tiles), so the engine recomputes its BatchNorm running statistics on whole,
+    #: un-augmented training images after the last step, for the saved encoder only
+    #: (``sslkit/engine/batchnorm.py``; ``run.json`` records ``batchnorm_recomputed``).
+    recompute_batchnorm: ClassVar[bool] = False
 
     def __init__(self, backbone: nn.Module, options: Any, spec: InputSpec) -> None:
         super().__init__()

@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 
 from sslkit import checkpoint, distributed
 from sslkit.engine import state as run_state
+from sslkit.engine.batchnorm import recompute_batchnorm
 from sslkit.engine.callbacks import check_callbacks, create_callbacks
 from sslkit.engine.events import Events, RunInfo
 from sslkit.engine.lock import RunLock
@@ -101,6 +102,11 @@ def run(s: Setup, lock: RunLock | None = None) -> dict[str, Any]:
         finally:
             if status != "finished":
                 _end(s, events, status, summary)
+    if status == "finished" and getattr(s.task, "recompute_batchnorm", False):
+        # every rank, on the same images: with --sync-bn the layers all-reduce
+        recomputed = recompute_batchnorm(s.task.encoder, s.loader, s.spec.mean, s.spec.std, s.device, s.cfg.seed)
+        if recomputed:
+            s.info["batchnorm_recomputed"] = recomputed
     if status == "finished" and s.main:
         write_atomic(s.out / ENCODER_FILE, lambda tmp: save_file(
             {k: v.detach().contiguous().cpu() for k, v in s.task.encoder.state_dict().items()}, str(tmp)))
