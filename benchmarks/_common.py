@@ -93,15 +93,19 @@ def knn_correctness(run_dir: Path, bank: Path, test: Path, weights: bool, seed: 
     ``test`` right, in sorted sample-id order; ``weights=False``: the run's architecture at random init."""
     import torch
 
-    from sslkit.embed import embed_run
+    from sslkit.embed import open_run
+
+    torch.manual_seed(seed)
+    return model_knn_correctness(open_run(str(run_dir), weights=weights), bank, test, k)
+
+
+def model_knn_correctness(model, bank: Path, test: Path, k: int = 20) -> np.ndarray:
+    """:func:`knn_correctness` of an opened ``sslkit.embed.Model`` (one encoder embeds bank and test)."""
+    from sslkit.embed import embed
     from sslkit.eval.knn import knn_votes
 
-    # weights=False builds a fresh random encoder per call: the bank and the queries must
-    # see the same one, so both builds start from the same seed.
-    torch.manual_seed(seed)
-    tr = embed_run(str(run_dir), f"folder:{bank}", batch_size=256, progress=False, weights=weights)
-    torch.manual_seed(seed)
-    te = embed_run(str(run_dir), f"folder:{test}", batch_size=256, progress=False, weights=weights)
+    tr = embed(model, f"folder:{bank}", batch_size=256, progress=False)
+    te = embed(model, f"folder:{test}", batch_size=256, progress=False)
     classes = sorted(set(tr.labels))
     ytr = np.array([classes.index(c) for c in tr.labels])
     yte = np.array([classes.index(c) for c in te.labels])

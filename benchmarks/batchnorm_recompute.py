@@ -26,20 +26,14 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import paired_se  # noqa: E402
+from _common import model_knn_correctness, paired_se  # noqa: E402
 
 
 def knn_correct(encoder, spec, bank: Path, test: Path) -> np.ndarray:
-    from sslkit.embed import Model, embed, torch_encode
-    from sslkit.eval.knn import knn_votes
+    from sslkit.embed import Model, torch_encode
 
     model = Model(spec, {}, torch_encode(encoder, spec, torch.device("cpu")), "torch", {})
-    tr, te = embed(model, f"folder:{bank}", 256, progress=False), embed(model, f"folder:{test}", 256, progress=False)
-    classes = sorted(set(tr.labels))
-    ytr, yte = (np.array([classes.index(c) for c in e.labels]) for e in (tr, te))
-    votes = knn_votes(tr.embeddings, ytr, te.embeddings, len(classes), [20])[20]
-    order = np.argsort(np.array([str(i) for i in te.ids]))
-    return (votes.argmax(1) == yte)[order].astype(float)
+    return model_knn_correctness(model, bank, test).astype(float)
 
 
 def main() -> None:
