@@ -262,8 +262,6 @@ def train(method: str, train_dir: Path, sslkit_run: Path, out: Path, steps: int,
     RNG states go to ``out/resume.pt``; a later call continues from there (a loss's own
     state, e.g. MoCo's memory bank, starts empty again). Each epoch's order is a permutation
     seeded by ``(seed, epoch)``, so a resumed run sees the images an uninterrupted one would."""
-    import random
-
     import torchvision
 
     from sslkit.optim import build_optimizer, warmup_cosine
@@ -285,14 +283,7 @@ def train(method: str, train_dir: Path, sslkit_run: Path, out: Path, steps: int,
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.get("precision") == "bf16")
     ckpt, step, losses, spent = out / "resume.pt", 0, [], {"cpu_s": 0.0, "wall_s": 0.0}
     if ckpt.exists():
-        state = torch.load(ckpt, weights_only=False)  # our own file, written below
-        recipe.model.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        sched.load_state_dict(state["sched"])
-        step, losses, spent = state["step"], state["losses"], state["spent"]
-        torch.set_rng_state(state["rng"]["torch"])
-        np.random.set_state(state["rng"]["numpy"])
-        random.setstate(state["rng"]["python"])
+        step, losses, spent = _restore(ckpt, {"model": recipe.model, "opt": opt, "sched": sched})
         print(f"  lightly {method}: resumed at step {step}/{steps}", flush=True)
     c0, t0 = cpu_seconds(), time.time()
 
@@ -300,12 +291,7 @@ def train(method: str, train_dir: Path, sslkit_run: Path, out: Path, steps: int,
         return {"cpu_s": spent["cpu_s"] + cpu_seconds() - c0, "wall_s": spent["wall_s"] + time.time() - t0}
 
     def save() -> None:
-        out.mkdir(parents=True, exist_ok=True)
-        state = {"model": recipe.model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                 "step": step, "losses": losses, "spent": elapsed(),
-                 "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}}
-        torch.save(state, out / "resume.tmp")
-        (out / "resume.tmp").replace(ckpt)
+        _save(ckpt, {"model": recipe.model, "opt": opt, "sched": sched}, step, losses, elapsed())
 
     while step < steps:
         epoch, first = divmod(step, per_epoch)
@@ -338,6 +324,30 @@ def train(method: str, train_dir: Path, sslkit_run: Path, out: Path, steps: int,
     save_run(backbone, info, sslkit_run, out, f"{method} (lightly {LIGHTLY_VERSION})", cost)
     ckpt.unlink(missing_ok=True)
     return cost
+
+
+def _save(ckpt: Path, parts: dict, step: int, losses: list, spent: dict) -> None:
+    """``train``'s resume file: ``parts``' state dicts, progress and every RNG the step draws from."""
+    import random
+
+    ckpt.parent.mkdir(parents=True, exist_ok=True)
+    state = {**{k: v.state_dict() for k, v in parts.items()}, "step": step, "losses": losses, "spent": spent,
+             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}}
+    torch.save(state, ckpt.with_suffix(".tmp"))
+    ckpt.with_suffix(".tmp").replace(ckpt)
+
+
+def _restore(ckpt: Path, parts: dict) -> tuple[int, list, dict]:
+    """Load :func:`_save`'s file into ``parts`` and the RNGs; returns (step, losses, spent)."""
+    import random
+
+    state = torch.load(ckpt, weights_only=False)  # our own file, written by _save
+    for k, v in parts.items():
+        v.load_state_dict(state[k])
+    torch.set_rng_state(state["rng"]["torch"])
+    np.random.set_state(state["rng"]["numpy"])
+    random.setstate(state["rng"]["python"])
+    return state["step"], state["losses"], state["spent"]
 
 
 def save_run(backbone: nn.Module, info: dict, sslkit_run: Path, out: Path, task: str, cost: dict) -> None:
