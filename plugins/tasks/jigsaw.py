@@ -156,7 +156,8 @@ class Jigsaw(Task):
     Options = JigsawOptions
     default_backbone = "timm:resnet18"
     #: trained on standardised tiles, the encoder embeds whole images: BatchNorm statistics
-    #: recomputed on them at the end (CIFAR-10 kNN at 64 px, 12 steps: 24.1 -> 27.3 %;
+    #: recomputed on them at the end (same weights, paired: chest X-ray kNN AUROC 0.918 ->
+    #: 0.930, 5/5 folds; CIFAR-10 kNN at 64 px +3.2 points at 12 steps, -1.0 +- 0.9 at 46;
     #: BENCHMARKS.md, "jigsaw's BatchNorm statistics")
     recompute_batchnorm = True
 
