@@ -65,8 +65,9 @@ def split_files(raw: Path, n_val: int, seed: int) -> tuple[dict, dict]:
     return train, val
 
 
-def calibrate(batch_size: int, steps: int = 3) -> float:
-    """CPU seconds of one sslkit SimCLR training step (forward, backward, AdamW) at this batch."""
+def simclr_step(batch_size: int, channels_last: bool = False):
+    """``step(bf16=False)``: one sslkit SimCLR training step (augment, forward, NT-Xent,
+    backward, AdamW) on a fixed random batch, optionally under CPU bf16 autocast."""
     import torch
 
     from sslkit.optim import build_optimizer
@@ -76,16 +77,25 @@ def calibrate(batch_size: int, steps: int = 3) -> float:
     torch.manual_seed(0)
     spec = InputSpec(3, SIZE, (0.5,) * 3, (0.25,) * 3)
     task = create_task("simclr", create_backbone(BACKBONE, 3, SIZE, **BACKBONE_OPTS), spec)
+    if channels_last:
+        task = task.to(memory_format=torch.channels_last)
     augment = task.views(spec)
     opt = build_optimizer(task, "adamw", 1e-3, 0.05)
     x = torch.rand(batch_size, 3, SIZE, SIZE)
 
-    def step():
-        loss = task(augment(x))["loss"]
+    def step(bf16: bool = False) -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = task(augment(x))["loss"]
         opt.zero_grad()
         loss.backward()
         opt.step()
 
+    return step
+
+
+def calibrate(batch_size: int, steps: int = 3) -> float:
+    """CPU seconds of one sslkit SimCLR training step (forward, backward, AdamW) at this batch."""
+    step = simclr_step(batch_size)
     step()  # warm-up (allocations, kernel selection)
     c0 = cpu_seconds()
     for _ in range(steps):

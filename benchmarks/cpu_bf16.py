@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import cpu_seconds  # noqa: E402
-from cifar10 import BACKBONE, BACKBONE_OPTS, SIZE  # noqa: E402
+from cifar10 import BACKBONE, SIZE, simclr_step  # noqa: E402
 
 
 def main() -> None:
@@ -30,24 +30,11 @@ def main() -> None:
     a = ap.parse_args()
     import torch
 
-    from sslkit.optim import build_optimizer
-    from sslkit.registry import create_backbone, create_task
-    from sslkit.spec import InputSpec
-
-    torch.manual_seed(0)
-    spec = InputSpec(3, SIZE, (0.5,) * 3, (0.25,) * 3)
-    task = create_task("simclr", create_backbone(BACKBONE, 3, SIZE, **BACKBONE_OPTS), spec)
-    task = task.to(memory_format=torch.channels_last)
-    augment, opt = task.views(spec), build_optimizer(task, "adamw", 1e-3, 0.05)
-    x = torch.rand(a.batch_size, 3, SIZE, SIZE)
+    run_step = simclr_step(a.batch_size, channels_last=True)
 
     def step(bf16: bool) -> tuple[float, float]:
         c0, t0 = cpu_seconds(), time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss = task(augment(x))["loss"]
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+        run_step(bf16)
         return cpu_seconds() - c0, time.perf_counter() - t0
 
     step(False), step(True)  # warm-up: allocations, kernel selection
