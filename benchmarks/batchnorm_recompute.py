@@ -50,10 +50,14 @@ def main() -> None:
     bank, test = split / "bank-5000", split / "test-2000"
     print("| run | trained % | trained + recomputed BN % | random % | random + recomputed BN % |")
     print("| --- | ---: | ---: | ---: | ---: |")
+    loaders = {}  # (size, channels) -> the pretraining images decoded once for every run at that input
     for name in a.runs:
         run = load_run(a.work / "runs" / name)
-        pre = load_data(f"folder:{split / 'pretrain-5000'}", run.spec.image_size, run.spec.channels, {}, progress=False)
-        loader = BatchLoader(pre.prepared.pixels, 128, seed=0, pin_memory=False)
+        shape = (run.spec.image_size, run.spec.channels)
+        if shape not in loaders:
+            pre = load_data(f"folder:{split / 'pretrain-5000'}", *shape, {}, progress=False)
+            loaders[shape] = BatchLoader(pre.prepared.pixels, 128, seed=0, pin_memory=False)
+        loader = loaders[shape]
         cells = {}
         for weights in (True, False):
             tag = "trained" if weights else "random"

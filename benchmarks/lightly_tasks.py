@@ -318,7 +318,8 @@ def train(method: str, train_dir: Path, sslkit_run: Path, out: Path, steps: int,
                 save()
             if step >= steps:
                 break
-    cost = {"cpu_s": round(elapsed()["cpu_s"], 1), "wall_s": round(elapsed()["wall_s"], 1),
+    used = elapsed()
+    cost = {"cpu_s": round(used["cpu_s"], 1), "wall_s": round(used["wall_s"], 1),
             "final_loss": float(np.mean(losses[-10:])), "steps": steps, "lr": lr, "warmup_steps": warmup,
             "precision": cfg.get("precision", "fp32")}
     save_run(backbone, info, sslkit_run, out, f"{method} (lightly {LIGHTLY_VERSION})", cost)
