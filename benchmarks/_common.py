@@ -151,8 +151,11 @@ def link_split(files: dict[str, list[Path]], dest: Path) -> Path:
         (dest / cls).mkdir(parents=True, exist_ok=True)
         for p in paths:
             link = dest / cls / p.name
-            if not link.exists():
+            try:
                 link.symlink_to(p.resolve())
+            except FileExistsError:  # an earlier, interrupted call or a second process (task_table.py --tasks split)
+                if link.resolve() != p.resolve():
+                    raise
     (dest / ".complete").write_text("")
     return dest
 

@@ -325,22 +325,31 @@ def main() -> None:
         except Missing as exc:
             print(f"not measured yet: {exc}", file=sys.stderr)
     best = {t: chosen(runs) for t, runs in cifar.items()}
-    text = report(a, cifar, xray, n_pre, lightly) + lightly_tasks.report(best, lightly) + variant_report(variants)
+    text = (report(a, cifar, xray, n_pre, lightly) + lightly_tasks.report(best, lightly)
+            + variant_report(variants, best, a.budget_min))
     (a.work / "results.md").write_text(text + "\n")
     print("\n" + text)
 
 
-def variant_report(variants: dict) -> str:
+def variant_report(variants: dict, defaults: dict, budget: float) -> str:
+    """The variants beside random init of their architecture and, at the table's budget, beside the
+    task's default run (``defaults``: task -> chosen run), both paired over the same test images."""
     if not variants:
         return ""
-    lines = ["", "", "Variants: CIFAR-10 kNN (k=20) top-1 % beside random init of the same architecture, paired SE", "",
-             "| variant | task | flags | CPU min | steps | kNN % | random | gain (SE) | > SE |",
-             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | :---: |"]
+    lines = ["", "", "Variants: CIFAR-10 kNN (k=20) top-1 % beside random init of the same architecture and beside the "
+             f"task's default run at {budget:g} CPU min (when measured), paired SEs", "",
+             "| variant | task | flags | CPU min | steps | kNN % | random | gain (SE) | > SE | vs default (SE) |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | :---: | ---: |"]
     for name, r in variants.items():
         g, gse = paired_se(bits(r["correct"]), bits(r["random"]))
+        base = defaults.get(r["task"]) if r["budget"] == budget else None
+        vs = "-"
+        if base is not None:
+            d, dse = paired_se(bits(r["correct"]), bits(base["correct"]))
+            vs = f"{100 * d:+.1f} ({100 * dse:.1f})"
         lines.append(f"| {name} | {r['task']} | `{r['flags'] or '-'}` | {r['budget']:g} | {r['steps']} | "
                      f"{fmt_pm(*acc_se(r['correct']))} | {100 * acc_se(r['random'])[0]:.1f} | "
-                     f"{100 * g:+.1f} ({100 * gse:.1f}) | {verdict(g, gse)} |")
+                     f"{100 * g:+.1f} ({100 * gse:.1f}) | {verdict(g, gse)} | {vs} |")
     return "\n".join(lines)
 
 

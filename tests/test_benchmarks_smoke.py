@@ -89,3 +89,30 @@ def test_lightly_recipes_train_the_sslkit_backbone_and_save_a_run_dir(tmp_path):
         assert not torch.equal(saved[weight], initial[weight]), method
         info = json.loads((tmp_path / f"lightly-{method}" / "run.json").read_text())
         assert info["task"] == f"{method} (lightly {lightly_tasks.LIGHTLY_VERSION})" and info["backbone"] == backbone
+
+
+def test_task_table_variants_are_scored_paired_beside_random_init_and_the_default(tmp_path):
+    """task_table.py's variant table: the gain over random init and the difference to the task's
+    default run are paired differences over the same test images; a variant at another budget
+    has no default to compare with. link_split tolerates links a second process made."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import task_table
+    from _common import link_split
+
+    default = {"correct": "1100110000"}
+    variants = {"v": {"correct": "1110110000", "random": "1000010000", "task": "simclr", "budget": 0.5, "steps": 9,
+                      "flags": "--warmup-epochs 0.1"},
+                "w": {"correct": "1110110000", "random": "1000010000", "task": "simclr", "budget": 2.0, "steps": 36,
+                      "flags": ""}}
+    rows = table_rows(task_table.variant_report(variants, {"simclr": default}, 0.5), "v")
+    rows += table_rows(task_table.variant_report(variants, {"simclr": default}, 0.5), "w")
+    # v - random: 3 of 10 images gained, none lost: +0.3, SE sqrt(0.7 * 0.3 * 10 / 9 / 10) = 0.153;
+    # v - default: 1 image gained: +0.1, SE 0.1; accuracy 0.5, SE sqrt(0.25 / 9) = 0.167
+    assert rows[0][5:] == ["50.0 ± 16.7", "20.0", "+30.0 (15.3)", "yes", "+10.0 (10.0)"]
+    assert rows[1][2] == "`-`" and rows[1][-1] == "-"
+
+    src = tmp_path / "a.jpg"
+    src.write_bytes(b"x")
+    (tmp_path / "split" / "c").mkdir(parents=True)
+    (tmp_path / "split" / "c" / "a.jpg").symlink_to(src)  # as a concurrent call leaves it
+    assert (link_split({"c": [src]}, tmp_path / "split") / "c" / "a.jpg").resolve() == src.resolve()
