@@ -74,6 +74,10 @@ class RotationOptions:
 
 class Rotation(Task):
     Options = RotationOptions
+    #: base_lr measured (benchmarks/task_table.py, BENCHMARKS.md "Every task at one small CPU budget"):
+    #: at 2 CPU min (72 steps) 3e-3 beats the built-in 1e-3 by +2.8 points of CIFAR-10 kNN (paired SE 0.6,
+    #: 5,000 test images); its last steps classify 51 % of the rotations right, against 40 % at 1e-3.
+    engine_defaults = {"base_lr": 3e-3}
     default_backbone = "timm:resnet18"
 
     def __init__(self, backbone, options: RotationOptions, spec) -> None:
