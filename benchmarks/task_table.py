@@ -338,8 +338,8 @@ def variant_report(variants: dict, defaults: dict, budget: float) -> str:
         return ""
     lines = ["", "", "Variants: CIFAR-10 kNN (k=20) top-1 % beside random init of the same architecture and beside the "
              f"task's default run at {budget:g} CPU min (when measured), paired SEs", "",
-             "| variant | task | flags | CPU min | steps | kNN % | random | gain (SE) | > SE | vs default (SE) |",
-             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | :---: | ---: |"]
+             "| variant | task | flags | base_lr | CPU min | steps | kNN % | random | gain (SE) | > SE | vs default (SE) |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | :---: | ---: |"]
     for name, r in variants.items():
         g, gse = paired_se(bits(r["correct"]), bits(r["random"]))
         base = defaults.get(r["task"]) if r["budget"] == budget else None
@@ -347,7 +347,8 @@ def variant_report(variants: dict, defaults: dict, budget: float) -> str:
         if base is not None:
             d, dse = paired_se(bits(r["correct"]), bits(base["correct"]))
             vs = f"{100 * d:+.1f} ({100 * dse:.1f})"
-        lines.append(f"| {name} | {r['task']} | `{r['flags'] or '-'}` | {r['budget']:g} | {r['steps']} | "
+        lr = "-" if r.get("base_lr") is None else f"{r['base_lr']:g}"  # the run's own (run.json)
+        lines.append(f"| {name} | {r['task']} | `{r['flags'] or '-'}` | {lr} | {r['budget']:g} | {r['steps']} | "
                      f"{fmt_pm(*acc_se(r['correct']))} | {100 * acc_se(r['random'])[0]:.1f} | "
                      f"{100 * g:+.1f} ({100 * gse:.1f}) | {verdict(g, gse)} | {vs} |")
     return "\n".join(lines)

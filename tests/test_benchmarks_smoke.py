@@ -100,7 +100,7 @@ def test_task_table_variants_are_scored_paired_beside_random_init_and_the_defaul
     from _common import link_split
 
     default = {"correct": "1100110000"}
-    variants = {"v": {"correct": "1110110000", "random": "1000010000", "task": "simclr", "budget": 0.5, "steps": 9,
+    variants = {"v": {"correct": "1110110000", "random": "1000010000", "task": "simclr", "budget": 0.5, "steps": 9, "base_lr": 0.003,
                       "flags": "--warmup-epochs 0.1"},
                 "w": {"correct": "1110110000", "random": "1000010000", "task": "simclr", "budget": 2.0, "steps": 36,
                       "flags": ""}}
@@ -108,7 +108,8 @@ def test_task_table_variants_are_scored_paired_beside_random_init_and_the_defaul
     rows += table_rows(task_table.variant_report(variants, {"simclr": default}, 0.5), "w")
     # v - random: 3 of 10 images gained, none lost: +0.3, SE sqrt(0.7 * 0.3 * 10 / 9 / 10) = 0.153;
     # v - default: 1 image gained: +0.1, SE 0.1; accuracy 0.5, SE sqrt(0.25 / 9) = 0.167
-    assert rows[0][5:] == ["50.0 ± 16.7", "20.0", "+30.0 (15.3)", "yes", "+10.0 (10.0)"]
+    assert rows[0][3] == "0.003" and rows[1][3] == "-"
+    assert rows[0][6:] == ["50.0 ± 16.7", "20.0", "+30.0 (15.3)", "yes", "+10.0 (10.0)"]
     assert rows[1][2] == "`-`" and rows[1][-1] == "-"
 
     src = tmp_path / "a.jpg"
