@@ -28,6 +28,7 @@ ResNet-18 at 64 px).
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/task_table.py --work runs/bench-tasks
         [--tasks simclr,...] [--budget-min 0.5] [--xray-budget-min 1] [--lr-mults 0.3,1,3]
         [--skip-xray] [--skip-sweep] [--lightly] [--variant 'NAME=TASK[@BUDGET] FLAGS' ...]
+        [--xray-variant 'NAME=TASK[@BUDGET] FLAGS' ...]
 
 ``--lightly``: also lightly 1.6.0's recipe of each task lightly implements (simclr, moco,
 byol, barlowtwins, vicreg, dino, mae, simmim; ``lightly_tasks.py``) around the backbone,
@@ -41,6 +42,9 @@ flags (``--task-opt``, ``--backbone-opt``, ``--base-lr``, ...) at ``BUDGET`` CPU
 beside a random encoder of its own architecture in a third table: how the defaults were
 searched, e.g. ``--lr-mults 1 --variant 'mae-b2=mae@2' --variant 'mae-p4=mae --backbone-opt
 patch_size=4'``.
+
+``--xray-variant`` does the same on the chest X-rays (AUROC per fold, beside random init and the
+task's default X-ray run), e.g. ``--xray-variant 'simclr-lr1e-3=simclr --base-lr 1e-3'``.
 
 Resumable (``WORK/state.json``: a finished stage is skipped); prints markdown tables
 (also ``WORK/results.md``).
@@ -56,20 +60,18 @@ import shlex
 import sys
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (Stages, acc_se, bits, knn_correctness, link_split, paired_se, sslkit_pretrain,  # noqa: E402
-                     stratified_subset, task_step_cpu_seconds)
+from _common import (Stages, bits, knn_correctness, link_split, sslkit_pretrain, stratified_subset,  # noqa: E402
+                     task_step_cpu_seconds)
 from cifar10 import split_files  # noqa: E402
 import lightly_tasks  # noqa: E402
+from task_table_report import REF_LR, chosen, report, variant_report, xray_variant_report  # noqa: E402
 
 TASKS = ("simclr", "moco", "byol", "dino", "barlowtwins", "vicreg", "mae", "simmim", "inpainting", "denoising",
          "autoencoder", "vae", "rotation", "jigsaw")
 VIT = ("timm:vit_tiny_patch16_224", {"patch_size": 8})
 CNN = ("timm:resnet18", {})
 PATIENT = r"^(person\d+|NORMAL2-IM-\d+|IM-\d+)"
-REF_LR = 1e-3  # the engine's built-in base_lr; the sweep multiplies it
 
 
 class SharedStages(Stages):
@@ -190,10 +192,6 @@ def xray_split(a) -> tuple[Path, int]:
     return link_split(sub, a.work / "split" / f"xray-{a.xray_images}"), sum(len(v) for v in sub.values())
 
 
-def fmt_pm(x: float, se: float, scale: float = 100, digits: int = 1) -> str:
-    return f"{scale * x:.{digits}f} ± {scale * se:.{digits}f}"
-
-
 def cifar_run(st, a, task: str, m: float | None, pretrain_dir: Path, bank: Path, test: Path, n_pre: int) -> dict:
     name = f"cifar-{task}-" + ("default" if m is None else f"lr{m:g}")
     lr = None if m is None else m * REF_LR
@@ -251,15 +249,31 @@ def xray_run(st, a, task: str, sweep: dict, xdata: Path, n_x: int) -> dict:
     name = f"xray-{task}"
     info = pretrain(st, name, task, xdata, "xray", a, a.xray_budget_min, n_x, a.xray_batch_size,
                     None if best is None else best * REF_LR)
-    run = Path(info["run"])
-    backbone, bopts, _, _ = setup(task, "xray")
-    key = "auroc-random-xray-" + backbone + "".join(f" {k}={v}" for k, v in bopts.items())
+    folds, random = xray_scores(st, a, name, Path(info["run"]), task, xdata)
+    return {**info, "folds": folds, "random": random}
+
+
+def xray_scores(st, a, name: str, run: Path, task: str, xdata: Path, bopts: dict | None = None):
+    """(per-fold AUROC of ``run``, per-fold AUROC of random init of its architecture: computed once)."""
+    backbone, base, _, _ = setup(task, "xray")
+    key = "auroc-random-xray-" + backbone + "".join(f" {k}={v}" for k, v in {**base, **(bopts or {})}.items())
     st._reload()
     if key not in st.state:
         both = st.run(f"auroc-{name}", lambda: xray_auroc(run, xdata, True, a.seed))
         st.run(key, lambda: both["random"])
     res = st.run(f"auroc-{name}", lambda: xray_auroc(run, xdata, False, a.seed))
-    return {**info, "folds": res["pretrained"], "random": st.state[key]}
+    return res["pretrained"], st.state[key]
+
+
+def xray_variant_run(st, a, spec: str, xdata: Path, n_x: int) -> dict:
+    """One ``--xray-variant``: the task with extra flags on the X-rays, AUROC beside random init."""
+    vname, task, budget, flags, bopts, topts = parse_variant(spec)
+    name = f"xray-var-{vname}"
+    budget = a.xray_budget_min if budget is None else budget
+    info = pretrain(st, name, task, xdata, "xray", a, budget, n_x, a.xray_batch_size, None, flags, (bopts, topts))
+    folds, random = xray_scores(st, a, name, Path(info["run"]), task, xdata, bopts)
+    return {**info, "folds": folds, "random": random, "task": task, "budget": budget,
+            "flags": " ".join(flags + [f"--backbone-opt {k}={v}" for k, v in bopts.items()])}
 
 
 def main() -> None:
@@ -288,6 +302,9 @@ def main() -> None:
                     help="also a CIFAR-10 run of TASK with extra pretrain FLAGS at BUDGET CPU min (default "
                          "--budget-min), scored beside random init of its architecture (repeatable), e.g. "
                          "'mae-b2=mae@2' or 'mae-p4=mae --backbone-opt patch_size=4'")
+    ap.add_argument("--xray-variant", action="append", default=[], metavar="'NAME=TASK[@BUDGET] FLAGS'",
+                    help="as --variant, on the chest X-rays (--xray-budget-min), scored by patient-grouped 5-fold "
+                         "AUROC beside random init and the task's default X-ray run (repeatable)")
     a = ap.parse_args()
     os.environ["OMP_NUM_THREADS"] = "1"  # inherited by the sslkit pretrain subprocesses
     import torch
@@ -300,7 +317,7 @@ def main() -> None:
     st = (ReadOnlyStages if a.report_only else SharedStages)(a.work)
     mults = [None] if a.skip_sweep else [float(m) for m in a.lr_mults.split(",")]
     pretrain_dir, bank, test, n_pre = cifar_splits(a)
-    xdata, n_x = (None, 0) if a.skip_xray else xray_split(a)
+    xdata, n_x = (None, 0) if a.skip_xray and not a.xray_variant else xray_split(a)
     cifar: dict[str, dict] = {}
     xray: dict[str, dict] = {}
     lightly: dict[str, dict] = {}
@@ -324,86 +341,17 @@ def main() -> None:
             variants[parse_variant(spec)[0]] = variant_run(st, a, spec, pretrain_dir, bank, test, n_pre)
         except Missing as exc:
             print(f"not measured yet: {exc}", file=sys.stderr)
+    xvariants = {}
+    for spec in a.xray_variant:
+        try:
+            xvariants[parse_variant(spec)[0]] = xray_variant_run(st, a, spec, xdata, n_x)
+        except Missing as exc:
+            print(f"not measured yet: {exc}", file=sys.stderr)
     best = {t: chosen(runs) for t, runs in cifar.items()}
     text = (report(a, cifar, xray, n_pre, lightly) + lightly_tasks.report(best, lightly)
-            + variant_report(variants, best, a.budget_min))
+            + variant_report(variants, best, a.budget_min) + xray_variant_report(xvariants, xray, a.xray_budget_min))
     (a.work / "results.md").write_text(text + "\n")
     print("\n" + text)
-
-
-def variant_report(variants: dict, defaults: dict, budget: float) -> str:
-    """The variants beside random init of their architecture and, at the table's budget, beside the
-    task's default run (``defaults``: task -> chosen run), both paired over the same test images."""
-    if not variants:
-        return ""
-    lines = ["", "", "Variants: CIFAR-10 kNN (k=20) top-1 % beside random init of the same architecture and beside the "
-             f"task's default run at {budget:g} CPU min (when measured), paired SEs", "",
-             "| variant | task | flags | base_lr | CPU min | steps | kNN % | random | gain (SE) | > SE | vs default (SE) |",
-             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | :---: | ---: |"]
-    for name, r in variants.items():
-        g, gse = paired_se(bits(r["correct"]), bits(r["random"]))
-        base = defaults.get(r["task"]) if r["budget"] == budget else None
-        vs = "-"
-        if base is not None:
-            d, dse = paired_se(bits(r["correct"]), bits(base["correct"]))
-            vs = f"{100 * d:+.1f} ({100 * dse:.1f})"
-        lr = "-" if r.get("base_lr") is None else f"{r['base_lr']:g}"  # the run's own (run.json)
-        lines.append(f"| {name} | {r['task']} | `{r['flags'] or '-'}` | {lr} | {r['budget']:g} | {r['steps']} | "
-                     f"{fmt_pm(*acc_se(r['correct']))} | {100 * acc_se(r['random'])[0]:.1f} | "
-                     f"{100 * g:+.1f} ({100 * gse:.1f}) | {verdict(g, gse)} | {vs} |")
-    return "\n".join(lines)
-
-
-def chosen(runs: dict) -> dict:
-    """The sweep's best run of a task (its chosen default)."""
-    return runs[max(runs, key=lambda m: bits(runs[m]["correct"]).mean())]
-
-
-def verdict(gain: float, se: float) -> str:
-    return "yes" if gain > se else "**no**"
-
-
-def report(a, cifar: dict, xray: dict, n_pre: int, lightly: dict | None = None) -> str:
-    lines = [f"LR sweep: CIFAR-10 32 px (jigsaw 64 px), {a.budget_min} CPU min per run, batch {a.batch_size}, "
-             f"{n_pre} pretraining images; weighted cosine kNN (k=20) top-1 % ± SE on {a.eval_test} held-out images, "
-             f"{a.eval_train}-image bank", ""]
-    mults = sorted({m for r in cifar.values() for m in r if m is not None})
-    heads = [f"base_lr {m * REF_LR:g}" for m in mults] or ["default base_lr"]
-    mults = mults or [None]
-    lines += ["| task | backbone | steps | " + " | ".join(heads)
-              + " | random init | chosen base_lr |", "| --- | --- | ---: |" + " ---: |" * (len(heads) + 2)]
-    best = {}
-    for task, runs in cifar.items():
-        best[task] = max(runs, key=lambda m: bits(runs[m]["correct"]).mean())
-        r0 = next(iter(runs.values()))
-        cells = [fmt_pm(*acc_se(runs[m]["correct"])) if m in runs else "-" for m in mults]
-        chosen = runs[best[task]]["base_lr"]
-        lines.append(f"| {task} | {r0['arch']} | {r0['steps']} | " + " | ".join(cells)
-                     + f" | {fmt_pm(*acc_se(r0['random']))} | {chosen:g} |")
-    lines += ["", f"Chosen defaults: CIFAR-10 kNN top-1 % (best of the sweep) and chest X-ray (1 channel, 64 px, "
-              f"{a.xray_images} images, {a.xray_budget_min} CPU min, batch {a.xray_batch_size}) kNN AUROC, "
-              "patient-grouped 5-fold, mean ± SE; gains with paired SEs", "",
-              "| task | base_lr | CIFAR-10 kNN % | random | gain (SE) | > SE |"
-              + (" lightly | sslkit - lightly (SE) |" if lightly else "") + " X-ray AUROC | random | gain (SE) | > SE |",
-              "| --- | ---: | ---: | ---: | ---: | :---: |" + (" ---: | ---: |" if lightly else "")
-              + " ---: | ---: | ---: | :---: |"]
-    for task, runs in cifar.items():
-        r = runs[best[task]]
-        g, gse = paired_se(bits(r["correct"]), bits(r["random"]))
-        row = (f"| {task} | {r['base_lr']:g} | {fmt_pm(*acc_se(r['correct']))} | {100 * acc_se(r['random'])[0]:.1f} | "
-               f"{100 * g:+.1f} ({100 * gse:.1f}) | {verdict(g, gse)} |")
-        if lightly:
-            row += lightly_tasks.diff_cells(r, lightly.get(task))
-        if task in xray:
-            x = xray[task]
-            f, rf = np.array(x["folds"]), np.array(x["random"])
-            xg, xse = paired_se(f, rf)
-            row += (f" {fmt_pm(f.mean(), f.std(ddof=1) / math.sqrt(len(f)), 1, 3)} | {rf.mean():.3f} | "
-                    f"{xg:+.3f} ({xse:.3f}) | {verdict(xg, xse)} |")
-        else:
-            row += " - | - | - | - |"
-        lines.append(row)
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -112,6 +112,14 @@ def test_task_table_variants_are_scored_paired_beside_random_init_and_the_defaul
     assert rows[0][6:] == ["50.0 ± 16.7", "20.0", "+30.0 (15.3)", "yes", "+10.0 (10.0)"]
     assert rows[1][2] == "`-`" and rows[1][-1] == "-"
 
+    xv = {"x": {"folds": [0.90, 0.92, 0.94, 0.91, 0.93], "random": [0.88, 0.89, 0.90, 0.88, 0.90], "task": "simclr",
+                "budget": 0.6, "steps": 40, "flags": "--base-lr 1e-3", "base_lr": 0.001}}
+    row = table_rows(task_table.xray_variant_report(xv, {"simclr": {"folds": [0.91, 0.92, 0.93, 0.92, 0.91]}}, 0.6),
+                     "x")[0]
+    # per-fold gains 0.02, 0.03, 0.04, 0.03, 0.03: +0.030, SE sqrt(0.0002 / 4) / sqrt(5) = 0.0032;
+    # minus the default: -0.01, 0, 0.01, -0.01, 0.02: +0.002, SE sqrt(0.00068 / 4) / sqrt(5) = 0.0058
+    assert row[3] == "0.001" and row[6:] == ["0.920 ± 0.007", "0.890", "+0.030 (0.003)", "yes", "+0.002 (0.006)"]
+
     src = tmp_path / "a.jpg"
     src.write_bytes(b"x")
     (tmp_path / "split" / "c").mkdir(parents=True)
