@@ -139,7 +139,8 @@ def pretrain(st: Stages, name: str, task: str, data: Path, dataset: str, a, budg
     run = a.work / "runs" / name
     args = ["--task", task, "--data", f"folder:{data}", "--backbone", backbone, "--image-size", str(size),
             "--channels", str(ch), "--batch-size", str(batch), "--epochs", str(epochs), "--max-steps", str(steps),
-            "--seed", str(a.seed), "--device", "cpu", "--cache", str(a.work / f"cache-{dataset}-{size}"), "--quiet"]
+            "--seed", str(a.seed), "--device", "cpu", "--cache", str(a.work / f"cache-{dataset}-{size}"), "--quiet",
+            "--keep-checkpoints", "1"]  # the newest resumes a cut run; a table of ~40 runs kept 3 each (~25 GB)
     if base_lr is not None:
         args += ["--base-lr", f"{base_lr:g}"]
     for k, v in bopts.items():
