@@ -229,19 +229,27 @@ def parse_variant(spec: str) -> tuple[str, str, float | None, list[str], dict, d
     return name, task, float(budget) if budget else None, flags, bopts, topts
 
 
+def variant_pretrain(st, a, spec: str, dataset: str, data: Path, n_images: int) -> tuple[dict, dict]:
+    """Pretraining of one ``--variant`` (``dataset`` "cifar") or ``--xray-variant`` ("xray"): the run's
+    info with its task, budget and flags, and the backbone options the flags set."""
+    vname, task, budget, flags, bopts, topts = parse_variant(spec)
+    cifar = dataset == "cifar"
+    budget = (a.budget_min if cifar else a.xray_budget_min) if budget is None else budget
+    info = pretrain(st, f"{dataset}-var-{vname}", task, data, dataset, a, budget, n_images,
+                    a.batch_size if cifar else a.xray_batch_size, None, flags, (bopts, topts))
+    return {**info, "task": task, "budget": budget,
+            "flags": " ".join(flags + [f"--backbone-opt {k}={v}" for k, v in bopts.items()])}, bopts
+
+
 def variant_run(st, a, spec: str, pretrain_dir: Path, bank: Path, test: Path, n_pre: int) -> dict:
     """One ``--variant``: the task with extra flags at its budget, kNN beside random init of its architecture."""
-    vname, task, budget, flags, bopts, topts = parse_variant(spec)
-    name = f"cifar-var-{vname}"
-    budget = a.budget_min if budget is None else budget
-    info = pretrain(st, name, task, pretrain_dir, "cifar", a, budget, n_pre, a.batch_size, None, flags, (bopts, topts))
+    info, bopts = variant_pretrain(st, a, spec, "cifar", pretrain_dir, n_pre)
     run = Path(info["run"])
-    correct = st.run(f"knn-{name}", lambda: knn_correct(run, bank, test, True, a.seed))
-    backbone, base, size, _ = setup(task, "cifar")
+    correct = st.run(f"knn-{run.name}", lambda: knn_correct(run, bank, test, True, a.seed))
+    backbone, base, size, _ = setup(info["task"], "cifar")
     arch = f"{backbone}{''.join(f' {k}={v}' for k, v in {**base, **bopts}.items())} {size}px"
     rand = st.run(f"knn-random-cifar-{arch}", lambda: knn_correct(run, bank, test, False, a.seed))
-    return {**info, "correct": correct, "random": rand, "arch": arch, "task": task, "budget": budget,
-            "flags": " ".join(flags + [f"--backbone-opt {k}={v}" for k, v in bopts.items()])}
+    return {**info, "correct": correct, "random": rand, "arch": arch}
 
 
 def xray_run(st, a, task: str, sweep: dict, xdata: Path, n_x: int) -> dict:
@@ -268,13 +276,10 @@ def xray_scores(st, a, name: str, run: Path, task: str, xdata: Path, bopts: dict
 
 def xray_variant_run(st, a, spec: str, xdata: Path, n_x: int) -> dict:
     """One ``--xray-variant``: the task with extra flags on the X-rays, AUROC beside random init."""
-    vname, task, budget, flags, bopts, topts = parse_variant(spec)
-    name = f"xray-var-{vname}"
-    budget = a.xray_budget_min if budget is None else budget
-    info = pretrain(st, name, task, xdata, "xray", a, budget, n_x, a.xray_batch_size, None, flags, (bopts, topts))
-    folds, random = xray_scores(st, a, name, Path(info["run"]), task, xdata, bopts)
-    return {**info, "folds": folds, "random": random, "task": task, "budget": budget,
-            "flags": " ".join(flags + [f"--backbone-opt {k}={v}" for k, v in bopts.items()])}
+    info, bopts = variant_pretrain(st, a, spec, "xray", xdata, n_x)
+    run = Path(info["run"])
+    folds, random = xray_scores(st, a, run.name, run, info["task"], xdata, bopts)
+    return {**info, "folds": folds, "random": random}
 
 
 def main() -> None:
