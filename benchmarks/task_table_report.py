@@ -17,6 +17,21 @@ def fmt_pm(x: float, se: float, scale: float = 100, digits: int = 1) -> str:
     return f"{scale * x:.{digits}f} ± {scale * se:.{digits}f}"
 
 
+def knn_cells(correct: str, random: str) -> str:
+    """``kNN % ± SE | random % | gain (paired SE) | > SE`` of a run's and random init's correctness strings."""
+    g, gse = paired_se(bits(correct), bits(random))
+    return (f"{fmt_pm(*acc_se(correct))} | {100 * acc_se(random)[0]:.1f} | {100 * g:+.1f} ({100 * gse:.1f}) | "
+            f"{verdict(g, gse)}")
+
+
+def auroc_cells(folds, random) -> str:
+    """``AUROC ± SE | random | gain (per-fold paired SE) | > SE`` of per-fold AUROCs."""
+    f, rf = np.array(folds), np.array(random)
+    g, gse = paired_se(f, rf)
+    return (f"{fmt_pm(f.mean(), f.std(ddof=1) / math.sqrt(len(f)), 1, 3)} | {rf.mean():.3f} | {g:+.3f} ({gse:.3f}) | "
+            f"{verdict(g, gse)}")
+
+
 def variant_report(variants: dict, defaults: dict, budget: float) -> str:
     """The variants beside random init of their architecture and, at the table's budget, beside the
     task's default run (``defaults``: task -> chosen run), both paired over the same test images."""
@@ -27,17 +42,19 @@ def variant_report(variants: dict, defaults: dict, budget: float) -> str:
              "| variant | task | flags | base_lr | CPU min | steps | kNN % | random | gain (SE) | > SE | vs default (SE) |",
              "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | :---: | ---: |"]
     for name, r in variants.items():
-        g, gse = paired_se(bits(r["correct"]), bits(r["random"]))
         base = defaults.get(r["task"]) if r["budget"] == budget else None
         vs = "-"
         if base is not None:
             d, dse = paired_se(bits(r["correct"]), bits(base["correct"]))
             vs = f"{100 * d:+.1f} ({100 * dse:.1f})"
-        lr = "-" if r.get("base_lr") is None else f"{r['base_lr']:g}"  # the run's own (run.json)
-        lines.append(f"| {name} | {r['task']} | `{r['flags'] or '-'}` | {lr} | {r['budget']:g} | {r['steps']} | "
-                     f"{fmt_pm(*acc_se(r['correct']))} | {100 * acc_se(r['random'])[0]:.1f} | "
-                     f"{100 * g:+.1f} ({100 * gse:.1f}) | {verdict(g, gse)} | {vs} |")
+        lines.append(f"{variant_head(name, r)} {knn_cells(r['correct'], r['random'])} | {vs} |")
     return "\n".join(lines)
+
+
+def variant_head(name: str, r: dict) -> str:
+    """A variant row's first cells: name, task, flags, the run's own base_lr (run.json), budget, steps."""
+    lr = "-" if r.get("base_lr") is None else f"{r['base_lr']:g}"
+    return f"| {name} | {r['task']} | `{r['flags'] or '-'}` | {lr} | {r['budget']:g} | {r['steps']} |"
 
 
 def xray_variant_report(variants: dict, defaults: dict, budget: float) -> str:
@@ -50,14 +67,9 @@ def xray_variant_report(variants: dict, defaults: dict, budget: float) -> str:
              "", "| variant | task | flags | base_lr | CPU min | steps | AUROC | random | gain (SE) | > SE | vs default (SE) |",
              "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | :---: | ---: |"]
     for name, r in variants.items():
-        f, rf = np.array(r["folds"]), np.array(r["random"])
-        g, gse = paired_se(f, rf)
         base = defaults.get(r["task"]) if r["budget"] == budget else None
-        vs = "-" if base is None else "{:+.3f} ({:.3f})".format(*paired_se(f, np.array(base["folds"])))
-        lr = "-" if r.get("base_lr") is None else f"{r['base_lr']:g}"
-        lines.append(f"| {name} | {r['task']} | `{r['flags'] or '-'}` | {lr} | {r['budget']:g} | {r['steps']} | "
-                     f"{fmt_pm(f.mean(), f.std(ddof=1) / math.sqrt(len(f)), 1, 3)} | {rf.mean():.3f} | "
-                     f"{g:+.3f} ({gse:.3f}) | {verdict(g, gse)} | {vs} |")
+        vs = "-" if base is None else "{:+.3f} ({:.3f})".format(*paired_se(np.array(r["folds"]), np.array(base["folds"])))
+        lines.append(f"{variant_head(name, r)} {auroc_cells(r['folds'], r['random'])} | {vs} |")
     return "\n".join(lines)
 
 
@@ -79,14 +91,11 @@ def report(a, cifar: dict, xray: dict, n_pre: int, lightly: dict | None = None) 
     mults = mults or [None]
     lines += ["| task | backbone | steps | " + " | ".join(heads)
               + " | random init | chosen base_lr |", "| --- | --- | ---: |" + " ---: |" * (len(heads) + 2)]
-    best = {}
     for task, runs in cifar.items():
-        best[task] = max(runs, key=lambda m: bits(runs[m]["correct"]).mean())
         r0 = next(iter(runs.values()))
         cells = [fmt_pm(*acc_se(runs[m]["correct"])) if m in runs else "-" for m in mults]
-        chosen = runs[best[task]]["base_lr"]
         lines.append(f"| {task} | {r0['arch']} | {r0['steps']} | " + " | ".join(cells)
-                     + f" | {fmt_pm(*acc_se(r0['random']))} | {chosen:g} |")
+                     + f" | {fmt_pm(*acc_se(r0['random']))} | {chosen(runs)['base_lr']:g} |")
     lines += ["", f"Chosen defaults: CIFAR-10 kNN top-1 % (best of the sweep) and chest X-ray (1 channel, 64 px, "
               f"{a.xray_images} images, {a.xray_budget_min} CPU min, batch {a.xray_batch_size}) kNN AUROC, "
               "patient-grouped 5-fold, mean ± SE; gains with paired SEs", "",
@@ -95,19 +104,11 @@ def report(a, cifar: dict, xray: dict, n_pre: int, lightly: dict | None = None) 
               "| --- | ---: | ---: | ---: | ---: | :---: |" + (" ---: | ---: |" if lightly else "")
               + " ---: | ---: | ---: | :---: |"]
     for task, runs in cifar.items():
-        r = runs[best[task]]
-        g, gse = paired_se(bits(r["correct"]), bits(r["random"]))
-        row = (f"| {task} | {r['base_lr']:g} | {fmt_pm(*acc_se(r['correct']))} | {100 * acc_se(r['random'])[0]:.1f} | "
-               f"{100 * g:+.1f} ({100 * gse:.1f}) | {verdict(g, gse)} |")
+        r = chosen(runs)
+        row = f"| {task} | {r['base_lr']:g} | {knn_cells(r['correct'], r['random'])} |"
         if lightly:
             row += lightly_tasks.diff_cells(r, lightly.get(task))
-        if task in xray:
-            x = xray[task]
-            f, rf = np.array(x["folds"]), np.array(x["random"])
-            xg, xse = paired_se(f, rf)
-            row += (f" {fmt_pm(f.mean(), f.std(ddof=1) / math.sqrt(len(f)), 1, 3)} | {rf.mean():.3f} | "
-                    f"{xg:+.3f} ({xse:.3f}) | {verdict(xg, xse)} |")
-        else:
-            row += " - | - | - | - |"
+        x = xray.get(task)
+        row += f" {auroc_cells(x['folds'], x['random'])} |" if x else " - | - | - | - |"
         lines.append(row)
     return "\n".join(lines)
