@@ -109,7 +109,7 @@ def test_task_options_that_cannot_fit_the_backbone_are_refused_before_decoding(t
     bad.mkdir()
     for i in range(3):
         (bad / f"{i}.png").write_bytes(b"not a png at all")
-    proc = _pretrain("--task", "dino", "--backbone", "timm:vit_tiny_patch16_224", "--data", f"folder:{bad}",
-                     out=tmp_path / "r", run=cli)
+    proc = _pretrain("--task", "dino", "--task-opt", "local_crops=8", "--backbone", "timm:vit_tiny_patch16_224",
+                     "--data", f"folder:{bad}", out=tmp_path / "r", run=cli)
     _assert_user_error(proc, "local crops", "local_crops=0")
     assert not (tmp_path / "r").exists()

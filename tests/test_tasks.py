@@ -117,9 +117,23 @@ def test_incompatible_pairings_refused_naming_what_works(task, backbone, size, n
 
 def test_dino_local_crops_on_fixed_size_vit_refused():
     with pytest.raises(UsageError, match="local_crops=0"):
-        build("dino", "timm:vit_tiny_patch16_224", backbone_opts=TINY_VIT)
+        build("dino", "timm:vit_tiny_patch16_224", backbone_opts=TINY_VIT, local_crops=8)
     task, spec = build("dino", "timm:vit_tiny_patch16_224", backbone_opts=TINY_VIT, local_crops=0, out_dim=64)
     assert len(task.views(spec)(images(2, 1, 32))) == 2
+
+
+@pytest.mark.parametrize("size,default_views", [(32, 2), (64, 2), (95, 2), (96, 10)])
+def test_dino_local_crops_default_to_none_below_96_px(size, default_views):
+    """8 local crops from 96 px (the paper's), none below (measured); an explicit count always wins."""
+    small = dict(out_dim=64, hidden_dim=32, bottleneck_dim=16)
+    task, spec = build("dino", size=size, **small)
+    views = task.views(spec)(images(2, 1, size))
+    assert len(views) == default_views
+    assert [v.shape[-1] for v in views[2:]] == [round(size * 96 / 224 / 2) * 2] * (default_views - 2)
+    task, spec = build("dino", size=size, local_crops=1, **small)
+    assert len(task.views(spec)(images(2, 1, size))) == 3
+    with pytest.raises(UsageError, match="local_crops=0"):  # a fixed-size ViT at 96 px: local crops by default
+        build("dino", "timm:vit_tiny_patch16_224", size=96, backbone_opts=TINY_VIT, **small)
 
 
 def test_moco_version_defaults():
