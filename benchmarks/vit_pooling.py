@@ -7,16 +7,28 @@ ONNX export use) and ``"avg"`` (the mean of the normed patch tokens, as the MAE/
 papers probe), each for the trained encoder and the random-init baseline of the same
 architecture. Gains over random with the paired SE (same test images).
 
+With ``--xray DIR`` the runs are the work dir's chest X-ray runs, scored as ``task_table.py``
+scores them (kNN AUROC, patient-grouped 5-fold on ``DIR``), the ``avg`` rows from a copy of
+the run whose ``run.json`` asks timm for that pooling (``--backbone-opt global_pool=avg
+--backbone-opt fc_norm=false``: the norm stays before pooling) beside the same weights; SEs
+over the folds.
+
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/vit_pooling.py --work runs/bench-tasks-v2 --test test-5000 \\
         cifar-mae-default cifar-simmim-default
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/vit_pooling.py --work runs/bench-s7 \\
+        --xray runs/bench-s7/split/xray-1500 xray-mae
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
+import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -24,12 +36,51 @@ from _common import paired_se  # noqa: E402
 from batchnorm_recompute import knn_correct  # noqa: E402
 
 
+#: the backbone options under which timm pools as ``global_pool`` with the final norm on every token
+POOL_OPTIONS = {"token": {}, "avg": {"global_pool": "avg", "fc_norm": False}}
+
+
+def pooled_run(run_dir: Path, pool: str, tmp: Path) -> Path:
+    """``run_dir`` itself, or a copy (its weights linked) whose backbone pools as ``pool``."""
+    if not POOL_OPTIONS[pool]:
+        return run_dir
+    dest = tmp / f"{run_dir.name}-{pool}"
+    dest.mkdir()
+    info = json.loads((run_dir / "run.json").read_text())
+    for holder in (info, info["config"]):  # the top-level copy is what builds the encoder
+        holder["backbone_options"] = {**holder.get("backbone_options", {}), **POOL_OPTIONS[pool]}
+    (dest / "run.json").write_text(json.dumps(info))
+    os.symlink((run_dir / "encoder.safetensors").resolve(), dest / "encoder.safetensors")
+    return dest
+
+
+def xray_rows(work: Path, data: Path, names: list[str]) -> None:
+    from task_table import xray_auroc
+
+    print("| run | pooling | trained AUROC | random AUROC | gain (fold SE) | vs token (fold SE) |")
+    print("| --- | --- | ---: | ---: | ---: | ---: |")
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in names:
+            token = None
+            for pool in POOL_OPTIONS:
+                folds = xray_auroc(pooled_run(work / "runs" / name, pool, Path(tmp)), data, baseline=True, seed=0)
+                trained, random = np.array(folds["pretrained"]), np.array(folds["random"])
+                g, se = paired_se(trained, random)
+                vs = "-" if token is None else "%+.3f (%.3f)" % paired_se(trained, token)
+                token = trained if token is None else token
+                print(f"| {name} | {pool} | {trained.mean():.3f} | {random.mean():.3f} | {g:+.3f} ({se:.3f}) | {vs} |",
+                      flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--work", type=Path, default=Path("runs/bench-tasks-v2"))
     ap.add_argument("--test", default="test-5000", help="the test split's folder under WORK/split")
+    ap.add_argument("--xray", type=Path, help="score X-ray runs by patient-grouped 5-fold AUROC on this folder")
     ap.add_argument("runs", nargs="+", help="run names under WORK/runs")
     a = ap.parse_args()
+    if a.xray:
+        return xray_rows(a.work, a.xray, a.runs)
     from sslkit.run import load_run
 
     bank, test = a.work / "split" / "bank-5000", a.work / "split" / a.test

@@ -125,3 +125,27 @@ def test_task_table_variants_are_scored_paired_beside_random_init_and_the_defaul
     (tmp_path / "split" / "c").mkdir(parents=True)
     (tmp_path / "split" / "c" / "a.jpg").symlink_to(src)  # as a concurrent call leaves it
     assert (link_split({"c": [src]}, tmp_path / "split") / "c" / "a.jpg").resolve() == src.resolve()
+
+
+def test_vit_pooling_copy_embeds_the_mean_of_the_normed_patch_tokens_with_the_same_weights(tmp_path):
+    """vit_pooling.py's X-ray ``avg`` rows score a copy of the run whose run.json asks timm for
+    mean pooling: the same weights, embedding the mean of the normed patch tokens (not the class token)."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import torch
+    from tests.conftest import make_images, tiny_run
+    from vit_pooling import pooled_run
+
+    from sslkit.run import load_run
+
+    run = tiny_run(f"folder:{make_images(tmp_path / 'img')}", tmp_path / "r", 32, "--backbone",
+                   "timm:vit_tiny_patch16_224", "--backbone-opt", "patch_size=8", "--backbone-opt", "depth=2")
+    (tmp_path / "tmp").mkdir()
+    assert pooled_run(run, "token", tmp_path / "tmp") == run
+    copy = pooled_run(run, "avg", tmp_path / "tmp")
+    token, avg = load_run(run).build_encoder(True).eval(), load_run(copy).build_encoder(True).eval()
+    x = torch.rand(3, 3, 32, 32)
+    with torch.no_grad():
+        tokens = token.model.forward_features(x)  # (B, 1 + 16, D), after the final norm
+        torch.testing.assert_close(avg(x), tokens[:, 1:].mean(1))
+        torch.testing.assert_close(token(x), tokens[:, 0])
+        assert not torch.allclose(avg(x), token(x))
