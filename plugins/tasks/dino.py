@@ -20,7 +20,7 @@ no local crops below 96 px and ``base_lr`` 3e-3 (BENCHMARKS.md, "DINO without lo
 below 96 px").
 The centre, the current teacher temperature and the teacher live in the task's state
 dict (checkpointed). A backbone built for one input size (a timm ViT) cannot take local
-crops: use ``--task-opt local_crops=0`` or a CNN.
+crops: from 96 px, where they are on by default, use ``--task-opt local_crops=0`` or a CNN.
 """
 
 from __future__ import annotations
