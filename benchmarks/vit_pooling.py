@@ -61,13 +61,13 @@ def xray_rows(work: Path, data: Path, names: list[str]) -> None:
     print("| --- | --- | ---: | ---: | ---: | ---: |")
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
-            token = None
-            for pool in POOL_OPTIONS:
-                folds = xray_auroc(pooled_run(work / "runs" / name, pool, Path(tmp)), data, baseline=True, seed=0)
-                trained, random = np.array(folds["pretrained"]), np.array(folds["random"])
+            folds = {pool: xray_auroc(pooled_run(work / "runs" / name, pool, Path(tmp)), data, baseline=True, seed=0)
+                     for pool in POOL_OPTIONS}
+            token = np.array(folds["token"]["pretrained"])
+            for pool, f in folds.items():
+                trained, random = np.array(f["pretrained"]), np.array(f["random"])
                 g, se = paired_se(trained, random)
-                vs = "-" if token is None else "%+.3f (%.3f)" % paired_se(trained, token)
-                token = trained if token is None else token
+                vs = "-" if pool == "token" else "%+.3f (%.3f)" % paired_se(trained, token)
                 print(f"| {name} | {pool} | {trained.mean():.3f} | {random.mean():.3f} | {g:+.3f} ({se:.3f}) | {vs} |",
                       flush=True)
 
