@@ -56,6 +56,12 @@ class Task(nn.Module):
     #: un-augmented training images after the last step, for the saved encoder only
     #: (``sslkit/engine/batchnorm.py``; ``run.json`` records ``batchnorm_recomputed``).
     recompute_batchnorm: ClassVar[bool] = False
+    #: How the trained encoder is best embedded, where its backbone offers a choice
+    #: (``embedding_options`` on the backbone): ``"patch_mean"``, the mean of a ViT's normed
+    #: patch tokens instead of its class token. The engine records the backbone options that
+    #: give it in ``run.json`` (under the user's own ``--backbone-opt``), so ``embed``, ``eval``
+    #: and the export use it. ``None``: the backbone's own embedding.
+    embedding: ClassVar[str | None] = None
 
     def __init__(self, backbone: nn.Module, options: Any, spec: InputSpec) -> None:
         super().__init__()

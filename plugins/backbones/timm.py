@@ -42,6 +42,19 @@ class TimmBackbone(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
 
+    def embedding_options(self, embedding: str) -> dict[str, Any] | None:
+        """The timm options that make this model embed by ``embedding`` (``Task.embedding``), or None.
+
+        ``"patch_mean"`` on a ViT that pools its class token: ``global_pool="avg"`` with
+        ``fc_norm=False``, so the final norm stays on every token (the parameters are the
+        same) and the embedding is the mean of the normed patch tokens.
+        """
+        m = self.model
+        if (embedding == "patch_mean" and isinstance(m, VisionTransformer) and m.global_pool == "token"
+                and isinstance(m.fc_norm, nn.Identity)):
+            return {"global_pool": "avg", "fc_norm": False}
+        return None
+
     def init_target(self) -> dict[str, Any]:
         """Where ``--init`` weights go: ``self.model`` (timm's key names), its stem weight
         (timm's ``pretrained_cfg["first_conv"]``) and, for ViTs, the position embeddings'

@@ -112,11 +112,12 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def check_pairing(backbone_name: str, cfg: RunConfig) -> None:
+def check_pairing(backbone_name: str, cfg: RunConfig) -> torch.nn.Module:
     """Build the task once on a stand-in input spec, so that a task/backbone/options
     mismatch (``Task.check``, option values, what the constructor refuses) is reported
     before any image is decoded. With the channel count still unknown (it comes from the
-    data), only what fails for both 1 and 3 channels is refused here."""
+    data), only what fails for both 1 and 3 channels is refused here. Returns the probe
+    backbone."""
     first: UsageError | None = None
     volume = planned_volume(cfg)  # --sample volume: the size and mode, from the source's options
     with torch.random.fork_rng(devices=[]):  # the real model's initialisation must not depend on this
@@ -130,10 +131,22 @@ def check_pairing(backbone_name: str, cfg: RunConfig) -> None:
                     load_init(cfg.init, probe, cfg.allow_download)
                 create_task(cfg.task, probe, InputSpec(c, cfg.image_size, (0.5,) * c, (0.25,) * c, **volume),
                             **cfg.task_options)
-                return
+                return probe
             except UsageError as exc:
                 first = first or exc
     raise first
+
+
+def with_task_embedding(cfg: RunConfig, probe: torch.nn.Module) -> RunConfig:
+    """``cfg`` with the backbone options that give the task's ``Task.embedding`` on this
+    backbone (its ``embedding_options``), unless the user set any of them or the run is a
+    resume (its run.json's options stand)."""
+    wanted = get_task(cfg.task).embedding
+    offer = getattr(probe, "embedding_options", None)
+    options = offer(wanted) if wanted and offer is not None and not cfg.resume else None
+    if not options or options.keys() & cfg.backbone_options.keys():
+        return cfg
+    return dataclasses.replace(cfg, backbone_options={**cfg.backbone_options, **options})
 
 
 def planned_volume(cfg: RunConfig) -> dict[str, Any]:
@@ -174,7 +187,7 @@ def build(cfg: RunConfig, device: torch.device) -> Setup:
                          f"must be divisible by their number")
     _determinism(cfg, device)
     seed_everything(cfg.seed)
-    check_pairing(backbone_name, cfg)  # fail fast, before decoding anything
+    cfg = with_task_embedding(cfg, check_pairing(backbone_name, cfg))  # fail fast, before decoding anything
     data = _load(cfg, rank, world)
     mean, std = channel_stats(data.prepared.pixels)
     spec = InputSpec(data.channels, cfg.image_size, mean, std, data.source.scheme, data.source.describe(),
