@@ -141,7 +141,7 @@ def with_task_embedding(cfg: RunConfig, probe: torch.nn.Module) -> RunConfig:
     """``cfg`` with the backbone options that give the task's ``Task.embedding`` on this
     backbone (its ``embedding_options``), unless the user set any of them or the run is a
     resume (its run.json's options stand)."""
-    wanted = get_task(cfg.task).embedding
+    wanted = getattr(get_task(cfg.task), "embedding", None)
     offer = getattr(probe, "embedding_options", None)
     options = offer(wanted) if wanted and offer is not None and not cfg.resume else None
     if not options or options.keys() & cfg.backbone_options.keys():
