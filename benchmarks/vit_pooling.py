@@ -1,17 +1,16 @@
 """Class token vs mean-pooled patch tokens as a ViT's embedding, for trained and random encoders.
 
 For each ViT run of a ``task_table.py`` work dir (``mae``, ``simmim``), CIFAR-10 weighted
-kNN (k = 20) top-1 on the table's test images with its bank, with timm's
-``global_pool = "token"`` (the class token after the final norm: what ``embed`` and the
-ONNX export use) and ``"avg"`` (the mean of the normed patch tokens, as the MAE/I-JEPA
-papers probe), each for the trained encoder and the random-init baseline of the same
-architecture. Gains over random with the paired SE (same test images).
+kNN (k = 20) top-1 on the table's test images with its bank, pooled two ways whatever its
+``run.json`` records: ``token`` (the class token after the final norm) and ``avg`` (the mean
+of the normed patch tokens, as the MAE/I-JEPA papers probe: the options the backbone gives
+for ``Task.embedding = "patch_mean"``, what mae runs now embed with), each for the trained
+encoder and the random-init baseline of the same architecture. Gains over random with the
+paired SE (same test images). Each pooling scores a copy of the run (weights linked) whose
+``run.json`` asks for it.
 
 With ``--xray DIR`` the runs are the work dir's chest X-ray runs, scored as ``task_table.py``
-scores them (kNN AUROC, patient-grouped 5-fold on ``DIR``), the ``avg`` rows from a copy of
-the run whose ``run.json`` asks timm for that pooling (``--backbone-opt global_pool=avg
---backbone-opt fc_norm=false``: the norm stays before pooling) beside the same weights; SEs
-over the folds.
+scores them (kNN AUROC, patient-grouped 5-fold on ``DIR``); SEs over the folds.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/vit_pooling.py --work runs/bench-tasks-v2 --test test-5000 \\
         cifar-mae-default cifar-simmim-default
@@ -36,22 +35,32 @@ from _common import paired_se  # noqa: E402
 from batchnorm_recompute import knn_correct  # noqa: E402
 
 
-#: the backbone options under which timm pools as ``global_pool`` with the final norm on every token
-POOL_OPTIONS = {"token": {}, "avg": {"global_pool": "avg", "fc_norm": False}}
+POOLS = ("token", "avg")
 
 
-def pooled_run(run_dir: Path, pool: str, tmp: Path) -> Path:
-    """``run_dir`` itself, or a copy (its weights linked) whose backbone pools as ``pool``."""
-    if not POOL_OPTIONS[pool]:
-        return run_dir
-    dest = tmp / f"{run_dir.name}-{pool}"
-    dest.mkdir()
+def copy_with_options(run_dir: Path, options: dict, tmp: Path) -> Path:
+    """A copy of ``run_dir`` in a new folder under ``tmp`` (its weights linked) with ``options``
+    over its backbone options."""
+    dest = Path(tempfile.mkdtemp(prefix=f"{run_dir.name}-", dir=tmp))
     info = json.loads((run_dir / "run.json").read_text())
     for holder in (info, info["config"]):  # the top-level copy is what builds the encoder
-        holder["backbone_options"] = {**holder.get("backbone_options", {}), **POOL_OPTIONS[pool]}
+        holder["backbone_options"] = {**holder.get("backbone_options", {}), **options}
     (dest / "run.json").write_text(json.dumps(info))
     os.symlink((run_dir / "encoder.safetensors").resolve(), dest / "encoder.safetensors")
     return dest
+
+
+def pooled_run(run_dir: Path, pool: str, tmp: Path) -> Path:
+    """A copy of ``run_dir`` whose encoder embeds its class token (``pool="token"``, the norm
+    before pooling), or the mean of its normed patch tokens (``"avg"``: the options the backbone
+    itself gives for ``Task.embedding = "patch_mean"``, as ``pretrain`` records them for mae)."""
+    from sslkit.run import load_run
+
+    token = copy_with_options(run_dir, {"global_pool": "token", "fc_norm": False}, tmp)
+    if pool == "token":
+        return token
+    options = load_run(token).build_encoder(False).embedding_options("patch_mean")
+    return copy_with_options(run_dir, options, tmp)
 
 
 def xray_rows(work: Path, data: Path, names: list[str]) -> None:
@@ -62,7 +71,7 @@ def xray_rows(work: Path, data: Path, names: list[str]) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
             folds = {pool: xray_auroc(pooled_run(work / "runs" / name, pool, Path(tmp)), data, baseline=True, seed=0)
-                     for pool in POOL_OPTIONS}
+                     for pool in POOLS}
             token = np.array(folds["token"]["pretrained"])
             for pool, f in folds.items():
                 trained, random = np.array(f["pretrained"]), np.array(f["random"])
@@ -87,14 +96,13 @@ def main() -> None:
     print("| run | pooling | trained % | random % | gain (SE) |")
     print("| --- | --- | ---: | ---: | ---: |")
     for name in a.runs:
-        run = load_run(a.work / "runs" / name)
-        for pool in ("token", "avg"):
+        for pool in POOLS:
             cells = []
-            for weights in (True, False):
-                torch.manual_seed(0)  # the same random init as task_table.py's baseline
-                encoder = run.build_encoder(weights)
-                encoder.model.global_pool = pool  # timm reads it in forward_head; the norm stays before pooling
-                cells.append(knn_correct(encoder, run.spec, bank, test))
+            with tempfile.TemporaryDirectory() as tmp:
+                run = load_run(pooled_run(a.work / "runs" / name, pool, Path(tmp)))
+                for weights in (True, False):
+                    torch.manual_seed(0)  # the same random init as task_table.py's baseline
+                    cells.append(knn_correct(run.build_encoder(weights), run.spec, bank, test))
             g, se = paired_se(*cells)
             print(f"| {name} | {pool} | {100 * cells[0].mean():.1f} | {100 * cells[1].mean():.1f} | "
                   f"{100 * g:+.1f} ({100 * se:.1f}) |", flush=True)

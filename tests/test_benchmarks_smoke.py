@@ -4,6 +4,7 @@ per (batch, mode); on the CPU the graphs mode falls back and says why."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -128,8 +129,9 @@ def test_task_table_variants_are_scored_paired_beside_random_init_and_the_defaul
 
 
 def test_vit_pooling_copy_embeds_the_mean_of_the_normed_patch_tokens_with_the_same_weights(tmp_path):
-    """vit_pooling.py's X-ray ``avg`` rows score a copy of the run whose run.json asks timm for
-    mean pooling: the same weights, embedding the mean of the normed patch tokens (not the class token)."""
+    """vit_pooling.py scores copies of a run with the same weights: ``avg`` embeds the mean of the
+    normed patch tokens (the options the backbone gives), ``token`` the class token, even when the
+    run's own run.json asks for the mean (as a mae run's does)."""
     sys.path.insert(0, str(REPO / "benchmarks"))
     import torch
     from tests.conftest import make_images, tiny_run
@@ -140,12 +142,19 @@ def test_vit_pooling_copy_embeds_the_mean_of_the_normed_patch_tokens_with_the_sa
     run = tiny_run(f"folder:{make_images(tmp_path / 'img')}", tmp_path / "r", 32, "--backbone",
                    "timm:vit_tiny_patch16_224", "--backbone-opt", "patch_size=8", "--backbone-opt", "depth=2")
     (tmp_path / "tmp").mkdir()
-    assert pooled_run(run, "token", tmp_path / "tmp") == run
-    copy = pooled_run(run, "avg", tmp_path / "tmp")
-    token, avg = load_run(run).build_encoder(True).eval(), load_run(copy).build_encoder(True).eval()
+    token_copy, avg_copy = (pooled_run(run, pool, tmp_path / "tmp") for pool in ("token", "avg"))
+    # a mae run's own run.json asks for the mean: its token copy must still give the class token
+    avg_json = json.loads((avg_copy / "run.json").read_text())
+    (tmp_path / "mae").mkdir()
+    (tmp_path / "mae" / "run.json").write_text(json.dumps(avg_json))
+    (tmp_path / "mae" / "encoder.safetensors").symlink_to(run / "encoder.safetensors")
+    mae_token = pooled_run(tmp_path / "mae", "token", tmp_path / "tmp")
+    plain = load_run(run).build_encoder(True).eval()
+    token, avg, token2 = (load_run(r).build_encoder(True).eval() for r in (token_copy, avg_copy, mae_token))
     x = torch.rand(3, 3, 32, 32)
     with torch.no_grad():
         tokens = token.model.forward_features(x)  # (B, 1 + 16, D), after the final norm
         torch.testing.assert_close(avg(x), tokens[:, 1:].mean(1))
-        torch.testing.assert_close(token(x), tokens[:, 0])
+        for encoder in (token, token2, plain):
+            torch.testing.assert_close(encoder(x), tokens[:, 0])
         assert not torch.allclose(avg(x), token(x))
