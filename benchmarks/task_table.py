@@ -132,6 +132,7 @@ def pretrain(st: Stages, name: str, task: str, data: Path, dataset: str, a, budg
     changed = bool(opts and (opts[0] or opts[1]))  # options that change a step's cost: calibrated apart
     bopts, topts = ({**bopts, **opts[0]}, opts[1]) if changed else (bopts, {})
     key = f"calibrate-{dataset}-{task}" + (f" {json.dumps([bopts, topts], sort_keys=True)}" if changed else "")
+    key += f" batch={batch}" if batch != (a.batch_size if dataset == "cifar" else a.xray_batch_size) else ""
     cal = st.run(key, lambda: {"cpu_s_per_step": round(calibrate(task, backbone, bopts, size, ch, batch,
                                                                  topts=topts), 3)})
     steps = max(4, int(budget * 60 / cal["cpu_s_per_step"]))
@@ -235,10 +236,22 @@ def variant_pretrain(st, a, spec: str, dataset: str, data: Path, n_images: int) 
     vname, task, budget, flags, bopts, topts = parse_variant(spec)
     cifar = dataset == "cifar"
     budget = (a.budget_min if cifar else a.xray_budget_min) if budget is None else budget
-    info = pretrain(st, f"{dataset}-var-{vname}", task, data, dataset, a, budget, n_images,
-                    a.batch_size if cifar else a.xray_batch_size, None, flags, (bopts, topts))
+    default_batch = a.batch_size if cifar else a.xray_batch_size
+    batch, flags = variant_batch(flags, default_batch)
+    info = pretrain(st, f"{dataset}-var-{vname}", task, data, dataset, a, budget, n_images, batch, None, flags,
+                    (bopts, topts))
+    shown = flags + ([f"--batch-size {batch}"] if batch != default_batch else [])
     return {**info, "task": task, "budget": budget,
-            "flags": " ".join(flags + [f"--backbone-opt {k}={v}" for k, v in bopts.items()])}, bopts
+            "flags": " ".join(shown + [f"--backbone-opt {k}={v}" for k, v in bopts.items()])}, bopts
+
+
+def variant_batch(flags: list[str], default: int) -> tuple[int, list[str]]:
+    """The batch a variant's flags ask for (``--batch-size N``) and the flags without it: a step
+    of another batch costs another CPU time, so ``pretrain`` calibrates it apart."""
+    if "--batch-size" not in flags[:-1]:
+        return default, flags
+    i = flags.index("--batch-size")
+    return int(flags[i + 1]), flags[:i] + flags[i + 2:]
 
 
 def variant_run(st, a, spec: str, pretrain_dir: Path, bank: Path, test: Path, n_pre: int) -> dict:

@@ -110,6 +110,9 @@ def test_task_table_variants_are_scored_paired_beside_random_init_and_the_defaul
     # v - random: 3 of 10 images gained, none lost: +0.3, SE sqrt(0.7 * 0.3 * 10 / 9 / 10) = 0.153;
     # v - default: 1 image gained: +0.1, SE 0.1; accuracy 0.5, SE sqrt(0.25 / 9) = 0.167
     assert rows[0][3] == "0.003" and rows[1][3] == "-"
+    # a variant's own batch is taken out of its flags, to calibrate its step apart
+    assert task_table.variant_batch(["--base-lr", "3e-3", "--batch-size", "32"], 128) == (32, ["--base-lr", "3e-3"])
+    assert task_table.variant_batch(["--base-lr", "3e-3"], 128) == (128, ["--base-lr", "3e-3"])
     assert rows[0][6:] == ["50.0 ± 16.7", "20.0", "+30.0 (15.3)", "yes", "+10.0 (10.0)"]
     assert rows[1][2] == "`-`" and rows[1][-1] == "-"
 
