@@ -90,7 +90,7 @@ def test_module_docstring_names_paper_equation_and_defaults(task):
 @pytest.mark.parametrize("task,opt", [
     ("moco", "version=4"), ("moco", "temperature=0"), ("byol", "tau_base=1.5"), ("dino", "local_crops=-1"),
     ("vae", "beta=-1"), ("jigsaw", "num_permutations=1"), ("inpainting", "region=corner"),
-    ("denoising", "mask_ratio=1.0"), ("simmim", "mask_ratio=0"), ("vicreg", "mu=-1"), ("barlowtwins", "lambd=-1"),
+    ("denoising", "mask_ratio=1.0"), ("simmim", "mask_ratio=0"), ("simmim", "head_depth=-1"), ("vicreg", "mu=-1"), ("barlowtwins", "lambd=-1"),
     ("rotation", "hidden_dim=0"), ("autoencoder", "decoder_width=2"), ("dino", "teacher_temp_warmup=2"),
 ])
 def test_bad_option_is_one_line_exit_2(task, opt, cli, gray_folder, tmp_path):
@@ -223,7 +223,20 @@ def test_simmim_masks_the_requested_fraction_and_only_scores_masked_pixels():
     x = task.views(spec)(images(2, 1, 32))[0]
     mask = torch.zeros(2, 4, 4)
     feats = task.encode_masked(x, mask)
-    assert feats.shape == (2, 64, 4, 4) and task.head(feats).shape == x.shape
+    assert feats.shape == (2, 64, 4, 4) and task.reconstruct(feats).shape == x.shape and not len(task.head_blocks)
+
+
+def test_simmim_head_blocks_sit_between_the_encoder_and_the_pixel_head():
+    task, spec = build("simmim", "timm:vit_tiny_patch16_224", backbone_opts=TINY_VIT, head_depth=2)
+    x = task.views(spec)(images(2, 1, 32))[0]
+    feats = task.encode_masked(x, torch.zeros(2, 4, 4))
+    linear_only = task.head(feats)
+    rec = task.reconstruct(feats)
+    assert len(task.head_blocks) == 2 and rec.shape == linear_only.shape == x.shape
+    assert not torch.allclose(rec, linear_only)
+    task((x,))["loss"].backward()
+    assert task.head_blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+    assert all(not n.startswith("head") for n, _ in task.encoder.named_parameters())  # not exported
 
 
 def test_inpainting_scores_only_the_region():

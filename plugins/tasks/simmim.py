@@ -12,7 +12,7 @@ is the L1 distance on masked pixels (paper Sec. 3, Eq. 1)::
 Backbones: timm ViTs (``timm:vit_*``; stride = patch size, prefix tokens dropped) and
 Swin transformers (``timm:swin_*``; stride 32, from the last stage). Defaults (paper):
 mask ratio 0.6, mask patch 32 px at 224 px (scaled with the image size, a multiple of
-the model's patch size).
+the model's patch size), random resized crops of scale 0.67-1 (``min_scale``) and flips.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from sslkit.api import Task, UsageError, hookimpl, reconstruction_views
+from sslkit.api import Task, UsageError, check_unit_interval, hookimpl, reconstruction_views
 
 
 try:  # the architectures SimMIM knows how to mask
@@ -30,6 +30,10 @@ try:  # the architectures SimMIM knows how to mask
     from timm.models.vision_transformer import VisionTransformer
 except ImportError:  # pragma: no cover
     SwinTransformer = VisionTransformer = ()  # type: ignore[assignment,misc]
+try:
+    from timm.models.vision_transformer import Block
+except ImportError:  # pragma: no cover
+    Block = None
 
 
 def _model(backbone):
@@ -51,8 +55,13 @@ def token_mask(b: int, grid: int, scale: int, ratio: float, device) -> torch.Ten
 class SimMIMOptions:
     mask_ratio: float = 0.6
     mask_patch: int | None = None  # default: 32 px at 224 px, scaled to the image size
+    min_scale: float = 0.67  # random resized crops of scale min_scale-1 (the paper's 0.67)
+    head_depth: int = 0  # transformer blocks between the encoder and the linear pixel head (paper: 0)
 
     def __post_init__(self) -> None:
+        check_unit_interval("min_scale", self.min_scale)
+        if self.head_depth < 0:
+            raise ValueError("head_depth must be >= 0")
         if not 0 < self.mask_ratio < 1:
             raise ValueError("mask_ratio must be in (0, 1)")
         if self.mask_patch is not None and self.mask_patch < 1:
@@ -95,6 +104,10 @@ class SimMIM(Task):
         nn.init.trunc_normal_(self.mask_token, std=0.02)
         self.stride = s // self._out_grid(s) if self.is_swin else p
         out_dim = m.num_features if self.is_swin else dim
+        heads = next(h for h in (8, 6, 4, 3, 2, 1) if out_dim % h == 0)
+        self.head_blocks = nn.Sequential(
+            *[Block(out_dim, heads, mlp_ratio=4.0, qkv_bias=True) for _ in range(options.head_depth)]
+        )
         self.head = nn.Sequential(nn.Conv2d(out_dim, self.stride**2 * spec.channels, 1), nn.PixelShuffle(self.stride))
 
     def _out_grid(self, s: int) -> int:
@@ -103,7 +116,7 @@ class SimMIM(Task):
             return int(m.forward_features(torch.zeros(1, self.encoder.in_chans, s, s)).shape[1])
 
     def views(self, spec):
-        return reconstruction_views(spec, 0.67)
+        return reconstruction_views(spec, self.options.min_scale)
 
     def encode_masked(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """``x: (B, C, S, S)``, token mask ``(B, g, g)`` -> feature map ``(B, D', h, w)``."""
@@ -119,10 +132,17 @@ class SimMIM(Task):
         h = h[:, m.num_prefix_tokens:]
         return h.transpose(1, 2).reshape(h.shape[0], -1, self.grid, self.grid)
 
+    def reconstruct(self, feats: torch.Tensor) -> torch.Tensor:
+        """Feature map ``(B, D', h, w)`` -> pixels ``(B, C, S, S)``: ``head_depth`` blocks, then the linear head."""
+        if len(self.head_blocks):
+            b, d, h, w = feats.shape
+            feats = self.head_blocks(feats.flatten(2).transpose(1, 2)).transpose(1, 2).reshape(b, d, h, w)
+        return self.head(feats)
+
     def forward(self, views):
         (x,) = views
         mask = token_mask(x.shape[0], self.grid, self.scale, self.options.mask_ratio, x.device)
-        rec = self.head(self.encode_masked(x, mask))
+        rec = self.reconstruct(self.encode_masked(x, mask))
         pix = mask.repeat_interleave(self.patch, 1).repeat_interleave(self.patch, 2).unsqueeze(1)
         loss = ((x - rec).abs() * pix).sum() / (pix.sum() * x.shape[1] + 1e-5)
         return {"loss": loss}
