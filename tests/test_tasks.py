@@ -215,6 +215,17 @@ def test_mae_class_token_goes_through_the_decoder():
     assert latent.grad[:, 0].abs().sum() > 0
 
 
+def test_mae_crops_are_the_papers_from_96_px_and_milder_below():
+    from sslkit_plugins.tasks.mae import PAPER_CROPS_FROM_PX, default_min_scale
+    assert PAPER_CROPS_FROM_PX == 96 and default_min_scale(96) == 0.2 and default_min_scale(95) == 0.5
+    small, spec = build("mae", "timm:vit_tiny_patch16_224", size=32, backbone_opts=TINY_VIT)
+    assert [r.scale for r in small.views(spec).recipes] == [(0.5, 1.0)]
+    big, spec = build("mae", "timm:vit_tiny_patch16_224", size=96, backbone_opts=dict(TINY_VIT, patch_size=16))
+    assert [r.scale for r in big.views(spec).recipes] == [(0.2, 1.0)]
+    mine, spec = build("mae", "timm:vit_tiny_patch16_224", size=32, backbone_opts=TINY_VIT, min_scale=0.3)
+    assert [r.scale for r in mine.views(spec).recipes] == [(0.3, 1.0)]
+
+
 def test_simmim_masks_the_requested_fraction_and_only_scores_masked_pixels():
     from sslkit_plugins.tasks.simmim import token_mask
     m = token_mask(3, 8, 2, 0.6, "cpu")

@@ -9,7 +9,7 @@ visible ones, and the decoder predicts the voxels of every masked cube. Loss as 
     L = sum_p m_p * ||y_p - t_p||^2 / (P * sum_p m_p),   t_p per-cube normalised voxels
 
 The decoder's position embedding is a fixed 3D sine-cosine (a third of the channels per
-axis). Views: a random resized 3D crop (scale ``min_scale``-1) and left-right flips.
+axis). Views: a random resized 3D crop (scale ``min_scale``-1, by default the paper's 0.2) and left-right flips.
 Needs a 3D token backbone, e.g. ``monai:vit``.
 """
 
@@ -66,7 +66,8 @@ class MAE3D(MAE):
         self.build_decoder(math.prod(grid), lambda d: sincos_pos_embed_3d(d, grid), p**3 * spec.channels)
 
     def views(self, spec):
-        return VolumeViews([masked_volume_recipe(spec.volume_size, self.options.min_scale)], spec.mean, spec.std)
+        min_scale = 0.2 if self.options.min_scale is None else self.options.min_scale  # the paper's
+        return VolumeViews([masked_volume_recipe(spec.volume_size, min_scale)], spec.mean, spec.std)
 
     def forward_loss(self, x: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Masked-cube MSE. x ``(B, C, D, H, W)``, pred ``(B, N, p^3 C)``, mask ``(B, N)``."""
