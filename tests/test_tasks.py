@@ -343,7 +343,7 @@ VIT_TASKS = {"mae", "simmim"}
 # rises as the centre follows it, so the student's fit to the teacher (KL) is the signal.
 METRIC = {"dino": "kl"}
 # masked modelling draws a new mask every step: more (cheap) steps on smooth images
-SCHEDULE = {"mae": dict(steps=100, lr=2e-3, noise=0.02), "simmim": dict(steps=100, lr=3e-3, noise=0.02)}
+SCHEDULE = {"mae": dict(steps=200, lr=2e-3, noise=0.02), "simmim": dict(steps=100, lr=3e-3, noise=0.02)}
 
 
 def overfit_metric(task: str, channels: int) -> list[float]:
