@@ -67,9 +67,9 @@ PAPER_CROPS_FROM_PX = 96
 def default_min_scale(image_size: int) -> float:
     """Smallest crop scale: the paper's 0.2 from ``PAPER_CROPS_FROM_PX``, 0.5 below.
 
-    Measured (BENCHMARKS.md, "MAE's crops and SimMIM below 96 px"): at 32 px, 0.5 beats 0.2 by
+    Measured (BENCHMARKS.md, "MAE's crops below 96 px, SimMIM's LR and head"): at 32 px, 0.5 beats 0.2 by
     +1.6 and +1.9 CIFAR-10 kNN points (paired SE 0.5) over two seeds at 2 CPU min; at 64 px the
-    chest X-ray AUROC is level (-0.002, per-fold SE 0.005).
+    chest X-ray AUROC is level (-0.002 and +0.004, per-fold SE 0.005 and 0.001).
     """
     return 0.2 if image_size >= PAPER_CROPS_FROM_PX else 0.5
 
