@@ -20,7 +20,7 @@ import math
 import torch
 
 from sslkit.api import Task, VolumeViews, is_token_backbone, masked_volume_recipe
-from sslkit_plugins.tasks.mae import MAE
+from sslkit_plugins.tasks.mae import MAE, PAPER_MIN_SCALE
 
 
 def patchify3d(x: torch.Tensor, p: int) -> torch.Tensor:
@@ -66,7 +66,7 @@ class MAE3D(MAE):
         self.build_decoder(math.prod(grid), lambda d: sincos_pos_embed_3d(d, grid), p**3 * spec.channels)
 
     def views(self, spec):
-        min_scale = 0.2 if self.options.min_scale is None else self.options.min_scale  # the paper's
+        min_scale = PAPER_MIN_SCALE if self.options.min_scale is None else self.options.min_scale
         return VolumeViews([masked_volume_recipe(spec.volume_size, min_scale)], spec.mean, spec.std)
 
     def forward_loss(self, x: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

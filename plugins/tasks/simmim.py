@@ -27,12 +27,9 @@ from sslkit.api import Task, UsageError, check_unit_interval, hookimpl, reconstr
 
 try:  # the architectures SimMIM knows how to mask
     from timm.models.swin_transformer import SwinTransformer
-    from timm.models.vision_transformer import VisionTransformer
+    from timm.models.vision_transformer import Block, VisionTransformer
 except ImportError:  # pragma: no cover
     SwinTransformer = VisionTransformer = ()  # type: ignore[assignment,misc]
-try:
-    from timm.models.vision_transformer import Block
-except ImportError:  # pragma: no cover
     Block = None
 
 
