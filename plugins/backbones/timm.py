@@ -118,17 +118,53 @@ def use_cifar_stem(net: nn.Module) -> None:
     net.maxpool = nn.Identity()
 
 
+#: ``pos_embed=sincos``: fixed 2-D sine-cosine position embeddings, as MAE and MoCo v3 build their ViTs
+SINCOS = "sincos"
+
+
+def timm_create_options(options: dict[str, Any]) -> dict[str, Any]:
+    """The ``timm.create_model`` keywords for a run's backbone options: ``cifar_stem`` is sslkit's
+    change after building (:func:`use_cifar_stem`), and ``pos_embed=sincos`` is timm's learned
+    table (``"learn"``) filled in and frozen after building, so its values are in the weights."""
+    out = {k: v for k, v in options.items() if k != "cifar_stem"}
+    if out.get("pos_embed") == SINCOS:
+        out["pos_embed"] = "learn"
+    return out
+
+
+def use_sincos_pos_embed(net: nn.Module) -> None:
+    """Fixed 2-D sine-cosine position embeddings (MAE, MoCo v3): filled in, not trained.
+
+    Half the channels encode the patch row, half its column (``timm.layers.build_sincos2d_pos_embed``);
+    class/register tokens get position 0. ``requires_grad`` is off, so the optimizer leaves the
+    table (weights loaded by ``--init`` replace it and stay frozen too).
+    """
+    if not isinstance(net, VisionTransformer) or net.pos_embed is None:
+        raise UsageError("pos_embed=sincos applies to timm ViTs with position embeddings, e.g. timm:vit_tiny_patch16_224")
+    from timm.layers import build_sincos2d_pos_embed
+
+    gh, gw = (int(g) for g in net.patch_embed.grid_size)
+    if net.embed_dim % 4:
+        raise UsageError(f"pos_embed=sincos needs an embedding width divisible by 4, not {net.embed_dim}")
+    table = build_sincos2d_pos_embed([gh, gw], net.embed_dim)
+    with torch.no_grad():
+        net.pos_embed.zero_()
+        net.pos_embed[0, net.pos_embed.shape[1] - gh * gw:] = table.to(net.pos_embed.dtype)
+    net.pos_embed.requires_grad_(False)
+
+
 def create(model: str, in_chans: int, image_size: int, cifar_stem: bool = False, **options: Any) -> TimmBackbone:
     """Build ``timm:<model>`` with ``pretrained=False`` and ``num_classes=0``.
 
     ``options`` go to ``timm.create_model`` (e.g. ``patch_size=8``, ``drop_path_rate=0.1``);
-    ``cifar_stem=True`` swaps a ResNet's stem for a 3x3 stride-1 conv without max-pool.
+    ``cifar_stem=True`` swaps a ResNet's stem for a 3x3 stride-1 conv without max-pool;
+    ``pos_embed=sincos`` gives a ViT fixed sine-cosine position embeddings (:func:`use_sincos_pos_embed`).
     """
     if not timm.is_model(model):
         close = difflib.get_close_matches(model, timm.list_models(), n=3)
         hint = f"; did you mean {', '.join(close)}?" if close else "; see timm.list_models()"
         raise UsageError(f"unknown timm model {model!r}{hint}")
-    kwargs = dict(pretrained=False, num_classes=0, in_chans=in_chans, **options)
+    kwargs = dict(pretrained=False, num_classes=0, in_chans=in_chans, **timm_create_options(options))
     try:
         try:
             net = timm.create_model(model, img_size=image_size, **kwargs)
@@ -139,6 +175,8 @@ def create(model: str, in_chans: int, image_size: int, cifar_stem: bool = False,
         raise UsageError(f"cannot build timm:{model} for {in_chans}x{image_size}x{image_size} input: {msg}") from None
     if cifar_stem:
         use_cifar_stem(net)
+    if options.get("pos_embed") == SINCOS:
+        use_sincos_pos_embed(net)
     if isinstance(net, VisionTransformer):
         p = int(net.patch_embed.patch_size[0])
         if image_size % p:

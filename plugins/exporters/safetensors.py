@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from sslkit.api import CheckFailed, InputSpec, UsageError, hookimpl, write_atomic
+from sslkit_plugins.backbones.timm import timm_create_options
 
 
 FORMAT = "sslkit.timm-weights/2"
@@ -50,7 +51,7 @@ def timm_recipe(metadata: dict[str, Any], spec: InputSpec) -> tuple[str, dict[st
     prefix, _, name = metadata["backbone"].partition(":")
     if prefix != "timm":
         raise UsageError(f"--format safetensors writes timm checkpoints; backbone {metadata['backbone']!r} is not timm:")
-    options = {k: v for k, v in (metadata.get("backbone_options") or {}).items() if k != "cifar_stem"}
+    options = timm_create_options(metadata.get("backbone_options") or {})
     kwargs: dict[str, Any] = {"in_chans": spec.channels, **options}
     overlay = {"num_classes": 0, "input_size": [spec.channels, spec.image_size, spec.image_size],
                "mean": list(spec.mean), "std": list(spec.std), **RESIZE}
