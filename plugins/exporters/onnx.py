@@ -30,7 +30,7 @@ from __future__ import annotations
 import json
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -135,19 +135,9 @@ def export_onnx(encoder: nn.Module, spec: InputSpec, metadata: dict[str, Any], o
         else:
             report["real_inputs"] = samples_note or f"{len(samples)} real samples"
         if fp16:
-            from onnxruntime.transformers.float16 import convert_float_to_float16
-
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                model = convert_float_to_float16(model, keep_io_types=True)
-            onnx.save_model(model, str(tmp))
-            onnx.checker.check_model(str(tmp), full_check=True)
-            fp16_checks = verify(tmp, module, raw, spec, sizes, samples, fp16_tolerance, FP16_MIN_COSINE, log)
-            report["fp16"] = {"tolerance": f"max abs diff <= {fp16_tolerance:g} x max |embedding|, "
-                                           f"cosine >= {FP16_MIN_COSINE}",
-                              "checks": fp16_checks,
-                              "max_abs_diff": max(c["max_abs_diff"] for c in fp16_checks),
-                              "min_cosine": min(c["min_cosine"] for c in fp16_checks)}
+            model, report["fp16"] = _to_fp16(model, tmp, lambda: verify(tmp, module, raw, spec, sizes, samples,
+                                                                       fp16_tolerance, FP16_MIN_COSINE, log),
+                                             fp16_tolerance)
         entry = model.metadata_props.add()
         entry.key = "sslkit"
         entry.value = json.dumps(_metadata(metadata, spec, raw, dynamic_hw, client_note, fp16, report), sort_keys=True)
@@ -155,6 +145,23 @@ def export_onnx(encoder: nn.Module, spec: InputSpec, metadata: dict[str, Any], o
 
     write_atomic(out, write, suffix=".onnx")
     return report
+
+
+def _to_fp16(model, tmp: Path, check: Callable[[], list[dict[str, Any]]], tolerance: float) -> tuple[Any, dict]:
+    """``model`` with float16 weights (float32 inputs and outputs), saved to ``tmp`` and checked
+    by ``check()`` against the float32 encoder: the fp16 model and its report."""
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = convert_float_to_float16(model, keep_io_types=True)
+    onnx.save_model(model, str(tmp))
+    onnx.checker.check_model(str(tmp), full_check=True)
+    checks = check()
+    return model, {"tolerance": f"max abs diff <= {tolerance:g} x max |embedding|, cosine >= {FP16_MIN_COSINE}",
+                   "checks": checks, "max_abs_diff": max(c["max_abs_diff"] for c in checks),
+                   "min_cosine": min(c["min_cosine"] for c in checks)}
 
 
 def strip_build_metadata(model) -> None:
