@@ -9,6 +9,9 @@ encoder and the random-init baseline of the same architecture. Gains over random
 paired SE (same test images). Each pooling scores a copy of the run (weights linked) whose
 ``run.json`` asks for it.
 
+With ``--blocks 4,8,12`` each encoder (trained and random) is also cut after those blocks
+(then its final norm and the pooling): which block embeds best, as BEiT probes a middle one.
+
 With ``--xray DIR`` the runs are the work dir's chest X-ray runs, scored as ``task_table.py``
 scores them (kNN AUROC, patient-grouped 5-fold on ``DIR``); SEs over the folds.
 
@@ -16,6 +19,8 @@ scores them (kNN AUROC, patient-grouped 5-fold on ``DIR``); SEs over the folds.
         cifar-mae-default cifar-simmim-default
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/vit_pooling.py --work runs/bench-s7 \\
         --xray runs/bench-s7/split/xray-1500 xray-mae
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/vit_pooling.py --work runs/bench-s8 --pool avg \\
+        --blocks 4,6,8,10,12 cifar-var-mae-s05 cifar-var-simmim-lr1e-4
 """
 
 from __future__ import annotations
@@ -86,6 +91,8 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("runs/bench-tasks-v2"))
     ap.add_argument("--test", default="test-5000", help="the test split's folder under WORK/split")
     ap.add_argument("--xray", type=Path, help="score X-ray runs by patient-grouped 5-fold AUROC on this folder")
+    ap.add_argument("--pool", choices=POOLS, help="only this pooling (default: both)")
+    ap.add_argument("--blocks", default="", help="comma-separated block counts to cut each encoder after")
     ap.add_argument("runs", nargs="+", help="run names under WORK/runs")
     a = ap.parse_args()
     if a.xray:
@@ -93,19 +100,23 @@ def main() -> None:
     from sslkit.run import load_run
 
     bank, test = a.work / "split" / "bank-5000", a.work / "split" / a.test
-    print("| run | pooling | trained % | random % | gain (SE) |")
-    print("| --- | --- | ---: | ---: | ---: |")
+    print("| run | pooling | blocks | trained % | random % | gain (SE) |")
+    print("| --- | --- | ---: | ---: | ---: | ---: |")
     for name in a.runs:
-        for pool in POOLS:
-            cells = []
+        for pool in [a.pool] if a.pool else POOLS:
             with tempfile.TemporaryDirectory() as tmp:
                 run = load_run(pooled_run(a.work / "runs" / name, pool, Path(tmp)))
-                for weights in (True, False):
-                    torch.manual_seed(0)  # the same random init as task_table.py's baseline
-                    cells.append(knn_correct(run.build_encoder(weights), run.spec, bank, test))
-            g, se = paired_se(*cells)
-            print(f"| {name} | {pool} | {100 * cells[0].mean():.1f} | {100 * cells[1].mean():.1f} | "
-                  f"{100 * g:+.1f} ({100 * se:.1f}) |", flush=True)
+                for k in [int(b) for b in a.blocks.split(",") if b] or [None]:
+                    cells = []
+                    for weights in (True, False):
+                        torch.manual_seed(0)  # the same random init as task_table.py's baseline
+                        encoder = run.build_encoder(weights)
+                        if k is not None:
+                            encoder.model.blocks = encoder.model.blocks[:k]
+                        cells.append(knn_correct(encoder, run.spec, bank, test))
+                    g, se = paired_se(*cells)
+                    print(f"| {name} | {pool} | {k or 'all'} | {100 * cells[0].mean():.1f} | "
+                          f"{100 * cells[1].mean():.1f} | {100 * g:+.1f} ({100 * se:.1f}) |", flush=True)
 
 
 if __name__ == "__main__":
