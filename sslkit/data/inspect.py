@@ -36,20 +36,8 @@ def inspect_data(data: str, source_options: dict[str, Any] | None = None, decode
     for ref in refs:
         first.setdefault(ref.path, ref)
         per_file[ref.path] += 1
-    facts: dict[str, Counter] = {}
-    full_bytes = 0
     mode = sample_mode(source)
-    for ref in first.values():
-        props = source.properties(ref)
-        for key, value in props.items():
-            facts.setdefault(key, Counter())[str(value)] += 1
-        try:
-            w, h = (int(v) for v in str(props.get("size", "")).split("x"))
-            c = int(props.get("samples_per_pixel", props.get("channels", 1)) or 1)
-            depth = int(props.get("depth", 1) or 1) if mode.volumetric else 1  # a volume: all its slices
-            full_bytes += w * h * c * depth * 4 * per_file[ref.path]  # every sample (frame, array row) of the file
-        except (ValueError, TypeError):
-            pass
+    facts, full_bytes = _header_facts(source, first, per_file, mode.volumetric)
     channels = majority_channels(source, refs) if refs else 1
     # what one sample is cached as (uint16): C x S x S (a slab: C*K channels), or C x D x H x W
     stored = list(mode.size) if mode.volumetric else [image_size, image_size]
@@ -82,6 +70,25 @@ def inspect_data(data: str, source_options: dict[str, Any] | None = None, decode
         report["undecodable"] = [{"path": p, "reason": r} for p, r in checked.skipped]
         report["decoded_ok"] = len(checked)
     return report
+
+
+def _header_facts(source, first: dict[str, Any], per_file: Counter, volumetric: bool) -> tuple[dict[str, Counter], int]:
+    """Counts of each header property's values over the files (``first``: path -> its first
+    sample), and the bytes of every sample decoded at full resolution as float32."""
+    facts: dict[str, Counter] = {}
+    full_bytes = 0
+    for ref in first.values():
+        props = source.properties(ref)
+        for key, value in props.items():
+            facts.setdefault(key, Counter())[str(value)] += 1
+        try:
+            w, h = (int(v) for v in str(props.get("size", "")).split("x"))
+            c = int(props.get("samples_per_pixel", props.get("channels", 1)) or 1)
+            depth = int(props.get("depth", 1) or 1) if volumetric else 1  # a volume: all its slices
+            full_bytes += w * h * c * depth * 4 * per_file[ref.path]  # every sample (frame, array row) of the file
+        except (ValueError, TypeError):
+            pass
+    return facts, full_bytes
 
 
 def _size(n: int | None) -> str:
