@@ -123,13 +123,10 @@ SINCOS = "sincos"
 
 
 def timm_create_options(options: dict[str, Any]) -> dict[str, Any]:
-    """The ``timm.create_model`` keywords for a run's backbone options: ``cifar_stem`` is sslkit's
-    change after building (:func:`use_cifar_stem`), and ``pos_embed=sincos`` is timm's learned
-    table (``"learn"``) filled in and frozen after building, so its values are in the weights."""
-    out = {k: v for k, v in options.items() if k != "cifar_stem"}
-    if out.get("pos_embed") == SINCOS:
-        out["pos_embed"] = "learn"
-    return out
+    """The ``timm.create_model`` keywords for the backbone options (``cifar_stem`` aside):
+    ``pos_embed=sincos`` is timm's learned table (``"learn"``), filled in and frozen after
+    building, so its values are in the weights."""
+    return {**options, "pos_embed": "learn"} if options.get("pos_embed") == SINCOS else dict(options)
 
 
 def use_sincos_pos_embed(net: nn.Module) -> None:
@@ -164,7 +161,8 @@ def create(model: str, in_chans: int, image_size: int, cifar_stem: bool = False,
         close = difflib.get_close_matches(model, timm.list_models(), n=3)
         hint = f"; did you mean {', '.join(close)}?" if close else "; see timm.list_models()"
         raise UsageError(f"unknown timm model {model!r}{hint}")
-    kwargs = dict(pretrained=False, num_classes=0, in_chans=in_chans, **timm_create_options(options))
+    create_options = timm_create_options(options)
+    kwargs = dict(pretrained=False, num_classes=0, in_chans=in_chans, **create_options)
     try:
         try:
             net = timm.create_model(model, img_size=image_size, **kwargs)
@@ -187,6 +185,8 @@ def create(model: str, in_chans: int, image_size: int, cifar_stem: bool = False,
     backbone = TimmBackbone(model, net, in_chans)
     #: what turns a fresh ``timm.create_model(model)`` into this architecture (exporters rebuild it)
     backbone.timm_modifier = use_cifar_stem if cifar_stem else None
+    #: ``timm.create_model`` keywords (beside ``in_chans``, ``img_size``) that build it before the modifier
+    backbone.create_options = create_options
     return backbone
 
 

@@ -37,7 +37,6 @@ import torch
 from torch import nn
 
 from sslkit.api import CheckFailed, InputSpec, UsageError, hookimpl, write_atomic
-from sslkit_plugins.backbones.timm import timm_create_options
 
 
 FORMAT = "sslkit.timm-weights/2"
@@ -46,12 +45,13 @@ FP16_TOLERANCE = 1e-2  # relative to the largest |feature| value
 RESIZE = {"crop_pct": 1.0, "crop_mode": "center", "interpolation": "bilinear"}
 
 
-def timm_recipe(metadata: dict[str, Any], spec: InputSpec) -> tuple[str, dict[str, Any], dict[str, Any]]:
-    """``(model_name, create_model kwargs, pretrained_cfg without file)`` for a run."""
+def timm_recipe(metadata: dict[str, Any], spec: InputSpec,
+                options: dict[str, Any]) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """``(model_name, create_model kwargs, pretrained_cfg without file)`` for a run whose timm
+    backbone was built with ``create_model(**options)`` (its ``create_options``)."""
     prefix, _, name = metadata["backbone"].partition(":")
     if prefix != "timm":
         raise UsageError(f"--format safetensors writes timm checkpoints; backbone {metadata['backbone']!r} is not timm:")
-    options = timm_create_options(metadata.get("backbone_options") or {})
     kwargs: dict[str, Any] = {"in_chans": spec.channels, **options}
     overlay = {"num_classes": 0, "input_size": [spec.channels, spec.image_size, spec.image_size],
                "mean": list(spec.mean), "std": list(spec.std), **RESIZE}
@@ -70,9 +70,10 @@ def export_safetensors(encoder: nn.Module, spec: InputSpec, metadata: dict[str, 
 
     if unknown:
         raise UsageError(f"the safetensors exporter has no option {', '.join(sorted(unknown))} (it takes --fp16)")
-    name, kwargs, overlay = timm_recipe(metadata, spec)
+    options = getattr(encoder, "create_options", None)
+    name, kwargs, overlay = timm_recipe(metadata, spec, options or {})
     net = getattr(encoder, "model", None)
-    if not isinstance(net, nn.Module):
+    if not isinstance(net, nn.Module) or options is None:
         raise UsageError(f"backbone {metadata['backbone']!r} does not wrap a timm module")
     dtype = torch.float16 if fp16 else torch.float32
     state = {k: (v.to(dtype) if v.is_floating_point() else v).detach().contiguous().cpu()
