@@ -158,6 +158,16 @@ def pretrain(st: Stages, name: str, task: str, data: Path, dataset: str, a, budg
     return {**out, "run": str(run), "steps": c.get("max_steps") or steps, "base_lr": c.get("base_lr")}
 
 
+def run_arch(run: Path, size: int | None = None) -> str:
+    """The encoder a run is scored beside at random init, as a state key: its backbone with the options
+    the run *was built with* (``run.json``: the table's, a variant's, and those of the task's embedding,
+    e.g. mae's ``global_pool=avg``), so two tasks that embed one architecture differently (mae's patch-token
+    mean, simmim's class token) each get their own random baseline."""
+    info = json.loads((run / "run.json").read_text())
+    opts = "".join(f" {k}={v}" for k, v in (info.get("backbone_options") or {}).items())
+    return f"{info['backbone']}{opts}" + (f" {size}px" if size else "")
+
+
 def knn_correct(run_dir: Path, bank: Path, test: Path, weights: bool, seed: int, k: int = 20) -> str:
     """Per-test-image correctness (a '0'/'1' string, sorted test order) of the weighted cosine kNN."""
     return "".join("1" if c else "0" for c in knn_correctness(run_dir, bank, test, weights, seed, k))
@@ -200,9 +210,8 @@ def cifar_run(st, a, task: str, m: float | None, pretrain_dir: Path, bank: Path,
     info = pretrain(st, name, task, pretrain_dir, "cifar", a, a.budget_min, n_pre, a.batch_size, lr)
     run = Path(info["run"])
     correct = st.run(f"knn-{name}", lambda: knn_correct(run, bank, test, True, a.seed))
-    backbone, bopts, size, _ = setup(task, "cifar")
-    arch = f"{backbone}{''.join(f' {k}={v}' for k, v in bopts.items())} {size}px"
-    rand = st.run(f"knn-random-cifar-{arch}", lambda: knn_correct(run, bank, test, False, a.seed))
+    arch = run_arch(run, setup(task, "cifar")[2])
+    rand = st.run(f"knn-random-init-cifar-{arch}", lambda: knn_correct(run, bank, test, False, a.seed))
     return {**info, "correct": correct, "random": rand, "arch": arch}
 
 
@@ -259,9 +268,8 @@ def variant_run(st, a, spec: str, pretrain_dir: Path, bank: Path, test: Path, n_
     info, bopts = variant_pretrain(st, a, spec, "cifar", pretrain_dir, n_pre)
     run = Path(info["run"])
     correct = st.run(f"knn-{run.name}", lambda: knn_correct(run, bank, test, True, a.seed))
-    backbone, base, size, _ = setup(info["task"], "cifar")
-    arch = f"{backbone}{''.join(f' {k}={v}' for k, v in {**base, **bopts}.items())} {size}px"
-    rand = st.run(f"knn-random-cifar-{arch}", lambda: knn_correct(run, bank, test, False, a.seed))
+    arch = run_arch(run, setup(info["task"], "cifar")[2])
+    rand = st.run(f"knn-random-init-cifar-{arch}", lambda: knn_correct(run, bank, test, False, a.seed))
     return {**info, "correct": correct, "random": rand, "arch": arch}
 
 
@@ -271,27 +279,24 @@ def xray_run(st, a, task: str, sweep: dict, xdata: Path, n_x: int) -> dict:
     name = f"xray-{task}"
     info = pretrain(st, name, task, xdata, "xray", a, a.xray_budget_min, n_x, a.xray_batch_size,
                     None if best is None else best * REF_LR)
-    folds, random = xray_scores(st, a, name, Path(info["run"]), task, xdata)
+    folds, random = xray_scores(st, a, name, Path(info["run"]), xdata)
     return {**info, "folds": folds, "random": random}
 
 
-def xray_scores(st, a, name: str, run: Path, task: str, xdata: Path, bopts: dict | None = None):
+def xray_scores(st, a, name: str, run: Path, xdata: Path):
     """(per-fold AUROC of ``run``, per-fold AUROC of random init of its architecture: computed once)."""
-    backbone, base, _, _ = setup(task, "xray")
-    key = "auroc-random-xray-" + backbone + "".join(f" {k}={v}" for k, v in {**base, **(bopts or {})}.items())
+    key = "auroc-random-init-xray-" + run_arch(run)
     st._reload()
-    if key not in st.state:
-        both = st.run(f"auroc-{name}", lambda: xray_auroc(run, xdata, True, a.seed))
-        st.run(key, lambda: both["random"])
-    res = st.run(f"auroc-{name}", lambda: xray_auroc(run, xdata, False, a.seed))
-    return res["pretrained"], st.state[key]
+    res = st.run(f"auroc-{name}", lambda: xray_auroc(run, xdata, key not in st.state, a.seed))
+    rand = st.run(key, lambda: res["random"] if "random" in res else xray_auroc(run, xdata, True, a.seed)["random"])
+    return res["pretrained"], rand
 
 
 def xray_variant_run(st, a, spec: str, xdata: Path, n_x: int) -> dict:
     """One ``--xray-variant``: the task with extra flags on the X-rays, AUROC beside random init."""
-    info, bopts = variant_pretrain(st, a, spec, "xray", xdata, n_x)
+    info, _ = variant_pretrain(st, a, spec, "xray", xdata, n_x)
     run = Path(info["run"])
-    folds, random = xray_scores(st, a, run.name, run, info["task"], xdata, bopts)
+    folds, random = xray_scores(st, a, run.name, run, xdata)
     return {**info, "folds": folds, "random": random}
 
 

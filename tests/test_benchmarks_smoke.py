@@ -161,3 +161,33 @@ def test_vit_pooling_copy_embeds_the_mean_of_the_normed_patch_tokens_with_the_sa
         for encoder in (token, token2, plain):
             torch.testing.assert_close(encoder(x), tokens[:, 0])
         assert not torch.allclose(avg(x), token(x))
+
+
+def test_task_table_scores_each_task_beside_random_init_of_the_encoder_it_embeds_with(cli, rgb_folder, tmp_path):
+    """mae embeds with the mean of its patch tokens, simmim with the class token: one ViT at random init
+    gives two baselines, so task_table.py keys each random baseline by the options the run was built
+    with (run.json), not by the table's architecture alone (a shared key scored one task's runs beside
+    the other's pooling)."""
+    import numpy as np
+    import torch
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import task_table
+    from sslkit.embed import embed, open_run
+
+    runs = {}
+    for task in ("mae", "simmim"):
+        runs[task] = tmp_path / task
+        result = cli("pretrain", "--task", task, "--data", f"folder:{rgb_folder}", "--out", runs[task],
+                     "--backbone", "timm:vit_tiny_patch16_224", "--backbone-opt", "patch_size=8", "--image-size", 32,
+                     "--batch-size", 4, "--max-steps", 1, "--epochs", 1, "--quiet")
+        assert result.exit_code == 0, result.output
+    keys = {task: task_table.run_arch(run, 32) for task, run in runs.items()}
+    assert keys["simmim"] == "timm:vit_tiny_patch16_224 patch_size=8 32px"
+    assert keys["mae"].startswith("timm:vit_tiny_patch16_224 patch_size=8 global_pool=avg") and keys["mae"] != keys["simmim"]
+    embeddings = []
+    for run in runs.values():  # the same random weights (same seed), embedded the way each task embeds
+        torch.manual_seed(0)
+        embeddings.append(embed(open_run(str(run), weights=False), f"folder:{rgb_folder}", batch_size=8,
+                                progress=False).embeddings)
+    assert embeddings[0].shape == embeddings[1].shape and not np.allclose(embeddings[0], embeddings[1], atol=1e-3)
