@@ -28,7 +28,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (SHARED_DATA, Stages, extract, knn_correctness, link_split, sslkit_pretrain,  # noqa: E402
+from _common import (SHARED_DATA, Stages, extract, knn_correctness, link_split, run_arch, sslkit_pretrain,  # noqa: E402
                      stratified_subset, task_step_cpu_seconds)
 from cifar10 import split_files  # noqa: E402
 
@@ -106,10 +106,9 @@ def main() -> None:
         for k, v in topts.items():
             args += ["--task-opt", f"{k}={v}"]
         trained = st.run(f"pretrain-{task}", lambda: sslkit_pretrain(run, args))
-        arch = backbone + "".join(f" {k}={v}" for k, v in bopts.items())
+        arch = run_arch(run)
         acc = st.run(f"knn-{task}", lambda: knn_accuracy(run, bank, test, True))
-
-        rand = st.run(f"knn-random-{arch}", lambda: knn_accuracy(run, bank, test, False, seed=a.seed))
+        rand = st.run(f"knn-random-init-{arch}", lambda: knn_accuracy(run, bank, test, False, seed=a.seed))
         rows.append((task, arch, steps, trained, {"pretrained": acc, "random": rand}))
 
     lines = [f"CIFAR-10 32 px, budget {a.budget_min} CPU min per task, batch {a.batch_size}, pretraining on "

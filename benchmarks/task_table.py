@@ -61,8 +61,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (Stages, bits, knn_correctness, link_split, sslkit_pretrain, stratified_subset,  # noqa: E402
-                     task_step_cpu_seconds)
+from _common import (Stages, bits, knn_correctness, link_split, run_arch, sslkit_pretrain,  # noqa: E402
+                     stratified_subset, task_step_cpu_seconds)
 from cifar10 import split_files  # noqa: E402
 import lightly_tasks  # noqa: E402
 from task_table_report import REF_LR, chosen, report, variant_report, xray_variant_report  # noqa: E402
@@ -156,16 +156,6 @@ def pretrain(st: Stages, name: str, task: str, data: Path, dataset: str, a, budg
     cfg = json.loads((run / "run.json").read_text())
     c = cfg.get("config", cfg)
     return {**out, "run": str(run), "steps": c.get("max_steps") or steps, "base_lr": c.get("base_lr")}
-
-
-def run_arch(run: Path, size: int | None = None) -> str:
-    """The encoder a run is scored beside at random init, as a state key: its backbone with the options
-    the run *was built with* (``run.json``: the table's, a variant's, and those of the task's embedding,
-    e.g. mae's ``global_pool=avg``), so two tasks that embed one architecture differently (mae's patch-token
-    mean, simmim's class token) each get their own random baseline."""
-    info = json.loads((run / "run.json").read_text())
-    opts = "".join(f" {k}={v}" for k, v in (info.get("backbone_options") or {}).items())
-    return f"{info['backbone']}{opts}" + (f" {size}px" if size else "")
 
 
 def knn_correct(run_dir: Path, bank: Path, test: Path, weights: bool, seed: int, k: int = 20) -> str:
