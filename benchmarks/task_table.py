@@ -229,9 +229,9 @@ def parse_variant(spec: str) -> tuple[str, str, float | None, list[str], dict, d
     return name, task, float(budget) if budget else None, flags, bopts, topts
 
 
-def variant_pretrain(st, a, spec: str, dataset: str, data: Path, n_images: int) -> tuple[dict, dict]:
+def variant_pretrain(st, a, spec: str, dataset: str, data: Path, n_images: int) -> dict:
     """Pretraining of one ``--variant`` (``dataset`` "cifar") or ``--xray-variant`` ("xray"): the run's
-    info with its task, budget and flags, and the backbone options the flags set."""
+    info with its task, budget and flags."""
     vname, task, budget, flags, bopts, topts = parse_variant(spec)
     cifar = dataset == "cifar"
     budget = (a.budget_min if cifar else a.xray_budget_min) if budget is None else budget
@@ -241,7 +241,7 @@ def variant_pretrain(st, a, spec: str, dataset: str, data: Path, n_images: int) 
                     (bopts, topts))
     shown = flags + ([f"--batch-size {batch}"] if batch != default_batch else [])
     return {**info, "task": task, "budget": budget,
-            "flags": " ".join(shown + [f"--backbone-opt {k}={v}" for k, v in bopts.items()])}, bopts
+            "flags": " ".join(shown + [f"--backbone-opt {k}={v}" for k, v in bopts.items()])}
 
 
 def variant_batch(flags: list[str], default: int) -> tuple[int, list[str]]:
@@ -255,7 +255,7 @@ def variant_batch(flags: list[str], default: int) -> tuple[int, list[str]]:
 
 def variant_run(st, a, spec: str, pretrain_dir: Path, bank: Path, test: Path, n_pre: int) -> dict:
     """One ``--variant``: the task with extra flags at its budget, kNN beside random init of its architecture."""
-    info, bopts = variant_pretrain(st, a, spec, "cifar", pretrain_dir, n_pre)
+    info = variant_pretrain(st, a, spec, "cifar", pretrain_dir, n_pre)
     run = Path(info["run"])
     correct = st.run(f"knn-{run.name}", lambda: knn_correct(run, bank, test, True, a.seed))
     arch = run_arch(run, setup(info["task"], "cifar")[2])
@@ -284,7 +284,7 @@ def xray_scores(st, a, name: str, run: Path, xdata: Path):
 
 def xray_variant_run(st, a, spec: str, xdata: Path, n_x: int) -> dict:
     """One ``--xray-variant``: the task with extra flags on the X-rays, AUROC beside random init."""
-    info, _ = variant_pretrain(st, a, spec, "xray", xdata, n_x)
+    info = variant_pretrain(st, a, spec, "xray", xdata, n_x)
     run = Path(info["run"])
     folds, random = xray_scores(st, a, run.name, run, xdata)
     return {**info, "folds": folds, "random": random}
