@@ -88,14 +88,14 @@ def task_step_cpu_seconds(task: str, backbone: str, backbone_opts: dict, task_op
     return (cpu_seconds() - c0) / steps
 
 
-def run_arch(run: Path, size: int | None = None) -> str:
+def run_arch(run: Path) -> str:
     """The encoder a run is scored beside at random init, as a state key: its backbone with the options
     the run *was built with* (``run.json``: the table's, a variant's, and those of the task's embedding,
-    e.g. mae's ``global_pool=avg``), so two tasks that embed one architecture differently (mae's patch-token
-    mean, simmim's class token) each get their own random baseline."""
+    e.g. mae's ``global_pool=avg``) and its input size, so two tasks that embed one architecture
+    differently (mae's patch-token mean, simmim's class token) each get their own random baseline."""
     info = json.loads((run / "run.json").read_text())
     opts = "".join(f" {k}={v}" for k, v in (info.get("backbone_options") or {}).items())
-    return f"{info['backbone']}{opts}" + (f" {size}px" if size else "")
+    return f"{info['backbone']}{opts} {info['input_spec']['image_size']}px"
 
 
 def knn_correctness(run_dir: Path, bank: Path, test: Path, weights: bool, seed: int = 0, k: int = 20) -> np.ndarray:

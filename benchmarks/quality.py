@@ -28,8 +28,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (SHARED_DATA, Stages, extract, knn_correctness, link_split, run_arch, sslkit_pretrain,  # noqa: E402
-                     stratified_subset, task_step_cpu_seconds)
+from _common import (SHARED_DATA, Stages, extract, knn_correctness, link_split, run_arch,  # noqa: E402
+                     sslkit_pretrain, stratified_subset, task_step_cpu_seconds)
 from cifar10 import split_files  # noqa: E402
 
 SIZE = 32

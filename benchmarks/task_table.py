@@ -200,7 +200,7 @@ def cifar_run(st, a, task: str, m: float | None, pretrain_dir: Path, bank: Path,
     info = pretrain(st, name, task, pretrain_dir, "cifar", a, a.budget_min, n_pre, a.batch_size, lr)
     run = Path(info["run"])
     correct = st.run(f"knn-{name}", lambda: knn_correct(run, bank, test, True, a.seed))
-    arch = run_arch(run, setup(task, "cifar")[2])
+    arch = run_arch(run)
     rand = st.run(f"knn-random-init-cifar-{arch}", lambda: knn_correct(run, bank, test, False, a.seed))
     return {**info, "correct": correct, "random": rand, "arch": arch}
 
@@ -258,7 +258,7 @@ def variant_run(st, a, spec: str, pretrain_dir: Path, bank: Path, test: Path, n_
     info = variant_pretrain(st, a, spec, "cifar", pretrain_dir, n_pre)
     run = Path(info["run"])
     correct = st.run(f"knn-{run.name}", lambda: knn_correct(run, bank, test, True, a.seed))
-    arch = run_arch(run, setup(info["task"], "cifar")[2])
+    arch = run_arch(run)
     rand = st.run(f"knn-random-init-cifar-{arch}", lambda: knn_correct(run, bank, test, False, a.seed))
     return {**info, "correct": correct, "random": rand, "arch": arch}
 

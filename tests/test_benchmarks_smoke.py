@@ -182,7 +182,7 @@ def test_task_table_scores_each_task_beside_random_init_of_the_encoder_it_embeds
                      "--backbone", "timm:vit_tiny_patch16_224", "--backbone-opt", "patch_size=8", "--image-size", 32,
                      "--batch-size", 4, "--max-steps", 1, "--epochs", 1, "--quiet")
         assert result.exit_code == 0, result.output
-    keys = {task: task_table.run_arch(run, 32) for task, run in runs.items()}
+    keys = {task: task_table.run_arch(run) for task, run in runs.items()}
     assert keys["simmim"] == "timm:vit_tiny_patch16_224 patch_size=8 32px"
     assert keys["mae"].startswith("timm:vit_tiny_patch16_224 patch_size=8 global_pool=avg")
     assert keys["mae"] != keys["simmim"]
