@@ -118,8 +118,12 @@ class LARS(torch.optim.Optimizer):
 
         u = g + wd * w
         u = u * eta * ||w|| / ||u||          if ||w|| > 0 and ||u|| > 0
-        v = momentum * v + u
+        v = momentum * v + u                 (v = u at a parameter's first step)
         w = w - lr * v
+
+    A group's tensors are updated together (``torch._foreach_*``: a few kernels per group,
+    not a few per tensor), and the LR may be a 0-d device tensor, so the step records
+    into a CUDA graph (:mod:`sslkit.engine.capture`) once the momentum buffers exist.
     """
 
     def __init__(self, params: Iterable, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
@@ -134,24 +138,38 @@ class LARS(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                u = p.grad
-                if not group["lars_exclude"]:
-                    if group["weight_decay"]:
-                        u = u.add(p, alpha=group["weight_decay"])
-                    w_norm, u_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(u)
-                    trust = torch.where((w_norm > 0) & (u_norm > 0), group["eta"] * w_norm / u_norm,
-                                        torch.ones_like(w_norm))
-                    u = u * trust
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.clone(u).detach()
-                else:
-                    state["momentum_buffer"].mul_(group["momentum"]).add_(u)
-                p.add_(state["momentum_buffer"], alpha=-group["lr"])
+            params = [p for p in group["params"] if p.grad is not None]
+            if params:
+                self._update(group, params, self._adapted(group, params))
         return loss
+
+    @staticmethod
+    def _adapted(group: dict, params: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Each parameter's ``u``: its gradient, decayed and scaled by the trust ratio."""
+        grads = [p.grad for p in params]
+        if group["lars_exclude"]:
+            return grads
+        if group["weight_decay"]:
+            grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])
+        w_norm = torch.stack(torch._foreach_norm(params))
+        u_norm = torch.stack(torch._foreach_norm(grads))
+        trust = torch.where((w_norm > 0) & (u_norm > 0), group["eta"] * w_norm / u_norm, torch.ones_like(w_norm))
+        return torch._foreach_mul(grads, list(trust.unbind()))
+
+    def _update(self, group: dict, params: list[torch.Tensor], u: list[torch.Tensor]) -> None:
+        bufs, kept, kept_u = [], [], []
+        for p, up in zip(params, u):
+            state = self.state[p]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.clone(up).detach()
+            else:
+                kept.append(state["momentum_buffer"])
+                kept_u.append(up)
+            bufs.append(state["momentum_buffer"])
+        if kept:
+            torch._foreach_mul_(kept, group["momentum"])
+            torch._foreach_add_(kept, kept_u)
+        torch._foreach_sub_(params, torch._foreach_mul(bufs, group["lr"]))
 
 
 def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float, momentum: float = 0.9,

@@ -145,6 +145,23 @@ def test_static_buffers_with_accumulation_and_clipping(images, tmp_path):
         assert torch.equal(p, q)
 
 
+def test_lars_step_with_the_lr_tensor_equals_the_plain_lars_step(images, tmp_path):
+    """LARS (SimCLR's and Barlow Twins' default) reads the LR from the shared device tensor:
+    the recorded steps equal the plain ones bit for bit, parameters included."""
+    kw = dict(optimizer="lars", base_lr=1.2, lr_scaling="sqrt", weight_decay=1e-6)
+    a = build(images, tmp_path / "a", **kw)
+    expected = values(steps(a, N))
+    s = build(images, tmp_path / "b", **kw)
+    rec = StandIn()
+    c = attach(s, rec)
+    assert blocker(s, need_cuda=False) is None and torch.is_tensor(s.optimizer.param_groups[0]["lr"])
+    got = values(steps(s, N))
+    assert rec.records == 1 and rec.replays == N - WARMUP_STEPS and c.captured
+    assert got == expected and len({r["loss"] for r in got}) == N
+    for p, q in zip(a.task.parameters(), s.task.parameters()):
+        assert torch.equal(p, q)
+
+
 def test_capture_raising_falls_back_once_and_the_step_is_unchanged(images, tmp_path, plain):
     expected = plain
     s = build(images, tmp_path / "b")
@@ -188,7 +205,8 @@ def test_blocker_names_what_cannot_be_captured():
     assert blocker(run(device="cpu"), need_cuda=False) is None
     assert "DDP" in blocker(run(world=2))
     assert "fp16" in blocker(run(precision="fp16"))
-    assert blocker(run(optimizer="lars")) == "--optimizer lars is not capturable (use adamw or sgd)"
+    assert blocker(run(optimizer="lars")) is None
+    assert blocker(run(optimizer="adam9")) == "--optimizer adam9 is not capturable (use adamw, sgd, lars)"
     assert blocker(run(task=torch.nn.Linear(1, 1))) == "task 't' does not declare itself capturable (Task.capturable)"
     assert blocker(run(task=Declines())) == "task 't' keeps the keys of forward for on_step_end in Python"
 

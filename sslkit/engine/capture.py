@@ -13,8 +13,9 @@ What makes a step replayable:
   replay (the loop reads a step's scalars one step late).
 * **The LR as a device tensor.** A Python float would be frozen into the graph; the
   optimizer's groups share one 0-d tensor that is filled before each replay. AdamW and
-  SGD run ``capturable``; checkpoints still hold a plain float LR and
-  ``capturable=False`` (state-dict hooks), so a run captured on a GPU resumes anywhere.
+  SGD run ``capturable``, and :class:`sslkit.optim.LARS` multiplies by the tensor;
+  checkpoints still hold a plain float LR and ``capturable=False`` (state-dict hooks),
+  so a run captured on a GPU resumes anywhere.
 * **Random numbers.** Augmentation and masking draw from torch's CUDA generator, which
   graphs advance per replay exactly as eager calls do, so a checkpoint's RNG state still
   pins down every later step.
@@ -30,7 +31,7 @@ torch's generators, never read a value on the host (``.item()``, data-dependent 
 branches) and keep no state on the Python side between ``forward`` and ``on_step_end``.
 
 Where a step cannot be captured (not CUDA, several processes, fp16's gradient scaler,
-LARS, a task that does not opt in, or capture raising) the run continues eagerly; with
+a task that does not opt in, or capture raising) the run continues eagerly; with
 ``--capture graphs`` that is said once, in one line. ``--capture auto`` captures where it
 can and says only when a capture it tried failed.
 """
@@ -49,7 +50,7 @@ CAPTURE_MODES = ("off", "auto", "graphs")
 WARMUP_STEPS = 3
 
 #: the optimizers whose step has no host-side state once warmed up (``sslkit.optim`` names)
-CAPTURABLE_OPTIMIZERS = ("adamw", "sgd")
+CAPTURABLE_OPTIMIZERS = ("adamw", "sgd", "lars")
 
 Replay = Callable[[], torch.Tensor]
 #: ``(body, stream) -> replay``: records ``body`` (executing nothing) and returns a function
@@ -69,7 +70,7 @@ def blocker(s: Any, need_cuda: bool = True) -> str | None:
     if cfg.precision == "fp16":
         return "fp16's gradient scaler reads the device every step (use --precision bf16)"
     if cfg.optimizer not in CAPTURABLE_OPTIMIZERS:
-        return f"--optimizer {cfg.optimizer} is not capturable (use {' or '.join(CAPTURABLE_OPTIMIZERS)})"
+        return f"--optimizer {cfg.optimizer} is not capturable (use {', '.join(CAPTURABLE_OPTIMIZERS)})"
     declared = getattr(type(s.task), "capturable", False)
     if declared is not True:
         why = declared if isinstance(declared, str) else "does not declare itself capturable (Task.capturable)"
