@@ -38,10 +38,11 @@ def test_precedence_defaults_file_cli(tmp_path):
     cfg = config.resolve({"batch_size": 4, "task_options": {"proj_dim": "16"}}, str(f))
     assert cfg.batch_size == 4  # CLI beats the file
     assert cfg.image_size == 16 and cfg.optimizer == "sgd" and cfg.betas == (0.9, 0.99)  # file beats defaults
-    assert cfg.weight_decay == 0.05  # default
+    assert cfg.weight_decay == 1e-6 and cfg.lr_scaling == "sqrt"  # simclr's engine defaults (LARS)
+    assert cfg.warmup_epochs == 1.0  # the built-in default
     # task options: file and CLI merged key by key, the rest filled from the task's defaults
     assert cfg.task_options == {"temperature": 0.2, "proj_hidden_dim": 32, "proj_dim": 16, "min_scale": 0.08}
-    assert cfg.effective_lr == pytest.approx(0.4 * 4 / 256)
+    assert cfg.effective_lr == pytest.approx(0.4 * (4 / 256) ** 0.5)
 
 
 def test_yaml_config(tmp_path):
