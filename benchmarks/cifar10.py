@@ -1,7 +1,8 @@
 """CIFAR-10: is sslkit's SimCLR as good as the field's, and better than random init?
 
 SimCLR (timm resnet18 with the CIFAR stem: 3x3 stride-1 conv, no max-pool; 32 px; NT-Xent
-tau 0.5; projection 512-2048-128; AdamW, base LR 1e-3 x batch/256, warm-up then cosine)
+tau 0.5; projection 512-2048-128; simclr's default optimizer and LR, warm-up then cosine:
+LARS at 1.2 x sqrt(batch/256) since the twelfth session, AdamW in the records before it)
 trained twice under one CPU budget on the same 45k training split:
 
 * ``sslkit``: ``sslkit pretrain --task simclr`` (batched tensor augmentation, one process);

@@ -76,9 +76,12 @@ def list_(kind: str, as_json: bool) -> None:
         click.echo("\n".join(names))
 
 
-def _default(name: str) -> str:
+def _default(name: str, by_task: bool = False) -> str:
+    """`` (default: V)`` for an option's help; ``by_task``: a field that tasks' ``engine_defaults`` set."""
     from sslkit.config import defaults
 
+    if by_task:
+        return f" (default: the task's, see --print-config; else {defaults()[name]})"
     return f" (default: {defaults()[name]})"
 
 
@@ -111,15 +114,15 @@ def _default(name: str) -> str:
 @click.option("--seed", default=None, type=int, help="Seed of everything random" + _default("seed"))
 @click.option("--channels", default=None, type=click.Choice(["1", "3"]), help="Default: what most images have.")
 @click.option("--optimizer", default=None, type=click.Choice(["adamw", "sgd", "lars"]),
-              help="Optimizer" + _default("optimizer"))
+              help="Optimizer" + _default("optimizer", by_task=True))
 @click.option("--lr", default=None, type=click.FloatRange(min=0, min_open=True),
               help="Learning rate, taken as is (default: --base-lr scaled by --lr-scaling).")
 @click.option("--base-lr", default=None, type=click.FloatRange(min=0, min_open=True),
-              help="LR for 256 images per step" + _default("base_lr"))
+              help="LR for 256 images per step" + _default("base_lr", by_task=True))
 @click.option("--lr-scaling", default=None, type=click.Choice(["linear", "sqrt", "none"]),
-              help="base-lr x (effective batch / 256), x its square root, or as is" + _default("lr_scaling"))
+              help="base-lr x (effective batch / 256), x its square root, or as is" + _default("lr_scaling", by_task=True))
 @click.option("--weight-decay", default=None, type=click.FloatRange(min=0),
-              help="Not applied to norms and biases" + _default("weight_decay"))
+              help="Not applied to norms and biases" + _default("weight_decay", by_task=True))
 @click.option("--warmup-epochs", default=None, type=click.FloatRange(min=0),
               help="Linear warm-up, then cosine decay by step" + _default("warmup_epochs"))
 @click.option("--schedule", default=None, type=click.Choice(["cosine", "constant", "step"]),
