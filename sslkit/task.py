@@ -46,6 +46,11 @@ class Task(nn.Module):
 
     Options: ClassVar[type | None] = None
     default_backbone: ClassVar[str] = "timm:resnet18"
+    #: The task's own defaults of ``sslkit pretrain`` settings (``RunConfig`` fields, e.g.
+    #: ``{"optimizer": "lars", "base_lr": 1.2, "lr_scaling": "sqrt", "weight_decay": 1e-6}``):
+    #: they sit between the built-in defaults and a config file or the command line, and
+    #: ``run.json`` records the values used. Checked like a config file's values.
+    engine_defaults: ClassVar[dict[str, Any]] = {}
     #: ``True``: ``views`` and ``forward`` may be recorded as a CUDA graph (``--capture
     #: graphs``): random numbers only from torch's generators, no host reads (``.item()``,
     #: data-dependent shapes or branches), no Python-side state handed from ``forward`` to
