@@ -146,7 +146,7 @@ def test_static_buffers_with_accumulation_and_clipping(images, tmp_path):
 
 
 def test_lars_step_with_the_lr_tensor_equals_the_plain_lars_step(images, tmp_path):
-    """LARS (SimCLR's and Barlow Twins' default) reads the LR from the shared device tensor:
+    """LARS (the default of simclr, moco, vicreg and barlowtwins) reads the LR from the device tensor:
     the recorded steps equal the plain ones bit for bit, parameters included."""
     kw = dict(optimizer="lars", base_lr=1.2, lr_scaling="sqrt", weight_decay=1e-6)
     a = build(images, tmp_path / "a", **kw)
