@@ -38,7 +38,8 @@ number of steps, scored with the same kNN: columns ``lightly`` and ``sslkit - li
 
 ``--variant`` (repeatable) adds a CIFAR-10 run of one task with extra ``sslkit pretrain``
 flags (``--task-opt``, ``--backbone-opt``, ``--base-lr``, ...) at ``BUDGET`` CPU minutes
-(default ``--budget-min``; options that change a step's cost are calibrated apart), scored
+(default ``--budget-min``; options that change a step's cost, ``--batch-size`` and ``--backbone``
+are calibrated apart; another backbone starts without the table's backbone options), scored
 beside a random encoder of its own architecture in a third table: how the defaults were
 searched, e.g. ``--lr-mults 1 --variant 'mae-b2=mae@2' --variant 'mae-p4=mae --backbone-opt
 patch_size=4'``.
@@ -126,12 +127,19 @@ def calibrate(task: str, backbone: str, bopts: dict, size: int, channels: int, b
 
 
 def pretrain(st: Stages, name: str, task: str, data: Path, dataset: str, a, budget: float, n_images: int,
-             batch: int, base_lr: float | None, extra: list[str] = (), opts: tuple[dict, dict] | None = None) -> dict:
-    """``sslkit pretrain`` for ``budget`` CPU min; ``extra`` flags, ``opts`` = (backbone, task) options they set."""
-    backbone, bopts, size, ch = setup(task, dataset)
+             batch: int, base_lr: float | None, extra: list[str] = (), opts: tuple[dict, dict] | None = None,
+             backbone: str | None = None) -> dict:
+    """``sslkit pretrain`` for ``budget`` CPU min; ``extra`` flags, ``opts`` = (backbone, task) options they
+    set; ``backbone``: another than the table's (its options then start empty)."""
+    default, bopts, size, ch = setup(task, dataset)
+    if backbone and backbone != default:
+        bopts = {}
     changed = bool(opts and (opts[0] or opts[1]))  # options that change a step's cost: calibrated apart
     bopts, topts = ({**bopts, **opts[0]}, opts[1]) if changed else (bopts, {})
     key = f"calibrate-{dataset}-{task}" + (f" {json.dumps([bopts, topts], sort_keys=True)}" if changed else "")
+    if backbone and backbone != default:
+        key += f" backbone={backbone}"
+    backbone = backbone or default
     key += f" batch={batch}" if batch != (a.batch_size if dataset == "cifar" else a.xray_batch_size) else ""
     cal = st.run(key, lambda: {"cpu_s_per_step": round(calibrate(task, backbone, bopts, size, ch, batch,
                                                                  topts=topts), 3)})
@@ -237,20 +245,29 @@ def variant_pretrain(st, a, spec: str, dataset: str, data: Path, n_images: int) 
     budget = (a.budget_min if cifar else a.xray_budget_min) if budget is None else budget
     default_batch = a.batch_size if cifar else a.xray_batch_size
     batch, flags = variant_batch(flags, default_batch)
+    backbone, flags = variant_flag(flags, "--backbone")
     info = pretrain(st, f"{dataset}-var-{vname}", task, data, dataset, a, budget, n_images, batch, None, flags,
-                    (bopts, topts))
-    shown = flags + ([f"--batch-size {batch}"] if batch != default_batch else [])
+                    (bopts, topts), backbone)
+    shown = (flags + ([f"--batch-size {batch}"] if batch != default_batch else [])
+             + ([f"--backbone {backbone}"] if backbone else []))
     return {**info, "task": task, "budget": budget,
             "flags": " ".join(shown + [f"--backbone-opt {k}={v}" for k, v in bopts.items()])}
 
 
+def variant_flag(flags: list[str], flag: str) -> tuple[str | None, list[str]]:
+    """The value of ``flag`` in a variant's flags (None if absent) and the flags without it."""
+    if flag not in flags[:-1]:
+        return None, flags
+    i = flags.index(flag)
+    return flags[i + 1], flags[:i] + flags[i + 2:]
+
+
 def variant_batch(flags: list[str], default: int) -> tuple[int, list[str]]:
     """The batch a variant's flags ask for (``--batch-size N``) and the flags without it: a step
-    of another batch costs another CPU time, so ``pretrain`` calibrates it apart."""
-    if "--batch-size" not in flags[:-1]:
-        return default, flags
-    i = flags.index("--batch-size")
-    return int(flags[i + 1]), flags[:i] + flags[i + 2:]
+    of another batch costs another CPU time, so ``pretrain`` calibrates it apart; likewise
+    ``--backbone`` (``variant_flag``)."""
+    value, flags = variant_flag(flags, "--batch-size")
+    return (default if value is None else int(value)), flags
 
 
 def variant_run(st, a, spec: str, pretrain_dir: Path, bank: Path, test: Path, n_pre: int) -> dict:

@@ -113,6 +113,10 @@ def test_task_table_variants_are_scored_paired_beside_random_init_and_the_defaul
     # a variant's own batch is taken out of its flags, to calibrate its step apart
     assert task_table.variant_batch(["--base-lr", "3e-3", "--batch-size", "32"], 128) == (32, ["--base-lr", "3e-3"])
     assert task_table.variant_batch(["--base-lr", "3e-3"], 128) == (128, ["--base-lr", "3e-3"])
+    # and its own backbone, calibrated with that backbone
+    assert task_table.variant_flag(["--backbone", "timm:vit_tiny_patch16_224", "--base-lr", "1"], "--backbone") == (
+        "timm:vit_tiny_patch16_224", ["--base-lr", "1"])
+    assert task_table.variant_flag(["--base-lr", "1"], "--backbone") == (None, ["--base-lr", "1"])
     assert rows[0][6:] == ["50.0 ± 16.7", "20.0", "+30.0 (15.3)", "yes", "+10.0 (10.0)"]
     assert rows[1][2] == "`-`" and rows[1][-1] == "-"
 
