@@ -195,10 +195,18 @@ def merge(*layers: dict[str, Any]) -> dict[str, Any]:
 
 
 def _task_layer(values: dict[str, Any]) -> dict[str, Any]:
-    from sslkit.registry import get_task
+    """The task's ``engine_defaults``, with its ``token_engine_defaults`` over them when the
+    backbone the run will build (``values`` or the task's default) is ViT-like."""
+    from sslkit.registry import get_task, is_token_backbone_name
 
     task_cls = get_task(values["task"])
-    engine = getattr(task_cls, "engine_defaults", None) or {}
+    engine = dict(getattr(task_cls, "engine_defaults", None) or {})
+    token = getattr(task_cls, "token_engine_defaults", None)
+    if token and is_token_backbone_name(values.get("backbone") or task_cls.default_backbone,
+                                        values.get("channels") or 3,
+                                        values.get("image_size") or defaults()["image_size"],
+                                        **(values.get("backbone_options") or {})):
+        engine.update(token)
     return check_values(engine, f"task {values['task']!r} engine_defaults")
 
 

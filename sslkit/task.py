@@ -51,6 +51,10 @@ class Task(nn.Module):
     #: they sit between the built-in defaults and a config file or the command line, and
     #: ``run.json`` records the values used. Checked like a config file's values.
     engine_defaults: ClassVar[dict[str, Any]] = {}
+    #: Settings that replace some of ``engine_defaults`` when the run's backbone is ViT-like
+    #: (a :class:`sslkit.api.TokenBackbone`, e.g. ``{"optimizer": "adamw", "base_lr": 1e-3}``
+    #: where the task's own defaults are LARS for CNNs). ``None``: the same for every backbone.
+    token_engine_defaults: ClassVar[dict[str, Any] | None] = None
     #: ``True``: ``views`` and ``forward`` may be recorded as a CUDA graph (``--capture
     #: graphs``): random numbers only from torch's generators, no host reads (``.item()``,
     #: data-dependent shapes or branches), no Python-side state handed from ``forward`` to

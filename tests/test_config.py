@@ -201,3 +201,23 @@ def test_config_that_is_not_utf8_is_one_line(tmp_path):
     proc = run_sslkit("pretrain", "--config", f, "--print-config")
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
     assert "is not UTF-8 text" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("task", ["simclr", "moco", "vicreg", "barlowtwins"])
+def test_lars_tasks_train_a_vit_like_backbone_with_adamw(task):
+    """The four LARS tasks' engine defaults are for CNNs; with a ViT-like (token) backbone their
+    ``token_engine_defaults`` replace them, and a setting given on the command line still wins."""
+    base = {"task": task, "data": "folder:DATA", "out": "OUT", "image_size": 32}
+    cnn = config.resolve({**base, "backbone": "timm:resnet10t"})
+    assert cnn.optimizer == "lars" and cnn.weight_decay < 1e-5
+    vit = config.resolve({**base, "backbone": "timm:vit_tiny_patch16_224", "backbone_options": {"patch_size": 8}})
+    assert (vit.optimizer, vit.base_lr, vit.lr_scaling, vit.weight_decay) == ("adamw", 1e-3, "linear", 0.05)
+    given = config.resolve({**base, "backbone": "timm:vit_tiny_patch16_224", "optimizer": "lars", "base_lr": 0.5})
+    assert (given.optimizer, given.base_lr, given.lr_scaling) == ("lars", 0.5, "linear")
+    assert config.resolve({**base, "backbone": "timm:convnext_atto"}).optimizer == "lars"  # not a token backbone
+
+
+def test_print_config_shows_the_vit_defaults(cli):
+    out = cli("pretrain", "--task", "simclr", "--data", "folder:X", "--backbone", "timm:vit_tiny_patch16_224",
+              "--image-size", "32", "--print-config").output
+    assert re.search(r'^optimizer = "adamw"$', out, re.M) and re.search(r"^base_lr = 0\.001$", out, re.M)
