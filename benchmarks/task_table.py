@@ -132,14 +132,13 @@ def pretrain(st: Stages, name: str, task: str, data: Path, dataset: str, a, budg
     """``sslkit pretrain`` for ``budget`` CPU min; ``extra`` flags, ``opts`` = (backbone, task) options they
     set; ``backbone``: another than the table's (its options then start empty)."""
     default, bopts, size, ch = setup(task, dataset)
-    if backbone and backbone != default:
-        bopts = {}
+    other = bool(backbone) and backbone != default
+    bopts = {} if other else bopts
     changed = bool(opts and (opts[0] or opts[1]))  # options that change a step's cost: calibrated apart
     bopts, topts = ({**bopts, **opts[0]}, opts[1]) if changed else (bopts, {})
     key = f"calibrate-{dataset}-{task}" + (f" {json.dumps([bopts, topts], sort_keys=True)}" if changed else "")
-    if backbone and backbone != default:
-        key += f" backbone={backbone}"
-    backbone = backbone or default
+    key += f" backbone={backbone}" if other else ""
+    backbone = backbone if other else default
     key += f" batch={batch}" if batch != (a.batch_size if dataset == "cifar" else a.xray_batch_size) else ""
     cal = st.run(key, lambda: {"cpu_s_per_step": round(calibrate(task, backbone, bopts, size, ch, batch,
                                                                  topts=topts), 3)})
