@@ -69,7 +69,8 @@ class VICReg(ProjectedPairTask):
     #: 3e-3, CIFAR-10 kNN +11.7 points at 2 CPU min (paired SE 0.8), X-ray AUROC +0.042 (0.008); LARS at
     #: the paper's linear 0.2 per 256 images: +1.4 (0.6)
     engine_defaults = {"optimizer": "lars", "base_lr": 1.2, "lr_scaling": "sqrt", "weight_decay": 1e-6}
-    #: a ViT-like backbone trains with AdamW (MoCo v3's and DINO's optimizer for ViTs; measured for simclr)
+    #: a ViT-like backbone trains with AdamW, as the other three: ViT-Tiny (patch 8, 32 px), CIFAR-10 kNN at 8 CPU
+    #: min (159 steps) 33.0 % vs LARS 33.3 % (-0.3, paired SE 0.7: level)
     token_engine_defaults = {"optimizer": "adamw", "base_lr": 1e-3, "lr_scaling": "linear", "weight_decay": 0.05}
     sample_modes = ("slice", "slab", "volume")  # volumes: two 3D views (sslkit.augment3d)
 
