@@ -78,7 +78,7 @@ def default_min_scale(image_size: int) -> float:
 def default_decoder_dim(embed_dim: int, heads: int) -> int:
     """Half the encoder width, a multiple of 32 (and of ``heads``) in [64, 512].
 
-    Measured (BENCHMARKS.md, "MAE's decoder as wide as the encoder"): on ViT-Tiny at equal CPU, a
+    Measured (BENCHMARKS.md, "MAE's decoder as wide as the encoder"): on ViT-Tiny at the default's steps, a
     192-wide decoder gains 1.5-2.3 CIFAR-10 kNN points at two seeds (still below a random ViT) but
     loses 0.008-0.043 chest X-ray AUROC, where this width beats random init; so half stays.
     """
