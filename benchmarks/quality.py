@@ -48,7 +48,7 @@ SETUPS = {  # task -> (backbone, backbone options, task options)
 def calibrate(task_name: str, batch_size: int, steps: int = 5) -> float:
     """CPU seconds of one training step (augment, forward, backward, AdamW, on_step_end)."""
     backbone, bopts, topts = SETUPS[task_name]
-    return task_step_cpu_seconds(task_name, backbone, bopts, topts, SIZE, 3, batch_size, steps, warmup=2)
+    return task_step_cpu_seconds(task_name, backbone, bopts, topts, SIZE, 3, batch_size, steps)
 
 
 def knn_accuracy(run_dir: Path, bank: Path, test: Path, weights: bool, k: int = 20, seed: int = 0) -> float:
