@@ -38,6 +38,7 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from sslkit.api import MultiView, Task, ViewRecipe, check_unit_interval, hookimpl, is_token_backbone
+from sslkit_plugins.tasks.hog import hog_token_size, hog_tokens
 
 
 @dataclass
@@ -48,6 +49,7 @@ class MAEOptions:
     decoder_heads: int = 8
     norm_pix_loss: bool = True
     min_scale: float | None = None  # default: default_min_scale(image_size)
+    target: str = "pixels"  # or "hog": per-patch histograms of oriented gradients (MaskFeat; hog.py)
 
     def __post_init__(self) -> None:
         if not 0 < self.mask_ratio < 1:
@@ -58,6 +60,8 @@ class MAEOptions:
             raise ValueError("decoder_dim must be divisible by decoder_heads and by 4")
         if self.min_scale is not None:
             check_unit_interval("min_scale", self.min_scale)
+        if self.target not in ("pixels", "hog"):
+            raise ValueError("target must be pixels or hog")
 
 
 #: from this image size the crops are the paper's (scale PAPER_MIN_SCALE-1); milder below
@@ -173,7 +177,8 @@ class MAE(Task):
     def __init__(self, backbone, options: MAEOptions, spec) -> None:
         super().__init__(backbone, options, spec)
         p, grid = backbone.patch_size, spec.image_size // backbone.patch_size
-        self.build_decoder(grid * grid, lambda d: sincos_pos_embed_2d(d, grid), p * p * spec.channels)
+        values = p * p * spec.channels if options.target == "pixels" else hog_token_size(p, spec.channels)
+        self.build_decoder(grid * grid, lambda d: sincos_pos_embed_2d(d, grid), values)
 
     def build_decoder(self, num_patches: int, pos_embed, patch_values: int) -> None:
         """The light decoder: embed, mask token, fixed sin-cos positions ``pos_embed(d) -> (N, d)``,
@@ -223,6 +228,9 @@ class MAE(Task):
 
     def forward_loss(self, x: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Mean squared error on masked patches. x ``(B, C, H, W)``, pred ``(B, N, L)``, mask ``(B, N)``."""
+        if self.options.target == "hog":
+            per_patch = ((pred - hog_tokens(x, self.encoder.patch_size)) ** 2).mean(dim=-1)
+            return (per_patch * mask).sum() / mask.sum()
         target = patchify(x, self.encoder.patch_size)
         if self.options.norm_pix_loss:
             mean = target.mean(dim=-1, keepdim=True)

@@ -19,7 +19,7 @@ import math
 
 import torch
 
-from sslkit.api import Task, VolumeViews, is_token_backbone, masked_volume_recipe
+from sslkit.api import Task, UsageError, VolumeViews, is_token_backbone, masked_volume_recipe
 from sslkit_plugins.tasks.mae import MAE, PAPER_MIN_SCALE
 
 
@@ -61,6 +61,8 @@ class MAE3D(MAE):
 
     def __init__(self, backbone, options, spec) -> None:
         Task.__init__(self, backbone, options, spec)
+        if options.target != "pixels":
+            raise UsageError(f"mae target={options.target} is for images; on volumes the target is pixels")
         p = backbone.patch_size
         grid = tuple(s // p for s in spec.volume_size)
         self.build_decoder(math.prod(grid), lambda d: sincos_pos_embed_3d(d, grid), p**3 * spec.channels)

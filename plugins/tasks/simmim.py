@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from sslkit.api import Task, UsageError, check_unit_interval, hookimpl, reconstruction_views
+from sslkit_plugins.tasks.hog import BINS, hog_cell, hog_tokens, to_tokens
 
 
 try:  # the architectures SimMIM knows how to mask
@@ -54,6 +55,7 @@ class SimMIMOptions:
     mask_patch: int | None = None  # default: 32 px at 224 px, scaled to the image size
     min_scale: float = 0.67  # random resized crops of scale min_scale-1 (the paper's 0.67)
     head_depth: int = 0  # transformer blocks between the encoder and the linear pixel head (paper: 0)
+    target: str = "pixels"  # or "hog": per-patch histograms of oriented gradients (MaskFeat; hog.py)
 
     def __post_init__(self) -> None:
         check_unit_interval("min_scale", self.min_scale)
@@ -63,6 +65,8 @@ class SimMIMOptions:
             raise ValueError("mask_ratio must be in (0, 1)")
         if self.mask_patch is not None and self.mask_patch < 1:
             raise ValueError("mask_patch must be >= 1")
+        if self.target not in ("pixels", "hog"):
+            raise ValueError("target must be pixels or hog")
 
 
 class SimMIM(Task):
@@ -107,7 +111,11 @@ class SimMIM(Task):
         self.head_blocks = nn.Sequential(
             *[Block(out_dim, heads, mlp_ratio=4.0, qkv_bias=True) for _ in range(options.head_depth)]
         )
-        self.head = nn.Sequential(nn.Conv2d(out_dim, self.stride**2 * spec.channels, 1), nn.PixelShuffle(self.stride))
+        # the head's output grid: pixels, or HOG cells (hog_cell(p) px each) for target=hog
+        unit = 1 if options.target == "pixels" else hog_cell(p)
+        per_unit = spec.channels if options.target == "pixels" else spec.channels * BINS
+        up = self.stride // unit
+        self.head = nn.Sequential(nn.Conv2d(out_dim, up * up * per_unit, 1), nn.PixelShuffle(up))
 
     def _out_grid(self, s: int) -> int:
         m = _model(self.encoder)
@@ -142,6 +150,11 @@ class SimMIM(Task):
         (x,) = views
         mask = token_mask(x.shape[0], self.grid, self.scale, self.options.mask_ratio, x.device)
         rec = self.reconstruct(self.encode_masked(x, mask))
+        if self.options.target == "hog":
+            k = self.patch // hog_cell(self.patch)
+            per_token = ((to_tokens(rec, k) - hog_tokens(x, self.patch)) ** 2).mean(-1)
+            m = mask.flatten(1)
+            return {"loss": (per_token * m).sum() / m.sum()}
         pix = mask.repeat_interleave(self.patch, 1).repeat_interleave(self.patch, 2).unsqueeze(1)
         loss = ((x - rec).abs() * pix).sum() / (pix.sum() * x.shape[1] + 1e-5)
         return {"loss": loss}

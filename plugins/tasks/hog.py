@@ -1,0 +1,51 @@
+"""Histograms of oriented gradients as a masked-prediction target (MaskFeat, Wei et al., CVPR 2022).
+
+Per image channel, the gradient (central differences, replicated border) votes its magnitude into one of
+``BINS`` unsigned orientation bins; the votes are summed over ``cell x cell`` pixel cells. A target token is
+the concatenated histograms of the cells under one patch, L2-normalised (:func:`hog_tokens`), so it keeps
+edge directions and drops contrast and brightness, which pixel targets spend their capacity on.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+BINS = 9
+
+
+def hog_cell(patch: int) -> int:
+    """Cell side for a patch side: half the patch (2x2 cells per patch), or the patch when odd."""
+    return patch // 2 if patch % 2 == 0 else patch
+
+
+def hog_token_size(patch: int, channels: int) -> int:
+    """Values per target token: ``(patch / cell)^2`` cells of ``BINS`` bins per channel."""
+    k = patch // hog_cell(patch)
+    return k * k * BINS * channels
+
+
+def hog_map(x: torch.Tensor, cell: int) -> torch.Tensor:
+    """``(B, C, H, W) -> (B, C * BINS, H / cell, W / cell)`` un-normalised cell histograms (float32)."""
+    b, c, h, w = x.shape
+    xx = x.reshape(b * c, 1, h, w).float()
+    k = torch.tensor([-1.0, 0.0, 1.0], device=x.device)
+    gx = F.conv2d(F.pad(xx, (1, 1, 0, 0), mode="replicate"), k.view(1, 1, 1, 3))
+    gy = F.conv2d(F.pad(xx, (0, 0, 1, 1), mode="replicate"), k.view(1, 1, 3, 1))
+    magnitude = (gx * gx + gy * gy).sqrt()
+    bins = (torch.atan2(gy, gx) % math.pi * (BINS / math.pi)).long().clamp_(max=BINS - 1)
+    votes = torch.zeros(b * c, BINS, h, w, device=x.device).scatter_(1, bins, magnitude)
+    return F.avg_pool2d(votes, cell).reshape(b, c * BINS, h // cell, w // cell) * (cell * cell)
+
+
+def to_tokens(maps: torch.Tensor, k: int) -> torch.Tensor:
+    """``(B, D, G*k, G*k) -> (B, G*G, D*k*k)``: the ``k x k`` cells under each patch, raster order."""
+    return F.pixel_unshuffle(maps, k).flatten(2).transpose(1, 2)
+
+
+def hog_tokens(x: torch.Tensor, patch: int) -> torch.Tensor:
+    """``(B, C, H, W) -> (B, N, hog_token_size)``: each patch's cell histograms, L2-normalised."""
+    cell = hog_cell(patch)
+    return F.normalize(to_tokens(hog_map(x, cell), patch // cell), dim=-1)

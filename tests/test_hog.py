@@ -1,0 +1,109 @@
+"""HOG targets (``target=hog`` of mae and simmim): the histograms, their tokens, and the losses on them."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from sslkit_plugins.tasks.hog import BINS, hog_cell, hog_map, hog_token_size, hog_tokens, to_tokens
+
+from sslkit.errors import UsageError
+from sslkit.registry import create_backbone, create_task
+from tests.test_3d import TINY_VIT3D, volume_spec
+from tests.test_tasks import TINY_VIT, build, images, overfit, start_end
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def ramp(angle: float, size: int = 16, slope: float = 0.01) -> torch.Tensor:
+    """``(1, 1, size, size)``: intensity rising by ``slope`` a pixel along ``angle`` (radians, x right, y down)."""
+    yy, xx = torch.meshgrid(torch.arange(size, dtype=torch.float64), torch.arange(size, dtype=torch.float64),
+                            indexing="ij")
+    return ((xx * math.cos(angle) + yy * math.sin(angle)) * slope).float()[None, None]
+
+
+@pytest.mark.parametrize("degrees,expected_bin", [(0, 0), (45, 2), (90, 4), (135, 6), (180, 0), (-45, 6)])
+def test_a_ramp_votes_its_whole_gradient_into_its_orientation_bin(degrees, expected_bin):
+    """Unsigned orientations: 180 degrees is 0, -45 is 135; each of 9 bins spans 20 degrees."""
+    maps = hog_map(ramp(math.radians(degrees)), cell=4)  # (1, 9, 4, 4)
+    inner = maps[0, :, 1:3, 1:3]  # cells off the border, where the central difference sees the ramp
+    assert inner.argmax(0).unique().tolist() == [expected_bin]
+    # 16 pixels a cell, each a central difference of 2 * slope along the ramp
+    torch.testing.assert_close(inner.sum(0), torch.full((2, 2), 16 * 2 * 0.01), rtol=1e-4, atol=1e-6)
+    assert inner[expected_bin].sum() == pytest.approx(inner.sum().item(), rel=1e-5)
+
+
+def test_tokens_are_each_patchs_cells_in_raster_order():
+    maps = torch.arange(16.0).reshape(1, 1, 4, 4)  # 2 x 2 patches of 2 x 2 cells
+    tokens = to_tokens(maps, 2)
+    assert tokens.shape == (1, 4, 4)
+    assert [sorted(t.tolist()) for t in tokens[0]] == [[0, 1, 4, 5], [2, 3, 6, 7], [8, 9, 12, 13],
+                                                       [10, 11, 14, 15]]
+
+
+def test_hog_tokens_are_unit_vectors_blind_to_brightness_and_contrast():
+    x = images(2, 3, 32)
+    tokens = hog_tokens(x, 8)
+    assert hog_cell(8) == 4 and hog_cell(7) == 7
+    assert tokens.shape == (2, 16, hog_token_size(8, 3)) == (2, 16, 2 * 2 * BINS * 3)
+    torch.testing.assert_close(tokens.norm(dim=-1), torch.ones(2, 16))
+    torch.testing.assert_close(hog_tokens(2.5 * x - 0.7, 8), tokens, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(hog_tokens(x.flip(-1), 8), tokens, atol=1e-3)  # but not to the edges' directions
+
+
+def test_mae_hog_scores_masked_patches_against_hog_tokens():
+    task, spec = build("mae", "timm:vit_tiny_patch16_224", channels=3, size=32, backbone_opts=TINY_VIT,
+                       decoder_dim=32, decoder_depth=1, decoder_heads=2, target="hog")
+    x = task.views(spec)(images(2, 3, 32))[0]
+    latent, mask, ids_restore = task.forward_encoder(x)
+    pred = task.forward_decoder(latent, ids_restore)
+    target = hog_tokens(x, 8)
+    assert pred.shape == target.shape == (2, 16, 108)
+    wrong_where_visible = torch.where(mask.bool()[..., None], target, target + 5)
+    assert task.forward_loss(x, wrong_where_visible, mask).item() == pytest.approx(0.0, abs=1e-6)
+    # a zero prediction misses each unit-norm token by 1 / 108 per value
+    assert task.forward_loss(x, torch.zeros_like(pred), mask).item() == pytest.approx(1 / 108, rel=1e-5)
+
+
+def test_simmim_hog_head_predicts_cells_and_scores_only_masked_tokens():
+    task, spec = build("simmim", "timm:vit_tiny_patch16_224", channels=3, backbone_opts=TINY_VIT, target="hog")
+    x = task.views(spec)(images(2, 3, 32))[0]
+    feats = task.encode_masked(x, torch.zeros(2, 4, 4))
+    rec = task.reconstruct(feats)
+    assert rec.shape == (2, 3 * BINS, 8, 8)  # one 9-bin histogram per channel per 4-px cell
+    assert to_tokens(rec, 2).shape == hog_tokens(x, 8).shape
+
+
+def test_simmim_hog_loss_is_the_masked_tokens_mse(monkeypatch):
+    import sslkit_plugins.tasks.simmim as simmim
+
+    task, spec = build("simmim", "timm:vit_tiny_patch16_224", channels=1, backbone_opts=TINY_VIT, target="hog")
+    x = task.views(spec)(images(2, 1, 32))[0]
+    mask = torch.zeros(2, 4, 4)
+    mask[:, 1, 2] = 1  # one masked token per image
+    monkeypatch.setattr(simmim, "token_mask", lambda *a, **k: mask)
+    target = hog_tokens(x, 8)
+    torch.manual_seed(0)
+    loss = task((x,))["loss"]
+    torch.manual_seed(0)
+    pred = to_tokens(task.reconstruct(task.encode_masked(x, mask)), 2)
+    expected = ((pred - target) ** 2).mean(-1)[:, 1 * 4 + 2].mean()
+    torch.testing.assert_close(loss, expected)
+
+
+@pytest.mark.parametrize("task_name,opts,schedule", [
+    ("mae", dict(decoder_dim=32, decoder_depth=1, decoder_heads=2), dict(steps=120, lr=2e-3)),
+    ("simmim", dict(), dict(steps=60, lr=3e-3)),
+])
+def test_hog_target_is_learnable_on_a_fixed_batch(task_name, opts, schedule):
+    task, spec = build(task_name, "timm:vit_tiny_patch16_224", backbone_opts=TINY_VIT, target="hog", **opts)
+    first, last = start_end(overfit(task, spec, noise=0.02, **schedule))
+    assert last < 0.75 * first, f"{task_name} hog: {first:.4f} -> {last:.4f}"
+
+
+def test_mae_on_volumes_refuses_a_hog_target():
+    spec = volume_spec()
+    with pytest.raises(UsageError, match="target=hog") as err:
+        create_task("mae", create_backbone("monai:vit", 1, spec.volume_size, **TINY_VIT3D), spec, target="hog")
+    assert "\n" not in str(err.value)
