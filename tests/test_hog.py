@@ -52,6 +52,14 @@ def test_hog_tokens_are_unit_vectors_blind_to_brightness_and_contrast():
     assert not torch.allclose(hog_tokens(x.flip(-1), 8), tokens, atol=1e-3)  # but not to the edges' directions
 
 
+def test_hog_is_a_float32_target_under_autocast():
+    x = images(2, 1, 32).requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        tokens = hog_tokens(x, 8)
+    assert tokens.dtype == torch.float32 and not tokens.requires_grad
+    torch.testing.assert_close(tokens, hog_tokens(x.detach(), 8))
+
+
 def test_mae_hog_scores_masked_patches_against_hog_tokens():
     task, spec = build("mae", "timm:vit_tiny_patch16_224", channels=3, size=32, backbone_opts=TINY_VIT,
                        decoder_dim=32, decoder_depth=1, decoder_heads=2, target="hog")

@@ -28,16 +28,18 @@ def hog_token_size(patch: int, channels: int) -> int:
 
 
 def hog_map(x: torch.Tensor, cell: int) -> torch.Tensor:
-    """``(B, C, H, W) -> (B, C * BINS, H / cell, W / cell)`` un-normalised cell histograms (float32)."""
+    """``(B, C, H, W) -> (B, C * BINS, H / cell, W / cell)`` un-normalised cell histograms, float32 (outside
+    autocast, without autograd: a target). Peak memory is one ``(B, C, H, W)`` map per bin, not all nine."""
     b, c, h, w = x.shape
-    xx = x.reshape(b * c, 1, h, w).float()
-    k = torch.tensor([-1.0, 0.0, 1.0], device=x.device)
-    gx = F.conv2d(F.pad(xx, (1, 1, 0, 0), mode="replicate"), k.view(1, 1, 1, 3))
-    gy = F.conv2d(F.pad(xx, (0, 0, 1, 1), mode="replicate"), k.view(1, 1, 3, 1))
-    magnitude = (gx * gx + gy * gy).sqrt()
-    bins = (torch.atan2(gy, gx) % math.pi * (BINS / math.pi)).long().clamp_(max=BINS - 1)
-    votes = torch.zeros(b * c, BINS, h, w, device=x.device).scatter_(1, bins, magnitude)
-    return F.avg_pool2d(votes, cell).reshape(b, c * BINS, h // cell, w // cell) * (cell * cell)
+    with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
+        xx = x.reshape(b * c, 1, h, w).float()
+        k = torch.tensor([-1.0, 0.0, 1.0], device=x.device)
+        gx = F.conv2d(F.pad(xx, (1, 1, 0, 0), mode="replicate"), k.view(1, 1, 1, 3))
+        gy = F.conv2d(F.pad(xx, (0, 0, 1, 1), mode="replicate"), k.view(1, 1, 3, 1))
+        magnitude = (gx * gx + gy * gy).sqrt()
+        bins = (torch.atan2(gy, gx) % math.pi * (BINS / math.pi)).long().clamp_(max=BINS - 1)
+        votes = [F.avg_pool2d(magnitude * (bins == i), cell) for i in range(BINS)]
+        return torch.cat(votes, 1).reshape(b, c * BINS, h // cell, w // cell) * (cell * cell)
 
 
 def to_tokens(maps: torch.Tensor, k: int) -> torch.Tensor:
