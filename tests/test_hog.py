@@ -115,3 +115,14 @@ def test_mae_on_volumes_refuses_a_hog_target():
     with pytest.raises(UsageError, match="target=hog") as err:
         create_task("mae", create_backbone("monai:vit", 1, spec.volume_size, **TINY_VIT3D), spec, target="hog")
     assert "\n" not in str(err.value)
+
+
+def test_simmim_hog_on_swin_predicts_cells_of_its_4_px_patches():
+    swin = dict(embed_dim=24, depths=(1, 1, 1, 1), num_heads=(1, 1, 2, 2), window_size=4)
+    task, spec = build("simmim", "timm:swin_tiny_patch4_window7_224", size=64, backbone_opts=swin, target="hog")
+    x = task.views(spec)(images(2, 1, 64))[0]
+    rec = task.reconstruct(task.encode_masked(x, torch.zeros(2, 16, 16)))
+    assert rec.shape == (2, BINS, 32, 32)  # 2-px cells, 2 x 2 under each 4-px patch
+    loss = task((x,))["loss"]
+    loss.backward()
+    assert loss.isfinite() and task.mask_token.grad.abs().sum() > 0
