@@ -110,10 +110,15 @@ def test_hog_target_is_learnable_on_a_fixed_batch(task_name, opts, schedule):
     assert last < 0.75 * first, f"{task_name} hog: {first:.4f} -> {last:.4f}"
 
 
-def test_mae_on_volumes_refuses_a_hog_target():
+def test_hog_is_the_default_target_on_images_and_pixels_on_volumes():
+    mae, _ = build("mae", "timm:vit_tiny_patch16_224", backbone_opts=TINY_VIT)
+    simmim, _ = build("simmim", "timm:vit_tiny_patch16_224", backbone_opts=TINY_VIT)
+    assert mae.target == simmim.options.target == "hog"
     spec = volume_spec()
+    backbone = create_backbone("monai:vit", 1, spec.volume_size, **TINY_VIT3D)
+    assert create_task("mae", backbone, spec).target == "pixels"
     with pytest.raises(UsageError, match="target=hog") as err:
-        create_task("mae", create_backbone("monai:vit", 1, spec.volume_size, **TINY_VIT3D), spec, target="hog")
+        create_task("mae", backbone, spec, target="hog")
     assert "\n" not in str(err.value)
 
 

@@ -204,7 +204,7 @@ def test_mae_class_token_goes_through_the_decoder():
     """As in the MAE authors' code: the encoder's class token (the exported embedding) is a
     decoder input, so the loss trains it; its prediction is dropped (one output per patch)."""
     task, spec = build("mae", "timm:vit_tiny_patch16_224", size=32, backbone_opts=TINY_VIT, decoder_dim=32,
-                       decoder_depth=1, decoder_heads=2)
+                       decoder_depth=1, decoder_heads=2, target="pixels")
     x = task.views(spec)(images(2, 1, 32))[0]
     latent, mask, ids_restore = task.forward_encoder(x)
     assert task.encoder.num_prefix_tokens == 1
@@ -230,7 +230,7 @@ def test_simmim_masks_the_requested_fraction_and_only_scores_masked_pixels():
     from sslkit_plugins.tasks.simmim import token_mask
     m = token_mask(3, 8, 2, 0.6, "cpu")
     assert m.shape == (3, 8, 8) and (m.sum((1, 2)) == 4 * 10).all()  # ceil(0.6 * 16) blocks of 2x2
-    task, spec = build("simmim", "timm:vit_tiny_patch16_224", backbone_opts=TINY_VIT)
+    task, spec = build("simmim", "timm:vit_tiny_patch16_224", backbone_opts=TINY_VIT, target="pixels")
     x = task.views(spec)(images(2, 1, 32))[0]
     mask = torch.zeros(2, 4, 4)
     feats = task.encode_masked(x, mask)
@@ -238,7 +238,8 @@ def test_simmim_masks_the_requested_fraction_and_only_scores_masked_pixels():
 
 
 def test_simmim_head_blocks_sit_between_the_encoder_and_the_pixel_head():
-    task, spec = build("simmim", "timm:vit_tiny_patch16_224", backbone_opts=TINY_VIT, head_depth=2)
+    task, spec = build("simmim", "timm:vit_tiny_patch16_224", backbone_opts=TINY_VIT, head_depth=2,
+                       target="pixels")
     x = task.views(spec)(images(2, 1, 32))[0]
     feats = task.encode_masked(x, torch.zeros(2, 4, 4))
     linear_only = task.head(feats)
@@ -432,7 +433,9 @@ def test_mae_decoder_width_follows_the_encoder():
     from sslkit_plugins.tasks.mae import default_decoder_dim
     assert [default_decoder_dim(d, 8) for d in (192, 384, 768, 1024, 64)] == [96, 192, 384, 512, 64]
     task, _ = build("mae", "timm:vit_tiny_patch16_224", backbone_opts=TINY_VIT)
-    assert task.decoder_dim == 64 and task.decoder_pred.out_features == 8 * 8 * 1
+    assert task.decoder_dim == 64 and task.decoder_pred.out_features == 2 * 2 * 9 * 1  # 2x2 HOG cells a patch
+    task, _ = build("mae", "timm:vit_tiny_patch16_224", backbone_opts=TINY_VIT, target="pixels")
+    assert task.decoder_pred.out_features == 8 * 8 * 1
     task, _ = build("mae", "timm:vit_tiny_patch16_224", backbone_opts=TINY_VIT, decoder_dim=32, decoder_heads=4)
     assert task.decoder_dim == 32
 

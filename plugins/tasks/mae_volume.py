@@ -61,8 +61,9 @@ class MAE3D(MAE):
 
     def __init__(self, backbone, options, spec) -> None:
         Task.__init__(self, backbone, options, spec)
-        if options.target != "pixels":
+        if options.target not in (None, "pixels"):
             raise UsageError(f"mae target={options.target} is for images; on volumes the target is pixels")
+        self.target = "pixels"
         p = backbone.patch_size
         grid = tuple(s // p for s in spec.volume_size)
         self.build_decoder(math.prod(grid), lambda d: sincos_pos_embed_3d(d, grid), p**3 * spec.channels)
