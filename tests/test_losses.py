@@ -132,7 +132,7 @@ def test_mae_loss_matches_lightly_style(norm_pix):
     assert torch.equal(patchify(x, 8), lightly_utils.patchify(x, 8))
     spec = InputSpec(3, 32, (0.5,) * 3, (0.25,) * 3)
     backbone = create_backbone("timm:vit_tiny_patch16_224", 3, 32, patch_size=8, depth=1)
-    task = MAE(backbone, MAEOptions(norm_pix_loss=norm_pix, decoder_dim=32, decoder_depth=1), spec)
+    task = MAE(backbone, MAEOptions(norm_pix_loss=norm_pix, decoder_dim=32, decoder_depth=1, target="pixels"), spec)
     pred = _z(2, 16, 8 * 8 * 3, seed=16)
     mask = torch.zeros(2, 16)
     mask[0, [1, 5, 7]] = 1
