@@ -36,6 +36,7 @@ if TYPE_CHECKING:  # imported on first use (``__getattr__`` below): these need t
     from sslkit.ema import cosine_momentum, ema_update, frozen_copy
     from sslkit.engine.events import Callback, RunInfo
     from sslkit.heads import ConvDecoder, DINOHead, mlp
+    from sslkit.hog import hog_token_size, hog_tokens
     from sslkit.projected_pair import ProjectedPairTask
     from sslkit.reconstruction import reconstruction_views
     from sslkit.task import Task, Views
@@ -51,6 +52,7 @@ _LAZY = {
     "sslkit.ema": ("cosine_momentum", "ema_update", "frozen_copy"),
     "sslkit.engine.events": ("Callback", "RunInfo"),
     "sslkit.heads": ("ConvDecoder", "DINOHead", "mlp"),
+    "sslkit.hog": ("hog_tokens", "hog_token_size"),
     "sslkit.projected_pair": ("ProjectedPairTask",),
     "sslkit.reconstruction": ("reconstruction_views",),
     "sslkit.task": ("Task", "Views"),
@@ -82,7 +84,8 @@ or changes meaning (see the module docstring and docs/plugins.md)."""
 __all__ = [
     "API_VERSION", "hookimpl",
     # tasks
-    "Task", "Views", "ProjectedPairTask", "reconstruction_views", "check_unit_interval",
+    "Task", "Views", "ProjectedPairTask", "reconstruction_views", "check_unit_interval", "hog_tokens",
+    "hog_token_size",
     # augmentation
     "ViewRecipe", "MultiView", "Normalize", "recipe", "byol_recipes", "override_recipe", "rotate", "rotate90",
     # 3D augmentation (volumes: --sample volume)

@@ -280,6 +280,7 @@ def resume_config(given: dict[str, Any]) -> RunConfig:
     except (json.JSONDecodeError, KeyError, TypeError):
         raise UsageError(f"--resume: {file} is not a readable sslkit run.json") from None
     saved = check_values({k: v for k, v in saved.items() if k in FIELDS}, str(file))
+    _fill_legacy_options(saved)
     for key, value in given.items():
         if key in RESUMABLE_OVERRIDES:
             continue
@@ -295,6 +296,16 @@ def resume_config(given: dict[str, Any]) -> RunConfig:
     values.update(resume=True, overwrite=False, out=out,
                   allow_data_change=bool(given.get("allow_data_change")))  # per resume, never inherited
     return RunConfig(**values)
+
+
+def _fill_legacy_options(saved: dict[str, Any]) -> None:
+    """Options the task gained after ``saved`` was recorded take the values that run used
+    (``Task.legacy_option_values``), so it resumes exactly as it started."""
+    from sslkit.registry import get_task
+
+    legacy = getattr(get_task(saved["task"]), "legacy_option_values", None) or {}
+    if legacy:
+        saved["task_options"] = {**legacy, **(saved.get("task_options") or {})}
 
 
 def print_config(cli: dict[str, Any], config_file: str | None = None) -> str:

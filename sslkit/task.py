@@ -71,6 +71,10 @@ class Task(nn.Module):
     #: give it in ``run.json`` (under the user's own ``--backbone-opt``), so ``embed``, ``eval``
     #: and the export use it. ``None``: the backbone's own embedding.
     embedding: ClassVar[str | None] = None
+    #: Options added after runs of the task were recorded, each with the value those runs
+    #: used (e.g. ``{"target": "pixels"}`` where a later default is ``"hog"``): ``--resume``
+    #: of a ``run.json`` without the key continues with this value, not today's default.
+    legacy_option_values: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, backbone: nn.Module, options: Any, spec: InputSpec) -> None:
         super().__init__()

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from sslkit_plugins.tasks.hog import BINS, hog_cell, hog_map, hog_token_size, hog_tokens, to_tokens
+from sslkit.hog import BINS, hog_cell, hog_map, hog_token_size, hog_tokens, to_tokens
 
 from sslkit.errors import UsageError
 from sslkit.registry import create_backbone, create_task
@@ -79,8 +79,8 @@ def test_simmim_hog_head_predicts_cells_and_scores_only_masked_tokens():
     x = task.views(spec)(images(2, 3, 32))[0]
     feats = task.encode_masked(x, torch.zeros(2, 4, 4))
     rec = task.reconstruct(feats)
-    assert rec.shape == (2, 3 * BINS, 8, 8)  # one 9-bin histogram per channel per 4-px cell
-    assert to_tokens(rec, 2).shape == hog_tokens(x, 8).shape
+    assert rec.shape == (2, hog_token_size(8, 3), 4, 4)  # a HOG vector per token: 2x2 cells x 9 bins x 3 channels
+    assert rec.flatten(2).transpose(1, 2).shape == hog_tokens(x, 8).shape
 
 
 def test_simmim_hog_loss_is_the_masked_tokens_mse(monkeypatch):
@@ -95,7 +95,7 @@ def test_simmim_hog_loss_is_the_masked_tokens_mse(monkeypatch):
     torch.manual_seed(0)
     loss = task((x,))["loss"]
     torch.manual_seed(0)
-    pred = to_tokens(task.reconstruct(task.encode_masked(x, mask)), 2)
+    pred = task.reconstruct(task.encode_masked(x, mask)).flatten(2).transpose(1, 2)
     expected = ((pred - target) ** 2).mean(-1)[:, 1 * 4 + 2].mean()
     torch.testing.assert_close(loss, expected)
 
@@ -122,12 +122,12 @@ def test_hog_is_the_default_target_on_images_and_pixels_on_volumes():
     assert "\n" not in str(err.value)
 
 
-def test_simmim_hog_on_swin_predicts_cells_of_its_4_px_patches():
+def test_simmim_hog_on_swin_predicts_a_vector_per_4_px_token():
     swin = dict(embed_dim=24, depths=(1, 1, 1, 1), num_heads=(1, 1, 2, 2), window_size=4)
     task, spec = build("simmim", "timm:swin_tiny_patch4_window7_224", size=64, backbone_opts=swin, target="hog")
     x = task.views(spec)(images(2, 1, 64))[0]
     rec = task.reconstruct(task.encode_masked(x, torch.zeros(2, 16, 16)))
-    assert rec.shape == (2, BINS, 32, 32)  # 2-px cells, 2 x 2 under each 4-px patch
+    assert rec.shape == (2, 2 * 2 * BINS, 16, 16)  # stride 32 shuffled to the 16 x 16 token grid
     loss = task((x,))["loss"]
     loss.backward()
     assert loss.isfinite() and task.mask_token.grad.abs().sum() > 0

@@ -123,3 +123,38 @@ def test_resume_refuses_changes_that_would_break_exactness(reference_run, tmp_pa
     assert ok.exit_code == 0  # how, not what, it computes may change
     missing = cli("pretrain", "--resume", tmp_path / "nothing")
     assert missing.exit_code == 2 and "no sslkit run" in missing.output
+
+
+MAE_ARGS = ["--task", "mae", "--backbone", "timm:vit_tiny_patch16_224", "--backbone-opt", "patch_size=8",
+            "--backbone-opt", "depth=1", "--backbone-opt", "embed_dim=32", "--backbone-opt", "num_heads=2",
+            "--image-size", "16", "--batch-size", "8", "--epochs", "2", "--checkpoint-every", "2",
+            "--keep-checkpoints", "10", "--seed", "3", "--deterministic", "--quiet", "--device", "cpu",
+            "--task-opt", "decoder_dim=32", "--task-opt", "decoder_heads=2", "--task-opt", "target=pixels"]
+
+
+def test_a_run_recorded_before_an_option_existed_resumes_with_the_value_it_used(images, tmp_path, cli):
+    """mae's ``target`` came after runs regressed pixels: a run.json without it resumes with
+    pixels (``Task.legacy_option_values``) and repeats the uninterrupted run; a checkpoint that
+    does not fit the model a run.json describes is one line and exit 2, not a traceback."""
+    run = tmp_path / "run"
+    assert cli("pretrain", "--data", f"folder:{images}", "--out", run, *MAE_ARGS).exit_code == 0
+    reference = losses(run)
+    assert [r[0] for r in reference] == list(range(1, 9))
+    # as if stopped after step 4 by a version that recorded no target
+    for ckpt in (run / "checkpoints").glob("step-*"):
+        if int(ckpt.name.split("-")[1].split(".")[0]) > 4:
+            ckpt.unlink() if ckpt.is_file() else __import__("shutil").rmtree(ckpt)
+    rows = (run / "metrics.csv").read_text().splitlines()
+    (run / "metrics.csv").write_text("\n".join(rows[:5]) + "\n")
+    info = json.loads((run / "run.json").read_text())
+    del info["config"]["task_options"]["target"]
+    info["status"] = "running"  # as a killed run leaves it
+    (run / "run.json").write_text(json.dumps(info))
+    assert cli("pretrain", "--resume", run, "--quiet").exit_code == 0
+    assert losses(run) == reference
+    info["config"]["task_options"]["target"] = "hog"
+    info["status"] = "running"
+    (run / "run.json").write_text(json.dumps(info))
+    bad = cli("pretrain", "--resume", run, "--quiet")
+    lines = [line for line in bad.stderr.splitlines() if line.strip()]
+    assert bad.exit_code == 2 and len(lines) == 1 and "does not fit" in lines[0] and "decoder_pred" in lines[0]

@@ -11,7 +11,7 @@ target ``t_p`` for each patch. The loss is the mean squared error on masked patc
     L = sum_p m_p * ||y_p - t_p||^2 / (D * sum_p m_p)      (m_p = 1 for masked patches, D values per target)
 
 The target (``target``): on images by default ``hog``, MaskFeat's histograms of oriented
-gradients (``hog.py``: per channel, each pixel's gradient magnitude voted into one of 9
+gradients (``sslkit.api.hog_tokens``: per channel, each pixel's gradient magnitude voted into one of 9
 unsigned orientation bins, summed over 2x2 cells per patch, the patch's histograms
 L2-normalised, so brightness and contrast drop out); ``target=pixels`` (on volumes always)
 is the MAE paper's per-patch normalised pixels (``norm_pix_loss``)::
@@ -54,8 +54,8 @@ import torch
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from sslkit.api import MultiView, Task, ViewRecipe, check_unit_interval, hookimpl, is_token_backbone
-from sslkit_plugins.tasks.hog import hog_token_size, hog_tokens
+from sslkit.api import (MultiView, Task, ViewRecipe, check_unit_interval, hog_token_size, hog_tokens, hookimpl,
+                        is_token_backbone)
 
 
 @dataclass
@@ -66,7 +66,7 @@ class MAEOptions:
     decoder_heads: int = 8
     norm_pix_loss: bool = True
     min_scale: float | None = None  # default: default_min_scale(image_size)
-    target: str | None = None  # "hog" (MaskFeat; hog.py) or "pixels"; default: hog on images, pixels on volumes
+    target: str | None = None  # "hog" (MaskFeat; sslkit.api.hog_tokens) or "pixels"; default: hog on images, pixels on volumes
 
     def __post_init__(self) -> None:
         if not 0 < self.mask_ratio < 1:
@@ -168,6 +168,7 @@ class MAE(Task):
     #: MaskFeat's recipe is 2e-4 per 256. Pixel targets were tuned at 1e-3 (5e-4 level, 3e-3 worse).
     engine_defaults = {"base_lr": 2.5e-4}
     default_backbone = "timm:vit_tiny_patch16_224"
+    legacy_option_values = {"target": "pixels"}  # runs recorded before HOG targets regressed pixels
     capturable = True  # --capture graphs: the step has no host reads or Python-side state (engine/capture.py)
     embedding = "patch_mean"  # measured: module docstring
     sample_modes = ("slice", "slab", "volume")  # volumes: MAE3D (mae_volume.py), cube patches

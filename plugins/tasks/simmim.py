@@ -11,8 +11,9 @@ pixels, ``M`` the pixel mask (1 = masked), and the loss the L1 distance on maske
     L = sum( M * |x - x^| ) / (sum(M) * C)
 
 The default ``target=hog`` regresses MaskFeat's (Wei et al., CVPR 2022) histograms of
-oriented gradients instead (``hog.py``: per channel, 9 unsigned orientation bins over
-2x2 cells per patch, each token's histograms L2-normalised), ``m`` the token mask::
+oriented gradients instead (``sslkit.api.hog_tokens``: per channel, 9 unsigned
+orientation bins over 2x2 cells per patch, each token's histograms L2-normalised), one
+vector per token from the same head, ``m`` the token mask::
 
     L_hog = sum_t m_t * ||h^_t - h_t||^2 / (D * sum_t m_t)       (D values per token)
 
@@ -35,8 +36,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from sslkit.api import Task, UsageError, check_unit_interval, hookimpl, reconstruction_views
-from sslkit_plugins.tasks.hog import BINS, hog_cell, hog_tokens, to_tokens
+from sslkit.api import (Task, UsageError, check_unit_interval, hog_token_size, hog_tokens, hookimpl,
+                        reconstruction_views)
 
 
 try:  # the architectures SimMIM knows how to mask
@@ -68,7 +69,7 @@ class SimMIMOptions:
     mask_patch: int | None = None  # default: 32 px at 224 px, scaled to the image size
     min_scale: float = 0.67  # random resized crops of scale min_scale-1 (the paper's 0.67)
     head_depth: int = 0  # transformer blocks between the encoder and the linear pixel head (paper: 0)
-    target: str = "hog"  # per-patch histograms of oriented gradients (MaskFeat; hog.py), or "pixels" (the paper's)
+    target: str = "hog"  # per-patch histograms of oriented gradients (MaskFeat), or "pixels" (the paper's)
 
     def __post_init__(self) -> None:
         check_unit_interval("min_scale", self.min_scale)
@@ -90,6 +91,7 @@ class SimMIM(Task):
     #: at 8 CPU min, where 3e-4 falls further below a random ViT; chest X-ray AUROC +0.008 (0.004)
     engine_defaults = {"base_lr": 1e-4}
     default_backbone = "timm:vit_tiny_patch16_224"
+    legacy_option_values = {"target": "pixels"}  # runs recorded before HOG targets regressed pixels
 
     @classmethod
     def check(cls, backbone, spec):
@@ -124,10 +126,11 @@ class SimMIM(Task):
         self.head_blocks = nn.Sequential(
             *[Block(out_dim, heads, mlp_ratio=4.0, qkv_bias=True) for _ in range(options.head_depth)]
         )
-        # the head's output grid: pixels, or HOG cells (hog_cell(p) px each) for target=hog
-        unit = 1 if options.target == "pixels" else hog_cell(p)
-        per_unit = spec.channels if options.target == "pixels" else spec.channels * BINS
-        up = self.stride // unit
+        # the head's output grid: pixels, or one HOG target vector per token for target=hog
+        if options.target == "pixels":
+            up, per_unit = self.stride, spec.channels
+        else:
+            up, per_unit = self.stride // p, hog_token_size(p, spec.channels)
         self.head = nn.Sequential(nn.Conv2d(out_dim, up * up * per_unit, 1), nn.PixelShuffle(up))
 
     def _out_grid(self, s: int) -> int:
@@ -153,7 +156,8 @@ class SimMIM(Task):
         return h.transpose(1, 2).reshape(h.shape[0], -1, self.grid, self.grid)
 
     def reconstruct(self, feats: torch.Tensor) -> torch.Tensor:
-        """Feature map ``(B, D', h, w)`` -> pixels ``(B, C, S, S)``: ``head_depth`` blocks, then the linear head."""
+        """Feature map ``(B, D', h, w)`` -> pixels ``(B, C, S, S)`` (``target=hog``: ``(B, D, S/p, S/p)``, one
+        target vector per token): ``head_depth`` blocks, then the linear head."""
         if len(self.head_blocks):
             b, d, h, w = feats.shape
             feats = self.head_blocks(feats.flatten(2).transpose(1, 2)).transpose(1, 2).reshape(b, d, h, w)
@@ -163,9 +167,8 @@ class SimMIM(Task):
         (x,) = views
         mask = token_mask(x.shape[0], self.grid, self.scale, self.options.mask_ratio, x.device)
         rec = self.reconstruct(self.encode_masked(x, mask))
-        if self.options.target == "hog":
-            k = self.patch // hog_cell(self.patch)
-            per_token = ((to_tokens(rec, k) - hog_tokens(x, self.patch)) ** 2).mean(-1)
+        if self.options.target == "hog":  # rec: (B, D, g, g), a target vector per token
+            per_token = ((rec.flatten(2).transpose(1, 2) - hog_tokens(x, self.patch)) ** 2).mean(-1)
             m = mask.flatten(1)
             return {"loss": (per_token * m).sum() / m.sum()}
         pix = mask.repeat_interleave(self.patch, 1).repeat_interleave(self.patch, 2).unsqueeze(1)

@@ -62,7 +62,11 @@ def restore(s: Setup) -> RunState:
     if path is None:
         return RunState()
     tensors, data = checkpoint.load(Path(path))
-    missing, unexpected = s.task.load_state_dict(tensors, strict=False)
+    try:
+        missing, unexpected = s.task.load_state_dict(tensors, strict=False)
+    except RuntimeError as exc:  # a tensor of another shape: another version's or option's model
+        first = next((line.strip() for line in str(exc).splitlines() if "size mismatch" in line), str(exc))
+        raise UsageError(f"checkpoint {path} does not fit this task/backbone: {first}") from None
     if missing or unexpected:
         raise UsageError(f"checkpoint {path} does not fit this task/backbone "
                          f"(missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]})")

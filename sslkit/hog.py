@@ -1,4 +1,5 @@
-"""Histograms of oriented gradients as a masked-prediction target (MaskFeat, Wei et al., CVPR 2022).
+"""Histograms of oriented gradients as a masked-prediction target (MaskFeat, Wei et al., CVPR 2022):
+``hog_tokens`` and ``hog_token_size`` (in ``sslkit.api``), the targets of mae and simmim.
 
 Per image channel, the gradient (central differences, replicated border) votes its magnitude into one of
 ``BINS`` unsigned orientation bins; the votes are summed over ``cell x cell`` pixel cells. A target token is
