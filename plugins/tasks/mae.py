@@ -246,14 +246,15 @@ class MAE(Task):
 
     def forward_loss(self, x: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Mean squared error on masked patches. x ``(B, C, H, W)``, pred ``(B, N, L)``, mask ``(B, N)``."""
+        p = self.encoder.patch_size
         if self.target == "hog":
-            per_patch = ((pred - hog_tokens(x, self.encoder.patch_size)) ** 2).mean(dim=-1)
-            return (per_patch * mask).sum() / mask.sum()
-        target = patchify(x, self.encoder.patch_size)
-        if self.options.norm_pix_loss:
-            mean = target.mean(dim=-1, keepdim=True)
-            var = target.var(dim=-1, keepdim=True)
-            target = (target - mean) / (var + 1e-6) ** 0.5
+            target = hog_tokens(x, p)
+        else:
+            target = patchify(x, p)
+            if self.options.norm_pix_loss:
+                mean = target.mean(dim=-1, keepdim=True)
+                var = target.var(dim=-1, keepdim=True)
+                target = (target - mean) / (var + 1e-6) ** 0.5
         per_patch = ((pred - target) ** 2).mean(dim=-1)
         return (per_patch * mask).sum() / mask.sum()
 

@@ -65,7 +65,8 @@ def restore(s: Setup) -> RunState:
     try:
         missing, unexpected = s.task.load_state_dict(tensors, strict=False)
     except RuntimeError as exc:  # a tensor of another shape: another version's or option's model
-        first = next((line.strip() for line in str(exc).splitlines() if "size mismatch" in line), str(exc))
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        first = next((line for line in lines if "size mismatch" in line), lines[0] if lines else "")
         raise UsageError(f"checkpoint {path} does not fit this task/backbone: {first}") from None
     if missing or unexpected:
         raise UsageError(f"checkpoint {path} does not fit this task/backbone "
