@@ -30,17 +30,18 @@ def hog_token_size(patch: int, channels: int) -> int:
 
 def hog_map(x: torch.Tensor, cell: int) -> torch.Tensor:
     """``(B, C, H, W) -> (B, C * BINS, H / cell, W / cell)`` un-normalised cell histograms, float32 (outside
-    autocast, without autograd: a target). Peak memory is one ``(B, C, H, W)`` map per bin, not all nine."""
+    autocast, without autograd: a target). Peak memory is one ``(B, C, H, W)`` map per bin, not all nine;
+    the gradients are differences of shifted views (a 1-channel convolution costs 20x more on CPU)."""
     b, c, h, w = x.shape
     with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
-        xx = x.reshape(b * c, 1, h, w).float()
-        k = torch.tensor([-1.0, 0.0, 1.0], device=x.device)
-        gx = F.conv2d(F.pad(xx, (1, 1, 0, 0), mode="replicate"), k.view(1, 1, 1, 3))
-        gy = F.conv2d(F.pad(xx, (0, 0, 1, 1), mode="replicate"), k.view(1, 1, 3, 1))
+        padded = F.pad(x.float(), (1, 1, 1, 1), mode="replicate")
+        gx = padded[:, :, 1:-1, 2:] - padded[:, :, 1:-1, :-2]
+        gy = padded[:, :, 2:, 1:-1] - padded[:, :, :-2, 1:-1]
         magnitude = (gx * gx + gy * gy).sqrt()
-        bins = (torch.atan2(gy, gx) % math.pi * (BINS / math.pi)).long().clamp_(max=BINS - 1)
-        votes = [F.avg_pool2d(magnitude * (bins == i), cell) for i in range(BINS)]
-        return torch.cat(votes, 1).reshape(b, c * BINS, h // cell, w // cell) * (cell * cell)
+        bins = (torch.atan2(gy, gx) % math.pi * (BINS / math.pi)).to(torch.uint8).clamp_(max=BINS - 1)
+        cells = (b, c, h // cell, cell, w // cell, cell)
+        votes = [torch.where(bins == i, magnitude, 0.0).view(cells).sum((3, 5)) for i in range(BINS)]
+        return torch.stack(votes, 2).reshape(b, c * BINS, h // cell, w // cell)
 
 
 def to_tokens(maps: torch.Tensor, k: int) -> torch.Tensor:
