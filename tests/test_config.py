@@ -203,15 +203,16 @@ def test_config_that_is_not_utf8_is_one_line(tmp_path):
     assert "is not UTF-8 text" in proc.stderr and "Traceback" not in proc.stderr
 
 
-@pytest.mark.parametrize("task", ["simclr", "moco", "vicreg", "barlowtwins"])
-def test_lars_tasks_train_a_vit_like_backbone_with_adamw(task):
-    """The four LARS tasks' engine defaults are for CNNs; with a ViT-like (token) backbone their
+@pytest.mark.parametrize("task, vit_lr", [("simclr", 1e-3), ("moco", 1e-3), ("vicreg", 1e-3), ("barlowtwins", 1e-3),
+                                          ("rotation", 3e-3)])
+def test_lars_tasks_train_a_vit_like_backbone_with_adamw(task, vit_lr):
+    """The LARS tasks' engine defaults are for CNNs; with a ViT-like (token) backbone their
     ``token_engine_defaults`` replace them, and a setting given on the command line still wins."""
     base = {"task": task, "data": "folder:DATA", "out": "OUT", "image_size": 32}
     cnn = config.resolve({**base, "backbone": "timm:resnet10t"})
     assert cnn.optimizer == "lars" and cnn.weight_decay < 1e-5
     vit = config.resolve({**base, "backbone": "timm:vit_tiny_patch16_224", "backbone_options": {"patch_size": 8}})
-    assert (vit.optimizer, vit.base_lr, vit.lr_scaling, vit.weight_decay) == ("adamw", 1e-3, "linear", 0.05)
+    assert (vit.optimizer, vit.base_lr, vit.lr_scaling, vit.weight_decay) == ("adamw", vit_lr, "linear", 0.05)
     given = config.resolve({**base, "backbone": "timm:vit_tiny_patch16_224", "optimizer": "lars", "base_lr": 0.5})
     assert (given.optimizer, given.base_lr, given.lr_scaling) == ("lars", 0.5, "linear")
     assert config.resolve({**base, "backbone": "timm:convnext_atto"}).optimizer == "lars"  # not a token backbone
