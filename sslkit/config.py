@@ -207,7 +207,13 @@ def _task_layer(values: dict[str, Any]) -> dict[str, Any]:
                                         values.get("image_size") or defaults()["image_size"],
                                         **(values.get("backbone_options") or {})):
         engine.update(token)
-    return check_values(engine, f"task {values['task']!r} engine_defaults")
+    engine = check_values(engine, f"task {values['task']!r} engine_defaults")
+    made_for = engine.get("optimizer", defaults()["optimizer"])
+    chosen = values.get("optimizer")
+    if chosen and chosen != made_for and "base_lr" in engine and not {"base_lr", "lr"} & values.keys():
+        raise UsageError(f"the default base_lr of task {values['task']!r} ({engine['base_lr']:g}) is for {made_for}; "
+                         f"with --optimizer {chosen} give --base-lr (or --lr) too")
+    return engine
 
 
 def _complete(values: dict[str, Any]) -> dict[str, Any]:

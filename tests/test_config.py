@@ -219,6 +219,20 @@ def test_lars_tasks_train_a_vit_like_backbone_with_adamw(task, vit_lr):
     assert config.resolve({**base, "backbone": "timm:convnext_atto"}).optimizer == "lars"  # not a token backbone
 
 
+@pytest.mark.parametrize("task, optimizer, made_for", [("rotation", "adamw", "lars"), ("byol", "sgd", "adamw")])
+def test_another_optimizer_without_an_lr_is_one_line(task, optimizer, made_for):
+    """A task's default LR belongs to its optimizer (rotation's LARS 2.4 would blow AdamW up): choosing
+    another optimizer without an LR is refused in one line; with one it runs."""
+    from tests.conftest import run_sslkit
+
+    args = ("pretrain", "--task", task, "--data", "folder:X", "--print-config", "--optimizer", optimizer)
+    proc = run_sslkit(*args)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert f"is for {made_for}; with --optimizer {optimizer} give --base-lr" in proc.stderr
+    ok = run_sslkit(*args, "--base-lr", "0.01")
+    assert ok.returncode == 0 and re.search(r"^base_lr = 0\.01$", ok.stdout, re.M), ok.stderr
+
+
 def test_print_config_shows_the_vit_defaults(cli):
     out = cli("pretrain", "--task", "simclr", "--data", "folder:X", "--backbone", "timm:vit_tiny_patch16_224",
               "--image-size", "32", "--print-config").output
