@@ -205,7 +205,7 @@ def test_config_that_is_not_utf8_is_one_line(tmp_path):
 
 @pytest.mark.parametrize("task, vit_lr", [("simclr", 1e-3), ("moco", 1e-3), ("vicreg", 1e-3), ("barlowtwins", 1e-3),
                                           ("rotation", 3e-3), ("autoencoder", 3e-3),
-                                          ("denoising", 3e-3)])
+                                          ("denoising", 3e-3), ("inpainting", 3e-3)])
 def test_lars_tasks_train_a_vit_like_backbone_with_adamw(task, vit_lr):
     """The LARS tasks' engine defaults are for CNNs; with a ViT-like (token) backbone their
     ``token_engine_defaults`` replace them, and a setting given on the command line still wins."""
