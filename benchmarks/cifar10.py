@@ -16,7 +16,8 @@ for 30) is turned into a number of steps by timing sslkit's training step on thi
 machine; both libraries then train for that many steps, so both see the same images,
 and each one's CPU time is reported beside its accuracy. Then weighted kNN (k = 20, 200;
 T = 0.07) and a linear probe (logistic regression, C on a validation split) are scored
-on the held-out 5k split for both encoders and a randomly initialised one.
+on the held-out 5k split for both encoders and a randomly initialised one, and the kNN
+k = 20 difference sslkit - lightly with its SE paired over the same test images.
 
     .venv/bin/python benchmarks/cifar10.py --work runs/bench-cifar10 [--budget-min 30 | --steps N]
         [--batch-size 256] [--eval-train 45000] [--eval-test 5000] [--precision bf16] [--parallel]
@@ -45,8 +46,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import lightly_tasks  # noqa: E402
-from _common import (SHARED_DATA, Stages, cpu_seconds, extract, link_split, probe, sslkit_pretrain,  # noqa: E402
-                     stratified_subset, table)
+from _common import (SHARED_DATA, Stages, bits, cpu_seconds, extract, knn_correctness, link_split,  # noqa: E402
+                     paired_se, probe, sslkit_pretrain, stratified_subset, table)
 
 BACKBONE, BACKBONE_OPTS, SIZE = "timm:resnet18", {"cifar_stem": True}, 32
 
@@ -162,6 +163,9 @@ def main() -> None:
         torch.set_num_threads(os.cpu_count() or 1)
     st.run("probe-sslkit", lambda: probe(sslkit_run, eval_train, eval_test, baseline=True))
     st.run("probe-lightly", lambda: probe(lightly_run, eval_train, eval_test, baseline=False))
+    pair = st.run("knn-pair", lambda: {name: "".join("1" if c else "0" for c in knn_correctness(
+        run, eval_train, eval_test, True, a.seed)) for name, run in (("sslkit", sslkit_run), ("lightly", lightly_run))})
+    diff, se = paired_se(bits(pair["sslkit"]), bits(pair["lightly"]))
 
     s = st.state
     rows = [(f"sslkit SimCLR ({s['pretrain-sslkit']['cpu_s'] / 60:.1f} CPU min)", s["probe-sslkit"]["pretrained"]),
@@ -174,7 +178,9 @@ def main() -> None:
     text = (f"CIFAR-10, {plan['steps']} SimCLR steps of {plan['batch_size']} ({plan['epochs_seen']} epochs of "
             f"{n_train}), {plan['precision']}, {budget}; scored on {sum(len(v) for v in stratified_subset(val_files, a.eval_test, a.seed).values())} "
             f"held-out images, kNN bank / probe training set {sum(len(v) for v in stratified_subset(train_files, a.eval_train, a.seed).values())} images\n\n"
-            + table(rows, cols))
+            + table(rows, cols)
+            + f"\n\nkNN k=20, sslkit - lightly over the same {len(pair['sslkit'])} test images: "
+            f"{100 * diff:+.1f} points (paired SE {100 * se:.1f})")
     (work / "results.md").write_text(text + "\n")
     print("\n" + text)
 
