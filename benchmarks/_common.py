@@ -130,6 +130,11 @@ def model_knn_correctness(model, bank: Path, test: Path, k: int = 20) -> np.ndar
     return (votes.argmax(1) == yte)[order]
 
 
+def knn_correct_string(run_dir: Path, bank: Path, test: Path, weights: bool, seed: int = 0, k: int = 20) -> str:
+    """:func:`knn_correctness` as a '0'/'1' string, the form a state file stores (:func:`bits` reads it back)."""
+    return "".join("1" if c else "0" for c in knn_correctness(run_dir, bank, test, weights, seed, k))
+
+
 def bits(s: str) -> np.ndarray:
     """A '0'/'1' correctness string (``knn_correctness`` stored in a state file) -> floats."""
     return np.array([ch == "1" for ch in s], dtype=float)

@@ -46,7 +46,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import lightly_tasks  # noqa: E402
-from _common import (SHARED_DATA, Stages, bits, cpu_seconds, extract, knn_correctness, link_split,  # noqa: E402
+from _common import (SHARED_DATA, Stages, bits, cpu_seconds, extract, knn_correct_string, link_split,  # noqa: E402
                      paired_se, probe, sslkit_pretrain, stratified_subset, table)
 
 BACKBONE, BACKBONE_OPTS, SIZE = "timm:resnet18", {"cifar_stem": True}, 32
@@ -163,8 +163,8 @@ def main() -> None:
         torch.set_num_threads(os.cpu_count() or 1)
     st.run("probe-sslkit", lambda: probe(sslkit_run, eval_train, eval_test, baseline=True))
     st.run("probe-lightly", lambda: probe(lightly_run, eval_train, eval_test, baseline=False))
-    pair = st.run("knn-pair", lambda: {name: "".join("1" if c else "0" for c in knn_correctness(
-        run, eval_train, eval_test, True, a.seed)) for name, run in (("sslkit", sslkit_run), ("lightly", lightly_run))})
+    pair = st.run("knn-pair", lambda: {name: knn_correct_string(run, eval_train, eval_test, True, a.seed)
+                                       for name, run in (("sslkit", sslkit_run), ("lightly", lightly_run))})
     diff, se = paired_se(bits(pair["sslkit"]), bits(pair["lightly"]))
 
     s = st.state

@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import acc_se, bits, cpu_seconds, knn_correctness, paired_se  # noqa: E402
+from _common import acc_se, bits, cpu_seconds, knn_correct_string, paired_se  # noqa: E402
 
 LIGHTLY_VERSION = "1.6.0"
 
@@ -368,8 +368,7 @@ def table_run(st, work: Path, task: str, sslkit: dict, pretrain_dir: Path, bank:
     name = f"lightly-{run.name}"
     out = work / "runs" / name
     cost = st.run(f"pretrain-{name}", lambda: train(task, pretrain_dir, run, out, int(sslkit["steps"]), seed))
-    correct = st.run(f"knn-{name}", lambda: "".join("1" if c else "0" for c in
-                                                    knn_correctness(out, bank, test, True, seed)))
+    correct = st.run(f"knn-{name}", lambda: knn_correct_string(out, bank, test, True, seed))
     return {**cost, "correct": correct}
 
 

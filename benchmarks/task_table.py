@@ -62,7 +62,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (Stages, bits, knn_correctness, link_split, run_arch, sslkit_pretrain,  # noqa: E402
+from _common import (Stages, bits, knn_correct_string, link_split, run_arch, sslkit_pretrain,  # noqa: E402
                      stratified_subset, task_step_cpu_seconds)
 from cifar10 import split_files  # noqa: E402
 import lightly_tasks  # noqa: E402
@@ -165,11 +165,6 @@ def pretrain(st: Stages, name: str, task: str, data: Path, dataset: str, a, budg
     return {**out, "run": str(run), "steps": c.get("max_steps") or steps, "base_lr": c.get("base_lr")}
 
 
-def knn_correct(run_dir: Path, bank: Path, test: Path, weights: bool, seed: int, k: int = 20) -> str:
-    """Per-test-image correctness (a '0'/'1' string, sorted test order) of the weighted cosine kNN."""
-    return "".join("1" if c else "0" for c in knn_correctness(run_dir, bank, test, weights, seed, k))
-
-
 def xray_auroc(run_dir: Path, data: Path, baseline: bool, seed: int, k: int = 20) -> dict[str, list[float]]:
     """``{encoder: per-fold kNN AUROC}`` (patient-grouped 5-fold); ``random`` too with ``baseline``."""
     import torch
@@ -206,9 +201,9 @@ def cifar_run(st, a, task: str, m: float | None, pretrain_dir: Path, bank: Path,
     lr = None if m is None else m * REF_LR
     info = pretrain(st, name, task, pretrain_dir, "cifar", a, a.budget_min, n_pre, a.batch_size, lr)
     run = Path(info["run"])
-    correct = st.run(f"knn-{name}", lambda: knn_correct(run, bank, test, True, a.seed))
+    correct = st.run(f"knn-{name}", lambda: knn_correct_string(run, bank, test, True, a.seed))
     arch = run_arch(run)
-    rand = st.run(f"knn-random-init-cifar-{arch}", lambda: knn_correct(run, bank, test, False, a.seed))
+    rand = st.run(f"knn-random-init-cifar-{arch}", lambda: knn_correct_string(run, bank, test, False, a.seed))
     return {**info, "correct": correct, "random": rand, "arch": arch}
 
 
@@ -273,9 +268,9 @@ def variant_run(st, a, spec: str, pretrain_dir: Path, bank: Path, test: Path, n_
     """One ``--variant``: the task with extra flags at its budget, kNN beside random init of its architecture."""
     info = variant_pretrain(st, a, spec, "cifar", pretrain_dir, n_pre)
     run = Path(info["run"])
-    correct = st.run(f"knn-{run.name}", lambda: knn_correct(run, bank, test, True, a.seed))
+    correct = st.run(f"knn-{run.name}", lambda: knn_correct_string(run, bank, test, True, a.seed))
     arch = run_arch(run)
-    rand = st.run(f"knn-random-init-cifar-{arch}", lambda: knn_correct(run, bank, test, False, a.seed))
+    rand = st.run(f"knn-random-init-cifar-{arch}", lambda: knn_correct_string(run, bank, test, False, a.seed))
     return {**info, "correct": correct, "random": rand, "arch": arch}
 
 
