@@ -118,21 +118,33 @@ def knn_correctness(run_dir: Path, bank: Path, test: Path, weights: bool, seed: 
 def model_knn_correctness(model, bank: Path, test: Path, k: int = 20) -> np.ndarray:
     """:func:`knn_correctness` of an opened ``sslkit.embed.Model`` (one encoder embeds bank and test)."""
     from sslkit.embed import embed
-    from sslkit.eval.knn import knn_votes
 
     tr = embed(model, f"folder:{bank}", batch_size=256, progress=False)
     te = embed(model, f"folder:{test}", batch_size=256, progress=False)
-    classes = sorted(set(tr.labels))
-    ytr = np.array([classes.index(c) for c in tr.labels])
-    yte = np.array([classes.index(c) for c in te.labels])
-    votes = knn_votes(tr.embeddings, ytr, te.embeddings, len(classes), [k])[k]
-    order = np.argsort(np.array([str(i) for i in te.ids]))
+    return embedded_knn_correctness(tr.embeddings, tr.labels, te.embeddings, te.labels, te.ids, k)
+
+
+def embedded_knn_correctness(xtr, labels_tr, xte, labels_te, ids_te, k: int = 20) -> np.ndarray:
+    """Per test image, whether the weighted cosine kNN over the bank ``(xtr, labels_tr)`` gets it right,
+    in sorted sample-id order (the order every correctness string of a state file is in)."""
+    from sslkit.eval.knn import knn_votes
+
+    classes = sorted(set(labels_tr))
+    ytr = np.array([classes.index(c) for c in labels_tr])
+    yte = np.array([classes.index(c) for c in labels_te])
+    votes = knn_votes(xtr, ytr, xte, len(classes), [k])[k]
+    order = np.argsort(np.array([str(i) for i in ids_te]))
     return (votes.argmax(1) == yte)[order]
 
 
 def knn_correct_string(run_dir: Path, bank: Path, test: Path, weights: bool, seed: int = 0, k: int = 20) -> str:
     """:func:`knn_correctness` as a '0'/'1' string, the form a state file stores (:func:`bits` reads it back)."""
-    return "".join("1" if c else "0" for c in knn_correctness(run_dir, bank, test, weights, seed, k))
+    return correct_string(knn_correctness(run_dir, bank, test, weights, seed, k))
+
+
+def correct_string(correct) -> str:
+    """Per-image booleans -> the '0'/'1' string a state file stores (:func:`bits` reads it back)."""
+    return "".join("1" if c else "0" for c in correct)
 
 
 def bits(s: str) -> np.ndarray:
@@ -213,7 +225,10 @@ def probe(run_dir: Path, train: Path, test: Path, baseline: bool, ks=(20, 200),
                     progress=False, device="cpu")
     prep = prepare(str(run_dir), args)
     knn, lin = knn_results(prep, ks), linear_results(prep)
-    return {enc: {**knn[enc], **lin[enc]} for enc in knn}
+    # and each test image's kNN verdict at ks[0], so pairing two runs needs no second embedding pass
+    return {enc: {**knn[enc], **lin[enc], f"correct_k{ks[0]}": correct_string(
+                embedded_knn_correctness(tr.x, tr.labels, te.x, te.labels, te.ids, ks[0]))}
+            for enc, (tr, te) in prep.sets.items()}
 
 
 def table(rows: list[tuple[str, dict[str, Any]]], columns: list[tuple[str, str, str]]) -> str:

@@ -163,8 +163,11 @@ def main() -> None:
         torch.set_num_threads(os.cpu_count() or 1)
     st.run("probe-sslkit", lambda: probe(sslkit_run, eval_train, eval_test, baseline=True))
     st.run("probe-lightly", lambda: probe(lightly_run, eval_train, eval_test, baseline=False))
-    pair = st.run("knn-pair", lambda: {name: knn_correct_string(run, eval_train, eval_test, True, a.seed)
-                                       for name, run in (("sslkit", sslkit_run), ("lightly", lightly_run))})
+    # each image's kNN verdict from the probe's embeddings (a state file from before they were kept: embed again)
+    pair = st.run("knn-pair", lambda: {
+        name: st.state[f"probe-{name}"]["pretrained"].get("correct_k20")
+        or knn_correct_string(run, eval_train, eval_test, True, a.seed)
+        for name, run in (("sslkit", sslkit_run), ("lightly", lightly_run))})
     diff, se = paired_se(bits(pair["sslkit"]), bits(pair["lightly"]))
 
     s = st.state

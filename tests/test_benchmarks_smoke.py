@@ -196,3 +196,25 @@ def test_task_table_scores_each_task_beside_random_init_of_the_encoder_it_embeds
         embeddings.append(embed(open_run(str(run), weights=False), f"folder:{rgb_folder}", batch_size=8,
                                 progress=False).embeddings)
     assert embeddings[0].shape == embeddings[1].shape and not np.allclose(embeddings[0], embeddings[1], atol=1e-3)
+
+
+def test_probe_keeps_each_test_images_knn_verdict_equal_to_a_second_embedding_pass(tmp_path):
+    """``_common.probe`` stores each test image's kNN (k=20) verdict from the embeddings it already
+    made; benchmarks/cifar10.py pairs two runs with it instead of embedding the bank again. It must be
+    the string :func:`_common.knn_correct_string` computes from a fresh pass, image for image."""
+    from tests.conftest import make_images, tiny_run
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import _common
+
+    bank = make_images(tmp_path / "bank", n_per_class=12, seed=1)
+    test = make_images(tmp_path / "test", n_per_class=10, seed=2)
+    run = tiny_run(f"folder:{bank}", tmp_path / "run")
+    got = _common.probe(run, bank, test, baseline=True)
+    again = _common.knn_correct_string(run, bank, test, True)
+    assert len(again) == 20 and set(again) <= {"0", "1"}
+    assert got["pretrained"]["correct_k20"] == again
+    assert _common.acc_se(again)[0] == got["pretrained"]["k=20"]["top1"]
+    # the random encoder's verdicts are mixed (the trained one's may all be right): the order is checked
+    random_again = _common.knn_correct_string(run, bank, test, False)
+    assert got["random"]["correct_k20"] == random_again and "0" in random_again and "1" in random_again
