@@ -1,24 +1,29 @@
 """Chest X-ray label-efficiency curve: does pretraining help at 1 %, 10 % and 100 % of the labels?
 
-MAE (ViT-Tiny, patch 16, 1 channel, 64 x 64) is pretrained on the 5216 unlabelled training
-X-rays, then ``sslkit eval curve`` scores a linear probe and weighted kNN at each label
-fraction with **patient-grouped 5-fold** cross-validation (patients from the file names:
-``personN_...``, ``IM-N-...``, ``NORMAL2-IM-N-...``), beside a random-init ViT-Tiny.
+A task's defaults (``--task``, default ``vicreg``: the highest X-ray AUROC of the README's
+task table; its default backbone, ResNet-18, or ``--backbone``; 1 channel, 64 x 64, batch
+128) are pretrained on the 5216 unlabelled training X-rays, then ``sslkit eval curve``
+scores a linear probe and weighted kNN at each label fraction with **patient-grouped
+5-fold** cross-validation (patients from the file names: ``personN_...``, ``IM-N-...``,
+``NORMAL2-IM-N-...``), beside a random-init encoder of the same architecture.
 Note: the encoder saw every image (test folds included) without labels, as in-domain
 self-supervised pretraining does; no label is used before the probes.
 
 With ``--init-imagenet`` a second run continues from timm's ImageNet weights of the same
-ViT (made into a local file from the Hugging Face cache, offline) and its curve adds the
+backbone (ResNet-18 or ViT-Tiny; made into a local file from the Hugging Face cache, offline) and its curve adds the
 ``init`` row (those weights before the X-ray pretraining); without cached weights this
 stage is skipped with a message. ``--init SRC`` does the same from any ``--init`` source
 (a weights file, a Hub id, or a run directory such as the first run: continued pretraining).
 
     .venv/bin/python benchmarks/label_curve.py --work runs/bench-curve [--data-dir /tmp/sslkit-data]
-        [--steps 150] [--image-size 64] [--fractions 0.01,0.1,1] [--init-imagenet | --init SRC]
+        [--task vicreg] [--backbone NAME] [--steps 150] [--image-size 64] [--fractions 0.01,0.1,1]
+        [--init-imagenet | --init SRC]
 
 Resumable: finished stages are skipped (``WORK/state.json``). Torch runs with one OpenMP
 thread (``OMP_NUM_THREADS=1``): on the shared 2-core machine two spinning OpenMP threads
-per process made MAE steps 6-10x slower. Prints a markdown table (also ``WORK/results.md``).
+per process made MAE steps 6-10x slower. Prints a markdown table (also ``WORK/results.md``);
+the runs are ``WORK/TASK`` and ``WORK/TASK-init``, the plots ``WORK/TASK-curve.png`` (and
+``-init``).
 """
 
 from __future__ import annotations
@@ -34,15 +39,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import SHARED_DATA, Stages, extract, sslkit_pretrain  # noqa: E402
 
 PATIENT = r"^(person\d+|NORMAL2-IM-\d+|IM-\d+)"
-BACKBONE = "timm:vit_tiny_patch16_224"
-IMAGENET_TAG = "vit_tiny_patch16_224.augreg_in21k_ft_in1k"
+IMAGENET_TAGS = {"timm:vit_tiny_patch16_224": "vit_tiny_patch16_224.augreg_in21k_ft_in1k",
+                 "timm:resnet18": "resnet18.a1_in1k"}  # timm's pretrained weights of each backbone
 
 
 def pretrain(stages: Stages, name: str, run: Path, data: Path, a: argparse.Namespace, extra: list[str]) -> None:
     def go():
         if (run / "run.json").exists() and json.loads((run / "run.json").read_text()).get("status") == "finished":
             return {"note": "finished earlier"}
-        return sslkit_pretrain(run, ["--task", "mae", "--data", f"folder:{data}", "--backbone", BACKBONE,
+        backbone = ["--backbone", a.backbone] if a.backbone else []
+        return sslkit_pretrain(run, ["--task", a.task, "--data", f"folder:{data}", *backbone,
                                      "--image-size", str(a.image_size), "--batch-size", "128", "--channels", "1",
                                      "--max-steps", str(a.steps), "--epochs", "100", "--quiet", *extra])
     stages.run(name, go)
@@ -58,9 +64,13 @@ def curve(stages: Stages, name: str, run: Path, data: Path, out: Path, fractions
     return stages.run(name, go)
 
 
-def imagenet_file(work: Path) -> Path | None:
-    """timm's ImageNet ViT-Tiny weights as a local file, from the Hugging Face cache only."""
-    out = work / "imagenet-vit-tiny.safetensors"
+def imagenet_file(work: Path, backbone: str) -> Path | None:
+    """timm's ImageNet weights of ``backbone`` as a local file, from the Hugging Face cache only."""
+    tag = IMAGENET_TAGS.get(backbone)
+    if tag is None:
+        print(f"skip: no ImageNet tag known for {backbone} (known: {', '.join(IMAGENET_TAGS)})", flush=True)
+        return None
+    out = work / f"imagenet-{tag}.safetensors"
     if out.exists():
         return out
     os.environ["HF_HUB_OFFLINE"] = "1"
@@ -68,9 +78,9 @@ def imagenet_file(work: Path) -> Path | None:
         import timm
         from safetensors.torch import save_file
 
-        model = timm.create_model(IMAGENET_TAG, pretrained=True, num_classes=0)
+        model = timm.create_model(tag, pretrained=True, num_classes=0)
     except Exception as exc:  # not cached, offline
-        print(f"skip: no ImageNet weights for {IMAGENET_TAG} in the local Hugging Face cache "
+        print(f"skip: no ImageNet weights for {tag} in the local Hugging Face cache "
               f"({type(exc).__name__}); the --init comparison needs them", flush=True)
         return None
     save_file(model.state_dict(), str(out))
@@ -95,6 +105,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--work", type=Path, required=True)
     p.add_argument("--data-dir", type=Path, default=None, help="Already extracted data (holds train/).")
+    p.add_argument("--task", default="vicreg", help="pretext task (its defaults); the README's curve: vicreg")
+    p.add_argument("--backbone", default=None, help="default: the task's default backbone")
     p.add_argument("--steps", type=int, default=150)
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--fractions", default="0.01,0.1,1")
@@ -105,14 +117,16 @@ def main() -> None:
     stages = Stages(a.work)
     root = a.data_dir or extract(SHARED_DATA / "pneumonia-train.tar.gz", a.work / "data")
     data = root / "train"
-    pretrain(stages, "pretrain", a.work / "mae", data, a, [])
-    reports = [("", curve(stages, "curve", a.work / "mae", data, a.work / "curve.png", a.fractions))]
+    t = a.task
+    pretrain(stages, f"pretrain-{t}", a.work / t, data, a, [])
+    reports = [("", curve(stages, f"curve-{t}", a.work / t, data, a.work / f"{t}-curve.png", a.fractions))]
     if a.init_imagenet or a.init:
-        weights = a.init or imagenet_file(a.work)
+        weights = a.init or imagenet_file(a.work, a.backbone or json.loads((a.work / t / "run.json").read_text())
+                                          ["backbone"])
         if weights is not None:
-            pretrain(stages, "pretrain-init", a.work / "mae-init", data, a, ["--init", str(weights)])
-            reports.append(("init run: ", curve(stages, "curve-init", a.work / "mae-init", data,
-                                                a.work / "curve-init.png", a.fractions)))
+            pretrain(stages, f"pretrain-{t}-init", a.work / f"{t}-init", data, a, ["--init", str(weights)])
+            reports.append(("init run: ", curve(stages, f"curve-{t}-init", a.work / f"{t}-init", data,
+                                                a.work / f"{t}-init-curve.png", a.fractions)))
     fr = reports[0][1]["settings"]["fractions"]
     head = "| encoder | " + " | ".join(f"{pr} AUROC @ {f:g}" for f in fr for pr in ("linear", "kNN")) + \
         " | labels per fold |"
