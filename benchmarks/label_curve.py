@@ -101,6 +101,22 @@ def rows(report: dict, tag: str) -> list[str]:
     return out
 
 
+def deltas(report: dict, tag: str, base: str = "random") -> list[str]:
+    """Per-fold paired ``ENC - base`` AUROC at each fraction: mean ± std over folds (folds better)."""
+    import numpy as np
+
+    out, fr, res = [], report["settings"]["fractions"], report["results"]
+    for enc in (e for e in res if e != base and base in res):
+        cells = []
+        for f in fr:
+            for probe in ("linear", f"k={report['settings']['k']}"):
+                a, b = (np.array([m["auroc"] for m in res[e][f"{probe} f={f:g}"]["folds"]]) for e in (enc, base))
+                d = a - b
+                cells.append(f"{d.mean():+.3f} ± {d.std(ddof=1):.3f} ({(d > 0).sum()}/{len(d)})")
+        out.append(f"| {tag}{enc} − {base} | " + " | ".join(cells) + " |")
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--work", type=Path, required=True)
@@ -133,6 +149,11 @@ def main() -> None:
     lines = [head, "| --- |" + " ---: |" * (2 * len(fr)) + " --- |"]
     for tag, rep in reports:
         lines += rows(rep, tag)
+    lines += ["", "Paired per fold (mean ± std over folds, folds better):", "",
+              "| difference | " + " | ".join(f"{pr} Δ AUROC @ {f:g}" for f in fr for pr in ("linear", "kNN")) + " |",
+              "| --- |" + " ---: |" * (2 * len(fr))]
+    for tag, rep in reports:
+        lines += deltas(rep, tag) + (deltas(rep, tag, "init") if "init" in rep["results"] else [])
     text = "\n".join(lines)
     (a.work / "results.md").write_text(text + "\n")
     print(text)
