@@ -15,6 +15,8 @@ from sslkit.output_file import write_atomic
 PANEL_INCHES = (5.0, 4.0)
 DPI = 100
 STYLE = {"pretrained": ("tab:blue", "o"), "random": ("tab:gray", "s"), "init": ("tab:green", "^")}
+METRIC_LABELS = {"auroc": "AUROC", "balanced_accuracy": "balanced accuracy", "top1": "top-1 accuracy"}
+GROUPED_BY = {"pattern": "--group-pattern", "source": "the source's group (DICOM: patient)", "folder": "folder"}
 
 
 def plot_curve(report: dict[str, Any], out: Path) -> tuple[int, int]:
@@ -43,12 +45,13 @@ def plot_curve(report: dict[str, Any], out: Path) -> tuple[int, int]:
         ax.set_xticklabels([f"{f:g}\n({n:.0f})" for f, n in ticks.items()])
         ax.minorticks_off()
         ax.set_xlabel("label fraction (labelled training images)")
-        ax.set_ylabel(metric.replace("_", " ") + (f" ({report['positive_class']})" if metric == "auroc" else ""))
+        ax.set_ylabel(METRIC_LABELS.get(metric, metric) + (f" ({report['positive_class']})" if metric == "auroc" else ""))
         ax.set_title("linear probe" if probe == "linear" else f"kNN ({probe})")
         ax.grid(True, alpha=0.3)
         ax.legend(loc="lower right", fontsize="small")
     split = report["settings"].get("split")
-    how = f"{split['folds']}-fold by {split['group_by']}, mean ± std" if split else "train/test"
+    how = (f"{split['folds']}-fold grouped by {GROUPED_BY.get(split['group_by'], split['group_by'])}, mean ± std"
+           if split else "train/test")
     model = report["model"]
     fig.suptitle(f"{model['task']} {model['backbone']} {model['image_size']} px: label efficiency ({how})",
                  fontsize="medium")
