@@ -16,7 +16,7 @@ stage is skipped with a message. ``--init SRC`` does the same from any ``--init`
 (a weights file, a Hub id, or a run directory such as the first run: continued pretraining).
 
     .venv/bin/python benchmarks/label_curve.py --work runs/bench-curve [--data-dir /tmp/sslkit-data]
-        [--task vicreg] [--backbone NAME] [--steps 150] [--image-size 64] [--fractions 0.01,0.1,1]
+        [--task vicreg] [--backbone NAME] [--steps 150] [--seed 0] [--image-size 64] [--fractions 0.01,0.1,1]
         [--init-imagenet | --init SRC]
 
 Resumable: finished stages are skipped (``WORK/state.json``). Torch runs with one OpenMP
@@ -50,7 +50,8 @@ def pretrain(stages: Stages, name: str, run: Path, data: Path, a: argparse.Names
         backbone = ["--backbone", a.backbone] if a.backbone else []
         return sslkit_pretrain(run, ["--task", a.task, "--data", f"folder:{data}", *backbone,
                                      "--image-size", str(a.image_size), "--batch-size", "128", "--channels", "1",
-                                     "--max-steps", str(a.steps), "--epochs", "100", "--quiet", *extra])
+                                     "--max-steps", str(a.steps), "--epochs", "100", "--seed", str(a.seed),
+                                     "--quiet", *extra])
     stages.run(name, go)
 
 
@@ -124,6 +125,7 @@ def main() -> None:
     p.add_argument("--task", default="vicreg", help="pretext task (its defaults); the README's curve: vicreg")
     p.add_argument("--backbone", default=None, help="default: the task's default backbone")
     p.add_argument("--steps", type=int, default=150)
+    p.add_argument("--seed", type=int, default=0, help="pretraining seed (the folds stay those of seed 0)")
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--fractions", default="0.01,0.1,1")
     p.add_argument("--init-imagenet", action="store_true")
