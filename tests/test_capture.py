@@ -302,7 +302,7 @@ def test_compiled_views_equal_eager_views_and_draw_the_same_random_numbers():
     on the CPU, hence slow. Same RNG state in, same views (to float rounding) and the
     same RNG state out: a run's random stream does not depend on compiling."""
     from sslkit.views import MultiView, ViewRecipe
-    from sslkit.engine.compiled_views import compile_views
+    from sslkit.engine.compiled import compile_views
 
     views = MultiView([ViewRecipe(32, blur_p=0.5, solarize_p=0.2), ViewRecipe(32, gray_p=0.5)],
                       (0.5, 0.4, 0.3), (0.2, 0.25, 0.3))
@@ -339,12 +339,13 @@ def test_prefetch_passes_cpu_batches_through_and_closes_the_source():
 
 
 def test_views_the_compiler_refuses_stay_eager_and_say_so_once():
+    from sslkit.engine.compiled import compile_views
     from sslkit.views import MultiView, ViewRecipe
-    from sslkit.engine.compiled_views import CompiledViews
 
     views = MultiView([ViewRecipe(8)], (0.5,) * 3, (0.25,) * 3)
     said: list[str] = []
-    c = CompiledViews(views, say=said.append)
+    c = compile_views(views)
+    c.say = said.append
     calls = []
 
     def refuses(x):
@@ -360,8 +361,49 @@ def test_views_the_compiler_refuses_stay_eager_and_say_so_once():
     assert said == ["note: --compile: the augmentation stays eager (RuntimeError: backend compiler failed)"]
     assert len(calls) == 1 and c.recipes == views.recipes  # attributes read through
 
-    c = CompiledViews(views, say=said.append)
+    c = compile_views(views)
     c.compiled, c.proven = refuses, True  # after a compiled call worked, an error is the caller's
     with pytest.raises(RuntimeError):
         c(x)
+
+    def out_of_memory(x):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    c = compile_views(views)
+    c.compiled = out_of_memory  # not the compiler's failure: eagerly it would not fit either
+    with pytest.raises(torch.OutOfMemoryError):
+        c(x)
+
+
+class CompilerCrash(Exception):
+    """Stands in for torch._inductor.exc.InductorError (Triton failing inside the compiler)."""
+
+
+def test_a_model_the_compiler_fails_on_trains_eagerly_said_in_one_line(images, tmp_path, monkeypatch, capsys):
+    """--compile where torch's compiler crashes on the model's first call (seen on the H200:
+    Triton 3.6 under torch 2.11 on SimCLR's cross-entropy): the run does not end in a
+    compiler traceback; it trains eagerly, says so once, and its steps equal a run without
+    --compile (the failed call ran nothing)."""
+    from sslkit.engine import compiled, pretrain
+    from sslkit.run import RunConfig
+
+    attempts = []
+
+    def crashing_compile(fn, **options):
+        def call(*args, **kwargs):
+            attempts.append(options)
+            raise CompilerCrash("SubprocException: An exception occurred in a subprocess:\nName=triton_red_fused")
+        return call
+
+    monkeypatch.setattr(compiled.torch, "compile", crashing_compile)
+    runs = {}
+    for name, flag in (("compiled", True), ("eager", False)):
+        runs[name] = tmp_path / name
+        pretrain(RunConfig(data=f"folder:{images}", out=str(runs[name]), epochs=1, max_steps=3, compile=flag,
+                           **{**ARGS, "deterministic": False}))
+    assert len(attempts) == 1  # compiled once on the CPU: the model (views are compiled on CUDA only)
+    said = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note: --compile")]
+    assert said == ["note: --compile: the model stays eager (CompilerCrash: SubprocException: An exception "
+                    "occurred in a subprocess:)"]
+    assert rows(runs["compiled"]) == rows(runs["eager"]) and len(rows(runs["eager"])) == 3
 

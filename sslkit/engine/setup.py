@@ -30,7 +30,7 @@ from sslkit.data.pipeline import LoadedData, load_data, resume_input_spec
 from sslkit.data.prepare import channel_stats, fingerprint
 from sslkit.engine.log import note
 from sslkit.engine.capture import make_capture
-from sslkit.engine.compiled_views import compile_views
+from sslkit.engine.compiled import compile_model, compile_views
 from sslkit.engine.schedules import Schedule, horizon, make_schedule
 from sslkit.errors import UsageError
 from sslkit.optim import build_optimizer, scaled_lr, uses_group_lr
@@ -222,7 +222,7 @@ def build(cfg: RunConfig, device: torch.device) -> Setup:
     s = Setup(cfg, device, rank, world, data, spec, task, augment, channels_last, loader, loader.batch_size,
               steps_per_epoch, step_images, schedule, optimizer, scaler,
               {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision), ddp,
-              torch.compile(model) if cfg.compile else model, {})
+              compile_model(model) if cfg.compile else model, {})
     s.info = run_record(s, backbone_name, int(backbone.num_features))
     s.loader.raw = device.type == "cuda"  # copy the cached uint16, scale on the device (half the bytes)
     s.capture = make_capture(s)
