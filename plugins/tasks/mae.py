@@ -24,9 +24,9 @@ kNN by +3.2, +3.5 and +1.3 points (paired SE 0.7, three seeds) over pixels at 1e
 past a random ViT (+1.1, +0.8 and +0.4 ± 0.7), which no pixel setting reached; HOG wants a
 low LR (1e-3: -0.9 and -0.7 against random; 2e-3 worse). At 8 CPU min pixels at 1e-3 are
 ahead (-2.0, -0.1 and -5.8 ± 0.8): HOG's loss at 32 px is flat after about 200 steps, so
-for longer runs at small image sizes ``target=pixels`` with ``--base-lr 1e-3`` is the
-measured better choice. On the 64-px chest X-rays -0.009, +0.000 and -0.001 (SE <= 0.004)
-AUROC against pixels.
+for longer runs on 32-px images ``target=pixels`` with ``--base-lr 1e-3`` is the measured
+better choice. On the 64-px chest X-rays -0.009, +0.000 and -0.001 (SE <= 0.004) AUROC
+against pixels at the table's 0.6 CPU min, and +0.009 ± 0.009 at 4 CPU min (971 steps).
 
 Defaults: mask ratio 0.75, decoder depth 2 with 8 heads, decoder width half the encoder's
 (paper: 512 for ViT-L's 1024), a multiple of 32 between 64 and 512 (ViT-Tiny 96, ViT-Small
