@@ -10,9 +10,9 @@ Note: the encoder saw every image (test folds included) without labels, as in-do
 self-supervised pretraining does; no label is used before the probes.
 
 With ``--init-imagenet`` a second run continues from timm's ImageNet weights of the same
-backbone (ResNet-18 or ViT-Tiny; made into a local file from the Hugging Face cache, offline) and its curve adds the
-``init`` row (those weights before the X-ray pretraining); without cached weights this
-stage is skipped with a message. ``--init SRC`` does the same from any ``--init`` source
+backbone (ResNet-18 or ViT-Tiny; made into a local file from the Hugging Face cache,
+offline) and its curve adds the ``init`` row (those weights before the X-ray pretraining);
+without cached weights this stage is skipped with a message. ``--init SRC`` does the same from any ``--init`` source
 (a weights file, a Hub id, or a run directory such as the first run: continued pretraining).
 
     .venv/bin/python benchmarks/label_curve.py --work runs/bench-curve [--data-dir /tmp/sslkit-data]
@@ -103,11 +103,12 @@ def rows(report: dict, tag: str) -> list[str]:
 
 
 def deltas(report: dict, tag: str, base: str = "random") -> list[str]:
-    """Per-fold paired ``ENC - base`` AUROC at each fraction: mean ± std over folds (folds better)."""
+    """Per-fold paired ``ENC - base`` AUROC at each fraction: mean ± std over folds (folds better);
+    against ``init``, the pretrained encoder only."""
     import numpy as np
 
     out, fr, res = [], report["settings"]["fractions"], report["results"]
-    for enc in (e for e in res if e != base and base in res):
+    for enc in (e for e in res if e != base and base in res and (base == "random" or e == "pretrained")):
         cells = []
         for f in fr:
             for probe in ("linear", f"k={report['settings']['k']}"):

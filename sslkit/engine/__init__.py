@@ -10,7 +10,8 @@
 * :mod:`.capture` — ``--capture graphs``: the whole step replayed as one CUDA graph
   (static input buffers, a device-tensor LR), or a one-line fall-back to the eager step.
 * :mod:`.transfer` — batches copied to the GPU one step ahead on their own stream;
-  :mod:`.compiled` — ``--compile``: the model (and on CUDA the augmentation) through ``torch.compile``, eager where the compiler fails.
+  :mod:`.compiled` — ``--compile``: the model (and on CUDA the augmentation) through
+  ``torch.compile``, eager where the compiler fails.
 * :mod:`.schedules` — warm-up + ``cosine``, ``constant`` or ``step`` (``--schedule``).
 * :mod:`.signals` — SIGINT / SIGTERM: finish the step, checkpoint, stop.
 * :mod:`.events`, :mod:`.callbacks` — run events for plugin callbacks (metrics.csv and

@@ -45,7 +45,8 @@ def plot_curve(report: dict[str, Any], out: Path) -> tuple[int, int]:
         ax.set_xticklabels([f"{f:g}\n({n:.0f})" for f, n in ticks.items()])
         ax.minorticks_off()
         ax.set_xlabel("label fraction (labelled training images)")
-        ax.set_ylabel(METRIC_LABELS.get(metric, metric) + (f" ({report['positive_class']})" if metric == "auroc" else ""))
+        positive = f" ({report['positive_class']})" if metric == "auroc" else ""
+        ax.set_ylabel(METRIC_LABELS.get(metric, metric) + positive)
         ax.set_title("linear probe" if probe == "linear" else f"kNN ({probe})")
         ax.grid(True, alpha=0.3)
         ax.legend(loc="lower right", fontsize="small")
