@@ -16,7 +16,7 @@ PANEL_INCHES = (5.0, 4.0)
 DPI = 100
 STYLE = {"pretrained": ("tab:blue", "o"), "random": ("tab:gray", "s"), "init": ("tab:green", "^")}
 METRIC_LABELS = {"auroc": "AUROC", "balanced_accuracy": "balanced accuracy", "top1": "top-1 accuracy"}
-GROUPED_BY = {"pattern": "--group-pattern", "source": "the source's group (DICOM: patient)", "folder": "folder"}
+GROUPED_BY = {"pattern": "--group-pattern", "source": "the source's groups", "folder": "folder"}
 
 
 def plot_curve(report: dict[str, Any], out: Path) -> tuple[int, int]:
