@@ -250,6 +250,10 @@ def test_hub_id_and_timm_tag_resolve_from_the_local_cache_only(tmp_path, monkeyp
         load_init("acme/other", create_backbone("timm:resnet18", in_chans=3, image_size=32))
     with pytest.raises(UsageError, match="not in the local Hugging Face cache"):
         load_init("timm:resnet18.tv_in1k", create_backbone("timm:resnet18", in_chans=3, image_size=32))
+    # a tag timm does not know (timm itself raises a RuntimeError): one line naming the tags it has
+    with pytest.raises(UsageError, match=r"unknown timm pretrained tag 'resnet18.a1_in1kk' \(did you mean "
+                                         r"'resnet18.a1_in1k'\?\); choose from: .*resnet18.tv_in1k"):
+        load_init("timm:resnet18.a1_in1kk", create_backbone("timm:resnet18", in_chans=3, image_size=32))
 
 
 # --- through pretrain and export ------------------------------------------------------------------

@@ -87,12 +87,16 @@ def _timm(tag: str, allow_download: bool) -> InitFile:
     import timm
     from timm.models import get_pretrained_cfg
 
+    from sslkit.registry import unknown_name_message
+
     arch = tag.split(".", 1)[0]
     if not timm.is_model(arch):
-        from sslkit.registry import unknown_name_message
-
         raise UsageError("--init: " + unknown_name_message("timm model", arch, timm.list_models()))
-    cfg = get_pretrained_cfg(tag if "." in tag else arch)
+    try:
+        cfg = get_pretrained_cfg(tag if "." in tag else arch)
+    except RuntimeError:  # timm: "Invalid pretrained tag (x) for arch."
+        raise UsageError("--init: " + unknown_name_message("timm pretrained tag", tag,
+                                                           timm.list_pretrained(f"{arch}.*"))) from None
     hub_id = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
     if not hub_id:
         tags = [t for t in timm.list_pretrained(f"{arch}.*")][:4]
