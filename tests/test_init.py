@@ -217,8 +217,12 @@ def test_pickle_with_code_is_refused(tmp_path):
             return (print, ("ran",))
 
     torch.save({"state_dict": {"w": torch.zeros(1)}, "obj": Evil()}, tmp_path / "evil.pth")
-    with pytest.raises(UsageError, match=r"weights_only=True"):
+    with pytest.raises(UsageError, match=r"weights_only=True\) \(Unsupported global: GLOBAL [\w.]*print") as err:
         load_init(str(tmp_path / "evil.pth"), create_backbone("timm:resnet18", in_chans=3, image_size=32))
+    assert "weights_only` set to `False`" not in str(err.value)  # torch's preface is not passed on as advice
+    (tmp_path / "damaged.pth").write_bytes(b"PK")  # a truncated file: the reason, not the preface
+    with pytest.raises(UsageError, match=r"damaged.pth: cannot be read .* \(Unsupported operand"):
+        load_init(str(tmp_path / "damaged.pth"), create_backbone("timm:resnet18", in_chans=3, image_size=32))
 
 
 # --- Hugging Face cache and timm tags ---------------------------------------------------------------

@@ -31,7 +31,7 @@ def read_state_dict(path: Path, name: str) -> dict[str, torch.Tensor]:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:
         raise UsageError(f"--init {name}: cannot be read as plain weights with torch.load(weights_only=True) "
-                         f"({_first_line(exc)}); convert it to .safetensors") from None
+                         f"({_unpickler_reason(exc)}); convert it to .safetensors") from None
     return _unwrap(obj, name)
 
 
@@ -53,3 +53,13 @@ def _unwrap(obj, name: str) -> dict[str, torch.Tensor]:
 def _first_line(exc: Exception) -> str:
     text = str(exc).strip()
     return (text.splitlines()[0] if text else type(exc).__name__)[:200]
+
+
+def _unpickler_reason(exc: Exception) -> str:
+    """What torch's weights-only unpickler refused (``Unsupported global: GLOBAL os.system ...``,
+    ``Unsupported operand 80`` for a damaged file), not its preface, which suggests
+    ``weights_only=False``: the one thing not to do with a file of unknown origin."""
+    text = str(exc)
+    _, found, rest = text.partition("WeightsUnpickler error:")
+    lines = [line.strip() for line in rest.splitlines() if line.strip()] if found else []
+    return lines[0].split(". ")[0].rstrip(".")[:200] if lines else _first_line(exc)  # its first sentence
