@@ -31,6 +31,7 @@ from safetensors.torch import load_file, save_file
 
 from sslkit.errors import UsageError
 from sslkit.output_file import TMP_PREFIX, fsync_path
+from sslkit.plain_pickle import NotPlainData, load_plain
 
 PREFIX = "step-"
 MODEL_FILE = "model.safetensors"
@@ -149,10 +150,9 @@ def load(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     verify(path)
     tensors = load_file(str(path / MODEL_FILE))
     try:
-        state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
-    except Exception as exc:  # weights_only refuses arbitrary objects: report, never execute
-        raise ValueError(f"{STATE_FILE} is not a plain-data checkpoint, refused: "
-                         f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+        state = load_plain(path / STATE_FILE)
+    except NotPlainData as exc:  # arbitrary objects are refused: report, never execute
+        raise ValueError(f"{STATE_FILE} is not a plain-data checkpoint, refused: {exc}") from None
     return tensors, state
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from sslkit.errors import UsageError
+from sslkit.plain_pickle import NotPlainData, first_line, load_plain
 
 WRAPPERS = ("state_dict", "model", "module", "teacher", "target_encoder", "encoder", "net", "params")
 
@@ -26,12 +27,12 @@ def read_state_dict(path: Path, name: str) -> dict[str, torch.Tensor]:
         try:
             return dict(load_file(str(path)))
         except Exception as exc:
-            raise UsageError(f"--init {name}: not a readable safetensors file ({_first_line(exc)})") from None
+            raise UsageError(f"--init {name}: not a readable safetensors file ({first_line(exc)})") from None
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:
+        obj = load_plain(path)
+    except NotPlainData as exc:
         raise UsageError(f"--init {name}: cannot be read as plain weights with torch.load(weights_only=True) "
-                         f"({_unpickler_reason(exc)}); convert it to .safetensors") from None
+                         f"({exc}); convert it to .safetensors") from None
     return _unwrap(obj, name)
 
 
@@ -49,17 +50,3 @@ def _unwrap(obj, name: str) -> dict[str, torch.Tensor]:
     raise UsageError(f"--init {name}: holds no state dict of tensors (keys: "
                      f"{', '.join(map(str, list(obj)[:5])) if isinstance(obj, dict) else type(obj).__name__})")
 
-
-def _first_line(exc: Exception) -> str:
-    text = str(exc).strip()
-    return (text.splitlines()[0] if text else type(exc).__name__)[:200]
-
-
-def _unpickler_reason(exc: Exception) -> str:
-    """What torch's weights-only unpickler refused (``Unsupported global: GLOBAL os.system ...``,
-    ``Unsupported operand 80`` for a damaged file), not its preface, which suggests
-    ``weights_only=False``: the one thing not to do with a file of unknown origin."""
-    text = str(exc)
-    _, found, rest = text.partition("WeightsUnpickler error:")
-    lines = [line.strip() for line in rest.splitlines() if line.strip()] if found else []
-    return lines[0].split(". ")[0].rstrip(".")[:200] if lines else _first_line(exc)  # its first sentence
