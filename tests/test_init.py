@@ -299,8 +299,11 @@ def test_cli_init_that_does_not_fit_fails_before_decoding(tmp_path, cli, monkeyp
     assert proc.returncode == 2 and len(lines) == 1 and "does not fit timm:resnet34" in lines[0], proc.stderr
     monkeypatch.setenv("SSLKIT_CACHE_DIR", str(cache))
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    (tmp_path / "damaged.pth").write_bytes(b"PK")
     for init, message in [(tmp_path / "nope.safetensors", "does not exist"),
-                          ("acme/none", "not in the local Hugging Face cache")]:
+                          ("acme/none", "not in the local Hugging Face cache"),
+                          ("timm:resnet34.a1_in1kk", "unknown timm pretrained tag 'resnet34.a1_in1kk' (did you mean"),
+                          (tmp_path / "damaged.pth", "(Unsupported operand")]:
         result = cli(*args, "--init", init)
         lines = result.stderr.strip().splitlines()
         assert result.exit_code == 2 and len(lines) == 1 and message in lines[0], result.output
