@@ -14,3 +14,10 @@ class CheckFailed(Exception):
     """A self-check failed (e.g. ONNX parity above tolerance). The CLI exits with code 1."""
 
     exit_code = 1
+
+
+def first_line(exc: BaseException) -> str:
+    """An error's first line (its type's name when it has no message), at most 200 characters:
+    what a one-line message quotes of an exception from a library."""
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:200]

@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from sslkit.errors import first_line
+
 
 class NotPlainData(ValueError):
     """The file is not a plain-data torch pickle (damaged, or it holds code); the message says why."""
@@ -36,8 +38,3 @@ def refusal_reason(exc: Exception) -> str:
                            if line and not line.startswith(PREFACE)) if r]
     return reasons[0].split(". ")[0].rstrip(".")[:200] if reasons else first_line(exc)
 
-
-def first_line(exc: Exception) -> str:
-    """An error's first line (its type's name when it has no message), at most 200 characters."""
-    text = str(exc).strip()
-    return (text.splitlines()[0] if text else type(exc).__name__)[:200]

@@ -44,6 +44,8 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from sslkit.errors import first_line
+
 CAPTURE_MODES = ("off", "auto", "graphs")
 
 #: eager steps of every session before the step is captured
@@ -243,8 +245,7 @@ class StepCapture:
             self.replay = self.recorder(lambda: self._body(s), self.stream)
         except Exception as exc:  # anything a capture refuses: the step stays eager
             s.optimizer.zero_grad(set_to_none=True)
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            self.fall_back(f"capturing the step failed ({type(exc).__name__}: {first[:160]})")
+            self.fall_back(f"capturing the step failed ({type(exc).__name__}: {first_line(exc)[:160]})")
         finally:
             _set_rng_state(s.device, rng)  # recording draws nothing; make sure of it
 

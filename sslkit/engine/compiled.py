@@ -24,6 +24,8 @@ from typing import Any, Callable
 
 import torch
 
+from sslkit.errors import first_line
+
 
 class CompiledOrEager:
     """``fn`` through ``torch.compile(fn, **options)``; the eager ``fn`` when the first compiled
@@ -50,8 +52,7 @@ class CompiledOrEager:
                 raise
             except Exception as exc:
                 self.compiled = None
-                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-                self.say(f"note: --compile: {self.what} stays eager ({type(exc).__name__}: {first[:160]})")
+                self.say(f"note: --compile: {self.what} stays eager ({type(exc).__name__}: {first_line(exc)[:160]})")
         return self._orig_mod(*args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:

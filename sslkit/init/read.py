@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from sslkit.errors import UsageError
-from sslkit.plain_pickle import NotPlainData, first_line, load_plain
+from sslkit.errors import UsageError, first_line
+from sslkit.plain_pickle import NotPlainData, load_plain
 
 WRAPPERS = ("state_dict", "model", "module", "teacher", "target_encoder", "encoder", "net", "params")
 
