@@ -108,7 +108,9 @@ def deltas(report: dict, tag: str, base: str = "random") -> list[str]:
     import numpy as np
 
     out, fr, res = [], report["settings"]["fractions"], report["results"]
-    for enc in (e for e in res if e != base and base in res and (base == "random" or e == "pretrained")):
+    if base not in res:
+        return out
+    for enc in [e for e in res if e != base] if base == "random" else ["pretrained"]:
         cells = []
         for f in fr:
             for probe in ("linear", f"k={report['settings']['k']}"):
