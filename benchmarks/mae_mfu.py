@@ -67,8 +67,9 @@ def step_flops(trainer, batch: torch.Tensor) -> int:
     return counter.get_total_flops()
 
 
-def kernel_ms_per_step(trainer, steps: int) -> float | None:
-    """Device time of all kernels (and copies) in a profile of ``steps`` steps, per step (CUDA)."""
+def kernel_ms_per_step(trainer, steps: int, top: int = 0) -> float | None:
+    """Device time of all kernels (and copies) in a profile of ``steps`` steps, per step (CUDA);
+    with ``top``, the ``top`` kernels by device time are printed first (ms per step, share)."""
     if trainer.device.type != "cuda" or steps < 1:
         return None
     from torch.profiler import ProfilerActivity, profile
@@ -77,7 +78,12 @@ def kernel_ms_per_step(trainer, steps: int) -> float | None:
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         run_engine(trainer, steps)
         torch.cuda.synchronize()
-    return sum(e.self_device_time_total for e in prof.key_averages()) / 1000 / steps
+    events = sorted(prof.key_averages(), key=lambda e: -e.self_device_time_total)
+    total = sum(e.self_device_time_total for e in events) / 1000 / steps
+    for e in events[:top]:
+        ms = e.self_device_time_total / 1000 / steps
+        print(f"  kernel {ms:7.3f} ms/step {100 * ms / total:5.1f} %  x{e.count // steps:<4d} {e.key[:110]}", flush=True)
+    return total
 
 
 def replay_ms(trainer, reps: int = 10) -> float | None:
@@ -124,7 +130,7 @@ def measure(work: Path, data: str, task: str, backbone: str, batch_size: int, im
     run_engine(trainer, args.warmup)
     run_engine(trainer, args.steps)
     sec = statistics.median(engine_step_times(trainer)[args.warmup:])
-    kernel = kernel_ms_per_step(trainer, args.profile_steps)
+    kernel = kernel_ms_per_step(trainer, args.profile_steps, args.top_kernels)
     peak = args.peak_tflops or peak_tflops(device)
     out = {"mode": mode, "batch": batch_size, "step_ms": sec * 1000, "img_s": batch_size / sec,
            "tflops": flops / sec / 1e12, "gflop_per_step": flops / 1e9,
@@ -215,6 +221,9 @@ def arguments(description: str, backbone: str) -> argparse.ArgumentParser:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=8, help="untimed steps (compilation and capture happen here)")
     ap.add_argument("--profile-steps", type=int, default=5)
+    ap.add_argument("--top-kernels", type=int, default=0, help="print the N kernels with the most device time")
+    ap.add_argument("--task-opt", action="append", default=[], metavar="KEY=VALUE",
+                    help="a task option, as pretrain's (e.g. target=pixels); repeatable")
     ap.add_argument("--backbone", default=backbone)
     ap.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "fp32"])
     ap.add_argument("--no-compile", action="store_true", help="graphs mode without torch.compile")
@@ -237,7 +246,9 @@ def parse(ap: argparse.ArgumentParser) -> argparse.Namespace:
 
 def main() -> None:
     args = parse(arguments(__doc__.splitlines()[0], "timm:vit_small_patch16_224"))
-    sweep(f"MAE {args.backbone.removeprefix('timm:')}", "mae", args.backbone, args)
+    options = dict(pair.split("=", 1) for pair in args.task_opt)
+    label = f"MAE {args.backbone.removeprefix('timm:')}" + "".join(f" {k}={v}" for k, v in options.items())
+    sweep(label, "mae", args.backbone, args, task_options=options)
 
 
 if __name__ == "__main__":
