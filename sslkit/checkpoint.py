@@ -29,7 +29,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from sslkit.errors import UsageError
+from sslkit.errors import UsageError, first_line
 from sslkit.output_file import TMP_PREFIX, fsync_path
 from sslkit.plain_pickle import NotPlainData, load_plain
 
@@ -98,7 +98,7 @@ def save(folder: Path, step: int, tensors: dict[str, torch.Tensor], state: dict[
 
 def _write_failed(folder: Path, target: Path, exc: Exception) -> UsageError:
     """One line for a checkpoint that could not be written (a full disk, mostly)."""
-    why = getattr(exc, "strerror", None) or (str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+    why = getattr(exc, "strerror", None) or first_line(exc)
     kept = list_checkpoints(folder)
     last = f"the last good checkpoint, {kept[-1].name}, is kept" if kept else "no earlier checkpoint exists"
     return UsageError(f"cannot write checkpoint {target.name} in {folder}: {why}; {last}")
@@ -163,7 +163,7 @@ def load_latest(folder: Path) -> tuple[Path, dict[str, torch.Tensor], dict[str, 
         try:
             tensors, state = load(path)
         except Exception as exc:
-            skipped.append((path, str(exc).splitlines()[0] if str(exc) else type(exc).__name__))
+            skipped.append((path, first_line(exc)))
             continue
         return path, tensors, state, skipped
     if skipped:

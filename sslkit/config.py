@@ -39,7 +39,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from sslkit.errors import UsageError
+from sslkit.errors import UsageError, first_line
 from sslkit.run import RESUMABLE_OVERRIDES, RUN_JSON, RunConfig
 
 FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
@@ -80,7 +80,7 @@ def read_file(path: str | Path) -> dict[str, Any]:
         try:
             data = yaml.safe_load(text) or {}
         except yaml.YAMLError as exc:
-            raise UsageError(f"{path}: invalid YAML: {str(exc).splitlines()[0]}") from None
+            raise UsageError(f"{path}: invalid YAML: {first_line(exc)}") from None
     elif path.suffix.lower() == ".toml":
         try:
             data = tomllib.loads(text)

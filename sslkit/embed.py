@@ -21,7 +21,7 @@ import numpy as np
 
 from sslkit.data.loader import BatchLoader
 from sslkit.data.pipeline import load_data
-from sslkit.errors import UsageError
+from sslkit.errors import UsageError, first_line
 from sslkit.output_file import check_output, write_atomic
 from sslkit.progress import counted
 from sslkit.raw_input import RawInput, graph_preprocessing_of
@@ -94,7 +94,7 @@ def read_onnx_metadata(path: str | Path) -> dict[str, Any]:
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:
-        raise UsageError(f"cannot read ONNX model {str(path)!r}: {type(exc).__name__}: {exc}".splitlines()[0]) from None
+        raise UsageError(f"cannot read ONNX model {str(path)!r}: {type(exc).__name__}: {first_line(exc)}") from None
     props = {p.key: p.value for p in model.metadata_props}
     if "sslkit" not in props:
         raise UsageError(f"{str(path)!r} was not exported by sslkit (no 'sslkit' metadata); "
@@ -115,7 +115,7 @@ def open_onnx(path: str | Path) -> Model:
     try:
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     except Exception as exc:
-        raise UsageError(f"onnxruntime cannot load {str(path)!r}: {exc}".splitlines()[0]) from None
+        raise UsageError(f"onnxruntime cannot load {str(path)!r}: {first_line(exc)}") from None
     spec = InputSpec.from_dict(meta["spec"])
     raw = RawInput.from_json(meta["input"]["raw"])
     name, output = meta["input"]["name"], meta["output"]["name"]

@@ -18,6 +18,7 @@ class CheckFailed(Exception):
 
 def first_line(exc: BaseException) -> str:
     """An error's first line (its type's name when it has no message), at most 200 characters:
-    what a one-line message quotes of an exception from a library."""
+    what a one-line message quotes of an exception from a library, e.g.
+    ``raise UsageError(f"cannot build {name}: {first_line(exc)}") from None``."""
     text = str(exc).strip()
     return (text.splitlines()[0] if text else type(exc).__name__)[:200]

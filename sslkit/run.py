@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from sslkit.errors import UsageError
+from sslkit.errors import UsageError, first_line
 from sslkit.output_file import check_writable
 from sslkit.spec import InputSpec
 
@@ -263,7 +263,7 @@ class Run:
         try:
             encoder.load_state_dict(load_file(str(file)))
         except Exception as exc:
-            raise UsageError(f"cannot load {file}: {type(exc).__name__}: {exc}".splitlines()[0]) from None
+            raise UsageError(f"cannot load {file}: {type(exc).__name__}: {first_line(exc)}") from None
         return encoder.eval()
 
 

@@ -104,3 +104,10 @@ def test_the_import_scan_catches_private_imports(tmp_path):
     finally:
         probe.unlink()
     assert len(PLUGIN_FILES) >= 20
+
+
+def test_first_line_quotes_one_line_of_a_library_error():
+    assert api.first_line(ValueError("bad shape\n  at layer 3\n")) == "bad shape"
+    assert api.first_line(ValueError("\n  indented first line\nmore")) == "indented first line"
+    assert api.first_line(KeyError()) == "KeyError"  # no message: the type's name
+    assert api.first_line(RuntimeError("x" * 500)) == "x" * 200

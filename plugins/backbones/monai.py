@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sslkit.api import UsageError, hookimpl
+from sslkit.api import UsageError, first_line, hookimpl
 
 RESNETS = ("resnet10", "resnet18", "resnet34", "resnet50")
 MODELS = (*RESNETS, "vit")
@@ -111,8 +111,7 @@ def create(model: str, in_chans: int, image_size: Any, patch_size: int = 16, hid
                        mlp_dim=mlp_dim or 4 * hidden_size, num_layers=num_layers, num_heads=num_heads,
                        classification=False, spatial_dims=3, **options)
     except (TypeError, ValueError, AssertionError) as exc:
-        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise UsageError(f"cannot build monai:{model} for {in_chans} x {size} input: {msg}") from None
+        raise UsageError(f"cannot build monai:{model} for {in_chans} x {size} input: {first_line(exc)}") from None
     return MonaiViT(net, in_chans, patch_size, hidden_size, tuple(s // patch_size for s in size))
 
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from sslkit.api import UsageError, hookimpl
+from sslkit.api import UsageError, first_line, hookimpl
 
 
 class TimmBackbone(nn.Module):
@@ -169,8 +169,8 @@ def create(model: str, in_chans: int, image_size: int, cifar_stem: bool = False,
         except TypeError:  # architectures without an img_size argument (CNNs)
             net = timm.create_model(model, **kwargs)
     except (TypeError, ValueError, AssertionError, RuntimeError) as exc:
-        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise UsageError(f"cannot build timm:{model} for {in_chans}x{image_size}x{image_size} input: {msg}") from None
+        raise UsageError(f"cannot build timm:{model} for {in_chans}x{image_size}x{image_size} input: "
+                         f"{first_line(exc)}") from None
     if cifar_stem:
         use_cifar_stem(net)
     if options.get("pos_embed") == SINCOS:

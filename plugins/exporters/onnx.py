@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from sslkit.api import (CheckFailed, InputSpec, RawInput, UsageError, hookimpl, is_token_backbone,
+from sslkit.api import (CheckFailed, InputSpec, RawInput, UsageError, first_line, hookimpl, is_token_backbone,
     raw_input_for, write_atomic)
 
 
@@ -107,9 +107,8 @@ def export_onnx(encoder: nn.Module, spec: InputSpec, metadata: dict[str, Any], o
     try:
         model, dynamic_hw = _torch_export(module, raw, spec, opset, wanted)
     except Exception as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
         raise CheckFailed(f"torch.onnx.export (dynamo) failed for {metadata.get('backbone')}: "
-                          f"{type(exc).__name__}: {first}") from None
+                          f"{type(exc).__name__}: {first_line(exc)}") from None
     if wanted and not dynamic_hw:
         log("height/width fixed at the run's size: this architecture did not export with dynamic H/W")
     sizes = [spatial_shape(spec)]

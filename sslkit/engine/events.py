@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sslkit.errors import first_line
+
 EVENTS = ("on_run_start", "on_step_end", "on_checkpoint", "on_run_end")
 
 
@@ -83,6 +85,6 @@ class Events:
                 method(*args)
             except Exception as exc:  # a logger must not take the run down
                 self.active.remove((label, cb))
-                why = str(exc).splitlines()[0] if str(exc) else ""
+                why = first_line(exc)
                 print(f"sslkit: callback {label} raised {type(exc).__name__} in {event}: {why}; "
                       f"disabled for the rest of this run", file=sys.stderr, flush=True)

@@ -22,7 +22,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from sslkit.errors import UsageError
+from sslkit.errors import UsageError, first_line
 
 FILE_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 HUB_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -129,5 +129,5 @@ def _hub(repo: str, allow_download: bool, files: tuple[str, ...] = HUB_FILES, wh
             return InitFile(Path(path), "hub", f"{repo}@{revision}" if revision else repo)
         except Exception as exc:  # not found, offline, gated: try the next file name, then report
             last = exc
-    msg = str(last).splitlines()[0] if last and str(last) else type(last).__name__
+    msg = first_line(last) if last else "no file tried"
     raise UsageError(f"--init {what}: cannot download {repo} ({', '.join(files)}): {msg}")

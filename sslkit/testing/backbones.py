@@ -41,7 +41,7 @@ def _check_one(net: Any, what: str, c: int, image_size: int, batch: int) -> dict
     import torch
     from torch import nn
 
-    from sslkit.api import is_token_backbone
+    from sslkit.api import first_line, is_token_backbone
 
     assert isinstance(net, nn.Module), f"{what}: the factory returned {type(net).__name__}, not an nn.Module"
     assert net.in_chans == c, f"{what}: in_chans is {getattr(net, 'in_chans', None)}"
@@ -54,7 +54,7 @@ def _check_one(net: Any, what: str, c: int, image_size: int, batch: int) -> dict
         out = net.train()(x)
     except Exception as exc:
         raise AssertionError(f"{what}: spatial_dims {dims}, but {layout} input {tuple(x.shape)} fails: "
-                             f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
+                             f"{type(exc).__name__}: {first_line(exc)}") from None
     assert out.shape == (batch, d), f"{what}: {layout} -> {tuple(out.shape)}, expected {(batch, d)}"
     assert torch.isfinite(out).all(), f"{what}: non-finite embedding"
     out.square().mean().backward()
