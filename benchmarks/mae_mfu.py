@@ -68,22 +68,28 @@ def step_flops(trainer, batch: torch.Tensor) -> int:
 
 
 def kernel_ms_per_step(trainer, steps: int, top: int = 0) -> float | None:
-    """Device time of all kernels (and copies) in a profile of ``steps`` steps, per step (CUDA);
-    with ``top``, the ``top`` kernels by device time are printed first (ms per step, share)."""
-    if trainer.device.type != "cuda" or steps < 1:
-        return None
+    """Device time of all kernels (and copies) in a profile of ``steps`` steps, per step (CUDA;
+    None elsewhere); with ``top``, the ``top`` kernels by device time are printed first (ms per
+    step, share, launches per step), on a CPU run the ``top`` operators by their own CPU time."""
     from torch.profiler import ProfilerActivity, profile
 
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        run_engine(trainer, steps)
+    cuda = trainer.device.type == "cuda"
+    if steps < 1 or not (cuda or top):
+        return None
+    if cuda:
         torch.cuda.synchronize()
-    events = sorted(prof.key_averages(), key=lambda e: -e.self_device_time_total)
-    total = sum(e.self_device_time_total for e in events) / 1000 / steps
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        run_engine(trainer, steps)
+        if cuda:
+            torch.cuda.synchronize()
+    own = (lambda e: e.self_device_time_total) if cuda else (lambda e: e.self_cpu_time_total)
+    events = sorted(prof.key_averages(), key=lambda e: -own(e))
+    total = sum(own(e) for e in events) / 1000 / steps
     for e in events[:top]:
-        ms = e.self_device_time_total / 1000 / steps
-        print(f"  kernel {ms:7.3f} ms/step {100 * ms / total:5.1f} %  x{e.count // steps:<4d} {e.key[:110]}", flush=True)
-    return total
+        ms = own(e) / 1000 / steps
+        print(f"  {'kernel' if cuda else 'cpu op'} {ms:8.3f} ms/step {100 * ms / total:5.1f} %  "
+              f"x{e.count // steps:<4d} {e.key[:110]}", flush=True)
+    return total if cuda else None
 
 
 def replay_ms(trainer, reps: int = 10) -> float | None:

@@ -16,11 +16,11 @@ SMOKE = ["--device", "cpu", "--batch-sizes", "2", "--steps", "1", "--warmup", "1
 FALLBACK = "not captured: CUDA graphs need a CUDA device, this run is on cpu"
 
 
-def bench(script: str, *args: str) -> str:
+def bench(script: str, *args: str, graphs: bool = True) -> str:
     proc = subprocess.run([sys.executable, script, *SMOKE, *args], cwd=REPO / "benchmarks", capture_output=True,
                           text=True, timeout=900, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stderr.count("note: --capture graphs:") == 1  # said once
+    assert proc.stderr.count("note: --capture graphs:") == int(graphs)  # said once
     return proc.stdout
 
 
@@ -37,6 +37,27 @@ def test_mae_mfu_smoke():
     assert all(float(r[4].replace(",", "")) >= 0 and r[3].endswith(" ms") for r in rows)
 
 
+def test_mae_mfu_top_ops_and_task_options():
+    """``--top-kernels`` lists the step's operators (on the CPU by their own CPU time) with shares that
+    add up to at most 100 %; ``--task-opt target=pixels`` reaches the task (the row's label says so)."""
+    out = bench("mae_mfu.py", "--backbone", "timm:vit_tiny_patch16_224", "--modes", "eager", "--profile-steps", "1",
+                "--top-kernels", "5", "--task-opt", "target=pixels", graphs=False)
+    ops = [line.split() for line in out.splitlines() if line.startswith("  cpu op ")]
+    assert len(ops) == 5 and any(op[-1].startswith("aten::") for op in ops)
+    shares = [float(op[4]) for op in ops]
+    assert shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 100.01
+    assert [r[2] for r in table_rows(out, "MAE vit_tiny_patch16_224 target=pixels")] == ["eager"]
+
+
+def test_vit_ceiling_smoke():
+    proc = subprocess.run([sys.executable, "vit_ceiling.py", "--device", "cpu", "--model", "vit_tiny_patch16_224",
+                           "--batch-sizes", "2", "--steps", "1", "--warmup", "1", "--no-compile"],
+                          cwd=REPO / "benchmarks", capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = table_rows(proc.stdout, "vit_tiny_patch16_224 (eager)")
+    assert len(rows) == 1 and rows[0][1] == "2" and float(rows[0][4]) > 0  # TFLOP/s from counted FLOPs
+
+
 def test_simclr_r50_speed_smoke_with_the_timm_reference():
     out = bench("simclr_r50_speed.py", "--backbone", "timm:resnet18")
     rows = table_rows(out, "SimCLR resnet18")
@@ -45,8 +66,9 @@ def test_simclr_r50_speed_smoke_with_the_timm_reference():
     assert len(timm_rows) == 1 and "(batch 2)" in timm_rows[0]
 
 
-def test_gpu_checks_script_parses():
-    assert subprocess.run(["bash", "-n", str(REPO / "benchmarks" / "gpu_checks.sh")]).returncode == 0
+def test_gpu_scripts_parse():
+    for script in ("gpu_checks.sh", "gpu_mfu_probe.sh"):
+        assert subprocess.run(["bash", "-n", str(REPO / "benchmarks" / script)]).returncode == 0, script
 
 
 def test_lightly_recipes_train_the_sslkit_backbone_and_save_a_run_dir(tmp_path):
