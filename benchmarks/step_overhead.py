@@ -104,9 +104,10 @@ def fixed_views(batch_size: int, image_size: int) -> tuple[torch.Tensor, torch.T
 
 
 def bare_step_fn(task, lr: float):
-    """The bare loop: same modules (a copy), NT-Xent, backward, AdamW, nothing else."""
+    """The bare loop: same modules (a copy), NT-Xent, backward, AdamW (torch's fused kernel, as
+    sslkit's optimizer on CPU and CUDA), nothing else."""
     model = copy.deepcopy(task)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.05)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.05, fused=True)
     model.train()
 
     def step(views) -> None:
