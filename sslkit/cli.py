@@ -42,6 +42,9 @@ def _echo_json(data) -> None:
 @click.version_option(package_name="sslkit")
 def main() -> None:
     """Self-supervised pretraining of image encoders on your own images, exported to ONNX."""
+    from sslkit.host_malloc import tune_host_malloc
+
+    tune_host_malloc()  # glibc: reuse large tensors' pages instead of faulting them in every step
 
 
 @main.command()
