@@ -4,14 +4,14 @@ A training step allocates and frees the same multi-megabyte tensors every step (
 activations at batch 256 are 13 MB each). glibc serves an allocation above ``M_MMAP_THRESHOLD``
 with a fresh ``mmap`` and gives free memory at the top of the heap back to the OS above
 ``M_TRIM_THRESHOLD`` (both adjusted dynamically from 128 KiB), so such tensors often come back as
-new pages that the kernel must fault in and zero: on one CPU thread a ``[4352, 192] @ [192, 768]``
-product into a fresh output took 31 ms where the same FLOPs into reused memory took 8.
+new pages that the kernel must fault in and zero (in a profile of the table's SimMIM step on one
+thread, the product writing a fresh 13 MB output took 20.7 ms a call, 16.7 ms tuned).
 :func:`tune_host_malloc` sets both thresholds once, at the CLI's start: mmap only above 32 MiB
 (glibc's largest threshold; bigger blocks still come from mmap, so no allocation can fail for
 want of one heap), and no trimming, as jemalloc and tcmalloc behave. Measured (BENCHMARKS.md
 "glibc's malloc and the CPU step"): on CIFAR-10 images, one thread, the table's SimMIM and MAE steps
 3-7 % shorter, SimCLR ResNet-18 about 2 %; level where glibc's own thresholds had already grown
-(synthetic data); peak memory unchanged.
+(synthetic data); a single run's peak memory level.
 
 Left alone where someone chose: ``SSLKIT_MALLOC=system``, any ``MALLOC_*_`` tuning variable, an
 ``LD_PRELOAD``-ed allocator; and where the C library is not glibc (macOS, musl).
