@@ -20,8 +20,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
+from step_overhead import synthetic_folder
 
 SIDES = {"tuned": {}, "glibc's own": {"SSLKIT_MALLOC": "system"}}
 
@@ -42,14 +41,6 @@ def run(task: str, data: str, out: Path, steps: int, skip: int, extra_env: dict[
     return statistics.median(256 / float(r["img_per_s"]) for r in rows)
 
 
-def synthetic_folder(root: Path, n: int = 2048) -> str:
-    (root / "x").mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for i in range(n):
-        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(root / "x" / f"{i}.png")
-    return f"folder:{root}"
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tasks", default="simmim,mae,simclr")
@@ -60,7 +51,7 @@ def main() -> None:
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        data = f"folder:{args.data}" if args.data else synthetic_folder(work / "images")
+        data = f"folder:{args.data or synthetic_folder(work / 'images', 2048, 32)}"
         print(f"sslkit pretrain, 32 px, batch 256, 1 thread, {args.steps} steps (median of the last "
               f"{args.steps - args.skip}), {args.rounds} alternating rounds")
         for task in args.tasks.split(","):
