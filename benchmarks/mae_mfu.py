@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from sslkit.options import parse_pairs
 from step_overhead import FixedLoader, engine_step_times, run_engine, sslkit_trainer
 
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "4090": 165.0}
@@ -252,7 +253,7 @@ def parse(ap: argparse.ArgumentParser) -> argparse.Namespace:
 
 def main() -> None:
     args = parse(arguments(__doc__.splitlines()[0], "timm:vit_small_patch16_224"))
-    options = dict(pair.split("=", 1) for pair in args.task_opt)
+    options = parse_pairs(args.task_opt, "--task-opt")
     label = f"MAE {args.backbone.removeprefix('timm:')}" + "".join(f" {k}={v}" for k, v in options.items())
     sweep(label, "mae", args.backbone, args, task_options=options)
 
