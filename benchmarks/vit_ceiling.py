@@ -26,8 +26,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from mae_mfu import peak_tflops
 
 
-def encoder_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, tokens: torch.Tensor,
-                 device: torch.device, run) -> None:
+def encoder_step(run, optimizer: torch.optim.Optimizer, tokens: torch.Tensor, device: torch.device) -> None:
+    """Forward (``run``: the blocks, compiled or not) + backward of the mean output + the optimizer."""
     with torch.autocast(device.type, dtype=torch.bfloat16):
         loss = run(tokens).float().mean()
     loss.backward()
@@ -42,7 +42,7 @@ def measure(batch: int, args: argparse.Namespace) -> dict[str, float]:
     tokens = torch.randn(batch, 1 + args.visible, vit.embed_dim, device=device)
     optimizer = torch.optim.AdamW(blocks.parameters(), lr=1e-4, fused=device.type == "cuda")
     with FlopCounterMode(display=False) as counter:
-        encoder_step(blocks, optimizer, tokens, device, blocks)
+        encoder_step(blocks, optimizer, tokens, device)
     flops = counter.get_total_flops()
     if not args.no_compile:
         options = {"max_autotune": True, "triton.cudagraphs": False} if args.max_autotune else None
@@ -54,7 +54,7 @@ def measure(batch: int, args: argparse.Namespace) -> dict[str, float]:
         if device.type == "cuda":
             torch.cuda.synchronize()
         t = time.perf_counter()
-        encoder_step(blocks, optimizer, tokens, device, run)
+        encoder_step(run, optimizer, tokens, device)
         if device.type == "cuda":
             torch.cuda.synchronize()
         if i >= args.warmup:
