@@ -58,6 +58,14 @@ def test_vit_ceiling_smoke():
     assert len(rows) == 1 and rows[0][1] == "2" and float(rows[0][4]) > 0  # TFLOP/s from counted FLOPs
 
 
+def test_optimizer_step_smoke():
+    proc = subprocess.run([sys.executable, "optimizer_step.py", "--models", "resnet18", "--reps", "1"],
+                          cwd=REPO / "benchmarks", capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("resnet18"))
+    assert float(line.split("ratio ")[1]) > 0
+
+
 def test_simclr_r50_speed_smoke_with_the_timm_reference():
     out = bench("simclr_r50_speed.py", "--backbone", "timm:resnet18")
     rows = table_rows(out, "SimCLR resnet18")
