@@ -158,10 +158,11 @@ def acc_se(correct: str) -> tuple[float, float]:
     return c.mean(), c.std(ddof=1) / np.sqrt(len(c))
 
 
-def paired_se(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
-    """Mean of the per-item difference ``a - b`` (same items) and its SE."""
-    d = np.asarray(a, float) - np.asarray(b, float)
-    return d.mean(), d.std(ddof=1) / np.sqrt(len(d))
+def paired_se(a: np.ndarray, b: np.ndarray) -> tuple[float, float | None]:
+    """Mean of the per-item difference ``a - b`` (same items) and its SE: ``sslkit eval``'s own gain."""
+    from sslkit.eval.gain import paired_gain
+
+    return paired_gain(a, b)
 
 
 def extract(tar: Path, dest: Path) -> Path:

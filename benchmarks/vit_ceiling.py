@@ -83,7 +83,7 @@ def main() -> None:
     for b in args.batch_sizes:
         r = measure(b, args)
         print(f"| {args.model} ({mode}) | {b} | {r['step_ms']:.1f} ms | {r['tok_img_s']:,.0f} | "
-              f"{r['tflops']:.1f} | {r['mfu']:.3f} |", flush=True)
+              f"{r['tflops']:.3g} | {r['mfu']:.3f} |", flush=True)
 
 
 if __name__ == "__main__":

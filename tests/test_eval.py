@@ -137,6 +137,22 @@ def test_labels_csv_matches_by_longest_path_suffix(tmp_path):
         read_labels_csv(bad)
 
 
+# --- pretrained minus baseline -----------------------------------------------------------------
+def test_paired_gain_matches_hand_computation():
+    from sslkit.eval.gain import gains, paired_gain
+
+    a, b = np.array([1, 1, 0, 1], bool), np.array([0, 1, 0, 0], bool)
+    d, se = paired_gain(a, b)  # differences 1, 0, 0, 1: mean 0.5, sample std sqrt(1/3)
+    assert d == 0.5 and se == pytest.approx(math.sqrt(1 / 3) / 2)
+    assert paired_gain(np.array([1.0]), np.array([0.0])) == (1.0, None)
+    results = {"pretrained": {"k=1": {"top1": 0.75, "balanced_accuracy": 0.7, "auroc": None}},
+               "random": {"k=1": {"top1": 0.25, "balanced_accuracy": 0.3, "auroc": None}}}
+    g = gains(results, {("pretrained", "k=1"): a, ("random", "k=1"): b})["pretrained - random"]["k=1"]
+    assert g["top1"] == 0.5 and g["top1_se"] == pytest.approx(se) and g["balanced_accuracy"] == pytest.approx(0.4)
+    assert "auroc" not in g  # undefined on both sides
+    assert "top1_se" not in gains(results, {})["pretrained - random"]["k=1"]  # no per-image correctness: no SE
+
+
 # --- end to end on a tiny run ------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
@@ -178,7 +194,18 @@ def test_cli_knn_json_report_and_baseline(tiny, cli):
     rep2 = _json(cli("eval", "knn", r / "run", "--train", r / "train", "--test", r / "test", "--k", "3",
                      "--positive", "a", "--no-baseline", "--json", "--quiet"))
     assert rep2["report_file"] != rep["report_file"] and Path(rep["report_file"]).exists()
-    assert set(rep2["results"]) == {"pretrained"} and rep2["positive_class"] == "a"
+    assert set(rep2["results"]) == {"pretrained"} and rep2["positive_class"] == "a" and rep2["gain"] == {}
+    # pretrained minus random: every metric's difference, and top-1's paired SE
+    gain = rep["gain"]["pretrained - random"]
+    assert set(gain) == {"k=3", "k=50"}
+    for k, g in gain.items():
+        mine, base = rep["results"]["pretrained"][k], rep["results"]["random"][k]
+        for key in ("top1", "balanced_accuracy", "auroc"):
+            assert g[key] == pytest.approx(mine[key] - base[key])
+        # per-image differences in {-1, 0, 1} over 12 images: the sample std is at most sqrt(12/11)
+        assert 0 <= g["top1_se"] <= 1 / math.sqrt(11) and g["se"] == "paired, per test image"
+    text = cli("eval", "knn", r / "run", "--train", r / "train", "--test", r / "test", "--k", "3", "--quiet")
+    assert text.exit_code == 0 and "gain pretrained - random, k=3: top1 " in text.stdout
     # the pretrained rows do not depend on whether the baseline ran
     assert rep2["results"]["pretrained"]["k=3"]["top1"] == rep["results"]["pretrained"]["k=3"]["top1"]
 

@@ -106,6 +106,14 @@ def test_linear_probe_over_folds_with_baseline(patients, cli):
     for enc in ("pretrained", "random"):
         lin = rep["results"][enc]["linear"]
         assert lin["n"] == 80 and len(lin["folds"]) == 3 and all(f["C"] == 1.0 for f in lin["folds"])
+    # the gain over folds: the mean of the per-fold differences and their SE, for every metric
+    gain = rep["gain"]["pretrained - random"]["linear"]
+    for key in ("top1", "balanced_accuracy", "auroc"):
+        diffs = [a[key] - b[key] for a, b in zip(rep["results"]["pretrained"]["linear"]["folds"],
+                                                 rep["results"]["random"]["linear"]["folds"])]
+        assert gain[key] == pytest.approx(np.mean(diffs))
+        assert gain[f"{key}_se"] == pytest.approx(np.std(diffs, ddof=1) / np.sqrt(3))
+    assert gain["se"] == "over folds"
 
 
 def test_train_test_overlap_is_refused_or_reported(patients, cli, tmp_path):

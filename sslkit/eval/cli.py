@@ -53,6 +53,7 @@ def _data_args(kw: dict):
 
 
 def _print(report: dict, as_json: bool) -> None:
+    from sslkit.eval.gain import format_gains
     from sslkit.eval.report import format_table
 
     if as_json:
@@ -77,6 +78,8 @@ def _print(report: dict, as_json: bool) -> None:
         lines.append(f"  classes: {', '.join(report['classes'])}{pos}")
     if report["results"]:
         lines += ["", format_table(report)]
+        gain = format_gains(report)
+        lines += ["", gain] if gain else []
     lines += [""] + [f"wrote {f}" for f in report["files"]] + [f"report: {report['report_file']}"]
     click.echo("\n".join(lines))
 

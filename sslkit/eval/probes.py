@@ -14,6 +14,7 @@ import numpy as np
 
 from sslkit.errors import UsageError
 from sslkit.eval.features import ENCODERS, EvalModel, index_labels, labelled_embeddings, open_model
+from sslkit.eval.gain import gains
 from sslkit.eval.knn import TEMPERATURE, knn_votes
 from sslkit.eval.labels import Labelled, assign_labels, class_index
 from sslkit.eval.linear import C_GRID, fit_linear_probe
@@ -73,6 +74,8 @@ class ProbeData:
     folds: list[tuple[np.ndarray, np.ndarray]] | None = None
     groups: int = 0
     overlap: int = 0  # test samples also in the training set (--allow-overlap)
+    #: ``(encoder, setting)`` -> per-test-image correctness of a single split, for the paired gain
+    correct: dict[tuple[str, str], np.ndarray] = field(default_factory=dict)
 
     def indices(self, labels: Sequence[str]) -> np.ndarray:
         lookup = {c: i for i, c in enumerate(self.classes)}
@@ -169,6 +172,7 @@ def knn_results(prep: ProbeData, ks: Sequence[int] = (20, 200),
     for enc, (tr, te) in prep.sets.items():
         ytr, yte = prep.indices(tr.labels), prep.indices(te.labels)
         votes = knn_votes(tr.x, ytr, te.x, len(prep.classes), ks, temperature)
+        prep.correct.update({(enc, f"k={k}"): v.argmax(1) == yte for k, v in votes.items()})
         results[enc] = {
             f"k={k}": {**classification_metrics(yte, v.argmax(1), v, len(prep.classes), prep.positive),
                        "k_used": min(k, len(ytr))}
@@ -187,6 +191,7 @@ def linear_results(prep: ProbeData, C_grid: Sequence[float] = C_GRID, val_fracti
         ytr, yte = prep.indices(tr.labels), prep.indices(te.labels)
         probe = fit_linear_probe(tr.x, ytr, len(prep.classes), C_grid, val_fraction, seed=seed)
         p = probe.predict_proba(te.x)
+        prep.correct[(enc, "linear")] = p.argmax(1) == yte
         results[enc] = {"linear": {
             **classification_metrics(yte, p.argmax(1), p, len(prep.classes), prep.positive),
             "C": probe.C, "val_balanced_accuracy": probe.val_scores.get(probe.C),
@@ -201,6 +206,7 @@ def evaluate_knn(model_path: str, args: DataArgs, ks: Sequence[int] = (20, 200),
     report = base_report("knn", prep, args, {"k": list(ks), "temperature": temperature, "metric": "cosine",
                                          "baseline": args.baseline})
     report["results"] = knn_results(prep, ks, temperature)
+    report["gain"] = gains(report["results"], prep.correct)
     save_report(report, prep.model.report_dir)
     return report
 
@@ -225,6 +231,7 @@ def evaluate_linear(model_path: str, args: DataArgs, C_grid: Sequence[float] = C
     report["results"] = linear_results(prep, C_grid, val_fraction, seed)
     if finetune:
         _add_finetune(report, prep, args, finetune_options)
+    report["gain"] = gains(report["results"], prep.correct)
     save_report(report, prep.model.report_dir)
     return report
 
@@ -252,6 +259,7 @@ def _add_finetune(report: dict[str, Any], prep: ProbeData, args: DataArgs, optio
                    else prep.model.build_random_encoder())  # "init": fine-tuned from the --init weights
         model = finetune(encoder, spec, xtr, ytr, len(prep.classes), options, dev, args.progress)
         p = predict_proba(model, spec, xte, args.batch_size, dev)
+        prep.correct[(enc, "finetune")] = p.argmax(1) == yte
         report["results"][enc]["finetune"] = {
             **classification_metrics(yte, p.argmax(1), p, len(prep.classes), prep.positive),
             "epochs": options.epochs}
