@@ -70,6 +70,12 @@ def test_curve_cli_png_report_and_init_row(init_run, cli):
     # at LR 1e-12 the pretrained encoder is still the init: identical rows, unlike the random encoder's
     for setting in res["init"]:
         assert res["init"][setting]["auroc"] == pytest.approx(res["pretrained"][setting]["auroc"], abs=1e-9)
+        assert rep["gain"]["pretrained - init"][setting]["auroc"] == pytest.approx(0, abs=1e-9)
+    # the gain over random init at each fraction: the mean of its per-fold differences, with their SE
+    g = rep["gain"]["pretrained - random"]["linear f=0.25"]
+    diffs = [a["auroc"] - b["auroc"] for a, b in zip(res["pretrained"]["linear f=0.25"]["folds"],
+                                                     res["random"]["linear f=0.25"]["folds"])]
+    assert g["auroc"] == pytest.approx(np.mean(diffs)) and g["auroc_se"] == pytest.approx(np.std(diffs, ddof=1) / 3 ** 0.5)
     with Image.open(out) as img:
         assert img.size == tuple(rep["image_size"]) == (1000, 400)
     assert json.loads(open(rep["report_file"]).read())["results"] == res

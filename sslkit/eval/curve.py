@@ -18,6 +18,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from sslkit.errors import UsageError
+from sslkit.eval.gain import gains
 from sslkit.eval.knn import TEMPERATURE
 from sslkit.eval.labels import Labelled
 from sslkit.eval.linear import C_GRID
@@ -97,6 +98,7 @@ def evaluate_curve(model_path: str, args: DataArgs, fractions: Sequence[float], 
                 "metric": "auroc" if len(prep.classes) == 2 else "balanced_accuracy"}
     report = base_report("curve", prep, args, settings)
     report["results"] = curve_results(prep, fractions, k, C_grid, val_fraction, args.seed)
+    report["gain"] = gains(report["results"], {})  # per fraction; an SE over --split folds (none for one split)
     out_path = out_path or unique_path(prep.model.report_dir, "curve", ".png")
     report["image_size"] = list(plot_curve(report, Path(out_path)))
     report["files"] = [str(out_path)]
