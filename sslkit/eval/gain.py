@@ -76,6 +76,6 @@ def format_gains(report: dict[str, Any]) -> str:
                                                  else "")
                      for key in ("top1", "auroc") if g.get(key) is not None]
             if parts:
-                lines.append(f"gain {pair}, {setting}: " + ", ".join(parts) + (f" (SE {g['se']})" if "se" in g
-                                                                               else ""))
+                se = f"  [± SE: {g['se']}]" if any(g.get(k + "_se") is not None for k in ("top1", "auroc")) else ""
+                lines.append(f"gain {pair}, {setting}: " + ", ".join(parts) + se)
     return "\n".join(lines)
