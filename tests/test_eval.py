@@ -416,3 +416,34 @@ def test_umap_without_umap_learn_is_a_usage_error(monkeypatch):
         reduce_2d(np.zeros((5, 3)), "umap")
     with pytest.raises(UsageError, match="at least 3 images"):
         reduce_2d(np.zeros((2, 3)))
+
+
+def test_finetune_layer_decay_holds_the_early_layers_and_needs_a_vit():
+    from sslkit.eval.finetune import FinetuneOptions, finetune
+    from sslkit.registry import create_backbone
+    from sslkit.spec import InputSpec
+
+    spec = InputSpec(channels=1, image_size=16, mean=(0.5,), std=(0.25,))
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 65535, (16, 1, 16, 16), dtype=np.uint16)
+    y = np.arange(16) % 2
+
+    def deltas(decay):
+        torch.manual_seed(0)
+        enc = create_backbone("timm:vit_tiny_patch16_224", 1, 16, patch_size=8, depth=2)
+        before = {k: v.clone() for k, v in enc.state_dict().items()}
+        model = finetune(enc, spec, pixels, y, 2, FinetuneOptions(epochs=2, batch_size=8, lr=1e-2, layer_decay=decay),
+                         torch.device("cpu"), progress=False)
+        return {k: (v - before[k]).abs().max().item() for k, v in model.encoder.state_dict().items()}
+
+    plain, held = deltas(None), deltas(1e-4)
+    patch = "model.patch_embed.proj.weight"
+    # embeddings at decay^3 = 1e-12 of the LR: as good as frozen; without decay they move
+    assert held[patch] < 1e-9 < 1e-4 < plain[patch]
+    # the last block at decay^1 moves, less than the same block without decay
+    last = "model.blocks.1.mlp.fc2.weight"
+    assert 0 < held[last] < plain[last]
+    cnn = create_backbone("timm:resnet18", 1, 16)
+    with pytest.raises(UsageError, match="--finetune-layer-decay needs a ViT"):
+        finetune(cnn, spec, pixels, y, 2, FinetuneOptions(epochs=1, batch_size=8, layer_decay=0.75),
+                 torch.device("cpu"), progress=False)

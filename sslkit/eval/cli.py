@@ -145,13 +145,16 @@ def knn(**kw) -> None:
 @click.option("--finetune", is_flag=True, help="Also fine-tune the whole encoder + a linear head.")
 @click.option("--finetune-epochs", default=5, show_default=True, type=click.IntRange(min=1))
 @click.option("--finetune-lr", default=3e-4, show_default=True, type=click.FloatRange(min=0, min_open=True))
+@click.option("--finetune-layer-decay", type=click.FloatRange(0, 1, min_open=True), default=None,
+              help="ViTs: layer-wise LR decay for --finetune (block i of L at D^(L-i) x the LR; MAE fine-tunes "
+                   "with 0.75). Default: off.")
 def linear(**kw) -> None:
     """Linear probe (logistic regression) on frozen features; C chosen on a validation split."""
     from sslkit.eval.finetune import FinetuneOptions
     from sslkit.eval.probes import evaluate_linear
 
     ft = FinetuneOptions(epochs=kw["finetune_epochs"], batch_size=kw["batch_size"], lr=kw["finetune_lr"],
-                         seed=kw["seed"])
+                         seed=kw["seed"], layer_decay=kw["finetune_layer_decay"])
     report = evaluate_linear(kw["model"], _data_args(kw), _floats(kw["c_grid"], "--C"), kw["val_fraction"],
                              kw["seed"], kw["finetune"], ft)
     _print(report, kw["as_json"])

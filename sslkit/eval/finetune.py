@@ -2,8 +2,9 @@
 
 The encoder (pretrained, or randomly initialised for the baseline: training from
 scratch) and a linear classifier are trained end to end with cross-entropy, AdamW,
-a linear warm-up then cosine schedule, and light augmentation (random resized crop with
-scale 0.5-1 and horizontal flip, :mod:`sslkit.augment`).
+a linear warm-up then cosine schedule (optionally with layer-wise LR decay over a ViT's
+blocks), and light augmentation (random resized crop with scale 0.5-1 and horizontal
+flip, :mod:`sslkit.augment`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ class FinetuneOptions:
     lr: float = 3e-4
     weight_decay: float = 0.05
     seed: int = 0
+    #: ViTs: layer-wise LR decay (block i of L at layer_decay ** (L - i) x the LR, as in MAE's
+    #: fine-tuning); None: one LR for every parameter
+    layer_decay: float | None = None
 
 
 class Classifier(nn.Module):
@@ -51,7 +55,12 @@ def finetune(encoder: nn.Module, spec: InputSpec, pixels: np.ndarray, y: np.ndar
     norm = Normalize(spec.mean, spec.std).to(device)
     loader = BatchLoader(pixels, options.batch_size, options.seed)
     steps = max(1, len(loader)) * options.epochs
-    optimizer = build_optimizer(model, "adamw", lr=options.lr, weight_decay=options.weight_decay)
+    lr_scale = None
+    if options.layer_decay is not None:
+        from sslkit.init.continued import layer_decay_scale
+
+        lr_scale = layer_decay_scale(model, options.layer_decay, "--finetune-layer-decay")
+    optimizer = build_optimizer(model, "adamw", lr=options.lr, weight_decay=options.weight_decay, lr_scale=lr_scale)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, steps, max(1, steps // 10)))
     labels = torch.from_numpy(np.asarray(y, dtype=np.int64))
     batches = [(epoch, b) for epoch in range(options.epochs) for b in range(max(1, len(loader)))]

@@ -134,12 +134,18 @@ def _fresh_heads(task: nn.Module, parts: dict[str, Any]) -> list[str]:
     return sorted(names - restored)
 
 
-def _depth(task: nn.Module) -> int:
+def _depth(task: nn.Module, flag: str = "--layer-decay") -> int:
     blocks = {int(m.group(1)) for n, _ in task.named_parameters() if n.startswith(ENCODER)
               for m in [_BLOCK.search(n)] if m}
     if not blocks:
-        raise UsageError("--layer-decay needs a ViT backbone (transformer blocks named blocks.N)")
+        raise UsageError(f"{flag} needs a ViT backbone (transformer blocks named blocks.N)")
     return max(blocks) + 1
+
+
+def layer_decay_scale(model: nn.Module, decay: float, flag: str) -> Callable[[str], float]:
+    """Parameter name of ``model`` (its encoder under ``encoder.``) -> LR multiplier of layer-wise decay:
+    block ``i`` of ``L`` ``decay ** (L - i)``, embeddings ``decay ** (L + 1)``, heads 1."""
+    return lr_scale_fn({"encoder_lr_scale": 1.0, "layer_decay": decay, "depth": _depth(model, flag)})
 
 
 def lr_scale_fn(settings: dict[str, Any]) -> Callable[[str], float]:
