@@ -369,6 +369,10 @@ def test_attention_grid_vit_has_one_column_per_head(tmp_path, cli):
     (["knn", "{run}", "--train", "{train}", "--test", "{test}", "--labels", "{missing}"], "does not exist"),
     (["tsne", "{run}", "--data", "{test}", "--out", "{root}/map.jpg"], "must be a .png"),
     (["attention", "{run}", "--images", "{missing}"], "does not exist"),
+    (["linear", "{run}", "--train", "{train}", "--test", "{test}", "--finetune", "--finetune-layer-decay", "0.75"],
+     "--finetune-layer-decay needs a ViT"),
+    (["linear", "{run}", "--train", "{train}", "--test", "{test}", "--finetune", "--finetune-layer-decay", "0"],
+     "0<x<=1"),
 ])
 def test_cli_user_errors_are_one_line_exit_2(tiny, cli, tmp_path, args, message):
     flat = tmp_path / "flat"
@@ -376,10 +380,12 @@ def test_cli_user_errors_are_one_line_exit_2(tiny, cli, tmp_path, args, message)
     Image.fromarray(np.zeros((32, 32), np.uint8)).save(flat / "x.png")
     paths = {"run": tiny / "run", "train": tiny / "train", "test": tiny / "test", "missing": tmp_path / "nope",
              "flat": flat, "root": tmp_path}
+    reports = set((tiny / "run" / "eval").glob("*"))
     result = cli("eval", *[a.format(**paths) for a in args])
     assert result.exit_code == 2, result.output
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0] and "Traceback" not in result.output
+    assert set((tiny / "run" / "eval").glob("*")) == reports  # no report written
 
 
 @pytest.mark.slow

@@ -60,9 +60,8 @@ def gains(results: Mapping[str, Mapping[str, dict[str, Any]]],
         rows = {}
         for setting, base in res.items():
             if setting in mine:
-                pair = (correct.get(("pretrained", setting)), correct.get((enc, setting)))
-                rows[setting] = _setting_gain(mine[setting], base, pair if pair[0] is not None
-                                              and pair[1] is not None else None)
+                a, b = correct.get(("pretrained", setting)), correct.get((enc, setting))
+                rows[setting] = _setting_gain(mine[setting], base, (a, b) if a is not None and b is not None else None)
         out[f"pretrained - {enc}"] = rows
     return out
 

@@ -8,7 +8,7 @@ initialised encoder of the same architecture on the same images, and save the re
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -92,13 +92,17 @@ def take_samples(s: Labelled, idx: np.ndarray) -> Labelled:
     return Labelled(s.x[idx], [s.labels[i] for i in idx], 0, [s.ids[i] for i in idx] if s.ids else [])
 
 
-def prepare(model_path: str, args: DataArgs, needs_run: str | None = None) -> ProbeData:
-    """Open the model, check labels (before decoding anything), embed train and test sets."""
+def prepare(model_path: str, args: DataArgs, needs_run: str | None = None,
+            check_model: Callable[[EvalModel], None] | None = None) -> ProbeData:
+    """Open the model, check it (``needs_run``, ``check_model``) and the labels before decoding
+    anything, embed train and test sets."""
     k = args.check()
     model = open_model(model_path, args.device)
     model.max_pixels = args.max_pixels
     if needs_run:
         model.require_run(needs_run)
+    if check_model is not None:
+        check_model(model)
     if k is not None:
         return _prepare_folds(model, args, k)
     kw = dict(batch_size=args.batch_size, source_options=args.source_options, progress=args.progress)
@@ -217,7 +221,8 @@ def evaluate_linear(model_path: str, args: DataArgs, C_grid: Sequence[float] = C
     """Linear probe on frozen features (and optionally a short fine-tune); returns the saved report."""
     if finetune and args.data is not None:
         raise UsageError("--finetune runs on --train/--test only (fine-tuning once per fold is not supported)")
-    prep = prepare(model_path, args, "--finetune" if finetune else None)
+    prep = prepare(model_path, args, "--finetune" if finetune else None,
+                   _check_layer_decay if finetune and finetune_options and finetune_options.layer_decay else None)
     settings: dict[str, Any] = {"C_grid": sorted(C_grid), "val_fraction": val_fraction, "seed": seed,
                                 "standardize": True, "baseline": args.baseline}
     if finetune:
@@ -234,6 +239,14 @@ def evaluate_linear(model_path: str, args: DataArgs, C_grid: Sequence[float] = C
     report["gain"] = gains(report["results"], prep.correct)
     save_report(report, prep.model.report_dir)
     return report
+
+
+def _check_layer_decay(model: EvalModel) -> None:
+    """``--finetune-layer-decay`` needs a ViT: refused before any image is decoded."""
+    from sslkit.eval.finetune import Classifier
+    from sslkit.init.continued import layer_decay_scale
+
+    layer_decay_scale(Classifier(model.build_random_encoder(), 2), 1.0, "--finetune-layer-decay")
 
 
 def _add_finetune(report: dict[str, Any], prep: ProbeData, args: DataArgs, options: Any) -> None:
