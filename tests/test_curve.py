@@ -86,11 +86,17 @@ def test_curve_cli_png_report_and_init_row(init_run, cli):
 def test_curve_on_train_test_pair_has_no_std(init_run, cli, tmp_path):
     test = make_images(tmp_path / "test", n_per_class=4, size=16, channels=1, seed=5)
     result = cli("eval", "curve", init_run / "run", "--train", init_run / "data", "--test", test, "--fractions", "1",
-                 "--k", "3", "--C", "1", "--no-baseline", "--json", "--quiet")
+                 "--k", "3", "--C", "1", "--json", "--quiet")
     assert result.exit_code == 0, result.output
     rep = json.loads(result.stdout)
     lin = rep["results"]["pretrained"]["linear f=1"]
     assert lin["n"] == 8 and lin["std"]["auroc"] is None and len(lin["folds"]) == 1
+    # one split: the gain's SE is the paired one over the 8 test images, not over folds
+    res = rep["results"]
+    for setting in ("linear f=1", "k=3 f=1"):
+        g = rep["gain"]["pretrained - random"][setting]
+        assert g["se"] == "paired, per test image" and g["top1_se"] is not None
+        assert g["top1"] == pytest.approx(res["pretrained"][setting]["top1"] - res["random"][setting]["top1"])
 
 
 def test_finetune_baseline_rows_include_the_init_weights(init_run, cli, tmp_path):

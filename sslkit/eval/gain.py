@@ -28,7 +28,7 @@ def paired_gain(a: np.ndarray, b: np.ndarray) -> tuple[float, float | None]:
 def _setting_gain(mine: dict[str, Any], base: dict[str, Any],
                   correct: tuple[np.ndarray, np.ndarray] | None) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    if "folds" in mine and "folds" in base:  # --split: per-fold differences
+    if correct is None and "folds" in mine and "folds" in base:  # --split: per-fold differences
         for key in METRICS:
             diffs = [a[key] - b[key] for a, b in zip(mine["folds"], base["folds"])
                      if a.get(key) is not None and b.get(key) is not None]
