@@ -51,11 +51,10 @@ def _with_fraction(prep: ProbeData, fraction: float, seed: int) -> ProbeData:
 
 
 def curve_results(prep: ProbeData, fractions: Sequence[float], k: int = 20, C_grid: Sequence[float] = C_GRID,
-                  val_fraction: float = 0.2, seed: int = 0,
-                  correct: dict[tuple[str, str], Any] | None = None) -> dict[str, dict[str, Any]]:
+                  val_fraction: float = 0.2, seed: int = 0) -> dict[str, dict[str, Any]]:
     """``{encoder: {"linear f=F" | "k=K f=F": mean ± std metrics + train_labels}}``; on one
-    ``--train``/``--test`` split, ``correct`` receives each ``(encoder, setting)``'s per-test-image
-    correctness (for the paired gain)."""
+    ``--train``/``--test`` split, ``prep.correct`` receives each setting's per-test-image correctness
+    (for the paired gain), as from :func:`knn_results` and :func:`linear_results`."""
     folds = [prep.fold(i) for i in range(len(prep.folds))] if prep.folds is not None else [prep]
     out: dict[str, dict[str, Any]] = {}
     for f in fractions:
@@ -67,8 +66,8 @@ def curve_results(prep: ProbeData, fractions: Sequence[float], k: int = 20, C_gr
             knn = knn_results(sub, [k], TEMPERATURE)
             runs.append({e: {f"linear f={f:g}": {**lin[e]["linear"], "train_labels": n},
                              f"k={k} f={f:g}": {**knn[e][f"k={k}"], "train_labels": n}} for e in lin})
-            if correct is not None and len(folds) == 1:
-                correct.update({(e, f"{name} f={f:g}"): c for (e, name), c in sub.correct.items()})
+            if prep.folds is None:
+                prep.correct.update({(e, f"{name} f={f:g}"): c for (e, name), c in sub.correct.items()})
         for enc in runs[0]:
             for setting in runs[0][enc]:
                 agg = mean_std([r[enc][setting] for r in runs])
@@ -102,9 +101,8 @@ def evaluate_curve(model_path: str, args: DataArgs, fractions: Sequence[float], 
                 "min_labels_per_class": MIN_PER_CLASS,
                 "metric": "auroc" if len(prep.classes) == 2 else "balanced_accuracy"}
     report = base_report("curve", prep, args, settings)
-    correct: dict[tuple[str, str], Any] = {}
-    report["results"] = curve_results(prep, fractions, k, C_grid, val_fraction, args.seed, correct)
-    report["gain"] = gains(report["results"], correct)  # per fraction: SE over folds, or paired per test image
+    report["results"] = curve_results(prep, fractions, k, C_grid, val_fraction, args.seed)
+    report["gain"] = gains(report["results"], prep.correct)  # per fraction: SE over folds, or paired per image
     out_path = out_path or unique_path(prep.model.report_dir, "curve", ".png")
     report["image_size"] = list(plot_curve(report, Path(out_path)))
     report["files"] = [str(out_path)]
