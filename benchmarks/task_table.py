@@ -20,10 +20,11 @@ difference of correctness); X-ray: SE over the 5 folds (std / sqrt 5), the gain'
 from the per-fold differences. The CIFAR-10 number of the chosen LR is the best of the
 sweep, so it is optimistic by selection; the X-ray numbers were not used to choose.
 
-Backbones: CNN tasks ``timm:resnet18`` (standard stem: 32 px ends as a 1x1 map, cheap);
-``mae``/``simmim`` ``timm:vit_tiny_patch16_224`` with ``patch_size=8``; ``jigsaw`` needs
->= 57 px, so its CIFAR-10 images are upsampled to 64 px (and scored beside a random
-ResNet-18 at 64 px).
+Backbones: each task's default, as ``sslkit pretrain`` builds it at the image size: CNN tasks
+``timm:resnet18`` (standard stem: 32 px ends as a 1x1 map, cheap); ``mae``/``simmim``
+``timm:vit_tiny_patch16_224`` with ``patch_size=8`` below 96 px (``mae`` also ``depth=6``; a
+work dir started before that default keeps its 12-block runs); ``jigsaw`` needs >= 57 px, so
+its CIFAR-10 images are upsampled to 64 px (and scored beside a random ResNet-18 at 64 px).
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/task_table.py --work runs/bench-tasks
         [--tasks simclr,...] [--budget-min 0.5] [--xray-budget-min 1] [--lr-mults 0.3,1,3]
@@ -70,8 +71,6 @@ from task_table_report import REF_LR, chosen, report, variant_report, xray_varia
 
 TASKS = ("simclr", "moco", "byol", "dino", "barlowtwins", "vicreg", "mae", "simmim", "inpainting", "denoising",
          "autoencoder", "vae", "rotation", "jigsaw")
-VIT = ("timm:vit_tiny_patch16_224", {"patch_size": 8})
-CNN = ("timm:resnet18", {})
 PATIENT = r"^(person\d+|NORMAL2-IM-\d+|IM-\d+)"
 
 
@@ -113,11 +112,13 @@ class ReadOnlyStages(SharedStages):
 
 
 def setup(task: str, dataset: str) -> tuple[str, dict, int, int]:
-    """(backbone, backbone options, image size, channels) of ``task`` on ``dataset``."""
-    backbone, bopts = VIT if task in ("mae", "simmim") else CNN
-    if dataset == "cifar":
-        return backbone, bopts, 64 if task == "jigsaw" else 32, 3
-    return backbone, bopts, 64, 1
+    """(backbone, backbone options, image size, channels) of ``task`` on ``dataset``: the task's
+    default backbone as ``sslkit pretrain`` fits it to the image size (``default_backbone_options``)."""
+    from sslkit.registry import get_task
+
+    size, channels = (64 if task == "jigsaw" else 32, 3) if dataset == "cifar" else (64, 1)
+    cls = get_task(task)
+    return cls.default_backbone, cls.default_backbone_options(size), size, channels
 
 
 def calibrate(task: str, backbone: str, bopts: dict, size: int, channels: int, batch: int, steps: int = 3,

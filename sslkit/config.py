@@ -202,10 +202,9 @@ def _task_layer(values: dict[str, Any]) -> dict[str, Any]:
     task_cls = get_task(values["task"])
     engine = dict(getattr(task_cls, "engine_defaults", None) or {})
     token = getattr(task_cls, "token_engine_defaults", None)
-    if token and is_token_backbone_name(values.get("backbone") or task_cls.default_backbone,
-                                        values.get("channels") or 3,
-                                        values.get("image_size") or defaults()["image_size"],
-                                        **(values.get("backbone_options") or {})):
+    size = values.get("image_size") or defaults()["image_size"]
+    name, options = _backbone(task_cls, {**values, "image_size": size})
+    if token and is_token_backbone_name(name, values.get("channels") or 3, size, **options):
         engine.update(token)
     engine = check_values(engine, f"task {values['task']!r} engine_defaults")
     made_for = engine.get("optimizer", defaults()["optimizer"])
@@ -216,6 +215,18 @@ def _task_layer(values: dict[str, Any]) -> dict[str, Any]:
     return engine
 
 
+def _backbone(task_cls: type, values: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The backbone name and options the run builds: the user's, or the task's
+    ``default_backbone`` with its ``default_backbone_options`` for the image size under the
+    user's options (not with ``--init``: the init's weights fix the architecture)."""
+    options = dict(values.get("backbone_options") or {})
+    if values.get("backbone"):
+        return values["backbone"], options
+    size = values.get("image_size")
+    fitted = task_cls.default_backbone_options(size) if isinstance(size, int) and not values.get("init") else {}
+    return task_cls.default_backbone, {**fitted, **options}
+
+
 def _complete(values: dict[str, Any]) -> dict[str, Any]:
     """Fill the backbone and every task option from the task's defaults (validated)."""
     from sslkit.options import build_options, to_dict
@@ -223,7 +234,7 @@ def _complete(values: dict[str, Any]) -> dict[str, Any]:
 
     task_cls = get_task(values["task"])
     values = dict(values)
-    values["backbone"] = values.get("backbone") or task_cls.default_backbone
+    values["backbone"], values["backbone_options"] = _backbone(task_cls, values)
     options = build_options(task_cls.Options, values.get("task_options") or {}, f"task {values['task']!r}")
     values["task_options"] = _plain(to_dict(options))
     return values

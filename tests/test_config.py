@@ -237,3 +237,22 @@ def test_print_config_shows_the_vit_defaults(cli):
     out = cli("pretrain", "--task", "simclr", "--data", "folder:X", "--backbone", "timm:vit_tiny_patch16_224",
               "--image-size", "32", "--print-config").output
     assert re.search(r'^optimizer = "adamw"$', out, re.M) and re.search(r"^base_lr = 0\.001$", out, re.M)
+
+
+@pytest.mark.parametrize("task, small", [("mae", {"patch_size": 8, "depth": 6}), ("simmim", {"patch_size": 8}),
+                                         ("simclr", {})])
+def test_the_default_backbone_is_fitted_to_small_images(task, small):
+    """The masked tasks' default ViT-Tiny gets 8-px patches below 96 px (mae also 6 blocks), recorded in
+    the config; not from 96 px, not on a backbone the user named or with --init, and the user's own
+    --backbone-opt win key by key."""
+    base = {"task": task, "data": "folder:DATA", "out": "OUT"}
+    assert config.resolve({**base, "image_size": 32}).backbone_options == small
+    assert config.resolve({**base, "image_size": 64}).backbone_options == small
+    assert config.resolve({**base, "image_size": 96}).backbone_options == {}
+    assert config.resolve({**base, "image_size": 36}).backbone_options == {}  # 8 does not divide it
+    named = config.resolve({**base, "image_size": 32, "backbone": "timm:vit_tiny_patch16_224"})
+    assert named.backbone_options == {}
+    assert config.resolve({**base, "image_size": 32, "init": "weights.safetensors"}).backbone_options == {}
+    if small:
+        mine = config.resolve({**base, "image_size": 32, "backbone_options": {"patch_size": 4}})
+        assert mine.backbone_options == {**small, "patch_size": 4}

@@ -25,6 +25,8 @@ def test_pydicom_files_to_checked_onnx(pydicom_dir, tmp_path, cli):
         assert (run_dir / name).exists(), name
     info = json.loads((run_dir / "run.json").read_text())
     assert info["task"] == "mae" and info["backbone"].startswith("timm:vit_")
+    fitted = info["config"]["backbone_options"]  # the default ViT fitted to 32-px images, exported as built
+    assert (fitted["patch_size"], fitted["depth"]) == (8, 6), fitted
     assert info["input_spec"]["channels"] == 1 and info["input_spec"]["image_size"] == 32
     assert info["environment"]["torch"] == torch.__version__
     report = json.loads((run_dir / "data_report.json").read_text())

@@ -36,7 +36,11 @@ on images, per-patch normalised pixels on volumes (``norm_pix_loss=true``), ``ba
 2.5e-4 on both (the MAE paper's is 1.5e-4; ``--task-opt target=pixels --base-lr 1e-3`` is
 the former 2-D default), flips and random resized crops of scale 0.2-1 from 96 px (the
 paper's, at 224 px) and 0.5-1 below (``default_min_scale``; volumes 0.2-1).
-Needs a ViT backbone (token interface), e.g. ``timm:vit_tiny_patch16_224``.
+Needs a ViT backbone (token interface), e.g. ``timm:vit_tiny_patch16_224``, the default; below
+96 px it gets 8-px patches and 6 blocks (``default_backbone_options``; measured against 12 blocks at
+equal CPU, BENCHMARKS.md "A 6-block ViT for MAE below 96 px": CIFAR-10 kNN +0.5 ± 0.6 at 2 CPU min
+at both seeds and past its random ViT at both, where 12 blocks passed at one; -1.3 and -0.9 ± 0.5 at
+0.5 CPU min; chest X-ray AUROC +0.001 and -0.010 ± 0.005).
 
 The encoder's embedding (``embed``, ``eval``, the export) is the mean of its normed patch
 tokens (``Task.embedding = "patch_mean"``: on a timm ViT, ``global_pool=avg``,
@@ -86,6 +90,9 @@ class MAEOptions:
 #: from this image size the crops are the paper's (scale PAPER_MIN_SCALE-1); milder below
 PAPER_CROPS_FROM_PX = 96
 PAPER_MIN_SCALE = 0.2
+#: the default ViT below PAPER_CROPS_FROM_PX: patch side and number of blocks (MAE.default_backbone_options)
+SMALL_PATCH = 8
+SMALL_DEPTH = 6
 
 
 def default_min_scale(image_size: int) -> float:
@@ -174,6 +181,14 @@ class MAE(Task):
     capturable = True  # --capture graphs: the step has no host reads or Python-side state (engine/capture.py)
     embedding = "patch_mean"  # measured: module docstring
     sample_modes = ("slice", "slab", "volume")  # volumes: MAE3D (mae_volume.py), cube patches
+
+    @classmethod
+    def default_backbone_options(cls, image_size):
+        """Below 96 px the default ViT-Tiny gets 8-px patches (a 32-px image: 16 tokens, not 4) and 6
+        blocks: fewer blocks buy more steps (measured: BENCHMARKS.md "A 6-block ViT for MAE below 96 px")."""
+        if image_size < PAPER_CROPS_FROM_PX and image_size % SMALL_PATCH == 0:
+            return {"patch_size": SMALL_PATCH, "depth": SMALL_DEPTH}
+        return {}
 
     def __new__(cls, backbone=None, options=None, spec=None):
         if cls is MAE and getattr(spec, "sample", "slice") == "volume":

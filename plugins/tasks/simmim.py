@@ -38,6 +38,7 @@ from torch import nn
 
 from sslkit.api import (Task, UsageError, check_unit_interval, hog_token_size, hog_tokens, hookimpl,
                         reconstruction_views)
+from sslkit_plugins.tasks.mae import PAPER_CROPS_FROM_PX, SMALL_PATCH
 
 
 try:  # the architectures SimMIM knows how to mask
@@ -92,6 +93,14 @@ class SimMIM(Task):
     engine_defaults = {"base_lr": 1e-4}
     default_backbone = "timm:vit_tiny_patch16_224"
     legacy_option_values = {"target": "pixels"}  # runs recorded before HOG targets regressed pixels
+
+    @classmethod
+    def default_backbone_options(cls, image_size):
+        """Below 96 px the default ViT-Tiny gets 8-px patches, as every measured run (a 32-px image: 16
+        tokens, not 4); its 12 blocks stay (6 measured no better: BENCHMARKS.md)."""
+        if image_size < PAPER_CROPS_FROM_PX and image_size % SMALL_PATCH == 0:
+            return {"patch_size": SMALL_PATCH}
+        return {}
 
     @classmethod
     def check(cls, backbone, spec):
