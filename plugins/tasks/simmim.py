@@ -38,7 +38,6 @@ from torch import nn
 
 from sslkit.api import (Task, UsageError, check_unit_interval, hog_token_size, hog_tokens, hookimpl,
                         reconstruction_views)
-from sslkit_plugins.tasks.mae import PAPER_CROPS_FROM_PX, SMALL_PATCH
 
 
 try:  # the architectures SimMIM knows how to mask
@@ -47,6 +46,11 @@ try:  # the architectures SimMIM knows how to mask
 except ImportError:  # pragma: no cover
     SwinTransformer = VisionTransformer = ()  # type: ignore[assignment,misc]
     Block = None
+
+
+#: below this image side the default ViT-Tiny gets SMALL_PATCH-px patches (as mae's; plugins share only sslkit.api)
+SMALL_IMAGE = 96
+SMALL_PATCH = 8
 
 
 def _model(backbone):
@@ -98,7 +102,7 @@ class SimMIM(Task):
     def default_backbone_options(cls, image_size):
         """Below 96 px the default ViT-Tiny gets 8-px patches, as every measured run (a 32-px image: 16
         tokens, not 4); its 12 blocks stay (6 measured no better: BENCHMARKS.md)."""
-        if image_size < PAPER_CROPS_FROM_PX and image_size % SMALL_PATCH == 0:
+        if image_size < SMALL_IMAGE and image_size % SMALL_PATCH == 0:
             return {"patch_size": SMALL_PATCH}
         return {}
 
