@@ -216,15 +216,30 @@ def _task_layer(values: dict[str, Any]) -> dict[str, Any]:
 
 
 def _backbone(task_cls: type, values: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    """The backbone name and options the run builds: the user's, or the task's
-    ``default_backbone`` with its ``default_backbone_options`` for the image size under the
-    user's options (not with ``--init``: the init's weights fix the architecture)."""
+    """The backbone name and options the run builds, under the user's options: the user's
+    backbone; with ``--init`` of an sslkit run directory, the one that run recorded (its
+    weights' architecture); with another ``--init``, the task's ``default_backbone`` as named;
+    else the default with its ``default_backbone_options`` for the image size."""
     options = dict(values.get("backbone_options") or {})
     if values.get("backbone"):
         return values["backbone"], options
+    init = values.get("init")
+    if init:
+        recorded = _recorded_backbone(Path(init) / RUN_JSON)
+        return (recorded[0], {**recorded[1], **options}) if recorded else (task_cls.default_backbone, options)
     size = values.get("image_size")
-    fitted = task_cls.default_backbone_options(size) if isinstance(size, int) and not values.get("init") else {}
+    fitted = task_cls.default_backbone_options(size) if isinstance(size, int) else {}
     return task_cls.default_backbone, {**fitted, **options}
+
+
+def _recorded_backbone(run_json: Path) -> tuple[str, dict[str, Any]] | None:
+    """(backbone, backbone options) from a run's ``run.json``; None when it is not a readable one
+    (``--init`` reports what is wrong with it when it loads the weights)."""
+    try:
+        config = json.loads(run_json.read_text())["config"]
+        return str(config["backbone"]), dict(config.get("backbone_options") or {})
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _complete(values: dict[str, Any]) -> dict[str, Any]:

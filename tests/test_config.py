@@ -256,3 +256,20 @@ def test_the_default_backbone_is_fitted_to_small_images(task, small):
     if small:
         mine = config.resolve({**base, "image_size": 32, "backbone_options": {"patch_size": 4}})
         assert mine.backbone_options == {**small, "patch_size": 4}
+
+
+def test_init_from_a_run_directory_builds_the_architecture_that_run_recorded(tmp_path):
+    """--init RUN_DIR without --backbone: the backbone and options of that run (its weights'
+    architecture, e.g. a fitted 6-block ViT), under the user's --backbone-opt; --backbone still wins."""
+    first = tmp_path / "first"
+    first.mkdir()
+    recorded = {"patch_size": 8, "depth": 6, "global_pool": "avg", "fc_norm": False}
+    (first / "run.json").write_text(json.dumps({"config": {"backbone": "timm:vit_small_patch16_224",
+                                                           "backbone_options": recorded}}))
+    base = {"task": "mae", "data": "folder:DATA", "out": "OUT", "image_size": 64, "init": str(first)}
+    cont = config.resolve(base)
+    assert (cont.backbone, cont.backbone_options) == ("timm:vit_small_patch16_224", recorded)
+    assert config.resolve({**base, "backbone_options": {"drop_path_rate": 0.1}}).backbone_options == {
+        **recorded, "drop_path_rate": 0.1}
+    named = config.resolve({**base, "backbone": "timm:vit_tiny_patch16_224"})
+    assert (named.backbone, named.backbone_options) == ("timm:vit_tiny_patch16_224", {})

@@ -479,3 +479,19 @@ def test_continue_options_refused_without_init_or_out_of_range(tmp_path, cli):
         lines = result.stderr.strip().splitlines()
         assert result.exit_code == 2 and len(lines) == 1 and message in lines[0], result.output
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_init_from_a_default_run_continues_its_fitted_vit(tmp_path, cli):
+    """A run that built mae's default ViT fitted to 16-px images (8-px patches, 6 blocks), given as
+    --init without --backbone, is continued in that architecture: every tensor loads, nothing adapted."""
+    images = make_images(tmp_path / "img", n_per_class=4, size=16)
+    common = ("--task", "mae", "--data", f"folder:{images}", "--image-size", "16", "--batch-size", "4",
+              "--max-steps", "1", "--epochs", "1", "--quiet")
+    assert cli("pretrain", *common, "--out", tmp_path / "first").exit_code == 0
+    result = cli("pretrain", *common, "--out", tmp_path / "cont", "--init", tmp_path / "first")
+    assert result.exit_code == 0, result.output
+    info = json.loads((tmp_path / "cont" / "run.json").read_text())
+    options = info["config"]["backbone_options"]
+    assert (options["patch_size"], options["depth"]) == (8, 6), options
+    assert info["init"]["missing"] == [] and info["init"]["adapted"] == [], info["init"]
