@@ -202,10 +202,11 @@ def _task_layer(values: dict[str, Any]) -> dict[str, Any]:
     task_cls = get_task(values["task"])
     engine = dict(getattr(task_cls, "engine_defaults", None) or {})
     token = getattr(task_cls, "token_engine_defaults", None)
-    size = values.get("image_size") or defaults()["image_size"]
-    name, options = _backbone(task_cls, {**values, "image_size": size})
-    if token and is_token_backbone_name(name, values.get("channels") or 3, size, **options):
-        engine.update(token)
+    if token:
+        size = values.get("image_size") or defaults()["image_size"]
+        name, options = _backbone(task_cls, {**values, "image_size": size})
+        if is_token_backbone_name(name, values.get("channels") or 3, size, **options):
+            engine.update(token)
     engine = check_values(engine, f"task {values['task']!r} engine_defaults")
     made_for = engine.get("optimizer", defaults()["optimizer"])
     chosen = values.get("optimizer")
