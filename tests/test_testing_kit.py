@@ -63,6 +63,28 @@ class HiddenState(Base):
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+class UnfitDefault(Base):
+    """Fits its default ResNet with an option a ResNet does not take."""
+
+    @classmethod
+    def default_backbone_options(cls, image_size):
+        return {"patch_size": 8} if image_size < 96 else {}
+
+
+class ListDefault(Base):
+    @classmethod
+    def default_backbone_options(cls, image_size):
+        return [("cifar_stem", True)]
+
+
+def test_check_task_builds_the_default_backbone_as_fitted(tmp_path):
+    """The kit trains on a tiny stand-in, but first builds what ``pretrain`` without --backbone would."""
+    with pytest.raises(UsageError, match="cannot build timm:resnet18"):
+        check_task(UnfitDefault, tmp_path=tmp_path, channels=(1,), export=False, resume=False, steps=1)
+    with pytest.raises(AssertionError, match=r"default_backbone_options\(32\) must return a dict"):
+        check_task(ListDefault, tmp_path=tmp_path, channels=(1,), export=False, resume=False, steps=1)
+
+
 @pytest.mark.parametrize("cls,needle", [(NaNLoss, "loss"), (NoOverride, "override"), (ReservedKey, "'lr'")])
 def test_check_task_catches_a_broken_task(cls, needle, tmp_path):
     with pytest.raises(AssertionError, match=needle):

@@ -34,7 +34,9 @@ def check_task(task: Any, *, tmp_path: Path, backbone: str | None = None, backbo
 
     For each of ``channels``: ``sslkit pretrain --device cpu`` for ``steps`` optimizer steps on
     ``batch_size * steps`` generated ``image_size``² images, with ``backbone`` (default: a
-    tiny one of the task's default family) and ``options`` (``--task-opt``); every loss is
+    tiny one of the task's default family, after checking that the task's own default backbone,
+    fitted to ``image_size`` by ``default_backbone_options``, builds and pairs with it) and
+    ``options`` (``--task-opt``); every loss is
     finite, the run finishes and its encoder maps ``(2, C, S, S) -> (2, D)``. Also:
     ``views(spec)`` has ``override``; with ``export``, ``sslkit export`` writes a verified
     ONNX file of the encoder (once per distinct architecture in this process); with
@@ -48,6 +50,7 @@ def check_task(task: Any, *, tmp_path: Path, backbone: str | None = None, backbo
     name, cls = resolve("tasks", task)
     assert isinstance(cls, type) and issubclass(cls, Task), f"{task!r} is not a subclass of sslkit.api.Task"
     if backbone is None:
+        _check_default_backbone(cls, options or {}, image_size)
         backbone, kit_options = kit_backbone(cls)
         backbone_options = {**kit_options, **(backbone_options or {})}
     tmp_path = Path(tmp_path)
@@ -96,6 +99,14 @@ def _check_views(cls: type, backbone: str, backbone_options: dict, options: dict
     assert callable(getattr(views, "override", None)), \
         f"{cls.__name__}.views(spec) has no override(**fields) for --augment-opt (return an sslkit.api.MultiView)"
     assert callable(views.override()), f"{cls.__name__}.views(spec).override() must return the views callable"
+
+
+def _check_default_backbone(cls: type, options: dict, image_size: int) -> None:
+    """What ``sslkit pretrain`` builds without ``--backbone``: ``default_backbone`` with its
+    ``default_backbone_options`` for ``image_size`` builds and pairs with the task."""
+    fitted = cls.default_backbone_options(image_size)
+    assert isinstance(fitted, dict), f"{cls.__name__}.default_backbone_options({image_size}) must return a dict"
+    _check_views(cls, cls.default_backbone, fitted, options, image_size)
 
 
 def _check_encoder(run: Path, channels: int, size: int, what: str) -> None:
