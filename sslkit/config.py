@@ -39,6 +39,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
+from sslkit.config_backbone import run_backbone
 from sslkit.errors import UsageError, first_line
 from sslkit.run import RESUMABLE_OVERRIDES, RUN_JSON, RunConfig
 
@@ -204,7 +205,7 @@ def _task_layer(values: dict[str, Any]) -> dict[str, Any]:
     token = getattr(task_cls, "token_engine_defaults", None)
     if token:
         size = values.get("image_size") or defaults()["image_size"]
-        name, options = _backbone(task_cls, {**values, "image_size": size})
+        name, options = run_backbone(task_cls, {**values, "image_size": size})
         if is_token_backbone_name(name, values.get("channels") or 3, size, **options):
             engine.update(token)
     engine = check_values(engine, f"task {values['task']!r} engine_defaults")
@@ -216,33 +217,6 @@ def _task_layer(values: dict[str, Any]) -> dict[str, Any]:
     return engine
 
 
-def _backbone(task_cls: type, values: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    """The backbone name and options the run builds, under the user's options: the user's
-    backbone; with ``--init`` of an sslkit run directory, the one that run recorded (its
-    weights' architecture); with another ``--init``, the task's ``default_backbone`` as named;
-    else the default with its ``default_backbone_options`` for the image size."""
-    options = dict(values.get("backbone_options") or {})
-    if values.get("backbone"):
-        return values["backbone"], options
-    init = values.get("init")
-    if init:
-        recorded = _recorded_backbone(Path(init) / RUN_JSON)
-        return (recorded[0], {**recorded[1], **options}) if recorded else (task_cls.default_backbone, options)
-    size = values.get("image_size")
-    fitted = task_cls.default_backbone_options(size) if isinstance(size, int) else {}
-    return task_cls.default_backbone, {**fitted, **options}
-
-
-def _recorded_backbone(run_json: Path) -> tuple[str, dict[str, Any]] | None:
-    """(backbone, backbone options) from a run's ``run.json``; None when it is not a readable one
-    (``--init`` reports what is wrong with it when it loads the weights)."""
-    try:
-        config = json.loads(run_json.read_text())["config"]
-        return str(config["backbone"]), dict(config.get("backbone_options") or {})
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
 def _complete(values: dict[str, Any]) -> dict[str, Any]:
     """Fill the backbone and every task option from the task's defaults (validated)."""
     from sslkit.options import build_options, to_dict
@@ -250,7 +224,7 @@ def _complete(values: dict[str, Any]) -> dict[str, Any]:
 
     task_cls = get_task(values["task"])
     values = dict(values)
-    values["backbone"], values["backbone_options"] = _backbone(task_cls, values)
+    values["backbone"], values["backbone_options"] = run_backbone(task_cls, values)
     options = build_options(task_cls.Options, values.get("task_options") or {}, f"task {values['task']!r}")
     values["task_options"] = _plain(to_dict(options))
     return values
