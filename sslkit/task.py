@@ -86,9 +86,10 @@ class Task(nn.Module):
     def default_backbone_options(cls, image_size: int) -> dict[str, Any]:
         """Backbone options that fit ``default_backbone`` to images of ``image_size`` pixels
         (e.g. a ViT's ``patch_size`` for small images). The engine adds them only when the run
-        builds the default backbone from random init (no ``--backbone``, no ``--init``), under
-        the user's own ``--backbone-opt`` (which win key by key); ``run.json`` records the
-        result. Default: ``{}``, the backbone as named."""
+        builds the default backbone from random init (no ``--backbone``, no ``--init``; an
+        ``--init`` run directory gives the architecture it recorded instead), under the user's own
+        ``--backbone-opt`` (which win key by key); ``run.json`` records the result. Default:
+        ``{}``, the backbone as named."""
         return {}
 
     @classmethod

@@ -39,7 +39,8 @@ paper's, at 224 px) and 0.5-1 below (``default_min_scale``; volumes 0.2-1).
 Needs a ViT backbone (token interface), e.g. ``timm:vit_tiny_patch16_224``, the default; below
 96 px it gets 8-px patches and 6 blocks (``default_backbone_options``; measured against 12 blocks at
 equal CPU, BENCHMARKS.md "A 6-block ViT for MAE below 96 px": CIFAR-10 kNN +0.5 ± 0.6 at 2 CPU min
-at both seeds and past its random ViT at both, where 12 blocks passed at one; -1.3 and -0.9 ± 0.5 at
+at both seeds and past its random ViT at both, where 12 blocks passed at one (a replicate in fresh
+work dirs: +1.8 and +0.5 ± 0.7 over random, the second within its SE); -1.3 and -0.9 ± 0.5 at
 0.5 CPU min; chest X-ray AUROC +0.001 and -0.010 ± 0.005; from its runs the linear probe gains +3.1 and
 +4.3 over random init where 12 blocks gained +1.7 and +2.3, and fine-tuning is level with training from
 scratch where 12 blocks ended below it).
