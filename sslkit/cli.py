@@ -97,7 +97,8 @@ def _default(name: str, by_task: bool = False) -> str:
 @click.option("--data", default=None, help="dicom:PATH, folder:PATH, another source, or a bare path.")
 @click.option("--out", default=None, type=click.Path(file_okay=False),
               help="Run directory (default: runs/<task>-<timestamp>, a new folder).")
-@click.option("--backbone", default=None, help="prefix:model, e.g. timm:resnet18 (default: the task's).")
+@click.option("--backbone", default=None, help="prefix:model, e.g. timm:resnet18 (default: the task's, fitted to --image-size; "
+                   "with --init RUN_DIR, that run's).")
 @click.option("--init", default=None, metavar="FILE|RUN_DIR|ORG/NAME|timm:MODEL.TAG",
               help="Start the backbone from these weights (Hub ids from the local cache only) instead of random init.")
 @click.option("--allow-download", is_flag=True, default=None, help="Let --init fetch Hub weights missing from the cache.")
