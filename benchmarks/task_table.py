@@ -22,8 +22,8 @@ sweep, so it is optimistic by selection; the X-ray numbers were not used to choo
 
 Backbones: each task's default, as ``sslkit pretrain`` builds it at the image size: CNN tasks
 ``timm:resnet18`` (standard stem: 32 px ends as a 1x1 map, cheap); ``mae``/``simmim``
-``timm:vit_tiny_patch16_224`` with ``patch_size=8`` below 96 px (``mae`` also ``depth=6``; a
-work dir started before that default keeps its 12-block runs); ``jigsaw`` needs >= 57 px, so
+``timm:vit_tiny_patch16_224`` with ``patch_size=8`` below 96 px (``mae`` also ``depth=6`` below
+64 px; a work dir started before that default keeps its 12-block runs); ``jigsaw`` needs >= 57 px, so
 its CIFAR-10 images are upsampled to 64 px (and scored beside a random ResNet-18 at 64 px).
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/task_table.py --work runs/bench-tasks

@@ -242,12 +242,13 @@ def test_print_config_shows_the_vit_defaults(cli):
 @pytest.mark.parametrize("task, small", [("mae", {"patch_size": 8, "depth": 6}), ("simmim", {"patch_size": 8}),
                                          ("simclr", {})])
 def test_the_default_backbone_is_fitted_to_small_images(task, small):
-    """The masked tasks' default ViT-Tiny gets 8-px patches below 96 px (mae also 6 blocks), recorded in
-    the config; not from 96 px, not on a backbone the user named or with --init, and the user's own
-    --backbone-opt win key by key."""
+    """The masked tasks' default ViT-Tiny gets 8-px patches below 96 px (mae also 6 blocks below 64 px),
+    recorded in the config; not from 96 px, not on a backbone the user named or with --init, and the
+    user's own --backbone-opt win key by key."""
     base = {"task": task, "data": "folder:DATA", "out": "OUT"}
     assert config.resolve({**base, "image_size": 32}).backbone_options == small
-    assert config.resolve({**base, "image_size": 64}).backbone_options == small
+    assert config.resolve({**base, "image_size": 56}).backbone_options == small
+    assert config.resolve({**base, "image_size": 64}).backbone_options == {k: v for k, v in small.items() if k != "depth"}
     assert config.resolve({**base, "image_size": 96}).backbone_options == {}
     assert config.resolve({**base, "image_size": 36}).backbone_options == {}  # 8 does not divide it
     named = config.resolve({**base, "image_size": 32, "backbone": "timm:vit_tiny_patch16_224"})

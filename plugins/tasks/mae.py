@@ -37,13 +37,14 @@ on images, per-patch normalised pixels on volumes (``norm_pix_loss=true``), ``ba
 the former 2-D default), flips and random resized crops of scale 0.2-1 from 96 px (the
 paper's, at 224 px) and 0.5-1 below (``default_min_scale``; volumes 0.2-1).
 Needs a ViT backbone (token interface), e.g. ``timm:vit_tiny_patch16_224``, the default; below
-96 px it gets 8-px patches and 6 blocks (``default_backbone_options``; measured against 12 blocks at
-equal CPU, BENCHMARKS.md "A 6-block ViT for MAE below 96 px": CIFAR-10 kNN +0.5 ± 0.6 at 2 CPU min
-at both seeds and past its random ViT at both, where 12 blocks passed at one (a replicate in fresh
-work dirs: +1.8 and +0.5 ± 0.7 over random, the second within its SE); -1.3 and -0.9 ± 0.5 at
-0.5 CPU min; chest X-ray AUROC +0.001 and -0.010 ± 0.005; from its runs the linear probe gains +3.1 and
-+4.3 over random init where 12 blocks gained +1.7 and +2.3, and fine-tuning is level with training from
-scratch where 12 blocks ended below it).
+96 px it gets 8-px patches, and below 64 px 6 blocks (``default_backbone_options``; measured against
+12 blocks at equal CPU, BENCHMARKS.md "A 6-block ViT for MAE below 64 px": on 32-px CIFAR-10 kNN
++0.5, +0.5, -0.1 and +0.9 ± 0.6 at 2 CPU min over four seeds, past its random ViT at all four in the
+table's runs where 12 blocks passed at two (a replicate at seed 1: +0.5 ± 0.7, within its SE), -1.3 and
+-0.9 ± 0.5 at 0.5 CPU min, the linear probe +3.1 and +4.3 over random init where 12 blocks gained +1.7
+and +2.3, fine-tuning level with training from scratch where 12 blocks ended below it; on the 64-px
+chest X-rays **behind** 12 blocks, +0.001, -0.010, -0.021 and -0.004 AUROC (SE 0.004-0.009), so 64 px
+and up keep 12 blocks).
 
 The encoder's embedding (``embed``, ``eval``, the export) is the mean of its normed patch
 tokens (``Task.embedding = "patch_mean"``: on a timm ViT, ``global_pool=avg``,
@@ -93,8 +94,10 @@ class MAEOptions:
 #: from this image size the crops are the paper's (scale PAPER_MIN_SCALE-1); milder below
 PAPER_CROPS_FROM_PX = 96
 PAPER_MIN_SCALE = 0.2
-#: the default ViT below PAPER_CROPS_FROM_PX: patch side and number of blocks (MAE.default_backbone_options)
+#: the default ViT below PAPER_CROPS_FROM_PX: patch side; below FEW_TOKENS_BELOW_PX also fewer blocks
+#: (MAE.default_backbone_options)
 SMALL_PATCH = 8
+FEW_TOKENS_BELOW_PX = 64  # fewer than 64 patches of SMALL_PATCH
 SMALL_DEPTH = 6
 
 
@@ -187,11 +190,13 @@ class MAE(Task):
 
     @classmethod
     def default_backbone_options(cls, image_size):
-        """Below 96 px the default ViT-Tiny gets 8-px patches (a 32-px image: 16 tokens, not 4) and 6
-        blocks: fewer blocks buy more steps (measured: BENCHMARKS.md "A 6-block ViT for MAE below 96 px")."""
-        if image_size < PAPER_CROPS_FROM_PX and image_size % SMALL_PATCH == 0:
-            return {"patch_size": SMALL_PATCH, "depth": SMALL_DEPTH}
-        return {}
+        """Below 96 px the default ViT-Tiny gets 8-px patches (a 32-px image: 16 tokens, not 4), and below
+        64 px (fewer than 64 tokens) 6 blocks, which buy more steps: measured, BENCHMARKS.md "A 6-block ViT
+        for MAE below 64 px" (ahead on 32-px CIFAR-10, behind on the 64-px chest X-rays)."""
+        if image_size >= PAPER_CROPS_FROM_PX or image_size % SMALL_PATCH:
+            return {}
+        fewer = {"depth": SMALL_DEPTH} if image_size < FEW_TOKENS_BELOW_PX else {}
+        return {"patch_size": SMALL_PATCH, **fewer}
 
     def __new__(cls, backbone=None, options=None, spec=None):
         if cls is MAE and getattr(spec, "sample", "slice") == "volume":
