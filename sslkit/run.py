@@ -44,7 +44,7 @@ class RunConfig:
     task: str
     data: str
     out: str
-    backbone: str | None = None  # None: the task's default_backbone
+    backbone: str | None = None  # None: the task's default_backbone, fitted as `sslkit pretrain` fits it (engine.setup.with_backbone)
     init: str | None = None  # initial backbone weights: a file, a run directory, ORG/NAME or timm:MODEL.TAG
     allow_download: bool = False  # --init may fetch Hub weights missing from the local cache
     init_freeze_steps: int | None = None  # --init: encoder at LR 0 for these first steps; None: sslkit.init.continued

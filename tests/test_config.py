@@ -274,3 +274,14 @@ def test_init_from_a_run_directory_builds_the_architecture_that_run_recorded(tmp
         **recorded, "drop_path_rate": 0.1}
     named = config.resolve({**base, "backbone": "timm:vit_tiny_patch16_224"})
     assert (named.backbone, named.backbone_options) == ("timm:vit_tiny_patch16_224", {})
+
+
+def test_a_config_made_in_code_without_a_backbone_builds_what_pretrain_resolves():
+    """RunConfig(backbone=None) given straight to the engine gets the same fitted default as the CLI."""
+    from sslkit.engine.setup import with_backbone
+    from sslkit.run import RunConfig
+
+    made = with_backbone(RunConfig(task="mae", data="folder:DATA", out="OUT", image_size=32))
+    resolved = config.resolve({"task": "mae", "data": "folder:DATA", "out": "OUT", "image_size": 32})
+    assert (made.backbone, made.backbone_options) == (resolved.backbone, resolved.backbone_options)
+    assert made.backbone_options == {"patch_size": 8, "depth": 6}

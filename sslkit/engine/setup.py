@@ -25,6 +25,7 @@ import torch
 
 from sslkit import distributed
 from sslkit.backbone import is_token_backbone
+from sslkit.config_backbone import run_backbone
 from sslkit.data.loader import BatchLoader
 from sslkit.data.pipeline import LoadedData, load_data, resume_input_spec
 from sslkit.data.prepare import channel_stats, fingerprint
@@ -137,6 +138,16 @@ def check_pairing(backbone_name: str, cfg: RunConfig) -> torch.nn.Module:
     raise first
 
 
+def with_backbone(cfg: RunConfig) -> RunConfig:
+    """``cfg`` with its backbone named: a config made in code without one gets what ``sslkit
+    pretrain`` resolves (the task's default fitted to the image size, or an ``--init`` run's)."""
+    if cfg.backbone:
+        return cfg
+    values = {"backbone_options": cfg.backbone_options, "init": cfg.init, "image_size": cfg.image_size}
+    name, options = run_backbone(get_task(cfg.task), values)
+    return dataclasses.replace(cfg, backbone=name, backbone_options=options)
+
+
 def with_task_embedding(cfg: RunConfig, probe: torch.nn.Module) -> RunConfig:
     """``cfg`` with the backbone options that give the task's ``Task.embedding`` on this
     backbone (its ``embedding_options``), unless the user set any of them or the run is a
@@ -180,7 +191,8 @@ def on_main(fn: Callable[[], Any]) -> Any:
 def build(cfg: RunConfig, device: torch.device) -> Setup:
     """Everything a run needs, checked and built (see the module docstring for the order)."""
     rank, world = distributed.rank(), distributed.world_size()
-    backbone_name = cfg.backbone or get_task(cfg.task).default_backbone
+    cfg = with_backbone(cfg)
+    backbone_name = cfg.backbone
     on_main(lambda: check_run_dir(cfg))
     if cfg.batch_size % world:
         raise UsageError(f"--batch-size {cfg.batch_size} is the batch over all {world} processes and "
