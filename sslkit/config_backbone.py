@@ -3,10 +3,10 @@ or the architecture an sslkit run given as ``--init`` recorded."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
+from sslkit.output_file import read_json
 from sslkit.run import RUN_JSON
 
 
@@ -30,8 +30,8 @@ def run_backbone(task_cls: type, values: dict[str, Any]) -> tuple[str, dict[str,
 def recorded_backbone(run_json: Path) -> tuple[str, dict[str, Any]] | None:
     """(backbone, backbone options) from a run's ``run.json``; None when it is not a readable one
     (``--init`` reports what is wrong with it when it loads the weights)."""
+    config = read_json(run_json).get("config")
     try:
-        config = json.loads(run_json.read_text())["config"]
         return str(config["backbone"]), dict(config.get("backbone_options") or {})
-    except (OSError, ValueError, KeyError, TypeError):
+    except (KeyError, TypeError, ValueError, AttributeError):
         return None

@@ -1,5 +1,7 @@
 """Output files a command writes: refused when they would replace something silently,
-written through a temporary file in the same folder so nothing half-written is left.
+written through a temporary file in the same folder so nothing half-written is left; and
+:func:`read_json`, the one tolerant reader of the JSON files a run left (``run.json``,
+``data_report.json``).
 
 :func:`write_atomic` is sslkit's one way to write a file: the data goes to a temporary
 file beside the target (``.tmp-*``), is fsynced, renamed over the target, and the folder
@@ -84,3 +86,13 @@ def write_text_atomic(out: Path, text: str) -> None:
 def write_json_atomic(out: Path, data: Any) -> None:
     """:func:`write_atomic` for a JSON file (indented; objects it cannot encode as ``str``)."""
     write_text_atomic(out, json.dumps(data, indent=2, default=str))
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object file's content; ``{}`` when it is missing, unreadable or not an object
+    (the callers treat a damaged record as an absent one and report it where it matters)."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gc
-import json
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -15,8 +14,10 @@ from sslkit.data.prepare import Prepared, fingerprint, majority_channels, prepar
 from sslkit.data.source import Source
 from sslkit.data.splits import split_refs
 from sslkit.errors import UsageError
+from sslkit.output_file import read_json
 from sslkit.data.volume import stored_size
 from sslkit.registry import create_source
+from sslkit.run import RUN_JSON
 
 
 @dataclass
@@ -113,10 +114,7 @@ def summary_line(samples: int, skipped: list[tuple[str, str]], shown: int = 4) -
 
 def report_summary(run_dir: str | Path) -> str | None:
     """The summary line of ``RUN_DIR/data_report.json`` when files were skipped, else None."""
-    try:
-        report = json.loads((Path(run_dir) / "data_report.json").read_text())
-    except (OSError, ValueError):
-        return None
+    report = read_json(Path(run_dir) / "data_report.json")
     skipped = [(f["path"], f["reason"]) for f in report.get("skipped_files", [])]
     return summary_line(report.get("samples", 0), skipped) if skipped else None
 
@@ -147,9 +145,8 @@ def resume_input_spec(run_dir: str | Path, prepared: Prepared, preprocessing: An
     """On ``--resume``: refuse changed data (:func:`check_resume_data`) and return the run's
     saved ``input_spec`` (None when run.json has none), which a resumed run keeps: its
     mean/std are what the encoder was trained with, whatever the data is now."""
-    try:
-        saved = json.loads((Path(run_dir) / "run.json").read_text())
-    except (OSError, ValueError):
+    saved = read_json(Path(run_dir) / RUN_JSON)
+    if not saved:
         return None
     now = {"fingerprint": fingerprint(prepared.refs, preprocessing), "samples": len(prepared)}
     note = check_resume_data(saved.get("dataset") or {}, now, allow_change)

@@ -8,7 +8,6 @@ writes ``encoder.safetensors`` and the final ``run.json``.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,7 @@ from sslkit.engine.schedules import horizon
 from sslkit.engine.setup import Setup, build, on_main, resolve_device, seed_everything
 from sslkit.engine.signals import StopSignal
 from sslkit.errors import UsageError
-from sslkit.output_file import write_atomic, write_json_atomic
+from sslkit.output_file import read_json, write_atomic, write_json_atomic
 from sslkit.registry import get_task, resolve_data
 from sslkit.run import ENCODER_FILE, RUN_JSON, RunConfig, prepare_run_dir
 
@@ -151,11 +150,3 @@ def write_info(s: Setup) -> None:
     """``run.json`` (rank 0)."""
     if s.main:
         write_json_atomic(s.out / RUN_JSON, s.info)
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    """A JSON file's content; ``{}`` when it is missing or unreadable."""
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}

@@ -21,7 +21,6 @@ X-rays fell 0.02-0.08 kNN AUROC below its init; BENCHMARKS.md, issue #15). So, w
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any, Callable
@@ -30,6 +29,8 @@ import torch
 from torch import nn
 
 from sslkit.errors import UsageError
+from sslkit.output_file import read_json
+from sslkit.run import RUN_JSON
 
 DEFAULT_LR_SCALE = 0.1  # encoder LR multiplier when continuing (BENCHMARKS.md, init_continue.py)
 DEFAULT_FREEZE_FRACTION = 0.1  # of the run's steps, while some head starts from random
@@ -81,10 +82,7 @@ def _run_checkpoint(run: Path, task_name: str) -> tuple[dict[str, torch.Tensor],
 
     from sslkit import checkpoint
 
-    try:
-        other = json.loads((run / "run.json").read_text()).get("task")
-    except (OSError, ValueError):
-        other = None
+    other = read_json(run / RUN_JSON).get("task")
     if other != task_name:
         return {}, "", f"task parts not restored: the init run's task is {other!r}, not {task_name!r}"
     for path in reversed(checkpoint.list_checkpoints(run / "checkpoints")):
