@@ -25,6 +25,7 @@ Backbones: each task's default, as ``sslkit pretrain`` builds it at the image si
 ``timm:vit_tiny_patch16_224`` with ``patch_size=8`` below 96 px (``mae`` also ``depth=6`` below
 64 px; a work dir started before that default keeps its 12-block runs); ``jigsaw`` needs >= 57 px, so
 its CIFAR-10 images are upsampled to 64 px (and scored beside a random ResNet-18 at 64 px).
+Batch: ``sslkit pretrain``'s default (64) on CIFAR-10, 32 on the 1,500 X-rays (``--xray-batch-size``).
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/task_table.py --work runs/bench-tasks
         [--tasks simclr,...] [--budget-min 0.5] [--xray-budget-min 1] [--lr-mults 0.3,1,3]
@@ -74,6 +75,13 @@ TASKS = ("simclr", "moco", "byol", "dino", "barlowtwins", "vicreg", "mae", "simm
 PATIENT = r"^(person\d+|NORMAL2-IM-\d+|IM-\d+)"
 
 
+def sslkit_default(field: str):
+    """``sslkit pretrain``'s built-in default of a RunConfig field (the table runs each task as pretrain does)."""
+    from sslkit.config import defaults
+
+    return defaults()[field]
+
+
 class SharedStages(Stages):
     """:class:`Stages` whose state file several processes (``--tasks`` split between them) share:
     the file is re-read before every stage and merged before every write."""
@@ -109,6 +117,22 @@ class ReadOnlyStages(SharedStages):
         if name not in self.state:
             raise Missing(name)
         return self.state[name]
+
+
+SETTINGS = "table-settings"
+
+
+def check_batch(st: "SharedStages", a) -> None:
+    """A work dir's table runs share one CIFAR-10 batch (their stage names do not carry it): it is
+    recorded on first use, and a work dir from before it was recorded ran 128; another
+    ``--batch-size`` is refused, so no run of one batch is reported as the other's."""
+    st._reload()
+    had_runs = any(k.startswith("pretrain-") for k in st.state)
+    recorded = st.state.get(SETTINGS, {}).get("batch_size", 128 if had_runs else None)
+    if recorded is not None and recorded != a.batch_size:
+        sys.exit(f"error: {a.work} holds runs of batch {recorded}; pass --batch-size {recorded}, or another --work")
+    if SETTINGS not in st.state and not a.report_only:
+        st.run(SETTINGS, lambda: {"batch_size": a.batch_size})
 
 
 def setup(task: str, dataset: str) -> tuple[str, dict, int, int]:
@@ -312,7 +336,8 @@ def main() -> None:
     ap.add_argument("--xray-budget-min", type=float, default=0.6, help="CPU minutes per X-ray run")
     ap.add_argument("--lr-mults", default="1,3",
                     help="base_lr = mult x 1e-3 (multipliers already measured in WORK are shown too)")
-    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--batch-size", type=int, default=sslkit_default("batch_size"),
+                    help="CIFAR-10 (default: sslkit pretrain's; the work dirs before 2026-12-05 ran 128)")
     ap.add_argument("--xray-batch-size", type=int, default=32)
     ap.add_argument("--pretrain-images", type=int, default=5000, help="CIFAR-10, of the 45k training split")
     ap.add_argument("--eval-train", type=int, default=5000, help="kNN bank (of the 45k split)")
@@ -341,6 +366,7 @@ def main() -> None:
         sys.exit(f"error: unknown task {', '.join(bad)}; choose from {', '.join(TASKS)}")
     a.work = a.work.resolve()
     st = (ReadOnlyStages if a.report_only else SharedStages)(a.work)
+    check_batch(st, a)
     mults = [None] if a.skip_sweep else [float(m) for m in a.lr_mults.split(",")]
     pretrain_dir, bank, test, n_pre = cifar_splits(a)
     xdata, n_x = (None, 0) if a.skip_xray and not a.xray_variant else xray_split(a)

@@ -9,6 +9,9 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = ["--device", "cpu", "--batch-sizes", "2", "--steps", "1", "--warmup", "1", "--profile-steps", "0",
@@ -248,3 +251,26 @@ def test_probe_keeps_each_test_images_knn_verdict_equal_to_a_second_embedding_pa
     # the random encoder's verdicts are mixed (the trained one's may all be right): the order is checked
     random_again = _common.knn_correct_string(run, bank, test, False)
     assert got["random"]["correct_k20"] == random_again and "0" in random_again and "1" in random_again
+
+
+def test_task_table_keeps_one_batch_per_work_dir(tmp_path):
+    """task_table.py runs at sslkit pretrain's default batch; a work dir records its batch on first
+    use (one from before the record ran 128) and refuses another, so no run is reported as another
+    batch's."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import task_table
+    from sslkit.config import defaults
+
+    assert task_table.sslkit_default("batch_size") == defaults()["batch_size"]
+    a = SimpleNamespace(work=tmp_path / "new", batch_size=64, report_only=False)
+    task_table.check_batch(task_table.SharedStages(a.work), a)
+    assert json.loads((a.work / "state.json").read_text())["table-settings"] == {"batch_size": 64}
+    task_table.check_batch(task_table.SharedStages(a.work), a)  # the same batch again: fine
+    with pytest.raises(SystemExit, match="holds runs of batch 64; pass --batch-size 64"):
+        task_table.check_batch(task_table.SharedStages(a.work), SimpleNamespace(**{**vars(a), "batch_size": 32}))
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "state.json").write_text(json.dumps({"pretrain-cifar-simclr-default": {}}))
+    with pytest.raises(SystemExit, match="holds runs of batch 128"):
+        task_table.check_batch(task_table.ReadOnlyStages(old), SimpleNamespace(work=old, batch_size=64, report_only=True))
+    task_table.check_batch(task_table.ReadOnlyStages(old), SimpleNamespace(work=old, batch_size=128, report_only=True))
