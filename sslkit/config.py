@@ -284,8 +284,10 @@ def resume_config(given: dict[str, Any]) -> RunConfig:
         raise UsageError(f"--resume: {out!r} holds no sslkit run to continue (no {RUN_JSON})")
     try:
         saved = json.loads(file.read_text())["config"]
-    except (json.JSONDecodeError, KeyError, TypeError):
-        raise UsageError(f"--resume: {file} is not a readable sslkit run.json") from None
+    except (ValueError, KeyError, TypeError):  # ValueError: bad JSON or bytes that are not UTF-8
+        saved = None
+    if not isinstance(saved, dict):
+        raise UsageError(f"--resume: {file} is not a readable sslkit run.json")
     saved = check_values({k: v for k, v in saved.items() if k in FIELDS}, str(file))
     _fill_legacy_options(saved)
     for key, value in given.items():

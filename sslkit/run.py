@@ -295,6 +295,8 @@ def load_run(path: str | Path) -> Run:
         raise UsageError(f"{str(path)!r} is not an sslkit run directory (no {RUN_JSON})")
     try:
         info = json.loads(file.read_text())
-    except json.JSONDecodeError as exc:
-        raise UsageError(f"{file} is not valid JSON: {exc}") from None
+    except ValueError as exc:  # bad JSON, or bytes that are not UTF-8
+        raise UsageError(f"{file} is not valid JSON: {first_line(exc)}") from None
+    if not isinstance(info, dict):
+        raise UsageError(f"{file} is not an sslkit run record (a JSON object)")
     return Run(path, info)

@@ -102,6 +102,21 @@ def test_export_errors(tmp_path, cli):
     _assert_user_error(cli("export", tmp_path / "notrun", "--out", tmp_path / "e.onnx"), "not an sslkit run")
 
 
+@pytest.mark.parametrize("damage, needle", [(b"[1, 2]", "not an sslkit run record"), (b'"text"', "not an sslkit run record"),
+                                            (b"{oops", "not valid JSON"), (b"\xff\xfe{}", "not valid JSON")])
+def test_a_damaged_run_json_is_one_line_for_export_and_resume(tmp_path, cli, damage, needle):
+    """A run.json that is not JSON, not UTF-8, or JSON but not an object: export and --resume each
+    refuse it in one line (a traceback before), and
+    the file is left as it was."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run.json").write_bytes(damage)
+    _assert_user_error(cli("export", run, "--out", tmp_path / "e.onnx"), needle)
+    _assert_user_error(cli("pretrain", "--resume", run, "--quiet"), "--resume", "not a readable sslkit run.json")
+    assert (run / "run.json").read_bytes() == damage
+    assert not (tmp_path / "e.onnx").exists()
+
+
 def test_task_options_that_cannot_fit_the_backbone_are_refused_before_decoding(tmp_path, cli):
     """DINO's local crops on a fixed-size ViT: refused from the options alone. The files are
     not even images, so an error about them would mean decoding had started first."""
