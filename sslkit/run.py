@@ -19,6 +19,7 @@ from sslkit.spec import InputSpec
 
 RUN_JSON = "run.json"
 ENCODER_FILE = "encoder.safetensors"
+DATA_REPORT = "data_report.json"
 
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -178,7 +179,7 @@ def prepare_run_dir(cfg: RunConfig) -> Path:
     """Create ``cfg.out``, clearing sslkit's own files from it when overwriting."""
     out = check_run_dir(cfg)
     if cfg.overwrite and out.is_dir() and not cfg.resume:
-        for name in (RUN_JSON, ENCODER_FILE, "metrics.csv", "data_report.json"):
+        for name in (RUN_JSON, ENCODER_FILE, "metrics.csv", DATA_REPORT):
             (out / name).unlink(missing_ok=True)
         for name in ("checkpoints", "tensorboard"):
             if (out / name).is_dir():

@@ -17,7 +17,7 @@ from sslkit.errors import UsageError
 from sslkit.output_file import read_json
 from sslkit.data.volume import stored_size
 from sslkit.registry import create_source
-from sslkit.run import RUN_JSON
+from sslkit.run import DATA_REPORT, RUN_JSON
 
 
 @dataclass
@@ -114,7 +114,7 @@ def summary_line(samples: int, skipped: list[tuple[str, str]], shown: int = 4) -
 
 def report_summary(run_dir: str | Path) -> str | None:
     """The summary line of ``RUN_DIR/data_report.json`` when files were skipped, else None."""
-    report = read_json(Path(run_dir) / "data_report.json")
+    report = read_json(Path(run_dir) / DATA_REPORT)
     skipped = [(f["path"], f["reason"]) for f in report.get("skipped_files", [])]
     return summary_line(report.get("samples", 0), skipped) if skipped else None
 

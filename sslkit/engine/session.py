@@ -29,7 +29,7 @@ from sslkit.engine.signals import StopSignal
 from sslkit.errors import UsageError
 from sslkit.output_file import read_json, write_atomic, write_json_atomic
 from sslkit.registry import get_task, resolve_data
-from sslkit.run import ENCODER_FILE, RUN_JSON, RunConfig, prepare_run_dir
+from sslkit.run import DATA_REPORT, ENCODER_FILE, RUN_JSON, RunConfig, prepare_run_dir
 
 
 def pretrain(cfg: RunConfig) -> dict[str, Any]:
@@ -140,7 +140,7 @@ def _prepare(s: Setup, lock: RunLock | None) -> None:
             for name in checkpoint.remove_orphans(folder):
                 note(f"note: removed {name}, left in {folder} by an interrupted write")
     prepared = s.data.prepared
-    write_json_atomic(s.out / "data_report.json", {
+    write_json_atomic(s.out / DATA_REPORT, {
         "samples": len(prepared), "skipped": len(prepared.skipped),
         "skipped_files": [{"path": p, "reason": r} for p, r in prepared.skipped],
     })
