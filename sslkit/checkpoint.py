@@ -132,12 +132,20 @@ def list_checkpoints(folder: Path) -> list[Path]:
 
 
 def verify(path: Path) -> None:
-    """Raise ``ValueError`` unless ``path`` holds a complete checkpoint matching its manifest."""
+    """Raise ``ValueError`` unless ``path`` holds a complete checkpoint matching its manifest.
+
+    The manifest must list the model and state files with their size and sha256; a manifest
+    that is not JSON, not an object, or names other files is damage, not a checkpoint."""
     try:
         manifest = json.loads((path / MANIFEST).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ValueError(f"no readable {MANIFEST}: {exc}") from None
-    for name, meta in manifest.get("files", {}).items():
+    except (OSError, ValueError) as exc:  # ValueError: not JSON, or not UTF-8
+        raise ValueError(f"no readable {MANIFEST}: {first_line(exc)}") from None
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict) or set(files) != {MODEL_FILE, STATE_FILE} or not all(
+            isinstance(m, dict) and isinstance(m.get("bytes"), int) and isinstance(m.get("sha256"), str)
+            for m in files.values()):
+        raise ValueError(f"{MANIFEST} does not list {MODEL_FILE} and {STATE_FILE} with their size and sha256")
+    for name, meta in files.items():
         f = path / name
         if not f.is_file() or f.stat().st_size != meta["bytes"]:
             raise ValueError(f"{name} is missing or has the wrong size (truncated?)")

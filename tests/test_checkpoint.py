@@ -101,3 +101,20 @@ def test_malicious_pickle_is_refused_not_executed(tmp_path):
     path, _, state, skipped = checkpoint.load_latest(tmp_path)
     assert path.name == "step-00000001" and skipped[0][0] == ckpt
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("damage", [
+    b"[1, 2]",  # JSON, not an object
+    b'{"step": 2, "files": []}',
+    b'{"step": 2, "files": {"model.safetensors": 7, "state.pt": 8}}',
+    b'{"step": 2, "files": {}}',  # lists nothing, so it would vouch for nothing
+    b"\xff\xfe not utf-8",
+])
+def test_a_damaged_manifest_is_a_skip_reason_not_a_crash(tmp_path, damage):
+    save(tmp_path, 1)
+    (save(tmp_path, 2) / checkpoint.MANIFEST).write_bytes(damage)
+    with pytest.raises(ValueError, match=checkpoint.MANIFEST):
+        checkpoint.verify(tmp_path / "step-00000002")
+    path, _, state, skipped = checkpoint.load_latest(tmp_path)
+    assert path.name == "step-00000001" and state["step"] == 1
+    assert skipped[0][0].name == "step-00000002" and checkpoint.MANIFEST in skipped[0][1]
