@@ -196,3 +196,38 @@ def test_a_decode_worker_that_dies_leaves_the_rest_to_this_process(tmp_path, mon
     shared = prep.prepare(source, refs, 3, 16, cache_dir=False, progress=False, workers=2)
     assert [r.id for r in shared.refs] == [r.id for r in serial.refs] and len(serial.refs) == 24
     np.testing.assert_array_equal(shared.pixels, serial.pixels)
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:-100])
+
+
+@pytest.mark.parametrize("damage", [
+    lambda e: (e / "index.json").write_bytes(b"\xff{not json"),
+    lambda e: (e / "index.json").write_text("[0, 1]"),
+    lambda e: (e / "index.json").write_text(json.dumps({**json.loads((e / "index.json").read_text()),
+                                                        "kept": [0, 1, 99]})),
+    lambda e: (e / "index.json").unlink(),
+    lambda e: _truncate(e / "pixels.npy"),
+    lambda e: (e / "pixels.npy").unlink(),
+    lambda e: np.save(e / "pixels.npy", np.zeros((6, 1, 8, 8), np.uint16)),
+], ids=["not-json", "not-an-object", "index-out-of-range", "no-index", "truncated-pixels", "no-pixels",
+        "wrong-shape"])
+def test_a_damaged_cache_entry_is_reported_and_decoded_again(dicom_folder, tmp_path, count_loads, capsys, damage):
+    cache = tmp_path / "cache"
+    first = load_data(f"dicom:{dicom_folder}", 24, cache_dir=cache, progress=False)
+    expected = np.array(first.prepared.pixels)
+    entry = Path(first.prepared.cache_path)
+    del first
+    damage(entry)
+    count_loads.clear()
+    capsys.readouterr()
+    again = load_data(f"dicom:{dicom_folder}", 24, cache_dir=cache, progress=False)
+    err = capsys.readouterr().err
+    assert f"cache entry {entry.name} is damaged" in err and "decoding again" in err and "Traceback" not in err
+    assert len(count_loads) == 6 and again.prepared.cache_path == str(entry)  # rebuilt in place
+    np.testing.assert_array_equal(np.asarray(again.prepared.pixels), expected)
+    assert [p.name for p in cache.iterdir() if p.name.startswith(".tmp-")] == []  # nothing left aside
+    count_loads.clear()
+    load_data(f"dicom:{dicom_folder}", 24, cache_dir=cache, progress=False)
+    assert count_loads == [] and "damaged" not in capsys.readouterr().err

@@ -227,6 +227,50 @@ def disk_full_error(root: Path, exc: OSError, nbytes: int) -> UsageError:
                       f"or use --no-cache")
 
 
+def open_entry(target: Path, shape: tuple[int, ...]) -> tuple[Any, dict[str, Any]]:
+    """The pixels (memory-mapped) and index of the complete entry ``target`` for an array of
+    ``shape``. ``ValueError`` names the damage when the entry cannot be what sslkit wrote
+    (index not an sslkit index, sample indices out of range, pixels truncated or of
+    another shape): a damaged entry is never read as data."""
+    import numpy as np
+
+    try:
+        meta = json.loads((target / "index.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"index.json unreadable ({type(exc).__name__})") from None
+    kept = meta.get("kept") if isinstance(meta, dict) else None
+    skipped = meta.get("skipped") if isinstance(meta, dict) else None
+    if (meta.get("format") if isinstance(meta, dict) else None) != CACHE_FORMAT or not isinstance(kept, list) \
+            or not isinstance(skipped, list):
+        raise ValueError("index.json is not an sslkit cache index")
+    if not all(type(i) is int for i in kept) or kept != sorted(set(kept)) or \
+            (kept and not 0 <= kept[0] <= kept[-1] < shape[0]):
+        raise ValueError("index.json's sample indices are out of range")
+    if not all(isinstance(s, list) and len(s) == 2 and all(isinstance(v, str) for v in s) for s in skipped):
+        raise ValueError("index.json's skipped list is malformed")
+    try:
+        pixels = np.load(target / "pixels.npy", mmap_mode="r")
+    except (OSError, ValueError, EOFError) as exc:
+        raise ValueError(f"pixels.npy unreadable or truncated ({type(exc).__name__})") from None
+    if pixels.dtype != np.uint16 or tuple(pixels.shape) != tuple(shape):
+        raise ValueError(f"pixels.npy holds {pixels.dtype} {tuple(pixels.shape)}, not uint16 {tuple(shape)}")
+    return pixels, meta
+
+
+def discard_entry(target: Path) -> None:
+    """Move a damaged entry out of the way atomically (other processes never see half of it),
+    then delete it; a process that still maps its pixels keeps them until it closes them."""
+    aside = target.parent / f".tmp-damaged-{target.name}-{os.getpid()}"
+    try:
+        os.replace(target, aside)
+    except OSError:  # another process moved it first
+        return
+    if aside.is_dir() and not aside.is_symlink():
+        shutil.rmtree(aside, ignore_errors=True)
+    else:
+        aside.unlink(missing_ok=True)
+
+
 def cache_entries(cache_dir: str | Path | None = None) -> list[dict[str, Any]]:
     """Complete entries under the cache root: key, path, bytes, samples, shape, source, last use."""
     root = resolve_cache_dir(cache_dir) or default_cache_root()

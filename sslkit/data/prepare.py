@@ -24,8 +24,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from sslkit.data.cache import (CACHE_FORMAT, cache_key, content_digest, disk_full_error, hold_fill_lock, mark_root,
-                               readable, remove_stale, reserve, resolve_cache_dir)
+from sslkit.data.cache import (CACHE_FORMAT, cache_key, content_digest, discard_entry, disk_full_error, hold_fill_lock,
+                               mark_root, open_entry, readable, remove_stale, reserve, resolve_cache_dir)
 from sslkit.data.parallel import pool_size
 from sslkit.data.resize import resize_axis_aa
 from sslkit.data.source import NotAnImage, SampleRef, Source, Undecodable, to_channels
@@ -119,13 +119,21 @@ def prepare(
     mark_root(root)
     remove_stale(root)  # what a killed first pass left
     target = root / cache_key(source, refs, channels, size)
-    if not (target / "index.json").exists():
+    entry = None
+    if os.path.lexists(target):  # entries appear whole (renamed into place): this one is complete or damaged
+        try:
+            entry = open_entry(target, shape)
+            os.utime(target / "index.json")  # "last used", for `sslkit data cache --clear-older-than`
+        except (ValueError, OSError) as exc:
+            print(f"sslkit: the decoded-pixel cache entry {target.name} is damaged: {exc}; decoding again",
+                  file=sys.stderr)
+            discard_entry(target)
+    if entry is None:
         check_room(root, nbytes, shape, channels, size)  # a cached entry needs neither room nor decoding
         _fill_entry(source, refs, shape, target, progress, workers)
-    else:
-        os.utime(target / "index.json")  # "last used", for `sslkit data cache --clear-older-than`
-    meta = json.loads((target / "index.json").read_text())
-    pixels = np.load(target / "pixels.npy", mmap_mode="r")[: len(meta["kept"])]
+        entry = open_entry(target, shape)
+    pixels, meta = entry
+    pixels = pixels[: len(meta["kept"])]
     kept_refs = [refs[i] for i in meta["kept"]]
     return Prepared(pixels, kept_refs, unreadable + [tuple(s) for s in meta["skipped"]], str(target))
 
