@@ -231,3 +231,25 @@ def test_a_damaged_cache_entry_is_reported_and_decoded_again(dicom_folder, tmp_p
     count_loads.clear()
     load_data(f"dicom:{dicom_folder}", 24, cache_dir=cache, progress=False)
     assert count_loads == [] and "damaged" not in capsys.readouterr().err
+
+
+def test_unusable_entries_are_listed_and_cleared(dicom_folder, tmp_path, cli):
+    cache = tmp_path / "cache"
+    load_data(f"dicom:{dicom_folder}", 24, cache_dir=cache, progress=False)
+    old = cache / ("a" * 32)  # an older sslkit's format: its key can never be asked for again
+    old.mkdir()
+    (old / "index.json").write_text(json.dumps({"format": 1, "kept": [0]}))
+    (old / "pixels.npy").write_bytes(b"\0" * 4096)
+    broken = cache / ("b" * 32)  # killed mid-way by something outside sslkit: no index
+    broken.mkdir()
+    (broken / "pixels.npy").write_bytes(b"\0" * 100)
+    (cache / "notes").mkdir()  # not sslkit's: neither listed nor touched
+    entries = {e["key"]: e for e in json.loads(cli("data", "cache", "--cache", cache, "--json").output)}
+    assert len(entries) == 3 and sum(e["usable"] for e in entries.values()) == 1
+    assert entries["a" * 32]["bytes"] == 4096 + len((old / "index.json").read_bytes())
+    assert entries["b" * 32]["samples"] == 0 and entries["b" * 32]["source"] is None
+    listing = cli("data", "cache", "--cache", cache).output
+    assert listing.count("never read") == 2 and "entries: 3" in listing
+    r = cli("data", "cache", "--cache", cache, "--clear")
+    assert r.exit_code == 0 and "removed: 3" in r.output
+    assert sorted(p.name for p in cache.iterdir()) == [".sslkit-cache", "notes"]

@@ -272,25 +272,31 @@ def discard_entry(target: Path) -> None:
 
 
 def cache_entries(cache_dir: str | Path | None = None) -> list[dict[str, Any]]:
-    """Complete entries under the cache root: key, path, bytes, samples, shape, source, last use."""
+    """Entries under the cache root: key, path, bytes, samples, shape, source, last use.
+
+    A key-named folder that is not a complete entry of this sslkit's format (damaged, or
+    written by another version: never read) is listed with ``usable`` False and no
+    samples, so that its space shows and clearing removes it."""
     root = resolve_cache_dir(cache_dir) or default_cache_root()
     out = []
     for d in sorted(root.iterdir()) if root.is_dir() else []:
-        index = d / "index.json"
-        if not _KEY.fullmatch(d.name) or not index.is_file():
+        if not _KEY.fullmatch(d.name) or d.is_symlink() or not d.is_dir():
             continue
+        index = d / "index.json"
         try:
             meta = json.loads(index.read_text())
         except (OSError, ValueError):
-            continue
-        if not isinstance(meta, dict) or meta.get("format") != CACHE_FORMAT:
-            continue
+            meta = None
+        usable = isinstance(meta, dict) and meta.get("format") == CACHE_FORMAT
+        meta = meta if usable else {}
+        used = (index if usable else d).stat().st_mtime
         out.append({
-            "key": d.name, "path": str(d), "bytes": sum(f.stat().st_size for f in d.iterdir() if f.is_file()),
+            "key": d.name, "path": str(d), "usable": usable,
+            "bytes": sum(f.stat().st_size for f in d.iterdir() if f.is_file() and not f.is_symlink()),
             "samples": len(meta.get("kept", [])), "shape": meta.get("shape"), "source": meta.get("source"),
             "created": meta.get("created"),
-            "last_used": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(index.stat().st_mtime)),
-            "age_days": round((time.time() - index.stat().st_mtime) / 86400, 2),
+            "last_used": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(used)),
+            "age_days": round((time.time() - used) / 86400, 2),
         })
     return out
 
@@ -298,8 +304,9 @@ def cache_entries(cache_dir: str | Path | None = None) -> list[dict[str, Any]]:
 def clear_cache(cache_dir: str | Path | None = None, older_than_days: float | None = None) -> list[dict[str, Any]]:
     """Delete cache entries (all, or those unused for ``older_than_days``); returns them.
 
-    Only what sslkit wrote is removed: entries named by a key that hold an sslkit
-    ``index.json``, and (clearing all) the header indexes in ``headers/``. A folder
+    Only what sslkit wrote is removed: folders named by a key (complete entries, and
+    unusable ones: damaged, or of another sslkit's format), and (clearing all) the header
+    indexes in ``headers/``. A folder
     without sslkit's marker file is refused with one line, nothing deleted.
     """
     root = resolve_cache_dir(cache_dir) or default_cache_root()

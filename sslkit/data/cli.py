@@ -99,7 +99,8 @@ def cache(cache_dir: str | None, clear: bool, clear_older_than: float | None, as
         click.echo(json.dumps(entries, indent=2))
         return
     for e in entries:
-        click.echo(f"{e['key']}  {e['bytes'] / 2**20:9.1f} MB  {e['samples']:7d} samples  shape {e['shape']}  "
-                   f"last used {e['last_used']}  {e['source']}")
+        what = (f"{e['samples']:7d} samples  shape {e['shape']}  last used {e['last_used']}  {e['source']}"
+                if e["usable"] else "unusable (damaged, or another sslkit version's format; never read)")
+        click.echo(f"{e['key']}  {e['bytes'] / 2**20:9.1f} MB  {what}")
     total = sum(e["bytes"] for e in entries)
     click.echo(f"{verb}: {len(entries)} ({total / 2**20:.1f} MB)")
