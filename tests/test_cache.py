@@ -253,3 +253,28 @@ def test_unusable_entries_are_listed_and_cleared(dicom_folder, tmp_path, cli):
     r = cli("data", "cache", "--cache", cache, "--clear")
     assert r.exit_code == 0 and "removed: 3" in r.output
     assert sorted(p.name for p in cache.iterdir()) == [".sslkit-cache", "notes"]
+
+
+@pytest.mark.parametrize("damage", [
+    lambda files: [],  # "files" not an object
+    lambda files: {k: 5 for k in files},  # entries not [header, group]
+    lambda files: {k: [h, "P0"] for k, (h, _) in files.items()},  # a group that is not a number
+    lambda files: {k: ["header", g] for k, (_, g) in files.items()},
+], ids=["files-list", "entry-int", "group-str", "header-str"])
+def test_a_damaged_header_index_reads_the_headers_again(dicom_folder, tmp_path, monkeypatch, damage):
+    import sslkit_plugins.sources.dicom as dicom_plugin
+
+    reads = []
+    original = dicom_plugin.read_header
+    monkeypatch.setattr(dicom_plugin, "read_header", lambda f: reads.append(f) or original(f))
+    cache = tmp_path / "cache"
+    first = load_data(f"dicom:{dicom_folder}", 16, cache_dir=cache, progress=False)
+    (store,) = (cache / "headers").iterdir()
+    saved = json.loads(store.read_text())
+    store.write_text(json.dumps({**saved, "files": damage(saved["files"])}))
+    reads.clear()
+    again = load_data(f"dicom:{dicom_folder}", 16, cache_dir=cache, progress=False)
+    assert len(reads) == 6 and again.prepared.refs == first.prepared.refs
+    reads.clear()
+    load_data(f"dicom:{dicom_folder}", 16, cache_dir=cache, progress=False)
+    assert reads == []  # the index was written afresh

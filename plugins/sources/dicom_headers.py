@@ -41,11 +41,7 @@ def cached_headers(files: list[str], root: Path, header_cache: Path | None,
     if header_cache is None:
         return _read(read, files, workers)
     store = store_path(header_cache, root, version)
-    try:
-        saved = json.loads(store.read_text())
-        known = saved["files"] if saved.get("format") == FORMAT else {}
-    except (OSError, ValueError, KeyError, TypeError):
-        known = {}
+    known = _load(store)
     stamps = [_stamp(f) for f in files]
     fresh = [i for i, s in enumerate(stamps) if not s or s not in known]
     fresh_set = set(fresh)
@@ -75,6 +71,20 @@ def cached_headers(files: list[str], root: Path, header_cache: Path | None,
     if fresh or len(known) != len(files):
         _save(store, stamps, headers)
     return headers
+
+
+def _load(store: Path) -> dict[str, list]:
+    """The stored ``{stamp: [header, group number]}``; entries of another shape are dropped
+    (their files are read again), and an unreadable or foreign file is an empty index."""
+    try:
+        saved = json.loads(store.read_text())
+    except (OSError, ValueError):
+        return {}
+    files = saved.get("files") if isinstance(saved, dict) and saved.get("format") == FORMAT else None
+    if not isinstance(files, dict):
+        return {}
+    return {k: v for k, v in files.items() if isinstance(v, list) and len(v) == 2 and isinstance(v[0], dict)
+            and (v[1] is None or type(v[1]) is int)}
 
 
 def _read(read: Callable[[str], dict[str, Any]], files: list[str], workers: int) -> list[dict[str, Any]]:
