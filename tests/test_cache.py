@@ -278,3 +278,19 @@ def test_a_damaged_header_index_reads_the_headers_again(dicom_folder, tmp_path, 
     reads.clear()
     load_data(f"dicom:{dicom_folder}", 16, cache_dir=cache, progress=False)
     assert reads == []  # the index was written afresh
+
+
+def test_an_entry_whose_use_time_cannot_be_set_is_still_read(dicom_folder, tmp_path, count_loads, capsys,
+                                                             monkeypatch):
+    """A cache shared read-only: marking "last used" fails, the entry is read all the same."""
+    cache = tmp_path / "cache"
+    first = load_data(f"dicom:{dicom_folder}", 24, cache_dir=cache, progress=False)
+    count_loads.clear()
+
+    def read_only(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(os, "utime", read_only)
+    again = load_data(f"dicom:{dicom_folder}", 24, cache_dir=cache, progress=False)
+    assert count_loads == [] and again.prepared.cache_path == first.prepared.cache_path
+    assert "damaged" not in capsys.readouterr().err

@@ -123,11 +123,15 @@ def prepare(
     if os.path.lexists(target):  # entries appear whole (renamed into place): this one is complete or damaged
         try:
             entry = open_entry(target, shape)
-            os.utime(target / "index.json")  # "last used", for `sslkit data cache --clear-older-than`
-        except (ValueError, OSError) as exc:
+        except ValueError as exc:
             print(f"sslkit: the decoded-pixel cache entry {target.name} is damaged: {exc}; decoding again",
                   file=sys.stderr)
             discard_entry(target)
+        else:
+            try:
+                os.utime(target / "index.json")  # "last used", for `sslkit data cache --clear-older-than`
+            except OSError:
+                pass  # a cache shared read-only is still read
     if entry is None:
         check_room(root, nbytes, shape, channels, size)  # a cached entry needs neither room nor decoding
         _fill_entry(source, refs, shape, target, progress, workers)
