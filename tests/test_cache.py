@@ -294,3 +294,19 @@ def test_an_entry_whose_use_time_cannot_be_set_is_still_read(dicom_folder, tmp_p
     again = load_data(f"dicom:{dicom_folder}", 24, cache_dir=cache, progress=False)
     assert count_loads == [] and again.prepared.cache_path == first.prepared.cache_path
     assert "damaged" not in capsys.readouterr().err
+
+
+def test_pretrain_over_a_damaged_cache_entry_says_so_once_and_trains(dicom_folder, tmp_path, cli):
+    def pretrain(out):
+        return cli("pretrain", "--task", "simclr", "--backbone", "timm:test_resnet", "--data", f"dicom:{dicom_folder}",
+                   "--out", out, "--max-steps", "2", "--batch-size", "2", "--image-size", "32",
+                   "--cache", tmp_path / "cache", "--quiet")
+
+    assert pretrain(tmp_path / "run1").exit_code == 0
+    (entry,) = [p for p in (tmp_path / "cache").iterdir() if p.is_dir() and len(p.name) == 32]
+    _truncate(entry / "pixels.npy")
+    result = pretrain(tmp_path / "run2")
+    assert result.exit_code == 0, result.output
+    assert result.output.count("is damaged") == 1 and "decoding again" in result.output
+    assert "Traceback" not in result.output
+    assert json.loads((tmp_path / "run2" / "data_report.json").read_text())["samples"] == 6
