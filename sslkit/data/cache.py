@@ -238,11 +238,10 @@ def open_entry(target: Path, shape: tuple[int, ...]) -> tuple[Any, dict[str, Any
         meta = json.loads((target / "index.json").read_text())
     except (OSError, ValueError) as exc:
         raise ValueError(f"index.json unreadable ({type(exc).__name__})") from None
-    kept = meta.get("kept") if isinstance(meta, dict) else None
-    skipped = meta.get("skipped") if isinstance(meta, dict) else None
-    if (meta.get("format") if isinstance(meta, dict) else None) != CACHE_FORMAT or not isinstance(kept, list) \
-            or not isinstance(skipped, list):
+    if not (isinstance(meta, dict) and meta.get("format") == CACHE_FORMAT and isinstance(meta.get("kept"), list)
+            and isinstance(meta.get("skipped"), list)):
         raise ValueError("index.json is not an sslkit cache index")
+    kept, skipped = meta["kept"], meta["skipped"]
     if not all(type(i) is int for i in kept) or kept != sorted(set(kept)) or \
             (kept and not 0 <= kept[0] <= kept[-1] < shape[0]):
         raise ValueError("index.json's sample indices are out of range")
