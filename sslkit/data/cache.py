@@ -22,6 +22,7 @@ from typing import Any, Sequence
 
 from sslkit.data.source import SampleRef, Source
 from sslkit.errors import UsageError
+from sslkit.output_file import read_json
 
 CACHE_FORMAT = 2
 MARKER = ".sslkit-cache"
@@ -282,11 +283,8 @@ def cache_entries(cache_dir: str | Path | None = None) -> list[dict[str, Any]]:
         if not _KEY.fullmatch(d.name) or d.is_symlink() or not d.is_dir():
             continue
         index = d / "index.json"
-        try:
-            meta = json.loads(index.read_text())
-        except (OSError, ValueError):
-            meta = None
-        usable = isinstance(meta, dict) and meta.get("format") == CACHE_FORMAT
+        meta = read_json(index)
+        usable = meta.get("format") == CACHE_FORMAT
         meta = meta if usable else {}
         used = (index if usable else d).stat().st_mtime
         out.append({
