@@ -100,6 +100,27 @@ def test_simmim_hog_loss_is_the_masked_tokens_mse(monkeypatch):
     torch.testing.assert_close(loss, expected)
 
 
+@pytest.mark.parametrize("visible_weight", [0.25, 1.0])
+def test_simmim_visible_weight_adds_the_visible_tokens_to_the_loss(monkeypatch, visible_weight):
+    """Each image: one masked token (weight 1) and 15 visible ones (weight visible_weight), a weighted mean."""
+    import sslkit_plugins.tasks.simmim as simmim
+
+    task, spec = build("simmim", "timm:vit_tiny_patch16_224", channels=1, backbone_opts=TINY_VIT, target="hog",
+                       visible_weight=visible_weight)
+    x = task.views(spec)(images(2, 1, 32))[0]
+    mask = torch.zeros(2, 4, 4)
+    mask[:, 1, 2] = 1
+    monkeypatch.setattr(simmim, "token_mask", lambda *a, **k: mask)
+    torch.manual_seed(0)
+    loss = task((x,))["loss"]
+    torch.manual_seed(0)
+    pred = task.reconstruct(task.encode_masked(x, mask)).flatten(2).transpose(1, 2)
+    per_token = ((pred - hog_tokens(x, 8)) ** 2).mean(-1)  # (2, 16)
+    masked = per_token[:, 6].sum()
+    visible = per_token.sum() - masked
+    torch.testing.assert_close(loss, (masked + visible_weight * visible) / (2 + visible_weight * 30))
+
+
 @pytest.mark.parametrize("task_name,opts,schedule", [
     ("mae", dict(decoder_dim=32, decoder_depth=1, decoder_heads=2), dict(steps=120, lr=2e-3)),
     ("simmim", dict(), dict(steps=60, lr=3e-3)),

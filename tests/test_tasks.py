@@ -90,7 +90,9 @@ def test_module_docstring_names_paper_equation_and_defaults(task):
 @pytest.mark.parametrize("task,opt", [
     ("moco", "version=4"), ("moco", "temperature=0"), ("byol", "tau_base=1.5"), ("dino", "local_crops=-1"),
     ("vae", "beta=-1"), ("jigsaw", "num_permutations=1"), ("inpainting", "region=corner"),
-    ("denoising", "mask_ratio=1.0"), ("simmim", "mask_ratio=0"), ("simmim", "head_depth=-1"), ("simmim", "target=depth"), ("mae", "target=depth"), ("vicreg", "mu=-1"), ("barlowtwins", "lambd=-1"),
+    ("denoising", "mask_ratio=1.0"), ("simmim", "mask_ratio=0"), ("simmim", "head_depth=-1"),
+    ("simmim", "visible_weight=-0.5"), ("simmim", "target=depth"), ("mae", "target=depth"), ("vicreg", "mu=-1"),
+    ("barlowtwins", "lambd=-1"),
     ("rotation", "hidden_dim=0"), ("autoencoder", "decoder_width=2"), ("dino", "teacher_temp_warmup=2"),
 ])
 def test_bad_option_is_one_line_exit_2(task, opt, cli, gray_folder, tmp_path):

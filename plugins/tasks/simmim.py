@@ -23,6 +23,10 @@ random ViT (-0.018 and -0.007) to level with or above it (+0.002 ± 0.006, +0.01
 on CIFAR-10 level with pixels (-0.6 and +0.6 ± 0.7), still below the random ViT. Its LR
 stays 1e-4: 3e-4 and 3e-5 are level with it on both.
 
+``visible_weight`` (default 0, the paper's) adds the visible tokens to either loss at that
+weight against the masked tokens' 1 (1: the paper's "predict all pixels" ablation). Measured
+no help on CIFAR-10 at 2 CPU min (BENCHMARKS.md "SimMIM: visible tokens in the loss ...").
+
 Backbones: timm ViTs (``timm:vit_*``; stride = patch size, prefix tokens dropped) and
 Swin transformers (``timm:swin_*``; stride 32, from the last stage). Defaults (paper, but
 the target): mask ratio 0.6, mask patch 32 px at 224 px (scaled with the image size, a multiple of
@@ -75,6 +79,7 @@ class SimMIMOptions:
     min_scale: float = 0.67  # random resized crops of scale min_scale-1 (the paper's 0.67)
     head_depth: int = 0  # transformer blocks between the encoder and the linear pixel head (paper: 0)
     target: str = "hog"  # per-patch histograms of oriented gradients (MaskFeat), or "pixels" (the paper's)
+    visible_weight: float = 0.0  # loss weight of the visible tokens' targets against the masked ones' 1 (paper: 0)
 
     def __post_init__(self) -> None:
         check_unit_interval("min_scale", self.min_scale)
@@ -84,6 +89,8 @@ class SimMIMOptions:
             raise ValueError("mask_ratio must be in (0, 1)")
         if self.mask_patch is not None and self.mask_patch < 1:
             raise ValueError("mask_patch must be >= 1")
+        if self.visible_weight < 0:
+            raise ValueError("visible_weight must be >= 0")
         if self.target not in ("pixels", "hog"):
             raise ValueError("target must be pixels or hog")
 
@@ -180,11 +187,12 @@ class SimMIM(Task):
         (x,) = views
         mask = token_mask(x.shape[0], self.grid, self.scale, self.options.mask_ratio, x.device)
         rec = self.reconstruct(self.encode_masked(x, mask))
+        weight = mask + self.options.visible_weight * (1 - mask)  # (B, g, g): 1 masked, visible_weight visible
         if self.options.target == "hog":  # rec: (B, D, g, g), a target vector per token
             per_token = ((rec.flatten(2).transpose(1, 2) - hog_tokens(x, self.patch)) ** 2).mean(-1)
-            m = mask.flatten(1)
-            return {"loss": (per_token * m).sum() / m.sum()}
-        pix = mask.repeat_interleave(self.patch, 1).repeat_interleave(self.patch, 2).unsqueeze(1)
+            w = weight.flatten(1)
+            return {"loss": (per_token * w).sum() / w.sum()}
+        pix = weight.repeat_interleave(self.patch, 1).repeat_interleave(self.patch, 2).unsqueeze(1)
         loss = ((x - rec).abs() * pix).sum() / (pix.sum() * x.shape[1] + 1e-5)
         return {"loss": loss}
 
