@@ -22,7 +22,7 @@ from sslkit.data.walk import check_dir, walk_files
 from sslkit.errors import CheckFailed, UsageError, first_line
 from sslkit.hookspecs import hookimpl
 from sslkit.options import check_unit_interval
-from sslkit.output_file import write_atomic
+from sslkit.output_file import read_json, write_atomic
 from sslkit.pseudonym import keyed_hash
 from sslkit.raw_input import GraphPreprocessing, RawInput, raw_input_for
 from sslkit.spec import InputSpec
@@ -102,8 +102,8 @@ __all__ = [
     # volumetric sources (slice / slab:K / volume sampling)
     "SampleMode", "ORIENTATION", "slab_indices", "stack_slab", "resample", "crop_or_pad", "fit_volume", "volume_fit",
     # inputs, export, errors
-    "InputSpec", "GraphPreprocessing", "RawInput", "raw_input_for", "write_atomic", "UsageError", "CheckFailed",
-    "first_line",
+    "InputSpec", "GraphPreprocessing", "RawInput", "raw_input_for", "write_atomic", "read_json", "UsageError",
+    "CheckFailed", "first_line",
     # run callbacks (register_callbacks)
     "Callback", "RunInfo",
 ]

@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
-from sslkit.api import UsageError, parallel_map, write_atomic
+from sslkit.api import UsageError, parallel_map, read_json, write_atomic
 
 FORMAT = 2  # of this file; the reader's own version (``version``) is part of the store's name
 
@@ -76,11 +76,8 @@ def cached_headers(files: list[str], root: Path, header_cache: Path | None,
 def _load(store: Path) -> dict[str, list]:
     """The stored ``{stamp: [header, group number]}``; entries of another shape are dropped
     (their files are read again), and an unreadable or foreign file is an empty index."""
-    try:
-        saved = json.loads(store.read_text())
-    except (OSError, ValueError):
-        return {}
-    files = saved.get("files") if isinstance(saved, dict) and saved.get("format") == FORMAT else None
+    saved = read_json(store)
+    files = saved.get("files") if saved.get("format") == FORMAT else None
     if not isinstance(files, dict):
         return {}
     return {k: v for k, v in files.items() if isinstance(v, list) and len(v) == 2 and isinstance(v[0], dict)
