@@ -57,6 +57,16 @@ def cpu_seconds(children: bool = False) -> float:
     return r.ru_utime + r.ru_stime
 
 
+def cpu_seconds_per_call(fn: Callable[[], Any], calls: int, warmup: int = 1) -> float:
+    """CPU seconds (this process) of one ``fn()``: the mean of ``calls`` calls after ``warmup``."""
+    for _ in range(warmup):  # allocations, kernel selection
+        fn()
+    c0 = cpu_seconds()
+    for _ in range(calls):
+        fn()
+    return (cpu_seconds() - c0) / calls
+
+
 def task_step_cpu_seconds(task: str, backbone: str, backbone_opts: dict, task_opts: dict, size: int,
                           channels: int, batch: int, steps: int, warmup: int = 3) -> float:
     """CPU seconds of one training step of ``task`` (augment, forward, backward, AdamW,
@@ -79,19 +89,17 @@ def task_step_cpu_seconds(task: str, backbone: str, backbone_opts: dict, task_op
     opt = torch.optim.AdamW([p for p in t.parameters() if p.requires_grad], lr=1e-3)
     x = torch.rand(batch, channels, size, size)
 
-    def step(i: int) -> None:
+    done = [0]
+
+    def step() -> None:
         loss = t(augment(x))["loss"]
         opt.zero_grad()
         loss.backward()
         opt.step()
-        t.on_step_end(i, 1000)
+        done[0] += 1
+        t.on_step_end(max(1, done[0] - warmup + 1), 1000)  # the warm-up steps as step 1, then 2, 3, ...
 
-    for _ in range(warmup):  # allocations
-        step(1)
-    c0 = cpu_seconds()
-    for i in range(steps):
-        step(i + 2)
-    return (cpu_seconds() - c0) / steps
+    return cpu_seconds_per_call(step, steps, warmup)
 
 
 def run_arch(run: Path) -> str:

@@ -46,8 +46,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import lightly_tasks  # noqa: E402
-from _common import (SHARED_DATA, Stages, bits, cpu_seconds, extract, knn_correct_string, link_split,  # noqa: E402
-                     paired_se, probe, sslkit_pretrain, stratified_subset, table)
+from _common import (SHARED_DATA, Stages, bits, cpu_seconds_per_call, extract, knn_correct_string,  # noqa: E402
+                     link_split, paired_se, probe, sslkit_pretrain, stratified_subset, table)
 
 BACKBONE, BACKBONE_OPTS, SIZE = "timm:resnet18", {"cifar_stem": True}, 32
 
@@ -97,12 +97,7 @@ def simclr_step(batch_size: int, channels_last: bool = False):
 
 def calibrate(batch_size: int, steps: int = 3) -> float:
     """CPU seconds of one sslkit SimCLR training step (forward, backward, AdamW) at this batch."""
-    step = simclr_step(batch_size)
-    step()  # warm-up (allocations, kernel selection)
-    c0 = cpu_seconds()
-    for _ in range(steps):
-        step()
-    return (cpu_seconds() - c0) / steps
+    return cpu_seconds_per_call(simclr_step(batch_size), steps)
 
 
 def main() -> None:

@@ -27,8 +27,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (SHARED_DATA, Stages, cpu_seconds, extract, link_split, probe, sslkit_pretrain,  # noqa: E402
-                     stratified_subset, table)
+from _common import (SHARED_DATA, Stages, cpu_seconds_per_call, extract, link_split, probe,  # noqa: E402
+                     sslkit_pretrain, stratified_subset, table)
 
 BACKBONE = "timm:vit_tiny_patch16_224"
 PATIENT = re.compile(r"^(person\d+|NORMAL2-IM-\d+|IM-\d+)")
@@ -73,11 +73,7 @@ def calibrate(image_size: int, batch_size: int, steps: int = 3) -> float:
         loss.backward()
         opt.step()
 
-    step()
-    c0 = cpu_seconds()
-    for _ in range(steps):
-        step()
-    return (cpu_seconds() - c0) / steps
+    return cpu_seconds_per_call(step, steps)
 
 
 def main() -> None:
