@@ -228,3 +228,13 @@ def test_two_view_tasks_train_on_volumes(task):
         opt.step()
         losses.append(loss.item())
     assert all(np.isfinite(losses)) and losses[-1] < losses[0]
+
+
+def test_dicom_series_as_volumes_pass_the_source_kit(ct_volumes, tmp_path):
+    """The kit on ``--sample volume``: each series a (1, 16, 16, 16) volume, a truncated slice reported."""
+    from sslkit.testing import check_source
+
+    report = check_source("dicom", str(ct_volumes), tmp_path=tmp_path,
+                          options={"sample": "volume", "spacing": "2", "volume_size": "16,16,16"})
+    assert report["samples"] == 2 and report["channels"] == [1]
+    assert report["damaged"].startswith(("load raises", "a source on the damaged file"))

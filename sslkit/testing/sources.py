@@ -22,10 +22,13 @@ def check_source(source: Any, location: str, *, tmp_path: Path, options: Any = N
     its ``Options``, a dict of its fields, or None) and checks: ``scheme`` is the registered
     name; ``index()`` gives ``SampleRef`` objects whose ``path`` is an existing file;
     ``load`` of up to ``max_samples`` of them gives float32 ``(C, H, W)`` in [0, 1] with
-    ``C`` as ``channels_of`` says; the source pickles and the copy loads the same pixels;
+    ``C`` as ``channels_of`` says (a source whose ``sample`` is a volumetric
+    ``SampleMode``, ``--sample volume``: ``(C, D, H, W)`` of exactly its ``size``, what
+    training stores); the source pickles and the copy loads the same pixels;
     ``describe()`` is JSON-able; ``sniff`` is in [0, 1] and 0 for an empty folder; and, with
-    ``damaged_file_raises`` (turn it off only for sources that read no files), ``load`` of a
-    truncated copy of a sample's file raises instead of returning pixels; and
+    ``damaged_file_raises`` (turn it off only for sources that read no files), a truncated
+    copy of a sample's file gives no pixels, neither to ``load`` nor to a source of its own
+    on the copy (:func:`_check_damaged`); and
     ``graph_preprocessing()`` is a ``GraphPreprocessing`` that survives the run's InputSpec
     (JSON, as ``run.json`` stores it) unchanged, names only fields of ``Options`` as baked-in
     options, and (a ``window`` graph) has one window per loaded channel, so ``sslkit export
@@ -33,6 +36,7 @@ def check_source(source: Any, location: str, *, tmp_path: Path, options: Any = N
     "channels", "damaged", "graph"}``.
     """
     from sslkit.api import SampleRef, Source, Undecodable
+    from sslkit.data.volume import sample_mode
 
     name, cls = resolve("sources", source)
     assert isinstance(cls, type) and issubclass(cls, Source), f"{source!r} is not a subclass of sslkit.api.Source"
@@ -48,12 +52,17 @@ def check_source(source: Any, location: str, *, tmp_path: Path, options: Any = N
         assert os.path.isfile(ref.path), f"SampleRef.path {ref.path!r} is not an existing file"
     picked = refs[:: max(1, len(refs) // max_samples)][:max_samples]
     channels = set()
+    volume = sample_mode(src).size if sample_mode(src).volumetric else None
     for ref in picked:
         x = src.load(ref)
         what = f"{cls.__name__}.load({ref.id!r})"
         assert isinstance(x, np.ndarray) and x.dtype == np.float32, f"{what}: want a float32 numpy array, got " \
                                                                    f"{type(x).__name__} {getattr(x, 'dtype', '')}"
-        assert x.ndim == 3 and x.shape[0] >= 1 and min(x.shape[1:]) >= 1, f"{what}: want (C, H, W), got {x.shape}"
+        if volume is not None:
+            assert x.ndim == 4 and x.shape[0] >= 1 and x.shape[1:] == tuple(volume), \
+                f"{what}: sampling volumes of {tuple(volume)}, want (C, {', '.join(map(str, volume))}), got {x.shape}"
+        else:
+            assert x.ndim == 3 and x.shape[0] >= 1 and min(x.shape[1:]) >= 1, f"{what}: want (C, H, W), got {x.shape}"
         assert np.isfinite(x).all() and x.min() >= 0.0 and x.max() <= 1.0, \
             f"{what}: values must be in [0, 1], got [{x.min()}, {x.max()}]"
         declared = src.channels_of(ref)
@@ -119,35 +128,51 @@ def _check_sniff(cls: type, location: str, tmp_path: Path) -> None:
 
 
 def _check_damaged(src: Any, ref: Any, tmp_path: Path, undecodable: type) -> str:
-    """A copy of ``ref``'s file cut to a few bytes must be reported: ``load`` of it raises,
-    or (a source that reads its one file when indexing) a source on the copy refuses it,
-    lists it in ``skipped``, or raises on every load."""
+    """A copy of ``ref``'s file cut to a few bytes must be reported, both ways a run could
+    meet it: ``load`` of it raises (a lookup error is allowed: a source that finds samples by
+    what ``index()`` saw never read the copy; so is an array where the location is the file
+    itself), and a source of its own on the copy (or on its folder) refuses it, lists it in
+    ``skipped``, or raises on every load. The report names the first that applies."""
     data = Path(ref.path).read_bytes()
     bad = tmp_path / "damaged" / Path(ref.path).name
     bad.parent.mkdir(parents=True, exist_ok=True)
     bad.write_bytes(data[: min(64, len(data) // 2)])
+    on_file = Path(src.location).resolve() == Path(ref.path).resolve()
+    loaded = None
     try:
         x = src.load(dataclasses.replace(ref, path=str(bad)))
     except undecodable as exc:
         assert str(exc).strip() and "\n" not in str(exc).strip(), "Undecodable needs a one-line reason"
-        return f"load raises Undecodable: {exc}"
+        loaded = f"load raises Undecodable: {exc}"
+    except LookupError:  # the source looks a sample up in what index() read: the copy was never decoded
+        pass
     except Exception as exc:  # any error is recorded and skipped by the pipeline
-        return f"load raises {type(exc).__name__}"
-    if Path(src.location).resolve() == Path(ref.path).resolve():  # the location is the file itself
+        loaded = f"load raises {type(exc).__name__}"
+    else:
+        if not on_file:
+            _returned(src, x)
+    fresh = _fresh_source_on(src, bad if on_file else bad.parent)  # always: raises if it makes up pixels
+    return loaded or fresh
+
+
+def _fresh_source_on(src: Any, location: Path) -> str:
+    """What a source of ``src``'s class built on ``location`` (holding the damaged copy) does with it."""
+    try:
+        other = type(src)(str(location), src.options)
+        refs = other.index()
+    except Exception as exc:
+        return f"a source on the damaged file refuses it: {type(exc).__name__}"
+    if other.skipped or not refs:
+        return "a source on the damaged file skips it"
+    for r in refs:
         try:
-            other = type(src)(str(bad), src.options)
-            refs = other.index()
-        except Exception as exc:
-            return f"a source on the damaged file refuses it: {type(exc).__name__}"
-        if other.skipped or not refs:
-            return "a source on the damaged file skips it"
-        for r in refs:
-            try:
-                other.load(r)
-            except Exception:
-                continue
-            break
-        else:
-            return "a source on the damaged file fails every load"
+            x = other.load(r)
+        except Exception:
+            continue
+        _returned(src, x)
+    return "a source on the damaged file fails every load"
+
+
+def _returned(src: Any, x: Any) -> None:
     raise AssertionError(f"{type(src).__name__}.load of a truncated file returned an array of shape "
                          f"{getattr(x, 'shape', None)} instead of raising")

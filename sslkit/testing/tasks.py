@@ -7,29 +7,33 @@ from pathlib import Path
 from typing import Any
 
 from sslkit.testing.cli import finite_losses, metric_rows, sslkit
-from sslkit.testing.data import image_folder
+from sslkit.testing.data import KitVolumes, image_folder, volume_folder
 from sslkit.testing.registry import registered_as, resolve
 from sslkit.testing.runs import checkpoints, crashed_copy
 
 #: the small stand-ins the kit trains with, by the task's default backbone family
 TINY_VIT = ("timm:vit_tiny_patch16_224", {"patch_size": 8, "depth": 2})
 TINY_CNN = ("timm:resnet10t", {})
+TINY_VIT3D = ("monai:vit", {"patch_size": 8, "hidden_size": 48, "num_heads": 2, "num_layers": 1})
+TINY_CNN3D = ("monai:resnet10", {})
 _EXPORTED: dict[tuple, str] = {}  # encoder architecture -> the run whose ONNX export verified it
 
 
-def kit_backbone(task_cls: type) -> tuple[str, dict[str, Any]]:
-    """A tiny backbone of the family of ``task_cls.default_backbone`` (timm ViT or CNN)."""
+def kit_backbone(task_cls: type, volumes: bool = False) -> tuple[str, dict[str, Any]]:
+    """A tiny backbone of the family of ``task_cls.default_backbone`` (timm ViT or CNN; for
+    ``volumes``, the MONAI ViT or 3D ResNet in its place)."""
     default = getattr(task_cls, "default_backbone", "timm:resnet18")
     if default.startswith("timm:vit"):
-        return TINY_VIT
-    if default.startswith("timm:"):
-        return TINY_CNN
+        return TINY_VIT3D if volumes else TINY_VIT
+    if default.startswith("timm:") or volumes:
+        return TINY_CNN3D if volumes else TINY_CNN
     return default, {}
 
 
 def check_task(task: Any, *, tmp_path: Path, backbone: str | None = None, backbone_options: dict | None = None,
                options: dict | None = None, image_size: int = 32, batch_size: int = 4, steps: int = 2,
-               channels: tuple[int, ...] = (1, 3), export: bool = True, resume: bool = True) -> dict[str, Any]:
+               channels: tuple[int, ...] = (1, 3), export: bool = True, resume: bool = True,
+               volume: tuple[int, int, int] | None = None) -> dict[str, Any]:
     """Check task ``task`` (a registered name or the Task class itself) end to end.
 
     For each of ``channels``: ``sslkit pretrain --device cpu`` for ``steps`` optimizer steps on
@@ -43,7 +47,11 @@ def check_task(task: Any, *, tmp_path: Path, backbone: str | None = None, backbo
     ``resume``, a copy of the first run cut back to its step-1 checkpoint (as a crash
     leaves it) resumed with ``sslkit pretrain --resume`` logs the same losses, bit for bit.
     A class that is not registered is made available under a temporary name for the
-    duration. Returns ``{"task", "backbone", "losses": {C: [...]}, "export", "resume"}``.
+    duration. With ``volume`` ``(D, H, W)`` the same runs are on volumes (as ``--sample volume``):
+    generated ones through the kit's own source (``kit-volumes``), 1 channel, the encoder mapping
+    ``(2, 1, D, H, W) -> (2, D')``, with ``backbone`` defaulting to a tiny MONAI network of
+    the task's family (``monai:vit`` or ``monai:resnet10``; the ``volumes`` extra).
+    Returns ``{"task", "backbone", "losses": {C: [...]}, "export", "resume"}``.
     """
     from sslkit.api import Task
 
@@ -51,31 +59,34 @@ def check_task(task: Any, *, tmp_path: Path, backbone: str | None = None, backbo
     assert isinstance(cls, type) and issubclass(cls, Task), f"{task!r} is not a subclass of sslkit.api.Task"
     if backbone is None:
         _check_default_backbone(cls, options or {}, image_size)
-        backbone, kit_options = kit_backbone(cls)
+        backbone, kit_options = kit_backbone(cls, volume is not None)
         backbone_options = {**kit_options, **(backbone_options or {})}
+    if volume is not None:
+        from sslkit.sample_modes import task_modes
+
+        assert "volume" in task_modes(cls), f"{cls.__name__} does not train on volumes: add \"volume\" to its " \
+                                            f"sample_modes (now {task_modes(cls)}) to check it on them"
+        channels = (1,)
     tmp_path = Path(tmp_path)
     temporary = registered_as("tasks", f"kit-{cls.__name__.lower()}", cls) if name is None else nullcontext(name)
-    with temporary as name:
+    volumes = registered_as("sources", KitVolumes.scheme, KitVolumes) if volume is not None else nullcontext()
+    with temporary as name, volumes:
         report: dict[str, Any] = {"task": name, "backbone": backbone, "losses": {}}
-        _check_views(cls, backbone, backbone_options or {}, options or {}, image_size)
+        _check_views(cls, backbone, backbone_options or {}, options or {}, image_size, volume)
         for i, c in enumerate(channels):
             n = steps + 1 if (i == 0 and resume) else steps
-            data = image_folder(tmp_path / f"images-{c}x{image_size}-{batch_size * n}", batch_size * n, image_size, c)
             out = tmp_path / f"run-{c}"
-            args = ["pretrain", "--task", name, "--data", f"folder:{data}", "--out", out, "--backbone", backbone,
-                    "--image-size", image_size, "--batch-size", batch_size, "--epochs", 1, "--max-steps", n,
-                    "--channels", c, "--seed", 0, "--deterministic", "--no-cache", "--quiet", "--device", "cpu",
-                    "--checkpoint-every", 1, "--keep-checkpoints", 0]
-            for k, v in (backbone_options or {}).items():
-                args += ["--backbone-opt", f"{k}={v}"]
-            for k, v in (options or {}).items():
-                args += ["--task-opt", f"{k}={v}"]
-            sslkit(*args)
+            data = _data(tmp_path, batch_size * n, image_size, c, volume)
+            sslkit("pretrain", "--task", name, "--data", data, "--out", out, "--backbone", backbone,
+                   "--image-size", image_size, "--batch-size", batch_size, "--epochs", 1, "--max-steps", n,
+                   "--channels", c, "--seed", 0, "--deterministic", "--no-cache", "--quiet", "--device", "cpu",
+                   "--checkpoint-every", 1, "--keep-checkpoints", 0,
+                   *_options(volume, backbone_options or {}, options or {}))
             rows = metric_rows(out)
             what = f"task {name!r} ({c} channel{'s' if c > 1 else ''})"
             assert len(rows) == n, f"{what}: {len(rows)} optimizer steps logged, expected {n}"
             report["losses"][c] = finite_losses(rows, what)
-            _check_encoder(out, c, image_size, what)
+            _check_encoder(out, (c, *volume) if volume else (c, image_size, image_size), what)
             if i == 0 and export:
                 report["export"] = _check_export(out, tmp_path / f"encoder-{c}.onnx", c, image_size)
             if i == 0 and resume:
@@ -83,14 +94,38 @@ def check_task(task: Any, *, tmp_path: Path, backbone: str | None = None, backbo
     return report
 
 
-def _check_views(cls: type, backbone: str, backbone_options: dict, options: dict, image_size: int) -> None:
+def _options(volume: tuple | None, backbone_options: dict, options: dict) -> list[str]:
+    """``--data-opt`` for volumes, then ``--backbone-opt`` and ``--task-opt``, as a user types them."""
+    args = []
+    if volume is not None:
+        args += ["--data-opt", f"volume_size={','.join(map(str, volume))}"]
+    for k, v in backbone_options.items():
+        args += ["--backbone-opt", f"{k}={v}"]
+    for k, v in options.items():
+        args += ["--task-opt", f"{k}={v}"]
+    return args
+
+
+def _data(tmp_path: Path, n: int, size: int, channels: int, volume: tuple | None) -> str:
+    """``--data`` for the kit's runs: ``n`` images (a folder), or ``n`` volumes (:class:`KitVolumes`)."""
+    if volume is None:
+        return f"folder:{image_folder(tmp_path / f'images-{channels}x{size}-{n}', n, size, channels)}"
+    folder = volume_folder(tmp_path / f"volumes-{n}x{'x'.join(map(str, volume))}", n, volume)
+    return f"{KitVolumes.scheme}:{folder}"
+
+
+def _check_views(cls: type, backbone: str, backbone_options: dict, options: dict, image_size: int,
+                 volume: tuple | None = None) -> None:
     """``views(spec)`` returns a callable with ``override`` (what ``--augment-opt`` calls)."""
     from sslkit.api import InputSpec
     from sslkit.options import build_options
     from sslkit.registry import create_backbone
 
     spec = InputSpec(1, image_size, (0.5,), (0.25,))
-    net = create_backbone(backbone, 1, image_size, **backbone_options)
+    if volume:
+        spec = InputSpec(1, image_size, (0.5,), (0.25,), KitVolumes.scheme,
+                         {"sample": "volume", "volume_size": list(volume), "spacing_mm": "native"})
+    net = create_backbone(backbone, 1, tuple(volume) if volume else image_size, **backbone_options)
     reason = cls.check(net, spec)
     assert reason is None, f"{cls.__name__}.check refuses the kit's pairing ({backbone}, {image_size} px): {reason}"
     task = cls(net, build_options(cls.Options, options, cls.__name__) if cls.Options else None, spec)
@@ -109,7 +144,9 @@ def _check_default_backbone(cls: type, options: dict, image_size: int) -> None:
     _check_views(cls, cls.default_backbone, fitted, options, image_size)
 
 
-def _check_encoder(run: Path, channels: int, size: int, what: str) -> None:
+def _check_encoder(run: Path, sample: tuple[int, ...], what: str) -> None:
+    """The finished run's encoder maps 2 samples of shape ``sample`` (``(C, S, S)`` or
+    ``(C, D, H, W)``) to finite ``(2, D')``."""
     import torch
 
     from sslkit.run import load_run
@@ -118,7 +155,7 @@ def _check_encoder(run: Path, channels: int, size: int, what: str) -> None:
     assert loaded.info.get("status") == "finished", f"{what}: run status {loaded.info.get('status')!r}"
     encoder = loaded.build_encoder()
     with torch.no_grad():
-        emb = encoder(torch.rand(2, channels, size, size))
+        emb = encoder(torch.rand(2, *sample))
     assert emb.shape == (2, loaded.info["embedding_dim"]), f"{what}: encoder gives {tuple(emb.shape)}"
     assert torch.isfinite(emb).all(), f"{what}: the trained encoder gives non-finite embeddings"
 
