@@ -8,6 +8,8 @@ import sys
 import click
 
 from sslkit.errors import CheckFailed, UsageError
+from sslkit.new_plugin import KINDS as NEW_PLUGIN_KINDS
+from sslkit.plugins import KINDS as PLUGIN_KINDS
 from sslkit.source_flags import SourceFlagsCommand, flag_values
 
 
@@ -58,7 +60,7 @@ def plugins(as_json: bool) -> None:
         _echo_json(infos)
         return
     for info in infos:
-        parts = [f"{k}: {', '.join(info[k])}" for k in ("tasks", "backbones", "sources", "exporters") if info[k]]
+        parts = [f"{k}: {', '.join(info[k])}" for k in PLUGIN_KINDS if info[k]]
         status = f"  [error: {info['error']}]" if info.get("error") else ""
         status += "".join(f"  [conflict: {c}]" for c in info.get("conflicts", []))
         origin = " (built-in)" if info["builtin"] else ""
@@ -66,7 +68,7 @@ def plugins(as_json: bool) -> None:
 
 
 @main.command("list")
-@click.argument("kind", type=click.Choice(["tasks", "backbones", "sources", "exporters", "callbacks"]))
+@click.argument("kind", type=click.Choice(PLUGIN_KINDS))
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def list_(kind: str, as_json: bool) -> None:
     """List registered tasks, backbones, sources, exporters or callbacks."""
@@ -297,7 +299,7 @@ def embed(model: str, data: str, out: str, batch_size: int, data_opts: tuple[str
 
 @main.command("new-plugin")
 @click.argument("name")
-@click.option("--kind", required=True, type=click.Choice(["task", "source", "backbone", "exporter"]),
+@click.option("--kind", required=True, type=click.Choice(NEW_PLUGIN_KINDS),
               help="What the plugin registers.")
 @click.option("--out", default=None, type=click.Path(file_okay=False), help="Folder to create (default: ./sslkit-NAME).")
 def new_plugin(name: str, kind: str, out: str | None) -> None:

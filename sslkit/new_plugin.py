@@ -1,4 +1,4 @@
-"""``sslkit new-plugin NAME --kind task|source|backbone|exporter``: a ready plugin package.
+"""``sslkit new-plugin NAME --kind task|source|backbone|exporter|callback``: a ready plugin package.
 
 Writes ``pyproject.toml`` (the ``sslkit`` entry point, a pytest config), the plugin
 module (declaring the ``sslkit_api`` range it is written for, importing only
@@ -14,12 +14,13 @@ from pathlib import Path
 
 from sslkit.errors import UsageError
 
-KINDS = ("task", "source", "backbone", "exporter")
+KINDS = ("task", "source", "backbone", "exporter", "callback")
 USAGE = {
     "task": "sslkit pretrain --task {name} --data folder:IMAGES --out runs/{name}",
     "source": "sslkit pretrain --task simclr --data {name}:NPY_FOLDER --out runs/{name}",
     "backbone": "sslkit pretrain --task simclr --backbone {name}:small --data folder:IMAGES --out runs/{name}",
     "exporter": "sslkit export runs/RUN --format {name} --out encoder.npz",
+    "callback": "sslkit pretrain --task simclr --data folder:IMAGES --out runs/{name} --callbacks csv,{name}",
 }
 
 

@@ -1,5 +1,5 @@
 """docs/plugins.md: it lists exactly the names of sslkit.api and every hook, and its worked
-examples (a source and a task, each under 60 lines) pass the contract kit as written."""
+examples (a source, a task and a callback, each under 60 lines) pass the contract kit as written."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import re
 import sys
 
 import numpy as np
+import pytest
 
 import sslkit.api as api
 from sslkit import hookspecs
@@ -79,3 +80,26 @@ def test_worked_task_example_passes_the_kit(tmp_path, one_thread):
     report = check_task(module.Rot4, tmp_path=tmp_path)
     assert report["task"] == "kit-rot4" and "exactly" in report["resume"]
     assert "kit-rot4" not in api.__dict__ and module.Rot4.Options().min_scale == 0.3
+
+
+def test_worked_callback_example_passes_the_kit(tmp_path, one_thread):
+    import csv
+    import json
+
+    from sslkit.testing import check_callback
+
+    module = load(tmp_path, "sslkit_losswatch.py")
+    report = check_callback(module.LossWatch, tmp_path=tmp_path)
+    assert report["events"]["on_step_end"] == 3
+    with open(tmp_path / "run" / "metrics.csv", newline="") as f:
+        losses = [float(r["loss"]) for r in csv.DictReader(f)]
+    smoothed = [losses[0]]
+    for loss in losses[1:]:
+        smoothed.append(0.9 * smoothed[-1] + 0.1 * loss)
+    watch = json.loads((tmp_path / "run" / "losswatch.json").read_text())
+    best = min(range(3), key=lambda i: smoothed[i])
+    assert watch["status"] == "finished" and watch["step"] == 3
+    assert watch["smoothed"] == pytest.approx(smoothed[-1], rel=1e-7)  # metrics.csv: 9 significant digits
+    assert watch["best"] == pytest.approx(smoothed[best], rel=1e-7) and watch["best_step"] == best + 1
+    resumed = json.loads((tmp_path / "run-resumed" / "losswatch.json").read_text())
+    assert resumed["step"] == 3 and resumed["smoothed"] == pytest.approx(losses[2], rel=1e-7)  # step 3's file: reset

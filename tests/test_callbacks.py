@@ -221,6 +221,14 @@ def test_mlflow_plugin_logs_params_metrics_and_the_encoder_to_a_file_store(tmp_p
     local = client.download_artifacts(run.info.run_id, "encoder/encoder.safetensors", str(tmp_path / "dl"))
     assert Path(local).read_bytes() == (out / "encoder.safetensors").read_bytes()
 
+    from sslkit.testing import check_callback  # the kit a plugin author runs: a new, a resumed and a failed run
+
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "sslkit-kit")
+    check_callback("mlflow", tmp_path=tmp_path / "kit")
+    kit = client.search_runs([client.get_experiment_by_name("sslkit-kit").experiment_id])
+    assert sorted((r.info.status, r.data.tags["sslkit.resumed_from_step"]) for r in kit) == [
+        ("FAILED", "0"), ("FINISHED", "0"), ("FINISHED", "2")]
+
 
 def test_tensorboard_callback_writes_every_scalar(tmp_path, monkeypatch):
     pytest.importorskip("tensorboard")
@@ -247,3 +255,11 @@ def test_list_callbacks_names_the_built_ins(cli):
     result = cli("list", "callbacks", "--json")
     assert result.exit_code == 0, result.output
     assert {"csv", "tensorboard"} <= set(json.loads(result.output))
+
+
+def test_sslkit_plugins_says_what_a_callback_plugin_registers(cli):
+    result = cli("plugins")
+    assert result.exit_code == 0, result.output
+    lines = {line.split()[0]: line for line in result.output.splitlines()}
+    assert lines["csv"].endswith("(built-in)  callbacks: csv"), lines["csv"]
+    assert lines["tensorboard"].endswith("callbacks: tensorboard") and lines["simclr"].endswith("tasks: simclr")

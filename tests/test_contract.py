@@ -1,10 +1,11 @@
 """Registry-wide contract, on the kit plugin authors use (:mod:`sslkit.testing`).
 
-Parametrized over what the plugins registered, so a task, source, backbone or exporter
-added by any plugin is checked for free: every task trains through ``sslkit pretrain``
+Parametrized over what the plugins registered, so a task, source, backbone, exporter or
+callback added by any plugin is checked for free: every task trains through ``sslkit pretrain``
 with 1 and 3 channels (finite losses), exports to ONNX and resumes bit for bit; every
 source indexes, loads [0, 1] pixels, reports a damaged file and pickles; every backbone
-gives ``(B, D)`` for 1 and 3 channels; every exporter writes one file it verified.
+gives ``(B, D)`` for 1 and 3 channels; every exporter writes one file it verified; every
+callback takes a run's events, a resumed run's and a failed run's without raising.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 
 from sslkit import registry
-from sslkit.testing import check_backbone, check_exporter, check_source, check_task
+from sslkit.testing import check_backbone, check_callback, check_exporter, check_source, check_task
 from tests.conftest import make_images
 
 IMAGE_SIZE = {"jigsaw": 64}  # 3x3 tiles of >= 19 px
@@ -26,6 +27,22 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def test_task_contract(task, tmp_path):
     report = check_task(task, tmp_path=tmp_path, image_size=IMAGE_SIZE.get(task, 32))
     assert sorted(report["losses"]) == [1, 3] and len(report["losses"][1]) == 3
+    assert "export" in report and "exactly" in report["resume"]
+
+
+def volume_tasks() -> list[str]:
+    from sslkit.sample_modes import task_modes
+
+    return [t for t in registry.list_tasks() if "volume" in task_modes(registry.get_task(t))]
+
+
+@pytest.mark.parametrize("task", volume_tasks())
+def test_volume_task_contract(task, tmp_path):
+    """Each task that trains on volumes: CT series through the dicom source, a tiny MONAI network,
+    finite losses, a verified ONNX export and an exact resume."""
+    pytest.importorskip("monai")
+    report = check_task(task, tmp_path=tmp_path, volume=(16, 16, 16))
+    assert report["backbone"].startswith("monai:") and sorted(report["losses"]) == [1]
     assert "export" in report and "exactly" in report["resume"]
 
 
@@ -67,6 +84,15 @@ def test_source_contract_with_a_fixed_window_graph(tmp_path):
     assert report["graph"] == "window"
 
 
+@pytest.mark.parametrize("options", [{"sample": "volume", "volume_size": "8,6,6"}, {"sample": "slab:3"}])
+def test_volumetric_source_contract(options, tmp_path):
+    """NIfTI volumes as 3D samples and as slabs: the kit checks the shapes training stores, and
+    that a truncated file, which a load by index never reads, fails in a source of its own."""
+    report = check_source("nifti", sample_data("nifti", tmp_path), tmp_path=tmp_path, options=options)
+    assert report["channels"] == ([1] if options["sample"] == "volume" else [3])
+    assert report["damaged"] == "a source on the damaged file skips it"
+
+
 #: per prefix: (model, options, is a token backbone, spatial dims), the input size, a module it needs
 BACKBONE_MODELS = {
     "timm": ([("resnet10t", {}, False, 2), ("convnext_atto", {}, False, 2),
@@ -91,3 +117,11 @@ def test_backbone_contract(prefix):
 def test_exporter_contract(fmt, tmp_path):
     report = check_exporter(fmt, tmp_path=tmp_path)
     assert report["max_abs_diff"] <= 1e-4  # both built-ins verify their file against the encoder
+
+
+@pytest.mark.parametrize("name", registry.list_callbacks())
+def test_callback_contract(name, tmp_path):
+    if name == "tensorboard":
+        pytest.importorskip("tensorboard")
+    report = check_callback(name, tmp_path=tmp_path)
+    assert report["events"] == {"on_run_start": 1, "on_step_end": 3, "on_checkpoint": 2, "on_run_end": 1}

@@ -1,7 +1,7 @@
 """``sslkit new-plugin``: the generated packages install, pass their own sslkit.testing tests,
 and their names (and the source's flag) work in ``sslkit pretrain`` and ``sslkit export``.
 
-One pip install of the four packages and one interpreter with them installed (the
+One pip install of the five packages and one interpreter with them installed (the
 generated tests, then the commands, in-process) serve every test here."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import pytest
 from sslkit.testing.cli import sslkit
 from tests.conftest import run_sslkit
 
-KINDS = ("task", "source", "backbone", "exporter")
+KINDS = ("task", "source", "backbone", "exporter", "callback")
 
 #: runs in a fresh interpreter where the packages are installed: pytest on the generated
 #: packages (what their CI runs), then each sslkit command of the plan through click
@@ -67,7 +67,7 @@ def generated(tmp_path_factory) -> dict:
         "help": ["pretrain", "--help"],
         "pretrain": ["pretrain", "--task", "kit_task", "--data", f"kit_source:{data}", "--backbone", "kit_backbone:small",
                      "--out", str(run), "--image-size", "32", "--batch-size", "4", "--max-steps", "2", "--epochs", "1",
-                     "--quiet", "--no-cache", "--scale", "255"],
+                     "--quiet", "--no-cache", "--scale", "255", "--callbacks", "csv,kit_callback"],
         "export": ["export", str(run), "--format", "kit_exporter", "--out", str(root / "encoder.npz")],
     }
     plan = {"dirs": [str(d) for d in dirs.values()], "commands": commands, "results": str(root / "results.json")}
@@ -101,7 +101,7 @@ def test_package_layout_and_api_range(generated):
 def test_generated_tests_pass(generated):
     proc = generated["proc"]
     assert generated["results"]["pytest"] == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
-    assert "10 passed" in proc.stdout  # 2 per kind + the backbone's second model + the source's flags
+    assert "12 passed" in proc.stdout  # 2 per kind + the backbone's second model + the source's flags
 
 
 def test_generated_source_flag_is_offered_by_pretrain(generated):
@@ -119,6 +119,8 @@ def test_generated_names_work_in_pretrain_and_export(generated):
     assert (info["task"], info["input_spec"]["source"], info["backbone"]) == ("kit_task", "kit_source",
                                                                               "kit_backbone:small")
     assert info["input_spec"]["channels"] == 3 and info["summary"]["steps"] == 2
+    logged = [json.loads(line) for line in (generated["run"] / "kit_callback.jsonl").read_text().splitlines()]
+    assert [r.get("step") for r in logged] == [1, 2, None] and logged[-1]["status"] == "finished"
     assert info["config"]["source_options"] == {"scale": "255"}  # the --scale flag reached the source
     assert info["input_spec"]["preprocessing"] == {"kit_source": {"scale": "255"}}
     assert results["export"]["code"] == 0, results["export"]

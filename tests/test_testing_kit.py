@@ -10,8 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-from sslkit.api import GraphPreprocessing, MultiView, SampleRef, Source, Task, UsageError, recipe, write_atomic
-from sslkit.testing import check_backbone, check_exporter, check_source, check_task
+from sslkit.api import (Callback, GraphPreprocessing, MultiView, SampleMode, SampleRef, Source, Task, Undecodable,
+                        UsageError, recipe, write_atomic)
+from sslkit.testing import check_backbone, check_callback, check_exporter, check_source, check_task
 
 
 @dataclass
@@ -91,6 +92,19 @@ def test_check_task_catches_a_broken_task(cls, needle, tmp_path):
         check_task(cls, tmp_path=tmp_path, channels=(1,), export=False, resume=False, steps=1)
 
 
+def test_the_kits_own_volume_source_passes_the_source_kit(tmp_path):
+    from sslkit.testing.data import KitVolumes, volume_folder
+
+    folder = volume_folder(tmp_path / "v", 3, (8, 6, 6))
+    report = check_source(KitVolumes, str(folder), tmp_path=tmp_path / "k", options={"volume_size": "8,6,6"})
+    assert report["loaded"] == 3 and report["channels"] == [1] and report["graph"] == "unit"
+
+
+def test_check_task_on_volumes_needs_a_task_that_trains_on_them(tmp_path):
+    with pytest.raises(AssertionError, match="does not train on volumes"):
+        check_task(Base, tmp_path=tmp_path, volume=(16, 16, 16))
+
+
 def test_check_task_catches_state_a_resume_loses(tmp_path):
     with pytest.raises(AssertionError, match="resumed from step 1, the losses differ"):
         check_task(HiddenState, tmp_path=tmp_path, channels=(1,), export=False)
@@ -143,6 +157,77 @@ class GraphBakesInAnUnknownOption(Arrays):
 class GraphWindowsMismatchChannels(Arrays):
     def graph_preprocessing(self):  # three windows, but the arrays load one channel
         return GraphPreprocessing("window", (0.0, 0.0, 0.0), (1.0, 2.0, 3.0))
+
+
+class ByIndex(Arrays):
+    """Loads a sample by what ``index()`` saw (as the nifti and dicom sources do): a path it
+    never indexed is a KeyError, so the damaged copy has to go through a source of its own."""
+
+    def index(self):
+        refs = super().index()
+        self.seen = {r.id: r.path for r in refs}
+        return refs
+
+    def load(self, ref):
+        return np.load(self.seen[ref.id]).astype(np.float32)
+
+
+class ByIndexIgnoresDamage(ByIndex):
+    def load(self, ref):
+        try:
+            return super().load(ref)
+        except KeyError:
+            raise
+        except Exception:
+            return np.zeros((1, 8, 8), np.float32)
+
+
+class ByIndexWrapsTheLookup(ByIndexIgnoresDamage):
+    """Reports an unknown file as Undecodable (as the dicom source does), so its load of the
+    copy raises; only a source of its own on the copy shows it makes up pixels."""
+
+    def load(self, ref):
+        try:
+            return super().load(ref)
+        except KeyError as exc:
+            raise Undecodable(f"KeyError: {exc}") from None
+
+
+class Volumes(Arrays):
+    """``--sample volume`` at 4x6x6: each array as a (1, 4, 6, 6) volume."""
+
+    sample = SampleMode("volume", size=(4, 6, 6))
+
+    def load(self, ref):
+        x = super().load(ref)[:, None, :6, :6]
+        return np.ascontiguousarray(np.broadcast_to(x, (x.shape[0], 4, 6, 6)))
+
+
+class VolumesOfAnotherSize(Volumes):
+    def load(self, ref):
+        return super().load(ref)[:, :, :, :5]
+
+
+class VolumesAsSlices(Volumes):
+    def load(self, ref):
+        return super().load(ref)[:, 0]
+
+
+def test_check_source_passes_indexed_and_volumetric_sources(arrays, tmp_path):
+    report = check_source(ByIndex, arrays, tmp_path=tmp_path / "k1")
+    assert report["damaged"] == "a source on the damaged file fails every load"  # its own source read the copy
+    assert check_source(Volumes, arrays, tmp_path=tmp_path / "k2")["loaded"] == 3
+
+
+@pytest.mark.parametrize("cls,needle", [
+    (ByIndexIgnoresDamage, "load of a truncated file returned an array of shape \\(1, 8, 8\\)"),
+    (ByIndexWrapsTheLookup, "load of a truncated file returned an array of shape \\(1, 8, 8\\)"),
+    (VolumesOfAnotherSize, r"sampling volumes of \(4, 6, 6\), want \(C, 4, 6, 6\), got \(1, 4, 6, 5\)"),
+    (VolumesAsSlices, r"want \(C, 4, 6, 6\), got \(1, 6, 6\)"),
+])
+def test_check_source_catches_a_broken_indexed_or_volumetric_source(cls, needle, arrays, tmp_path):
+    with pytest.raises(AssertionError, match=needle):
+        check_source(cls, arrays, tmp_path=tmp_path)
 
 
 @pytest.fixture
@@ -238,3 +323,52 @@ def test_check_exporter_catches_stray_files_and_ignored_options(tmp_path):
         check_exporter(sloppy, tmp_path=tmp_path / "a")
     with pytest.raises(AssertionError, match="unknown exporter option"):
         check_exporter(lenient, tmp_path=tmp_path / "b")
+
+
+class Counts(Callback):
+    """Counts the steps it saw: a well-behaved callback."""
+
+    def __init__(self):
+        self.steps = []
+
+    def on_step_end(self, step, metrics):
+        self.steps.append((step, metrics["loss"]))
+
+
+class RaisesAtStep2(Counts):
+    def on_step_end(self, step, metrics):
+        if step == 2:
+            raise ConnectionError("tracker unreachable")
+
+
+class ForgetsResume(Counts):
+    """Assumes every run starts at step 1 (a tracker that opens a run only on step 1)."""
+
+    def on_run_start(self, run):
+        self.open = not run.resumed
+
+    def on_step_end(self, step, metrics):
+        if not self.open:
+            raise RuntimeError("no tracker run is open")
+
+
+class WantsFinalLoss(Counts):
+    def on_run_end(self, summary):
+        print(f"final loss {summary['final_loss']:.3f}")
+
+
+def test_check_callback_passes_a_well_behaved_callback(tmp_path):
+    report = check_callback(Counts, tmp_path=tmp_path)
+    assert report["callback"].startswith("kit-") and report["events"]["on_step_end"] == 3
+    assert report["events"]["on_checkpoint"] == 2 and "failed" in report["failed"]
+
+
+@pytest.mark.parametrize("cls,needle", [
+    (RaisesAtStep2, "raised ConnectionError in on_step_end during a new run: tracker unreachable"),
+    (ForgetsResume, "raised RuntimeError in on_step_end during a resumed run"),
+    (WantsFinalLoss, "fails after step 1: on_run_end raised KeyError"),
+    (lambda: object(), "with none of on_run_start"),
+])
+def test_check_callback_catches_a_broken_callback(cls, needle, tmp_path):
+    with pytest.raises(AssertionError, match=needle):
+        check_callback(cls, tmp_path=tmp_path)

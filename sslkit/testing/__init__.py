@@ -14,7 +14,8 @@ returns a small report dict when everything holds::
 * :func:`check_task`: trains a few steps through ``sslkit pretrain`` (in-process) with 1-
   and 3-channel input, finite losses; ``views(spec)`` has ``override``; the trained
   encoder exports to ONNX (verified by onnxruntime); a run resumed from a mid-run
-  checkpoint logs the same losses as the uninterrupted run.
+  checkpoint logs the same losses as the uninterrupted run; with ``volume=(D, H, W)``, the same
+  on generated volumes (a task that trains on them, a MONAI network).
 * :func:`check_source`: indexes (real files), loads float32 ``(C, H, W)`` in [0, 1],
   raises on a damaged file, pickles, sniffs in [0, 1]; ``graph_preprocessing()`` reads
   back unchanged from run.json and export accepts it.
@@ -23,6 +24,8 @@ returns a small report dict when everything holds::
   error for an unknown model.
 * :func:`check_exporter`: writes one file (nothing else left behind), returns a JSON-able
   report, refuses an unknown option, takes the keywords sslkit always passes.
+* :func:`check_callback`: a run callback takes every event of a short ``sslkit pretrain`` run,
+  of the same run resumed from a checkpoint, and of a run that fails, without raising.
 * :func:`registered`: the names an installed distribution registers, for parametrize.
 * :func:`crashed_copy`: a copy of a run folder as a crash after its k-th checkpoint leaves
   it (for resume tests: ``--resume`` on it must repeat the original's losses).
@@ -34,10 +37,12 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["check_task", "check_source", "check_backbone", "check_exporter", "registered", "crashed_copy"]
+__all__ = ["check_task", "check_source", "check_backbone", "check_exporter", "check_callback", "registered",
+           "crashed_copy"]
 
 _WHERE = {"check_task": "tasks", "check_source": "sources", "check_backbone": "backbones",
-          "check_exporter": "exporters", "registered": "registry", "crashed_copy": "runs"}
+          "check_exporter": "exporters", "check_callback": "callbacks", "registered": "registry",
+          "crashed_copy": "runs"}
 
 
 def __getattr__(name: str) -> Any:

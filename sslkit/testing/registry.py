@@ -9,7 +9,7 @@ KIT = "sslkit.testing"
 
 
 def registered(kind: str, distribution: str | None = None) -> list[str]:
-    """Names of ``kind`` (``tasks``, ``sources``, ``backbones``, ``exporters``) registered by
+    """Names of ``kind`` (``tasks``, ``sources``, ``backbones``, ``exporters``, ``callbacks``) registered by
     the plugins of installed ``distribution`` (its project name, e.g. ``"my-sslkit-plugin"``;
     None: every plugin), sorted. Use as ``@pytest.mark.parametrize("name", registered(...))``.
     """
