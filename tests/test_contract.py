@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from sslkit import registry
+from sslkit.api import UsageError
 from sslkit.testing import check_backbone, check_callback, check_exporter, check_source, check_task
 from tests.conftest import make_images
 
@@ -117,6 +118,34 @@ def test_backbone_contract(prefix):
 def test_exporter_contract(fmt, tmp_path):
     report = check_exporter(fmt, tmp_path=tmp_path)
     assert report["max_abs_diff"] <= 1e-4  # both built-ins verify their file against the encoder
+
+
+VOLUME_EXPORT = {"onnx": "exported", "safetensors": "refused"}  # safetensors writes timm checkpoints only
+
+
+@pytest.mark.parametrize("fmt", registry.list_exporters())
+def test_exporter_contract_on_volumes(fmt, tmp_path):
+    """A 3D encoder of a ``--sample volume`` run: exported and verified on (B, C, D, H, W), or
+    refused in one line (UsageError) before anything is written."""
+    pytest.importorskip("monai")
+    expected = VOLUME_EXPORT.get(fmt)
+    try:
+        report = check_exporter(fmt, tmp_path=tmp_path, volume=(16, 16, 16))
+    except UsageError as exc:
+        assert expected in (None, "refused"), f"{fmt} refused a 3D encoder: {exc}"
+        assert "\n" not in str(exc) and "monai:resnet10" in str(exc)
+        assert not any(p.is_file() for p in tmp_path.rglob("*")), "a refused export left a file behind"
+        return
+    assert expected in (None, "exported"), f"{fmt} exported a 3D encoder it should refuse"
+    if fmt == "onnx":
+        assert {c["size"][0] for c in report["checks"]} == {16} and report["max_abs_diff"] <= 1e-4
+        assert {c["inputs"] for c in report["checks"]} == {"random", "real"}
+        import json
+
+        import onnx
+        model = onnx.load(str(tmp_path / "export-onnx" / "encoder.out"))
+        meta = json.loads({p.key: p.value for p in model.metadata_props}["sslkit"])["input"]
+        assert meta["layout"] == "NCDHW" and meta["volume_size"] == [16, 16, 16] and meta["sample"] == "volume"
 
 
 @pytest.mark.parametrize("name", registry.list_callbacks())

@@ -325,6 +325,31 @@ def test_check_exporter_catches_stray_files_and_ignored_options(tmp_path):
         check_exporter(lenient, tmp_path=tmp_path / "b")
 
 
+def test_check_exporter_on_volumes_compares_a_reloaded_3d_encoder(tmp_path):
+    pytest.importorskip("monai")
+    from sslkit.sample_modes import build_backbone
+
+    def state_dict_exporter(encoder, spec, metadata, out, *, samples, samples_note, log, **options):
+        if options:
+            raise UsageError(f"no option {', '.join(options)}")
+        assert samples.shape == (4, 1, 8, 16, 16) and spec.volume_size == (8, 16, 16) and spec.sample == "volume"
+        write_atomic(Path(out), lambda tmp: torch.save(encoder.state_dict(), tmp))
+        return {"keys": len(encoder.state_dict())}
+
+    def reload(keep_weights):
+        def load(out):
+            net = build_backbone("monai:resnet10", 1, 16, (8, 16, 16)).eval()
+            if keep_weights:
+                net.load_state_dict(torch.load(out, weights_only=True))
+            return lambda x: net(torch.from_numpy(x)).detach().numpy()
+        return load
+
+    report = check_exporter(state_dict_exporter, tmp_path=tmp_path / "a", volume=(8, 16, 16), reload=reload(True))
+    assert report["keys"] > 10
+    with pytest.raises(AssertionError, match="the reloaded file differs"):  # a fresh 3D network, not the file's
+        check_exporter(state_dict_exporter, tmp_path=tmp_path / "b", volume=(8, 16, 16), reload=reload(False))
+
+
 class Counts(Callback):
     """Counts the steps it saw: a well-behaved callback."""
 

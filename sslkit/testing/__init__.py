@@ -23,7 +23,8 @@ returns a small report dict when everything holds::
   W)`` for ``spatial_dims = 3``), gradients, the token interface where offered, a one-line
   error for an unknown model.
 * :func:`check_exporter`: writes one file (nothing else left behind), returns a JSON-able
-  report, refuses an unknown option, takes the keywords sslkit always passes.
+  report, refuses an unknown option, takes the keywords sslkit always passes; with
+  ``volume=(D, H, W)``, for a 3D encoder of a ``--sample volume`` run.
 * :func:`check_callback`: a run callback takes every event of a short ``sslkit pretrain`` run,
   of the same run resumed from a checkpoint, and of a run that fails, without raising.
 * :func:`registered`: the names an installed distribution registers, for parametrize.

@@ -9,9 +9,10 @@ from typing import Any
 from sslkit.testing.registry import resolve
 
 
-def check_exporter(exporter: Any, *, tmp_path: Path, backbone: str = "timm:resnet10t",
+def check_exporter(exporter: Any, *, tmp_path: Path, backbone: str | None = None,
                    backbone_options: dict | None = None, channels: int = 1, image_size: int = 32,
-                   options: dict | None = None, reload: Any = None) -> dict[str, Any]:
+                   options: dict | None = None, reload: Any = None,
+                   volume: tuple[int, int, int] | None = None) -> dict[str, Any]:
     """Check export function ``exporter`` (a registered format or the function).
 
     Calls it as sslkit does, ``exporter(encoder, spec, metadata, out, samples=...,
@@ -20,20 +21,25 @@ def check_exporter(exporter: Any, *, tmp_path: Path, backbone: str = "timm:resne
     its folder (no temporary files), and an unknown option raises ``UsageError`` without
     writing anything. ``reload(out)``, if given, returns a callable ``(B, C, S, S) numpy ->
     (B, D)`` loaded from the file, compared with the encoder (max abs diff <= 1e-4).
+    With ``volume`` ``(D, H, W)`` the encoder is a 3D network (default ``monai:resnet10``,
+    the ``volumes`` extra) of a ``--sample volume`` run, and the samples (and ``reload``'s
+    input) are ``(B, C, D, H, W)``. ``backbone`` defaults to ``timm:resnet10t`` on images.
     Returns the exporter's report.
     """
     import numpy as np
     import torch
 
-    from sslkit.api import InputSpec, UsageError
-    from sslkit.registry import create_backbone
+    from sslkit.api import UsageError
+    from sslkit.sample_modes import build_backbone
 
     name, fn = resolve("exporters", exporter)
-    encoder = create_backbone(backbone, channels, image_size, **(backbone_options or {})).eval()
-    spec = InputSpec(channels, image_size, (0.5,) * channels, (0.25,) * channels, source="folder")
+    backbone = backbone or ("monai:resnet10" if volume else "timm:resnet10t")
+    encoder = build_backbone(backbone, channels, image_size, volume, **(backbone_options or {})).eval()
+    spec = _spec(channels, image_size, volume)
     metadata = {"task": "sslkit.testing", "backbone": backbone, "backbone_options": dict(backbone_options or {}),
                 "embedding_dim": int(encoder.num_features), "sslkit_version": "test"}
-    samples = np.random.default_rng(0).random((4, channels, image_size, image_size), dtype=np.float32)
+    shape = (4, channels, *(volume or (image_size, image_size)))
+    samples = np.random.default_rng(0).random(shape, dtype=np.float32)
     folder = Path(tmp_path) / f"export-{name or getattr(fn, '__name__', 'fn')}"
     folder.mkdir(parents=True, exist_ok=True)
     out, lines = folder / "encoder.out", []
@@ -60,3 +66,14 @@ def check_exporter(exporter: Any, *, tmp_path: Path, backbone: str = "timm:resne
         raise AssertionError("an unknown exporter option must raise sslkit.api.UsageError")
     assert not refused.exists(), "a refused export left a file behind"
     return report
+
+
+def _spec(channels: int, image_size: int, volume: tuple[int, int, int] | None) -> Any:
+    """The run's input contract: images of a folder, or 1 mm volumes of a volumetric source."""
+    from sslkit.api import ORIENTATION, InputSpec
+
+    mean, std = (0.5,) * channels, (0.25,) * channels
+    if volume is None:
+        return InputSpec(channels, image_size, mean, std, source="folder")
+    return InputSpec(channels, image_size, mean, std, source="kit-volumes", sample="volume",
+                     spacing=(1.0, 1.0, 1.0), volume_size=tuple(volume), orientation=ORIENTATION)
