@@ -30,7 +30,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from sslkit.errors import UsageError, first_line
-from sslkit.output_file import TMP_PREFIX, fsync_path
+from sslkit.output_file import TMP_PREFIX, created_mode, fsync_path
 from sslkit.plain_pickle import NotPlainData, load_plain
 
 PREFIX = "step-"
@@ -70,12 +70,14 @@ def save(folder: Path, step: int, tensors: dict[str, torch.Tensor], state: dict[
         raise _write_failed(folder, target, exc) from None
     try:
         try:
+            os.chmod(tmp, created_mode(directory=True))  # mkdtemp's 0700 would hide the checkpoint from the team
             save_file(_unshared(tensors), str(tmp / MODEL_FILE))
             torch.save(state, tmp / STATE_FILE)
             manifest = {name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
                         for name in (MODEL_FILE, STATE_FILE)}
             (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": manifest}, indent=1))
             for f in tmp.iterdir():
+                os.chmod(f, created_mode())  # safetensors' save_file makes its file 0600
                 fsync_path(f)
             fsync_path(tmp)
         except (OSError, RuntimeError, SafetensorError) as exc:  # disk full: torch and safetensors wrap it

@@ -7,13 +7,16 @@ written through a temporary file in the same folder so nothing half-written is l
 file beside the target (``.tmp-*``), is fsynced, renamed over the target, and the folder
 is fsynced, so after a crash or power loss the target is either the old file or the
 whole new one. A full disk or an unwritable folder is one :class:`UsageError` line, and
-the temporary file is removed.
+the temporary file is removed. The file gets the mode a plain ``open()`` would give it (``0666``
+less the umask), or keeps the mode of the file it replaces: not the ``0600`` of the temporary
+file, which would hide a run's outputs from the team and the service that reads them.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
@@ -55,10 +58,32 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def write_atomic(out: Path, write: Callable[[Path], None], suffix: str = "") -> None:
+def _umask() -> int:
+    """This process's umask: from ``/proc/self/status`` on Linux (read without changing it),
+    else set and restored at once."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def created_mode(directory: bool = False) -> int:
+    """The mode ``open()`` (``0666``) or ``mkdir()`` (``0777``) gives a new file or folder here:
+    for what ``mkstemp``/``mkdtemp`` made private (``0600``/``0700``) before it is renamed into place."""
+    return (0o777 if directory else 0o666) & ~_umask()
+
+
+def write_atomic(out: Path, write: Callable[[Path], None], suffix: str = "", *, mode: int | None = None) -> None:
     """Call ``write(tmp)`` on a temporary file beside ``out``, fsync it, rename it to
     ``out`` and fsync the folder. An ``OSError`` (disk full, permissions) becomes one
-    :class:`UsageError` line; ``out`` keeps its old content and no temporary file stays."""
+    :class:`UsageError` line; ``out`` keeps its old content and no temporary file stays.
+    ``out`` gets ``mode`` (``0o600`` for a private file), else the mode of the file it
+    replaces, else the one a plain ``open()`` gives."""
     out = Path(out)
     try:
         fd, name = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=suffix or out.suffix, dir=out.parent)
@@ -69,6 +94,9 @@ def write_atomic(out: Path, write: Callable[[Path], None], suffix: str = "") -> 
     try:
         try:
             write(tmp)
+            if mode is None:
+                mode = stat.S_IMODE(out.stat().st_mode) if out.is_file() else created_mode()
+            os.chmod(tmp, mode)
             fsync_path(tmp)
             os.replace(tmp, out)
             fsync_path(out.parent)

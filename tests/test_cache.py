@@ -310,3 +310,23 @@ def test_pretrain_over_a_damaged_cache_entry_says_so_once_and_trains(dicom_folde
     assert result.output.count("is damaged") == 1 and "decoding again" in result.output
     assert "Traceback" not in result.output
     assert json.loads((tmp_path / "run2" / "data_report.json").read_text())["samples"] == 6
+
+
+def test_the_cache_stays_private_under_a_permissive_umask(cli, dicom_folder, tmp_path):
+    """Decoded pixels and the header index are 0600 in 0700 folders whatever the umask (run
+    outputs follow the umask; the cache holds patients' pixels and is never shared)."""
+    import stat
+
+    saved = os.umask(0o022)
+    try:
+        result = cli("pretrain", "--task", "simclr", "--backbone", "timm:test_resnet", "--data",
+                     f"dicom:{dicom_folder}", "--out", tmp_path / "run", "--max-steps", "1", "--batch-size", "2",
+                     "--image-size", "32", "--cache", tmp_path / "cache", "--quiet")
+    finally:
+        os.umask(saved)
+    assert result.exit_code == 0, result.output
+    modes = {str(p.relative_to(tmp_path / "cache")): stat.S_IMODE(p.stat().st_mode)
+             for p in (tmp_path / "cache").rglob("*")}
+    assert any(k.endswith("pixels.npy") for k in modes) and any(k.startswith("headers") for k in modes), sorted(modes)
+    wrong = {k: oct(m) for k, m in modes.items() if m != (0o700 if (tmp_path / "cache" / k).is_dir() else 0o600)}
+    assert not wrong, wrong

@@ -1,14 +1,17 @@
-"""The one tolerant reader of a run's JSON records, and what its callers make of a damaged one."""
+"""The one tolerant reader of a run's JSON records, and what its callers make of a damaged one;
+the modes of the files :func:`write_atomic` leaves."""
 
 from __future__ import annotations
 
 import json
+import os
+import stat
 
 import pytest
 
 from sslkit.config_backbone import recorded_backbone
 from sslkit.init.continued import _run_checkpoint
-from sslkit.output_file import read_json, write_json_atomic
+from sslkit.output_file import created_mode, read_json, write_atomic, write_json_atomic
 
 
 @pytest.mark.parametrize("text", [None, "", "{not json", "[1, 2]", '"a string"', "\xff\xfe"])
@@ -37,3 +40,54 @@ def test_a_recorded_backbone_is_read_from_run_json(tmp_path):
     (tmp_path / "run.json").write_text(json.dumps(
         {"task": "mae", "config": {"backbone": "timm:vit_tiny_patch16_224", "backbone_options": {"depth": 6}}}))
     assert recorded_backbone(tmp_path / "run.json") == ("timm:vit_tiny_patch16_224", {"depth": 6})
+
+
+@pytest.fixture
+def umask():
+    """Set the process umask for one test, restored after."""
+    saved = []
+
+    def set_mask(mask: int) -> None:
+        saved.append(os.umask(mask))
+
+    yield set_mask
+    if saved:
+        os.umask(saved[0])
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o027, 0o077])
+def test_a_new_file_gets_the_mode_open_would_give_it_not_mkstemps_0600(tmp_path, umask, mask):
+    umask(mask)
+    assert created_mode() == 0o666 & ~mask and created_mode(directory=True) == 0o777 & ~mask
+    write_json_atomic(tmp_path / "run.json", {"task": "mae"})
+    with open(tmp_path / "plain.json", "w") as f:  # what a plain write gives the same file
+        f.write("{}")
+    mode = stat.S_IMODE((tmp_path / "run.json").stat().st_mode)
+    assert mode == stat.S_IMODE((tmp_path / "plain.json").stat().st_mode) == 0o666 & ~mask
+
+
+def test_a_replaced_file_keeps_its_mode(tmp_path, umask):
+    umask(0o022)
+    out = tmp_path / "encoder.onnx"
+    out.write_text("old")
+    out.chmod(0o640)  # the user's choice for this file: kept
+    write_atomic(out, lambda tmp: tmp.write_text("new"))
+    assert out.read_text() == "new" and stat.S_IMODE(out.stat().st_mode) == 0o640
+
+
+def test_a_run_its_checkpoints_export_and_eval_report_are_readable_by_the_group(cli, gray_folder, tmp_path, umask):
+    """Under umask 022 every file a run, its export and its eval leave is 0644 and every folder
+    0755, as a team's shared run folder and a serving process under another user need."""
+    umask(0o022)
+    run = tmp_path / "run"
+    r = cli("pretrain", "--task", "simclr", "--backbone", "timm:test_resnet", "--data", f"folder:{gray_folder}",
+            "--out", run, "--max-steps", "2", "--batch-size", "4", "--image-size", "32", "--quiet")
+    assert r.exit_code == 0, r.output
+    r = cli("export", run, "--out", run / "encoder.onnx")
+    assert r.exit_code == 0, r.output
+    r = cli("eval", "knn", run, "--train", gray_folder, "--test", gray_folder, "--allow-overlap")
+    modes = {str(p.relative_to(run)): stat.S_IMODE(p.stat().st_mode) for p in run.rglob("*")}
+    assert any(k.startswith("checkpoints/") and k.endswith(".safetensors") for k in modes), sorted(modes)
+    assert {"run.json", "encoder.safetensors", "encoder.onnx"} <= set(modes)
+    wrong = {k: oct(m) for k, m in modes.items() if m != (0o755 if (run / k).is_dir() else 0o644)}
+    assert not wrong, wrong

@@ -110,7 +110,7 @@ def _save(store: Path, stamps: list[str], headers: list[dict[str, Any]]) -> None
         files[stamp] = [{k: v for k, v in h.items() if k != "group"}, gi]
     try:
         store.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        write_atomic(store, lambda tmp: tmp.write_text(json.dumps({"format": FORMAT, "files": files})))
+        write_atomic(store, lambda tmp: tmp.write_text(json.dumps({"format": FORMAT, "files": files})), mode=0o600)
     except (OSError, UsageError):
         pass  # the index only saves time: a run without it reads every header
 

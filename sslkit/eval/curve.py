@@ -71,7 +71,8 @@ def curve_results(prep: ProbeData, fractions: Sequence[float], k: int = 20, C_gr
         for enc in runs[0]:
             for setting in runs[0][enc]:
                 agg = mean_std([r[enc][setting] for r in runs])
-                agg["train_labels"] = float(np.mean([r[enc][setting]["train_labels"] for r in runs]))
+                ns = [r[enc][setting]["train_labels"] for r in runs]  # a count: an int when the folds agree
+                agg["train_labels"] = ns[0] if len(set(ns)) == 1 else float(np.mean(ns))
                 agg["fraction"] = f
                 out.setdefault(enc, {})[setting] = agg
     return out

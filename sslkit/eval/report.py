@@ -49,7 +49,7 @@ def unique_path(folder: Path, stem: str, suffix: str) -> Path:
     for n in range(1, 10_000):
         path = folder / f"{stem}-{stamp}{'' if n == 1 else f'-{n}'}{suffix}"
         try:
-            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
             return path
         except FileExistsError:
             continue
@@ -66,7 +66,7 @@ def save_report(report: dict[str, Any], folder: Path, picture: Path | None = Non
     if stem is not None:
         folder.mkdir(parents=True, exist_ok=True)
         try:
-            os.close(os.open(folder / f"{stem}.json", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            os.close(os.open(folder / f"{stem}.json", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
             path = folder / f"{stem}.json"
         except FileExistsError:
             pass
