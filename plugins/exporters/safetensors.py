@@ -51,8 +51,8 @@ def timm_recipe(metadata: dict[str, Any], spec: InputSpec,
     backbone was built with ``create_model(**options)`` (its ``create_options``)."""
     prefix, _, name = metadata["backbone"].partition(":")
     if prefix != "timm":
-        raise UsageError(f"--format safetensors writes timm checkpoints; backbone {metadata['backbone']!r} is not a timm backbone "
-                         "(--format onnx exports any backbone)")
+        raise UsageError(f"--format safetensors writes timm checkpoints; backbone {metadata['backbone']!r} is not "
+                         "a timm backbone (--format onnx exports any backbone)")
     kwargs: dict[str, Any] = {"in_chans": spec.channels, **options}
     overlay = {"num_classes": 0, "input_size": [spec.channels, spec.image_size, spec.image_size],
                "mean": list(spec.mean), "std": list(spec.std), **RESIZE}
