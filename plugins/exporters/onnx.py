@@ -124,15 +124,8 @@ def export_onnx(encoder: nn.Module, spec: InputSpec, metadata: dict[str, Any], o
         nonlocal model
         onnx.save_model(model, str(tmp))
         onnx.checker.check_model(str(tmp), full_check=True)
-        checks = verify(tmp, module, raw, spec, sizes, samples, tolerance, None, log)
-        report["checks"] = checks
-        report["max_abs_diff"] = max(c["max_abs_diff"] for c in checks)
-        report["min_cosine"] = min(c["min_cosine"] for c in checks)
-        if samples is None or not len(samples):
-            report["real_inputs"] = samples_note or "skipped: no real samples given"
-            log(f"real-input check {report['real_inputs']}")
-        else:
-            report["real_inputs"] = samples_note or f"{len(samples)} real samples"
+        _summarise(report, verify(tmp, module, raw, spec, sizes, samples, tolerance, None, log), samples,
+                   samples_note, log)
         if fp16:
             model, report["fp16"] = _to_fp16(model, tmp, lambda: verify(tmp, module, raw, spec, sizes, samples,
                                                                        fp16_tolerance, FP16_MIN_COSINE, log),
@@ -144,6 +137,20 @@ def export_onnx(encoder: nn.Module, spec: InputSpec, metadata: dict[str, Any], o
 
     write_atomic(out, write, suffix=".onnx")
     return report
+
+
+def _summarise(report: dict[str, Any], checks: list[dict[str, Any]], samples: np.ndarray | None,
+               samples_note: str | None, log: Callable[[str], None]) -> None:
+    """The parity checks in ``report``: each, the worst difference and cosine, and what real
+    inputs there were (or why none)."""
+    report["checks"] = checks
+    report["max_abs_diff"] = max(c["max_abs_diff"] for c in checks)
+    report["min_cosine"] = min(c["min_cosine"] for c in checks)
+    if samples is None or not len(samples):
+        report["real_inputs"] = samples_note or "skipped: no real samples given"
+        log(f"real-input check {report['real_inputs']}")
+    else:
+        report["real_inputs"] = samples_note or f"{len(samples)} real samples"
 
 
 def _to_fp16(model, tmp: Path, check: Callable[[], list[dict[str, Any]]], tolerance: float) -> tuple[Any, dict]:

@@ -51,30 +51,9 @@ def check_source(source: Any, location: str, *, tmp_path: Path, options: Any = N
         assert isinstance(ref, SampleRef), f"{cls.__name__}.index() returned {type(ref).__name__}, not SampleRef"
         assert os.path.isfile(ref.path), f"SampleRef.path {ref.path!r} is not an existing file"
     picked = refs[:: max(1, len(refs) // max_samples)][:max_samples]
-    channels = set()
     volume = sample_mode(src).size if sample_mode(src).volumetric else None
-    for ref in picked:
-        x = src.load(ref)
-        what = f"{cls.__name__}.load({ref.id!r})"
-        assert isinstance(x, np.ndarray) and x.dtype == np.float32, f"{what}: want a float32 numpy array, got " \
-                                                                   f"{type(x).__name__} {getattr(x, 'dtype', '')}"
-        if volume is not None:
-            assert x.ndim == 4 and x.shape[0] >= 1 and x.shape[1:] == tuple(volume), \
-                f"{what}: sampling volumes of {tuple(volume)}, want (C, {', '.join(map(str, volume))}), got {x.shape}"
-        else:
-            assert x.ndim == 3 and x.shape[0] >= 1 and min(x.shape[1:]) >= 1, f"{what}: want (C, H, W), got {x.shape}"
-        assert np.isfinite(x).all() and x.min() >= 0.0 and x.max() <= 1.0, \
-            f"{what}: values must be in [0, 1], got [{x.min()}, {x.max()}]"
-        declared = src.channels_of(ref)
-        assert declared is None or declared == x.shape[0], f"{what}: channels_of says {declared}, loaded {x.shape[0]}"
-        channels.add(int(x.shape[0]))
-    try:
-        copy = pickle.loads(pickle.dumps(src))
-    except Exception as exc:
-        raise AssertionError(f"{cls.__name__} does not pickle (the first decoding pass runs in worker "
-                             f"processes): {type(exc).__name__}: {exc}") from None
-    assert np.array_equal(copy.load(picked[0]), src.load(picked[0])), f"{cls.__name__}: a pickled copy loads " \
-                                                                       "different pixels"
+    channels = {_check_load(src, cls, ref, volume) for ref in picked}
+    _check_pickles(src, cls, picked[0])
     json.dumps(src.describe())
     graph = _check_graph_preprocessing(src, cls, channels)
     _check_sniff(cls, location, Path(tmp_path))
@@ -83,6 +62,36 @@ def check_source(source: Any, location: str, *, tmp_path: Path, options: Any = N
         damaged = _check_damaged(src, picked[0], Path(tmp_path), Undecodable)
     return {"scheme": name or cls.scheme, "samples": len(refs), "loaded": len(picked), "channels": sorted(channels),
             "damaged": damaged, "graph": graph}
+
+
+def _check_load(src: Any, cls: type, ref: Any, volume: tuple[int, ...] | None) -> int:
+    """``load(ref)``: float32 ``(C, H, W)`` (volumes: ``(C, *volume)``) in [0, 1], ``C`` as
+    ``channels_of`` says; returns ``C``."""
+    x = src.load(ref)
+    what = f"{cls.__name__}.load({ref.id!r})"
+    assert isinstance(x, np.ndarray) and x.dtype == np.float32, f"{what}: want a float32 numpy array, got " \
+                                                               f"{type(x).__name__} {getattr(x, 'dtype', '')}"
+    if volume is not None:
+        assert x.ndim == 4 and x.shape[0] >= 1 and x.shape[1:] == tuple(volume), \
+            f"{what}: sampling volumes of {tuple(volume)}, want (C, {', '.join(map(str, volume))}), got {x.shape}"
+    else:
+        assert x.ndim == 3 and x.shape[0] >= 1 and min(x.shape[1:]) >= 1, f"{what}: want (C, H, W), got {x.shape}"
+    assert np.isfinite(x).all() and x.min() >= 0.0 and x.max() <= 1.0, \
+        f"{what}: values must be in [0, 1], got [{x.min()}, {x.max()}]"
+    declared = src.channels_of(ref)
+    assert declared is None or declared == x.shape[0], f"{what}: channels_of says {declared}, loaded {x.shape[0]}"
+    return int(x.shape[0])
+
+
+def _check_pickles(src: Any, cls: type, ref: Any) -> None:
+    """The source pickles (the first decoding pass runs in worker processes) and the copy
+    loads the same pixels."""
+    try:
+        copy = pickle.loads(pickle.dumps(src))
+    except Exception as exc:
+        raise AssertionError(f"{cls.__name__} does not pickle (the first decoding pass runs in worker "
+                             f"processes): {type(exc).__name__}: {exc}") from None
+    assert np.array_equal(copy.load(ref), src.load(ref)), f"{cls.__name__}: a pickled copy loads different pixels"
 
 
 def _check_graph_preprocessing(src: Any, cls: type, channels: set[int]) -> str:

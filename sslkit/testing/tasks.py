@@ -77,11 +77,8 @@ def check_task(task: Any, *, tmp_path: Path, backbone: str | None = None, backbo
             n = steps + 1 if (i == 0 and resume) else steps
             out = tmp_path / f"run-{c}"
             data = _data(tmp_path, batch_size * n, image_size, c, volume)
-            sslkit("pretrain", "--task", name, "--data", data, "--out", out, "--backbone", backbone,
-                   "--image-size", image_size, "--batch-size", batch_size, "--epochs", 1, "--max-steps", n,
-                   "--channels", c, "--seed", 0, "--deterministic", "--no-cache", "--quiet", "--device", "cpu",
-                   "--checkpoint-every", 1, "--keep-checkpoints", 0,
-                   *_options(volume, backbone_options or {}, options or {}))
+            _pretrain(name, data, out, backbone, image_size, batch_size, n, c,
+                      _options(volume, backbone_options or {}, options or {}))
             rows = metric_rows(out)
             what = f"task {name!r} ({c} channel{'s' if c > 1 else ''})"
             assert len(rows) == n, f"{what}: {len(rows)} optimizer steps logged, expected {n}"
@@ -92,6 +89,15 @@ def check_task(task: Any, *, tmp_path: Path, backbone: str | None = None, backbo
             if i == 0 and resume:
                 report["resume"] = _check_resume(out, tmp_path / f"run-{c}-resumed", rows, what)
     return report
+
+
+def _pretrain(task: str, data: str, out: Path, backbone: str, image_size: int, batch_size: int, steps: int,
+              channels: int, options: list[str]) -> None:
+    """``sslkit pretrain`` for the kit: CPU, deterministic, seeded, one checkpoint per step, kept."""
+    sslkit("pretrain", "--task", task, "--data", data, "--out", out, "--backbone", backbone,
+           "--image-size", image_size, "--batch-size", batch_size, "--epochs", 1, "--max-steps", steps,
+           "--channels", channels, "--seed", 0, "--deterministic", "--no-cache", "--quiet", "--device", "cpu",
+           "--checkpoint-every", 1, "--keep-checkpoints", 0, *options)
 
 
 def _options(volume: tuple | None, backbone_options: dict, options: dict) -> list[str]:
