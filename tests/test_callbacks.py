@@ -229,6 +229,14 @@ def test_mlflow_plugin_logs_params_metrics_and_the_encoder_to_a_file_store(tmp_p
     assert sorted((r.info.status, r.data.tags["sslkit.resumed_from_step"]) for r in kit) == [
         ("FAILED", "0"), ("FINISHED", "0"), ("FINISHED", "2")]
 
+    import os  # the plugin's own CI, as its author runs it: pytest examples/sslkit-mlflow, sslkit's kit inside
+
+    example = REPO / "examples" / "sslkit-mlflow"
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(example)],
+                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(site)}, cwd=example,
+                          timeout=600)
+    assert proc.returncode == 0 and "2 passed" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-2000:]
+
 
 def test_tensorboard_callback_writes_every_scalar(tmp_path, monkeypatch):
     pytest.importorskip("tensorboard")
