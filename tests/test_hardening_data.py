@@ -482,3 +482,28 @@ def test_folder_source_link_loops_and_a_fifo_named_png(tmp_path, cli):
     rep = json.loads(proc.stdout)
     assert rep["images"] == 10 and rep["decoded_ok"] == 10
     assert [u["path"] for u in rep["unreadable"]] == ["x.png"] and "FIFO" in rep["unreadable"][0]["reason"]
+
+
+def test_a_decoder_out_of_memory_or_silent_is_a_named_reason_not_an_empty_one(tmp_path, monkeypatch):
+    """A MemoryError (a decoder asked for more than is free) and an error without a message
+    each give a row that says what happened, not ``MemoryError:`` with nothing after it."""
+    from sslkit.data.pipeline import load_data
+    from sslkit_plugins.sources.folder import FolderSource
+    from tests.conftest import make_images
+
+    root = make_images(tmp_path / "img", n_per_class=3, size=16)
+    files = sorted(str(p) for p in root.rglob("*.png"))
+    original = FolderSource.load
+
+    def load(self, ref):
+        if ref.path == files[0]:
+            raise MemoryError()
+        if ref.path == files[1]:
+            raise RuntimeError("")
+        return original(self, ref)
+
+    monkeypatch.setattr(FolderSource, "load", load)
+    data = load_data(f"folder:{root}", 16, cache_dir="", progress=False, workers=1)
+    reasons = dict(data.prepared.skipped)
+    first, second = (str(Path(f).relative_to(root)) for f in files[:2])  # reports name files below the root
+    assert reasons == {first: "MemoryError: decoding it needs more memory than is free", second: "RuntimeError"}

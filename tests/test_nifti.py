@@ -112,3 +112,54 @@ def test_index_reads_headers_only_and_agrees_with_the_canonical_image(tmp_path):
     canon = nib.as_closest_canonical(img)
     shape, zooms = canonical_geometry(img)
     assert shape == canon.shape and zooms == tuple(float(z) for z in canon.header.get_zooms())
+
+
+def crafted(path: Path, shape: tuple[int, ...], payload: int, gz: bool = False) -> Path:
+    """A NIfTI header declaring ``shape`` (int16) followed by only ``payload`` zero bytes."""
+    import gzip
+
+    header = nib.Nifti1Header()
+    header.set_data_shape(shape)
+    header.set_data_dtype(np.int16)
+    header["vox_offset"] = 352
+    raw = header.binaryblock + b"\0" * (352 - len(header.binaryblock) + payload)
+    path.write_bytes(gzip.compress(raw) if gz else raw)
+    return path
+
+
+def test_a_header_the_file_cannot_hold_is_skipped_at_index_before_any_voxel_is_read(tmp_path, monkeypatch):
+    """A 1 KB file declaring gigabytes (a crafted header, or a truncated copy) is named with the
+    reason and skipped from the header and the file size; nothing tries to allocate its voxels."""
+    write(tmp_path / "ok.nii.gz", grid())
+    crafted(tmp_path / "bomb.nii", (512, 512, 20000), 1000)
+    crafted(tmp_path / "bomb.nii.gz", (512, 512, 20000), 100_000, gz=True)
+    good = write(tmp_path / "whole.nii", grid())
+    (tmp_path / "cut.nii").write_bytes(good.read_bytes()[:-10])  # a copy cut short by 10 bytes
+    from nibabel.arrayproxy import ArrayProxy
+
+    read = []
+    for name in ("__array__", "__getitem__"):  # every way nibabel reads voxels from a file
+        original = getattr(ArrayProxy, name)
+        monkeypatch.setattr(ArrayProxy, name, lambda self, *a, _o=original, **k: read.append(self) or _o(self, *a, **k))
+    src = create_source(f"nifti:{tmp_path}")
+    refs = src.index()
+    assert not read and sorted({r.path for r in refs}) == [str(tmp_path / "ok.nii.gz"), str(good)]
+    why = {Path(p).name: reason for p, reason in src.skipped}
+    assert set(why) == {"bomb.nii", "bomb.nii.gz", "cut.nii"}
+    assert why["bomb.nii"] == ("truncated: the header declares 10,485,760,000 bytes of voxels (512x512x20000) "
+                               "from byte 352; the file has 1,352")
+    assert why["cut.nii"].startswith("truncated: the header declares 120 bytes of voxels (5x4x3)")
+    size = (tmp_path / "bomb.nii.gz").stat().st_size
+    assert why["bomb.nii.gz"] == ("the header declares 10,485,760,000 bytes of voxels (512x512x20000); a "
+                                  f"{size:,}-byte gzip file expands to at most {size * 1032:,}")
+
+
+def test_slices_over_max_pixels_are_skipped_from_the_header(tmp_path, cli):
+    write(tmp_path / "ok.nii.gz", grid())
+    crafted(tmp_path / "wide.nii", (3000, 3000, 2), 3000 * 3000 * 2 * 2)  # holds its voxels: only too wide
+    r = cli("data", "inspect", f"nifti:{tmp_path}", "--max-pixels", "1000000", "--json")
+    assert r.exit_code == 0, r.output
+    assert "wide.nii" in r.output
+    assert "too many pixels: 3000x3000 = 9,000,000 exceeds the limit of 1,000,000" in r.output
+    r = cli("data", "inspect", f"nifti:{tmp_path}", "--max-pixels", "0", "--json")
+    assert r.exit_code == 0 and "too many pixels" not in r.output

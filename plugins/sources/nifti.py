@@ -9,7 +9,10 @@ the header's zooms. ``--window`` maps values to [0, 1]: ``minmax`` over the whol
 (default) or a linear ``W,L`` in the file's units (e.g. Hounsfield units for CT).
 
 ``--sample`` (:class:`sslkit.api.SampleMode`): ``slice`` (one 2D image per axial slice),
-``slab:K`` or ``volume``. Only headers are read by ``index()``. Every file is its own
+``slab:K`` or ``volume``. Only headers are read by ``index()``, and a file is skipped there, before
+any voxel is read, when its slices exceed ``--max-pixels`` or it cannot hold the voxels its header
+declares (a ``.nii`` shorter than them; a ``.nii.gz`` smaller than them over gzip's largest
+expansion, 1032:1): a crafted 1 KB header never becomes a 100 TB allocation. Every file is its own
 split group (a salted hash of its path); nothing from the header's free-text fields
 (``descrip``, ``db_name``, ``aux_file``) is read.
 """
@@ -17,6 +20,7 @@ split group (a salted hash of its path); nothing from the header's free-text fie
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,10 +29,12 @@ from typing import Any
 import numpy as np
 
 from sslkit.api import (GraphPreprocessing, SampleMode, SampleRef, Source, Undecodable, UsageError, check_dir,
-                        fit_volume, hookimpl, slab_indices, stack_slab, walk_files)
+                        check_pixel_count, fit_volume, hookimpl, slab_indices, stack_slab, walk_files)
 
 SUFFIXES = (".nii", ".nii.gz")
 _NUM = r"[-+]?(?:\d+\.?\d*|\.\d+)"
+#: deflate's largest expansion (a run of one byte): a gzip file of N bytes holds at most this x N
+GZIP_MAX_RATIO = 1032
 
 
 def is_nifti(path: Path) -> bool:
@@ -83,6 +89,22 @@ def canonical_volume(img: Any) -> tuple[np.ndarray, tuple[float, float, float]]:
     return np.ascontiguousarray(vol), (zooms[2], zooms[1], zooms[0])
 
 
+def check_holds(path: Path, img: Any) -> None:
+    """Raise ``ValueError`` when the file at ``path`` cannot hold the voxels ``img``'s header
+    declares: from the header and the file's size alone, before anything is read."""
+    need = math.prod(int(n) for n in img.shape) * int(img.get_data_dtype().itemsize)
+    size = path.stat().st_size
+    if path.name.lower().endswith(".gz"):
+        if need > size * GZIP_MAX_RATIO:
+            raise ValueError(f"the header declares {need:,} bytes of voxels ({'x'.join(map(str, img.shape))}); "
+                             f"a {size:,}-byte gzip file expands to at most {size * GZIP_MAX_RATIO:,}")
+        return
+    offset = int(getattr(img.dataobj, "offset", 0) or 0)  # where the voxels start (the header's vox_offset)
+    if size < offset + need:
+        raise ValueError(f"truncated: the header declares {need:,} bytes of voxels "
+                         f"({'x'.join(map(str, img.shape))}) from byte {offset:,}; the file has {size:,}")
+
+
 def canonical_geometry(img: Any) -> tuple[tuple[int, ...], tuple[float, float, float]]:
     """Shape and voxel size (x, y, z) of ``img`` once turned to RAS+, from the header alone
     (``as_closest_canonical`` would read every voxel)."""
@@ -132,12 +154,19 @@ class NiftiSource(Source):
         refs: list[SampleRef] = []
         for f in map(str, files):
             try:
-                shape = canonical_geometry(nib.load(f))[0]
+                img = nib.load(f)
+                shape = canonical_geometry(img)[0]
             except Exception as exc:
                 self.skipped.append((f, f"unreadable NIfTI header: {type(exc).__name__}"))
                 continue
             if len(shape) not in (3, 4):
                 self.skipped.append((f, f"not a volume: {len(shape)} dimensions"))
+                continue
+            try:  # from the header and the file's size, before any voxel is read
+                check_pixel_count(int(shape[0]), int(shape[1]), self.max_pixels)
+                check_holds(Path(f), img)
+            except ValueError as exc:  # Undecodable too
+                self.skipped.append((f, str(exc)))
                 continue
             group = hashlib.sha256(b"sslkit-nifti-v1" + f.encode()).hexdigest()[:16]
             depth = int(shape[2])

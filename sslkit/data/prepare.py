@@ -246,12 +246,22 @@ def _decode_one(ref: SampleRef) -> np.ndarray | str | None:
     except NotAnImage:
         return None
     except Exception as exc:
-        reason = str(exc) if isinstance(exc, Undecodable) else f"{type(exc).__name__}: {exc}"
-        return " ".join(reason.split())[:500]
+        return " ".join(_reason(exc).split())[:500]
     y = np.multiply(x, SCALE, dtype=np.result_type(x, np.float32))  # a new array: the source's stays as it is
     np.rint(y, out=y)
     np.clip(y, 0, SCALE, out=y)
     return y.astype(np.uint16)
+
+
+def _reason(exc: Exception) -> str:
+    """A sample's skip reason for ``data_report.json``: the source's own (:class:`Undecodable`),
+    else the error's type and message (its type alone when it has none)."""
+    if isinstance(exc, Undecodable):
+        return str(exc)
+    text = str(exc).strip()
+    if isinstance(exc, MemoryError):
+        text = text or "decoding it needs more memory than is free"
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 #: decode this long (seconds) in this process before deciding on worker processes
