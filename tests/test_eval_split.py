@@ -82,6 +82,43 @@ def test_mean_std_over_folds():
     assert [f["C"] for f in m["folds"]] == [1.0, 10.0]
 
 
+def test_a_class_missing_from_a_folds_training_part_is_one_line_before_any_fit():
+    """A probe cannot be fitted on a training part without a class it is scored on (sklearn had
+    raised a traceback): a class of one patient, and a class whose patients share a test fold."""
+    y, groups = np.array([0, 0, 0, 1]), ["a", "b", "c", "d"]
+    with pytest.raises(UsageError, match=r"^--split group:2: class 'B' has images of one group \(patient\) only"):
+        group_folds(y, groups, 2, classes=["A", "B"])
+    y = np.array([0] * 6 + [1] * 2)  # class 1: patients g and h; 3 folds, fewer groups of 1 than folds
+    groups = list("abcdefgh")
+    folds = [(np.array([0, 1, 2, 3, 4, 5]), np.array([6, 7]))]  # both of its patients tested together
+    from sslkit.eval.split import _check_classes_in_training
+
+    with pytest.raises(UsageError, match=r"the training part of fold 1 has no image of class 'B' \(2 groups in all\)"):
+        _check_classes_in_training(y, groups, 3, folds, ["A", "B"])
+    for tr, _ in group_folds(y, groups, 2, seed=0, classes=["A", "B"]):  # when it holds, folds are as before
+        assert set(y[tr]) == {0, 1}
+    from sslkit.eval.split import fold_method
+
+    assert fold_method(y, groups, 2).startswith("StratifiedGroupKFold")
+    assert fold_method(y, groups, 3).startswith("GroupKFold")  # what the report says when it falls back
+
+
+def test_cli_refuses_a_split_that_leaves_a_class_out_of_training(tmp_path, cli):
+    from tests.conftest import make_images
+
+    images = make_images(tmp_path / "img", n_per_class=4, size=16)
+    for extra in sorted((images / sorted(p.name for p in images.iterdir())[1]).iterdir())[1:]:
+        extra.unlink()  # the second class keeps one image: one group
+    run = tmp_path / "run"
+    r = cli("pretrain", "--task", "simclr", "--backbone", "timm:test_resnet", "--data", f"folder:{images}",
+            "--out", run, "--max-steps", "1", "--batch-size", "4", "--image-size", "16", "--quiet")
+    assert r.exit_code == 0, r.output
+    for kind in ("knn", "linear"):
+        r = cli("eval", kind, run, "--data", f"folder:{images}", "--split", "group:2")
+        assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1, r.output
+        assert "class " in r.stderr and "has images of one group (patient) only" in r.stderr
+
+
 def test_grouped_kfold_removes_the_leak_that_a_per_file_split_has(patients, cli):
     run, data = patients / "run", patients / "data"
     common = ["eval", "knn", run, "--data", data, "--split", "group:3", "--k", "1", "--no-baseline", "--json",
@@ -96,6 +133,7 @@ def test_grouped_kfold_removes_the_leak_that_a_per_file_split_has(patients, cli)
     assert fair["std"]["top1"] == pytest.approx(np.std([f["top1"] for f in fair["folds"]], ddof=1))
     assert grouped["data"]["data"]["groups"] == 40 and leaky["data"]["data"]["groups"] == 80
     assert grouped["settings"]["split"]["folds"] == 3 and grouped["settings"]["split"]["group_by"] == "pattern"
+    assert grouped["settings"]["split"]["method"] == "StratifiedGroupKFold (shuffled)"  # ~20 patients a class
     text = cli(*common[:-2], "--group-pattern", r"^(p\d+)_", "--quiet")
     assert text.exit_code == 0 and " ± " in text.stdout and "3-fold" in text.stdout
 

@@ -21,7 +21,7 @@ from sslkit.eval.linear import C_GRID, fit_linear_probe
 from sslkit.eval.metrics import classification_metrics
 from sslkit.eval.overlap import check_overlap
 from sslkit.eval.report import new_report, save_report
-from sslkit.eval.split import group_folds, group_keys, mean_std, parse_split
+from sslkit.eval.split import fold_method, group_folds, group_keys, mean_std, parse_split
 
 
 @dataclass
@@ -73,6 +73,7 @@ class ProbeData:
     positive: int | None
     folds: list[tuple[np.ndarray, np.ndarray]] | None = None
     groups: int = 0
+    split_method: str = ""  # how ``folds`` were drawn (sslkit.eval.split.fold_method)
     overlap: int = 0  # test samples also in the training set (--allow-overlap)
     #: ``(encoder, setting)`` -> per-test-image correctness of a single split, for the paired gain
     correct: dict[tuple[str, str], np.ndarray] = field(default_factory=dict)
@@ -124,13 +125,15 @@ def _prepare_folds(model: EvalModel, args: DataArgs, k: int) -> ProbeData:
     group_of = dict(zip(ids, group_keys(ids, {r.id: r.group for r in refs}, args.group_by, args.group_pattern)))
     labelled = [(i, lab) for i, lab in zip(ids, assign_labels(ids, [r.label for r in refs], table)) if lab is not None]
     group_folds(np.array([classes.index(lab) for _, lab in labelled]), [group_of[i] for i, _ in labelled], k,
-                args.seed)  # fail fast (too few groups), before decoding anything
+                args.seed, classes)  # fail fast (too few groups, a class missing from a fold), before decoding
     embs = labelled_embeddings(model, args.data, "--data", table, args.baseline, batch_size=args.batch_size,
                                source_options=args.source_options, progress=args.progress)
     first = embs["pretrained"]
     groups = [group_of[i] for i in first.ids]
-    folds = group_folds(np.array([classes.index(c) for c in first.labels]), groups, k, args.seed)
-    return ProbeData(model, {e: (s, s) for e, s in embs.items()}, classes, positive, folds, len(set(groups)))
+    y = np.array([classes.index(c) for c in first.labels])
+    folds = group_folds(y, groups, k, args.seed, classes)
+    return ProbeData(model, {e: (s, s) for e, s in embs.items()}, classes, positive, folds, len(set(groups)),
+                     split_method=fold_method(y, groups, k))
 
 
 def base_report(kind: str, prep: ProbeData, args: DataArgs, settings: dict[str, Any]) -> dict[str, Any]:
@@ -140,7 +143,7 @@ def base_report(kind: str, prep: ProbeData, args: DataArgs, settings: dict[str, 
     if prep.folds is not None:
         settings["split"] = {"kind": "group", "folds": len(prep.folds), "group_by": "pattern" if args.group_pattern
                              else args.group_by, "group_pattern": args.group_pattern, "seed": args.seed,
-                             "method": "StratifiedGroupKFold (shuffled)"}
+                             "method": prep.split_method}
         report["data"] = {"data": {"source": args.data, "samples": len(tr.labels), "unlabelled": tr.unlabelled,
                                    "groups": prep.groups}}
         pairs = (("data", tr),)

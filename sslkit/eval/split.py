@@ -67,8 +67,21 @@ def group_keys(ids: Sequence[str], source_groups: dict[str, str], group_by: str 
     return out
 
 
-def group_folds(y: np.ndarray, groups: Sequence[str], k: int, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
-    """``K`` pairs ``(train_idx, test_idx)``; every group is in exactly one test fold."""
+STRATIFIED, UNSTRATIFIED = "StratifiedGroupKFold (shuffled)", "GroupKFold (a class has fewer groups than folds)"
+
+
+def fold_method(y: np.ndarray, groups: Sequence[str], k: int) -> str:
+    """How :func:`group_folds` splits: stratified by class when every class has at least ``k``
+    groups, else by groups alone."""
+    per_class = min(len({g for g, c in zip(groups, y) if c == cls}) for cls in np.unique(y))
+    return STRATIFIED if per_class >= k else UNSTRATIFIED
+
+
+def group_folds(y: np.ndarray, groups: Sequence[str], k: int, seed: int = 0,
+                classes: Sequence[str] | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``K`` pairs ``(train_idx, test_idx)``; every group is in exactly one test fold, and every
+    class of ``y`` (named by ``classes``) is in every fold's training part, else a one-line
+    :class:`UsageError` (a probe cannot be fitted without a class it is scored on)."""
     from sklearn.model_selection import GroupKFold, StratifiedGroupKFold
 
     n_groups = len(set(groups))
@@ -76,15 +89,34 @@ def group_folds(y: np.ndarray, groups: Sequence[str], k: int, seed: int = 0) -> 
         raise UsageError(f"--split group:{k} needs at least {k} groups (patients); the labelled data has "
                          f"{n_groups}: lower K or check --group-pattern / --group-by")
     x = np.zeros((len(y), 1))
-    per_class = min(len({g for g, c in zip(groups, y) if c == cls}) for cls in np.unique(y))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "least populated class has only n members"
-        if per_class >= k:
+        if fold_method(y, groups, k) == STRATIFIED:
             splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
             folds = list(splitter.split(x, y, groups))
         else:
             folds = list(GroupKFold(n_splits=k).split(x, y, groups))
-    return [(np.sort(tr), np.sort(te)) for tr, te in folds]
+    folds = [(np.sort(tr), np.sort(te)) for tr, te in folds]
+    _check_classes_in_training(y, groups, k, folds, classes)
+    return folds
+
+
+def _check_classes_in_training(y: np.ndarray, groups: Sequence[str], k: int,
+                               folds: list[tuple[np.ndarray, np.ndarray]], classes: Sequence[str] | None) -> None:
+    """Every class of ``y`` in every fold's training indices, else one line naming the first gap."""
+    for i, (tr, _) in enumerate(folds):
+        missing = sorted(set(np.unique(y).tolist()) - set(np.unique(y[tr]).tolist()))
+        if missing:
+            c = missing[0]
+            name = classes[c] if classes is not None else c
+            n_groups = len({g for g, label in zip(groups, y) if label == c})
+            if n_groups < 2:
+                raise UsageError(f"--split group:{k}: class {name!r} has images of one group (patient) only, so "
+                                 "no grouped split has it on both sides; label images of more patients of it, or "
+                                 "give --train and --test")
+            raise UsageError(f"--split group:{k}: the training part of fold {i + 1} has no image of class "
+                             f"{name!r} ({n_groups} groups in all); a probe needs every class in every fold: "
+                             "lower K, or label images of more patients of that class")
 
 
 def mean_std(per_fold: list[dict[str, Any]]) -> dict[str, Any]:
