@@ -274,7 +274,7 @@ def test_tsne_png_size_and_input_count(tiny, cli, monkeypatch):
 
 
 def test_attention_grid_cnn(tiny, cli):
-    rep = _json(cli("eval", "attention", tiny / "run", "--images", tiny / "test", "--max-images", "3", "--json",
+    rep = _json(cli("eval", "attention", tiny / "run", "--data", tiny / "test", "--max-images", "3", "--json",
                     "--quiet"))
     assert rep["settings"]["method"].startswith("Grad-CAM")
     png = Path(rep["files"][0])

@@ -194,7 +194,8 @@ def tsne(**kw) -> None:
 
 @eval_group.command(cls=SourceFlagsCommand)
 @click.argument("model", metavar="RUN")
-@click.option("--images", required=True, help="Images to look at (a folder or any source).")
+@click.option("--data", "--images", "images", required=True,
+              help="Images to look at (a folder or any source); --images is the same option.")
 @click.option("--out", default=None, help="PNG file (default: RUN/eval/attention-<time>.png).")
 @click.option("--max-images", default=8, show_default=True, type=click.IntRange(min=1, max=64))
 @click.option("--no-baseline", is_flag=True, help="Skip the random-init encoder's maps.")
