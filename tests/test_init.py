@@ -261,6 +261,41 @@ def test_hub_id_and_timm_tag_resolve_from_the_local_cache_only(tmp_path, monkeyp
 
 
 # --- through pretrain and export ------------------------------------------------------------------
+def test_allow_download_fetches_into_the_cache_or_fails_in_one_line(tmp_path, monkeypatch):
+    """``--allow-download``: a file the Hub gives lands in the cache and loads like a cached one;
+    a Hub that cannot be reached (offline here) is one line naming the repo and the files tried."""
+    import huggingface_hub
+
+    from sslkit.init.resolve import HUB_FILES, resolve_init
+
+    cache = tmp_path / "hub"
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no network: the real download fails at once
+    with pytest.raises(UsageError) as err:
+        resolve_init("acme/nowhere", allow_download=True)
+    msg = str(err.value)
+    assert msg.startswith(f"--init acme/nowhere: cannot download acme/nowhere ({', '.join(HUB_FILES)}): ")
+    assert "\n" not in msg
+    w = _random_like(create_backbone("timm:resnet18", in_chans=3, image_size=32).model, 12)
+    asked = []
+
+    def download(repo, name, revision=None, cache_dir=None):  # what the Hub client does: into the cache
+        asked.append((repo, name, revision, cache_dir))
+        if name != "model.safetensors":
+            raise FileNotFoundError(name)
+        return str(_fake_hub(Path(cache_dir), repo, w, rev="fedcba9876543210"))
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    found = resolve_init("acme/xray-r18@v2", allow_download=True)
+    assert (found.kind, found.name) == ("hub", "acme/xray-r18@v2")
+    assert asked == [("acme/xray-r18", "model.safetensors", "v2", str(cache))]
+    dst = create_backbone("timm:resnet18", in_chans=3, image_size=32)
+    load_init(str(found.path), dst)
+    _assert_loaded(dst.model, w)
+    with pytest.raises(UsageError, match=r"--init: unknown timm model 'resnet1800' \(did you mean 'resnet18"):
+        resolve_init("timm:resnet1800.a1_in1k")
+
+
 def test_pretrain_init_is_recorded_in_run_json_and_export_metadata(tmp_path):
     from sslkit.engine import pretrain
     from sslkit.export import export_metadata
