@@ -30,7 +30,6 @@ resolved in full (every field of the task's ``Options`` with its default), so
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import math
 import tomllib
@@ -40,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from sslkit.config_backbone import run_backbone
-from sslkit.errors import UsageError, first_line
+from sslkit.errors import UsageError, first_line, unknown_name_message
 from sslkit.run import RESUMABLE_OVERRIDES, RUN_JSON, RunConfig
 
 FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
@@ -134,9 +133,7 @@ def check_values(values: dict[str, Any], origin: str) -> dict[str, Any]:
             raise UsageError(f"{origin}: {key!r} is a command-line option only, not a setting")
         else:
             known = [*FIELDS, *_ALIASES, "no_cache", "quiet", *sorted(flag_fields())]
-            close = difflib.get_close_matches(name, known, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise UsageError(f"{origin}: unknown setting {key!r}{hint}; settings: {', '.join(known)}")
+            raise UsageError(f"{origin}: " + unknown_name_message("setting", key, known, listed=len(known)))
     if flags:
         out["source_options"] = {**out.get("source_options", {}), **flags}
     return out

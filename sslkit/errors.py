@@ -1,5 +1,10 @@
 """Errors a user can cause. The CLI prints them as one line and exits with code 2."""
 
+from __future__ import annotations
+
+import difflib
+from typing import Sequence
+
 
 class UsageError(Exception):
     """A mistake in what the user asked for (unknown name, missing data, bad option...).
@@ -22,3 +27,17 @@ def first_line(exc: BaseException) -> str:
     ``raise UsageError(f"cannot build {name}: {first_line(exc)}") from None``."""
     text = str(exc).strip()
     return (text.splitlines()[0] if text else type(exc).__name__)[:200]
+
+
+def unknown_name_message(what: str, name: str, valid: Sequence[str], hint: str = "", *, suggestions: int = 1,
+                         listed: int = 40) -> str:
+    """``unknown <what> '<name>' (did you mean 'x'?); choose from: a, b, ...<hint>`` in one line:
+    sslkit's one did-you-mean. ``suggestions``: how many close names to offer; ``listed``: how
+    many valid names to list (0: none, for a catalogue of thousands; say where to look in ``hint``)."""
+    valid = list(valid)
+    close = difflib.get_close_matches(name, valid, n=suggestions)
+    guess = f" (did you mean {', '.join(map(repr, close))}?)" if close else ""
+    if not listed:
+        return f"unknown {what} {name!r}{guess}{hint}"
+    listing = ", ".join(valid[:listed]) + (", ..." if len(valid) > listed else "") if valid else "none installed"
+    return f"unknown {what} {name!r}{guess}; choose from: {listing}{hint}"

@@ -7,11 +7,10 @@ names (and the closest match).
 
 from __future__ import annotations
 
-import difflib
 from pathlib import Path
 from typing import Any
 
-from sslkit.errors import UsageError
+from sslkit.errors import UsageError, unknown_name_message  # noqa: F401 (re-exported)
 from sslkit.plugins import get_plugins
 
 
@@ -27,14 +26,6 @@ def _get(kind: str, singular: str, name: str) -> Any:
     if entry is not None:
         return entry.obj
     raise UsageError(unknown_name_message(singular, name, sorted(plugins.entries[kind])))
-
-
-def unknown_name_message(what: str, name: str, valid: list[str], hint: str = "") -> str:
-    """``unknown <what> '<name>' (did you mean ...?); choose from: ...`` in one line."""
-    close = difflib.get_close_matches(name, valid, n=1)
-    guess = f" (did you mean {close[0]!r}?)" if close else ""
-    listing = ", ".join(valid[:40]) + (", ..." if len(valid) > 40 else "") if valid else "none installed"
-    return f"unknown {what} {name!r}{guess}; choose from: {listing}{hint}"
 
 
 def plugin_of(kind: str, name: str) -> str:

@@ -113,7 +113,7 @@ def recipe(name: str, size: int, **overrides: Any) -> ViewRecipe:
     """The named recipe at ``size``, with ``overrides`` (field values or their strings)."""
     if name not in RECIPES:
         from sslkit.errors import UsageError
-        from sslkit.registry import unknown_name_message
+        from sslkit.errors import unknown_name_message
 
         raise UsageError(unknown_name_message("augmentation recipe", name, sorted(RECIPES)))
     return override_recipe(ViewRecipe(size, **RECIPES[name]), overrides)

@@ -11,6 +11,20 @@ from sslkit.options import build_options, parse_pairs
 from tests.conftest import make_images
 
 
+def test_the_one_did_you_mean_helper():
+    from sslkit.api import unknown_name_message
+
+    names = [f"model{i:02d}" for i in range(50)]
+    assert unknown_name_message("thing", "modl07", names) == (
+        "unknown thing 'modl07' (did you mean 'model07'?); choose from: " + ", ".join(names[:40]) + ", ...")
+    assert unknown_name_message("thing", "zzz", ["a", "b"], "; see the docs") == (
+        "unknown thing 'zzz'; choose from: a, b; see the docs")
+    three = unknown_name_message("timm model", "resnt18", ["resnet18", "resnet18d", "resnet50", "vit"], "; see X",
+                                 suggestions=3, listed=0)
+    assert three.startswith("unknown timm model 'resnt18' (did you mean 'resnet18', ") and three.endswith("?); see X")
+    assert "vit" not in three and unknown_name_message("x", "y", []) == "unknown x 'y'; choose from: none installed"
+
+
 def test_unknown_task_lists_valid_names_and_closest():
     with pytest.raises(UsageError) as info:
         registry.get_task("simclrr")

@@ -16,13 +16,12 @@ Needs ``pip install 'sslkit[volumes]'`` (MONAI).
 
 from __future__ import annotations
 
-import difflib
 from typing import Any
 
 import torch
 from torch import nn
 
-from sslkit.api import UsageError, first_line, hookimpl
+from sslkit.api import UsageError, first_line, hookimpl, unknown_name_message
 
 RESNETS = ("resnet10", "resnet18", "resnet34", "resnet50")
 MODELS = (*RESNETS, "vit")
@@ -95,9 +94,7 @@ def create(model: str, in_chans: int, image_size: Any, patch_size: int = 16, hid
            mlp_dim: int | None = None, num_layers: int = 6, num_heads: int = 6, **options: Any) -> nn.Module:
     """Build ``monai:<model>`` (see the module docstring); ``options`` go to MONAI's constructor."""
     if model not in MODELS:
-        close = difflib.get_close_matches(model, MODELS, n=2)
-        hint = f"did you mean {', '.join(close)}? " if close else ""
-        raise UsageError(f"unknown monai model {model!r}; {hint}choose from: {', '.join(MODELS)}")
+        raise UsageError(unknown_name_message("monai model", model, MODELS, suggestions=2))
     nets = _monai_nets()
     size = _size3(image_size)
     try:

@@ -7,7 +7,6 @@ image modelling needs.
 
 from __future__ import annotations
 
-import difflib
 from typing import Any
 
 import timm
@@ -16,7 +15,7 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from sslkit.api import UsageError, first_line, hookimpl
+from sslkit.api import UsageError, first_line, hookimpl, unknown_name_message
 
 
 class TimmBackbone(nn.Module):
@@ -158,9 +157,8 @@ def create(model: str, in_chans: int, image_size: int, cifar_stem: bool = False,
     ``pos_embed=sincos`` gives a ViT fixed sine-cosine position embeddings (:func:`use_sincos_pos_embed`).
     """
     if not timm.is_model(model):
-        close = difflib.get_close_matches(model, timm.list_models(), n=3)
-        hint = f"; did you mean {', '.join(close)}?" if close else "; see timm.list_models()"
-        raise UsageError(f"unknown timm model {model!r}{hint}")
+        raise UsageError(unknown_name_message("timm model", model, timm.list_models(), "; see timm.list_models()",
+                                              suggestions=3, listed=0))
     create_options = timm_create_options(options)
     kwargs = dict(pretrained=False, num_classes=0, in_chans=in_chans, **create_options)
     try:

@@ -6,7 +6,7 @@ from typing import Any
 
 from sslkit.errors import UsageError
 from sslkit.plugins import get_plugins
-from sslkit.registry import unknown_name_message
+from sslkit.errors import unknown_name_message
 
 
 def callback_names(spec: str) -> list[str]:

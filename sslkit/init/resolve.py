@@ -87,11 +87,12 @@ def _timm(tag: str, allow_download: bool) -> InitFile:
     import timm
     from timm.models import get_pretrained_cfg
 
-    from sslkit.registry import unknown_name_message
+    from sslkit.errors import unknown_name_message
 
     arch = tag.split(".", 1)[0]
     if not timm.is_model(arch):
-        raise UsageError("--init: " + unknown_name_message("timm model", arch, timm.list_models()))
+        raise UsageError("--init: " + unknown_name_message("timm model", arch, timm.list_models(),
+                                                           "; see timm.list_models()", suggestions=3, listed=0))
     try:
         cfg = get_pretrained_cfg(tag if "." in tag else arch)
     except RuntimeError:  # timm: "Invalid pretrained tag (x) for arch."
