@@ -18,7 +18,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from sslkit.errors import UsageError
+from sslkit.errors import UsageError, unknown_name_message
 
 OPTIMIZERS = ("adamw", "sgd", "lars")
 LR_SCALING = ("linear", "sqrt", "none")
@@ -83,7 +83,7 @@ def scaled_lr(base_lr: float, effective_batch: int, rule: str) -> float:
         return base_lr * math.sqrt(effective_batch / REFERENCE_BATCH)
     if rule == "none":
         return base_lr
-    raise UsageError(f"unknown LR scaling rule {rule!r}; choose from: {', '.join(LR_SCALING)}")
+    raise UsageError(unknown_name_message("LR scaling rule", rule, LR_SCALING))
 
 
 def warmup_cosine(step: int, total: int, warmup: int) -> float:
@@ -196,5 +196,5 @@ def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float,
     elif name == "lars":
         opt = LARS(groups, lr=lr, momentum=momentum)
     else:
-        raise UsageError(f"unknown optimizer {name!r}; choose from: {', '.join(OPTIMIZERS)}")
+        raise UsageError(unknown_name_message("optimizer", name, OPTIMIZERS))
     return opt

@@ -120,7 +120,7 @@ def test_class_index_positive_default_and_errors():
         class_index(["a", "a"], ["a"], None)
     with pytest.raises(UsageError, match="do not occur in the training set"):
         class_index(["a", "b"], ["c"], None)
-    with pytest.raises(UsageError, match="not a class"):
+    with pytest.raises(UsageError, match="--positive: unknown class 'z'; choose from: a, b"):
         class_index(["a", "b"], ["a"], "z")
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from sslkit.errors import UsageError
+from sslkit.errors import UsageError, unknown_name_message
 from sslkit.optim import warmup_cosine
 
 SCHEDULES = ("cosine", "constant", "step")
@@ -38,7 +38,7 @@ class Schedule:
 
     def __post_init__(self) -> None:
         if self.kind not in SCHEDULES:
-            raise UsageError(f"unknown --schedule {self.kind!r}; choose from: {', '.join(SCHEDULES)}")
+            raise UsageError(unknown_name_message("--schedule", self.kind, SCHEDULES))
 
     def factor(self, step: int) -> float:
         if self.kind == "cosine":

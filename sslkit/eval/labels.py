@@ -15,7 +15,7 @@ from typing import Sequence
 
 import numpy as np
 
-from sslkit.errors import UsageError
+from sslkit.errors import UsageError, unknown_name_message
 
 
 @dataclass
@@ -108,7 +108,7 @@ def class_index(train: Sequence[str], test: Sequence[str], positive: str | None)
         raise UsageError(f"test classes {', '.join(map(repr, unseen))} do not occur in the training set "
                          f"(training classes: {', '.join(classes)})")
     if positive is not None and positive not in classes:
-        raise UsageError(f"--positive {positive!r} is not a class; choose from: {', '.join(classes)}")
+        raise UsageError("--positive: " + unknown_name_message("class", positive, classes))
     if len(classes) != 2:
         if positive is not None:
             raise UsageError(f"--positive applies to two classes; there are {len(classes)}")
