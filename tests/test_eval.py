@@ -364,7 +364,7 @@ def test_attention_grid_vit_has_one_column_per_head(tmp_path, cli):
     (["knn", "{missing}", "--train", "{train}", "--test", "{test}"], "does not exist"),
     (["knn", "{run}", "--train", "{flat}", "--test", "{test}"], "no labelled images"),
     (["knn", "{run}", "--train", "{train}", "--test", "{test}", "--k", "0"], "positive integers"),
-    (["knn", "{run}", "--train", "{train}", "--test", "{test}", "--positive", "zebra"], "not a class"),
+    (["knn", "{run}", "--train", "{train}", "--test", "{test}", "--positive", "zebra"], "unknown class 'zebra'"),
     (["linear", "{run}", "--train", "{train}", "--test", "{test}", "--C", "x"], "comma-separated numbers"),
     (["knn", "{run}", "--train", "{train}", "--test", "{test}", "--labels", "{missing}"], "does not exist"),
     (["tsne", "{run}", "--data", "{test}", "--out", "{root}/map.jpg"], "must be a .png"),
