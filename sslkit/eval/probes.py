@@ -222,8 +222,6 @@ def evaluate_linear(model_path: str, args: DataArgs, C_grid: Sequence[float] = C
                     val_fraction: float = 0.2, seed: int = 0, finetune: bool = False,
                     finetune_options: Any = None) -> dict[str, Any]:
     """Linear probe on frozen features (and optionally a short fine-tune); returns the saved report."""
-    if finetune and args.data is not None:
-        raise UsageError("--finetune runs on --train/--test only (fine-tuning once per fold is not supported)")
     prep = prepare(model_path, args, "--finetune" if finetune else None,
                    _check_layer_decay if finetune and finetune_options and finetune_options.layer_decay else None)
     settings: dict[str, Any] = {"C_grid": sorted(C_grid), "val_fraction": val_fraction, "seed": seed,
@@ -253,32 +251,60 @@ def _check_layer_decay(model: EvalModel) -> None:
 
 
 def _add_finetune(report: dict[str, Any], prep: ProbeData, args: DataArgs, options: Any) -> None:
-    from sslkit.data.pipeline import load_data
+    """``results[encoder]["finetune"]``: each encoder fine-tuned on the training images and scored
+    on the test images; over ``--split group:K``, once per fold (the folds of the probes), with
+    each metric's mean, ``std`` and ``folds``."""
     from sslkit.engine import resolve_device
-    from sslkit.eval.finetune import finetune, predict_proba
-    from sslkit.eval.labels import read_labels_csv
 
     run, dev = prep.model.require_run("--finetune"), resolve_device(args.device)
-    spec = run.spec
+    if prep.folds is None:
+        (xtr, ytr), (xte, yte) = (_labelled_pixels(prep, args, data, run.spec) for data in (args.train, args.test))
+        scores = _finetune_each(prep, run, xtr, ytr, xte, yte, options, dev, args)
+    else:
+        pixels, rows = _labelled_pixels(prep, args, args.data, run.spec, by_id=True)
+        first = prep.sets["pretrained"][0]
+        at, y = np.array([rows[i] for i in first.ids]), prep.indices(first.labels)
+        runs = [_finetune_each(prep, run, pixels[at[tr]], y[tr], pixels[at[te]], y[te], options, dev, args, False)
+                for tr, te in prep.folds]
+        scores = {enc: mean_std([r[enc] for r in runs]) for enc in runs[0]}
+    for enc, metrics in scores.items():
+        report["results"][enc]["finetune"] = {**metrics, "epochs": options.epochs}
+
+
+def _labelled_pixels(prep: ProbeData, args: DataArgs, data: str, spec: Any, by_id: bool = False) -> tuple:
+    """The labelled images of ``data`` as uint16 ``(N, C, S, S)`` at the run's input size, with
+    their class indices (``by_id``: with ``{sample id: row}`` instead)."""
+    from sslkit.data.pipeline import load_data
+    from sslkit.eval.labels import read_labels_csv
+
     table = read_labels_csv(args.labels_csv) if args.labels_csv else None
-    splits = {}
-    for name, data in (("train", args.train), ("test", args.test)):
-        loaded = load_data(data, spec.image_size, spec.channels, prep.model.source_options(data, args.source_options),
-                           progress=args.progress, max_pixels=prep.model.pixel_limit)
-        refs = loaded.prepared.refs
-        labels = assign_labels([r.id for r in refs], [r.label for r in refs], table)
-        keep = np.array([i for i, lab in enumerate(labels) if lab is not None])
-        splits[name] = (loaded.prepared.pixels[keep], prep.indices([labels[i] for i in keep]))
-    (xtr, ytr), (xte, yte) = splits["train"], splits["test"]
+    loaded = load_data(data, spec.image_size, spec.channels, prep.model.source_options(data, args.source_options),
+                       progress=args.progress, max_pixels=prep.model.pixel_limit)
+    refs = loaded.prepared.refs
+    labels = assign_labels([r.id for r in refs], [r.label for r in refs], table)
+    keep = np.array([i for i, lab in enumerate(labels) if lab is not None], dtype=np.int64)
+    if by_id:
+        return loaded.prepared.pixels[keep], {refs[i].id: row for row, i in enumerate(keep)}
+    return loaded.prepared.pixels[keep], prep.indices([labels[i] for i in keep])
+
+
+def _finetune_each(prep: ProbeData, run: Any, xtr: np.ndarray, ytr: np.ndarray, xte: np.ndarray, yte: np.ndarray,
+                   options: Any, dev: Any, args: DataArgs, paired: bool = True) -> dict[str, dict[str, Any]]:
+    """``{encoder: metrics}``: each encoder (pretrained, the random baseline, the ``--init``
+    weights) fine-tuned on ``xtr`` and scored on ``xte``; ``paired``: each test image's verdict
+    kept for the paired gain of a single split."""
+    from sslkit.eval.finetune import finetune, predict_proba
+
+    out = {}
     for enc in prep.sets:
         encoder = (run.build_encoder() if enc == "pretrained" else prep.model.build_init_encoder() if enc == "init"
                    else prep.model.build_random_encoder())  # "init": fine-tuned from the --init weights
-        model = finetune(encoder, spec, xtr, ytr, len(prep.classes), options, dev, args.progress)
-        p = predict_proba(model, spec, xte, args.batch_size, dev)
-        prep.correct[(enc, "finetune")] = p.argmax(1) == yte
-        report["results"][enc]["finetune"] = {
-            **classification_metrics(yte, p.argmax(1), p, len(prep.classes), prep.positive),
-            "epochs": options.epochs}
+        model = finetune(encoder, run.spec, xtr, ytr, len(prep.classes), options, dev, args.progress)
+        p = predict_proba(model, run.spec, xte, args.batch_size, dev)
+        if paired:
+            prep.correct[(enc, "finetune")] = p.argmax(1) == yte
+        out[enc] = classification_metrics(yte, p.argmax(1), p, len(prep.classes), prep.positive)
+    return out
 
 
 __all__ = ["DataArgs", "ENCODERS", "evaluate_knn", "evaluate_linear"]
