@@ -258,12 +258,12 @@ def _add_finetune(report: dict[str, Any], prep: ProbeData, args: DataArgs, optio
 
     run, dev = prep.model.require_run("--finetune"), resolve_device(args.device)
     if prep.folds is None:
-        (xtr, ytr), (xte, yte) = (_labelled_pixels(prep, args, data, run.spec) for data in (args.train, args.test))
+        (xtr, _, ytr), (xte, _, yte) = (_labelled_pixels(prep, args, d, run.spec) for d in (args.train, args.test))
         scores = _finetune_each(prep, run, xtr, ytr, xte, yte, options, dev, args)
-    else:
-        pixels, rows = _labelled_pixels(prep, args, args.data, run.spec, by_id=True)
-        first = prep.sets["pretrained"][0]
-        at, y = np.array([rows[i] for i in first.ids]), prep.indices(first.labels)
+    else:  # the folds index the embedded samples: find each one's pixels by its id
+        pixels, ids, _ = _labelled_pixels(prep, args, args.data, run.spec)
+        first, row = prep.sets["pretrained"][0], {sample: i for i, sample in enumerate(ids)}
+        at, y = np.array([row[i] for i in first.ids]), prep.indices(first.labels)
         runs = [_finetune_each(prep, run, pixels[at[tr]], y[tr], pixels[at[te]], y[te], options, dev, args, False)
                 for tr, te in prep.folds]
         scores = {enc: mean_std([r[enc] for r in runs]) for enc in runs[0]}
@@ -271,9 +271,10 @@ def _add_finetune(report: dict[str, Any], prep: ProbeData, args: DataArgs, optio
         report["results"][enc]["finetune"] = {**metrics, "epochs": options.epochs}
 
 
-def _labelled_pixels(prep: ProbeData, args: DataArgs, data: str, spec: Any, by_id: bool = False) -> tuple:
-    """The labelled images of ``data`` as uint16 ``(N, C, S, S)`` at the run's input size, with
-    their class indices (``by_id``: with ``{sample id: row}`` instead)."""
+def _labelled_pixels(prep: ProbeData, args: DataArgs, data: str,
+                     spec: Any) -> tuple[np.ndarray, list[str], np.ndarray]:
+    """The labelled images of ``data``: uint16 ``(N, C, S, S)`` at the run's input size, their
+    sample ids and their class indices."""
     from sslkit.data.pipeline import load_data
     from sslkit.eval.labels import read_labels_csv
 
@@ -283,9 +284,7 @@ def _labelled_pixels(prep: ProbeData, args: DataArgs, data: str, spec: Any, by_i
     refs = loaded.prepared.refs
     labels = assign_labels([r.id for r in refs], [r.label for r in refs], table)
     keep = np.array([i for i, lab in enumerate(labels) if lab is not None], dtype=np.int64)
-    if by_id:
-        return loaded.prepared.pixels[keep], {refs[i].id: row for row, i in enumerate(keep)}
-    return loaded.prepared.pixels[keep], prep.indices([labels[i] for i in keep])
+    return loaded.prepared.pixels[keep], [refs[i].id for i in keep], prep.indices([labels[i] for i in keep])
 
 
 def _finetune_each(prep: ProbeData, run: Any, xtr: np.ndarray, ytr: np.ndarray, xte: np.ndarray, yte: np.ndarray,
