@@ -245,7 +245,10 @@ def pretrain(ctx: click.Context, **kw) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the verification report as JSON.")
 def export(run_dir: str, out: str, fmt: str, opset: int | None, with_preprocessing: bool, input_dtype: str | None,
            fp16: bool, check_data: str | None, overwrite: bool, as_json: bool) -> None:
-    """Export a run's encoder (the backbone alone) and verify it."""
+    """Export a run's encoder (the backbone alone) and verify it.
+
+    RUN_DIR is a run directory, or one of its checkpoints (RUN/checkpoints/step-N) for that step's encoder.
+    """
     from sslkit.export import export_run
 
     given = {"opset": opset, "with_preprocessing": with_preprocessing or None, "input_dtype": input_dtype,
@@ -286,7 +289,10 @@ def export(run_dir: str, out: str, fmt: str, opset: int | None, with_preprocessi
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def embed(model: str, data: str, out: str, batch_size: int, data_opts: tuple[str, ...], max_pixels: int | None,
           device: str, overwrite: bool, quiet: bool, **source_flags) -> None:
-    """Embed images with a run directory (PyTorch) or an exported .onnx file (onnxruntime)."""
+    """Embed images with a run directory (PyTorch) or an exported .onnx file (onnxruntime).
+
+    A run's checkpoint (RUN/checkpoints/step-N) embeds with that step's encoder.
+    """
     from sslkit.embed import embed_to_file
     from sslkit.options import parse_pairs
 

@@ -54,6 +54,7 @@ def export_metadata(run: Run) -> dict[str, Any]:
         "run_id": run_id(run),
         "sslkit_version": __version__,
         "init": onnx_record(run.info.get("init")),  # --init: source name, sha256, adaptations (no path)
+        "checkpoint": run.checkpoint.name if run.checkpoint is not None else None,  # step-N, or the final encoder
     }
 
 

@@ -19,6 +19,7 @@ from sslkit.spec import InputSpec
 
 RUN_JSON = "run.json"
 ENCODER_FILE = "encoder.safetensors"
+CHECKPOINTS = "checkpoints"  # the folder of a run's step-N checkpoints
 DATA_REPORT = "data_report.json"
 
 
@@ -170,7 +171,7 @@ def auto_resume(out: str | None) -> dict[str, Any]:
     run_dir = Path(out)
     if not (run_dir / RUN_JSON).is_file():
         return {}
-    if any(p.name.startswith("step-") for p in (run_dir / "checkpoints").glob("step-*")):
+    if any(p.name.startswith("step-") for p in (run_dir / CHECKPOINTS).glob("step-*")):
         return {"resume": True, "out": out}
     return {"overwrite": True}
 
@@ -181,7 +182,7 @@ def prepare_run_dir(cfg: RunConfig) -> Path:
     if cfg.overwrite and out.is_dir() and not cfg.resume:
         for name in (RUN_JSON, ENCODER_FILE, "metrics.csv", DATA_REPORT):
             (out / name).unlink(missing_ok=True)
-        for name in ("checkpoints", "tensorboard"):
+        for name in (CHECKPOINTS, "tensorboard"):
             if (out / name).is_dir():
                 shutil.rmtree(out / name)
     out.mkdir(parents=True, exist_ok=True)
@@ -234,6 +235,9 @@ class Run:
 
     path: Path
     info: dict[str, Any]
+    #: ``RUN/checkpoints/step-N`` when that checkpoint's encoder was asked for (a run still
+    #: training, interrupted, or an earlier step), else None: the final ``encoder.safetensors``
+    checkpoint: Path | None = None
 
     @property
     def spec(self) -> InputSpec:
@@ -258,14 +262,45 @@ class Run:
         if not weights:
             return build_baseline_encoder(self.backbone_name, self.spec, self.info.get("backbone_options") or {})
         encoder = _create_encoder(self.backbone_name, self.spec, self.info.get("backbone_options") or {})
-        file = self.path / ENCODER_FILE
-        if not file.exists():
-            raise UsageError(f"run {str(self.path)!r} has no {ENCODER_FILE}: pretraining did not finish")
+        if self.checkpoint is not None:
+            file, tensors = self.checkpoint, _checkpoint_encoder(self.checkpoint)
+        else:
+            file = self.path / ENCODER_FILE
+            if not file.exists():
+                raise UsageError(f"run {str(self.path)!r} has no {ENCODER_FILE}: pretraining did not finish"
+                                 f"{_newest_checkpoint_hint(self.path)}")
         try:
-            encoder.load_state_dict(load_file(str(file)))
+            encoder.load_state_dict(tensors if self.checkpoint is not None else load_file(str(file)))
         except Exception as exc:
             raise UsageError(f"cannot load {file}: {type(exc).__name__}: {first_line(exc)}") from None
         return encoder.eval()
+
+
+
+def _checkpoint_encoder(folder: Path) -> dict[str, Any]:
+    """The encoder's tensors of checkpoint ``folder`` (the task's ``encoder.*``), verified
+    against its manifest; a damaged or foreign checkpoint is one line."""
+    from safetensors.torch import load_file
+
+    from sslkit import checkpoint
+
+    try:
+        checkpoint.verify(folder)
+        tensors = load_file(str(folder / checkpoint.MODEL_FILE))
+    except Exception as exc:
+        raise UsageError(f"checkpoint {str(folder)!r} is unusable: {first_line(exc)}") from None
+    encoder = {k[len("encoder."):]: v for k, v in tensors.items() if k.startswith("encoder.")}
+    if not encoder:
+        raise UsageError(f"checkpoint {str(folder)!r} holds no encoder weights (no 'encoder.' tensors)")
+    return encoder
+
+
+def _newest_checkpoint_hint(run: Path) -> str:
+    """``; its newest checkpoint: give RUN/checkpoints/step-N`` when it has one, else nothing."""
+    from sslkit import checkpoint
+
+    found = checkpoint.list_checkpoints(run / CHECKPOINTS)
+    return f" (to use its newest checkpoint, give {str(found[-1])!r})" if found else ""
 
 
 BASELINE_SEED = 0
@@ -288,7 +323,11 @@ def build_baseline_encoder(backbone: str, spec: InputSpec, options: dict[str, An
 
 
 def load_run(path: str | Path) -> Run:
-    path = Path(path)
+    """The run at ``path``: a run directory, or one of its checkpoints (``RUN/checkpoints/step-N``,
+    whose encoder :meth:`Run.build_encoder` then loads instead of the final one)."""
+    path, ckpt = Path(path), None
+    if path.is_dir() and path.parent.name == CHECKPOINTS and (path.parent.parent / RUN_JSON).is_file():
+        path, ckpt = path.parent.parent, path
     if not path.is_dir():
         raise UsageError(f"run directory {str(path)!r} does not exist")
     file = path / RUN_JSON
@@ -300,4 +339,4 @@ def load_run(path: str | Path) -> Run:
         raise UsageError(f"{file} is not valid JSON: {first_line(exc)}") from None
     if not isinstance(info, dict):
         raise UsageError(f"{file} is not an sslkit run record (a JSON object)")
-    return Run(path, info)
+    return Run(path, info, ckpt)

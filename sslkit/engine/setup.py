@@ -36,11 +36,10 @@ from sslkit.engine.schedules import Schedule, horizon, make_schedule
 from sslkit.errors import UsageError
 from sslkit.optim import build_optimizer, scaled_lr, uses_group_lr
 from sslkit.registry import create_task, get_task
-from sslkit.run import RunConfig, check_run_dir, environment
+from sslkit.run import CHECKPOINTS, RunConfig, check_run_dir, environment
 from sslkit.sample_modes import build_backbone
 from sslkit.spec import InputSpec
 
-CHECKPOINTS = "checkpoints"
 CACHE_LOCK = ".sslkit-cache.lock"
 
 

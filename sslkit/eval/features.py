@@ -59,10 +59,12 @@ class EvalModel:
 
     @property
     def report_dir(self) -> Path:
-        return (self.path if self.format == "run" else self.path.parent) / "eval"
+        """``RUN/eval`` (also for one of its checkpoints), or ``eval/`` beside an ONNX file."""
+        return (self.run.path if self.format == "run" else self.path.parent) / "eval"
 
     def describe(self) -> dict[str, Any]:
-        return {"path": str(self.path), "format": self.format, "task": self.info.get("task"),
+        checkpoint = self.run.checkpoint.name if self.run is not None and self.run.checkpoint is not None else None
+        return {"path": str(self.path), "format": self.format, "checkpoint": checkpoint, "task": self.info.get("task"),
                 "backbone": self.info.get("backbone"), "backbone_options": self.info.get("backbone_options") or {},
                 "embedding_dim": self.info.get("embedding_dim"), "image_size": self.spec.image_size,
                 "channels": self.spec.channels}

@@ -30,7 +30,7 @@ from torch import nn
 
 from sslkit.errors import UsageError
 from sslkit.output_file import read_json
-from sslkit.run import RUN_JSON
+from sslkit.run import CHECKPOINTS, RUN_JSON
 
 DEFAULT_LR_SCALE = 0.1  # encoder LR multiplier when continuing (BENCHMARKS.md, init_continue.py)
 DEFAULT_FREEZE_FRACTION = 0.1  # of the run's steps, while some head starts from random
@@ -85,7 +85,7 @@ def _run_checkpoint(run: Path, task_name: str) -> tuple[dict[str, torch.Tensor],
     other = read_json(run / RUN_JSON).get("task")
     if other != task_name:
         return {}, "", f"task parts not restored: the init run's task is {other!r}, not {task_name!r}"
-    for path in reversed(checkpoint.list_checkpoints(run / "checkpoints")):
+    for path in reversed(checkpoint.list_checkpoints(run / CHECKPOINTS)):
         try:
             checkpoint.verify(path)
             return load_file(str(path / checkpoint.MODEL_FILE)), f"{run.name}/checkpoints/{path.name}", None
