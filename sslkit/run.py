@@ -262,19 +262,16 @@ class Run:
         if not weights:
             return build_baseline_encoder(self.backbone_name, self.spec, self.info.get("backbone_options") or {})
         encoder = _create_encoder(self.backbone_name, self.spec, self.info.get("backbone_options") or {})
-        if self.checkpoint is not None:
-            file, tensors = self.checkpoint, _checkpoint_encoder(self.checkpoint)
-        else:
-            file = self.path / ENCODER_FILE
-            if not file.exists():
-                raise UsageError(f"run {str(self.path)!r} has no {ENCODER_FILE}: pretraining did not finish"
-                                 f"{_newest_checkpoint_hint(self.path)}")
+        file = self.checkpoint or self.path / ENCODER_FILE
+        if self.checkpoint is None and not file.exists():
+            raise UsageError(f"run {str(self.path)!r} has no {ENCODER_FILE}: pretraining did not finish"
+                             f"{_newest_checkpoint_hint(self.path)}")
+        tensors = _checkpoint_encoder(file) if self.checkpoint is not None else None
         try:
-            encoder.load_state_dict(tensors if self.checkpoint is not None else load_file(str(file)))
+            encoder.load_state_dict(tensors if tensors is not None else load_file(str(file)))
         except Exception as exc:
             raise UsageError(f"cannot load {file}: {type(exc).__name__}: {first_line(exc)}") from None
         return encoder.eval()
-
 
 
 def _checkpoint_encoder(folder: Path) -> dict[str, Any]:
@@ -296,7 +293,7 @@ def _checkpoint_encoder(folder: Path) -> dict[str, Any]:
 
 
 def _newest_checkpoint_hint(run: Path) -> str:
-    """``; its newest checkpoint: give RUN/checkpoints/step-N`` when it has one, else nothing."""
+    """`` (to use its newest checkpoint, give 'RUN/checkpoints/step-N')`` when it has one, else nothing."""
     from sslkit import checkpoint
 
     found = checkpoint.list_checkpoints(run / CHECKPOINTS)
