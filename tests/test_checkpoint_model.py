@@ -84,3 +84,19 @@ def test_a_damaged_checkpoint_is_one_line(run, tmp_path, cli):
     assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1
     assert f"checkpoint {str(step)!r} is unusable: model.safetensors is missing or has the wrong size" in r.stderr
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_init_from_a_checkpoint_folder_loads_that_steps_encoder(run):
+    """``--init RUN/checkpoints/step-N``: the step's encoder (and, for the same task, its heads),
+    recorded by the run-relative name, never a full local path."""
+    from sslkit.init import load_init
+    from sslkit.registry import create_backbone
+    from sslkit.run import load_run
+
+    step = run / "checkpoints" / "step-00000002"
+    dst = create_backbone("timm:test_resnet", in_chans=3, image_size=16)
+    record = load_init(str(step), dst)
+    assert record["source"] == "run/checkpoints/step-00000002" and str(run.parent) not in json.dumps(record)
+    want = load_run(step).build_encoder().state_dict()
+    for k, v in dst.state_dict().items():
+        assert np.array_equal(v.numpy(), want[k].numpy()), k

@@ -65,11 +65,14 @@ def resolve_init(spec: str, allow_download: bool = False) -> InitFile:
         return _hub(spec.split(":", 1)[1], allow_download)
     path = Path(spec).expanduser()
     if path.is_dir():
-        from sslkit.run import ENCODER_FILE
+        from sslkit.checkpoint import MODEL_FILE
+        from sslkit.run import CHECKPOINTS, ENCODER_FILE
 
+        if path.parent.name == CHECKPOINTS and (path / MODEL_FILE).is_file():  # RUN/checkpoints/step-N
+            return InitFile(path / MODEL_FILE, "file", f"{path.parent.parent.name}/{CHECKPOINTS}/{path.name}")
         if not (path / ENCODER_FILE).is_file():
-            raise UsageError(f"--init {spec!r} is a folder without {ENCODER_FILE}; give a weights file or a "
-                             f"finished sslkit run directory")
+            raise UsageError(f"--init {spec!r} is a folder without {ENCODER_FILE}; give a weights file, a "
+                             f"finished sslkit run directory or one of its checkpoints (RUN/{CHECKPOINTS}/step-N)")
         return InitFile(path / ENCODER_FILE, "run", f"{path.name}/{ENCODER_FILE}")
     if path.is_file():
         if path.suffix.lower() not in FILE_SUFFIXES:
