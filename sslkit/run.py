@@ -319,12 +319,18 @@ def build_baseline_encoder(backbone: str, spec: InputSpec, options: dict[str, An
         return _create_encoder(backbone, spec, options).eval()
 
 
+def split_checkpoint(path: Path) -> tuple[Path, Path | None]:
+    """``(RUN, path)`` when ``path`` is a checkpoint folder of a run (``RUN/checkpoints/step-N``),
+    else ``(path, None)``."""
+    if path.is_dir() and path.parent.name == CHECKPOINTS and (path.parent.parent / RUN_JSON).is_file():
+        return path.parent.parent, path
+    return path, None
+
+
 def load_run(path: str | Path) -> Run:
     """The run at ``path``: a run directory, or one of its checkpoints (``RUN/checkpoints/step-N``,
     whose encoder :meth:`Run.build_encoder` then loads instead of the final one)."""
-    path, ckpt = Path(path), None
-    if path.is_dir() and path.parent.name == CHECKPOINTS and (path.parent.parent / RUN_JSON).is_file():
-        path, ckpt = path.parent.parent, path
+    path, ckpt = split_checkpoint(Path(path))
     if not path.is_dir():
         raise UsageError(f"run directory {str(path)!r} does not exist")
     file = path / RUN_JSON

@@ -157,8 +157,10 @@ def test_a_header_the_file_cannot_hold_is_skipped_at_index_before_any_voxel_is_r
 def test_slices_over_max_pixels_are_skipped_from_the_header(tmp_path, cli):
     write(tmp_path / "ok.nii.gz", grid())
     crafted(tmp_path / "wide.nii", (3000, 3000, 2), 3000 * 3000 * 2 * 2)  # holds its voxels: only too wide
+    crafted(tmp_path / "bomb.nii", (512, 512, 20000), 1000)  # a crafted header: named through the CLI too
     r = cli("data", "inspect", f"nifti:{tmp_path}", "--max-pixels", "1000000", "--json")
     assert r.exit_code == 0, r.output
+    assert "bomb.nii" in r.output and "truncated: the header declares 10,485,760,000 bytes of voxels" in r.output
     assert "wide.nii" in r.output
     assert "too many pixels: 3000x3000 = 9,000,000 exceeds the limit of 1,000,000" in r.output
     r = cli("data", "inspect", f"nifti:{tmp_path}", "--max-pixels", "0", "--json")

@@ -66,10 +66,11 @@ def resolve_init(spec: str, allow_download: bool = False) -> InitFile:
     path = Path(spec).expanduser()
     if path.is_dir():
         from sslkit.checkpoint import MODEL_FILE
-        from sslkit.run import CHECKPOINTS, ENCODER_FILE
+        from sslkit.run import CHECKPOINTS, ENCODER_FILE, split_checkpoint
 
-        if path.parent.name == CHECKPOINTS and (path / MODEL_FILE).is_file():  # RUN/checkpoints/step-N
-            return InitFile(path / MODEL_FILE, "file", f"{path.parent.parent.name}/{CHECKPOINTS}/{path.name}")
+        run, step = split_checkpoint(path)
+        if step is not None and (step / MODEL_FILE).is_file():  # RUN/checkpoints/step-N
+            return InitFile(step / MODEL_FILE, "file", f"{run.name}/{CHECKPOINTS}/{step.name}")
         if not (path / ENCODER_FILE).is_file():
             raise UsageError(f"--init {spec!r} is a folder without {ENCODER_FILE}; give a weights file, a "
                              f"finished sslkit run directory or one of its checkpoints (RUN/{CHECKPOINTS}/step-N)")
