@@ -101,8 +101,10 @@ def _default(name: str, by_task: bool = False) -> str:
               help="Run directory (default: runs/<task>-<timestamp>, a new folder).")
 @click.option("--backbone", default=None, help="prefix:model, e.g. timm:resnet18 (default: the task's, fitted to --image-size; "
                    "with --init RUN_DIR, that run's).")
-@click.option("--init", default=None, metavar="FILE|RUN_DIR|ORG/NAME|timm:MODEL.TAG",
-              help="Start the backbone from these weights (Hub ids from the local cache only) instead of random init.")
+@click.option("--init", default=None, metavar="FILE|DIR|ORG/NAME|timm:MODEL.TAG",
+              help="Start the backbone from these weights instead of random init: a weights file or training "
+                   "checkpoint, a run (or RUN/checkpoints/step-N), a Hugging Face model folder, a Hub id (from the "
+                   "local cache only) or a timm tag.")
 @click.option("--allow-download", is_flag=True, default=None, help="Let --init fetch Hub weights missing from the cache.")
 @click.option("--init-freeze-steps", default=None, type=click.IntRange(min=0),
               help="With --init: keep the encoder at LR 0 for these first steps while the task's new heads "

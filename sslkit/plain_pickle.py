@@ -38,3 +38,44 @@ def refusal_reason(exc: Exception) -> str:
                            if line and not line.startswith(PREFACE)) if r]
     return reasons[0].split(". ")[0].rstrip(".")[:200] if reasons else first_line(exc)
 
+
+
+class Inert:
+    """What a pickled object that is not data becomes in :func:`load_weights`: built from nothing,
+    holding nothing, calling nothing (``Inert(*args)`` and ``__setstate__`` ignore their arguments)."""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> "Inert":
+        return object.__new__(cls)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+
+def load_weights(path: Path) -> tuple[Any, list[str]]:
+    """A weights pickle read as plain data, its other objects made :class:`Inert`: ``(data, names)``.
+
+    Training checkpoints hold more than tensors: a PyTorch Lightning ``.ckpt`` (solo-learn,
+    lightly) pickles its hyper-parameters as ``argparse.Namespace`` or OmegaConf objects, which
+    ``weights_only=True`` refuses. Here each global that the weights-only unpickler does not allow
+    is mapped to :class:`Inert`, so the file's tensors are read and nothing in it runs; ``names``
+    lists what was not read (``['argparse.Namespace', ...]``). torch's blocked modules (``os``,
+    ``sys``) stay refused, as do files that are damaged or that the unpickler cannot walk:
+    :class:`NotPlainData`.
+    """
+    try:
+        return load_plain(path), []
+    except NotPlainData as first:
+        try:
+            names = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+        except Exception:  # not a zip-format torch file (damaged, or the legacy format)
+            raise first from None
+        if not names:
+            raise
+    try:
+        with torch.serialization.safe_globals([(Inert, name) for name in names]):
+            return torch.load(str(path), map_location="cpu", weights_only=True), sorted(names)
+    except Exception as exc:
+        raise NotPlainData(refusal_reason(exc)) from None

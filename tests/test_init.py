@@ -211,15 +211,31 @@ def test_weights_of_another_architecture_are_one_line_errors(tmp_path):
                   create_backbone("timm:resnet18", in_chans=3, image_size=32, cifar_stem=True))
 
 
-def test_pickle_with_code_is_refused(tmp_path):
-    class Evil:
-        def __reduce__(self):
-            return (print, ("ran",))
+def test_pickled_code_is_never_run_and_blocked_modules_are_refused(tmp_path, capsys):
+    """A pickle that calls a function to build an object: the function becomes an inert placeholder
+    (the tensors load, the call never happens, the record names it); ``os``/``sys`` globals are refused."""
+    import os
 
-    torch.save({"state_dict": {"w": torch.zeros(1)}, "obj": Evil()}, tmp_path / "evil.pth")
-    with pytest.raises(UsageError, match=r"weights_only=True\) \(Unsupported global: GLOBAL [\w.]*print") as err:
+    class Calls:
+        def __init__(self, fn):
+            self.fn = fn
+
+        def __reduce__(self):
+            return (self.fn, ("echo ran",))
+
+    w = _random_like(create_backbone("timm:resnet18", in_chans=3, image_size=32).model, 21)
+    torch.save({"state_dict": w, "obj": Calls(print)}, tmp_path / "calls.pth")
+    dst = create_backbone("timm:resnet18", in_chans=3, image_size=32)
+    rec = load_init(str(tmp_path / "calls.pth"), dst)
+    assert "ran" not in capsys.readouterr().out
+    _assert_loaded(dst.model, w)
+    assert rec["not_read"] == ["builtins.print"] and rec["summary"].endswith("pickled objects not read: builtins.print")
+    torch.save({"state_dict": w, "obj": Calls(os.system)}, tmp_path / "evil.pth")
+    refused = r"evil.pth: cannot be read as plain weights .* \(Trying to load unsupported GLOBAL (os|posix).system"
+    with pytest.raises(UsageError, match=refused) as err:
         load_init(str(tmp_path / "evil.pth"), create_backbone("timm:resnet18", in_chans=3, image_size=32))
     assert "weights_only` set to `False`" not in str(err.value)  # torch's preface is not passed on as advice
+    assert "ran" not in capsys.readouterr().out
     (tmp_path / "damaged.pth").write_bytes(b"PK")  # a truncated file: the reason, not the preface
     with pytest.raises(UsageError, match=r"damaged.pth: cannot be read .* \(Unsupported operand"):
         load_init(str(tmp_path / "damaged.pth"), create_backbone("timm:resnet18", in_chans=3, image_size=32))

@@ -24,7 +24,7 @@ from torch import nn
 from sslkit.errors import UsageError
 from sslkit.init.adapt import fit
 from sslkit.init.keymap import to_timm
-from sslkit.init.read import read_state_dict
+from sslkit.init.read import read_weights
 from sslkit.init.resolve import InitFile, resolve_init
 
 MAX_MISSING_FRACTION = 0.1  # more of the backbone missing than this: the weights are of another model
@@ -38,7 +38,7 @@ def load_init(init: str, backbone: nn.Module, allow_download: bool = False) -> d
     ``missing`` and ``unexpected`` key lists, and ``summary`` (one line).
     """
     found = resolve_init(init, allow_download)
-    weights, sha = _read(found.path, found.path.stat().st_mtime_ns, found.path.stat().st_size, found.name)
+    weights, not_read, sha = read_found(found)
     target = init_target(backbone)
     module: nn.Module = target["module"]
     own = module.state_dict()
@@ -56,7 +56,7 @@ def load_init(init: str, backbone: nn.Module, allow_download: bool = False) -> d
     module.load_state_dict(fitted.state, strict=False)
     record = {"source": found.name, "kind": found.kind, "sha256": sha, "layout": layout, "prefix_removed": prefix,
               "loaded": len(fitted.state), "adapted": fitted.adapted, "missing": fitted.missing,
-              "unexpected": fitted.unexpected}
+              "unexpected": fitted.unexpected, "not_read": not_read}
     record["summary"] = summary_line(record)
     return record
 
@@ -68,7 +68,8 @@ def summary_line(record: dict[str, Any]) -> str:
 
     return (f"init: {record['source']} (sha256 {record['sha256'][:12]}, {record['layout']} layout): "
             f"{record['loaded']} tensors loaded; adapted: {listing(record['adapted'])}; "
-            f"missing: {listing(record['missing'])}; unused: {listing(record['unexpected'])}")
+            f"missing: {listing(record['missing'])}; unused: {listing(record['unexpected'])}"
+            + (f"; pickled objects not read: {listing(record['not_read'])}" if record.get("not_read") else ""))
 
 
 def init_target(backbone: nn.Module) -> dict[str, Any]:
@@ -84,10 +85,17 @@ def _backbone_name(backbone: nn.Module) -> str:
     return getattr(backbone, "name", type(backbone).__name__)
 
 
+def read_found(found: InitFile) -> tuple[dict[str, torch.Tensor], list[str], str]:
+    """``(tensors, not_read, sha256)`` of a resolved ``--init``; the last one read is kept, since
+    the check before decoding reads it first and the run then loads it (while its files are unchanged)."""
+    stats = tuple((str(f), f.stat().st_mtime_ns, f.stat().st_size) for f in (found.path, *found.files()))
+    return _read(found.path, found.name, stats)
+
+
 @functools.lru_cache(maxsize=1)
-def _read(path: Path, mtime_ns: int, size: int, name: str) -> tuple[dict[str, torch.Tensor], str]:
-    """The file's tensors and sha256; the last file read is kept (the pre-decoding check reads it first)."""
-    return read_state_dict(path, name), InitFile(path, "file", name).sha256()
+def _read(path: Path, name: str, stats: tuple) -> tuple[dict[str, torch.Tensor], list[str], str]:
+    tensors, not_read = read_weights(path, name)
+    return tensors, not_read, InitFile(path, "file", name).sha256()
 
 
 def onnx_record(record: dict[str, Any] | None) -> dict[str, Any] | None:

@@ -58,10 +58,9 @@ def restore_task_parts(init: str, task: nn.Module, task_name: str, allow_downloa
             record["skipped"].append(why)
             return record
     else:
-        from sslkit.init import _read
+        from sslkit.init import read_found
 
-        st = found.path.stat()
-        tensors, _ = _read(found.path, st.st_mtime_ns, st.st_size, found.name)
+        tensors = read_found(found)[0]
         name = found.name
     hits = {k: v for k, v in tensors.items() if k in want and tuple(v.shape) == tuple(want[k].shape)}
     record["skipped"] += [f"{k} {tuple(tensors[k].shape)} vs {tuple(want[k].shape)}"
