@@ -348,6 +348,7 @@ def test_cli_init_that_does_not_fit_fails_before_decoding(tmp_path, cli, monkeyp
     proc = run_sslkit(*args, "--init", tmp_path / "r18.safetensors", env={"SSLKIT_CACHE_DIR": str(cache)})
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and "does not fit timm:resnet34" in lines[0], proc.stderr
+    assert lines[0].endswith("; --backbone names the architecture the weights were made for")
     monkeypatch.setenv("SSLKIT_CACHE_DIR", str(cache))
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     (tmp_path / "damaged.pth").write_bytes(b"PK")

@@ -219,3 +219,65 @@ def test_a_real_lightning_checkpoint_continues_in_pretrain(tmp_path, cli):
     enc = load_run(out).build_encoder().model.state_dict()  # one step at lr 1e-12: still the checkpoint's
     own = module.backbone.state_dict()
     torch.testing.assert_close(enc["layer4.1.conv2.weight"], own["layer4.1.conv2.weight"], rtol=1e-5, atol=1e-6)
+
+
+# --- the architecture the weights name, when no --backbone is given ----------------------------------
+def test_the_backbone_follows_the_weights_when_none_is_named(tmp_path, monkeypatch):
+    from sslkit.config_backbone import hf_backbone, init_backbone
+
+    assert init_backbone("timm:vit_small_patch14_dinov2.lvd142m") == ("timm:vit_small_patch14_dinov2", {})
+    dinov2 = {"model_type": "dinov2", "hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
+              "patch_size": 14, "mlp_ratio": 4}
+    assert hf_backbone(dinov2) == ("timm:vit_base_patch14_dinov2", {})
+    assert hf_backbone({**dinov2, "model_type": "dinov2_with_registers", "num_register_tokens": 4}) == \
+        ("timm:vit_base_patch14_reg4_dinov2", {})
+    assert hf_backbone({**dinov2, "hidden_size": 1536, "num_hidden_layers": 40, "num_attention_heads": 24,
+                        "use_swiglu_ffn": True}) == ("timm:vit_giant_patch14_dinov2", {})
+    assert hf_backbone({**dinov2, "num_hidden_layers": 6}) == \
+        ("timm:vit_base_patch14_dinov2", {"embed_dim": 768, "depth": 6, "num_heads": 12})
+    vit = {"model_type": "vit", "hidden_size": 384, "num_hidden_layers": 12, "num_attention_heads": 6,
+           "patch_size": 16, "intermediate_size": 1536}
+    assert hf_backbone(vit) == ("timm:vit_small_patch16_224", {})
+    assert hf_backbone({**vit, "patch_size": 32}) == ("timm:vit_small_patch32_224", {})
+    for other in ({**dinov2, "patch_size": 16}, {**dinov2, "model_type": "swin"}, {"model_type": "dinov2"}, {}):
+        assert hf_backbone(other) is None  # not a layout sslkit maps: the task's default, then --init's check
+    # the same from a config.json in the Hub cache
+    cache = tmp_path / "hub"
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    snap = _fake_hub(cache, "acme/xray-dino", {"x": torch.zeros(1)}).parent
+    (snap / "config.json").write_text(json.dumps(dinov2))
+    assert init_backbone("acme/xray-dino") == init_backbone("hf-hub:acme/xray-dino") == \
+        ("timm:vit_base_patch14_dinov2", {})
+    assert init_backbone("acme/not-cached") is None and init_backbone(str(tmp_path / "w.pth")) is None
+
+
+def test_pretrain_builds_the_architecture_of_a_model_folder_or_a_checkpoint(tmp_path, cli):
+    """``--init rad-dino`` with no ``--backbone``: the ViT its config.json describes (not the task's
+    ResNet default), loaded from its weights; ``--init RUN/checkpoints/step-N``: that run's backbone."""
+    from sslkit.run import load_run
+
+    ref, weights = _dinov2_weights(seed=9)
+    folder = tmp_path / "rad-dino"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({
+        "model_type": "dinov2", "hidden_size": 24, "num_hidden_layers": 2, "num_attention_heads": 2,
+        "patch_size": 14, "mlp_ratio": 4}))
+    save_file(_hf_dinov2(weights), str(folder / "model.safetensors"))
+    data = make_images(tmp_path / "imgs", n_per_class=4, size=28, channels=3)
+    args = ("--task", "simclr", "--data", data, "--image-size", 28, "--batch-size", 8, "--max-steps", 1,
+            "--lr", 1e-12, "--quiet")
+    result = cli("pretrain", *args, "--out", tmp_path / "run", "--init", folder)
+    assert result.exit_code == 0, result.stderr
+    run = load_run(tmp_path / "run")
+    assert run.info["config"]["backbone"] == "timm:vit_small_patch14_dinov2"
+    assert run.info["config"]["backbone_options"] == {"embed_dim": 24, "depth": 2, "num_heads": 2}
+    enc = run.build_encoder().model.state_dict()  # one step at lr 1e-12: the folder's weights
+    torch.testing.assert_close(enc["blocks.1.attn.qkv.weight"], weights["blocks.1.attn.qkv.weight"],
+                               rtol=1e-5, atol=1e-6)
+    step = sorted((tmp_path / "run" / "checkpoints").iterdir())[-1]
+    result = cli("pretrain", *args, "--out", tmp_path / "again", "--init", step)
+    assert result.exit_code == 0, result.stderr
+    again = load_run(tmp_path / "again").info["config"]
+    assert (again["backbone"], again["backbone_options"]) == (run.info["config"]["backbone"],
+                                                              run.info["config"]["backbone_options"])

@@ -28,6 +28,7 @@ from sslkit.init.read import read_weights
 from sslkit.init.resolve import InitFile, resolve_init
 
 MAX_MISSING_FRACTION = 0.1  # more of the backbone missing than this: the weights are of another model
+ARCH_HINT = "; --backbone names the architecture the weights were made for"
 
 
 def load_init(init: str, backbone: nn.Module, allow_download: bool = False) -> dict[str, Any]:
@@ -48,11 +49,11 @@ def load_init(init: str, backbone: nn.Module, allow_download: bool = False) -> d
     if fitted.mismatched:
         more = f" (+{len(fitted.mismatched) - 3} more)" if len(fitted.mismatched) > 3 else ""
         raise UsageError(f"--init {found.name} does not fit {name}: {len(fitted.mismatched)} tensors cannot be "
-                         f"adapted: {'; '.join(fitted.mismatched[:3])}{more}")
+                         f"adapted: {'; '.join(fitted.mismatched[:3])}{more}{ARCH_HINT}")
     if not fitted.state or len(fitted.missing) > MAX_MISSING_FRACTION * len(own):
         sample = ", ".join([k for k in weights if not k.endswith("num_batches_tracked")][:3])
         raise UsageError(f"--init {found.name} does not fit {name}: {len(fitted.missing)} of its {len(own)} "
-                         f"tensors are not in the weights ({layout} layout; keys like {sample})")
+                         f"tensors are not in the weights ({layout} layout; keys like {sample}){ARCH_HINT}")
     module.load_state_dict(fitted.state, strict=False)
     record = {"source": found.name, "kind": found.kind, "sha256": sha, "layout": layout, "prefix_removed": prefix,
               "loaded": len(fitted.state), "adapted": fitted.adapted, "missing": fitted.missing,
