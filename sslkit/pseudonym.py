@@ -104,5 +104,5 @@ def keyed_hash(value: str, purpose: str = "", length: int = 16) -> str:
     Stable across runs with the same secret ($SSLKIT_KEY, $SSLKIT_KEY_FILE, else
     ~/.config/sslkit/key, created 0600 on first use); all processes that must agree
     (multi-node torchrun, embed elsewhere) need the same secret."""
-    digest = hmac.new(secret(), f"{purpose}\0{value}".encode(), hashlib.sha256).hexdigest()
+    digest = hmac.new(secret(), f"{purpose}\0{value}".encode("utf-8", "surrogateescape"), hashlib.sha256).hexdigest()
     return digest[:length]

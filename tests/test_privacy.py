@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +36,8 @@ def test_no_identifier_in_any_output(tmp_path, cli):
     for i in range(6):
         write_dicom(data / f"s{i}.dcm", (rng.random((36, 36)) * 4000).astype(np.uint16),
                     patient_id=f"{SECRETS['id']}{i % 3}", patient_name=SECRETS["name"], birth_date=SECRETS["birth"],
-                    syntax=("explicit", "rle", "j2k")[i % 3], photometric=("MONOCHROME1", "MONOCHROME2")[i % 2])
+                    syntax=("explicit", "rle", "j2k")[i % 3], photometric=("MONOCHROME1", "MONOCHROME2")[i % 2],
+                    series_description=f"CXR for {SECRETS['name']}")  # free text that names the patient
     # a broken file with identifiers in its header must be reported without them
     good = (data / "s0.dcm").read_bytes()
     (data / "s9.dcm").write_bytes(good[: len(good) - 500])
@@ -56,13 +58,22 @@ def test_no_identifier_in_any_output(tmp_path, cli):
     assert report["groups"] == 3  # patients are counted, never named
     r = cli("data", "inspect", f"dicom:{data}")
     logs.append(r.output)
+    # a filter on that free text still works once the header index exists (it reads those headers again)
+    assert list((cache / "headers").glob("*.json"))
+    r = cli("pretrain", "--task", "simclr", "--backbone", "timm:test_resnet", "--data", f"dicom:{data}", "--out",
+            tmp_path / "run2", "--max-steps", "1", "--batch-size", "2", "--image-size", "32", "--cache", cache,
+            "--series-description", "CXR*", "--quiet")
+    filtered = json.loads((tmp_path / "run2" / "run.json").read_text())["dataset"]
+    assert r.exit_code == 0 and filtered["samples"] == 6  # the six whole files (s9 is cut short)
+    r = cli("data", "inspect", f"dicom:{data}", "--series-description", "MR*", "--json")
+    assert json.loads(r.output)["images"] == 0, r.output
     (tmp_path / "logs.txt").write_text("\n".join(logs))
     info = json.loads((run / "run.json").read_text())
     assert info["dataset"]["val_groups"] == 1 and info["dataset"]["val_samples"] in (2, 3)  # one patient
     assert (run / "encoder.onnx").exists() and any((run / "checkpoints").iterdir())
     skipped = json.loads((run / "data_report.json").read_text())["skipped_files"]
     assert any(s["path"].endswith("s9.dcm") for s in skipped) or info["dataset"]["val_samples"]
-    assert _scan(run) == [] and _scan(cache) == []
+    assert _scan(run) == [] and _scan(cache) == [] and _scan(Path(os.environ["SSLKIT_CACHE_DIR"])) == []
     assert not any(n in (tmp_path / "logs.txt").read_bytes() for n in _needles())
 
 

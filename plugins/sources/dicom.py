@@ -17,6 +17,7 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import logging
+import os
 import re
 import warnings
 from dataclasses import dataclass
@@ -72,7 +73,7 @@ def is_dicom_file(path: Path) -> bool:
 
 
 def salted_hash(value: str) -> str:
-    return hashlib.sha256(GROUP_SALT + value.encode()).hexdigest()[:16]
+    return hashlib.sha256(GROUP_SALT + value.encode("utf-8", "surrogateescape")).hexdigest()[:16]
 
 
 def safe_reason(exc: BaseException) -> str:
@@ -96,6 +97,7 @@ def read_header(path: str) -> dict[str, Any]:
         try:
             with open(p, "rb") as fp:
                 ds = read_dataset(fp, stop_before_pixels=True)
+                has_pixels = fp.tell() < os.fstat(fp.fileno()).st_size  # pydicom stops early only at pixel data
                 pixels = located_pixels(ds, fp)
         except Exception as exc:
             if isinstance(exc, OSError) or is_dicom_file(p):  # OSError: e.g. no read permission
@@ -103,8 +105,12 @@ def read_header(path: str) -> dict[str, Any]:
             return {"kind": "other"}
         try:
             modality = str(value(ds, "Modality", "") or "unknown").upper()
-            if not has(ds, "Rows") or not has(ds, "Columns") or modality in NON_IMAGE_MODALITIES:
+            if modality in NON_IMAGE_MODALITIES:
                 return {"kind": "nonimage"}
+            missing = [k for k in ("Rows", "Columns") if not has(ds, k)]
+            if missing:
+                why = incomplete_image(ds, has_pixels, " and ".join(missing))
+                return {"kind": "error", "reason": why} if why else {"kind": "nonimage"}
             ident = str(value(ds, "PatientID", "") or "")
             group = f"patient:{ident}" if ident else f"study:{value(ds, 'StudyInstanceUID', '') or ''}"
             if group == "study:":
@@ -128,6 +134,19 @@ def read_header(path: str) -> dict[str, Any]:
             }
         except Exception as exc:
             return {"kind": "error", "reason": f"bad header value: {safe_reason(exc)}"}
+
+
+def incomplete_image(ds: pydicom.Dataset, has_pixels: bool, missing: str) -> str | None:
+    """Why a header without ``missing`` (Rows, Columns) is a broken image and not a non-image object:
+    it has pixel data, or its SOP class is an image storage class (a file cut short before them)."""
+    if has_pixels:
+        return f"unreadable header: pixel data without {missing}"
+    meta = getattr(ds, "file_meta", None)
+    sop = value(ds, "SOPClassUID", None) or (value(meta, "MediaStorageSOPClassUID", None) if meta else None)
+    name = pydicom.uid.UID(str(sop)).name if sop else ""
+    if name.endswith("Image Storage"):
+        return f"unreadable header: a {name} object that ends without {missing} (truncated?)"
+    return None
 
 
 def located_pixels(ds: pydicom.Dataset, fp: Any) -> dict[str, Any] | None:
@@ -227,6 +246,7 @@ class DicomSource(Source):
     def _volume_refs(self) -> list[SampleRef]:
         """Slab / volume mode: refs of the series assembled in space (no geometry: skipped in volume mode)."""
         volumes = assemble(self.headers)
+        self.skipped += [d for v in volumes for d in v.dropped]
         if self.sample.volumetric:
             self.skipped += [(v.slices[0][0], "not a volume: no slice geometry") for v in volumes
                              if "no slice geometry" in v.issues]
@@ -239,7 +259,8 @@ class DicomSource(Source):
         split groups named by their first file (:func:`stable_groups`)."""
         # series keys in the index are keyed hashes: another secret is another index
         version = f"{HEADER_FORMAT}.{keyed_hash('header-index', 'dicom-headers', 12)}"
-        headers = cached_headers(files, self.root, self.header_cache, read_header, self.options.workers, version)
+        headers = cached_headers(files, self.root, self.header_cache, read_header, self.options.workers, version,
+                                 need_text=bool(self.options.series_description))
         return stable_groups(files, headers, self.root)
 
     def channels_of(self, ref: SampleRef) -> int | None:

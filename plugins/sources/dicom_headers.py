@@ -3,8 +3,10 @@
 One JSON file per data root under the cache's ``headers/`` folder, mode 0600, holding
 for every file, keyed by its inode, size and mtime (no path: folder names can carry
 patient names), the technical header facts of
-:func:`~sslkit_plugins.sources.dicom.read_header`. Split groups are not
-stored, not even hashed: a hash of a PatientID can be reversed by trying IDs. The file
+:func:`~sslkit_plugins.sources.dicom.read_header`. Free text is not stored: a
+SeriesDescription can name a patient (a run that filters on it reads those headers
+again). Split groups are not stored, not even hashed: a hash of a PatientID can be
+reversed by trying IDs. The file
 keeps only which files share a group, as small integers numbered in file order; when
 files change, one unchanged file per stored group is read again to recover that group
 in memory, so a rerun on unchanged data reads no header and a changed folder reads only
@@ -22,28 +24,34 @@ from typing import Any, Callable
 from sslkit.api import UsageError, parallel_map, read_json, write_atomic
 
 FORMAT = 2  # of this file; the reader's own version (``version``) is part of the store's name
+NOT_STORED = ("group", "series")  # a patient's group; free text (SeriesDescription)
 
 
 def store_path(header_cache: Path, root: Path, version: int = 0) -> Path:
     """The header index of data root ``root`` under ``header_cache`` (``version``: the reader's)."""
-    root_id = hashlib.sha256(f"{FORMAT}\0{version}\0{root.resolve()}".encode()).hexdigest()[:24]
+    key = f"{FORMAT}\0{version}\0{root.resolve()}".encode("utf-8", "surrogateescape")
+    root_id = hashlib.sha256(key).hexdigest()[:24]
     return Path(header_cache) / f"dicom-{root_id}.json"
 
 
 def cached_headers(files: list[str], root: Path, header_cache: Path | None,
-                   read: Callable[[str], dict[str, Any]], workers: int = 0, version: int = 0) -> list[dict[str, Any]]:
+                   read: Callable[[str], dict[str, Any]], workers: int = 0, version: int = 0,
+                   need_text: bool = False) -> list[dict[str, Any]]:
     """``[read(f) for f in files]``, reading only what the header index cannot answer.
 
     ``read(f)`` returns a dict; an image's ``"group"`` value is only compared for
     equality (which files share a patient). Groups answered from the index are labels
     ``"stored-group:N"`` when no file had to be read, the values ``read`` gave otherwise.
+    ``need_text``: images need their free text (``"series"``), which the index does not
+    hold, so their headers are read again.
     """
     if header_cache is None:
         return _read(read, files, workers)
     store = store_path(header_cache, root, version)
     known = _load(store)
     stamps = [_stamp(f) for f in files]
-    fresh = [i for i, s in enumerate(stamps) if not s or s not in known]
+    fresh = [i for i, s in enumerate(stamps) if not s or s not in known
+             or (need_text and known[s][0].get("kind") == "image")]
     fresh_set = set(fresh)
     reuse = [i for i in range(len(files)) if i not in fresh_set]
     headers: list[dict[str, Any] | None] = [None] * len(files)
@@ -107,7 +115,7 @@ def _save(store: Path, stamps: list[str], headers: list[dict[str, Any]]) -> None
             continue
         group = h.get("group")
         gi = numbers.setdefault(group, len(numbers)) if group is not None else None
-        files[stamp] = [{k: v for k, v in h.items() if k != "group"}, gi]
+        files[stamp] = [{k: v for k, v in h.items() if k not in NOT_STORED}, gi]
     try:
         store.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         write_atomic(store, lambda tmp: tmp.write_text(json.dumps({"format": FORMAT, "files": files})), mode=0o600)
@@ -126,5 +134,5 @@ def stable_groups(files: list[str], headers: list[dict[str, Any]], root: Path) -
     for f, h in zip(files, headers):
         if h.get("kind") == "image":
             rel = first.setdefault(h["group"], os.path.relpath(f, root))
-            h["group"] = "g:" + hashlib.sha256(rel.encode()).hexdigest()[:16]
+            h["group"] = "g:" + hashlib.sha256(rel.encode("utf-8", "surrogateescape")).hexdigest()[:16]
     return headers

@@ -26,6 +26,7 @@ No identifier is kept: series and volume keys are keyed hashes (HMAC-SHA256, :fu
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -209,6 +210,7 @@ class Volume:
     issues: list[str] = field(default_factory=list)
     mosaic: int = 0  # slices per mosaic (negative: -tiles of the grid, count unknown), 0 if not a mosaic
     positions: list[list[float]] | None = None
+    dropped: list[tuple[str, str]] = field(default_factory=list)  # (file, why) of slices left out: repeats
 
     @property
     def depth(self) -> int:
@@ -271,25 +273,33 @@ def assemble(headers: dict[str, dict[str, Any]]) -> list[Volume]:
 
 
 def _ordered(positions: np.ndarray, orientation: Sequence[float], fallback_step: float | None
-             ) -> tuple[list[int], float, list[str]]:
-    """Indices of ``positions`` in spatial order (repeats dropped), the slice step, the issues."""
+             ) -> tuple[list[int], float, list[str], dict[int, int]]:
+    """Indices of ``positions`` in spatial order (repeats dropped), the slice step, the issues,
+    and ``{dropped index: the kept index whose position it repeats}``."""
     order, dist = order_slices(positions, orientation)
     report = check_spacing(dist)
     dup = set(report.duplicates)
-    keep = [int(order[i]) for i in range(len(order)) if i not in dup]
+    keep, repeats = [], {}
+    for i in range(len(order)):
+        if i in dup:
+            repeats[int(order[i])] = keep[-1]
+        else:
+            keep.append(int(order[i]))
     issues = report.issues()
     tilt = gantry_tilt(positions[order], orientation)
     if tilt > 0.1:
         issues.append(f"gantry tilt {tilt:.1f} degrees (not corrected)")
-    return keep, float(report.step or fallback_step or 1.0), issues
+    return keep, float(report.step or fallback_step or 1.0), issues, repeats
 
 
 def _series_volume(key: str, paths: list[str], headers: dict[str, dict[str, Any]]) -> Volume:
     first = headers[paths[0]]
     positions = np.array([headers[p]["position"] for p in paths], float)
-    keep, step, issues = _ordered(positions, first["orientation"], first.get("slice_step"))
+    keep, step, issues, repeats = _ordered(positions, first["orientation"], first.get("slice_step"))
+    dropped = [(paths[i], f"slice position repeated in its series: {os.path.basename(paths[k])}'s is used")
+               for i, k in repeats.items()]
     return Volume(key, first["group"], [(paths[i], None, None) for i in keep], (step, *_in_plane(first)),
-                  first["rows"], first["columns"], issues, positions=positions[keep].tolist())
+                  first["rows"], first["columns"], issues, positions=positions[keep].tolist(), dropped=dropped)
 
 
 def _enhanced_volumes(path: str, h: dict[str, Any]) -> list[Volume]:
@@ -300,7 +310,7 @@ def _enhanced_volumes(path: str, h: dict[str, Any]) -> list[Volume]:
     parts, names = split_repeats(positions, facts, h["orientation"])
     out = []
     for suffix, text, frames in parts:
-        keep, step, issues = _ordered(positions[frames], h["orientation"], h.get("slice_step"))
+        keep, step, issues, _ = _ordered(positions[frames], h["orientation"], h.get("slice_step"))
         if len(parts) > 1:
             issues.append(f"{text}: one of {len(parts)} volumes of a file split by {' and '.join(names)} "
                           f"(positions repeat)")
@@ -322,7 +332,7 @@ def _mosaic_volume(path: str, h: dict[str, Any]) -> Volume:
     if h.get("position") and h.get("orientation"):
         pos = mosaic_positions(h["position"], h["orientation"], _in_plane(h), (h["rows"], h["columns"]), (th, tw),
                                abs(n), step, h.get("csa_normal"))
-        keep, step, found = _ordered(pos, h["orientation"], step)
+        keep, step, found, _ = _ordered(pos, h["orientation"], step)
         issues += found
         positions = pos[keep].tolist()
     return Volume(series_key(path), h["group"], [(path, None, t) for t in keep], (step, *_in_plane(h)), th, tw,

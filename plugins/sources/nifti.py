@@ -168,7 +168,7 @@ class NiftiSource(Source):
             except ValueError as exc:  # Undecodable too
                 self.skipped.append((f, str(exc)))
                 continue
-            group = hashlib.sha256(b"sslkit-nifti-v1" + f.encode()).hexdigest()[:16]
+            group = hashlib.sha256(b"sslkit-nifti-v1" + f.encode("utf-8", "surrogateescape")).hexdigest()[:16]
             depth = int(shape[2])
             for t in range(int(shape[3]) if len(shape) == 4 else 1):
                 v = len(self.volumes)

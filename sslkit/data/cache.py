@@ -140,7 +140,8 @@ def cache_key(source: Source, refs: Sequence[SampleRef], channels: int, size: in
         for path in files:
             if path not in digests:
                 digests[path] = file_digest(path)
-        h.update(f"{ref.path}\0{ref.frame}\0{'|'.join(digests[p] for p in files)}\n".encode())
+        h.update(f"{ref.path}\0{ref.frame}\0{'|'.join(digests[p] for p in files)}\n".encode(
+            "utf-8", "surrogateescape"))  # a file name that is not UTF-8 keeps its bytes
     return h.hexdigest()[:32]
 
 

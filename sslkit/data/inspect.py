@@ -14,7 +14,7 @@ from collections import Counter
 from typing import Any
 
 from sslkit.data.prepare import majority_channels, prepare
-from sslkit.data.volume import sample_mode
+from sslkit.data.volume import sample_mode, stored_size
 from sslkit.registry import create_source
 
 
@@ -65,8 +65,9 @@ def inspect_data(data: str, source_options: dict[str, Any] | None = None, decode
     if filtered:
         report["filtered_out"] = filtered
     if decode and first:
-        checked = prepare(source, list(first.values()), channels, 8, cache_dir=False, progress=progress,
-                          workers=workers)
+        # at 8 px a slice (cheap), or the run's volume size: a volume sample has no other shape
+        checked = prepare(source, list(first.values()), channels, stored_size(source, 8), cache_dir=False,
+                          progress=progress, workers=workers)
         report["undecodable"] = [{"path": p, "reason": r} for p, r in checked.skipped]
         report["decoded_ok"] = len(checked)
     return report

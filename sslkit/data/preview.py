@@ -17,10 +17,12 @@ import numpy as np
 import torch
 
 from sslkit.data.dump import sample_key
-from sslkit.data.prepare import resize_square
+from sslkit.data.prepare import majority_channels, resize_square
+from sslkit.data.source import to_channels
 from sslkit.data.volume import sample_mode
 from sslkit.errors import UsageError
-from sslkit.output_file import check_output, write_atomic
+from sslkit.figure import save_png
+from sslkit.output_file import check_output
 from sslkit.registry import create_source
 
 PLANES = ("axial", "coronal", "sagittal")
@@ -67,10 +69,11 @@ def preview(src: str, out: str | Path, options: dict[str, Any] | None = None, sa
     if not refs:
         raise UsageError(f"no images found in {src!r}")
     mode = sample_mode(source)
+    channels = majority_channels(source, refs)  # as the run would train: grey and colour mixed are one kind
     picked, arrays = [], []
     for ref in refs[:: max(1, len(refs) // samples)]:
         try:
-            x = source.load(ref)
+            x = to_channels(source.load(ref), channels)
         except Exception:
             continue
         arrays.append(x if mode.volumetric else resize_square(x.astype(np.float32), image_size))
@@ -98,13 +101,8 @@ def preview(src: str, out: str | Path, options: dict[str, Any] | None = None, sa
                     ax.set_title(f"{titles[j]}" + (f" {PLANES[k]}" if mode.volumetric else ""), fontsize=8)
         axes[i][0].set_ylabel(sample_key(source, ref)[-28:], fontsize=6)
     fig.suptitle(caption(source, picked[0], mode), fontsize=8)
-    fig.tight_layout()
-
-    def write(tmp: Path) -> None:
-        fig.savefig(tmp, format="png", dpi=80)
-
     try:
-        write_atomic(out, write, suffix=".png")
+        save_png(fig, out, 80, tight_rect=(0, 0, 1, 1))
     finally:
         plt.close(fig)
     return {"samples": len(arrays), "out": str(out), "sample": mode.describe().get("sample", "slice")}

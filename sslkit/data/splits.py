@@ -17,7 +17,7 @@ from sslkit.errors import UsageError
 
 
 def _rank(group: str, seed: int) -> str:
-    return hashlib.sha256(f"sslkit-split\0{seed}\0{group}".encode()).hexdigest()
+    return hashlib.sha256(f"sslkit-split\0{seed}\0{group}".encode("utf-8", "surrogateescape")).hexdigest()
 
 
 def split_refs(refs: Sequence[SampleRef], fraction: float, seed: int = 0) -> tuple[list[SampleRef], list[SampleRef]]:

@@ -23,7 +23,7 @@ from torch import nn
 from sslkit.backbone import is_token_backbone
 from sslkit.eval.report import new_report, save_report, unique_path
 from sslkit.eval.tsne import _check_out
-from sslkit.output_file import write_atomic
+from sslkit.figure import save_png
 
 CELL_INCHES = 2.0
 DPI = 100
@@ -151,7 +151,7 @@ def plot_grid(images: np.ndarray, maps: dict[str, np.ndarray], title: str, out: 
     fig.suptitle(title, fontsize=10)
     fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=1 - 0.6 / (rows * CELL_INCHES),
                         wspace=0.04, hspace=0.04)
-    write_atomic(out, lambda tmp: fig.savefig(tmp, dpi=DPI, format="png"))
+    save_png(fig, out, DPI)
     return int(cols * CELL_INCHES * DPI), int(rows * CELL_INCHES * DPI)
 
 

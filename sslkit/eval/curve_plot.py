@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from sslkit.output_file import write_atomic
+from sslkit.figure import save_png
 
 PANEL_INCHES = (5.0, 4.0)
 DPI = 100
@@ -56,6 +56,5 @@ def plot_curve(report: dict[str, Any], out: Path) -> tuple[int, int]:
     model = report["model"]
     fig.suptitle(f"{model['task']} {model['backbone']} {model['image_size']} px: label efficiency ({how})",
                  fontsize="medium")
-    fig.tight_layout(rect=(0, 0, 1, 0.93))
-    write_atomic(out, lambda tmp: fig.savefig(tmp, dpi=DPI, format="png"))
+    save_png(fig, out, DPI, tight_rect=(0, 0, 1, 0.93))
     return int(w * len(probes) * DPI), int(h * DPI)

@@ -12,7 +12,8 @@ from typing import Any
 import numpy as np
 
 from sslkit.errors import UsageError
-from sslkit.output_file import check_output, write_atomic
+from sslkit.figure import save_png
+from sslkit.output_file import check_output
 from sslkit.eval.features import embed_all, open_model
 from sslkit.eval.labels import assign_labels, read_labels_csv
 from sslkit.eval.report import new_report, save_report, unique_path
@@ -74,8 +75,7 @@ def plot_maps(panels: dict[str, np.ndarray], labels: list[str], title: str, out:
         ax.set_yticks([])
         ax.legend(loc="best", fontsize="small", markerscale=max(1.0, 6 / size ** 0.5), framealpha=0.8)
     fig.suptitle(title)
-    fig.tight_layout(rect=(0, 0, 1, 0.96))
-    write_atomic(out, lambda tmp: fig.savefig(tmp, dpi=DPI, format="png"))
+    save_png(fig, out, DPI, tight_rect=(0, 0, 1, 0.96))
     return int(PANEL_INCHES * DPI * len(panels)), int(PANEL_INCHES * DPI)
 
 
