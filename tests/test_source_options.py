@@ -70,6 +70,9 @@ def test_window_flag_reaches_the_dicom_source(tmp_path, cli):
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "lungs" in bad.stderr
     r = cli("data", "inspect", f"folder:{data}", "--window", "lung", "--no-decode")
     assert r.exit_code == 2 and "has no option 'window'" in r.output
+    r = cli("data", "inspect", f"dicom:{data}", "--data-opt", "workers=-3", "--no-decode")
+    assert r.exit_code == 2 and r.output.strip() == "error: dicom option workers=-3: give 0 (one per CPU) or a " \
+                                                    "number of processes"
 
 
 def _third_party(root: Path, flags: str) -> dict[str, str]:

@@ -28,7 +28,7 @@ import numpy as np
 import pydicom
 
 from sslkit.api import SampleMode, SampleRef, Source, Undecodable, check_dir, hookimpl, walk_files
-from sslkit.api import GraphPreprocessing, check_pixel_count, keyed_hash
+from sslkit.api import GraphPreprocessing, UsageError, check_pixel_count, keyed_hash
 from sslkit_plugins.sources.dicom_decode import codec_failure, decode, parse_windows, read_dataset
 from sslkit_plugins.sources.dicom_headers import cached_headers, stable_groups
 from sslkit_plugins.sources.dicom_pixels import decode_located, pixel_facts, read_frame
@@ -59,6 +59,8 @@ class DicomOptions:
     def __post_init__(self) -> None:
         parse_windows(self.window)  # a bad window is a usage error before any file is read
         SampleMode.parse(self.sample, self.spacing, self.volume_size)
+        if self.workers < 0:
+            raise UsageError(f"dicom option workers={self.workers}: give 0 (one per CPU) or a number of processes")
 
 
 def is_dicom_file(path: Path) -> bool:
