@@ -12,7 +12,9 @@ embeddings.
 from __future__ import annotations
 
 import json
+import re
 import sys
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -35,6 +37,26 @@ class Embeddings:
     ids: list[str]  # file path, plus "#frame" for multi-frame files
     labels: list[str | None]
     skipped: int = 0  # files that could not be decoded
+    skip_reasons: dict[str, int] = field(default_factory=dict)  # why (no file names) -> how many files
+
+
+def skip_reasons(skipped: list[tuple[str, str]]) -> dict[str, int]:
+    """How many files were skipped for each reason, the reasons without file names (a quoted name
+    or path in a message, or the file's own name, becomes '...'), most frequent first: what a report may hold."""
+    def clean(path: str, reason: str) -> str:
+        for name in (path, Path(path).name):
+            reason = reason.replace(name, "...") if name else reason
+        return re.sub(r"'[^']*'|\"[^\"]*\"", "'...'", reason)[:200]
+
+    return dict(Counter(clean(path, reason) for path, reason in skipped).most_common())
+
+
+def check_finite(x: np.ndarray, what: str, then: str = "nothing was written") -> None:
+    """A one-line usage error when any row of ``x`` ``(N, D)`` holds NaN or inf, naming how many."""
+    bad = int((~np.isfinite(x).reshape(len(x), -1).all(1)).sum()) if len(x) else 0
+    if bad:
+        raise UsageError(f"{what} gave non-finite (NaN or inf) embeddings for {bad} of {len(x)} images: "
+                         f"its weights or these inputs overflow (a diverged run?); {then}")
 
 
 @dataclass
@@ -201,7 +223,7 @@ def embed(model: str | Path | Model, data: str, batch_size: int = 64, source_opt
     refs = loaded.prepared.refs
     sample_id = getattr(loaded.source, "sample_id", lambda ref: ref.id)  # volumes: a non-identifying series key
     return Embeddings(np.concatenate(out).astype(np.float32), [sample_id(r) for r in refs], [r.label for r in refs],
-                      len(loaded.prepared.skipped))
+                      len(loaded.prepared.skipped), skip_reasons(loaded.prepared.skipped))
 
 
 def embed_run(run_dir: str, data: str, batch_size: int = 64, source_options: dict[str, Any] | None = None,
@@ -214,12 +236,17 @@ def embed_to_file(model: str | Path, data: str, out: str | Path, overwrite: bool
     """:func:`embed`, saved as ``.npz`` with ``embeddings`` ``(N, D)`` float32 and ``ids`` (strings).
 
     ``labels`` (strings, "" for none) is added when the data layout gives class names.
-    The output is checked before any work and written atomically.
+    The output (an ``.npz`` name) is checked before any work and written atomically; embeddings
+    that are not all finite are refused (:func:`check_finite`) and nothing is written.
     """
     out = Path(out)
+    if out.suffix.lower() != ".npz":
+        raise UsageError(f"--out {str(out)!r}: sslkit embed writes .npz files only (numpy.savez: embeddings, ids, "
+                         f"labels); name it e.g. {out.with_suffix('.npz').name!r}")
     check_output(out, overwrite)
     opened = open_model(model, kwargs.pop("device", "cpu"), max_pixels=kwargs.pop("max_pixels", None))
     result = embed(opened, data, **kwargs)
+    check_finite(result.embeddings, f"the model {str(model)!r}")
     arrays = {"embeddings": result.embeddings, "ids": np.array(result.ids, dtype=str)}
     if any(label is not None for label in result.labels):
         arrays["labels"] = np.array([label or "" for label in result.labels], dtype=str)

@@ -62,8 +62,10 @@ def real_samples(run: Run, data: str | None = None, n: int = REAL_SAMPLES) -> tu
     """Up to ``n`` images of ``data`` (default: the run's own data), evenly spaced.
 
     Decoded with the run's source options, converted to its channels and resized as in
-    pretraining: float32 ``(n, C, S, S)`` in [0, 1]. Returns ``(None, why)`` when the data
-    is not reachable (another machine, deleted) or ``data == "none"``.
+    pretraining: float32 ``(n, C, S, S)`` in [0, 1], and a note naming what was used (the run's
+    data, or ``--check-data`` and its source kind: no path, as everything an export records).
+    Returns ``(None, why)`` when the data is not reachable (another machine, deleted) or
+    ``data == "none"``.
     """
     from sslkit.data.prepare import resize_square
     from sslkit.data.source import to_channels
@@ -76,7 +78,8 @@ def real_samples(run: Run, data: str | None = None, n: int = REAL_SAMPLES) -> tu
         return None, "skipped: the run records no data location"
     spec = run.spec
     try:
-        same_kind = resolve_data(location)[0] == spec.source
+        scheme = resolve_data(location)[0]
+        same_kind = scheme == spec.source
         options = (run.info.get("config", {}).get("source_options") or {}) if same_kind else {}
         source = create_source(location, **options)
         refs = source.index()
@@ -94,9 +97,10 @@ def real_samples(run: Run, data: str | None = None, n: int = REAL_SAMPLES) -> tu
         out.append(x.astype(np.float32))
         if len(out) == n:
             break
+    what = f"--check-data ({scheme} source)" if data else "the run's data"
     if not out:
-        return None, "skipped: no decodable image in the run's data"
-    return np.stack(out), f"{len(out)} images of the run's data"
+        return None, f"skipped: no decodable image in {what}"
+    return np.stack(out), f"{len(out)} images of {what}"
 
 
 def export_run(run_dir: str | Path, out: str | Path, fmt: str = "onnx", overwrite: bool = False,

@@ -249,8 +249,10 @@ def test_cli_knn_with_labels_csv(tiny, cli, tmp_path):
     (tmp_path / "labels.csv").write_text("\n".join(rows[:-2]) + "\n")  # two files left unlabelled
     rep = _json(cli("eval", "knn", tiny / "run", "--train", flat, "--test", flat, "--labels",
                     tmp_path / "labels.csv", "--k", "1", "--no-baseline", "--allow-overlap", "--json", "--quiet"))
-    assert rep["data"]["train"] == {"source": str(flat), "samples": 18, "unlabelled": 2}
-    assert rep["data"]["overlap"]["test_samples_in_train"] == 20  # the same folder twice: leakage, reported
+    assert rep["data"]["train"] == {"source": str(flat), "samples": 18, "unlabelled": 2,
+                                    "skipped": {"files": 0, "reasons": {}}}
+    # the same folder twice: leakage, reported over the scored (labelled) test images
+    assert rep["data"]["overlap"]["test_samples_in_train"] == 18
     assert rep["results"]["pretrained"]["k=1"]["top1"] == 1.0  # each image is its own neighbour
 
 

@@ -97,8 +97,9 @@ def export_onnx(encoder: nn.Module, spec: InputSpec, metadata: dict[str, Any], o
 
     if unknown:
         raise UsageError(f"the onnx exporter has no option {', '.join(sorted(unknown))}")
-    if opset < 18:
-        raise UsageError(f"--opset {opset}: the dynamo exporter writes opset 18 or newer")
+    low, high = supported_opsets()
+    if not low <= opset <= high:
+        raise UsageError(f"--opset {opset}: the installed torch exporter writes opsets {low} to {high}")
     out = Path(out)
     log = log or (lambda line: None)
     raw, client_note = raw_input_for(spec, with_preprocessing, input_dtype)
@@ -109,6 +110,9 @@ def export_onnx(encoder: nn.Module, spec: InputSpec, metadata: dict[str, Any], o
     except Exception as exc:
         raise CheckFailed(f"torch.onnx.export (dynamo) failed for {metadata.get('backbone')}: "
                           f"{type(exc).__name__}: {first_line(exc)}") from None
+    written = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    if written != opset:  # the exporter's version conversion can fail and keep its own opset
+        raise CheckFailed(f"--opset {opset}: the exporter wrote opset {written} instead; choose another --opset")
     if wanted and not dynamic_hw:
         log("height/width fixed at the run's size: this architecture did not export with dynamic H/W")
     sizes = [spatial_shape(spec)]
@@ -116,7 +120,7 @@ def export_onnx(encoder: nn.Module, spec: InputSpec, metadata: dict[str, Any], o
         sizes.append((spec.image_size + 32, spec.image_size + 16))
 
     report: dict[str, Any] = {"tolerance": tolerance, "dynamic_hw": dynamic_hw, "input_kind": raw.kind,
-                              "client_note": client_note}
+                              "client_note": client_note, "opset": opset}
 
     strip_build_metadata(model)
 
@@ -153,15 +157,27 @@ def _summarise(report: dict[str, Any], checks: list[dict[str, Any]], samples: np
         report["real_inputs"] = samples_note or f"{len(samples)} real samples"
 
 
+def supported_opsets() -> tuple[int, int]:
+    """The opsets the installed torch dynamo exporter writes: 18 (its base) to torch's newest."""
+    try:
+        from torch.onnx._constants import ONNX_MAX_OPSET
+    except ImportError:  # a torch without the constant: only what it has always written
+        return 18, 18
+    return 18, max(18, int(ONNX_MAX_OPSET))
+
+
 def _to_fp16(model, tmp: Path, check: Callable[[], list[dict[str, Any]]], tolerance: float) -> tuple[Any, dict]:
     """``model`` with float16 weights (float32 inputs and outputs), saved to ``tmp`` and checked
-    by ``check()`` against the float32 encoder: the fp16 model and its report."""
+    by ``check()`` against the float32 encoder: the fp16 model and its report. The converter
+    appends the float32 input's Cast after the nodes that read it: the graph is sorted again."""
     import onnx
     from onnxruntime.transformers.float16 import convert_float_to_float16
+    from onnxruntime.transformers.onnx_model import OnnxModel
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = convert_float_to_float16(model, keep_io_types=True)
+    OnnxModel(model).topological_sort()
     onnx.save_model(model, str(tmp))
     onnx.checker.check_model(str(tmp), full_check=True)
     checks = check()
@@ -346,6 +362,7 @@ def _metadata(base: dict[str, Any], spec: InputSpec, raw: RawInput, dynamic_hw: 
         "output": {"name": OUTPUT, "dtype": "float32", "shape": ["batch", base.get("embedding_dim")]},
         "spec": spec.to_dict(),
         "precision": "float16" if fp16 else "float32",
+        "opset": report["opset"],
         "verification": {
             "onnx_checker": "full",
             "float32": {"max_abs_diff": report["max_abs_diff"], "min_cosine": report["min_cosine"],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import click
 
@@ -30,9 +31,16 @@ def _floats(text: str, flag: str) -> list[float]:
         values = [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise UsageError(f"{flag} expects comma-separated numbers, e.g. 0.01,0.1,1; got {text!r}") from None
-    if not values or min(values) <= 0:
-        raise UsageError(f"{flag} expects positive numbers; got {text!r}")
+    if not values or not all(math.isfinite(v) and v > 0 for v in values):
+        raise UsageError(f"{flag} expects positive finite numbers; got {text!r}")
     return values
+
+
+def _positive_finite(ctx: click.Context, param: click.Parameter, value: float) -> float:
+    """A click callback: ``value`` must be a finite number above 0 (nan and inf are refused in one line)."""
+    if not (math.isfinite(value) and value > 0):
+        raise UsageError(f"--{param.name} expects a positive finite number, e.g. 0.07; got {value}")
+    return value
 
 
 def _source_options(kw: dict) -> dict:
@@ -66,9 +74,11 @@ def _print(report: dict, as_json: bool) -> None:
             continue
         extra = f", {d['unlabelled']} unlabelled skipped" if d.get("unlabelled") else ""
         extra += f", {d['groups']} groups" if d.get("groups") else ""
+        skipped = (d.get("skipped") or {}).get("files")
+        extra += f", {skipped} files not decoded ({'; '.join(list(d['skipped']['reasons'])[:3])})" if skipped else ""
         lines.append(f"  {split}: {d['samples']} images{extra}  [{d['source']}]")
     if "overlap" in data:
-        lines.append(f"  warning: {data['overlap']['test_samples_in_train']} test images are also in --train "
+        lines.append(f"  warning: {data['overlap']['test_samples_in_train']} scored test images are also in --train "
                      f"(--allow-overlap)")
     if "split" in report["settings"]:
         sp = report["settings"]["split"]
@@ -126,7 +136,7 @@ def eval_group() -> None:
 @eval_group.command(cls=SourceFlagsCommand)
 @probe_options
 @click.option("--k", "ks", default="20,200", show_default=True, help="Neighbour counts, comma-separated.")
-@click.option("--temperature", default=0.07, show_default=True, type=click.FloatRange(min=0, min_open=True),
+@click.option("--temperature", default=0.07, show_default=True, type=float, callback=_positive_finite,
               help="Vote weight exp(cos / T) (Wu et al. 2018).")
 def knn(**kw) -> None:
     """Weighted kNN on L2-normalised embeddings (cosine)."""

@@ -55,6 +55,7 @@ def curve_results(prep: ProbeData, fractions: Sequence[float], k: int = 20, C_gr
     """``{encoder: {"linear f=F" | "k=K f=F": mean ± std metrics + train_labels}}``; on one
     ``--train``/``--test`` split, ``prep.correct`` receives each setting's per-test-image correctness
     (for the paired gain), as from :func:`knn_results` and :func:`linear_results`."""
+    fractions = distinct_fractions([float(f) for f in fractions])  # API callers too: no name shared
     folds = [prep.fold(i) for i in range(len(prep.folds))] if prep.folds is not None else [prep]
     out: dict[str, dict[str, Any]] = {}
     for f in fractions:
@@ -64,10 +65,11 @@ def curve_results(prep: ProbeData, fractions: Sequence[float], k: int = 20, C_gr
             n = len(sub.sets["pretrained"][0].labels)
             lin = linear_results(sub, C_grid, val_fraction, seed)
             knn = knn_results(sub, [k], TEMPERATURE)
-            runs.append({e: {f"linear f={f:g}": {**lin[e]["linear"], "train_labels": n},
-                             f"k={k} f={f:g}": {**knn[e][f"k={k}"], "train_labels": n}} for e in lin})
+            name = fraction_name(f)
+            runs.append({e: {f"linear f={name}": {**lin[e]["linear"], "train_labels": n},
+                             f"k={k} f={name}": {**knn[e][f"k={k}"], "train_labels": n}} for e in lin})
             if prep.folds is None:
-                prep.correct.update({(e, f"{name} f={f:g}"): c for (e, name), c in sub.correct.items()})
+                prep.correct.update({(e, f"{setting} f={name}"): c for (e, setting), c in sub.correct.items()})
         for enc in runs[0]:
             for setting in runs[0][enc]:
                 agg = mean_std([r[enc][setting] for r in runs])
@@ -78,14 +80,32 @@ def curve_results(prep: ProbeData, fractions: Sequence[float], k: int = 20, C_gr
     return out
 
 
+def fraction_name(f: float) -> str:
+    """How a fraction is named in the report's settings (``linear f=0.1``): 6 significant digits."""
+    return f"{f:g}"
+
+
 def parse_fractions(text: str) -> list[float]:
+    """Distinct fractions in (0, 1], sorted; two that would share a setting name (equal to 6
+    significant digits, :func:`fraction_name`) are refused, so no result can replace another."""
     try:
         values = [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
         values = []
     if not values or any(not 0 < v <= 1 for v in values):
         raise UsageError(f"--fractions expects comma-separated fractions in (0, 1], e.g. 0.01,0.1,1; got {text!r}")
-    return sorted(set(values))
+    return distinct_fractions(values)
+
+
+def distinct_fractions(values: Sequence[float]) -> list[float]:
+    """``values`` sorted without repeats; two that would share a setting name are one line."""
+    values = sorted(set(values))
+    names: dict[str, float] = {}
+    for v in values:
+        if (other := names.setdefault(fraction_name(v), v)) != v:
+            raise UsageError(f"--fractions {other!r} and {v!r} are the same to 6 significant digits "
+                             f"(both named f={fraction_name(v)} in the report): give fractions that differ there")
+    return values
 
 
 def evaluate_curve(model_path: str, args: DataArgs, fractions: Sequence[float], out: str | None = None,

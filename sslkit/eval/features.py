@@ -145,7 +145,9 @@ def _encoders(model: EvalModel, baseline: bool) -> dict[str, embed_mod.Model]:
 
 def embed_all(model: EvalModel, data: str, baseline: bool = True, batch_size: int = 64,
               source_options: dict[str, Any] | None = None, progress: bool = True) -> dict[str, Embeddings]:
-    """``{"pretrained": Embeddings, "random": Embeddings[, "init": ...]}`` of ``data`` (``(N, D)`` each), one pass."""
+    """``{"pretrained": Embeddings, "random": Embeddings[, "init": ...]}`` of ``data`` (``(N, D)`` each), one pass.
+
+    Embeddings that are not all finite (a diverged run's NaN weights) are a one-line usage error."""
     named = _encoders(model, baseline)
     models = list(named.values())
     first = models[0]
@@ -162,7 +164,8 @@ def embed_all(model: EvalModel, data: str, baseline: bool = True, batch_size: in
     out, start = {}, 0
     for name, d in zip(named, dims):
         out[name] = Embeddings(np.ascontiguousarray(emb.embeddings[:, start:start + d]), emb.ids, emb.labels,
-                               emb.skipped)
+                               emb.skipped, emb.skip_reasons)
+        embed_mod.check_finite(out[name].embeddings, f"the {name} encoder on {data!r}", "no report written")
         start += d
     return out
 
@@ -173,23 +176,26 @@ def check_labels(model: EvalModel, data: str, what: str, labels_csv: str | None,
 
     Reads the index only (file names, headers); returns the CSV table and the labels found.
     """
-    table, labels, _ = index_labels(model, data, what, labels_csv, source_options)
+    table, labels, _, _ = index_labels(model, data, what, labels_csv, source_options)
     return table, labels
 
 
 def index_labels(model: EvalModel, data: str, what: str, labels_csv: str | None,
-                 source_options: dict[str, Any] | None = None) -> tuple[dict[str, str] | None, list[str], list]:
-    """:func:`check_labels` plus the source's sample refs (ids, split groups), from the index only."""
+                 source_options: dict[str, Any] | None = None) -> tuple[dict[str, str] | None, list[str], list, list]:
+    """:func:`check_labels` plus the source's sample refs (ids, split groups) and their sample ids
+    (the ids embeddings carry: ``Source.sample_id``, else ``ref.id``), from the index only."""
     from sslkit.registry import create_source
 
     table = read_labels_csv(labels_csv) if labels_csv else None
-    refs = create_source(data, **model.source_options(data, source_options)).index()
+    source = create_source(data, **model.source_options(data, source_options))
+    refs = source.index()
+    sample_id = getattr(source, "sample_id", lambda ref: ref.id)
     if not refs:
         raise UsageError(f"{what}: no images found in {data!r}")
     labels = assign_labels([r.id for r in refs], [r.label for r in refs], table)
     if all(lab is None for lab in labels):
         raise no_labels(what, data, table is not None)
-    return table, [lab for lab in labels if lab is not None], refs
+    return table, [lab for lab in labels if lab is not None], refs, [sample_id(r) for r in refs]
 
 
 def labelled_embeddings(model: EvalModel, data: str, what: str, table: dict[str, str] | None = None,
@@ -202,4 +208,5 @@ def labelled_embeddings(model: EvalModel, data: str, what: str, table: dict[str,
     for name, emb in embed_all(model, data, baseline, **kw).items():
         labels = assign_labels(emb.ids, emb.labels, table)
         out[name] = select_labelled(emb.embeddings, labels, what, data, table is not None, emb.ids)
+        out[name].skipped = emb.skip_reasons
     return out

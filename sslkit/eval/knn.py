@@ -8,7 +8,8 @@ class ``c`` gets the vote::
     w_c(q) = sum_{i in topk(q)} exp(s_i / T) * [y_i = c]          (T = 0.07)
 
 and the prediction is ``argmax_c w_c``; ``w_c / sum_c' w_c'`` is the class score used for
-AUROC.
+AUROC. The weights are computed as ``exp((s_i - max_j s_j) / T)``: the same ratios (hence the
+same normalised votes), without overflow at small ``T`` (``exp(1 / 0.01)`` is beyond float32).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ def knn_votes(train: np.ndarray, train_y: np.ndarray, test: np.ndarray, n_classe
     for start in range(0, len(test), chunk):
         q = F.normalize(torch.from_numpy(np.asarray(test[start:start + chunk], dtype=np.float32)), dim=1)
         sims, idx = (q @ xt.T).topk(kmax, dim=1)  # sorted, most similar first
-        weights = (sims / temperature).exp()
+        weights = ((sims - sims[:, :1]) / temperature).exp()  # the row's best neighbour weighs 1: no overflow
         onehot = F.one_hot(yt[idx], n_classes).to(weights.dtype)  # (m, kmax, K)
         for k in ks:
             kk = min(k, kmax)

@@ -26,6 +26,7 @@ class Labelled:
     labels: list[str]  # (N,) class names
     unlabelled: int  # samples dropped for want of a label
     ids: list[str] = field(default_factory=list)  # (N,) sample ids (path, "#frame"), for grouped splits
+    skipped: dict[str, int] = field(default_factory=dict)  # files not decoded: reason (no file names) -> count
 
 
 def read_labels_csv(path: str | Path) -> dict[str, str]:

@@ -74,7 +74,7 @@ class ProbeData:
     folds: list[tuple[np.ndarray, np.ndarray]] | None = None
     groups: int = 0
     split_method: str = ""  # how ``folds`` were drawn (sslkit.eval.split.fold_method)
-    overlap: int = 0  # test samples also in the training set (--allow-overlap)
+    overlap: int = 0  # scored test samples whose content is a scored training sample's (--allow-overlap)
     #: ``(encoder, setting)`` -> per-test-image correctness of a single split, for the paired gain
     correct: dict[tuple[str, str], np.ndarray] = field(default_factory=dict)
 
@@ -107,19 +107,22 @@ def prepare(model_path: str, args: DataArgs, needs_run: str | None = None,
     if k is not None:
         return _prepare_folds(model, args, k)
     kw = dict(batch_size=args.batch_size, source_options=args.source_options, progress=args.progress)
-    table, train_labels, train_refs = index_labels(model, args.train, "--train", args.labels_csv, args.source_options)
-    _, test_labels, test_refs = index_labels(model, args.test, "--test", args.labels_csv, args.source_options)
+    table, train_labels, train_refs, train_ids = index_labels(model, args.train, "--train", args.labels_csv,
+                                                              args.source_options)
+    _, test_labels, test_refs, test_ids = index_labels(model, args.test, "--test", args.labels_csv,
+                                                       args.source_options)
     class_index(train_labels, test_labels, args.positive)  # fail fast, before embedding
-    overlap = check_overlap(train_refs, test_refs, args.allow_overlap)
+    overlap = check_overlap(train_refs, test_refs, args.allow_overlap, train_ids, test_ids)
     train = labelled_embeddings(model, args.train, "--train", table, args.baseline, **kw)
     test = labelled_embeddings(model, args.test, "--test", table, args.baseline, **kw)
     classes, positive = class_index(train["pretrained"].labels, test["pretrained"].labels, args.positive)
-    return ProbeData(model, {e: (train[e], test[e]) for e in train}, classes, positive, overlap=overlap)
+    return ProbeData(model, {e: (train[e], test[e]) for e in train}, classes, positive,
+                     overlap=overlap.scored(train["pretrained"].ids, test["pretrained"].ids))
 
 
 def _prepare_folds(model: EvalModel, args: DataArgs, k: int) -> ProbeData:
     """``--data DIR --split group:K``: embed once, assign groups, cut grouped stratified folds."""
-    table, labels, refs = index_labels(model, args.data, "--data", args.labels_csv, args.source_options)
+    table, labels, refs, _ = index_labels(model, args.data, "--data", args.labels_csv, args.source_options)
     classes, positive = class_index(labels, labels, args.positive)
     ids = [r.id for r in refs]
     group_of = dict(zip(ids, group_keys(ids, {r.id: r.group for r in refs}, args.group_by, args.group_pattern)))
@@ -145,21 +148,30 @@ def base_report(kind: str, prep: ProbeData, args: DataArgs, settings: dict[str, 
                              else args.group_by, "group_pattern": args.group_pattern, "seed": args.seed,
                              "method": prep.split_method}
         report["data"] = {"data": {"source": args.data, "samples": len(tr.labels), "unlabelled": tr.unlabelled,
-                                   "groups": prep.groups}}
+                                   "groups": prep.groups, "skipped": _skipped(tr)}}
         pairs = (("data", tr),)
     else:
         report["data"] = {
-            "train": {"source": args.train, "samples": len(tr.labels), "unlabelled": tr.unlabelled},
-            "test": {"source": args.test, "samples": len(te.labels), "unlabelled": te.unlabelled},
+            "train": {"source": args.train, "samples": len(tr.labels), "unlabelled": tr.unlabelled,
+                      "skipped": _skipped(tr)},
+            "test": {"source": args.test, "samples": len(te.labels), "unlabelled": te.unlabelled,
+                     "skipped": _skipped(te)},
         }
         if args.allow_overlap:
-            report["data"]["overlap"] = {"test_samples_in_train": prep.overlap, "by": "sha256 of file content"}
+            report["data"]["overlap"] = {"test_samples_in_train": prep.overlap, "by": "sha256 of file content",
+                                         "counted": "scored test images (decoded, labelled) whose content is a "
+                                                    "scored training image's"}
         pairs = (("train", tr), ("test", te))
     report["classes"] = prep.classes
     report["class_counts"] = {split: {c: int(n) for c, n in zip(*np.unique(s.labels, return_counts=True))}
                               for split, s in pairs}
     report["positive_class"] = prep.classes[prep.positive] if prep.positive is not None else None
     return report
+
+
+def _skipped(s: Labelled) -> dict[str, Any]:
+    """Files of a data set that were not decoded (so not scored): how many, and how many for each reason."""
+    return {"files": sum(s.skipped.values()), "reasons": dict(s.skipped)}
 
 
 def over_folds(prep: ProbeData, fn) -> dict[str, dict[str, Any]]:
