@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
-from sslkit.errors import UsageError
+from sslkit.errors import UsageError, first_line
 
 TMP_PREFIX = ".tmp-"
 
@@ -80,7 +80,7 @@ def created_mode(directory: bool = False) -> int:
 
 def write_atomic(out: Path, write: Callable[[Path], None], suffix: str = "", *, mode: int | None = None) -> None:
     """Call ``write(tmp)`` on a temporary file beside ``out``, fsync it, rename it to
-    ``out`` and fsync the folder. An ``OSError`` (disk full, permissions) becomes one
+    ``out`` and fsync the folder. A failed write (:func:`write_errors`: disk full, permissions) becomes one
     :class:`UsageError` line; ``out`` keeps its old content and no temporary file stays.
     ``out`` gets ``mode`` (``0o600`` for a private file), else the mode of the file it
     replaces, else the one a plain ``open()`` gives."""
@@ -100,10 +100,21 @@ def write_atomic(out: Path, write: Callable[[Path], None], suffix: str = "", *, 
             fsync_path(tmp)
             os.replace(tmp, out)
             fsync_path(out.parent)
-        except OSError as exc:
-            raise UsageError(f"cannot write {str(out)!r}: {exc.strerror or exc}") from None
+        except write_errors() as exc:
+            why = getattr(exc, "strerror", None) or first_line(exc)
+            raise UsageError(f"cannot write {str(out)!r}: {why}") from None
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_errors() -> tuple[type[BaseException], ...]:
+    """What a write that fails on the disk raises: ``OSError``, and safetensors' own error, which
+    wraps the I/O error of a full disk (``Error while serializing: I/O error: No space left...``)."""
+    try:
+        from safetensors import SafetensorError
+    except ImportError:  # pragma: no cover - a core dependency
+        return (OSError,)
+    return (OSError, SafetensorError)
 
 
 def write_text_atomic(out: Path, text: str) -> None:

@@ -21,6 +21,7 @@ RUN_JSON = "run.json"
 ENCODER_FILE = "encoder.safetensors"
 CHECKPOINTS = "checkpoints"  # the folder of a run's step-N checkpoints
 DATA_REPORT = "data_report.json"
+LOCK_FILE = ".sslkit.lock"  # sslkit.engine.lock: one process per run directory
 
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -150,14 +151,20 @@ def check_run_dir(cfg: RunConfig) -> Path:
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {cfg.out!r} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not (cfg.overwrite or cfg.resume):
+    if out.is_dir() and any(p.name != LOCK_FILE for p in out.iterdir()) and not (cfg.overwrite or cfg.resume):
         raise UsageError(
             f"run directory {cfg.out!r} is not empty; pass --resume to continue it or "
             f"--overwrite to replace it"
         )
     if cfg.resume and not (out / RUN_JSON).exists():
         raise UsageError(f"--resume: {cfg.out!r} holds no sslkit run to continue")
-    existing = out if out.is_dir() else next(p for p in out.absolute().parents if p.is_dir())
+    if cfg.overwrite and out.is_dir() and not (out / RUN_JSON).is_file() and \
+            any(p.name != LOCK_FILE for p in out.iterdir()):
+        raise UsageError(f"--overwrite: {cfg.out!r} is not an sslkit run (no {RUN_JSON}) and is not empty; "
+                         f"--overwrite replaces runs only: give a new or empty --out")
+    existing = out if out.is_dir() else next(p for p in out.absolute().parents if p.exists())
+    if not existing.is_dir():
+        raise UsageError(f"--out {cfg.out!r}: {str(existing)!r} is a file, not a folder")
     check_writable(existing)  # before any image is decoded
     return out
 

@@ -15,8 +15,7 @@ import os
 from pathlib import Path
 
 from sslkit.errors import UsageError
-
-LOCK_FILE = ".sslkit.lock"
+from sslkit.run import LOCK_FILE
 
 
 class RunLock:

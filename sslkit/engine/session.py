@@ -29,7 +29,7 @@ from sslkit.engine.signals import StopSignal
 from sslkit.errors import UsageError
 from sslkit.output_file import read_json, write_atomic, write_json_atomic
 from sslkit.registry import get_task, resolve_data
-from sslkit.run import DATA_REPORT, ENCODER_FILE, RUN_JSON, RunConfig, prepare_run_dir
+from sslkit.run import DATA_REPORT, ENCODER_FILE, RUN_JSON, RunConfig, check_run_dir, prepare_run_dir
 
 
 def pretrain(cfg: RunConfig) -> dict[str, Any]:
@@ -39,7 +39,12 @@ def pretrain(cfg: RunConfig) -> dict[str, Any]:
     """
     if cfg.resume:
         old = read_json(Path(cfg.out) / RUN_JSON)
-        if old.get("status") == "finished" and not _extends(cfg, old):  # nothing left to do
+        left = _steps_left(cfg, old) if old.get("status") == "finished" else None
+        if left is not None and left < 0:
+            done = old["summary"]["steps"]
+            raise UsageError(f"run {cfg.out} already has {done} steps, more than the {done + left} that "
+                             f"--epochs/--max-steps now allow; give a larger bound to extend it")
+        if old.get("status") == "finished" and not left:  # nothing left to do
             return {**old.get("summary", {}), "already_finished": True,
                     "main": int(os.environ.get("RANK", "0")) == 0}
     get_task(cfg.task)
@@ -64,12 +69,13 @@ def pretrain(cfg: RunConfig) -> dict[str, Any]:
             distributed.teardown()
 
 
-def _extends(cfg: RunConfig, old: dict[str, Any]) -> bool:
-    """Whether resuming finished run ``old`` with ``cfg``'s bounds has steps left to train."""
+def _steps_left(cfg: RunConfig, old: dict[str, Any]) -> int | None:
+    """Steps that resuming finished run ``old`` with ``cfg``'s bounds would train (negative: the
+    bound is below what was done); None when ``old`` does not say."""
     per_epoch, done = old.get("steps_per_epoch"), old.get("summary", {}).get("steps")
     if not per_epoch or done is None:
-        return False
-    return horizon(cfg.epochs, cfg.max_steps, int(per_epoch))[0] > int(done)
+        return None
+    return horizon(cfg.epochs, cfg.max_steps, int(per_epoch))[0] - int(done)
 
 
 def run(s: Setup, lock: RunLock | None = None) -> dict[str, Any]:
@@ -107,8 +113,12 @@ def run(s: Setup, lock: RunLock | None = None) -> dict[str, Any]:
         if recomputed:
             s.info["batchnorm_recomputed"] = recomputed
     if status == "finished" and s.main:
-        write_atomic(s.out / ENCODER_FILE, lambda tmp: save_file(
-            {k: v.detach().contiguous().cpu() for k, v in s.task.encoder.state_dict().items()}, str(tmp)))
+        try:
+            write_atomic(s.out / ENCODER_FILE, lambda tmp: save_file(
+                {k: v.detach().contiguous().cpu() for k, v in s.task.encoder.state_dict().items()}, str(tmp)))
+        except UsageError as exc:  # a full disk: run.json says the run failed; its checkpoints stay
+            _end(s, events, "failed", summary)
+            raise UsageError(f"{exc}; the run's checkpoints are kept: free space, then --resume") from None
     if status == "finished":
         _end(s, events, status, summary)
     return summary
@@ -131,11 +141,14 @@ def _end(s: Setup, events: Events, status: str, summary: dict[str, Any]) -> None
 
 
 def _prepare(s: Setup, lock: RunLock | None) -> None:
-    """Create (or clear, with --overwrite) the run directory under the run lock; remove
-    temporary files a killed run left behind; write data_report.json."""
-    prepare_run_dir(s.cfg)
+    """Create the run directory, take its lock, then (checked again under the lock: another
+    process may have started a run there while this one decoded) clear it with --overwrite;
+    remove temporary files a killed run left behind; write data_report.json."""
+    check_run_dir(s.cfg).mkdir(parents=True, exist_ok=True)
     if lock is not None:
         lock.acquire()
+    prepare_run_dir(s.cfg)
+    if lock is not None:
         for folder in (s.out, s.checkpoint_dir):
             for name in checkpoint.remove_orphans(folder):
                 note(f"note: removed {name}, left in {folder} by an interrupted write")
