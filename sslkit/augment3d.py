@@ -138,6 +138,18 @@ class VolumeRecipe:
     noise_p: float = 0.5
     blur_p: float = 0.5
 
+    def __post_init__(self) -> None:
+        """Values in range (``--augment-opt`` on volumes): one ValueError naming the field."""
+        for name in ("flip_p", "intensity_p", "gamma_p", "noise_p", "blur_p"):
+            if not 0 <= getattr(self, name) <= 1:  # NaN too
+                raise ValueError(f"{name} must be a probability in [0, 1], got {getattr(self, name)}")
+        if len(self.scale) != 2 or not 0 < self.scale[0] <= self.scale[1] <= 1:
+            raise ValueError(f"scale must be two volume fractions low,high with 0 < low <= high <= 1, "
+                             f"got {','.join(map(str, self.scale))}")
+        if not set(self.flip_axes) <= {0, 1, 2}:
+            raise ValueError(f"flip_axes must be axes among 0, 1, 2 (D, H, W), "
+                             f"got {','.join(map(str, self.flip_axes))}")
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x = random_resized_crop_3d(x, self.size, self.scale)
         x = random_flips(x, self.flip_axes, self.flip_p)
@@ -172,16 +184,22 @@ class VolumeViews(nn.Module):
 
     def override(self, **overrides: Any) -> "VolumeViews":
         """``--augment-opt``: replace recipe fields (e.g. ``flip_axes="0,2"``, ``noise_p=0``)."""
+        from sslkit.errors import unknown_name_message
+
         fields = {}
         for k, v in overrides.items():
             if k not in VolumeRecipe.__dataclass_fields__ or k == "size":
-                raise ValueError(f"unknown 3D view option {k!r}")
-            if k == "flip_axes":
-                v = tuple(int(a) for a in str(v).split(",") if a.strip() != "")
-            elif k == "scale":
-                v = tuple(float(a) for a in str(v).split(","))
-            else:
-                v = float(v)
+                names = [f for f in VolumeRecipe.__dataclass_fields__ if f != "size"]
+                raise ValueError(unknown_name_message("3D view option", k, names))
+            try:
+                if k == "flip_axes":
+                    v = tuple(int(a) for a in str(v).split(",") if a.strip() != "")
+                elif k == "scale":
+                    v = tuple(float(a) for a in str(v).split(","))
+                else:
+                    v = float(v)
+            except ValueError:
+                raise ValueError(f"{k} expects {'integers' if k == 'flip_axes' else 'numbers'}, got {v!r}") from None
             fields[k] = v
         return VolumeViews([replace(r, **fields) for r in self.recipes], self.mean.flatten().tolist(),
                            self.std.flatten().tolist())

@@ -119,7 +119,8 @@ def _default(name: str, by_task: bool = False) -> str:
               help="Images per forward pass, summed over all processes" + _default("batch_size"))
 @click.option("--image-size", default=None, type=click.IntRange(min=8), help="Side in pixels" + _default("image_size"))
 @click.option("--max-steps", default=None, type=click.IntRange(min=1), help="Stop after this many optimizer steps.")
-@click.option("--seed", default=None, type=int, help="Seed of everything random" + _default("seed"))
+@click.option("--seed", default=None, type=click.IntRange(0, 2**32 - 1),
+              help="Seed of everything random, 0 to 2**32 - 1" + _default("seed"))
 @click.option("--channels", default=None, type=click.Choice(["1", "3"]), help="Default: what most images have.")
 @click.option("--optimizer", default=None, type=click.Choice(["adamw", "sgd", "lars"]),
               help="Optimizer" + _default("optimizer", by_task=True))

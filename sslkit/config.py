@@ -121,7 +121,7 @@ def check_values(values: dict[str, Any], origin: str) -> dict[str, Any]:
             elif value:
                 out["cache_dir"] = ""
         elif name in FIELDS:
-            out[name] = _check(name, value, HINTS[name], origin)
+            out[name] = _check_range(name, _check(name, value, HINTS[name], origin), origin)
         elif name in flag_fields():
             if not isinstance(value, (str, int, float, bool)):
                 raise UsageError(f"{origin}: {name} must be a string or a number, got {value!r}")
@@ -177,6 +177,23 @@ def _check(name: str, value: Any, hint: Any, origin: str) -> Any:
         if not isinstance(value, dict):
             raise bad("a table of key = value")
         return {str(k).replace("-", "_"): v for k, v in value.items()}
+    return value
+
+
+#: what settings their type does not bound must be: seed (numpy's and torch's generators), momentum (SGD, LARS)
+_RANGES = {"seed": (lambda v: 0 <= v <= 2**32 - 1, "an integer in [0, 4294967295]"),
+           "momentum": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+           "init": (lambda v: v is None or bool(str(v).strip()), "weights to start from, not empty")}
+
+
+def _check_range(name: str, value: Any, origin: str) -> Any:
+    if name == "backbone_options":  # what sslkit passes to every backbone factory itself (in_chans, ...)
+        from sslkit.registry import check_backbone_options
+
+        check_backbone_options(value)
+    ok, expected = _RANGES.get(name, (None, ""))
+    if ok is not None and not ok(value):
+        raise UsageError(f"{origin}: {name} must be {expected}, got {value!r}")
     return value
 
 

@@ -71,13 +71,25 @@ def split_backbone_name(name: str) -> tuple[str, str]:
     return prefix, model
 
 
-def create_backbone(name: str, in_chans: int, image_size: int, **options: Any) -> Any:
+#: keywords every backbone factory gets from sslkit, never from ``--backbone-opt``: how to change them
+SET_BY_SSLKIT = {"in_chans": "from the data's channels; give --channels 1 or 3 instead",
+                 "image_size": "from --image-size; give --image-size instead"}
+
+
+def check_backbone_options(options: dict[str, Any]) -> None:
+    """Refuse, in one line, a backbone option that sslkit itself passes to every backbone factory."""
+    given = sorted(options.keys() & SET_BY_SSLKIT.keys())
+    if given:
+        raise UsageError(f"--backbone-opt {given[0]}: sslkit sets it {SET_BY_SSLKIT[given[0]]}")
+
+
+def create_backbone(name: str, /, in_chans: int, image_size: int, **options: Any) -> Any:
     prefix, model = split_backbone_name(name)
     factory = _get("backbones", "backbone prefix", prefix)
     return factory(model, in_chans=in_chans, image_size=image_size, **options)
 
 
-def is_token_backbone_name(name: str, in_chans: int, image_size: int, **options: Any) -> bool:
+def is_token_backbone_name(name: str, /, in_chans: int, image_size: int, **options: Any) -> bool:
     """Whether backbone ``name`` is ViT-like (:class:`sslkit.api.TokenBackbone`), known before
     the run builds it: built on torch's meta device (no memory, no weights), or normally when
     the factory cannot build there. An unknown name or option is the usual one-line error."""

@@ -9,6 +9,7 @@ Named recipes are :class:`ViewRecipe` settings; any field can be overridden by n
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -51,6 +52,11 @@ class ViewRecipe:
     cutout_scale: tuple[float, float] = (0.02, 0.2)
     sobel_p: float = 0.0
 
+    def __post_init__(self) -> None:
+        problem = recipe_problem(self)
+        if problem:
+            raise ValueError(problem)
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x = random_resized_crop(x, self.size, self.scale)
         x = horizontal_flip(x, self.flip_p)
@@ -79,6 +85,47 @@ class ViewRecipe:
         if self.solarize_p > 0:
             x = solarize(x, self.solarize_p)
         return x
+
+
+#: ViewRecipe fields that are probabilities, in [0, 1]
+PROBABILITIES = ("flip_p", "jitter_p", "gray_p", "blur_p", "solarize_p", "gamma_p", "vflip_p", "rotate_p", "rot90_p",
+                 "contrast_p", "noise_p", "cutout_p", "sobel_p")
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _pair(v: Any, low_min: float, high_max: float, low_open: bool) -> bool:
+    """``v`` is ``(low, high)``: finite, ``low_min < low`` (``<=`` unless ``low_open``), ``low <= high <= high_max``."""
+    if not isinstance(v, (tuple, list)) or len(v) != 2 or not all(map(_number, v)):
+        return False
+    return (low_min < v[0] if low_open else low_min <= v[0]) and v[0] <= v[1] <= high_max
+
+
+def recipe_problem(r: "ViewRecipe") -> str | None:
+    """What is wrong with a recipe's values, in one line naming the field, its value and the valid
+    range (``hue`` as torchvision's ``ColorJitter`` takes it); None when nothing is. A value out of
+    range used to crash at the first batch, or train silently."""
+    def shown(v: Any) -> str:
+        return ",".join(map(str, v)) if isinstance(v, (tuple, list)) else str(v)
+
+    checks = [("size", isinstance(r.size, int) and not isinstance(r.size, bool) and r.size >= 8,
+               "an integer >= 8 (pixels, as --image-size)"),
+              ("scale", _pair(r.scale, 0, 1, True), "two area fractions low,high with 0 < low <= high <= 1"),
+              ("cutout_scale", _pair(r.cutout_scale, 0, 1, True),
+               "two area fractions low,high with 0 < low <= high <= 1"),
+              ("noise_std", _pair(r.noise_std, 0, math.inf, False), "two numbers low,high with 0 <= low <= high"),
+              ("jitter", _number(r.jitter) and r.jitter >= 0, "a number >= 0"),
+              ("hue", _number(r.hue) and 0 <= r.hue <= 0.5, "a number in [0, 0.5]"),
+              ("rotate_degrees", _number(r.rotate_degrees) and 0 <= r.rotate_degrees <= 180,
+               "a number of degrees in [0, 180]")]
+    checks += [(p, _number(getattr(r, p)) and 0 <= getattr(r, p) <= 1, "a probability in [0, 1]")
+               for p in PROBABILITIES]
+    for name, ok, expected in checks:
+        if not ok:
+            return f"{name} must be {expected}, got {shown(getattr(r, name))}"
+    return None
 
 
 #: Named recipes: ViewRecipe fields (``size`` comes from the run). ``recipe(name, size)``.
@@ -129,7 +176,7 @@ def override_recipe(base: ViewRecipe, overrides: dict[str, Any]) -> ViewRecipe:
     from sslkit.options import build_options
 
     current = {f.name: getattr(base, f.name) for f in dataclasses.fields(base)}
-    parsed = dataclasses.asdict(build_options(ViewRecipe, {**{"size": base.size}, **overrides}, "augmentation"))
+    parsed = dataclasses.asdict(build_options(ViewRecipe, {**{"size": base.size}, **overrides}, "--augment-opt"))
     return dataclasses.replace(base, **{k: parsed[k] for k in overrides if k in current})
 
 

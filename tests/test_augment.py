@@ -133,3 +133,39 @@ def test_named_recipes_and_overrides():
     assert [v.noise_p for v in mv.recipes] == [0.3, 0.3] and mv.recipes[1].blur_p == 0.2
     views = mv(torch.rand(2, 1, 10, 10))
     assert len(views) == 2 and views[0].shape == (2, 1, 8, 8)
+
+
+def test_recipe_values_are_checked_by_their_meaning():
+    """Every named and BYOL recipe is in range; a value out of it is one UsageError naming the field,
+    the value and the range (formerly a crash at the first batch, or silently accepted)."""
+    for name in A.RECIPES:
+        A.recipe(name, 32)
+    A.byol_recipes(8)
+    cases = {"scale": ("0.9,0.1", "scale must be two area fractions low,high with 0 < low <= high <= 1, got 0.9,0.1"),
+             "gray_p": ("1.5", "gray_p must be a probability in [0, 1], got 1.5"),
+             "hue": ("0.6", "hue must be a number in [0, 0.5], got 0.6"),
+             "noise_std": ("0.2,0.1", "noise_std must be two numbers low,high with 0 <= low <= high, got 0.2,0.1")}
+    for field, (value, message) in cases.items():
+        with pytest.raises(UsageError) as err:
+            A.recipe("simclr", 32, **{field: value})
+        assert str(err.value) == f"--augment-opt: {message}"
+    with pytest.raises(ValueError, match=r"^size must be an integer >= 8 \(pixels, as --image-size\), got 4$"):
+        A.ViewRecipe(4)
+    assert A.recipe("simclr", 32, hue="0.5", scale="1,1", noise_std="0,0").hue == 0.5  # the bounds are valid
+
+
+def test_volume_recipe_values_are_checked():
+    from sslkit.augment3d import VolumeViews, pair_volume_recipes
+
+    views = VolumeViews(pair_volume_recipes((8, 8, 8)), [0.5], [0.2])
+    for overrides, message in [({"flip_p": "2"}, "flip_p must be a probability in [0, 1], got 2.0"),
+                               ({"scale": "0.5"}, "scale must be two volume fractions low,high with 0 < low <= high "
+                                                  "<= 1, got 0.5"),
+                               ({"flip_axes": "3"}, "flip_axes must be axes among 0, 1, 2 (D, H, W), got 3"),
+                               ({"noise_p": "x"}, "noise_p expects numbers, got 'x'"),
+                               ({"flip": "1"}, "unknown 3D view option 'flip' (did you mean 'flip_p'?); choose from: "
+                                               "scale, flip_axes, flip_p, intensity_p, gamma_p, noise_p, blur_p")]:
+        with pytest.raises(ValueError) as err:
+            views.override(**overrides)
+        assert str(err.value) == message
+    assert views.override(flip_axes="0,2", noise_p="0").recipes[0].flip_axes == (0, 2)

@@ -7,6 +7,7 @@ image modelling needs.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import timm
@@ -92,7 +93,8 @@ class TimmBackbone(nn.Module):
                 and getattr(pe, "flatten", False) and not getattr(pe, "dynamic_img_pad", True)
                 and h % p == 0 and w % p == 0):
             return pe(x)
-        cols = x.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // p) * (w // p), c * p * p)
+        cols = x.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5)
+        cols = cols.reshape(b, (h // p) * (w // p), c * p * p)
         return pe.norm(F.linear(cols, proj.weight.reshape(proj.out_channels, -1), proj.bias))
 
     def encode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -136,7 +138,8 @@ def use_sincos_pos_embed(net: nn.Module) -> None:
     table (weights loaded by ``--init`` replace it and stay frozen too).
     """
     if not isinstance(net, VisionTransformer) or net.pos_embed is None:
-        raise UsageError("pos_embed=sincos applies to timm ViTs with position embeddings, e.g. timm:vit_tiny_patch16_224")
+        raise UsageError("pos_embed=sincos applies to timm ViTs with position embeddings, "
+                         "e.g. timm:vit_tiny_patch16_224")
     from timm.layers import build_sincos2d_pos_embed
 
     gh, gw = (int(g) for g in net.patch_embed.grid_size)
@@ -149,42 +152,88 @@ def use_sincos_pos_embed(net: nn.Module) -> None:
     net.pos_embed.requires_grad_(False)
 
 
-def create(model: str, in_chans: int, image_size: int, cifar_stem: bool = False, **options: Any) -> TimmBackbone:
+#: timm keywords sslkit sets itself: what each is set to, and how a user changes it
+SET_BY_SSLKIT = {
+    "num_classes": ("0: the encoder's features, no classifier", "remove it (eval fits classifiers on the features)"),
+    "pretrained": ("false: weights are never downloaded",
+                   "start from weights with --init (e.g. --init timm:MODEL.TAG)"),
+    "img_size": ("from --image-size", "give --image-size instead"),
+    "model": ("from --backbone timm:MODEL", "give --backbone instead"),
+}
+#: options that are sizes (positive integers, or one per stage) beside the dropout rates (``*drop*_rate``,
+#: in [0, 1); not DenseNet's ``growth_rate``)
+POSITIVE_INTS = ("patch_size", "embed_dim", "depth", "num_heads")
+
+
+def check_options(options: dict[str, Any]) -> None:
+    """Refuse, in one line, an option sslkit sets itself, a rate outside [0, 1) and a size below 1,
+    before timm builds anything (timm takes such values silently and fails in training)."""
+    def number(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    for key, value in options.items():
+        if key in SET_BY_SSLKIT:
+            what, how = SET_BY_SSLKIT[key]
+            raise UsageError(f"--backbone-opt {key}: sslkit sets it ({what}); {how}")
+        if "drop" in key and key.endswith("_rate") and not (number(value) and 0 <= value < 1):
+            raise UsageError(f"--backbone-opt {key} must be a number in [0, 1), got {value!r}")
+        sizes = value if isinstance(value, (list, tuple)) else [value]  # per stage (Swin's num_heads, ...)
+        if key in POSITIVE_INTS and not (sizes and all(type(v) is int and v >= 1 for v in sizes)):
+            raise UsageError(f"--backbone-opt {key} must be an integer >= 1, got {value!r}")
+        if key == "mlp_ratio" and not (number(value) and value > 0):
+            raise UsageError(f"--backbone-opt {key} must be a number > 0, got {value!r}")
+
+
+def _build(model: str, in_chans: int, image_size: int, options: dict[str, Any]) -> nn.Module:
+    """``timm.create_model`` with ``options``; what it raises is one line naming them (on torch's meta
+    device it is raised as it is, so :func:`sslkit.registry.is_token_backbone_name` builds again for real)."""
+    kwargs = dict(pretrained=False, num_classes=0, in_chans=in_chans, **timm_create_options(options))
+    try:
+        try:
+            return timm.create_model(model, img_size=image_size, **kwargs)
+        except TypeError:  # architectures without an img_size argument (CNNs)
+            return timm.create_model(model, **kwargs)
+    except Exception as exc:
+        if torch.get_default_device().type == "meta":
+            raise
+        given = f" with {', '.join(f'{k}={v}' for k, v in options.items())}" if options else ""
+        raise UsageError(f"cannot build timm:{model} for {in_chans}x{image_size}x{image_size} input{given}: "
+                         f"{first_line(exc)}") from None
+
+
+def _check_patch_size(model: str, net: nn.Module, image_size: int) -> None:
+    """A ViT's patches must tile the image: refused in one line with the sizes that would."""
+    if isinstance(net, VisionTransformer):
+        p = int(net.patch_embed.patch_size[0])
+        if image_size % p:
+            sizes = sorted({s for s in (image_size // p * p, (image_size // p + 1) * p) if s >= p})
+            raise UsageError(f"--image-size {image_size} is not a multiple of timm:{model}'s patch size {p}; "
+                             f"use --image-size {' or '.join(map(str, sizes))}, or another patch_size")
+
+
+def create(model: str, /, in_chans: int, image_size: int, cifar_stem: bool = False, **options: Any) -> TimmBackbone:
     """Build ``timm:<model>`` with ``pretrained=False`` and ``num_classes=0``.
 
-    ``options`` go to ``timm.create_model`` (e.g. ``patch_size=8``, ``drop_path_rate=0.1``);
+    ``options`` go to ``timm.create_model`` (e.g. ``patch_size=8``, ``drop_path_rate=0.1``;
+    :func:`check_options` refuses what sslkit sets itself and values out of range);
     ``cifar_stem=True`` swaps a ResNet's stem for a 3x3 stride-1 conv without max-pool;
     ``pos_embed=sincos`` gives a ViT fixed sine-cosine position embeddings (:func:`use_sincos_pos_embed`).
     """
     if not timm.is_model(model):
         raise UsageError(unknown_name_message("timm model", model, timm.list_models(), "; see timm.list_models()",
                                               suggestions=3, listed=0))
-    create_options = timm_create_options(options)
-    kwargs = dict(pretrained=False, num_classes=0, in_chans=in_chans, **create_options)
-    try:
-        try:
-            net = timm.create_model(model, img_size=image_size, **kwargs)
-        except TypeError:  # architectures without an img_size argument (CNNs)
-            net = timm.create_model(model, **kwargs)
-    except (TypeError, ValueError, AssertionError, RuntimeError) as exc:
-        raise UsageError(f"cannot build timm:{model} for {in_chans}x{image_size}x{image_size} input: "
-                         f"{first_line(exc)}") from None
+    check_options(options)
+    net = _build(model, in_chans, image_size, options)
     if cifar_stem:
         use_cifar_stem(net)
     if options.get("pos_embed") == SINCOS:
         use_sincos_pos_embed(net)
-    if isinstance(net, VisionTransformer):
-        p = int(net.patch_embed.patch_size[0])
-        if image_size % p:
-            raise UsageError(
-                f"--image-size {image_size} is not a multiple of timm:{model}'s patch size {p}; "
-                f"use {max(p, image_size // p * p)} or {(image_size // p + 1) * p}"
-            )
+    _check_patch_size(model, net, image_size)
     backbone = TimmBackbone(model, net, in_chans)
     #: what turns a fresh ``timm.create_model(model)`` into this architecture (exporters rebuild it)
     backbone.timm_modifier = use_cifar_stem if cifar_stem else None
     #: ``timm.create_model`` keywords (beside ``in_chans``, ``img_size``) that build it before the modifier
-    backbone.create_options = create_options
+    backbone.create_options = timm_create_options(options)
     return backbone
 
 

@@ -14,6 +14,7 @@ the whole global batch are gathered (with gradients) before standardisation.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -41,8 +42,8 @@ class BarlowTwinsOptions:
     min_scale: float = 0.08
 
     def __post_init__(self) -> None:
-        if self.lambd < 0:
-            raise ValueError("lambd must be >= 0")
+        if not (math.isfinite(self.lambd) and self.lambd >= 0):
+            raise ValueError(f"lambd must be a finite number >= 0, got {self.lambd}")
         if self.proj_dim < 1:
             raise ValueError("proj_dim must be >= 1")
         check_unit_interval("min_scale", self.min_scale)

@@ -15,6 +15,7 @@ deviation), mask ratio 0.25 of patches of side ``image_size // 8``; views = crop
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -58,8 +59,8 @@ class DenoisingOptions:
     def __post_init__(self) -> None:
         if self.corruption not in ("noise", "mask", "both"):
             raise ValueError("corruption must be noise, mask or both")
-        if self.noise_std < 0:
-            raise ValueError("noise_std must be >= 0")
+        if not (math.isfinite(self.noise_std) and self.noise_std >= 0):
+            raise ValueError(f"noise_std must be a finite number >= 0, got {self.noise_std}")
         if not 0 <= self.mask_ratio < 1:
             raise ValueError("mask_ratio must be in [0, 1)")
         if self.mask_patch is not None and self.mask_patch < 1:

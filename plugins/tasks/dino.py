@@ -25,6 +25,7 @@ crops: from 96 px, where they are on by default, use ``--task-opt local_crops=0`
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -75,8 +76,10 @@ class DINOOptions:
             raise ValueError("local_size must be >= 8 pixels")
         if not 0 < self.local_scale_max <= self.global_scale_min <= 1:
             raise ValueError("need 0 < local_scale_max <= global_scale_min <= 1")
-        if min(self.student_temp, self.teacher_temp, self.warmup_teacher_temp) <= 0:
-            raise ValueError("temperatures must be > 0")
+        temps = (self.student_temp, self.teacher_temp, self.warmup_teacher_temp)
+        if not all(math.isfinite(t) and t > 0 for t in temps):
+            raise ValueError("student_temp, teacher_temp and warmup_teacher_temp must be finite numbers > 0, "
+                             f"got {', '.join(map(str, temps))}")
         if not 0 <= self.teacher_temp_warmup <= 1:
             raise ValueError("teacher_temp_warmup is a fraction of the run, in [0, 1]")
         if not 0 <= self.center_momentum < 1 or not 0 <= self.momentum <= 1:

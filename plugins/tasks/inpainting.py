@@ -25,6 +25,7 @@ side; adversarial term off (paper: rec_weight 0.999, adv_weight 0.001).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -86,8 +87,10 @@ class InpaintingOptions:
             raise ValueError("region must be center or random")
         if not 0 < self.region_frac < 1:
             raise ValueError("region_frac must be in (0, 1)")
-        if self.rec_weight <= 0 or self.adv_weight < 0:
-            raise ValueError("rec_weight must be > 0 and adv_weight >= 0")
+        if not (math.isfinite(self.rec_weight) and self.rec_weight > 0
+                and math.isfinite(self.adv_weight) and self.adv_weight >= 0):
+            raise ValueError(f"rec_weight must be a finite number > 0 and adv_weight >= 0, "
+                             f"got {self.rec_weight} and {self.adv_weight}")
         if self.decoder_width < 8:
             raise ValueError("decoder_width must be >= 8")
         check_unit_interval("min_scale", self.min_scale)

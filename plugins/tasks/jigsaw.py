@@ -149,6 +149,8 @@ class JigsawOptions:
             raise ValueError("num_permutations must be in [2, 362880] (9!)")
         if min(self.tile_dim, self.hidden_dim) < 1:
             raise ValueError("tile_dim and hidden_dim must be >= 1")
+        if self.permutation_seed < 0:
+            raise ValueError(f"permutation_seed must be >= 0, got {self.permutation_seed}")
         check_unit_interval("min_scale", self.min_scale)
 
 

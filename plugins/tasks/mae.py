@@ -83,6 +83,8 @@ class MAEOptions:
             raise ValueError("mask_ratio must be in (0, 1)")
         if self.decoder_depth < 1 or self.decoder_heads < 1:
             raise ValueError("decoder_depth and decoder_heads must be >= 1")
+        if self.decoder_dim is not None and self.decoder_dim < 1:
+            raise ValueError(f"decoder_dim must be >= 1, got {self.decoder_dim}")
         if self.decoder_dim is not None and (self.decoder_dim % self.decoder_heads or self.decoder_dim % 4):
             raise ValueError("decoder_dim must be divisible by decoder_heads and by 4")
         if self.min_scale is not None:
@@ -99,6 +101,7 @@ PAPER_MIN_SCALE = 0.2
 SMALL_PATCH = 8
 FEW_TOKENS_BELOW_PX = 64  # fewer than 64 patches of SMALL_PATCH
 SMALL_DEPTH = 6
+MIN_TOKENS = 4  # patch tokens an image needs: one stays visible at the default mask ratio, 0.75
 
 
 def default_min_scale(image_size: int) -> float:
@@ -214,6 +217,12 @@ class MAE(Task):
         if not is_token_backbone(backbone):
             return (f"MAE needs a ViT backbone with patch tokens, e.g. timm:vit_tiny_patch16_224 or "
                     f"timm:vit_small_patch16_224; {getattr(backbone, 'name', 'this backbone')} is not one")
+        p = backbone.patch_size
+        tokens = (spec.image_size // p) ** 2
+        if tokens < MIN_TOKENS:  # at mask ratio 0.75 no token would be left visible: a NaN loss at step 1
+            return (f"MAE at --image-size {spec.image_size} with {p}-px patches has {tokens} patch token(s), "
+                    f"fewer than {MIN_TOKENS}: use --image-size {2 * p} or more, or a smaller "
+                    f"--backbone-opt patch_size")
         return None
 
     def __init__(self, backbone, options: MAEOptions, spec) -> None:

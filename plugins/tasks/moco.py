@@ -29,6 +29,7 @@ asymmetric views.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -80,8 +81,11 @@ class MoCoOptions:
             self.proj_hidden_dim = 2048 if v2 else 4096
         if self.proj_dim is None:
             self.proj_dim = 128 if v2 else 256
-        if self.temperature <= 0:
-            raise ValueError("temperature must be > 0")
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise ValueError(f"temperature must be a finite number > 0, got {self.temperature}")
+        if min(self.proj_hidden_dim, self.proj_dim) < 1:
+            raise ValueError(f"proj_hidden_dim and proj_dim must be >= 1, "
+                             f"got {self.proj_hidden_dim} and {self.proj_dim}")
         if not 0 <= self.momentum <= 1:
             raise ValueError("momentum must be in [0, 1]")
         if self.queue_size < 1:

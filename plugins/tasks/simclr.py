@@ -15,6 +15,7 @@ Defaults: tau = 0.5, projection 2048 -> 128 (2 layers, BN), views = random resiz
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -53,8 +54,11 @@ class SimCLROptions:
     min_scale: float = 0.08
 
     def __post_init__(self) -> None:
-        if self.temperature <= 0:
-            raise ValueError("temperature must be > 0")
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise ValueError(f"temperature must be a finite number > 0, got {self.temperature}")
+        if min(self.proj_hidden_dim, self.proj_dim) < 1:
+            raise ValueError(f"proj_hidden_dim and proj_dim must be >= 1, "
+                             f"got {self.proj_hidden_dim} and {self.proj_dim}")
         check_unit_interval("min_scale", self.min_scale)
 
 

@@ -35,6 +35,7 @@ the model's patch size), random resized crops of scale 0.67-1 (``min_scale``) an
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -89,8 +90,8 @@ class SimMIMOptions:
             raise ValueError("mask_ratio must be in (0, 1)")
         if self.mask_patch is not None and self.mask_patch < 1:
             raise ValueError("mask_patch must be >= 1")
-        if self.visible_weight < 0:
-            raise ValueError("visible_weight must be >= 0")
+        if not (math.isfinite(self.visible_weight) and self.visible_weight >= 0):
+            raise ValueError(f"visible_weight must be a finite number >= 0, got {self.visible_weight}")
         if self.target not in ("pixels", "hog"):
             raise ValueError("target must be pixels or hog")
 

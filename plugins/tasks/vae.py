@@ -17,6 +17,7 @@ for none). The exported encoder is the backbone (``mu`` is a linear map of its o
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -41,8 +42,8 @@ class VAEOptions:
     def __post_init__(self) -> None:
         if self.latent_dim < 1:
             raise ValueError("latent_dim must be >= 1")
-        if self.beta < 0:
-            raise ValueError("beta must be >= 0")
+        if not (math.isfinite(self.beta) and self.beta >= 0):
+            raise ValueError(f"beta must be a finite number >= 0, got {self.beta}")
         if not 0 <= self.kl_warmup <= 1:
             raise ValueError("kl_warmup is a fraction of the run, in [0, 1]")
         if self.decoder_width < 8:

@@ -15,6 +15,7 @@ code and lightly do.)
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -55,8 +56,8 @@ class VICRegOptions:
     min_scale: float = 0.08
 
     def __post_init__(self) -> None:
-        if min(self.lambd, self.mu, self.nu) < 0:
-            raise ValueError("lambd, mu and nu must be >= 0")
+        if not all(math.isfinite(w) and w >= 0 for w in (self.lambd, self.mu, self.nu)):
+            raise ValueError(f"lambd, mu and nu must be finite numbers >= 0, got {self.lambd}, {self.mu}, {self.nu}")
         if self.proj_dim < 1:
             raise ValueError("proj_dim must be >= 1")
         check_unit_interval("min_scale", self.min_scale)

@@ -33,7 +33,7 @@ from sslkit.engine.log import note
 from sslkit.engine.capture import make_capture
 from sslkit.engine.compiled import compile_model, compile_views
 from sslkit.engine.schedules import Schedule, horizon, make_schedule
-from sslkit.errors import UsageError
+from sslkit.errors import UsageError, first_line
 from sslkit.optim import build_optimizer, scaled_lr, uses_group_lr
 from sslkit.registry import create_task, get_task
 from sslkit.run import CHECKPOINTS, RunConfig, check_run_dir, environment
@@ -129,8 +129,10 @@ def check_pairing(backbone_name: str, cfg: RunConfig) -> torch.nn.Module:
                     from sslkit.init import load_init
 
                     load_init(cfg.init, probe, cfg.allow_download)
-                create_task(cfg.task, probe, InputSpec(c, cfg.image_size, (0.5,) * c, (0.25,) * c, **volume),
-                            **cfg.task_options)
+                spec = InputSpec(c, cfg.image_size, (0.5,) * c, (0.25,) * c, **volume)
+                task = create_task(cfg.task, probe, spec, **cfg.task_options)
+                if cfg.augment_options:  # a bad --augment-opt too, before decoding
+                    with_augment_options(cfg, task.views(spec))
                 return probe
             except UsageError as exc:
                 first = first or exc
@@ -352,14 +354,22 @@ def cache_build_lock(cache_dir: str | None) -> Iterator[None]:
 
 def _augmentation(cfg: RunConfig, task: torch.nn.Module, spec: InputSpec, device: torch.device):
     """The task's batched views, with ``--augment-opt`` overrides, on the device."""
-    augment = task.views(spec)
-    if cfg.augment_options:  # --augment-opt: override fields of the task's view recipes
-        if not hasattr(augment, "override"):
-            raise UsageError(f"task {cfg.task!r} builds its own augmentation; --augment-opt does not apply")
-        augment = augment.override(**cfg.augment_options)
+    augment = with_augment_options(cfg, task.views(spec))
     if isinstance(augment, torch.nn.Module):
         augment.to(device)
     return augment
+
+
+def with_augment_options(cfg: RunConfig, augment: Any) -> Any:
+    """``augment`` with ``--augment-opt`` overrides of its view recipes' fields; a bad one is one line."""
+    if not cfg.augment_options:
+        return augment
+    if not hasattr(augment, "override"):
+        raise UsageError(f"task {cfg.task!r} builds its own augmentation; --augment-opt does not apply")
+    try:
+        return augment.override(**cfg.augment_options)
+    except (TypeError, ValueError) as exc:  # a views object of a plugin that does not raise UsageError
+        raise UsageError(f"--augment-opt: {first_line(exc)}") from None
 
 
 def run_record(s: Setup, backbone_name: str, embedding_dim: int) -> dict[str, Any]:
