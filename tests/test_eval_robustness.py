@@ -17,6 +17,7 @@ from sslkit.errors import UsageError
 from sslkit.eval.curve import fraction_name, parse_fractions
 from sslkit.eval.knn import knn_votes
 from tests.conftest import make_images, tiny_run
+from tests.test_hardening_data import _one_line_error
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -42,15 +43,6 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     save_file({k: torch.full_like(v, float("nan")) if v.is_floating_point() else v for k, v in tensors.items()},
               str(weights), metadata=header)
     return {"root": root, "data": data, "other": other, "mixed": mixed, "run": run, "nan_run": nan_run}
-
-
-def _one_line_error(result, *fragments: str) -> str:
-    assert result.exit_code == 2, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
-    for f in fragments:
-        assert f in lines[0], lines[0]
-    return lines[0]
 
 
 def _reports(run: Path) -> set[Path]:

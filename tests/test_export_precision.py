@@ -15,6 +15,7 @@ import torch
 from plugins.exporters.onnx import supported_opsets
 from sslkit.run import load_run
 from tests.conftest import make_images, tiny_run
+from tests.test_hardening_data import _one_line_error
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -34,14 +35,6 @@ def trained(tmp_path_factory) -> dict[str, Path]:
 
 def _meta(path: Path) -> dict:
     return json.loads({p.key: p.value for p in onnx.load(str(path)).metadata_props}["sslkit"])
-
-
-def _one_line_error(result, *fragments: str) -> None:
-    assert result.exit_code == 2, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
-    for f in fragments:
-        assert f in lines[0], lines[0]
 
 
 @pytest.mark.parametrize("kind", ["cnn", "vit"])
