@@ -71,6 +71,7 @@ def write_plugin(name: str, kind: str, out: str | Path | None = None) -> Path:
     ``out`` must not exist or be empty: nothing is ever overwritten.
     """
     files = files_for(name, kind)
+    _check_name_is_free(name, kind)
     folder = Path(out) if out else Path(f"sslkit-{name.replace('_', '-')}")
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
         raise UsageError(f"{str(folder)!r} already exists and is not empty; choose another --out")
@@ -82,3 +83,14 @@ def write_plugin(name: str, kind: str, out: str | Path | None = None) -> Path:
     except OSError as exc:
         raise UsageError(f"cannot write the plugin into {str(folder)!r}: {exc.strerror or exc}") from None
     return folder
+
+
+def _check_name_is_free(name: str, kind: str) -> None:
+    """A name an installed plugin already registers for ``kind`` is refused: installed beside it,
+    the new plugin would make that name ambiguous (an error wherever it is used)."""
+    from sslkit.registry import _names, plugin_of
+
+    group = f"{kind}s"
+    if name in _names(group):
+        raise UsageError(f"plugin name {name!r}: the plugin {plugin_of(group, name)!r} already registers a {kind} "
+                         f"of that name (sslkit list {group}); choose another name")

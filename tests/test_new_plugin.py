@@ -137,3 +137,10 @@ def test_refuses_to_overwrite_and_bad_names(tmp_path):
     assert sorted(p.name for p in (tmp_path / "taken").iterdir()) == ["keep.txt"]
     proc = run_sslkit("new-plugin", "My-Plugin", "--kind", "task", "--out", tmp_path / "x")
     assert proc.returncode == 2 and "lower-case" in proc.stderr and not (tmp_path / "x").exists()
+    # a name an installed plugin registers for that kind: the two would be ambiguous side by side
+    for name, kind, listing in (("simclr", "task", "tasks"), ("timm", "backbone", "backbones")):
+        proc = run_sslkit("new-plugin", name, "--kind", kind, "--out", tmp_path / name)
+        assert proc.returncode == 2 and proc.stderr.strip() == (
+            f"error: plugin name {name!r}: the plugin {name!r} already registers a {kind} of that name "
+            f"(sslkit list {listing}); choose another name") and not (tmp_path / name).exists()
+    assert run_sslkit("new-plugin", "simclr", "--kind", "exporter", "--out", tmp_path / "e").returncode == 0
