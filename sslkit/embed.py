@@ -195,6 +195,18 @@ def source_options_for(model: Model, data: str, overrides: dict[str, Any] | None
     return options
 
 
+def check_sample_shape(shape: tuple[int, ...], spec: Any) -> None:
+    """The decoded samples must have the shape the model takes: a ``--data-opt volume_size=`` (or
+    ``sample=``) other than the run's gave a torch or onnxruntime traceback; one line instead."""
+    sides = tuple(spec.volume_size) if spec.sample == "volume" and spec.volume_size else (spec.image_size,) * 2
+    want = (spec.channels, *sides)
+    if shape != want:
+        raise UsageError(f"the data gives samples of {'x'.join(map(str, shape))}, the model takes "
+                         f"{'x'.join(map(str, want))} (its --sample {spec.sample}"
+                         f"{', --volume-size ' + ','.join(map(str, sides)) if spec.sample == 'volume' else ''}); "
+                         f"leave the source's sample and volume_size as the run's")
+
+
 def embed(model: str | Path | Model, data: str, batch_size: int = 64, source_options: dict[str, Any] | None = None,
           progress: bool = True, weights: bool = True, device: str = "cpu") -> Embeddings:
     """Embed every image of ``data``: ``N`` images -> ``(N, D)`` float32 embeddings and ids.
@@ -210,6 +222,7 @@ def embed(model: str | Path | Model, data: str, batch_size: int = 64, source_opt
     loaded = load_data(data, spec.image_size, spec.channels, source_options_for(model, data, source_options),
                        progress=progress, max_pixels=model.max_pixels)
     pixels = loaded.prepared.pixels
+    check_sample_shape(tuple(pixels.shape[1:]), spec)
     reader = BatchLoader(pixels, batch_size, seed=0)
     out = []
     starts = range(0, len(pixels), batch_size)

@@ -5,20 +5,25 @@ image is one volume per time point. Voxels are scaled by the header (``scl_slope
 ``scl_inter``), the volume is turned to its closest canonical (RAS+) axes and laid out
 as an axial DICOM series is displayed (:data:`sslkit.api.ORIENTATION`): D inferior to
 superior, H anterior to posterior, W right to left; spacing ``(dz, dy, dx)`` comes from
-the header's zooms. ``--window`` maps values to [0, 1]: ``minmax`` over the whole volume
+the voxel sizes of the affine (sform, else qform: the geometry the voxels are laid out by, not
+the header's pixdim where the two disagree). A ``.nii.gz`` is decompressed whole, so a corrupt
+stream is an error (its CRC), not garbage voxels. Class sub-folders give labels to ``eval``, as
+for image folders. ``--window`` maps values to [0, 1]: ``minmax`` over the whole volume
 (default) or a linear ``W,L`` in the file's units (e.g. Hounsfield units for CT).
 
 ``--sample`` (:class:`sslkit.api.SampleMode`): ``slice`` (one 2D image per axial slice),
 ``slab:K`` or ``volume``. Only headers are read by ``index()``, and a file is skipped there, before
 any voxel is read, when its slices exceed ``--max-pixels`` or it cannot hold the voxels its header
 declares (a ``.nii`` shorter than them; a ``.nii.gz`` smaller than them over gzip's largest
-expansion, 1032:1): a crafted 1 KB header never becomes a 100 TB allocation. Every file is its own
+expansion, 1032:1): a crafted 1 KB header never becomes a 100 TB allocation; so is an empty
+image (a dimension of 0). Every file is its own
 split group (a salted hash of its path); nothing from the header's free-text fields
 (``descrip``, ``db_name``, ``aux_file``) is read.
 """
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import math
 import re
@@ -74,8 +79,20 @@ class NiftiOptions:
         SampleMode.parse(self.sample, self.spacing, self.volume_size)
 
 
+def read_image(path: str) -> Any:
+    """The nibabel image of ``path``; a ``.nii.gz`` is decompressed whole first, so that its CRC is
+    checked (nibabel reads only the bytes it needs: a corrupt stream gave garbage voxels, not an error)."""
+    nib = _nibabel()
+    if not path.lower().endswith(".gz"):
+        return nib.load(path)
+    data = gzip.decompress(Path(path).read_bytes())  # gzip.BadGzipFile (an OSError) on a bad stream
+    is_nifti2 = int.from_bytes(data[:4], "little") == 540 or int.from_bytes(data[:4], "big") == 540
+    return (nib.Nifti2Image if is_nifti2 else nib.Nifti1Image).from_bytes(data)
+
+
 def canonical_volume(img: Any) -> tuple[np.ndarray, tuple[float, float, float]]:
-    """A nibabel image -> (float32 ``(T, D, H, W)`` in the file's units, spacing (dz, dy, dx) mm)."""
+    """A nibabel image -> (float32 ``(T, D, H, W)`` in the file's units, spacing (dz, dy, dx) mm):
+    the voxel sizes of its affine (sform, else qform), as for :func:`canonical_geometry`."""
     nib = _nibabel()
     img = nib.as_closest_canonical(img)
     data = np.asarray(img.dataobj, dtype=np.float32)
@@ -83,7 +100,7 @@ def canonical_volume(img: Any) -> tuple[np.ndarray, tuple[float, float, float]]:
         data = data[..., None]
     if data.ndim != 4:
         raise ValueError(f"a NIfTI image of {data.ndim} dimensions is not a volume")
-    zooms = [float(z) for z in img.header.get_zooms()[:3]]
+    zooms = [float(z) for z in nib.affines.voxel_sizes(img.affine)[:3]]
     # (x: R, y: A, z: S, t) -> (t, z ascending, y descending = anterior to posterior, x descending = right to left)
     vol = data.transpose(3, 2, 1, 0)[:, :, ::-1, ::-1]
     return np.ascontiguousarray(vol), (zooms[2], zooms[1], zooms[0])
@@ -107,9 +124,10 @@ def check_holds(path: Path, img: Any) -> None:
 
 def canonical_geometry(img: Any) -> tuple[tuple[int, ...], tuple[float, float, float]]:
     """Shape and voxel size (x, y, z) of ``img`` once turned to RAS+, from the header alone
-    (``as_closest_canonical`` would read every voxel)."""
+    (``as_closest_canonical`` would read every voxel); sizes from the affine (sform, else qform),
+    not the header's pixdim, which a file may contradict."""
     nib = _nibabel()
-    shape, zooms = list(img.shape), [float(z) for z in img.header.get_zooms()[:3]]
+    shape, zooms = list(img.shape), [float(z) for z in nib.affines.voxel_sizes(img.affine)[:3]]
     ornt = nib.orientations.io_orientation(img.affine)
     if len(shape) < 3 or np.isnan(ornt).any():
         return tuple(shape), (zooms + [1.0] * 3)[:3]
@@ -162,6 +180,9 @@ class NiftiSource(Source):
             if len(shape) not in (3, 4):
                 self.skipped.append((f, f"not a volume: {len(shape)} dimensions"))
                 continue
+            if 0 in shape:
+                self.skipped.append((f, f"empty image: shape {'x'.join(map(str, shape))}"))
+                continue
             try:  # from the header and the file's size, before any voxel is read
                 check_pixel_count(int(shape[0]), int(shape[1]), self.max_pixels)
                 check_holds(Path(f), img)
@@ -169,17 +190,19 @@ class NiftiSource(Source):
                 self.skipped.append((f, str(exc)))
                 continue
             group = hashlib.sha256(b"sslkit-nifti-v1" + f.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+            parts = Path(f).relative_to(self.root).parts if self.root.is_dir() else ()
+            label = parts[-2] if len(parts) > 1 else None  # class sub-folders: labels for eval, as folder's
             depth = int(shape[2])
             for t in range(int(shape[3]) if len(shape) == 4 else 1):
                 v = len(self.volumes)
                 self.volumes.append((f, t, depth))
                 if self.sample.volumetric:
-                    ref = SampleRef(f, t if len(shape) == 4 else None, group)
+                    ref = SampleRef(f, t if len(shape) == 4 else None, group, label=label)
                     self.where[ref.id] = (v, None)
                     refs.append(ref)
                     continue
                 for z in range(depth):
-                    ref = SampleRef(f, t * depth + z, group)
+                    ref = SampleRef(f, t * depth + z, group, label=label)
                     self.where[ref.id] = (v, z)
                     refs.append(ref)
         return refs
@@ -189,7 +212,7 @@ class NiftiSource(Source):
 
     def _volume(self, path: str) -> tuple[np.ndarray, tuple]:
         if self._last is None or self._last[0] != path:
-            vol, spacing = canonical_volume(_nibabel().load(path))
+            vol, spacing = canonical_volume(read_image(path))
             self._last = (path, vol, spacing)
         return self._last[1], self._last[2]
 

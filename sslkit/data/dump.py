@@ -24,12 +24,14 @@ from sslkit.registry import create_source, get_source, list_sources
 
 
 def sample_key(source: Any, ref: Any) -> str:
-    """A sample's id as reports show it: relative to the data root, or the source's own id."""
+    """A sample's id as reports show it: relative to the data root, or the source's own id; the
+    bytes of a file name that is not UTF-8 written as ``\\xNN`` (an archive entry's name must be text)."""
     own = getattr(source, "sample_id", None)
     if own is not None and (key := own(ref)) != ref.id:
         return key
     rel = source.relative(ref.path)
-    return rel if ref.frame is None else f"{rel}#{ref.frame}"
+    key = rel if ref.frame is None else f"{rel}#{ref.frame}"
+    return key.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def dump(src: str, out: str | Path, options: dict[str, Any] | None = None, raw: bool = False,
