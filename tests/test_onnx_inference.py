@@ -80,9 +80,11 @@ def test_window_graph_contract(ct):
 
     # the graph on HU values == the PyTorch encoder on the lung-windowed, normalised slices
     hu = np.random.default_rng(3).uniform(-1600, 400, (4, 1, 32, 32)).astype(np.float32)
+    hu[0, 0, :3, :3] = np.nan  # a masked voxel (float NIfTI): 0 after the window, as training makes it
+    hu[1, 0, 0, :2] = [np.inf, -np.inf]
     got = ort.InferenceSession(str(ct["onnx"])).run(["embedding"], {"pixels": hu})[0]
     run = load_run(ct["run"])
-    unit = np.clip((hu - LUNG[0]) / (LUNG[1] - LUNG[0]), 0, 1)
+    unit = np.clip(np.nan_to_num((hu - LUNG[0]) / (LUNG[1] - LUNG[0])), 0, 1)
     x = (unit - np.float32(run.spec.mean[0])) / np.float32(run.spec.std[0])
     with torch.no_grad():
         ref = run.build_encoder()(torch.from_numpy(x.astype(np.float32))).numpy()

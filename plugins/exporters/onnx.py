@@ -76,7 +76,8 @@ class GraphModule(nn.Module):
         if self.kind == "window":
             if self.repeat > 1:
                 x = x.repeat(1, self.repeat, *(1,) * (x.dim() - 2))
-            x = ((x - self.lower) / self.span).clamp(0.0, 1.0)
+            x = (x - self.lower) / self.span
+            x = torch.where(torch.isnan(x), torch.zeros_like(x), x).clamp(0.0, 1.0)  # NaN -> 0, as in training
         elif self.scale != 1.0:
             x = x * self.scale
         return self.encoder((x - self.mean) / self.std)
