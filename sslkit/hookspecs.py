@@ -52,10 +52,10 @@ def register_tasks(register: Register) -> None:
     augmentation producing the task's views), ``forward(views) -> {"loss": tensor, ...}``
     and ``on_step_end(step, total)``. Rules (the engine enforces those marked *):
 
-    * ``forward`` returns ``"loss"`` (a scalar tensor) plus any other scalars to log; the
-      keys ``step``, ``epoch``, ``lr``, ``img_per_s``, ``grad_norm`` and ``stop`` are
-      reserved for the engine's own ``metrics.csv`` columns (*: one-line error naming the
-      task).
+    * ``forward`` returns ``"loss"`` (a scalar tensor) plus any other scalars to log (a
+      Python int/float or a 1-element tensor each; *: at the first step); the keys ``step``,
+      ``epoch``, ``lr``, ``img_per_s``, ``grad_norm``, ``stop`` and ``requeue`` are reserved
+      for the engine's own ``metrics.csv`` columns (*: one-line error naming the task).
     * ``views(spec)`` returns a callable ``(B, C, S, S) -> Views`` with an
       ``override(**fields)`` method returning a copy with view-recipe fields replaced
       (what ``--augment-opt`` calls; :class:`sslkit.api.MultiView` has it). Options it does

@@ -21,12 +21,13 @@ import os
 import sys
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
+from pathlib import Path
 from typing import Any
 
 import pluggy
 
 from sslkit import hookspecs
-from sslkit.errors import UsageError
+from sslkit.errors import UsageError, unknown_name_message
 
 GROUP = "sslkit"
 KINDS = ("tasks", "backbones", "sources", "exporters", "callbacks")
@@ -77,8 +78,7 @@ class Plugins:
         self.conflicts: dict[str, dict[str, list[str]]] = {k: {} for k in KINDS}
         self.failures: list[str] = []
         self._load_entry_points()
-        for kind in KINDS:
-            self._collect(kind)
+        self._collect()
 
     def _load_entry_points(self) -> None:
         allow = _env_list("SSLKIT_LOAD_PLUGINS")
@@ -92,6 +92,10 @@ class Plugins:
             dist = (ep.dist.metadata["Name"] or "") if ep.dist else ""
             info = self.infos[ep.name] = PluginInfo(ep.name, ep.dist.version if ep.dist else None,
                                                     builtin=dist.lower() == "sslkit", distribution=dist or None)
+            refused = None if info.builtin else range_problem(source_api_range(ep.module))
+            if refused:  # before importing: a plugin for another API may import names this one lacks
+                self._fail(info, refused)
+                continue
             try:
                 plugin = ep.load()
             except Exception as exc:  # a broken plugin must not take the others down
@@ -103,23 +107,51 @@ class Plugins:
                 continue
             try:
                 self.pm.register(plugin, name=ep.name)
-            except Exception as exc:  # e.g. a hook name sslkit does not define
+            except Exception as exc:  # e.g. a hook whose arguments differ from sslkit's
                 self._fail(info, f"failed to register ({ep.value}): {type(exc).__name__}: {exc}")
+                continue
+            self._check_hook_names(info, plugin)
 
-    def _collect(self, kind: str) -> None:
-        hook = getattr(self.pm.hook, f"register_{kind}")
-        for impl in hook.get_hookimpls():
-            info = self.infos.setdefault(impl.plugin_name, PluginInfo(impl.plugin_name))
+    def _check_hook_names(self, info: PluginInfo, plugin: Any) -> None:
+        """Report each ``@hookimpl`` named like no sslkit hook (pluggy would silently never call it)."""
+        hooks = sorted(name for name in vars(hookspecs) if name.startswith("register_"))
+        for caller in self.pm.get_hookcallers(plugin) or []:
+            if caller.spec is None and not all(impl.optionalhook for impl in caller.get_hookimpls()):
+                self._fail(info, f"has an @hookimpl that sslkit never calls: "
+                                 + unknown_name_message("hook", caller.name, hooks))
 
-            def register(name: str, obj: Any, _plugin: str = impl.plugin_name) -> None:
-                self._add(kind, name, obj, _plugin)
+    def _collect(self) -> None:
+        """Call every plugin's ``register_*`` hooks, then add what they registered in that order.
 
-            try:
-                impl.function(register=register)
-            except UsageError:
-                raise
-            except Exception as exc:
-                self._fail(info, f"register_{kind} raised {type(exc).__name__}: {exc}")
+        A hook that raises :class:`UsageError` refuses its plugin (it says why it cannot work
+        here): nothing it registered is kept and its later hooks are not called. Any other
+        exception from a hook is reported; what the plugin registered before it is kept.
+        """
+        made: list[tuple[str, str, Any, str]] = []
+        refused: set[str] = set()
+        for kind in KINDS:
+            for impl in getattr(self.pm.hook, f"register_{kind}").get_hookimpls():
+                plugin = impl.plugin_name
+                if plugin in refused:
+                    continue
+                info = self.infos.setdefault(plugin, PluginInfo(plugin))
+                mine: list[tuple[str, str, Any, str]] = []
+
+                def register(name: str, obj: Any, _mine: list = mine, _kind: str = kind, _plugin: str = plugin) -> None:
+                    _mine.append((_kind, name, obj, _plugin))
+
+                try:
+                    impl.function(register=register)
+                except UsageError as exc:
+                    refused.add(plugin)
+                    self._fail(info, f"refused to load (register_{kind}): {exc}; not loaded")
+                    continue
+                except Exception as exc:
+                    self._fail(info, f"register_{kind} raised {type(exc).__name__}: {exc}")
+                made += mine
+        for kind, name, obj, plugin in made:
+            if plugin not in refused:
+                self._add(kind, name, obj, plugin)
 
     def _add(self, kind: str, name: str, obj: Any, plugin: str) -> None:
         what = _SINGULAR[kind]
@@ -174,6 +206,11 @@ def api_incompatibility(plugin: Any) -> str | None:
     declared = getattr(plugin, "sslkit_api", None)
     if declared is None:
         declared = getattr(inspect.getmodule(plugin), "sslkit_api", None)
+    return range_problem(declared)
+
+
+def range_problem(declared: Any) -> str | None:
+    """Why a plugin declaring the ``sslkit_api`` range ``declared`` cannot load here, or None."""
     if declared is None:
         return None
     from packaging.specifiers import InvalidSpecifier, SpecifierSet
@@ -187,6 +224,42 @@ def api_incompatibility(plugin: Any) -> str | None:
     if ok:
         return None
     return f"needs sslkit API {declared} but this sslkit provides API {API_VERSION}; not loaded"
+
+
+def module_file(module: str) -> Path | None:
+    """The source file of ``module``, found without importing it (nor its packages); None when
+    no such module is installed, or, for a module found some other way (a namespace, an
+    extension), the path ``Path()``."""
+    import importlib.util
+
+    top, *rest = module.split(".")
+    try:
+        spec = importlib.util.find_spec(top)  # a top-level name: located, not imported
+    except (ImportError, ValueError):
+        return None
+    if spec is None:
+        return None
+    if not rest:
+        return Path(spec.origin) if spec.origin and spec.origin.endswith(".py") else Path()
+    for folder in spec.submodule_search_locations or ():
+        base = Path(folder, *rest)
+        for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+            if candidate.is_file():
+                return candidate
+    return Path() if spec.submodule_search_locations else None
+
+
+def source_api_range(module: str) -> str | None:
+    """The ``sslkit_api = "..."`` that ``module``'s source declares at top level, read without importing it."""
+    import re
+
+    path = module_file(module)
+    try:
+        text = path.read_text(encoding="utf-8") if path and path.is_file() else ""
+    except (OSError, UnicodeDecodeError):
+        return None
+    found = re.search(r"""^sslkit_api\s*(?::\s*str\s*)?=\s*(["'])(.*?)\1""", text, re.M)
+    return found.group(2) if found else None
 
 
 def _env_list(name: str) -> list[str] | None:

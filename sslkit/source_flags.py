@@ -17,8 +17,9 @@ stays fast), offers ``--spacing`` on the commands that take a source (``pretrain
 ``embed``, ``data inspect``) and as a top-level config key, and hands the value to the
 source as its option ``spacing``: ``--window lung`` is ``--data-opt window=lung``. The
 flags of a plugin switched off with ``SSLKIT_DISABLE_PLUGINS`` / ``SSLKIT_LOAD_PLUGINS``
-are not offered. A flag that would shadow one of sslkit's own options is left out, with
-one warning line naming the plugin.
+are not offered, nor those of a plugin sure not to load (its module missing, or its
+``sslkit_api`` range excluding this sslkit). A flag that would shadow one of sslkit's own
+options is left out, with one warning line naming the plugin, and has no effect at all.
 """
 
 from __future__ import annotations
@@ -90,8 +91,9 @@ def _parse(plugin: str, declared: Any) -> list[SourceFlag]:
 @lru_cache(maxsize=8)
 def _declared(allow: tuple[str, ...] | None, deny: tuple[str, ...]) -> tuple[SourceFlag, ...]:
     by_field: dict[str, SourceFlag] = {}
+    plugins = {ep.name: ep for ep in entry_points(group="sslkit")}
     for ep in sorted(entry_points(group=GROUP), key=lambda e: e.name):
-        if (allow is not None and ep.name not in allow) or ep.name in deny:
+        if (allow is not None and ep.name not in allow) or ep.name in deny or _not_loadable(plugins.get(ep.name)):
             continue
         try:
             flags = _parse(ep.name, ep.load())
@@ -105,6 +107,16 @@ def _declared(allow: tuple[str, ...] | None, deny: tuple[str, ...]) -> tuple[Sou
     return tuple(by_field.values())
 
 
+def _not_loadable(plugin: Any) -> bool:
+    """Whether the ``sslkit`` entry point ``plugin`` is sure not to load, known without importing it: its
+    module is not installed, or its source declares an ``sslkit_api`` range this sslkit is outside of."""
+    from sslkit.plugins import module_file, range_problem, source_api_range
+
+    if plugin is None or (plugin.dist is not None and (plugin.dist.metadata["Name"] or "").lower() == "sslkit"):
+        return False  # flags without a plugin of that name, or sslkit's own
+    return module_file(plugin.module) is None or range_problem(source_api_range(plugin.module)) is not None
+
+
 def declared_flags() -> tuple[SourceFlag, ...]:
     """The flags of every enabled source plugin, by option name (read once per environment)."""
     from sslkit.plugins import _env_list as env_list  # the same switches as plugin loading
@@ -113,14 +125,23 @@ def declared_flags() -> tuple[SourceFlag, ...]:
     return _declared(None if allow is None else tuple(allow), tuple(env_list("SSLKIT_DISABLE_PLUGINS") or ()))
 
 
+def current_flags() -> tuple[SourceFlag, ...]:
+    """The flags the running command offers (a flag that would shadow one of its own options is
+    left out: it has no effect at all); outside a :class:`SourceFlagsCommand`, every declared one."""
+    ctx = click.get_current_context(silent=True)
+    while ctx is not None and not isinstance(ctx.command, SourceFlagsCommand):
+        ctx = ctx.parent
+    return ctx.command.source_flags() if ctx is not None else declared_flags()
+
+
 def flag_fields() -> set[str]:
-    """The source option names that have a flag (and may be top-level config keys)."""
-    return {f.field for f in declared_flags()}
+    """The source option names that have a flag on the running command (and may be top-level config keys)."""
+    return {f.field for f in current_flags()}
 
 
 def flag_values(kw: dict[str, Any]) -> dict[str, Any]:
     """The source options set by flags among a command's parsed ``kw`` (unset ones left out)."""
-    return {f.field: kw[f.field] for f in declared_flags() if kw.get(f.field) is not None}
+    return {f.field: kw[f.field] for f in current_flags() if kw.get(f.field) is not None}
 
 
 class SourceFlagsCommand(click.Command):
@@ -130,18 +151,25 @@ class SourceFlagsCommand(click.Command):
     :func:`flag_values` picks them out.
     """
 
-    _extra: tuple[tuple[SourceFlag, ...], list[click.Option]] | None = None
+    #: (the declared flags, those offered here, their click options), for the current environment
+    _extra: tuple[tuple[SourceFlag, ...], tuple[SourceFlag, ...], list[click.Option]] | None = None
 
-    def get_params(self, ctx: click.Context) -> list[click.Parameter]:
-        rest = super().get_params(ctx)[len(self.params):]  # the --help option stays last
+    def source_flags(self) -> tuple[SourceFlag, ...]:
+        """The declared flags this command offers: those shadowing none of its own options."""
         flags = declared_flags()
         if self._extra is None or self._extra[0] is not flags:
             taken = {name for p in self.params for name in (p.name, *getattr(p, "opts", ()))}
-            self._extra = (flags, [])
+            offered = []
             for f in flags:
                 if f.field in taken or f.flag in taken:
                     _warn(f"plugin {', '.join(map(repr, f.plugins))}: flag {f.flag} would shadow "
                           f"`sslkit {self.name}`'s own option; use --data-opt {f.field}=VALUE")
-                    continue
-                self._extra[1].append(f.option())
-        return [*self.params, *self._extra[1], *rest]
+                else:
+                    offered.append(f)
+            self._extra = (flags, tuple(offered), [f.option() for f in offered])
+        return self._extra[1]
+
+    def get_params(self, ctx: click.Context) -> list[click.Parameter]:
+        rest = super().get_params(ctx)[len(self.params):]  # the --help option stays last
+        self.source_flags()
+        return [*self.params, *self._extra[2], *rest]

@@ -19,6 +19,9 @@ from torch import nn
 
 from sslkit.spec import InputSpec
 
+#: metric names the engine writes itself (``metrics.csv`` columns); a task returning one is refused
+RESERVED_METRICS = frozenset({"step", "epoch", "lr", "img_per_s", "grad_norm", "stop", "requeue"})
+
 Views = tuple[torch.Tensor, ...]
 """What ``Task.views(spec)(x)`` returns and ``Task.forward`` receives: a tuple of tensors
 (normalised views, and e.g. labels or masks a task draws with them), all on the batch's device."""
@@ -33,9 +36,10 @@ class Task(nn.Module):
 
     Rules (``sslkit.testing.check_task`` checks them; the engine enforces the reserved keys):
 
-    * ``forward(views)`` returns ``{"loss": scalar tensor, other scalars to log}``; the keys
-      ``step``, ``epoch``, ``lr``, ``img_per_s``, ``grad_norm`` and ``stop`` are the
-      engine's own ``metrics.csv`` columns and are refused with a one-line error.
+    * ``forward(views)`` returns ``{"loss": scalar tensor, other scalars to log}`` (each a
+      Python int/float or a 1-element tensor); the keys ``step``, ``epoch``, ``lr``,
+      ``img_per_s``, ``grad_norm``, ``stop`` and ``requeue`` (:data:`RESERVED_METRICS`) are
+      the engine's own ``metrics.csv`` columns and are refused with a one-line error.
     * ``views(spec)`` returns a callable with ``override(**fields)`` (``--augment-opt``);
       :class:`sslkit.api.MultiView` provides it.
     * State a resume needs (EMA teachers, queues, centres, schedules) is in the state
@@ -113,7 +117,7 @@ class Task(nn.Module):
         """``views`` (what ``views(spec)`` made) -> ``{"loss": scalar, name: scalar, ...}``.
 
         Every value is logged to ``metrics.csv``; reserved keys: ``step``, ``epoch``,
-        ``lr``, ``img_per_s``, ``grad_norm``, ``stop``.
+        ``lr``, ``img_per_s``, ``grad_norm``, ``stop``, ``requeue``.
         """
         raise NotImplementedError
 

@@ -303,3 +303,56 @@ def test_counted_progress_is_plain_lines_off_a_terminal(capsys):
     assert "\r" not in err and err.splitlines() == [f"decoding: {i}/5 img" for i in range(5)]
     assert list(counted(range(3), 3, "decoding", "img", enabled=False)) == [0, 1, 2]
     assert capsys.readouterr().err == ""
+
+
+SHAPES = '''
+import torch
+import torch.nn.functional as F
+
+import sslkit
+from sslkit_probe import Probe
+
+
+class VectorLoss(Probe):
+    def forward(self, views):
+        a, b = views
+        return {"loss": 1 - F.cosine_similarity(self.proj(self.encoder(a)), self.proj(self.encoder(b)))}
+
+
+class VectorMetric(Probe):
+    def forward(self, views):
+        return {**super().forward(views), "norms": torch.ones(len(views[0]))}
+
+
+class NumberMetrics(Probe):
+    def forward(self, views):
+        return {**super().forward(views), "tau": 0.5, "k": 3, "one": torch.ones(1)}
+
+
+@sslkit.hookimpl
+def register_tasks(register):
+    register("vecloss", VectorLoss)
+    register("vecmetric", VectorMetric)
+    register("numbers", NumberMetrics)
+'''
+
+
+def test_forward_outputs_are_checked_at_the_first_step_and_numbers_are_logged(probe, images, tmp_path, cli,
+                                                                              monkeypatch):
+    """A (B,) loss or metric is one line naming the task; Python numbers and 1-element tensors are logged."""
+    install_plugin(tmp_path / "shapes_plugin", "sslkit_shapes", "shapes", SHAPES)
+    monkeypatch.syspath_prepend(str(tmp_path / "shapes_plugin"))
+    plugins.reset()
+    common = ["--data", f"folder:{images}", "--image-size", "16", "--batch-size", "8", "--max-steps", "2",
+              "--quiet", "--no-cache", *[a for k, v in {**TINY_VIT, "patch_size": 8}.items()
+                                          for a in ("--backbone-opt", f"{k}={v}")]]
+    for task, problem in (("vecloss", "returned a loss of shape (8,); it must be a scalar tensor"),
+                          ("vecmetric", "returned the metric 'norms' of shape (8,); every value besides 'loss' "
+                                        "is one number for metrics.csv: a Python int/float or a 1-element tensor")):
+        bad = cli("pretrain", "--task", task, "--out", tmp_path / task, *common)
+        assert bad.exit_code == 2, bad.output
+        assert bad.stderr.strip().splitlines() == [f"error: task {task!r} (plugin 'shapes') {problem}"]
+    ok = cli("pretrain", "--task", "numbers", "--out", tmp_path / "numbers", *common)
+    assert ok.exit_code == 0, ok.output
+    rows = read_metrics(tmp_path / "numbers")
+    assert [(float(r["tau"]), float(r["k"]), float(r["one"])) for r in rows] == [(0.5, 3.0, 1.0)] * 2

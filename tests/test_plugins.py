@@ -199,3 +199,96 @@ def test_source_whose_scheme_differs_from_its_name_is_refused(tmp_path, monkeypa
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["sslkit: plugin 'scheme-plugin' registered source 'bad' whose class has scheme 'other'; "
                    "set scheme = 'bad' (skipped)"]
+
+
+def test_plugin_whose_hook_raises_usage_error_is_refused_and_every_command_works(tmp_path, monkeypatch, cli):
+    fake_dist(tmp_path, "refusing-plugin", "sslkit_refusing_plugin", """
+        from sslkit.api import Task, UsageError, hookimpl
+
+        @hookimpl
+        def register_tasks(register):
+            register("refusedtask", Task)
+
+        @hookimpl
+        def register_sources(register):
+            raise UsageError("needs the licensed SDK; set ACME_SDK")
+    """)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    plugins.reset()
+    line = "sslkit: plugin 'refusing-plugin' refused to load (register_sources): needs the licensed SDK; " \
+           "set ACME_SDK; not loaded"
+    for args in (("plugins",), ("list", "tasks"), ("new-plugin", "demo", "--kind", "task", "--out", tmp_path / "n")):
+        plugins.reset()
+        proc = cli(*args)
+        assert proc.exit_code == 0, (args, proc.output)
+        assert proc.stderr.strip().splitlines() == [line], args
+    assert (tmp_path / "n" / "sslkit_demo.py").is_file()
+    plugins.reset()
+    listed = cli("list", "tasks").stdout.split()
+    assert "simclr" in listed and "refusedtask" not in listed  # nothing of the refused plugin is kept
+    row = [ln for ln in cli("plugins").stdout.splitlines() if ln.startswith("refusing-plugin")]
+    assert len(row) == 1 and "[error: refused to load (register_sources): needs the licensed SDK" in row[0]
+    assert plugins.get_plugins().infos["refusing-plugin"].registered["tasks"] == []
+
+
+def test_misspelled_hook_name_is_reported_with_the_real_one(tmp_path, monkeypatch, cli):
+    fake_dist(tmp_path, "typo-plugin", "sslkit_typo_plugin", """
+        from sslkit.api import Task, hookimpl
+
+        @hookimpl
+        def register_task(register):
+            register("typotask", Task)
+
+        @hookimpl
+        def register_exporters(register):
+            register("typoexport", lambda *a, **k: {})
+    """)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    plugins.reset()
+    proc = cli("plugins")
+    assert proc.exit_code == 0, proc.output
+    message = ("has an @hookimpl that sslkit never calls: unknown hook 'register_task' (did you mean "
+               "'register_tasks'?); choose from: register_backbones, register_callbacks, register_exporters, "
+               "register_sources, register_tasks")
+    assert proc.stderr.strip().splitlines() == [f"sslkit: plugin 'typo-plugin' {message}"]
+    row = [ln for ln in proc.stdout.splitlines() if ln.startswith("typo-plugin")]
+    assert len(row) == 1 and f"[error: {message}]" in row[0] and "exporters: typoexport" in row[0]
+    assert "typoexport" in registry.list_exporters() and "typotask" not in registry.list_tasks()
+
+
+def test_docs_list_exactly_the_reserved_metric_keys():
+    """docs/plugins.md, the Task docstring and the hook's docstring name the engine's reserved keys, all of them."""
+    import re
+    from pathlib import Path
+
+    from sslkit import hookspecs
+    from sslkit.engine.loop import RESERVED_METRICS
+    from sslkit.task import Task
+
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "plugins.md").read_text()
+    rule = docs[docs.index("* **Tasks.**"):docs.index("`views(spec)` returns")]
+    texts = {"docs/plugins.md": rule, "Task": Task.__doc__, "Task.forward": Task.forward.__doc__,
+             "register_tasks": hookspecs.register_tasks.__doc__}
+    for where, text in texts.items():
+        part = text[text.index("``step``" if "``step``" in text else "`step`"):]
+        named = set(re.findall(r"`+(\w+)`+", part.split(" are ")[0].split(" (")[0].split(".\n")[0]))
+        assert named == set(RESERVED_METRICS), (where, sorted(named ^ RESERVED_METRICS))
+
+
+def test_api_range_is_read_before_importing_so_the_friendly_line_wins(tmp_path, monkeypatch, cli):
+    fake_dist(tmp_path, "api2-plugin", "sslkit_api2_plugin", """
+        from sslkit.api import hookimpl, OnlyInApiTwo  # a name API 1 does not have
+
+        sslkit_api = ">=2"
+
+        @hookimpl
+        def register_exporters(register):
+            register("api2", OnlyInApiTwo)
+    """)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    plugins.reset()
+    proc = cli("plugins")
+    assert proc.exit_code == 0, proc.output
+    assert proc.stderr.strip().splitlines() == [
+        "sslkit: plugin 'api2-plugin' needs sslkit API >=2 but this sslkit provides API 1; not loaded"]
+    assert "sslkit_api2_plugin" not in __import__("sys").modules  # refused before its import

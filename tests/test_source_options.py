@@ -130,6 +130,45 @@ def test_a_broken_flag_declaration_is_one_line_and_the_rest_works(tmp_path):
     assert len(proc.stderr.strip().splitlines()) == 1 and "is ignored: TypeError" in proc.stderr
 
 
+def test_a_flag_left_out_for_shadowing_a_core_option_has_no_effect(tmp_path, cli, installed, monkeypatch):
+    """``--batch-size`` stays sslkit's own: it is not handed to the source too (audit item 1)."""
+    from tests.conftest import make_images
+
+    monkeypatch.delitem(sys.modules, "demo_counts_flags", raising=False)  # another test's declaration
+    installed(_third_party(tmp_path / "site", '{"batch_size": "Shadows a core option.", "count_scale": "Counts."}'))
+    r = cli("pretrain", "--print-config", "--task", "simclr", "--batch-size", "4", "--count-scale", "2")
+    assert r.exit_code == 0, r.output
+    assert "\nbatch_size = 4\n" in r.output and 'count_scale = "2"' in r.output
+    assert "batch_size = \"4\"" not in r.output  # not a source option
+    assert "flag --batch-size would shadow `sslkit pretrain`'s own option" in r.stderr
+    data = make_images(tmp_path / "images", n_per_class=4, size=32)
+    r = cli("pretrain", "--task", "simclr", "--data", f"folder:{data}", "--out", tmp_path / "run", "--backbone",
+            "timm:resnet10t", "--image-size", "32", "--batch-size", "4", "--max-steps", "1", "--quiet")
+    assert r.exit_code == 0, r.output
+    info = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert info["config"]["batch_size"] == 4 and "batch_size" not in info["config"]["source_options"]
+
+
+def test_flags_of_a_plugin_sure_not_to_load_are_hidden(tmp_path, cli, installed):
+    """A plugin whose module is not installed, or whose sslkit_api excludes this sslkit, offers no flags."""
+    site = tmp_path / "site"
+    for name, module, source in (("gone", "sslkit_gone_plugin", None),
+                                 ("future", "sslkit_future_src", 'sslkit_api = ">=2,<3"\n'),
+                                 ("fine", "sslkit_fine_src", 'sslkit_api = ">=1,<2"\n')):
+        info = site / f"{module}-0.1.dist-info"
+        info.mkdir(parents=True)
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {module}\nVersion: 0.1\n")
+        (info / "entry_points.txt").write_text(f"[sslkit]\n{name} = {module}\n[sslkit.source_flags]\n"
+                                               f"{name} = {module}_flags:FLAGS\n")
+        (site / f"{module}_flags.py").write_text(f"FLAGS = {{'{name}_level': 'Level.'}}\n")
+        if source is not None:
+            (site / f"{module}.py").write_text(source)
+    installed({"PYTHONPATH": str(site)})
+    r = cli("pretrain", "--help")
+    assert r.exit_code == 0, r.output
+    assert "--fine-level" in r.output and "--gone-level" not in r.output and "--future-level" not in r.output
+
+
 def test_builtin_flags_name_options_of_the_source_that_declares_them():
     from importlib.metadata import entry_points
 

@@ -172,6 +172,7 @@ class StepCapture:
         self.recorder = recorder or cuda_graph
         self.inputs: list[torch.Tensor] = []
         self.names: list[str] = []
+        self.numbers: list[str] = []
         self.replay: Replay | None = None
         self.warm = 0
         self.lr: TensorLR | None = None
@@ -236,9 +237,13 @@ class StepCapture:
         if grad_norm is not None:
             sums["grad_norm"] = grad_norm
         self.names = sorted(sums)
-        return torch.stack([torch.as_tensor(sums[n]).float().reshape(()) for n in self.names])
+        self.numbers = [n for n in self.names if not torch.is_tensor(sums[n])]  # Python numbers of the task
+        return torch.stack([torch.as_tensor(sums[n], device=s.device).float().reshape(()) for n in self.names])
 
     def _capture(self, s: Any) -> None:
+        if self.numbers:
+            self.fall_back(f"the task returns Python numbers ({', '.join(self.numbers)}), which a graph would freeze")
+            return
         rng = _rng_state(s.device)
         try:
             s.optimizer.zero_grad(set_to_none=True)  # the graph allocates its own gradients

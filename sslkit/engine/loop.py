@@ -38,9 +38,8 @@ from sslkit.engine.state import RunState
 from sslkit.engine.transfer import prefetch_to
 from sslkit.errors import UsageError
 from sslkit.optim import set_lr
+from sslkit.task import RESERVED_METRICS
 
-#: metric names the engine writes itself; a task returning one of them is refused
-RESERVED_METRICS = frozenset({"step", "epoch", "lr", "img_per_s", "grad_norm", "stop", "requeue"})
 
 SaveFn = Callable[[Setup, RunState], "Path | None"]
 
@@ -142,14 +141,52 @@ def accumulate(s: Setup, batches: Iterator[torch.Tensor]) -> dict[str, torch.Ten
             with torch.autocast(s.device.type, dtype=s.autocast_dtype or torch.float32,
                                 enabled=s.autocast_dtype is not None):
                 result = s.model(views)
+            if not getattr(s, "outputs_checked", False):  # once per session: before the first backward
+                check_outputs(s, result)
             loss = result["loss"]
             s.scaler.scale(loss.float() / K).backward()
         if not RESERVED_METRICS.isdisjoint(result):
             _reserved(s, result)
-        for name, v in result.items():
-            if torch.is_tensor(v) and v.numel() == 1:
+        for name, v in result.items():  # checked: 1-element tensors and Python numbers
+            if torch.is_tensor(v):
                 sums[name] = sums.get(name, 0) + v.detach().float().reshape(()) / K
+            else:
+                sums[name] = sums.get(name, 0) + float(v) / K
     return sums
+
+
+def check_outputs(s: Setup, result: Any) -> None:
+    """Refuse, in one line naming the task, what ``forward`` returned that the step cannot use:
+    no dict, a ``loss`` that is no scalar tensor, or another value that is no scalar for
+    ``metrics.csv`` (a Python number or a 1-element tensor). Run on a session's first step."""
+    problem = output_problem(result)
+    if problem:
+        from sslkit.registry import plugin_of
+
+        raise UsageError(f"task {s.cfg.task!r} (plugin {plugin_of('tasks', s.cfg.task)!r}) {problem}")
+    s.outputs_checked = True
+
+
+def output_problem(result: Any) -> str | None:
+    """Why a task's ``forward`` output breaks the contract (``returned ...``), or None."""
+    import numbers
+
+    if not isinstance(result, dict):
+        return f"returned {type(result).__name__}; forward must return a dict {{'loss': scalar tensor, ...}}"
+    if "loss" not in result:
+        return f"returned no 'loss' (keys: {', '.join(map(str, result)) or 'none'}); forward must return one"
+    loss = result["loss"]
+    if not torch.is_tensor(loss) or loss.numel() != 1:
+        what = f"shape {tuple(loss.shape)}" if torch.is_tensor(loss) else f"type {type(loss).__name__}"
+        return f"returned a loss of {what}; it must be a scalar tensor"
+    for key, v in result.items():
+        if torch.is_tensor(v) and v.numel() != 1:
+            return (f"returned the metric {key!r} of shape {tuple(v.shape)}; every value besides 'loss' is one "
+                    f"number for metrics.csv: a Python int/float or a 1-element tensor")
+        if not torch.is_tensor(v) and not isinstance(v, numbers.Real):
+            return (f"returned the metric {key!r} of type {type(v).__name__}; every value besides 'loss' is one "
+                    f"number for metrics.csv: a Python int/float or a 1-element tensor")
+    return None
 
 
 def _reserved(s: Setup, result: dict[str, Any]) -> None:

@@ -20,7 +20,7 @@ def check_backbone(factory: Any, model: str, *, options: dict | None = None, ima
     (B, n, E) -> (B, prefix + n, E)``. An unknown model name raises ``UsageError``. Returns
     ``{"model", "num_features", "token", "spatial_dims"}``.
     """
-    from sslkit.api import UsageError
+    from sslkit.api import UsageError, first_line
 
     _, factory = resolve("backbones", factory)
     report: dict[str, Any] = {"model": model}
@@ -31,6 +31,9 @@ def check_backbone(factory: Any, model: str, *, options: dict | None = None, ima
         factory("no_such_model_for_sslkit_testing", in_chans=1, image_size=image_size)
     except UsageError as exc:
         assert "\n" not in str(exc), "the unknown-model error must be one line"
+    except Exception as exc:
+        raise AssertionError(f"an unknown model name must raise sslkit.api.UsageError (one line), not "
+                             f"{type(exc).__name__}: {first_line(exc)}") from None
     else:
         raise AssertionError("an unknown model name must raise sslkit.api.UsageError (one line)")
     return report
@@ -44,10 +47,15 @@ def _check_one(net: Any, what: str, c: int, image_size: int, batch: int) -> dict
     from sslkit.api import first_line, is_token_backbone
 
     assert isinstance(net, nn.Module), f"{what}: the factory returned {type(net).__name__}, not an nn.Module"
-    assert net.in_chans == c, f"{what}: in_chans is {getattr(net, 'in_chans', None)}"
+    for attr in ("in_chans", "num_features"):
+        assert hasattr(net, attr), f"{what}: {type(net).__name__} has no attribute {attr!r} (a backbone has " \
+                                   f"in_chans, the input channels, and num_features, the embedding size D)"
+    assert net.in_chans == c, f"{what}: in_chans is {net.in_chans!r}, expected {c}"
     dims = int(getattr(net, "spatial_dims", 2))
     assert dims in (2, 3), f"{what}: spatial_dims must be 2 (images) or 3 (volumes), not {dims}"
-    d = int(net.num_features)
+    assert isinstance(net.num_features, int) and net.num_features > 0, \
+        f"{what}: num_features must be a positive int (the embedding size D), not {net.num_features!r}"
+    d = net.num_features
     x = torch.rand(batch, c, *(image_size,) * dims)
     layout = "(B, C, D, H, W)" if dims == 3 else "(B, C, H, W)"
     try:

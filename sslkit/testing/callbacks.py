@@ -9,7 +9,7 @@ from typing import Any, Iterator
 
 from sslkit.testing.cli import sslkit
 from sslkit.testing.data import image_folder
-from sslkit.testing.registry import registered_as, resolve
+from sslkit.testing.registry import registered_as, resolve, uses_builtins
 from sslkit.testing.runs import crashed_copy
 
 EVENTS = ("on_run_start", "on_step_end", "on_checkpoint", "on_run_end")
@@ -20,6 +20,7 @@ KIT_RUN = ("--task", "simclr", "--backbone", "timm:resnet10t", "--image-size", 3
            "--device", "cpu", "--checkpoint-every", 2, "--keep-checkpoints", 0)
 
 
+@uses_builtins("simclr", "timm", "folder", "csv")
 def check_callback(callback: Any, *, tmp_path: Path, steps: int = 3) -> dict[str, Any]:
     """Check run callback ``callback`` (a registered name or its factory) through ``sslkit pretrain``.
 

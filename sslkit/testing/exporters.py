@@ -6,9 +6,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from sslkit.testing.registry import resolve
+from sslkit.testing.registry import resolve, uses_builtins
 
 
+@uses_builtins("timm", volumes=("monai",))
 def check_exporter(exporter: Any, *, tmp_path: Path, backbone: str | None = None,
                    backbone_options: dict | None = None, channels: int = 1, image_size: int = 32,
                    options: dict | None = None, reload: Any = None,
@@ -45,8 +46,7 @@ def check_exporter(exporter: Any, *, tmp_path: Path, backbone: str | None = None
     out, lines = folder / "encoder.out", []
     report = fn(encoder, spec, metadata, out, samples=samples, samples_note="4 generated images",
                 log=lines.append, **(options or {}))
-    assert isinstance(report, dict), f"the exporter returned {type(report).__name__}, not a report dict"
-    json.dumps(report, default=float)
+    _check_report(report)
     assert out.is_file() and out.stat().st_size > 0, "the exporter wrote no file"
     assert sorted(p.name for p in folder.iterdir()) == [out.name], \
         f"the exporter left other files behind: {sorted(p.name for p in folder.iterdir())}"
@@ -66,6 +66,18 @@ def check_exporter(exporter: Any, *, tmp_path: Path, backbone: str | None = None
         raise AssertionError("an unknown exporter option must raise sslkit.api.UsageError")
     assert not refused.exists(), "a refused export left a file behind"
     return report
+
+
+def _check_report(report: Any) -> None:
+    """A dict that ``json.dumps`` takes (numpy numbers allowed)."""
+    from sslkit.api import first_line
+
+    assert isinstance(report, dict), f"the exporter returned {type(report).__name__}, not a report dict"
+    try:
+        json.dumps(report, default=float)
+    except (TypeError, ValueError) as exc:
+        raise AssertionError(f"the exporter's report is not JSON-able (return str, int, float, bool, None, "
+                             f"lists and dicts; e.g. str(path)): {type(exc).__name__}: {first_line(exc)}") from None
 
 
 def _spec(channels: int, image_size: int, volume: tuple[int, int, int] | None) -> Any:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 KIT = "sslkit.testing"
 
@@ -53,3 +54,66 @@ def registered_as(kind: str, name: str, obj: Any) -> Iterator[str]:
         yield name
     finally:
         entries.pop(name, None)
+
+
+#: the built-in plugins the kit's own runs use: entry-point name -> the kind it registers under that name
+BUILTINS = {"simclr": "tasks", "timm": "backbones", "monai": "backbones", "folder": "sources", "onnx": "exporters",
+            "csv": "callbacks"}
+
+
+def uses_builtins(*names: str, volumes: tuple[str, ...] = ()) -> Callable:
+    """Decorate a check whose runs use sslkit's built-in plugins ``names`` (and ``volumes`` when
+    it is called with ``volume=...``): for its duration they answer to their names, even where
+    ``SSLKIT_LOAD_PLUGINS`` / ``SSLKIT_DISABLE_PLUGINS`` left them out or another plugin
+    registers the same name (the plugin under test is checked against sslkit's own)."""
+    def decorate(check: Callable) -> Callable:
+        @functools.wraps(check)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            needed = names + (volumes if kwargs.get("volume") is not None else ())
+            with builtins_available(needed, check.__name__):
+                return check(*args, **kwargs)
+        return wrapper
+    return decorate
+
+
+@contextmanager
+def builtins_available(names: tuple[str, ...], what: str = "sslkit.testing") -> Iterator[None]:
+    """While open, each built-in plugin of ``names`` (see :data:`BUILTINS`) is what its name looks up."""
+    from sslkit.plugins import Entry, get_plugins
+
+    plugins, saved = get_plugins(), []
+    for name in names:
+        kind = BUILTINS[name]
+        entry = plugins.entries[kind].get(name)
+        info = plugins.infos.get(entry.plugin) if entry is not None else None
+        if info is not None and info.builtin and name not in plugins.conflicts[kind]:
+            continue  # loaded as usual
+        saved.append((kind, name, entry, plugins.conflicts[kind].pop(name, None)))
+        plugins.entries[kind][name] = Entry(_builtin(kind, name, what), name)
+    try:
+        yield
+    finally:
+        for kind, name, entry, owners in reversed(saved):
+            if entry is None:
+                plugins.entries[kind].pop(name, None)
+            else:
+                plugins.entries[kind][name] = entry
+            if owners is not None:
+                plugins.conflicts[kind][name] = owners
+
+
+def _builtin(kind: str, name: str, what: str) -> Any:
+    """What sslkit's built-in plugin ``name`` registers as ``name``, imported directly."""
+    from importlib.metadata import distribution
+
+    from sslkit.api import first_line
+
+    found: dict[str, Any] = {}
+    try:
+        (ep,) = [ep for ep in distribution("sslkit").entry_points if ep.group == "sslkit" and ep.name == name]
+        getattr(ep.load(), f"register_{kind}")(register=found.__setitem__)
+    except Exception as exc:
+        raise AssertionError(f"{what} runs sslkit's built-in {kind[:-1]} {name!r}, which cannot be loaded here: "
+                             f"{type(exc).__name__}: {first_line(exc)}") from None
+    assert name in found, f"{what} runs sslkit's built-in {kind[:-1]} {name!r}, which its plugin does not register"
+    return found[name]

@@ -8,7 +8,7 @@ from typing import Any
 
 from sslkit.testing.cli import finite_losses, metric_rows, sslkit
 from sslkit.testing.data import KitVolumes, image_folder, volume_folder
-from sslkit.testing.registry import registered_as, resolve
+from sslkit.testing.registry import registered_as, resolve, uses_builtins
 from sslkit.testing.runs import checkpoints, crashed_copy
 
 #: the small stand-ins the kit trains with, by the task's default backbone family
@@ -30,6 +30,7 @@ def kit_backbone(task_cls: type, volumes: bool = False) -> tuple[str, dict[str, 
     return default, {}
 
 
+@uses_builtins("timm", "folder", "csv", "onnx", volumes=("monai",))
 def check_task(task: Any, *, tmp_path: Path, backbone: str | None = None, backbone_options: dict | None = None,
                options: dict | None = None, image_size: int = 32, batch_size: int = 4, steps: int = 2,
                channels: tuple[int, ...] = (1, 3), export: bool = True, resume: bool = True,
