@@ -89,7 +89,8 @@ def _backbone_name(backbone: nn.Module) -> str:
 def read_found(found: InitFile) -> tuple[dict[str, torch.Tensor], list[str], str]:
     """``(tensors, not_read, sha256)`` of a resolved ``--init``; the last one read is kept, since
     the check before decoding reads it first and the run then loads it (while its files are unchanged)."""
-    stats = tuple((str(f), f.stat().st_mtime_ns, f.stat().st_size) for f in (found.path, *found.files()))
+    files = dict.fromkeys((found.path, *found.files()))  # a shard index and its shards, or the one file
+    stats = tuple((str(f), f.stat().st_mtime_ns, f.stat().st_size) for f in files)
     return _read(found.path, found.name, stats)
 
 
