@@ -210,6 +210,10 @@ def pretrain(ctx: click.Context, **kw) -> None:
     requeue = EXIT_REQUEUE if summary.get("interrupted") and summary.get("requeue") else 0
     if not summary.get("main", True):
         ctx.exit(requeue)
+    from sslkit.data.pipeline import report_summary
+
+    if line := report_summary(cfg.out):  # before the summary, which is the last line
+        click.echo(f"data: {line}", err=True)
     if summary.get("already_finished"):
         click.echo(f"run {cfg.out} already finished ({summary.get('steps', '?')} steps); nothing to resume")
     elif summary.get("interrupted"):
@@ -224,10 +228,6 @@ def pretrain(ctx: click.Context, **kw) -> None:
             f"final loss {loss:.4f}; run saved in {cfg.out}" if loss is not None else
             f"done: {summary['steps']} steps{bound}; run saved in {cfg.out}"
         )
-    from sslkit.data.pipeline import report_summary
-
-    if line := report_summary(cfg.out):
-        click.echo(f"data: {line}", err=True)
     ctx.exit(requeue)
 
 

@@ -12,7 +12,6 @@ embeddings.
 from __future__ import annotations
 
 import json
-import re
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
@@ -23,7 +22,7 @@ import numpy as np
 
 from sslkit.data.loader import BatchLoader
 from sslkit.data.pipeline import load_data
-from sslkit.errors import UsageError, first_line
+from sslkit.errors import UsageError, first_line, without_quoted
 from sslkit.output_file import check_output, write_atomic
 from sslkit.progress import counted
 from sslkit.raw_input import RawInput, graph_preprocessing_of
@@ -46,7 +45,7 @@ def skip_reasons(skipped: list[tuple[str, str]]) -> dict[str, int]:
     def clean(path: str, reason: str) -> str:
         for name in (path, Path(path).name):
             reason = reason.replace(name, "...") if name else reason
-        return re.sub(r"'[^']*'|\"[^\"]*\"", "'...'", reason)[:200]
+        return without_quoted(reason)[:200]
 
     return dict(Counter(clean(path, reason) for path, reason in skipped).most_common())
 

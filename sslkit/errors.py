@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import re
 from typing import Sequence
 
 
@@ -41,3 +42,9 @@ def unknown_name_message(what: str, name: str, valid: Sequence[str], hint: str =
         return f"unknown {what} {name!r}{guess}{hint}"
     listing = ", ".join(valid[:listed]) + (", ..." if len(valid) > listed else "") if valid else "none installed"
     return f"unknown {what} {name!r}{guess}; choose from: {listing}{hint}"
+
+
+def without_quoted(text: str) -> str:
+    """``text`` on one line with each quoted value (``'...'`` or ``"..."``) shown as ``'…'``: what an
+    error message may say in a report, where a quoted path or header value could name a patient."""
+    return re.sub(r"'[^']*'|\"[^\"]*\"", "'…'", " ".join(str(text).split())).strip()

@@ -82,3 +82,17 @@ def test_error_reasons_drop_quoted_values():
 
     reason = safe_reason(ValueError(f"Invalid value for VR PN: '{SECRETS['name']}'"))
     assert SECRETS["name"] not in reason and reason.startswith("ValueError: Invalid value")
+
+
+def test_decoder_messages_lose_their_quoted_paths(tmp_path, cli):
+    """PIL quotes the whole path of a file it cannot read ('.../ZZTOPSECRET_WINIFRED/scan.png'): the
+    reason in data_report.json drops quoted values, as DICOM reasons do; the path stays relative."""
+    from tests.conftest import make_images
+
+    data = make_images(tmp_path / "hospital" / "ZZTOPSECRET_WINIFRED", n_per_class=3, size=32)
+    (data / "a" / "scan.png").write_bytes(b"not a png")
+    r = cli("pretrain", "--task", "simclr", "--backbone", "timm:test_resnet", "--data", f"folder:{data}",
+            "--out", tmp_path / "run", "--max-steps", "1", "--batch-size", "2", "--image-size", "32", "--quiet")
+    assert r.exit_code == 0, r.output
+    skipped = json.loads((tmp_path / "run" / "data_report.json").read_text())["skipped_files"]
+    assert skipped == [{"path": "a/scan.png", "reason": "UnidentifiedImageError: cannot identify image file '…'"}]

@@ -29,7 +29,7 @@ from sslkit.data.cache import (CACHE_FORMAT, cache_key, content_digest, discard_
 from sslkit.data.parallel import pool_size
 from sslkit.data.resize import resize_axis_aa
 from sslkit.data.source import NotAnImage, SampleRef, Source, Undecodable, to_channels
-from sslkit.errors import UsageError
+from sslkit.errors import UsageError, without_quoted
 from sslkit.progress import counted
 
 SCALE = 65535.0
@@ -255,10 +255,11 @@ def _decode_one(ref: SampleRef) -> np.ndarray | str | None:
 
 def _reason(exc: Exception) -> str:
     """A sample's skip reason for ``data_report.json``: the source's own (:class:`Undecodable`),
-    else the error's type and message (its type alone when it has none)."""
+    else the error's type and message (its type alone when it has none), quoted values dropped:
+    a decoder quotes the file's path, whose folders below the data root can name a patient."""
     if isinstance(exc, Undecodable):
         return str(exc)
-    text = str(exc).strip()
+    text = without_quoted(str(exc))
     if isinstance(exc, MemoryError):
         text = text or "decoding it needs more memory than is free"
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

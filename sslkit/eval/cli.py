@@ -138,6 +138,7 @@ def eval_group() -> None:
 @click.option("--k", "ks", default="20,200", show_default=True, help="Neighbour counts, comma-separated.")
 @click.option("--temperature", default=0.07, show_default=True, type=float, callback=_positive_finite,
               help="Vote weight exp(cos / T) (Wu et al. 2018).")
+@click.option("--seed", default=0, show_default=True, type=int, help="The folds of --split group:K.")
 def knn(**kw) -> None:
     """Weighted kNN on L2-normalised embeddings (cosine)."""
     from sslkit.eval.probes import evaluate_knn
