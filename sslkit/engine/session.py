@@ -42,8 +42,7 @@ def pretrain(cfg: RunConfig) -> dict[str, Any]:
         left = _steps_left(cfg, old) if old.get("status") == "finished" else None
         if left is not None and left < 0:
             done = old["summary"]["steps"]
-            raise UsageError(f"run {cfg.out} already has {done} steps, more than the {done + left} that "
-                             f"--epochs/--max-steps now allow; give a larger bound to extend it")
+            raise _bound_below(cfg.out, done, done + left)
         if old.get("status") == "finished" and not left:  # nothing left to do
             return {**old.get("summary", {}), "already_finished": True,
                     "main": int(os.environ.get("RANK", "0")) == 0}
@@ -69,6 +68,12 @@ def pretrain(cfg: RunConfig) -> dict[str, Any]:
             distributed.teardown()
 
 
+def _bound_below(out: str, done: int, allowed: int) -> UsageError:
+    """The refusal of a resume whose ``--epochs``/``--max-steps`` allow fewer steps than were done."""
+    return UsageError(f"run {out} already has {done} steps, more than the {allowed} that "
+                      f"--epochs/--max-steps now allow; give a larger bound to extend it")
+
+
 def _steps_left(cfg: RunConfig, old: dict[str, Any]) -> int | None:
     """Steps that resuming finished run ``old`` with ``cfg``'s bounds would train (negative: the
     bound is below what was done); None when ``old`` does not say."""
@@ -86,8 +91,7 @@ def run(s: Setup, lock: RunLock | None = None) -> dict[str, Any]:
     on_main(lambda: _prepare(s, lock))  # everything asked is valid: only now is the run directory written
     state = run_state.restore(s)
     if state.step > s.total:
-        raise UsageError(f"run {s.cfg.out} already has {state.step} steps, more than the {s.total} that "
-                         f"--epochs/--max-steps now allow; give a larger bound to extend it")
+        raise _bound_below(s.cfg.out, state.step, s.total)
     if s.cfg.resume and s.main:
         s.info["resumes"] = read_json(s.out / RUN_JSON).get("resumes", []) + [
             {"from_step": state.step, "total_steps": s.total}]
