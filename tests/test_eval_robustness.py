@@ -4,6 +4,7 @@ undecodable files beside an overlap, label fractions that would share a name, a 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -142,3 +143,24 @@ def test_overlap_counts_the_scored_images_and_skipped_files_are_reported(runs, c
                "--quiet", "--no-baseline")
     assert f"train: {scored} images, 2 files not decoded" in text.stdout
     assert f"warning: {scored} scored test images are also in --train" in text.stdout
+
+
+@pytest.mark.parametrize("command, args", [
+    ("tsne", ["--data", "{mixed}", "--perplexity", "3"]),
+    ("attention", ["--images", "{mixed}", "--max-images", "2"]),
+])
+def test_tsne_and_attention_report_the_files_they_skipped_as_knn_does(runs, cli, command, args):
+    mixed = runs["mixed"]
+    argv = ["eval", command, runs["run"], *[a.format(**runs) for a in args], "--no-baseline", "--quiet"]
+    result = cli(*argv, "--json")
+    assert result.exit_code == 0, result.output
+    skipped = json.loads(result.stdout)["data"]["data"]["skipped"]
+    assert skipped["files"] == 2 and sum(skipped["reasons"].values()) == 2  # broken.png and truncated.png
+    for reason in skipped["reasons"]:
+        assert reason.strip()
+        # reasons pass through sslkit.errors.without_quoted: no file name, and nothing quoted is left but '…'
+        assert "broken" not in reason and "truncated" not in reason and str(mixed) not in reason, reason
+        assert set(re.findall(r"'[^']*'|\"[^\"]*\"", reason)) <= {"'…'"}, reason
+    text = cli(*argv)
+    assert text.exit_code == 0, text.output
+    assert "2 files not decoded (" in text.stdout

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sslkit.backbone import is_token_backbone
-from sslkit.eval.report import new_report, save_report, unique_path
+from sslkit.eval.report import new_report, save_report, skipped_summary, unique_path
 from sslkit.eval.tsne import _check_out
 from sslkit.figure import save_png
 
@@ -194,7 +194,8 @@ def evaluate_attention(model_path: str, images: str, out: str | None = None, max
     width, height = plot_grid(pixels.numpy(), maps, f"{kind}: {desc['task']} {desc['backbone']}", out_path,
                               row_labels)
     report = new_report("attention", desc, {"method": kind, "max_images": max_images, "baseline": baseline})
-    report["data"] = {"data": {"source": images, "samples": len(rows)}}
+    report["data"] = {"data": {"source": images, "samples": len(rows),
+                               "skipped": skipped_summary(loaded.prepared.skipped)}}
     report["classes"] = sorted({lab for lab in labels if lab is not None})
     report["class_counts"] = {"rows": {c: sum(labels[i] == c for i in rows) for c in report["classes"]}}
     report["files"] = [str(out_path)]

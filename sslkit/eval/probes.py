@@ -20,7 +20,7 @@ from sslkit.eval.labels import Labelled, assign_labels, class_index
 from sslkit.eval.linear import C_GRID, fit_linear_probe
 from sslkit.eval.metrics import classification_metrics
 from sslkit.eval.overlap import check_overlap
-from sslkit.eval.report import new_report, save_report
+from sslkit.eval.report import new_report, save_report, skipped_summary
 from sslkit.eval.split import fold_method, group_folds, group_keys, mean_std, parse_split
 
 
@@ -148,14 +148,14 @@ def base_report(kind: str, prep: ProbeData, args: DataArgs, settings: dict[str, 
                              else args.group_by, "group_pattern": args.group_pattern, "seed": args.seed,
                              "method": prep.split_method}
         report["data"] = {"data": {"source": args.data, "samples": len(tr.labels), "unlabelled": tr.unlabelled,
-                                   "groups": prep.groups, "skipped": _skipped(tr)}}
+                                   "groups": prep.groups, "skipped": skipped_summary(tr.skipped)}}
         pairs = (("data", tr),)
     else:
         report["data"] = {
             "train": {"source": args.train, "samples": len(tr.labels), "unlabelled": tr.unlabelled,
-                      "skipped": _skipped(tr)},
+                      "skipped": skipped_summary(tr.skipped)},
             "test": {"source": args.test, "samples": len(te.labels), "unlabelled": te.unlabelled,
-                     "skipped": _skipped(te)},
+                     "skipped": skipped_summary(te.skipped)},
         }
         if args.allow_overlap:
             report["data"]["overlap"] = {"test_samples_in_train": prep.overlap, "by": "sha256 of file content",
@@ -167,11 +167,6 @@ def base_report(kind: str, prep: ProbeData, args: DataArgs, settings: dict[str, 
                               for split, s in pairs}
     report["positive_class"] = prep.classes[prep.positive] if prep.positive is not None else None
     return report
-
-
-def _skipped(s: Labelled) -> dict[str, Any]:
-    """Files of a data set that were not decoded (so not scored): how many, and how many for each reason."""
-    return {"files": sum(s.skipped.values()), "reasons": dict(s.skipped)}
 
 
 def over_folds(prep: ProbeData, fn) -> dict[str, dict[str, Any]]:

@@ -6,7 +6,8 @@ Schema ``sslkit.eval/1`` (documented in README, "sslkit eval --json")::
      "created": ISO-8601 UTC, "sslkit_version": str,
      "model": {"path", "format", "task", "backbone", "backbone_options", "embedding_dim",
                "image_size", "channels"},
-     "data": {"train"/"test"/"data": {"source", "samples", "unlabelled"}},
+     "data": {"train"/"test"/"data": {"source", "samples", "unlabelled",
+                                      "skipped": {"files": int, "reasons": {str: int}}}},
      "classes": [str], "positive_class": str | null,
      "settings": {...},                      # what the probe was run with
      "results": {"pretrained": {SETTING: METRICS}, "random": {SETTING: METRICS}},
@@ -40,6 +41,16 @@ def new_report(kind: str, model: dict[str, Any], settings: dict[str, Any]) -> di
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "sslkit_version": __version__, "model": model, "data": {}, "classes": [],
             "positive_class": None, "settings": settings, "results": {}, "files": []}
+
+
+def skipped_summary(skipped: list[tuple[str, str]] | dict[str, int]) -> dict[str, Any]:
+    """``data.<side>.skipped`` of every report: files of a data set that were not decoded (so not
+    used), and how many for each reason. Takes the loader's ``(path, reason)`` rows, or their
+    :func:`sslkit.embed.skip_reasons` count (``Embeddings.skip_reasons``): reasons hold no file names."""
+    from sslkit.embed import skip_reasons
+
+    reasons = dict(skipped) if isinstance(skipped, dict) else skip_reasons(skipped)
+    return {"files": sum(reasons.values()), "reasons": reasons}
 
 
 def unique_path(folder: Path, stem: str, suffix: str) -> Path:

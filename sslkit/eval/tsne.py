@@ -16,7 +16,7 @@ from sslkit.figure import save_png
 from sslkit.output_file import check_output
 from sslkit.eval.features import embed_all, open_model
 from sslkit.eval.labels import assign_labels, read_labels_csv
-from sslkit.eval.report import new_report, save_report, unique_path
+from sslkit.eval.report import new_report, save_report, skipped_summary, unique_path
 
 PANEL_INCHES = 6.0
 DPI = 100
@@ -141,7 +141,8 @@ def evaluate_tsne(model_path: str, data: str, out: str | None = None, labels_csv
     report = new_report(method, desc, {"method": method, "perplexity": perplexity, "seed": seed,
                                        "max_samples": max_samples, "baseline": baseline, "color_by": color_by})
     report["data"] = {"data": {"source": data, "samples": n_total, "plotted": len(labels),
-                               "unlabelled": labels.count(UNLABELLED)}}
+                               "unlabelled": labels.count(UNLABELLED),
+                               "skipped": skipped_summary(embs["pretrained"].skip_reasons)}}
     report["classes"] = sorted(set(labels) - {UNLABELLED})
     report["files"] = [str(out_path)]
     report["image_size"] = [width, height]
