@@ -222,6 +222,33 @@ def test_files_without_meta_are_read(pydicom_dir, tmp_path):
     np.testing.assert_array_equal(src.load(refs[0]), _source(pydicom_dir).load(src_ref(str(Path(pydicom_dir) / "MR_small.dcm"))))
 
 
+@pytest.mark.parametrize("glob", ["[", "ax[ial", "*[!]*", "[]", "*[a]*["])
+def test_series_glob_with_an_unclosed_bracket_is_refused_before_any_header(pydicom_dir, tmp_path, cli, monkeypatch,
+                                                                             glob):
+    """fnmatch would take an unclosed '[' literally: refused in one line (exit 2), no file read."""
+    shutil.copy(Path(pydicom_dir) / "CT_small.dcm", tmp_path / "CT_small.dcm")
+    with pytest.raises(UsageError, match=r"series_description=.*unclosed '\['.*\[\[\]"):
+        _source(tmp_path, series_description=glob)
+
+    def read(*_):
+        raise AssertionError("a header was read")
+
+    monkeypatch.setattr("sslkit_plugins.sources.dicom.read_header", read)
+    r = cli("data", "inspect", f"dicom:{tmp_path}", "--series-description", glob)
+    assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1, r.output
+    assert "--series-description" in r.output and "[[]" in r.output and "Traceback" not in r.output
+
+
+def test_series_glob_brackets_that_close_still_match(pydicom_dir, tmp_path):
+    shutil.copy(Path(pydicom_dir) / "CT_small.dcm", tmp_path / "CT_small.dcm")
+    ds = pydicom.dcmread(tmp_path / "CT_small.dcm")
+    ds.SeriesDescription = "Chest [AXIAL] 1mm"
+    ds.save_as(tmp_path / "CT_small.dcm")
+    for glob in ("*[[]axial]*", "*[]]*", "chest [!x]*", "*[a-c]xial*"):
+        assert len(_source(tmp_path, series_description=glob).index()) == 1, glob
+    assert _source(tmp_path, series_description="*[[]coronal]*").index() == []
+
+
 @pytest.mark.parametrize("bad", ["lungs", "400", "1,2,3,4", "lung,bone", "-5,40"])
 def test_bad_window_is_a_usage_error(bad):
     with pytest.raises(UsageError):

@@ -165,3 +165,21 @@ def test_slices_over_max_pixels_are_skipped_from_the_header(tmp_path, cli):
     assert "too many pixels: 3000x3000 = 9,000,000 exceeds the limit of 1,000,000" in r.output
     r = cli("data", "inspect", f"nifti:{tmp_path}", "--max-pixels", "0", "--json")
     assert r.exit_code == 0 and "too many pixels" not in r.output
+
+
+def test_dump_meta_states_the_canonical_orientation_the_arrays_have(tmp_path, cli):
+    """Slices and volumes of a file stored LPS-like are dumped turned to RAS+; ``__meta__`` says so, not 'as stored'."""
+    import json
+
+    write(tmp_path / "lps.nii", grid(), flip_xy=True)
+    for mode, extra in (("slice", ()), ("volume", ("--volume-size", f"{Z},{Y},{X}"))):
+        out = tmp_path / f"{mode}.npz"
+        r = cli("data", "dump", f"nifti:{tmp_path / 'lps.nii'}", "--out", out, "--raw", "--sample", mode, *extra)
+        assert r.exit_code == 0, r.output
+        z = np.load(out)
+        first = z["lps.nii#0"][0] if mode == "slice" else z["lps.nii"][0]
+        np.testing.assert_array_equal(first, displayed(grid())[0] if mode == "slice" else displayed(grid()))
+        orientation = json.loads(str(z["__meta__"]))["orientation"]
+        assert "as stored (" not in orientation and "canonical RAS+" in orientation, orientation
+        assert "H anterior to posterior, W right to left" in orientation
+        assert ("D inferior to superior" in orientation) == (mode == "volume")

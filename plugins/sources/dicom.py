@@ -61,6 +61,20 @@ class DicomOptions:
         SampleMode.parse(self.sample, self.spacing, self.volume_size)
         if self.workers < 0:
             raise UsageError(f"dicom option workers={self.workers}: give 0 (one per CPU) or a number of processes")
+        if unclosed_bracket(self.series_description):  # fnmatch would take the '[' literally, silently
+            raise UsageError(f"dicom option series_description={self.series_description!r} (--series-description): "
+                             "the glob has an unclosed '['; write [[] to match a literal '['")
+
+
+def unclosed_bracket(glob: str) -> bool:
+    """Whether ``glob`` has a ``[`` that :func:`fnmatch.translate` finds no ``]`` for (scanned as it does)."""
+    i = 0
+    while (i := glob.find("[", i) + 1) > 0:
+        j = i + glob.startswith("!", i)
+        j += glob.startswith("]", j)  # a ']' first in the set is a member, not the end
+        if (i := glob.find("]", j) + 1) == 0:
+            return True
+    return False
 
 
 def is_dicom_file(path: Path) -> bool:

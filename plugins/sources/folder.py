@@ -3,6 +3,8 @@
 Class sub-folders are ignored for pretraining and used as labels by ``eval``.
 8-bit images are scaled by 255, 16-bit ones by 65535 (never squashed to 8 bits first);
 TIFFs are read with tifffile, which keeps 16-bit RGB and multi-page stacks as they are.
+A palette image (PNG, BMP or TIFF) gives its colours, never its indices: RGB, or one
+channel where every palette entry is grey.
 Splits group files by the ``group`` regex (``--data-opt group='^(patient[0-9]+)/'``):
 files whose relative path gives the same match (first capture group, else the whole
 match) stay on one side; without a match a file is its own group.
@@ -44,6 +46,20 @@ def group_of(rel: str, pattern: str) -> str:
     return "f:" + rel
 
 
+def is_grey(colours: np.ndarray) -> bool:
+    """Whether palette entries ``colours`` (N, channels) are all grey (red = green = blue)."""
+    return colours.shape[1] < 3 or bool((colours[:, :1] == colours[:, 1:3]).all())
+
+
+def pil_palette_is_grey(img: Image.Image) -> bool:
+    """Whether a ``P`` / ``PA`` image's palette is grey (read at open, before any pixel is decoded)."""
+    pal = img.palette
+    if pal is None or not pal.mode:
+        return False
+    n, colours = len(pal.mode), np.frombuffer(bytes(pal.palette), np.uint8)
+    return is_grey(colours[: len(colours) // n * n].reshape(-1, n))
+
+
 def pil_to_array(img: Image.Image) -> np.ndarray:
     """PIL image -> float32 (C, H, W) in [0, 1], keeping 16-bit precision."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
@@ -56,11 +72,13 @@ def pil_to_array(img: Image.Image) -> np.ndarray:
         lo, hi = float(a.min()), float(a.max())
         arr = (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)
     else:
+        grey = img.mode in ("P", "PA") and pil_palette_is_grey(img)  # a palette's colours, not its indices
         if img.mode not in ("L", "RGB"):
             img = img.convert("RGBA" if "A" in img.getbands() or img.mode == "P" else "RGB")
             if img.mode == "RGBA":
                 img = img.convert("RGB")
         arr = np.asarray(img, dtype=np.float32) / 255.0
+        arr = arr[..., 0] if grey else arr
     if arr.ndim == 2:
         arr = arr[None]
     else:
@@ -98,7 +116,9 @@ class FolderSource(Source):
             if Path(ref.path).suffix.lower() in TIFF:
                 return 3 if _tiff_array(ref.path, header=True).shape[0] >= 3 else 1
             with open_image(ref.path) as img:
-                return 3 if img.mode in ("RGB", "RGBA", "P", "CMYK", "YCbCr") else 1
+                if img.mode in ("P", "PA"):
+                    return 1 if pil_palette_is_grey(img) else 3
+                return 3 if img.mode in ("RGB", "RGBA", "CMYK", "YCbCr") else 1
         except Exception:
             return None
 
@@ -146,11 +166,16 @@ def _tiff_array(path: str, header: bool = False, limit: int | None = None) -> np
     with tifffile.TiffFile(path) as tif:
         page = tif.pages[0]
         check_pixel_count(int(page.imagewidth), int(page.imagelength), limit)
+        colormap = page.colormap if page.photometric == 3 else None  # PALETTE: indices into the colormap
+        if header and colormap is not None:
+            return np.zeros((1 if is_grey(colormap.T) else 3, 1, 1), np.float32)
         if header:
             shape = page.shape
             c = shape[-1] if len(shape) == 3 and shape[-1] <= 4 else (shape[0] if len(shape) == 3 else 1)
             return np.zeros((c, 1, 1), np.float32)
         a = page.asarray()
+    if colormap is not None:
+        return tiff_palette_colours(a, colormap)
     if a.ndim == 3 and a.shape[-1] <= 4 and a.shape[0] > 4:  # (H, W, C)
         a = a.transpose(2, 0, 1)
     elif a.ndim == 2:
@@ -168,6 +193,14 @@ def _tiff_array(path: str, header: bool = False, limit: int | None = None) -> np
     if x.shape[0] == 4 or x.shape[0] == 2:
         x = x[:-1]  # alpha
     return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def tiff_palette_colours(index: np.ndarray, colormap: np.ndarray) -> np.ndarray:
+    """A palette TIFF's indices -> float32 ``(C, H, W)`` of its colours: RGB, one channel where the map is grey."""
+    top = 255.0 if colormap.max() <= 255 else 65535.0  # some writers put 8-bit values in the 16-bit map
+    lut = colormap.astype(np.float32) / top
+    lut = lut[:1] if is_grey(colormap.T) else lut
+    return np.ascontiguousarray(np.take(lut, index.astype(np.intp), axis=1, mode="clip"), dtype=np.float32)
 
 
 @hookimpl

@@ -33,8 +33,8 @@ from typing import Any
 
 import numpy as np
 
-from sslkit.api import (GraphPreprocessing, SampleMode, SampleRef, Source, Undecodable, UsageError, check_dir,
-                        check_pixel_count, fit_volume, hookimpl, slab_indices, stack_slab, walk_files)
+from sslkit.api import (ORIENTATION, GraphPreprocessing, SampleMode, SampleRef, Source, Undecodable, UsageError,
+                        check_dir, check_pixel_count, fit_volume, hookimpl, slab_indices, stack_slab, walk_files)
 
 SUFFIXES = (".nii", ".nii.gz")
 _NUM = r"[-+]?(?:\d+\.?\d*|\.\d+)"
@@ -259,6 +259,13 @@ class NiftiSource(Source):
     def properties(self, ref: SampleRef) -> dict[str, Any]:
         v, _ = self.where.get(ref.id, (None, None))
         return {"depth": self.volumes[v][2]} if v is not None else {}
+
+    def orientation(self) -> str:
+        """How :meth:`load` lays its arrays out (for ``sslkit data dump``): turned to RAS+, not as stored."""
+        axes = "H anterior to posterior, W right to left (the closest canonical RAS+ axes, not as stored)"
+        if self.sample.mode == "slice":
+            return f"axial slices as displayed: {axes}"
+        return f"{ORIENTATION}; D inferior to superior, {axes}"
 
     def describe(self) -> dict[str, Any]:
         return {

@@ -62,9 +62,11 @@ def dump(src: str, out: str | Path, options: dict[str, Any] | None = None, raw: 
     if not arrays:
         raise UsageError(f"no decodable sample in {src!r} ({skipped} failed)")
     volumetric = sample_mode(source).volumetric
+    own = getattr(source, "orientation", None)  # a source that reorients its arrays says how
     meta = {
         "axes": "C,D,H,W" if volumetric else "C,H,W",
-        "orientation": ORIENTATION if sample_mode(source).mode != "slice" else "as stored (rows, columns)",
+        "orientation": own() if callable(own) else (
+            ORIENTATION if sample_mode(source).mode != "slice" else "as stored (rows, columns)"),
         "values": ("float32 values before windowing (modality values, e.g. HU for CT)" if raw
                    else "float32 in [0, 1] after the window, as training decodes them (before resizing)"),
         "spacing_mm": spacing,
