@@ -13,7 +13,7 @@ import math
 import typing
 from typing import Any
 
-from sslkit.config import FIELDS, OPTION_GROUPS, REQUIRED
+from sslkit.config_values import FIELDS, OPTION_GROUPS, REQUIRED
 from sslkit.errors import UsageError
 
 #: what each option group holds (the comment under its table header)

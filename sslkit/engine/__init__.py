@@ -2,7 +2,9 @@
 
 * :mod:`.setup` — :func:`build`: seeding, determinism, the pairing check, DDP-aware data
   loading, input spec, backbone and task, augmentation, loader, schedule, optimizer,
-  scaler, DDP, compile; returns a plain :class:`Setup`.
+  scaler, DDP, compile; returns a plain :class:`Setup`. Its parts: :mod:`.model_setup`
+  (backbone, pairing check, task, augmentation) and :mod:`.data_setup` (the run's data, the
+  cache lock, batches and schedule).
 * :mod:`.loop` — :func:`train`: the step loop (accumulation, AMP, DDP, NaN check,
   checkpoints at their steps) and :func:`train_step`, one optimizer step.
 * :mod:`.state` — :class:`RunState` and what a checkpoint holds (model, optimizer,

@@ -1,0 +1,62 @@
+"""The options of ``sslkit pretrain`` as RunConfig values (:func:`cli_values`): only the
+options the user actually gave, so that they override the task's defaults and a config
+file and nothing else (:func:`sslkit.config.resolve`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from sslkit.config_values import FIELDS
+from sslkit.errors import UsageError
+
+# CLI options whose name differs from the RunConfig field they set.
+_CLI_ONLY = {"config_file", "print_config"}
+
+
+def cli_values(kw: dict[str, Any], given: set[str]) -> dict[str, Any]:
+    """RunConfig values from the options of ``sslkit pretrain`` the user actually gave.
+
+    Options named like a RunConfig field map to it directly, so a new option only needs
+    a field of the same name.
+    """
+    from sslkit.options import parse_pairs, parse_values
+    from sslkit.source_flags import flag_fields
+
+    out: dict[str, Any] = {}
+    for name in given:
+        value = kw[name]
+        if name in _CLI_ONLY:
+            continue
+        if name == "task_opts":
+            out["task_options"] = parse_pairs(value, "--task-opt")
+        elif name == "backbone_opts":
+            out["backbone_options"] = parse_values(parse_pairs(value, "--backbone-opt"))
+        elif name == "data_opts":
+            out["source_options"] = {**parse_pairs(value, "--data-opt"), **out.get("source_options", {})}
+        elif name in flag_fields():  # a source option with its own flag (from a source plugin)
+            out["source_options"] = {**out.get("source_options", {}), name: value}
+        elif name == "augment_opts":
+            out["augment_options"] = parse_pairs(value, "--augment-opt")
+        elif name == "no_cache":
+            out["cache_dir"] = ""
+        elif name == "quiet":
+            out["progress"] = not value
+        elif name == "channels":
+            out["channels"] = int(value) if value else None
+        elif name == "resume":
+            if kw.get("overwrite"):
+                raise UsageError("--resume continues a run and --overwrite replaces it; give one of them")
+            if value == "auto":  # resume when --out holds a checkpoint, else start (sslkit.run.auto_resume)
+                from sslkit.run import auto_resume
+
+                out.update(auto_resume(kw.get("out") if "out" in given else None))
+                continue
+            out["resume"] = True
+            if value:  # --resume RUN_DIR (bare --resume continues --out)
+                if kw.get("out") and "out" in given and Path(kw["out"]) != Path(value):
+                    raise UsageError(f"--resume {value!r} and --out {kw['out']!r} name different runs; give one")
+                out["out"] = value
+        elif name in FIELDS:
+            out[name] = value
+    return out

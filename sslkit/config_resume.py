@@ -1,0 +1,56 @@
+"""``sslkit pretrain --resume``: the configuration a run was started with, read back from
+its ``run.json`` (:func:`resume_config`). Only the settings that keep the run exact
+(``RESUMABLE_OVERRIDES``) may differ from what the run recorded."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from sslkit.config_values import FIELDS, OPTION_GROUPS, check_values, plain
+from sslkit.errors import UsageError
+from sslkit.run import RESUMABLE_OVERRIDES, RUN_JSON, RunConfig
+
+
+def resume_config(given: dict[str, Any]) -> RunConfig:
+    """The saved config of run ``given["out"]``; only settings that keep the run exact may change."""
+    out = given.get("out")
+    if not out:
+        raise UsageError("--resume needs the run directory: --resume RUN_DIR")
+    file = Path(out) / RUN_JSON
+    if not file.is_file():
+        raise UsageError(f"--resume: {out!r} holds no sslkit run to continue (no {RUN_JSON})")
+    try:
+        saved = json.loads(file.read_text())["config"]
+    except (ValueError, KeyError, TypeError):  # ValueError: bad JSON or bytes that are not UTF-8
+        saved = None
+    if not isinstance(saved, dict):
+        raise UsageError(f"--resume: {file} is not a readable sslkit run.json")
+    saved = check_values({k: v for k, v in saved.items() if k in FIELDS}, str(file))
+    _fill_legacy_options(saved)
+    for key, value in given.items():
+        if key in RESUMABLE_OVERRIDES:
+            continue
+        now = saved.get(key)
+        if key in OPTION_GROUPS:
+            now = {k: now.get(k) for k in value} if isinstance(now, dict) else now
+        if plain(value) != plain(now):
+            raise UsageError(
+                f"--resume continues the run exactly as it was configured: {key} was {plain(now)!r}, "
+                f"not {plain(value)!r}; start a new run to change it"
+            )
+    values = {**saved, **{k: v for k, v in given.items() if k in RESUMABLE_OVERRIDES}}
+    values.update(resume=True, overwrite=False, out=out,
+                  allow_data_change=bool(given.get("allow_data_change")))  # per resume, never inherited
+    return RunConfig(**values)
+
+
+def _fill_legacy_options(saved: dict[str, Any]) -> None:
+    """Options the task gained after ``saved`` was recorded take the values that run used
+    (``Task.legacy_option_values``), so it resumes exactly as it started."""
+    from sslkit.registry import get_task
+
+    legacy = getattr(get_task(saved["task"]), "legacy_option_values", None) or {}
+    if legacy:
+        saved["task_options"] = {**legacy, **(saved.get("task_options") or {})}

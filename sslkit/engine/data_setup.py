@@ -1,0 +1,86 @@
+"""The data side of a run, built in :func:`sslkit.engine.setup.build`: the images decoded
+once (DDP-aware, one process at a time per disk cache: :func:`cache_build_lock`), then this
+rank's batch loader, the optimizer steps per epoch and the LR schedule scaled from the
+batch actually used (:func:`batches_and_schedule`)."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+from typing import Iterator
+
+from sslkit import distributed
+from sslkit.data.loader import BatchLoader
+from sslkit.data.pipeline import LoadedData, load_data
+from sslkit.engine.log import note
+from sslkit.engine.schedules import horizon, make_schedule
+from sslkit.errors import UsageError
+from sslkit.optim import scaled_lr
+from sslkit.run import RunConfig
+
+CACHE_LOCK = ".sslkit-cache.lock"
+
+
+def load_run_data(cfg: RunConfig, rank: int, world: int) -> LoadedData:
+    """Decode the data; under DDP with a disk cache rank 0 fills the cache, then the others read it."""
+    stored_size = cfg.cache_size or cfg.image_size
+    if stored_size < cfg.image_size:
+        raise UsageError(f"--cache-size {cfg.cache_size} is below --image-size {cfg.image_size}; "
+                         f"use at least {cfg.image_size}")
+
+    def load() -> LoadedData:
+        with cache_build_lock(cfg.cache_dir):
+            return load_data(cfg.data, stored_size, cfg.channels, cfg.source_options, cfg.cache_dir,
+                             cfg.progress and rank == 0, val_fraction=cfg.val_fraction, seed=cfg.seed,
+                             max_pixels=cfg.max_pixels)
+
+    if cfg.cache_dir != "" and world > 1:
+        data = load() if rank == 0 else None
+        distributed.barrier()
+        return data if rank == 0 else load()
+    return load()
+
+
+@contextlib.contextmanager
+def cache_build_lock(cache_dir: str | None) -> Iterator[None]:
+    """Hold ``CACHE_ROOT/.sslkit-cache.lock`` (``flock``, exclusive) while data is decoded
+    into the disk cache: processes that share the cache folder (the ranks of several
+    nodes on one file system, or two runs on the same data) decode a dataset once, the
+    others wait and then read the finished entry. Nothing without a disk cache."""
+    from sslkit.data.cache import mark_root, resolve_cache_dir
+
+    root = resolve_cache_dir(cache_dir)
+    if root is None:
+        yield
+        return
+    mark_root(root)
+    fd = os.open(root / CACHE_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            note(f"waiting for another process that is filling the cache in {root} ...")
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
+
+
+def batches_and_schedule(cfg: RunConfig, data: LoadedData, rank: int, world: int):
+    """This rank's batch loader, optimizer steps per epoch, images per step (over all
+    ranks) and the LR schedule. The LR is scaled from the batch actually used: a batch
+    larger than the data is clamped to it, and so is the LR."""
+    loader = BatchLoader(data.prepared.pixels, cfg.batch_size // world, cfg.seed, rank, world)
+    steps_per_epoch = len(loader) // cfg.accumulate
+    if steps_per_epoch < 1:
+        raise UsageError(f"{len(data.prepared)} images are fewer than one optimizer step needs "
+                         f"(--batch-size {cfg.batch_size} x --accumulate {cfg.accumulate}); lower them")
+    step_images = loader.batch_size * world * cfg.accumulate
+    if loader.batch_size * world < cfg.batch_size and rank == 0:
+        note(f"note: --batch-size {cfg.batch_size} is more than the {len(data.prepared)} images; "
+             f"using {loader.batch_size * world} (the LR is scaled from that)")
+    lr = cfg.lr if cfg.lr is not None else scaled_lr(cfg.base_lr, step_images, cfg.lr_scaling)
+    total, bound = horizon(cfg.epochs, cfg.max_steps, steps_per_epoch)
+    return loader, steps_per_epoch, step_images, make_schedule(cfg.schedule, lr, total, cfg.warmup_epochs,
+                                                               steps_per_epoch, bound)

@@ -1,0 +1,137 @@
+"""The model of a run, built in :func:`sslkit.engine.setup.build`: the backbone named
+(:func:`with_backbone`), the task/backbone pairing checked before any image is decoded
+(:func:`check_pairing`), the backbone and the task around it with ``--init`` weights
+(:func:`create_model`), the encoder's LR settings of an ``--init`` run
+(:func:`continued_scales`) and the task's views with ``--augment-opt`` overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from typing import Any
+
+import torch
+
+from sslkit import distributed
+from sslkit.config_backbone import run_backbone
+from sslkit.errors import UsageError, first_line
+from sslkit.registry import create_task, get_task
+from sslkit.run import RunConfig
+from sslkit.sample_modes import build_backbone
+from sslkit.spec import InputSpec
+
+
+def with_backbone(cfg: RunConfig) -> RunConfig:
+    """``cfg`` with its backbone named: a config made in code without one gets what ``sslkit
+    pretrain`` resolves (the task's default fitted to the image size, or an ``--init`` run's)."""
+    if cfg.backbone:
+        return cfg
+    values = {"backbone_options": cfg.backbone_options, "init": cfg.init, "image_size": cfg.image_size}
+    name, options = run_backbone(get_task(cfg.task), values)
+    return dataclasses.replace(cfg, backbone=name, backbone_options=options)
+
+
+def check_pairing(backbone_name: str, cfg: RunConfig) -> torch.nn.Module:
+    """Build the task once on a stand-in input spec, so that a task/backbone/options
+    mismatch (``Task.check``, option values, what the constructor refuses) is reported
+    before any image is decoded. With the channel count still unknown (it comes from the
+    data), only what fails for both 1 and 3 channels is refused here. Returns the probe
+    backbone."""
+    first: UsageError | None = None
+    volume = planned_volume(cfg)  # --sample volume: the size and mode, from the source's options
+    with torch.random.fork_rng(devices=[]):  # the real model's initialisation must not depend on this
+        for c in (cfg.channels,) if cfg.channels else (1, 3):
+            try:
+                probe = build_backbone(backbone_name, c, cfg.image_size, volume.get("volume_size"),
+                                       **cfg.backbone_options)
+                if cfg.init:  # weights that cannot be fitted to this backbone fail here, before decoding
+                    from sslkit.init import load_init
+
+                    load_init(cfg.init, probe, cfg.allow_download)
+                spec = InputSpec(c, cfg.image_size, (0.5,) * c, (0.25,) * c, **volume)
+                task = create_task(cfg.task, probe, spec, **cfg.task_options)
+                if cfg.augment_options:  # a bad --augment-opt too, before decoding
+                    with_augment_options(cfg, task.views(spec))
+                return probe
+            except UsageError as exc:
+                first = first or exc
+    raise first
+
+
+def with_task_embedding(cfg: RunConfig, probe: torch.nn.Module) -> RunConfig:
+    """``cfg`` with the backbone options that give the task's ``Task.embedding`` on this
+    backbone (its ``embedding_options``), unless the user set any of them or the run is a
+    resume (its run.json's options stand)."""
+    wanted = getattr(get_task(cfg.task), "embedding", None)
+    offer = getattr(probe, "embedding_options", None)
+    options = offer(wanted) if wanted and offer is not None and not cfg.resume else None
+    if not options or options.keys() & cfg.backbone_options.keys():
+        return cfg
+    return dataclasses.replace(cfg, backbone_options={**cfg.backbone_options, **options})
+
+
+def planned_volume(cfg: RunConfig) -> dict[str, Any]:
+    """InputSpec fields of the sample mode the source will use (``{}`` for 2D samples)."""
+    from sslkit.data.volume import sample_mode
+    from sslkit.registry import create_source
+
+    try:
+        mode = sample_mode(create_source(cfg.data, **cfg.source_options))
+    except UsageError:  # missing data, a bad option...: reported as before, when the data is loaded
+        return {}
+    if mode.mode == "slice":
+        return {}
+    return {"sample": mode.describe()["sample"], "volume_size": mode.size, "spacing": mode.spacing}
+
+
+def create_model(cfg: RunConfig, backbone_name: str, spec: InputSpec) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The backbone (the encoder that gets exported), then the task built around it."""
+    backbone = build_backbone(backbone_name, spec.channels, cfg.image_size, spec.volume_size, **cfg.backbone_options)
+    if cfg.init:  # before the task copies the backbone into EMA teachers (sslkit.init)
+        from sslkit.init import load_init
+
+        backbone.init_record = load_init(cfg.init, backbone, cfg.allow_download)
+        if distributed.is_main():
+            print(backbone.init_record["summary"], file=sys.stderr)
+    task = create_task(cfg.task, backbone, spec, **cfg.task_options)
+    if cfg.init:  # the decoder / heads / teachers of an earlier run of this task, where they fit
+        from sslkit.init.continued import parts_line, restore_task_parts
+
+        parts = restore_task_parts(cfg.init, task, cfg.task, cfg.allow_download)
+        backbone.init_record["task_parts"] = parts
+        if distributed.is_main():
+            print(parts_line(parts), file=sys.stderr)
+    return backbone, task
+
+
+def continued_scales(cfg: RunConfig, task: torch.nn.Module, backbone: torch.nn.Module,
+                     total: int) -> dict[str, Any]:
+    """With ``--init``: the encoder's LR multiplier and warm-up freeze (sslkit.init.continued),
+    recorded in the init record; ``{}`` otherwise."""
+    if not cfg.init:
+        return {}
+    from sslkit.init import continued
+
+    settings = continued.plan(cfg, task, total, backbone.init_record.get("task_parts", {}))
+    backbone.init_record["continue"] = settings
+    return {"lr_scale": continued.lr_scale_fn(settings), "freeze_steps": continued.freeze_fn(settings)}
+
+
+def views_on_device(cfg: RunConfig, task: torch.nn.Module, spec: InputSpec, device: torch.device):
+    """The task's batched views, with ``--augment-opt`` overrides, on the device."""
+    augment = with_augment_options(cfg, task.views(spec))
+    if isinstance(augment, torch.nn.Module):
+        augment.to(device)
+    return augment
+
+
+def with_augment_options(cfg: RunConfig, augment: Any) -> Any:
+    """``augment`` with ``--augment-opt`` overrides of its view recipes' fields; a bad one is one line."""
+    if not cfg.augment_options:
+        return augment
+    if not hasattr(augment, "override"):
+        raise UsageError(f"task {cfg.task!r} builds its own augmentation; --augment-opt does not apply")
+    try:
+        return augment.override(**cfg.augment_options)
+    except (TypeError, ValueError) as exc:  # a views object of a plugin that does not raise UsageError
+        raise UsageError(f"--augment-opt: {first_line(exc)}") from None
