@@ -106,7 +106,7 @@ def test_bad_option_is_one_line_exit_2(task, opt, cli, gray_folder, tmp_path):
 
 @pytest.mark.parametrize("task,backbone,size,needle", [
     ("mae", "timm:resnet10t", 32, "timm:vit_tiny_patch16_224"),
-    ("simmim", "timm:resnet10t", 32, "timm:swin_tiny_patch4_window7_224"),
+    ("simmim", "timm:mixer_s16_224", 32, "timm:swin_tiny_patch4_window7_224"),
     ("jigsaw", "timm:resnet10t", 32, "--image-size >= 57"),
     ("jigsaw", "timm:vit_tiny_patch16_224", 64, "timm:resnet18"),
 ])
@@ -396,7 +396,7 @@ def test_moco_v2_learns_instance_discrimination():
 def test_simmim_trains_on_swin():
     swin = dict(embed_dim=24, depths=(1, 1, 1, 1), num_heads=(1, 1, 2, 2), window_size=4)
     t, spec = build("simmim", "timm:swin_tiny_patch4_window7_224", size=64, backbone_opts=swin)
-    assert t.is_swin and t.stride == 32
+    assert t.kind == "swin" and t.stride == 32
     first, last = start_end(overfit(t, spec, steps=30))
     assert last < 0.75 * first
 
@@ -506,3 +506,49 @@ def test_engine_defaults_reach_the_config_and_the_command_line_wins(task):
     for field, value in defaults.items():
         assert getattr(cfg, field) == (tuple(value) if isinstance(value, list) else value)
     assert config.resolve({**base, "base_lr": 0.123}).base_lr == 0.123
+
+
+def test_simmim_on_a_cnn_masks_pixels_and_scores_only_the_masked_tokens(monkeypatch):
+    """A CNN has no tokens to swap: the masked 4-px squares of the image are set to a learned value
+    per channel before the encoder; the linear head predicts every token from the stride-32 map."""
+    import sslkit_plugins.tasks.simmim as simmim
+
+    t, spec = build("simmim", "timm:resnet10t", size=32, target="pixels", mask_patch=8)
+    assert (t.kind, t.patch, t.grid, t.scale, t.stride) == ("cnn", 4, 8, 2, 32)
+    mask = torch.zeros(2, 8, 8)
+    mask[:, :2, :2] = 1  # the top-left 8-px square
+    monkeypatch.setattr(simmim, "token_mask", lambda *a, **k: mask)
+    seen = {}
+    forward_features = t.encoder.model.forward_features
+
+    def capture(x):
+        seen["x"] = x
+        return forward_features(x)
+
+    monkeypatch.setattr(t.encoder.model, "forward_features", capture)
+    with torch.no_grad():
+        t.mask_token.fill_(0.25)
+    x = images(2, 1, 32)
+    loss = t((x,))["loss"]
+    fed = seen["x"]
+    assert torch.equal(fed[:, :, :8, :8], torch.full_like(fed[:, :, :8, :8], 0.25))
+    assert torch.equal(fed[:, :, 8:], x[:, :, 8:]) and torch.equal(fed[:, :, :8, 8:], x[:, :, :8, 8:])
+    rec = t.reconstruct(forward_features(fed))
+    torch.testing.assert_close(loss, (x - rec)[:, :, :8, :8].abs().mean())  # the masked pixels only
+    loss.backward()
+    assert t.mask_token.grad.abs().sum() > 0
+
+
+def test_simmim_on_a_cnn_probes_its_stride_without_moving_batchnorm():
+    from sslkit.registry import create_backbone
+    backbone = create_backbone("timm:resnet10t", 1, 32)
+    before = {k: v.clone() for k, v in backbone.state_dict().items()}
+    task = create_task("simmim", backbone, spec_of(1, 32))
+    assert task.stride == 32 and backbone.training
+    assert all(torch.equal(v, before[k]) for k, v in backbone.state_dict().items())
+
+
+def test_simmim_learns_on_a_cnn():
+    t, spec = build("simmim", "timm:resnet10t", size=32)
+    first, last = start_end(overfit(t, spec, steps=60, lr=3e-3, noise=0.02))
+    assert last < 0.75 * first, f"{first:.4f} -> {last:.4f}"

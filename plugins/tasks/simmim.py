@@ -27,8 +27,11 @@ stays 1e-4: 3e-4 and 3e-5 are level with it on both.
 weight against the masked tokens' 1 (1: the paper's "predict all pixels" ablation). Measured
 no help on CIFAR-10 at 2 CPU min (BENCHMARKS.md "SimMIM: visible tokens in the loss ...").
 
-Backbones: timm ViTs (``timm:vit_*``; stride = patch size, prefix tokens dropped) and
-Swin transformers (``timm:swin_*``; stride 32, from the last stage). Defaults (paper, but
+Backbones: timm ViTs (``timm:vit_*``; stride = patch size, prefix tokens dropped), Swin
+transformers (``timm:swin_*``; stride 32, from the last stage) and CNNs with a square feature
+map (``timm:resnet18``...): a CNN has no tokens to swap, so its masked squares are set to a
+learned value per channel in the image itself, tokens are 4 px (as Swin's patches) and the head
+predicts every token from the feature map of the encoder's output stride. Defaults (paper, but
 the target): mask ratio 0.6, mask patch 32 px at 224 px (scaled with the image size, a multiple of
 the model's patch size), random resized crops of scale 0.67-1 (``min_scale``) and flips.
 """
@@ -58,8 +61,38 @@ SMALL_IMAGE = 96
 SMALL_PATCH = 8
 
 
+#: a CNN's token (mask unit and HOG target) side, as Swin's 4-px patches
+CNN_TOKEN = 4
+
+
 def _model(backbone):
     return getattr(backbone, "model", None)
+
+
+def _out_grid(m, in_chans: int, s: int, channels_last: bool = True) -> tuple[int, torch.Tensor]:
+    """The side of ``m.forward_features``' output grid on ``s``-px images, and that output (the model's
+    mode kept, so no BatchNorm statistics move)."""
+    training = m.training
+    m.eval()
+    try:
+        with torch.no_grad():
+            out = m.forward_features(torch.zeros(1, in_chans, s, s))
+    finally:
+        m.train(training)
+    return int(out.shape[1] if channels_last else out.shape[-1]), out
+
+
+def _cnn_grid(m, backbone, spec):
+    """``(side, channels)`` of a CNN's square ``(B, D, h, w)`` feature map on the run's images, or None."""
+    if m is None or not hasattr(m, "forward_features"):
+        return None
+    try:
+        side, out = _out_grid(m, backbone.in_chans, spec.image_size, channels_last=False)
+    except (RuntimeError, ValueError, TypeError, AssertionError):
+        return None
+    if out.dim() != 4 or out.shape[-1] != out.shape[-2] or spec.image_size % side:
+        return None
+    return side, int(out.shape[1])
 
 
 def token_mask(b: int, grid: int, scale: int, ratio: float, device) -> torch.Tensor:
@@ -116,16 +149,18 @@ class SimMIM(Task):
 
     @classmethod
     def check(cls, backbone, spec):
-        if not isinstance(_model(backbone), (VisionTransformer, SwinTransformer)):
-            return (f"SimMIM masks patch tokens and needs a ViT or Swin backbone, e.g. timm:vit_tiny_patch16_224 "
-                    f"or timm:swin_tiny_patch4_window7_224; {getattr(backbone, 'name', 'this backbone')} is not one")
-        return None
+        m = _model(backbone)
+        if isinstance(m, (VisionTransformer, SwinTransformer)) or _cnn_grid(m, backbone, spec) is not None:
+            return None
+        return (f"SimMIM masks patch tokens and needs a ViT, a Swin or a CNN with a feature map, e.g. "
+                f"timm:vit_tiny_patch16_224, timm:swin_tiny_patch4_window7_224 or timm:resnet18; "
+                f"{getattr(backbone, 'name', 'this backbone')} is not one")
 
     def __init__(self, backbone, options: SimMIMOptions, spec) -> None:
         super().__init__(backbone, options, spec)
         m = _model(backbone)
-        self.is_swin = isinstance(m, SwinTransformer)
-        p = int(m.patch_embed.patch_size[0])
+        self.kind = "vit" if isinstance(m, VisionTransformer) else "swin" if isinstance(m, SwinTransformer) else "cnn"
+        p = CNN_TOKEN if self.kind == "cnn" else int(m.patch_embed.patch_size[0])
         s = spec.image_size
         self.patch = p
         self.grid = s // p
@@ -138,11 +173,18 @@ class SimMIM(Task):
                 raise UsageError(f"simmim mask_patch={mask_patch} must be a multiple of the patch size {p} that "
                                  f"divides --image-size {s}; e.g. mask_patch={p}")
         self.scale = mask_patch // p
-        dim = m.embed_dim
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
-        nn.init.trunc_normal_(self.mask_token, std=0.02)
-        self.stride = s // self._out_grid(s) if self.is_swin else p
-        out_dim = m.num_features if self.is_swin else dim
+        if self.kind == "cnn":  # masked in pixel space: a learned value per channel
+            out_grid, out_dim = _cnn_grid(m, backbone, spec)
+            self.mask_token = nn.Parameter(torch.zeros(1, spec.channels, 1, 1))
+        else:
+            out_grid = _out_grid(m, backbone.in_chans, s)[0] if self.kind == "swin" else self.grid
+            out_dim = m.num_features if self.kind == "swin" else m.embed_dim
+            self.mask_token = nn.Parameter(torch.zeros(1, 1, m.embed_dim))
+            nn.init.trunc_normal_(self.mask_token, std=0.02)
+        self.stride = s // out_grid
+        if self.stride % p:
+            raise UsageError(f"simmim on {getattr(backbone, 'name', 'this backbone')}: its output stride "
+                             f"{self.stride} px is not a multiple of the {p}-px token; use a larger --image-size")
         heads = next(h for h in (8, 6, 4, 3, 2, 1) if out_dim % h == 0)
         self.head_blocks = nn.Sequential(
             *[Block(out_dim, heads, mlp_ratio=4.0, qkv_bias=True) for _ in range(options.head_depth)]
@@ -154,19 +196,17 @@ class SimMIM(Task):
             up, per_unit = self.stride // p, hog_token_size(p, spec.channels)
         self.head = nn.Sequential(nn.Conv2d(out_dim, up * up * per_unit, 1), nn.PixelShuffle(up))
 
-    def _out_grid(self, s: int) -> int:
-        m = _model(self.encoder)
-        with torch.no_grad():
-            return int(m.forward_features(torch.zeros(1, self.encoder.in_chans, s, s)).shape[1])
-
     def views(self, spec):
         return reconstruction_views(spec, self.options.min_scale)
 
     def encode_masked(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """``x: (B, C, S, S)``, token mask ``(B, g, g)`` -> feature map ``(B, D', h, w)``."""
         m = _model(self.encoder)
+        if self.kind == "cnn":  # (B, C, S, S) with the masked squares set to the mask value
+            w = mask.repeat_interleave(self.patch, 1).repeat_interleave(self.patch, 2).unsqueeze(1).to(x.dtype)
+            return m.forward_features(x * (1 - w) + self.mask_token * w)
         tokens = m.patch_embed(x)
-        if self.is_swin:  # (B, g, g, D), channels last
+        if self.kind == "swin":  # (B, g, g, D), channels last
             w = mask.unsqueeze(-1).to(tokens.dtype)
             tokens = tokens * (1 - w) + self.mask_token.view(1, 1, 1, -1) * w
             return m.norm(m.layers(tokens)).permute(0, 3, 1, 2)
