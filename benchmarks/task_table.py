@@ -137,12 +137,13 @@ def check_batch(st: "SharedStages", a) -> None:
 
 def setup(task: str, dataset: str) -> tuple[str, dict, int, int]:
     """(backbone, backbone options, image size, channels) of ``task`` on ``dataset``: the task's
-    default backbone as ``sslkit pretrain`` fits it to the image size (``default_backbone_options``)."""
+    default backbone for the image size as ``sslkit pretrain`` builds it (``default_backbone_for``, fitted by
+    ``default_backbone_options``)."""
     from sslkit.registry import get_task
 
     size, channels = (64 if task == "jigsaw" else 32, 3) if dataset == "cifar" else (64, 1)
     cls = get_task(task)
-    return cls.default_backbone, cls.default_backbone_options(size), size, channels
+    return cls.default_backbone_for(size), cls.default_backbone_options(size), size, channels
 
 
 def calibrate(task: str, backbone: str, bopts: dict, size: int, channels: int, batch: int, steps: int = 3,

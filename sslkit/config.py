@@ -96,18 +96,20 @@ def merge(*layers: dict[str, Any]) -> dict[str, Any]:
 
 
 def _task_layer(values: dict[str, Any]) -> dict[str, Any]:
-    """The task's ``engine_defaults``, with its ``token_engine_defaults`` over them when the
-    backbone the run will build (``values`` or the task's default) is ViT-like."""
-    from sslkit.registry import get_task, is_token_backbone_name
+    """The task's ``engine_defaults``, with its ``backbone_engine_defaults`` over them for the
+    backbone the run will build (``values`` or the task's default; e.g. ``token_engine_defaults``
+    when it is ViT-like)."""
+    from sslkit.registry import get_task, meta_backbone
+    from sslkit.task import Task
 
     task_cls = get_task(values["task"])
     engine = dict(getattr(task_cls, "engine_defaults", None) or {})
-    token = getattr(task_cls, "token_engine_defaults", None)
-    if token:
+    own = getattr(task_cls, "backbone_engine_defaults", Task.backbone_engine_defaults).__func__
+    if getattr(task_cls, "token_engine_defaults", None) or own is not Task.backbone_engine_defaults.__func__:
         size = values.get("image_size") or defaults()["image_size"]
         name, options = run_backbone(task_cls, {**values, "image_size": size})
-        if is_token_backbone_name(name, values.get("channels") or 3, size, **options):
-            engine.update(token)
+        engine.update(task_cls.backbone_engine_defaults(meta_backbone(name, values.get("channels") or 3, size,
+                                                                      **options)) or {})
     engine = check_values(engine, f"task {values['task']!r} engine_defaults")
     made_for = engine.get("optimizer", defaults()["optimizer"])
     chosen = values.get("optimizer")

@@ -18,18 +18,19 @@ _HF_SIZES = {192: ("tiny", 12, 3), 384: ("small", 12, 6), 768: ("base", 12, 12),
 def run_backbone(task_cls: type, values: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     """The backbone name and options the run builds, under the user's options: the user's
     backbone; with ``--init``, the architecture its weights name (:func:`init_backbone`), else the
-    task's ``default_backbone`` as named; without, the default with its ``default_backbone_options``
-    for the image size."""
+    task's default for the image size (``default_backbone_for``) as named; without, that default with its
+    ``default_backbone_options`` for the image size."""
     options = dict(values.get("backbone_options") or {})
     if values.get("backbone"):
         return values["backbone"], options
+    size = values.get("image_size")
+    default = task_cls.default_backbone_for(size) if isinstance(size, int) else task_cls.default_backbone
     init = values.get("init")
     if init:
         named = init_backbone(str(init))
-        return (named[0], {**named[1], **options}) if named else (task_cls.default_backbone, options)
-    size = values.get("image_size")
+        return (named[0], {**named[1], **options}) if named else (default, options)
     fitted = task_cls.default_backbone_options(size) if isinstance(size, int) else {}
-    return task_cls.default_backbone, {**fitted, **options}
+    return default, {**fitted, **options}
 
 
 def init_backbone(init: str) -> tuple[str, dict[str, Any]] | None:

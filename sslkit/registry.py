@@ -89,22 +89,19 @@ def create_backbone(name: str, /, in_chans: int, image_size: int, **options: Any
     return factory(model, in_chans=in_chans, image_size=image_size, **options)
 
 
-def is_token_backbone_name(name: str, /, in_chans: int, image_size: int, **options: Any) -> bool:
-    """Whether backbone ``name`` is ViT-like (:class:`sslkit.api.TokenBackbone`), known before
-    the run builds it: built on torch's meta device (no memory, no weights), or normally when
-    the factory cannot build there. An unknown name or option is the usual one-line error."""
+def meta_backbone(name: str, /, in_chans: int, image_size: int, **options: Any) -> Any:
+    """Backbone ``name`` as the run will build it, known before the run: built on torch's meta device
+    (no memory, no weights), or normally when the factory cannot build there. An unknown name or
+    option is the usual one-line error."""
     import torch
-
-    from sslkit.backbone import is_token_backbone
 
     try:
         with torch.device("meta"):
-            backbone = create_backbone(name, in_chans, image_size, **options)
+            return create_backbone(name, in_chans, image_size, **options)
     except UsageError:
         raise
     except Exception:  # a factory that needs real tensors (fills weights from data, ...)
-        backbone = create_backbone(name, in_chans, image_size, **options)
-    return is_token_backbone(backbone)
+        return create_backbone(name, in_chans, image_size, **options)
 
 
 # --- sources ---------------------------------------------------------------------------

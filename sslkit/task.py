@@ -87,8 +87,27 @@ class Task(nn.Module):
         self.spec = spec
 
     @classmethod
+    def backbone_engine_defaults(cls, backbone: nn.Module) -> dict[str, Any] | None:
+        """Settings that replace some of ``engine_defaults`` for the run's ``backbone`` (built on torch's
+        meta device before the run: its class and shapes, no weights). Default: ``token_engine_defaults``
+        when it is ViT-like (a :class:`sslkit.api.TokenBackbone`), else None. Override it where the
+        family matters beyond ViT-or-not (the built-in ``simmim``: the paper's AdamW 1e-4 for ViTs and
+        Swin, its own measured settings for CNNs)."""
+        from sslkit.backbone import is_token_backbone
+
+        return cls.token_engine_defaults if is_token_backbone(backbone) else None
+
+    @classmethod
+    def default_backbone_for(cls, image_size: int) -> str:
+        """The backbone a run of ``image_size``-pixel images builds when the user names none (no
+        ``--backbone``, and no ``--init`` that names its architecture). Default: ``default_backbone``
+        at every size; a task whose best backbone for small images is another family returns it
+        there (the built-in ``simmim``: a ResNet-18 below 96 px, measured)."""
+        return cls.default_backbone
+
+    @classmethod
     def default_backbone_options(cls, image_size: int) -> dict[str, Any]:
-        """Backbone options that fit ``default_backbone`` to images of ``image_size`` pixels
+        """Backbone options that fit ``default_backbone_for(image_size)`` to images of ``image_size`` pixels
         (e.g. a ViT's ``patch_size`` for small images). The engine adds them only when the run
         builds the default backbone from random init (no ``--backbone``, no ``--init``; an
         ``--init`` run directory gives the architecture it recorded instead), under the user's own

@@ -239,10 +239,9 @@ def test_print_config_shows_the_vit_defaults(cli):
     assert re.search(r'^optimizer = "adamw"$', out, re.M) and re.search(r"^base_lr = 0\.001$", out, re.M)
 
 
-@pytest.mark.parametrize("task, small", [("mae", {"patch_size": 8, "depth": 6}), ("simmim", {"patch_size": 8}),
-                                         ("simclr", {})])
+@pytest.mark.parametrize("task, small", [("mae", {"patch_size": 8, "depth": 6}), ("simclr", {})])
 def test_the_default_backbone_is_fitted_to_small_images(task, small):
-    """The masked tasks' default ViT-Tiny gets 8-px patches below 96 px (mae also 6 blocks below 64 px),
+    """mae's default ViT-Tiny gets 8-px patches below 96 px (also 6 blocks below 64 px),
     recorded in the config; not from 96 px, not on a backbone the user named or with --init, and the
     user's own --backbone-opt win key by key."""
     base = {"task": task, "data": "folder:DATA", "out": "OUT"}
@@ -257,6 +256,36 @@ def test_the_default_backbone_is_fitted_to_small_images(task, small):
     if small:
         mine = config.resolve({**base, "image_size": 32, "backbone_options": {"patch_size": 4}})
         assert mine.backbone_options == {**small, "patch_size": 4}
+
+
+def test_simmim_default_backbone_is_a_resnet_below_96_px_and_its_vit_from_96():
+    """default_backbone_for: simmim builds a ResNet-18 below 96 px (measured), the ViT-Tiny from 96 px, as
+    --print-config and run.json record; a named backbone or one named by --init's weights wins."""
+    base = {"task": "simmim", "data": "folder:DATA", "out": "OUT"}
+    for size, expected in ((32, "timm:resnet18"), (95, "timm:resnet18"), (96, "timm:vit_tiny_patch16_224"),
+                           (224, "timm:vit_tiny_patch16_224")):
+        cfg = config.resolve({**base, "image_size": size})
+        assert (cfg.backbone, cfg.backbone_options) == (expected, {}), size
+    named = config.resolve({**base, "image_size": 32, "backbone": "timm:vit_tiny_patch16_224"})
+    assert named.backbone == "timm:vit_tiny_patch16_224"
+    assert config.resolve({**base, "image_size": 32, "init": "timm:vit_small_patch16_224.augreg_in21k"}).backbone \
+        == "timm:vit_small_patch16_224"
+    assert config.resolve({**base, "image_size": 32, "init": "weights.safetensors"}).backbone == "timm:resnet18"
+
+
+@pytest.mark.parametrize("size, backbone, options, lr", [
+    (32, None, {}, 1e-2), (224, None, {}, 1e-4), (32, "timm:resnet10t", {}, 1e-2),
+    (32, "timm:vit_tiny_patch16_224", {"patch_size": 8}, 1e-4),
+    (64, "timm:swin_tiny_patch4_window7_224", {"window_size": 4}, 1e-4),
+])
+def test_simmim_engine_defaults_follow_the_backbone_family(size, backbone, options, lr):
+    """backbone_engine_defaults: the paper's AdamW 1e-4 for ViTs and Swin (which is not a TokenBackbone, so
+    token_engine_defaults could not say it), the measured 1e-2 for CNNs; the command line still wins."""
+    base = {"task": "simmim", "data": "folder:DATA", "out": "OUT", "image_size": size,
+            **({"backbone": backbone, "backbone_options": options} if backbone else {})}
+    cfg = config.resolve(base)
+    assert (cfg.optimizer, cfg.base_lr, cfg.weight_decay) == ("adamw", lr, 0.05)
+    assert config.resolve({**base, "base_lr": 3e-4}).base_lr == 3e-4
 
 
 def test_init_from_a_run_directory_builds_the_architecture_that_run_recorded(tmp_path):

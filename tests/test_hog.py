@@ -134,7 +134,7 @@ def test_hog_target_is_learnable_on_a_fixed_batch(task_name, opts, schedule):
 def test_hog_is_the_default_target_on_images_and_pixels_on_volumes():
     mae, _ = build("mae", "timm:vit_tiny_patch16_224", backbone_opts=TINY_VIT)
     simmim, _ = build("simmim", "timm:vit_tiny_patch16_224", backbone_opts=TINY_VIT)
-    assert mae.target == simmim.options.target == "hog"
+    assert mae.target == simmim.target == "hog"
     spec = volume_spec()
     backbone = create_backbone("monai:vit", 1, spec.volume_size, **TINY_VIT3D)
     assert create_task("mae", backbone, spec).target == "pixels"

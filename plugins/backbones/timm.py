@@ -186,7 +186,7 @@ def check_options(options: dict[str, Any]) -> None:
 
 def _build(model: str, in_chans: int, image_size: int, options: dict[str, Any]) -> nn.Module:
     """``timm.create_model`` with ``options``; what it raises is one line naming them (on torch's meta
-    device it is raised as it is, so :func:`sslkit.registry.is_token_backbone_name` builds again for real)."""
+    device it is raised as it is, so :func:`sslkit.registry.meta_backbone` builds again for real)."""
     kwargs = dict(pretrained=False, num_classes=0, in_chans=in_chans, **timm_create_options(options))
     try:
         try:

@@ -19,10 +19,11 @@ TINY_CNN3D = ("monai:resnet10", {})
 _EXPORTED: dict[tuple, str] = {}  # encoder architecture -> the run whose ONNX export verified it
 
 
-def kit_backbone(task_cls: type, volumes: bool = False) -> tuple[str, dict[str, Any]]:
-    """A tiny backbone of the family of ``task_cls.default_backbone`` (timm ViT or CNN; for
+def kit_backbone(task_cls: type, volumes: bool = False, image_size: int = 32) -> tuple[str, dict[str, Any]]:
+    """A tiny backbone of the family of the task's default at ``image_size`` (timm ViT or CNN; for
     ``volumes``, the MONAI ViT or 3D ResNet in its place)."""
-    default = getattr(task_cls, "default_backbone", "timm:resnet18")
+    pick = getattr(task_cls, "default_backbone_for", None)
+    default = pick(image_size) if callable(pick) else getattr(task_cls, "default_backbone", "timm:resnet18")
     if default.startswith("timm:vit"):
         return TINY_VIT3D if volumes else TINY_VIT
     if default.startswith("timm:") or volumes:
@@ -39,8 +40,9 @@ def check_task(task: Any, *, tmp_path: Path, backbone: str | None = None, backbo
 
     For each of ``channels``: ``sslkit pretrain --device cpu`` for ``steps`` optimizer steps on
     ``batch_size * steps`` generated ``image_size``² images, with ``backbone`` (default: a
-    tiny one of the task's default family, after checking that the task's own default backbone,
-    fitted to ``image_size`` by ``default_backbone_options``, builds and pairs with it) and
+    tiny one of the family of the task's default at ``image_size``, after checking that the task's own
+    default backbone for ``image_size`` (``default_backbone_for``, fitted by ``default_backbone_options``)
+    builds and pairs with it) and
     ``options`` (``--task-opt``); every loss is
     finite, the run finishes and its encoder maps ``(2, C, S, S) -> (2, D)``. Also:
     ``views(spec)`` has ``override``; with ``export``, ``sslkit export`` writes a verified
@@ -60,7 +62,7 @@ def check_task(task: Any, *, tmp_path: Path, backbone: str | None = None, backbo
     assert isinstance(cls, type) and issubclass(cls, Task), f"{task!r} is not a subclass of sslkit.api.Task"
     if backbone is None:
         _check_default_backbone(cls, options or {}, image_size)
-        backbone, kit_options = kit_backbone(cls, volume is not None)
+        backbone, kit_options = kit_backbone(cls, volume is not None, image_size)
         backbone_options = {**kit_options, **(backbone_options or {})}
     if volume is not None:
         from sslkit.sample_modes import task_modes
@@ -144,11 +146,13 @@ def _check_views(cls: type, backbone: str, backbone_options: dict, options: dict
 
 
 def _check_default_backbone(cls: type, options: dict, image_size: int) -> None:
-    """What ``sslkit pretrain`` builds without ``--backbone``: ``default_backbone`` with its
-    ``default_backbone_options`` for ``image_size`` builds and pairs with the task."""
+    """What ``sslkit pretrain`` builds without ``--backbone``: ``default_backbone_for(image_size)`` with
+    its ``default_backbone_options`` for ``image_size`` builds and pairs with the task."""
+    name = cls.default_backbone_for(image_size)
+    assert isinstance(name, str), f"{cls.__name__}.default_backbone_for({image_size}) must return a backbone name"
     fitted = cls.default_backbone_options(image_size)
     assert isinstance(fitted, dict), f"{cls.__name__}.default_backbone_options({image_size}) must return a dict"
-    _check_views(cls, cls.default_backbone, fitted, options, image_size)
+    _check_views(cls, name, fitted, options, image_size)
 
 
 def _check_encoder(run: Path, sample: tuple[int, ...], what: str) -> None:
