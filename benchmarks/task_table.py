@@ -157,13 +157,18 @@ def pretrain(st: Stages, name: str, task: str, data: Path, dataset: str, a, budg
              backbone: str | None = None) -> dict:
     """``sslkit pretrain`` for ``budget`` CPU min; ``extra`` flags, ``opts`` = (backbone, task) options they
     set; ``backbone``: another than the table's (its options then start empty)."""
+    from sslkit.registry import get_task
+
     default, bopts, size, ch = setup(task, dataset)
     other = bool(backbone) and backbone != default
     bopts = {} if other else bopts
     changed = bool(opts and (opts[0] or opts[1]))  # options that change a step's cost: calibrated apart
     bopts, topts = ({**bopts, **opts[0]}, opts[1]) if changed else (bopts, {})
     key = f"calibrate-{dataset}-{task}" + (f" {json.dumps([bopts, topts], sort_keys=True)}" if changed else "")
-    key += f" backbone={backbone}" if other else ""
+    # the architecture too: a task's default for the size may change (simmim's ViT became a ResNet-18 below
+    # 96 px) and its step costs another CPU time
+    key += f" backbone={backbone}" if other else ("" if default == get_task(task).default_backbone
+                                                  else f" default={default}")
     backbone = backbone if other else default
     key += f" batch={batch}" if batch != (a.batch_size if dataset == "cifar" else a.xray_batch_size) else ""
     cal = st.run(key, lambda: {"cpu_s_per_step": round(calibrate(task, backbone, bopts, size, ch, batch,
