@@ -496,13 +496,16 @@ def test_task_state_dict_carries_everything_a_resume_needs(task, opts):
 
 @pytest.mark.parametrize("task", ALL_TASKS)
 def test_engine_defaults_reach_the_config_and_the_command_line_wins(task):
-    """A task's measured ``engine_defaults`` (benchmarks/task_table.py) are what a run uses
-    unless the user sets the field; the resolved config (run.json) records the value."""
+    """A task's measured ``engine_defaults`` (benchmarks/task_table.py), under its
+    ``backbone_engine_defaults`` for the backbone the run builds, are what a run uses unless the user
+    sets the field; the resolved config (run.json) records the value."""
     from sslkit import config
 
-    defaults = getattr(registry.get_task(task), "engine_defaults", None) or {}
+    cls = registry.get_task(task)
     base = {"task": task, "data": "folder:x", "out": "y"}
     cfg = config.resolve(dict(base))
+    built = registry.meta_backbone(cfg.backbone, 3, cfg.image_size, **cfg.backbone_options)
+    defaults = {**(cls.engine_defaults or {}), **(cls.backbone_engine_defaults(built) or {})}
     for field, value in defaults.items():
         assert getattr(cfg, field) == (tuple(value) if isinstance(value, list) else value)
     assert config.resolve({**base, "base_lr": 0.123}).base_lr == 0.123
