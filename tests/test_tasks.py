@@ -555,3 +555,17 @@ def test_simmim_learns_on_a_cnn():
     t, spec = build("simmim", "timm:resnet10t", size=32)
     first, last = start_end(overfit(t, spec, steps=60, lr=3e-3, noise=0.02))
     assert last < 0.75 * first, f"{first:.4f} -> {last:.4f}"
+
+
+@pytest.mark.parametrize("size, suggested", [(30, "--image-size 32"), (36, "--image-size 32 or 64"),
+                                             (100, "--image-size 96 or 128")])
+def test_simmim_on_a_cnn_refuses_sizes_its_map_cannot_split_into_tokens_naming_sizes_that_fit(size, suggested):
+    """Each cell of the CNN's output map must cover whole 4-px tokens (a 30-px image gives one 30-px cell); the
+    pairing check says so before any data is decoded, with multiples of the stride that fit."""
+    from sslkit.registry import create_backbone
+
+    backbone = create_backbone("timm:resnet10t", 1, size)
+    problem = registry.get_task("simmim").check(backbone, spec_of(1, size))
+    assert problem and problem.endswith(suggested) and "\n" not in problem, problem
+    with pytest.raises(UsageError, match="output map"):
+        create_task("simmim", backbone, spec_of(1, size))

@@ -99,6 +99,18 @@ def _cnn_grid(m, backbone, spec):
     return side, int(out.shape[1])
 
 
+def _cnn_size_problem(backbone, size: int, side: int) -> str | None:
+    """Why ``size``-px images do not fit a CNN's ``side``-cell output map with whole tokens, or None: each
+    cell must cover a whole number of CNN_TOKEN-px tokens."""
+    if size % side == 0 and (size // side) % CNN_TOKEN == 0:
+        return None
+    reduction = ((getattr(_model(backbone), "feature_info", None) or [{}])[-1] or {}).get("reduction", 32)
+    near = sorted({max(reduction, size // reduction * reduction), (size // reduction + 1) * reduction})
+    return (f"simmim on {getattr(backbone, 'name', 'this CNN')} at --image-size {size}: its {side}x{side} output map "
+            f"does not split into whole {CNN_TOKEN}-px tokens; use a multiple of its stride {reduction}, e.g. "
+            f"--image-size {' or '.join(map(str, near))}")
+
+
 def token_mask(b: int, grid: int, scale: int, ratio: float, device) -> torch.Tensor:
     """``(B, grid, grid)`` float token mask; masking is decided per ``scale x scale`` block."""
     g = grid // scale
@@ -165,11 +177,14 @@ class SimMIM(Task):
     @classmethod
     def check(cls, backbone, spec):
         m = _model(backbone)
-        if isinstance(m, (VisionTransformer, SwinTransformer)) or _cnn_grid(m, backbone, spec) is not None:
+        if isinstance(m, (VisionTransformer, SwinTransformer)):
             return None
-        return (f"SimMIM masks patch tokens and needs a ViT, a Swin or a CNN with a feature map, e.g. "
-                f"timm:vit_tiny_patch16_224, timm:swin_tiny_patch4_window7_224 or timm:resnet18; "
-                f"{getattr(backbone, 'name', 'this backbone')} is not one")
+        grid = _cnn_grid(m, backbone, spec)
+        if grid is None:
+            return (f"SimMIM masks patch tokens and needs a ViT, a Swin or a CNN with a feature map, e.g. "
+                    f"timm:vit_tiny_patch16_224, timm:swin_tiny_patch4_window7_224 or timm:resnet18; "
+                    f"{getattr(backbone, 'name', 'this backbone')} is not one")
+        return _cnn_size_problem(backbone, spec.image_size, grid[0])
 
     def __init__(self, backbone, options: SimMIMOptions, spec) -> None:
         super().__init__(backbone, options, spec)
@@ -197,9 +212,9 @@ class SimMIM(Task):
             self.mask_token = nn.Parameter(torch.zeros(1, 1, m.embed_dim))
             nn.init.trunc_normal_(self.mask_token, std=0.02)
         self.stride = s // out_grid
-        if self.stride % p:
-            raise UsageError(f"simmim on {getattr(backbone, 'name', 'this backbone')}: its output stride "
-                             f"{self.stride} px is not a multiple of the {p}-px token; use a larger --image-size")
+        problem = _cnn_size_problem(backbone, s, out_grid) if self.kind == "cnn" else None
+        if problem:
+            raise UsageError(problem)
         heads = next(h for h in (8, 6, 4, 3, 2, 1) if out_dim % h == 0)
         self.head_blocks = nn.Sequential(
             *[Block(out_dim, heads, mlp_ratio=4.0, qkv_bias=True) for _ in range(options.head_depth)]
