@@ -43,7 +43,6 @@ from typing import Any
 from sslkit.config_backbone import run_backbone
 from sslkit.config_cli import cli_values  # noqa: F401 (re-exported)
 from sslkit.config_resume import resume_config
-from sslkit.config_values import _ALIASES, HINTS  # noqa: F401 (re-exported)
 from sslkit.config_values import FIELDS, OPTION_GROUPS, REQUIRED, check_values, defaults, plain
 from sslkit.errors import UsageError, first_line
 from sslkit.run import RunConfig

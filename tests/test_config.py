@@ -8,7 +8,7 @@ import tomllib
 
 import pytest
 
-from sslkit import config
+from sslkit import config, config_values
 from sslkit.errors import UsageError
 from tests.conftest import make_images
 
@@ -140,8 +140,8 @@ def test_every_pretrain_option_name_is_a_config_key():
             continue
         name = param.opts[0].lstrip("-")
         for key in (name, name.replace("-", "_")):  # "batch-size" and "batch_size"
-            field = config._ALIASES.get(key.replace("-", "_"), key.replace("-", "_"))
-            value = _sample_value(param, config.HINTS.get(field))
+            field = config_values._ALIASES.get(key.replace("-", "_"), key.replace("-", "_"))
+            value = _sample_value(param, config_values.HINTS.get(field))
             try:
                 out = config.check_values({key: value}, "run.toml")
             except UsageError as exc:  # only the repeatable KEY=VALUE options and --config itself

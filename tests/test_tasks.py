@@ -569,3 +569,14 @@ def test_simmim_on_a_cnn_refuses_sizes_its_map_cannot_split_into_tokens_naming_s
     assert problem and problem.endswith(suggested) and "\n" not in problem, problem
     with pytest.raises(UsageError, match="output map"):
         create_task("simmim", backbone, spec_of(1, size))
+
+
+def test_simmim_default_at_a_size_its_resnet_cannot_tokenise_is_one_line_exit_2(cli, gray_folder, tmp_path):
+    """Through the CLI, with simmim's default backbone (a ResNet-18 below 96 px): one line, exit 2, no run written."""
+    result = cli("pretrain", "--task", "simmim", "--data", f"folder:{gray_folder}", "--out", tmp_path / "r",
+                 "--image-size", 36, "--max-steps", 1)
+    assert result.exit_code == 2
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "timm:resnet18" in lines[0] and "--image-size 32 or 64" in lines[0], result.output
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "r").exists() or not any((tmp_path / "r").iterdir())

@@ -27,9 +27,7 @@ from sslkit.data.pipeline import LoadedData, resume_input_spec
 from sslkit.data.prepare import channel_stats, fingerprint
 from sslkit.engine.capture import make_capture
 from sslkit.engine.compiled import compile_model, compile_views
-from sslkit.engine.data_setup import CACHE_LOCK, cache_build_lock  # noqa: F401 (re-exported)
 from sslkit.engine.data_setup import batches_and_schedule, load_run_data
-from sslkit.engine.model_setup import planned_volume, with_augment_options  # noqa: F401 (re-exported)
 from sslkit.engine.model_setup import (check_pairing, continued_scales, create_model, views_on_device, with_backbone,
                                        with_task_embedding)
 from sslkit.engine.schedules import Schedule
