@@ -171,7 +171,7 @@ class SimMIM(Task):
     def default_backbone_for(cls, image_size):
         """Below 96 px a ResNet-18 (SMALL_BACKBONE; pixel-space masks, pixel targets): at 32 px it beats a
         random ResNet-18 where about 35 ViT settings never beat a random ViT (BENCHMARKS.md "SimMIM on a
-        ResNet-18"). From 96 px the paper's family, a ViT (8-px patches below 96 px when named)."""
+        ResNet-18"). From 96 px the paper's family, a ViT."""
         return SMALL_BACKBONE if image_size < SMALL_IMAGE else cls.default_backbone
 
     @classmethod
