@@ -557,26 +557,45 @@ def test_simmim_learns_on_a_cnn():
     assert last < 0.75 * first, f"{first:.4f} -> {last:.4f}"
 
 
-@pytest.mark.parametrize("size, suggested", [(30, "--image-size 32"), (36, "--image-size 32 or 64"),
-                                             (100, "--image-size 96 or 128")])
-def test_simmim_on_a_cnn_refuses_sizes_its_map_cannot_split_into_tokens_naming_sizes_that_fit(size, suggested):
-    """Each cell of the CNN's output map must cover whole 4-px tokens (a 30-px image gives one 30-px cell); the
-    pairing check says so before any data is decoded, with multiples of the stride that fit."""
-    from sslkit.registry import create_backbone
+@pytest.mark.parametrize("size", [30, 36, 95])
+def test_simmim_on_a_cnn_trains_at_any_size_its_last_tokens_cropped_at_the_edge(size):
+    """The default ResNet-18 below 96 px takes every size: tokens and mask squares that overhang an image side
+    4 does not divide are cut at the edge, and the head's output (whole cells of the CNN's map) is cropped
+    to the image, so only pixels of the image are masked and scored."""
+    t, spec = build("simmim", "timm:resnet10t", size=size, channels=1)
+    assert t.target == "pixels" and t.grid == -(-size // 4)
+    mask = torch.zeros(2, t.grid, t.grid)
+    mask[:, -1, :] = 1  # the bottom row of tokens, partly outside the image where 4 does not divide size
+    x = images(2, 1, size)
+    rec = t.reconstruct(t.encode_masked(x, mask))
+    assert rec.shape == x.shape
+    pix = t.pixel_mask(mask, size)
+    assert pix.shape == (2, 1, size, size) and pix[:, :, -1].all() and not pix[:, :, : (t.grid - 1) * 4].any()
+    loss = t((x,))["loss"]
+    loss.backward()
+    assert loss.isfinite() and t.mask_token.grad.abs().sum() > 0
 
-    backbone = create_backbone("timm:resnet10t", 1, size)
-    problem = registry.get_task("simmim").check(backbone, spec_of(1, size))
-    assert problem and problem.endswith(suggested) and "\n" not in problem, problem
-    with pytest.raises(UsageError, match="output map"):
-        create_task("simmim", backbone, spec_of(1, size))
+
+def test_simmim_mask_patch_scales_with_the_size_even_where_it_does_not_divide_it():
+    """32 px at 224, scaled: 20 px at 128 (it used to fall back to the 4-px token where the scaled size did
+    not divide the image); the last row and column of squares overhang the edge."""
+    from sslkit_plugins.tasks.simmim import token_mask
+
+    t, _ = build("simmim", "timm:resnet10t", size=128)
+    assert (t.patch, t.scale, t.grid) == (4, 5, 32)
+    m = token_mask(3, 32, 5, 0.6, "cpu")
+    assert m.shape == (3, 32, 32)
+    assert torch.equal(m[:, :5, :5], m[:, :1, :1].expand(3, 5, 5))  # one 20-px square decides 5 x 5 tokens
 
 
-def test_simmim_default_at_a_size_its_resnet_cannot_tokenise_is_one_line_exit_2(cli, gray_folder, tmp_path):
-    """Through the CLI, with simmim's default backbone (a ResNet-18 below 96 px): one line, exit 2, no run written."""
-    result = cli("pretrain", "--task", "simmim", "--data", f"folder:{gray_folder}", "--out", tmp_path / "r",
-                 "--image-size", 36, "--max-steps", 1)
-    assert result.exit_code == 2
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and "timm:resnet18" in lines[0] and "--image-size 32 or 64" in lines[0], result.output
-    assert "Traceback" not in result.output
-    assert not (tmp_path / "r").exists() or not any((tmp_path / "r").iterdir())
+def test_simmim_options_that_mask_the_whole_image_or_need_whole_tokens_are_one_line_exit_2(cli, gray_folder,
+                                                                                          tmp_path):
+    for opts, needle in ((("--task-opt", "mask_patch=32", "--image-size", 32), "nothing visible"),
+                         (("--task-opt", "target=hog", "--image-size", 30), "target=pixels")):
+        out = tmp_path / opts[1]
+        result = cli("pretrain", "--task", "simmim", "--data", f"folder:{gray_folder}", "--out", out, *opts,
+                     "--max-steps", 1)
+        assert result.exit_code == 2
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and needle in lines[0] and "Traceback" not in result.output, result.output
+        assert not out.exists() or not any(out.iterdir())

@@ -94,32 +94,21 @@ def _cnn_grid(m, backbone, spec):
         side, out = _out_grid(m, backbone.in_chans, spec.image_size, channels_last=False)
     except (RuntimeError, ValueError, TypeError, AssertionError):
         return None
-    if out.dim() != 4 or out.shape[-1] != out.shape[-2] or spec.image_size % side:
+    if out.dim() != 4 or out.shape[-1] != out.shape[-2]:
         return None
     return side, int(out.shape[1])
 
 
-def _cnn_size_problem(backbone, size: int, side: int) -> str | None:
-    """Why ``size``-px images do not fit a CNN's ``side``-cell output map with whole tokens, or None: each
-    cell must cover a whole number of CNN_TOKEN-px tokens."""
-    if size % side == 0 and (size // side) % CNN_TOKEN == 0:
-        return None
-    reduction = ((getattr(_model(backbone), "feature_info", None) or [{}])[-1] or {}).get("reduction", 32)
-    near = sorted({max(reduction, size // reduction * reduction), (size // reduction + 1) * reduction})
-    return (f"simmim on {getattr(backbone, 'name', 'this CNN')} at --image-size {size}: its {side}x{side} output map "
-            f"does not split into whole {CNN_TOKEN}-px tokens; use a multiple of its stride {reduction}, e.g. "
-            f"--image-size {' or '.join(map(str, near))}")
-
-
 def token_mask(b: int, grid: int, scale: int, ratio: float, device) -> torch.Tensor:
-    """``(B, grid, grid)`` float token mask; masking is decided per ``scale x scale`` block."""
-    g = grid // scale
+    """``(B, grid, grid)`` float token mask; masking is decided per ``scale x scale`` block (the blocks of
+    the last row and column overhang the grid's edge where ``scale`` does not divide it)."""
+    g = -(-grid // scale)
     n = g * g
     k = int(-(-n * ratio // 1))  # ceil
     order = torch.rand(b, n, device=device).argsort(1)
     m = torch.zeros(b, n, device=device)
     m.scatter_(1, order[:, :k], 1.0)
-    return m.view(b, g, g).repeat_interleave(scale, 1).repeat_interleave(scale, 2)
+    return m.view(b, g, g).repeat_interleave(scale, 1).repeat_interleave(scale, 2)[:, :grid, :grid]
 
 
 @dataclass
@@ -179,12 +168,11 @@ class SimMIM(Task):
         m = _model(backbone)
         if isinstance(m, (VisionTransformer, SwinTransformer)):
             return None
-        grid = _cnn_grid(m, backbone, spec)
-        if grid is None:
-            return (f"SimMIM masks patch tokens and needs a ViT, a Swin or a CNN with a feature map, e.g. "
-                    f"timm:vit_tiny_patch16_224, timm:swin_tiny_patch4_window7_224 or timm:resnet18; "
+        if _cnn_grid(m, backbone, spec) is None:
+            return (f"SimMIM masks patch tokens and needs a ViT, a Swin (v1) or a CNN with a square feature map, "
+                    f"e.g. timm:vit_tiny_patch16_224, timm:swin_tiny_patch4_window7_224 or timm:resnet18; "
                     f"{getattr(backbone, 'name', 'this backbone')} is not one")
-        return _cnn_size_problem(backbone, spec.image_size, grid[0])
+        return None
 
     def __init__(self, backbone, options: SimMIMOptions, spec) -> None:
         super().__init__(backbone, options, spec)
@@ -193,16 +181,21 @@ class SimMIM(Task):
         p = CNN_TOKEN if self.kind == "cnn" else int(m.patch_embed.patch_size[0])
         s = spec.image_size
         self.patch = p
-        self.grid = s // p
-        if options.mask_patch is None:
-            mp = max(p, int(round(32 * s / 224 / p)) * p)
-            mask_patch = mp if s % mp == 0 else p
-        else:
-            mask_patch = options.mask_patch
-            if mask_patch % p or s % mask_patch:
-                raise UsageError(f"simmim mask_patch={mask_patch} must be a multiple of the patch size {p} that "
-                                 f"divides --image-size {s}; e.g. mask_patch={p}")
+        self.grid = -(-s // p)  # a CNN's last tokens may overhang an image side that 4 does not divide
+        self.target = options.target or ("pixels" if self.kind == "cnn" else "hog")
+        if self.target == "hog" and s % p:
+            raise UsageError(f"simmim target=hog needs --image-size a multiple of its {p}-px tokens, got {s}; "
+                             f"use --image-size {s // p * p or p} or target=pixels")
+        mask_patch = options.mask_patch or max(p, int(round(32 * s / 224 / p)) * p)
+        if mask_patch % p:
+            raise UsageError(f"simmim mask_patch={mask_patch} must be a multiple of the patch size {p}; "
+                             f"e.g. mask_patch={p}")
         self.scale = mask_patch // p
+        units = (-(-self.grid // self.scale)) ** 2
+        if units - math.ceil(units * options.mask_ratio) < 1:
+            raise UsageError(f"simmim mask_patch={mask_patch} at --image-size {s} leaves {units} mask square(s), "
+                             f"all masked at mask_ratio={options.mask_ratio:g}: nothing visible to predict from; "
+                             f"use a smaller mask_patch, e.g. mask_patch={p}")
         if self.kind == "cnn":  # masked in pixel space: a learned value per channel
             out_grid, out_dim = _cnn_grid(m, backbone, spec)
             self.mask_token = nn.Parameter(torch.zeros(1, spec.channels, 1, 1))
@@ -211,20 +204,17 @@ class SimMIM(Task):
             out_dim = m.num_features if self.kind == "swin" else m.embed_dim
             self.mask_token = nn.Parameter(torch.zeros(1, 1, m.embed_dim))
             nn.init.trunc_normal_(self.mask_token, std=0.02)
-        self.stride = s // out_grid
-        problem = _cnn_size_problem(backbone, s, out_grid) if self.kind == "cnn" else None
-        if problem:
-            raise UsageError(problem)
+        self.up = -(-self.grid // out_grid)  # tokens per output cell and side (the head's grid: cropped to grid)
+        self.stride = self.up * p
         heads = next(h for h in (8, 6, 4, 3, 2, 1) if out_dim % h == 0)
         self.head_blocks = nn.Sequential(
             *[Block(out_dim, heads, mlp_ratio=4.0, qkv_bias=True) for _ in range(options.head_depth)]
         )
         # the head's output grid: pixels, or one HOG target vector per token for target=hog
-        self.target = options.target or ("pixels" if self.kind == "cnn" else "hog")
         if self.target == "pixels":
             up, per_unit = self.stride, spec.channels
         else:
-            up, per_unit = self.stride // p, hog_token_size(p, spec.channels)
+            up, per_unit = self.up, hog_token_size(p, spec.channels)
         self.head = nn.Sequential(nn.Conv2d(out_dim, up * up * per_unit, 1), nn.PixelShuffle(up))
 
     def views(self, spec):
@@ -234,7 +224,7 @@ class SimMIM(Task):
         """``x: (B, C, S, S)``, token mask ``(B, g, g)`` -> feature map ``(B, D', h, w)``."""
         m = _model(self.encoder)
         if self.kind == "cnn":  # (B, C, S, S) with the masked squares set to the mask value
-            w = mask.repeat_interleave(self.patch, 1).repeat_interleave(self.patch, 2).unsqueeze(1).to(x.dtype)
+            w = self.pixel_mask(mask, x.shape[-1]).to(x.dtype)
             return m.forward_features(x * (1 - w) + self.mask_token * w)
         tokens = m.patch_embed(x)
         if self.kind == "swin":  # (B, g, g, D), channels last
@@ -247,13 +237,19 @@ class SimMIM(Task):
         h = h[:, m.num_prefix_tokens:]
         return h.transpose(1, 2).reshape(h.shape[0], -1, self.grid, self.grid)
 
+    def pixel_mask(self, mask: torch.Tensor, size: int) -> torch.Tensor:
+        """Token mask ``(B, g, g)`` -> ``(B, 1, S, S)``, each token's ``patch x patch`` pixels."""
+        return mask.repeat_interleave(self.patch, 1).repeat_interleave(self.patch, 2)[:, None, :size, :size]
+
     def reconstruct(self, feats: torch.Tensor) -> torch.Tensor:
         """Feature map ``(B, D', h, w)`` -> pixels ``(B, C, S, S)`` (``target=hog``: ``(B, D, S/p, S/p)``, one
-        target vector per token): ``head_depth`` blocks, then the linear head."""
+        target vector per token): ``head_depth`` blocks, then the linear head, cropped to the image (a CNN's
+        output cells may cover more than its side)."""
         if len(self.head_blocks):
             b, d, h, w = feats.shape
             feats = self.head_blocks(feats.flatten(2).transpose(1, 2)).transpose(1, 2).reshape(b, d, h, w)
-        return self.head(feats)
+        side = self.spec.image_size if self.target == "pixels" else self.grid
+        return self.head(feats)[..., :side, :side]
 
     def forward(self, views):
         (x,) = views
@@ -264,7 +260,7 @@ class SimMIM(Task):
             per_token = ((rec.flatten(2).transpose(1, 2) - hog_tokens(x, self.patch)) ** 2).mean(-1)
             w = weight.flatten(1)
             return {"loss": (per_token * w).sum() / w.sum()}
-        pix = weight.repeat_interleave(self.patch, 1).repeat_interleave(self.patch, 2).unsqueeze(1)
+        pix = self.pixel_mask(weight, x.shape[-1])
         loss = ((x - rec).abs() * pix).sum() / (pix.sum() * x.shape[1] + 1e-5)
         return {"loss": loss}
 
