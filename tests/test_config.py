@@ -277,6 +277,7 @@ def test_simmim_default_backbone_is_a_resnet_below_96_px_and_its_vit_from_96():
     (32, None, {}, 3e-3), (224, None, {}, 1e-4), (32, "timm:resnet10t", {}, 3e-3),
     (32, "timm:vit_tiny_patch16_224", {"patch_size": 8}, 1e-4),
     (64, "timm:swin_tiny_patch4_window7_224", {"window_size": 4}, 1e-4),
+    (64, "timm:swinv2_cr_tiny_ns_224", {}, 1e-4),
 ])
 def test_simmim_engine_defaults_follow_the_backbone_family(size, backbone, options, lr):
     """backbone_engine_defaults: the paper's AdamW 1e-4 for ViTs and Swin (which is not a TokenBackbone, so

@@ -54,10 +54,15 @@ from sslkit.api import (Task, UsageError, check_unit_interval, hog_token_size, h
 
 try:  # the architectures SimMIM knows how to mask
     from timm.models.swin_transformer import SwinTransformer
+    from timm.models.swin_transformer_v2 import SwinTransformerV2
+    from timm.models.swin_transformer_v2_cr import SwinTransformerV2Cr
     from timm.models.vision_transformer import Block, VisionTransformer
 except ImportError:  # pragma: no cover
-    SwinTransformer = VisionTransformer = ()  # type: ignore[assignment,misc]
+    SwinTransformer = SwinTransformerV2 = SwinTransformerV2Cr = VisionTransformer = ()  # type: ignore[assignment,misc]
     Block = None
+
+#: trained at the paper's transformer LR (SwinV2-CR's (B, C, H, W) map is masked as a CNN's is)
+TRANSFORMERS = (VisionTransformer, SwinTransformer, SwinTransformerV2, SwinTransformerV2Cr)
 
 
 #: below this image side the default backbone is SMALL_BACKBONE, a CNN (measured; see default_backbone_for)
@@ -153,8 +158,7 @@ class SimMIM(Task):
     @classmethod
     def backbone_engine_defaults(cls, backbone):
         """The paper's settings for ViTs and Swin transformers; the CNN ones (``engine_defaults``) otherwise."""
-        return cls.transformer_engine_defaults if isinstance(_model(backbone), (VisionTransformer, SwinTransformer)) \
-            else None
+        return cls.transformer_engine_defaults if isinstance(_model(backbone), TRANSFORMERS) else None
 
     @classmethod
     def default_backbone_for(cls, image_size):
