@@ -513,3 +513,17 @@ def test_finetune_over_grouped_folds(tiny, cli, tmp_path):
         assert sum(f["n"] for f in ft["folds"]) == n and ft["top1"] == pytest.approx(np.mean([f["top1"] for f in
                                                                                             ft["folds"]]))
     assert rep["gain"]["pretrained - random"]["finetune"]["se"] == "over folds"
+
+
+def test_attention_on_a_1x1_cnn_map_is_the_input_gradient_not_a_constant_stretched_into_noise():
+    """A ResNet at 32 px ends in a 1x1 map: its Grad-CAM is one value per image, and min-max scaling turned
+    rounding error into speckles; such a backbone gets the input-gradient saliency, a 2x2 map Grad-CAM."""
+    from sslkit.eval.attention import saliency
+    from sslkit.registry import create_backbone
+
+    torch.manual_seed(0)
+    net = create_backbone("timm:resnet18", in_chans=1, image_size=32).eval()
+    kind, maps = saliency(net, torch.randn(2, 1, 32, 32))
+    assert kind.startswith("input gradient") and maps.shape == (2, 1, 32, 32)
+    assert (maps.amax((2, 3)) == 1).all() and (maps.amin((2, 3)) == 0).all()
+    assert saliency(net, torch.randn(2, 1, 64, 64))[0].startswith("Grad-CAM")

@@ -4,10 +4,11 @@
   one map per head (as in DINO, Caron et al. 2021, Fig. 1), recomputed from that block's
   ``qkv`` projection: ``A = softmax(q_cls k^T / sqrt(d_head))`` over the patch tokens.
   Without a class token, the attention each patch receives, averaged over queries.
-* CNNs with a spatial feature map (timm ``forward_features``): Grad-CAM (Selvaraju et al.
-  2017) of the embedding norm ``s = ||f(x)||``: ``cam = ReLU(sum_k a_k A^k)`` with
+* CNNs with a spatial feature map of at least 2x2 (timm ``forward_features``): Grad-CAM (Selvaraju
+  et al. 2017) of the embedding norm ``s = ||f(x)||``: ``cam = ReLU(sum_k a_k A^k)`` with
   ``a_k = mean_ij ds/dA^k_ij``.
-* Anything else: the input-gradient saliency ``max_c |ds/dx_c|``.
+* Anything else (a 1x1 map too, e.g. a ResNet at 32 px, where Grad-CAM is one value scaled into
+  noise): the input-gradient saliency ``max_c |ds/dx_c|``.
 """
 
 from __future__ import annotations
@@ -82,7 +83,8 @@ def saliency(backbone: nn.Module, x: torch.Tensor) -> tuple[str, torch.Tensor]:
         kind, maps = "CLS attention, last layer", vit_cls_attention(backbone, x)
     elif hasattr(getattr(backbone, "model", None), "forward_features"):
         with torch.no_grad():
-            is_map = getattr(backbone, "model").forward_features(x[:1]).ndim == 4
+            feat = getattr(backbone, "model").forward_features(x[:1])
+        is_map = feat.ndim == 4 and min(feat.shape[-2:]) > 1  # a 1x1 map (ResNet at 32 px) has no spatial detail
         kind, maps = ("Grad-CAM of ||f(x)||", gradcam(backbone, x)) if is_map else \
             ("input gradient of ||f(x)||", input_saliency(backbone, x))
     else:
