@@ -128,3 +128,14 @@ def test_task_options_that_cannot_fit_the_backbone_are_refused_before_decoding(t
                      "--data", f"folder:{bad}", out=tmp_path / "r", run=cli)
     _assert_user_error(proc, "local crops", "local_crops=0")
     assert not (tmp_path / "r").exists()
+
+
+def test_a_batch_batchnorm_cannot_normalise_is_one_line_exit_2(cli, gray_folder, tmp_path):
+    """One image per step on a ResNet at 32 px leaves BatchNorm a 1x1 map: one value per channel, which torch
+    refuses in training with a traceback; it is one line naming the batch size (checked at the first step)."""
+    result = cli("pretrain", "--task", "denoising", "--data", f"folder:{gray_folder}", "--out", tmp_path / "r",
+                 "--image-size", 32, "--batch-size", 1, "--max-steps", 2)
+    assert result.exit_code == 2
+    lines = [line for line in result.stderr.splitlines() if line.strip() and not line.startswith("decoding")]
+    assert len(lines) == 1 and "--batch-size 2 or more" in lines[0], result.output
+    assert "Traceback" not in result.output

@@ -140,8 +140,9 @@ def accumulate(s: Setup, batches: Iterator[torch.Tensor]) -> dict[str, torch.Ten
         with sync:
             with torch.autocast(s.device.type, dtype=s.autocast_dtype or torch.float32,
                                 enabled=s.autocast_dtype is not None):
-                result = s.model(views)
-            if not getattr(s, "outputs_checked", False):  # once per session: before the first backward
+                first = not getattr(s, "outputs_checked", False)
+                result = first_forward(s, views) if first else s.model(views)
+            if first:  # once per session: before the first backward
                 check_outputs(s, result)
             loss = result["loss"]
             s.scaler.scale(loss.float() / K).backward()
@@ -153,6 +154,19 @@ def accumulate(s: Setup, batches: Iterator[torch.Tensor]) -> dict[str, torch.Ten
             else:
                 sums[name] = sums.get(name, 0) + float(v) / K
     return sums
+
+
+def first_forward(s: Setup, views: Any) -> Any:
+    """A session's first forward, where a batch that BatchNorm cannot normalise in training (one value
+    per channel: one image and a 1x1 map) is one line, not torch's traceback."""
+    try:
+        return s.model(views)
+    except ValueError as e:
+        if "Expected more than 1 value per channel" not in str(e):
+            raise
+        raise UsageError(f"a batch of {views[0].shape[0]} image(s) leaves {s.cfg.backbone}'s BatchNorm one value per "
+                         f"channel at --image-size {s.spec.image_size}; use --batch-size 2 or more, with at least "
+                         f"2 images per process") from None
 
 
 def check_outputs(s: Setup, result: Any) -> None:
