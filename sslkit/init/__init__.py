@@ -53,7 +53,8 @@ def load_init(init: str, backbone: nn.Module, allow_download: bool = False) -> d
     if not fitted.state or len(fitted.missing) > MAX_MISSING_FRACTION * len(own):
         sample = ", ".join([k for k in weights if not k.endswith("num_batches_tracked")][:3])
         raise UsageError(f"--init {found.name} does not fit {name}: {len(fitted.missing)} of its {len(own)} "
-                         f"tensors are not in the weights ({layout} layout; keys like {sample}){ARCH_HINT}")
+                         f"tensors are not in the weights (the weights' {layout} layout has keys like {sample})"
+                         f"{ARCH_HINT}")
     module.load_state_dict(fitted.state, strict=False)
     record = {"source": found.name, "kind": found.kind, "sha256": sha, "layout": layout, "prefix_removed": prefix,
               "loaded": len(fitted.state), "adapted": fitted.adapted, "missing": fitted.missing,
