@@ -78,17 +78,16 @@ def _model(backbone):
     return getattr(backbone, "model", None)
 
 
-def _out_grid(m, in_chans: int, s: int, channels_last: bool = True) -> tuple[int, torch.Tensor]:
-    """The side of ``m.forward_features``' output grid on ``s``-px images, and that output (the model's
-    mode kept, so no BatchNorm statistics move)."""
+def _features(m, in_chans: int, s: int) -> torch.Tensor:
+    """``m.forward_features`` of one blank ``s``-px image (the model's mode kept, so no BatchNorm
+    statistics move): the shape of its output map."""
     training = m.training
     m.eval()
     try:
         with torch.no_grad():
-            out = m.forward_features(torch.zeros(1, in_chans, s, s))
+            return m.forward_features(torch.zeros(1, in_chans, s, s))
     finally:
         m.train(training)
-    return int(out.shape[1] if channels_last else out.shape[-1]), out
 
 
 def _cnn_grid(m, backbone, spec):
@@ -96,12 +95,12 @@ def _cnn_grid(m, backbone, spec):
     if m is None or not hasattr(m, "forward_features"):
         return None
     try:
-        side, out = _out_grid(m, backbone.in_chans, spec.image_size, channels_last=False)
+        out = _features(m, backbone.in_chans, spec.image_size)
     except (RuntimeError, ValueError, TypeError, AssertionError):
         return None
     if out.dim() != 4 or out.shape[-1] != out.shape[-2]:
         return None
-    return side, int(out.shape[1])
+    return int(out.shape[-1]), int(out.shape[1])
 
 
 def token_mask(b: int, grid: int, scale: int, ratio: float, device) -> torch.Tensor:
@@ -204,7 +203,7 @@ class SimMIM(Task):
             out_grid, out_dim = _cnn_grid(m, backbone, spec)
             self.mask_token = nn.Parameter(torch.zeros(1, spec.channels, 1, 1))
         else:
-            out_grid = _out_grid(m, backbone.in_chans, s)[0] if self.kind == "swin" else self.grid
+            out_grid = int(_features(m, backbone.in_chans, s).shape[1]) if self.kind == "swin" else self.grid
             out_dim = m.num_features if self.kind == "swin" else m.embed_dim
             self.mask_token = nn.Parameter(torch.zeros(1, 1, m.embed_dim))
             nn.init.trunc_normal_(self.mask_token, std=0.02)
