@@ -140,6 +140,14 @@ class Task(nn.Module):
         """
         raise NotImplementedError
 
+    def resolved_options(self) -> dict[str, Any]:
+        """The values this task chose for options the user left at their ``None`` default (e.g.
+        ``{"mask_patch": 20}``, computed from the image size or the backbone). The engine records
+        them in ``run.json`` in place of ``None``, so the run says what it trained with and
+        ``--resume`` rebuilds the same task even where a later version resolves them otherwise.
+        Building the task again with them must give the same values. Default: ``{}``."""
+        return {}
+
     def on_step_end(self, step: int, total_steps: int) -> None:
         """Called by the engine after every optimizer step (1-based ``step``)."""
 

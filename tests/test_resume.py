@@ -158,3 +158,29 @@ def test_a_run_recorded_before_an_option_existed_resumes_with_the_value_it_used(
     bad = cli("pretrain", "--resume", run, "--quiet")
     lines = [line for line in bad.stderr.splitlines() if line.strip()]
     assert bad.exit_code == 2 and len(lines) == 1 and "does not fit" in lines[0] and "decoder_pred" in lines[0]
+
+
+VIT = ["--backbone", "timm:vit_tiny_patch16_224", "--backbone-opt", "patch_size=8", "--backbone-opt", "depth=1"]
+
+
+@pytest.mark.parametrize("task,backbone,chosen", [
+    ("simmim", ["--backbone", "timm:resnet10t"], {"target": "pixels", "mask_patch": 8}),
+    ("mae", VIT, {"target": "hog", "decoder_dim": 96, "min_scale": 0.5}),
+    ("dino", ["--backbone", "timm:resnet10t"], {"local_crops": 0, "local_size": 28}),
+    ("denoising", ["--backbone", "timm:resnet10t"], {"mask_patch": 8}),
+])
+def test_run_json_records_the_option_values_the_task_chose(task, backbone, chosen, images, tmp_path, cli):
+    """Options left at their default (None: chosen from the image size or the backbone) are recorded
+    with the value the run used, so ``--resume`` rebuilds that task even if a later version would
+    choose otherwise; a value the user gave stands."""
+    run = tmp_path / "run"
+    key, value = {"simmim": ("mask_ratio", 0.5), "mae": ("decoder_dim", 64), "dino": ("local_crops", 0),
+                  "denoising": ("noise_std", 0.3)}[task]
+    result = cli("pretrain", "--task", task, "--data", f"folder:{images}", "--out", run, *backbone,
+                 "--image-size", 64, "--batch-size", 4, "--max-steps", 1, "--epochs", 1, "--quiet",
+                 "--device", "cpu", "--task-opt", f"{key}={value}")
+    assert result.exit_code == 0, result.stderr
+    options = json.loads((run / "run.json").read_text())["config"]["task_options"]
+    expected = {**chosen, key: value}
+    assert {k: options[k] for k in expected} == expected
+    assert None not in options.values()

@@ -78,6 +78,44 @@ class ListDefault(Base):
         return [("cifar_stem", True)]
 
 
+@dataclass
+class WidthOption:
+    width: int | None = None  # default: from the image size
+
+
+class ResolvesWidth(Base):
+    Options = WidthOption
+
+    def __init__(self, backbone, options, spec):
+        super().__init__(backbone, options, spec)
+        self.width = options.width or spec.image_size // 4
+
+
+class ResolvesAnotherName(ResolvesWidth):
+    def resolved_options(self):
+        return {"size": self.width}
+
+
+class ResolvesNone(ResolvesWidth):
+    def resolved_options(self):
+        return {"width": None}
+
+
+class ResolvesOnce(ResolvesWidth):
+    """Resolves ``width`` to twice what it is given: rebuilt from its run.json it would differ."""
+
+    def resolved_options(self):
+        return {"width": 2 * self.width}
+
+
+@pytest.mark.parametrize("cls,needle", [(ResolvesAnotherName, r"names \['size'\], which are not options"),
+                                        (ResolvesNone, r"leaves \['width'\] at None"),
+                                        (ResolvesOnce, "--resume would rebuild another task")])
+def test_check_task_catches_resolved_options_a_resume_cannot_rebuild(cls, needle, tmp_path):
+    with pytest.raises(AssertionError, match=needle):
+        check_task(cls, tmp_path=tmp_path, channels=(1,), export=False, resume=False, steps=1)
+
+
 def test_check_task_builds_the_default_backbone_as_fitted(tmp_path):
     """The kit trains on a tiny stand-in, but first builds what ``pretrain`` without --backbone would."""
     with pytest.raises(UsageError, match="cannot build timm:resnet18"):

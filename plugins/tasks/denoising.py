@@ -86,6 +86,9 @@ class Denoising(Task):
         self.mask_patch = options.mask_patch or max(1, spec.image_size // 8)
         self.decoder = ConvDecoder(backbone.num_features, spec.channels, spec.image_size, options.decoder_width)
 
+    def resolved_options(self):
+        return {"mask_patch": self.mask_patch}
+
     def views(self, spec):
         return reconstruction_views(spec, self.options.min_scale)
 

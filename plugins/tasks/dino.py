@@ -124,6 +124,9 @@ class DINO(Task):
                                                           else o.teacher_temp))
         self._batch_center: torch.Tensor | None = None
 
+    def resolved_options(self):
+        return {"local_crops": self.local_crops, "local_size": self.local_size}
+
     def views(self, spec):
         o, s = self.options, spec.image_size
         blur = s >= 96

@@ -249,11 +249,16 @@ class MAE(Task):
         self.decoder_pred = nn.Linear(d, patch_values)
         nn.init.normal_(self.mask_token, std=0.02)
 
+    def min_scale(self, spec) -> float:
+        """The crops' smallest scale: ``min_scale``, by default ``default_min_scale`` of the image size."""
+        given = self.options.min_scale
+        return default_min_scale(spec.image_size) if given is None else given
+
+    def resolved_options(self):
+        return {"target": self.target, "decoder_dim": self.decoder_dim, "min_scale": self.min_scale(self.spec)}
+
     def views(self, spec):
-        min_scale = self.options.min_scale
-        if min_scale is None:
-            min_scale = default_min_scale(spec.image_size)
-        recipe = ViewRecipe(spec.image_size, scale=(min_scale, 1.0), jitter_p=0.0, gray_p=0.0,
+        recipe = ViewRecipe(spec.image_size, scale=(self.min_scale(spec), 1.0), jitter_p=0.0, gray_p=0.0,
                             blur_p=0.0, gamma_p=0.0)
         return MultiView([recipe], spec.mean, spec.std)
 

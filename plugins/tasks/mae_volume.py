@@ -68,9 +68,11 @@ class MAE3D(MAE):
         grid = tuple(s // p for s in spec.volume_size)
         self.build_decoder(math.prod(grid), lambda d: sincos_pos_embed_3d(d, grid), p**3 * spec.channels)
 
+    def min_scale(self, spec) -> float:
+        return PAPER_MIN_SCALE if self.options.min_scale is None else self.options.min_scale
+
     def views(self, spec):
-        min_scale = PAPER_MIN_SCALE if self.options.min_scale is None else self.options.min_scale
-        return VolumeViews([masked_volume_recipe(spec.volume_size, min_scale)], spec.mean, spec.std)
+        return VolumeViews([masked_volume_recipe(spec.volume_size, self.min_scale(spec))], spec.mean, spec.std)
 
     def forward_loss(self, x: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Masked-cube MSE. x ``(B, C, D, H, W)``, pred ``(B, N, p^3 C)``, mask ``(B, N)``."""

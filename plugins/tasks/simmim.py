@@ -194,6 +194,7 @@ class SimMIM(Task):
             raise UsageError(f"simmim mask_patch={mask_patch} must be a multiple of the patch size {p}; "
                              f"e.g. mask_patch={p}")
         self.scale = mask_patch // p
+        self.mask_patch = mask_patch
         units = (-(-self.grid // self.scale)) ** 2
         if units - math.ceil(units * options.mask_ratio) < 1:
             raise UsageError(f"simmim mask_patch={mask_patch} at --image-size {s} leaves {units} mask square(s), "
@@ -219,6 +220,9 @@ class SimMIM(Task):
         else:
             up, per_unit = self.up, hog_token_size(p, spec.channels)
         self.head = nn.Sequential(nn.Conv2d(out_dim, up * up * per_unit, 1), nn.PixelShuffle(up))
+
+    def resolved_options(self):
+        return {"target": self.target, "mask_patch": self.mask_patch}
 
     def views(self, spec):
         return reconstruction_views(spec, self.options.min_scale)

@@ -29,7 +29,7 @@ from sslkit.engine.capture import make_capture
 from sslkit.engine.compiled import compile_model, compile_views
 from sslkit.engine.data_setup import batches_and_schedule, load_run_data
 from sslkit.engine.model_setup import (check_pairing, continued_scales, create_model, views_on_device, with_backbone,
-                                       with_task_embedding)
+                                       with_resolved_task_options, with_task_embedding)
 from sslkit.engine.schedules import Schedule
 from sslkit.errors import UsageError
 from sslkit.optim import build_optimizer, uses_group_lr
@@ -140,6 +140,7 @@ def build(cfg: RunConfig, device: torch.device) -> Setup:
         spec = InputSpec.from_dict(resume_input_spec(cfg.out, data.prepared, spec.preprocessing,
                                                      cfg.allow_data_change) or spec.to_dict())
     backbone, task = create_model(cfg, backbone_name, spec)
+    cfg = with_resolved_task_options(cfg, task)
     if cfg.sync_bn and world > 1:
         task = torch.nn.SyncBatchNorm.convert_sync_batchnorm(task)
     augment = views_on_device(cfg, task, spec, device)

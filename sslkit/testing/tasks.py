@@ -143,6 +143,27 @@ def _check_views(cls: type, backbone: str, backbone_options: dict, options: dict
     assert callable(getattr(views, "override", None)), \
         f"{cls.__name__}.views(spec) has no override(**fields) for --augment-opt (return an sslkit.api.MultiView)"
     assert callable(views.override()), f"{cls.__name__}.views(spec).override() must return the views callable"
+    _check_resolved(cls, task, net, options, spec)
+
+
+def _check_resolved(cls: type, task: Any, net: Any, options: dict, spec: Any) -> None:
+    """``resolved_options()`` names options of the task, each with a value, and building the task
+    with them resolves the same values (what ``--resume`` of the run.json they are recorded in does)."""
+    import dataclasses
+
+    from sslkit.options import build_options
+
+    resolved = task.resolved_options()
+    assert isinstance(resolved, dict), f"{cls.__name__}.resolved_options() must return a dict"
+    fields = {f.name for f in dataclasses.fields(cls.Options)} if cls.Options else set()
+    unknown = sorted(set(resolved) - fields)
+    assert not unknown, f"{cls.__name__}.resolved_options() names {unknown}, which are not options of the task"
+    missing = sorted(k for k, v in resolved.items() if v is None)
+    assert not missing, f"{cls.__name__}.resolved_options() leaves {missing} at None: give the value chosen"
+    if resolved:
+        again = cls(net, build_options(cls.Options, {**options, **resolved}, cls.__name__), spec).resolved_options()
+        assert again == resolved, (f"{cls.__name__} built with its resolved options resolves {again}, "
+                                   f"not {resolved}: --resume would rebuild another task")
 
 
 def _check_default_backbone(cls: type, options: dict, image_size: int) -> None:
