@@ -286,6 +286,13 @@ def test_attention_grid_cnn(tiny, cli):
     assert rep["class_counts"]["rows"] == {"a": 2, "b": 1}  # rows alternate between the classes
 
 
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the refusal where no GPU is present")
+def test_attention_on_a_device_this_machine_lacks_is_one_line(tiny, cli):
+    result = cli("eval", "attention", tiny / "run", "--data", tiny / "test", "--device", "cuda", "--quiet")
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.exit_code == 2 and len(lines) == 1 and "no CUDA GPU" in lines[0]
+
+
 def test_attention_rows_alternate_between_classes_and_spread_within():
     from sslkit.eval.attention import pick_across_classes
 

@@ -163,3 +163,19 @@ def test_prefetch_to_cuda_gives_the_same_batches():
     host = [torch.randint(0, 65536, (4, 3, 8, 8), dtype=torch.int32).to(torch.uint16).pin_memory() for _ in range(4)]
     got = [b.cpu() for b in prefetch_to(iter(host), torch.device("cuda"))]
     assert len(got) == 4 and all(g.dtype == torch.uint16 and torch.equal(g, h) for g, h in zip(got, host))
+
+
+def test_eval_attention_on_cuda_draws_the_cpu_maps(images, tmp_path):
+    """``eval attention --device cuda`` computes the saliency the CPU default does, and draws its grid."""
+    from sslkit.eval.attention import evaluate_attention, saliency
+    from sslkit.run import load_run
+
+    run = tmp_path / "run"
+    assert run_sslkit("pretrain", "--data", f"folder:{images}", "--out", run, *CNN[:-3], "--max-steps", "1",
+                      "--epochs", "1", "--device", "cuda", "--quiet").returncode == 0
+    encoder = load_run(run).build_encoder()
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    on_cpu, on_gpu = saliency(encoder, x), saliency(encoder.to("cuda"), x.to("cuda"))
+    assert on_cpu[0] == on_gpu[0] and torch.allclose(on_cpu[1], on_gpu[1].cpu(), atol=0.02)  # cuDNN: TF32
+    report = evaluate_attention(str(run), str(images), str(tmp_path / "cuda.png"), 4, progress=False, device="cuda")
+    assert report["files"] == [str(tmp_path / "cuda.png")] and (tmp_path / "cuda.png").stat().st_size > 5000

@@ -160,13 +160,13 @@ def plot_grid(images: np.ndarray, maps: dict[str, np.ndarray], title: str, out: 
 def evaluate_attention(model_path: str, images: str, out: str | None = None, max_images: int = 8,
                        baseline: bool = True, overwrite: bool = False,
                        source_options: dict[str, Any] | None = None, progress: bool = True,
-                       max_pixels: int | None = None) -> dict[str, Any]:
+                       max_pixels: int | None = None, device: str = "cpu") -> dict[str, Any]:
     """Saliency grid of the first ``max_images`` images of ``images``; PNG plus report."""
     from sslkit.augment import Normalize
     from sslkit.data.pipeline import load_data
     from sslkit.eval.features import open_model
 
-    model = open_model(model_path, "cpu")  # a few images: CPU is enough
+    model = open_model(model_path, device)  # the default, cpu, is enough for a few images
     model.max_pixels = max_pixels
     out_path = _check_out(out, overwrite)
     run = model.require_run("sslkit eval attention")
@@ -187,8 +187,8 @@ def evaluate_attention(model_path: str, images: str, out: str | None = None, max
         encoder = build()
         if encoder is None:  # no --init weights
             continue
-        kind, m = saliency(encoder, x)
-        maps[name] = m.numpy()
+        kind, m = saliency(encoder.to(model.device), x.to(model.device))
+        maps[name] = m.cpu().numpy()
     if out_path is None:
         out_path = unique_path(model.report_dir, "attention", ".png")
     desc = model.describe()

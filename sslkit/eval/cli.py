@@ -214,6 +214,8 @@ def tsne(**kw) -> None:
 @click.option("--data-opt", "data_opts", multiple=True, metavar="KEY=VALUE",
               help="Source option overriding the run's (repeatable); so do the [source] options below.")
 @MAX_PIXELS
+@click.option("--device", default="cpu", show_default=True,
+              help="Where the maps are computed: cpu (enough for a few images), auto, cuda, cuda:N.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def attention(**kw) -> None:
@@ -221,7 +223,7 @@ def attention(**kw) -> None:
     from sslkit.eval.attention import evaluate_attention
 
     report = evaluate_attention(kw["model"], kw["images"], kw["out"], kw["max_images"], not kw["no_baseline"],
-                                kw["overwrite"], _source_options(kw), not kw["quiet"], kw["max_pixels"])
+                                kw["overwrite"], _source_options(kw), not kw["quiet"], kw["max_pixels"], kw["device"])
     _print(report, kw["as_json"])
 
 
