@@ -19,7 +19,7 @@ from sslkit.data.source import NotAnImage, SampleRef, Source, Undecodable, check
 from sslkit.data.volume import (ORIENTATION, SampleMode, crop_or_pad, fit_volume, resample, slab_indices, volume_fit,
                                 stack_slab)
 from sslkit.data.walk import check_dir, walk_files
-from sslkit.errors import CheckFailed, UsageError, first_line, unknown_name_message
+from sslkit.errors import CheckFailed, UsageError, first_line, unknown_name_message, without_quoted
 from sslkit.hookspecs import hookimpl
 from sslkit.options import check_unit_interval
 from sslkit.output_file import read_json, write_atomic
@@ -103,7 +103,7 @@ __all__ = [
     "SampleMode", "ORIENTATION", "slab_indices", "stack_slab", "resample", "crop_or_pad", "fit_volume", "volume_fit",
     # inputs, export, errors
     "InputSpec", "GraphPreprocessing", "RawInput", "raw_input_for", "write_atomic", "read_json", "UsageError",
-    "CheckFailed", "first_line", "unknown_name_message",
+    "CheckFailed", "first_line", "unknown_name_message", "without_quoted",
     # run callbacks (register_callbacks)
     "Callback", "RunInfo",
 ]

@@ -38,6 +38,7 @@ def setting_help(values: dict[str, Any]) -> dict[str, str]:
     import click
 
     from sslkit.cli import pretrain
+    from sslkit.options import option_help
     from sslkit.registry import get_task
     from sslkit.source_flags import declared_flags
 
@@ -52,9 +53,11 @@ def setting_help(values: dict[str, Any]) -> dict[str, str]:
     if values.get("task"):
         opts = get_task(values["task"]).Options
         hints = typing.get_type_hints(opts) if opts else {}
+        helps = option_help(opts)
         for f in dataclasses.fields(opts) if opts else ():
             kind = getattr(hints.get(f.name), "__name__", None) or str(hints.get(f.name)).replace("typing.", "")
-            notes[f"task_options.{f.name}"] = f"{values['task']} option ({kind})"
+            text = f": {helps[f.name]}" if f.name in helps else ""
+            notes[f"task_options.{f.name}"] = f"{values['task']} option ({kind}){text}"
     return notes
 
 

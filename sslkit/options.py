@@ -7,7 +7,7 @@ import types
 import typing
 from typing import Any
 
-from sslkit.errors import UsageError
+from sslkit.errors import UsageError, unknown_name_message
 
 
 def parse_pairs(pairs: tuple[str, ...] | list[str], flag: str) -> dict[str, str]:
@@ -57,15 +57,44 @@ def build_options(cls: type | None, values: dict[str, Any], owner: str) -> Any:
     kwargs = {}
     for key, raw in values.items():
         if key not in fields:
-            raise UsageError(
-                f"{owner} has no option {key!r}; options: {', '.join(fields) or 'none'}"
-            )
+            raise UsageError(f"{owner}: {unknown_name_message('option', key, list(fields))}")
         kwargs[key] = _convert(raw, hints[key], f"{owner} option {key!r}")
     try:
         options = cls(**kwargs)
     except (TypeError, ValueError) as exc:
         raise UsageError(f"{owner}: {exc}") from None
     return options
+
+
+def option_help(cls: type | None) -> dict[str, str]:
+    """Each option's help: the ``# comment`` ending its field's line in the Options class's source
+    (``mask_patch: int | None = None  # default: 32 px at 224 px``), for ``--print-config``. Fields
+    inherited from a base dataclass take its comments; a class without source gives ``{}``."""
+    import inspect
+    import io
+    import textwrap
+    import tokenize
+
+    names = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
+    notes: dict[str, str] = {}
+    for klass in reversed(cls.__mro__ if names else ()):
+        try:
+            source = textwrap.dedent(inspect.getsource(klass))
+        except (OSError, TypeError):  # a builtin, or no source shipped
+            continue
+        heads: dict[int, list[str]] = {}  # line of the class body -> its first two tokens
+        depth = 0  # 1: the class body (not a method's)
+        try:
+            for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+                depth += {tokenize.INDENT: 1, tokenize.DEDENT: -1}.get(tok.type, 0)
+                head = heads.setdefault(tok.start[0], []) if depth == 1 else []
+                if tok.type == tokenize.COMMENT and head[:1] and head[0] in names and head[1:2] == [":"]:
+                    notes[head[0]] = tok.string.lstrip("#").strip()
+                elif tok.type in (tokenize.NAME, tokenize.OP) and len(head) < 2:
+                    head.append(tok.string)
+        except (tokenize.TokenError, SyntaxError):
+            continue
+    return notes
 
 
 def _convert(raw: Any, hint: Any, what: str) -> Any:

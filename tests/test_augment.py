@@ -127,7 +127,7 @@ def test_named_recipes_and_overrides():
     assert (r.size, r.blur_p, r.scale, r.rotate_degrees, r.hue) == (32, 0.0, (0.5, 1.0), 5.0, 0.0)
     with pytest.raises(UsageError, match="unknown augmentation recipe 'xrays'"):
         A.recipe("xrays", 32)
-    with pytest.raises(UsageError, match="no option 'blurr_p'"):
+    with pytest.raises(UsageError, match="unknown option 'blurr_p' \\(did you mean 'blur_p'\\?\\)"):
         A.recipe("simclr", 32, blurr_p=0)
     mv = A.MultiView([A.ViewRecipe(8), A.ViewRecipe(8, blur_p=0.2)], [0.5], [0.2]).override(noise_p="0.3")
     assert [v.noise_p for v in mv.recipes] == [0.3, 0.3] and mv.recipes[1].blur_p == 0.2

@@ -18,7 +18,6 @@ import fnmatch
 import hashlib
 import logging
 import os
-import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +27,7 @@ import numpy as np
 import pydicom
 
 from sslkit.api import SampleMode, SampleRef, Source, Undecodable, check_dir, hookimpl, walk_files
-from sslkit.api import GraphPreprocessing, UsageError, check_pixel_count, keyed_hash
+from sslkit.api import GraphPreprocessing, UsageError, check_pixel_count, keyed_hash, without_quoted
 from sslkit_plugins.sources.dicom_decode import codec_failure, decode, parse_windows, read_dataset
 from sslkit_plugins.sources.dicom_headers import cached_headers, stable_groups
 from sslkit_plugins.sources.dicom_pixels import decode_located, pixel_facts, read_frame
@@ -94,9 +93,7 @@ def salted_hash(value: str) -> str:
 
 def safe_reason(exc: BaseException) -> str:
     """``Type: message`` with quoted values removed (they can be element values)."""
-    msg = " ".join(str(exc).split())
-    msg = re.sub(r"'[^']*'|\"[^\"]*\"", "'…'", msg)
-    return f"{type(exc).__name__}: {msg}"[:400]
+    return f"{type(exc).__name__}: {without_quoted(str(exc))}"[:400]
 
 
 def read_header(path: str) -> dict[str, Any]:
