@@ -315,3 +315,42 @@ def test_a_config_made_in_code_without_a_backbone_builds_what_pretrain_resolves(
     resolved = config.resolve({"task": "mae", "data": "folder:DATA", "out": "OUT", "image_size": 32})
     assert (made.backbone, made.backbone_options) == (resolved.backbone, resolved.backbone_options)
     assert made.backbone_options == {"patch_size": 8, "depth": 6}
+
+
+def test_option_help_is_the_comment_ending_each_field_line():
+    """``--print-config`` shows a task option's help: the ``# comment`` ending its field's line (a
+    ``#`` in a string default is not one; a base dataclass's fields keep theirs)."""
+    import dataclasses
+
+    from sslkit.options import option_help
+
+    @dataclasses.dataclass
+    class Base:
+        width: int = 4  # channels of the head
+
+    @dataclasses.dataclass
+    class Opts(Base):
+        colour: str = "#fff"
+        # a comment on its own line helps nothing
+        ratio: float = 0.5  # fraction masked, in (0, 1)
+        def describe(self) -> str:
+            ratio: float = self.ratio  # not a field's line
+            return str(ratio)
+
+    assert option_help(Opts) == {"width": "channels of the head", "ratio": "fraction masked, in (0, 1)"}
+    assert option_help(None) == {}
+
+
+def test_every_builtin_task_option_has_help_in_print_config(cli):
+    import dataclasses
+
+    from sslkit import registry
+    from sslkit.options import option_help
+
+    for task in registry.list_tasks():
+        options = registry.get_task(task).Options
+        helps = option_help(options)
+        missing = [f.name for f in dataclasses.fields(options) if not helps.get(f.name)] if options else []
+        assert not missing, f"{task}: options without a help comment: {missing}"
+    r = cli("pretrain", "--print-config", "--task", "simmim")
+    assert "# simmim option (int | None): " in r.output

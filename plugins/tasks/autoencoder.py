@@ -22,8 +22,8 @@ from sslkit.api import ConvDecoder, Task, check_unit_interval, hookimpl, reconst
 
 @dataclass
 class AutoencoderOptions:
-    decoder_width: int = 256
-    min_scale: float = 0.5
+    decoder_width: int = 256  # decoder channels at its first 4x4 map, halved at every 2x upsampling (down to 32), >= 8
+    min_scale: float = 0.5  # smallest area fraction of the random resized crop (scale min_scale-1), in (0, 1]
 
     def __post_init__(self) -> None:
         if self.decoder_width < 8:

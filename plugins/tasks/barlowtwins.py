@@ -37,9 +37,9 @@ def barlow_twins_loss(z1: torch.Tensor, z2: torch.Tensor, lambd: float = 5e-3) -
 
 @dataclass
 class BarlowTwinsOptions:
-    lambd: float = 5e-3
-    proj_dim: int = 2048
-    min_scale: float = 0.08
+    lambd: float = 5e-3  # weight of the off-diagonal (redundancy) term against the diagonal one, >= 0 (paper: 0.0051)
+    proj_dim: int = 2048  # width of every layer of the 3-layer projector (paper: 8192; raise it at scale)
+    min_scale: float = 0.08  # smallest area fraction of the random resized crops, in (0, 1]
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.lambd) and self.lambd >= 0):

@@ -36,11 +36,11 @@ def byol_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class BYOLOptions:
-    tau_base: float = 0.996
-    proj_hidden_dim: int = 4096
-    proj_dim: int = 256
-    pred_hidden_dim: int = 4096
-    min_scale: float = 0.08
+    tau_base: float = 0.996  # target network's EMA momentum at step 0, cosine-raised to 1, in [0, 1] (paper: 0.996)
+    proj_hidden_dim: int = 4096  # hidden width of the 2-layer projector MLP (paper: 4096)
+    proj_dim: int = 256  # output size of the projector and of the predictor (paper: 256)
+    pred_hidden_dim: int = 4096  # hidden width of the 2-layer predictor MLP (paper: 4096)
+    min_scale: float = 0.08  # smallest area fraction of the random resized crops (volumes: volume fraction), in (0, 1]
 
     def __post_init__(self) -> None:
         if not 0 <= self.tau_base <= 1:

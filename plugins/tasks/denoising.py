@@ -49,12 +49,12 @@ def corrupt(x: torch.Tensor, corruption: str, noise_std: float, mask_ratio: floa
 
 @dataclass
 class DenoisingOptions:
-    corruption: Literal["noise", "mask", "both"] = "both"
-    noise_std: float = 0.5
-    mask_ratio: float = 0.25
-    mask_patch: int | None = None  # default image_size // 8
-    decoder_width: int = 256
-    min_scale: float = 0.5
+    corruption: Literal["noise", "mask", "both"] = "both"  # noise (Gaussian), mask (blank random squares) or both
+    noise_std: float = 0.5  # std of the added Gaussian noise, in units of the data's std, >= 0 (noise and both)
+    mask_ratio: float = 0.25  # fraction of the mask_patch squares blanked, in [0, 1) (mask and both)
+    mask_patch: int | None = None  # side in px of the blanked squares, >= 1; None: image_size // 8 (4 px at 32 px)
+    decoder_width: int = 256  # decoder channels at its first 4x4 map, halved at every 2x upsampling (down to 32), >= 8
+    min_scale: float = 0.5  # smallest area fraction of the random resized crop (scale min_scale-1), in (0, 1]
 
     def __post_init__(self) -> None:
         if self.corruption not in ("noise", "mask", "both"):

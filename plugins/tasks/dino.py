@@ -53,19 +53,19 @@ def dino_loss(teacher_out: torch.Tensor, student_out: list[torch.Tensor], center
 
 @dataclass
 class DINOOptions:
-    out_dim: int = 4096
-    hidden_dim: int = 2048
-    bottleneck_dim: int = 256
-    local_crops: int | None = None  # default: default_local_crops(image_size)
-    local_size: int | None = None  # default: image_size * 96 / 224, even
-    global_scale_min: float = 0.4
-    local_scale_max: float = 0.4
-    student_temp: float = 0.1
-    teacher_temp: float = 0.07
-    warmup_teacher_temp: float = 0.04
-    teacher_temp_warmup: float = 0.3  # fraction of the run
-    center_momentum: float = 0.9
-    momentum: float = 0.996
+    out_dim: int = 4096  # number of prototypes: output size of the DINO head (paper: 65536)
+    hidden_dim: int = 2048  # hidden width of the head's 3-layer MLP
+    bottleneck_dim: int = 256  # size of the head's l2-normalised code before its last layer
+    local_crops: int | None = None  # small crops per image, seen by the student only; None: 8 from 96 px, 0 below
+    local_size: int | None = None  # side in px of the local crops, >= 8; None: image_size * 96/224, even (96 px at 224)
+    global_scale_min: float = 0.4  # smallest area fraction of the 2 global crops (scale global_scale_min-1)
+    local_scale_max: float = 0.4  # largest area fraction of the local crops (scale 0.05 to this), <= global_scale_min
+    student_temp: float = 0.1  # softmax temperature of the student's outputs, > 0 (paper: 0.1)
+    teacher_temp: float = 0.07  # teacher's softmax temperature after the warm-up, > 0 (paper: 0.07)
+    warmup_teacher_temp: float = 0.04  # teacher temperature at step 0, raised linearly to teacher_temp (paper: 0.04)
+    teacher_temp_warmup: float = 0.3  # fraction of the run the teacher temperature warms up over, in [0, 1]; 0: none
+    center_momentum: float = 0.9  # EMA momentum of the centre taken off the teacher's outputs, in [0, 1) (paper: 0.9)
+    momentum: float = 0.996  # teacher's EMA momentum at step 0, raised to 1 on a cosine schedule, in [0, 1]
 
     def __post_init__(self) -> None:
         if min(self.out_dim, self.hidden_dim, self.bottleneck_dim) < 1:

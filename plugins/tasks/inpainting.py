@@ -75,12 +75,12 @@ class Discriminator(nn.Module):
 
 @dataclass
 class InpaintingOptions:
-    region: Literal["center", "random"] = "center"
-    region_frac: float = 0.5
-    rec_weight: float = 1.0
-    adv_weight: float = 0.0
-    decoder_width: int = 256
-    min_scale: float = 0.5
+    region: Literal["center", "random"] = "center"  # blanked square at the center (the paper's) or random (per image)
+    region_frac: float = 0.5  # side of the blanked square as a fraction of the image side, in (0, 1)
+    rec_weight: float = 1.0  # weight of the reconstruction loss on the region, > 0 (paper: 0.999)
+    adv_weight: float = 0.0  # weight of the adversarial loss; > 0 trains a discriminator too, 0: off (paper: 0.001)
+    decoder_width: int = 256  # decoder channels at its first 4x4 map, halved at every 2x upsampling (down to 32), >= 8
+    min_scale: float = 0.5  # smallest area fraction of the random resized crop (scale min_scale-1), in (0, 1]
 
     def __post_init__(self) -> None:
         if self.region not in ("center", "random"):

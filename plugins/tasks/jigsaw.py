@@ -138,11 +138,11 @@ class JigsawViews(nn.Module):
 
 @dataclass
 class JigsawOptions:
-    num_permutations: int = 100
-    permutation_seed: int = 0
-    tile_dim: int = 512
-    hidden_dim: int = 1024
-    min_scale: float = 0.6
+    num_permutations: int = 100  # tile orders to classify, chosen for maximal Hamming distance, 2-362880 (paper: 1000)
+    permutation_seed: int = 0  # seed that picks the permutation set (same seed, same set), >= 0
+    tile_dim: int = 512  # size of each tile's code, a linear layer on the backbone's embedding
+    hidden_dim: int = 1024  # hidden width of the MLP that classifies the 9 concatenated tile codes
+    min_scale: float = 0.6  # smallest area fraction of the random resized crop the puzzle is cut from, in (0, 1]
 
     def __post_init__(self) -> None:
         if not 2 <= self.num_permutations <= 362880:

@@ -70,13 +70,13 @@ from sslkit.api import (MultiView, Task, ViewRecipe, check_unit_interval, hog_to
 
 @dataclass
 class MAEOptions:
-    mask_ratio: float = 0.75
-    decoder_dim: int | None = None  # default: half the encoder width (see default_decoder_dim)
-    decoder_depth: int = 2
-    decoder_heads: int = 8
-    norm_pix_loss: bool = True
-    min_scale: float | None = None  # default: default_min_scale(image_size)
-    target: str | None = None  # "hog" (MaskFeat; sslkit.api.hog_tokens) or "pixels"; default: hog on images, pixels on volumes
+    mask_ratio: float = 0.75  # fraction of the patches hidden from the encoder, in (0, 1)
+    decoder_dim: int | None = None  # decoder width; None: half the encoder's, multiple of 32 in 64-512 (paper: 512)
+    decoder_depth: int = 2  # transformer blocks in the decoder (paper: 8)
+    decoder_heads: int = 8  # attention heads per decoder block; must divide decoder_dim
+    norm_pix_loss: bool = True  # target=pixels: normalise each patch to mean 0, std 1 (the paper's); hog ignores it
+    min_scale: float | None = None  # smallest crop area fraction; None: 0.2 from 96 px (paper), else 0.5; volumes 0.2
+    target: str | None = None  # hog (MaskFeat's gradient histograms) or pixels; None: hog, pixels on volumes
 
     def __post_init__(self) -> None:
         if not 0 < self.mask_ratio < 1:

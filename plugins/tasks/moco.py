@@ -60,14 +60,14 @@ def moco_v3_contrastive(q: torch.Tensor, k: torch.Tensor, temperature: float) ->
 
 @dataclass
 class MoCoOptions:
-    version: Literal[2, 3] = 2
-    temperature: float | None = None  # v2: 0.2, v3: 1.0
-    momentum: float | None = None  # v2: 0.999 (constant), v3: 0.99 -> 1 (cosine)
-    queue_size: int = 4096  # v2 only
-    proj_hidden_dim: int | None = None  # v2: 2048, v3: 4096
-    proj_dim: int | None = None  # v2: 128, v3: 256
-    key_bn_splits: int = 2  # v2 only
-    min_scale: float = 0.2
+    version: Literal[2, 3] = 2  # 2: MoCo v2, a queue of negative keys; 3: MoCo v3, in-batch negatives and a predictor
+    temperature: float | None = None  # softmax temperature of the contrastive loss, > 0; None: 0.2 (v2), 1.0 (v3)
+    momentum: float | None = None  # key encoder's EMA momentum, v3: cosine ramp to 1; None: 0.999 (v2), 0.99 (v3)
+    queue_size: int = 4096  # v2 only: negative keys in the queue; keep it below the dataset size (paper: 65536)
+    proj_hidden_dim: int | None = None  # hidden width of the projector (and v3's predictor); None: 2048 (v2), 4096 (v3)
+    proj_dim: int | None = None  # output size of the projector; None: 128 (v2), 256 (v3)
+    key_bn_splits: int = 2  # v2 only: keys encoded in this many shuffled sub-batches (own BN statistics); 1: none
+    min_scale: float = 0.2  # smallest area fraction of the random resized crops, in (0, 1]
 
     def __post_init__(self) -> None:
         if self.version not in (2, 3):

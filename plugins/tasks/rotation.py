@@ -62,9 +62,9 @@ class RotationViews(torch.nn.Module):
 
 @dataclass
 class RotationOptions:
-    all_rotations: bool = True
-    hidden_dim: int = 512
-    min_scale: float = 0.3
+    all_rotations: bool = True  # true: all 4 rotations of each image in the batch (the paper's); false: one random
+    hidden_dim: int = 512  # hidden width of the 2-layer MLP that classifies the rotation
+    min_scale: float = 0.3  # smallest area fraction of the random resized crop (scale min_scale-1), in (0, 1]
 
     def __post_init__(self) -> None:
         if self.hidden_dim < 1:

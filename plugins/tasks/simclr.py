@@ -48,10 +48,10 @@ def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5) -
 
 @dataclass
 class SimCLROptions:
-    temperature: float = 0.5
-    proj_hidden_dim: int = 2048
-    proj_dim: int = 128
-    min_scale: float = 0.08
+    temperature: float = 0.5  # softmax temperature of the NT-Xent loss, > 0
+    proj_hidden_dim: int = 2048  # hidden width of the 2-layer projection MLP
+    proj_dim: int = 128  # output size of the projection MLP (the space the loss compares)
+    min_scale: float = 0.08  # smallest area fraction of the random resized crops (volumes: volume fraction), in (0, 1]
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.temperature) and self.temperature > 0):

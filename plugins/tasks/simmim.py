@@ -117,11 +117,11 @@ def token_mask(b: int, grid: int, scale: int, ratio: float, device) -> torch.Ten
 
 @dataclass
 class SimMIMOptions:
-    mask_ratio: float = 0.6
-    mask_patch: int | None = None  # default: 32 px at 224 px, scaled to the image size
+    mask_ratio: float = 0.6  # fraction of the mask_patch squares masked, in (0, 1) (paper: 0.6)
+    mask_patch: int | None = None  # masked square side in px, a multiple of the token size; None: 32 at 224 px, scaled
     min_scale: float = 0.67  # random resized crops of scale min_scale-1 (the paper's 0.67)
     head_depth: int = 0  # transformer blocks between the encoder and the linear pixel head (paper: 0)
-    target: str | None = None  # "hog" (MaskFeat's histograms) or "pixels" (the paper's); default: hog, pixels on CNNs
+    target: str | None = None  # hog (MaskFeat's histograms) or pixels (the paper's); None: hog, pixels on CNNs
     visible_weight: float = 0.0  # loss weight of the visible tokens' targets against the masked ones' 1 (paper: 0)
 
     def __post_init__(self) -> None:

@@ -33,11 +33,11 @@ def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class VAEOptions:
-    latent_dim: int = 128
-    beta: float = 1.0
-    kl_warmup: float = 0.1  # fraction of the run
-    decoder_width: int = 256
-    min_scale: float = 0.5
+    latent_dim: int = 128  # size of the latent z (its mean and log-variance are linear maps of the embedding)
+    beta: float = 1.0  # weight of the KL term after the warm-up, >= 0 (1: the plain VAE, > 1: a beta-VAE)
+    kl_warmup: float = 0.1  # share of the run over which the KL weight rises from 0 to beta, in [0, 1]; 0: none
+    decoder_width: int = 256  # decoder channels at its first 4x4 map, halved at every 2x upsampling (down to 32), >= 8
+    min_scale: float = 0.5  # smallest area fraction of the random resized crop (scale min_scale-1), in (0, 1]
 
     def __post_init__(self) -> None:
         if self.latent_dim < 1:

@@ -49,11 +49,11 @@ def vicreg_loss(z1: torch.Tensor, z2: torch.Tensor, lambd: float = 25.0, mu: flo
 
 @dataclass
 class VICRegOptions:
-    lambd: float = 25.0
-    mu: float = 25.0
-    nu: float = 1.0
-    proj_dim: int = 2048
-    min_scale: float = 0.08
+    lambd: float = 25.0  # weight of the invariance term (MSE between the two views' embeddings), >= 0 (paper: 25)
+    mu: float = 25.0  # weight of the variance term (pushes each dimension's std to at least 1), >= 0 (paper: 25)
+    nu: float = 1.0  # weight of the covariance term (decorrelates dimensions), >= 0 (paper: 1)
+    proj_dim: int = 2048  # width of every layer of the 3-layer expander (paper: 8192)
+    min_scale: float = 0.08  # smallest area fraction of the random resized crops (volumes: volume fraction), in (0, 1]
 
     def __post_init__(self) -> None:
         if not all(math.isfinite(w) and w >= 0 for w in (self.lambd, self.mu, self.nu)):
