@@ -34,7 +34,10 @@ Defaults: mask ratio 0.75, decoder depth 2 with 8 heads, decoder width half the 
 size (paper: 8 blocks of 512; ``--task-opt decoder_depth=8 decoder_dim=512``), HOG targets
 on images, per-patch normalised pixels on volumes (``norm_pix_loss=true``), ``base_lr``
 2.5e-4 on both (the MAE paper's is 1.5e-4; ``--task-opt target=pixels --base-lr 1e-3`` is
-the former 2-D default), flips and random resized crops of scale 0.2-1 from 96 px (the
+the former 2-D default) scaled by the square root of the batch (Adam's rule; at batch 64 twice
+linear's LR: level on CIFAR-10 and the X-rays pooled over four seeds, and past the random ViT on
+the X-rays at every seed, where linear missed one; BENCHMARKS.md "MAE's LR at small batches";
+``--lr-scaling linear`` restores it), flips and random resized crops of scale 0.2-1 from 96 px (the
 paper's, at 224 px) and 0.5-1 below (``default_min_scale``; volumes 0.2-1).
 Needs a ViT backbone (token interface), e.g. ``timm:vit_tiny_patch16_224``, the default; below
 96 px it gets 8-px patches, and below 64 px 6 blocks (``default_backbone_options``; measured against
@@ -184,7 +187,10 @@ class MAE(Task):
     #: targets, CIFAR-10 kNN at 2 CPU min falls as the LR rises (1.25e-4, 2.5e-4, 5e-4, 1e-3, 2e-3: 29.8,
     #: 28.3, 27.7, 26.4, 26.3 % at seed 0), and at 8 CPU min too (30.4, 28.1, 27.4 % for 2.5e-4-1e-3);
     #: MaskFeat's recipe is 2e-4 per 256. Pixel targets were tuned at 1e-3 (5e-4 level, 3e-3 worse).
-    engine_defaults = {"base_lr": 2.5e-4}
+    #: Scaled by the square root of the batch (AdamW's rule, Malladi et al. 2022), not linearly: the same
+    #: 2.5e-4 at 256 images, twice linear's LR at the table's batch 64 and 2.8x at the X-rays' 32 (BENCHMARKS.md
+    #: "MAE's LR at small batches"), a quarter of it at 4096.
+    engine_defaults = {"base_lr": 2.5e-4, "lr_scaling": "sqrt"}
     default_backbone = "timm:vit_tiny_patch16_224"
     legacy_option_values = {"target": "pixels"}  # runs recorded before HOG targets regressed pixels
     capturable = True  # --capture graphs: the step has no host reads or Python-side state (engine/capture.py)
