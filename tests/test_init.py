@@ -286,7 +286,10 @@ def test_allow_download_fetches_into_the_cache_or_fails_in_one_line(tmp_path, mo
 
     cache = tmp_path / "hub"
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no network: the real download fails at once
+    # no network: the real download fails at once (the client read HF_HUB_OFFLINE when it was imported)
+    from huggingface_hub import constants as hub_constants
+
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(UsageError) as err:
         resolve_init("acme/nowhere", allow_download=True)
     msg = str(err.value)
