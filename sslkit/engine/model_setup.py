@@ -107,8 +107,7 @@ def create_model(cfg: RunConfig, backbone_name: str, spec: InputSpec) -> tuple[t
 def with_resolved_task_options(cfg: RunConfig, task: torch.nn.Module) -> RunConfig:
     """``cfg`` with the values the task chose for options left at ``None`` (``Task.resolved_options``),
     so ``run.json`` records what the run trained with and ``--resume`` rebuilds the same task."""
-    resolved = task.resolved_options() if hasattr(task, "resolved_options") else {}
-    fill = {k: v for k, v in resolved.items() if cfg.task_options.get(k) is None}
+    fill = {k: v for k, v in task.resolved_options().items() if cfg.task_options.get(k) is None}
     return dataclasses.replace(cfg, task_options={**cfg.task_options, **fill}) if fill else cfg
 
 
