@@ -177,6 +177,7 @@ def print_config(cli: dict[str, Any], config_file: str | None = None) -> str:
     if given.get("max_steps") is not None and "epochs" not in given:  # as resolve(): --max-steps alone
         values["epochs"] = None
     ordered = {k: values.get(k) for k in (*REQUIRED, *FIELDS) if k not in ("resume", "overwrite")}
-    from sslkit.config_toml import setting_help, to_toml
+    from sslkit.config_toml import setting_help, to_toml, unset_source_options
 
-    return to_toml(ordered, setting_help(values))
+    unset = unset_source_options(values.get("data"), values.get("source_options") or {})
+    return to_toml(ordered, setting_help(values), {"source_options": unset})

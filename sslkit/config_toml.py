@@ -38,7 +38,6 @@ def setting_help(values: dict[str, Any]) -> dict[str, str]:
     import click
 
     from sslkit.cli import pretrain
-    from sslkit.options import option_help
     from sslkit.registry import get_task
     from sslkit.source_flags import declared_flags
 
@@ -51,21 +50,60 @@ def setting_help(values: dict[str, Any]) -> dict[str, str]:
     for flag in declared_flags():
         notes[f"source_options.{flag.field}"] = f"{flag.help} ({flag.flag})"
     if values.get("task"):
-        opts = get_task(values["task"]).Options
-        hints = typing.get_type_hints(opts) if opts else {}
-        helps = option_help(opts)
-        for f in dataclasses.fields(opts) if opts else ():
-            kind = getattr(hints.get(f.name), "__name__", None) or str(hints.get(f.name)).replace("typing.", "")
-            text = f": {helps[f.name]}" if f.name in helps else ""
-            notes[f"task_options.{f.name}"] = f"{values['task']} option ({kind}){text}"
+        notes.update(_option_notes("task_options", values["task"], get_task(values["task"]).Options))
+    scheme, options = source_options_of(values.get("data"))
+    for key, text in _option_notes("source_options", scheme, options).items():
+        notes.setdefault(key, text)  # a declared flag's help (naming the flag) first
     return notes
 
 
-def to_toml(values: dict[str, Any], notes: dict[str, str] | None = None) -> str:
+def source_options_of(data: Any) -> tuple[str | None, type | None]:
+    """The scheme and ``Options`` class of the source ``data`` names (``dicom:/scans``, or a bare path
+    that exists), or ``(None, None)`` where it names none yet."""
+    from sslkit.registry import get_source, resolve_data
+
+    try:
+        scheme = resolve_data(data)[0] if isinstance(data, str) and data else None
+        return scheme, (get_source(scheme).Options if scheme else None)
+    except UsageError:  # a path that is not there yet, an unknown scheme: the run reports it
+        return None, None
+
+
+def unset_source_options(data: Any, given: dict[str, Any]) -> dict[str, Any]:
+    """The options of the source ``data`` names that ``given`` does not set, each with its default."""
+    _, options = source_options_of(data)
+    out = {}
+    for f in dataclasses.fields(options) if options else ():
+        if f.name not in given:
+            factory = f.default_factory
+            out[f.name] = f.default if factory is dataclasses.MISSING else factory()
+    return out
+
+
+def _option_notes(group: str, owner: str | None, options: type | None) -> dict[str, str]:
+    """``{"group.field": "owner option (type): help"}`` for the fields of an ``Options`` dataclass."""
+    from sslkit.options import option_help
+
+    if options is None:
+        return {}
+    hints, helps = typing.get_type_hints(options), option_help(options)
+    notes = {}
+    for f in dataclasses.fields(options):
+        hint = hints.get(f.name)
+        kind = " | ".join(map(str, typing.get_args(hint))) if typing.get_origin(hint) is typing.Literal else \
+            getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+        text = f": {helps[f.name]}" if f.name in helps else ""
+        notes[f"{group}.{f.name}"] = f"{owner} option ({kind}){text}"
+    return notes
+
+
+def to_toml(values: dict[str, Any], notes: dict[str, str] | None = None,
+            defaults: dict[str, dict[str, Any]] | None = None) -> str:
     """Settings as TOML: scalars first, then one table per option group; unset ones commented.
 
     ``notes``: help per ``key`` / ``group.key`` (:func:`setting_help`), written as a
-    comment above the setting.
+    comment above the setting. ``defaults``: per group, options not set, written commented
+    with their default value (a source's own defaults, which apply unless set).
     """
     import textwrap
 
@@ -92,6 +130,13 @@ def to_toml(values: dict[str, Any], notes: dict[str, str] | None = None) -> str:
                 lines.append(f"# {key} = ...  (unset)")
             else:
                 lines.append(f"{key} = {_toml_value(value)}")
+        for key, value in ((defaults or {}).get(group) or {}).items():
+            lines += comment(notes.get(f"{group}.{key}"))
+            try:
+                shown = "..." if value is None else _toml_value(value)
+            except UsageError:  # a default TOML cannot say
+                shown = "..."
+            lines.append(f"# {key} = {shown}  (default)")
     return "\n".join(lines) + "\n"
 
 

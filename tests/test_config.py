@@ -354,3 +354,20 @@ def test_every_builtin_task_option_has_help_in_print_config(cli):
         assert not missing, f"{task}: options without a help comment: {missing}"
     r = cli("pretrain", "--print-config", "--task", "simmim")
     assert "# simmim option (int | None): " in r.output
+
+
+def test_print_config_lists_the_sources_options_with_their_defaults(tmp_path, cli):
+    """The source's options that are not set are listed commented, with their default and help, so a user
+    sees what ``--data-opt`` takes; the file still loads back to the same settings."""
+    r = cli("pretrain", "--print-config", "--task", "simclr", "--data", "dicom:/scans", "--data-opt", "frames=middle")
+    assert r.exit_code == 0, r.output
+    table = r.output.split("[source_options]")[1].split("[augment_options]")[0]
+    assert 'frames = "middle"' in table and '# frames = "all"  (default)' not in table
+    assert "# workers = 0  (default)" in table and "# dicom option (int): header-reading processes" in table
+    assert "# modality = \"\"  (default)" in table and "(--modality)" in table
+    f = tmp_path / "printed.toml"
+    f.write_text(r.output)
+    assert config.print_config({}, str(f)) == r.output
+    assert config.resolve({"out": str(tmp_path / "run")}, str(f)).source_options == {"frames": "middle"}
+    bare = cli("pretrain", "--print-config", "--task", "simclr", "--data", str(tmp_path / "not-yet"))
+    assert bare.exit_code == 0 and "(default)" not in bare.output  # no source known yet: nothing listed
