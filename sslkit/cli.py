@@ -78,7 +78,8 @@ def list_(kind: str, as_json: bool) -> None:
     if as_json:
         _echo_json(names)
     else:
-        click.echo("\n".join(names))
+        width = max(map(len, names), default=0)
+        click.echo("\n".join(f"{n:<{width}}  {registry.summary(kind, n)}".rstrip() for n in names))
 
 
 def _default(name: str, by_task: bool = False) -> str:

@@ -28,6 +28,23 @@ def _get(kind: str, singular: str, name: str) -> Any:
     raise UsageError(unknown_name_message(singular, name, sorted(plugins.entries[kind])))
 
 
+def summary(kind: str, name: str) -> str:
+    """One line on what ``name`` is: the first sentence of its own docstring (not one inherited), else
+    of its module's (the ``Task ``x``: `` a module docstring opens with left out); ``""`` without either."""
+    import re
+    import sys
+
+    obj = get_plugins().entries[kind][name].obj
+    module = sys.modules.get(getattr(obj, "__module__", "") or "")
+    for doc in (getattr(obj, "__doc__", None) if callable(obj) else None, getattr(module, "__doc__", None)):
+        if doc and doc.strip():
+            text = " ".join(doc.strip().split("\n\n")[0].split())
+            text = re.sub(r"^\w+ ``[^`]+``: ", "", text)
+            first = re.split(r"(?<! al\.)(?<=\.)\s", text, maxsplit=1)[0]  # "et al. " ends no sentence
+            return first if len(first) <= 200 else first[:199] + "…"
+    return ""
+
+
 def plugin_of(kind: str, name: str) -> str:
     """Which plugin registered ``name`` (for run metadata)."""
     return get_plugins().entries[kind][name].plugin

@@ -79,6 +79,18 @@ def test_every_task_is_listed(cli):
     assert set(ALL_TASKS) <= set(json.loads(result.output))
 
 
+def test_list_says_what_each_task_is_in_one_line(cli):
+    """``sslkit list tasks``: each name beside the first sentence of its module docstring (the paper), on one line;
+    ``--json`` stays the list of names."""
+    rows = dict(line.split(None, 1) for line in cli("list", "tasks").stdout.splitlines())
+    assert set(rows) == set(ALL_TASKS)
+    assert rows["mae"].startswith("Masked Autoencoders (He, Chen, Xie, Li, Dollár, Girshick, CVPR 2022)")
+    assert rows["vae"].endswith("Bowman et al. 2016 / Sonderby et al. 2016).")  # "et al." ends no sentence
+    assert all(len(text) <= 200 and not text.startswith("Task ") for text in rows.values())
+    sources = dict(line.split(None, 1) for line in cli("list", "sources").stdout.splitlines())
+    assert sources["dicom"] == "every DICOM image below PATH."  # its own docstring, not the Source base class's
+
+
 @pytest.mark.parametrize("task", ALL_TASKS)
 def test_module_docstring_names_paper_equation_and_defaults(task):
     doc = registry.get_task(task).__module__
