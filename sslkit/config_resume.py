@@ -29,6 +29,7 @@ def resume_config(given: dict[str, Any]) -> RunConfig:
         raise UsageError(f"--resume: {file} is not a readable sslkit run.json")
     saved = check_values({k: v for k, v in saved.items() if k in FIELDS}, str(file))
     _fill_legacy_options(saved)
+    given = _typed_task_options(given, saved["task"])
     for key, value in given.items():
         if key in RESUMABLE_OVERRIDES:
             continue
@@ -44,6 +45,18 @@ def resume_config(given: dict[str, Any]) -> RunConfig:
     values.update(resume=True, overwrite=False, out=out,
                   allow_data_change=bool(given.get("allow_data_change")))  # per resume, never inherited
     return RunConfig(**values)
+
+
+def _typed_task_options(given: dict[str, Any], task: str) -> dict[str, Any]:
+    """``given`` with its task options typed as the run recorded them (``--task-opt mask_ratio=0.6`` is the
+    float the run.json holds); an option given as None (the task's choice) matches what the task chose."""
+    from sslkit.options import typed_values
+    from sslkit.registry import get_task
+
+    if not isinstance(given.get("task_options"), dict):
+        return given
+    typed = typed_values(get_task(task).Options, given["task_options"], f"task {task!r}")
+    return {**given, "task_options": {k: v for k, v in typed.items() if v is not None}}
 
 
 def _fill_legacy_options(saved: dict[str, Any]) -> None:

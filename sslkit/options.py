@@ -46,19 +46,28 @@ def parse_values(values: dict[str, str]) -> dict[str, Any]:
     return out
 
 
-def build_options(cls: type | None, values: dict[str, Any], owner: str) -> Any:
-    """Instantiate the Options dataclass ``cls`` from strings or typed values."""
+def typed_values(cls: type | None, values: dict[str, Any], owner: str) -> dict[str, Any]:
+    """``values`` (strings from the command line, or typed) converted to the types of the Options
+    dataclass ``cls``'s fields; an unknown key is one line with the did-you-mean."""
     if cls is None:
         if values:
             raise UsageError(f"{owner} takes no options, got {', '.join(sorted(values))}")
-        return None
+        return {}
     hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    kwargs = {}
+    fields = [f.name for f in dataclasses.fields(cls)]
+    out = {}
     for key, raw in values.items():
         if key not in fields:
-            raise UsageError(f"{owner}: {unknown_name_message('option', key, list(fields))}")
-        kwargs[key] = _convert(raw, hints[key], f"{owner} option {key!r}")
+            raise UsageError(f"{owner}: {unknown_name_message('option', key, fields)}")
+        out[key] = _convert(raw, hints[key], f"{owner} option {key!r}")
+    return out
+
+
+def build_options(cls: type | None, values: dict[str, Any], owner: str) -> Any:
+    """Instantiate the Options dataclass ``cls`` from strings or typed values."""
+    kwargs = typed_values(cls, values, owner)
+    if cls is None:
+        return None
     try:
         options = cls(**kwargs)
     except (TypeError, ValueError) as exc:

@@ -184,3 +184,22 @@ def test_run_json_records_the_option_values_the_task_chose(task, backbone, chose
     expected = {**chosen, key: value}
     assert {k: options[k] for k in expected} == expected
     assert None not in options.values()
+
+
+def test_resume_takes_the_runs_own_task_options_typed_and_none_as_the_tasks_choice(images, tmp_path, cli):
+    """The command line that started a run resumes it: ``--task-opt mask_ratio=0.6`` is the float run.json
+    holds, and ``decoder_dim=none`` (the task's choice) matches the value the task chose and recorded; a
+    misspelt key is the did-you-mean line, a changed value still refused."""
+    run = tmp_path / "run"
+    args = ["pretrain", "--task", "mae", "--data", f"folder:{images}", "--out", run, *VIT, "--image-size", 32,
+            "--batch-size", 4, "--epochs", 1, "--quiet", "--device", "cpu",
+            "--task-opt", "mask_ratio=0.6", "--task-opt", "decoder_dim=none"]
+    assert cli(*args, "--max-steps", 2).exit_code == 0
+    assert json.loads((run / "run.json").read_text())["config"]["task_options"]["decoder_dim"] == 96
+    resumed = cli(*args, "--max-steps", 3, "--resume")
+    assert resumed.exit_code == 0, resumed.stderr
+    assert [r[0] for r in losses(run)] == [1, 2, 3]
+    typo = cli("pretrain", "--resume", run, "--task-opt", "mask_ratoi=0.6")
+    assert typo.exit_code == 2 and "unknown option 'mask_ratoi' (did you mean 'mask_ratio'?)" in typo.stderr
+    changed = cli("pretrain", "--resume", run, "--task-opt", "mask_ratio=0.5")
+    assert changed.exit_code == 2 and "not {'mask_ratio': 0.5}" in changed.stderr
