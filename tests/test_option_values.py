@@ -89,7 +89,7 @@ def test_bad_augment_options(cli, not_images, tmp_path, opt, line):
     ("simclr", "proj_dim=0", "proj_hidden_dim and proj_dim must be >= 1, got 2048 and 0"),
     ("simclr", "temperature=inf", "temperature must be a finite number > 0, got inf"),
     ("simclr", "temperature=nan", "temperature must be a finite number > 0, got nan"),
-    ("moco", "proj_dim=-1", "proj_hidden_dim and proj_dim must be >= 1, got 2048 and -1"),
+    ("moco", "proj_dim=-1", "proj_dim must be >= 1, got -1"),
     ("moco", "temperature=inf", "temperature must be a finite number > 0, got inf"),
     ("barlowtwins", "lambd=nan", "lambd must be a finite number >= 0, got nan"),
     ("vicreg", "mu=nan", "lambd, mu and nu must be finite numbers >= 0, got 25.0, nan, 1.0"),

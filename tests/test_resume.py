@@ -168,6 +168,8 @@ VIT = ["--backbone", "timm:vit_tiny_patch16_224", "--backbone-opt", "patch_size=
     ("mae", VIT, {"target": "hog", "decoder_dim": 96, "min_scale": 0.5}),
     ("dino", ["--backbone", "timm:resnet10t"], {"local_crops": 0, "local_size": 28}),
     ("denoising", ["--backbone", "timm:resnet10t"], {"mask_patch": 8}),
+    ("moco", ["--backbone", "timm:resnet10t"], {"temperature": 1.0, "momentum": 0.99, "proj_hidden_dim": 4096,
+                                                "proj_dim": 256}),  # v3's, chosen by the task (not the printed v2's)
 ])
 def test_run_json_records_the_option_values_the_task_chose(task, backbone, chosen, images, tmp_path, cli):
     """Options left at their default (None: chosen from the image size or the backbone) are recorded
@@ -175,7 +177,7 @@ def test_run_json_records_the_option_values_the_task_chose(task, backbone, chose
     choose otherwise; a value the user gave stands."""
     run = tmp_path / "run"
     key, value = {"simmim": ("mask_ratio", 0.5), "mae": ("decoder_dim", 64), "dino": ("local_crops", 0),
-                  "denoising": ("noise_std", 0.3)}[task]
+                  "denoising": ("noise_std", 0.3), "moco": ("version", 3)}[task]
     result = cli("pretrain", "--task", task, "--data", f"folder:{images}", "--out", run, *backbone,
                  "--image-size", 64, "--batch-size", 4, "--max-steps", 1, "--epochs", 1, "--quiet",
                  "--device", "cpu", "--task-opt", f"{key}={value}")

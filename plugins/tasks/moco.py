@@ -29,6 +29,7 @@ asymmetric views.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -72,21 +73,12 @@ class MoCoOptions:
     def __post_init__(self) -> None:
         if self.version not in (2, 3):
             raise ValueError("version must be 2 or 3")
-        v2 = self.version == 2
-        if self.temperature is None:
-            self.temperature = 0.2 if v2 else 1.0
-        if self.momentum is None:
-            self.momentum = 0.999 if v2 else 0.99
-        if self.proj_hidden_dim is None:
-            self.proj_hidden_dim = 2048 if v2 else 4096
-        if self.proj_dim is None:
-            self.proj_dim = 128 if v2 else 256
-        if not (math.isfinite(self.temperature) and self.temperature > 0):
+        if self.temperature is not None and not (math.isfinite(self.temperature) and self.temperature > 0):
             raise ValueError(f"temperature must be a finite number > 0, got {self.temperature}")
-        if min(self.proj_hidden_dim, self.proj_dim) < 1:
-            raise ValueError(f"proj_hidden_dim and proj_dim must be >= 1, "
-                             f"got {self.proj_hidden_dim} and {self.proj_dim}")
-        if not 0 <= self.momentum <= 1:
+        for name in ("proj_hidden_dim", "proj_dim"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.momentum is not None and not 0 <= self.momentum <= 1:
             raise ValueError("momentum must be in [0, 1]")
         if self.queue_size < 1:
             raise ValueError("queue_size must be >= 1")
@@ -109,8 +101,13 @@ class MoCo(Task):
     default_backbone = "timm:resnet18"
 
     def __init__(self, backbone, options: MoCoOptions, spec) -> None:
-        super().__init__(backbone, options, spec)
-        o = options
+        v2 = options.version == 2
+        chosen = {"temperature": 0.2 if v2 else 1.0, "momentum": 0.999 if v2 else 0.99,
+                  "proj_hidden_dim": 2048 if v2 else 4096, "proj_dim": 128 if v2 else 256}
+        chosen = {k: v if getattr(options, k) is None else getattr(options, k) for k, v in chosen.items()}
+        o = dataclasses.replace(options, **chosen)  # the version's values where the user gave none
+        super().__init__(backbone, o, spec)
+        self._chosen = chosen
         if o.version == 2:
             self.projector = mlp(backbone.num_features, o.proj_hidden_dim, o.proj_dim, batch_norm=False)
             self.predictor = None
@@ -122,6 +119,9 @@ class MoCo(Task):
         self.key_encoder = frozen_copy(backbone)
         self.key_projector = frozen_copy(self.projector)
         self._keys: torch.Tensor | None = None
+
+    def resolved_options(self):
+        return dict(self._chosen)
 
     def views(self, spec):
         if self.options.version == 3:
