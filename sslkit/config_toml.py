@@ -70,8 +70,13 @@ def source_options_of(data: Any) -> tuple[str | None, type | None]:
 
 
 def unset_source_options(data: Any, given: dict[str, Any]) -> dict[str, Any]:
-    """The options of the source ``data`` names that ``given`` does not set, each with its default."""
-    _, options = source_options_of(data)
+    """The options of the source ``data`` names that ``given`` does not set, each with its default; a
+    key in ``given`` that the source does not take is one line with the did-you-mean, as the run says."""
+    from sslkit.options import typed_values
+
+    scheme, options = source_options_of(data)
+    if options is not None:
+        typed_values(options, given, f"source {scheme!r}")
     out = {}
     for f in dataclasses.fields(options) if options else ():
         if f.name not in given:

@@ -369,5 +369,7 @@ def test_print_config_lists_the_sources_options_with_their_defaults(tmp_path, cl
     f.write_text(r.output)
     assert config.print_config({}, str(f)) == r.output
     assert config.resolve({"out": str(tmp_path / "run")}, str(f)).source_options == {"frames": "middle"}
+    typo = cli("pretrain", "--print-config", "--task", "simclr", "--data", "dicom:/scans", "--data-opt", "frame=middle")
+    assert typo.exit_code == 2 and "source 'dicom': unknown option 'frame' (did you mean 'frames'?)" in typo.stderr
     bare = cli("pretrain", "--print-config", "--task", "simclr", "--data", str(tmp_path / "not-yet"))
     assert bare.exit_code == 0 and "(default)" not in bare.output  # no source known yet: nothing listed
