@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 
+from sslkit.api import UsageError
 from tests.conftest import make_images, run_sslkit
 
 
@@ -139,3 +140,23 @@ def test_a_batch_batchnorm_cannot_normalise_is_one_line_exit_2(cli, gray_folder,
     lines = [line for line in result.stderr.splitlines() if line.strip() and not line.startswith("decoding")]
     assert len(lines) == 1 and "--batch-size 2 or more" in lines[0], result.output
     assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("name", ["cuda:x", "cuda:", "cudaX", "gpu", "cuda:-1"])
+def test_a_malformed_device_is_one_line_whether_or_not_a_gpu_is_there(name, monkeypatch):
+    from sslkit.engine import resolve_device
+
+    for present in (False, True):
+        monkeypatch.setattr("torch.cuda.is_available", lambda p=present: p)
+        with pytest.raises(UsageError, match=rf"unknown --device '{name}'; choose from: auto, cpu, cuda, cuda:N"):
+            resolve_device(name)
+
+
+def test_a_gpu_index_the_machine_lacks_is_one_line(monkeypatch):
+    from sslkit.engine import resolve_device
+
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 2)
+    with pytest.raises(UsageError, match=r"--device cuda:7: this machine has 2 CUDA GPU\(s\), cuda:0 to cuda:1"):
+        resolve_device("cuda:7")
+    assert str(resolve_device("cuda:1")) == "cuda:1"

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -89,13 +90,16 @@ def resolve_device(name: str) -> torch.device:
     """``auto`` | ``cpu`` | ``cuda`` | ``cuda:N``; under torchrun ``cuda`` means this rank's GPU."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name != "cpu" and not re.fullmatch(r"cuda(:\d+)?", name):
+        raise UsageError(f"unknown --device {name!r}; choose from: auto, cpu, cuda, cuda:N")
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
             raise UsageError("--device cuda asked for, but no CUDA GPU is available; use --device cpu")
         if name == "cuda" and distributed.launched():
             name = f"cuda:{distributed.local_rank()}"
-    elif name != "cpu":
-        raise UsageError(f"unknown --device {name!r}; choose from: auto, cpu, cuda, cuda:N")
+        count = torch.cuda.device_count()
+        if name != "cuda" and int(name.split(":")[1]) >= count:
+            raise UsageError(f"--device {name}: this machine has {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}")
     return torch.device(name)
 
 
