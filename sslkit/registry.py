@@ -29,18 +29,24 @@ def _get(kind: str, singular: str, name: str) -> Any:
 
 
 def summary(kind: str, name: str) -> str:
-    """One line on what ``name`` is: the first sentence of its own docstring (not one inherited), else
-    of its module's (the ``Task ``x``: `` a module docstring opens with left out); ``""`` without either."""
+    """One line on what ``name`` is: the first sentence of its own docstring (not one inherited from its
+    class, nor the signature a dataclass gets), else of its module's (with the ``Task ``x``: `` such a
+    docstring opens with left out), reStructuredText's double backquotes as single; ``""`` without either."""
     import re
     import sys
 
     obj = get_plugins().entries[kind][name].obj
+    own = getattr(obj, "__doc__", None) if callable(obj) else None
+    if own is getattr(type(obj), "__doc__", None) and not isinstance(obj, type):  # an instance's: its class's
+        own = None
+    if isinstance(obj, type) and own and own.startswith(f"{obj.__name__}("):  # a dataclass's generated one
+        own = None
     module = sys.modules.get(getattr(obj, "__module__", "") or "")
-    for doc in (getattr(obj, "__doc__", None) if callable(obj) else None, getattr(module, "__doc__", None)):
+    for doc in (own, getattr(module, "__doc__", None)):
         if doc and doc.strip():
-            text = " ".join(doc.strip().split("\n\n")[0].split())
-            text = re.sub(r"^\w+ ``[^`]+``: ", "", text)
-            first = re.split(r"(?<! al\.)(?<=\.)\s", text, maxsplit=1)[0]  # "et al. " ends no sentence
+            text = " ".join(doc.strip().split("\n\n")[0].split()).replace("``", "`")
+            text = re.sub(r"^[\w ]+ `[^`]+`: ", "", text)
+            first = re.split(r"(?<! al\.)(?<! e\.g\.)(?<! i\.e\.)(?<=\.)\s", text, maxsplit=1)[0]
             return first if len(first) <= 200 else first[:199] + "…"
     return ""
 

@@ -89,6 +89,30 @@ def test_list_says_what_each_task_is_in_one_line(cli):
     assert all(len(text) <= 200 and not text.startswith("Task ") for text in rows.values())
     sources = dict(line.split(None, 1) for line in cli("list", "sources").stdout.splitlines())
     assert sources["dicom"] == "every DICOM image below PATH."  # its own docstring, not the Source base class's
+    for kind in ("backbones", "exporters", "callbacks", "sources"):
+        assert "``" not in cli("list", kind).stdout  # reStructuredText's double backquotes shown as single
+
+
+def test_list_summary_skips_docstrings_that_are_not_the_objects_own():
+    """A dataclass's generated signature and an instance's class docstring say nothing about the plugin:
+    its module's docstring is used (here the test module's)."""
+    import dataclasses
+    import functools
+
+    from sslkit import plugins
+
+    @dataclasses.dataclass
+    class Plain:
+        a: int = 1
+
+    entries = plugins.get_plugins().entries["tasks"]
+    for obj in (Plain, functools.partial(print, "x")):
+        entries["kit-summary"] = plugins.Entry(obj, "test")
+        try:
+            text = registry.summary("tasks", "kit-summary")
+        finally:
+            del entries["kit-summary"]
+        assert not text.startswith(("Plain(", "partial(")), text
 
 
 @pytest.mark.parametrize("task", ALL_TASKS)
