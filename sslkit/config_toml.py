@@ -59,14 +59,22 @@ def setting_help(values: dict[str, Any]) -> dict[str, str]:
 
 def source_options_of(data: Any) -> tuple[str | None, type | None]:
     """The scheme and ``Options`` class of the source ``data`` names (``dicom:/scans``, or a bare path
-    that exists), or ``(None, None)`` where it names none yet."""
+    that exists), or ``(None, None)`` for a bare path that is not there yet; an unknown scheme, or a
+    folder no source recognises, is the run's one line."""
+    import re
+    from pathlib import Path
+
     from sslkit.registry import get_source, resolve_data
 
-    try:
-        scheme = resolve_data(data)[0] if isinstance(data, str) and data else None
-        return scheme, (get_source(scheme).Options if scheme else None)
-    except UsageError:  # a path that is not there yet, an unknown scheme: the run reports it
+    if not isinstance(data, str) or not data:
         return None, None
+    try:
+        scheme = resolve_data(data)[0]
+    except UsageError:
+        if not Path(data).exists() and not re.match(r"\w{2,}:", data):  # a bare path (or C:\...) made later
+            return None, None
+        raise
+    return scheme, get_source(scheme).Options
 
 
 def unset_source_options(data: Any, given: dict[str, Any]) -> dict[str, Any]:

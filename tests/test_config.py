@@ -373,3 +373,5 @@ def test_print_config_lists_the_sources_options_with_their_defaults(tmp_path, cl
     assert typo.exit_code == 2 and "source 'dicom': unknown option 'frame' (did you mean 'frames'?)" in typo.stderr
     bare = cli("pretrain", "--print-config", "--task", "simclr", "--data", str(tmp_path / "not-yet"))
     assert bare.exit_code == 0 and "(default)" not in bare.output  # no source known yet: nothing listed
+    unknown = cli("pretrain", "--print-config", "--task", "simclr", "--data", "dicomm:/scans")
+    assert unknown.exit_code == 2 and "unknown data source 'dicomm' (did you mean 'dicom'?)" in unknown.stderr
