@@ -47,11 +47,11 @@ def setting_help(values: dict[str, Any]) -> dict[str, str]:
         if param.name in FIELDS and text:
             notes[param.name] = text
     notes["cache_dir"] = notes.get("cache_dir", "") + ' "" keeps decoded pixels in memory only (--no-cache).'
-    for flag in declared_flags():
-        notes[f"source_options.{flag.field}"] = f"{flag.help} ({flag.flag})"
+    scheme, options = source_options_of(values.get("data"))
+    for flag in declared_flags():  # the run's source's own help where it declared the flag, else every plugin's
+        notes[f"source_options.{flag.field}"] = f"{dict(flag.helps).get(scheme) or flag.help} ({flag.flag})"
     if values.get("task"):
         notes.update(_option_notes("task_options", values["task"], get_task(values["task"]).Options))
-    scheme, options = source_options_of(values.get("data"))
     for key, text in _option_notes("source_options", scheme, options).items():
         notes.setdefault(key, text)  # a declared flag's help (naming the flag) first
     return notes
