@@ -49,12 +49,12 @@ def parse_values(values: dict[str, str]) -> dict[str, Any]:
 def typed_values(cls: type | None, values: dict[str, Any], owner: str) -> dict[str, Any]:
     """``values`` (strings from the command line, or typed) converted to the types of the Options
     dataclass ``cls``'s fields; an unknown key is one line with the did-you-mean."""
-    if cls is None:
+    fields = [f.name for f in dataclasses.fields(cls)] if cls is not None else []
+    if not fields:
         if values:
             raise UsageError(f"{owner} takes no options, got {', '.join(sorted(values))}")
         return {}
     hints = typing.get_type_hints(cls)
-    fields = [f.name for f in dataclasses.fields(cls)]
     out = {}
     for key, raw in values.items():
         if key not in fields:

@@ -92,3 +92,15 @@ def test_vit_patch_embedding_as_matmul_equals_the_convolution(monkeypatch):
     g_fast, = torch.autograd.grad(fast.square().sum(), w)
     g_ref, = torch.autograd.grad(ref.square().sum(), w)
     assert torch.allclose(g_fast, g_ref, rtol=1e-4, atol=1e-4)
+
+
+def test_options_without_fields_take_none_in_one_line():
+    import dataclasses
+
+    @dataclasses.dataclass
+    class NoFields:
+        pass
+
+    with pytest.raises(UsageError, match=r"^task 'x' takes no options, got ratio$"):
+        build_options(NoFields, {"ratio": "1"}, "task 'x'")
+    assert build_options(NoFields, {}, "task 'x'") == NoFields()
