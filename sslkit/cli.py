@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import click
 
 from sslkit.errors import CheckFailed, UsageError
+from sslkit.run import remove_unused_run_dir
 from sslkit.new_plugin import KINDS as NEW_PLUGIN_KINDS
 from sslkit.plugins import KINDS as PLUGIN_KINDS
 from sslkit.source_flags import SourceFlagsCommand, flag_values
@@ -203,9 +205,15 @@ def pretrain(ctx: click.Context, **kw) -> None:
         click.echo(config.print_config(values, kw["config_file"]), nl=False)
         return
     cfg = config.resolve(values, kw["config_file"])
-    if "out" not in values and not cfg.resume:
+    made = "out" not in values and not cfg.resume  # config.default_out made it, empty
+    if made:
         click.echo(f"run directory: {cfg.out}")
-    summary = run_pretrain(cfg)
+    try:
+        summary = run_pretrain(cfg)
+    except BaseException:
+        if made:
+            remove_unused_run_dir(Path(cfg.out))
+        raise
     from sslkit.engine.signals import EXIT_REQUEUE
 
     requeue = EXIT_REQUEUE if summary.get("interrupted") and summary.get("requeue") else 0

@@ -152,7 +152,8 @@ def resolve(cli: dict[str, Any], config_file: str | None = None) -> RunConfig:
 def default_out(task: str, root: Path = Path("runs")) -> str:
     """The run directory of a run started without ``--out``: ``runs/<task>-<YYYYmmdd-HHMMSS>``
     (local time), with ``-2``, ``-3``, ... appended while that folder exists, so an earlier
-    run is never reused. Under torchrun every process must name the same folder: refused."""
+    run is never reused. The folder is made here, empty, so two runs started in the same second
+    (array jobs) take two folders. Under torchrun every process must name the same folder: refused."""
     import os
     import time
 
@@ -160,10 +161,18 @@ def default_out(task: str, root: Path = Path("runs")) -> str:
         raise UsageError("--out is required under torchrun (every process must name the same run directory)")
     base = f"{task}-{time.strftime('%Y%m%d-%H%M%S')}"
     name, n = base, 1
-    while (root / name).exists():
-        n += 1
-        name = f"{base}-{n}"
-    return str(root / name)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        while True:
+            try:
+                (root / name).mkdir()
+                return str(root / name)
+            except FileExistsError:  # an earlier run's, or a run started beside this one
+                n += 1
+                name = f"{base}-{n}"
+    except OSError as exc:
+        raise UsageError(f"cannot make the run directory under {str(root)!r}: {first_line(exc)}; "
+                         f"give --out") from None
 
 
 def print_config(cli: dict[str, Any], config_file: str | None = None) -> str:

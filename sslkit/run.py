@@ -169,6 +169,17 @@ def check_run_dir(cfg: RunConfig) -> Path:
     return out
 
 
+def remove_unused_run_dir(out: Path) -> None:
+    """Remove ``out`` if it holds nothing but the run lock: the folder a run started without ``--out``
+    made for itself, when the run failed before writing anything (a failed run's record stays)."""
+    try:
+        if all(p.name == LOCK_FILE for p in out.iterdir()):
+            (out / LOCK_FILE).unlink(missing_ok=True)
+            out.rmdir()
+    except OSError:  # gone already, or something appeared in it: leave it
+        pass
+
+
 def auto_resume(out: str | None) -> dict[str, Any]:
     """``--resume auto``: the settings that continue ``out`` when it holds a checkpoint
     (``resume``), replace an sslkit run that never reached one (``overwrite``), or start

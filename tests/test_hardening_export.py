@@ -161,6 +161,22 @@ def test_pretrain_without_out_makes_a_new_run_dir(trained, tmp_path, cli, monkey
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == sorted(taken | {run_dir.name})
 
 
+def test_runs_started_in_the_same_second_without_out_take_two_folders(tmp_path, monkeypatch, cli):
+    """The default run folder is made when it is named, so a second run in the same second (array jobs)
+    takes ``-2`` instead of finding the first's folder not empty; a run that fails before writing
+    anything leaves no empty folder behind."""
+    from sslkit.config import default_out
+
+    monkeypatch.setattr(time, "strftime", lambda fmt, *a: "20261205-120000")
+    first, second = default_out("simclr", tmp_path / "runs"), default_out("simclr", tmp_path / "runs")
+    assert (Path(first).name, Path(second).name) == ("simclr-20261205-120000", "simclr-20261205-120000-2")
+    assert Path(first).is_dir() and Path(second).is_dir()
+    monkeypatch.chdir(tmp_path)
+    bad = cli("pretrain", "--task", "simclr", "--data", "folder:missing", "--quiet")
+    assert bad.exit_code == 2 and "does not exist" in bad.stderr
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == [Path(first).name, Path(second).name]
+
+
 # -- 26: one --device default ----------------------------------------------------------------
 
 def test_embed_and_eval_share_the_device_default():
