@@ -35,7 +35,8 @@ def run_backbone(task_cls: type, values: dict[str, Any]) -> tuple[str, dict[str,
 
 def init_backbone(init: str) -> tuple[str, dict[str, Any]] | None:
     """(backbone, options) that ``--init``'s weights were made for, when they say: the backbone an
-    sslkit run (or the run of a checkpoint) recorded, a timm tag's architecture
+    sslkit run (or the run of a checkpoint) recorded, or the one an ``sslkit export --format safetensors``
+    file's header records, a timm tag's architecture
     (``timm:vit_small_patch14_dinov2.lvd142m`` -> ``timm:vit_small_patch14_dinov2``), or the timm
     twin of a Hugging Face ViT / DINOv2 ``config.json`` in a model folder or the local Hub cache.
     None otherwise (a bare weights file): the task's default, which ``--init`` then checks."""
@@ -43,6 +44,8 @@ def init_backbone(init: str) -> tuple[str, dict[str, Any]] | None:
     if init.startswith("timm:"):
         return f"timm:{init[5:].split('.', 1)[0]}", {}
     path = Path(init).expanduser()
+    if path.is_file() and path.suffix == ".safetensors":
+        return exported_backbone(path)
     if path.is_dir():
         return recorded_backbone(split_checkpoint(path)[0] / RUN_JSON) or hf_backbone(read_json(path / "config.json"))
     if init.startswith(("hf-hub:", "hf:")) or (init.count("/") == 1 and not path.exists()
@@ -92,6 +95,22 @@ def hf_backbone(config: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
     if options and mlp_ratio != 4.0 and size != "giant":
         options["mlp_ratio"] = mlp_ratio
     return f"timm:{name}", options
+
+
+def exported_backbone(file: Path) -> tuple[str, dict[str, Any]] | None:
+    """(backbone, backbone options) of the run an ``sslkit export --format safetensors`` file came from
+    (its header's ``sslkit`` metadata); None for another safetensors file, or one that cannot be read
+    (``--init`` reports that when it loads the weights)."""
+    import json
+
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(file), framework="numpy") as f:  # the header only; no torch needed
+            recorded = json.loads((f.metadata() or {}).get("sslkit") or "{}")
+        return str(recorded["backbone"]), dict(recorded.get("backbone_options") or {})
+    except Exception:  # not sslkit's, or not a safetensors file at all
+        return None
 
 
 def recorded_backbone(run_json: Path) -> tuple[str, dict[str, Any]] | None:

@@ -80,3 +80,18 @@ def test_cifar_stem_recipe_and_fp16(tmp_path):
     with torch.no_grad():
         got, ref = _features(model.eval(), x), encoder(x)
     assert (got - ref).abs().max() <= 1e-2 * ref.abs().max()
+
+
+def test_init_from_an_exported_file_builds_the_architecture_its_header_records(tmp_path):
+    """``--init encoder.safetensors`` of sslkit's own export builds the run's backbone (named in the file's
+    header), as ``--init RUN_DIR`` does, not the task's default; another safetensors file names none."""
+    from safetensors.torch import save_file
+
+    from sslkit.config_backbone import init_backbone
+
+    _, out, _ = _export(tmp_path, "vit_tiny_patch16_224", {"patch_size": 8, "depth": 2}, 32)
+    assert init_backbone(str(out)) == ("timm:vit_tiny_patch16_224", {"patch_size": 8, "depth": 2})
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "plain.safetensors"))
+    assert init_backbone(str(tmp_path / "plain.safetensors")) is None
+    (tmp_path / "broken.safetensors").write_bytes(b"\x00" * 5)
+    assert init_backbone(str(tmp_path / "broken.safetensors")) is None
