@@ -166,7 +166,8 @@ def _default(name: str, by_task: bool = False) -> str:
 @click.option("--augment-opt", "augment_opts", multiple=True, metavar="KEY=VALUE",
               help="Override a view-recipe field of the task's augmentation (repeatable), e.g. rotate_p=0.5.")
 @click.option("--cache", "cache_dir", default=None, type=click.Path(file_okay=False),
-              help="Decoded-pixel cache folder (default: $SSLKIT_CACHE_DIR, else ~/.cache/sslkit).")
+              help="Decoded-pixel cache folder (default: $SSLKIT_CACHE_DIR, else $XDG_CACHE_HOME/sslkit, "
+                   "else ~/.cache/sslkit).")
 @click.option("--no-cache", is_flag=True, default=None, help="Keep decoded pixels in memory only.")
 @click.option("--cache-size", default=None, type=click.IntRange(min=8),
               help="Store decoded pixels at this side length (>= --image-size; resized on the device), "

@@ -316,3 +316,12 @@ def test_nifti_declares_its_window_and_the_graph_reproduces_its_pixels(tmp_path)
     ref = source.index()[2]
     np.testing.assert_allclose(raw.to_unit(source.load_raw(ref)[None])[0], source.load(ref), atol=1e-6)
     assert create_source(f"nifti:{tmp_path / 'ct.nii'}").graph_preprocessing().kind == "unit"  # minmax: per volume
+
+
+def test_the_window_flag_names_every_ct_preset_the_source_takes():
+    """dicom_flags is read without importing the source, so its help lists the presets by hand: every one."""
+    from sslkit_plugins.sources.dicom_decode import PRESETS
+    from sslkit_plugins.sources.dicom_flags import FLAGS
+
+    listed = FLAGS["window"].split("a CT preset (")[1].split(")")[0].split(", ")
+    assert listed == list(PRESETS)

@@ -6,8 +6,8 @@ the source exactly as ``--data-opt window=...`` would.
 """
 
 FLAGS = {
-    "window": "Intensity window: auto, minmax, W,L, a CT preset (lung, mediastinum, bone, brain, abdomen) "
-              "or three stacked as channels (lung,mediastinum,bone) (default: auto).",
+    "window": "Intensity window: auto, minmax, W,L, a CT preset (lung, mediastinum, bone, brain, abdomen, liver, "
+              "subdural, stroke) or three stacked as channels (lung,mediastinum,bone) (default: auto).",
     "modality": "Keep only these modalities, e.g. CT,MR.",
     "series_description": "Keep only series whose description matches this glob.",
     "sample": "slice (one 2D image per slice, default), slab:K (K adjacent slices of a series as channels) "
