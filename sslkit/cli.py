@@ -206,7 +206,7 @@ def pretrain(ctx: click.Context, **kw) -> None:
         click.echo(config.print_config(values, kw["config_file"]), nl=False)
         return
     cfg = config.resolve(values, kw["config_file"])
-    made = "out" not in values and not cfg.resume  # config.default_out made it, empty
+    made = cfg.out in config.MADE_RUN_DIRS  # no --out, here or in --config: config.default_out made it
     if made:
         click.echo(f"run directory: {cfg.out}")
     try:

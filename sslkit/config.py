@@ -149,6 +149,11 @@ def resolve(cli: dict[str, Any], config_file: str | None = None) -> RunConfig:
     return RunConfig(**_complete(values))
 
 
+#: the run folders :func:`default_out` made in this process (``sslkit pretrain`` removes one again when
+#: its run fails before writing anything; a folder the user named is never removed)
+MADE_RUN_DIRS: set[str] = set()
+
+
 def default_out(task: str, root: Path = Path("runs")) -> str:
     """The run directory of a run started without ``--out``: ``runs/<task>-<YYYYmmdd-HHMMSS>``
     (local time), with ``-2``, ``-3``, ... appended while that folder exists, so an earlier
@@ -166,6 +171,7 @@ def default_out(task: str, root: Path = Path("runs")) -> str:
         while True:
             try:
                 (root / name).mkdir()
+                MADE_RUN_DIRS.add(str(root / name))
                 return str(root / name)
             except FileExistsError:  # an earlier run's, or a run started beside this one
                 n += 1

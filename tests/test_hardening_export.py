@@ -238,3 +238,13 @@ def test_make_test_prints_a_line_per_test_file(tmp_path):
     assert proc.returncode == 0, proc.stdout
     assert re.search(r"^test_first\.py \.\.\s+\[ 50%\]$", proc.stdout, re.M), proc.stdout
     assert re.search(r"^test_second\.py \.\.\s+\[100%\]$", proc.stdout, re.M), proc.stdout
+
+
+def test_a_failed_run_never_removes_a_folder_the_user_named(tmp_path, monkeypatch, cli):
+    """--out given in a config file, an empty folder of the user's: a run that fails early leaves it."""
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "run.toml").write_text('task = "simclr"\ndata = "folder:missing"\nout = "mine"\n')
+    monkeypatch.chdir(tmp_path)
+    bad = cli("pretrain", "--config", "run.toml", "--quiet")
+    assert bad.exit_code == 2 and "does not exist" in bad.stderr and "run directory:" not in bad.stdout
+    assert (tmp_path / "mine").is_dir()
