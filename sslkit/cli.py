@@ -9,9 +9,9 @@ from pathlib import Path
 import click
 
 from sslkit.errors import CheckFailed, UsageError
-from sslkit.run import remove_unused_run_dir
 from sslkit.new_plugin import KINDS as NEW_PLUGIN_KINDS
 from sslkit.plugins import KINDS as PLUGIN_KINDS
+from sslkit.run import remove_unused_run_dir
 from sslkit.source_flags import SourceFlagsCommand, flag_values
 
 
