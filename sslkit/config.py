@@ -192,7 +192,8 @@ def print_config(cli: dict[str, Any], config_file: str | None = None) -> str:
     if given.get("max_steps") is not None and "epochs" not in given:  # as resolve(): --max-steps alone
         values["epochs"] = None
     ordered = {k: values.get(k) for k in (*REQUIRED, *FIELDS) if k not in ("resume", "overwrite")}
-    from sslkit.config_toml import setting_help, to_toml, unset_source_options
+    from sslkit.config_toml import setting_help, source_options_of, to_toml, unset_source_options
 
-    unset = unset_source_options(values.get("data"), values.get("source_options") or {})
-    return to_toml(ordered, setting_help(values), {"source_options": unset})
+    source = source_options_of(values.get("data"))  # once: a bare path is sniffed
+    unset = unset_source_options(source, values.get("source_options") or {})
+    return to_toml(ordered, setting_help(values, source), {"source_options": unset})

@@ -31,10 +31,11 @@ _FIELD_HELP = {
 }
 
 
-def setting_help(values: dict[str, Any]) -> dict[str, str]:
+def setting_help(values: dict[str, Any], source: tuple[str | None, type | None] = (None, None)) -> dict[str, str]:
     """A one-line help per setting of ``values``: ``key`` for top-level settings and
     ``group.key`` for table entries (from the options of ``sslkit pretrain``, the source
-    plugins' flags, and the task's ``Options`` fields)."""
+    plugins' flags, and the task's ``Options`` fields). ``source``: the run's source scheme and
+    ``Options`` (:func:`source_options_of`), for its own options' help."""
     import click
 
     from sslkit.cli import pretrain
@@ -47,7 +48,7 @@ def setting_help(values: dict[str, Any]) -> dict[str, str]:
         if param.name in FIELDS and text:
             notes[param.name] = text
     notes["cache_dir"] = notes.get("cache_dir", "") + ' "" keeps decoded pixels in memory only (--no-cache).'
-    scheme, options = source_options_of(values.get("data"))
+    scheme, options = source  # source_options_of(values["data"]), found once by the caller
     for flag in declared_flags():  # the run's source's own help where it declared the flag, else every plugin's
         notes[f"source_options.{flag.field}"] = f"{dict(flag.helps).get(scheme) or flag.help} ({flag.flag})"
     if values.get("task"):
@@ -77,12 +78,13 @@ def source_options_of(data: Any) -> tuple[str | None, type | None]:
     return scheme, get_source(scheme).Options
 
 
-def unset_source_options(data: Any, given: dict[str, Any]) -> dict[str, Any]:
-    """The options of the source ``data`` names that ``given`` does not set, each with its default; a
-    key in ``given`` that the source does not take is one line with the did-you-mean, as the run says."""
+def unset_source_options(source: tuple[str | None, type | None], given: dict[str, Any]) -> dict[str, Any]:
+    """The options of ``source`` (:func:`source_options_of`) that ``given`` does not set, each with its
+    default; a key in ``given`` that the source does not take is one line with the did-you-mean, as the
+    run says."""
     from sslkit.options import typed_values
 
-    scheme, options = source_options_of(data)
+    scheme, options = source
     if options is not None:
         typed_values(options, given, f"source {scheme!r}")
     out = {}
