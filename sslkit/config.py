@@ -191,9 +191,23 @@ def print_config(cli: dict[str, Any], config_file: str | None = None) -> str:
     values = _complete(merge(defaults(), _task_layer(given), given))
     if given.get("max_steps") is not None and "epochs" not in given:  # as resolve(): --max-steps alone
         values["epochs"] = None
+    _check_printed(values)
     ordered = {k: values.get(k) for k in (*REQUIRED, *FIELDS) if k not in ("resume", "overwrite")}
     from sslkit.config_toml import setting_help, source_options_of, to_toml, unset_source_options
 
     source = source_options_of(values.get("data"))  # once: a bare path is sniffed
     unset = unset_source_options(source, values.get("source_options") or {})
     return to_toml(ordered, setting_help(values, source), {"source_options": unset})
+
+
+def _check_printed(values: dict[str, Any]) -> None:
+    """Refuse what ``--config`` would refuse of the printed file: the run's own checks and, with
+    ``--augment-opt``, the keys and values the task's views take (built on a stand-in, as the run
+    checks them before decoding; the ``--init`` weights are not read)."""
+    import dataclasses
+
+    cfg = RunConfig(**{**values, "data": values.get("data") or "-", "out": values.get("out") or "-"})
+    if cfg.augment_options:
+        from sslkit.engine.model_setup import check_pairing
+
+        check_pairing(cfg.backbone, dataclasses.replace(cfg, init=None))

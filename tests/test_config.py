@@ -375,3 +375,22 @@ def test_print_config_lists_the_sources_options_with_their_defaults(tmp_path, cl
     assert bare.exit_code == 0 and "(default)" not in bare.output  # no source known yet: nothing listed
     unknown = cli("pretrain", "--print-config", "--task", "simclr", "--data", "dicomm:/scans")
     assert unknown.exit_code == 2 and "unknown data source 'dicomm' (did you mean 'dicom'?)" in unknown.stderr
+
+
+def test_print_config_refuses_what_the_printed_file_would_be_refused_for(tmp_path, cli):
+    """--print-config checks --augment-opt against the task's own views (a typo, a value out of range, a
+    field the task refuses) and the run's cross-field checks, so the file it prints always loads back."""
+    typo = cli("pretrain", "--print-config", "--task", "simclr", "--augment-opt", "jiter_p=0.3")
+    assert typo.exit_code == 2 and "unknown option 'jiter_p' (did you mean 'jitter_p'?)" in typo.stderr
+    out_of_range = cli("pretrain", "--print-config", "--task", "simclr", "--augment-opt", "jitter_p=3")
+    assert out_of_range.exit_code == 2 and "jitter_p must be a probability in [0, 1], got 3.0" in out_of_range.stderr
+    turned = cli("pretrain", "--print-config", "--task", "rotation", "--augment-opt", "rot90_p=0.5")
+    assert turned.exit_code == 2 and "would make its labels ambiguous" in turned.stderr
+    no_init = cli("pretrain", "--print-config", "--task", "simclr", "--init-lr-scale", "0.5")
+    assert no_init.exit_code == 2 and "applies to continued pretraining only; give --init too" in no_init.stderr
+    good = cli("pretrain", "--print-config", "--task", "jigsaw", "--augment-opt", "blur_p=0.5")
+    assert good.exit_code == 0, good.output
+    f = tmp_path / "printed.toml"
+    f.write_text(good.output)
+    assert config.resolve({"data": str(tmp_path), "out": str(tmp_path / "run")}, str(f)).augment_options == {
+        "blur_p": "0.5"}
