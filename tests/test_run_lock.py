@@ -102,6 +102,9 @@ def test_overwrite_replaces_runs_only(tmp_path, cli):
         f"error: --overwrite: {str(out)!r} is not an sslkit run (no run.json) and is not empty; --overwrite "
         f"replaces runs only: give a new or empty --out")
     assert (out / "checkpoints" / "notes.txt").read_text() == "keep\n" and (out / "metrics.csv").read_text() == "mine\n"
+    result = cli(*args, "--out", out)  # without --overwrite: refused, and the folder is left exactly as it was
+    assert result.exit_code == 2 and "is not empty" in result.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "metrics.csv"]  # no .sslkit.lock left behind
     # a parent that is a file: one line before anything is decoded (was NotADirectoryError at the end)
     (tmp_path / "afile").write_text("x")
     result = cli(*args, "--out", tmp_path / "afile" / "sub")
