@@ -152,6 +152,9 @@ def check_run_dir(cfg: RunConfig) -> Path:
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {cfg.out!r} exists and is not a directory")
     if out.is_dir() and any(p.name != LOCK_FILE for p in out.iterdir()) and not (cfg.overwrite or cfg.resume):
+        if not (out / RUN_JSON).is_file():  # a user's folder: neither --resume nor --overwrite takes it
+            raise UsageError(f"run directory {cfg.out!r} is not empty and is not an sslkit run (no {RUN_JSON}); "
+                             f"give a new or empty --out")
         raise UsageError(
             f"run directory {cfg.out!r} is not empty; pass --resume to continue it or "
             f"--overwrite to replace it"

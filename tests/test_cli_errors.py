@@ -93,8 +93,11 @@ def test_non_empty_run_dir_is_refused(images, tmp_path, cli):
     out.mkdir()
     (out / "precious.txt").write_text("keep me")
     proc = _pretrain("--task", "simclr", "--data", images, out=out, run=cli)
-    _assert_user_error(proc, "not empty", "--resume", "--overwrite")
+    _assert_user_error(proc, "not empty", "not an sslkit run", "give a new or empty --out")  # neither flag takes it
     assert (out / "precious.txt").read_text() == "keep me"
+    (out / "run.json").write_text("{}")  # a run's folder: continue or replace it
+    _assert_user_error(_pretrain("--task", "simclr", "--data", images, out=out, run=cli), "not empty", "--resume",
+                       "--overwrite")
 
 
 def test_export_errors(tmp_path, cli):

@@ -103,7 +103,9 @@ def test_overwrite_replaces_runs_only(tmp_path, cli):
         f"replaces runs only: give a new or empty --out")
     assert (out / "checkpoints" / "notes.txt").read_text() == "keep\n" and (out / "metrics.csv").read_text() == "mine\n"
     result = cli(*args, "--out", out)  # without --overwrite: refused, and the folder is left exactly as it was
-    assert result.exit_code == 2 and "is not empty" in result.stderr
+    assert result.exit_code == 2 and result.stderr.strip() == (
+        f"error: run directory {str(out)!r} is not empty and is not an sslkit run (no run.json); give a new or "
+        f"empty --out")
     assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "metrics.csv"]  # no .sslkit.lock left behind
     # a parent that is a file: one line before anything is decoded (was NotADirectoryError at the end)
     (tmp_path / "afile").write_text("x")
