@@ -98,9 +98,24 @@ def save(folder: Path, step: int, tensors: dict[str, torch.Tensor], state: dict[
     return target
 
 
+#: free bytes under which a failed checkpoint write is reported as a full disk (torch.save says
+#: '[enforce fail at inline_container.cc] ... unexpected pos N vs M' where the disk filled up)
+FULL_BELOW = 64 * 2**20
+
+
+def _free_bytes(folder: Path) -> int | None:
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return None
+
+
 def _write_failed(folder: Path, target: Path, exc: Exception) -> UsageError:
     """One line for a checkpoint that could not be written (a full disk, mostly)."""
     why = getattr(exc, "strerror", None) or first_line(exc)
+    free = _free_bytes(folder)
+    if free is not None and free < FULL_BELOW and "space" not in why.lower():  # torch's own words: 'unexpected pos'
+        why = f"no space left on device ({free / 2**20:.1f} MiB free; {why})"
     kept = list_checkpoints(folder)
     last = f"the last good checkpoint, {kept[-1].name}, is kept" if kept else "no earlier checkpoint exists"
     return UsageError(f"cannot write checkpoint {target.name} in {folder}: {why}; {last}")

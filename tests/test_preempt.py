@@ -184,3 +184,31 @@ def test_lr_scaled_from_the_batch_used_and_plain_log_lines(setting, tmp_path, in
     assert "probe step 1/3 epoch 0 loss" in proc.stderr, proc.stderr
     assert "\r" not in proc.stderr  # not a terminal: plain lines, no redrawn bar (decoding or training)
     assert "probe step 3/3 epoch 2 loss" in proc.stderr
+
+
+def test_a_checkpoint_write_that_fails_on_a_full_disk_says_so(tmp_path, monkeypatch):
+    """torch.save reports a full disk as '[enforce fail at inline_container.cc:672] . unexpected pos N vs M'
+    (seen on a full tmpfs); with the disk (nearly) full the line says so, with the free space."""
+    import shutil
+    from collections import namedtuple
+
+    import pytest
+    import torch
+
+    from sslkit.errors import UsageError
+
+    def save(*a, **k):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 11099520 vs 11099472")
+
+    monkeypatch.setattr(torch, "save", save)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(2**30, 2**30 - 2**20, 2**20))
+    with pytest.raises(UsageError) as err:
+        checkpoint.save(tmp_path / "ck", 3, {"w": torch.zeros(2)}, {"step": 3})
+    assert str(err.value) == (f"cannot write checkpoint step-00000003 in {tmp_path / 'ck'}: no space left on device "
+                              f"(1.0 MiB free; [enforce fail at inline_container.cc:672] . unexpected pos 11099520 vs "
+                              f"11099472); no earlier checkpoint exists")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(2**30, 0, 2**30))  # space left: another cause
+    with pytest.raises(UsageError) as err:
+        checkpoint.save(tmp_path / "ck", 3, {"w": torch.zeros(2)}, {"step": 3})
+    assert "no space" not in str(err.value) and "unexpected pos" in str(err.value)
