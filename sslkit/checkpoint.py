@@ -32,6 +32,7 @@ from safetensors.torch import load_file, save_file
 from sslkit.errors import UsageError, first_line
 from sslkit.output_file import TMP_PREFIX, created_mode, fsync_path
 from sslkit.plain_pickle import NotPlainData, load_plain
+from sslkit.progress import human_bytes
 
 PREFIX = "step-"
 MODEL_FILE = "model.safetensors"
@@ -115,7 +116,7 @@ def _write_failed(folder: Path, target: Path, exc: Exception) -> UsageError:
     why = getattr(exc, "strerror", None) or first_line(exc)
     free = _free_bytes(folder)
     if free is not None and free < FULL_BELOW and "space" not in why.lower():  # torch's own words: 'unexpected pos'
-        why = f"no space left on device ({free / 2**20:.1f} MiB free; {why})"
+        why = f"no space left on device ({human_bytes(free)} free; {why})"
     kept = list_checkpoints(folder)
     last = f"the last good checkpoint, {kept[-1].name}, is kept" if kept else "no earlier checkpoint exists"
     return UsageError(f"cannot write checkpoint {target.name} in {folder}: {why}; {last}")

@@ -21,6 +21,15 @@ T = TypeVar("T")
 EVERY_S = 30.0
 
 
+def human_bytes(n: float) -> str:
+    """``n`` bytes for a message: ``"512 B"``, ``"3.4 MB"``, ``"1.2 GB"`` (units of 1024)."""
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1024:
+            return f"{n:.0f} B" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"
+
+
 def counted(items: Iterable[T], total: int, desc: str, unit: str, enabled: bool = True,
             every_s: float | None = None) -> Iterator[T]:
     """``items`` unchanged, with progress on stderr (see the module docstring)."""

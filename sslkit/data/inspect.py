@@ -15,6 +15,7 @@ from typing import Any
 
 from sslkit.data.prepare import majority_channels, prepare
 from sslkit.data.volume import sample_mode, stored_size
+from sslkit.progress import human_bytes
 from sslkit.registry import create_source
 
 
@@ -93,13 +94,7 @@ def _header_facts(source, first: dict[str, Any], per_file: Counter, volumetric: 
 
 
 def _size(n: int | None) -> str:
-    if not n:
-        return "unknown"
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1024 or unit == "TB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
-        n /= 1024
-    return str(n)
+    return human_bytes(n) if n else "unknown"
 
 
 def format_report(report: dict[str, Any]) -> str:

@@ -30,7 +30,7 @@ from sslkit.data.parallel import pool_size
 from sslkit.data.resize import resize_axis_aa
 from sslkit.data.source import NotAnImage, SampleRef, Source, Undecodable, to_channels
 from sslkit.errors import UsageError, without_quoted
-from sslkit.progress import counted
+from sslkit.progress import counted, human_bytes
 
 SCALE = 65535.0
 
@@ -193,19 +193,19 @@ def check_room(root: Path | None, nbytes: int, shape: tuple[int, ...], channels:
     if avail is not None and sample > avail:
         dims = "x".join(str(d) for d in (channels, *sides(size)))
         raise UsageError(f"--image-size {size}: resizing one {dims} sample needs about "
-                         f"{sample / 2**30:.1f} GB of memory, {avail / 2**30:.1f} GB is available; {lower}")
+                         f"{human_bytes(sample)} of memory, {human_bytes(avail)} is available; {lower}")
     if root is None:
         if avail is not None and nbytes > avail:
-            raise UsageError(f"{n} images at {size} px need {nbytes / 2**30:.1f} GB of memory with --no-cache, "
-                             f"{avail / 2**30:.1f} GB is available; {lower}, or use the disk cache")
+            raise UsageError(f"{n} images at {size} px need {human_bytes(nbytes)} of memory with --no-cache, "
+                             f"{human_bytes(avail)} is available; {lower}, or use the disk cache")
         return
     probe = root
     while not probe.exists() and probe.parent != probe:
         probe = probe.parent
     free = shutil.disk_usage(probe).free
     if nbytes > free:
-        raise UsageError(f"the decoded-pixel cache for {n} images at {size} px needs {nbytes / 2**30:.2f} GB, "
-                         f"{str(probe)!r} has {free / 2**30:.2f} GB free; free space, choose another folder "
+        raise UsageError(f"the decoded-pixel cache for {n} images at {size} px needs {human_bytes(nbytes)}, "
+                         f"{str(probe)!r} has {human_bytes(free)} free; free space, choose another folder "
                          f"with --cache DIR, or {lower}")
 
 
