@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from sslkit.errors import CheckFailed, UsageError
+from sslkit.errors import CheckFailed, UsageError, printable
 from sslkit.new_plugin import KINDS as NEW_PLUGIN_KINDS
 from sslkit.plugins import KINDS as PLUGIN_KINDS
 from sslkit.run import remove_unused_run_dir
@@ -30,10 +30,10 @@ class Group(click.Group):
         except click.ClickException as exc:  # bad option, missing argument, ...
             ctx = getattr(exc, "ctx", None)
             where = f"{ctx.command_path}: " if ctx is not None else "sslkit: "
-            click.echo(f"error: {where}{exc.format_message()}".replace("\n", " "), err=True)
+            click.echo(printable(f"error: {where}{exc.format_message()}".replace("\n", " ")), err=True)
             sys.exit(2)
         except (UsageError, CheckFailed) as exc:
-            click.echo(f"error: {exc}".replace("\n", " "), err=True)
+            click.echo(printable(f"error: {exc}".replace("\n", " ")), err=True)
             sys.exit(exc.exit_code)
         sys.exit(rv if isinstance(rv, int) else 0)
 

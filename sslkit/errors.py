@@ -48,3 +48,19 @@ def without_quoted(text: str) -> str:
     """``text`` on one line with each quoted value (``'...'`` or ``"..."``) shown as ``'…'``: what an
     error message may say in a report, where a quoted path or header value could name a patient."""
     return re.sub(r"'[^']*'|\"[^\"]*\"", "'…'", " ".join(str(text).split())).strip()
+
+
+def printable(text: str) -> str:
+    """``text`` safe to print on one line of a terminal or log: control characters (a newline that
+    would forge a line of output, an escape sequence) and undecodable bytes of a file name (lone
+    surrogates from ``surrogateescape``) are shown as Python escapes (``\\n``, ``\\x1b``, ``\\xff``)."""
+    out = []
+    for ch in text:
+        code = ord(ch)
+        if 0xDC80 <= code <= 0xDCFF:  # a byte of a non-UTF-8 file name
+            out.append(f"\\x{code - 0xDC00:02x}")
+        elif code < 0x20 or 0x7F <= code < 0xA0 or 0xD800 <= code <= 0xDFFF:
+            out.append(ch.encode("unicode_escape").decode("ascii") if code < 0xD800 else f"\\u{code:04x}")
+        else:
+            out.append(ch)
+    return "".join(out)

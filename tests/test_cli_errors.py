@@ -163,3 +163,21 @@ def test_a_gpu_index_the_machine_lacks_is_one_line(monkeypatch):
     with pytest.raises(UsageError, match=r"--device cuda:7: this machine has 2 CUDA GPU\(s\), cuda:0 to cuda:1"):
         resolve_device("cuda:7")
     assert str(resolve_device("cuda:1")) == "cuda:1"
+
+
+def test_file_names_are_printed_on_one_line_whatever_they_hold(tmp_path, cli):
+    """A newline in a file name cannot forge a line of output (an 'error:' line), an escape sequence
+    is shown, not sent to the terminal, and a non-UTF-8 name prints under any output encoding."""
+    from sslkit.errors import printable
+
+    assert printable("a\nb\x1b[31m\x7f" + b"\xff".decode("utf-8", "surrogateescape") + " é") == "a\\nb\\x1b[31m\\x7f\\xff é"
+    data = make_images(tmp_path / "d", n_per_class=3, size=20)
+    (data / "a" / "bad\nerror: forged.png").write_bytes(b"not an image")
+    (data / "a" / "\x1b[2Jclear.png").write_bytes(b"not an image")
+    result = cli("data", "inspect", f"folder:{data}", "--image-size", 16)
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert not any(line.startswith("error:") for line in lines) and "\x1b" not in result.stdout
+    assert any("bad\\nerror: forged.png" in line for line in lines)
+    missing = cli("pretrain", "--task", "simclr", "--data", f"folder:{tmp_path}/mis\nsing", "--out", tmp_path / "r")
+    assert missing.exit_code == 2 and len(missing.stderr.strip().splitlines()) == 1 and "mis\\nsing" in missing.stderr

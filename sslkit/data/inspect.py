@@ -15,6 +15,7 @@ from typing import Any
 
 from sslkit.data.prepare import majority_channels, prepare
 from sslkit.data.volume import sample_mode, stored_size
+from sslkit.errors import printable
 from sslkit.progress import human_bytes
 from sslkit.registry import create_source
 
@@ -105,7 +106,7 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(f"filtered out by the source's options: {report['filtered_out']} files")
     for key, counts in report["counts"].items():
         items = list(counts.items())
-        shown = ", ".join(f"{v} {n}" for v, n in items[:12]) + (f", ... ({len(items) - 12} more)" if len(items) > 12 else "")
+        shown = ", ".join(f"{v} {printable(str(n))}" for v, n in items[:12]) + (f", ... ({len(items) - 12} more)" if len(items) > 12 else "")
         lines.append(f"  {key}: {shown}")
     est = report["estimated_bytes"]
     shape = est.get("stored_shape") or [report["channels"], est["image_size"], est["image_size"]]
@@ -118,5 +119,5 @@ def format_report(report: dict[str, Any]) -> str:
     if "decoded_ok" in report:
         lines.append(f"decode check: {report['decoded_ok']} of {report['files']} files decode")
     lines.append(f"unusable files: {len(bad)}")
-    lines += [f"  {b['path']}: {b['reason']}" for b in bad]
+    lines += [f"  {printable(str(b['path']))}: {printable(str(b['reason']))}" for b in bad]
     return "\n".join(lines)
