@@ -24,7 +24,12 @@ class Group(click.Group):
             rv = super().main(*args, **kwargs)
         except click.exceptions.Exit as exc:
             sys.exit(exc.exit_code)
-        except click.Abort:
+        except click.Abort as exc:
+            signals = sys.modules.get("sslkit.engine.signals")  # loaded by pretrain only
+            if signals is not None and isinstance(exc.__context__, signals.Preempted):  # SIGTERM before the loop
+                click.echo(f"{exc.__context__}: stopped before training started, nothing to checkpoint "
+                           f"(exit {signals.EXIT_REQUEUE}: requeue me)", err=True)
+                sys.exit(signals.EXIT_REQUEUE)
             click.echo("aborted", err=True)
             sys.exit(130)
         except click.ClickException as exc:  # bad option, missing argument, ...
@@ -209,14 +214,15 @@ def pretrain(ctx: click.Context, **kw) -> None:
     made = cfg.out in config.MADE_RUN_DIRS  # no --out, here or in --config: config.default_out made it
     if made:
         click.echo(f"run directory: {cfg.out}")
+    from sslkit.engine.signals import EXIT_REQUEUE, preemptible
+
     try:
-        summary = run_pretrain(cfg)
+        with preemptible():
+            summary = run_pretrain(cfg)
     except BaseException:
         if made:
             remove_unused_run_dir(Path(cfg.out))
         raise
-    from sslkit.engine.signals import EXIT_REQUEUE
-
     requeue = EXIT_REQUEUE if summary.get("interrupted") and summary.get("requeue") else 0
     if not summary.get("main", True):
         ctx.exit(requeue)

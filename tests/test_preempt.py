@@ -232,3 +232,34 @@ def test_a_cache_the_disk_cannot_hold_is_refused_with_real_sizes(tmp_path, monke
     assert f"48 images at 32 px needs 3.0 MB, {str(tmp_path)!r} has 300.0 KB free;" in str(err.value)
     assert [human_bytes(n) for n in (0, 1023, 1024, 5 * 2**30, 3 * 2**40)] == ["0 B", "1023 B", "1.0 KB", "5.0 GB",
                                                                                "3.0 TB"]
+
+
+def test_preemption_before_the_first_step_exits_for_requeue(setting, tmp_path):
+    """SIGTERM while the data is still decoding (a first pass over thousands of scans takes minutes)
+    exits 75 as a pre-emption in the loop does, not 143, so the job script requeues it; nothing is
+    left but the empty run folder, and the same ``--resume auto`` command then trains."""
+    import os
+
+    import numpy as np
+    from PIL import Image
+
+    data = tmp_path / "many"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(400):
+        Image.fromarray(rng.integers(0, 255, (256, 256), dtype=np.uint8)).save(data / f"{i}.png", compress_level=0)
+    out = tmp_path / "run"
+    cmd = [c for c in [SSLKIT, *args(data, out, "--resume", "auto")] if c != "--quiet"]  # progress: 'decoding'
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **setting["env"]})
+    seen = []
+    for line in proc.stderr:  # decoding reports its start on a line of its own
+        seen.append(line)
+        if line.startswith("decoding"):
+            proc.send_signal(signal.SIGTERM)
+            break
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == EXIT_REQUEUE, ("".join(seen) + stderr)[-2000:]
+    assert stderr.strip().splitlines()[-1] == ("SIGTERM: stopped before training started, nothing to checkpoint "
+                                               f"(exit {EXIT_REQUEUE}: requeue me)")
+    assert not out.exists() or not any(out.iterdir())  # no lock file, no run.json: a requeue starts it afresh

@@ -6,6 +6,10 @@
   the same, then the command exits with :data:`EXIT_REQUEUE` (75, ``EX_TEMPFAIL``: "try
   again"), so a job script can requeue itself; ``--resume auto`` continues exactly.
 
+Before the loop starts (resolving, decoding, building), SIGTERM / SIGUSR1 unwind the
+command as Ctrl-C does (:class:`Preempted`, under :func:`preemptible`), and it exits 75 too:
+there is nothing to checkpoint yet, and the requeued ``--resume auto`` starts again.
+
 Only the main thread can install handlers; elsewhere the signals keep their default
 behaviour. Under DDP each rank's request is all-reduced with the step's scalars, so all
 ranks stop after the same step.
@@ -15,7 +19,8 @@ from __future__ import annotations
 
 import signal
 import threading
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 from sslkit import distributed
 from sslkit.engine.log import note
@@ -54,3 +59,25 @@ class StopSignal:
     def __exit__(self, *exc) -> None:
         for sig, old in self._old.items():
             signal.signal(sig, old)
+
+
+class Preempted(KeyboardInterrupt):
+    """SIGTERM / SIGUSR1 before the training loop: unwinds (temporary files removed) as Ctrl-C does."""
+
+
+@contextmanager
+def preemptible() -> Iterator[None]:
+    """Around a whole ``sslkit pretrain``: a pre-emption signal that arrives while no
+    :class:`StopSignal` is installed raises :class:`Preempted` instead of killing the process
+    (exit 143), so the command can exit :data:`EXIT_REQUEUE`."""
+    def handle(signum, frame) -> None:
+        raise Preempted(signal.Signals(signum).name)
+
+    old = {}
+    if threading.current_thread() is threading.main_thread():
+        old = {sig: signal.signal(sig, handle) for sig in REQUEUE_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
