@@ -75,6 +75,10 @@ def test_inspect_checks_volumes_at_their_own_size(tmp_path, cli):
     r = cli("data", "inspect", f"dicom:{tmp_path / 'ct'}", "--sample", "volume", "--volume-size", "4,6,5", "--json")
     report = json.loads(r.output)
     assert r.exit_code == 0 and report["undecodable"] == [] and report["decoded_ok"] == 2, r.output
+    assert report["files"] == 9 and report["images"] == 2  # the 9 slice files of 2 volumes (it said 2 files)
+    assert report["decode_checked"] == {"of": 2, "what": "volumes"}
+    text = cli("data", "inspect", f"dicom:{tmp_path / 'ct'}", "--sample", "volume", "--volume-size", "4,6,5").output
+    assert "dicom: 2 volumes in 9 files" in text and "decode check: 2 of 2 volumes decode" in text, text
 
 
 @pytest.mark.parametrize("mixed", ["dicom", "folder"])

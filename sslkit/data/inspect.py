@@ -46,9 +46,11 @@ def inspect_data(data: str, source_options: dict[str, Any] | None = None, decode
     per_sample = channels * 2
     for n in stored:
         per_sample *= n
+    files_of = getattr(source, "files_of", None)  # a volume or slab reads several files
+    files = len({f for ref in refs for f in files_of(ref)}) if files_of and mode.mode != "slice" else len(first)
     report: dict[str, Any] = {
         "source": source.scheme,
-        "files": len(first),
+        "files": files,
         "images": len(refs),
         "groups": len({r.group for r in refs}),
         "channels": channels,
@@ -72,6 +74,7 @@ def inspect_data(data: str, source_options: dict[str, Any] | None = None, decode
                           progress=progress, workers=workers)
         report["undecodable"] = [{"path": p, "reason": r} for p, r in checked.skipped]
         report["decoded_ok"] = len(checked)
+        report["decode_checked"] = {"of": len(first), "what": "volumes" if mode.volumetric else "files"}
     return report
 
 
@@ -100,7 +103,8 @@ def _size(n: int | None) -> str:
 
 def format_report(report: dict[str, Any]) -> str:
     """The human-readable form of :func:`inspect_data`'s report."""
-    lines = [f"{report['source']}: {report['images']} images in {report['files']} files "
+    what = "volumes" if report["estimated_bytes"].get("sample") == "volume" else "images"
+    lines = [f"{report['source']}: {report['images']} {what} in {report['files']} files "
              f"({report['groups']} split groups), {report['channels']} channel(s) by majority"]
     if report.get("filtered_out"):
         lines.append(f"filtered out by the source's options: {report['filtered_out']} files")
@@ -117,7 +121,8 @@ def format_report(report: dict[str, Any]) -> str:
                  f"(uint16); {_size(est['decoded_full_resolution_float32'])} at full resolution (float32)")
     bad = report["unreadable"] + report.get("undecodable", [])
     if "decoded_ok" in report:
-        lines.append(f"decode check: {report['decoded_ok']} of {report['files']} files decode")
+        checked = report.get("decode_checked") or {"of": report["files"], "what": "files"}
+        lines.append(f"decode check: {report['decoded_ok']} of {checked['of']} {checked['what']} decode")
     lines.append(f"unusable files: {len(bad)}")
     lines += [f"  {printable(str(b['path']))}: {printable(str(b['reason']))}" for b in bad]
     return "\n".join(lines)
