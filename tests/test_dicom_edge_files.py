@@ -99,3 +99,16 @@ def test_preview_of_grey_and_colour_images_together(tmp_path, cli, mixed):
     from PIL import Image
 
     assert np.asarray(Image.open(tmp_path / "sheet.png")).std() > 0
+
+
+def test_preview_planes_show_superior_at_the_top_at_true_proportions():
+    """D runs inferior to superior: the coronal and sagittal mid-planes put its last slice on the top
+    row (they showed the feet up), and anisotropic voxels keep their proportions."""
+    from sslkit.data.preview import plane_aspects, planes
+
+    x = np.zeros((1, 4, 6, 8), np.float32)
+    x[0] = np.arange(4)[:, None, None]  # each slice holds its D index
+    axial, coronal, sagittal = planes(x)
+    assert axial.shape == (6, 8) and coronal.shape == (4, 8) and sagittal.shape == (4, 6)
+    assert (coronal[0] == 3).all() and (coronal[-1] == 0).all() and (sagittal[0] == 3).all()
+    assert plane_aspects([2.5, 1.0, 0.5]) == [2.0, 5.0, 2.5] and plane_aspects(None) == [1.0, 1.0, 1.0]

@@ -29,9 +29,20 @@ PLANES = ("axial", "coronal", "sagittal")
 
 
 def planes(x: np.ndarray) -> list[np.ndarray]:
-    """``(C, D, H, W)`` -> its three mid-planes ``(H, W)``, ``(D, W)``, ``(D, H)`` (channel 0)."""
+    """``(C, D, H, W)`` -> its three mid-planes ``(H, W)``, ``(D, W)``, ``(D, H)`` (channel 0); D runs
+    inferior to superior, so the coronal and sagittal planes are turned to show superior at the top."""
     c, d, h, w = x.shape
-    return [x[0, d // 2], x[0, :, h // 2], x[0, :, :, w // 2]]
+    return [x[0, d // 2], x[0, ::-1, h // 2], x[0, ::-1, :, w // 2]]
+
+
+def plane_aspects(spacing: Any) -> list[float]:
+    """imshow's ``aspect`` (a pixel's height / width) of each of :func:`planes`, from ``(dz, dy, dx)``
+    mm: anisotropic voxels drawn at their true proportions (1 where the spacing is unknown)."""
+    try:
+        dz, dy, dx = (float(v) for v in spacing)
+        return [dy / dx, dz / dx, dz / dy]
+    except (TypeError, ValueError, ZeroDivisionError):
+        return [1.0, 1.0, 1.0]
 
 
 def shown(x: np.ndarray) -> np.ndarray:
@@ -93,9 +104,10 @@ def preview(src: str, out: str | Path, options: dict[str, Any] | None = None, sa
         images = [arrays[i], views[0][i], views[1][i]]
         for j, img in enumerate(images):
             panels = planes(img) if mode.volumetric else [shown(img)]
+            aspects = plane_aspects(voxel_mm(source, ref, mode)) if mode.volumetric else [1.0]
             for k, panel in enumerate(panels):
                 ax = axes[i][j * per + k]
-                ax.imshow(panel, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+                ax.imshow(panel, cmap="gray", vmin=0, vmax=1, interpolation="nearest", aspect=aspects[k])
                 ax.set_xticks([]), ax.set_yticks([])
                 if i == 0:
                     ax.set_title(f"{titles[j]}" + (f" {PLANES[k]}" if mode.volumetric else ""), fontsize=8)
@@ -106,6 +118,17 @@ def preview(src: str, out: str | Path, options: dict[str, Any] | None = None, sa
     finally:
         plt.close(fig)
     return {"samples": len(arrays), "out": str(out), "sample": mode.describe().get("sample", "slice")}
+
+
+def voxel_mm(source: Any, ref: Any, mode: Any) -> Any:
+    """``(dz, dy, dx)`` of a volume sample: the mode's spacing, else the source's for ``ref`` (None: unknown)."""
+    if mode.spacing:
+        return mode.spacing
+    spacing_of = getattr(source, "spacing_of", None)
+    try:
+        return spacing_of(ref) if spacing_of else None
+    except (KeyError, ValueError):
+        return None
 
 
 def caption(source: Any, ref: Any, mode: Any) -> str:
