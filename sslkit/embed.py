@@ -37,6 +37,19 @@ class Embeddings:
     labels: list[str | None]
     skipped: int = 0  # files that could not be decoded
     skip_reasons: dict[str, int] = field(default_factory=dict)  # why (no file names) -> how many files
+    #: per sample, the paths a labels CSV row may name besides its id (:func:`label_paths`): a DICOM
+    #: volume's slice files and their folders; empty for a sample its id names (in memory only, never saved)
+    label_paths: list[tuple[str, ...]] = field(default_factory=list)
+
+
+def label_paths(source: Any, ref: Any) -> tuple[str, ...]:
+    """What a ``--labels`` row may name for ``ref`` besides its id: nothing when the id is its path
+    (``ref.id``); else (a volume called ``series:<key>``) the files it is read from and their folders."""
+    sample_id = getattr(source, "sample_id", None)
+    if sample_id is None or sample_id(ref) == ref.id:
+        return ()
+    files = list(getattr(source, "files_of", lambda r: [r.path])(ref))
+    return tuple(dict.fromkeys(files + [str(Path(f).parent) for f in files]))
 
 
 def skip_reasons(skipped: list[tuple[str, str]]) -> dict[str, int]:
@@ -235,7 +248,8 @@ def embed(model: str | Path | Model, data: str, batch_size: int = 64, source_opt
     refs = loaded.prepared.refs
     sample_id = getattr(loaded.source, "sample_id", lambda ref: ref.id)  # volumes: a non-identifying series key
     return Embeddings(np.concatenate(out).astype(np.float32), [sample_id(r) for r in refs], [r.label for r in refs],
-                      len(loaded.prepared.skipped), skip_reasons(loaded.prepared.skipped))
+                      len(loaded.prepared.skipped), skip_reasons(loaded.prepared.skipped),
+                      [label_paths(loaded.source, r) for r in refs])
 
 
 def embed_run(run_dir: str, data: str, batch_size: int = 64, source_options: dict[str, Any] | None = None,

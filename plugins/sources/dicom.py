@@ -7,6 +7,11 @@ data (SR, SEG, RTSTRUCT, PR, KO...) are skipped silently; unreadable files are s
 with a reason. Decoding (modality LUT, windows, MONOCHROME1, colour) is in
 :mod:`sslkit_plugins.sources.dicom_decode`.
 
+Labels for ``eval``: the class is the first folder below PATH (``PATH/<class>/<patient>/
+<study>/<series>/*.dcm``; a file in PATH itself has none), not the file's own folder as
+for image folders, since DICOM trees are deep. A series (``--sample slab:K|volume``) takes
+the class of its slices; one whose slices lie under several class folders has none.
+
 Privacy: no identifier leaves this module. Split groups are salted hashes of PatientID
 (else StudyInstanceUID, else the file) and exist only in memory; pydicom's warnings,
 which can quote element values, are silenced; error reasons have quoted values removed.
@@ -19,7 +24,7 @@ import hashlib
 import logging
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -247,14 +252,22 @@ class DicomSource(Source):
                 self.skipped.append((f, str(exc)))
                 continue
             self.headers[f] = {k: v for k, v in h.items() if k != "series"}
-            n = h["frames"]
+            n, group, label = h["frames"], h["group"], self.class_of(f)
             if n == 1:
-                refs.append(SampleRef(f, group=h["group"]))
+                refs.append(SampleRef(f, group=group, label=label))
             elif self.options.frames == "middle":
-                refs.append(SampleRef(f, frame=n // 2, group=h["group"]))
+                refs.append(SampleRef(f, frame=n // 2, group=group, label=label))
             else:
-                refs += [SampleRef(f, frame=i, group=h["group"]) for i in range(n)]
+                refs += [SampleRef(f, frame=i, group=group, label=label) for i in range(n)]
         return refs if self.sample.mode == "slice" else self._volume_refs()
+
+    def class_of(self, path: str) -> str | None:
+        """The class of a file for ``eval``: the first folder below the root (None for a file in the root)."""
+        try:
+            parts = Path(path).relative_to(self.root).parts
+        except ValueError:
+            return None
+        return parts[0] if len(parts) > 1 else None
 
     def _volume_refs(self) -> list[SampleRef]:
         """Slab / volume mode: refs of the series assembled in space (no geometry: skipped in volume mode)."""
@@ -265,7 +278,20 @@ class DicomSource(Source):
                              if "no slice geometry" in v.issues]
             volumes = [v for v in volumes if "no slice geometry" not in v.issues]
         self.sampler = VolumeSampler(volumes, self.sample, self.windows, self.headers)
-        return self.sampler.refs()
+        return self._labelled(self.sampler.refs())
+
+    def _labelled(self, refs: list[SampleRef]) -> list[SampleRef]:
+        """``refs`` of slabs or volumes with the class of their series: the one class folder all its
+        slices lie under, None where they lie under several (or in the root)."""
+        labels: dict[int, str | None] = {}
+        out = []
+        for ref in refs:
+            vol = self.sampler.volume_of(ref)
+            if id(vol) not in labels:
+                found = {self.class_of(path) for path, _, _ in vol.slices}
+                labels[id(vol)] = found.pop() if len(found) == 1 else None
+            out.append(replace(ref, label=labels[id(vol)]))
+        return out
 
     def _headers(self, files: list[str]) -> list[dict[str, Any]]:
         """:func:`read_header` of every file (unchanged files from ``header_cache``), with

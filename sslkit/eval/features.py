@@ -9,7 +9,7 @@ encoders embed in one pass over the data, so each image is decoded once.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -163,8 +163,7 @@ def embed_all(model: EvalModel, data: str, baseline: bool = True, batch_size: in
     emb = embed_mod.embed(both, data, batch_size, source_options, progress)
     out, start = {}, 0
     for name, d in zip(named, dims):
-        out[name] = Embeddings(np.ascontiguousarray(emb.embeddings[:, start:start + d]), emb.ids, emb.labels,
-                               emb.skipped, emb.skip_reasons)
+        out[name] = replace(emb, embeddings=np.ascontiguousarray(emb.embeddings[:, start:start + d]))
         embed_mod.check_finite(out[name].embeddings, f"the {name} encoder on {data!r}", "no report written")
         start += d
     return out
@@ -181,9 +180,11 @@ def check_labels(model: EvalModel, data: str, what: str, labels_csv: str | None,
 
 
 def index_labels(model: EvalModel, data: str, what: str, labels_csv: str | None,
-                 source_options: dict[str, Any] | None = None) -> tuple[dict[str, str] | None, list[str], list, list]:
+                 source_options: dict[str, Any] | None = None,
+                 every: bool = False) -> tuple[dict[str, str] | None, list, list, list]:
     """:func:`check_labels` plus the source's sample refs (ids, split groups) and their sample ids
-    (the ids embeddings carry: ``Source.sample_id``, else ``ref.id``), from the index only."""
+    (the ids embeddings carry: ``Source.sample_id``, else ``ref.id``), from the index only.
+    ``every``: the labels of all refs, None where a ref has none (else only the labels found)."""
     from sslkit.registry import create_source
 
     table = read_labels_csv(labels_csv) if labels_csv else None
@@ -192,21 +193,24 @@ def index_labels(model: EvalModel, data: str, what: str, labels_csv: str | None,
     sample_id = getattr(source, "sample_id", lambda ref: ref.id)
     if not refs:
         raise UsageError(f"{what}: no images found in {data!r}")
-    labels = assign_labels([r.id for r in refs], [r.label for r in refs], table)
+    ids = [sample_id(r) for r in refs]  # what the CSV is matched against after embedding, too
+    labels = assign_labels(ids, [r.label for r in refs], table,
+                           [embed_mod.label_paths(source, r) for r in refs] if table is not None else ())
     if all(lab is None for lab in labels):
         raise no_labels(what, data, table is not None)
-    return table, [lab for lab in labels if lab is not None], refs, [sample_id(r) for r in refs]
+    return table, labels if every else [lab for lab in labels if lab is not None], refs, ids
 
 
 def labelled_embeddings(model: EvalModel, data: str, what: str, table: dict[str, str] | None = None,
                         baseline: bool = True, **kw: Any) -> dict[str, Labelled]:
     """``{"pretrained": Labelled, "random": Labelled}`` (no ``random`` without ``baseline``).
 
-    ``table`` is a labels CSV read by :func:`check_labels` (None: class folders).
+    ``table`` is a labels CSV read by :func:`check_labels` (None: class folders), matched as in
+    :func:`index_labels`: against each sample's path, and a volume's slice files and folders.
     """
     out = {}
     for name, emb in embed_all(model, data, baseline, **kw).items():
-        labels = assign_labels(emb.ids, emb.labels, table)
+        labels = assign_labels(emb.ids, emb.labels, table, emb.label_paths)
         out[name] = select_labelled(emb.embeddings, labels, what, data, table is not None, emb.ids)
         out[name].skipped = emb.skip_reasons
     return out

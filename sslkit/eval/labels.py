@@ -4,6 +4,14 @@ A labels CSV has two columns, ``path,label`` (a header row naming them is option
 ``path`` is matched against the end of each sample's path, so it may be absolute,
 relative to the data folder, or a bare file name; the longest match wins. A multi-frame
 file's frames share its label unless a row names ``file#frame``.
+
+A DICOM series read as one volume (``--sample volume``) is not named by a path (its id is
+``series:<key>``); it is matched through its slices instead: a row naming any of its slice
+files, or the folder that holds them (e.g. ``train/a/p1/st/se``), labels the series. Rows
+that give one series two different labels leave it unlabelled.
+
+Class sub-folders: the sample's folder for image folders and NIfTI files; for DICOM the
+first folder below the data root (``<class>/<patient>/<study>/<series>/*.dcm``).
 """
 
 from __future__ import annotations
@@ -69,15 +77,26 @@ def _suffixes(sample_id: str) -> list[str]:
     return ([f"{t}#{frame}" for t in tails] if frame else []) + tails
 
 
-def assign_labels(ids: Sequence[str], folder_labels: Sequence[str | None],
-                  table: dict[str, str] | None) -> list[str | None]:
-    """Each sample's label: from ``table`` (a labels CSV) when given, else its class folder."""
+def assign_labels(ids: Sequence[str], folder_labels: Sequence[str | None], table: dict[str, str] | None,
+                  paths: Sequence[Sequence[str]] = ()) -> list[str | None]:
+    """Each sample's label: from ``table`` (a labels CSV) when given, else its class folder.
+
+    ``paths``: per sample, further paths a row may name besides its id (a DICOM volume's
+    slice files and their folders; empty for a sample named by its own path). The rows
+    matching the id or any of them must agree, else the sample has no label.
+    """
     if table is None:
         return list(folder_labels)
     out = []
-    for sid in ids:
-        out.append(next((table[s] for s in _suffixes(sid) if s in table), None))
+    for i, sid in enumerate(ids):
+        found = {_lookup(table, p) for p in (sid, *(paths[i] if paths else ()))} - {None}
+        out.append(found.pop() if len(found) == 1 else None)
     return out
+
+
+def _lookup(table: dict[str, str], path: str) -> str | None:
+    """The label of the longest row of ``table`` that ends ``path`` (None: no row does)."""
+    return next((table[s] for s in _suffixes(path) if s in table), None)
 
 
 def no_labels(what: str, data: str, csv_given: bool) -> UsageError:

@@ -122,11 +122,13 @@ def prepare(model_path: str, args: DataArgs, needs_run: str | None = None,
 
 def _prepare_folds(model: EvalModel, args: DataArgs, k: int) -> ProbeData:
     """``--data DIR --split group:K``: embed once, assign groups, cut grouped stratified folds."""
-    table, labels, refs, _ = index_labels(model, args.data, "--data", args.labels_csv, args.source_options)
-    classes, positive = class_index(labels, labels, args.positive)
-    ids = [r.id for r in refs]
-    group_of = dict(zip(ids, group_keys(ids, {r.id: r.group for r in refs}, args.group_by, args.group_pattern)))
-    labelled = [(i, lab) for i, lab in zip(ids, assign_labels(ids, [r.label for r in refs], table)) if lab is not None]
+    table, labels, refs, ids = index_labels(model, args.data, "--data", args.labels_csv, args.source_options,
+                                            every=True)
+    known = [lab for lab in labels if lab is not None]
+    classes, positive = class_index(known, known, args.positive)
+    paths = [r.id for r in refs]  # a pattern or folder reads the file's path; embeddings carry ``ids``
+    group_of = dict(zip(ids, group_keys(paths, {r.id: r.group for r in refs}, args.group_by, args.group_pattern)))
+    labelled = [(i, lab) for i, lab in zip(ids, labels) if lab is not None]
     group_folds(np.array([classes.index(lab) for _, lab in labelled]), [group_of[i] for i, _ in labelled], k,
                 args.seed, classes)  # fail fast (too few groups, a class missing from a fold), before decoding
     embs = labelled_embeddings(model, args.data, "--data", table, args.baseline, batch_size=args.batch_size,
@@ -283,15 +285,18 @@ def _labelled_pixels(prep: ProbeData, args: DataArgs, data: str,
     """The labelled images of ``data``: uint16 ``(N, C, S, S)`` at the run's input size, their
     sample ids and their class indices."""
     from sslkit.data.pipeline import load_data
+    from sslkit.embed import label_paths
     from sslkit.eval.labels import read_labels_csv
 
     table = read_labels_csv(args.labels_csv) if args.labels_csv else None
     loaded = load_data(data, spec.image_size, spec.channels, prep.model.source_options(data, args.source_options),
                        progress=args.progress, max_pixels=prep.model.pixel_limit)
-    refs = loaded.prepared.refs
-    labels = assign_labels([r.id for r in refs], [r.label for r in refs], table)
+    refs, source = loaded.prepared.refs, loaded.source
+    sample_id = getattr(source, "sample_id", lambda ref: ref.id)  # as the embeddings' ids (a volume's series key)
+    ids = [sample_id(r) for r in refs]
+    labels = assign_labels(ids, [r.label for r in refs], table, [label_paths(source, r) for r in refs])
     keep = np.array([i for i, lab in enumerate(labels) if lab is not None], dtype=np.int64)
-    return loaded.prepared.pixels[keep], [refs[i].id for i in keep], prep.indices([labels[i] for i in keep])
+    return loaded.prepared.pixels[keep], [ids[i] for i in keep], prep.indices([labels[i] for i in keep])
 
 
 def _finetune_each(prep: ProbeData, run: Any, xtr: np.ndarray, ytr: np.ndarray, xte: np.ndarray, yte: np.ndarray,

@@ -87,8 +87,9 @@ def header_values(model: Any, data: str, source_options: dict[str, Any] | None, 
 
     source = create_source(data, **model.source_options(data, source_options))
     refs = source.index()
+    sample_id = getattr(source, "sample_id", lambda ref: ref.id)  # the ids embeddings carry (a volume's series key)
     if field == "folder":
-        return {r.id: PurePath(r.path).parent.name for r in refs}
+        return {sample_id(r): PurePath(r.path).parent.name for r in refs}
 
     def norm(key: str) -> str:
         return key.lower().replace("_", "")
@@ -100,7 +101,7 @@ def header_values(model: Any, data: str, source_options: dict[str, Any] | None, 
         known |= set(props)
         key = next((k for k in props if norm(k) == norm(field)), None)
         if key is not None and props[key] is not None:
-            out[r.id] = str(props[key])
+            out[sample_id(r)] = str(props[key])
     if not out:
         raise UsageError(f"--color-by {field!r}: {source.scheme} data gives no such field; choose from: label, "
                          f"folder{''.join(', ' + k for k in sorted(known))}")
@@ -129,7 +130,7 @@ def evaluate_tsne(model_path: str, data: str, out: str | None = None, labels_csv
         keep = np.sort(np.random.default_rng(seed).permutation(n_total)[:max_samples])
         if labels is None:
             labs = [colours.get(i) for i in emb.ids] if colours is not None else assign_labels(emb.ids, emb.labels,
-                                                                                               table)
+                                                                                               table, emb.label_paths)
             labels = [labs[i] if labs[i] is not None else UNLABELLED for i in keep]
         panels[name] = reduce_2d(emb.embeddings[keep], method, perplexity, seed)
     if out_path is None:
