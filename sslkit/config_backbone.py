@@ -42,7 +42,8 @@ def init_backbone(init: str) -> tuple[str, dict[str, Any]] | None:
     None otherwise (a bare weights file): the task's default, which ``--init`` then checks."""
     init = init.strip()
     if init.startswith("timm:"):
-        return f"timm:{init[5:].split('.', 1)[0]}", {}
+        arch = init[5:].split(".", 1)[0].strip()
+        return (f"timm:{arch}", {}) if arch else None  # none named: --init reports it when it resolves
     path = Path(init).expanduser()
     if path.is_file() and path.suffix == ".safetensors":
         return exported_backbone(path)

@@ -36,6 +36,11 @@ def resume_config(given: dict[str, Any]) -> RunConfig:
         now = saved.get(key)
         if key in OPTION_GROUPS:
             now = {k: now.get(k) for k in value} if isinstance(now, dict) else now
+        if key == "init" and isinstance(value, str) and isinstance(now, str):
+            from sslkit.init.resolve import same_init
+
+            if same_init(value, now):  # the same weights, spelled relative or absolute
+                continue
         if plain(value) != plain(now):
             raise UsageError(
                 f"--resume continues the run exactly as it was configured: {key} was {plain(now)!r}, "

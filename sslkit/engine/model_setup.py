@@ -1,14 +1,15 @@
 """The model of a run, built in :func:`sslkit.engine.setup.build`: the backbone named
 (:func:`with_backbone`), the task/backbone pairing checked before any image is decoded
-(:func:`check_pairing`), the backbone and the task around it with ``--init`` weights
-(:func:`create_model`), the encoder's LR settings of an ``--init`` run
-(:func:`continued_scales`) and the task's views with ``--augment-opt`` overrides."""
+(:func:`check_pairing`), a new run's ``--init`` as recorded (:func:`with_init_flags`), the
+backbone and the task around it with ``--init`` weights (:func:`create_model`), the encoder's
+LR settings of an ``--init`` run (:func:`continued_scales`) and the task's views with
+``--augment-opt`` overrides."""
 
 from __future__ import annotations
 
 import dataclasses
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -19,6 +20,9 @@ from sslkit.registry import create_task, get_task
 from sslkit.run import RunConfig
 from sslkit.sample_modes import build_backbone
 from sslkit.spec import InputSpec
+
+if TYPE_CHECKING:
+    from sslkit.init.resume import ResumedInit
 
 
 def with_backbone(cfg: RunConfig) -> RunConfig:
@@ -35,19 +39,23 @@ def check_pairing(backbone_name: str, cfg: RunConfig) -> torch.nn.Module:
     """Build the task once on a stand-in input spec, so that a task/backbone/options
     mismatch (``Task.check``, option values, what the constructor refuses) is reported
     before any image is decoded. With the channel count still unknown (it comes from the
-    data), only what fails for both 1 and 3 channels is refused here. Returns the probe
-    backbone."""
+    data), only what fails for both 1 and 3 channels is refused here. ``--init`` weights are
+    resolved once and fitted to each probe (not on ``--resume``: a checkpoint holds the
+    weights, and a run without one checks them when it loads them). Returns the probe backbone."""
     first: UsageError | None = None
     volume = planned_volume(cfg)  # --sample volume: the size and mode, from the source's options
+    init = cfg.init if cfg.init and not cfg.resume else None
+    if init:  # a missing file, or a Hub that cannot be reached: one line, whatever the channels
+        from sslkit.init import load_init, resolve_init
+
+        resolve_init(init, cfg.allow_download)
     with torch.random.fork_rng(devices=[]):  # the real model's initialisation must not depend on this
         for c in (cfg.channels,) if cfg.channels else (1, 3):
             try:
                 probe = build_backbone(backbone_name, c, cfg.image_size, volume.get("volume_size"),
                                        **cfg.backbone_options)
-                if cfg.init:  # weights that cannot be fitted to this backbone fail here, before decoding
-                    from sslkit.init import load_init
-
-                    load_init(cfg.init, probe, cfg.allow_download)
+                if init:  # weights that cannot be fitted to this backbone fail here, before decoding
+                    load_init(init, probe, cfg.allow_download)
                 spec = InputSpec(c, cfg.image_size, (0.5,) * c, (0.25,) * c, **volume)
                 task = create_task(cfg.task, probe, spec, **cfg.task_options)
                 if cfg.augment_options:  # a bad --augment-opt too, before decoding
@@ -56,6 +64,20 @@ def check_pairing(backbone_name: str, cfg: RunConfig) -> torch.nn.Module:
             except UsageError as exc:
                 first = first or exc
     raise first
+
+
+def with_init_flags(cfg: RunConfig) -> RunConfig:
+    """``cfg`` with a new run's local ``--init`` path made absolute (run.json's ``config.init`` then
+    names the weights from any directory, for ``eval``'s ``init`` row); ``--allow-download`` without
+    ``--init`` is refused."""
+    if cfg.allow_download and not cfg.init:
+        raise UsageError("--allow-download lets --init fetch Hub weights; give --init too")
+    if not cfg.init or cfg.resume:  # a resume keeps what its run.json recorded
+        return cfg
+    from sslkit.init.resolve import recorded_init
+
+    init = recorded_init(cfg.init)
+    return cfg if init == cfg.init else dataclasses.replace(cfg, init=init)
 
 
 def with_task_embedding(cfg: RunConfig, probe: torch.nn.Module) -> RunConfig:
@@ -84,17 +106,20 @@ def planned_volume(cfg: RunConfig) -> dict[str, Any]:
     return {"sample": mode.describe()["sample"], "volume_size": mode.size, "spacing": mode.spacing}
 
 
-def create_model(cfg: RunConfig, backbone_name: str, spec: InputSpec) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """The backbone (the encoder that gets exported), then the task built around it."""
+def create_model(cfg: RunConfig, backbone_name: str, spec: InputSpec,
+                 resumed: ResumedInit | None = None) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The backbone (the encoder that gets exported), then the task built around it. ``resumed`` (a
+    ``--resume`` of an ``--init`` run) with a checkpoint: the init is not read, run.json's record is kept."""
     backbone = build_backbone(backbone_name, spec.channels, cfg.image_size, spec.volume_size, **cfg.backbone_options)
     if cfg.init:  # before the task copies the backbone into EMA teachers (sslkit.init)
-        from sslkit.init import load_init
+        from sslkit.init.resume import backbone_init
 
-        backbone.init_record = load_init(cfg.init, backbone, cfg.allow_download)
+        backbone.init_record, line = backbone_init(cfg, backbone, resumed)
         if distributed.is_main():
-            print(backbone.init_record["summary"], file=sys.stderr)
+            print(line, file=sys.stderr)
     task = create_task(cfg.task, backbone, spec, **cfg.task_options)
-    if cfg.init:  # the decoder / heads / teachers of an earlier run of this task, where they fit
+    if cfg.init and not (resumed is not None and resumed.checkpointed):
+        # the decoder / heads / teachers of an earlier run of this task, where they fit
         from sslkit.init.continued import parts_line, restore_task_parts
 
         parts = restore_task_parts(cfg.init, task, cfg.task, cfg.allow_download)
@@ -112,15 +137,19 @@ def with_resolved_task_options(cfg: RunConfig, task: torch.nn.Module) -> RunConf
 
 
 def continued_scales(cfg: RunConfig, task: torch.nn.Module, backbone: torch.nn.Module,
-                     total: int) -> dict[str, Any]:
+                     total: int, resumed: ResumedInit | None = None) -> dict[str, Any]:
     """With ``--init``: the encoder's LR multiplier and warm-up freeze (sslkit.init.continued),
-    recorded in the init record; ``{}`` otherwise."""
+    recorded in the init record (a resume from a checkpoint keeps the recorded ones); ``{}`` otherwise."""
     if not cfg.init:
         return {}
     from sslkit.init import continued
+    from sslkit.init.resume import continue_settings
 
-    settings = continued.plan(cfg, task, total, backbone.init_record.get("task_parts", {}))
-    backbone.init_record["continue"] = settings
+    record = backbone.init_record
+    settings = continue_settings(record, resumed)
+    if settings is None:
+        settings = continued.plan(cfg, task, total, record.get("task_parts", {}))
+        record["continue"] = settings
     return {"lr_scale": continued.lr_scale_fn(settings), "freeze_steps": continued.freeze_fn(settings)}
 
 

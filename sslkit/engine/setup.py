@@ -30,9 +30,10 @@ from sslkit.engine.capture import make_capture
 from sslkit.engine.compiled import compile_model, compile_views
 from sslkit.engine.data_setup import batches_and_schedule, load_run_data
 from sslkit.engine.model_setup import (check_pairing, continued_scales, create_model, views_on_device, with_backbone,
-                                       with_resolved_task_options, with_task_embedding)
+                                       with_init_flags, with_resolved_task_options, with_task_embedding)
 from sslkit.engine.schedules import Schedule
 from sslkit.errors import UsageError
+from sslkit.init.resume import resumed_init
 from sslkit.optim import build_optimizer, uses_group_lr
 from sslkit.run import CHECKPOINTS, RunConfig, check_run_dir, environment
 from sslkit.spec import InputSpec
@@ -127,7 +128,7 @@ def on_main(fn: Callable[[], Any]) -> Any:
 def build(cfg: RunConfig, device: torch.device) -> Setup:
     """Everything a run needs, checked and built (see the module docstring for the order)."""
     rank, world = distributed.rank(), distributed.world_size()
-    cfg = with_backbone(cfg)
+    cfg = with_backbone(with_init_flags(cfg))
     backbone_name = cfg.backbone
     on_main(lambda: check_run_dir(cfg))
     if cfg.batch_size % world:
@@ -136,6 +137,7 @@ def build(cfg: RunConfig, device: torch.device) -> Setup:
     _determinism(cfg, device)
     seed_everything(cfg.seed)
     cfg = with_task_embedding(cfg, check_pairing(backbone_name, cfg))  # fail fast, before decoding anything
+    resumed = distributed.broadcast_object(on_main(lambda: resumed_init(cfg)))  # --init on --resume
     data = load_run_data(cfg, rank, world)
     mean, std = channel_stats(data.prepared.pixels)
     spec = InputSpec(data.channels, cfg.image_size, mean, std, data.source.scheme, data.source.describe(),
@@ -143,7 +145,7 @@ def build(cfg: RunConfig, device: torch.device) -> Setup:
     if cfg.resume:  # changed data is refused unless --allow-data-change; the run's InputSpec is kept
         spec = InputSpec.from_dict(resume_input_spec(cfg.out, data.prepared, spec.preprocessing,
                                                      cfg.allow_data_change) or spec.to_dict())
-    backbone, task = create_model(cfg, backbone_name, spec)
+    backbone, task = create_model(cfg, backbone_name, spec, resumed)
     cfg = with_resolved_task_options(cfg, task)
     if cfg.sync_bn and world > 1:
         task = torch.nn.SyncBatchNorm.convert_sync_batchnorm(task)
@@ -159,7 +161,7 @@ def build(cfg: RunConfig, device: torch.device) -> Setup:
         task.to(memory_format=torch.channels_last)
 
     loader, steps_per_epoch, step_images, schedule = batches_and_schedule(cfg, data, rank, world)
-    scales = continued_scales(cfg, task, backbone, schedule.total)
+    scales = continued_scales(cfg, task, backbone, schedule.total, resumed)
     optimizer = build_optimizer(task, cfg.optimizer, schedule.peak_lr, cfg.weight_decay, cfg.momentum, cfg.betas,
                                 **scales)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
@@ -176,7 +178,8 @@ def build(cfg: RunConfig, device: torch.device) -> Setup:
     s.loader.raw = device.type == "cuda"  # copy the cached uint16, scale on the device (half the bytes)
     s.capture = make_capture(s)
     if cfg.init:
-        s.info["init"] = backbone.init_record
+        if backbone.init_record:  # ({}: resumed from a checkpoint of a run.json without it)
+            s.info["init"] = backbone.init_record
         if s.capture is not None and s.capture.active and uses_group_lr(optimizer):
             s.capture.fall_back("--init sets the encoder's LR apart from the heads' (--init-lr-scale, "
                                 "--init-freeze-steps)", tell=cfg.capture == "graphs")

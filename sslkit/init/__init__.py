@@ -4,7 +4,8 @@
 id or timm tag, offline by default), reads it without running pickled code
 (:mod:`.read`), renames its keys to timm's (:mod:`.keymap`), fits them to the backbone
 (:mod:`.adapt`: input channels, patch size, position grid) and loads them. Weights that
-cannot be fitted are one :class:`~sslkit.errors.UsageError` line naming the tensors.
+cannot be fitted are one :class:`~sslkit.errors.UsageError` line naming the tensors. A
+``--resume`` from a checkpoint does not read them again (:mod:`.resume`).
 
 A backbone says where its published-layout weights live with an optional
 ``init_target()`` method returning ``{"module", "first_conv", "pos_embed", "grid",
@@ -29,6 +30,7 @@ from sslkit.init.resolve import InitFile, resolve_init
 
 MAX_MISSING_FRACTION = 0.1  # more of the backbone missing than this: the weights are of another model
 ARCH_HINT = "; --backbone names the architecture the weights were made for"
+COUNTER = "num_batches_tracked"  # BatchNorm's step counter: many checkpoints omit it, never counted missing
 
 
 def load_init(init: str, backbone: nn.Module, allow_download: bool = False) -> dict[str, Any]:
@@ -50,9 +52,10 @@ def load_init(init: str, backbone: nn.Module, allow_download: bool = False) -> d
         more = f" (+{len(fitted.mismatched) - 3} more)" if len(fitted.mismatched) > 3 else ""
         raise UsageError(f"--init {found.name} does not fit {name}: {len(fitted.mismatched)} tensors cannot be "
                          f"adapted: {'; '.join(fitted.mismatched[:3])}{more}{ARCH_HINT}")
-    if not fitted.state or len(fitted.missing) > MAX_MISSING_FRACTION * len(own):
-        sample = ", ".join([k for k in weights if not k.endswith("num_batches_tracked")][:3])
-        raise UsageError(f"--init {found.name} does not fit {name}: {len(fitted.missing)} of its {len(own)} "
+    counted = [k for k in own if not k.endswith(COUNTER)]  # as fit() counts the missing ones
+    if not fitted.state or len(fitted.missing) > MAX_MISSING_FRACTION * len(counted):
+        sample = ", ".join([k for k in weights if not k.endswith(COUNTER)][:3])
+        raise UsageError(f"--init {found.name} does not fit {name}: {len(fitted.missing)} of its {len(counted)} "
                          f"tensors are not in the weights (the weights' {layout} layout has keys like {sample})"
                          f"{ARCH_HINT}")
     module.load_state_dict(fitted.state, strict=False)

@@ -20,7 +20,10 @@ cache and in a model folder alike.
 
 Hub files are looked up in the local cache only (``$HF_HUB_CACHE``, else
 ``$HF_HOME/hub``, else ``~/.cache/huggingface/hub``); ``allow_download=True`` fetches a
-missing one with ``huggingface_hub``.
+missing one with ``huggingface_hub`` (:mod:`.hub`), once per process.
+
+A run records a local ``--init`` as an absolute path (:func:`recorded_init`); ``--resume`` takes
+another spelling of the same file as the same ``--init`` (:func:`same_init`).
 """
 
 from __future__ import annotations
@@ -30,11 +33,11 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from sslkit.errors import UsageError, first_line
+from sslkit.errors import UsageError
+from sslkit.init.hub import HUB_FILES, INDEX_SUFFIX, hub_cache_dir, hub_endpoint  # noqa: F401 (re-exported)
 
 FILE_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
-HUB_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
-INDEX_SUFFIX = ".index.json"
+REMOTE_PREFIXES = ("timm:", "hf-hub:", "hf:")
 
 
 @dataclass(frozen=True)
@@ -83,50 +86,105 @@ def shard_files(index: Path, name: str) -> list[Path]:
     return files
 
 
-def hub_cache_dir() -> Path:
-    """The Hugging Face Hub cache, read from the environment at call time."""
-    env = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE")
-    if env:
-        return Path(env)
-    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
-    return Path(home).expanduser() / "hub"
-
-
 def resolve_init(spec: str, allow_download: bool = False) -> InitFile:
-    """``--init`` text -> :class:`InitFile`; a usage error (one line) when it cannot be found."""
+    """``--init`` text -> :class:`InitFile`; a usage error (one line) when it cannot be found.
+
+    A Hub id or timm tag is resolved (and downloaded) once per process: the files found are
+    remembered by the text, ``allow_download``, the cache and the endpoint, while they exist."""
     spec = spec.strip()
     if not spec:
         raise UsageError("--init is empty; give a weights file, a run directory, ORG/NAME or timm:MODEL.TAG")
+    path = local_path(spec)
+    if path is not None:
+        return _local(spec, path)
+    key = (spec, bool(allow_download), str(hub_cache_dir()), hub_endpoint())
+    hit = _RESOLVED.get(key)
+    if hit is not None and _still_there(hit):
+        return hit
     if spec.startswith("timm:"):
-        return _timm(spec[5:], allow_download)
-    if spec.startswith("hf-hub:") or spec.startswith("hf:"):
-        return _hub(spec.split(":", 1)[1], allow_download)
-    path = Path(spec).expanduser()
-    if path.is_dir():
-        from sslkit.checkpoint import MODEL_FILE
-        from sslkit.run import CHECKPOINTS, ENCODER_FILE, split_checkpoint
+        found = _timm(spec[5:], allow_download)
+    else:
+        found = _hub(spec.split(":", 1)[1] if spec.startswith(REMOTE_PREFIXES) else spec, allow_download)
+    _RESOLVED[key] = found
+    return found
 
-        run, step = split_checkpoint(path)
-        if step is not None and (step / MODEL_FILE).is_file():  # RUN/checkpoints/step-N
-            return InitFile(step / MODEL_FILE, "file", f"{run.name}/{CHECKPOINTS}/{step.name}")
-        if (path / ENCODER_FILE).is_file():
-            return InitFile(path / ENCODER_FILE, "run", f"{path.name}/{ENCODER_FILE}")
-        model = next((path / n for n in HUB_FILES if (path / n).is_file()), None)
-        if model is None:
-            raise UsageError(f"--init {spec!r} is a folder without {ENCODER_FILE} or {HUB_FILES[0]}; give a weights "
-                             f"file, a finished sslkit run directory, one of its checkpoints (RUN/{CHECKPOINTS}/step-N)"
-                             f" or a Hugging Face model folder")
-        return InitFile(model, "file", f"{path.name}/{model.name}")
+
+_RESOLVED: dict[tuple, InitFile] = {}  # resolve_init's Hub and timm answers of this process
+
+
+def _still_there(found: InitFile) -> bool:
+    """Whether a remembered answer's files (an index and its shards) are all still in the cache."""
+    try:
+        return found.path.is_file() and all(f.is_file() for f in found.files())
+    except UsageError:  # a shard the index names is gone
+        return False
+
+
+def local_path(spec: str) -> Path | None:
+    """The local path that ``--init`` text names, as :func:`resolve_init` reads it; None for a Hub id
+    (``ORG/NAME`` that is not a local file or folder, ``hf-hub:``) or a timm tag."""
+    spec = spec.strip()
+    if spec.startswith(REMOTE_PREFIXES):
+        return None
+    path = Path(spec).expanduser()
+    if path.exists():
+        return path
+    looks_like_hub = spec.count("/") == 1 and not spec.startswith((".", "/", "~")) and \
+        path.suffix.lower() not in FILE_SUFFIXES
+    return None if looks_like_hub else path
+
+
+def recorded_init(spec: str) -> str:
+    """``--init`` as a run records it (run.json ``config.init``): an existing local file or folder as an
+    absolute path, so that the run's ``init`` row resolves from any directory; other text as given."""
+    path = local_path(spec)
+    return os.path.abspath(path) if path is not None and path.exists() else spec
+
+
+def same_init(a: str, b: str) -> bool:
+    """Whether two ``--init`` texts name the same weights: equal text, or paths of the same file or folder
+    (a relative and an absolute spelling alike)."""
+    if a.strip() == b.strip():
+        return True
+    pa, pb = local_path(a), local_path(b)
+    if pa is None or pb is None:
+        return False
+    if os.path.abspath(pa) == os.path.abspath(pb):
+        return True
+    try:
+        return os.path.samefile(pa, pb)
+    except OSError:  # one of them is not there
+        return False
+
+
+def _local(spec: str, path: Path) -> InitFile:
+    """A local weights file, sslkit run directory (or checkpoint) or model folder."""
+    if path.is_dir():
+        return _folder(spec, path)
     if path.is_file():
         if path.suffix.lower() not in FILE_SUFFIXES:
             raise UsageError(f"--init {spec!r}: expected a {', '.join(FILE_SUFFIXES)} file")
         return InitFile(path, "file", path.name)
-    looks_like_hub = spec.count("/") == 1 and not spec.startswith((".", "/", "~")) and \
-        path.suffix.lower() not in FILE_SUFFIXES
-    if looks_like_hub:
-        return _hub(spec, allow_download)
     raise UsageError(f"--init {spec!r} does not exist; give a weights file ({', '.join(FILE_SUFFIXES)}), a run "
                      f"directory, a Hub id ORG/NAME or timm:MODEL.TAG")
+
+
+def _folder(spec: str, path: Path) -> InitFile:
+    from sslkit.checkpoint import MODEL_FILE
+    from sslkit.run import CHECKPOINTS, ENCODER_FILE, split_checkpoint
+
+    name = Path(os.path.abspath(path)).name  # "." or "run/" named as the folder itself
+    run, step = split_checkpoint(path)
+    if step is not None and (step / MODEL_FILE).is_file():  # RUN/checkpoints/step-N
+        return InitFile(step / MODEL_FILE, "file", f"{Path(os.path.abspath(run)).name}/{CHECKPOINTS}/{step.name}")
+    if (path / ENCODER_FILE).is_file():
+        return InitFile(path / ENCODER_FILE, "run", f"{name}/{ENCODER_FILE}")
+    model = next((path / n for n in HUB_FILES if (path / n).is_file()), None)
+    if model is None:
+        raise UsageError(f"--init {spec!r} is a folder without {ENCODER_FILE} or {HUB_FILES[0]}; give a weights "
+                         f"file, a finished sslkit run directory, one of its checkpoints (RUN/{CHECKPOINTS}/step-N)"
+                         f" or a Hugging Face model folder")
+    return InitFile(model, "file", f"{name}/{model.name}")
 
 
 def _timm(tag: str, allow_download: bool) -> InitFile:
@@ -136,6 +194,8 @@ def _timm(tag: str, allow_download: bool) -> InitFile:
     from sslkit.errors import unknown_name_message
 
     arch = tag.split(".", 1)[0]
+    if not arch.strip():
+        raise UsageError("--init timm: names no model; give timm:MODEL.TAG, e.g. timm:vit_small_patch14_dinov2.lvd142m")
     if not timm.is_model(arch):
         raise UsageError("--init: " + unknown_name_message("timm model", arch, timm.list_models(),
                                                            "; see timm.list_models()", suggestions=3, listed=0))
@@ -155,29 +215,19 @@ def _timm(tag: str, allow_download: bool) -> InitFile:
 
 
 def _hub(repo: str, allow_download: bool, files: tuple[str, ...] = HUB_FILES, what: str | None = None) -> InitFile:
-    from huggingface_hub import try_to_load_from_cache
+    from sslkit.init import hub
 
     repo, _, revision = repo.partition("@")
-    what, cache, label = what or repo, hub_cache_dir(), f"{repo}@{revision}" if revision else repo
-    for name in files:
-        hit = try_to_load_from_cache(repo, name, cache_dir=str(cache), revision=revision or None)
-        if isinstance(hit, str) and Path(hit).is_file():
-            return _with_shards(InitFile(Path(hit), "hub", label), repo, revision, allow_download, what)
-    if not allow_download:
-        raise UsageError(f"--init {what}: {repo} is not in the local Hugging Face cache ({cache}); pass "
+    what, label = what or repo, f"{repo}@{revision}" if revision else repo
+    if not repo.strip():
+        raise UsageError(f"--init {what}: names no Hub repository; give ORG/NAME")
+    hit = hub.cached(repo, revision, files)
+    if hit is None and not allow_download:
+        raise UsageError(f"--init {what}: {repo} is not in the local Hugging Face cache ({hub_cache_dir()}); pass "
                          f"--allow-download to fetch it, or give a local weights file")
-    from huggingface_hub import hf_hub_download
-
-    last = None
-    for name in files:
-        try:
-            path = hf_hub_download(repo, name, revision=revision or None, cache_dir=str(cache))
-        except Exception as exc:  # not found, offline, gated: try the next file name, then report
-            last = exc
-            continue
-        return _with_shards(InitFile(Path(path), "hub", label), repo, revision, allow_download, what)
-    msg = first_line(last) if last else "no file tried"
-    raise UsageError(f"--init {what}: cannot download {repo} ({', '.join(files)}): {msg}")
+    if hit is None:
+        hit = hub.download(repo, revision, files, what)
+    return _with_shards(InitFile(hit, "hub", label), repo, revision, allow_download, what)
 
 
 def _with_shards(found: InitFile, repo: str, revision: str, allow_download: bool, what: str) -> InitFile:
@@ -190,11 +240,7 @@ def _with_shards(found: InitFile, repo: str, revision: str, allow_download: bool
         raise UsageError(f"--init {what}: {len(missing)} of the {len(names)} shards of {repo} are not in the local "
                          f"Hugging Face cache (first: {missing[0]}); pass --allow-download to fetch them")
     if missing:
-        from huggingface_hub import hf_hub_download
+        from sslkit.init import hub
 
-        for n in missing:
-            try:
-                hf_hub_download(repo, n, revision=revision or None, cache_dir=str(hub_cache_dir()))
-            except Exception as exc:
-                raise UsageError(f"--init {what}: cannot download {repo}'s shard {n}: {first_line(exc)}") from None
+        hub.download_shards(repo, revision, missing, what)
     return found

@@ -1,0 +1,131 @@
+"""Hugging Face Hub files of ``--init``: looked up in the local cache, or fetched with ``--allow-download``.
+
+A download starts with one request to the Hub's endpoint (``$HF_ENDPOINT``, read at call time,
+else https://huggingface.co) with a short timeout and no retry: a Hub that cannot be reached is one
+line in a few seconds, not ``huggingface_hub``'s minutes of retries with a warning each. Its
+log lines and warnings are silenced while it downloads (its progress bars are kept).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import warnings
+from pathlib import Path
+from typing import Iterator
+
+from sslkit.errors import UsageError, first_line
+
+HUB_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+INDEX_SUFFIX = ".index.json"
+REACH_TIMEOUT = 5.0  # seconds for the reachability check before a download
+DEFAULT_ENDPOINT = "https://huggingface.co"
+
+
+def hub_cache_dir() -> Path:
+    """The Hugging Face Hub cache, read from the environment at call time."""
+    env = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE")
+    if env:
+        return Path(env)
+    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
+    return Path(home).expanduser() / "hub"
+
+
+def hub_endpoint() -> str:
+    """The Hub's address: ``$HF_ENDPOINT`` read at call time, else what ``huggingface_hub`` read at import."""
+    from huggingface_hub import constants
+
+    env = os.environ.get("HF_ENDPOINT", "").strip().rstrip("/")
+    return env or str(getattr(constants, "ENDPOINT", "") or DEFAULT_ENDPOINT).rstrip("/")
+
+
+def _endpoint_kw() -> dict[str, str]:
+    """``endpoint=`` for ``hf_hub_download`` when it differs from the one its client was imported with."""
+    from huggingface_hub import constants
+
+    endpoint = hub_endpoint()
+    return {} if endpoint == str(getattr(constants, "ENDPOINT", "")).rstrip("/") else {"endpoint": endpoint}
+
+
+def offline() -> bool:
+    """``HF_HUB_OFFLINE`` (as ``huggingface_hub`` read it, or set since): its client refuses at once."""
+    from huggingface_hub import constants
+
+    return bool(getattr(constants, "HF_HUB_OFFLINE", False)) or \
+        os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+def cached(repo: str, revision: str, files: tuple[str, ...]) -> Path | None:
+    """The first of ``files`` of ``repo`` in the local cache, or None (no network)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    for name in files:
+        hit = try_to_load_from_cache(repo, name, cache_dir=str(hub_cache_dir()), revision=revision or None)
+        if isinstance(hit, str) and Path(hit).is_file():
+            return Path(hit)
+    return None
+
+
+def download(repo: str, revision: str, files: tuple[str, ...], what: str) -> Path:
+    """The first of ``files`` that ``repo`` holds, fetched into the cache; one line when none can be."""
+    check_reachable(what)
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
+
+    last: Exception | None = None
+    with quiet_hub():
+        for name in files:
+            try:
+                return Path(hf_hub_download(repo, name, revision=revision or None, cache_dir=str(hub_cache_dir()),
+                                            **_endpoint_kw()))
+            except (RepositoryNotFoundError, RevisionNotFoundError) as exc:  # no other file name will do
+                last = exc
+                break
+            except Exception as exc:  # this file name is not there (or the connection broke): the next one
+                last = exc
+    msg = first_line(last) if last else "no file tried"
+    raise UsageError(f"--init {what}: cannot download {repo} ({', '.join(files)}): {msg}")
+
+
+def download_shards(repo: str, revision: str, names: list[str], what: str) -> None:
+    """Fetch the shards ``names`` of ``repo`` into the cache."""
+    check_reachable(what)
+    from huggingface_hub import hf_hub_download
+
+    with quiet_hub():
+        for n in names:
+            try:
+                hf_hub_download(repo, n, revision=revision or None, cache_dir=str(hub_cache_dir()), **_endpoint_kw())
+            except Exception as exc:
+                raise UsageError(f"--init {what}: cannot download {repo}'s shard {n}: {first_line(exc)}") from None
+
+
+def check_reachable(what: str) -> None:
+    """One request to the Hub (short timeout, no retry); one line when it cannot be reached. Skipped
+    offline (``HF_HUB_OFFLINE``), where the client itself refuses at once."""
+    if offline():
+        return
+    endpoint = hub_endpoint()
+    try:
+        from huggingface_hub.utils import get_session
+
+        with quiet_hub():
+            get_session().request("HEAD", endpoint, timeout=REACH_TIMEOUT)  # any answer: the Hub is there
+    except Exception as exc:  # refused, unknown host, timed out, proxy or TLS failure
+        raise UsageError(f"--init {what}: cannot reach the Hugging Face Hub ({endpoint}: {first_line(exc)}); "
+                         f"check the network (HF_ENDPOINT, proxy settings) or give a local weights file") from None
+
+
+@contextlib.contextmanager
+def quiet_hub() -> Iterator[None]:
+    """``huggingface_hub``'s log lines (retries, redirects) and Python warnings off for the block."""
+    logger = logging.getLogger("huggingface_hub")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
