@@ -3,8 +3,12 @@
 Class sub-folders are ignored for pretraining and used as labels by ``eval``.
 8-bit images are scaled by 255, 16-bit ones by 65535 (never squashed to 8 bits first);
 TIFFs are read with tifffile, which keeps 16-bit RGB and multi-page stacks as they are.
-A palette image (PNG, BMP or TIFF) gives its colours, never its indices: RGB, or one
-channel where every palette entry is grey.
+16-bit PNGs in colour or with alpha too (Pillow would cut them to 8 bits; see
+:func:`~sslkit_plugins.sources.folder_decode.png16_colour`). A palette image (PNG, BMP or
+TIFF) gives its colours, never its indices: RGB, or one channel where every palette entry
+is grey. A JPEG is turned upright by its EXIF orientation. Float pixels holding NaN or inf
+are a skipped file, and an image far larger than any training size is reduced while it is
+decoded (``folder_decode``), so memory stays near the final image's.
 Splits group files by the ``group`` regex (``--data-opt group='^(patient[0-9]+)/'``):
 files whose relative path gives the same match (first capture group, else the whole
 match) stay on one side; without a match a file is its own group.
@@ -13,17 +17,18 @@ match) stay on one side; without a match a file is its own group.
 from __future__ import annotations
 
 import re
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from sslkit.api import SampleRef, Source, UsageError, check_dir, check_pixel_count, hookimpl, walk_files
+from sslkit_plugins.sources.folder_decode import DECODE_SIDE, open_image, pil_channels, pil_pixels
+from sslkit_plugins.sources.folder_tiff import tiff_array, tiff_channels
 
 
 EXTENSIONS = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp"}
+TIFF = {".tif", ".tiff"}
 
 
 @dataclass
@@ -46,49 +51,11 @@ def group_of(rel: str, pattern: str) -> str:
     return "f:" + rel
 
 
-def is_grey(colours: np.ndarray) -> bool:
-    """Whether palette entries ``colours`` (N, channels) are all grey (red = green = blue)."""
-    return colours.shape[1] < 3 or bool((colours[:, :1] == colours[:, 1:3]).all())
-
-
-def pil_palette_is_grey(img: Image.Image) -> bool:
-    """Whether a ``P`` / ``PA`` image's palette is grey (read at open, before any pixel is decoded)."""
-    pal = img.palette
-    if pal is None or not pal.mode:
-        return False
-    n, colours = len(pal.mode), np.frombuffer(bytes(pal.palette), np.uint8)
-    return is_grey(colours[: len(colours) // n * n].reshape(-1, n))
-
-
-def pil_to_array(img: Image.Image) -> np.ndarray:
-    """PIL image -> float32 (C, H, W) in [0, 1], keeping 16-bit precision."""
-    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
-        arr = np.asarray(img, dtype=np.uint16).astype(np.float32) / 65535.0
-    elif img.mode == "I":
-        a = np.asarray(img, dtype=np.int64)
-        arr = (a / 65535.0 if a.max() > 255 else a / 255.0).astype(np.float32)
-    elif img.mode == "F":
-        a = np.asarray(img, dtype=np.float32)
-        lo, hi = float(a.min()), float(a.max())
-        arr = (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)
-    else:
-        grey = img.mode in ("P", "PA") and pil_palette_is_grey(img)  # a palette's colours, not its indices
-        if img.mode not in ("L", "RGB"):
-            img = img.convert("RGBA" if "A" in img.getbands() or img.mode == "P" else "RGB")
-            if img.mode == "RGBA":
-                img = img.convert("RGB")
-        arr = np.asarray(img, dtype=np.float32) / 255.0
-        arr = arr[..., 0] if grey else arr
-    if arr.ndim == 2:
-        arr = arr[None]
-    else:
-        arr = arr.transpose(2, 0, 1)
-    return np.ascontiguousarray(arr, dtype=np.float32)
-
-
 class FolderSource(Source):
     scheme = "folder"
     Options = FolderOptions
+    #: an image whose shorter side is at least twice this is reduced while decoding (None: never)
+    decode_side: int | None = DECODE_SIDE
 
     def __init__(self, location: str, options=None) -> None:
         super().__init__(location, options or FolderOptions())
@@ -114,11 +81,9 @@ class FolderSource(Source):
     def channels_of(self, ref: SampleRef) -> int | None:
         try:
             if Path(ref.path).suffix.lower() in TIFF:
-                return 3 if _tiff_array(ref.path, header=True).shape[0] >= 3 else 1
+                return tiff_channels(ref.path)
             with open_image(ref.path) as img:
-                if img.mode in ("P", "PA"):
-                    return 1 if pil_palette_is_grey(img) else 3
-                return 3 if img.mode in ("RGB", "RGBA", "CMYK", "YCbCr") else 1
+                return pil_channels(img)
         except Exception:
             return None
 
@@ -132,75 +97,16 @@ class FolderSource(Source):
 
     def load(self, ref: SampleRef) -> np.ndarray:
         if Path(ref.path).suffix.lower() in TIFF:
-            return _tiff_array(ref.path, limit=self.max_pixels)
+            return tiff_array(ref.path, limit=self.max_pixels, side=self.decode_side)
         with open_image(ref.path) as img:
             check_pixel_count(img.width, img.height, self.max_pixels)  # from the header, before decoding
-            img.load()
-            return pil_to_array(img)
+            return pil_pixels(img, self.decode_side)
 
     def describe(self) -> dict:
-        return {"scale": "8-bit / 255, 16-bit / 65535, float min-max"}
-
-
-TIFF = {".tif", ".tiff"}
-
-
-def open_image(path: str) -> Image.Image:
-    """``Image.open`` (header only) without PIL's own decompression-bomb refusal: the one
-    pixel limit, ``--max-pixels``, is checked by the caller before ``load()``."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
-        try:
-            return Image.open(path)
-        finally:
-            Image.MAX_IMAGE_PIXELS = saved
-
-
-def _tiff_array(path: str, header: bool = False, limit: int | None = None) -> np.ndarray:
-    """A TIFF's first page as float32 ``(C, H, W)`` in [0, 1] (``header``: shape only, zeros).
-
-    A page of more than ``limit`` pixels is refused from its header, before decoding."""
-    import tifffile
-
-    with tifffile.TiffFile(path) as tif:
-        page = tif.pages[0]
-        check_pixel_count(int(page.imagewidth), int(page.imagelength), limit)
-        colormap = page.colormap if page.photometric == 3 else None  # PALETTE: indices into the colormap
-        if header and colormap is not None:
-            return np.zeros((1 if is_grey(colormap.T) else 3, 1, 1), np.float32)
-        if header:
-            shape = page.shape
-            c = shape[-1] if len(shape) == 3 and shape[-1] <= 4 else (shape[0] if len(shape) == 3 else 1)
-            return np.zeros((c, 1, 1), np.float32)
-        a = page.asarray()
-    if colormap is not None:
-        return tiff_palette_colours(a, colormap)
-    if a.ndim == 3 and a.shape[-1] <= 4 and a.shape[0] > 4:  # (H, W, C)
-        a = a.transpose(2, 0, 1)
-    elif a.ndim == 2:
-        a = a[None]
-    if a.dtype == np.uint8:
-        x = a.astype(np.float32) / 255.0
-    elif a.dtype == np.uint16:
-        x = a.astype(np.float32) / 65535.0
-    elif a.dtype == bool:
-        x = a.astype(np.float32)
-    else:  # float or wide integer data: its own range
-        x = a.astype(np.float32)
-        lo, hi = float(np.nanmin(x)), float(np.nanmax(x))
-        x = (x - lo) / (hi - lo) if hi > lo else np.zeros_like(x)
-    if x.shape[0] == 4 or x.shape[0] == 2:
-        x = x[:-1]  # alpha
-    return np.ascontiguousarray(x, dtype=np.float32)
-
-
-def tiff_palette_colours(index: np.ndarray, colormap: np.ndarray) -> np.ndarray:
-    """A palette TIFF's indices -> float32 ``(C, H, W)`` of its colours: RGB, one channel where the map is grey."""
-    top = 255.0 if colormap.max() <= 255 else 65535.0  # some writers put 8-bit values in the 16-bit map
-    lut = colormap.astype(np.float32) / top
-    lut = lut[:1] if is_grey(colormap.T) else lut
-    return np.ascontiguousarray(np.take(lut, index.astype(np.intp), axis=1, mode="clip"), dtype=np.float32)
+        out = {"scale": "8-bit / 255, 16-bit / 65535, float min-max", "orientation": "JPEG: upright by EXIF"}
+        if self.decode_side:  # in the cache key: an entry decoded another way is not reused
+            out["reduce"] = f"shorter side >= {2 * self.decode_side}: to >= {self.decode_side} while decoding"
+        return out
 
 
 @hookimpl

@@ -16,10 +16,14 @@ def walk_files(root: Path, keep, skipped: list[tuple[str, str]] | None = None) -
     """Regular files below ``root`` (sorted, hidden entries skipped) for which ``keep(path)``.
 
     Symbolic links are followed, but every real directory is walked once: a link back to
-    an ancestor (``ln -s . data/self``) or two links to one folder add nothing twice and
-    never loop. Entries that are not regular files (FIFOs, sockets, devices, dangling
-    links) are never opened; those ``keep`` would take, and folders that cannot be
-    listed, are appended to ``skipped`` as ``(path, reason)``.
+    the root or to a folder already walked (``ln -s . data/self``) or two links to one
+    folder add nothing twice and never loop. A link to a folder *above* the root
+    (``ln -s .. data/up``, ``ln -s / data/all``) is not followed and is reported: it
+    would add the root's siblings, folders the user did not name. Links to other folders
+    outside the root are followed. Entries that are not regular files (FIFOs, sockets,
+    devices, dangling links) are never opened; those ``keep`` would take, such links
+    above the root, and folders that cannot be listed, are appended to ``skipped`` as
+    ``(path, reason)``.
     """
     skipped = skipped if skipped is not None else []
     found: list[Path] = []
@@ -29,6 +33,7 @@ def walk_files(root: Path, keep, skipped: list[tuple[str, str]] | None = None) -
         seen.add((st.st_dev, st.st_ino))
     except OSError:
         pass
+    above = _ancestors(root)
 
     def unreadable(exc: OSError) -> None:
         skipped.append((str(exc.filename), f"unreadable folder: {type(exc).__name__}: {exc.strerror}"))
@@ -42,7 +47,9 @@ def walk_files(root: Path, keep, skipped: list[tuple[str, str]] | None = None) -
                 st = os.stat(os.path.join(dirpath, d))
             except OSError:
                 continue
-            if (st.st_dev, st.st_ino) not in seen:  # each real directory once
+            if (st.st_dev, st.st_ino) in above:  # `ln -s .. data/up`: the root's siblings are not the data
+                skipped.append((os.path.join(dirpath, d), ABOVE_ROOT))
+            elif (st.st_dev, st.st_ino) not in seen:  # each real directory once
                 seen.add((st.st_dev, st.st_ino))
                 kept_dirs.append(d)
         dirnames[:] = kept_dirs
@@ -55,6 +62,28 @@ def walk_files(root: Path, keep, skipped: list[tuple[str, str]] | None = None) -
                 skipped.append((str(path), why))
             else:
                 found.append(path)
+    return found
+
+
+#: the reason reported for a folder link that leads above the data root
+ABOVE_ROOT = "symbolic link to a folder above the data root: not followed (it would add folders outside the data)"
+
+
+def _ancestors(root: Path) -> set[tuple[int, int]]:
+    """``(st_dev, st_ino)`` of every folder above ``root``, through its real path and as written."""
+    found: set[tuple[int, int]] = set()
+    for path in {Path(os.path.realpath(root)), Path(os.path.abspath(root))}:
+        for parent in path.parents:
+            try:
+                st = os.stat(parent)
+            except OSError:
+                continue
+            found.add((st.st_dev, st.st_ino))
+    try:  # the root itself (a parent of its path as written can be a link to it)
+        st = os.stat(root)
+        found.discard((st.st_dev, st.st_ino))
+    except OSError:
+        pass
     return found
 
 
