@@ -115,6 +115,10 @@ def test_eval_finds_the_init_of_a_relative_path_from_another_directory(first_run
     assert result.exit_code == 0, result.output
     assert "no 'init' row" not in result.stderr, result.stderr
     assert any(line.split()[1:2] == ["init"] for line in result.stdout.splitlines()), result.stdout
+    (work / "init.safetensors").unlink()  # gone: no init row, said once for --train and --test together
+    result = cli("eval", "knn", run, "--train", data, "--test", data, "--allow-overlap", "--device", "cpu",
+                 "--k", 3)
+    assert result.exit_code == 0 and result.stderr.count("no 'init' row") == 1, result.stderr
 
 
 # --- the Hub ----------------------------------------------------------------------------------------

@@ -38,6 +38,7 @@ class EvalModel:
     device: str = "cpu"
     max_pixels: int | None = None  # --max-pixels: replaces the run's decode limit (None: keep it)
     _pretrained: Any = None
+    _init: Any = False  # the --init encoder once built (None: no init row); False: not yet looked for
 
     @property
     def pretrained(self) -> embed_mod.Model:
@@ -80,7 +81,13 @@ class EvalModel:
 
         None when the model is not a run directory, the run did not use ``--init``, or its
         weights cannot be found here or have changed (checked by SHA-256; a note says so).
+        Looked for once: ``--train`` and ``--test`` share it (and the note).
         """
+        if self._init is False:
+            self._init = self._load_init_encoder()
+        return self._init
+
+    def _load_init_encoder(self) -> torch.nn.Module | None:
         import sys
 
         record = (self.run.info.get("init") if self.run is not None else None) or {}
