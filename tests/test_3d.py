@@ -200,9 +200,13 @@ def test_3d_data_with_a_2d_backbone_is_refused_before_decoding(ct_volumes, tmp_p
 @pytest.mark.parametrize("task,backbone,sample,needle", [
     ("rotation", "monai:resnet10", "volume", "tasks that do: byol, mae, simclr, vicreg"),
     ("simclr", "monai:resnet10", "slab:3", "takes --sample volume only"),
+    # a bad volume option is named as such, not as a 2D sample (the mode could not be read, so 'slice')
+    ("simclr", "monai:resnet10", "volume --volume-size 16,16", "--volume-size '16,16' is not D,H,W"),
+    ("simclr", "monai:resnet10", "volum", "--sample 'volum' is not slice, slab:K"),
 ])
 def test_impossible_pairings_name_what_works(cli, ct_volumes, tmp_path, task, backbone, sample, needle):
-    extra = ("--data-opt", "volume_size=16,16,16") if sample == "volume" else ()
+    sample, *given = sample.split()
+    extra = given or (("--data-opt", "volume_size=16,16,16") if sample == "volume" else ())
     result = CliRunner().invoke(main, ["pretrain", "--data", f"dicom:{ct_volumes}", "--out", str(tmp_path / "run"),
                                        "--task", task, "--backbone", backbone, "--data-opt", f"sample={sample}",
                                        "--max-steps", "1", *extra])

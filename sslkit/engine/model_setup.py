@@ -97,10 +97,7 @@ def planned_volume(cfg: RunConfig) -> dict[str, Any]:
     from sslkit.data.volume import sample_mode
     from sslkit.registry import create_source
 
-    try:
-        mode = sample_mode(create_source(cfg.data, **cfg.source_options))
-    except UsageError:  # missing data, a bad option...: reported as before, when the data is loaded
-        return {}
+    mode = sample_mode(create_source(cfg.data, **cfg.source_options))  # a bad --volume-size, --sample...: now
     if mode.mode == "slice":
         return {}
     return {"sample": mode.describe()["sample"], "volume_size": mode.size, "spacing": mode.spacing}
