@@ -14,7 +14,7 @@ import importlib
 from typing import TYPE_CHECKING
 
 from sslkit.data.parallel import parallel_map
-from sslkit.data.prepare import resize_square
+from sslkit.data.prepare import available_memory, resize_square
 from sslkit.data.source import NotAnImage, SampleRef, Source, Undecodable, check_pixel_count, to_channels
 from sslkit.data.volume import (ORIENTATION, SampleMode, crop_or_pad, fit_volume, resample, slab_indices, volume_fit,
                                 stack_slab)
@@ -23,6 +23,7 @@ from sslkit.errors import CheckFailed, UsageError, first_line, unknown_name_mess
 from sslkit.hookspecs import hookimpl
 from sslkit.options import check_unit_interval
 from sslkit.output_file import read_json, write_atomic
+from sslkit.progress import human_bytes
 from sslkit.pseudonym import keyed_hash
 from sslkit.raw_input import GraphPreprocessing, RawInput, raw_input_for
 from sslkit.spec import InputSpec
@@ -98,7 +99,7 @@ __all__ = [
     "Backbone", "TokenBackbone", "is_token_backbone",
     # sources
     "Source", "SampleRef", "NotAnImage", "Undecodable", "to_channels", "walk_files", "check_dir",
-    "parallel_map", "resize_square", "check_pixel_count", "keyed_hash",
+    "parallel_map", "resize_square", "check_pixel_count", "keyed_hash", "available_memory", "human_bytes",
     # volumetric sources (slice / slab:K / volume sampling)
     "SampleMode", "ORIENTATION", "slab_indices", "stack_slab", "resample", "crop_or_pad", "fit_volume", "volume_fit",
     # inputs, export, errors

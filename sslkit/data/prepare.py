@@ -210,15 +210,27 @@ def check_room(root: Path | None, nbytes: int, shape: tuple[int, ...], channels:
 
 
 def available_memory() -> int | None:
-    """Bytes of memory available to new allocations (``MemAvailable``), None where unknown."""
+    """Bytes free for new allocations: ``MemAvailable``, capped by an address-space limit
+    (``ulimit -v``); None where unknown."""
+    avail = None
     try:
         with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+            avail = next((int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")), None)
     except (OSError, ValueError, IndexError):
         pass
-    return None
+    try:
+        avail = avail or os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        pass
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_AS)[0]
+        if soft != resource.RLIM_INFINITY and soft > 0:
+            avail = min(avail or soft, soft)
+    except (ImportError, OSError, ValueError):
+        pass
+    return avail
 
 
 _WORKER: dict[str, Any] = {}
