@@ -20,6 +20,11 @@ Which of these a run's graph takes is the source's statement, never guessed from
 name: :meth:`Source.graph_preprocessing` returns a :class:`GraphPreprocessing`, stored
 in the run's :class:`InputSpec` (``graph_preprocessing``). Resizing (shorter side to
 ``image_size``, centre crop) always stays with the client.
+
+A ``--sample volume`` run's client builds the volume (:data:`VOLUME_STEPS`): it resamples
+the values the graph takes (modality values for a window graph: the graph windows after
+resampling, as the run's source does) and pads with :attr:`RawInput.pad_value`, the value
+the graph maps to 0 in every channel, as training pads with 0 after the window.
 """
 
 from __future__ import annotations
@@ -35,6 +40,11 @@ from sslkit.spec import InputSpec
 
 KINDS = ("normalized", "unit", "uint8", "uint16", "window")
 DTYPES = {"normalized": "float32", "unit": "float32", "uint8": "uint8", "uint16": "uint16", "window": "float32"}
+#: what a volume run's client does to its values before the graph (resampling, crop / pad)
+VOLUME_STEPS = ("stacks the slices along the slice normal at their positions (D ascending, H rows, W columns as "
+                "displayed), resamples to spacing_mm (dz, dy, dx; trilinear; along D linear between the two "
+                "nearest slices, so a missing slice is interpolated across; the grid spans half a step before "
+                "the first slice to half a step after the last), centre crops / pads to volume_size (D, H, W)")
 _WL = re.compile(r"W\s*([-+]?[\d.]+(?:e[-+]?\d+)?),\s*L\s*([-+]?[\d.]+(?:e[-+]?\d+)?)", re.I)
 
 
@@ -99,6 +109,12 @@ class RawInput:
     @property
     def dtype(self) -> str:
         return DTYPES[self.kind]
+
+    @property
+    def pad_value(self) -> float:
+        """The input value that :meth:`to_unit` maps to 0 in every channel (a window graph: the
+        lowest lower bound), with which a volume's client pads: the padding training gives."""
+        return min(self.lower) if self.kind == "window" else 0.0
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"kind": self.kind, "dtype": self.dtype, "channels": self.channels}
@@ -216,6 +232,27 @@ def raw_input_for(spec: InputSpec, with_preprocessing: bool, input_dtype: str | 
     ``pixels`` source (default uint8); a source whose graph takes its own values
     (``window``) or pixels it mapped per file (``unit``) fixes float32.
     """
+    raw, note = _raw_input(spec, with_preprocessing, input_dtype)
+    return raw, (volume_note(raw, note) if spec.sample == "volume" else note)
+
+
+def volume_note(raw: RawInput, note: str) -> str:
+    """What a volume run's client does before the graph: ``note`` (the mapping the client
+    still does, from the source), then the volume steps and the pad value."""
+    if raw.kind == "window":
+        return (f"{note}; then {VOLUME_STEPS}, padding with {raw.pad_value:g} (the lowest window's lower bound, "
+                f"0 in every channel; MONOCHROME1: after the reflection); the graph windows the resampled "
+                f"values (one channel per window) and normalises")
+    if raw.kind == "normalized":
+        return (f"client builds each volume as the run's source does (what sslkit data dump writes: it "
+                f"{VOLUME_STEPS}, values in [0, 1], padding 0) and normalises: (x - mean) / std")
+    if raw.kind == "unit":
+        return f"{note}; then, on those values in [0, 1], {VOLUME_STEPS}, padding with 0; the graph normalises"
+    return f"client {VOLUME_STEPS}, padding with 0; the graph scales and normalises"
+
+
+def _raw_input(spec: InputSpec, with_preprocessing: bool, input_dtype: str | None) -> tuple[RawInput, str]:
+    """:func:`raw_input_for` before its volume note."""
     c = spec.channels
     if not with_preprocessing:
         if input_dtype not in (None, "float32"):

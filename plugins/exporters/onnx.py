@@ -7,7 +7,10 @@ Exported with the torch dynamo exporter (``torch.onnx.export(dynamo=True)``).
 
 ``with_preprocessing=True`` puts the run's mapping from raw pixels (uint8, uint16, or
 DICOM modality values with a fixed window; :mod:`sslkit.raw_input`) and its
-normalisation inside the graph; resizing always stays with the client.
+normalisation inside the graph; resizing always stays with the client. A ``--sample volume``
+run's client resamples the values the graph takes and pads them with the value the graph maps
+to 0 (``input.pad_value``; its ``client_steps`` say how), so a window graph windows after
+resampling, as training does.
 
 Every export verifies itself before the file appears: ``onnx.checker`` (full check),
 then onnxruntime against PyTorch on random and real inputs (samples of the run's data,
@@ -375,12 +378,19 @@ def _metadata(base: dict[str, Any], spec: InputSpec, raw: RawInput, dynamic_hw: 
     })
     if spec.sample != "slice":  # slabs and volumes of a volumetric source (sslkit.data.volume)
         meta["input"].update(sample=spec.sample, orientation=spec.orientation)
-    if spec.sample == "volume":
+    if spec.sample == "volume":  # no image size: the client builds a volume of volume_size
+        del meta["input"]["image_size"]
         meta["input"].update(layout="NCDHW", volume_size=list(spec.volume_size),
-                             spacing_mm=list(spec.spacing) if spec.spacing else "native",
-                             resize="client: resample to spacing_mm (dz, dy, dx; trilinear), centre crop / zero pad "
-                                    "to volume_size (D, H, W)")
+                             spacing_mm=list(spec.spacing) if spec.spacing else "native", pad_value=raw.pad_value,
+                             pad_units=_PAD_UNITS[raw.kind],
+                             resize="client: resample to spacing_mm (dz, dy, dx; trilinear, along D at the slices' "
+                                    "positions), centre crop / pad with pad_value to volume_size (D, H, W); "
+                                    "client_steps says each step")
     return meta
+
+
+_PAD_UNITS = {"window": "the graph's input values (modality values, e.g. HU), before its window",
+              "normalized": "[0, 1], before (x - mean) / std", "unit": "[0, 1]", "uint8": "uint8", "uint16": "uint16"}
 
 
 @hookimpl

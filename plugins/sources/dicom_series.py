@@ -198,7 +198,10 @@ class Volume:
     ``slices`` are ``(path, frame, tile)``: the file, the frame of a multi-frame file (None
     for single-frame) and the tile of a mosaic (None otherwise). ``spacing`` is
     ``(dz, dy, dx)`` in mm (1.0 where the header does not say). ``positions``: the
-    ImagePositionPatient of each slice, in the same order (None without slice geometry).
+    ImagePositionPatient of each slice, in the same order (None without slice geometry);
+    ``distances``: each slice's position along the slice normal in mm, ascending (None
+    without slice geometry): volume mode resamples along them, so a missing slice is
+    interpolated across (:func:`sslkit.api.volume_fit`), not stacked as if the step were even.
     """
 
     key: str
@@ -211,6 +214,7 @@ class Volume:
     mosaic: int = 0  # slices per mosaic (negative: -tiles of the grid, count unknown), 0 if not a mosaic
     positions: list[list[float]] | None = None
     dropped: list[tuple[str, str]] = field(default_factory=list)  # (file, why) of slices left out: repeats
+    distances: list[float] | None = None
 
     @property
     def depth(self) -> int:
@@ -272,34 +276,46 @@ def assemble(headers: dict[str, dict[str, Any]]) -> list[Volume]:
     return volumes
 
 
-def _ordered(positions: np.ndarray, orientation: Sequence[float], fallback_step: float | None
-             ) -> tuple[list[int], float, list[str], dict[int, int]]:
-    """Indices of ``positions`` in spatial order (repeats dropped), the slice step, the issues,
-    and ``{dropped index: the kept index whose position it repeats}``."""
+@dataclass
+class Ordered:
+    """What :func:`_ordered` found: kept indices in spatial order, their distances along the
+    normal (mm), the slice step, the issues, and ``{dropped index: the kept index it repeats}``."""
+
+    keep: list[int]
+    distances: list[float]
+    step: float
+    issues: list[str]
+    repeats: dict[int, int]
+
+
+def _ordered(positions: np.ndarray, orientation: Sequence[float], fallback_step: float | None) -> Ordered:
+    """Indices of ``positions`` in spatial order (repeats dropped), with what was found (:class:`Ordered`)."""
     order, dist = order_slices(positions, orientation)
     report = check_spacing(dist)
     dup = set(report.duplicates)
-    keep, repeats = [], {}
+    keep, kept_dist, repeats = [], [], {}
     for i in range(len(order)):
         if i in dup:
             repeats[int(order[i])] = keep[-1]
         else:
             keep.append(int(order[i]))
+            kept_dist.append(float(dist[i]))
     issues = report.issues()
     tilt = gantry_tilt(positions[order], orientation)
     if tilt > 0.1:
         issues.append(f"gantry tilt {tilt:.1f} degrees (not corrected)")
-    return keep, float(report.step or fallback_step or 1.0), issues, repeats
+    return Ordered(keep, kept_dist, float(report.step or fallback_step or 1.0), issues, repeats)
 
 
 def _series_volume(key: str, paths: list[str], headers: dict[str, dict[str, Any]]) -> Volume:
     first = headers[paths[0]]
     positions = np.array([headers[p]["position"] for p in paths], float)
-    keep, step, issues, repeats = _ordered(positions, first["orientation"], first.get("slice_step"))
+    found = _ordered(positions, first["orientation"], first.get("slice_step"))
     dropped = [(paths[i], f"slice position repeated in its series: {os.path.basename(paths[k])}'s is used")
-               for i, k in repeats.items()]
-    return Volume(key, first["group"], [(paths[i], None, None) for i in keep], (step, *_in_plane(first)),
-                  first["rows"], first["columns"], issues, positions=positions[keep].tolist(), dropped=dropped)
+               for i, k in found.repeats.items()]
+    return Volume(key, first["group"], [(paths[i], None, None) for i in found.keep], (found.step, *_in_plane(first)),
+                  first["rows"], first["columns"], found.issues, positions=positions[found.keep].tolist(),
+                  dropped=dropped, distances=found.distances)
 
 
 def _enhanced_volumes(path: str, h: dict[str, Any]) -> list[Volume]:
@@ -310,13 +326,13 @@ def _enhanced_volumes(path: str, h: dict[str, Any]) -> list[Volume]:
     parts, names = split_repeats(positions, facts, h["orientation"])
     out = []
     for suffix, text, frames in parts:
-        keep, step, issues, _ = _ordered(positions[frames], h["orientation"], h.get("slice_step"))
+        found = _ordered(positions[frames], h["orientation"], h.get("slice_step"))
         if len(parts) > 1:
-            issues.append(f"{text}: one of {len(parts)} volumes of a file split by {' and '.join(names)} "
-                          f"(positions repeat)")
-        out.append(Volume(series_key(path) + suffix, h["group"], [(path, frames[i], None) for i in keep],
-                          (step, *_in_plane(h)), h["rows"], h["columns"], issues,
-                          positions=positions[[frames[i] for i in keep]].tolist()))
+            found.issues.append(f"{text}: one of {len(parts)} volumes of a file split by {' and '.join(names)} "
+                                f"(positions repeat)")
+        out.append(Volume(series_key(path) + suffix, h["group"], [(path, frames[i], None) for i in found.keep],
+                          (found.step, *_in_plane(h)), h["rows"], h["columns"], found.issues,
+                          positions=positions[[frames[i] for i in found.keep]].tolist(), distances=found.distances))
     return out
 
 
@@ -328,12 +344,13 @@ def _mosaic_volume(path: str, h: dict[str, Any]) -> Volume:
     _, th, tw = mosaic_grid(h["rows"], h["columns"], n, tile)
     issues = [] if n > 0 else ["mosaic slice count not in the header: every tile of the grid kept"]
     step = float(h.get("slice_step") or 1.0)
-    keep, positions = list(range(abs(n))), None
+    keep, positions, distances = list(range(abs(n))), None, None
     if h.get("position") and h.get("orientation"):
         pos = mosaic_positions(h["position"], h["orientation"], _in_plane(h), (h["rows"], h["columns"]), (th, tw),
                                abs(n), step, h.get("csa_normal"))
-        keep, step, found, _ = _ordered(pos, h["orientation"], step)
-        issues += found
+        found = _ordered(pos, h["orientation"], step)
+        keep, step, distances = found.keep, found.step, found.distances
+        issues += found.issues
         positions = pos[keep].tolist()
     return Volume(series_key(path), h["group"], [(path, None, t) for t in keep], (step, *_in_plane(h)), th, tw,
-                  issues, mosaic=n, positions=positions)
+                  issues, mosaic=n, positions=positions, distances=distances)

@@ -12,13 +12,17 @@ for image folders. ``--window`` maps values to [0, 1]: ``minmax`` over the whole
 (default) or a linear ``W,L`` in the file's units (e.g. Hounsfield units for CT).
 
 ``--sample`` (:class:`sslkit.api.SampleMode`): ``slice`` (one 2D image per axial slice),
-``slab:K`` or ``volume``. Only headers are read by ``index()``, and a file is skipped there, before
-any voxel is read, when its slices exceed ``--max-pixels`` or it cannot hold the voxels its header
-declares (a ``.nii`` shorter than them; a ``.nii.gz`` smaller than them over gzip's largest
-expansion, 1032:1): a crafted 1 KB header never becomes a 100 TB allocation; so is an empty
-image (a dimension of 0). Every file is its own
-split group (a salted hash of its path); nothing from the header's free-text fields
-(``descrip``, ``db_name``, ``aux_file``) is read.
+``slab:K`` or ``volume``. A volume is resampled in the file's units and mapped to [0, 1] after
+(as MONAI's Spacing then ScaleIntensityRange; the same order an exported ``--with-preprocessing``
+graph needs: the client resamples values, the graph windows them), padded with 0 in [0, 1];
+``load_raw`` pads with the value the window maps to 0 (:meth:`NiftiSource.pad_value`).
+
+Only headers are read by ``index()``, and a file is skipped there, before any voxel is read, when
+its slices exceed ``--max-pixels`` or it cannot hold the voxels its header declares (a ``.nii``
+shorter than them; a ``.nii.gz`` smaller than them over gzip's largest expansion, 1032:1): a
+crafted 1 KB header never becomes a 100 TB allocation; so is an empty image (a dimension of 0).
+Every file is its own split group (a salted hash of its path); nothing from the header's
+free-text fields (``descrip``, ``db_name``, ``aux_file``) is read.
 """
 
 from __future__ import annotations
@@ -34,12 +38,14 @@ from typing import Any
 import numpy as np
 
 from sslkit.api import (ORIENTATION, GraphPreprocessing, SampleMode, SampleRef, Source, Undecodable, UsageError,
-                        check_dir, check_pixel_count, fit_volume, hookimpl, slab_indices, stack_slab, walk_files)
+                        check_dir, check_pixel_count, hookimpl, slab_indices, stack_slab, volume_fit, walk_files)
 
 SUFFIXES = (".nii", ".nii.gz")
 _NUM = r"[-+]?(?:\d+\.?\d*|\.\d+)"
 #: deflate's largest expansion (a run of one byte): a gzip file of N bytes holds at most this x N
 GZIP_MAX_RATIO = 1032
+#: what +-inf values become before a volume is resampled (a NaN becomes the pad value: mapped to 0)
+LARGE = 1e30
 
 
 def is_nifti(path: Path) -> bool:
@@ -216,18 +222,41 @@ class NiftiSource(Source):
             self._last = (path, vol, spacing)
         return self._last[1], self._last[2]
 
+    def _range(self, volume: np.ndarray, key: tuple[str, int]) -> tuple[float, float]:
+        """The finite min and max of the whole ``volume`` (kept per volume)."""
+        if key not in self._ranges:
+            finite = volume[np.isfinite(volume)]
+            self._ranges[key] = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+        return self._ranges[key]
+
     def to_unit(self, x: np.ndarray, volume: np.ndarray, key: tuple[str, int]) -> np.ndarray:
         """Values -> [0, 1]: the window, or min-max over the whole ``volume``."""
         if self.window is None:
-            if key not in self._ranges:
-                finite = volume[np.isfinite(volume)]
-                self._ranges[key] = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
-            lo, hi = self._ranges[key]
+            lo, hi = self._range(volume, key)
             y = (x - lo) / (hi - lo) if hi > lo else np.zeros_like(x)
         else:
             w, level = self.window
             y = (x - level) / w + 0.5
         return np.clip(np.nan_to_num(y), 0.0, 1.0).astype(np.float32)
+
+    def pad_value(self, volume: np.ndarray, key: tuple[str, int]) -> float:
+        """The value in the file's units that :meth:`to_unit` maps to 0: the window's lower bound, or
+        the volume's minimum (min-max): what ``load_raw`` pads a volume with."""
+        if self.window is None:
+            return self._range(volume, key)[0]
+        w, level = self.window
+        return level - w / 2
+
+    def _fit(self, volume: np.ndarray, spacing: tuple, key: tuple[str, int], raw: bool) -> np.ndarray:
+        """``(1, D, H, W)``: ``volume`` resampled in the file's units, cropped, then mapped to [0, 1]
+        and padded with 0 (``raw``: not mapped, padded with :meth:`pad_value`)."""
+        fit = volume_fit(volume.shape, spacing, self.sample)
+        pad = self.pad_value(volume, key)
+        x = volume[None][(slice(None), *fit.region)]
+        if not np.isfinite(x).all():  # NaN: the pad value (mapped to 0, as to_unit maps a NaN)
+            x = np.nan_to_num(x, nan=pad, posinf=LARGE, neginf=-LARGE)
+        block = fit.compute(x)
+        return fit.place(block, pad) if raw else fit.place(self.to_unit(block, volume, key), 0.0)
 
     def load(self, ref: SampleRef, raw: bool = False) -> np.ndarray:
         """``(1, H, W)`` slice, ``(K, H, W)`` slab or ``(1, D, H, W)`` volume; ``raw``: file units."""
@@ -238,7 +267,7 @@ class NiftiSource(Source):
             vol = vols[t]
             unit = (lambda x: x) if raw else (lambda x: self.to_unit(x, vol, (path, t)))
             if z is None:
-                return fit_volume(unit(vol)[None], spacing, self.sample)
+                return self._fit(vol, spacing, (path, t), raw)
             return stack_slab([unit(vol[i])[None] for i in slab_indices(depth, z, self.sample.slab)])
         except (OSError, ValueError, EOFError) as exc:
             raise Undecodable(f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}") from None

@@ -6,7 +6,9 @@ as the source decodes it: ``(C, H, W)`` images, ``(C*K, H, W)`` slabs or ``(C, D
 volumes, in [0, 1] after the window, or with ``raw`` the values before windowing (modality
 values such as Hounsfield units; the sources that have them: ``dicom``, ``nifti``). No
 resizing to ``--image-size``. ``__meta__`` is a JSON string saying the axis order, the
-value kind, the source's preprocessing and each sample's spacing in mm.
+value kind, the source's preprocessing, each sample's spacing in mm and, for volumes, what the
+padding holds: 0 in [0, 1], and with ``raw`` the value the source's window maps to 0 (so the
+raw volume through an exported ``--with-preprocessing`` graph gives what training gives).
 """
 
 from __future__ import annotations
@@ -21,6 +23,12 @@ from sslkit.data.volume import ORIENTATION, sample_mode
 from sslkit.errors import UsageError
 from sslkit.output_file import check_output, write_atomic
 from sslkit.registry import create_source, get_source, list_sources
+
+
+#: what the padding of a ``--raw`` volume holds (sslkit.data.volume: the value the windows map to 0)
+PADDING_RAW = ("the value the source's mapping to [0, 1] takes to 0: a fixed window's lower bound (several "
+               "windows: the lowest; inverted images: the highest upper bound), a min-max over the volume: its "
+               "minimum; 0 where the mapping is chosen per slice")
 
 
 def sample_key(source: Any, ref: Any) -> str:
@@ -74,6 +82,8 @@ def dump(src: str, out: str | Path, options: dict[str, Any] | None = None, raw: 
         "preprocessing": source.describe(),
         "skipped": skipped,
     }
+    if volumetric:
+        meta["padding"] = PADDING_RAW if raw else "0 (in [0, 1], after the window)"
 
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as f:
