@@ -239,3 +239,17 @@ def test_raw_dump_through_the_exported_graph_gives_the_runs_embeddings(tmp_path)
     assert x.shape == (2, 1, 12, 12, 12) and (x[:, :, 0] == -500).all()  # padded along D with the pad value
     got, ref = session.run(["embedding"], {"pixels": x})[0], torch_run["embeddings"]
     np.testing.assert_allclose(got, ref, atol=1e-4)
+
+
+def test_pretrain_reports_a_gapped_series_in_its_data_report(tmp_path, cli):
+    """The note reaches the run's data_report.json (only `data inspect` said it before), with no file name."""
+    import json as _json
+
+    write_gap_series(tmp_path / "ct")
+    result = cli("pretrain", "--task", "simclr", "--backbone", "monai:resnet10", "--data", f"dicom:{tmp_path / 'ct'}",
+                 "--data-opt", "sample=volume", "--data-opt", "volume_size=8,8,8", "--max-steps", 1, "--batch-size", 1,
+                 "--out", tmp_path / "run", "--quiet", "--no-cache")
+    assert result.exit_code == 0, result.output
+    notes = _json.loads((tmp_path / "run" / "data_report.json").read_text())["notes"]
+    assert len(notes) == 1 and notes[0]["sample"].startswith("series:") and "missing slices" in notes[0]["note"]
+    assert ".dcm" not in notes[0]["note"]

@@ -358,6 +358,10 @@ class DicomSource(Source):
         ps = self.headers.get(ref.path, {}).get("pixel_spacing")
         return [float(v) for v in ps] if ps else None
 
+    def notes(self) -> list[tuple[str, str]]:
+        """Series whose slices are not evenly spaced, and what volume / slab mode did about it."""
+        return self.sampler.notes() if self.sampler is not None else []
+
     def files_of(self, ref: SampleRef) -> list[str]:
         """The files ``load(ref)`` reads (for the cache key): a slab's or a volume's slices."""
         return self.sampler.files_of(ref) if self.sampler is not None else [ref.path]

@@ -130,6 +130,11 @@ class Source:
         """
         return GraphPreprocessing()
 
+    def notes(self) -> list[tuple[str, str]]:
+        """``(sample id, note)`` about data kept but changed on the way (e.g. a series with a missing
+        slice, interpolated across), for the run's ``data_report.json``; no identifiers."""
+        return []
+
     def relative(self, path: str) -> str:
         """``path`` as reports show it: relative to the data root (a file source: its name).
 

@@ -160,6 +160,7 @@ def _prepare(s: Setup, lock: RunLock | None) -> None:
     write_json_atomic(s.out / DATA_REPORT, {
         "samples": len(prepared), "skipped": len(prepared.skipped),
         "skipped_files": [{"path": p, "reason": r} for p, r in prepared.skipped],
+        "notes": [{"sample": i, "note": n} for i, n in getattr(s.data.source, "notes", list)()],
     })
 
 
