@@ -207,6 +207,9 @@ def _check_printed(values: dict[str, Any]) -> None:
     import dataclasses
 
     cfg = RunConfig(**{**values, "data": values.get("data") or "-", "out": values.get("out") or "-"})
+    from sslkit.engine.model_setup import with_init_flags
+
+    with_init_flags(cfg)  # refuses --allow-download without --init
     if cfg.augment_options:
         from sslkit.engine.model_setup import check_pairing
 

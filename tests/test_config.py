@@ -388,6 +388,8 @@ def test_print_config_refuses_what_the_printed_file_would_be_refused_for(tmp_pat
     assert turned.exit_code == 2 and "would make its labels ambiguous" in turned.stderr
     no_init = cli("pretrain", "--print-config", "--task", "simclr", "--init-lr-scale", "0.5")
     assert no_init.exit_code == 2 and "applies to continued pretraining only; give --init too" in no_init.stderr
+    fetch = cli("pretrain", "--print-config", "--task", "simclr", "--allow-download")
+    assert fetch.exit_code == 2 and "--allow-download lets --init fetch Hub weights; give --init too" in fetch.stderr
     good = cli("pretrain", "--print-config", "--task", "jigsaw", "--augment-opt", "blur_p=0.5")
     assert good.exit_code == 0, good.output
     f = tmp_path / "printed.toml"
