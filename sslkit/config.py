@@ -206,7 +206,7 @@ def _check_printed(values: dict[str, Any]) -> None:
     checks them before decoding; the ``--init`` weights are not read)."""
     import dataclasses
 
-    cfg = RunConfig(**{**values, "data": values.get("data") or "-", "out": values.get("out") or "-"})
+    cfg = RunConfig(**{**values, "data": values.get("data") or "", "out": values.get("out") or "-"})
     from sslkit.engine.model_setup import with_init_flags
 
     with_init_flags(cfg)  # refuses --allow-download without --init

@@ -97,6 +97,8 @@ def planned_volume(cfg: RunConfig) -> dict[str, Any]:
     from sslkit.data.volume import sample_mode
     from sslkit.registry import create_source
 
+    if not cfg.data:  # --print-config without --data: no source to plan for
+        return {}
     mode = sample_mode(create_source(cfg.data, **cfg.source_options))  # a bad --volume-size, --sample...: now
     if mode.mode == "slice":
         return {}
