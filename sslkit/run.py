@@ -203,7 +203,7 @@ def prepare_run_dir(cfg: RunConfig) -> Path:
     if cfg.overwrite and out.is_dir() and not cfg.resume:
         for name in (RUN_JSON, ENCODER_FILE, "metrics.csv", DATA_REPORT):
             (out / name).unlink(missing_ok=True)
-        for name in (CHECKPOINTS, "tensorboard"):
+        for name in (CHECKPOINTS, "tensorboard", "eval"):  # eval/: reports on the replaced run's encoder
             if (out / name).is_dir():
                 shutil.rmtree(out / name)
     out.mkdir(parents=True, exist_ok=True)

@@ -114,7 +114,11 @@ def test_overwrite_replaces_runs_only(tmp_path, cli):
         f"error: --out {str(tmp_path / 'afile' / 'sub')!r}: {str(tmp_path / 'afile')!r} is a file, not a folder"
     # a real run is replaced, and a finished run resumed with a bound below its steps is refused
     assert cli(*args, "--out", tmp_path / "r").exit_code == 0
+    (tmp_path / "r" / "eval").mkdir()
+    (tmp_path / "r" / "eval" / "knn.json").write_text("{}")  # a report on the run being replaced
+    (tmp_path / "r" / "notes.txt").write_text("mine\n")
     assert cli(*args, "--out", tmp_path / "r", "--overwrite").exit_code == 0
+    assert not (tmp_path / "r" / "eval").exists() and (tmp_path / "r" / "notes.txt").read_text() == "mine\n"
     result = cli(*args[:-3], "--max-steps", 3, "--quiet", "--out", tmp_path / "r2")
     assert result.exit_code == 0, result.output
     result = cli("pretrain", "--resume", tmp_path / "r2", "--max-steps", 2, "--quiet")
