@@ -551,3 +551,26 @@ def test_init_from_a_default_run_continues_its_fitted_vit(tmp_path, cli):
     options = info["config"]["backbone_options"]
     assert (options["patch_size"], options["depth"]) == (8, 6), options
     assert info["init"]["missing"] == [] and info["init"]["adapted"] == [], info["init"]
+
+
+def test_continue_flags_the_run_cannot_use_are_refused_before_decoding(tmp_path, cli, monkeypatch):
+    """--layer-decay on a CNN and an --init-freeze-steps not below --max-steps were refused only after
+    the data was decoded (and the weights loaded); now before, in one line."""
+    import timm
+    from safetensors.torch import save_file
+
+    from sslkit.data import prepare
+
+    weights = tmp_path / "r10.safetensors"
+    save_file({k: v.contiguous() for k, v in timm.create_model("resnet10t").state_dict().items()}, str(weights))
+    data = make_images(tmp_path / "imgs", n_per_class=2, size=20)
+    monkeypatch.setattr(prepare, "prepare", lambda *a, **k: pytest.fail("decoded before refusing"))
+    args = ["pretrain", "--task", "simclr", "--backbone", "timm:resnet10t", "--data", data, "--out", tmp_path / "run",
+            "--image-size", 16, "--quiet", "--no-cache", "--init", weights]
+    for extra, message in [(["--layer-decay", 0.7, "--max-steps", 5], "--layer-decay needs a ViT backbone"),
+                           (["--init-freeze-steps", 5, "--max-steps", 5],
+                            "--init-freeze-steps 5 leaves the encoder frozen for the whole run of at most 5 steps")]:
+        result = cli(*args, *extra)
+        lines = result.stderr.strip().splitlines()
+        assert result.exit_code == 2 and len(lines) == 1 and message in lines[0], result.output
+    assert not (tmp_path / "run" / "run.json").exists()

@@ -60,6 +60,10 @@ def check_pairing(backbone_name: str, cfg: RunConfig) -> torch.nn.Module:
                 task = create_task(cfg.task, probe, spec, **cfg.task_options)
                 if cfg.augment_options:  # a bad --augment-opt too, before decoding
                     with_augment_options(cfg, task.views(spec))
+                if cfg.init and not cfg.resume:  # --layer-decay on a CNN, a freeze past --max-steps: before decoding
+                    from sslkit.init.continued import check_flags
+
+                    check_flags(cfg, task)
                 return probe
             except UsageError as exc:
                 first = first or exc

@@ -124,6 +124,17 @@ def plan(cfg: Any, task: nn.Module, total: int, parts: dict[str, Any]) -> dict[s
     return out
 
 
+def check_flags(cfg: Any, task: nn.Module) -> None:
+    """What :func:`plan` would refuse that is known before the data is decoded: ``--layer-decay``
+    without transformer blocks, ``--init-freeze-steps`` not below ``--max-steps``."""
+    if cfg.layer_decay is not None:
+        _depth(task)
+    freeze, bound = cfg.init_freeze_steps, cfg.max_steps
+    if freeze is not None and bound is not None and freeze >= bound:
+        raise UsageError(f"--init-freeze-steps {freeze} leaves the encoder frozen for the whole run of at most "
+                         f"{bound} steps (--max-steps); use fewer than {bound}")
+
+
 def _fresh_heads(task: nn.Module, parts: dict[str, Any]) -> list[str]:
     """Top-level task modules with trainable parameters that were not restored."""
     restored = set(parts.get("restored") or [])
