@@ -7,6 +7,7 @@ unknown origin."""
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,9 @@ class NotPlainData(ValueError):
 def load_plain(path: Path) -> Any:
     """The plain data pickled in ``path`` (tensors on the CPU); :class:`NotPlainData` otherwise."""
     try:
-        return torch.load(str(path), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about a pickle protocol it was not written for
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:
         raise NotPlainData(refusal_reason(exc)) from None
 
@@ -36,7 +39,10 @@ def refusal_reason(exc: Exception) -> str:
     lines = (line.strip() for line in str(exc).splitlines())
     reasons = [r for r in (line.removeprefix("WeightsUnpickler error:").strip() for line in lines
                            if line and not line.startswith(PREFACE)) if r]
-    return reasons[0].split(". ")[0].rstrip(".")[:200] if reasons else first_line(exc)
+    reason = reasons[0].split(". ")[0].rstrip(".")[:200] if reasons else first_line(exc)
+    if reason.isdigit():  # the unpickler's KeyError on a byte that is no pickle opcode: not a pickle at all
+        reason = f"not a torch weights file (byte {int(reason)} is no pickle opcode)"
+    return reason
 
 
 
@@ -75,7 +81,8 @@ def load_weights(path: Path) -> tuple[Any, list[str]]:
         if not names:
             raise
     try:
-        with torch.serialization.safe_globals([(Inert, name) for name in names]):
+        with torch.serialization.safe_globals([(Inert, name) for name in names]), warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
             return torch.load(str(path), map_location="cpu", weights_only=True), sorted(names)
     except Exception as exc:
         raise NotPlainData(refusal_reason(exc)) from None

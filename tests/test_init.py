@@ -240,6 +240,18 @@ def test_pickled_code_is_never_run_and_blocked_modules_are_refused(tmp_path, cap
     (tmp_path / "damaged.pth").write_bytes(b"PK")  # a truncated file: the reason, not the preface
     with pytest.raises(UsageError, match=r"damaged.pth: cannot be read .* \(Unsupported operand"):
         load_init(str(tmp_path / "damaged.pth"), create_backbone("timm:resnet18", in_chans=3, image_size=32))
+    (tmp_path / "notes.bin").write_text("hello, not weights\n")  # said '(101)'
+    with pytest.raises(UsageError, match=r"notes.bin: .*\(not a torch weights file \(byte \d+ is no pickle opcode\)\)"):
+        load_init(str(tmp_path / "notes.bin"), create_backbone("timm:resnet18", in_chans=3, image_size=32))
+    import pickle
+    import warnings
+
+    with open(tmp_path / "p4.bin", "wb") as f:  # a plain pickle of protocol 4: refused without torch's warning
+        pickle.dump({"fc.weight": [1.0]}, f, protocol=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(UsageError, match=r"p4.bin: cannot be read"):
+            load_init(str(tmp_path / "p4.bin"), create_backbone("timm:resnet18", in_chans=3, image_size=32))
 
 
 # --- Hugging Face cache and timm tags ---------------------------------------------------------------
