@@ -586,3 +586,17 @@ def test_continue_flags_the_run_cannot_use_are_refused_before_decoding(tmp_path,
         lines = result.stderr.strip().splitlines()
         assert result.exit_code == 2 and len(lines) == 1 and message in lines[0], result.output
     assert not (tmp_path / "run" / "run.json").exists()
+
+
+def test_init_from_the_run_directory_overwrite_replaces_is_refused(tmp_path, cli):
+    """``--init RUN --out RUN --overwrite`` read the weights, then deleted them: the run recorded
+    weights that no longer exist. Refused in one line, nothing deleted."""
+    images = make_images(tmp_path / "img", n_per_class=4, size=16)
+    common = ("--task", "simclr", "--backbone", "timm:resnet10t", "--data", f"folder:{images}", "--image-size", "16",
+              "--batch-size", "4", "--max-steps", "1", "--quiet", "--no-cache")
+    assert cli("pretrain", *common, "--out", tmp_path / "r").exit_code == 0
+    before = sorted(p.name for p in (tmp_path / "r").iterdir())
+    for init in (tmp_path / "r", tmp_path / "r" / "encoder.safetensors"):
+        result = cli("pretrain", *common, "--out", tmp_path / "r", "--overwrite", "--init", init)
+        assert result.exit_code == 2 and "is in the run directory --overwrite replaces" in result.stderr, result.output
+    assert sorted(p.name for p in (tmp_path / "r").iterdir()) == before

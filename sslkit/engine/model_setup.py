@@ -81,7 +81,21 @@ def with_init_flags(cfg: RunConfig) -> RunConfig:
     from sslkit.init.resolve import recorded_init
 
     init = recorded_init(cfg.init)
+    if cfg.overwrite and _inside(init, cfg.out):  # it would be deleted (or replaced) before the run records it
+        raise UsageError(f"--init {cfg.init!r} is in the run directory --overwrite replaces ({cfg.out!r}); "
+                         f"copy the weights elsewhere, or give another --out")
     return cfg if init == cfg.init else dataclasses.replace(cfg, init=init)
+
+
+def _inside(path: str, folder: str) -> bool:
+    """Whether the local file or folder ``path`` is ``folder`` or lies in it (False for a Hub id or tag)."""
+    from pathlib import Path
+
+    p, root = Path(path).expanduser(), Path(folder).expanduser()
+    if not p.exists():
+        return False
+    p, root = p.resolve(), root.resolve()
+    return p == root or root in p.parents
 
 
 def with_task_embedding(cfg: RunConfig, probe: torch.nn.Module) -> RunConfig:
