@@ -600,3 +600,21 @@ def test_init_from_the_run_directory_overwrite_replaces_is_refused(tmp_path, cli
         result = cli("pretrain", *common, "--out", tmp_path / "r", "--overwrite", "--init", init)
         assert result.exit_code == 2 and "is in the run directory --overwrite replaces" in result.stderr, result.output
     assert sorted(p.name for p in (tmp_path / "r").iterdir()) == before
+
+
+def test_a_fixed_sincos_table_keeps_its_values_under_init(tmp_path):
+    """``--backbone-opt pos_embed=sincos`` freezes a sine-cosine table; weights with a learned table
+    loaded into it silently, leaving a frozen copy of the learned one. The run's own table stays, and
+    the record says so; every other tensor loads."""
+    import timm
+
+    src = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=16, num_classes=0)
+    with torch.no_grad():
+        src.pos_embed.normal_()
+    save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(tmp_path / "learned.safetensors"))
+    dst = create_backbone("timm:vit_tiny_patch16_224", in_chans=3, image_size=32, pos_embed="sincos", patch_size=16)
+    table = dst.model.pos_embed.detach().clone()
+    rec = load_init(str(tmp_path / "learned.safetensors"), dst)
+    assert torch.equal(dst.model.pos_embed, table) and not dst.model.pos_embed.requires_grad
+    assert torch.equal(dst.model.blocks[0].attn.qkv.weight, src.blocks[0].attn.qkv.weight)
+    assert rec["kept"] == ["pos_embed"] and "kept the backbone's own fixed pos_embed" in rec["summary"]

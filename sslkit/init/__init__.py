@@ -38,7 +38,8 @@ def load_init(init: str, backbone: nn.Module, allow_download: bool = False) -> d
 
     The record holds ``source`` (Hub id, timm tag or file name; never a full path),
     ``kind``, ``sha256`` of the file, ``layout``, ``loaded`` (tensor count), ``adapted``,
-    ``missing`` and ``unexpected`` key lists, and ``summary`` (one line).
+    ``missing`` and ``unexpected`` key lists, ``kept`` (tensors the backbone froze, e.g. a fixed
+    sin-cos position table: its own values stay), and ``summary`` (one line).
     """
     found = resolve_init(init, allow_download)
     weights, not_read, sha = read_found(found)
@@ -58,10 +59,12 @@ def load_init(init: str, backbone: nn.Module, allow_download: bool = False) -> d
         raise UsageError(f"--init {found.name} does not fit {name}: {len(fitted.missing)} of its {len(counted)} "
                          f"tensors are not in the weights (the weights' {layout} layout has keys like {sample})"
                          f"{ARCH_HINT}")
-    module.load_state_dict(fitted.state, strict=False)
+    frozen = {n for n, p in module.named_parameters() if not p.requires_grad}  # e.g. pos_embed=sincos: the run's own
+    kept = sorted(k for k in fitted.state if k in frozen)
+    module.load_state_dict({k: v for k, v in fitted.state.items() if k not in frozen}, strict=False)
     record = {"source": found.name, "kind": found.kind, "sha256": sha, "layout": layout, "prefix_removed": prefix,
-              "loaded": len(fitted.state), "adapted": fitted.adapted, "missing": fitted.missing,
-              "unexpected": fitted.unexpected, "not_read": not_read}
+              "loaded": len(fitted.state) - len(kept), "adapted": fitted.adapted, "missing": fitted.missing,
+              "unexpected": fitted.unexpected, "not_read": not_read, "kept": kept}
     record["summary"] = summary_line(record)
     return record
 
@@ -74,6 +77,7 @@ def summary_line(record: dict[str, Any]) -> str:
     return (f"init: {record['source']} (sha256 {record['sha256'][:12]}, {record['layout']} layout): "
             f"{record['loaded']} tensors loaded; adapted: {listing(record['adapted'])}; "
             f"missing: {listing(record['missing'])}; unused: {listing(record['unexpected'])}"
+            + (f"; kept the backbone's own fixed {listing(record['kept'])}" if record.get("kept") else "")
             + (f"; pickled objects not read: {listing(record['not_read'])}" if record.get("not_read") else ""))
 
 
