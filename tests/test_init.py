@@ -618,3 +618,19 @@ def test_a_fixed_sincos_table_keeps_its_values_under_init(tmp_path):
     assert torch.equal(dst.model.pos_embed, table) and not dst.model.pos_embed.requires_grad
     assert torch.equal(dst.model.blocks[0].attn.qkv.weight, src.blocks[0].attn.qkv.weight)
     assert rec["kept"] == ["pos_embed"] and "kept the backbone's own fixed pos_embed" in rec["summary"]
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_a_checkpoint_init_does_not_call_the_parts_it_restores_unused(mae_init, tmp_path):
+    """``--init RUN/checkpoints/step-N`` reads the whole task: its decoder keys were listed as 'unused'
+    on the line before the one that said they were restored."""
+    from sslkit.checkpoint import list_checkpoints
+    from sslkit.engine import build
+
+    images, first = mae_init
+    step = list_checkpoints(first / "checkpoints")[-1]
+    s = build(_tiny_mae_config(images, tmp_path / "cont", init=str(step)), torch.device("cpu"))
+    rec = s.info["init"]
+    assert "decoder_pred" in rec["task_parts"]["restored"]
+    assert not [k for k in rec["unexpected"] if k.split(".")[0] in rec["task_parts"]["restored"]], rec["unexpected"]
+    assert "unused: none" in rec["summary"], rec["summary"]

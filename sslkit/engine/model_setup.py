@@ -128,21 +128,23 @@ def create_model(cfg: RunConfig, backbone_name: str, spec: InputSpec,
     """The backbone (the encoder that gets exported), then the task built around it. ``resumed`` (a
     ``--resume`` of an ``--init`` run) with a checkpoint: the init is not read, run.json's record is kept."""
     backbone = build_backbone(backbone_name, spec.channels, cfg.image_size, spec.volume_size, **cfg.backbone_options)
+    lines = []
     if cfg.init:  # before the task copies the backbone into EMA teachers (sslkit.init)
         from sslkit.init.resume import backbone_init
 
         backbone.init_record, line = backbone_init(cfg, backbone, resumed)
-        if distributed.is_main():
-            print(line, file=sys.stderr)
+        lines.append(line)
     task = create_task(cfg.task, backbone, spec, **cfg.task_options)
     if cfg.init and not (resumed is not None and resumed.checkpointed):
         # the decoder / heads / teachers of an earlier run of this task, where they fit
-        from sslkit.init.continued import parts_line, restore_task_parts
+        from sslkit.init.continued import parts_line, restore_task_parts, without_restored
 
         parts = restore_task_parts(cfg.init, task, cfg.task, cfg.allow_download)
         backbone.init_record["task_parts"] = parts
-        if distributed.is_main():
-            print(parts_line(parts), file=sys.stderr)
+        lines = [without_restored(backbone.init_record), parts_line(parts)]  # 'unused' spares what was restored
+    if distributed.is_main():
+        for line in lines:
+            print(line, file=sys.stderr)
     return backbone, task
 
 

@@ -124,6 +124,20 @@ def plan(cfg: Any, task: nn.Module, total: int, parts: dict[str, Any]) -> dict[s
     return out
 
 
+def without_restored(record: dict[str, Any]) -> str:
+    """The init record's summary line once its task parts are restored: the weights' keys of those
+    parts (a run's checkpoint holds its projector, say) are not 'unused' (``record`` is updated)."""
+    from sslkit.init import summary_line
+
+    restored = set((record.get("task_parts") or {}).get("restored") or [])
+    unused = record.get("unexpected") or []
+    left = [k for k in unused if k.split(".")[0] not in restored]
+    if len(left) != len(unused):
+        record["unexpected"] = left
+        record["summary"] = summary_line(record)
+    return record["summary"]
+
+
 def check_flags(cfg: Any, task: nn.Module) -> None:
     """What :func:`plan` would refuse that is known before the data is decoded: ``--layer-decay``
     without transformer blocks, ``--init-freeze-steps`` not below ``--max-steps``."""
