@@ -94,3 +94,20 @@ def test_dump_keys_of_names_that_are_not_utf8(tmp_path, cli):
     assert r.exit_code == 0, r.output
     keys = set(np.load(tmp_path / "d.npz").files) - {"__meta__"}
     assert keys == {f"{name}#{z}" for name in ("good.nii", "na\\xefve.nii") for z in range(Z)}
+
+
+def test_complex_and_all_non_finite_volumes_are_reported_not_trained_on(tmp_path, cli):
+    """A complex image lost its imaginary part with a raw numpy warning on stderr, and an all-inf one
+    became an all-zero sample: both are reported; NaN voxels in a finite image keep mapping to 0."""
+    data = tmp_path / "data"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    nib.save(nib.Nifti1Image(rng.normal(size=(8, 8, 8)).astype(np.float32), np.eye(4)), data / "good.nii")
+    nib.save(nib.Nifti1Image((rng.normal(size=(8, 8, 8)) * 1j).astype(np.complex64), np.eye(4)), data / "complex.nii")
+    nib.save(nib.Nifti1Image(np.full((8, 8, 8), np.inf, np.float32), np.eye(4)), data / "allinf.nii")
+    r = cli("data", "inspect", f"nifti:{data}", "--sample", "volume", "--volume-size", "8,8,8", "--json")
+    assert r.exit_code == 0 and "Warning" not in r.stderr, r.output
+    report = json.loads(r.stdout)
+    assert report["decoded_ok"] == 1 and sorted((u["path"], u["reason"]) for u in report["undecodable"]) == [
+        ("allinf.nii", "ValueError: no finite voxel value (all NaN or inf)"),
+        ("complex.nii", "ValueError: complex voxel values: not an image (save the magnitude)")]

@@ -101,7 +101,11 @@ def canonical_volume(img: Any) -> tuple[np.ndarray, tuple[float, float, float]]:
     the voxel sizes of its affine (sform, else qform), as for :func:`canonical_geometry`."""
     nib = _nibabel()
     img = nib.as_closest_canonical(img)
+    if img.get_data_dtype().kind == "c":  # nibabel would drop the imaginary part with a warning
+        raise ValueError("complex voxel values: not an image (save the magnitude)")
     data = np.asarray(img.dataobj, dtype=np.float32)
+    if not np.isfinite(data).any():
+        raise ValueError("no finite voxel value (all NaN or inf)")
     if data.ndim == 3:
         data = data[..., None]
     if data.ndim != 4:
