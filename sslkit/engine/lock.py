@@ -6,8 +6,6 @@ lock when its holder exits or dies (even by SIGKILL), so a lock is never stale: 
 next start simply takes it. A second ``sslkit pretrain`` on the same directory (a
 ``--resume`` while the run still trains, a requeued job racing its predecessor) is
 refused in one line. The file stays; it holds the holder's process id, for the message.
-A lock file this process made in a folder where the run then wrote nothing (a refused
-``--out``, a failure before run.json) is removed again: the folder is left as it was.
 """
 
 from __future__ import annotations
@@ -17,7 +15,7 @@ import os
 from pathlib import Path
 
 from sslkit.errors import UsageError
-from sslkit.run import LOCK_FILE, RUN_JSON
+from sslkit.run import LOCK_FILE
 
 
 class RunLock:
@@ -26,7 +24,6 @@ class RunLock:
     def __init__(self, run_dir: Path) -> None:
         self.path = Path(run_dir) / LOCK_FILE
         self.fd: int | None = None
-        self.made = False  # this process created the lock file
 
     @property
     def held(self) -> bool:
@@ -36,7 +33,6 @@ class RunLock:
         """Take the lock (idempotent); a :class:`UsageError` when another process holds it."""
         if self.fd is not None:
             return
-        made = not self.path.exists()
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:
@@ -50,12 +46,10 @@ class RunLock:
                              f"(pid {holder}); wait for it to end, or stop it first") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
-        self.fd, self.made = fd, made
+        self.fd = fd
 
     def release(self) -> None:
         if self.fd is not None:
-            if self.made and not (self.path.parent / RUN_JSON).exists():  # still holding it: no other writer
-                self.path.unlink(missing_ok=True)
             fcntl.flock(self.fd, fcntl.LOCK_UN)
             os.close(self.fd)
             self.fd = None

@@ -58,7 +58,9 @@ def pretrain(cfg: RunConfig) -> dict[str, Any]:
     flags = torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark
     lock = RunLock(Path(cfg.out))
     try:
-        on_main(lambda: lock.acquire() if Path(cfg.out).is_dir() else None)  # a second process: refused now
+        # a folder that is not the user's to use (not empty, not a run) is refused before a lock file is made in
+        # it; a second process on the run: refused now (build checks the folder again, under the lock)
+        on_main(lambda: lock.acquire() if check_run_dir(cfg).is_dir() else None)
         return run(build(cfg, device), lock)
     finally:
         lock.release()
