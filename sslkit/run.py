@@ -203,9 +203,12 @@ def prepare_run_dir(cfg: RunConfig) -> Path:
     if cfg.overwrite and out.is_dir() and not cfg.resume:
         for name in (RUN_JSON, ENCODER_FILE, "metrics.csv", DATA_REPORT):
             (out / name).unlink(missing_ok=True)
-        for name in (CHECKPOINTS, "tensorboard", "eval"):  # eval/: reports on the replaced run's encoder
+        for name in (CHECKPOINTS, "tensorboard"):
             if (out / name).is_dir():
                 shutil.rmtree(out / name)
+        from sslkit.eval.report import remove_reports
+
+        remove_reports(out / "eval")  # sslkit's reports on the replaced run's encoder, not the user's files there
     out.mkdir(parents=True, exist_ok=True)
     return out
 

@@ -115,10 +115,16 @@ def test_overwrite_replaces_runs_only(tmp_path, cli):
     # a real run is replaced, and a finished run resumed with a bound below its steps is refused
     assert cli(*args, "--out", tmp_path / "r").exit_code == 0
     (tmp_path / "r" / "eval").mkdir()
-    (tmp_path / "r" / "eval" / "knn.json").write_text("{}")  # a report on the run being replaced
+    for name in ("knn-20261205T221500Z.json", "tsne-20261205T221500Z-2.png"):  # reports on the run being replaced
+        (tmp_path / "r" / "eval" / name).write_text("{}")
     (tmp_path / "r" / "notes.txt").write_text("mine\n")
     assert cli(*args, "--out", tmp_path / "r", "--overwrite").exit_code == 0
     assert not (tmp_path / "r" / "eval").exists() and (tmp_path / "r" / "notes.txt").read_text() == "mine\n"
+    (tmp_path / "r" / "eval").mkdir()
+    (tmp_path / "r" / "eval" / "knn-20261205T221501Z.json").write_text("{}")
+    (tmp_path / "r" / "eval" / "my_notes.md").write_text("mine\n")  # the user's own file in eval/ stays
+    assert cli(*args, "--out", tmp_path / "r", "--overwrite").exit_code == 0
+    assert [p.name for p in (tmp_path / "r" / "eval").iterdir()] == ["my_notes.md"]
     result = cli(*args[:-3], "--max-steps", 3, "--quiet", "--out", tmp_path / "r2")
     assert result.exit_code == 0, result.output
     result = cli("pretrain", "--resume", tmp_path / "r2", "--max-steps", 2, "--quiet")

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,24 @@ def skipped_summary(skipped: list[tuple[str, str]] | dict[str, int]) -> dict[str
 
     reasons = dict(skipped) if isinstance(skipped, dict) else skip_reasons(skipped)
     return {"files": sum(reasons.values()), "reasons": reasons}
+
+
+#: the names :func:`unique_path` gives (``knn-20261205T221500Z.json``, ``tsne-...-2.png``)
+REPORT_NAME = re.compile(r"[a-z][a-z0-9_]*-\d{8}T\d{6}Z(-\d+)?\.(json|png)")
+
+
+def remove_reports(folder: Path) -> None:
+    """Delete the reports sslkit wrote in ``folder`` (a replaced run's ``eval/``); other files stay,
+    and the folder goes only if nothing else is in it."""
+    if not folder.is_dir():
+        return
+    for path in folder.iterdir():
+        if path.is_file() and REPORT_NAME.fullmatch(path.name):
+            path.unlink(missing_ok=True)
+    try:
+        folder.rmdir()
+    except OSError:  # the user's own files are in it
+        pass
 
 
 def unique_path(folder: Path, stem: str, suffix: str) -> Path:
