@@ -42,7 +42,7 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-from PIL import Image
+from PIL import Image, ImageOps
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp"}
 CODECS = "pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg pylibjpeg-rle"
@@ -78,8 +78,10 @@ def list_files(folder: Path) -> list[Path]:
 # --- 1-2: pixels as the graph takes them ------------------------------------------------
 def image_pixels(path: Path, raw: dict) -> np.ndarray:
     """A pillow image -> (C, H, W) in the graph's raw kind (before channel conversion)."""
-    with Image.open(path) as img:
-        img.load()
+    with Image.open(path) as opened:
+        opened.load()
+        # a JPEG is turned upright by its EXIF orientation, as sslkit's folder source reads it
+        img = ImageOps.exif_transpose(opened) if opened.format in ("JPEG", "MPO") else opened
         if img.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
             x, top = np.asarray(img, dtype=np.uint16).astype(np.float32), 65535.0
         elif img.mode == "I":

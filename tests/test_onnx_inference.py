@@ -128,6 +128,13 @@ def test_example_client_without_torch_png(tmp_path):
     from sslkit.spec import InputSpec
 
     images = make_images(tmp_path / "png", n_per_class=3, size=40, channels=3)
+    from PIL import Image
+
+    yy, xx = np.mgrid[0:40, 0:80]  # a photo stored on its side (EXIF orientation 6): both read it upright
+    rgb = np.stack([xx * 3, yy * 6, (xx + yy) * 2], -1).clip(0, 255).astype(np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(rgb).save(images / "a" / "rotated.jpg", exif=exif, quality=95)
     encoder = create_backbone("timm:resnet10t", in_chans=3, image_size=32).eval()
     spec = InputSpec(3, 32, (0.5, 0.45, 0.4), (0.25, 0.25, 0.3), "folder", {"scale": "8-bit / 255"})
     get_exporter("onnx")(encoder, spec, {"task": "t", "backbone": "timm:resnet10t", "embedding_dim": 512},
