@@ -332,3 +332,16 @@ def test_ordinary_images_decode_exactly_as_before(tmp_path):
         assert got.dtype == np.float32 and got.flags.c_contiguous, name
         np.testing.assert_array_equal(got, expected, err_msg=name)
         assert src.channels_of(refs[name]) == (3 if got.shape[0] == 3 else 1), name
+
+
+def test_huge_images_are_reduced_no_further_than_twice_the_runs_sample_side(tmp_path):
+    """The reduction side followed no run: a 4096 px image was cut to 2048 px even for a run at
+    3072 px (then upsampled). It is now DECODE_SIDE or twice the sample side, whichever is larger."""
+    from sslkit_plugins.sources.folder_decode import DECODE_SIDE
+
+    src = FolderSource(str(tmp_path))
+    assert src.decode_side == DECODE_SIDE
+    src.sample_side = 3072
+    assert src.decode_side == 6144 and "6144" in src.describe()["reduce"]  # in the cache key
+    src.sample_side = 224
+    assert src.decode_side == DECODE_SIDE

@@ -54,8 +54,20 @@ def group_of(rel: str, pattern: str) -> str:
 class FolderSource(Source):
     scheme = "folder"
     Options = FolderOptions
-    #: an image whose shorter side is at least twice this is reduced while decoding (None: never)
-    decode_side: int | None = DECODE_SIDE
+    _decode_side: int | None | bool = False  # set: that side (None: never reduce); False: the rule below
+
+    @property
+    def decode_side(self) -> int | None:
+        """An image whose shorter side is at least twice this is reduced while decoding, to no less than
+        this: DECODE_SIDE, or twice the run's sample side (``Source.sample_side``) where that is larger,
+        so no detail the run keeps is lost."""
+        if self._decode_side is not False:
+            return self._decode_side
+        return max(DECODE_SIDE, 2 * (getattr(self, "sample_side", None) or 0))
+
+    @decode_side.setter
+    def decode_side(self, value: int | None) -> None:
+        self._decode_side = value
 
     def __init__(self, location: str, options=None) -> None:
         super().__init__(location, options or FolderOptions())

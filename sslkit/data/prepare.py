@@ -107,6 +107,8 @@ def prepare(
     are skipped with a reason. Decoding runs in ``workers`` processes (0: one per CPU;
     serial for few samples). ``skipped`` paths are relative to the data root.
     """
+    if isinstance(size, int):  # what a decoder may reduce a huge image to (Source.sample_side); in its describe()
+        source.sample_side = size
     refs, unreadable = readable(list(refs), source.relative)
     shape = (len(refs), channels, *sides(size))
     nbytes = int(np.prod(shape, dtype=np.int64)) * 2

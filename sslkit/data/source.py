@@ -80,6 +80,9 @@ class Source:
         self.header_cache: Path | None = None
         #: images with more pixels than this are skipped from their header, before decoding
         self.max_pixels: int = DEFAULT_MAX_PIXELS
+        #: the side (px) the run stores 2D samples at, set before decoding: a decoder may reduce a
+        #: much larger image while decoding, to no less than twice this (None: not known)
+        self.sample_side: int | None = None
 
     @classmethod
     def sniff(cls, path: Path) -> float:
