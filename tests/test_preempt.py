@@ -263,3 +263,29 @@ def test_preemption_before_the_first_step_exits_for_requeue(setting, tmp_path):
     assert stderr.strip().splitlines()[-1] == ("SIGTERM: stopped before training started, nothing to checkpoint "
                                                f"(exit {EXIT_REQUEUE}: requeue me)")
     assert not out.exists() or not any(out.iterdir())  # no lock file, no run.json: a requeue starts it afresh
+
+
+def test_a_preemption_after_the_loop_lets_the_run_finish(monkeypatch):
+    """Once the loop's own handler is gone (batch-norm recompute, the final encoder, run.json), a
+    SIGTERM unwound the finished run as 'stopped before training started'; it is noted and ignored.
+    Before the loop, a second signal does not cut the first one's unwinding short."""
+    import os
+
+    from sslkit.engine.signals import Preempted, StopSignal, preemptible
+
+    with preemptible():
+        with StopSignal():
+            pass  # the loop ran
+        os.kill(os.getpid(), signal.SIGTERM)  # while the final files are written: no exception
+        time.sleep(0.05)
+    unwound = []
+    with pytest.raises(Preempted):
+        with preemptible():
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(1)
+            finally:
+                os.kill(os.getpid(), signal.SIGTERM)  # during the cleanup: ignored
+                time.sleep(0.05)
+                unwound.append(True)
+    assert unwound == [True]

@@ -51,6 +51,7 @@ class StopSignal:
                  f"(Ctrl-C again to abort now)")
 
     def __enter__(self) -> "StopSignal":
+        _PHASE["loop"] = True  # from here on, preemptible() no longer unwinds the command
         if threading.current_thread() is threading.main_thread():
             for sig in self.SIGNALS:
                 self._old[sig] = signal.signal(sig, self._handle)
@@ -65,19 +66,34 @@ class Preempted(KeyboardInterrupt):
     """SIGTERM / SIGUSR1 before the training loop: unwinds (temporary files removed) as Ctrl-C does."""
 
 
+#: whether the training loop (its :class:`StopSignal`) has begun in this ``sslkit pretrain``
+_PHASE = {"loop": False}
+
+
 @contextmanager
 def preemptible() -> Iterator[None]:
-    """Around a whole ``sslkit pretrain``: a pre-emption signal that arrives while no
-    :class:`StopSignal` is installed raises :class:`Preempted` instead of killing the process
-    (exit 143), so the command can exit :data:`EXIT_REQUEUE`."""
+    """Around a whole ``sslkit pretrain``: a pre-emption signal that arrives before the training
+    loop raises :class:`Preempted` (once: the unwinding is not cut short by a second signal)
+    instead of killing the process (exit 143), so the command can exit :data:`EXIT_REQUEUE`.
+    After the loop (its last checkpoint written, the final files being written) one is noted
+    and the run finishes: there is nothing left to requeue."""
+    raised = []
+
     def handle(signum, frame) -> None:
-        raise Preempted(signal.Signals(signum).name)
+        name = signal.Signals(signum).name
+        if _PHASE["loop"]:
+            note(f"{name}: training is done; finishing the run's final files")
+        elif not raised:
+            raised.append(name)
+            raise Preempted(name)
 
     old = {}
+    _PHASE["loop"] = False
     if threading.current_thread() is threading.main_thread():
         old = {sig: signal.signal(sig, handle) for sig in REQUEUE_SIGNALS}
     try:
         yield
     finally:
+        _PHASE["loop"] = False
         for sig, handler in old.items():
             signal.signal(sig, handler)
