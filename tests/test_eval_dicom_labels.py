@@ -159,3 +159,19 @@ def test_grouped_folds_and_tsne_colours_of_volumes(cli, ct, tmp_path):
         assert result.exit_code == 0, result.output
         rep = json.loads(result.stdout)
         assert rep["classes"] == classes and rep["data"]["data"]["unlabelled"] == 0, rep
+
+
+def test_patient_folders_are_not_taken_for_classes(tmp_path):
+    """A plain export, ROOT/<patient>/<study>/..., was evaluated with one class per patient named
+    after its folder; with every top folder holding exactly one patient of its own, no labels."""
+    rng = np.random.default_rng(3)
+    for i in range(3):
+        write_dicom(tmp_path / "export" / f"DOE_{i}" / "study" / "1.dcm", rng.integers(0, 500, (24, 24)),
+                    patient_id=f"pid{i}")
+    refs = create_source(f"dicom:{tmp_path / 'export'}", workers=1).index()
+    assert len(refs) == 3 and all(r.label is None for r in refs)
+    for i in range(3):  # two patients in one top folder: class folders after all
+        write_dicom(tmp_path / "export" / f"DOE_{i}" / "study" / "2.dcm", rng.integers(0, 500, (24, 24)),
+                    patient_id=f"other{i}")
+    refs = create_source(f"dicom:{tmp_path / 'export'}", workers=1).index()
+    assert sorted(r.label for r in refs) == ["DOE_0", "DOE_0", "DOE_1", "DOE_1", "DOE_2", "DOE_2"]

@@ -10,7 +10,9 @@ with a reason. Decoding (modality LUT, windows, MONOCHROME1, colour) is in
 Labels for ``eval``: the class is the first folder below PATH (``PATH/<class>/<patient>/
 <study>/<series>/*.dcm``; a file in PATH itself has none), not the file's own folder as
 for image folders, since DICOM trees are deep. A series (``--sample slab:K|volume``) takes
-the class of its slices; one whose slices lie under several class folders has none.
+the class of its slices; one whose slices lie under several class folders has none. First
+folders that each hold exactly one patient of their own (three or more) are a plain export's
+patient folders, not classes: no labels (:func:`not_patient_folders`).
 
 Privacy: no identifier leaves this module. Split groups are salted hashes of PatientID
 (else StudyInstanceUID, else the file) and exist only in memory; pydicom's warnings,
@@ -259,7 +261,7 @@ class DicomSource(Source):
                 refs.append(SampleRef(f, frame=n // 2, group=group, label=label))
             else:
                 refs += [SampleRef(f, frame=i, group=group, label=label) for i in range(n)]
-        return refs if self.sample.mode == "slice" else self._volume_refs()
+        return not_patient_folders(refs if self.sample.mode == "slice" else self._volume_refs())
 
     def class_of(self, path: str) -> str | None:
         """The class of a file for ``eval``: the first folder below the root (None for a file in the root)."""
@@ -414,6 +416,20 @@ class DicomSource(Source):
             tuple(w.level + w.width / 2 for w in self.windows), options=("window",), client=(
                 "client passes modality values (HU for CT) after RescaleSlope/Intercept; MONOCHROME1: "
                 "reflect them in the window first (lower + upper - value)"))
+
+
+def not_patient_folders(refs: list[SampleRef]) -> list[SampleRef]:
+    """``refs`` without labels when the first folders below the root are patients, not classes
+    (three or more, each holding exactly one patient of its own): a plain ``<patient>/<study>/``
+    export would otherwise be evaluated with one class per patient, named after its folder."""
+    groups: dict[str, set[str]] = {}
+    for r in refs:
+        if r.label is not None:
+            groups.setdefault(r.label, set()).add(r.group)
+    owners = [next(iter(g)) for g in groups.values() if len(g) == 1]
+    if len(groups) >= 3 and len(owners) == len(groups) == len(set(owners)):
+        return [replace(r, label=None) for r in refs]
+    return refs
 
 
 @hookimpl
