@@ -233,6 +233,13 @@ def raw_input_for(spec: InputSpec, with_preprocessing: bool, input_dtype: str | 
     (``window``) or pixels it mapped per file (``unit``) fixes float32.
     """
     raw, note = _raw_input(spec, with_preprocessing, input_dtype)
+    if spec.sample == "volume" and raw.kind == "window":
+        from sslkit.data.volume import VOLUME_DECODE
+
+        if (spec.preprocessing or {}).get("decode") != VOLUME_DECODE:  # windowed slice by slice, then resampled
+            raise UsageError("this volume run was trained by an sslkit that windowed each slice before resampling; "
+                             "a graph that windows cannot reproduce it: export without --with-preprocessing "
+                             "(the client then gives the run's own [0, 1] volumes, as sslkit data dump writes them)")
     return raw, (volume_note(raw, note) if spec.sample == "volume" else note)
 
 

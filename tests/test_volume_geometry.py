@@ -181,13 +181,19 @@ def test_nifti_volumes_resample_values_then_map_them(tmp_path, window):
 
 
 def test_volume_client_steps_state_the_pad_value():
+    from sslkit.data.volume import VOLUME_DECODE
+    from sslkit.errors import UsageError
     from sslkit.raw_input import RawInput, raw_input_for
     from sslkit.spec import InputSpec
 
     gp = {"kind": "window", "window": [{"lower": -160.0, "upper": 240.0}, {"lower": -1350.0, "upper": 150.0}],
           "client": "client passes modality values", "options": ["window"]}
-    spec = InputSpec(2, 224, (0.5,) * 2, (0.25,) * 2, "ct", {"sample": "volume", "volume_size": [8, 8, 8]},
-                     graph_preprocessing=gp)
+    old = InputSpec(2, 224, (0.5,) * 2, (0.25,) * 2, "ct", {"sample": "volume", "volume_size": [8, 8, 8]},
+                    graph_preprocessing=gp)
+    with pytest.raises(UsageError, match="windowed each slice before resampling"):  # a run trained before volume/2
+        raw_input_for(old, True)
+    spec = InputSpec(2, 224, (0.5,) * 2, (0.25,) * 2, "ct", {"sample": "volume", "volume_size": [8, 8, 8],
+                                                             "decode": VOLUME_DECODE}, graph_preprocessing=gp)
     raw, note = raw_input_for(spec, True)
     assert raw.pad_value == -1350.0 and "padding with -1350 (the lowest window's lower bound" in note
     assert note.startswith("client passes modality values; then stacks the slices") and "missing slice" in note
