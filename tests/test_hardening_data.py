@@ -399,6 +399,14 @@ def test_resume_refuses_changed_data_and_keeps_the_input_spec(tmp_path, cli):
     from sslkit.config import resolve
 
     assert resolve({"resume": True, "out": str(run)}).allow_data_change is False  # per resume, not inherited
+    # the same files, decoded differently by a newer sslkit (the source's description changed): said so
+    info = json.loads((run / "run.json").read_text())
+    info["input_spec"]["preprocessing"]["decoder"] = "an older one"
+    info["dataset"]["fingerprint"] = "0" * 16
+    (run / "run.json").write_text(json.dumps(info))
+    _one_line_error(cli("pretrain", "--resume", run, "--quiet", "--max-steps", 99),
+                    "this sslkit decodes them differently: decoder in the source's description changed",
+                    "--allow-data-change")
 
 
 def _blocked_codecs(*argv: str) -> list[str]:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import gc
+import json
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from sslkit.data.cache import mark_root, resolve_cache_dir
 from sslkit.data.prepare import Prepared, fingerprint, majority_channels, prepare
@@ -119,20 +120,24 @@ def report_summary(run_dir: str | Path) -> str | None:
     return summary_line(report.get("samples", 0), skipped) if skipped else None
 
 
-def check_resume_data(saved: dict[str, Any], now: dict[str, Any], allow_change: bool) -> str | None:
+def check_resume_data(saved: dict[str, Any], now: dict[str, Any], allow_change: bool,
+                      decoding: Sequence[str] = ()) -> str | None:
     """Whether a run may resume on the data it finds now (``--resume``).
 
     ``saved`` and ``now`` are ``run.json``'s ``dataset`` records (``fingerprint`` from
     :func:`~sslkit.data.prepare.fingerprint`: the content of every file, so a replaced
     image is found even with its name and size unchanged). Changed data is refused with
     one line unless ``allow_change`` (``--allow-data-change``); then a note is returned.
-    A run recorded without a fingerprint is not checked.
+    A run recorded without a fingerprint is not checked. ``decoding``: the keys of the source's
+    ``describe()`` that differ from the run's (this sslkit decodes the same files differently).
     """
     before, after = saved.get("fingerprint"), now.get("fingerprint")
     if not before or before == after:
         return None
     what = (f"{saved.get('samples', '?')} samples then, {now.get('samples', '?')} now" if saved.get("samples")
             != now.get("samples") else f"{now.get('samples', '?')} samples, content differs")
+    if decoding and saved.get("samples") == now.get("samples"):  # the files may be the same; the decoding is not
+        what = f"this sslkit decodes them differently: {', '.join(decoding)} in the source's description changed"
     if not allow_change:
         raise UsageError(f"--resume: the data changed since this run started ({what}); pass "
                          f"--allow-data-change to continue on it with the run's normalisation, or start a new run")
@@ -149,7 +154,11 @@ def resume_input_spec(run_dir: str | Path, prepared: Prepared, preprocessing: An
     if not saved:
         return None
     now = {"fingerprint": fingerprint(prepared.refs, preprocessing), "samples": len(prepared)}
-    note = check_resume_data(saved.get("dataset") or {}, now, allow_change)
+    was = (saved.get("input_spec") or {}).get("preprocessing")
+    now_pre = json.loads(json.dumps(preprocessing, default=str)) if isinstance(preprocessing, dict) else None
+    decoding = sorted(k for k in {*(was or {}), *(now_pre or {})} if (was or {}).get(k) != (now_pre or {}).get(k)) \
+        if isinstance(was, dict) and now_pre is not None else []
+    note = check_resume_data(saved.get("dataset") or {}, now, allow_change, decoding)
     if note:
         print(note, file=sys.stderr)
     return saved.get("input_spec")
