@@ -7,12 +7,8 @@ data (SR, SEG, RTSTRUCT, PR, KO...) are skipped silently; unreadable files are s
 with a reason. Decoding (modality LUT, windows, MONOCHROME1, colour) is in
 :mod:`sslkit_plugins.sources.dicom_decode`.
 
-Labels for ``eval``: the class is the first folder below PATH (``PATH/<class>/<patient>/
-<study>/<series>/*.dcm``; a file in PATH itself has none), not the file's own folder as
-for image folders, since DICOM trees are deep. A series (``--sample slab:K|volume``) takes
-the class of its slices; one whose slices lie under several class folders has none. First
-folders that each hold exactly one patient of their own (three or more) are a plain export's
-patient folders, not classes: no labels (:func:`not_patient_folders`).
+Labels for ``eval``: the first folder below PATH, not the file's own folder as for image
+folders (:mod:`sslkit_plugins.sources.dicom_labels`).
 
 Privacy: no identifier leaves this module. Split groups are salted hashes of PatientID
 (else StudyInstanceUID, else the file) and exist only in memory; pydicom's warnings,
@@ -26,7 +22,7 @@ import hashlib
 import logging
 import os
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -37,6 +33,7 @@ from sslkit.api import SampleMode, SampleRef, Source, Undecodable, check_dir, ho
 from sslkit.api import GraphPreprocessing, UsageError, check_pixel_count, keyed_hash, without_quoted
 from sslkit_plugins.sources.dicom_decode import codec_failure, decode, parse_windows, read_dataset
 from sslkit_plugins.sources.dicom_headers import cached_headers, stable_groups
+from sslkit_plugins.sources.dicom_labels import class_of, not_patient_folders, series_labelled
 from sslkit_plugins.sources.dicom_pixels import decode_located, pixel_facts, read_frame
 from sslkit_plugins.sources.dicom_series import assemble, geometry
 from sslkit_plugins.sources.dicom_values import has, transfer_syntax, value
@@ -254,7 +251,7 @@ class DicomSource(Source):
                 self.skipped.append((f, str(exc)))
                 continue
             self.headers[f] = {k: v for k, v in h.items() if k != "series"}
-            n, group, label = h["frames"], h["group"], self.class_of(f)
+            n, group, label = h["frames"], h["group"], class_of(f, self.root)
             if n == 1:
                 refs.append(SampleRef(f, group=group, label=label))
             elif self.options.frames == "middle":
@@ -262,14 +259,6 @@ class DicomSource(Source):
             else:
                 refs += [SampleRef(f, frame=i, group=group, label=label) for i in range(n)]
         return not_patient_folders(refs if self.sample.mode == "slice" else self._volume_refs())
-
-    def class_of(self, path: str) -> str | None:
-        """The class of a file for ``eval``: the first folder below the root (None for a file in the root)."""
-        try:
-            parts = Path(path).relative_to(self.root).parts
-        except ValueError:
-            return None
-        return parts[0] if len(parts) > 1 else None
 
     def _volume_refs(self) -> list[SampleRef]:
         """Slab / volume mode: refs of the series assembled in space (no geometry: skipped in volume mode)."""
@@ -280,20 +269,7 @@ class DicomSource(Source):
                              if "no slice geometry" in v.issues]
             volumes = [v for v in volumes if "no slice geometry" not in v.issues]
         self.sampler = VolumeSampler(volumes, self.sample, self.windows, self.headers)
-        return self._labelled(self.sampler.refs())
-
-    def _labelled(self, refs: list[SampleRef]) -> list[SampleRef]:
-        """``refs`` of slabs or volumes with the class of their series: the one class folder all its
-        slices lie under, None where they lie under several (or in the root)."""
-        labels: dict[int, str | None] = {}
-        out = []
-        for ref in refs:
-            vol = self.sampler.volume_of(ref)
-            if id(vol) not in labels:
-                found = {self.class_of(path) for path, _, _ in vol.slices}
-                labels[id(vol)] = found.pop() if len(found) == 1 else None
-            out.append(replace(ref, label=labels[id(vol)]))
-        return out
+        return series_labelled(self.sampler.refs(), self.sampler.volume_of, self.root)
 
     def _headers(self, files: list[str]) -> list[dict[str, Any]]:
         """:func:`read_header` of every file (unchanged files from ``header_cache``), with
@@ -416,20 +392,6 @@ class DicomSource(Source):
             tuple(w.level + w.width / 2 for w in self.windows), options=("window",), client=(
                 "client passes modality values (HU for CT) after RescaleSlope/Intercept; MONOCHROME1: "
                 "reflect them in the window first (lower + upper - value)"))
-
-
-def not_patient_folders(refs: list[SampleRef]) -> list[SampleRef]:
-    """``refs`` without labels when the first folders below the root are patients, not classes
-    (three or more, each holding exactly one patient of its own): a plain ``<patient>/<study>/``
-    export would otherwise be evaluated with one class per patient, named after its folder."""
-    groups: dict[str, set[str]] = {}
-    for r in refs:
-        if r.label is not None:
-            groups.setdefault(r.label, set()).add(r.group)
-    owners = [next(iter(g)) for g in groups.values() if len(g) == 1]
-    if len(groups) >= 3 and len(owners) == len(groups) == len(set(owners)):
-        return [replace(r, label=None) for r in refs]
-    return refs
 
 
 @hookimpl
