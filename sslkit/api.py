@@ -14,7 +14,7 @@ import importlib
 from typing import TYPE_CHECKING
 
 from sslkit.data.parallel import parallel_map
-from sslkit.data.prepare import available_memory, resize_square
+from sslkit.data.prepare import available_memory, resize_square, skip_reason
 from sslkit.data.source import NotAnImage, SampleRef, Source, Undecodable, check_pixel_count, to_channels
 from sslkit.data.volume import (ORIENTATION, SampleMode, crop_or_pad, fit_volume, resample, slab_indices, volume_fit,
                                 stack_slab)
@@ -100,6 +100,7 @@ __all__ = [
     # sources
     "Source", "SampleRef", "NotAnImage", "Undecodable", "to_channels", "walk_files", "check_dir",
     "parallel_map", "resize_square", "check_pixel_count", "keyed_hash", "available_memory", "human_bytes",
+    "skip_reason",
     # volumetric sources (slice / slab:K / volume sampling)
     "SampleMode", "ORIENTATION", "slab_indices", "stack_slab", "resample", "crop_or_pad", "fit_volume", "volume_fit",
     # inputs, export, errors

@@ -32,8 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
-from sslkit.api import (SampleRef, Source, Undecodable, UsageError, available_memory, check_pixel_count, hookimpl,
-                        human_bytes, without_quoted)
+from sslkit.api import (SampleRef, Source, Undecodable, UsageError, available_memory, check_pixel_count, first_line,
+                        hookimpl, human_bytes, skip_reason, without_quoted)
 
 LAYOUTS = ("auto", "nhw", "nchw", "nhwc")
 ACCEPTED = "(N, H, W), (N, C, H, W) or (N, H, W, C) with C = 1 to 4 channels"
@@ -71,15 +71,6 @@ class Header:
     @property
     def nbytes(self) -> int:
         return math.prod(self.shape) * self.dtype.itemsize
-
-
-def _why(exc: Exception, named: bool = True) -> str:
-    """``exc`` in one short line, quoted values (paths) dropped: ``Type: message`` (``named``
-    False: the message alone)."""
-    text = without_quoted(str(exc))[:200]
-    if not named:
-        return text or type(exc).__name__
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def _parse_header(f) -> tuple[tuple[int, ...], bool, np.dtype, int]:
@@ -228,7 +219,7 @@ class NpzSource(Source):
         except UsageError:
             raise
         except Exception as exc:
-            raise UsageError(f"npz: {location!r} is not a readable .npz or .npy file ({_why(exc)})") from None
+            raise UsageError(f"npz: {location!r} is not a readable .npz or .npy file ({skip_reason(exc)})") from None
         split = self.options.split
         images = next((k for k in (f"{split}_images", "images") if k in members), None)
         if images is None:
@@ -239,7 +230,7 @@ class NpzSource(Source):
         try:
             header = _npz_header(self.path, members[images])
         except Exception as exc:
-            raise UsageError(f"npz: {images} in {location!r} is not a readable .npy array ({_why(exc)})") from None
+            raise UsageError(f"npz: {images} in {location!r} is not a readable .npy array ({skip_reason(exc)})") from None
         if labels in members:
             self.labels_key, self.labels_member = labels, members[labels]
         return images, header
@@ -293,7 +284,7 @@ class NpzSource(Source):
         except Exception as exc:
             if not self._noted:
                 self._noted = True
-                print(f"sslkit: npz: {self.labels_key} ignored ({_why(exc, False)}); "
+                print(f"sslkit: npz: {self.labels_key} ignored ({without_quoted(first_line(exc))}); "
                       "the images are read unlabelled", file=sys.stderr)
             return [None] * n
 
@@ -331,7 +322,7 @@ class NpzSource(Source):
                     if a.shape != h.shape or a.dtype != h.dtype:
                         raise ValueError(f"read {a.shape} {a.dtype}")
             except Exception as exc:
-                self._failed = f"the images array cannot be read: {_why(exc)}"
+                self._failed = f"the images array cannot be read: {skip_reason(exc)}"
                 raise Undecodable(self._failed) from None
             self._images = a[:, None] if self.layout == "nhw" else a.transpose(0, 3, 1, 2) \
                 if self.layout == "nhwc" else a

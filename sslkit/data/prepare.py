@@ -260,14 +260,14 @@ def _decode_one(ref: SampleRef) -> np.ndarray | str | None:
     except NotAnImage:
         return None
     except Exception as exc:
-        return " ".join(_reason(exc).split())[:500]
+        return " ".join(skip_reason(exc).split())[:500]
     y = np.multiply(x, SCALE, dtype=np.result_type(x, np.float32))  # a new array: the source's stays as it is
     np.rint(y, out=y)
     np.clip(y, 0, SCALE, out=y)
     return y.astype(np.uint16)
 
 
-def _reason(exc: Exception) -> str:
+def skip_reason(exc: Exception) -> str:
     """A sample's skip reason for ``data_report.json``: the source's own (:class:`Undecodable`),
     else the error's type and message (its type alone when it has none), quoted values dropped:
     a decoder quotes the file's path, whose folders below the data root can name a patient."""
