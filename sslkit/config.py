@@ -138,15 +138,18 @@ def resolve(cli: dict[str, Any], config_file: str | None = None) -> RunConfig:
     given = merge(file_values, cli)
     if given.get("resume"):
         return resume_config(given)
-    if given.get("task") and not given.get("out"):
-        given["out"] = default_out(given["task"])
-    missing = [k for k in REQUIRED if not given.get(k)]
+    missing = [k for k in REQUIRED if not given.get(k) and not (k == "out" and given.get("task"))]
     if missing:
         raise UsageError("missing " + ", ".join(f"--{k}" for k in missing) + " (on the command line or in --config)")
     values = merge(defaults(), _task_layer(given), given)
     if given.get("max_steps") is not None and "epochs" not in given:  # --max-steps alone sets the length
         values["epochs"] = None
-    return RunConfig(**_complete(values))
+    cfg = RunConfig(**_complete({**values, "out": values.get("out") or "-"}))
+    if given.get("out"):
+        return cfg
+    import dataclasses  # no --out: the folder is made only once everything else is known to be right
+
+    return dataclasses.replace(cfg, out=default_out(cfg.task))
 
 
 #: the run folders :func:`default_out` made in this process (``sslkit pretrain`` removes one again when

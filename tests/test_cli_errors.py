@@ -6,6 +6,8 @@ click's (``test_bad_option_value_and_missing_option``): one line and exit 2 as a
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from sslkit.api import UsageError
@@ -81,7 +83,11 @@ def test_mae_with_cnn_backbone(images, tmp_path, cli):
 def test_bad_option_value_and_missing_option(images, tmp_path, cli):
     _assert_user_error(_pretrain("--task", "mae", "--data", images, "--task-opt", "mask_ratio=2",
                                  out=tmp_path / "r", run=cli), "mask_ratio must be in (0, 1)")
+    runs = Path("runs")
+    before = sorted(runs.iterdir()) if runs.is_dir() else []
     _assert_user_error(cli("pretrain", "--task", "mae"), "missing --data (")
+    _assert_user_error(cli("pretrain", "--task", "mae", "--data", images, "--task-opt", "mask_ratio=2"), "mask_ratio")
+    assert (sorted(runs.iterdir()) if runs.is_dir() else []) == before  # no default run folder left behind
     # click's own errors, from the real executable (cheap: raised before the heavy imports)
     _assert_user_error(run_sslkit("pretrain", "--task", "mae", "--data", images, "--out", tmp_path / "r",
                                   "--epochs", "zero"), "--epochs")
