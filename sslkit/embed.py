@@ -42,11 +42,17 @@ class Embeddings:
     label_paths: list[tuple[str, ...]] = field(default_factory=list)
 
 
+def sample_id(source: Any, ref: Any) -> str:
+    """What ``sslkit embed`` calls a sample: the source's ``sample_id(ref)`` (a volume: a non-identifying
+    series key), else ``ref.id`` (its path, ``#frame`` for a frame)."""
+    own = getattr(source, "sample_id", None)
+    return own(ref) if own is not None else ref.id
+
+
 def label_paths(source: Any, ref: Any) -> tuple[str, ...]:
     """What a ``--labels`` row may name for ``ref`` besides its id: nothing when the id is its path
     (``ref.id``); else (a volume called ``series:<key>``) the files it is read from and their folders."""
-    sample_id = getattr(source, "sample_id", None)
-    if sample_id is None or sample_id(ref) == ref.id:
+    if sample_id(source, ref) == ref.id:
         return ()
     files = list(getattr(source, "files_of", lambda r: [r.path])(ref))
     return tuple(dict.fromkeys(files + [str(Path(f).parent) for f in files]))
@@ -246,9 +252,8 @@ def embed(model: str | Path | Model, data: str, batch_size: int = 64, source_opt
         print(f"sslkit: warning: {len(model.inexact)} images cannot be given to this graph exactly (max pixel "
               f"error {error:.2g}): {why}; their embeddings differ from the run directory's", file=sys.stderr)
     refs = loaded.prepared.refs
-    sample_id = getattr(loaded.source, "sample_id", lambda ref: ref.id)  # volumes: a non-identifying series key
-    return Embeddings(np.concatenate(out).astype(np.float32), [sample_id(r) for r in refs], [r.label for r in refs],
-                      len(loaded.prepared.skipped), skip_reasons(loaded.prepared.skipped),
+    return Embeddings(np.concatenate(out).astype(np.float32), [sample_id(loaded.source, r) for r in refs],
+                      [r.label for r in refs], len(loaded.prepared.skipped), skip_reasons(loaded.prepared.skipped),
                       [label_paths(loaded.source, r) for r in refs])
 
 

@@ -34,8 +34,9 @@ PADDING_RAW = ("the value the source's mapping to [0, 1] takes to 0: a fixed win
 def sample_key(source: Any, ref: Any) -> str:
     """A sample's id as reports show it: relative to the data root, or the source's own id; the
     bytes of a file name that is not UTF-8 written as ``\\xNN`` (an archive entry's name must be text)."""
-    own = getattr(source, "sample_id", None)
-    if own is not None and (key := own(ref)) != ref.id:
+    from sslkit.embed import sample_id
+
+    if (key := sample_id(source, ref)) != ref.id:
         return key
     rel = source.relative(ref.path)
     key = rel if ref.frame is None else f"{rel}#{ref.frame}"

@@ -197,10 +197,9 @@ def index_labels(model: EvalModel, data: str, what: str, labels_csv: str | None,
     table = read_labels_csv(labels_csv) if labels_csv else None
     source = create_source(data, **model.source_options(data, source_options))
     refs = source.index()
-    sample_id = getattr(source, "sample_id", lambda ref: ref.id)
     if not refs:
         raise UsageError(f"{what}: no images found in {data!r}")
-    ids = [sample_id(r) for r in refs]  # what the CSV is matched against after embedding, too
+    ids = [embed_mod.sample_id(source, r) for r in refs]  # what the CSV is matched against after embedding, too
     labels = assign_labels(ids, [r.label for r in refs], table,
                            [embed_mod.label_paths(source, r) for r in refs] if table is not None else ())
     if all(lab is None for lab in labels):

@@ -285,15 +285,14 @@ def _labelled_pixels(prep: ProbeData, args: DataArgs, data: str,
     """The labelled images of ``data``: uint16 ``(N, C, S, S)`` at the run's input size, their
     sample ids and their class indices."""
     from sslkit.data.pipeline import load_data
-    from sslkit.embed import label_paths
+    from sslkit.embed import label_paths, sample_id
     from sslkit.eval.labels import read_labels_csv
 
     table = read_labels_csv(args.labels_csv) if args.labels_csv else None
     loaded = load_data(data, spec.image_size, spec.channels, prep.model.source_options(data, args.source_options),
                        progress=args.progress, max_pixels=prep.model.pixel_limit)
     refs, source = loaded.prepared.refs, loaded.source
-    sample_id = getattr(source, "sample_id", lambda ref: ref.id)  # as the embeddings' ids (a volume's series key)
-    ids = [sample_id(r) for r in refs]
+    ids = [sample_id(source, r) for r in refs]  # as the embeddings' ids (a volume's series key)
     labels = assign_labels(ids, [r.label for r in refs], table, [label_paths(source, r) for r in refs])
     keep = np.array([i for i, lab in enumerate(labels) if lab is not None], dtype=np.int64)
     return loaded.prepared.pixels[keep], [ids[i] for i in keep], prep.indices([labels[i] for i in keep])

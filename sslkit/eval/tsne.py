@@ -13,6 +13,7 @@ import numpy as np
 
 from sslkit.errors import UsageError
 from sslkit.figure import save_png
+from sslkit.embed import sample_id
 from sslkit.output_file import check_output
 from sslkit.eval.features import embed_all, open_model
 from sslkit.eval.labels import assign_labels, read_labels_csv
@@ -87,9 +88,8 @@ def header_values(model: Any, data: str, source_options: dict[str, Any] | None, 
 
     source = create_source(data, **model.source_options(data, source_options))
     refs = source.index()
-    sample_id = getattr(source, "sample_id", lambda ref: ref.id)  # the ids embeddings carry (a volume's series key)
     if field == "folder":
-        return {sample_id(r): PurePath(r.path).parent.name for r in refs}
+        return {sample_id(source, r): PurePath(r.path).parent.name for r in refs}
 
     def norm(key: str) -> str:
         return key.lower().replace("_", "")
@@ -101,7 +101,7 @@ def header_values(model: Any, data: str, source_options: dict[str, Any] | None, 
         known |= set(props)
         key = next((k for k in props if norm(k) == norm(field)), None)
         if key is not None and props[key] is not None:
-            out[sample_id(r)] = str(props[key])
+            out[sample_id(source, r)] = str(props[key])
     if not out:
         raise UsageError(f"--color-by {field!r}: {source.scheme} data gives no such field; choose from: label, "
                          f"folder{''.join(', ' + k for k in sorted(known))}")
