@@ -145,6 +145,15 @@ def check_resume_data(saved: dict[str, Any], now: dict[str, Any], allow_change: 
             f"input spec (normalisation) unchanged")
 
 
+def changed_keys(was: Any, now: Any) -> list[str]:
+    """The keys whose values differ between two ``describe()`` records (``now`` as run.json would
+    hold it); none when either is not a record."""
+    if not isinstance(was, dict) or not isinstance(now, dict):
+        return []
+    now = json.loads(json.dumps(now, default=str))
+    return sorted(k for k in {*was, *now} if was.get(k) != now.get(k))
+
+
 def resume_input_spec(run_dir: str | Path, prepared: Prepared, preprocessing: Any,
                       allow_change: bool) -> dict[str, Any] | None:
     """On ``--resume``: refuse changed data (:func:`check_resume_data`) and return the run's
@@ -154,10 +163,7 @@ def resume_input_spec(run_dir: str | Path, prepared: Prepared, preprocessing: An
     if not saved:
         return None
     now = {"fingerprint": fingerprint(prepared.refs, preprocessing), "samples": len(prepared)}
-    was = (saved.get("input_spec") or {}).get("preprocessing")
-    now_pre = json.loads(json.dumps(preprocessing, default=str)) if isinstance(preprocessing, dict) else None
-    decoding = sorted(k for k in {*(was or {}), *(now_pre or {})} if (was or {}).get(k) != (now_pre or {}).get(k)) \
-        if isinstance(was, dict) and now_pre is not None else []
+    decoding = changed_keys((saved.get("input_spec") or {}).get("preprocessing"), preprocessing)
     note = check_resume_data(saved.get("dataset") or {}, now, allow_change, decoding)
     if note:
         print(note, file=sys.stderr)
