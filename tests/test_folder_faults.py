@@ -92,6 +92,16 @@ def test_float_tiffs_with_nan_or_inf_are_refused_without_runtime_warnings(tmp_pa
     np.testing.assert_array_equal(got, ((x - lo) / (hi - lo))[None])  # finite floats: min-max, as before
 
 
+def test_a_float64_tiff_beyond_the_float32_range_is_scaled_not_refused(tmp_path):
+    """Finite float64 pixels past float32's range were refused as NaN / inf (one rule with npz now)."""
+    x = np.array([[-1e300, 0.0], [1e300, 5e299]])
+    tifffile.imwrite(tmp_path / "wide.tif", x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = load(tmp_path / "wide.tif")
+    np.testing.assert_allclose(got, [[[0, 0.5], [1, 0.75]]])
+
+
 # --- 2. memory, TIFF axes -------------------------------------------------------------------------------------------
 
 

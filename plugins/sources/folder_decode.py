@@ -21,7 +21,8 @@ from sslkit.api import Undecodable
 #: images whose shorter side is at least twice this are reduced while decoding (to no less than this)
 DECODE_SIDE = 2048
 #: the skip reason of a float image with NaN or inf pixels
-NON_FINITE = "image holds NaN or inf values"
+NON_FINITE = "holds NaN or inf values"
+_F32_MAX = float(np.finfo(np.float32).max)
 #: Pillow reads these 16-bit PNG layouts at 8 bits: the unpacker that gives their low bytes
 _PNG16 = {"RGB;16B": "RGB;16L", "RGBA;16B": "RGBA;16L", "LA;16B": "RGBA"}
 _ORIENTATION = 0x0112  # EXIF
@@ -131,14 +132,20 @@ def pil_to_array(img: Image.Image) -> np.ndarray:
 def unit_floats(a: np.ndarray, f: int = 1) -> np.ndarray:
     """Native pixels ``(C, H, W)`` (or ``(H, W)``) -> float32 in [0, 1]: uint8 / 255, uint16 /
     65535, bool as 0 / 1, floats and wide integers by their own min-max (NaN or inf:
-    ``Undecodable``); box means over ``f x f`` (:func:`box_reduce`) first when ``f > 1``."""
+    ``Undecodable``; a float64 range beyond float32's is scaled in float64); box means over
+    ``f x f`` (:func:`box_reduce`) first when ``f > 1``. The one pixels-to-[0, 1] rule of the
+    image sources (``folder``, ``npz``)."""
     if a.size == 0:
         raise Undecodable(f"empty image of shape {tuple(a.shape)}")
     own_range = a.dtype not in (np.uint8, np.uint16, np.bool_)
     if own_range:
-        lo, hi = float(np.float32(a.min())), float(np.float32(a.max()))  # as float32 holds them
+        lo, hi = float(a.min()), float(a.max())
         if not (math.isfinite(lo) and math.isfinite(hi)):
             raise Undecodable(NON_FINITE)
+        if max(-lo, hi, hi - lo) > _F32_MAX:  # beyond float32: scaled in float64
+            y = _floats((a.astype(np.float64) - lo) / (hi - lo) if hi > lo else np.zeros(a.shape))
+            return box_reduce(y if y.ndim == 3 else y[None], f) if f > 1 else y
+        lo, hi = float(np.float32(lo)), float(np.float32(hi))  # as float32 holds them
     x = box_reduce(a if a.ndim == 3 else a[None], f) if f > 1 else _floats(a)
     if a.dtype == np.uint8:
         x /= 255.0

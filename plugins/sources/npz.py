@@ -34,6 +34,7 @@ import numpy as np
 
 from sslkit.api import (SampleRef, Source, Undecodable, UsageError, available_memory, check_pixel_count, first_line,
                         hookimpl, human_bytes, skip_reason, without_quoted)
+from sslkit_plugins.sources.folder_decode import unit_floats
 
 LAYOUTS = ("auto", "nhw", "nchw", "nhwc")
 ACCEPTED = "(N, H, W), (N, C, H, W) or (N, H, W, C) with C = 1 to 4 channels"
@@ -144,23 +145,6 @@ def _check_images(h: Header, what: str) -> None:
     if h.nbytes > h.stored:
         raise UsageError(f"npz: {what} declares {h.shape} {h.dtype} ({human_bytes(h.nbytes)}) but the file holds "
                          f"{human_bytes(max(h.stored, 0))} of it: truncated or damaged")
-
-
-def _scale(a: np.ndarray, frame: int) -> np.ndarray:
-    """One image to float32 in [0, 1]: uint8 / 255, uint16 / 65535, else its own min-max."""
-    if a.dtype.kind == "u" and a.dtype.itemsize in (1, 2):
-        return a.astype(np.float32) / (255.0 if a.dtype.itemsize == 1 else 65535.0)
-    if a.dtype.kind == "f" and not np.isfinite(a).all():
-        raise Undecodable(f"holds NaN or inf values: image {frame}")
-    with np.errstate(all="ignore"):
-        x = a.astype(np.float32)
-        lo, hi = float(x.min()), float(x.max())
-        y = (x - lo) / (hi - lo) if hi > lo else np.zeros_like(x)
-        if not np.isfinite(y).all():  # a float64 range beyond float32's: scale in float64 (halved: no overflow)
-            d = a.astype(np.float64) / 2
-            lo, hi = float(d.min()), float(d.max())
-            y = ((d - lo) / (hi - lo)).astype(np.float32)
-    return y
 
 
 def _label_rows(lab: np.ndarray) -> list[str | None]:
@@ -336,7 +320,10 @@ class NpzSource(Source):
         return {"array": self.what, "dtype": str(self.header.dtype), "size": f"{w}x{h}", "channels": int(c)}
 
     def load(self, ref: SampleRef) -> np.ndarray:
-        return _scale(np.asarray(self._array()[ref.frame]), ref.frame)
+        try:
+            return unit_floats(np.asarray(self._array()[ref.frame]))
+        except Undecodable as exc:
+            raise Undecodable(f"{exc}: image {ref.frame}") from None
 
     def describe(self) -> dict:
         return {"array": self.what, "layout": self.layout,
