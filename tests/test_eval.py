@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -95,6 +96,18 @@ def test_linear_probe_extends_the_grid_past_a_winning_end(monkeypatch):
     tried.clear()
     monkeypatch.setattr(linear, "_val_score", lambda *a: tried.append(a[4]) or 0.5)  # all tied: no extension
     assert fit_linear_probe(x, y, 2).C == 1e-3 and len(tried) == 5
+
+
+def test_c_is_not_chosen_on_a_validation_split_that_lacks_a_class():
+    """2 + 3 labels (eval curve at 2 %): the split held one image of one class and picked C = 0.001
+    on scores of 0 or 1; now the grid's middle C, with no validation score, and no sklearn warning."""
+    x = np.random.default_rng(0).normal(size=(5, 4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        probe = fit_linear_probe(x, np.array([0, 0, 1, 1, 1]), 2)
+    assert probe.C == 0.1 and probe.val_scores == {}
+    x = np.random.default_rng(0).normal(size=(30, 4))
+    assert len(fit_linear_probe(x, np.arange(30) % 2, 2).val_scores) >= 5  # enough of each class: chosen
 
 
 def test_auroc_is_for_the_named_positive_class():

@@ -40,13 +40,16 @@ def _json(result):
     return json.loads(result.stdout)
 
 
-def test_group_keys_from_pattern_folder_and_source():
+def test_group_keys_from_pattern_folder_and_source(capsys):
     ids = ["/d/PNEUMONIA/person12_virus_3.jpg", "/d/PNEUMONIA/person12_bacteria_9.jpg",
            "/d/NORMAL/IM-0115-0001.jpg", "/d/NORMAL/NORMAL2-IM-0115-0001.jpg", "/d/x/other.jpg#2"]
     pattern = r"^(person\d+|NORMAL2-IM-\d+|IM-\d+)"
     keys = group_keys(ids, {}, pattern=pattern)
     assert keys[0] == keys[1] == "p:person12" and keys[2] == "p:IM-0115" and keys[3] == "p:NORMAL2-IM-0115"
     assert keys[4] == "f:/d/x/other.jpg"  # no match: the file is its own group (all its frames together)
+    assert "matches 4 of 5 file names; the 1 others (e.g. 'other.jpg') are each their own group" in capsys.readouterr().err
+    with pytest.raises(UsageError, match=r"matches none of the 5 file names \(e.g. 'person12_virus_3.jpg'\)"):
+        group_keys(ids, {}, pattern=r"^(patient\d+)")  # every image its own group: a patient on both sides
     assert group_keys(ids, {}, "folder")[:3] == ["d:/d/PNEUMONIA", "d:/d/PNEUMONIA", "d:/d/NORMAL"]
     assert group_keys(ids[:1], {ids[0]: "patient-hash"})[0] == "patient-hash"
     with pytest.raises(UsageError, match="not a valid regular expression"):
@@ -80,6 +83,17 @@ def test_mean_std_over_folds():
     assert m["n"] == 22 and m["top1"] == pytest.approx(0.6) and m["auroc"] == 0.8
     assert m["std"]["top1"] == pytest.approx(np.std([0.5, 0.7], ddof=1)) and m["std"]["auroc"] is None
     assert [f["C"] for f in m["folds"]] == [1.0, 10.0]
+    assert m["folds_scored"] == {"auroc": 1}  # a test fold without the positive class has no AUROC
+    assert "folds_scored" not in mean_std(folds[1:])
+
+
+def test_the_groupkfold_fallback_is_shuffled_by_the_seed():
+    """A class with fewer groups than folds falls back to GroupKFold, which ignored --seed."""
+    y = np.array([0] * 40 + [1] * 4)
+    groups = [f"g{i}" for i in range(44)]
+    a, b = (group_folds(y, groups, 5, seed=s) for s in (1, 2))
+    assert [te.tolist() for _, te in a] != [te.tolist() for _, te in b]
+    assert [te.tolist() for _, te in group_folds(y, groups, 5, seed=1)] == [te.tolist() for _, te in a]
 
 
 def test_a_class_missing_from_a_folds_training_part_is_one_line_before_any_fit():
@@ -174,6 +188,7 @@ def test_train_test_overlap_is_refused_or_reported(patients, cli, tmp_path):
     (["--data", "{data}", "--split", "group:41", "--group-pattern", r"^(p\d+)_"], "needs at least 41 groups"),
     (["--train", "{data}"], "give --train and --test"),
     (["--data", "{data}", "--group-pattern", "("], "not a valid regular expression"),
+    (["--data", "{data}", "--split", "group:5", "--group-pattern", r"^(patient\d+)"], "matches none of the 80 file"),
 ])
 def test_split_user_errors_are_one_line(patients, cli, extra, message):
     result = cli("eval", "knn", patients / "run", *[a.format(data=patients / "data") for a in extra], "--quiet")

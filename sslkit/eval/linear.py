@@ -3,7 +3,10 @@
 Features are standardised with the training set's mean and std. The inverse
 regularisation strength ``C`` is chosen on a stratified validation split of the
 training set (highest balanced accuracy, ties to the stronger regularisation), then the
-probe is refit on the whole training set with that ``C``. When the best ``C`` is at an
+probe is refit on the whole training set with that ``C``. A validation split that lacks a
+class of the training set (a few labels: at 2 + 3 images the split held one image of one
+class, on which every ``C`` scored 0 or 1) chooses nothing: ``C`` is the grid's middle value
+and no validation score is reported. When the best ``C`` is at an
 end of the grid and beats its neighbour, the grid is extended a decade beyond that end
 (twice at most), so a grid that stops too early does not silently cap the probe.
 """
@@ -67,7 +70,8 @@ def fit_linear_probe(x: np.ndarray, y: np.ndarray, n_classes: int, C_grid: Seque
     grid = sorted(set(float(c) for c in C_grid))
     scores: dict[float, float] = {}
     tr, va = validation_split(y, val_fraction, seed)
-    if len(grid) > 1 and len(va) and len(np.unique(y[tr])) > 1:
+    every_class = len(np.unique(y)) > 1 and len(np.unique(y[va])) == len(np.unique(y[tr])) == len(np.unique(y))
+    if len(grid) > 1 and every_class:
         for C in grid:
             scores[C] = _val_score(x, y, tr, va, C, max_iter, seed)
         for _ in range(MAX_EXTENSIONS):
@@ -92,7 +96,9 @@ def _val_score(x: np.ndarray, y: np.ndarray, tr: np.ndarray, va: np.ndarray, C: 
     from sklearn.metrics import balanced_accuracy_score
 
     m = _fit(x[tr], y[tr], C, max_iter, seed)
-    return float(balanced_accuracy_score(y[va], m.predict(x[va])))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "y_pred contains classes not in y_true"
+        return float(balanced_accuracy_score(y[va], m.predict(x[va])))
 
 
 class _Padded:

@@ -122,8 +122,9 @@ def format_table(report: dict[str, Any]) -> str:
         for enc, res in report["results"].items():
             if setting in res:
                 m = res[setting]
-                std = m.get("std") or {}
+                std, scored = m.get("std") or {}, m.get("folds_scored") or {}
                 rows.append([setting, enc, *(_fmt(m.get(c)) + (f" ± {std[c]:.4f}" if std.get(c) is not None else "")
+                                             + (f" ({scored[c]}/{len(m['folds'])} folds)" if c in scored else "")
                                              for c in header[2:])])
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows]]

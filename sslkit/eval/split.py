@@ -2,10 +2,12 @@
 
 ``--split group:K`` cuts the labelled samples into ``K`` folds with scikit-learn's
 ``StratifiedGroupKFold`` (class proportions kept as far as whole groups allow; plain
-``GroupKFold`` when a class has fewer groups than folds). A sample's group is, in order:
+``GroupKFold`` when a class has fewer groups than folds; both shuffled by ``--seed``). A
+sample's group is, in order:
 
 * ``--group-pattern REGEX``: searched in the file name (first capture group, else the
-  whole match; no match: the file is its own group), e.g. ``'^(person\\d+|IM-\\d+)'``;
+  whole match; no match: the file is its own group, noted; a pattern that matches no file
+  is refused), e.g. ``'^(person\\d+|IM-\\d+)'``;
 * ``--group-by folder``: the folder the file is in;
 * ``--group-by source`` (default): the group the source gives (DICOM: a salted hash of
   the PatientID, else the study; folders: ``--data-opt group=REGEX`` on the relative
@@ -18,13 +20,14 @@ and standard deviation (``ddof=1``) and every fold's numbers.
 from __future__ import annotations
 
 import re
+import sys
 import warnings
 from pathlib import PurePath
 from typing import Any, Sequence
 
 import numpy as np
 
-from sslkit.errors import UsageError
+from sslkit.errors import UsageError, printable
 
 GROUP_BY = ("source", "folder")
 METRICS = ("top1", "balanced_accuracy", "auroc")
@@ -49,25 +52,43 @@ def compile_pattern(pattern: str | None) -> re.Pattern | None:
 
 def group_keys(ids: Sequence[str], source_groups: dict[str, str], group_by: str = "source",
                pattern: str | None = None) -> list[str]:
-    """The split group of every sample id (see the module docstring for the order)."""
+    """The split group of every sample id (see the module docstring for the order). A pattern
+    that matches no file name is refused (every image would be its own group: a patient's
+    images on both sides of a fold); one that matches only some is noted on stderr."""
     rx = compile_pattern(pattern)
     if group_by not in GROUP_BY:
         raise UsageError(f"--group-by must be one of {', '.join(GROUP_BY)}; got {group_by!r}")
     out = []
+    unmatched: list[str] = []
     for sid in ids:
         path = sid.partition("#")[0]
         if rx is not None:
             m = rx.search(PurePath(path).name)
-            out.append("p:" + (m.group(1) if m and m.groups() and m.group(1) is not None else m.group(0))
+            if m is None:
+                unmatched.append(PurePath(path).name)
+            out.append("p:" + (m.group(1) if m.groups() and m.group(1) is not None else m.group(0))
                        if m else "f:" + path)
         elif group_by == "folder":
             out.append("d:" + str(PurePath(path).parent))
         else:
             out.append(source_groups.get(sid) or "f:" + path)
+    if unmatched and ids:
+        _unmatched_pattern(pattern, unmatched, len(ids))
     return out
 
 
-STRATIFIED, UNSTRATIFIED = "StratifiedGroupKFold (shuffled)", "GroupKFold (a class has fewer groups than folds)"
+def _unmatched_pattern(pattern: str | None, unmatched: list[str], n: int) -> None:
+    """Refuse a ``--group-pattern`` that matches no file name; note one that misses some."""
+    example = printable(unmatched[0])
+    if len(unmatched) == n:
+        raise UsageError(f"--group-pattern {pattern!r} matches none of the {n} file names (e.g. {example!r}), "
+                         "so every image would be its own group; fix the pattern (it is searched in the file "
+                         "name, not the folders)")
+    print(f"sslkit: note: --group-pattern {pattern!r} matches {n - len(unmatched)} of {n} file names; the "
+          f"{len(unmatched)} others (e.g. {example!r}) are each their own group", file=sys.stderr)
+
+
+STRATIFIED, UNSTRATIFIED = "StratifiedGroupKFold (shuffled)", "GroupKFold (shuffled; a class has fewer groups than folds)"
 
 
 def fold_method(y: np.ndarray, groups: Sequence[str], k: int) -> str:
@@ -95,7 +116,7 @@ def group_folds(y: np.ndarray, groups: Sequence[str], k: int, seed: int = 0,
             splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
             folds = list(splitter.split(x, y, groups))
         else:
-            folds = list(GroupKFold(n_splits=k).split(x, y, groups))
+            folds = list(GroupKFold(n_splits=k, shuffle=True, random_state=seed).split(x, y, groups))
     folds = [(np.sort(tr), np.sort(te)) for tr, te in folds]
     _check_classes_in_training(y, groups, k, folds, classes)
     return folds
@@ -123,14 +144,20 @@ def mean_std(per_fold: list[dict[str, Any]]) -> dict[str, Any]:
     """Fold metrics -> ``{"n", METRIC: mean, ..., "std": {METRIC: std}, "folds": per_fold}``.
 
     ``n`` is the number of test samples over all folds (each sample is tested once).
-    Other numeric keys (``C``, ``k_used``...) are kept as the list of fold values.
+    Other numeric keys (``C``, ``k_used``...) are kept as the list of fold values;
+    ``folds_scored`` counts the folds a metric had a value in, where some had none.
     """
     out: dict[str, Any] = {"n": int(sum(m["n"] for m in per_fold))}
     std: dict[str, float | None] = {}
+    scored: dict[str, int] = {}
     for key in METRICS:
         vals = [m[key] for m in per_fold if m.get(key) is not None]
         out[key] = float(np.mean(vals)) if vals else None
         std[key] = float(np.std(vals, ddof=1)) if len(vals) > 1 else None
+        if 0 < len(vals) < len(per_fold):
+            scored[key] = len(vals)  # e.g. AUROC: a test fold without the positive class has none
     out["std"] = std
+    if scored:
+        out["folds_scored"] = scored
     out["folds"] = [{k: v for k, v in m.items() if not isinstance(v, dict)} for m in per_fold]
     return out
