@@ -153,7 +153,8 @@ def test_grouped_folds_and_tsne_colours_of_volumes(cli, ct, tmp_path):
     assert rep["class_counts"] == {"data": {"a": 2, "b": 2}}
     assert rep["data"]["data"]["groups"] == 4 and rep["data"]["data"]["unlabelled"] == 0  # one per series folder
     out = tmp_path / "tsne.png"
-    for colour, classes in (("label", ["a", "b"]), ("folder", ["series"])):
+    # the series folders all belong to write_slice's one patient: that name is not shown
+    for colour, classes in (("label", ["a", "b"]), ("folder", ["folder 1 (one patient)"])):
         result = cli("eval", "tsne", ct / "run", "--data", f"dicom:{ct / 'train'}", "--out", out, "--color-by", colour,
                      "--no-baseline", "--json", "--quiet", "--overwrite")
         assert result.exit_code == 0, result.output
@@ -175,3 +176,23 @@ def test_patient_folders_are_not_taken_for_classes(tmp_path):
                     patient_id=f"other{i}")
     refs = create_source(f"dicom:{tmp_path / 'export'}", workers=1).index()
     assert sorted(r.label for r in refs) == ["DOE_0", "DOE_0", "DOE_1", "DOE_1", "DOE_2", "DOE_2"]
+
+
+def test_tsne_folder_colours_hide_folders_named_after_one_patient(cli, tmp_path):
+    """``--color-by folder`` wrote patient-named folders (``dcm/<PatientName>/``) into the legend and
+    the report's classes; a folder name that holds one patient only is now shown as ``folder K``."""
+    rng = np.random.default_rng(5)
+    for i, name in enumerate(("DOE_JOHN", "ROE_JANE", "POE_EDGAR")):
+        for k in range(3):
+            write_dicom(tmp_path / "dcm" / name / f"{k}.dcm", rng.integers(0, 500, (24, 24)), patient_id=f"pid{i}")
+    for i in range(3):  # a folder name shared by three patients stays
+        write_dicom(tmp_path / "dcm" / "ward" / f"{i}.dcm", rng.integers(0, 500, (24, 24)), patient_id=f"w{i}")
+    run = tiny_run(f"dicom:{tmp_path / 'dcm'}", tmp_path / "run", 32)
+    result = cli("eval", "tsne", run, "--data", f"dicom:{tmp_path / 'dcm'}", "--out", tmp_path / "t.png",
+                 "--color-by", "folder", "--perplexity", "3", "--no-baseline", "--json", "--quiet")
+    assert result.exit_code == 0, result.output
+    rep = json.loads(result.stdout)
+    assert rep["classes"] == ["folder 1 (one patient)", "folder 2 (one patient)", "folder 3 (one patient)", "ward"]
+    assert "3 of 4 folder names hold one patient" in result.stderr
+    text = json.dumps(rep) + Path(rep["report_file"]).read_text()
+    assert not any(name in text for name in ("DOE", "ROE", "POE"))

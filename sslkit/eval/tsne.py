@@ -6,6 +6,7 @@ separate *because of pretraining* is visible at a glance.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path, PurePath
 from typing import Any
 
@@ -80,6 +81,22 @@ def plot_maps(panels: dict[str, np.ndarray], labels: list[str], title: str, out:
     return int(PANEL_INCHES * DPI * len(panels)), int(PANEL_INCHES * DPI)
 
 
+def folder_values(source: Any, refs: list) -> dict[str, str]:
+    """``{sample id: folder name}``; a folder name that holds one group (patient) only is shown as
+    ``folder K (one patient)``: a DICOM export's folders are often named after the patient."""
+    names = {sample_id(source, r): PurePath(r.path).parent.name for r in refs}
+    groups: dict[str, set[str]] = {}
+    for r in refs:
+        groups.setdefault(PurePath(r.path).parent.name, set()).add(r.group or r.path)
+    hidden = sorted(n for n, g in groups.items() if len(g) == 1)
+    if not hidden:
+        return names
+    alias = {n: f"folder {k} (one patient)" for k, n in enumerate(hidden, 1)}
+    print(f"sslkit: note: --color-by folder: {len(hidden)} of {len(groups)} folder names hold one patient (group) "
+          "each and are not shown (they may name the patient)", file=sys.stderr)
+    return {sid: alias.get(n, n) for sid, n in names.items()}
+
+
 def header_values(model: Any, data: str, source_options: dict[str, Any] | None, field: str) -> dict[str, str]:
     """``{sample id: value}`` of ``field`` for ``--color-by``: ``folder`` (the file's folder name) or
     a header field the source reports in ``Source.properties(ref)`` (case and ``_`` ignored, so
@@ -89,7 +106,7 @@ def header_values(model: Any, data: str, source_options: dict[str, Any] | None, 
     source = create_source(data, **model.source_options(data, source_options))
     refs = source.index()
     if field == "folder":
-        return {sample_id(source, r): PurePath(r.path).parent.name for r in refs}
+        return folder_values(source, refs)
 
     def norm(key: str) -> str:
         return key.lower().replace("_", "")
