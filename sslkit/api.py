@@ -18,7 +18,8 @@ from sslkit.data.prepare import available_memory, resize_square, skip_reason
 from sslkit.data.source import NotAnImage, SampleRef, Source, Undecodable, check_pixel_count, to_channels
 from sslkit.data.volume import (ORIENTATION, SampleMode, crop_or_pad, fit_volume, resample, slab_indices, volume_fit,
                                 stack_slab)
-from sslkit.data.walk import check_dir, walk_files
+from sslkit.data.unit_range import box_reduce, unit_floats
+from sslkit.data.walk import check_dir, first_files, walk_files
 from sslkit.errors import CheckFailed, UsageError, first_line, unknown_name_message, without_quoted
 from sslkit.hookspecs import hookimpl
 from sslkit.options import check_unit_interval
@@ -98,9 +99,9 @@ __all__ = [
     # backbones
     "Backbone", "TokenBackbone", "is_token_backbone",
     # sources
-    "Source", "SampleRef", "NotAnImage", "Undecodable", "to_channels", "walk_files", "check_dir",
+    "Source", "SampleRef", "NotAnImage", "Undecodable", "to_channels", "walk_files", "first_files", "check_dir",
     "parallel_map", "resize_square", "check_pixel_count", "keyed_hash", "available_memory", "human_bytes",
-    "skip_reason",
+    "skip_reason", "unit_floats", "box_reduce",
     # volumetric sources (slice / slab:K / volume sampling)
     "SampleMode", "ORIENTATION", "slab_indices", "stack_slab", "resample", "crop_or_pad", "fit_volume", "volume_fit",
     # inputs, export, errors

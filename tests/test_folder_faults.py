@@ -28,7 +28,8 @@ from PIL import Image
 
 from sslkit.api import Undecodable, resize_square
 from sslkit_plugins.sources.folder import FolderSource
-from sslkit_plugins.sources.folder_decode import NON_FINITE, reduce_factor
+from sslkit.data.unit_range import NON_FINITE
+from sslkit_plugins.sources.folder_decode import reduce_factor
 
 tifffile = pytest.importorskip("tifffile")
 

@@ -52,6 +52,23 @@ def test_unknown_source_scheme_and_detection(tmp_path, pydicom_dir):
         registry.resolve_data(str(tmp_path / "empty"))
 
 
+def test_a_bare_path_of_many_patient_folders_is_detected(tmp_path, pydicom_dir):
+    """300 patient folders at the root: the first 200 entries sniffed were all folders, and no
+    source recognised the data ("cannot tell what kind of data")."""
+    import shutil
+
+    from PIL import Image
+
+    ct = next(pydicom_dir.rglob("CT_small.dcm"))
+    for i in range(300):
+        (tmp_path / "dcm" / f"p{i:03d}").mkdir(parents=True)
+        shutil.copy(ct, tmp_path / "dcm" / f"p{i:03d}" / "1.dcm")
+        (tmp_path / "img" / f"p{i:03d}").mkdir(parents=True)
+        Image.new("L", (4, 4)).save(tmp_path / "img" / f"p{i:03d}" / "a.png")
+    assert registry.resolve_data(str(tmp_path / "dcm"))[0] == "dicom"
+    assert registry.resolve_data(str(tmp_path / "img"))[0] == "folder"
+
+
 def test_task_options_are_typed_and_validated():
     cls = registry.get_task("mae").Options
     opts = build_options(cls, parse_pairs(["mask_ratio=0.6", "norm-pix-loss=false"], "--task-opt"), "task 'mae'")

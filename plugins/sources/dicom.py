@@ -29,7 +29,7 @@ from typing import Any, Literal
 import numpy as np
 import pydicom
 
-from sslkit.api import SampleMode, SampleRef, Source, Undecodable, check_dir, hookimpl, walk_files
+from sslkit.api import SampleMode, SampleRef, Source, Undecodable, check_dir, first_files, hookimpl, walk_files
 from sslkit.api import GraphPreprocessing, UsageError, check_pixel_count, keyed_hash, without_quoted
 from sslkit_plugins.sources.dicom_decode import codec_failure, decode, parse_windows, read_dataset
 from sslkit_plugins.sources.dicom_headers import cached_headers, stable_groups
@@ -224,9 +224,8 @@ class DicomSource(Source):
     @classmethod
     def sniff(cls, path: Path) -> float:
         if path.is_dir():
-            for _, f in zip(range(200), path.rglob("*")):
-                if f.is_file() and is_dicom_file(f):
-                    return 0.9
+            if any(f.is_file() and is_dicom_file(f) for f in first_files(path)):
+                return 0.9
         return 0.0
 
     def index(self) -> list[SampleRef]:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sslkit.api import SampleRef, Source, UsageError, check_dir, check_pixel_count, hookimpl, walk_files
+from sslkit.api import SampleRef, Source, UsageError, check_dir, check_pixel_count, first_files, hookimpl, walk_files
 from sslkit_plugins.sources.folder_decode import DECODE_SIDE, open_image, pil_channels, pil_pixels
 from sslkit_plugins.sources.folder_tiff import tiff_array, tiff_channels
 
@@ -76,9 +76,8 @@ class FolderSource(Source):
     @classmethod
     def sniff(cls, path: Path) -> float:
         if path.is_dir():
-            for _, i in zip(range(200), path.rglob("*")):
-                if i.suffix.lower() in EXTENSIONS:
-                    return 0.5
+            if any(f.suffix.lower() in EXTENSIONS for f in first_files(path)):
+                return 0.5
         return 0.0
 
     def index(self) -> list[SampleRef]:

@@ -3,26 +3,22 @@
 Memory stays near the final image's: an image whose shorter side is at least twice
 :data:`DECODE_SIDE` is reduced by the integer factor that keeps that side at least
 ``DECODE_SIDE`` (JPEG: Pillow's DCT scaling, ``Image.draft``; others: box means in their
-own mode, ``Image.reduce`` or :func:`box_reduce`) before any float copy is made; sslkit
+own mode, ``Image.reduce`` or ``sslkit.api.box_reduce``) before any float copy is made; sslkit
 then resizes it as any other image. Smaller images decode exactly as before. Float
 pixels that hold NaN or inf are refused (``Undecodable``), never scaled into garbage.
 """
 
 from __future__ import annotations
 
-import math
 import warnings
 
 import numpy as np
 from PIL import Image, ImageOps
 
-from sslkit.api import Undecodable
+from sslkit.api import unit_floats
 
 #: images whose shorter side is at least twice this are reduced while decoding (to no less than this)
 DECODE_SIDE = 2048
-#: the skip reason of a float image with NaN or inf pixels
-NON_FINITE = "holds NaN or inf values"
-_F32_MAX = float(np.finfo(np.float32).max)
 #: Pillow reads these 16-bit PNG layouts at 8 bits: the unpacker that gives their low bytes
 _PNG16 = {"RGB;16B": "RGB;16L", "RGBA;16B": "RGBA;16L", "LA;16B": "RGBA"}
 _ORIENTATION = 0x0112  # EXIF
@@ -107,7 +103,7 @@ def pil_decoded(img: Image.Image, side: int | None) -> Image.Image:
 def pil_to_array(img: Image.Image) -> np.ndarray:
     """A decoded PIL image -> float32 (C, H, W) in [0, 1], keeping 16-bit precision."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
-        x = _floats(np.asarray(img, dtype=np.uint16))
+        x = np.array(img, dtype=np.float32, order="C")
         x /= 65535.0
     elif img.mode == "I":
         a = np.asarray(img, dtype=np.int64)
@@ -124,63 +120,9 @@ def pil_to_array(img: Image.Image) -> np.ndarray:
                 img = img.convert("RGB")
         a = np.asarray(img)
         a = a[..., 0] if grey else a
-        x = _floats(a if a.ndim == 2 else a.transpose(2, 0, 1))
+        x = np.array(a if a.ndim == 2 else a.transpose(2, 0, 1), dtype=np.float32, order="C")
         x /= 255.0
     return x if x.ndim == 3 else x[None]
-
-
-def unit_floats(a: np.ndarray, f: int = 1) -> np.ndarray:
-    """Native pixels ``(C, H, W)`` (or ``(H, W)``) -> float32 in [0, 1]: uint8 / 255, uint16 /
-    65535, bool as 0 / 1, floats and wide integers by their own min-max (NaN or inf:
-    ``Undecodable``; a float64 range beyond float32's is scaled in float64); box means over
-    ``f x f`` (:func:`box_reduce`) first when ``f > 1``. The one pixels-to-[0, 1] rule of the
-    image sources (``folder``, ``npz``)."""
-    if a.size == 0:
-        raise Undecodable(f"empty image of shape {tuple(a.shape)}")
-    own_range = a.dtype not in (np.uint8, np.uint16, np.bool_)
-    if own_range:
-        lo, hi = float(a.min()), float(a.max())
-        if not (math.isfinite(lo) and math.isfinite(hi)):
-            raise Undecodable(NON_FINITE)
-        if max(-lo, hi, hi - lo) > _F32_MAX:  # beyond float32: scaled in float64
-            y = _floats((a.astype(np.float64) - lo) / (hi - lo) if hi > lo else np.zeros(a.shape))
-            return box_reduce(y if y.ndim == 3 else y[None], f) if f > 1 else y
-        lo, hi = float(np.float32(lo)), float(np.float32(hi))  # as float32 holds them
-    x = box_reduce(a if a.ndim == 3 else a[None], f) if f > 1 else _floats(a)
-    if a.dtype == np.uint8:
-        x /= 255.0
-    elif a.dtype == np.uint16:
-        x /= 65535.0
-    elif own_range and hi > lo:
-        x -= lo
-        x /= hi - lo
-    elif own_range:
-        x[...] = 0.0
-    return x
-
-
-def box_reduce(a: np.ndarray, f: int) -> np.ndarray:
-    """``(C, H, W)`` of any number type -> float32 ``(C, ceil(H/f), ceil(W/f))``: the mean of
-    each ``f x f`` box (of what an edge box holds), a band of rows at a time (about 16 MB of float)."""
-    c, h, w = a.shape
-    cols = np.arange(0, w, f)
-    out = np.empty((c, len(range(0, h, f)), len(cols)), np.float32)
-    band = f * max(1, 2**21 // max(1, c * w * f))  # reduceat may cast a band to float64 whole
-    for top in range(0, h, band):
-        part = np.add.reduceat(a[:, top : top + band], cols, axis=2, dtype=np.float64)
-        part = np.add.reduceat(part, np.arange(0, part.shape[1], f), axis=1)
-        out[:, top // f : top // f + part.shape[1]] = part
-    rows_n = np.minimum(f, h - np.arange(0, h, f))
-    cols_n = np.minimum(f, w - cols)
-    out /= (rows_n[:, None] * cols_n[None, :]).astype(np.float32)
-    return out
-
-
-def _floats(a: np.ndarray) -> np.ndarray:
-    """``a`` as a new C-contiguous float32 array (one copy, whatever ``a``'s layout)."""
-    x = np.empty(a.shape, np.float32)
-    np.copyto(x, a, casting="unsafe")
-    return x
 
 
 def _png16_rawmode(img: Image.Image) -> str | None:

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from sslkit.api import Undecodable, check_pixel_count
-from sslkit_plugins.sources.folder_decode import DECODE_SIDE, box_reduce, is_grey, reduce_factor, unit_floats
+from sslkit.api import Undecodable, box_reduce, check_pixel_count, unit_floats
+from sslkit_plugins.sources.folder_decode import DECODE_SIDE, is_grey, reduce_factor
 
 #: decoded bytes allowed per pixel of the pixel limit: an 8-bit RGBA image, as Pillow holds it
 BYTES_PER_LIMIT_PIXEL = 4

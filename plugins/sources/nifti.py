@@ -38,7 +38,8 @@ from typing import Any
 import numpy as np
 
 from sslkit.api import (ORIENTATION, GraphPreprocessing, SampleMode, SampleRef, Source, Undecodable, UsageError,
-                        check_dir, check_pixel_count, hookimpl, slab_indices, stack_slab, volume_fit, walk_files)
+                        check_dir, check_pixel_count, first_files, hookimpl, slab_indices, stack_slab, volume_fit,
+                        walk_files)
 
 SUFFIXES = (".nii", ".nii.gz")
 _NUM = r"[-+]?(?:\d+\.?\d*|\.\d+)"
@@ -171,9 +172,8 @@ class NiftiSource(Source):
         if path.is_file():
             return 0.95 if is_nifti(path) else 0.0
         if path.is_dir():
-            for _, f in zip(range(200), path.rglob("*")):
-                if is_nifti(f):
-                    return 0.8
+            if any(is_nifti(f) for f in first_files(path)):
+                return 0.8
         return 0.0
 
     def index(self) -> list[SampleRef]:

@@ -33,8 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from sslkit.api import (SampleRef, Source, Undecodable, UsageError, available_memory, check_pixel_count, first_line,
-                        hookimpl, human_bytes, skip_reason, without_quoted)
-from sslkit_plugins.sources.folder_decode import unit_floats
+                        hookimpl, human_bytes, skip_reason, unit_floats, without_quoted)
 
 LAYOUTS = ("auto", "nhw", "nchw", "nhwc")
 ACCEPTED = "(N, H, W), (N, C, H, W) or (N, H, W, C) with C = 1 to 4 channels"

@@ -109,3 +109,19 @@ def check_dir(location: str, scheme: str) -> Path:
     if not root.is_dir():
         raise UsageError(f"{scheme}: {location!r} is not a directory")
     return root
+
+
+def first_files(root: Path, limit: int = 200, max_folders: int = 2000) -> list[Path]:
+    """Up to ``limit`` files below ``root`` (hidden entries skipped), depth first, for a source's
+    ``sniff``: a root of 300 patient folders is not 300 folder entries and no file (``rglob``'s
+    first 200 entries were all folders). At most ``max_folders`` folders are listed; links to
+    folders are not followed, so it ends quickly on any tree."""
+    found: list[Path] = []
+    folders = 0
+    for top, dirs, files in os.walk(root, onerror=lambda exc: None):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        found += [Path(top) / f for f in sorted(files) if not f.startswith(".")][: limit - len(found)]
+        folders += 1
+        if len(found) >= limit or folders >= max_folders:
+            break
+    return found
