@@ -90,8 +90,9 @@ def color_jitter(
     saturation: float = 0.4,
     hue: float = 0.1,
     p: float = 0.8,
+    colour: bool = True,
 ) -> torch.Tensor:
-    """Brightness, contrast (all data) and saturation, hue (3-channel only) jitter.
+    """Brightness, contrast (all data) and saturation, hue (3 channels that are ``colour`` planes) jitter.
 
     Factors are drawn per sample from ``[1 - s, 1 + s]`` (hue shift from ``[-h, h]``) and
     applied with torchvision's formulas, in a fixed order.
@@ -104,10 +105,11 @@ def color_jitter(
         out = (out * f).clamp(0, 1)
     if contrast > 0:
         out = adjust_contrast(out, _uniform(b, max(0.0, 1 - contrast), 1 + contrast, dev))
-    if out.shape[1] == 3 and saturation > 0:
+    colour = colour and out.shape[1] == 3
+    if colour and saturation > 0:
         f = _uniform(b, max(0.0, 1 - saturation), 1 + saturation, dev).view(-1, 1, 1, 1)
         out = (f * out + (1 - f) * _gray(out)).clamp(0, 1)
-    if out.shape[1] == 3 and hue > 0:
+    if colour and hue > 0:
         out = _hue_shift(out, _uniform(b, -hue, hue, dev))
     return _where(apply, out, x)
 

@@ -47,6 +47,14 @@ class InputSpec:
             if isinstance(getattr(self, name), list):
                 object.__setattr__(self, name, tuple(getattr(self, name)))
 
+    @property
+    def colour(self) -> bool:
+        """Whether the channels are one image's colour planes (RGB), so saturation, hue and random
+        grayscale may mix them: 3 channels that are not a slab's slices (``slab:3``) nor windows of
+        one value stacked as channels (a ``window`` graph, e.g. lung, mediastinum, bone)."""
+        graph = self.graph_preprocessing or {}
+        return self.channels == 3 and not self.sample.startswith("slab") and graph.get("kind") != "window"
+
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out["mean"], out["std"] = list(self.mean), list(self.std)

@@ -25,9 +25,10 @@ from sslkit.augment import (Normalize, color_jitter, contrast, cutout, gamma, ga
 class ViewRecipe:
     """One view of the SimCLR augmentation family (Chen et al. 2020, Sec. 3 and App. A).
 
-    ``(B, C, H, W)`` in [0, 1] -> ``(B, C, size, size)`` in [0, 1]. Colour ops apply to
-    3-channel data; on 1-channel data ``gamma_p`` and contrast / brightness jitter take
-    their place. Ops whose probability (or range) is 0 draw no random numbers, so adding
+    ``(B, C, H, W)`` in [0, 1] -> ``(B, C, size, size)`` in [0, 1]. Colour ops (saturation,
+    hue, random grayscale) apply to 3-channel data whose channels are colour planes
+    (``colour``); elsewhere (1 channel, a slab's slices, stacked windows) ``gamma_p`` and
+    contrast / brightness jitter, the same for every channel, take their place. Ops whose probability (or range) is 0 draw no random numbers, so adding
     fields never changes the views of an existing recipe.
     """
 
@@ -51,6 +52,7 @@ class ViewRecipe:
     cutout_p: float = 0.0
     cutout_scale: tuple[float, float] = (0.02, 0.2)
     sobel_p: float = 0.0
+    colour: bool = True  # 3 channels are RGB planes; False: separate intensities (set by the engine for slabs, windows)
 
     def __post_init__(self) -> None:
         problem = recipe_problem(self)
@@ -67,8 +69,8 @@ class ViewRecipe:
         if self.rotate_p > 0:
             x = random_rotation(x, self.rotate_p, self.rotate_degrees)
         if self.jitter_p > 0:
-            x = color_jitter(x, self.jitter, self.jitter, self.jitter, self.hue, self.jitter_p)
-        if x.shape[1] == 3:
+            x = color_jitter(x, self.jitter, self.jitter, self.jitter, self.hue, self.jitter_p, self.colour)
+        if x.shape[1] == 3 and self.colour:
             x = grayscale(x, self.gray_p)
         elif self.gamma_p > 0:
             x = gamma(x, self.gamma_p)
@@ -174,6 +176,11 @@ def override_recipe(base: ViewRecipe, overrides: dict[str, Any]) -> ViewRecipe:
     if not overrides:
         return base
     from sslkit.options import build_options
+
+    if "size" in overrides:
+        from sslkit.errors import UsageError
+
+        raise UsageError("--augment-opt size: the views' size is --image-size (a task's smaller crops follow it)")
 
     current = {f.name: getattr(base, f.name) for f in dataclasses.fields(base)}
     parsed = dataclasses.asdict(build_options(ViewRecipe, {**{"size": base.size}, **overrides}, "--augment-opt"))

@@ -112,6 +112,41 @@ def test_colour_ops_leave_grayscale_alone():
     assert v.shape == (4, 1, 12, 12) and 0 <= v.min() and v.max() <= 1
 
 
+def test_three_channels_that_are_not_colour_planes_get_no_colour_ops():
+    """A slab:3 (three adjacent slices) or three stacked windows went through random grayscale,
+    saturation and hue as if RGB: 48 of 200 views had three identical slices. With colour=False the
+    ops are the same for every channel, so each pixel keeps its slices' order."""
+    from sslkit.engine.model_setup import views_on_device
+    from sslkit.run import RunConfig
+    from sslkit.spec import InputSpec
+
+    x = torch.stack([torch.full((16, 16), v) for v in (0.2, 0.5, 0.8)])[None].repeat(64, 1, 1, 1)
+    strong = dict(jitter_p=1.0, jitter=0.4, hue=0.5, gray_p=1.0, gamma_p=1.0)
+    torch.manual_seed(0)
+    rgb = A.ViewRecipe(16, **strong)(x)
+    assert torch.equal(rgb[:, 0], rgb[:, 2])  # grayscale: RGB's rule
+    torch.manual_seed(0)
+    v = A.ViewRecipe(16, colour=False, **strong)(x)
+    assert bool((v[:, 0] < v[:, 1]).all() and (v[:, 1] < v[:, 2]).all())
+
+    class Task(torch.nn.Module):
+        def views(self, spec):
+            return A.MultiView([A.ViewRecipe(16, hue=0.1)], spec.mean, spec.std)
+
+    def colour(**kw) -> list[bool]:
+        spec = InputSpec(3, 16, (0.5,) * 3, (0.25,) * 3, **kw)
+        return [r.colour for r in views_on_device(RunConfig(task="simclr", data="", out=""), Task(), spec, torch.device("cpu")).recipes]
+
+    assert colour() == [True] and colour(sample="slab:3") == [False]
+    assert colour(graph_preprocessing={"kind": "window", "lower": [-1000, 0, 0], "upper": [0, 100, 1000]}) == [False]
+
+
+def test_augment_opt_size_is_refused():
+    """--augment-opt size=16 at --image-size 32 crashed reconstruction tasks with a traceback."""
+    with pytest.raises(UsageError, match="--augment-opt size: the views' size is --image-size"):
+        A.MultiView([A.ViewRecipe(32)], [0.5], [0.2]).override(size="16")
+
+
 def test_new_fields_do_not_change_existing_recipes():
     """Off-by-default ops draw no random numbers: old recipes give the same views."""
     x = torch.rand(4, 3, 20, 20)

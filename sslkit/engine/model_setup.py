@@ -173,8 +173,15 @@ def continued_scales(cfg: RunConfig, task: torch.nn.Module, backbone: torch.nn.M
 
 
 def views_on_device(cfg: RunConfig, task: torch.nn.Module, spec: InputSpec, device: torch.device):
-    """The task's batched views, with ``--augment-opt`` overrides, on the device."""
-    augment = with_augment_options(cfg, task.views(spec))
+    """The task's batched views, with ``--augment-opt`` overrides, on the device. Three channels that
+    are not colour planes (``InputSpec.colour``: a slab's slices, stacked windows) get no colour ops."""
+    augment = task.views(spec)
+    if spec.channels == 3 and not spec.colour and spec.sample != "volume" and hasattr(augment, "override"):
+        try:
+            augment = augment.override(colour=False)
+        except (UsageError, TypeError, ValueError):  # a plugin's views without a colour field: as they are
+            pass
+    augment = with_augment_options(cfg, augment)
     if isinstance(augment, torch.nn.Module):
         augment.to(device)
     return augment
