@@ -58,6 +58,11 @@ class Explode(Callback):
             f.write(json.dumps(["explode", step]) + "\\n")
 
 
+class Broken(Callback):
+    def __init__(self):
+        raise ImportError("No module named 'mlflow'")
+
+
 class LrTask(Probe):
     def forward(self, views):
         out = super().forward(views)
@@ -68,6 +73,7 @@ class LrTask(Probe):
 def register_callbacks(register):
     register("record", Record)
     register("explode", Explode)
+    register("broken", Broken)
 
 
 @hookimpl
@@ -153,6 +159,11 @@ def test_unknown_callback_and_reserved_metric_are_one_line_errors(tmp_path, reco
     assert bad.exit_code == 2 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
     assert "unknown callback 'tensorbord'" in bad.stderr and "did you mean 'tensorboard'" in bad.stderr
     assert not (tmp_path / "a").exists()  # refused before anything was written
+
+    broken = cli("pretrain", "--task", "probe", "--out", tmp_path / "c", "--callbacks", "csv,broken", *common)
+    assert broken.exit_code == 2 and len(broken.stderr.strip().splitlines()) == 1, broken.stderr
+    assert "callback 'broken' (plugin 'recorder') cannot start: ImportError: No module named 'mlflow'" in broken.stderr
+    assert not (tmp_path / "c").exists()  # was a traceback after decoding, with a run folder left 'running'
 
     lr = cli("pretrain", "--task", "lr_task", "--out", tmp_path / "b", *common)
     assert lr.exit_code == 2 and len(lr.stderr.strip().splitlines()) == 1, lr.stderr
@@ -257,6 +268,25 @@ def test_tensorboard_callback_writes_every_scalar(tmp_path, monkeypatch):
     loss = events.Scalars("train/loss")
     assert [e.step for e in loss] == [1, 2, 3, 4, 5]
     assert [e.value for e in loss] == pytest.approx([float(r["loss"]) for r in rows], rel=1e-6)
+
+
+def test_tensorboard_on_resume_drops_the_steps_a_killed_run_logged_past_its_checkpoint(tmp_path):
+    """A run killed at step 4 after a checkpoint at 2, resumed: steps 3-4 were in the curve twice."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from sslkit.engine.events import RunInfo
+    from sslkit_plugins.callbacks.tensorboard import TensorBoard
+
+    for start, steps in ((0, (1, 2, 3, 4)), (2, (3, 4, 5))):
+        tb = TensorBoard()
+        tb.on_run_start(RunInfo(tmp_path, {}, start, 5, 0, 1))
+        for step in steps:
+            tb.on_step_end(step, {"loss": float(step + 10 * start)})
+        tb.writer.close()  # killed: no on_run_end
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [(1, 1), (2, 2), (3, 23), (4, 24), (5, 25)]
 
 
 def test_list_callbacks_names_the_built_ins(cli):

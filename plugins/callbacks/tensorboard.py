@@ -1,4 +1,7 @@
-"""Callback ``tensorboard``: every logged scalar as ``train/<name>`` in ``RUN_DIR/tensorboard/``.
+"""Callback ``tensorboard``: every logged scalar but ``epoch`` as ``train/<name>`` in ``RUN_DIR/tensorboard/``.
+
+On ``--resume`` the steps past the checkpoint that a killed run had logged are purged, so a
+curve has one value per step.
 
 Needs the ``tensorboard`` package (``pip install tensorboard``); without it the run
 refuses to start with one line saying so.
@@ -26,7 +29,9 @@ class TensorBoard(Callback):
         self.writer = None
 
     def on_run_start(self, run: RunInfo) -> None:
-        self.writer = self._writer_cls(str(run.out / FOLDER))
+        # a resume drops what a killed run logged past its checkpoint: steps it trains again
+        purge = {"purge_step": run.start_step + 1} if run.resumed else {}
+        self.writer = self._writer_cls(str(run.out / FOLDER), **purge)
 
     def on_step_end(self, step: int, metrics: dict[str, float]) -> None:
         for k, v in metrics.items():

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from sslkit.errors import UsageError
+from sslkit.errors import UsageError, first_line, unknown_name_message
 from sslkit.plugins import get_plugins
-from sslkit.errors import unknown_name_message
 
 
 def callback_names(spec: str) -> list[str]:
@@ -29,10 +28,17 @@ def check_callbacks(spec: str) -> None:
 
 
 def create_callbacks(spec: str) -> list[tuple[str, Any]]:
-    """``(label, callback)`` for every name in ``spec``, in order; the label names the plugin."""
+    """``(label, callback)`` for every name in ``spec``, in order; the label names the plugin.
+    A callback that cannot be built (its library missing, say) is one line: the run has not started."""
     check_callbacks(spec)
     out = []
     for name in callback_names(spec):
         entry = get_plugins().lookup("callbacks", name)
-        out.append((f"{name!r} (plugin {entry.plugin!r})", entry.obj()))
+        label = f"{name!r} (plugin {entry.plugin!r})"
+        try:
+            out.append((label, entry.obj()))
+        except UsageError:
+            raise
+        except Exception as exc:
+            raise UsageError(f"callback {label} cannot start: {type(exc).__name__}: {first_line(exc)}") from None
     return out

@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 from sslkit import checkpoint, distributed
 from sslkit.engine import state as run_state
 from sslkit.engine.batchnorm import recompute_batchnorm
-from sslkit.engine.callbacks import check_callbacks, create_callbacks
+from sslkit.engine.callbacks import create_callbacks
 from sslkit.engine.events import Events, RunInfo
 from sslkit.engine.lock import RunLock
 from sslkit.engine.log import note
@@ -48,7 +48,7 @@ def pretrain(cfg: RunConfig) -> dict[str, Any]:
                     "main": int(os.environ.get("RANK", "0")) == 0}
     get_task(cfg.task)
     resolve_data(cfg.data)  # fail on a bad --data before touching anything
-    check_callbacks(cfg.callbacks)
+    callbacks = create_callbacks(cfg.callbacks)  # built before decoding: one that cannot start is one line
     device = resolve_device(cfg.device)
     if cfg.precision == "fp16" and device.type != "cuda":
         raise UsageError("--precision fp16 needs a CUDA GPU; on CPU use bf16 or fp32")
@@ -61,7 +61,7 @@ def pretrain(cfg: RunConfig) -> dict[str, Any]:
         # a folder that is not the user's to use (not empty, not a run) is refused before a lock file is made in
         # it; a second process on the run: refused now (build checks the folder again, under the lock)
         on_main(lambda: lock.acquire() if check_run_dir(cfg).is_dir() else None)
-        return run(build(cfg, device), lock)
+        return run(build(cfg, device), lock, callbacks)
     finally:
         lock.release()
         torch.use_deterministic_algorithms(flags[0])  # leave the process as it was (library use)
@@ -85,9 +85,10 @@ def _steps_left(cfg: RunConfig, old: dict[str, Any]) -> int | None:
     return horizon(cfg.epochs, cfg.max_steps, int(per_epoch))[0] - int(done)
 
 
-def run(s: Setup, lock: RunLock | None = None) -> dict[str, Any]:
+def run(s: Setup, lock: RunLock | None = None, callbacks: list[tuple[str, Any]] | None = None) -> dict[str, Any]:
     """Train a built run to its end (or a stop signal); write the encoder and run.json.
-    ``lock``: the run directory's lock, taken (rank 0) once the directory exists."""
+    ``lock``: the run directory's lock, taken (rank 0) once the directory exists; ``callbacks``:
+    :func:`~sslkit.engine.callbacks.create_callbacks` of ``--callbacks`` (built here when None)."""
     if s.world > 1:  # different augmentations per rank; the model is already identical
         seed_everything(s.cfg.seed + 7919 * s.rank)
     on_main(lambda: _prepare(s, lock))  # everything asked is valid: only now is the run directory written
@@ -98,7 +99,7 @@ def run(s: Setup, lock: RunLock | None = None) -> dict[str, Any]:
         s.info["resumes"] = read_json(s.out / RUN_JSON).get("resumes", []) + [
             {"from_step": state.step, "total_steps": s.total}]
     write_info(s)
-    events = Events(create_callbacks(s.cfg.callbacks), s.rank)
+    events = Events(create_callbacks(s.cfg.callbacks) if callbacks is None else callbacks, s.rank)
     events.emit("on_run_start", RunInfo(s.out, s.info, state.step, s.total, s.rank, s.world))
     summary: dict[str, Any] = {"steps": state.step}
     status = "failed"
