@@ -219,7 +219,7 @@ def test_mlflow_plugin_logs_params_metrics_and_the_encoder_to_a_file_store(tmp_p
     runs = client.search_runs([client.get_experiment_by_name("sslkit-test").experiment_id])
     assert len(runs) == 1
     run = runs[0]
-    assert run.info.status == "FINISHED" and run.info.run_name == "run"
+    assert run.info.status == "FINISHED" and run.info.run_name == "probe " + json.loads((out / "run.json").read_text())["backbone"]
     assert run.data.params["task"] == "probe" and run.data.params["batch_size"] == "8"
     assert "data" not in run.data.params and "out" not in run.data.params  # paths stay local
     history = client.get_metric_history(run.info.run_id, "loss")
@@ -231,6 +231,9 @@ def test_mlflow_plugin_logs_params_metrics_and_the_encoder_to_a_file_store(tmp_p
     assert artefacts == {"encoder/encoder.safetensors", "encoder/run.json"}
     local = client.download_artifacts(run.info.run_id, "encoder/encoder.safetensors", str(tmp_path / "dl"))
     assert Path(local).read_bytes() == (out / "encoder.safetensors").read_bytes()
+    shared = Path(client.download_artifacts(run.info.run_id, "encoder/run.json", str(tmp_path / "dl"))).read_text()
+    assert str(tmp_path) not in shared and "command" not in json.loads(shared)["environment"]  # no path reaches MLflow
+    assert json.loads(shared)["config"]["batch_size"] == 8
 
     from sslkit.testing import check_callback  # the kit a plugin author runs: a new, a resumed and a failed run
 

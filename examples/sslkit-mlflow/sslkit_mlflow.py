@@ -6,13 +6,14 @@
 * ``on_run_start``: an MLflow run in experiment ``$MLFLOW_EXPERIMENT_NAME`` (default
   ``sslkit``) at ``$MLFLOW_TRACKING_URI`` (default ``file:RUN_DIR/mlruns``, no server;
   MLflow 3 wants ``MLFLOW_ALLOW_FILE_STORE=true`` for a ``file:`` store you name),
-  named after the run directory; every setting of the run as a param (the ``data``,
-  ``out`` and cache paths are left out: paths may carry patient names), task and
-  backbone as tags.
+  named ``$MLFLOW_RUN_NAME``, else ``<task> <backbone>``; every setting of the run as a
+  param, task and backbone as tags. Paths are never sent (they may carry patient names):
+  not the ``data``, ``out``, cache, init and resume paths, not the run folder's name.
 * ``on_step_end``: every metric of the step (loss, lr, img_per_s, the task's scalars),
   with its step number.
 * ``on_run_end``: ``encoder.safetensors`` and ``run.json`` as artefacts under
-  ``encoder/``; the MLflow run ends FINISHED, KILLED (interrupted) or FAILED.
+  ``encoder/`` (``run.json`` without those paths and without the command line); the MLflow
+  run ends FINISHED, KILLED (interrupted) or FAILED.
 
 Rank 0 only (sslkit calls callbacks there). Each session of a resumed run is its own
 MLflow run, tagged with the step it resumed from.
@@ -20,15 +21,18 @@ MLflow run, tagged with the step it resumed from.
 
 from __future__ import annotations
 
+import json
 import os
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 from sslkit.api import Callback, RunInfo, hookimpl
 
 sslkit_api = ">=1,<2"
 
-PRIVATE = ("data", "out", "cache_dir", "init")  # paths: not sent to a tracking server
+PRIVATE = ("data", "out", "cache_dir", "init", "resume")  # paths: not sent to a tracking server
 STATUS = {"finished": "FINISHED", "interrupted": "KILLED"}
 
 
@@ -38,6 +42,17 @@ def _flat(prefix: str, value: Any, out: dict[str, str]) -> None:
             _flat(f"{prefix}.{k}" if prefix else str(k), v, out)
     else:
         out[prefix] = str(value)[:500]
+
+
+def shareable(info: dict[str, Any]) -> dict[str, Any]:
+    """run.json without what may name a patient: the paths in ``config``, the init file's path and
+    the command line (which repeats them)."""
+    out = json.loads(json.dumps(info, default=str))
+    out["config"] = {k: v for k, v in out.get("config", {}).items() if k not in PRIVATE}
+    out.get("environment", {}).pop("command", None)
+    if isinstance(out.get("init"), dict):
+        out["init"].pop("source", None)
+    return out
 
 
 class MlflowCallback(Callback):
@@ -63,7 +78,8 @@ class MlflowCallback(Callback):
         experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(name)
         tags = {"sslkit.task": str(run.info.get("task")), "sslkit.backbone": str(run.info.get("backbone")),
                 "sslkit.resumed_from_step": str(run.start_step)}
-        self.run_id = self.client.create_run(experiment_id, run_name=run.out.name, tags=tags).info.run_id
+        run_name = os.environ.get("MLFLOW_RUN_NAME") or f"{run.info.get('task')} {run.info.get('backbone')}"
+        self.run_id = self.client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
         params: dict[str, str] = {}
         _flat("", {k: v for k, v in run.config.items() if k not in PRIVATE}, params)
         params["total_steps"] = str(run.total_steps)
@@ -83,7 +99,10 @@ class MlflowCallback(Callback):
             self.client.log_artifact(self.run_id, str(encoder), "encoder")
             run_json = encoder.parent / "run.json"
             if run_json.exists():
-                self.client.log_artifact(self.run_id, str(run_json), "encoder")
+                with tempfile.TemporaryDirectory() as tmp:
+                    copy = Path(tmp) / "run.json"
+                    copy.write_text(json.dumps(shareable(json.loads(run_json.read_text())), indent=2))
+                    self.client.log_artifact(self.run_id, str(copy), "encoder")
         self.client.set_terminated(self.run_id, STATUS.get(summary.get("status"), "FAILED"))
 
 
