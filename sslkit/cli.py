@@ -11,6 +11,7 @@ import click
 from sslkit.errors import CheckFailed, UsageError, printable
 from sslkit.new_plugin import KINDS as NEW_PLUGIN_KINDS
 from sslkit.plugins import KINDS as PLUGIN_KINDS
+from sslkit.preempt import Preempted, requeue_exit
 from sslkit.run import remove_unused_run_dir
 from sslkit.source_flags import SourceFlagsCommand, flag_values
 
@@ -25,11 +26,10 @@ class Group(click.Group):
         except click.exceptions.Exit as exc:
             sys.exit(exc.exit_code)
         except click.Abort as exc:
-            signals = sys.modules.get("sslkit.engine.signals")  # loaded by pretrain only
-            if signals is not None and isinstance(exc.__context__, signals.Preempted):  # SIGTERM before the loop
+            if isinstance(exc.__context__, Preempted):  # SIGTERM before the loop
                 click.echo(f"{exc.__context__}: stopped before training started, nothing to checkpoint "
-                           f"(exit {signals.EXIT_REQUEUE}: requeue me)", err=True)
-                sys.exit(signals.EXIT_REQUEUE)
+                           f"({_requeue_words()})", err=True)
+                sys.exit(requeue_exit())
             click.echo("aborted", err=True)
             sys.exit(130)
         except click.ClickException as exc:  # bad option, missing argument, ...
@@ -200,32 +200,16 @@ def pretrain(ctx: click.Context, **kw) -> None:
     and the options given here, in that order. Options in [brackets] come from the
     source plugin named there and set its --data-opt of that name.
     """
-    from click.core import ParameterSource
+    from sslkit.preempt import preemptible
 
-    from sslkit import config
-    from sslkit.engine import pretrain as run_pretrain
-
-    given = {k for k in kw if ctx.get_parameter_source(k) not in (ParameterSource.DEFAULT, None)}
-    values = config.cli_values(kw, given)
-    if kw["print_config"]:
-        click.echo(config.print_config(values, kw["config_file"]), nl=False)
+    with preemptible():  # first thing: a pre-emption while torch imports or data decodes exits 75 too
+        started = _start_pretrain(ctx, kw)
+    if started is None:
         return
-    cfg = config.resolve(values, kw["config_file"])
-    made = cfg.out in config.MADE_RUN_DIRS  # no --out, here or in --config: config.default_out made it
-    if made:
-        click.echo(f"run directory: {cfg.out}")
-    from sslkit.engine.signals import EXIT_REQUEUE, preemptible
-
-    try:
-        with preemptible():
-            summary = run_pretrain(cfg)
-    except BaseException:
-        if made:
-            remove_unused_run_dir(Path(cfg.out))
-        raise
-    requeue = EXIT_REQUEUE if summary.get("interrupted") and summary.get("requeue") else 0
+    cfg, summary = started
+    requeue = summary.get("interrupted") and summary.get("requeue")
     if not summary.get("main", True):
-        ctx.exit(requeue)
+        ctx.exit(requeue_exit() if requeue else 0)
     from sslkit.data.pipeline import report_summary
 
     if line := report_summary(cfg.out):  # before the summary, which is the last line
@@ -234,7 +218,7 @@ def pretrain(ctx: click.Context, **kw) -> None:
         click.echo(f"run {cfg.out} already finished ({summary.get('steps', '?')} steps); nothing to resume")
     elif summary.get("interrupted"):
         click.echo(f"interrupted: checkpoint at step {summary['steps']} saved in {cfg.out}; continue with: "
-                   f"sslkit pretrain --resume {cfg.out}" + (f" (exit {EXIT_REQUEUE}: requeue me)" if requeue else ""))
+                   f"sslkit pretrain --resume {cfg.out}" + (f" ({_requeue_words()})" if requeue else ""))
     else:
         loss = summary["final_loss"]
         bound = {"max_steps": " (the --max-steps bound)", "epochs": " (the --epochs bound)"}.get(
@@ -244,7 +228,37 @@ def pretrain(ctx: click.Context, **kw) -> None:
             f"final loss {loss:.4f}; run saved in {cfg.out}" if loss is not None else
             f"done: {summary['steps']} steps{bound}; run saved in {cfg.out}"
         )
-    ctx.exit(requeue)
+    ctx.exit(requeue_exit() if requeue else 0)
+
+
+def _requeue_words() -> str:
+    code = requeue_exit()
+    return f"exit {code}: requeue me" if code else "exit 0 under torchrun, so it does not restart the group: requeue me"
+
+
+def _start_pretrain(ctx: click.Context, kw: dict):
+    """``(cfg, summary)`` of the run ``kw`` asks for; None for ``--print-config``. A run folder this
+    command made (no ``--out``) is removed again when the run fails before writing anything."""
+    from click.core import ParameterSource
+
+    from sslkit import config
+    from sslkit.engine import pretrain as run_pretrain
+
+    given = {k for k in kw if ctx.get_parameter_source(k) not in (ParameterSource.DEFAULT, None)}
+    values = config.cli_values(kw, given)
+    if kw["print_config"]:
+        click.echo(config.print_config(values, kw["config_file"]), nl=False)
+        return None
+    cfg = config.resolve(values, kw["config_file"])
+    made = cfg.out in config.MADE_RUN_DIRS  # no --out, here or in --config: config.default_out made it
+    if made:
+        click.echo(f"run directory: {cfg.out}")
+    try:
+        return cfg, run_pretrain(cfg)
+    except BaseException:
+        if made:
+            remove_unused_run_dir(Path(cfg.out))
+        raise
 
 
 @main.command()

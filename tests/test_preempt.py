@@ -265,6 +265,53 @@ def test_preemption_before_the_first_step_exits_for_requeue(setting, tmp_path):
     assert not out.exists() or not any(out.iterdir())  # no lock file, no run.json: a requeue starts it afresh
 
 
+@pytest.mark.parametrize("torchrun", [False, True])
+def test_a_preemption_while_torch_is_imported_exits_for_requeue(tmp_path, torchrun):
+    """The handler was installed only after torch was imported and the settings resolved: a SIGTERM
+    in those first seconds (7 s on a loaded node) killed the command (exit 143), which a job script
+    does not requeue. Here the signal arrives as torch's import starts. Under torchrun the status
+    is 0: torchrun restarts a group whose worker exits otherwise (--max-restarts), and it would
+    train on past the pre-emption."""
+    import os
+
+    script = f"""
+import os, signal, sys
+
+
+class PreemptAtTorch:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch":
+            sys.meta_path.remove(self)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return None
+
+
+sys.meta_path.insert(0, PreemptAtTorch())
+from sslkit.cli import main
+assert "torch" not in sys.modules
+sys.argv = ["sslkit", "pretrain", "--task", "simclr", "--data", {str(tmp_path)!r}, "--out", {str(tmp_path / "run")!r}]
+main()
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TORCHELASTIC_RUN_ID"}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          env={**env, "TORCHELASTIC_RUN_ID": "job-1"} if torchrun else env)
+    assert proc.returncode == (0 if torchrun else EXIT_REQUEUE), proc.stderr[-2000:]
+    words = "exit 0 under torchrun, so it does not restart the group" if torchrun else f"exit {EXIT_REQUEUE}"
+    assert proc.stderr.strip().splitlines() == [
+        f"SIGTERM: stopped before training started, nothing to checkpoint ({words}: requeue me)"]
+
+
+def test_a_preempted_worker_under_torchrun_exits_0(monkeypatch):
+    """A worker's 75 is a crash to torchrun, which restarts the group with --max-restarts: trained
+    on past the pre-emption (the group resumed and ran to its end, run.json 'finished')."""
+    from sslkit.preempt import requeue_exit
+
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    assert requeue_exit() == EXIT_REQUEUE
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-1")
+    assert requeue_exit() == 0
+
+
 def test_a_preemption_after_the_loop_lets_the_run_finish(monkeypatch):
     """Once the loop's own handler is gone (batch-norm recompute, the final encoder, run.json), a
     SIGTERM unwound the finished run as 'stopped before training started'; it is noted and ignored.

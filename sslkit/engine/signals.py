@@ -19,15 +19,12 @@ from __future__ import annotations
 
 import signal
 import threading
-from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 from sslkit import distributed
 from sslkit.engine.log import note
+from sslkit.preempt import _PHASE, EXIT_REQUEUE, REQUEUE_SIGNALS, Preempted, preemptible  # noqa: F401 (re-exported)
 
-#: exit status of ``sslkit pretrain`` stopped by SIGTERM / SIGUSR1 after checkpointing
-EXIT_REQUEUE = 75
-REQUEUE_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 class StopSignal:
@@ -60,40 +57,3 @@ class StopSignal:
     def __exit__(self, *exc) -> None:
         for sig, old in self._old.items():
             signal.signal(sig, old)
-
-
-class Preempted(KeyboardInterrupt):
-    """SIGTERM / SIGUSR1 before the training loop: unwinds (temporary files removed) as Ctrl-C does."""
-
-
-#: whether the training loop (its :class:`StopSignal`) has begun in this ``sslkit pretrain``
-_PHASE = {"loop": False}
-
-
-@contextmanager
-def preemptible() -> Iterator[None]:
-    """Around a whole ``sslkit pretrain``: a pre-emption signal that arrives before the training
-    loop raises :class:`Preempted` (once: the unwinding is not cut short by a second signal)
-    instead of killing the process (exit 143), so the command can exit :data:`EXIT_REQUEUE`.
-    After the loop (its last checkpoint written, the final files being written) one is noted
-    and the run finishes: there is nothing left to requeue."""
-    raised = []
-
-    def handle(signum, frame) -> None:
-        name = signal.Signals(signum).name
-        if _PHASE["loop"]:
-            note(f"{name}: training is done; finishing the run's final files")
-        elif not raised:
-            raised.append(name)
-            raise Preempted(name)
-
-    old = {}
-    _PHASE["loop"] = False
-    if threading.current_thread() is threading.main_thread():
-        old = {sig: signal.signal(sig, handle) for sig in REQUEUE_SIGNALS}
-    try:
-        yield
-    finally:
-        _PHASE["loop"] = False
-        for sig, handler in old.items():
-            signal.signal(sig, handler)
