@@ -69,6 +69,12 @@ class Task(nn.Module):
     #: un-augmented training images after the last step, for the saved encoder only
     #: (``sslkit/engine/batchnorm.py``; ``run.json`` records ``batchnorm_recomputed``).
     recompute_batchnorm: ClassVar[bool] = False
+    #: The fewest images per process ``forward`` needs: 2 where its loss compares the images of a batch
+    #: (in-batch negatives, batch statistics: simclr, barlowtwins, vicreg, jigsaw's BatchNorm head). A
+    #: smaller ``--batch-size`` / processes is refused in one line before any image is decoded (and again
+    #: once the data is known, where fewer images than the batch leave less). A task whose need depends on
+    #: its options sets it on the instance in ``__init__`` (``moco``: 2 for version 3 only).
+    min_batch: int = 1
     #: How the trained encoder is best embedded, where its backbone offers a choice
     #: (``embedding_options`` on the backbone): ``"patch_mean"``, the mean of a ViT's normed
     #: patch tokens instead of its class token. The engine records the backbone options that
@@ -149,7 +155,9 @@ class Task(nn.Module):
         return {}
 
     def on_step_end(self, step: int, total_steps: int) -> None:
-        """Called by the engine after every optimizer step (1-based ``step``)."""
+        """Called by the engine after every optimizer step (1-based ``step``). ``forward`` runs once per
+        micro-batch before it (``--accumulate K``: K times); what it hands over (keys to enqueue, a batch
+        mean) gathers every micro-batch's, so the update is that of one K x larger batch."""
 
     def head_state(self) -> dict[str, torch.Tensor]:
         """The task's state besides the encoder (decoders, projection heads, EMA teachers,

@@ -195,6 +195,18 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(probe, images, tmp_pa
     assert len(read_metrics(out)) == 4 and not (out / "encoder.safetensors").exists()
 
 
+def test_nan_loss_names_a_checkpoint_only_where_one_was_written(probe, images, tmp_path):
+    from sslkit.engine import pretrain
+
+    with pytest.raises(UsageError) as first:
+        pretrain(config(images, tmp_path / "a", batch_size=2, checkpoint_every=2, task_options={"nan_at_step": 1}))
+    assert "loss became nan at step 1" in str(first.value) and "checkpoint is" not in str(first.value)
+    assert not (tmp_path / "a" / "checkpoints").exists() or not any((tmp_path / "a" / "checkpoints").iterdir())
+    with pytest.raises(UsageError) as later:
+        pretrain(config(images, tmp_path / "b", batch_size=2, checkpoint_every=2, task_options={"nan_at_step": 5}))
+    assert f"the last good checkpoint is {tmp_path / 'b' / 'checkpoints' / 'step-00000004'}" in str(later.value)
+
+
 def test_batch_must_split_over_processes_and_fit_the_data(probe, images, tmp_path):
     from sslkit.engine import pretrain
 

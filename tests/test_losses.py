@@ -54,12 +54,12 @@ def test_moco_infonce_and_queue_match_lightly():
     from sslkit.registry import create_backbone
     task = MoCo(create_backbone("timm:resnet10t", 1, 16), MoCoOptions(queue_size=k_size, proj_dim=dim), spec)
     task.queue.copy_(queue)
-    task._keys = torch.nn.functional.normalize(k, dim=1)
+    task._keys = [torch.nn.functional.normalize(k, dim=1)]  # the step's keys, one tensor per micro-batch
     task.on_step_end(1, 10)
     for step in range(2, 5):
         keys = torch.nn.functional.normalize(_z(b, dim, seed=10 + step), dim=1)
         ref(_z(b, dim, seed=20 + step).requires_grad_(), keys)
-        task._keys = keys
+        task._keys = [keys]
         task.on_step_end(step, 10)
     torch.testing.assert_close(task.queue, ref.memory_bank.bank, **TOL)
 

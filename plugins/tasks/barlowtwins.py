@@ -60,6 +60,8 @@ class BarlowTwins(ProjectedPairTask):
     #: +9.8 (0.8)
     token_engine_defaults = {"optimizer": "adamw", "base_lr": 1e-3, "lr_scaling": "linear", "weight_decay": 0.05}
 
+    min_batch = 2  # standardised along the batch
+
     def pair_loss(self, z1, z2):
         return {"loss": barlow_twins_loss(z1, z2, self.options.lambd)}
 

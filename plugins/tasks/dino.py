@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from sslkit.api import (DINOHead, MultiView, Task, UsageError, ViewRecipe, all_reduce_sum,
-    cosine_momentum, ema_update, frozen_copy, hookimpl, world_size)
+    cosine_momentum, ema_update, frozen_copy, hookimpl)
 
 
 def dino_loss(teacher_out: torch.Tensor, student_out: list[torch.Tensor], center: torch.Tensor,
@@ -90,7 +90,7 @@ LOCAL_CROPS_FROM_PX = 96
 
 
 def default_local_crops(image_size: int) -> int:
-    """The paper's 8 local crops from ``LOCAL_CROPS_FROM_PX`` (41-px crops; the paper's are 96 px
+    """The paper's 8 local crops from ``LOCAL_CROPS_FROM_PX`` (42-px crops; the paper's are 96 px
     of 224, where multi-crop wins at equal training time in its ablation), none below.
 
     Measured below: at 32 px (14-px crops) a run without them takes 2-3x the steps in the same
@@ -122,7 +122,9 @@ class DINO(Task):
         self.register_buffer("center", torch.zeros(1, o.out_dim))
         self.register_buffer("teacher_temp", torch.tensor(o.warmup_teacher_temp if o.teacher_temp_warmup > 0
                                                           else o.teacher_temp))
-        self._batch_center: torch.Tensor | None = None
+        # the step's teacher outputs so far (every micro-batch of --accumulate), summed, and their number
+        self._center_sum: torch.Tensor | None = None
+        self._center_count = 0
 
     def resolved_options(self):
         return {"local_crops": self.local_crops, "local_size": self.local_size}
@@ -148,7 +150,10 @@ class DINO(Task):
             teacher = self.teacher_head(self.teacher_encoder(torch.cat(views[:n_global])))
             teacher = teacher.view(n_global, -1, teacher.shape[-1])
         loss = dino_loss(teacher, student, self.center, float(self.teacher_temp), o.student_temp)
-        self._batch_center = teacher.mean(dim=(0, 1), keepdim=False).unsqueeze(0)
+        if self.training:
+            part = teacher.float().sum(dim=(0, 1)).unsqueeze(0)
+            self._center_sum = part if self._center_sum is None else self._center_sum + part
+            self._center_count += teacher.shape[0] * teacher.shape[1]
         with torch.no_grad():  # loss = H(P_t) + KL(P_t || P_s), averaged over the view pairs
             log_t = F.log_softmax((teacher - self.center) / self.teacher_temp, -1)
             entropy = -(log_t.exp() * log_t).sum(-1).mean()
@@ -161,10 +166,12 @@ class DINO(Task):
         m = cosine_momentum(step - 1, total_steps, o.momentum)
         ema_update(self.teacher_encoder, self.encoder, m)
         ema_update(self.teacher_head, self.head, m)
-        if self._batch_center is not None:
-            batch_center = all_reduce_sum(self._batch_center.clone()) / world_size()
+        if self._center_sum is not None:  # the mean over the step's global batch, all micro-batches
+            count = self._center_sum.new_full((1, 1), float(self._center_count))
+            total = all_reduce_sum(torch.cat([self._center_sum, count], dim=1))
+            batch_center = total[:, :-1] / total[:, -1:]
             self.center.mul_(o.center_momentum).add_(batch_center, alpha=1 - o.center_momentum)
-            self._batch_center = None
+            self._center_sum, self._center_count = None, 0
         warm = o.teacher_temp_warmup * total_steps
         frac = min(1.0, step / warm) if warm > 0 else 1.0
         self.teacher_temp.fill_(o.warmup_teacher_temp + frac * (o.teacher_temp - o.warmup_teacher_temp))

@@ -162,6 +162,7 @@ class Jigsaw(Task):
     #: 0.930, 5/5 folds; CIFAR-10 kNN at 64 px +3.2 points at 12 steps, -1.0 +- 0.9 at 46;
     #: BENCHMARKS.md, "jigsaw's BatchNorm statistics")
     recompute_batchnorm = True
+    min_batch = 2  # the classifier's BatchNorm normalises over the batch
     #: base_lr measured (benchmarks/task_table.py, BENCHMARKS.md "Warm-up, crop scale, ViT pooling and the
     #: LR"): 3e-3 against the built-in 1e-3: chest X-ray kNN AUROC +0.009 (per-fold SE 0.003); CIFAR-10 kNN
     #: +0.5 and +0.6 (paired SE 0.6) at 2 CPU min over two seeds, but -1.1 (0.6) at 0.5 CPU min

@@ -118,7 +118,8 @@ class MoCo(Task):
             self.predictor = mlp(o.proj_dim, o.proj_hidden_dim, o.proj_dim)  # no last BN (MoCo v3 code)
         self.key_encoder = frozen_copy(backbone)
         self.key_projector = frozen_copy(self.projector)
-        self._keys: torch.Tensor | None = None
+        self._keys: list[torch.Tensor] = []  # v2: the keys of this step's micro-batches, enqueued at its end
+        self.min_batch = 2 if o.version == 3 else 1  # v3's negatives are the other images of the batch
 
     def resolved_options(self):
         return dict(self._chosen)
@@ -147,7 +148,8 @@ class MoCo(Task):
             q = self.projector(self.encoder(x1))
             with torch.no_grad():
                 k = F.normalize(self._keys_of(x2, o.key_bn_splits), dim=1)
-            self._keys = k
+            if self.training:  # every micro-batch's keys (--accumulate), as one batch K times larger would
+                self._keys.append(k)
             return {"loss": moco_infonce(q, k, self.queue.clone(), o.temperature)}
         q1, q2 = self.predictor(self.projector(self.encoder(torch.cat([x1, x2])))).chunk(2)
         with torch.no_grad():
@@ -161,9 +163,9 @@ class MoCo(Task):
         m = o.momentum if o.version == 2 else cosine_momentum(step - 1, total_steps, o.momentum)
         ema_update(self.key_encoder, self.encoder, m)
         ema_update(self.key_projector, self.projector, m)
-        if o.version == 2 and self._keys is not None:
-            self._enqueue(all_gather_with_grad(self._keys))
-            self._keys = None
+        if o.version == 2 and self._keys:
+            self._enqueue(all_gather_with_grad(torch.cat(self._keys)))
+            self._keys = []
 
     @torch.no_grad()
     def _enqueue(self, keys: torch.Tensor) -> None:

@@ -74,6 +74,7 @@ class SimCLR(Task):
     token_engine_defaults = {"optimizer": "adamw", "base_lr": 1e-3, "lr_scaling": "linear", "weight_decay": 0.05}
     default_backbone = "timm:resnet18"
     sample_modes = ("slice", "slab", "volume")  # volumes: two 3D views (sslkit.augment3d)
+    min_batch = 2  # the negatives are the other images of the batch: with one, a constant loss of 0
     capturable = True  # --capture graphs: the step has no host reads or Python-side state (engine/capture.py)
 
     def __init__(self, backbone, options: SimCLROptions, spec) -> None:

@@ -75,6 +75,7 @@ class VICReg(ProjectedPairTask):
     #: 35.7 % (+0.2 (0.7)): level at both seeds
     token_engine_defaults = {"optimizer": "adamw", "base_lr": 1e-3, "lr_scaling": "linear", "weight_decay": 0.05}
     sample_modes = ("slice", "slab", "volume")  # volumes: two 3D views (sslkit.augment3d)
+    min_batch = 2  # the variance and covariance are taken over the batch (one image: NaN)
 
     def views(self, spec):
         if spec.sample == "volume":

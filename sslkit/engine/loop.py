@@ -242,6 +242,16 @@ def apply_gradients(s: Setup) -> torch.Tensor | None:
     return grad_norm
 
 
+def diverged_message(s: Setup, loss: float, step: int) -> str:
+    """Why training stopped at a non-finite ``loss``; the newest checkpoint is named only where one exists."""
+    from sslkit.checkpoint import list_checkpoints
+
+    saved = list_checkpoints(s.checkpoint_dir)
+    where = f"; the last good checkpoint is {saved[-1]}" if saved else ""
+    return (f"loss became {loss} at step {step}; training stopped and no checkpoint holds that step. Lower --lr "
+            f"(now {s.schedule.peak_lr:g}) or set --grad-clip{where}")
+
+
 class StepLog:
     """Launched steps whose scalars are still on the device; reading them checks the loss
     and sends each step's row to the callbacks and the progress display."""
@@ -269,10 +279,7 @@ class StepLog:
             names = list(p["scalars"])
             values = dict(zip(names, torch.stack([p["scalars"][n].float().reshape(()) for n in names]).tolist()))
             if not np.isfinite(values["loss"]):
-                raise Diverged(
-                    f"loss became {values['loss']} at step {p['step']}; training stopped and no checkpoint "
-                    f"holds that step. Lower --lr (now {self.s.schedule.peak_lr:g}) or set --grad-clip; the last "
-                    f"good checkpoint is in {self.s.checkpoint_dir}")
+                raise Diverged(diverged_message(self.s, values["loss"], p["step"]))
             self.images += self.s.step_images
             asked = values.pop("stop") > 0 or asked
             self.requeue = values.pop("requeue") > 0 or self.requeue

@@ -58,6 +58,7 @@ def check_pairing(backbone_name: str, cfg: RunConfig) -> torch.nn.Module:
                     load_init(init, probe, cfg.allow_download)
                 spec = InputSpec(c, cfg.image_size, (0.5,) * c, (0.25,) * c, **volume)
                 task = create_task(cfg.task, probe, spec, **cfg.task_options)
+                check_batch(cfg, task, cfg.batch_size // distributed.world_size())
                 if cfg.augment_options:  # a bad --augment-opt too, before decoding
                     with_augment_options(cfg, task.views(spec))
                 if cfg.init and not cfg.resume:  # --layer-decay on a CNN, a freeze past --max-steps: before decoding
@@ -68,6 +69,23 @@ def check_pairing(backbone_name: str, cfg: RunConfig) -> torch.nn.Module:
             except UsageError as exc:
                 first = first or exc
     raise first
+
+
+def check_batch(cfg: RunConfig, task: torch.nn.Module, per_process: int, images: int | None = None) -> None:
+    """Refuse, in one line, fewer images per process than the task's loss needs (``Task.min_batch``):
+    from ``--batch-size`` before decoding, and with ``images`` once the data (fewer images than the
+    batch: a smaller one) is known."""
+    need = int(getattr(task, "min_batch", 1))
+    if per_process >= need:
+        return
+    world = distributed.world_size()
+    over = f" over {world} processes" if world > 1 else ""
+    if images is None:
+        given, fix = f"--batch-size {cfg.batch_size}{over} gives {per_process}", f"use --batch-size {need * world}"
+    else:
+        given, fix = f"the data's {images} image(s){over} give {per_process}", f"use {need * world} images"
+    raise UsageError(f"task {cfg.task!r} needs at least {need} images per process (its loss compares the images "
+                     f"of a batch: in-batch negatives or batch statistics); {given}; {fix} or more")
 
 
 def with_init_flags(cfg: RunConfig) -> RunConfig:

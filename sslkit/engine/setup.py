@@ -29,8 +29,9 @@ from sslkit.data.prepare import channel_stats, fingerprint
 from sslkit.engine.capture import make_capture
 from sslkit.engine.compiled import compile_model, compile_views
 from sslkit.engine.data_setup import batches_and_schedule, load_run_data
-from sslkit.engine.model_setup import (check_pairing, continued_scales, create_model, views_on_device, with_backbone,
-                                       with_init_flags, with_resolved_task_options, with_task_embedding)
+from sslkit.engine.model_setup import (check_batch, check_pairing, continued_scales, create_model, views_on_device,
+                                       with_backbone, with_init_flags, with_resolved_task_options,
+                                       with_task_embedding)
 from sslkit.engine.schedules import Schedule
 from sslkit.errors import UsageError
 from sslkit.init.resume import resumed_init
@@ -161,6 +162,7 @@ def build(cfg: RunConfig, device: torch.device) -> Setup:
         task.to(memory_format=torch.channels_last)
 
     loader, steps_per_epoch, step_images, schedule = batches_and_schedule(cfg, data, rank, world)
+    check_batch(cfg, task, loader.batch_size, len(data.prepared))  # fewer images than the batch: a smaller one
     scales = continued_scales(cfg, task, backbone, schedule.total, resumed)
     optimizer = build_optimizer(task, cfg.optimizer, schedule.peak_lr, cfg.weight_decay, cfg.momentum, cfg.betas,
                                 **scales)
