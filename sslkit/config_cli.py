@@ -24,7 +24,8 @@ def cli_values(kw: dict[str, Any], given: set[str]) -> dict[str, Any]:
     from sslkit.source_flags import flag_fields
 
     out: dict[str, Any] = {}
-    for name in given:
+    _refuse_two_for_one_field(kw, given)
+    for name in sorted(given):
         value = kw[name]
         if name in _CLI_ONLY:
             continue
@@ -60,3 +61,23 @@ def cli_values(kw: dict[str, Any], given: set[str]) -> dict[str, Any]:
         elif name in FIELDS:
             out[name] = value
     return out
+
+
+#: options that set a RunConfig field of another name
+_SETS = {"no_cache": "cache_dir", "quiet": "progress"}
+
+
+def _refuse_two_for_one_field(kw: dict[str, Any], given: set[str]) -> None:
+    """``--cache DIR --no-cache`` set one field twice: which won depended on a set's order (the hash
+    seed), so the same command did or did not use the disk cache. Refused in one line."""
+    by_field: dict[str, str] = {}
+    for name in sorted(given):
+        field = _SETS.get(name, name if name in FIELDS else None)
+        if name == "no_cache" and not kw[name]:
+            continue
+        if field in by_field:
+            flags = sorted(f"--{n.replace('_', '-')}" for n in (by_field[field], name))
+            flags = [f.replace("--cache-dir", "--cache") for f in flags]
+            raise UsageError(f"{flags[0]} and {flags[1]} both set {field}; give one of them")
+        if field is not None:
+            by_field[field] = name

@@ -61,9 +61,15 @@ def check_values(values: dict[str, Any], origin: str) -> dict[str, Any]:
 
     out: dict[str, Any] = {}
     flags: dict[str, Any] = {}
+    setters: dict[str, str] = {}  # field -> the key that set it
     for key, value in values.items():
         name = str(key).replace("-", "_")
         name = _ALIASES.get(name, name)
+        field = {"no_cache": "cache_dir", "quiet": "progress"}.get(name, name)
+        if not (name == "no_cache" and value is False):  # no_cache = false sets nothing
+            if field in setters:
+                raise UsageError(f"{origin}: {setters[field]!r} and {key!r} both set {field}; keep one of them")
+            setters[field] = str(key)
         if name in ("no_cache", "quiet"):
             if not isinstance(value, bool):
                 raise UsageError(f"{origin}: {name} must be true or false, got {value!r}")

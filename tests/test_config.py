@@ -59,6 +59,9 @@ def test_yaml_config(tmp_path):
     ("task = 'simclr'\noptimizer = 'adam'\n", "optimizer must be one of adamw, sgd, lars"),
     ("task = 'simclr'\nepochs = 0\n", "epochs must be >= 1"),
     ("task = 'simclr\n", "invalid TOML"),
+    ("batch-size = 16\nbatch_size = 32\n", "'batch-size' and 'batch_size' both set batch_size; keep one of them"),
+    ("cache = '/tmp/c'\nno_cache = true\n", "'cache' and 'no_cache' both set cache_dir"),
+    ("quiet = true\nprogress = true\n", "'quiet' and 'progress' both set progress"),
 ])
 def test_bad_config_files_are_one_line_usage_errors(tmp_path, cli, text, message):
     f = tmp_path / "bad.toml"
@@ -79,6 +82,15 @@ def test_cli_errors(cli):
     assert r.exit_code == 2 and "does not exist" in r.output
     r = cli("pretrain", "--print-config")
     assert r.exit_code == 2 and "needs --task" in r.output
+    # both set cache_dir: which won depended on a set's order, so on the hash seed
+    r = cli("pretrain", "--task", "simclr", "--data", "x", "--cache", "/tmp/c", "--no-cache", "--print-config")
+    assert r.exit_code == 2 and "--cache and --no-cache both set cache_dir; give one of them" in r.output
+
+
+def test_no_cache_false_beside_cache_is_no_clash(tmp_path):
+    f = tmp_path / "c.toml"
+    f.write_text("task = 'simclr'\nno_cache = false\ncache = '/tmp/c'\n")  # no_cache = false sets nothing
+    assert config.resolve({"data": "x", "out": "y"}, str(f)).cache_dir == "/tmp/c"
 
 
 def test_print_config_round_trips(tmp_path, cli):
