@@ -265,7 +265,11 @@ class Run:
 
     @property
     def spec(self) -> InputSpec:
-        return InputSpec.from_dict(self.info["input_spec"])
+        try:
+            return InputSpec.from_dict(self.info["input_spec"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise UsageError(f"{self.path / RUN_JSON}: its input_spec cannot be read "
+                             f"({type(exc).__name__}: {first_line(exc)})") from None
 
     @property
     def config(self) -> dict[str, Any]:
@@ -366,4 +370,8 @@ def load_run(path: str | Path) -> Run:
         raise UsageError(f"{file} is not valid JSON: {first_line(exc)}") from None
     if not isinstance(info, dict):
         raise UsageError(f"{file} is not an sslkit run record (a JSON object)")
+    for key, kind in (("task", str), ("backbone", str), ("config", dict), ("input_spec", dict)):
+        if not isinstance(info.get(key), kind):
+            raise UsageError(f"{file} is not a complete sslkit run record: {key!r} is "
+                             + ("missing" if key not in info else f"not a {'string' if kind is str else 'table'}"))
     return Run(path, info, ckpt)

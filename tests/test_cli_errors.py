@@ -6,6 +6,7 @@ click's (``test_bad_option_value_and_missing_option``): one line and exit 2 as a
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -125,6 +126,22 @@ def test_a_damaged_run_json_is_one_line_for_export_and_resume(tmp_path, cli, dam
     _assert_user_error(cli("pretrain", "--resume", run, "--quiet"), "--resume", "not a readable sslkit run.json")
     assert (run / "run.json").read_bytes() == damage
     assert not (tmp_path / "e.onnx").exists()
+
+
+@pytest.mark.parametrize("record, needle", [
+    ({}, "not a complete sslkit run record: 'task' is missing"),
+    ({"task": "mae", "backbone": "timm:resnet18", "config": {}}, "'input_spec' is missing"),
+    ({"task": "mae", "backbone": "timm:resnet18", "config": {}, "input_spec": {"channels": 1}},
+     "its input_spec cannot be read (KeyError"),
+])
+def test_a_run_json_missing_a_key_is_one_line_for_export_embed_and_eval(tmp_path, cli, record, needle):
+    """A KeyError traceback ('backbone', 'input_spec') from export, embed and eval before."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run.json").write_text(json.dumps(record))
+    _assert_user_error(cli("export", run, "--out", tmp_path / "e.onnx"), needle)
+    _assert_user_error(cli("embed", run, "--data", tmp_path, "--out", tmp_path / "e.npz"), needle)
+    _assert_user_error(cli("eval", "knn", run, "--train", tmp_path, "--test", tmp_path), needle)
 
 
 def test_task_options_that_cannot_fit_the_backbone_are_refused_before_decoding(tmp_path, cli):
