@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from sslkit.cli_types import FiniteFloatRange
 from sslkit.errors import CheckFailed, UsageError, printable
 from sslkit.new_plugin import KINDS as NEW_PLUGIN_KINDS
 from sslkit.plugins import KINDS as PLUGIN_KINDS
@@ -117,9 +118,9 @@ def _default(name: str, by_task: bool = False) -> str:
 @click.option("--init-freeze-steps", default=None, type=click.IntRange(min=0),
               help="With --init: keep the encoder at LR 0 for these first steps while the task's new heads "
                    "warm up (default: 10 % of the run when a head starts from random, else 0).")
-@click.option("--init-lr-scale", default=None, type=click.FloatRange(0, 1, min_open=True),
+@click.option("--init-lr-scale", default=None, type=FiniteFloatRange(0, 1, min_open=True),
               help="With --init: the encoder's LR as a fraction of the heads' (default 0.1).")
-@click.option("--layer-decay", default=None, type=click.FloatRange(0, 1, min_open=True),
+@click.option("--layer-decay", default=None, type=FiniteFloatRange(0, 1, min_open=True),
               help="With --init: layer-wise LR decay over a ViT encoder's blocks, as in MAE fine-tuning "
                    "(default: off).")
 @click.option("--epochs", default=None, type=click.IntRange(min=1), help="Passes over the data" + _default("epochs"))
@@ -132,20 +133,20 @@ def _default(name: str, by_task: bool = False) -> str:
 @click.option("--channels", default=None, type=click.Choice(["1", "3"]), help="Default: what most images have.")
 @click.option("--optimizer", default=None, type=click.Choice(["adamw", "sgd", "lars"]),
               help="Optimizer" + _default("optimizer", by_task=True))
-@click.option("--lr", default=None, type=click.FloatRange(min=0, min_open=True),
+@click.option("--lr", default=None, type=FiniteFloatRange(min=0, min_open=True),
               help="Learning rate, taken as is (default: --base-lr scaled by --lr-scaling).")
-@click.option("--base-lr", default=None, type=click.FloatRange(min=0, min_open=True),
+@click.option("--base-lr", default=None, type=FiniteFloatRange(min=0, min_open=True),
               help="LR for 256 images per step" + _default("base_lr", by_task=True))
 @click.option("--lr-scaling", default=None, type=click.Choice(["linear", "sqrt", "none"]),
               help="base-lr x (effective batch / 256), x its square root, or as is" + _default("lr_scaling", by_task=True))
-@click.option("--weight-decay", default=None, type=click.FloatRange(min=0),
+@click.option("--weight-decay", default=None, type=FiniteFloatRange(min=0),
               help="Not applied to norms and biases" + _default("weight_decay", by_task=True))
-@click.option("--warmup-epochs", default=None, type=click.FloatRange(min=0),
+@click.option("--warmup-epochs", default=None, type=FiniteFloatRange(min=0),
               help="Linear warm-up, then cosine decay by step" + _default("warmup_epochs"))
 @click.option("--schedule", default=None, type=click.Choice(["cosine", "constant", "step"]),
               help="LR after the warm-up: cosine decay, constant, or x0.1 at 60 % and 80 % of the steps"
                    + _default("schedule"))
-@click.option("--grad-clip", default=None, type=click.FloatRange(min=0, min_open=True),
+@click.option("--grad-clip", default=None, type=FiniteFloatRange(min=0, min_open=True),
               help="Clip the global gradient norm to this value (default: no clipping).")
 @click.option("--accumulate", default=None, type=click.IntRange(min=1),
               help="Micro-batches per optimizer step (same update as a K x larger batch)" + _default("accumulate"))
@@ -177,7 +178,7 @@ def _default(name: str, by_task: bool = False) -> str:
 @click.option("--cache-size", default=None, type=click.IntRange(min=8),
               help="Store decoded pixels at this side length (>= --image-size; resized on the device), "
                    "so runs at several image sizes share one cache (default: --image-size).")
-@click.option("--val-fraction", default=None, type=click.FloatRange(0, 1, max_open=True),
+@click.option("--val-fraction", default=None, type=FiniteFloatRange(0, 1, max_open=True),
               help="Hold out this fraction of patients (DICOM) / groups, never trained on (default 0).")
 @click.option("--max-pixels", default=None, type=click.IntRange(min=0),
               help="Skip images larger than this many pixels (width x height), checked from the header "

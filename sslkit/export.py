@@ -103,6 +103,17 @@ def real_samples(run: Run, data: str | None = None, n: int = REAL_SAMPLES) -> tu
     return np.stack(out), f"{len(out)} images of {what}"
 
 
+def _check_suffix(out: Path, fmt: str) -> None:
+    """Refuse an ``--out`` whose suffix names another export format (``x.onnx`` with ``--format
+    safetensors``): embed and eval would then take the file for what its name says."""
+    from sslkit.plugins import get_plugins
+
+    named = out.suffix.lower().lstrip(".")
+    if named != fmt.lower() and named in {n.lower() for n in get_plugins().entries["exporters"]}:
+        raise UsageError(f"--out {out.name!r} has the suffix of the {named} format, but --format {fmt} writes {fmt}: "
+                         f"name it {out.with_suffix('.' + fmt).name!r}, or give --format {named}")
+
+
 def export_run(run_dir: str | Path, out: str | Path, fmt: str = "onnx", overwrite: bool = False,
                check_data: str | None = None, log: Callable[[str], None] | None = None,
                **options: Any) -> dict[str, Any]:
@@ -113,8 +124,9 @@ def export_run(run_dir: str | Path, out: str | Path, fmt: str = "onnx", overwrit
     ``with_preprocessing`` for ``onnx``).
     """
     exporter = get_exporter(fmt)
-    run = load_run(run_dir)
     out = Path(out)
+    _check_suffix(out, fmt)
+    run = load_run(run_dir)
     check_output(out, overwrite)
     encoder = run.build_encoder()
     samples, note = real_samples(run, check_data)

@@ -128,6 +128,16 @@ def test_a_damaged_run_json_is_one_line_for_export_and_resume(tmp_path, cli, dam
     assert not (tmp_path / "e.onnx").exists()
 
 
+def test_export_refuses_an_out_named_for_another_format(tmp_path, cli):
+    """--format safetensors --out x.onnx wrote safetensors under an .onnx name; eval and embed then
+    took it for ONNX. Refused before the run is read (the run here does not exist)."""
+    _assert_user_error(cli("export", tmp_path / "run", "--out", tmp_path / "x.onnx", "--format", "safetensors"),
+                       "has the suffix of the onnx format, but --format safetensors writes safetensors")
+    assert not (tmp_path / "x.onnx").exists()
+    _assert_user_error(cli("data", "cache", "--cache", tmp_path, "--clear-older-than", "nan"),
+                       "'nan' is not a finite number")
+
+
 @pytest.mark.parametrize("record, needle", [
     ({}, "not a complete sslkit run record: 'task' is missing"),
     ({"task": "mae", "backbone": "timm:resnet18", "config": {}}, "'input_spec' is missing"),

@@ -76,6 +76,10 @@ def test_knn_votes_at_a_tiny_temperature_equal_a_float64_reference():
     (["knn", "--temperature", "0"], "--temperature expects a positive finite number"),
     (["linear", "--C", "0.1,nan"], "--C expects positive finite numbers"),
     (["linear", "--C", "inf"], "--C expects positive finite numbers"),
+    (["linear", "--finetune", "--finetune-lr", "nan"], "'nan' is not a finite number"),  # a torch traceback
+    (["linear", "--finetune", "--finetune-lr", "inf"], "'inf' is not a finite number"),  # chance, silently
+    (["linear", "--val-fraction", "nan"], "'nan' is not a finite number"),
+    (["knn", "--seed", "-1"], "-1 is not in the range 0<=x<=4294967295"),  # numpy's traceback
     (["curve", "--data", "{data}", "--split", "group:2", "--fractions", "0.5000001,0.5000002"],
      "the same to 6 significant digits"),
 ])

@@ -6,6 +6,7 @@ import json
 
 import click
 
+from sslkit.cli_types import FiniteFloatRange
 from sslkit.source_flags import SourceFlagsCommand, flag_values
 
 
@@ -82,7 +83,7 @@ def dump(src: str, out: str, data_opts: tuple[str, ...], raw: bool, limit: int |
               help="Cache folder (default: $SSLKIT_CACHE_DIR, else ~/.cache/sslkit).")
 @click.option("--clear", is_flag=True,
               help="Delete every entry and header index (only what sslkit wrote; a folder without its marker is refused).")
-@click.option("--clear-older-than", default=None, type=click.FloatRange(min=0), metavar="DAYS",
+@click.option("--clear-older-than", default=None, type=FiniteFloatRange(min=0), metavar="DAYS",
               help="Delete entries not used for DAYS days.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def cache(cache_dir: str | None, clear: bool, clear_older_than: float | None, as_json: bool) -> None:

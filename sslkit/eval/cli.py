@@ -7,8 +7,11 @@ import math
 
 import click
 
+from sslkit.cli_types import FiniteFloatRange
 from sslkit.errors import UsageError
 from sslkit.source_flags import SourceFlagsCommand, flag_values
+
+SEED = click.IntRange(0, 2**32 - 1)  # numpy's seed range
 
 #: --max-pixels of every eval command (the data is read as the run read it unless given)
 MAX_PIXELS = click.option("--max-pixels", default=None, type=click.IntRange(min=0),
@@ -138,7 +141,7 @@ def eval_group() -> None:
 @click.option("--k", "ks", default="20,200", show_default=True, help="Neighbour counts, comma-separated.")
 @click.option("--temperature", default=0.07, show_default=True, type=float, callback=_positive_finite,
               help="Vote weight exp(cos / T) (Wu et al. 2018).")
-@click.option("--seed", default=0, show_default=True, type=int, help="The folds of --split group:K.")
+@click.option("--seed", default=0, show_default=True, type=SEED, help="The folds of --split group:K.")
 def knn(**kw) -> None:
     """Weighted kNN on L2-normalised embeddings (cosine)."""
     from sslkit.eval.probes import evaluate_knn
@@ -151,12 +154,12 @@ def knn(**kw) -> None:
 @probe_options
 @click.option("--C", "c_grid", default="0.001,0.01,0.1,1,10", show_default=True,
               help="Inverse regularisation strengths to choose from on the validation split.")
-@click.option("--val-fraction", default=0.2, show_default=True, type=click.FloatRange(0, 1, min_open=True, max_open=True))
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--val-fraction", default=0.2, show_default=True, type=FiniteFloatRange(0, 1, min_open=True, max_open=True))
+@click.option("--seed", default=0, show_default=True, type=SEED)
 @click.option("--finetune", is_flag=True, help="Also fine-tune the whole encoder + a linear head.")
 @click.option("--finetune-epochs", default=5, show_default=True, type=click.IntRange(min=1))
-@click.option("--finetune-lr", default=3e-4, show_default=True, type=click.FloatRange(min=0, min_open=True))
-@click.option("--finetune-layer-decay", type=click.FloatRange(0, 1, min_open=True), default=None,
+@click.option("--finetune-lr", default=3e-4, show_default=True, type=FiniteFloatRange(min=0, min_open=True))
+@click.option("--finetune-layer-decay", type=FiniteFloatRange(0, 1, min_open=True), default=None,
               help="ViTs: layer-wise LR decay for --finetune (block i of L at D^(L-i) x the LR; MAE fine-tunes "
                    "with 0.75). Default: off.")
 def linear(**kw) -> None:
@@ -176,14 +179,14 @@ def linear(**kw) -> None:
 @click.option("--data", required=True, help="Images to map (class sub-folders colour the points).")
 @click.option("--out", default=None, help="PNG file (default: RUN/eval/tsne-<time>.png).")
 @click.option("--umap", "use_umap", is_flag=True, help="UMAP instead of t-SNE (needs umap-learn).")
-@click.option("--perplexity", default=30.0, show_default=True, type=click.FloatRange(min=1))
+@click.option("--perplexity", default=30.0, show_default=True, type=FiniteFloatRange(min=1))
 @click.option("--max-samples", default=5000, show_default=True, type=click.IntRange(min=3),
               help="Map a random subset of this many images.")
 @click.option("--labels", default=None, type=click.Path(dir_okay=False), help="CSV 'path,label'.")
 @click.option("--color-by", default="label", show_default=True, metavar="label|folder|FIELD",
               help="Colour points by label, by folder, or by a header field of the source (e.g. Modality).")
 @click.option("--no-baseline", is_flag=True, help="Skip the random-init encoder's map.")
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=SEED)
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out file.")
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
 @click.option("--data-opt", "data_opts", multiple=True, metavar="KEY=VALUE",
@@ -236,8 +239,8 @@ def attention(**kw) -> None:
 @click.option("--k", "k", default=20, show_default=True, type=click.IntRange(min=1), help="kNN neighbour count.")
 @click.option("--C", "c_grid", default="0.001,0.01,0.1,1,10", show_default=True,
               help="Inverse regularisation strengths to choose from on the validation split.")
-@click.option("--val-fraction", default=0.2, show_default=True, type=click.FloatRange(0, 1, min_open=True, max_open=True))
-@click.option("--seed", default=0, show_default=True, type=int, help="Folds and label subsets.")
+@click.option("--val-fraction", default=0.2, show_default=True, type=FiniteFloatRange(0, 1, min_open=True, max_open=True))
+@click.option("--seed", default=0, show_default=True, type=SEED, help="Folds and label subsets.")
 def curve(**kw) -> None:
     """Label-efficiency curve: linear probe and kNN at each label fraction, pretrained vs baselines (PNG + JSON)."""
     from sslkit.eval.curve import evaluate_curve, parse_fractions
