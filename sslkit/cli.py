@@ -36,7 +36,8 @@ class Group(click.Group):
         except click.ClickException as exc:  # bad option, missing argument, ...
             ctx = getattr(exc, "ctx", None)
             where = f"{ctx.command_path}: " if ctx is not None else "sslkit: "
-            click.echo(printable(f"error: {where}{exc.format_message()}".replace("\n", " ")), err=True)
+            message = " ".join(exc.format_message().split())  # click's choices come as "\n\t" lines
+            click.echo(printable(f"error: {where}{message}"), err=True)
             sys.exit(2)
         except (UsageError, CheckFailed) as exc:
             click.echo(printable(f"error: {exc}".replace("\n", " ")), err=True)

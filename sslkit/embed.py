@@ -271,10 +271,7 @@ def embed_to_file(model: str | Path, data: str, out: str | Path, overwrite: bool
     that are not all finite are refused (:func:`check_finite`) and nothing is written.
     """
     out = Path(out)
-    if out.suffix.lower() != ".npz":
-        raise UsageError(f"--out {str(out)!r}: sslkit embed writes .npz files only (numpy.savez: embeddings, ids, "
-                         f"labels); name it e.g. {out.with_suffix('.npz').name!r}")
-    check_output(out, overwrite)
+    check_output(out, overwrite, ".npz")  # numpy.savez: embeddings, ids, labels
     opened = open_model(model, kwargs.pop("device", "cpu"), max_pixels=kwargs.pop("max_pixels", None))
     result = embed(opened, data, **kwargs)
     check_finite(result.embeddings, f"the model {str(model)!r}")

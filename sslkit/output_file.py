@@ -26,9 +26,12 @@ from sslkit.errors import UsageError, first_line
 TMP_PREFIX = ".tmp-"
 
 
-def check_output(out: Path, overwrite: bool) -> None:
-    """Refuse an output that exists (without ``overwrite``) or cannot be written."""
+def check_output(out: Path, overwrite: bool, suffix: str | None = None) -> None:
+    """Refuse an output that exists (without ``overwrite``), cannot be written, or (``suffix``,
+    e.g. ``".png"``) is named for another kind of file than the one written."""
     out = Path(out)
+    if suffix is not None and out.suffix.lower() != suffix:
+        raise UsageError(f"--out {out.name!r} must be a {suffix} file; name it e.g. {out.with_suffix(suffix).name!r}")
     if out.is_dir():
         raise UsageError(f"{str(out)!r} is a directory; give a file name")
     if out.exists() and not overwrite:

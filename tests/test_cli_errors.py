@@ -136,6 +136,12 @@ def test_export_refuses_an_out_named_for_another_format(tmp_path, cli):
     assert not (tmp_path / "x.onnx").exists()
     _assert_user_error(cli("data", "cache", "--cache", tmp_path, "--clear-older-than", "nan"),
                        "'nan' is not a finite number")
+    _assert_user_error(cli("data", "cache", "--cache", tmp_path, "--clear", "--clear-older-than", "3"),
+                       "give one of them")  # --clear won: the recent entries went too
+    # preview wrote a PNG and dump an npz (zip) under whatever name --out gave
+    _assert_user_error(cli("data", "preview", tmp_path, "--out", tmp_path / "p.txt"), "must be a .png file")
+    _assert_user_error(cli("data", "dump", tmp_path, "--out", tmp_path / "d.txt"), "must be a .npz file")
+    assert not (tmp_path / "p.txt").exists() and not (tmp_path / "d.txt").exists()
 
 
 @pytest.mark.parametrize("record, needle", [

@@ -80,6 +80,7 @@ def test_knn_votes_at_a_tiny_temperature_equal_a_float64_reference():
     (["linear", "--finetune", "--finetune-lr", "inf"], "'inf' is not a finite number"),  # chance, silently
     (["linear", "--val-fraction", "nan"], "'nan' is not a finite number"),
     (["knn", "--seed", "-1"], "-1 is not in the range 0<=x<=4294967295"),  # numpy's traceback
+    (["linear", "--finetune-lr", "1e-4"], "--finetune-lr set the fine-tune, which runs with --finetune only"),
     (["curve", "--data", "{data}", "--split", "group:2", "--fractions", "0.5000001,0.5000002"],
      "the same to 6 significant digits"),
 ])

@@ -90,6 +90,10 @@ def cache(cache_dir: str | None, clear: bool, clear_older_than: float | None, as
     """List the decoded-pixel cache entries, or delete them."""
     from sslkit.data.cache import cache_entries, clear_cache
 
+    if clear and clear_older_than is not None:  # --clear won: every entry went, the recent ones too
+        from sslkit.errors import UsageError
+
+        raise UsageError("--clear deletes every entry and --clear-older-than only the unused ones; give one of them")
     if clear or clear_older_than is not None:
         entries = clear_cache(cache_dir, None if clear else clear_older_than)
         verb = "removed"

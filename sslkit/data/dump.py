@@ -47,7 +47,7 @@ def dump(src: str, out: str | Path, options: dict[str, Any] | None = None, raw: 
          limit: int | None = None, overwrite: bool = False) -> dict[str, Any]:
     """Decode up to ``limit`` samples of ``src`` and save them to ``out`` (see the module docstring)."""
     out = Path(out)
-    check_output(out, overwrite)
+    check_output(out, overwrite, ".npz")
     source = create_source(src, **(options or {}))
     if raw and not hasattr(source, "load_raw"):
         able = [s for s in list_sources() if hasattr(get_source(s), "load_raw")]

@@ -74,7 +74,7 @@ def preview(src: str, out: str | Path, options: dict[str, Any] | None = None, sa
     import matplotlib.pyplot as plt
 
     out = Path(out)
-    check_output(out, overwrite)
+    check_output(out, overwrite, ".png")
     source = create_source(src, **(options or {}))
     refs = source.index()
     if not refs:

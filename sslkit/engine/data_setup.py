@@ -78,7 +78,8 @@ def batches_and_schedule(cfg: RunConfig, data: LoadedData, rank: int, world: int
                          f"(--batch-size {cfg.batch_size} x --accumulate {cfg.accumulate}); lower them")
     step_images = loader.batch_size * world * cfg.accumulate
     if loader.batch_size * world < cfg.batch_size and rank == 0:
-        note(f"note: --batch-size {cfg.batch_size} is more than the {len(data.prepared)} images; "
+        note(f"note: --batch-size {cfg.batch_size} is more than the {len(data.prepared)} image"
+             f"{'' if len(data.prepared) == 1 else 's'}; "
              f"using {loader.batch_size * world} (the LR is scaled from that)")
     lr = cfg.lr if cfg.lr is not None else scaled_lr(cfg.base_lr, step_images, cfg.lr_scaling)
     total, bound = horizon(cfg.epochs, cfg.max_steps, steps_per_epoch)

@@ -162,10 +162,19 @@ def knn(**kw) -> None:
 @click.option("--finetune-layer-decay", type=FiniteFloatRange(0, 1, min_open=True), default=None,
               help="ViTs: layer-wise LR decay for --finetune (block i of L at D^(L-i) x the LR; MAE fine-tunes "
                    "with 0.75). Default: off.")
-def linear(**kw) -> None:
+@click.pass_context
+def linear(ctx: click.Context, **kw) -> None:
     """Linear probe (logistic regression) on frozen features; C chosen on a validation split."""
+    from click.core import ParameterSource
+
     from sslkit.eval.finetune import FinetuneOptions
     from sslkit.eval.probes import evaluate_linear
+
+    unused = [f"--{n.replace('_', '-')}" for n in ("finetune_epochs", "finetune_lr", "finetune_layer_decay")
+              if ctx.get_parameter_source(n) not in (ParameterSource.DEFAULT, None)]
+    if unused and not kw["finetune"]:
+        raise UsageError(f"{', '.join(unused)} set the fine-tune, which runs with --finetune only; add it, or leave "
+                         f"{'them' if len(unused) > 1 else 'it'} out")
 
     ft = FinetuneOptions(epochs=kw["finetune_epochs"], batch_size=kw["batch_size"], lr=kw["finetune_lr"],
                          seed=kw["seed"], layer_decay=kw["finetune_layer_decay"])

@@ -173,7 +173,5 @@ def _check_out(out: str | None, overwrite: bool) -> Path | None:
     if out is None:
         return None
     path = Path(out)
-    if path.suffix.lower() != ".png":
-        raise UsageError(f"--out {out!r} must be a .png file")
-    check_output(path, overwrite)
+    check_output(path, overwrite, ".png")
     return path
