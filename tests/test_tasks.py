@@ -635,3 +635,23 @@ def test_simmim_options_that_mask_the_whole_image_or_need_whole_tokens_are_one_l
         lines = [line for line in result.stderr.splitlines() if line.strip()]
         assert len(lines) == 1 and needle in lines[0] and "Traceback" not in result.output, result.output
         assert not out.exists() or not any(out.iterdir())
+
+
+@pytest.mark.parametrize("task, schedule", [("dino", "teacher_temp"), ("vae", "kl_weight")])
+def test_init_from_a_run_restores_heads_but_not_a_schedules_value(task, schedule):
+    """--init RUN_DIR restored DINO's teacher temperature and the VAE's KL weight at the old run's
+    final values, so the first step ran at them, not at the new run's warm-up start."""
+    t, _ = build(task, **({"local_crops": 0} if task == "dino" else {}))
+    state = t.head_state()
+    assert schedule in t.state_dict() and set(state) == {k for k in t.state_dict()
+                                                         if not k.startswith("encoder.")} - {schedule}
+
+
+def test_jigsaw_refuses_more_permutations_than_can_be_chosen_in_reasonable_time():
+    """Up to 9! was accepted: ~15 ms each to choose, 1.5 h before the first step."""
+    from sslkit.options import build_options
+
+    cls = registry.get_task("jigsaw").Options
+    assert build_options(cls, {"num_permutations": "2000"}, "task 'jigsaw'").num_permutations == 2000
+    with pytest.raises(UsageError, match=r"num_permutations must be in \[2, 2000\]"):
+        build_options(cls, {"num_permutations": "2001"}, "task 'jigsaw'")

@@ -129,6 +129,10 @@ class DINO(Task):
     def resolved_options(self):
         return {"local_crops": self.local_crops, "local_size": self.local_size}
 
+    def head_state(self):
+        """``--init RUN_DIR``: the earlier run's heads, not the teacher temperature, a schedule this run starts over."""
+        return {k: v for k, v in super().head_state().items() if k != "teacher_temp"}
+
     def views(self, spec):
         o, s = self.options, spec.image_size
         blur = s >= 96

@@ -69,6 +69,10 @@ class VAE(Task):
         self.decoder = ConvDecoder(options.latent_dim, spec.channels, spec.image_size, options.decoder_width)
         self.register_buffer("kl_weight", torch.tensor(0.0 if options.kl_warmup > 0 else options.beta))
 
+    def head_state(self):
+        """``--init RUN_DIR``: the earlier run's heads, not the KL weight, a schedule this run starts over."""
+        return {k: v for k, v in super().head_state().items() if k != "kl_weight"}
+
     def views(self, spec):
         return reconstruction_views(spec, self.options.min_scale)
 
