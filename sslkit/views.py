@@ -180,7 +180,7 @@ def override_recipe(base: ViewRecipe, overrides: dict[str, Any]) -> ViewRecipe:
     if "size" in overrides:
         from sslkit.errors import UsageError
 
-        raise UsageError("--augment-opt size: the views' size is --image-size (a task's smaller crops follow it)")
+        raise UsageError("--augment-opt: size is set by --image-size (a task's smaller crops follow it)")
 
     current = {f.name: getattr(base, f.name) for f in dataclasses.fields(base)}
     parsed = dataclasses.asdict(build_options(ViewRecipe, {**{"size": base.size}, **overrides}, "--augment-opt"))

@@ -143,7 +143,7 @@ def test_three_channels_that_are_not_colour_planes_get_no_colour_ops():
 
 def test_augment_opt_size_is_refused():
     """--augment-opt size=16 at --image-size 32 crashed reconstruction tasks with a traceback."""
-    with pytest.raises(UsageError, match="--augment-opt size: the views' size is --image-size"):
+    with pytest.raises(UsageError, match="--augment-opt: size is set by --image-size"):
         A.MultiView([A.ViewRecipe(32)], [0.5], [0.2]).override(size="16")
 
 

@@ -148,8 +148,8 @@ def test_bad_inputs_leave_nothing(trained, tmp_path, cli):
     assert keep.read_text() == "precious"
 
     # options an exporter does not have, a format nobody registered
-    _assert_one_line_error(cli("export", trained["run"], "--out", out, "--format", "safetensors",
-                               "--with-preprocessing"), "no option")
+    _assert_one_line_error(cli("export", trained["run"], "--out", out.with_suffix(".safetensors"), "--format",
+                               "safetensors", "--with-preprocessing"), "no option")
     _assert_one_line_error(cli("export", trained["run"], "--out", out, "--format", "tflite"), "unknown export format")
     assert not out.exists() and _leftovers(tmp_path) == []
 

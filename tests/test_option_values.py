@@ -70,8 +70,8 @@ PROB = "must be a probability in [0, 1], got"
     ("scale=0.1,0.5,0.9", f"scale {PAIR} 0.1,0.5,0.9"),
     ("scale=0,0", f"scale {PAIR} 0.0,0.0"),
     ("cutout_scale=2,3", f"cutout_scale {PAIR} 2.0,3.0"),
-    ("size=0", "size must be an integer >= 8 (pixels, as --image-size), got 0"),
-    ("size=-5", "size must be an integer >= 8 (pixels, as --image-size), got -5"),
+    ("size=0", "size is set by --image-size (a task's smaller crops follow it)"),  # any size
+    ("size=-5", "size is set by --image-size (a task's smaller crops follow it)"),
     ("vflip_p=2", f"vflip_p {PROB} 2.0"),
     ("vflip_p=-1", f"vflip_p {PROB} -1.0"),
     ("blur_p=nan", f"blur_p {PROB} nan"),
