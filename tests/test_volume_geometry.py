@@ -252,7 +252,7 @@ def test_pretrain_reports_a_gapped_series_in_its_data_report(tmp_path, cli):
     import json as _json
 
     write_gap_series(tmp_path / "ct")
-    result = cli("pretrain", "--task", "simclr", "--backbone", "monai:resnet10", "--data", f"dicom:{tmp_path / 'ct'}",
+    result = cli("pretrain", "--task", "byol", "--backbone", "monai:resnet10", "--data", f"dicom:{tmp_path / 'ct'}",
                  "--data-opt", "sample=volume", "--data-opt", "volume_size=8,8,8", "--max-steps", 1, "--batch-size", 1,
                  "--out", tmp_path / "run", "--quiet", "--no-cache")
     assert result.exit_code == 0, result.output
