@@ -62,7 +62,8 @@ def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def save(folder: Path, step: int, tensors: dict[str, torch.Tensor], state: dict[str, Any], keep: int = 3) -> Path:
-    """Write checkpoint ``step`` atomically; keep the newest ``keep`` ones (0: keep all)."""
+    """Write checkpoint ``step`` atomically; keep it and the ``keep - 1`` newest before it (0: keep all;
+    a later one, damaged and skipped by a resume, is left until this run writes that step again)."""
     target = folder / f"{PREFIX}{step:08d}"
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -93,8 +94,10 @@ def save(folder: Path, step: int, tensors: dict[str, torch.Tensor], state: dict[
         fsync_path(folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    if keep > 0:
-        for old in list_checkpoints(folder)[:-keep]:
+    if keep > 0:  # the newest up to this step: a later one is a damaged checkpoint a resume skipped, and
+        # counting it would delete the good ones, this one included (--keep-checkpoints 1: the run lost)
+        earlier = [p for p in list_checkpoints(folder) if p.name < target.name]
+        for old in earlier[: max(0, len(earlier) - (keep - 1))]:
             shutil.rmtree(old, ignore_errors=True)
     return target
 

@@ -33,6 +33,24 @@ def test_save_load_and_keep_last_n(tmp_path):
     assert len(checkpoint.list_checkpoints(tmp_path)) == 2
 
 
+def test_rotation_after_a_resume_that_skipped_a_damaged_checkpoint_keeps_the_good_ones(tmp_path):
+    """step-10 damaged, the resume trains on from step-5: rotation counted step-10 as the newest and
+    deleted every new checkpoint as soon as it was written; with --keep-checkpoints 1 a kill then left
+    only the damaged one, and the run could not be resumed."""
+    save(tmp_path, 5)
+    save(tmp_path, 10)
+    (tmp_path / "step-00000010" / checkpoint.MODEL_FILE).write_bytes(b"truncated")
+    assert checkpoint.load_latest(tmp_path)[0].name == "step-00000005"
+    for step in (6, 7):
+        save(tmp_path, step, keep=1)
+    names = [p.name for p in checkpoint.list_checkpoints(tmp_path)]
+    assert names == ["step-00000007", "step-00000010"]  # the damaged later one is left alone, not counted
+    path, _, state, skipped = checkpoint.load_latest(tmp_path)
+    assert state["step"] == 7 and [p.name for p, _ in skipped] == ["step-00000010"]
+    save(tmp_path, 10, keep=2)  # the run reaches that step again: the damaged one is replaced
+    assert checkpoint.load_latest(tmp_path)[2]["step"] == 10
+
+
 def test_tied_tensors_are_saved(tmp_path):
     w = torch.randn(3, 3)
     checkpoint.save(tmp_path, 1, {"a": w, "b": w}, {"step": 1})
