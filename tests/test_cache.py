@@ -11,6 +11,7 @@ import pytest
 
 from sslkit.data.pipeline import load_data
 from sslkit_plugins.sources.dicom import DicomSource
+from sslkit.pseudonym import file_key
 from tests.conftest import make_images
 from tests.dicom_factory import write_dicom
 
@@ -100,9 +101,9 @@ def test_pretrain_decodes_each_file_once_and_survives_a_truncated_file(dicom_fol
     assert len(count_loads) == 8
     report = json.loads((run / "data_report.json").read_text())
     assert report["samples"] == 6 and report["skipped"] == 2
-    reasons = {f["path"]: f["reason"] for f in report["skipped_files"]}
-    assert set(reasons) == {"p9/broken.dcm", "p9/cut.dcm"}  # relative to the data root
-    assert "truncated" in reasons["p9/broken.dcm"] and "less than expected" in reasons["p9/cut.dcm"]
+    reasons = {f["file"]: f["reason"] for f in report["skipped_files"]}
+    assert set(reasons) == {file_key("p9/broken.dcm"), file_key("p9/cut.dcm")}  # keyed paths below the root
+    assert "truncated" in reasons[file_key("p9/broken.dcm")] and "less than expected" in reasons[file_key("p9/cut.dcm")]
     info = json.loads((run / "run.json").read_text())
     assert info["dataset"]["samples"] == 6
     assert "data: 6 images; 2 files skipped (reasons in data_report.json)" in result.output  # end-of-run summary

@@ -30,6 +30,7 @@ from sslkit.api import Undecodable, resize_square
 from sslkit_plugins.sources.folder import FolderSource
 from sslkit.data.unit_range import NON_FINITE
 from sslkit_plugins.sources.folder_decode import reduce_factor
+from sslkit.pseudonym import file_key
 
 tifffile = pytest.importorskip("tifffile")
 
@@ -229,12 +230,12 @@ def test_bad_files_are_one_report_row_each_and_not_trained_on(tmp_path, cli):
     assert r.exit_code == 0, r.stderr[-3000:]
     assert "RuntimeWarning" not in r.stderr
     report = json.loads((out / "data_report.json").read_text())
-    reasons = {row["path"]: row["reason"] for row in report["skipped_files"]}
+    reasons = {row["file"]: row["reason"] for row in report["skipped_files"]}
     assert report["samples"] == 8
     for name in ("nan", "inf", "neginf", "allnan"):
-        assert reasons[f"floats/{name}.tif"] == NON_FINITE
-    assert "60 samples per pixel" in reasons["s60.tif"]
-    assert LINK_ABOVE in reasons["up"]
+        assert reasons[file_key(f"floats/{name}.tif")] == NON_FINITE
+    assert "60 samples per pixel" in reasons[file_key("s60.tif")]
+    assert LINK_ABOVE in reasons[file_key("up")]
     assert len(reasons) == 6 == report["skipped"]
 
 

@@ -25,6 +25,7 @@ from PIL import Image
 
 from sslkit.cli import main
 from sslkit.errors import UsageError
+from sslkit.pseudonym import file_key
 from tests.conftest import PYDICOM_FILES, REPO, run_sslkit
 from tests.dicom_factory import write_dicom
 
@@ -93,16 +94,16 @@ def hostile(tmp_path_factory) -> dict:
     inspect = _invoke("data", "inspect", f"dicom:{root}", "--json")
     assert inspect.exit_code == 0, inspect.stderr[-2000:]
     return {"root": root, "run": run, "cache": cache, "proc": proc, "report": report,
-            "reasons": {f["path"]: f["reason"] for f in report["skipped_files"]},
+            "reasons": {f["file"]: f["reason"] for f in report["skipped_files"]},
             "inspect": json.loads(inspect.stdout), "inspect_output": inspect.stdout + inspect.stderr}
 
 
 def test_frame_count_bomb_is_one_row_per_file(hostile):
     """Item 2: NumberOfFrames 2^31-1 / 100000 in a 4 KB file: no MemoryError, one row each."""
-    rows = [f["path"] for f in hostile["report"]["skipped_files"]]
+    rows = [f["file"] for f in hostile["report"]["skipped_files"]]
     assert len(rows) == len(set(rows))  # one row per file, never per frame
     for name, n in (("frames_max.dcm", 2147483647), ("frames_100k.dcm", 100000)):
-        assert f"NumberOfFrames {n} does not fit the file" in hostile["reasons"][f"bad/{name}"]
+        assert f"NumberOfFrames {n} does not fit the file" in hostile["reasons"][file_key(f"bad/{name}")]
     assert hostile["report"]["samples"] == 7  # 6 images + the 12-bit JPEG
 
 
@@ -117,19 +118,19 @@ def test_inspect_counts_a_frame_bomb_as_one_unreadable_file(hostile):
 def test_folder_walk_follows_each_directory_once_and_skips_a_fifo(hostile):
     """Item 11: `ln -s . self` and a parent loop add nothing; a FIFO is skipped unopened."""
     assert not any(p.startswith(("self/", "loop/")) for p in hostile["reasons"])
-    assert "not a regular file (a FIFO)" in hostile["reasons"]["bad/fifo.dcm"]
+    assert "not a regular file (a FIFO)" in hostile["reasons"][file_key("bad/fifo.dcm")]
 
 
 def test_pixel_limit_applies_to_dicom_headers(hostile):
     """Item 3 (pydicom): a 20000x20000 header is refused before its pixels are read."""
-    assert "20000x20000 = 400,000,000 exceeds the limit of 178,956,970" in hostile["reasons"]["bad/huge.dcm"]
+    assert "20000x20000 = 400,000,000 exceeds the limit of 178,956,970" in hostile["reasons"][file_key("bad/huge.dcm")]
 
 
 def test_jpeg_extended_12bit_decodes_or_names_the_syntax(hostile):
     """Item 23: the 12-bit JPEG Extended file libjpeg can decode is trained on; the one it
     cannot is reported with the transfer syntax, the bit depth and the decoders tried."""
     assert "jpeg/ext12.dcm" not in hostile["reasons"]
-    why = hostile["reasons"]["jpeg/lossy12.dcm"]
+    why = hostile["reasons"][file_key("jpeg/lossy12.dcm")]
     assert "JPEG Extended (Process 2 and 4) (1.2.840.10008.1.2.4.51), 12-bit" in why
     assert "installed decoders (pillow, pylibjpeg) failed" in why and "libjpeg error" in why
 
@@ -150,7 +151,7 @@ def test_no_path_below_the_root_in_reports_or_cache(hostile):
     """Item 6: the patient-named folder below the data root appears nowhere sslkit writes;
     reports hold paths relative to the root."""
     needle = b"DOE^JOHN"
-    assert all(not p.startswith("/") for p in hostile["reasons"])
+    assert all(p.startswith("file:") for p in hostile["reasons"])  # keyed paths, not names
     for folder in (hostile["run"], hostile["cache"]):
         for f in folder.rglob("*"):
             if f.is_file():
@@ -161,7 +162,7 @@ def test_no_path_below_the_root_in_reports_or_cache(hostile):
     from sslkit.data.inspect import format_report
 
     text = format_report(hostile["inspect"])  # the text form shows the same relative paths
-    assert "  bad/truncated.dcm: " in text and needle.decode() not in text
+    assert f"  bad/truncated.dcm [{file_key('bad/truncated.dcm')}]: " in text and needle.decode() not in text
 
 
 def test_cache_holds_no_group_hash_and_is_private(hostile):
@@ -313,10 +314,10 @@ def test_unreadable_file_and_folder_are_skipped_with_reasons_when_caching(tmp_pa
                               env={**os.environ, "HOME": str(base), "TMPDIR": str(base)})
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert "Traceback" not in proc.stderr
-        reasons = {f["path"]: f["reason"] for f in json.loads((base / "run" / "data_report.json").read_text())
+        reasons = {f["file"]: f["reason"] for f in json.loads((base / "run" / "data_report.json").read_text())
                    ["skipped_files"]}
-        assert "PermissionError" in reasons["p1.dcm"] and "unreadable" in reasons["p1.dcm"]
-        assert "unreadable folder" in reasons["private"]
+        assert "PermissionError" in reasons[file_key("p1.dcm")] and "unreadable" in reasons[file_key("p1.dcm")]
+        assert "unreadable folder" in reasons[file_key("private")]
     finally:
         for p in (data / "private", data / "p1.dcm"):
             if p.exists():

@@ -18,6 +18,7 @@ import sslkit_plugins.sources.npz as npz_mod
 from sslkit.api import Undecodable, UsageError
 from sslkit.data.pipeline import load_data
 from sslkit.registry import create_source
+from sslkit.pseudonym import file_key
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -158,7 +159,7 @@ def test_nan_and_inf_images_are_skipped_and_reported(tmp_path, cli):
     assert "RuntimeWarning" not in r.stderr
     report = json.loads((run / "data_report.json").read_text())
     assert report["samples"] == 3 and report["skipped_files"] == [
-        {"path": "nan.npz", "reason": "holds NaN or inf values: image 1 (3 frames)"}]
+        {"file": file_key("nan.npz"), "reason": "holds NaN or inf values: image 1 (3 frames)"}]
 
 
 def test_float64_beyond_the_float32_range_is_scaled_without_warnings(tmp_path):

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sslkit.pseudonym import file_key
 from tests.dicom_factory import write_dicom
 
 SECRETS = {"name": "ZZTOPSECRET^WINIFRED", "id": "PIDX-88472913", "birth": "19310417"}
@@ -72,7 +73,7 @@ def test_no_identifier_in_any_output(tmp_path, cli):
     assert info["dataset"]["val_groups"] == 1 and info["dataset"]["val_samples"] in (2, 3)  # one patient
     assert (run / "encoder.onnx").exists() and any((run / "checkpoints").iterdir())
     skipped = json.loads((run / "data_report.json").read_text())["skipped_files"]
-    assert any(s["path"].endswith("s9.dcm") for s in skipped) or info["dataset"]["val_samples"]
+    assert any(s["file"] == file_key("s9.dcm") for s in skipped) or info["dataset"]["val_samples"]
     assert _scan(run) == [] and _scan(cache) == [] and _scan(Path(os.environ["SSLKIT_CACHE_DIR"])) == []
     assert not any(n in (tmp_path / "logs.txt").read_bytes() for n in _needles())
 
@@ -86,7 +87,8 @@ def test_error_reasons_drop_quoted_values():
 
 def test_decoder_messages_lose_their_quoted_paths(tmp_path, cli):
     """PIL quotes the whole path of a file it cannot read ('.../ZZTOPSECRET_WINIFRED/scan.png'): the
-    reason in data_report.json drops quoted values, as DICOM reasons do; the path stays relative."""
+    reason in data_report.json drops quoted values, as DICOM reasons do; the file is named by a keyed hash
+    of its path below the root (names there can carry patient names)."""
     from tests.conftest import make_images
 
     data = make_images(tmp_path / "hospital" / "ZZTOPSECRET_WINIFRED", n_per_class=3, size=32)
@@ -95,4 +97,6 @@ def test_decoder_messages_lose_their_quoted_paths(tmp_path, cli):
             "--out", tmp_path / "run", "--max-steps", "1", "--batch-size", "2", "--image-size", "32", "--quiet")
     assert r.exit_code == 0, r.output
     skipped = json.loads((tmp_path / "run" / "data_report.json").read_text())["skipped_files"]
-    assert skipped == [{"path": "a/scan.png", "reason": "UnidentifiedImageError: cannot identify image file '…'"}]
+    assert skipped == [{"file": file_key("a/scan.png"), "reason": "UnidentifiedImageError: cannot identify image file '…'"}]
+    r = cli("data", "inspect", f"folder:{data}", "--json")  # where the user finds the file behind a key
+    assert {"path": "a/scan.png", "key": file_key("a/scan.png")}.items() <= json.loads(r.output)["undecodable"][0].items()

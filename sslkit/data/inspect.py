@@ -17,6 +17,7 @@ from sslkit.data.prepare import majority_channels, prepare
 from sslkit.data.volume import sample_mode, stored_size
 from sslkit.errors import printable
 from sslkit.progress import human_bytes
+from sslkit.pseudonym import file_key
 from sslkit.registry import create_source
 
 
@@ -55,7 +56,8 @@ def inspect_data(data: str, source_options: dict[str, Any] | None = None, decode
         "groups": len({r.group for r in refs}),
         "channels": channels,
         "counts": {k: dict(v.most_common()) for k, v in facts.items()},
-        "unreadable": [{"path": source.relative(p), "reason": r} for p, r in source.skipped],
+        "unreadable": [{"path": source.relative(p), "key": file_key(source.relative(p)), "reason": r}
+                       for p, r in source.skipped],
         "preprocessing": source.describe(),
         "estimated_bytes": {
             "cache_at_image_size": len(refs) * per_sample,
@@ -72,7 +74,7 @@ def inspect_data(data: str, source_options: dict[str, Any] | None = None, decode
         # at 8 px a slice (cheap), or the run's volume size: a volume sample has no other shape
         checked = prepare(source, list(first.values()), channels, stored_size(source, 8), cache_dir=False,
                           progress=progress, workers=workers)
-        report["undecodable"] = [{"path": p, "reason": r} for p, r in checked.skipped]
+        report["undecodable"] = [{"path": p, "key": file_key(p), "reason": r} for p, r in checked.skipped]
         report["decoded_ok"] = len(checked)
         report["decode_checked"] = {"of": len(first), "what": "volumes" if mode.volumetric else "files"}
     return report
@@ -123,6 +125,7 @@ def format_report(report: dict[str, Any]) -> str:
     if "decoded_ok" in report:
         checked = report.get("decode_checked") or {"of": report["files"], "what": "files"}
         lines.append(f"decode check: {report['decoded_ok']} of {checked['of']} {checked['what']} decode")
-    lines.append(f"unusable files: {len(bad)}")
-    lines += [f"  {printable(str(b['path']))}: {printable(str(b['reason']))}" for b in bad]
+    lines.append(f"unusable files: {len(bad)}" + (" (path, the key a run's data_report.json names it by: reason)"
+                                                   if bad else ""))
+    lines += [f"  {printable(str(b['path']))} [{b['key']}]: {printable(str(b['reason']))}" for b in bad]
     return "\n".join(lines)

@@ -116,7 +116,7 @@ def summary_line(samples: int, skipped: list[tuple[str, str]], shown: int = 4) -
 def report_summary(run_dir: str | Path) -> str | None:
     """The summary line of ``RUN_DIR/data_report.json`` when files were skipped, else None."""
     report = read_json(Path(run_dir) / DATA_REPORT)
-    skipped = [(f["path"], f["reason"]) for f in report.get("skipped_files", [])]
+    skipped = [(f.get("file", f.get("path")), f["reason"]) for f in report.get("skipped_files", [])]
     return summary_line(report.get("samples", 0), skipped) if skipped else None
 
 

@@ -28,6 +28,7 @@ from sslkit.engine.setup import Setup, build, on_main, resolve_device, seed_ever
 from sslkit.engine.signals import StopSignal
 from sslkit.errors import UsageError
 from sslkit.output_file import read_json, write_atomic, write_json_atomic
+from sslkit.pseudonym import file_key
 from sslkit.registry import get_task, resolve_data
 from sslkit.run import DATA_REPORT, ENCODER_FILE, RUN_JSON, RunConfig, check_run_dir, prepare_run_dir
 
@@ -147,6 +148,11 @@ def _end(s: Setup, events: Events, status: str, summary: dict[str, Any]) -> None
                                "encoder": encoder if status == "finished" and s.main else None})
 
 
+#: data_report.json's statement of how it names files
+FILES_NAMED_BY = ("a keyed hash of the path below the data root (names there can carry patient names); "
+                  "'sslkit data inspect DATA' prints each unusable file's path with its key")
+
+
 def _prepare(s: Setup, lock: RunLock | None) -> None:
     """Create the run directory, take its lock, then (checked again under the lock: another
     process may have started a run there while this one decoded) clear it with --overwrite;
@@ -162,7 +168,8 @@ def _prepare(s: Setup, lock: RunLock | None) -> None:
     prepared = s.data.prepared
     write_json_atomic(s.out / DATA_REPORT, {
         "samples": len(prepared), "skipped": len(prepared.skipped),
-        "skipped_files": [{"path": p, "reason": r} for p, r in prepared.skipped],
+        "skipped_files": [{"file": file_key(p), "reason": r} for p, r in prepared.skipped],
+        "files_named_by": FILES_NAMED_BY,
         "notes": [{"sample": i, "note": n} for i, n in getattr(s.data.source, "notes", list)()],
     })
 
