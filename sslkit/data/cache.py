@@ -9,13 +9,16 @@ file sslkit writes here is mode 0600 in folders of mode 0700.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
+import functools
 import hashlib
 import json
 import os
 import re
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -121,6 +124,9 @@ def readable(refs: Sequence[SampleRef], relative=str) -> tuple[list[SampleRef], 
     return ok, bad
 
 
+_real_folder = functools.lru_cache(maxsize=65536)(os.path.realpath)
+
+
 def cache_key(source: Source, refs: Sequence[SampleRef], channels: int, size: int) -> str:
     """Hash of the preprocessing (source config, channels, size, pixel limit) and of every sample's file.
 
@@ -140,7 +146,9 @@ def cache_key(source: Source, refs: Sequence[SampleRef], channels: int, size: in
         for path in files:
             if path not in digests:
                 digests[path] = file_digest(path)
-        h.update(f"{ref.path}\0{ref.frame}\0{'|'.join(digests[p] for p in files)}\n".encode(
+        folder, name = os.path.split(ref.path)  # its folder resolved: one key however --data was typed
+        real = os.path.join(_real_folder(folder or "."), name)
+        h.update(f"{real}\0{ref.frame}\0{'|'.join(digests[p] for p in files)}\n".encode(
             "utf-8", "surrogateescape"))  # a file name that is not UTF-8 keeps its bytes
     return h.hexdigest()[:32]
 
@@ -162,16 +170,45 @@ def remove_stale(root: Path) -> list[str]:
         except OSError:
             continue
         for p in names:
-            if p.is_dir() and not p.is_symlink() and folder == root:
-                if not _owner_gone(p):
+            try:
+                if p.is_dir() and not p.is_symlink() and folder == root:
+                    if not (sslkit_folder(p) and _owner_gone(p) and remove_own(p)):
+                        continue
+                elif p.is_file() and _age(p) > STALE_TMP_S:
+                    p.unlink(missing_ok=True)
+                else:
                     continue
-                shutil.rmtree(p, ignore_errors=True)
-            elif p.is_file() and _age(p) > STALE_TMP_S:
-                p.unlink(missing_ok=True)
-            else:
+            except OSError:  # a cache shared read-only: nothing to tidy
                 continue
             removed.append(p.name)
     return removed
+
+
+#: the files an entry folder (or its temporary folder while it is filled) holds: nothing else is sslkit's
+ENTRY_FILES = frozenset({"pixels.npy", "index.json", ".lock"})
+
+
+def sslkit_folder(d: Path) -> bool:
+    """Whether ``d`` holds only files sslkit writes in an entry (:data:`ENTRY_FILES`); one holding
+    anything else (a user's folder with a key's name) is never listed nor deleted."""
+    try:
+        return all(f.name in ENTRY_FILES and f.is_file() and not f.is_symlink() for f in d.iterdir())
+    except OSError:
+        return False
+
+
+def remove_own(d: Path) -> bool:
+    """Delete sslkit's files in the entry folder ``d``, then ``d`` if now empty (False: something
+    else appeared in it, left as it is). ``OSError`` where a file cannot be deleted (read-only)."""
+    for name in ("index.json", "pixels.npy", ".lock"):  # the index first: a half-deleted entry is never read
+        (d / name).unlink(missing_ok=True)
+    try:
+        d.rmdir()
+    except OSError as exc:
+        if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
+            return False
+        raise
+    return True
 
 
 def _age(p: Path) -> float:
@@ -224,9 +261,10 @@ def reserve(path: Path, nbytes: int) -> None:
 
 def disk_full_error(root: Path, exc: OSError, nbytes: int) -> UsageError:
     """The one line for a cache that could not be written."""
+    full = exc.errno in (errno.ENOSPC, errno.EDQUOT)  # else read-only, or not ours: no space to free
     return UsageError(f"cannot write the decoded-pixel cache in {str(root)!r} ({nbytes / 2**20:.1f} MB): "
-                      f"{exc.strerror or exc}; free space, choose another folder with --cache DIR, "
-                      f"or use --no-cache")
+                      f"{exc.strerror or exc}; {'free space, ' if full else ''}choose another folder with "
+                      f"--cache DIR, or use --no-cache")
 
 
 def open_entry(target: Path, shape: tuple[int, ...]) -> tuple[Any, dict[str, Any]]:
@@ -249,40 +287,61 @@ def open_entry(target: Path, shape: tuple[int, ...]) -> tuple[Any, dict[str, Any
         raise ValueError("index.json's sample indices are out of range")
     if not all(isinstance(s, list) and len(s) == 2 and all(isinstance(v, str) for v in s) for s in skipped):
         raise ValueError("index.json's skipped list is malformed")
+    if meta.get("shape") != [len(kept), *shape[1:]]:
+        raise ValueError(f"index.json lists {len(kept)} samples and shape {meta.get('shape')}: they disagree")
     try:
         pixels = np.load(target / "pixels.npy", mmap_mode="r")
     except (OSError, ValueError, EOFError) as exc:
         raise ValueError(f"pixels.npy unreadable or truncated ({type(exc).__name__})") from None
     if pixels.dtype != np.uint16 or tuple(pixels.shape) != tuple(shape):
         raise ValueError(f"pixels.npy holds {pixels.dtype} {tuple(pixels.shape)}, not uint16 {tuple(shape)}")
+    if "check" in meta and meta["check"] != entry_check(pixels, meta):  # entries written before the check have none
+        raise ValueError("its index or pixels changed after it was written (check digest differs)")
     return pixels, meta
 
 
-def discard_entry(target: Path) -> None:
-    """Move a damaged entry out of the way atomically (other processes never see half of it),
-    then delete it; a process that still maps its pixels keeps them until it closes them."""
+def entry_check(pixels: Any, meta: dict[str, Any], samples: int = 8) -> str:
+    """Digest of an entry's index (shape, kept, skipped) and of the pixels of ``samples`` kept
+    samples spread over it, compared on every open (a constant cost, whatever the size): an
+    edited index or pixels overwritten wholesale (zeroed) no longer match; one sample among
+    many may (hashing all pixels would cost about a second per GB, on every open)."""
+    import numpy as np
+
+    n = len(meta["kept"])
+    h = hashlib.blake2b(json.dumps([meta["format"], meta["shape"], meta["kept"], meta["skipped"]]).encode(),
+                        digest_size=16)
+    for i in sorted({int(i) for i in np.linspace(0, n - 1, min(n, samples))}):
+        h.update(np.ascontiguousarray(pixels[i]).tobytes())
+    return h.hexdigest()
+
+
+def discard_entry(target: Path, damage: str) -> None:
+    """Say on stderr that the entry ``target`` is damaged (``damage``: how), move it aside atomically
+    (no process sees half of it), delete it (a process mapping its pixels keeps them); where it
+    cannot be moved (a read-only cache), one :class:`UsageError` line: neither read nor replaced."""
     aside = target.parent / f".tmp-damaged-{target.name}-{os.getpid()}"
     try:
         os.replace(target, aside)
-    except OSError:  # another process moved it first
-        return
-    if aside.is_dir() and not aside.is_symlink():
-        shutil.rmtree(aside, ignore_errors=True)
-    else:
-        aside.unlink(missing_ok=True)
+    except OSError as exc:
+        if os.path.lexists(target):  # not moved first by another process: this cache cannot be written
+            raise UsageError(f"the decoded-pixel cache entry {target.name} is damaged: {damage}; it cannot be "
+                             f"replaced in {str(target.parent)!r} ({exc.strerror or exc}): choose another folder "
+                             f"with --cache DIR, or use --no-cache") from None
+    print(f"sslkit: the decoded-pixel cache entry {target.name} is damaged: {damage}; decoding again",
+          file=sys.stderr)
+    with contextlib.suppress(OSError):  # else left for remove_stale
+        remove_own(aside) if aside.is_dir() and not aside.is_symlink() else aside.unlink(missing_ok=True)
 
 
 def cache_entries(cache_dir: str | Path | None = None) -> list[dict[str, Any]]:
     """Entries under the cache root: key, path, bytes, samples, shape, source, last use.
 
-    A key-named folder that is not a complete entry of this sslkit's format (damaged, or
-    written by another version: never read) is listed with ``usable`` False and no
-    samples, so that its space shows and clearing removes it."""
+    A key-named folder that is not a complete entry of this sslkit's format (damaged, or of
+    another version: never read) is listed with ``usable`` False and no samples, so that its
+    space shows and clearing removes it; one holding other files is not sslkit's: not listed."""
     root = resolve_cache_dir(cache_dir) or default_cache_root()
     out = []
-    for d in sorted(root.iterdir()) if root.is_dir() else []:
-        if not _KEY.fullmatch(d.name) or d.is_symlink() or not d.is_dir():
-            continue
+    for d in _key_folders(root)[0]:
         index = d / "index.json"
         meta = read_json(index)
         usable = meta.get("format") == CACHE_FORMAT
@@ -299,31 +358,43 @@ def cache_entries(cache_dir: str | Path | None = None) -> list[dict[str, Any]]:
     return out
 
 
+def _key_folders(root: Path) -> tuple[list[Path], list[Path]]:
+    """The key-named folders under ``root``: sslkit's entries, and the others (:func:`sslkit_folder`)."""
+    folders = [d for d in (sorted(root.iterdir()) if root.is_dir() else []) if _KEY.fullmatch(d.name)
+               and not d.is_symlink() and d.is_dir()]
+    return [d for d in folders if sslkit_folder(d)], [d for d in folders if not sslkit_folder(d)]
+
+
 def clear_cache(cache_dir: str | Path | None = None, older_than_days: float | None = None) -> list[dict[str, Any]]:
     """Delete cache entries (all, or those unused for ``older_than_days``); returns them.
 
-    Only what sslkit wrote is removed: folders named by a key (complete entries, and
-    unusable ones: damaged, or of another sslkit's format), and (clearing all) the header
-    indexes in ``headers/``. A folder
-    without sslkit's marker file is refused with one line, nothing deleted.
-    """
+    Only what sslkit wrote is removed: the files of key-named folders (complete entries, and
+    unusable ones: damaged, or of another sslkit's format), each folder when that empties it,
+    and (clearing all) the header indexes in ``headers/``. A key-named folder holding other
+    files is left whole, named on stderr. A folder without sslkit's marker is refused, nothing
+    deleted; a file that cannot be deleted (read-only) is one line naming its folder."""
     root = resolve_cache_dir(cache_dir) or default_cache_root()
     if not root.is_dir():
         return []
     if not (root / MARKER).is_file():
         raise UsageError(f"{str(root)!r} is not an sslkit cache (no {MARKER} marker file); nothing deleted")
-    removed = []
-    for entry in cache_entries(root):
-        if older_than_days is None or entry["age_days"] >= older_than_days:
-            shutil.rmtree(entry["path"], ignore_errors=True)
-            removed.append(entry)
-    headers = root / "headers"
-    if older_than_days is None and headers.is_dir() and not headers.is_symlink():
-        for f in headers.iterdir():
-            if _HEADER_INDEX.fullmatch(f.name) and f.is_file():
-                f.unlink(missing_ok=True)
-        try:
-            headers.rmdir()  # only if nothing else is left in it
-        except OSError:
-            pass
+    removed, folder = [], root
+    try:
+        for entry in cache_entries(root):
+            if older_than_days is None or entry["age_days"] >= older_than_days:
+                folder = Path(entry["path"])
+                if remove_own(folder):
+                    removed.append(entry)
+        headers = folder = root / "headers"
+        if older_than_days is None and headers.is_dir() and not headers.is_symlink():
+            for f in headers.iterdir():
+                if _HEADER_INDEX.fullmatch(f.name) and f.is_file():
+                    f.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                headers.rmdir()  # only if nothing else is left in it
+    except OSError as exc:
+        raise UsageError(f"cannot delete in {str(folder)!r}: {exc.strerror or exc}; "
+                         f"{len(removed)} cache entries removed before it") from None
+    for d in _key_folders(root)[1]:
+        print(f"sslkit: left {str(d)!r}: it holds files sslkit does not write", file=sys.stderr)
     return removed

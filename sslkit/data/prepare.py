@@ -24,8 +24,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from sslkit.data.cache import (CACHE_FORMAT, cache_key, content_digest, discard_entry, disk_full_error, hold_fill_lock,
-                               mark_root, open_entry, readable, remove_stale, reserve, resolve_cache_dir)
+from sslkit.data.cache import (CACHE_FORMAT, cache_key, content_digest, discard_entry, disk_full_error, entry_check,
+                               hold_fill_lock, mark_root, open_entry, readable, remove_stale, reserve,
+                               resolve_cache_dir)
 from sslkit.data.parallel import pool_size
 from sslkit.data.resize import resize_axis_aa
 from sslkit.data.source import NotAnImage, SampleRef, Source, Undecodable, to_channels
@@ -126,9 +127,7 @@ def prepare(
         try:
             entry = open_entry(target, shape)
         except ValueError as exc:
-            print(f"sslkit: the decoded-pixel cache entry {target.name} is damaged: {exc}; decoding again",
-                  file=sys.stderr)
-            discard_entry(target)
+            discard_entry(target, str(exc))  # says so; one line where it cannot (a read-only cache)
         else:
             try:
                 os.utime(target / "index.json")  # "last used", for `sslkit data cache --clear-older-than`
@@ -162,16 +161,16 @@ def _fill_entry(source: Source, refs: list[SampleRef], shape: tuple[int, ...], t
         except OSError as exc:
             raise disk_full_error(target.parent, exc, nbytes) from None
         kept, skipped = _decode(source, refs, out, progress, workers)
+        meta = {"format": CACHE_FORMAT, "source": f"{source.scheme}:{source.location}",
+                "preprocessing": source.describe(), "shape": [len(kept), *shape[1:]],
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "kept": kept, "skipped": [list(s) for s in skipped]}
+        meta["check"] = entry_check(out, meta)  # what open_entry compares: an edited index or pixels
         try:
             out.flush()
             del out
             fd = os.open(tmp / "index.json", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "w") as f:
-                json.dump({
-                    "format": CACHE_FORMAT, "source": f"{source.scheme}:{source.location}",
-                    "preprocessing": source.describe(), "shape": [len(kept), *shape[1:]],
-                    "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "kept": kept, "skipped": skipped,
-                }, f, default=str)
+                json.dump(meta, f, default=str)
         except OSError as exc:
             raise disk_full_error(target.parent, exc, nbytes) from None
         try:

@@ -6,6 +6,7 @@ batch actually used (:func:`batches_and_schedule`)."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 from typing import Iterator
@@ -47,7 +48,11 @@ def cache_build_lock(cache_dir: str | None) -> Iterator[None]:
     """Hold ``CACHE_ROOT/.sslkit-cache.lock`` (``flock``, exclusive) while data is decoded
     into the disk cache: processes that share the cache folder (the ranks of several
     nodes on one file system, or two runs on the same data) decode a dataset once, the
-    others wait and then read the finished entry. Nothing without a disk cache."""
+    others wait and then read the finished entry. Nothing without a disk cache.
+
+    In a cache this process cannot write (shared read-only) the lock is taken shared,
+    through a read-only descriptor (it waits for a process filling the cache, not for other
+    readers), or not at all where the lock file does not exist: such a cache is only read."""
     from sslkit.data.cache import mark_root, resolve_cache_dir
 
     root = resolve_cache_dir(cache_dir)
@@ -55,16 +60,34 @@ def cache_build_lock(cache_dir: str | None) -> Iterator[None]:
         yield
         return
     mark_root(root)
-    fd = os.open(root / CACHE_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+    fd, mode = _open_lock(root / CACHE_LOCK)
+    if fd is None:
+        yield
+        return
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, mode | fcntl.LOCK_NB)
         except OSError:
             note(f"waiting for another process that is filling the cache in {root} ...")
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            fcntl.flock(fd, mode)
         yield
     finally:
         os.close(fd)  # closing the descriptor releases the lock
+
+
+def _open_lock(path) -> tuple[int | None, int]:
+    """The lock file's descriptor and the ``flock`` mode to take: exclusive where the cache
+    can be written, shared where it cannot (None: no lock file there, none can be made)."""
+    try:
+        return os.open(path, os.O_RDWR | os.O_CREAT, 0o600), fcntl.LOCK_EX
+    except OSError as exc:
+        if exc.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+            raise UsageError(f"cache folder {str(path.parent)!r} cannot be written: {exc.strerror or exc}; "
+                             f"choose another with --cache DIR, or --no-cache") from None
+    try:
+        return os.open(path, os.O_RDONLY), fcntl.LOCK_SH
+    except OSError:
+        return None, fcntl.LOCK_SH
 
 
 def batches_and_schedule(cfg: RunConfig, data: LoadedData, rank: int, world: int):
