@@ -15,18 +15,7 @@ from sslkit.data.pipeline import load_data
 from sslkit.engine.data_setup import cache_build_lock
 from sslkit.errors import UsageError
 from sslkit_plugins.sources.dicom import DicomSource
-from tests.dicom_factory import write_dicom
-
-
-@pytest.fixture
-def dicom_folder(tmp_path) -> Path:
-    rng = np.random.default_rng(0)
-    root = tmp_path / "scans"
-    for i in range(6):
-        img = (rng.random((40, 40)) * 3000 + i * 100).astype(np.uint16)
-        write_dicom(root / f"p{i}" / "img.dcm", img, patient_id=f"P{i}", slope=1.0, intercept=-1024.0,
-                    modality="CT")
-    return root
+from tests.test_cache import dicom_folder  # noqa: F401 (the fixture)
 
 
 @pytest.fixture
