@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from sslkit.config_values import FIELDS
+from sslkit.config_values import ALIASES, FIELDS, SETS
 from sslkit.errors import UsageError
 
 # CLI options whose name differs from the RunConfig field they set.
@@ -63,21 +63,17 @@ def cli_values(kw: dict[str, Any], given: set[str]) -> dict[str, Any]:
     return out
 
 
-#: options that set a RunConfig field of another name
-_SETS = {"no_cache": "cache_dir", "quiet": "progress"}
-
-
 def _refuse_two_for_one_field(kw: dict[str, Any], given: set[str]) -> None:
     """``--cache DIR --no-cache`` set one field twice: which won depended on a set's order (the hash
     seed), so the same command did or did not use the disk cache. Refused in one line."""
     by_field: dict[str, str] = {}
     for name in sorted(given):
-        field = _SETS.get(name, name if name in FIELDS else None)
+        field = SETS.get(name, name if name in FIELDS else None)
         if name == "no_cache" and not kw[name]:
             continue
         if field in by_field:
-            flags = sorted(f"--{n.replace('_', '-')}" for n in (by_field[field], name))
-            flags = [f.replace("--cache-dir", "--cache") for f in flags]
+            option = {v: k for k, v in ALIASES.items()}  # cache_dir is --cache
+            flags = sorted(f"--{option.get(n, n).replace('_', '-')}" for n in (by_field[field], name))
             raise UsageError(f"{flags[0]} and {flags[1]} both set {field}; give one of them")
         if field is not None:
             by_field[field] = name

@@ -45,7 +45,9 @@ def plain(obj: Any) -> Any:
 
 
 # Option names of ``sslkit pretrain`` that are not RunConfig fields, as config keys.
-_ALIASES = {"cache": "cache_dir"}
+ALIASES = {"cache": "cache_dir"}
+#: flags that set a RunConfig field of another name (``--no-cache``, ``--quiet``)
+SETS = {"no_cache": "cache_dir", "quiet": "progress"}
 _TABLES = {"task_opt": "task_options", "backbone_opt": "backbone_options", "data_opt": "source_options",
            "augment_opt": "augment_options"}
 _COMMAND_ONLY = ("config", "config_file", "print_config")
@@ -64,8 +66,8 @@ def check_values(values: dict[str, Any], origin: str) -> dict[str, Any]:
     setters: dict[str, str] = {}  # field -> the key that set it
     for key, value in values.items():
         name = str(key).replace("-", "_")
-        name = _ALIASES.get(name, name)
-        field = {"no_cache": "cache_dir", "quiet": "progress"}.get(name, name)
+        name = ALIASES.get(name, name)
+        field = SETS.get(name, name)
         if not (name == "no_cache" and value is False):  # no_cache = false sets nothing
             if field in setters:
                 raise UsageError(f"{origin}: {setters[field]!r} and {key!r} both set {field}; keep one of them")
@@ -89,7 +91,7 @@ def check_values(values: dict[str, Any], origin: str) -> dict[str, Any]:
         elif name in _COMMAND_ONLY:
             raise UsageError(f"{origin}: {key!r} is a command-line option only, not a setting")
         else:
-            known = [*FIELDS, *_ALIASES, "no_cache", "quiet", *sorted(flag_fields())]
+            known = [*FIELDS, *ALIASES, *SETS, *sorted(flag_fields())]
             raise UsageError(f"{origin}: " + unknown_name_message("setting", key, known, listed=len(known)))
     if flags:
         out["source_options"] = {**out.get("source_options", {}), **flags}

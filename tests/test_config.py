@@ -152,7 +152,7 @@ def test_every_pretrain_option_name_is_a_config_key():
             continue
         name = param.opts[0].lstrip("-")
         for key in (name, name.replace("-", "_")):  # "batch-size" and "batch_size"
-            field = config_values._ALIASES.get(key.replace("-", "_"), key.replace("-", "_"))
+            field = config_values.ALIASES.get(key.replace("-", "_"), key.replace("-", "_"))
             value = _sample_value(param, config_values.HINTS.get(field))
             try:
                 out = config.check_values({key: value}, "run.toml")
