@@ -360,9 +360,9 @@ def cache_entries(cache_dir: str | Path | None = None) -> list[dict[str, Any]]:
 
 def _key_folders(root: Path) -> tuple[list[Path], list[Path]]:
     """The key-named folders under ``root``: sslkit's entries, and the others (:func:`sslkit_folder`)."""
-    folders = [d for d in (sorted(root.iterdir()) if root.is_dir() else []) if _KEY.fullmatch(d.name)
-               and not d.is_symlink() and d.is_dir()]
-    return [d for d in folders if sslkit_folder(d)], [d for d in folders if not sslkit_folder(d)]
+    ours = {d: sslkit_folder(d) for d in (sorted(root.iterdir()) if root.is_dir() else [])
+            if _KEY.fullmatch(d.name) and not d.is_symlink() and d.is_dir()}  # each folder listed once
+    return [d for d, mine in ours.items() if mine], [d for d, mine in ours.items() if not mine]
 
 
 def clear_cache(cache_dir: str | Path | None = None, older_than_days: float | None = None) -> list[dict[str, Any]]:
