@@ -108,16 +108,9 @@ def keyed_hash(value: str, purpose: str = "", length: int = 16) -> str:
     return digest[:length]
 
 
-#: how reports name a file below the data root (``file:`` and a keyed hash of its relative path)
-FILE_KEY_PREFIX = "file:"
-
-
 def file_key(relative_path: str) -> str:
     """A file below the data root as stored reports name it (``data_report.json``): ``file:`` and
     the keyed hash of its path relative to the root, since folder and file names below the root
     can carry patient names (``DOE_JOHN_19610301/IM_DOE_1.dcm``). ``sslkit data inspect`` prints
-    each unusable file's path with its key. A key is returned as it is."""
-    if relative_path.startswith(FILE_KEY_PREFIX):
-        return relative_path
-    return FILE_KEY_PREFIX + keyed_hash(relative_path, "file", 12)
-
+    each unusable file's path with its key."""
+    return "file:" + keyed_hash(relative_path, "file", 12)

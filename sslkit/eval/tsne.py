@@ -84,10 +84,11 @@ def plot_maps(panels: dict[str, np.ndarray], labels: list[str], title: str, out:
 def folder_values(source: Any, refs: list) -> dict[str, str]:
     """``{sample id: folder name}``; a folder name that holds one group (patient) only is shown as
     ``folder K (one patient)``: a DICOM export's folders are often named after the patient."""
-    names = {sample_id(source, r): PurePath(r.path).parent.name for r in refs}
+    names: dict[str, str] = {}
     groups: dict[str, set[str]] = {}
     for r in refs:
-        groups.setdefault(PurePath(r.path).parent.name, set()).add(r.group or r.path)
+        names[sample_id(source, r)] = folder = PurePath(r.path).parent.name
+        groups.setdefault(folder, set()).add(r.group or r.path)
     hidden = sorted(n for n, g in groups.items() if len(g) == 1)
     if not hidden:
         return names
