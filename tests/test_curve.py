@@ -109,3 +109,21 @@ def test_finetune_baseline_rows_include_the_init_weights(init_run, cli, tmp_path
     assert all(res[e]["finetune"]["n"] == 6 for e in res)
     # the frozen init encoder is the (LR 1e-12) pretrained one: same probe scores
     assert res["init"]["linear"]["auroc"] == pytest.approx(res["pretrained"]["linear"]["auroc"], abs=1e-9)
+
+
+def test_a_class_under_the_floor_is_noted_and_reported(capsys):
+    from sslkit.eval.curve import curve_results
+    from sslkit.eval.labels import Labelled
+    from sslkit.eval.probes import ProbeData
+
+    rng = np.random.default_rng(0)
+    labels = ["a"] * 20 + ["b"] * 20 + ["c"]  # class c: one training image, all there is
+    train = Labelled(rng.normal(size=(41, 4)).astype(np.float32), labels, 0)
+    test = Labelled(rng.normal(size=(9, 4)).astype(np.float32), ["a", "b", "c"] * 3, 0)
+    prep = ProbeData(None, {"pretrained": (train, test), "random": (train, test)}, ["a", "b", "c"], None)
+    res = curve_results(prep, [0.1, 1], k=3, C_grid=[1.0])
+    assert res["pretrained"]["linear f=0.1"]["fewest_per_class"] == res["random"]["k=3 f=1"]["fewest_per_class"] == 1
+    assert res["pretrained"]["linear f=0.1"]["train_labels"] == 2 + 2 + 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"sslkit: note: at f={f}, class 'c' had fewer than 2 training labels (all the fold had) in 1 of "
+                   "1 fold(s); its scores there rest on so few images" for f in ("0.1", "1")]

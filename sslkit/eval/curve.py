@@ -12,6 +12,7 @@ AUROC (two classes; balanced accuracy otherwise) against the fraction, with erro
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -58,16 +59,19 @@ def curve_results(prep: ProbeData, fractions: Sequence[float], k: int = 20, C_gr
     fractions = distinct_fractions([float(f) for f in fractions])  # API callers too: no name shared
     folds = [prep.fold(i) for i in range(len(prep.folds))] if prep.folds is not None else [prep]
     out: dict[str, dict[str, Any]] = {}
+    short: dict[float, set[tuple[str, int]]] = {}  # fraction -> {(class, fold)} under MIN_PER_CLASS
     for f in fractions:
         runs = []
         for i, fold in enumerate(folds):
             sub = _with_fraction(fold, f, seed + 1000 * i)
             n = len(sub.sets["pretrained"][0].labels)
+            fewest = fewest_per_class(sub, short.setdefault(f, set()), i)
             lin = linear_results(sub, C_grid, val_fraction, seed)
             knn = knn_results(sub, [k], TEMPERATURE)
             name = fraction_name(f)
-            runs.append({e: {f"linear f={name}": {**lin[e]["linear"], "train_labels": n},
-                             f"k={k} f={name}": {**knn[e][f"k={k}"], "train_labels": n}} for e in lin})
+            counts = {"train_labels": n, "fewest_per_class": fewest}
+            runs.append({e: {f"linear f={name}": {**lin[e]["linear"], **counts},
+                             f"k={k} f={name}": {**knn[e][f"k={k}"], **counts}} for e in lin})
             if prep.folds is None:
                 prep.correct.update({(e, f"{setting} f={name}"): c for (e, setting), c in sub.correct.items()})
         for enc in runs[0]:
@@ -75,9 +79,31 @@ def curve_results(prep: ProbeData, fractions: Sequence[float], k: int = 20, C_gr
                 agg = mean_std([r[enc][setting] for r in runs])
                 ns = [r[enc][setting]["train_labels"] for r in runs]  # a count: an int when the folds agree
                 agg["train_labels"] = ns[0] if len(set(ns)) == 1 else float(np.mean(ns))
+                agg["fewest_per_class"] = min(r[enc][setting]["fewest_per_class"] for r in runs)
                 agg["fraction"] = f
                 out.setdefault(enc, {})[setting] = agg
+    note_short(short, len(folds))
     return out
+
+
+def fewest_per_class(sub: ProbeData, short: set[tuple[str, int]], fold: int) -> int:
+    """The fewest training labels any class has in ``sub``; a class under MIN_PER_CLASS (it had no
+    more in the fold) is added to ``short`` as ``(class, fold)``."""
+    labels = sub.sets["pretrained"][0].labels
+    counts = {c: labels.count(c) for c in sub.classes}
+    short.update((c, fold) for c, n in counts.items() if n < MIN_PER_CLASS)
+    return min(counts.values())
+
+
+def note_short(short: dict[float, set[tuple[str, int]]], n_folds: int) -> None:
+    """One stderr line per fraction at which some class kept fewer than MIN_PER_CLASS training labels."""
+    for f, pairs in short.items():
+        if pairs:
+            classes = sorted({c for c, _ in pairs})
+            folds = len({i for _, i in pairs})
+            print(f"sslkit: note: at f={fraction_name(f)}, class {', '.join(map(repr, classes))} had fewer than "
+                  f"{MIN_PER_CLASS} training labels (all the fold had) in {folds} of {n_folds} fold(s); "
+                  "its scores there rest on so few images", file=sys.stderr)
 
 
 def fraction_name(f: float) -> str:
