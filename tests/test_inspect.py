@@ -47,3 +47,20 @@ def test_inspect_folder_and_npz(tmp_path, cli, gray_folder):
     r = cli("data", "inspect", f"folder:{gray_folder}", "--json", "--no-decode")
     rep = json.loads(r.output)
     assert rep["images"] == 16 and rep["counts"]["mode"] == {"L": 16} and "undecodable" not in rep
+
+
+def test_inspect_every_sample_finds_a_bad_frame_the_default_check_passes(tmp_path, cli):
+    imgs = np.random.default_rng(0).random((6, 8, 8)).astype(np.float32)
+    imgs[4, 2, 3] = np.nan  # one image of six: the first decodes
+    np.save(tmp_path / "a.npy", imgs)
+    rep = json.loads(cli("data", "inspect", f"npz:{tmp_path / 'a.npy'}", "--json").output)
+    assert rep["undecodable"] == [] and rep["decoded_ok"] == 1 and rep["decode_checked"] == {"of": 1, "what": "files"}
+    r = cli("data", "inspect", f"npz:{tmp_path / 'a.npy'}", "--json", "--every-sample")
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.output)
+    assert rep["decoded_ok"] == 5 and rep["decode_checked"] == {"of": 6, "what": "samples"}
+    assert [u["path"] for u in rep["undecodable"]] == ["a.npy"] and "NaN" in rep["undecodable"][0]["reason"]
+    text = cli("data", "inspect", f"npz:{tmp_path / 'a.npy'}", "--every-sample").output
+    assert "decode check: 5 of 6 samples decode" in text
+    r = cli("data", "inspect", f"npz:{tmp_path / 'a.npy'}", "--every-sample", "--no-decode")
+    assert r.exit_code == 2 and r.output == "error: --every-sample decodes samples and --no-decode reads headers only: give one\n"

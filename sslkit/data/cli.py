@@ -23,18 +23,23 @@ def data_group() -> None:
 @click.option("--image-size", default=224, show_default=True, type=click.IntRange(min=8),
               help="Side used for the cache-size estimate.")
 @click.option("--no-decode", is_flag=True, help="Headers only: skip the decode check of every file.")
+@click.option("--every-sample", is_flag=True,
+              help="Decode every sample (each frame of a multi-frame file or array), not the first of each file.")
 @click.option("--workers", default=0, type=click.IntRange(min=0), help="Processes (0: one per CPU).")
 @click.option("--max-pixels", default=None, type=click.IntRange(min=0),
               help="Report images larger than this many pixels as unusable (0: no limit; as sslkit pretrain).")
-def inspect(src: str, as_json: bool, data_opts: tuple[str, ...], image_size: int, no_decode: bool, workers: int,
-            max_pixels: int | None, **source_flags) -> None:
+def inspect(src: str, as_json: bool, data_opts: tuple[str, ...], image_size: int, no_decode: bool,
+            every_sample: bool, workers: int, max_pixels: int | None, **source_flags) -> None:
     """Counts by header facts, unusable files with reasons, decoded size. No identifiers."""
     from sslkit.data.inspect import format_report, inspect_data
     from sslkit.options import parse_pairs
 
+    if no_decode and every_sample:
+        from sslkit.errors import UsageError
+        raise UsageError("--every-sample decodes samples and --no-decode reads headers only: give one")
     options = {**parse_pairs(data_opts, "--data-opt"), **flag_values(source_flags)}
     report = inspect_data(src, options, decode=not no_decode, image_size=image_size, workers=workers,
-                          progress=not as_json, max_pixels=max_pixels)
+                          progress=not as_json, max_pixels=max_pixels, every_sample=every_sample)
     click.echo(json.dumps(report, indent=2, default=str) if as_json else format_report(report))
 
 

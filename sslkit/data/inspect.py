@@ -23,11 +23,12 @@ from sslkit.registry import create_source
 
 def inspect_data(data: str, source_options: dict[str, Any] | None = None, decode: bool = True,
                  image_size: int = 224, workers: int = 0, progress: bool = False,
-                 max_pixels: int | None = None) -> dict[str, Any]:
+                 max_pixels: int | None = None, every_sample: bool = False) -> dict[str, Any]:
     """A JSON-able report of ``data``; file paths in it are relative to the data root.
 
     ``decode``: also decode one sample of every file (in parallel, nothing cached) so
-    that files whose header reads but whose pixels do not are found and reported.
+    that files whose header reads but whose pixels do not are found and reported;
+    ``every_sample``: decode every sample (each frame of a multi-frame file or array).
     ``max_pixels`` as in :func:`sslkit.data.pipeline.load_data`.
     """
     source = create_source(data, **(source_options or {}))
@@ -72,11 +73,13 @@ def inspect_data(data: str, source_options: dict[str, Any] | None = None, decode
         report["filtered_out"] = filtered
     if decode and first:
         # at 8 px a slice (cheap), or the run's volume size: a volume sample has no other shape
-        checked = prepare(source, list(first.values()), channels, stored_size(source, 8), cache_dir=False,
+        samples = list(refs) if every_sample else list(first.values())
+        checked = prepare(source, samples, channels, stored_size(source, 8), cache_dir=False,
                           progress=progress, workers=workers)
         report["undecodable"] = [{"path": p, "key": file_key(p), "reason": r} for p, r in checked.skipped]
         report["decoded_ok"] = len(checked)
-        report["decode_checked"] = {"of": len(first), "what": "volumes" if mode.volumetric else "files"}
+        what = "volumes" if mode.volumetric else "samples" if every_sample else "files"
+        report["decode_checked"] = {"of": len(samples), "what": what}
     return report
 
 
