@@ -249,7 +249,7 @@ def test_mlflow_plugin_logs_params_metrics_and_the_encoder_to_a_file_store(tmp_p
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(example)],
                           capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(site)}, cwd=example,
                           timeout=600)
-    assert proc.returncode == 0 and "2 passed" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert proc.returncode == 0 and "3 passed" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-2000:]
 
 
 def test_tensorboard_callback_writes_every_scalar(tmp_path, monkeypatch):

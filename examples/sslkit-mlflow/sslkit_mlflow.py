@@ -5,7 +5,9 @@
 
 * ``on_run_start``: an MLflow run in experiment ``$MLFLOW_EXPERIMENT_NAME`` (default
   ``sslkit``) at ``$MLFLOW_TRACKING_URI`` (default ``file:RUN_DIR/mlruns``, no server;
-  MLflow 3 wants ``MLFLOW_ALLOW_FILE_STORE=true`` for a ``file:`` store you name),
+  MLflow 3 wants ``MLFLOW_ALLOW_FILE_STORE=true`` for a ``file:`` store you name; an
+  ``http(s)`` server that takes no connection within ``$SSLKIT_MLFLOW_CONNECT_TIMEOUT``
+  seconds, default 10, disables the callback in one line, not after MLflow's minutes of retries),
   named ``$MLFLOW_RUN_NAME``, else ``<task> <backbone>``; every setting of the run as a
   param, task and backbone as tags. Paths are never sent (they may carry patient names):
   not the ``data``, ``out``, cache, init and resume paths, not the run folder's name.
@@ -23,8 +25,10 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import tempfile
 import time
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +59,22 @@ def shareable(info: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def check_reachable(uri: str) -> None:
+    """An ``http(s)`` tracking server must take a TCP connection within the timeout; else a
+    RuntimeError naming its host and port only (a URI may carry credentials or a path)."""
+    parts = urllib.parse.urlsplit(uri)
+    if parts.scheme not in ("http", "https"):
+        return
+    host, port = parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80)
+    timeout = float(os.environ.get("SSLKIT_MLFLOW_CONNECT_TIMEOUT", "10"))
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as exc:
+        why = "no answer" if isinstance(exc, TimeoutError) else exc.strerror or type(exc).__name__
+        raise RuntimeError(f"the MLflow server {host}:{port} cannot be reached ({why} within {timeout:g} s); "
+                           "check MLFLOW_TRACKING_URI") from None
+
+
 class MlflowCallback(Callback):
     """Logs params at the start, metrics every step, the encoder at the end."""
 
@@ -72,6 +92,7 @@ class MlflowCallback(Callback):
         if not uri:  # MLflow 3 keeps its file store behind an opt-in; the default here is one
             uri = (run.out / "mlruns").absolute().as_uri()
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        check_reachable(uri)
         self.client = self._client_cls(tracking_uri=uri)
         name = os.environ.get("MLFLOW_EXPERIMENT_NAME", "sslkit")
         experiment = self.client.get_experiment_by_name(name)
