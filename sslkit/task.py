@@ -159,6 +159,14 @@ class Task(nn.Module):
         micro-batch before it (``--accumulate K``: K times); what it hands over (keys to enqueue, a batch
         mean) gathers every micro-batch's, so the update is that of one K x larger batch."""
 
+    def data_note(self, images: int) -> str | None:
+        """A note on the training data's size for this task's options, or None. The engine calls it
+        once the data is known (``images``: training images over all processes) and prints the line
+        on stderr, the run going on (``moco``: a queue of negatives at least as long as the data
+        holds keys of each query's own image). Refuse what cannot work in ``check`` or with
+        ``min_batch`` instead. Default: None."""
+        return None
+
     def head_state(self) -> dict[str, torch.Tensor]:
         """The task's state besides the encoder (decoders, projection heads, EMA teachers,
         queues, centres): what ``--init RUN_DIR`` restores from an earlier run of the same

@@ -54,6 +54,19 @@ def test_accumulated_moco_enqueues_every_micro_batch_in_a_run(cli, tmp_path):
     assert result.exit_code == 0, result.output
     state = load_file(str(out / "checkpoints" / "step-00000003" / "model.safetensors"))
     assert int(state["queue_ptr"]) == 48
+    # a queue of 64 over 40 images holds keys of each query's own image: said once, the run goes on
+    notes = [line for line in result.stderr.splitlines() if "queue" in line]
+    assert notes == ["sslkit: note: task 'moco': its queue of 64 negative keys is not shorter than the 40 training "
+                     "images, so it holds keys of each query's own image (false negatives); set --task-opt "
+                     "queue_size below the image count"]
+
+
+@pytest.mark.parametrize("opts,images,noted", [({"queue_size": 64}, 64, True), ({"queue_size": 64}, 65, False),
+                                               ({"version": 3}, 10, False)])
+def test_moco_notes_a_queue_as_long_as_the_data(opts, images, noted):
+    task, _ = build("moco", **opts)
+    assert (task.data_note(images) is not None) == noted
+    assert build("simclr")[0].data_note(1) is None  # the default: nothing to say
 
 
 def _assert_one_line_exit_2(result, *needles):

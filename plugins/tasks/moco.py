@@ -124,6 +124,13 @@ class MoCo(Task):
     def resolved_options(self):
         return dict(self._chosen)
 
+    def data_note(self, images: int) -> str | None:
+        k = self.options.queue_size
+        if self.options.version != 2 or k < images:
+            return None
+        return (f"its queue of {k} negative keys is not shorter than the {images} training images, so it holds "
+                "keys of each query's own image (false negatives); set --task-opt queue_size below the image count")
+
     def views(self, spec):
         if self.options.version == 3:
             recipes = byol_recipes(spec.image_size, self.options.min_scale)

@@ -15,6 +15,7 @@ import dataclasses
 import os
 import random
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -163,6 +164,8 @@ def build(cfg: RunConfig, device: torch.device) -> Setup:
 
     loader, steps_per_epoch, step_images, schedule = batches_and_schedule(cfg, data, rank, world)
     check_batch(cfg, task, loader.batch_size, len(data.prepared))  # fewer images than the batch: a smaller one
+    if rank == 0 and (line := getattr(task, "data_note", lambda n: None)(len(data.prepared))):
+        print(f"sslkit: note: task {cfg.task!r}: {line}", file=sys.stderr)
     scales = continued_scales(cfg, task, backbone, schedule.total, resumed)
     optimizer = build_optimizer(task, cfg.optimizer, schedule.peak_lr, cfg.weight_decay, cfg.momentum, cfg.betas,
                                 **scales)
