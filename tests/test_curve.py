@@ -127,3 +127,23 @@ def test_a_class_under_the_floor_is_noted_and_reported(capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"sslkit: note: at f={f}, class 'c' had fewer than 2 training labels (all the fold had) in 1 of "
                    "1 fold(s); its scores there rest on so few images" for f in ("0.1", "1")]
+
+
+def test_every_fold_fine_tunes_the_init_weights_afresh(init_run, cli, monkeypatch):
+    """The audit's leak: the cached init encoder was trained in place, so fold 2 started from fold 1's
+    fine-tuning (whose training images hold fold 2's test patients)."""
+    import sslkit.eval.finetune as ft
+
+    seen: list[float] = []
+    real = ft.finetune
+
+    def recording(encoder, *args, **kwargs):
+        seen.append(float(sum(p.double().abs().sum() for p in encoder.state_dict().values() if p.is_floating_point())))
+        return real(encoder, *args, **kwargs)
+
+    monkeypatch.setattr(ft, "finetune", recording)
+    result = cli("eval", "linear", init_run / "run", "--data", init_run / "data", "--split", "group:2", "--C", "1",
+                 "--finetune", "--finetune-epochs", "1", "--batch-size", "8", "--json", "--quiet")
+    assert result.exit_code == 0, result.output
+    per_fold = [seen[i:i + 3] for i in range(0, len(seen), 3)]  # pretrained, random, init in each fold
+    assert len(per_fold) == 2 and per_fold[0] == per_fold[1]  # every encoder starts each fold from the same weights

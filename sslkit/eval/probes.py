@@ -303,12 +303,14 @@ def _finetune_each(prep: ProbeData, run: Any, xtr: np.ndarray, ytr: np.ndarray, 
     """``{encoder: metrics}``: each encoder (pretrained, the random baseline, the ``--init``
     weights) fine-tuned on ``xtr`` and scored on ``xte``; ``paired``: each test image's verdict
     kept for the paired gain of a single split."""
+    import copy
+
     from sslkit.eval.finetune import finetune, predict_proba
 
     out = {}
-    for enc in prep.sets:
-        encoder = (run.build_encoder() if enc == "pretrained" else prep.model.build_init_encoder() if enc == "init"
-                   else prep.model.build_random_encoder())  # "init": fine-tuned from the --init weights
+    for enc in prep.sets:  # "init": a copy of the --init weights (fine-tuning trains in place; folds share them)
+        encoder = (run.build_encoder() if enc == "pretrained" else copy.deepcopy(prep.model.build_init_encoder())
+                   if enc == "init" else prep.model.build_random_encoder())
         model = finetune(encoder, run.spec, xtr, ytr, len(prep.classes), options, dev, args.progress)
         p = predict_proba(model, run.spec, xte, args.batch_size, dev)
         if paired:
