@@ -188,7 +188,36 @@ def test_class_position_dropped_for_a_backbone_without_class_token(tmp_path):
                           global_pool="avg", **TINY_VIT)
     rec = load_init(str(tmp_path / "vit.safetensors"), dst)
     torch.testing.assert_close(dst.model.pos_embed, w["pos_embed"][:, 1:])
-    assert "1 prefix positions dropped" in rec["adapted"][0] and "cls_token" in rec["unexpected"]
+    assert rec["adapted"] == ["pos_embed: 1 prefix position(s) dropped (the backbone has no such token)"]
+    assert "cls_token" in rec["unexpected"]
+
+
+@pytest.mark.parametrize("layout", ["hf", "meta"])
+def test_dinov2_with_registers_folds_the_class_position_into_its_token_as_timm_does(tmp_path, layout):
+    """DINOv2 with registers embeds a class position; timm's model embeds none for its prefix tokens
+    (no_embed_class): timm's own converter adds it to cls_token, and so must we (the audit's case)."""
+    from timm.models.vision_transformer import checkpoint_filter_fn
+
+    name = "vit_small_patch14_reg4_dinov2"
+    sd = _random_like(_vit(name=name).model, 3)
+    g = torch.Generator().manual_seed(4)
+    meta = {k: v for k, v in sd.items() if k not in ("reg_token", "pos_embed")}
+    meta |= {"register_tokens": sd["reg_token"], "pos_embed": torch.randn(1, 1 + 4, 24, generator=g),
+             "mask_token": torch.zeros(1, 24)}  # Meta's names: 1 class + 2x2 patch positions
+    ref = _vit(name=name, seed=1)
+    ref.model.load_state_dict(checkpoint_filter_fn(dict(meta), ref.model))
+    weights = meta
+    if layout == "hf":
+        weights = _hf_dinov2({**meta, "reg_token": meta["register_tokens"]})
+        weights["embeddings.register_tokens"] = meta["register_tokens"]
+    save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp_path / "w.safetensors"))
+    dst = _vit(name=name, seed=2)
+    rec = load_init(str(tmp_path / "w.safetensors"), dst)
+    assert rec["adapted"] == ["pos_embed: 1 prefix position(s) (class) added to their tokens "
+                              "(the backbone embeds none for them)"] and rec["missing"] == []
+    _assert_loaded(dst.model, ref.model.state_dict())
+    x = torch.randn(2, 3, 28, 28)
+    torch.testing.assert_close(dst(x), ref(x), rtol=0, atol=0)
 
 
 def test_patch_size_14_weights_resampled_for_patch_16(tmp_path):

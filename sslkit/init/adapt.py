@@ -11,7 +11,10 @@ uses them), and anything else is a mismatch the caller refuses:
   (``timm.layers.resample_patch_embed``, FlexiViT's pseudo-inverse resize);
 * a ViT's **position embeddings** ``(1, P + h*w, D)``: the patch grid is resampled
   bicubically to the run's grid (``timm.layers.resample_abs_pos_embed``); the ``P``
-  class/register positions are kept, or dropped when the backbone has none.
+  class/register positions are kept, or, where the backbone embeds no position for its
+  prefix tokens (timm's ``no_embed_class``: DINOv2 with registers), added to the class and
+  register tokens themselves, which is the same input to the first block (timm's
+  ``_convert_dinov2``); dropped only when the backbone has no such token.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ def fit(weights: dict[str, torch.Tensor], target: dict[str, torch.Tensor], info:
     """
     out = Fitted()
     out.unexpected = sorted(set(weights) - set(target))
+    dropped: list[torch.Tensor] = []  # prefix positions the target has no slot for, in token order
     for key, want in target.items():
         have = weights.get(key)
         if have is None:
@@ -52,12 +56,37 @@ def fit(weights: dict[str, torch.Tensor], target: dict[str, torch.Tensor], info:
             if key == info.get("first_conv"):
                 have = _stem(have, want, key, out.adapted)
             elif key == info.get("pos_embed"):
-                have = _pos_embed(have, want, info, out.adapted)
+                have = _pos_embed(have, want, info, out.adapted, dropped)
             if have is None or tuple(have.shape) != tuple(want.shape):
                 out.mismatched.append(f"{key} {tuple(weights[key].shape)} vs {tuple(want.shape)}")
                 continue
         out.state[key] = have.to(want.dtype)
+    if dropped:
+        _fold_prefix_positions(out, dropped[0], int(info.get("prefix_tokens", 0)))
     return out
+
+
+def _fold_prefix_positions(out: Fitted, positions: torch.Tensor, kept: int) -> None:
+    """Add the dropped positions ``(1, n, D)`` of prefix tokens ``kept .. kept + n - 1`` (0: the class
+    token, then the registers) to those tokens where the weights gave them, so the first block sees
+    what it saw in the model the weights come from."""
+    folded, lost = [], 0
+    for j in range(positions.shape[1]):
+        token = kept + j
+        key, row = ("cls_token", 0) if token == 0 else ("reg_token", token - 1)
+        t = out.state.get(key)
+        if t is None or t.ndim != 3 or row >= t.shape[1]:
+            lost += 1
+            continue
+        t = t.clone()
+        t[:, row] += positions[:, j].to(t.dtype)
+        out.state[key] = t
+        folded.append("class" if token == 0 else f"register {row}")
+    if folded:
+        out.adapted.append(f"pos_embed: {len(folded)} prefix position(s) ({', '.join(folded)}) added to their "
+                           "tokens (the backbone embeds none for them)")
+    if lost:
+        out.adapted.append(f"pos_embed: {lost} prefix position(s) dropped (the backbone has no such token)")
 
 
 def _stem(w: torch.Tensor, want: torch.Tensor, key: str, notes: list[str]) -> torch.Tensor | None:
@@ -87,8 +116,10 @@ def _hw(w: torch.Tensor) -> str:
     return "x".join(str(int(s)) for s in w.shape[2:])
 
 
-def _pos_embed(pe: torch.Tensor, want: torch.Tensor, info: dict[str, Any], notes: list[str]) -> torch.Tensor | None:
-    """``(1, P' + h'*w', D)`` -> ``(1, P + h*w, D)`` on the target grid."""
+def _pos_embed(pe: torch.Tensor, want: torch.Tensor, info: dict[str, Any], notes: list[str],
+               dropped: list[torch.Tensor]) -> torch.Tensor | None:
+    """``(1, P' + h'*w', D)`` -> ``(1, P + h*w, D)`` on the target grid; the ``P' - P`` prefix
+    positions it has no slot for go to ``dropped``."""
     from timm.layers import resample_abs_pos_embed
 
     if pe.ndim != 3 or want.ndim != 3 or pe.shape[-1] != want.shape[-1]:
@@ -101,9 +132,10 @@ def _pos_embed(pe: torch.Tensor, want: torch.Tensor, info: dict[str, Any], notes
             break
     else:
         return None
-    if p > prefix:  # the weights embed positions of prefix tokens this backbone does not have
+    if p > prefix:  # the weights embed positions of prefix tokens this backbone embeds none for
+        dropped.append(pe[:, prefix:p])
         pe = torch.cat([pe[:, :prefix], pe[:, p:]], 1) if prefix else pe[:, p:]
-    out = resample_abs_pos_embed(pe.float(), [gh, gw], [side, side], num_prefix_tokens=prefix)
-    notes.append(f"pos_embed: {side}x{side} -> {gh}x{gw} patch grid (bicubic)"
-                 + (f", {p - prefix} prefix positions dropped" if p > prefix else ""))
-    return out
+    if (side, side) != (gh, gw):
+        pe = resample_abs_pos_embed(pe.float(), [gh, gw], [side, side], num_prefix_tokens=prefix)
+        notes.append(f"pos_embed: {side}x{side} -> {gh}x{gw} patch grid (bicubic)")
+    return pe

@@ -3,7 +3,8 @@
 Three layouts are recognised and converted; anything else is taken as timm's own:
 
 * **timm** (and torchvision's ResNets, whose names timm's ResNets share: ``conv1``,
-  ``bn1``, ``layer1.0.conv1``, ``layer1.0.downsample.0``, ``fc``): unchanged.
+  ``bn1``, ``layer1.0.conv1``, ``layer1.0.downsample.0``, ``fc``): unchanged, but for Meta's
+  own DINOv2 names (``register_tokens`` -> ``reg_token``, SwiGLU ``mlp.w12``/``w3`` -> ``fc1``/``fc2``).
 * **Hugging Face ViT / DINOv2** (``transformers``' ``ViTModel``, ``Dinov2Model`` and their
   ``*ForImageClassification`` wrappers): ``embeddings.patch_embeddings.projection`` ->
   ``patch_embed.proj``, ``encoder.layer.N.attention.attention.{query,key,value}`` ->
@@ -41,6 +42,13 @@ _HF_VIT = [
 ]
 _HF_QKV = re.compile(r"encoder\.layer\.(\d+)\.attention\.attention\.(query|key|value)\.(\w+)")
 
+#: Meta's own DINOv2 checkpoints, otherwise timm's names: registers, and the SwiGLU MLP of ViT-g
+_META_DINOV2 = [
+    (r"register_tokens", "reg_token"),
+    (r"blocks\.(\d+)\.mlp\.w12\.(\w+)", r"blocks.\1.mlp.fc1.\2"),
+    (r"blocks\.(\d+)\.mlp\.w3\.(\w+)", r"blocks.\1.mlp.fc2.\2"),
+]
+
 _TV_VIT = [
     (r"class_token", "cls_token"),
     (r"conv_proj\.(\w+)", r"patch_embed.proj.\1"),
@@ -76,7 +84,7 @@ def to_timm(state: dict[str, torch.Tensor], target_keys: Iterable[str]) -> tuple
         state = _rename(_strip(state, prefix), _TV_VIT)
     else:
         prefix = best_prefix(state, set(target_keys))
-        state = _strip(state, prefix)
+        state = _rename(_strip(state, prefix), _META_DINOV2)
     return state, layout, prefix
 
 
