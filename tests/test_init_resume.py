@@ -220,11 +220,55 @@ def test_allow_download_fetches_once_per_process(tmp_path, cli, monkeypatch):
     assert _info(tmp_path / "run")["config"]["init"] == "acme/tiny-r10"  # a Hub id is recorded as given
 
 
+@pytest.mark.timeout(120)
+def test_a_hub_that_answers_its_address_but_stalls_on_files_is_one_line_in_seconds(tmp_path, cli, monkeypatch):
+    """The audit's stalled proxy: ``HEAD /`` answered, file requests never; huggingface_hub's retries
+    (60 s per file name, four names) took about 25 minutes."""
+    import time
+
+    stop = threading.Event()
+
+    class Stalling(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_HEAD(self):
+            if self.path != "/":
+                stop.wait(60)  # a file: no answer
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        do_GET = do_HEAD
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Stalling)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        _point_the_hub_at(monkeypatch, f"http://127.0.0.1:{server.server_address[1]}", tmp_path / "hub")
+        data = make_images(tmp_path / "imgs", n_per_class=2, size=32, channels=1)
+        start = time.monotonic()
+        result = cli(*_args(data, "--out", tmp_path / "run", "--init", "acme/r18", "--allow-download",
+                            "--max-steps", 1))
+        elapsed = time.monotonic() - start
+    finally:
+        stop.set()
+        server.shutdown()
+    lines = result.stderr.strip().splitlines()
+    assert result.exit_code == 2 and len(lines) == 1, result.output
+    assert lines[0].startswith("error: --init acme/r18: cannot download acme/r18 (") and "did not answer" in lines[0]
+    assert elapsed < 40 and not (tmp_path / "run").exists()
+
+
 # --- small refusals -----------------------------------------------------------------------------------
 def test_init_flags_without_weights_are_one_line(tmp_path, cli, monkeypatch):
     monkeypatch.setenv("SSLKIT_CACHE_DIR", str(tmp_path / "cache"))
     data = make_images(tmp_path / "imgs", n_per_class=2, size=32, channels=1)
     for extra, message in [(["--allow-download"], "--allow-download lets --init fetch Hub weights; give --init too"),
+                           (["--init", "typo-run/"], "--init typo-run/: no local file or folder of that name, and "
+                                                     "not a Hub id ORG/NAME ("),
+                           (["--init", "hf-hub:"], "--init 'hf-hub:' names no Hub repository"),
+                           (["--init", "runs/typo"], "--init runs/typo: no local file or folder of that name, and "
+                                                     "runs/typo is not in the local Hugging Face cache"),
                            (["--init", "timm:"], "--init timm: names no model"),
                            (["--init", "timm:.a1_in1k"], "--init timm: names no model")]:
         result = cli(*_args(data, "--out", tmp_path / "run", "--max-steps", 1, *extra))

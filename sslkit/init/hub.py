@@ -2,8 +2,11 @@
 
 A download starts with one request to the Hub's endpoint (``$HF_ENDPOINT``, read at call time,
 else https://huggingface.co) with a short timeout and no retry: a Hub that cannot be reached is one
-line in a few seconds, not ``huggingface_hub``'s minutes of retries with a warning each. Its
-log lines and warnings are silenced while it downloads (its progress bars are kept).
+line in a few seconds, not ``huggingface_hub``'s minutes of retries with a warning each. Each file
+name is then asked for once the same way (its metadata, no retry) before it is fetched: a Hub that
+answers its address but not for the file (a stalled proxy) is one line too, not a minute of
+retries per file name. Its log lines and warnings are silenced while it downloads (its progress
+bars are kept).
 """
 
 from __future__ import annotations
@@ -71,21 +74,41 @@ def download(repo: str, revision: str, files: tuple[str, ...], what: str) -> Pat
     """The first of ``files`` that ``repo`` holds, fetched into the cache; one line when none can be."""
     check_reachable(what)
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
+    from huggingface_hub.errors import EntryNotFoundError
 
     last: Exception | None = None
     with quiet_hub():
         for name in files:
             try:
+                check_file(repo, revision, name)
                 return Path(hf_hub_download(repo, name, revision=revision or None, cache_dir=str(hub_cache_dir()),
                                             **_endpoint_kw()))
-            except (RepositoryNotFoundError, RevisionNotFoundError) as exc:  # no other file name will do
+            except EntryNotFoundError as exc:  # this file name is not there: the next one
+                last = exc
+            except Exception as exc:  # no repository or revision, no answer, a broken connection: no other will do
                 last = exc
                 break
-            except Exception as exc:  # this file name is not there (or the connection broke): the next one
-                last = exc
     msg = first_line(last) if last else "no file tried"
     raise UsageError(f"--init {what}: cannot download {repo} ({', '.join(files)}): {msg}")
+
+
+def check_file(repo: str, revision: str, name: str) -> None:
+    """Ask the Hub for one file's metadata once (short timeout, no retry); raises what the Hub said
+    (``EntryNotFoundError``: no such file) or a timeout or connection error. Skipped offline, where
+    the client refuses at once."""
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url
+
+    if offline():
+        return
+
+    try:
+        url = hf_hub_url(repo, name, revision=revision or None, endpoint=hub_endpoint())
+        get_hf_file_metadata(url, timeout=REACH_TIMEOUT, endpoint=hub_endpoint(), retry_on_errors=False)
+    except Exception as exc:  # the HTTP client's timeouts and connection errors; what the Hub said passes
+        if type(exc).__module__.startswith("huggingface_hub"):
+            raise
+        raise TimeoutError(f"the Hub did not answer for {name} within {REACH_TIMEOUT:g} s "
+                           f"({type(exc).__name__}: {first_line(exc)})") from None
 
 
 def download_shards(repo: str, revision: str, names: list[str], what: str) -> None:

@@ -33,7 +33,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from sslkit.errors import UsageError
+from sslkit.errors import UsageError, first_line
 from sslkit.init.hub import HUB_FILES, INDEX_SUFFIX, hub_cache_dir, hub_endpoint  # noqa: F401 (re-exported)
 
 FILE_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
@@ -104,7 +104,7 @@ def resolve_init(spec: str, allow_download: bool = False) -> InitFile:
     if spec.startswith("timm:"):
         found = _timm(spec[5:], allow_download)
     else:
-        found = _hub(spec.split(":", 1)[1] if spec.startswith(REMOTE_PREFIXES) else spec, allow_download)
+        found = _hub(spec.split(":", 1)[1] if spec.startswith(REMOTE_PREFIXES) else spec, allow_download, what=spec)
     _RESOLVED[key] = found
     return found
 
@@ -220,11 +220,16 @@ def _hub(repo: str, allow_download: bool, files: tuple[str, ...] = HUB_FILES, wh
     repo, _, revision = repo.partition("@")
     what, label = what or repo, f"{repo}@{revision}" if revision else repo
     if not repo.strip():
-        raise UsageError(f"--init {what}: names no Hub repository; give ORG/NAME")
-    hit = hub.cached(repo, revision, files)
+        raise UsageError(f"--init {what!r} names no Hub repository; give ORG/NAME")
+    local = "" if what.startswith("timm:") or ":" in what else "no local file or folder of that name, and "
+    try:
+        hit = hub.cached(repo, revision, files)
+    except ValueError as exc:  # huggingface_hub's HFValidationError: not a repository id at all
+        raise UsageError(f"--init {what}: {local}not a Hub id ORG/NAME ({first_line(exc)}); give a weights file, "
+                         "a run directory, ORG/NAME or timm:MODEL.TAG") from None
     if hit is None and not allow_download:
-        raise UsageError(f"--init {what}: {repo} is not in the local Hugging Face cache ({hub_cache_dir()}); pass "
-                         f"--allow-download to fetch it, or give a local weights file")
+        raise UsageError(f"--init {what}: {local}{label} is not in the local Hugging Face cache ({hub_cache_dir()}); "
+                         f"pass --allow-download to fetch it, or give a local weights file")
     if hit is None:
         hit = hub.download(repo, revision, files, what)
     return _with_shards(InitFile(hit, "hub", label), repo, revision, allow_download, what)
