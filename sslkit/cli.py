@@ -12,7 +12,7 @@ from sslkit.cli_types import FiniteFloatRange
 from sslkit.errors import CheckFailed, UsageError, printable
 from sslkit.new_plugin import KINDS as NEW_PLUGIN_KINDS
 from sslkit.plugins import KINDS as PLUGIN_KINDS
-from sslkit.preempt import Preempted, requeue_exit
+from sslkit.preempt import EXIT_TERMINATED, Preempted, Terminated, requeue_exit, terminable
 from sslkit.run import remove_unused_run_dir
 from sslkit.source_flags import SourceFlagsCommand, flag_values
 
@@ -23,7 +23,8 @@ class Group(click.Group):
     def main(self, *args, **kwargs):
         kwargs["standalone_mode"] = False
         try:
-            rv = super().main(*args, **kwargs)
+            with terminable():  # SIGTERM unwinds: a half-written output's temporary file is removed
+                rv = super().main(*args, **kwargs)
         except click.exceptions.Exit as exc:
             sys.exit(exc.exit_code)
         except click.Abort as exc:
@@ -31,6 +32,9 @@ class Group(click.Group):
                 click.echo(f"{exc.__context__}: stopped before training started, nothing to checkpoint "
                            f"({_requeue_words()})", err=True)
                 sys.exit(requeue_exit())
+            if isinstance(exc.__context__, Terminated):
+                click.echo(f"{exc.__context__}: stopped; nothing half-written was left", err=True)
+                sys.exit(EXIT_TERMINATED)
             click.echo("aborted", err=True)
             sys.exit(130)
         except click.ClickException as exc:  # bad option, missing argument, ...

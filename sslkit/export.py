@@ -18,7 +18,7 @@ import numpy as np
 from sslkit.errors import UsageError
 from sslkit.output_file import check_output
 from sslkit.registry import get_exporter
-from sslkit.run import ENCODER_FILE, Run, load_run
+from sslkit.run import ENCODER_FILE, Run, check_not_run_file, load_run
 
 REAL_SAMPLES = 8
 
@@ -114,6 +114,18 @@ def _check_suffix(out: Path, fmt: str) -> None:
                          f"name it {out.with_suffix('.' + fmt).name!r}, or give --format {named}")
 
 
+def check_finite_weights(encoder: Any, run: Any) -> None:
+    """Refuse, in one line, an encoder whose weights hold NaN or inf (a diverged run, a damaged file):
+    its export could only fail the parity check, which would send the user after the exporter."""
+    import torch
+
+    bad = [k for k, v in encoder.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        what = f"checkpoint {run.checkpoint.name}" if run.checkpoint is not None else "encoder"
+        raise UsageError(f"the run's {what} holds NaN or inf weights ({len(bad)} tensors, e.g. {bad[0]}): a diverged "
+                         "run or a damaged file; nothing was exported")
+
+
 def export_run(run_dir: str | Path, out: str | Path, fmt: str = "onnx", overwrite: bool = False,
                check_data: str | None = None, log: Callable[[str], None] | None = None,
                **options: Any) -> dict[str, Any]:
@@ -127,8 +139,10 @@ def export_run(run_dir: str | Path, out: str | Path, fmt: str = "onnx", overwrit
     out = Path(out)
     _check_suffix(out, fmt)
     run = load_run(run_dir)
+    check_not_run_file(out, run.path)
     check_output(out, overwrite)
     encoder = run.build_encoder()
+    check_finite_weights(encoder, run)
     samples, note = real_samples(run, check_data)
     # The one exporter signature (hookspecs.register_exporters): always these keywords.
     report = exporter(encoder, run.spec, export_metadata(run), out, samples=samples, samples_note=note,

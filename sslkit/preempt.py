@@ -32,6 +32,37 @@ class Preempted(KeyboardInterrupt):
     """SIGTERM / SIGUSR1 before the training loop: unwinds (temporary files removed) as Ctrl-C does."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM in any other command (``export``, ``embed``, ``eval``, ``data cache``): unwinds as
+    Ctrl-C does, so a half-written output's temporary file is removed, and the command exits 143."""
+
+
+#: exit status of a command other than ``pretrain`` stopped by SIGTERM (128 + 15, as the signal would give)
+EXIT_TERMINATED = 143
+
+
+@contextmanager
+def terminable() -> Iterator[None]:
+    """Around every command: SIGTERM (sent by ``timeout``, systemd, SLURM, Kubernetes) raises
+    :class:`Terminated` once instead of killing the process before its ``finally`` blocks run.
+    ``sslkit pretrain`` installs :func:`preemptible` inside it."""
+    raised = []
+
+    def handle(signum, frame) -> None:
+        if not raised:
+            raised.append(signum)
+            raise Terminated(signal.Signals(signum).name)
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.signal(signal.SIGTERM, handle)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
 #: whether the training loop (its :class:`StopSignal`) has begun in this ``sslkit pretrain``
 _PHASE = {"loop": False}
 

@@ -22,6 +22,9 @@ ENCODER_FILE = "encoder.safetensors"
 CHECKPOINTS = "checkpoints"  # the folder of a run's step-N checkpoints
 DATA_REPORT = "data_report.json"
 LOCK_FILE = ".sslkit.lock"  # sslkit.engine.lock: one process per run directory
+#: the files and folders a run writes in its directory (an --overwrite run clears them; no output replaces them)
+RUN_FILES = (RUN_JSON, ENCODER_FILE, "metrics.csv", DATA_REPORT)
+RUN_FOLDERS = (CHECKPOINTS, "tensorboard")
 
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -201,9 +204,9 @@ def prepare_run_dir(cfg: RunConfig) -> Path:
     """Create ``cfg.out``, clearing sslkit's own files from it when overwriting."""
     out = check_run_dir(cfg)
     if cfg.overwrite and out.is_dir() and not cfg.resume:
-        for name in (RUN_JSON, ENCODER_FILE, "metrics.csv", DATA_REPORT):
+        for name in RUN_FILES:
             (out / name).unlink(missing_ok=True)
-        for name in (CHECKPOINTS, "tensorboard"):
+        for name in RUN_FOLDERS:
             if (out / name).is_dir():
                 shutil.rmtree(out / name)
         from sslkit.eval.report import remove_reports
@@ -294,12 +297,28 @@ class Run:
         if self.checkpoint is None and not file.exists():
             raise UsageError(f"run {str(self.path)!r} has no {ENCODER_FILE}: pretraining did not finish"
                              f"{_newest_checkpoint_hint(self.path)}")
+        status = self.info.get("status", "finished")
+        if self.checkpoint is None and status != "finished":  # resumed since: the file is an earlier finish's
+            raise UsageError(f"run {str(self.path)!r} is {status!r} in its {RUN_JSON}, so its {ENCODER_FILE} is "
+                             f"from an earlier session, not its newest weights{_newest_checkpoint_hint(self.path)}, "
+                             "or let the run finish")
         tensors = _checkpoint_encoder(file) if self.checkpoint is not None else None
         try:
             encoder.load_state_dict(tensors if tensors is not None else load_file(str(file)))
         except Exception as exc:
             raise UsageError(f"cannot load {file}: {type(exc).__name__}: {first_line(exc)}") from None
         return encoder.eval()
+
+
+def check_not_run_file(out: Path, run_dir: Path) -> None:
+    """Refuse, in one line, an output path that is one of ``run_dir``'s own files (``run.json``, its
+    encoder, a checkpoint...): even ``--overwrite`` must not replace what the run is read from."""
+    target, root = Path(os.path.abspath(out)), Path(os.path.realpath(run_dir))
+    target = Path(os.path.realpath(target.parent)) / target.name
+    if target.parent == root and target.name in (*RUN_FILES, LOCK_FILE, *RUN_FOLDERS) or \
+            any(root / name in target.parents for name in RUN_FOLDERS):
+        raise UsageError(f"--out {str(out)!r} is the run's own {target.relative_to(root)}; write the output "
+                         "elsewhere (the run is read from it)")
 
 
 def _checkpoint_encoder(folder: Path) -> dict[str, Any]:

@@ -163,3 +163,33 @@ def test_parity_failure_exits_1_without_file(trained, tmp_path):
     with pytest.raises(CheckFailed, match="parity failed"):
         export_run(trained["run"], out, check_data="none", tolerance=1e-12)
     assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_a_run_is_never_exported_over_its_own_files_nor_from_a_stale_or_broken_encoder(trained, tmp_path, cli):
+    """The audit's cases: --overwrite replaced run.json / encoder.safetensors with the export (the run
+    was ruined); a resumed run still training exported its earlier session's encoder; NaN weights were
+    reported as an ONNX parity failure (exit 1)."""
+    from safetensors.torch import load_file, save_file
+
+    run = tmp_path / "run"
+    shutil.copytree(trained["run"], run)
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    for own in ("run.json", "encoder.safetensors", "checkpoints/step-00000001/model.safetensors"):
+        fmt = "safetensors" if own.endswith(".safetensors") else "onnx"
+        _assert_one_line_error(cli("export", run, "--out", run / own, "--format", fmt, "--overwrite"),
+                               f"is the run's own {own}")
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    assert cli("export", run, "--out", run / "encoder.onnx", "--check-data", "none").exit_code == 0  # beside them: fine
+
+    info = json.loads((run / "run.json").read_text())
+    (run / "run.json").write_text(json.dumps({**info, "status": "running"}))  # resumed, training on
+    _assert_one_line_error(cli("export", run, "--out", tmp_path / "x.onnx"), "is 'running' in its run.json",
+                           "checkpoints/step-")
+    (run / "run.json").write_text(json.dumps(info))
+    weights = load_file(str(run / "encoder.safetensors"))
+    name = next(k for k, v in weights.items() if v.is_floating_point())
+    weights[name] = weights[name].clone().fill_(float("nan"))
+    save_file(weights, str(run / "encoder.safetensors"))
+    _assert_one_line_error(cli("export", run, "--out", tmp_path / "x.onnx", "--check-data", "none"),
+                           "holds NaN or inf weights", "nothing was exported")
+    assert not (tmp_path / "x.onnx").exists() and _leftovers(tmp_path) == []

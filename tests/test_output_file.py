@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+from pathlib import Path
 
 import pytest
 
@@ -91,3 +92,36 @@ def test_a_run_its_checkpoints_export_and_eval_report_are_readable_by_the_group(
     assert {"run.json", "encoder.safetensors", "encoder.onnx"} <= set(modes)
     wrong = {k: oct(m) for k, m in modes.items() if m != (0o755 if (run / k).is_dir() else 0o644)}
     assert not wrong, wrong
+
+
+def test_sigterm_in_any_command_unwinds_and_leaves_no_temporary_file(tmp_path):
+    """``timeout``, systemd, SLURM and Kubernetes stop a command with SIGTERM: an export being
+    written then left a full-size hidden ``.tmp-*`` file (the audit's case); now it unwinds as Ctrl-C."""
+    import os
+    import signal
+    import time
+
+    import click
+
+    from sslkit.cli import Group
+    from sslkit.output_file import write_atomic
+
+    @click.group(cls=Group)
+    def group() -> None:
+        pass
+
+    @group.command()
+    @click.argument("out")
+    def write(out: str) -> None:
+        def half_then_killed(tmp: Path) -> None:
+            tmp.write_bytes(b"x" * 4096)
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(30)  # not reached: the signal unwinds here
+
+        write_atomic(Path(out), half_then_killed)
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as exit_:
+        group.main(["write", str(tmp_path / "model.onnx")])
+    assert exit_.value.code == 143 and list(tmp_path.iterdir()) == []
+    assert signal.getsignal(signal.SIGTERM) == before  # restored after the command
