@@ -86,11 +86,17 @@ def write_plugin(name: str, kind: str, out: str | Path | None = None) -> Path:
 
 
 def _check_name_is_free(name: str, kind: str) -> None:
-    """A name an installed plugin already registers for ``kind`` is refused: installed beside it,
-    the new plugin would make that name ambiguous (an error wherever it is used)."""
+    """A name an installed plugin already registers for ``kind``, or already uses as its entry-point
+    name, is refused: installed beside it, the new plugin would make that name ambiguous (an error
+    wherever it is used), or share its plugin name (``SSLKIT_DISABLE_PLUGINS`` would select both)."""
+    from sslkit.plugins import get_plugins
     from sslkit.registry import _names, plugin_of
 
     group = f"{kind}s"
     if name in _names(group):
         raise UsageError(f"plugin name {name!r}: the plugin {plugin_of(group, name)!r} already registers a {kind} "
                          f"of that name (sslkit list {group}); choose another name")
+    owners = sorted(i.distribution or i.name for i in get_plugins().infos.values() if i.entry_point == name)
+    if owners:
+        raise UsageError(f"plugin name {name!r}: the installed distribution {owners[0]!r} already uses the "
+                         f"entry-point name {name!r} (sslkit plugins); choose another name")

@@ -5,10 +5,15 @@ Environment variables (as in simonw's ``llm``):
 * ``SSLKIT_LOAD_PLUGINS=a,b``: load only these plugins (entry-point names); empty = none.
 * ``SSLKIT_DISABLE_PLUGINS=a,b``: skip these plugins.
 
-A plugin that fails to import, whose ``register_*`` hook raises, whose declared
-``sslkit_api`` range excludes :data:`sslkit.api.API_VERSION`, or that registers a source
-whose ``scheme`` differs from its registered name, is reported on stderr in one line naming
-it and the error; every other plugin (and the plugin's other registrations) keep working.
+Two distributions declaring the same entry-point name both load, the second as
+``name@distribution``; both answer to ``name`` in these variables.
+
+A plugin that fails to import (``sys.exit()`` included), whose ``register_*`` hook raises or
+returns a value, that defines a hook without ``@hookimpl``, whose declared ``sslkit_api``
+range excludes :data:`sslkit.api.API_VERSION`, or that registers an invalid name, an object
+of the wrong type, or a source whose ``scheme`` differs from its registered name, is
+reported on stderr in one line naming it and the error; every other plugin (and the
+plugin's other registrations) keep working.
 
 Two plugins registering the same name of one kind do not stop anything from loading: the
 conflict is listed by ``sslkit plugins``, and only a command that uses that name fails, in
@@ -49,6 +54,9 @@ class PluginInfo:
     conflicts: list[str] = field(default_factory=list)
     #: the installed distribution that declared the entry point (None: registered in-process)
     distribution: str | None = None
+    #: the entry-point name (what SSLKIT_LOAD_PLUGINS / SSLKIT_DISABLE_PLUGINS match); ``name``
+    #: is ``entry_point@distribution`` where another distribution declared the same one first
+    entry_point: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"name": self.name, "version": self.version, "builtin": self.builtin}
@@ -83,22 +91,27 @@ class Plugins:
     def _load_entry_points(self) -> None:
         allow = _env_list("SSLKIT_LOAD_PLUGINS")
         deny = set(_env_list("SSLKIT_DISABLE_PLUGINS") or [])
-        for ep in sorted(entry_points(group=GROUP), key=lambda e: e.name):
-            if ep.name in self.infos:
+        seen: dict[str, set[str]] = {}  # entry-point name -> distributions that declared it
+        for ep in sorted(entry_points(group=GROUP), key=_entry_point_order):
+            dist = (ep.dist.metadata["Name"] or "") if ep.dist else ""
+            if dist.lower() in seen.setdefault(ep.name, set()):
                 continue  # the same distribution seen twice on sys.path
             if (allow is not None and ep.name not in allow) or ep.name in deny:
                 self.pm.set_blocked(ep.name)
                 continue
-            dist = (ep.dist.metadata["Name"] or "") if ep.dist else ""
-            info = self.infos[ep.name] = PluginInfo(ep.name, ep.dist.version if ep.dist else None,
-                                                    builtin=dist.lower() == "sslkit", distribution=dist or None)
+            # Another distribution's entry point of the same name loads too, under a name of its own.
+            name = f"{ep.name}@{dist or ep.value}" if seen[ep.name] else ep.name
+            seen[ep.name].add(dist.lower())
+            info = self.infos[name] = PluginInfo(name, ep.dist.version if ep.dist else None, entry_point=ep.name,
+                                                 builtin=dist.lower() == "sslkit", distribution=dist or None)
             refused = None if info.builtin else range_problem(source_api_range(ep.module))
             if refused:  # before importing: a plugin for another API may import names this one lacks
                 self._fail(info, refused)
                 continue
             try:
                 plugin = ep.load()
-            except Exception as exc:  # a broken plugin must not take the others down
+            except BaseException as exc:  # a broken plugin (even one calling sys.exit) must not take the others down
+                _reraise_interrupt(exc)
                 self._fail(info, f"failed to load ({ep.value}): {type(exc).__name__}: {exc}")
                 continue
             refused = api_incompatibility(plugin)
@@ -106,19 +119,28 @@ class Plugins:
                 self._fail(info, refused)
                 continue
             try:
-                self.pm.register(plugin, name=ep.name)
-            except Exception as exc:  # e.g. a hook whose arguments differ from sslkit's
+                self.pm.register(plugin, name=name)
+            except BaseException as exc:  # e.g. a hook whose arguments differ from sslkit's
+                _reraise_interrupt(exc)
                 self._fail(info, f"failed to register ({ep.value}): {type(exc).__name__}: {exc}")
                 continue
             self._check_hook_names(info, plugin)
 
     def _check_hook_names(self, info: PluginInfo, plugin: Any) -> None:
-        """Report each ``@hookimpl`` named like no sslkit hook (pluggy would silently never call it)."""
+        """Report each ``@hookimpl`` named like no sslkit hook, and each function named like a hook
+        but not marked ``@hookimpl``: pluggy would silently never call either."""
+        import inspect
+
         hooks = sorted(name for name in vars(hookspecs) if name.startswith("register_"))
         for caller in self.pm.get_hookcallers(plugin) or []:
             if caller.spec is None and not all(impl.optionalhook for impl in caller.get_hookimpls()):
                 self._fail(info, f"has an @hookimpl that sslkit never calls: "
                                  + unknown_name_message("hook", caller.name, hooks))
+        for hook in hooks:
+            function = getattr(plugin, hook, None)
+            if inspect.isroutine(function) and self.pm.parse_hookimpl_opts(plugin, hook) is None:
+                self._fail(info, f"defines {hook} without @hookimpl, so sslkit never calls it; "
+                                 f"define it with @hookimpl (from sslkit.api import hookimpl)")
 
     def _collect(self) -> None:
         """Call every plugin's ``register_*`` hooks, then add what they registered in that order.
@@ -141,13 +163,17 @@ class Plugins:
                     _mine.append((_kind, name, obj, _plugin))
 
                 try:
-                    impl.function(register=register)
+                    returned = impl.function(register=register)
                 except UsageError as exc:
                     refused.add(plugin)
                     self._fail(info, f"refused to load (register_{kind}): {exc}; not loaded")
                     continue
-                except Exception as exc:
+                except BaseException as exc:  # sys.exit() in a hook too: reported, the others keep working
+                    _reraise_interrupt(exc)
                     self._fail(info, f"register_{kind} raised {type(exc).__name__}: {exc}")
+                else:
+                    if returned is not None:
+                        self._fail(info, f"register_{kind} returned a value; call register(name, obj) instead")
                 made += mine
         for kind, name, obj, plugin in made:
             if plugin not in refused:
@@ -155,8 +181,13 @@ class Plugins:
 
     def _add(self, kind: str, name: str, obj: Any, plugin: str) -> None:
         what = _SINGULAR[kind]
-        if not isinstance(name, str) or not name or ":" in name:
-            self._fail(self.infos[plugin], f"registered an invalid {what} name {name!r} (skipped)")
+        if not _valid_name(name):
+            self._fail(self.infos[plugin], f"registered an invalid {what} name {name!r}: a name has no ':', ',' "
+                                           f"or whitespace and does not start with '-' (skipped)")
+            return
+        wrong = _type_problem(kind, obj)
+        if wrong:
+            self._fail(self.infos[plugin], f"registered {what} {name!r} as {_describe(obj)}; {wrong} (skipped)")
             return
         if kind == "sources" and getattr(obj, "scheme", None) != name:
             self._fail(self.infos[plugin], f"registered source {name!r} whose class has scheme "
@@ -179,9 +210,14 @@ class Plugins:
         owners = self.conflicts[kind].get(name)
         if not owners:
             return None
+        infos = [self.infos[p] for p in owners if p in self.infos]
+        pick = next((i for i in reversed(infos) if not i.builtin), infos[-1] if infos else None)
+        entry = (pick.entry_point or pick.name) if pick else owners[-1]
+        shared = sum((i.entry_point or i.name) == entry for i in self.infos.values()) > 1
+        advice = f" (pip uninstall {pick.distribution})" if shared and pick and pick.distribution else \
+            f" or set SSLKIT_DISABLE_PLUGINS={entry}"
         return (f"{_SINGULAR[kind]} {name!r} is registered by {len(owners)} plugins, "
-                + " and ".join(repr(p) for p in owners)
-                + f"; uninstall one or set SSLKIT_DISABLE_PLUGINS={owners[-1]}")
+                + " and ".join(repr(p) for p in owners) + "; uninstall one" + advice)
 
     def lookup(self, kind: str, name: str) -> Entry | None:
         """The entry registered as ``name``; None if none; a :class:`UsageError` if ambiguous."""
@@ -195,6 +231,54 @@ class Plugins:
         line = f"sslkit: plugin {info.name!r} {message}".replace("\n", " ")
         self.failures.append(line)
         print(line, file=sys.stderr)
+
+
+def _reraise_interrupt(exc: BaseException) -> None:
+    """Let Ctrl-C (and a closing generator) through; any other exception, SystemExit included,
+    is one plugin's failure."""
+    if isinstance(exc, (KeyboardInterrupt, GeneratorExit)):
+        raise exc
+
+
+def _entry_point_order(ep: Any) -> tuple[str, bool]:
+    """By name; of entry points sharing a name, sslkit's own first (it keeps the bare name)."""
+    dist = (ep.dist.metadata["Name"] or "") if ep.dist else ""
+    return ep.name, dist.lower() != "sslkit"
+
+
+def _valid_name(name: Any) -> bool:
+    """A registered name: typed in flags and in comma lists (``--callbacks a,b``), ``prefix:model``."""
+    return (isinstance(name, str) and bool(name) and not name.startswith("-")
+            and not any(c in ":," or c.isspace() for c in name))
+
+
+def _type_problem(kind: str, obj: Any) -> str | None:
+    """What a registered object of ``kind`` should be, when ``obj`` is not that; else None."""
+    import dataclasses
+
+    if kind in ("tasks", "sources"):
+        if kind == "tasks":
+            from sslkit.task import Task as base
+        else:
+            from sslkit.data.source import Source as base
+        if not (isinstance(obj, type) and issubclass(obj, base)):
+            return f"it should be a subclass of sslkit.api.{base.__name__}"
+        options = getattr(obj, "Options", None)
+        if options is not None and not (isinstance(options, type) and dataclasses.is_dataclass(options)):
+            return f"its Options should be a @dataclass or None, got {_describe(options)}"
+        return None
+    if not callable(obj):
+        return "it should be callable" + (" (a factory: model name -> nn.Module)" if kind == "backbones" else "")
+    return None
+
+
+def _describe(obj: Any) -> str:
+    if isinstance(obj, type):
+        return f"class {obj.__qualname__}"
+    if callable(obj) and isinstance(getattr(obj, "__qualname__", None), str):
+        return f"{type(obj).__name__} {obj.__qualname__}"
+    text = repr(obj)
+    return f"{type(obj).__name__} {text if len(text) <= 40 else text[:39] + '…'}"
 
 
 def api_incompatibility(plugin: Any) -> str | None:
@@ -250,16 +334,25 @@ def module_file(module: str) -> Path | None:
 
 
 def source_api_range(module: str) -> str | None:
-    """The ``sslkit_api = "..."`` that ``module``'s source declares at top level, read without importing it."""
-    import re
+    """The ``sslkit_api = "..."`` that ``module``'s source declares at top level, read without importing
+    it (a docstring or a comment that shows such a line does not count); None where the source does
+    not parse (importing it reports that)."""
+    import ast
 
     path = module_file(module)
     try:
         text = path.read_text(encoding="utf-8") if path and path.is_file() else ""
-    except (OSError, UnicodeDecodeError):
+        tree = ast.parse(text)
+    except (OSError, UnicodeDecodeError, SyntaxError, ValueError):
         return None
-    found = re.search(r"""^sslkit_api\s*(?::\s*str\s*)?=\s*(["'])(.*?)\1""", text, re.M)
-    return found.group(2) if found else None
+    found = None
+    for node in tree.body:
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target] \
+            if isinstance(node, ast.AnnAssign) and node.value is not None else []
+        if any(isinstance(t, ast.Name) and t.id == "sslkit_api" for t in targets) \
+                and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str):
+            found = node.value.value  # the last one wins, as when the module runs
+    return found
 
 
 def _env_list(name: str) -> list[str] | None:

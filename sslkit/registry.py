@@ -65,7 +65,7 @@ def get_task(name: str) -> type:
     return _get("tasks", "task", name)
 
 
-def create_task(name: str, backbone: Any, spec: Any, **options: Any) -> Any:
+def create_task(name: str, backbone: Any, spec: Any, /, **options: Any) -> Any:
     """Build task ``name`` around ``backbone``; ``options`` are its Options fields."""
     from sslkit.options import build_options
 
@@ -146,8 +146,7 @@ def resolve_data(data: str) -> tuple[str, str]:
     path = Path(data)
     if not path.exists():
         raise UsageError(f"data path {data!r} does not exist")
-    entries = get_plugins().entries["sources"]
-    scores = {s: float(entries[s].obj.sniff(path)) for s in list_sources()}
+    scores = {s: _sniff(s, path) for s in list_sources()}
     best = max(scores, key=scores.get, default=None)
     if best is None or scores[best] <= 0:
         raise UsageError(
@@ -158,7 +157,33 @@ def resolve_data(data: str) -> tuple[str, str]:
     return best, data
 
 
-def create_source(data: str, **options: Any) -> Any:
+#: sources whose ``sniff`` failed, reported once per process
+_sniff_failed: set[str] = set()
+
+
+def _sniff(scheme: str, path: Path) -> float:
+    """Source ``scheme``'s score for ``path``; 0 for a sniff that raises or scores no number, reported
+    once (one line naming the source and its plugin): one plugin's bug must not break bare paths."""
+    import math
+    import sys
+
+    from sslkit.errors import first_line, without_quoted
+
+    entry = get_plugins().entries["sources"][scheme]
+    try:
+        score = float(entry.obj.sniff(path))
+        if not math.isfinite(score):
+            raise ValueError(f"scored {score}")
+    except Exception as exc:
+        if scheme not in _sniff_failed:
+            _sniff_failed.add(scheme)
+            print(f"sslkit: source {scheme!r} (plugin {entry.plugin!r}): sniff failed, ignored: "
+                  f"{type(exc).__name__}: {without_quoted(first_line(exc))}", file=sys.stderr)  # no data path
+        return 0.0
+    return score
+
+
+def create_source(data: str, /, **options: Any) -> Any:
     """Build the source for ``--data`` (``scheme:location`` or a bare path)."""
     from sslkit.options import build_options
 

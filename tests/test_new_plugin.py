@@ -143,4 +143,7 @@ def test_refuses_to_overwrite_and_bad_names(tmp_path):
         assert proc.returncode == 2 and proc.stderr.strip() == (
             f"error: plugin name {name!r}: the plugin {name!r} already registers a {kind} of that name "
             f"(sslkit list {listing}); choose another name") and not (tmp_path / name).exists()
-    assert run_sslkit("new-plugin", "simclr", "--kind", "exporter", "--out", tmp_path / "e").returncode == 0
+    # another kind of the same name: the entry-point name sslkit's simclr plugin already has
+    proc = run_sslkit("new-plugin", "simclr", "--kind", "exporter", "--out", tmp_path / "e")
+    assert proc.returncode == 2 and "already uses the entry-point name 'simclr'" in proc.stderr
+    assert run_sslkit("new-plugin", "simclr_npz", "--kind", "exporter", "--out", tmp_path / "e").returncode == 0

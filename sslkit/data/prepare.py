@@ -71,7 +71,12 @@ def resize_square(x: np.ndarray, size: int) -> np.ndarray:
 
 
 def majority_channels(source: Source, refs: Sequence[SampleRef], limit: int = 512) -> int:
-    """The channel count most samples have (1 on a tie), read from headers where possible."""
+    """The channel count most samples have (1 on a tie), read from headers where possible.
+
+    A 2D sample has at most 4 channels (a slab of K slices: 4 K); a source whose samples mostly have
+    more (channels last, ``(H, W, C)``) is refused in one line rather than training a wide encoder."""
+    from sslkit.data.volume import sample_mode
+
     counts: dict[int, int] = {}
     step = max(1, len(refs) // limit)
     for ref in refs[::step]:
@@ -83,9 +88,12 @@ def majority_channels(source: Source, refs: Sequence[SampleRef], limit: int = 51
                 continue
         c = 3 if c in (3, 4) else (c if c > 4 else 1)  # > 4: a slab of K slices (sslkit.data.volume)
         counts[c] = counts.get(c, 0) + 1
-    if not counts:
-        return 1
-    return max(sorted(counts), key=lambda k: (counts[k], -k))
+    best = max(sorted(counts), key=lambda k: (counts[k], -k)) if counts else 1
+    most = 4 * sample_mode(source).slab
+    if best > most and not sample_mode(source).volumetric:
+        raise UsageError(f"source {getattr(source, 'scheme', '?')!r} gives samples of {best} channels; a sample is "
+                         f"(C, H, W) with at most {most} channels (is it channels last, (H, W, C)?)")
+    return best
 
 
 def prepare(

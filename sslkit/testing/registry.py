@@ -13,17 +13,28 @@ def registered(kind: str, distribution: str | None = None) -> list[str]:
     """Names of ``kind`` (``tasks``, ``sources``, ``backbones``, ``exporters``, ``callbacks``) registered by
     the plugins of installed ``distribution`` (its project name, e.g. ``"my-sslkit-plugin"``;
     None: every plugin), sorted. Use as ``@pytest.mark.parametrize("name", registered(...))``.
+
+    With ``distribution``, an ``AssertionError`` (not an empty list, which pytest would report as a
+    skipped test) when it is not installed, when one of its plugins failed to load (the plugin's error,
+    as ``sslkit plugins`` shows it), or when it registers nothing of ``kind``.
     """
     from sslkit.plugins import get_plugins
 
     plugins = get_plugins()
-    if distribution is not None:
-        want = _normal(distribution)
-        known = {_normal(i.distribution or "") for i in plugins.infos.values()}
-        assert want in known, f"no installed distribution {distribution!r} registers sslkit plugins " \
-                              f"(pip install -e it first; installed: {', '.join(sorted(k for k in known if k))})"
-    return sorted(name for name, entry in plugins.entries[kind].items()
-                  if distribution is None or _normal(plugins.infos[entry.plugin].distribution or "") == want)
+    if distribution is None:
+        return sorted(plugins.entries[kind])
+    want = _normal(distribution)
+    known = {_normal(i.distribution or "") for i in plugins.infos.values()}
+    assert want in known, f"no installed distribution {distribution!r} registers sslkit plugins " \
+                          f"(pip install -e it first; installed: {', '.join(sorted(k for k in known if k))})"
+    mine = [i for i in plugins.infos.values() if _normal(i.distribution or "") == want]
+    for info in mine:
+        if info.error:
+            raise AssertionError(f"{distribution!r}: plugin {info.name!r} {info.error}")
+    names = sorted({name for info in mine for name in info.registered[kind]})  # a conflicting name too
+    assert names, f"{distribution!r} registers no {kind} (it registers: " + (", ".join(
+        f"{k} {', '.join(sorted(v))}" for i in mine for k, v in i.registered.items() if v) or "nothing") + ")"
+    return names
 
 
 def _normal(name: str) -> str:

@@ -67,6 +67,8 @@ def check_source(source: Any, location: str, *, tmp_path: Path, options: Any = N
 def _check_load(src: Any, cls: type, ref: Any, volume: tuple[int, ...] | None) -> int:
     """``load(ref)``: float32 ``(C, H, W)`` (volumes: ``(C, *volume)``) in [0, 1], ``C`` as
     ``channels_of`` says; returns ``C``."""
+    from sslkit.data.volume import sample_mode
+
     x = src.load(ref)
     what = f"{cls.__name__}.load({ref.id!r})"
     assert isinstance(x, np.ndarray) and x.dtype == np.float32, f"{what}: want a float32 numpy array, got " \
@@ -76,6 +78,9 @@ def _check_load(src: Any, cls: type, ref: Any, volume: tuple[int, ...] | None) -
             f"{what}: sampling volumes of {tuple(volume)}, want (C, {', '.join(map(str, volume))}), got {x.shape}"
     else:
         assert x.ndim == 3 and x.shape[0] >= 1 and min(x.shape[1:]) >= 1, f"{what}: want (C, H, W), got {x.shape}"
+        most = 4 * sample_mode(src).slab  # grey, RGB(A); a slab of K slices: K times that
+        assert x.shape[0] <= most, f"{what}: samples are (C, H, W) with at most {most} channels, got {x.shape}" + \
+            (" (channels last? return x.transpose(2, 0, 1))" if x.shape[-1] in (1, 3, 4) else "")
     assert np.isfinite(x).all() and x.min() >= 0.0 and x.max() <= 1.0, \
         f"{what}: values must be in [0, 1], got [{x.min()}, {x.max()}]"
     declared = src.channels_of(ref)

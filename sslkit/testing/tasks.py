@@ -56,10 +56,14 @@ def check_task(task: Any, *, tmp_path: Path, backbone: str | None = None, backbo
     the task's family (``monai:vit`` or ``monai:resnet10``; the ``volumes`` extra).
     Returns ``{"task", "backbone", "losses": {C: [...]}, "export", "resume"}``.
     """
+    import dataclasses
+
     from sslkit.api import Task
 
     name, cls = resolve("tasks", task)
     assert isinstance(cls, type) and issubclass(cls, Task), f"{task!r} is not a subclass of sslkit.api.Task"
+    assert cls.Options is None or (isinstance(cls.Options, type) and dataclasses.is_dataclass(cls.Options)), \
+        f"{cls.__name__}.Options must be a @dataclass (or None for no options), got {cls.Options!r}"
     if backbone is None:
         _check_default_backbone(cls, options or {}, image_size)
         backbone, kit_options = kit_backbone(cls, volume is not None, image_size)
