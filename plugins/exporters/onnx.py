@@ -384,7 +384,8 @@ def _metadata(base: dict[str, Any], spec: InputSpec, raw: RawInput, dynamic_hw: 
                              spacing_mm=list(spec.spacing) if spec.spacing else "native", pad_value=raw.pad_value,
                              pad_units=_PAD_UNITS[raw.kind],
                              resize="client: resample to spacing_mm (dz, dy, dx; trilinear, along D at the slices' "
-                                    "positions), centre crop / pad with pad_value to volume_size (D, H, W); "
+                                    "positions; the field of view kept, n voxels -> round(n * spacing / spacing_mm), "
+                                    "align_corners=False), centre crop / pad with pad_value to volume_size (D, H, W); "
                                     "client_steps says each step")
     return meta
 

@@ -8,7 +8,9 @@ spacing ``(dz, dy, dx)`` in mm and samples them one of three ways (:class:`Sampl
   (slice-major: the K slices of channel 0, then of channel 1...), edge-padded at the
   ends of the volume, so every 2D task and backbone takes them unchanged;
 * ``volume``: the whole volume, resampled (trilinear) to ``spacing`` and centre
-  cropped / padded to ``size`` ``(D, H, W)``: ``(C, D, H, W)``.
+  cropped / padded to ``size`` ``(D, H, W)``: ``(C, D, H, W)``. The field of view is kept:
+  ``n`` voxels become ``round(n * spacing / target)`` (torch's trilinear resize,
+  ``align_corners=False``), so a voxel is the target's size within half a voxel over the extent.
 
 A volume is resampled along the slice normal at its slices' real positions where a source
 knows them (:func:`depth_positions`): a series with a missing slice or an uneven step is
