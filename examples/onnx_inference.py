@@ -17,8 +17,9 @@ preprocessing the graph does not do itself.
 
 Per image, as in pretraining:
 
-1. read pixels: 8/16-bit PNG/JPEG/TIFF with pillow; DICOM with pydicom, through the
-   modality LUT (RescaleSlope/Intercept: Hounsfield units for CT);
+1. read pixels: 8/16-bit PNG/JPEG/TIFF with pillow (float and 32-bit integer TIFFs scaled
+   to [0, 1] by their own min-max, NaN/inf skipped: sslkit's rule, copied in ``own_range``);
+   DICOM with pydicom, through the modality LUT (RescaleSlope/Intercept: Hounsfield units for CT);
 2. map to what the graph takes (``input.raw.kind`` in the metadata):
    ``uint8`` / ``uint16`` raw pixels, ``window`` modality values (MONOCHROME1 reflected in
    the window), ``unit`` [0, 1] after the run's DICOM window (``auto``: the file's first
@@ -84,7 +85,9 @@ def image_pixels(path: Path, raw: dict) -> np.ndarray:
         img = ImageOps.exif_transpose(opened) if opened.format in ("JPEG", "MPO") else opened
         if img.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
             x, top = np.asarray(img, dtype=np.uint16).astype(np.float32), 65535.0
-        elif img.mode == "I":
+        elif img.mode == "F" or (img.mode == "I" and img.format == "TIFF"):  # float / 32-bit integer pixels
+            x, top = own_range(np.asarray(img)), 1.0
+        elif img.mode == "I":  # e.g. a 16-bit PNG that pillow opens as 32-bit, as sslkit's folder source reads it
             a = np.asarray(img, dtype=np.float32)
             x, top = a, 65535.0 if a.max() > 255 else 255.0
         else:
@@ -100,6 +103,19 @@ def image_pixels(path: Path, raw: dict) -> np.ndarray:
     if kind == "window":
         raise ValueError("this graph takes DICOM modality values, not a regular image")
     return x / top
+
+
+def own_range(a: np.ndarray) -> np.ndarray:
+    """Float and 32-bit integer pixels -> float32 in [0, 1] by the image's own min-max (a constant
+    image: 0); NaN or inf: the file is skipped. A copy of sslkit's one pixels-to-[0, 1] rule
+    (``sslkit.api.unit_floats``: uint8 / 255, uint16 / 65535, other numbers by their own min-max),
+    carried here because this script does not import sslkit; keep the two the same."""
+    lo, hi = float(a.min()), float(a.max())
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        raise ValueError("holds NaN or inf values")
+    if not hi > lo:
+        return np.zeros(a.shape, np.float32)
+    return ((a.astype(np.float64) - lo) / (hi - lo)).astype(np.float32)
 
 
 def dicom_frames(path: Path) -> list[tuple[int | None, np.ndarray]]:
@@ -222,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     if meta["input"].get("sample", "slice") != "slice":  # K neighbouring slices, or a whole series
         sys.exit(f"error: this encoder takes {meta['input']['sample']} samples assembled from series (slices "
                  f"ordered in space); this example reads single images: embed with `sslkit embed {args.model} "
-                 f"--data dicom:{args.folder} --out {args.out}`")
+                 f"--data {spec.get('source') or 'dicom'}:{args.folder} --out {args.out}`")
 
     ids, batch, embeddings, skipped = [], [], [], {}  # skipped: reason -> files
     files = list_files(Path(args.folder))

@@ -21,12 +21,12 @@ from typing import Any, Callable
 import numpy as np
 
 from sslkit.data.loader import BatchLoader
-from sslkit.data.pipeline import load_data
+from sslkit.data.pipeline import load_data, summary_line
 from sslkit.errors import UsageError, first_line, without_quoted
 from sslkit.output_file import check_output, write_atomic
 from sslkit.progress import counted
-from sslkit.raw_input import RawInput, graph_preprocessing_of
-from sslkit.registry import resolve_data
+from sslkit.raw_input import RawInput, fixed_windows, graph_preprocessing_of
+from sslkit.registry import create_source, resolve_data
 from sslkit.spec import InputSpec
 
 
@@ -192,6 +192,9 @@ def _open_model(model: str | Path, device: str, weights: bool) -> Model:
     path = Path(model)
     if path.is_dir():
         return open_run(path, device, weights)
+    if is_safetensors(path):
+        raise UsageError(f"{str(path)!r} is a safetensors export: it holds the encoder's weights only and cannot "
+                         f"be embedded directly; embed the run directory or an ONNX export (sslkit export RUN)")
     if path.suffix.lower() == ".onnx" or path.is_file():
         if not path.is_file():
             raise UsageError(f"ONNX model {str(path)!r} does not exist")
@@ -201,16 +204,47 @@ def _open_model(model: str | Path, device: str, weights: bool) -> Model:
     raise UsageError(f"model {str(path)!r} does not exist; give a run directory or an .onnx file")
 
 
+def is_safetensors(path: Path) -> bool:
+    """Whether ``path`` is a safetensors file: by its suffix, or its header (an 8-byte length, then JSON)."""
+    if path.suffix.lower() == ".safetensors":
+        return True
+    try:
+        with open(path, "rb") as f:
+            head = f.read(10)
+    except OSError:
+        return False
+    return len(head) == 10 and head[8:10] in (b'{"', b"{}") and int.from_bytes(head[:8], "little") < 100_000_000
+
+
 def source_options_for(model: Model, data: str, overrides: dict[str, Any] | None) -> dict[str, Any]:
     """The model's source options when ``data`` is of its source kind, then ``overrides``."""
     scheme, _ = resolve_data(data)
     options = dict(model.source_options) if scheme == model.spec.source else {}
     for key, value in (overrides or {}).items():
-        if key in model.fixed_options and str(value) != str(model.fixed_options[key]):
-            raise UsageError(f"this ONNX file applies {key}={model.fixed_options[key]} inside its graph; "
-                             f"export the run again without --with-preprocessing to choose another {key}")
+        fixed = model.fixed_options.get(key, value)
+        if key in model.fixed_options and str(value) != str(fixed):
+            if not same_graph_window(model.spec, data, {**options, key: value}, key, value):
+                raise UsageError(f"this ONNX file applies {key}={fixed} inside its graph; "
+                                 f"export the run again without --with-preprocessing to choose another {key}")
+            value = fixed if fixed is not None else value  # the same windows, as the run wrote them
         options[key] = value
     return options
+
+
+def same_graph_window(spec: InputSpec, data: str, options: dict[str, Any], key: str, value: Any) -> bool:
+    """Whether source ``options`` give the windows ``spec``'s graph applies (``400.0,40`` is ``400,40``):
+    as the source parses them (its ``graph_preprocessing``), else (the source refuses the text) as
+    sslkit describes a window (``W 400, L 40``, :func:`~sslkit.raw_input.fixed_windows`)."""
+    want = graph_preprocessing_of(spec)
+    try:
+        got = create_source(data, **options).graph_preprocessing()
+        if got.kind != want.kind:
+            return False
+        windows = list(zip(got.lower, got.upper))
+    except UsageError:
+        windows = fixed_windows({key: value}) if key == "window" else None
+    return windows is not None and len(windows) == len(want.lower) and bool(
+        np.allclose(windows, list(zip(want.lower, want.upper)), rtol=1e-9, atol=1e-9))
 
 
 def check_sample_shape(shape: tuple[int, ...], spec: Any) -> None:
@@ -263,6 +297,13 @@ def embed_run(run_dir: str, data: str, batch_size: int = 64, source_options: dic
     return embed(open_run(run_dir, weights=weights), data, batch_size, source_options, progress)
 
 
+def skipped_line(result: Embeddings) -> str:
+    """``pretrain``'s one-line data summary (:func:`~sslkit.data.pipeline.summary_line`: the commonest
+    reasons, with counts) of what ``embed`` skipped, from its reasons without file names."""
+    rows = [("", reason) for reason, n in result.skip_reasons.items() for _ in range(n)]
+    return summary_line(len(result.ids), rows, where="")  # embed writes no data_report.json
+
+
 def embed_to_file(model: str | Path, data: str, out: str | Path, overwrite: bool = False, **kwargs: Any) -> dict[str, Any]:
     """:func:`embed`, saved as ``.npz`` with ``embeddings`` ``(N, D)`` float32 and ``ids`` (strings).
 
@@ -275,6 +316,8 @@ def embed_to_file(model: str | Path, data: str, out: str | Path, overwrite: bool
     opened = open_model(model, kwargs.pop("device", "cpu"), max_pixels=kwargs.pop("max_pixels", None))
     result = embed(opened, data, **kwargs)
     check_finite(result.embeddings, f"the model {str(model)!r}")
+    if result.skipped:
+        print(f"data: {skipped_line(result)}", file=sys.stderr)
     arrays = {"embeddings": result.embeddings, "ids": np.array(result.ids, dtype=str)}
     if any(label is not None for label in result.labels):
         arrays["labels"] = np.array([label or "" for label in result.labels], dtype=str)

@@ -115,3 +115,36 @@ def test_eval_takes_the_source_plugins_flags_like_pretrain(run_and_onnx, tmp_pat
     flag, opt = cli(*args, "--window", "lung"), cli(*args, "--data-opt", "window=lung")
     assert flag.exit_code == opt.exit_code == 2 and flag.stderr == opt.stderr and "window" in flag.stderr
     assert len(flag.stderr.strip().splitlines()) == 1
+
+
+def test_a_safetensors_export_is_refused_in_one_line(run_and_onnx, tmp_path, cli):
+    """A safetensors export holds weights only: say so (not onnx's "Wire format was corrupt"),
+    by its suffix or, renamed, by its header."""
+    from safetensors.numpy import save_file
+
+    save_file({"conv.weight": np.zeros((2, 2), np.float32)}, str(tmp_path / "encoder.safetensors"))
+    (tmp_path / "weights.bin").write_bytes((tmp_path / "encoder.safetensors").read_bytes())
+    for model in ("encoder.safetensors", "weights.bin"):
+        result = cli("embed", tmp_path / model, "--data", run_and_onnx["data"], "--out", tmp_path / "e.npz")
+        _assert_one_line_error(result, "safetensors export", "weights only",
+                               "embed the run directory or an ONNX export")
+    assert not (tmp_path / "e.npz").exists()
+
+
+def test_embed_names_the_commonest_skip_reasons(run_and_onnx, tmp_path, cli):
+    """Skipped files: `pretrain`'s one-line summary of the reasons on stderr, no file names."""
+    from PIL import Image
+
+    data = tmp_path / "data"
+    make_images(data, n_per_class=2, size=40, channels=1)
+    (data / "a" / "secret-name.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    nan = np.full((40, 40), 1.0, np.float32)
+    nan[0, 0] = np.nan
+    Image.fromarray(nan, mode="F").save(data / "b" / "masked.tif")
+    result = cli("embed", run_and_onnx["onnx"], "--data", f"folder:{data}", "--out", tmp_path / "e.npz", "--quiet")
+    assert result.exit_code == 0, result.output
+    assert "embedded 4 images" in result.stdout and "2 skipped" in result.stdout
+    lines = [line for line in result.stderr.splitlines() if line.startswith("data: ")]
+    assert len(lines) == 1 and lines[0].startswith("data: 4 images; 2 files skipped: "), result.stderr
+    assert "1 x holds NaN or inf values" in lines[0] and "data_report.json" not in lines[0]
+    assert "secret-name" not in result.stderr and "masked" not in result.stderr

@@ -106,6 +106,14 @@ def test_embed_onnx_equals_run_dir_and_window_is_fixed(ct, tmp_path, cli):
     assert np.abs(np.load(tmp_path / "bone.npz")["embeddings"] - ra["embeddings"]).max() > 1e-4
     _assert_one_line_error(cli("embed", ct["onnx"], "--data", f"dicom:{ct['data']}", "--out", tmp_path / "x.npz",
                                "--window", "bone"), "window=lung inside its graph")
+    # the graph's own window however written (numbers compared, not text): the same embeddings
+    for i, same in enumerate(("1500,-600", "1500.0,-600", "1500:-600.0", "W 1500, L -600", "LUNG")):
+        result = cli("embed", ct["onnx"], "--data", f"dicom:{ct['data']}", "--out", tmp_path / f"{i}.npz",
+                     "--window", same, "--quiet")
+        assert result.exit_code == 0, (same, result.output)
+        np.testing.assert_allclose(np.load(tmp_path / f"{i}.npz")["embeddings"], rb["embeddings"], atol=1e-6)
+    _assert_one_line_error(cli("embed", ct["onnx"], "--data", f"dicom:{ct['data']}", "--out", tmp_path / "x.npz",
+                               "--window", "W 1500, L -500"), "window=lung inside its graph")
 
 
 def test_example_client_without_torch_dicom(ct, tmp_path, cli):
@@ -122,7 +130,8 @@ def test_example_client_without_torch_dicom(ct, tmp_path, cli):
 
 
 def test_example_client_without_torch_png(tmp_path):
-    """A plain (normalised-input) export of an RGB encoder, on PNGs that need resizing."""
+    """A plain (normalised-input) export of an RGB encoder, on PNGs that need resizing, a JPEG on
+    its side, float32 and int32 TIFFs (scaled by their own min-max) and a TIFF with NaN (skipped)."""
     from sslkit.embed import embed
     from sslkit.registry import create_backbone, get_exporter
     from sslkit.spec import InputSpec
@@ -135,6 +144,13 @@ def test_example_client_without_torch_png(tmp_path):
     exif = Image.Exif()
     exif[0x0112] = 6
     Image.fromarray(rgb).save(images / "a" / "rotated.jpg", exif=exif, quality=95)
+    # float32 and 32-bit integer TIFFs: both scale them by their own min-max (not clipped to 0-255, not / 65535)
+    ramp = (xx * 7.0 - yy * 3.0)[:, :48]
+    Image.fromarray((ramp * 0.01 - 2.5).astype(np.float32), mode="F").save(images / "b" / "float.tif")
+    Image.fromarray((ramp * 90_000 + 5_000_000).astype(np.int32)).save(images / "b" / "int32.tif")
+    masked = (ramp * 0.01).astype(np.float32)
+    masked[:2, :2] = np.nan
+    Image.fromarray(masked, mode="F").save(images / "b" / "nan.tif")  # skipped by both, with the reason
     encoder = create_backbone("timm:resnet10t", in_chans=3, image_size=32).eval()
     spec = InputSpec(3, 32, (0.5, 0.45, 0.4), (0.25, 0.25, 0.3), "folder", {"scale": "8-bit / 255"})
     get_exporter("onnx")(encoder, spec, {"task": "t", "backbone": "timm:resnet10t", "embedding_dim": 512},
@@ -143,10 +159,32 @@ def test_example_client_without_torch_png(tmp_path):
     proc = _without_torch(str(tmp_path / "rgb.onnx"), str(images), "--out", str(out))
     assert proc.returncode == 0, proc.stderr
     assert "torch imported: False" in proc.stdout
+    assert "nan.tif: ValueError: holds NaN or inf values" in proc.stderr
     client = np.load(out)
     ours = embed(tmp_path / "rgb.onnx", f"folder:{images}", progress=False)
-    assert list(client["ids"]) == ours.ids
+    assert list(client["ids"]) == ours.ids and len(ours.ids) == 9 and ours.skipped == 1
     # 40 -> 32 px: pillow's antialiased bilinear vs PyTorch's, so close rather than identical
     cos = (client["embeddings"] * ours.embeddings).sum(1) / (
         np.linalg.norm(client["embeddings"], axis=1) * np.linalg.norm(ours.embeddings, axis=1))
     assert cos.min() > 0.999
+
+
+def test_example_client_names_the_runs_source_for_a_volume_encoder(tmp_path):
+    """A volume (or slab) encoder is refused in one line that names `sslkit embed` with the run's
+    source scheme (a NIfTI run: nifti:FOLDER, not dicom:FOLDER), before any work."""
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Identity", ["pixels"], ["embedding"])], "g",
+                              [helper.make_tensor_value_info("pixels", TensorProto.FLOAT, [1, 1, 4, 4, 4])],
+                              [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, [1, 1, 4, 4, 4])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    meta = {"input": {"name": "pixels", "sample": "volume", "raw": {"kind": "window", "channels": 1}},
+            "output": {"name": "embedding"}, "spec": {"source": "nifti"}}
+    helper.set_model_props(model, {"sslkit": json.dumps(meta)})
+    onnx.save(model, tmp_path / "vol.onnx")
+    (tmp_path / "scans").mkdir()
+    proc = subprocess.run([sys.executable, str(EXAMPLE), tmp_path / "vol.onnx", tmp_path / "scans", "--out",
+                           tmp_path / "client.npz"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert f"--data nifti:{tmp_path / 'scans'}" in proc.stderr and "dicom:" not in proc.stderr

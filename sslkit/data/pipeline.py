@@ -91,12 +91,13 @@ def _new_objects_only():
         gc.unfreeze()
 
 
-def summary_line(samples: int, skipped: list[tuple[str, str]], shown: int = 4) -> str:
+def summary_line(samples: int, skipped: list[tuple[str, str]], shown: int = 4,
+                 where: str = " (reasons in data_report.json)") -> str:
     """``"1234 images; 5 files skipped (reasons in data_report.json): 2 x unreadable header, ..."``.
 
     Reasons are counted by their text before the first ``:``; the ``shown`` most common
     are named and the rest summed as ``and N more (K other reasons)``, so the counts
-    always add up to the number skipped.
+    always add up to the number skipped. ``where``: where the full reasons are ("": nowhere).
     """
     line = f"{samples} images"
     if skipped:
@@ -109,7 +110,7 @@ def summary_line(samples: int, skipped: list[tuple[str, str]], shown: int = 4) -
         rest = ranked[shown:]
         if rest:
             parts.append(f"and {sum(n for _, n in rest)} more ({len(rest)} other reason{'s' * (len(rest) > 1)})")
-        line += f"; {len(skipped)} files skipped (reasons in data_report.json): {', '.join(parts)}"
+        line += f"; {len(skipped)} files skipped{where}: {', '.join(parts)}"
     return line
 
 
