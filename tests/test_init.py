@@ -663,3 +663,9 @@ def test_a_checkpoint_init_does_not_call_the_parts_it_restores_unused(mae_init, 
     assert "decoder_pred" in rec["task_parts"]["restored"]
     assert not [k for k in rec["unexpected"] if k.split(".")[0] in rec["task_parts"]["restored"]], rec["unexpected"]
     assert "unused: none" in rec["summary"], rec["summary"]
+
+
+def test_a_model_saved_whole_says_to_save_its_state_dict(tmp_path):
+    torch.save(torch.nn.Linear(2, 2), tmp_path / "whole.pth")  # torch.save(model): a pickled class, never run
+    with pytest.raises(UsageError, match=r"holds no state dict of tensors \(.*torch\.save\(model\.state_dict\(\), FILE\)"):
+        load_init(str(tmp_path / "whole.pth"), create_backbone("timm:resnet18", in_chans=3, image_size=32))

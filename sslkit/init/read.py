@@ -67,5 +67,6 @@ def _unwrap(obj, name: str) -> dict[str, torch.Tensor]:
         if inner is None:
             break
         obj = inner
-    raise UsageError(f"--init {name}: holds no state dict of tensors (keys: "
-                     f"{', '.join(map(str, list(obj)[:5])) if isinstance(obj, dict) else type(obj).__name__})")
+    held = f"keys: {', '.join(map(str, list(obj)[:5]))}" if isinstance(obj, dict) else type(obj).__name__
+    raise UsageError(f"--init {name}: holds no state dict of tensors ({held}); a model saved whole "
+                     "(torch.save(model)) is never unpickled: save torch.save(model.state_dict(), FILE)")
