@@ -23,22 +23,32 @@ from sslkit.run import ENCODER_FILE, Run, check_not_run_file, load_run
 REAL_SAMPLES = 8
 
 
-def run_id(run: Run) -> str | None:
-    """The run's id: ``run.json``'s ``run_id`` when it has one, else a hash of its weights."""
+def run_id(run: Run, encoder: Any = None) -> str | None:
+    """The run's id: ``run.json``'s ``run_id`` when it has one, else a hash of the exported weights
+    (``encoder``'s tensors: a checkpoint's when one is exported), else of ``encoder.safetensors``."""
     if run.info.get("run_id"):
         return str(run.info["run_id"])
+    h = hashlib.sha256()
+    if encoder is not None:
+        import torch
+
+        for key, value in sorted(encoder.state_dict().items()):
+            t = value.detach().cpu().contiguous()
+            h.update(f"{key} {t.dtype} {tuple(t.shape)}\n".encode())
+            h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        return h.hexdigest()[:16]
     file = run.path / ENCODER_FILE
     if not file.exists():
         return None
-    h = hashlib.sha256()
     with open(file, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()[:16]
 
 
-def export_metadata(run: Run) -> dict[str, Any]:
-    """What an exported artefact carries about its run. No paths, no patient identifiers."""
+def export_metadata(run: Run, encoder: Any = None) -> dict[str, Any]:
+    """What an exported artefact carries about its run (``encoder``: the weights exported, for
+    ``run_id``). No paths, no patient identifiers."""
     from sslkit import __version__
     from sslkit.init import onnx_record
 
@@ -51,7 +61,7 @@ def export_metadata(run: Run) -> dict[str, Any]:
         "source_options": dict(config.get("source_options") or {}),
         "embedding_dim": run.info["embedding_dim"],
         "dataset_fingerprint": run.info.get("dataset", {}).get("fingerprint"),
-        "run_id": run_id(run),
+        "run_id": run_id(run, encoder),
         "sslkit_version": __version__,
         "init": onnx_record(run.info.get("init")),  # --init: source name, sha256, adaptations (no path)
         "checkpoint": run.checkpoint.name if run.checkpoint is not None else None,  # step-N, or the final encoder
@@ -145,6 +155,6 @@ def export_run(run_dir: str | Path, out: str | Path, fmt: str = "onnx", overwrit
     check_finite_weights(encoder, run)
     samples, note = real_samples(run, check_data)
     # The one exporter signature (hookspecs.register_exporters): always these keywords.
-    report = exporter(encoder, run.spec, export_metadata(run), out, samples=samples, samples_note=note,
+    report = exporter(encoder, run.spec, export_metadata(run, encoder), out, samples=samples, samples_note=note,
                       log=log or (lambda line: None), **options)
     return {"format": fmt, "out": str(out), **(report or {})}

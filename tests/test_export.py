@@ -193,3 +193,24 @@ def test_a_run_is_never_exported_over_its_own_files_nor_from_a_stale_or_broken_e
     _assert_one_line_error(cli("export", run, "--out", tmp_path / "x.onnx", "--check-data", "none"),
                            "holds NaN or inf weights", "nothing was exported")
     assert not (tmp_path / "x.onnx").exists() and _leftovers(tmp_path) == []
+
+
+def test_run_id_is_a_hash_of_the_weights_exported(trained, tmp_path):
+    """A checkpoint's export named the final encoder's hash (the audit's case): now each export names
+    its own weights, so the same weights give the same id and others another."""
+    from safetensors.torch import load_file, save_file
+
+    from sslkit.export import export_metadata
+
+    run = tmp_path / "run"
+    shutil.copytree(trained["run"], run)
+    step = run / "checkpoints" / "step-00000001"
+    same = export_metadata(load_run(step), load_run(step).build_encoder())["run_id"]  # 1 step: the final weights
+    assert same == export_metadata(load_run(run), load_run(run).build_encoder())["run_id"]
+    weights = load_file(str(run / "encoder.safetensors"))
+    name = next(k for k, v in weights.items() if v.is_floating_point())
+    weights[name] = weights[name] + 1
+    save_file(weights, str(run / "encoder.safetensors"))
+    final = export_metadata(load_run(run), load_run(run).build_encoder())["run_id"]
+    assert final != same == export_metadata(load_run(step), load_run(step).build_encoder())["run_id"]
+    assert len(final) == 16 and int(final, 16) >= 0
