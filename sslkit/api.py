@@ -14,7 +14,8 @@ import importlib
 from typing import TYPE_CHECKING
 
 from sslkit.data.parallel import parallel_map
-from sslkit.data.prepare import available_memory, resize_square, skip_reason
+from sslkit.data.prepare import resize_square, skip_reason
+from sslkit.data.room import available_memory
 from sslkit.data.source import NotAnImage, SampleRef, Source, Undecodable, check_pixel_count, to_channels
 from sslkit.data.volume import (ORIENTATION, SampleMode, crop_or_pad, fit_volume, resample, slab_indices, volume_fit,
                                 stack_slab)

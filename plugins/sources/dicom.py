@@ -3,9 +3,9 @@
 Indexing reads headers only (``stop_before_pixels``), in parallel processes for large
 folders. Multi-frame files (enhanced CT/MR, ultrasound cine, tomosynthesis) give one
 sample per frame; all frames of a file share its split group. Objects without pixel
-data (SR, SEG, RTSTRUCT, PR, KO...) are skipped silently; unreadable files are skipped
-with a reason. Decoding (modality LUT, windows, MONOCHROME1, colour) is in
-:mod:`sslkit_plugins.sources.dicom_decode`.
+data (SR, SEG, RTSTRUCT, PR, KO...) are skipped silently; unreadable files, and image files
+that are not DICOM (PNG, JPEG...), are skipped with a reason. Decoding (modality LUT, windows,
+MONOCHROME1, colour) is in :mod:`sslkit_plugins.sources.dicom_decode`.
 
 Labels for ``eval``: the first folder below PATH, not the file's own folder as for image
 folders (:mod:`sslkit_plugins.sources.dicom_labels`).
@@ -30,17 +30,18 @@ import numpy as np
 import pydicom
 
 from sslkit.api import SampleMode, SampleRef, Source, Undecodable, check_dir, first_files, hookimpl, walk_files
-from sslkit.api import GraphPreprocessing, UsageError, check_pixel_count, keyed_hash, without_quoted
+from sslkit.api import GraphPreprocessing, UsageError, check_pixel_count, keyed_hash
 from sslkit_plugins.sources.dicom_decode import codec_failure, decode, parse_windows, read_dataset
 from sslkit_plugins.sources.dicom_headers import cached_headers, stable_groups
 from sslkit_plugins.sources.dicom_labels import class_of, not_patient_folders, series_labelled
 from sslkit_plugins.sources.dicom_pixels import decode_located, pixel_facts, read_frame
+from sslkit_plugins.sources.dicom_reasons import IMAGE_SUFFIXES, NOT_DICOM_IMAGE, failure_reason, safe_reason
 from sslkit_plugins.sources.dicom_series import assemble, geometry
 from sslkit_plugins.sources.dicom_values import has, transfer_syntax, value
 from sslkit_plugins.sources.dicom_volume import VolumeSampler
 
 GROUP_SALT = b"sslkit-group-v1"
-HEADER_FORMAT = 7  # bump when read_header() changes what it returns
+HEADER_FORMAT = 8  # bump when read_header() changes what it returns
 #: objects that carry Rows/Columns (or even pixels) but are not images to learn from
 NON_IMAGE_MODALITIES = {"SR", "KO", "PR", "SEG", "REG", "RTSTRUCT", "RTPLAN", "RTRECORD", "DOC", "ECG"}
 logging.getLogger("pydicom").setLevel(logging.ERROR)
@@ -93,11 +94,6 @@ def is_dicom_file(path: Path) -> bool:
 
 def salted_hash(value: str) -> str:
     return hashlib.sha256(GROUP_SALT + value.encode("utf-8", "surrogateescape")).hexdigest()[:16]
-
-
-def safe_reason(exc: BaseException) -> str:
-    """``Type: message`` with quoted values removed (they can be element values)."""
-    return f"{type(exc).__name__}: {without_quoted(str(exc))}"[:400]
 
 
 def read_header(path: str) -> dict[str, Any]:
@@ -237,6 +233,8 @@ class DicomSource(Source):
         for f, h in zip(files, headers):
             if h["kind"] == "error":
                 self.skipped.append((f, h["reason"]))
+            elif h["kind"] == "other" and Path(f).suffix.lower() in IMAGE_SUFFIXES:
+                self.skipped.append((f, NOT_DICOM_IMAGE))  # a bare path sniffed as DICOM: not silently
             if h["kind"] != "image":
                 continue
             if (modalities and h["modality"] not in modalities) or (
@@ -248,6 +246,9 @@ class DicomSource(Source):
                 check_pixel_count(h["columns"], h["rows"], self.max_pixels)
             except Undecodable as exc:
                 self.skipped.append((f, str(exc)))
+                continue
+            if h.get("mosaic_error") and self.sample.mode != "slice":  # its tiles cannot be cut
+                self.skipped.append((f, h["mosaic_error"]))
                 continue
             self.headers[f] = {k: v for k, v in h.items() if k != "series"}
             n, group, label = h["frames"], h["group"], class_of(f, self.root)
@@ -310,11 +311,12 @@ class DicomSource(Source):
                 try:
                     return decode(ds, ref.frame, self.windows)
                 except Exception as exc:
-                    raise Undecodable(codec_failure(ds, safe_reason(exc)) or safe_reason(exc)) from None
+                    raise Undecodable(codec_failure(ds, safe_reason(exc))
+                                      or failure_reason(exc, "bad header value")) from None
             except Undecodable:
                 raise
             except Exception as exc:
-                raise Undecodable(safe_reason(exc)) from None
+                raise Undecodable(failure_reason(exc, "cannot decode")) from None
 
     def load_raw(self, ref: SampleRef) -> np.ndarray:
         """:meth:`load` before windowing: modality values (e.g. HU), float32 (grayscale only)."""
@@ -326,7 +328,7 @@ class DicomSource(Source):
                 facts = self.headers.get(ref.path, {}).get("pixels")
                 return read_frame(ref.path, ref.frame, self.windows, facts, raw=True)
             except Exception as exc:
-                raise Undecodable(safe_reason(exc)) from None
+                raise Undecodable(failure_reason(exc, "cannot decode")) from None
 
     def spacing_of(self, ref: SampleRef) -> list[float] | None:
         """Voxel spacing of ``load(ref)`` in mm: ``[dz, dy, dx]`` (volume) or ``[dy, dx]``, None if unknown."""

@@ -39,6 +39,7 @@ from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi, apply
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from sslkit.api import UsageError
+from sslkit_plugins.sources.dicom_reasons import mark_stage
 from sslkit_plugins.sources.dicom_values import has
 
 
@@ -204,12 +205,16 @@ _LUT_KEYWORDS = ("PhotometricInterpretation", "BitsStored", "PixelRepresentation
 
 def _stored_frame(ds: Dataset, frame: int | None) -> np.ndarray:
     """One frame of ``ds``'s pixel data, decoded by pydicom with whatever codec it needs."""
-    if not any(k in ds for k in PIXEL_KEYWORDS):
-        # only files whose header describes an image get here: its pixels are missing
-        raise ValueError("no pixel data in an image file (truncated or corrupt)")
-    if "TransferSyntaxUID" not in getattr(ds, "file_meta", {}):
-        _fill_transfer_syntax(ds)
-    return pixel_array(ds, index=frame) if _frames(ds) > 1 and frame is not None else pixel_array(ds)
+    try:
+        if not any(k in ds for k in PIXEL_KEYWORDS):
+            # only files whose header describes an image get here: its pixels are missing
+            raise ValueError("no pixel data in an image file (truncated or corrupt)")
+        if "TransferSyntaxUID" not in getattr(ds, "file_meta", {}):
+            _fill_transfer_syntax(ds)
+        return pixel_array(ds, index=frame) if _frames(ds) > 1 and frame is not None else pixel_array(ds)
+    except Exception as exc:
+        mark_stage(exc, "unreadable pixel data")  # its skip reason says so (dicom_reasons)
+        raise
 
 
 def modality_values(ds: Any, frame: int | None, region: tuple[slice, slice] | None = None,

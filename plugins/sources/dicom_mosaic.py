@@ -90,6 +90,39 @@ def mosaic_grid(rows: int, columns: int, n: int, tile: tuple[int, int] | None = 
     raise ValueError("mosaic without NumberOfImagesInMosaic or acquisition matrix")
 
 
+def mosaic_layout(rows: int, columns: int, n: int | None, tile: tuple[int, int] | None) -> tuple[int, str]:
+    """The slice count to cut a ``rows x columns`` mosaic with, and an issue ('' when none).
+
+    ``n`` (NumberOfImagesInMosaic) is kept when its square grid of ``ceil(sqrt(n))`` tiles
+    per side divides the image evenly and, with ``tile`` (from AcquisitionMatrix), that many
+    tiles of that size fit; otherwise (or without ``n``) the grid of ``tile`` is used where
+    it fits, every tile kept (``-tiles``: the count is unknown), with an issue saying so.
+    0 without ``n`` and without a fitting ``tile`` (not cut: one image). A count that does not
+    fit with no tile to fall back to raises ValueError with a one-line reason.
+    """
+    if n and _fits(rows, columns, n, tile):
+        return n, ""
+    wrong = ""
+    if n:
+        of = f" of {tile[1]}x{tile[0]} tiles" if tile else ""
+        wrong = f"NumberOfImagesInMosaic {n} does not fit the {columns}x{rows} mosaic{of}"
+    side = rows // tile[0] if tile else 0
+    if side >= 1 and side * tile[1] <= columns:
+        how = wrong or "mosaic slice count not in the header"
+        return -side * side, f"{how}: every tile of the grid kept"
+    if wrong:
+        raise ValueError(f"unusable mosaic: {wrong} (and no AcquisitionMatrix tile fits it)")
+    return 0, ""
+
+
+def _fits(rows: int, columns: int, n: int, tile: tuple[int, int] | None) -> bool:
+    """Whether ``n`` slices on a square grid cut ``rows x columns`` into whole, equal tiles."""
+    side = math.ceil(math.sqrt(n))
+    if side > min(rows, columns) or rows % side or columns % side:
+        return False
+    return tile is None or (side * tile[0] <= rows and side * tile[1] <= columns)
+
+
 def cut_mosaic(image: np.ndarray, n: int, tile: tuple[int, int] | None = None) -> np.ndarray:
     """A mosaic ``(..., R, C)`` -> its first ``n`` tiles ``(..., n, R/s, C/s)``, row-major.
 

@@ -36,7 +36,8 @@ import numpy as np
 from sslkit.api import keyed_hash
 from sslkit_plugins.sources.dicom_repeats import REPEATS, frame_facts, label, split_repeats
 from sslkit_plugins.sources.dicom_mosaic import (acquisition_tile, csa_image_header, csa_slice_normal,  # noqa: F401
-                                                 cut_mosaic, mosaic_count, mosaic_grid, mosaic_positions)
+                                                 cut_mosaic, mosaic_count, mosaic_grid, mosaic_layout,
+                                                 mosaic_positions)
 from sslkit_plugins.sources.dicom_values import has, value
 
 #: positions closer than this (mm) along the normal are duplicates
@@ -93,12 +94,15 @@ def geometry(ds: Any, path: Path) -> dict[str, Any]:
     image_type = [str(v).upper() for v in (value(ds, "ImageType") or [])]
     if "MOSAIC" in image_type:
         csa = csa_image_header(ds)
-        out["mosaic"] = mosaic_count(ds, csa) or 0
         out["csa_normal"] = csa_slice_normal(csa)
         out["acquisition_tile"] = acquisition_tile(ds)
-        if not out["mosaic"] and out["acquisition_tile"]:
-            side = int(ds.Rows) // out["acquisition_tile"][0]
-            out["mosaic"] = -side * side  # negative: the count is the whole grid, not read from the file
+        try:  # a count that contradicts the image: the acquisition matrix's grid, or unusable
+            out["mosaic"], issue = mosaic_layout(int(ds.Rows), int(ds.Columns), mosaic_count(ds, csa),
+                                                 out["acquisition_tile"])  # negative: the whole grid
+            if issue:
+                out["mosaic_issue"] = issue
+        except ValueError as exc:
+            out["mosaic_error"] = str(exc)  # one image in slice mode; skipped where it would be cut
     shared = ds.get("SharedFunctionalGroupsSequence") if has(ds, "SharedFunctionalGroupsSequence") else None
     per_frame = ds.get("PerFrameFunctionalGroupsSequence") if has(ds, "PerFrameFunctionalGroupsSequence") else None
     if per_frame:
@@ -342,7 +346,7 @@ def _mosaic_volume(path: str, h: dict[str, Any]) -> Volume:
     n = h["mosaic"]
     tile = tuple(h["acquisition_tile"]) if h.get("acquisition_tile") else None
     _, th, tw = mosaic_grid(h["rows"], h["columns"], n, tile)
-    issues = [] if n > 0 else ["mosaic slice count not in the header: every tile of the grid kept"]
+    issues = [h["mosaic_issue"]] if h.get("mosaic_issue") else []
     step = float(h.get("slice_step") or 1.0)
     keep, positions, distances = list(range(abs(n))), None, None
     if h.get("position") and h.get("orientation"):

@@ -146,9 +146,11 @@ class VolumeSampler:
 
     def notes(self) -> list[tuple[str, str]]:
         """``(sample id, note)`` per volume whose slices are not evenly spaced (a missing slice, an
-        uneven step): what was done about it, for the run's data report (no file name, no UID)."""
+        uneven step), or a mosaic whose slice count contradicts its image: what was done about
+        it, for the run's data report (no file name, no UID)."""
         out = []
         for vol in self.volumes:
+            out += [(f"series:{vol.key}", i) for i in vol.issues if i.startswith("NumberOfImagesInMosaic")]
             found = [i for i in vol.issues if "missing slices" in i or "non-uniform" in i]
             if found:
                 done = ("resampled at the slices' positions along the normal (gaps interpolated across)"

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import multiprocessing
 import os
 import shutil
@@ -29,9 +28,10 @@ from sslkit.data.cache import (CACHE_FORMAT, cache_key, content_digest, discard_
                                resolve_cache_dir)
 from sslkit.data.parallel import pool_size
 from sslkit.data.resize import resize_axis_aa
+from sslkit.data.room import check_room, sides
 from sslkit.data.source import NotAnImage, SampleRef, Source, Undecodable, to_channels
 from sslkit.errors import UsageError, without_quoted
-from sslkit.progress import counted, human_bytes
+from sslkit.progress import counted
 
 SCALE = 65535.0
 
@@ -45,11 +45,6 @@ class Prepared:
 
     def __len__(self) -> int:
         return len(self.refs)
-
-
-def sides(size: int | Sequence[int]) -> tuple[int, ...]:
-    """The stored sample's spatial shape: ``(S, S)`` for an image side, ``(D, H, W)`` for a volume."""
-    return (size, size) if isinstance(size, int) else tuple(int(v) for v in size)
 
 
 def resize_square(x: np.ndarray, size: int) -> np.ndarray:
@@ -190,56 +185,6 @@ def _fill_entry(source: Source, refs: list[SampleRef], shape: tuple[int, ...], t
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         os.close(lock)
-
-
-def check_room(root: Path | None, nbytes: int, shape: tuple[int, ...], channels: int, size: int) -> None:
-    """Refuse, before decoding, an array the cache's disk (or, without a cache, the RAM)
-    cannot hold, and a side so large that one resized sample does not fit in memory."""
-    n = shape[0]
-    lower = "lower --image-size (or --cache-size)"
-    sample = channels * math.prod(sides(size)) * 4 * 5  # float32: decoded, resized, cropped, scaled, rounded
-    avail = available_memory()
-    if avail is not None and sample > avail:
-        dims = "x".join(str(d) for d in (channels, *sides(size)))
-        raise UsageError(f"--image-size {size}: resizing one {dims} sample needs about "
-                         f"{human_bytes(sample)} of memory, {human_bytes(avail)} is available; {lower}")
-    if root is None:
-        if avail is not None and nbytes > avail:
-            raise UsageError(f"{n} images at {size} px need {human_bytes(nbytes)} of memory with --no-cache, "
-                             f"{human_bytes(avail)} is available; {lower}, or use the disk cache")
-        return
-    probe = root
-    while not probe.exists() and probe.parent != probe:
-        probe = probe.parent
-    free = shutil.disk_usage(probe).free
-    if nbytes > free:
-        raise UsageError(f"the decoded-pixel cache for {n} images at {size} px needs {human_bytes(nbytes)}, "
-                         f"{str(probe)!r} has {human_bytes(free)} free; free space, choose another folder "
-                         f"with --cache DIR, or {lower}")
-
-
-def available_memory() -> int | None:
-    """Bytes free for new allocations: ``MemAvailable``, capped by an address-space limit
-    (``ulimit -v``); None where unknown."""
-    avail = None
-    try:
-        with open("/proc/meminfo") as f:
-            avail = next((int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")), None)
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        avail = avail or os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (AttributeError, ValueError, OSError):
-        pass
-    try:
-        import resource
-
-        soft = resource.getrlimit(resource.RLIMIT_AS)[0]
-        if soft != resource.RLIM_INFINITY and soft > 0:
-            avail = min(avail or soft, soft)
-    except (ImportError, OSError, ValueError):
-        pass
-    return avail
 
 
 _WORKER: dict[str, Any] = {}

@@ -20,13 +20,16 @@ def walk_files(root: Path, keep, skipped: list[tuple[str, str]] | None = None) -
     folder add nothing twice and never loop. A link to a folder *above* the root
     (``ln -s .. data/up``, ``ln -s / data/all``) is not followed and is reported: it
     would add the root's siblings, folders the user did not name. Links to other folders
-    outside the root are followed. Entries that are not regular files (FIFOs, sockets,
+    outside the root are followed. A file reached by several paths (a link to a file under
+    the root, a hard link) is listed once, by the first of its paths in sorted order; a
+    link to a file outside the root is listed. Entries that are not regular files (FIFOs, sockets,
     devices, dangling links) are never opened; those ``keep`` would take, such links
     above the root, and folders that cannot be listed, are appended to ``skipped`` as
     ``(path, reason)``.
     """
     skipped = skipped if skipped is not None else []
     found: list[Path] = []
+    ids: list[tuple[int, int]] = []  # (st_dev, st_ino) of each file found
     seen: set[tuple[int, int]] = set()
     try:
         st = os.stat(root)
@@ -57,12 +60,24 @@ def walk_files(root: Path, keep, skipped: list[tuple[str, str]] | None = None) -
             path = Path(dirpath) / name
             if name.startswith(".") or not keep(path):
                 continue
-            why = _not_regular(path)
+            why, st = _not_regular(path)
             if why:
                 skipped.append((str(path), why))
             else:
                 found.append(path)
-    return found
+                ids.append((st.st_dev, st.st_ino))
+    return _distinct(found, ids)
+
+
+def _distinct(found: list[Path], ids: list[tuple[int, int]]) -> list[Path]:
+    """``found`` in its order with each file (``ids``: device and inode) once: the first of its
+    paths in sorted order (``data/a/x.png`` before a link ``data/link.png`` to it)."""
+    if len(set(ids)) == len(ids):
+        return found
+    first: dict[tuple[int, int], str] = {}
+    for path, key in sorted(zip(map(str, found), ids)):
+        first.setdefault(key, path)
+    return [p for p, key in zip(found, ids) if first[key] == str(p)]
 
 
 #: the reason reported for a folder link that leads above the data root
@@ -87,18 +102,18 @@ def _ancestors(root: Path) -> set[tuple[int, int]]:
     return found
 
 
-def _not_regular(path: Path) -> str | None:
-    """Why ``path`` is not a regular file to read (None when it is one)."""
+def _not_regular(path: Path) -> tuple[str | None, os.stat_result | None]:
+    """Why ``path`` is not a regular file to read (None when it is one), and its ``os.stat``."""
     try:
-        mode = os.stat(path).st_mode
+        st = os.stat(path)
     except OSError as exc:
         if os.path.islink(path):
-            return "dangling symbolic link"
-        return f"unreadable: {type(exc).__name__}: {exc.strerror}"
-    if stat.S_ISREG(mode):
-        return None
-    kind = next((name for test, name in _KINDS if test(mode)), "not a regular file")
-    return f"not a regular file ({kind}): skipped without opening it"
+            return "dangling symbolic link", None
+        return f"unreadable: {type(exc).__name__}: {exc.strerror}", None
+    if stat.S_ISREG(st.st_mode):
+        return None, st
+    kind = next((name for test, name in _KINDS if test(st.st_mode)), "not a regular file")
+    return f"not a regular file ({kind}): skipped without opening it", st
 
 
 def check_dir(location: str, scheme: str) -> Path:

@@ -141,6 +141,17 @@ def planned_volume(cfg: RunConfig) -> dict[str, Any]:
     return {"sample": mode.describe()["sample"], "volume_size": mode.size, "spacing": mode.spacing}
 
 
+def check_sample_memory(cfg: RunConfig) -> None:
+    """Refuse, before any model is built, a sample that one resize cannot hold in memory: the
+    planned ``--volume-size``, else the stored 2D side (``--cache-size`` or ``--image-size``), with
+    the data's channels still unknown taken as 1. A backbone sized from the sample (a ViT's position
+    embeddings) would otherwise take that memory first (:func:`check_pairing` builds probes)."""
+    from sslkit.data.room import check_sample_room
+
+    size = planned_volume(cfg).get("volume_size") or cfg.cache_size or cfg.image_size
+    check_sample_room(cfg.channels or 1, size)
+
+
 def create_model(cfg: RunConfig, backbone_name: str, spec: InputSpec,
                  resumed: ResumedInit | None = None) -> tuple[torch.nn.Module, torch.nn.Module]:
     """The backbone (the encoder that gets exported), then the task built around it. ``resumed`` (a

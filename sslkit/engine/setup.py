@@ -1,12 +1,13 @@
 """Set-up of a run: everything the step loop needs, built once, as one plain object.
 
 :func:`build` does, in this order (the order fixes the RNG draws, so it is part of the
-exactness contract): determinism flags and the seed, the task/backbone pairing check
-(before decoding anything), DDP-aware data loading, the input spec, backbone and task
-(SyncBN, augmentation, channels-last), the batch loader, the LR schedule, optimizer,
-AMP scaler, DDP wrapper, ``torch.compile``, and the ``run.json`` record. Nothing here
-writes the run directory. The model's parts are built in :mod:`.model_setup`, the data's
-(loading, the batch loader, the LR schedule) in :mod:`.data_setup`.
+exactness contract): determinism flags and the seed, the memory one sample needs and the
+task/backbone pairing check (before building or decoding anything), DDP-aware data
+loading, the input spec, backbone and task (SyncBN, augmentation, channels-last), the
+batch loader, the LR schedule, optimizer, AMP scaler, DDP wrapper, ``torch.compile``,
+and the ``run.json`` record. Nothing here writes the run directory. The model's parts
+are built in :mod:`.model_setup`, the data's (loading, the batch loader, the LR schedule)
+in :mod:`.data_setup`.
 """
 
 from __future__ import annotations
@@ -30,9 +31,9 @@ from sslkit.data.prepare import channel_stats, fingerprint
 from sslkit.engine.capture import make_capture
 from sslkit.engine.compiled import compile_model, compile_views
 from sslkit.engine.data_setup import batches_and_schedule, load_run_data
-from sslkit.engine.model_setup import (check_batch, check_pairing, continued_scales, create_model, views_on_device,
-                                       with_backbone, with_init_flags, with_resolved_task_options,
-                                       with_task_embedding)
+from sslkit.engine.model_setup import (check_batch, check_pairing, check_sample_memory, continued_scales,
+                                       create_model, views_on_device, with_backbone, with_init_flags,
+                                       with_resolved_task_options, with_task_embedding)
 from sslkit.engine.schedules import Schedule
 from sslkit.errors import UsageError
 from sslkit.init.resume import resumed_init
@@ -138,6 +139,7 @@ def build(cfg: RunConfig, device: torch.device) -> Setup:
                          f"must be divisible by their number")
     _determinism(cfg, device)
     seed_everything(cfg.seed)
+    check_sample_memory(cfg)  # an oversized sample, before check_pairing builds a model sized from it
     cfg = with_task_embedding(cfg, check_pairing(backbone_name, cfg))  # fail fast, before decoding anything
     resumed = distributed.broadcast_object(on_main(lambda: resumed_init(cfg)))  # --init on --resume
     data = load_run_data(cfg, rank, world)

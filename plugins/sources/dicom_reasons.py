@@ -1,0 +1,41 @@
+"""Skip reasons of the ``dicom`` source: words first, then the error, no identifiers.
+
+An image file (PNG, JPEG...) below a DICOM root is not DICOM: it is reported
+(:data:`NOT_DICOM_IMAGE`), where other non-DICOM files (text, JSON, DICOMDIR) are passed over.
+
+A reason's text before its first ``:`` is what a run's summary counts ("3 x unreadable
+pixel data"), so it says what was wrong: the stage that failed (:func:`mark_stage` tags an
+error where it is raised), then ``Type: message`` with quoted values removed (they can be
+element values, which can name a patient).
+"""
+
+from __future__ import annotations
+
+from sslkit.api import without_quoted
+
+_STAGE = "_sslkit_dicom_stage"
+#: what the ``folder`` source reads (its EXTENSIONS): such a file that is not DICOM is reported, not ignored
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp"}
+NOT_DICOM_IMAGE = "not DICOM: an image file (read those with --data folder:PATH)"
+
+
+def safe_reason(exc: BaseException) -> str:
+    """``Type: message`` with quoted values removed (they can be element values)."""
+    return f"{type(exc).__name__}: {without_quoted(str(exc))}"[:400]
+
+
+def mark_stage(exc: BaseException, stage: str) -> None:
+    """Tag ``exc`` with what was being done when it was raised (the first tag stays)."""
+    try:
+        if not hasattr(exc, _STAGE):
+            setattr(exc, _STAGE, stage)
+    except (AttributeError, TypeError):  # an exception type that takes no attributes
+        pass
+
+
+def failure_reason(exc: BaseException, otherwise: str) -> str:
+    """A decode failure as a skip reason: ``stage: Type: message``, the stage from :func:`mark_stage`
+    (``otherwise`` where the error was not tagged)."""
+    if isinstance(exc, MemoryError):
+        return f"not enough memory to decode it: {safe_reason(exc)}"[:400]
+    return f"{getattr(exc, _STAGE, None) or otherwise}: {safe_reason(exc)}"[:400]

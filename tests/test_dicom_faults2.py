@@ -1,0 +1,199 @@
+"""Faults found by a DICOM audit: an oversized volume refused before a model is built, a mosaic
+slice count that contradicts its image, image files beside DICOM files, one file reached by two
+paths, skip reasons that are only an exception's name."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from pydicom.uid import generate_uid
+
+from sslkit.registry import create_source
+from tests.dicom_factory import write_dicom
+from tests.test_series import AXIAL, MR_STORAGE, _base, write_series
+
+
+def _one_line(result, *needles: str) -> str:
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+# ---------------------------------------------------------------- 1: the memory of one sample, first
+
+
+def test_oversized_volume_is_refused_before_any_model_is_built(tmp_path, cli, monkeypatch):
+    write_series(tmp_path / "s", n=4)
+    import sslkit.data.room as room
+    import sslkit.engine.model_setup as model_setup
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a backbone was built before the memory check")
+
+    monkeypatch.setattr(room, "available_memory", lambda: 50 * 2**20)  # 50 MiB free
+    monkeypatch.setattr(model_setup, "build_backbone", no_model)
+    result = cli("pretrain", "--task", "mae", "--backbone", "monai:vit", "--data", f"dicom:{tmp_path / 's'}",
+                 "--sample", "volume", "--volume-size", "256,256,256", "--out", tmp_path / "r", "--max-steps", 1,
+                 "--batch-size", 2, "--quiet", "--no-cache")
+    line = _one_line(result, "--volume-size 256,256,256", "1x256x256x256", "lower --volume-size")
+    assert "--image-size" not in line
+    assert not (tmp_path / "r").exists()
+
+
+def test_image_size_message_names_image_size(monkeypatch):
+    import sslkit.data.room as room
+    from sslkit.errors import UsageError
+
+    monkeypatch.setattr(room, "available_memory", lambda: 2**20)
+    with pytest.raises(UsageError, match=r"^--image-size 4096: .*lower --image-size"):
+        room.check_sample_room(1, 4096)
+    room.check_sample_room(1, 64)  # 320 KiB: fits
+
+
+# ---------------------------------------------------------------- 2: a mosaic count against its image
+
+
+def write_mosaic_count(path: Path, tiles: np.ndarray, count: int | None, matrix: bool = True) -> Path:
+    """``tiles (n, h, w)`` on the square grid of ``n``; (0019,xx0A) says ``count`` (None: absent)."""
+    n, h, w = tiles.shape
+    side = math.ceil(math.sqrt(n))
+    mosaic = np.zeros((side * h, side * w), np.uint16)
+    for i in range(n):
+        r, c = divmod(i, side)
+        mosaic[r * h:(r + 1) * h, c * w:(c + 1) * w] = tiles[i]
+    attrs = dict(ImageType=["ORIGINAL", "PRIMARY", "M", "ND", "MOSAIC"], ImagePositionPatient=[0.0, 0.0, 0.0],
+                 ImageOrientationPatient=list(AXIAL), PixelSpacing=[3.0, 3.0], SliceThickness=4.0)
+    if matrix:
+        attrs["AcquisitionMatrix"] = [h, 0, 0, w]
+    ds = _base(MR_STORAGE, mosaic, generate_uid(), **attrs)
+    if count is not None:
+        ds.add_new((0x0019, 0x0010), "LO", "SIEMENS MR HEADER")
+        ds.add_new((0x0019, 0x100A), "US", count)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def _tiles(n: int = 10) -> np.ndarray:
+    return np.arange(1, n * 4 * 5 + 1).reshape(n, 4, 5).astype(np.uint16)
+
+
+@pytest.mark.parametrize("count", [17, 65535])
+def test_mosaic_count_that_does_not_fit_falls_back_to_the_acquisition_matrix(tmp_path, count):
+    tiles = _tiles()  # 10 tiles of 4x5 on a 4x4 grid: a 16x20 mosaic
+    write_mosaic_count(tmp_path / "epi.dcm", tiles, count)
+    src = create_source(f"dicom:{tmp_path}", workers=1, sample="volume", volume_size="16,4,5")
+    refs = src.index()
+    assert len(refs) == 1 and not src.skipped
+    vol = src.sampler.volume_of(refs[0])
+    assert (vol.depth, vol.rows, vol.columns) == (16, 4, 5)
+    assert any(f"NumberOfImagesInMosaic {count}" in i for i in vol.issues), vol.issues
+    assert f"NumberOfImagesInMosaic {count}" in src.properties(refs[0])["volume_issues"]
+    assert [n for _, n in src.notes() if f"NumberOfImagesInMosaic {count}" in n]  # in the run's data report
+    raw = src.sampler.load(refs[0], raw=True)[0]
+    np.testing.assert_array_equal(raw[:10], tiles.astype(np.float32))  # whole tiles, none mixed
+    assert not raw[10:].any()
+
+
+@pytest.mark.parametrize("count", [17, 65535])
+def test_mosaic_count_that_does_not_fit_without_a_matrix_is_skipped(tmp_path, count):
+    write_mosaic_count(tmp_path / "epi.dcm", _tiles(), count, matrix=False)
+    write_series(tmp_path / "ct", n=3)
+    src = create_source(f"dicom:{tmp_path}", workers=1, sample="slab:1")
+    refs = src.index()
+    assert len(refs) == 3  # the CT series only
+    (path, reason), = src.skipped
+    assert path.endswith("epi.dcm") and f"NumberOfImagesInMosaic {count}" in reason and "\n" not in reason
+    assert "Error" not in reason
+    src = create_source(f"dicom:{tmp_path}", workers=1)  # slice mode: the mosaic is one 2D image
+    assert len(src.index()) == 4 and not src.skipped
+
+
+def test_mosaic_with_a_count_that_fits_is_unchanged(tmp_path):
+    tiles = _tiles(7)
+    write_mosaic_count(tmp_path / "epi.dcm", tiles, 7)
+    src = create_source(f"dicom:{tmp_path}", workers=1, sample="volume", volume_size="7,4,5")
+    refs = src.index()
+    vol = src.sampler.volume_of(refs[0])
+    assert vol.depth == 7 and not vol.issues
+    np.testing.assert_array_equal(src.sampler.load(refs[0], raw=True)[0], tiles.astype(np.float32))
+
+
+# ---------------------------------------------------------------- 3: image files beside DICOM files
+
+
+def test_image_files_in_a_dicom_folder_are_reported_not_ignored(tmp_path, cli):
+    data = tmp_path / "d"
+    write_dicom(data / "one.dcm", np.arange(64, dtype=np.uint16).reshape(8, 8))
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(data / "a.png")
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(data / "b.JPG", format="JPEG")
+    (data / "notes.txt").write_text("not an image")
+    (data / "meta.json").write_text("{}")
+    src = create_source(str(data))  # a bare path: the dicom source (its sniff scores higher)
+    assert src.scheme == "dicom"
+    assert len(src.index()) == 1
+    skipped = {os.path.basename(p): r for p, r in src.skipped}
+    assert set(skipped) == {"a.png", "b.JPG"}, skipped
+    assert all(r.startswith("not DICOM") and "folder:" in r for r in skipped.values())
+    result = cli("data", "inspect", str(data))
+    assert result.exit_code == 0, result.output
+    assert "a.png" in result.output and "not DICOM" in result.output
+
+
+# ---------------------------------------------------------------- 4: one file through two paths
+
+
+def test_a_file_reached_through_two_paths_is_walked_once(tmp_path):
+    from sslkit.data.walk import walk_files
+
+    root = tmp_path / "root"
+    (root / "a").mkdir(parents=True)
+    (root / "a" / "x.png").write_bytes(b"x")
+    (root / "b.png").write_bytes(b"b")
+    os.symlink(root / "a" / "x.png", root / "link.png")  # to a file under the root: the same file twice
+    os.link(root / "b.png", root / "hard.png")  # a hard link is the same file too
+    outside = tmp_path / "outside.png"
+    outside.write_bytes(b"o")
+    os.symlink(outside, root / "out.png")  # to a file outside the root: read, as before
+    found = [str(p.relative_to(root)) for p in walk_files(root, lambda p: True)]
+    assert found == ["b.png", "out.png", os.path.join("a", "x.png")], found
+
+
+def test_a_dicom_file_linked_twice_is_one_sample(tmp_path):
+    data = tmp_path / "d"
+    write_dicom(data / "p1" / "one.dcm", np.arange(64, dtype=np.uint16).reshape(8, 8))
+    os.symlink(data / "p1" / "one.dcm", data / "p1" / "same.dcm")
+    src = create_source(f"dicom:{data}")
+    refs = src.index()
+    assert [os.path.basename(r.path) for r in refs] == ["one.dcm"] and not src.skipped
+
+
+# ---------------------------------------------------------------- 5: skip reasons in words
+
+
+def test_decode_skip_reasons_say_what_was_wrong(tmp_path):
+    from sslkit.data.pipeline import load_data, summary_line
+
+    data = tmp_path / "d"
+    pixels = np.arange(256, dtype=np.uint16).reshape(16, 16)
+    for i in range(2):
+        write_dicom(data / f"ok{i}.dcm", pixels)
+    cut = write_dicom(data / "cut.dcm", pixels)
+    cut.write_bytes(cut.read_bytes()[:-100])  # pixel data shorter than Rows x Columns
+    bad = write_dicom(data / "badwindow.dcm", pixels, window=(100.0, 123456.7))
+    bad.write_bytes(bad.read_bytes().replace(b"123456.7", b"QZBADVAL"))  # WindowCenter not a number
+    loaded = load_data(f"dicom:{data}", 16, cache_dir=False, progress=False, workers=1)
+    reasons = {os.path.basename(p): r for p, r in loaded.prepared.skipped}
+    assert reasons["cut.dcm"].startswith("unreadable pixel data: ValueError: "), reasons
+    assert reasons["badwindow.dcm"].startswith("bad header value: ValueError: "), reasons
+    assert "QZBADVAL" not in reasons["badwindow.dcm"]
+    line = summary_line(len(loaded.prepared), loaded.prepared.skipped)
+    assert "x ValueError" not in line and "1 x unreadable pixel data" in line, line
