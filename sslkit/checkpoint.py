@@ -17,7 +17,6 @@ in the returned list), so a crash mid-write never leaves a bad "latest".
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -30,7 +29,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from sslkit.errors import UsageError, first_line
-from sslkit.output_file import TMP_PREFIX, created_mode, fsync_path
+from sslkit.output_file import TMP_PREFIX, created_mode, file_sha256, fsync_path
 from sslkit.plain_pickle import NotPlainData, load_plain
 from sslkit.progress import human_bytes
 
@@ -38,14 +37,6 @@ PREFIX = "step-"
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "state.pt"
 MANIFEST = "manifest.json"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -75,7 +66,7 @@ def save(folder: Path, step: int, tensors: dict[str, torch.Tensor], state: dict[
             os.chmod(tmp, created_mode(directory=True))  # mkdtemp's 0700 would hide the checkpoint from the team
             save_file(_unshared(tensors), str(tmp / MODEL_FILE))
             torch.save(state, tmp / STATE_FILE)
-            manifest = {name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
+            manifest = {name: {"bytes": (tmp / name).stat().st_size, "sha256": file_sha256([tmp / name])}
                         for name in (MODEL_FILE, STATE_FILE)}
             (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": manifest}, indent=1))
             for f in tmp.iterdir():
@@ -170,7 +161,7 @@ def verify(path: Path) -> None:
         f = path / name
         if not f.is_file() or f.stat().st_size != meta["bytes"]:
             raise ValueError(f"{name} is missing or has the wrong size (truncated?)")
-        if _sha256(f) != meta["sha256"]:
+        if file_sha256([f]) != meta["sha256"]:
             raise ValueError(f"{name} does not match its checksum")
 
 

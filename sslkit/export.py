@@ -16,7 +16,7 @@ from typing import Any, Callable
 import numpy as np
 
 from sslkit.errors import UsageError
-from sslkit.output_file import check_output
+from sslkit.output_file import check_output, file_sha256
 from sslkit.registry import get_exporter
 from sslkit.run import ENCODER_FILE, Run, check_not_run_file, load_run
 
@@ -38,12 +38,7 @@ def run_id(run: Run, encoder: Any = None) -> str | None:
             h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
         return h.hexdigest()[:16]
     file = run.path / ENCODER_FILE
-    if not file.exists():
-        return None
-    with open(file, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
+    return file_sha256([file])[:16] if file.exists() else None
 
 
 def export_metadata(run: Run, encoder: Any = None) -> dict[str, Any]:

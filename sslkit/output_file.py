@@ -14,12 +14,13 @@ file, which would hide a run's outputs from the team and the service that reads 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import stat
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from sslkit.errors import UsageError, first_line
 
@@ -128,6 +129,16 @@ def write_text_atomic(out: Path, text: str) -> None:
 def write_json_atomic(out: Path, data: Any) -> None:
     """:func:`write_atomic` for a JSON file (indented; objects it cannot encode as ``str``)."""
     write_text_atomic(out, json.dumps(data, indent=2, default=str))
+
+
+def file_sha256(paths: Iterable[Path]) -> str:
+    """The SHA-256 (hex) of the bytes of ``paths``, one file after another, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
 
 
 def read_json(path: Path) -> dict[str, Any]:

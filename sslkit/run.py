@@ -303,6 +303,12 @@ class Run:
                              f"from an earlier session, not its newest weights{_newest_checkpoint_hint(self.path)}, "
                              "or let the run finish")
         tensors = _checkpoint_encoder(file) if self.checkpoint is not None else None
+        if tensors is None and self.info.get("encoder_sha256"):
+            from sslkit.output_file import file_sha256
+
+            if file_sha256([file]) != self.info["encoder_sha256"]:
+                raise UsageError(f"{file}: changed since the run wrote it (its sha256 is not the one run.json "
+                                 f"records); restore it, or use a checkpoint{_newest_checkpoint_hint(self.path)}")
         try:
             encoder.load_state_dict(tensors if tensors is not None else load_file(str(file)))
         except Exception as exc:

@@ -191,7 +191,10 @@ def test_a_run_is_never_exported_over_its_own_files_nor_from_a_stale_or_broken_e
     weights[name] = weights[name].clone().fill_(float("nan"))
     save_file(weights, str(run / "encoder.safetensors"))
     _assert_one_line_error(cli("export", run, "--out", tmp_path / "x.onnx", "--check-data", "none"),
-                           "holds NaN or inf weights", "nothing was exported")
+                           "encoder.safetensors: changed since the run wrote it")  # run.json records its sha256
+    (run / "run.json").write_text(json.dumps({k: v for k, v in info.items() if k != "encoder_sha256"}))
+    _assert_one_line_error(cli("export", run, "--out", tmp_path / "x.onnx", "--check-data", "none"),
+                           "holds NaN or inf weights", "nothing was exported")  # a run.json of before the hash
     assert not (tmp_path / "x.onnx").exists() and _leftovers(tmp_path) == []
 
 
@@ -201,6 +204,7 @@ def test_run_id_is_a_hash_of_the_weights_exported(trained, tmp_path):
     from safetensors.torch import load_file, save_file
 
     from sslkit.export import export_metadata
+    from sslkit.output_file import file_sha256
 
     run = tmp_path / "run"
     shutil.copytree(trained["run"], run)
@@ -211,6 +215,9 @@ def test_run_id_is_a_hash_of_the_weights_exported(trained, tmp_path):
     name = next(k for k, v in weights.items() if v.is_floating_point())
     weights[name] = weights[name] + 1
     save_file(weights, str(run / "encoder.safetensors"))
+    info = json.loads((run / "run.json").read_text())
+    info["encoder_sha256"] = file_sha256([run / "encoder.safetensors"])  # as if the run had written these
+    (run / "run.json").write_text(json.dumps(info))
     final = export_metadata(load_run(run), load_run(run).build_encoder())["run_id"]
     assert final != same == export_metadata(load_run(step), load_run(step).build_encoder())["run_id"]
     assert len(final) == 16 and int(final, 16) >= 0

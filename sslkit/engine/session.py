@@ -27,7 +27,7 @@ from sslkit.engine.schedules import horizon
 from sslkit.engine.setup import Setup, build, on_main, resolve_device, seed_everything
 from sslkit.engine.signals import StopSignal
 from sslkit.errors import UsageError
-from sslkit.output_file import read_json, write_atomic, write_json_atomic
+from sslkit.output_file import file_sha256, read_json, write_atomic, write_json_atomic
 from sslkit.pseudonym import file_key
 from sslkit.registry import get_task, resolve_data
 from sslkit.run import DATA_REPORT, ENCODER_FILE, RUN_JSON, RunConfig, check_run_dir, prepare_run_dir
@@ -124,6 +124,7 @@ def run(s: Setup, lock: RunLock | None = None, callbacks: list[tuple[str, Any]] 
         try:
             write_atomic(s.out / ENCODER_FILE, lambda tmp: save_file(
                 {k: v.detach().contiguous().cpu() for k, v in s.task.encoder.state_dict().items()}, str(tmp)))
+            s.info["encoder_sha256"] = file_sha256([s.out / ENCODER_FILE])  # checked wherever it is read
         except UsageError as exc:  # a full disk: run.json says the run failed; its checkpoints stay
             _end(s, events, "failed", summary)
             raise UsageError(f"{exc}; the run's checkpoints are kept: free space, then --resume") from None

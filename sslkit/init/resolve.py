@@ -28,7 +28,6 @@ another spelling of the same file as the same ``--init`` (:func:`same_init`).
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,12 +54,9 @@ class InitFile:
 
     def sha256(self) -> str:
         """Of the weights' bytes: the file's, or the shards' one after another in name order."""
-        h = hashlib.sha256()
-        for path in self.files():
-            with open(path, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    h.update(block)
-        return h.hexdigest()
+        from sslkit.output_file import file_sha256
+
+        return file_sha256(self.files())
 
 
 def shard_names(index: Path, name: str) -> list[str]:
