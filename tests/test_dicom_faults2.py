@@ -197,3 +197,14 @@ def test_decode_skip_reasons_say_what_was_wrong(tmp_path):
     assert "QZBADVAL" not in reasons["badwindow.dcm"]
     line = summary_line(len(loaded.prepared), loaded.prepared.skipped)
     assert "x ValueError" not in line and "1 x unreadable pixel data" in line, line
+
+
+def test_raw_values_of_a_palette_colour_image_are_refused_like_rgb(tmp_path, cli, pydicom_dir):
+    """Its stored values index a colour table: dumped as 'modality values' they meant nothing."""
+    import shutil
+
+    for name in ("examples_palette.dcm", "CT_small.dcm"):
+        shutil.copy(Path(pydicom_dir) / name, tmp_path / name)
+    r = cli("data", "dump", f"dicom:{tmp_path}", "--out", tmp_path / "raw.npz", "--raw")
+    assert r.exit_code == 0 and "1 undecodable" in r.output, r.output
+    assert sorted(k for k in np.load(tmp_path / "raw.npz") if k != "__meta__") == ["CT_small.dcm"]

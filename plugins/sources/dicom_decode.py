@@ -221,6 +221,8 @@ def modality_values(ds: Any, frame: int | None, region: tuple[slice, slice] | No
                     pixels: np.ndarray | None = None) -> np.ndarray:
     """Stored pixels of one frame through the modality LUT only: float32 ``(1, H, W)``
     (``region``: of those rows and columns only; ``pixels``: as in :func:`decode`)."""
+    if str(ds.get("PhotometricInterpretation", "")).strip() == "PALETTE COLOR":  # its values index colours
+        raise ValueError("raw values of a colour image are not defined (use it without --raw)")
     arr = _stored_frame(ds, frame) if pixels is None else pixels
     if arr.ndim == 3 and int(ds.get("SamplesPerPixel", 1)) == 1:
         arr = arr[0]
