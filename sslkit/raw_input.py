@@ -200,8 +200,9 @@ def legacy_graph_preprocessing(preprocessing: dict[str, Any]) -> GraphPreprocess
             "windows each file to [0, 1] as the run did; the graph normalises"))
     lower, upper = zip(*windows)
     return GraphPreprocessing("window", tuple(lower), tuple(upper), options=("window",), client=(
-        "client passes modality values (HU for CT) after RescaleSlope/Intercept; MONOCHROME1: "
-        "reflect them in the window first (lower + upper - value)"))
+        "client passes modality values (HU for CT) after RescaleSlope/Intercept; " + (
+            "MONOCHROME1: reflect them in the window first (lower + upper - value)" if len(windows) == 1
+            else "MONOCHROME1 and colour files cannot use this graph (a stack of windows has no single reflection)")))
 
 
 def fixed_windows(preprocessing: dict[str, Any]) -> list[tuple[float, float]] | None:

@@ -208,3 +208,17 @@ def test_raw_values_of_a_palette_colour_image_are_refused_like_rgb(tmp_path, cli
     r = cli("data", "dump", f"dicom:{tmp_path}", "--out", tmp_path / "raw.npz", "--raw")
     assert r.exit_code == 0 and "1 undecodable" in r.output, r.output
     assert sorted(k for k in np.load(tmp_path / "raw.npz") if k != "__meta__") == ["CT_small.dcm"]
+
+
+def test_client_steps_say_a_window_stack_has_no_monochrome1_reflection(tmp_path):
+    """The README says so; the export's metadata told clients to reflect in 'the window' anyway."""
+    from sslkit.raw_input import legacy_graph_preprocessing
+    from sslkit.registry import create_source
+
+    write_series(tmp_path / "s", n=2)
+    one = create_source(f"dicom:{tmp_path / 's'}", window="lung").graph_preprocessing()
+    stack = create_source(f"dicom:{tmp_path / 's'}", window="lung,mediastinum,bone").graph_preprocessing()
+    assert "reflect them in the window first" in one.client and len(stack.lower) == 3
+    assert "MONOCHROME1 and colour files cannot use this graph" in stack.client and "reflect them" not in stack.client
+    old = legacy_graph_preprocessing({"window": ["W 1500, L -600", "W 400, L 40"]})  # a run.json of before
+    assert "cannot use this graph" in old.client

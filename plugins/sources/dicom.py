@@ -391,8 +391,10 @@ class DicomSource(Source):
         return GraphPreprocessing(
             "window", tuple(w.level - w.width / 2 for w in self.windows),
             tuple(w.level + w.width / 2 for w in self.windows), options=("window",), client=(
-                "client passes modality values (HU for CT) after RescaleSlope/Intercept; MONOCHROME1: "
-                "reflect them in the window first (lower + upper - value)"))
+                "client passes modality values (HU for CT) after RescaleSlope/Intercept; " + (
+                    "MONOCHROME1: reflect them in the window first (lower + upper - value)" if len(self.windows) == 1
+                    else "MONOCHROME1 and colour files cannot use this graph (a stack of windows has no single "
+                         "reflection)")))
 
 
 @hookimpl
