@@ -24,6 +24,7 @@ import hashlib
 import hmac
 import os
 import secrets
+import sys
 from pathlib import Path
 
 from sslkit.errors import UsageError
@@ -61,7 +62,13 @@ def _read_or_create(path: Path) -> bytes:
     try:
         data = path.read_bytes()
     except FileNotFoundError:
+        named = bool(os.environ.get("SSLKIT_KEY_FILE"))
+        if named and not path.parent.is_dir():  # a mistyped path, a share not mounted: not a key of its own
+            raise UsageError(f"SSLKIT_KEY_FILE {str(path)!r}: its folder does not exist; give an existing "
+                             "key file, or a path in an existing folder for a new one") from None
         data = _create(path)
+        print(f"sslkit: created a new secret key at {str(path)!r} (series and file keys are HMACs under it; "
+              "processes that must agree on keys need this same file)", file=sys.stderr)
     except OSError as exc:
         raise UsageError(f"cannot read the sslkit key {str(path)!r}: {exc.strerror or exc}") from None
     if len(data) < 16:

@@ -33,6 +33,11 @@ def _out(proc: subprocess.Popen) -> str:
 
 def test_key_is_hmac_under_the_secret_file_created_0600_once(tmp_path):
     key_file = tmp_path / "config" / "sslkit" / "key"
+    missing = _key_in_process({"SSLKIT_KEY_FILE": str(key_file)})  # a named key file's folder must exist
+    err = missing.communicate(timeout=60)[1]
+    assert missing.returncode != 0 and "its folder does not exist" in err, err
+    assert not key_file.parent.exists()
+    key_file.parent.mkdir(parents=True)
     # two processes starting together create one secret between them, and agree
     procs = [_key_in_process({"SSLKIT_KEY_FILE": str(key_file)}) for _ in range(2)]
     first, second = (_out(p) for p in procs)
