@@ -133,7 +133,7 @@ def to_toml(values: dict[str, Any], notes: dict[str, str] | None = None,
             continue
         lines += comment(notes.get(key))
         if value is None or (value == "" and key in REQUIRED):
-            note = "required" if key in REQUIRED else "unset"
+            note = "default: runs/<task>-<timestamp>" if key == "out" else "required" if key in REQUIRED else "unset"
             lines.append(f"# {key} = ...  ({note})")
         else:
             lines.append(f"{key} = {_toml_value(value)}")

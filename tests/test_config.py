@@ -99,7 +99,7 @@ def test_print_config_round_trips(tmp_path, cli):
     data = tomllib.loads(r.output)
     assert data["task"] == "simclr" and data["backbone"] == "timm:resnet10t" and data["lr_scaling"] == "sqrt"
     assert data["task_options"] == {"temperature": 0.5, "proj_hidden_dim": 2048, "proj_dim": 128, "min_scale": 0.08}
-    assert "# data = ...  (required)" in r.output
+    assert "# data = ...  (required)" in r.output and "# out = ...  (default: runs/<task>-<timestamp>)" in r.output
     f = tmp_path / "printed.toml"
     f.write_text(r.output)
     cfg = config.resolve({"data": "folder:x", "out": "y"}, str(f))
