@@ -190,7 +190,8 @@ def _default(name: str, by_task: bool = False) -> str:
                    "before decoding; 0: no limit (default: 178956970, PIL's decompression-bomb limit).")
 @click.option("--device", default=None, help="auto, cpu, cuda, cuda:N" + _default("device"))
 @click.option("--resume", default=None, is_flag=False, flag_value="", metavar="[RUN_DIR]",
-              help="Continue RUN_DIR (or --out) from its last checkpoint, exactly as configured.")
+              help="Continue RUN_DIR (or --out) from its last checkpoint, exactly as configured; 'auto': "
+                   "resume --out when it has a checkpoint, else start it.")
 @click.option("--allow-data-change", is_flag=True, default=None,
               help="With --resume: continue although the data's content changed (keeps the run's normalisation).")
 @click.option("--overwrite", is_flag=True, default=None, help="Replace the run in a non-empty --out.")

@@ -85,7 +85,7 @@ def dump(src: str, out: str, data_opts: tuple[str, ...], raw: bool, limit: int |
 
 @data_group.command("cache")
 @click.option("--cache", "cache_dir", default=None, type=click.Path(file_okay=False),
-              help="Cache folder (default: $SSLKIT_CACHE_DIR, else ~/.cache/sslkit).")
+              help="Cache folder (default: $SSLKIT_CACHE_DIR, else $XDG_CACHE_HOME/sslkit, else ~/.cache/sslkit).")
 @click.option("--clear", is_flag=True,
               help="Delete every entry and header index (only what sslkit wrote; a folder without its marker is refused).")
 @click.option("--clear-older-than", default=None, type=FiniteFloatRange(min=0), metavar="DAYS",
