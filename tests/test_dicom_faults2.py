@@ -222,3 +222,39 @@ def test_client_steps_say_a_window_stack_has_no_monochrome1_reflection(tmp_path)
     assert "MONOCHROME1 and colour files cannot use this graph" in stack.client and "reflect them" not in stack.client
     old = legacy_graph_preprocessing({"window": ["W 1500, L -600", "W 400, L 40"]})  # a run.json of before
     assert "cannot use this graph" in old.client
+
+
+def _patient_folders(root: Path, sub: str = "study") -> None:
+    """The audit's export: one folder per patient, named after them; SMITH has no PatientID (two
+    studies: two groups), JONES two IDs (two groups), BROWN one."""
+    from tests.dicom_factory import write_dicom
+
+    px = np.arange(64, dtype=np.uint16).reshape(8, 8)
+    for folder, name, ids in (("SMITH_ALICE", "SMITH^ALICE", ["", ""]), ("JONES_BOB", "JONES^BOB", ["MRN777", "ACC-88"]),
+                              ("BROWN_CAROL", "BROWN^CAROL", ["P3", "P3"])):
+        for i, pid in enumerate(ids):
+            write_dicom(root / folder / sub / f"im{i}.dcm", px + i, patient_id=pid, patient_name=name)
+
+
+def test_folders_named_after_their_patients_are_never_classes_nor_legend_entries(tmp_path, capsys):
+    """The audit's case: SMITH_ALICE, JONES_BOB, BROWN_CAROL became eval classes (and t-SNE legend
+    entries) because two of them held two split groups each."""
+    from sslkit.eval.tsne import folder_values
+    from sslkit.registry import create_source
+
+    _patient_folders(tmp_path / "scans", sub="")  # scans/SMITH_ALICE/im0.dcm: the files' own folders
+    src = create_source(f"dicom:{tmp_path / 'scans'}")
+    refs = src.index()
+    assert len(refs) == 6 and {r.label for r in refs} == {None}
+    shown = set(folder_values(src, refs).values())
+    assert shown == {"folder 1 (names a patient)", "folder 2 (names a patient)", "folder 3 (names a patient)"}
+    assert "carry a patient's name or ID" in capsys.readouterr().err
+    # class folders above patient folders stay classes; the patients' own folders are the ones hidden
+    _patient_folders(tmp_path / "cls" / "NORMAL")
+    (tmp_path / "cls" / "NORMAL" / "JONES_BOB").rename(tmp_path / "cls" / "NORMAL" / "X")
+    _patient_folders(tmp_path / "cls" / "PNEUMONIA")
+    src = create_source(f"dicom:{tmp_path / 'cls'}")
+    refs = src.index()
+    assert {r.label for r in refs} == {"NORMAL", "PNEUMONIA"}
+    assert src.patient_folders(next(r for r in refs if "SMITH_ALICE" in r.path)) == (2,)  # SMITH_ALICE/study/im
+    assert src.patient_folders(next(r for r in refs if "/X/" in r.path)) == ()

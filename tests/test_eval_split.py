@@ -56,6 +56,20 @@ def test_group_keys_from_pattern_folder_and_source(capsys):
         group_keys(ids, {}, pattern="(")
 
 
+def test_a_pattern_never_splits_the_sources_own_patients(capsys):
+    """The audit's case: on DICOM, --group-pattern '^(img\\d+)' replaced the patient key, and 4-9
+    patients had images on both sides of a fold. Pattern groups that share a patient become one."""
+    ids = [f"/d/{c}/{p}/img{i}.dcm" for c in ("A", "B") for p in ("p1", "p2", "p3") for i in range(2)]
+    patients = {sid: "patient:" + sid.split("/")[3] for sid in ids}
+    keys = group_keys(ids, patients, pattern=r"^(img\d+)")
+    assert len(set(keys)) == 1  # img0 and img1 both span every patient: one group, as it must be
+    assert "--group-pattern: 2 groups joined into 1" in capsys.readouterr().err
+    keys = group_keys(ids, {sid: "patient:" + sid.split("/")[3] + sid.split("/")[2] for sid in ids}, "folder")
+    for sid, key in zip(ids, keys):  # folders are patients here: nothing to join, nothing said
+        assert key == keys[ids.index(sid.rsplit("/", 1)[0] + "/img0.dcm")]
+    assert len(set(keys)) == 6 and capsys.readouterr().err == ""
+
+
 def test_group_folds_keep_groups_together_and_test_every_sample_once():
     rng = np.random.default_rng(1)
     groups = [f"g{i}" for i in rng.integers(0, 40, 300)]

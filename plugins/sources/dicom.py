@@ -33,15 +33,17 @@ from sslkit.api import SampleMode, SampleRef, Source, Undecodable, check_dir, fi
 from sslkit.api import GraphPreprocessing, UsageError, check_pixel_count, keyed_hash
 from sslkit_plugins.sources.dicom_decode import codec_failure, decode, parse_windows, read_dataset
 from sslkit_plugins.sources.dicom_headers import cached_headers, stable_groups
-from sslkit_plugins.sources.dicom_labels import class_of, not_patient_folders, series_labelled
+from sslkit_plugins.sources.dicom_labels import (class_of, named_levels, not_patient_folders, patient_named_classes,
+                                                 series_labelled)
 from sslkit_plugins.sources.dicom_pixels import decode_located, pixel_facts, read_frame
-from sslkit_plugins.sources.dicom_reasons import IMAGE_SUFFIXES, NOT_DICOM_IMAGE, failure_reason, safe_reason
+from sslkit_plugins.sources.dicom_reasons import (IMAGE_SUFFIXES, NOT_DICOM_IMAGE, failure_reason, incomplete_image,
+                                                  safe_reason)
 from sslkit_plugins.sources.dicom_series import assemble, geometry
 from sslkit_plugins.sources.dicom_values import has, transfer_syntax, value
 from sslkit_plugins.sources.dicom_volume import VolumeSampler
 
 GROUP_SALT = b"sslkit-group-v1"
-HEADER_FORMAT = 8  # bump when read_header() changes what it returns
+HEADER_FORMAT = 9  # bump when read_header() changes what it returns
 #: objects that carry Rows/Columns (or even pixels) but are not images to learn from
 NON_IMAGE_MODALITIES = {"SR", "KO", "PR", "SEG", "REG", "RTSTRUCT", "RTPLAN", "RTRECORD", "DOC", "ECG"}
 logging.getLogger("pydicom").setLevel(logging.ERROR)
@@ -133,6 +135,7 @@ def read_header(path: str) -> dict[str, Any]:
             return {
                 "kind": "image",
                 "group": salted_hash(group),
+                "named_levels": named_levels(path, str(value(ds, "PatientName", "") or ""), ident),
                 "modality": modality,
                 "series": str(value(ds, "SeriesDescription", "") or ""),
                 "transfer_syntax": ts_name,
@@ -147,19 +150,6 @@ def read_header(path: str) -> dict[str, Any]:
             }
         except Exception as exc:
             return {"kind": "error", "reason": f"bad header value: {safe_reason(exc)}"}
-
-
-def incomplete_image(ds: pydicom.Dataset, has_pixels: bool, missing: str) -> str | None:
-    """Why a header without ``missing`` (Rows, Columns) is a broken image and not a non-image object:
-    it has pixel data, or its SOP class is an image storage class (a file cut short before them)."""
-    if has_pixels:
-        return f"unreadable header: pixel data without {missing}"
-    meta = getattr(ds, "file_meta", None)
-    sop = value(ds, "SOPClassUID", None) or (value(meta, "MediaStorageSOPClassUID", None) if meta else None)
-    name = pydicom.uid.UID(str(sop)).name if sop else ""
-    if name.endswith("Image Storage"):
-        return f"unreadable header: a {name} object that ends without {missing} (truncated?)"
-    return None
 
 
 def located_pixels(ds: pydicom.Dataset, fp: Any) -> dict[str, Any] | None:
@@ -258,7 +248,11 @@ class DicomSource(Source):
                 refs.append(SampleRef(f, frame=n // 2, group=group, label=label))
             else:
                 refs += [SampleRef(f, frame=i, group=group, label=label) for i in range(n)]
-        return not_patient_folders(refs if self.sample.mode == "slice" else self._volume_refs())
+        return not_patient_folders(refs if self.sample.mode == "slice" else self._volume_refs(),
+                                   patient_named_classes(self.headers, self.root))
+
+    def patient_folders(self, ref: SampleRef) -> tuple[int, ...]:
+        return tuple(self.headers.get(ref.path, {}).get("named_levels", ()))
 
     def _volume_refs(self) -> list[SampleRef]:
         """Slab / volume mode: refs of the series assembled in space (no geometry: skipped in volume mode)."""

@@ -5,11 +5,14 @@ The class is the first folder below the data root (``ROOT/<class>/<patient>/<stu
 since DICOM trees are deep. A series (``--sample slab:K|volume``) takes the class of its
 slices; one whose slices lie under several class folders has none. First folders that each
 hold exactly one patient of their own (three or more) are a plain export's patient folders,
-not classes: no labels.
+not classes: no labels; and a first folder whose name carries the PatientName or PatientID of a
+file under it (:func:`named_levels`, read with the header, kept as folder levels only) is never
+a class, whatever the others are.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
@@ -40,10 +43,31 @@ def series_labelled(refs: list[SampleRef], volume_of: Callable[[SampleRef], Any]
     return out
 
 
-def not_patient_folders(refs: list[SampleRef]) -> list[SampleRef]:
+#: folder levels above a file checked against its patient's name and ID (1: its own folder)
+NAMED_LEVELS = 8
+
+
+def _tokens(text: str) -> set[str]:
+    """Upper-case runs of letters or digits, 3 or more long (``DOE^JOHN`` -> DOE, JOHN)."""
+    return {t for t in re.split(r"[^0-9A-Z]+", text.upper()) if len(t) >= 3}
+
+
+def named_levels(path: str, patient_name: str, patient_id: str) -> list[int]:
+    """The levels of ``path``'s folders (1: its own) whose names share a word of 3 or more letters or
+    digits with the patient's name or ID: only these small integers are kept, never the name."""
+    words = _tokens(patient_name) | _tokens(patient_id)
+    if not words:
+        return []
+    parents = list(Path(path).parents)[:NAMED_LEVELS]
+    return [k for k, folder in enumerate(parents, 1) if _tokens(folder.name) & words]
+
+
+def not_patient_folders(refs: list[SampleRef], named: set[str] = frozenset()) -> list[SampleRef]:
     """``refs`` without labels when the first folders below the root are patients, not classes
     (three or more, each holding exactly one patient of its own): a plain ``<patient>/<study>/``
-    export would otherwise be evaluated with one class per patient, named after its folder."""
+    export would otherwise be evaluated with one class per patient, named after its folder. A
+    class in ``named`` (a folder named after a patient of its files) loses its label in any case."""
+    refs = [replace(r, label=None) if r.label in named else r for r in refs]
     groups: dict[str, set[str]] = {}
     for r in refs:
         if r.label is not None:
@@ -52,3 +76,17 @@ def not_patient_folders(refs: list[SampleRef]) -> list[SampleRef]:
     if len(groups) >= 3 and len(owners) == len(groups) == len(set(owners)):
         return [replace(r, label=None) for r in refs]
     return refs
+
+
+def patient_named_classes(headers: dict[str, dict[str, Any]], root: Path) -> set[str]:
+    """The first folders below ``root`` whose names carry a patient's name or ID of a file under them
+    (``headers``: path -> header facts with ``named_levels``)."""
+    named = set()
+    for path, h in headers.items():
+        try:
+            parts = Path(path).relative_to(root).parts
+        except ValueError:
+            continue
+        if len(parts) > 1 and len(parts) - 1 in h.get("named_levels", ()):
+            named.add(parts[0])
+    return named

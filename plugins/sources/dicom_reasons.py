@@ -11,7 +11,12 @@ element values, which can name a patient).
 
 from __future__ import annotations
 
+from typing import Any
+
+import pydicom
+
 from sslkit.api import without_quoted
+from sslkit_plugins.sources.dicom_values import value
 
 _STAGE = "_sslkit_dicom_stage"
 #: what the ``folder`` source reads (its EXTENSIONS): such a file that is not DICOM is reported, not ignored
@@ -39,3 +44,16 @@ def failure_reason(exc: BaseException, otherwise: str) -> str:
     if isinstance(exc, MemoryError):
         return f"not enough memory to decode it: {safe_reason(exc)}"[:400]
     return f"{getattr(exc, _STAGE, None) or otherwise}: {safe_reason(exc)}"[:400]
+
+
+def incomplete_image(ds: Any, has_pixels: bool, missing: str) -> str | None:
+    """Why a header without ``missing`` (Rows, Columns) is a broken image and not a non-image object:
+    it has pixel data, or its SOP class is an image storage class (a file cut short before them)."""
+    if has_pixels:
+        return f"unreadable header: pixel data without {missing}"
+    meta = getattr(ds, "file_meta", None)
+    sop = value(ds, "SOPClassUID", None) or (value(meta, "MediaStorageSOPClassUID", None) if meta else None)
+    name = pydicom.uid.UID(str(sop)).name if sop else ""
+    if name.endswith("Image Storage"):
+        return f"unreadable header: a {name} object that ends without {missing} (truncated?)"
+    return None

@@ -118,6 +118,13 @@ class Source:
         """
         return {}
 
+    def patient_folders(self, ref: SampleRef) -> tuple[int, ...]:
+        """The levels of ``ref``'s folders (1: its own folder, 2: the one above, ...) whose names carry
+        the patient's name or ID, as far as the file tells (a DICOM export's ``DOE_JOHN/``): ``eval``
+        shows such a folder name nowhere, neither as a class nor in ``--color-by folder``. Default:
+        ``()``, nothing known."""
+        return ()
+
     def describe(self) -> dict[str, Any]:
         """How pixels were brought to [0, 1] (no identifiers): stored in the InputSpec."""
         return {}

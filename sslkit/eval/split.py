@@ -74,7 +74,31 @@ def group_keys(ids: Sequence[str], source_groups: dict[str, str], group_by: str 
             out.append(source_groups.get(sid) or "f:" + path)
     if unmatched and ids:
         _unmatched_pattern(pattern, unmatched, len(ids))
+    if rx is not None or group_by == "folder":
+        out = _joined(out, [source_groups.get(sid) for sid in ids], "--group-pattern" if rx else "--group-by folder")
     return out
+
+
+def _joined(keys: list[str], patients: list[str | None], flag: str) -> list[str]:
+    """``keys`` with every two that share a source group (the DICOM patient key) made one, so a patient's
+    images never lie on both sides of a fold whatever the pattern says; noted on stderr when any do."""
+    parent: dict[str, str] = {}
+
+    def find(k: str) -> str:
+        while parent.setdefault(k, k) != k:
+            parent[k] = parent[parent[k]]
+            k = parent[k]
+        return k
+
+    for key, patient in zip(keys, patients):
+        if patient:
+            parent[find(key)] = find("s:" + patient)
+    joined = [find(k) for k in keys]
+    before, after = len(set(keys)), len(set(joined))
+    if after < before:
+        print(f"sslkit: note: {flag}: {before} groups joined into {after}, where the source's own groups "
+              "(patients) span several, so no patient is on both sides of a fold", file=sys.stderr)
+    return joined
 
 
 def _unmatched_pattern(pattern: str | None, unmatched: list[str], n: int) -> None:

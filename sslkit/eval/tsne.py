@@ -82,19 +82,24 @@ def plot_maps(panels: dict[str, np.ndarray], labels: list[str], title: str, out:
 
 
 def folder_values(source: Any, refs: list) -> dict[str, str]:
-    """``{sample id: folder name}``; a folder name that holds one group (patient) only is shown as
-    ``folder K (one patient)``: a DICOM export's folders are often named after the patient."""
+    """``{sample id: folder name}``; a folder name that holds one group (patient) only, or that the
+    source says carries a patient's name or ID (``Source.patient_folders``), is shown as ``folder K
+    (one patient)`` or ``folder K (names a patient)``: a DICOM export's folders are often named after
+    the patient, and a patient without PatientID (grouped by study) or with two IDs is several groups."""
     names: dict[str, str] = {}
     groups: dict[str, set[str]] = {}
+    named: set[str] = set()
     for r in refs:
         names[sample_id(source, r)] = folder = PurePath(r.path).parent.name
         groups.setdefault(folder, set()).add(r.group or r.path)
-    hidden = sorted(n for n, g in groups.items() if len(g) == 1)
+        if 1 in source.patient_folders(r):
+            named.add(folder)
+    hidden = sorted(n for n, g in groups.items() if len(g) == 1 or n in named)
     if not hidden:
         return names
-    alias = {n: f"folder {k} (one patient)" for k, n in enumerate(hidden, 1)}
+    alias = {n: f"folder {k} ({'names a patient' if n in named else 'one patient'})" for k, n in enumerate(hidden, 1)}
     print(f"sslkit: note: --color-by folder: {len(hidden)} of {len(groups)} folder names hold one patient (group) "
-          "each and are not shown (they may name the patient)", file=sys.stderr)
+          "or carry a patient's name or ID and are not shown", file=sys.stderr)
     return {sid: alias.get(n, n) for sid, n in names.items()}
 
 
