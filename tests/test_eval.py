@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import json
 import math
 import warnings
@@ -144,6 +146,18 @@ def test_labels_csv_matches_by_longest_path_suffix(tmp_path):
     ids = ["/data/x/1.png", "/data/z/1.png", "/abs/y/2.png", "/data/3.png", "/d/scan.dcm#3", "/d/scan.dcm#4"]
     assert assign_labels(ids, [None] * 6, table) == ["cat", "dog", "cow", None, "frame3", None]
     assert assign_labels(ids[:2], ["f1", "f2"], None) == ["f1", "f2"]  # class folders without a CSV
+    # the audit's case: absolute rows for a relative --data (and ./ rows) matched nothing
+    (tmp_path / "flat").mkdir()
+    rows = tmp_path / "rows.csv"
+    rows.write_text(f"{tmp_path}/flat/a.png,cat\n./flat/b.png,dog\n")
+    table = read_labels_csv(rows)
+    old_cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        assert assign_labels(["flat/a.png", "flat/b.png", "./flat/c.png"], [None] * 3, table) == ["cat", "dog", None]
+    finally:
+        os.chdir(old_cwd)
+    assert assign_labels([f"{tmp_path}/flat/a.png", f"{tmp_path}/flat/b.png"], [None] * 2, table) == ["cat", "dog"]
     bad = tmp_path / "bad.csv"
     bad.write_text("a.png,x\na.png,y\n")
     with pytest.raises(UsageError, match="two labels"):

@@ -17,6 +17,8 @@ first folder below the data root (``<class>/<patient>/<study>/<series>/*.dcm``).
 from __future__ import annotations
 
 import csv
+import os
+import posixpath
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath
 from typing import Sequence
@@ -66,7 +68,10 @@ def read_labels_csv(path: str | Path) -> dict[str, str]:
 
 
 def _norm(p: str) -> str:
-    return p.strip().replace("\\", "/").strip("/")
+    """A row's path as ids are compared: ``/`` separators, no ``.`` segments (``./a/b.png``), no
+    leading or trailing ``/`` (an absolute row matches by its tail, like any other)."""
+    p = p.strip().replace("\\", "/")
+    return posixpath.normpath(p).strip("/") if p else p
 
 
 def _suffixes(sample_id: str) -> list[str]:
@@ -95,8 +100,11 @@ def assign_labels(ids: Sequence[str], folder_labels: Sequence[str | None], table
 
 
 def _lookup(table: dict[str, str], path: str) -> str | None:
-    """The label of the longest row of ``table`` that ends ``path`` (None: no row does)."""
-    return next((table[s] for s in _suffixes(path) if s in table), None)
+    """The label of the longest row of ``table`` that ends ``path`` or its absolute form (an absolute
+    row for a relative ``--data``); None: no row does."""
+    file, sep, frame = path.partition("#")
+    whole = os.path.abspath(file) + sep + frame
+    return next((table[s] for s in (*_suffixes(whole), *_suffixes(path)) if s in table), None)
 
 
 def no_labels(what: str, data: str, csv_given: bool) -> UsageError:
