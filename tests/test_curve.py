@@ -147,3 +147,13 @@ def test_every_fold_fine_tunes_the_init_weights_afresh(init_run, cli, monkeypatc
     assert result.exit_code == 0, result.output
     per_fold = [seen[i:i + 3] for i in range(0, len(seen), 3)]  # pretrained, random, init in each fold
     assert len(per_fold) == 2 and per_fold[0] == per_fold[1]  # every encoder starts each fold from the same weights
+
+
+def test_an_onnx_export_of_an_init_run_says_why_it_has_no_init_row(init_run, cli, tmp_path):
+    onnx = tmp_path / "enc.onnx"
+    assert cli("export", init_run / "run", "--out", onnx, "--check-data", "none").exit_code == 0
+    result = cli("eval", "knn", onnx, "--data", init_run / "data", "--split", "group:3", "--k", "3", "--json",
+                 "--quiet")
+    assert result.exit_code == 0, result.output
+    assert set(json.loads(result.stdout)["results"]) == {"pretrained", "random"}
+    assert result.stderr.count("no 'init' row: an ONNX file does not carry the --init weights") == 1

@@ -90,6 +90,10 @@ class EvalModel:
     def _load_init_encoder(self) -> torch.nn.Module | None:
         import sys
 
+        if self.run is None and (self.info.get("init") or {}).get("source"):  # an ONNX export of an --init run
+            print("sslkit: note: no 'init' row: an ONNX file does not carry the --init weights; give the run "
+                  "directory it was exported from for that row", file=sys.stderr)
+            return None
         record = (self.run.info.get("init") if self.run is not None else None) or {}
         source = (self.run.config.get("init") if record else None)
         if not source:
