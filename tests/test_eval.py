@@ -294,6 +294,7 @@ def test_tsne_png_size_and_input_count(tiny, cli, monkeypatch):
                     "--json", "--quiet"))
     assert seen == [12, 12]  # pretrained and random maps, every sample
     assert rep["data"]["data"]["plotted"] == 12 and rep["files"] == [str(out)]
+    assert rep["settings"]["perplexity"] == 5 and rep["settings"]["perplexity_used"] == pytest.approx(11 / 3)
     assert out.stat().st_size > 5000
     with Image.open(out) as img:
         assert img.size == (1200, 600) == tuple(rep["image_size"])

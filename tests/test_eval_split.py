@@ -68,6 +68,8 @@ def test_a_pattern_never_splits_the_sources_own_patients(capsys):
     for sid, key in zip(ids, keys):  # folders are patients here: nothing to join, nothing said
         assert key == keys[ids.index(sid.rsplit("/", 1)[0] + "/img0.dcm")]
     assert len(set(keys)) == 6 and capsys.readouterr().err == ""
+    with pytest.raises(UsageError, match="--group-pattern and --group-by folder both choose the split groups"):
+        group_keys(ids, patients, "folder", pattern=r"^(img\d+)")
 
 
 def test_group_folds_keep_groups_together_and_test_every_sample_once():

@@ -58,6 +58,8 @@ def group_keys(ids: Sequence[str], source_groups: dict[str, str], group_by: str 
     rx = compile_pattern(pattern)
     if group_by not in GROUP_BY:
         raise UsageError(f"--group-by must be one of {', '.join(GROUP_BY)}; got {group_by!r}")
+    if rx is not None and group_by == "folder":
+        raise UsageError("--group-pattern and --group-by folder both choose the split groups; give one")
     out = []
     unmatched: list[str] = []
     for sid in ids:

@@ -25,6 +25,11 @@ DPI = 100
 UNLABELLED = "(unlabelled)"
 
 
+def capped_perplexity(perplexity: float, n: int) -> float:
+    """t-SNE's perplexity for ``n`` points: at most ``(n - 1) / 3``, so small sets work."""
+    return float(min(perplexity, (n - 1) / 3))
+
+
 def reduce_2d(x: np.ndarray, method: str = "tsne", perplexity: float = 30.0, seed: int = 0) -> np.ndarray:
     """``(N, D) -> (N, 2)`` with scikit-learn's t-SNE (PCA init) or umap-learn's UMAP.
 
@@ -43,7 +48,7 @@ def reduce_2d(x: np.ndarray, method: str = "tsne", perplexity: float = 30.0, see
     from sklearn.manifold import TSNE
     from threadpoolctl import threadpool_limits
 
-    perp = float(min(perplexity, (len(x) - 1) / 3))
+    perp = capped_perplexity(perplexity, len(x))
     # scikit-learn's OpenMP runtime and torch's (another libgomp) fight over the cores once
     # torch has run in this process: t-SNE of 300 points took minutes instead of a second.
     with threadpool_limits(1, user_api="openmp"):
@@ -162,8 +167,10 @@ def evaluate_tsne(model_path: str, data: str, out: str | None = None, labels_csv
     title = (f"{'t-SNE' if method == 'tsne' else 'UMAP'} of {len(labels)} embeddings: "
              f"{desc['task']} {desc['backbone']}" + (f"; colour: {color_by}" if color_by != "label" else ""))
     width, height = plot_maps(panels, labels, title, out_path)
-    report = new_report(method, desc, {"method": method, "perplexity": perplexity, "seed": seed,
-                                       "max_samples": max_samples, "baseline": baseline, "color_by": color_by})
+    used = capped_perplexity(perplexity, len(labels)) if method == "tsne" else None
+    report = new_report(method, desc, {"method": method, "perplexity": perplexity, "perplexity_used": used,
+                                       "seed": seed, "max_samples": max_samples, "baseline": baseline,
+                                       "color_by": color_by})
     report["data"] = {"data": {"source": data, "samples": n_total, "plotted": len(labels),
                                "unlabelled": labels.count(UNLABELLED),
                                "skipped": skipped_summary(embs["pretrained"].skip_reasons)}}
