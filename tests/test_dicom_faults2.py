@@ -4,7 +4,6 @@ paths, skip reasons that are only an exception's name."""
 
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 
@@ -15,7 +14,7 @@ from pydicom.uid import generate_uid
 
 from sslkit.registry import create_source
 from tests.dicom_factory import write_dicom
-from tests.test_series import AXIAL, MR_STORAGE, _base, write_series
+from tests.test_series import AXIAL, MR_STORAGE, _base, mosaic_pixels, write_series
 
 
 def _one_line(result, *needles: str) -> str:
@@ -64,11 +63,7 @@ def test_image_size_message_names_image_size(monkeypatch):
 def write_mosaic_count(path: Path, tiles: np.ndarray, count: int | None, matrix: bool = True) -> Path:
     """``tiles (n, h, w)`` on the square grid of ``n``; (0019,xx0A) says ``count`` (None: absent)."""
     n, h, w = tiles.shape
-    side = math.ceil(math.sqrt(n))
-    mosaic = np.zeros((side * h, side * w), np.uint16)
-    for i in range(n):
-        r, c = divmod(i, side)
-        mosaic[r * h:(r + 1) * h, c * w:(c + 1) * w] = tiles[i]
+    mosaic = mosaic_pixels(tiles)
     attrs = dict(ImageType=["ORIGINAL", "PRIMARY", "M", "ND", "MOSAIC"], ImagePositionPatient=[0.0, 0.0, 0.0],
                  ImageOrientationPatient=list(AXIAL), PixelSpacing=[3.0, 3.0], SliceThickness=4.0)
     if matrix:

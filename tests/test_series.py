@@ -220,14 +220,21 @@ def csa2(tags: dict[str, tuple[str, str]]) -> bytes:
     return out
 
 
-def write_mosaic(path: Path, tiles: np.ndarray, how: str) -> Path:
-    """``tiles (n, h, w)`` on a square grid; the count given by ``how``: private, csa or matrix."""
+def mosaic_pixels(tiles: np.ndarray) -> np.ndarray:
+    """``tiles (n, h, w)`` laid row-major on the square grid of ``n`` tiles, as a Siemens mosaic."""
     n, h, w = tiles.shape
     side = math.ceil(math.sqrt(n))
     mosaic = np.zeros((side * h, side * w), np.uint16)
     for i in range(n):
         r, c = divmod(i, side)
         mosaic[r * h : (r + 1) * h, c * w : (c + 1) * w] = tiles[i]
+    return mosaic
+
+
+def write_mosaic(path: Path, tiles: np.ndarray, how: str) -> Path:
+    """``tiles (n, h, w)`` on a square grid; the count given by ``how``: private, csa or matrix."""
+    n, h, w = tiles.shape
+    mosaic = mosaic_pixels(tiles)
     ds = _base(MR_STORAGE, mosaic, generate_uid(), ImageType=["ORIGINAL", "PRIMARY", "M", "ND", "MOSAIC"],
                ImagePositionPatient=[0.0, 0.0, 0.0], ImageOrientationPatient=list(AXIAL), PixelSpacing=[3.0, 3.0],
                SliceThickness=4.0, AcquisitionMatrix=[h, 0, 0, w])
