@@ -253,3 +253,16 @@ def test_folders_named_after_their_patients_are_never_classes_nor_legend_entries
     assert {r.label for r in refs} == {"NORMAL", "PNEUMONIA"}
     assert src.patient_folders(next(r for r in refs if "SMITH_ALICE" in r.path)) == (2,)  # SMITH_ALICE/study/im
     assert src.patient_folders(next(r for r in refs if "/X/" in r.path)) == ()
+
+
+@pytest.mark.parametrize("extra,why", [(["--sample", "slab:3", "--window", "400,40"], "slices of a slab:3 sample"),
+                                       (["--window", "lung,mediastinum,bone"], "stacked windows")])
+def test_channels_that_are_not_colour_planes_are_never_mixed_into_one(tmp_path, cli, extra, why):
+    """The audit's case: --channels 1 on a slab:3 (or three windows) mixed the slices with RGB's luma
+    weights, 0.30 / 0.59 / 0.11, and trained on that with exit 0."""
+    write_series(tmp_path / "s", n=6)
+    result = cli("pretrain", "--task", "simclr", "--data", f"dicom:{tmp_path / 's'}", *extra, "--channels", 1,
+                 "--image-size", 16, "--batch-size", 2, "--max-steps", 1, "--out", tmp_path / "r", "--quiet",
+                 "--no-cache")
+    line = _one_line(result, f"--channels 1: the data gives 3 channels ({why}, not colour planes to mix)")
+    assert "leave --channels out" in line and not (tmp_path / "r" / "checkpoints").exists()

@@ -16,7 +16,7 @@ from sslkit.data.source import Source
 from sslkit.data.splits import split_refs
 from sslkit.errors import UsageError
 from sslkit.output_file import read_json
-from sslkit.data.volume import stored_size
+from sslkit.data.volume import sample_mode, stored_size
 from sslkit.registry import create_source
 from sslkit.run import DATA_REPORT, RUN_JSON
 
@@ -54,6 +54,21 @@ def load_data(data: str, image_size: int, channels: int | None = None,
         return _load(source, data, channels, cache_dir, progress, val_fraction, seed, workers, image_size)
 
 
+def check_channels(source: Source, own: int, channels: int | None) -> None:
+    """Refuse, before decoding, a ``--channels`` the source's samples cannot become: ``own`` channels
+    that are not colour planes (a slab's slices, stacked windows) mixed into one as if they were
+    RGB, or a count that converts to no other (5 slices to 3)."""
+    if not channels or channels == own:
+        return
+    graph = source.graph_preprocessing()
+    why = (f"slices of a {sample_mode(source).describe().get('sample')} sample" if sample_mode(source).slab > 1
+           else "stacked windows" if graph.kind == "window" and len(graph.lower) > 1 else None)
+    if why or own not in (1, 3):
+        raise UsageError(f"--channels {channels}: the data gives {own} channels"
+                         + (f" ({why}, not colour planes to mix)" if why else "")
+                         + f"; leave --channels out (or give {own})")
+
+
 def _load(source: Source, data: str, channels: int | None, cache_dir: Any, progress: bool, val_fraction: float,
           seed: int, workers: int, image_size: int) -> LoadedData:
     """:func:`load_data` once the source is made: index, split, decode."""
@@ -67,7 +82,9 @@ def _load(source: Source, data: str, channels: int | None, cache_dir: Any, progr
     if val:
         split = {"val_fraction": val_fraction, "val_samples": len(val), "val_groups": len({r.group for r in val}),
                  "val_fingerprint": fingerprint(val), "train_groups": len({r.group for r in train})}
-    channels = channels or majority_channels(source, train)
+    own = majority_channels(source, train)
+    check_channels(source, own, channels)
+    channels = channels or own
     prepared = prepare(source, train, channels, stored_size(source, image_size), cache_dir, progress, workers)
     prepared.skipped = list(source.skipped) + list(prepared.skipped)
     if not len(prepared):
