@@ -183,3 +183,16 @@ def test_dump_meta_states_the_canonical_orientation_the_arrays_have(tmp_path, cl
         assert "as stored (" not in orientation and "canonical RAS+" in orientation, orientation
         assert "H anterior to posterior, W right to left" in orientation
         assert ("D inferior to superior" in orientation) == (mode == "volume")
+
+
+def test_a_volume_runs_input_spec_and_export_state_the_canonical_layout(tmp_path):
+    """The audit's case: the spec (and so an export's metadata) gave DICOM's 'H: image rows, W: image
+    columns' for NIfTI volumes, which are turned to RAS+ (H and W flipped against the stored axes)."""
+    from sslkit.raw_input import VOLUME_STEPS
+    from sslkit.spec import InputSpec
+
+    write(tmp_path / "lps.nii", grid(), flip_xy=True)
+    src = create_source(f"nifti:{tmp_path / 'lps.nii'}", sample="volume", volume_size=f"{Z},{Y},{X}")
+    spec = InputSpec(1, 224, (0.5,), (0.25,), "nifti", src.describe())
+    assert "canonical RAS+" in spec.orientation and "D inferior to superior" in spec.orientation
+    assert "input.orientation" in VOLUME_STEPS and "RAS+" in VOLUME_STEPS

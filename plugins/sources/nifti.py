@@ -306,6 +306,7 @@ class NiftiSource(Source):
             "scaling": "NIfTI scl_slope / scl_inter",
             "axes": "closest canonical (RAS+), laid out as a displayed axial series",
             **self.sample.describe(),
+            **({"orientation": self.orientation()} if self.sample.mode != "slice" else {}),  # RAS+, not as stored
         }
 
     def graph_preprocessing(self) -> GraphPreprocessing:
