@@ -85,6 +85,11 @@ def test_monai_backbones_embed_volumes():
     assert resnet(x).shape == (2, resnet.num_features) and resnet.spatial_dims == 3
     vit = create_backbone("monai:vit", 2, (16, 16, 16), **TINY_VIT3D)
     assert vit(x).shape == (2, 48) and vit.patchify(x).shape == (2, 8, 48)
+    from sslkit.errors import UsageError
+
+    with pytest.raises(UsageError, match=r"^cannot build monai:vit with these --backbone-opt values: "
+                                         r".*hidden_size should be divisible by num_heads"):  # not 'for 3 x (224...'
+        create_backbone("monai:vit", 1, (16, 16, 16), **{**TINY_VIT3D, "num_heads": 5})
 
 
 def test_patchify3d_matches_the_vit_cube_order():

@@ -107,8 +107,8 @@ def create(model: str, in_chans: int, image_size: Any, patch_size: int = 16, hid
         net = nets.ViT(in_channels=in_chans, img_size=size, patch_size=patch_size, hidden_size=hidden_size,
                        mlp_dim=mlp_dim or 4 * hidden_size, num_layers=num_layers, num_heads=num_heads,
                        classification=False, spatial_dims=3, **options)
-    except (TypeError, ValueError, AssertionError) as exc:
-        raise UsageError(f"cannot build monai:{model} for {in_chans} x {size} input: {first_line(exc)}") from None
+    except (TypeError, ValueError, AssertionError) as exc:  # an option MONAI refuses (sizes were checked above)
+        raise UsageError(f"cannot build monai:{model} with these --backbone-opt values: {first_line(exc)}") from None
     return MonaiViT(net, in_chans, patch_size, hidden_size, tuple(s // patch_size for s in size))
 
 
