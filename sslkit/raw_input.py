@@ -41,9 +41,9 @@ from sslkit.spec import InputSpec
 KINDS = ("normalized", "unit", "uint8", "uint16", "window")
 DTYPES = {"normalized": "float32", "unit": "float32", "uint8": "uint8", "uint16": "uint16", "window": "float32"}
 #: what a volume run's client does to its values before the graph (resampling, crop / pad)
-VOLUME_STEPS = ("lays the volume out as input.orientation says (a DICOM series: its slices stacked along the slice "
-                "normal at their positions; a NIfTI image: turned to its closest canonical RAS+ axes), resamples "
-                "to spacing_mm (dz, dy, dx; trilinear; along D linear between the two "
+VOLUME_STEPS = ("stacks the slices along the slice normal at their positions, laid out as input.orientation says "
+                "(a series: D ascending, H rows, W columns as displayed; an image turned to its closest canonical "
+                "RAS+ axes: as it says), resamples to spacing_mm (dz, dy, dx; trilinear; along D linear between the two "
                 "nearest slices, so a missing slice is interpolated across; the grid spans half a step before "
                 "the first slice to half a step after the last), centre crops / pads to volume_size (D, H, W)")
 _WL = re.compile(r"W\s*([-+]?[\d.]+(?:e[-+]?\d+)?),\s*L\s*([-+]?[\d.]+(?:e[-+]?\d+)?)", re.I)

@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from sslkit.errors import UsageError
 from sslkit.eval.curve import fraction_name, parse_fractions
 from sslkit.eval.knn import knn_votes
+from sslkit.output_file import file_sha256
 from tests.conftest import make_images, tiny_run
 from tests.test_hardening_data import _one_line_error
 
@@ -43,6 +44,9 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     tensors = load_file(str(weights))
     save_file({k: torch.full_like(v, float("nan")) if v.is_floating_point() else v for k, v in tensors.items()},
               str(weights), metadata=header)
+    info = json.loads((nan_run / "run.json").read_text())  # as a run that wrote NaN weights records them
+    info["encoder_sha256"] = file_sha256([weights])
+    (nan_run / "run.json").write_text(json.dumps(info))
     return {"root": root, "data": data, "other": other, "mixed": mixed, "run": run, "nan_run": nan_run}
 
 
