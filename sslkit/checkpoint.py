@@ -189,3 +189,24 @@ def load_latest(folder: Path) -> tuple[Path, dict[str, torch.Tensor], dict[str, 
     if skipped:
         raise UsageError(f"no usable checkpoint in {folder}: newest {skipped[0][0].name}: {skipped[0][1]}")
     return None
+
+
+def encoder_tensors(folder: Path) -> dict[str, Any]:
+    """The encoder's tensors of checkpoint ``folder`` (the task's ``encoder.*``), verified
+    against its manifest; a damaged or foreign checkpoint is one line."""
+    try:
+        verify(folder)
+        tensors = load_file(str(folder / MODEL_FILE))
+    except Exception as exc:
+        raise UsageError(f"checkpoint {str(folder)!r} is unusable: {first_line(exc)}") from None
+    encoder = {k[len("encoder."):]: v for k, v in tensors.items() if k.startswith("encoder.")}
+    if not encoder:
+        raise UsageError(f"checkpoint {str(folder)!r} holds no encoder weights (no 'encoder.' tensors)")
+    return encoder
+
+
+def newest_hint(folder: Path) -> str:
+    """`` (to use its newest checkpoint, give 'RUN/checkpoints/step-N')`` when ``folder`` (a run's
+    checkpoints) has one, else nothing."""
+    found = list_checkpoints(folder)
+    return f" (to use its newest checkpoint, give {str(found[-1])!r})" if found else ""

@@ -288,32 +288,40 @@ class Run:
         ``weights=False``: the random-init baseline of the same architecture, drawn from
         :data:`BASELINE_SEED` so every caller (eval, embed, benchmarks) gets the same one.
         """
-        from safetensors.torch import load_file
+        from sslkit import checkpoint
 
         if not weights:
             return build_baseline_encoder(self.backbone_name, self.spec, self.info.get("backbone_options") or {})
         encoder = _create_encoder(self.backbone_name, self.spec, self.info.get("backbone_options") or {})
         file = self.checkpoint or self.path / ENCODER_FILE
-        if self.checkpoint is None and not file.exists():
-            raise UsageError(f"run {str(self.path)!r} has no {ENCODER_FILE}: pretraining did not finish"
-                             f"{_newest_checkpoint_hint(self.path)}")
-        status = self.info.get("status", "finished")
-        if self.checkpoint is None and status != "finished":  # resumed since: the file is an earlier finish's
-            raise UsageError(f"run {str(self.path)!r} is {status!r} in its {RUN_JSON}, so its {ENCODER_FILE} is "
-                             f"from an earlier session, not its newest weights{_newest_checkpoint_hint(self.path)}, "
-                             "or let the run finish")
-        tensors = _checkpoint_encoder(file) if self.checkpoint is not None else None
-        if tensors is None and self.info.get("encoder_sha256"):
-            from sslkit.output_file import file_sha256
-
-            if file_sha256([file]) != self.info["encoder_sha256"]:
-                raise UsageError(f"{file}: changed since the run wrote it (its sha256 is not the one run.json "
-                                 f"records); restore it, or use a checkpoint{_newest_checkpoint_hint(self.path)}")
+        tensors = checkpoint.encoder_tensors(file) if self.checkpoint is not None else self._final_tensors(file)
         try:
-            encoder.load_state_dict(tensors if tensors is not None else load_file(str(file)))
+            encoder.load_state_dict(tensors)
         except Exception as exc:
             raise UsageError(f"cannot load {file}: {type(exc).__name__}: {first_line(exc)}") from None
         return encoder.eval()
+
+    def _final_tensors(self, file: Path) -> dict[str, Any]:
+        """``encoder.safetensors``'s tensors, where it is the run's newest encoder, unchanged since written."""
+        from safetensors.torch import load_file
+
+        from sslkit.checkpoint import newest_hint
+        from sslkit.output_file import file_sha256
+
+        status = self.info.get("status", "finished")
+        if not file.exists() or status != "finished":  # not finished, or resumed since: an earlier session's
+            why = (f"has no {ENCODER_FILE}: pretraining did not finish" if not file.exists() else
+                   f"is {status!r} in its {RUN_JSON}, so its {ENCODER_FILE} is from an earlier session, not its "
+                   "newest weights")
+            raise UsageError(f"run {str(self.path)!r} {why}{newest_hint(self.path / CHECKPOINTS)}"
+                             + (", or let the run finish" if file.exists() else ""))
+        if self.info.get("encoder_sha256") and file_sha256([file]) != self.info["encoder_sha256"]:
+            raise UsageError(f"{file}: changed since the run wrote it (its sha256 is not the one run.json "
+                             f"records); restore it, or use a checkpoint{newest_hint(self.path / CHECKPOINTS)}")
+        try:
+            return load_file(str(file))
+        except Exception as exc:
+            raise UsageError(f"cannot load {file}: {type(exc).__name__}: {first_line(exc)}") from None
 
 
 def check_not_run_file(out: Path, run_dir: Path) -> None:
@@ -325,32 +333,6 @@ def check_not_run_file(out: Path, run_dir: Path) -> None:
             any(root / name in target.parents for name in RUN_FOLDERS):
         raise UsageError(f"--out {str(out)!r} is the run's own {target.relative_to(root)}; write the output "
                          "elsewhere (the run is read from it)")
-
-
-def _checkpoint_encoder(folder: Path) -> dict[str, Any]:
-    """The encoder's tensors of checkpoint ``folder`` (the task's ``encoder.*``), verified
-    against its manifest; a damaged or foreign checkpoint is one line."""
-    from safetensors.torch import load_file
-
-    from sslkit import checkpoint
-
-    try:
-        checkpoint.verify(folder)
-        tensors = load_file(str(folder / checkpoint.MODEL_FILE))
-    except Exception as exc:
-        raise UsageError(f"checkpoint {str(folder)!r} is unusable: {first_line(exc)}") from None
-    encoder = {k[len("encoder."):]: v for k, v in tensors.items() if k.startswith("encoder.")}
-    if not encoder:
-        raise UsageError(f"checkpoint {str(folder)!r} holds no encoder weights (no 'encoder.' tensors)")
-    return encoder
-
-
-def _newest_checkpoint_hint(run: Path) -> str:
-    """`` (to use its newest checkpoint, give 'RUN/checkpoints/step-N')`` when it has one, else nothing."""
-    from sslkit import checkpoint
-
-    found = checkpoint.list_checkpoints(run / CHECKPOINTS)
-    return f" (to use its newest checkpoint, give {str(found[-1])!r})" if found else ""
 
 
 BASELINE_SEED = 0
