@@ -166,7 +166,7 @@ def build(cfg: RunConfig, device: torch.device) -> Setup:
 
     loader, steps_per_epoch, step_images, schedule = batches_and_schedule(cfg, data, rank, world)
     check_batch(cfg, task, loader.batch_size, len(data.prepared))  # fewer images than the batch: a smaller one
-    if rank == 0 and (line := getattr(task, "data_note", lambda n: None)(len(data.prepared))):
+    if rank == 0 and (line := task.data_note(len(data.prepared))):  # every task is a Task (plugins check it)
         print(f"sslkit: note: task {cfg.task!r}: {line}", file=sys.stderr)
     scales = continued_scales(cfg, task, backbone, schedule.total, resumed)
     optimizer = build_optimizer(task, cfg.optimizer, schedule.peak_lr, cfg.weight_decay, cfg.momentum, cfg.betas,
