@@ -228,7 +228,28 @@ def source_options_for(model: Model, data: str, overrides: dict[str, Any] | None
                                  f"export the run again without --with-preprocessing to choose another {key}")
             value = fixed if fixed is not None else value  # the same windows, as the run wrote them
         options[key] = value
+    if "spacing" in (overrides or {}):
+        note_other_spacing(model.spec, str(overrides["spacing"]))
     return options
+
+
+def note_other_spacing(spec: InputSpec, given: str) -> None:
+    """A note on stderr when ``--spacing`` resamples volumes to another voxel size than the model's
+    (allowed: the shape still fits, but the model sees its anatomy at another scale)."""
+    from sslkit.data.volume import SampleMode
+
+    if spec.sample != "volume" or not spec.spacing:
+        return
+    try:
+        asked = SampleMode.parse("volume", given, ",".join(map(str, spec.volume_size or (1,)))).spacing
+    except UsageError:
+        return  # the source says what is wrong with it
+    if asked is not None and not np.allclose(asked, spec.spacing, rtol=1e-6):
+        def xyz(zyx) -> str:  # as the flag takes it
+            return ",".join(f"{v:g}" for v in reversed(zyx))
+
+        print(f"sslkit: note: --spacing {xyz(asked)} resamples to another voxel size than the model's "
+              f"({xyz(spec.spacing)} mm, x,y,z): it sees the anatomy at another scale", file=sys.stderr)
 
 
 def same_graph_window(spec: InputSpec, data: str, options: dict[str, Any], key: str, value: Any) -> bool:

@@ -148,3 +148,23 @@ def test_embed_names_the_commonest_skip_reasons(run_and_onnx, tmp_path, cli):
     assert len(lines) == 1 and lines[0].startswith("data: 4 images; 2 files skipped: "), result.stderr
     assert "1 x holds NaN or inf values" in lines[0] and "data_report.json" not in lines[0]
     assert "secret-name" not in result.stderr and "masked" not in result.stderr
+
+
+def test_another_spacing_than_the_models_is_noted(capsys):
+    """Allowed (the shape still fits), but said: the audit's embeddings moved by up to 1.6 unnoticed."""
+    from sslkit.embed import note_other_spacing
+    from sslkit.spec import InputSpec
+
+    spec = InputSpec(1, 224, (0.5,), (0.25,), "nifti", {"sample": "volume", "spacing_mm": [2.0, 1.5, 1.0],
+                                                          "volume_size": [8, 8, 8]})
+    note_other_spacing(spec, "1,1.5,2")  # x,y,z: the model's own
+    note_other_spacing(spec, "not a number")  # the source refuses it later, in its own words
+    assert capsys.readouterr().err == ""
+    from types import SimpleNamespace
+
+    from sslkit.embed import source_options_for
+
+    model = SimpleNamespace(spec=spec, source_options={}, fixed_options={})
+    assert source_options_for(model, "nifti:/scans", {"spacing": "1"}) == {"spacing": "1"}  # embed and eval pass here
+    assert capsys.readouterr().err.strip() == ("sslkit: note: --spacing 1,1,1 resamples to another voxel size than "
+                                               "the model's (1,1.5,2 mm, x,y,z): it sees the anatomy at another scale")
