@@ -20,7 +20,7 @@ from sslkit.data.source import NotAnImage, SampleRef, Source, Undecodable, check
 from sslkit.data.volume import (ORIENTATION, SampleMode, crop_or_pad, fit_volume, resample, slab_indices, volume_fit,
                                 stack_slab)
 from sslkit.data.unit_range import box_reduce, unit_floats
-from sslkit.data.walk import check_dir, first_files, walk_files
+from sslkit.data.walk import IMAGE_SUFFIXES, check_dir, first_files, walk_files
 from sslkit.errors import CheckFailed, UsageError, first_line, unknown_name_message, without_quoted
 from sslkit.hookspecs import hookimpl
 from sslkit.options import check_unit_interval
@@ -100,7 +100,7 @@ __all__ = [
     # backbones
     "Backbone", "TokenBackbone", "is_token_backbone",
     # sources
-    "Source", "SampleRef", "NotAnImage", "Undecodable", "to_channels", "walk_files", "first_files", "check_dir",
+    "Source", "SampleRef", "NotAnImage", "Undecodable", "to_channels", "walk_files", "first_files", "check_dir", "IMAGE_SUFFIXES",
     "parallel_map", "resize_square", "check_pixel_count", "keyed_hash", "available_memory", "human_bytes",
     "skip_reason", "unit_floats", "box_reduce",
     # volumetric sources (slice / slab:K / volume sampling)

@@ -30,14 +30,13 @@ import numpy as np
 import pydicom
 
 from sslkit.api import SampleMode, SampleRef, Source, Undecodable, check_dir, first_files, hookimpl, walk_files
-from sslkit.api import GraphPreprocessing, UsageError, check_pixel_count, keyed_hash
+from sslkit.api import IMAGE_SUFFIXES, GraphPreprocessing, UsageError, check_pixel_count, keyed_hash
 from sslkit_plugins.sources.dicom_decode import codec_failure, decode, parse_windows, read_dataset
 from sslkit_plugins.sources.dicom_headers import cached_headers, stable_groups
 from sslkit_plugins.sources.dicom_labels import (class_of, named_levels, not_patient_folders, patient_named_classes,
                                                  series_labelled)
 from sslkit_plugins.sources.dicom_pixels import decode_located, pixel_facts, read_frame
-from sslkit_plugins.sources.dicom_reasons import (IMAGE_SUFFIXES, NOT_DICOM_IMAGE, failure_reason, incomplete_image,
-                                                  safe_reason)
+from sslkit_plugins.sources.dicom_reasons import NOT_DICOM_IMAGE, failure_reason, incomplete_image, safe_reason
 from sslkit_plugins.sources.dicom_series import assemble, geometry
 from sslkit_plugins.sources.dicom_values import has, transfer_syntax, value
 from sslkit_plugins.sources.dicom_volume import VolumeSampler

@@ -19,8 +19,6 @@ from sslkit.api import without_quoted
 from sslkit_plugins.sources.dicom_values import value
 
 _STAGE = "_sslkit_dicom_stage"
-#: what the ``folder`` source reads (its EXTENSIONS): such a file that is not DICOM is reported, not ignored
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp"}
 NOT_DICOM_IMAGE = "not DICOM: an image file (read those with --data folder:PATH)"
 
 

@@ -22,12 +22,13 @@ from pathlib import Path
 
 import numpy as np
 
-from sslkit.api import SampleRef, Source, UsageError, check_dir, check_pixel_count, first_files, hookimpl, walk_files
+from sslkit.api import (IMAGE_SUFFIXES, SampleRef, Source, UsageError, check_dir, check_pixel_count, first_files,
+                        hookimpl, walk_files)
 from sslkit_plugins.sources.folder_decode import DECODE_SIDE, open_image, pil_channels, pil_pixels
 from sslkit_plugins.sources.folder_tiff import tiff_array, tiff_channels
 
 
-EXTENSIONS = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp"}
+EXTENSIONS = IMAGE_SUFFIXES
 TIFF = {".tif", ".tiff"}
 
 

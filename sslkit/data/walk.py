@@ -12,6 +12,11 @@ _KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR,
           (stat.S_ISBLK, "a block device"), (stat.S_ISDIR, "a directory"))
 
 
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp"})
+"""File suffixes of the image formats sslkit's image decoding reads (Pillow, tifffile): the ``folder``
+source's files, and what another source reports as an image file that is not its own."""
+
+
 def walk_files(root: Path, keep, skipped: list[tuple[str, str]] | None = None) -> list[Path]:
     """Regular files below ``root`` (sorted, hidden entries skipped) for which ``keep(path)``.
 
