@@ -102,6 +102,24 @@ def test_random_ops_draw_per_sample_parameters(x):
     assert all(any(torch.equal(r90[i], torch.rot90(same[0], q, (1, 2))) for q in (1, 2, 3)) for i in range(8))
 
 
+def test_intensity_ops_act_on_each_samples_own_range():
+    """12-bit content in a 16-bit file (values up to 1/16 after / 65535) gets the gamma,
+    solarization and noise that the same image at full range gets, scaled: gamma used to be many
+    times stronger on it and solarization (threshold 0.5) never fired."""
+    torch.manual_seed(0)
+    full = torch.rand(16, 1, 12, 12)
+    full[:, :, 0, 0], full[:, :, 0, 1] = 0.0, 1.0  # every sample spans [0, 1]
+    narrow = full / 16
+    for op in (lambda x: A.gamma(x, p=1.0), lambda x: A.solarize(x, p=1.0)):
+        torch.manual_seed(1)
+        want = op(full) / 16
+        torch.manual_seed(1)
+        torch.testing.assert_close(op(narrow), want)
+    assert torch.equal(A.solarize(full, p=1.0), torch.where(full >= 0.5, 1 - full, full))  # TF.solarize on [0, 1]
+    noisy = A.gaussian_noise(narrow + 0.25, p=1.0, std=(0.05, 0.05))
+    assert abs(float((noisy - narrow - 0.25).std()) - 0.05 / 16) < 0.0005
+
+
 def test_colour_ops_leave_grayscale_alone():
     g = torch.rand(4, 1, 16, 16)
     torch.manual_seed(0)
