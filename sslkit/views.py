@@ -28,15 +28,18 @@ class ViewRecipe:
     ``(B, C, H, W)`` in [0, 1] -> ``(B, C, size, size)`` in [0, 1]. Colour ops (saturation,
     hue, random grayscale) apply to 3-channel data whose channels are colour planes
     (``colour``); elsewhere (1 channel, a slab's slices, stacked windows) ``gamma_p`` and
-    contrast / brightness jitter, the same for every channel, take their place. Ops whose probability (or range) is 0 draw no random numbers, so adding
-    fields never changes the views of an existing recipe.
+    contrast / brightness jitter, the same for every channel, take their place. Crop, horizontal
+    flip and (on colour data) random grayscale always draw their random numbers; the other ops
+    draw none when their probability is 0, so adding such fields never changes the views of an
+    existing recipe.
     """
 
     size: int
     scale: tuple[float, float] = (0.08, 1.0)
     flip_p: float = 0.5
     jitter_p: float = 0.8
-    jitter: float = 0.4  # brightness = contrast = saturation strength
+    jitter: float = 0.4  # brightness = contrast strength (and saturation's, unless saturation is set)
+    saturation: float | None = None  # saturation strength; None: as jitter (BYOL's recipes: 0.2)
     hue: float = 0.1
     gray_p: float = 0.2
     blur_p: float = 0.5
@@ -69,7 +72,8 @@ class ViewRecipe:
         if self.rotate_p > 0:
             x = random_rotation(x, self.rotate_p, self.rotate_degrees)
         if self.jitter_p > 0:
-            x = color_jitter(x, self.jitter, self.jitter, self.jitter, self.hue, self.jitter_p, self.colour)
+            sat = self.jitter if self.saturation is None else self.saturation
+            x = color_jitter(x, self.jitter, self.jitter, sat, self.hue, self.jitter_p, self.colour)
         if x.shape[1] == 3 and self.colour:
             x = grayscale(x, self.gray_p)
         elif self.gamma_p > 0:
@@ -119,6 +123,8 @@ def recipe_problem(r: "ViewRecipe") -> str | None:
                "two area fractions low,high with 0 < low <= high <= 1"),
               ("noise_std", _pair(r.noise_std, 0, math.inf, False), "two numbers low,high with 0 <= low <= high"),
               ("jitter", _number(r.jitter) and r.jitter >= 0, "a number >= 0"),
+              ("saturation", r.saturation is None or (_number(r.saturation) and r.saturation >= 0),
+               "a number >= 0 (or unset: as jitter)"),
               ("hue", _number(r.hue) and 0 <= r.hue <= 0.5, "a number in [0, 0.5]"),
               ("rotate_degrees", _number(r.rotate_degrees) and 0 <= r.rotate_degrees <= 180,
                "a number of degrees in [0, 180]")]
@@ -151,9 +157,10 @@ RECIPES: dict[str, dict[str, Any]] = {
 
 def byol_recipes(size: int, min_scale: float = 0.08) -> list[ViewRecipe]:
     """BYOL's two asymmetric view recipes (Grill et al. 2020, Table 6); also used by
-    Barlow Twins, VICReg, MoCo v3 and DINO's global crops."""
+    Barlow Twins, VICReg, MoCo v3 and DINO's global crops: colour jitter 0.8 of brightness,
+    contrast 0.4, saturation 0.2, hue 0.1."""
     blur = size >= 96
-    common = dict(scale=(min_scale, 1.0), jitter_p=0.8, jitter=0.4, hue=0.1, gray_p=0.2)
+    common = dict(scale=(min_scale, 1.0), jitter_p=0.8, jitter=0.4, saturation=0.2, hue=0.1, gray_p=0.2)
     return [ViewRecipe(size, blur_p=1.0 if blur else 0.0, solarize_p=0.0, **common),
             ViewRecipe(size, blur_p=0.1 if blur else 0.0, solarize_p=0.2, **common)]
 

@@ -175,6 +175,19 @@ def test_new_fields_do_not_change_existing_recipes():
     assert torch.equal(a, b)
 
 
+def test_byol_family_jitters_saturation_by_0_2(monkeypatch):
+    """BYOL's Table 6 (also Barlow Twins', VICReg's, MoCo v3's and DINO's): brightness and contrast 0.4,
+    saturation 0.2, hue 0.1; one `jitter` field used to give saturation 0.4. SimCLR's recipe keeps 0.4."""
+    import sslkit.views as V
+
+    calls = []
+    monkeypatch.setattr(V, "color_jitter", lambda x, *args: calls.append(args) or x)
+    for r in A.byol_recipes(32):
+        r(torch.rand(2, 3, 40, 40))
+    A.ViewRecipe(32)(torch.rand(2, 3, 40, 40))
+    assert calls == [(0.4, 0.4, 0.2, 0.1, 0.8, True)] * 2 + [(0.4, 0.4, 0.4, 0.1, 0.8, True)]
+
+
 def test_named_recipes_and_overrides():
     r = A.recipe("xray", 32, blur_p="0", scale="0.5,1.0", rotate_degrees=5)
     assert (r.size, r.blur_p, r.scale, r.rotate_degrees, r.hue) == (32, 0.0, (0.5, 1.0), 5.0, 0.0)

@@ -79,9 +79,26 @@ PROB = "must be a probability in [0, 1], got"
     ("jitter=-1", "jitter must be a number >= 0, got -1.0"),
     ("hue=5", "hue must be a number in [0, 0.5], got 5.0"),
     ("rotate_degrees=inf", "rotate_degrees must be a number of degrees in [0, 180], got inf"),
+    ("saturation=-1", "saturation must be a number >= 0 (or unset: as jitter), got -1.0"),
 ])
 def test_bad_augment_options(cli, not_images, tmp_path, opt, line):
     _refused(cli, not_images, tmp_path, ("--task", "simclr", *CNN, "--augment-opt", opt), f"--augment-opt: {line}")
+
+
+@pytest.mark.parametrize("task, args, line", [
+    ("rotation", ("--augment-opt", "rotate_p=1", "--augment-opt", "rotate_degrees=180"),
+     "rotation predicts 90-degree turns; --augment-opt rotate_degrees=180 would make its labels ambiguous "
+     "(free rotations, rotate_p, below 45 degrees are fine)"),
+    ("dino", ("--task-opt", "local_size=32"),
+     "dino's local crops must be smaller than the global ones: --task-opt local_size=32 is not below --image-size 32"),
+    ("dino", ("--augment-opt", "scale=0.4,1"),
+     "dino: --augment-opt scale would give the global and local crops one scale; use --task-opt "
+     "global_scale_min=... and local_scale_max=..."),
+])
+def test_views_that_would_undo_a_task(cli, not_images, tmp_path, task, args, line):
+    """A free rotation of up to 180 degrees under rotation's 90-degree labels, and dino "local" crops as
+    large as the global ones (or given the global crops' scale), used to train without a word."""
+    _refused(cli, not_images, tmp_path, ("--task", task, *CNN, "--image-size", "32", *args), line)
 
 
 @pytest.mark.parametrize("task, opt, line", [

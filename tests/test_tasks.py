@@ -493,7 +493,7 @@ def test_augment_overrides_reach_task_specific_views():
     ("byol", dict(proj_hidden_dim=32, proj_dim=16, pred_hidden_dim=32)),
     ("moco", dict(proj_hidden_dim=32, proj_dim=16, queue_size=24)),
     ("moco", dict(version=3, proj_hidden_dim=32, proj_dim=16)),
-    ("dino", dict(out_dim=64, hidden_dim=32, bottleneck_dim=16, local_crops=2, local_size=16)),
+    ("dino", dict(out_dim=64, hidden_dim=32, bottleneck_dim=16, local_crops=2, local_size=8)),
     ("vae", dict(decoder_width=16, latent_dim=8)),
 ])
 def test_task_state_dict_carries_everything_a_resume_needs(task, opts):

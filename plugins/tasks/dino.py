@@ -113,6 +113,9 @@ class DINO(Task):
         super().__init__(backbone, options, spec)
         o = options
         self.local_size = o.local_size or max(8, int(round(spec.image_size * 96 / 224 / 2)) * 2)
+        if o.local_size is not None and o.local_size >= spec.image_size:
+            raise UsageError(f"dino's local crops must be smaller than the global ones: --task-opt local_size="
+                             f"{o.local_size} is not below --image-size {spec.image_size}")
         self.local_crops = default_local_crops(spec.image_size) if o.local_crops is None else o.local_crops
         if self.local_crops:
             _check_size(backbone, spec.channels, self.local_size)
@@ -136,12 +139,12 @@ class DINO(Task):
     def views(self, spec):
         o, s = self.options, spec.image_size
         blur = s >= 96
-        common = dict(jitter_p=0.8, jitter=0.4, hue=0.1, gray_p=0.2)
+        common = dict(jitter_p=0.8, jitter=0.4, saturation=0.2, hue=0.1, gray_p=0.2)
         recipes = [ViewRecipe(s, scale=(o.global_scale_min, 1.0), blur_p=1.0 if blur else 0.0, **common),
                    ViewRecipe(s, scale=(o.global_scale_min, 1.0), blur_p=0.1 if blur else 0.0, solarize_p=0.2,
                               **common)]
         local = ViewRecipe(self.local_size, scale=(0.05, o.local_scale_max), blur_p=0.5 if blur else 0.0, **common)
-        return MultiView(recipes + [local] * self.local_crops, spec.mean, spec.std)
+        return DINOViews(recipes + [local] * self.local_crops, spec.mean, spec.std)
 
     def forward(self, views):
         o = self.options
@@ -195,6 +198,21 @@ def _check_size(backbone, channels: int, size: int) -> None:
         ) from None
     finally:
         backbone.train(was_training)
+
+
+class DINOViews(MultiView):
+    """DINO's global and local crops; ``--augment-opt scale`` is refused, since one crop scale for
+    both kinds would undo the global/local split (the task's ``global_scale_min`` and
+    ``local_scale_max`` set them)."""
+
+    def override(self, **overrides):
+        if "scale" in overrides:
+            raise UsageError("dino: --augment-opt scale would give the global and local crops one scale; use "
+                             "--task-opt global_scale_min=... and local_scale_max=...")
+        out = super().override(**overrides)
+        views = DINOViews(out.recipes, [0.0], [1.0])
+        views.normalize = out.normalize
+        return views
 
 
 @hookimpl

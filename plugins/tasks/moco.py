@@ -134,7 +134,7 @@ class MoCo(Task):
     def views(self, spec):
         if self.options.version == 3:
             recipes = byol_recipes(spec.image_size, self.options.min_scale)
-        else:  # MoCo v2: SimCLR's augmentation plus blur
+        else:  # MoCo v2: SimCLR's augmentation plus blur (from 96 px, as simclr's)
             recipe = ViewRecipe(spec.image_size, scale=(self.options.min_scale, 1.0), jitter=0.4, hue=0.1,
                                 blur_p=0.5 if spec.image_size >= 96 else 0.0)
             recipes = [recipe, recipe]

@@ -51,12 +51,15 @@ class RotationViews(torch.nn.Module):
 
     def override(self, **overrides) -> "RotationViews":
         """``--augment-opt`` on the base view; turns and vertical flips would corrupt the labels."""
-        clash = sorted(k for k in ("rot90_p", "vflip_p") if k in overrides and float(overrides[k]) > 0)
+        base = self.base.override(**overrides)
+        r = base.recipes[0]
+        clash = [k for k in ("rot90_p", "vflip_p") if getattr(r, k) > 0]
+        clash += [f"rotate_degrees={r.rotate_degrees:g}"] if r.rotate_p > 0 and r.rotate_degrees >= 45 else []
         if clash:
             raise UsageError(f"rotation predicts 90-degree turns; --augment-opt {', '.join(clash)} would make its "
-                             f"labels ambiguous (small free rotations, rotate_p, are fine)")
-        out = RotationViews(self.base.recipes[0], [0.0], [1.0], self.all_rotations)
-        out.base = self.base.override(**overrides)
+                             f"labels ambiguous (free rotations, rotate_p, below 45 degrees are fine)")
+        out = RotationViews(r, [0.0], [1.0], self.all_rotations)
+        out.base = base
         return out
 
 
