@@ -272,3 +272,28 @@ def test_the_error_types_stay_usage_errors(tmp_path):
     (tmp_path / "e.npz").write_bytes(b"")
     with pytest.raises(UsageError, match="is empty"):
         create_source(f"npz:{tmp_path / 'e.npz'}")
+
+
+@pytest.mark.parametrize("dtype", [">u2", ">u1", ">f4", ">i2"])
+def test_big_endian_arrays_load_as_their_native_twins(tmp_path, dtype):
+    """A big-endian uint16 ``.npy`` was min-max scaled per image (its dtype is not ``np.uint16``)
+    while the same pixels little-endian were divided by 65535."""
+    a = (np.random.default_rng(4).random((3, 9, 7)) * 3000).astype(dtype.replace(">", "<"))
+    np.save(tmp_path / "le.npy", a)
+    np.save(tmp_path / "be.npy", a.astype(dtype))
+    le, be = create_source(f"npz:{tmp_path / 'le.npy'}"), create_source(f"npz:{tmp_path / 'be.npy'}")
+    for r in le.index():
+        np.testing.assert_array_equal(be.load(r), le.load(r))
+    assert be.graph_preprocessing() == le.graph_preprocessing()
+
+
+@pytest.mark.parametrize("dtype, kind, words", [(np.uint8, "pixels", ""), (np.uint16, "pixels", ""),
+                                                 (np.int16, "unit", "own min-max (int16 arrays)"),
+                                                 (np.float32, "unit", "own min-max (float32 arrays)"),
+                                                 (np.bool_, "unit", "bools as 0 / 1")])
+def test_an_export_of_min_max_scaled_arrays_tells_the_client(tmp_path, dtype, kind, words):
+    """An ONNX export ``--with-preprocessing`` of a run on int16 or float arrays said the graph takes
+    uint8 pixels, though training had scaled each image by its own min-max."""
+    np.save(tmp_path / "a.npy", _images(dtype=dtype))
+    gp = create_source(f"npz:{tmp_path / 'a.npy'}").graph_preprocessing()
+    assert gp.kind == kind and words in gp.client

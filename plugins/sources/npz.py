@@ -32,8 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
-from sslkit.api import (SampleRef, Source, Undecodable, UsageError, available_memory, check_pixel_count, first_line,
-                        hookimpl, human_bytes, skip_reason, unit_floats, without_quoted)
+from sslkit.api import (GraphPreprocessing, SampleRef, Source, Undecodable, UsageError, available_memory,
+                        check_pixel_count, first_line, hookimpl, human_bytes, skip_reason, unit_floats, without_quoted)
 
 LAYOUTS = ("auto", "nhw", "nchw", "nhwc")
 ACCEPTED = "(N, H, W), (N, C, H, W) or (N, H, W, C) with C = 1 to 4 channels"
@@ -323,6 +323,17 @@ class NpzSource(Source):
             return unit_floats(np.asarray(self._array()[ref.frame]))
         except Undecodable as exc:
             raise Undecodable(f"{exc}: image {ref.frame}") from None
+
+    def graph_preprocessing(self) -> GraphPreprocessing:
+        """uint8 and uint16 arrays are pixels the graph scales; any other dtype was scaled by each
+        image's own range (bools as 0 / 1), which no fixed graph can apply: the client does."""
+        dtype = self.header.dtype.newbyteorder("=")
+        if dtype in (np.uint8, np.uint16):
+            return GraphPreprocessing()
+        rule = "took bools as 0 / 1" if dtype == np.bool_ else "scaled each image by its own min-max"
+        return GraphPreprocessing("unit", client=(
+            f"the run {rule} ({self.header.dtype.name} arrays), which no fixed graph can apply: the client does the "
+            "same and passes float32 in [0, 1]; the graph normalises"))
 
     def describe(self) -> dict:
         return {"array": self.what, "layout": self.layout,

@@ -23,7 +23,8 @@ def unit_floats(a: np.ndarray, f: int = 1) -> np.ndarray:
     image sources (``folder``, ``npz``); always a new array."""
     if a.size == 0:
         raise Undecodable(f"empty image of shape {tuple(a.shape)}")
-    own_range = a.dtype not in (np.uint8, np.uint16, np.bool_)
+    kind = a.dtype.newbyteorder("=")  # a big-endian uint16 ('>u2') is uint16 too
+    own_range = kind not in (np.uint8, np.uint16, np.bool_)
     if own_range:
         lo, hi = float(a.min()), float(a.max())
         if not (math.isfinite(lo) and math.isfinite(hi)):
@@ -33,9 +34,9 @@ def unit_floats(a: np.ndarray, f: int = 1) -> np.ndarray:
             return box_reduce(y if y.ndim == 3 else y[None], f) if f > 1 else y
         lo, hi = float(np.float32(lo)), float(np.float32(hi))  # as float32 holds them
     x = box_reduce(a if a.ndim == 3 else a[None], f) if f > 1 else _float32_copy(a)
-    if a.dtype == np.uint8:
+    if kind == np.uint8:
         x /= 255.0
-    elif a.dtype == np.uint16:
+    elif kind == np.uint16:
         x /= 65535.0
     elif own_range and hi > lo:
         x -= lo
