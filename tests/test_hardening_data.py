@@ -518,3 +518,35 @@ def test_a_decoder_out_of_memory_or_silent_is_a_named_reason_not_an_empty_one(tm
     reasons = dict(data.prepared.skipped)
     first, second = (str(Path(f).relative_to(root)) for f in files[:2])  # reports name files below the root
     assert reasons == {first: "MemoryError: decoding it needs more memory than is free", second: "RuntimeError"}
+
+
+def test_resume_finds_an_array_edited_in_place_between_unchanged_ends(tmp_path, cli):
+    """An uncompressed array (or volume) edited in its interior keeps its header and its first and
+    last 4 KiB: the fingerprint of those alone (``content-v2``) let ``--resume`` go on silently. A
+    run recorded under ``content-v2`` still resumes on unchanged data."""
+    from sslkit.data.prepare import fingerprint
+    from sslkit.registry import create_source
+
+    a = np.random.default_rng(2).integers(0, 255, (40, 64, 64)).astype(np.uint8)  # 160 KiB
+    data, run = tmp_path / "a.npy", tmp_path / "run"
+    np.save(data, a)
+    result = cli(*TRAIN, "--data", f"npz:{data}", "--out", run, "--checkpoint-every", "1")
+    assert result.exit_code == 0, result.output
+    info = json.loads((run / "run.json").read_text())
+    assert info["dataset"]["fingerprint_scheme"] == "content-v3"
+    info["status"] = "running"
+    (run / "run.json").write_text(json.dumps(info))
+    before = data.read_bytes()
+    edited = a.copy()
+    edited[10:30] = 255 - edited[10:30]
+    np.save(data, edited)
+    after = data.read_bytes()
+    assert len(after) == len(before) and after[:4096] == before[:4096] and after[-4096:] == before[-4096:]
+    _one_line_error(cli("pretrain", "--resume", run, "--quiet"), "data changed", "--allow-data-change")
+    np.save(data, a)  # the data as it was, and the run as an older sslkit recorded it
+    refs = create_source(f"npz:{data}").index()
+    info["dataset"].pop("fingerprint_scheme")
+    info["dataset"]["fingerprint"] = fingerprint(refs, info["input_spec"]["preprocessing"], "content-v2")
+    (run / "run.json").write_text(json.dumps(info))
+    proc = cli("pretrain", "--resume", run, "--quiet")
+    assert proc.exit_code == 0 and "data changed" not in proc.stderr, proc.stderr[-2000:]

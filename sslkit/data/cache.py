@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from sslkit.data.digest import content_digest, file_digest, readable  # noqa: F401 - their old home
 from sslkit.data.source import SampleRef, Source
 from sslkit.errors import UsageError
 from sslkit.output_file import read_json
@@ -64,64 +65,6 @@ def mark_root(root: Path) -> None:
     except OSError as exc:
         raise UsageError(f"cache folder {str(root)!r} cannot be written: {exc.strerror or exc}; "
                          f"choose another with --cache DIR, or --no-cache") from None
-
-
-#: (path, block) -> (the file's stat identity, its content digest): one pass reads each file once
-_DIGESTS: dict[tuple[str, int], tuple[tuple[int, ...], str]] = {}
-_DIGESTS_MAX = 1 << 20
-
-
-def _identity(st: os.stat_result) -> tuple[int, ...]:
-    # ctime changes on every write, rename over and utime, even one that restores the mtime
-    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
-
-
-def content_digest(path: str, block: int = 4096) -> str:
-    """Identity of a file's content: its size and its first and last ``block`` bytes.
-
-    Cheap (8 KiB read per file), and for images enough to tell a replaced file from the
-    old one: headers, UIDs and compressed streams differ at both ends. Raises ``OSError``
-    for an unreadable file. Within a process, a file whose stat identity (device, inode,
-    size, mtime, ctime) is unchanged is not read again: the readability check, the cache
-    key and the dataset fingerprint of one run share one read.
-    """
-    with open(path, "rb") as f:
-        st = os.fstat(f.fileno())
-        known = _DIGESTS.get((path, block))
-        if known is not None and known[0] == _identity(st):
-            return known[1]
-        size = st.st_size
-        h = hashlib.blake2b(str(size).encode(), digest_size=16)
-        h.update(f.read(block))
-        if size > block:
-            f.seek(max(block, size - block))
-            h.update(f.read(block))
-    if len(_DIGESTS) >= _DIGESTS_MAX:
-        _DIGESTS.clear()
-    _DIGESTS[(path, block)] = (_identity(st), h.hexdigest())
-    return h.hexdigest()
-
-
-def file_digest(path: str, block: int = 4096) -> str:
-    """:func:`content_digest` and the mtime: what keys a cache entry (a touched file is re-decoded)."""
-    digest = content_digest(path, block)
-    return f"{digest}:{_DIGESTS[(path, block)][0][3]}"
-
-
-def readable(refs: Sequence[SampleRef], relative=str) -> tuple[list[SampleRef], list[tuple[str, str]]]:
-    """``refs`` whose files can be read, and ``(relative(path), reason)`` for each file that cannot."""
-    ok, bad, why = [], [], {}
-    for ref in refs:
-        if ref.path not in why:
-            try:
-                content_digest(ref.path)
-                why[ref.path] = None
-            except OSError as exc:
-                why[ref.path] = f"unreadable: {type(exc).__name__}: {exc.strerror or exc}"
-                bad.append((relative(ref.path), why[ref.path]))
-        if why[ref.path] is None:
-            ok.append(ref)
-    return ok, bad
 
 
 _real_folder = functools.lru_cache(maxsize=65536)(os.path.realpath)

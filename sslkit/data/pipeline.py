@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from sslkit.data.cache import mark_root, resolve_cache_dir
-from sslkit.data.prepare import Prepared, fingerprint, majority_channels, prepare
+from sslkit.data.prepare import FINGERPRINT_SCHEMES, Prepared, fingerprint, majority_channels, prepare
 from sslkit.data.source import Source
 from sslkit.data.splits import split_refs
 from sslkit.errors import UsageError
@@ -180,9 +180,14 @@ def resume_input_spec(run_dir: str | Path, prepared: Prepared, preprocessing: An
     saved = read_json(Path(run_dir) / RUN_JSON)
     if not saved:
         return None
-    now = {"fingerprint": fingerprint(prepared.refs, preprocessing), "samples": len(prepared)}
+    dataset = saved.get("dataset") or {}
+    scheme = dataset.get("fingerprint_scheme", "content-v2")  # a run recorded before schemes were named
+    if scheme not in FINGERPRINT_SCHEMES:
+        raise UsageError(f"--resume: run.json's dataset fingerprint scheme {scheme!r} is not one this sslkit knows "
+                         f"({', '.join(FINGERPRINT_SCHEMES)}); resume it with the sslkit that started it")
+    now = {"fingerprint": fingerprint(prepared.refs, preprocessing, scheme), "samples": len(prepared)}
     decoding = changed_keys((saved.get("input_spec") or {}).get("preprocessing"), preprocessing)
-    note = check_resume_data(saved.get("dataset") or {}, now, allow_change, decoding)
+    note = check_resume_data(dataset, now, allow_change, decoding)
     if note:
         print(note, file=sys.stderr)
     return saved.get("input_spec")

@@ -23,9 +23,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from sslkit.data.cache import (CACHE_FORMAT, cache_key, content_digest, discard_entry, disk_full_error, entry_check,
-                               hold_fill_lock, mark_root, open_entry, readable, remove_stale, reserve,
-                               resolve_cache_dir)
+from sslkit.data.cache import (CACHE_FORMAT, cache_key, discard_entry, disk_full_error, entry_check, hold_fill_lock,
+                               mark_root, open_entry, remove_stale, reserve, resolve_cache_dir)
+from sslkit.data.digest import content_digest, readable
 from sslkit.data.parallel import pool_size
 from sslkit.data.resize import resize_axis_aa
 from sslkit.data.room import check_room, sides
@@ -331,13 +331,22 @@ def channel_stats(pixels: np.ndarray, limit: int = 1024) -> tuple[tuple[float, .
     return tuple(round(float(m), 6) for m in mean), tuple(round(float(s), 6) for s in std)
 
 
-def fingerprint(refs: Sequence[SampleRef], extra: Any = None) -> str:
+#: the dataset fingerprint's schemes, by name: how many interior blocks each file's digest reads
+#: besides its first and last 4 KiB (:func:`~sslkit.data.digest.content_digest`). ``content-v2``
+#: (runs before 2026-12-06) let an uncompressed volume or array edited in place pass as unchanged.
+FINGERPRINT_SCHEMES = {"content-v2": 0, "content-v3": 14}
+FINGERPRINT_SCHEME = "content-v3"
+
+
+def fingerprint(refs: Sequence[SampleRef], extra: Any = None, scheme: str = FINGERPRINT_SCHEME) -> str:
     """A hash of the dataset's content, for run.json: every sample's frame and its file's
-    :func:`~sslkit.data.cache.content_digest` (size, first and last 4 KiB), in path order,
-    and ``extra`` (the preprocessing). Holds no path or name; a replaced, added or removed
-    file changes it, a copy of the folder elsewhere does not. ``--resume`` compares it.
+    :func:`~sslkit.data.digest.content_digest` (size, first and last 4 KiB and, in ``content-v3``,
+    14 evenly spaced 4 KiB blocks between them), in path order, and ``extra`` (the
+    preprocessing). Holds no path or name; a replaced, added or removed file changes it, a copy
+    of the folder elsewhere does not. ``--resume`` compares it, under the run's own ``scheme``.
     """
-    h = hashlib.sha256(json.dumps(["content-v2", extra], sort_keys=True, default=str).encode())
+    interior = FINGERPRINT_SCHEMES[scheme]
+    h = hashlib.sha256(json.dumps([scheme, extra], sort_keys=True, default=str).encode())
     for ref in sorted(refs, key=lambda r: (r.path, r.frame or 0)):
-        h.update(f"{ref.frame}\0{content_digest(ref.path)}\n".encode())
+        h.update(f"{ref.frame}\0{content_digest(ref.path, interior=interior)}\n".encode())
     return h.hexdigest()[:16]

@@ -27,7 +27,7 @@ import torch
 from sslkit import distributed
 from sslkit.backbone import is_token_backbone
 from sslkit.data.pipeline import LoadedData, resume_input_spec
-from sslkit.data.prepare import channel_stats, fingerprint
+from sslkit.data.prepare import FINGERPRINT_SCHEME, channel_stats, fingerprint
 from sslkit.engine.capture import make_capture
 from sslkit.engine.compiled import compile_model, compile_views
 from sslkit.engine.data_setup import batches_and_schedule, load_run_data
@@ -214,6 +214,7 @@ def run_record(s: Setup, backbone_name: str, embedding_dim: int) -> dict[str, An
         "input_spec": s.spec.to_dict(),
         "embedding_dim": embedding_dim,
         "dataset": {"fingerprint": fingerprint(prepared.refs, s.spec.preprocessing),
+                    "fingerprint_scheme": FINGERPRINT_SCHEME,
                     "samples": len(prepared), "skipped": len(prepared.skipped), **s.data.split},
         "source_options_resolved": dataclasses.asdict(options) if dataclasses.is_dataclass(options) else {},
         "steps_per_epoch": s.steps_per_epoch,
