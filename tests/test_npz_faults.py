@@ -297,3 +297,28 @@ def test_an_export_of_min_max_scaled_arrays_tells_the_client(tmp_path, dtype, ki
     np.save(tmp_path / "a.npy", _images(dtype=dtype))
     gp = create_source(f"npz:{tmp_path / 'a.npy'}").graph_preprocessing()
     assert gp.kind == kind and words in gp.client
+
+
+def test_eval_scores_a_medmnist_file_on_its_own_train_and_test_arrays(tmp_path, cli):
+    """``--data-opt`` applied to both sides, so ``--test npz:m.npz`` read the train array too, and the
+    leakage check keyed by the file's bytes and the frame called the two arrays one: the only way
+    to score MedMNIST's own split was ``--allow-overlap``, which would have scored train against itself."""
+    from tests.conftest import tiny_run
+
+    r = np.random.default_rng(1)
+    train, test = r.integers(0, 255, (24, 16, 16)).astype(np.uint8), r.integers(0, 255, (12, 16, 16)).astype(np.uint8)
+    f = tmp_path / "m.npz"
+    np.savez(f, train_images=train, train_labels=np.arange(24) % 2, test_images=test, test_labels=np.arange(12) % 2)
+    run = tiny_run(f"npz:{f}", tmp_path / "run", 16)
+    knn = ("eval", "knn", run, "--train", f"npz:{f}", "--test", f"npz:{f}", "--no-baseline", "--quiet", "--json")
+    proc = cli(*knn, "--test-opt", "split=test")
+    assert proc.exit_code == 0, proc.stderr[-2000:]
+    report = json.loads(proc.stdout)
+    assert (report["data"]["train"]["samples"], report["data"]["test"]["samples"]) == (24, 12)
+    assert report["data"]["test"]["options"] == {"split": "test"} and "options" not in report["data"]["train"]
+    _one_line_error(cli(*knn), "--train and --test share 24 of the 24 test images")  # one array on both sides
+    np.savez(tmp_path / "copy.npz", train_images=train[:5], train_labels=np.arange(5) % 2)  # in another file: found
+    _one_line_error(cli("eval", "knn", run, "--train", f"npz:{f}", "--test", f"npz:{tmp_path / 'copy.npz'}",
+                        "--no-baseline", "--quiet"), "--train and --test share 5 of the 5 test images")
+    _one_line_error(cli("eval", "knn", run, "--data", f"npz:{f}", "--test-opt", "split=test"),
+                    "--train-opt and --test-opt apply to --train and --test")

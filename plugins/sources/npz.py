@@ -22,6 +22,7 @@ images are still read (pretraining needs no labels; ``sslkit eval`` then finds n
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import struct
@@ -323,6 +324,14 @@ class NpzSource(Source):
             return unit_floats(np.asarray(self._array()[ref.frame]))
         except Undecodable as exc:
             raise Undecodable(f"{exc}: image {ref.frame}") from None
+
+    def content_key(self, ref: SampleRef) -> str:
+        """The image's own bytes (dtype, shape and values): the ``train`` and ``test`` arrays of one
+        ``.npz`` are told apart, and the same image in two files is found."""
+        image = np.ascontiguousarray(self._array()[ref.frame])
+        h = hashlib.sha256(f"{image.dtype.newbyteorder('=').str}{image.shape}".encode())
+        h.update(image.astype(image.dtype.newbyteorder("="), copy=False).tobytes())
+        return h.hexdigest()
 
     def graph_preprocessing(self) -> GraphPreprocessing:
         """uint8 and uint16 arrays are pixels the graph scales; any other dtype was scaled by each

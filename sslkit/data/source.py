@@ -125,6 +125,13 @@ class Source:
         ``()``, nothing known."""
         return ()
 
+    def content_key(self, ref: SampleRef) -> str | None:
+        """What identifies ``ref``'s content for ``eval``'s leakage check between ``--train`` and
+        ``--test``, where a file's bytes and the frame do not (one file holding several arrays):
+        a string equal for samples of equal content. Default: None, and the check compares the
+        SHA-256 of the file's bytes and the frame. Read at index time; nothing is decoded."""
+        return None
+
     def describe(self) -> dict[str, Any]:
         """How pixels were brought to [0, 1] (no identifiers): stored in the InputSpec."""
         return {}

@@ -55,12 +55,15 @@ def _source_options(kw: dict) -> dict:
 
 def _data_args(kw: dict):
     from sslkit.eval.probes import DataArgs
+    from sslkit.options import parse_pairs
 
     return DataArgs(train=kw["train"], test=kw["test"], labels_csv=kw["labels"], positive=kw["positive"],
                     baseline=not kw["no_baseline"], batch_size=kw["batch_size"], source_options=_source_options(kw),
                     progress=not kw["quiet"], device=kw["device"], data=kw["data"], split=kw["split"],
                     group_by=kw["group_by"], group_pattern=kw["group_pattern"], seed=kw.get("seed", 0),
-                    allow_overlap=kw["allow_overlap"], max_pixels=kw["max_pixels"])
+                    allow_overlap=kw["allow_overlap"], max_pixels=kw["max_pixels"],
+                    train_options=parse_pairs(kw["train_opts"], "--train-opt"),
+                    test_options=parse_pairs(kw["test_opts"], "--test-opt"))
 
 
 def _print(report: dict, as_json: bool) -> None:
@@ -103,6 +106,11 @@ def probe_options(f):
         click.argument("model", metavar="RUN_OR_ONNX"),
         click.option("--train", default=None, help="Labelled images to fit on (class sub-folders, or --labels)."),
         click.option("--test", default=None, help="Labelled images to score on."),
+        click.option("--train-opt", "train_opts", multiple=True, metavar="KEY=VALUE",
+                     help="Source option for --train only, over --data-opt (repeatable): e.g. --train npz:m.npz "
+                          "--train-opt split=train --test npz:m.npz --test-opt split=test."),
+        click.option("--test-opt", "test_opts", multiple=True, metavar="KEY=VALUE",
+                     help="Source option for --test only, over --data-opt (repeatable)."),
         click.option("--allow-overlap", is_flag=True,
                      help="Evaluate even if --train and --test share images (by content); the count is reported."),
         click.option("--data", default=None, help="One labelled folder, split into grouped folds (instead of "

@@ -186,15 +186,15 @@ def check_labels(model: EvalModel, data: str, what: str, labels_csv: str | None,
 
     Reads the index only (file names, headers); returns the CSV table and the labels found.
     """
-    table, labels, _, _ = index_labels(model, data, what, labels_csv, source_options)
+    table, labels, _, _, _ = index_labels(model, data, what, labels_csv, source_options)
     return table, labels
 
 
 def index_labels(model: EvalModel, data: str, what: str, labels_csv: str | None,
                  source_options: dict[str, Any] | None = None,
-                 every: bool = False) -> tuple[dict[str, str] | None, list, list, list]:
-    """:func:`check_labels` plus the source's sample refs (ids, split groups) and their sample ids
-    (the ids embeddings carry: ``Source.sample_id``, else ``ref.id``), from the index only.
+                 every: bool = False) -> tuple[dict[str, str] | None, list, list, list, Any]:
+    """:func:`check_labels` plus the source's sample refs (ids, split groups), their sample ids
+    (the ids embeddings carry: ``Source.sample_id``, else ``ref.id``) and the source, from the index only.
     ``every``: the labels of all refs, None where a ref has none (else only the labels found)."""
     from sslkit.registry import create_source
 
@@ -208,7 +208,7 @@ def index_labels(model: EvalModel, data: str, what: str, labels_csv: str | None,
                            [embed_mod.label_paths(source, r) for r in refs] if table is not None else ())
     if all(lab is None for lab in labels):
         raise no_labels(what, data, table is not None)
-    return table, labels if every else [lab for lab in labels if lab is not None], refs, ids
+    return table, labels if every else [lab for lab in labels if lab is not None], refs, ids, source
 
 
 def labelled_embeddings(model: EvalModel, data: str, what: str, table: dict[str, str] | None = None,

@@ -45,12 +45,22 @@ class DataArgs:
     seed: int = 0  # fold assignment
     allow_overlap: bool = False  # --train/--test sharing images: evaluate anyway, report the count
     max_pixels: int | None = None  # decode limit (None: the run's --max-pixels)
+    train_options: dict[str, Any] = field(default_factory=dict)  # --train-opt: over source_options, --train only
+    test_options: dict[str, Any] = field(default_factory=dict)  # --test-opt: over source_options, --test only
+
+    def options_for(self, side: str) -> dict[str, Any]:
+        """The source options of one side (``train``, ``test`` or ``data``): ``--data-opt`` and the
+        source flags, then ``--train-opt`` (``--test-opt``) for that side."""
+        own = {"train": self.train_options, "test": self.test_options, "data": {}}[side]
+        return {**self.source_options, **own}
 
     def check(self) -> int | None:
         """The fold count of ``--data`` mode (None for ``--train/--test``); one-line errors otherwise."""
         if self.data is not None:
             if self.train or self.test:
                 raise UsageError("give either --data (one labelled folder, split into folds) or --train and --test")
+            if self.train_options or self.test_options:
+                raise UsageError("--train-opt and --test-opt apply to --train and --test; with --data give --data-opt")
             return parse_split(self.split or "group:5")
         if not (self.train and self.test):
             raise UsageError("give --train and --test, or one labelled folder with --data DIR --split group:5")
@@ -106,15 +116,18 @@ def prepare(model_path: str, args: DataArgs, needs_run: str | None = None,
         check_model(model)
     if k is not None:
         return _prepare_folds(model, args, k)
-    kw = dict(batch_size=args.batch_size, source_options=args.source_options, progress=args.progress)
-    table, train_labels, train_refs, train_ids = index_labels(model, args.train, "--train", args.labels_csv,
-                                                              args.source_options)
-    _, test_labels, test_refs, test_ids = index_labels(model, args.test, "--test", args.labels_csv,
-                                                       args.source_options)
+    kw = dict(batch_size=args.batch_size, progress=args.progress)
+    table, train_labels, train_refs, train_ids, train_source = index_labels(
+        model, args.train, "--train", args.labels_csv, args.options_for("train"))
+    _, test_labels, test_refs, test_ids, test_source = index_labels(
+        model, args.test, "--test", args.labels_csv, args.options_for("test"))
     class_index(train_labels, test_labels, args.positive)  # fail fast, before embedding
-    overlap = check_overlap(train_refs, test_refs, args.allow_overlap, train_ids, test_ids)
-    train = labelled_embeddings(model, args.train, "--train", table, args.baseline, **kw)
-    test = labelled_embeddings(model, args.test, "--test", table, args.baseline, **kw)
+    overlap = check_overlap(train_refs, test_refs, args.allow_overlap, train_ids, test_ids,
+                            (train_source, test_source))
+    train = labelled_embeddings(model, args.train, "--train", table, args.baseline,
+                                source_options=args.options_for("train"), **kw)
+    test = labelled_embeddings(model, args.test, "--test", table, args.baseline,
+                               source_options=args.options_for("test"), **kw)
     classes, positive = class_index(train["pretrained"].labels, test["pretrained"].labels, args.positive)
     return ProbeData(model, {e: (train[e], test[e]) for e in train}, classes, positive,
                      overlap=overlap.scored(train["pretrained"].ids, test["pretrained"].ids))
@@ -122,8 +135,8 @@ def prepare(model_path: str, args: DataArgs, needs_run: str | None = None,
 
 def _prepare_folds(model: EvalModel, args: DataArgs, k: int) -> ProbeData:
     """``--data DIR --split group:K``: embed once, assign groups, cut grouped stratified folds."""
-    table, labels, refs, ids = index_labels(model, args.data, "--data", args.labels_csv, args.source_options,
-                                            every=True)
+    table, labels, refs, ids, _ = index_labels(model, args.data, "--data", args.labels_csv, args.source_options,
+                                               every=True)
     known = [lab for lab in labels if lab is not None]
     classes, positive = class_index(known, known, args.positive)
     paths = [r.id for r in refs]  # a pattern or folder reads the file's path; embeddings carry ``ids``
@@ -155,12 +168,13 @@ def base_report(kind: str, prep: ProbeData, args: DataArgs, settings: dict[str, 
     else:
         report["data"] = {
             "train": {"source": args.train, "samples": len(tr.labels), "unlabelled": tr.unlabelled,
-                      "skipped": skipped_summary(tr.skipped)},
+                      "skipped": skipped_summary(tr.skipped), **_side_options(args.train_options)},
             "test": {"source": args.test, "samples": len(te.labels), "unlabelled": te.unlabelled,
-                     "skipped": skipped_summary(te.skipped)},
+                     "skipped": skipped_summary(te.skipped), **_side_options(args.test_options)},
         }
         if args.allow_overlap:
-            report["data"]["overlap"] = {"test_samples_in_train": prep.overlap, "by": "sha256 of file content",
+            report["data"]["overlap"] = {"test_samples_in_train": prep.overlap,
+                                         "by": "sha256 of file content (and frame), or the source's content key",
                                          "counted": "scored test images (decoded, labelled) whose content is a "
                                                     "scored training image's"}
         pairs = (("train", tr), ("test", te))
@@ -259,6 +273,11 @@ def _check_layer_decay(model: EvalModel) -> None:
     layer_decay_scale(Classifier(model.build_random_encoder(), 2), 1.0, "--finetune-layer-decay")
 
 
+def _side_options(options: dict[str, Any]) -> dict[str, Any]:
+    """A side's own source options (``--train-opt`` / ``--test-opt``) for the report, when given."""
+    return {"options": {k: str(v) for k, v in options.items()}} if options else {}
+
+
 def _add_finetune(report: dict[str, Any], prep: ProbeData, args: DataArgs, options: Any) -> None:
     """``results[encoder]["finetune"]``: each encoder fine-tuned on the training images and scored
     on the test images; over ``--split group:K``, once per fold (the folds of the probes), with
@@ -267,10 +286,10 @@ def _add_finetune(report: dict[str, Any], prep: ProbeData, args: DataArgs, optio
 
     run, dev = prep.model.require_run("--finetune"), resolve_device(args.device)
     if prep.folds is None:
-        (xtr, _, ytr), (xte, _, yte) = (_labelled_pixels(prep, args, d, run.spec) for d in (args.train, args.test))
+        (xtr, _, ytr), (xte, _, yte) = (_labelled_pixels(prep, args, side, run.spec) for side in ("train", "test"))
         scores = _finetune_each(prep, run, xtr, ytr, xte, yte, options, dev, args)
     else:  # the folds index the embedded samples: find each one's pixels by its id
-        pixels, ids, _ = _labelled_pixels(prep, args, args.data, run.spec)
+        pixels, ids, _ = _labelled_pixels(prep, args, "data", run.spec)
         first, row = prep.sets["pretrained"][0], {sample: i for i, sample in enumerate(ids)}
         at, y = np.array([row[i] for i in first.ids]), prep.indices(first.labels)
         runs = [_finetune_each(prep, run, pixels[at[tr]], y[tr], pixels[at[te]], y[te], options, dev, args, False)
@@ -280,16 +299,17 @@ def _add_finetune(report: dict[str, Any], prep: ProbeData, args: DataArgs, optio
         report["results"][enc]["finetune"] = {**metrics, "epochs": options.epochs}
 
 
-def _labelled_pixels(prep: ProbeData, args: DataArgs, data: str,
+def _labelled_pixels(prep: ProbeData, args: DataArgs, side: str,
                      spec: Any) -> tuple[np.ndarray, list[str], np.ndarray]:
-    """The labelled images of ``data``: uint16 ``(N, C, S, S)`` at the run's input size, their
-    sample ids and their class indices."""
+    """The labelled images of one side (``train``, ``test`` or ``data``): uint16 ``(N, C, S, S)``
+    at the run's input size, their sample ids and their class indices."""
+    data = {"train": args.train, "test": args.test, "data": args.data}[side]
     from sslkit.data.pipeline import load_data
     from sslkit.embed import label_paths, sample_id
     from sslkit.eval.labels import read_labels_csv
 
     table = read_labels_csv(args.labels_csv) if args.labels_csv else None
-    loaded = load_data(data, spec.image_size, spec.channels, prep.model.source_options(data, args.source_options),
+    loaded = load_data(data, spec.image_size, spec.channels, prep.model.source_options(data, args.options_for(side)),
                        progress=args.progress, max_pixels=prep.model.pixel_limit)
     refs, source = loaded.prepared.refs, loaded.source
     ids = [sample_id(source, r) for r in refs]  # as the embeddings' ids (a volume's series key)
