@@ -2,9 +2,11 @@
 
 Class sub-folders are ignored for pretraining and used as labels by ``eval``.
 8-bit images are scaled by 255, 16-bit ones by 65535 (never squashed to 8 bits first);
-TIFFs are read with tifffile, which keeps 16-bit RGB and multi-page stacks as they are.
-16-bit PNGs in colour or with alpha too (Pillow would cut them to 8 bits; see
-:func:`~sslkit_plugins.sources.folder_decode.png16_colour`). A palette image (PNG, BMP or
+TIFFs are read with tifffile, which keeps 16-bit RGB as it is (as displayed: MINISWHITE
+inverted, CMYK as RGB; Pillow decodes what tifffile cannot, see ``folder_tiff``); so are
+16-bit PNGs in colour or with alpha (Pillow would cut them to 8 bits; see
+:func:`~sslkit_plugins.sources.folder_decode.png16_colour`). Of a multi-page TIFF or an
+animated image only the first page (frame) is used. A palette image (PNG, BMP or
 TIFF) gives its colours, never its indices: RGB, or one channel where every palette entry
 is grey. A JPEG is turned upright by its EXIF orientation. Float pixels holding NaN or inf
 are a skipped file, and an image far larger than any training size is reduced while it is

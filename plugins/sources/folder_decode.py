@@ -67,15 +67,15 @@ def pil_channels(img: Image.Image) -> int:
 def pil_pixels(img: Image.Image, side: int | None = DECODE_SIDE) -> np.ndarray:
     """An opened image's pixels, float32 ``(C, H, W)`` in [0, 1] (see the module docstring)."""
     f, raw = reduce_factor(img.width, img.height, side), _png16_rawmode(img)
-    if f == 1 and raw:
+    if raw:
         try:
             wide = png16_colour(img.filename, raw)
         except (AttributeError, TypeError, ValueError, OSError):  # a Pillow whose internals differ: 8 bits, as before
             wide = None
-        if wide is not None:
-            return unit_floats(wide[:-1] if wide.shape[0] in (2, 4) else wide)  # alpha dropped
+        if wide is not None:  # alpha dropped; box means of the 16-bit values where reduced
+            return unit_floats(wide[:-1] if wide.shape[0] in (2, 4) else wide, f)
     x = pil_to_array(pil_decoded(img, side))
-    return x[:1] if raw == "LA;16B" else x  # reduced at 8 bits: Pillow's RGBA of one grey
+    return x[:1] if raw == "LA;16B" else x  # at 8 bits (a Pillow whose internals differ): RGBA of one grey
 
 
 def pil_decoded(img: Image.Image, side: int | None) -> Image.Image:
@@ -112,7 +112,7 @@ def pil_to_array(img: Image.Image) -> np.ndarray:
         x = unit_floats(np.asarray(img, dtype=np.float32))
     else:
         grey = img.mode in ("P", "PA") and pil_palette_is_grey(img)  # a palette's colours, not its indices
-        if img.mode == "1":
+        if img.mode in ("1", "LA", "La"):  # grey + alpha: the grey, one channel as pil_channels says
             img = img.convert("L")
         elif img.mode not in ("L", "RGB"):
             img = img.convert("RGBA" if "A" in img.getbands() or img.mode == "P" else "RGB")
