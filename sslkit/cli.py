@@ -139,15 +139,17 @@ def _default(name: str, by_task: bool = False) -> str:
 @click.option("--optimizer", default=None, type=click.Choice(["adamw", "sgd", "lars"]),
               help="Optimizer" + _default("optimizer", by_task=True))
 @click.option("--lr", default=None, type=FiniteFloatRange(min=0, min_open=True),
-              help="Learning rate, taken as is (default: --base-lr scaled by --lr-scaling).")
+              help="Learning rate, taken as is, not with --base-lr or --lr-scaling (default: --base-lr scaled "
+                   "by --lr-scaling).")
 @click.option("--base-lr", default=None, type=FiniteFloatRange(min=0, min_open=True),
               help="LR for 256 images per step" + _default("base_lr", by_task=True))
 @click.option("--lr-scaling", default=None, type=click.Choice(["linear", "sqrt", "none"]),
               help="base-lr x (effective batch / 256), x its square root, or as is" + _default("lr_scaling", by_task=True))
 @click.option("--weight-decay", default=None, type=FiniteFloatRange(min=0),
-              help="Not applied to norms and biases" + _default("weight_decay", by_task=True))
+              help="Not applied to norms, biases, tokens and position embeddings"
+                   + _default("weight_decay", by_task=True))
 @click.option("--warmup-epochs", default=None, type=FiniteFloatRange(min=0),
-              help="Linear warm-up, then cosine decay by step" + _default("warmup_epochs"))
+              help="Linear warm-up (at most half the run), then --schedule, by step" + _default("warmup_epochs"))
 @click.option("--schedule", default=None, type=click.Choice(["cosine", "constant", "step"]),
               help="LR after the warm-up: cosine decay, constant, or x0.1 at 60 % and 80 % of the steps"
                    + _default("schedule"))

@@ -112,10 +112,38 @@ def _task_layer(values: dict[str, Any]) -> dict[str, Any]:
     engine = check_values(engine, f"task {values['task']!r} engine_defaults")
     made_for = engine.get("optimizer", defaults()["optimizer"])
     chosen = values.get("optimizer")
-    if chosen and chosen != made_for and "base_lr" in engine and not {"base_lr", "lr"} & values.keys():
-        raise UsageError(f"the default base_lr of task {values['task']!r} ({engine['base_lr']:g}) is for {made_for}; "
-                         f"with --optimizer {chosen} give --base-lr (or --lr) too")
+    if chosen and chosen != made_for:
+        if "base_lr" in engine and not {"base_lr", "lr"} & values.keys():
+            raise UsageError(f"the default base_lr of task {values['task']!r} ({engine['base_lr']:g}) is for "
+                             f"{made_for}; with --optimizer {chosen} give --base-lr (or --lr) too")
+        engine.update(OPTIMIZER_DEFAULTS[chosen])  # the task's weight decay and LR rule were for made_for
     return engine
+
+
+#: an optimizer's own weight decay and LR scaling rule, used when ``--optimizer`` is not the task's:
+#: AdamW's as the engine's defaults; LARS's as SimCLR's (1e-6, √(batch/256) for small batches);
+#: SGD's as MoCo v2's and torchvision's ImageNet recipes (1e-4, linear)
+OPTIMIZER_DEFAULTS = {"adamw": {"weight_decay": 0.05, "lr_scaling": "linear"},
+                      "lars": {"weight_decay": 1e-6, "lr_scaling": "sqrt"},
+                      "sgd": {"weight_decay": 1e-4, "lr_scaling": "linear"}}
+
+
+def _lr_layers(file_values: dict[str, Any], cli: dict[str, Any]) -> dict[str, Any]:
+    """``--lr`` is the LR as is; ``--base-lr`` and ``--lr-scaling`` make it. Both on the command
+    line: refused. ``--base-lr`` or ``--lr-scaling`` on the command line over a file's ``lr``: the
+    command line wins (the file's ``lr`` is dropped, said on stderr); it was silently ignored."""
+    rule = sorted(k for k in ("base_lr", "lr_scaling") if k in cli)
+    if "lr" in cli and rule:
+        raise UsageError(f"--lr is the learning rate as is; {' and '.join('--' + k.replace('_', '-') for k in rule)} "
+                         f"would be ignored: give --lr, or --base-lr with --lr-scaling")
+    if rule and "lr" in file_values:
+        import sys
+
+        print(f"note: {' and '.join('--' + k.replace('_', '-') for k in rule)} on the command line "
+              f"{'replace' if len(rule) > 1 else 'replaces'} the config file's lr = {file_values['lr']:g}",
+              file=sys.stderr)
+        return {k: v for k, v in file_values.items() if k != "lr"}
+    return file_values
 
 
 def _complete(values: dict[str, Any]) -> dict[str, Any]:
@@ -131,11 +159,16 @@ def _complete(values: dict[str, Any]) -> dict[str, Any]:
     return values
 
 
-def resolve(cli: dict[str, Any], config_file: str | None = None) -> RunConfig:
-    """The RunConfig for ``sslkit pretrain``: defaults < task < file < ``cli`` (given options only)."""
+def _given(cli: dict[str, Any], config_file: str | None) -> dict[str, Any]:
+    """The settings given: the file's (if any) under the command line's, both checked."""
     file_values = read_file(config_file) if config_file else {}
     cli = check_values(cli, "command line")
-    given = merge(file_values, cli)
+    return merge(_lr_layers(file_values, cli), cli)
+
+
+def resolve(cli: dict[str, Any], config_file: str | None = None) -> RunConfig:
+    """The RunConfig for ``sslkit pretrain``: defaults < task < file < ``cli`` (given options only)."""
+    given = _given(cli, config_file)
     if given.get("resume"):
         return resume_config(given)
     missing = [k for k in REQUIRED if not given.get(k) and not (k == "out" and given.get("task"))]
@@ -186,8 +219,7 @@ def default_out(task: str, root: Path = Path("runs")) -> str:
 
 def print_config(cli: dict[str, Any], config_file: str | None = None) -> str:
     """TOML of the resolved config for the task (and backbone) given; loads back unchanged."""
-    file_values = read_file(config_file) if config_file else {}
-    given = merge(file_values, check_values(cli, "command line"))
+    given = _given(cli, config_file)
     given.pop("resume", None)
     if not given.get("task"):
         raise UsageError("--print-config needs --task (on the command line or in --config)")

@@ -38,11 +38,11 @@ def test_precedence_defaults_file_cli(tmp_path):
     cfg = config.resolve({"batch_size": 4, "task_options": {"proj_dim": "16"}}, str(f))
     assert cfg.batch_size == 4  # CLI beats the file
     assert cfg.image_size == 16 and cfg.optimizer == "sgd" and cfg.betas == (0.9, 0.99)  # file beats defaults
-    assert cfg.weight_decay == 1e-6 and cfg.lr_scaling == "sqrt"  # simclr's engine defaults (LARS)
+    assert cfg.weight_decay == 1e-4 and cfg.lr_scaling == "linear"  # SGD's own: simclr's (1e-6, sqrt) are LARS's
     assert cfg.warmup_epochs == 1.0  # the built-in default
     # task options: file and CLI merged key by key, the rest filled from the task's defaults
     assert cfg.task_options == {"temperature": 0.2, "proj_hidden_dim": 32, "proj_dim": 16, "min_scale": 0.08}
-    assert cfg.effective_lr == pytest.approx(0.4 * (4 / 256) ** 0.5)
+    assert cfg.effective_lr == pytest.approx(0.4 * 4 / 256)
 
 
 def test_yaml_config(tmp_path):
@@ -227,7 +227,7 @@ def test_lars_tasks_train_a_vit_like_backbone_with_adamw(task, vit_lr):
     vit = config.resolve({**base, "backbone": "timm:vit_tiny_patch16_224", "backbone_options": {"patch_size": 8}})
     assert (vit.optimizer, vit.base_lr, vit.lr_scaling, vit.weight_decay) == ("adamw", vit_lr, "linear", 0.05)
     given = config.resolve({**base, "backbone": "timm:vit_tiny_patch16_224", "optimizer": "lars", "base_lr": 0.5})
-    assert (given.optimizer, given.base_lr, given.lr_scaling) == ("lars", 0.5, "linear")
+    assert (given.optimizer, given.base_lr, given.lr_scaling, given.weight_decay) == ("lars", 0.5, "sqrt", 1e-6)
     assert config.resolve({**base, "backbone": "timm:convnext_atto"}).optimizer == "lars"  # not a token backbone
 
 
@@ -243,6 +243,33 @@ def test_another_optimizer_without_an_lr_is_one_line(task, optimizer, made_for):
     assert f"is for {made_for}; with --optimizer {optimizer} give --base-lr" in proc.stderr
     ok = run_sslkit(*args, "--base-lr", "0.01")
     assert ok.returncode == 0 and re.search(r"^base_lr = 0\.01$", ok.stdout, re.M), ok.stderr
+
+
+@pytest.mark.parametrize("task, optimizer, decay, scaling", [("simclr", "adamw", 0.05, "linear"),
+                                                             ("byol", "lars", 1e-6, "sqrt"),
+                                                             ("rotation", "sgd", 1e-4, "linear")])
+def test_another_optimizer_takes_its_own_weight_decay_and_lr_rule(task, optimizer, decay, scaling):
+    """simclr with --optimizer adamw kept LARS's weight decay 1e-6 and sqrt rule; byol with --optimizer lars
+    AdamW's 0.05, about 30,000 times LARS's. The user's own values still win."""
+    base = {"task": task, "data": "folder:DATA", "out": "OUT", "optimizer": optimizer, "base_lr": 0.01}
+    cfg = config.resolve(base)
+    assert (cfg.weight_decay, cfg.lr_scaling) == (decay, scaling)
+    own = config.resolve({**base, "weight_decay": 0.3, "lr_scaling": "none"})
+    assert (own.weight_decay, own.lr_scaling) == (0.3, "none")
+
+
+def test_lr_and_base_lr_are_not_both_given(tmp_path, capsys):
+    """--base-lr beside a config file's (or the command line's) lr was silently ignored."""
+    base = {"task": "simclr", "data": "folder:DATA", "out": "OUT"}
+    with pytest.raises(UsageError, match="^--lr is the learning rate as is; --base-lr and --lr-scaling would be "
+                                         "ignored: give --lr, or --base-lr with --lr-scaling$"):
+        config.resolve({**base, "lr": 0.1, "base_lr": 0.5, "lr_scaling": "none"})
+    f = tmp_path / "c.toml"
+    f.write_text("lr = 0.1\nweight_decay = 0.01\n")
+    cfg = config.resolve({**base, "base_lr": 0.5}, str(f))
+    assert (cfg.lr, cfg.base_lr, cfg.weight_decay) == (None, 0.5, 0.01)
+    assert capsys.readouterr().err == "note: --base-lr on the command line replaces the config file's lr = 0.1\n"
+    assert config.resolve(base, str(f)).lr == 0.1  # the file alone: its lr
 
 
 def test_print_config_shows_the_vit_defaults(cli):
