@@ -100,10 +100,11 @@ def _declared(allow: tuple[str, ...] | None, deny: tuple[str, ...]) -> tuple[Sou
         except Exception as exc:  # a broken declaration must not take the command line down
             _warn(f"plugin {ep.name!r}: its {GROUP} entry ({ep.value}) is ignored: {type(exc).__name__}: {exc}")
             continue
-        for f in flags:
+        for f in flags:  # one flag per field; free text where any plugin takes free text (its own check stays)
             seen = by_field.get(f.field)
+            choices = () if seen is None or not (seen.choices and f.choices) else seen.choices + f.choices
             by_field[f.field] = f if seen is None else SourceFlag(
-                f.field, seen.helps + f.helps, tuple(dict.fromkeys(seen.choices + f.choices)))
+                f.field, seen.helps + f.helps, tuple(dict.fromkeys(choices)))
     return tuple(by_field.values())
 
 
@@ -154,6 +155,14 @@ class SourceFlagsCommand(click.Command):
     #: (the declared flags, those offered here, their click options), for the current environment
     _extra: tuple[tuple[SourceFlag, ...], tuple[SourceFlag, ...], list[click.Option]] | None = None
 
+    def _path(self) -> str:
+        """``sslkit eval linear``: the command as typed below the program (its own name outside a context)."""
+        names, ctx = [], click.get_current_context(silent=True)
+        while ctx is not None and ctx.parent is not None:
+            names.append(ctx.info_name)
+            ctx = ctx.parent
+        return "sslkit " + (" ".join(reversed(names)) or self.name)
+
     def source_flags(self) -> tuple[SourceFlag, ...]:
         """The declared flags this command offers: those shadowing none of its own options."""
         flags = declared_flags()
@@ -163,7 +172,7 @@ class SourceFlagsCommand(click.Command):
             for f in flags:
                 if f.field in taken or f.flag in taken:
                     _warn(f"plugin {', '.join(map(repr, f.plugins))}: flag {f.flag} would shadow "
-                          f"`sslkit {self.name}`'s own option; use --data-opt {f.field}=VALUE")
+                          f"`{self._path()}`'s own option; use --data-opt {f.field}=VALUE")
                 else:
                     offered.append(f)
             self._extra = (flags, tuple(offered), [f.option() for f in offered])

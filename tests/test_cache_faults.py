@@ -113,6 +113,12 @@ def test_clearing_a_read_only_cache_says_so_in_one_line(dicom_folder, tmp_path, 
     assert (entry / "pixels.npy").is_file() and (entry / "index.json").is_file()
 
 
+def test_clearing_a_cache_folder_that_does_not_exist_is_one_line(tmp_path, cli):
+    """A mistyped --cache with --clear said "removed: 0 (0.0 MB)" and exit 0."""
+    r = cli("data", "cache", "--cache", tmp_path / "cahce", "--clear")
+    assert r.exit_code == 2 and r.output.strip() == f"error: no cache folder {str(tmp_path / 'cahce')!r}; nothing deleted"
+
+
 def test_the_key_does_not_depend_on_how_the_data_path_is_typed(dicom_folder, tmp_path, count_loads, monkeypatch):
     cache = tmp_path / "cache"
     absolute = load_data(f"dicom:{dicom_folder}", 24, cache_dir=cache, progress=False)

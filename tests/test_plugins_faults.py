@@ -86,6 +86,8 @@ def test_registered_fails_when_the_distribution_registers_nothing_of_that_kind(t
     monkeypatch.syspath_prepend(str(tmp_path))
     plugins.reset()
     assert registered("sources", "third-src") == ["thirdsrc"]
+    with pytest.raises(AssertionError, match="kind must be one of backbones, .*, got 'task'"):  # was a KeyError
+        registered("task", "third-src")
     with pytest.raises(AssertionError) as info:
         registered("tasks", "third-src")
     assert "tasks" in str(info.value) and "third-src" in str(info.value)

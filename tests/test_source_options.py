@@ -325,3 +325,20 @@ def test_the_window_flag_names_every_ct_preset_the_source_takes():
 
     listed = FLAGS["window"].split("a CT preset (")[1].split(")")[0].split(", ")
     assert listed == list(PRESETS)
+
+
+def test_one_plugins_choices_do_not_narrow_anothers_flag_of_the_same_name(tmp_path, cli, installed, monkeypatch):
+    """A second plugin declaring ``max_value`` with choices made the first plugin's free-text
+    ``--max-value 100`` an error ("'100' is not one of '255', '4095'") once both were installed."""
+    root = tmp_path / "site"
+    for name, flags in (("free", '{"max_value": "Divide by this."}'),
+                        ("narrow", '{"max_value": {"help": "Bit depth.", "choices": ["255", "4095"]}}')):
+        dist = root / f"{name}_flags-0.1.dist-info"
+        dist.mkdir(parents=True)
+        (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}-flags\nVersion: 0.1\n")
+        (dist / "entry_points.txt").write_text(f"[sslkit.source_flags]\n{name} = {name}_flags:FLAGS\n")
+        (root / f"{name}_flags.py").write_text(f"FLAGS = {flags}\n")
+    installed({"PYTHONPATH": str(root)})
+    r = cli("pretrain", "--print-config", "--task", "simclr", "--max-value", "100")
+    assert r.exit_code == 0, r.output
+    assert 'max_value = "100"' in r.output and "[free] Divide by this." in r.output and "[narrow] Bit depth." in r.output

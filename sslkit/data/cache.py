@@ -318,6 +318,8 @@ def clear_cache(cache_dir: str | Path | None = None, older_than_days: float | No
     deleted; a file that cannot be deleted (read-only) is one line naming its folder."""
     root = resolve_cache_dir(cache_dir) or default_cache_root()
     if not root.is_dir():
+        if isinstance(cache_dir, (str, Path)) and str(cache_dir):  # a folder the user named (a typo?)
+            raise UsageError(f"no cache folder {str(root)!r}; nothing deleted")
         return []
     if not (root / MARKER).is_file():
         raise UsageError(f"{str(root)!r} is not an sslkit cache (no {MARKER} marker file); nothing deleted")

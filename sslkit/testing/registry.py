@@ -21,6 +21,7 @@ def registered(kind: str, distribution: str | None = None) -> list[str]:
     from sslkit.plugins import get_plugins
 
     plugins = get_plugins()
+    assert kind in plugins.entries, f"kind must be one of {', '.join(sorted(plugins.entries))}, got {kind!r}"
     if distribution is None:
         return sorted(plugins.entries[kind])
     want = _normal(distribution)
