@@ -54,7 +54,8 @@ def test_dump_of_palette_images_is_their_colours_and_raw_is_refused(tmp_path, cl
     z = np.load(tmp_path / "d.npz")
     np.testing.assert_allclose(z["colour.png"], expected(COLOUR), atol=1e-6)
     np.testing.assert_allclose(z["grey.png"], expected(GREY), atol=1e-6)
-    assert json.loads(str(z["__meta__"]))["orientation"] == "as stored (rows, columns)"
+    assert json.loads(str(z["__meta__"]))["orientation"] == ("as stored (rows, columns); a JPEG turned upright by "
+                                                                  "its EXIF orientation")
     r = cli("data", "dump", f"folder:{tmp_path / 'd'}", "--out", tmp_path / "raw.npz", "--raw")
     assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1 and "leave --raw out" in r.stderr
     assert not (tmp_path / "raw.npz").exists()

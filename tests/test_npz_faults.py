@@ -202,6 +202,10 @@ def test_ambiguous_or_unknown_layouts_are_one_line(tmp_path, cli):
     np.testing.assert_array_equal(nchw.load(nchw.index()[1]), a[1] / np.float32(255))
     _one_line_error(_inspect(cli, tmp_path / "hwc5.npz", "--data-opt", "layout=nhwc"), "does not fit layout=nhwc")
     _one_line_error(_inspect(cli, tmp_path / "amb.npz", "--data-opt", "layout=hwc"), "choose one of auto, nhw")
+    np.save(tmp_path / "one.npy", np.zeros((64, 48, 3), np.uint8))  # one RGB image, read as 64 images 3 px wide
+    _one_line_error(_inspect(cli, tmp_path / "one.npy"), "has shape (64, 48, 3): one (H, W, C) image, or 64 images "
+                    "3 pixels wide?", "--data-opt layout=nhw")
+    assert len(create_source(f"npz:{tmp_path / 'one.npy'}", layout="nhw").index()) == 64
 
 
 # --- 4: memory ------------------------------------------------------------------------------

@@ -116,6 +116,10 @@ class FolderSource(Source):
             check_pixel_count(img.width, img.height, self.max_pixels)  # from the header, before decoding
             return pil_pixels(img, self.decode_side)
 
+    def orientation(self) -> str:
+        """How :meth:`load` lays its arrays out (for ``sslkit data dump``)."""
+        return "as stored (rows, columns); a JPEG turned upright by its EXIF orientation"
+
     def describe(self) -> dict:
         out = {"scale": "8-bit / 255, 16-bit / 65535, float min-max", "orientation": "JPEG: upright by EXIF"}
         if self.decode_side:  # in the cache key: an entry decoded another way is not reused

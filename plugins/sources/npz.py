@@ -119,6 +119,10 @@ def _npz_header(path: Path, member: str) -> Header:
 
 def _layout(shape: tuple[int, ...], forced: str, what: str) -> str:
     """``nhw``, ``nchw`` or ``nhwc`` for ``shape``; one error line when none or two fit."""
+    if len(shape) == 3 and 1 <= shape[2] <= 4 < min(shape[:2]) and forced == "auto":
+        raise UsageError(f"npz: {what} has shape {shape}: one (H, W, C) image, or {shape[0]} images {shape[2]} "
+                         f"pixels wide? save images as (N, H, W) or (N, H, W, C) (one image: a[None]), or give "
+                         f"--data-opt layout=nhw for {shape[0]} images")
     if len(shape) == 3:
         fits = ["nhw"]
     else:
