@@ -81,3 +81,27 @@ def test_folder_group_regex(tmp_path):
     assert len({r.group for r in create_source(f"folder:{tmp_path}", group=r"scan_(\d+)_").index()}) == 5
     with pytest.raises(UsageError, match="regular expression"):
         create_source(f"folder:{tmp_path}", group="(")
+
+
+def test_a_held_out_part_far_from_the_fraction_is_noted(tmp_path, capsys):
+    """Two patients of 41 and 21 images: --val-fraction 0.3 can only hold out a whole patient, and
+    held out 66 % without a word."""
+    from PIL import Image
+
+    from sslkit.data.pipeline import load_data
+
+    for p, n in (("a", 41), ("b", 21)):
+        (tmp_path / p).mkdir()
+        for i in range(n):
+            Image.fromarray(np.full((8, 8), i, np.uint8)).save(tmp_path / p / f"{i}.png")
+
+    def held(fraction, seed):
+        loaded = load_data(f"folder:{tmp_path}", 8, cache_dir="", val_fraction=fraction, seed=seed, progress=False,
+                           source_options={"group": r"^(\w)/"})
+        return loaded.split["val_samples"], capsys.readouterr().err
+
+    runs = {n: err for n, err in (held(0.3, seed) for seed in range(8))}
+    assert set(runs) == {41, 21}  # the seed picks which patient is held out
+    assert "note: --val-fraction 0.3 held out 66% of the samples (41 of 62, 1 of 2 groups): patients (groups) " \
+           "are never split" in runs[41]
+    assert "note" not in runs[21]  # 34 % for 30 %

@@ -82,6 +82,11 @@ def _load(source: Source, data: str, channels: int | None, cache_dir: Any, progr
     if val:
         split = {"val_fraction": val_fraction, "val_samples": len(val), "val_groups": len({r.group for r in val}),
                  "val_fingerprint": fingerprint(val), "train_groups": len({r.group for r in train})}
+        held = len(val) / len(refs)
+        if abs(held - val_fraction) > max(0.05, val_fraction / 2):  # whole groups: few, or large ones
+            print(f"note: --val-fraction {val_fraction:g} held out {held:.0%} of the samples ({len(val)} of "
+                  f"{len(refs)}, {split['val_groups']} of {split['val_groups'] + split['train_groups']} groups): "
+                  f"patients (groups) are never split", file=sys.stderr)
     own = majority_channels(source, train)
     check_channels(source, own, channels)
     channels = channels or own
