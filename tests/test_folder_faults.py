@@ -357,3 +357,14 @@ def test_huge_images_are_reduced_no_further_than_twice_the_runs_sample_side(tmp_
     assert src.decode_side == 6144 and "6144" in src.describe()["reduce"]  # in the cache key
     src.sample_side = 224
     assert src.decode_side == DECODE_SIDE
+
+
+def test_a_dump_with_nothing_decodable_says_why(tmp_path, cli):
+    """``data dump --limit 3`` over three damaged files said only "no decodable sample (3 failed)"."""
+    for i in range(3):
+        (tmp_path / "d").mkdir(exist_ok=True)
+        (tmp_path / "d" / f"{i}.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 20)
+    r = cli("data", "dump", f"folder:{tmp_path / 'd'}", "--out", tmp_path / "d.npz", "--limit", "3")
+    assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1, r.output
+    assert r.stderr.startswith(f"error: no decodable sample in 'folder:{tmp_path / 'd'}': 3 files skipped: 3 x ")
+    assert not (tmp_path / "d.npz").exists()

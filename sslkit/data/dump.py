@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from sslkit.data.pipeline import summary_line
+from sslkit.data.prepare import skip_reason
 from sslkit.data.volume import ORIENTATION, sample_mode
 from sslkit.errors import UsageError
 from sslkit.output_file import check_output, write_atomic
@@ -59,17 +61,18 @@ def dump(src: str, out: str | Path, options: dict[str, Any] | None = None, raw: 
     refs = refs[:limit] if limit else refs
     arrays: dict[str, np.ndarray] = {}
     spacing: dict[str, Any] = {}
-    skipped = 0
+    reasons: list[tuple[str, str]] = []
     for ref in refs:
         key = sample_key(source, ref)
         try:
             arrays[key] = np.asarray(source.load_raw(ref) if raw else source.load(ref), dtype=np.float32)
-        except Exception:
-            skipped += 1
+        except Exception as exc:
+            reasons.append((key, skip_reason(exc)))
             continue
         spacing[key] = getattr(source, "spacing_of", lambda r: None)(ref)
+    skipped = len(reasons)
     if not arrays:
-        raise UsageError(f"no decodable sample in {src!r} ({skipped} failed)")
+        raise UsageError(f"no decodable sample in {src!r}: {summary_line(0, reasons, where='').split('; ', 1)[-1]}")
     volumetric = sample_mode(source).volumetric
     own = getattr(source, "orientation", None)  # a source that reorients its arrays says how
     meta = {
