@@ -7,11 +7,7 @@ process, is what keeps the data pipeline from starving the model: no augmentatio
 worker processes fight the model for CPU cores.
 
 Colour operations act only on 3-channel data; 1-channel data gets its own intensity
-operations (gamma, contrast), never fake RGB. Gamma, solarization and Gaussian noise act
-on each sample's own intensity range (:func:`sample_range`), as MONAI's ``AdjustContrast``
-does for gamma: 12-bit content in a 16-bit file (values up to 0.0625 after ``/ 65535``) gets
-the strength that full-range data gets, not a gamma many times stronger and a solarization
-threshold it never reaches.
+operations (gamma, contrast), never fake RGB.
 
 The vocabulary is that of the SimCLR augmentation study (Chen et al. 2020, Fig. 4):
 random resized crop, flips, colour drop, colour jitter, rotation (free and 90° steps),
@@ -168,31 +164,14 @@ def gaussian_blur(
     return _where(_coin(x, p), y, x)
 
 
-def sample_range(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each sample's lowest value and its span (highest - lowest), shaped to broadcast over
-    ``x``'s sample: ``(B, 1, ...)``. A flat sample's span is 1, so ops scaled by it act as on
-    [0, 1]."""
-    flat = x.reshape(x.shape[0], -1)
-    lo, hi = flat.amin(1), flat.amax(1)
-    span = torch.where(hi > lo, hi - lo, torch.ones_like(hi))
-    shape = (-1,) + (1,) * (x.dim() - 1)
-    return lo.view(shape), span.view(shape)
-
-
 def solarize(x: torch.Tensor, p: float = 0.2, threshold: float = 0.5) -> torch.Tensor:
-    """Invert the values at or above ``threshold`` of each sample's range (``1 - x`` on a
-    sample spanning [0, 1], as ``TF.solarize``)."""
-    lo, span = sample_range(x)
-    t = (x - lo) / span
-    return _where(_coin(x, p), torch.where(t >= threshold, lo + span * (1 - t), x), x)
+    return _where(_coin(x, p), torch.where(x >= threshold, 1 - x, x), x)
 
 
 def gamma(x: torch.Tensor, p: float = 0.5, log_range: float = 0.4) -> torch.Tensor:
-    """Intensity gamma with ``log g`` uniform in ``±log_range`` (1-channel data), on each
-    sample's own range: ``lo + span * ((x - lo) / span) ** g`` (``x ** g`` on [0, 1])."""
+    """Intensity gamma ``x ** g`` with ``log g`` uniform in ``±log_range`` (1-channel data)."""
     g = torch.exp(_uniform(x.shape[0], -log_range, log_range, x.device))
-    lo, span = sample_range(x)
-    return _where(_coin(x, p), lo + span * adjust_gamma((x - lo) / span, g), x)
+    return _where(_coin(x, p), adjust_gamma(x, g), x)
 
 
 def vertical_flip(x: torch.Tensor, p: float = 0.5) -> torch.Tensor:
@@ -286,9 +265,8 @@ def cutout(x: torch.Tensor, p: float = 0.5, scale: tuple[float, float] = (0.02, 
 
 
 def gaussian_noise(x: torch.Tensor, p: float = 0.5, std: tuple[float, float] = (0.0, 0.05)) -> torch.Tensor:
-    """Add ``N(0, (s·span)²)`` noise with ``s`` uniform in ``std`` per sample, ``span`` the
-    sample's intensity range (:func:`sample_range`); clip to [0, 1]."""
-    s = _uniform(x.shape[0], *std, x.device).view(-1, 1, 1, 1).to(x.dtype) * sample_range(x)[1]
+    """Add ``N(0, s²)`` noise with ``s`` uniform in ``std`` per sample; clip to [0, 1]."""
+    s = _uniform(x.shape[0], *std, x.device).view(-1, 1, 1, 1).to(x.dtype)
     return _where(_coin(x, p), (x + s * torch.randn_like(x)).clamp(0, 1), x)
 
 

@@ -7,8 +7,7 @@ on the whole batch. Each random op has a deterministic twin taking the parameter
 
 Flips act only along the axes a recipe declares (``flip_axes``, indices into ``(D, H, W)``):
 anatomy is not mirror-symmetric along every axis, so none is flipped by default except
-W (left-right). Intensity ops (scale/shift, gamma, noise, blur) act per sample; shift, gamma
-and noise on the sample's own intensity range, as in :mod:`sslkit.augment`.
+W (left-right). Intensity ops (scale/shift, gamma, noise, blur) act per sample.
 """
 
 from __future__ import annotations
@@ -20,8 +19,6 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from sslkit.augment import sample_range
 
 
 def _uniform(n: int, lo: float, hi: float, device: torch.device) -> torch.Tensor:
@@ -83,18 +80,15 @@ def scale_shift(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> to
 
 
 def random_intensity(x: torch.Tensor, p: float = 0.8, scale: float = 0.1, shift: float = 0.1) -> torch.Tensor:
-    """With probability ``p``: scale in ``1 +- scale`` and shift in ``+- shift`` of the sample's
-    intensity range (:func:`~sslkit.augment.sample_range`)."""
+    """With probability ``p``: scale in ``1 +- scale`` and shift in ``+- shift``."""
     b, dev = x.shape[0], x.device
-    offset = _uniform(b, -shift, shift, dev) * sample_range(x)[1].view(-1)
-    out = scale_shift(x, _uniform(b, 1 - scale, 1 + scale, dev), offset)
+    out = scale_shift(x, _uniform(b, 1 - scale, 1 + scale, dev), _uniform(b, -shift, shift, dev))
     return _where(_coin(x, p), out, x)
 
 
 def adjust_gamma_3d(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """Gamma ``g`` per sample on the sample's own range: ``lo + span * ((x - lo) / span) ** g``."""
-    lo, span = sample_range(x)
-    return lo + span * ((x - lo) / span).clamp(0, 1).pow(g.view(-1, 1, 1, 1, 1))
+    """``x ** g`` per sample."""
+    return x.clamp(min=0).pow(g.view(-1, 1, 1, 1, 1))
 
 
 def random_gamma(x: torch.Tensor, p: float = 0.5, log_range: float = 0.4) -> torch.Tensor:
@@ -104,9 +98,8 @@ def random_gamma(x: torch.Tensor, p: float = 0.5, log_range: float = 0.4) -> tor
 
 
 def random_noise(x: torch.Tensor, p: float = 0.5, std: tuple[float, float] = (0.0, 0.05)) -> torch.Tensor:
-    """With probability ``p``: additive Gaussian noise of a per-sample std in ``std``, times the
-    sample's intensity range."""
-    s = _uniform(x.shape[0], *std, x.device).view(-1, 1, 1, 1, 1) * sample_range(x)[1]
+    """With probability ``p``: additive Gaussian noise of a per-sample std in ``std``."""
+    s = _uniform(x.shape[0], *std, x.device).view(-1, 1, 1, 1, 1)
     return _where(_coin(x, p), (x + torch.randn_like(x) * s).clamp(0, 1), x)
 
 

@@ -33,6 +33,12 @@ class InputSpec:
     #: the source's :class:`sslkit.raw_input.GraphPreprocessing` as JSON (what an export
     #: ``--with-preprocessing`` puts in its graph); None: recorded before sources stated it
     graph_preprocessing: dict[str, Any] | None = None
+    #: the span of the data's values in [0, 1] units that the views take as the full range: a run on
+    #: data using a narrow part of [0, 1] (12-bit content in 16-bit files: up to 0.0625) gives its
+    #: task's views the pixels rescaled from it to [0, 1], so gamma, solarization, noise and the
+    #: brightness clip act as on full-range data (:func:`sslkit.data.prepare.value_range`);
+    #: ``(0, 1)``: as they are. Training only: embedding and export normalise with ``mean``/``std``.
+    value_range: tuple[float, float] = (0.0, 1.0)
 
     def __post_init__(self) -> None:
         pre = self.preprocessing or {}
@@ -43,7 +49,7 @@ class InputSpec:
                 object.__setattr__(self, "spacing", tuple(float(v) for v in pre["spacing_mm"]))
             if pre.get("volume_size"):
                 object.__setattr__(self, "volume_size", tuple(int(v) for v in pre["volume_size"]))
-        for name in ("spacing", "volume_size"):  # JSON lists back to tuples
+        for name in ("spacing", "volume_size", "value_range"):  # JSON lists back to tuples
             if isinstance(getattr(self, name), list):
                 object.__setattr__(self, name, tuple(getattr(self, name)))
 

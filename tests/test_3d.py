@@ -64,9 +64,7 @@ def test_intensity_ops_by_hand():
     x = torch.rand(2, 1, 4, 4, 4)
     torch.testing.assert_close(scale_shift(x, torch.tensor([1.0, 0.5]), torch.tensor([0.0, 0.1]))[1],
                                (x[1] * 0.5 + 0.1).clamp(0, 1))
-    lo, hi = x[1].min(), x[1].max()  # gamma acts on the sample's own range
-    torch.testing.assert_close(adjust_gamma_3d(x, torch.tensor([1.0, 2.0]))[1], lo + (hi - lo) * ((x[1] - lo) / (hi - lo)) ** 2)
-    torch.testing.assert_close(adjust_gamma_3d(x / 16, torch.tensor([1.0, 2.0])), adjust_gamma_3d(x, torch.tensor([1.0, 2.0])) / 16)
+    torch.testing.assert_close(adjust_gamma_3d(x, torch.tensor([1.0, 2.0]))[1], x[1] ** 2)
     torch.testing.assert_close(blur_3d(x, torch.tensor([1e-4, 1e-4])), x)
     const = torch.full((1, 1, 6, 6, 6), 0.3)
     torch.testing.assert_close(blur_3d(const, torch.tensor([1.5])), const)  # a blur keeps a constant
@@ -230,7 +228,7 @@ def test_two_view_tasks_train_on_volumes(task):
                         **({"pred_hidden_dim": 64} if task == "byol" else {}))
     views = model.views(spec)(torch.rand(4, 1, 12, 12, 12))
     assert len(views) == 2 and views[0].shape == (4, 1, 8, 8, 8) and not torch.equal(views[0], views[1])
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)  # vicreg's loss on 4 volumes jumps at 1e-3
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     losses = []
     for _ in range(3):
         loss = model(views)["loss"]

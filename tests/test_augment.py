@@ -102,24 +102,6 @@ def test_random_ops_draw_per_sample_parameters(x):
     assert all(any(torch.equal(r90[i], torch.rot90(same[0], q, (1, 2))) for q in (1, 2, 3)) for i in range(8))
 
 
-def test_intensity_ops_act_on_each_samples_own_range():
-    """12-bit content in a 16-bit file (values up to 1/16 after / 65535) gets the gamma,
-    solarization and noise that the same image at full range gets, scaled: gamma used to be many
-    times stronger on it and solarization (threshold 0.5) never fired."""
-    torch.manual_seed(0)
-    full = torch.rand(16, 1, 12, 12)
-    full[:, :, 0, 0], full[:, :, 0, 1] = 0.0, 1.0  # every sample spans [0, 1]
-    narrow = full / 16
-    for op in (lambda x: A.gamma(x, p=1.0), lambda x: A.solarize(x, p=1.0)):
-        torch.manual_seed(1)
-        want = op(full) / 16
-        torch.manual_seed(1)
-        torch.testing.assert_close(op(narrow), want)
-    assert torch.equal(A.solarize(full, p=1.0), torch.where(full >= 0.5, 1 - full, full))  # TF.solarize on [0, 1]
-    noisy = A.gaussian_noise(narrow + 0.25, p=1.0, std=(0.05, 0.05))
-    assert abs(float((noisy - narrow - 0.25).std()) - 0.05 / 16) < 0.0005
-
-
 def test_colour_ops_leave_grayscale_alone():
     g = torch.rand(4, 1, 16, 16)
     torch.manual_seed(0)
@@ -235,3 +217,55 @@ def test_volume_recipe_values_are_checked():
             views.override(**overrides)
         assert str(err.value) == message
     assert views.override(flip_axes="0,2", noise_p="0").recipes[0].flip_axes == (0, 2)
+
+
+def test_views_of_narrow_range_data_act_as_on_full_range_data():
+    """12-bit content in 16-bit files (values up to 0.0625 after / 65535) got a gamma many times stronger
+    than full-range data and a solarization that never fired: the run's ``value_range`` rescales the
+    data to [0, 1] for the views, whose outputs are then exactly those of the full-range data."""
+    import dataclasses
+
+    from sslkit.data.prepare import SCALE, value_range
+    from sslkit.engine.model_setup import views_on_device
+    from sslkit.run import RunConfig
+    from sslkit.spec import InputSpec
+
+    class Task:
+        def views(self, spec):
+            return A.MultiView([A.ViewRecipe(12, gamma_p=1.0, solarize_p=1.0, noise_p=1.0)], spec.mean, spec.std)
+
+    full = torch.rand(8, 1, 16, 16)
+    full[:, :, 0, 0], full[:, :, 0, 1] = 0.0, 1.0
+    narrow = full * (4095 / 65535)
+    cached = np.rint(narrow.numpy() * SCALE).astype(np.uint16)
+    assert value_range(cached) == (0.0, round(4095 / 65535, 6))
+    assert value_range(np.rint(full.numpy() * SCALE).astype(np.uint16)) == (0.0, 1.0)  # full range: as it is
+    cfg = RunConfig(task="simclr", data="folder:x", out="y")
+    wide = InputSpec(1, 12, (0.4,), (0.2,))
+    tight = dataclasses.replace(wide, mean=(0.4 * 4095 / 65535,), std=(0.2 * 4095 / 65535,),
+                                value_range=(0.0, 4095 / 65535))
+    torch.manual_seed(3)
+    (want,) = views_on_device(cfg, Task(), wide, torch.device("cpu"))(full)
+    torch.manual_seed(3)
+    (got,) = views_on_device(cfg, Task(), tight, torch.device("cpu"))(narrow)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert InputSpec.from_dict(tight.to_dict()) == tight and InputSpec.from_dict(
+        {k: v for k, v in wide.to_dict().items() if k != "value_range"}).value_range == (0.0, 1.0)  # older runs
+
+
+def test_a_run_on_12_bit_pngs_records_their_value_range(tmp_path, cli):
+    """The engine computes the range from the decoded data and records it in run.json's input_spec."""
+    import json
+
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "d").mkdir()
+    for i in range(8):
+        Image.fromarray((rng.random((20, 20)) * 4095).astype(np.uint16)).save(tmp_path / "d" / f"{i}.png")
+    r = cli("pretrain", "--task", "simclr", "--backbone", "timm:resnet10t", "--data", f"folder:{tmp_path / 'd'}",
+            "--out", tmp_path / "run", "--image-size", "16", "--batch-size", "4", "--max-steps", "1", "--quiet",
+            "--no-cache")
+    assert r.exit_code == 0, r.output
+    low, high = json.loads((tmp_path / "run" / "run.json").read_text())["input_spec"]["value_range"]
+    assert 0 <= low < 0.01 and 0.05 < high <= 4095 / 65535 + 1e-6

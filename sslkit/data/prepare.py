@@ -331,6 +331,22 @@ def channel_stats(pixels: np.ndarray, limit: int = 1024) -> tuple[tuple[float, .
     return tuple(round(float(m), 6) for m in mean), tuple(round(float(s), 6) for s in std)
 
 
+#: below this span of the data's values (in [0, 1] units), the views see the data rescaled to [0, 1]
+NARROW_SPAN = 0.5
+
+
+def value_range(pixels: np.ndarray, limit: int = 4096) -> tuple[float, float]:
+    """The lowest and highest value (in [0, 1] units) of up to ``limit`` evenly spaced samples
+    when they span less than :data:`NARROW_SPAN` (12-bit content in 16-bit files spans about
+    0.0625), else ``(0.0, 1.0)``: the range the views' intensity ops take as the data's full one
+    (:attr:`sslkit.spec.InputSpec.value_range`)."""
+    if not len(pixels):
+        return 0.0, 1.0
+    sample = np.asarray(pixels[:: max(1, len(pixels) // limit)])
+    lo, hi = float(sample.min()) / SCALE, float(sample.max()) / SCALE
+    return (round(lo, 6), round(hi, 6)) if 0 < hi - lo < NARROW_SPAN else (0.0, 1.0)
+
+
 #: the dataset fingerprint's schemes, by name: how many interior blocks each file's digest reads
 #: besides its first and last 4 KiB (:func:`~sslkit.data.digest.content_digest`). ``content-v2``
 #: (runs before 2026-12-06) let an uncompressed volume or array edited in place pass as unchanged.

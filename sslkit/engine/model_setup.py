@@ -201,16 +201,41 @@ def continued_scales(cfg: RunConfig, task: torch.nn.Module, backbone: torch.nn.M
     return {"lr_scale": continued.lr_scale_fn(settings), "freeze_steps": continued.freeze_fn(settings)}
 
 
+class InRange(torch.nn.Module):
+    """A task's views of data rescaled from the run's :attr:`~sslkit.spec.InputSpec.value_range` to
+    [0, 1] (clipped), built with the ``mean``/``std`` of the rescaled values: the views' outputs are
+    normalised exactly as embedding normalises the data as it is."""
+
+    def __init__(self, views: Any, low: float, high: float) -> None:
+        super().__init__()
+        self.views, self.low, self.span = views, low, high - low
+
+    def forward(self, x: torch.Tensor) -> Any:
+        return self.views(((x - self.low) / self.span).clamp(0, 1))
+
+
+def views_spec(spec: InputSpec) -> InputSpec:
+    """``spec`` as the views of :class:`InRange` see the data: rescaled from ``value_range`` to [0, 1]."""
+    low, high = spec.value_range
+    span = high - low
+    return dataclasses.replace(spec, mean=tuple((m - low) / span for m in spec.mean),
+                               std=tuple(s / span for s in spec.std), value_range=(0.0, 1.0))
+
+
 def views_on_device(cfg: RunConfig, task: torch.nn.Module, spec: InputSpec, device: torch.device):
     """The task's batched views, with ``--augment-opt`` overrides, on the device. Three channels that
-    are not colour planes (``InputSpec.colour``: a slab's slices, stacked windows) get no colour ops."""
-    augment = task.views(spec)
+    are not colour planes (``InputSpec.colour``: a slab's slices, stacked windows) get no colour ops.
+    Data of a narrow ``value_range`` is rescaled to [0, 1] for them (:class:`InRange`)."""
+    narrow = tuple(spec.value_range) != (0.0, 1.0)
+    augment = task.views(views_spec(spec) if narrow else spec)
     if spec.channels == 3 and not spec.colour and spec.sample != "volume" and hasattr(augment, "override"):
         try:
             augment = augment.override(colour=False)
         except (UsageError, TypeError, ValueError):  # a plugin's views without a colour field: as they are
             pass
     augment = with_augment_options(cfg, augment)
+    if narrow:
+        augment = InRange(augment, *spec.value_range)
     if isinstance(augment, torch.nn.Module):
         augment.to(device)
     return augment

@@ -27,7 +27,7 @@ import torch
 from sslkit import distributed
 from sslkit.backbone import is_token_backbone
 from sslkit.data.pipeline import LoadedData, resume_input_spec
-from sslkit.data.prepare import FINGERPRINT_SCHEME, channel_stats, fingerprint
+from sslkit.data.prepare import FINGERPRINT_SCHEME, channel_stats, fingerprint, value_range
 from sslkit.engine.capture import make_capture
 from sslkit.engine.compiled import compile_model, compile_views
 from sslkit.engine.data_setup import batches_and_schedule, load_run_data
@@ -145,7 +145,8 @@ def build(cfg: RunConfig, device: torch.device) -> Setup:
     data = load_run_data(cfg, rank, world)
     mean, std = channel_stats(data.prepared.pixels)
     spec = InputSpec(data.channels, cfg.image_size, mean, std, data.source.scheme, data.source.describe(),
-                     graph_preprocessing=data.source.graph_preprocessing().to_json())
+                     graph_preprocessing=data.source.graph_preprocessing().to_json(),
+                     value_range=value_range(data.prepared.pixels))
     if cfg.resume:  # changed data is refused unless --allow-data-change; the run's InputSpec is kept
         spec = InputSpec.from_dict(resume_input_spec(cfg.out, data.prepared, spec.preprocessing,
                                                      cfg.allow_data_change) or spec.to_dict())
