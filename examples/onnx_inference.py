@@ -83,10 +83,17 @@ def image_pixels(path: Path, raw: dict) -> np.ndarray:
         opened.load()
         # a JPEG is turned upright by its EXIF orientation, as sslkit's folder source reads it
         img = ImageOps.exif_transpose(opened) if opened.format in ("JPEG", "MPO") else opened
+        # a MINISWHITE TIFF (tag 262 = 0) is read as displayed, inverted, as sslkit does; pillow inverts
+        # only its 1- and 8-bit pages
+        white = opened.format == "TIFF" and getattr(opened, "tag_v2", {}).get(262) == 0
         if img.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
             x, top = np.asarray(img, dtype=np.uint16).astype(np.float32), 65535.0
+            if white:
+                bits = opened.tag_v2.get(258, 16)
+                x = min(65535.0, float(2 ** int(bits[0] if isinstance(bits, tuple) else bits) - 1)) - x
         elif img.mode == "F" or (img.mode == "I" and img.format == "TIFF"):  # float / 32-bit integer pixels
             x, top = own_range(np.asarray(img)), 1.0
+            x = 1.0 - x if white else x
         elif img.mode == "I":  # e.g. a 16-bit PNG that pillow opens as 32-bit, as sslkit's folder source reads it
             a = np.asarray(img, dtype=np.float32)
             x, top = a, 65535.0 if a.max() > 255 else 255.0

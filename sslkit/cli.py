@@ -144,9 +144,10 @@ def _default(name: str, by_task: bool = False) -> str:
 @click.option("--base-lr", default=None, type=FiniteFloatRange(min=0, min_open=True),
               help="LR for 256 images per step" + _default("base_lr", by_task=True))
 @click.option("--lr-scaling", default=None, type=click.Choice(["linear", "sqrt", "none"]),
-              help="base-lr x (effective batch / 256), x its square root, or as is" + _default("lr_scaling", by_task=True))
+              help="base-lr x (effective batch / 256), x its square root, or as is (another --optimizer: its own)"
+                   + _default("lr_scaling", by_task=True))
 @click.option("--weight-decay", default=None, type=FiniteFloatRange(min=0),
-              help="Not applied to norms, biases, tokens and position embeddings"
+              help="Not applied to norms, biases, tokens and position embeddings (another --optimizer: its own)"
                    + _default("weight_decay", by_task=True))
 @click.option("--warmup-epochs", default=None, type=FiniteFloatRange(min=0),
               help="Linear warm-up (at most half the run), then --schedule, by step" + _default("warmup_epochs"))

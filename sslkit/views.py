@@ -141,7 +141,7 @@ RECIPES: dict[str, dict[str, Any]] = {
     # SimCLR's ImageNet views (Chen et al. 2020, App. A)
     "simclr": {},
     # BYOL's second view: rarer blur, some solarization (Grill et al. 2020, Tab. 6)
-    "byol2": {"blur_p": 0.1, "solarize_p": 0.2},
+    "byol2": {"blur_p": 0.1, "solarize_p": 0.2, "saturation": 0.2},
     # MAE: crop and flip only (He et al. 2022)
     "crop": {"scale": (0.2, 1.0), "jitter_p": 0.0, "gray_p": 0.0, "blur_p": 0.0, "gamma_p": 0.0},
     # radiographs / CT slices: mild geometry, intensity (not colour) changes, noise

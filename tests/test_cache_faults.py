@@ -113,10 +113,15 @@ def test_clearing_a_read_only_cache_says_so_in_one_line(dicom_folder, tmp_path, 
     assert (entry / "pixels.npy").is_file() and (entry / "index.json").is_file()
 
 
-def test_clearing_a_cache_folder_that_does_not_exist_is_one_line(tmp_path, cli):
+def test_clearing_a_cache_folder_that_does_not_exist_is_one_line(tmp_path, cli, monkeypatch):
     """A mistyped --cache with --clear said "removed: 0 (0.0 MB)" and exit 0."""
     r = cli("data", "cache", "--cache", tmp_path / "cahce", "--clear")
     assert r.exit_code == 2 and r.output.strip() == f"error: no cache folder {str(tmp_path / 'cahce')!r}; nothing deleted"
+    r = cli("data", "cache", "--cache", tmp_path / "cahce")  # listing said "entries: 0"
+    assert r.exit_code == 2 and r.output.strip() == f"error: no cache folder {str(tmp_path / 'cahce')!r}; nothing to list"
+    monkeypatch.setenv("SSLKIT_CACHE_DIR", str(tmp_path / "env-typo"))
+    r = cli("data", "cache", "--clear")
+    assert r.exit_code == 2 and "no cache folder" in r.output and "env-typo" in r.output
 
 
 def test_the_key_does_not_depend_on_how_the_data_path_is_typed(dicom_folder, tmp_path, count_loads, monkeypatch):

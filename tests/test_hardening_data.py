@@ -550,3 +550,26 @@ def test_resume_finds_an_array_edited_in_place_between_unchanged_ends(tmp_path, 
     (run / "run.json").write_text(json.dumps(info))
     proc = cli("pretrain", "--resume", run, "--quiet")
     assert proc.exit_code == 0 and "data changed" not in proc.stderr, proc.stderr[-2000:]
+
+
+def test_resume_notes_data_that_decodes_to_other_values(tmp_path, cli):
+    """A newer sslkit decoding the same files otherwise (MINISWHITE TIFFs now inverted: mean 0.155 then,
+    0.845 now), or an edit between the fingerprint's blocks, resumed without a word."""
+    a = np.random.default_rng(2).integers(0, 255, (12, 24, 24)).astype(np.uint8)
+    data, run = tmp_path / "a.npy", tmp_path / "run"
+    np.save(data, a)
+    assert cli(*TRAIN, "--data", f"npz:{data}", "--out", run, "--checkpoint-every", "1").exit_code == 0
+    info = json.loads((run / "run.json").read_text())
+    info["status"] = "running"
+    (run / "run.json").write_text(json.dumps(info))
+    same = cli("pretrain", "--resume", run, "--quiet")
+    assert same.exit_code == 0 and "note" not in same.stderr, same.stderr
+    info = json.loads((run / "run.json").read_text())
+    mean, std = info["input_spec"]["mean"][0], info["input_spec"]["std"][0]
+    info["status"], info["input_spec"]["mean"] = "running", [mean + 0.3]  # as if decoded otherwise then
+    (run / "run.json").write_text(json.dumps(info))
+    proc = cli("pretrain", "--resume", run, "--quiet", "--max-steps", "3")
+    assert proc.exit_code == 0, proc.stderr[-2000:]
+    assert (f"note: the data decoded now has mean {mean:.3f} where this run recorded {mean + 0.3:.3f} (std {std:.3f}): "
+            "files changed in place, or this sslkit decodes them otherwise") in proc.stderr
+    assert json.loads((run / "run.json").read_text())["input_spec"]["mean"] == [mean + 0.3]  # the run's own kept

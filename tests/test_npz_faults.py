@@ -326,3 +326,17 @@ def test_eval_scores_a_medmnist_file_on_its_own_train_and_test_arrays(tmp_path, 
                         "--no-baseline", "--quiet"), "--train and --test share 5 of the 5 test images")
     _one_line_error(cli("eval", "knn", run, "--data", f"npz:{f}", "--test-opt", "split=test"),
                     "--train-opt and --test-opt apply to --train and --test")
+
+
+def test_a_content_key_that_fails_leaves_the_sample_to_the_decoding_report():
+    """A damaged compressed array raised out of the leakage check (a traceback, exit 1): the sample is
+    left out there and reported as skipped when it fails to decode."""
+    from sslkit.api import SampleRef
+    from sslkit.eval.overlap import content_keys
+
+    class Broken:
+        def content_key(self, ref):
+            raise Undecodable("Bad CRC-32")
+
+    refs = [SampleRef(__file__, 0), SampleRef(__file__, 1)]
+    assert content_keys(refs, ["a", "b"], Broken()) == {}

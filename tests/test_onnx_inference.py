@@ -151,6 +151,10 @@ def test_example_client_without_torch_png(tmp_path):
     masked = (ramp * 0.01).astype(np.float32)
     masked[:2, :2] = np.nan
     Image.fromarray(masked, mode="F").save(images / "b" / "nan.tif")  # skipped by both, with the reason
+    import tifffile  # MINISWHITE 16-bit and float TIFFs, which pillow reads un-inverted: both read them as displayed
+
+    tifffile.imwrite(images / "b" / "white16.tif", (ramp * 300 + 1000).astype(np.uint16), photometric="miniswhite")
+    tifffile.imwrite(images / "b" / "whitef.tif", (ramp * 0.01).astype(np.float32), photometric="miniswhite")
     encoder = create_backbone("timm:resnet10t", in_chans=3, image_size=32).eval()
     spec = InputSpec(3, 32, (0.5, 0.45, 0.4), (0.25, 0.25, 0.3), "folder", {"scale": "8-bit / 255"})
     get_exporter("onnx")(encoder, spec, {"task": "t", "backbone": "timm:resnet10t", "embedding_dim": 512},
@@ -162,7 +166,7 @@ def test_example_client_without_torch_png(tmp_path):
     assert "nan.tif: ValueError: holds NaN or inf values" in proc.stderr
     client = np.load(out)
     ours = embed(tmp_path / "rgb.onnx", f"folder:{images}", progress=False)
-    assert list(client["ids"]) == ours.ids and len(ours.ids) == 9 and ours.skipped == 1
+    assert list(client["ids"]) == ours.ids and len(ours.ids) == 11 and ours.skipped == 1
     # 40 -> 32 px: pillow's antialiased bilinear vs PyTorch's, so close rather than identical
     cos = (client["embeddings"] * ours.embeddings).sum(1) / (
         np.linalg.norm(client["embeddings"], axis=1) * np.linalg.norm(ours.embeddings, axis=1))

@@ -89,7 +89,7 @@ def test_bad_augment_options(cli, not_images, tmp_path, opt, line):
     ("rotation", ("--augment-opt", "rotate_p=1", "--augment-opt", "rotate_degrees=180"),
      "rotation predicts 90-degree turns; --augment-opt rotate_degrees=180 would make its labels ambiguous "
      "(free rotations, rotate_p, below 45 degrees are fine)"),
-    ("dino", ("--task-opt", "local_size=32"),
+    ("dino", ("--task-opt", "local_crops=2", "--task-opt", "local_size=32"),
      "dino's local crops must be smaller than the global ones: --task-opt local_size=32 is not below --image-size 32"),
     ("dino", ("--augment-opt", "scale=0.4,1"),
      "dino: --augment-opt scale would give the global and local crops one scale; use --task-opt "

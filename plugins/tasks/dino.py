@@ -113,10 +113,11 @@ class DINO(Task):
         super().__init__(backbone, options, spec)
         o = options
         self.local_size = o.local_size or max(8, int(round(spec.image_size * 96 / 224 / 2)) * 2)
-        if o.local_size is not None and o.local_size >= spec.image_size:
-            raise UsageError(f"dino's local crops must be smaller than the global ones: --task-opt local_size="
-                             f"{o.local_size} is not below --image-size {spec.image_size}")
         self.local_crops = default_local_crops(spec.image_size) if o.local_crops is None else o.local_crops
+        if self.local_crops and self.local_size >= spec.image_size:
+            given = f"--task-opt local_size={o.local_size}" if o.local_size else f"the default local_size {self.local_size}"
+            raise UsageError(f"dino's local crops must be smaller than the global ones: {given} is not below "
+                             f"--image-size {spec.image_size}")
         if self.local_crops:
             _check_size(backbone, spec.channels, self.local_size)
         self.head = DINOHead(backbone.num_features, o.out_dim, o.hidden_dim, o.bottleneck_dim)

@@ -29,6 +29,10 @@ from sslkit.errors import UsageError
 from sslkit.output_file import read_json
 
 CACHE_FORMAT = 2
+#: the decoders' revision, in every cache key: raised when a source's pixels change for the same
+#: files and options (3: TIFFs as displayed, big-endian npz, 16-bit colour PNGs reduced at 16 bits,
+#: grey + alpha PNGs one channel), so no entry decoded the old way is read again
+DECODE_REVISION = 3
 MARKER = ".sslkit-cache"
 _KEY = re.compile(r"[0-9a-f]{32}")
 _HEADER_INDEX = re.compile(r"[a-z0-9_]+-[0-9a-f]{24}\.json")
@@ -49,6 +53,13 @@ def resolve_cache_dir(cache_dir: str | Path | bool | None) -> Path | None:
     if cache_dir is False or str(cache_dir) == "":
         return None
     return Path(cache_dir).expanduser()
+
+
+def check_named_root(cache_dir: Any, root: Path, what: str) -> None:
+    """A missing cache folder the user named (``--cache`` or ``$SSLKIT_CACHE_DIR``: a typo?) is one
+    line; a default one never made is an empty cache."""
+    if (isinstance(cache_dir, (str, Path)) and str(cache_dir)) or os.environ.get("SSLKIT_CACHE_DIR"):
+        raise UsageError(f"no cache folder {str(root)!r}; {what}")
 
 
 def mark_root(root: Path) -> None:
@@ -79,8 +90,8 @@ def cache_key(source: Source, refs: Sequence[SampleRef], channels: int, size: in
     h = hashlib.sha256()
     # the pixel limit decides which files are skipped unread: another limit is another entry
     limit = getattr(source, "max_pixels", None)
-    h.update(json.dumps([CACHE_FORMAT, source.scheme, source.describe(), channels, size, limit], sort_keys=True,
-                        default=str).encode())
+    h.update(json.dumps([CACHE_FORMAT, DECODE_REVISION, source.scheme, source.describe(), channels, size, limit],
+                        sort_keys=True, default=str).encode())
     digests: dict[str, str] = {}
     # a slab or a volume is read from several files (its series' slices): every one counts
     files_of = getattr(source, "files_of", lambda ref: (ref.path,))
@@ -283,6 +294,8 @@ def cache_entries(cache_dir: str | Path | None = None) -> list[dict[str, Any]]:
     another version: never read) is listed with ``usable`` False and no samples, so that its
     space shows and clearing removes it; one holding other files is not sslkit's: not listed."""
     root = resolve_cache_dir(cache_dir) or default_cache_root()
+    if not root.is_dir():
+        check_named_root(cache_dir, root, "nothing to list")
     out = []
     for d in _key_folders(root)[0]:
         index = d / "index.json"
@@ -318,8 +331,7 @@ def clear_cache(cache_dir: str | Path | None = None, older_than_days: float | No
     deleted; a file that cannot be deleted (read-only) is one line naming its folder."""
     root = resolve_cache_dir(cache_dir) or default_cache_root()
     if not root.is_dir():
-        if isinstance(cache_dir, (str, Path)) and str(cache_dir):  # a folder the user named (a typo?)
-            raise UsageError(f"no cache folder {str(root)!r}; nothing deleted")
+        check_named_root(cache_dir, root, "nothing deleted")
         return []
     if not (root / MARKER).is_file():
         raise UsageError(f"{str(root)!r} is not an sslkit cache (no {MARKER} marker file); nothing deleted")

@@ -168,6 +168,23 @@ def check_resume_data(saved: dict[str, Any], now: dict[str, Any], allow_change: 
             f"input spec (normalisation) unchanged")
 
 
+def drift_note(saved: dict[str, Any], mean: Sequence[float], std: Sequence[float]) -> str | None:
+    """On ``--resume``: a note when the data as decoded now has a per-channel mean more than half the
+    run's std away from the mean the run recorded (``saved``: its ``input_spec``), however the
+    fingerprint fared: files edited in place between its sampled blocks, or a newer sslkit that
+    decodes them otherwise (a MINISWHITE TIFF now inverted). The run keeps its own mean/std."""
+    was, scale = saved.get("mean") or [], saved.get("std") or []
+    if len(was) != len(mean) or len(scale) != len(mean):
+        return None
+    worst = max(abs(a - b) / max(s, 1e-6) for a, b, s in zip(mean, was, scale))
+    if worst <= 0.5:
+        return None
+    shown = lambda v: ", ".join(f"{x:.3f}" for x in v)  # noqa: E731
+    return (f"note: the data decoded now has mean {shown(mean)} where this run recorded {shown(was)} (std "
+            f"{shown(scale)}): files changed in place, or this sslkit decodes them otherwise; training goes on "
+            f"with the run's normalisation")
+
+
 def changed_keys(was: Any, now: Any) -> list[str]:
     """The keys whose values differ between two ``describe()`` records (``now`` as run.json would
     hold it); none when either is not a record."""
@@ -178,10 +195,12 @@ def changed_keys(was: Any, now: Any) -> list[str]:
 
 
 def resume_input_spec(run_dir: str | Path, prepared: Prepared, preprocessing: Any,
-                      allow_change: bool) -> dict[str, Any] | None:
+                      allow_change: bool, stats: tuple[Sequence[float], Sequence[float]] | None = None
+                      ) -> dict[str, Any] | None:
     """On ``--resume``: refuse changed data (:func:`check_resume_data`) and return the run's
     saved ``input_spec`` (None when run.json has none), which a resumed run keeps: its
-    mean/std are what the encoder was trained with, whatever the data is now."""
+    mean/std are what the encoder was trained with, whatever the data is now. ``stats``: the
+    data's mean and std now, for :func:`drift_note`."""
     saved = read_json(Path(run_dir) / RUN_JSON)
     if not saved:
         return None
@@ -195,4 +214,7 @@ def resume_input_spec(run_dir: str | Path, prepared: Prepared, preprocessing: An
     note = check_resume_data(dataset, now, allow_change, decoding)
     if note:
         print(note, file=sys.stderr)
+    drift = drift_note(saved.get("input_spec") or {}, *stats) if stats and not note else None
+    if drift:
+        print(drift, file=sys.stderr)
     return saved.get("input_spec")

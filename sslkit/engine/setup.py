@@ -149,7 +149,7 @@ def build(cfg: RunConfig, device: torch.device) -> Setup:
                      value_range=value_range(data.prepared.pixels))
     if cfg.resume:  # changed data is refused unless --allow-data-change; the run's InputSpec is kept
         spec = InputSpec.from_dict(resume_input_spec(cfg.out, data.prepared, spec.preprocessing,
-                                                     cfg.allow_data_change) or spec.to_dict())
+                                                     cfg.allow_data_change, (mean, std)) or spec.to_dict())
     backbone, task = create_model(cfg, backbone_name, spec, resumed)
     cfg = with_resolved_task_options(cfg, task)
     if cfg.sync_bn and world > 1:

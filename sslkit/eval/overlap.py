@@ -25,7 +25,10 @@ def content_keys(refs: Sequence, ids: Sequence[str] | None = None, source: Any =
     out = {}
     own = getattr(source, "content_key", None)
     for ref, sample in zip(refs, ids if ids is not None else [r.id for r in refs]):
-        key = own(ref) if own is not None else None
+        try:
+            key = own(ref) if own is not None else None
+        except Exception:  # noqa: BLE001 - a damaged file: reported as skipped when decoded
+            continue
         if key is not None:
             out[sample] = f"sample:{key}"
             continue
