@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 DEMO   := runs/demo-mae
 PYDICOM_FILES = $$($(BIN)/python -c 'import pathlib, pydicom; print(pathlib.Path(pydicom.__file__).parent / "data" / "test_files")')
 
-.PHONY: setup demo test test-slow bench clean
+.PHONY: setup demo test test-slow clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,5 +32,6 @@ test: setup
 test-slow: setup
 	$(BIN)/python -m pytest --durations=10 -m slow
 
+## The environment, build files and the demo's run; other runs under runs/ are yours and stay.
 clean:
-	rm -rf $(VENV) runs build *.egg-info
+	rm -rf $(VENV) $(DEMO) build *.egg-info

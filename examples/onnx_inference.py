@@ -271,9 +271,11 @@ def main(argv: list[str] | None = None) -> int:
             batch.append(prepare(x, meta))
             if len(batch) == args.batch_size:
                 flush()
-        print(f"\r{n}/{len(files)} files", end="", file=sys.stderr)
+        if sys.stderr.isatty():  # a progress line on a terminal, not in a log file
+            print(f"\r{n}/{len(files)} files", end="", file=sys.stderr)
     flush()
-    print(file=sys.stderr)
+    if sys.stderr.isatty():
+        print(file=sys.stderr)
     n_skipped = sum(skipped.values())
     if n_skipped:
         print(f"{n_skipped} file(s) skipped: " + "; ".join(f"{n} x {r}" for r, n in skipped.items()), file=sys.stderr)

@@ -356,7 +356,8 @@ def new_plugin(name: str, kind: str, out: str | None) -> None:
     from sslkit.new_plugin import write_plugin
 
     folder = write_plugin(name, kind, out)
-    click.echo(f"wrote {kind} plugin {name!r} to {folder}; next: pip install -e {folder} && pytest {folder}")
+    click.echo(f"wrote {kind} plugin {name!r} to {folder}; next: pip install -e '{folder}[test]' && "
+               f"python -m pytest {folder}")
 
 
 from sslkit.eval.cli import eval_group  # noqa: E402  (`sslkit eval knn|linear|tsne|attention`)

@@ -11,7 +11,7 @@
 ``in_chans`` follows the data; ``image_size`` is the run's volume size ``(D, H, W)`` (an
 int means a cube). Every backbone here has ``spatial_dims = 3``: paired with 2D samples
 (``--sample slice`` or ``slab:K``) the run is refused before decoding.
-Needs ``pip install 'sslkit[volumes]'`` (MONAI).
+Needs MONAI (sslkit's ``volumes`` extra: ``pip install '.[volumes]'`` in the checkout).
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ def _monai_nets():
     try:
         from monai.networks import nets
     except ImportError:
-        raise UsageError("monai backbones need MONAI; install it with: pip install 'sslkit[volumes]'") from None
+        raise UsageError("monai backbones need MONAI; install it with: pip install monai einops (or '.[volumes]' "
+                         "in the sslkit checkout)") from None
     return nets
 
 

@@ -1,6 +1,6 @@
 """Source ``nifti:PATH``: NIfTI volumes (``.nii``, ``.nii.gz``), one file or every file below a folder.
 
-Read with nibabel (``pip install 'sslkit[volumes]'``). Each 3D image is one volume; a 4D
+Read with nibabel (sslkit's ``volumes`` extra: ``pip install '.[volumes]'`` in the checkout). Each 3D image is one volume; a 4D
 image is one volume per time point. Voxels are scaled by the header (``scl_slope`` /
 ``scl_inter``), the volume is turned to its closest canonical (RAS+) axes and laid out
 as an axial DICOM series is displayed (:data:`sslkit.api.ORIENTATION`): D inferior to
@@ -57,7 +57,8 @@ def _nibabel():
     try:
         import nibabel
     except ImportError:
-        raise UsageError("nifti: needs nibabel; install it with: pip install 'sslkit[volumes]'") from None
+        raise UsageError("nifti: needs nibabel; install it with: pip install nibabel (or '.[volumes]' in the "
+                         "sslkit checkout)") from None
     return nibabel
 
 
