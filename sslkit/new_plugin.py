@@ -8,11 +8,15 @@ package registers. Templates live in ``sslkit/new_plugin_templates/`` (package d
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
+import tempfile
 from importlib import resources
 from pathlib import Path
 
 from sslkit.errors import UsageError
+from sslkit.output_file import created_mode, temp_prefix
 
 KINDS = ("task", "source", "backbone", "exporter", "callback")
 USAGE = {
@@ -34,8 +38,9 @@ def api_range() -> str:
 def files_for(name: str, kind: str) -> dict[str, str]:
     """``relative path -> text`` of the package for plugin ``name`` of ``kind``."""
     if not re.fullmatch(r"[a-z][a-z0-9_]*", name):
-        raise UsageError(f"plugin name {name!r}: use lower-case letters, digits and _ (it becomes a Python module "
-                         f"and the registered name, e.g. --task {name.lower().replace('-', '_') or 'demo'})")
+        fixed = re.sub(r"[^a-z0-9_]", "_", name.lower()).lstrip("0123456789_")  # a valid name, or none at all
+        raise UsageError(f"plugin name {name!r}: use lower-case letters, digits and _, starting with a letter (it "
+                         f"becomes a Python module and the registered name{f', e.g. --task {fixed}' if fixed else ''})")
     if kind not in KINDS:
         raise UsageError(f"--kind {kind!r}: choose from {', '.join(KINDS)}")
     module, dist = f"sslkit_{name}", f"sslkit-{name.replace('_', '-')}"
@@ -68,20 +73,31 @@ def files_for(name: str, kind: str) -> dict[str, str]:
 def write_plugin(name: str, kind: str, out: str | Path | None = None) -> Path:
     """Write the package for plugin ``name`` into ``out`` (default ``./sslkit-NAME``).
 
-    ``out`` must not exist or be empty: nothing is ever overwritten.
+    ``out`` must not exist or be empty: nothing is ever overwritten. The package is written into a
+    temporary folder beside ``out`` and renamed into place when complete: a failed write (a full disk)
+    or an interrupt leaves nothing, and the same command can be run again.
     """
     files = files_for(name, kind)
     _check_name_is_free(name, kind)
     folder = Path(out) if out else Path(f"sslkit-{name.replace('_', '-')}")
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
         raise UsageError(f"{str(folder)!r} already exists and is not empty; choose another --out")
+    tmp = None
     try:
+        folder.absolute().parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(), dir=folder.absolute().parent))
+        os.chmod(tmp, created_mode(directory=True))  # mkdtemp's 0700 would hide the package from the team
         for rel, text in files.items():
-            path = folder / rel
+            path = tmp / rel
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(text)
+        os.replace(tmp, folder)  # onto a missing or empty folder only
     except OSError as exc:
-        raise UsageError(f"cannot write the plugin into {str(folder)!r}: {exc.strerror or exc}") from None
+        raise UsageError(f"cannot write the plugin into {str(folder)!r}: {exc.strerror or exc}; "
+                         f"nothing was written") from None
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)  # gone when renamed into place
     return folder
 
 

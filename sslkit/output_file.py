@@ -7,50 +7,117 @@ written through a temporary file in the same folder so nothing half-written is l
 file beside the target (``.tmp-*``), is fsynced, renamed over the target, and the folder
 is fsynced, so after a crash or power loss the target is either the old file or the
 whole new one. A full disk or an unwritable folder is one :class:`UsageError` line, and
-the temporary file is removed. The file gets the mode a plain ``open()`` would give it (``0666``
+the temporary file is removed. Temporary names carry the writer's pid and machine (``.tmp-<pid>@<host>-*``):
+those a killed writer (``kill -9``) left are removed by the next write in that folder. Without
+``--overwrite`` the finished file is published with ``os.link``, which fails when the name
+exists: of two writers racing for one name the second is refused (:class:`OutputExists`),
+never silently replaced. The file gets the mode a plain ``open()`` would give it (``0666``
 less the umask), or keeps the mode of the file it replaces: not the ``0600`` of the temporary
 file, which would hide a run's outputs from the team and the service that reads them.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import platform
+import re
 import stat
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from sslkit.errors import UsageError, first_line
 
 TMP_PREFIX = ".tmp-"
+#: a temporary file of :func:`write_atomic` (or :func:`check_writable`'s probe):
+#: ``.tmp-<pid>@<host>-<random>[suffix]``, ``host`` 6 hex digits of the machine's name (a shared
+#: file system: another machine's pid says nothing here)
+TMP_NAME = re.compile(r"\.tmp-(\d+)@([0-9a-f]{6})-")
+STALE_TMP_S = 60  # a dead writer's temporary file is removed once it is this old (seconds)
+#: check_output's word on each output it checked (absolute path -> ``overwrite``), taken by write_atomic
+_OVERWRITE: dict[str, bool] = {}
+
+
+class OutputExists(UsageError):
+    """An output that exists and may not be replaced (no ``--overwrite``)."""
+
+
+def exists_message(out: Path, why: str = "") -> str:
+    return f"{str(out)!r} already exists{why}; pass --overwrite to replace it"
 
 
 def check_output(out: Path, overwrite: bool, suffix: str | None = None) -> None:
-    """Refuse an output that exists (without ``overwrite``), cannot be written, or (``suffix``,
-    e.g. ``".png"``) is named for another kind of file than the one written."""
+    """Refuse an output that exists (without ``overwrite``: :class:`OutputExists`), cannot be written,
+    or (``suffix``, e.g. ``".png"``) is named for another kind of file than the one written.
+    :func:`write_atomic` on ``out`` later publishes it as ``overwrite`` says (unless told otherwise)."""
     out = Path(out)
     if suffix is not None and out.suffix.lower() != suffix:
         raise UsageError(f"--out {out.name!r} must be a {suffix} file; name it e.g. {out.with_suffix(suffix).name!r}")
     if out.is_dir():
         raise UsageError(f"{str(out)!r} is a directory; give a file name")
-    if out.exists() and not overwrite:
-        raise UsageError(f"{str(out)!r} already exists; pass --overwrite to replace it")
+    if (out.exists() or out.is_symlink()) and not overwrite:
+        raise OutputExists(exists_message(out))
     if not out.parent.is_dir():
         raise UsageError(f"output folder {str(out.parent)!r} does not exist")
     check_writable(out.parent)
+    _OVERWRITE[os.path.abspath(out)] = overwrite
 
 
 def check_writable(folder: Path) -> None:
     """Refuse a folder in which no file can be created (a real probe: ``access()`` says
     yes to root even where nothing can be created)."""
     try:
-        fd, probe = tempfile.mkstemp(prefix=TMP_PREFIX, dir=folder)
+        fd, probe = tempfile.mkstemp(prefix=temp_prefix(), dir=folder)
         os.close(fd)
         os.unlink(probe)
     except OSError as exc:
         raise UsageError(f"output folder {str(folder)!r} is not writable: {exc.strerror or exc}") from None
+
+
+def _host() -> str:
+    return hashlib.sha256(platform.node().encode("utf-8", "surrogateescape")).hexdigest()[:6]
+
+
+def temp_prefix() -> str:
+    """``.tmp-<pid>@<host>-``: whose temporary file it is, so that one left by a killed writer can be told."""
+    return f"{TMP_PREFIX}{os.getpid()}@{_host()}-"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (OSError, OverflowError):  # another user's process (EPERM), or no such pid number: leave it
+        return True
+    return True
+
+
+def remove_stale_temps(folder: Path) -> list[str]:
+    """Remove the temporary files (``.tmp-<pid>@<host>-*``) in ``folder`` of this machine whose writer is
+    gone (killed) and that are older than :data:`STALE_TMP_S`; no other file is touched (another machine's
+    on a shared file system neither). Returns the names removed."""
+    removed: list[str] = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    now, host = time.time(), _host()
+    for entry in entries:
+        match = TMP_NAME.match(entry.name)
+        if match is None or match.group(2) != host or int(match.group(1)) == os.getpid() or _alive(int(match.group(1))):
+            continue
+        try:
+            if entry.is_file(follow_symlinks=False) and now - entry.stat(follow_symlinks=False).st_mtime > STALE_TMP_S:
+                os.unlink(entry.path)
+                removed.append(entry.name)
+        except OSError:  # gone already, or not ours to remove
+            pass
+    return removed
 
 
 def fsync_path(path: Path) -> None:
@@ -82,15 +149,21 @@ def created_mode(directory: bool = False) -> int:
     return (0o777 if directory else 0o666) & ~_umask()
 
 
-def write_atomic(out: Path, write: Callable[[Path], None], suffix: str = "", *, mode: int | None = None) -> None:
-    """Call ``write(tmp)`` on a temporary file beside ``out``, fsync it, rename it to
-    ``out`` and fsync the folder. A failed write (:func:`write_errors`: disk full, permissions) becomes one
+def write_atomic(out: Path, write: Callable[[Path], None], suffix: str = "", *, mode: int | None = None,
+                 overwrite: bool | None = None) -> None:
+    """Call ``write(tmp)`` on a temporary file beside ``out``, fsync it, publish it as ``out`` and fsync
+    the folder. A failed write (:func:`write_errors`: disk full, permissions) becomes one
     :class:`UsageError` line; ``out`` keeps its old content and no temporary file stays.
+    ``overwrite``: replace an existing ``out`` (else refused, :class:`OutputExists`, even when it
+    appeared since it was checked); None: what :func:`check_output` was told for ``out``, else True.
     ``out`` gets ``mode`` (``0o600`` for a private file), else the mode of the file it
     replaces, else the one a plain ``open()`` gives."""
     out = Path(out)
+    checked = _OVERWRITE.pop(os.path.abspath(out), True)
+    overwrite = checked if overwrite is None else overwrite
+    remove_stale_temps(out.parent)
     try:
-        fd, name = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=suffix or out.suffix, dir=out.parent)
+        fd, name = tempfile.mkstemp(prefix=temp_prefix(), suffix=suffix or out.suffix, dir=out.parent)
     except OSError as exc:
         raise UsageError(f"cannot write to {str(out.parent)!r}: {exc.strerror or exc}") from None
     os.close(fd)
@@ -99,16 +172,40 @@ def write_atomic(out: Path, write: Callable[[Path], None], suffix: str = "", *, 
         try:
             write(tmp)
             if mode is None:
-                mode = stat.S_IMODE(out.stat().st_mode) if out.is_file() else created_mode()
+                mode = stat.S_IMODE(out.stat().st_mode) if overwrite and out.is_file() else created_mode()
             os.chmod(tmp, mode)
             fsync_path(tmp)
-            os.replace(tmp, out)
+            _publish(tmp, out, overwrite)
             fsync_path(out.parent)
         except write_errors() as exc:
             why = getattr(exc, "strerror", None) or first_line(exc)
             raise UsageError(f"cannot write {str(out)!r}: {why}") from None
     finally:
         tmp.unlink(missing_ok=True)
+
+
+#: what ``link()`` says on a file system without hard links (some FUSE, SMB, FAT mounts)
+NO_HARD_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.ENOSYS}
+
+
+def _publish(tmp: Path, out: Path, overwrite: bool) -> None:
+    """Rename ``tmp`` to ``out``; without ``overwrite`` hard-link it there instead (fails when ``out``
+    exists, even when another writer put it there a moment ago) and remove ``tmp``."""
+    if overwrite:
+        os.replace(tmp, out)
+        return
+    try:
+        os.link(tmp, out)
+    except FileExistsError:
+        raise OutputExists(exists_message(out, " (written meanwhile by another process)")) from None
+    except OSError as exc:
+        if exc.errno not in NO_HARD_LINKS:
+            raise
+        if os.path.lexists(out):  # no hard links here: checked, then renamed (a race is not caught)
+            raise OutputExists(exists_message(out, " (written meanwhile by another process)")) from None
+        os.replace(tmp, out)
+        return
+    tmp.unlink()
 
 
 def write_errors() -> tuple[type[BaseException], ...]:
@@ -121,9 +218,9 @@ def write_errors() -> tuple[type[BaseException], ...]:
     return (OSError, SafetensorError)
 
 
-def write_text_atomic(out: Path, text: str) -> None:
-    """:func:`write_atomic` for a text file (UTF-8)."""
-    write_atomic(out, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+def write_text_atomic(out: Path, text: str, **options: Any) -> None:
+    """:func:`write_atomic` for a text file (UTF-8); ``options``: its keywords (``overwrite``, ``mode``)."""
+    write_atomic(out, lambda tmp: tmp.write_text(text, encoding="utf-8"), **options)
 
 
 def write_json_atomic(out: Path, data: Any) -> None:

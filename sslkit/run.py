@@ -6,7 +6,6 @@ import dataclasses
 import json
 import os
 import platform
-import shutil
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -201,16 +200,33 @@ def auto_resume(out: str | None) -> dict[str, Any]:
 
 
 def prepare_run_dir(cfg: RunConfig) -> Path:
-    """Create ``cfg.out``, clearing sslkit's own files from it when overwriting."""
+    """Create ``cfg.out``, clearing sslkit's own files from it when overwriting (in ``checkpoints/``, ``tensorboard/``:
+    checkpoints, a killed save's ``.tmp-*``/``.old-*``, event files); the user's files stay (one line names them)."""
+    import re
+    from sslkit.checkpoint import MANIFEST, MODEL_FILE, PREFIX, STATE_FILE
+    from sslkit.eval.report import remove_reports
     out = check_run_dir(cfg)
     if cfg.overwrite and out.is_dir() and not cfg.resume:
         for name in RUN_FILES:
             (out / name).unlink(missing_ok=True)
+        ours = re.compile(rf"{CHECKPOINTS}/({PREFIX}\d+/({MODEL_FILE}|{STATE_FILE}|{MANIFEST})|\.(tmp|old)-[^/]+/.+)"
+                          r"|tensorboard/events\.out\.tfevents\.[^/]+")
+        kept = []
         for name in RUN_FOLDERS:
-            if (out / name).is_dir():
-                shutil.rmtree(out / name)
-        from sslkit.eval.report import remove_reports
-
+            for folder, _, files in os.walk(out / name, topdown=False):  # symlinked folders are not entered
+                for file in files:
+                    rel = (Path(folder) / file).relative_to(out).as_posix()
+                    if ours.fullmatch(rel):
+                        os.unlink(out / rel)
+                    else:
+                        kept.append(rel)
+                try:
+                    os.rmdir(folder)
+                except OSError:  # the user's files are in it
+                    pass
+        if kept:
+            print(f"sslkit: --overwrite kept {len(kept)} file(s) of yours in {' and '.join(RUN_FOLDERS)}/: "
+                  f"{', '.join(kept[:5])}{', ...' if len(kept) > 5 else ''}", file=sys.stderr)
         remove_reports(out / "eval")  # sslkit's reports on the replaced run's encoder, not the user's files there
     out.mkdir(parents=True, exist_ok=True)
     return out

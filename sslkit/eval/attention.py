@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sslkit.backbone import is_token_backbone
-from sslkit.eval.report import new_report, save_report, skipped_summary, unique_path
+from sslkit.eval.report import new_report, save_picture, save_report, skipped_summary
 from sslkit.eval.tsne import _check_out
 from sslkit.figure import save_png
 
@@ -189,12 +189,10 @@ def evaluate_attention(model_path: str, images: str, out: str | None = None, max
             continue
         kind, m = saliency(encoder.to(model.device), x.to(model.device))
         maps[name] = m.cpu().numpy()
-    if out_path is None:
-        out_path = unique_path(model.report_dir, "attention", ".png")
     desc = model.describe()
     row_labels = [labels[i] or "(unlabelled)" for i in rows] if any(labels) else None
-    width, height = plot_grid(pixels.numpy(), maps, f"{kind}: {desc['task']} {desc['backbone']}", out_path,
-                              row_labels)
+    out_path, (width, height) = save_picture(out_path, model.report_dir, "attention", lambda path: plot_grid(
+        pixels.numpy(), maps, f"{kind}: {desc['task']} {desc['backbone']}", path, row_labels))
     report = new_report("attention", desc, {"method": kind, "max_images": max_images, "baseline": baseline})
     report["data"] = {"data": {"source": images, "samples": len(rows),
                                "skipped": skipped_summary(loaded.prepared.skipped)}}

@@ -13,7 +13,6 @@ AUROC (two classes; balanced accuracy otherwise) against the fraction, with erro
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -24,7 +23,7 @@ from sslkit.eval.knn import TEMPERATURE
 from sslkit.eval.labels import Labelled
 from sslkit.eval.linear import C_GRID
 from sslkit.eval.probes import DataArgs, ProbeData, base_report, knn_results, linear_results, prepare, take_samples
-from sslkit.eval.report import save_report, unique_path
+from sslkit.eval.report import save_picture, save_report
 from sslkit.eval.split import mean_std
 
 MIN_PER_CLASS = 2
@@ -150,8 +149,8 @@ def evaluate_curve(model_path: str, args: DataArgs, fractions: Sequence[float], 
     report = base_report("curve", prep, args, settings)
     report["results"] = curve_results(prep, fractions, k, C_grid, val_fraction, args.seed)
     report["gain"] = gains(report["results"], prep.correct)  # per fraction: SE over folds, or paired per image
-    out_path = out_path or unique_path(prep.model.report_dir, "curve", ".png")
-    report["image_size"] = list(plot_curve(report, Path(out_path)))
+    out_path, size = save_picture(out_path, prep.model.report_dir, "curve", lambda path: plot_curve(report, path))
+    report["image_size"] = list(size)
     report["files"] = [str(out_path)]
-    save_report(report, prep.model.report_dir, picture=Path(out_path))
+    save_report(report, prep.model.report_dir, picture=out_path)
     return report

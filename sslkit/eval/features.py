@@ -20,6 +20,7 @@ from sslkit import embed as embed_mod
 from sslkit.embed import Embeddings
 from sslkit.errors import UsageError
 from sslkit.eval.labels import Labelled, assign_labels, no_labels, read_labels_csv, select_labelled
+from sslkit.eval.report import check_report_dir
 from sslkit.spec import InputSpec
 
 ENCODERS = ("pretrained", "random", "init")  # "init": the --init weights before pretraining, when the run used them
@@ -122,7 +123,8 @@ class EvalModel:
 def open_model(path: str | Path, device: str = "auto") -> EvalModel:
     """A run directory (``sslkit pretrain --out``) or an ``.onnx`` file from ``sslkit export``.
 
-    ``device`` (auto, cpu, cuda) runs PyTorch encoders; ONNX files run in onnxruntime.
+    ``device`` (auto, cpu, cuda) runs PyTorch encoders; ONNX files run in onnxruntime. Refused before
+    any work when its report folder (:attr:`EvalModel.report_dir`) cannot be created or written in.
     """
     from sslkit.engine import resolve_device
 
@@ -132,11 +134,14 @@ def open_model(path: str | Path, device: str = "auto") -> EvalModel:
         from sslkit.run import load_run
 
         run = load_run(p)
-        return EvalModel(p, "run", run.info, run.spec, run, dev)
-    if not p.is_file():
+        model = EvalModel(p, "run", run.info, run.spec, run, dev)
+    elif not p.is_file():
         raise UsageError(f"model {str(path)!r} does not exist; give a run directory or an .onnx file")
-    meta = embed_mod.read_onnx_metadata(p)
-    return EvalModel(p, "onnx", meta, InputSpec.from_dict(meta["spec"]), None, dev)
+    else:
+        meta = embed_mod.read_onnx_metadata(p)
+        model = EvalModel(p, "onnx", meta, InputSpec.from_dict(meta["spec"]), None, dev)
+    check_report_dir(model.report_dir)  # a read-only run: one line now, not after embedding everything
+    return model
 
 
 def _encoders(model: EvalModel, baseline: bool) -> dict[str, embed_mod.Model]:

@@ -1,5 +1,10 @@
 """Evaluation reports: one JSON schema for every probe, saved beside the model, never overwritten.
 
+Reports and pictures get the first free name ``KIND-<stamp>[-n]``: each is published only if that
+name is still free (:func:`sslkit.output_file.write_atomic` without overwriting), so no empty
+placeholder is ever left, whatever stops the command. The report folder is checked before any work
+(:func:`check_report_dir`).
+
 Schema ``sslkit.eval/1`` (documented in README, "sslkit eval --json")::
 
     {"schema": "sslkit.eval/1", "kind": "knn" | "linear" | "tsne" | "attention",
@@ -24,13 +29,16 @@ standard deviations and ``folds`` each fold's metrics. Encoders are ``pretrained
 from __future__ import annotations
 
 import json
-import os
 import re
 from datetime import datetime, timezone
+from itertools import chain
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
-from sslkit.output_file import write_text_atomic
+from sslkit.errors import UsageError
+from sslkit.output_file import OutputExists, check_output, check_writable, write_text_atomic
+
+T = TypeVar("T")
 
 SCHEMA = "sslkit.eval/1"
 
@@ -54,7 +62,7 @@ def skipped_summary(skipped: list[tuple[str, str]] | dict[str, int]) -> dict[str
     return {"files": sum(reasons.values()), "reasons": reasons}
 
 
-#: the names :func:`unique_path` gives (``knn-20261205T221500Z.json``, ``tsne-...-2.png``)
+#: the names :func:`report_names` gives (``knn-20261205T221500Z.json``, ``tsne-...-2.png``)
 REPORT_NAME = re.compile(r"[a-z][a-z0-9_]*-\d{8}T\d{6}Z(-\d+)?\.(json|png)")
 
 
@@ -72,38 +80,64 @@ def remove_reports(folder: Path) -> None:
         pass
 
 
-def unique_path(folder: Path, stem: str, suffix: str) -> Path:
-    """``folder/stem-YYYYmmddTHHMMSSZ[-n]suffix``, created empty and exclusively (never overwrites)."""
-    folder.mkdir(parents=True, exist_ok=True)
+def check_report_dir(folder: Path) -> None:
+    """Refuse, before any work, a report folder (``RUN/eval``) that cannot be created or written in."""
+    folder = Path(folder)
+    where = folder if folder.exists() else folder.parent
+    if not where.is_dir():
+        raise UsageError(f"the reports go to {str(folder)!r}, but {str(where)!r} is not a folder; "
+                         "nothing was evaluated")
+    try:
+        check_writable(where)
+    except UsageError as exc:
+        raise UsageError(f"the reports go to {str(folder)!r}: {exc}; nothing was evaluated") from None
+
+
+def report_names(folder: Path, stem: str, suffix: str) -> Iterator[Path]:
+    """``folder/stem-YYYYmmddTHHMMSSZ[-n]suffix``, n = 2, 3, ...: the names a new report may take."""
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     for n in range(1, 10_000):
-        path = folder / f"{stem}-{stamp}{'' if n == 1 else f'-{n}'}{suffix}"
+        yield folder / f"{stem}-{stamp}{'' if n == 1 else f'-{n}'}{suffix}"
+
+
+def save_new(names: Iterable[Path], save: Callable[[Path], T]) -> tuple[Path, T]:
+    """``save(path)`` (a :func:`write_atomic` of ``path``) under the first of ``names`` that is free when it is
+    published: a name taken meanwhile (:class:`OutputExists`) moves on to the next. Nothing is reserved
+    beforehand, so nothing is left behind when the command stops. Returns the name and what ``save`` gave."""
+    for path in names:
         try:
-            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
-            return path
-        except FileExistsError:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UsageError(f"cannot create the report folder {str(path.parent)!r}: {exc.strerror or exc}") from None
+        try:
+            check_output(path, overwrite=False)  # write_atomic then refuses to replace it
+            return path, save(path)
+        except OutputExists:
             continue
-    raise RuntimeError(f"cannot find a free file name for {stem} in {folder}")
+    raise UsageError(f"cannot find a free file name in {str(path.parent)!r}")
+
+
+def save_picture(out: Path | None, folder: Path, stem: str, draw: Callable[[Path], T]) -> tuple[Path, T]:
+    """``draw(path)`` to ``out`` (``--out``, checked before any work), else to a new ``folder/stem-<stamp>.png``."""
+    if out is not None:
+        return Path(out), draw(Path(out))
+    return save_new(report_names(folder, stem, ".png"), draw)
 
 
 def save_report(report: dict[str, Any], folder: Path, picture: Path | None = None) -> Path:
     """Write ``report`` as ``folder/<kind>-<stamp>.json``; ``report["report_file"]`` names it.
 
-    The report of a ``picture`` saved in ``folder`` shares its name (``tsne-<stamp>.json``).
+    The report of a ``picture`` saved in ``folder`` shares its name (``tsne-<stamp>.json``) when that is free.
     """
-    path = None
-    stem = picture.stem if picture is not None and picture.parent.resolve() == folder.resolve() else None
-    if stem is not None:
-        folder.mkdir(parents=True, exist_ok=True)
-        try:
-            os.close(os.open(folder / f"{stem}.json", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
-            path = folder / f"{stem}.json"
-        except FileExistsError:
-            pass
-    path = path or unique_path(folder, report["kind"], ".json")
-    report["report_file"] = str(path)
-    write_text_atomic(path, json.dumps(report, indent=2, default=str))
-    return path
+    names: Iterable[Path] = report_names(folder, report["kind"], ".json")
+    if picture is not None and picture.parent.resolve() == folder.resolve():
+        names = chain([folder / f"{picture.stem}.json"], names)
+
+    def write(path: Path) -> None:
+        report["report_file"] = str(path)
+        write_text_atomic(path, json.dumps(report, indent=2, default=str), overwrite=False)
+
+    return save_new(names, write)[0]
 
 
 def _fmt(v: Any) -> str:

@@ -18,7 +18,7 @@ from sslkit.embed import sample_id
 from sslkit.output_file import check_output
 from sslkit.eval.features import embed_all, open_model
 from sslkit.eval.labels import assign_labels, read_labels_csv
-from sslkit.eval.report import new_report, save_report, skipped_summary, unique_path
+from sslkit.eval.report import new_report, save_picture, save_report, skipped_summary
 
 PANEL_INCHES = 6.0
 DPI = 100
@@ -161,12 +161,11 @@ def evaluate_tsne(model_path: str, data: str, out: str | None = None, labels_csv
                                                                                                table, emb.label_paths)
             labels = [labs[i] if labs[i] is not None else UNLABELLED for i in keep]
         panels[name] = reduce_2d(emb.embeddings[keep], method, perplexity, seed)
-    if out_path is None:
-        out_path = unique_path(model.report_dir, method, ".png")
     desc = model.describe()
     title = (f"{'t-SNE' if method == 'tsne' else 'UMAP'} of {len(labels)} embeddings: "
              f"{desc['task']} {desc['backbone']}" + (f"; colour: {color_by}" if color_by != "label" else ""))
-    width, height = plot_maps(panels, labels, title, out_path)
+    out_path, (width, height) = save_picture(out_path, model.report_dir, method,
+                                             lambda path: plot_maps(panels, labels, title, path))
     used = capped_perplexity(perplexity, len(labels)) if method == "tsne" else None
     report = new_report(method, desc, {"method": method, "perplexity": perplexity, "perplexity_used": used,
                                        "seed": seed, "max_samples": max_samples, "baseline": baseline,
