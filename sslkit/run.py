@@ -200,34 +200,13 @@ def auto_resume(out: str | None) -> dict[str, Any]:
 
 
 def prepare_run_dir(cfg: RunConfig) -> Path:
-    """Create ``cfg.out``, clearing sslkit's own files from it when overwriting (in ``checkpoints/``, ``tensorboard/``:
-    checkpoints, a killed save's ``.tmp-*``/``.old-*``, event files); the user's files stay (one line names them)."""
-    import re
-    from sslkit.checkpoint import MANIFEST, MODEL_FILE, PREFIX, STATE_FILE
-    from sslkit.eval.report import remove_reports
+    """Create ``cfg.out``, clearing sslkit's own files from it when overwriting
+    (:func:`sslkit.run_clear.clear_own_files`: the user's files stay)."""
     out = check_run_dir(cfg)
     if cfg.overwrite and out.is_dir() and not cfg.resume:
-        for name in RUN_FILES:
-            (out / name).unlink(missing_ok=True)
-        ours = re.compile(rf"{CHECKPOINTS}/({PREFIX}\d+/({MODEL_FILE}|{STATE_FILE}|{MANIFEST})|\.(tmp|old)-[^/]+/.+)"
-                          r"|tensorboard/events\.out\.tfevents\.[^/]+")
-        kept = []
-        for name in RUN_FOLDERS:
-            for folder, _, files in os.walk(out / name, topdown=False):  # symlinked folders are not entered
-                for file in files:
-                    rel = (Path(folder) / file).relative_to(out).as_posix()
-                    if ours.fullmatch(rel):
-                        os.unlink(out / rel)
-                    else:
-                        kept.append(rel)
-                try:
-                    os.rmdir(folder)
-                except OSError:  # the user's files are in it
-                    pass
-        if kept:
-            print(f"sslkit: --overwrite kept {len(kept)} file(s) of yours in {' and '.join(RUN_FOLDERS)}/: "
-                  f"{', '.join(kept[:5])}{', ...' if len(kept) > 5 else ''}", file=sys.stderr)
-        remove_reports(out / "eval")  # sslkit's reports on the replaced run's encoder, not the user's files there
+        from sslkit.run_clear import clear_own_files
+
+        clear_own_files(out, RUN_FILES, RUN_FOLDERS)
     out.mkdir(parents=True, exist_ok=True)
     return out
 
@@ -371,8 +350,11 @@ def build_baseline_encoder(backbone: str, spec: InputSpec, options: dict[str, An
 
 
 def split_checkpoint(path: Path) -> tuple[Path, Path | None]:
-    """``(RUN, path)`` when ``path`` is a checkpoint folder of a run (``RUN/checkpoints/step-N``),
-    else ``(path, None)``."""
+    """``(RUN, path)`` when ``path`` is a checkpoint folder of a run (``RUN/checkpoints/step-N``; N as
+    the folder names it, ``step-00000010``, or plain, ``step-10``), else ``(path, None)``."""
+    if path.parent.name == CHECKPOINTS and not path.exists() and path.name.startswith("step-"):
+        number = path.name[len("step-"):]
+        path = path.parent / f"step-{int(number):08d}" if number.isdigit() else path
     if path.is_dir() and path.parent.name == CHECKPOINTS and (path.parent.parent / RUN_JSON).is_file():
         return path.parent.parent, path
     return path, None
@@ -382,6 +364,10 @@ def load_run(path: str | Path) -> Run:
     """The run at ``path``: a run directory, or one of its checkpoints (``RUN/checkpoints/step-N``,
     whose encoder :meth:`Run.build_encoder` then loads instead of the final one)."""
     path, ckpt = split_checkpoint(Path(path))
+    if not path.is_dir() and path.parent.name == CHECKPOINTS and path.parent.is_dir():
+        have = sorted(p.name for p in path.parent.iterdir() if p.name.startswith("step-"))
+        raise UsageError(f"checkpoint {str(path)!r} does not exist; the run has "
+                         f"{', '.join(have[-5:]) if have else 'none'}")
     if not path.is_dir():
         raise UsageError(f"run directory {str(path)!r} does not exist")
     file = path / RUN_JSON

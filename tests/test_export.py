@@ -12,6 +12,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from sslkit.errors import UsageError
 from sslkit.run import load_run
 from tests.conftest import make_images, run_sslkit, tiny_run
 from tests.test_hardening_export import assert_no_machine_paths
@@ -221,3 +222,13 @@ def test_run_id_is_a_hash_of_the_weights_exported(trained, tmp_path):
     final = export_metadata(load_run(run), load_run(run).build_encoder())["run_id"]
     assert final != same == export_metadata(load_run(step), load_run(step).build_encoder())["run_id"]
     assert len(final) == 16 and int(final, 16) >= 0
+
+
+def test_a_checkpoint_named_as_the_readme_writes_it_is_found(trained, tmp_path):
+    """README's ``RUN/checkpoints/step-N``: ``step-1`` said "run directory ... does not exist" (the folder
+    is ``step-00000001``); a step the run has not is one line naming the ones it has."""
+    run = trained["run"]
+    plain = load_run(Path(run) / "checkpoints" / "step-1")
+    assert plain.checkpoint == load_run(Path(run) / "checkpoints" / "step-00000001").checkpoint is not None
+    with pytest.raises(UsageError, match=r"checkpoint '.*step-0*7' does not exist; the run has step-00000001$"):
+        load_run(Path(run) / "checkpoints" / "step-7")
