@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -34,6 +35,8 @@ from sslkit.plain_pickle import NotPlainData, load_plain
 from sslkit.progress import human_bytes
 
 PREFIX = "step-"
+#: a checkpoint folder's name: ``step-`` and the step in 8 digits (others, a user's copies, are never touched)
+STEP_NAME = re.compile(r"step-[0-9]{8}")
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "state.pt"
 MANIFEST = "manifest.json"
@@ -140,7 +143,8 @@ def list_checkpoints(folder: Path) -> list[Path]:
     """Checkpoint folders, oldest first (temporary folders are not listed)."""
     if not folder.is_dir():
         return []
-    return sorted(p for p in folder.iterdir() if p.is_dir() and p.name.startswith(PREFIX))
+    return sorted(p for p in folder.iterdir()
+                  if STEP_NAME.fullmatch(p.name) and p.is_dir() and not p.is_symlink())  # not step-00000004-best
 
 
 def verify(path: Path) -> None:

@@ -18,7 +18,9 @@ file, which would hide a run's outputs from the team and the service that reads 
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
 import hashlib
 import json
 import os
@@ -97,10 +99,27 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _unlocked(path: str) -> bool:
+    """Whether no process holds the lock :func:`write_atomic` keeps on its temporary file (a writer in
+    another PID namespace, whose pid means nothing here, still holds it)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError:  # held, or a file system without locks: leave it
+        return False
+    finally:
+        os.close(fd)
+
+
 def remove_stale_temps(folder: Path) -> list[str]:
     """Remove the temporary files (``.tmp-<pid>@<host>-*``) in ``folder`` of this machine whose writer is
-    gone (killed) and that are older than :data:`STALE_TMP_S`; no other file is touched (another machine's
-    on a shared file system neither). Returns the names removed."""
+    gone (killed: its pid is not alive and nobody holds the file's lock) and that are older than
+    :data:`STALE_TMP_S`; no other file is touched (another machine's on a shared file system neither).
+    Returns the names removed."""
     removed: list[str] = []
     try:
         entries = list(os.scandir(folder))
@@ -112,7 +131,8 @@ def remove_stale_temps(folder: Path) -> list[str]:
         if match is None or match.group(2) != host or int(match.group(1)) == os.getpid() or _alive(int(match.group(1))):
             continue
         try:
-            if entry.is_file(follow_symlinks=False) and now - entry.stat(follow_symlinks=False).st_mtime > STALE_TMP_S:
+            if (entry.is_file(follow_symlinks=False) and now - entry.stat(follow_symlinks=False).st_mtime > STALE_TMP_S
+                    and _unlocked(entry.path)):
                 os.unlink(entry.path)
                 removed.append(entry.name)
         except OSError:  # gone already, or not ours to remove
@@ -166,7 +186,8 @@ def write_atomic(out: Path, write: Callable[[Path], None], suffix: str = "", *, 
         fd, name = tempfile.mkstemp(prefix=temp_prefix(), suffix=suffix or out.suffix, dir=out.parent)
     except OSError as exc:
         raise UsageError(f"cannot write to {str(out.parent)!r}: {exc.strerror or exc}") from None
-    os.close(fd)
+    with contextlib.suppress(OSError):  # held until written: not stale to remove_stale_temps
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     tmp = Path(name)
     try:
         try:
@@ -182,6 +203,7 @@ def write_atomic(out: Path, write: Callable[[Path], None], suffix: str = "", *, 
             raise UsageError(f"cannot write {str(out)!r}: {why}") from None
     finally:
         tmp.unlink(missing_ok=True)
+        os.close(fd)
 
 
 #: what ``link()`` says on a file system without hard links (some FUSE, SMB, FAT mounts)

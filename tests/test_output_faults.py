@@ -171,16 +171,32 @@ def test_overwrite_keeps_the_users_files_in_checkpoints_and_tensorboard(tmp_path
     ours = ["run.json", "checkpoints/step-00000002/model.safetensors", "checkpoints/step-00000002/state.pt",
             "checkpoints/step-00000002/manifest.json", "checkpoints/.tmp-abc/model.safetensors",
             "checkpoints/step-00000001/manifest.json", "tensorboard/events.out.tfevents.1765000000.host.123.0"]
-    mine = ["checkpoints/notes.txt", "checkpoints/step-00000002/why.txt", "tensorboard/plot.png"]
+    mine = ["checkpoints/notes.txt", "checkpoints/step-00000002-best/model.safetensors", "tensorboard/plot.png"]
     for rel in ours + mine:
         (out / rel).parent.mkdir(parents=True, exist_ok=True)
         (out / rel).write_text("{}")
-    prepare_run_dir(RunConfig(task="simclr", data="folder:x", out=str(out), overwrite=True))
-    left = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
-    assert left == sorted(mine)
+    elsewhere = tmp_path / "shared-eval"  # a symlinked folder is never entered (its files were deleted)
+    elsewhere.mkdir()
+    (elsewhere / "knn-20261206T000000Z.json").write_text("{}")
+    (out / "eval").symlink_to(elsewhere)
+    (out / "tensorboard" / "other").symlink_to(elsewhere)
+    cfg = RunConfig(task="simclr", data="folder:x", out=str(out), overwrite=True)
+    prepare_run_dir(cfg)
+    left = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file() and not p.is_symlink())
+    assert left == sorted(mine) and (elsewhere / "knn-20261206T000000Z.json").exists()
     assert not (out / "checkpoints" / ".tmp-abc").exists() and not (out / "checkpoints" / "step-00000001").exists()
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and all(rel in err for rel in mine), err
+    from sslkit.checkpoint import list_checkpoints  # a user's copy is no checkpoint to rotate away
+
+    assert list_checkpoints(out / "checkpoints") == []
+    (out / "checkpoints" / "step-00000003").mkdir()  # a file of the user's where the new run will save
+    (out / "checkpoints" / "step-00000003" / "why.txt").write_text("mine")
+    (out / "run.json").write_text("{}")
+    with pytest.raises(UsageError, match="^--overwrite: checkpoints/step-00000003/why.txt is not sslkit's, and the "
+                                         "new run's checkpoint of that step would replace its folder; move it first$"):
+        prepare_run_dir(cfg)
+    assert (out / "run.json").exists() and (out / "checkpoints" / "step-00000003" / "why.txt").exists()
 
 
 def test_new_plugin_that_fails_half_way_leaves_nothing_and_can_be_rerun(tmp_path, monkeypatch, cli):
@@ -208,3 +224,47 @@ def test_new_plugin_suggests_only_a_valid_name(cli, tmp_path, name, suggestion):
     err = _one_line(cli("new-plugin", name, "--kind", "task", "--out", tmp_path / "x"), "lower-case")
     assert (suggestion in err) if suggestion else "e.g." not in err, err
     assert f"--task {name}" not in err and not (tmp_path / "x").exists()
+
+
+def test_overwrite_that_cannot_remove_a_file_is_one_line_and_keeps_the_run_record(tmp_path, monkeypatch):
+    """A file --overwrite could not remove (read-only, another user's) was a traceback, after run.json,
+    the encoder and metrics.csv were already gone."""
+    from sslkit import run_clear
+    from sslkit.run import RunConfig, prepare_run_dir
+
+    out = tmp_path / "run"
+    for rel in ("run.json", "encoder.safetensors", "checkpoints/step-00000002/state.pt"):
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        (out / rel).write_text("{}")
+    real = os.unlink
+
+    def refuses(path, *args, **kw):
+        if str(path).endswith("state.pt"):
+            raise PermissionError(1, "Operation not permitted", str(path))
+        return real(path, *args, **kw)
+
+    monkeypatch.setattr(run_clear.os, "unlink", refuses)
+    with pytest.raises(UsageError, match=r"^--overwrite: cannot remove .*state\.pt: Operation not permitted; the old "
+                                         r"run is partly removed$"):
+        prepare_run_dir(RunConfig(task="simclr", data="folder:x", out=str(out), overwrite=True))
+    assert (out / "run.json").exists() and (out / "encoder.safetensors").exists()
+
+
+def test_a_temporary_file_whose_writer_holds_its_lock_is_never_removed(tmp_path):
+    """A writer in another PID namespace (a container sharing the folder, the same host name) has a pid
+    that looks dead here: its temporary file of a long export was removed mid-write."""
+    import fcntl
+
+    from sslkit.output_file import _host, remove_stale_temps
+
+    dead, now = _dead_pid(), time.time()
+    busy = tmp_path / f".tmp-{dead}@{_host()}-busy.onnx"
+    busy.write_text("half")
+    os.utime(busy, (now - 3600, now - 3600))
+    fd = os.open(busy, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # as write_atomic holds it while writing
+        assert remove_stale_temps(tmp_path) == [] and busy.exists()
+    finally:
+        os.close(fd)
+    assert remove_stale_temps(tmp_path) == [busy.name] and not busy.exists()  # the writer gone: removed

@@ -212,9 +212,10 @@ def resume_input_spec(run_dir: str | Path, prepared: Prepared, preprocessing: An
     now = {"fingerprint": fingerprint(prepared.refs, preprocessing, scheme), "samples": len(prepared)}
     decoding = changed_keys((saved.get("input_spec") or {}).get("preprocessing"), preprocessing)
     note = check_resume_data(dataset, now, allow_change, decoding)
-    if note:
-        print(note, file=sys.stderr)
     drift = drift_note(saved.get("input_spec") or {}, *stats) if stats and not note else None
-    if drift:
-        print(drift, file=sys.stderr)
+    from sslkit.distributed import rank
+
+    for line in (note, drift) if rank() == 0 else ():  # once, not once per process
+        if line:
+            print(line, file=sys.stderr)
     return saved.get("input_spec")
