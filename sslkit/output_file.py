@@ -61,6 +61,8 @@ def check_output(out: Path, overwrite: bool, suffix: str | None = None) -> None:
         raise UsageError(f"--out {out.name!r} must be a {suffix} file; name it e.g. {out.with_suffix(suffix).name!r}")
     if out.is_dir():
         raise UsageError(f"{str(out)!r} is a directory; give a file name")
+    if out.exists() and not out.is_file():  # a FIFO or a device: --overwrite would replace it by a file
+        raise UsageError(f"{str(out)!r} is not a regular file (a pipe or a device); give a file name")
     if (out.exists() or out.is_symlink()) and not overwrite:
         raise OutputExists(exists_message(out))
     if not out.parent.is_dir():

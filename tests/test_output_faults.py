@@ -268,3 +268,14 @@ def test_a_temporary_file_whose_writer_holds_its_lock_is_never_removed(tmp_path)
     finally:
         os.close(fd)
     assert remove_stale_temps(tmp_path) == [busy.name] and not busy.exists()  # the writer gone: removed
+
+
+def test_overwrite_never_replaces_a_pipe_or_a_device(tmp_path):
+    """--overwrite replaced whatever sat at the path, a FIFO included."""
+    fifo = tmp_path / "out.npz"
+    os.mkfifo(fifo)
+    with pytest.raises(UsageError, match="is not a regular file"):
+        check_output(fifo, overwrite=True, suffix=".npz")
+    with pytest.raises(UsageError, match="is not a regular file"):
+        check_output(Path("/dev/null"), overwrite=True)
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode)
