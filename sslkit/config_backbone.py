@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from sslkit.output_file import read_json
-from sslkit.run import RUN_JSON, split_checkpoint
+from sslkit.run import RUN_JSON, checkpoint_path, split_checkpoint
 
 # Hugging Face ViT widths -> (timm size name, depth, heads) of the published models
 _HF_SIZES = {192: ("tiny", 12, 3), 384: ("small", 12, 6), 768: ("base", 12, 12), 1024: ("large", 24, 16),
@@ -44,7 +44,7 @@ def init_backbone(init: str) -> tuple[str, dict[str, Any]] | None:
     if init.startswith("timm:"):
         arch = init[5:].split(".", 1)[0].strip()
         return (f"timm:{arch}", {}) if arch else None  # none named: --init reports it when it resolves
-    path = Path(init).expanduser()
+    path = checkpoint_path(Path(init).expanduser())  # RUN/checkpoints/step-N as its folder
     if path.is_file() and path.suffix == ".safetensors":
         return exported_backbone(path)
     if path.is_dir():

@@ -189,7 +189,9 @@ def open_model(model: str | Path, device: str = "cpu", weights: bool = True, max
 
 
 def _open_model(model: str | Path, device: str, weights: bool) -> Model:
-    path = Path(model)
+    from sslkit.run import checkpoint_path
+
+    path = checkpoint_path(Path(model))  # RUN/checkpoints/step-N as its folder step-0000000N
     if path.is_dir():
         return open_run(path, device, weights)
     if is_safetensors(path):

@@ -8,6 +8,7 @@ package registers. Templates live in ``sslkit/new_plugin_templates/`` (package d
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shutil
@@ -74,24 +75,32 @@ def write_plugin(name: str, kind: str, out: str | Path | None = None) -> Path:
     """Write the package for plugin ``name`` into ``out`` (default ``./sslkit-NAME``).
 
     ``out`` must not exist or be empty: nothing is ever overwritten. The package is written into a
-    temporary folder beside ``out`` and renamed into place when complete: a failed write (a full disk)
-    or an interrupt leaves nothing, and the same command can be run again.
+    temporary folder and moved into place when complete: a failed write (a full disk) or an interrupt
+    leaves nothing, and the same command can be run again. A missing ``out`` is the temporary folder
+    (made beside it) renamed; an existing empty one (``.``, a mount point, a link to a folder) stays
+    itself, with its owner, mode and ACLs: the package is made inside it and its entries moved out.
     """
     files = files_for(name, kind)
     _check_name_is_free(name, kind)
     folder = Path(out) if out else Path(f"sslkit-{name.replace('_', '-')}")
-    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+    exists = folder.exists() or folder.is_symlink()  # a dangling link is not replaced either
+    if exists and (not folder.is_dir() or any(folder.iterdir())):
         raise UsageError(f"{str(folder)!r} already exists and is not empty; choose another --out")
     tmp = None
     try:
-        folder.absolute().parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(), dir=folder.absolute().parent))
-        os.chmod(tmp, created_mode(directory=True))  # mkdtemp's 0700 would hide the package from the team
+        home = folder if exists else folder.absolute().parent  # the existing folder's own filesystem
+        home.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(), dir=home))
+        if not exists:  # mkdtemp's 0700 would hide the package from the team (an existing folder keeps its own)
+            os.chmod(tmp, created_mode(directory=True))
         for rel, text in files.items():
             path = tmp / rel
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(text)
-        os.replace(tmp, folder)  # onto a missing or empty folder only
+        if exists:
+            _move_into(tmp, folder)
+        else:
+            os.replace(tmp, folder)  # onto a missing folder only
     except OSError as exc:
         raise UsageError(f"cannot write the plugin into {str(folder)!r}: {exc.strerror or exc}; "
                          f"nothing was written") from None
@@ -99,6 +108,26 @@ def write_plugin(name: str, kind: str, out: str | Path | None = None) -> Path:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)  # gone when renamed into place
     return folder
+
+
+def _move_into(tmp: Path, folder: Path) -> None:
+    """Move ``tmp``'s top-level entries into the existing (empty) ``folder``; on a failure or an interrupt
+    the entries moved so far are removed again, and nothing of the package stays."""
+    moved: list[Path] = []
+    try:
+        for entry in sorted(tmp.iterdir()):
+            target = folder / entry.name
+            if os.path.lexists(target):  # made there since the check: never replaced
+                raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(target))
+            os.replace(entry, target)
+            moved.append(target)
+    except BaseException:
+        for target in moved:
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target, ignore_errors=True)
+            else:
+                target.unlink(missing_ok=True)
+        raise
 
 
 def _check_name_is_free(name: str, kind: str) -> None:

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -349,12 +350,23 @@ def build_baseline_encoder(backbone: str, spec: InputSpec, options: dict[str, An
         return _create_encoder(backbone, spec, options).eval()
 
 
+def checkpoint_path(path: Path) -> Path:
+    """``path``, a missing ``RUN/checkpoints/step-N`` (N plain: ``step-10``) as its folder (``step-00000010``);
+    a usage error naming the run's checkpoints when that one is missing too."""
+    step = re.fullmatch(r"step-([0-9]+)", path.name)
+    if not step or path.parent.name != CHECKPOINTS or path.is_dir():
+        return path
+    path = path if path.exists() else path.parent / f"step-{int(step[1]):08d}"
+    if not path.is_dir() and path.parent.is_dir():
+        have = sorted(p.name for p in path.parent.iterdir() if p.name.startswith("step-"))
+        raise UsageError(f"checkpoint {str(path)!r} does not exist; the run has {', '.join(have[-5:]) or 'none'}")
+    return path
+
+
 def split_checkpoint(path: Path) -> tuple[Path, Path | None]:
     """``(RUN, path)`` when ``path`` is a checkpoint folder of a run (``RUN/checkpoints/step-N``; N as
     the folder names it, ``step-00000010``, or plain, ``step-10``), else ``(path, None)``."""
-    if path.parent.name == CHECKPOINTS and not path.exists() and path.name.startswith("step-"):
-        number = path.name[len("step-"):]
-        path = path.parent / f"step-{int(number):08d}" if number.isdigit() else path
+    path = checkpoint_path(path)
     if path.is_dir() and path.parent.name == CHECKPOINTS and (path.parent.parent / RUN_JSON).is_file():
         return path.parent.parent, path
     return path, None
@@ -364,10 +376,6 @@ def load_run(path: str | Path) -> Run:
     """The run at ``path``: a run directory, or one of its checkpoints (``RUN/checkpoints/step-N``,
     whose encoder :meth:`Run.build_encoder` then loads instead of the final one)."""
     path, ckpt = split_checkpoint(Path(path))
-    if not path.is_dir() and path.parent.name == CHECKPOINTS and path.parent.is_dir():
-        have = sorted(p.name for p in path.parent.iterdir() if p.name.startswith("step-"))
-        raise UsageError(f"checkpoint {str(path)!r} does not exist; the run has "
-                         f"{', '.join(have[-5:]) if have else 'none'}")
     if not path.is_dir():
         raise UsageError(f"run directory {str(path)!r} does not exist")
     file = path / RUN_JSON

@@ -200,5 +200,5 @@ def evaluate_attention(model_path: str, images: str, out: str | None = None, max
     report["class_counts"] = {"rows": {c: sum(labels[i] == c for i in rows) for c in report["classes"]}}
     report["files"] = [str(out_path)]
     report["image_size"] = [width, height]
-    save_report(report, model.report_dir, picture=out_path)
+    save_report(report, model.report_dir, picture=out_path, overwrite=overwrite and out is not None)
     return report

@@ -152,5 +152,5 @@ def evaluate_curve(model_path: str, args: DataArgs, fractions: Sequence[float], 
     out_path, size = save_picture(out_path, prep.model.report_dir, "curve", lambda path: plot_curve(report, path))
     report["image_size"] = list(size)
     report["files"] = [str(out_path)]
-    save_report(report, prep.model.report_dir, picture=out_path)
+    save_report(report, prep.model.report_dir, picture=out_path, overwrite=overwrite and out is not None)
     return report

@@ -127,12 +127,11 @@ def open_model(path: str | Path, device: str = "auto") -> EvalModel:
     any work when its report folder (:attr:`EvalModel.report_dir`) cannot be created or written in.
     """
     from sslkit.engine import resolve_device
+    from sslkit.run import checkpoint_path, load_run
 
     dev = str(resolve_device(device))
-    p = Path(path)
+    p = checkpoint_path(Path(path))  # RUN/checkpoints/step-N as its folder step-0000000N
     if p.is_dir():
-        from sslkit.run import load_run
-
         run = load_run(p)
         model = EvalModel(p, "run", run.info, run.spec, run, dev)
     elif not p.is_file():

@@ -68,8 +68,9 @@ REPORT_NAME = re.compile(r"[a-z][a-z0-9_]*-\d{8}T\d{6}Z(-\d+)?\.(json|png)")
 
 def remove_reports(folder: Path) -> None:
     """Delete the reports sslkit wrote in ``folder`` (a replaced run's ``eval/``); other files stay,
-    and the folder goes only if nothing else is in it."""
-    if not folder.is_dir():
+    and the folder goes only if nothing else is in it. A symlinked folder is not entered: its reports are
+    another folder's."""
+    if folder.is_symlink() or not folder.is_dir():
         return
     for path in folder.iterdir():
         if path.is_file() and REPORT_NAME.fullmatch(path.name):
@@ -124,20 +125,39 @@ def save_picture(out: Path | None, folder: Path, stem: str, draw: Callable[[Path
     return save_new(report_names(folder, stem, ".png"), draw)
 
 
-def save_report(report: dict[str, Any], folder: Path, picture: Path | None = None) -> Path:
+def save_report(report: dict[str, Any], folder: Path, picture: Path | None = None, overwrite: bool = False) -> Path:
     """Write ``report`` as ``folder/<kind>-<stamp>.json``; ``report["report_file"]`` names it.
 
     The report of a ``picture`` saved in ``folder`` shares its name (``tsne-<stamp>.json``) when that is free.
+    With ``overwrite`` (the picture was ``--out`` with ``--overwrite``), the report there of the picture it
+    replaced is replaced too: it belonged to the old picture.
     """
     names: Iterable[Path] = report_names(folder, report["kind"], ".json")
     if picture is not None and picture.parent.resolve() == folder.resolve():
-        names = chain([folder / f"{picture.stem}.json"], names)
+        same = folder / f"{picture.stem}.json"
+        if overwrite and _report_of(same, picture):
+            report["report_file"] = str(same)
+            write_text_atomic(same, json.dumps(report, indent=2, default=str), overwrite=True)
+            return same
+        names = chain([same], names)
 
     def write(path: Path) -> None:
         report["report_file"] = str(path)
         write_text_atomic(path, json.dumps(report, indent=2, default=str), overwrite=False)
 
     return save_new(names, write)[0]
+
+
+def _report_of(path: Path, picture: Path) -> bool:
+    """Whether ``path`` is an sslkit report (a regular file) that lists a picture named as ``picture``."""
+    if path.is_symlink() or not path.is_file():
+        return False
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    files = old.get("files") if isinstance(old, dict) and old.get("schema") == SCHEMA else None
+    return isinstance(files, list) and any(isinstance(f, str) and Path(f).name == picture.name for f in files)
 
 
 def _fmt(v: Any) -> str:

@@ -176,7 +176,7 @@ def evaluate_tsne(model_path: str, data: str, out: str | None = None, labels_csv
     report["classes"] = sorted(set(labels) - {UNLABELLED})
     report["files"] = [str(out_path)]
     report["image_size"] = [width, height]
-    save_report(report, model.report_dir, picture=out_path)
+    save_report(report, model.report_dir, picture=out_path, overwrite=overwrite and out is not None)
     return report
 
 

@@ -122,7 +122,9 @@ def local_path(spec: str) -> Path | None:
     spec = spec.strip()
     if spec.startswith(REMOTE_PREFIXES):
         return None
-    path = Path(spec).expanduser()
+    from sslkit.run import checkpoint_path
+
+    path = checkpoint_path(Path(spec).expanduser())  # RUN/checkpoints/step-N as its folder step-0000000N
     if path.exists():
         return path
     looks_like_hub = spec.count("/") == 1 and not spec.startswith((".", "/", "~")) and \
