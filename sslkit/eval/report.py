@@ -132,19 +132,17 @@ def save_report(report: dict[str, Any], folder: Path, picture: Path | None = Non
     With ``overwrite`` (the picture was ``--out`` with ``--overwrite``), the report there of the picture it
     replaced is replaced too: it belonged to the old picture.
     """
+    def write(path: Path, replace: bool = False) -> Path:
+        report["report_file"] = str(path)
+        write_text_atomic(path, json.dumps(report, indent=2, default=str), overwrite=replace)
+        return path
+
     names: Iterable[Path] = report_names(folder, report["kind"], ".json")
     if picture is not None and picture.parent.resolve() == folder.resolve():
         same = folder / f"{picture.stem}.json"
         if overwrite and _report_of(same, picture):
-            report["report_file"] = str(same)
-            write_text_atomic(same, json.dumps(report, indent=2, default=str), overwrite=True)
-            return same
+            return write(same, replace=True)
         names = chain([same], names)
-
-    def write(path: Path) -> None:
-        report["report_file"] = str(path)
-        write_text_atomic(path, json.dumps(report, indent=2, default=str), overwrite=False)
-
     return save_new(names, write)[0]
 
 
