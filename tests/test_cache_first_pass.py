@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from pydicom.pixels import apply_windowing
 
-from sslkit.data.cache import STALE_TMP_S, content_digest, hold_fill_lock, remove_stale
+from sslkit.data.cache import STALE_TMP_S, hold_fill_lock, remove_stale
+from sslkit.data.digest import content_digest
 from sslkit.data.pipeline import load_data
 from sslkit.data.prepare import resize_square
 from sslkit.data.volume import resample

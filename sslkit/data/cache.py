@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from sslkit.data.digest import content_digest, file_digest, readable  # noqa: F401 - their old home
+from sslkit.data.digest import file_digest
 from sslkit.data.source import SampleRef, Source
 from sslkit.errors import UsageError
 from sslkit.output_file import read_json
