@@ -74,3 +74,23 @@ def test_preview_draws_slabs_and_volumes(tmp_path):
            "--volume-size", "4,6,5", "--samples", 1)
     slab, vol = Image.open(tmp_path / "slab.png"), Image.open(tmp_path / "vol.png")
     assert slab.size[1] > 0 and vol.size[0] > 2 * slab.size[0]  # volumes: 3 planes x 3 images per row
+
+
+def test_preview_of_12_bit_pngs_shows_them_as_training_views_them(tmp_path):
+    """A sheet of 12-bit content in 16-bit PNGs was black (values up to 0.0625 shown on 0-1) and its views
+    took a gamma many times stronger than training's, which rescales such data (InputSpec.value_range)."""
+    from PIL import Image
+
+    from sslkit.data.preview import preview
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "d").mkdir()
+    for i in range(4):
+        Image.fromarray((rng.random((20, 20)) * 4095).astype(np.uint16)).save(tmp_path / "d" / f"{i}.png")
+    result = preview(f"folder:{tmp_path / 'd'}", tmp_path / "sheet.png", samples=4, image_size=16)
+    low, high = result["value_range"]
+    assert 0 <= low < 0.01 and 0.05 < high <= 4095 / 65535 + 1e-6 and (tmp_path / "sheet.png").stat().st_size > 0
+    (tmp_path / "e").mkdir()
+    for i in range(4):  # full-range 8-bit images are shown and viewed as they are
+        Image.fromarray((rng.random((20, 20)) * 255).astype(np.uint8)).save(tmp_path / "e" / f"{i}.png")
+    assert preview(f"folder:{tmp_path / 'e'}", tmp_path / "sheet2.png", samples=4, image_size=16)["value_range"] == [0, 1]

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from sslkit.data.dump import sample_key
-from sslkit.data.prepare import majority_channels, resize_square
+from sslkit.data.prepare import NARROW_SPAN, majority_channels, resize_square
 from sslkit.data.source import to_channels
 from sslkit.data.volume import sample_mode
 from sslkit.errors import UsageError
@@ -95,6 +95,11 @@ def preview(src: str, out: str | Path, options: dict[str, Any] | None = None, sa
         raise UsageError(f"no decodable sample in {src!r}")
     torch.manual_seed(seed)
     batch = torch.from_numpy(np.stack(arrays).astype(np.float32))
+    low, high = float(batch.min()), float(batch.max())
+    rescaled = 0 < high - low < NARROW_SPAN  # as a run's views see narrow-range data (InputSpec.value_range)
+    if rescaled:
+        batch = (batch - low) / (high - low)
+        arrays = list(batch.numpy())
     views = [v.numpy() for v in views_of(batch, mode.volumetric, mode.size if mode.volumetric else image_size,
                                          recipe_name)]
     per = 3 if mode.volumetric else 1
@@ -112,12 +117,14 @@ def preview(src: str, out: str | Path, options: dict[str, Any] | None = None, sa
                 if i == 0:
                     ax.set_title(f"{titles[j]}" + (f" {PLANES[k]}" if mode.volumetric else ""), fontsize=8)
         axes[i][0].set_ylabel(sample_key(source, ref)[-28:], fontsize=6)
-    fig.suptitle(caption(source, picked[0], mode), fontsize=8)
+    fig.suptitle(caption(source, picked[0], mode) + (f"; shown from its value range {low:.4g}-{high:.4g} to 0-1, as "
+                                                      "training's views see it" if rescaled else ""), fontsize=8)
     try:
         save_png(fig, out, 80, tight_rect=(0, 0, 1, 1))
     finally:
         plt.close(fig)
-    return {"samples": len(arrays), "out": str(out), "sample": mode.describe().get("sample", "slice")}
+    return {"samples": len(arrays), "out": str(out), "sample": mode.describe().get("sample", "slice"),
+            "value_range": [low, high] if rescaled else [0.0, 1.0]}
 
 
 def voxel_mm(source: Any, ref: Any, mode: Any) -> Any:
