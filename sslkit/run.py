@@ -195,7 +195,9 @@ def auto_resume(out: str | None) -> dict[str, Any]:
     run_dir = Path(out)
     if not (run_dir / RUN_JSON).is_file():
         return {}
-    if any(p.name.startswith("step-") for p in (run_dir / CHECKPOINTS).glob("step-*")):
+    from sslkit.checkpoint import list_checkpoints  # the folders a resume can take, as it takes them
+
+    if list_checkpoints(run_dir / CHECKPOINTS):
         return {"resume": True, "out": out}
     return {"overwrite": True}
 
@@ -354,7 +356,7 @@ def checkpoint_path(path: Path) -> Path:
     """``path``, a missing ``RUN/checkpoints/step-N`` (N plain: ``step-10``) as its folder (``step-00000010``);
     a usage error naming the run's checkpoints when that one is missing too."""
     step = re.fullmatch(r"step-([0-9]+)", path.name)
-    if not step or path.parent.name != CHECKPOINTS or path.is_dir():
+    if not step or path.absolute().parent.name != CHECKPOINTS or path.is_dir():
         return path
     path = path if path.exists() else path.parent / f"step-{int(step[1]):08d}"
     if not path.is_dir() and path.parent.is_dir():

@@ -16,16 +16,17 @@ def _own_pattern() -> re.Pattern[str]:
     killed save's ``.tmp-*``/``.old-*`` folders, TensorBoard event files."""
     from sslkit.checkpoint import MANIFEST, MODEL_FILE, PREFIX, STATE_FILE
 
-    return re.compile(rf"checkpoints/({PREFIX}[0-9]{{8}}/({MODEL_FILE}|{STATE_FILE}|{MANIFEST})|\.(tmp|old)-[^/]+/.+)"
+    files = f"({MODEL_FILE}|{STATE_FILE}|{MANIFEST})"
+    return re.compile(rf"checkpoints/({PREFIX}[0-9]{{8}}/{files}|\.tmp-[^/]+/{files}|\.old-[^/]+/{PREFIX}[0-9]{{8}}/{files})"
                       r"|tensorboard/events\.out\.tfevents\.[^/]+")
 
 
-def _survey(out: Path, folders: Sequence[str]) -> tuple[list[str], list[str], list[str]]:
+def _survey(out: Path, folders: Sequence[str], follow: bool = False) -> tuple[list[str], list[str], list[str]]:
     """``(sslkit's files, the user's files, symlinked folders)`` under ``out``'s ``folders`` (relative
-    paths); a symlinked folder is not entered."""
+    paths); a symlinked folder is not entered (``follow``: a top-level one is, to see what it holds)."""
     ours, theirs, links, own = [], [], [], _own_pattern()
     for name in folders:
-        if (out / name).is_symlink():
+        if (out / name).is_symlink() and not follow:
             links.append(name)
             continue
         for folder, subdirs, names in os.walk(out / name):  # os.walk enters no symlinked subfolder
@@ -45,12 +46,19 @@ def clear_own_files(out: Path, files: Sequence[str], folders: Sequence[str]) -> 
     from sslkit.eval.report import remove_reports
 
     ours, theirs, links = _survey(out, folders)
-    inside = [rel for rel in theirs if re.match(r"checkpoints/step-[0-9]{8}/", rel)]
+    linked = [name for name in links if "/" not in name and _survey(out.resolve(), [name], follow=True)[0]]
+    if linked:  # another run's files may be there; left, a resume would take the old checkpoints
+        raise UsageError(f"--overwrite: {linked[0]} is a link to {os.path.realpath(out / linked[0])!r}, which holds "
+                         f"sslkit's files of a run; --overwrite never deletes through a link: remove the link or "
+                         f"those files first")
+    inside = [rel for rel in theirs + links if re.match(r"checkpoints/step-[0-9]{8}(/|$)", rel)]
     if inside:
         more = f" (and {len(inside) - 1} more)" if len(inside) > 1 else ""
         raise UsageError(f"--overwrite: {inside[0]}{more} is not sslkit's, and the new run's checkpoint of that step "
                          f"would replace its folder; move it first")
     try:
+        if not (out / "eval").is_symlink():  # reports elsewhere are another run's
+            remove_reports(out / "eval")  # sslkit's reports on the replaced encoder
         for rel in ours:
             os.unlink(out / rel)
         for name in folders:
@@ -69,6 +77,4 @@ def clear_own_files(out: Path, files: Sequence[str], folders: Sequence[str]) -> 
     if kept:
         print(f"sslkit: --overwrite kept {len(kept)} file(s) of yours in {' and '.join(folders)}/: "
               f"{', '.join(kept[:5])}{', ...' if len(kept) > 5 else ''}", file=sys.stderr)
-    if not (out / "eval").is_symlink():  # reports elsewhere are another run's
-        remove_reports(out / "eval")
     return kept

@@ -279,3 +279,71 @@ def test_overwrite_never_replaces_a_pipe_or_a_device(tmp_path):
     with pytest.raises(UsageError, match="is not a regular file"):
         check_output(Path("/dev/null"), overwrite=True)
     assert stat.S_ISFIFO(os.stat(fifo).st_mode)
+
+
+def test_overwrite_through_links_and_a_users_old_folder(tmp_path, monkeypatch):
+    """A second review: a symlinked ``checkpoints/`` kept the old run's checkpoints, which ``--resume`` then
+    took; a symlinked ``step-<8 digits>`` was "kept" and then replaced; a user's ``checkpoints/.old-mine/``
+    was deleted whole; a report that could not be removed was a traceback after the run files were gone."""
+    from sslkit.run import RunConfig, prepare_run_dir
+
+    cfg = lambda out: RunConfig(task="simclr", data="folder:x", out=str(out), overwrite=True)  # noqa: E731
+    shared = tmp_path / "shared"
+    (shared / "step-00000006").mkdir(parents=True)
+    (shared / "step-00000006" / "model.safetensors").write_text("{}")
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    (linked / "run.json").write_text("{}")
+    (linked / "checkpoints").symlink_to(shared)
+    with pytest.raises(UsageError, match="^--overwrite: checkpoints is a link to .*shared', which holds sslkit's "
+                                         "files of a run; --overwrite never deletes through a link"):
+        prepare_run_dir(cfg(linked))
+    assert (shared / "step-00000006" / "model.safetensors").exists() and (linked / "run.json").exists()
+
+    step_link = tmp_path / "step-link"
+    (step_link / "checkpoints").mkdir(parents=True)
+    (step_link / "checkpoints" / "step-00000002").symlink_to(tmp_path / "shared")
+    (step_link / "run.json").write_text("{}")
+    with pytest.raises(UsageError, match="checkpoints/step-00000002 is not sslkit's"):
+        prepare_run_dir(cfg(step_link))
+
+    old = tmp_path / "old"
+    (old / "checkpoints" / ".old-mine" / "deep").mkdir(parents=True)
+    (old / "run.json").write_text("{}")
+    (old / "checkpoints" / ".old-mine" / "deep" / "notes.txt").write_text("precious")
+    (old / "checkpoints" / ".old-x1" / "step-00000003").mkdir(parents=True)  # a killed save's: sslkit's
+    (old / "checkpoints" / ".old-x1" / "step-00000003" / "state.pt").write_text("{}")
+    prepare_run_dir(cfg(old))
+    assert (old / "checkpoints" / ".old-mine" / "deep" / "notes.txt").read_text() == "precious"
+    assert not (old / "checkpoints" / ".old-x1").exists()
+
+    report = tmp_path / "report"
+    (report / "eval").mkdir(parents=True)
+    (report / "eval" / "knn-20261206T000000Z.json").write_text("{}")
+    (report / "run.json").write_text("{}")
+    real = os.unlink
+
+    def refuses(path, *args, **kw):
+        if str(path).endswith(".json") and "eval" in str(path):
+            raise PermissionError(1, "Operation not permitted", str(path))
+        return real(path, *args, **kw)
+
+    monkeypatch.setattr(os, "unlink", refuses)
+    with pytest.raises(UsageError, match="cannot remove .*knn-20261206T000000Z.json: Operation not permitted"):
+        prepare_run_dir(cfg(report))
+    assert (report / "run.json").exists()
+
+
+def test_resume_auto_and_checkpoint_paths_agree_with_the_checkpoints_a_resume_takes(tmp_path, monkeypatch):
+    """``--resume auto`` counted a user's ``checkpoints/step-best`` as a checkpoint (and resumed with none);
+    ``step-5`` given from inside ``RUN/checkpoints`` was "does not exist"."""
+    from sslkit.run import auto_resume, checkpoint_path
+
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step-best").mkdir(parents=True)
+    (run / "run.json").write_text("{}")
+    assert auto_resume(str(run)) == {"overwrite": True}
+    (run / "checkpoints" / "step-00000005").mkdir()
+    assert auto_resume(str(run)) == {"resume": True, "out": str(run)}
+    monkeypatch.chdir(run / "checkpoints")
+    assert checkpoint_path(Path("step-5")) == Path("step-00000005")
