@@ -94,12 +94,8 @@ def preview(src: str, out: str | Path, options: dict[str, Any] | None = None, sa
     if not arrays:
         raise UsageError(f"no decodable sample in {src!r}")
     torch.manual_seed(seed)
-    batch = torch.from_numpy(np.stack(arrays).astype(np.float32))
-    low, high = float(batch.min()), float(batch.max())
-    rescaled = 0 < high - low < NARROW_SPAN  # as a run's views see narrow-range data (InputSpec.value_range)
-    if rescaled:
-        batch = (batch - low) / (high - low)
-        arrays = list(batch.numpy())
+    batch, low, high, rescaled = in_range(torch.from_numpy(np.stack(arrays).astype(np.float32)))
+    arrays = list(batch.numpy()) if rescaled else arrays
     views = [v.numpy() for v in views_of(batch, mode.volumetric, mode.size if mode.volumetric else image_size,
                                          recipe_name)]
     per = 3 if mode.volumetric else 1
@@ -125,6 +121,14 @@ def preview(src: str, out: str | Path, options: dict[str, Any] | None = None, sa
         plt.close(fig)
     return {"samples": len(arrays), "out": str(out), "sample": mode.describe().get("sample", "slice"),
             "value_range": [low, high] if rescaled else [0.0, 1.0]}
+
+
+def in_range(batch: torch.Tensor) -> tuple[torch.Tensor, float, float, bool]:
+    """``batch`` rescaled from its own range to [0, 1] when it spans less than :data:`NARROW_SPAN`,
+    as a run's views see narrow-range data (``InputSpec.value_range``); its range; whether it was."""
+    low, high = float(batch.min()), float(batch.max())
+    rescaled = 0 < high - low < NARROW_SPAN
+    return ((batch - low) / (high - low) if rescaled else batch), low, high, rescaled
 
 
 def voxel_mm(source: Any, ref: Any, mode: Any) -> Any:
