@@ -84,6 +84,7 @@ def test_lars_matches_its_equations():
         gw, gb = torch.randn(5, 3), torch.randn(5)
         w.grad, b.grad = gw.clone(), gb.clone()
         opt.step()
+        assert torch.equal(w.grad, gw) and torch.equal(b.grad, gb)  # the gradients are left as they were
         u = gw + wd * w_ref
         u = u * (eta * w_ref.norm() / u.norm())
         vw = u if step == 0 else m * vw + u
