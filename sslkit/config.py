@@ -52,6 +52,8 @@ def read_file(path: str | Path) -> dict[str, Any]:
     """A config file as a dict of checked RunConfig values (unknown keys are errors)."""
     path = Path(path)
     if not path.is_file():
+        if path.exists():  # a FIFO, /dev/zero, a socket: never read (it could block or never end)
+            raise UsageError(f"config file {str(path)!r} is not a regular file")
         raise UsageError(f"config file {str(path)!r} does not exist")
     try:
         text = path.read_bytes().decode("utf-8")
@@ -60,26 +62,49 @@ def read_file(path: str | Path) -> dict[str, Any]:
                          f"save it as UTF-8") from None
     except OSError as exc:
         raise UsageError(f"cannot read config file {str(path)!r}: {exc.strerror or exc}") from None
-    if path.suffix.lower() in (".yaml", ".yml"):
-        try:
-            import yaml
-        except ImportError:
-            raise UsageError(f"{path.name} is YAML but PyYAML is not installed; pip install pyyaml "
-                             f"or write the config as TOML") from None
-        try:
-            data = yaml.safe_load(text) or {}
-        except yaml.YAMLError as exc:
-            raise UsageError(f"{path}: invalid YAML: {first_line(exc)}") from None
-    elif path.suffix.lower() == ".toml":
-        try:
-            data = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as exc:
-            raise UsageError(f"{path}: invalid TOML: {exc}") from None
-    else:
+    suffix = path.suffix.lower()
+    if suffix not in (".toml", ".yaml", ".yml"):
         raise UsageError(f"config file {path.name!r} must end in .toml, .yaml or .yml")
+    kind = "TOML" if suffix == ".toml" else "YAML"
+    try:
+        data = _parse_toml(path, text) if kind == "TOML" else _parse_yaml(path, text)
+    except (RecursionError, MemoryError):  # [[[[...]]]] 100,000 deep: the parsers recurse
+        raise UsageError(f"{path}: invalid {kind}: nested too deeply") from None
     if not isinstance(data, dict):
         raise UsageError(f"{path}: the top level must be a table of settings")
     return check_values(data, str(path))
+
+
+def _parse_toml(path: Path, text: str) -> Any:
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise UsageError(f"{path}: invalid TOML: {first_line(exc)}") from None
+    except ValueError as exc:  # an integer of more than 4300 digits
+        raise UsageError(f"{path}: invalid TOML: {first_line(exc)}") from None
+
+
+def _parse_yaml(path: Path, text: str) -> Any:
+    """The YAML file's data, read with PyYAML's safe loader that also refuses aliases (``*name``): a
+    config needs none, and nine nested aliases expand to 9**9 values (a "billion laughs")."""
+    try:
+        import yaml
+    except ImportError:
+        raise UsageError(f"{path.name} is YAML but PyYAML is not installed; pip install pyyaml "
+                         f"or write the config as TOML") from None
+
+    class NoAliasLoader(yaml.SafeLoader):
+        def compose_node(self, parent, index):
+            if self.check_event(yaml.AliasEvent):
+                line = self.peek_event().start_mark.line + 1
+                raise UsageError(f"{path}: line {line}: the config file uses YAML aliases (&/*), which sslkit "
+                                 f"does not read; write the value out")
+            return super().compose_node(parent, index)
+
+    try:
+        return yaml.load(text, Loader=NoAliasLoader) or {}  # a SafeLoader: builds plain data only
+    except (yaml.YAMLError, ValueError) as exc:  # ValueError: an integer of more than 4300 digits
+        raise UsageError(f"{path}: invalid YAML: {first_line(exc)}") from None
 
 
 def merge(*layers: dict[str, Any]) -> dict[str, Any]:

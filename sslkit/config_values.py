@@ -15,7 +15,7 @@ import types
 import typing
 from typing import Any
 
-from sslkit.errors import UsageError, unknown_name_message
+from sslkit.errors import UsageError, shown, unknown_name_message
 from sslkit.run import RunConfig
 
 FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
@@ -70,11 +70,12 @@ def check_values(values: dict[str, Any], origin: str) -> dict[str, Any]:
         field = SETS.get(name, name)
         if not (name == "no_cache" and value is False):  # no_cache = false sets nothing
             if field in setters:
-                raise UsageError(f"{origin}: {setters[field]!r} and {key!r} both set {field}; keep one of them")
+                raise UsageError(f"{origin}: {shown(setters[field])} and {shown(key)} both set {field}; "
+                                 f"keep one of them")
             setters[field] = str(key)
         if name in ("no_cache", "quiet"):
             if not isinstance(value, bool):
-                raise UsageError(f"{origin}: {name} must be true or false, got {value!r}")
+                raise UsageError(f"{origin}: {name} must be true or false, got {shown(value)}")
             if name == "quiet":
                 out["progress"] = not value
             elif value:
@@ -83,13 +84,13 @@ def check_values(values: dict[str, Any], origin: str) -> dict[str, Any]:
             out[name] = _check_range(name, _check(name, value, HINTS[name], origin), origin)
         elif name in flag_fields():
             if not isinstance(value, (str, int, float, bool)):
-                raise UsageError(f"{origin}: {name} must be a string or a number, got {value!r}")
+                raise UsageError(f"{origin}: {name} must be a string or a number, got {shown(value)}")
             flags[name] = value
         elif name in _TABLES:
-            raise UsageError(f"{origin}: {key!r} is a command-line option; in a config file write these "
+            raise UsageError(f"{origin}: {shown(key)} is a command-line option; in a config file write these "
                              f"options as a [{_TABLES[name]}] table of key = value")
         elif name in _COMMAND_ONLY:
-            raise UsageError(f"{origin}: {key!r} is a command-line option only, not a setting")
+            raise UsageError(f"{origin}: {shown(key)} is a command-line option only, not a setting")
         else:
             known = [*FIELDS, *ALIASES, *SETS, *sorted(flag_fields())]
             raise UsageError(f"{origin}: " + unknown_name_message("setting", key, known, listed=len(known)))
@@ -100,7 +101,7 @@ def check_values(values: dict[str, Any], origin: str) -> dict[str, Any]:
 
 def _check(name: str, value: Any, hint: Any, origin: str) -> Any:
     def bad(expected: str) -> UsageError:
-        return UsageError(f"{origin}: {name} must be {expected}, got {value!r}")
+        return UsageError(f"{origin}: {name} must be {expected}, got {shown(value)}")
 
     origin_t, args = typing.get_origin(hint), typing.get_args(hint)
     if origin_t in (typing.Union, types.UnionType):
@@ -121,7 +122,7 @@ def _check(name: str, value: Any, hint: Any, origin: str) -> Any:
             raise bad("an integer")
         return value
     if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not _finite(value):
             raise bad("a number")
         return float(value)
     if hint is str:
@@ -139,6 +140,14 @@ def _check(name: str, value: Any, hint: Any, origin: str) -> Any:
     return value
 
 
+def _finite(value: int | float) -> bool:
+    """A finite float (a YAML integer of 400 digits is not: float() overflows)."""
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False
+
+
 #: what settings their type does not bound must be: seed (numpy's and torch's generators), momentum (SGD, LARS)
 _RANGES = {"seed": (lambda v: 0 <= v <= 2**32 - 1, "an integer in [0, 4294967295]"),
            "momentum": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
@@ -152,5 +161,5 @@ def _check_range(name: str, value: Any, origin: str) -> Any:
         check_backbone_options(value)
     ok, expected = _RANGES.get(name, (None, ""))
     if ok is not None and not ok(value):
-        raise UsageError(f"{origin}: {name} must be {expected}, got {value!r}")
+        raise UsageError(f"{origin}: {name} must be {expected}, got {shown(value)}")
     return value

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import difflib
 import re
-from typing import Sequence
+import reprlib
+from typing import Any, Sequence
 
 
 class UsageError(Exception):
@@ -30,18 +31,51 @@ def first_line(exc: BaseException) -> str:
     return (text.splitlines()[0] if text else type(exc).__name__)[:200]
 
 
+class _Brief(reprlib.Repr):
+    """reprlib's bounded repr (a few items of a few levels, long strings cut in the middle), with
+    bytes cut before they are repr'd (reprlib would repr them whole)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.maxlevel, self.maxlist, self.maxtuple, self.maxset, self.maxfrozenset = 3, 4, 4, 4, 4
+        self.maxdict, self.maxstring, self.maxlong, self.maxother = 4, limit, limit, limit
+
+    def repr_bytes(self, x: bytes, level: int) -> str:
+        return repr(x[:self.maxstring]) + ("..." if len(x) > self.maxstring else "")
+
+
+def shown(value: Any, limit: int = 60) -> str:
+    """``repr(value)`` in at most about ``limit`` characters, walking a bounded number of nested
+    items: how an error message quotes a value the user gave (a config file's value may be 100 MB
+    long, or a YAML alias bomb of 9**9 items), e.g. ``f"lr must be a number, got {shown(value)}"``."""
+    try:
+        text = _Brief(limit).repr(value)
+    except Exception:  # a repr that fails (an int of too many digits, ...)
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= limit + 5 else text[:limit] + "..."
+
+
+#: names longer than this get no did-you-mean (difflib's cost grows with the name's length)
+_SUGGEST_MAX = 100
+
+
 def unknown_name_message(what: str, name: str, valid: Sequence[str], hint: str = "", *, suggestions: int = 1,
                          listed: int = 40) -> str:
     """``unknown <what> '<name>' (did you mean 'x'?); choose from: a, b, ...<hint>`` in one line:
     sslkit's one did-you-mean. ``suggestions``: how many close names to offer; ``listed``: how
-    many valid names to list (0: none, for a catalogue of thousands; say where to look in ``hint``)."""
+    many valid names to list (0: none, for a catalogue of thousands; say where to look in ``hint``).
+    ``name`` is quoted through :func:`shown` (bounded); one that is not a string or is over
+    100 characters gets no suggestion."""
     valid = list(valid)
-    close = difflib.get_close_matches(name, valid, n=suggestions)
+    close = []
+    if isinstance(name, str) and len(name) <= _SUGGEST_MAX:
+        close = difflib.get_close_matches(name, valid, n=suggestions)
     guess = f" (did you mean {', '.join(map(repr, close))}?)" if close else ""
+    quoted = shown(name, _SUGGEST_MAX)
     if not listed:
-        return f"unknown {what} {name!r}{guess}{hint}"
+        return f"unknown {what} {quoted}{guess}{hint}"
     listing = ", ".join(valid[:listed]) + (", ..." if len(valid) > listed else "") if valid else "none installed"
-    return f"unknown {what} {name!r}{guess}; choose from: {listing}{hint}"
+    return f"unknown {what} {quoted}{guess}; choose from: {listing}{hint}"
 
 
 def without_quoted(text: str) -> str:

@@ -7,7 +7,9 @@ unknown origin."""
 
 from __future__ import annotations
 
+import os
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +24,46 @@ class NotPlainData(ValueError):
 
 def load_plain(path: Path) -> Any:
     """The plain data pickled in ``path`` (tensors on the CPU); :class:`NotPlainData` otherwise."""
+    check_archive(path)
+    return _load(path)
+
+
+def _load(path: Path) -> Any:
     try:
         with warnings.catch_warnings():  # torch warns about a pickle protocol it was not written for
             warnings.simplefilter("ignore", UserWarning)
             return torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:
         raise NotPlainData(refusal_reason(exc)) from None
+
+
+ZIP_MAGIC = b"PK\x03\x04"
+
+
+def check_archive(path: Path) -> None:
+    """Refuse a torch zip whose records could unpack to more than the file holds, before torch
+    reads it (torch allocates a record's declared size, then inflates it): ``torch.save`` stores
+    its records uncompressed, one after the other, so no record is compressed and together they
+    are no larger than the file. A deflated record (1.5 MB on disk, 1.6 GB inside) or records that
+    overlap (one span of the file read as many records) is a zip bomb: :class:`NotPlainData`."""
+    try:
+        with open(path, "rb") as f:
+            if f.read(4) != ZIP_MAGIC:  # the legacy format, or not a torch file: torch.load says so
+                return
+            size = os.fstat(f.fileno()).st_size
+            with zipfile.ZipFile(f) as archive:
+                records = archive.infolist()
+    except (OSError, zipfile.BadZipFile, ValueError, EOFError) as exc:
+        raise NotPlainData(f"{path.name} is not a readable zip archive ({first_line(exc)})") from None
+    packed = next((r for r in records if r.compress_type != zipfile.ZIP_STORED), None)
+    if packed is not None:
+        raise NotPlainData(f"{path.name}: record {packed.filename[:80]!r} is compressed ({packed.compress_size:,} "
+                           f"bytes unpacking to {packed.file_size:,}); torch.save never compresses, so this is "
+                           f"not a file torch.save wrote")
+    total = sum(r.file_size for r in records)
+    if total > size:
+        raise NotPlainData(f"{path.name}: its records declare {total:,} bytes, more than the file's {size:,}; "
+                           f"not a file torch.save wrote")
 
 
 PREFACE = ("Weights only load failed", "(1)", "(2)", "Please file an issue", "Check the documentation")
@@ -71,8 +107,9 @@ def load_weights(path: Path) -> tuple[Any, list[str]]:
     ``sys``) stay refused, as do files that are damaged or that the unpickler cannot walk:
     :class:`NotPlainData`.
     """
+    check_archive(path)
     try:
-        return load_plain(path), []
+        return _load(path), []
     except NotPlainData as first:
         try:
             names = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))

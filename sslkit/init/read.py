@@ -45,9 +45,12 @@ def read_file(path: Path, name: str) -> tuple[dict[str, torch.Tensor], list[str]
         from safetensors.torch import load_file
 
         try:
-            return dict(load_file(str(path))), []
+            tensors = dict(load_file(str(path)))
         except Exception as exc:
             raise UsageError(f"--init {name}: not a readable safetensors file ({first_line(exc)})") from None
+        if not tensors:  # a header of metadata only: nothing to start from
+            raise UsageError(f"--init {name}: the safetensors file holds no tensors")
+        return tensors, []
     try:
         obj, not_read = load_weights(path)
     except NotPlainData as exc:
