@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING
 from sslkit.data.parallel import parallel_map
 from sslkit.data.prepare import resize_square, skip_reason
 from sslkit.data.room import available_memory
-from sslkit.data.source import NotAnImage, SampleRef, Source, Undecodable, check_pixel_count, to_channels
+from sslkit.data.source import (DEFAULT_MAX_PIXELS, NotAnImage, SampleRef, Source, Undecodable, check_pixel_count,
+                                to_channels)
 from sslkit.data.volume import (ORIENTATION, SampleMode, crop_or_pad, fit_volume, resample, slab_indices, volume_fit,
                                 stack_slab)
 from sslkit.data.unit_range import box_reduce, unit_floats
@@ -26,7 +27,7 @@ from sslkit.hookspecs import hookimpl
 from sslkit.options import check_unit_interval
 from sslkit.output_file import read_json, write_atomic
 from sslkit.progress import human_bytes
-from sslkit.pseudonym import keyed_hash
+from sslkit.pseudonym import file_key, keyed_hash
 from sslkit.raw_input import GraphPreprocessing, RawInput, raw_input_for
 from sslkit.spec import InputSpec
 
@@ -101,7 +102,7 @@ __all__ = [
     "Backbone", "TokenBackbone", "is_token_backbone",
     # sources
     "Source", "SampleRef", "NotAnImage", "Undecodable", "to_channels", "walk_files", "first_files", "check_dir", "IMAGE_SUFFIXES",
-    "parallel_map", "resize_square", "check_pixel_count", "keyed_hash", "available_memory", "human_bytes",
+    "parallel_map", "resize_square", "check_pixel_count", "DEFAULT_MAX_PIXELS", "keyed_hash", "file_key", "available_memory", "human_bytes",
     "skip_reason", "unit_floats", "box_reduce",
     # volumetric sources (slice / slab:K / volume sampling)
     "SampleMode", "ORIENTATION", "slab_indices", "stack_slab", "resample", "crop_or_pad", "fit_volume", "volume_fit",

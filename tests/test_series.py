@@ -17,6 +17,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import generate_uid
 
+from sslkit.pseudonym import file_key
 from sslkit.registry import create_source
 from sslkit_plugins.sources.dicom_series import (assemble, check_spacing, cut_mosaic, gantry_tilt, order_slices,
                                                  slice_normal)
@@ -144,10 +145,10 @@ def test_duplicate_positions_kept_once_and_reported(tmp_path):
     src, refs = volume_source(tmp_path, sample="volume", volume_size="3,6,5")
     vol = src.sampler.volume_of(refs[0])
     assert vol.depth == 3 and any("duplicate" in i for i in vol.issues)
-    # the file left out is named, with the one used in its place ("dup.dcm" sorts before "f00N.dcm")
+    # the file left out is named, with the one used in its place by its key ("dup.dcm" sorts before "f00N.dcm")
     first = next(p for p in paths if __import__("pydicom").dcmread(p).ImagePositionPatient[2] == 30.0)
     assert [(Path(f).name, r) for f, r in src.skipped] == [
-        (first.name, "slice position repeated in its series: dup.dcm's is used")]
+        (first.name, f"slice position repeated in its series: {file_key('dup.dcm')}'s is used")]
     assert str(tmp_path / "dup.dcm") in [s[0] for s in vol.slices]
     src, refs = volume_source(tmp_path, sample="slab:3")
     assert len(refs) == 3 and [Path(f).name for f, _ in src.skipped] == [first.name]

@@ -35,6 +35,7 @@ from sslkit_plugins.sources.dicom_decode import codec_failure, decode, parse_win
 from sslkit_plugins.sources.dicom_headers import cached_headers, stable_groups
 from sslkit_plugins.sources.dicom_labels import (class_of, named_levels, not_patient_folders, patient_named_classes,
                                                  series_labelled)
+from sslkit_plugins.sources.dicom_limits import check_stream_size
 from sslkit_plugins.sources.dicom_pixels import decode_located, pixel_facts, read_frame
 from sslkit_plugins.sources.dicom_reasons import NOT_DICOM_IMAGE, failure_reason, incomplete_image, safe_reason
 from sslkit_plugins.sources.dicom_series import assemble, geometry
@@ -42,7 +43,7 @@ from sslkit_plugins.sources.dicom_values import has, transfer_syntax, value
 from sslkit_plugins.sources.dicom_volume import VolumeSampler
 
 GROUP_SALT = b"sslkit-group-v1"
-HEADER_FORMAT = 9  # bump when read_header() changes what it returns
+HEADER_FORMAT = 10  # bump when read_header() changes what it returns
 #: objects that carry Rows/Columns (or even pixels) but are not images to learn from
 NON_IMAGE_MODALITIES = {"SR", "KO", "PR", "SEG", "REG", "RTSTRUCT", "RTPLAN", "RTRECORD", "DOC", "ECG"}
 logging.getLogger("pydicom").setLevel(logging.ERROR)
@@ -255,7 +256,7 @@ class DicomSource(Source):
 
     def _volume_refs(self) -> list[SampleRef]:
         """Slab / volume mode: refs of the series assembled in space (no geometry: skipped in volume mode)."""
-        volumes = assemble(self.headers)
+        volumes = assemble(self.headers, self.root)
         self.skipped += [d for v in volumes for d in v.dropped]
         if self.sample.volumetric:
             self.skipped += [(v.slices[0][0], "not a volume: no slice geometry") for v in volumes
@@ -301,6 +302,7 @@ class DicomSource(Source):
                 keep = ref.frame is not None and frames > 1 and ref.frame < frames - 1
                 self._last = (ref.path, ds) if keep else None
                 check_pixel_count(int(ds.get("Columns", 0) or 0), int(ds.get("Rows", 0) or 0), self.max_pixels)
+                check_stream_size(ds, ref.frame)  # its reason is not a codec's failure
                 try:
                     return decode(ds, ref.frame, self.windows)
                 except Exception as exc:

@@ -39,6 +39,7 @@ from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi, apply
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from sslkit.api import UsageError
+from sslkit_plugins.sources.dicom_limits import check_stream_size, read_deflated
 from sslkit_plugins.sources.dicom_reasons import mark_stage
 from sslkit_plugins.sources.dicom_values import has
 
@@ -116,6 +117,8 @@ def read_dataset(path: str | BinaryIO, stop_before_pixels: bool = False) -> Data
     A forced read that finds no image attributes raises ``InvalidDicomError``; a missing
     Transfer Syntax UID is filled in from how the data set was actually encoded.
     """
+    if (ds := read_deflated(path, stop_before_pixels)) is not None:  # inflated in steps, within a limit
+        return ds
     try:
         return pydicom.dcmread(path, stop_before_pixels=stop_before_pixels)
     except pydicom.errors.InvalidDicomError:
@@ -211,6 +214,7 @@ def _stored_frame(ds: Dataset, frame: int | None) -> np.ndarray:
             raise ValueError("no pixel data in an image file (truncated or corrupt)")
         if "TransferSyntaxUID" not in getattr(ds, "file_meta", {}):
             _fill_transfer_syntax(ds)
+        check_stream_size(ds, frame)  # a compressed frame's own size, before a decoder allocates it
         return pixel_array(ds, index=frame) if _frames(ds) > 1 and frame is not None else pixel_array(ds)
     except Exception as exc:
         mark_stage(exc, "unreadable pixel data")  # its skip reason says so (dicom_reasons)

@@ -33,7 +33,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from sslkit.api import keyed_hash
+from sslkit.api import file_key, keyed_hash
 from sslkit_plugins.sources.dicom_repeats import REPEATS, frame_facts, label, split_repeats
 from sslkit_plugins.sources.dicom_mosaic import (acquisition_tile, csa_image_header, csa_slice_normal,  # noqa: F401
                                                  cut_mosaic, mosaic_count, mosaic_grid, mosaic_layout,
@@ -237,7 +237,7 @@ def _layout(h: dict[str, Any]) -> tuple:
             tuple(round(v, 3) for v in _in_plane(h)))
 
 
-def assemble(headers: dict[str, dict[str, Any]]) -> list[Volume]:
+def assemble(headers: dict[str, dict[str, Any]], root: str | Path | None = None) -> list[Volume]:
     """Volumes from ``{path: header}`` (headers as the ``dicom`` source reads them).
 
     A mosaic file or an enhanced multi-frame file with per-frame positions is a volume of
@@ -245,7 +245,8 @@ def assemble(headers: dict[str, dict[str, Any]]) -> list[Volume]:
     single-frame files of one series with positions and orientation form one
     volume per consistent layout, and one per echo / time point where positions repeat
     (:func:`split_repeats`); anything else (a radiograph, a cine loop) is a volume of its
-    frames in stored order, flagged ``"no slice geometry"``.
+    frames in stored order, flagged ``"no slice geometry"``. A slice dropped as a repeat is named
+    in its reason by the keyed hash of its path below ``root`` (as reports name files), else not.
     """
     volumes: list[Volume] = []
     series: dict[str, list[str]] = {}
@@ -269,7 +270,7 @@ def assemble(headers: dict[str, dict[str, Any]]) -> list[Volume]:
             positions = np.array([headers[p]["position"] for p in part], float)
             repeats, names = split_repeats(positions, [headers[p] for p in part], headers[part[0]]["orientation"])
             for suffix, text, indices in repeats:
-                vol = _series_volume(layout_key + suffix, [part[j] for j in indices], headers)
+                vol = _series_volume(layout_key + suffix, [part[j] for j in indices], headers, root)
                 if len(layouts) > 1:
                     vol.issues.append(f"series split into {len(layouts)} volumes (orientation, size or pixel "
                                       f"spacing differ)")
@@ -311,15 +312,22 @@ def _ordered(positions: np.ndarray, orientation: Sequence[float], fallback_step:
     return Ordered(keep, kept_dist, float(report.step or fallback_step or 1.0), issues, repeats)
 
 
-def _series_volume(key: str, paths: list[str], headers: dict[str, dict[str, Any]]) -> Volume:
+def _series_volume(key: str, paths: list[str], headers: dict[str, dict[str, Any]],
+                   root: str | Path | None = None) -> Volume:
     first = headers[paths[0]]
     positions = np.array([headers[p]["position"] for p in paths], float)
     found = _ordered(positions, first["orientation"], first.get("slice_step"))
-    dropped = [(paths[i], f"slice position repeated in its series: {os.path.basename(paths[k])}'s is used")
-               for i, k in found.repeats.items()]
+    dropped = [(paths[i], "slice position repeated in its series: " + (
+        f"{_file_key(paths[k], root)}'s is used" if root is not None else "another slice's is used"))
+        for i, k in found.repeats.items()]
     return Volume(key, first["group"], [(paths[i], None, None) for i in found.keep], (found.step, *_in_plane(first)),
                   first["rows"], first["columns"], found.issues, positions=positions[found.keep].tolist(),
                   dropped=dropped, distances=found.distances)
+
+
+def _file_key(path: str, root: str | Path) -> str:
+    """``path`` as data_report.json names a file (file and folder names can carry patient names)."""
+    return file_key(os.path.relpath(path, Path(root).expanduser()))
 
 
 def _enhanced_volumes(path: str, h: dict[str, Any]) -> list[Volume]:

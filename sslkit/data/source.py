@@ -12,9 +12,10 @@ import numpy as np
 from sslkit.raw_input import GraphPreprocessing
 
 
-#: the most pixels (width x height) one image may have before it is decoded: PIL's own
-#: decompression-bomb limit, applied to every decoder (``--max-pixels`` raises it)
 DEFAULT_MAX_PIXELS = 178_956_970
+"""The most pixels (width x height) one image may have before it is decoded, unless ``--max-pixels``
+says otherwise: PIL's own decompression-bomb limit, applied to every decoder (a source's
+``max_pixels``; bounds computed where the option is not at hand start from it)."""
 
 
 class NotAnImage(ValueError):

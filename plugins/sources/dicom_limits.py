@@ -1,0 +1,207 @@
+"""Bounds on what a DICOM file can make the ``dicom`` source allocate, checked before pydicom does.
+
+* A compressed frame (JPEG, JPEG-LS, JPEG 2000) names its own size in its first bytes (a
+  JPEG SOFn / JPEG-LS SOF55 marker, a JPEG 2000 SIZ marker, raw or in a JP2 ``jp2c`` box),
+  which the decoder allocates whatever Rows and Columns say (a 934-byte file can claim
+  30000 x 30000): :func:`check_stream_size` reads it with ``struct`` alone and refuses a
+  frame whose size or component count differs from the header (the header's size is what
+  the pixel limit checked). A header it cannot parse is left to the decoder, as before.
+* Deflated Explicit VR Little Endian: pydicom inflates the whole data set in one call, even
+  to read a header; :func:`read_deflated` inflates it in steps and refuses a data set that
+  inflates past :data:`DEFLATE_LIMIT` (a 1.5 MB file can hold a 1.5 GB element).
+
+Reasons name sizes and markers only, never the file.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+from typing import BinaryIO
+
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_file_meta_info
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
+
+from sslkit.api import DEFAULT_MAX_PIXELS, human_bytes
+from sslkit_plugins.sources.dicom_reasons import mark_stage
+
+#: the most bytes a deflated data set may inflate to: the largest allowed 16-bit grayscale
+#: image and 16 MiB of header (a larger one is skipped before it is inflated further)
+DEFLATE_LIMIT = DEFAULT_MAX_PIXELS * 2 + (16 << 20)
+#: a skip reason's text before its first ':' (what a run's summary counts)
+STREAM_STAGE = "compressed frame size differs from the header"
+_DEFLATED = str(DeflatedExplicitVRLittleEndian).encode("ascii")
+_LONG_VRS = (b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV")
+_JP2 = b"\x00\x00\x00\x0cjP  \r\n\x87\n"
+
+
+class TooLarge(ValueError):
+    """A file that would make a decoder allocate more than its header (or a limit) allows."""
+
+
+# ----------------------------------------------------------------------- compressed frames
+
+def stream_size(data: bytes) -> tuple[str, int, int, int] | None:
+    """``(kind, width, height, components)`` that a JPEG / JPEG-LS / JPEG 2000 stream's own
+    header gives, or None where ``data`` starts no stream this parser knows."""
+    if data[:2] == b"\xff\xd8":
+        return _jpeg_size(data)
+    if data[:4] == b"\xff\x4f\xff\x51":
+        return _siz(data, 0)
+    if data[:12] == _JP2:
+        pos = 0
+        for _ in range(64):  # boxes: LBox, TBox[, XLBox]; the codestream is in "jp2c"
+            if pos + 8 > len(data):
+                return None
+            length, kind = struct.unpack_from(">I4s", data, pos)
+            head = 8
+            if length == 1 and pos + 16 <= len(data):
+                length, head = struct.unpack_from(">Q", data, pos + 8)[0], 16
+            if kind == b"jp2c":
+                return _siz(data, pos + head)
+            if length < head:
+                return None
+            pos += length
+    return None
+
+
+def _siz(data: bytes, at: int) -> tuple[str, int, int, int] | None:
+    """A JPEG 2000 codestream's SIZ marker (it must follow SOC): image size less its offsets."""
+    if data[at:at + 4] != b"\xff\x4f\xff\x51" or len(data) < at + 42:
+        return None
+    xsiz, ysiz, xo, yo = struct.unpack_from(">IIII", data, at + 8)
+    (csiz,) = struct.unpack_from(">H", data, at + 40)
+    return "JPEG 2000", xsiz - xo, ysiz - yo, csiz
+
+
+def _jpeg_size(data: bytes) -> tuple[str, int, int, int] | None:
+    """The first frame header (SOF0-15 but DHT/JPG/DAC, or JPEG-LS SOF55) after SOI."""
+    i = 2
+    while i + 4 <= len(data):
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # no length
+            i += 2
+            continue
+        if marker in (0xD9, 0xDA):  # EOI / SOS before a frame header
+            return None
+        if (0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC)) or marker == 0xF7:
+            if i + 10 > len(data):
+                return None
+            height, width, comps = struct.unpack_from(">HHB", data, i + 5)
+            if height == 0:  # the height comes later (a DNL marker): unknown here
+                return None
+            return ("JPEG-LS" if marker == 0xF7 else "JPEG"), width, height, comps
+        i += 2 + struct.unpack_from(">H", data, i + 2)[0]
+    return None
+
+
+def _frame_starts(ds: Dataset, frame: int | None) -> list[bytes]:
+    """The first bytes of each encapsulated frame that ``pixel_array(ds, index=frame)`` decodes
+    (found as pydicom finds them: one frame through the offset tables, else every frame)."""
+    from pydicom.encaps import generate_fragmented_frames, get_frame
+
+    count = int(ds.get("NumberOfFrames", 1) or 1)
+    ext = ds.get("ExtendedOffsetTable"), ds.get("ExtendedOffsetTableLengths")
+    ext = ext if all(v is not None for v in ext) else None
+    if count > 1 and frame is not None:
+        return [get_frame(ds.PixelData, frame, number_of_frames=count, extended_offsets=ext)[:1 << 20]]
+    frames = generate_fragmented_frames(ds.PixelData, number_of_frames=count, extended_offsets=ext)
+    # a stream's header is at its start: the first fragments of each frame are enough
+    return [b"".join(f[:1 << 20] for f in fragments[:8])[:1 << 20] for _, fragments in zip(range(count), frames)]
+
+
+def check_stream_size(ds: Dataset, frame: int | None) -> None:
+    """Raise :class:`TooLarge` when a compressed frame of ``ds`` (``frame``, else each one) says
+    it is another size than Rows x Columns x SamplesPerPixel; anything unparsable passes."""
+    ts = UID(str(getattr(ds, "file_meta", {}).get("TransferSyntaxUID", "")))
+    if not ts or not ts.is_encapsulated or "PixelData" not in ds:
+        return
+    try:
+        rows, cols = int(ds.Rows), int(ds.Columns)
+        samples = int(ds.get("SamplesPerPixel", 1) or 1)
+        sizes = [stream_size(start) for start in _frame_starts(ds, frame)]
+    except Exception:
+        return  # the decoder says what is wrong, as before
+    for size in sizes:
+        if size is not None and size[1:] != (cols, rows, samples):
+            kind, width, height, comps = size
+            exc = TooLarge(f"the {kind} stream is {width}x{height} with {comps} component(s), the header "
+                           f"says {cols}x{rows} with {samples}")
+            mark_stage(exc, STREAM_STAGE)
+            raise exc
+
+
+# ----------------------------------------------------------------------- deflated data sets
+
+def _transfer_syntax(fp: BinaryIO) -> bytes | None:
+    """The Transfer Syntax UID in the file meta group at ``fp`` (read from the element headers
+    alone; explicit or implicit VR), or None."""
+    head = fp.read(132)
+    if head[128:132] != b"DICM":
+        fp.seek(-len(head), io.SEEK_CUR)
+    for _ in range(1000):
+        elem = fp.read(8)
+        if len(elem) < 8 or elem[:2] != b"\x02\x00":
+            return None
+        vr = elem[4:6]
+        if vr in _LONG_VRS:
+            length = struct.unpack("<I", fp.read(4))[0]
+        elif vr.isalpha() and vr.isupper():
+            length = struct.unpack_from("<H", elem, 6)[0]
+        else:  # implicit VR
+            length = struct.unpack_from("<I", elem, 4)[0]
+        if elem[2:4] == b"\x10\x00":
+            return fp.read(min(length, 64)).rstrip(b"\x00 ")
+        fp.seek(length, io.SEEK_CUR)
+    return None
+
+
+def read_deflated(path: str | BinaryIO, stop_before_pixels: bool = False) -> Dataset | None:
+    """``dcmread`` of a deflated file, inflated in steps up to :data:`DEFLATE_LIMIT` bytes
+    (more: :class:`TooLarge`); None, ``path`` left where it was, for any other file."""
+    fp = open(path, "rb") if isinstance(path, str) else path
+    start = fp.tell()
+    try:
+        try:
+            deflated = _transfer_syntax(fp) == _DEFLATED
+        except (OSError, struct.error, ValueError):
+            deflated = False
+        fp.seek(start)
+        return _inflated_dataset(fp, stop_before_pixels) if deflated else None
+    finally:
+        if fp is not path:
+            fp.close()
+
+
+def _inflated_dataset(fp: BinaryIO, stop_before_pixels: bool) -> Dataset:
+    """The deflated file at ``fp`` read as the same data set in Explicit VR Little Endian."""
+    head = pydicom.filereader.read_preamble(fp, True)
+    meta = pydicom.filereader._read_file_meta_info(fp)
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    out = DicomBytesIO()
+    out.write(head + b"DICM" if head is not None else b"")
+    write_file_meta_info(out, meta, enforce_standard=False)
+    parts, size = [out.getvalue()], 0
+    inflate = zlib.decompressobj(-zlib.MAX_WBITS)
+    while not inflate.eof:
+        chunk = inflate.unconsumed_tail or fp.read(1 << 20)
+        if not chunk:
+            break
+        parts.append(inflate.decompress(chunk, DEFLATE_LIMIT + 1 - size))
+        size += len(parts[-1])
+        if size > DEFLATE_LIMIT:
+            raise TooLarge(f"deflated data set larger than {human_bytes(DEFLATE_LIMIT)} inflated (the limit)")
+    if not inflate.eof:  # as zlib.decompress, which pydicom calls, refuses it
+        raise zlib.error("Error -5 while decompressing data: incomplete or truncated stream")
+    ds = pydicom.dcmread(io.BytesIO(b"".join(parts)), stop_before_pixels=stop_before_pixels, force=head is None)
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    return ds
