@@ -114,7 +114,7 @@ class FolderSource(Source):
             return tiff_array(ref.path, limit=self.max_pixels, side=self.decode_side)
         with open_image(ref.path) as img:
             check_pixel_count(img.width, img.height, self.max_pixels)  # from the header, before decoding
-            return pil_pixels(img, self.decode_side)
+            return pil_pixels(img, self.decode_side, self.max_pixels)
 
     def orientation(self) -> str:
         """How :meth:`load` lays its arrays out (for ``sslkit data dump``)."""

@@ -15,12 +15,18 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps
 
-from sslkit.api import unit_floats
+from sslkit.api import Undecodable, unit_floats
 
 #: images whose shorter side is at least twice this are reduced while decoding (to no less than this)
 DECODE_SIDE = 2048
 #: Pillow reads these 16-bit PNG layouts at 8 bits: the unpacker that gives their low bytes
 _PNG16 = {"RGB;16B": "RGB;16L", "RGBA;16B": "RGBA;16L", "LA;16B": "RGBA"}
+#: samples a pixel of those layouts (alpha included: all are decoded)
+_PNG16_SAMPLES = {"RGB;16B": 3, "RGBA;16B": 4, "LA;16B": 2}
+#: decoded bytes allowed per pixel of the pixel limit: an 8-bit RGBA image, as Pillow holds it
+BYTES_PER_LIMIT_PIXEL = 4
+#: rows a band of :func:`png16_colour` joins at a time
+_BAND_ROWS = 256
 _ORIENTATION = 0x0112  # EXIF
 
 
@@ -64,16 +70,28 @@ def pil_channels(img: Image.Image) -> int:
     return 3 if img.mode in ("RGB", "RGBA", "CMYK", "YCbCr") else 1
 
 
-def pil_pixels(img: Image.Image, side: int | None = DECODE_SIDE) -> np.ndarray:
-    """An opened image's pixels, float32 ``(C, H, W)`` in [0, 1] (see the module docstring)."""
+def check_decoded_bytes(width: int, height: int, samples: int, itemsize: int, limit: int | None) -> None:
+    """Refuse (``Undecodable``), from the header, an image whose decoded samples exceed
+    :data:`BYTES_PER_LIMIT_PIXEL` x the pixel ``limit`` bytes (None or 0: no limit)."""
+    nbytes = width * height * samples * itemsize
+    if limit and nbytes > limit * BYTES_PER_LIMIT_PIXEL:
+        raise Undecodable(f"too large to decode: {width}x{height} pixels x {samples} samples x "
+                          f"{itemsize} bytes = {nbytes:,} bytes exceeds "
+                          f"{BYTES_PER_LIMIT_PIXEL} x the pixel limit of {limit:,} (--max-pixels raises it)")
+
+
+def pil_pixels(img: Image.Image, side: int | None = DECODE_SIDE, limit: int | None = None) -> np.ndarray:
+    """An opened image's pixels, float32 ``(C, H, W)`` in [0, 1] (see the module docstring); a 16-bit
+    colour PNG is refused from its header beyond :func:`check_decoded_bytes`'s ``limit``."""
     f, raw = reduce_factor(img.width, img.height, side), _png16_rawmode(img)
     if raw:
+        check_decoded_bytes(img.width, img.height, _PNG16_SAMPLES[raw], 2, limit)
         try:
             wide = png16_colour(img.filename, raw)
         except (AttributeError, TypeError, ValueError, OSError):  # a Pillow whose internals differ: 8 bits, as before
             wide = None
-        if wide is not None:  # alpha dropped; box means of the 16-bit values where reduced
-            return unit_floats(wide[:-1] if wide.shape[0] in (2, 4) else wide, f)
+        if wide is not None:  # alpha already dropped; box means of the 16-bit values where reduced
+            return unit_floats(wide, f)
     x = pil_to_array(pil_decoded(img, side))
     return x[:1] if raw == "LA;16B" else x  # at 8 bits (a Pillow whose internals differ): RGBA of one grey
 
@@ -135,19 +153,32 @@ def _png16_rawmode(img: Image.Image) -> str | None:
 
 
 def png16_colour(path: str, raw: str) -> np.ndarray:
-    """A 16-bit RGB / RGBA / grey + alpha PNG as uint16 ``(C, H, W)``, all 16 bits kept.
+    """A 16-bit RGB / RGBA / grey + alpha PNG as uint16 ``(C, H, W)``, all 16 bits kept, alpha dropped
+    (RGB, or one grey channel).
 
     Pillow's PNG decoder (inflate, un-filter, interlace) runs unchanged; only its last step,
     unpacking each row into an 8-bit image, is pointed at other bytes: Pillow's own
     big-endian unpacker keeps the high bytes, its little-endian one (same layout) the low
-    ones. Grey + alpha (4 bytes a pixel) is unpacked as four 8-bit bytes, all at once."""
+    ones. Grey + alpha (4 bytes a pixel) is unpacked as four 8-bit bytes, all at once. The
+    bytes are joined into the result a band of rows at a time, one 8-bit decode held at once:
+    memory is the result and one 8-bit image, no full-size temporaries."""
     if raw == "LA;16B":
         b = _unpacked(path, "RGBA")  # grey high, grey low, alpha high, alpha low
-        v = (b[..., 0::2].astype(np.uint16) << 8) | b[..., 1::2]
-    else:
-        v = _unpacked(path, raw).astype(np.uint16) << 8
-        v |= _unpacked(path, _PNG16[raw])
-    return v.transpose(2, 0, 1)
+        out = np.empty((1, *b.shape[:2]), np.uint16)
+        for top in range(0, b.shape[0], _BAND_ROWS):
+            band = b[top : top + _BAND_ROWS]
+            out[0, top : top + _BAND_ROWS] = (band[..., 0].astype(np.uint16) << 8) | band[..., 1]
+        return out
+    high = _unpacked(path, raw)
+    out = np.empty((3, *high.shape[:2]), np.uint16)
+    for top in range(0, high.shape[0], _BAND_ROWS):
+        out[:, top : top + _BAND_ROWS] = high[top : top + _BAND_ROWS, :, :3].transpose(2, 0, 1)
+    del high
+    out <<= 8
+    low = _unpacked(path, _PNG16[raw])
+    for top in range(0, low.shape[0], _BAND_ROWS):
+        out[:, top : top + _BAND_ROWS] |= low[top : top + _BAND_ROWS, :, :3].transpose(2, 0, 1)
+    return out
 
 
 def _unpacked(path: str, rawmode: str) -> np.ndarray:

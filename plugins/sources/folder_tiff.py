@@ -23,10 +23,8 @@ from contextlib import contextmanager
 import numpy as np
 
 from sslkit.api import Undecodable, box_reduce, check_pixel_count, unit_floats
-from sslkit_plugins.sources.folder_decode import DECODE_SIDE, is_grey, open_image, pil_pixels, reduce_factor
-
-#: decoded bytes allowed per pixel of the pixel limit: an 8-bit RGBA image, as Pillow holds it
-BYTES_PER_LIMIT_PIXEL = 4
+from sslkit_plugins.sources.folder_decode import (BYTES_PER_LIMIT_PIXEL, DECODE_SIDE, check_decoded_bytes, is_grey,
+                                                  open_image, pil_pixels, reduce_factor)  # noqa: F401 (the limit, here before)
 #: TIFF photometric interpretations
 MINISWHITE, MINISBLACK, RGB, PALETTE, SEPARATED, YCBCR = 0, 1, 2, 3, 5, 6
 #: the skip reason of a TIFF file that holds no page
@@ -199,17 +197,20 @@ def white_of(a: np.ndarray, bits: int) -> int:
     return min(top, (1 << bits) - 1) if 0 < bits else top
 
 
-def cmyk_to_rgb(a: np.ndarray) -> np.ndarray:
+def cmyk_to_rgb(a: np.ndarray, band: int = 256) -> np.ndarray:
     """CMYK ``(4, H, W)`` of unsigned ints -> RGB of the same type, as Pillow converts:
-    round((top - C) (top - K) / top), one channel at a time."""
+    round((top - C) (top - K) / top), a band of ``band`` rows at a time, written over ``a``'s C, M, Y
+    planes where ``a`` is writable: the wide temporaries are a band's, no new image."""
     top = int(np.iinfo(a.dtype).max)
     wide = np.uint32 if a.dtype == np.uint8 else np.uint64
-    paper = top - a[3].astype(wide)
-    out = np.empty((3, *a.shape[1:]), a.dtype)
-    for i in range(3):
-        v = (top - a[i].astype(wide)) * paper
-        v += top // 2  # top is odd: no exact halves
-        out[i] = v // top
+    out = a[:3] if a.flags.writeable else np.empty((3, *a.shape[1:]), a.dtype)
+    for row in range(0, a.shape[1], band):
+        rows = slice(row, row + band)
+        paper = top - a[3, rows].astype(wide)
+        for i in range(3):
+            v = (top - a[i, rows].astype(wide)) * paper
+            v += top // 2  # top is odd: no exact halves
+            out[i, rows] = v // top
     return out
 
 
@@ -224,11 +225,7 @@ def check_header(page, limit: int | None) -> None:
         raise Undecodable(f"{samples} samples per pixel: an image has 1 to 4 (grey, grey + alpha, RGB, RGBA)")
     if page.dtype is None:
         raise Undecodable(f"unsupported TIFF sample format ({page.bitspersample} bits)")
-    nbytes = width * height * samples * np.dtype(page.dtype).itemsize
-    if limit and nbytes > limit * BYTES_PER_LIMIT_PIXEL:
-        raise Undecodable(f"too large to decode: {width}x{height} pixels x {samples} samples x "
-                          f"{np.dtype(page.dtype).itemsize} bytes = {nbytes:,} bytes exceeds "
-                          f"{BYTES_PER_LIMIT_PIXEL} x the pixel limit of {limit:,} (--max-pixels raises it)")
+    check_decoded_bytes(width, height, samples, np.dtype(page.dtype).itemsize, limit)
 
 
 def channels_first(a: np.ndarray, shaped: tuple[int, ...]) -> np.ndarray:

@@ -20,7 +20,9 @@ graph needs: the client resamples values, the graph windows them), padded with 0
 Only headers are read by ``index()``, and a file is skipped there, before any voxel is read, when
 its slices exceed ``--max-pixels`` or it cannot hold the voxels its header declares (a ``.nii``
 shorter than them; a ``.nii.gz`` smaller than them over gzip's largest expansion, 1032:1): a
-crafted 1 KB header never becomes a 100 TB allocation; so is an empty image (a dimension of 0).
+crafted 1 KB header never becomes a 100 TB allocation; so is one whose voxels, as stored and as float32,
+exceed 16 bytes per pixel of ``--max-pixels`` (what a 2D image at the limit takes to decode), and an empty
+image (a dimension of 0).
 Every file is its own split group (a salted hash of its path); nothing from the header's
 free-text fields (``descrip``, ``db_name``, ``aux_file``) is read.
 """
@@ -100,22 +102,44 @@ def read_image(path: str) -> Any:
 
 def canonical_volume(img: Any) -> tuple[np.ndarray, tuple[float, float, float]]:
     """A nibabel image -> (float32 ``(T, D, H, W)`` in the file's units, spacing (dz, dy, dx) mm):
-    the voxel sizes of its affine (sform, else qform), as for :func:`canonical_geometry`."""
+    the voxel sizes of its affine (sform, else qform), as for :func:`canonical_geometry`. Filled a
+    stored slice at a time: one float32 copy of the volume (:func:`check_working_bytes` bounds it)."""
     nib = _nibabel()
     img = nib.as_closest_canonical(img)
     if img.get_data_dtype().kind == "c":  # nibabel would drop the imaginary part with a warning
         raise ValueError("complex voxel values: not an image (save the magnitude)")
-    data = np.asarray(img.dataobj, dtype=np.float32)
-    if not np.isfinite(data).any():
-        raise ValueError("no finite voxel value (all NaN or inf)")
-    if data.ndim == 3:
-        data = data[..., None]
-    if data.ndim != 4:
-        raise ValueError(f"a NIfTI image of {data.ndim} dimensions is not a volume")
-    zooms = [float(z) for z in nib.affines.voxel_sizes(img.affine)[:3]]
+    shape = tuple(int(n) for n in img.shape)
+    if len(shape) not in (3, 4):
+        raise ValueError(f"a NIfTI image of {len(shape)} dimensions is not a volume")
+    x, y, z, t = (*shape, 1)[:4]
     # (x: R, y: A, z: S, t) -> (t, z ascending, y descending = anterior to posterior, x descending = right to left)
-    vol = data.transpose(3, 2, 1, 0)[:, :, ::-1, ::-1]
-    return np.ascontiguousarray(vol), (zooms[2], zooms[1], zooms[0])
+    vol = np.empty((t, z, y, x), np.float32)
+    finite = False
+    for k in range(z):
+        part = np.asarray(img.dataobj[:, :, k, ...], dtype=np.float32).reshape(x, y, t)
+        vol[:, k] = part.transpose(2, 1, 0)[:, ::-1, ::-1]
+        finite = finite or bool(np.isfinite(part).any())
+    if not finite:
+        raise ValueError("no finite voxel value (all NaN or inf)")
+    zooms = [float(v) for v in nib.affines.voxel_sizes(img.affine)[:3]]
+    return vol, (zooms[2], zooms[1], zooms[0])
+
+
+#: working bytes a volume may take per pixel of the pixel limit: what decoding a 2D image at the
+#: limit takes (Pillow's 8-bit RGBA and the float32 RGB of it: 4 + 12 bytes a pixel)
+BYTES_PER_LIMIT_PIXEL = 16
+
+
+def check_working_bytes(img: Any, limit: int | None) -> None:
+    """Refuse, from the header, a file whose decoding needs more than :data:`BYTES_PER_LIMIT_PIXEL` x
+    ``limit`` bytes: every voxel as stored (a ``.nii.gz`` is decompressed whole in memory) and as
+    float32 (:func:`canonical_volume`). ``limit`` None or 0: no limit."""
+    itemsize = int(img.get_data_dtype().itemsize)
+    need = math.prod(int(n) for n in img.shape) * (itemsize + 4)
+    if limit and need > limit * BYTES_PER_LIMIT_PIXEL:
+        raise Undecodable(f"too large to decode: {'x'.join(map(str, img.shape))} voxels x ({itemsize} stored + 4 "
+                          f"float32) bytes = {need:,} bytes exceeds {BYTES_PER_LIMIT_PIXEL} x the pixel limit of "
+                          f"{limit:,} (--max-pixels raises it)")
 
 
 def check_holds(path: Path, img: Any) -> None:
@@ -197,6 +221,7 @@ class NiftiSource(Source):
             try:  # from the header and the file's size, before any voxel is read
                 check_pixel_count(int(shape[0]), int(shape[1]), self.max_pixels)
                 check_holds(Path(f), img)
+                check_working_bytes(img, self.max_pixels)
             except ValueError as exc:  # Undecodable too
                 self.skipped.append((f, str(exc)))
                 continue
@@ -230,8 +255,12 @@ class NiftiSource(Source):
     def _range(self, volume: np.ndarray, key: tuple[str, int]) -> tuple[float, float]:
         """The finite min and max of the whole ``volume`` (kept per volume)."""
         if key not in self._ranges:
-            finite = volume[np.isfinite(volume)]
-            self._ranges[key] = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+            lo, hi = math.inf, -math.inf
+            for plane in volume.reshape(-1, *volume.shape[-2:]):  # a slice at a time: no volume-sized mask
+                finite = plane[np.isfinite(plane)]
+                if finite.size:
+                    lo, hi = min(lo, float(finite.min())), max(hi, float(finite.max()))
+            self._ranges[key] = (lo, hi) if lo <= hi else (0.0, 0.0)
         return self._ranges[key]
 
     def to_unit(self, x: np.ndarray, volume: np.ndarray, key: tuple[str, int]) -> np.ndarray:

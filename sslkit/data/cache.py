@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from sslkit.data.digest import file_digest
+from sslkit.data.digest import file_digest, unreadable_reason
 from sslkit.data.source import SampleRef, Source
 from sslkit.errors import UsageError
 from sslkit.output_file import read_json
@@ -81,28 +81,42 @@ def mark_root(root: Path) -> None:
 _real_folder = functools.lru_cache(maxsize=65536)(os.path.realpath)
 
 
-def cache_key(source: Source, refs: Sequence[SampleRef], channels: int, size: int) -> str:
+def cache_key(source: Source, refs: Sequence[SampleRef], channels: int, size: int,
+              unreadable: dict[int, tuple[str, str]] | None = None) -> str:
     """Hash of the preprocessing (source config, channels, size, pixel limit) and of every sample's file.
 
     A file's identity is :func:`file_digest` (content + mtime), so editing, replacing or
     adding a file, or changing ``--window`` etc., gives a new key: a stale cache is never read.
+    A file that cannot be read now (removed since the index) raises ``OSError``; given
+    ``unreadable``, its samples are left out of the key instead and ``unreadable[i]`` is
+    ``(path, reason)`` for each such sample's index ``i`` in ``refs``: the key is then that of
+    the other samples, which the caller keeps.
     """
     h = hashlib.sha256()
     # the pixel limit decides which files are skipped unread: another limit is another entry
     limit = getattr(source, "max_pixels", None)
     h.update(json.dumps([CACHE_FORMAT, DECODE_REVISION, source.scheme, source.describe(), channels, size, limit],
                         sort_keys=True, default=str).encode())
-    digests: dict[str, str] = {}
+    digests: dict[str, str | OSError] = {}
     # a slab or a volume is read from several files (its series' slices): every one counts
     files_of = getattr(source, "files_of", lambda ref: (ref.path,))
-    for ref in refs:
+    for i, ref in enumerate(refs):
         files = files_of(ref)
         for path in files:
             if path not in digests:
-                digests[path] = file_digest(path)
+                try:
+                    digests[path] = file_digest(path)
+                except OSError as exc:
+                    if unreadable is None:
+                        raise
+                    digests[path] = exc
+        lost = next((p for p in files if isinstance(digests[p], OSError)), None)
+        if lost is not None:
+            unreadable[i] = (lost, unreadable_reason(digests[lost]))  # type: ignore[index, arg-type]
+            continue
         folder, name = os.path.split(ref.path)  # its folder resolved: one key however --data was typed
         real = os.path.join(_real_folder(folder or "."), name)
-        h.update(f"{real}\0{ref.frame}\0{'|'.join(digests[p] for p in files)}\n".encode(
+        h.update(f"{real}\0{ref.frame}\0{'|'.join(digests[p] for p in files)}\n".encode(  # type: ignore[misc]
             "utf-8", "surrogateescape"))  # a file name that is not UTF-8 keeps its bytes
     return h.hexdigest()[:32]
 

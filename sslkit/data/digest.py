@@ -9,6 +9,7 @@ import os
 from typing import Sequence
 
 from sslkit.data.source import SampleRef
+from sslkit.errors import without_quoted
 
 #: (path, block, interior) -> (the file's stat identity, its content digest): one pass reads each file once
 _DIGESTS: dict[tuple[str, int, int], tuple[tuple[int, ...], str]] = {}
@@ -62,6 +63,11 @@ def file_digest(path: str, block: int = 4096) -> str:
     return f"{digest}:{_DIGESTS[(path, block, 0)][0][3]}"
 
 
+def unreadable_reason(exc: OSError) -> str:
+    """The skip reason of a data file that cannot be read (no path: ``strerror`` alone where it has one)."""
+    return f"unreadable: {type(exc).__name__}: {exc.strerror or without_quoted(str(exc)) or 'error'}"
+
+
 def readable(refs: Sequence[SampleRef], relative=str) -> tuple[list[SampleRef], list[tuple[str, str]]]:
     """``refs`` whose files can be read, and ``(relative(path), reason)`` for each file that cannot."""
     ok, bad, why = [], [], {}
@@ -71,7 +77,7 @@ def readable(refs: Sequence[SampleRef], relative=str) -> tuple[list[SampleRef], 
                 content_digest(ref.path)
                 why[ref.path] = None
             except OSError as exc:
-                why[ref.path] = f"unreadable: {type(exc).__name__}: {exc.strerror or exc}"
+                why[ref.path] = unreadable_reason(exc)
                 bad.append((relative(ref.path), why[ref.path]))
         if why[ref.path] is None:
             ok.append(ref)

@@ -114,17 +114,19 @@ def prepare(
     if isinstance(size, int):  # what a decoder may reduce a huge image to (Source.sample_side); in its describe()
         source.sample_side = size
     refs, unreadable = readable(list(refs), source.relative)
-    shape = (len(refs), channels, *sides(size))
-    nbytes = int(np.prod(shape, dtype=np.int64)) * 2
     root = resolve_cache_dir(cache_dir)
     if root is None:
-        check_room(None, nbytes, shape, channels, size)
+        shape = (len(refs), channels, *sides(size))
+        check_room(None, int(np.prod(shape, dtype=np.int64)) * 2, shape, channels, size)
         pixels = np.empty(shape, dtype=np.uint16)
         kept, skipped = _decode(source, refs, pixels, progress, workers)
         return Prepared(pixels[: len(kept)], [refs[i] for i in kept], unreadable + skipped)
     mark_root(root)
     remove_stale(root)  # what a killed first pass left
-    target = root / cache_key(source, refs, channels, size)
+    key, refs = _keyed(source, refs, channels, size, unreadable)
+    shape = (len(refs), channels, *sides(size))
+    nbytes = int(np.prod(shape, dtype=np.int64)) * 2
+    target = root / key
     entry = None
     if os.path.lexists(target):  # entries appear whole (renamed into place): this one is complete or damaged
         try:
@@ -144,6 +146,19 @@ def prepare(
     pixels = pixels[: len(meta["kept"])]
     kept_refs = [refs[i] for i in meta["kept"]]
     return Prepared(pixels, kept_refs, unreadable + [tuple(s) for s in meta["skipped"]], str(target))
+
+
+def _keyed(source: Source, refs: list[SampleRef], channels: int, size, unreadable: list[tuple[str, str]]
+           ) -> tuple[str, list[SampleRef]]:
+    """The cache key and the samples it covers: a file removed (or made unreadable) since
+    :func:`readable` checked it is skipped as unreadable, one reason per file added to
+    ``unreadable``, and its samples are left out, as if it had been gone at the index."""
+    gone: dict[int, tuple[str, str]] = {}
+    key = cache_key(source, refs, channels, size, gone)
+    if not gone:
+        return key, refs
+    unreadable += dict.fromkeys((source.relative(path), why) for path, why in gone.values())
+    return key, [ref for i, ref in enumerate(refs) if i not in gone]
 
 
 def _fill_entry(source: Source, refs: list[SampleRef], shape: tuple[int, ...], target: Path, progress: bool,
@@ -363,6 +378,14 @@ def fingerprint(refs: Sequence[SampleRef], extra: Any = None, scheme: str = FING
     """
     interior = FINGERPRINT_SCHEMES[scheme]
     h = hashlib.sha256(json.dumps([scheme, extra], sort_keys=True, default=str).encode())
+    lost = 0
     for ref in sorted(refs, key=lambda r: (r.path, r.frame or 0)):
-        h.update(f"{ref.frame}\0{content_digest(ref.path, interior=interior)}\n".encode())
+        try:
+            digest = content_digest(ref.path, interior=interior)
+        except OSError:  # removed since it was read: counted as such, not a traceback
+            digest, lost = "unreadable", lost + 1
+        h.update(f"{ref.frame}\0{digest}\n".encode())
+    if lost:
+        print(f"note: {lost} samples' files were removed or became unreadable after they were read; "
+              f"the dataset fingerprint counts them as unreadable", file=sys.stderr)
     return h.hexdigest()[:16]

@@ -13,6 +13,8 @@ from sslkit.data.source import Undecodable
 #: the skip reason of a float image with NaN or inf pixels
 NON_FINITE = "holds NaN or inf values"
 _F32_MAX = float(np.finfo(np.float32).max)
+#: values a band of :func:`_wide_scaled` holds (its float64 temporaries: 16 MB)
+WIDE_BAND = 2**21
 
 
 def unit_floats(a: np.ndarray, f: int = 1) -> np.ndarray:
@@ -29,8 +31,8 @@ def unit_floats(a: np.ndarray, f: int = 1) -> np.ndarray:
         lo, hi = float(a.min()), float(a.max())
         if not (math.isfinite(lo) and math.isfinite(hi)):
             raise Undecodable(NON_FINITE)
-        if max(-lo, hi, hi - lo) > _F32_MAX:  # beyond float32: scaled in float64
-            y = _float32_copy((a.astype(np.float64) - lo) / (hi - lo) if hi > lo else np.zeros(a.shape))
+        if max(-lo, hi, hi - lo) > _F32_MAX:  # beyond float32: scaled in float64, a band of rows at a time
+            y = _wide_scaled(a, lo, hi)
             return box_reduce(y if y.ndim == 3 else y[None], f) if f > 1 else y
         lo, hi = float(np.float32(lo)), float(np.float32(hi))  # as float32 holds them
     x = box_reduce(a if a.ndim == 3 else a[None], f) if f > 1 else _float32_copy(a)
@@ -61,6 +63,21 @@ def box_reduce(a: np.ndarray, f: int) -> np.ndarray:
     cols_n = np.minimum(f, w - cols)
     out /= (rows_n[:, None] * cols_n[None, :]).astype(np.float32)
     return out
+
+
+def _wide_scaled(a: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """``(a - lo) / (hi - lo)`` (zeros where ``hi == lo``) as a new float32 array, computed in float64
+    a band of rows at a time: its float64 temporaries are a band's (about 16 MB), not the image's."""
+    y = np.zeros(a.shape, np.float32)
+    if hi > lo:
+        x, out = (a, y) if a.ndim == 3 else (a[None], y[None])  # views: any layout, no copy
+        band = max(1, WIDE_BAND // max(1, x.shape[0] * x.shape[2]))
+        for top in range(0, x.shape[1], band):
+            part = x[:, top : top + band].astype(np.float64)
+            part -= lo
+            part /= hi - lo
+            out[:, top : top + band] = part
+    return y
 
 
 def _float32_copy(a: np.ndarray) -> np.ndarray:
