@@ -22,9 +22,10 @@ def resume_config(given: dict[str, Any]) -> RunConfig:
     if not file.is_file():
         raise UsageError(f"--resume: {out!r} holds no sslkit run to continue (no {RUN_JSON})")
     try:
-        saved = json.loads(file.read_text())["config"]
+        info = json.loads(file.read_text())
+        saved = info["config"]
     except (ValueError, KeyError, TypeError):  # ValueError: bad JSON or bytes that are not UTF-8
-        saved = None
+        info, saved = {}, None
     if not isinstance(saved, dict):
         raise UsageError(f"--resume: {file} is not a readable sslkit run.json")
     saved = check_values({k: v for k, v in saved.items() if k in FIELDS}, str(file))
@@ -41,15 +42,34 @@ def resume_config(given: dict[str, Any]) -> RunConfig:
 
             if same_init(value, now):  # the same weights, spelled relative or absolute
                 continue
-        if plain(value) != plain(now):
+        if key == "channels" and now is None and isinstance(info.get("input_spec"), dict):
+            now = info["input_spec"].get("channels")  # None: what most samples had, recorded in the input spec
+        if not _same(value, now):
             raise UsageError(
                 f"--resume continues the run exactly as it was configured: {key} was {plain(now)!r}, "
                 f"not {plain(value)!r}; start a new run to change it"
             )
     values = {**saved, **{k: v for k, v in given.items() if k in RESUMABLE_OVERRIDES}}
+    # this session's flags (run.json's config never holds them: sslkit.run_record.recorded_config)
     values.update(resume=True, overwrite=False, out=out,
                   allow_data_change=bool(given.get("allow_data_change")))  # per resume, never inherited
     return RunConfig(**values)
+
+
+def _same(given: Any, recorded: Any) -> bool:
+    """Whether a value given on resume is the one recorded: equal, or (an option group's values, which
+    the command line gives as text: ``--augment-opt rotate_p=0.5``) equal once the text is read as
+    a number, a boolean or a comma-separated list of them."""
+    if isinstance(given, dict) and isinstance(recorded, dict):
+        return given.keys() == recorded.keys() and all(_same(v, recorded[k]) for k, v in given.items())
+    if plain(given) == plain(recorded):
+        return True
+    if not isinstance(given, str) or isinstance(recorded, str):
+        return False
+    from sslkit.options import parse_values
+
+    parts = [parse_values({"v": p.strip()})["v"] for p in given.split(",")]
+    return plain(recorded) in ([parts] if len(parts) > 1 else [parts[0], parts])
 
 
 def _typed_task_options(given: dict[str, Any], task: str) -> dict[str, Any]:

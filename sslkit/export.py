@@ -24,8 +24,9 @@ REAL_SAMPLES = 8
 
 
 def run_id(run: Run, encoder: Any = None) -> str | None:
-    """The run's id: ``run.json``'s ``run_id`` when it has one, else a hash of the exported weights
-    (``encoder``'s tensors: a checkpoint's when one is exported), else of ``encoder.safetensors``."""
+    """The run's id: ``run.json``'s ``run_id`` when it has one, else (a run recorded before run.json
+    had one) a hash of the exported weights (``encoder``'s tensors: a checkpoint's when one is
+    exported), else of ``encoder.safetensors``. :func:`export_metadata` says which (``run_id_from``)."""
     if run.info.get("run_id"):
         return str(run.info["run_id"])
     h = hashlib.sha256()
@@ -41,11 +42,28 @@ def run_id(run: Run, encoder: Any = None) -> str | None:
     return file_sha256([file])[:16] if file.exists() else None
 
 
+def weights_record(run: Run) -> dict[str, Any]:
+    """Which weights of the run are exported: the optimizer step they are from, and the sha256 of the
+    file they were read from as the run recorded it (``encoder_sha256`` in run.json, or the checkpoint's
+    ``model.safetensors``, as its manifest lists it)."""
+    from sslkit.checkpoint import MODEL_FILE
+
+    if run.checkpoint is None:
+        return {"step": (run.info.get("summary") or {}).get("steps"), "encoder_sha256": run.info.get("encoder_sha256")}
+    number = run.checkpoint.name.rpartition("-")[2]  # step-00000010
+    model = run.checkpoint / MODEL_FILE
+    return {"step": int(number) if number.isdigit() else None,
+            "checkpoint_sha256": file_sha256([model]) if model.is_file() else None}
+
+
 def export_metadata(run: Run, encoder: Any = None) -> dict[str, Any]:
     """What an exported artefact carries about its run (``encoder``: the weights exported, for
-    ``run_id``). No paths, no patient identifiers."""
+    ``run_id`` of a run recorded without one): ``run_id``, the step and sha256 of the weights, the
+    sha256 of the run's settings (``config_sha256``, as run.json records it). No paths, no patient
+    identifiers."""
     from sslkit import __version__
     from sslkit.init import onnx_record
+    from sslkit.run_record import config_sha256
 
     config = run.info.get("config", {})
     return {
@@ -57,6 +75,9 @@ def export_metadata(run: Run, encoder: Any = None) -> dict[str, Any]:
         "embedding_dim": run.info["embedding_dim"],
         "dataset_fingerprint": run.info.get("dataset", {}).get("fingerprint"),
         "run_id": run_id(run, encoder),
+        "run_id_from": "run.json" if run.info.get("run_id") else "weights sha256 (a run recorded without a run_id)",
+        "config_sha256": config_sha256(config),
+        **weights_record(run),
         "sslkit_version": __version__,
         "init": onnx_record(run.info.get("init")),  # --init: source name, sha256, adaptations (no path)
         "checkpoint": run.checkpoint.name if run.checkpoint is not None else None,  # step-N, or the final encoder

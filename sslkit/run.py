@@ -23,7 +23,7 @@ CHECKPOINTS = "checkpoints"  # the folder of a run's step-N checkpoints
 DATA_REPORT = "data_report.json"
 LOCK_FILE = ".sslkit.lock"  # sslkit.engine.lock: one process per run directory
 #: the files and folders a run writes in its directory (an --overwrite run clears them; no output replaces them)
-RUN_FILES = (RUN_JSON, ENCODER_FILE, "metrics.csv", DATA_REPORT)
+RUN_FILES = (RUN_JSON, ENCODER_FILE, "metrics.csv", DATA_REPORT, "config.toml")  # sslkit.run_record.CONFIG_TOML
 RUN_FOLDERS = (CHECKPOINTS, "tensorboard")
 
 
@@ -215,11 +215,13 @@ def prepare_run_dir(cfg: RunConfig) -> Path:
 
 
 def environment() -> dict[str, Any]:
-    """Versions, hardware and code revision for provenance (no user or host identifiers)."""
+    """Versions, hardware and code revision for provenance (no user or host identifiers); the
+    command as a shell takes it back, and torchrun's settings (``launcher``) when it started the run."""
     import timm
     import torch
 
     from sslkit import __version__
+    from sslkit.run_record import command, launcher
 
     gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
     return {
@@ -235,7 +237,8 @@ def environment() -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "cpu_threads": torch.get_num_threads(),
         "git_commit": git_commit(),
-        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv else None,
+        "command": command(),
+        "launcher": launcher(),
     }
 
 

@@ -68,8 +68,11 @@ def clear_own_files(out: Path, files: Sequence[str], folders: Sequence[str]) -> 
                         os.rmdir(folder)
                     except OSError:  # the user's files are in it
                         pass
+        from sslkit.run_record import CONFIG_TOML, is_own_config
+
         for name in files:  # last: a failure above leaves the old run recognisable
-            (out / name).unlink(missing_ok=True)
+            if name != CONFIG_TOML or is_own_config(out / name):  # a config.toml of the user's stays
+                (out / name).unlink(missing_ok=True)
     except OSError as exc:
         raise UsageError(f"--overwrite: cannot remove {exc.filename or out}: {exc.strerror or exc}; the old run "
                          f"is partly removed") from None

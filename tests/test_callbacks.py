@@ -304,3 +304,17 @@ def test_sslkit_plugins_says_what_a_callback_plugin_registers(cli):
     lines = {line.split()[0]: line for line in result.output.splitlines()}
     assert lines["csv"].endswith("(built-in)  callbacks: csv"), lines["csv"]
     assert lines["tensorboard"].endswith("callbacks: tensorboard") and lines["simclr"].endswith("tasks: simclr")
+
+
+def test_mlflow_shares_no_command_line_of_any_session(monkeypatch):
+    """run.json records each resume's own command line too: none of them reaches MLflow."""
+    from tests.conftest import REPO
+
+    monkeypatch.syspath_prepend(str(REPO / "examples" / "sslkit-mlflow"))
+    from sslkit_mlflow import shareable
+
+    info = {"config": {"data": "folder:/scans/DOE_JOHN", "batch_size": 8},
+            "environment": {"command": "sslkit pretrain --data folder:/scans/DOE_JOHN", "torch": "2"},
+            "resumes": [{"from_step": 3, "environment": {"command": "sslkit pretrain --resume /runs/DOE_JOHN"}}]}
+    shared = json.dumps(shareable(info))
+    assert "DOE_JOHN" not in shared and json.loads(shared)["resumes"][0]["from_step"] == 3

@@ -200,8 +200,9 @@ def test_a_run_is_never_exported_over_its_own_files_nor_from_a_stale_or_broken_e
 
 
 def test_run_id_is_a_hash_of_the_weights_exported(trained, tmp_path):
-    """A checkpoint's export named the final encoder's hash (the audit's case): now each export names
-    its own weights, so the same weights give the same id and others another."""
+    """A run recorded before run.json had a ``run_id``: a checkpoint's export named the final encoder's
+    hash (the audit's case); now each export names its own weights, so the same weights give the same
+    id and others another."""
     from safetensors.torch import load_file, save_file
 
     from sslkit.export import export_metadata
@@ -209,6 +210,9 @@ def test_run_id_is_a_hash_of_the_weights_exported(trained, tmp_path):
 
     run = tmp_path / "run"
     shutil.copytree(trained["run"], run)
+    old = json.loads((run / "run.json").read_text())
+    assert old.pop("run_id")  # a run made now records its own; this test is about the fallback
+    (run / "run.json").write_text(json.dumps(old))
     step = run / "checkpoints" / "step-00000001"
     same = export_metadata(load_run(step), load_run(step).build_encoder())["run_id"]  # 1 step: the final weights
     assert same == export_metadata(load_run(run), load_run(run).build_encoder())["run_id"]

@@ -54,6 +54,9 @@ def shareable(info: dict[str, Any]) -> dict[str, Any]:
     out = json.loads(json.dumps(info, default=str))
     out["config"] = {k: v for k, v in out.get("config", {}).items() if k not in PRIVATE}
     out.get("environment", {}).pop("command", None)
+    for resume in out.get("resumes") or []:  # each resume records its own command line too
+        if isinstance(resume, dict) and isinstance(resume.get("environment"), dict):
+            resume["environment"].pop("command", None)
     if isinstance(out.get("init"), dict):
         out["init"].pop("source", None)
     return out

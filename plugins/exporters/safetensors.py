@@ -92,12 +92,29 @@ def export_safetensors(encoder: nn.Module, spec: InputSpec, metadata: dict[str, 
     }
 
     def write(tmp: Path) -> None:
-        tmp.write_bytes(save(state, metadata=header))  # Python's write: a full disk is an OSError
+        tmp.write_bytes(sorted_header(save(state, metadata=header)))  # Python's write: a full disk is an OSError
         report.update(_verify(encoder, tmp, create, overlay, spec, cifar, fp16))
 
     report: dict[str, Any] = {"timm_model": name, "keys": len(state), "cifar_stem": cifar}
     write_atomic(Path(out), write, suffix=".safetensors")
     return report
+
+
+def sorted_header(data: bytes) -> bytes:
+    """``data`` (a safetensors file) with its header's ``__metadata__`` keys in sorted order: safetensors
+    writes them in hash-map order, which changes from one save to the next, so the same export gave
+    different bytes. Tensor entries and data are kept as written (offsets count from the data's start);
+    the header is padded with spaces to a multiple of 8 bytes, as safetensors pads it."""
+    import struct
+
+    size = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8:8 + size])
+    if "__metadata__" in header:
+        header = {"__metadata__": dict(sorted(header["__metadata__"].items())),
+                  **{k: v for k, v in header.items() if k != "__metadata__"}}
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text + data[8 + size:]
 
 
 @torch.no_grad()

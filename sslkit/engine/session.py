@@ -31,6 +31,7 @@ from sslkit.output_file import file_sha256, read_json, write_atomic, write_json_
 from sslkit.pseudonym import file_key
 from sslkit.registry import get_task, resolve_data
 from sslkit.run import DATA_REPORT, ENCODER_FILE, RUN_JSON, RunConfig, check_run_dir, prepare_run_dir
+from sslkit.run_record import write_config_toml
 
 
 def pretrain(cfg: RunConfig) -> dict[str, Any]:
@@ -97,8 +98,7 @@ def run(s: Setup, lock: RunLock | None = None, callbacks: list[tuple[str, Any]] 
     if state.step > s.total:
         raise _bound_below(s.cfg.out, state.step, s.total)
     if s.cfg.resume and s.main:
-        s.info["resumes"] = read_json(s.out / RUN_JSON).get("resumes", []) + [
-            {"from_step": state.step, "total_steps": s.total}]
+        continued_record(s, state, read_json(s.out / RUN_JSON))
     write_info(s)
     events = Events(create_callbacks(s.cfg.callbacks) if callbacks is None else callbacks, s.rank)
     events.emit("on_run_start", RunInfo(s.out, s.info, state.step, s.total, s.rank, s.world))
@@ -133,6 +133,24 @@ def run(s: Setup, lock: RunLock | None = None, callbacks: list[tuple[str, Any]] 
     return summary
 
 
+def continued_record(s: Setup, state: run_state.RunState, old: dict[str, Any]) -> None:
+    """A resume's run.json: the run's ``run_id``, and the first session's ``environment`` and
+    processes kept as they were; this session's own (command, processes, threads, versions, whether
+    augmentations were re-seeded) appended to ``resumes``."""
+    this = {"from_step": state.step, "total_steps": s.total, "reseeded": state.reseeded,
+            "processes": s.world, "batch_per_process": s.micro_batch,
+            "allow_data_change": s.cfg.allow_data_change, "environment": s.info["environment"]}
+    resumes = old.get("resumes")
+    s.info["resumes"] = (resumes if isinstance(resumes, list) else []) + [this]
+    if old.get("run_id"):  # a run recorded before run.json had one gets one now
+        s.info["run_id"] = old["run_id"]
+    if isinstance(old.get("environment"), dict):
+        s.info["environment"] = old["environment"]
+    first = old.get("optimization")
+    if isinstance(first, dict):
+        s.info["optimization"].update({k: first[k] for k in ("processes", "batch_per_process") if k in first})
+
+
 def _end(s: Setup, events: Events, status: str, summary: dict[str, Any]) -> None:
     """The final run.json (rank 0) and the ``on_run_end`` event."""
     if s.main:
@@ -157,7 +175,8 @@ FILES_NAMED_BY = ("a keyed hash of the path below the data root (names there can
 def _prepare(s: Setup, lock: RunLock | None) -> None:
     """Create the run directory, take its lock, then (checked again under the lock: another
     process may have started a run there while this one decoded) clear it with --overwrite;
-    remove temporary files a killed run left behind; write data_report.json."""
+    remove temporary files a killed run left behind; write data_report.json and config.toml (the settings
+    that rerun the run: ``sslkit pretrain --config RUN/config.toml --out NEW``)."""
     check_run_dir(s.cfg).mkdir(parents=True, exist_ok=True)
     if lock is not None:
         lock.acquire()
@@ -173,6 +192,9 @@ def _prepare(s: Setup, lock: RunLock | None) -> None:
         "files_named_by": FILES_NAMED_BY,
         "notes": [{"sample": i, "note": n} for i, n in getattr(s.data.source, "notes", list)()],
     })
+    why = write_config_toml(s.out, s.info["config"])
+    if why:
+        note(f"note: {why}")
 
 
 def write_info(s: Setup) -> None:

@@ -204,14 +204,22 @@ def _determinism(cfg: RunConfig, device: torch.device) -> None:
 
 
 def run_record(s: Setup, backbone_name: str, embedding_dim: int) -> dict[str, Any]:
-    """What ``run.json`` says about the run (no patient identifiers: counts and hashes)."""
+    """What ``run.json`` says about the run (no patient identifiers: counts and hashes). ``run_id``
+    is new here; a resume keeps its run's (:func:`sslkit.engine.session.continued_record`)."""
+    import uuid
+
+    from sslkit.run_record import config_sha256, recorded_config
+
     cfg, prepared = s.cfg, s.data.prepared
     options = getattr(s.data.source, "options", None)
+    config = recorded_config(cfg.to_dict())
     return {
+        "run_id": uuid.uuid4().hex,
         "task": cfg.task,
         "backbone": backbone_name,
         "backbone_options": dict(cfg.backbone_options),
-        "config": cfg.to_dict(),
+        "config": config,
+        "config_sha256": config_sha256(config),
         "input_spec": s.spec.to_dict(),
         "embedding_dim": embedding_dim,
         "dataset": {"fingerprint": fingerprint(prepared.refs, s.spec.preprocessing),

@@ -32,6 +32,7 @@ class RunState:
     epoch: int = 0
     pos: int = 0
     resumed_from: int | None = None  # the checkpoint's step, when this session resumed
+    reseeded: bool = False  # resumed with another number of processes: augmentations re-seeded (run.json says)
 
 
 def save(s: Setup, state: RunState) -> Path | None:
@@ -81,6 +82,7 @@ def restore(s: Setup) -> RunState:
         set_rng(rngs[s.rank], s.device)
     else:
         seed_everything(s.cfg.seed + 7919 * s.rank + step)
+        state.reseeded = True
         if s.main:
             note(f"note: checkpoint written by {len(rngs)} processes, resumed with {s.world}: "
                  f"augmentations are re-seeded (data order is unchanged)")

@@ -1,0 +1,95 @@
+"""Parts of a run's record (``run.json``, ``config.toml``) that say how to repeat it: the settings
+without the per-session flags, their hash, the command line as a shell takes it back, the
+launcher, and the run folder's ``config.toml``."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+CONFIG_TOML = "config.toml"
+#: the first line of the ``config.toml`` sslkit writes (a file without it is the user's, never replaced)
+CONFIG_MARK = ("# sslkit: the resolved settings of the run in this folder; rerun it: "
+               "sslkit pretrain --config THIS_FILE --out NEW_DIR")
+#: settings of one session, not of the run: never in run.json's config, config.toml or the config hash
+SESSION_ONLY = ("resume", "overwrite", "allow_data_change")
+
+
+def recorded_config(config: dict[str, Any]) -> dict[str, Any]:
+    """``RunConfig.to_dict()`` as ``run.json`` records it: without :data:`SESSION_ONLY` (a copy then
+    starts a new run wherever it is used, not a resume)."""
+    return {k: v for k, v in config.items() if k not in SESSION_ONLY}
+
+
+def config_sha256(config: dict[str, Any]) -> str:
+    """The SHA-256 of a run's resolved settings: ``run.json``'s ``config`` without ``out`` and
+    :data:`SESSION_ONLY`, as JSON with sorted keys and no spaces (the same settings in any folder
+    give the same hash)."""
+    kept = {k: v for k, v in config.items() if k != "out" and k not in SESSION_ONLY}
+    text = json.dumps(kept, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def command(argv: list[str] | None = None) -> str | None:
+    """The command line, quoted so a shell takes it back (``shlex.join``); the program is ``sslkit``
+    whether started so, as ``python -m sslkit`` or by torchrun (``-m sslkit``)."""
+    argv = sys.argv if argv is None else argv
+    if not argv:
+        return None
+    program = Path(argv[0]).name
+    ours = program == "sslkit" or (program == "__main__.py" and Path(argv[0]).parent.name == "sslkit")
+    return shlex.join(["sslkit" if ours else program, *argv[1:]])
+
+
+def launcher() -> dict[str, Any] | None:
+    """torchrun's (torch.distributed.elastic's) settings of this process group, else None."""
+    env = os.environ
+    if "TORCHELASTIC_RUN_ID" not in env and "LOCAL_WORLD_SIZE" not in env:
+        return None
+
+    def number(name: str) -> int | None:
+        return int(env[name]) if env.get(name, "").isdigit() else None
+
+    world, local = number("WORLD_SIZE"), number("LOCAL_WORLD_SIZE")
+    nnodes = number("GROUP_WORLD_SIZE") or (world // local if world and local and world % local == 0 else None)
+    return {"name": "torchrun", "world_size": world, "local_world_size": local, "nnodes": nnodes,
+            "restart_count": number("TORCHELASTIC_RESTART_COUNT")}
+
+
+def is_own_config(path: Path) -> bool:
+    """Whether ``path`` is a ``config.toml`` sslkit wrote (its first line is :data:`CONFIG_MARK`)."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return f.readline().rstrip("\n") == CONFIG_MARK
+    except OSError:
+        return False
+
+
+def write_config_toml(out: Path, config: dict[str, Any]) -> str | None:
+    """Write ``out/config.toml``: the run's resolved settings (``run.json``'s ``config`` without ``out``),
+    which ``sslkit pretrain --config`` loads back to the same run. A ``config.toml`` of the user's is
+    kept; returns why nothing was written, else None."""
+    from sslkit.config_toml import setting_help, source_options_of, to_toml
+    from sslkit.config_values import FIELDS, REQUIRED
+    from sslkit.errors import UsageError
+    from sslkit.output_file import write_text_atomic
+
+    file = Path(out) / CONFIG_TOML
+    if file.exists() and not is_own_config(file):
+        return f"{file} is not sslkit's: kept, not replaced (the run's settings are in run.json)"
+    values = {k: config.get(k) for k in (*REQUIRED, *FIELDS) if k != "out" and k not in SESSION_ONLY and k in config}
+    try:
+        try:
+            notes = setting_help(values, source_options_of(values.get("data")))
+        except UsageError:
+            notes = {}
+        text = to_toml(values, notes)
+    except UsageError as exc:  # a value TOML cannot hold: run.json still has it
+        return f"{CONFIG_TOML} not written: {exc}"
+    write_text_atomic(file, CONFIG_MARK + "\n" + text, overwrite=True)
+    return None
