@@ -5,12 +5,14 @@ it (resized to ``image_size``; a volume as its three orthogonal mid-planes, axia
 coronal, sagittal), then two augmented views of it (2D: a named recipe of
 :mod:`sslkit.views`, default ``simclr``; volumes: :func:`sslkit.augment3d.pair_volume_recipes`).
 The caption states the source, sample mode, window and spacing. Slabs show their centre
-slice. Row labels are sample ids relative to the data root (DICOM volumes: salted series keys).
+slice. Row labels are sample ids relative to the data root (DICOM volumes: salted series keys), a
+folder name that names or alone holds a patient replaced (as ``eval tsne --color-by folder`` does),
+a long one shortened to its first folder, ``…`` and its file name.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 
 import numpy as np
@@ -26,6 +28,7 @@ from sslkit.output_file import check_output
 from sslkit.registry import create_source
 
 PLANES = ("axial", "coronal", "sagittal")
+LABEL_CHARS = 40  # a row label longer than this shows its first folder, "…" and its file name
 
 
 def planes(x: np.ndarray) -> list[np.ndarray]:
@@ -82,7 +85,9 @@ def preview(src: str, out: str | Path, options: dict[str, Any] | None = None, sa
     mode = sample_mode(source)
     channels = majority_channels(source, refs)  # as the run would train: grey and colour mixed are one kind
     picked, arrays = [], []
-    for ref in refs[:: max(1, len(refs) // samples)]:
+    first = spread(len(refs), samples)  # then the others, in place of any that does not decode
+    chosen = set(first)
+    for ref in [refs[i] for i in first] + [r for i, r in enumerate(refs) if i not in chosen]:
         try:
             x = to_channels(source.load(ref), channels)
         except Exception:
@@ -99,6 +104,7 @@ def preview(src: str, out: str | Path, options: dict[str, Any] | None = None, sa
     views = [v.numpy() for v in views_of(batch, mode.volumetric, mode.size if mode.volumetric else image_size,
                                          recipe_name)]
     per = 3 if mode.volumetric else 1
+    labels = row_labels(source, refs, picked)
     fig, axes = plt.subplots(len(arrays), 3 * per, figsize=(2.2 * 3 * per, 2.3 * len(arrays)), squeeze=False)
     titles = ["decoded", "view 1", "view 2"]
     for i, ref in enumerate(picked):
@@ -112,7 +118,7 @@ def preview(src: str, out: str | Path, options: dict[str, Any] | None = None, sa
                 ax.set_xticks([]), ax.set_yticks([])
                 if i == 0:
                     ax.set_title(f"{titles[j]}" + (f" {PLANES[k]}" if mode.volumetric else ""), fontsize=8)
-        axes[i][0].set_ylabel(sample_key(source, ref)[-28:], fontsize=6)
+        axes[i][0].set_ylabel(labels[i], fontsize=6)
     fig.suptitle(caption(source, picked[0], mode) + (f"; shown from its value range {low:.4g}-{high:.4g} to 0-1, as "
                                                       "training's views see it" if rescaled else ""), fontsize=8)
     try:
@@ -121,6 +127,36 @@ def preview(src: str, out: str | Path, options: dict[str, Any] | None = None, sa
         plt.close(fig)
     return {"samples": len(arrays), "out": str(out), "sample": mode.describe().get("sample", "slice"),
             "value_range": [low, high] if rescaled else [0.0, 1.0]}
+
+
+def spread(n: int, samples: int) -> list[int]:
+    """Up to ``samples`` distinct indices of ``n`` items spread evenly from the first to the last."""
+    return [int(i) for i in np.unique(np.linspace(0, n - 1, min(samples, n)).round())]
+
+
+def row_labels(source: Any, refs: list, picked: list) -> list[str]:
+    """Each picked sample's key, folder names that name (or alone hold) a patient replaced as ``eval tsne
+    --color-by folder`` does (:func:`sslkit.eval.tsne.folder_aliases`; higher levels the source names,
+    ``(patient folder)``); a long one as its first folder, ``…`` and its file name."""
+    from sslkit.eval.tsne import folder_aliases, shorten
+
+    alias = folder_aliases(source, refs)
+    out = []
+    for ref in picked:
+        key = sample_key(source, ref)
+        parts = list(PurePath(key).parts)
+        if len(parts) > 1 and key.startswith(source.relative(ref.path)):  # a path, not a series key
+            named = source.patient_folders(ref)
+            for level in range(1, len(parts)):
+                if level == 1 and parts[-2] in alias:
+                    parts[-2] = alias[parts[-2]]
+                elif level in named:
+                    parts[-1 - level] = "(patient folder)"
+        label = "/".join(parts)
+        if len(label) > LABEL_CHARS and len(parts) > 2:
+            label = f"{parts[0]}/…/{parts[-1]}"
+        out.append(shorten(label, LABEL_CHARS))
+    return out
 
 
 def in_range(batch: torch.Tensor) -> tuple[torch.Tensor, float, float, bool]:

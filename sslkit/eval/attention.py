@@ -23,11 +23,13 @@ from torch import nn
 
 from sslkit.backbone import is_token_backbone
 from sslkit.eval.report import new_report, save_picture, save_report, skipped_summary
-from sslkit.eval.tsne import _check_out
+from sslkit.eval.tsne import _check_out, shorten
 from sslkit.figure import save_png
 
 CELL_INCHES = 2.0
 DPI = 100
+TITLE_TOP_IN = 0.08  # the title's top, inches below the figure's top edge
+HEADER_IN = 0.3  # the column headers above the images
 
 
 def vit_cls_attention(backbone: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -113,22 +115,22 @@ def pick_across_classes(labels: list[str | None], n: int) -> list[int]:
     return [picks[c][j] for j in range(max(quota.values(), default=0)) for c in order if j < len(picks[c])]
 
 
-def plot_grid(images: np.ndarray, maps: dict[str, np.ndarray], title: str, out: Path,
-              row_labels: list[str] | None = None) -> tuple[int, int]:
-    """Rows: images. Columns: input, then every map of each encoder (overlaid on the input).
-
-    ``images: (B, C, S, S)`` in [0, 1]; ``maps[name]: (B, M, S, S)`` in [0, 1];
-    ``row_labels``: each row's class, written left of its input. The PNG is exactly
-    ``(cols * CELL_INCHES * DPI, rows * CELL_INCHES * DPI)`` pixels.
-    """
+def draw_grid(images: np.ndarray, maps: dict[str, np.ndarray], title: str,
+              row_labels: list[str] | None = None) -> Any:
+    """The figure of :func:`plot_grid`. The title's top sits :data:`TITLE_TOP_IN` inches below the figure's top
+    edge and the images start :func:`top_margin` inches below it, whatever the number of rows, so the title
+    never reaches the column headers; a row label too wide for its cell is shortened (:func:`fit_in_cell`)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     rows = len(images)
     cols = 1 + sum(m.shape[1] for m in maps.values())
-    fig = Figure(figsize=(cols * CELL_INCHES, rows * CELL_INCHES), dpi=DPI)
+    fig_h = rows * CELL_INCHES
+    fig = Figure(figsize=(cols * CELL_INCHES, fig_h), dpi=DPI)
     FigureCanvasAgg(fig)
     axes = fig.subplots(rows, cols, squeeze=False)
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=1 - top_margin(title) / fig_h,
+                        wspace=0.04, hspace=0.04)  # first: a row label is fitted to its cell's width
     for r in range(rows):
         img = images[r].transpose(1, 2, 0)
         luma = img[..., 0] if img.shape[2] == 1 else img @ np.array([0.2989, 0.587, 0.114], dtype=img.dtype)
@@ -136,8 +138,9 @@ def plot_grid(images: np.ndarray, maps: dict[str, np.ndarray], title: str, out: 
         if r == 0:
             axes[r, 0].set_title("input", fontsize=9)
         if row_labels:
-            axes[r, 0].text(0.02, 0.98, row_labels[r], transform=axes[r, 0].transAxes, fontsize=9, va="top",
-                            color="yellow", bbox=dict(facecolor="black", alpha=0.6, pad=1.5, linewidth=0))
+            fit_in_cell(axes[r, 0], axes[r, 0].text(
+                0.02, 0.98, row_labels[r], transform=axes[r, 0].transAxes, fontsize=9, va="top", color="yellow",
+                clip_on=True, bbox=dict(facecolor="black", alpha=0.6, pad=1.5, linewidth=0)), row_labels[r])
         c = 0
         for name, m in maps.items():
             for head in range(m.shape[1]):
@@ -150,11 +153,47 @@ def plot_grid(images: np.ndarray, maps: dict[str, np.ndarray], title: str, out: 
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.suptitle(title, fontsize=10)
-    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=1 - 0.6 / (rows * CELL_INCHES),
-                        wspace=0.04, hspace=0.04)
+    fig.suptitle(title, fontsize=10, va="top", y=1 - TITLE_TOP_IN / fig_h)
+    return fig
+
+
+def fit_in_cell(ax: Any, text: Any, label: str) -> None:
+    """Shorten ``text`` (``label`` with an ellipsis in the middle) until it ends inside ``ax``."""
+    renderer = ax.figure.canvas.get_renderer()
+    ax.apply_aspect()  # the image's square box, as drawn
+    right = ax.get_window_extent(renderer).x1 - 2
+    n = len(label)
+    while n > 5 and text.get_window_extent(renderer).x1 > right:
+        n -= 1
+        text.set_text(shorten(label, n))
+
+
+def top_margin(title: str) -> float:
+    """Inches above the images: the title's lines (from :data:`TITLE_TOP_IN`) and the column headers."""
+    return TITLE_TOP_IN + 0.18 * (title.count("\n") + 1) + HEADER_IN
+
+
+def plot_grid(images: np.ndarray, maps: dict[str, np.ndarray], title: str, out: Path,
+              row_labels: list[str] | None = None) -> tuple[int, int]:
+    """Rows: images. Columns: input, then every map of each encoder (overlaid on the input).
+
+    ``images: (B, C, S, S)`` in [0, 1]; ``maps[name]: (B, M, S, S)`` in [0, 1];
+    ``row_labels``: each row's class, written in the top left of its input. The PNG is exactly
+    ``(cols * CELL_INCHES * DPI, rows * CELL_INCHES * DPI)`` pixels.
+    """
+    fig = draw_grid(images, maps, title, row_labels)
     save_png(fig, out, DPI)
-    return int(cols * CELL_INCHES * DPI), int(rows * CELL_INCHES * DPI)
+    w, h = fig.get_size_inches()
+    return int(round(w * DPI)), int(round(h * DPI))
+
+
+def pooling_note(encoder: nn.Module) -> str:
+    """A title line for a ViT whose embedding is the mean of its patch tokens (an MAE run): what is
+    drawn (the class token's attention) is then not what the embedding is made of."""
+    model = getattr(encoder, "model", None)
+    if is_token_backbone(encoder) and getattr(model, "global_pool", "token") in ("avg", "mean"):
+        return "\nclass-token attention; this encoder's embedding is the mean of its patch tokens"
+    return ""
 
 
 def evaluate_attention(model_path: str, images: str, out: str | None = None, max_images: int = 8,
@@ -179,7 +218,7 @@ def evaluate_attention(model_path: str, images: str, out: str | None = None, max
     rows = pick_across_classes(labels, max_images)
     pixels = torch.from_numpy(np.asarray(loaded.prepared.pixels[np.array(rows)], dtype=np.float32) / SCALE)
     x = Normalize(spec.mean, spec.std)(pixels)
-    maps, kind = {}, ""
+    maps, kind, note = {}, "", ""
     builders = {"pretrained": run.build_encoder}
     if baseline:
         builders.update(random=model.build_random_encoder, init=model.build_init_encoder)
@@ -188,13 +227,14 @@ def evaluate_attention(model_path: str, images: str, out: str | None = None, max
         if encoder is None:  # no --init weights
             continue
         kind, m = saliency(encoder.to(model.device), x.to(model.device))
+        note = note or (pooling_note(encoder) if name == "pretrained" else "")
         maps[name] = m.cpu().numpy()
     desc = model.describe()
     row_labels = [labels[i] or "(unlabelled)" for i in rows] if any(labels) else None
     out_path, (width, height) = save_picture(out_path, model.report_dir, "attention", lambda path: plot_grid(
-        pixels.numpy(), maps, f"{kind}: {desc['task']} {desc['backbone']}", path, row_labels))
+        pixels.numpy(), maps, f"{kind}: {desc['task']} {desc['backbone']}{note}", path, row_labels))
     report = new_report("attention", desc, {"method": kind, "max_images": max_images, "baseline": baseline})
-    report["data"] = {"data": {"source": images, "samples": len(rows),
+    report["data"] = {"data": {"source": images, "samples": len(labels), "rows": len(rows),
                                "skipped": skipped_summary(loaded.prepared.skipped)}}
     report["classes"] = sorted({lab for lab in labels if lab is not None})
     report["class_counts"] = {"rows": {c: sum(labels[i] == c for i in rows) for c in report["classes"]}}

@@ -78,7 +78,8 @@ def _print(report: dict, as_json: bool) -> None:
     for split, d in data.items():
         if "samples" not in d:
             continue
-        extra = f", {d['unlabelled']} unlabelled skipped" if d.get("unlabelled") else ""
+        plotted = report["kind"] in ("tsne", "umap")  # unlabelled points are drawn, in grey
+        extra = f", {d['unlabelled']} unlabelled {'(grey)' if plotted else 'skipped'}" if d.get("unlabelled") else ""
         extra += f", {d['groups']} groups" if d.get("groups") else ""
         skipped = (d.get("skipped") or {}).get("files")
         extra += f", {skipped} files not decoded ({'; '.join(list(d['skipped']['reasons'])[:3])})" if skipped else ""

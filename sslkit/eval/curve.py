@@ -145,7 +145,7 @@ def evaluate_curve(model_path: str, args: DataArgs, fractions: Sequence[float], 
     settings = {"fractions": list(fractions), "k": k, "temperature": TEMPERATURE, "C_grid": sorted(C_grid),
                 "val_fraction": val_fraction, "seed": args.seed, "baseline": args.baseline,
                 "min_labels_per_class": MIN_PER_CLASS,
-                "metric": "auroc" if len(prep.classes) == 2 else "balanced_accuracy"}
+                "score": "auroc" if len(prep.classes) == 2 else "balanced_accuracy"}
     report = base_report("curve", prep, args, settings)
     report["results"] = curve_results(prep, fractions, k, C_grid, val_fraction, args.seed)
     report["gain"] = gains(report["results"], prep.correct)  # per fraction: SE over folds, or paired per image

@@ -65,8 +65,27 @@ class EvalModel:
         return (self.run.path if self.format == "run" else self.path.parent) / "eval"
 
     def describe(self) -> dict[str, Any]:
-        checkpoint = self.run.checkpoint.name if self.run is not None and self.run.checkpoint is not None else None
-        return {"path": str(self.path), "format": self.format, "checkpoint": checkpoint, "task": self.info.get("task"),
+        """The report's ``model``: what was evaluated, tied to its run (``run_id``, ``config_sha256``: run.json's
+        or the ONNX metadata's; None for runs made before they were recorded) and to its weights: ``encoder_sha256`` (a run's final
+        encoder as run.json records it, an ONNX file's own bytes), or for a checkpoint its ``checkpoint_step``
+        and ``checkpoint_sha256`` (its model file, as its manifest records it)."""
+        from sslkit.checkpoint import MANIFEST, MODEL_FILE
+        from sslkit.output_file import file_sha256, read_json
+
+        ckpt = self.run.checkpoint if self.run is not None else None
+        weights: dict[str, Any] = {"encoder_sha256": None, "checkpoint_step": None}
+        if ckpt is not None:
+            manifest = read_json(ckpt / MANIFEST)
+            model_file = (manifest.get("files") or {}).get(MODEL_FILE) or {}
+            weights.update(checkpoint_step=manifest.get("step"), checkpoint_sha256=model_file.get("sha256"))
+        elif self.run is not None:
+            weights["encoder_sha256"] = self.run.info.get("encoder_sha256")
+        else:
+            weights["encoder_sha256"] = file_sha256([self.path])
+        checkpoint = ckpt.name if ckpt is not None else None
+        return {"path": str(self.path), "format": self.format, "run_id": self.info.get("run_id"),
+                "config_sha256": self.info.get("config_sha256"), "checkpoint": checkpoint, **weights,
+                "task": self.info.get("task"),
                 "backbone": self.info.get("backbone"), "backbone_options": self.info.get("backbone_options") or {},
                 "embedding_dim": self.info.get("embedding_dim"), "image_size": self.spec.image_size,
                 "channels": self.spec.channels}

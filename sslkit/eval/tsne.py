@@ -23,6 +23,11 @@ from sslkit.eval.report import new_report, save_picture, save_report, skipped_su
 PANEL_INCHES = 6.0
 DPI = 100
 UNLABELLED = "(unlabelled)"
+UNLABELLED_COLOUR = "lightgray"
+MISSING = "(missing)"  # --color-by FIELD: a file whose header lacks the field
+LABEL_CHARS = 40  # a legend entry's label is cut to this many characters
+LEGEND_ROWS = 20  # entries per legend column
+MARKERS = ("o", "s", "^", "D", "v", "P")
 
 
 def capped_perplexity(perplexity: float, n: int) -> float:
@@ -55,63 +60,110 @@ def reduce_2d(x: np.ndarray, method: str = "tsne", perplexity: float = 30.0, see
         return TSNE(n_components=2, perplexity=perp, init="pca", random_state=seed).fit_transform(x)
 
 
-def plot_maps(panels: dict[str, np.ndarray], labels: list[str], title: str, out: Path) -> tuple[int, int]:
-    """Scatter one ``(N, 2)`` map per panel side by side, coloured by ``labels``; PNG ``(W, H)`` px.
+def shorten(text: str, limit: int = LABEL_CHARS) -> str:
+    """``text`` cut to ``limit`` characters with an ellipsis in the middle (its start and end both show)."""
+    if len(text) <= limit:
+        return text
+    head = limit // 2
+    return text[:head] + "…" + text[len(text) - (limit - 1 - head):]
 
-    The image is exactly ``(PANEL_INCHES * DPI * len(panels), PANEL_INCHES * DPI)`` pixels.
-    """
+
+def category_colours(n: int) -> list[tuple[float, float, float, float]]:
+    """``n`` distinct colours, none grey (grey is ``(unlabelled)``): tab10 up to 10, tab20 without its two
+    greys up to 18, beyond that hues spaced by the golden ratio at alternating saturation and brightness."""
     import matplotlib
+    from matplotlib.colors import hsv_to_rgb
+
+    if n <= 10:
+        return [matplotlib.colormaps["tab10"](i) for i in range(n)]
+    if n <= 18:
+        tab20 = matplotlib.colormaps["tab20"]
+        return [tab20(i) for i in range(20) if i not in (14, 15)][:n]
+    hsv = [((0.07 + i * 0.618033988749895) % 1.0, (0.95, 0.55)[i % 2], (0.9, 0.6)[(i // 2) % 2]) for i in range(n)]
+    return [(*map(float, hsv_to_rgb(c)), 1.0) for c in hsv]
+
+
+def legend_layout(entries: list[str]) -> tuple[int, float]:
+    """Legend columns (one per :data:`LEGEND_ROWS` entries) and the inches it needs beside the panels."""
+    ncol = max(1, -(-len(entries) // LEGEND_ROWS))
+    chars = max((len(e) for e in entries), default=0)
+    return ncol, 0.3 + ncol * (0.45 + 0.075 * chars)
+
+
+def draw_maps(panels: dict[str, np.ndarray], labels: list[str], title: str) -> Any:
+    """The figure of :func:`plot_maps`: one panel per map, one legend (shortened labels, their
+    counts) outside the panels on the right, the figure widened by :func:`legend_layout`."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     classes = sorted(set(labels) - {UNLABELLED}) + ([UNLABELLED] if UNLABELLED in labels else [])
-    fig = Figure(figsize=(PANEL_INCHES * len(panels), PANEL_INCHES), dpi=DPI)
-    FigureCanvasAgg(fig)
-    cmap = matplotlib.colormaps["tab10" if len(classes) <= 10 else "tab20"]
     lab = np.asarray(labels)
+    entries = [f"{shorten(c)} ({int((lab == c).sum())})" for c in classes]
+    ncol, legend_in = legend_layout(entries)
+    width = round((PANEL_INCHES * len(panels) + legend_in) * DPI) / DPI  # whole pixels
+    fig = Figure(figsize=(width, PANEL_INCHES), dpi=DPI)
+    FigureCanvasAgg(fig)
+    colours = category_colours(len(classes) - (UNLABELLED in classes)) + [UNLABELLED_COLOUR]
+    markers = [MARKERS[ci // 10 % len(MARKERS)] if len(classes) > 20 else "o" for ci in range(len(classes))]
     size = max(2.0, min(20.0, 4000 / max(1, len(lab))))
     for i, (name, xy) in enumerate(panels.items()):
         ax = fig.add_subplot(1, len(panels), i + 1)
         for ci, c in enumerate(classes):
             m = lab == c
-            color = "lightgray" if c == UNLABELLED else cmap(ci % cmap.N)
-            ax.scatter(xy[m, 0], xy[m, 1], s=size, color=color, label=f"{c} ({int(m.sum())})", alpha=0.8,
+            color = UNLABELLED_COLOUR if c == UNLABELLED else colours[ci]
+            ax.scatter(xy[m, 0], xy[m, 1], s=size, color=color, marker=markers[ci], label=entries[ci], alpha=0.8,
                        linewidths=0)
         ax.set_title(f"{name} encoder")
         ax.set_xticks([])
         ax.set_yticks([])
-        ax.legend(loc="best", fontsize="small", markerscale=max(1.0, 6 / size ** 0.5), framealpha=0.8)
     fig.suptitle(title)
-    save_png(fig, out, DPI, tight_rect=(0, 0, 1, 0.96))
-    return int(PANEL_INCHES * DPI * len(panels)), int(PANEL_INCHES * DPI)
+    fig.tight_layout(rect=(0, 0, (width - legend_in) / width, 0.96))
+    fig.legend(*fig.axes[-1].get_legend_handles_labels(), loc="upper left", fontsize="small", ncol=ncol,
+               bbox_to_anchor=((width - legend_in + 0.1) / width, 0.93), markerscale=max(1.0, 6 / size ** 0.5),
+               frameon=False, title=None)
+    return fig
 
 
-def folder_values(source: Any, refs: list) -> dict[str, str]:
-    """``{sample id: folder name}``; a folder name that holds one group (patient) only, or that the
-    source says carries a patient's name or ID (``Source.patient_folders``), is shown as ``folder K
-    (one patient)`` or ``folder K (names a patient)``: a DICOM export's folders are often named after
-    the patient, and a patient without PatientID (grouped by study) or with two IDs is several groups."""
-    names: dict[str, str] = {}
+def plot_maps(panels: dict[str, np.ndarray], labels: list[str], title: str, out: Path) -> tuple[int, int]:
+    """Scatter one ``(N, 2)`` map per panel side by side, coloured by ``labels`` (:func:`draw_maps`);
+    returns the PNG's ``(W, H)`` px: ``PANEL_INCHES * DPI`` high, each panel that wide plus the legend."""
+    fig = draw_maps(panels, labels, title)
+    save_png(fig, out, DPI)
+    w, h = fig.get_size_inches()
+    return int(round(w * DPI)), int(round(h * DPI))
+
+
+def folder_aliases(source: Any, refs: list) -> dict[str, str]:
+    """``{folder name: alias}`` of the folder names no picture or report shows: one that holds one group
+    (patient) only, or that the source says carries a patient's name or ID (``Source.patient_folders``),
+    becomes ``folder K (one patient)`` or ``folder K (names a patient)``: a DICOM export's folders are often
+    named after the patient, and a patient without PatientID (grouped by study) or with two IDs is several
+    groups. Used by ``--color-by folder`` and ``data preview``'s row labels."""
     groups: dict[str, set[str]] = {}
     named: set[str] = set()
     for r in refs:
-        names[sample_id(source, r)] = folder = PurePath(r.path).parent.name
+        folder = PurePath(r.path).parent.name
         groups.setdefault(folder, set()).add(r.group or r.path)
         if 1 in source.patient_folders(r):
             named.add(folder)
     hidden = sorted(n for n, g in groups.items() if len(g) == 1 or n in named)
-    if not hidden:
-        return names
-    alias = {n: f"folder {k} ({'names a patient' if n in named else 'one patient'})" for k, n in enumerate(hidden, 1)}
-    print(f"sslkit: note: --color-by folder: {len(hidden)} of {len(groups)} folder names hold one patient (group) "
-          "or carry a patient's name or ID and are not shown", file=sys.stderr)
+    return {n: f"folder {k} ({'names a patient' if n in named else 'one patient'})" for k, n in enumerate(hidden, 1)}
+
+
+def folder_values(source: Any, refs: list) -> dict[str, str]:
+    """``{sample id: folder name}``, the names :func:`folder_aliases` hides replaced by their alias."""
+    names = {sample_id(source, r): PurePath(r.path).parent.name for r in refs}
+    alias = folder_aliases(source, refs)
+    if alias:
+        print(f"sslkit: note: --color-by folder: {len(alias)} of {len(set(names.values()))} folder names hold one "
+              "patient (group) or carry a patient's name or ID and are not shown", file=sys.stderr)
     return {sid: alias.get(n, n) for sid, n in names.items()}
 
 
 def header_values(model: Any, data: str, source_options: dict[str, Any] | None, field: str) -> dict[str, str]:
     """``{sample id: value}`` of ``field`` for ``--color-by``: ``folder`` (the file's folder name) or
     a header field the source reports in ``Source.properties(ref)`` (case and ``_`` ignored, so
-    ``Modality`` finds ``modality``). Index only: nothing is decoded."""
+    ``Modality`` finds ``modality``; a file without it: :data:`MISSING`). Index only: nothing is decoded."""
     from sslkit.registry import create_source
 
     source = create_source(data, **model.source_options(data, source_options))
@@ -133,7 +185,7 @@ def header_values(model: Any, data: str, source_options: dict[str, Any] | None, 
     if not out:
         raise UsageError(f"--color-by {field!r}: {source.scheme} data gives no such field; choose from: label, "
                          f"folder{''.join(', ' + k for k in sorted(known))}")
-    return out
+    return {sample_id(source, r): out.get(sample_id(source, r), MISSING) for r in refs}
 
 
 def evaluate_tsne(model_path: str, data: str, out: str | None = None, labels_csv: str | None = None,
@@ -174,6 +226,7 @@ def evaluate_tsne(model_path: str, data: str, out: str | None = None, labels_csv
                                "unlabelled": labels.count(UNLABELLED),
                                "skipped": skipped_summary(embs["pretrained"].skip_reasons)}}
     report["classes"] = sorted(set(labels) - {UNLABELLED})
+    report["class_counts"] = {"plotted": {c: labels.count(c) for c in report["classes"]}}
     report["files"] = [str(out_path)]
     report["image_size"] = [width, height]
     save_report(report, model.report_dir, picture=out_path, overwrite=overwrite and out is not None)

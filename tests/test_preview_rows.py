@@ -1,0 +1,47 @@
+"""``sslkit data preview``: which samples get a row, and what their row labels show."""
+
+from __future__ import annotations
+
+import numpy as np
+
+import sslkit.data.preview as preview
+from tests.conftest import make_images
+from tests.dicom_factory import write_dicom
+
+
+def preview_labels(monkeypatch, src, out, samples):
+    """The row labels of the sheet ``data preview`` draws of ``src``."""
+    figs = []
+    real = preview.save_png
+    monkeypatch.setattr(preview, "save_png", lambda fig, *a, **k: figs.append(fig) or real(fig, *a, **k))
+    preview.preview(src, out, samples=samples, image_size=16)
+    return [row[0].get_ylabel() for row in np.asarray(figs[0].axes).reshape(samples, -1)]
+
+
+def test_rows_spread_over_all_classes_and_reach_the_last_sample(tmp_path, monkeypatch):
+    data = make_images(tmp_path / "xr", n_per_class=6, size=8, classes=("NORMAL", "PNEUMONIA"))
+    for p in sorted((data / "PNEUMONIA").iterdir())[:1]:
+        p.unlink()  # 6 NORMAL + 5 PNEUMONIA: a stride of 11 // 6 = 1 showed NORMAL only
+    labels = preview_labels(monkeypatch, f"folder:{data}", tmp_path / "p.png", 6)
+    assert sum(lab.startswith("NORMAL/") for lab in labels) == 3
+    assert sum(lab.startswith("PNEUMONIA/") for lab in labels) == 3
+    assert labels[-1] == "PNEUMONIA/5.png"  # the last sample is reached
+
+
+def test_row_label_keeps_the_class_folder_and_file_name(tmp_path, monkeypatch):
+    deep = tmp_path / "d" / "NORMAL" / "a_rather_long_site_folder_name" / "scanner_2019_export"
+    make_images(deep, n_per_class=2, size=8, classes=("series_0001_reconstructed",))
+    labels = preview_labels(monkeypatch, f"folder:{tmp_path / 'd'}", tmp_path / "p.png", 2)
+    assert labels == ["NORMAL/…/0.png", "NORMAL/…/1.png"]  # the last 28 characters lost NORMAL
+
+
+def test_dicom_row_labels_do_not_show_patient_named_folders(tmp_path, monkeypatch):
+    pixels = np.arange(64, dtype=np.uint16).reshape(8, 8) * 50
+    for name, pid in (("Brambleworth^Cassius", "BC1"), ("Quixotebottom^Zebulon", "QZ2")):
+        for i in range(2):
+            write_dicom(tmp_path / "dcm" / "CHEST" / name.replace("^", "_").upper() / f"img{i}.dcm", pixels + i,
+                        patient_name=name, patient_id=pid)
+    labels = preview_labels(monkeypatch, f"dicom:{tmp_path / 'dcm'}", tmp_path / "p.png", 4)
+    assert len(labels) == 4 and all(lab.startswith("CHEST/") for lab in labels)
+    for lab in labels:
+        assert "BRAMBLEWORTH" not in lab.upper() and "QUIXOTEBOTTOM" not in lab.upper(), lab
