@@ -42,13 +42,41 @@ class Stages:
         print(f"[run ] {name}", flush=True)
         t0 = time.time()
         result = fn()
-        with self.lock:
-            self.state[name] = result
-            tmp = self.file.with_suffix(".tmp")
-            tmp.write_text(json.dumps(self.state, indent=2, default=str))
-            os.replace(tmp, self.file)
+        self.put(name, result)
         print(f"[done] {name} in {time.time() - t0:.0f}s wall", flush=True)
         return result
+
+    def put(self, name: str, value: Any) -> None:
+        """Set ``name``'s entry and write the state file (atomically: a per-process temporary file, renamed)."""
+        with self.lock:
+            self.state[name] = value
+            tmp = self.file.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(self.state, indent=2, default=str))
+            os.replace(tmp, self.file)
+
+
+def check_settings(st: Stages, key: str, settings: dict[str, Any], stored: dict[str, Any] | None = None,
+                   record: bool = True) -> dict[str, Any]:
+    """Refuse a run whose ``settings`` differ from those its work dir was made with.
+
+    A work dir's stage names do not carry every setting (budget, seed, image counts, ...), so a rerun
+    with other settings would reuse stages of the first ones and report them under the new heading.
+    ``st.state[key]`` (or ``stored``, an older dir's implied record) holds the settings; one that
+    differs exits with one line naming them. Settings the record lacks (a dir from before they
+    were recorded) are accepted and added; a new dir records them all (``record=False``: only compare).
+    Returns the record."""
+    now = json.loads(json.dumps(settings, default=str))  # as the state file will read it back
+    old = (stored if stored is not None else st.state.get(key)) or {}
+    differ = [k for k in now if k in old and old[k] != now[k]]
+    if differ:
+        was = ", ".join(f"{k.replace('_', '-')} {'(none)' if old[k] is None else old[k]}" for k in differ)
+        asked = ", ".join(f"{k.replace('_', '-')} {'(none)' if now[k] is None else now[k]}" for k in differ)
+        sys.exit(f"error: {st.work} holds runs made with {was}; this run asks {asked}: "
+                 f"pass the same settings, or use a new --work")
+    merged = {**old, **now}
+    if record and merged != st.state.get(key):
+        st.put(key, merged)
+    return merged
 
 
 def cpu_seconds(children: bool = False) -> float:
@@ -67,10 +95,25 @@ def cpu_seconds_per_call(fn: Callable[[], Any], calls: int, warmup: int = 1) -> 
     return (cpu_seconds() - c0) / calls
 
 
+def run_optimizer(task_module, task: str, backbone: str, backbone_opts: dict, task_opts: dict, size: int,
+                  channels: int, batch: int):
+    """The optimizer ``sslkit pretrain --task TASK`` steps with at these settings (the task's
+    engine_defaults: e.g. simclr's LARS, mae's AdamW), over ``task_module``'s parameters, built as the
+    engine builds it (:func:`sslkit.config.resolve`, :func:`sslkit.optim.build_optimizer`: fused AdamW)."""
+    from sslkit.config import resolve
+    from sslkit.optim import build_optimizer, scaled_lr
+
+    c = resolve(dict(task=task, data="folder:.", out="-", backbone=backbone, backbone_options=backbone_opts,
+                     task_options=task_opts, image_size=size, channels=channels, batch_size=batch))
+    lr = c.lr if c.lr is not None else scaled_lr(c.base_lr, batch, c.lr_scaling)
+    return build_optimizer(task_module, c.optimizer, lr, c.weight_decay, c.momentum, c.betas)
+
+
 def task_step_cpu_seconds(task: str, backbone: str, backbone_opts: dict, task_opts: dict, size: int,
                           channels: int, batch: int, steps: int, warmup: int = 3) -> float:
-    """CPU seconds of one training step of ``task`` (augment, forward, backward, AdamW,
-    on_step_end) on random ``batch x channels x size x size`` tensors, after ``warmup`` steps.
+    """CPU seconds of one training step of ``task`` (augment, forward, backward, the run's optimizer
+    step (:func:`run_optimizer`), on_step_end) on random ``batch x channels x size x size`` tensors,
+    after ``warmup`` steps.
 
     Three warm-up steps, not one: the first calibration in a fresh process measured mae's step
     (ViT-Tiny, 32 px, batch 128) 30 % and simclr's (ResNet-18) 13 % above the steps of its own
@@ -86,7 +129,7 @@ def task_step_cpu_seconds(task: str, backbone: str, backbone_opts: dict, task_op
     spec = InputSpec(channels, size, (0.5,) * channels, (0.25,) * channels)
     t = create_task(task, create_backbone(backbone, channels, size, **backbone_opts), spec, **task_opts)
     augment = t.views(spec)
-    opt = torch.optim.AdamW([p for p in t.parameters() if p.requires_grad], lr=1e-3)
+    opt = run_optimizer(t, task, backbone, backbone_opts, task_opts, size, channels, batch)
     x = torch.rand(batch, channels, size, size)
 
     done = [0]

@@ -46,8 +46,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import lightly_tasks  # noqa: E402
-from _common import (SHARED_DATA, Stages, bits, cpu_seconds_per_call, extract, knn_correct_string,  # noqa: E402
-                     link_split, paired_se, probe, sslkit_pretrain, stratified_subset, table)
+from _common import (SHARED_DATA, Stages, bits, check_settings, extract, knn_correct_string,  # noqa: E402
+                     link_split, paired_se, probe, sslkit_pretrain, stratified_subset, table, task_step_cpu_seconds)
 
 BACKBONE, BACKBONE_OPTS, SIZE = "timm:resnet18", {"cifar_stem": True}, 32
 
@@ -96,8 +96,30 @@ def simclr_step(batch_size: int, channels_last: bool = False):
 
 
 def calibrate(batch_size: int, steps: int = 3) -> float:
-    """CPU seconds of one sslkit SimCLR training step (forward, backward, AdamW) at this batch."""
-    return cpu_seconds_per_call(simclr_step(batch_size), steps)
+    """CPU seconds of one sslkit SimCLR training step (augment, forward, backward, the run's optimizer:
+    simclr's LARS) at this batch, fp32, after _common's three warm-up steps."""
+    return task_step_cpu_seconds("simclr", BACKBONE, BACKBONE_OPTS, {}, SIZE, 3, batch_size, steps)
+
+
+def plan(st: Stages, a, n_train: int) -> dict:
+    """The work dir's plan (steps, budget, batch, precision, seed, eval counts): recorded on the first
+    run; a rerun with other settings is refused in one line (``check_settings``), since the stage
+    names carry none of them. The steps come from ``--steps`` or the calibrated ``--budget-min``."""
+    settings = {"budget_cpu_min": None if a.steps else a.budget_min, "batch_size": a.batch_size,
+                "precision": a.precision, "seed": a.seed, "eval_train": a.eval_train, "eval_test": a.eval_test}
+    if a.steps:
+        settings["steps"] = a.steps
+    old = st.state.get("plan")
+    if old is not None and "budget_cpu_min" not in old:  # an older dir's --steps plan
+        old = {**old, "budget_cpu_min": None}
+    p = check_settings(st, "plan", settings, stored=old)
+    if "steps" not in p:
+        cal = st.run("calibrate", lambda: {"cpu_s_per_step": round(calibrate(a.batch_size), 2)})
+        steps = max(2, int(a.budget_min * 60 / cal["cpu_s_per_step"]))
+        st.put("plan", p := {**p, "steps": steps, "epochs_seen": round(steps * a.batch_size / n_train, 3)})
+    elif "epochs_seen" not in p:
+        st.put("plan", p := {**p, "epochs_seen": round(p["steps"] * a.batch_size / n_train, 3)})
+    return p
 
 
 def main() -> None:
@@ -117,21 +139,13 @@ def main() -> None:
     st = Stages(work)
     raw = extract(a.data, work / "raw")
     train_files, val_files = split_files(raw, 5000, a.seed)
+    n_train = sum(len(v) for v in train_files.values())
+    steps = plan(st, a, n_train)["steps"]
     train = link_split(train_files, work / "split" / "train")
     link_split(val_files, work / "split" / "val")
     eval_train = link_split(stratified_subset(train_files, a.eval_train, a.seed), work / "split" / f"eval-train-{a.eval_train}")
     eval_test = link_split(stratified_subset(val_files, a.eval_test, a.seed), work / "split" / f"eval-test-{a.eval_test}")
-    n_train = sum(len(v) for v in train_files.values())
 
-    if a.steps:
-        st.state.setdefault("plan", {"steps": a.steps})
-    else:
-        cal = st.run("calibrate", lambda: {"cpu_s_per_step": round(calibrate(a.batch_size), 2)})
-        st.state.setdefault("plan", {"budget_cpu_min": a.budget_min,
-                                     "steps": max(2, int(a.budget_min * 60 / cal["cpu_s_per_step"]))})
-    st.state["plan"].update(batch_size=a.batch_size, precision=a.precision)
-    steps = st.state["plan"]["steps"]
-    st.state["plan"]["epochs_seen"] = round(steps * a.batch_size / n_train, 3)
     print(f"{steps} steps of {a.batch_size} ({steps * a.batch_size / n_train:.2f} epochs), {a.precision}", flush=True)
     epochs = math.ceil(steps / (n_train // a.batch_size)) + 1
     sslkit_run = work / "runs" / "sslkit-simclr"
@@ -171,10 +185,10 @@ def main() -> None:
             ("random init", s["probe-sslkit"]["random"])]
     cols = [("kNN k=20 top-1 %", "k=20", "top1"), ("kNN k=200 top-1 %", "k=200", "top1"),
             ("linear top-1 %", "linear", "top1"), ("linear bal. acc. %", "linear", "balanced_accuracy")]
-    plan = s["plan"]
-    budget = f"budget {plan['budget_cpu_min']} CPU min" if "budget_cpu_min" in plan else "fixed step count"
-    text = (f"CIFAR-10, {plan['steps']} SimCLR steps of {plan['batch_size']} ({plan['epochs_seen']} epochs of "
-            f"{n_train}), {plan['precision']}, {budget}; scored on {sum(len(v) for v in stratified_subset(val_files, a.eval_test, a.seed).values())} "
+    pl = s["plan"]
+    budget = f"budget {pl['budget_cpu_min']} CPU min" if pl.get("budget_cpu_min") else "fixed step count"
+    text = (f"CIFAR-10, {pl['steps']} SimCLR steps of {pl['batch_size']} ({pl['epochs_seen']} epochs of "
+            f"{n_train}), {pl['precision']}, {budget}; scored on {sum(len(v) for v in stratified_subset(val_files, a.eval_test, a.seed).values())} "
             f"held-out images, kNN bank / probe training set {sum(len(v) for v in stratified_subset(train_files, a.eval_train, a.seed).values())} images\n\n"
             + table(rows, cols)
             + f"\n\nkNN k=20, sslkit - lightly over the same {len(pair['sslkit'])} test images: "

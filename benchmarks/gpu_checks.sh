@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU number issue 17 asks for, in one run on a CUDA machine (about 8 minutes on an
 # H200), from the repository root:
-#   bash benchmarks/gpu_checks.sh            (logs also under $OUT, else ./gpu-checks)
+#   bash benchmarks/gpu_checks.sh            (logs under $OUT, else a new mktemp -d folder: printed first)
 # In order of importance, each block under its own time limit so a slow one cannot eat the rest:
 #   1. ViT-S MAE 224 px bf16, batch 256: eager / compile / graphs -> img/s, MFU, kernel share
 #   2. SimCLR ResNet-50 224 px bf16 channels-last, batch 256: eager / compile / graphs, and the
@@ -18,7 +18,8 @@
 # (.whl is installed below into /tmp/site; delete it afterwards, it is not to be committed).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
-LOG=${OUT:-gpu-checks}; mkdir -p "$LOG"; LOG=$(cd "$LOG" && pwd)
+LOG=${OUT:-$(mktemp -d -t gpu-checks.XXXXXX)}; mkdir -p "$LOG"; LOG=$(cd "$LOG" && pwd)
+echo "logs in $LOG"
 PY=${PYTHON:-python3}
 if [ -d .whl ]; then  # wheels carried to a machine without network (pydicom, timm)
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \

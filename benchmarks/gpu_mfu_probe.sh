@@ -4,10 +4,12 @@
 #   2. the whole step with compile (inductor's max-autotune) + graphs at batch 2048
 #   3. the bare timm encoder on the same 50 tokens (vit_ceiling.py): the ceiling, compile and max-autotune
 # (measured 2026-12-04: BENCHMARKS.md "How far the MAE step is from its encoder's ceiling")
-# Each block under its own time limit; logs under $OUT (else ./gpu-mfu). Wheels in .whl as gpu_checks.sh.
+# Each block under its own time limit; logs under $OUT (else a new mktemp -d folder, printed first).
+# Wheels in .whl as gpu_checks.sh.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
-LOG=${OUT:-gpu-mfu}; mkdir -p "$LOG"; LOG=$(cd "$LOG" && pwd)
+LOG=${OUT:-$(mktemp -d -t gpu-mfu.XXXXXX)}; mkdir -p "$LOG"; LOG=$(cd "$LOG" && pwd)
+echo "logs in $LOG"
 PY=${PYTHON:-python3}
 if [ -d .whl ]; then
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \

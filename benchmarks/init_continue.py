@@ -43,8 +43,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import Stages, cpu_seconds, link_split, sslkit_pretrain  # noqa: E402
-from label_curve import IMAGENET_TAG, PATIENT, imagenet_file  # noqa: E402
+from _common import Stages, check_settings, cpu_seconds, link_split, sslkit_pretrain  # noqa: E402
+from label_curve import IMAGENET_TAGS, PATIENT, imagenet_file  # noqa: E402
 
 BACKBONE = "timm:vit_tiny_patch16_224"
 FRACTIONS = (0.01, 0.1, 1.0)
@@ -246,9 +246,13 @@ def main() -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     t0, c0 = time.time(), cpu_seconds() + cpu_seconds(children=True)
     stages = Stages(a.work)
+    # the init runs' stage names carry neither their steps nor the CIFAR-10 subset: one set per work dir
+    check_settings(stages, "settings", {"init_steps": a.init_steps, "xray_init_steps": a.xray_init_steps,
+                                        "per_class": a.per_class})
     xray = a.data_dir / "train"
-    if imagenet_file(a.work) is not None:
-        print(f"note: {IMAGENET_TAG} is cached; add it as an init with --init in label_curve.py", flush=True)
+    if imagenet_file(a.work, BACKBONE) is not None:
+        print(f"note: {IMAGENET_TAGS[BACKBONE]} is cached; add it as an init with --init in label_curve.py",
+              flush=True)
     info = {"cifar": pretrain(stages, "cifar", a.work / "cifar", cifar_subset(a.data_dir, a.work, a.per_class),
                               a.init_steps, 3, [])}
     info["xray"] = pretrain(stages, "xray", a.work / "xray", xray, a.xray_init_steps, 1, [])

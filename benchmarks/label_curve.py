@@ -36,7 +36,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import SHARED_DATA, Stages, extract, sslkit_pretrain  # noqa: E402
+from _common import SHARED_DATA, Stages, check_settings, extract, sslkit_pretrain  # noqa: E402
 
 PATIENT = r"^(person\d+|NORMAL2-IM-\d+|IM-\d+)"
 IMAGENET_TAGS = {"timm:vit_tiny_patch16_224": "vit_tiny_patch16_224.augreg_in21k_ft_in1k",
@@ -136,6 +136,12 @@ def main() -> None:
     a = p.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     stages = Stages(a.work)
+    # the stage names carry only the task: the rest of a task's settings, one set per work dir
+    settings = {"steps": a.steps, "seed": a.seed, "image_size": a.image_size, "backbone": a.backbone,
+                "fractions": a.fractions}
+    if a.init or a.init_imagenet:  # recorded once given (a later run may add the init run)
+        settings["init"] = a.init or "imagenet"
+    check_settings(stages, f"settings-{a.task}", settings)
     root = a.data_dir or extract(SHARED_DATA / "pneumonia-train.tar.gz", a.work / "data")
     data = root / "train"
     t = a.task

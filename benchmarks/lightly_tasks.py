@@ -352,12 +352,17 @@ def _restore(ckpt: Path, parts: dict) -> tuple[int, list, dict]:
 
 
 def save_run(backbone: nn.Module, info: dict, sslkit_run: Path, out: Path, task: str, cost: dict) -> None:
-    """``out/encoder.safetensors`` + the sslkit run's ``run.json`` (task renamed, summary replaced)."""
+    """``out/encoder.safetensors`` + the sslkit run's ``run.json`` (task renamed, summary replaced, and
+    ``encoder_sha256`` that of lightly's own file: sslkit refuses an encoder whose hash is not the recorded one)."""
     from safetensors.torch import save_file
+
+    from sslkit.output_file import file_sha256
 
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in backbone.state_dict().items()}, str(out / "encoder.safetensors"))
-    (out / "run.json").write_text(json.dumps({**info, "task": task, "summary": cost}, indent=2))
+    sha = file_sha256([out / "encoder.safetensors"])
+    (out / "run.json").write_text(json.dumps({**info, "task": task, "summary": cost, "encoder_sha256": sha},
+                                             indent=2))
     shutil.copy(sslkit_run / "run.json", out / "sslkit_run.json")
 
 

@@ -7,11 +7,11 @@ host-to-device copy of a batch is timed on its own line). Modes: ``eager``; ``co
 graphs``: the whole step replayed as one CUDA graph; without ``--compile`` when
 ``--no-compile`` is given). Model FLOPs per step are counted once with
 ``torch.utils.flop_counter`` on an eager forward + backward; MFU = FLOPs per second / the
-GPU's dense bf16 peak (``--peak-tflops``, default from the device name: H100/H200 989,
-A100 312). The kernel share is the device time of the kernels in a ``torch.profiler`` trace
-of ``--profile-steps`` steps, per step, over the median step time; for a captured step the
-last column also gives a replay's device time from CUDA events (a reading that does not
-depend on the profiler seeing the kernels inside a graph).
+GPU's dense bf16 peak (``--peak-tflops``, default from the device name: H100 SXM / H200 989,
+H100 PCIe 756, H100 / H200 NVL 835, A100 312). The kernel share is the device time of the
+kernels in a ``torch.profiler`` trace of ``--profile-steps`` steps, per step, over the median
+step time; for a captured step the last column also gives a replay's device time from CUDA
+events (a reading that does not depend on the profiler seeing the kernels inside a graph).
 
     .venv/bin/python benchmarks/mae_mfu.py                       # batch 256 and 1024, all modes
     .venv/bin/python benchmarks/mae_mfu.py --device cpu --batch-sizes 2 --steps 2 --warmup 1 \\
@@ -35,7 +35,11 @@ from torch.utils.flop_counter import FlopCounterMode
 from sslkit.options import parse_pairs
 from step_overhead import FixedLoader, engine_step_times, run_engine, sslkit_trainer
 
-PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "4090": 165.0}
+#: dense bf16 peak TFLOP/s by a substring of ``torch.cuda.get_device_name``, the most specific first: the H100
+#: PCIe ("NVIDIA H100 PCIe") and the NVL cards ("NVIDIA H100 NVL") run lower clocks than the SXM module
+#: ("NVIDIA H100 80GB HBM3"); an H200 is an SXM module unless named NVL
+PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H200 NVL": 835.0, "H200": 989.0, "H100": 989.0,
+                    "A100": 312.0, "L40S": 362.0, "A10": 125.0, "4090": 165.0}
 MODES = ("eager", "compile", "graphs")
 
 

@@ -27,8 +27,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (SHARED_DATA, Stages, cpu_seconds_per_call, extract, link_split, probe,  # noqa: E402
-                     sslkit_pretrain, stratified_subset, table)
+from _common import (SHARED_DATA, Stages, check_settings, extract, link_split, probe,  # noqa: E402
+                     sslkit_pretrain, stratified_subset, table, task_step_cpu_seconds)
 
 BACKBONE = "timm:vit_tiny_patch16_224"
 PATIENT = re.compile(r"^(person\d+|NORMAL2-IM-\d+|IM-\d+)")
@@ -53,27 +53,23 @@ def split_by_patient(raw: Path, test_fraction: float, seed: int) -> tuple[dict, 
 
 
 def calibrate(image_size: int, batch_size: int, steps: int = 3) -> float:
-    """CPU seconds of one sslkit MAE training step at this image and batch size."""
-    import torch
+    """CPU seconds of one sslkit MAE training step (augment, forward, backward, the run's optimizer) at
+    this image and batch size, after _common's three warm-up steps."""
+    return task_step_cpu_seconds("mae", BACKBONE, {}, {}, image_size, 1, batch_size, steps)
 
-    from sslkit.optim import build_optimizer
-    from sslkit.registry import create_backbone, create_task
-    from sslkit.spec import InputSpec
 
-    torch.manual_seed(0)
-    spec = InputSpec(1, image_size, (0.5,), (0.25,))
-    task = create_task("mae", create_backbone(BACKBONE, 1, image_size), spec)
-    augment = task.views(spec)
-    opt = build_optimizer(task, "adamw", 1e-3, 0.05)
-    x = torch.rand(batch_size, 1, image_size, image_size)
-
-    def step():
-        loss = task(augment(x))["loss"]
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-
-    return cpu_seconds_per_call(step, steps)
+def plan(st: Stages, a, n_train: int) -> dict:
+    """The work dir's arguments and step count (``state.json``'s ``plan``): recorded on the first run;
+    a rerun with other arguments is refused in one line (``check_settings``): the stage names and
+    split folders carry none of them, so it would mix the two runs' plans and patient splits."""
+    p = check_settings(st, "plan", {"budget_cpu_min": a.budget_min, "batch_size": a.batch_size,
+                                    "image_size": a.image_size, "seed": a.seed, "test_fraction": a.test_fraction,
+                                    "eval_train": a.eval_train})
+    if "steps" not in p:
+        cal = st.run("calibrate", lambda: {"cpu_s_per_step": round(calibrate(a.image_size, a.batch_size), 3)})
+        steps = max(2, int(a.budget_min * 60 / cal["cpu_s_per_step"]))
+        st.put("plan", p := {**p, "steps": steps, "epochs_seen": round(steps * a.batch_size / n_train, 2)})
+    return p
 
 
 def main() -> None:
@@ -91,19 +87,15 @@ def main() -> None:
     st = Stages(work)
     raw = extract(a.data, work / "raw")
     train_files, test_files = split_by_patient(raw, a.test_fraction, a.seed)
+    n_train = sum(len(v) for v in train_files.values())
+    steps = plan(st, a, n_train)["steps"]
     assert not ({patient_of(f.name) for v in train_files.values() for f in v}
                 & {patient_of(f.name) for v in test_files.values() for f in v})
     train = link_split(train_files, work / "split" / "train")
     test = link_split(test_files, work / "split" / "test")
     eval_train_files = stratified_subset(train_files, a.eval_train, a.seed)
     eval_train = link_split(eval_train_files, work / "split" / f"eval-train-{a.eval_train}")
-    n_train = sum(len(v) for v in train_files.values())
 
-    cal = st.run("calibrate", lambda: {"cpu_s_per_step": round(calibrate(a.image_size, a.batch_size), 3)})
-    steps = max(2, int(a.budget_min * 60 / cal["cpu_s_per_step"]))
-    st.state.setdefault("plan", {"budget_cpu_min": a.budget_min, "steps": steps, "batch_size": a.batch_size,
-                                 "image_size": a.image_size, "epochs_seen": round(steps * a.batch_size / n_train, 2)})
-    steps = st.state["plan"]["steps"]
     print(f"budget {a.budget_min} CPU min -> {steps} MAE steps of {a.batch_size} "
           f"({steps * a.batch_size / n_train:.2f} epochs)", flush=True)
     run = work / "runs" / "mae"
@@ -114,14 +106,14 @@ def main() -> None:
         "--seed", str(a.seed), "--device", "cpu", "--cache", str(work / "cache"), "--quiet"]))
     st.run("probe", lambda: probe(run, eval_train, test, baseline=True, positive="PNEUMONIA"))
 
-    s, plan = st.state, st.state["plan"]
+    s, pl = st.state, st.state["plan"]
     rows = [(f"MAE ViT-Tiny ({s['pretrain-mae']['cpu_s'] / 60:.1f} CPU min)", s["probe"]["pretrained"]),
             ("random init", s["probe"]["random"])]
     cols = [("linear AUROC", "linear", "auroc"), ("linear bal. acc. %", "linear", "balanced_accuracy"),
             ("kNN k=20 AUROC", "k=20", "auroc"), ("kNN k=20 bal. acc. %", "k=20", "balanced_accuracy")]
     counts = {c: (len(eval_train_files[c]), len(test_files[c])) for c in train_files}
-    text = (f"Chest X-ray, {plan['steps']} MAE steps of {plan['batch_size']} at {plan['image_size']} px, 1 channel "
-            f"({plan['epochs_seen']} epochs of {n_train}), budget {plan['budget_cpu_min']} CPU min; patient split, "
+    text = (f"Chest X-ray, {pl['steps']} MAE steps of {pl['batch_size']} at {pl['image_size']} px, 1 channel "
+            f"({pl['epochs_seen']} epochs of {n_train}), budget {pl['budget_cpu_min']} CPU min; patient split, "
             f"probe train / test images per class: "
             + ", ".join(f"{c} {a_}/{b_}" for c, (a_, b_) in counts.items()) + "; positive class PNEUMONIA\n\n"
             + table(rows, cols))

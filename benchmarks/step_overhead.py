@@ -1,6 +1,8 @@
 """sslkit's SimCLR training step vs a bare PyTorch loop on the same tensors.
 
-Both run timm resnet18 + the SimCLR projection head + NT-Xent + backward + AdamW on the
+Both run timm resnet18 + the SimCLR projection head + NT-Xent + backward + the optimizer
+``sslkit pretrain --task simclr`` resolves (the task's engine_defaults: LARS, base_lr 1.2 with
+sqrt scaling, weight decay 1e-6; built by ``sslkit.optim.build_optimizer`` on both sides) on the
 same pre-made views. The sslkit side is the engine's real loop (autocast context, loss
 reduction and finiteness check, LR schedule, optimizer step, on_step_end, metrics.csv
 row, progress bar), fed the fixed views instead of fresh augmentations; its per-step
@@ -27,7 +29,8 @@ from PIL import Image
 
 from sslkit.engine import Events, RunInfo, RunState, Setup, StopSignal, build, train
 from sslkit.engine.callbacks import create_callbacks
-from sslkit.run import RunConfig
+from sslkit.config import resolve
+from sslkit.optim import build_optimizer
 from sslkit_plugins.tasks.simclr import nt_xent_loss
 
 
@@ -59,9 +62,11 @@ class EngineRun:
 def sslkit_trainer(data: str, work: Path, batch_size: int, image_size: int, task: str = "simclr",
                    backbone: str = "timm:resnet18", device: str = "cpu", **cfg) -> EngineRun:
     """An engine run (SimCLR/resnet18 by default), built through the engine's public
-    :func:`sslkit.engine.build`, writing only metrics.csv (run dir in ``work``)."""
-    config = RunConfig(task=task, data=data, out=str(work / "run"), backbone=backbone, batch_size=batch_size,
-                       image_size=image_size, epochs=1, progress=False, device=device, callbacks="csv", **cfg)
+    :func:`sslkit.engine.build`, writing only metrics.csv (run dir in ``work``). The config is
+    resolved as ``sslkit pretrain`` resolves it (:func:`sslkit.config.resolve`: defaults < the task's
+    engine_defaults < ``cfg``), so the task's optimizer, LR rule and weight decay apply."""
+    config = resolve(dict(task=task, data=data, out=str(work / "run"), backbone=backbone, batch_size=batch_size,
+                          image_size=image_size, epochs=1, progress=False, device=device, callbacks="csv", **cfg))
     setup = build(config, torch.device(device))
     (work / "run").mkdir(parents=True, exist_ok=True)
     events = Events(create_callbacks("csv"))
@@ -78,6 +83,14 @@ class FixedLoader:
     def epoch(self, epoch: int, start: int = 0):
         while True:
             yield self.batch
+
+
+def optimizer_label(run: EngineRun) -> str:
+    """The optimizer a run actually steps with, for a report's header: e.g. ``LARS lr 1.2 (base_lr 1.2,
+    sqrt scaling), weight decay 1e-06``."""
+    c = run.cfg
+    rule = f"base_lr {c.base_lr:g}, {c.lr_scaling} scaling" if getattr(c, "lr", None) is None else "--lr as given"
+    return f"{type(run.optimizer).__name__} lr {run.schedule.peak_lr:.3g} ({rule}), weight decay {c.weight_decay:g}"
 
 
 def run_engine(run: EngineRun, steps: int) -> None:
@@ -103,11 +116,11 @@ def fixed_views(batch_size: int, image_size: int) -> tuple[torch.Tensor, torch.T
             torch.randn(batch_size, 3, image_size, image_size, generator=g))
 
 
-def bare_step_fn(task, lr: float):
-    """The bare loop: same modules (a copy), NT-Xent, backward, AdamW (torch's fused kernel, as
-    sslkit's optimizer on CPU and CUDA), nothing else."""
+def bare_step_fn(task, cfg, lr: float):
+    """The bare loop: same modules (a copy), NT-Xent, backward, the run's optimizer (``cfg``: the
+    resolved RunConfig; :func:`sslkit.optim.build_optimizer`, as the engine builds it), nothing else."""
     model = copy.deepcopy(task)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.05, fused=True)
+    opt = build_optimizer(model, cfg.optimizer, lr, cfg.weight_decay, cfg.momentum, cfg.betas)
     model.train()
 
     def step(views) -> None:
@@ -176,7 +189,7 @@ def main() -> None:
         views = fixed_views(args.batch_size, args.image_size)
         trainer.loader = FixedLoader(torch.zeros(args.batch_size, 3, args.image_size, args.image_size))
         trainer.augment = lambda x: views
-        bare = bare_step_fn(trainer.task, trainer.schedule.peak_lr)
+        bare = bare_step_fn(trainer.task, trainer.cfg, trainer.schedule.peak_lr)
         per_block = 4
         blocks = max(1, args.steps // per_block)
         seen = [0]
@@ -194,8 +207,8 @@ def main() -> None:
         ours, theirs, cpu_ours, cpu_bare = interleave(blocks, per_block, engine_block,
                                                       lambda n: time_calls(lambda: bare(views), n))
     m_ours, m_bare = statistics.median(ours), statistics.median(theirs)
-    print(f"simclr resnet18 {args.image_size}px batch {args.batch_size}, {len(ours)} timed steps per side, "
-          f"torch threads {torch.get_num_threads()}")
+    print(f"simclr resnet18 {args.image_size}px batch {args.batch_size}, {optimizer_label(trainer)}, "
+          f"{len(ours)} timed steps per side, torch threads {torch.get_num_threads()}")
     print(f"sslkit engine step  median wall {m_ours * 1000:8.1f} ms   CPU {cpu_ours * 1000:8.1f} ms")
     print(f"bare loop step      median wall {m_bare * 1000:8.1f} ms   CPU {cpu_bare * 1000:8.1f} ms")
     print(f"ratio sslkit / bare = {m_ours / m_bare:.3f} wall, {cpu_ours / cpu_bare:.3f} CPU time  (target <= 1.05)")

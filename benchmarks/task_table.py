@@ -64,8 +64,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (Stages, bits, knn_correct_string, link_split, run_arch, sslkit_pretrain,  # noqa: E402
-                     stratified_subset, task_step_cpu_seconds)
+from _common import (Stages, bits, check_settings, knn_correct_string, link_split, run_arch,  # noqa: E402
+                     sslkit_pretrain, stratified_subset, task_step_cpu_seconds)
 from cifar10 import split_files  # noqa: E402
 import lightly_tasks  # noqa: E402
 from task_table_report import REF_LR, chosen, report, variant_report, xray_variant_report  # noqa: E402
@@ -96,13 +96,13 @@ class SharedStages(Stages):
             return super().run(name, fn)
         print(f"[run ] {name}", flush=True)
         result = fn()
-        self._reload()
-        self.state[name] = result
-        tmp = self.file.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(self.state, indent=2, default=str))
-        os.replace(tmp, self.file)
+        self.put(name, result)
         print(f"[done] {name}", flush=True)
         return result
+
+    def put(self, name, value):
+        self._reload()  # the other processes' stages too
+        super().put(name, value)
 
 
 class Missing(Exception):
@@ -122,17 +122,24 @@ class ReadOnlyStages(SharedStages):
 SETTINGS = "table-settings"
 
 
-def check_batch(st: "SharedStages", a) -> None:
-    """A work dir's table runs share one CIFAR-10 batch (their stage names do not carry it): it is
-    recorded on first use, and a work dir from before it was recorded ran 128; another
-    ``--batch-size`` is refused, so no run of one batch is reported as the other's."""
+def check_table_settings(st: "SharedStages", a) -> dict:
+    """A work dir's table runs share one set of settings their stage names do not carry (CIFAR-10 batch,
+    budgets, seed, image counts and sizes, X-ray settings): recorded in ``table-settings`` on first use
+    and a different set refused in one line (``check_settings``), so no run of one setting is reported
+    as another's. A work dir from before the batch was recorded ran 128; one that recorded only the
+    batch gets the rest recorded on its next run. The seed is in the split folders' names only in
+    work dirs made since (``seed_in_split_names``): older ones keep theirs."""
     st._reload()
     had_runs = any(k.startswith("pretrain-") for k in st.state)
-    recorded = st.state.get(SETTINGS, {}).get("batch_size", 128 if had_runs else None)
-    if recorded is not None and recorded != a.batch_size:
-        sys.exit(f"error: {a.work} holds runs of batch {recorded}; pass --batch-size {recorded}, or another --work")
-    if SETTINGS not in st.state and not a.report_only:
-        st.run(SETTINGS, lambda: {"batch_size": a.batch_size})
+    stored = None if SETTINGS in st.state else {"batch_size": 128} if had_runs else {}
+    settings = {"batch_size": a.batch_size, "budget_min": a.budget_min, "seed": a.seed,
+                "pretrain_images": a.pretrain_images, "eval_train": a.eval_train, "eval_test": a.eval_test,
+                "cifar_image_size": setup("simclr", "cifar")[2], "jigsaw_image_size": setup("jigsaw", "cifar")[2],
+                "xray_image_size": setup("simclr", "xray")[2], "xray_budget_min": a.xray_budget_min,
+                "xray_images": a.xray_images, "xray_batch_size": a.xray_batch_size}
+    if not st.state:  # a new work dir
+        settings["seed_in_split_names"] = True
+    return check_settings(st, SETTINGS, settings, stored=stored, record=not a.report_only)
 
 
 def setup(task: str, dataset: str) -> tuple[str, dict, int, int]:
@@ -148,7 +155,7 @@ def setup(task: str, dataset: str) -> tuple[str, dict, int, int]:
 
 def calibrate(task: str, backbone: str, bopts: dict, size: int, channels: int, batch: int, steps: int = 3,
               topts: dict | None = None) -> float:
-    """CPU seconds of one training step (augment, forward, backward, AdamW, on_step_end)."""
+    """CPU seconds of one training step (augment, forward, backward, the run's optimizer, on_step_end)."""
     return task_step_cpu_seconds(task, backbone, bopts, topts or {}, size, channels, batch, steps)
 
 
@@ -214,9 +221,10 @@ def cifar_splits(a) -> tuple[Path, Path, Path, int]:
     train_files, val_files = split_files(a.cifar, 5000, a.seed)
     pre = stratified_subset(train_files, a.pretrain_images, a.seed)
     split = a.work / "split"
-    pretrain = link_split(pre, split / f"pretrain-{a.pretrain_images}")
-    bank = link_split(stratified_subset(train_files, a.eval_train, a.seed + 1), split / f"bank-{a.eval_train}")
-    test = link_split(stratified_subset(val_files, a.eval_test, a.seed), split / f"test-{a.eval_test}")
+    pretrain = link_split(pre, split / f"pretrain-{a.pretrain_images}{a.split_suffix}")
+    bank = link_split(stratified_subset(train_files, a.eval_train, a.seed + 1),
+                      split / f"bank-{a.eval_train}{a.split_suffix}")
+    test = link_split(stratified_subset(val_files, a.eval_test, a.seed), split / f"test-{a.eval_test}{a.split_suffix}")
     return pretrain, bank, test, sum(len(v) for v in pre.values())
 
 
@@ -224,7 +232,8 @@ def xray_split(a) -> tuple[Path, int]:
     root = a.xray
     files = {c: sorted((root / c).glob("*.jpeg")) + sorted((root / c).glob("*.jpg")) for c in ("NORMAL", "PNEUMONIA")}
     sub = stratified_subset(files, a.xray_images, a.seed)
-    return link_split(sub, a.work / "split" / f"xray-{a.xray_images}"), sum(len(v) for v in sub.values())
+    split = link_split(sub, a.work / "split" / f"xray-{a.xray_images}{a.split_suffix}")
+    return split, sum(len(v) for v in sub.values())
 
 
 def cifar_run(st, a, task: str, m: float | None, pretrain_dir: Path, bank: Path, test: Path, n_pre: int) -> dict:
@@ -372,7 +381,7 @@ def main() -> None:
         sys.exit(f"error: unknown task {', '.join(bad)}; choose from {', '.join(TASKS)}")
     a.work = a.work.resolve()
     st = (ReadOnlyStages if a.report_only else SharedStages)(a.work)
-    check_batch(st, a)
+    a.split_suffix = f"-seed{a.seed}" if check_table_settings(st, a).get("seed_in_split_names") else ""
     mults = [None] if a.skip_sweep else [float(m) for m in a.lr_mults.split(",")]
     pretrain_dir, bank, test, n_pre = cifar_splits(a)
     xdata, n_x = (None, 0) if a.skip_xray and not a.xray_variant else xray_split(a)

@@ -253,24 +253,35 @@ def test_probe_keeps_each_test_images_knn_verdict_equal_to_a_second_embedding_pa
     assert got["random"]["correct_k20"] == random_again and "0" in random_again and "1" in random_again
 
 
-def test_task_table_keeps_one_batch_per_work_dir(tmp_path):
-    """task_table.py runs at sslkit pretrain's default batch; a work dir records its batch on first
-    use (one from before the record ran 128) and refuses another, so no run is reported as another
-    batch's."""
+def test_task_table_keeps_one_set_of_settings_per_work_dir(tmp_path):
+    """task_table.py records the settings its stage names do not carry (batch, budgets, seed, image
+    counts and sizes, X-ray settings) in ``table-settings`` and refuses another set in one line; a dir
+    from before the batch was recorded ran 128; one that recorded only the batch gets the rest recorded;
+    the seed is in the split folders' names only in new dirs."""
     sys.path.insert(0, str(REPO / "benchmarks"))
     import task_table
     from sslkit.config import defaults
 
     assert task_table.sslkit_default("batch_size") == defaults()["batch_size"]
-    a = SimpleNamespace(work=tmp_path / "new", batch_size=64, report_only=False)
-    task_table.check_batch(task_table.SharedStages(a.work), a)
-    assert json.loads((a.work / "state.json").read_text())["table-settings"] == {"batch_size": 64}
-    task_table.check_batch(task_table.SharedStages(a.work), a)  # the same batch again: fine
-    with pytest.raises(SystemExit, match="holds runs of batch 64; pass --batch-size 64"):
-        task_table.check_batch(task_table.SharedStages(a.work), SimpleNamespace(**{**vars(a), "batch_size": 32}))
-    old = tmp_path / "old"
+    a = SimpleNamespace(work=tmp_path / "new", batch_size=64, budget_min=0.5, seed=0, pretrain_images=300,
+                        eval_train=200, eval_test=100, xray_budget_min=0.6, xray_images=1500, xray_batch_size=32,
+                        report_only=False)
+    rec = task_table.check_table_settings(task_table.SharedStages(a.work), a)
+    assert rec["seed_in_split_names"] and rec["batch_size"] == 64 and rec["eval_test"] == 100
+    assert json.loads((a.work / "state.json").read_text())["table-settings"] == rec
+    assert task_table.check_table_settings(task_table.SharedStages(a.work), a) == rec  # the same again: fine
+    for change in ({"batch_size": 32}, {"budget_min": 1.0}, {"seed": 1}, {"eval_test": 200}):
+        with pytest.raises(SystemExit, match="holds runs made with .*use a new --work"):
+            task_table.check_table_settings(task_table.SharedStages(a.work), SimpleNamespace(**{**vars(a), **change}))
+    old = tmp_path / "old"  # before the record: batch 128
     old.mkdir()
     (old / "state.json").write_text(json.dumps({"pretrain-cifar-simclr-default": {}}))
-    with pytest.raises(SystemExit, match="holds runs of batch 128"):
-        task_table.check_batch(task_table.ReadOnlyStages(old), SimpleNamespace(work=old, batch_size=64, report_only=True))
-    task_table.check_batch(task_table.ReadOnlyStages(old), SimpleNamespace(work=old, batch_size=128, report_only=True))
+    ro = SimpleNamespace(**{**vars(a), "work": old, "report_only": True})
+    with pytest.raises(SystemExit, match="batch-size 128"):
+        task_table.check_table_settings(task_table.ReadOnlyStages(old), ro)
+    task_table.check_table_settings(task_table.ReadOnlyStages(old), SimpleNamespace(**{**vars(ro), "batch_size": 128}))
+    only_batch = tmp_path / "only-batch"  # recorded the batch only: the rest is accepted, then recorded
+    only_batch.mkdir()
+    (only_batch / "state.json").write_text(json.dumps({"table-settings": {"batch_size": 64}, "calibrate-x": {}}))
+    rec = task_table.check_table_settings(task_table.SharedStages(only_batch), SimpleNamespace(**{**vars(a), "work": only_batch}))
+    assert rec["budget_min"] == 0.5 and "seed_in_split_names" not in rec
