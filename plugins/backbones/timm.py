@@ -201,6 +201,26 @@ def _build(model: str, in_chans: int, image_size: int, options: dict[str, Any]) 
                          f"{first_line(exc)}") from None
 
 
+#: norm layers timm's ``zero_init_last`` zeroes (a residual block's last BatchNorm, or GroupNorm in ResNetV2)
+_NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+
+
+def live_residual_blocks(net: nn.Module) -> int:
+    """Set to one the norm weights a fresh timm model holds at zero (``zero_init_last``: each
+    residual block's last norm), so every block passes its signal from the first step, as
+    torchvision's ResNets and the SSL references built on them start. With them at zero a random
+    ResNet is a chain of strided 1x1 convolutions: at 32 px its embedding reads only the top-left
+    8 x 8 pixels, a degenerate start and a degenerate random-init baseline. Returns how many."""
+    count = 0
+    with torch.no_grad():
+        for m in net.modules():
+            w = getattr(m, "weight", None)
+            if isinstance(m, _NORMS) and isinstance(w, torch.Tensor) and not w.is_meta and w.numel() and not w.any():
+                w.fill_(1.0)
+                count += 1
+    return count
+
+
 def _check_patch_size(model: str, net: nn.Module, image_size: int) -> None:
     """A ViT's patches must tile the image: refused in one line with the sizes that would."""
     if isinstance(net, VisionTransformer):
@@ -217,13 +237,16 @@ def create(model: str, /, in_chans: int, image_size: int, cifar_stem: bool = Fal
     ``options`` go to ``timm.create_model`` (e.g. ``patch_size=8``, ``drop_path_rate=0.1``;
     :func:`check_options` refuses what sslkit sets itself and values out of range);
     ``cifar_stem=True`` swaps a ResNet's stem for a 3x3 stride-1 conv without max-pool;
-    ``pos_embed=sincos`` gives a ViT fixed sine-cosine position embeddings (:func:`use_sincos_pos_embed`).
+    ``pos_embed=sincos`` gives a ViT fixed sine-cosine position embeddings (:func:`use_sincos_pos_embed`);
+    residual blocks start live (:func:`live_residual_blocks`) unless ``zero_init_last`` is given.
     """
     if not timm.is_model(model):
         raise UsageError(unknown_name_message("timm model", model, timm.list_models(), "; see timm.list_models()",
                                               suggestions=3, listed=0))
     check_options(options)
     net = _build(model, in_chans, image_size, options)
+    if "zero_init_last" not in options:
+        live_residual_blocks(net)
     if cifar_stem:
         use_cifar_stem(net)
     if options.get("pos_embed") == SINCOS:
