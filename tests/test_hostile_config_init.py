@@ -120,6 +120,16 @@ def test_a_config_that_is_a_fifo_is_not_read(tmp_path):
     assert "does not exist" in _refusal(tmp_path / "none.toml")
 
 
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs here")
+def test_init_weights_that_are_a_fifo_are_not_read(tmp_path):
+    from sslkit.init.resolve import resolve_init
+
+    fifo = tmp_path / "w.pth"
+    os.mkfifo(fifo)
+    with pytest.raises(UsageError, match=r"is not a regular file or folder"):
+        resolve_init(str(fifo))
+
+
 def _deflated(tmp_path: Path) -> Path:
     """A real torch.save file with its records deflated: a zip bomb in miniature."""
     plain = tmp_path / "ok.pth"

@@ -163,6 +163,8 @@ def _local(spec: str, path: Path) -> InitFile:
         if path.suffix.lower() not in FILE_SUFFIXES:
             raise UsageError(f"--init {spec!r}: expected a {', '.join(FILE_SUFFIXES)} file")
         return InitFile(path, "file", path.name)
+    if path.exists():  # a FIFO, a socket, /dev/zero: never read (it could block or never end)
+        raise UsageError(f"--init {spec!r} is not a regular file or folder; give a weights file")
     raise UsageError(f"--init {spec!r} does not exist; give a weights file ({', '.join(FILE_SUFFIXES)}), a run "
                      f"directory, a Hub id ORG/NAME or timm:MODEL.TAG")
 
