@@ -9,6 +9,7 @@ Named recipes are :class:`ViewRecipe` settings; any field can be overridden by n
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -211,3 +212,27 @@ class MultiView(nn.Module):
         out = MultiView([override_recipe(r, overrides) for r in self.recipes], [0.0], [1.0])
         out.normalize = self.normalize
         return out
+
+
+def _is_recipe(value: Any) -> bool:
+    return dataclasses.is_dataclass(value) and not isinstance(value, type)
+
+
+def views_record(augment: Any) -> dict[str, Any]:
+    """The augmentation a run applies, as ``run.json`` records it (``views``): for its module and
+    each submodule holding view recipes (dataclasses: :class:`ViewRecipe`, a volume recipe, a
+    plugin's own), the class and every recipe's fields, ``--augment-opt`` overrides and the
+    engine's choices (``colour``) included, keyed by module path (``.`` for the top)."""
+    if not isinstance(augment, nn.Module):
+        return {".": {"class": type(augment).__name__}}
+    out: dict[str, Any] = {}
+    for path, module in augment.named_modules():
+        held = {}
+        for name, value in vars(module).items():
+            if _is_recipe(value):
+                held[name] = dataclasses.asdict(value)
+            elif isinstance(value, (list, tuple)) and value and all(_is_recipe(v) for v in value):
+                held[name] = [dataclasses.asdict(v) for v in value]
+        if held or not path:
+            out[path or "."] = {"class": type(module).__name__, **held}
+    return json.loads(json.dumps(out, default=str))  # tuples as lists, anything else as text

@@ -167,3 +167,17 @@ def test_the_command_is_quoted_as_a_shell_takes_it_back(monkeypatch):
     assert shlex.split(env["command"]) == ["sslkit", *argv[1:]]
     assert env["launcher"]["name"] == "torchrun" and env["launcher"]["world_size"] == 4
     assert env["launcher"]["local_world_size"] == 2 and env["launcher"]["nnodes"] == 2
+
+
+def test_run_json_records_the_views_as_applied(images, tmp_path, cli, monkeypatch):
+    """The augmentation is in run.json as it ran: the task's recipes, --augment-opt overrides and the
+    engine's choices, so a reader need not rebuild it from the code of that commit."""
+    run = tmp_path / "byol"
+    _pretrain(cli, monkeypatch, "--task", "byol", "--data", images, "--out", run, "--backbone", "timm:resnet10t",
+              "--image-size", "16", "--batch-size", "4", "--max-steps", "1", "--quiet", "--augment-opt", "blur_p=0.25")
+    views = _info(run)["views"]["."]
+    assert views["class"] == "MultiView" and len(views["recipes"]) == 2
+    first, second = views["recipes"]
+    assert first["size"] == 16 and first["saturation"] == 0.2 and first["scale"] == [0.08, 1.0]
+    assert (first["solarize_p"], second["solarize_p"]) == (0.0, 0.2)  # BYOL's asymmetric pair
+    assert first["blur_p"] == second["blur_p"] == 0.25 and first["colour"] is True

@@ -209,6 +209,7 @@ def run_record(s: Setup, backbone_name: str, embedding_dim: int) -> dict[str, An
     import uuid
 
     from sslkit.run_record import config_sha256, recorded_config
+    from sslkit.views import views_record
 
     cfg, prepared = s.cfg, s.data.prepared
     options = getattr(s.data.source, "options", None)
@@ -221,6 +222,7 @@ def run_record(s: Setup, backbone_name: str, embedding_dim: int) -> dict[str, An
         "config": config,
         "config_sha256": config_sha256(config),
         "input_spec": s.spec.to_dict(),
+        "views": views_record(s.augment),
         "embedding_dim": embedding_dim,
         "dataset": {"fingerprint": fingerprint(prepared.refs, s.spec.preprocessing),
                     "fingerprint_scheme": FINGERPRINT_SCHEME,
