@@ -80,8 +80,8 @@ def _parse_toml(path: Path, text: str) -> Any:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise UsageError(f"{path}: invalid TOML: {first_line(exc)}") from None
-    except ValueError as exc:  # an integer of more than 4300 digits
-        raise UsageError(f"{path}: invalid TOML: {first_line(exc)}") from None
+    except ValueError:  # Python's own words name sys.set_int_max_str_digits(), no help to a CLI user
+        raise UsageError(f"{path}: invalid TOML: an integer of more than 4300 digits") from None
 
 
 def _parse_yaml(path: Path, text: str) -> Any:
@@ -103,8 +103,10 @@ def _parse_yaml(path: Path, text: str) -> Any:
 
     try:
         return yaml.load(text, Loader=NoAliasLoader) or {}  # a SafeLoader: builds plain data only
-    except (yaml.YAMLError, ValueError) as exc:  # ValueError: an integer of more than 4300 digits
+    except yaml.YAMLError as exc:
         raise UsageError(f"{path}: invalid YAML: {first_line(exc)}") from None
+    except ValueError:  # an integer of more than 4300 digits (Python's words name sys.set_int_max_str_digits())
+        raise UsageError(f"{path}: invalid YAML: an integer of more than 4300 digits") from None
 
 
 def merge(*layers: dict[str, Any]) -> dict[str, Any]:

@@ -76,7 +76,7 @@ def export_metadata(run: Run, encoder: Any = None) -> dict[str, Any]:
         "dataset_fingerprint": run.info.get("dataset", {}).get("fingerprint"),
         "run_id": run_id(run, encoder),
         "run_id_from": "run.json" if run.info.get("run_id") else "weights sha256 (a run recorded without a run_id)",
-        "config_sha256": config_sha256(config),
+        "config_sha256": run.info.get("config_sha256") or config_sha256(config),
         **weights_record(run),
         "sslkit_version": __version__,
         "init": onnx_record(run.info.get("init")),  # --init: source name, sha256, adaptations (no path)

@@ -26,11 +26,27 @@ def recorded_config(config: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in config.items() if k not in SESSION_ONLY}
 
 
+def located(data: str | None) -> str | None:
+    """``--data`` with its location made absolute where it names an existing relative path
+    (``folder:img`` -> ``folder:/work/img``, a bare ``img`` -> ``/work/img``): the same data
+    whatever folder a config file is later used from. Other text is returned as it is."""
+    if not data:
+        return data
+    scheme, sep, where = data.partition(":")
+    if not sep or len(scheme) <= 1:  # a bare path (or a drive letter)
+        scheme, where = "", data
+    if not where or os.path.isabs(os.path.expanduser(where)) or not os.path.exists(where):
+        return data
+    return f"{scheme}:{os.path.abspath(where)}" if scheme else os.path.abspath(where)
+
+
 def config_sha256(config: dict[str, Any]) -> str:
     """The SHA-256 of a run's resolved settings: ``run.json``'s ``config`` without ``out`` and
-    :data:`SESSION_ONLY`, as JSON with sorted keys and no spaces (the same settings in any folder
-    give the same hash)."""
+    :data:`SESSION_ONLY`, the data's location absolute (:func:`located`), as JSON with sorted keys
+    and no spaces (the same settings in any folder give the same hash)."""
     kept = {k: v for k, v in config.items() if k != "out" and k not in SESSION_ONLY}
+    if "data" in kept:
+        kept["data"] = located(kept["data"])
     text = json.dumps(kept, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
@@ -70,19 +86,26 @@ def is_own_config(path: Path) -> bool:
         return False
 
 
-def write_config_toml(out: Path, config: dict[str, Any]) -> str | None:
-    """Write ``out/config.toml``: the run's resolved settings (``run.json``'s ``config`` without ``out``),
-    which ``sslkit pretrain --config`` loads back to the same run. A ``config.toml`` of the user's is
-    kept; returns why nothing was written, else None."""
+def write_config_toml(out: Path, config: dict[str, Any], last: str | None = None) -> tuple[str | None, str | None]:
+    """Write ``out/config.toml``: the run's resolved settings (``run.json``'s ``config`` without ``out``,
+    the data's location absolute), which ``sslkit pretrain --config`` loads back to the same run from any
+    folder. A ``config.toml`` of the user's, or sslkit's edited since it was written (its sha256 is not
+    ``last``, the one run.json recorded), is kept. Returns ``(why nothing was written, the sha256 of
+    the file sslkit's record now names)``."""
     from sslkit.config_toml import setting_help, source_options_of, to_toml
     from sslkit.config_values import FIELDS, REQUIRED
     from sslkit.errors import UsageError
-    from sslkit.output_file import write_text_atomic
+    from sslkit.output_file import file_sha256, write_text_atomic
 
     file = Path(out) / CONFIG_TOML
-    if file.exists() and not is_own_config(file):
-        return f"{file} is not sslkit's: kept, not replaced (the run's settings are in run.json)"
+    if file.exists():
+        if not is_own_config(file):
+            return f"{file} is not sslkit's: kept, not replaced (the run's settings are in run.json)", None
+        if last is not None and file_sha256([file]) != last:
+            return (f"{file} was edited since sslkit wrote it: kept, not replaced (the run's settings are in "
+                    f"run.json)", last)
     values = {k: config.get(k) for k in (*REQUIRED, *FIELDS) if k != "out" and k not in SESSION_ONLY and k in config}
+    values["data"] = located(values.get("data"))
     try:
         try:
             notes = setting_help(values, source_options_of(values.get("data")))
@@ -90,6 +113,6 @@ def write_config_toml(out: Path, config: dict[str, Any]) -> str | None:
             notes = {}
         text = to_toml(values, notes)
     except UsageError as exc:  # a value TOML cannot hold: run.json still has it
-        return f"{CONFIG_TOML} not written: {exc}"
+        return f"{CONFIG_TOML} not written: {exc}", None
     write_text_atomic(file, CONFIG_MARK + "\n" + text, overwrite=True)
-    return None
+    return None, file_sha256([file])

@@ -157,3 +157,22 @@ def test_a_report_names_the_run_and_its_settings(run, cli):
     model = rep["model"]
     assert model["run_id"] == info["run_id"] and len(model["run_id"]) == 32
     assert model["config_sha256"] == info["config_sha256"] and model["encoder_sha256"] == info["encoder_sha256"]
+
+
+def test_a_run_recorded_before_run_ids_is_named_as_its_export_names_it(run, cli, tmp_path):
+    """eval and export agree on an old run (no run_id / config_sha256 in run.json): the same fallbacks."""
+    import shutil
+
+    from sslkit.export import export_metadata
+    from sslkit.run import load_run
+
+    old = tmp_path / "old"
+    shutil.copytree(run / "run", old)
+    info = json.loads((old / "run.json").read_text())
+    del info["run_id"], info["config_sha256"]
+    (old / "run.json").write_text(json.dumps(info))
+    meta = export_metadata(load_run(old), load_run(old).build_encoder())
+    model = _json(cli("eval", "knn", old, "--data", run / "data", "--split", "group:2", "--no-baseline",
+                      "--json", "--quiet"))["model"]
+    assert (model["run_id"], model["config_sha256"], model["step"]) == (
+        meta["run_id"], meta["config_sha256"], meta["step"]) and model["step"] == 1

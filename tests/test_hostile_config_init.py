@@ -109,7 +109,10 @@ def test_numbers_too_big_for_a_float_or_an_int_are_one_line(tmp_path):
     f.write_text("task: simclr\nlr: 1" + "0" * 400 + "\n")  # an int float() overflows on
     assert "lr must be a number" in _refusal(f)
     f.write_text("task: simclr\nlr: 1" + "0" * 5000 + "\n")  # more digits than Python converts
-    assert "invalid YAML" in _refusal(f)
+    assert _refusal(f) == f"{f}: invalid YAML: an integer of more than 4300 digits"
+    t = tmp_path / "big.toml"
+    t.write_text("lr = 1" + "0" * 5000 + "\n")
+    assert _refusal(t) == f"{t}: invalid TOML: an integer of more than 4300 digits"
 
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs here")

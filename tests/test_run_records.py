@@ -181,3 +181,28 @@ def test_run_json_records_the_views_as_applied(images, tmp_path, cli, monkeypatc
     assert first["size"] == 16 and first["saturation"] == 0.2 and first["scale"] == [0.08, 1.0]
     assert (first["solarize_p"], second["solarize_p"]) == (0.0, 0.2)  # BYOL's asymmetric pair
     assert first["blur_p"] == second["blur_p"] == 0.25 and first["colour"] is True
+
+
+def test_config_toml_works_from_any_folder_and_a_users_edit_survives_a_resume(images, tmp_path, cli, monkeypatch):
+    """The data typed relative to where the run started is written absolute (init already was), so the
+    rerun reads the same data from any folder with the same config_sha256; an edit to config.toml is
+    never replaced by a resume (its sha256 in run.json tells sslkit's own file from an edited one)."""
+    start, elsewhere = tmp_path / "start", tmp_path / "elsewhere"
+    start.mkdir(), elsewhere.mkdir()
+    shutil.copytree(images, start / "img")
+    monkeypatch.chdir(start)
+    _pretrain(cli, monkeypatch, "--data", "folder:img", "--out", start / "run", "--max-steps", 2, *TINY)
+    first = _info(start / "run")
+    assert first["config"]["data"] == "folder:img"  # run.json keeps what was typed
+    assert f'data = "folder:{start / "img"}"' in (start / "run" / "config.toml").read_text()
+    monkeypatch.chdir(elsewhere)
+    _pretrain(cli, monkeypatch, "--config", start / "run" / "config.toml", "--out", elsewhere / "again")
+    assert _same_tensors(start / "run" / "encoder.safetensors", elsewhere / "again" / "encoder.safetensors")
+    assert _info(elsewhere / "again")["config_sha256"] == first["config_sha256"]
+    toml = start / "run" / "config.toml"
+    edited = toml.read_text().replace("seed = 0", "seed = 5")
+    toml.write_text(edited)
+    monkeypatch.chdir(start)
+    _pretrain(cli, monkeypatch, "--resume", start / "run", "--max-steps", 3)
+    assert toml.read_text() == edited
+    assert _info(start / "run")["config_toml_sha256"] == first["config_toml_sha256"]

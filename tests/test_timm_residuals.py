@@ -39,3 +39,11 @@ def test_the_weights_are_timms_own_with_zero_init_last_off(model):
     theirs = timm.create_model(model, num_classes=0, in_chans=1, zero_init_last=False).state_dict()
     assert ours.keys() == theirs.keys()
     assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+@pytest.mark.parametrize("value", ["no", "off", "maybe", 0])
+def test_zero_init_last_takes_true_or_false_only(value):
+    from sslkit.errors import UsageError
+
+    with pytest.raises(UsageError, match="zero_init_last must be true or false"):
+        create_backbone("timm:resnet18", in_chans=3, image_size=32, zero_init_last=value)

@@ -180,6 +180,8 @@ def check_options(options: dict[str, Any]) -> None:
         sizes = value if isinstance(value, (list, tuple)) else [value]  # per stage (Swin's num_heads, ...)
         if key in POSITIVE_INTS and not (sizes and all(type(v) is int and v >= 1 for v in sizes)):
             raise UsageError(f"--backbone-opt {key} must be an integer >= 1, got {value!r}")
+        if key == "zero_init_last" and not isinstance(value, bool):  # timm takes any text as true
+            raise UsageError(f"--backbone-opt zero_init_last must be true or false, got {value!r}")
         if key == "mlp_ratio" and not (number(value) and value > 0):
             raise UsageError(f"--backbone-opt {key} must be a number > 0, got {value!r}")
 

@@ -31,8 +31,10 @@ from sslkit.output_file import read_json
 CACHE_FORMAT = 2
 #: the decoders' revision, in every cache key: raised when a source's pixels change for the same
 #: files and options (3: TIFFs as displayed, big-endian npz, 16-bit colour PNGs reduced at 16 bits,
-#: grey + alpha PNGs one channel), so no entry decoded the old way is read again
-DECODE_REVISION = 3
+#: grey + alpha PNGs one channel; 4: a compressed DICOM frame whose stream disagrees with its header
+#: is skipped before decoding, bounded PNG/TIFF/NIfTI decoding), so no entry decoded the old way (or
+#: holding the old skip reasons) is read again
+DECODE_REVISION = 4
 MARKER = ".sslkit-cache"
 _KEY = re.compile(r"[0-9a-f]{32}")
 _HEADER_INDEX = re.compile(r"[a-z0-9_]+-[0-9a-f]{24}\.json")

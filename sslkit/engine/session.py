@@ -192,7 +192,8 @@ def _prepare(s: Setup, lock: RunLock | None) -> None:
         "files_named_by": FILES_NAMED_BY,
         "notes": [{"sample": i, "note": n} for i, n in getattr(s.data.source, "notes", list)()],
     })
-    why = write_config_toml(s.out, s.info["config"])
+    last = read_json(s.out / RUN_JSON).get("config_toml_sha256") if s.cfg.resume else None
+    why, s.info["config_toml_sha256"] = write_config_toml(s.out, s.info["config"], last)
     if why:
         note(f"note: {why}")
 

@@ -65,26 +65,35 @@ class EvalModel:
         return (self.run.path if self.format == "run" else self.path.parent) / "eval"
 
     def describe(self) -> dict[str, Any]:
-        """The report's ``model``: what was evaluated, tied to its run (``run_id``, ``config_sha256``: run.json's
-        or the ONNX metadata's; None for runs made before they were recorded) and to its weights: ``encoder_sha256`` (a run's final
-        encoder as run.json records it, an ONNX file's own bytes), or for a checkpoint its ``checkpoint_step``
-        and ``checkpoint_sha256`` (its model file, as its manifest records it)."""
+        """The report's ``model``: what was evaluated, tied to its run as an export of it names it
+        (``run_id``, ``config_sha256``: run.json's, else for a run recorded before them the same
+        fallbacks as :func:`sslkit.export.export_metadata`; an ONNX file's metadata) and to its weights:
+        ``step``, ``encoder_sha256`` (a run's final encoder as run.json records it, an ONNX file's own
+        bytes), or for a checkpoint its ``checkpoint_step`` and ``checkpoint_sha256`` (its manifest's)."""
         from sslkit.checkpoint import MANIFEST, MODEL_FILE
+        from sslkit.export import run_id, weights_record
         from sslkit.output_file import file_sha256, read_json
+        from sslkit.run_record import config_sha256
 
-        ckpt = self.run.checkpoint if self.run is not None else None
+        run = self.run
+        ckpt = run.checkpoint if run is not None else None
         weights: dict[str, Any] = {"encoder_sha256": None, "checkpoint_step": None}
         if ckpt is not None:
             manifest = read_json(ckpt / MANIFEST)
             model_file = (manifest.get("files") or {}).get(MODEL_FILE) or {}
             weights.update(checkpoint_step=manifest.get("step"), checkpoint_sha256=model_file.get("sha256"))
-        elif self.run is not None:
-            weights["encoder_sha256"] = self.run.info.get("encoder_sha256")
+        elif run is not None:
+            weights["encoder_sha256"] = run.info.get("encoder_sha256")
         else:
             weights["encoder_sha256"] = file_sha256([self.path])
-        checkpoint = ckpt.name if ckpt is not None else None
-        return {"path": str(self.path), "format": self.format, "run_id": self.info.get("run_id"),
-                "config_sha256": self.info.get("config_sha256"), "checkpoint": checkpoint, **weights,
+        if run is not None:
+            ids = {"run_id": run.info.get("run_id") or run_id(run, run.build_encoder()),
+                   "config_sha256": run.info.get("config_sha256") or config_sha256(run.info.get("config", {})),
+                   "step": weights_record(run).get("step")}
+        else:
+            ids = {k: self.info.get(k) for k in ("run_id", "config_sha256", "step")}
+        return {"path": str(self.path), "format": self.format, **ids,
+                "checkpoint": ckpt.name if ckpt is not None else None, **weights,
                 "task": self.info.get("task"),
                 "backbone": self.info.get("backbone"), "backbone_options": self.info.get("backbone_options") or {},
                 "embedding_dim": self.info.get("embedding_dim"), "image_size": self.spec.image_size,

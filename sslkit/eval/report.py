@@ -9,7 +9,8 @@ Schema ``sslkit.eval/1`` (documented in README, "sslkit eval --json")::
 
     {"schema": "sslkit.eval/1", "kind": "knn" | "linear" | "tsne" | "attention",
      "created": ISO-8601 UTC, "sslkit_version": str,
-     "model": {"path", "format", "checkpoint", "encoder_sha256", "checkpoint_step", "task", "backbone",
+     "model": {"path", "format", "run_id", "config_sha256", "step", "checkpoint", "encoder_sha256",
+               "checkpoint_step", "checkpoint_sha256" (a checkpoint), "task", "backbone",
                "backbone_options", "embedding_dim", "image_size", "channels"},
      "data": {"train"/"test"/"data": {"source", "samples", "unlabelled",
                                       "skipped": {"files": int, "reasons": {str: int}}}},
