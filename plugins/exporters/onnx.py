@@ -22,10 +22,8 @@ and checks it against the float32 PyTorch encoder with its own tolerance:
 
 ``metadata_props["sslkit"]`` holds JSON: input name, dtype, shape with dynamic axes,
 channels, image size, resize rule, mean/std or windows and whether they are in the graph,
-output, task, backbone, embedding dim, versions, run id (run.json's ``run_id``; ``run_id_from``
-says when a run recorded before it had one gets a hash of the weights instead), the step the
-weights are from with their file's sha256 (``encoder_sha256`` or ``checkpoint_sha256``), the sha256
-of the run's settings (``config_sha256``, as run.json records it), dataset fingerprint, and the
+output, task, backbone, embedding dim, versions, run id and settings' sha256 (``run_id_from``:
+run.json's, or a hash of the weights for older runs), the weights' step and sha256, dataset fingerprint, and the
 verification results. Never a path or a patient identifier: the dynamo exporter's own
 annotations (per-node stack traces with the build machine's source paths, FX node text,
 class names) are stripped before the file is written (:func:`strip_build_metadata`).
