@@ -16,7 +16,7 @@ from typing import Any, Callable
 import numpy as np
 
 from sslkit.errors import UsageError
-from sslkit.output_file import check_output, file_sha256
+from sslkit.output_file import check_output, file_sha256, read_json
 from sslkit.registry import get_exporter
 from sslkit.run import ENCODER_FILE, Run, check_not_run_file, load_run
 
@@ -45,15 +45,14 @@ def run_id(run: Run, encoder: Any = None) -> str | None:
 def weights_record(run: Run) -> dict[str, Any]:
     """Which weights of the run are exported: the optimizer step they are from, and the sha256 of the
     file they were read from as the run recorded it (``encoder_sha256`` in run.json, or the checkpoint's
-    ``model.safetensors``, as its manifest lists it)."""
-    from sslkit.checkpoint import MODEL_FILE
+    ``model.safetensors`` as its manifest lists it: loading the checkpoint checked the file against it)."""
+    from sslkit.checkpoint import MANIFEST, MODEL_FILE
 
     if run.checkpoint is None:
         return {"step": (run.info.get("summary") or {}).get("steps"), "encoder_sha256": run.info.get("encoder_sha256")}
-    number = run.checkpoint.name.rpartition("-")[2]  # step-00000010
-    model = run.checkpoint / MODEL_FILE
-    return {"step": int(number) if number.isdigit() else None,
-            "checkpoint_sha256": file_sha256([model]) if model.is_file() else None}
+    manifest = read_json(run.checkpoint / MANIFEST)
+    model = (manifest.get("files") or {}).get(MODEL_FILE) or {}
+    return {"step": manifest.get("step"), "checkpoint_sha256": model.get("sha256")}
 
 
 def export_metadata(run: Run, encoder: Any = None) -> dict[str, Any]:

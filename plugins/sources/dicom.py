@@ -35,7 +35,7 @@ from sslkit_plugins.sources.dicom_decode import codec_failure, decode, parse_win
 from sslkit_plugins.sources.dicom_headers import cached_headers, stable_groups
 from sslkit_plugins.sources.dicom_labels import (class_of, named_levels, not_patient_folders, patient_named_classes,
                                                  series_labelled)
-from sslkit_plugins.sources.dicom_limits import check_stream_size
+from sslkit_plugins.sources.dicom_limits import TooLarge
 from sslkit_plugins.sources.dicom_pixels import decode_located, pixel_facts, read_frame
 from sslkit_plugins.sources.dicom_reasons import NOT_DICOM_IMAGE, failure_reason, incomplete_image, safe_reason
 from sslkit_plugins.sources.dicom_series import assemble, geometry
@@ -302,9 +302,10 @@ class DicomSource(Source):
                 keep = ref.frame is not None and frames > 1 and ref.frame < frames - 1
                 self._last = (ref.path, ds) if keep else None
                 check_pixel_count(int(ds.get("Columns", 0) or 0), int(ds.get("Rows", 0) or 0), self.max_pixels)
-                check_stream_size(ds, ref.frame)  # its reason is not a codec's failure
                 try:
-                    return decode(ds, ref.frame, self.windows)
+                    return decode(ds, ref.frame, self.windows)  # checks the stream's own size first
+                except TooLarge as exc:  # its reason is not a codec's failure
+                    raise Undecodable(failure_reason(exc, "cannot decode")) from None
                 except Exception as exc:
                     raise Undecodable(codec_failure(ds, safe_reason(exc))
                                       or failure_reason(exc, "bad header value")) from None

@@ -16,13 +16,11 @@ Order of operations (DICOM PS3.4 N.2, the grayscale pipeline):
    * ``W,L`` or a preset (``lung``, ``mediastinum``, ``bone``, ``brain``, ``abdomen``...):
      a linear window of width ``W`` centred on level ``L``.
 
-4. MONOCHROME1 is inverted *after* windowing, so high attenuation is bright in every
-   window mode.
-
-Explicit windows are applied as pydicom's ``apply_windowing`` applies a VOI module that
-holds only that window, with a 16-bit unsigned output range: LINEAR and LINEAR_EXACT by
-:func:`linear_window`, the same float64 arithmetic without its masked copies (bit-equal,
-~4x faster: tests/test_cache_first_pass.py compares them), SIGMOID and VOI LUTs through pydicom.
+4. MONOCHROME1 is inverted *after* windowing, so high attenuation is bright in every window mode.
+Explicit windows are applied as pydicom's ``apply_windowing`` applies a VOI module holding only
+that window, 16-bit unsigned output range: LINEAR and LINEAR_EXACT by :func:`linear_window`, the same
+float64 arithmetic without its masked copies (bit-equal, ~4x faster: tests/test_cache_first_pass.py).
+SIGMOID and VOI LUTs go through pydicom.
 """
 
 from __future__ import annotations
@@ -111,24 +109,26 @@ def _linear(name: str, width: str, level: str) -> Window:
 
 
 def read_dataset(path: str | BinaryIO, stop_before_pixels: bool = False) -> Dataset:
-    """``dcmread`` of a path or an open file; files without a preamble / file meta are
-    read with ``force=True``.
-
-    A forced read that finds no image attributes raises ``InvalidDicomError``; a missing
-    Transfer Syntax UID is filled in from how the data set was actually encoded.
-    """
-    if (ds := read_deflated(path, stop_before_pixels)) is not None:  # inflated in steps, within a limit
-        return ds
+    """``dcmread`` of a path or an open file (opened once); files without a preamble / file meta are read
+    with ``force=True``: one with no image attributes raises ``InvalidDicomError``, a missing Transfer
+    Syntax UID is filled in from how the data set was actually encoded."""
+    fp = open(path, "rb") if isinstance(path, str) else path
     try:
-        return pydicom.dcmread(path, stop_before_pixels=stop_before_pixels)
-    except pydicom.errors.InvalidDicomError:
-        if not isinstance(path, str):
-            path.seek(0)
-        ds = pydicom.dcmread(path, stop_before_pixels=stop_before_pixels, force=True)
-        if "SOPClassUID" not in ds and "Rows" not in ds:
-            raise pydicom.errors.InvalidDicomError("not a DICOM file (no preamble, no SOP class, no image)")
-        _fill_transfer_syntax(ds)
-        return ds
+        start = fp.tell()
+        if (ds := read_deflated(fp, stop_before_pixels)) is not None:  # inflated in steps, within a limit
+            return ds
+        try:
+            return pydicom.dcmread(fp, stop_before_pixels=stop_before_pixels)
+        except pydicom.errors.InvalidDicomError:
+            fp.seek(start)
+            ds = pydicom.dcmread(fp, stop_before_pixels=stop_before_pixels, force=True)
+            if "SOPClassUID" not in ds and "Rows" not in ds:
+                raise pydicom.errors.InvalidDicomError("not a DICOM file (no preamble, no SOP class, no image)")
+            _fill_transfer_syntax(ds)
+            return ds
+    finally:
+        if fp is not path:
+            fp.close()
 
 
 def _fill_transfer_syntax(ds: Dataset) -> None:

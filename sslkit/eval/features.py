@@ -70,27 +70,22 @@ class EvalModel:
         fallbacks as :func:`sslkit.export.export_metadata`; an ONNX file's metadata) and to its weights:
         ``step``, ``encoder_sha256`` (a run's final encoder as run.json records it, an ONNX file's own
         bytes), or for a checkpoint its ``checkpoint_step`` and ``checkpoint_sha256`` (its manifest's)."""
-        from sslkit.checkpoint import MANIFEST, MODEL_FILE
         from sslkit.export import run_id, weights_record
-        from sslkit.output_file import file_sha256, read_json
+        from sslkit.output_file import file_sha256
         from sslkit.run_record import config_sha256
 
         run = self.run
         ckpt = run.checkpoint if run is not None else None
-        weights: dict[str, Any] = {"encoder_sha256": None, "checkpoint_step": None}
-        if ckpt is not None:
-            manifest = read_json(ckpt / MANIFEST)
-            model_file = (manifest.get("files") or {}).get(MODEL_FILE) or {}
-            weights.update(checkpoint_step=manifest.get("step"), checkpoint_sha256=model_file.get("sha256"))
-        elif run is not None:
-            weights["encoder_sha256"] = run.info.get("encoder_sha256")
-        else:
-            weights["encoder_sha256"] = file_sha256([self.path])
         if run is not None:
-            ids = {"run_id": run.info.get("run_id") or run_id(run, run.build_encoder()),
+            record = weights_record(run)
+            weights = {"encoder_sha256": record.get("encoder_sha256"),
+                       "checkpoint_step": record["step"] if ckpt is not None else None,
+                       **({"checkpoint_sha256": record["checkpoint_sha256"]} if ckpt is not None else {})}
+            ids = {"run_id": run_id(run, None if run.info.get("run_id") else run.build_encoder()),
                    "config_sha256": run.info.get("config_sha256") or config_sha256(run.info.get("config", {})),
-                   "step": weights_record(run).get("step")}
+                   "step": record["step"]}
         else:
+            weights = {"encoder_sha256": file_sha256([self.path]), "checkpoint_step": None}
             ids = {k: self.info.get(k) for k in ("run_id", "config_sha256", "step")}
         return {"path": str(self.path), "format": self.format, **ids,
                 "checkpoint": ckpt.name if ckpt is not None else None, **weights,
