@@ -180,9 +180,19 @@ class LARS(torch.optim.Optimizer):
                 torch._foreach_addcmul_(kept, kept_u, kept_t)
             else:
                 torch._foreach_add_(kept, kept_u)
-        lr = group["lr"]
-        lr = lr if torch.is_tensor(lr) else torch.tensor(lr, dtype=params[0].dtype, device=params[0].device)
-        torch._foreach_addcmul_(params, bufs, [lr] * len(bufs), value=-1)
+        torch._foreach_addcmul_(params, bufs, [self._lr_tensor(group["lr"], params[0])] * len(bufs), value=-1)
+
+    def _lr_tensor(self, lr: float | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """``lr`` as a 0-d tensor on ``like``'s device: the scheduled device tensor as it is, a float
+        filled into one kept buffer (``fill_`` launches a kernel; a new ``torch.tensor`` on CUDA
+        would copy from the host and wait for the stream every step)."""
+        if torch.is_tensor(lr):
+            return lr
+        key = (like.device, like.dtype)
+        buffers = self.__dict__.setdefault("_lr_buffers", {})
+        if key not in buffers:
+            buffers[key] = torch.zeros((), dtype=like.dtype, device=like.device)
+        return buffers[key].fill_(lr)
 
 
 def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float, momentum: float = 0.9,
