@@ -14,9 +14,11 @@ def drawable(text: str) -> str:
     return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
-def save_png(fig: Any, out: Path, dpi: int, tight_rect: tuple[float, float, float, float] | None = None) -> None:
+def save_png(fig: Any, out: Path, dpi: int,
+             tight_rect: tuple[float, float, float, float] | None = None) -> tuple[int, int]:
     """Write ``fig`` to ``out`` atomically, every text drawable first; ``tight_rect``: lay it
-    out with ``tight_layout`` inside that rectangle (after the texts are fixed: laying out draws them)."""
+    out with ``tight_layout`` inside that rectangle (after the texts are fixed: laying out draws them).
+    Returns the PNG's ``(W, H)`` in pixels."""
     from matplotlib.text import Text
 
     for artist in fig.findobj(Text):
@@ -24,3 +26,5 @@ def save_png(fig: Any, out: Path, dpi: int, tight_rect: tuple[float, float, floa
     if tight_rect is not None:
         fig.tight_layout(rect=tight_rect)
     write_atomic(out, lambda tmp: fig.savefig(tmp, dpi=dpi, format="png"))
+    w, h = fig.get_size_inches()
+    return int(round(w * dpi)), int(round(h * dpi))

@@ -18,8 +18,8 @@ def capture(monkeypatch, module) -> list:
     real = module.save_png
 
     def keep(fig, out, dpi, tight_rect=None):
-        real(fig, out, dpi, tight_rect)
         figs.append(fig)
+        return real(fig, out, dpi, tight_rect)
 
     monkeypatch.setattr(module, "save_png", keep)
     return figs

@@ -182,9 +182,7 @@ def plot_grid(images: np.ndarray, maps: dict[str, np.ndarray], title: str, out: 
     ``(cols * CELL_INCHES * DPI, rows * CELL_INCHES * DPI)`` pixels.
     """
     fig = draw_grid(images, maps, title, row_labels)
-    save_png(fig, out, DPI)
-    w, h = fig.get_size_inches()
-    return int(round(w * DPI)), int(round(h * DPI))
+    return save_png(fig, out, DPI)
 
 
 def pooling_note(encoder: nn.Module) -> str:

@@ -96,6 +96,4 @@ def curve_title(report: dict[str, Any]) -> str:
 def plot_curve(report: dict[str, Any], out: Path) -> tuple[int, int]:
     """Draw ``report["results"]`` of ``eval curve`` into the PNG ``out``; returns its ``(W, H)`` in pixels."""
     fig = draw_curve(report)
-    save_png(fig, out, DPI, tight_rect=(0, 0, 1, 0.93))
-    w, h = fig.get_size_inches()
-    return int(round(w * DPI)), int(round(h * DPI))
+    return save_png(fig, out, DPI, tight_rect=(0, 0, 1, 0.93))

@@ -128,9 +128,7 @@ def plot_maps(panels: dict[str, np.ndarray], labels: list[str], title: str, out:
     """Scatter one ``(N, 2)`` map per panel side by side, coloured by ``labels`` (:func:`draw_maps`);
     returns the PNG's ``(W, H)`` px: ``PANEL_INCHES * DPI`` high, each panel that wide plus the legend."""
     fig = draw_maps(panels, labels, title)
-    save_png(fig, out, DPI)
-    w, h = fig.get_size_inches()
-    return int(round(w * DPI)), int(round(h * DPI))
+    return save_png(fig, out, DPI)
 
 
 def folder_aliases(source: Any, refs: list) -> dict[str, str]:
