@@ -23,8 +23,8 @@ from contextlib import contextmanager
 import numpy as np
 
 from sslkit.api import Undecodable, box_reduce, check_pixel_count, unit_floats
-from sslkit_plugins.sources.folder_decode import (BYTES_PER_LIMIT_PIXEL, DECODE_SIDE, check_decoded_bytes, is_grey,
-                                                  open_image, pil_pixels, reduce_factor)  # noqa: F401 (the limit, here before)
+from sslkit_plugins.sources.folder_decode import (DECODE_SIDE, check_decoded_bytes, is_grey, open_image, pil_pixels,
+                                                  reduce_factor)
 #: TIFF photometric interpretations
 MINISWHITE, MINISBLACK, RGB, PALETTE, SEPARATED, YCBCR = 0, 1, 2, 3, 5, 6
 #: the skip reason of a TIFF file that holds no page
