@@ -254,7 +254,9 @@ def print_config(cli: dict[str, Any], config_file: str | None = None) -> str:
     if given.get("max_steps") is not None and "epochs" not in given:  # as resolve(): --max-steps alone
         values["epochs"] = None
     _check_printed(values)
-    ordered = {k: values.get(k) for k in (*REQUIRED, *FIELDS) if k not in ("resume", "overwrite")}
+    from sslkit.run_record import SESSION_ONLY  # a per-session flag in a printed file would act on every later run
+
+    ordered = {k: values.get(k) for k in (*REQUIRED, *FIELDS) if k not in SESSION_ONLY}
     from sslkit.config_toml import setting_help, source_options_of, to_toml, unset_source_options
 
     source = source_options_of(values.get("data"))  # once: a bare path is sniffed

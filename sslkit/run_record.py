@@ -40,14 +40,22 @@ def located(data: str | None) -> str | None:
     return f"{scheme}:{os.path.abspath(where)}" if scheme else os.path.abspath(where)
 
 
-def config_sha256(config: dict[str, Any]) -> str:
-    """The SHA-256 of a run's resolved settings: ``run.json``'s ``config`` without ``out`` and
-    :data:`SESSION_ONLY`, the data's location absolute (:func:`located`), as JSON with sorted keys
-    and no spaces (the same settings in any folder give the same hash)."""
-    kept = {k: v for k, v in config.items() if k != "out" and k not in SESSION_ONLY}
+def _rerun_settings(config: dict[str, Any]) -> dict[str, Any]:
+    """The settings that repeat a run from any folder, what ``config.toml`` holds and
+    :func:`config_sha256` hashes: :func:`recorded_config` without ``out``, the data's location
+    absolute (:func:`located`)."""
+    kept = {k: v for k, v in recorded_config(config).items() if k != "out"}
     if "data" in kept:
         kept["data"] = located(kept["data"])
-    text = json.dumps(kept, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+    return kept
+
+
+def config_sha256(config: dict[str, Any]) -> str:
+    """The SHA-256 of a run's resolved settings: ``run.json``'s ``config`` without ``out`` and
+    :data:`SESSION_ONLY`, the data's location absolute (:func:`_rerun_settings`), as JSON with sorted
+    keys and no spaces (the same settings in any folder give the same hash)."""
+    text = json.dumps(_rerun_settings(config), sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                      default=str)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
@@ -104,8 +112,9 @@ def write_config_toml(out: Path, config: dict[str, Any], last: str | None = None
         if last is not None and file_sha256([file]) != last:
             return (f"{file} was edited since sslkit wrote it: kept, not replaced (the run's settings are in "
                     f"run.json)", last)
-    values = {k: config.get(k) for k in (*REQUIRED, *FIELDS) if k != "out" and k not in SESSION_ONLY and k in config}
-    values["data"] = located(values.get("data"))
+    kept = _rerun_settings(config)
+    values = {k: kept[k] for k in (*REQUIRED, *FIELDS) if k in kept}  # in a config file's order
+    values.setdefault("data", None)
     try:
         try:
             notes = setting_help(values, source_options_of(values.get("data")))

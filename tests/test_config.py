@@ -108,6 +108,16 @@ def test_print_config_round_trips(tmp_path, cli):
     assert cfg.lr_scaling == "sqrt" and cfg.backbone == "timm:resnet10t"
 
 
+def test_print_config_leaves_out_the_per_session_flags(cli):
+    """--overwrite and --allow-data-change (like --resume) act on one session: a printed file that held
+    them would resume, clear or accept changed data on every later run made from it."""
+    r = cli("pretrain", "--print-config", "--task", "simclr", "--allow-data-change", "--overwrite")
+    assert r.exit_code == 0, r.output
+    data = tomllib.loads(r.output)
+    assert data["task"] == "simclr"
+    assert not {"resume", "overwrite", "allow_data_change"} & set(data), sorted(data)
+
+
 def test_run_json_holds_the_resolved_config(tmp_path, cli):
     images = make_images(tmp_path / "img", n_per_class=8, size=20)
     f = tmp_path / "run.toml"

@@ -93,12 +93,12 @@ def run(s: Setup, lock: RunLock | None = None, callbacks: list[tuple[str, Any]] 
     :func:`~sslkit.engine.callbacks.create_callbacks` of ``--callbacks`` (built here when None)."""
     if s.world > 1:  # different augmentations per rank; the model is already identical
         seed_everything(s.cfg.seed + 7919 * s.rank)
-    on_main(lambda: _prepare(s, lock))  # everything asked is valid: only now is the run directory written
+    old = on_main(lambda: _prepare(s, lock))  # everything asked is valid: only now is the run directory written
     state = run_state.restore(s)
     if state.step > s.total:
         raise _bound_below(s.cfg.out, state.step, s.total)
     if s.cfg.resume and s.main:
-        continued_record(s, state, read_json(s.out / RUN_JSON))
+        continued_record(s, state, old)  # the run.json _prepare read under the run's lock
     write_info(s)
     events = Events(create_callbacks(s.cfg.callbacks) if callbacks is None else callbacks, s.rank)
     events.emit("on_run_start", RunInfo(s.out, s.info, state.step, s.total, s.rank, s.world))
@@ -172,11 +172,12 @@ FILES_NAMED_BY = ("a keyed hash of the path below the data root (names there can
                   "'sslkit data inspect DATA' prints each unusable file's path with its key")
 
 
-def _prepare(s: Setup, lock: RunLock | None) -> None:
+def _prepare(s: Setup, lock: RunLock | None) -> dict[str, Any]:
     """Create the run directory, take its lock, then (checked again under the lock: another
     process may have started a run there while this one decoded) clear it with --overwrite;
     remove temporary files a killed run left behind; write data_report.json and config.toml (the settings
-    that rerun the run: ``sslkit pretrain --config RUN/config.toml --out NEW``)."""
+    that rerun the run: ``sslkit pretrain --config RUN/config.toml --out NEW``). Returns the run.json a
+    resume continues, read once here under the lock (``{}`` for a new run)."""
     check_run_dir(s.cfg).mkdir(parents=True, exist_ok=True)
     if lock is not None:
         lock.acquire()
@@ -192,10 +193,11 @@ def _prepare(s: Setup, lock: RunLock | None) -> None:
         "files_named_by": FILES_NAMED_BY,
         "notes": [{"sample": i, "note": n} for i, n in getattr(s.data.source, "notes", list)()],
     })
-    last = read_json(s.out / RUN_JSON).get("config_toml_sha256") if s.cfg.resume else None
-    why, s.info["config_toml_sha256"] = write_config_toml(s.out, s.info["config"], last)
+    old = read_json(s.out / RUN_JSON) if s.cfg.resume else {}
+    why, s.info["config_toml_sha256"] = write_config_toml(s.out, s.info["config"], old.get("config_toml_sha256"))
     if why:
         note(f"note: {why}")
+    return old
 
 
 def write_info(s: Setup) -> None:
