@@ -23,12 +23,16 @@ class CheckFailed(Exception):
     exit_code = 1
 
 
+_FIRST_LINE_MAX = 200  # characters first_line quotes at most, its "…" included
+
+
 def first_line(exc: BaseException) -> str:
-    """An error's first line (its type's name when it has no message), at most 200 characters:
-    what a one-line message quotes of an exception from a library, e.g.
+    """An error's first line (its type's name when it has no message), at most 200 characters (a
+    longer one cut, ending in "…"): what a one-line message quotes of an exception from a library, e.g.
     ``raise UsageError(f"cannot build {name}: {first_line(exc)}") from None``."""
     text = str(exc).strip()
-    return (text.splitlines()[0] if text else type(exc).__name__)[:200]
+    line = text.splitlines()[0].rstrip() if text else type(exc).__name__
+    return line if len(line) <= _FIRST_LINE_MAX else line[:_FIRST_LINE_MAX - 1].rstrip() + "…"
 
 
 class _Brief(reprlib.Repr):

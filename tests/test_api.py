@@ -110,4 +110,10 @@ def test_first_line_quotes_one_line_of_a_library_error():
     assert api.first_line(ValueError("bad shape\n  at layer 3\n")) == "bad shape"
     assert api.first_line(ValueError("\n  indented first line\nmore")) == "indented first line"
     assert api.first_line(KeyError()) == "KeyError"  # no message: the type's name
-    assert api.first_line(RuntimeError("x" * 500)) == "x" * 200
+    assert api.first_line(RuntimeError("x" * 500)) == "x" * 199 + "…"  # a cut line says it was cut
+    assert api.first_line(RuntimeError("x" * 200)) == "x" * 200  # 200 characters: whole
+    # the audit's Hub message: cut mid-sentence ("... make sure your Internet connection") read as whole
+    text = ("An error happened while trying to locate the file on the Hub and we cannot find the requested files "
+            "in the local cache. Please check your connection and try again or make sure your Internet connection "
+            "is on.")
+    assert len(api.first_line(OSError(text))) == 200 and api.first_line(OSError(text)).endswith(" connectio…")

@@ -241,6 +241,53 @@ def test_weights_of_another_architecture_are_one_line_errors(tmp_path):
                   create_backbone("timm:resnet18", in_chans=3, image_size=32, cifar_stem=True))
 
 
+def test_weights_with_blocks_the_backbone_lacks_are_refused(tmp_path, cli):
+    """The audit's case: torchvision ResNet-34 weights loaded into a ResNet-18 with exit 0 and 98
+    tensors 'unused' (layer1.2, layer2.2, ...: the blocks of the deeper model, silently dropped)."""
+    import torchvision
+
+    torch.manual_seed(0)
+    torch.save(torchvision.models.resnet34().state_dict(), tmp_path / "r34_tv.pth")
+    dst = create_backbone("timm:resnet18", in_chans=3, image_size=32)
+    before = {k: v.clone() for k, v in dst.model.state_dict().items()}
+    # 96: the 98 unused tensors but fc.weight and fc.bias, a head that is never counted
+    with pytest.raises(UsageError, match=r"^--init r34_tv.pth does not fit timm:resnet18: 96 of its tensors are in "
+                                         r"blocks timm:resnet18 lacks: layer1.2, layer2.2, layer2.3, layer3.2 "
+                                         r"\(\+4 more\); --backbone names the architecture the weights were made for$"):
+        load_init(str(tmp_path / "r34_tv.pth"), dst)
+    _assert_loaded(dst.model, before)  # nothing was loaded
+    # a ViT of one block more than the run's
+    deeper = create_backbone("timm:vit_small_patch14_dinov2", in_chans=3, image_size=28, **{**TINY_VIT, "depth": 3})
+    save_file(deeper.model.state_dict(), str(tmp_path / "vit3.safetensors"))
+    with pytest.raises(UsageError, match=r"tensors are in blocks timm:vit_small_patch14_dinov2 lacks: blocks\.2;"):
+        load_init(str(tmp_path / "vit3.safetensors"), _vit())
+    # through the CLI: one line, exit 2, no run
+    data = make_images(tmp_path / "imgs", n_per_class=2, size=32, channels=1)
+    result = cli("pretrain", "--task", "simclr", "--data", f"folder:{data}", "--out", tmp_path / "r34",
+                 "--init", tmp_path / "r34_tv.pth", "--max-steps", 1, "--image-size", 32, "--batch-size", 4,
+                 "--no-cache", "--quiet")
+    lines = result.stderr.strip().splitlines()
+    assert result.exit_code == 2 and len(lines) == 1 and "in blocks timm:resnet18 lacks: layer1.2" in lines[0], \
+        result.output
+    assert not (tmp_path / "r34").exists()
+
+
+def test_only_numbered_blocks_beside_the_backbones_own_count_as_another_architecture():
+    from sslkit.init.adapt import extra_blocks
+
+    target = {k: torch.zeros(1) for k in ("blocks.0.norm1.weight", "blocks.1.norm1.weight", "blocks.1.attn.qkv.weight",
+                                          "head.norm.weight", "stem.0.weight", "norm.weight", "cls_token")}
+    unexpected = ["blocks.2.norm1.weight", "blocks.2.mlp.fc1.weight",  # a block the backbone lacks
+                  "stem.3.weight",  # a stem of more layers
+                  "blocks.10.norm1.weight",
+                  "head.0.weight", "fc.weight", "classifier.bias",  # heads, even under the backbone's own head
+                  "mask_token", "pooler.dense.weight", "teacher.blocks.0.norm1.weight",  # not the backbone's parts
+                  "blocks.1.attn.relative_position_index",  # a buffer an older version kept, in an existing block
+                  "blocks.1.ls1.gamma", "norm.extra.0.weight"]  # named parts; norm has no numbered children
+    assert extra_blocks(unexpected, target) == ["blocks.2", "stem.3", "blocks.10"]
+    assert extra_blocks(["fc.weight", "fc.bias"], target) == []
+
+
 def test_pickled_code_is_never_run_and_blocked_modules_are_refused(tmp_path, capsys):
     """A pickle that calls a function to build an object: the function becomes an inert placeholder
     (the tensors load, the call never happens, the record names it); ``os``/``sys`` globals are refused."""
@@ -355,6 +402,53 @@ def test_allow_download_fetches_into_the_cache_or_fails_in_one_line(tmp_path, mo
     _assert_loaded(dst.model, w)
     with pytest.raises(UsageError, match=r"--init: unknown timm model 'resnet1800' \(did you mean 'resnet18"):
         resolve_init("timm:resnet1800.a1_in1k")
+
+
+def test_a_failed_download_says_why_in_a_few_words(tmp_path, monkeypatch):
+    """The audit's line ended mid-sentence ("... make sure your Internet connection"): the Hub
+    client's paragraph, cut at 200 characters. Now the reason itself, in one line."""
+    import types
+
+    import huggingface_hub
+    from huggingface_hub import constants as hub_constants
+    from huggingface_hub import errors as hub_errors
+
+    from sslkit.init import hub
+    from sslkit.init.resolve import resolve_init
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(UsageError) as err:
+        resolve_init("acme/other", allow_download=True)
+    assert str(err.value).endswith("): HF_HUB_OFFLINE is set, so nothing is downloaded; unset it, or give a local "
+                                   "weights file"), str(err.value)
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(hub, "check_reachable", lambda what: None)  # no network here: the Hub "answered"
+    monkeypatch.setattr(hub, "check_file", lambda repo, revision, name: None)
+    asked = []
+    response = types.SimpleNamespace(headers={}, request=None)
+    for raised, why in [(hub_errors.LocalEntryNotFoundError("An error happened while trying to locate the file on "
+                                                            "the Hub and we cannot find the requested files in the "
+                                                            "local cache. Please check your connection and try "
+                                                            "again or make sure your Internet connection is on."),
+                         "the Hugging Face Hub (https://"),
+                        (hub_errors.RepositoryNotFoundError("404 Client Error. " * 20, response=response),
+                         "no such repository on the Hub (a private one needs a login: hf auth login)"),
+                        (hub_errors.RevisionNotFoundError("404", response=response),
+                         "the repository has no such revision")]:
+        def download(repo, name, revision=None, cache_dir=None, **kw):
+            asked.append(name)
+            raise raised
+
+        monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+        asked.clear()
+        with pytest.raises(UsageError) as err:
+            resolve_init("acme/other", allow_download=True)
+        msg = str(err.value)
+        assert msg.startswith("--init acme/other: cannot download acme/other (model.safetensors, ") and why in msg
+        assert "\n" not in msg and "Internet connection" not in msg and "404 Client" not in msg, msg
+        assert asked == ["model.safetensors"]  # no other file name can succeed: one try
 
 
 def test_pretrain_init_is_recorded_in_run_json_and_export_metadata(tmp_path):

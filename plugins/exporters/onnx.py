@@ -15,7 +15,8 @@ resampling, as training does.
 Every export verifies itself before the file appears: ``onnx.checker`` (full check),
 then onnxruntime against PyTorch on random and real inputs (samples of the run's data,
 when given) at batch 1 and 8, and at a second image size where H/W are dynamic. Above
-``tolerance`` (max abs difference, 1e-4) the export fails and nothing is left behind.
+``tolerance`` (1e-4) x max(1, max |torch|) (max abs difference, relative to the embedding's scale
+where it is above 1: float32 rounding grows with the values) the export fails and nothing is left behind.
 ``fp16=True`` additionally converts the graph to float16 (float32 input and output kept)
 and checks it against the float32 PyTorch encoder with its own tolerance:
 ``max |ort - torch| <= fp16_tolerance * max |torch|`` and cosine >= 0.999.
@@ -26,7 +27,7 @@ output, task, backbone, embedding dim, versions, run id and settings' sha256 (``
 run.json's, or a hash of the weights for older runs), the weights' step and sha256, dataset fingerprint, and the
 verification results. Never a path or a patient identifier: the dynamo exporter's own
 annotations (per-node stack traces with the build machine's source paths, FX node text,
-class names) are stripped before the file is written (:func:`strip_build_metadata`).
+class names) are stripped before the file is written (:func:`.onnx_strip.strip_build_metadata`).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from torch import nn
 
 from sslkit.api import (CheckFailed, InputSpec, RawInput, UsageError, first_line, hookimpl, is_token_backbone,
     raw_input_for, write_atomic)
+from sslkit_plugins.exporters.onnx_strip import strip_build_metadata
 
 
 TOLERANCE = 1e-4
@@ -191,50 +193,6 @@ def _to_fp16(model, tmp: Path, check: Callable[[], list[dict[str, Any]]], tolera
                    "min_cosine": min(c["min_cosine"] for c in checks)}
 
 
-def strip_build_metadata(model) -> None:
-    """Remove, in place, what the exporter records about the machine that built the graph.
-
-    The dynamo exporter annotates nodes, values and the graph with ``metadata_props``
-    (``pkg.torch.onnx.stack_trace`` holds absolute source paths, ``fx_node`` and
-    ``class_hierarchy`` name the Python code) and may fill ``doc_string``s. All of it goes,
-    in the main graph, every subgraph and every function, and the model's own entries
-    (sslkit's ``metadata_props["sslkit"]`` is added after this).
-    """
-    def clear(item) -> None:
-        fields = item.DESCRIPTOR.fields_by_name
-        if "metadata_props" in fields:
-            del item.metadata_props[:]
-        if "doc_string" in fields:
-            item.doc_string = ""
-
-    def graph(g) -> None:
-        clear(g)
-        for v in (*g.input, *g.output, *g.value_info, *g.initializer):
-            clear(v)
-        for sparse in g.sparse_initializer:
-            clear(sparse.values)
-        for node in g.node:
-            nodes(node)
-
-    def nodes(node) -> None:
-        clear(node)
-        for attr in node.attribute:
-            clear(attr)
-            if attr.HasField("g"):
-                graph(attr.g)
-            for sub in attr.graphs:
-                graph(sub)
-
-    clear(model)
-    graph(model.graph)
-    for fn in model.functions:
-        clear(fn)
-        for v in fn.value_info:
-            clear(v)
-        for node in fn.node:
-            nodes(node)
-
-
 def spatial_shape(spec: InputSpec) -> tuple[int, ...]:
     """The graph input's spatial shape: ``(S, S)``, or ``(D, H, W)`` for ``--sample volume``."""
     return tuple(spec.volume_size) if spec.sample == "volume" and spec.volume_size else (spec.image_size,) * 2
@@ -297,8 +255,9 @@ def verify(path: Path, module: GraphModule, raw: RawInput, spec: InputSpec, size
            samples: np.ndarray | None, tolerance: float, min_cosine: float | None, log) -> list[dict[str, Any]]:
     """onnxruntime on ``path`` vs ``module`` in PyTorch float32, random and real inputs.
 
-    ``min_cosine=None``: absolute tolerance on the max abs difference (float32);
-    otherwise the float16 rule (relative difference and a cosine floor).
+    ``min_cosine=None``: the float32 rule, max abs difference <= ``tolerance`` x max(1, max |reference|)
+    (absolute for embeddings within [-1, 1], relative above); otherwise the float16 rule
+    (``tolerance`` x max |reference|, and a cosine floor).
     """
     import onnxruntime as ort
 
@@ -334,9 +293,10 @@ def verify(path: Path, module: GraphModule, raw: RawInput, spec: InputSpec, size
         label = "fp16 " if min_cosine is not None else ""
         log(f"{label}parity {kind:6s} batch {x.shape[0]} {'x'.join(map(str, x.shape[2:]))}: "
             f"max abs diff {diff:.2e}, min cosine {cos:.6f}")
-        ok = diff <= tolerance if min_cosine is None else (diff <= tolerance * scale and cos >= min_cosine)
-        if not ok:
-            rule = (f"max abs diff {diff:.3g} > {tolerance:g}" if min_cosine is None else
+        limit = tolerance * (max(1.0, scale) if min_cosine is None else scale)
+        if not (diff <= limit and (min_cosine is None or cos >= min_cosine)):
+            rule = (f"max abs diff {diff:.3g} > {limit:.3g} ({tolerance:g} x max(1, max |embedding| {scale:.3g}))"
+                    if min_cosine is None else
                     f"max abs diff {diff:.3g} (limit {tolerance:g} x max |embedding| {scale:.3g}), "
                     f"min cosine {cos:.6f} (limit {min_cosine})")
             raise CheckFailed(f"ONNX {label}parity failed on {kind} inputs at batch {x.shape[0]}, "
@@ -371,7 +331,7 @@ def _metadata(base: dict[str, Any], spec: InputSpec, raw: RawInput, dynamic_hw: 
         "verification": {
             "onnx_checker": "full",
             "float32": {"max_abs_diff": report["max_abs_diff"], "min_cosine": report["min_cosine"],
-                        "tolerance": report["tolerance"]},
+                        "tolerance": report["tolerance"], "rule": "max abs diff <= tolerance x max(1, max |embedding|)"},
             **({"float16": {k: report["fp16"][k] for k in ("max_abs_diff", "min_cosine", "tolerance")}} if fp16 else {}),
             "inputs": sorted({c["inputs"] for c in report["checks"]}),
             "sizes": sorted({tuple(c["size"]) for c in report["checks"]}),

@@ -4,7 +4,8 @@
 id or timm tag, offline by default), reads it without running pickled code
 (:mod:`.read`), renames its keys to timm's (:mod:`.keymap`), fits them to the backbone
 (:mod:`.adapt`: input channels, patch size, position grid) and loads them. Weights that
-cannot be fitted are one :class:`~sslkit.errors.UsageError` line naming the tensors. A
+cannot be fitted (a shape, more than 10 % of the backbone missing, numbered blocks the backbone
+lacks: :func:`.adapt.extra_blocks`) are one :class:`~sslkit.errors.UsageError` line naming them. A
 ``--resume`` from a checkpoint does not read them again (:mod:`.resume`).
 
 A backbone says where its published-layout weights live with an optional
@@ -23,7 +24,7 @@ import torch
 from torch import nn
 
 from sslkit.errors import UsageError
-from sslkit.init.adapt import fit
+from sslkit.init.adapt import extra_blocks, fit
 from sslkit.init.keymap import to_timm
 from sslkit.init.read import read_weights
 from sslkit.init.resolve import InitFile, resolve_init
@@ -59,6 +60,12 @@ def load_init(init: str, backbone: nn.Module, allow_download: bool = False) -> d
         raise UsageError(f"--init {found.name} does not fit {name}: {len(fitted.missing)} of its {len(counted)} "
                          f"tensors are not in the weights (the weights' {layout} layout has keys like {sample})"
                          f"{ARCH_HINT}")
+    extra = extra_blocks(fitted.unexpected, own)
+    if extra:
+        tensors = sum(1 for k in fitted.unexpected if any(k.startswith(b + ".") for b in extra))
+        more = f" (+{len(extra) - 4} more)" if len(extra) > 4 else ""
+        raise UsageError(f"--init {found.name} does not fit {name}: {tensors} of its tensors are in blocks {name} "
+                         f"lacks: {', '.join(extra[:4])}{more}{ARCH_HINT}")
     frozen = {n for n, p in module.named_parameters() if not p.requires_grad}  # e.g. pos_embed=sincos: the run's own
     kept = sorted(k for k in fitted.state if k in frozen)
     module.load_state_dict({k: v for k, v in fitted.state.items() if k not in frozen}, strict=False)

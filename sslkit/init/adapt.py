@@ -66,6 +66,37 @@ def fit(weights: dict[str, torch.Tensor], target: dict[str, torch.Tensor], info:
     return out
 
 
+#: top-level names of classifier and SSL heads: their tensors are "unused", never a sign of another architecture
+HEADS = frozenset({"fc", "head", "heads", "classifier", "projection", "projector", "proj_head", "pooler",
+                   "predictor", "decoder", "last_linear", "head_dist", "pre_logits"})
+
+
+def extra_blocks(unexpected: list[str], target: dict[str, torch.Tensor]) -> list[str]:
+    """The numbered blocks of ``unexpected`` keys that the target lacks beside its own: ``layer1.2``
+    for ``layer1.2.bn1.bias`` where the target's ``layer1`` holds ``0`` and ``1`` (ResNet-34 weights
+    for a ResNet-18, a 12-block ViT's for a 6-block one). Keys under a head (:data:`HEADS`) or
+    outside any numbered sequence of the target (``mask_token``, ``pooler.*``, a buffer an older
+    version kept) are not counted: they stay "unused"."""
+    children: dict[str, set[str]] = {}
+    for key in target:
+        parts = key.split(".")
+        for i in range(len(parts) - 1):
+            children.setdefault(".".join(parts[:i]), set()).add(parts[i])
+    found: dict[str, None] = {}
+    for key in unexpected:
+        parts = key.split(".")
+        if parts[0] in HEADS:
+            continue
+        for i in range(len(parts) - 1):  # the first module on the key's path that the target lacks
+            parent = ".".join(parts[:i])
+            if parts[i] in children.get(parent, ()):
+                continue
+            if parts[i].isdigit() and any(c.isdigit() for c in children.get(parent, ())):
+                found[".".join(parts[:i + 1])] = None
+            break
+    return list(found)
+
+
 def _fold_prefix_positions(out: Fitted, positions: torch.Tensor, kept: int) -> None:
     """Add the dropped positions ``(1, n, D)`` of prefix tokens ``kept .. kept + n - 1`` (0: the class
     token, then the registers) to those tokens where the weights gave them, so the first block sees

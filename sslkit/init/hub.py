@@ -6,7 +6,8 @@ line in a few seconds, not ``huggingface_hub``'s minutes of retries with a warni
 name is then asked for once the same way (its metadata, no retry) before it is fetched: a Hub that
 answers its address but not for the file (a stalled proxy) is one line too, not a minute of
 retries per file name. Its log lines and warnings are silenced while it downloads (its progress
-bars are kept).
+bars are kept). A download that fails says why in a few words (:func:`why_not`: ``HF_HUB_OFFLINE``
+is set, the Hub was not reached, no such repository, revision or file), not the client's paragraph.
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ def download(repo: str, revision: str, files: tuple[str, ...], what: str) -> Pat
     """The first of ``files`` that ``repo`` holds, fetched into the cache; one line when none can be."""
     check_reachable(what)
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
     last: Exception | None = None
     with quiet_hub():
@@ -83,13 +84,38 @@ def download(repo: str, revision: str, files: tuple[str, ...], what: str) -> Pat
                 check_file(repo, revision, name)
                 return Path(hf_hub_download(repo, name, revision=revision or None, cache_dir=str(hub_cache_dir()),
                                             **_endpoint_kw()))
+            except LocalEntryNotFoundError as exc:  # offline or no answer (an EntryNotFoundError too): none will do
+                last = exc
+                break
             except EntryNotFoundError as exc:  # this file name is not there: the next one
                 last = exc
             except Exception as exc:  # no repository or revision, no answer, a broken connection: no other will do
                 last = exc
                 break
-    msg = first_line(last) if last else "no file tried"
-    raise UsageError(f"--init {what}: cannot download {repo} ({', '.join(files)}): {msg}")
+    raise UsageError(f"--init {what}: cannot download {repo} ({', '.join(files)}): {why_not(last)}")
+
+
+def why_not(exc: Exception | None) -> str:
+    """Why a download failed, in a few plain words: the Hub client's own messages run to several
+    sentences (``first_line`` would quote the first 200 characters of them)."""
+    from huggingface_hub import errors
+
+    if exc is None:
+        return "no file tried"
+    if isinstance(exc, (errors.LocalEntryNotFoundError, errors.OfflineModeIsEnabled)):
+        if offline():
+            return "HF_HUB_OFFLINE is set, so nothing is downloaded; unset it, or give a local weights file"
+        return (f"the Hugging Face Hub ({hub_endpoint()}) could not be reached; check the network "
+                "(HF_ENDPOINT, proxy settings) or give a local weights file")
+    if isinstance(exc, errors.GatedRepoError):
+        return "the repository is gated: accept its terms on the Hub and log in (hf auth login)"
+    if isinstance(exc, errors.RepositoryNotFoundError):
+        return "no such repository on the Hub (a private one needs a login: hf auth login)"
+    if isinstance(exc, errors.RevisionNotFoundError):
+        return "the repository has no such revision"
+    if isinstance(exc, errors.EntryNotFoundError):
+        return "the repository holds none of these files"
+    return first_line(exc)
 
 
 def check_file(repo: str, revision: str, name: str) -> None:
