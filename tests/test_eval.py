@@ -127,6 +127,22 @@ def test_auroc_is_for_the_named_positive_class():
     assert classification_metrics(y, y, scores, 3, positive=None)["auroc"] is None
 
 
+def test_a_test_fold_of_one_class_is_scored_without_scikit_learn_warnings():
+    """A test fold without the positive class (100 NORMAL, 6 PNEUMONIA of 4 patients, --split group:5)
+    printed scikit-learn's multi-line UserWarnings, with its file paths, on stderr; folds_scored
+    reports that gap already. Other warnings are not swallowed."""
+    scores = np.array([[0.9, 0.1], [0.2, 0.8], [0.7, 0.3]])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        one = classification_metrics(np.array([0, 0, 0]), np.array([0, 0, 0]), scores, 2, positive=1)
+        extra = classification_metrics(np.array([0, 0, 0]), np.array([0, 1, 0]), scores, 2, positive=1)
+        warnings.warn("a caller's own warning", UserWarning)
+    assert [str(w.message) for w in caught] == ["a caller's own warning"]
+    assert one == {"n": 3, "top1": 1.0, "balanced_accuracy": 1.0, "auroc": None}
+    assert extra["top1"] == pytest.approx(2 / 3) and extra["balanced_accuracy"] == pytest.approx(2 / 3)
+    assert extra["auroc"] is None  # one class in the test fold: no AUROC
+
+
 def test_class_index_positive_default_and_errors():
     assert class_index(["b", "a", "a"], ["a"], None) == (["a", "b"], 1)
     assert class_index(["b", "a"], ["a"], "a") == (["a", "b"], 0)

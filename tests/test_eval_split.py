@@ -231,3 +231,86 @@ def test_dicom_patient_key_groups_the_folds(patients, cli, tmp_path):
     knn = rep["results"]["pretrained"]["k=1"]
     assert knn["n"] == 16 and all(f["n"] == 4 for f in knn["folds"])  # 2 patients x 2 images per fold
     assert "PID" not in json.dumps(rep)  # no patient identifier in the report
+
+
+@pytest.mark.parametrize("extra, flags", [
+    (["--group-pattern", r"^(p\d+)_"], "--group-pattern applies"),
+    (["--group-by", "folder"], "--group-by folder applies"),
+    (["--group-pattern", r"^(p\d+)_", "--group-by", "folder"], "--group-pattern and --group-by folder apply"),
+])
+def test_group_flags_with_train_test_are_refused_not_ignored(patients, cli, extra, flags):
+    """``--group-pattern`` / ``--group-by folder`` with ``--train/--test`` exited 0 and the report's settings
+    omitted them (a split the user asked for, silently not made); refused in one line as ``--split`` is."""
+    data = patients / "data"
+    result = cli("eval", "knn", patients / "run", "--train", data, "--test", data, "--allow-overlap", "--k", "1",
+                 "--no-baseline", *extra, "--quiet")
+    lines = result.stderr.strip().splitlines()
+    assert result.exit_code == 2 and len(lines) == 1, result.output
+    assert lines[0] == f"error: {flags} to --data (one labelled folder); --train/--test are already split"
+    from sslkit.eval.probes import DataArgs
+
+    assert DataArgs(train="a", test="b", group_by="source").check() is None  # the default is no choice made
+    with pytest.raises(UsageError, match="^--split applies to --data"):
+        DataArgs(train="a", test="b", split="group:5").check()
+
+
+def test_every_file_its_own_group_is_noted_on_stderr_and_in_the_report(patients, cli, tmp_path):
+    """The default ``--split group:K`` on a plain folder makes each file its own group (a patient's two
+    images on both sides of a fold) with nothing but "80 images, 80 groups" said: now one note naming
+    the remedies, kept in ``settings.split.notes``; none when anything grouped the files."""
+    common = ["eval", "knn", patients / "run", "--split", "group:3", "--k", "1", "--no-baseline", "--json", "--quiet"]
+    result = cli(*common, "--data", patients / "data")
+    assert result.exit_code == 0, result.output
+    rep = json.loads(result.stdout)
+    note = ("--split group:3: each of the 80 groups is a single file (nothing grouped them), so a patient's images "
+            "can lie on both sides of a fold; group them with --group-pattern REGEX (file name), --group-by folder, "
+            "or --data-opt group=REGEX (relative path)")
+    assert result.stderr.count("sslkit: note:") == 1 and f"sslkit: note: {note}\n" in result.stderr
+    assert rep["settings"]["split"]["notes"] == [note] and rep["data"]["data"]["groups"] == 80
+    for grouping in (["--group-pattern", r"^(p\d+)_"], ["--data-opt", r"group=(p\d+)_"]):
+        result = cli(*common, "--data", patients / "data", *grouping)
+        rep = json.loads(result.stdout)
+        assert result.exit_code == 0 and "note" not in result.stderr, result.output
+        assert rep["settings"]["split"]["notes"] == [] and rep["data"]["data"]["groups"] == 40
+    from sslkit.eval.split import file_groups_note
+
+    assert file_groups_note(["f:a.png", "p:p1", "f:b.png"], 3) is None  # a pattern matched some: no note
+    assert file_groups_note(["d:x", "d:y"], 2) is None and file_groups_note([], 2) is None
+
+
+def test_tsne_folder_colours_hide_patient_folders_below_the_class_whatever_they_hold(patients, cli, tmp_path,
+                                                                                      monkeypatch):
+    """``DATA/<class>/<patient>/img.png``: a patient's folder of two images was shown by name (only
+    one-image folders were aliased) in the printed classes, the report and the PNG legend."""
+    from pathlib import Path
+
+    import sslkit.eval.tsne as tsne
+    from sslkit.registry import create_source
+
+    nested = tmp_path / "nested"
+    for f in sorted((patients / "data").rglob("*.png")):  # data/<cls>/p7_a.png -> nested/<cls>/p7/p7_a.png
+        (nested / f.parent.name / f.name.split("_")[0]).mkdir(parents=True, exist_ok=True)
+        shutil.copy(f, nested / f.parent.name / f.name.split("_")[0] / f.name)
+    for name in ("loose_1.png", "loose_2.png"):  # files of the class folder itself: its name is a label, kept
+        shutil.copy(next((patients / "data" / "healthy").glob("*.png")), nested / "healthy" / name)
+    legends, draw = [], tsne.draw_maps
+    monkeypatch.setattr(tsne, "draw_maps", lambda panels, labels, title: legends.append(sorted(set(labels)))
+                        or draw(panels, labels, title))
+    result = cli("eval", "tsne", patients / "run", "--data", nested, "--out", tmp_path / "t.png", "--color-by",
+                 "folder", "--perplexity", "3", "--no-baseline", "--json", "--quiet")
+    assert result.exit_code == 0, result.output
+    rep = json.loads(result.stdout)
+    names = sorted({p.name for p in nested.glob("*/p*") if p.is_dir()})  # 40 patient folders, two images each
+    aliases = [f"folder {k} (may name a patient)" for k in range(1, 41)]
+    assert len(names) == 40 and rep["classes"] == sorted(aliases + ["healthy"]) and legends == [rep["classes"]]
+    assert rep["class_counts"]["plotted"]["healthy"] == 2
+    assert "40 of 41 folder names" in result.stderr
+
+    def strings(x):
+        return [s for v in x.values() for s in strings(v)] if isinstance(x, dict) else \
+            [s for v in x for s in strings(v)] if isinstance(x, list) else [x] if isinstance(x, str) else []
+
+    shown = strings(rep) + strings(json.loads(Path(rep["report_file"]).read_text()))
+    assert not any(n in s.split("/") or s.startswith(n + " ") or s == n for s in shown for n in names)
+    src = create_source(f"folder:{nested}")  # the same aliases in every command: sorted names, numbered
+    assert tsne.folder_aliases(src, src.index()) == dict(zip(names, aliases))

@@ -45,3 +45,32 @@ def test_dicom_row_labels_do_not_show_patient_named_folders(tmp_path, monkeypatc
     assert len(labels) == 4 and all(lab.startswith("CHEST/") for lab in labels)
     for lab in labels:
         assert "BRAMBLEWORTH" not in lab.upper() and "QUIXOTEBOTTOM" not in lab.upper(), lab
+
+
+def test_row_labels_hide_every_folder_below_the_class_folder(tmp_path, monkeypatch):
+    """``DIR/<class>/<patientID>/img``: a patient's folder of two images was shown by name (only one-image
+    folders were hidden); now every folder below the first level is, at every level, with ``eval tsne``'s
+    aliases (sorted names, numbered)."""
+    from sslkit.eval.tsne import folder_aliases
+    from sslkit.registry import create_source
+
+    for cls, patient in (("NORMAL", "person1000"), ("NORMAL", "person1001"), ("PNEUMONIA", "person2002")):
+        make_images(tmp_path / "xr" / cls, n_per_class=2, size=8, classes=(patient,))
+    make_images(tmp_path / "xr", n_per_class=2, size=8, classes=("PNEUMONIA",))  # a class folder's own files
+    make_images(tmp_path / "xr" / "CT" / "person3003", n_per_class=2, size=8, classes=("study",))  # two levels
+    labels = preview_labels(monkeypatch, f"folder:{tmp_path / 'xr'}", tmp_path / "p.png", 10)
+    # was NORMAL/person1000/0.png; NORMAL/folder 1 (may name a patient)/0.png is over 40 characters: the
+    # first folder, "…", the file
+    assert labels == ["CT/…/0.png", "CT/…/1.png"] + ["NORMAL/…/0.png", "NORMAL/…/1.png"] * 2 + [
+        "PNEUMONIA/0.png", "PNEUMONIA/1.png", "PNEUMONIA/…/0.png", "PNEUMONIA/…/1.png"]
+    monkeypatch.setattr(preview, "LABEL_CHARS", 200)  # the whole labels
+    full = preview_labels(monkeypatch, f"folder:{tmp_path / 'xr'}", tmp_path / "p2.png", 10)
+    # numbered in sorted order, the files' own folders (--color-by folder's colours) before those above them
+    alias = {n: f"folder {k} (may name a patient)"
+             for k, n in enumerate(("person1000", "person1001", "person2002", "study", "person3003"), 1)}
+    assert full[:4] == [f"CT/{alias['person3003']}/{alias['study']}/{i}.png" for i in (0, 1)] + [
+        f"NORMAL/{alias['person1000']}/{i}.png" for i in (0, 1)]
+    assert full[-4:] == ["PNEUMONIA/0.png", "PNEUMONIA/1.png"] + [f"PNEUMONIA/{alias['person2002']}/{i}.png"
+                                                                  for i in (0, 1)]
+    src = create_source(f"folder:{tmp_path / 'xr'}")
+    assert folder_aliases(src, src.index()) == alias

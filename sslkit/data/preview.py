@@ -6,7 +6,8 @@ coronal, sagittal), then two augmented views of it (2D: a named recipe of
 :mod:`sslkit.views`, default ``simclr``; volumes: :func:`sslkit.augment3d.pair_volume_recipes`).
 The caption states the source, sample mode, window and spacing. Slabs show their centre
 slice. Row labels are sample ids relative to the data root (DICOM volumes: salted series keys), a
-folder name that names or alone holds a patient replaced (as ``eval tsne --color-by folder`` does),
+folder name below the first level, or one that names or alone holds a patient, replaced (as ``eval tsne
+--color-by folder`` does),
 a long one shortened to its first folder, ``…`` and its file name.
 """
 
@@ -135,9 +136,9 @@ def spread(n: int, samples: int) -> list[int]:
 
 
 def row_labels(source: Any, refs: list, picked: list) -> list[str]:
-    """Each picked sample's key, folder names that name (or alone hold) a patient replaced as ``eval tsne
-    --color-by folder`` does (:func:`sslkit.eval.tsne.folder_aliases`; higher levels the source names,
-    ``(patient folder)``); a long one as its first folder, ``…`` and its file name."""
+    """Each picked sample's key, folder names below the first level or that name (or alone hold) a patient
+    replaced as ``eval tsne --color-by folder`` does (:func:`sslkit.eval.tsne.folder_aliases`; other levels
+    the source names, ``(patient folder)``); a long one as its first folder, ``…`` and its file name."""
     from sslkit.eval.tsne import folder_aliases, shorten
 
     alias = folder_aliases(source, refs)
@@ -148,8 +149,8 @@ def row_labels(source: Any, refs: list, picked: list) -> list[str]:
         if len(parts) > 1 and key.startswith(source.relative(ref.path)):  # a path, not a series key
             named = source.patient_folders(ref)
             for level in range(1, len(parts)):
-                if level == 1 and parts[-2] in alias:
-                    parts[-2] = alias[parts[-2]]
+                if parts[-1 - level] in alias:
+                    parts[-1 - level] = alias[parts[-1 - level]]
                 elif level in named:
                     parts[-1 - level] = "(patient folder)"
         label = "/".join(parts)

@@ -21,7 +21,7 @@ from sslkit.eval.linear import C_GRID, fit_linear_probe
 from sslkit.eval.metrics import classification_metrics
 from sslkit.eval.overlap import check_overlap
 from sslkit.eval.report import new_report, save_report, skipped_summary
-from sslkit.eval.split import fold_method, group_folds, group_keys, mean_std, parse_split
+from sslkit.eval.split import fold_method, file_groups_note, group_folds, group_keys, mean_std, parse_split
 
 
 @dataclass
@@ -64,8 +64,11 @@ class DataArgs:
             return parse_split(self.split or "group:5")
         if not (self.train and self.test):
             raise UsageError("give --train and --test, or one labelled folder with --data DIR --split group:5")
-        if self.split:
-            raise UsageError("--split applies to --data (one labelled folder); --train/--test are already split")
+        given = [flag for flag, on in (("--split", self.split), ("--group-pattern", self.group_pattern),
+                                       ("--group-by folder", self.group_by != "source")) if on]
+        if given:
+            raise UsageError(f"{' and '.join(given)} {'applies' if len(given) == 1 else 'apply'} to --data (one "
+                             "labelled folder); --train/--test are already split")
         return None
 
 
@@ -84,6 +87,7 @@ class ProbeData:
     folds: list[tuple[np.ndarray, np.ndarray]] | None = None
     groups: int = 0
     split_method: str = ""  # how ``folds`` were drawn (sslkit.eval.split.fold_method)
+    split_notes: list[str] = field(default_factory=list)  # what the report's settings.split.notes say
     overlap: int = 0  # scored test samples whose content is a scored training sample's (--allow-overlap)
     #: ``(encoder, setting)`` -> per-test-image correctness of a single split, for the paired gain
     correct: dict[tuple[str, str], np.ndarray] = field(default_factory=dict)
@@ -144,6 +148,7 @@ def _prepare_folds(model: EvalModel, args: DataArgs, k: int) -> ProbeData:
     labelled = [(i, lab) for i, lab in zip(ids, labels) if lab is not None]
     group_folds(np.array([classes.index(lab) for _, lab in labelled]), [group_of[i] for i, _ in labelled], k,
                 args.seed, classes)  # fail fast (too few groups, a class missing from a fold), before decoding
+    note = file_groups_note([group_of[i] for i, _ in labelled], k)  # after the refusals: an error is one line
     embs = labelled_embeddings(model, args.data, "--data", table, args.baseline, batch_size=args.batch_size,
                                source_options=args.source_options, progress=args.progress)
     first = embs["pretrained"]
@@ -151,7 +156,7 @@ def _prepare_folds(model: EvalModel, args: DataArgs, k: int) -> ProbeData:
     y = np.array([classes.index(c) for c in first.labels])
     folds = group_folds(y, groups, k, args.seed, classes)
     return ProbeData(model, {e: (s, s) for e, s in embs.items()}, classes, positive, folds, len(set(groups)),
-                     split_method=fold_method(y, groups, k))
+                     split_method=fold_method(y, groups, k), split_notes=[note] if note else [])
 
 
 def base_report(kind: str, prep: ProbeData, args: DataArgs, settings: dict[str, Any]) -> dict[str, Any]:
@@ -161,7 +166,7 @@ def base_report(kind: str, prep: ProbeData, args: DataArgs, settings: dict[str, 
     if prep.folds is not None:
         settings["split"] = {"kind": "group", "folds": len(prep.folds), "group_by": "pattern" if args.group_pattern
                              else args.group_by, "group_pattern": args.group_pattern, "seed": args.seed,
-                             "method": prep.split_method}
+                             "method": prep.split_method, "notes": prep.split_notes}
         report["data"] = {"data": {"source": args.data, "samples": len(tr.labels), "unlabelled": tr.unlabelled,
                                    "groups": prep.groups, "skipped": skipped_summary(tr.skipped)}}
         pairs = (("data", tr),)

@@ -13,6 +13,11 @@ sample's group is, in order:
   the PatientID, else the study; folders: ``--data-opt group=REGEX`` on the relative
   path, else the file).
 
+Group keys say where they come from: ``p:`` a pattern's match, ``d:`` a folder, ``f:`` the file
+itself (no pattern match, or a source that groups nothing, as a plain image folder); when every
+group is a file's own (``f:``), :func:`file_groups_note` says so on stderr and in the report,
+naming the remedies: a patient's images can lie on both sides of a fold.
+
 Each fold's metrics are computed as for ``--train/--test``; the report gives their mean
 and standard deviation (``ddof=1``) and every fold's numbers.
 """
@@ -112,6 +117,19 @@ def _unmatched_pattern(pattern: str | None, unmatched: list[str], n: int) -> Non
                          "name, not the folders)")
     print(f"sslkit: note: --group-pattern {pattern!r} matches {n - len(unmatched)} of {n} file names; the "
           f"{len(unmatched)} others (e.g. {example!r}) are each their own group", file=sys.stderr)
+
+
+def file_groups_note(groups: Sequence[str], k: int) -> str | None:
+    """A note (printed on stderr, returned for the report) when every one of ``groups`` (the labelled
+    samples' keys) is a file's own (``f:``): nothing grouped the files, so a patient's images can be
+    on both sides of a fold. None when any group came from a pattern, a folder or the source."""
+    if not groups or not all(g.startswith("f:") for g in groups):
+        return None
+    note = (f"--split group:{k}: each of the {len(set(groups))} groups is a single file (nothing grouped them), so a "
+            "patient's images can lie on both sides of a fold; group them with --group-pattern REGEX (file name), "
+            "--group-by folder, or --data-opt group=REGEX (relative path)")
+    print(f"sslkit: note: {note}", file=sys.stderr)
+    return note
 
 
 STRATIFIED, UNSTRATIFIED = "StratifiedGroupKFold (shuffled)", "GroupKFold (shuffled; a class has fewer groups than folds)"

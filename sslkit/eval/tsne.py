@@ -132,29 +132,56 @@ def plot_maps(panels: dict[str, np.ndarray], labels: list[str], title: str, out:
 
 
 def folder_aliases(source: Any, refs: list) -> dict[str, str]:
-    """``{folder name: alias}`` of the folder names no picture or report shows: one that holds one group
-    (patient) only, or that the source says carries a patient's name or ID (``Source.patient_folders``),
-    becomes ``folder K (one patient)`` or ``folder K (names a patient)``: a DICOM export's folders are often
-    named after the patient, and a patient without PatientID (grouped by study) or with two IDs is several
-    groups. Used by ``--color-by folder`` and ``data preview``'s row labels."""
-    groups: dict[str, set[str]] = {}
+    """``{folder name: alias}`` of the folder names no picture or report shows, used by ``--color-by folder``
+    and ``data preview``'s row labels. Hidden are:
+
+    * every folder below the first level under the data root, whatever it holds: in
+      ``DIR/<class>/<patient ID>/img.jpg`` the patient's folder, whether it holds one image or many (not a
+      name the user chose as a label);
+    * a file's own folder that holds one group (patient) only (a first-level folder, or the root);
+    * any folder the source says carries a patient's name or ID (``Source.patient_folders``; a DICOM
+      export's ``DOE_JOHN/``).
+
+    The first-level folders otherwise keep their names: they are the classes the user chose. A hidden name
+    becomes ``folder K (names a patient)``, ``folder K (one patient)`` or ``folder K (may name a
+    patient)``, in that order of precedence, ``K`` counting the hidden names in sorted order, the files' own
+    folders (what ``--color-by folder`` shows) before the folders above them: the same data gives the same
+    aliases, in every command; a name hidden anywhere is hidden everywhere.
+    """
+    groups: dict[str, set[str]] = {}  # files' own folders: their groups
     named: set[str] = set()
+    nested: set[str] = set()
     for r in refs:
-        folder = PurePath(r.path).parent.name
-        groups.setdefault(folder, set()).add(r.group or r.path)
-        if 1 in source.patient_folders(r):
-            named.add(folder)
-    hidden = sorted(n for n, g in groups.items() if len(g) == 1 or n in named)
-    return {n: f"folder {k} ({'names a patient' if n in named else 'one patient'})" for k, n in enumerate(hidden, 1)}
+        folders = _folders(source, r) or [PurePath(r.path).parent.name]  # a file in the root: the root's name
+        nested.update(folders[1:])
+        levels = source.patient_folders(r)
+        named.update(f for level, f in enumerate(reversed(folders), 1) if level in levels)
+        groups.setdefault(folders[-1], set()).add(r.group or r.path)
+    one = {n for n, g in groups.items() if len(g) == 1}
+    why = {**{n: "may name a patient" for n in nested}, **{n: "one patient" for n in one},
+           **{n: "names a patient" for n in named}}
+    order = sorted(why, key=lambda n: (n not in groups, n))  # files' own folders (the t-SNE colours) first
+    return {n: f"folder {k} ({why[n]})" for k, n in enumerate(order, 1)}
+
+
+def _folders(source: Any, ref: Any) -> list[str]:
+    """The folders of ``ref``'s path below the data root, first level first (``[]``: a file in the root, a
+    file source's file, or a path outside the root)."""
+    rel = PurePath(source.relative(ref.path))
+    if rel.is_absolute() or ".." in rel.parts:
+        return []
+    return list(rel.parts[:-1])
 
 
 def folder_values(source: Any, refs: list) -> dict[str, str]:
     """``{sample id: folder name}``, the names :func:`folder_aliases` hides replaced by their alias."""
     names = {sample_id(source, r): PurePath(r.path).parent.name for r in refs}
     alias = folder_aliases(source, refs)
-    if alias:
-        print(f"sslkit: note: --color-by folder: {len(alias)} of {len(set(names.values()))} folder names hold one "
-              "patient (group) or carry a patient's name or ID and are not shown", file=sys.stderr)
+    hidden = set(names.values()) & set(alias)
+    if hidden:
+        print(f"sslkit: note: --color-by folder: {len(hidden)} of {len(set(names.values()))} folder names hold one "
+              "patient (group) or carry a patient's name or ID, or lie below the first level (so may name a "
+              "patient), and are not shown", file=sys.stderr)
     return {sid: alias.get(n, n) for sid, n in names.items()}
 
 
