@@ -40,6 +40,14 @@ def _json(result):
     return json.loads(result.stdout)
 
 
+def _nested(patients, nested):
+    """``data/<cls>/p7_a.png`` -> ``nested/<cls>/p7/p7_a.png``: hospital data's ``<class>/<patient>/`` layout."""
+    for f in sorted((patients / "data").rglob("*.png")):
+        (nested / f.parent.name / f.name.split("_")[0]).mkdir(parents=True, exist_ok=True)
+        shutil.copy(f, nested / f.parent.name / f.name.split("_")[0] / f.name)
+    return nested
+
+
 def test_group_keys_from_pattern_folder_and_source(capsys):
     ids = ["/d/PNEUMONIA/person12_virus_3.jpg", "/d/PNEUMONIA/person12_bacteria_9.jpg",
            "/d/NORMAL/IM-0115-0001.jpg", "/d/NORMAL/NORMAL2-IM-0115-0001.jpg", "/d/x/other.jpg#2"]
@@ -287,10 +295,7 @@ def test_tsne_folder_colours_hide_patient_folders_below_the_class_whatever_they_
     import sslkit.eval.tsne as tsne
     from sslkit.registry import create_source
 
-    nested = tmp_path / "nested"
-    for f in sorted((patients / "data").rglob("*.png")):  # data/<cls>/p7_a.png -> nested/<cls>/p7/p7_a.png
-        (nested / f.parent.name / f.name.split("_")[0]).mkdir(parents=True, exist_ok=True)
-        shutil.copy(f, nested / f.parent.name / f.name.split("_")[0] / f.name)
+    nested = _nested(patients, tmp_path / "nested")
     for name in ("loose_1.png", "loose_2.png"):  # files of the class folder itself: its name is a label, kept
         shutil.copy(next((patients / "data" / "healthy").glob("*.png")), nested / "healthy" / name)
     legends, draw = [], tsne.draw_maps
@@ -314,3 +319,24 @@ def test_tsne_folder_colours_hide_patient_folders_below_the_class_whatever_they_
     assert not any(n in s.split("/") or s.startswith(n + " ") or s == n for s in shown for n in names)
     src = create_source(f"folder:{nested}")  # the same aliases in every command: sorted names, numbered
     assert tsne.folder_aliases(src, src.index()) == dict(zip(names, aliases))
+
+
+def test_nested_patient_folders_class_is_the_first_level_and_group_by_folder_the_patient(patients, cli, tmp_path):
+    """``DATA/<class>/<patient>/img.png``: the label was the file's own folder, so eval's classes were
+    the 40 patient IDs (and a split refused "class 'p7' has images of one group"). The class is the
+    first folder below DATA (torchvision's ImageFolder); ``--group-by folder`` still groups by patient."""
+    from sslkit.registry import create_source
+
+    nested = _nested(patients, tmp_path / "nested")
+    shutil.copy(next((patients / "data" / "sick").glob("*.png")), nested / "root.png")
+    refs = create_source(f"folder:{nested}").index()
+    truth = {f.name: f.parent.name for f in (patients / "data").rglob("*.png")}  # the flat tree's classes
+    assert {r.path.rsplit("/", 1)[1]: r.label for r in refs} == {**truth, "root.png": None}
+    (nested / "root.png").unlink()
+    keys = group_keys([r.id for r in refs if r.label], {}, "folder")
+    assert sorted(set(keys)) == sorted(f"d:{d}" for d in nested.glob("*/p*"))  # 40 patients, not 2 classes
+    rep = _json(cli("eval", "knn", patients / "run", "--data", f"folder:{nested}", "--split", "group:3",
+                    "--group-by", "folder", "--k", "1", "--no-baseline", "--json", "--quiet"))
+    assert rep["class_counts"]["data"] == {"healthy": 40, "sick": 40} and rep["data"]["data"]["groups"] == 40
+    assert rep["settings"]["split"]["group_by"] == "folder" and rep["results"]["pretrained"]["k=1"]["n"] == 80
+    assert rep["results"]["pretrained"]["k=1"]["top1"] <= 0.65  # patients on one side: no copy leaks (see above)

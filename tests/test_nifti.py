@@ -197,3 +197,13 @@ def test_a_volume_runs_input_spec_and_export_state_the_canonical_layout(tmp_path
     spec = InputSpec(1, 224, (0.5,), (0.25,), "nifti", src.describe())
     assert "canonical RAS+" in spec.orientation and "D inferior to superior" in spec.orientation
     assert "input.orientation" in VOLUME_STEPS and "RAS+" in VOLUME_STEPS and spec.orientation != ORIENTATION
+
+
+def test_the_first_folder_below_the_root_is_the_class_however_deep_the_file(tmp_path):
+    """``<class>/<patient>/scan.nii.gz``: the label is the class, never the patient's folder (as image folders)."""
+    write(tmp_path / "d" / "tumour" / "patient7" / "scan.nii.gz", grid())
+    write(tmp_path / "d" / "healthy" / "b.nii", grid())
+    write(tmp_path / "d" / "root.nii", grid())
+    src = create_source(f"nifti:{tmp_path / 'd'}", sample="volume", volume_size=f"{Z},{Y},{X}")
+    labels = {Path(r.path).name: r.label for r in src.index()}
+    assert labels == {"scan.nii.gz": "tumour", "b.nii": "healthy", "root.nii": None}

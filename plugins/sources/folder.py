@@ -1,6 +1,9 @@
 """Source ``folder:PATH``: every image below PATH (PNG, JPEG, TIFF, BMP, WebP).
 
-Class sub-folders are ignored for pretraining and used as labels by ``eval``.
+Class sub-folders are ignored for pretraining and used as labels by ``eval``: a file's class is
+the first folder below PATH (as torchvision's ``ImageFolder``), however deep it lies
+(``PATH/<class>/<patient>/img.jpg``: the class, never the patient's folder); a file in PATH
+itself has none.
 8-bit images are scaled by 255, 16-bit ones by 65535 (never squashed to 8 bits first);
 TIFFs are read with tifffile, which keeps 16-bit RGB as it is (as displayed: MINISWHITE
 inverted, CMYK as RGB; Pillow decodes what tifffile cannot, see ``folder_tiff``); so are
@@ -88,7 +91,7 @@ class FolderSource(Source):
         refs = []
         for f in files:
             rel = f.relative_to(self.root)
-            label = rel.parts[-2] if len(rel.parts) > 1 else None
+            label = rel.parts[0] if len(rel.parts) > 1 else None  # the first level: the class
             refs.append(SampleRef(str(f), group=group_of(rel.as_posix(), self.options.group), label=label))
         return refs
 

@@ -227,7 +227,7 @@ class NiftiSource(Source):
                 continue
             group = hashlib.sha256(b"sslkit-nifti-v1" + f.encode("utf-8", "surrogateescape")).hexdigest()[:16]
             parts = Path(f).relative_to(self.root).parts if self.root.is_dir() else ()
-            label = parts[-2] if len(parts) > 1 else None  # class sub-folders: labels for eval, as folder's
+            label = parts[0] if len(parts) > 1 else None  # the first folder below the root is the class, as folder's
             depth = int(shape[2])
             for t in range(int(shape[3]) if len(shape) == 4 else 1):
                 v = len(self.volumes)

@@ -10,8 +10,9 @@ A DICOM series read as one volume (``--sample volume``) is not named by a path (
 files, or the folder that holds them (e.g. ``train/a/p1/st/se``), labels the series. Rows
 that give one series two different labels leave it unlabelled.
 
-Class sub-folders: the sample's folder for image folders and NIfTI files; for DICOM the
-first folder below the data root (``<class>/<patient>/<study>/<series>/*.dcm``).
+Class sub-folders: the first folder below the data root, however deep the file lies (as
+torchvision's ``ImageFolder``): ``<class>/<patient>/img.png`` for image folders and NIfTI files,
+``<class>/<patient>/<study>/<series>/*.dcm`` for DICOM.
 """
 
 from __future__ import annotations
