@@ -301,6 +301,24 @@ def test_inpainting_scores_only_the_region():
     assert (r.sum((1, 2, 3)) == 16).all() and len({tuple(v.nonzero()[0].tolist()) for v in r}) > 5
 
 
+def test_inpainting_visible_weight_adds_the_loss_outside_the_region():
+    from sslkit_plugins.tasks.inpainting import masked_l2, region_mask
+    x = images(4, 1, 32)
+    losses = {}
+    for w in (0.0, 0.5):
+        torch.manual_seed(0)
+        task, _ = build("inpainting", visible_weight=w)
+        losses[w] = task((x,))["loss"]
+    torch.manual_seed(0)
+    task, _ = build("inpainting")
+    m = region_mask(4, 32, 0.5, "center", "cpu")
+    pred = task.decoder(task.encoder(x * (1 - m)))
+    inside, outside = masked_l2(pred, x, m), masked_l2(pred, x, 1 - m)
+    assert losses[0.0].item() == pytest.approx(inside.item(), rel=1e-5)
+    assert losses[0.5].item() == pytest.approx(inside.item() + 0.5 * outside.item(), rel=1e-5)
+    assert outside.item() > 0.01 * inside.item()  # the term is not negligible: the test can fail
+
+
 def test_denoising_corrupts_input_but_targets_clean():
     from sslkit_plugins.tasks.denoising import corrupt
     x = torch.ones(2, 1, 16, 16)

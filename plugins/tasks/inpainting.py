@@ -81,8 +81,11 @@ class InpaintingOptions:
     adv_weight: float = 0.0  # weight of the adversarial loss; > 0 trains a discriminator too, 0: off (paper: 0.001)
     decoder_width: int = 256  # decoder channels at its first 4x4 map, halved at every 2x upsampling (down to 32), >= 8
     min_scale: float = 0.5  # smallest area fraction of the random resized crop (scale min_scale-1), in (0, 1]
+    visible_weight: float = 0.0  # weight of the L2 loss on the pixels outside the region, >= 0 (0: the paper's region only)
 
     def __post_init__(self) -> None:
+        if not (math.isfinite(self.visible_weight) and self.visible_weight >= 0):
+            raise ValueError(f"visible_weight must be a finite number >= 0, got {self.visible_weight}")
         if self.region not in ("center", "random"):
             raise ValueError("region must be center or random")
         if not 0 < self.region_frac < 1:
@@ -120,6 +123,8 @@ class Inpainting(Task):
         mask = region_mask(x.shape[0], x.shape[-1], o.region_frac, o.region, x.device)
         pred = self.decoder(self.encoder(x * (1 - mask)))
         rec = masked_l2(pred, x, mask)
+        if o.visible_weight > 0:
+            rec = rec + o.visible_weight * masked_l2(pred, x, 1 - mask)
         if self.discriminator is None:
             return {"loss": rec}
         completed = x * (1 - mask) + pred * mask
