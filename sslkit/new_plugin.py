@@ -82,6 +82,7 @@ def write_plugin(name: str, kind: str, out: str | Path | None = None) -> Path:
     """
     files = files_for(name, kind)
     _check_name_is_free(name, kind)
+    _check_modules_are_free(name, [rel[:-3] for rel in files if "/" not in rel and rel.endswith(".py")])
     folder = Path(out) if out else Path(f"sslkit-{name.replace('_', '-')}")
     exists = folder.exists() or folder.is_symlink()  # a dangling link is not replaced either
     if exists and (not folder.is_dir() or any(folder.iterdir())):
@@ -145,3 +146,19 @@ def _check_name_is_free(name: str, kind: str) -> None:
     if owners:
         raise UsageError(f"plugin name {name!r}: the installed distribution {owners[0]!r} already uses the "
                          f"entry-point name {name!r} (sslkit plugins); choose another name")
+
+
+def _check_modules_are_free(name: str, modules: list[str]) -> None:
+    """A module name the package would install that is already importable is refused: installed, one of
+    the two would shadow the other (``plugins`` gives ``sslkit_plugins``, sslkit's own built-ins)."""
+    import importlib.util
+
+    for module in modules:
+        try:
+            taken = importlib.util.find_spec(module) is not None  # located, not imported
+        except (ImportError, ValueError):
+            taken = True
+        if taken:
+            whose = "sslkit's own built-in plugins" if module == "sslkit_plugins" else "an installed module"
+            raise UsageError(f"plugin name {name!r}: its module {module!r} is already importable ({whose}); the "
+                             f"new package would shadow it or be shadowed by it; choose another name")

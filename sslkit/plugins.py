@@ -5,6 +5,8 @@ Environment variables (as in simonw's ``llm``):
 * ``SSLKIT_LOAD_PLUGINS=a,b``: load only these plugins (entry-point names); empty = none.
 * ``SSLKIT_DISABLE_PLUGINS=a,b``: skip these plugins.
 
+A name in either that no installed plugin has gets a did-you-mean (:meth:`Plugins._check_env_names`).
+
 Two distributions declaring the same entry-point name both load, the second as
 ``name@distribution``; both answer to ``name`` in these variables.
 
@@ -84,7 +86,11 @@ class Plugins:
         self.entries: dict[str, dict[str, Entry]] = {k: {} for k in KINDS}
         #: kind -> name -> every plugin that registered it, where more than one did
         self.conflicts: dict[str, dict[str, list[str]]] = {k: {} for k in KINDS}
+        #: kind -> name -> the registrations of a conflicting name besides the one in ``entries``
+        self.shadowed: dict[str, dict[str, list[Entry]]] = {k: {} for k in KINDS}
         self.failures: list[str] = []
+        #: a name in SSLKIT_LOAD_PLUGINS that no installed plugin has: the error of every lookup
+        self.env_error: str | None = None
         self._load_entry_points()
         self._collect()
 
@@ -92,7 +98,9 @@ class Plugins:
         allow = _env_list("SSLKIT_LOAD_PLUGINS")
         deny = set(_env_list("SSLKIT_DISABLE_PLUGINS") or [])
         seen: dict[str, set[str]] = {}  # entry-point name -> distributions that declared it
-        for ep in sorted(entry_points(group=GROUP), key=_entry_point_order):
+        found = sorted(entry_points(group=GROUP), key=_entry_point_order)
+        self._check_env_names(sorted({ep.name for ep in found}), allow, deny)
+        for ep in found:
             dist = (ep.dist.metadata["Name"] or "") if ep.dist else ""
             if dist.lower() in seen.setdefault(ep.name, set()):
                 continue  # the same distribution seen twice on sys.path
@@ -125,6 +133,20 @@ class Plugins:
                 self._fail(info, f"failed to register ({ep.value}): {type(exc).__name__}: {exc}")
                 continue
             self._check_hook_names(info, plugin)
+
+    def _check_env_names(self, installed: list[str], allow: list[str] | None, deny: set[str]) -> None:
+        """A name in SSLKIT_DISABLE_PLUGINS that no installed plugin has is one warning line on stderr (the
+        plugin meant stays enabled); one in SSLKIT_LOAD_PLUGINS (the plugin meant is not loaded) is the
+        one-line error of every name lookup (:meth:`lookup`, exit 2), so ``sslkit plugins`` still lists."""
+        for variable, names in (("SSLKIT_LOAD_PLUGINS", allow or []), ("SSLKIT_DISABLE_PLUGINS", sorted(deny))):
+            for name in names:
+                if name in installed:
+                    continue
+                message = unknown_name_message("plugin", name, installed, f" (in {variable})")
+                if variable == "SSLKIT_DISABLE_PLUGINS":
+                    print(f"sslkit: {message}; ignored", file=sys.stderr)
+                elif self.env_error is None:
+                    self.env_error = message
 
     def _check_hook_names(self, info: PluginInfo, plugin: Any) -> None:
         """Report each ``@hookimpl`` named like no sslkit hook, and each function named like a hook
@@ -200,6 +222,7 @@ class Plugins:
             return
         owners = self.conflicts[kind].setdefault(name, [other.plugin])
         owners.append(plugin)
+        self.shadowed[kind].setdefault(name, []).append(Entry(obj, plugin))
         for owner in owners:
             line = f"{what} {name!r} is also registered by " + ", ".join(repr(p) for p in owners if p != owner)
             conflicts = self.infos[owner].conflicts
@@ -219,9 +242,16 @@ class Plugins:
         return (f"{_SINGULAR[kind]} {name!r} is registered by {len(owners)} plugins, "
                 + " and ".join(repr(p) for p in owners) + "; uninstall one" + advice)
 
+    def registrations(self, kind: str, name: str) -> list[Entry]:
+        """Every registration of ``name`` while it is a conflict (a bare ``--data PATH`` sniffs each), else its entry."""
+        entry = self.entries[kind].get(name)
+        shadowed = self.shadowed[kind].get(name, []) if name in self.conflicts[kind] else []
+        return ([entry] if entry is not None else []) + shadowed
+
     def lookup(self, kind: str, name: str) -> Entry | None:
-        """The entry registered as ``name``; None if none; a :class:`UsageError` if ambiguous."""
-        message = self.conflict_message(kind, name)
+        """The entry registered as ``name``; None if none; a :class:`UsageError` if ambiguous, or if
+        SSLKIT_LOAD_PLUGINS names a plugin that is not installed."""
+        message = self.env_error or self.conflict_message(kind, name)
         if message:
             raise UsageError(message)
         return self.entries[kind].get(name)

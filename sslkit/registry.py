@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from sslkit.errors import UsageError, unknown_name_message  # noqa: F401 (re-exported)
+from sslkit.errors import UsageError, shown, unknown_name_message  # noqa: F401 (re-exported)
 from sslkit.plugins import get_plugins
 
 
@@ -107,9 +107,18 @@ def check_backbone_options(options: dict[str, Any]) -> None:
 
 
 def create_backbone(name: str, /, in_chans: int, image_size: int, **options: Any) -> Any:
+    """Backbone ``name`` (``prefix:model``) built by its plugin's factory; a factory that returns no
+    embedding size (``num_features``, a positive int, which tasks size their heads by) is refused in
+    one line naming the plugin."""
     prefix, model = split_backbone_name(name)
     factory = _get("backbones", "backbone prefix", prefix)
-    return factory(model, in_chans=in_chans, image_size=image_size, **options)
+    net = factory(model, in_chans=in_chans, image_size=image_size, **options)
+    size = getattr(net, "num_features", None)
+    if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
+        got = "has no num_features" if size is None else f"has num_features {shown(size)}"
+        raise UsageError(f"backbone {name!r} (plugin {plugin_of('backbones', prefix)!r}) {got}: a backbone factory "
+                         f"returns an nn.Module with in_chans and num_features, the embedding size D (a positive int)")
+    return net
 
 
 def meta_backbone(name: str, /, in_chans: int, image_size: int, **options: Any) -> Any:
@@ -157,26 +166,34 @@ def resolve_data(data: str) -> tuple[str, str]:
     return best, data
 
 
-#: sources whose ``sniff`` failed, reported once per process
+#: sources whose ``sniff`` failed, reported once per process: ``scheme`` (``scheme@plugin`` for a
+#: registration a conflict shadows)
 _sniff_failed: set[str] = set()
 
 
 def _sniff(scheme: str, path: Path) -> float:
-    """Source ``scheme``'s score for ``path``; 0 for a sniff that raises or scores no number, reported
-    once (one line naming the source and its plugin): one plugin's bug must not break bare paths."""
+    """Source ``scheme``'s score for ``path``: where two plugins registered ``scheme``, the higher of
+    their scores (a bare path either claims then reports the conflict, not a wrong hint); 0 for a
+    sniff that raises or scores no number, reported once (one line naming the source and its
+    plugin): one plugin's bug must not break bare paths."""
+    entries = get_plugins().registrations("sources", scheme)
+    return max((_sniff_one(scheme, e, path, i > 0) for i, e in enumerate(entries)), default=0.0)
+
+
+def _sniff_one(scheme: str, entry: Any, path: Path, shadowed: bool) -> float:
     import math
     import sys
 
     from sslkit.errors import first_line, without_quoted
 
-    entry = get_plugins().entries["sources"][scheme]
     try:
         score = float(entry.obj.sniff(path))
         if not math.isfinite(score):
             raise ValueError(f"scored {score}")
     except Exception as exc:
-        if scheme not in _sniff_failed:
-            _sniff_failed.add(scheme)
+        key = f"{scheme}@{entry.plugin}" if shadowed else scheme
+        if key not in _sniff_failed:
+            _sniff_failed.add(key)
             print(f"sslkit: source {scheme!r} (plugin {entry.plugin!r}): sniff failed, ignored: "
                   f"{type(exc).__name__}: {without_quoted(first_line(exc))}", file=sys.stderr)  # no data path
         return 0.0

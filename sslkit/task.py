@@ -136,7 +136,7 @@ class Task(nn.Module):
         (a copy with view-recipe fields replaced; unknown fields raise ``UsageError``),
         which ``--augment-opt key=value`` calls: return a :class:`sslkit.api.MultiView`.
         """
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} does not implement views(spec)")
 
     def forward(self, views: Views) -> dict[str, torch.Tensor]:
         """``views`` (what ``views(spec)`` made) -> ``{"loss": scalar, name: scalar, ...}``.
@@ -144,7 +144,7 @@ class Task(nn.Module):
         Every value is logged to ``metrics.csv``; reserved keys: ``step``, ``epoch``,
         ``lr``, ``img_per_s``, ``grad_norm``, ``stop``, ``requeue``.
         """
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} does not implement forward(views)")
 
     def resolved_options(self) -> dict[str, Any]:
         """The values this task chose for options the user left at their ``None`` default (e.g.
@@ -173,3 +173,10 @@ class Task(nn.Module):
         task, by name and shape, so continued pretraining does not restart them from random.
         Default: every ``state_dict`` entry outside ``encoder.``; override to leave some out."""
         return {k: v for k, v in self.state_dict().items() if not k.startswith("encoder.")}
+
+
+def unimplemented(cls: type) -> list[str]:
+    """The methods every task defines that ``cls`` leaves to :class:`Task`, which only raises:
+    ``["views(spec)", "forward(views)"]`` or part of it; ``[]`` for a task that defines both."""
+    return [f"{name}({arg})" for name, arg in (("views", "spec"), ("forward", "views"))
+            if getattr(cls, name, None) is getattr(Task, name)]

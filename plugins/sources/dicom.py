@@ -196,6 +196,7 @@ def frame_count(ds: pydicom.Dataset, path: Path) -> int:
 class DicomSource(Source):
     scheme = "dicom"
     Options = DicomOptions
+    options_not_in_cache_key = frozenset({"workers"})  # header-reading processes: the same pixels
 
     def __init__(self, location: str, options: DicomOptions | None = None) -> None:
         super().__init__(location, options or DicomOptions())

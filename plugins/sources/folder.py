@@ -60,6 +60,7 @@ def group_of(rel: str, pattern: str) -> str:
 class FolderSource(Source):
     scheme = "folder"
     Options = FolderOptions
+    options_not_in_cache_key = frozenset({"group"})  # split groups only: the same pixels
     _decode_side: int | None | bool = False  # set: that side (None: never reduce); False: the rule below
 
     @property

@@ -172,6 +172,7 @@ def _label_rows(lab: np.ndarray) -> list[str | None]:
 class NpzSource(Source):
     scheme = "npz"
     Options = NpzOptions
+    options_not_in_cache_key = frozenset({"max_gb"})  # a memory bound: the same pixels or a refusal
     parallel_decode = False  # an array slice: workers would only copy the whole array
 
     def __init__(self, location: str, options: NpzOptions | None = None) -> None:

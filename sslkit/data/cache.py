@@ -10,6 +10,7 @@ file sslkit writes here is mode 0600 in folders of mode 0700.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import fcntl
 import functools
@@ -85,10 +86,12 @@ _real_folder = functools.lru_cache(maxsize=65536)(os.path.realpath)
 
 def cache_key(source: Source, refs: Sequence[SampleRef], channels: int, size: int,
               unreadable: dict[int, tuple[str, str]] | None = None) -> str:
-    """Hash of the preprocessing (source config, channels, size, pixel limit) and of every sample's file.
+    """Hash of the preprocessing (source: ``describe()`` and its options, :func:`keyed_options`;
+    channels, size, pixel limit) and of every sample's file.
 
     A file's identity is :func:`file_digest` (content + mtime), so editing, replacing or
-    adding a file, or changing ``--window`` etc., gives a new key: a stale cache is never read.
+    adding a file, or changing ``--window`` or any ``--data-opt``, gives a new key: a stale
+    cache is never read.
     A file that cannot be read now (removed since the index) raises ``OSError``; given
     ``unreadable``, its samples are left out of the key instead and ``unreadable[i]`` is
     ``(path, reason)`` for each such sample's index ``i`` in ``refs``: the key is then that of
@@ -97,8 +100,11 @@ def cache_key(source: Source, refs: Sequence[SampleRef], channels: int, size: in
     h = hashlib.sha256()
     # the pixel limit decides which files are skipped unread: another limit is another entry
     limit = getattr(source, "max_pixels", None)
-    h.update(json.dumps([CACHE_FORMAT, DECODE_REVISION, source.scheme, source.describe(), channels, size, limit],
-                        sort_keys=True, default=str).encode())
+    config = [CACHE_FORMAT, DECODE_REVISION, source.scheme, source.describe(), channels, size, limit]
+    options = keyed_options(source)
+    if options:  # a source without options keeps the key it had before options were keyed
+        config.append(options)
+    h.update(json.dumps(config, sort_keys=True, default=str).encode())
     digests: dict[str, str | OSError] = {}
     # a slab or a volume is read from several files (its series' slices): every one counts
     files_of = getattr(source, "files_of", lambda ref: (ref.path,))
@@ -121,6 +127,22 @@ def cache_key(source: Source, refs: Sequence[SampleRef], channels: int, size: in
         h.update(f"{real}\0{ref.frame}\0{'|'.join(digests[p] for p in files)}\n".encode(  # type: ignore[misc]
             "utf-8", "surrogateescape"))  # a file name that is not UTF-8 keeps its bytes
     return h.hexdigest()[:32]
+
+
+def keyed_options(source: Source) -> dict[str, Any]:
+    """The values of ``source.options`` that go into its cache key: every field of its ``Options``
+    dataclass but those its class declares in ``options_not_in_cache_key``. Taken here, not from
+    ``describe()``, so that a plugin whose ``describe()`` leaves an option out (or is the default
+    ``{}``) never reads pixels decoded with another value of it."""
+    options = getattr(source, "options", None)
+    if options is None:
+        return {}
+    if dataclasses.is_dataclass(options) and not isinstance(options, type):
+        values = dataclasses.asdict(options)
+    else:  # not what registration lets through (Options is a dataclass or None): keyed whole all the same
+        values = dict(options) if isinstance(options, dict) else {"": options}
+    neutral = getattr(source, "options_not_in_cache_key", frozenset())
+    return {k: v for k, v in values.items() if k not in neutral}
 
 
 #: a temporary file sslkit writes in ``headers/`` is renamed within seconds; older ones were left by a killed process

@@ -71,6 +71,10 @@ class Source:
     Options: ClassVar[type | None] = None
     #: decode the first pass in worker processes (False where loading is a cheap array read)
     parallel_decode: ClassVar[bool] = True
+    #: ``Options`` fields that never change a decoded pixel (a count of header-reading processes, a
+    #: memory bound): left out of the decoded-pixel cache key, so changing one reuses the entry. Every
+    #: other field is in the key, whatever :meth:`describe` says (``check_source`` checks both)
+    options_not_in_cache_key: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, location: str, options: Any = None) -> None:
         self.location = location
@@ -134,7 +138,9 @@ class Source:
         return None
 
     def describe(self) -> dict[str, Any]:
-        """How pixels were brought to [0, 1] (no identifiers): stored in the InputSpec."""
+        """How pixels were brought to [0, 1] (no identifiers): stored in the InputSpec and in the
+        cache key. ``Options`` values need not be repeated here: the cache key holds them already;
+        describe what they do not show (a reduction chosen from ``sample_side``)."""
         return {}
 
     def graph_preprocessing(self) -> GraphPreprocessing:

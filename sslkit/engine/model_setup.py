@@ -16,10 +16,11 @@ import torch
 from sslkit import distributed
 from sslkit.config_backbone import run_backbone
 from sslkit.errors import UsageError, first_line
-from sslkit.registry import create_task, get_task
+from sslkit.registry import create_task, get_task, plugin_of
 from sslkit.run import RunConfig
 from sslkit.sample_modes import build_backbone
 from sslkit.spec import InputSpec
+from sslkit.task import unimplemented
 
 if TYPE_CHECKING:
     from sslkit.init.resume import ResumedInit
@@ -42,6 +43,7 @@ def check_pairing(backbone_name: str, cfg: RunConfig) -> torch.nn.Module:
     data), only what fails for both 1 and 3 channels is refused here. ``--init`` weights are
     resolved once and fitted to each probe (not on ``--resume``: a checkpoint holds the
     weights, and a run without one checks them when it loads them). Returns the probe backbone."""
+    check_task_methods(cfg.task)
     first: UsageError | None = None
     volume = planned_volume(cfg)  # --sample volume: the size and mode, from the source's options
     init = cfg.init if cfg.init and not cfg.resume else None
@@ -69,6 +71,15 @@ def check_pairing(backbone_name: str, cfg: RunConfig) -> torch.nn.Module:
             except UsageError as exc:
                 first = first or exc
     raise first
+
+
+def check_task_methods(name: str) -> None:
+    """Refuse, in one line naming its plugin, task ``name`` whose class leaves ``views`` or ``forward``
+    to :class:`~sslkit.task.Task`, whose own raise a bare ``NotImplementedError`` mid-setup."""
+    missing = unimplemented(get_task(name))
+    if missing:
+        raise UsageError(f"task {name!r} (plugin {plugin_of('tasks', name)!r}) does not implement "
+                         f"{' and '.join(missing)}; the plugin's Task subclass must define both")
 
 
 def check_batch(cfg: RunConfig, task: torch.nn.Module, per_process: int, images: int | None = None) -> None:

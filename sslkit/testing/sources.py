@@ -15,7 +15,7 @@ from sslkit.testing.registry import resolve
 
 
 def check_source(source: Any, location: str, *, tmp_path: Path, options: Any = None, max_samples: int = 8,
-                 damaged_file_raises: bool = True) -> dict[str, Any]:
+                 damaged_file_raises: bool = True, other_options: Any = None) -> dict[str, Any]:
     """Check source ``source`` (a registered scheme or the Source class) on ``location``.
 
     Builds ``SourceClass(location, options)`` as sslkit does (``options``: an instance of
@@ -32,8 +32,11 @@ def check_source(source: Any, location: str, *, tmp_path: Path, options: Any = N
     ``graph_preprocessing()`` is a ``GraphPreprocessing`` that survives the run's InputSpec
     (JSON, as ``run.json`` stores it) unchanged, names only fields of ``Options`` as baked-in
     options, and (a ``window`` graph) has one window per loaded channel, so ``sslkit export
-    --with-preprocessing`` accepts it. Returns ``{"scheme", "samples", "loaded",
-    "channels", "damaged", "graph"}``.
+    --with-preprocessing`` accepts it; ``options_not_in_cache_key`` names only fields of
+    ``Options``, and, given ``other_options`` (as ``options``), where a source built with them
+    loads other pixels for the same samples, its decoded-pixel cache key differs
+    (:func:`_check_cache_key`). Returns ``{"scheme", "samples", "loaded", "channels",
+    "damaged", "graph", "cache_key"}``.
     """
     from sslkit.api import SampleRef, Source, Undecodable
     from sslkit.data.volume import sample_mode
@@ -41,10 +44,7 @@ def check_source(source: Any, location: str, *, tmp_path: Path, options: Any = N
     name, cls = resolve("sources", source)
     assert isinstance(cls, type) and issubclass(cls, Source), f"{source!r} is not a subclass of sslkit.api.Source"
     assert name is None or cls.scheme == name, f"{cls.__name__}.scheme is {cls.scheme!r}, registered as {name!r}"
-    if isinstance(options, dict):
-        assert cls.Options is not None, f"{cls.__name__} has no Options dataclass but options were given"
-        options = cls.Options(**options)
-    src = cls(location, options)
+    src = cls(location, _options(cls, options))
     refs = src.index()
     assert isinstance(refs, list) and refs, f"{cls.__name__}.index() found nothing in {location!r}"
     for ref in refs:
@@ -57,11 +57,46 @@ def check_source(source: Any, location: str, *, tmp_path: Path, options: Any = N
     json.dumps(src.describe())
     graph = _check_graph_preprocessing(src, cls, channels)
     _check_sniff(cls, location, Path(tmp_path))
+    keyed = _check_cache_key(src, cls, picked, None if other_options is None else _options(cls, other_options))
     damaged = "not checked (damaged_file_raises=False)"
     if damaged_file_raises:
         damaged = _check_damaged(src, picked[0], Path(tmp_path), Undecodable)
     return {"scheme": name or cls.scheme, "samples": len(refs), "loaded": len(picked), "channels": sorted(channels),
-            "damaged": damaged, "graph": graph}
+            "damaged": damaged, "graph": graph, "cache_key": keyed}
+
+
+def _options(cls: type, options: Any) -> Any:
+    """``options`` as ``cls(location, options)`` takes them: a dict of ``Options`` fields is built."""
+    if isinstance(options, dict):
+        assert cls.Options is not None, f"{cls.__name__} has no Options dataclass but options were given"
+        return cls.Options(**options)
+    return options
+
+
+def _check_cache_key(src: Any, cls: type, refs: list[Any], other: Any) -> str:
+    """``options_not_in_cache_key`` names ``Options`` fields; a source built with ``other``
+    options that loads other pixels for ``refs`` has another decoded-pixel cache key (the
+    core keys every option but those declared pixel-neutral: one declared wrongly is caught)."""
+    from sslkit.data.cache import cache_key
+
+    fields = {f.name for f in dataclasses.fields(cls.Options)} if dataclasses.is_dataclass(cls.Options) else set()
+    unknown = sorted(set(cls.options_not_in_cache_key) - fields)
+    assert not unknown, f"{cls.__name__}.options_not_in_cache_key names {unknown}, not fields of " \
+                        f"{cls.__name__}.Options"
+    if other is None:
+        return "not checked (no other_options)"
+    changed = sorted(k for k in fields if getattr(src.options, k, None) != getattr(other, k, None))
+    second = cls(src.location, other)
+    theirs = {ref.id: ref for ref in second.index()}  # indexed first: a source may load by what index() saw
+    refs = [ref for ref in refs if ref.id in theirs]
+    if not refs:
+        return "another options value, other samples"
+    if all(np.array_equal(src.load(ref), second.load(theirs[ref.id])) for ref in refs):
+        return "another options value, the same pixels"
+    assert cache_key(src, refs, 1, 32) != cache_key(second, refs, 1, 32), \
+        f"{cls.__name__}: options {changed} change the pixels but not the decoded-pixel cache key: a run would " \
+        f"read pixels decoded with the old value (options_not_in_cache_key is for options that never change pixels)"
+    return "another options value, other pixels: another cache key"
 
 
 def _check_load(src: Any, cls: type, ref: Any, volume: tuple[int, ...] | None) -> int:

@@ -44,8 +44,9 @@ def check_task(task: Any, *, tmp_path: Path, backbone: str | None = None, backbo
     default backbone for ``image_size`` (``default_backbone_for``, fitted by ``default_backbone_options``)
     builds and pairs with it) and
     ``options`` (``--task-opt``); every loss is
-    finite, the run finishes and its encoder maps ``(2, C, S, S) -> (2, D)``. Also:
-    ``views(spec)`` has ``override``; with ``export``, ``sslkit export`` writes a verified
+    finite, the run finishes and its encoder maps ``(2, C, S, S) -> (2, D)``. Also: the class defines
+    ``views`` and ``forward``; one forward and backward gives some ``self.encoder`` parameter a non-zero
+    gradient (a loss that ignores the encoder trains nothing); ``views(spec)`` has ``override``; with ``export``, ``sslkit export`` writes a verified
     ONNX file of the encoder (once per distinct architecture in this process); with
     ``resume``, a copy of the first run cut back to its step-1 checkpoint (as a crash
     leaves it) resumed with ``sslkit pretrain --resume`` logs the same losses, bit for bit.
@@ -59,11 +60,15 @@ def check_task(task: Any, *, tmp_path: Path, backbone: str | None = None, backbo
     import dataclasses
 
     from sslkit.api import Task
+    from sslkit.task import unimplemented
 
     name, cls = resolve("tasks", task)
     assert isinstance(cls, type) and issubclass(cls, Task), f"{task!r} is not a subclass of sslkit.api.Task"
     assert cls.Options is None or (isinstance(cls.Options, type) and dataclasses.is_dataclass(cls.Options)), \
         f"{cls.__name__}.Options must be a @dataclass (or None for no options), got {cls.Options!r}"
+    missing = unimplemented(cls)
+    assert not missing, f"{cls.__name__} does not implement {' and '.join(missing)}: a Task subclass returns its " \
+                        f"augmentation from views (a MultiView) and its loss from forward"
     if backbone is None:
         _check_default_backbone(cls, options or {}, image_size)
         backbone, kit_options = kit_backbone(cls, volume is not None, image_size)
@@ -79,7 +84,8 @@ def check_task(task: Any, *, tmp_path: Path, backbone: str | None = None, backbo
     volumes = registered_as("sources", KitVolumes.scheme, KitVolumes) if volume is not None else nullcontext()
     with temporary as name, volumes:
         report: dict[str, Any] = {"task": name, "backbone": backbone, "losses": {}}
-        _check_views(cls, backbone, backbone_options or {}, options or {}, image_size, volume)
+        task, views, spec = _check_views(cls, backbone, backbone_options or {}, options or {}, image_size, volume)
+        _check_encoder_gradient(name, task, views, spec, batch_size)
         for i, c in enumerate(channels):
             n = steps + 1 if (i == 0 and resume) else steps
             out = tmp_path / f"run-{c}"
@@ -128,8 +134,9 @@ def _data(tmp_path: Path, n: int, size: int, channels: int, volume: tuple | None
 
 
 def _check_views(cls: type, backbone: str, backbone_options: dict, options: dict, image_size: int,
-                 volume: tuple | None = None) -> None:
-    """``views(spec)`` returns a callable with ``override`` (what ``--augment-opt`` calls)."""
+                 volume: tuple | None = None) -> tuple[Any, Any, Any]:
+    """``views(spec)`` returns a callable with ``override`` (what ``--augment-opt`` calls); the task
+    (1 channel), its views and the spec, for :func:`_check_encoder_gradient`."""
     from sslkit.api import InputSpec
     from sslkit.options import build_options
     from sslkit.registry import create_backbone
@@ -142,12 +149,41 @@ def _check_views(cls: type, backbone: str, backbone_options: dict, options: dict
     reason = cls.check(net, spec)
     assert reason is None, f"{cls.__name__}.check refuses the kit's pairing ({backbone}, {image_size} px): {reason}"
     task = cls(net, build_options(cls.Options, options, cls.__name__) if cls.Options else None, spec)
-    views = task.views(spec)
+    try:
+        views = task.views(spec)
+    except NotImplementedError:
+        raise AssertionError(f"{cls.__name__}.views(spec) raises NotImplementedError: implement it (return "
+                             f"an sslkit.api.MultiView)") from None
     assert callable(views), f"{cls.__name__}.views(spec) must return a callable (B, C, S, S) -> Views"
     assert callable(getattr(views, "override", None)), \
         f"{cls.__name__}.views(spec) has no override(**fields) for --augment-opt (return an sslkit.api.MultiView)"
     assert callable(views.override()), f"{cls.__name__}.views(spec).override() must return the views callable"
     _check_resolved(cls, task, net, options, spec)
+    return task, views, spec
+
+
+def _check_encoder_gradient(name: str, task: Any, views: Any, spec: Any, batch_size: int) -> None:
+    """One forward and backward of ``task`` on random images: some parameter of ``task.encoder`` gets a
+    non-zero gradient (a loss that ignores the encoder would train and export nothing, silently)."""
+    import torch
+
+    images = max(batch_size, int(getattr(task, "min_batch", 1)))
+    shape = (images, 1, *spec.volume_size) if spec.volume_size else (images, 1, spec.image_size, spec.image_size)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        try:
+            loss = task.train()(views(torch.rand(shape)))["loss"]
+        except Exception:  # the run below reports it, with what the engine says
+            return
+        if not (isinstance(loss, torch.Tensor) and loss.numel() == 1):
+            return  # the run refuses it in one line naming the task
+        if loss.requires_grad:
+            loss.sum().backward()
+    moved = any(p.grad is not None and bool(p.grad.ne(0).any()) for p in task.encoder.parameters())
+    task.zero_grad(set_to_none=True)
+    assert moved, (f"task {name!r}: after one backward no parameter of self.encoder has a non-zero gradient; the "
+                   f"loss must depend on the encoder (the backbone that trains and is exported), else the run "
+                   f"trains nothing")
 
 
 def _check_resolved(cls: type, task: Any, net: Any, options: dict, spec: Any) -> None:
