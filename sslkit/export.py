@@ -173,3 +173,46 @@ def export_run(run_dir: str | Path, out: str | Path, fmt: str = "onnx", overwrit
     report = exporter(encoder, run.spec, export_metadata(run, encoder), out, samples=samples, samples_note=note,
                       log=log or (lambda line: None), **options)
     return {"format": fmt, "out": str(out), **(report or {})}
+
+
+#: keys of the built-in exporters' reports that :func:`report_lines` says in words (or leaves out)
+REPORT_WORDS = {"format", "out", "verified_by", "max_abs_diff", "tolerance", "min_cosine", "real_inputs", "fp16",
+                "client_note", "checks", "dynamic_hw", "input_kind", "opset", "data_config"}
+
+
+def report_lines(report: dict) -> list[str]:
+    """An export report in words: each known key (the built-in exporters') where present, a plugin's
+    own keys as ``key=value``, then where the file went. An exporter only promises a JSON-able report."""
+    from sslkit.errors import shown
+
+    def num(value, fmt: str) -> str:  # a number formatted, anything else bounded as it is
+        return format(value, fmt) if isinstance(value, (int, float)) and not isinstance(value, bool) else shown(value)
+
+    def words(value) -> str:  # a one-line string as it is, anything else bounded
+        return value if isinstance(value, str) and "\n" not in value and len(value) <= 300 else shown(value)
+
+    def parity(part: dict, tolerance: str = "") -> str:  # "max abs diff X (tolerance T), min cosine C", as present
+        diff = f"max abs diff {num(part['max_abs_diff'], '.2e')}{tolerance}" if "max_abs_diff" in part else ""
+        cosine = f"min cosine {num(part['min_cosine'], '.6f')}" if "min_cosine" in part else ""
+        return ", ".join(w for w in (diff, cosine) if w)
+
+    lines = []
+    if "verified_by" in report:
+        diff = f" (max abs diff {num(report['max_abs_diff'], '.2e')})" if "max_abs_diff" in report else ""
+        lines.append(f"verified: {words(report['verified_by'])} gives the encoder's features{diff}")
+    elif "max_abs_diff" in report or "min_cosine" in report:
+        tolerance = f" (tolerance {num(report['tolerance'], 'g')})" if "tolerance" in report else ""
+        real = f"; real inputs: {words(report['real_inputs'])}" if "real_inputs" in report else ""
+        label = "float32" if "tolerance" in report else "check"  # the ONNX exporter's, else a plugin's own
+        lines.append(f"{label}: {parity(report, tolerance)}{real}")
+    fp16 = report.get("fp16")
+    if isinstance(fp16, dict) and ("max_abs_diff" in fp16 or "min_cosine" in fp16):
+        tolerance = f" (tolerance: {words(fp16['tolerance'])})" if "tolerance" in fp16 else ""
+        lines.append(f"float16: {parity(fp16)}{tolerance}")
+    if report.get("client_note"):
+        lines.append(f"client: {words(report['client_note'])}")
+    own = [f"{k}={shown(v)}" for k, v in report.items() if k not in REPORT_WORDS]
+    if own:
+        lines.append("report: " + ", ".join(own))
+    lines.append(f"exported {report.get('format')} to {report.get('out')}")
+    return lines

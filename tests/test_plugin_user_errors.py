@@ -64,7 +64,7 @@ def test_export_prints_a_plugin_exporters_own_report(run, cli, tmp_path, monkeyp
 
 
 def test_export_report_lines_of_the_builtin_reports_and_of_odd_values():
-    from sslkit.cli import _report_lines
+    from sslkit.export import report_lines as _report_lines
 
     onnx = {"format": "onnx", "out": "e.onnx", "tolerance": 1e-4, "max_abs_diff": 5.96e-08, "min_cosine": 1.0,
             "real_inputs": "4 real samples", "opset": 18, "checks": [], "dynamic_hw": True, "input_kind": "x",
