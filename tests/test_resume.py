@@ -205,3 +205,20 @@ def test_resume_takes_the_runs_own_task_options_typed_and_none_as_the_tasks_choi
     assert typo.exit_code == 2 and "unknown option 'mask_ratoi' (did you mean 'mask_ratio'?)" in typo.stderr
     changed = cli("pretrain", "--resume", run, "--task-opt", "mask_ratio=0.5")
     assert changed.exit_code == 2 and "not {'mask_ratio': 0.5}" in changed.stderr
+
+
+@pytest.mark.parametrize("task, option, earlier", [("mae", "target", "pixels"), ("simmim", "target", "pixels"),
+                                                   ("inpainting", "visible_weight", 0.0)])
+def test_an_option_whose_default_changed_takes_the_earlier_value_on_a_resume(task, option, earlier):
+    """A run.json recorded before ``option`` existed resumes with the value those runs computed with
+    (``Task.legacy_option_values``), not the new default; one recorded with it keeps its own."""
+    from sslkit.config_resume import _fill_legacy_options
+    from sslkit.registry import get_task
+
+    assert getattr(get_task(task).Options(), option) != earlier  # the default did change
+    saved = {"task": task, "task_options": {}}
+    _fill_legacy_options(saved)
+    assert saved["task_options"] == {option: earlier}
+    own = {"task": task, "task_options": {option: "x"}}
+    _fill_legacy_options(own)
+    assert own["task_options"] == {option: "x"}

@@ -114,6 +114,7 @@ class Inpainting(Task):
     #: a ViT-like backbone keeps the former AdamW default (LARS not measured there)
     token_engine_defaults = {"optimizer": "adamw", "base_lr": 3e-3, "lr_scaling": "linear", "weight_decay": 0.05}
     default_backbone = "timm:resnet18"
+    legacy_option_values = {"visible_weight": 0.0}  # runs recorded before the visible pixels were scored
 
     def __init__(self, backbone, options: InpaintingOptions, spec) -> None:
         super().__init__(backbone, options, spec)
