@@ -15,6 +15,9 @@ def test_relpos_contract(tmp_path):
 
 def test_synthetic_contract(tmp_path):
     # generated data reads no file, so there is no damaged file to report
-    report = check_source("synthetic", "6", tmp_path=tmp_path, options={"channels": 3}, damaged_file_raises=False)
+    # other_options: another image size changes the pixels, so it must change the decoded-pixel cache key too
+    report = check_source("synthetic", "6", tmp_path=tmp_path, options={"channels": 3}, damaged_file_raises=False,
+                          other_options={"channels": 3, "size": 32})
     assert report == {"scheme": "synthetic", "samples": 6, "loaded": 6, "channels": [3],
-                      "damaged": "not checked (damaged_file_raises=False)", "graph": "pixels"}
+                      "damaged": "not checked (damaged_file_raises=False)", "graph": "pixels",
+                      "cache_key": "another options value, other pixels: another cache key"}
