@@ -272,7 +272,7 @@ def test_every_file_its_own_group_is_noted_on_stderr_and_in_the_report(patients,
     rep = json.loads(result.stdout)
     note = ("--split group:3: each of the 80 groups is a single file (nothing grouped them), so a patient's images "
             "can lie on both sides of a fold; group them with --group-pattern REGEX (file name), --group-by folder, "
-            "or --data-opt group=REGEX (relative path)")
+            "or, in an image folder, --data-opt group=REGEX (relative path)")
     assert result.stderr.count("sslkit: note:") == 1 and f"sslkit: note: {note}\n" in result.stderr
     assert rep["settings"]["split"]["notes"] == [note] and rep["data"]["data"]["groups"] == 80
     for grouping in (["--group-pattern", r"^(p\d+)_"], ["--data-opt", r"group=(p\d+)_"]):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 import sslkit.data.preview as preview
 from tests.conftest import make_images
@@ -74,3 +75,29 @@ def test_row_labels_hide_every_folder_below_the_class_folder(tmp_path, monkeypat
                                                                   for i in (0, 1)]
     src = create_source(f"folder:{tmp_path / 'xr'}")
     assert folder_aliases(src, src.index()) == alias
+
+
+def test_row_labels_hide_a_folder_name_that_is_not_utf8(tmp_path, monkeypatch):
+    """``NORMAL/M\\xdcLLER_HANS/0.png`` (a latin-1 folder name): the key writes the byte as ``\\xdc``, the
+    relative path kept it as a surrogate, so the two never matched and the patient's folder was shown by
+    name while its sibling ``SMITH_JOHN`` was hidden. ``eval tsne --color-by folder`` hides both too."""
+    import os
+
+    from sslkit.eval.tsne import folder_aliases, folder_values
+    from sslkit.registry import create_source
+
+    muller = os.fsdecode(b"M\xdcLLER_HANS")  # as os.listdir gives it: the byte as a surrogate
+    cafe = os.fsdecode(b"CAF\xc9")  # a class folder: a label the user chose, shown as the key writes it
+    try:
+        make_images(tmp_path / "xr" / "NORMAL", n_per_class=2, size=8, classes=(muller, "SMITH_JOHN"))
+        make_images(tmp_path / "xr", n_per_class=2, size=8, classes=(cafe,))
+    except (OSError, UnicodeError):
+        pytest.skip("the file system refuses a folder name that is not UTF-8")
+    monkeypatch.setattr(preview, "LABEL_CHARS", 200)  # the whole labels
+    labels = preview_labels(monkeypatch, f"folder:{tmp_path / 'xr'}", tmp_path / "p.png", 6)
+    hidden = ["folder 1 (may name a patient)", "folder 2 (may name a patient)"]  # sorted: M\udcdc... < SMITH
+    assert labels == ["CAF\\xc9/0.png", "CAF\\xc9/1.png"] + [f"NORMAL/{h}/{i}.png" for h in hidden for i in (0, 1)]
+    src = create_source(f"folder:{tmp_path / 'xr'}")
+    refs = src.index()
+    assert folder_aliases(src, refs) == dict(zip((muller, "SMITH_JOHN"), hidden))
+    assert sorted(folder_values(src, refs).values()) == [cafe] * 2 + [h for h in hidden for _ in (0, 1)]

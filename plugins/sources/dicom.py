@@ -7,8 +7,8 @@ data (SR, SEG, RTSTRUCT, PR, KO...) are skipped silently; unreadable files, and 
 that are not DICOM (PNG, JPEG...), are skipped with a reason. Decoding (modality LUT, windows,
 MONOCHROME1, colour) is in :mod:`sslkit_plugins.sources.dicom_decode`.
 
-Labels for ``eval``: the first folder below PATH, not the file's own folder as for image
-folders (:mod:`sslkit_plugins.sources.dicom_labels`).
+Labels for ``eval``: the first folder below PATH, however deep the file, as for image folders
+and NIfTI (:mod:`sslkit_plugins.sources.dicom_labels`).
 
 Privacy: no identifier leaves this module. Split groups are salted hashes of PatientID
 (else StudyInstanceUID, else the file) and exist only in memory; pydicom's warnings,

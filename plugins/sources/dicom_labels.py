@@ -1,8 +1,8 @@
 """Labels of DICOM samples for ``eval``.
 
 The class is the first folder below the data root (``ROOT/<class>/<patient>/<study>/<series>/
-*.dcm``; a file in the root itself has none), not the file's own folder as for image folders,
-since DICOM trees are deep. A series (``--sample slab:K|volume``) takes the class of its
+*.dcm``; a file in the root itself has none), however deep the file, as for image folders and
+NIfTI. A series (``--sample slab:K|volume``) takes the class of its
 slices; one whose slices lie under several class folders has none. First folders that each
 hold exactly one patient of their own (three or more) are a plain export's patient folders,
 not classes: no labels; and a first folder whose name carries the PatientName or PatientID of a

@@ -5,10 +5,10 @@ it (resized to ``image_size``; a volume as its three orthogonal mid-planes, axia
 coronal, sagittal), then two augmented views of it (2D: a named recipe of
 :mod:`sslkit.views`, default ``simclr``; volumes: :func:`sslkit.augment3d.pair_volume_recipes`).
 The caption states the source, sample mode, window and spacing. Slabs show their centre
-slice. Row labels are sample ids relative to the data root (DICOM volumes: salted series keys), a
-folder name below the first level, or one that names or alone holds a patient, replaced (as ``eval tsne
---color-by folder`` does),
-a long one shortened to its first folder, ``…`` and its file name.
+slice. Row labels are sample ids relative to the data root (DICOM volumes: salted series keys), every
+folder name below the first level, and one that names or alone holds a patient, replaced (as ``eval tsne
+--color-by folder`` does, whatever the name's encoding), a long one shortened to its first folder, ``…``
+and its file name.
 """
 
 from __future__ import annotations
@@ -136,28 +136,29 @@ def spread(n: int, samples: int) -> list[int]:
 
 
 def row_labels(source: Any, refs: list, picked: list) -> list[str]:
-    """Each picked sample's key, folder names below the first level or that name (or alone hold) a patient
-    replaced as ``eval tsne --color-by folder`` does (:func:`sslkit.eval.tsne.folder_aliases`; other levels
-    the source names, ``(patient folder)``); a long one as its first folder, ``…`` and its file name."""
+    """Each picked sample's key with the folder names ``eval tsne --color-by folder`` hides (every one below
+    the first level, and any that names or alone holds a patient: :func:`sslkit.eval.tsne.folder_aliases`)
+    replaced by their aliases, compared as the key writes them (a name that is not UTF-8 with ``\\xNN``
+    escapes); a long one as its first folder, ``…`` and its file name."""
     from sslkit.eval.tsne import folder_aliases, shorten
 
-    alias = folder_aliases(source, refs)
+    alias = {key_text(name): hidden for name, hidden in folder_aliases(source, refs).items()}
     out = []
     for ref in picked:
         key = sample_key(source, ref)
         parts = list(PurePath(key).parts)
-        if len(parts) > 1 and key.startswith(source.relative(ref.path)):  # a path, not a series key
-            named = source.patient_folders(ref)
-            for level in range(1, len(parts)):
-                if parts[-1 - level] in alias:
-                    parts[-1 - level] = alias[parts[-1 - level]]
-                elif level in named:
-                    parts[-1 - level] = "(patient folder)"
+        if key.startswith(key_text(source.relative(ref.path))):  # a path, not a series key
+            parts[:-1] = [alias.get(p, p) for p in parts[:-1]]
         label = "/".join(parts)
         if len(label) > LABEL_CHARS and len(parts) > 2:
             label = f"{parts[0]}/…/{parts[-1]}"
         out.append(shorten(label, LABEL_CHARS))
     return out
+
+
+def key_text(text: str) -> str:
+    """``text`` as :func:`sslkit.data.dump.sample_key` writes it: bytes that are not UTF-8 as ``\\xNN``."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def in_range(batch: torch.Tensor) -> tuple[torch.Tensor, float, float, bool]:

@@ -15,8 +15,12 @@ sample's group is, in order:
 
 Group keys say where they come from: ``p:`` a pattern's match, ``d:`` a folder, ``f:`` the file
 itself (no pattern match, or a source that groups nothing, as a plain image folder); when every
-group is a file's own (``f:``), :func:`file_groups_note` says so on stderr and in the report,
-naming the remedies: a patient's images can lie on both sides of a fold.
+group is a file's own
+(``f:``), :func:`file_groups_note` says so on stderr and in the report, naming the remedies: a
+patient's images can lie on both sides of a fold. Where a key came from decides, not how many
+files its group holds: a source's patients of one file each (a DICOM export) are real groups.
+(NIfTI's per-file groups are a salted hash without ``f:``, kept so that ``--val-fraction`` splits of
+earlier runs stay the same: its split gets no note.)
 
 Each fold's metrics are computed as for ``--train/--test``; the report gives their mean
 and standard deviation (``ddof=1``) and every fold's numbers.
@@ -121,13 +125,14 @@ def _unmatched_pattern(pattern: str | None, unmatched: list[str], n: int) -> Non
 
 def file_groups_note(groups: Sequence[str], k: int) -> str | None:
     """A note (printed on stderr, returned for the report) when every one of ``groups`` (the labelled
-    samples' keys) is a file's own (``f:``): nothing grouped the files, so a patient's images can be
-    on both sides of a fold. None when any group came from a pattern, a folder or the source."""
+    samples' keys) is a file's own (``f:``, from :func:`group_keys`):
+    nothing grouped the files, so a patient's images can be on both sides of a fold. None when any
+    group came from a pattern, a folder or the source's patients."""
     if not groups or not all(g.startswith("f:") for g in groups):
         return None
     note = (f"--split group:{k}: each of the {len(set(groups))} groups is a single file (nothing grouped them), so a "
             "patient's images can lie on both sides of a fold; group them with --group-pattern REGEX (file name), "
-            "--group-by folder, or --data-opt group=REGEX (relative path)")
+            "--group-by folder, or, in an image folder, --data-opt group=REGEX (relative path)")
     print(f"sslkit: note: {note}", file=sys.stderr)
     return note
 

@@ -6,9 +6,10 @@ separate *because of pretraining* is visible at a glance.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path, PurePath
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -151,8 +152,9 @@ def folder_aliases(source: Any, refs: list) -> dict[str, str]:
     groups: dict[str, set[str]] = {}  # files' own folders: their groups
     named: set[str] = set()
     nested: set[str] = set()
+    relative = _relative_of(source)
     for r in refs:
-        folders = _folders(source, r) or [PurePath(r.path).parent.name]  # a file in the root: the root's name
+        folders = _folders(relative(r.path)) or [PurePath(r.path).parent.name]  # a file in the root: the root's name
         nested.update(folders[1:])
         levels = source.patient_folders(r)
         named.update(f for level, f in enumerate(reversed(folders), 1) if level in levels)
@@ -164,10 +166,26 @@ def folder_aliases(source: Any, refs: list) -> dict[str, str]:
     return {n: f"folder {k} ({why[n]})" for k, n in enumerate(order, 1)}
 
 
-def _folders(source: Any, ref: Any) -> list[str]:
-    """The folders of ``ref``'s path below the data root, first level first (``[]``: a file in the root, a
-    file source's file, or a path outside the root)."""
-    rel = PurePath(source.relative(ref.path))
+def _relative_of(source: Any) -> Callable[[str], str]:
+    """``source.relative`` with the data root's ``is_dir()`` looked up once, not once per sample."""
+    root = Path(source.location).expanduser()
+    if not root.is_dir():
+        return source.relative
+
+    def relative(path: str) -> str:
+        try:
+            return os.path.relpath(path, root)
+        except ValueError:  # another drive (Windows): as the source says
+            return source.relative(path)
+
+    return relative
+
+
+def _folders(rel: str) -> list[str]:
+    """The folders of ``rel`` (a path as :meth:`Source.relative` gives it), first level first (``[]``: a
+    file in the root, a file source's file, or a path outside the root). A name that is not UTF-8 keeps
+    its bytes as ``surrogateescape`` does, as :func:`folder_values` compares it."""
+    rel = PurePath(rel)
     if rel.is_absolute() or ".." in rel.parts:
         return []
     return list(rel.parts[:-1])
