@@ -196,12 +196,13 @@ def report_lines(report: dict) -> list[str]:
         cosine = f"min cosine {num(part['min_cosine'], '.6f')}" if "min_cosine" in part else ""
         return ", ".join(w for w in (diff, cosine) if w)
 
-    lines = []
+    lines, limit = [], ""
     if "verified_by" in report:
         diff = f" (max abs diff {num(report['max_abs_diff'], '.2e')})" if "max_abs_diff" in report else ""
         lines.append(f"verified: {words(report['verified_by'])} gives the encoder's features{diff}")
     elif "max_abs_diff" in report or "min_cosine" in report:
-        tolerance = f" (tolerance {num(report['tolerance'], 'g')})" if "tolerance" in report else ""
+        limit = _limit_words(report)  # the ONNX exporter's, else its tolerance as it is
+        tolerance = limit or (f" (tolerance {num(report['tolerance'], 'g')})" if "tolerance" in report else "")
         real = f"; real inputs: {words(report['real_inputs'])}" if "real_inputs" in report else ""
         label = "float32" if "tolerance" in report else "check"  # the ONNX exporter's, else a plugin's own
         lines.append(f"{label}: {parity(report, tolerance)}{real}")
@@ -211,8 +212,20 @@ def report_lines(report: dict) -> list[str]:
         lines.append(f"float16: {parity(fp16)}{tolerance}")
     if report.get("client_note"):
         lines.append(f"client: {words(report['client_note'])}")
-    own = [f"{k}={shown(v)}" for k, v in report.items() if k not in REPORT_WORDS]
+    own = [f"{k}={shown(v)}" for k, v in report.items() if k not in REPORT_WORDS and not (k == "limit" and limit)]
     if own:
         lines.append("report: " + ", ".join(own))
     lines.append(f"exported {report.get('format')} to {report.get('out')}")
     return lines
+
+
+def _limit_words(report: dict) -> str:
+    """`` (limit L = T x max |embedding| S)``: the limit the ONNX exporter applied to ``max_abs_diff``
+    (``limit``: ``tolerance`` x max(1, max |embedding|) of the check it came from), "" without both numbers."""
+    limit, tolerance = report.get("limit"), report.get("tolerance")
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in (limit, tolerance)):
+        return ""
+    if limit > tolerance * (1 + 1e-9):
+        return f" (limit {limit:.2e} = {tolerance:g} x max |embedding| {limit / tolerance:.3g})"
+    return f" (limit {limit:.2e} = {tolerance:g}, max |embedding| <= 1)"
+

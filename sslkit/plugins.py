@@ -6,20 +6,18 @@ Environment variables (as in simonw's ``llm``):
 * ``SSLKIT_DISABLE_PLUGINS=a,b``: skip these plugins.
 
 A name in either that no installed plugin has gets a did-you-mean (:meth:`Plugins._check_env_names`).
+Two distributions declaring the same entry-point name both load, the second as ``name@distribution``;
+both answer to ``name`` in these variables.
 
-Two distributions declaring the same entry-point name both load, the second as
-``name@distribution``; both answer to ``name`` in these variables.
+A plugin that fails to import (``sys.exit()`` included), whose ``register_*`` hook raises or returns a
+value, that defines a hook without ``@hookimpl``, whose declared ``sslkit_api`` range excludes
+:data:`sslkit.api.API_VERSION`, or that registers an invalid name, an object of the wrong type, or a
+source whose ``scheme`` differs from its registered name, is reported on stderr in one line naming it
+and the error; every other plugin (and the plugin's other registrations) keep working.
 
-A plugin that fails to import (``sys.exit()`` included), whose ``register_*`` hook raises or
-returns a value, that defines a hook without ``@hookimpl``, whose declared ``sslkit_api``
-range excludes :data:`sslkit.api.API_VERSION`, or that registers an invalid name, an object
-of the wrong type, or a source whose ``scheme`` differs from its registered name, is
-reported on stderr in one line naming it and the error; every other plugin (and the
-plugin's other registrations) keep working.
-
-Two plugins registering the same name of one kind do not stop anything from loading: the
-conflict is listed by ``sslkit plugins``, and only a command that uses that name fails, in
-one line naming both plugins (:meth:`Plugins.lookup`).
+Two plugins registering the same name of one kind do not stop anything from loading: the conflict is
+listed by ``sslkit plugins``, and only a command that uses that name fails, in one line naming both
+plugins (:meth:`Plugins.lookup`).
 """
 
 from __future__ import annotations
@@ -38,8 +36,7 @@ from sslkit.errors import UsageError, unknown_name_message
 
 GROUP = "sslkit"
 KINDS = ("tasks", "backbones", "sources", "exporters", "callbacks")
-_SINGULAR = {"tasks": "task", "backbones": "backbone", "sources": "source", "exporters": "exporter",
-             "callbacks": "callback"}
+_SINGULAR = {kind: kind[:-1] for kind in KINDS}  # "tasks" -> "task", ...
 
 
 @dataclass
@@ -264,8 +261,7 @@ class Plugins:
 
 
 def _reraise_interrupt(exc: BaseException) -> None:
-    """Let Ctrl-C (and a closing generator) through; any other exception, SystemExit included,
-    is one plugin's failure."""
+    """Let Ctrl-C (and a closing generator) through; any other exception, SystemExit included, is one plugin's."""
     if isinstance(exc, (KeyboardInterrupt, GeneratorExit)):
         raise exc
 
@@ -335,15 +331,12 @@ def range_problem(declared: Any) -> str | None:
         ok = str(API_VERSION) in SpecifierSet(str(declared))
     except InvalidSpecifier:
         return f"declares an invalid sslkit_api range {declared!r} (write e.g. '>=1,<2'); not loaded"
-    if ok:
-        return None
-    return f"needs sslkit API {declared} but this sslkit provides API {API_VERSION}; not loaded"
+    return None if ok else f"needs sslkit API {declared} but this sslkit provides API {API_VERSION}; not loaded"
 
 
 def module_file(module: str) -> Path | None:
-    """The source file of ``module``, found without importing it (nor its packages); None when
-    no such module is installed, or, for a module found some other way (a namespace, an
-    extension), the path ``Path()``."""
+    """The source file of ``module``, found without importing it (nor its packages); None when no such module
+    is installed, or, for a module found some other way (a namespace, an extension), the path ``Path()``."""
     import importlib.util
 
     top, *rest = module.split(".")
@@ -387,9 +380,7 @@ def source_api_range(module: str) -> str | None:
 
 def _env_list(name: str) -> list[str] | None:
     value = os.environ.get(name)
-    if value is None:
-        return None
-    return [part.strip() for part in value.split(",") if part.strip()]
+    return None if value is None else [part.strip() for part in value.split(",") if part.strip()]
 
 
 _loaded: Plugins | None = None

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+import subprocess
+import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +13,7 @@ import pytest
 
 import sslkit.data.prepare as prep
 from sslkit.api import SampleRef, Source, Undecodable
-from sslkit.data.cache import cache_key
+from sslkit.data.cache import cache_key, keyed_options
 
 
 @dataclass
@@ -109,3 +112,38 @@ def test_check_source_refuses_a_pixel_neutral_name_that_is_no_option(arrays, tmp
 
     with pytest.raises(AssertionError, match=r"options_not_in_cache_key names \['worker'\], not fields of"):
         check_source(Typo, str(arrays), tmp_path=tmp_path)
+
+
+WORDS = ("alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa", "lambda", "mu")
+
+
+@dataclass
+class SetOptions(ArrayOptions):
+    skip: frozenset = frozenset(WORDS)  # iterated in an order PYTHONHASHSEED decides
+    pairs: tuple = (("b", 2), ("a", 1))
+    nested: dict = field(default_factory=lambda: {"z": set(WORDS[:6]), "a": ["x", ("y",)]})
+
+
+class SetSource(ArraySource):
+    Options = SetOptions
+
+
+KEY_IN_A_PROCESS = """
+import sys
+from tests.test_cache_options import WORDS, SetOptions, SetSource, cache_key
+source = SetSource(sys.argv[1], SetOptions())
+print(cache_key(source, source.index(), 1, 8), ",".join(frozenset(WORDS)))
+"""
+
+
+def test_a_set_option_gives_one_key_in_every_process(arrays):
+    root = Path(__file__).resolve().parent.parent
+    runs = [subprocess.run([sys.executable, "-c", KEY_IN_A_PROCESS, str(arrays)], cwd=root, capture_output=True,
+                           text=True, env={**os.environ, "PYTHONHASHSEED": seed}, check=True).stdout.split()
+            for seed in ("1", "2")]
+    assert runs[0][1] != runs[1][1]  # the two processes iterate the set in different orders
+    source = SetSource(str(arrays), SetOptions())
+    assert runs[0][0] == runs[1][0] == cache_key(source, source.index(), 1, 8)
+    assert keyed_options(source)["skip"] == sorted(WORDS)
+    assert keyed_options(source)["nested"] == {"z": sorted(WORDS[:6]), "a": ["x", ["y"]]}
+    assert keyed_options(source)["pairs"] == [["b", 2], ["a", 1]]

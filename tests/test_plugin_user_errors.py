@@ -66,14 +66,23 @@ def test_export_prints_a_plugin_exporters_own_report(run, cli, tmp_path, monkeyp
 def test_export_report_lines_of_the_builtin_reports_and_of_odd_values():
     from sslkit.export import report_lines as _report_lines
 
-    onnx = {"format": "onnx", "out": "e.onnx", "tolerance": 1e-4, "max_abs_diff": 5.96e-08, "min_cosine": 1.0,
-            "real_inputs": "4 real samples", "opset": 18, "checks": [], "dynamic_hw": True, "input_kind": "x",
-            "client_note": "client resizes", "fp16": {"tolerance": "max abs diff <= 0.01", "max_abs_diff": 1.57e-4,
-                                                      "min_cosine": 0.9999996, "checks": []}}
-    assert _report_lines(onnx) == [
-        "float32: max abs diff 5.96e-08 (tolerance 0.0001), min cosine 1.000000; real inputs: 4 real samples",
+    onnx = {"format": "onnx", "out": "e.onnx", "tolerance": 1e-4, "max_abs_diff": 1.5e-4, "limit": 3.2e-4,
+            "min_cosine": 1.0, "real_inputs": "4 real samples", "opset": 18, "checks": [], "dynamic_hw": True,
+            "input_kind": "x", "client_note": "client resizes",
+            "fp16": {"tolerance": "max abs diff <= 0.01", "max_abs_diff": 1.57e-4, "min_cosine": 0.9999996,
+                     "checks": []}}
+    assert _report_lines(onnx) == [  # the limit applied to the difference shown, not the bare 1e-4 it is below
+        "float32: max abs diff 1.50e-04 (limit 3.20e-04 = 0.0001 x max |embedding| 3.2), min cosine 1.000000; "
+        "real inputs: 4 real samples",
         "float16: max abs diff 1.57e-04, min cosine 1.000000 (tolerance: max abs diff <= 0.01)",
         "client: client resizes", "exported onnx to e.onnx"]
+    small = {**onnx, "max_abs_diff": 5.96e-08, "limit": 1e-4}  # embeddings within [-1, 1]: the absolute floor
+    assert _report_lines(small)[0] == ("float32: max abs diff 5.96e-08 (limit 1.00e-04 = 0.0001, max |embedding| "
+                                       "<= 1), min cosine 1.000000; real inputs: 4 real samples")
+    older = {k: v for k, v in small.items() if k != "limit"}  # a report without the limit: the tolerance as it was
+    assert _report_lines(older)[0].startswith("float32: max abs diff 5.96e-08 (tolerance 0.0001), min cosine")
+    assert _report_lines({"format": "x", "out": "o", "tolerance": 1e-4, "max_abs_diff": 5.96e-08, "limit": "high"}) == [
+        "float32: max abs diff 5.96e-08 (tolerance 0.0001)", "report: limit='high'", "exported x to o"]
     assert _report_lines({"format": "safetensors", "out": "w", "verified_by": "timm reload", "max_abs_diff": 0.0,
                           "data_config": {}}) == [
         "verified: timm reload gives the encoder's features (max abs diff 0.00e+00)", "exported safetensors to w"]
@@ -82,6 +91,32 @@ def test_export_report_lines_of_the_builtin_reports_and_of_odd_values():
         "verified: reload gives the encoder's features", "report: n=[1, 2]", "exported x to o"]
     assert _report_lines({"format": "x", "out": "o", "min_cosine": "high", "max_abs_diff": None}) == [
         "check: max abs diff None, min cosine 'high'", "exported x to o"]
+
+
+def test_export_prints_the_limit_its_parity_check_applied(tmp_path):
+    """Large embeddings pass with a difference above 1e-4: the line names the limit that was applied."""
+    from plugins.exporters.onnx import GraphModule, example_input, export_onnx
+    from sslkit.api import InputSpec, raw_input_for
+    from sslkit.export import report_lines
+
+    spec = InputSpec(channels=1, image_size=16, mean=(0.5,), std=(0.25,))
+    torch.manual_seed(0)
+    encoder = nn.Sequential(nn.Conv2d(1, 8, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 8)).eval()
+    with torch.no_grad():
+        encoder[3].weight.mul_(1e6)
+    report = export_onnx(encoder, spec, {"backbone": "tiny", "embedding_dim": 8}, tmp_path / "big.onnx")
+    # the limit of each check, recomputed: the checks' random inputs again, in order, through the same graph
+    raw, _ = raw_input_for(spec, False, None)
+    module, gen = GraphModule(encoder, raw, spec).eval(), torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        peaks = [float(module(example_input(raw, c["batch"], tuple(c["size"]), gen)).abs().max())
+                 for c in report["checks"]]
+    assert [c["limit"] for c in report["checks"]] == pytest.approx([1e-4 * max(1.0, p) for p in peaks], rel=1e-6)
+    worst = max(range(len(peaks)), key=lambda i: report["checks"][i]["max_abs_diff"])
+    diff, limit = report["max_abs_diff"], report["limit"]
+    assert 1e-4 < diff <= limit == report["checks"][worst]["limit"]
+    assert report_lines({"format": "onnx", "out": "o", **report})[0].startswith(
+        f"float32: max abs diff {diff:.2e} (limit {limit:.2e} = 0.0001 x max |embedding| {peaks[worst]:.3g}), ")
 
 
 # --- 2. a backbone without num_features -----------------------------------------------------------
@@ -188,9 +223,36 @@ def test_check_task_refuses_a_loss_that_ignores_the_encoder(cls, tmp_path):
     from sslkit.testing import check_task
 
     name = f"kit-{cls.__name__.lower()}"
-    with pytest.raises(AssertionError, match=rf"^task '{name}': after one backward no parameter of self.encoder "
-                                             rf"has a non-zero gradient"):
+    with pytest.raises(AssertionError, match=rf"^task '{name}': no parameter of self.encoder is in the loss's "
+                                             rf"autograd graph; the loss must depend on the encoder"):
         check_task(cls, tmp_path=tmp_path, channels=(1,), export=False, resume=False, steps=1)
+
+
+class ZeroHead(NoEnc):
+    """A zero-initialised head on the encoder (a common choice): the encoder's first gradient is exactly
+    zero, yet the loss depends on it and the head's first step makes it train."""
+
+    def __init__(self, backbone, options, spec):
+        super().__init__(backbone, options, spec)
+        self.head = nn.Linear(backbone.num_features, 1)
+        nn.init.zeros_(self.head.weight)
+
+    def forward(self, views):
+        return {"loss": (self.head(self.encoder(views[0])) - 1).square().mean()}
+
+
+def test_check_task_passes_a_zero_initialised_head_on_the_encoder(tmp_path):
+    from sslkit.testing import check_task
+    from sslkit.testing.tasks import _check_views, kit_backbone
+
+    backbone, options = kit_backbone(ZeroHead)
+    task, views, _ = _check_views(ZeroHead, backbone, options, {}, 32)
+    torch.manual_seed(0)
+    task(views(torch.rand(4, 1, 32, 32)))["loss"].backward()
+    grads = [p.grad for p in task.encoder.parameters() if p.grad is not None]
+    assert grads and all(bool(g.eq(0).all()) for g in grads)  # a non-zero-gradient test would refuse it
+    report = check_task(ZeroHead, tmp_path=tmp_path, channels=(1,), export=False, resume=False, steps=1)
+    assert report["task"] == "kit-zerohead" and len(report["losses"][1]) == 1
 
 
 def test_check_task_passes_a_loss_through_the_encoder(tmp_path):

@@ -1,10 +1,9 @@
 """The decoded-pixel cache on disk: where it lives, what names an entry, listing and clearing.
 
-A cache root holds a marker file (:data:`MARKER`) written by sslkit, entries named by
-their 32-hex-digit key (``<key>/pixels.npy`` + ``<key>/index.json``) and the sources'
-header indexes under ``headers/``. Clearing removes only those, and refuses a folder
-without the marker: ``--cache`` may name a folder that holds other things too. Every
-file sslkit writes here is mode 0600 in folders of mode 0700.
+A cache root holds a marker file (:data:`MARKER`) written by sslkit, entries named by their 32-hex-digit key
+(``<key>/pixels.npy`` + ``<key>/index.json``) and the sources' header indexes under ``headers/``. Clearing removes
+only those, and refuses a folder without the marker: ``--cache`` may name a folder that holds other things too.
+Every file sslkit writes here is mode 0600 in folders of mode 0700.
 """
 
 from __future__ import annotations
@@ -30,11 +29,10 @@ from sslkit.errors import UsageError
 from sslkit.output_file import read_json
 
 CACHE_FORMAT = 2
-#: the decoders' revision, in every cache key: raised when a source's pixels change for the same
-#: files and options (3: TIFFs as displayed, big-endian npz, 16-bit colour PNGs reduced at 16 bits,
-#: grey + alpha PNGs one channel; 4: a compressed DICOM frame whose stream disagrees with its header
-#: is skipped before decoding, bounded PNG/TIFF/NIfTI decoding), so no entry decoded the old way (or
-#: holding the old skip reasons) is read again
+#: the decoders' revision, in every cache key: raised when a source's pixels change for the same files and options
+#: (3: TIFFs as displayed, big-endian npz, 16-bit colour PNGs reduced at 16 bits, grey + alpha PNGs one channel; 4: a
+#: compressed DICOM frame whose stream disagrees with its header is skipped before decoding, bounded PNG/TIFF/NIfTI
+#: decoding), so no entry decoded the old way (or holding the old skip reasons) is read again
 DECODE_REVISION = 4
 MARKER = ".sslkit-cache"
 _KEY = re.compile(r"[0-9a-f]{32}")
@@ -89,14 +87,12 @@ def cache_key(source: Source, refs: Sequence[SampleRef], channels: int, size: in
     """Hash of the preprocessing (source: ``describe()`` and its options, :func:`keyed_options`;
     channels, size, pixel limit) and of every sample's file.
 
-    A file's identity is :func:`file_digest` (content + mtime), so editing, replacing or
-    adding a file, or changing ``--window`` or any ``--data-opt``, gives a new key: a stale
-    cache is never read.
-    A file that cannot be read now (removed since the index) raises ``OSError``; given
-    ``unreadable``, its samples are left out of the key instead and ``unreadable[i]`` is
-    ``(path, reason)`` for each such sample's index ``i`` in ``refs``: the key is then that of
-    the other samples, which the caller keeps.
-    """
+    A file's identity is :func:`file_digest` (content + mtime), so editing, replacing or adding a file,
+    or changing ``--window`` or a ``--data-opt`` (but one the source names in ``options_not_in_cache_key``,
+    which changes no pixel), gives a new key: a stale cache is never read. A file that cannot be read now
+    (removed since the index) raises ``OSError``; given ``unreadable``, its samples are left out of the key
+    instead and ``unreadable[i]`` is ``(path, reason)`` for each such sample's index ``i`` in ``refs``: the
+    key is then that of the other samples, which the caller keeps."""
     h = hashlib.sha256()
     # the pixel limit decides which files are skipped unread: another limit is another entry
     limit = getattr(source, "max_pixels", None)
@@ -130,10 +126,12 @@ def cache_key(source: Source, refs: Sequence[SampleRef], channels: int, size: in
 
 
 def keyed_options(source: Source) -> dict[str, Any]:
-    """The values of ``source.options`` that go into its cache key: every field of its ``Options``
-    dataclass but those its class declares in ``options_not_in_cache_key``. Taken here, not from
-    ``describe()``, so that a plugin whose ``describe()`` leaves an option out (or is the default
-    ``{}``) never reads pixels decoded with another value of it."""
+    """The values of ``source.options`` that go into its cache key: every field of its ``Options`` dataclass
+    but those its class declares in ``options_not_in_cache_key``. Taken here, not from ``describe()``, so
+    that a plugin whose ``describe()`` leaves an option out (or is the default ``{}``) never reads pixels
+    decoded with another value of it. Canonical (:func:`_canonical`): one key in every process. Options
+    should be plain values (numbers, strings, lists, sets, dicts of them): another object is keyed by its
+    ``str()``, the plugin's to keep stable."""
     options = getattr(source, "options", None)
     if options is None:
         return {}
@@ -142,7 +140,16 @@ def keyed_options(source: Source) -> dict[str, Any]:
     else:  # not what registration lets through (Options is a dataclass or None): keyed whole all the same
         values = dict(options) if isinstance(options, dict) else {"": options}
     neutral = getattr(source, "options_not_in_cache_key", frozenset())
-    return {k: v for k, v in values.items() if k not in neutral}
+    return {k: _canonical(v) for k, v in values.items() if k not in neutral}
+
+
+def _canonical(value: Any) -> Any:
+    """``value`` with each set (in ``PYTHONHASHSEED``'s order) a sorted list, each tuple a list, nested too."""
+    if isinstance(value, dict):
+        return {k: _canonical(v) for k, v in value.items()}
+    if isinstance(value, (set, frozenset)):
+        return sorted((_canonical(v) for v in value), key=lambda v: json.dumps(v, default=str))
+    return [_canonical(v) for v in value] if isinstance(value, (list, tuple)) else value
 
 
 #: a temporary file sslkit writes in ``headers/`` is renamed within seconds; older ones were left by a killed process
@@ -150,11 +157,11 @@ STALE_TMP_S = 600
 
 
 def remove_stale(root: Path) -> list[str]:
-    """Remove what a killed first pass left under ``root``: ``.tmp-*`` entry folders whose
-    ``.lock`` no process holds (the filling process holds it with ``flock`` until it
-    renames the folder into place; a killed one released it), ones without a lock older
-    than :data:`STALE_TMP_S`, and ``headers/.tmp-*`` files older than that. Safe while
-    other processes fill the same cache: a live folder's lock is held. Returns the names."""
+    """Remove what a killed first pass left under ``root``: ``.tmp-*`` entry folders whose ``.lock`` no
+    process holds (the filling process holds it with ``flock`` until it renames the folder into place; a
+    killed one released it), ones without a lock older than :data:`STALE_TMP_S`, and ``headers/.tmp-*``
+    files older than that. Safe while other processes fill the same cache: a live folder's lock is held.
+    Returns the names."""
     removed = []
     for folder in (root, root / "headers"):
         try:
@@ -260,10 +267,9 @@ def disk_full_error(root: Path, exc: OSError, nbytes: int) -> UsageError:
 
 
 def open_entry(target: Path, shape: tuple[int, ...]) -> tuple[Any, dict[str, Any]]:
-    """The pixels (memory-mapped) and index of the complete entry ``target`` for an array of
-    ``shape``. ``ValueError`` names the damage when the entry cannot be what sslkit wrote
-    (index not an sslkit index, sample indices out of range, pixels truncated or of
-    another shape): a damaged entry is never read as data."""
+    """The pixels (memory-mapped) and index of the complete entry ``target`` for an array of ``shape``.
+    ``ValueError`` names the damage when the entry cannot be what sslkit wrote (index not an sslkit index, sample
+    indices out of range, pixels truncated or of another shape): a damaged entry is never read as data."""
     import numpy as np
 
     try:
@@ -362,11 +368,10 @@ def _key_folders(root: Path) -> tuple[list[Path], list[Path]]:
 def clear_cache(cache_dir: str | Path | None = None, older_than_days: float | None = None) -> list[dict[str, Any]]:
     """Delete cache entries (all, or those unused for ``older_than_days``); returns them.
 
-    Only what sslkit wrote is removed: the files of key-named folders (complete entries, and
-    unusable ones: damaged, or of another sslkit's format), each folder when that empties it,
-    and (clearing all) the header indexes in ``headers/``. A key-named folder holding other
-    files is left whole, named on stderr. A folder without sslkit's marker is refused, nothing
-    deleted; a file that cannot be deleted (read-only) is one line naming its folder."""
+    Only what sslkit wrote is removed: the files of key-named folders (complete entries, and unusable ones: damaged,
+    or of another sslkit's format), each folder when that empties it, and (clearing all) the header indexes in
+    ``headers/``. A key-named folder holding other files is left whole, named on stderr. A folder without sslkit's
+    marker is refused, nothing deleted; a file that cannot be deleted (read-only) is one line naming its folder."""
     root = resolve_cache_dir(cache_dir) or default_cache_root()
     if not root.is_dir():
         check_named_root(cache_dir, root, "nothing deleted")

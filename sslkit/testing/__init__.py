@@ -13,7 +13,7 @@ returns a small report dict when everything holds::
 
 * :func:`check_task`: trains a few steps through ``sslkit pretrain`` (in-process) with 1-
   and 3-channel input, finite losses; a loss that reaches the encoder (some encoder parameter
-  gets a non-zero gradient); ``views(spec)`` has ``override``; the trained
+  is in its autograd graph); ``views(spec)`` has ``override``; the trained
   encoder exports to ONNX (verified by onnxruntime); a run resumed from a mid-run
   checkpoint logs the same losses as the uninterrupted run; with ``volume=(D, H, W)``, the same
   on generated volumes (a task that trains on them, a MONAI network).

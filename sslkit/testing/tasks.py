@@ -39,24 +39,58 @@ def check_task(task: Any, *, tmp_path: Path, backbone: str | None = None, backbo
     """Check task ``task`` (a registered name or the Task class itself) end to end.
 
     For each of ``channels``: ``sslkit pretrain --device cpu`` for ``steps`` optimizer steps on
-    ``batch_size * steps`` generated ``image_size``² images, with ``backbone`` (default: a
-    tiny one of the family of the task's default at ``image_size``, after checking that the task's own
-    default backbone for ``image_size`` (``default_backbone_for``, fitted by ``default_backbone_options``)
-    builds and pairs with it) and
-    ``options`` (``--task-opt``); every loss is
-    finite, the run finishes and its encoder maps ``(2, C, S, S) -> (2, D)``. Also: the class defines
-    ``views`` and ``forward``; one forward and backward gives some ``self.encoder`` parameter a non-zero
-    gradient (a loss that ignores the encoder trains nothing); ``views(spec)`` has ``override``; with ``export``, ``sslkit export`` writes a verified
-    ONNX file of the encoder (once per distinct architecture in this process); with
-    ``resume``, a copy of the first run cut back to its step-1 checkpoint (as a crash
-    leaves it) resumed with ``sslkit pretrain --resume`` logs the same losses, bit for bit.
-    A class that is not registered is made available under a temporary name for the
-    duration. With ``volume`` ``(D, H, W)`` the same runs are on volumes (as ``--sample volume``):
-    generated ones through the kit's own source (``kit-volumes``), 1 channel, the encoder mapping
-    ``(2, 1, D, H, W) -> (2, D')``, with ``backbone`` defaulting to a tiny MONAI network of
-    the task's family (``monai:vit`` or ``monai:resnet10``; the ``volumes`` extra).
-    Returns ``{"task", "backbone", "losses": {C: [...]}, "export", "resume"}``.
+    ``batch_size * steps`` generated ``image_size``² images, with ``backbone`` (default: a tiny one of
+    the family of the task's default at ``image_size``, after checking that the task's own default
+    backbone for ``image_size`` (``default_backbone_for``, fitted by ``default_backbone_options``) builds
+    and pairs with it) and ``options`` (``--task-opt``); every loss is finite, the run finishes and its
+    encoder maps ``(2, C, S, S) -> (2, D)``. Also: the class defines ``views`` and ``forward``; the loss
+    of one forward depends on some ``self.encoder`` parameter (is in its autograd graph: a loss that
+    ignores the encoder trains nothing; a gradient that is zero at the first step, as behind a
+    zero-initialised head, is fine); ``views(spec)`` has ``override``; with ``export``, ``sslkit export``
+    writes a verified ONNX file of the encoder (once per distinct architecture in this process); with
+    ``resume``, a copy of the first run cut back to its step-1 checkpoint (as a crash leaves it) resumed
+    with ``sslkit pretrain --resume`` logs the same losses, bit for bit. A class that is not registered
+    is made available under a temporary name for the duration. With ``volume`` ``(D, H, W)`` the same
+    runs are on volumes (as ``--sample volume``): generated ones through the kit's own source
+    (``kit-volumes``), 1 channel, the encoder mapping ``(2, 1, D, H, W) -> (2, D')``, with ``backbone``
+    defaulting to a tiny MONAI network of the task's family (``monai:vit`` or ``monai:resnet10``; the
+    ``volumes`` extra). Returns ``{"task", "backbone", "losses": {C: [...]}, "export", "resume"}``.
     """
+    name, cls = _check_class(task, volume)
+    if backbone is None:
+        _check_default_backbone(cls, options or {}, image_size)
+        backbone, kit_options = kit_backbone(cls, volume is not None, image_size)
+        backbone_options = {**kit_options, **(backbone_options or {})}
+    channels = channels if volume is None else (1,)
+    tmp_path = Path(tmp_path)
+    temporary = registered_as("tasks", f"kit-{cls.__name__.lower()}", cls) if name is None else nullcontext(name)
+    volumes = registered_as("sources", KitVolumes.scheme, KitVolumes) if volume is not None else nullcontext()
+    with temporary as name, volumes:
+        report: dict[str, Any] = {"task": name, "backbone": backbone, "losses": {}}
+        task, views, spec = _check_views(cls, backbone, backbone_options or {}, options or {}, image_size, volume)
+        _check_encoder_gradient(name, task, views, spec, batch_size)
+        args = _options(volume, backbone_options or {}, options or {})
+        for i, c in enumerate(channels):
+            n = steps + 1 if (i == 0 and resume) else steps
+            out = tmp_path / f"run-{c}"
+            _pretrain(name, _data(tmp_path, batch_size * n, image_size, c, volume), out, backbone, image_size,
+                      batch_size, n, c, args)
+            rows = metric_rows(out)
+            what = f"task {name!r} ({c} channel{'s' if c > 1 else ''})"
+            assert len(rows) == n, f"{what}: {len(rows)} optimizer steps logged, expected {n}"
+            report["losses"][c] = finite_losses(rows, what)
+            _check_encoder(out, (c, *volume) if volume else (c, image_size, image_size), what)
+            if i == 0 and export:
+                report["export"] = _check_export(out, tmp_path / f"encoder-{c}.onnx", c, image_size)
+            if i == 0 and resume:
+                report["resume"] = _check_resume(out, tmp_path / f"run-{c}-resumed", rows, what)
+    return report
+
+
+def _check_class(task: Any, volume: tuple | None) -> tuple[str | None, type]:
+    """``task`` resolves to a :class:`sslkit.api.Task` subclass with a dataclass (or no) ``Options``
+    that implements ``views`` and ``forward`` (and, with ``volume``, trains on volumes); its registered
+    name (None when not registered) and class."""
     import dataclasses
 
     from sslkit.api import Task
@@ -69,39 +103,12 @@ def check_task(task: Any, *, tmp_path: Path, backbone: str | None = None, backbo
     missing = unimplemented(cls)
     assert not missing, f"{cls.__name__} does not implement {' and '.join(missing)}: a Task subclass returns its " \
                         f"augmentation from views (a MultiView) and its loss from forward"
-    if backbone is None:
-        _check_default_backbone(cls, options or {}, image_size)
-        backbone, kit_options = kit_backbone(cls, volume is not None, image_size)
-        backbone_options = {**kit_options, **(backbone_options or {})}
     if volume is not None:
         from sslkit.sample_modes import task_modes
 
         assert "volume" in task_modes(cls), f"{cls.__name__} does not train on volumes: add \"volume\" to its " \
                                             f"sample_modes (now {task_modes(cls)}) to check it on them"
-        channels = (1,)
-    tmp_path = Path(tmp_path)
-    temporary = registered_as("tasks", f"kit-{cls.__name__.lower()}", cls) if name is None else nullcontext(name)
-    volumes = registered_as("sources", KitVolumes.scheme, KitVolumes) if volume is not None else nullcontext()
-    with temporary as name, volumes:
-        report: dict[str, Any] = {"task": name, "backbone": backbone, "losses": {}}
-        task, views, spec = _check_views(cls, backbone, backbone_options or {}, options or {}, image_size, volume)
-        _check_encoder_gradient(name, task, views, spec, batch_size)
-        for i, c in enumerate(channels):
-            n = steps + 1 if (i == 0 and resume) else steps
-            out = tmp_path / f"run-{c}"
-            data = _data(tmp_path, batch_size * n, image_size, c, volume)
-            _pretrain(name, data, out, backbone, image_size, batch_size, n, c,
-                      _options(volume, backbone_options or {}, options or {}))
-            rows = metric_rows(out)
-            what = f"task {name!r} ({c} channel{'s' if c > 1 else ''})"
-            assert len(rows) == n, f"{what}: {len(rows)} optimizer steps logged, expected {n}"
-            report["losses"][c] = finite_losses(rows, what)
-            _check_encoder(out, (c, *volume) if volume else (c, image_size, image_size), what)
-            if i == 0 and export:
-                report["export"] = _check_export(out, tmp_path / f"encoder-{c}.onnx", c, image_size)
-            if i == 0 and resume:
-                report["resume"] = _check_resume(out, tmp_path / f"run-{c}-resumed", rows, what)
-    return report
+    return name, cls
 
 
 def _pretrain(task: str, data: str, out: Path, backbone: str, image_size: int, batch_size: int, steps: int,
@@ -163,12 +170,15 @@ def _check_views(cls: type, backbone: str, backbone_options: dict, options: dict
 
 
 def _check_encoder_gradient(name: str, task: Any, views: Any, spec: Any, batch_size: int) -> None:
-    """One forward and backward of ``task`` on random images: some parameter of ``task.encoder`` gets a
-    non-zero gradient (a loss that ignores the encoder would train and export nothing, silently)."""
+    """One forward of ``task`` on random images: its loss is in the autograd graph of some trainable
+    parameter of ``task.encoder`` (a loss that ignores the encoder would train and export nothing,
+    silently). Whether the gradient is zero at this step does not matter: behind a zero-initialised
+    head it is, and the head's own first step makes it non-zero."""
     import torch
 
     images = max(batch_size, int(getattr(task, "min_batch", 1)))
     shape = (images, 1, *spec.volume_size) if spec.volume_size else (images, 1, spec.image_size, spec.image_size)
+    params = [p for p in task.encoder.parameters() if p.requires_grad]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         try:
@@ -177,13 +187,11 @@ def _check_encoder_gradient(name: str, task: Any, views: Any, spec: Any, batch_s
             return
         if not (isinstance(loss, torch.Tensor) and loss.numel() == 1):
             return  # the run refuses it in one line naming the task
-        if loss.requires_grad:
-            loss.sum().backward()
-    moved = any(p.grad is not None and bool(p.grad.ne(0).any()) for p in task.encoder.parameters())
-    task.zero_grad(set_to_none=True)
-    assert moved, (f"task {name!r}: after one backward no parameter of self.encoder has a non-zero gradient; the "
-                   f"loss must depend on the encoder (the backbone that trains and is exported), else the run "
-                   f"trains nothing")
+        connected = bool(params) and loss.requires_grad and any(
+            g is not None for g in torch.autograd.grad(loss.sum(), params, allow_unused=True))
+    assert connected, (f"task {name!r}: no parameter of self.encoder is in the loss's autograd graph; the loss must "
+                       f"depend on the encoder (the backbone that trains and is exported), else the run trains "
+                       f"nothing")
 
 
 def _check_resolved(cls: type, task: Any, net: Any, options: dict, spec: Any) -> None:
