@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -159,6 +160,11 @@ class Source:
         slice, interpolated across), for the run's ``data_report.json``; no identifiers."""
         return []
 
+    @functools.cached_property
+    def _root_is_dir(self) -> bool:
+        """Whether the data argument is a folder, looked up once (``relative`` runs once per sample)."""
+        return Path(self.location).expanduser().is_dir()
+
     def relative(self, path: str) -> str:
         """``path`` as reports show it: relative to the data root (a file source: its name).
 
@@ -166,7 +172,7 @@ class Source:
         itself, which the user typed, is stored in full (run.json, the cache index).
         """
         root = Path(self.location).expanduser()
-        if not root.is_dir():
+        if not self._root_is_dir:
             return Path(path).name if Path(path) == root else path
         try:
             return os.path.relpath(path, root)

@@ -6,10 +6,9 @@ separate *because of pretraining* is visible at a glance.
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path, PurePath
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -152,9 +151,8 @@ def folder_aliases(source: Any, refs: list) -> dict[str, str]:
     groups: dict[str, set[str]] = {}  # files' own folders: their groups
     named: set[str] = set()
     nested: set[str] = set()
-    relative = _relative_of(source)
     for r in refs:
-        folders = _folders(relative(r.path)) or [PurePath(r.path).parent.name]  # a file in the root: the root's name
+        folders = _folders(source.relative(r.path)) or [PurePath(r.path).parent.name]  # a file in the root: the root's name
         nested.update(folders[1:])
         levels = source.patient_folders(r)
         named.update(f for level, f in enumerate(reversed(folders), 1) if level in levels)
@@ -164,21 +162,6 @@ def folder_aliases(source: Any, refs: list) -> dict[str, str]:
            **{n: "names a patient" for n in named}}
     order = sorted(why, key=lambda n: (n not in groups, n))  # files' own folders (the t-SNE colours) first
     return {n: f"folder {k} ({why[n]})" for k, n in enumerate(order, 1)}
-
-
-def _relative_of(source: Any) -> Callable[[str], str]:
-    """``source.relative`` with the data root's ``is_dir()`` looked up once, not once per sample."""
-    root = Path(source.location).expanduser()
-    if not root.is_dir():
-        return source.relative
-
-    def relative(path: str) -> str:
-        try:
-            return os.path.relpath(path, root)
-        except ValueError:  # another drive (Windows): as the source says
-            return source.relative(path)
-
-    return relative
 
 
 def _folders(rel: str) -> list[str]:
