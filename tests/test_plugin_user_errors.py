@@ -262,6 +262,42 @@ def test_check_task_passes_a_loss_through_the_encoder(tmp_path):
     assert report["task"] == "kit-usesencoder" and len(report["losses"][1]) == 1
 
 
+DETACHED = """
+    import torch
+    from torch import nn
+    from sslkit.api import MultiView, Task, hookimpl, recipe
+
+    class Detached(Task):
+        '''Runs the encoder but detaches its output: the loss trains only ``w``.'''
+
+        def __init__(self, backbone, options, spec):
+            super().__init__(backbone, options, spec)
+            self.w = nn.Parameter(torch.ones(1))
+
+        def views(self, spec):
+            return MultiView([recipe("crop", spec.image_size, scale=(0.3, 1.0))], spec.mean, spec.std)
+
+        def forward(self, views):
+            return {"loss": (self.encoder(views[0]).detach().mean() - self.w).square().sum()}
+
+    @hookimpl
+    def register_tasks(register):
+        register("detached", Detached)
+"""
+
+
+def test_pretrain_refuses_a_loss_that_ignores_the_encoder(cli, tmp_path, monkeypatch, gray_folder):
+    """Trained (and exported an unchanged encoder) with exit 0 before: the check was in the kit only."""
+    _installed(monkeypatch, tmp_path, "sslkit_detached", "detachedplugin", DETACHED)
+    out = tmp_path / "run"
+    result = cli("pretrain", "--task", "detached", "--data", f"folder:{gray_folder}", "--max-steps", 2,
+                 "--image-size", 32, "--batch-size", 4, "--out", out, "--quiet")
+    assert result.exit_code == 2, result.output
+    assert result.stderr.strip().splitlines() == [
+        "error: task 'detached' (plugin 'detachedplugin'): its loss gives no parameter of the encoder a gradient, "
+        "so pretraining would not change it; the loss must depend on self.encoder's output"]
+    assert not (out / "encoder.safetensors").exists()
+
 # --- 5. a source name two plugins register, and a bare --data PATH ------------------------------------
 IMPOSTOR = """
     from sslkit.api import Source, hookimpl

@@ -146,6 +146,8 @@ def accumulate(s: Setup, batches: Iterator[torch.Tensor]) -> dict[str, torch.Ten
                 check_outputs(s, result)
             loss = result["loss"]
             s.scaler.scale(loss.float() / K).backward()
+            if first:
+                check_encoder_trained(s)
         if not RESERVED_METRICS.isdisjoint(result):
             _reserved(s, result)
         for name, v in result.items():  # checked: 1-element tensors and Python numbers
@@ -179,6 +181,18 @@ def check_outputs(s: Setup, result: Any) -> None:
 
         raise UsageError(f"task {s.cfg.task!r} (plugin {plugin_of('tasks', s.cfg.task)!r}) {problem}")
     s.outputs_checked = True
+
+
+def check_encoder_trained(s: Setup) -> None:
+    """After a session's first backward: refuse, in one line, a loss that gives no trainable encoder
+    parameter a gradient (a task whose loss ignores ``self.encoder`` would train nothing to export)."""
+    params = [p for p in s.task.encoder.parameters() if p.requires_grad]
+    if params and all(p.grad is None for p in params):
+        from sslkit.registry import plugin_of
+
+        raise UsageError(f"task {s.cfg.task!r} (plugin {plugin_of('tasks', s.cfg.task)!r}): its loss gives no "
+                         f"parameter of the encoder a gradient, so pretraining would not change it; the loss must "
+                         f"depend on self.encoder's output")
 
 
 def output_problem(result: Any) -> str | None:
