@@ -68,7 +68,10 @@ def plugins(as_json: bool) -> None:
     """List installed plugins and what each registers."""
     from sslkit.plugins import get_plugins
 
-    infos = [i.to_json() for i in sorted(get_plugins().infos.values(), key=lambda i: i.name)]
+    loaded = get_plugins()
+    if loaded.env_error:  # listed all the same: this is where a user looks for the plugin they meant
+        click.echo(f"sslkit: {loaded.env_error}", err=True)
+    infos = [i.to_json() for i in sorted(loaded.infos.values(), key=lambda i: i.name)]
     if as_json:
         _echo_json(infos)
         return

@@ -337,6 +337,7 @@ def test_a_typo_in_load_plugins_is_the_error_of_a_lookup(monkeypatch, cli, capsy
     assert result.exit_code == 2 and result.stderr.strip().splitlines() == [f"error: {message}"]
     listed = cli("plugins", "--json")
     assert listed.exit_code == 0 and sorted(p["name"] for p in json.loads(listed.stdout)) == ["simclr", "timm"]
+    assert listed.stderr.strip().splitlines() == [f"sslkit: {message}"]  # was silent: the list just lacked it
 
 
 def test_a_typo_in_disable_plugins_is_one_warning_line(monkeypatch, capsys):
