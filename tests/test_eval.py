@@ -578,3 +578,34 @@ def test_attention_on_a_1x1_cnn_map_is_the_input_gradient_not_a_constant_stretch
     assert kind.startswith("input gradient") and maps.shape == (2, 1, 32, 32)
     assert (maps.amax((2, 3)) == 1).all() and (maps.amin((2, 3)) == 0).all()
     assert saliency(net, torch.randn(2, 1, 64, 64))[0].startswith("Grad-CAM")
+
+
+def _patients(n_patients: int = 60, per: int = 6, seed: int = 0):
+    """Near-identical images per patient, labels drawn per patient: nothing to learn beyond identity."""
+    rng = np.random.default_rng(seed)
+    centres, labels = rng.normal(size=(n_patients, 32)), rng.integers(0, 2, n_patients)
+    x = np.repeat(centres, per, 0) + 0.1 * rng.normal(size=(n_patients * per, 32))
+    return x, np.repeat(labels, per), [f"p{i}" for i in np.repeat(np.arange(n_patients), per)]
+
+
+def test_the_validation_split_keeps_each_patient_on_one_side():
+    from sslkit.eval.linear import validation_split
+
+    x, y, groups = _patients()
+    tr, va = validation_split(y, 0.2, seed=3, groups=groups)
+    assert sorted(np.concatenate([tr, va]).tolist()) == list(range(len(y)))
+    assert not {groups[i] for i in tr} & {groups[i] for i in va}
+    assert set(y[tr].tolist()) == set(y[va].tolist()) == {0, 1}  # stratified by each patient's class
+    assert len({groups[i] for i in va}) == sum(round(0.2 * n) for n in np.bincount(y[::6]))
+    # every group of one image: the per-image split as before, bit for bit
+    singles = [str(i) for i in range(len(y))]
+    assert all(np.array_equal(a, b) for a, b in zip(validation_split(y, 0.2, 3, singles), validation_split(y, 0.2, 3)))
+
+
+def test_c_is_chosen_without_a_patient_on_both_sides():
+    """Was: a patient's images on both sides of the validation split scored the weakest regularisation
+    0.92 on labels that carry no signal (and chose it); grouped, every C scores about chance."""
+    x, y, groups = _patients()
+    leaky, fair = fit_linear_probe(x, y, 2), fit_linear_probe(x, y, 2, groups=groups)
+    assert leaky.C == 1.0 and leaky.val_scores[leaky.C] > 0.9
+    assert max(fair.val_scores.values()) < 0.65

@@ -192,6 +192,19 @@ def test_linear_probe_over_folds_with_baseline(patients, cli):
     assert gain["se"] == "over folds"
 
 
+def test_the_probes_c_is_chosen_on_whole_patients(patients, cli):
+    """The validation split that chooses C keeps a patient's two images together (they were split up, so a
+    copy in the validation part scored every C near 1 on labels that are noise); each file its own group:
+    per image, as before."""
+    common = ["eval", "linear", patients / "run", "--data", patients / "data", "--split", "group:3", "--no-baseline",
+              "--json", "--quiet"]
+    grouped, per_file = _json(cli(*common, "--group-pattern", r"^(p\d+)_")), _json(cli(*common))
+    assert grouped["settings"]["val_split"] == "group" and per_file["settings"]["val_split"] == "image"
+    val = {name: [f["val_balanced_accuracy"] for f in rep["results"]["pretrained"]["linear"]["folds"]]
+           for name, rep in (("grouped", grouped), ("per_file", per_file))}
+    assert np.mean(val["grouped"]) < 0.8 < np.mean(val["per_file"]), val
+
+
 def test_train_test_overlap_is_refused_or_reported(patients, cli, tmp_path):
     test = tmp_path / "test"
     shutil.copytree(patients / "data", test)

@@ -22,7 +22,8 @@ from sslkit.eval.gain import gains
 from sslkit.eval.knn import TEMPERATURE
 from sslkit.eval.labels import Labelled
 from sslkit.eval.linear import C_GRID
-from sslkit.eval.probes import DataArgs, ProbeData, base_report, knn_results, linear_results, prepare, take_samples
+from sslkit.eval.probes import (DataArgs, ProbeData, base_report, knn_results, linear_results, prepare, take_samples,
+    val_split_kind)
 from sslkit.eval.report import save_picture, save_report
 from sslkit.eval.split import mean_std
 
@@ -143,7 +144,8 @@ def evaluate_curve(model_path: str, args: DataArgs, fractions: Sequence[float], 
     out_path = _check_out(out, overwrite)
     prep = prepare(model_path, args)
     settings = {"fractions": list(fractions), "k": k, "temperature": TEMPERATURE, "C_grid": sorted(C_grid),
-                "val_fraction": val_fraction, "seed": args.seed, "baseline": args.baseline,
+                "val_fraction": val_fraction, "val_split": val_split_kind(prep), "seed": args.seed,
+                "baseline": args.baseline,
                 "min_labels_per_class": MIN_PER_CLASS,
                 "score": "auroc" if len(prep.classes) == 2 else "balanced_accuracy"}
     report = base_report("curve", prep, args, settings)

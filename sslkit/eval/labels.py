@@ -38,6 +38,7 @@ class Labelled:
     unlabelled: int  # samples dropped for want of a label
     ids: list[str] = field(default_factory=list)  # (N,) sample ids (path, "#frame"), for grouped splits
     skipped: dict[str, int] = field(default_factory=dict)  # files not decoded: reason (no file names) -> count
+    groups: list[str] = field(default_factory=list)  # (N,) split group (patient) of each sample, where known
 
 
 def read_labels_csv(path: str | Path) -> dict[str, str]:

@@ -2,7 +2,9 @@
 
 Features are standardised with the training set's mean and std. The inverse
 regularisation strength ``C`` is chosen on a stratified validation split of the
-training set (highest balanced accuracy, ties to the stronger regularisation), then the
+training set (highest balanced accuracy, ties to the stronger regularisation; where the
+samples' groups are known and some group, a patient, holds several images, whole groups go to
+one side: a patient's near-identical images on both sides made every weak ``C`` look perfect), then the
 probe is refit on the whole training set with that ``C``. A validation split that lacks a
 class of the training set (a few labels: at 2 + 3 images the split held one image of one
 class, on which every ``C`` scored 0 or 1) chooses nothing: ``C`` is the grid's middle value
@@ -48,8 +50,14 @@ def _fit(x: np.ndarray, y: np.ndarray, C: float, max_iter: int, seed: int):
     return model
 
 
-def validation_split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Stratified split of indices ``(train_idx, val_idx)``; every class keeps >= 1 training sample."""
+def validation_split(y: np.ndarray, fraction: float, seed: int,
+                     groups: Sequence[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Stratified split of indices ``(train_idx, val_idx)``; every class keeps >= 1 training sample.
+
+    With ``groups`` (the split group, e.g. the patient, of each sample) that put two or more
+    samples together, whole groups go to one side (:func:`grouped_validation_split`)."""
+    if groups is not None and len(set(groups)) < len(groups):
+        return grouped_validation_split(y, fraction, seed, groups)
     rng = np.random.default_rng(seed)
     tr, va = [], []
     for c in np.unique(y):
@@ -60,16 +68,36 @@ def validation_split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndar
     return np.sort(np.concatenate(tr)), np.sort(np.concatenate(va))
 
 
+def grouped_validation_split(y: np.ndarray, fraction: float, seed: int,
+                             groups: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """``(train_idx, val_idx)`` with every group on one side: the groups of each class (a group's
+    commonest class) are shuffled and ``round(fraction * n)`` of them, at most ``n - 1``, go to
+    validation, so no patient's images are on both sides of the split that chooses ``C``."""
+    rng = np.random.default_rng(seed)
+    names, of = np.unique(np.asarray(groups, dtype=str), return_inverse=True)
+    counts = np.zeros((len(names), int(y.max()) + 1), dtype=np.int64)
+    np.add.at(counts, (of, y), 1)
+    label = counts.argmax(1)  # ties: the lower class index
+    val = np.zeros(len(names), dtype=bool)
+    for c in np.unique(label):
+        g = rng.permutation(np.flatnonzero(label == c))
+        val[g[:min(int(round(len(g) * fraction)), len(g) - 1)]] = True
+    return np.flatnonzero(~val[of]), np.flatnonzero(val[of])
+
+
 def fit_linear_probe(x: np.ndarray, y: np.ndarray, n_classes: int, C_grid: Sequence[float] = C_GRID,
-                     val_fraction: float = 0.2, max_iter: int = 1000, seed: int = 0) -> LinearProbe:
+                     val_fraction: float = 0.2, max_iter: int = 1000, seed: int = 0,
+                     groups: Sequence[str] | None = None) -> LinearProbe:
     """Choose ``C`` on a validation split, refit on all of ``x: (N, D)``, ``y: (N,)``.
 
     ``y`` holds class indices in ``[0, n_classes)``; the returned probe's
     ``predict_proba`` has ``n_classes`` columns even if a class is missing from ``y``.
+    ``groups`` (each sample's patient or other split group) keeps a group's samples on one
+    side of the validation split.
     """
     grid = sorted(set(float(c) for c in C_grid))
     scores: dict[float, float] = {}
-    tr, va = validation_split(y, val_fraction, seed)
+    tr, va = validation_split(y, val_fraction, seed, groups)
     every_class = len(np.unique(y)) > 1 and len(np.unique(y[va])) == len(np.unique(y[tr])) == len(np.unique(y))
     if len(grid) > 1 and every_class:
         for C in grid:

@@ -104,7 +104,8 @@ class ProbeData:
 
 def take_samples(s: Labelled, idx: np.ndarray) -> Labelled:
     """The samples ``idx`` of ``s`` (embeddings, labels, ids)."""
-    return Labelled(s.x[idx], [s.labels[i] for i in idx], 0, [s.ids[i] for i in idx] if s.ids else [])
+    return Labelled(s.x[idx], [s.labels[i] for i in idx], 0, [s.ids[i] for i in idx] if s.ids else [],
+                    groups=[s.groups[i] for i in idx] if s.groups else [])
 
 
 def prepare(model_path: str, args: DataArgs, needs_run: str | None = None,
@@ -133,6 +134,9 @@ def prepare(model_path: str, args: DataArgs, needs_run: str | None = None,
     test = labelled_embeddings(model, args.test, "--test", table, args.baseline,
                                source_options=args.options_for("test"), **kw)
     classes, positive = class_index(train["pretrained"].labels, test["pretrained"].labels, args.positive)
+    group_of = dict(zip(train_ids, group_keys([r.id for r in train_refs], {r.id: r.group for r in train_refs})))
+    for s in train.values():  # the linear probe's validation split keeps a patient's images on one side
+        s.groups = [group_of[i] for i in s.ids]
     return ProbeData(model, {e: (train[e], test[e]) for e in train}, classes, positive,
                      overlap=overlap.scored(train["pretrained"].ids, test["pretrained"].ids))
 
@@ -153,6 +157,8 @@ def _prepare_folds(model: EvalModel, args: DataArgs, k: int) -> ProbeData:
                                source_options=args.source_options, progress=args.progress)
     first = embs["pretrained"]
     groups = [group_of[i] for i in first.ids]
+    for s in embs.values():
+        s.groups = groups
     y = np.array([classes.index(c) for c in first.labels])
     folds = group_folds(y, groups, k, args.seed, classes)
     return ProbeData(model, {e: (s, s) for e, s in embs.items()}, classes, positive, folds, len(set(groups)),
@@ -224,7 +230,8 @@ def linear_results(prep: ProbeData, C_grid: Sequence[float] = C_GRID, val_fracti
     results = {}
     for enc, (tr, te) in prep.sets.items():
         ytr, yte = prep.indices(tr.labels), prep.indices(te.labels)
-        probe = fit_linear_probe(tr.x, ytr, len(prep.classes), C_grid, val_fraction, seed=seed)
+        probe = fit_linear_probe(tr.x, ytr, len(prep.classes), C_grid, val_fraction, seed=seed,
+                                 groups=tr.groups or None)
         p = probe.predict_proba(te.x)
         prep.correct[(enc, "linear")] = p.argmax(1) == yte
         results[enc] = {"linear": {
@@ -253,7 +260,7 @@ def evaluate_linear(model_path: str, args: DataArgs, C_grid: Sequence[float] = C
     prep = prepare(model_path, args, "--finetune" if finetune else None,
                    _check_layer_decay if finetune and finetune_options and finetune_options.layer_decay else None)
     settings: dict[str, Any] = {"C_grid": sorted(C_grid), "val_fraction": val_fraction, "seed": seed,
-                                "standardize": True, "baseline": args.baseline}
+                                "val_split": val_split_kind(prep), "standardize": True, "baseline": args.baseline}
     if finetune:
         from dataclasses import asdict
 
@@ -268,6 +275,13 @@ def evaluate_linear(model_path: str, args: DataArgs, C_grid: Sequence[float] = C
     report["gain"] = gains(report["results"], prep.correct)
     save_report(report, prep.model.report_dir)
     return report
+
+
+def val_split_kind(prep: ProbeData) -> str:
+    """How the linear probe's validation split (the one that chooses ``C``) is drawn: ``"group"`` when
+    some split group (patient) holds two or more training images, whole groups to one side; else ``"image"``."""
+    groups = prep.sets["pretrained"][0].groups
+    return "group" if len(set(groups)) < len(groups) else "image"
 
 
 def _check_layer_decay(model: EvalModel) -> None:
