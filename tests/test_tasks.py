@@ -180,6 +180,11 @@ def test_moco_version_defaults():
     assert (v2.options.temperature, v2.options.momentum, v2.options.proj_dim) == (0.2, 0.999, 128)
     assert (v3.options.temperature, v3.options.momentum, v3.options.proj_dim) == (1.0, 0.99, 256)
     assert hasattr(v2, "queue") and not hasattr(v3, "queue") and v3.predictor is not None
+    # crops: MoCo v2's 0.2 of the area, v3's 0.08 (it was 0.2 for both); recorded for a resume
+    assert (v2.options.min_scale, v3.options.min_scale) == (0.2, 0.08)
+    assert v3.resolved_options()["min_scale"] == 0.08
+    assert [r.scale for r in v3.views(v3.spec).recipes] == [(0.08, 1.0)] * 2
+    assert build("moco", version=3, min_scale=0.5)[0].options.min_scale == 0.5
 
 
 # --- invariances ----------------------------------------------------------------------------

@@ -11,9 +11,11 @@ its positive key ``k+`` (the other view, encoded by ``f_k``) and temperature ``t
 After each step ``theta_k <- m theta_k + (1 - m) theta_q`` and the step's keys replace the
 oldest entries of ``Q``. Defaults (paper): tau 0.2, m 0.999, projector 2048 -> 128; the
 queue is 4096 keys (paper: 65536 for ImageNet; keep it below the dataset size). Batch-norm
-leakage (the query and its key seeing the same batch statistics) is avoided without a
-cross-GPU shuffle: the key batch is permuted and encoded in ``key_bn_splits`` sub-batches,
-so a key's BN statistics come from other images than its query's.
+leakage (the query and its key seeing the same batch statistics) is reduced without a
+cross-GPU shuffle: the key batch is permuted and encoded in ``key_bn_splits`` sub-batches
+with their own BN statistics, while the queries are encoded as one batch. A key's sub-batch
+is thus a random part of its query's batch, not a disjoint one as with the paper's shuffle
+across GPUs, whose per-GPU query and key batches share about ``1 / GPUs`` of their images.
 
 ``--task-opt version=3``: no queue; query encoder = backbone + 3-layer projector
 (4096 -> 256, BN) + 2-layer predictor; keys from the momentum encoder of the other view,
@@ -24,7 +26,7 @@ negatives are the other keys of the (global) batch; symmetric loss scaled by ``2
     L = ctr(q_1, k_2) + ctr(q_2, k_1)
 
 Defaults (paper, ResNet setting): tau 1.0, m from 0.99 to 1 on a cosine schedule, BYOL's
-asymmetric views.
+asymmetric views with crops from 0.08 of the area (v2: 0.2).
 """
 
 from __future__ import annotations
@@ -68,7 +70,7 @@ class MoCoOptions:
     proj_hidden_dim: int | None = None  # hidden width of the projector (and v3's predictor); None: 2048 (v2), 4096 (v3)
     proj_dim: int | None = None  # output size of the projector; None: 128 (v2), 256 (v3)
     key_bn_splits: int = 2  # v2 only: keys encoded in this many shuffled sub-batches (own BN statistics); 1: none
-    min_scale: float = 0.2  # smallest area fraction of the random resized crops, in (0, 1]
+    min_scale: float | None = None  # smallest area fraction of the random resized crops, in (0, 1]; None: 0.2 (v2), 0.08 (v3)
 
     def __post_init__(self) -> None:
         if self.version not in (2, 3):
@@ -84,7 +86,8 @@ class MoCoOptions:
             raise ValueError("queue_size must be >= 1")
         if self.key_bn_splits < 1:
             raise ValueError("key_bn_splits must be >= 1")
-        check_unit_interval("min_scale", self.min_scale)
+        if self.min_scale is not None:
+            check_unit_interval("min_scale", self.min_scale)
 
 
 class MoCo(Task):
@@ -103,7 +106,8 @@ class MoCo(Task):
     def __init__(self, backbone, options: MoCoOptions, spec) -> None:
         v2 = options.version == 2
         chosen = {"temperature": 0.2 if v2 else 1.0, "momentum": 0.999 if v2 else 0.99,
-                  "proj_hidden_dim": 2048 if v2 else 4096, "proj_dim": 128 if v2 else 256}
+                  "proj_hidden_dim": 2048 if v2 else 4096, "proj_dim": 128 if v2 else 256,
+                  "min_scale": 0.2 if v2 else 0.08}  # crops: MoCo v2's code 0.2, v3's (BYOL's) 0.08
         chosen = {k: v if getattr(options, k) is None else getattr(options, k) for k, v in chosen.items()}
         o = dataclasses.replace(options, **chosen)  # the version's values where the user gave none
         super().__init__(backbone, o, spec)
