@@ -134,7 +134,8 @@ def _default(name: str, by_task: bool = False) -> str:
 @click.option("--epochs", default=None, type=click.IntRange(min=1), help="Passes over the data" + _default("epochs"))
 @click.option("--batch-size", default=None, type=click.IntRange(min=1),
               help="Images per forward pass, summed over all processes" + _default("batch_size"))
-@click.option("--image-size", default=None, type=click.IntRange(min=8), help="Side in pixels" + _default("image_size"))
+@click.option("--image-size", default=None, type=click.IntRange(min=8),
+              help="Side in pixels of 2D samples (--sample volume: --volume-size)" + _default("image_size"))
 @click.option("--max-steps", default=None, type=click.IntRange(min=1), help="Stop after this many optimizer steps.")
 @click.option("--seed", default=None, type=click.IntRange(0, 2**32 - 1),
               help="Seed of everything random, 0 to 2**32 - 1" + _default("seed"))
@@ -168,7 +169,7 @@ def _default(name: str, by_task: bool = False) -> str:
               help="Replay the whole step as one CUDA graph: graphs (says once when it cannot), auto "
                    "(where it can), off" + _default("capture"))
 @click.option("--channels-last/--no-channels-last", default=None,
-              help="Channels-last memory format (default: on for CNNs, off for ViTs).")
+              help="Channels-last memory format (default: on for 2D CNNs, off for ViTs; not for 3D backbones).")
 @click.option("--sync-bn", is_flag=True, default=None, help="SyncBatchNorm across processes (torchrun).")
 @click.option("--deterministic", is_flag=True, default=None,
               help="Deterministic algorithms only (bit-exact repeats; slower on GPU).")
@@ -188,7 +189,7 @@ def _default(name: str, by_task: bool = False) -> str:
 @click.option("--no-cache", is_flag=True, default=None, help="Keep decoded pixels in memory only.")
 @click.option("--cache-size", default=None, type=click.IntRange(min=8),
               help="Store decoded pixels at this side length (>= --image-size; resized on the device), "
-                   "so runs at several image sizes share one cache (default: --image-size).")
+                   "so runs at several image sizes share one cache (default: --image-size; 2D samples only).")
 @click.option("--val-fraction", default=None, type=FiniteFloatRange(0, 1, max_open=True),
               help="Hold out this fraction of patients (DICOM) / groups, never trained on (default 0).")
 @click.option("--max-pixels", default=None, type=click.IntRange(min=0),

@@ -46,6 +46,7 @@ from sslkit.config_resume import resume_config
 from sslkit.config_values import FIELDS, OPTION_GROUPS, REQUIRED, check_values, defaults, plain
 from sslkit.errors import UsageError, first_line
 from sslkit.run import RunConfig
+from sslkit.sample_modes import check_planar_sizes
 
 
 def read_file(path: str | Path) -> dict[str, Any]:
@@ -204,6 +205,7 @@ def resolve(cli: dict[str, Any], config_file: str | None = None) -> RunConfig:
     values = merge(defaults(), _task_layer(given), given)
     if given.get("max_steps") is not None and "epochs" not in given:  # --max-steps alone sets the length
         values["epochs"] = None
+    check_planar_sizes(cli, values.get("data"), values.get("source_options") or {})  # a 2D side for volumes
     cfg = RunConfig(**_complete({**values, "out": values.get("out") or "-"}))
     if given.get("out"):
         return cfg
@@ -253,6 +255,7 @@ def print_config(cli: dict[str, Any], config_file: str | None = None) -> str:
     values = _complete(merge(defaults(), _task_layer(given), given))
     if given.get("max_steps") is not None and "epochs" not in given:  # as resolve(): --max-steps alone
         values["epochs"] = None
+    check_planar_sizes(cli, values.get("data"), values.get("source_options") or {})
     _check_printed(values)
     from sslkit.run_record import SESSION_ONLY  # a per-session flag in a printed file would act on every later run
 

@@ -1,10 +1,13 @@
 """``sslkit pretrain --resume``: the configuration a run was started with, read back from
 its ``run.json`` (:func:`resume_config`). Only the settings that keep the run exact
-(``RESUMABLE_OVERRIDES``) may differ from what the run recorded."""
+(``RESUMABLE_OVERRIDES``) may differ from what the run recorded; ``--data`` may name the
+recorded data's place spelled otherwise (:func:`resumed_data`)."""
 
 from __future__ import annotations
 
 import json
+import os
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +32,7 @@ def resume_config(given: dict[str, Any]) -> RunConfig:
     if not isinstance(saved, dict):
         raise UsageError(f"--resume: {file} is not a readable sslkit run.json")
     saved = check_values({k: v for k, v in saved.items() if k in FIELDS}, str(file))
+    saved["data"] = resumed_data(given.get("data"), saved.get("data"), Path(out), info)
     _fill_legacy_options(saved)
     given = _typed_task_options(given, saved["task"])
     for key, value in given.items():
@@ -54,6 +58,58 @@ def resume_config(given: dict[str, Any]) -> RunConfig:
     values.update(resume=True, overwrite=False, out=out,
                   allow_data_change=bool(given.get("allow_data_change")))  # per resume, never inherited
     return RunConfig(**values)
+
+
+def resumed_data(given: Any, recorded: Any, run_dir: Path, info: dict[str, Any]) -> Any:
+    """The ``--data`` a resume reads: ``given`` where it names the place the recorded one does (spelled
+    relative or absolute, from this folder or from the one the run started in, as its ``config.toml``
+    records it), else the recorded one (another ``given`` is then refused as a change). A recorded
+    relative path not found from this folder is refused in one line saying how to resume."""
+    from sslkit.run_record import located, split_data
+
+    if not isinstance(recorded, str):
+        return recorded
+    started = _started_data(recorded, run_dir, info)
+    if isinstance(given, str) and given != recorded and _place(given) in (_place(recorded), _place(started)):
+        return given  # the same data, spelled otherwise
+    if given in (None, recorded) and started is not None and located(recorded) == recorded:
+        at = f"--data {started}" if os.path.exists(split_data(started)[1]) else "--data with its path from here"
+        raise UsageError(f"--resume: the run's data {recorded!r} is a path relative to the folder the run was "
+                         f"started in, not found from here; resume from that folder or give {at}")
+    return recorded
+
+
+def _started_data(recorded: str, run_dir: Path, info: dict[str, Any]) -> str | None:
+    """Where the run's relative ``--data`` was when it started: its ``config.toml``'s absolute ``data``
+    (:func:`sslkit.run_record.located`), read only from the file sslkit wrote and run.json names by its
+    sha256; None where ``recorded`` was not a relative path, or without that file."""
+    from sslkit.output_file import file_sha256
+    from sslkit.run_record import CONFIG_TOML, is_own_config, split_data
+
+    file = run_dir / CONFIG_TOML
+    if not info.get("config_toml_sha256") or not is_own_config(file):
+        return None
+    try:
+        if file_sha256([file]) != info["config_toml_sha256"]:
+            return None
+        data = tomllib.loads(file.read_text(encoding="utf-8")).get("data")
+    except (OSError, ValueError):  # ValueError: not TOML, or bytes that are not UTF-8
+        return None
+    return data if isinstance(data, str) and data != recorded and os.path.isabs(split_data(data)[1]) else None
+
+
+def _place(data: str | None) -> str | None:
+    """``data`` with its location absolute and resolved (``..``, symlinks) where it is a path that
+    exists or is absolute, so that two spellings of one folder compare equal."""
+    from sslkit.run_record import located, split_data
+
+    if data is None:
+        return None
+    scheme, where = split_data(located(data))
+    if not os.path.isabs(os.path.expanduser(where)):
+        return data
+    real = os.path.realpath(os.path.expanduser(where))
+    return f"{scheme}:{real}" if scheme else real
 
 
 def _same(given: Any, recorded: Any) -> bool:

@@ -218,10 +218,19 @@ def is_safetensors(path: Path) -> bool:
     return len(head) == 10 and head[8:10] in (b'{"', b"{}") and int.from_bytes(head[:8], "little") < 100_000_000
 
 
+#: the source options that say how a volumetric source makes samples (:class:`sslkit.data.volume.SampleMode`)
+SAMPLE_OPTIONS = ("sample", "volume_size", "spacing")
+
+
 def source_options_for(model: Model, data: str, overrides: dict[str, Any] | None) -> dict[str, Any]:
-    """The model's source options when ``data`` is of its source kind, then ``overrides``."""
+    """The model's source options when ``data`` is of its source kind (else its :data:`SAMPLE_OPTIONS` that ``data``'s
+    source takes), then ``overrides``; checked before any decoding (:func:`check_sample_mode`)."""
     scheme, _ = resolve_data(data)
-    options = dict(model.source_options) if scheme == model.spec.source else {}
+    if scheme == model.spec.source:
+        options = dict(model.source_options)
+    else:  # a run on one volumetric source embedding another: the same sample mode, size and spacing
+        accepted = source_option_names(scheme)
+        options = {k: v for k, v in model.source_options.items() if k in SAMPLE_OPTIONS and k in accepted}
     for key, value in (overrides or {}).items():
         fixed = model.fixed_options.get(key, value)
         if key in model.fixed_options and str(value) != str(fixed):
@@ -230,9 +239,46 @@ def source_options_for(model: Model, data: str, overrides: dict[str, Any] | None
                                  f"export the run again without --with-preprocessing to choose another {key}")
             value = fixed if fixed is not None else value  # the same windows, as the run wrote them
         options[key] = value
+    check_sample_mode(model.spec, scheme, options)
     if "spacing" in (overrides or {}):
         note_other_spacing(model.spec, str(overrides["spacing"]))
     return options
+
+
+def source_option_names(scheme: str) -> set[str]:
+    """The option names source ``scheme`` takes (its ``Options`` dataclass's fields)."""
+    import dataclasses
+
+    from sslkit.registry import get_source
+
+    options = getattr(get_source(scheme), "Options", None)
+    return {f.name for f in dataclasses.fields(options)} if dataclasses.is_dataclass(options) else set()
+
+
+def check_sample_mode(spec: InputSpec, scheme: str, options: dict[str, Any]) -> None:
+    """Before any decoding: source ``options`` must make volumes of the model's ``--volume-size`` for a
+    volume model, 2D samples for a 2D one (a source without a ``sample`` option makes 2D images); else
+    one line naming the flags to pass. A bad value is left to the source to name."""
+    from sslkit.data.volume import SampleMode
+
+    def made(sample: Any, size: Any) -> str:  # as flags: "--sample volume --volume-size 16,16,16"
+        text = str(sample or "slice").strip().lower()
+        m = SampleMode.parse(text, "", str(size or "") if text == "volume" else "")
+        mode = f"slab:{m.slab}" if m.mode == "slab" else m.mode
+        return f"--sample {mode}" + (f" --volume-size {','.join(map(str, m.size))}" if m.size else "")
+
+    takes = "sample" in source_option_names(scheme)
+    if takes and not options.get("sample"):
+        return  # none recorded nor given (the source's default): check_sample_shape, once decoded
+    try:
+        want = made(spec.sample, ",".join(map(str, spec.volume_size or ())))
+        got = made(options.get("sample"), options.get("volume_size")) if takes else "--sample slice"
+    except UsageError:
+        return
+    if got != want and "volume" in want + got:  # 2D samples of other channels: check_sample_shape, once decoded
+        raise UsageError(f"the model takes samples made with {want}, " + (
+            f"these source options ask for {got}; pass the model's ({want}) or leave them unset" if takes else
+            f"and source {scheme!r} makes 2D images only; give data of a source that takes {want}"))
 
 
 def note_other_spacing(spec: InputSpec, given: str) -> None:

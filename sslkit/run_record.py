@@ -26,15 +26,19 @@ def recorded_config(config: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in config.items() if k not in SESSION_ONLY}
 
 
+def split_data(data: str) -> tuple[str, str]:
+    """``--data`` as ``(scheme, location)``; ``""`` for a bare path (or one with a drive letter)."""
+    scheme, sep, where = data.partition(":")
+    return (scheme, where) if sep and len(scheme) > 1 else ("", data)
+
+
 def located(data: str | None) -> str | None:
     """``--data`` with its location made absolute where it names an existing relative path
     (``folder:img`` -> ``folder:/work/img``, a bare ``img`` -> ``/work/img``): the same data
     whatever folder a config file is later used from. Other text is returned as it is."""
     if not data:
         return data
-    scheme, sep, where = data.partition(":")
-    if not sep or len(scheme) <= 1:  # a bare path (or a drive letter)
-        scheme, where = "", data
+    scheme, where = split_data(data)
     if not where or os.path.isabs(os.path.expanduser(where)) or not os.path.exists(where):
         return data
     return f"{scheme}:{os.path.abspath(where)}" if scheme else os.path.abspath(where)

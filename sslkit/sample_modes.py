@@ -5,7 +5,7 @@ every 2D task takes slabs, which are just K-channel images); a backbone states i
 ``spatial_dims`` (default 2; MONAI's 3D networks say 3). :func:`pairing_problem` is called
 by :func:`sslkit.registry.create_task`, so a pairing that cannot work (3D volumes and a 2D
 backbone, a task without a 3D form) is refused before any image is decoded, naming what
-would work.
+would work. :func:`check_planar_sizes` refuses a 2D sample's side given for a volume run.
 """
 
 from __future__ import annotations
@@ -62,3 +62,30 @@ def build_backbone(name: str, in_chans: int, image_size: int, volume_size: tuple
         if getattr(planar, "spatial_dims", 2) == 3:
             raise
         return planar
+
+
+#: the settings of a 2D sample's side (``--image-size``, ``--cache-size``): a volume run's samples are
+#: ``--volume-size`` voxels, so these would change nothing but the run's record
+PLANAR_SIZES = ("image_size", "cache_size")
+
+
+def check_planar_sizes(given: dict[str, Any], data: str | None, source_options: dict[str, Any]) -> None:
+    """Refuse, in one line naming ``--volume-size``, the settings of :data:`PLANAR_SIZES` that
+    ``given`` (the command line's) sets when the source ``data`` samples whole volumes. A source that
+    cannot be made yet (a folder not there, a bad ``--volume-size``) is the run's own error, later."""
+    from sslkit.data.volume import sample_mode
+    from sslkit.errors import UsageError
+    from sslkit.registry import create_source
+
+    named = [f"--{k.replace('_', '-')}" for k in PLANAR_SIZES if given.get(k) is not None]
+    if not named or not data:
+        return
+    try:
+        volumes = sample_mode(create_source(data, **source_options)).volumetric
+    except UsageError:
+        return
+    if not volumes:
+        return
+    flags = " and ".join(named)
+    raise UsageError(f"{flags} {'set' if len(named) > 1 else 'sets'} the side of 2D samples; a --sample volume "
+                     f"run's samples are --volume-size D,H,W voxels: drop {flags}")

@@ -83,8 +83,9 @@ def test_class_sub_folders_of_volumes_label_them_for_eval(tmp_path, cli):
     r = cli("embed", tmp_path / "run", "--data", f"nifti:{tmp_path / 'test'}", "--out", tmp_path / "e.npz",
             "--data-opt", "volume_size=2,4,4", "--quiet")
     assert r.exit_code == 2 and r.stderr.strip() == (
-        "error: the data gives samples of 1x2x4x4, the model takes 1x4x8x8 (its --sample volume, --volume-size "
-        "4,8,8); leave the source's sample and volume_size as the run's") and not (tmp_path / "e.npz").exists()
+        "error: the model takes samples made with --sample volume --volume-size 4,8,8, these source options ask for "
+        "--sample volume --volume-size 2,4,4; pass the model's (--sample volume --volume-size 4,8,8) or leave them "
+        "unset") and not (tmp_path / "e.npz").exists()  # before decoding: checked on the options
 
 
 def test_dump_keys_of_names_that_are_not_utf8(tmp_path, cli):

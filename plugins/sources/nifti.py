@@ -185,6 +185,7 @@ class NiftiSource(Source):
         self.window = parse_window(self.options.window)
         self.sample = SampleMode.parse(self.options.sample, self.options.spacing, self.options.volume_size)
         self.volumes: list[tuple[str, int, int]] = []  # (path, time point, depth)
+        self.facts: dict[str, tuple[str, int]] = {}  # path -> ("WxH" of a slice as loaded, time points): header
         self.where: dict[str, tuple[int, int | None]] = {}  # ref id -> (volume, slice or None)
         self._last: tuple[str, np.ndarray, tuple] | None = None  # (path, (T, D, H, W), spacing)
         self._ranges: dict[tuple[str, int], tuple[float, float]] = {}  # min-max of each volume
@@ -229,7 +230,9 @@ class NiftiSource(Source):
             parts = Path(f).relative_to(self.root).parts if self.root.is_dir() else ()
             label = parts[0] if len(parts) > 1 else None  # the first folder below the root is the class, as folder's
             depth = int(shape[2])
-            for t in range(int(shape[3]) if len(shape) == 4 else 1):
+            points = int(shape[3]) if len(shape) == 4 else 1
+            self.facts[f] = (f"{int(shape[0])}x{int(shape[1])}", points)  # W: x (R-L), H: y (A-P), as loaded
+            for t in range(points):
                 v = len(self.volumes)
                 self.volumes.append((f, t, depth))
                 if self.sample.volumetric:
@@ -320,8 +323,14 @@ class NiftiSource(Source):
         return native[1:]
 
     def properties(self, ref: SampleRef) -> dict[str, Any]:
+        """Header facts for ``sslkit data inspect``: ``size`` (``WxH`` of a slice as loaded), ``depth``
+        (slices) and ``time_points`` (volumes in the file: a 4D image has one per time point)."""
         v, _ = self.where.get(ref.id, (None, None))
-        return {"depth": self.volumes[v][2]} if v is not None else {}
+        if v is None:
+            return {}
+        path, _, depth = self.volumes[v]
+        size, points = self.facts[path]
+        return {"size": size, "depth": depth, "time_points": points}
 
     def orientation(self) -> str:
         """How :meth:`load` lays its arrays out (for ``sslkit data dump``): turned to RAS+, not as stored."""

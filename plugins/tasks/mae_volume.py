@@ -10,7 +10,8 @@ visible ones, and the decoder predicts the voxels of every masked cube. Loss as 
 
 The decoder's position embedding is a fixed 3D sine-cosine (a third of the channels per
 axis). Views: a random resized 3D crop (scale ``min_scale``-1, by default the paper's 0.2) and left-right flips.
-Needs a 3D token backbone, e.g. ``monai:vit``.
+Needs a 3D token backbone, e.g. ``monai:vit``, and a volume of at least ``MIN_TOKENS`` (4) cubes, as
+in 2D: with fewer, masking 75 % leaves no cube visible (refused before decoding).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import math
 import torch
 
 from sslkit.api import Task, UsageError, VolumeViews, is_token_backbone, masked_volume_recipe
-from sslkit_plugins.tasks.mae import MAE, PAPER_MIN_SCALE
+from sslkit_plugins.tasks.mae import MAE, MIN_TOKENS, PAPER_MIN_SCALE
 
 
 def patchify3d(x: torch.Tensor, p: int) -> torch.Tensor:
@@ -55,8 +56,14 @@ class MAE3D(MAE):
         if not (is_token_backbone(backbone) and getattr(backbone, "spatial_dims", 2) == 3):
             return (f"MAE on volumes needs a 3D ViT backbone with cube tokens, e.g. monai:vit; "
                     f"{getattr(backbone, 'name', 'this backbone')} is not one")
-        if any(s % backbone.patch_size for s in spec.volume_size):
-            return f"the volume size {spec.volume_size} is not divisible by the patch size {backbone.patch_size}"
+        p = backbone.patch_size
+        if any(s % p for s in spec.volume_size):
+            return f"the volume size {spec.volume_size} is not divisible by the patch size {p}"
+        tokens = math.prod(s // p for s in spec.volume_size)
+        if tokens < MIN_TOKENS:  # at mask ratio 0.75 no cube would be left visible: a NaN loss at step 1
+            return (f"MAE at --volume-size {','.join(map(str, spec.volume_size))} with {p}-voxel cubes has "
+                    f"{tokens} cube token(s), fewer than {MIN_TOKENS}: use --volume-size {2 * p},{2 * p},{p} "
+                    f"or more, or a smaller --backbone-opt patch_size")
         return None
 
     def __init__(self, backbone, options, spec) -> None:

@@ -28,8 +28,8 @@ def inspect_data(data: str, source_options: dict[str, Any] | None = None, decode
 
     ``decode``: also decode one sample of every file (in parallel, nothing cached) so
     that files whose header reads but whose pixels do not are found and reported;
-    ``every_sample``: decode every sample (each frame of a multi-frame file or array).
-    ``max_pixels`` as in :func:`sslkit.data.pipeline.load_data`.
+    ``every_sample``: decode every sample (each frame of a multi-frame file or array, each
+    time point of a 4D volume). ``max_pixels`` as in :func:`sslkit.data.pipeline.load_data`.
     """
     source = create_source(data, **(source_options or {}))
     if max_pixels is not None:
@@ -78,9 +78,17 @@ def inspect_data(data: str, source_options: dict[str, Any] | None = None, decode
                           progress=progress, workers=workers)
         report["undecodable"] = [{"path": p, "key": file_key(p), "reason": r} for p, r in checked.skipped]
         report["decoded_ok"] = len(checked)
-        what = "volumes" if mode.volumetric else "samples" if every_sample else "files"
+        what = _checked(mode.volumetric, every_sample, len(samples) == len(refs))
         report["decode_checked"] = {"of": len(samples), "what": what}
     return report
+
+
+def _checked(volumetric: bool, every_sample: bool, every: bool) -> str:
+    """What the decode check counted (``decode_checked["what"]``): ``volumes`` when it decoded every
+    volume, ``samples`` every 2D sample (``--every-sample``), else ``files`` (the first of each)."""
+    if volumetric and every:
+        return "volumes"
+    return "samples" if every_sample else "files"
 
 
 def _header_facts(source, first: dict[str, Any], per_file: Counter, volumetric: bool) -> tuple[dict[str, Counter], int]:
@@ -127,7 +135,9 @@ def format_report(report: dict[str, Any]) -> str:
     bad = report["unreadable"] + report.get("undecodable", [])
     if "decoded_ok" in report:
         checked = report.get("decode_checked") or {"of": report["files"], "what": "files"}
-        lines.append(f"decode check: {report['decoded_ok']} of {checked['of']} {checked['what']} decode")
+        first = (f" (the first {what[:-1]} of each; --every-sample decodes all {report['images']})"
+                 if checked["what"] == "files" and checked["of"] < report["images"] else "")
+        lines.append(f"decode check: {report['decoded_ok']} of {checked['of']} {checked['what']} decode{first}")
     lines.append(f"unusable files: {len(bad)}" + (" (path, the key a run's data_report.json names it by: reason)"
                                                    if bad else ""))
     lines += [f"  {printable(str(b['path']))} [{b['key']}]: {printable(str(b['reason']))}" for b in bad]

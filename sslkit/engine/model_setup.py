@@ -1,9 +1,9 @@
 """The model of a run, built in :func:`sslkit.engine.setup.build`: the backbone named
-(:func:`with_backbone`), the task/backbone pairing checked before any image is decoded
-(:func:`check_pairing`), a new run's ``--init`` as recorded (:func:`with_init_flags`), the
-backbone and the task around it with ``--init`` weights (:func:`create_model`), the encoder's
-LR settings of an ``--init`` run (:func:`continued_scales`) and the task's views with
-``--augment-opt`` overrides."""
+(:func:`with_backbone`), the task/backbone pairing and the memory layout checked before any
+image is decoded (:func:`check_pairing`, :func:`check_channels_last`), a new run's ``--init``
+as recorded (:func:`with_init_flags`), the backbone and the task around it with ``--init``
+weights (:func:`create_model`), the encoder's LR settings of an ``--init`` run
+(:func:`continued_scales`) and the task's views with ``--augment-opt`` overrides."""
 
 from __future__ import annotations
 
@@ -71,6 +71,14 @@ def check_pairing(backbone_name: str, cfg: RunConfig) -> torch.nn.Module:
             except UsageError as exc:
                 first = first or exc
     raise first
+
+
+def check_channels_last(cfg: RunConfig, probe: torch.nn.Module) -> None:
+    """Refuse, in one line before decoding, ``--channels-last`` for a 3D backbone: it is the layout of
+    2D images' 4D tensors, and a volume batch is 5D (the run's views and model stay contiguous)."""
+    if cfg.channels_last and getattr(probe, "spatial_dims", 2) != 2:
+        raise UsageError(f"--channels-last is a layout of 2D images and {cfg.backbone} is a 3D backbone "
+                         f"(--sample volume); drop --channels-last")
 
 
 def check_task_methods(name: str) -> None:

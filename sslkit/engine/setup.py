@@ -31,8 +31,8 @@ from sslkit.data.prepare import FINGERPRINT_SCHEME, channel_stats, fingerprint, 
 from sslkit.engine.capture import make_capture
 from sslkit.engine.compiled import compile_model, compile_views
 from sslkit.engine.data_setup import batches_and_schedule, load_run_data
-from sslkit.engine.model_setup import (check_batch, check_pairing, check_sample_memory, continued_scales,
-                                       create_model, views_on_device, with_backbone, with_init_flags,
+from sslkit.engine.model_setup import (check_batch, check_channels_last, check_pairing, check_sample_memory,
+                                       continued_scales, create_model, views_on_device, with_backbone, with_init_flags,
                                        with_resolved_task_options, with_task_embedding)
 from sslkit.engine.schedules import Schedule
 from sslkit.errors import UsageError
@@ -140,16 +140,12 @@ def build(cfg: RunConfig, device: torch.device) -> Setup:
     _determinism(cfg, device)
     seed_everything(cfg.seed)
     check_sample_memory(cfg)  # an oversized sample, before check_pairing builds a model sized from it
-    cfg = with_task_embedding(cfg, check_pairing(backbone_name, cfg))  # fail fast, before decoding anything
+    probe = check_pairing(backbone_name, cfg)  # fail fast, before decoding anything
+    check_channels_last(cfg, probe)
+    cfg = with_task_embedding(cfg, probe)
     resumed = distributed.broadcast_object(on_main(lambda: resumed_init(cfg)))  # --init on --resume
     data = load_run_data(cfg, rank, world)
-    mean, std = channel_stats(data.prepared.pixels)
-    spec = InputSpec(data.channels, cfg.image_size, mean, std, data.source.scheme, data.source.describe(),
-                     graph_preprocessing=data.source.graph_preprocessing().to_json(),
-                     value_range=value_range(data.prepared.pixels))
-    if cfg.resume:  # changed data is refused unless --allow-data-change; the run's InputSpec is kept
-        spec = InputSpec.from_dict(resume_input_spec(cfg.out, data.prepared, spec.preprocessing,
-                                                     cfg.allow_data_change, (mean, std)) or spec.to_dict())
+    spec = _input_spec(cfg, data)
     backbone, task = create_model(cfg, backbone_name, spec, resumed)
     cfg = with_resolved_task_options(cfg, task)
     if cfg.sync_bn and world > 1:
@@ -158,10 +154,7 @@ def build(cfg: RunConfig, device: torch.device) -> Setup:
     if cfg.compile and device.type == "cuda":  # the views fused too (on CPU inductor's compile costs more)
         augment = compile_views(augment)
     task.to(device)
-    # CNNs run channels-last on every device: cuDNN and oneDNN both prefer it (on this
-    # project's CPU a resnet18 step is 7-31 % faster, a resnet50 24 %; BENCHMARKS.md)
-    planar = getattr(backbone, "spatial_dims", 2) == 2  # channels-last is a 4D (2D image) layout
-    channels_last = (planar and not is_token_backbone(backbone)) if cfg.channels_last is None else cfg.channels_last
+    channels_last = _channels_last(cfg, backbone)
     if channels_last:
         task.to(memory_format=torch.channels_last)
 
@@ -192,6 +185,28 @@ def build(cfg: RunConfig, device: torch.device) -> Setup:
             s.capture.fall_back("--init sets the encoder's LR apart from the heads' (--init-lr-scale, "
                                 "--init-freeze-steps)", tell=cfg.capture == "graphs")
     return s
+
+
+def _input_spec(cfg: RunConfig, data: LoadedData) -> InputSpec:
+    """The run's InputSpec from the decoded data; on ``--resume`` the run's own (changed data is
+    refused unless ``--allow-data-change``)."""
+    mean, std = channel_stats(data.prepared.pixels)
+    spec = InputSpec(data.channels, cfg.image_size, mean, std, data.source.scheme, data.source.describe(),
+                     graph_preprocessing=data.source.graph_preprocessing().to_json(),
+                     value_range=value_range(data.prepared.pixels))
+    if not cfg.resume:
+        return spec
+    return InputSpec.from_dict(resume_input_spec(cfg.out, data.prepared, spec.preprocessing,
+                                                 cfg.allow_data_change, (mean, std)) or spec.to_dict())
+
+
+def _channels_last(cfg: RunConfig, backbone: torch.nn.Module) -> bool:
+    """``--channels-last``, by default on for 2D CNNs on every device: cuDNN and oneDNN both prefer it
+    (on this project's CPU a resnet18 step is 7-31 % faster, a resnet50 24 %; BENCHMARKS.md). It is a
+    4D (2D image) layout: a 3D backbone's run never uses it (:func:`check_channels_last` refuses it)."""
+    if cfg.channels_last is not None:
+        return cfg.channels_last
+    return getattr(backbone, "spatial_dims", 2) == 2 and not is_token_backbone(backbone)
 
 
 def _determinism(cfg: RunConfig, device: torch.device) -> None:

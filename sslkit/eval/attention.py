@@ -9,6 +9,8 @@
   ``a_k = mean_ij ds/dA^k_ij``.
 * Anything else (a 1x1 map too, e.g. a ResNet at 32 px, where Grad-CAM is one value scaled into
   noise): the input-gradient saliency ``max_c |ds/dx_c|``.
+
+A volume run (``--sample volume``, a 3D encoder) is refused in one line before any data is decoded.
 """
 
 from __future__ import annotations
@@ -194,6 +196,15 @@ def pooling_note(encoder: nn.Module) -> str:
     return ""
 
 
+def refuse_volume(sample: str, model_path: str) -> None:
+    """A volume run (3D encoder) is refused before any data is decoded: the maps are drawn over 2D images."""
+    if sample == "volume":
+        from sslkit.errors import UsageError
+
+        raise UsageError(f"sslkit eval attention draws maps for 2D image encoders; {str(model_path)!r} is a volume "
+                         f"run (sample=volume, a 3D encoder): try sslkit eval linear, knn or tsne on it instead")
+
+
 def evaluate_attention(model_path: str, images: str, out: str | None = None, max_images: int = 8,
                        baseline: bool = True, overwrite: bool = False,
                        source_options: dict[str, Any] | None = None, progress: bool = True,
@@ -208,6 +219,7 @@ def evaluate_attention(model_path: str, images: str, out: str | None = None, max
     out_path = _check_out(out, overwrite)
     run = model.require_run("sslkit eval attention")
     spec = run.spec
+    refuse_volume(spec.sample, model_path)
     loaded = load_data(images, spec.image_size, spec.channels, model.source_options(images, source_options),
                        progress=progress, max_pixels=model.pixel_limit)
     from sslkit.data.prepare import SCALE

@@ -4,11 +4,12 @@ The encoder (pretrained, or randomly initialised for the baseline: training from
 scratch) and a linear classifier are trained end to end with cross-entropy, AdamW,
 a linear warm-up then cosine schedule (optionally with layer-wise LR decay over a ViT's
 blocks), and light augmentation (random resized crop with scale 0.5-1 and horizontal
-flip, :mod:`sslkit.augment`). After the last step the encoder's BatchNorm running statistics
-are recomputed on the training images, un-augmented and normalised as at prediction
-(:func:`sslkit.engine.batchnorm.recompute_batchnorm`, "precise BN"): a short fine-tune leaves
-them between pretraining's and the augmented batches', and its predictions then lean to one
-class (BENCHMARKS.md "Fine-tuning: BatchNorm statistics").
+flip, :mod:`sslkit.augment`; volumes ``(N, C, D, H, W)``: the 3D crop of a volume fraction
+0.5-1 and a left-right (W) flip, :mod:`sslkit.augment3d`). After the last step the encoder's
+BatchNorm running statistics are recomputed on the training images, un-augmented and normalised
+as at prediction (:func:`sslkit.engine.batchnorm.recompute_batchnorm`, "precise BN"): a short
+fine-tune leaves them between pretraining's and the augmented batches', and its predictions then
+lean to one class (BENCHMARKS.md "Fine-tuning: BatchNorm statistics").
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sslkit.augment import Normalize, horizontal_flip, random_resized_crop
+from sslkit.augment import horizontal_flip, random_resized_crop
+from sslkit.augment3d import random_flips, random_resized_crop_3d
 from sslkit.data.loader import BatchLoader
 from sslkit.engine.batchnorm import recompute_batchnorm
 from sslkit.optim import build_optimizer, warmup_cosine
@@ -40,8 +42,30 @@ class FinetuneOptions:
     layer_decay: float | None = None
 
 
+#: the random resized crop's area (volumes: volume) fraction
+CROP_SCALE = (0.5, 1.0)
+
+
+def augment(x: torch.Tensor, spec: InputSpec) -> torch.Tensor:
+    """The fine-tune's light augmentation of a batch in [0, 1]: images ``(B, C, H, W)``: random resized
+    crop to ``spec.image_size`` and horizontal flip; volumes ``(B, C, D, H, W)``: their 3D twins, the
+    crop resized back to the volume's size and only W (left-right) flipped, as the 3D views do."""
+    if x.ndim == 5:
+        return random_flips(random_resized_crop_3d(x, tuple(x.shape[2:]), CROP_SCALE), (2,))
+    return horizontal_flip(random_resized_crop(x, spec.image_size, CROP_SCALE))
+
+
+def normalizer(spec: InputSpec, ndim: int, device: torch.device):
+    """``x -> (x - mean) / std`` per channel for ``ndim``-D batches (4: images, 5: volumes)."""
+    shape = (1, -1) + (1,) * (ndim - 2)
+    mean = torch.tensor(spec.mean, dtype=torch.float32, device=device).view(shape)
+    std = torch.tensor(spec.std, dtype=torch.float32, device=device).view(shape)
+    return lambda x: (x - mean.to(x.dtype)) / std.to(x.dtype)
+
+
 class Classifier(nn.Module):
-    """``(B, C, S, S)`` normalised pixels -> ``(B, K)`` logits: encoder then a linear head."""
+    """``(B, C, S, S)`` (volumes ``(B, C, D, H, W)``) normalised pixels -> ``(B, K)`` logits: encoder
+    then a linear head."""
 
     def __init__(self, encoder: nn.Module, n_classes: int) -> None:
         super().__init__()
@@ -54,10 +78,11 @@ class Classifier(nn.Module):
 
 def finetune(encoder: nn.Module, spec: InputSpec, pixels: np.ndarray, y: np.ndarray, n_classes: int,
              options: FinetuneOptions, device: torch.device, progress: bool = True) -> Classifier:
-    """Train ``encoder`` + head on ``pixels: (N, C, S, S)`` uint16 with labels ``y: (N,)``."""
+    """Train ``encoder`` + head on ``pixels: (N, C, S, S)`` (volumes ``(N, C, D, H, W)``) uint16 with
+    labels ``y: (N,)``."""
     torch.manual_seed(options.seed)
     model = Classifier(encoder, n_classes).to(device).train()
-    norm = Normalize(spec.mean, spec.std).to(device)
+    norm = normalizer(spec, pixels.ndim, device)
     loader = BatchLoader(pixels, options.batch_size, options.seed)
     steps = max(1, len(loader)) * options.epochs
     lr_scale = None
@@ -73,7 +98,7 @@ def finetune(encoder: nn.Module, spec: InputSpec, pixels: np.ndarray, y: np.ndar
         idx = loader.indices(epoch, b)
         x = loader.read(idx).to(device)
         with torch.no_grad():
-            x = norm(horizontal_flip(random_resized_crop(x, spec.image_size, (0.5, 1.0))))
+            x = norm(augment(x, spec))
         loss = F.cross_entropy(model(x), labels[idx].to(device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -86,8 +111,8 @@ def finetune(encoder: nn.Module, spec: InputSpec, pixels: np.ndarray, y: np.ndar
 @torch.no_grad()
 def predict_proba(model: Classifier, spec: InputSpec, pixels: np.ndarray, batch_size: int,
                   device: torch.device) -> np.ndarray:
-    """``(N, C, S, S)`` uint16 pixels -> ``(N, K)`` softmax probabilities."""
-    norm = Normalize(spec.mean, spec.std).to(device)
+    """``(N, C, S, S)`` (volumes ``(N, C, D, H, W)``) uint16 pixels -> ``(N, K)`` softmax probabilities."""
+    norm = normalizer(spec, pixels.ndim, device)
     reader = BatchLoader(pixels, batch_size, seed=0)
     out = []
     for start in range(0, len(pixels), batch_size):

@@ -15,15 +15,21 @@ uses them), and anything else is a mismatch the caller refuses:
   prefix tokens (timm's ``no_embed_class``: DINOv2 with registers), added to the class and
   register tokens themselves, which is the same input to the first block (timm's
   ``_convert_dinov2``); dropped only when the backbone has no such token.
+
+A 3D backbone's position embeddings (a ``(d, h, w)`` cube grid) are not resampled: the
+weights hold only the number of positions, not the grid they were laid out on, so weights
+made at another volume size are refused in one line naming ``--volume-size``.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
+
+from sslkit.errors import UsageError
 
 
 @dataclass
@@ -41,7 +47,8 @@ def fit(weights: dict[str, torch.Tensor], target: dict[str, torch.Tensor], info:
     """Fit ``weights`` (timm names) to ``target`` (the backbone's state dict).
 
     ``info``: ``first_conv`` (stem weight key or None), ``pos_embed`` (key or None),
-    ``grid`` ``(h, w)`` and ``prefix_tokens`` of the target's position embeddings.
+    ``grid`` ``(h, w)`` (a 3D backbone: ``(d, h, w)``) and ``prefix_tokens`` of the target's
+    position embeddings. Raises :class:`UsageError` when a 3D grid's position count differs.
     """
     out = Fitted()
     out.unexpected = sorted(set(weights) - set(target))
@@ -155,6 +162,8 @@ def _pos_embed(pe: torch.Tensor, want: torch.Tensor, info: dict[str, Any], notes
 
     if pe.ndim != 3 or want.ndim != 3 or pe.shape[-1] != want.shape[-1]:
         return None
+    if len(info["grid"]) == 3:
+        _refuse_3d(pe, want, tuple(info["grid"]))
     gh, gw = info["grid"]
     prefix = int(info.get("prefix_tokens", 0))
     for p in dict.fromkeys((prefix, 1, 0, 5, 4)):  # class token, none, class + 4 registers, registers
@@ -170,3 +179,11 @@ def _pos_embed(pe: torch.Tensor, want: torch.Tensor, info: dict[str, Any], notes
         pe = resample_abs_pos_embed(pe.float(), [gh, gw], [side, side], num_prefix_tokens=prefix)
         notes.append(f"pos_embed: {side}x{side} -> {gh}x{gw} patch grid (bicubic)")
     return pe
+
+
+def _refuse_3d(pe: torch.Tensor, want: torch.Tensor, grid: tuple[int, int, int]) -> NoReturn:
+    """Weights whose 3D position table has another length: made at another volume (or patch) size."""
+    cubes = "x".join(map(str, grid))
+    raise UsageError(f"--init weights hold 3D position embeddings for {pe.shape[1]} cubes and this backbone's "
+                     f"{cubes} cube grid has {want.shape[1]}; 3D position embeddings are not resampled: give the "
+                     f"--volume-size (and --backbone-opt patch_size) of the run the weights were made by")

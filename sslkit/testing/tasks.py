@@ -73,8 +73,8 @@ def check_task(task: Any, *, tmp_path: Path, backbone: str | None = None, backbo
         for i, c in enumerate(channels):
             n = steps + 1 if (i == 0 and resume) else steps
             out = tmp_path / f"run-{c}"
-            _pretrain(name, _data(tmp_path, batch_size * n, image_size, c, volume), out, backbone, image_size,
-                      batch_size, n, c, args)
+            _pretrain(name, _data(tmp_path, batch_size * n, image_size, c, volume), out, backbone,
+                      image_size if volume is None else None, batch_size, n, c, args)
             rows = metric_rows(out)
             what = f"task {name!r} ({c} channel{'s' if c > 1 else ''})"
             assert len(rows) == n, f"{what}: {len(rows)} optimizer steps logged, expected {n}"
@@ -111,11 +111,13 @@ def _check_class(task: Any, volume: tuple | None) -> tuple[str | None, type]:
     return name, cls
 
 
-def _pretrain(task: str, data: str, out: Path, backbone: str, image_size: int, batch_size: int, steps: int,
+def _pretrain(task: str, data: str, out: Path, backbone: str, image_size: int | None, batch_size: int, steps: int,
               channels: int, options: list[str]) -> None:
-    """``sslkit pretrain`` for the kit: CPU, deterministic, seeded, one checkpoint per step, kept."""
+    """``sslkit pretrain`` for the kit: CPU, deterministic, seeded, one checkpoint per step, kept (no
+    ``--image-size`` for volumes, ``image_size`` None: a volume run refuses it)."""
+    size = ("--image-size", image_size) if image_size is not None else ()
     sslkit("pretrain", "--task", task, "--data", data, "--out", out, "--backbone", backbone,
-           "--image-size", image_size, "--batch-size", batch_size, "--epochs", 1, "--max-steps", steps,
+           *size, "--batch-size", batch_size, "--epochs", 1, "--max-steps", steps,
            "--channels", channels, "--seed", 0, "--deterministic", "--no-cache", "--quiet", "--device", "cpu",
            "--checkpoint-every", 1, "--keep-checkpoints", 0, *options)
 
