@@ -678,3 +678,15 @@ def test_jigsaw_refuses_more_permutations_than_can_be_chosen_in_reasonable_time(
     assert build_options(cls, {"num_permutations": "2000"}, "task 'jigsaw'").num_permutations == 2000
     with pytest.raises(UsageError, match=r"num_permutations must be in \[2, 2000\]"):
         build_options(cls, {"num_permutations": "2001"}, "task 'jigsaw'")
+
+
+def test_dino_global_crops_may_be_wider_than_the_local_ones_only_without_local_crops():
+    """DINO's code suggests global crops from 0.14 without local crops; that was refused for the unused
+    local_scale_max 0.4 above it. With local crops the order is still one line."""
+    from sslkit.errors import UsageError
+
+    task, _ = build("dino", size=32, global_scale_min=0.14)
+    assert task.local_crops == 0 and task.views(task.spec).recipes[0].scale == (0.14, 1.0)
+    with pytest.raises(UsageError, match=r"^dino's local crops must be smaller than the global ones: "
+                                         r"local_scale_max 0.4 is above global_scale_min 0.14$"):
+        build("dino", size=32, global_scale_min=0.14, local_crops=2, local_size=16)
