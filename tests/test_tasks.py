@@ -575,7 +575,7 @@ def test_simmim_on_a_cnn_masks_pixels_and_scores_only_the_masked_tokens(monkeypa
     per channel before the encoder; the linear head predicts every token from the stride-32 map."""
     import sslkit_plugins.tasks.simmim as simmim
 
-    t, spec = build("simmim", "timm:resnet10t", size=32, target="pixels", mask_patch=8)
+    t, spec = build("simmim", "timm:resnet10t", size=32, target="pixels", mask_patch=8, visible_weight=0)
     assert (t.kind, t.patch, t.grid, t.scale, t.stride) == ("cnn", 4, 8, 2, 32)
     mask = torch.zeros(2, 8, 8)
     mask[:, :2, :2] = 1  # the top-left 8-px square
@@ -599,6 +599,12 @@ def test_simmim_on_a_cnn_masks_pixels_and_scores_only_the_masked_tokens(monkeypa
     torch.testing.assert_close(loss, (x - rec)[:, :, :8, :8].abs().mean())  # the masked pixels only
     loss.backward()
     assert t.mask_token.grad.abs().sum() > 0
+    # the CNN default scores the visible pixels too, at the masked ones' weight: the mean over every pixel
+    d, _ = build("simmim", "timm:resnet10t", size=32, mask_patch=8)
+    assert d.visible_weight == 1.0 and d.resolved_options()["visible_weight"] == 1.0
+    d.load_state_dict(t.state_dict())
+    monkeypatch.setattr(d.encoder.model, "forward_features", capture)
+    torch.testing.assert_close(d((x,))["loss"], (x - d.reconstruct(forward_features(fed))).abs().mean())
 
 
 def test_simmim_on_a_cnn_probes_its_stride_without_moving_batchnorm():

@@ -70,7 +70,7 @@ class MoCoOptions:
     proj_hidden_dim: int | None = None  # hidden width of the projector (and v3's predictor); None: 2048 (v2), 4096 (v3)
     proj_dim: int | None = None  # output size of the projector; None: 128 (v2), 256 (v3)
     key_bn_splits: int = 2  # v2 only: keys encoded in this many shuffled sub-batches (own BN statistics); 1: none
-    min_scale: float | None = None  # smallest area fraction of the random resized crops, in (0, 1]; None: 0.2 (v2), 0.08 (v3)
+    min_scale: float | None = None  # smallest area fraction of the crops, in (0, 1]; None: 0.2 (v2), 0.08 (v3)
 
     def __post_init__(self) -> None:
         if self.version not in (2, 3):

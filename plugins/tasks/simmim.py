@@ -23,9 +23,12 @@ random ViT (-0.018 and -0.007) to level with or above it (+0.002 ± 0.006, +0.01
 on CIFAR-10 level with pixels (-0.6 and +0.6 ± 0.7), still below the random ViT. Its LR
 stays 1e-4: 3e-4 and 3e-5 are level with it on both.
 
-``visible_weight`` (default 0, the paper's) adds the visible tokens to either loss at that
-weight against the masked tokens' 1 (1: the paper's "predict all pixels" ablation). Measured
-no help on CIFAR-10 at 2 CPU min (BENCHMARKS.md "SimMIM: visible tokens in the loss ...").
+``visible_weight`` adds the visible tokens to either loss at that weight against the masked
+tokens' 1 (1: the paper's "predict all pixels" ablation). Default 1 on CNNs, 0 (the paper's) on
+ViTs and Swin. Measured: on the CNN default below 96 px (ResNet-18, pixel targets, 2 CPU min) it
+turns a level CIFAR-10 kNN into +2.8 / +3.2 (SE 0.7) over a live random ResNet-18 at two seeds
+(BENCHMARKS.md "Recipes again, thirty-eighth session"); on a ViT with HOG targets no help (-0.4 /
+-0.6, "SimMIM: visible tokens in the loss ...").
 
 Backbones: timm ViTs (``timm:vit_*``; stride = patch size, prefix tokens dropped), Swin
 transformers (``timm:swin_*``; stride 32, from the last stage) and CNNs with a square feature
@@ -122,7 +125,7 @@ class SimMIMOptions:
     min_scale: float = 0.67  # random resized crops of scale min_scale-1 (the paper's 0.67)
     head_depth: int = 0  # transformer blocks between the encoder and the linear pixel head (paper: 0)
     target: str | None = None  # hog (MaskFeat's histograms) or pixels (the paper's); None: hog, pixels on CNNs
-    visible_weight: float = 0.0  # loss weight of the visible tokens' targets against the masked ones' 1 (paper: 0)
+    visible_weight: float | None = None  # loss weight of visible tokens vs masked ones' 1 (paper 0); None: 1 CNN, 0 ViT
 
     def __post_init__(self) -> None:
         check_unit_interval("min_scale", self.min_scale)
@@ -132,7 +135,7 @@ class SimMIMOptions:
             raise ValueError("mask_ratio must be in (0, 1)")
         if self.mask_patch is not None and self.mask_patch < 1:
             raise ValueError("mask_patch must be >= 1")
-        if not (math.isfinite(self.visible_weight) and self.visible_weight >= 0):
+        if self.visible_weight is not None and not (math.isfinite(self.visible_weight) and self.visible_weight >= 0):
             raise ValueError(f"visible_weight must be a finite number >= 0, got {self.visible_weight}")
         if self.target not in (None, "pixels", "hog"):
             raise ValueError("target must be pixels or hog")
@@ -152,7 +155,8 @@ class SimMIM(Task):
     #: and +0.2 (paired SE 0.6) over two seeds at 2 CPU min, +2.1 (0.6) at 8 CPU min; X-ray AUROC +0.008
     transformer_engine_defaults = {"base_lr": 1e-4}
     default_backbone = "timm:vit_tiny_patch16_224"
-    legacy_option_values = {"target": "pixels"}  # runs recorded before HOG targets regressed pixels
+    #: runs recorded before HOG targets regressed pixels, and before visible_weight (their loss: masked tokens only)
+    legacy_option_values = {"target": "pixels", "visible_weight": 0.0}
 
     @classmethod
     def backbone_engine_defaults(cls, backbone):
@@ -186,6 +190,8 @@ class SimMIM(Task):
         self.patch = p
         self.grid = -(-s // p)  # a CNN's last tokens may overhang an image side that 4 does not divide
         self.target = options.target or ("pixels" if self.kind == "cnn" else "hog")
+        vw = options.visible_weight
+        self.visible_weight = (1.0 if self.kind == "cnn" else 0.0) if vw is None else vw
         if self.target == "hog" and s % p:
             raise UsageError(f"simmim target=hog needs --image-size a multiple of its {p}-px tokens, got {s}; "
                              f"use --image-size {s // p * p or p} or target=pixels")
@@ -222,7 +228,7 @@ class SimMIM(Task):
         self.head = nn.Sequential(nn.Conv2d(out_dim, up * up * per_unit, 1), nn.PixelShuffle(up))
 
     def resolved_options(self):
-        return {"target": self.target, "mask_patch": self.mask_patch}
+        return {"target": self.target, "mask_patch": self.mask_patch, "visible_weight": self.visible_weight}
 
     def views(self, spec):
         return reconstruction_views(spec, self.options.min_scale)
@@ -262,7 +268,7 @@ class SimMIM(Task):
         (x,) = views
         mask = token_mask(x.shape[0], self.grid, self.scale, self.options.mask_ratio, x.device)
         rec = self.reconstruct(self.encode_masked(x, mask))
-        weight = mask + self.options.visible_weight * (1 - mask)  # (B, g, g): 1 masked, visible_weight visible
+        weight = mask + self.visible_weight * (1 - mask)  # (B, g, g): 1 masked, visible_weight visible
         if self.target == "hog":  # rec: (B, D, g, g), a target vector per token
             per_token = ((rec.flatten(2).transpose(1, 2) - hog_tokens(x, self.patch)) ** 2).mean(-1)
             w = weight.flatten(1)
