@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
 import click
 
 from sslkit.cli_types import FiniteFloatRange
-from sslkit.errors import CheckFailed, UsageError, printable
+from sslkit.errors import CheckFailed, UsageError, printable, reports_here
 from sslkit.new_plugin import KINDS as NEW_PLUGIN_KINDS
 from sslkit.plugins import KINDS as PLUGIN_KINDS
 from sslkit.preempt import EXIT_TERMINATED, Preempted, Terminated, requeue_exit, terminable
@@ -18,7 +19,8 @@ from sslkit.source_flags import SourceFlagsCommand, flag_values
 
 
 class Group(click.Group):
-    """Every user error (ours or click's) becomes one line on stderr and exit code 2."""
+    """Every user error (ours or click's) becomes one line on stderr and exit code 2. Under
+    torchrun rank 0 alone prints it (:func:`~sslkit.errors.reports_here`); every rank exits so."""
 
     def main(self, *args, **kwargs):
         kwargs["standalone_mode"] = False
@@ -29,24 +31,29 @@ class Group(click.Group):
             sys.exit(exc.exit_code)
         except click.Abort as exc:
             if isinstance(exc.__context__, Preempted):  # SIGTERM before the loop
-                click.echo(f"{exc.__context__}: stopped before training started, nothing to checkpoint "
-                           f"({_requeue_words()})", err=True)
+                _say(_stopped_before_training(str(exc.__context__)))
                 sys.exit(requeue_exit())
             if isinstance(exc.__context__, Terminated):
-                click.echo(f"{exc.__context__}: stopped; nothing half-written was left", err=True)
+                _say(f"{exc.__context__}: stopped; nothing half-written was left")
                 sys.exit(EXIT_TERMINATED)
-            click.echo("aborted", err=True)
+            _say("aborted")
             sys.exit(130)
         except click.ClickException as exc:  # bad option, missing argument, ...
             ctx = getattr(exc, "ctx", None)
             where = f"{ctx.command_path}: " if ctx is not None else "sslkit: "
             message = " ".join(exc.format_message().split())  # click's choices come as "\n\t" lines
-            click.echo(printable(f"error: {where}{message}"), err=True)
+            _say(printable(f"error: {where}{message}"))
             sys.exit(2)
         except (UsageError, CheckFailed) as exc:
-            click.echo(printable(f"error: {exc}".replace("\n", " ")), err=True)
+            _say(printable(f"error: {exc}".replace("\n", " ")))
             sys.exit(exc.exit_code)
         sys.exit(rv if isinstance(rv, int) else 0)
+
+
+def _say(line: str) -> None:
+    """An error or note on stderr, once: in the process that reports (rank 0 under torchrun)."""
+    if reports_here():
+        click.echo(line, err=True)
 
 
 def _echo_json(data) -> None:
@@ -214,10 +221,11 @@ def pretrain(ctx: click.Context, **kw) -> None:
     and the options given here, in that order. Options in [brackets] come from the
     source plugin named there and set its --data-opt of that name.
     """
-    from sslkit.preempt import preemptible
+    from sslkit.preempt import pending, preemptible
 
     with preemptible():  # first thing: a pre-emption while torch imports or data decodes exits 75 too
         started = _start_pretrain(ctx, kw)
+        early = pending()  # under torchrun: the signal this process got before the first step
     if started is None:
         return
     cfg, summary = started
@@ -230,9 +238,11 @@ def pretrain(ctx: click.Context, **kw) -> None:
         click.echo(f"data: {line}", err=True)
     if summary.get("already_finished"):
         click.echo(f"run {cfg.out} already finished ({summary.get('steps', '?')} steps); nothing to resume")
+    elif requeue and not summary.get("steps_this_session"):  # torchrun: a process had one before the first step
+        click.echo(_stopped_before_training(early or "a pre-emption signal to another process"), err=True)
     elif summary.get("interrupted"):
         click.echo(f"interrupted: checkpoint at step {summary['steps']} saved in {cfg.out}; continue with: "
-                   f"sslkit pretrain --resume {cfg.out}" + (f" ({_requeue_words()})" if requeue else ""))
+                   f"{_resume_hint(ctx, cfg.out)}" + (f" ({_requeue_words()})" if requeue else ""))
     else:
         loss = summary["final_loss"]
         bound = {"max_steps": " (the --max-steps bound)", "epochs": " (the --epochs bound)"}.get(
@@ -248,6 +258,27 @@ def pretrain(ctx: click.Context, **kw) -> None:
 def _requeue_words() -> str:
     code = requeue_exit()
     return f"exit {code}: requeue me" if code else "exit 0 under torchrun, so it does not restart the group: requeue me"
+
+
+def _stopped_before_training(signal_name: str) -> str:
+    return f"{signal_name}: stopped before training started, nothing to checkpoint ({_requeue_words()})"
+
+
+def _resume_hint(ctx: click.Context, out: str) -> str:
+    """The command that continues run ``out`` exactly. Under torchrun it is the same torchrun command
+    (with ``--resume``): ``sslkit pretrain --resume`` alone would continue on one process, its
+    augmentations re-seeded."""
+    from click.core import ParameterSource
+
+    from sslkit.preempt import in_group
+
+    if not (in_group() or os.environ.get("TORCHELASTIC_RUN_ID")):
+        return f"sslkit pretrain --resume {out}"
+    given = {k for k in ("resume", "overwrite") if ctx.get_parameter_source(k) == ParameterSource.COMMANDLINE}
+    if "resume" in given:
+        return "the same torchrun command"
+    instead = " instead of --overwrite" if "overwrite" in given else ""
+    return f"the same torchrun command with --resume {out}{instead}"
 
 
 def _start_pretrain(ctx: click.Context, kw: dict):

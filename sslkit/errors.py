@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import os
 import re
 import reprlib
 from typing import Any, Sequence
@@ -21,6 +22,14 @@ class CheckFailed(Exception):
     """A self-check failed (e.g. ONNX parity above tolerance). The CLI exits with code 1."""
 
     exit_code = 1
+
+
+def reports_here() -> bool:
+    """Whether this process prints user errors and notes: ``RANK`` 0 or unset (one process). Under
+    torchrun every process meets the same error; rank 0 alone says it (the others exit with the
+    same status, silent), so 8 processes do not print the same line 8 times. From the environment,
+    not the process group: it holds before the group is joined and after it is left."""
+    return os.environ.get("RANK", "0").strip() in ("", "0")
 
 
 _FIRST_LINE_MAX = 200  # characters first_line quotes at most, its "…" included

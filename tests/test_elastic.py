@@ -1,7 +1,9 @@
 """Multi-node and elastic runs on one machine (CPU, gloo): two torchrun "nodes" meeting
 through a c10d rendezvous on localhost, and ``torchrun --nnodes 1:2 --max-restarts 2``
 surviving a killed worker (the group restarts and ``--resume auto`` continues from the
-last checkpoint) train with the losses of one process on the same global batch. Both
+last checkpoint) train with the losses of one process on the same global batch (the probe task here:
+no random views, no BatchNorm; with those, augmentations are seeded per rank and BatchNorm is per
+process unless --sync-bn). Both
 share a disk cache (built once, under a lock). Short here; longer with ``-m slow``."""
 
 from __future__ import annotations

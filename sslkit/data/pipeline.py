@@ -14,7 +14,7 @@ from sslkit.data.cache import mark_root, resolve_cache_dir
 from sslkit.data.prepare import FINGERPRINT_SCHEMES, Prepared, fingerprint, majority_channels, prepare
 from sslkit.data.source import Source
 from sslkit.data.splits import split_refs
-from sslkit.errors import UsageError
+from sslkit.errors import UsageError, reports_here
 from sslkit.output_file import read_json
 from sslkit.data.volume import sample_mode, stored_size
 from sslkit.registry import create_source
@@ -83,7 +83,7 @@ def _load(source: Source, data: str, channels: int | None, cache_dir: Any, progr
         split = {"val_fraction": val_fraction, "val_samples": len(val), "val_groups": len({r.group for r in val}),
                  "val_fingerprint": fingerprint(val), "train_groups": len({r.group for r in train})}
         held = len(val) / len(refs)
-        if abs(held - val_fraction) > max(0.05, val_fraction / 2):  # whole groups: few, or large ones
+        if abs(held - val_fraction) > max(0.05, val_fraction / 2) and reports_here():  # whole groups; once
             print(f"note: --val-fraction {val_fraction:g} held out {held:.0%} of the samples ({len(val)} of "
                   f"{len(refs)}, {split['val_groups']} of {split['val_groups'] + split['train_groups']} groups): "
                   f"patients (groups) are never split", file=sys.stderr)
@@ -213,9 +213,7 @@ def resume_input_spec(run_dir: str | Path, prepared: Prepared, preprocessing: An
     decoding = changed_keys((saved.get("input_spec") or {}).get("preprocessing"), preprocessing)
     note = check_resume_data(dataset, now, allow_change, decoding)
     drift = drift_note(saved.get("input_spec") or {}, *stats) if stats and not note else None
-    from sslkit.distributed import rank
-
-    for line in (note, drift) if rank() == 0 else ():  # once, not once per process
+    for line in (note, drift) if reports_here() else ():  # once, not once per process
         if line:
             print(line, file=sys.stderr)
     return saved.get("input_spec")

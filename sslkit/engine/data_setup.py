@@ -1,5 +1,6 @@
 """The data side of a run, built in :func:`sslkit.engine.setup.build`: the images decoded
-once (DDP-aware, one process at a time per disk cache: :func:`cache_build_lock`), then this
+once (one process at a time per disk cache: :func:`cache_build_lock`; under DDP rank 0 fills
+it while the others wait, however long, then read it together: :func:`load_run_data`), then this
 rank's batch loader, the optimizer steps per epoch and the LR schedule scaled from the
 batch actually used (:func:`batches_and_schedule`)."""
 
@@ -14,6 +15,7 @@ from typing import Iterator
 from sslkit import distributed
 from sslkit.data.loader import BatchLoader
 from sslkit.data.pipeline import LoadedData, load_data
+from sslkit.engine.lock import LOCK_HELD, no_locks_error
 from sslkit.engine.log import note
 from sslkit.engine.schedules import horizon, make_schedule
 from sslkit.errors import UsageError
@@ -24,31 +26,40 @@ CACHE_LOCK = ".sslkit-cache.lock"
 
 
 def load_run_data(cfg: RunConfig, rank: int, world: int) -> LoadedData:
-    """Decode the data; under DDP with a disk cache rank 0 fills the cache, then the others read it."""
+    """Decode the data; under DDP with a disk cache rank 0 fills the cache, then the others read it
+    (:func:`~sslkit.distributed.rank0_first`: their wait has no collective timeout)."""
     stored_size = cfg.cache_size or cfg.image_size
     if stored_size < cfg.image_size:
         raise UsageError(f"--cache-size {cfg.cache_size} is below --image-size {cfg.image_size}; "
                          f"use at least {cfg.image_size}")
 
-    def load() -> LoadedData:
-        with cache_build_lock(cfg.cache_dir):
+    def load(shared: bool = False) -> LoadedData:
+        with cache_build_lock(cfg.cache_dir, shared):
             return load_data(cfg.data, stored_size, cfg.channels, cfg.source_options, cfg.cache_dir,
                              cfg.progress and rank == 0, val_fraction=cfg.val_fraction, seed=cfg.seed,
                              max_pixels=cfg.max_pixels)
 
-    if cfg.cache_dir != "" and world > 1:
-        data = load() if rank == 0 else None
-        distributed.barrier()
-        return data if rank == 0 else load()
+    if cfg.cache_dir != "" and world > 1:  # the others wait for rank 0 however long its decode takes
+        return distributed.rank0_first(lambda: load(shared=reads_shared(rank)), "decoding the data into the cache")
     return load()
 
 
+def reads_shared(rank: int) -> bool:
+    """Whether this rank, after rank 0 filled the cache, reads it under a shared lock: the ranks of rank 0's
+    node (torchrun's ``GROUP_RANK`` 0), whose cache folder rank 0 filled; on other nodes the folder may be
+    their own, so one process fills it while the others wait (a shared lock would let each decode it)."""
+    return rank != 0 and os.environ.get("GROUP_RANK", "0") == "0"
+
+
 @contextlib.contextmanager
-def cache_build_lock(cache_dir: str | None) -> Iterator[None]:
+def cache_build_lock(cache_dir: str | None, shared: bool = False) -> Iterator[None]:
     """Hold ``CACHE_ROOT/.sslkit-cache.lock`` (``flock``, exclusive) while data is decoded
     into the disk cache: processes that share the cache folder (the ranks of several
     nodes on one file system, or two runs on the same data) decode a dataset once, the
     others wait and then read the finished entry. Nothing without a disk cache.
+    ``shared``: the cache was just filled (by rank 0 of this run): only wait for a process
+    filling it, not for the other readers (a missing entry is still filled, atomically).
+    A file system without locks is one line (:func:`~sslkit.engine.lock.no_locks_error`).
 
     In a cache this process cannot write (shared read-only) the lock is taken shared,
     through a read-only descriptor (it waits for a process filling the cache, not for other
@@ -64,12 +75,19 @@ def cache_build_lock(cache_dir: str | None) -> Iterator[None]:
     if fd is None:
         yield
         return
+    mode = fcntl.LOCK_SH if shared else mode
     try:
         try:
-            fcntl.flock(fd, mode | fcntl.LOCK_NB)
-        except OSError:
-            note(f"waiting for another process that is filling the cache in {root} ...")
-            fcntl.flock(fd, mode)
+            try:
+                fcntl.flock(fd, mode | fcntl.LOCK_NB)
+            except OSError as exc:
+                if exc.errno not in LOCK_HELD:
+                    raise
+                note(f"waiting for another process that is filling the cache in {root} ...")
+                fcntl.flock(fd, mode)
+        except OSError as exc:
+            raise no_locks_error(f"the decoded-pixel cache in {str(root)!r}", exc,
+                                 "choose another folder with --cache DIR, or use --no-cache") from None
         yield
     finally:
         os.close(fd)  # closing the descriptor releases the lock

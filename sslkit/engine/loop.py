@@ -6,9 +6,9 @@ One optimizer step (:func:`train_step`) is::
         views = augment(x)                      # task.views(spec), batched, on device
         with autocast(precision): out = model(views)
         scaler.scale(out["loss"] / accumulate).backward()   # DDP syncs on the last one
-    scalars = mean over ranks (one all-reduce)
     clip the global gradient norm; set LR = schedule(step); optimizer step
     task.on_step_end(step, total)               # EMA teachers, queues, centres
+    scalars (+ the stop flag) = mean over ranks (one all-reduce)
 
 :func:`train` runs steps until the horizon (or a stop signal), checkpointing every
 ``checkpoint_every`` steps, at every epoch end and at the end. Each step's scalars are
@@ -16,6 +16,13 @@ read one step late (:class:`StepLog`): reading a loss waits for the device, and 
 step N's while step N+1 is queued keeps a GPU busy while Python launches work. A NaN
 loss is still caught before any checkpoint could hold it: a checkpoint first reads every
 step it covers.
+
+A stop signal (:class:`~sslkit.engine.signals.StopSignal`) is a host-side flag. One process
+stops as soon as the step in flight ends. Processes under torchrun must stop after the same
+step, so the flag travels with a step's all-reduced scalars (read at the end of the step) and
+is read one step late like them: they stop after the step in flight and one more (two more
+when the signal came between steps, while the loop read a loss or wrote a checkpoint). A
+pre-emption before the loop is agreed on once, before the first step (:func:`agreed_preemption`).
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ from sslkit.engine.state import RunState
 from sslkit.engine.transfer import prefetch_to
 from sslkit.errors import UsageError
 from sslkit.optim import set_lr
+from sslkit.preempt import pending
 from sslkit.task import RESERVED_METRICS
 
 
@@ -58,6 +66,8 @@ def train(s: Setup, state: RunState, events: Events, stop: Any, save: SaveFn | N
     start_step, saved_at, interrupted = state.step, state.step, False
     t_start = time.perf_counter()
     s.task.train()
+    if agreed_preemption(s):  # a process of the group got SIGTERM / SIGUSR1 before the loop
+        interrupted = log.requeue = True
     try:
         while state.step < until and not interrupted:
             if state.pos >= s.steps_per_epoch:
@@ -67,9 +77,9 @@ def train(s: Setup, state: RunState, events: Events, stop: Any, save: SaveFn | N
             try:
                 while state.pos < s.steps_per_epoch and state.step < until:
                     t0 = time.perf_counter()
-                    scalars = train_step(s, state, batches, stop.requested, stop.requeue)
+                    scalars = train_step(s, state, batches, stop=stop)
                     log.launched(state, s.schedule.lr_at(state.step - 1), scalars)
-                    interrupted = log.read(keep=1)
+                    interrupted = log.read(keep=1) or stopped_alone(s, stop, log)  # one process: now
                     log.timed(time.perf_counter() - t0)  # the step's own time, not a checkpoint's
                     end_of_epoch = state.pos >= s.steps_per_epoch
                     every = cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0
@@ -77,11 +87,14 @@ def train(s: Setup, state: RunState, events: Events, stop: Any, save: SaveFn | N
                         interrupted = log.read(keep=0) or interrupted
                         _checkpoint(s, state, events, save)
                         saved_at = state.step
+                        # a signal while it was written: stop here (one process), no step more
+                        interrupted = interrupted or stopped_alone(s, stop, log)
                     if interrupted:
                         break
             finally:
                 batches.close()
-        interrupted = log.read(keep=0) or interrupted
+        # a stop that came with the last step has nothing left to stop: the run finishes
+        interrupted = (log.read(keep=0) or interrupted) and state.step < until
         if saved_at != state.step:
             _checkpoint(s, state, events, save)
     finally:
@@ -102,24 +115,48 @@ def _checkpoint(s: Setup, state: RunState, events: Events, save: SaveFn | None) 
 
 
 def train_step(s: Setup, state: RunState, batches: Iterator[torch.Tensor],
-               stop_requested: bool = False, requeue: bool = False) -> dict[str, torch.Tensor]:
+               stop_requested: bool = False, requeue: bool = False, *, stop: Any = None) -> dict[str, torch.Tensor]:
     """Launch one optimizer step from the next ``accumulate`` batches; advance ``state``.
 
     Returns the step's scalars as 0-d device tensors, not yet read (means over
     micro-batches and ranks; ``stop`` > 0 when any rank was asked to stop, ``requeue`` > 0
-    when by a pre-emption signal; ``grad_norm`` when clipping).
+    when by a pre-emption signal; ``grad_norm`` when clipping). ``stop``: a
+    :class:`~sslkit.engine.signals.StopSignal` whose flags are read as the step ends, just
+    before its scalars are all-reduced (else ``stop_requested`` and ``requeue``).
     """
     capture = getattr(s, "capture", None)  # --capture: the step replayed as one CUDA graph (capture.py)
     captured = capture is not None and capture.active
     scalars = capture.run(s, state.step, batches) if captured else accumulate(s, batches)
-    scalars["stop"], scalars["requeue"] = float(stop_requested), float(requeue)
-    scalars = reduce_over_ranks(s, scalars)
     grad_norm = None if captured else optimizer_step(s, state.step)  # captured: stepped in the graph
-    if grad_norm is not None:
-        scalars["grad_norm"] = grad_norm
     state.step, state.pos = state.step + 1, state.pos + 1
     s.task.on_step_end(state.step, s.total)
+    if stop is not None:  # as late as can be: a signal during this step travels with it
+        stop_requested, requeue = stop.requested, stop.requeue
+    scalars["stop"], scalars["requeue"] = float(stop_requested), float(requeue)
+    scalars = reduce_over_ranks(s, scalars)
+    if grad_norm is not None:
+        scalars["grad_norm"] = grad_norm
     return scalars
+
+
+def stopped_alone(s: Setup, stop: Any, log: "StepLog") -> bool:
+    """One process: whether a stop signal has arrived (a host-side flag: no wait for the device).
+    Under torchrun the flag goes through the steps' all-reduce instead, so all ranks stop together."""
+    if s.world > 1 or not stop.requested:
+        return False
+    log.requeue = log.requeue or bool(stop.requeue)
+    return True
+
+
+def agreed_preemption(s: Setup) -> bool:
+    """Under torchrun, once per session before the first step: whether any process got a pre-emption
+    signal before the loop (noted by :func:`sslkit.preempt.preemptible`, which under torchrun does not
+    unwind one process alone), in one all-reduce; then every process stops before training."""
+    if s.world == 1:
+        return False
+    flag = torch.tensor([1.0 if pending() else 0.0], device=s.device)
+    distributed.all_reduce_sum(flag)
+    return bool(flag.item() > 0)
 
 
 def accumulate(s: Setup, batches: Iterator[torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -1,4 +1,5 @@
-"""Signals that stop a run cleanly: finish the current step, checkpoint, return.
+"""Signals that stop a run cleanly: finish the step in flight (under torchrun, where the processes agree
+through the next step's all-reduce, one more), checkpoint, return.
 
 * SIGINT (Ctrl-C): stop after the step in flight and checkpoint; the command exits 0
   with the line to resume. A second SIGINT aborts at once (KeyboardInterrupt).
@@ -44,7 +45,8 @@ class StopSignal:
         self.requested = True
         self.requeue = self.requeue or signum in REQUEUE_SIGNALS
         if distributed.is_main():
-            note(f"{signal.Signals(signum).name}: stopping after this step and writing a checkpoint "
+            when = "this step and the next (the processes agree on it)" if distributed.world_size() > 1 else "this step"
+            note(f"{signal.Signals(signum).name}: stopping after {when} and writing a checkpoint "
                  f"(Ctrl-C again to abort now)")
 
     def __enter__(self) -> "StopSignal":

@@ -38,10 +38,16 @@ class RunState:
 def save(s: Setup, state: RunState) -> Path | None:
     """Checkpoint ``state`` (collective: every rank sends its RNG state; rank 0 writes).
 
-    Returns the checkpoint folder on rank 0, None elsewhere."""
+    Returns the checkpoint folder on rank 0, None elsewhere. A checkpoint that cannot be
+    written (a full disk) stops every rank at this step with rank 0's one line: rank 0 sends
+    the outcome (:func:`~sslkit.engine.setup.on_main`), so no rank goes on to the next step's
+    all-reduce alone."""
     rngs = distributed.gather_objects(get_rng(s.device))
-    if not s.main:
-        return None
+    return on_main(lambda: _write(s, state, rngs))
+
+
+def _write(s: Setup, state: RunState, rngs: list[Any]) -> Path:
+    """Rank 0's part of :func:`save`: the checkpoint folder written."""
     data = {
         "optimizer": s.optimizer.state_dict(),
         "schedule": s.schedule.state(state.step),

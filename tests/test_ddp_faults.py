@@ -1,0 +1,219 @@
+"""Faults of a two-process (gloo, CPU) run, launched as torchrun launches it (RANK, WORLD_SIZE,
+MASTER_ADDR/PORT) through a wrapper that injects them: a first decode on rank 0 longer than the
+process group's timeout, a user error in that decode, a full disk at a checkpoint; and a file
+system without ``flock`` under the run and cache locks."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sslkit.engine.data_setup import CACHE_LOCK, cache_build_lock
+from sslkit.engine.lock import RunLock
+from sslkit.errors import UsageError
+from tests.conftest import make_images
+from tests.test_ddp import free_port
+
+WRAPPER = '''
+import errno, fcntl, os, signal, sys, time
+rank = int(os.environ["RANK"])
+import torch
+import sslkit.distributed as d
+import sslkit.engine.data_setup as ds
+d.init.__defaults__ = (float(os.environ["T_TIMEOUT_MIN"]),)  # the group's collective timeout, in minutes
+load = ds.load_data
+if rank == 0 and os.environ.get("T_SLOW_DECODE_S"):
+    def slow(*a, **k):
+        time.sleep(float(os.environ["T_SLOW_DECODE_S"]))
+        return load(*a, **k)
+    ds.load_data = slow
+if rank == 0 and os.environ.get("T_DECODE_ERROR"):
+    def bad(*a, **k):
+        time.sleep(60 * float(os.environ["T_TIMEOUT_MIN"]) + 3)
+        raise ds.UsageError(os.environ["T_DECODE_ERROR"])
+    ds.load_data = bad
+if rank == 0 and os.environ.get("T_DECODE_SIGNAL"):
+    def signalled(*a, **k):
+        os.kill(os.getpid(), getattr(signal, os.environ["T_DECODE_SIGNAL"]))
+        time.sleep(60 * float(os.environ["T_TIMEOUT_MIN"]) + 3)
+        return load(*a, **k)
+    ds.load_data = signalled
+if rank == 1 and os.environ.get("T_FLOCK_LOG"):
+    flock = fcntl.flock
+    def logged(fd, op):
+        with open(os.environ["T_FLOCK_LOG"], "a") as f:
+            f.write(f"{op}\\n")
+        return flock(fd, op)
+    fcntl.flock = logged
+if os.environ.get("T_CKPT_FAIL_AT"):
+    save = torch.save
+    def failing(obj, f, *a, **k):
+        if isinstance(obj, dict) and "rng" in obj and obj.get("step") == int(os.environ["T_CKPT_FAIL_AT"]):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return save(obj, f, *a, **k)
+    torch.save = failing
+from sslkit.cli import main
+sys.argv[0] = "sslkit"
+main()
+'''
+
+
+def two_ranks(tmp_path: Path, *args: str, **inject: str) -> list[subprocess.CompletedProcess]:
+    """``sslkit pretrain`` (timm:resnet10t, 32 px, global batch 4) as ranks 0 and 1; the faults in ``inject``."""
+    wrapper = tmp_path / "wrapper.py"
+    wrapper.write_text(WRAPPER)
+    images = tmp_path / "img"
+    if not images.exists():
+        make_images(images, n_per_class=4, size=32)
+    port = free_port()
+    cmd = [sys.executable, str(wrapper), "pretrain", "--task", "simclr", "--backbone", "timm:resnet10t",
+           "--data", f"folder:{images}", "--image-size", "32", "--batch-size", "4", "--device", "cpu", "--quiet",
+           *args]
+    procs = []
+    for rank in (0, 1):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+               "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "T_TIMEOUT_MIN": "0.1",
+               "SSLKIT_CACHE_DIR": str(tmp_path / "cache"), **inject}
+        env.pop("TORCHELASTIC_RUN_ID", None)
+        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    try:
+        done = [p.communicate(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    return [subprocess.CompletedProcess(cmd, p.returncode, out, err) for p, (out, err) in zip(procs, done)]
+
+
+def error_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.startswith("error:")]
+
+
+def test_rank0_decoding_longer_than_the_group_timeout_is_waited_for_and_read_in_a_shared_lock(tmp_path):
+    """The group's timeout is 6 s here and rank 0 decodes for 9 s: rank 1 used to fail in the
+    barrier ("Timed out waiting ... for recv"); it waits, then reads the cache under a shared lock."""
+    log = tmp_path / "flock-rank1.log"
+    r0, r1 = two_ranks(tmp_path, "--max-steps", "2", "--out", str(tmp_path / "run"),
+                       T_SLOW_DECODE_S="9", T_FLOCK_LOG=str(log))
+    assert r0.returncode == 0, r0.stderr[-3000:]
+    assert r1.returncode == 0, r1.stderr[-3000:]
+    assert "done: 2 steps" in r0.stdout
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["status"] == "finished"
+    ops = [int(line) for line in log.read_text().split()]
+    assert ops and all(op & fcntl.LOCK_SH and not op & fcntl.LOCK_EX for op in ops), ops  # a reader: never exclusive
+
+
+def test_a_user_error_in_rank0s_decode_stops_both_ranks_printed_once(tmp_path):
+    r0, r1 = two_ranks(tmp_path, "--max-steps", "2", "--out", str(tmp_path / "run"),
+                       T_DECODE_ERROR="injected: no usable images")
+    assert (r0.returncode, r1.returncode) == (2, 2), (r0.stderr[-2000:], r1.stderr[-2000:])
+    assert error_lines(r0.stderr) == ["error: injected: no usable images"], r0.stderr[-2000:]
+    assert r1.stderr.strip() == "", r1.stderr[-2000:]  # no second copy, no traceback, no gloo timeout
+
+
+def test_a_preemption_during_rank0s_decode_stops_both_ranks_at_once(tmp_path):
+    """SIGUSR1 to rank 0 alone while it decodes: it unwinds, and rank 1, waiting, learns of it and
+    stops too (it used to die in the barrier with a gloo "Connection closed by peer")."""
+    r0, r1 = two_ranks(tmp_path, "--max-steps", "2", "--out", str(tmp_path / "run"), T_DECODE_SIGNAL="SIGUSR1")
+    assert (r0.returncode, r1.returncode) == (75, 75), (r0.stderr[-2000:], r1.stderr[-2000:])
+    assert "SIGUSR1: stopped before training started" in r0.stderr and "Traceback" not in r0.stderr
+    assert r1.stderr.strip() == "", r1.stderr[-2000:]
+
+
+def test_a_full_disk_at_a_checkpoint_stops_every_rank_at_that_step(tmp_path):
+    """Rank 0's checkpoint of step 4 fails (ENOSPC): rank 1 used to go on into step 5's all-reduce
+    and die with a gloo traceback. Both exit 2 at step 4, the line printed once, step 2 kept."""
+    out = tmp_path / "run"
+    r0, r1 = two_ranks(tmp_path, "--max-steps", "6", "--checkpoint-every", "2", "--no-cache", "--out", str(out),
+                       T_CKPT_FAIL_AT="4")
+    assert (r0.returncode, r1.returncode) == (2, 2), (r0.stderr[-2000:], r1.stderr[-2000:])
+    assert error_lines(r0.stderr) == [
+        f"error: cannot write checkpoint step-00000004 in {out / 'checkpoints'}: No space left on device; "
+        f"the last good checkpoint, step-00000002, is kept"], r0.stderr[-2000:]
+    assert r1.stderr.strip() == "", r1.stderr[-2000:]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000002"]
+    info = json.loads((out / "run.json").read_text())
+    assert info["status"] == "failed"
+    rows = (out / "metrics.csv").read_text().splitlines()[1:]
+    assert [int(r.split(",")[0]) for r in rows][-1] == 4  # nobody trained past the failed checkpoint
+
+
+def no_flock(monkeypatch, code: int) -> None:
+    def flock(fd, op):
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(fcntl, "flock", flock)
+
+
+@pytest.mark.parametrize("code", [errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP])
+def test_a_file_system_without_locks_is_one_line_not_another_process(tmp_path, monkeypatch, code):
+    no_flock(monkeypatch, code)
+    with pytest.raises(UsageError) as run_lock:
+        RunLock(tmp_path).acquire()
+    message = str(run_lock.value)
+    assert "does not support file locks" in message and os.strerror(code) in message and "--out" in message
+    assert "in use" not in message and "\n" not in message
+    with pytest.raises(UsageError) as cache_lock:
+        with cache_build_lock(str(tmp_path / "cache")):
+            pytest.fail("the lock was not taken")
+    message = str(cache_lock.value)
+    assert "does not support file locks" in message and "--no-cache" in message and "\n" not in message
+
+
+def test_a_held_run_lock_is_still_another_process(tmp_path, monkeypatch):
+    no_flock(monkeypatch, errno.EWOULDBLOCK)
+    (tmp_path / ".sslkit.lock").write_text("4242")
+    with pytest.raises(UsageError, match=r"in use by another sslkit process \(pid 4242\)"):
+        RunLock(tmp_path).acquire()
+
+
+def test_the_cli_on_a_cache_without_locks_is_one_line_exit_2(tmp_path, cli, monkeypatch):
+    images = make_images(tmp_path / "img", n_per_class=2, size=32)
+    monkeypatch.setenv("SSLKIT_CACHE_DIR", str(tmp_path / "cache"))
+    no_flock(monkeypatch, errno.ENOSYS)
+    result = cli("pretrain", "--task", "simclr", "--backbone", "timm:resnet10t", "--data", f"folder:{images}",
+                 "--out", tmp_path / "run", "--image-size", 32, "--batch-size", 4, "--max-steps", 1, "--quiet")
+    assert result.exit_code == 2
+    assert result.stderr.strip().splitlines() == [
+        f"error: cannot lock the decoded-pixel cache in {str(tmp_path / 'cache')!r}: its file system does not "
+        f"support file locks (Function not implemented; e.g. Lustre mounted without flock, NFS without lockd); "
+        f"choose another folder with --cache DIR, or use --no-cache"]
+
+
+def test_readers_share_the_cache_lock_a_filler_excludes_them(tmp_path):
+    cache = tmp_path / "cache"
+    with cache_build_lock(str(cache), shared=True):
+        other = os.open(cache / CACHE_LOCK, os.O_RDWR)  # another open file description: another process's
+        try:
+            fcntl.flock(other, fcntl.LOCK_SH | fcntl.LOCK_NB)  # a second reader is not kept waiting
+            fcntl.flock(other, fcntl.LOCK_UN)
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a filler waits for the readers
+        finally:
+            os.close(other)
+    with cache_build_lock(str(cache)):
+        other = os.open(cache / CACHE_LOCK, os.O_RDWR)
+        try:
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(other, fcntl.LOCK_SH | fcntl.LOCK_NB)  # nobody reads while it is filled
+        finally:
+            os.close(other)
+
+
+def test_only_rank0s_node_reads_the_cache_under_a_shared_lock(monkeypatch):
+    """On another node the cache folder may be its own (--cache /tmp/...): there one process fills it and
+    the others wait, instead of every rank decoding the same data at once under a shared lock."""
+    from sslkit.engine.data_setup import reads_shared
+
+    monkeypatch.delenv("GROUP_RANK", raising=False)
+    assert [reads_shared(r) for r in (0, 1)] == [False, True]
+    monkeypatch.setenv("GROUP_RANK", "0")
+    assert reads_shared(3)
+    monkeypatch.setenv("GROUP_RANK", "1")
+    assert not reads_shared(3)
