@@ -309,7 +309,8 @@ def resized_crop(x: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tenso
 
 
 class Normalize(nn.Module):
-    """``(x - mean) / std`` per channel."""
+    """``(x - mean) / std`` per channel of ``(B, C, ...)`` batches: images ``(B, C, H, W)``, volumes
+    ``(B, C, D, H, W)``."""
 
     def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
         super().__init__()
@@ -317,7 +318,10 @@ class Normalize(nn.Module):
         self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
+        mean, std = self.mean.to(x.dtype), self.std.to(x.dtype)
+        if x.dim() != 4:  # (1, C, 1, ..., 1) for the batch's dimensions
+            mean, std = mean.view(1, -1, *[1] * (x.dim() - 2)), std.view(1, -1, *[1] * (x.dim() - 2))
+        return (x - mean) / std
 
 
 _MOVED = ("RECIPES", "MultiView", "ViewRecipe", "byol_recipes", "override_recipe", "recipe")

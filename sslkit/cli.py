@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from sslkit.cli_types import FiniteFloatRange
-from sslkit.errors import CheckFailed, UsageError, printable, reports_here
+from sslkit.errors import CheckFailed, UsageError, printable, say
 from sslkit.new_plugin import KINDS as NEW_PLUGIN_KINDS
 from sslkit.plugins import KINDS as PLUGIN_KINDS
 from sslkit.preempt import EXIT_TERMINATED, Preempted, Terminated, requeue_exit, terminable
@@ -31,29 +31,23 @@ class Group(click.Group):
             sys.exit(exc.exit_code)
         except click.Abort as exc:
             if isinstance(exc.__context__, Preempted):  # SIGTERM before the loop
-                _say(_stopped_before_training(str(exc.__context__)))
+                say(_stopped_before_training(str(exc.__context__)))
                 sys.exit(requeue_exit())
             if isinstance(exc.__context__, Terminated):
-                _say(f"{exc.__context__}: stopped; nothing half-written was left")
+                say(f"{exc.__context__}: stopped; nothing half-written was left")
                 sys.exit(EXIT_TERMINATED)
-            _say("aborted")
+            say("aborted")
             sys.exit(130)
         except click.ClickException as exc:  # bad option, missing argument, ...
             ctx = getattr(exc, "ctx", None)
             where = f"{ctx.command_path}: " if ctx is not None else "sslkit: "
             message = " ".join(exc.format_message().split())  # click's choices come as "\n\t" lines
-            _say(printable(f"error: {where}{message}"))
+            say(printable(f"error: {where}{message}"))
             sys.exit(2)
         except (UsageError, CheckFailed) as exc:
-            _say(printable(f"error: {exc}".replace("\n", " ")))
+            say(printable(f"error: {exc}".replace("\n", " ")))
             sys.exit(exc.exit_code)
         sys.exit(rv if isinstance(rv, int) else 0)
-
-
-def _say(line: str) -> None:
-    """An error or note on stderr, once: in the process that reports (rank 0 under torchrun)."""
-    if reports_here():
-        click.echo(line, err=True)
 
 
 def _echo_json(data) -> None:

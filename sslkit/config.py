@@ -46,6 +46,7 @@ from sslkit.config_resume import resume_config
 from sslkit.config_values import FIELDS, OPTION_GROUPS, REQUIRED, check_values, defaults, plain
 from sslkit.errors import UsageError, first_line
 from sslkit.run import RunConfig
+from sslkit.preempt import in_group
 from sslkit.sample_modes import check_planar_sizes
 
 
@@ -227,7 +228,7 @@ def default_out(task: str, root: Path = Path("runs")) -> str:
     import os
     import time
 
-    if int(os.environ.get("WORLD_SIZE") or 1) > 1:
+    if in_group():
         raise UsageError("--out is required under torchrun (every process must name the same run directory)")
     base = f"{task}-{time.strftime('%Y%m%d-%H%M%S')}"
     name, n = base, 1

@@ -22,14 +22,14 @@ import torch
 import torch.distributed as dist
 
 from sslkit.errors import UsageError, first_line
-from sslkit.preempt import Preempted, unwinding
+from sslkit.preempt import Preempted, in_group, unwinding
 
 T = TypeVar("T")
 
 
 def launched() -> bool:
     """True when started by torchrun (or another launcher) with more than one process."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return in_group()
 
 
 def is_initialized() -> bool:
@@ -119,7 +119,8 @@ def rank0_first(fn: Callable[[], T], what: str) -> T:
     if not (is_initialized() and world_size() > 1):
         return fn()
     store = dist.distributed_c10d._get_default_store()
-    tag, me, result = f"sslkit/turn-{next(_TURNS)}", rank(), None
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")  # a restarted group's keys are its own
+    tag, me, result = f"sslkit/turn-{restart}-{next(_TURNS)}", rank(), None
     try:
         for turn, ranks in enumerate(([0], range(1, world_size()))):
             if me in ranks:

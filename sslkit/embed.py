@@ -27,6 +27,8 @@ from sslkit.output_file import check_output, write_atomic
 from sslkit.progress import counted
 from sslkit.raw_input import RawInput, fixed_windows, graph_preprocessing_of
 from sslkit.registry import create_source, resolve_data
+from sslkit.sample_modes import (SAMPLE_OPTIONS, check_sample_mode, check_sample_shape, note_other_spacing,
+                                 source_option_names)
 from sslkit.spec import InputSpec
 
 
@@ -218,10 +220,6 @@ def is_safetensors(path: Path) -> bool:
     return len(head) == 10 and head[8:10] in (b'{"', b"{}") and int.from_bytes(head[:8], "little") < 100_000_000
 
 
-#: the source options that say how a volumetric source makes samples (:class:`sslkit.data.volume.SampleMode`)
-SAMPLE_OPTIONS = ("sample", "volume_size", "spacing")
-
-
 def source_options_for(model: Model, data: str, overrides: dict[str, Any] | None) -> dict[str, Any]:
     """The model's source options when ``data`` is of its source kind (else its :data:`SAMPLE_OPTIONS` that ``data``'s
     source takes), then ``overrides``; checked before any decoding (:func:`check_sample_mode`)."""
@@ -245,61 +243,6 @@ def source_options_for(model: Model, data: str, overrides: dict[str, Any] | None
     return options
 
 
-def source_option_names(scheme: str) -> set[str]:
-    """The option names source ``scheme`` takes (its ``Options`` dataclass's fields)."""
-    import dataclasses
-
-    from sslkit.registry import get_source
-
-    options = getattr(get_source(scheme), "Options", None)
-    return {f.name for f in dataclasses.fields(options)} if dataclasses.is_dataclass(options) else set()
-
-
-def check_sample_mode(spec: InputSpec, scheme: str, options: dict[str, Any]) -> None:
-    """Before any decoding: source ``options`` must make volumes of the model's ``--volume-size`` for a
-    volume model, 2D samples for a 2D one (a source without a ``sample`` option makes 2D images); else
-    one line naming the flags to pass. A bad value is left to the source to name."""
-    from sslkit.data.volume import SampleMode
-
-    def made(sample: Any, size: Any) -> str:  # as flags: "--sample volume --volume-size 16,16,16"
-        text = str(sample or "slice").strip().lower()
-        m = SampleMode.parse(text, "", str(size or "") if text == "volume" else "")
-        mode = f"slab:{m.slab}" if m.mode == "slab" else m.mode
-        return f"--sample {mode}" + (f" --volume-size {','.join(map(str, m.size))}" if m.size else "")
-
-    takes = "sample" in source_option_names(scheme)
-    if takes and not options.get("sample"):
-        return  # none recorded nor given (the source's default): check_sample_shape, once decoded
-    try:
-        want = made(spec.sample, ",".join(map(str, spec.volume_size or ())))
-        got = made(options.get("sample"), options.get("volume_size")) if takes else "--sample slice"
-    except UsageError:
-        return
-    if got != want and "volume" in want + got:  # 2D samples of other channels: check_sample_shape, once decoded
-        raise UsageError(f"the model takes samples made with {want}, " + (
-            f"these source options ask for {got}; pass the model's ({want}) or leave them unset" if takes else
-            f"and source {scheme!r} makes 2D images only; give data of a source that takes {want}"))
-
-
-def note_other_spacing(spec: InputSpec, given: str) -> None:
-    """A note on stderr when ``--spacing`` resamples volumes to another voxel size than the model's
-    (allowed: the shape still fits, but the model sees its anatomy at another scale)."""
-    from sslkit.data.volume import SampleMode
-
-    if spec.sample != "volume" or not spec.spacing:
-        return
-    try:
-        asked = SampleMode.parse("volume", given, ",".join(map(str, spec.volume_size or (1,)))).spacing
-    except UsageError:
-        return  # the source says what is wrong with it
-    if asked is not None and not np.allclose(asked, spec.spacing, rtol=1e-6):
-        def xyz(zyx) -> str:  # as the flag takes it
-            return ",".join(f"{v:g}" for v in reversed(zyx))
-
-        print(f"sslkit: note: --spacing {xyz(asked)} resamples to another voxel size than the model's "
-              f"({xyz(spec.spacing)} mm, x,y,z): it sees the anatomy at another scale", file=sys.stderr)
-
-
 def same_graph_window(spec: InputSpec, data: str, options: dict[str, Any], key: str, value: Any) -> bool:
     """Whether source ``options`` give the windows ``spec``'s graph applies (``400.0,40`` is ``400,40``):
     as the source parses them (its ``graph_preprocessing``), else (the source refuses the text) as
@@ -314,18 +257,6 @@ def same_graph_window(spec: InputSpec, data: str, options: dict[str, Any], key: 
         windows = fixed_windows({key: value}) if key == "window" else None
     return windows is not None and len(windows) == len(want.lower) and bool(
         np.allclose(windows, list(zip(want.lower, want.upper)), rtol=1e-9, atol=1e-9))
-
-
-def check_sample_shape(shape: tuple[int, ...], spec: Any) -> None:
-    """The decoded samples must have the shape the model takes: a ``--data-opt volume_size=`` (or
-    ``sample=``) other than the run's gave a torch or onnxruntime traceback; one line instead."""
-    sides = tuple(spec.volume_size) if spec.sample == "volume" and spec.volume_size else (spec.image_size,) * 2
-    want = (spec.channels, *sides)
-    if shape != want:
-        raise UsageError(f"the data gives samples of {'x'.join(map(str, shape))}, the model takes "
-                         f"{'x'.join(map(str, want))} (its --sample {spec.sample}"
-                         f"{', --volume-size ' + ','.join(map(str, sides)) if spec.sample == 'volume' else ''}); "
-                         f"leave the source's sample and volume_size as the run's")
 
 
 def embed(model: str | Path | Model, data: str, batch_size: int = 64, source_options: dict[str, Any] | None = None,

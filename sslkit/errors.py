@@ -6,6 +6,7 @@ import difflib
 import os
 import re
 import reprlib
+import sys
 from typing import Any, Sequence
 
 
@@ -30,6 +31,16 @@ def reports_here() -> bool:
     same status, silent), so 8 processes do not print the same line 8 times. From the environment,
     not the process group: it holds before the group is joined and after it is left."""
     return os.environ.get("RANK", "0").strip() in ("", "0")
+
+
+def say(line: str) -> None:
+    """An error or note on stderr, once: in the process that reports (:func:`reports_here`). A line
+    whose writing a signal interrupted (a handler printing while stderr was being written) is dropped."""
+    if reports_here():
+        try:
+            print(line, file=sys.stderr, flush=True)
+        except RuntimeError:  # reentrant call into the buffered stderr
+            pass
 
 
 _FIRST_LINE_MAX = 200  # characters first_line quotes at most, its "…" included

@@ -75,6 +75,13 @@ def build_options(cls: type | None, values: dict[str, Any], owner: str) -> Any:
     return options
 
 
+def option_names(cls: type | None) -> set[str]:
+    """The option names an ``Options`` dataclass declares (none for ``None`` or a class that is not one)."""
+    import dataclasses
+
+    return {f.name for f in dataclasses.fields(cls)} if cls is not None and dataclasses.is_dataclass(cls) else set()
+
+
 def option_help(cls: type | None) -> dict[str, str]:
     """Each option's help: the ``# comment`` ending its field's line in the Options class's source
     (``mask_patch: int | None = None  # default: 32 px at 224 px``), for ``--print-config``. Fields

@@ -8,10 +8,11 @@ loop's own handling is :class:`sslkit.engine.signals.StopSignal`.
 from __future__ import annotations
 
 import signal
-import sys
 import threading
 from contextlib import contextmanager
 from typing import Iterator
+
+from sslkit.errors import say
 
 #: exit status of ``sslkit pretrain`` stopped by SIGTERM / SIGUSR1 after checkpointing
 EXIT_REQUEUE = 75
@@ -84,16 +85,6 @@ def pending() -> str | None:
     return _PHASE["deferred"]
 
 
-def _say(line: str) -> None:
-    from sslkit.errors import reports_here
-
-    if reports_here():
-        try:
-            print(line, file=sys.stderr)
-        except RuntimeError:  # the signal came while stderr was being written (reentrant call)
-            pass
-
-
 @contextmanager
 def preemptible() -> Iterator[None]:
     """Around a whole ``sslkit pretrain``: a pre-emption signal that arrives before the training
@@ -109,13 +100,13 @@ def preemptible() -> Iterator[None]:
     def handle(signum, frame) -> None:
         name = signal.Signals(signum).name
         if _PHASE["loop"]:
-            _say(f"{name}: training is done; finishing the run's final files")
+            say(f"{name}: training is done; finishing the run's final files")
         elif _PHASE["raised"]:
             pass
         elif in_group() and not _PHASE["unwind"]:
             if _PHASE["deferred"] is None:
                 _PHASE["deferred"] = name
-                _say(f"{name}: stopping at the first step, where every process learns of it "
+                say(f"{name}: stopping at the first step, where every process learns of it "
                      f"(nothing to checkpoint yet)")
         else:
             _PHASE["raised"] = True

@@ -5,12 +5,20 @@ every 2D task takes slabs, which are just K-channel images); a backbone states i
 ``spatial_dims`` (default 2; MONAI's 3D networks say 3). :func:`pairing_problem` is called
 by :func:`sslkit.registry.create_task`, so a pairing that cannot work (3D volumes and a 2D
 backbone, a task without a 3D form) is refused before any image is decoded, naming what
-would work. :func:`check_planar_sizes` refuses a 2D sample's side given for a volume run.
+would work. :func:`check_planar_sizes` refuses a 2D sample's side given for a volume run;
+:func:`check_sample_mode` (before decoding) and :func:`check_sample_shape` (after) hold ``embed``
+and ``eval`` data to the model's sample mode.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import sys
+from typing import TYPE_CHECKING, Any
+
+from sslkit.errors import UsageError
+
+if TYPE_CHECKING:
+    from sslkit.spec import InputSpec
 
 DEFAULT_MODES = ("slice", "slab")
 
@@ -47,7 +55,6 @@ def build_backbone(name: str, in_chans: int, image_size: int, volume_size: tuple
     """``create_backbone`` for the run's samples: built for ``volume_size`` when the samples
     are volumes. A backbone that cannot take a volume size but builds as a 2D one is returned
     as that, so that :func:`pairing_problem` names the mismatch instead of a build error."""
-    from sslkit.errors import UsageError
     from sslkit.registry import create_backbone
 
     if volume_size is None:
@@ -74,7 +81,6 @@ def check_planar_sizes(given: dict[str, Any], data: str | None, source_options: 
     ``given`` (the command line's) sets when the source ``data`` samples whole volumes. A source that
     cannot be made yet (a folder not there, a bad ``--volume-size``) is the run's own error, later."""
     from sslkit.data.volume import sample_mode
-    from sslkit.errors import UsageError
     from sslkit.registry import create_source
 
     named = [f"--{k.replace('_', '-')}" for k in PLANAR_SIZES if given.get(k) is not None]
@@ -89,3 +95,74 @@ def check_planar_sizes(given: dict[str, Any], data: str | None, source_options: 
     flags = " and ".join(named)
     raise UsageError(f"{flags} {'set' if len(named) > 1 else 'sets'} the side of 2D samples; a --sample volume "
                      f"run's samples are --volume-size D,H,W voxels: drop {flags}")
+
+
+#: the source options that say how a volumetric source makes samples (:class:`sslkit.data.volume.SampleMode`)
+SAMPLE_OPTIONS = ("sample", "volume_size", "spacing")
+
+
+def source_option_names(scheme: str) -> set[str]:
+    """The option names source ``scheme`` takes (its ``Options`` dataclass's fields)."""
+    from sslkit.options import option_names
+    from sslkit.registry import get_source
+
+    return option_names(getattr(get_source(scheme), "Options", None))
+
+
+def check_sample_mode(spec: InputSpec, scheme: str, options: dict[str, Any]) -> None:
+    """Before any decoding: source ``options`` must make volumes of the model's ``--volume-size`` for a
+    volume model, 2D samples for a 2D one (a source without a ``sample`` option makes 2D images); else
+    one line naming the flags to pass. A bad value is left to the source to name."""
+    from sslkit.data.volume import SampleMode
+
+    def made(sample: Any, size: Any) -> str:  # as flags: "--sample volume --volume-size 16,16,16"
+        text = str(sample or "slice").strip().lower()
+        m = SampleMode.parse(text, "", str(size or "") if text == "volume" else "")
+        mode = f"slab:{m.slab}" if m.mode == "slab" else m.mode
+        return f"--sample {mode}" + (f" --volume-size {','.join(map(str, m.size))}" if m.size else "")
+
+    takes = "sample" in source_option_names(scheme)
+    if takes and not options.get("sample"):
+        return  # none recorded nor given (the source's default): check_sample_shape, once decoded
+    try:
+        want = made(spec.sample, ",".join(map(str, spec.volume_size or ())))
+        got = made(options.get("sample"), options.get("volume_size")) if takes else "--sample slice"
+    except UsageError:
+        return
+    if got != want and "volume" in want + got:  # 2D samples of other channels: check_sample_shape, once decoded
+        raise UsageError(f"the model takes samples made with {want}, " + (
+            f"these source options ask for {got}; pass the model's ({want}) or leave them unset" if takes else
+            f"and source {scheme!r} makes 2D images only; give data of a source that takes {want}"))
+
+
+def note_other_spacing(spec: InputSpec, given: str) -> None:
+    """A note on stderr when ``--spacing`` resamples volumes to another voxel size than the model's
+    (allowed: the shape still fits, but the model sees its anatomy at another scale)."""
+    import numpy as np
+
+    from sslkit.data.volume import SampleMode
+
+    if spec.sample != "volume" or not spec.spacing:
+        return
+    try:
+        asked = SampleMode.parse("volume", given, ",".join(map(str, spec.volume_size or (1,)))).spacing
+    except UsageError:
+        return  # the source says what is wrong with it
+    if asked is not None and not np.allclose(asked, spec.spacing, rtol=1e-6):
+        def xyz(zyx) -> str:  # as the flag takes it
+            return ",".join(f"{v:g}" for v in reversed(zyx))
+
+        print(f"sslkit: note: --spacing {xyz(asked)} resamples to another voxel size than the model's "
+              f"({xyz(spec.spacing)} mm, x,y,z): it sees the anatomy at another scale", file=sys.stderr)
+
+
+def check_sample_shape(shape: tuple[int, ...], spec: Any) -> None:
+    """The decoded samples must have the shape the model takes: a ``--data-opt volume_size=`` (or
+    ``sample=``) other than the run's gave a torch or onnxruntime traceback; one line instead."""
+    sides = tuple(spec.volume_size) if spec.sample == "volume" and spec.volume_size else (spec.image_size,) * 2
+    want = (spec.channels, *sides)
+    if shape != want:
+        raise UsageError(f"the data gives samples of {'x'.join(map(str, shape))}, the model takes "
+                         f"{'x'.join(map(str, want))} (its --sample {spec.sample}"
+                         f"{', --volume-size ' + ','.join(map(str, sides)) if spec.sample == 'volume' else ''}); "
+                         f"leave the source's sample and volume_size as the run's")

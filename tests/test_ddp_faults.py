@@ -79,7 +79,8 @@ def two_ranks(tmp_path: Path, *args: str, **inject: str) -> list[subprocess.Comp
     procs = []
     for rank in (0, 1):
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-               "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "T_TIMEOUT_MIN": "0.1",
+               "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "GROUP_RANK": "0",  # one node
+               "T_TIMEOUT_MIN": "0.1",
                "SSLKIT_CACHE_DIR": str(tmp_path / "cache"), **inject}
         env.pop("TORCHELASTIC_RUN_ID", None)
         procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
@@ -212,7 +213,10 @@ def test_only_rank0s_node_reads_the_cache_under_a_shared_lock(monkeypatch):
     from sslkit.engine.data_setup import reads_shared
 
     monkeypatch.delenv("GROUP_RANK", raising=False)
-    assert [reads_shared(r) for r in (0, 1)] == [False, True]
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert [reads_shared(r) for r in (0, 1)] == [False, False]  # the node unknown: one reader at a time
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # another launcher: the first 2 ranks share rank 0's node
+    assert [reads_shared(r) for r in (0, 1, 2)] == [False, True, False]
     monkeypatch.setenv("GROUP_RANK", "0")
     assert reads_shared(3)
     monkeypatch.setenv("GROUP_RANK", "1")

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from sslkit.eval.finetune import augment, normalizer
+from sslkit.augment import Normalize
+from sslkit.eval.finetune import augment
 from sslkit.spec import InputSpec
 from tests.conftest import make_images, tiny_run
 from tests.test_series import write_slice
@@ -113,11 +114,13 @@ def test_volume_augment_crops_back_to_the_size_and_flips_left_right_only():
     assert float((y[..., -1] - y[..., 0]).abs().amin()) > 0.003
 
 
-def test_normalizer_acts_per_channel_on_volumes():
-    spec = InputSpec(2, 224, (0.1, 0.2), (0.5, 0.25))
-    out = normalizer(spec, 5, torch.device("cpu"))(torch.zeros(1, 2, 2, 3, 4))
+def test_normalize_acts_per_channel_on_volumes_and_images():
+    """One per-channel normaliser for images and volumes (it lined channels up with D on 5-D batches)."""
+    norm = Normalize((0.1, 0.2), (0.5, 0.25))
+    out = norm(torch.zeros(1, 2, 2, 3, 4))
     assert torch.allclose(out[:, 0], torch.full((1, 2, 3, 4), -0.2))
     assert torch.allclose(out[:, 1], torch.full((1, 2, 3, 4), -0.8))
+    assert torch.equal(norm(torch.zeros(1, 2, 3, 4)), out[:, :, 0])
 
 
 # ---------------------------------------------------------------- eval attention

@@ -46,9 +46,16 @@ def load_run_data(cfg: RunConfig, rank: int, world: int) -> LoadedData:
 
 def reads_shared(rank: int) -> bool:
     """Whether this rank, after rank 0 filled the cache, reads it under a shared lock: the ranks of rank 0's
-    node (torchrun's ``GROUP_RANK`` 0), whose cache folder rank 0 filled; on other nodes the folder may be
-    their own, so one process fills it while the others wait (a shared lock would let each decode it)."""
-    return rank != 0 and os.environ.get("GROUP_RANK", "0") == "0"
+    node (torchrun's ``GROUP_RANK`` 0, else the first ``LOCAL_WORLD_SIZE`` ranks), whose cache folder rank 0
+    filled; on other nodes, or where the node is unknown, the folder may be their own, so one process fills it
+    while the others wait (a shared lock would let each decode it)."""
+    if rank == 0:
+        return False
+    node = os.environ.get("GROUP_RANK")  # torchrun's; another launcher: the first LOCAL_WORLD_SIZE ranks
+    if node is not None:
+        return node.strip() == "0"
+    local = os.environ.get("LOCAL_WORLD_SIZE", "").strip()
+    return local.isdigit() and rank < int(local)
 
 
 @contextlib.contextmanager

@@ -114,15 +114,14 @@ def _checkpoint(s: Setup, state: RunState, events: Events, save: SaveFn | None) 
         events.emit("on_checkpoint", path)
 
 
-def train_step(s: Setup, state: RunState, batches: Iterator[torch.Tensor],
-               stop_requested: bool = False, requeue: bool = False, *, stop: Any = None) -> dict[str, torch.Tensor]:
+def train_step(s: Setup, state: RunState, batches: Iterator[torch.Tensor], stop: Any = None) -> dict[str, torch.Tensor]:
     """Launch one optimizer step from the next ``accumulate`` batches; advance ``state``.
 
     Returns the step's scalars as 0-d device tensors, not yet read (means over
     micro-batches and ranks; ``stop`` > 0 when any rank was asked to stop, ``requeue`` > 0
     when by a pre-emption signal; ``grad_norm`` when clipping). ``stop``: a
     :class:`~sslkit.engine.signals.StopSignal` whose flags are read as the step ends, just
-    before its scalars are all-reduced (else ``stop_requested`` and ``requeue``).
+    before its scalars are all-reduced (None: no stop).
     """
     capture = getattr(s, "capture", None)  # --capture: the step replayed as one CUDA graph (capture.py)
     captured = capture is not None and capture.active
@@ -130,8 +129,8 @@ def train_step(s: Setup, state: RunState, batches: Iterator[torch.Tensor],
     grad_norm = None if captured else optimizer_step(s, state.step)  # captured: stepped in the graph
     state.step, state.pos = state.step + 1, state.pos + 1
     s.task.on_step_end(state.step, s.total)
-    if stop is not None:  # as late as can be: a signal during this step travels with it
-        stop_requested, requeue = stop.requested, stop.requeue
+    # read as late as can be: a signal during this step travels with it
+    stop_requested, requeue = (stop.requested, stop.requeue) if stop is not None else (False, False)
     scalars["stop"], scalars["requeue"] = float(stop_requested), float(requeue)
     scalars = reduce_over_ranks(s, scalars)
     if grad_norm is not None:

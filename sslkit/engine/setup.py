@@ -115,13 +115,17 @@ def seed_everything(seed: int) -> None:
 
 
 def on_main(fn: Callable[[], Any]) -> Any:
-    """Run ``fn`` on rank 0 only; a UsageError there is raised on every rank."""
+    """Run ``fn`` on rank 0 only; a UsageError there is raised on every rank, and any other failure
+    there stops the other ranks too (rank 0 raises its own), instead of leaving them waiting."""
     result, error = None, None
     if distributed.is_main():
         try:
             result = fn()
         except UsageError as exc:
             error = str(exc)
+        except BaseException as exc:
+            distributed.broadcast_object(f"process 0 failed ({type(exc).__name__}); see its error")
+            raise
     error = distributed.broadcast_object(error)
     if error is not None:
         raise UsageError(error)

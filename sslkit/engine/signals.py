@@ -45,7 +45,7 @@ class StopSignal:
         self.requested = True
         self.requeue = self.requeue or signum in REQUEUE_SIGNALS
         if distributed.is_main():
-            when = "this step and the next (the processes agree on it)" if distributed.world_size() > 1 else "this step"
+            when = "at most two more steps (the processes agree on it)" if distributed.world_size() > 1 else "this step"
             note(f"{signal.Signals(signum).name}: stopping after {when} and writing a checkpoint "
                  f"(Ctrl-C again to abort now)")
 

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sslkit.augment import horizontal_flip, random_resized_crop
+from sslkit.augment import Normalize, horizontal_flip, random_resized_crop
 from sslkit.augment3d import random_flips, random_resized_crop_3d
 from sslkit.data.loader import BatchLoader
 from sslkit.engine.batchnorm import recompute_batchnorm
@@ -55,14 +55,6 @@ def augment(x: torch.Tensor, spec: InputSpec) -> torch.Tensor:
     return horizontal_flip(random_resized_crop(x, spec.image_size, CROP_SCALE))
 
 
-def normalizer(spec: InputSpec, ndim: int, device: torch.device):
-    """``x -> (x - mean) / std`` per channel for ``ndim``-D batches (4: images, 5: volumes)."""
-    shape = (1, -1) + (1,) * (ndim - 2)
-    mean = torch.tensor(spec.mean, dtype=torch.float32, device=device).view(shape)
-    std = torch.tensor(spec.std, dtype=torch.float32, device=device).view(shape)
-    return lambda x: (x - mean.to(x.dtype)) / std.to(x.dtype)
-
-
 class Classifier(nn.Module):
     """``(B, C, S, S)`` (volumes ``(B, C, D, H, W)``) normalised pixels -> ``(B, K)`` logits: encoder
     then a linear head."""
@@ -82,7 +74,7 @@ def finetune(encoder: nn.Module, spec: InputSpec, pixels: np.ndarray, y: np.ndar
     labels ``y: (N,)``."""
     torch.manual_seed(options.seed)
     model = Classifier(encoder, n_classes).to(device).train()
-    norm = normalizer(spec, pixels.ndim, device)
+    norm = Normalize(spec.mean, spec.std).to(device)
     loader = BatchLoader(pixels, options.batch_size, options.seed)
     steps = max(1, len(loader)) * options.epochs
     lr_scale = None
@@ -112,7 +104,7 @@ def finetune(encoder: nn.Module, spec: InputSpec, pixels: np.ndarray, y: np.ndar
 def predict_proba(model: Classifier, spec: InputSpec, pixels: np.ndarray, batch_size: int,
                   device: torch.device) -> np.ndarray:
     """``(N, C, S, S)`` (volumes ``(N, C, D, H, W)``) uint16 pixels -> ``(N, K)`` softmax probabilities."""
-    norm = normalizer(spec, pixels.ndim, device)
+    norm = Normalize(spec.mean, spec.std).to(device)
     reader = BatchLoader(pixels, batch_size, seed=0)
     out = []
     for start in range(0, len(pixels), batch_size):

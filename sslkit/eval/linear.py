@@ -52,7 +52,8 @@ def _fit(x: np.ndarray, y: np.ndarray, C: float, max_iter: int, seed: int):
 
 def validation_split(y: np.ndarray, fraction: float, seed: int,
                      groups: Sequence[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Stratified split of indices ``(train_idx, val_idx)``; every class keeps >= 1 training sample.
+    """Stratified split of indices ``(train_idx, val_idx)``; every class keeps >= 1 training sample
+    (per image; by group, a class found only in groups of another class's majority may not).
 
     With ``groups`` (the split group, e.g. the patient, of each sample) that put two or more
     samples together, whole groups go to one side (:func:`grouped_validation_split`)."""

@@ -279,7 +279,9 @@ def evaluate_linear(model_path: str, args: DataArgs, C_grid: Sequence[float] = C
 
 def val_split_kind(prep: ProbeData) -> str:
     """How the linear probe's validation split (the one that chooses ``C``) is drawn: ``"group"`` when
-    some split group (patient) holds two or more training images, whole groups to one side; else ``"image"``."""
+    some split group (patient) holds two or more of the labelled images, whole groups to one side; else
+    ``"image"``. Of the whole labelled set: a fold or label fraction whose images are all from different
+    patients is split per image, which is the same split."""
     groups = prep.sets["pretrained"][0].groups
     return "group" if len(set(groups)) < len(groups) else "image"
 

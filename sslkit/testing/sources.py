@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from sslkit.options import option_names
 from sslkit.testing.registry import resolve
 
 
@@ -79,7 +80,7 @@ def _check_cache_key(src: Any, cls: type, refs: list[Any], other: Any) -> str:
     core keys every option but those declared pixel-neutral: one declared wrongly is caught)."""
     from sslkit.data.cache import cache_key
 
-    fields = {f.name for f in dataclasses.fields(cls.Options)} if dataclasses.is_dataclass(cls.Options) else set()
+    fields = option_names(cls.Options)
     unknown = sorted(set(cls.options_not_in_cache_key) - fields)
     assert not unknown, f"{cls.__name__}.options_not_in_cache_key names {unknown}, not fields of " \
                         f"{cls.__name__}.Options"
@@ -156,7 +157,7 @@ def _check_graph_preprocessing(src: Any, cls: type, channels: set[int]) -> str:
         raise AssertionError(f"{what} does not serialise into run.json: {exc}") from None
     assert graph_preprocessing_of(InputSpec.from_dict(stored)) == declared, \
         f"{what} reads back from run.json as something else: {stored['graph_preprocessing']}"
-    fields = {f.name for f in dataclasses.fields(cls.Options)} if dataclasses.is_dataclass(cls.Options) else set()
+    fields = option_names(cls.Options)
     unknown = sorted(set(declared.options) - fields)
     assert not unknown, f"{what} bakes in options {unknown} that are not fields of {cls.__name__}.Options"
     if declared.kind == "window" and len(channels) == 1:

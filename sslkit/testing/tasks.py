@@ -199,13 +199,11 @@ def _check_encoder_gradient(name: str, task: Any, views: Any, spec: Any, batch_s
 def _check_resolved(cls: type, task: Any, net: Any, options: dict, spec: Any) -> None:
     """``resolved_options()`` names options of the task, each with a value, and building the task
     with them resolves the same values (what ``--resume`` of the run.json they are recorded in does)."""
-    import dataclasses
-
-    from sslkit.options import build_options
+    from sslkit.options import build_options, option_names
 
     resolved = task.resolved_options()
     assert isinstance(resolved, dict), f"{cls.__name__}.resolved_options() must return a dict"
-    fields = {f.name for f in dataclasses.fields(cls.Options)} if cls.Options else set()
+    fields = option_names(cls.Options)
     unknown = sorted(set(resolved) - fields)
     assert not unknown, f"{cls.__name__}.resolved_options() names {unknown}, which are not options of the task"
     missing = sorted(k for k, v in resolved.items() if v is None)
