@@ -298,6 +298,7 @@ def test_pretrain_refuses_a_loss_that_ignores_the_encoder(cli, tmp_path, monkeyp
         "so pretraining would not change it; the loss must depend on self.encoder's output"]
     assert not (out / "encoder.safetensors").exists()
 
+
 # --- 5. a source name two plugins register, and a bare --data PATH ------------------------------------
 IMPOSTOR = """
     from sslkit.api import Source, hookimpl
