@@ -175,7 +175,7 @@ def _default(name: str, by_task: bool = False) -> str:
 @click.option("--deterministic", is_flag=True, default=None,
               help="Deterministic algorithms only (bit-exact repeats; slower on GPU).")
 @click.option("--checkpoint-every", default=None, type=click.IntRange(min=1),
-              help="Also checkpoint every N optimizer steps (always at the end of every epoch).")
+              help="Checkpoint every N optimizer steps instead of at every epoch end (and at the last step).")
 @click.option("--keep-checkpoints", default=None, type=click.IntRange(min=0),
               help="Keep the newest N checkpoints, 0 for all" + _default("keep_checkpoints"))
 @click.option("--backbone-opt", "backbone_opts", multiple=True, metavar="KEY=VALUE",

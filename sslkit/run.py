@@ -83,7 +83,7 @@ class RunConfig:
     sync_bn: bool = False
     deterministic: bool = False
     # checkpoints and logs
-    checkpoint_every: int | None = None  # optimizer steps; a checkpoint also ends every epoch
+    checkpoint_every: int | None = None  # optimizer steps; unset: a checkpoint ends every epoch
     keep_checkpoints: int = 3  # 0: keep all
     callbacks: str = "csv"  # comma-separated names of registered callbacks (metrics.csv, tensorboard, ...)
     backbone_options: dict[str, Any] = field(default_factory=dict)

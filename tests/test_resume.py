@@ -20,8 +20,8 @@ from sslkit.cli import main
 from tests.conftest import make_images
 
 SSLKIT = str(Path(sys.executable).parent / "sslkit")
-# 32 images, batch 6 -> 5 steps per epoch; 3 epochs = 15 steps; checkpoints every 2 steps
-# and at every epoch end, so kills land mid-epoch and resumes start mid-epoch.
+# 32 images, batch 6 -> 5 steps per epoch; 3 epochs = 15 steps; checkpoints every 2 steps,
+# so kills land mid-epoch and resumes start mid-epoch.
 ARGS = ["--task", "simclr", "--backbone", "timm:resnet10t", "--image-size", "16", "--batch-size", "6",
         "--epochs", "3", "--checkpoint-every", "2", "--seed", "3", "--deterministic", "--quiet",
         "--task-opt", "proj_hidden_dim=32", "--task-opt", "proj_dim=16", "--warmup-epochs", "0.5"]

@@ -35,18 +35,22 @@ class CsvMetrics(Callback):
             self._keep_until(run.start_step)
 
     def _keep_until(self, step: int) -> None:
+        """Rewrite the file (atomically) without the rows after ``step``, a row at a time:
+        a long run's file is never held in memory."""
         with open(self.path, newline="") as f:
-            rows = list(csv.reader(f))
-        if not rows:
-            return
-        self.fields = rows[0]
-        kept = [r for r in rows[1:] if r and int(r[0]) <= step]
+            rows = csv.reader(f)
+            fields = next(rows, None)
+            if fields is None:  # an empty file: the first step writes the header
+                return
+            self.fields = fields
 
-        def write(tmp: Path) -> None:
-            with open(tmp, "w", newline="") as f:
-                csv.writer(f).writerows([self.fields, *kept])
+            def write(tmp: Path) -> None:
+                with open(tmp, "w", newline="") as out:
+                    writer = csv.writer(out)
+                    writer.writerow(fields)
+                    writer.writerows(r for r in rows if r and int(r[0]) <= step)
 
-        write_atomic(self.path, write)
+            write_atomic(self.path, write)
 
     def on_step_end(self, step: int, metrics: dict[str, float]) -> None:
         row = {"step": step, **metrics}

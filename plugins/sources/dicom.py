@@ -32,10 +32,11 @@ import pydicom
 from sslkit.api import SampleMode, SampleRef, Source, Undecodable, check_dir, first_files, hookimpl, walk_files
 from sslkit.api import IMAGE_SUFFIXES, GraphPreprocessing, UsageError, check_pixel_count, keyed_hash
 from sslkit_plugins.sources.dicom_decode import codec_failure, decode, parse_windows, read_dataset
+from sslkit_plugins.sources.dicom_facts import FileFacts, kept_facts
 from sslkit_plugins.sources.dicom_headers import cached_headers, stable_groups
 from sslkit_plugins.sources.dicom_labels import (class_of, named_levels, not_patient_folders, patient_named_classes,
                                                  series_labelled)
-from sslkit_plugins.sources.dicom_limits import TooLarge
+from sslkit_plugins.sources.dicom_limits import TooLarge, frame_count
 from sslkit_plugins.sources.dicom_pixels import decode_located, pixel_facts, read_frame
 from sslkit_plugins.sources.dicom_reasons import NOT_DICOM_IMAGE, failure_reason, incomplete_image, safe_reason
 from sslkit_plugins.sources.dicom_series import assemble, geometry
@@ -160,39 +161,6 @@ def located_pixels(ds: pydicom.Dataset, fp: Any) -> dict[str, Any] | None:
         return None
 
 
-#: encapsulated (compressed) pixel data: every frame is at least one 8-byte item header
-_MIN_ENCAPSULATED_FRAME = 8
-#: deflate expands at most ~1032:1 (zlib's limit)
-_MAX_DEFLATE_RATIO = 1032
-
-
-def frame_count(ds: pydicom.Dataset, path: Path) -> int:
-    """NumberOfFrames, checked against what the file can hold before any per-frame work.
-
-    A header may claim 2^31 frames in a 33 KB file: uncompressed frames need
-    ``Rows x Columns x SamplesPerPixel x BitsAllocated / 8`` bytes each and encapsulated
-    ones at least one item header each, so a count the file's size cannot hold is an
-    error (one report row for the file), never 2^31 sample refs.
-    """
-    frames = max(1, int(value(ds, "NumberOfFrames", 1) or 1))
-    rows, cols = int(value(ds, "Rows")), int(value(ds, "Columns"))
-    if rows < 1 or cols < 1:
-        raise ValueError(f"empty image ({rows} rows, {cols} columns)")
-    size = path.stat().st_size
-    ts = transfer_syntax(ds)
-    if ts == pydicom.uid.DeflatedExplicitVRLittleEndian:
-        size *= _MAX_DEFLATE_RATIO
-    if ts and ts.is_encapsulated:
-        most = size // _MIN_ENCAPSULATED_FRAME
-    else:
-        bits = rows * cols * int(value(ds, "SamplesPerPixel", 1) or 1) * int(value(ds, "BitsAllocated", 8) or 8)
-        most = size * 8 // bits
-    if frames > 1 and frames > max(1, most):  # one frame: a truncated file is reported when decoded
-        raise ValueError(f"NumberOfFrames {frames} does not fit the file: its {path.stat().st_size} bytes hold "
-                         f"at most {most} frame(s) of {cols}x{rows}")
-    return frames
-
-
 class DicomSource(Source):
     scheme = "dicom"
     Options = DicomOptions
@@ -204,7 +172,7 @@ class DicomSource(Source):
         self.windows = parse_windows(self.options.window)
         self.sample = SampleMode.parse(self.options.sample, self.options.spacing, self.options.volume_size)
         self.sampler: VolumeSampler | None = None  # slab / volume modes, set by index()
-        self.headers: dict[str, dict[str, Any]] = {}  # path -> read_header() of kept images
+        self.headers: dict[str, FileFacts] = {}  # path -> what loading needs of its read_header() (kept images)
         self.filtered = 0  # images left out by --modality / --series-description
         self._last: tuple[str, Any] | None = None  # (path, dataset): frames of one file in a row
 
@@ -221,6 +189,7 @@ class DicomSource(Source):
         modalities = {m.strip().upper() for m in self.options.modality.split(",") if m.strip()}
         glob = self.options.series_description.lower()
         refs: list[SampleRef] = []
+        kept: dict[str, dict[str, Any]] = {}  # path -> read_header(), for the series' geometry
         for f, h in zip(files, headers):
             if h["kind"] == "error":
                 self.skipped.append((f, h["reason"]))
@@ -241,7 +210,7 @@ class DicomSource(Source):
             if h.get("mosaic_error") and self.sample.mode != "slice":  # its tiles cannot be cut
                 self.skipped.append((f, h["mosaic_error"]))
                 continue
-            self.headers[f] = {k: v for k, v in h.items() if k != "series"}
+            kept[f] = h
             n, group, label = h["frames"], h["group"], class_of(f, self.root)
             if n == 1:
                 refs.append(SampleRef(f, group=group, label=label))
@@ -249,15 +218,19 @@ class DicomSource(Source):
                 refs.append(SampleRef(f, frame=n // 2, group=group, label=label))
             else:
                 refs += [SampleRef(f, frame=i, group=group, label=label) for i in range(n)]
-        return not_patient_folders(refs if self.sample.mode == "slice" else self._volume_refs(),
+        self.headers = kept_facts(kept)  # a few facts a file, shared values once: workers get a copy
+        return not_patient_folders(refs if self.sample.mode == "slice" else self._volume_refs(kept),
                                    patient_named_classes(self.headers, self.root))
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_last": None}  # a decoded file's data set stays here
 
     def patient_folders(self, ref: SampleRef) -> tuple[int, ...]:
         return tuple(self.headers.get(ref.path, {}).get("named_levels", ()))
 
-    def _volume_refs(self) -> list[SampleRef]:
+    def _volume_refs(self, headers: dict[str, dict[str, Any]]) -> list[SampleRef]:
         """Slab / volume mode: refs of the series assembled in space (no geometry: skipped in volume mode)."""
-        volumes = assemble(self.headers, self.root)
+        volumes = assemble(headers, self.root)
         self.skipped += [d for v in volumes for d in v.dropped]
         if self.sample.volumetric:
             self.skipped += [(v.slices[0][0], "not a volume: no slice geometry") for v in volumes

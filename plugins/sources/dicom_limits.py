@@ -9,6 +9,8 @@
 * Deflated Explicit VR Little Endian: pydicom inflates the whole data set in one call, even
   to read a header; :func:`read_deflated` inflates it in steps and refuses a data set that
   inflates past :data:`DEFLATE_LIMIT` (a 1.5 MB file can hold a 1.5 GB element).
+* NumberOfFrames: :func:`frame_count` refuses, from the header, a count the file's size
+  cannot hold (2^31 frames in 33 KB), before the index makes one sample per frame.
 
 Reasons name sizes and markers only, never the file.
 """
@@ -18,6 +20,7 @@ from __future__ import annotations
 import io
 import struct
 import zlib
+from pathlib import Path
 from typing import BinaryIO
 
 import pydicom
@@ -28,6 +31,7 @@ from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEnd
 
 from sslkit.api import DEFAULT_MAX_PIXELS, human_bytes
 from sslkit_plugins.sources.dicom_reasons import mark_stage
+from sslkit_plugins.sources.dicom_values import transfer_syntax, value
 
 #: the most bytes a deflated data set may inflate to: the largest allowed 16-bit grayscale
 #: image and 16 MiB of header (a larger one is skipped before it is inflated further)
@@ -205,3 +209,36 @@ def _inflated_dataset(fp: BinaryIO, stop_before_pixels: bool) -> Dataset:
     ds = pydicom.dcmread(io.BytesIO(b"".join(parts)), stop_before_pixels=stop_before_pixels, force=head is None)
     ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
     return ds
+
+
+#: encapsulated (compressed) pixel data: every frame is at least one 8-byte item header
+_MIN_ENCAPSULATED_FRAME = 8
+#: deflate expands at most ~1032:1 (zlib's limit)
+_MAX_DEFLATE_RATIO = 1032
+
+
+def frame_count(ds: Dataset, path: Path) -> int:
+    """NumberOfFrames, checked against what the file can hold before any per-frame work.
+
+    A header may claim 2^31 frames in a 33 KB file: uncompressed frames need
+    ``Rows x Columns x SamplesPerPixel x BitsAllocated / 8`` bytes each and encapsulated
+    ones at least one item header each, so a count the file's size cannot hold is an
+    error (one report row for the file), never 2^31 sample refs.
+    """
+    frames = max(1, int(value(ds, "NumberOfFrames", 1) or 1))
+    rows, cols = int(value(ds, "Rows")), int(value(ds, "Columns"))
+    if rows < 1 or cols < 1:
+        raise ValueError(f"empty image ({rows} rows, {cols} columns)")
+    size = path.stat().st_size
+    ts = transfer_syntax(ds)
+    if ts == DeflatedExplicitVRLittleEndian:
+        size *= _MAX_DEFLATE_RATIO
+    if ts and ts.is_encapsulated:
+        most = size // _MIN_ENCAPSULATED_FRAME
+    else:
+        bits = rows * cols * int(value(ds, "SamplesPerPixel", 1) or 1) * int(value(ds, "BitsAllocated", 8) or 8)
+        most = size * 8 // bits
+    if frames > 1 and frames > max(1, most):  # one frame: a truncated file is reported when decoded
+        raise ValueError(f"NumberOfFrames {frames} does not fit the file: its {path.stat().st_size} bytes hold "
+                         f"at most {most} frame(s) of {cols}x{rows}")
+    return frames

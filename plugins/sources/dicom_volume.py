@@ -43,12 +43,15 @@ class VolumeSampler:
     def __init__(self, volumes: list[Volume], mode: SampleMode, windows: tuple[Window, ...],
                  headers: dict[str, dict[str, Any]] | None = None, keep: int = 16):
         self.volumes = volumes
-        self.headers = headers or {}  # path -> read_header(): where each file's pixels lie
+        self.headers = headers or {}  # path -> its header facts (dicom_facts.FileFacts): where its pixels lie
         self.mode = mode
         self.windows = windows
         self.keep = keep
         self.where: dict[str, tuple[int, int | None]] = {}  # ref id -> (volume, slice or None)
         self._files: OrderedDict[tuple, np.ndarray] = OrderedDict()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_files": OrderedDict()}  # decoded slices stay in this process
 
     def refs(self) -> list[SampleRef]:
         """One ref per slice (slab) or per volume, volumes in order, slices in spatial order."""

@@ -11,7 +11,7 @@ One optimizer step (:func:`train_step`) is::
     scalars (+ the stop flag) = mean over ranks (one all-reduce)
 
 :func:`train` runs steps until the horizon (or a stop signal), checkpointing every
-``checkpoint_every`` steps, at every epoch end and at the end. Each step's scalars are
+``checkpoint_every`` steps (else at every epoch end) and at the end. Each step's scalars are
 read one step late (:class:`StepLog`): reading a loss waits for the device, and reading
 step N's while step N+1 is queued keeps a GPU busy while Python launches work. A NaN
 loss is still caught before any checkpoint could hold it: a checkpoint first reads every
@@ -81,9 +81,8 @@ def train(s: Setup, state: RunState, events: Events, stop: Any, save: SaveFn | N
                     log.launched(state, s.schedule.lr_at(state.step - 1), scalars)
                     interrupted = log.read(keep=1) or stopped_alone(s, stop, log)  # one process: now
                     log.timed(time.perf_counter() - t0)  # the step's own time, not a checkpoint's
-                    end_of_epoch = state.pos >= s.steps_per_epoch
-                    every = cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0
-                    if every or end_of_epoch or state.step >= until or interrupted:
+                    periodic = periodic_checkpoint(cfg.checkpoint_every, state.step, state.pos >= s.steps_per_epoch)
+                    if periodic or state.step >= until or interrupted:
                         interrupted = log.read(keep=0) or interrupted
                         _checkpoint(s, state, events, save)
                         saved_at = state.step
@@ -106,6 +105,13 @@ def train(s: Setup, state: RunState, events: Events, stop: Any, save: SaveFn | N
         "final_loss": log.last.get("loss"), "interrupted": interrupted, "requeue": interrupted and log.requeue,
         "main": s.main,
     }
+
+
+def periodic_checkpoint(every: int | None, step: int, end_of_epoch: bool) -> bool:
+    """Whether the periodic checkpoints include ``step``: every ``every`` steps (``--checkpoint-every``)
+    when given, and then alone (no epoch end adds one: a small data set ends an epoch every few
+    steps); else every epoch end. The last step and a stop checkpoint besides."""
+    return step % every == 0 if every else end_of_epoch
 
 
 def _checkpoint(s: Setup, state: RunState, events: Events, save: SaveFn | None) -> None:

@@ -16,7 +16,7 @@ A volume run (``--sample volume``, a 3D encoder) is refused in one line before a
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -205,13 +205,42 @@ def refuse_volume(sample: str, model_path: str) -> None:
                          f"run (sample=volume, a 3D encoder): try sslkit eval linear, knn or tsne on it instead")
 
 
+def pick_rows(labels: list[str | None], n: int) -> Callable[[set[int]], list[int]]:
+    """``choose(failed)`` for :func:`~sslkit.eval.features.decode_sample`: :func:`pick_across_classes` of the
+    indexed samples that have not failed to decode (a pick that fails is replaced by picking again)."""
+    def choose(failed: set[int]) -> list[int]:
+        left = [i for i in range(len(labels)) if i not in failed]
+        return [left[j] for j in pick_across_classes([labels[i] for i in left], n)]
+
+    return choose
+
+
+def decode_rows(model: Any, images: str, source_options: dict[str, Any] | None, max_images: int,
+                progress: bool) -> tuple[torch.Tensor, list[int], list[str | None], int, list[tuple[str, str]]]:
+    """The rows' pixels ``(B, C, S, S)`` in [0, 1], chosen across the classes from the index (:func:`pick_rows`)
+    and only they decoded (:func:`~sslkit.eval.features.decode_sample`); their indices, every indexed sample's
+    label, how many samples the data holds (less those found undecodable) and the files skipped."""
+    from sslkit.data.prepare import SCALE
+    from sslkit.eval.features import decode_sample, index_refs, index_source, sample_format
+
+    source = index_source(model, images, source_options)
+    refs = index_refs(source, images)
+    labels = [r.label for r in refs]
+    got: dict[int, np.ndarray] = {}
+    rows, failed, skipped = decode_sample(source, refs, *sample_format(model, source, refs),
+                                          pick_rows(labels, max_images), lambda kept, px: got.update(zip(kept, px)),
+                                          progress)
+    pixels = torch.from_numpy(np.stack([got[i] for i in rows]).astype(np.float32) / SCALE)
+    return pixels, rows, labels, len(refs) - failed, skipped
+
+
 def evaluate_attention(model_path: str, images: str, out: str | None = None, max_images: int = 8,
                        baseline: bool = True, overwrite: bool = False,
                        source_options: dict[str, Any] | None = None, progress: bool = True,
                        max_pixels: int | None = None, device: str = "cpu") -> dict[str, Any]:
-    """Saliency grid of the first ``max_images`` images of ``images``; PNG plus report."""
+    """Saliency grid of ``max_images`` images of ``images``, picked across the classes (:func:`decode_rows`:
+    only those are decoded); PNG plus report."""
     from sslkit.augment import Normalize
-    from sslkit.data.pipeline import load_data
     from sslkit.eval.features import open_model
 
     model = open_model(model_path, device)  # the default, cpu, is enough for a few images
@@ -220,13 +249,7 @@ def evaluate_attention(model_path: str, images: str, out: str | None = None, max
     run = model.require_run("sslkit eval attention")
     spec = run.spec
     refuse_volume(spec.sample, model_path)
-    loaded = load_data(images, spec.image_size, spec.channels, model.source_options(images, source_options),
-                       progress=progress, max_pixels=model.pixel_limit)
-    from sslkit.data.prepare import SCALE
-
-    labels = [r.label for r in loaded.prepared.refs]
-    rows = pick_across_classes(labels, max_images)
-    pixels = torch.from_numpy(np.asarray(loaded.prepared.pixels[np.array(rows)], dtype=np.float32) / SCALE)
+    pixels, rows, labels, samples, skipped = decode_rows(model, images, source_options, max_images, progress)
     x = Normalize(spec.mean, spec.std)(pixels)
     maps, kind, note = {}, "", ""
     builders = {"pretrained": run.build_encoder}
@@ -244,8 +267,8 @@ def evaluate_attention(model_path: str, images: str, out: str | None = None, max
     out_path, (width, height) = save_picture(out_path, model.report_dir, "attention", lambda path: plot_grid(
         pixels.numpy(), maps, f"{kind}: {desc['task']} {desc['backbone']}{note}", path, row_labels))
     report = new_report("attention", desc, {"method": kind, "max_images": max_images, "baseline": baseline})
-    report["data"] = {"data": {"source": images, "samples": len(labels), "rows": len(rows),
-                               "skipped": skipped_summary(loaded.prepared.skipped)}}
+    report["data"] = {"data": {"source": images, "samples": samples, "rows": len(rows),
+                               "skipped": skipped_summary(skipped)}}
     report["classes"] = sorted({lab for lab in labels if lab is not None})
     report["class_counts"] = {"rows": {c: sum(labels[i] == c for i in rows) for c in report["classes"]}}
     report["files"] = [str(out_path)]

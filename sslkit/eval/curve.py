@@ -55,35 +55,48 @@ def curve_results(prep: ProbeData, fractions: Sequence[float], k: int = 20, C_gr
                   val_fraction: float = 0.2, seed: int = 0) -> dict[str, dict[str, Any]]:
     """``{encoder: {"linear f=F" | "k=K f=F": mean ± std metrics + train_labels}}``; on one
     ``--train``/``--test`` split, ``prep.correct`` receives each setting's per-test-image correctness
-    (for the paired gain), as from :func:`knn_results` and :func:`linear_results`."""
+    (for the paired gain), as from :func:`knn_results` and :func:`linear_results`.
+
+    Fold by fold, every fraction within a fold: only one fold's copy of the embeddings
+    (:meth:`ProbeData.fold`) is in memory at a time."""
     fractions = distinct_fractions([float(f) for f in fractions])  # API callers too: no name shared
-    folds = [prep.fold(i) for i in range(len(prep.folds))] if prep.folds is not None else [prep]
+    n_folds = len(prep.folds) if prep.folds is not None else 1
+    runs: dict[float, list[dict[str, Any]]] = {f: [] for f in fractions}  # fraction -> one result per fold
+    short: dict[float, set[tuple[str, int]]] = {f: set() for f in fractions}  # {(class, fold)} under MIN_PER_CLASS
+    for i in range(n_folds):
+        fold = prep.fold(i) if prep.folds is not None else prep
+        for f in fractions:
+            runs[f].append(_fraction_run(prep, fold, f, i, k, C_grid, val_fraction, seed, short[f]))
+        del fold  # before the next fold is cut
     out: dict[str, dict[str, Any]] = {}
-    short: dict[float, set[tuple[str, int]]] = {}  # fraction -> {(class, fold)} under MIN_PER_CLASS
     for f in fractions:
-        runs = []
-        for i, fold in enumerate(folds):
-            sub = _with_fraction(fold, f, seed + 1000 * i)
-            n = len(sub.sets["pretrained"][0].labels)
-            fewest = fewest_per_class(sub, short.setdefault(f, set()), i)
-            lin = linear_results(sub, C_grid, val_fraction, seed)
-            knn = knn_results(sub, [k], TEMPERATURE)
-            name = fraction_name(f)
-            counts = {"train_labels": n, "fewest_per_class": fewest}
-            runs.append({e: {f"linear f={name}": {**lin[e]["linear"], **counts},
-                             f"k={k} f={name}": {**knn[e][f"k={k}"], **counts}} for e in lin})
-            if prep.folds is None:
-                prep.correct.update({(e, f"{setting} f={name}"): c for (e, setting), c in sub.correct.items()})
-        for enc in runs[0]:
-            for setting in runs[0][enc]:
-                agg = mean_std([r[enc][setting] for r in runs])
-                ns = [r[enc][setting]["train_labels"] for r in runs]  # a count: an int when the folds agree
+        for enc in runs[f][0]:
+            for setting in runs[f][0][enc]:
+                agg = mean_std([r[enc][setting] for r in runs[f]])
+                ns = [r[enc][setting]["train_labels"] for r in runs[f]]  # a count: an int when the folds agree
                 agg["train_labels"] = ns[0] if len(set(ns)) == 1 else float(np.mean(ns))
-                agg["fewest_per_class"] = min(r[enc][setting]["fewest_per_class"] for r in runs)
+                agg["fewest_per_class"] = min(r[enc][setting]["fewest_per_class"] for r in runs[f])
                 agg["fraction"] = f
                 out.setdefault(enc, {})[setting] = agg
-    note_short(short, len(folds))
+    note_short(short, n_folds)
     return out
+
+
+def _fraction_run(prep: ProbeData, fold: ProbeData, f: float, i: int, k: int, C_grid: Sequence[float],
+                  val_fraction: float, seed: int, short: set[tuple[str, int]]) -> dict[str, dict[str, Any]]:
+    """``{encoder: {"linear f=F": metrics, "k=K f=F": metrics}}`` of fold ``i`` with its training side
+    cut to the fraction ``f`` (the subset's seed: ``seed + 1000 * i``)."""
+    sub = _with_fraction(fold, f, seed + 1000 * i)
+    n = len(sub.sets["pretrained"][0].labels)
+    fewest = fewest_per_class(sub, short, i)
+    lin = linear_results(sub, C_grid, val_fraction, seed)
+    knn = knn_results(sub, [k], TEMPERATURE)
+    name = fraction_name(f)
+    counts = {"train_labels": n, "fewest_per_class": fewest}
+    if prep.folds is None:
+        prep.correct.update({(e, f"{setting} f={name}"): c for (e, setting), c in sub.correct.items()})
+    return {e: {f"linear f={name}": {**lin[e]["linear"], **counts},
+                f"k={k} f={name}": {**knn[e][f"k={k}"], **counts}} for e in lin}
 
 
 def fewest_per_class(sub: ProbeData, short: set[tuple[str, int]], fold: int) -> int:

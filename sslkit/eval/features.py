@@ -9,9 +9,10 @@ encoders embed in one pass over the data, so each image is decoded once.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -181,11 +182,9 @@ def _encoders(model: EvalModel, baseline: bool) -> dict[str, embed_mod.Model]:
     return out
 
 
-def embed_all(model: EvalModel, data: str, baseline: bool = True, batch_size: int = 64,
-              source_options: dict[str, Any] | None = None, progress: bool = True) -> dict[str, Embeddings]:
-    """``{"pretrained": Embeddings, "random": Embeddings[, "init": ...]}`` of ``data`` (``(N, D)`` each), one pass.
-
-    Embeddings that are not all finite (a diverged run's NaN weights) are a one-line usage error."""
+def _combined(model: EvalModel, baseline: bool) -> tuple[embed_mod.Model, list[str], list[int]]:
+    """One :class:`sslkit.embed.Model` whose embedding is every encoder's side by side (one pass over the data),
+    the encoders' names, and their widths (filled by the first batch)."""
     named = _encoders(model, baseline)
     models = list(named.values())
     first = models[0]
@@ -198,13 +197,57 @@ def embed_all(model: EvalModel, data: str, baseline: bool = True, batch_size: in
 
     both = embed_mod.Model(first.spec, first.source_options, encode, first.engine, first.fixed_options, first.inexact,
                            first.max_pixels)
-    emb = embed_mod.embed(both, data, batch_size, source_options, progress)
+    return both, list(named), dims
+
+
+def _split(emb: Embeddings, names: list[str], dims: list[int], data: str) -> dict[str, Embeddings]:
+    """The combined embeddings of :func:`_combined` as one :class:`Embeddings` per encoder, each checked finite."""
     out, start = {}, 0
-    for name, d in zip(named, dims):
+    for name, d in zip(names, dims):
         out[name] = replace(emb, embeddings=np.ascontiguousarray(emb.embeddings[:, start:start + d]))
         embed_mod.check_finite(out[name].embeddings, f"the {name} encoder on {data!r}", "no report written")
         start += d
     return out
+
+
+def embed_all(model: EvalModel, data: str, baseline: bool = True, batch_size: int = 64,
+              source_options: dict[str, Any] | None = None, progress: bool = True) -> dict[str, Embeddings]:
+    """``{"pretrained": Embeddings, "random": Embeddings[, "init": ...]}`` of ``data`` (``(N, D)`` each), one pass.
+
+    Embeddings that are not all finite (a diverged run's NaN weights) are a one-line usage error."""
+    both, names, dims = _combined(model, baseline)
+    return _split(embed_mod.embed(both, data, batch_size, source_options, progress), names, dims, data)
+
+
+def embed_sample(model: EvalModel, data: str, source: Any, refs: list, choose: Callable[[set[int]], list[int]],
+                 baseline: bool = True, batch_size: int = 64, progress: bool = True
+                 ) -> tuple[dict[str, Embeddings], int]:
+    """:func:`embed_all` of the samples ``choose`` picks among ``refs`` (``source``'s index, from
+    :func:`index_source`) only: :func:`decode_sample` decodes them (and no other), in memory, and each part is
+    embedded before the next is decoded. Returns the embeddings, in the order chosen, and how many picks failed."""
+    from sslkit.data.loader import BatchLoader
+    from sslkit.sample_modes import check_sample_shape
+
+    both, names, dims = _combined(model, baseline)
+    rows: dict[int, np.ndarray] = {}
+
+    def use(kept: list[int], pixels: np.ndarray) -> None:
+        check_sample_shape(tuple(pixels.shape[1:]), model.spec)
+        reader = BatchLoader(pixels, batch_size, seed=0)
+        for a in range(0, len(pixels), batch_size):
+            unit = reader.read(np.arange(a, min(a + batch_size, len(pixels)))).numpy()
+            rows.update(zip(kept[a:a + batch_size], both.encode(unit)))
+
+    order, failed, skipped = decode_sample(source, refs, *sample_format(model, source, refs), choose, use, progress)
+    if both.inexact:  # as sslkit.embed.embed says it
+        error, why = max(both.inexact)
+        print(f"sslkit: warning: {len(both.inexact)} images cannot be given to this graph exactly (max pixel "
+              f"error {error:.2g}): {why}; their embeddings differ from the run directory's", file=sys.stderr)
+    emb = Embeddings(np.stack([rows[i] for i in order]).astype(np.float32),
+                     [embed_mod.sample_id(source, refs[i]) for i in order], [refs[i].label for i in order],
+                     len(skipped), embed_mod.skip_reasons(skipped),
+                     [embed_mod.label_paths(source, refs[i]) for i in order])
+    return _split(emb, names, dims, data), failed
 
 
 def check_labels(model: EvalModel, data: str, what: str, labels_csv: str | None,
@@ -223,10 +266,8 @@ def index_labels(model: EvalModel, data: str, what: str, labels_csv: str | None,
     """:func:`check_labels` plus the source's sample refs (ids, split groups), their sample ids
     (the ids embeddings carry: ``Source.sample_id``, else ``ref.id``) and the source, from the index only.
     ``every``: the labels of all refs, None where a ref has none (else only the labels found)."""
-    from sslkit.registry import create_source
-
     table = read_labels_csv(labels_csv) if labels_csv else None
-    source = create_source(data, **model.source_options(data, source_options))
+    source = index_source(model, data, source_options)
     refs = source.index()
     if not refs:
         raise UsageError(f"{what}: no images found in {data!r}")
@@ -251,3 +292,88 @@ def labelled_embeddings(model: EvalModel, data: str, what: str, table: dict[str,
         out[name] = select_labelled(emb.embeddings, labels, what, data, table is not None, emb.ids)
         out[name].skipped = emb.skip_reasons
     return out
+
+
+def index_source(model: EvalModel, data: str, source_options: dict[str, Any] | None = None) -> Any:
+    """The source of ``data`` as :func:`~sslkit.data.pipeline.load_data` makes it when :func:`embed_all` reads
+    ``data``: the model's source options and decode limit, and the header index under the default cache's
+    ``headers/`` (unchanged DICOM files' headers are not read again). For what the index alone tells (labels,
+    header fields, the refs a sample is chosen from)."""
+    from sslkit.data.cache import mark_root, resolve_cache_dir
+    from sslkit.registry import create_source
+
+    source = create_source(data, **model.source_options(data, source_options))
+    if model.pretrained.max_pixels is not None:
+        source.max_pixels = model.pretrained.max_pixels
+    root = resolve_cache_dir(None)
+    mark_root(root)
+    source.header_cache = root / "headers"
+    return source
+
+
+def index_refs(source: Any, data: str) -> list:
+    """``source.index()``, its skipped files made relative to the data root (as the loader reports them);
+    none found is one line, as :func:`~sslkit.data.pipeline.load_data` says it."""
+    refs = source.index()
+    source.skipped = [(source.relative(p), r) for p, r in source.skipped]
+    if not refs:
+        extra = f" ({len(source.skipped)} files skipped as unreadable)" if source.skipped else ""
+        raise UsageError(f"no images found in {data!r}{extra}")
+    return refs
+
+
+def sample_format(model: EvalModel, source: Any, refs: list) -> tuple[int, Any]:
+    """The channels and stored size the model's samples of ``source`` are decoded at, checked (headers only)
+    as :func:`~sslkit.data.pipeline.load_data` checks them."""
+    from sslkit.data.pipeline import check_channels
+    from sslkit.data.prepare import majority_channels
+    from sslkit.data.volume import stored_size
+
+    own = majority_channels(source, refs)
+    check_channels(source, own, model.spec.channels)
+    return model.spec.channels or own, stored_size(source, model.spec.image_size)
+
+
+#: the decoded pixels :func:`decode_sample` holds at once: a part is decoded, used, then dropped
+PART_BYTES = 256 * 2**20
+#: :func:`decode_sample` stops replacing picks that fail to decode after this many failures per pick
+TRIES_PER_PICK = 10
+
+
+def decode_sample(source: Any, refs: list, channels: int, size: Any, choose: Callable[[set[int]], list[int]],
+                  use: Callable[[list[int], np.ndarray], None], progress: bool = True
+                  ) -> tuple[list[int], int, list[tuple[str, str]]]:
+    """Decode only the samples ``choose(failed)`` picks (indices into ``refs``, in the order wanted), in memory
+    (a sample fills no cache entry), at most :data:`PART_BYTES` at a time: ``use(indices, pixels)`` gets each
+    part's decoded picks. A pick that does not decode joins ``failed`` and ``choose`` is asked again, so the choice
+    rule itself replaces it; after :data:`TRIES_PER_PICK` failures per pick it stops there (a note says so).
+    Returns the decoded picks in the order chosen, how many picks failed, and the skipped ``(path, reason)``."""
+    from sslkit.data.prepare import prepare
+    from sslkit.data.room import sides
+
+    done: set[int] = set()
+    failed: set[int] = set()
+    skipped = list(source.skipped)
+    per = max(1, PART_BYTES // (channels * int(np.prod(sides(size))) * 2))
+    want = choose(failed)
+    limit = TRIES_PER_PICK * max(1, len(want))
+    while todo := [i for i in want if i not in done]:
+        if len(failed) >= limit:
+            print(f"sslkit: note: {len(failed)} of the samples picked failed to decode; using the {len(done)} "
+                  f"that did", file=sys.stderr)
+            break
+        for a in range(0, len(todo), per):
+            part = todo[a:a + per]
+            prepared = prepare(source, [refs[i] for i in part], channels, size, False, progress)
+            decoded = set(prepared.refs)
+            kept = [i for i in part if refs[i] in decoded]  # in the order prepare keeps them
+            failed.update(i for i in part if refs[i] not in decoded)
+            skipped += prepared.skipped
+            if kept:
+                use(kept, prepared.pixels)
+            done.update(kept)
+        want = choose(failed)
+    if not done:
+        raise UsageError(f"no decodable image among the {len(failed)} samples tried"
+                         f" (first: {skipped[0][1] if skipped else 'unknown'})")
+    return [i for i in want if i in done], len(failed), skipped

@@ -21,20 +21,33 @@ import torch
 import torch.nn.functional as F
 
 TEMPERATURE = 0.07
+#: bytes for one chunk of queries: its ``(m, N)`` similarities to every training embedding and its
+#: top-k's weights, indices and one-hot votes; the chunk (at most :data:`MAX_CHUNK`) is cut to fit
+CHUNK_BYTES = 256 * 2**20
+MAX_CHUNK = 1024
+
+
+def query_chunk(n_train: int, kmax: int, n_classes: int, budget: int = CHUNK_BYTES) -> int:
+    """Queries per chunk: as many as keep the chunk's working memory within ``budget`` bytes
+    (float32 similarities ``4 N``, per neighbour ``24 + 16 K`` bytes), 1 to :data:`MAX_CHUNK`."""
+    per_query = 4 * n_train + kmax * (24 + 16 * n_classes)
+    return int(max(1, min(MAX_CHUNK, budget // per_query)))
 
 
 def knn_votes(train: np.ndarray, train_y: np.ndarray, test: np.ndarray, n_classes: int,
-              ks: Sequence[int], temperature: float = TEMPERATURE, chunk: int = 1024) -> dict[int, np.ndarray]:
+              ks: Sequence[int], temperature: float = TEMPERATURE, chunk: int | None = None) -> dict[int, np.ndarray]:
     """Class scores for every query and every ``k``.
 
     ``train: (N, D)``, ``train_y: (N,)`` class indices in ``[0, n_classes)``,
     ``test: (M, D)`` -> ``{k: (M, n_classes)}`` normalised votes (rows sum to 1). ``k``
     larger than ``N`` uses all ``N`` neighbours. Ties between classes go to the lower
-    class index (``argmax``).
+    class index (``argmax``). Queries go in chunks (``chunk``, default :func:`query_chunk`: a
+    bounded working memory whatever ``N``).
     """
     xt = F.normalize(torch.from_numpy(np.asarray(train, dtype=np.float32)), dim=1)
     yt = torch.from_numpy(np.asarray(train_y, dtype=np.int64))
     kmax = min(max(ks), len(xt))
+    chunk = chunk or query_chunk(len(xt), kmax, n_classes)
     out: dict[int, list[torch.Tensor]] = {k: [] for k in ks}
     for start in range(0, len(test), chunk):
         q = F.normalize(torch.from_numpy(np.asarray(test[start:start + chunk], dtype=np.float32)), dim=1)

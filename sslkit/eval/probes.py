@@ -128,7 +128,7 @@ def prepare(model_path: str, args: DataArgs, needs_run: str | None = None,
         model, args.test, "--test", args.labels_csv, args.options_for("test"))
     class_index(train_labels, test_labels, args.positive)  # fail fast, before embedding
     overlap = check_overlap(train_refs, test_refs, args.allow_overlap, train_ids, test_ids,
-                            (train_source, test_source))
+                            (train_source, test_source), args.progress)
     train = labelled_embeddings(model, args.train, "--train", table, args.baseline,
                                 source_options=args.options_for("train"), **kw)
     test = labelled_embeddings(model, args.test, "--test", table, args.baseline,
@@ -312,18 +312,19 @@ def _add_finetune(report: dict[str, Any], prep: ProbeData, args: DataArgs, optio
     else:  # the folds index the embedded samples: find each one's pixels by its id
         pixels, ids, _ = _labelled_pixels(prep, args, "data", run.spec)
         first, row = prep.sets["pretrained"][0], {sample: i for i, sample in enumerate(ids)}
-        at, y = np.array([row[i] for i in first.ids]), prep.indices(first.labels)
-        runs = [_finetune_each(prep, run, pixels[at[tr]], y[tr], pixels[at[te]], y[te], options, dev, args, False)
-                for tr, te in prep.folds]
+        at, y = np.array([row[i] for i in first.ids], dtype=np.int64), prep.indices(first.labels)
+        runs = [_finetune_each(prep, run, pixels.rows(at[tr]), y[tr], pixels.rows(at[te]), y[te], options, dev,
+                               args, False) for tr, te in prep.folds]
         scores = {enc: mean_std([r[enc] for r in runs]) for enc in runs[0]}
     for enc, metrics in scores.items():
         report["results"][enc]["finetune"] = {**metrics, "epochs": options.epochs}
 
 
 def _labelled_pixels(prep: ProbeData, args: DataArgs, side: str,
-                     spec: Any) -> tuple[np.ndarray, list[str], np.ndarray]:
+                     spec: Any) -> tuple["Rows", list[str], np.ndarray]:
     """The labelled images of one side (``train``, ``test`` or ``data``): uint16 ``(N, C, S, S)``
-    at the run's input size, their sample ids and their class indices."""
+    at the run's input size, as :class:`Rows` of the decoded (memory-mapped) cache, not a copy;
+    their sample ids and their class indices."""
     data = {"train": args.train, "test": args.test, "data": args.data}[side]
     from sslkit.data.pipeline import load_data
     from sslkit.embed import label_paths, sample_id
@@ -336,10 +337,43 @@ def _labelled_pixels(prep: ProbeData, args: DataArgs, side: str,
     ids = [sample_id(source, r) for r in refs]  # as the embeddings' ids (a volume's series key)
     labels = assign_labels(ids, [r.label for r in refs], table, [label_paths(source, r) for r in refs])
     keep = np.array([i for i, lab in enumerate(labels) if lab is not None], dtype=np.int64)
-    return loaded.prepared.pixels[keep], [ids[i] for i in keep], prep.indices([labels[i] for i in keep])
+    return Rows(loaded.prepared.pixels, keep), [ids[i] for i in keep], prep.indices([labels[i] for i in keep])
 
 
-def _finetune_each(prep: ProbeData, run: Any, xtr: np.ndarray, ytr: np.ndarray, xte: np.ndarray, yte: np.ndarray,
+class Rows:
+    """Rows ``at`` of an ``(N, ...)`` array, read when asked: ``rows[idx]`` is ``pixels[at[idx]]``.
+
+    What fine-tuning reads instead of a copy ``pixels[at]``: its batch loader (``len``, ``shape``,
+    ``ndim``, integer-array indexing) reads one batch at a time, so the labelled images of the
+    memory-mapped decoded cache are never all in memory at once."""
+
+    def __init__(self, pixels: np.ndarray, at: np.ndarray) -> None:
+        self.pixels, self.at = pixels, np.asarray(at, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.at)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self.at), *self.pixels.shape[1:])
+
+    @property
+    def ndim(self) -> int:
+        return self.pixels.ndim
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.pixels.dtype
+
+    def __getitem__(self, idx: np.ndarray) -> np.ndarray:
+        return self.pixels[self.at[idx]]
+
+    def rows(self, idx: np.ndarray) -> "Rows":
+        """Rows ``idx`` of these rows, still unread."""
+        return Rows(self.pixels, self.at[idx])
+
+
+def _finetune_each(prep: ProbeData, run: Any, xtr: Rows, ytr: np.ndarray, xte: Rows, yte: np.ndarray,
                    options: Any, dev: Any, args: DataArgs, paired: bool = True) -> dict[str, dict[str, Any]]:
     """``{encoder: metrics}``: each encoder (pretrained, the random baseline, the ``--init``
     weights) fine-tuned on ``xtr`` and scored on ``xte``; ``paired``: each test image's verdict

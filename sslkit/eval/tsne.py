@@ -7,8 +7,9 @@ separate *because of pretraining* is visible at a glance.
 from __future__ import annotations
 
 import sys
+from itertools import islice
 from pathlib import Path, PurePath
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -16,7 +17,7 @@ from sslkit.errors import UsageError
 from sslkit.figure import save_png
 from sslkit.embed import sample_id
 from sslkit.output_file import check_output
-from sslkit.eval.features import embed_all, open_model
+from sslkit.eval.features import embed_all, embed_sample, index_refs, index_source, open_model
 from sslkit.eval.labels import assign_labels, read_labels_csv
 from sslkit.eval.report import new_report, save_picture, save_report, skipped_summary
 
@@ -186,14 +187,11 @@ def folder_values(source: Any, refs: list) -> dict[str, str]:
     return {sid: alias.get(n, n) for sid, n in names.items()}
 
 
-def header_values(model: Any, data: str, source_options: dict[str, Any] | None, field: str) -> dict[str, str]:
+def header_values(source: Any, refs: list, field: str) -> dict[str, str]:
     """``{sample id: value}`` of ``field`` for ``--color-by``: ``folder`` (the file's folder name) or
     a header field the source reports in ``Source.properties(ref)`` (case and ``_`` ignored, so
-    ``Modality`` finds ``modality``; a file without it: :data:`MISSING`). Index only: nothing is decoded."""
-    from sslkit.registry import create_source
-
-    source = create_source(data, **model.source_options(data, source_options))
-    refs = source.index()
+    ``Modality`` finds ``modality``; a file without it: :data:`MISSING`), for every ref of ``source``'s
+    index (:func:`~sslkit.eval.features.index_source`). Index only: nothing is decoded."""
     if field == "folder":
         return folder_values(source, refs)
 
@@ -214,12 +212,42 @@ def header_values(model: Any, data: str, source_options: dict[str, Any] | None, 
     return {sample_id(source, r): out.get(sample_id(source, r), MISSING) for r in refs}
 
 
+def random_pick(n: int, max_samples: int, seed: int) -> Callable[[set[int]], list[int]]:
+    """``choose(failed)`` for :func:`~sslkit.eval.features.embed_sample`: the first ``max_samples`` of a
+    ``seed``-fixed permutation of the ``n`` indexed samples, leaving out those that failed to decode (the next
+    ones in the permutation take their place), in index order."""
+    order = np.random.default_rng(seed).permutation(n)
+
+    def choose(failed: set[int]) -> list[int]:
+        return sorted(islice((int(i) for i in order if int(i) not in failed), max_samples))
+
+    return choose
+
+
+def map_embeddings(model: Any, data: str, source_options: dict[str, Any] | None, max_samples: int, seed: int,
+                   baseline: bool, batch_size: int, progress: bool, color_by: str) -> tuple[dict, dict | None, int]:
+    """The embeddings a map shows, the ``--color-by`` values (None: by label) and how many samples ``data``
+    holds. From the index, ``max_samples`` of them are picked at random (``seed``) and only those decoded
+    (:func:`~sslkit.eval.features.embed_sample`); a set no larger is embedded whole, through the cache
+    that the other evaluations share."""
+    source = index_source(model, data, source_options)
+    refs = index_refs(source, data)
+    colours = header_values(source, refs, color_by) if color_by != "label" else None
+    if max_samples >= len(refs):
+        embs = embed_all(model, data, baseline, batch_size, source_options, progress)
+        return embs, colours, len(embs["pretrained"].embeddings)
+    embs, failed = embed_sample(model, data, source, refs, random_pick(len(refs), max_samples, seed), baseline,
+                                batch_size, progress)
+    return embs, colours, len(refs) - failed
+
+
 def evaluate_tsne(model_path: str, data: str, out: str | None = None, labels_csv: str | None = None,
                   baseline: bool = True, method: str = "tsne", perplexity: float = 30.0,
                   max_samples: int = 5000, seed: int = 0, overwrite: bool = False, batch_size: int = 64,
                   source_options: dict[str, Any] | None = None, progress: bool = True,
                   device: str = "auto", color_by: str = "label", max_pixels: int | None = None) -> dict[str, Any]:
-    """Embed ``data``, map it to 2-D, save the PNG (``out`` or ``RUN/eval/tsne-<stamp>.png``) and a report.
+    """Embed ``data`` (at most ``max_samples`` of it: :func:`map_embeddings`), map it to 2-D, save the PNG
+    (``out`` or ``RUN/eval/tsne-<stamp>.png``) and a report.
 
     Points are coloured by label (class folder or ``labels_csv``), or by ``color_by``: ``folder``
     or a header field of the source (see :func:`header_values`).
@@ -228,17 +256,13 @@ def evaluate_tsne(model_path: str, data: str, out: str | None = None, labels_csv
     model.max_pixels = max_pixels
     out_path = _check_out(out, overwrite)
     table = read_labels_csv(labels_csv) if labels_csv else None
-    colours = header_values(model, data, source_options, color_by) if color_by != "label" else None
-    panels, labels, n_total = {}, None, 0
-    embs = embed_all(model, data, baseline, batch_size, source_options, progress)
-    for name, emb in embs.items():
-        n_total = len(emb.embeddings)
-        keep = np.sort(np.random.default_rng(seed).permutation(n_total)[:max_samples])
-        if labels is None:
-            labs = [colours.get(i) for i in emb.ids] if colours is not None else assign_labels(emb.ids, emb.labels,
-                                                                                               table, emb.label_paths)
-            labels = [labs[i] if labs[i] is not None else UNLABELLED for i in keep]
-        panels[name] = reduce_2d(emb.embeddings[keep], method, perplexity, seed)
+    embs, colours, n_total = map_embeddings(model, data, source_options, max_samples, seed, baseline, batch_size,
+                                            progress, color_by)
+    emb = embs["pretrained"]
+    labs = [colours.get(i) for i in emb.ids] if colours is not None else assign_labels(emb.ids, emb.labels, table,
+                                                                                       emb.label_paths)
+    labels = [lab if lab is not None else UNLABELLED for lab in labs]
+    panels = {name: reduce_2d(e.embeddings, method, perplexity, seed) for name, e in embs.items()}
     desc = model.describe()
     title = (f"{'t-SNE' if method == 'tsne' else 'UMAP'} of {len(labels)} embeddings: "
              f"{desc['task']} {desc['backbone']}" + (f"; colour: {color_by}" if color_by != "label" else ""))
@@ -250,7 +274,7 @@ def evaluate_tsne(model_path: str, data: str, out: str | None = None, labels_csv
                                        "color_by": color_by})
     report["data"] = {"data": {"source": data, "samples": n_total, "plotted": len(labels),
                                "unlabelled": labels.count(UNLABELLED),
-                               "skipped": skipped_summary(embs["pretrained"].skip_reasons)}}
+                               "skipped": skipped_summary(emb.skip_reasons)}}
     report["classes"] = sorted(set(labels) - {UNLABELLED})
     report["class_counts"] = {"plotted": {c: labels.count(c) for c in report["classes"]}}
     report["files"] = [str(out_path)]
