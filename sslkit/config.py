@@ -22,8 +22,10 @@ tables instead, ``[task_options]``, ``[backbone_options]``, ``[source_options]``
 A task class may carry ``engine_defaults`` (a dict of RunConfig fields, e.g. the
 optimizer its paper used); they sit between the built-in defaults and the file.
 ``sslkit pretrain --print-config`` prints the result as a TOML file, each setting under
-a comment with its help, that loads back to the same configuration. Task options are
-resolved in full (every field of the task's ``Options`` with its default), so
+a comment with its help, that loads back to the same configuration; what the task chose
+rather than the user (the backbone fitted to the image size, the engine and optimizer defaults)
+is written commented out, so that the file used at another image size or optimizer chooses it
+again (:func:`_chosen`). Task options are resolved in full (every field of the task's ``Options`` with its default), so
 ``run.json`` records every value the run used.
 
 This module reads the file and merges the layers (:func:`resolve`, :func:`print_config`);
@@ -253,7 +255,8 @@ def print_config(cli: dict[str, Any], config_file: str | None = None) -> str:
     given.pop("resume", None)
     if not given.get("task"):
         raise UsageError("--print-config needs --task (on the command line or in --config)")
-    values = _complete(merge(defaults(), _task_layer(given), given))
+    layer = _task_layer(given)
+    values = _complete(merge(defaults(), layer, given))
     if given.get("max_steps") is not None and "epochs" not in given:  # as resolve(): --max-steps alone
         values["epochs"] = None
     check_planar_sizes(cli, values.get("data"), values.get("source_options") or {})
@@ -265,7 +268,32 @@ def print_config(cli: dict[str, Any], config_file: str | None = None) -> str:
 
     source = source_options_of(values.get("data"))  # once: a bare path is sniffed
     unset = unset_source_options(source, values.get("source_options") or {})
-    return to_toml(ordered, setting_help(values, source), {"source_options": unset})
+    return to_toml(ordered, setting_help(values, source), {"source_options": unset},
+                   chosen=_chosen(given, layer, values))
+
+
+#: the settings a task's engine defaults (and another optimizer's, :data:`OPTIMIZER_DEFAULTS`) choose
+REFITTED = ("optimizer", "base_lr", "lr_scaling", "weight_decay")
+
+
+def _chosen(given: dict[str, Any], layer: dict[str, Any], values: dict[str, Any]) -> set[str]:
+    """The settings ``--print-config`` writes commented out (with their value): those the task chose and
+    the user did not give, which depend on the image size, the backbone or the optimizer (the backbone
+    and the options fitted to it, the engine defaults, the optimizer's weight decay and LR rule). Left
+    commented, a file used with another ``--image-size`` or ``--optimizer`` chooses them again, as a run
+    without the file would; set, they would override that choice silently."""
+    from sslkit.registry import get_task
+
+    task_cls = get_task(values["task"])
+    engine_keys = {*REFITTED, *layer}
+    for name in ("engine_defaults", "token_engine_defaults"):  # what another backbone would take
+        engine_keys.update(getattr(task_cls, name, None) or {})
+    chosen = {k for k in engine_keys if k in FIELDS and k not in given}
+    if "backbone" not in given:
+        chosen.add("backbone")
+    mine = given.get("backbone_options") or {}
+    chosen.update(f"backbone_options.{k}" for k in values.get("backbone_options") or {} if k not in mine)
+    return chosen
 
 
 def _check_printed(values: dict[str, Any]) -> None:

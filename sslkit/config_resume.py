@@ -1,7 +1,8 @@
 """``sslkit pretrain --resume``: the configuration a run was started with, read back from
 its ``run.json`` (:func:`resume_config`). Only the settings that keep the run exact
 (``RESUMABLE_OVERRIDES``) may differ from what the run recorded; ``--data`` may name the
-recorded data's place spelled otherwise (:func:`resumed_data`)."""
+recorded data's place spelled otherwise (:func:`resumed_data`). ``--quiet`` is not inherited: it
+silences the session it is given to."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from sslkit.config_values import FIELDS, OPTION_GROUPS, check_values, plain
+from sslkit.config_values import FIELDS, OPTION_GROUPS, check_values, defaults, plain
 from sslkit.errors import UsageError
 from sslkit.run import RESUMABLE_OVERRIDES, RUN_JSON, RunConfig
 
@@ -57,6 +58,8 @@ def resume_config(given: dict[str, Any]) -> RunConfig:
     # this session's flags (run.json's config never holds them: sslkit.run_record.recorded_config)
     values.update(resume=True, overwrite=False, out=out,
                   allow_data_change=bool(given.get("allow_data_change")))  # per resume, never inherited
+    # --quiet acts on the session it is given to: a resume shows progress unless given it again
+    values["progress"] = given.get("progress", defaults()["progress"])
     return RunConfig(**values)
 
 

@@ -2,7 +2,8 @@
 
 :func:`to_toml` writes scalars first, then one table per option group, each setting under
 a comment with its help (:func:`setting_help`); the file loads back with ``--config`` to
-the same resolved settings.
+the same resolved settings. What the task chose for the image size, backbone and optimizer
+(``chosen``) is written commented with its value, so that it is chosen again for another.
 """
 
 from __future__ import annotations
@@ -112,13 +113,23 @@ def _option_notes(group: str, owner: str | None, options: type | None) -> dict[s
     return notes
 
 
+#: the note of a setting written commented as the task's choice (``chosen``)
+REFIT = "refitted unless set"
+#: the header's note when some settings are written commented as the task's choice (``chosen``)
+CHOSEN_NOTE = ("# '# key = value  (refitted unless set)': what the task chose for this image size, backbone\n"
+               "# and optimizer. Left commented, it is chosen again for the run's own (another --image-size or\n"
+               "# --optimizer), as without this file; uncomment it to keep that value.")
+
+
 def to_toml(values: dict[str, Any], notes: dict[str, str] | None = None,
-            defaults: dict[str, dict[str, Any]] | None = None) -> str:
+            defaults: dict[str, dict[str, Any]] | None = None, chosen: set[str] | frozenset = frozenset()) -> str:
     """Settings as TOML: scalars first, then one table per option group; unset ones commented.
 
     ``notes``: help per ``key`` / ``group.key`` (:func:`setting_help`), written as a
     comment above the setting. ``defaults``: per group, options not set, written commented
-    with their default value (a source's own defaults, which apply unless set).
+    with their default value (a source's own defaults, which apply unless set). ``chosen``:
+    ``key`` / ``group.key`` of settings written commented with their value, as defaults (what
+    the task chose and the user did not set: :data:`CHOSEN_NOTE`).
     """
     import textwrap
 
@@ -128,6 +139,7 @@ def to_toml(values: dict[str, Any], notes: dict[str, str] | None = None,
         return [f"# {line}" for line in textwrap.wrap(text, 96)] if text else []
 
     lines = ["# sslkit pretrain --config FILE; command-line options override these values."]
+    lines += CHOSEN_NOTE.splitlines() if chosen else []
     for key, value in values.items():
         if key in OPTION_GROUPS:
             continue
@@ -136,7 +148,7 @@ def to_toml(values: dict[str, Any], notes: dict[str, str] | None = None,
             note = "default: runs/<task>-<timestamp>" if key == "out" else "required" if key in REQUIRED else "unset"
             lines.append(f"# {key} = ...  ({note})")
         else:
-            lines.append(f"{key} = {_toml_value(value)}")
+            lines.append(_default_line(key, value, REFIT) if key in chosen else f"{key} = {_toml_value(value)}")
     for group in OPTION_GROUPS:
         lines += ["", f"[{group}]", *comment(_GROUP_HELP.get(group))]
         for key, value in (values.get(group) or {}).items():
@@ -144,15 +156,21 @@ def to_toml(values: dict[str, Any], notes: dict[str, str] | None = None,
             if value is None:
                 lines.append(f"# {key} = ...  (unset)")
             else:
-                lines.append(f"{key} = {_toml_value(value)}")
+                lines.append(_default_line(key, value, REFIT) if f"{group}.{key}" in chosen else
+                             f"{key} = {_toml_value(value)}")
         for key, value in ((defaults or {}).get(group) or {}).items():
             lines += comment(notes.get(f"{group}.{key}"))
-            try:
-                shown = "..." if value is None else _toml_value(value)
-            except UsageError:  # a default TOML cannot say
-                shown = "..."
-            lines.append(f"# {key} = {shown}  (default)")
+            lines.append(_default_line(key, value))
     return "\n".join(lines) + "\n"
+
+
+def _default_line(key: str, value: Any, note: str = "default") -> str:
+    """``# key = value  (note)``: a setting shown, not set (``...`` for a value TOML cannot say)."""
+    try:
+        shown = "..." if value is None else _toml_value(value)
+    except UsageError:  # a default TOML cannot say
+        shown = "..."
+    return f"# {key} = {shown}  ({note})"
 
 
 def _toml_value(value: Any) -> str:
