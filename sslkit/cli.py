@@ -11,6 +11,7 @@ import click
 
 from sslkit.cli_types import FiniteFloatRange
 from sslkit.errors import CheckFailed, UsageError, printable, say
+from sslkit.eval.cli import RunSourceFlagsCommand  # embed reads data as the run did: its source flags say so
 from sslkit.new_plugin import KINDS as NEW_PLUGIN_KINDS
 from sslkit.plugins import KINDS as PLUGIN_KINDS
 from sslkit.preempt import EXIT_TERMINATED, Preempted, Terminated, requeue_exit, terminable
@@ -206,7 +207,8 @@ def _default(name: str, by_task: bool = False) -> str:
 @click.option("--callbacks", default=None, metavar="NAME[,NAME...]",
               help="Run callbacks that log metrics (sslkit plugins lists them), e.g. csv,tensorboard"
                    + _default("callbacks"))
-@click.option("--quiet", is_flag=True, default=None, help="No progress bar.")
+@click.option("--quiet", is_flag=True, default=None,
+              help="No progress bar in this session (a --resume shows it unless given --quiet again).")
 @click.pass_context
 def pretrain(ctx: click.Context, **kw) -> None:
     """Pretrain an encoder with a self-supervised task.
@@ -335,7 +337,7 @@ def export(run_dir: str, out: str, fmt: str, opset: int | None, with_preprocessi
         click.echo(line)
 
 
-@main.command(cls=SourceFlagsCommand)
+@main.command(cls=RunSourceFlagsCommand)
 @click.argument("model", type=click.Path())
 @click.option("--data", required=True, help="Images to embed: dicom:PATH, folder:PATH or a bare path.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output .npz file.")

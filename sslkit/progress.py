@@ -22,12 +22,13 @@ EVERY_S = 30.0
 
 
 def human_bytes(n: float) -> str:
-    """``n`` bytes for a message: ``"512 B"``, ``"3.4 MB"``, ``"1.2 GB"`` (units of 1024)."""
-    for unit in ("B", "KB", "MB", "GB"):
+    """``n`` bytes for a message: ``"512 B"``, ``"3.4 MiB"``, ``"1.2 GiB"``: binary units (1 MiB = 2^20
+    bytes), named as such: 16.46e6 bytes is 15.7 MiB, which an "MB" (10^6) would misstate."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
         if abs(n) < 1024:
             return f"{n:.0f} B" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
-    return f"{n:.1f} TB"
+    return f"{n:.1f} TiB"
 
 
 def counted(items: Iterable[T], total: int, desc: str, unit: str, enabled: bool = True,

@@ -203,7 +203,7 @@ def test_deflated_data_set_is_inflated_within_a_limit(tmp_path, monkeypatch):
     refs = src.index()
     assert [r.path for r in refs] == [str(good)]
     assert [(p, r) for p, r in src.skipped] == [
-        (str(bomb), "unreadable header: TooLarge: deflated data set larger than 97.7 KB inflated (the limit)")]
+        (str(bomb), "unreadable header: TooLarge: deflated data set larger than 97.7 KiB inflated (the limit)")]
     assert calls == []  # never inflated in one call
     ds = read_dataset(str(good))
     assert ds == expected and ds.file_meta.TransferSyntaxUID == DeflatedExplicitVRLittleEndian

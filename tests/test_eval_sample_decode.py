@@ -209,18 +209,18 @@ def test_room_advice_names_only_the_options_given(tmp_path, monkeypatch):
     full_disk(monkeypatch)
     with pytest.raises(UsageError) as pretrain:
         room.check_room(tmp_path, 3 * 2**20, (48, 1, 32, 32), 1, 32, room.PRETRAIN_FLAGS)
-    assert str(pretrain.value).endswith("1.0 KB free; free space, choose another folder with --cache DIR, or lower "
+    assert str(pretrain.value).endswith("1.0 KiB free; free space, choose another folder with --cache DIR, or lower "
                                         "--image-size (or --cache-size)")
     with pytest.raises(UsageError) as model_sized:  # embed, eval: neither --cache nor --image-size
         room.check_room(tmp_path, 3 * 2**20, (48, 1, 32, 32), 1, 32, frozenset({"--data", "--out"}))
-    assert str(model_sized.value).endswith("1.0 KB free; free space, or set SSLKIT_CACHE_DIR to a folder with room")
+    assert str(model_sized.value).endswith("1.0 KiB free; free space, or set SSLKIT_CACHE_DIR to a folder with room")
     monkeypatch.setattr(room, "available_memory", lambda: 2**20)
     with pytest.raises(UsageError) as memory:
         room.check_room(None, 3 * 2**20, (48, 1, 32, 32), 1, 32, frozenset())
-    assert str(memory.value) == "48 images at 32 px need 3.0 MB of memory, 1.0 MB is available; free memory"
+    assert str(memory.value) == "48 images at 32 px need 3.0 MiB of memory, 1.0 MiB is available; free memory"
     with pytest.raises(UsageError) as no_cache:
         room.check_room(None, 3 * 2**20, (48, 1, 32, 32), 1, 32, room.PRETRAIN_FLAGS)
-    assert str(no_cache.value).endswith("of memory with --no-cache, 1.0 MB is available; lower --image-size (or "
+    assert str(no_cache.value).endswith("of memory with --no-cache, 1.0 MiB is available; lower --image-size (or "
                                         "--cache-size), or use the disk cache")
     with pytest.raises(UsageError) as sample:
         room.check_sample_room(1, 4096, frozenset())

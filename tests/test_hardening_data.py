@@ -369,12 +369,12 @@ def test_image_size_too_large_is_refused_before_decoding(tmp_path, cli):
     _good_dicoms(tmp_path / "d", 6, 16)
     proc = cli(*TRAIN[:-1], "--image-size", "100000", "--data", f"dicom:{tmp_path / 'd'}",
                       "--out", tmp_path / "run", "--cache", tmp_path / "cache")
-    _one_line_error(proc, "--image-size 100000", "GB")
+    _one_line_error(proc, "--image-size 100000", "GiB")
     assert not (tmp_path / "run").exists() and not list((tmp_path / "cache").glob("*/pixels.npy"))
     from sslkit.data.prepare import check_room
 
     for root in (tmp_path / "cache", None):  # the disk cache and the in-memory array are both estimated
-        with pytest.raises(UsageError, match="GB"):
+        with pytest.raises(UsageError, match="GiB"):
             check_room(root, 10**15, (20, 3, 4_000_000, 4_000_000), 1, 8)  # 1 PB: no disk, no RAM
 
 

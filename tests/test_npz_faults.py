@@ -73,7 +73,7 @@ def test_a_header_declaring_more_than_the_file_holds_is_one_line(tmp_path, cli, 
         compression = zipfile.ZIP_STORED if kind == "stored" else zipfile.ZIP_DEFLATED
         with zipfile.ZipFile(f, "w", compression) as z:
             z.writestr("train_images.npy", data)
-    _one_line_error(_inspect(cli, f), "declares (1000000000, 64, 64) uint8 (3.7 TB)", "holds 100 B of it",
+    _one_line_error(_inspect(cli, f), "declares (1000000000, 64, 64) uint8 (3.7 TiB)", "holds 100 B of it",
                     "truncated or damaged")
 
 
@@ -219,10 +219,10 @@ def test_a_compressed_array_over_the_memory_bound_is_refused_from_its_header(tmp
                 f.write(bytes(100 * side * side))
     assert (tmp_path / "bomb.npz").stat().st_size < 100_000
     _one_line_error(_inspect(cli, tmp_path / "bomb.npz", "--data-opt", "max_gb=0.001"),
-                    "(2000, 64, 64) uint8 is compressed and decompresses to 7.8 MB", "--data-opt max_gb (1.0 MB)",
+                    "(2000, 64, 64) uint8 is compressed and decompresses to 7.8 MiB", "--data-opt max_gb (1.0 MiB)",
                     "save it uncompressed")
     monkeypatch.setattr(npz_mod, "available_memory", lambda: 4 * 2**20)
-    _one_line_error(_inspect(cli, tmp_path / "bomb.npz"), "more than half the available memory (2.0 MB)")
+    _one_line_error(_inspect(cli, tmp_path / "bomb.npz"), "more than half the available memory (2.0 MiB)")
     monkeypatch.undo()
     src = create_source(f"npz:{tmp_path / 'bomb.npz'}")  # within the bound: decompressed once, read
     assert len(src.index()) == n and not src.load(src.index()[5]).any()

@@ -207,7 +207,7 @@ def test_a_checkpoint_write_that_fails_on_a_full_disk_says_so(tmp_path, monkeypa
     with pytest.raises(UsageError) as err:
         checkpoint.save(tmp_path / "ck", 3, {"w": torch.zeros(2)}, {"step": 3})
     assert str(err.value) == (f"cannot write checkpoint step-00000003 in {tmp_path / 'ck'}: no space left on device "
-                              f"(1.0 MB free; [enforce fail at inline_container.cc:672] . unexpected pos 11099520 vs "
+                              f"(1.0 MiB free; [enforce fail at inline_container.cc:672] . unexpected pos 11099520 vs "
                               f"11099472); no earlier checkpoint exists")
     monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(2**30, 0, 2**30))  # space left: another cause
     with pytest.raises(UsageError) as err:
@@ -230,9 +230,9 @@ def test_a_cache_the_disk_cannot_hold_is_refused_with_real_sizes(tmp_path, monke
     monkeypatch.setattr(shutil, "disk_usage", lambda p: namedtuple("usage", "total used free")(2**30, 0, 300 * 2**10))
     with pytest.raises(UsageError) as err:
         prepare.check_room(tmp_path, 3 * 2**20, (48, 1, 32, 32), 1, 32)
-    assert f"48 images at 32 px needs 3.0 MB, {str(tmp_path)!r} has 300.0 KB free;" in str(err.value)
-    assert [human_bytes(n) for n in (0, 1023, 1024, 5 * 2**30, 3 * 2**40)] == ["0 B", "1023 B", "1.0 KB", "5.0 GB",
-                                                                               "3.0 TB"]
+    assert f"48 images at 32 px needs 3.0 MiB, {str(tmp_path)!r} has 300.0 KiB free;" in str(err.value)
+    assert [human_bytes(n) for n in (0, 1023, 1024, 5 * 2**30, 3 * 2**40)] == ["0 B", "1023 B", "1.0 KiB", "5.0 GiB",
+                                                                               "3.0 TiB"]
 
 
 def test_preemption_before_the_first_step_exits_for_requeue(setting, tmp_path):

@@ -187,7 +187,7 @@ def test_inspect_counts_the_volumes_of_a_4d_file_and_sizes_from_the_header(tmp_p
     assert every["decoded_ok"] == 5 and every["decode_checked"] == {"of": 5, "what": "volumes"}
     text = cli("data", "inspect", f"nifti:{data}", "--sample", "volume", "--volume-size", "16,16,16").stdout
     assert "decode check: 3 of 3 files decode (the first volume of each; --every-sample decodes all 5)" in text
-    assert "; 40.8 KB at full resolution (float32)" in text, text  # 41,760 bytes
+    assert "; 40.8 KiB at full resolution (float32)" in text, text  # 41,760 bytes
     text = cli("data", "inspect", f"nifti:{data}", "--sample", "volume", "--volume-size", "16,16,16",
                "--every-sample").stdout
     assert "decode check: 5 of 5 volumes decode\n" in text, text

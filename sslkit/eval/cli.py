@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import click
 
@@ -12,6 +13,24 @@ from sslkit.errors import UsageError
 from sslkit.source_flags import SourceFlagsCommand, flag_values
 
 SEED = click.IntRange(0, 2**32 - 1)  # numpy's seed range
+
+
+class RunSourceFlagsCommand(SourceFlagsCommand):
+    """The source flags of a command that reads data as a trained model did (``embed``, ``eval``).
+
+    An unset flag is the run's option (as the run directory or its ONNX export recorded it) where
+    ``--data`` is of the run's source kind (:func:`sslkit.embed.source_options_for`; an embed of a
+    run trained at ``--window 400,40`` uses 400,40), so a plugin's "(default: auto)", true of
+    ``pretrain``, reads "(default: the run's, else auto)" here."""
+
+    _DEFAULT = re.compile(r"\(default: (?!the run's)([^()]*)\)")
+
+    def get_params(self, ctx: click.Context) -> list[click.Parameter]:
+        params = super().get_params(ctx)
+        for option in self._extra[2]:
+            option.help = self._DEFAULT.sub(r"(default: the run's, else \1)", option.help or "")
+        return params
+
 
 #: --max-pixels of every eval command (the data is read as the run read it unless given)
 MAX_PIXELS = click.option("--max-pixels", default=None, type=click.IntRange(min=0),
@@ -145,7 +164,7 @@ def eval_group() -> None:
     """
 
 
-@eval_group.command(cls=SourceFlagsCommand)
+@eval_group.command(cls=RunSourceFlagsCommand)
 @probe_options
 @click.option("--k", "ks", default="20,200", show_default=True, help="Neighbour counts, comma-separated.")
 @click.option("--temperature", default=0.07, show_default=True, type=float, callback=_positive_finite,
@@ -159,7 +178,7 @@ def knn(**kw) -> None:
     _print(report, kw["as_json"])
 
 
-@eval_group.command(cls=SourceFlagsCommand)
+@eval_group.command(cls=RunSourceFlagsCommand)
 @probe_options
 @click.option("--C", "c_grid", default="0.001,0.01,0.1,1,10", show_default=True,
               help="Inverse regularisation strengths to choose from on the validation split.")
@@ -192,7 +211,7 @@ def linear(ctx: click.Context, **kw) -> None:
     _print(report, kw["as_json"])
 
 
-@eval_group.command(cls=SourceFlagsCommand)
+@eval_group.command(cls=RunSourceFlagsCommand)
 @click.argument("model", metavar="RUN_OR_ONNX")
 @click.option("--data", required=True, help="Images to map (class sub-folders colour the points).")
 @click.option("--out", default=None, help="PNG file (default: RUN/eval/tsne-<time>.png).")
@@ -224,7 +243,7 @@ def tsne(**kw) -> None:
     _print(report, kw["as_json"])
 
 
-@eval_group.command(cls=SourceFlagsCommand)
+@eval_group.command(cls=RunSourceFlagsCommand)
 @click.argument("model", metavar="RUN")
 @click.option("--data", "--images", "images", required=True,
               help="Images to look at (a folder or any source); --images is the same option.")
@@ -248,7 +267,7 @@ def attention(**kw) -> None:
     _print(report, kw["as_json"])
 
 
-@eval_group.command(cls=SourceFlagsCommand)
+@eval_group.command(cls=RunSourceFlagsCommand)
 @probe_options
 @click.option("--fractions", default="0.01,0.1,1", show_default=True,
               help="Fractions of the training labels to keep (stratified), comma-separated.")

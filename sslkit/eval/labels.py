@@ -2,8 +2,10 @@
 
 A labels CSV has two columns, ``path,label`` (a header row naming them is optional).
 ``path`` is matched against the end of each sample's path, so it may be absolute,
-relative to the data folder, or a bare file name; the longest match wins. A multi-frame
-file's frames share its label unless a row names ``file#frame``.
+relative to the data folder, or a bare file name; the longest match wins. A row that is the
+match of several files (a bare ``IM0001`` or ``0000.jpg`` found in several folders) is refused:
+it would label all of them alike, silently. A multi-frame file's frames share its label unless
+a row names ``file#frame``.
 
 A DICOM series read as one volume (``--sample volume``) is not named by a path (its id is
 ``series:<key>``); it is matched through its slices instead: a row naming any of its slice
@@ -26,7 +28,7 @@ from typing import Sequence
 
 import numpy as np
 
-from sslkit.errors import UsageError, unknown_name_message
+from sslkit.errors import UsageError, shown, unknown_name_message
 
 
 @dataclass
@@ -90,23 +92,41 @@ def assign_labels(ids: Sequence[str], folder_labels: Sequence[str | None], table
 
     ``paths``: per sample, further paths a row may name besides its id (a DICOM volume's
     slice files and their folders; empty for a sample named by its own path). The rows
-    matching the id or any of them must agree, else the sample has no label.
+    matching the id or any of them must agree, else the sample has no label. A row that is
+    the match of several different files or folders is a usage error (:func:`_check_unique`).
     """
     if table is None:
         return list(folder_labels)
-    out = []
+    out: list[str | None] = []
+    named: dict[str, set[str]] = {}  # row -> the files (frame left out) and folders it was the match of
     for i, sid in enumerate(ids):
-        found = {_lookup(table, p) for p in (sid, *(paths[i] if paths else ()))} - {None}
+        rows = set()
+        for p in (sid, *(paths[i] if paths else ())):
+            row = _match(table, p)
+            if row is not None:
+                rows.add(row)
+                named.setdefault(row, set()).add(p.partition("#")[0])
+        found = {table[row] for row in rows}
         out.append(found.pop() if len(found) == 1 else None)
+    _check_unique(named)
     return out
 
 
-def _lookup(table: dict[str, str], path: str) -> str | None:
-    """The label of the longest row of ``table`` that ends ``path`` or its absolute form (an absolute
-    row for a relative ``--data``); None: no row does."""
+def _check_unique(named: dict[str, set[str]]) -> None:
+    """Refuse a row that matched several files (``0000.jpg`` in ``airplane/`` and ``cat/``; DICOM's
+    ``IM0001`` in every series): it labelled all of them alike, silently."""
+    row, where = max(named.items(), key=lambda item: len(item[1]), default=("", set()))
+    if len(where) > 1:
+        raise UsageError(f"--labels: row {shown(row)} matches {len(where)} files in different folders; give each "
+                         f"file its own row, with its path relative to the data folder (FOLDER/NAME)")
+
+
+def _match(table: dict[str, str], path: str) -> str | None:
+    """The longest row of ``table`` that ends ``path`` or its absolute form (an absolute row for a
+    relative ``--data``); None: no row does."""
     file, sep, frame = path.partition("#")
     whole = os.path.abspath(file) + sep + frame
-    return next((table[s] for s in (*_suffixes(whole), *_suffixes(path)) if s in table), None)
+    return next((s for s in (*_suffixes(whole), *_suffixes(path)) if s in table), None)
 
 
 def no_labels(what: str, data: str, csv_given: bool) -> UsageError:
