@@ -9,9 +9,11 @@ also needs pydicom's codec packages, as sslkit itself installs them::
 
 (pylibjpeg-libjpeg: JPEG baseline/extended incl. 12-bit, JPEG lossless, JPEG-LS;
 pylibjpeg-openjpeg: JPEG 2000; pylibjpeg-rle: fast RLE). Without them such files are
-skipped, and the script says how many and why. Everything else comes from the ``sslkit``
-JSON in the ONNX file's metadata: input name and dtype, channels, image size, and the
-preprocessing the graph does not do itself.
+skipped, and the script says how many, why, and (only when a decoder is missing, not when
+the data is corrupt) which packages to install. DICOM objects that are not images (SEG,
+SR, RTSTRUCT...: sslkit's dicom source's rule) are skipped and named. Everything else
+comes from the ``sslkit`` JSON in the ONNX file's metadata: input name and dtype, channels,
+image size, and the preprocessing the graph does not do itself.
 
     python examples/onnx_inference.py encoder.onnx FOLDER --out embeddings.npz
 
@@ -20,10 +22,13 @@ Per image, as in pretraining:
 1. read pixels: 8/16-bit PNG/JPEG/TIFF with pillow (float and 32-bit integer TIFFs scaled
    to [0, 1] by their own min-max, NaN/inf skipped: sslkit's rule, copied in ``own_range``);
    DICOM with pydicom, through the modality LUT (RescaleSlope/Intercept: Hounsfield units for CT);
+   colour DICOM as RGB in [0, 1] (YBR converted, PALETTE COLOR through its colour tables);
 2. map to what the graph takes (``input.raw.kind`` in the metadata):
    ``uint8`` / ``uint16`` raw pixels, ``window`` modality values (MONOCHROME1 reflected in
-   the window), ``unit`` [0, 1] after the run's DICOM window (``auto``: the file's first
-   VOI window, else min-max), or ``normalized`` ``(x - mean) / std``;
+   the window; clipped to a single window before resizing, as the run windowed, then resized;
+   a colour file, which the run saw as luma in [0, 1], as the value the window maps to that
+   luma; refused by a stack of windows), ``unit`` [0, 1] after the run's DICOM
+   window (``auto``: the file's first VOI window, else min-max), or ``normalized`` ``(x - mean) / std``;
 3. convert channels (RGB -> luma 0.2989 R + 0.587 G + 0.114 B, gray -> repeated);
 4. resize the shorter side to ``image_size`` (bilinear, antialiased) and centre-crop.
 
@@ -48,6 +53,7 @@ from PIL import Image, ImageOps
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp"}
 CODECS = "pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg pylibjpeg-rle"
 LUMA = (0.2989, 0.587, 0.114)
+UNIT_SCALE = {"uint8": 255.0, "uint16": 65535.0}  # [0, 1] -> what a graph taking 8 / 16-bit pixels takes
 
 
 def read_metadata(session: ort.InferenceSession) -> dict:
@@ -125,21 +131,86 @@ def own_range(a: np.ndarray) -> np.ndarray:
     return ((a.astype(np.float64) - lo) / (hi - lo)).astype(np.float32)
 
 
-def dicom_frames(path: Path) -> list[tuple[int | None, np.ndarray]]:
-    """Every frame of a DICOM file as (frame or None, float32 modality values or RGB)."""
+#: objects that carry Rows/Columns (or even pixels) but are not images to learn from: sslkit's dicom
+#: source passes them over (its NON_IMAGE_MODALITIES, copied here; keep the two the same)
+NON_IMAGE_MODALITIES = {"SR", "KO", "PR", "SEG", "REG", "RTSTRUCT", "RTPLAN", "RTRECORD", "DOC", "ECG"}
+
+
+class NotAnImage(ValueError):
+    """A DICOM object that is not an image (a segmentation, a report...): passed over, as sslkit does."""
+
+
+def not_an_image(ds) -> str | None:
+    """Why ``ds`` is not an image, as sslkit's dicom source decides it: a non-image modality, or
+    no Rows/Columns, no pixel data and an SOP class that is not an image storage class."""
     import pydicom
-    from pydicom.pixels import apply_modality_lut
+
+    modality = str(ds.get("Modality", "") or "").upper()
+    if modality in NON_IMAGE_MODALITIES:
+        return f"not an image (Modality {modality}; sslkit skips these too)"
+    if any(k in ds for k in ("Rows", "Columns", "PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+        return None
+    sop = ds.get("SOPClassUID") or getattr(ds, "file_meta", {}).get("MediaStorageSOPClassUID")
+    if sop and pydicom.uid.UID(str(sop)).name.endswith("Image Storage"):
+        return None  # an image cut short: the decoder's error says so
+    return "not an image (no Rows, Columns or pixel data; sslkit skips these too)"
+
+
+def missing_codec(ds) -> str | None:
+    """The compressed transfer syntax whose decoder package is not installed (why its pixels could
+    not be decoded), as sslkit's dicom source tells it; None where a decoder is there (then the data
+    is at fault, and the decoder's own message says how)."""
+    import pydicom
+    from pydicom.pixels import get_decoder
+
+    ts = pydicom.uid.UID(str(getattr(ds, "file_meta", {}).get("TransferSyntaxUID", "")))
+    if not ts or not ts.is_encapsulated:
+        return None
+    try:
+        decoder = get_decoder(ts)
+    except NotImplementedError:  # no pydicom decoder exists for it: no package would help
+        return None
+    if not decoder.is_available:  # pydicom's error lists what each of its plugins requires
+        return ts.name
+    if ts == pydicom.uid.JPEGExtended12Bit and int(ds.get("BitsStored", 8) or 8) > 8 \
+            and "pylibjpeg" not in decoder.available_plugins:  # Pillow decodes 8-bit JPEG only
+        return f"12-bit {ts.name}"
+    return None
+
+
+def dicom_frames(path: Path) -> list[tuple[int | None, np.ndarray]]:
+    """Every frame of a DICOM file as (frame or None, float32 modality values or RGB in [0, 1]).
+
+    Raises :class:`NotAnImage` for segmentations, reports etc.; a decoding failure caused by a
+    missing codec package carries ``missing_codec`` (:func:`missing_codec`)."""
+    import pydicom
+    from pydicom.pixels import apply_color_lut, apply_modality_lut
 
     ds = pydicom.dcmread(path)
-    arr = ds.pixel_array
+    if why := not_an_image(ds):
+        raise NotAnImage(why)
+    try:
+        arr = ds.pixel_array
+    except Exception as exc:
+        try:
+            exc.missing_codec = missing_codec(ds)
+        except Exception:  # the decoder's own error is the one to report
+            pass
+        raise
     frames = int(ds.get("NumberOfFrames", 1) or 1)
+    palette = str(ds.get("PhotometricInterpretation", "")).strip().upper() == "PALETTE COLOR"
     colour = int(ds.get("SamplesPerPixel", 1)) == 3
     out = []
     for i in range(frames):
         a = arr[i] if frames > 1 else arr
-        if colour:
-            bits = int(ds.get("BitsStored", 8))
-            out.append((i if frames > 1 else None, ("rgb", a.astype(np.float32).transpose(2, 0, 1) / (2**bits - 1), ds)))
+        if palette:  # stored values index the file's colour tables: RGB, as sslkit's dicom source reads it
+            top = float(2 ** int(ds.RedPaletteColorLookupTableDescriptor[2]) - 1)
+            rgb = np.clip(apply_color_lut(a, ds).astype(np.float32) / top, 0.0, 1.0)
+            out.append((i if frames > 1 else None, ("rgb", rgb.transpose(2, 0, 1), ds)))
+        elif colour:
+            top = float(2 ** int(ds.get("BitsStored", 8)) - 1)
+            rgb = np.clip(a.astype(np.float32) / top, 0.0, 1.0)
+            out.append((i if frames > 1 else None, ("rgb", rgb.transpose(2, 0, 1), ds)))
         else:
             out.append((i if frames > 1 else None, ("gray", apply_modality_lut(a, ds).astype(np.float32), ds)))
     return out
@@ -166,16 +237,24 @@ def _file_window(ds, values: np.ndarray) -> np.ndarray:
 def dicom_pixels(item, raw: dict, spec: dict) -> np.ndarray:
     """One DICOM frame -> (C, H, W) in the graph's raw kind."""
     what, values, ds = item
-    if what == "rgb":
-        if raw["kind"] == "window":
-            raise ValueError("colour DICOM cannot be given to a graph that windows modality values")
-        return values
+    if what == "rgb":  # RGB in [0, 1] (palette colour already through its tables): no window applies
+        if raw["kind"] != "window":
+            return values * UNIT_SCALE.get(raw["kind"], 1.0)
+        if len(raw["window"]) > 1:
+            raise ValueError("colour DICOM cannot be given to a graph that stacks windows (no single modality "
+                             "value gives every channel its colour)")
+        # the run saw it as luma in [0, 1]: the value the graph's window takes back to that, as `sslkit embed` does
+        lower, upper = raw["window"][0]["lower"], raw["window"][0]["upper"]
+        return lower + to_channels(values, 1) * (upper - lower)
     monochrome1 = str(ds.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1"
     if raw["kind"] == "window":
         if monochrome1 and len(raw["window"]) > 1:
             raise ValueError("MONOCHROME1 cannot be reflected into a stack of windows")
         lower, upper = raw["window"][0]["lower"], raw["window"][0]["upper"]
-        return (lower + upper - values if monochrome1 else values)[None]
+        values = lower + upper - values if monochrome1 else values
+        if len(raw["window"]) == 1:  # clipped to the window before resizing, as the run windowed then resized
+            values = np.nan_to_num(np.clip(values, lower, upper), nan=lower)  # (NaN: 0 after the window)
+        return values[None]
     windows = spec.get("preprocessing", {}).get("window") or ["auto"]
     channels = []
     for w in windows if isinstance(windows, list) else [windows]:
@@ -189,7 +268,7 @@ def dicom_pixels(item, raw: dict, spec: dict) -> np.ndarray:
         else:
             x = _file_window(ds, values)
         channels.append(1.0 - x if monochrome1 else x)
-    return np.stack(channels)
+    return np.stack(channels) * UNIT_SCALE.get(raw["kind"], 1.0)
 
 
 # --- 3-4: channels and size -----------------------------------------------------------
@@ -248,6 +327,7 @@ def main(argv: list[str] | None = None) -> int:
                  f"--data {spec.get('source') or 'dicom'}:{args.folder} --out {args.out}`")
 
     ids, batch, embeddings, skipped = [], [], [], {}  # skipped: reason -> files
+    no_codec = set()  # what a missing codec package left undecoded
     files = list_files(Path(args.folder))
 
     def flush():
@@ -265,6 +345,8 @@ def main(argv: list[str] | None = None) -> int:
             reason = why_skipped(exc)
             print(f"\nskipped {path}: {reason}", file=sys.stderr)
             skipped[reason] = skipped.get(reason, 0) + 1
+            if getattr(exc, "missing_codec", None):
+                no_codec.add(exc.missing_codec)
             continue
         for frame, x in items:
             ids.append(str(path) if frame is None else f"{path}#{frame}")
@@ -276,11 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     flush()
     if sys.stderr.isatty():
         print(file=sys.stderr)
-    n_skipped = sum(skipped.values())
-    if n_skipped:
-        print(f"{n_skipped} file(s) skipped: " + "; ".join(f"{n} x {r}" for r, n in skipped.items()), file=sys.stderr)
-        if any("missing dependencies" in r or "Unable to decode" in r or "plugins" in r for r in skipped):
-            print(f"compressed DICOM needs pydicom's codecs: {CODECS}", file=sys.stderr)
+    n_skipped = report_skipped(skipped, no_codec)
     if not embeddings:
         sys.exit("error: no image could be embedded")
     result = np.concatenate(embeddings).astype(np.float32)
@@ -289,11 +367,22 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def report_skipped(skipped: dict[str, int], no_codec: set[str]) -> int:
+    """The skip reasons with their counts, and the codec packages only where a decoder is missing
+    (a corrupt stream is the decoder's own line); returns how many files were skipped."""
+    n_skipped = sum(skipped.values())
+    if n_skipped:
+        print(f"{n_skipped} file(s) skipped: " + "; ".join(f"{n} x {r}" for r, n in skipped.items()), file=sys.stderr)
+    if no_codec:
+        print(f"no decoder installed for {', '.join(sorted(no_codec))}: {CODECS}", file=sys.stderr)
+    return n_skipped
+
+
 def why_skipped(exc: Exception) -> str:
     """One line: the exception type and the first line of its message (pydicom names the
     transfer syntax and the packages a missing codec needs)."""
     text = " ".join(str(exc).split())
-    return f"{type(exc).__name__}: {text[:300]}"
+    return text if isinstance(exc, NotAnImage) else f"{type(exc).__name__}: {text[:300]}"
 
 
 if __name__ == "__main__":
