@@ -174,3 +174,23 @@ def test_an_entry_changed_after_it_was_written_is_decoded_again(dicom_folder, tm
     count_loads.clear()
     load_data(f"dicom:{dicom_folder}", 24, cache_dir=cache, progress=False)
     assert count_loads == [] and "damaged" not in capsys.readouterr().err
+
+
+def test_a_cache_write_failure_names_only_the_running_commands_flags(tmp_path):
+    """embed and eval have no --cache or --no-cache: their line names SSLKIT_CACHE_DIR (it advised both)."""
+    import click
+
+    from sslkit.cli import main
+    from sslkit.data.cache import disk_full_error
+
+    full = OSError(errno.ENOSPC, "No space left on device")
+    head = f"cannot write the decoded-pixel cache in {str(tmp_path)!r} (3.0 MiB): No space left on device; "
+    assert str(disk_full_error(tmp_path, full, 3 * 2**20)) == (
+        head + "free space, choose another folder with --cache DIR, or use --no-cache")
+    with click.Context(main.commands["embed"]):
+        assert str(disk_full_error(tmp_path, full, 3 * 2**20)) == (
+            head + "free space, or set SSLKIT_CACHE_DIR to a folder with room")
+    read_only = OSError(errno.EROFS, "Read-only file system")
+    with click.Context(main.commands["pretrain"]):
+        assert str(disk_full_error(tmp_path, read_only, 3 * 2**20)).endswith(
+            "Read-only file system; choose another folder with --cache DIR, or use --no-cache")

@@ -261,9 +261,14 @@ def reserve(path: Path, nbytes: int) -> None:
 def disk_full_error(root: Path, exc: OSError, nbytes: int) -> UsageError:
     """The one line for a cache that could not be written."""
     full = exc.errno in (errno.ENOSPC, errno.EDQUOT)  # else read-only, or not ours: no space to free
-    return UsageError(f"cannot write the decoded-pixel cache in {str(root)!r} ({nbytes / 2**20:.1f} MB): "
-                      f"{exc.strerror or exc}; {'free space, ' if full else ''}choose another folder with "
-                      f"--cache DIR, or use --no-cache")
+    from sslkit.data.room import cache_elsewhere, command_flags, either
+    from sslkit.progress import human_bytes
+
+    flags = command_flags()
+    ways = [*(["free space"] if full else []), cache_elsewhere(flags), *(["use --no-cache"] if "--no-cache" in flags
+                                                                      else [])]
+    return UsageError(f"cannot write the decoded-pixel cache in {str(root)!r} ({human_bytes(nbytes)}): "
+                      f"{exc.strerror or exc}; {either(ways)}")
 
 
 def open_entry(target: Path, shape: tuple[int, ...]) -> tuple[Any, dict[str, Any]]:

@@ -7,6 +7,7 @@ import json
 import click
 
 from sslkit.cli_types import FiniteFloatRange
+from sslkit.progress import human_bytes
 from sslkit.source_flags import SourceFlagsCommand, flag_values
 
 
@@ -111,6 +112,6 @@ def cache(cache_dir: str | None, clear: bool, clear_older_than: float | None, as
     for e in entries:
         what = (f"{e['samples']:7d} samples  shape {e['shape']}  last used {e['last_used']}  {e['source']}"
                 if e["usable"] else "unusable (damaged, or another sslkit version's format; never read)")
-        click.echo(f"{e['key']}  {e['bytes'] / 2**20:9.1f} MB  {what}")
+        click.echo(f"{e['key']}  {human_bytes(e['bytes']):>10}  {what}")
     total = sum(e["bytes"] for e in entries)
-    click.echo(f"{verb}: {len(entries)} ({total / 2**20:.1f} MB)")
+    click.echo(f"{verb}: {len(entries)} ({human_bytes(total)})")
