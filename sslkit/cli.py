@@ -310,8 +310,9 @@ def _start_pretrain(ctx: click.Context, kw: dict):
 @click.option("--with-preprocessing", is_flag=True,
               help="ONNX graph takes raw pixels and applies the run's scaling / window and normalisation.")
 @click.option("--input-dtype", default=None, type=click.Choice(["uint8", "uint16", "float32"]),
-              help="Raw input dtype with --with-preprocessing (default: what the run's source declares: uint8 for "
-                   "image files, float32 values where the graph applies the source's window, e.g. DICOM).")
+              help="Raw input dtype with --with-preprocessing (default: image files follow the run's data: uint8 "
+                   "for 8-bit, uint16 for 16-bit, float32 for float images; float32 values where the graph "
+                   "applies the source's window, e.g. DICOM).")
 @click.option("--fp16", is_flag=True, help="Half-precision weights (checked with a looser tolerance).")
 @click.option("--check-data", default=None, metavar="SRC|none",
               help="Data for the real-input parity check (default: the run's own data).")

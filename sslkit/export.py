@@ -10,6 +10,7 @@ exporter, which writes through a temporary file so nothing half-written is left.
 from __future__ import annotations
 
 import hashlib
+import inspect
 from pathlib import Path
 from typing import Any, Callable
 
@@ -17,6 +18,7 @@ import numpy as np
 
 from sslkit.errors import UsageError
 from sslkit.output_file import check_output, file_sha256, read_json
+from sslkit.raw_input import graph_preprocessing_of, pixel_grid
 from sslkit.registry import get_exporter
 from sslkit.run import ENCODER_FILE, Run, check_not_run_file, load_run
 
@@ -92,15 +94,24 @@ def real_samples(run: Run, data: str | None = None, n: int = REAL_SAMPLES) -> tu
     Returns ``(None, why)`` when the data is not reachable (another machine, deleted) or
     ``data == "none"``.
     """
+    samples, note, _ = read_samples(run, data, n)
+    return samples, note
+
+
+def read_samples(run: Run, data: str | None = None, n: int = REAL_SAMPLES) -> tuple[np.ndarray | None, str, str | None]:
+    """:func:`real_samples`, and the grid the images' values lie on as the source decoded them,
+    before any channel conversion or resizing (:func:`sslkit.raw_input.pixel_grid`: ``uint8``,
+    ``uint16`` where any image is finer than 8-bit, ``float`` where any is on neither grid), None
+    when no image was read."""
     from sslkit.data.prepare import resize_square
     from sslkit.data.source import to_channels
     from sslkit.registry import create_source, resolve_data
 
     if data == "none":
-        return None, "skipped: --check-data none"
+        return None, "skipped: --check-data none", None
     location = data or run.info.get("config", {}).get("data")
     if not location:
-        return None, "skipped: the run records no data location"
+        return None, "skipped: the run records no data location", None
     spec = run.spec
     try:
         scheme = resolve_data(location)[0]
@@ -111,21 +122,24 @@ def real_samples(run: Run, data: str | None = None, n: int = REAL_SAMPLES) -> tu
     except UsageError as exc:
         if data:
             raise
-        return None, f"skipped: the run's data is not reachable here ({exc})"
-    out = []
+        return None, f"skipped: the run's data is not reachable here ({exc})", None
+    out, grids = [], set()
     for ref in refs[:: max(1, len(refs) // n)]:
         try:
-            x = to_channels(source.load(ref), spec.channels)
+            native = source.load(ref)
+            x = to_channels(native, spec.channels)
             x = x if spec.sample == "volume" else resize_square(x, spec.image_size)  # volumes come fitted
         except Exception:
             continue  # undecodable files were skipped in pretraining too
         out.append(x.astype(np.float32))
+        grids.add(pixel_grid(native))
         if len(out) == n:
             break
     what = f"--check-data ({scheme} source)" if data else "the run's data"
     if not out:
-        return None, f"skipped: no decodable image in {what}"
-    return np.stack(out), f"{len(out)} images of {what}"
+        return None, f"skipped: no decodable image in {what}", None
+    grid = next(g for g in ("float", "uint16", "uint8") if g in grids)  # the finest any image needs
+    return np.stack(out), f"{len(out)} images of {what}", grid
 
 
 def _check_suffix(out: Path, fmt: str) -> None:
@@ -168,16 +182,53 @@ def export_run(run_dir: str | Path, out: str | Path, fmt: str = "onnx", overwrit
     check_output(out, overwrite)
     encoder = run.build_encoder()
     check_finite_weights(encoder, run)
-    samples, note = real_samples(run, check_data)
+    samples, note, grid = read_samples(run, check_data)
+    metadata, chosen = export_metadata(run, encoder), input_dtype_choice(exporter, run, options, grid, note)
+    if grid is not None and graph_preprocessing_of(run.spec).kind == "pixels":
+        metadata["data_pixels"] = {"grid": grid, "read": note}  # what a pixels graph's input dtype follows
     # The one exporter signature (hookspecs.register_exporters): always these keywords.
-    report = exporter(encoder, run.spec, export_metadata(run, encoder), out, samples=samples, samples_note=note,
+    report = exporter(encoder, run.spec, metadata, out, samples=samples, samples_note=note,
                       log=log or (lambda line: None), **options)
-    return {"format": fmt, "out": str(out), **(report or {})}
+    return {"format": fmt, "out": str(out), **(report or {}), **chosen}
+
+
+def input_dtype_choice(exporter: Callable, run: Run, options: dict[str, Any], grid: str | None,
+                       note: str) -> dict[str, str]:
+    """For an export ``with_preprocessing`` of a ``pixels`` source by an exporter that takes ``input_dtype``:
+    set ``options["input_dtype"]``, when not given, to the grid of the run's data (``grid``, of the images
+    ``note`` names: :func:`sslkit.raw_input.default_input_dtype`), and say why in ``input_dtype_from``; a
+    given one coarser than the data is said too. ``{}`` for any other export."""
+    from sslkit.raw_input import default_input_dtype
+
+    if not options.get("with_preprocessing") or not _takes(exporter, "input_dtype"):
+        return {}
+    given = options.get("input_dtype")
+    if given is None:
+        dtype, why = default_input_dtype(run.spec, grid, note)
+        if dtype is not None:
+            options["input_dtype"] = dtype
+        return {"input_dtype_from": why} if why else {}
+    if grid in {"uint8": ("uint16", "float"), "uint16": ("float",)}.get(given, ()):
+        return {"input_dtype_from": f"--input-dtype {given}, coarser than the run's data ({grid} values, {note}): "
+                                    f"the client's pixels lose bits the run saw (input rounding says how much)"}
+    return {}
+
+
+def _takes(function: Callable, name: str) -> bool:
+    """Whether ``function`` has a parameter ``name`` (False where its signature cannot be read)."""
+    try:
+        return name in inspect.signature(function).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 #: keys of the built-in exporters' reports that :func:`report_lines` says in words (or leaves out)
 REPORT_WORDS = {"format", "out", "verified_by", "max_abs_diff", "tolerance", "min_cosine", "real_inputs", "fp16",
-                "client_note", "checks", "dynamic_hw", "input_kind", "opset", "data_config"}
+                "client_note", "checks", "dynamic_hw", "input_kind", "opset", "data_config", "input_dtype_from",
+                "input_rounding"}
+#: the longest client note said whole: sslkit's own are shorter (their plugin parts bounded, see
+#: :func:`sslkit.raw_input.source_mapping`); a longer one (an exporter plugin's) is bounded
+CLIENT_NOTE_MAX = 3000
 
 
 def report_lines(report: dict) -> list[str]:
@@ -188,8 +239,8 @@ def report_lines(report: dict) -> list[str]:
     def num(value, fmt: str) -> str:  # a number formatted, anything else bounded as it is
         return format(value, fmt) if isinstance(value, (int, float)) and not isinstance(value, bool) else shown(value)
 
-    def words(value) -> str:  # a one-line string as it is, anything else bounded
-        return value if isinstance(value, str) and "\n" not in value and len(value) <= 300 else shown(value)
+    def words(value, limit: int = 300) -> str:  # a one-line string as it is, anything else bounded
+        return value if isinstance(value, str) and "\n" not in value and len(value) <= limit else shown(value)
 
     def parity(part: dict, tolerance: str = "") -> str:  # "max abs diff X (tolerance T), min cosine C", as present
         diff = f"max abs diff {num(part['max_abs_diff'], '.2e')}{tolerance}" if "max_abs_diff" in part else ""
@@ -210,12 +261,25 @@ def report_lines(report: dict) -> list[str]:
     if isinstance(fp16, dict) and ("max_abs_diff" in fp16 or "min_cosine" in fp16):
         tolerance = f" (tolerance: {words(fp16['tolerance'])})" if "tolerance" in fp16 else ""
         lines.append(f"float16: {parity(fp16)}{tolerance}")
+    lines += _rounding_lines(report, num, words)
     if report.get("client_note"):
-        lines.append(f"client: {words(report['client_note'])}")
+        lines.append(f"client: {words(report['client_note'], CLIENT_NOTE_MAX)}")
     own = [f"{k}={shown(v)}" for k, v in report.items() if k not in REPORT_WORDS and not (k == "limit" and limit)]
     if own:
         lines.append("report: " + ", ".join(own))
     lines.append(f"exported {report.get('format')} to {report.get('out')}")
+    return lines
+
+
+def _rounding_lines(report: dict, num: Callable, words: Callable) -> list[str]:
+    """The graph input's dtype and why (``input_dtype_from``), and what rounding the real images to it cost
+    (``input_rounding``: the graph on the client's input vs PyTorch on the run's unrounded pixels)."""
+    lines = [f"input: {words(report['input_dtype_from'])}"] if report.get("input_dtype_from") else []
+    r = report.get("input_rounding")
+    if isinstance(r, dict) and "max_abs_diff" in r:
+        lines.append(f"input rounding ({words(r.get('input'))} input vs the run's unrounded pixels, real inputs): "
+                     f"max abs diff {num(r['max_abs_diff'], '.2e')} ({num(r.get('relative'), '.2e')} of max "
+                     f"|embedding|), min cosine {num(r.get('min_cosine'), '.6f')}")
     return lines
 
 

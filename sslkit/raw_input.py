@@ -21,6 +21,11 @@ name: :meth:`Source.graph_preprocessing` returns a :class:`GraphPreprocessing`, 
 in the run's :class:`InputSpec` (``graph_preprocessing``). Resizing (shorter side to
 ``image_size``, centre crop) always stays with the client.
 
+A ``pixels`` source's graph takes, unless ``--input-dtype`` says otherwise, the integer type of the
+run's data (:func:`default_input_dtype`: uint8 for 8-bit images, uint16 for 16-bit ones: 12-bit
+content stored in 16 bits is fed as stored, its values 0-4095, never stretched to its range), so no
+client loses bits the run saw; float32 for data on neither grid.
+
 A ``--sample volume`` run's client builds the volume (:data:`VOLUME_STEPS`): it resamples
 the values the graph takes (modality values for a window graph: the graph windows after
 resampling, as the run's source does) and pads with :attr:`RawInput.pad_value`, the value
@@ -35,7 +40,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from sslkit.errors import UsageError
+from sslkit.errors import UsageError, shown
 from sslkit.spec import InputSpec
 
 KINDS = ("normalized", "unit", "uint8", "uint16", "window")
@@ -46,6 +51,10 @@ VOLUME_STEPS = ("stacks the slices along the slice normal at their positions, la
                 "RAS+ axes: as it says), resamples to spacing_mm (dz, dy, dx; trilinear; along D linear between the two "
                 "nearest slices, so a missing slice is interpolated across; the grid spans half a step before "
                 "the first slice to half a step after the last), centre crops / pads to volume_size (D, H, W)")
+#: the integer grids a source's [0, 1] pixels may lie on: k / 255 (8-bit), k / 65535 (16-bit)
+GRIDS = (("uint8", 255.0), ("uint16", 65535.0))
+#: what a note quotes of a plugin's own text (a source's client sentence, its preprocessing values)
+PLUGIN_TEXT = 400
 _WL = re.compile(r"W\s*([-+]?[\d.]+(?:e[-+]?\d+)?),\s*L\s*([-+]?[\d.]+(?:e[-+]?\d+)?)", re.I)
 
 
@@ -58,8 +67,9 @@ class GraphPreprocessing:
 
     ``kind``:
 
-    * ``"pixels"`` (the default): the source reads image pixels; the graph takes uint8
-      (or ``--input-dtype`` uint16 / float32 in [0, 1]) and scales them;
+    * ``"pixels"`` (the default): the source reads image pixels; the graph takes the run's
+      images' integer type (uint8, or uint16 where they are finer: :func:`default_input_dtype`),
+      or ``--input-dtype``'s (float32: in [0, 1]), and scales them;
     * ``"window"``: the graph takes one float32 channel of the source's values and applies
       one fixed linear window per output channel, ``lower`` / ``upper`` (``C`` each):
       ``x_c = clip((raw - lower_c) / (upper_c - lower_c), 0, 1)``;
@@ -231,7 +241,8 @@ def raw_input_for(spec: InputSpec, with_preprocessing: bool, input_dtype: str | 
     """The graph input for ``spec``, and a note on what the client must still do.
 
     ``input_dtype`` (``uint8``, ``uint16``, ``float32``) chooses the raw dtype of a
-    ``pixels`` source (default uint8); a source whose graph takes its own values
+    ``pixels`` source (None: uint8; ``sslkit export`` passes :func:`default_input_dtype`'s
+    choice, which follows the run's data); a source whose graph takes its own values
     (``window``) or pixels it mapped per file (``unit``) fixes float32.
     """
     raw, note = _raw_input(spec, with_preprocessing, input_dtype)
@@ -242,10 +253,10 @@ def raw_input_for(spec: InputSpec, with_preprocessing: bool, input_dtype: str | 
             raise UsageError("this volume run was trained by an sslkit that windowed each slice before resampling; "
                              "a graph that windows cannot reproduce it: export without --with-preprocessing "
                              "(the client then gives the run's own [0, 1] volumes, as sslkit data dump writes them)")
-    return raw, (volume_note(raw, note) if spec.sample == "volume" else note)
+    return raw, (volume_note(raw, note, spec) if spec.sample == "volume" else note)
 
 
-def volume_note(raw: RawInput, note: str) -> str:
+def volume_note(raw: RawInput, note: str, spec: InputSpec | None = None) -> str:
     """What a volume run's client does before the graph: ``note`` (the mapping the client
     still does, from the source), then the volume steps and the pad value."""
     if raw.kind == "window":
@@ -253,40 +264,112 @@ def volume_note(raw: RawInput, note: str) -> str:
                 f"0 in every channel; MONOCHROME1: after the reflection); the graph windows the resampled "
                 f"values (one channel per window) and normalises")
     if raw.kind == "normalized":
+        mapping = f" (the run's source: {source_mapping(spec)})" if spec is not None and spec.preprocessing else ""
         return (f"client builds each volume as the run's source does (what sslkit data dump writes: it "
-                f"{VOLUME_STEPS}, values in [0, 1], padding 0) and normalises: (x - mean) / std")
+                f"{VOLUME_STEPS}, values in [0, 1]{mapping}, padding 0) and normalises: (x - mean) / std")
     if raw.kind == "unit":
         return f"{note}; then, on those values in [0, 1], {VOLUME_STEPS}, padding with 0; the graph normalises"
     return f"client {VOLUME_STEPS}, padding with 0; the graph scales and normalises"
 
 
+def source_mapping(spec: InputSpec) -> str:
+    """The run's source's own statement of how it read its files (``spec.preprocessing``, what its
+    ``describe()`` gave: scaling, windows, inversions...) in one line, each value bounded (a plugin's text)."""
+    def plain(value: Any) -> str:
+        text = ", ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+        return text if len(text) <= PLUGIN_TEXT // 4 else shown(text, PLUGIN_TEXT // 4)
+
+    given = [f"{key}: {plain(value)}" for key, value in (spec.preprocessing or {}).items()
+             if value is not None and not (isinstance(value, (str, list, tuple, dict)) and not value)]
+    return f"source {spec.source!r}: " + "; ".join(given) if given else f"source {spec.source!r}"
+
+
+def client_steps(kind: str, spec: InputSpec) -> str:
+    """What a client does before a graph taking ``kind``: ``normalized`` (any source: the source's own
+    mapping to [0, 1] in its words, then resizing and normalising), or a ``pixels`` source's ``uint8``,
+    ``uint16`` or ``unit``, whichever bit depth its images have (the graph's dtype says nothing of the files')."""
+    if kind == "normalized":
+        return (f"client maps each image to x in [0, 1] as the run's source did ({source_mapping(spec)}), resizes "
+                f"(shorter side to image_size, centre crop) and normalises: (x - mean) / std")
+    if kind == "uint8":
+        return ("client resizes each image's 8-bit values (16-bit images: round(value / 257), their top 8 bits) "
+                "and feeds uint8; the graph scales (/ 255) and normalises")
+    if kind == "uint16":
+        return ("client resizes each image's 16-bit values as stored, never stretched to their range (12-bit "
+                "content stays 0-4095; 8-bit images: value x 257) and feeds uint16; the graph scales (/ 65535) "
+                "and normalises")
+    return (f"client maps each image to x in [0, 1] as the run's source did ({source_mapping(spec)}), resizes "
+            f"and feeds float32; the graph normalises")
+
+
+def pixel_grid(x: np.ndarray) -> str:
+    """``"uint8"`` when every value of ``x`` (a source's float pixels in [0, 1]) is ``k / 255`` (to
+    float32 rounding), ``"uint16"`` when ``k / 65535``, else ``"float"`` (float images, images
+    reduced while decoding). Reads at most about a million values, evenly spaced."""
+    flat = np.asarray(x).reshape(-1)
+    flat = flat[:: max(1, flat.size // 2**20)].astype(np.float64)
+    for name, top in GRIDS:
+        scaled = flat * top
+        if np.abs(scaled - np.rint(scaled)).max(initial=0.0) <= top * 2.0**-22:  # 4 float32 ulps of 1
+            return name
+    return "float"
+
+
+def default_input_dtype(spec: InputSpec, grid: str | None, read: str) -> tuple[str | None, str]:
+    """The ``--input-dtype`` an export ``--with-preprocessing`` takes when none is given, and why:
+    for a ``pixels`` source, the grid of the run's data (``grid``: :func:`pixel_grid` of the images
+    read, None when none were; ``read``: which, or why none). Data never read: uint8, said, unless the
+    run recorded a narrow value range (12-bit content in 16-bit files?): then a usage error asking for
+    ``--input-dtype``. Other sources fix their graph's dtype: ``(None, "")``."""
+    if graph_preprocessing_of(spec).kind != "pixels":
+        return None, ""
+    if grid == "float":
+        return "float32", (f"float32: the run's data holds values on neither the 8- nor the 16-bit grid "
+                           f"(float images, or images reduced while decoding; {read})")
+    if grid in ("uint8", "uint16"):
+        return grid, f"{grid}: the run's data holds {grid[4:]}-bit values ({read})"
+    low, high = spec.value_range
+    if (low, high) != (0.0, 1.0):
+        raise UsageError(f"the run's data spans only [{low:g}, {high:g}] of [0, 1] (12-bit content in 16-bit "
+                         f"files?) and its images were not read here ({read}): give --input-dtype uint16 for "
+                         f"16-bit images, uint8 for 8-bit ones, or float32, or --check-data with some of them")
+    return "uint8", (f"uint8 assumed: the run's data was not read ({read}); give --input-dtype uint16 for "
+                     f"16-bit images")
+
+
+def _bounded(text: str) -> str:
+    """A source's own sentence as it is, or bounded where it is long (a plugin's text)."""
+    return text if len(text) <= PLUGIN_TEXT else shown(text, PLUGIN_TEXT)
+
+
 def _raw_input(spec: InputSpec, with_preprocessing: bool, input_dtype: str | None) -> tuple[RawInput, str]:
     """:func:`raw_input_for` before its volume note."""
     c = spec.channels
+    declared = graph_preprocessing_of(spec)
     if not with_preprocessing:
         if input_dtype not in (None, "float32"):
             raise UsageError("--input-dtype needs --with-preprocessing")
-        return RawInput("normalized", c), "client resizes and normalises: (x - mean) / std of x in [0, 1]"
-    declared = graph_preprocessing_of(spec)
+        return RawInput("normalized", c), client_steps("normalized", spec)
     if declared.kind == "pixels":
         kind = {None: "uint8", "uint8": "uint8", "uint16": "uint16", "float32": "unit"}.get(input_dtype)
         if kind is None:
             raise UsageError(f"--input-dtype must be uint8, uint16 or float32, not {input_dtype!r}")
-        return RawInput(kind, c), "client resizes; the graph scales and normalises"
+        return RawInput(kind, c), client_steps(kind, spec)
     what = "the values its window applies to" if declared.kind == "window" else "pixels in [0, 1]"
     if input_dtype not in (None, "float32"):
         raise UsageError(f"this run's graph takes float32 {what} (its source {spec.source!r} says so); "
                          f"drop --input-dtype")
     if declared.kind == "unit":
-        return RawInput("unit", c), declared.client or "the client maps each file to [0, 1] as the run's source did"
+        own = _bounded(declared.client or "the client maps each file to [0, 1] as the run's source did")
+        return RawInput("unit", c), f"{own} ({source_mapping(spec)})"
     k = int(spec.sample.split(":")[1]) if str(spec.sample).startswith("slab:") else 1
     if len(declared.lower) * k != c:
         raise UsageError(f"the run's {len(declared.lower)} windows do not match its {c} channels"
                          + (f" ({k} slices per slab)" if k > 1 else ""))
     if k == 1:
-        return RawInput("window", 1, declared.lower, declared.upper), declared.client
+        return RawInput("window", 1, declared.lower, declared.upper), _bounded(declared.client)
     # slab:K: the K slices' values are the K input channels; window w applies to each of them
     lower = tuple(lo for lo in declared.lower for _ in range(k))
     upper = tuple(hi for hi in declared.upper for _ in range(k))
-    return RawInput("window", k, lower, upper), (f"{declared.client}; slab:{k}: pass the {k} slices' values as "
-                                                  f"{k} channels (edge slices repeated at the volume's ends)")
+    return RawInput("window", k, lower, upper), (f"{_bounded(declared.client)}; slab:{k}: pass the {k} slices' "
+                                                  f"values as {k} channels (edge slices repeated at the volume's ends)")

@@ -7,7 +7,9 @@ Exported with the torch dynamo exporter (``torch.onnx.export(dynamo=True)``).
 
 ``with_preprocessing=True`` puts the run's mapping from raw pixels (uint8, uint16, or
 DICOM modality values with a fixed window; :mod:`sslkit.raw_input`) and its
-normalisation inside the graph; resizing always stays with the client. A ``--sample volume``
+normalisation inside the graph; resizing always stays with the client. ``sslkit export``
+passes ``input_dtype`` following the run's data when none is given (uint16 for 16-bit images:
+``metadata["data_pixels"]`` says what was read); called without, a pixels graph takes uint8. A ``--sample volume``
 run's client resamples the values the graph takes and pads them with the value the graph maps
 to 0 (``input.pad_value``; its ``client_steps`` say how), so a window graph windows after
 resampling, as training does.
@@ -17,6 +19,9 @@ then onnxruntime against PyTorch on random and real inputs (samples of the run's
 when given) at batch 1 and 8, and at a second image size where H/W are dynamic. Above
 ``tolerance`` (1e-4) x max(1, max |torch|) (max abs difference, relative to the embedding's scale
 where it is above 1: float32 rounding grows with the values) the export fails and nothing is left behind.
+On real inputs it also compares the graph on the client's input (the pixels rounded to its dtype) with
+the encoder on the unrounded pixels: ``input_rounding`` in the report and the metadata, what the
+client's dtype costs (said, never refused; :mod:`.onnx_verify`).
 ``fp16=True`` additionally converts the graph to float16 (float32 input and output kept)
 and checks it against the float32 PyTorch encoder with its own tolerance:
 ``max |ort - torch| <= fp16_tolerance * max |torch|`` and cosine >= 0.999.
@@ -44,12 +49,14 @@ from torch import nn
 from sslkit.api import (CheckFailed, InputSpec, RawInput, UsageError, first_line, hookimpl, is_token_backbone,
     raw_input_for, write_atomic)
 from sslkit_plugins.exporters.onnx_strip import strip_build_metadata
+from sslkit_plugins.exporters.onnx_verify import INPUT, OUTPUT, example_input, input_rounding, verify
+
+__all__ = ["GraphModule", "export_onnx", "example_input", "verify", "supported_opsets"]
 
 
 TOLERANCE = 1e-4
 FP16_TOLERANCE = 1e-2  # relative to the largest |embedding| value
 FP16_MIN_COSINE = 0.999
-INPUT, OUTPUT = "pixels", "embedding"
 FORMAT = "sslkit.onnx/1"
 MAX_SIDE = 8192
 
@@ -135,7 +142,7 @@ def export_onnx(encoder: nn.Module, spec: InputSpec, metadata: dict[str, Any], o
         nonlocal model
         onnx.save_model(model, str(tmp))
         onnx.checker.check_model(str(tmp), full_check=True)
-        _summarise(report, verify(tmp, module, raw, spec, sizes, samples, tolerance, None, log), samples,
+        _summarise(report, verify(tmp, module, raw, spec, sizes, samples, tolerance, None, log), raw, samples,
                    samples_note, log)
         if fp16:
             model, report["fp16"] = _to_fp16(model, tmp, lambda: verify(tmp, module, raw, spec, sizes, samples,
@@ -150,11 +157,15 @@ def export_onnx(encoder: nn.Module, spec: InputSpec, metadata: dict[str, Any], o
     return report
 
 
-def _summarise(report: dict[str, Any], checks: list[dict[str, Any]], samples: np.ndarray | None,
+def _summarise(report: dict[str, Any], checks: list[dict[str, Any]], raw: RawInput, samples: np.ndarray | None,
                samples_note: str | None, log: Callable[[str], None]) -> None:
     """The parity checks in ``report``: each, the worst difference (and the limit its check applied) and
-    cosine, and what real inputs there were (or why none)."""
+    cosine, what real inputs there were (or why none), and what their rounding to the graph's input cost
+    (``input_rounding``, against the run's unrounded pixels)."""
     report["checks"] = checks
+    rounding = input_rounding(checks, raw)
+    if rounding is not None:
+        report["input_rounding"] = rounding
     worst = max(checks, key=lambda c: c["max_abs_diff"])
     report["max_abs_diff"], report["limit"] = worst["max_abs_diff"], worst["limit"]  # the limit applied to it
     report["min_cosine"] = min(c["min_cosine"] for c in checks)
@@ -207,21 +218,6 @@ def _has_fixed_grid(encoder: nn.Module) -> bool:
     return any(n.endswith("pos_embed") for n, _ in encoder.named_parameters())
 
 
-def example_input(raw: RawInput, batch: int, size: tuple[int, int], gen: torch.Generator) -> torch.Tensor:
-    """Random raw pixels of the graph's input kind ``(batch, C_in, H, W)``."""
-    shape = (batch, raw.channels, *size)
-    if raw.kind == "normalized":
-        return torch.randn(shape, generator=gen)
-    if raw.kind == "unit":
-        return torch.rand(shape, generator=gen)
-    if raw.kind in ("uint8", "uint16"):
-        top = 256 if raw.kind == "uint8" else 65536
-        return torch.randint(0, top, shape, generator=gen, dtype=torch.int32).to(getattr(torch, raw.kind))
-    lo, hi = min(raw.lower), max(raw.upper)
-    margin = 0.25 * (hi - lo)
-    return torch.rand(shape, generator=gen) * (hi - lo + 2 * margin) + (lo - margin)
-
-
 def _torch_export(module: GraphModule, raw: RawInput, spec: InputSpec, opset: int, dynamic_hw: bool):
     """The ONNX ModelProto of ``module``; falls back to a fixed H/W if dynamic export fails."""
     gen = torch.Generator().manual_seed(0)
@@ -243,66 +239,6 @@ def _torch_export(module: GraphModule, raw: RawInput, spec: InputSpec, opset: in
             raise
         return _torch_export(module, raw, spec, opset, False)
     return program.model_proto, dynamic_hw
-
-
-def _compare(ref: np.ndarray, got: np.ndarray) -> tuple[float, float, float]:
-    diff = float(np.abs(ref.astype(np.float64) - got).max())
-    norms = np.linalg.norm(ref, axis=1) * np.linalg.norm(got, axis=1)
-    cos = float(np.min(np.sum(ref.astype(np.float64) * got, 1) / np.maximum(norms, 1e-12)))
-    return diff, cos, float(np.abs(ref).max())
-
-
-def verify(path: Path, module: GraphModule, raw: RawInput, spec: InputSpec, sizes: list[tuple[int, int]],
-           samples: np.ndarray | None, tolerance: float, min_cosine: float | None, log) -> list[dict[str, Any]]:
-    """onnxruntime on ``path`` vs ``module`` in PyTorch float32, random and real inputs.
-
-    ``min_cosine=None``: the float32 rule, max abs difference <= ``tolerance`` x max(1, max |reference|)
-    (absolute for embeddings within [-1, 1], relative above); otherwise the float16 rule
-    (``tolerance`` x max |reference|, and a cosine floor).
-    """
-    import onnxruntime as ort
-
-    from sslkit.api import resize_square
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3  # no buffer-reuse warnings when the second size runs
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    gen = torch.Generator().manual_seed(0)
-    inputs: list[tuple[str, np.ndarray]] = []
-    for size in sizes:
-        for b in (1, 8):
-            inputs.append(("random", example_input(raw, b, size, gen).numpy()))
-    if samples is not None and len(samples):
-        ones = (1,) * (samples.ndim - 2)
-        mean = np.asarray(spec.mean, np.float32).reshape(1, -1, *ones)
-        std = np.asarray(spec.std, np.float32).reshape(1, -1, *ones)
-        for size in sorted({s[0] for s in sizes}) if samples.ndim == 4 else [None]:  # volumes: their own size
-            unit = np.stack([resize_square(s, size) for s in samples]) if size not in (None, samples.shape[-1]) else samples
-            unit = np.resize(unit, (max(8, len(unit)), *unit.shape[1:]))  # tile up to batch 8
-            for b in (1, 8):
-                u = unit[:b].astype(np.float32)
-                inputs.append(("real", (u - mean) / std if raw.kind == "normalized" else raw.from_unit(u)))
-    checks = []
-    for kind, x in inputs:
-        with torch.no_grad():
-            ref = module(torch.from_numpy(np.ascontiguousarray(x))).numpy()
-        got = session.run([OUTPUT], {INPUT: x})[0]
-        diff, cos, scale = _compare(ref, got)
-        limit = tolerance * (max(1.0, scale) if min_cosine is None else scale)
-        check = {"inputs": kind, "batch": int(x.shape[0]), "size": [int(v) for v in x.shape[2:]],
-                 "max_abs_diff": diff, "min_cosine": cos, "limit": limit}  # the max abs diff allowed here
-        checks.append(check)
-        label = "fp16 " if min_cosine is not None else ""
-        log(f"{label}parity {kind:6s} batch {x.shape[0]} {'x'.join(map(str, x.shape[2:]))}: "
-            f"max abs diff {diff:.2e}, min cosine {cos:.6f}")
-        if not (diff <= limit and (min_cosine is None or cos >= min_cosine)):
-            rule = (f"max abs diff {diff:.3g} > {limit:.3g} ({tolerance:g} x max(1, max |embedding| {scale:.3g}))"
-                    if min_cosine is None else
-                    f"max abs diff {diff:.3g} (limit {tolerance:g} x max |embedding| {scale:.3g}), "
-                    f"min cosine {cos:.6f} (limit {min_cosine})")
-            raise CheckFailed(f"ONNX {label}parity failed on {kind} inputs at batch {x.shape[0]}, "
-                              f"{'x'.join(map(str, x.shape[2:]))}: {rule}")
-    return checks
 
 
 def _metadata(base: dict[str, Any], spec: InputSpec, raw: RawInput, dynamic_hw: bool, client_note: str,
@@ -334,6 +270,7 @@ def _metadata(base: dict[str, Any], spec: InputSpec, raw: RawInput, dynamic_hw: 
             "float32": {"max_abs_diff": report["max_abs_diff"], "min_cosine": report["min_cosine"],
                         "tolerance": report["tolerance"], "rule": "max abs diff <= tolerance x max(1, max |embedding|)"},
             **({"float16": {k: report["fp16"][k] for k in ("max_abs_diff", "min_cosine", "tolerance")}} if fp16 else {}),
+            **({"input_rounding": report["input_rounding"]} if "input_rounding" in report else {}),
             "inputs": sorted({c["inputs"] for c in report["checks"]}),
             "sizes": sorted({tuple(c["size"]) for c in report["checks"]}),
         },
