@@ -273,22 +273,33 @@ def embed(model: str | Path | Model, data: str, batch_size: int = 64, source_opt
     spec = model.spec
     loaded = load_data(data, spec.image_size, spec.channels, source_options_for(model, data, source_options),
                        progress=progress, max_pixels=model.max_pixels)
-    pixels = loaded.prepared.pixels
-    check_sample_shape(tuple(pixels.shape[1:]), spec)
+    embeddings = encode_pixels(model, loaded.prepared.pixels, batch_size, progress)
+    warn_inexact(model)
+    refs = loaded.prepared.refs
+    return Embeddings(embeddings, [sample_id(loaded.source, r) for r in refs],
+                      [r.label for r in refs], len(loaded.prepared.skipped), skip_reasons(loaded.prepared.skipped),
+                      [label_paths(loaded.source, r) for r in refs])
+
+
+def encode_pixels(model: Model, pixels: Any, batch_size: int, progress: bool = True) -> np.ndarray:
+    """``model.encode`` of prepared uint16 ``pixels`` ``(N, C, S, S)``, ``batch_size`` at a time through the
+    :class:`~sslkit.data.loader.BatchLoader`: ``(N, D)`` float32. Their shape is checked against the model's."""
+    check_sample_shape(tuple(pixels.shape[1:]), model.spec)
     reader = BatchLoader(pixels, batch_size, seed=0)
     out = []
     starts = range(0, len(pixels), batch_size)
     for start in counted(starts, len(starts), "embedding", "batch", progress):
         unit = reader.read(np.arange(start, min(start + batch_size, len(pixels)))).numpy()
         out.append(model.encode(unit))
+    return np.concatenate(out).astype(np.float32)
+
+
+def warn_inexact(model: Model) -> None:
+    """The warning, once, that some images could not be given to an ONNX graph's raw input exactly."""
     if model.inexact:
         error, why = max(model.inexact)
         print(f"sslkit: warning: {len(model.inexact)} images cannot be given to this graph exactly (max pixel "
               f"error {error:.2g}): {why}; their embeddings differ from the run directory's", file=sys.stderr)
-    refs = loaded.prepared.refs
-    return Embeddings(np.concatenate(out).astype(np.float32), [sample_id(loaded.source, r) for r in refs],
-                      [r.label for r in refs], len(loaded.prepared.skipped), skip_reasons(loaded.prepared.skipped),
-                      [label_paths(loaded.source, r) for r in refs])
 
 
 def embed_run(run_dir: str, data: str, batch_size: int = 64, source_options: dict[str, Any] | None = None,

@@ -194,3 +194,22 @@ def test_a_cache_write_failure_names_only_the_running_commands_flags(tmp_path):
     with click.Context(main.commands["pretrain"]):
         assert str(disk_full_error(tmp_path, read_only, 3 * 2**20)).endswith(
             "Read-only file system; choose another folder with --cache DIR, or use --no-cache")
+
+
+def test_a_cache_folder_that_cannot_be_made_names_only_the_running_commands_flags(tmp_path):
+    """mark_root (every command's first touch of the cache) advised --cache DIR and --no-cache to embed and eval."""
+    import click
+
+    from sslkit.cli import main
+    from sslkit.data.cache import mark_root
+
+    blocked = tmp_path / "file"
+    blocked.write_text("")  # a file where the cache folder's parent should be: it cannot be made
+    head = f"cache folder {str(blocked / 'cache')!r} cannot be written: Not a directory; "
+    with pytest.raises(UsageError) as outside:
+        mark_root(blocked / "cache")
+    assert str(outside.value) == head + "choose another folder with --cache DIR, or use --no-cache"
+    for command in (main.commands["embed"], main.commands["eval"].commands["tsne"]):
+        with click.Context(command), pytest.raises(UsageError) as err:
+            mark_root(blocked / "cache")
+        assert str(err.value) == head + "set SSLKIT_CACHE_DIR to a folder with room"

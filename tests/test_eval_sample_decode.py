@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 from collections import namedtuple
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -164,6 +165,41 @@ def test_a_sample_that_never_decodes_is_one_line_not_every_file_tried(tmp_path, 
     with pytest.raises(UsageError, match=r"^no decodable image among the 20 samples tried \(first: damaged"):
         decode_sample(source, refs, 3, 16, pick, lambda kept, px: None, False)
     assert len(loads) == 20  # 10 tries per pick, not all 80 files
+
+
+def test_tsne_refuses_an_ambiguous_labels_row_before_decoding_whatever_the_pick(run, cli, monkeypatch, tmp_path):
+    """A bare ``0.png`` names a/0.png and b/0.png: refused from the index, as eval knn refuses it, not only when
+    the random pick holds both (seed 0's 4 picks hold neither: it was mapped, labelling whatever it matched)."""
+    refs = create_source(str(run / "data")).index()
+    picks = {Path(refs[i].path).relative_to(run / "data").as_posix() for i in tsne_picks(refs, 4, 0)}
+    assert len(picks) == 4 and not picks & {"a/0.png", "b/0.png"}
+    labels = tmp_path / "labels.csv"
+    labels.write_text("path,label\n0.png,x\n")
+    loads = count_loads(monkeypatch)
+    result = cli("eval", "tsne", run / "run", "--data", run / "data", "--labels", labels, "--max-samples", "4",
+                 "--no-baseline", "--out", tmp_path / "m.png", "--json", "--quiet")
+    assert result.exit_code == 2, result.output
+    assert result.stderr.strip() == ("error: --labels: row '0.png' matches 2 files in different folders; give each "
+                                     "file its own row, with its path relative to the data folder (FOLDER/NAME)")
+    assert loads == [] and not (tmp_path / "m.png").exists()
+
+
+def test_decode_sample_never_returns_an_empty_pick(tmp_path, monkeypatch):
+    """A choice rule that moves away from what decoded (attention's spread) can end, at the failure limit,
+    with none of its picks decoded: one line, not an empty list (np.stack of no rows was a traceback)."""
+    import sslkit.eval.features as features
+
+    data = make_images(tmp_path / "d", n_per_class=4, size=16)
+    source = create_source(str(data))
+    refs = source.index()
+    count_loads(monkeypatch, fail={r.path for r in refs[1:]})  # only refs[0] decodes
+    monkeypatch.setattr(features, "TRIES_PER_PICK", 1)
+
+    def pick(failed: set[int]) -> list[int]:  # [0, 1], then two picks past the failures, never 0 again
+        return [0, 1] if not failed else [max(failed) + 1, max(failed) + 2]
+
+    with pytest.raises(UsageError, match=r"^no decodable image among the 3 samples tried"):
+        features.decode_sample(source, refs, 3, 16, pick, lambda kept, px: None, False)
 
 
 # ---------------------------------------------------------------- the header index

@@ -230,6 +230,7 @@ def test_knn_query_chunk_fits_the_budget():
         assert 1 <= m < MAX_CHUNK
         assert m * (4 * n + kmax * (24 + 16 * classes)) <= CHUNK_BYTES < (m + 1) * (4 * n + kmax * (24 + 16 * classes))
     assert query_chunk(10**9, 200, 2) == 1  # never zero
+    assert query_chunk(0, 0, 2) == MAX_CHUNK  # no training sample: no division by zero
 
 
 def test_knn_votes_in_budgeted_chunks_equal_the_1024_query_chunks(monkeypatch):

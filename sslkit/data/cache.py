@@ -24,9 +24,11 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from sslkit.data.digest import file_digest, unreadable_reason
+from sslkit.data.room import cache_ways
 from sslkit.data.source import SampleRef, Source
 from sslkit.errors import UsageError
 from sslkit.output_file import read_json
+from sslkit.progress import human_bytes
 
 CACHE_FORMAT = 2
 #: the decoders' revision, in every cache key: raised when a source's pixels change for the same files and options
@@ -76,7 +78,7 @@ def mark_root(root: Path) -> None:
         pass
     except OSError as exc:
         raise UsageError(f"cache folder {str(root)!r} cannot be written: {exc.strerror or exc}; "
-                         f"choose another with --cache DIR, or --no-cache") from None
+                         f"{cache_ways()}") from None
 
 
 _real_folder = functools.lru_cache(maxsize=65536)(os.path.realpath)
@@ -261,14 +263,8 @@ def reserve(path: Path, nbytes: int) -> None:
 def disk_full_error(root: Path, exc: OSError, nbytes: int) -> UsageError:
     """The one line for a cache that could not be written."""
     full = exc.errno in (errno.ENOSPC, errno.EDQUOT)  # else read-only, or not ours: no space to free
-    from sslkit.data.room import cache_elsewhere, command_flags, either
-    from sslkit.progress import human_bytes
-
-    flags = command_flags()
-    ways = [*(["free space"] if full else []), cache_elsewhere(flags), *(["use --no-cache"] if "--no-cache" in flags
-                                                                      else [])]
     return UsageError(f"cannot write the decoded-pixel cache in {str(root)!r} ({human_bytes(nbytes)}): "
-                      f"{exc.strerror or exc}; {either(ways)}")
+                      f"{exc.strerror or exc}; {cache_ways(*(['free space'] if full else []))}")
 
 
 def open_entry(target: Path, shape: tuple[int, ...]) -> tuple[Any, dict[str, Any]]:
@@ -328,8 +324,7 @@ def discard_entry(target: Path, damage: str) -> None:
     except OSError as exc:
         if os.path.lexists(target):  # not moved first by another process: this cache cannot be written
             raise UsageError(f"the decoded-pixel cache entry {target.name} is damaged: {damage}; it cannot be "
-                             f"replaced in {str(target.parent)!r} ({exc.strerror or exc}): choose another folder "
-                             f"with --cache DIR, or use --no-cache") from None
+                             f"replaced in {str(target.parent)!r} ({exc.strerror or exc}): {cache_ways()}") from None
     print(f"sslkit: the decoded-pixel cache entry {target.name} is damaged: {damage}; decoding again",
           file=sys.stderr)
     with contextlib.suppress(OSError):  # else left for remove_stale

@@ -87,6 +87,13 @@ def either(ways: list[str]) -> str:
     return ways[0] if len(ways) == 1 else ", ".join(ways[:-1]) + ", or " + ways[-1]
 
 
+def cache_ways(*first: str) -> str:
+    """What to do about a decoded-pixel cache folder that cannot be used, in the running command's options
+    (:func:`command_flags`): ``first`` (``"free space"``), another folder, ``--no-cache`` where it has one."""
+    flags = command_flags()
+    return either([*first, cache_elsewhere(flags), *(["use --no-cache"] if "--no-cache" in flags else [])])
+
+
 def size_words(size: int | tuple, flags: Collection[str] = PRETRAIN_FLAGS) -> tuple[str, str, str | None]:
     """``size`` as the user set it (``--image-size`` side, ``--volume-size`` D,H,W), as a sample size, and what
     to lower: None where the command takes its size from the model (no ``--image-size`` in ``flags``)."""

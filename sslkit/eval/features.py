@@ -225,25 +225,15 @@ def embed_sample(model: EvalModel, data: str, source: Any, refs: list, choose: C
     """:func:`embed_all` of the samples ``choose`` picks among ``refs`` (``source``'s index, from
     :func:`index_source`) only: :func:`decode_sample` decodes them (and no other), in memory, and each part is
     embedded before the next is decoded. Returns the embeddings, in the order chosen, and how many picks failed."""
-    from sslkit.data.loader import BatchLoader
-    from sslkit.sample_modes import check_sample_shape
-
     both, names, dims = _combined(model, baseline)
     rows: dict[int, np.ndarray] = {}
 
     def use(kept: list[int], pixels: np.ndarray) -> None:
-        check_sample_shape(tuple(pixels.shape[1:]), model.spec)
-        reader = BatchLoader(pixels, batch_size, seed=0)
-        for a in range(0, len(pixels), batch_size):
-            unit = reader.read(np.arange(a, min(a + batch_size, len(pixels)))).numpy()
-            rows.update(zip(kept[a:a + batch_size], both.encode(unit)))
+        rows.update(zip(kept, embed_mod.encode_pixels(both, pixels, batch_size, progress)))
 
     order, failed, skipped = decode_sample(source, refs, *sample_format(model, source, refs), choose, use, progress)
-    if both.inexact:  # as sslkit.embed.embed says it
-        error, why = max(both.inexact)
-        print(f"sslkit: warning: {len(both.inexact)} images cannot be given to this graph exactly (max pixel "
-              f"error {error:.2g}): {why}; their embeddings differ from the run directory's", file=sys.stderr)
-    emb = Embeddings(np.stack([rows[i] for i in order]).astype(np.float32),
+    embed_mod.warn_inexact(both)
+    emb = Embeddings(np.stack([rows[i] for i in order]),
                      [embed_mod.sample_id(source, refs[i]) for i in order], [refs[i].label for i in order],
                      len(skipped), embed_mod.skip_reasons(skipped),
                      [embed_mod.label_paths(source, refs[i]) for i in order])
@@ -359,8 +349,8 @@ def decode_sample(source: Any, refs: list, channels: int, size: Any, choose: Cal
     limit = TRIES_PER_PICK * max(1, len(want))
     while todo := [i for i in want if i not in done]:
         if len(failed) >= limit:
-            print(f"sslkit: note: {len(failed)} of the samples picked failed to decode; using the {len(done)} "
-                  f"that did", file=sys.stderr)
+            print(f"sslkit: note: {len(failed)} of the samples picked failed to decode; using the "
+                  f"{len(want) - len(todo)} that did", file=sys.stderr)
             break
         for a in range(0, len(todo), per):
             part = todo[a:a + per]
@@ -373,7 +363,7 @@ def decode_sample(source: Any, refs: list, channels: int, size: Any, choose: Cal
                 use(kept, prepared.pixels)
             done.update(kept)
         want = choose(failed)
-    if not done:
+    if not (picked := [i for i in want if i in done]):
         raise UsageError(f"no decodable image among the {len(failed)} samples tried"
                          f" (first: {skipped[0][1] if skipped else 'unknown'})")
-    return [i for i in want if i in done], len(failed), skipped
+    return picked, len(failed), skipped

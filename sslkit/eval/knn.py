@@ -31,7 +31,7 @@ def query_chunk(n_train: int, kmax: int, n_classes: int, budget: int | None = No
     """Queries per chunk: as many as keep the chunk's working memory within ``budget`` bytes (default
     :data:`CHUNK_BYTES`; float32 similarities ``4 N``, per neighbour ``24 + 16 K``), 1 to :data:`MAX_CHUNK`."""
     budget = CHUNK_BYTES if budget is None else budget
-    per_query = 4 * n_train + kmax * (24 + 16 * n_classes)
+    per_query = max(1, 4 * n_train + kmax * (24 + 16 * n_classes))  # never 0 (no training sample)
     return int(max(1, min(MAX_CHUNK, budget // per_query)))
 
 

@@ -15,7 +15,7 @@ import numpy as np
 
 from sslkit.errors import UsageError
 from sslkit.figure import save_png
-from sslkit.embed import sample_id
+from sslkit.embed import label_paths, sample_id
 from sslkit.output_file import check_output
 from sslkit.eval.features import embed_all, embed_sample, index_refs, index_source, open_model
 from sslkit.eval.labels import assign_labels, read_labels_csv
@@ -225,14 +225,19 @@ def random_pick(n: int, max_samples: int, seed: int) -> Callable[[set[int]], lis
 
 
 def map_embeddings(model: Any, data: str, source_options: dict[str, Any] | None, max_samples: int, seed: int,
-                   baseline: bool, batch_size: int, progress: bool, color_by: str) -> tuple[dict, dict | None, int]:
+                   baseline: bool, batch_size: int, progress: bool, color_by: str,
+                   table: dict[str, str] | None = None) -> tuple[dict, dict | None, int]:
     """The embeddings a map shows, the ``--color-by`` values (None: by label) and how many samples ``data``
     holds. From the index, ``max_samples`` of them are picked at random (``seed``) and only those decoded
     (:func:`~sslkit.eval.features.embed_sample`); a set no larger is embedded whole, through the cache
-    that the other evaluations share."""
+    that the other evaluations share. A labels ``table`` is matched against every indexed sample first,
+    so that a row naming several files is refused before decoding, whichever samples are picked."""
     source = index_source(model, data, source_options)
     refs = index_refs(source, data)
     colours = header_values(source, refs, color_by) if color_by != "label" else None
+    if colours is None and table is not None:
+        assign_labels([sample_id(source, r) for r in refs], [r.label for r in refs], table,
+                      [label_paths(source, r) for r in refs])
     if max_samples >= len(refs):
         embs = embed_all(model, data, baseline, batch_size, source_options, progress)
         return embs, colours, len(embs["pretrained"].embeddings)
@@ -257,7 +262,7 @@ def evaluate_tsne(model_path: str, data: str, out: str | None = None, labels_csv
     out_path = _check_out(out, overwrite)
     table = read_labels_csv(labels_csv) if labels_csv else None
     embs, colours, n_total = map_embeddings(model, data, source_options, max_samples, seed, baseline, batch_size,
-                                            progress, color_by)
+                                            progress, color_by, table)
     emb = embs["pretrained"]
     labs = [colours.get(i) for i in emb.ids] if colours is not None else assign_labels(emb.ids, emb.labels, table,
                                                                                        emb.label_paths)
