@@ -366,10 +366,26 @@ def _raw_input(spec: InputSpec, with_preprocessing: bool, input_dtype: str | Non
     if len(declared.lower) * k != c:
         raise UsageError(f"the run's {len(declared.lower)} windows do not match its {c} channels"
                          + (f" ({k} slices per slab)" if k > 1 else ""))
+    own = _bounded(declared.client) + resize_order(declared, spec)
     if k == 1:
-        return RawInput("window", 1, declared.lower, declared.upper), _bounded(declared.client)
+        return RawInput("window", 1, declared.lower, declared.upper), own
     # slab:K: the K slices' values are the K input channels; window w applies to each of them
     lower = tuple(lo for lo in declared.lower for _ in range(k))
     upper = tuple(hi for hi in declared.upper for _ in range(k))
-    return RawInput("window", k, lower, upper), (f"{_bounded(declared.client)}; slab:{k}: pass the {k} slices' "
+    return RawInput("window", k, lower, upper), (f"{own}; slab:{k}: pass the {k} slices' "
                                                   f"values as {k} channels (edge slices repeated at the volume's ends)")
+
+
+def resize_order(declared: GraphPreprocessing, spec: InputSpec) -> str:
+    """The client's step that makes resizing agree with a 2D run's: its source windowed each image
+    before the core resized it. A window is linear between its ends, so values clipped to one window
+    resize exactly as its windowed pixels did; a stack has no single clip. Volumes are resampled in
+    their own values before the window (:data:`sslkit.data.volume.VOLUME_DECODE`): nothing to add."""
+    if spec.sample == "volume":
+        return ""
+    if len(declared.lower) == 1:
+        lo, hi = declared.lower[0], declared.upper[0]
+        return (f"; clip the values to the window [{lo:g}, {hi:g}] before resizing (the run windowed before "
+                f"resizing: clipped values resize exactly as its windowed pixels did)")
+    return ("; the run windowed before resizing: values resized first differ from its pixels wherever a window "
+            "clips (a stack of windows has no single clip)")

@@ -200,3 +200,23 @@ def test_a_plain_export_records_the_mapping_in_its_metadata(run12, tmp_path, cli
     steps = _meta(out)["input"]["client_steps"]
     assert "scale: 8-bit / 255, 16-bit / 65535, float min-max" in steps and steps == report["client_note"]
     assert RawInput.from_json(_meta(out)["input"]["raw"]).kind == "normalized"
+
+
+def test_a_window_graph_tells_the_client_to_clip_before_resizing():
+    """The run windowed each image before resizing it; a client resizing raw modality values and
+    letting the graph window them differed wherever the window clips (CT at 64 px: cosine 0.965)."""
+    one = GraphPreprocessing("window", (-160.0,), (240.0,), options=("window",), client="client passes HU")
+    _, note = raw_input_for(InputSpec(1, 64, (0.5,), (0.25,), "ct", graph_preprocessing=one.to_json()), True)
+    assert note == ("client passes HU; clip the values to the window [-160, 240] before resizing (the run windowed "
+                    "before resizing: clipped values resize exactly as its windowed pixels did)")
+    stack = GraphPreprocessing("window", (-160.0, -1350.0), (240.0, 150.0), options=("window",), client="HU")
+    _, note = raw_input_for(InputSpec(2, 64, (0.5,) * 2, (0.25,) * 2, "ct", graph_preprocessing=stack.to_json()), True)
+    assert "differ from its pixels wherever a window clips" in note and "clip the values" not in note
+    # the clip is exact: clipped values resized, then windowed, equal windowed values resized
+    from sslkit.data.prepare import resize_square
+
+    hu = np.random.default_rng(0).normal(0, 600, (1, 97, 131)).astype(np.float32)
+    window = lambda v: np.clip((v + 160) / 400, 0, 1)  # noqa: E731
+    run = resize_square(window(hu), 64)
+    np.testing.assert_allclose(window(resize_square(np.clip(hu, -160, 240), 64)), run, atol=1e-6)
+    assert np.abs(window(resize_square(hu, 64)) - run).max() > 0.05  # without the clip

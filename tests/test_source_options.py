@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sslkit.raw_input import GraphPreprocessing, RawInput, legacy_graph_preprocessing, raw_input_for
+from sslkit.raw_input import GraphPreprocessing, RawInput, legacy_graph_preprocessing, raw_input_for, resize_order
 from sslkit.spec import InputSpec
 from tests.conftest import REPO, run_sslkit
 from tests.dicom_factory import write_dicom
@@ -207,7 +207,8 @@ def test_dicom_declares_its_fixed_windows_as_before(tmp_path, window, bounds):
     # the graph of a new run equals the graph an old run.json of the same run gives (today's numbers)
     assert raw_input_for(new, True) == raw_input_for(old, True) == (
         RawInput("window", 1, tuple(lo for lo, _ in bounds), tuple(hi for _, hi in bounds)),
-        declared.client)
+        declared.client + resize_order(declared, new))
+    assert ("; clip the values to the window" in resize_order(declared, new)) == (c == 1)
     assert InputSpec.from_dict(json.loads(json.dumps(new.to_dict()))) == new
 
 
@@ -231,7 +232,8 @@ def test_a_source_of_any_name_gets_a_window_graph():
 
     declared = GraphPreprocessing("window", (0.0,), (2000.0,), client="client passes counts", options=("scale",))
     spec = InputSpec(1, 32, (0.5,), (0.25,), "npy-counts", {}, graph_preprocessing=declared.to_json())
-    assert raw_input_for(spec, True) == (RawInput("window", 1, (0.0,), (2000.0,)), "client passes counts")
+    assert raw_input_for(spec, True) == (RawInput("window", 1, (0.0,), (2000.0,)),
+                                         "client passes counts" + resize_order(declared, spec))
     with pytest.raises(UsageError, match="float32 the values its window applies to"):
         raw_input_for(spec, True, "uint8")
     with pytest.raises(ValueError):
