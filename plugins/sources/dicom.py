@@ -190,6 +190,7 @@ class DicomSource(Source):
         glob = self.options.series_description.lower()
         refs: list[SampleRef] = []
         kept: dict[str, dict[str, Any]] = {}  # path -> read_header(), for the series' geometry
+        groups: dict[str, str] = {}  # one string per split group, not one per file
         for f, h in zip(files, headers):
             if h["kind"] == "error":
                 self.skipped.append((f, h["reason"]))
@@ -211,7 +212,7 @@ class DicomSource(Source):
                 self.skipped.append((f, h["mosaic_error"]))
                 continue
             kept[f] = h
-            n, group, label = h["frames"], h["group"], class_of(f, self.root)
+            n, group, label = h["frames"], groups.setdefault(h["group"], h["group"]), class_of(f, self.root)
             if n == 1:
                 refs.append(SampleRef(f, group=group, label=label))
             elif self.options.frames == "middle":

@@ -176,6 +176,8 @@ def canonical_geometry(img: Any) -> tuple[tuple[int, ...], tuple[float, float, f
 class NiftiSource(Source):
     scheme = "nifti"
     Options = NiftiOptions
+    #: any slice loads (decompresses) its whole file: the first decoding pass gives each file to one process
+    loads_whole_file = True
 
     def __init__(self, location: str, options: NiftiOptions | None = None) -> None:
         super().__init__(location, options or NiftiOptions())

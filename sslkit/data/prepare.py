@@ -7,7 +7,6 @@ The array is ``(N, C, S, S)`` uint16 holding ``round(x * 65535)`` for pixels ``x
 
 from __future__ import annotations
 
-import hashlib
 import json
 import multiprocessing
 import os
@@ -15,6 +14,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -25,7 +25,8 @@ import numpy as np
 
 from sslkit.data.cache import (CACHE_FORMAT, cache_key, discard_entry, disk_full_error, entry_check, hold_fill_lock,
                                mark_root, open_entry, remove_stale, reserve, resolve_cache_dir)
-from sslkit.data.digest import content_digest, readable
+from sslkit.data.digest import PROGRESS_FROM, readable
+from sslkit.data.digest import FINGERPRINT_SCHEME, FINGERPRINT_SCHEMES, fingerprint  # noqa: F401 (imported from here)
 from sslkit.data.parallel import pool_size
 from sslkit.data.resize import resize_axis_aa
 from sslkit.data.room import check_room, sides
@@ -113,7 +114,9 @@ def prepare(
     """
     if isinstance(size, int):  # what a decoder may reduce a huge image to (Source.sample_side); in its describe()
         source.sample_side = size
-    refs, unreadable = readable(list(refs), source.relative)
+    refs = list(refs)
+    refs, unreadable = readable(counted(refs, len(refs), "checking files", "samples",
+                                        progress and len(refs) >= PROGRESS_FROM), source.relative)
     root = resolve_cache_dir(cache_dir)
     if root is None:
         shape = (len(refs), channels, *sides(size))
@@ -286,8 +289,8 @@ def _results(source: Source, refs: list[SampleRef], channels: int, size, n: int)
     when the rest would take longer than :data:`POOL_PAYOFF_S` at the rate seen, in ``n``
     processes: this one and ``n - 1`` spawned workers (:mod:`sslkit.data.parallel`), in
     chunks of adjacent refs (the frames of a multi-frame file mostly read by one process
-    once; :func:`_shared`). A worker that dies (out of memory, a crashing codec) leaves the
-    rest to this process."""
+    once, a whole-file source's files each by one: :func:`_shared`). A worker that dies (out
+    of memory, a crashing codec) leaves the rest to this process."""
     i, t0 = 0, time.perf_counter()
     _WORKER.update(source=source, channels=channels, size=size)
     try:
@@ -306,30 +309,65 @@ def _results(source: Source, refs: list[SampleRef], channels: int, size, n: int)
 
 
 def _shared(source: Source, rest: list[SampleRef], channels: int, size, n: int):
-    """``rest`` decoded in order by this process and ``n - 1`` spawned workers: chunk ``k``
-    here when ``k % n == 0``, else in a worker, submitted up to ``2 n`` chunks ahead (so
-    memory holds at most that many chunks of results)."""
+    """``rest`` in order, by this process and ``n - 1`` spawned workers, in chunks (:func:`_plan`):
+    process 0's here, the others submitted up to :data:`AHEAD` chunks a worker ahead (memory holds
+    that many chunks of results). A source with ``loads_whole_file`` (a compressed volume is read
+    whole for any slice): a file's refs on one process (a worker: a pool of its own), 4 x as far ahead."""
     if n < 2:
         yield from (_decode_one(ref) for ref in rest)
         return
-    chunk = max(1, min(32, len(rest) // (n * 4)))
-    chunks = [rest[a : a + chunk] for a in range(0, len(rest), chunk)]
-    pool = ProcessPoolExecutor(n - 1, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
-                               initargs=(source, channels, size))
+    by_file = bool(getattr(source, "loads_whole_file", False))
+    chunks = _plan(rest, n, max(1, min(32, len(rest) // (n * 4))), by_file)
+    pools = [_pool(source, channels, size, w) for w in ([1] * (n - 1) if by_file else [n - 1])]
+    ahead = AHEAD * (4 if by_file else 1)
     pending: dict[int, Any] = {}
     done = 0
     try:
-        for k, part in enumerate(chunks):
-            for ahead in range(k, min(len(chunks), k + 2 * n)):  # keep the workers fed
-                if ahead % n and ahead not in pending:
-                    pending[ahead] = pool.submit(_decode_chunk, chunks[ahead])
-            results = pending.pop(k).result() if k % n else _decode_chunk(part)
+        for k, (owner, part) in enumerate(chunks):
+            busy = Counter(chunks[j][0] for j in pending)
+            for j in range(k, min(len(chunks), k + ahead * n)):  # keep the workers fed
+                who = chunks[j][0]
+                if who and j not in pending and busy[who] < ahead:
+                    pending[j] = pools[(who - 1) % len(pools)].submit(_decode_chunk, chunks[j][1])
+                    busy[who] += 1
+            results = pending.pop(k).result() if owner else _decode_chunk(part)
             yield from results
             done += len(part)
     except BrokenProcessPool:
         yield from (_decode_one(ref) for ref in rest[done:])  # the rest here
     finally:  # also when the caller stops early: drop the chunks not started
-        pool.shutdown(cancel_futures=True)
+        for pool in pools:
+            pool.shutdown(cancel_futures=True)
+
+
+AHEAD = 2  # chunks a worker may be ahead of the results taken (x 4 where it holds whole files)
+
+
+def _pool(source: Source, channels: int, size, workers: int) -> ProcessPoolExecutor:
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
+                               initargs=(source, channels, size))
+
+
+def _plan(refs: list[SampleRef], n: int, chunk: int, by_file: bool) -> list[tuple[int, list[SampleRef]]]:
+    """``(process, refs)`` of adjacent refs, up to ``chunk`` a chunk, the processes (0: this one)
+    taking turns chunk by chunk. ``by_file``: a file's refs stay with the process that met it first,
+    however many chunks they fill; the next process takes the next file once this turn has a chunk."""
+    plan: list[tuple[int, list[SampleRef]]] = []
+    owners: dict[str, int] = {}
+    turn, taken = 0, 0  # refs given to this turn's process
+    for ref in refs:
+        owner = owners.get(ref.path) if by_file else None
+        if owner is None:
+            if taken >= chunk:
+                turn, taken = turn + 1, 0
+            owner = turn % n
+            if by_file:
+                owners[ref.path] = owner
+        taken += owner == turn % n
+        if not plan or plan[-1][0] != owner or len(plan[-1][1]) >= chunk:
+            plan.append((owner, []))
+        plan[-1][1].append(ref)
+    return plan
 
 
 def _decode_chunk(refs: list[SampleRef]) -> list:
@@ -360,32 +398,3 @@ def value_range(pixels: np.ndarray, limit: int = 4096) -> tuple[float, float]:
     sample = np.asarray(pixels[:: max(1, len(pixels) // limit)])
     lo, hi = float(sample.min()) / SCALE, float(sample.max()) / SCALE
     return (round(lo, 6), round(hi, 6)) if 0 < hi - lo < NARROW_SPAN else (0.0, 1.0)
-
-
-#: the dataset fingerprint's schemes, by name: how many interior blocks each file's digest reads
-#: besides its first and last 4 KiB (:func:`~sslkit.data.digest.content_digest`). ``content-v2``
-#: (runs before 2026-12-06) let an uncompressed volume or array edited in place pass as unchanged.
-FINGERPRINT_SCHEMES = {"content-v2": 0, "content-v3": 14}
-FINGERPRINT_SCHEME = "content-v3"
-
-
-def fingerprint(refs: Sequence[SampleRef], extra: Any = None, scheme: str = FINGERPRINT_SCHEME) -> str:
-    """A hash of the dataset's content, for run.json: every sample's frame and its file's
-    :func:`~sslkit.data.digest.content_digest` (size, first and last 4 KiB and, in ``content-v3``,
-    14 evenly spaced 4 KiB blocks between them), in path order, and ``extra`` (the
-    preprocessing). Holds no path or name; a replaced, added or removed file changes it, a copy
-    of the folder elsewhere does not. ``--resume`` compares it, under the run's own ``scheme``.
-    """
-    interior = FINGERPRINT_SCHEMES[scheme]
-    h = hashlib.sha256(json.dumps([scheme, extra], sort_keys=True, default=str).encode())
-    lost = 0
-    for ref in sorted(refs, key=lambda r: (r.path, r.frame or 0)):
-        try:
-            digest = content_digest(ref.path, interior=interior)
-        except OSError:  # removed since it was read: counted as such, not a traceback
-            digest, lost = "unreadable", lost + 1
-        h.update(f"{ref.frame}\0{digest}\n".encode())
-    if lost:
-        print(f"note: {lost} samples' files were removed or became unreadable after they were read; "
-              f"the dataset fingerprint counts them as unreadable", file=sys.stderr)
-    return h.hexdigest()[:16]

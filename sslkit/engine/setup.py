@@ -27,7 +27,8 @@ import torch
 from sslkit import distributed
 from sslkit.backbone import is_token_backbone
 from sslkit.data.pipeline import LoadedData, resume_input_spec
-from sslkit.data.prepare import FINGERPRINT_SCHEME, channel_stats, fingerprint, value_range
+from sslkit.data.digest import FINGERPRINT_SCHEME, fingerprint
+from sslkit.data.prepare import channel_stats, value_range
 from sslkit.engine.capture import make_capture
 from sslkit.engine.compiled import compile_model, compile_views
 from sslkit.engine.data_setup import batches_and_schedule, load_run_data
@@ -200,8 +201,14 @@ def _input_spec(cfg: RunConfig, data: LoadedData) -> InputSpec:
                      value_range=value_range(data.prepared.pixels))
     if not cfg.resume:
         return spec
-    return InputSpec.from_dict(resume_input_spec(cfg.out, data.prepared, spec.preprocessing,
-                                                 cfg.allow_data_change, (mean, std)) or spec.to_dict())
+
+    def check() -> dict[str, Any] | None:  # on rank 0 alone: one process reads the files
+        # every file's digests of every fingerprint scheme, read once, with a progress line on a large
+        # data set: the check (the run's own scheme) and run.json's record then read no file again
+        fingerprint(data.prepared.refs, progress=cfg.progress)
+        return resume_input_spec(cfg.out, data.prepared, spec.preprocessing, cfg.allow_data_change, (mean, std))
+
+    return InputSpec.from_dict(distributed.broadcast_object(on_main(check)) or spec.to_dict())
 
 
 def _channels_last(cfg: RunConfig, backbone: torch.nn.Module) -> bool:
@@ -243,7 +250,7 @@ def run_record(s: Setup, backbone_name: str, embedding_dim: int) -> dict[str, An
         "input_spec": s.spec.to_dict(),
         "views": views_record(s.augment),
         "embedding_dim": embedding_dim,
-        "dataset": {"fingerprint": fingerprint(prepared.refs, s.spec.preprocessing),
+        "dataset": {"fingerprint": _fingerprint(s),
                     "fingerprint_scheme": FINGERPRINT_SCHEME,
                     "samples": len(prepared), "skipped": len(prepared.skipped), **s.data.split},
         "source_options_resolved": dataclasses.asdict(options) if dataclasses.is_dataclass(options) else {},
@@ -257,3 +264,10 @@ def run_record(s: Setup, backbone_name: str, embedding_dim: int) -> dict[str, An
         "environment": {**environment(), "world_size": s.world, "device": str(s.device)},
         "status": "running",
     }
+
+
+def _fingerprint(s: Setup) -> str:
+    """run.json's dataset fingerprint: one pass over every file (a progress line on a large data set;
+    a resume's check read them already), on rank 0 alone, shared with the other ranks."""
+    refs, progress = s.data.prepared.refs, s.cfg.progress and not s.cfg.resume
+    return distributed.broadcast_object(on_main(lambda: fingerprint(refs, s.spec.preprocessing, progress=progress)))
