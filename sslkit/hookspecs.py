@@ -94,7 +94,7 @@ def register_sources(register: Register) -> None:
     ``sslkit data inspect``), ``describe()`` (how pixels reached [0, 1], stored in the
     run's InputSpec), ``graph_preprocessing()`` (what an export ``--with-preprocessing``
     puts in its graph: a :class:`sslkit.api.GraphPreprocessing`, default image pixels),
-    ``parallel_decode``. CLI flags for some ``Options`` fields (``--window``) come from an
+    ``parallel_decode``, ``loads_whole_file``. CLI flags for some ``Options`` fields (``--window``) come from an
     entry point of group ``sslkit.source_flags`` (:mod:`sslkit.source_flags`). Rules (* = enforced):
 
     * ``SourceClass.scheme`` equals the registered name (*: at registration, one line

@@ -11,6 +11,7 @@ import pytest
 
 from sslkit.data.pipeline import load_data
 from sslkit_plugins.sources.dicom import DicomSource
+from sslkit_plugins.sources.folder import FolderSource
 from sslkit.pseudonym import file_key
 from tests.conftest import make_images
 from tests.dicom_factory import write_dicom
@@ -175,20 +176,29 @@ class CrashesInWorkers:
     def load(self, ref):
         import multiprocessing
 
-        if multiprocessing.current_process().name != "MainProcess" and ref.path.endswith("/b/4.png"):
-            os._exit(3)
+        if multiprocessing.current_process().name != "MainProcess":
+            if os.environ.get("SSLKIT_TEST_WORKER_MARKS"):  # which workers loaded samples
+                Path(os.environ["SSLKIT_TEST_WORKER_MARKS"], str(os.getpid())).touch()
+            if ref.path.endswith("/b/4.png"):
+                os._exit(3)
         return super().load(ref)
+
+
+class Crashing(CrashesInWorkers, FolderSource):
+    """At module level, so that spawned workers unpickle it (a class made inside the test was not
+    importable there: the pool broke at once and the test decoded everything in this process)."""
 
 
 def test_a_decode_worker_that_dies_leaves_the_rest_to_this_process(tmp_path, monkeypatch):
     """Chunks alternate between this process and the workers; after a worker dies every
     sample is still decoded once, in order, as one process decodes them."""
     from sslkit.data import prepare as prep
-    from sslkit_plugins.sources.folder import FolderSource
 
     images = make_images(tmp_path / "img", n_per_class=12, size=20)
-    source = type("Crashing", (CrashesInWorkers, FolderSource), {"__module__": __name__})(str(images))
-    globals()["Crashing"] = type(source)  # picklable by name for the spawned workers
+    source = Crashing(str(images))
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    monkeypatch.setenv("SSLKIT_TEST_WORKER_MARKS", str(marks))
     refs = source.index()
     serial = prep.prepare(source, refs, 3, 16, cache_dir=False, progress=False, workers=1)
     monkeypatch.setattr(prep, "pool_size", lambda n, workers, **kw: 2)
@@ -197,6 +207,7 @@ def test_a_decode_worker_that_dies_leaves_the_rest_to_this_process(tmp_path, mon
     shared = prep.prepare(source, refs, 3, 16, cache_dir=False, progress=False, workers=2)
     assert [r.id for r in shared.refs] == [r.id for r in serial.refs] and len(serial.refs) == 24
     np.testing.assert_array_equal(shared.pixels, serial.pixels)
+    assert list(marks.iterdir()), "no worker loaded a sample: the pool never ran"
 
 
 def _truncate(path: Path) -> None:

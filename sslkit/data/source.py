@@ -72,6 +72,9 @@ class Source:
     Options: ClassVar[type | None] = None
     #: decode the first pass in worker processes (False where loading is a cheap array read)
     parallel_decode: ClassVar[bool] = True
+    #: ``load`` of any sample reads its whole file (a compressed volume): the first decoding pass keeps
+    #: each file's samples on one process, which reads the file once
+    loads_whole_file: ClassVar[bool] = False
     #: ``Options`` fields that never change a decoded pixel (a count of header-reading processes, a
     #: memory bound): left out of the decoded-pixel cache key, so changing one reuses the entry. Every
     #: other field is in the key, whatever :meth:`describe` says (``check_source`` checks both)
