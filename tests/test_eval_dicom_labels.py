@@ -163,6 +163,16 @@ def test_grouped_folds_and_tsne_colours_of_volumes(cli, ct, tmp_path):
         assert rep["classes"] == classes and rep["data"]["data"]["unlabelled"] == 0, rep
 
 
+def test_tsne_notes_another_spacing_once(cli, ct, tmp_path):
+    """A ``--spacing`` other than the run's is noted once: the map of the whole set noted it again when it
+    indexed the data a second time to embed it."""
+    result = cli("eval", "tsne", ct / "run", "--data", f"dicom:{ct / 'train'}", "--data-opt", "spacing=1",
+                 "--out", tmp_path / "t.png", "--no-baseline", "--json", "--quiet")
+    assert result.exit_code == 0, result.output
+    assert result.stderr.count("sslkit: note: --spacing 1,1,1 resamples to another voxel size") == 1, result.stderr
+    assert json.loads(result.stdout)["data"]["data"]["plotted"] == 4
+
+
 def test_patient_folders_are_not_taken_for_classes(tmp_path):
     """A plain export, ROOT/<patient>/<study>/..., was evaluated with one class per patient named
     after its folder; with every top folder holding exactly one patient of its own, no labels."""

@@ -98,7 +98,8 @@ def test_tsne_replaces_a_pick_that_fails_to_decode_with_the_next_in_the_permutat
 
 def test_sample_embeddings_equal_those_of_the_whole_set(run):
     from sslkit.embed import sample_id
-    from sslkit.eval.features import embed_all, embed_sample, index_refs, index_source, open_model
+    from sslkit.data.pipeline import index_refs
+    from sslkit.eval.features import embed_all, embed_sample, index_source, open_model
     from sslkit.eval.tsne import random_pick
 
     model = open_model(run / "run", "cpu")
@@ -114,6 +115,41 @@ def test_sample_embeddings_equal_those_of_the_whole_set(run):
         rows = [whole[name].ids.index(i) for i in emb.ids]
         assert emb.labels == [whole[name].labels[r] for r in rows]
         np.testing.assert_allclose(emb.embeddings, whole[name].embeddings[rows], rtol=1e-4, atol=1e-5)
+
+
+def test_embed_indexed_equals_embed_all(run):
+    """What ``eval tsne`` embeds when it maps the whole set (already indexed) is what ``embed_all`` embeds."""
+    from dataclasses import asdict
+
+    from sslkit.data.pipeline import index_refs
+    from sslkit.eval.features import embed_all, embed_indexed, index_source, open_model
+
+    model = open_model(run / "run", "cpu")
+    data = str(run / "data")
+    source = index_source(model, data)
+    got = embed_indexed(model, data, source, index_refs(source, data), True, 4, False)
+    whole = embed_all(model, data, True, 4, None, False)
+    assert set(got) == set(whole) == {"pretrained", "random"}
+    for name, emb in got.items():
+        mine, theirs = asdict(emb), asdict(whole[name])
+        np.testing.assert_array_equal(mine.pop("embeddings"), theirs.pop("embeddings"))
+        assert mine == theirs and len(mine["ids"]) == 2 * N_PER_CLASS
+
+
+def test_tsne_of_the_whole_set_indexes_it_once(run, cli, monkeypatch):
+    """``--max-samples`` no smaller than the set: the index tsne read first is the one decoded (it indexed the
+    data a second time to embed it all)."""
+    from sslkit_plugins.sources.folder import FolderSource
+
+    indexed: list[str] = []
+    real = FolderSource.index
+    monkeypatch.setattr(FolderSource, "index", lambda self: indexed.append(str(self.root)) or real(self))
+    loads = count_loads(monkeypatch)
+    rep = _json(cli("eval", "tsne", run / "run", "--data", run / "data", "--max-samples", str(2 * N_PER_CLASS),
+                    "--perplexity", "3", "--no-baseline", "--out", run / "whole.png", "--json", "--quiet"))
+    assert len(indexed) == 1
+    assert rep["data"]["data"]["samples"] == rep["data"]["data"]["plotted"] == 2 * N_PER_CLASS
+    assert len(loads) in (0, 2 * N_PER_CLASS)  # through the cache: decoded all, or none when cached already
 
 
 def test_attention_decodes_its_rows_only_spread_across_classes(run, cli, monkeypatch):
@@ -228,7 +264,7 @@ def test_eval_reads_dicom_headers_through_the_header_index(run, cli, tmp_path, m
                     "--perplexity", "1", "--no-baseline", "--out", tmp_path / "m.png", "--json", "--quiet"))
     assert rep["classes"] == ["CT", "MR"]
     index_labels(open_model(run / "run", "cpu"), data, "--data", None, {"workers": 1})
-    assert len(reads) == 6  # the tsne run's two passes and the second index_labels read no header
+    assert len(reads) == 6  # the tsne run's pass and the second index_labels read no header
 
 
 # ---------------------------------------------------------------- cache-room advice

@@ -43,6 +43,17 @@ def load_data(data: str, image_size: int, channels: int | None = None,
     ``max_pixels``: the largest image (width x height) any decoder may open (None: the
     default, :data:`~sslkit.data.source.DEFAULT_MAX_PIXELS`; 0: no limit).
     """
+    source = open_source(data, source_options, cache_dir, max_pixels)
+    with _new_objects_only():
+        refs = index_refs(source, data)
+    return load_refs(source, refs, data, image_size, channels, cache_dir, progress, val_fraction, seed, workers)
+
+
+def open_source(data: str, source_options: dict[str, Any] | None = None, cache_dir: str | Path | bool | None = None,
+                max_pixels: int | None = None) -> Source:
+    """The source of ``data`` as :func:`load_data` reads it: ``source_options``, the decode limit
+    ``max_pixels`` (None: the source's own), and the header index under the cache root's ``headers/``
+    (``cache_dir`` as in :func:`load_data`; none without a disk cache). Nothing is indexed yet."""
     source = create_source(data, **(source_options or {}))
     if max_pixels is not None:
         source.max_pixels = max_pixels
@@ -50,8 +61,27 @@ def load_data(data: str, image_size: int, channels: int | None = None,
     if root is not None:
         mark_root(root)
     source.header_cache = root / "headers" if root is not None else None
-    with _new_objects_only():
-        return _load(source, data, channels, cache_dir, progress, val_fraction, seed, workers, image_size)
+    return source
+
+
+def index_refs(source: Source, data: str) -> list:
+    """``source.index()``, its skipped files made relative to the data root (as the loader reports
+    them); none found is one line (``no images found in DATA``, with the count skipped as unreadable)."""
+    refs = source.index()
+    source.skipped = [(source.relative(p), r) for p, r in source.skipped]
+    if not refs:
+        extra = f" ({len(source.skipped)} files skipped as unreadable)" if source.skipped else ""
+        raise UsageError(f"no images found in {data!r}{extra}")
+    return refs
+
+
+def sample_format(source: Source, refs: Sequence[Any], channels: int | None, image_size: int) -> tuple[int, Any]:
+    """The channels and stored size (:func:`~sslkit.data.volume.stored_size`) the samples ``refs`` of
+    ``source`` are decoded at: ``channels`` (None: the majority's own), checked from the headers
+    (:func:`check_channels`) before anything is decoded."""
+    own = majority_channels(source, refs)
+    check_channels(source, own, channels)
+    return channels or own, stored_size(source, image_size)
 
 
 def check_channels(source: Source, own: int, channels: int | None) -> None:
@@ -69,28 +99,24 @@ def check_channels(source: Source, own: int, channels: int | None) -> None:
                          + f"; leave --channels out (or give {own})")
 
 
-def _load(source: Source, data: str, channels: int | None, cache_dir: Any, progress: bool, val_fraction: float,
-          seed: int, workers: int, image_size: int) -> LoadedData:
-    """:func:`load_data` once the source is made: index, split, decode."""
-    refs = source.index()
-    source.skipped = [(source.relative(p), r) for p, r in source.skipped]
-    if not refs:
-        extra = f" ({len(source.skipped)} files skipped as unreadable)" if source.skipped else ""
-        raise UsageError(f"no images found in {data!r}{extra}")
-    train, val = split_refs(refs, val_fraction, seed)
-    split = {}
-    if val:
-        split = {"val_fraction": val_fraction, "val_samples": len(val), "val_groups": len({r.group for r in val}),
-                 "val_fingerprint": fingerprint(val), "train_groups": len({r.group for r in train})}
-        held = len(val) / len(refs)
-        if abs(held - val_fraction) > max(0.05, val_fraction / 2) and reports_here():  # whole groups; once
-            print(f"note: --val-fraction {val_fraction:g} held out {held:.0%} of the samples ({len(val)} of "
-                  f"{len(refs)}, {split['val_groups']} of {split['val_groups'] + split['train_groups']} groups): "
-                  f"patients (groups) are never split", file=sys.stderr)
-    own = majority_channels(source, train)
-    check_channels(source, own, channels)
-    channels = channels or own
-    prepared = prepare(source, train, channels, stored_size(source, image_size), cache_dir, progress, workers)
+def load_refs(source: Source, refs: list, data: str, image_size: int, channels: int | None = None,
+              cache_dir: str | Path | bool | None = None, progress: bool = True, val_fraction: float = 0.0,
+              seed: int = 0, workers: int = 0) -> LoadedData:
+    """:func:`load_data` of ``refs``, ``source``'s index (:func:`open_source`, :func:`index_refs`), so
+    that data indexed already is not indexed again: split, check (:func:`sample_format`), decode."""
+    with _new_objects_only():
+        train, val = split_refs(refs, val_fraction, seed)
+        split = {}
+        if val:
+            split = {"val_fraction": val_fraction, "val_samples": len(val), "val_groups": len({r.group for r in val}),
+                     "val_fingerprint": fingerprint(val), "train_groups": len({r.group for r in train})}
+            held = len(val) / len(refs)
+            if abs(held - val_fraction) > max(0.05, val_fraction / 2) and reports_here():  # whole groups; once
+                print(f"note: --val-fraction {val_fraction:g} held out {held:.0%} of the samples ({len(val)} of "
+                      f"{len(refs)}, {split['val_groups']} of {split['val_groups'] + split['train_groups']} groups): "
+                      f"patients (groups) are never split", file=sys.stderr)
+        channels, size = sample_format(source, train, channels, image_size)
+        prepared = prepare(source, train, channels, size, cache_dir, progress, workers)
     prepared.skipped = list(source.skipped) + list(prepared.skipped)
     if not len(prepared):
         raise UsageError(

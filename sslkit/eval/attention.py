@@ -220,14 +220,16 @@ def decode_rows(model: Any, images: str, source_options: dict[str, Any] | None, 
     """The rows' pixels ``(B, C, S, S)`` in [0, 1], chosen across the classes from the index (:func:`pick_rows`)
     and only they decoded (:func:`~sslkit.eval.features.decode_sample`); their indices, every indexed sample's
     label, how many samples the data holds (less those found undecodable) and the files skipped."""
+    from sslkit.data.pipeline import index_refs, sample_format
     from sslkit.data.prepare import SCALE
-    from sslkit.eval.features import decode_sample, index_refs, index_source, sample_format
+    from sslkit.eval.features import decode_sample, index_source
 
     source = index_source(model, images, source_options)
     refs = index_refs(source, images)
     labels = [r.label for r in refs]
     got: dict[int, np.ndarray] = {}
-    rows, failed, skipped = decode_sample(source, refs, *sample_format(model, source, refs),
+    rows, failed, skipped = decode_sample(source, refs, *sample_format(source, refs, model.spec.channels,
+                                                                       model.spec.image_size),
                                           pick_rows(labels, max_images), lambda kept, px: got.update(zip(kept, px)),
                                           progress)
     pixels = torch.from_numpy(np.stack([got[i] for i in rows]).astype(np.float32) / SCALE)

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from sslkit import embed as embed_mod
+from sslkit.data.pipeline import load_refs, open_source, sample_format
 from sslkit.embed import Embeddings
 from sslkit.errors import UsageError
 from sslkit.eval.labels import Labelled, assign_labels, no_labels, read_labels_csv, select_labelled
@@ -231,13 +232,30 @@ def embed_sample(model: EvalModel, data: str, source: Any, refs: list, choose: C
     def use(kept: list[int], pixels: np.ndarray) -> None:
         rows.update(zip(kept, embed_mod.encode_pixels(both, pixels, batch_size, progress)))
 
-    order, failed, skipped = decode_sample(source, refs, *sample_format(model, source, refs), choose, use, progress)
+    order, failed, skipped = decode_sample(source, refs, *sample_format(source, refs, model.spec.channels,
+                                                                        model.spec.image_size), choose, use, progress)
     embed_mod.warn_inexact(both)
-    emb = Embeddings(np.stack([rows[i] for i in order]),
-                     [embed_mod.sample_id(source, refs[i]) for i in order], [refs[i].label for i in order],
-                     len(skipped), embed_mod.skip_reasons(skipped),
-                     [embed_mod.label_paths(source, refs[i]) for i in order])
+    emb = _embeddings(source, [refs[i] for i in order], np.stack([rows[i] for i in order]), skipped)
     return _split(emb, names, dims, data), failed
+
+
+def embed_indexed(model: EvalModel, data: str, source: Any, refs: list, baseline: bool = True, batch_size: int = 64,
+                  progress: bool = True) -> dict[str, Embeddings]:
+    """:func:`embed_all` of ``data`` already indexed (``source`` from :func:`index_source`, ``refs`` from
+    :func:`~sslkit.data.pipeline.index_refs`): every sample decoded through the default cache as :func:`embed_all`
+    decodes it (:func:`~sslkit.data.pipeline.load_refs`), without indexing the data (and noting its options) again."""
+    both, names, dims = _combined(model, baseline)
+    loaded = load_refs(source, refs, data, both.spec.image_size, both.spec.channels, progress=progress)
+    pixels = embed_mod.encode_pixels(both, loaded.prepared.pixels, batch_size, progress)
+    embed_mod.warn_inexact(both)
+    return _split(_embeddings(source, loaded.prepared.refs, pixels, loaded.prepared.skipped), names, dims, data)
+
+
+def _embeddings(source: Any, refs: list, rows: np.ndarray, skipped: list[tuple[str, str]]) -> Embeddings:
+    """The :class:`Embeddings` of ``refs`` (``rows``: their embeddings, in that order), as :func:`sslkit.embed.embed`
+    makes them: sample ids, labels, the skipped files' count and reasons, label paths."""
+    return Embeddings(rows, [embed_mod.sample_id(source, r) for r in refs], [r.label for r in refs],
+                      len(skipped), embed_mod.skip_reasons(skipped), [embed_mod.label_paths(source, r) for r in refs])
 
 
 def check_labels(model: EvalModel, data: str, what: str, labels_csv: str | None,
@@ -286,42 +304,10 @@ def labelled_embeddings(model: EvalModel, data: str, what: str, table: dict[str,
 
 def index_source(model: EvalModel, data: str, source_options: dict[str, Any] | None = None) -> Any:
     """The source of ``data`` as :func:`~sslkit.data.pipeline.load_data` makes it when :func:`embed_all` reads
-    ``data``: the model's source options and decode limit, and the header index under the default cache's
-    ``headers/`` (unchanged DICOM files' headers are not read again). For what the index alone tells (labels,
-    header fields, the refs a sample is chosen from)."""
-    from sslkit.data.cache import mark_root, resolve_cache_dir
-    from sslkit.registry import create_source
-
-    source = create_source(data, **model.source_options(data, source_options))
-    if model.pretrained.max_pixels is not None:
-        source.max_pixels = model.pretrained.max_pixels
-    root = resolve_cache_dir(None)
-    mark_root(root)
-    source.header_cache = root / "headers"
-    return source
-
-
-def index_refs(source: Any, data: str) -> list:
-    """``source.index()``, its skipped files made relative to the data root (as the loader reports them);
-    none found is one line, as :func:`~sslkit.data.pipeline.load_data` says it."""
-    refs = source.index()
-    source.skipped = [(source.relative(p), r) for p, r in source.skipped]
-    if not refs:
-        extra = f" ({len(source.skipped)} files skipped as unreadable)" if source.skipped else ""
-        raise UsageError(f"no images found in {data!r}{extra}")
-    return refs
-
-
-def sample_format(model: EvalModel, source: Any, refs: list) -> tuple[int, Any]:
-    """The channels and stored size the model's samples of ``source`` are decoded at, checked (headers only)
-    as :func:`~sslkit.data.pipeline.load_data` checks them."""
-    from sslkit.data.pipeline import check_channels
-    from sslkit.data.prepare import majority_channels
-    from sslkit.data.volume import stored_size
-
-    own = majority_channels(source, refs)
-    check_channels(source, own, model.spec.channels)
-    return model.spec.channels or own, stored_size(source, model.spec.image_size)
+    ``data`` (:func:`~sslkit.data.pipeline.open_source`): the model's source options and decode limit, and the
+    header index under the default cache's ``headers/`` (unchanged DICOM files' headers are not read again). For
+    what the index alone tells (labels, header fields, the refs a sample is chosen from)."""
+    return open_source(data, model.source_options(data, source_options), None, model.pretrained.max_pixels)
 
 
 #: the decoded pixels :func:`decode_sample` holds at once: a part is decoded, used, then dropped

@@ -13,11 +13,12 @@ from typing import Any, Callable
 
 import numpy as np
 
+from sslkit.data.pipeline import index_refs
 from sslkit.errors import UsageError
 from sslkit.figure import save_png
 from sslkit.embed import label_paths, sample_id
 from sslkit.output_file import check_output
-from sslkit.eval.features import embed_all, embed_sample, index_refs, index_source, open_model
+from sslkit.eval.features import embed_indexed, embed_sample, index_source, open_model
 from sslkit.eval.labels import assign_labels, read_labels_csv
 from sslkit.eval.report import new_report, save_picture, save_report, skipped_summary
 
@@ -230,8 +231,9 @@ def map_embeddings(model: Any, data: str, source_options: dict[str, Any] | None,
     """The embeddings a map shows, the ``--color-by`` values (None: by label) and how many samples ``data``
     holds. From the index, ``max_samples`` of them are picked at random (``seed``) and only those decoded
     (:func:`~sslkit.eval.features.embed_sample`); a set no larger is embedded whole, through the cache
-    that the other evaluations share. A labels ``table`` is matched against every indexed sample first,
-    so that a row naming several files is refused before decoding, whichever samples are picked."""
+    that the other evaluations share (:func:`~sslkit.eval.features.embed_indexed`: not indexed again). A labels
+    ``table`` is matched against every indexed sample first, so that a row naming several files is refused
+    before decoding, whichever samples are picked."""
     source = index_source(model, data, source_options)
     refs = index_refs(source, data)
     colours = header_values(source, refs, color_by) if color_by != "label" else None
@@ -239,7 +241,7 @@ def map_embeddings(model: Any, data: str, source_options: dict[str, Any] | None,
         assign_labels([sample_id(source, r) for r in refs], [r.label for r in refs], table,
                       [label_paths(source, r) for r in refs])
     if max_samples >= len(refs):
-        embs = embed_all(model, data, baseline, batch_size, source_options, progress)
+        embs = embed_indexed(model, data, source, refs, baseline, batch_size, progress)
         return embs, colours, len(embs["pretrained"].embeddings)
     embs, failed = embed_sample(model, data, source, refs, random_pick(len(refs), max_samples, seed), baseline,
                                 batch_size, progress)
