@@ -277,7 +277,7 @@ def source_mapping(spec: InputSpec) -> str:
     ``describe()`` gave: scaling, windows, inversions...) in one line, each value bounded (a plugin's text)."""
     def plain(value: Any) -> str:
         text = ", ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
-        return text if len(text) <= PLUGIN_TEXT // 4 else shown(text, PLUGIN_TEXT // 4)
+        return _bounded(text, PLUGIN_TEXT // 4)
 
     given = [f"{key}: {plain(value)}" for key, value in (spec.preprocessing or {}).items()
              if value is not None and not (isinstance(value, (str, list, tuple, dict)) and not value)]
@@ -292,8 +292,8 @@ def client_steps(kind: str, spec: InputSpec) -> str:
         return (f"client maps each image to x in [0, 1] as the run's source did ({source_mapping(spec)}), resizes "
                 f"(shorter side to image_size, centre crop) and normalises: (x - mean) / std")
     if kind == "uint8":
-        return ("client resizes each image's 8-bit values (16-bit images: round(value / 257), their top 8 bits) "
-                "and feeds uint8; the graph scales (/ 255) and normalises")
+        return ("client resizes each image's 8-bit values (16-bit images: round(value / 257), the nearest 8-bit "
+                "value) and feeds uint8; the graph scales (/ 255) and normalises")
     if kind == "uint16":
         return ("client resizes each image's 16-bit values as stored, never stretched to their range (12-bit "
                 "content stays 0-4095; 8-bit images: value x 257) and feeds uint16; the graph scales (/ 65535) "
@@ -337,9 +337,9 @@ def default_input_dtype(spec: InputSpec, grid: str | None, read: str) -> tuple[s
                      f"16-bit images")
 
 
-def _bounded(text: str) -> str:
-    """A source's own sentence as it is, or bounded where it is long (a plugin's text)."""
-    return text if len(text) <= PLUGIN_TEXT else shown(text, PLUGIN_TEXT)
+def _bounded(text: str, limit: int = PLUGIN_TEXT) -> str:
+    """A source's own text as it is, or bounded (:func:`~sslkit.errors.shown`) where it is longer than ``limit``."""
+    return text if len(text) <= limit else shown(text, limit)
 
 
 def _raw_input(spec: InputSpec, with_preprocessing: bool, input_dtype: str | None) -> tuple[RawInput, str]:

@@ -45,6 +45,19 @@ if rank == 0 and os.environ.get("T_DECODE_SIGNAL"):
         time.sleep(60 * float(os.environ["T_TIMEOUT_MIN"]) + 3)
         return load(*a, **k)
     ds.load_data = signalled
+if rank == 0 and os.environ.get("T_SLOW_FINGERPRINT_S"):  # the dataset fingerprint, read by rank 0 alone
+    import sslkit.engine.setup as su
+    fingerprint = su.fingerprint
+    def slow_fingerprint(*a, **k):
+        time.sleep(float(os.environ["T_SLOW_FINGERPRINT_S"]))
+        return fingerprint(*a, **k)
+    su.fingerprint = slow_fingerprint
+if rank == 0 and os.environ.get("T_FINGERPRINT_ERROR"):
+    import sslkit.engine.setup as su
+    def bad_fingerprint(*a, **k):
+        time.sleep(60 * float(os.environ["T_TIMEOUT_MIN"]) + 3)
+        raise OSError(errno.EIO, os.environ["T_FINGERPRINT_ERROR"])
+    su.fingerprint = bad_fingerprint
 if rank == 1 and os.environ.get("T_FLOCK_LOG"):
     flock = fcntl.flock
     def logged(fd, op):
@@ -108,6 +121,26 @@ def test_rank0_decoding_longer_than_the_group_timeout_is_waited_for_and_read_in_
     assert json.loads((tmp_path / "run" / "run.json").read_text())["status"] == "finished"
     ops = [int(line) for line in log.read_text().split()]
     assert ops and all(op & fcntl.LOCK_SH and not op & fcntl.LOCK_EX for op in ops), ops  # a reader: never exclusive
+
+
+def test_rank0s_dataset_fingerprint_longer_than_the_group_timeout_is_waited_for(tmp_path):
+    """Rank 0 alone reads the files for run.json's fingerprint and tells the others; the group's
+    timeout is 6 s here and it takes 9 s: rank 1 waits for it without the collective's timeout
+    (it failed in the broadcast: "Timed out waiting ... for recv")."""
+    r0, r1 = two_ranks(tmp_path, "--max-steps", "2", "--out", str(tmp_path / "run"), T_SLOW_FINGERPRINT_S="9")
+    assert r0.returncode == 0, r0.stderr[-3000:]
+    assert r1.returncode == 0, r1.stderr[-3000:]
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["dataset"]["fingerprint"]
+
+
+def test_a_failure_in_rank0s_fingerprint_stops_both_ranks(tmp_path):
+    """Rank 0's fingerprint fails after the group's timeout: rank 1, waiting for it, stops with a line
+    saying so (no gloo timeout, no traceback of its own); rank 0 shows its error."""
+    r0, r1 = two_ranks(tmp_path, "--max-steps", "2", "--out", str(tmp_path / "run"), T_FINGERPRINT_ERROR="injected")
+    assert r0.returncode != 0 and "injected" in r0.stderr, r0.stderr[-3000:]
+    assert r1.returncode == 2, r1.stderr[-3000:]
+    assert "Traceback" not in r1.stderr and "imed out" not in r1.stderr, r1.stderr[-3000:]
+    assert len(error_lines(r1.stderr)) <= 1, r1.stderr[-3000:]
 
 
 def test_a_user_error_in_rank0s_decode_stops_both_ranks_printed_once(tmp_path):

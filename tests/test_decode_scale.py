@@ -19,6 +19,7 @@ import pickle
 import sys
 import tracemalloc
 from collections import Counter
+from concurrent.futures import Future
 from pathlib import Path
 
 import numpy as np
@@ -143,6 +144,46 @@ def test_plan_takes_turns_by_chunk_and_keeps_a_whole_file_source_s_files_on_one_
     assert [r for _, part in whole for r in part] == refs
 
 
+class _InProcess:
+    """A worker pool stand-in that decodes in this process at once."""
+
+    def submit(self, fn, arg):
+        done = Future()
+        done.set_result(fn(arg))
+        return done
+
+    def shutdown(self, cancel_futures=False):
+        pass
+
+
+class _WholeFiles:
+    loads_whole_file = True
+
+    def load(self, ref):
+        return np.full((1, 4, 4), int(ref.path[-1]) / 10 + (ref.frame or 0) / 100, np.float32)
+
+
+def test_a_whole_file_source_of_one_sample_a_file_shares_one_pool_as_any_source(monkeypatch):
+    """Pinning files to processes pays only where a file holds several samples (slices); a volume a
+    file (nifti --sample volume) keeps one shared pool and the usual chunks in flight (4 x as many,
+    of whole volumes, in every worker, was the pinned plan's)."""
+    made = []
+    monkeypatch.setattr(prep, "_pool", lambda source, channels, size, workers: made.append(workers) or _InProcess())
+    source = _WholeFiles()
+    monkeypatch.setitem(prep._WORKER, "source", source)
+    monkeypatch.setitem(prep._WORKER, "channels", 1)
+    monkeypatch.setitem(prep._WORKER, "size", 4)
+    volumes = [SampleRef(f"/d/v{i}") for i in range(9)]
+    slices = [SampleRef(f"/d/v{i}", z) for i in range(3) for z in range(4)]
+    for refs, pools in ((volumes, [2]), (slices, [1, 1])):
+        made.clear()
+        got = list(prep._shared(source, refs, 1, 4, 3))
+        assert made == pools
+        assert len(got) == len(refs)
+        for ref, x in zip(refs, got):  # in order, whichever process decoded it
+            np.testing.assert_array_equal(x, prep._decode_one(ref))
+
+
 class CountingNifti(NiftiSource):
     """The nifti source, writing a line to ``opens_log`` each time a process reads a volume (a class
     of this module: the spawned workers unpickle it by name)."""
@@ -180,6 +221,43 @@ def test_each_nifti_file_is_decoded_by_one_process(tmp_path, monkeypatch):
     opens = [line.split() for line in Path(source.opens_log).read_text().splitlines()]
     assert Counter(name for _, name in opens) == {"v0.nii.gz": 1, "v1.nii.gz": 1, "v2.nii.gz": 1}, opens
     assert len({pid for pid, _ in opens}) == 3  # each file on a process of its own
+
+
+class DyingNifti(CountingNifti):
+    """A worker that meets ``v1`` dies at once (out of memory, a crashing codec)."""
+
+    def _volume(self, path):
+        import multiprocessing
+
+        if multiprocessing.current_process().name != "MainProcess" and path.endswith("v1.nii.gz"):
+            os._exit(3)
+        return super()._volume(path)
+
+
+def test_a_worker_dying_on_its_file_leaves_the_rest_to_this_process(tmp_path, monkeypatch):
+    """Each file's pool of one worker: the one that dies breaks its own pool, and this process decodes
+    the rest (what the other worker had decoded ahead is decoded again): every sample once, in order,
+    as one process decodes them."""
+    nib = pytest.importorskip("nibabel")
+    rng = np.random.default_rng(2)
+    for i in range(3):
+        nib.save(nib.Nifti1Image(rng.integers(0, 1000, (12, 10, 40)).astype(np.int16), np.eye(4)),
+                 tmp_path / f"v{i}.nii.gz")
+    source = DyingNifti(str(tmp_path))
+    source.opens_log = str(tmp_path / "opens.log")
+    refs = source.index()
+    serial = prep.prepare(source, refs, 1, 16, cache_dir=False, progress=False, workers=1)
+    os.remove(source.opens_log)
+    source._last = None
+    monkeypatch.setattr(prep, "pool_size", lambda n, workers, **kw: 3)
+    monkeypatch.setattr(prep, "PROBE_S", 0.0)
+    monkeypatch.setattr(prep, "POOL_PAYOFF_S", 0.0)
+    shared = prep.prepare(source, refs, 1, 16, cache_dir=False, progress=False, workers=3)
+    assert [r.id for r in shared.refs] == [r.id for r in serial.refs] and len(serial.refs) == 120
+    np.testing.assert_array_equal(shared.pixels, serial.pixels)
+    opens = [line.split() for line in Path(source.opens_log).read_text().splitlines()]
+    assert {name for pid, name in opens if int(pid) != os.getpid()} == {"v2.nii.gz"}, opens  # v1's worker died
+    assert {name for pid, name in opens if int(pid) == os.getpid()} >= {"v0.nii.gz", "v1.nii.gz"}, opens
 
 
 def _reference_digest(path: str, interior: int, block: int = 4096) -> str:

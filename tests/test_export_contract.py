@@ -139,6 +139,35 @@ def test_pixel_grid_and_the_default_it_gives():
     assert default_input_dtype(window, "float", "8 images") == (None, "")  # the source fixes its graph's input
 
 
+def test_the_grid_of_what_the_sources_decode(tmp_path):
+    """The grid each kind of file decodes to, which the export's default input dtype follows: 8-bit
+    JPEGs (colour, grey, CMYK), grey PNGs with alpha, palette and 1-bit PNGs, 8-bit TIFFs, and 8-bit
+    npz arrays stay uint8; 16-bit PNGs and TIFFs uint16; float TIFFs float (their graph: float32)."""
+    from sslkit.registry import create_source
+
+    tifffile = pytest.importorskip("tifffile")
+    rng = np.random.default_rng(0)
+    a8, a16 = rng.integers(0, 256, (30, 40), dtype=np.uint8), rng.integers(0, 4096, (30, 40)).astype(np.uint16)
+    folder = tmp_path / "img" / "c"
+    folder.mkdir(parents=True)
+    rgb = Image.fromarray(np.stack([a8, 255 - a8, a8 // 2], -1))
+    for name, img in {"rgb.jpg": rgb, "grey.jpg": Image.fromarray(a8), "cmyk.jpg": rgb.convert("CMYK"),
+                      "la.png": Image.fromarray(np.stack([a8, 255 - a8], -1), "LA"), "pal.png": rgb.convert("P"),
+                      "bw.png": Image.fromarray(a8 > 128), "g16.png": Image.fromarray(a16)}.items():
+        img.save(folder / name)
+    tifffile.imwrite(folder / "u8.tif", a8)
+    tifffile.imwrite(folder / "u16.tif", a16)
+    tifffile.imwrite(folder / "f32.tif", rng.random((30, 40), dtype=np.float32))
+    source = create_source(f"folder:{tmp_path / 'img'}")
+    grids = {Path(r.path).name: pixel_grid(source.load(r)) for r in source.index()}
+    assert grids == {**dict.fromkeys(["rgb.jpg", "grey.jpg", "cmyk.jpg", "la.png", "pal.png", "bw.png", "u8.tif"],
+                                     "uint8"), "g16.png": "uint16", "u16.tif": "uint16", "f32.tif": "float"}
+    for dtype, grid in (("uint8", "uint8"), ("uint16", "uint16")):
+        np.savez(tmp_path / f"{dtype}.npz", images=rng.integers(0, 4096, (2, 1, 20, 20)).astype(dtype))
+        arrays = create_source(f"npz:{tmp_path / f'{dtype}.npz'}")
+        assert pixel_grid(arrays.load(arrays.index()[0])) == grid
+
+
 def test_a_uint16_graph_of_8_bit_data_tells_the_client_to_scale_by_257():
     spec = InputSpec(1, 32, (0.5,), (0.25,), "folder", {"scale": "8-bit / 255, 16-bit / 65535, float min-max"})
     raw, note = raw_input_for(spec, True, "uint16")

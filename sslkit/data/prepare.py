@@ -311,12 +311,12 @@ def _results(source: Source, refs: list[SampleRef], channels: int, size, n: int)
 def _shared(source: Source, rest: list[SampleRef], channels: int, size, n: int):
     """``rest`` in order, by this process and ``n - 1`` spawned workers, in chunks (:func:`_plan`):
     process 0's here, the others submitted up to :data:`AHEAD` chunks a worker ahead (memory holds
-    that many chunks of results). A source with ``loads_whole_file`` (a compressed volume is read
-    whole for any slice): a file's refs on one process (a worker: a pool of its own), 4 x as far ahead."""
+    that many chunks of results). ``loads_whole_file`` (a compressed volume read whole for any slice) and
+    files of several refs: each file's on one process (a worker: a pool of its own), 4 x as far ahead."""
     if n < 2:
         yield from (_decode_one(ref) for ref in rest)
         return
-    by_file = bool(getattr(source, "loads_whole_file", False))
+    by_file = bool(getattr(source, "loads_whole_file", False)) and len({r.path for r in rest}) < len(rest)
     chunks = _plan(rest, n, max(1, min(32, len(rest) // (n * 4))), by_file)
     pools = [_pool(source, channels, size, w) for w in ([1] * (n - 1) if by_file else [n - 1])]
     ahead = AHEAD * (4 if by_file else 1)

@@ -133,6 +133,15 @@ def on_main(fn: Callable[[], Any]) -> Any:
     return result
 
 
+def from_rank0(fn: Callable[[], Any], what: str) -> Any:
+    """``fn()`` on rank 0 alone, its result given to every rank: work that reads every file (the
+    dataset fingerprint) may outlast the group's collective timeout, so the others wait for it
+    through :func:`~sslkit.distributed.rank0_first` (the store, not a collective), and stop with
+    rank 0 where it fails (a user error: its line; a crash or pre-emption: said). ``what``: the
+    work, for those messages."""
+    return distributed.broadcast_object(distributed.rank0_first(lambda: fn() if distributed.is_main() else None, what))
+
+
 def build(cfg: RunConfig, device: torch.device) -> Setup:
     """Everything a run needs, checked and built (see the module docstring for the order)."""
     rank, world = distributed.rank(), distributed.world_size()
@@ -208,7 +217,7 @@ def _input_spec(cfg: RunConfig, data: LoadedData) -> InputSpec:
         fingerprint(data.prepared.refs, progress=cfg.progress)
         return resume_input_spec(cfg.out, data.prepared, spec.preprocessing, cfg.allow_data_change, (mean, std))
 
-    return InputSpec.from_dict(distributed.broadcast_object(on_main(check)) or spec.to_dict())
+    return InputSpec.from_dict(from_rank0(check, "checking the data against the run's") or spec.to_dict())
 
 
 def _channels_last(cfg: RunConfig, backbone: torch.nn.Module) -> bool:
@@ -268,6 +277,7 @@ def run_record(s: Setup, backbone_name: str, embedding_dim: int) -> dict[str, An
 
 def _fingerprint(s: Setup) -> str:
     """run.json's dataset fingerprint: one pass over every file (a progress line on a large data set;
-    a resume's check read them already), on rank 0 alone, shared with the other ranks."""
+    a resume's check read them already), on rank 0 alone, shared with the other ranks (:func:`from_rank0`)."""
     refs, progress = s.data.prepared.refs, s.cfg.progress and not s.cfg.resume
-    return distributed.broadcast_object(on_main(lambda: fingerprint(refs, s.spec.preprocessing, progress=progress)))
+    return from_rank0(lambda: fingerprint(refs, s.spec.preprocessing, progress=progress),
+                      "reading the dataset fingerprint")
