@@ -106,7 +106,7 @@ class _Told(Exception):
     """Raised for what another rank posted: not posted again."""
 
 
-def rank0_first(fn: Callable[[], T], what: str) -> T:
+def rank0_first(fn: Callable[[], T], what: str, interruptible: bool = True) -> T:
     """``fn()`` on rank 0, then on every other rank at once (e.g. rank 0 fills the disk cache,
     then the others read it). The ranks waiting for a turn poll the process group's store
     instead of a collective, so a turn may take longer than the group's timeout; they wait
@@ -115,7 +115,8 @@ def rank0_first(fn: Callable[[], T], what: str) -> T:
     (:func:`~sslkit.preempt.unwinding`: raised during ``fn`` only, so a turn is either
     posted by all of its ranks or stopped by one) or crash in ``fn`` is posted in place of
     the turn's outcome, and every rank stops with it (the first posted) as soon as it looks.
-    ``what``: the work, for messages ("decoding the data"). One process: ``fn()``."""
+    ``what``: the work, for messages ("decoding the data"). ``interruptible=False``: a pre-emption
+    stays deferred through ``fn`` (to the first step, which checkpoints and records it). One process: ``fn()``."""
     if not (is_initialized() and world_size() > 1):
         return fn()
     store = dist.distributed_c10d._get_default_store()
@@ -124,7 +125,8 @@ def rank0_first(fn: Callable[[], T], what: str) -> T:
     try:
         for turn, ranks in enumerate(([0], range(1, world_size()))):
             if me in ranks:
-                with unwinding():  # a pre-emption stops the work at once: the others learn it below
+                with unwinding() if interruptible else contextlib.nullcontext():  # a pre-emption stops the
+                    # work at once: the others learn it below
                     result = fn()
                 store.set(f"{tag}/{turn}/{me}", "ok")
             _await_turn(store, tag, [f"{tag}/{turn}/{r}" for r in ranks], what)

@@ -137,9 +137,11 @@ def from_rank0(fn: Callable[[], Any], what: str) -> Any:
     """``fn()`` on rank 0 alone, its result given to every rank: work that reads every file (the
     dataset fingerprint) may outlast the group's collective timeout, so the others wait for it
     through :func:`~sslkit.distributed.rank0_first` (the store, not a collective), and stop with
-    rank 0 where it fails (a user error: its line; a crash or pre-emption: said). ``what``: the
+    rank 0 where it fails (a user error: its line; a crash: said). Not interruptible: a pre-emption
+    here (while run.json is built) is acted on at the first step, which records it. ``what``: the
     work, for those messages."""
-    return distributed.broadcast_object(distributed.rank0_first(lambda: fn() if distributed.is_main() else None, what))
+    return distributed.broadcast_object(distributed.rank0_first(lambda: fn() if distributed.is_main() else None, what,
+                                                                interruptible=False))
 
 
 def build(cfg: RunConfig, device: torch.device) -> Setup:
