@@ -133,3 +133,13 @@ def tiny_run(data: str, out: Path, size: int = 32, *extra: str) -> Path:
     result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
     assert result.exit_code == 0, result.stderr
     return out
+
+
+def force_decode_pool(monkeypatch, n: int) -> None:
+    """``prepare`` decodes with ``n`` processes however small the data: the first sample in this
+    process (no timing probe), the rest shared with ``n - 1`` workers (no payoff threshold)."""
+    from sslkit.data import prepare as prep
+
+    monkeypatch.setattr(prep, "pool_size", lambda count, workers, **kw: n)
+    monkeypatch.setattr(prep, "PROBE_S", 0.0)
+    monkeypatch.setattr(prep, "POOL_PAYOFF_S", 0.0)

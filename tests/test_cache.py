@@ -13,7 +13,7 @@ from sslkit.data.pipeline import load_data
 from sslkit_plugins.sources.dicom import DicomSource
 from sslkit_plugins.sources.folder import FolderSource
 from sslkit.pseudonym import file_key
-from tests.conftest import make_images
+from tests.conftest import force_decode_pool, make_images
 from tests.dicom_factory import write_dicom
 
 
@@ -135,9 +135,7 @@ def test_parallel_decode_and_index_equal_serial(pydicom_dir, monkeypatch):
     src = create_source(f"dicom:{pydicom_dir}", workers=1)
     refs = src.index()
     serial = prep.prepare(src, refs, 1, 16, cache_dir=False, progress=False, workers=1)
-    monkeypatch.setattr(prep, "pool_size", lambda n, workers, **kw: 2)
-    monkeypatch.setattr(prep, "PROBE_S", 0.0)  # the first sample here, the rest in the workers
-    monkeypatch.setattr(prep, "POOL_PAYOFF_S", 0.0)
+    force_decode_pool(monkeypatch, 2)  # the first sample here, the rest in the workers
     parallel = prep.prepare(src, refs, 1, 16, cache_dir=False, progress=False, workers=2)
     assert [r.id for r in parallel.refs] == [r.id for r in serial.refs] and parallel.skipped == serial.skipped
     np.testing.assert_array_equal(parallel.pixels, serial.pixels)
@@ -201,9 +199,7 @@ def test_a_decode_worker_that_dies_leaves_the_rest_to_this_process(tmp_path, mon
     monkeypatch.setenv("SSLKIT_TEST_WORKER_MARKS", str(marks))
     refs = source.index()
     serial = prep.prepare(source, refs, 3, 16, cache_dir=False, progress=False, workers=1)
-    monkeypatch.setattr(prep, "pool_size", lambda n, workers, **kw: 2)
-    monkeypatch.setattr(prep, "PROBE_S", 0.0)
-    monkeypatch.setattr(prep, "POOL_PAYOFF_S", 0.0)
+    force_decode_pool(monkeypatch, 2)
     shared = prep.prepare(source, refs, 3, 16, cache_dir=False, progress=False, workers=2)
     assert [r.id for r in shared.refs] == [r.id for r in serial.refs] and len(serial.refs) == 24
     np.testing.assert_array_equal(shared.pixels, serial.pixels)

@@ -32,7 +32,7 @@ from sslkit.registry import create_source
 from sslkit_plugins.sources.dicom import read_header
 from sslkit_plugins.sources.dicom_decode import decode, read_dataset
 from sslkit_plugins.sources.nifti import NiftiSource
-from tests.conftest import make_images
+from tests.conftest import force_decode_pool, make_images
 from tests.dicom_factory import write_dicom
 from tests.test_series import WINDOW, write_series
 
@@ -212,9 +212,7 @@ def test_each_nifti_file_is_decoded_by_one_process(tmp_path, monkeypatch):
     serial = prep.prepare(source, refs, 1, 16, cache_dir=False, progress=False, workers=1)
     os.remove(source.opens_log)
     source._last = None
-    monkeypatch.setattr(prep, "pool_size", lambda n, workers, **kw: 3)
-    monkeypatch.setattr(prep, "PROBE_S", 0.0)  # the first slice here, the rest shared by 3 processes
-    monkeypatch.setattr(prep, "POOL_PAYOFF_S", 0.0)
+    force_decode_pool(monkeypatch, 3)  # the first slice here, the rest shared by 3 processes
     shared = prep.prepare(source, refs, 1, 16, cache_dir=False, progress=False, workers=3)
     assert [r.id for r in shared.refs] == [r.id for r in serial.refs]
     np.testing.assert_array_equal(shared.pixels, serial.pixels)
@@ -249,9 +247,7 @@ def test_a_worker_dying_on_its_file_leaves_the_rest_to_this_process(tmp_path, mo
     serial = prep.prepare(source, refs, 1, 16, cache_dir=False, progress=False, workers=1)
     os.remove(source.opens_log)
     source._last = None
-    monkeypatch.setattr(prep, "pool_size", lambda n, workers, **kw: 3)
-    monkeypatch.setattr(prep, "PROBE_S", 0.0)
-    monkeypatch.setattr(prep, "POOL_PAYOFF_S", 0.0)
+    force_decode_pool(monkeypatch, 3)
     shared = prep.prepare(source, refs, 1, 16, cache_dir=False, progress=False, workers=3)
     assert [r.id for r in shared.refs] == [r.id for r in serial.refs] and len(serial.refs) == 120
     np.testing.assert_array_equal(shared.pixels, serial.pixels)
