@@ -49,7 +49,7 @@ from sslkit.config_values import FIELDS, OPTION_GROUPS, REQUIRED, check_values, 
 from sslkit.errors import UsageError, first_line
 from sslkit.run import RunConfig
 from sslkit.preempt import in_group
-from sslkit.sample_modes import check_planar_sizes
+from sslkit.sample_modes import PLANAR_SIZES, check_planar_sizes
 
 
 def read_file(path: str | Path) -> dict[str, Any]:
@@ -190,25 +190,49 @@ def _complete(values: dict[str, Any]) -> dict[str, Any]:
     return values
 
 
-def _given(cli: dict[str, Any], config_file: str | None) -> dict[str, Any]:
-    """The settings given: the file's (if any) under the command line's, both checked."""
+def _given(cli: dict[str, Any], config_file: str | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The config file's settings (none without one) and the settings given: the file's under the
+    command line's, both checked."""
     file_values = read_file(config_file) if config_file else {}
     cli = check_values(cli, "command line")
-    return merge(_lr_layers(file_values, cli), cli)
+    return file_values, merge(_lr_layers(file_values, cli), cli)
+
+
+def _check_sizes(cli: dict[str, Any], file_values: dict[str, Any], config_file: str | None,
+                 base: dict[str, Any], values: dict[str, Any]) -> None:
+    """A 2D sample's side (:data:`~sslkit.sample_modes.PLANAR_SIZES`) on a volume run: refused on the
+    command line (:func:`~sslkit.sample_modes.check_planar_sizes`), and in the config file where it is
+    not the value the run has without it (``base``, the defaults and the task's): the file's would be
+    dropped silently. The default is kept: sslkit writes it in every ``--print-config`` and run
+    ``config.toml``, which load back for volume runs."""
+    data, options = values.get("data"), values.get("source_options") or {}
+    check_planar_sizes(cli, data, options)
+    dropped = {k: file_values[k] for k in PLANAR_SIZES
+               if k in file_values and k not in cli and file_values[k] != base.get(k)}
+    if not dropped:
+        return
+    try:
+        check_planar_sizes(dropped, data, options)  # raises only where the source gives volumes
+    except UsageError:
+        keys = " and ".join(dropped)
+        raise UsageError(f"{config_file}: {', '.join(f'{k} = {v}' for k, v in dropped.items())} "
+                         f"{'sets' if len(dropped) == 1 else 'set'} the side of 2D samples; a --sample volume "
+                         f"run's samples are --volume-size D,H,W voxels: drop {keys}") from None
 
 
 def resolve(cli: dict[str, Any], config_file: str | None = None) -> RunConfig:
     """The RunConfig for ``sslkit pretrain``: defaults < task < file < ``cli`` (given options only)."""
-    given = _given(cli, config_file)
+    file_values, given = _given(cli, config_file)
     if given.get("resume"):
         return resume_config(given)
     missing = [k for k in REQUIRED if not given.get(k) and not (k == "out" and given.get("task"))]
     if missing:
         raise UsageError("missing " + ", ".join(f"--{k}" for k in missing) + " (on the command line or in --config)")
-    values = merge(defaults(), _task_layer(given), given)
+    base = merge(defaults(), _task_layer(given))
+    values = merge(base, given)
     if given.get("max_steps") is not None and "epochs" not in given:  # --max-steps alone sets the length
         values["epochs"] = None
-    check_planar_sizes(cli, values.get("data"), values.get("source_options") or {})  # a 2D side for volumes
+    _check_sizes(cli, file_values, config_file, base, values)  # a 2D side for volumes
     cfg = RunConfig(**_complete({**values, "out": values.get("out") or "-"}))
     if given.get("out"):
         return cfg
@@ -251,7 +275,7 @@ def default_out(task: str, root: Path = Path("runs")) -> str:
 
 def print_config(cli: dict[str, Any], config_file: str | None = None) -> str:
     """TOML of the resolved config for the task (and backbone) given; loads back unchanged."""
-    given = _given(cli, config_file)
+    file_values, given = _given(cli, config_file)
     given.pop("resume", None)
     if not given.get("task"):
         raise UsageError("--print-config needs --task (on the command line or in --config)")
@@ -259,7 +283,7 @@ def print_config(cli: dict[str, Any], config_file: str | None = None) -> str:
     values = _complete(merge(defaults(), layer, given))
     if given.get("max_steps") is not None and "epochs" not in given:  # as resolve(): --max-steps alone
         values["epochs"] = None
-    check_planar_sizes(cli, values.get("data"), values.get("source_options") or {})
+    _check_sizes(cli, file_values, config_file, merge(defaults(), layer), values)
     _check_printed(values)
     from sslkit.run_record import SESSION_ONLY  # a per-session flag in a printed file would act on every later run
 

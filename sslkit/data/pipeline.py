@@ -26,7 +26,9 @@ class LoadedData:
     source: Source
     prepared: Prepared  # the training samples (the validation part, if any, is left out)
     channels: int
-    split: dict[str, Any] = field(default_factory=dict)  # for run.json: counts and fingerprints only
+    split: dict[str, Any] = field(default_factory=dict)  # for run.json: counts only
+    val_refs: list = field(default_factory=list)  # the held-out samples (run.json's val_fingerprint reads
+    # them, on rank 0 alone under torchrun: sslkit.engine.setup)
 
 
 def load_data(data: str, image_size: int, channels: int | None = None,
@@ -39,7 +41,8 @@ def load_data(data: str, image_size: int, channels: int | None = None,
     ``cache_dir``: ``None`` = the default cache (``$SSLKIT_CACHE_DIR``, else
     ``$XDG_CACHE_HOME/sslkit``, else ``~/.cache/sslkit``), ``False`` or ``""`` = in memory.
     ``val_fraction`` holds out whole groups (patients) with :func:`split_refs`; they are
-    neither decoded nor trained on, and ``split`` records their count and content fingerprint.
+    neither decoded nor trained on: ``split`` records their count, ``val_refs`` holds them (the caller
+    fingerprints them for run.json, once).
     ``max_pixels``: the largest image (width x height) any decoder may open (None: the
     default, :data:`~sslkit.data.source.DEFAULT_MAX_PIXELS`; 0: no limit).
     """
@@ -109,7 +112,7 @@ def load_refs(source: Source, refs: list, data: str, image_size: int, channels: 
         split = {}
         if val:
             split = {"val_fraction": val_fraction, "val_samples": len(val), "val_groups": len({r.group for r in val}),
-                     "val_fingerprint": fingerprint(val), "train_groups": len({r.group for r in train})}
+                     "train_groups": len({r.group for r in train})}
             held = len(val) / len(refs)
             if abs(held - val_fraction) > max(0.05, val_fraction / 2) and reports_here():  # whole groups; once
                 print(f"note: --val-fraction {val_fraction:g} held out {held:.0%} of the samples ({len(val)} of "
@@ -123,7 +126,7 @@ def load_refs(source: Source, refs: list, data: str, image_size: int, channels: 
             f"no decodable image in {data!r}: all {len(train)} samples failed to decode "
             f"(first: {prepared.skipped[0][1] if prepared.skipped else 'unknown'})"
         )
-    return LoadedData(source, prepared, channels, split)
+    return LoadedData(source, prepared, channels, split, val)
 
 
 @contextmanager

@@ -251,6 +251,7 @@ def run_record(s: Setup, backbone_name: str, embedding_dim: int) -> dict[str, An
     cfg, prepared = s.cfg, s.data.prepared
     options = getattr(s.data.source, "options", None)
     config = recorded_config(cfg.to_dict())
+    fingerprints = _fingerprints(s)
     return {
         "run_id": uuid.uuid4().hex,
         "task": cfg.task,
@@ -261,9 +262,9 @@ def run_record(s: Setup, backbone_name: str, embedding_dim: int) -> dict[str, An
         "input_spec": s.spec.to_dict(),
         "views": views_record(s.augment),
         "embedding_dim": embedding_dim,
-        "dataset": {"fingerprint": _fingerprint(s),
+        "dataset": {"fingerprint": fingerprints.pop("fingerprint"),
                     "fingerprint_scheme": FINGERPRINT_SCHEME,
-                    "samples": len(prepared), "skipped": len(prepared.skipped), **s.data.split},
+                    "samples": len(prepared), "skipped": len(prepared.skipped), **s.data.split, **fingerprints},
         "source_options_resolved": dataclasses.asdict(options) if dataclasses.is_dataclass(options) else {},
         "steps_per_epoch": s.steps_per_epoch,
         "total_steps": s.total,
@@ -277,9 +278,18 @@ def run_record(s: Setup, backbone_name: str, embedding_dim: int) -> dict[str, An
     }
 
 
-def _fingerprint(s: Setup) -> str:
-    """run.json's dataset fingerprint: one pass over every file (a progress line on a large data set;
-    a resume's check read them already), on rank 0 alone, shared with the other ranks (:func:`from_rank0`)."""
+def _fingerprints(s: Setup) -> dict[str, str]:
+    """run.json's dataset ``fingerprint`` and, with ``--val-fraction``, the held-out part's
+    ``val_fingerprint`` (its samples: ``data.val_refs``): one pass over every file (a progress line on a
+    large data set; a resume's check read them already), on rank 0 alone, shared with the other ranks in
+    one turn (:func:`from_rank0`)."""
     refs, progress = s.data.prepared.refs, s.cfg.progress and not s.cfg.resume
-    return from_rank0(lambda: fingerprint(refs, s.spec.preprocessing, progress=progress),
-                      "reading the dataset fingerprint")
+    held = s.data.val_refs
+
+    def read() -> dict[str, str]:
+        out = {"fingerprint": fingerprint(refs, s.spec.preprocessing, progress=progress)}
+        if held:
+            out["val_fingerprint"] = fingerprint(held)
+        return out
+
+    return from_rank0(read, "reading the dataset fingerprint")
