@@ -23,8 +23,11 @@ shorter than them; a ``.nii.gz`` smaller than them over gzip's largest expansion
 crafted 1 KB header never becomes a 100 TB allocation; so is one whose voxels, as stored and as float32,
 exceed 16 bytes per pixel of ``--max-pixels`` (what a 2D image at the limit takes to decode), and an empty
 image (a dimension of 0).
-Every file is its own split group (a salted hash of its path); nothing from the header's
-free-text fields (``descrip``, ``db_name``, ``aux_file``) is read.
+Every file is its own split group: a hash of its path relative to the data root (a single file: its
+name), so ``./vols``, ``/abs/vols`` and a link to it give the same groups, hence the same ``--val-fraction``
+split and eval folds (:func:`group_key`); ``--data-opt group_key=as-given`` keeps the hash of the path as
+``--data`` spelled it, what runs recorded before gave (:attr:`NiftiSource.legacy_option_values`). Nothing
+from the header's free-text fields (``descrip``, ``db_name``, ``aux_file``) is read.
 """
 
 from __future__ import annotations
@@ -40,8 +43,8 @@ from typing import Any
 import numpy as np
 
 from sslkit.api import (ORIENTATION, GraphPreprocessing, SampleMode, SampleRef, Source, Undecodable, UsageError,
-                        check_dir, check_pixel_count, first_files, hookimpl, slab_indices, stack_slab, volume_fit,
-                        walk_files)
+                        check_dir, check_pixel_count, first_files, hookimpl, slab_indices, stack_slab,
+                        unknown_name_message, volume_fit, walk_files)
 
 SUFFIXES = (".nii", ".nii.gz")
 _NUM = r"[-+]?(?:\d+\.?\d*|\.\d+)"
@@ -49,6 +52,9 @@ _NUM = r"[-+]?(?:\d+\.?\d*|\.\d+)"
 GZIP_MAX_RATIO = 1032
 #: what +-inf values become before a volume is resampled (a NaN becomes the pad value: mapped to 0)
 LARGE = 1e30
+#: how a file's split group is keyed (:func:`group_key`): its path below the data root, or (runs recorded
+#: before that) its path as ``--data`` spelled it
+GROUP_KEYS = ("relative", "as-given")
 
 
 def is_nifti(path: Path) -> bool:
@@ -62,6 +68,17 @@ def _nibabel():
         raise UsageError("nifti: needs nibabel; install it with: pip install nibabel (or '.[volumes]' in the "
                          "sslkit checkout)") from None
     return nibabel
+
+
+def group_key(path: str, root: Path, how: str = "relative") -> str:
+    """The split group of file ``path`` found below ``root`` (the data root, or the file itself): a hash of its
+    path relative to ``root`` (POSIX, a single file's name), the same however ``root`` is spelled (relative,
+    absolute, through a link); ``how="as-given"``: a hash of ``path`` as spelled, the key of runs recorded before.
+    Never a name: a folder below the root may carry a patient's (the key is only compared, never stored)."""
+    if how == "as-given":
+        return hashlib.sha256(b"sslkit-nifti-v1" + path.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+    rel = Path(path).relative_to(root).as_posix() if root.is_dir() else Path(path).name
+    return hashlib.sha256(b"sslkit-nifti-v2\0" + rel.encode("utf-8", "surrogateescape")).hexdigest()[:16]
 
 
 def parse_window(text: str) -> tuple[float, float] | None:
@@ -83,9 +100,12 @@ class NiftiOptions:
     sample: str = "slice"  # slice | slab:K | volume
     spacing: str = ""  # volume mode: resample to X[,Y,Z] mm (empty: the file's own)
     volume_size: str = ""  # volume mode: crop / pad to D,H,W voxels
+    group_key: str = "relative"  # split groups: relative (path below the data root) | as-given (runs recorded before)
 
     def __post_init__(self) -> None:
         parse_window(self.window)
+        if self.group_key not in GROUP_KEYS:
+            raise UsageError(f"nifti: {unknown_name_message('group_key', self.group_key, GROUP_KEYS)}")
         SampleMode.parse(self.sample, self.spacing, self.volume_size)
 
 
@@ -178,6 +198,9 @@ class NiftiSource(Source):
     Options = NiftiOptions
     #: any slice loads (decompresses) its whole file: the first decoding pass gives each file to one process
     loads_whole_file = True
+    options_not_in_cache_key = frozenset({"group_key"})  # split groups only: the same pixels
+    #: what a run recorded before ``group_key`` existed used: a resume keeps its split (and so its data fingerprint)
+    legacy_option_values = {"group_key": "as-given"}
 
     def __init__(self, location: str, options: NiftiOptions | None = None) -> None:
         super().__init__(location, options or NiftiOptions())
@@ -228,7 +251,7 @@ class NiftiSource(Source):
             except ValueError as exc:  # Undecodable too
                 self.skipped.append((f, str(exc)))
                 continue
-            group = hashlib.sha256(b"sslkit-nifti-v1" + f.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+            group = group_key(f, self.root, self.options.group_key)
             parts = Path(f).relative_to(self.root).parts if self.root.is_dir() else ()
             label = parts[0] if len(parts) > 1 else None  # the first folder below the root is the class, as folder's
             depth = int(shape[2])

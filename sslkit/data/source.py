@@ -79,6 +79,10 @@ class Source:
     #: memory bound): left out of the decoded-pixel cache key, so changing one reuses the entry. Every
     #: other field is in the key, whatever :meth:`describe` says (``check_source`` checks both)
     options_not_in_cache_key: ClassVar[frozenset[str]] = frozenset()
+    #: ``Options`` fields added after runs with the source were recorded, each with the value those runs
+    #: used: ``--resume`` of a ``run.json`` whose ``source_options_resolved`` lacks the field continues with
+    #: this value, not today's default (as ``Task.legacy_option_values``)
+    legacy_option_values: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, location: str, options: Any = None) -> None:
         self.location = location

@@ -9,8 +9,9 @@ encoders embed in one pass over the data, so each image is decoded once.
 
 from __future__ import annotations
 
+import json
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 
 from sslkit import embed as embed_mod
-from sslkit.data.pipeline import load_refs, open_source, sample_format
+from sslkit.data.pipeline import index_refs, load_refs, open_source, sample_format
 from sslkit.embed import Embeddings
 from sslkit.errors import UsageError
 from sslkit.eval.labels import Labelled, assign_labels, no_labels, read_labels_csv, select_labelled
@@ -42,6 +43,7 @@ class EvalModel:
     max_pixels: int | None = None  # --max-pixels: replaces the run's decode limit (None: keep it)
     _pretrained: Any = None
     _init: Any = False  # the --init encoder once built (None: no init row); False: not yet looked for
+    _options: dict = field(default_factory=dict)  # (source kind, overrides) -> source options, resolved once
 
     @property
     def pretrained(self) -> embed_mod.Model:
@@ -58,8 +60,16 @@ class EvalModel:
         return self.run.info.get("config", {}).get("max_pixels")
 
     def source_options(self, data: str, overrides: dict[str, Any] | None) -> dict[str, Any]:
-        """The source options ``data`` is read with: the model's (same source kind), then ``overrides``."""
-        return embed_mod.source_options_for(self.pretrained, data, overrides)
+        """The source options ``data`` is read with: the model's (same source kind), then ``overrides``
+        (:func:`sslkit.embed.source_options_for`, which depends on ``data`` by its kind alone). Resolved once
+        per source kind and overrides, so what that prints (a ``--spacing`` other than the run's) is printed
+        once, however often an evaluation reads data (indexing, embedding, fine-tuning; --train and --test)."""
+        from sslkit.registry import resolve_data
+
+        key = (resolve_data(data)[0], json.dumps(overrides or {}, sort_keys=True, default=str))
+        if key not in self._options:
+            self._options[key] = embed_mod.source_options_for(self.pretrained, data, overrides)
+        return dict(self._options[key])
 
     @property
     def report_dir(self) -> Path:
@@ -213,11 +223,12 @@ def _split(emb: Embeddings, names: list[str], dims: list[int], data: str) -> dic
 
 def embed_all(model: EvalModel, data: str, baseline: bool = True, batch_size: int = 64,
               source_options: dict[str, Any] | None = None, progress: bool = True) -> dict[str, Embeddings]:
-    """``{"pretrained": Embeddings, "random": Embeddings[, "init": ...]}`` of ``data`` (``(N, D)`` each), one pass.
+    """``{"pretrained": Embeddings, "random": Embeddings[, "init": ...]}`` of ``data`` (``(N, D)`` each), one pass:
+    what :func:`sslkit.embed.embed` gives, read with the options :meth:`EvalModel.source_options` resolved.
 
     Embeddings that are not all finite (a diverged run's NaN weights) are a one-line usage error."""
-    both, names, dims = _combined(model, baseline)
-    return _split(embed_mod.embed(both, data, batch_size, source_options, progress), names, dims, data)
+    source = index_source(model, data, source_options)
+    return embed_indexed(model, data, source, index_refs(source, data), baseline, batch_size, progress)
 
 
 def embed_sample(model: EvalModel, data: str, source: Any, refs: list, choose: Callable[[set[int]], list[int]],

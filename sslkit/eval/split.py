@@ -19,8 +19,8 @@ group is a file's own
 (``f:``), :func:`file_groups_note` says so on stderr and in the report, naming the remedies: a
 patient's images can lie on both sides of a fold. Where a key came from decides, not how many
 files its group holds: a source's patients of one file each (a DICOM export) are real groups.
-(NIfTI's per-file groups are a salted hash without ``f:``, kept so that ``--val-fraction`` splits of
-earlier runs stay the same: its split gets no note.)
+(NIfTI's per-file groups are a hash of the path below the data root without ``f:``, as its
+``--val-fraction`` splits use: its split gets no note.)
 
 Each fold's metrics are computed as for ``--train/--test``; the report gives their mean
 and standard deviation (``ddof=1``) and every fold's numbers.
