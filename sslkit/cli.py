@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from sslkit.cli_types import FiniteFloatRange
-from sslkit.errors import CheckFailed, UsageError, printable, say
+from sslkit.errors import CheckFailed, PluginError, UsageError, printable, reports_here, say
 from sslkit.eval.cli import RunSourceFlagsCommand  # embed reads data as the run did: its source flags say so
 from sslkit.new_plugin import KINDS as NEW_PLUGIN_KINDS
 from sslkit.plugins import KINDS as PLUGIN_KINDS
@@ -21,7 +21,9 @@ from sslkit.source_flags import SourceFlagsCommand, flag_values
 
 class Group(click.Group):
     """Every user error (ours or click's) becomes one line on stderr and exit code 2. Under
-    torchrun rank 0 alone prints it (:func:`~sslkit.errors.reports_here`); every rank exits so."""
+    torchrun rank 0 alone prints it (:func:`~sslkit.errors.reports_here`); every rank exits so.
+    An exception raised in a third-party plugin's code is one line naming the plugin, exit code 1
+    (:func:`~sslkit.plugin_fault.plugin_fault`; ``SSLKIT_TRACEBACK=1``: the traceback)."""
 
     def main(self, *args, **kwargs):
         kwargs["standalone_mode"] = False
@@ -45,9 +47,18 @@ class Group(click.Group):
             message = " ".join(exc.format_message().split())  # click's choices come as "\n\t" lines
             say(printable(f"error: {where}{message}"))
             sys.exit(2)
-        except (UsageError, CheckFailed) as exc:
+        except (UsageError, CheckFailed, PluginError) as exc:
             say(printable(f"error: {exc}".replace("\n", " ")))
             sys.exit(exc.exit_code)
+        except Exception as exc:  # a third-party plugin's bug: one line naming it, exit 1
+            from sslkit.plugin_fault import plugin_fault
+
+            line = plugin_fault(exc)
+            if line is None:
+                raise  # sslkit's own code or a built-in plugin's (our bug), or SSLKIT_TRACEBACK=1: the traceback
+            rank = "" if reports_here() else f" (rank {os.environ.get('RANK', '').strip()})"  # each may meet it alone
+            print(printable(f"error{rank}: {line}"), file=sys.stderr, flush=True)
+            sys.exit(1)
         sys.exit(rv if isinstance(rv, int) else 0)
 
 

@@ -25,6 +25,15 @@ class CheckFailed(Exception):
     exit_code = 1
 
 
+class PluginError(Exception):
+    """A plugin broke its contract where sslkit checks what it gave back (an exporter that wrote no file,
+    a source whose ``describe()`` is not JSON): one line naming the plugin, exit code 1 (a bug of the
+    plugin, not a mistake of the user). An exception raised inside a third-party plugin's own code is
+    told the same way by the CLI (:func:`sslkit.plugin_fault.plugin_fault`)."""
+
+    exit_code = 1
+
+
 def reports_here() -> bool:
     """Whether this process prints user errors and notes: ``RANK`` 0 or unset (one process). Under
     torchrun every process meets the same error; rank 0 alone says it (the others exit with the
@@ -84,10 +93,11 @@ _SUGGEST_MAX = 100
 
 
 def unknown_name_message(what: str, name: str, valid: Sequence[str], hint: str = "", *, suggestions: int = 1,
-                         listed: int = 40) -> str:
+                         listed: int = 40, empty: str = "none installed") -> str:
     """``unknown <what> '<name>' (did you mean 'x'?); choose from: a, b, ...<hint>`` in one line:
     sslkit's one did-you-mean. ``suggestions``: how many close names to offer; ``listed``: how
-    many valid names to list (0: none, for a catalogue of thousands; say where to look in ``hint``).
+    many valid names to list (0: none, for a catalogue of thousands; say where to look in ``hint``);
+    ``empty``: what the listing says when there is no valid name.
     ``name`` is quoted through :func:`shown` (bounded); one that is not a string or is over
     100 characters gets no suggestion."""
     valid = list(valid)
@@ -98,7 +108,7 @@ def unknown_name_message(what: str, name: str, valid: Sequence[str], hint: str =
     quoted = shown(name, _SUGGEST_MAX)
     if not listed:
         return f"unknown {what} {quoted}{guess}{hint}"
-    listing = ", ".join(valid[:listed]) + (", ..." if len(valid) > listed else "") if valid else "none installed"
+    listing = ", ".join(valid[:listed]) + (", ..." if len(valid) > listed else "") if valid else empty
     return f"unknown {what} {quoted}{guess}; choose from: {listing}{hint}"
 
 

@@ -176,6 +176,7 @@ def export_run(run_dir: str | Path, out: str | Path, fmt: str = "onnx", overwrit
     """
     exporter = get_exporter(fmt)
     out = Path(out)
+    existed = out.exists() or out.is_symlink()  # a file the user had is never removed, whatever happens
     _check_suffix(out, fmt)
     run = load_run(run_dir)
     check_not_run_file(out, run.path)
@@ -186,10 +187,34 @@ def export_run(run_dir: str | Path, out: str | Path, fmt: str = "onnx", overwrit
     metadata, chosen = export_metadata(run, encoder), input_dtype_choice(exporter, run, options, grid, note)
     if grid is not None and graph_preprocessing_of(run.spec).kind == "pixels":
         metadata["data_pixels"] = {"grid": grid, "read": note}  # what a pixels graph's input dtype follows
-    # The one exporter signature (hookspecs.register_exporters): always these keywords.
-    report = exporter(encoder, run.spec, metadata, out, samples=samples, samples_note=note,
-                      log=log or (lambda line: None), **options)
-    return {"format": fmt, "out": str(out), **(report or {}), **chosen}
+    try:  # the one exporter signature (hookspecs.register_exporters): always these keywords
+        report = exporter(encoder, run.spec, metadata, out, samples=samples, samples_note=note,
+                          log=log or (lambda line: None), **options)
+        check_exported(fmt, out, report)
+    except BaseException:  # an exporter that writes in place leaves a half-written file: not one the user had
+        if not existed and (out.is_file() or out.is_symlink()):
+            out.unlink(missing_ok=True)
+        raise
+    return {"format": fmt, "out": str(out), **report, **chosen}
+
+
+def check_exported(fmt: str, out: Path, report: Any) -> None:
+    """Refuse, in one line naming the exporter's plugin (exit 1), an export whose exporter returned
+    without writing ``out`` (or left it empty) or returned no dict report."""
+    from sslkit.errors import PluginError
+    from sslkit.registry import plugin_of
+
+    if out.is_dir():
+        problem = None if any(out.iterdir()) else f"left --out {out.name!r} an empty folder"
+    else:
+        size = out.stat().st_size if out.is_file() else None
+        problem = f"wrote no file to --out {out.name!r}" if size is None else \
+            f"left --out {out.name!r} empty (0 bytes)" if size == 0 else None
+    if problem is None and not isinstance(report, dict):
+        problem = f"returned {type(report).__name__}, not a dict report"
+    if problem:
+        raise PluginError(f"export format {fmt!r} (plugin {plugin_of('exporters', fmt)!r}) {problem}; an exporter "
+                          f"writes --out and returns a dict (its report); nothing was exported")
 
 
 def input_dtype_choice(exporter: Callable, run: Run, options: dict[str, Any], grid: str | None,

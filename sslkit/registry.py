@@ -25,7 +25,28 @@ def _get(kind: str, singular: str, name: str) -> Any:
     entry = plugins.lookup(kind, name)
     if entry is not None:
         return entry.obj
-    raise UsageError(unknown_name_message(singular, name, sorted(plugins.entries[kind])))
+    blocked, variable = not_loaded()
+    if name in blocked:  # a built-in's entry point is named like what it registers (onnx, folder, timm)
+        fix = "add it there" if variable == "SSLKIT_LOAD_PLUGINS" else "take it out of it"
+        raise UsageError(f"{singular} {shown(name)} comes from the plugin {name!r}, which is installed but not "
+                         f"loaded ({variable}); {fix}, or unset {variable}")
+    hint = f"; installed, not loaded ({variable}): {_listed(blocked)}" if blocked else ""
+    raise UsageError(unknown_name_message(singular, name, sorted(plugins.entries[kind]), hint,
+                                          empty="none loaded" if blocked else "none installed"))
+
+
+def _listed(names: list[str], most: int = 12) -> str:
+    return ", ".join(names[:most]) + (", ..." if len(names) > most else "")
+
+
+def not_loaded() -> tuple[list[str], str]:
+    """The installed plugins that SSLKIT_LOAD_PLUGINS / SSLKIT_DISABLE_PLUGINS keep from loading, and
+    the variable that does (``SSLKIT_LOAD_PLUGINS`` when set): what an unknown name's line points at."""
+    import os
+
+    blocked = sorted(name for name, plugin in get_plugins().pm.list_name_plugin() if plugin is None)
+    return blocked, "SSLKIT_LOAD_PLUGINS" if os.environ.get("SSLKIT_LOAD_PLUGINS") is not None \
+        else "SSLKIT_DISABLE_PLUGINS"
 
 
 def summary(kind: str, name: str) -> str:
@@ -89,7 +110,7 @@ def split_backbone_name(name: str) -> tuple[str, str]:
     if not sep or not model:
         raise UsageError(
             f"backbone {name!r} must be written prefix:model, e.g. timm:resnet18 "
-            f"(prefixes: {', '.join(list_backbones()) or 'none installed'})"
+            f"(prefixes: {', '.join(list_backbones()) or ('none loaded' if not_loaded()[0] else 'none installed')})"
         )
     return prefix, model
 
@@ -158,10 +179,11 @@ def resolve_data(data: str) -> tuple[str, str]:
     scores = {s: _sniff(s, path) for s in list_sources()}
     best = max(scores, key=scores.get, default=None)
     if best is None or scores[best] <= 0:
-        raise UsageError(
-            f"cannot tell what kind of data {data!r} holds; prefix it with a source scheme: "
-            + ", ".join(f"{s}:" for s in list_sources())
-        )
+        blocked, variable = not_loaded()
+        schemes = ", ".join(f"{s}:" for s in list_sources())
+        fix = f"prefix it with a source scheme: {schemes}" if schemes else "no data source is loaded"
+        raise UsageError(f"cannot tell what kind of data {data!r} holds; {fix}"
+                         + (f"; installed, not loaded ({variable}): {_listed(blocked)}" if blocked else ""))
     get_source(best)  # refuses a scheme two plugins registered (ambiguous)
     return best, data
 
@@ -222,3 +244,4 @@ def list_callbacks() -> list[str]:
 
 def get_exporter(fmt: str) -> Any:
     return _get("exporters", "export format", fmt)
+

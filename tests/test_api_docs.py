@@ -101,5 +101,8 @@ def test_worked_callback_example_passes_the_kit(tmp_path, one_thread):
     assert watch["status"] == "finished" and watch["step"] == 3
     assert watch["smoothed"] == pytest.approx(smoothed[-1], rel=1e-7)  # metrics.csv: 9 significant digits
     assert watch["best"] == pytest.approx(smoothed[best], rel=1e-7) and watch["best_step"] == best + 1
+    # the kit's resume: a copy cut back to the step-2 checkpoint, its losswatch.json from step 3 (a crash
+    # leaves a later file), resumed: the state follows the checkpoint and ends as the uninterrupted run's
     resumed = json.loads((tmp_path / "run-resumed" / "losswatch.json").read_text())
-    assert resumed["step"] == 3 and resumed["smoothed"] == pytest.approx(losses[2], rel=1e-7)  # step 3's file: reset
+    assert resumed["checkpoints"]["2"] == watch["checkpoints"]["2"] and watch["checkpoints"]["2"]["step"] == 2
+    assert resumed == watch and resumed["smoothed"] != pytest.approx(losses[2], rel=1e-7)

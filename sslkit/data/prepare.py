@@ -28,13 +28,12 @@ from sslkit.data.cache import (CACHE_FORMAT, cache_key, discard_entry, disk_full
 from sslkit.data.digest import PROGRESS_FROM, readable
 from sslkit.data.digest import FINGERPRINT_SCHEME, FINGERPRINT_SCHEMES, fingerprint  # noqa: F401 (imported from here)
 from sslkit.data.parallel import pool_size
+from sslkit.data.quantize import SCALE, to_uint16
 from sslkit.data.resize import resize_axis_aa
 from sslkit.data.room import check_room, sides
 from sslkit.data.source import NotAnImage, SampleRef, Source, Undecodable, to_channels
 from sslkit.errors import UsageError, without_quoted
 from sslkit.progress import counted
-
-SCALE = 65535.0
 
 
 @dataclass
@@ -215,7 +214,7 @@ def _init_worker(source: Source, channels: int, size: int) -> None:
 
 
 def _decode_one(ref: SampleRef) -> np.ndarray | str | None:
-    """uint16 ``(C, S, S)``, a skip reason, or None for a silently skipped non-image."""
+    """uint16 ``(C, S, S)``, a skip reason (values outside [0, 1] too), or None for a skipped non-image."""
     source, channels, size = _WORKER["source"], _WORKER["channels"], _WORKER["size"]
     try:
         x = source.load(ref)
@@ -231,10 +230,7 @@ def _decode_one(ref: SampleRef) -> np.ndarray | str | None:
         return None
     except Exception as exc:
         return " ".join(skip_reason(exc).split())[:500]
-    y = np.multiply(x, SCALE, dtype=np.result_type(x, np.float32))  # a new array: the source's stays as it is
-    np.rint(y, out=y)
-    np.clip(y, 0, SCALE, out=y)
-    return y.astype(np.uint16)
+    return to_uint16(x, source)  # or why its values cannot be stored
 
 
 def skip_reason(exc: Exception) -> str:

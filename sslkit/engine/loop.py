@@ -302,10 +302,27 @@ def diverged_message(s: Setup, loss: float, step: int) -> str:
     """Why training stopped at a non-finite ``loss``; the newest checkpoint is named only where one exists."""
     from sslkit.checkpoint import list_checkpoints
 
+    if step == 1:  # the loss of the first batch, before any update: no LR can have caused it
+        return first_loss_message(s, loss)
     saved = list_checkpoints(s.checkpoint_dir)
     where = f"; the last good checkpoint is {saved[-1]}" if saved else ""
     return (f"loss became {loss} at step {step}; training stopped and no checkpoint holds that step. Lower --lr "
             f"(now {s.schedule.peak_lr:g}) or set --grad-clip{where}")
+
+
+def first_loss_message(s: Setup, loss: float) -> str:
+    """A loss that was not finite at step 1, computed before any optimizer update: the task (its plugin
+    named when third-party) or the data (or the ``--init`` weights) is the cause, not the LR."""
+    from sslkit.plugins import get_plugins
+    from sslkit.registry import plugin_of
+
+    plugin = plugin_of("tasks", s.cfg.task)
+    info = get_plugins().infos.get(plugin)
+    task = f"task {s.cfg.task!r}" + ("" if info is not None and info.builtin else f" (plugin {plugin!r})")
+    weights = ", or the --init weights" if s.cfg.init else ""
+    return (f"loss became {loss} at step 1, on the first batch, before any optimizer update (the LR cannot be the "
+            f"cause); training stopped. Suspect the loss of {task}, or the data (non-finite or extreme pixel values: "
+            f"sslkit data inspect){weights}")
 
 
 class StepLog:

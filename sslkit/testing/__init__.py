@@ -22,7 +22,7 @@ returns a small report dict when everything holds::
   back unchanged from run.json and export accepts it.
 * :func:`check_backbone`: ``(B, C, H, W) -> (B, D)`` for 1 and 3 channels (``(B, C, D, H,
   W)`` for ``spatial_dims = 3``), gradients, the token interface where offered, a one-line
-  error for an unknown model.
+  error for an unknown model and for an unknown option.
 * :func:`check_exporter`: writes one file (nothing else left behind), returns a JSON-able
   report, refuses an unknown option, takes the keywords sslkit always passes; with
   ``volume=(D, H, W)``, for a 3D encoder of a ``--sample volume`` run.

@@ -17,26 +17,37 @@ def check_backbone(factory: Any, model: str, *, options: dict | None = None, ima
     ``spatial_dims = 3`` (volumes, e.g. ``monai:resnet10``) is checked on ``(B, C, S, S, S)``
     instead. A token backbone (``sslkit.api.is_token_backbone``) also gives ``patchify:
     input -> (B, N, E)`` (``N = (S / patch_size) ** spatial_dims``) and ``encode_tokens:
-    (B, n, E) -> (B, prefix + n, E)``. An unknown model name raises ``UsageError``. Returns
+    (B, n, E) -> (B, prefix + n, E)``. An unknown model name, and an unknown option
+    (``--backbone-opt``) for ``model``, raise a one-line ``UsageError``. Returns
     ``{"model", "num_features", "token", "spatial_dims"}``.
     """
-    from sslkit.api import UsageError, first_line
-
     _, factory = resolve("backbones", factory)
     report: dict[str, Any] = {"model": model}
     for c in channels:
         net = factory(model, in_chans=c, image_size=image_size, **(options or {}))
         report.update(_check_one(net, f"{model} ({c} channel{'s' if c > 1 else ''})", c, image_size, batch))
+    _check_refused(lambda: factory("no_such_model_for_sslkit_testing", in_chans=1, image_size=image_size),
+                   "an unknown model name")
+    _check_refused(lambda: factory(model, in_chans=1, image_size=image_size, **(options or {}),
+                                   no_such_option_for_sslkit_testing=1),
+                   f"an unknown option (no_such_option_for_sslkit_testing=1 for {model}, as --backbone-opt gives it)")
+    return report
+
+
+def _check_refused(build: Any, what: str) -> None:
+    """``build()`` raises a one-line ``UsageError`` (a factory that ignores ``what`` builds
+    something the user did not ask for, silently)."""
+    from sslkit.api import UsageError, first_line
+
     try:
-        factory("no_such_model_for_sslkit_testing", in_chans=1, image_size=image_size)
+        build()
     except UsageError as exc:
-        assert "\n" not in str(exc), "the unknown-model error must be one line"
+        assert "\n" not in str(exc).strip(), f"the error for {what} must be one line"
     except Exception as exc:
-        raise AssertionError(f"an unknown model name must raise sslkit.api.UsageError (one line), not "
+        raise AssertionError(f"{what} must raise sslkit.api.UsageError (one line), not "
                              f"{type(exc).__name__}: {first_line(exc)}") from None
     else:
-        raise AssertionError("an unknown model name must raise sslkit.api.UsageError (one line)")
-    return report
+        raise AssertionError(f"{what} must raise sslkit.api.UsageError (one line), but the factory built a backbone")
 
 
 def _check_one(net: Any, what: str, c: int, image_size: int, batch: int) -> dict[str, Any]:

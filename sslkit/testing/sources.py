@@ -14,6 +14,9 @@ import numpy as np
 from sslkit.options import option_names
 from sslkit.testing.registry import resolve
 
+#: samples whose values (only) :func:`check_source` checks are in [0, 1], besides ``max_samples`` fully checked
+RANGE_SAMPLES = 64
+
 
 def check_source(source: Any, location: str, *, tmp_path: Path, options: Any = None, max_samples: int = 8,
                  damaged_file_raises: bool = True, other_options: Any = None) -> dict[str, Any]:
@@ -25,8 +28,10 @@ def check_source(source: Any, location: str, *, tmp_path: Path, options: Any = N
     ``load`` of up to ``max_samples`` of them gives float32 ``(C, H, W)`` in [0, 1] with
     ``C`` as ``channels_of`` says (a source whose ``sample`` is a volumetric
     ``SampleMode``, ``--sample volume``: ``(C, D, H, W)`` of exactly its ``size``, what
-    training stores); the source pickles and the copy loads the same pixels;
-    ``describe()`` is JSON-able; ``sniff`` is in [0, 1] and 0 for an empty folder; and, with
+    training stores), and that of up to :data:`RANGE_SAMPLES` more, spread over the index
+    (all of a smaller one), values in [0, 1] (the first pass skips a sample that is not); the
+    source pickles and the copy loads the same pixels;
+    ``describe()`` is JSON-serialisable; ``sniff`` is in [0, 1] and 0 for an empty folder; and, with
     ``damaged_file_raises`` (turn it off only for sources that read no files), a truncated
     copy of a sample's file gives no pixels, neither to ``load`` nor to a source of its own
     on the copy (:func:`_check_damaged`); and
@@ -54,8 +59,9 @@ def check_source(source: Any, location: str, *, tmp_path: Path, options: Any = N
     picked = refs[:: max(1, len(refs) // max_samples)][:max_samples]
     volume = sample_mode(src).size if sample_mode(src).volumetric else None
     channels = {_check_load(src, cls, ref, volume) for ref in picked}
+    _check_more_ranges(src, cls, refs, picked)
     _check_pickles(src, cls, picked[0])
-    json.dumps(src.describe())
+    _check_describe(src, cls)
     graph = _check_graph_preprocessing(src, cls, channels)
     _check_sniff(cls, location, Path(tmp_path))
     keyed = _check_cache_key(src, cls, picked, None if other_options is None else _options(cls, other_options))
@@ -117,11 +123,40 @@ def _check_load(src: Any, cls: type, ref: Any, volume: tuple[int, ...] | None) -
         most = 4 * sample_mode(src).slab  # grey, RGB(A); a slab of K slices: K times that
         assert x.shape[0] <= most, f"{what}: samples are (C, H, W) with at most {most} channels, got {x.shape}" + \
             (" (channels last? return x.transpose(2, 0, 1))" if x.shape[-1] in (1, 3, 4) else "")
-    assert np.isfinite(x).all() and x.min() >= 0.0 and x.max() <= 1.0, \
-        f"{what}: values must be in [0, 1], got [{x.min()}, {x.max()}]"
+    _check_unit_range(x, what)
     declared = src.channels_of(ref)
     assert declared is None or declared == x.shape[0], f"{what}: channels_of says {declared}, loaded {x.shape[0]}"
     return int(x.shape[0])
+
+
+def _check_unit_range(x: np.ndarray, what: str) -> None:
+    """Finite values in [0, 1] (the first pass skips a sample that is not, naming the source)."""
+    assert np.isfinite(x).all() and x.min() >= 0.0 and x.max() <= 1.0, \
+        f"{what}: values must be in [0, 1], got [{x.min()}, {x.max()}]"
+
+
+def _check_more_ranges(src: Any, cls: type, refs: list[Any], picked: list[Any]) -> None:
+    """The values of up to :data:`RANGE_SAMPLES` samples spread over the index (every one of a
+    smaller index) besides ``picked`` are in [0, 1]: a load, no more, for each. One that raises
+    is left to the checks of ``picked`` (the first pass skips it with its reason)."""
+    seen = {id(ref) for ref in picked}
+    for ref in refs[:: max(1, len(refs) // RANGE_SAMPLES)][:RANGE_SAMPLES]:
+        if id(ref) in seen:
+            continue
+        try:
+            x = np.asarray(src.load(ref))
+        except Exception:
+            continue
+        _check_unit_range(x, f"{cls.__name__}.load({ref.id!r})")
+
+
+def _check_describe(src: Any, cls: type) -> None:
+    """``describe()`` goes into run.json and the cache key: JSON values only."""
+    try:
+        json.dumps(src.describe())
+    except (TypeError, ValueError) as exc:
+        raise AssertionError(f"{cls.__name__}.describe() must return JSON-serialisable values (it is stored in "
+                             f"run.json): {exc}") from None
 
 
 def _check_pickles(src: Any, cls: type, ref: Any) -> None:

@@ -40,9 +40,10 @@ def check_task(task: Any, *, tmp_path: Path, backbone: str | None = None, backbo
 
     For each of ``channels``: ``sslkit pretrain --device cpu`` for ``steps`` optimizer steps on
     ``batch_size * steps`` generated ``image_size``² images, with ``backbone`` (default: a tiny one of
-    the family of the task's default at ``image_size``, after checking that the task's own default
-    backbone for ``image_size`` (``default_backbone_for``, fitted by ``default_backbone_options``) builds
-    and pairs with it) and ``options`` (``--task-opt``); every loss is finite, the run finishes and its
+    the family of the task's default at ``image_size``) and ``options`` (``--task-opt``), after checking,
+    with or without ``backbone``, that the task's own default backbone for ``image_size``
+    (``default_backbone_for``, fitted by ``default_backbone_options``) builds and pairs with it; every
+    loss is finite, the run finishes and its
     encoder maps ``(2, C, S, S) -> (2, D)``. Also: the class defines ``views`` and ``forward``; the loss
     of one forward depends on some ``self.encoder`` parameter (is in its autograd graph: a loss that
     ignores the encoder trains nothing; a gradient that is zero at the first step, as behind a
@@ -57,8 +58,8 @@ def check_task(task: Any, *, tmp_path: Path, backbone: str | None = None, backbo
     ``volumes`` extra). Returns ``{"task", "backbone", "losses": {C: [...]}, "export", "resume"}``.
     """
     name, cls = _check_class(task, volume)
+    _check_default_backbone(cls, options or {}, image_size)
     if backbone is None:
-        _check_default_backbone(cls, options or {}, image_size)
         backbone, kit_options = kit_backbone(cls, volume is not None, image_size)
         backbone_options = {**kit_options, **(backbone_options or {})}
     channels = channels if volume is None else (1,)
@@ -103,6 +104,10 @@ def _check_class(task: Any, volume: tuple | None) -> tuple[str | None, type]:
     missing = unimplemented(cls)
     assert not missing, f"{cls.__name__} does not implement {' and '.join(missing)}: a Task subclass returns its " \
                         f"augmentation from views (a MultiView) and its loss from forward"
+    check = next(k.__dict__["check"] for k in cls.__mro__ if "check" in k.__dict__)
+    assert isinstance(check, (classmethod, staticmethod)), \
+        f"{cls.__name__}.check is an instance method, but the engine calls it on the class, before building the " \
+        f"task: make check a @classmethod (def check(cls, backbone, spec))"
     if volume is not None:
         from sslkit.sample_modes import task_modes
 
@@ -143,10 +148,12 @@ def _data(tmp_path: Path, n: int, size: int, channels: int, volume: tuple | None
 
 
 def _check_views(cls: type, backbone: str, backbone_options: dict, options: dict, image_size: int,
-                 volume: tuple | None = None) -> tuple[Any, Any, Any]:
+                 volume: tuple | None = None, whose: str | None = None) -> tuple[Any, Any, Any]:
     """``views(spec)`` returns a callable with ``override`` (what ``--augment-opt`` calls); the task
-    (1 channel), its views and the spec, for :func:`_check_encoder_gradient`."""
-    from sslkit.api import InputSpec
+    (1 channel), its views and the spec, for :func:`_check_encoder_gradient`. With ``whose`` (the
+    task's default backbone, in words), a backbone that cannot be built is an ``AssertionError``
+    naming it (else the ``UsageError`` the user's own ``--backbone`` would get)."""
+    from sslkit.api import InputSpec, UsageError
     from sslkit.options import build_options
     from sslkit.registry import create_backbone
 
@@ -154,7 +161,12 @@ def _check_views(cls: type, backbone: str, backbone_options: dict, options: dict
     if volume:
         spec = InputSpec(1, image_size, (0.5,), (0.25,), KitVolumes.scheme,
                          {"sample": "volume", "volume_size": list(volume), "spacing_mm": "native"})
-    net = create_backbone(backbone, 1, tuple(volume) if volume else image_size, **backbone_options)
+    try:
+        net = create_backbone(backbone, 1, tuple(volume) if volume else image_size, **backbone_options)
+    except UsageError as exc:
+        if whose is None:
+            raise
+        raise AssertionError(f"{whose} cannot be built: {exc}") from None
     reason = cls.check(net, spec)
     assert reason is None, f"{cls.__name__}.check refuses the kit's pairing ({backbone}, {image_size} px): {reason}"
     task = cls(net, build_options(cls.Options, options, cls.__name__) if cls.Options else None, spec)
@@ -221,7 +233,9 @@ def _check_default_backbone(cls: type, options: dict, image_size: int) -> None:
     assert isinstance(name, str), f"{cls.__name__}.default_backbone_for({image_size}) must return a backbone name"
     fitted = cls.default_backbone_options(image_size)
     assert isinstance(fitted, dict), f"{cls.__name__}.default_backbone_options({image_size}) must return a dict"
-    _check_views(cls, name, fitted, options, image_size)
+    _check_views(cls, name, fitted, options, image_size,
+                 whose=f"{cls.__name__}'s default backbone {name!r} with {fitted} (what sslkit pretrain builds "
+                       f"without --backbone at {image_size} px)")
 
 
 def _check_encoder(run: Path, sample: tuple[int, ...], what: str) -> None:
