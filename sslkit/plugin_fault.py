@@ -3,6 +3,7 @@ whose code raised it, what it registered that was running, the exception and whe
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 
@@ -39,9 +40,12 @@ def _fault_line(exc: BaseException, loaded: Any) -> str | None:
     from sslkit.errors import first_line
 
     owners, named = _third_party(loaded)
-    frames = traceback.walk_tb(exc.__traceback__)
+    frames = list(traceback.walk_tb(exc.__traceback__))
     mine = [(f, line) for f, line in frames if _owner(f.f_globals.get("__name__"), owners)]
     where, plugin, what = "", None, None
+    below = frames[frames.index(mine[-1]) + 1:] if mine else []
+    if any(_ours(f.f_globals.get("__name__") or "") for f, _ in below):
+        return None  # raised in sslkit's code that the plugin called: ours to show, with the traceback
     if mine:
         frame, line = mine[-1]
         plugin = _owner(frame.f_globals.get("__name__"), owners)
@@ -72,6 +76,7 @@ def _third_party(loaded: Any) -> tuple[dict[str, str], dict[str, list[tuple[Any,
 
     owners: dict[str, str] = {}
     named: dict[str, list[tuple[Any, str]]] = {}
+    tops: dict[str, set[str]] = {}  # plugin -> the top-level packages that are its own
     for plugin, obj in loaded.pm.list_name_plugin():
         info = loaded.infos.get(plugin)
         if obj is None or (info is not None and info.builtin):
@@ -82,14 +87,35 @@ def _third_party(loaded: Any) -> tuple[dict[str, str], dict[str, list[tuple[Any,
             if name and not _ours(name):
                 owners.setdefault(name, plugin)
         named[plugin] = []
+        tops[plugin] = _own_tops(module, info)
     for kind, entries in loaded.entries.items():
         for name, entry in [*entries.items(), *((n, e) for n, es in loaded.shadowed[kind].items() for e in es)]:
             if entry.plugin in named:
                 named[entry.plugin].append((entry.obj, f"{_LABELS.get(kind, kind)} {name!r}"))
-                module = getattr(entry.obj, "__module__", None)
-                if module and not _ours(module):
+                module = getattr(entry.obj, "__module__", None)  # a helper module of the plugin's own, not a
+                if module and not _ours(module) and module.partition(".")[0] in tops[entry.plugin]:  # library's
                     owners.setdefault(module, entry.plugin)
     return owners, named
+
+
+def _own_tops(module: str | None, info: Any) -> set[str]:
+    """The top-level packages of a plugin: its module's, and those its distribution installs."""
+    import re
+
+    tops = {module.partition(".")[0]} if module else set()
+    dist = getattr(info, "distribution", None)
+    if dist:
+        norm = lambda name: re.sub(r"[-_.]+", "-", name).lower()  # noqa: E731
+        tops |= {top for top, dists in _packages().items() if norm(dist) in map(norm, dists)}
+    return tops
+
+
+@functools.lru_cache(maxsize=1)
+def _packages() -> dict[str, list[str]]:
+    """Top-level package -> the distributions that install it (read once: it scans every one)."""
+    from importlib.metadata import packages_distributions
+
+    return packages_distributions()
 
 
 def _ours(module: str) -> bool:

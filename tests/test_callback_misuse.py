@@ -156,7 +156,8 @@ def test_ctrl_c_and_sslkits_stop_signals_still_go_through_a_callback(raised, cap
 
 def test_own_files_are_watched_around_each_call_and_put_back(tmp_path, capsys):
     """Unit: the csv callback may append to metrics.csv; another callback that rewrites run.json
-    (same size) is reported once, disabled, and run.json is put back byte for byte."""
+    (same size) in a watched on_step_end (every STEP_WATCH_EVERY-th) is reported once, disabled, and
+    run.json is put back byte for byte."""
     from sslkit.engine.events import Events, RunInfo
 
     (tmp_path / "run.json").write_text('{"status": "running"}')
@@ -173,21 +174,21 @@ def test_own_files_are_watched_around_each_call_and_put_back(tmp_path, capsys):
     class Rewrites:
         def on_step_end(self, step, metrics):
             calls.append(step)
-            if step == 2:
+            if step == 50:
                 (tmp_path / "run.json").write_text('{"status": "finished"}')
                 (tmp_path / "checkpoints" / "step-00000001" / "model.safetensors").write_bytes(b"WEIGHTS")
 
     events = Events([("'csv' (plugin 'csv')", Csv(), True), ("'w' (plugin 'p')", Rewrites())])
     events.emit("on_run_start", RunInfo(tmp_path, {}, 0, 3, 0, 1))
-    for step in (1, 2, 3):
+    for step in (49, 50, 51):
         events.emit("on_step_end", step, {})
     err = capsys.readouterr().err.splitlines()
     assert err == ["sslkit: callback 'w' (plugin 'p') changed sslkit's own checkpoints/step-00000001/"
                    "model.safetensors, run.json in on_step_end, which no callback may write; disabled for the "
                    "rest of this run; put back: run.json; not put back (sslkit keeps no copy): "
                    "checkpoints/step-00000001/model.safetensors"]
-    assert calls == [1, 2] and (tmp_path / "run.json").read_text() == '{"status": "running"}'
-    assert (tmp_path / "metrics.csv").read_text() == "1\n2\n3\n"  # the csv callback's own file: never reported
+    assert calls == [49, 50] and (tmp_path / "run.json").read_text() == '{"status": "running"}'
+    assert (tmp_path / "metrics.csv").read_text() == "49\n50\n51\n"  # the csv callback's own file: never reported
 
 
 def test_the_default_csv_left_out_by_sslkit_load_plugins_is_said_so(tmp_path, monkeypatch, cli):
@@ -200,3 +201,30 @@ def test_the_default_csv_left_out_by_sslkit_load_plugins_is_said_so(tmp_path, mo
         "leaves out its plugin 'csv'; add csv to SSLKIT_LOAD_PLUGINS, or give --callbacks with the callbacks you "
         "want ('' for none)")
     assert not (tmp_path / "run").exists()
+
+
+def test_methods_of_another_frameworks_base_or_the_instance_are_not_taken_for_misspelled_events():
+    """Only the methods of the callback's own classes are checked: an adapter that also subclasses
+    another framework's callback (its ``on_train_batch_end``), or an ``on_error`` set on the instance, is
+    fine; a misspelled event in a subclass of sslkit's Callback is not."""
+    from sslkit.api import Callback
+    from sslkit.engine.events import unknown_event_message
+
+    class OtherFramework:
+        def on_train_batch_end(self, *args):
+            pass
+
+    class Adapter(Callback, OtherFramework):
+        def __init__(self):
+            self.on_error = print
+
+        def on_step_end(self, step, metrics):
+            pass
+
+    class Typo(Adapter):
+        def on_checkpointed(self, step, path):
+            pass
+
+    assert unknown_event_message("'a'", Adapter()) is None
+    line = unknown_event_message("'t'", Typo())
+    assert line is not None and "unknown event 'on_checkpointed' (did you mean 'on_checkpoint'?)" in line

@@ -17,7 +17,7 @@ BUGS = """
     import torch
     from torch import nn
     from PIL import Image
-    from sslkit.api import MultiView, SampleRef, Source, Task, check_dir, hookimpl, recipe, walk_files
+    from sslkit.api import MultiView, SampleRef, Source, Task, check_dir, ema_update, hookimpl, recipe, walk_files
 
     class Tiny(nn.Module):
         def __init__(self, in_chans):
@@ -48,6 +48,10 @@ BUGS = """
     class FwdBug(Base):
         def forward(self, views):
             raise RuntimeError("forward bug")
+
+    class ApiBug(Base):
+        def forward(self, views):  # sslkit's own helper raises below the plugin's frame
+            ema_update(nn.Linear(1, 1), nn.Linear(2, 2), 0.5)
 
     class NanLoss(Base):
         def forward(self, views):
@@ -95,6 +99,7 @@ BUGS = """
     def register_tasks(register):
         register("fwdbug40", FwdBug)
         register("nanloss40", NanLoss)
+        register("apibug40", ApiBug)
         register("baddefault40", BadDefault)
 
     @hookimpl
@@ -179,6 +184,12 @@ def test_an_error_of_sslkits_own_code_keeps_its_traceback(bugs, cli, gray_folder
     monkeypatch.setattr(loop, "accumulate", broken)
     with pytest.raises(ZeroDivisionError, match="engine bug"):
         _pretrain(cli, tmp_path, f"imgs40:{gray_folder}", "--task", "simclr", "--backbone", "tinys40:x")
+
+
+def test_an_error_raised_in_sslkits_code_below_a_plugins_call_keeps_its_traceback(bugs, cli, gray_folder, tmp_path):
+    """The plugin called an sslkit.api helper, which raised: not blamed on the plugin (it may be our bug)."""
+    with pytest.raises(RuntimeError):
+        _pretrain(cli, tmp_path, f"imgs40:{gray_folder}", "--task", "apibug40", "--backbone", "tinys40:x")
 
 
 def test_an_exporter_that_raises_leaves_no_half_written_file_but_keeps_the_users(bugs, cli, run, tmp_path):

@@ -184,3 +184,18 @@ def test_first_pass_refuses_data_whose_every_sample_is_out_of_range(tmp_path):
     with pytest.raises(UsageError, match=r"^no decodable image in 'scaled:.*': all 2 samples failed to decode "
                                          r"\(first: pixels outside \[0, 1\] from source 'scaled': 0 to 255"):
         load_refs(source, source.index(), f"scaled:{root}", 16, cache_dir=False, progress=False)
+
+
+def test_a_saturated_image_shrunk_a_long_way_is_kept():
+    """The antialiased resize's float rounding takes a large image's white area a hair above 1 (here by more
+    than 1e-6): that is sslkit's rounding, not the source's values, and is stored clipped, not skipped."""
+    from sslkit.data.prepare import resize_square
+    from sslkit.data.quantize import to_uint16
+
+    x = np.random.default_rng(0).random((1, 4280, 3520), dtype=np.float32)
+    x[:, :1426] = 1.0
+    y = resize_square(x, 48)
+    assert float(y.max()) > 1 + 1e-6  # what a tighter tolerance refused
+    stored = to_uint16(y, Scaled("x"))
+    assert isinstance(stored, np.ndarray) and stored.max() == 65535
+    assert np.array_equal(stored, np.clip(np.rint(y * 65535.0), 0, 65535).astype(np.uint16))

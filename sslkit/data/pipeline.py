@@ -47,8 +47,7 @@ def load_data(data: str, image_size: int, channels: int | None = None,
     default, :data:`~sslkit.data.source.DEFAULT_MAX_PIXELS`; 0: no limit).
     """
     source = open_source(data, source_options, cache_dir, max_pixels)
-    with _new_objects_only():
-        refs = index_refs(source, data)
+    refs = index_refs(source, data)
     return load_refs(source, refs, data, image_size, channels, cache_dir, progress, val_fraction, seed, workers)
 
 
@@ -69,8 +68,10 @@ def open_source(data: str, source_options: dict[str, Any] | None = None, cache_d
 
 def index_refs(source: Source, data: str) -> list:
     """``source.index()``, its skipped files made relative to the data root (as the loader reports
-    them); none found is one line (``no images found in DATA``, with the count skipped as unreadable)."""
-    refs = source.index()
+    them); none found is one line (``no images found in DATA``, with the count skipped as unreadable).
+    The garbage collector skips what existed before (:func:`_new_objects_only`), for every caller."""
+    with _new_objects_only():
+        refs = source.index()
     source.skipped = [(source.relative(p), r) for p, r in source.skipped]
     if not refs:
         extra = f" ({len(source.skipped)} files skipped as unreadable)" if source.skipped else ""

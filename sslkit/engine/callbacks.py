@@ -36,13 +36,15 @@ def check_callbacks(spec: str) -> None:
 def _left_out(name: str, spec: str) -> str | None:
     """Why callback ``name`` is missing when SSLKIT_LOAD_PLUGINS / SSLKIT_DISABLE_PLUGINS leave out
     an installed plugin of that name (the built-in ``csv`` and ``tensorboard`` are such); else None."""
+    from sslkit.registry import not_loaded
     from sslkit.run import RunConfig
 
-    if not get_plugins().pm.is_blocked(name):
+    blocked, variable = not_loaded()
+    if name not in blocked:
         return None
-    allow = os.environ.get("SSLKIT_LOAD_PLUGINS")
-    if allow is not None and name not in [p.strip() for p in allow.split(",")]:
-        why, fix = f"SSLKIT_LOAD_PLUGINS={allow.strip()!r} leaves out", f"add {name} to SSLKIT_LOAD_PLUGINS"
+    if variable == "SSLKIT_LOAD_PLUGINS":
+        allow = os.environ[variable].strip()
+        why, fix = f"SSLKIT_LOAD_PLUGINS={allow!r} leaves out", f"add {name} to SSLKIT_LOAD_PLUGINS"
     else:
         why, fix = "SSLKIT_DISABLE_PLUGINS disables", f"take {name} out of SSLKIT_DISABLE_PLUGINS"
     default = " (the default --callbacks)" if spec == RunConfig.callbacks else ""

@@ -40,6 +40,9 @@ OWN_FILES = RUN_FILES
 #: the own files that sslkit keeps a copy of (as it last wrote them), to put back when a callback changed one
 RESTORABLE = (RUN_JSON, "config.toml", DATA_REPORT)
 _KEEP_MAX = 1 << 20  # bytes: a larger file of RESTORABLE is not kept
+#: on_step_end calls are watched at every this many steps (each watch costs ~20 stat calls: tens of
+#: microseconds on a local disk, more on a network file system); the other events at every call
+STEP_WATCH_EVERY = 50
 
 
 @dataclass(frozen=True)
@@ -94,16 +97,27 @@ def unknown_event_message(label: str, callback: Any) -> str | None:
     """One line when ``callback`` has a method named ``on_...`` that is no event (a misspelled
     ``on_step_ended``: sslkit would never call it), with the closest event; else None."""
     unknown = []
-    for name in dir(callback):
+    for name in _own_methods(type(callback)):
         if name.startswith("on_") and name not in EVENTS:
-            value = inspect.getattr_static(callback, name, None)
-            if callable(value) or isinstance(value, (staticmethod, classmethod)):
-                unknown.append(name)
+            unknown.append(name)
     if not unknown:
         return None
     more = f" (and {', '.join(unknown[1:])})" if unknown[1:] else ""
     return (f"callback {label} (class {type(callback).__name__}) has a method sslkit never calls: "
             + unknown_name_message("event", unknown[0], EVENTS, f"{more}; rename it"))
+
+
+def _own_methods(cls: type) -> list[str]:
+    """The methods the callback's own classes define: its class and, above it, the classes that
+    subclass :class:`Callback` (not another framework's base whose ``on_train_batch_end`` sslkit never
+    calls, nor attributes set on the instance)."""
+    names: list[str] = []
+    for klass in cls.__mro__:
+        if klass is Callback or klass is object or (klass is not cls and not issubclass(klass, Callback)):
+            continue
+        names += [name for name, value in vars(klass).items() if name not in names
+                  and (callable(value) or isinstance(value, (staticmethod, classmethod)))]
+    return names
 
 
 def _signature(path: str) -> tuple[int, int, int] | None:
@@ -197,7 +211,8 @@ class Events:
     ``(label, callback, builtin)`` where ``builtin`` marks sslkit's own callbacks (the built-in
     ``csv`` writes metrics.csv). On rank 0, from the ``on_run_start`` event (whose ``RunInfo.out``
     is the run folder), it watches sslkit's own files around each call of every other callback
-    (:class:`RunFiles`): none with the default ``--callbacks csv``."""
+    (:class:`RunFiles`; ``on_step_end`` at every :data:`STEP_WATCH_EVERY` steps): none with the default
+    ``--callbacks csv``."""
 
     def __init__(self, callbacks: list[tuple], rank: int = 0) -> None:
         chosen = [c for c in callbacks if rank == 0 or getattr(c[1], "all_ranks", False)]
@@ -215,7 +230,7 @@ class Events:
             method = getattr(cb, event, None)
             if method is None:
                 continue
-            watched = self.files is not None and label not in self.builtin
+            watched = self.files is not None and label not in self.builtin and (full or args[0] % STEP_WATCH_EVERY == 0)
             if watched and before is None:
                 before = self.files.current(full)
             try:
