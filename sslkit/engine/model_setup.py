@@ -54,8 +54,8 @@ def check_pairing(backbone_name: str, cfg: RunConfig) -> torch.nn.Module:
     with torch.random.fork_rng(devices=[]):  # the real model's initialisation must not depend on this
         for c in (cfg.channels,) if cfg.channels else (1, 3):
             try:
-                probe = task_default_said(cfg, backbone_name, lambda: build_backbone(
-                    backbone_name, c, cfg.image_size, volume.get("volume_size"), **cfg.backbone_options))
+                probe = task_default_said(cfg, backbone_name, lambda **options: build_backbone(
+                    backbone_name, c, cfg.image_size, volume.get("volume_size"), **options))
                 if init:  # weights that cannot be fitted to this backbone fail here, before decoding
                     load_init(init, probe, cfg.allow_download)
                 spec = InputSpec(c, cfg.image_size, (0.5,) * c, (0.25,) * c, **volume)
@@ -74,13 +74,20 @@ def check_pairing(backbone_name: str, cfg: RunConfig) -> torch.nn.Module:
 
 
 def task_default_said(cfg: RunConfig, backbone_name: str, build: Any) -> Any:
-    """``build()``; a backbone that cannot be built (a one-line error) and is the task's default (no
-    ``--backbone``, no ``--init``) says so: the name came from the task, not from the user."""
+    """``build(**cfg.backbone_options)``; a backbone that cannot be built (a one-line error) and is the
+    task's default (no ``--backbone``, no ``--init``), which fails without any option too, says so: the
+    name came from the task, not from the user (an option the user gave that it refuses is the user's)."""
     try:
-        return build()
+        return build(**cfg.backbone_options)
     except UsageError as exc:
         if cfg.init or backbone_name != run_backbone(get_task(cfg.task), {"image_size": cfg.image_size})[0]:
             raise
+        try:
+            build()
+        except UsageError:
+            pass
+        else:
+            raise exc from None
         raise UsageError(f"task {cfg.task!r} (plugin {plugin_of('tasks', cfg.task)!r}) has the default backbone "
                          f"{backbone_name!r}, which cannot be built: {exc}; give --backbone prefix:model") from None
 
