@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from sslkit.cli_types import FiniteFloatRange
-from sslkit.errors import CheckFailed, PluginError, UsageError, printable, reports_here, say
+from sslkit.errors import CheckFailed, PluginError, UsageError, printable, say
 from sslkit.eval.cli import RunSourceFlagsCommand  # embed reads data as the run did: its source flags say so
 from sslkit.new_plugin import KINDS as NEW_PLUGIN_KINDS
 from sslkit.plugins import KINDS as PLUGIN_KINDS
@@ -51,14 +51,10 @@ class Group(click.Group):
             say(printable(f"error: {exc}".replace("\n", " ")))
             sys.exit(exc.exit_code)
         except Exception as exc:  # a third-party plugin's bug: one line naming it, exit 1
-            from sslkit.plugin_fault import plugin_fault
+            from sslkit.plugin_fault import exit_if_plugin_fault
 
-            line = plugin_fault(exc)
-            if line is None:
-                raise  # sslkit's own code or a built-in plugin's (our bug), or SSLKIT_TRACEBACK=1: the traceback
-            rank = "" if reports_here() else f" (rank {os.environ.get('RANK', '').strip()})"  # each may meet it alone
-            print(printable(f"error{rank}: {line}"), file=sys.stderr, flush=True)
-            sys.exit(1)
+            exit_if_plugin_fault(exc)
+            raise  # sslkit's own code or a built-in plugin's (our bug), or SSLKIT_TRACEBACK=1: the traceback
         sys.exit(rv if isinstance(rv, int) else 0)
 
 

@@ -7,6 +7,22 @@ import functools
 from typing import Any
 
 
+def exit_if_plugin_fault(exc: BaseException) -> None:
+    """Print :func:`plugin_fault`'s line and exit 1 when ``exc`` is a third-party plugin's; else return.
+    Under torchrun every rank prints it (each may meet the bug alone), tagged with its rank but rank 0."""
+    import os
+    import sys
+
+    from sslkit.errors import printable, reports_here
+
+    line = plugin_fault(exc)
+    if line is None:
+        return
+    rank = "" if reports_here() else f" (rank {os.environ.get('RANK', '').strip()})"
+    print(printable(f"error{rank}: {line}"), file=sys.stderr, flush=True)
+    sys.exit(1)
+
+
 def plugin_fault(exc: BaseException) -> str | None:
     """The one line the CLI prints for ``exc`` when a third-party plugin's code raised it, else None.
 
