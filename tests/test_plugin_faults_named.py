@@ -245,6 +245,13 @@ def test_a_describe_that_json_cannot_hold_is_refused_naming_the_plugin(bugs, cli
                     "(Object of type object is not JSON serializable); it must return a dict of JSON values (str, "
                     "int, float, bool, None, list, dict), stored in run.json and the cache key")
     assert not (tmp_path / "out" / "run.json").exists()
+    cache = tmp_path / "cache"  # with the cache on: the same line, from the cache key, before any decoding
+    cached = cli("pretrain", "--data", f"descbug40:{gray_folder}", "--out", tmp_path / "out2", "--image-size", 32,
+                 "--batch-size", 4, "--max-steps", 1, "--epochs", 1, "--cache", cache, "--quiet", "--task", "simclr",
+                 "--backbone", "tinys40:x")
+    assert _one_line(cached, 1) == line
+    entries = [p for p in cache.rglob("*") if p.is_file() and not p.name.startswith(".sslkit-cache")]
+    assert entries == []  # nothing decoded (only the cache folder's own marker and lock)
 
 
 # --- 6. SSLKIT_LOAD_PLUGINS leaving out what is asked for -----------------------------------------

@@ -25,7 +25,7 @@ from typing import Any, Sequence
 
 from sslkit.data.digest import file_digest, unreadable_reason
 from sslkit.data.room import cache_ways
-from sslkit.data.source import SampleRef, Source
+from sslkit.data.source import SampleRef, Source, described
 from sslkit.errors import UsageError
 from sslkit.output_file import read_json
 from sslkit.progress import human_bytes
@@ -98,7 +98,7 @@ def cache_key(source: Source, refs: Sequence[SampleRef], channels: int, size: in
     h = hashlib.sha256()
     # the pixel limit decides which files are skipped unread: another limit is another entry
     limit = getattr(source, "max_pixels", None)
-    config = [CACHE_FORMAT, DECODE_REVISION, source.scheme, source.describe(), channels, size, limit]
+    config = [CACHE_FORMAT, DECODE_REVISION, source.scheme, described(source), channels, size, limit]
     options = keyed_options(source)
     if options:  # a source without options keeps the key it had before options were keyed
         config.append(options)

@@ -210,3 +210,27 @@ def to_channels(x: np.ndarray, channels: int) -> np.ndarray:
     if c == 1:
         return np.repeat(x, channels, axis=0)
     raise ValueError(f"cannot convert {c} channels to {channels}")
+
+
+def described(source: Any) -> dict[str, Any]:
+    """``source.describe()``, refused in one line naming the source's plugin (exit 1) where it is no dict of
+    JSON values: run.json and the decoded-pixel cache key store it (the key is taken first, before any
+    decoding) (an object would be stored as its
+    ``repr``, an address that differs in every process)."""
+    import json
+
+    from sslkit.errors import PluginError, first_line
+    from sslkit.registry import plugin_of
+
+    record, problem = source.describe(), None
+    try:
+        json.dumps(record)
+    except (TypeError, ValueError, RecursionError) as exc:
+        problem = f"returned a value JSON cannot hold ({first_line(exc)})"
+    if not isinstance(record, dict):
+        problem = f"returned {type(record).__name__}"
+    if problem:
+        raise PluginError(f"source {source.scheme!r} (plugin {plugin_of('sources', source.scheme)!r}): describe() "
+                          f"{problem}; it must return a dict of JSON values (str, int, float, bool, None, list, "
+                          f"dict), stored in run.json and the cache key")
+    return record

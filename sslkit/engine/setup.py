@@ -29,6 +29,7 @@ from sslkit.backbone import is_token_backbone
 from sslkit.data.pipeline import LoadedData, resume_input_spec
 from sslkit.data.digest import FINGERPRINT_SCHEME, fingerprint
 from sslkit.data.prepare import channel_stats, value_range
+from sslkit.data.source import described
 from sslkit.engine.capture import make_capture
 from sslkit.engine.compiled import compile_model, compile_views
 from sslkit.engine.data_setup import batches_and_schedule, load_run_data
@@ -220,29 +221,6 @@ def _input_spec(cfg: RunConfig, data: LoadedData) -> InputSpec:
         return resume_input_spec(cfg.out, data.prepared, spec.preprocessing, cfg.allow_data_change, (mean, std))
 
     return InputSpec.from_dict(from_rank0(check, "checking the data against the run's") or spec.to_dict())
-
-
-def described(source: Any) -> dict[str, Any]:
-    """``source.describe()``, refused in one line naming the source's plugin (exit 1) where it is no dict of
-    JSON values: run.json and the decoded-pixel cache key store it (an object would be stored as its
-    ``repr``, an address that differs in every process)."""
-    import json
-
-    from sslkit.errors import PluginError, first_line
-    from sslkit.registry import plugin_of
-
-    record, problem = source.describe(), None
-    try:
-        json.dumps(record)
-    except (TypeError, ValueError, RecursionError) as exc:
-        problem = f"returned a value JSON cannot hold ({first_line(exc)})"
-    if not isinstance(record, dict):
-        problem = f"returned {type(record).__name__}"
-    if problem:
-        raise PluginError(f"source {source.scheme!r} (plugin {plugin_of('sources', source.scheme)!r}): describe() "
-                          f"{problem}; it must return a dict of JSON values (str, int, float, bool, None, list, "
-                          f"dict), stored in run.json and the cache key")
-    return record
 
 
 def _channels_last(cfg: RunConfig, backbone: torch.nn.Module) -> bool:
