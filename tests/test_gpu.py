@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -179,3 +180,16 @@ def test_eval_attention_on_cuda_draws_the_cpu_maps(images, tmp_path):
     assert on_cpu[0] == on_gpu[0] and torch.allclose(on_cpu[1], on_gpu[1].cpu(), atol=0.02)  # cuDNN: TF32
     report = evaluate_attention(str(run), str(images), str(tmp_path / "cuda.png"), 4, progress=False, device="cuda")
     assert report["files"] == [str(tmp_path / "cuda.png")] and (tmp_path / "cuda.png").stat().st_size > 5000
+
+
+def test_knn_votes_on_cuda_equal_the_cpus():
+    """``eval knn`` scores on the encoder's device: a GPU's votes are the CPU's."""
+    from sslkit.eval.knn import knn_votes
+
+    rng = np.random.default_rng(0)
+    train, test = rng.normal(size=(3000, 64)), rng.normal(size=(700, 64))
+    labels = rng.integers(0, 5, size=3000)
+    cpu = knn_votes(train, labels, test, 5, (20, 200), chunk=256)
+    gpu = knn_votes(train, labels, test, 5, (20, 200), chunk=256, device="cuda")
+    for k in (20, 200):
+        assert np.allclose(cpu[k], gpu[k], atol=1e-4), k

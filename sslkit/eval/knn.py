@@ -36,22 +36,23 @@ def query_chunk(n_train: int, kmax: int, n_classes: int, budget: int | None = No
 
 
 def knn_votes(train: np.ndarray, train_y: np.ndarray, test: np.ndarray, n_classes: int,
-              ks: Sequence[int], temperature: float = TEMPERATURE, chunk: int | None = None) -> dict[int, np.ndarray]:
+              ks: Sequence[int], temperature: float = TEMPERATURE, chunk: int | None = None,
+              device: str | torch.device = "cpu") -> dict[int, np.ndarray]:
     """Class scores for every query and every ``k``.
 
     ``train: (N, D)``, ``train_y: (N,)`` class indices in ``[0, n_classes)``,
     ``test: (M, D)`` -> ``{k: (M, n_classes)}`` normalised votes (rows sum to 1). ``k``
     larger than ``N`` uses all ``N`` neighbours. Ties between classes go to the lower
     class index (``argmax``). Queries go in chunks (``chunk``, default :func:`query_chunk`: a
-    bounded working memory whatever ``N``).
+    bounded working memory whatever ``N``), on ``device`` (the encoder's: a GPU's matmul and top-k).
     """
-    xt = F.normalize(torch.from_numpy(np.asarray(train, dtype=np.float32)), dim=1)
-    yt = torch.from_numpy(np.asarray(train_y, dtype=np.int64))
+    xt = F.normalize(torch.from_numpy(np.asarray(train, dtype=np.float32)).to(device), dim=1)
+    yt = torch.from_numpy(np.asarray(train_y, dtype=np.int64)).to(device)
     kmax = min(max(ks), len(xt))
     chunk = chunk or query_chunk(len(xt), kmax, n_classes)
     out: dict[int, list[torch.Tensor]] = {k: [] for k in ks}
     for start in range(0, len(test), chunk):
-        q = F.normalize(torch.from_numpy(np.asarray(test[start:start + chunk], dtype=np.float32)), dim=1)
+        q = F.normalize(torch.from_numpy(np.asarray(test[start:start + chunk], dtype=np.float32)).to(device), dim=1)
         sims, idx = (q @ xt.T).topk(kmax, dim=1)  # sorted, most similar first
         weights = ((sims - sims[:, :1]) / temperature).exp()  # the row's best neighbour weighs 1: no overflow
         onehot = F.one_hot(yt[idx], n_classes).to(weights.dtype)  # (m, kmax, K)
@@ -59,4 +60,4 @@ def knn_votes(train: np.ndarray, train_y: np.ndarray, test: np.ndarray, n_classe
             kk = min(k, kmax)
             votes = (weights[:, :kk, None] * onehot[:, :kk]).sum(1)
             out[k].append(votes / votes.sum(1, keepdim=True))
-    return {k: torch.cat(v).numpy() for k, v in out.items()}
+    return {k: torch.cat(v).cpu().numpy() for k, v in out.items()}
