@@ -6,6 +6,13 @@
   30000 x 30000): :func:`check_stream_size` reads it with ``struct`` alone and refuses a
   frame whose size or component count differs from the header (the header's size is what
   the pixel limit checked). A header it cannot parse is left to the decoder, as before.
+* An RLE Lossless frame (DICOM PS3.5 Annex G) is a 64-byte header (segment count, offsets)
+  and one PackBits segment per byte of each sample, each decoding to Rows x Columns bytes;
+  a 2-byte run is at most 128 bytes, so a segment of L bytes gives at most 128 x (L // 2).
+  The decoder allocates what the header says first (a 72-byte frame can claim 13000 x
+  13000): :func:`check_stream_size` refuses a frame with another segment count than
+  SamplesPerPixel x BitsAllocated / 8, or a segment too short for Rows x Columns bytes,
+  from the fragment's bytes alone.
 * Deflated Explicit VR Little Endian: pydicom inflates the whole data set in one call, even
   to read a header; :func:`read_deflated` inflates it in steps and refuses a data set that
   inflates past :data:`DEFLATE_LIMIT` (a 1.5 MB file can hold a 1.5 GB element).
@@ -27,7 +34,7 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_file_meta_info
-from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, RLELossless
 
 from sslkit.api import DEFAULT_MAX_PIXELS, human_bytes
 from sslkit_plugins.sources.dicom_reasons import mark_stage
@@ -108,40 +115,83 @@ def _jpeg_size(data: bytes) -> tuple[str, int, int, int] | None:
     return None
 
 
-def _frame_starts(ds: Dataset, frame: int | None) -> list[bytes]:
-    """The first bytes of each encapsulated frame that ``pixel_array(ds, index=frame)`` decodes
-    (found as pydicom finds them: one frame through the offset tables, else every frame)."""
+def _frame_starts(ds: Dataset, frame: int | None) -> list[tuple[bytes, int]]:
+    """``(first bytes, length)`` of each encapsulated frame that ``pixel_array(ds, index=frame)``
+    decodes (found as pydicom finds them: one frame through the offset tables, else every frame)."""
     from pydicom.encaps import generate_fragmented_frames, get_frame
 
     count = int(ds.get("NumberOfFrames", 1) or 1)
     ext = ds.get("ExtendedOffsetTable"), ds.get("ExtendedOffsetTableLengths")
     ext = ext if all(v is not None for v in ext) else None
     if count > 1 and frame is not None:
-        return [get_frame(ds.PixelData, frame, number_of_frames=count, extended_offsets=ext)[:1 << 20]]
+        data = get_frame(ds.PixelData, frame, number_of_frames=count, extended_offsets=ext)
+        return [(data[:_HEAD], len(data))]
     frames = generate_fragmented_frames(ds.PixelData, number_of_frames=count, extended_offsets=ext)
-    # a stream's header is at its start: the first fragments of each frame are enough
-    return [b"".join(f[:1 << 20] for f in fragments[:8])[:1 << 20] for _, fragments in zip(range(count), frames)]
+    # a stream's header is at its start: the first bytes of each frame are enough
+    return [(_head(fragments), sum(map(len, fragments))) for _, fragments in zip(range(count), frames)]
+
+
+_HEAD = 1 << 20
+
+
+def _head(fragments: tuple[bytes, ...]) -> bytes:
+    """The first :data:`_HEAD` bytes of a frame held in ``fragments``."""
+    out, size = [], 0
+    for fragment in fragments:
+        if size >= _HEAD:
+            break
+        out.append(fragment[:_HEAD - size])
+        size += len(out[-1])
+    return b"".join(out)
 
 
 def check_stream_size(ds: Dataset, frame: int | None) -> None:
     """Raise :class:`TooLarge` when a compressed frame of ``ds`` (``frame``, else each one) says
-    it is another size than Rows x Columns x SamplesPerPixel; anything unparsable passes."""
+    it is another size than Rows x Columns x SamplesPerPixel (an RLE frame: :func:`rle_problem`);
+    anything unparsable passes."""
     ts = UID(str(getattr(ds, "file_meta", {}).get("TransferSyntaxUID", "")))
     if not ts or not ts.is_encapsulated or "PixelData" not in ds:
         return
     try:
         rows, cols = int(ds.Rows), int(ds.Columns)
         samples = int(ds.get("SamplesPerPixel", 1) or 1)
-        sizes = [stream_size(start) for start in _frame_starts(ds, frame)]
+        bits = int(ds.get("BitsAllocated", 0) or 0)
+        starts = _frame_starts(ds, frame)
     except Exception:
         return  # the decoder says what is wrong, as before
-    for size in sizes:
-        if size is not None and size[1:] != (cols, rows, samples):
-            kind, width, height, comps = size
-            exc = TooLarge(f"the {kind} stream is {width}x{height} with {comps} component(s), the header "
-                           f"says {cols}x{rows} with {samples}")
+    for i, (start, length) in enumerate(starts):
+        if ts == RLELossless:
+            problem = rle_problem(start, length, rows, cols, samples, bits)
+            problem = problem and f"RLE frame {(frame if frame is not None else i) + 1} {problem}"
+        else:
+            size = stream_size(start)
+            problem = size and size[1:] != (cols, rows, samples) and (
+                f"the {size[0]} stream is {size[1]}x{size[2]} with {size[3]} component(s), the header says "
+                f"{cols}x{rows} with {samples}")
+        if problem:
+            exc = TooLarge(problem)
             mark_stage(exc, STREAM_STAGE)
             raise exc
+
+
+def rle_problem(head: bytes, length: int, rows: int, cols: int, samples: int, bits: int) -> str | None:
+    """Why an RLE frame of ``length`` bytes starting ``head`` cannot hold ``samples`` samples of
+    ``bits`` bits for each of ``rows`` x ``cols`` pixels (PS3.5 Annex G), or None (also where
+    the samples are no whole number of bytes, or need over 15 segments: the decoder decides)."""
+    need = samples * bits // 8
+    if bits % 8 or not 1 <= need <= 15:  # 15 segments at most: the decoder refuses more
+        return None
+    if length < 64 or len(head) < 64:
+        return f"is {length} bytes, less than the 64-byte RLE header"
+    count, *offsets = struct.unpack_from("<16I", head)
+    if count != need:
+        return f"has {count} segment(s), {samples} sample(s) of {bits} bits need {need}"
+    # segment i lies from offsets[i] to the next offset (the last: to the frame's end), as decoders slice it
+    ends = [*offsets[1:count], length]
+    least = min(max(0, min(end, length) - min(start, length)) for start, end in zip(offsets, ends))
+    if 128 * (least // 2) < rows * cols:  # PackBits: 2 bytes decode to 128 at most
+        return f"holds a segment of {least} bytes (at most {128 * (least // 2)} decoded), too few for {cols}x{rows}"
+    return None
 
 
 # ----------------------------------------------------------------------- deflated data sets

@@ -1,0 +1,186 @@
+"""RLE Lossless frames checked against the header before any decoding (DICOM PS3.5 Annex G).
+
+An RLE frame is a 64-byte header (segment count, 15 offsets) and one PackBits segment per
+byte of each sample, each decoding to Rows x Columns bytes. A 2-byte run gives at most 128
+bytes, so a segment of L bytes decodes to at most 128 x (L // 2): a 90 KB file can claim
+1000 frames of 13000 x 13000, each a 72-byte fragment, and the decoder allocated 169 MB
+(0.2 s) per frame before failing; with ``--max-pixels 0``, 65535 x 65535 aborted the process.
+Such a frame is refused from its fragment's bytes alone: the decoder is replaced by a spy
+that fails the test.
+"""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import encapsulate
+from pydicom.uid import RLELossless, generate_uid
+
+from sslkit.api import Undecodable
+from sslkit.registry import create_source
+from sslkit_plugins.sources import dicom_decode
+from sslkit_plugins.sources.dicom_limits import TooLarge, check_stream_size
+
+CT = "1.2.840.10008.5.1.4.1.1.2"
+STAGE = "compressed frame size differs from the header: TooLarge: "
+
+
+def _rle_frame(*segments: bytes) -> bytes:
+    """An RLE frame: the 64-byte header (count, offsets) and its segments."""
+    offsets, at = [], 64
+    for seg in segments:
+        offsets.append(at)
+        at += len(seg)
+    return struct.pack("<16I", len(segments), *offsets, *[0] * (15 - len(segments))) + b"".join(segments)
+
+
+def _rle_file(path: Path, frames: list[bytes], rows: int, cols: int, bits: int = 8, samples: int = 1) -> Path:
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = RLELossless
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = CT
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.PatientID, ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality = "P1", generate_uid(), generate_uid(), "CT"
+    ds.Rows, ds.Columns, ds.SamplesPerPixel = rows, cols, samples
+    ds.PhotometricInterpretation = "RGB" if samples == 3 else "MONOCHROME2"
+    if samples == 3:
+        ds.PlanarConfiguration = 0
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = bits, bits, bits - 1, 0
+    if len(frames) > 1:
+        ds.NumberOfFrames = len(frames)
+    ds.PixelData = encapsulate(frames)
+    ds["PixelData"].VR, ds["PixelData"].is_undefined_length = "OB", True
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+@pytest.fixture
+def decoder(monkeypatch):
+    """pydicom's decoder, reachable only while ``decoder["allow"]`` is set (else it raises)."""
+    state = {"allow": False, "refused": 0}
+    real = dicom_decode.pixel_array
+
+    def spy(ds, *args, **kwargs):
+        if not state["allow"]:
+            state["refused"] += 1
+            raise AssertionError("an RLE frame too small for its header reached the decoder")
+        return real(ds, *args, **kwargs)
+
+    monkeypatch.setattr(dicom_decode, "pixel_array", spy)
+    return state
+
+
+RUN = b"\x81\x00"  # PackBits: repeat the next byte 128 times (-127 as a signed byte)
+
+
+def test_a_thousand_frames_claiming_13000_squared_are_refused_undecoded(tmp_path, decoder):
+    path = _rle_file(tmp_path / "data" / "cine.dcm", [_rle_frame(RUN * 4)] * 1000, 13000, 13000)
+    assert path.stat().st_size < 100_000
+    src = create_source(f"dicom:{path.parent}", workers=1)
+    refs = sorted(src.index(), key=lambda r: r.frame)
+    assert [r.frame for r in refs] == list(range(1000))
+    for ref in refs:
+        with pytest.raises(Undecodable) as refused:
+            src.load(ref)
+        assert str(refused.value) == (f"{STAGE}RLE frame {ref.frame + 1} holds a segment of 8 bytes (at most 512 "
+                                      "decoded), too few for 13000x13000")
+    with pytest.raises(Undecodable, match=r"^compressed frame size differs .*RLE frame 1000 holds a segment of 8"):
+        src.load_raw(refs[-1])
+    assert decoder["refused"] == 0
+
+
+@pytest.mark.parametrize("bits,samples", [(16, 1), (8, 3)])
+def test_65535_squared_is_refused_undecoded_without_a_pixel_limit(tmp_path, decoder, bits, samples):
+    segments = [RUN * 900] * (samples * bits // 8)  # 1800 bytes each: 115200 decoded at most
+    path = _rle_file(tmp_path / "data" / "big.dcm", [_rle_frame(*segments)] * 2, 65535, 65535, bits, samples)
+    src = create_source(f"dicom:{path.parent}", workers=1)
+    src.max_pixels = 0  # --max-pixels 0: no limit from the header
+    refs = sorted(src.index(), key=lambda r: r.frame)
+    assert len(refs) == 2
+    for ref in refs:
+        with pytest.raises(Undecodable) as refused:
+            src.load(ref)
+        assert str(refused.value) == (f"{STAGE}RLE frame {ref.frame + 1} holds a segment of 1800 bytes (at most "
+                                      "115200 decoded), too few for 65535x65535")
+    assert decoder["refused"] == 0
+
+
+def test_single_frame_65535_squared_16_bit(tmp_path, decoder):
+    path = _rle_file(tmp_path / "data" / "one.dcm", [_rle_frame(RUN * 2000, RUN)], 65535, 65535, 16)
+    src = create_source(f"dicom:{path.parent}", workers=1)
+    src.max_pixels = 0
+    (ref,) = src.index()
+    with pytest.raises(Undecodable) as refused:
+        src.load(ref)
+    assert str(refused.value) == (f"{STAGE}RLE frame 1 holds a segment of 2 bytes (at most 128 decoded), "
+                                  "too few for 65535x65535")
+    assert decoder["refused"] == 0
+
+
+def test_a_wrong_segment_count_is_refused_undecoded(tmp_path, decoder):
+    path = _rle_file(tmp_path / "data" / "one.dcm", [_rle_frame(RUN * 2)], 16, 16, 16)  # 16-bit: 2 segments
+    src = create_source(f"dicom:{path.parent}", workers=1)
+    (ref,) = src.index()
+    with pytest.raises(Undecodable) as refused:
+        src.load(ref)
+    assert str(refused.value) == (f"{STAGE}RLE frame 1 has 1 segment(s), 1 sample(s) of 16 bits need 2")
+    assert decoder["refused"] == 0
+
+
+def test_a_frame_shorter_than_the_rle_header_is_refused_undecoded(tmp_path, decoder):
+    path = _rle_file(tmp_path / "data" / "one.dcm", [b"\x01\x00\x00\x00" * 4], 16, 16)
+    src = create_source(f"dicom:{path.parent}", workers=1)
+    (ref,) = src.index()
+    with pytest.raises(Undecodable) as refused:
+        src.load(ref)
+    assert str(refused.value) == f"{STAGE}RLE frame 1 is 16 bytes, less than the 64-byte RLE header"
+    assert decoder["refused"] == 0
+
+
+def test_the_bound_is_exact_a_frame_at_it_decodes(tmp_path, decoder):
+    """16 x 16 = 256 bytes: two 2-byte runs (4 bytes) hold them and decode; 17 x 16 is refused."""
+    seg = b"\x81\x07" * 2
+    data = tmp_path / "data"
+    exact = _rle_file(data / "exact.dcm", [_rle_frame(seg)], 16, 16)
+    over = _rle_file(tmp_path / "over" / "over.dcm", [_rle_frame(seg)], 17, 16)
+    with pytest.raises(TooLarge) as refused:
+        check_stream_size(pydicom.dcmread(over), None)
+    assert str(refused.value) == "RLE frame 1 holds a segment of 4 bytes (at most 256 decoded), too few for 16x17"
+    decoder["allow"] = True
+    ds = pydicom.dcmread(exact)
+    check_stream_size(ds, None)
+    np.testing.assert_array_equal(dicom_decode._stored_frame(ds, None), np.full((16, 16), 7, np.uint8))
+    src = create_source(f"dicom:{data}", workers=1)
+    (ref,) = src.index()
+    assert src.load_raw(ref).tolist() == np.full((1, 16, 16), 7.0, np.float32).tolist()
+
+
+def _pydicom_rle_files() -> list[Path]:
+    root = Path(pydicom.__file__).parent / "data" / "test_files"
+    return sorted(p for p in root.glob("*.dcm") if "rle" in p.name.lower()
+                  and pydicom.dcmread(p, stop_before_pixels=True).file_meta.TransferSyntaxUID == RLELossless)
+
+
+@pytest.mark.parametrize("path", _pydicom_rle_files(), ids=lambda p: p.name)
+def test_valid_rle_files_pass_the_check_and_decode_as_pydicom_does(path):
+    ds = pydicom.dcmread(path)
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    check_stream_size(ds, None)
+    expected = pydicom.dcmread(path).pixel_array
+    if frames == 1:
+        np.testing.assert_array_equal(dicom_decode._stored_frame(ds, None), expected)
+    for frame in range(frames):
+        check_stream_size(ds, frame)
+        got = dicom_decode._stored_frame(ds, frame)
+        np.testing.assert_array_equal(got, expected[frame] if frames > 1 else expected)
+
+
+def test_pydicom_rle_test_files_are_found():
+    names = {p.name for p in _pydicom_rle_files()}
+    assert {"MR_small_RLE.dcm", "SC_rgb_rle.dcm", "SC_rgb_rle_2frame.dcm"} <= names, names
