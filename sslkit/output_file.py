@@ -66,9 +66,20 @@ def check_output(out: Path, overwrite: bool, suffix: str | None = None) -> None:
     if (out.exists() or out.is_symlink()) and not overwrite:
         raise OutputExists(exists_message(out))
     if not out.parent.is_dir():
+        nearest_folder(out)  # a file where a folder should be: said so
         raise UsageError(f"output folder {str(out.parent)!r} does not exist")
     check_writable(out.parent)
     _OVERWRITE[os.path.abspath(out)] = overwrite
+
+
+def nearest_folder(out: Path) -> Path:
+    """The nearest existing path above ``out`` (the folder ``out``'s missing folders would be made in),
+    as ``out`` spells it; where that is a file, not a folder, sslkit's one message for it (a usage error):
+    ``--out 'run.json/x.png': 'run.json' is a file, not a folder``."""
+    existing = next((p for p in Path(out).parents if p.exists()), Path("."))
+    if not existing.is_dir():
+        raise UsageError(f"--out {str(out)!r}: {str(existing)!r} is a file, not a folder")
+    return existing
 
 
 def check_writable(folder: Path) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from sslkit.errors import UsageError, first_line
-from sslkit.output_file import check_writable
+from sslkit.output_file import check_writable, nearest_folder
 from sslkit.spec import InputSpec
 
 RUN_JSON = "run.json"
@@ -168,10 +168,7 @@ def check_run_dir(cfg: RunConfig) -> Path:
             any(p.name != LOCK_FILE for p in out.iterdir()):
         raise UsageError(f"--overwrite: {cfg.out!r} is not an sslkit run (no {RUN_JSON}) and is not empty; "
                          f"--overwrite replaces runs only: give a new or empty --out")
-    existing = out if out.is_dir() else next(p for p in out.absolute().parents if p.exists())
-    if not existing.is_dir():
-        raise UsageError(f"--out {cfg.out!r}: {str(existing)!r} is a file, not a folder")
-    check_writable(existing)  # before any image is decoded
+    check_writable(out if out.is_dir() else nearest_folder(out))  # before any image is decoded
     return out
 
 

@@ -5,11 +5,14 @@ Memory stays near the final image's: an image whose shorter side is at least twi
 ``DECODE_SIDE`` (JPEG: Pillow's DCT scaling, ``Image.draft``; others: box means in their
 own mode, ``Image.reduce`` or ``sslkit.api.box_reduce``) before any float copy is made; sslkit
 then resizes it as any other image. Smaller images decode exactly as before. Float
-pixels that hold NaN or inf are refused (``Undecodable``), never scaled into garbage.
+pixels that hold NaN or inf are refused (``Undecodable``), never scaled into garbage, and so is a
+JPEG whose file is too short for the pixels its header declares (:func:`check_jpeg_holds`: Pillow
+would give their missing blocks as flat grey), as Pillow refuses a short PNG.
 """
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import numpy as np
@@ -28,6 +31,10 @@ BYTES_PER_LIMIT_PIXEL = 4
 #: rows a band of :func:`png16_colour` joins at a time
 _BAND_ROWS = 256
 _ORIENTATION = 0x0112  # EXIF
+#: start-of-frame markers of arithmetic-coded JPEGs (SOF9-11, SOF13-15): no lower bound on their bytes a block
+_ARITHMETIC_SOF = frozenset({0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
+#: bytes every JPEG libjpeg decodes has besides its data (SOI, a quantization table, frame and scan headers, EOI)
+_JPEG_MIN_BYTES = 96
 
 
 def open_image(path: str) -> Image.Image:
@@ -100,6 +107,8 @@ def pil_decoded(img: Image.Image, side: int | None) -> Image.Image:
     """``img`` decoded (reduced while decoding where :func:`reduce_factor` says so) and, for a
     photo (JPEG), turned upright by its EXIF orientation as a viewer shows it."""
     photo = img.format in ("JPEG", "MPO")
+    if photo:
+        check_jpeg_holds(img)
     f = reduce_factor(img.width, img.height, side)
     if photo and f > 1:
         img.draft(img.mode, (img.width // f, img.height // f))  # DCT scaling: 1/2, 1/4 or 1/8
@@ -116,6 +125,41 @@ def pil_decoded(img: Image.Image, side: int | None) -> Image.Image:
     elif img.mode == "1":
         img = img.convert("L")
     return img.reduce(f)
+
+
+def check_jpeg_holds(img: Image.Image) -> None:
+    """Refuse (``Undecodable``) an opened JPEG whose file is too short for the pixels its header declares: a
+    Huffman-coded JPEG spends at least one bit on each 8x8 block of its full-resolution component, and
+    Pillow decodes missing blocks as flat grey without a word (libjpeg's warning is dropped) when the data
+    ends early in an end marker. From the file's size and header: nothing is decoded."""
+    need = -(-img.width // 8) * -(-img.height // 8) // 8
+    if need <= _JPEG_MIN_BYTES:  # any decodable file holds that many: its size need not be read
+        return
+    try:
+        size = os.fstat(img.fp.fileno()).st_size
+    except (AttributeError, OSError, ValueError):  # not a file on disk: nothing to compare
+        return
+    if size < need and _sof_marker(img.fp) not in _ARITHMETIC_SOF:
+        raise Undecodable(f"image file is truncated: a {img.width}x{img.height} JPEG needs at least {need:,} "
+                          f"bytes of data; the file has {size:,}")
+
+
+def _sof_marker(fp) -> int | None:
+    """The start-of-frame marker (``0xC0``...) of the JPEG in ``fp``, read from its start (``fp`` left where it
+    was); None where the segments before it cannot be walked."""
+    where = fp.tell()
+    try:
+        fp.seek(2)  # past SOI
+        for _ in range(1000):  # segments before the frame header: APPn, DQT, DHT, COM...
+            head = fp.read(4)
+            if len(head) < 4 or head[0] != 0xFF:
+                return None
+            if 0xC0 <= head[1] <= 0xCF and head[1] not in (0xC4, 0xC8, 0xCC):  # not DHT, JPG, DAC
+                return head[1]
+            fp.seek(int.from_bytes(head[2:], "big") - 2, os.SEEK_CUR)
+        return None
+    finally:
+        fp.seek(where)
 
 
 def pil_to_array(img: Image.Image) -> np.ndarray:

@@ -32,7 +32,6 @@ from the header's free-text fields (``descrip``, ``db_name``, ``aux_file``) is r
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import math
 import re
@@ -45,11 +44,11 @@ import numpy as np
 from sslkit.api import (ORIENTATION, GraphPreprocessing, SampleMode, SampleRef, Source, Undecodable, UsageError,
                         check_dir, check_pixel_count, first_files, hookimpl, slab_indices, stack_slab,
                         unknown_name_message, volume_fit, walk_files)
+from sslkit_plugins.sources.nifti_read import (BYTES_PER_LIMIT_PIXEL, _nibabel, canonical_geometry, canonical_volume,
+                                               check_holds, check_working_bytes, read_header, read_image)
 
 SUFFIXES = (".nii", ".nii.gz")
 _NUM = r"[-+]?(?:\d+\.?\d*|\.\d+)"
-#: deflate's largest expansion (a run of one byte): a gzip file of N bytes holds at most this x N
-GZIP_MAX_RATIO = 1032
 #: what +-inf values become before a volume is resampled (a NaN becomes the pad value: mapped to 0)
 LARGE = 1e30
 #: how a file's split group is keyed (:func:`group_key`): its path below the data root, or (runs recorded
@@ -59,15 +58,6 @@ GROUP_KEYS = ("relative", "as-given")
 
 def is_nifti(path: Path) -> bool:
     return path.name.lower().endswith(SUFFIXES)
-
-
-def _nibabel():
-    try:
-        import nibabel
-    except ImportError:
-        raise UsageError("nifti: needs nibabel; install it with: pip install nibabel (or '.[volumes]' in the "
-                         "sslkit checkout)") from None
-    return nibabel
 
 
 def group_key(path: str, root: Path, how: str = "relative") -> str:
@@ -109,90 +99,6 @@ class NiftiOptions:
         SampleMode.parse(self.sample, self.spacing, self.volume_size)
 
 
-def read_image(path: str) -> Any:
-    """The nibabel image of ``path``; a ``.nii.gz`` is decompressed whole first, so that its CRC is
-    checked (nibabel reads only the bytes it needs: a corrupt stream gave garbage voxels, not an error)."""
-    nib = _nibabel()
-    if not path.lower().endswith(".gz"):
-        return nib.load(path)
-    data = gzip.decompress(Path(path).read_bytes())  # gzip.BadGzipFile (an OSError) on a bad stream
-    is_nifti2 = int.from_bytes(data[:4], "little") == 540 or int.from_bytes(data[:4], "big") == 540
-    return (nib.Nifti2Image if is_nifti2 else nib.Nifti1Image).from_bytes(data)
-
-
-def canonical_volume(img: Any) -> tuple[np.ndarray, tuple[float, float, float]]:
-    """A nibabel image -> (float32 ``(T, D, H, W)`` in the file's units, spacing (dz, dy, dx) mm):
-    the voxel sizes of its affine (sform, else qform), as for :func:`canonical_geometry`. Filled a
-    stored slice at a time: one float32 copy of the volume (:func:`check_working_bytes` bounds it)."""
-    nib = _nibabel()
-    img = nib.as_closest_canonical(img)
-    if img.get_data_dtype().kind == "c":  # nibabel would drop the imaginary part with a warning
-        raise ValueError("complex voxel values: not an image (save the magnitude)")
-    shape = tuple(int(n) for n in img.shape)
-    if len(shape) not in (3, 4):
-        raise ValueError(f"a NIfTI image of {len(shape)} dimensions is not a volume")
-    x, y, z, t = (*shape, 1)[:4]
-    # (x: R, y: A, z: S, t) -> (t, z ascending, y descending = anterior to posterior, x descending = right to left)
-    vol = np.empty((t, z, y, x), np.float32)
-    finite = False
-    for k in range(z):
-        part = np.asarray(img.dataobj[:, :, k, ...], dtype=np.float32).reshape(x, y, t)
-        vol[:, k] = part.transpose(2, 1, 0)[:, ::-1, ::-1]
-        finite = finite or bool(np.isfinite(part).any())
-    if not finite:
-        raise ValueError("no finite voxel value (all NaN or inf)")
-    zooms = [float(v) for v in nib.affines.voxel_sizes(img.affine)[:3]]
-    return vol, (zooms[2], zooms[1], zooms[0])
-
-
-#: working bytes a volume may take per pixel of the pixel limit: what decoding a 2D image at the
-#: limit takes (Pillow's 8-bit RGBA and the float32 RGB of it: 4 + 12 bytes a pixel)
-BYTES_PER_LIMIT_PIXEL = 16
-
-
-def check_working_bytes(img: Any, limit: int | None) -> None:
-    """Refuse, from the header, a file whose decoding needs more than :data:`BYTES_PER_LIMIT_PIXEL` x
-    ``limit`` bytes: every voxel as stored (a ``.nii.gz`` is decompressed whole in memory) and as
-    float32 (:func:`canonical_volume`). ``limit`` None or 0: no limit."""
-    itemsize = int(img.get_data_dtype().itemsize)
-    need = math.prod(int(n) for n in img.shape) * (itemsize + 4)
-    if limit and need > limit * BYTES_PER_LIMIT_PIXEL:
-        raise Undecodable(f"too large to decode: {'x'.join(map(str, img.shape))} voxels x ({itemsize} stored + 4 "
-                          f"float32) bytes = {need:,} bytes exceeds {BYTES_PER_LIMIT_PIXEL} x the pixel limit of "
-                          f"{limit:,} (--max-pixels raises it)")
-
-
-def check_holds(path: Path, img: Any) -> None:
-    """Raise ``ValueError`` when the file at ``path`` cannot hold the voxels ``img``'s header
-    declares: from the header and the file's size alone, before anything is read."""
-    need = math.prod(int(n) for n in img.shape) * int(img.get_data_dtype().itemsize)
-    size = path.stat().st_size
-    if path.name.lower().endswith(".gz"):
-        if need > size * GZIP_MAX_RATIO:
-            raise ValueError(f"the header declares {need:,} bytes of voxels ({'x'.join(map(str, img.shape))}); "
-                             f"a {size:,}-byte gzip file expands to at most {size * GZIP_MAX_RATIO:,}")
-        return
-    offset = int(getattr(img.dataobj, "offset", 0) or 0)  # where the voxels start (the header's vox_offset)
-    if size < offset + need:
-        raise ValueError(f"truncated: the header declares {need:,} bytes of voxels "
-                         f"({'x'.join(map(str, img.shape))}) from byte {offset:,}; the file has {size:,}")
-
-
-def canonical_geometry(img: Any) -> tuple[tuple[int, ...], tuple[float, float, float]]:
-    """Shape and voxel size (x, y, z) of ``img`` once turned to RAS+, from the header alone
-    (``as_closest_canonical`` would read every voxel); sizes from the affine (sform, else qform),
-    not the header's pixdim, which a file may contradict."""
-    nib = _nibabel()
-    shape, zooms = list(img.shape), [float(z) for z in nib.affines.voxel_sizes(img.affine)[:3]]
-    ornt = nib.orientations.io_orientation(img.affine)
-    if len(shape) < 3 or np.isnan(ornt).any():
-        return tuple(shape), (zooms + [1.0] * 3)[:3]
-    out_shape, out_zooms = list(shape), [0.0, 0.0, 0.0]
-    for axis, (target, _) in enumerate(ornt[:3]):
-        out_shape[int(target)], out_zooms[int(target)] = shape[axis], zooms[axis]
-    return tuple(out_shape), (out_zooms[0], out_zooms[1], out_zooms[2])
-
-
 class NiftiSource(Source):
     scheme = "nifti"
     Options = NiftiOptions
@@ -228,15 +134,15 @@ class NiftiSource(Source):
         return 0.0
 
     def index(self) -> list[SampleRef]:
-        nib = _nibabel()
         files = [self.root] if self.root.is_file() else walk_files(self.root, is_nifti, self.skipped)
         refs: list[SampleRef] = []
         for f in map(str, files):
             try:
-                img = nib.load(f)
+                img = read_header(f)
                 shape = canonical_geometry(img)[0]
-            except Exception as exc:
-                self.skipped.append((f, f"unreadable NIfTI header: {type(exc).__name__}"))
+            except Exception as exc:  # nibabel's message may quote the path: the type alone, or sslkit's own
+                why = str(exc) if isinstance(exc, Undecodable) else type(exc).__name__
+                self.skipped.append((f, f"unreadable NIfTI header: {why}"))
                 continue
             if len(shape) not in (3, 4):
                 self.skipped.append((f, f"not a volume: {len(shape)} dimensions"))
@@ -341,7 +247,7 @@ class NiftiSource(Source):
     def spacing_of(self, ref: SampleRef) -> list[float]:
         """``[dz, dy, dx]`` mm of a loaded volume (the mode's spacing, else the file's), ``[dy, dx]`` of a slice."""
         v, z = self.where[ref.id]
-        zooms = canonical_geometry(_nibabel().load(self.volumes[v][0]))[1]
+        zooms = canonical_geometry(read_header(self.volumes[v][0]))[1]
         native = [zooms[2], zooms[1], zooms[0]]
         if z is None:
             return list(self.sample.spacing or native)

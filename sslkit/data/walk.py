@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from pathlib import Path
@@ -113,7 +114,7 @@ def _not_regular(path: Path) -> tuple[str | None, os.stat_result | None]:
         st = os.stat(path)
     except OSError as exc:
         if os.path.islink(path):
-            return "dangling symbolic link", None
+            return ("symbolic link loop" if exc.errno == errno.ELOOP else "dangling symbolic link"), None
         return f"unreadable: {type(exc).__name__}: {exc.strerror}", None
     if stat.S_ISREG(st.st_mode):
         return None, st

@@ -8,6 +8,7 @@ writes ``encoder.safetensors`` and the final ``run.json``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import Any
@@ -175,9 +176,11 @@ FILES_NAMED_BY = ("a keyed hash of the path below the data root (names there can
 def _prepare(s: Setup, lock: RunLock | None) -> dict[str, Any]:
     """Create the run directory, take its lock, then (checked again under the lock: another
     process may have started a run there while this one decoded) clear it with --overwrite;
-    remove temporary files a killed run left behind; write data_report.json and config.toml (the settings
-    that rerun the run: ``sslkit pretrain --config RUN/config.toml --out NEW``). Returns the run.json a
-    resume continues, read once here under the lock (``{}`` for a new run)."""
+    remove temporary files a killed run left behind; write run.json (a new run: status ``starting``, first, so
+    that a write failing after it leaves a run folder that ``--overwrite`` and ``--resume auto`` take, never one
+    sslkit refuses as not its own), then data_report.json and config.toml (the settings that rerun the run:
+    ``sslkit pretrain --config RUN/config.toml --out NEW``). Returns the run.json a resume continues, read once
+    here under the lock (``{}`` for a new run)."""
     check_run_dir(s.cfg).mkdir(parents=True, exist_ok=True)
     if lock is not None:
         lock.acquire()
@@ -186,6 +189,21 @@ def _prepare(s: Setup, lock: RunLock | None) -> dict[str, Any]:
         for folder in (s.out, s.checkpoint_dir):
             for name in checkpoint.remove_orphans(folder):
                 note(f"note: removed {name}, left in {folder} by an interrupted write")
+    old = read_json(s.out / RUN_JSON) if s.cfg.resume else {}
+    if not s.cfg.resume:  # run.json first: a folder a failed write leaves is a run (--overwrite, --resume auto take it)
+        write_json_atomic(s.out / RUN_JSON, {**s.info, "status": "starting"})
+    try:
+        _write_records(s, old)
+    except UsageError:  # a full disk, a file-size limit: the record says so where it can still be written
+        if not s.cfg.resume:
+            with contextlib.suppress(UsageError):
+                write_json_atomic(s.out / RUN_JSON, {**s.info, "status": "failed"})
+        raise
+    return old
+
+
+def _write_records(s: Setup, old: dict[str, Any]) -> None:
+    """data_report.json and config.toml (``old``: the run.json a resume continues)."""
     prepared = s.data.prepared
     write_json_atomic(s.out / DATA_REPORT, {
         "samples": len(prepared), "skipped": len(prepared.skipped),
@@ -193,11 +211,9 @@ def _prepare(s: Setup, lock: RunLock | None) -> dict[str, Any]:
         "files_named_by": FILES_NAMED_BY,
         "notes": [{"sample": i, "note": n} for i, n in getattr(s.data.source, "notes", list)()],
     })
-    old = read_json(s.out / RUN_JSON) if s.cfg.resume else {}
     why, s.info["config_toml_sha256"] = write_config_toml(s.out, s.info["config"], old.get("config_toml_sha256"))
     if why:
         note(f"note: {why}")
-    return old
 
 
 def write_info(s: Setup) -> None:

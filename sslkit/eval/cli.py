@@ -9,7 +9,7 @@ import re
 import click
 
 from sslkit.cli_types import FiniteFloatRange
-from sslkit.errors import UsageError
+from sslkit.errors import UsageError, printable
 from sslkit.source_flags import SourceFlagsCommand, flag_values
 
 SEED = click.IntRange(0, 2**32 - 1)  # numpy's seed range
@@ -110,8 +110,9 @@ def _print(report: dict, as_json: bool) -> None:
         sp = report["settings"]["split"]
         lines.append(f"  split: {sp['folds']}-fold by {sp['group_by']} groups; metrics are mean ± std over folds")
     if report["classes"]:
-        pos = f"; positive class {report['positive_class']!r} (AUROC)" if report["positive_class"] else ""
-        lines.append(f"  classes: {', '.join(report['classes'])}{pos}")
+        positive = report["positive_class"]
+        pos = f"; positive class '{printable(str(positive))}' (AUROC)" if positive else ""
+        lines.append(f"  classes: {', '.join(printable(str(c)) for c in report['classes'])}{pos}")
     if report["results"]:
         lines += ["", format_table(report)]
         gain = format_gains(report)
@@ -148,7 +149,8 @@ def probe_options(f):
         click.option("--data-opt", "data_opts", multiple=True, metavar="KEY=VALUE",
                      help="Source option overriding the run's (repeatable); so do the [source] options below."),
         MAX_PIXELS,
-        click.option("--device", default="auto", show_default=True, help="PyTorch encoders: auto, cpu, cuda, cuda:N."),
+        click.option("--device", default="auto", show_default=True,
+                     help="PyTorch encoders (and the kNN's scoring): auto, cpu, cuda, cuda:N."),
         click.option("--json", "as_json", is_flag=True, help="Print the report (schema sslkit.eval/1) as JSON."),
         click.option("--quiet", is_flag=True, help="No progress bars."),
     ]):
