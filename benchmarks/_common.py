@@ -11,18 +11,42 @@ from __future__ import annotations
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tarfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NoReturn
 
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
+CIFAR_ARCHIVE = SHARED_DATA / "cifar10-train.tar.gz"  # train/<class>/*.jpg
+XRAY_ARCHIVE = SHARED_DATA / "pneumonia-train.tar.gz"  # train/NORMAL/, train/PNEUMONIA/
+
+
+class Refused(SystemExit):
+    """A user error of a benchmark script (:func:`refuse`): exit status 2; ``str()`` is its message."""
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def refuse(message: str) -> NoReturn:
+    """A user error (a changed setting, missing data, a bad flag): ``message``, one line, on stderr and
+    exit status 2, no traceback."""
+    print(message, file=sys.stderr, flush=True)
+    exc = Refused(2)
+    exc.message = message
+    raise exc
+
+
+def not_a_script(module: str, instead: str) -> NoReturn:
+    """``python MODULE.py`` of a helper module: one line naming the script(s) to run ``instead``, exit 2."""
+    refuse(f"error: {module} is a helper module, not a script: run {instead} instead")
 
 
 class Stages:
@@ -55,24 +79,62 @@ class Stages:
             os.replace(tmp, self.file)
 
 
+class SharedStages(Stages):
+    """:class:`Stages` whose state file several processes (``--tasks`` split between them) share:
+    the file is re-read before every stage and merged before every write."""
+
+    def _reload(self) -> None:
+        if self.file.exists():
+            self.state = {**self.state, **json.loads(self.file.read_text())}
+
+    def run(self, name, fn):
+        self._reload()
+        if name in self.state:
+            return super().run(name, fn)
+        print(f"[run ] {name}", flush=True)
+        result = fn()
+        self.put(name, result)
+        print(f"[done] {name}", flush=True)
+        return result
+
+    def put(self, name, value):
+        self._reload()  # the other processes' stages too
+        super().put(name, value)
+
+
+class Missing(Exception):
+    """``--report-only``: a stage has not run yet."""
+
+
+class ReadOnlyStages(SharedStages):
+    """``--report-only``: finished stages only; a missing one raises :class:`Missing`."""
+
+    def run(self, name, fn):
+        self._reload()
+        if name not in self.state:
+            raise Missing(name)
+        return self.state[name]
+
+
 def check_settings(st: Stages, key: str, settings: dict[str, Any], stored: dict[str, Any] | None = None,
-                   record: bool = True) -> dict[str, Any]:
+                   record: bool = True, hint: str = "pass the same settings, or use a new --work") -> dict[str, Any]:
     """Refuse a run whose ``settings`` differ from those its work dir was made with.
 
     A work dir's stage names do not carry every setting (budget, seed, image counts, ...), so a rerun
     with other settings would reuse stages of the first ones and report them under the new heading.
     ``st.state[key]`` (or ``stored``, an older dir's implied record) holds the settings; one that
-    differs exits with one line naming them. Settings the record lacks (a dir from before they
-    were recorded) are accepted and added; a new dir records them all (``record=False``: only compare).
-    Returns the record."""
+    differs is refused in one line naming them, ending in ``hint`` (exit status 2: :func:`refuse`).
+    Settings the record lacks (a dir from before they were recorded) are accepted and added; a new
+    dir records them all (``record=False``: only compare). A key that is a Python name is shown as
+    its flag (``budget_min`` -> ``budget-min``), any other as it is. Returns the record."""
     now = json.loads(json.dumps(settings, default=str))  # as the state file will read it back
     old = (stored if stored is not None else st.state.get(key)) or {}
     differ = [k for k in now if k in old and old[k] != now[k]]
     if differ:
-        was = ", ".join(f"{k.replace('_', '-')} {'(none)' if old[k] is None else old[k]}" for k in differ)
-        asked = ", ".join(f"{k.replace('_', '-')} {'(none)' if now[k] is None else now[k]}" for k in differ)
-        sys.exit(f"error: {st.work} holds runs made with {was}; this run asks {asked}: "
-                 f"pass the same settings, or use a new --work")
+        def shown(rec: dict, k: str) -> str:
+            return f"{k.replace('_', '-') if k.isidentifier() else k} {'(none)' if rec[k] is None else rec[k]}"
+        refuse(f"error: {st.work} holds runs made with {', '.join(shown(old, k) for k in differ)}; this run asks "
+               f"{', '.join(shown(now, k) for k in differ)}: {hint}")
     merged = {**old, **now}
     if record and merged != st.state.get(key):
         st.put(key, merged)
@@ -216,16 +278,57 @@ def paired_se(a: np.ndarray, b: np.ndarray) -> tuple[float, float | None]:
     return paired_gain(a, b)
 
 
-def extract(tar: Path, dest: Path) -> Path:
-    """Unpack ``tar`` into ``dest`` (skipped when ``dest/.complete`` exists)."""
-    if not (dest / ".complete").exists():
-        if not tar.exists():
-            sys.exit(f"error: data archive {tar} does not exist (pass --data)")
-        dest.mkdir(parents=True, exist_ok=True)
-        with tarfile.open(tar) as t:
-            t.extractall(dest, filter="data")
-        (dest / ".complete").write_text("")
+def extract(tar: Path, dest: Path, flag: str = "--data") -> Path:
+    """Unpack ``tar`` into ``dest`` once (``dest/.complete``), through a temporary folder renamed when whole
+    (processes sharing a work dir never read a half-written image; an older cut extraction is completed
+    in place). A missing ``tar``: refused in one line naming ``flag``."""
+    if (dest / ".complete").exists():
+        return dest
+    if not tar.is_file():
+        refuse(f"error: data archive {tar} does not exist: pass {flag}")
+    if dest.exists():
+        tmp = dest
+    else:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+    with tarfile.open(tar) as t:
+        t.extractall(tmp, filter="data")
+    (tmp / ".complete").write_text("")
+    if tmp != dest:
+        try:
+            os.rename(tmp, dest)
+        except OSError:  # another process renamed its copy first
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not (dest / ".complete").exists():
+                raise
     return dest
+
+
+def data_folder(flag: str, given: Path | None, archive: Path, dest: Path, needs: str = "train",
+                within: str = "") -> Path:
+    """The data folder of ``flag``, resolved: ``given``, or when it is None ``archive`` (one of the
+    shared archives) extracted into ``dest`` once (:func:`extract`) and its sub-folder ``within``.
+    A ``given`` folder without the sub-folder ``needs`` is refused in one line saying how to make it."""
+    if given is None:
+        return (extract(archive, dest, flag) / within).resolve()
+    if not (given / needs).is_dir():
+        how = (f"`mkdir -p DIR && tar -xzf {archive} -C DIR` and pass {flag} DIR/{within}" if within
+               else f"`mkdir -p {given} && tar -xzf {archive} -C {given}`")
+        refuse(f"error: {flag} {given} has no {needs}/ folder: extract the data with {how}, "
+               f"or leave {flag} out to have it extracted into --work")
+    return given.resolve()
+
+
+def data_settings(key: str, data: Path) -> dict[str, Any]:
+    """The data a work dir's runs read, for :func:`check_settings`: ``{key: resolved path}`` and, for a
+    folder, ``{key_files: number of files in it}`` (hidden ones aside), so that a rerun on other
+    data (another folder, or the same one holding other images) is refused, not scored as the first."""
+    out: dict[str, Any] = {key: str(data.resolve())}
+    if data.is_dir():
+        out[f"{key}_files"] = sum(1 for _, _, names in os.walk(data, followlinks=True)
+                                  for n in names if not n.startswith("."))
+    return out
 
 
 def link_split(files: dict[str, list[Path]], dest: Path) -> Path:
@@ -295,3 +398,7 @@ def table(rows: list[tuple[str, dict[str, Any]]], columns: list[tuple[str, str, 
             cells.append("-" if v is None else f"{100 * v:.1f}" if metric != "auroc" else f"{v:.3f}")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    not_a_script("_common.py", "a benchmark that imports it (quality.py, task_table.py, label_curve.py, ...)")

@@ -46,8 +46,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import lightly_tasks  # noqa: E402
-from _common import (SHARED_DATA, Stages, bits, check_settings, extract, knn_correct_string,  # noqa: E402
-                     link_split, paired_se, probe, sslkit_pretrain, stratified_subset, table, task_step_cpu_seconds)
+from _common import (SHARED_DATA, Stages, bits, check_settings, data_settings, extract,  # noqa: E402
+                     knn_correct_string, link_split, paired_se, probe, sslkit_pretrain, stratified_subset, table,
+                     task_step_cpu_seconds)
 
 BACKBONE, BACKBONE_OPTS, SIZE = "timm:resnet18", {"cifar_stem": True}, 32
 
@@ -102,11 +103,12 @@ def calibrate(batch_size: int, steps: int = 3) -> float:
 
 
 def plan(st: Stages, a, n_train: int) -> dict:
-    """The work dir's plan (steps, budget, batch, precision, seed, eval counts): recorded on the first
+    """The work dir's plan (steps, budget, batch, precision, seed, eval counts, data archive): recorded on the first
     run; a rerun with other settings is refused in one line (``check_settings``), since the stage
     names carry none of them. The steps come from ``--steps`` or the calibrated ``--budget-min``."""
     settings = {"budget_cpu_min": None if a.steps else a.budget_min, "batch_size": a.batch_size,
-                "precision": a.precision, "seed": a.seed, "eval_train": a.eval_train, "eval_test": a.eval_test}
+                "precision": a.precision, "seed": a.seed, "eval_train": a.eval_train, "eval_test": a.eval_test,
+                **data_settings("data", a.data)}
     if a.steps:
         settings["steps"] = a.steps
     old = st.state.get("plan")

@@ -101,3 +101,10 @@ def compare(naive, ours, workers: list[int], repeats: int, unit: str) -> dict[in
               f"{', '.join(f'{x:.2f}' for x in ratios[w])}), {statistics.median(cpu_ratios[w]):.2f}x in CPU per "
               f"{unit}; target >= 1x wall", flush=True)
     return ratios
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from _common import not_a_script
+
+    not_a_script("first_pass.py", "data_pipeline.py or volumes.py")

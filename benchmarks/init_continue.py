@@ -29,6 +29,9 @@ AUROC for PNEUMONIA; the continued runs are compared with their init fold by fol
         [--data-dir /tmp/sslkit-data] [--init-steps 300] [--xray-init-steps 150] [--steps 150[,600...]] \\
         [--only NAME ...] [--average ALPHA,...] [--draws N]
 
+``--data-dir`` holds ``cifar/train/`` and ``train/`` (default: ``../shared/data``'s two archives,
+extracted into ``WORK/data-cifar`` and ``WORK/data-xray`` once).
+
 Resumable: finished stages are skipped (``WORK/state.json``); an interrupted pretraining
 continues with ``--resume``. Prints markdown tables (also ``WORK/results.md``).
 """
@@ -43,7 +46,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import Stages, check_settings, cpu_seconds, link_split, sslkit_pretrain  # noqa: E402
+from _common import (CIFAR_ARCHIVE, XRAY_ARCHIVE, Stages, check_settings, cpu_seconds, data_folder,  # noqa: E402
+                     data_settings, link_split, sslkit_pretrain)
 from label_curve import IMAGENET_TAGS, PATIENT, imagenet_file  # noqa: E402
 
 BACKBONE = "timm:vit_tiny_patch16_224"
@@ -75,7 +79,8 @@ CONTINUED = {
 
 
 def cifar_subset(root: Path, work: Path, per_class: int) -> Path:
-    files = {c.name: sorted(c.glob("*.jpg"))[:per_class] for c in sorted((root / "cifar" / "train").iterdir())
+    """The first ``per_class`` images of each class of ``root/train`` (CIFAR-10), as links in ``work``."""
+    files = {c.name: sorted(c.glob("*.jpg"))[:per_class] for c in sorted((root / "train").iterdir())
              if c.is_dir()}
     return link_split(files, work / f"cifar-{per_class}")
 
@@ -227,7 +232,9 @@ def init_settings(run: Path) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--work", type=Path, required=True)
-    p.add_argument("--data-dir", type=Path, default=Path("/tmp/sslkit-data"))
+    p.add_argument("--data-dir", type=Path, default=None,
+                   help="holds cifar/train/<class>/ and train/NORMAL|PNEUMONIA/ (default: the archives in "
+                        "../shared/data, extracted into --work)")
     p.add_argument("--init-steps", type=int, default=300, help="CIFAR-10 MAE steps (batch 64)")
     p.add_argument("--xray-init-steps", type=int, default=STEPS, help="steps of the in-domain X-ray MAE init")
     p.add_argument("--steps", default=str(STEPS),
@@ -246,14 +253,16 @@ def main() -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     t0, c0 = time.time(), cpu_seconds() + cpu_seconds(children=True)
     stages = Stages(a.work)
-    # the init runs' stage names carry neither their steps nor the CIFAR-10 subset: one set per work dir
+    cifar_root = data_folder("--data-dir", a.data_dir and a.data_dir / "cifar", CIFAR_ARCHIVE, a.work / "data-cifar")
+    xray = data_folder("--data-dir", a.data_dir, XRAY_ARCHIVE, a.work / "data-xray") / "train"
+    # the init runs' stage names carry neither their steps nor the CIFAR-10 subset nor the data: one set per work dir
     check_settings(stages, "settings", {"init_steps": a.init_steps, "xray_init_steps": a.xray_init_steps,
-                                        "per_class": a.per_class})
-    xray = a.data_dir / "train"
+                                        "per_class": a.per_class, **data_settings("cifar", cifar_root),
+                                        **data_settings("xray", xray)})
     if imagenet_file(a.work, BACKBONE) is not None:
         print(f"note: {IMAGENET_TAGS[BACKBONE]} is cached; add it as an init with --init in label_curve.py",
               flush=True)
-    info = {"cifar": pretrain(stages, "cifar", a.work / "cifar", cifar_subset(a.data_dir, a.work, a.per_class),
+    info = {"cifar": pretrain(stages, "cifar", a.work / "cifar", cifar_subset(cifar_root, a.work, a.per_class),
                               a.init_steps, 3, [])}
     info["xray"] = pretrain(stages, "xray", a.work / "xray", xray, a.xray_init_steps, 1, [])
     alphas = tuple(float(x) for x in a.average.split(",") if x)

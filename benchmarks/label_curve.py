@@ -19,7 +19,8 @@ without cached weights this stage is skipped with a message. ``--init SRC`` does
         [--task vicreg] [--backbone NAME] [--steps 150] [--seed 0] [--image-size 64] [--fractions 0.01,0.1,1]
         [--init-imagenet | --init SRC]
 
-Resumable: finished stages are skipped (``WORK/state.json``). Torch runs with one OpenMP
+Resumable: finished stages are skipped (``WORK/state.json``); a rerun with other settings or
+other data is refused in one line (the init run's source is recorded once it has run). Torch runs with one OpenMP
 thread (``OMP_NUM_THREADS=1``): on the shared 2-core machine two spinning OpenMP threads
 per process made MAE steps 6-10x slower. Prints a markdown table (also ``WORK/results.md``);
 the runs are ``WORK/TASK`` and ``WORK/TASK-init``, the plots ``WORK/TASK-curve.png`` (and
@@ -36,7 +37,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import SHARED_DATA, Stages, check_settings, extract, sslkit_pretrain  # noqa: E402
+from _common import (XRAY_ARCHIVE, Stages, check_settings, data_folder, data_settings,  # noqa: E402
+                     sslkit_pretrain)
 
 PATIENT = r"^(person\d+|NORMAL2-IM-\d+|IM-\d+)"
 IMAGENET_TAGS = {"timm:vit_tiny_patch16_224": "vit_tiny_patch16_224.augreg_in21k_ft_in1k",
@@ -121,6 +123,29 @@ def deltas(report: dict, tag: str, base: str = "random") -> list[str]:
     return out
 
 
+def init_record(init: str | None) -> str:
+    """What the init run continues from, as recorded: ``imagenet`` (timm's weights of the backbone), or
+    the ``--init`` source (a path resolved)."""
+    if init is None:
+        return "imagenet"
+    return str(Path(init).resolve()) if Path(init).exists() else init
+
+
+def check_curve_settings(stages: Stages, a: argparse.Namespace, data: Path) -> dict:
+    """The stage names carry only the task: the rest of a task's settings (steps, seed, size, backbone,
+    fractions, the data: the train/ folder read and its file count), one set per work dir, recorded on the first run
+    and another set refused in one line (``check_settings``). The init run's source is added when it
+    runs; a record of one that never ran (an ``--init-imagenet`` stage skipped for want of cached
+    weights, recorded so before) is dropped."""
+    key = f"settings-{a.task}"
+    stored = stages.state.get(key)
+    if stored and "init" in stored and f"pretrain-{a.task}-init" not in stages.state:
+        stored = {k: v for k, v in stored.items() if k != "init"}
+    return check_settings(stages, key, {"steps": a.steps, "seed": a.seed, "image_size": a.image_size,
+                                        "backbone": a.backbone, "fractions": a.fractions,
+                                        **data_settings("data_dir", data)}, stored=stored)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--work", type=Path, required=True)
@@ -136,21 +161,17 @@ def main() -> None:
     a = p.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     stages = Stages(a.work)
-    # the stage names carry only the task: the rest of a task's settings, one set per work dir
-    settings = {"steps": a.steps, "seed": a.seed, "image_size": a.image_size, "backbone": a.backbone,
-                "fractions": a.fractions}
-    if a.init or a.init_imagenet:  # recorded once given (a later run may add the init run)
-        settings["init"] = a.init or "imagenet"
-    check_settings(stages, f"settings-{a.task}", settings)
-    root = a.data_dir or extract(SHARED_DATA / "pneumonia-train.tar.gz", a.work / "data")
+    root = data_folder("--data-dir", a.data_dir, XRAY_ARCHIVE, a.work / "data")
     data = root / "train"
     t = a.task
+    check_curve_settings(stages, a, data)
     pretrain(stages, f"pretrain-{t}", a.work / t, data, a, [])
     reports = [("", curve(stages, f"curve-{t}", a.work / t, data, a.work / f"{t}-curve.png", a.fractions))]
     if a.init_imagenet or a.init:
         weights = a.init or imagenet_file(a.work, a.backbone or json.loads((a.work / t / "run.json").read_text())
                                           ["backbone"])
-        if weights is not None:
+        if weights is not None:  # recorded once it runs (a later run may add it; a skipped one is not recorded)
+            check_settings(stages, f"settings-{t}", {"init": init_record(a.init)})
             pretrain(stages, f"pretrain-{t}-init", a.work / f"{t}-init", data, a, ["--init", str(weights)])
             reports.append(("init run: ", curve(stages, f"curve-{t}-init", a.work / f"{t}-init", data,
                                                 a.work / f"{t}-init-curve.png", a.fractions)))

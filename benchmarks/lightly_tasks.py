@@ -410,3 +410,9 @@ def report(sslkit: dict, lightly: dict) -> str:
                      f"{100 * acc_se(sk['random'])[0]:.1f} | {100 * g:+.1f} ({100 * gse:.1f}) | "
                      f"{100 * d:+.1f} ({100 * dse:.1f}) | {beyond} |")
     return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    from _common import not_a_script
+
+    not_a_script("lightly_tasks.py", "task_table.py --lightly or cifar10.py")

@@ -13,6 +13,7 @@ something to group. Nothing is downloaded.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import tarfile
 from pathlib import Path
@@ -24,15 +25,61 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from tests.dicom_factory import write_dicom  # noqa: E402
+sys.path.insert(0, str(REPO / "benchmarks"))
+from _common import refuse  # noqa: E402
 
 TAR = REPO.parent / "shared" / "data" / "pneumonia-train.tar.gz"
 SYNTAXES = ("explicit", "rle", "j2k")
+#: a corpus folder's markers: ``.complete`` (its settings, written last) and ``.partial`` (written
+#: first, removed with ``.complete`` written): either one says the folder is a corpus script's own
+COMPLETE, PARTIAL = ".complete", ".partial"
+
+
+def start_corpus(out: Path, settings: str, made: str) -> bool:
+    """True when ``out`` already holds the corpus of ``settings`` (its ``.complete`` says so). Else
+    ``out`` is readied for a new one: empty, with ``.partial`` in it. Files are removed only from a
+    folder a corpus script made (a marker in it), and only those whose path below ``out`` matches
+    ``made`` (a regular expression: the folders and files the script writes): a folder without a
+    marker that holds anything, or a marked one that holds anything else, is refused in one line and
+    nothing is removed."""
+    marker = out / COMPLETE
+    if marker.is_file() and marker.read_text().strip() == settings:
+        return True
+    if out.exists() and not out.is_dir():
+        refuse(f"error: --out {out} is a file, not a folder")
+    entries = sorted(out.rglob("*")) if out.exists() else []
+    if entries and not (marker.exists() or (out / PARTIAL).exists()):
+        refuse(f"error: {out} is not empty and holds no corpus this script wrote (no {COMPLETE} or {PARTIAL} in it): "
+               f"name a new or empty folder")
+    own = re.compile(made)
+    entries = [p for p in entries if p.parent != out or p.name not in (COMPLETE, PARTIAL)]
+    strays = [p for p in entries if p.is_symlink() or not (p.is_file() or p.is_dir())
+              or not own.fullmatch(p.relative_to(out).as_posix())]
+    if strays:
+        refuse(f"error: {out} holds {len(strays)} path(s) this script did not write (e.g. "
+               f"{strays[0].relative_to(out)}): move them out or name another folder; nothing was removed")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / PARTIAL).write_text(settings)
+    marker.unlink(missing_ok=True)
+    for p in entries:
+        if p.is_file():
+            p.unlink()
+    for d in sorted((p for p in entries if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+        d.rmdir()
+    return False
+
+
+def finish_corpus(out: Path, settings: str) -> None:
+    """Mark ``out``'s corpus complete with ``settings`` (:func:`start_corpus` reuses it)."""
+    (out / COMPLETE).write_text(settings)
+    (out / PARTIAL).unlink(missing_ok=True)
 
 
 def make_corpus(out: Path, count: int = 300, size: int = 512, seed: int = 0) -> list[Path]:
-    """Write ``count`` CR files below ``out`` (skipped when ``out/.complete`` says so)."""
-    marker = out / ".complete"
-    if marker.exists() and marker.read_text().strip() == f"{count} {size} {seed}":
+    """Write ``count`` CR files below ``out`` (skipped when ``out/.complete`` says so; another corpus
+    there is removed first, :func:`start_corpus`)."""
+    settings = f"{count} {size} {seed}"
+    if start_corpus(out, settings, r"patient\d+(/cr\d+\.dcm)?"):
         return sorted(out.rglob("*.dcm"))
     rng = np.random.default_rng(seed)
     written = []
@@ -51,7 +98,7 @@ def make_corpus(out: Path, count: int = 300, size: int = 512, seed: int = 0) -> 
                 modality="CR", photometric="MONOCHROME1" if mono1 else "MONOCHROME2",
                 syntax=SYNTAXES[i % len(SYNTAXES)], bits_stored=12, window=(4096.0, 2048.0),
             ))
-    marker.write_text(f"{count} {size} {seed}")
+    finish_corpus(out, settings)
     return written
 
 

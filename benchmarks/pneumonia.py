@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (SHARED_DATA, Stages, check_settings, extract, link_split, probe,  # noqa: E402
+from _common import (SHARED_DATA, Stages, check_settings, data_settings, extract, link_split, probe,  # noqa: E402
                      sslkit_pretrain, stratified_subset, table, task_step_cpu_seconds)
 
 BACKBONE = "timm:vit_tiny_patch16_224"
@@ -59,12 +59,12 @@ def calibrate(image_size: int, batch_size: int, steps: int = 3) -> float:
 
 
 def plan(st: Stages, a, n_train: int) -> dict:
-    """The work dir's arguments and step count (``state.json``'s ``plan``): recorded on the first run;
+    """The work dir's arguments (the data archive too) and step count (``state.json``'s ``plan``): recorded on the first run;
     a rerun with other arguments is refused in one line (``check_settings``): the stage names and
     split folders carry none of them, so it would mix the two runs' plans and patient splits."""
     p = check_settings(st, "plan", {"budget_cpu_min": a.budget_min, "batch_size": a.batch_size,
                                     "image_size": a.image_size, "seed": a.seed, "test_fraction": a.test_fraction,
-                                    "eval_train": a.eval_train})
+                                    "eval_train": a.eval_train, **data_settings("data", a.data)})
     if "steps" not in p:
         cal = st.run("calibrate", lambda: {"cpu_s_per_step": round(calibrate(a.image_size, a.batch_size), 3)})
         steps = max(2, int(a.budget_min * 60 / cal["cpu_s_per_step"]))

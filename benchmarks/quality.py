@@ -17,7 +17,8 @@ tasks use ``timm:resnet18`` (standard stem), MAE ``timm:vit_tiny_patch16_224`` w
     .venv/bin/python benchmarks/quality.py --work runs/bench-quality [--budget-min 2]
         [--tasks simclr,byol,mae,rotation] [--batch-size 128]
 
-Resumable (``WORK/state.json``); prints a markdown table (also ``WORK/results.md``).
+Resumable (``WORK/state.json``; a rerun with other settings or ``--data`` is refused in one line);
+prints a markdown table (also ``WORK/results.md``).
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (SHARED_DATA, Stages, extract, knn_correctness, link_split, run_arch,  # noqa: E402
-                     sslkit_pretrain, stratified_subset, task_step_cpu_seconds)
+from _common import (CIFAR_ARCHIVE, Stages, check_settings, data_settings, extract, knn_correctness,  # noqa: E402
+                     link_split, refuse, run_arch, sslkit_pretrain, stratified_subset, task_step_cpu_seconds)
 from cifar10 import split_files  # noqa: E402
 
 SIZE = 32
@@ -56,10 +57,19 @@ def knn_accuracy(run_dir: Path, bank: Path, test: Path, weights: bool, k: int = 
     return float(knn_correctness(run_dir, bank, test, weights, seed, k).mean())
 
 
+def check_quality_settings(st: Stages, a) -> dict:
+    """The settings the stage names (``calibrate-TASK``, ``pretrain-TASK``, ``knn-TASK``) do not carry,
+    one set per work dir: recorded on the first run, another set refused in one line
+    (``check_settings``), so that no rerun prints its heading over the first run's numbers."""
+    return check_settings(st, "settings", {
+        "budget_min": a.budget_min, "batch_size": a.batch_size, "seed": a.seed, "pretrain_images": a.pretrain_images,
+        "eval_train": a.eval_train, "eval_test": a.eval_test, "threads": a.threads, **data_settings("data", a.data)})
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--work", type=Path, default=Path("runs/bench-quality"))
-    ap.add_argument("--data", type=Path, default=SHARED_DATA / "cifar10-train.tar.gz")
+    ap.add_argument("--data", type=Path, default=CIFAR_ARCHIVE)
     ap.add_argument("--budget-min", type=float, default=2.0, help="CPU minutes of pretraining per task")
     ap.add_argument("--tasks", default="simclr,byol,mae,rotation")
     ap.add_argument("--batch-size", type=int, default=128)
@@ -80,10 +90,11 @@ def main() -> None:
     tasks = [t.strip() for t in a.tasks.split(",") if t.strip()]
     unknown = [t for t in tasks if t not in SETUPS]
     if unknown:
-        sys.exit(f"error: no benchmark setup for {', '.join(unknown)}; choose from {', '.join(SETUPS)}")
+        refuse(f"error: no benchmark setup for {', '.join(unknown)}; choose from {', '.join(SETUPS)}")
     work = a.work.resolve()
     st = Stages(work)
     raw = extract(a.data, work / "raw")
+    check_quality_settings(st, a)
     train_files, val_files = split_files(raw, 5000, a.seed)
     pre_files = stratified_subset(train_files, a.pretrain_images, a.seed)
     pretrain = link_split(pre_files, work / "split" / f"pretrain-{a.pretrain_images}")

@@ -59,14 +59,17 @@ class EngineRun:
         setattr(self.setup, name, value)
 
 
-def sslkit_trainer(data: str, work: Path, batch_size: int, image_size: int, task: str = "simclr",
+def sslkit_trainer(data: str, work: Path, batch_size: int, image_size: int | None, task: str = "simclr",
                    backbone: str = "timm:resnet18", device: str = "cpu", **cfg) -> EngineRun:
     """An engine run (SimCLR/resnet18 by default), built through the engine's public
     :func:`sslkit.engine.build`, writing only metrics.csv (run dir in ``work``). The config is
     resolved as ``sslkit pretrain`` resolves it (:func:`sslkit.config.resolve`: defaults < the task's
-    engine_defaults < ``cfg``), so the task's optimizer, LR rule and weight decay apply."""
+    engine_defaults < ``cfg``), so the task's optimizer, LR rule and weight decay apply.
+    ``image_size=None`` leaves the side unset, as a volume run must (its samples are the source's
+    ``volume_size``: ``--image-size`` is refused there)."""
+    sizes = {} if image_size is None else {"image_size": image_size}
     config = resolve(dict(task=task, data=data, out=str(work / "run"), backbone=backbone, batch_size=batch_size,
-                          image_size=image_size, epochs=1, progress=False, device=device, callbacks="csv", **cfg))
+                          **sizes, epochs=1, progress=False, device=device, callbacks="csv", **cfg))
     setup = build(config, torch.device(device))
     (work / "run").mkdir(parents=True, exist_ok=True)
     events = Events(create_callbacks("csv"))

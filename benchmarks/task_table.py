@@ -50,7 +50,9 @@ patch_size=4'``.
 task's default X-ray run), e.g. ``--xray-variant 'simclr-lr1e-3=simclr --base-lr 1e-3'``.
 
 Resumable (``WORK/state.json``: a finished stage is skipped); prints markdown tables
-(also ``WORK/results.md``).
+(also ``WORK/results.md``). Data: ``--cifar`` / ``--xray``, by default ``../shared/data``'s archives
+extracted into ``WORK`` once. A rerun with other settings, data (folder or file count) or another
+spec under a variant's NAME is refused in one line, as is a variant flag ``sslkit pretrain`` refuses.
 """
 
 from __future__ import annotations
@@ -64,8 +66,9 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (Stages, bits, check_settings, knn_correct_string, link_split, run_arch,  # noqa: E402
-                     sslkit_pretrain, stratified_subset, task_step_cpu_seconds)
+from _common import (CIFAR_ARCHIVE, XRAY_ARCHIVE, Missing, ReadOnlyStages, SharedStages, Stages,  # noqa: E402
+                     bits, check_settings, data_folder, data_settings, knn_correct_string, link_split, refuse,
+                     run_arch, sslkit_pretrain, stratified_subset, task_step_cpu_seconds)
 from cifar10 import split_files  # noqa: E402
 import lightly_tasks  # noqa: E402
 from task_table_report import REF_LR, chosen, report, variant_report, xray_variant_report  # noqa: E402
@@ -82,53 +85,17 @@ def sslkit_default(field: str):
     return defaults()[field]
 
 
-class SharedStages(Stages):
-    """:class:`Stages` whose state file several processes (``--tasks`` split between them) share:
-    the file is re-read before every stage and merged before every write."""
-
-    def _reload(self) -> None:
-        if self.file.exists():
-            self.state = {**self.state, **json.loads(self.file.read_text())}
-
-    def run(self, name, fn):
-        self._reload()
-        if name in self.state:
-            return super().run(name, fn)
-        print(f"[run ] {name}", flush=True)
-        result = fn()
-        self.put(name, result)
-        print(f"[done] {name}", flush=True)
-        return result
-
-    def put(self, name, value):
-        self._reload()  # the other processes' stages too
-        super().put(name, value)
-
-
-class Missing(Exception):
-    """``--report-only``: a stage has not run yet."""
-
-
-class ReadOnlyStages(SharedStages):
-    """``--report-only``: finished stages only; a missing one raises :class:`Missing`."""
-
-    def run(self, name, fn):
-        self._reload()
-        if name not in self.state:
-            raise Missing(name)
-        return self.state[name]
-
-
 SETTINGS = "table-settings"
 
 
-def check_table_settings(st: "SharedStages", a) -> dict:
+def check_table_settings(st: SharedStages, a, data: dict | None = None) -> dict:
     """A work dir's table runs share one set of settings their stage names do not carry (CIFAR-10 batch,
     budgets, seed, image counts and sizes, X-ray settings): recorded in ``table-settings`` on first use
     and a different set refused in one line (``check_settings``), so no run of one setting is reported
     as another's. A work dir from before the batch was recorded ran 128; one that recorded only the
     batch gets the rest recorded on its next run. The seed is in the split folders' names only in
-    work dirs made since (``seed_in_split_names``): older ones keep theirs."""
+    work dirs made since (``seed_in_split_names``): older ones keep theirs. ``data``: the data folders'
+    record (``data_settings``), compared and kept the same way."""
     st._reload()
     had_runs = any(k.startswith("pretrain-") for k in st.state)
     stored = None if SETTINGS in st.state else {"batch_size": 128} if had_runs else {}
@@ -136,7 +103,7 @@ def check_table_settings(st: "SharedStages", a) -> dict:
                 "pretrain_images": a.pretrain_images, "eval_train": a.eval_train, "eval_test": a.eval_test,
                 "cifar_image_size": setup("simclr", "cifar")[2], "jigsaw_image_size": setup("jigsaw", "cifar")[2],
                 "xray_image_size": setup("simclr", "xray")[2], "xray_budget_min": a.xray_budget_min,
-                "xray_images": a.xray_images, "xray_batch_size": a.xray_batch_size}
+                "xray_images": a.xray_images, "xray_batch_size": a.xray_batch_size, **(data or {})}
     if not st.state:  # a new work dir
         settings["seed_in_split_names"] = True
     return check_settings(st, SETTINGS, settings, stored=stored, record=not a.report_only)
@@ -256,7 +223,7 @@ def parse_variant(spec: str) -> tuple[str, str, float | None, list[str], dict, d
     name, _, target = head.partition("=")
     task, _, budget = target.partition("@")
     if not name or task not in TASKS:
-        sys.exit(f"error: --variant {spec!r}: write NAME=TASK[@BUDGET] FLAGS..., TASK one of {', '.join(TASKS)}")
+        refuse(f"error: --variant {spec!r}: write NAME=TASK[@BUDGET] FLAGS..., TASK one of {', '.join(TASKS)}")
     words, flags, pairs = shlex.split(rest), [], {"--backbone-opt": [], "--task-opt": []}
     while words:
         w = words.pop(0)
@@ -271,21 +238,69 @@ def parse_variant(spec: str) -> tuple[str, str, float | None, list[str], dict, d
     return name, task, float(budget) if budget else None, flags, bopts, topts
 
 
-def variant_pretrain(st, a, spec: str, dataset: str, data: Path, n_images: int) -> dict:
-    """Pretraining of one ``--variant`` (``dataset`` "cifar") or ``--xray-variant`` ("xray"): the run's
-    info with its task, budget and flags."""
-    vname, task, budget, flags, bopts, topts = parse_variant(spec)
+def variant_plan(a, spec: str, dataset: str) -> dict:
+    """What one ``--variant`` (``dataset`` "cifar") or ``--xray-variant`` ("xray") runs: its name, task,
+    budget (the table's unless ``@BUDGET``), batch, backbone (None: the table's), the flags left,
+    backbone and task options, and ``shown``: all its flags as the report shows them."""
+    name, task, budget, flags, bopts, topts = parse_variant(spec)
     cifar = dataset == "cifar"
     budget = (a.budget_min if cifar else a.xray_budget_min) if budget is None else budget
     default_batch = a.batch_size if cifar else a.xray_batch_size
     batch, flags = variant_batch(flags, default_batch)
     backbone, flags = variant_flag(flags, "--backbone")
-    info = pretrain(st, f"{dataset}-var-{vname}", task, data, dataset, a, budget, n_images, batch, None, flags,
-                    (bopts, topts), backbone)
     shown = (flags + ([f"--batch-size {batch}"] if batch != default_batch else [])
-             + ([f"--backbone {backbone}"] if backbone else []))
-    return {**info, "task": task, "budget": budget,
-            "flags": " ".join(shown + [f"--backbone-opt {k}={v}" for k, v in bopts.items()])}
+             + ([f"--backbone {backbone}"] if backbone else []) + [f"--backbone-opt {k}={v}" for k, v in bopts.items()])
+    return {"name": name, "task": task, "budget": budget, "batch": batch, "backbone": backbone, "flags": flags,
+            "bopts": bopts, "topts": topts, "shown": " ".join(shown)}
+
+
+def check_variants(st: SharedStages, a) -> None:
+    """Before any work, every ``--variant`` and ``--xray-variant``: its flags (:func:`check_variant_flags`),
+    and its spec the one its name ran with in this work dir (``spec-<run name>``: the stages carry the
+    name only, so another spec would be reported over the first one's numbers). Else refused in one line."""
+    st._reload()
+    for flag, dataset, specs in (("--variant", "cifar", a.variant), ("--xray-variant", "xray", a.xray_variant)):
+        for spec in specs:
+            v = variant_plan(a, spec, dataset)
+            if not a.report_only:
+                check_variant_flags(flag, spec, v, dataset)
+            run = f"{dataset}-var-{v['name']}"
+            check_settings(st, f"spec-{run}", {run: f"{v['task']}@{v['budget']:g} {v['shown']}".strip()},
+                           record=not a.report_only, hint=f"give the {flag} another NAME, or pass the flags it ran with")
+
+
+def check_variant_flags(flag: str, spec: str, v: dict, dataset: str) -> None:
+    """``sslkit pretrain --print-config`` (in this process) of the variant's run: an unknown flag, a bad
+    value or options its backbone or task cannot take are refused in one line, as sslkit words them."""
+    import contextlib
+    import io
+
+    from sslkit.cli import main as sslkit
+
+    default, bopts, size, ch = setup(v["task"], dataset)
+    other = bool(v["backbone"]) and v["backbone"] != default  # as pretrain() builds the run
+    args = ["pretrain", "--task", v["task"], "--backbone", v["backbone"] if other else default, "--image-size",
+            str(size), "--channels", str(ch), "--batch-size", str(v["batch"]), "--print-config", *v["flags"],
+            *(w for k, x in {**({} if other else bopts), **v["bopts"]}.items() for w in ("--backbone-opt", f"{k}={x}"))]
+    err = io.StringIO()
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+        try:
+            sslkit.main(args=args, prog_name="sslkit")
+            code = 0
+        except SystemExit as exc:
+            code = exc.code
+    if code:
+        said = (err.getvalue().strip().splitlines() or [f"exit status {code}"])[-1].removeprefix("error: ")
+        refuse(f"error: {flag} {spec!r}: {said}")
+
+
+def variant_pretrain(st, a, spec: str, dataset: str, data: Path, n_images: int) -> dict:
+    """Pretraining of one ``--variant`` (``dataset`` "cifar") or ``--xray-variant`` ("xray"): the run's
+    info with its task, budget and flags."""
+    v = variant_plan(a, spec, dataset)
+    info = pretrain(st, f"{dataset}-var-{v['name']}", v["task"], data, dataset, a, v["budget"], n_images, v["batch"],
+                    None, v["flags"], (v["bopts"], v["topts"]), v["backbone"])
+    return {**info, "task": v["task"], "budget": v["budget"], "flags": v["shown"]}
 
 
 def variant_flag(flags: list[str], flag: str) -> tuple[str | None, list[str]]:
@@ -344,8 +359,10 @@ def xray_variant_run(st, a, spec: str, xdata: Path, n_x: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--work", type=Path, default=Path("runs/bench-tasks"))
-    ap.add_argument("--cifar", type=Path, default=Path("/tmp/sslkit-data/cifar"), help="holds train/<class>/*.jpg")
-    ap.add_argument("--xray", type=Path, default=Path("/tmp/sslkit-data/train"), help="holds NORMAL/, PNEUMONIA/")
+    ap.add_argument("--cifar", type=Path, default=None, help="holds train/<class>/*.jpg (default: "
+                    "../shared/data/cifar10-train.tar.gz, extracted into WORK/data-cifar)")
+    ap.add_argument("--xray", type=Path, default=None, help="holds NORMAL/, PNEUMONIA/ (default: "
+                    "../shared/data/pneumonia-train.tar.gz, extracted into WORK/data-xray)")
     ap.add_argument("--tasks", default=",".join(TASKS))
     ap.add_argument("--budget-min", type=float, default=0.5, help="CPU minutes per CIFAR-10 run")
     ap.add_argument("--xray-budget-min", type=float, default=0.6, help="CPU minutes per X-ray run")
@@ -378,10 +395,16 @@ def main() -> None:
     torch.set_num_threads(1)
     tasks = [t.strip() for t in a.tasks.split(",") if t.strip()]
     if bad := [t for t in tasks if t not in TASKS]:
-        sys.exit(f"error: unknown task {', '.join(bad)}; choose from {', '.join(TASKS)}")
+        refuse(f"error: unknown task {', '.join(bad)}; choose from {', '.join(TASKS)}")
     a.work = a.work.resolve()
     st = (ReadOnlyStages if a.report_only else SharedStages)(a.work)
-    a.split_suffix = f"-seed{a.seed}" if check_table_settings(st, a).get("seed_in_split_names") else ""
+    a.cifar = data_folder("--cifar", a.cifar, CIFAR_ARCHIVE, a.work / "data-cifar")
+    data = data_settings("cifar", a.cifar)
+    if not a.skip_xray or a.xray_variant:
+        a.xray = data_folder("--xray", a.xray, XRAY_ARCHIVE, a.work / "data-xray", needs="NORMAL", within="train")
+        data |= data_settings("xray", a.xray)
+    a.split_suffix = f"-seed{a.seed}" if check_table_settings(st, a, data).get("seed_in_split_names") else ""
+    check_variants(st, a)
     mults = [None] if a.skip_sweep else [float(m) for m in a.lr_mults.split(",")]
     pretrain_dir, bank, test, n_pre = cifar_splits(a)
     xdata, n_x = (None, 0) if a.skip_xray and not a.xray_variant else xray_split(a)

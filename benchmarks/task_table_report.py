@@ -112,3 +112,9 @@ def report(a, cifar: dict, xray: dict, n_pre: int, lightly: dict | None = None) 
         row += f" {auroc_cells(x['folds'], x['random'])} |" if x else " - | - | - | - |"
         lines.append(row)
     return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    from _common import not_a_script
+
+    not_a_script("task_table_report.py", "task_table.py (--report-only: the tables of what has finished)")

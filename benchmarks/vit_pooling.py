@@ -36,8 +36,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import paired_se  # noqa: E402
-from batchnorm_recompute import knn_correct  # noqa: E402
+from _common import paired_se, refuse  # noqa: E402
+from batchnorm_recompute import knn_correct, open_run, table_splits  # noqa: E402
 
 
 POOLS = ("token", "avg")
@@ -53,6 +53,17 @@ def copy_with_options(run_dir: Path, options: dict, tmp: Path) -> Path:
     (dest / "run.json").write_text(json.dumps(info))
     os.symlink((run_dir / "encoder.safetensors").resolve(), dest / "encoder.safetensors")
     return dest
+
+
+def check_vit(run_dir: Path) -> None:
+    """Refuse, in one line, a run that cannot be opened or whose encoder is not a timm ViT (the
+    poolings are a ViT's options)."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    run = open_run(run_dir)
+    if not isinstance(getattr(run.build_encoder(False), "model", None), VisionTransformer):
+        refuse(f"error: {run_dir.name}: a {run.backbone_name} run; vit_pooling.py compares a timm "
+               f"ViT's class token with its mean patch token (mae, simmim runs)")
 
 
 def pooled_run(run_dir: Path, pool: str, tmp: Path) -> Path:
@@ -89,17 +100,20 @@ def xray_rows(work: Path, data: Path, names: list[str]) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--work", type=Path, default=Path("runs/bench-tasks-v2"))
-    ap.add_argument("--test", default="test-5000", help="the test split's folder under WORK/split")
+    ap.add_argument("--test", help="the test split's folder under WORK/split (default: the table's own)")
     ap.add_argument("--xray", type=Path, help="score X-ray runs by patient-grouped 5-fold AUROC on this folder")
     ap.add_argument("--pool", choices=POOLS, help="only this pooling (default: both)")
     ap.add_argument("--blocks", default="", help="comma-separated block counts to cut each encoder after")
     ap.add_argument("runs", nargs="+", help="run names under WORK/runs")
     a = ap.parse_args()
+    for name in a.runs:
+        check_vit(a.work / "runs" / name)
     if a.xray:
         return xray_rows(a.work, a.xray, a.runs)
     from sslkit.run import load_run
 
-    bank, test = a.work / "split" / "bank-5000", a.work / "split" / a.test
+    splits = table_splits(a.work, a.test)
+    bank, test = splits["bank"], splits["test"]
     print("| run | pooling | blocks | trained % | random % | gain (SE) |")
     print("| --- | --- | ---: | ---: | ---: | ---: |")
     for name in a.runs:

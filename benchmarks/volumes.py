@@ -43,6 +43,7 @@ from sslkit.data.pipeline import load_data  # noqa: E402
 from sslkit.data.volume import crop_or_pad  # noqa: E402
 from tests.test_series import write_slice  # noqa: E402
 from first_pass import compare, first_pass, parse_workers  # noqa: E402
+from make_dicom_corpus import finish_corpus, start_corpus  # noqa: E402
 
 WINDOW = (400.0, 40.0)  # W, L
 SIZE = (64, 64, 64)
@@ -50,8 +51,10 @@ OPTIONS = {"sample": "volume", "spacing": "2", "volume_size": "64,64,64", "windo
 
 
 def make_corpus(out: Path, series: int, slices: int, size: int = 128, seed: int = 0) -> None:
-    marker = out / ".complete"
-    if marker.exists() and marker.read_text() == f"{series} {slices} {size} {seed}":
+    """Write ``series`` CT series of ``slices`` files below ``out`` (skipped when ``out/.complete``
+    says so; another corpus there is removed first, :func:`make_dicom_corpus.start_corpus`)."""
+    settings = f"{series} {slices} {size} {seed}"
+    if start_corpus(out, settings, r"s\d+(/\d+\.dcm)?"):
         return
     from pydicom.uid import generate_uid
 
@@ -65,7 +68,7 @@ def make_corpus(out: Path, series: int, slices: int, size: int = 128, seed: int 
             hu = np.where(body > 0, body, -1000) + rng.normal(0, 10, (size, size))
             write_slice(out / f"s{s:03d}" / f"{names[k]:05d}.dcm", (hu + 1024).clip(0, 4095).astype(np.uint16),
                         uid, [0.0, 0.0, 2.5 * k], spacing=(0.8, 0.8))
-    marker.write_text(f"{series} {slices} {size} {seed}")
+    finish_corpus(out, settings)
 
 
 def naive_epoch(root: Path, size: tuple[int, int, int], spacing: float) -> float:
@@ -158,7 +161,8 @@ def step_ratio(root: Path, cache: str, batch: int, steps: int) -> tuple[float, f
     from step_overhead import run_engine, sslkit_trainer
 
     with tempfile.TemporaryDirectory() as work:
-        run = sslkit_trainer(f"dicom:{root}", Path(work), batch, 224, task="mae", backbone="monai:vit",
+        # no image size: a volume run's samples are OPTIONS' volume_size (--image-size is refused there)
+        run = sslkit_trainer(f"dicom:{root}", Path(work), batch, None, task="mae", backbone="monai:vit",
                              backbone_options=dict(patch_size=16, hidden_size=192, num_layers=4, num_heads=4),
                              task_options=dict(decoder_dim=96, decoder_heads=4), source_options=dict(OPTIONS),
                              cache_dir=cache)
