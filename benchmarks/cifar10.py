@@ -46,9 +46,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import lightly_tasks  # noqa: E402
-from _common import (SHARED_DATA, Stages, bits, check_settings, data_settings, extract,  # noqa: E402
-                     knn_correct_string, link_split, paired_se, probe, sslkit_pretrain, stratified_subset, table,
-                     task_step_cpu_seconds)
+from _common import (Stages, bits, check_settings, knn_correct_string, paired_se, probe,  # noqa: E402
+                     sslkit_pretrain, table, task_step_cpu_seconds)
+from _data import SHARED_DATA, data_settings, extract, link_split, stratified_subset  # noqa: E402
 
 BACKBONE, BACKBONE_OPTS, SIZE = "timm:resnet18", {"cifar_stem": True}, 32
 

@@ -46,8 +46,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (CIFAR_ARCHIVE, XRAY_ARCHIVE, Stages, check_settings, cpu_seconds, data_folder,  # noqa: E402
-                     data_settings, link_split, sslkit_pretrain)
+from _common import Stages, check_settings, cpu_seconds, sslkit_pretrain  # noqa: E402
+from _data import CIFAR_ARCHIVE, XRAY_ARCHIVE, data_folder, data_settings, link_split  # noqa: E402
 from label_curve import IMAGENET_TAGS, PATIENT, imagenet_file  # noqa: E402
 
 BACKBONE = "timm:vit_tiny_patch16_224"

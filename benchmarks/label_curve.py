@@ -37,8 +37,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (XRAY_ARCHIVE, Stages, check_settings, data_folder, data_settings,  # noqa: E402
-                     sslkit_pretrain)
+from _common import Stages, check_settings, sslkit_pretrain  # noqa: E402
+from _data import XRAY_ARCHIVE, data_folder, data_settings  # noqa: E402
 
 PATIENT = r"^(person\d+|NORMAL2-IM-\d+|IM-\d+)"
 IMAGENET_TAGS = {"timm:vit_tiny_patch16_224": "vit_tiny_patch16_224.augreg_in21k_ft_in1k",

@@ -27,8 +27,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (SHARED_DATA, Stages, check_settings, data_settings, extract, link_split, probe,  # noqa: E402
-                     sslkit_pretrain, stratified_subset, table, task_step_cpu_seconds)
+from _common import Stages, check_settings, probe, sslkit_pretrain, table, task_step_cpu_seconds  # noqa: E402
+from _data import SHARED_DATA, data_settings, extract, link_split, stratified_subset  # noqa: E402
 
 BACKBONE = "timm:vit_tiny_patch16_224"
 PATIENT = re.compile(r"^(person\d+|NORMAL2-IM-\d+|IM-\d+)")

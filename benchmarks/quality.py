@@ -29,8 +29,9 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (CIFAR_ARCHIVE, Stages, check_settings, data_settings, extract, knn_correctness,  # noqa: E402
-                     link_split, refuse, run_arch, sslkit_pretrain, stratified_subset, task_step_cpu_seconds)
+from _common import (Stages, check_settings, knn_correctness, refuse, run_arch, sslkit_pretrain,  # noqa: E402
+                     task_step_cpu_seconds)
+from _data import CIFAR_ARCHIVE, data_settings, extract, link_split, stratified_subset  # noqa: E402
 from cifar10 import split_files  # noqa: E402
 
 SIZE = 32

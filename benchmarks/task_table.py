@@ -61,20 +61,18 @@ import argparse
 import json
 import math
 import os
-import shlex
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (CIFAR_ARCHIVE, XRAY_ARCHIVE, Missing, ReadOnlyStages, SharedStages, Stages,  # noqa: E402
-                     bits, check_settings, data_folder, data_settings, knn_correct_string, link_split, refuse,
-                     run_arch, sslkit_pretrain, stratified_subset, task_step_cpu_seconds)
+from _common import (Missing, ReadOnlyStages, SharedStages, Stages, bits, check_settings,  # noqa: E402
+                     knn_correct_string, refuse, run_arch, sslkit_pretrain, task_step_cpu_seconds)
+from _data import CIFAR_ARCHIVE, XRAY_ARCHIVE, data_folder, data_settings, link_split, stratified_subset  # noqa: E402
 from cifar10 import split_files  # noqa: E402
 import lightly_tasks  # noqa: E402
 from task_table_report import REF_LR, chosen, report, variant_report, xray_variant_report  # noqa: E402
+from task_table_variants import TASKS, check_variants, parse_variant, setup, variant_plan  # noqa: E402
 
-TASKS = ("simclr", "moco", "byol", "dino", "barlowtwins", "vicreg", "mae", "simmim", "inpainting", "denoising",
-         "autoencoder", "vae", "rotation", "jigsaw")
 PATIENT = r"^(person\d+|NORMAL2-IM-\d+|IM-\d+)"
 
 
@@ -107,17 +105,6 @@ def check_table_settings(st: SharedStages, a, data: dict | None = None) -> dict:
     if not st.state:  # a new work dir
         settings["seed_in_split_names"] = True
     return check_settings(st, SETTINGS, settings, stored=stored, record=not a.report_only)
-
-
-def setup(task: str, dataset: str) -> tuple[str, dict, int, int]:
-    """(backbone, backbone options, image size, channels) of ``task`` on ``dataset``: the task's
-    default backbone for the image size as ``sslkit pretrain`` builds it (``default_backbone_for``, fitted by
-    ``default_backbone_options``)."""
-    from sslkit.registry import get_task
-
-    size, channels = (64 if task == "jigsaw" else 32, 3) if dataset == "cifar" else (64, 1)
-    cls = get_task(task)
-    return cls.default_backbone_for(size), cls.default_backbone_options(size), size, channels
 
 
 def calibrate(task: str, backbone: str, bopts: dict, size: int, channels: int, batch: int, steps: int = 3,
@@ -214,86 +201,6 @@ def cifar_run(st, a, task: str, m: float | None, pretrain_dir: Path, bank: Path,
     return {**info, "correct": correct, "random": rand, "arch": arch}
 
 
-def parse_variant(spec: str) -> tuple[str, str, float | None, list[str], dict, dict]:
-    """``"NAME=TASK[@BUDGET] FLAGS..."`` -> (name, task, budget, flags without --backbone-opt,
-    backbone options, task options)."""
-    from sslkit.options import parse_pairs, parse_values
-
-    head, _, rest = spec.strip().partition(" ")
-    name, _, target = head.partition("=")
-    task, _, budget = target.partition("@")
-    if not name or task not in TASKS:
-        refuse(f"error: --variant {spec!r}: write NAME=TASK[@BUDGET] FLAGS..., TASK one of {', '.join(TASKS)}")
-    words, flags, pairs = shlex.split(rest), [], {"--backbone-opt": [], "--task-opt": []}
-    while words:
-        w = words.pop(0)
-        if w in pairs and words:
-            pairs[w].append(words.pop(0))
-            if w == "--task-opt":  # --backbone-opt is passed merged with the benchmark's own
-                flags += [w, pairs[w][-1]]
-        else:
-            flags.append(w)
-    bopts = parse_values(parse_pairs(pairs["--backbone-opt"], "--backbone-opt"))
-    topts = parse_values(parse_pairs(pairs["--task-opt"], "--task-opt"))
-    return name, task, float(budget) if budget else None, flags, bopts, topts
-
-
-def variant_plan(a, spec: str, dataset: str) -> dict:
-    """What one ``--variant`` (``dataset`` "cifar") or ``--xray-variant`` ("xray") runs: its name, task,
-    budget (the table's unless ``@BUDGET``), batch, backbone (None: the table's), the flags left,
-    backbone and task options, and ``shown``: all its flags as the report shows them."""
-    name, task, budget, flags, bopts, topts = parse_variant(spec)
-    cifar = dataset == "cifar"
-    budget = (a.budget_min if cifar else a.xray_budget_min) if budget is None else budget
-    default_batch = a.batch_size if cifar else a.xray_batch_size
-    batch, flags = variant_batch(flags, default_batch)
-    backbone, flags = variant_flag(flags, "--backbone")
-    shown = (flags + ([f"--batch-size {batch}"] if batch != default_batch else [])
-             + ([f"--backbone {backbone}"] if backbone else []) + [f"--backbone-opt {k}={v}" for k, v in bopts.items()])
-    return {"name": name, "task": task, "budget": budget, "batch": batch, "backbone": backbone, "flags": flags,
-            "bopts": bopts, "topts": topts, "shown": " ".join(shown)}
-
-
-def check_variants(st: SharedStages, a) -> None:
-    """Before any work, every ``--variant`` and ``--xray-variant``: its flags (:func:`check_variant_flags`),
-    and its spec the one its name ran with in this work dir (``spec-<run name>``: the stages carry the
-    name only, so another spec would be reported over the first one's numbers). Else refused in one line."""
-    st._reload()
-    for flag, dataset, specs in (("--variant", "cifar", a.variant), ("--xray-variant", "xray", a.xray_variant)):
-        for spec in specs:
-            v = variant_plan(a, spec, dataset)
-            if not a.report_only:
-                check_variant_flags(flag, spec, v, dataset)
-            run = f"{dataset}-var-{v['name']}"
-            check_settings(st, f"spec-{run}", {run: f"{v['task']}@{v['budget']:g} {v['shown']}".strip()},
-                           record=not a.report_only, hint=f"give the {flag} another NAME, or pass the flags it ran with")
-
-
-def check_variant_flags(flag: str, spec: str, v: dict, dataset: str) -> None:
-    """``sslkit pretrain --print-config`` (in this process) of the variant's run: an unknown flag, a bad
-    value or options its backbone or task cannot take are refused in one line, as sslkit words them."""
-    import contextlib
-    import io
-
-    from sslkit.cli import main as sslkit
-
-    default, bopts, size, ch = setup(v["task"], dataset)
-    other = bool(v["backbone"]) and v["backbone"] != default  # as pretrain() builds the run
-    args = ["pretrain", "--task", v["task"], "--backbone", v["backbone"] if other else default, "--image-size",
-            str(size), "--channels", str(ch), "--batch-size", str(v["batch"]), "--print-config", *v["flags"],
-            *(w for k, x in {**({} if other else bopts), **v["bopts"]}.items() for w in ("--backbone-opt", f"{k}={x}"))]
-    err = io.StringIO()
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
-        try:
-            sslkit.main(args=args, prog_name="sslkit")
-            code = 0
-        except SystemExit as exc:
-            code = exc.code
-    if code:
-        said = (err.getvalue().strip().splitlines() or [f"exit status {code}"])[-1].removeprefix("error: ")
-        refuse(f"error: {flag} {spec!r}: {said}")
-
-
 def variant_pretrain(st, a, spec: str, dataset: str, data: Path, n_images: int) -> dict:
     """Pretraining of one ``--variant`` (``dataset`` "cifar") or ``--xray-variant`` ("xray"): the run's
     info with its task, budget and flags."""
@@ -301,22 +208,6 @@ def variant_pretrain(st, a, spec: str, dataset: str, data: Path, n_images: int) 
     info = pretrain(st, f"{dataset}-var-{v['name']}", v["task"], data, dataset, a, v["budget"], n_images, v["batch"],
                     None, v["flags"], (v["bopts"], v["topts"]), v["backbone"])
     return {**info, "task": v["task"], "budget": v["budget"], "flags": v["shown"]}
-
-
-def variant_flag(flags: list[str], flag: str) -> tuple[str | None, list[str]]:
-    """The value of ``flag`` in a variant's flags (None if absent) and the flags without it."""
-    if flag not in flags[:-1]:
-        return None, flags
-    i = flags.index(flag)
-    return flags[i + 1], flags[:i] + flags[i + 2:]
-
-
-def variant_batch(flags: list[str], default: int) -> tuple[int, list[str]]:
-    """The batch a variant's flags ask for (``--batch-size N``) and the flags without it: a step
-    of another batch costs another CPU time, so ``pretrain`` calibrates it apart; likewise
-    ``--backbone`` (``variant_flag``)."""
-    value, flags = variant_flag(flags, "--batch-size")
-    return (default if value is None else int(value)), flags
 
 
 def variant_run(st, a, spec: str, pretrain_dir: Path, bank: Path, test: Path, n_pre: int) -> dict:
@@ -356,7 +247,8 @@ def xray_variant_run(st, a, spec: str, xdata: Path, n_x: int) -> dict:
     return {**info, "folds": folds, "random": random}
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
+    """The command line of ``task_table.py``."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--work", type=Path, default=Path("runs/bench-tasks"))
     ap.add_argument("--cifar", type=Path, default=None, help="holds train/<class>/*.jpg (default: "
@@ -378,7 +270,8 @@ def main() -> None:
     ap.add_argument("--skip-sweep", action="store_true", help="CIFAR-10: run only the task's default LR")
     ap.add_argument("--skip-xray", action="store_true")
     ap.add_argument("--lightly", action="store_true",
-                    help="also lightly 1.6.0's recipe of each task it implements, same steps (benchmarks/lightly_tasks.py)")
+                    help="also lightly 1.6.0's recipe of each task it implements, same steps "
+                         "(benchmarks/lightly_tasks.py)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--report-only", action="store_true", help="print the tables of what has finished; run nothing")
     ap.add_argument("--variant", action="append", default=[], metavar="'NAME=TASK[@BUDGET] FLAGS'",
@@ -388,7 +281,11 @@ def main() -> None:
     ap.add_argument("--xray-variant", action="append", default=[], metavar="'NAME=TASK[@BUDGET] FLAGS'",
                     help="as --variant, on the chest X-rays (--xray-budget-min), scored by patient-grouped 5-fold "
                          "AUROC beside random init and the task's default X-ray run (repeatable)")
-    a = ap.parse_args()
+    return ap.parse_args()
+
+
+def main() -> None:
+    a = parse_args()
     os.environ["OMP_NUM_THREADS"] = "1"  # inherited by the sslkit pretrain subprocesses
     import torch
 

@@ -19,6 +19,7 @@ BENCH = REPO / "benchmarks"
 sys.path.insert(0, str(BENCH))
 
 import _common  # noqa: E402
+import _data  # noqa: E402
 
 
 def script(name: str, *args, cwd: Path = BENCH) -> subprocess.CompletedProcess:
@@ -104,45 +105,44 @@ def table_args(work: Path, **kw) -> SimpleNamespace:
 def test_task_table_refuses_a_variant_name_reused_with_another_spec(tmp_path):
     """A variant's stages are named by its NAME only: its spec (task, budget, flags) is recorded beside
     them and another spec under the same name refused in one line; another name is a new run."""
-    import task_table
+    from task_table_variants import check_variants
 
     a = table_args(tmp_path / "t", variant=["v1=simclr --base-lr 1e-3"], xray_variant=["x1=simclr --base-lr 1e-3"])
-    task_table.check_variants(task_table.SharedStages(a.work), a)
+    check_variants(_common.SharedStages(a.work), a)
     rec = state(a.work)
     assert rec["spec-cifar-var-v1"] == {"cifar-var-v1": "simclr@0.05 --base-lr 1e-3"}
     assert rec["spec-xray-var-x1"] == {"xray-var-x1": "simclr@0.05 --base-lr 1e-3"}
-    task_table.check_variants(task_table.SharedStages(a.work), a)  # the same again: fine
+    check_variants(_common.SharedStages(a.work), a)  # the same again: fine
     for spec in ("v1=simclr --base-lr 5e-1", "v1=simclr@1 --base-lr 1e-3", "v1=moco --base-lr 1e-3",
                  "v1=simclr --base-lr 1e-3 --batch-size 32"):
         with pytest.raises(SystemExit, match="give the --variant another NAME") as exc:
-            task_table.check_variants(task_table.SharedStages(a.work), table_args(a.work, variant=[spec]))
+            check_variants(_common.SharedStages(a.work), table_args(a.work, variant=[spec]))
         assert exc.value.code == 2
     with pytest.raises(SystemExit, match=r"cifar-var-v1 simclr@0.05 --base-lr 1e-3; this run asks "
                                          r"cifar-var-v1 simclr@0.05 --base-lr 5e-1: give the --variant"):
-        task_table.check_variants(task_table.SharedStages(a.work), table_args(a.work, variant=["v1=simclr --base-lr 5e-1"]))
+        check_variants(_common.SharedStages(a.work), table_args(a.work, variant=["v1=simclr --base-lr 5e-1"]))
     with pytest.raises(SystemExit, match="give the --xray-variant another NAME"):
-        task_table.check_variants(task_table.SharedStages(a.work),
-                                  table_args(a.work, xray_variant=["x1=simclr --base-lr 5e-1"]))
+        check_variants(_common.SharedStages(a.work), table_args(a.work, xray_variant=["x1=simclr --base-lr 5e-1"]))
     ro = table_args(a.work, variant=["v1=simclr --base-lr 5e-1"], report_only=True)  # --report-only: refused too
     with pytest.raises(SystemExit, match="give the --variant another NAME"):
-        task_table.check_variants(task_table.ReadOnlyStages(a.work), ro)
-    task_table.check_variants(task_table.SharedStages(a.work), table_args(a.work, variant=["v2=simclr --base-lr 5e-1"]))
+        check_variants(_common.ReadOnlyStages(a.work), ro)
+    check_variants(_common.SharedStages(a.work), table_args(a.work, variant=["v2=simclr --base-lr 5e-1"]))
     assert state(a.work)["spec-cifar-var-v2"] == {"cifar-var-v2": "simclr@0.05 --base-lr 5e-1"}
 
 
 def test_task_table_checks_every_variants_flags_before_any_work(tmp_path):
     """A mistyped flag (``--base-lrr``) ended in a CalledProcessError traceback after the table's runs, a
     backbone option the backbone cannot take in a traceback: each is one line, exit 2, before any run."""
-    import task_table
+    from task_table_variants import check_variants
 
     a = table_args(tmp_path / "t")
     for spec, said in (("v=simclr --backbone-opt depth=6", "cannot build timm:resnet18"),
                        ("v=mae --task-opt bogus=1", "unknown option 'bogus'"),
                        ("v=simclr --base-lr fast", "'fast' is not a valid float")):
         with pytest.raises(SystemExit, match=f"error: --variant '{spec}': .*{said}") as exc:
-            task_table.check_variants(task_table.SharedStages(a.work), table_args(a.work, variant=[spec]))
+            check_variants(_common.SharedStages(a.work), table_args(a.work, variant=[spec]))
         assert exc.value.code == 2
-    task_table.check_variants(task_table.SharedStages(a.work), table_args(  # a good one passes
+    check_variants(_common.SharedStages(a.work), table_args(  # a good one passes
         a.work, variant=["p4=mae --backbone-opt patch_size=4 --task-opt mask_ratio=0.5 --batch-size 32"]))
     cifar = folder(tmp_path / "cifar" / "train")  # a tiny folder: the check comes before the splits
     work = tmp_path / "cli"
@@ -161,13 +161,13 @@ def test_task_table_records_its_data_and_refuses_other_data(tmp_path):
     a = table_args(tmp_path / "t")
     cifar = folder(tmp_path / "cifar" / "train").parent
     xray = folder(tmp_path / "xray", classes=("NORMAL", "PNEUMONIA"))
-    data = {**_common.data_settings("cifar", cifar), **_common.data_settings("xray", xray)}
+    data = {**_data.data_settings("cifar", cifar), **_data.data_settings("xray", xray)}
     assert data == {"cifar": str(cifar.resolve()), "cifar_files": 4, "xray": str(xray.resolve()), "xray_files": 4}
     rec = task_table.check_table_settings(task_table.SharedStages(a.work), a, data)
     assert {k: rec[k] for k in data} == data == {k: state(a.work)["table-settings"][k] for k in data}
     folder(xray, 3, classes=("NORMAL",))  # one image more
     with pytest.raises(SystemExit, match="xray-files 4; this run asks xray-files 5"):
-        task_table.check_table_settings(task_table.SharedStages(a.work), a, _common.data_settings("xray", xray))
+        task_table.check_table_settings(task_table.SharedStages(a.work), a, _data.data_settings("xray", xray))
     other = folder(tmp_path / "other" / "train").parent
     line = refused(script("task_table.py", "--work", a.work, "--cifar", other, "--skip-xray", "--tasks", "simclr",
                           "--budget-min", "0.05", "--pretrain-images", "300", "--eval-train", "300",
@@ -195,16 +195,16 @@ def test_a_missing_data_folder_is_extracted_from_the_archive_once(tmp_path):
     archive = tmp_path / "x.tar.gz"
     with tarfile.open(archive, "w:gz") as t:
         t.add(src, arcname="train")
-    got = _common.data_folder("--xray", None, archive, tmp_path / "w" / "data-xray", needs="NORMAL", within="train")
+    got = _data.data_folder("--xray", None, archive, tmp_path / "w" / "data-xray", needs="NORMAL", within="train")
     assert got == (tmp_path / "w" / "data-xray" / "train").resolve()
     assert sorted(p.name for p in got.rglob("*.jpg")) == sorted(p.name for p in src.rglob("*.jpg"))
     assert sorted(p.name for p in (tmp_path / "w").iterdir()) == ["data-xray"]  # no temporary folder left
     archive.unlink()  # extracted once: not needed again
-    assert _common.data_folder("--xray", None, archive, tmp_path / "w" / "data-xray", within="train") == got
+    assert _data.data_folder("--xray", None, archive, tmp_path / "w" / "data-xray", within="train") == got
     with pytest.raises(SystemExit, match=f"data archive {archive} does not exist: pass --xray") as exc:
-        _common.data_folder("--xray", None, archive, tmp_path / "w2")
+        _data.data_folder("--xray", None, archive, tmp_path / "w2")
     assert exc.value.code == 2
-    assert _common.data_folder("--xray", src, archive, tmp_path / "w3", needs="NORMAL") == src.resolve()
+    assert _data.data_folder("--xray", src, archive, tmp_path / "w3", needs="NORMAL") == src.resolve()
 
 
 # --- label_curve.py / init_continue.py (their pretraining and scoring replaced by stand-ins) -------------
@@ -314,8 +314,9 @@ def test_helper_modules_say_which_script_to_run(tmp_path):
     """``python X.py --help`` of a module that is not a script printed nothing, exit 0."""
     import os
 
-    expect = {"_common.py": "quality.py, task_table.py", "first_pass.py": "data_pipeline.py or volumes.py",
-              "lightly_tasks.py": "task_table.py --lightly", "task_table_report.py": "run task_table.py"}
+    expect = {"_common.py": "quality.py, task_table.py", "_data.py": "cifar10.py, task_table.py",
+              "first_pass.py": "data_pipeline.py or volumes.py", "lightly_tasks.py": "task_table.py --lightly",
+              "task_table_report.py": "run task_table.py", "task_table_variants.py": "run task_table.py (--variant"}
     procs = {name: subprocess.Popen([sys.executable, str(BENCH / name), "--help"], cwd=tmp_path, text=True,
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                     env={**os.environ, "OMP_NUM_THREADS": "1"}) for name in expect}

@@ -131,7 +131,8 @@ def test_task_table_variants_are_scored_paired_beside_random_init_and_the_defaul
     has no default to compare with. link_split tolerates links a second process made."""
     sys.path.insert(0, str(REPO / "benchmarks"))
     import task_table
-    from _common import link_split
+    from _data import link_split
+    from task_table_variants import variant_batch, variant_flag
 
     default = {"correct": "1100110000"}
     variants = {"v": {"correct": "1110110000", "random": "1000010000", "task": "simclr", "budget": 0.5, "steps": 9, "base_lr": 0.003,
@@ -144,12 +145,12 @@ def test_task_table_variants_are_scored_paired_beside_random_init_and_the_defaul
     # v - default: 1 image gained: +0.1, SE 0.1; accuracy 0.5, SE sqrt(0.25 / 9) = 0.167
     assert rows[0][3] == "0.003" and rows[1][3] == "-"
     # a variant's own batch is taken out of its flags, to calibrate its step apart
-    assert task_table.variant_batch(["--base-lr", "3e-3", "--batch-size", "32"], 128) == (32, ["--base-lr", "3e-3"])
-    assert task_table.variant_batch(["--base-lr", "3e-3"], 128) == (128, ["--base-lr", "3e-3"])
+    assert variant_batch(["--base-lr", "3e-3", "--batch-size", "32"], 128) == (32, ["--base-lr", "3e-3"])
+    assert variant_batch(["--base-lr", "3e-3"], 128) == (128, ["--base-lr", "3e-3"])
     # and its own backbone, calibrated with that backbone
-    assert task_table.variant_flag(["--backbone", "timm:vit_tiny_patch16_224", "--base-lr", "1"], "--backbone") == (
+    assert variant_flag(["--backbone", "timm:vit_tiny_patch16_224", "--base-lr", "1"], "--backbone") == (
         "timm:vit_tiny_patch16_224", ["--base-lr", "1"])
-    assert task_table.variant_flag(["--base-lr", "1"], "--backbone") == (None, ["--base-lr", "1"])
+    assert variant_flag(["--base-lr", "1"], "--backbone") == (None, ["--base-lr", "1"])
     assert rows[0][6:] == ["50.0 ± 16.7", "20.0", "+30.0 (15.3)", "yes", "+10.0 (10.0)"]
     assert rows[1][2] == "`-`" and rows[1][-1] == "-"
 
