@@ -148,3 +148,28 @@ def test_eval_refuses_a_bare_name_in_one_line_exit_2(tmp_path, cli):
 def test_human_bytes_names_binary_units():
     assert [human_bytes(n) for n in (512, 1024, 16.46e6, 5 * 2**30, 3 * 2**40)] == [
         "512 B", "1.0 KiB", "15.7 MiB", "5.0 GiB", "3.0 TiB"]
+
+
+def test_knn_falls_back_to_the_cpu_when_a_gpus_memory_cannot_hold_the_bank(monkeypatch, capsys):
+    """A GPU out of memory for the training embeddings: the same votes, on the CPU, with one note."""
+    import torch
+
+    from sslkit.eval import knn
+
+    real, devices = knn.scored_votes, []
+
+    def scored(*args):
+        devices.append(str(args[-1]))
+        if str(args[-1]) != "cpu":
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return real(*args)
+
+    monkeypatch.setattr(knn, "scored_votes", scored)
+    rng = np.random.default_rng(0)
+    train, test, labels = rng.normal(size=(50, 8)), rng.normal(size=(9, 8)), rng.integers(0, 3, size=50)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    got = knn.knn_votes(train, labels, test, 3, (5,), device="cuda")
+    assert devices == ["cuda", "cpu"]
+    assert np.array_equal(got[5], real(train, labels, test, 3, (5,), knn.TEMPERATURE, None, "cpu")[5])
+    assert capsys.readouterr().err == "note: the kNN's 50 training embeddings do not fit in cuda's memory: " \
+                                      "scored on the CPU\n"

@@ -31,8 +31,9 @@ BYTES_PER_LIMIT_PIXEL = 4
 #: rows a band of :func:`png16_colour` joins at a time
 _BAND_ROWS = 256
 _ORIENTATION = 0x0112  # EXIF
-#: start-of-frame markers of arithmetic-coded JPEGs (SOF9-11, SOF13-15): no lower bound on their bytes a block
-_ARITHMETIC_SOF = frozenset({0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
+#: start-of-frame markers of Huffman-coded JPEGs (SOF0-3, SOF5-7): at least one bit a block (arithmetic-coded
+#: ones, SOF9-11 and SOF13-15, have no such bound; a file whose marker is not found is not judged)
+_HUFFMAN_SOF = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7})
 #: bytes every JPEG libjpeg decodes has besides its data (SOI, a quantization table, frame and scan headers, EOI)
 _JPEG_MIN_BYTES = 96
 
@@ -139,7 +140,7 @@ def check_jpeg_holds(img: Image.Image) -> None:
         size = os.fstat(img.fp.fileno()).st_size
     except (AttributeError, OSError, ValueError):  # not a file on disk: nothing to compare
         return
-    if size < need and _sof_marker(img.fp) not in _ARITHMETIC_SOF:
+    if size < need and _sof_marker(img.fp) in _HUFFMAN_SOF:
         raise Undecodable(f"image file is truncated: a {img.width}x{img.height} JPEG needs at least {need:,} "
                           f"bytes of data; the file has {size:,}")
 
@@ -151,12 +152,17 @@ def _sof_marker(fp) -> int | None:
     try:
         fp.seek(2)  # past SOI
         for _ in range(1000):  # segments before the frame header: APPn, DQT, DHT, COM...
-            head = fp.read(4)
-            if len(head) < 4 or head[0] != 0xFF:
+            if fp.read(1) != b"\xff":
                 return None
-            if 0xC0 <= head[1] <= 0xCF and head[1] not in (0xC4, 0xC8, 0xCC):  # not DHT, JPG, DAC
-                return head[1]
-            fp.seek(int.from_bytes(head[2:], "big") - 2, os.SEEK_CUR)
+            marker = fp.read(1)
+            while marker == b"\xff":  # fill bytes, which the standard allows before any marker
+                marker = fp.read(1)
+            length = fp.read(2)
+            if not marker or len(length) < 2:
+                return None
+            if 0xC0 <= marker[0] <= 0xCF and marker[0] not in (0xC4, 0xC8, 0xCC):  # not DHT, JPG, DAC
+                return marker[0]
+            fp.seek(int.from_bytes(length, "big") - 2, os.SEEK_CUR)
         return None
     finally:
         fp.seek(where)

@@ -44,8 +44,8 @@ import numpy as np
 from sslkit.api import (ORIENTATION, GraphPreprocessing, SampleMode, SampleRef, Source, Undecodable, UsageError,
                         check_dir, check_pixel_count, first_files, hookimpl, slab_indices, stack_slab,
                         unknown_name_message, volume_fit, walk_files)
-from sslkit_plugins.sources.nifti_read import (BYTES_PER_LIMIT_PIXEL, _nibabel, canonical_geometry, canonical_volume,
-                                               check_holds, check_working_bytes, read_header, read_image)
+from sslkit_plugins.sources.nifti_read import (BYTES_PER_LIMIT_PIXEL, canonical_geometry, canonical_volume, check_holds,
+                                               check_working_bytes, nibabel_module, read_header, read_image)
 
 SUFFIXES = (".nii", ".nii.gz")
 _NUM = r"[-+]?(?:\d+\.?\d*|\.\d+)"
@@ -110,7 +110,7 @@ class NiftiSource(Source):
 
     def __init__(self, location: str, options: NiftiOptions | None = None) -> None:
         super().__init__(location, options or NiftiOptions())
-        _nibabel()
+        nibabel_module()
         path = Path(location).expanduser()
         self.root = path if path.is_file() else check_dir(location, self.scheme)
         self.window = parse_window(self.options.window)

@@ -21,7 +21,7 @@ from sslkit.api import Undecodable, UsageError
 GZIP_MAX_RATIO = 1032
 
 
-def _nibabel():
+def nibabel_module():
     try:
         import nibabel
     except ImportError:
@@ -56,7 +56,7 @@ def quiet():
 def read_image(path: str) -> Any:
     """The nibabel image of ``path``; a ``.nii.gz`` is decompressed whole first, so that its CRC is
     checked (nibabel reads only the bytes it needs: a corrupt stream gave garbage voxels, not an error)."""
-    nib = _nibabel()
+    nib = nibabel_module()
     if not path.lower().endswith(".gz"):
         return read_header(path)
     data = gzip.decompress(Path(path).read_bytes())  # gzip.BadGzipFile (an OSError) on a bad stream
@@ -68,14 +68,14 @@ def read_image(path: str) -> Any:
 def read_header(path: str) -> Any:
     """nibabel's image of ``path``, header read, voxels not yet (quietly: :func:`quiet`)."""
     with quiet():
-        return _nibabel().load(path)
+        return nibabel_module().load(path)
 
 
 def canonical_volume(img: Any) -> tuple[np.ndarray, tuple[float, float, float]]:
     """A nibabel image -> (float32 ``(T, D, H, W)`` in the file's units, spacing (dz, dy, dx) mm):
     the voxel sizes of its affine (sform, else qform), as for :func:`canonical_geometry`. Filled a
     stored slice at a time: one float32 copy of the volume (:func:`check_working_bytes` bounds it)."""
-    nib = _nibabel()
+    nib = nibabel_module()
     with quiet():
         img = nib.as_closest_canonical(img)
     if img.get_data_dtype().kind == "c":  # nibabel would drop the imaginary part with a warning
@@ -88,7 +88,8 @@ def canonical_volume(img: Any) -> tuple[np.ndarray, tuple[float, float, float]]:
     vol = np.empty((t, z, y, x), np.float32)
     finite = False
     for k in range(z):
-        part = np.asarray(img.dataobj[:, :, k, ...], dtype=np.float32).reshape(x, y, t)
+        with quiet():  # a slope past float32 gives inf (numpy's overflow warning): handled as any inf
+            part = np.asarray(img.dataobj[:, :, k, ...], dtype=np.float32).reshape(x, y, t)
         vol[:, k] = part.transpose(2, 1, 0)[:, ::-1, ::-1]
         finite = finite or bool(np.isfinite(part).any())
     if not finite:
@@ -134,7 +135,7 @@ def canonical_geometry(img: Any) -> tuple[tuple[int, ...], tuple[float, float, f
     """Shape and voxel size (x, y, z) of ``img`` once turned to RAS+, from the header alone
     (``as_closest_canonical`` would read every voxel); sizes from the affine (sform, else qform),
     not the header's pixdim, which a file may contradict."""
-    nib = _nibabel()
+    nib = nibabel_module()
     if not np.isfinite(img.affine).all():
         raise Undecodable("its affine (sform, else qform) holds NaN or infinite values: no geometry")
     shape, zooms = list(img.shape), [float(z) for z in nib.affines.voxel_sizes(img.affine)[:3]]

@@ -20,6 +20,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from sslkit.errors import say
+
 TEMPERATURE = 0.07
 #: bytes for one chunk of queries: its ``(m, N)`` similarities to every training embedding and its
 #: top-k's weights, indices and one-hot votes; the chunk (at most :data:`MAX_CHUNK`) is cut to fit
@@ -38,6 +40,21 @@ def query_chunk(n_train: int, kmax: int, n_classes: int, budget: int | None = No
 def knn_votes(train: np.ndarray, train_y: np.ndarray, test: np.ndarray, n_classes: int,
               ks: Sequence[int], temperature: float = TEMPERATURE, chunk: int | None = None,
               device: str | torch.device = "cpu") -> dict[int, np.ndarray]:
+    """:func:`scored_votes` on ``device``; on the CPU, with a note, where a GPU's memory cannot hold the
+    training embeddings (the votes are the same)."""
+    if torch.device(device).type != "cpu":
+        try:
+            return scored_votes(train, train_y, test, n_classes, ks, temperature, chunk, device)
+        except torch.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            say(f"note: the kNN's {len(train):,} training embeddings do not fit in {device}'s memory: scored on "
+                "the CPU")
+    return scored_votes(train, train_y, test, n_classes, ks, temperature, chunk, "cpu")
+
+
+def scored_votes(train: np.ndarray, train_y: np.ndarray, test: np.ndarray, n_classes: int,
+                 ks: Sequence[int], temperature: float, chunk: int | None,
+                 device: str | torch.device) -> dict[int, np.ndarray]:
     """Class scores for every query and every ``k``.
 
     ``train: (N, D)``, ``train_y: (N,)`` class indices in ``[0, n_classes)``,

@@ -36,7 +36,7 @@ class DataArgs:
     batch_size: int = 64
     source_options: dict[str, Any] = field(default_factory=dict)
     progress: bool = True
-    device: str = "auto"  # PyTorch encoders: auto, cpu, cuda
+    device: str = "auto"  # PyTorch encoders and the kNN's scoring: auto, cpu, cuda
     # one labelled folder, grouped k-fold (sslkit.eval.split) instead of --train/--test
     data: str | None = None
     split: str | None = None  # "group:K"
@@ -93,8 +93,7 @@ class ProbeData:
     correct: dict[tuple[str, str], np.ndarray] = field(default_factory=dict)
 
     @property
-    def device(self) -> str:
-        """Where the kNN scores: the encoder's device (features given without a model: the CPU)."""
+    def device(self) -> str:  # where the kNN scores: the encoder's (features without a model: the CPU)
         return self.model.device if self.model is not None else "cpu"
 
     def indices(self, labels: Sequence[str]) -> np.ndarray:
