@@ -67,6 +67,20 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture
+def restores_process_state():
+    """For tests that call a script's ``main()`` in the test process: the environment (a benchmark sets
+    ``OMP_NUM_THREADS=1`` for its subprocesses) and torch's thread count as they were, so that later tests'
+    runs (an exact resume compared with an in-process reference) are not computed with other threads."""
+    import torch
+
+    environ, threads = dict(os.environ), torch.get_num_threads()
+    yield
+    os.environ.clear()
+    os.environ.update(environ)
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def pydicom_dir() -> Path:
     """The DICOM test files that pydicom's wheel ships (no download)."""

@@ -18,6 +18,8 @@ from PIL import Image
 
 from tests.conftest import make_images, tiny_run
 
+pytestmark = pytest.mark.usefixtures("restores_process_state")  # main() runs here
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
