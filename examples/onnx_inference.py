@@ -45,6 +45,7 @@ import os
 import re
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 import onnxruntime as ort
@@ -56,10 +57,16 @@ LUMA = (0.2989, 0.587, 0.114)
 UNIT_SCALE = {"uint8": 255.0, "uint16": 65535.0}  # [0, 1] -> what a graph taking 8 / 16-bit pixels takes
 
 
+def refuse(message: str) -> NoReturn:
+    """A user error, as sslkit's: one line on stderr and exit code 2."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def read_metadata(session: ort.InferenceSession) -> dict:
     meta = session.get_modelmeta().custom_metadata_map
     if "sslkit" not in meta:
-        sys.exit("error: this ONNX file has no 'sslkit' metadata; export it with `sslkit export`")
+        refuse("this ONNX file has no 'sslkit' metadata; export it with `sslkit export`")
     return json.loads(meta["sslkit"])
 
 
@@ -314,17 +321,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="output .npz")
     parser.add_argument("--batch-size", type=int, default=32)
     args = parser.parse_args(argv)
-    if Path(args.out).exists():
-        sys.exit(f"error: {args.out} already exists")
+    if Path(args.out).exists():  # the file is left as it is
+        refuse(f"{args.out} already exists; give another --out or move it away")
+    if not Path(args.model).is_file():
+        refuse(f"model {args.model!r} does not exist; give the encoder.onnx of `sslkit export`")
 
     session = ort.InferenceSession(args.model, providers=["CPUExecutionProvider"])
     meta = read_metadata(session)
     name, output = meta["input"]["name"], meta["output"]["name"]
     raw, spec = meta["input"]["raw"], meta["spec"]
     if meta["input"].get("sample", "slice") != "slice":  # K neighbouring slices, or a whole series
-        sys.exit(f"error: this encoder takes {meta['input']['sample']} samples assembled from series (slices "
-                 f"ordered in space); this example reads single images: embed with `sslkit embed {args.model} "
-                 f"--data {spec.get('source') or 'dicom'}:{args.folder} --out {args.out}`")
+        refuse(f"this encoder takes {meta['input']['sample']} samples assembled from series (slices "
+               f"ordered in space); this example reads single images: embed with `sslkit embed {args.model} "
+               f"--data {spec.get('source') or 'dicom'}:{args.folder} --out {args.out}`")
 
     ids, batch, embeddings, skipped = [], [], [], {}  # skipped: reason -> files
     no_codec = set()  # what a missing codec package left undecoded
@@ -360,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
         print(file=sys.stderr)
     n_skipped = report_skipped(skipped, no_codec)
     if not embeddings:
-        sys.exit("error: no image could be embedded")
+        refuse("no image could be embedded")
     result = np.concatenate(embeddings).astype(np.float32)
     np.savez(args.out, embeddings=result, ids=np.array(ids, dtype=str))
     print(f"embedded {len(ids)} images ({result.shape[1]}-d); {n_skipped} files skipped; saved to {args.out}")

@@ -165,7 +165,7 @@ def _default(name: str, by_task: bool = False) -> str:
 @click.option("--warmup-epochs", default=None, type=FiniteFloatRange(min=0),
               help="Linear warm-up (at most half the run), then --schedule, by step" + _default("warmup_epochs"))
 @click.option("--schedule", default=None, type=click.Choice(["cosine", "constant", "step"]),
-              help="LR after the warm-up: cosine decay, constant, or x0.1 at 60 % and 80 % of the steps"
+              help="LR after the warm-up: cosine decay, constant, or x0.1 at 60 % and 80 % of the steps after it"
                    + _default("schedule"))
 @click.option("--grad-clip", default=None, type=FiniteFloatRange(min=0, min_open=True),
               help="Clip the global gradient norm to this value (default: no clipping).")

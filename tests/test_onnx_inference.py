@@ -190,5 +190,5 @@ def test_example_client_names_the_runs_source_for_a_volume_encoder(tmp_path):
     (tmp_path / "scans").mkdir()
     proc = subprocess.run([sys.executable, str(EXAMPLE), tmp_path / "vol.onnx", tmp_path / "scans", "--out",
                            tmp_path / "client.npz"], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert f"--data nifti:{tmp_path / 'scans'}" in proc.stderr and "dicom:" not in proc.stderr

@@ -103,5 +103,5 @@ def test_slab_run_exports_a_window_graph_with_parity(tmp_path):
     # the torch-free example client reads single images: it refuses a slab encoder in one line, before any work
     proc = subprocess.run([sys.executable, str(EXAMPLE), tmp_path / "slab.onnx", tmp_path / "ct", "--out",
                            tmp_path / "client.npz"], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 1 and "slab:3 samples" in proc.stderr and "sslkit embed" in proc.stderr
+    assert proc.returncode == 2 and "slab:3 samples" in proc.stderr and "sslkit embed" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "client.npz").exists()

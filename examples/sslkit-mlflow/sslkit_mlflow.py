@@ -1,7 +1,7 @@
 """sslkit callback ``mlflow``: a pretraining run as an MLflow run.
 
     pip install ./examples/sslkit-mlflow
-    MLFLOW_TRACKING_URI=file:/shared/mlruns sslkit pretrain ... --callbacks csv,mlflow
+    MLFLOW_ALLOW_FILE_STORE=true MLFLOW_TRACKING_URI=file:/shared/mlruns sslkit pretrain ... --callbacks csv,mlflow
 
 * ``on_run_start``: an MLflow run in experiment ``$MLFLOW_EXPERIMENT_NAME`` (default
   ``sslkit``) at ``$MLFLOW_TRACKING_URI`` (default ``file:RUN_DIR/mlruns``, no server;

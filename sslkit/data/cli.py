@@ -31,7 +31,11 @@ def data_group() -> None:
               help="Report images larger than this many pixels as unusable (0: no limit; as sslkit pretrain).")
 def inspect(src: str, as_json: bool, data_opts: tuple[str, ...], image_size: int, no_decode: bool,
             every_sample: bool, workers: int, max_pixels: int | None, **source_flags) -> None:
-    """Counts by header facts, unusable files with reasons, decoded size. No identifiers."""
+    """Counts by header facts, unusable files with reasons, decoded size.
+
+    Prints no header identifiers (patient names or IDs, UIDs) and counts patients without naming them, but
+    names each unusable file by its path relative to the data root, beside its [file:KEY]: folder and file
+    names can carry patient names, so the output is a view of your own files, not for sharing as it is."""
     from sslkit.data.inspect import format_report, inspect_data
     from sslkit.options import parse_pairs
 

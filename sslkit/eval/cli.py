@@ -150,7 +150,7 @@ def probe_options(f):
                      help="Source option overriding the run's (repeatable); so do the [source] options below."),
         MAX_PIXELS,
         click.option("--device", default="auto", show_default=True,
-                     help="PyTorch encoders (and the kNN's scoring): auto, cpu, cuda, cuda:N."),
+                     help="PyTorch encoders (and, for knn and curve, the kNN's scoring): auto, cpu, cuda, cuda:N."),
         click.option("--json", "as_json", is_flag=True, help="Print the report (schema sslkit.eval/1) as JSON."),
         click.option("--quiet", is_flag=True, help="No progress bars."),
     ]):
