@@ -321,16 +321,41 @@ def _chosen(given: dict[str, Any], layer: dict[str, Any], values: dict[str, Any]
 
 
 def _check_printed(values: dict[str, Any]) -> None:
-    """Refuse what ``--config`` would refuse of the printed file: the run's own checks and, with
-    ``--augment-opt``, the keys and values the task's views take (built on a stand-in, as the run
-    checks them before decoding; the ``--init`` weights are not read)."""
+    """Refuse, in the run's own line, what the run refuses of these settings before decoding: its own
+    checks (:mod:`sslkit.engine.model_setup`: ``--allow-download``, the sample's memory, the task/backbone
+    pairing and image size, the batch, ``--augment-opt``, ``--channels-last``) on the probes it builds
+    (no image is read, nor the ``--init`` weights), so the printed file loads back and runs."""
     import dataclasses
 
+    from sslkit.engine.model_setup import check_channels_last, check_pairing, check_sample_memory, with_init_flags
+
     cfg = RunConfig(**{**values, "data": values.get("data") or "", "out": values.get("out") or "-"})
-    from sslkit.engine.model_setup import with_init_flags
-
     with_init_flags(cfg)  # refuses --allow-download without --init
-    if cfg.augment_options:
-        from sslkit.engine.model_setup import check_pairing
+    data = _probe_data(cfg)
+    if data is None:
+        return
+    cfg = dataclasses.replace(cfg, data=data, init=None)
+    check_sample_memory(cfg)
+    check_channels_last(cfg, check_pairing(cfg.backbone, cfg))
 
-        check_pairing(cfg.backbone, dataclasses.replace(cfg, init=None))
+
+def _probe_data(cfg: RunConfig) -> str | None:
+    """The ``--data`` the checks plan the samples from: ``cfg.data`` where its source can be made (from
+    its options, no file read; one that is there but refuses them: the run's line), ``""`` (2D samples,
+    every source's default) with none or one not there yet, None where that one's options name a sample
+    mode (a volume's size is then the source's, unknown here)."""
+    from sslkit.config_toml import source_options_of
+    from sslkit.engine.model_setup import planned_volume
+    from sslkit.registry import resolve_data
+    from sslkit.sample_modes import SAMPLE_OPTIONS
+
+    if not cfg.data:
+        return ""
+    try:
+        planned_volume(cfg)
+        return cfg.data
+    except UsageError:
+        scheme = source_options_of(cfg.data)[0]  # an unknown scheme: the run's line
+        if scheme and Path(resolve_data(cfg.data)[1]).exists():
+            raise
+    return None if set(cfg.source_options) & set(SAMPLE_OPTIONS) else ""
