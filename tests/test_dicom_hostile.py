@@ -88,14 +88,18 @@ def _jpeg_ls(claim: int) -> bytes:
     return b"\xff\xd8" + b"\xff\xf7" + struct.pack(">HBHHBBBB", 11, 8, claim, claim, 1, 1, 0x11, 0) + b"\0" * 64
 
 
-def _encapsulated(path, frames: list[bytes], syntax: str, bits: int = 8, rows: int = 16, cols: int = 16):
+def _encapsulated(path, frames: list[bytes], syntax: str, bits: int = 8, rows: int = 16, cols: int = 16,
+                  samples: int = 1):
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = syntax
     ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = CT
     ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
     ds.PatientID, ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality = "P1", generate_uid(), generate_uid(), "CT"
-    ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.PhotometricInterpretation = rows, cols, 1, "MONOCHROME2"
+    ds.Rows, ds.Columns, ds.SamplesPerPixel = rows, cols, samples
+    ds.PhotometricInterpretation = "RGB" if samples == 3 else "MONOCHROME2"
+    if samples == 3:
+        ds.PlanarConfiguration = 0
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = bits, bits, bits - 1, 0
     if len(frames) > 1:
         ds.NumberOfFrames = len(frames)
@@ -115,7 +119,7 @@ def decoder(monkeypatch):
     def spy(ds, *args, **kwargs):
         if not state["allow"]:
             state["refused"] += 1
-            raise AssertionError("a frame that claims a huge size reached the decoder")
+            raise AssertionError("a frame that claims more than its bytes hold reached the decoder")
         return real(ds, *args, **kwargs)
 
     monkeypatch.setattr(dicom_decode, "pixel_array", spy)

@@ -17,16 +17,14 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.encaps import encapsulate
-from pydicom.uid import RLELossless, generate_uid
+from pydicom.uid import RLELossless
 
 from sslkit.api import Undecodable
 from sslkit.registry import create_source
 from sslkit_plugins.sources import dicom_decode
 from sslkit_plugins.sources.dicom_limits import TooLarge, check_stream_size
+from tests.test_dicom_hostile import _encapsulated, decoder  # noqa: F401 (decoder: the fixture)
 
-CT = "1.2.840.10008.5.1.4.1.1.2"
 STAGE = "compressed frame size differs from the header: TooLarge: "
 
 
@@ -40,43 +38,23 @@ def _rle_frame(*segments: bytes) -> bytes:
 
 
 def _rle_file(path: Path, frames: list[bytes], rows: int, cols: int, bits: int = 8, samples: int = 1) -> Path:
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = RLELossless
-    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = CT
-    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-    ds.PatientID, ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality = "P1", generate_uid(), generate_uid(), "CT"
-    ds.Rows, ds.Columns, ds.SamplesPerPixel = rows, cols, samples
-    ds.PhotometricInterpretation = "RGB" if samples == 3 else "MONOCHROME2"
-    if samples == 3:
-        ds.PlanarConfiguration = 0
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = bits, bits, bits - 1, 0
-    if len(frames) > 1:
-        ds.NumberOfFrames = len(frames)
-    ds.PixelData = encapsulate(frames)
-    ds["PixelData"].VR, ds["PixelData"].is_undefined_length = "OB", True
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ds.save_as(path, enforce_file_format=True)
-    return path
-
-
-@pytest.fixture
-def decoder(monkeypatch):
-    """pydicom's decoder, reachable only while ``decoder["allow"]`` is set (else it raises)."""
-    state = {"allow": False, "refused": 0}
-    real = dicom_decode.pixel_array
-
-    def spy(ds, *args, **kwargs):
-        if not state["allow"]:
-            state["refused"] += 1
-            raise AssertionError("an RLE frame too small for its header reached the decoder")
-        return real(ds, *args, **kwargs)
-
-    monkeypatch.setattr(dicom_decode, "pixel_array", spy)
-    return state
+    return _encapsulated(path, frames, RLELossless, bits, rows, cols, samples)
 
 
 RUN = b"\x81\x00"  # PackBits: repeat the next byte 128 times (-127 as a signed byte)
+
+
+def _refusals(path: Path, max_pixels: int | None = None) -> list[str]:
+    """The reason each frame of the file at ``path`` is refused (in frame order); any frame that loads fails."""
+    src = create_source(f"dicom:{path.parent}", workers=1)
+    if max_pixels is not None:
+        src.max_pixels = max_pixels  # 0: --max-pixels 0, no limit from the header
+    reasons = []
+    for ref in sorted(src.index(), key=lambda r: r.frame):
+        with pytest.raises(Undecodable) as refused:
+            src.load(ref)
+        reasons.append(str(refused.value))
+    return reasons
 
 
 def test_a_thousand_frames_claiming_13000_squared_are_refused_undecoded(tmp_path, decoder):
@@ -99,47 +77,27 @@ def test_a_thousand_frames_claiming_13000_squared_are_refused_undecoded(tmp_path
 def test_65535_squared_is_refused_undecoded_without_a_pixel_limit(tmp_path, decoder, bits, samples):
     segments = [RUN * 900] * (samples * bits // 8)  # 1800 bytes each: 115200 decoded at most
     path = _rle_file(tmp_path / "data" / "big.dcm", [_rle_frame(*segments)] * 2, 65535, 65535, bits, samples)
-    src = create_source(f"dicom:{path.parent}", workers=1)
-    src.max_pixels = 0  # --max-pixels 0: no limit from the header
-    refs = sorted(src.index(), key=lambda r: r.frame)
-    assert len(refs) == 2
-    for ref in refs:
-        with pytest.raises(Undecodable) as refused:
-            src.load(ref)
-        assert str(refused.value) == (f"{STAGE}RLE frame {ref.frame + 1} holds a segment of 1800 bytes (at most "
-                                      "115200 decoded), too few for 65535x65535")
+    assert _refusals(path, max_pixels=0) == [f"{STAGE}RLE frame {i} holds a segment of 1800 bytes (at most 115200 "
+                                             "decoded), too few for 65535x65535" for i in (1, 2)]
     assert decoder["refused"] == 0
 
 
 def test_single_frame_65535_squared_16_bit(tmp_path, decoder):
     path = _rle_file(tmp_path / "data" / "one.dcm", [_rle_frame(RUN * 2000, RUN)], 65535, 65535, 16)
-    src = create_source(f"dicom:{path.parent}", workers=1)
-    src.max_pixels = 0
-    (ref,) = src.index()
-    with pytest.raises(Undecodable) as refused:
-        src.load(ref)
-    assert str(refused.value) == (f"{STAGE}RLE frame 1 holds a segment of 2 bytes (at most 128 decoded), "
-                                  "too few for 65535x65535")
+    assert _refusals(path, max_pixels=0) == [f"{STAGE}RLE frame 1 holds a segment of 2 bytes (at most 128 "
+                                             "decoded), too few for 65535x65535"]
     assert decoder["refused"] == 0
 
 
 def test_a_wrong_segment_count_is_refused_undecoded(tmp_path, decoder):
     path = _rle_file(tmp_path / "data" / "one.dcm", [_rle_frame(RUN * 2)], 16, 16, 16)  # 16-bit: 2 segments
-    src = create_source(f"dicom:{path.parent}", workers=1)
-    (ref,) = src.index()
-    with pytest.raises(Undecodable) as refused:
-        src.load(ref)
-    assert str(refused.value) == (f"{STAGE}RLE frame 1 has 1 segment(s), 1 sample(s) of 16 bits need 2")
+    assert _refusals(path) == [f"{STAGE}RLE frame 1 has 1 segment(s), 1 sample(s) of 16 bits need 2"]
     assert decoder["refused"] == 0
 
 
 def test_a_frame_shorter_than_the_rle_header_is_refused_undecoded(tmp_path, decoder):
     path = _rle_file(tmp_path / "data" / "one.dcm", [b"\x01\x00\x00\x00" * 4], 16, 16)
-    src = create_source(f"dicom:{path.parent}", workers=1)
-    (ref,) = src.index()
-    with pytest.raises(Undecodable) as refused:
-        src.load(ref)
-    assert str(refused.value) == f"{STAGE}RLE frame 1 is 16 bytes, less than the 64-byte RLE header"
+    assert _refusals(path) == [f"{STAGE}RLE frame 1 is 16 bytes, less than the 64-byte RLE header"]
     assert decoder["refused"] == 0
 
 
