@@ -92,10 +92,6 @@ class ProbeData:
     #: ``(encoder, setting)`` -> per-test-image correctness of a single split, for the paired gain
     correct: dict[tuple[str, str], np.ndarray] = field(default_factory=dict)
 
-    @property
-    def device(self) -> str:  # where the kNN scores: the encoder's (features without a model: the CPU)
-        return self.model.device if self.model is not None else "cpu"
-
     def indices(self, labels: Sequence[str]) -> np.ndarray:
         lookup = {c: i for i, c in enumerate(self.classes)}
         return np.array([lookup[c] for c in labels], dtype=np.int64)
@@ -213,10 +209,10 @@ def knn_results(prep: ProbeData, ks: Sequence[int] = (20, 200),
     """``{encoder: {"k=K": metrics}}`` of the weighted kNN for every ``k``."""
     if prep.folds is not None:
         return over_folds(prep, lambda p: knn_results(p, ks, temperature))
-    results = {}
+    results, device = {}, prep.model.device if prep.model is not None else "cpu"  # features alone: the CPU
     for enc, (tr, te) in prep.sets.items():
         ytr, yte = prep.indices(tr.labels), prep.indices(te.labels)
-        votes = knn_votes(tr.x, ytr, te.x, len(prep.classes), ks, temperature, device=prep.device)
+        votes = knn_votes(tr.x, ytr, te.x, len(prep.classes), ks, temperature, device=device)
         prep.correct.update({(enc, f"k={k}"): v.argmax(1) == yte for k, v in votes.items()})
         results[enc] = {
             f"k={k}": {**classification_metrics(yte, v.argmax(1), v, len(prep.classes), prep.positive),
