@@ -96,6 +96,7 @@ def stratified_subset(files: dict[str, list[Path]], n: int, seed: int) -> dict[s
     rng = np.random.default_rng(seed)
     return {c: sorted(rng.permutation(v)[: max(1, round(len(v) * n / total))].tolist()) for c, v in files.items()}
 
+
 if __name__ == "__main__":
     from _common import not_a_script
 

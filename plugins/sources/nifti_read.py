@@ -87,11 +87,11 @@ def canonical_volume(img: Any) -> tuple[np.ndarray, tuple[float, float, float]]:
     # (x: R, y: A, z: S, t) -> (t, z ascending, y descending = anterior to posterior, x descending = right to left)
     vol = np.empty((t, z, y, x), np.float32)
     finite = False
-    for k in range(z):
-        with quiet():  # a slope past float32 gives inf (numpy's overflow warning): handled as any inf
+    with quiet():  # a slope past float32 gives inf (numpy's overflow warning): handled as any inf
+        for k in range(z):
             part = np.asarray(img.dataobj[:, :, k, ...], dtype=np.float32).reshape(x, y, t)
-        vol[:, k] = part.transpose(2, 1, 0)[:, ::-1, ::-1]
-        finite = finite or bool(np.isfinite(part).any())
+            vol[:, k] = part.transpose(2, 1, 0)[:, ::-1, ::-1]
+            finite = finite or bool(np.isfinite(part).any())
     if not finite:
         raise ValueError("no finite voxel value (all NaN or inf)")
     zooms = [float(v) for v in nib.affines.voxel_sizes(img.affine)[:3]]
