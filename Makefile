@@ -25,9 +25,10 @@ demo: setup
 	$(BIN)/sslkit export $(DEMO) --out $(DEMO)/encoder.onnx --overwrite
 
 ## The default test suite (long runs are marked slow and excluded): one line per test file
-## as it runs (its name, a dot per test, the share of the suite done), the slowest at the end.
+## as it finishes (its name, a dot per test, the share of the suite done), the slowest at the end. Files run on
+## one process per core, at most 4 (pytest-xdist; a file's tests on one process, tests/file_progress.py prints the lines).
 test: setup
-	$(BIN)/python -m pytest --durations=10
+	$(BIN)/python -m pytest -n auto --maxprocesses 4 --dist loadfile -p tests.file_progress --durations=10
 
 test-slow: setup
 	$(BIN)/python -m pytest --durations=10 -m slow

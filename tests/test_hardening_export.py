@@ -226,18 +226,27 @@ def test_readme_install_line_builds_a_complete_package(tmp_path):
 # -- 25: `make test` shows which file runs and how far the suite is ---------------------------
 
 def test_make_test_prints_a_line_per_test_file(tmp_path):
-    """Run two tiny test files with the pytest options of the Makefile's ``test`` recipe and
-    the project's pytest configuration: one line per file, with its name and the share done."""
+    """Run three tiny test files with the pytest options of the Makefile's ``test`` recipe (several processes:
+    pytest-xdist and tests/file_progress.py) and the project's pytest configuration: one line per file, with
+    its name, its tests' letters and the share done, in the order the files finish."""
     recipe = re.search(r"^test:.*\n\t(.*)$", (REPO / "Makefile").read_text(), re.M).group(1)
     args = recipe.split("-m pytest", 1)[1].split()
+    assert "-n" in args and "tests.file_progress" in args, args
+    body = "import pytest\n\n\ndef test_one():\n    pass\n\n\n@pytest.mark.skip\ndef test_two():\n    pass\n"
     for name in ("test_first.py", "test_second.py"):
-        (tmp_path / name).write_text("def test_one():\n    pass\n\n\ndef test_two():\n    pass\n")
+        (tmp_path / name).write_text(body)
+    (tmp_path / "test_third.py").write_text("def test_one():\n    assert 1 == 2\n")
     proc = subprocess.run([sys.executable, "-m", "pytest", *args, "-c", str(REPO / "pyproject.toml"),
                            "--rootdir", str(tmp_path), "-p", "no:cacheprovider", str(tmp_path)],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout
-    assert re.search(r"^test_first\.py \.\.\s+\[ 50%\]$", proc.stdout, re.M), proc.stdout
-    assert re.search(r"^test_second\.py \.\.\s+\[100%\]$", proc.stdout, re.M), proc.stdout
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})  # `make test` runs in the repo
+    assert proc.returncode == 1, proc.stdout
+    lines = re.findall(r"^(test_\w+\.py) ([.sF]+)\s+\[ *(\d+)%\]$", proc.stdout, re.M)
+    assert {(name, letters) for name, letters, _ in lines} == {("test_first.py", ".s"), ("test_second.py", ".s"),
+                                                                ("test_third.py", "F")}, proc.stdout
+    done = [sum(len(letters) for _, letters, _ in lines[:i + 1]) for i in range(len(lines))]
+    assert [int(share) for _, _, share in lines] == [n * 100 // 5 for n in done], proc.stdout
+    assert "FAILED test_third.py::test_one" in proc.stdout and not re.search(r"^[.sF]+\s+\[", proc.stdout, re.M)
 
 
 def test_a_failed_run_never_removes_a_folder_the_user_named(tmp_path, monkeypatch, cli):
