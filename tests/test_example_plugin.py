@@ -81,3 +81,22 @@ def test_imports_only_the_public_api():
     imports = [ln for ln in code.splitlines() if "sslkit" in ln and ln.startswith(("from ", "import "))]
     assert imports == [ln for ln in imports if ln.startswith("from sslkit.api import ")] and imports
     assert len(code.splitlines()) < 100
+
+
+@pytest.mark.parametrize("package", ["sslkit-example-plugin", "sslkit-mlflow"])
+def test_each_example_package_has_the_readme_its_pyproject_names(package):
+    """A plugin package's page on an index is its README: each example names one, which installs and tests
+    that folder and names what the package registers."""
+    import re
+    import tomllib
+
+    folder = REPO / "examples" / package
+    meta = tomllib.loads((folder / "pyproject.toml").read_text())
+    readme = (folder / meta["project"]["readme"]).read_text()
+    assert readme.startswith(f"# {meta['project']['name']}\n")
+    assert f"pip install ./examples/{package} " in readme
+    assert f"pip install -e './examples/{package}[test]' && python -m pytest examples/{package}" in readme
+    for entry in meta["project"]["entry-points"]["sslkit"].values():
+        module = (folder / f"{entry}.py").read_text()
+        assert re.search(r'^sslkit_api = "(.+)"$', module, re.M)[1] in readme
+    assert f"[`{package}/`]({package})" in (REPO / "examples" / "README.md").read_text()
