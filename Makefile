@@ -27,8 +27,10 @@ demo: setup
 ## The default test suite (long runs are marked slow and excluded): one line per test file
 ## as it finishes (its name, a dot per test, the share of the suite done), the slowest at the end. Files run on
 ## one process per core, at most 4 (pytest-xdist; a file's tests on one process, tests/file_progress.py prints the lines).
+## A test that kills its process ends the run, naming it: xdist 3.8 replacing the process can hang for good under loadfile.
 test: setup
-	$(BIN)/python -m pytest -n auto --maxprocesses 4 --dist loadfile -p tests.file_progress --durations=10
+	$(BIN)/python -m pytest -n auto --maxprocesses 4 --dist loadfile --max-worker-restart 0 -p tests.file_progress \
+		--durations=10
 
 test-slow: setup
 	$(BIN)/python -m pytest --durations=10 -m slow

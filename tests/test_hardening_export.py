@@ -225,21 +225,30 @@ def test_readme_install_line_builds_a_complete_package(tmp_path):
 
 # -- 25: `make test` shows which file runs and how far the suite is ---------------------------
 
+def _make_test_args() -> list[str]:
+    """The pytest options of the Makefile's ``test`` recipe (its command may go on over ``\\`` lines)."""
+    recipe = re.search(r"^test:.*\n\t((?:.*\\\n)*.*)$", (REPO / "Makefile").read_text(), re.M).group(1)
+    return recipe.replace("\\\n", " ").split("-m pytest", 1)[1].split()
+
+
+def _run_make_test_options(folder: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pytest", *_make_test_args(), "-c", str(REPO / "pyproject.toml"),
+                           "--rootdir", str(folder), "-p", "no:cacheprovider", str(folder)],
+                          cwd=folder, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})  # `make test` runs in the repo
+
+
 def test_make_test_prints_a_line_per_test_file(tmp_path):
     """Run three tiny test files with the pytest options of the Makefile's ``test`` recipe (several processes:
     pytest-xdist and tests/file_progress.py) and the project's pytest configuration: one line per file, with
     its name, its tests' letters and the share done, in the order the files finish."""
-    recipe = re.search(r"^test:.*\n\t(.*)$", (REPO / "Makefile").read_text(), re.M).group(1)
-    args = recipe.split("-m pytest", 1)[1].split()
+    args = _make_test_args()
     assert "-n" in args and "tests.file_progress" in args, args
     body = "import pytest\n\n\ndef test_one():\n    pass\n\n\n@pytest.mark.skip\ndef test_two():\n    pass\n"
     for name in ("test_first.py", "test_second.py"):
         (tmp_path / name).write_text(body)
     (tmp_path / "test_third.py").write_text("def test_one():\n    assert 1 == 2\n")
-    proc = subprocess.run([sys.executable, "-m", "pytest", *args, "-c", str(REPO / "pyproject.toml"),
-                           "--rootdir", str(tmp_path), "-p", "no:cacheprovider", str(tmp_path)],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONPATH": str(REPO)})  # `make test` runs in the repo
+    proc = _run_make_test_options(tmp_path)
     assert proc.returncode == 1, proc.stdout
     lines = re.findall(r"^(test_\w+\.py) ([.sF]+)\s+\[ *(\d+)%\]$", proc.stdout, re.M)
     assert {(name, letters) for name, letters, _ in lines} == {("test_first.py", ".s"), ("test_second.py", ".s"),
@@ -247,6 +256,18 @@ def test_make_test_prints_a_line_per_test_file(tmp_path):
     done = [sum(len(letters) for _, letters, _ in lines[:i + 1]) for i in range(len(lines))]
     assert [int(share) for _, _, share in lines] == [n * 100 // 5 for n in done], proc.stdout
     assert "FAILED test_third.py::test_one" in proc.stdout and not re.search(r"^[.sF]+\s+\[", proc.stdout, re.M)
+
+
+def test_make_test_ends_in_seconds_naming_a_test_that_kills_its_process(tmp_path):
+    """A test that takes its process down (a segfault, the OOM killer) fails the run at once, named; replacing
+    the process instead, pytest-xdist 3.8 waits for good under --dist loadfile (pytest-xdist#784, #1378)."""
+    for name in ("test_a.py", "test_b.py", "test_c.py"):
+        (tmp_path / name).write_text("def test_one():\n    pass\n\n\ndef test_two():\n    pass\n")
+    (tmp_path / "test_crash.py").write_text("import os\n\n\ndef test_crash():\n    os._exit(1)\n\n\n"
+                                           "def test_after():\n    pass\n")
+    proc = _run_make_test_options(tmp_path)  # its timeout: 300 s, where the run takes a few
+    assert proc.returncode == 1, proc.stdout
+    assert "worker 'gw" in proc.stdout and "crashed while running 'test_crash.py::test_crash'" in proc.stdout
 
 
 def test_a_failed_run_never_removes_a_folder_the_user_named(tmp_path, monkeypatch, cli):
