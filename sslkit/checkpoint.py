@@ -114,9 +114,13 @@ def _write_failed(folder: Path, target: Path, exc: Exception) -> UsageError:
     free = _free_bytes(folder)
     if free is not None and free < FULL_BELOW and "space" not in why.lower():  # torch's own words: 'unexpected pos'
         why = f"no space left on device ({human_bytes(free)} free; {why})"
+    return UsageError(f"cannot write checkpoint {target.name} in {folder}: {why}; {last_kept(folder)}")
+
+
+def last_kept(folder: Path) -> str:
+    """What a run that stops on a failed write keeps, in words: its newest checkpoint in ``folder``, or none."""
     kept = list_checkpoints(folder)
-    last = f"the last good checkpoint, {kept[-1].name}, is kept" if kept else "no earlier checkpoint exists"
-    return UsageError(f"cannot write checkpoint {target.name} in {folder}: {why}; {last}")
+    return f"the last good checkpoint, {kept[-1].name}, is kept" if kept else "no earlier checkpoint exists"
 
 
 def remove_orphans(folder: Path) -> list[str]:

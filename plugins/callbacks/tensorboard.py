@@ -1,7 +1,8 @@
 """Callback ``tensorboard``: every logged scalar but ``epoch`` as ``train/<name>`` in ``RUN_DIR/tensorboard/``.
 
-On ``--resume`` the steps past the checkpoint that a killed run had logged are purged, so a
-curve has one value per step.
+Each session purges the steps from the one it starts at on that an earlier session logged
+(a killed run's steps past its checkpoint; all of them on a resume from step 0, a run killed
+before its first checkpoint), so a curve has one value per step.
 
 Needs the ``tensorboard`` package (``pip install tensorboard``); without it the run
 refuses to start with one line saying so.
@@ -29,9 +30,9 @@ class TensorBoard(Callback):
         self.writer = None
 
     def on_run_start(self, run: RunInfo) -> None:
-        # a resume drops what a killed run logged past its checkpoint: steps it trains again
-        purge = {"purge_step": run.start_step + 1} if run.resumed else {}
-        self.writer = self._writer_cls(str(run.out / FOLDER), **purge)
+        # drop what an earlier session logged from here on: the steps this one trains again (a resume
+        # from step 0, of a run killed before its first checkpoint, too; a new run's folder has none)
+        self.writer = self._writer_cls(str(run.out / FOLDER), purge_step=run.start_step + 1)
 
     def on_step_end(self, step: int, metrics: dict[str, float]) -> None:
         for k, v in metrics.items():

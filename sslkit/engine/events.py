@@ -12,7 +12,10 @@ has them all, doing nothing)::
 
 Callbacks run on rank 0 only unless their class sets ``all_ranks = True``. A callback
 that raises (``sys.exit()`` included; Ctrl-C and sslkit's own stop signals go through) is
-reported in one line naming it, and not called again; the run goes on. So is one that
+reported in one line naming it, and not called again; the run goes on. But sslkit's own
+callbacks are never switched off: a write of theirs that fails (a full disk) stops the run in
+one line, as a checkpoint that cannot be written does, and any other exception of theirs is
+raised as it is (:meth:`Events._builtin_failed`). A plugin's callback is also switched off when it
 writes sslkit's own files (:data:`OWN_FILES`, ``checkpoints/``), found by ``os.stat`` around
 each of its calls (not around sslkit's own callbacks'): a small file sslkit wrote (run.json,
 config.toml, data_report.json) is put back as it was. A method named ``on_...`` that is no
@@ -30,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sslkit.errors import first_line, unknown_name_message
+from sslkit.errors import UsageError, first_line, unknown_name_message
 from sslkit.run import CHECKPOINTS, DATA_REPORT, RUN_FILES, RUN_JSON
 
 EVENTS = ("on_run_start", "on_step_end", "on_checkpoint", "on_run_end")
@@ -220,10 +223,16 @@ class Events:
         self.builtin = {c[0] for c in chosen if len(c) > 2 and c[2]}
         self.rank = rank
         self.files: RunFiles | None = None
+        self.out: Path | None = None  # the run folder (on_run_start)
+        self.step = 0  # the step of the newest event: where a run that a built-in's failed write stops
 
     def emit(self, event: str, *args: Any) -> None:
-        if event == "on_run_start" and self.rank == 0 and any(c[0] not in self.builtin for c in self.active):
-            self.files = RunFiles(args[0].out)
+        if event == "on_run_start":
+            self.out, self.step = args[0].out, args[0].start_step
+            if self.rank == 0 and any(c[0] not in self.builtin for c in self.active):
+                self.files = RunFiles(args[0].out)
+        elif event == "on_step_end":
+            self.step = args[0]
         full = event != "on_step_end"  # every checkpoint's files around the (few) other events
         before = None  # the files as the next watched call finds them
         for label, cb in list(self.active):
@@ -235,11 +244,48 @@ class Events:
                 before = self.files.current(full)
             try:
                 method(*args)
+            except (OSError, UsageError) as exc:  # a write that failed: a full disk, mostly
+                if label in self.builtin:
+                    self._builtin_failed(label, event, args, exc)
+                else:
+                    self._report(label, cb, event, exc)
             except (Exception, SystemExit) as exc:  # a logger must not take the run down, nor its sys.exit()
-                self._disable(label, cb)
-                print(f"sslkit: callback {label} raised {type(exc).__name__} in {event}: {first_line(exc)}; "
-                      f"disabled for the rest of this run", file=sys.stderr, flush=True)
+                if label in self.builtin:  # a bug of sslkit's own: raised as it is (see _builtin_failed)
+                    raise
+                self._report(label, cb, event, exc)
             before = self._check_files(label, cb, event, before, full) if watched else None
+
+    def _report(self, label: str, cb: Any, event: str, exc: BaseException) -> None:
+        self._disable(label, cb)
+        print(f"sslkit: callback {label} raised {type(exc).__name__} in {event}: {first_line(exc)}; "
+              f"disabled for the rest of this run", file=sys.stderr, flush=True)
+
+    def _builtin_failed(self, label: str, event: str, args: tuple, exc: OSError | UsageError) -> None:
+        """sslkit's own callbacks are never switched off: ``metrics.csv`` is the run's own record (one
+        row per step), and a row a disabled callback did not write would be lost for good while the run
+        ended "finished". So a write of one that fails (an OSError: a full disk) stops the run as a
+        checkpoint that cannot be written does: one line (a UsageError, exit 2), run.json "failed",
+        the checkpoints kept, ``--resume`` logs the steps after the last one again. Any other exception
+        of a built-in is a bug of sslkit's own: raised as it is, with its traceback, not hidden in a line
+        while the run goes on without its record. In ``on_run_end`` of a run that failed (the error that
+        stopped it, a full disk often, is the one reported) a failed write is a line on stderr."""
+        if isinstance(exc, UsageError):  # write_atomic's line: cannot write 'PATH': why
+            what = str(exc)
+        else:
+            where = repr(exc.filename) if exc.filename else f"in {str(self.out)!r} (callback {label})"
+            what = f"cannot write {where}: {exc.strerror or first_line(exc)}"
+        if event == "on_run_end" and args[0].get("status") in ("failed", "diverged"):
+            print(f"sslkit: callback {label} in on_run_end: {what}", file=sys.stderr, flush=True)
+            return
+        raise UsageError(f"{what}; {self._stop_words(what)}") from None
+
+    def _stop_words(self, why: str) -> str:
+        """Where the run stops and what it keeps: the words of a checkpoint that cannot be written."""
+        from sslkit.checkpoint import last_kept  # torch: imported when needed
+
+        last = last_kept(Path(self.out, CHECKPOINTS)) if self.out is not None else "no earlier checkpoint exists"
+        fix = "free space" if any(w in why.lower() for w in ("space", "quota")) else "fix that"
+        return f"the run stops at step {self.step}, {last}: {fix}, then --resume"
 
     def _disable(self, label: str, cb: Any) -> None:
         if (label, cb) in self.active:
