@@ -247,14 +247,9 @@ def pretrain(ctx: click.Context, **kw) -> None:
         click.echo(f"interrupted: checkpoint at step {summary['steps']} saved in {cfg.out}; continue with: "
                    f"{_resume_hint(ctx, cfg.out)}" + (f" ({_requeue_words()})" if requeue else ""))
     else:
-        loss = summary["final_loss"]
-        bound = {"max_steps": " (the --max-steps bound)", "epochs": " (the --epochs bound)"}.get(
-            summary.get("stopped_by"), "")
-        click.echo(
-            f"done: {summary['steps']} steps{bound} in {summary['seconds']:.1f}s, {summary['img_per_s']} img/s, "
-            f"final loss {loss:.4f}; run saved in {cfg.out}" if loss is not None else
-            f"done: {summary['steps']} steps{bound}; run saved in {cfg.out}"
-        )
+        from sslkit.engine.log import done_line
+
+        click.echo(done_line(summary, cfg.out))
     ctx.exit(requeue_exit() if requeue else 0)
 
 

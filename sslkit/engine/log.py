@@ -20,9 +20,27 @@ def note(line: str) -> None:
     tqdm.write(line)
 
 
+def done_line(summary: dict[str, Any], out: str) -> str:
+    """The last line of a finished ``sslkit pretrain``: the run's steps and the bound that ended it, then the time,
+    img/s and steps of this session (after a resume said as this session's: they cover it alone)."""
+    steps, loss = summary["steps"], summary.get("final_loss")
+    bound = {"max_steps": " (the --max-steps bound)", "epochs": " (the --epochs bound)"}.get(
+        summary.get("stopped_by"), "")
+    if loss is None:  # no step trained in this session
+        return f"done: {steps} steps{bound}; run saved in {out}"
+    ips = summary.get("img_per_s")
+    speed = f"in {summary['seconds']:.1f} s" + (f", {ips:.1f} img/s" if ips else "")
+    own = summary.get("steps_this_session", steps)
+    if own == steps:
+        return f"done: {steps} steps{bound} {speed}, final loss {loss:.4f}; run saved in {out}"
+    return (f"done: {steps} steps{bound}; this session trained {own} of them (from step "
+            f"{summary.get('from_step', steps - own)}) {speed}; final loss {loss:.4f}; run saved in {out}")
+
+
 def log_interval(total: int) -> int:
-    """Steps between two plain log lines: every 10 % of the run, at most every 100 steps."""
-    return max(1, min(100, total // 10))
+    """Steps between two plain log lines: every 10 % of the run rounded up (15 steps: every 2), at most
+    every 100 steps."""
+    return max(1, min(100, -(-total // 10)))
 
 
 class Progress:
@@ -37,10 +55,10 @@ class Progress:
 
     def update(self, row: dict[str, Any]) -> None:
         """After each logged step: ``row`` holds ``step``, ``epoch``, ``loss``, ``lr``, ``img_per_s``."""
-        if self.tty:
-            self.bar.update(1)
+        if self.tty:  # the values first: update() draws them with this step's count
             self.bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", img_s=f"{row['img_per_s']:.0f}",
                                  refresh=False)
+            self.bar.update(1)
         elif self.enabled and (row["step"] % self.every == 0 or row["step"] == self.total):
             print(f"{self.desc} step {row['step']}/{self.total} epoch {row['epoch']} loss {row['loss']:.4f} "
                   f"lr {row['lr']:.2e} img/s {row['img_per_s']:.1f}", file=sys.stderr, flush=True)

@@ -60,7 +60,8 @@ def train(s: Setup, state: RunState, events: Events, stop: Any, save: SaveFn | N
           until: int | None = None) -> dict[str, Any]:
     """Train from ``state`` to step ``until`` (default: the horizon ``s.total``), or until
     ``stop.requested`` turns True; ``save`` writes a checkpoint (None: never). Returns the
-    session's summary (steps, seconds, img_per_s, final_loss, interrupted, main)."""
+    session's summary (the run's steps; this session's steps_this_session from from_step, its seconds and
+    img_per_s; final_loss, interrupted, main)."""
     cfg, until = s.cfg, s.total if until is None else until
     log = StepLog(s, events, Progress(cfg.task, s.total, state.step, cfg.progress and s.main))
     start_step, saved_at, interrupted = state.step, state.step, False
@@ -77,8 +78,7 @@ def train(s: Setup, state: RunState, events: Events, stop: Any, save: SaveFn | N
             try:
                 while state.pos < s.steps_per_epoch and state.step < until:
                     t0 = time.perf_counter()
-                    scalars = train_step(s, state, batches, stop=stop)
-                    log.launched(state, s.schedule.lr_at(state.step - 1), scalars)
+                    log.launch(lambda: train_step(s, state, batches, stop=stop), state)
                     interrupted = log.read(keep=1) or stopped_alone(s, stop, log)  # one process: now
                     log.timed(time.perf_counter() - t0)  # the step's own time, not a checkpoint's
                     periodic = periodic_checkpoint(cfg.checkpoint_every, state.step, state.pos >= s.steps_per_epoch)
@@ -100,7 +100,8 @@ def train(s: Setup, state: RunState, events: Events, stop: Any, save: SaveFn | N
         log.progress.close()
     elapsed = time.perf_counter() - t_start
     return {
-        "steps": state.step, "steps_this_session": state.step - start_step, "seconds": round(elapsed, 2),
+        "steps": state.step, "steps_this_session": state.step - start_step, "from_step": start_step,
+        "seconds": round(elapsed, 2),
         "img_per_s": round(log.images / elapsed, 2) if elapsed > 0 and log.images else None,
         "final_loss": log.last.get("loss"), "interrupted": interrupted, "requeue": interrupted and log.requeue,
         "main": s.main,
@@ -184,8 +185,9 @@ def accumulate(s: Setup, batches: Iterator[torch.Tensor]) -> dict[str, torch.Ten
                                 enabled=s.autocast_dtype is not None):
                 first = not getattr(s, "outputs_checked", False)
                 result = first_forward(s, views) if first else s.model(views)
-            if first:  # once per session: before the first backward
-                check_outputs(s, result)
+            # every step, before its backward: a later step's output can break the contract too (host-side
+            # checks of types and shapes, no wait for the device)
+            check_outputs(s, result)
             loss = result["loss"]
             s.scaler.scale(loss.float() / K).backward()
             if first:
@@ -216,7 +218,7 @@ def first_forward(s: Setup, views: Any) -> Any:
 def check_outputs(s: Setup, result: Any) -> None:
     """Refuse, in one line naming the task, what ``forward`` returned that the step cannot use:
     no dict, a ``loss`` that is no scalar tensor, or another value that is no scalar for
-    ``metrics.csv`` (a Python number or a 1-element tensor). Run on a session's first step."""
+    ``metrics.csv`` (a Python number or a 1-element tensor). Run on every step."""
     problem = output_problem(result)
     if problem:
         from sslkit.registry import plugin_of
@@ -339,6 +341,17 @@ class StepLog:
     def launched(self, state: RunState, lr: float, scalars: dict[str, torch.Tensor]) -> None:
         self.pending.append({"step": state.step, "epoch": state.epoch, "lr": lr, "scalars": scalars,
                              "seconds": None})
+
+    def launch(self, step: Callable[[], dict[str, torch.Tensor]], state: RunState) -> None:
+        """Launch the next step (``step()``: :func:`train_step`); when it raises, the steps launched
+        before it, which completed, are logged first (a failure reading them yields to the step's own)."""
+        try:
+            scalars = step()
+        except Exception:
+            with contextlib.suppress(Exception):
+                self.read(keep=0)
+            raise
+        self.launched(state, self.s.schedule.lr_at(state.step - 1), scalars)
 
     def timed(self, seconds: float) -> None:
         """The wall time of the newest launched step: its launch and the previous step's read."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -104,7 +105,7 @@ def run(s: Setup, lock: RunLock | None = None, callbacks: list[tuple[str, Any]] 
     events = Events(create_callbacks(s.cfg.callbacks) if callbacks is None else callbacks, s.rank)
     events.emit("on_run_start", RunInfo(s.out, s.info, state.step, s.total, s.rank, s.world))
     summary: dict[str, Any] = {"steps": state.step}
-    status = "failed"
+    status, began = "failed", (state.step, time.perf_counter())
     with StopSignal() as stop:
         try:
             summary = train(s, state, events, stop)
@@ -115,7 +116,7 @@ def run(s: Setup, lock: RunLock | None = None, callbacks: list[tuple[str, Any]] 
             raise UsageError(str(exc)) from None
         finally:
             if status != "finished":
-                _end(s, events, status, summary)
+                _end(s, events, status, summary, _session(summary, state, began))
     if status == "finished" and getattr(s.task, "recompute_batchnorm", False):
         # every rank, on the same images: with --sync-bn the layers all-reduce
         recomputed = recompute_batchnorm(s.task.encoder, s.loader, s.spec.mean, s.spec.std, s.device, s.cfg.seed)
@@ -127,11 +128,35 @@ def run(s: Setup, lock: RunLock | None = None, callbacks: list[tuple[str, Any]] 
                 {k: v.detach().contiguous().cpu() for k, v in s.task.encoder.state_dict().items()}, str(tmp)))
             s.info["encoder_sha256"] = file_sha256([s.out / ENCODER_FILE])  # checked wherever it is read
         except UsageError as exc:  # a full disk: run.json says the run failed; its checkpoints stay
-            _end(s, events, "failed", summary)
+            _end(s, events, "failed", summary, _session(summary, state, began))
             raise UsageError(f"{exc}; the run's checkpoints are kept: free space, then --resume") from None
     if status == "finished":
-        _end(s, events, status, summary)
+        _end(s, events, status, summary, _session(summary, state, began))
     return summary
+
+
+def _session(summary: dict[str, Any], state: run_state.RunState, began: tuple[int, float]) -> dict[str, Any]:
+    """This session's record: the steps it trained and its training time (the loop's own count when it returned;
+    ``began``: the step and clock it started at)."""
+    seconds = summary.get("seconds", round(time.perf_counter() - began[1], 2))
+    return {"steps": state.step - began[0], "seconds": seconds}
+
+
+def record_session(info: dict[str, Any], session: dict[str, Any], resumed: bool) -> None:
+    """Put this session's steps and seconds in run.json: its ``resumes`` entry, or ``first_session``."""
+    resumes = info.get("resumes")
+    if not resumed:
+        info["first_session"] = session
+    elif isinstance(resumes, list) and resumes and isinstance(resumes[-1], dict):
+        resumes[-1].update(session)
+
+
+def run_time(info: dict[str, Any]) -> dict[str, Any]:
+    """The run's training time over its sessions (``total_seconds``), and how many sessions left none to count
+    (``untimed_sessions``: killed, or run by an sslkit that did not record it)."""
+    sessions = [info.get("first_session"), *(info.get("resumes") or [])]
+    timed = [x["seconds"] for x in sessions if isinstance(x, dict) and isinstance(x.get("seconds"), (int, float))]
+    return {"total_seconds": round(sum(timed), 2), "untimed_sessions": len(sessions) - len(timed)}
 
 
 def continued_record(s: Setup, state: run_state.RunState, old: dict[str, Any]) -> None:
@@ -147,16 +172,35 @@ def continued_record(s: Setup, state: run_state.RunState, old: dict[str, Any]) -
         s.info["run_id"] = old["run_id"]
     if isinstance(old.get("environment"), dict):
         s.info["environment"] = old["environment"]
+    first = first_session(old)
+    if first is not None:
+        s.info["first_session"] = first
     first = old.get("optimization")
     if isinstance(first, dict):
         s.info["optimization"].update({k: first[k] for k in ("processes", "batch_per_process") if k in first})
 
 
-def _end(s: Setup, events: Events, status: str, summary: dict[str, Any]) -> None:
-    """The final run.json (rank 0) and the ``on_run_end`` event."""
+def first_session(old: dict[str, Any]) -> dict[str, Any] | None:
+    """The first session's steps and seconds as run.json ``old`` recorded them; for a run recorded before
+    ``first_session`` existed, its ``summary`` when no resume came after that session (else None: unknown)."""
+    if isinstance(old.get("first_session"), dict):
+        return old["first_session"]
+    last = old.get("summary")
+    if old.get("resumes") or old.get("status") not in ("finished", "interrupted") or not isinstance(last, dict):
+        return None
+    steps, seconds = last.get("steps"), last.get("seconds")
+    ok = isinstance(steps, int) and isinstance(seconds, (int, float))
+    return {"steps": steps, "seconds": seconds} if ok else None
+
+
+def _end(s: Setup, events: Events, status: str, summary: dict[str, Any], session: dict[str, Any]) -> None:
+    """The final run.json (rank 0: with ``session``, this session's steps and seconds) and the ``on_run_end``
+    event."""
     if s.main:
         s.info["status"] = status
+        record_session(s.info, session, s.cfg.resume)
         if status in ("finished", "interrupted"):
+            summary.update(run_time(s.info))
             s.info["summary"] = {k: v for k, v in summary.items() if k != "main"}
         try:
             write_info(s)

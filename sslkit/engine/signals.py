@@ -25,7 +25,17 @@ from typing import Any
 from sslkit import distributed
 from sslkit.engine.log import note
 from sslkit.preempt import _PHASE, EXIT_REQUEUE, REQUEUE_SIGNALS, Preempted, preemptible  # noqa: F401 (re-exported)
+from sslkit.preempt import requeue_exit
 
+
+def _then(signum: int) -> str:
+    """What the stop note says comes next: after Ctrl-C, that a second one aborts; after a pre-emption
+    signal (which a second one does not hasten), the exit status a job script requeues on."""
+    if signum not in REQUEUE_SIGNALS:
+        return " (Ctrl-C again to abort now)"
+    code = requeue_exit()
+    return (f", then exiting {code} so that the job can be requeued" if code else
+            ", then exiting 0 (torchrun would restart on any other status; run.json says interrupted)")
 
 
 class StopSignal:
@@ -46,8 +56,7 @@ class StopSignal:
         self.requeue = self.requeue or signum in REQUEUE_SIGNALS
         if distributed.is_main():
             when = "at most two more steps (the processes agree on it)" if distributed.world_size() > 1 else "this step"
-            note(f"{signal.Signals(signum).name}: stopping after {when} and writing a checkpoint "
-                 f"(Ctrl-C again to abort now)")
+            note(f"{signal.Signals(signum).name}: stopping after {when} and writing a checkpoint{_then(signum)}")
 
     def __enter__(self) -> "StopSignal":
         _PHASE["loop"] = True  # from here on, preemptible() no longer unwinds the command
