@@ -195,6 +195,10 @@ def _given(cli: dict[str, Any], config_file: str | None) -> tuple[dict[str, Any]
     command line's, both checked."""
     file_values = read_file(config_file) if config_file else {}
     cli = check_values(cli, "command line")
+    if config_file:  # a run's config.toml written before its task or source gained an option: that run's value
+        from sslkit.run_record import with_legacy_options
+
+        file_values = with_legacy_options(Path(config_file), file_values, cli)
     return file_values, merge(_lr_layers(file_values, cli), cli)
 
 

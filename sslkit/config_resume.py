@@ -34,7 +34,7 @@ def resume_config(given: dict[str, Any]) -> RunConfig:
         raise UsageError(f"--resume: {file} is not a readable sslkit run.json")
     saved = check_values({k: v for k, v in saved.items() if k in FIELDS}, str(file))
     saved["data"] = resumed_data(given.get("data"), saved.get("data"), Path(out), info)
-    _fill_legacy_options(saved, info)
+    fill_legacy_options(saved, info)
     given = _typed_task_options(given, saved["task"])
     for key, value in given.items():
         if key in RESUMABLE_OVERRIDES:
@@ -143,20 +143,30 @@ def _typed_task_options(given: dict[str, Any], task: str) -> dict[str, Any]:
     return {**given, "task_options": {k: v for k, v in typed.items() if v is not None}}
 
 
-def _fill_legacy_options(saved: dict[str, Any], info: dict[str, Any] | None = None) -> None:
+def fill_legacy_options(saved: dict[str, Any], info: dict[str, Any] | None = None) -> list[str]:
     """Options the task or source gained after ``saved`` was recorded take the values that run used
-    (``Task.legacy_option_values``, ``Source.legacy_option_values``), so it resumes exactly as it started.
-    A source option counts as gained when run.json's ``source_options_resolved`` (every field the run's
-    source had) lacks it."""
+    (``Task.legacy_option_values``, ``Source.legacy_option_values``), so it repeats exactly as it started
+    (``--resume``; ``--config`` of a run's ``config.toml``: :func:`sslkit.run_record.with_legacy_options`).
+    A task option counts as gained where ``saved["task_options"]`` (every option the task had) lacks it; a source option
+    where ``info`` (the run's run.json) has ``source_options_resolved`` (every field the run's source had)
+    without it, or none at all. ``info`` None: the source options are left as they are (nothing says which
+    the run lacked). Returns the ``group.key`` of each option filled."""
     from sslkit.config_toml import source_options_of
     from sslkit.registry import get_source, get_task
 
+    filled = []
     legacy = getattr(get_task(saved["task"]), "legacy_option_values", None) or {}
+    mine = saved.get("task_options") or {}
     if legacy:
-        saved["task_options"] = {**legacy, **(saved.get("task_options") or {})}
-    scheme = source_options_of(saved.get("data"))[0]
+        filled += [f"task_options.{k}" for k in legacy if k not in mine]
+        saved["task_options"] = {**legacy, **mine}
+    scheme = source_options_of(saved.get("data"))[0] if info is not None else None
     resolved = (info or {}).get("source_options_resolved")
     legacy = (getattr(get_source(scheme), "legacy_option_values", None) or {}) if scheme else {}
     gained = {k: v for k, v in legacy.items() if not isinstance(resolved, dict) or k not in resolved}
+    mine = saved.get("source_options") or {}
     if gained:
-        saved["source_options"] = {**gained, **(saved.get("source_options") or {})}
+        filled += [f"source_options.{k}" for k in gained if k not in mine]
+        saved["source_options"] = {**gained, **mine}
+    return filled
+

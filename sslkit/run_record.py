@@ -129,3 +129,54 @@ def write_config_toml(out: Path, config: dict[str, Any], last: str | None = None
         return f"{CONFIG_TOML} not written: {exc}", None
     write_text_atomic(file, CONFIG_MARK + "\n" + text, overwrite=True)
     return None, file_sha256([file])
+
+
+def with_legacy_options(path: Path, file_values: dict[str, Any], cli: dict[str, Any]) -> dict[str, Any]:
+    """``file_values`` (read from the ``--config`` file ``path``) with each option its run's task or source
+    gained since sslkit wrote the file at the value that run used (as ``--resume`` does:
+    :func:`sslkit.config_resume.fill_legacy_options`), so the file reruns its run as its first line
+    promises; one note on stderr names them. Only a file of sslkit's (:func:`is_own_config`), for its own
+    task: a task option it lacks is one the task gained (such a file lists every task option, defaults
+    included). Its source options are those given only, so one it lacks is told gained only by the run.json
+    beside it that names this file by its sha256 (its ``source_options_resolved``), and for the same
+    source; else they keep today's defaults. A user's file is returned as it is."""
+    from sslkit.config_resume import fill_legacy_options
+    from sslkit.config_values import OPTION_GROUPS
+
+    task = file_values.get("task")
+    if not task or cli.get("task", task) != task or not is_own_config(path):
+        return file_values
+    info = _run_beside(path)
+    if info is not None and "data" in cli and not _same_source(cli["data"], file_values.get("data")):
+        info = None
+    values = {**file_values, **{k: dict(file_values[k]) for k in OPTION_GROUPS if isinstance(file_values.get(k), dict)}}
+    filled = fill_legacy_options(values, info)
+    if not filled:
+        return file_values
+    shown = ", ".join(f"{name} = {values[name.split('.')[0]][name.split('.')[1]]!r}" for name in filled)
+    print(f"note: {path} was written before {'this option' if len(filled) == 1 else 'these options'} existed; "
+          f"using the value its run had, as --resume does: {shown}", file=sys.stderr)
+    return values
+
+
+def _run_beside(path: Path) -> dict[str, Any] | None:
+    """The ``run.json`` beside ``path`` where its ``config_toml_sha256`` names that very file, else None."""
+    from sslkit.output_file import file_sha256
+
+    try:
+        info = json.loads((Path(path).parent / "run.json").read_text(encoding="utf-8"))
+        return info if isinstance(info, dict) and info.get("config_toml_sha256") == file_sha256([Path(path)]) \
+            else None
+    except (OSError, ValueError):  # none there, or not JSON
+        return None
+
+
+def _same_source(data: Any, recorded: Any) -> bool:
+    """Whether ``--data`` ``data`` is read by the source that read ``recorded``."""
+    from sslkit.config_toml import source_options_of
+    from sslkit.errors import UsageError
+
+    try:
+        return source_options_of(data)[0] == source_options_of(recorded)[0]
+    except UsageError:  # an unknown scheme: the run says so
+        return False

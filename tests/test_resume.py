@@ -213,15 +213,15 @@ def test_resume_takes_the_runs_own_task_options_typed_and_none_as_the_tasks_choi
 def test_an_option_whose_default_changed_takes_the_earlier_value_on_a_resume(task, option, earlier):
     """A run.json recorded before ``option`` existed resumes with the value those runs computed with
     (``Task.legacy_option_values``), not the new default; one recorded with it keeps its own."""
-    from sslkit.config_resume import _fill_legacy_options
+    from sslkit.config_resume import fill_legacy_options
     from sslkit.registry import get_task
 
     assert getattr(get_task(task).Options(), option) != earlier  # the default did change
     saved = {"task": task, "task_options": {}}
-    _fill_legacy_options(saved)
+    fill_legacy_options(saved)
     every = {"mae": {"target": "pixels"}, "simmim": {"target": "pixels", "visible_weight": 0.0},
              "inpainting": {"visible_weight": 0.0}}[task]  # each task's whole list of earlier values
     assert saved["task_options"] == every and saved["task_options"][option] == earlier
     own = {"task": task, "task_options": {option: "x"}}
-    _fill_legacy_options(own)
+    fill_legacy_options(own)
     assert own["task_options"][option] == "x"
