@@ -222,7 +222,10 @@ def views_record(augment: Any) -> dict[str, Any]:
     """The augmentation a run applies, as ``run.json`` records it (``views``): for its module and
     each submodule holding view recipes (dataclasses: :class:`ViewRecipe`, a volume recipe, a
     plugin's own), the class and every recipe's fields, ``--augment-opt`` overrides and the
-    engine's choices (``colour``) included, keyed by module path (``.`` for the top)."""
+    engine's choices (``colour``) included, keyed by module path (``.`` for the top). A compiled
+    augmentation (``--compile``: its ``_orig_mod``) records as the one it compiles."""
+    while hasattr(augment, "_orig_mod"):  # sslkit.engine.compiled.CompiledOrEager, torch's OptimizedModule
+        augment = augment._orig_mod
     if not isinstance(augment, nn.Module):
         return {".": {"class": type(augment).__name__}}
     out: dict[str, Any] = {}

@@ -42,6 +42,7 @@ from sslkit.init.resume import resumed_init
 from sslkit.optim import build_optimizer, uses_group_lr
 from sslkit.run import CHECKPOINTS, RunConfig, check_run_dir, environment
 from sslkit.spec import InputSpec
+from sslkit.views_resume import check_resumed_views
 
 
 @dataclass
@@ -168,6 +169,8 @@ def build(cfg: RunConfig, device: torch.device) -> Setup:
     if cfg.sync_bn and world > 1:
         task = torch.nn.SyncBatchNorm.convert_sync_batchnorm(task)
     augment = views_on_device(cfg, task, spec, device)
+    if cfg.resume:  # the views the run recorded, before a step trains on others (sslkit.views_resume)
+        on_main(lambda: check_resumed_views(cfg, augment))
     if cfg.compile and device.type == "cuda":  # the views fused too (on CPU inductor's compile costs more)
         augment = compile_views(augment)
     task.to(device)

@@ -1,0 +1,147 @@
+"""``--resume`` and the augmentation a run recorded (run.json ``views``): a task's recipe that
+changed since the run started is refused in one line before any step (exit 2, run.json as it
+was), naming what differs; a run without the record resumes with a note; a matching one as before.
+A tiny byol run stands for one started before a recipe change: its run.json ``views`` is edited to
+the old saturation 0.4 (today's byol recipes: 0.2)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import make_images
+
+ARGS = ["--task", "byol", "--backbone", "timm:test_resnet", "--image-size", "32", "--batch-size", "8",
+        "--checkpoint-every", "2", "--seed", "1", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def started(tmp_path_factory) -> Path:
+    """A byol run stopped at step 2 of what its resumes extend to 4 (--max-steps 4)."""
+    from click.testing import CliRunner
+
+    from sslkit.cli import main
+
+    root = tmp_path_factory.mktemp("views")
+    images = make_images(root / "img", n_per_class=8, size=32)
+    out = root / "run"
+    proc = CliRunner().invoke(main, ["pretrain", "--data", f"folder:{images}", "--out", str(out), *ARGS,
+                                     "--max-steps", "2"], catch_exceptions=False)
+    assert proc.exit_code == 0, proc.output
+    return out
+
+
+def copy_of(started: Path, tmp_path: Path, edit=None) -> Path:
+    run = tmp_path / "run"
+    shutil.copytree(started, run)
+    if edit is not None:
+        info = json.loads((run / "run.json").read_text())
+        edit(info)
+        (run / "run.json").write_text(json.dumps(info))
+    return run
+
+
+def old_saturation(info: dict) -> None:
+    for recipe in info["views"]["."]["recipes"]:
+        assert recipe["saturation"] == 0.2
+        recipe["saturation"] = 0.4
+
+
+def saturations(run: Path) -> list:
+    return [r["saturation"] for r in json.loads((run / "run.json").read_text())["views"]["."]["recipes"]]
+
+
+def test_a_matching_record_resumes_as_before(started, tmp_path, cli):
+    run = copy_of(started, tmp_path)
+    done = cli("pretrain", "--resume", run, "--max-steps", "4")
+    assert done.exit_code == 0, done.output
+    assert "note" not in done.output and "augmentation" not in done.output
+    assert "trained 2 of them (from step 2)" in done.output
+
+
+def test_a_changed_recipe_is_refused_in_one_line_before_any_step(started, tmp_path, cli):
+    run = copy_of(started, tmp_path, old_saturation)
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    for how in (["--resume", run], ["--resume", "auto", "--out", run]):
+        bad = cli("pretrain", *how, "--max-steps", "4")
+        assert bad.exit_code == 2
+        assert bad.output.strip() == (
+            "error: byol's augmentation changed since this run started (saturation 0.4 -> 0.2 in view 1 and 2); "
+            "this sslkit cannot continue it exactly: start a new run (or resume it with the sslkit it was started "
+            "with)")
+        assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+        assert sorted(p.name for p in (run / "checkpoints").iterdir()) == \
+            sorted(p.name for p in (started / "checkpoints").iterdir())
+
+
+def test_the_refusal_names_the_flags_that_continue_it_where_a_resume_takes_them(started, tmp_path, cli, monkeypatch):
+    """A resume refuses --augment-opt today (sslkit.config_resume); where it takes them (simulated here
+    by letting augment_options through), the refusal names them and they resume exactly as recorded."""
+    import sslkit.config_resume
+
+    monkeypatch.setattr(sslkit.config_resume, "RESUMABLE_OVERRIDES",
+                        sslkit.config_resume.RESUMABLE_OVERRIDES | {"augment_options"})
+    run = copy_of(started, tmp_path, old_saturation)
+    bad = cli("pretrain", "--resume", run, "--max-steps", "4")
+    assert bad.exit_code == 2
+    assert bad.output.strip() == ("error: byol's augmentation changed since this run started (saturation 0.4 -> 0.2 "
+                                  "in view 1 and 2); to continue it exactly: --augment-opt saturation=0.4")
+    ok = cli("pretrain", "--resume", run, "--max-steps", "4", "--augment-opt", "saturation=0.4")
+    assert ok.exit_code == 0, ok.output
+    assert "trained 2 of them (from step 2)" in ok.output
+    assert saturations(run) == [0.4, 0.4]
+
+
+def test_a_change_no_flag_restores_is_refused_without_one(started, tmp_path, cli, monkeypatch):
+    import sslkit.config_resume
+
+    monkeypatch.setattr(sslkit.config_resume, "RESUMABLE_OVERRIDES",
+                        sslkit.config_resume.RESUMABLE_OVERRIDES | {"augment_options"})
+
+    def uneven(info):  # one view's saturation, the other's blur: --augment-opt sets every view alike
+        info["views"]["."]["recipes"][0]["saturation"] = 0.4
+        info["views"]["."]["recipes"][1]["blur_p"] = 0.3
+
+    run = copy_of(started, tmp_path, uneven)
+    bad = cli("pretrain", "--resume", run, "--max-steps", "4")
+    assert bad.exit_code == 2
+    assert bad.output.strip() == (
+        "error: byol's augmentation changed since this run started (saturation 0.4 -> 0.2 in view 1; "
+        "blur_p 0.3 -> 0.0 in view 2); this sslkit cannot continue it exactly: start a new run (or resume it "
+        "with the sslkit it was started with)")
+
+
+def test_a_run_without_a_views_record_resumes_with_one_note(started, tmp_path, cli):
+    run = copy_of(started, tmp_path, lambda info: info.pop("views"))
+    done = cli("pretrain", "--resume", run, "--max-steps", "4")
+    assert done.exit_code == 0, done.output
+    notes = [line for line in done.output.splitlines() if "augmentation" in line]
+    assert notes == ["sslkit: note: this run's augmentation was not recorded (run.json before views records); "
+                     "its remaining steps use today's byol views"]
+    assert "trained 2 of them (from step 2)" in done.output
+
+
+def test_a_compiled_augmentation_records_the_views_it_compiles():
+    import torch
+
+    from sslkit.engine.compiled import compile_views
+    from sslkit.views import MultiView, byol_recipes, views_record
+
+    views = MultiView(byol_recipes(32), [0.5] * 3, [0.2] * 3)
+    eager = views_record(views)
+    assert [r["saturation"] for r in eager["."]["recipes"]] == [0.2, 0.2]
+    assert views_record(compile_views(views)) == eager
+    assert views_record(torch.compile(views)) == eager
+
+
+def test_a_compiled_runs_wrapper_only_record_resumes_with_one_note(started, tmp_path, cli):
+    """--compile runs recorded the compile wrapper's class alone (no recipes): not a change of views."""
+    run = copy_of(started, tmp_path, lambda info: info.update(views={".": {"class": "CompiledOrEager"}}))
+    done = cli("pretrain", "--resume", run, "--max-steps", "4")
+    assert done.exit_code == 0, done.output
+    assert [line for line in done.output.splitlines() if "augmentation" in line] == [
+        "sslkit: note: this run's augmentation was not recorded (a --compile run recorded its wrapper alone); its "
+        "remaining steps use today's byol views"]
