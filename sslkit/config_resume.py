@@ -1,8 +1,8 @@
-"""``sslkit pretrain --resume``: the configuration a run was started with, read back from
-its ``run.json`` (:func:`resume_config`). Only the settings that keep the run exact
-(``RESUMABLE_OVERRIDES``) may differ from what the run recorded; ``--data`` may name the
-recorded data's place spelled otherwise (:func:`resumed_data`). ``--quiet`` is not inherited: it
-silences the session it is given to."""
+"""``sslkit pretrain --resume``: the configuration a run was started with, read back from its ``run.json``
+(:func:`resume_config`). Only the settings that keep the run exact (``RESUMABLE_OVERRIDES``; ``--augment-opt``
+where run.json records the views) may differ from what the run recorded; ``--data`` may name the recorded data's
+place spelled otherwise (:func:`resumed_data`). ``--quiet`` is not inherited: it silences the session it is
+given to."""
 
 from __future__ import annotations
 
@@ -36,8 +36,11 @@ def resume_config(given: dict[str, Any]) -> RunConfig:
     saved["data"] = resumed_data(given.get("data"), saved.get("data"), Path(out), info)
     fill_legacy_options(saved, info)
     given = _typed_task_options(given, saved["task"])
+    # --augment-opt may differ where run.json records the views (recipes): the resume's views check
+    # (sslkit.views_resume) then holds the built views to that record, so it only gives back the run's own
+    settable = RESUMABLE_OVERRIDES | ({"augment_options"} if _views_recorded(info) else set())
     for key, value in given.items():
-        if key in RESUMABLE_OVERRIDES:
+        if key in settable:
             continue
         now = saved.get(key)
         if key in OPTION_GROUPS:
@@ -54,7 +57,7 @@ def resume_config(given: dict[str, Any]) -> RunConfig:
                 f"--resume continues the run exactly as it was configured: {key} was {plain(now)!r}, "
                 f"not {plain(value)!r}; start a new run to change it"
             )
-    values = {**saved, **{k: v for k, v in given.items() if k in RESUMABLE_OVERRIDES}}
+    values = {**saved, **{k: v for k, v in given.items() if k in settable}}
     # this session's flags (run.json's config never holds them: sslkit.run_record.recorded_config)
     values.update(resume=True, overwrite=False, out=out,
                   allow_data_change=bool(given.get("allow_data_change")))  # per resume, never inherited
@@ -129,6 +132,12 @@ def _same(given: Any, recorded: Any) -> bool:
 
     parts = [parse_values({"v": p.strip()})["v"] for p in given.split(",")]
     return plain(recorded) in ([parts] if len(parts) > 1 else [parts[0], parts])
+
+
+def _views_recorded(info: dict[str, Any]) -> bool:
+    """Whether run.json's ``views`` holds the run's view recipes (not absent, not a compile wrapper's class alone)."""
+    views = info.get("views")
+    return isinstance(views, dict) and any(isinstance(e, dict) and set(e) - {"class"} for e in views.values())
 
 
 def _typed_task_options(given: dict[str, Any], task: str) -> dict[str, Any]:

@@ -70,37 +70,29 @@ def test_a_changed_recipe_is_refused_in_one_line_before_any_step(started, tmp_pa
         assert bad.exit_code == 2
         assert bad.output.strip() == (
             "error: byol's augmentation changed since this run started (saturation 0.4 -> 0.2 in view 1 and 2); "
-            "this sslkit cannot continue it exactly: start a new run (or resume it with the sslkit it was started "
-            "with)")
+            "to continue it exactly: --augment-opt saturation=0.4")
         assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
         assert sorted(p.name for p in (run / "checkpoints").iterdir()) == \
             sorted(p.name for p in (started / "checkpoints").iterdir())
 
 
-def test_the_refusal_names_the_flags_that_continue_it_where_a_resume_takes_them(started, tmp_path, cli, monkeypatch):
-    """A resume refuses --augment-opt today (sslkit.config_resume); where it takes them (simulated here
-    by letting augment_options through), the refusal names them and they resume exactly as recorded."""
-    import sslkit.config_resume
-
-    monkeypatch.setattr(sslkit.config_resume, "RESUMABLE_OVERRIDES",
-                        sslkit.config_resume.RESUMABLE_OVERRIDES | {"augment_options"})
+def test_the_flags_the_refusal_names_continue_it_as_recorded(started, tmp_path, cli):
+    """A resume takes --augment-opt where run.json records the views (sslkit.config_resume): the flags the
+    refusal names resume it on the recorded views; other values are refused by the same check."""
     run = copy_of(started, tmp_path, old_saturation)
     bad = cli("pretrain", "--resume", run, "--max-steps", "4")
     assert bad.exit_code == 2
     assert bad.output.strip() == ("error: byol's augmentation changed since this run started (saturation 0.4 -> 0.2 "
                                   "in view 1 and 2); to continue it exactly: --augment-opt saturation=0.4")
+    other = cli("pretrain", "--resume", run, "--max-steps", "4", "--augment-opt", "saturation=0.3")
+    assert other.exit_code == 2 and "saturation 0.4 -> 0.3 in view 1 and 2" in other.output
     ok = cli("pretrain", "--resume", run, "--max-steps", "4", "--augment-opt", "saturation=0.4")
     assert ok.exit_code == 0, ok.output
     assert "trained 2 of them (from step 2)" in ok.output
     assert saturations(run) == [0.4, 0.4]
 
 
-def test_a_change_no_flag_restores_is_refused_without_one(started, tmp_path, cli, monkeypatch):
-    import sslkit.config_resume
-
-    monkeypatch.setattr(sslkit.config_resume, "RESUMABLE_OVERRIDES",
-                        sslkit.config_resume.RESUMABLE_OVERRIDES | {"augment_options"})
-
+def test_a_change_no_flag_restores_is_refused_without_one(started, tmp_path, cli):
     def uneven(info):  # one view's saturation, the other's blur: --augment-opt sets every view alike
         info["views"]["."]["recipes"][0]["saturation"] = 0.4
         info["views"]["."]["recipes"][1]["blur_p"] = 0.3

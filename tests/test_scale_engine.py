@@ -20,11 +20,21 @@ from tests.conftest import make_images
 HEADER = ["step", "epoch", "loss", "lr", "img_per_s", "z_norm"]
 
 
-def csv_text(rows) -> str:
-    """``rows`` as the csv module writes them (``\\r\\n`` after each)."""
+def csv_text(rows, end: str = "\n") -> str:
+    """``rows`` as metrics.csv holds them (``\\n`` after each; ``end="\\r\\n"``: the csv module's default, an
+    older sslkit's file)."""
     buf = io.StringIO(newline="")
-    csv.writer(buf).writerows(rows)
+    csv.writer(buf, lineterminator=end).writerows(rows)
     return buf.getvalue()
+
+
+def assert_same_text(got: str, expected: str) -> None:
+    """``got == expected`` for files of megabytes, failing on the first line that differs (pytest's own
+    diff of two 10 MB strings runs for many minutes)."""
+    if got != expected:
+        pairs = zip(got.splitlines(keepends=True), expected.splitlines(keepends=True))
+        first = next(((i, a, b) for i, (a, b) in enumerate(pairs) if a != b), None)
+        raise AssertionError(f"first differing line {first}" if first else f"{len(got)} vs {len(expected)} chars")
 
 
 def text(path: Path) -> str:
@@ -41,8 +51,7 @@ def test_resume_cuts_metrics_csv_back_streaming_with_bounded_memory(tmp_path):
     below the file's size (reading every row into a list took ~9x the file)."""
     n, start = 200_000, 150_000
     path = tmp_path / "metrics.csv"
-    with open(path, "w", newline="") as f:
-        csv.writer(f).writerows([HEADER, *map(row, range(1, n + 1))])
+    path.write_text(csv_text([HEADER, *map(row, range(1, n + 1))], end="\r\n"), newline="")  # an older file
     size = path.stat().st_size
     expected = csv_text([HEADER, *map(row, range(1, start + 1))])
 
@@ -54,13 +63,13 @@ def test_resume_cuts_metrics_csv_back_streaming_with_bounded_memory(tmp_path):
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-    assert text(path) == expected
+    assert_same_text(text(path), expected)  # its CRLF rows rewritten with LF
     assert peak < size / 10, f"peak {peak} bytes while cutting back a {size}-byte file"
     assert not [p for p in tmp_path.iterdir() if p.name != "metrics.csv"]  # no temporary file left
 
     callback.on_step_end(start + 1, {"epoch": 150, "loss": 0.5, "lr": 0.25, "img_per_s": 10.0, "z_norm": 1.0})
     callback.on_run_end({})
-    assert text(path) == expected + csv_text([[start + 1, 150, "0.5", "0.25", "10.0", "1"]])
+    assert_same_text(text(path), expected + csv_text([[start + 1, 150, "0.5", "0.25", "10.0", "1"]]))
 
 
 def test_resume_of_an_empty_or_header_only_metrics_csv(tmp_path):
