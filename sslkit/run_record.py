@@ -161,14 +161,11 @@ def with_legacy_options(path: Path, file_values: dict[str, Any], cli: dict[str, 
 
 def _run_beside(path: Path) -> dict[str, Any] | None:
     """The ``run.json`` beside ``path`` where its ``config_toml_sha256`` names that very file, else None."""
-    from sslkit.output_file import file_sha256
+    from sslkit.output_file import file_sha256, read_json
+    from sslkit.run import RUN_JSON
 
-    try:
-        info = json.loads((Path(path).parent / "run.json").read_text(encoding="utf-8"))
-        return info if isinstance(info, dict) and info.get("config_toml_sha256") == file_sha256([Path(path)]) \
-            else None
-    except (OSError, ValueError):  # none there, or not JSON
-        return None
+    info = read_json(Path(path).parent / RUN_JSON)  # {}: none there, or not a JSON object
+    return info if info and info.get("config_toml_sha256") == file_sha256([Path(path)]) else None
 
 
 def _same_source(data: Any, recorded: Any) -> bool:

@@ -6,12 +6,13 @@ one line, naming what differs and, where ``--augment-opt`` restores it, the flag
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Any
 
 from sslkit.errors import UsageError
+from sslkit.output_file import read_json
+from sslkit.run import RUN_JSON
 from sslkit.views import views_record
 
 #: the views record of a --compile run before views_record looked through the compile wrapper: no recipes
@@ -24,11 +25,10 @@ def check_resumed_views(cfg: Any, augment: Any) -> None:
     """On a resume of ``cfg.out``: nothing when its ``views`` record equals ``augment``'s; a note
     when run.json has none (a run before views were recorded: today's are used); else a
     :class:`UsageError` naming the differences and how to continue exactly, or that it cannot."""
-    try:
-        info = json.loads((Path(cfg.out) / "run.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):  # the resume's config read it; a file gone since is the run's own error
+    info = read_json(Path(cfg.out) / RUN_JSON)
+    if not info:  # the resume's config read it; a file gone since is the run's own error
         return
-    recorded = info.get("views") if isinstance(info, dict) else None
+    recorded = info.get("views")
     if recorded is None or recorded in COMPILED_ONLY:
         why = "run.json before views records" if recorded is None else "a --compile run recorded its wrapper alone"
         print(f"sslkit: note: this run's augmentation was not recorded ({why}); its remaining steps use today's "
