@@ -338,7 +338,8 @@ def _check_printed(values: dict[str, Any]) -> None:
     data = _probe_data(cfg)
     if data is None:
         return
-    cfg = dataclasses.replace(cfg, data=data, init=None)
+    cfg = dataclasses.replace(cfg, data=data, init=None, init_freeze_steps=None, init_lr_scale=None,
+                              layer_decay=None)  # the continued-pretraining flags go with --init
     check_sample_memory(cfg)
     check_channels_last(cfg, check_pairing(cfg.backbone, cfg))
 

@@ -50,3 +50,17 @@ def test_print_config_still_prints_a_pairing_the_run_takes(cli, tmp_path, monkey
                  "monai:resnet10", "--sample", "volume", "--volume-size", "8,8,8", "--print-config")
     assert volume.exit_code == 0, volume.output
     assert 'backbone = "monai:resnet10"' in volume.stdout
+
+
+def test_print_config_prints_the_continued_pretraining_flags(cli, tmp_path):
+    """``--init`` with ``--init-freeze-steps`` / ``--init-lr-scale`` / ``--layer-decay`` prints (the checks
+    probe the run without its weights: they once dropped ``--init`` but kept its flags and refused them)."""
+    weights = tmp_path / "w.safetensors"
+    weights.write_bytes(b"not read by --print-config")
+    printed = cli("pretrain", "--task", "mae", "--init", weights, "--init-freeze-steps", "0",
+                  "--init-lr-scale", "0.3", "--layer-decay", "0.75", "--print-config")
+    assert printed.exit_code == 0, printed.output
+    for line in ("init_freeze_steps = 0", "init_lr_scale = 0.3", "layer_decay = 0.75"):
+        assert line in printed.stdout.splitlines(), line
+    alone = cli("pretrain", "--task", "mae", "--init-lr-scale", "0.3", "--print-config")
+    assert alone.exit_code == 2 and "give --init too" in alone.stderr
