@@ -89,15 +89,12 @@ def _started_data(recorded: str, run_dir: Path, info: dict[str, Any]) -> str | N
     """Where the run's relative ``--data`` was when it started: its ``config.toml``'s absolute ``data``
     (:func:`sslkit.run_record.located`), read only from the file sslkit wrote and run.json names by its
     sha256; None where ``recorded`` was not a relative path, or without that file."""
-    from sslkit.output_file import file_sha256
-    from sslkit.run_record import CONFIG_TOML, is_own_config, split_data
+    from sslkit.run_record import CONFIG_TOML, is_own_config, names_config, split_data
 
     file = run_dir / CONFIG_TOML
-    if not info.get("config_toml_sha256") or not is_own_config(file):
+    if not is_own_config(file) or not names_config(info, file):
         return None
     try:
-        if file_sha256([file]) != info["config_toml_sha256"]:
-            return None
         data = tomllib.loads(file.read_text(encoding="utf-8")).get("data")
     except (OSError, ValueError):  # ValueError: not TOML, or bytes that are not UTF-8
         return None

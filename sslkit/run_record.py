@@ -161,11 +161,22 @@ def with_legacy_options(path: Path, file_values: dict[str, Any], cli: dict[str, 
 
 def _run_beside(path: Path) -> dict[str, Any] | None:
     """The ``run.json`` beside ``path`` where its ``config_toml_sha256`` names that very file, else None."""
-    from sslkit.output_file import file_sha256, read_json
+    from sslkit.output_file import read_json
     from sslkit.run import RUN_JSON
 
     info = read_json(Path(path).parent / RUN_JSON)  # {}: none there, or not a JSON object
-    return info if info and info.get("config_toml_sha256") == file_sha256([Path(path)]) else None
+    return info if names_config(info, Path(path)) else None
+
+
+def names_config(info: dict[str, Any], file: Path) -> bool:
+    """Whether run.json's ``info`` names ``file`` by its ``config_toml_sha256`` (the config.toml written
+    with that run, unedited); False where it records none or the file cannot be read."""
+    from sslkit.output_file import file_sha256
+
+    try:
+        return bool(info.get("config_toml_sha256")) and file_sha256([file]) == info["config_toml_sha256"]
+    except OSError:
+        return False
 
 
 def _same_source(data: Any, recorded: Any) -> bool:
