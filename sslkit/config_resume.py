@@ -155,8 +155,9 @@ def fill_legacy_options(saved: dict[str, Any], info: dict[str, Any] | None = Non
     (``--resume``; ``--config`` of a run's ``config.toml``: :func:`sslkit.run_record.with_legacy_options`).
     A task option counts as gained where ``saved["task_options"]`` (every option the task had) lacks it; a source option
     where ``info`` (the run's run.json) has ``source_options_resolved`` (every field the run's source had)
-    without it, or none at all. ``info`` None: the source options are left as they are (nothing says which
-    the run lacked). Returns the ``group.key`` of each option filled."""
+    without it, or none at all; a source's legacy value may be a function of the ``describe()`` record the
+    run holds (its ``input_spec.preprocessing``), for an option whose old behaviour changed before it existed.
+    ``info`` None: the source options are left as they are (nothing says which the run lacked). Returns the ``group.key`` of each option filled."""
     from sslkit.config_toml import source_options_of
     from sslkit.registry import get_source, get_task
 
@@ -169,7 +170,10 @@ def fill_legacy_options(saved: dict[str, Any], info: dict[str, Any] | None = Non
     scheme = source_options_of(saved.get("data"))[0] if info is not None else None
     resolved = (info or {}).get("source_options_resolved")
     legacy = (getattr(get_source(scheme), "legacy_option_values", None) or {}) if scheme else {}
-    gained = {k: v for k, v in legacy.items() if not isinstance(resolved, dict) or k not in resolved}
+    described = ((info or {}).get("input_spec") or {}).get("preprocessing")
+    described = described if isinstance(described, dict) else {}  # the source's describe() as the run recorded it
+    gained = {k: v(described) if callable(v) else v for k, v in legacy.items()
+              if not isinstance(resolved, dict) or k not in resolved}
     mine = saved.get("source_options") or {}
     if gained:
         filled += [f"source_options.{k}" for k in gained if k not in mine]

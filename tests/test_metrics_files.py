@@ -98,6 +98,44 @@ def test_a_full_disk_stops_the_run_in_one_line_and_resume_logs_every_step_once(t
     assert json.loads((out / "run.json").read_text())["status"] == "finished"
 
 
+def test_a_resume_whose_metrics_csv_cannot_be_rewritten_is_recorded_failed(tmp_path, monkeypatch, cli):
+    """The resume's metrics.csv rewrite (on_run_start) ran before the session recorded failures: a full disk
+    there stopped the run in one line, but run.json kept the status the resume found ("interrupted")."""
+    images = make_images(tmp_path / "img", n_per_class=8, size=32)
+    out = tmp_path / "run"
+    assert cli("pretrain", "--data", f"folder:{images}", "--out", out, *ARGS).exit_code == 0
+    for ckpt in (out / "checkpoints").glob("step-*"):  # as if interrupted after step 4
+        if int(ckpt.name.split("-")[1].split(".")[0]) > 4:
+            ckpt.unlink() if ckpt.is_file() else __import__("shutil").rmtree(ckpt)
+    (out / "metrics.csv").write_text("".join((out / "metrics.csv").read_text().splitlines(True)[:5]))
+    info = json.loads((out / "run.json").read_text())
+    info["status"] = "interrupted"
+    (out / "run.json").write_text(json.dumps(info))
+    kept = {p: p.read_bytes() for p in sorted((out / "checkpoints").rglob("*")) if p.is_file()}
+    metrics_before = (out / "metrics.csv").read_bytes()
+
+    def full_disk_open(path, mode="r", **kw):  # the rewrite's temporary file: no room
+        if mode == "w":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return builtins.open(path, mode, **kw)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(csv_callback, "open", full_disk_open, raising=False)
+        failed = cli("pretrain", "--resume", out, "--quiet")
+    assert failed.exit_code == 2, failed.output
+    assert failed.stderr.strip().splitlines() == [
+        f"error: cannot write {str(out / 'metrics.csv')!r}: No space left on device; the run stops at step 4, the "
+        f"last good checkpoint, step-00000004, is kept: free space, then --resume"]
+    assert json.loads((out / "run.json").read_text())["status"] == "failed"
+    assert {p: p.read_bytes() for p in sorted((out / "checkpoints").rglob("*")) if p.is_file()} == kept
+    assert (out / "metrics.csv").read_bytes() == metrics_before
+
+    resumed = cli("pretrain", "--resume", out, "--quiet")  # room again
+    assert resumed.exit_code == 0, resumed.output
+    assert [int(r["step"]) for r in rows_of(out / "metrics.csv")] == list(range(1, 9))
+    assert json.loads((out / "run.json").read_text())["status"] == "finished"
+
+
 class Row:
     """A callback whose ``on_step_end`` raises ``exc``."""
 
@@ -244,3 +282,39 @@ def test_tensorboard_resumed_from_step_0_logs_each_step_once(tmp_path):
     events = EventAccumulator(str(tmp_path / "tensorboard"))
     events.Reload()
     assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [(s, s + 20) for s in range(1, 6)]
+
+
+class Started:
+    """A plugin's callback that keeps what on_run_start gave it and needs it in on_run_end."""
+
+    def __init__(self) -> None:
+        self.events: list[str] = []
+
+    def on_run_start(self, run):
+        self.events.append("on_run_start")
+        self.out = run.out
+
+    def on_run_end(self, summary):
+        self.events.append(f"on_run_end {summary['status']} {self.out}")
+
+
+def test_a_failed_start_ends_only_the_callbacks_that_started(tmp_path, capsys):
+    """A built-in's on_run_start that cannot write stops the run; a callback after it never got on_run_start,
+    so it gets no on_run_end either (it read state on_run_start sets: an AttributeError line); one before
+    it started and ends."""
+    full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "metrics.csv"))
+
+    class FailingStart(Row):
+        def on_run_start(self, run):
+            raise self.exc
+
+    before, after = Started(), Started()
+    events = Events([("'b' (plugin 'b')", before, False), ("'csv' (plugin 'csv')", FailingStart(full), True),
+                     ("'a' (plugin 'a')", after, False)])
+    with pytest.raises(UsageError):
+        events.emit("on_run_start", RunInfo(tmp_path, {}, 4, 10, 0, 1))
+    events.emit("on_run_end", {"status": "failed", "steps": 4})
+    assert before.events == ["on_run_start", f"on_run_end failed {tmp_path}"]
+    assert after.events == []
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "callback 'csv' (plugin 'csv') in on_run_end: cannot write" in err[0], err

@@ -13,7 +13,10 @@ animated image only the first page (frame) is used. A palette image (PNG, BMP or
 TIFF) gives its colours, never its indices: RGB, or one channel where every palette entry
 is grey. A JPEG is turned upright by its EXIF orientation. Float pixels holding NaN or inf
 are a skipped file, and an image far larger than any training size is reduced while it is
-decoded (``folder_decode``), so memory stays near the final image's.
+decoded (``folder_decode``), so memory stays near the final image's. ``--data-opt
+exif_orientation=false`` keeps JPEGs as stored and ``--data-opt reduce_large=false`` never reduces:
+how runs recorded before 2026-12-05 decoded, which is how they resume (runs recorded since, before
+these options, resume turning and reducing: :attr:`FolderSource.legacy_option_values`).
 Splits group files by the ``group`` regex (``--data-opt group='^(patient[0-9]+)/'``):
 files whose relative path gives the same match (first capture group, else the whole
 match) stay on one side; without a match a file is its own group.
@@ -40,6 +43,8 @@ TIFF = {".tif", ".tiff"}
 @dataclass
 class FolderOptions:
     group: str = ""  # regex on the path relative to PATH; its match is the split group
+    exif_orientation: bool = True  # JPEG: turn upright by its EXIF orientation (false: as stored, as before 2026-12-05)
+    reduce_large: bool = True  # shorter side >= 2 x max(2048, 2 x sample side): reduce while decoding (false: never)
 
     def __post_init__(self) -> None:
         try:
@@ -61,15 +66,21 @@ class FolderSource(Source):
     scheme = "folder"
     Options = FolderOptions
     options_not_in_cache_key = frozenset({"group"})  # split groups only: the same pixels
+    #: how a run recorded before these options existed decoded, read from the describe() it recorded: runs
+    #: before 2026-12-05 neither turned nor reduced (their record holds only "scale"), later ones did both
+    legacy_option_values = {"exif_orientation": lambda described: "orientation" in described,
+                            "reduce_large": lambda described: "reduce" in described}
     _decode_side: int | None | bool = False  # set: that side (None: never reduce); False: the rule below
 
     @property
     def decode_side(self) -> int | None:
         """An image whose shorter side is at least twice this is reduced while decoding, to no less than
         this: DECODE_SIDE, or twice the run's sample side (``Source.sample_side``) where that is larger,
-        so no detail the run keeps is lost."""
+        so no detail the run keeps is lost; None (never reduce) with ``reduce_large=false``."""
         if self._decode_side is not False:
             return self._decode_side
+        if not self.options.reduce_large:
+            return None
         return max(DECODE_SIDE, 2 * (getattr(self, "sample_side", None) or 0))
 
     @decode_side.setter
@@ -118,14 +129,17 @@ class FolderSource(Source):
             return tiff_array(ref.path, limit=self.max_pixels, side=self.decode_side)
         with open_image(ref.path) as img:
             check_pixel_count(img.width, img.height, self.max_pixels)  # from the header, before decoding
-            return pil_pixels(img, self.decode_side, self.max_pixels)
+            return pil_pixels(img, self.decode_side, self.max_pixels, self.options.exif_orientation)
 
     def orientation(self) -> str:
         """How :meth:`load` lays its arrays out (for ``sslkit data dump``)."""
-        return "as stored (rows, columns); a JPEG turned upright by its EXIF orientation"
+        upright = "; a JPEG turned upright by its EXIF orientation" if self.options.exif_orientation else ""
+        return "as stored (rows, columns)" + upright
 
     def describe(self) -> dict:
-        out = {"scale": "8-bit / 255, 16-bit / 65535, float min-max", "orientation": "JPEG: upright by EXIF"}
+        out = {"scale": "8-bit / 255, 16-bit / 65535, float min-max"}  # all that runs before 2026-12-05 recorded
+        if self.options.exif_orientation:
+            out["orientation"] = "JPEG: upright by EXIF"
         if self.decode_side:  # in the cache key: an entry decoded another way is not reused
             out["reduce"] = f"shorter side >= {2 * self.decode_side}: to >= {self.decode_side} while decoding"
         return out

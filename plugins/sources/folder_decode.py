@@ -88,9 +88,11 @@ def check_decoded_bytes(width: int, height: int, samples: int, itemsize: int, li
                           f"{BYTES_PER_LIMIT_PIXEL} x the pixel limit of {limit:,} (--max-pixels raises it)")
 
 
-def pil_pixels(img: Image.Image, side: int | None = DECODE_SIDE, limit: int | None = None) -> np.ndarray:
+def pil_pixels(img: Image.Image, side: int | None = DECODE_SIDE, limit: int | None = None,
+               upright: bool = True) -> np.ndarray:
     """An opened image's pixels, float32 ``(C, H, W)`` in [0, 1] (see the module docstring); a 16-bit
-    colour PNG is refused from its header beyond :func:`check_decoded_bytes`'s ``limit``."""
+    colour PNG is refused from its header beyond :func:`check_decoded_bytes`'s ``limit``. ``upright``: a
+    JPEG is turned by its EXIF orientation (False: as stored)."""
     f, raw = reduce_factor(img.width, img.height, side), _png16_rawmode(img)
     if raw:
         check_decoded_bytes(img.width, img.height, _PNG16_SAMPLES[raw], 2, limit)
@@ -100,13 +102,13 @@ def pil_pixels(img: Image.Image, side: int | None = DECODE_SIDE, limit: int | No
             wide = None
         if wide is not None:  # alpha already dropped; box means of the 16-bit values where reduced
             return unit_floats(wide, f)
-    x = pil_to_array(pil_decoded(img, side))
+    x = pil_to_array(pil_decoded(img, side, upright))
     return x[:1] if raw == "LA;16B" else x  # at 8 bits (a Pillow whose internals differ): RGBA of one grey
 
 
-def pil_decoded(img: Image.Image, side: int | None) -> Image.Image:
+def pil_decoded(img: Image.Image, side: int | None, upright: bool = True) -> Image.Image:
     """``img`` decoded (reduced while decoding where :func:`reduce_factor` says so) and, for a
-    photo (JPEG), turned upright by its EXIF orientation as a viewer shows it."""
+    photo (JPEG) with ``upright``, turned upright by its EXIF orientation as a viewer shows it."""
     photo = img.format in ("JPEG", "MPO")
     if photo:
         check_jpeg_holds(img)
@@ -114,7 +116,7 @@ def pil_decoded(img: Image.Image, side: int | None) -> Image.Image:
     if photo and f > 1:
         img.draft(img.mode, (img.width // f, img.height // f))  # DCT scaling: 1/2, 1/4 or 1/8
     img.load()
-    if photo and img.getexif().get(_ORIENTATION, 1) != 1:
+    if photo and upright and img.getexif().get(_ORIENTATION, 1) != 1:
         img = ImageOps.exif_transpose(img)
     f = reduce_factor(img.width, img.height, side)
     if f == 1:

@@ -81,7 +81,9 @@ class Source:
     options_not_in_cache_key: ClassVar[frozenset[str]] = frozenset()
     #: ``Options`` fields added after runs with the source were recorded, each with the value those runs
     #: used: ``--resume`` of a ``run.json`` whose ``source_options_resolved`` lacks the field continues with
-    #: this value, not today's default (as ``Task.legacy_option_values``)
+    #: this value, not today's default (as ``Task.legacy_option_values``). A value may instead be a
+    #: function of the :meth:`describe` record the run holds (``dict -> value``; ``{}`` where it holds
+    #: none), where runs recorded before the field existed decoded in more than one way
     legacy_option_values: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, location: str, options: Any = None) -> None:

@@ -235,25 +235,36 @@ class Events:
             self.step = args[0]
         full = event != "on_step_end"  # every checkpoint's files around the (few) other events
         before = None  # the files as the next watched call finds them
-        for label, cb in list(self.active):
-            method = getattr(cb, event, None)
-            if method is None:
-                continue
-            watched = self.files is not None and label not in self.builtin and (full or args[0] % STEP_WATCH_EVERY == 0)
-            if watched and before is None:
-                before = self.files.current(full)
-            try:
-                method(*args)
-            except (OSError, UsageError) as exc:  # a write that failed: a full disk, mostly
-                if label in self.builtin:
-                    self._builtin_failed(label, event, args, exc)
-                else:
-                    self._report(label, cb, event, exc)
-            except (Exception, SystemExit) as exc:  # a logger must not take the run down, nor its sys.exit()
-                if label in self.builtin:  # a bug of sslkit's own: raised as it is (see _builtin_failed)
-                    raise
+        calls, at = list(self.active), len(self.active)
+        try:
+            for at, (label, cb) in enumerate(calls):
+                method = getattr(cb, event, None)
+                if method is None:
+                    continue
+                watched = (self.files is not None and label not in self.builtin
+                           and (full or args[0] % STEP_WATCH_EVERY == 0))
+                if watched and before is None:
+                    before = self.files.current(full)
+                self._call(label, cb, method, event, args)
+                before = self._check_files(label, cb, event, before, full) if watched else None
+            at = len(calls)
+        finally:  # a built-in's failed start stops the run: the callbacks after it never started, so they get
+            if event == "on_run_start":  # no on_run_end either
+                for label, cb in calls[at + 1:]:
+                    self._disable(label, cb)
+
+    def _call(self, label: str, cb: Any, method: Any, event: str, args: tuple) -> None:
+        try:
+            method(*args)
+        except (OSError, UsageError) as exc:  # a write that failed: a full disk, mostly
+            if label in self.builtin:
+                self._builtin_failed(label, event, args, exc)
+            else:
                 self._report(label, cb, event, exc)
-            before = self._check_files(label, cb, event, before, full) if watched else None
+        except (Exception, SystemExit) as exc:  # a logger must not take the run down, nor its sys.exit()
+            if label in self.builtin:  # a bug of sslkit's own: raised as it is (see _builtin_failed)
+                raise
+            self._report(label, cb, event, exc)
 
     def _report(self, label: str, cb: Any, event: str, exc: BaseException) -> None:
         self._disable(label, cb)

@@ -103,11 +103,11 @@ def run(s: Setup, lock: RunLock | None = None, callbacks: list[tuple[str, Any]] 
         continued_record(s, state, old)  # the run.json _prepare read under the run's lock
     write_info(s)
     events = Events(create_callbacks(s.cfg.callbacks) if callbacks is None else callbacks, s.rank)
-    events.emit("on_run_start", RunInfo(s.out, s.info, state.step, s.total, s.rank, s.world))
     summary: dict[str, Any] = {"steps": state.step}
     status, began = "failed", (state.step, time.perf_counter())
     with StopSignal() as stop:
-        try:
+        try:  # on_run_start too: a resume's metrics.csv that cannot be rewritten (a full disk) is a failed run
+            events.emit("on_run_start", RunInfo(s.out, s.info, state.step, s.total, s.rank, s.world))
             summary = train(s, state, events, stop)
             status = "interrupted" if summary["interrupted"] else "finished"
             summary["stopped_by"] = "signal" if summary["interrupted"] else s.schedule.bound
