@@ -13,6 +13,11 @@ want of one heap), and no trimming, as jemalloc and tcmalloc behave. Measured (B
 3-7 % shorter, SimCLR ResNet-18 about 2 %; level where glibc's own thresholds had already grown
 (synthetic data); a single run's peak memory level.
 
+Not trimming keeps what a pass over the data freed (a decoder's image buffers come from the heap
+below 32 MiB): :func:`release_freed` gives it back once that pass is done (``malloc_trim``), so a
+run trains without the first pass's peak held, and one image that failed to decode for want of
+memory does not leave the steps without room.
+
 Left alone where someone chose: ``SSLKIT_MALLOC=system``, any ``MALLOC_*_`` tuning variable, an
 ``LD_PRELOAD``-ed allocator; and where the C library is not glibc (macOS, musl).
 """
@@ -29,6 +34,7 @@ M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD = 32 * 1024 * 1024  # glibc's maximum on 64-bit (DEFAULT_MMAP_THRESHOLD_MAX)
 NO_TRIM = 2**31 - 1
+_tuned: list = []  # the C library, once tune_host_malloc has set it
 OWN_CHOICE = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_")
 
 
@@ -58,4 +64,14 @@ def tune_host_malloc(env: Mapping[str, str] | None = None) -> str:
         ok = libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1 and libc.mallopt(M_TRIM_THRESHOLD, NO_TRIM) == 1
     except (OSError, AttributeError):
         return "left as it is: not glibc"
+    if ok:
+        _tuned[:] = [libc]
     return "tuned: mmap above 32 MiB, no trimming" if ok else "left as it is: mallopt refused"
+
+
+def release_freed() -> bool:
+    """Return the heap memory freed so far to the OS (glibc's ``malloc_trim(0)``) where
+    :func:`tune_host_malloc` turned trimming off; whether it did (a no-op elsewhere)."""
+    if not _tuned:
+        return False
+    return _tuned[0].malloc_trim(0) == 1

@@ -29,6 +29,7 @@ from sslkit.backbone import is_token_backbone
 from sslkit.data.pipeline import LoadedData, resume_input_spec
 from sslkit.data.digest import FINGERPRINT_SCHEME, fingerprint
 from sslkit.data.prepare import channel_stats, value_range
+from sslkit.host_malloc import release_freed
 from sslkit.data.source import described
 from sslkit.engine.capture import make_capture
 from sslkit.engine.compiled import compile_model, compile_views
@@ -163,6 +164,7 @@ def build(cfg: RunConfig, device: torch.device) -> Setup:
     cfg = with_task_embedding(cfg, probe)
     resumed = distributed.broadcast_object(on_main(lambda: resumed_init(cfg)))  # --init on --resume
     data = load_run_data(cfg, rank, world)
+    release_freed()  # the decoding pass's freed buffers, which the tuned allocator keeps (sslkit.host_malloc)
     spec = _input_spec(cfg, data)
     backbone, task = create_model(cfg, backbone_name, spec, resumed)
     cfg = with_resolved_task_options(cfg, task)
