@@ -14,7 +14,8 @@ import importlib
 from typing import TYPE_CHECKING
 
 from sslkit.data.parallel import parallel_map
-from sslkit.data.prepare import resize_square, skip_reason
+from sslkit.data.prepare import resize_square
+from sslkit.data.skips import skip_reason
 from sslkit.data.room import available_memory
 from sslkit.data.source import (DEFAULT_MAX_PIXELS, NotAnImage, SampleRef, Source, Undecodable, check_pixel_count,
                                 to_channels)

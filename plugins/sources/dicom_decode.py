@@ -192,6 +192,8 @@ TABLE_MIN_PIXELS = 4096
 def _grayscale(arr: np.ndarray, luts: Dataset, windows: tuple[Window, ...], pi: str) -> np.ndarray:
     """Stored values -> modality LUT -> one window per channel -> MONOCHROME1 inversion: float32 ``(C, *arr.shape)``."""
     values = arr.astype(np.float32) if arr.dtype.kind == "f" else apply_modality_lut(arr, luts).astype(np.float32)
+    if arr.dtype.kind != "f" and not np.isfinite(values).all():  # else NaN -> 0, inf clipped: an image of zeros
+        raise ValueError("the rescale (RescaleSlope / RescaleIntercept) gives NaN or infinite values")
     out = np.stack([apply_window(values, luts, w) for w in windows])
     if pi == "MONOCHROME1":
         out = 1.0 - out
@@ -344,7 +346,7 @@ def _voi_module(width: float, level: float, function: str) -> Dataset:
 
 
 def _minmax(x: np.ndarray) -> np.ndarray:
-    """``x`` scaled to [0, 1] by its finite minimum and maximum (NaN -> 0, inf clipped)."""
+    """``x`` scaled to [0, 1] by its finite minimum and maximum (NaN -> 0, inf clipped); ValueError when none."""
     lo, hi = (float(x.min()), float(x.max())) if x.size and x.dtype == np.float32 else (math.nan, math.nan)
     if math.isfinite(lo) and math.isfinite(hi) and 0 < hi - lo < 1e30:
         # every value finite (min/max would be NaN or inf otherwise) and x - lo cannot
@@ -352,9 +354,9 @@ def _minmax(x: np.ndarray) -> np.ndarray:
         out = (x - lo) / (hi - lo)
         return np.minimum(out, np.float32(1.0), out=out)
     finite = x[np.isfinite(x)]
-    if not finite.size:
-        return np.zeros_like(x, dtype=np.float32)
-    lo, hi = float(finite.min()), float(finite.max())
+    if x.size and not finite.size:
+        raise ValueError("no finite pixel value (all NaN or inf)")
+    lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
     if hi <= lo:
         return np.zeros_like(x, dtype=np.float32)
     return _unit((x - lo) / (hi - lo))

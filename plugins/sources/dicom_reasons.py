@@ -15,7 +15,7 @@ from typing import Any
 
 import pydicom
 
-from sslkit.api import without_quoted
+from sslkit.api import skip_reason
 from sslkit_plugins.sources.dicom_values import value
 
 _STAGE = "_sslkit_dicom_stage"
@@ -23,8 +23,9 @@ NOT_DICOM_IMAGE = "not DICOM: an image file (read those with --data folder:PATH)
 
 
 def safe_reason(exc: BaseException) -> str:
-    """``Type: message`` with quoted values removed (they can be element values)."""
-    return f"{type(exc).__name__}: {without_quoted(str(exc))}"[:400]
+    """``Type: message`` with quoted values removed (they can be element values): the core's skip reason
+    (a MemoryError says what it means), at most 400 characters."""
+    return skip_reason(exc)[:400]
 
 
 def mark_stage(exc: BaseException, stage: str) -> None:
@@ -40,7 +41,7 @@ def failure_reason(exc: BaseException, otherwise: str) -> str:
     """A decode failure as a skip reason: ``stage: Type: message``, the stage from :func:`mark_stage`
     (``otherwise`` where the error was not tagged)."""
     if isinstance(exc, MemoryError):
-        return f"not enough memory to decode it: {safe_reason(exc)}"[:400]
+        return safe_reason(exc)  # not a stage of this file's: any file may meet it (never cached)
     return f"{getattr(exc, _STAGE, None) or otherwise}: {safe_reason(exc)}"[:400]
 
 

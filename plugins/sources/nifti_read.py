@@ -53,16 +53,40 @@ def quiet():
         _READING.depth -= 1
 
 
+#: a ``.nii.gz`` is inflated this many bytes at a time (:func:`inflate`)
+GZIP_STEP = 16 * 2**20
+#: read this far past the voxels, to reach the end of the stream (its CRC is checked there)
+GZIP_TAIL = 2**20
+
+
 def read_image(path: str) -> Any:
-    """The nibabel image of ``path``; a ``.nii.gz`` is decompressed whole first, so that its CRC is
-    checked (nibabel reads only the bytes it needs: a corrupt stream gave garbage voxels, not an error)."""
+    """The nibabel image of ``path``; a ``.nii.gz`` is decompressed first up to its header's vox_offset
+    + voxel bytes (and :data:`GZIP_TAIL`), so that its CRC is checked where the stream ends there
+    (nibabel reads only the bytes it needs: a corrupt stream gave garbage voxels, not an error) and
+    data appended past the voxels is never inflated; a shorter stream is the truncated-file skip."""
     nib = nibabel_module()
+    head = read_header(path)
     if not path.lower().endswith(".gz"):
-        return read_header(path)
-    data = gzip.decompress(Path(path).read_bytes())  # gzip.BadGzipFile (an OSError) on a bad stream
+        return head
+    voxels = math.prod(int(n) for n in head.shape) * int(head.get_data_dtype().itemsize)
+    data = inflate(path, int(getattr(head.dataobj, "offset", 0) or 0) + voxels + GZIP_TAIL)
     is_nifti2 = int.from_bytes(data[:4], "little") == 540 or int.from_bytes(data[:4], "big") == 540
     with quiet():
         return (nib.Nifti2Image if is_nifti2 else nib.Nifti1Image).from_bytes(data)
+
+
+def inflate(path: str, most: int) -> bytes:
+    """At most ``most`` bytes of the gzip file ``path``, inflated :data:`GZIP_STEP` at a time
+    (``gzip.BadGzipFile``, an OSError, on a bad stream; its CRC checked if it ends within ``most``)."""
+    parts, got = [], 0
+    with gzip.open(path, "rb") as f:
+        while got < most:
+            chunk = f.read(min(GZIP_STEP, most - got))
+            if not chunk:
+                break
+            parts.append(chunk)
+            got += len(chunk)
+    return b"".join(parts)
 
 
 def read_header(path: str) -> Any:

@@ -12,7 +12,8 @@ holding NaN or inf is skipped (``data_report.json``). Every image is its own spl
 Reading: an array stored uncompressed (``np.save`` / ``np.savez``) is memory-mapped, so
 only the images used are read; a compressed one (``np.savez_compressed``) is decompressed
 into memory once, and refused from its header when it would take more than half the
-available memory (``--data-opt max_gb=G`` sets another bound). Every header is checked
+available memory (``--data-opt max_gb=G`` sets another bound); so is an image count whose index
+(:data:`INDEX_BYTES_PER_IMAGE` each) would not fit that bound. Every header is checked
 before any pixel is read: object arrays (pickles) are never loaded, and a header that
 declares more bytes than its file holds is one error line. Labels are class names
 (integers, or strings such as MedMNIST's); labels that cannot name classes (NaN, fractions,
@@ -43,13 +44,16 @@ NPY_MAGIC = b"\x93NUMPY"
 MAX_LABEL_VALUES = 1024
 #: the bound on a compressed array where the available memory is unknown
 FALLBACK_LIMIT = 4 * 2**30
+#: memory one image's index entry takes in a run (its SampleRef, id and the run's per-sample
+#: bookkeeping; ~280 bytes measured for the SampleRef and id alone), checked from the header
+INDEX_BYTES_PER_IMAGE = 1024
 
 
 @dataclass
 class NpzOptions:
     split: str = "train"  # which <split>_images array to read
     layout: str = "auto"  # auto, nhw, nchw or nhwc: the images' axes, where the shape fits two
-    max_gb: float = 0.0  # decompress a compressed array up to this many GB (0: half the available memory)
+    max_gb: float = 0.0  # a compressed array and the index take up to this many GB (0: half the available memory)
 
     def __post_init__(self) -> None:
         if self.layout not in LAYOUTS:
@@ -252,6 +256,14 @@ class NpzSource(Source):
                              f"{human_bytes(h.nbytes)} in memory, more than {bound} ({human_bytes(limit)}); save it "
                              "uncompressed (np.savez: read memory-mapped) or raise --data-opt max_gb=G")
 
+    def _check_count(self, n: int) -> None:
+        """Refuse, from the header, an image count whose index would not fit the memory bound."""
+        limit, bound = self._memory_limit()
+        if n * INDEX_BYTES_PER_IMAGE > limit:
+            raise UsageError(f"npz: {self.what} {self.header.shape} holds {n:,} images, whose index takes about "
+                             f"{human_bytes(n * INDEX_BYTES_PER_IMAGE)} in memory, more than {bound} "
+                             f"({human_bytes(limit)}); save fewer images per file or raise --data-opt max_gb=G")
+
     def index(self) -> list[SampleRef]:
         n, (h, w, _) = self.header.shape[0], self.hwc
         try:
@@ -261,6 +273,7 @@ class NpzSource(Source):
         if n and min(h, w) < 2:
             raise UsageError(f"npz: {self.what} {self.header.shape}: images of {w}x{h} pixels; at least 2x2 needed")
         self._check_memory()
+        self._check_count(n)
         labels = self._labels(n)
         return [SampleRef(str(self.path), frame=i, group=f"npz:{i}", label=labels[i]) for i in range(n)]
 

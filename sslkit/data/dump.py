@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from sslkit.data.pipeline import summary_line
-from sslkit.data.prepare import skip_reason
+from sslkit.data.skips import skip_reason
 from sslkit.data.volume import ORIENTATION, sample_mode
 from sslkit.errors import UsageError
 from sslkit.output_file import check_output, write_atomic

@@ -31,8 +31,9 @@ from sslkit.data.parallel import pool_size
 from sslkit.data.quantize import SCALE, to_uint16
 from sslkit.data.resize import resize_axis_aa
 from sslkit.data.room import check_room, sides
-from sslkit.data.source import NotAnImage, SampleRef, Source, Undecodable, to_channels
-from sslkit.errors import UsageError, without_quoted
+from sslkit.data.skips import skip_reason, transient
+from sslkit.data.source import NotAnImage, SampleRef, Source, to_channels
+from sslkit.errors import UsageError
 from sslkit.progress import counted
 
 
@@ -142,8 +143,7 @@ def prepare(
                 pass  # a cache shared read-only is still read
     if entry is None:
         check_room(root, nbytes, shape, channels, size)  # a cached entry needs neither room nor decoding
-        _fill_entry(source, refs, shape, target, progress, workers)
-        entry = open_entry(target, shape)
+        entry = _fill_entry(source, refs, shape, target, progress, workers) or open_entry(target, shape)
     pixels, meta = entry
     pixels = pixels[: len(meta["kept"])]
     kept_refs = [refs[i] for i in meta["kept"]]
@@ -164,9 +164,10 @@ def _keyed(source: Source, refs: list[SampleRef], channels: int, size, unreadabl
 
 
 def _fill_entry(source: Source, refs: list[SampleRef], shape: tuple[int, ...], target: Path, progress: bool,
-                workers: int) -> None:
+                workers: int) -> tuple[np.ndarray, dict[str, Any]] | None:
     """Decode into ``target`` through a temporary folder beside it (removed on any failure;
-    after a SIGKILL, by the next :func:`prepare`: its ``.lock`` is then free)."""
+    after a SIGKILL, by the next :func:`prepare`: its ``.lock`` is then free). A pass with a
+    :func:`transient` skip is not kept: its pixels and index are returned (the folder removed)."""
     nbytes = int(np.prod(shape, dtype=np.int64)) * 2
     try:
         tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
@@ -185,6 +186,12 @@ def _fill_entry(source: Source, refs: list[SampleRef], shape: tuple[int, ...], t
                 "preprocessing": source.describe(), "shape": [len(kept), *shape[1:]],
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "kept": kept, "skipped": [list(s) for s in skipped]}
         meta["check"] = entry_check(out, meta)  # what open_entry compares: an edited index or pixels
+        short = sum(transient(reason) for _, reason in skipped)
+        if short:  # mapped: its pages outlive the removed file
+            print(f"sslkit: {short} file{'s' if short > 1 else ''} skipped for lack of memory (data_report.json): "
+                  f"these decoded pixels are not cached, so the next run decodes them all again and retries; "
+                  f"free memory (or remove such files) to keep them", file=sys.stderr)
+            return out, meta
         try:
             out.flush()
             del out
@@ -202,6 +209,7 @@ def _fill_entry(source: Source, refs: list[SampleRef], shape: tuple[int, ...], t
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         os.close(lock)
+    return None
 
 
 _WORKER: dict[str, Any] = {}
@@ -231,18 +239,6 @@ def _decode_one(ref: SampleRef) -> np.ndarray | str | None:
     except Exception as exc:
         return " ".join(skip_reason(exc).split())[:500]
     return to_uint16(x, source)  # or why its values cannot be stored
-
-
-def skip_reason(exc: Exception) -> str:
-    """A sample's skip reason for ``data_report.json``: the source's own (:class:`Undecodable`),
-    else the error's type and message (its type alone when it has none), quoted values dropped:
-    a decoder quotes the file's path, whose folders below the data root can name a patient."""
-    if isinstance(exc, Undecodable):
-        return str(exc)
-    text = without_quoted(str(exc))
-    if isinstance(exc, MemoryError):
-        text = text or "decoding it needs more memory than is free"
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 #: decode this long (seconds) in this process before deciding on worker processes
