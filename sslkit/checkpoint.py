@@ -30,7 +30,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from sslkit.errors import UsageError, first_line
-from sslkit.output_file import TMP_PREFIX, created_mode, file_sha256, fsync_path
+from sslkit.output_file import TMP_PREFIX, created_mode, file_sha256, fsync_path, not_regular
 from sslkit.plain_pickle import NotPlainData, load_plain
 from sslkit.progress import human_bytes
 
@@ -156,10 +156,13 @@ def verify(path: Path) -> None:
 
     The manifest must list the model and state files with their size and sha256; a manifest
     that is not JSON, not an object, or names other files is damage, not a checkpoint."""
+    kind = not_regular(path / MANIFEST)  # a FIFO would wait forever, /dev/zero never ends: nothing read
+    if kind is not None:
+        raise ValueError(f"{MANIFEST} is {kind}, not a regular file")
     try:
         manifest = json.loads((path / MANIFEST).read_text())
-    except (OSError, ValueError) as exc:  # ValueError: not JSON, or not UTF-8
-        raise ValueError(f"no readable {MANIFEST}: {first_line(exc)}") from None
+    except (OSError, ValueError, RecursionError) as exc:  # ValueError: not JSON, or not UTF-8; [[[[...]]]] too deep
+        raise ValueError(f"no readable {MANIFEST}: {first_line(exc) or type(exc).__name__}") from None
     files = manifest.get("files") if isinstance(manifest, dict) else None
     if not isinstance(files, dict) or set(files) != {MODEL_FILE, STATE_FILE} or not all(
             isinstance(m, dict) and isinstance(m.get("bytes"), int) and isinstance(m.get("sha256"), str)

@@ -263,11 +263,37 @@ def write_json_atomic(out: Path, data: Any) -> None:
     write_text_atomic(out, json.dumps(data, indent=2, default=str))
 
 
+def not_regular(path: Path) -> str | None:
+    """What ``path`` is when it is there but not a regular file (a symlink is followed): ``"a FIFO"``,
+    ``"a directory"``, ``"a device"``, ``"a socket"``; None for a regular file, or one that cannot be
+    looked at (missing, no permission: the read that follows says so)."""
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):
+        return None
+    if stat.S_ISREG(mode):
+        return None
+    kinds = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a device"),
+             (stat.S_ISBLK, "a device"), (stat.S_ISSOCK, "a socket"))
+    return next((kind for test, kind in kinds if test(mode)), "not a regular file")
+
+
+def check_regular(path: Path) -> Path:
+    """``path``, refused in one :class:`UsageError` line when it is there but is not a regular file:
+    reading a FIFO would wait forever, ``/dev/zero`` never ends. Called before sslkit reads a file of
+    its own (a run's ``run.json``, encoder, checkpoint files: :func:`file_sha256`, :func:`read_json`)."""
+    kind = not_regular(path)
+    if kind is not None:
+        raise UsageError(f"{str(path)!r} is {kind}, not a regular file; sslkit reads only regular files there")
+    return path
+
+
 def file_sha256(paths: Iterable[Path]) -> str:
-    """The SHA-256 (hex) of the bytes of ``paths``, one file after another, read in 1 MiB blocks."""
+    """The SHA-256 (hex) of the bytes of ``paths``, one file after another, read in 1 MiB blocks
+    (one that is not a regular file: :func:`check_regular`'s usage error, nothing read)."""
     h = hashlib.sha256()
     for path in paths:
-        with open(path, "rb") as f:
+        with open(check_regular(path), "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
                 h.update(block)
     return h.hexdigest()
@@ -275,9 +301,10 @@ def file_sha256(paths: Iterable[Path]) -> str:
 
 def read_json(path: Path) -> dict[str, Any]:
     """A JSON object file's content; ``{}`` when it is missing, unreadable or not an object
-    (the callers treat a damaged record as an absent one and report it where it matters)."""
+    (the callers treat a damaged record as an absent one and report it where it matters), or nested
+    too deeply to parse; a FIFO, a directory or a device there is :func:`check_regular`'s usage error."""
     try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, ValueError):
+        data = json.loads(check_regular(Path(path)).read_text())
+    except (OSError, ValueError, RecursionError, MemoryError):  # RecursionError: [[[[...]]]] 100,000 deep
         return {}
     return data if isinstance(data, dict) else {}

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from sslkit.errors import UsageError, first_line
-from sslkit.output_file import check_writable, nearest_folder
+from sslkit.output_file import check_regular, check_writable, nearest_folder
 from sslkit.spec import InputSpec
 
 RUN_JSON = "run.json"
@@ -313,6 +313,7 @@ class Run:
                    "newest weights")
             raise UsageError(f"run {str(self.path)!r} {why}{newest_hint(self.path / CHECKPOINTS)}"
                              + (", or let the run finish" if file.exists() else ""))
+        check_regular(file)  # a FIFO or /dev/zero: nothing read (file_sha256 checks too; load_file reads it)
         if self.info.get("encoder_sha256") and file_sha256([file]) != self.info["encoder_sha256"]:
             raise UsageError(f"{file}: changed since the run wrote it (its sha256 is not the one run.json "
                              f"records); restore it, or use a checkpoint{newest_hint(self.path / CHECKPOINTS)}")
@@ -383,10 +384,13 @@ def load_run(path: str | Path) -> Run:
     file = path / RUN_JSON
     if not file.exists():
         raise UsageError(f"{str(path)!r} is not an sslkit run directory (no {RUN_JSON})")
+    check_regular(file)  # a FIFO, a folder, /dev/zero: refused, never read (a checkpoint's: checkpoint.verify)
     try:
         info = json.loads(file.read_text())
     except ValueError as exc:  # bad JSON, or bytes that are not UTF-8
         raise UsageError(f"{file} is not valid JSON: {first_line(exc)}") from None
+    except (RecursionError, MemoryError):  # [[[[...]]]] 100,000 deep: the parser recurses
+        raise UsageError(f"{file} is not valid JSON: nested too deeply") from None
     if not isinstance(info, dict):
         raise UsageError(f"{file} is not an sslkit run record (a JSON object)")
     for key, kind in (("task", str), ("backbone", str), ("config", dict), ("input_spec", dict)):

@@ -72,7 +72,8 @@ def _source_options(kw: dict) -> dict:
     return {**parse_pairs(kw["data_opts"], "--data-opt"), **flag_values(kw)}
 
 
-def _data_args(kw: dict):
+def _data_args(kw: dict, split_only: tuple[str, ...] = ()):
+    """The probes' data options; ``split_only``: the flags given that act on ``--data``'s folds only."""
     from sslkit.eval.probes import DataArgs
     from sslkit.options import parse_pairs
 
@@ -82,7 +83,7 @@ def _data_args(kw: dict):
                     group_by=kw["group_by"], group_pattern=kw["group_pattern"], seed=kw.get("seed", 0),
                     allow_overlap=kw["allow_overlap"], max_pixels=kw["max_pixels"],
                     train_options=parse_pairs(kw["train_opts"], "--train-opt"),
-                    test_options=parse_pairs(kw["test_opts"], "--test-opt"))
+                    test_options=parse_pairs(kw["test_opts"], "--test-opt"), split_only=split_only)
 
 
 def _print(report: dict, as_json: bool) -> None:
@@ -171,12 +172,15 @@ def eval_group() -> None:
 @click.option("--k", "ks", default="20,200", show_default=True, help="Neighbour counts, comma-separated.")
 @click.option("--temperature", default=0.07, show_default=True, type=float, callback=_positive_finite,
               help="Vote weight exp(cos / T) (Wu et al. 2018).")
-@click.option("--seed", default=0, show_default=True, type=SEED, help="The folds of --split group:K.")
-def knn(**kw) -> None:
+@click.option("--seed", default=0, show_default=True, type=SEED, help="The folds of --split group:K (--data only).")
+@click.pass_context
+def knn(ctx: click.Context, **kw) -> None:
     """Weighted kNN on L2-normalised embeddings (cosine)."""
     from sslkit.eval.probes import evaluate_knn
 
-    report = evaluate_knn(kw["model"], _data_args(kw), _ints(kw["ks"], "--k"), kw["temperature"])
+    seed_given = ctx.get_parameter_source("seed") not in (click.core.ParameterSource.DEFAULT, None)
+    args = _data_args(kw, ("--seed",) if seed_given else ())
+    report = evaluate_knn(kw["model"], args, _ints(kw["ks"], "--k"), kw["temperature"])
     _print(report, kw["as_json"])
 
 

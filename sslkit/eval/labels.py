@@ -28,7 +28,8 @@ from typing import Sequence
 
 import numpy as np
 
-from sslkit.errors import UsageError, shown, unknown_name_message
+from sslkit.errors import UsageError, first_line, shown, unknown_name_message
+from sslkit.output_file import check_regular
 
 
 @dataclass
@@ -47,25 +48,31 @@ def read_labels_csv(path: str | Path) -> dict[str, str]:
     """``path,label`` rows -> ``{normalised path: label}``."""
     file = Path(path)
     if not file.is_file():
+        check_regular(file)  # there, but a folder or a FIFO: said so
         raise UsageError(f"--labels: file {str(path)!r} does not exist")
     table: dict[str, str] = {}
     try:
         with open(file, newline="", encoding="utf-8-sig") as f:
-            for i, row in enumerate(csv.reader(f)):
+            reader = csv.reader(f)
+            for i, row in enumerate(reader):
                 if not row or not "".join(row).strip() or row[0].lstrip().startswith("#"):
                     continue
                 if len(row) < 2:
-                    raise UsageError(f"--labels {str(path)!r} line {i + 1}: expected 'path,label', got {row!r}")
+                    raise UsageError(f"--labels {str(path)!r} line {i + 1}: expected 'path,label', got {shown(row)}")
                 key, label = _norm(row[0]), row[1].strip()
                 if i == 0 and label.lower() in ("label", "class", "target"):
                     continue  # header
                 if not key or not label:
                     raise UsageError(f"--labels {str(path)!r} line {i + 1}: empty path or label")
                 if table.get(key, label) != label:
-                    raise UsageError(f"--labels {str(path)!r}: {row[0]!r} has two labels, {table[key]!r} and {label!r}")
+                    raise UsageError(f"--labels {str(path)!r}: {shown(row[0])} has two labels, "
+                                     f"{shown(table[key])} and {shown(label)}")
                 table[key] = label
     except UnicodeDecodeError:
         raise UsageError(f"--labels {str(path)!r} is not a UTF-8 text CSV file") from None
+    except csv.Error as exc:  # a field over csv.field_size_limit() (128 KiB), a NUL byte...
+        raise UsageError(f"--labels {str(path)!r} line {reader.line_num}: not a 'path,label' CSV row "
+                         f"({first_line(exc)})") from None
     if not table:
         raise UsageError(f"--labels {str(path)!r} holds no 'path,label' rows")
     return table

@@ -47,6 +47,7 @@ class DataArgs:
     max_pixels: int | None = None  # decode limit (None: the run's --max-pixels)
     train_options: dict[str, Any] = field(default_factory=dict)  # --train-opt: over source_options, --train only
     test_options: dict[str, Any] = field(default_factory=dict)  # --test-opt: over source_options, --test only
+    split_only: tuple[str, ...] = ()  # flags given that act on --data's folds only (knn's --seed)
 
     def options_for(self, side: str) -> dict[str, Any]:
         """The source options of one side (``train``, ``test`` or ``data``): ``--data-opt`` and the
@@ -61,11 +62,14 @@ class DataArgs:
                 raise UsageError("give either --data (one labelled folder, split into folds) or --train and --test")
             if self.train_options or self.test_options:
                 raise UsageError("--train-opt and --test-opt apply to --train and --test; with --data give --data-opt")
+            if self.allow_overlap:
+                raise UsageError("--allow-overlap applies to --train and --test (images in both); --data is one "
+                                 "labelled folder, split into folds")
             return parse_split(self.split or "group:5")
         if not (self.train and self.test):
             raise UsageError("give --train and --test, or one labelled folder with --data DIR --split group:5")
         given = [flag for flag, on in (("--split", self.split), ("--group-pattern", self.group_pattern),
-                                       ("--group-by folder", self.group_by != "source")) if on]
+                                       ("--group-by folder", self.group_by != "source")) if on] + list(self.split_only)
         if given:
             raise UsageError(f"{' and '.join(given)} {'applies' if len(given) == 1 else 'apply'} to --data (one "
                              "labelled folder); --train/--test are already split")

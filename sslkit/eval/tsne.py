@@ -14,7 +14,7 @@ from typing import Any, Callable
 import numpy as np
 
 from sslkit.data.pipeline import index_refs
-from sslkit.errors import UsageError
+from sslkit.errors import UsageError, shown
 from sslkit.figure import save_png
 from sslkit.embed import label_paths, sample_id
 from sslkit.output_file import check_output
@@ -257,8 +257,12 @@ def evaluate_tsne(model_path: str, data: str, out: str | None = None, labels_csv
     (``out`` or ``RUN/eval/tsne-<stamp>.png``) and a report.
 
     Points are coloured by label (class folder or ``labels_csv``), or by ``color_by``: ``folder``
-    or a header field of the source (see :func:`header_values`).
+    or a header field of the source (see :func:`header_values`); ``labels_csv`` with another ``color_by``
+    would colour nothing: refused in one line.
     """
+    if labels_csv and color_by != "label":
+        raise UsageError(f"--labels colour the points with --color-by label only; leave out --labels or --color-by "
+                         f"{shown(color_by)}")
     model = open_model(model_path, device)
     model.max_pixels = max_pixels
     out_path = _check_out(out, overwrite)
