@@ -280,7 +280,13 @@ def default_out(task: str, root: Path = Path("runs")) -> str:
 def print_config(cli: dict[str, Any], config_file: str | None = None) -> str:
     """TOML of the resolved config for the task (and backbone) given; loads back unchanged."""
     file_values, given = _given(cli, config_file)
-    given.pop("resume", None)
+    if given.pop("resume", None):  # the task's defaults with out = RUN would pass for the run's own settings
+        from sslkit.run_record import CONFIG_TOML
+
+        run = Path(given.get("out") or "RUN_DIR")
+        raise UsageError(f"--print-config prints a new run's settings, not those of run {str(run)!r} (--resume): "
+                         f"they are in {str(run / CONFIG_TOML)!r}; print them with --config "
+                         f"{run / CONFIG_TOML} --print-config")
     if not given.get("task"):
         raise UsageError("--print-config needs --task (on the command line or in --config)")
     layer = _task_layer(given)
@@ -326,14 +332,19 @@ def _chosen(given: dict[str, Any], layer: dict[str, Any], values: dict[str, Any]
 
 def _check_printed(values: dict[str, Any]) -> None:
     """Refuse, in the run's own line, what the run refuses of these settings before decoding: its own
-    checks (:mod:`sslkit.engine.model_setup`: ``--allow-download``, the sample's memory, the task/backbone
-    pairing and image size, the batch, ``--augment-opt``, ``--channels-last``) on the probes it builds
+    checks (:mod:`sslkit.engine.model_setup`: ``--precision fp16`` on ``--device cpu``, ``--cache-size``,
+    ``--allow-download``, the sample's memory, the task/backbone pairing and image size, the batch,
+    ``--augment-opt``, ``--channels-last``) on the probes it builds
     (no image is read, nor the ``--init`` weights), so the printed file loads back and runs."""
     import dataclasses
 
-    from sslkit.engine.model_setup import check_channels_last, check_pairing, check_sample_memory, with_init_flags
+    from sslkit.engine.model_setup import (check_cache_size, check_channels_last, check_pairing, check_precision,
+                                           check_sample_memory, with_init_flags)
 
     cfg = RunConfig(**{**values, "data": values.get("data") or "", "out": values.get("out") or "-"})
+    if cfg.device == "cpu":  # "auto" and "cuda" are the machine's that runs it, not known here
+        check_precision(cfg.precision, "cpu")
+    check_cache_size(cfg)
     with_init_flags(cfg)  # refuses --allow-download without --init
     data = _probe_data(cfg)
     if data is None:

@@ -51,7 +51,10 @@ def cli_values(kw: dict[str, Any], given: set[str]) -> dict[str, Any]:
             if value == "auto":  # resume when --out holds a checkpoint, else start (sslkit.run.auto_resume)
                 from sslkit.run import auto_resume
 
-                out.update(auto_resume(kw.get("out") if "out" in given else None))
+                got = auto_resume(kw.get("out") if "out" in given else _file_out(kw.get("config_file")))
+                out.update(got)
+                if not got.get("resume"):  # it starts: --allow-data-change waits for the requeue that resumes
+                    out.pop("allow_data_change", None)  # (sorted: set above)
                 continue
             out["resume"] = True
             if value:  # --resume RUN_DIR (bare --resume continues --out)
@@ -77,3 +80,13 @@ def _refuse_two_for_one_field(kw: dict[str, Any], given: set[str]) -> None:
             raise UsageError(f"{flags[0]} and {flags[1]} both set {field}; give one of them")
         if field is not None:
             by_field[field] = name
+
+
+def _file_out(config_file: str | None) -> str | None:
+    """The ``out`` of the ``--config`` file (None without one): ``--resume auto`` continues that run
+    when the command line names none, as the run itself would be written there."""
+    if not config_file:
+        return None
+    from sslkit.config import read_file
+
+    return read_file(config_file).get("out")

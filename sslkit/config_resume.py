@@ -14,6 +14,7 @@ from typing import Any
 
 from sslkit.config_values import FIELDS, OPTION_GROUPS, check_values, defaults, plain
 from sslkit.errors import UsageError
+from sslkit.output_file import check_regular
 from sslkit.run import RESUMABLE_OVERRIDES, RUN_JSON, RunConfig
 
 
@@ -23,12 +24,13 @@ def resume_config(given: dict[str, Any]) -> RunConfig:
     if not out:
         raise UsageError("--resume needs the run directory: --resume RUN_DIR")
     file = Path(out) / RUN_JSON
-    if not file.is_file():
+    if not file.exists():
         raise UsageError(f"--resume: {out!r} holds no sslkit run to continue (no {RUN_JSON})")
+    check_regular(file)  # a FIFO would wait forever: one line naming what it is
     try:
         info = json.loads(file.read_text())
         saved = info["config"]
-    except (ValueError, KeyError, TypeError):  # ValueError: bad JSON or bytes that are not UTF-8
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):  # bad JSON, not UTF-8; [[[...]]] too deep
         info, saved = {}, None
     if not isinstance(saved, dict):
         raise UsageError(f"--resume: {file} is not a readable sslkit run.json")
@@ -52,6 +54,8 @@ def resume_config(given: dict[str, Any]) -> RunConfig:
                 continue
         if key == "channels" and now is None and isinstance(info.get("input_spec"), dict):
             now = info["input_spec"].get("channels")  # None: what most samples had, recorded in the input spec
+        if key == "channels_last" and now is None and isinstance(info.get("optimization"), dict):
+            now = info["optimization"].get("channels_last")  # None: the backbone's choice, recorded as used
         if not _same(value, now):
             raise UsageError(
                 f"--resume continues the run exactly as it was configured: {key} was {plain(now)!r}, "
@@ -76,7 +80,9 @@ def resumed_data(given: Any, recorded: Any, run_dir: Path, info: dict[str, Any])
     if not isinstance(recorded, str):
         return recorded
     started = _started_data(recorded, run_dir, info)
-    if isinstance(given, str) and given != recorded and _place(given) in (_place(recorded), _place(started)):
+    source = (info.get("input_spec") or {}).get("source") if isinstance(info.get("input_spec"), dict) else None
+    places = (_place(recorded, source), _place(started, source))  # a bare path: the source the run sniffed
+    if isinstance(given, str) and given != recorded and _place(given, source) in places:
         return given  # the same data, spelled otherwise
     if given in (None, recorded) and started is not None and located(recorded) == recorded:
         at = f"--data {started}" if os.path.exists(split_data(started)[1]) else "--data with its path from here"
@@ -101,18 +107,19 @@ def _started_data(recorded: str, run_dir: Path, info: dict[str, Any]) -> str | N
     return data if isinstance(data, str) and data != recorded and os.path.isabs(split_data(data)[1]) else None
 
 
-def _place(data: str | None) -> str | None:
+def _place(data: str | None, source: Any = None) -> str | None:
     """``data`` with its location absolute and resolved (``..``, symlinks) where it is a path that
-    exists or is absolute, so that two spellings of one folder compare equal."""
+    exists or is absolute, and a bare path's scheme ``source`` (the run's, as it sniffed it), so that
+    two spellings of one folder (``img``, ``folder:img``, ``folder:/work/img``) compare equal."""
     from sslkit.run_record import located, split_data
 
     if data is None:
         return None
     scheme, where = split_data(located(data))
-    if not os.path.isabs(os.path.expanduser(where)):
-        return data
-    real = os.path.realpath(os.path.expanduser(where))
-    return f"{scheme}:{real}" if scheme else real
+    scheme = scheme or (source if isinstance(source, str) else "")
+    if os.path.isabs(os.path.expanduser(where)):
+        where = os.path.realpath(os.path.expanduser(where))
+    return f"{scheme}:{where}" if scheme else where
 
 
 def _same(given: Any, recorded: Any) -> bool:

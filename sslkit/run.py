@@ -130,6 +130,8 @@ class RunConfig:
         unused = [n for n in ("init_freeze_steps", "init_lr_scale", "layer_decay") if getattr(self, n) is not None]
         need(self.init is not None or not unused, f"{unused[0] if unused else ''} (--"
              f"{unused[0].replace('_', '-') if unused else ''}) applies to continued pretraining only; give --init too")
+        need(self.resume or not self.allow_data_change, "allow_data_change (--allow-data-change) lets --resume "
+             "continue on changed data; a new run has no earlier data: leave it out")
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)

@@ -111,11 +111,14 @@ def test_print_config_round_trips(tmp_path, cli):
 def test_print_config_leaves_out_the_per_session_flags(cli):
     """--overwrite and --allow-data-change (like --resume) act on one session: a printed file that held
     them would resume, clear or accept changed data on every later run made from it."""
-    r = cli("pretrain", "--print-config", "--task", "simclr", "--allow-data-change", "--overwrite")
+    r = cli("pretrain", "--print-config", "--task", "simclr", "--overwrite")
     assert r.exit_code == 0, r.output
     data = tomllib.loads(r.output)
     assert data["task"] == "simclr"
     assert not {"resume", "overwrite", "allow_data_change"} & set(data), sorted(data)
+    # --allow-data-change acts on a resume only: a new run's settings with it are refused, as the run refuses them
+    r = cli("pretrain", "--print-config", "--task", "simclr", "--allow-data-change")
+    assert r.exit_code == 2 and "--allow-data-change" in r.stderr and r.stdout == ""
 
 
 def test_run_json_holds_the_resolved_config(tmp_path, cli):

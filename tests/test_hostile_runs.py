@@ -163,3 +163,19 @@ def test_a_labels_csv_with_huge_fields_is_one_short_line(finished, tmp_path, cli
     result = cli("eval", "knn", run, "--data", f"folder:{data}", "--labels", labels)
     line = one_line_error(result.exit_code, result.stderr)
     assert line == f"error: --labels {str(labels)!r}{expected}" and len(line) < 300 + len(str(labels))
+
+
+@pytest.mark.parametrize("kind", ["deep", "fifo"])
+def test_a_resume_of_a_hostile_run_json_is_one_line(finished, tmp_path, kind):
+    """``pretrain --resume`` reads run.json through its own path (sslkit.config_resume): 100,000 nested
+    brackets were a RecursionError traceback there, a FIFO was 'holds no sslkit run'."""
+    run, _ = finished
+    copy = Path(shutil.copytree(run, tmp_path / "run"))
+    if kind == "deep":
+        (copy / "run.json").write_text(DEEP_JSON)
+    else:
+        put_hostile(copy / "run.json", "fifo")
+    line = one_line_error(*sslkit_within(HANG_S, "pretrain", "--resume", copy, "--max-steps", 9, "--quiet"))
+    assert line == (f"error: --resume: {copy / 'run.json'} is not a readable sslkit run.json" if kind == "deep" else
+                    f"error: {str(copy / 'run.json')!r} is a FIFO (named pipe), not a regular file; sslkit reads "
+                    f"only regular files there")

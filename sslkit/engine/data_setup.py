@@ -17,6 +17,7 @@ from sslkit.data.loader import BatchLoader
 from sslkit.data.pipeline import LoadedData, load_data
 from sslkit.engine.lock import LOCK_HELD, no_locks_error
 from sslkit.engine.log import note
+from sslkit.engine.model_setup import check_cache_size
 from sslkit.engine.schedules import horizon, make_schedule
 from sslkit.errors import UsageError
 from sslkit.optim import scaled_lr
@@ -28,10 +29,8 @@ CACHE_LOCK = ".sslkit-cache.lock"
 def load_run_data(cfg: RunConfig, rank: int, world: int) -> LoadedData:
     """Decode the data; under DDP with a disk cache rank 0 fills the cache, then the others read it
     (:func:`~sslkit.distributed.rank0_first`: their wait has no collective timeout)."""
+    check_cache_size(cfg)  # (build checked it already: for callers that come here alone)
     stored_size = cfg.cache_size or cfg.image_size
-    if stored_size < cfg.image_size:
-        raise UsageError(f"--cache-size {cfg.cache_size} is below --image-size {cfg.image_size}; "
-                         f"use at least {cfg.image_size}")
 
     def load(shared: bool = False) -> LoadedData:
         with cache_build_lock(cfg.cache_dir, shared):

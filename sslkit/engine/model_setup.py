@@ -44,7 +44,7 @@ def check_pairing(backbone_name: str, cfg: RunConfig) -> torch.nn.Module:
     resolved once and fitted to each probe (not on ``--resume``: a checkpoint holds the
     weights, and a run without one checks them when it loads them). Returns the probe backbone."""
     check_task_methods(cfg.task)
-    first: UsageError | None = None
+    failed: list[tuple[int, UsageError]] = []
     volume = planned_volume(cfg)  # --sample volume: the size and mode, from the source's options
     init = cfg.init if cfg.init and not cfg.resume else None
     if init:  # a missing file, or a Hub that cannot be reached: one line, whatever the channels
@@ -69,8 +69,19 @@ def check_pairing(backbone_name: str, cfg: RunConfig) -> torch.nn.Module:
                     check_flags(cfg, task)
                 return probe
             except UsageError as exc:
-                first = first or exc
-    raise first
+                failed.append((c, exc))
+    raise _probe_error(failed, bool(init))
+
+
+def _probe_error(failed: list[tuple[int, UsageError]], init: bool) -> UsageError:
+    """The first probe's refusal; where the ``--init`` weights fit neither probe and the channel count is not
+    known yet (it comes from the data), saying whose shapes the line shows: the run's may have the other count."""
+    channels, first = failed[0]
+    others = {str(exc) for _, exc in failed[1:]}
+    if not (init and len(failed) > 1 and str(first).startswith("--init ") and others - {str(first)}):
+        return first
+    return UsageError(f"{first} (shapes of a {channels}-channel model: the data's channel count is not known "
+                      f"before decoding; --channels N checks the N-channel one)")
 
 
 def task_default_said(cfg: RunConfig, backbone_name: str, build: Any) -> Any:
@@ -186,8 +197,23 @@ def check_sample_memory(cfg: RunConfig) -> None:
     embeddings) would otherwise take that memory first (:func:`check_pairing` builds probes)."""
     from sslkit.data.room import check_sample_room
 
+    check_cache_size(cfg)
     size = planned_volume(cfg).get("volume_size") or cfg.cache_size or cfg.image_size
     check_sample_room(cfg.channels or 1, size)
+
+
+def check_cache_size(cfg: RunConfig) -> None:
+    """Refuse a ``--cache-size`` below ``--image-size``: the stored images would be upscaled for every view
+    (the run's check, before decoding; ``sslkit pretrain --print-config`` refuses it in the same line)."""
+    if (cfg.cache_size or cfg.image_size) < cfg.image_size:
+        raise UsageError(f"--cache-size {cfg.cache_size} is below --image-size {cfg.image_size}; "
+                         f"use at least {cfg.image_size}")
+
+
+def check_precision(precision: str, device_type: str) -> None:
+    """Refuse ``--precision fp16`` on a device without CUDA (torch's fp16 autocast there is unscaled and slow)."""
+    if precision == "fp16" and device_type != "cuda":
+        raise UsageError("--precision fp16 needs a CUDA GPU; on CPU use bf16 or fp32")
 
 
 def create_model(cfg: RunConfig, backbone_name: str, spec: InputSpec,

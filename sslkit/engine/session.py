@@ -25,6 +25,7 @@ from sslkit.engine.events import Events, RunInfo
 from sslkit.engine.lock import RunLock
 from sslkit.engine.log import note
 from sslkit.engine.loop import Diverged, train
+from sslkit.engine.model_setup import check_precision
 from sslkit.engine.schedules import horizon
 from sslkit.engine.setup import Setup, build, on_main, resolve_device, seed_everything
 from sslkit.engine.signals import StopSignal
@@ -54,8 +55,7 @@ def pretrain(cfg: RunConfig) -> dict[str, Any]:
     resolve_data(cfg.data)  # fail on a bad --data before touching anything
     callbacks = create_callbacks(cfg.callbacks)  # built before decoding: one that cannot start is one line
     device = resolve_device(cfg.device)
-    if cfg.precision == "fp16" and device.type != "cuda":
-        raise UsageError("--precision fp16 needs a CUDA GPU; on CPU use bf16 or fp32")
+    check_precision(cfg.precision, device.type)
     if cfg.sync_bn and distributed.launched() and device.type != "cuda":
         raise UsageError("--sync-bn needs CUDA GPUs (torch's SyncBatchNorm has no CPU implementation)")
     created = distributed.init(device.type)

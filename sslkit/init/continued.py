@@ -58,6 +58,10 @@ def restore_task_parts(init: str, task: nn.Module, task_name: str, allow_downloa
             record["skipped"].append(why)
             return record
     else:
+        why = _other_task(_run_of_checkpoint(found.path), task_name)
+        if why:  # RUN/checkpoints/step-N of another task's run: its heads are not this task's
+            record["skipped"].append(why)
+            return record
         from sslkit.init import read_found
 
         tensors = read_found(found)[0]
@@ -81,9 +85,9 @@ def _run_checkpoint(run: Path, task_name: str) -> tuple[dict[str, torch.Tensor],
 
     from sslkit import checkpoint
 
-    other = read_json(run / RUN_JSON).get("task")
-    if other != task_name:
-        return {}, "", f"task parts not restored: the init run's task is {other!r}, not {task_name!r}"
+    why = _other_task(run, task_name)
+    if why:
+        return {}, "", why
     for path in reversed(checkpoint.list_checkpoints(run / CHECKPOINTS)):
         try:
             checkpoint.verify(path)
@@ -91,6 +95,23 @@ def _run_checkpoint(run: Path, task_name: str) -> tuple[dict[str, torch.Tensor],
         except Exception:  # a damaged checkpoint: the next older one
             continue
     return {}, "", "task parts not restored: the init run has no readable checkpoint"
+
+
+def _run_of_checkpoint(file: Path) -> Path | None:
+    """The sslkit run whose checkpoint holds weights file ``file`` (``RUN/checkpoints/step-N/<file>``,
+    run.json two folders above the step's); None for a weights file of no run."""
+    run = file.parent.parent.parent
+    return run if file.parent.parent.name == CHECKPOINTS and (run / RUN_JSON).is_file() else None
+
+
+def _other_task(run: Path | None, task_name: str) -> str | None:
+    """Why the task parts of sslkit run ``run`` are not restored into task ``task_name``: another task's."""
+    if run is None:
+        return None
+    other = read_json(run / RUN_JSON).get("task")
+    if other != task_name:
+        return f"task parts not restored: the init run's task is {other!r}, not {task_name!r}"
+    return None
 
 
 def parts_line(parts: dict[str, Any]) -> str:
