@@ -157,3 +157,13 @@ def force_decode_pool(monkeypatch, n: int) -> None:
     monkeypatch.setattr(prep, "pool_size", lambda count, workers, **kw: n)
     monkeypatch.setattr(prep, "PROBE_S", 0.0)
     monkeypatch.setattr(prep, "POOL_PAYOFF_S", 0.0)
+
+
+def one_line_error(result, *words: str) -> str:
+    """The single ``error: ...`` line of a CLI result that must fail as a usage error (exit 2), holding ``words``."""
+    lines = result.stderr.strip().splitlines()
+    assert result.exit_code == 2, (result.exit_code, result.stderr[-3000:])
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr[-3000:]
+    for w in words:
+        assert w in lines[0], lines[0]
+    return lines[0]

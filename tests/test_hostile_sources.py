@@ -15,19 +15,10 @@ import sslkit_plugins.sources.npz as npz_mod
 from sslkit.data.pipeline import load_data
 from sslkit.registry import create_source
 from sslkit_plugins.sources.folder import FolderSource
-from tests.conftest import make_images
+from tests.conftest import make_images, one_line_error
 from tests.dicom_factory import write_dicom
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _one_line_error(result, *words: str) -> str:
-    lines = result.stderr.strip().splitlines()
-    assert result.exit_code == 2, (result.exit_code, result.stderr[-3000:])
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr[-3000:]
-    for w in words:
-        assert w in lines[0], lines[0]
-    return lines[0]
 
 
 # --- 1: an npz of many tiny images: its index is refused from the header ---------------------------
@@ -37,7 +28,7 @@ def test_an_image_count_whose_index_would_not_fit_memory_is_one_line(tmp_path, c
     np.savez_compressed(tmp_path / "many.npz", train_images=np.zeros((101, 2, 2), np.uint8))
     np.savez(tmp_path / "mapped.npz", train_images=np.zeros((101, 2, 2), np.uint8))
     for name in ("many.npz", "mapped.npz"):  # compressed or memory-mapped: the index costs the same
-        _one_line_error(cli("data", "inspect", f"npz:{tmp_path / name}", "--image-size", "16"),
+        one_line_error(cli("data", "inspect", f"npz:{tmp_path / name}", "--image-size", "16"),
                         "(101, 2, 2) holds 101 images", "more than half the available memory", "max_gb")
     np.savez_compressed(tmp_path / "fits.npz", train_images=np.arange(400, dtype=np.uint8).reshape(100, 2, 2))
     src = create_source(f"npz:{tmp_path / 'fits.npz'}")

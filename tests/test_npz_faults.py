@@ -19,17 +19,9 @@ from sslkit.api import Undecodable, UsageError
 from sslkit.data.pipeline import load_data
 from sslkit.registry import create_source
 from sslkit.pseudonym import file_key
+from tests.conftest import one_line_error
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _one_line_error(result, *words: str) -> str:
-    lines = result.stderr.strip().splitlines()
-    assert result.exit_code == 2, (result.exit_code, result.stderr[-3000:])
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr[-3000:]
-    for w in words:
-        assert w in lines[0], lines[0]
-    return lines[0]
 
 
 def _inspect(cli, path, *extra):
@@ -58,7 +50,7 @@ def test_object_arrays_are_refused_unread(tmp_path, cli):
     np.savez(tmp_path / "obj.npz", train_images=np.array([Touch()] * 2, dtype=object))
     np.save(tmp_path / "obj.npy", np.array([Touch()], dtype=object), allow_pickle=True)
     for f in ("obj.npz", "obj.npy"):
-        _one_line_error(_inspect(cli, tmp_path / f), "holds Python objects (dtype object)", "never unpickled")
+        one_line_error(_inspect(cli, tmp_path / f), "holds Python objects (dtype object)", "never unpickled")
     assert not marker.exists()
 
 
@@ -73,24 +65,24 @@ def test_a_header_declaring_more_than_the_file_holds_is_one_line(tmp_path, cli, 
         compression = zipfile.ZIP_STORED if kind == "stored" else zipfile.ZIP_DEFLATED
         with zipfile.ZipFile(f, "w", compression) as z:
             z.writestr("train_images.npy", data)
-    _one_line_error(_inspect(cli, f), "declares (1000000000, 64, 64) uint8 (3.7 TiB)", "holds 100 B of it",
+    one_line_error(_inspect(cli, f), "declares (1000000000, 64, 64) uint8 (3.7 TiB)", "holds 100 B of it",
                     "truncated or damaged")
 
 
 def test_empty_unreadable_and_folder_paths_are_one_line(tmp_path, cli):
     (tmp_path / "empty.npz").write_bytes(b"")
-    _one_line_error(_inspect(cli, tmp_path / "empty.npz"), "is empty (0 bytes)")  # was 'aborted', exit 130
+    one_line_error(_inspect(cli, tmp_path / "empty.npz"), "is empty (0 bytes)")  # was 'aborted', exit 130
     (tmp_path / "text.npz").write_text("not a zip")
-    _one_line_error(_inspect(cli, tmp_path / "text.npz"), "not a readable .npz or .npy file")
+    one_line_error(_inspect(cli, tmp_path / "text.npz"), "not a readable .npz or .npy file")
     (tmp_path / "dir.npz").mkdir()
-    _one_line_error(_inspect(cli, tmp_path / "dir.npz"), "is a folder; give one .npz or .npy file")
+    one_line_error(_inspect(cli, tmp_path / "dir.npz"), "is a folder; give one .npz or .npy file")
     with zipfile.ZipFile(tmp_path / "junk.npz", "w") as z:
         z.writestr("train_images.npy", b"\x93NUMPY\x01\x00garbage")
-    _one_line_error(_inspect(cli, tmp_path / "junk.npz"), "train_images in", "is not a readable .npy array")
+    one_line_error(_inspect(cli, tmp_path / "junk.npz"), "train_images in", "is not a readable .npy array")
     np.savez(tmp_path / "cplx.npz", train_images=_images().astype(np.complex64))
-    _one_line_error(_inspect(cli, tmp_path / "cplx.npz"), "dtype complex64; images must be integers, floats")
+    one_line_error(_inspect(cli, tmp_path / "cplx.npz"), "dtype complex64; images must be integers, floats")
     np.savez(tmp_path / "thin.npz", train_images=np.zeros((4, 1, 40), np.uint8))
-    _one_line_error(_inspect(cli, tmp_path / "thin.npz"), "images of 40x1 pixels; at least 2x2 needed")
+    one_line_error(_inspect(cli, tmp_path / "thin.npz"), "images of 40x1 pixels; at least 2x2 needed")
 
 
 def test_a_plain_npy_is_read_memory_mapped(tmp_path, cli):
@@ -188,22 +180,22 @@ def test_channels_last_with_two_channels_is_grey_and_alpha(tmp_path):
 
 def test_ambiguous_or_unknown_layouts_are_one_line(tmp_path, cli):
     np.savez(tmp_path / "hwc5.npz", train_images=np.zeros((4, 16, 16, 5), np.uint8))
-    _one_line_error(_inspect(cli, tmp_path / "hwc5.npz"), "has shape (4, 16, 16, 5); accepted layouts: (N, H, W), "
+    one_line_error(_inspect(cli, tmp_path / "hwc5.npz"), "has shape (4, 16, 16, 5); accepted layouts: (N, H, W), "
                     "(N, C, H, W) or (N, H, W, C) with C = 1 to 4 channels")
     np.savez(tmp_path / "vol.npz", train_images=np.zeros((2, 1, 8, 8, 8), np.uint8))
-    _one_line_error(_inspect(cli, tmp_path / "vol.npz"), "accepted layouts")
+    one_line_error(_inspect(cli, tmp_path / "vol.npz"), "accepted layouts")
     a = np.random.default_rng(0).integers(0, 256, (4, 3, 8, 3), dtype=np.uint8)
     np.savez(tmp_path / "amb.npz", train_images=a)
-    _one_line_error(_inspect(cli, tmp_path / "amb.npz"), "fits both (N, C, H, W) and (N, H, W, C)",
+    one_line_error(_inspect(cli, tmp_path / "amb.npz"), "fits both (N, C, H, W) and (N, H, W, C)",
                     "--data-opt layout=nchw or --data-opt layout=nhwc")
     nhwc = create_source(f"npz:{tmp_path / 'amb.npz'}", layout="nhwc")
     np.testing.assert_array_equal(nhwc.load(nhwc.index()[1]), a[1].transpose(2, 0, 1) / np.float32(255))
     nchw = create_source(f"npz:{tmp_path / 'amb.npz'}", layout="nchw")
     np.testing.assert_array_equal(nchw.load(nchw.index()[1]), a[1] / np.float32(255))
-    _one_line_error(_inspect(cli, tmp_path / "hwc5.npz", "--data-opt", "layout=nhwc"), "does not fit layout=nhwc")
-    _one_line_error(_inspect(cli, tmp_path / "amb.npz", "--data-opt", "layout=hwc"), "choose one of auto, nhw")
+    one_line_error(_inspect(cli, tmp_path / "hwc5.npz", "--data-opt", "layout=nhwc"), "does not fit layout=nhwc")
+    one_line_error(_inspect(cli, tmp_path / "amb.npz", "--data-opt", "layout=hwc"), "choose one of auto, nhw")
     np.save(tmp_path / "one.npy", np.zeros((64, 48, 3), np.uint8))  # one RGB image, read as 64 images 3 px wide
-    _one_line_error(_inspect(cli, tmp_path / "one.npy"), "has shape (64, 48, 3): one (H, W, C) image, or 64 images "
+    one_line_error(_inspect(cli, tmp_path / "one.npy"), "has shape (64, 48, 3): one (H, W, C) image, or 64 images "
                     "3 pixels wide?", "--data-opt layout=nhw")
     assert len(create_source(f"npz:{tmp_path / 'one.npy'}", layout="nhw").index()) == 64
 
@@ -218,11 +210,11 @@ def test_a_compressed_array_over_the_memory_bound_is_refused_from_its_header(tmp
             for _ in range(n // 100):
                 f.write(bytes(100 * side * side))
     assert (tmp_path / "bomb.npz").stat().st_size < 100_000
-    _one_line_error(_inspect(cli, tmp_path / "bomb.npz", "--data-opt", "max_gb=0.001"),
+    one_line_error(_inspect(cli, tmp_path / "bomb.npz", "--data-opt", "max_gb=0.001"),
                     "(2000, 64, 64) uint8 is compressed and decompresses to 7.8 MiB", "--data-opt max_gb (1.0 MiB)",
                     "save it uncompressed")
     monkeypatch.setattr(npz_mod, "available_memory", lambda: 4 * 2**20)
-    _one_line_error(_inspect(cli, tmp_path / "bomb.npz"), "more than half the available memory (2.0 MiB)")
+    one_line_error(_inspect(cli, tmp_path / "bomb.npz"), "more than half the available memory (2.0 MiB)")
     monkeypatch.undo()
     src = create_source(f"npz:{tmp_path / 'bomb.npz'}")  # within the bound: decompressed once, read
     assert len(src.index()) == n and not src.load(src.index()[5]).any()
@@ -321,11 +313,11 @@ def test_eval_scores_a_medmnist_file_on_its_own_train_and_test_arrays(tmp_path, 
     report = json.loads(proc.stdout)
     assert (report["data"]["train"]["samples"], report["data"]["test"]["samples"]) == (24, 12)
     assert report["data"]["test"]["options"] == {"split": "test"} and "options" not in report["data"]["train"]
-    _one_line_error(cli(*knn), "--train and --test share 24 of the 24 test images")  # one array on both sides
+    one_line_error(cli(*knn), "--train and --test share 24 of the 24 test images")  # one array on both sides
     np.savez(tmp_path / "copy.npz", train_images=train[:5], train_labels=np.arange(5) % 2)  # in another file: found
-    _one_line_error(cli("eval", "knn", run, "--train", f"npz:{f}", "--test", f"npz:{tmp_path / 'copy.npz'}",
+    one_line_error(cli("eval", "knn", run, "--train", f"npz:{f}", "--test", f"npz:{tmp_path / 'copy.npz'}",
                         "--no-baseline", "--quiet"), "--train and --test share 5 of the 5 test images")
-    _one_line_error(cli("eval", "knn", run, "--data", f"npz:{f}", "--test-opt", "split=test"),
+    one_line_error(cli("eval", "knn", run, "--data", f"npz:{f}", "--test-opt", "split=test"),
                     "--train-opt and --test-opt apply to --train and --test")
 
 
