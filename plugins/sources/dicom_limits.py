@@ -12,12 +12,16 @@
   The decoder allocates what the header says first (a 72-byte frame can claim 13000 x
   13000): :func:`check_stream_size` refuses a frame with another segment count than
   SamplesPerPixel x BitsAllocated / 8, or a segment too short for Rows x Columns bytes,
-  from the fragment's bytes alone.
+  from the fragment's bytes alone, and a segment whose runs decode to more than its
+  Rows x Columns bytes (:func:`packbits_length`, from the run headers: pylibjpeg-rle panics
+  on one). A decoder's panic is raised as :class:`DecoderPanic` (:func:`panic_free`).
 * Deflated Explicit VR Little Endian: pydicom inflates the whole data set in one call, even
   to read a header; :func:`read_deflated` inflates it in steps and refuses a data set that
   inflates past :data:`DEFLATE_LIMIT` (a 1.5 MB file can hold a 1.5 GB element).
 * NumberOfFrames: :func:`frame_count` refuses, from the header, a count the file's size
-  cannot hold (2^31 frames in 33 KB), before the index makes one sample per frame.
+  cannot hold (2^31 frames in 33 KB), or more frames than encapsulated pixel data has
+  non-empty fragments (:func:`encapsulated_frames`: 10^6 empty items in 8 MB), before the
+  index makes one sample per frame.
 
 Reasons name sizes and markers only, never the file.
 """
@@ -28,7 +32,7 @@ import io
 import struct
 import zlib
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO, Callable
 
 import pydicom
 from pydicom.dataset import Dataset
@@ -52,6 +56,21 @@ _JP2 = b"\x00\x00\x00\x0cjP  \r\n\x87\n"
 
 class TooLarge(ValueError):
     """A file that would make a decoder allocate more than its header (or a limit) allows."""
+
+
+class DecoderPanic(RuntimeError):
+    """A decoder that panicked on a file (a Rust decoder's ``PanicException`` is a ``BaseException``)."""
+
+
+def panic_free(decode: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``decode(*args, **kwargs)``, where a decoder's panic (a ``BaseException`` other than an
+    interrupt or an exit) is raised as :class:`DecoderPanic`: the file is skipped with a reason."""
+    try:
+        return decode(*args, **kwargs)
+    except (Exception, KeyboardInterrupt, SystemExit, GeneratorExit):
+        raise
+    except BaseException as exc:
+        raise DecoderPanic(f"the decoder panicked: {exc}") from None
 
 
 # ----------------------------------------------------------------------- compressed frames
@@ -191,7 +210,39 @@ def rle_problem(head: bytes, length: int, rows: int, cols: int, samples: int, bi
     least = min(max(0, min(end, length) - min(start, length)) for start, end in zip(offsets, ends))
     if 128 * (least // 2) < rows * cols:  # PackBits: 2 bytes decode to 128 at most
         return f"holds a segment of {least} bytes (at most {128 * (least // 2)} decoded), too few for {cols}x{rows}"
+    for i, (start, end) in enumerate(zip(offsets, ends)):  # a decoder writes past its share (pylibjpeg panics)
+        decoded = packbits_length(head, start, min(end, length), rows * cols)
+        if decoded is not None and decoded > rows * cols:
+            return f"has a segment {i + 1} that decodes to more than the {rows * cols} bytes of {cols}x{rows}"
     return None
+
+
+def packbits_length(data: bytes, start: int, end: int, most: int) -> int | None:
+    """How many bytes the PackBits runs of ``data[start:end]`` decode to, read from the run headers
+    alone (header n: 0-127 copies the next n + 1 bytes, 129-255 repeats the next byte 257 - n times,
+    128 does nothing), counting only bytes inside the segment; the scan stops once past ``most``.
+    None where the segment runs past ``data`` (a frame's first bytes) before that: unknown."""
+    pos, out, prev, stop = start, 0, start, min(end, len(data))
+    for _ in range(most + _NOOP_RUNS + 1):  # each run but a no-op decodes a byte at least
+        if pos >= stop or out > most:
+            break
+        prev = pos
+        out += _GAIN[data[pos]]
+        pos += _STEP[data[pos]]
+    else:
+        return None  # a long string of no-op runs: the decoder decides
+    if out <= most and stop < end and pos < end:
+        return None  # the segment goes on beyond the bytes read
+    if pos > end:  # the last run is cut by the segment's end: only its bytes inside count
+        out -= _GAIN[data[prev]] if data[prev] > 128 else pos - end
+    return out
+
+
+#: no-op runs (header 128) a segment may hold beyond one run per decoded byte before the scan gives up
+_NOOP_RUNS = 4096
+#: bytes each PackBits header byte decodes to, and how far it moves the scan
+_GAIN = tuple(n + 1 if n < 128 else 0 if n == 128 else 257 - n for n in range(256))
+_STEP = tuple(n + 2 if n < 128 else 1 if n == 128 else 2 for n in range(256))
 
 
 # ----------------------------------------------------------------------- deflated data sets
@@ -291,4 +342,41 @@ def frame_count(ds: Dataset, path: Path) -> int:
     if frames > 1 and frames > max(1, most):  # one frame: a truncated file is reported when decoded
         raise ValueError(f"NumberOfFrames {frames} does not fit the file: its {path.stat().st_size} bytes hold "
                          f"at most {most} frame(s) of {cols}x{rows}")
+    held = encapsulated_frames(path, frames) if frames > 1 and ts and ts.is_encapsulated else None
+    if held is not None and held < frames:
+        raise ValueError(f"NumberOfFrames {frames} does not fit the file: its pixel data has room for at most {held} "
+                         "frame(s) (each needs a non-empty fragment)")
     return frames
+
+
+def encapsulated_frames(path: Path, frames: int) -> int | None:
+    """How many of ``frames`` frames the encapsulated pixel data of the file at ``path`` can hold:
+    its non-empty fragments (an empty item is no frame; counted up to ``frames``), fewer where a
+    Basic Offset Table addresses fewer; None where the items cannot be read (the decoder decides).
+    Item headers only are read, each once; where the rest of the file is too short for the frames
+    still missing (a non-empty item takes at least 9 bytes), the count so far plus what it could
+    hold, an upper bound under ``frames``."""
+    with open(path, "rb") as fp:
+        pydicom.dcmread(fp, stop_before_pixels=True, force=True)
+        head, size = fp.read(12), path.stat().st_size
+        if len(head) < 12 or head[:4] != b"\xe0\x7f\x10\x00" or head[8:12] != b"\xff\xff\xff\xff":
+            return None
+        held, table = 0, None
+        for _ in range(size // 8 + 1):
+            item = fp.read(8)
+            if len(item) < 8 or item[:4] != b"\xfe\xff\x00\xe0":
+                break  # the sequence delimiter, the file's end, or no item: what was counted
+            (length,) = struct.unpack_from("<I", item, 4)
+            if length == 0xFFFFFFFF:
+                return None
+            if table is None:
+                table = length // 4  # the Basic Offset Table: one offset per frame, or empty
+            else:
+                held += length > 0
+            if held < frames:
+                room = held + (size - fp.seek(length, io.SEEK_CUR)) // 9
+                if room >= frames:
+                    continue
+                held = room  # the rest of the file is too short for the frames still missing
+            break
+    return min(held, table) if table else held

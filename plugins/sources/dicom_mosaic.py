@@ -96,23 +96,35 @@ def mosaic_layout(rows: int, columns: int, n: int | None, tile: tuple[int, int] 
     ``n`` (NumberOfImagesInMosaic) is kept when its square grid of ``ceil(sqrt(n))`` tiles
     per side divides the image evenly and, with ``tile`` (from AcquisitionMatrix), that many
     tiles of that size fit; otherwise (or without ``n``) the grid of ``tile`` is used where
-    it fits, every tile kept (``-tiles``: the count is unknown), with an issue saying so.
-    0 without ``n`` and without a fitting ``tile`` (not cut: one image). A count that does not
-    fit with no tile to fall back to raises ValueError with a one-line reason.
+    it cuts the image into a square grid of whole tiles, every tile kept (``-tiles``: the
+    count is unknown), with an issue saying so (:data:`GRID_ISSUES`). Anything else (a count
+    that does not fit, or none, and no such tile) raises ValueError with a one-line reason:
+    an unusable mosaic (one image in slice mode, skipped where it would be cut).
     """
     if n and _fits(rows, columns, n, tile):
         return n, ""
-    wrong = ""
-    if n:
-        of = f" of {tile[1]}x{tile[0]} tiles" if tile else ""
-        wrong = f"NumberOfImagesInMosaic {n} does not fit the {columns}x{rows} mosaic{of}"
-    side = rows // tile[0] if tile else 0
-    if side >= 1 and side * tile[1] <= columns:
-        how = wrong or "mosaic slice count not in the header"
-        return -side * side, f"{how}: every tile of the grid kept"
+    of = f" of {tile[1]}x{tile[0]} tiles" if tile else ""
+    wrong = f"NumberOfImagesInMosaic {n} does not fit the {columns}x{rows} mosaic{of}" if n else ""
+    if tile and _tile_grid(rows, columns, tile):
+        return -_tile_grid(rows, columns, tile) ** 2, f"{wrong or GRID_ISSUES[1]}: every tile of the grid kept"
     if wrong:
         raise ValueError(f"unusable mosaic: {wrong} (and no AcquisitionMatrix tile fits it)")
-    return 0, ""
+    if tile:
+        raise ValueError(f"unusable mosaic: {GRID_ISSUES[1]} and the {tile[1]}x{tile[0]} AcquisitionMatrix tile "
+                         f"does not cut the {columns}x{rows} mosaic into a square grid of whole tiles")
+    raise ValueError(f"unusable mosaic: {GRID_ISSUES[1]} and no AcquisitionMatrix tile")
+
+
+#: how the issues of a mosaic cut by its AcquisitionMatrix grid start (they reach the run's data report)
+GRID_ISSUES = ("NumberOfImagesInMosaic", "mosaic slice count not in the header")
+
+
+def _tile_grid(rows: int, columns: int, tile: tuple[int, int]) -> int:
+    """Tiles per side of the square grid that ``tile`` cuts ``rows x columns`` into, 0 where it
+    does not cut it into whole tiles on a square grid (e.g. 32x16 tiles of a 64x64 image)."""
+    if rows % tile[0] or columns % tile[1] or rows // tile[0] != columns // tile[1]:
+        return 0
+    return rows // tile[0]
 
 
 def _fits(rows: int, columns: int, n: int, tile: tuple[int, int] | None) -> bool:

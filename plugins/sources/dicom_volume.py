@@ -26,6 +26,7 @@ import numpy as np
 
 from sslkit.api import SampleMode, SampleRef, slab_indices, stack_slab, volume_fit
 from sslkit_plugins.sources.dicom_decode import Window, linear_window
+from sslkit_plugins.sources.dicom_mosaic import GRID_ISSUES
 from sslkit_plugins.sources.dicom_pixels import read_frame
 from sslkit_plugins.sources.dicom_series import Volume, cut_mosaic
 
@@ -149,11 +150,12 @@ class VolumeSampler:
 
     def notes(self) -> list[tuple[str, str]]:
         """``(sample id, note)`` per volume whose slices are not evenly spaced (a missing slice, an
-        uneven step), or a mosaic whose slice count contradicts its image: what was done about
-        it, for the run's data report (no file name, no UID)."""
+        uneven step), or a mosaic cut on its AcquisitionMatrix grid (its slice count missing or
+        contradicting its image): what was done about it, for the run's data report (no file
+        name, no UID)."""
         out = []
         for vol in self.volumes:
-            out += [(f"series:{vol.key}", i) for i in vol.issues if i.startswith("NumberOfImagesInMosaic")]
+            out += [(f"series:{vol.key}", i) for i in vol.issues if i.startswith(GRID_ISSUES)]
             found = [i for i in vol.issues if "missing slices" in i or "non-uniform" in i]
             if found:
                 done = ("resampled at the slices' positions along the normal (gaps interpolated across)"
