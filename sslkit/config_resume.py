@@ -164,7 +164,8 @@ def fill_legacy_options(saved: dict[str, Any], info: dict[str, Any] | None = Non
     where ``info`` (the run's run.json) has ``source_options_resolved`` (every field the run's source had)
     without it, or none at all; a source's legacy value may be a function of the ``describe()`` record the
     run holds (its ``input_spec.preprocessing``), for an option whose old behaviour changed before it existed.
-    ``info`` None: the source options are left as they are (nothing says which the run lacked). Returns the ``group.key`` of each option filled."""
+    ``info`` None: the source options are left as they are (nothing says which the run lacked). Returns the
+    ``group.key`` of each option filled."""
     from sslkit.config_toml import source_options_of
     from sslkit.registry import get_source, get_task
 

@@ -34,7 +34,8 @@ def test_an_image_count_whose_index_would_not_fit_memory_is_one_line(tmp_path, c
     src = create_source(f"npz:{tmp_path / 'fits.npz'}")
     refs = src.index()
     assert len(refs) == 100
-    np.testing.assert_array_equal(src.load(refs[7])[0], np.arange(28, 32, dtype=np.float32).reshape(2, 2) / np.float32(255))
+    expected = np.arange(28, 32, dtype=np.float32).reshape(2, 2) / np.float32(255)
+    np.testing.assert_array_equal(src.load(refs[7])[0], expected)
     src = create_source(f"npz:{tmp_path / 'many.npz'}", max_gb=1e-3)  # the bound raised: indexed
     assert len(src.index()) == 101
 
@@ -113,7 +114,8 @@ def test_a_memory_error_skip_is_not_cached_and_the_next_run_decodes_the_file(tmp
     cache = tmp_path / "cache"
     first = load_data(f"folder:{data}", 16, cache_dir=cache, progress=False)
     assert len(first.prepared) == 5
-    assert [reason for _, reason in first.prepared.skipped] == ["MemoryError: decoding it needs more memory than is free"]
+    reasons = [reason for _, reason in first.prepared.skipped]
+    assert reasons == ["MemoryError: decoding it needs more memory than is free"]
     assert not [p for p in cache.iterdir() if not p.name.startswith(".")]  # no entry kept
     calls.clear()
     again = load_data(f"folder:{data}", 16, cache_dir=cache, progress=False)

@@ -123,7 +123,8 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(f"filtered out by the source's options: {report['filtered_out']} files")
     for key, counts in report["counts"].items():
         items = list(counts.items())
-        shown = ", ".join(f"{printable(str(v))} {n}" for v, n in items[:12]) + (f", ... ({len(items) - 12} more)" if len(items) > 12 else "")
+        shown = ", ".join(f"{printable(str(v))} {n}" for v, n in items[:12])
+        shown += f", ... ({len(items) - 12} more)" if len(items) > 12 else ""
         lines.append(f"  {key}: {shown}")
     est = report["estimated_bytes"]
     shape = est.get("stored_shape") or [report["channels"], est["image_size"], est["image_size"]]
