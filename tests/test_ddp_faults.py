@@ -72,6 +72,14 @@ if os.environ.get("T_CKPT_FAIL_AT"):
             raise OSError(errno.ENOSPC, "No space left on device")
         return save(obj, f, *a, **k)
     torch.save = failing
+if rank == 1 and os.environ.get("T_DROP_LAST"):  # one file skipped on rank 1 alone (for want of memory, say)
+    loaded = ds.load_data
+    def dropped(*a, **k):
+        data = loaded(*a, **k)
+        p = data.prepared
+        p.pixels, p.refs = p.pixels[:-1], p.refs[:-1]
+        return data
+    ds.load_data = dropped
 from sslkit.cli import main
 sys.argv[0] = "sslkit"
 main()
@@ -254,3 +262,16 @@ def test_only_rank0s_node_reads_the_cache_under_a_shared_lock(monkeypatch):
     assert reads_shared(3)
     monkeypatch.setenv("GROUP_RANK", "1")
     assert not reads_shared(3)
+
+
+def test_processes_that_hold_different_samples_stop_before_a_step(tmp_path):
+    """Without a disk cache each process decodes for itself: one file skipped on rank 1 alone gave the two
+    different step counts (the one with more then waited in a collective until its timeout); now both stop
+    in one line naming the counts, before any step."""
+    r0, r1 = two_ranks(tmp_path, "--max-steps", "4", "--no-cache", "--out", str(tmp_path / "run"), T_DROP_LAST="1")
+    assert (r0.returncode, r1.returncode) == (2, 2), (r0.stderr[-3000:], r1.stderr[-3000:])
+    assert error_lines(r0.stderr) == [
+        "error: the processes of this run hold different samples (process 0: 8, process 1: 7): a file decoded on "
+        "one and skipped on another (for want of memory, or changed while read); free memory or fix the files, "
+        "then run the command again"], r0.stderr[-3000:]
+    assert "Traceback" not in r0.stderr + r1.stderr and "step 1/" not in r0.stderr + r1.stderr

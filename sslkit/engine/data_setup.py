@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import hashlib
 import os
 from typing import Iterator
 
@@ -41,6 +42,22 @@ def load_run_data(cfg: RunConfig, rank: int, world: int) -> LoadedData:
     if cfg.cache_dir != "" and world > 1:  # the others wait for rank 0 however long its decode takes
         return distributed.rank0_first(lambda: load(shared=reads_shared(rank)), "decoding the data into the cache")
     return load()
+
+
+def check_same_data(data: LoadedData) -> None:
+    """Under DDP every process holds the samples it decoded or read from rank 0's cache entry; they must be
+    the same: one that failed on one process alone (for want of memory; a file changed between reads) would
+    give the processes different step counts, and the collective of the one with more then waits until its
+    timeout. Their counts and a digest of their files are compared; a difference is one line, before a step."""
+    if distributed.world_size() < 2:
+        return
+    names = "\n".join(f"{ref.path}\0{ref.frame}" for ref in data.prepared.refs)  # hashed, never shown
+    seen = distributed.gather_objects((len(data.prepared.refs), hashlib.sha256(names.encode()).hexdigest()))
+    if len(set(seen)) > 1:
+        counts = ", ".join(f"process {rank}: {n}" for rank, (n, _) in enumerate(seen))
+        raise UsageError(f"the processes of this run hold different samples ({counts}): a file decoded on one "
+                         f"and skipped on another (for want of memory, or changed while read); free memory or "
+                         f"fix the files, then run the command again")
 
 
 def reads_shared(rank: int) -> bool:

@@ -33,7 +33,7 @@ from sslkit.host_malloc import release_freed
 from sslkit.data.source import described
 from sslkit.engine.capture import make_capture
 from sslkit.engine.compiled import compile_model, compile_views
-from sslkit.engine.data_setup import batches_and_schedule, load_run_data
+from sslkit.engine.data_setup import batches_and_schedule, check_same_data, load_run_data
 from sslkit.engine.model_setup import (check_batch, check_channels_last, check_pairing, check_sample_memory,
                                        continued_scales, create_model, views_on_device, with_backbone, with_init_flags,
                                        with_resolved_task_options, with_task_embedding)
@@ -164,6 +164,7 @@ def build(cfg: RunConfig, device: torch.device) -> Setup:
     cfg = with_task_embedding(cfg, probe)
     resumed = distributed.broadcast_object(on_main(lambda: resumed_init(cfg)))  # --init on --resume
     data = load_run_data(cfg, rank, world)
+    check_same_data(data)  # under DDP: one file skipped on one process alone is one line, not a hung collective
     release_freed()  # the decoding pass's freed buffers, which the tuned allocator keeps (sslkit.host_malloc)
     spec = _input_spec(cfg, data)
     backbone, task = create_model(cfg, backbone_name, spec, resumed)
