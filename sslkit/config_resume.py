@@ -6,7 +6,6 @@ given to."""
 
 from __future__ import annotations
 
-import json
 import os
 import tomllib
 from pathlib import Path
@@ -14,7 +13,7 @@ from typing import Any
 
 from sslkit.config_values import FIELDS, OPTION_GROUPS, check_values, defaults, plain
 from sslkit.errors import UsageError
-from sslkit.output_file import check_regular
+from sslkit.output_file import read_json
 from sslkit.run import RESUMABLE_OVERRIDES, RUN_JSON, RunConfig
 
 
@@ -26,12 +25,8 @@ def resume_config(given: dict[str, Any]) -> RunConfig:
     file = Path(out) / RUN_JSON
     if not file.exists():
         raise UsageError(f"--resume: {out!r} holds no sslkit run to continue (no {RUN_JSON})")
-    check_regular(file)  # a FIFO would wait forever: one line naming what it is
-    try:
-        info = json.loads(file.read_text())
-        saved = info["config"]
-    except (OSError, ValueError, KeyError, TypeError, RecursionError):  # bad JSON, not UTF-8; [[[...]]] too deep
-        info, saved = {}, None
+    info = read_json(file)  # {}: damaged (not JSON, not UTF-8, nested too deep); a FIFO there: one line
+    saved = info.get("config")
     if not isinstance(saved, dict):
         raise UsageError(f"--resume: {file} is not a readable sslkit run.json")
     saved = check_values({k: v for k, v in saved.items() if k in FIELDS}, str(file))
