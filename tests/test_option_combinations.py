@@ -163,3 +163,17 @@ def test_allow_data_change_acts_on_a_resume_only(cli, tmp_path, monkeypatch):
                    "--allow-data-change")
         assert auto.exit_code == 0, auto.output
     assert json.loads((tmp_path / "b" / "run.json").read_text())["summary"]["steps"] == 2
+
+
+def test_sync_bn_with_one_process_says_it_has_no_effect(cli, tmp_path, monkeypatch):
+    """--sync-bn on a run of one process did nothing and said nothing (its help names torchrun): one note."""
+    monkeypatch.setenv("SSLKIT_CACHE_DIR", str(tmp_path / "cache"))
+    data = make_images(tmp_path / "data", n_per_class=4, size=40)
+    args = ["--task", "simclr", "--backbone", "timm:test_resnet", "--data", data, "--image-size", "32",
+            "--batch-size", "4", "--device", "cpu", "--quiet", "--max-steps", "1"]
+    note = ("note: --sync-bn shares BatchNorm statistics between the processes of a torchrun run; this one has one "
+            "process: no effect")
+    synced = cli("pretrain", *args, "--out", tmp_path / "a", "--sync-bn")
+    assert synced.exit_code == 0, synced.output
+    assert synced.stdout.splitlines().count(note) == 1, synced.stdout
+    assert note not in cli("pretrain", *args, "--out", tmp_path / "b").stdout

@@ -34,6 +34,7 @@ from sslkit.data.source import described
 from sslkit.engine.capture import make_capture
 from sslkit.engine.compiled import compile_model, compile_views
 from sslkit.engine.data_setup import batches_and_schedule, check_same_data, load_run_data
+from sslkit.engine.log import note
 from sslkit.engine.model_setup import (check_batch, check_channels_last, check_pairing, check_sample_memory,
                                        continued_scales, create_model, views_on_device, with_backbone, with_init_flags,
                                        with_resolved_task_options, with_task_embedding)
@@ -171,6 +172,9 @@ def build(cfg: RunConfig, device: torch.device) -> Setup:
     cfg = with_resolved_task_options(cfg, task)
     if cfg.sync_bn and world > 1:
         task = torch.nn.SyncBatchNorm.convert_sync_batchnorm(task)
+    elif cfg.sync_bn and rank == 0:  # kept as given: an elastic restart with more processes syncs
+        note("note: --sync-bn shares BatchNorm statistics between the processes of a torchrun run; this one has "
+             "one process: no effect")
     augment = views_on_device(cfg, task, spec, device)
     if cfg.resume:  # the views the run recorded, before a step trains on others (sslkit.views_resume)
         on_main(lambda: check_resumed_views(cfg, augment))
