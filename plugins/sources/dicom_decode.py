@@ -37,7 +37,7 @@ from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi, apply
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from sslkit.api import UsageError
-from sslkit_plugins.sources.dicom_limits import check_stream_size, panic_free, read_deflated
+from sslkit_plugins.sources.dicom_limits import check_stream_size, decode_checked, read_deflated
 from sslkit_plugins.sources.dicom_reasons import mark_stage
 from sslkit_plugins.sources.dicom_values import has
 
@@ -217,7 +217,7 @@ def _stored_frame(ds: Dataset, frame: int | None) -> np.ndarray:
         if "TransferSyntaxUID" not in getattr(ds, "file_meta", {}):
             _fill_transfer_syntax(ds)
         check_stream_size(ds, frame)  # a compressed frame's own size, before a decoder allocates it
-        return panic_free(pixel_array, ds, index=frame if _frames(ds) > 1 else None)  # a panic: an error
+        return decode_checked(pixel_array, ds, index=frame if _frames(ds) > 1 else None)  # a panic: an error
     except Exception as exc:
         mark_stage(exc, "unreadable pixel data")  # its skip reason says so (dicom_reasons)
         raise

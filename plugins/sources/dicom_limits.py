@@ -164,10 +164,22 @@ def _head(fragments: tuple[bytes, ...]) -> bytes:
     return b"".join(out)
 
 
-def check_stream_size(ds: Dataset, frame: int | None) -> None:
+def decode_checked(decode: Callable[..., Any], ds: Dataset, **kwargs: Any) -> Any:
+    """``decode(ds, **kwargs)`` through :func:`panic_free`; a panic on an RLE frame is then worded by
+    the segments' scan (:func:`check_stream_size` with ``scan``): a Python walk of every run header,
+    ~4x the decode of a noisy frame, so run only once a decoder failed, never on the first pass's path
+    (pylibjpeg-rle allocates Rows x Columns and panics past it)."""
+    try:
+        return panic_free(decode, ds, **kwargs)
+    except DecoderPanic:
+        check_stream_size(ds, kwargs.get("index"), scan=True)  # TooLarge naming the segment, where it is one
+        raise
+
+
+def check_stream_size(ds: Dataset, frame: int | None, scan: bool = False) -> None:
     """Raise :class:`TooLarge` when a compressed frame of ``ds`` (``frame``, else each one) says
-    it is another size than Rows x Columns x SamplesPerPixel (an RLE frame: :func:`rle_problem`);
-    anything unparsable passes."""
+    it is another size than Rows x Columns x SamplesPerPixel (an RLE frame: :func:`rle_problem`,
+    its segments' decoded lengths with ``scan``); anything unparsable passes."""
     ts = UID(str(getattr(ds, "file_meta", {}).get("TransferSyntaxUID", "")))
     if not ts or not ts.is_encapsulated or "PixelData" not in ds:
         return
@@ -180,7 +192,7 @@ def check_stream_size(ds: Dataset, frame: int | None) -> None:
         return  # the decoder says what is wrong, as before
     for i, (start, length) in enumerate(starts):
         if ts == RLELossless:
-            problem = rle_problem(start, length, rows, cols, samples, bits)
+            problem = rle_problem(start, length, rows, cols, samples, bits, scan)
             problem = problem and f"RLE frame {(frame if frame is not None else i) + 1} {problem}"
         else:
             size = stream_size(start)
@@ -193,10 +205,12 @@ def check_stream_size(ds: Dataset, frame: int | None) -> None:
             raise exc
 
 
-def rle_problem(head: bytes, length: int, rows: int, cols: int, samples: int, bits: int) -> str | None:
+def rle_problem(head: bytes, length: int, rows: int, cols: int, samples: int, bits: int,
+                scan: bool = False) -> str | None:
     """Why an RLE frame of ``length`` bytes starting ``head`` cannot hold ``samples`` samples of
     ``bits`` bits for each of ``rows`` x ``cols`` pixels (PS3.5 Annex G), or None (also where
-    the samples are no whole number of bytes, or need over 15 segments: the decoder decides)."""
+    the samples are no whole number of bytes, or need over 15 segments: the decoder decides);
+    with ``scan`` also a segment that decodes to more (:func:`packbits_length`)."""
     need = samples * bits // 8
     if bits % 8 or not 1 <= need <= 15:  # 15 segments at most: the decoder refuses more
         return None
@@ -210,7 +224,7 @@ def rle_problem(head: bytes, length: int, rows: int, cols: int, samples: int, bi
     least = min(max(0, min(end, length) - min(start, length)) for start, end in zip(offsets, ends))
     if 128 * (least // 2) < rows * cols:  # PackBits: 2 bytes decode to 128 at most
         return f"holds a segment of {least} bytes (at most {128 * (least // 2)} decoded), too few for {cols}x{rows}"
-    for i, (start, end) in enumerate(zip(offsets, ends)):  # a decoder writes past its share (pylibjpeg panics)
+    for i, (start, end) in enumerate(zip(offsets, ends) if scan else ()):  # past its share: pylibjpeg panics
         decoded = packbits_length(head, start, min(end, length), rows * cols)
         if decoded is not None and decoded > rows * cols:
             return f"has a segment {i + 1} that decodes to more than the {rows * cols} bytes of {cols}x{rows}"
