@@ -17,8 +17,10 @@ from sslkit.output_file import read_json
 from sslkit.run import RESUMABLE_OVERRIDES, RUN_JSON, RunConfig
 
 
-def resume_config(given: dict[str, Any]) -> RunConfig:
-    """The saved config of run ``given["out"]``; only settings that keep the run exact may change."""
+def resume_config(given: dict[str, Any], views_check: bool = True) -> RunConfig:
+    """The saved config of run ``given["out"]``; only settings that keep the run exact may change. An
+    ``--augment-opt`` that changes the views run.json records is refused here, before any image is
+    decoded (:func:`sslkit.views_resume.check_views_before_decoding`; not with ``views_check`` False)."""
     out = given.get("out")
     if not out:
         raise UsageError("--resume needs the run directory: --resume RUN_DIR")
@@ -62,7 +64,12 @@ def resume_config(given: dict[str, Any]) -> RunConfig:
                   allow_data_change=bool(given.get("allow_data_change")))  # per resume, never inherited
     # --quiet acts on the session it is given to: a resume shows progress unless given it again
     values["progress"] = given.get("progress", defaults()["progress"])
-    return RunConfig(**values)
+    cfg = RunConfig(**values)
+    if views_check and given.get("augment_options") and "augment_options" in settable:
+        from sslkit.views_resume import check_views_before_decoding
+
+        check_views_before_decoding(cfg, info)
+    return cfg
 
 
 def resumed_data(given: Any, recorded: Any, run_dir: Path, info: dict[str, Any]) -> Any:

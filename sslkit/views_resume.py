@@ -2,7 +2,9 @@
 :func:`sslkit.views.views_record`) against the one this session builds. A task's recipe that
 changed since the run started (a default retuned) would train the remaining steps on other views
 and leave run.json claiming them for the whole run; :func:`check_resumed_views` refuses that in
-one line, naming what differs and, where ``--augment-opt`` restores it, the flags that do."""
+one line, naming what differs and, where ``--augment-opt`` restores it, the flags that do. A resume
+given ``--augment-opt`` is held to the record before any image is decoded
+(:func:`check_views_before_decoding`): its views are built from the task and run.json's input spec."""
 
 from __future__ import annotations
 
@@ -44,6 +46,35 @@ def check_resumed_views(cfg: Any, augment: Any) -> None:
         raise UsageError(f"{what}; to continue it exactly: {flags}")
     raise UsageError(f"{what}; this sslkit cannot continue it exactly: start a new run (or resume it with the "
                      f"sslkit it was started with)")
+
+
+def check_views_before_decoding(cfg: Any, info: dict[str, Any]) -> None:
+    """:func:`check_resumed_views` on the views a resume of ``cfg.out`` (run.json ``info``) will build: the
+    task around a backbone of the recorded input spec (``info["input_spec"]``, which the resume keeps), so that
+    an ``--augment-opt`` changing the recorded views is refused before the data is decoded. Without a usable
+    spec, or where the model cannot be built (the run's own checks say why, in their words), nothing here:
+    the views check after decoding stays."""
+    import torch
+
+    from sslkit.engine.model_setup import views_on_device, with_backbone
+    from sslkit.registry import create_task
+    from sslkit.sample_modes import build_backbone
+    from sslkit.spec import InputSpec
+
+    try:
+        spec = InputSpec.from_dict(info["input_spec"])
+    except (KeyError, TypeError, ValueError, AttributeError):  # a run.json before input specs, or a damaged one
+        return
+    cfg = with_backbone(cfg)
+    with torch.random.fork_rng(devices=[]):  # the run's own model must not depend on this one
+        try:
+            backbone = build_backbone(cfg.backbone, spec.channels, cfg.image_size, spec.volume_size,
+                                      **cfg.backbone_options)
+            task = create_task(cfg.task, backbone, spec, **cfg.task_options)
+        except UsageError:
+            return
+        augment = views_on_device(cfg, task, spec, torch.device("cpu"))  # a bad --augment-opt: its one line
+    check_resumed_views(cfg, augment)
 
 
 def _holders(record: dict[str, Any]) -> dict[tuple[str, str], list[dict[str, Any]]]:
@@ -143,7 +174,7 @@ def _resume_takes(cfg: Any, options: dict[str, str]) -> bool:
     from sslkit.config_resume import resume_config
 
     try:
-        resume_config({"out": cfg.out, "data": cfg.data, "augment_options": options})
+        resume_config({"out": cfg.out, "data": cfg.data, "augment_options": options}, views_check=False)
     except UsageError:
         return False
     return True
