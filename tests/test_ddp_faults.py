@@ -80,6 +80,15 @@ if rank == 1 and os.environ.get("T_DROP_LAST"):  # one file skipped on rank 1 al
         p.pixels, p.refs = p.pixels[:-1], p.refs[:-1]
         return data
     ds.load_data = dropped
+if rank == 0 and os.environ.get("T_CSV_FAIL_AT"):  # rank 0's metrics.csv row of that step: a full disk
+    import sslkit_plugins.callbacks.csv as csv_callback
+    step_end = csv_callback.CsvMetrics.on_step_end
+    def full(self, step, metrics):
+        if step == int(os.environ["T_CSV_FAIL_AT"]):
+            with self._writing():
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return step_end(self, step, metrics)
+    csv_callback.CsvMetrics.on_step_end = full
 from sslkit.cli import main
 sys.argv[0] = "sslkit"
 main()
@@ -184,6 +193,28 @@ def test_a_full_disk_at_a_checkpoint_stops_every_rank_at_that_step(tmp_path):
     assert info["status"] == "failed"
     rows = (out / "metrics.csv").read_text().splitlines()[1:]
     assert [int(r.split(",")[0]) for r in rows][-1] == 4  # nobody trained past the failed checkpoint
+
+
+def test_a_full_disk_at_a_metrics_row_stops_every_rank_at_that_step(tmp_path):
+    """Rank 0 alone writes metrics.csv: its row of step 3 fails (ENOSPC). Both ranks stop there in one
+    line printed once (rank 1 does not go on into the next all-reduce), run.json says failed, the last
+    checkpoint (step 2) is kept and --resume completes the run with every step's row once."""
+    out = tmp_path / "run"
+    r0, r1 = two_ranks(tmp_path, "--max-steps", "6", "--checkpoint-every", "2", "--no-cache", "--out", str(out),
+                       T_CSV_FAIL_AT="3")
+    assert (r0.returncode, r1.returncode) == (2, 2), (r0.stderr[-2000:], r1.stderr[-2000:])
+    assert error_lines(r0.stderr) == [
+        f"error: cannot write {str(out / 'metrics.csv')!r}: No space left on device; the run stops at step 3, the "
+        f"last good checkpoint, step-00000002, is kept: free space, then --resume"], r0.stderr[-2000:]
+    assert r1.stderr.strip() == "", r1.stderr[-2000:]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000002"]
+    assert json.loads((out / "run.json").read_text())["status"] == "failed"
+    assert [int(r.split(",")[0]) for r in (out / "metrics.csv").read_text().splitlines()[1:]] == [1, 2]
+
+    r0, r1 = two_ranks(tmp_path, "--resume", str(out), "--no-cache")
+    assert (r0.returncode, r1.returncode) == (0, 0), (r0.stderr[-2000:], r1.stderr[-2000:])
+    assert [int(r.split(",")[0]) for r in (out / "metrics.csv").read_text().splitlines()[1:]] == list(range(1, 7))
+    assert json.loads((out / "run.json").read_text())["status"] == "finished"
 
 
 def no_flock(monkeypatch, code: int) -> None:

@@ -285,7 +285,7 @@ def test_img_per_s_is_measured_over_each_steps_own_time():
 
     from sslkit.engine.events import Events
     from sslkit.engine.log import Progress
-    from sslkit.engine.loop import StepLog
+    from sslkit.engine.step_log import StepLog
     from sslkit.engine.state import RunState
 
     got = []

@@ -33,7 +33,8 @@ Driving the loop yourself (what ``benchmarks/step_overhead.py`` does)::
 """
 
 from sslkit.engine.events import Callback, Events, RunInfo
-from sslkit.engine.loop import Diverged, train, train_step
+from sslkit.engine.loop import train, train_step
+from sslkit.engine.step_log import Diverged
 from sslkit.engine.schedules import SCHEDULES, Schedule
 from sslkit.engine.session import pretrain
 from sslkit.engine.setup import Setup, build, check_pairing, resolve_device, seed_everything

@@ -32,7 +32,6 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-import numpy as np
 import torch
 
 from sslkit import distributed
@@ -40,8 +39,9 @@ from sslkit.data.loader import to_unit
 from sslkit.engine import state as run_state
 from sslkit.engine.events import Events
 from sslkit.engine.log import Progress
-from sslkit.engine.setup import Setup
+from sslkit.engine.setup import Setup, on_main
 from sslkit.engine.state import RunState
+from sslkit.engine.step_log import StepLog
 from sslkit.engine.transfer import prefetch_to
 from sslkit.errors import UsageError
 from sslkit.optim import set_lr
@@ -50,10 +50,6 @@ from sslkit.task import RESERVED_METRICS
 
 
 SaveFn = Callable[[Setup, RunState], "Path | None"]
-
-
-class Diverged(Exception):
-    """The loss became NaN or infinite; the message says at which step."""
 
 
 def train(s: Setup, state: RunState, events: Events, stop: Any, save: SaveFn | None = run_state.save,
@@ -78,13 +74,13 @@ def train(s: Setup, state: RunState, events: Events, stop: Any, save: SaveFn | N
             try:
                 while state.pos < s.steps_per_epoch and state.step < until:
                     t0 = time.perf_counter()
-                    log.launch(lambda: train_step(s, state, batches, stop=stop), state)
+                    log.launch(lambda: train_step(s, state, batches, stop=stop, halt=log.failed is not None), state)
                     interrupted = log.read(keep=1) or stopped_alone(s, stop, log)  # one process: now
                     log.timed(time.perf_counter() - t0)  # the step's own time, not a checkpoint's
                     periodic = periodic_checkpoint(cfg.checkpoint_every, state.step, state.pos >= s.steps_per_epoch)
                     if periodic or state.step >= until or interrupted:
                         interrupted = log.read(keep=0) or interrupted
-                        _checkpoint(s, state, events, save)
+                        _checkpoint(s, state, log, save)
                         saved_at = state.step
                         # a signal while it was written: stop here (one process), no step more
                         interrupted = interrupted or stopped_alone(s, stop, log)
@@ -95,7 +91,9 @@ def train(s: Setup, state: RunState, events: Events, stop: Any, save: SaveFn | N
         # a stop that came with the last step has nothing left to stop: the run finishes
         interrupted = (log.read(keep=0) or interrupted) and state.step < until
         if saved_at != state.step:
-            _checkpoint(s, state, events, save)
+            _checkpoint(s, state, log, save)
+        if s.world > 1:  # a failed write held since the last step's all-reduce (an on_checkpoint's)
+            on_main(log.check)
     finally:
         log.progress.close()
     elapsed = time.perf_counter() - t_start
@@ -115,18 +113,22 @@ def periodic_checkpoint(every: int | None, step: int, end_of_epoch: bool) -> boo
     return step % every == 0 if every else end_of_epoch
 
 
-def _checkpoint(s: Setup, state: RunState, events: Events, save: SaveFn | None) -> None:
+def _checkpoint(s: Setup, state: RunState, log: StepLog, save: SaveFn | None) -> None:
+    if s.world > 1:  # none past a row rank 0 could not write (step_log's docstring)
+        on_main(log.check)
     path = save(s, state) if save is not None else None
     if path is not None:
-        events.emit("on_checkpoint", path)
+        log.emit("on_checkpoint", path)
 
 
-def train_step(s: Setup, state: RunState, batches: Iterator[torch.Tensor], stop: Any = None) -> dict[str, torch.Tensor]:
+def train_step(s: Setup, state: RunState, batches: Iterator[torch.Tensor], stop: Any = None,
+               halt: bool = False) -> dict[str, torch.Tensor]:
     """Launch one optimizer step from the next ``accumulate`` batches; advance ``state``.
 
     Returns the step's scalars as 0-d device tensors, not yet read (means over
     micro-batches and ranks; ``stop`` > 0 when any rank was asked to stop, ``requeue`` > 0
-    when by a pre-emption signal; ``grad_norm`` when clipping). ``stop``: a
+    when by a pre-emption signal; ``halt`` > 0, under torchrun, when rank 0 holds a failed write: ``halt``,
+    :mod:`~sslkit.engine.step_log`; ``grad_norm`` when clipping). ``stop``: a
     :class:`~sslkit.engine.signals.StopSignal` whose flags are read as the step ends, just
     before its scalars are all-reduced (None: no stop).
     """
@@ -139,6 +141,8 @@ def train_step(s: Setup, state: RunState, batches: Iterator[torch.Tensor], stop:
     # read as late as can be: a signal during this step travels with it
     stop_requested, requeue = (stop.requested, stop.requeue) if stop is not None else (False, False)
     scalars["stop"], scalars["requeue"] = float(stop_requested), float(requeue)
+    if s.world > 1:
+        scalars["halt"] = float(halt)
     scalars = reduce_over_ranks(s, scalars)
     if grad_norm is not None:
         scalars["grad_norm"] = grad_norm
@@ -298,83 +302,3 @@ def apply_gradients(s: Setup) -> torch.Tensor | None:
     s.scaler.update()
     s.optimizer.zero_grad(set_to_none=True)
     return grad_norm
-
-
-def diverged_message(s: Setup, loss: float, step: int) -> str:
-    """Why training stopped at a non-finite ``loss``; the newest checkpoint is named only where one exists."""
-    from sslkit.checkpoint import list_checkpoints
-
-    if step == 1:  # the loss of the first batch, before any update: no LR can have caused it
-        return first_loss_message(s, loss)
-    saved = list_checkpoints(s.checkpoint_dir)
-    where = f"; the last good checkpoint is {saved[-1]}" if saved else ""
-    return (f"loss became {loss} at step {step}; training stopped and no checkpoint holds that step. Lower --lr "
-            f"(now {s.schedule.peak_lr:g}) or set --grad-clip{where}")
-
-
-def first_loss_message(s: Setup, loss: float) -> str:
-    """A loss that was not finite at step 1, computed before any optimizer update: the task (its plugin
-    named when third-party) or the data (or the ``--init`` weights) is the cause, not the LR."""
-    from sslkit.plugins import get_plugins
-    from sslkit.registry import plugin_of
-
-    plugin = plugin_of("tasks", s.cfg.task)
-    info = get_plugins().infos.get(plugin)
-    task = f"task {s.cfg.task!r}" + ("" if info is not None and info.builtin else f" (plugin {plugin!r})")
-    weights = ", or the --init weights" if s.cfg.init else ""
-    return (f"loss became {loss} at step 1, on the first batch, before any optimizer update (the LR cannot be the "
-            f"cause); training stopped. Suspect the loss of {task}, or the data (non-finite or extreme pixel values: "
-            f"sslkit data inspect){weights}")
-
-
-class StepLog:
-    """Launched steps whose scalars are still on the device; reading them checks the loss
-    and sends each step's row to the callbacks and the progress display."""
-
-    def __init__(self, s: Setup, events: Events, progress: Progress) -> None:
-        self.s, self.events, self.progress = s, events, progress
-        self.pending: list[dict[str, Any]] = []
-        self.images = 0
-        self.last: dict[str, float] = {}
-        self.requeue = False  # a rank was stopped by SIGTERM / SIGUSR1
-
-    def launched(self, state: RunState, lr: float, scalars: dict[str, torch.Tensor]) -> None:
-        self.pending.append({"step": state.step, "epoch": state.epoch, "lr": lr, "scalars": scalars,
-                             "seconds": None})
-
-    def launch(self, step: Callable[[], dict[str, torch.Tensor]], state: RunState) -> None:
-        """Launch the next step (``step()``: :func:`train_step`); when it raises, the steps launched
-        before it, which completed, are logged first (a failure reading them yields to the step's own)."""
-        try:
-            scalars = step()
-        except Exception:
-            with contextlib.suppress(Exception):
-                self.read(keep=0)
-            raise
-        self.launched(state, self.s.schedule.lr_at(state.step - 1), scalars)
-
-    def timed(self, seconds: float) -> None:
-        """The wall time of the newest launched step: its launch and the previous step's read."""
-        self.pending[-1]["seconds"] = seconds
-
-    def read(self, keep: int) -> bool:
-        """Read, check and log all but the newest ``keep`` pending steps; True if asked to stop."""
-        asked = False
-        while len(self.pending) > keep:
-            p = self.pending.pop(0)
-            names = list(p["scalars"])
-            values = dict(zip(names, torch.stack([p["scalars"][n].float().reshape(()) for n in names]).tolist()))
-            if not np.isfinite(values["loss"]):
-                raise Diverged(diverged_message(self.s, values["loss"], p["step"]))
-            self.images += self.s.step_images
-            asked = values.pop("stop") > 0 or asked
-            self.requeue = values.pop("requeue") > 0 or self.requeue
-            grad_norm = values.pop("grad_norm", None)
-            self.last = values
-            ips = self.s.step_images / max(p["seconds"] or 0.0, 1e-9)
-            row = {"step": p["step"], "epoch": p["epoch"], **values, "lr": p["lr"], "img_per_s": ips}
-            if grad_norm is not None:
-                row["grad_norm"] = grad_norm
-            self.events.emit("on_step_end", p["step"], {k: v for k, v in row.items() if k != "step"})
-            self.progress.update(row)
-        return asked

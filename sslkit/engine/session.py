@@ -24,7 +24,8 @@ from sslkit.engine.callbacks import create_callbacks
 from sslkit.engine.events import Events, RunInfo
 from sslkit.engine.lock import RunLock
 from sslkit.engine.log import note
-from sslkit.engine.loop import Diverged, train
+from sslkit.engine.loop import train
+from sslkit.engine.step_log import Diverged
 from sslkit.engine.model_setup import check_precision
 from sslkit.engine.schedules import horizon
 from sslkit.engine.setup import Setup, build, on_main, resolve_device, seed_everything
