@@ -26,7 +26,7 @@ from sslkit.data.digest import content_digest
 from sslkit.data.pipeline import load_data
 from sslkit.data.prepare import resize_square
 from sslkit.data.volume import resample
-from sslkit_plugins.sources.dicom_decode import _unit, _voi_module, linear_window
+from sslkit_plugins.sources.dicom_window import _unit, _voi_module, linear_window
 from tests.conftest import REPO
 from tests.dicom_factory import write_dicom
 

@@ -14,7 +14,7 @@ from sslkit.data.source import NotAnImage
 from sslkit.errors import UsageError
 from sslkit.registry import create_source
 from sslkit_plugins.sources.dicom import DicomSource, is_dicom_file, read_header
-from sslkit_plugins.sources.dicom_decode import PRESETS, parse_windows
+from sslkit_plugins.sources.dicom_window import PRESETS, parse_windows
 
 
 def _source(path, **opts) -> DicomSource:

@@ -14,8 +14,9 @@ import pytest
 from sslkit.registry import create_source
 from sslkit_plugins.sources import dicom as dicom_module
 from sslkit_plugins.sources.dicom import read_header
-from sslkit_plugins.sources.dicom_decode import decode, modality_values, parse_windows, read_dataset
+from sslkit_plugins.sources.dicom_decode import decode, modality_values, read_dataset
 from sslkit_plugins.sources.dicom_pixels import decode_located, native_pixels, pixels_dataset
+from sslkit_plugins.sources.dicom_window import parse_windows
 from tests.conftest import PYDICOM_FILES
 from tests.dicom_factory import write_dicom
 
@@ -233,7 +234,7 @@ def test_minmax_short_way_equals_the_general_one():
     """_minmax skips its NaN and clip passes when min and max are finite and the range
     cannot overflow: bit-equal to the general computation on ranges from 1e-30 to 3e38,
     constants, NaN, infinities, and values one ulp apart."""
-    from sslkit_plugins.sources.dicom_decode import _minmax, _unit
+    from sslkit_plugins.sources.dicom_window import _minmax, _unit
 
     def general(x):
         finite = x[np.isfinite(x)]

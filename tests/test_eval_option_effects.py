@@ -47,7 +47,7 @@ def test_knn_seed_with_train_test_is_refused(patients, cli):  # noqa: F811
                "--group-by", "folder", "--quiet")
     assert _one_line(both) == ("error: --group-by folder and --seed apply to --data (one labelled folder); "
                                "--train/--test are already split")
-    from sslkit.eval.probes import DataArgs
+    from sslkit.eval.data_args import DataArgs
 
     with pytest.raises(UsageError, match="^--seed applies to --data"):
         DataArgs(train="a", test="b", split_only=("--seed",)).check()

@@ -268,7 +268,7 @@ def test_group_flags_with_train_test_are_refused_not_ignored(patients, cli, extr
     lines = result.stderr.strip().splitlines()
     assert result.exit_code == 2 and len(lines) == 1, result.output
     assert lines[0] == f"error: {flags} to --data (one labelled folder); --train/--test are already split"
-    from sslkit.eval.probes import DataArgs
+    from sslkit.eval.data_args import DataArgs
 
     assert DataArgs(train="a", test="b", group_by="source").check() is None  # the default is no choice made
     with pytest.raises(UsageError, match="^--split applies to --data"):

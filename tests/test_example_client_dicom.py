@@ -104,7 +104,8 @@ def test_palette_colour_is_rgb_through_its_tables(tmp_path):
     import pydicom
     from pydicom.pixels import apply_color_lut
 
-    from sslkit_plugins.sources.dicom_decode import decode, parse_windows
+    from sslkit_plugins.sources.dicom_decode import decode
+    from sslkit_plugins.sources.dicom_window import parse_windows
 
     client = runpy.run_path(str(EXAMPLE))
     ((frame, (kind, rgb, _)),) = client["dicom_frames"](PYDICOM_FILES / PALETTE)

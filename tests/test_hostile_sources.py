@@ -130,7 +130,7 @@ def test_a_memory_error_skip_is_not_cached_and_the_next_run_decodes_the_file(tmp
 def test_a_dicom_rescale_giving_nan_or_inf_is_skipped(tmp_path):
     pydicom = pytest.importorskip("pydicom")
     from pydicom.data import get_testdata_file
-    from sslkit_plugins.sources.dicom_decode import _minmax
+    from sslkit_plugins.sources.dicom_window import _minmax
 
     cases = {"nan": ("NaN", "0"), "ninf": ("1", "-inf"), "huge": ("-1e308", "0"), "ok": ("1", "-1024")}
     with warnings.catch_warnings():

@@ -155,7 +155,7 @@ def load_meta(file: Path) -> dict:
 def test_the_command_is_quoted_as_a_shell_takes_it_back(monkeypatch):
     """environment.command was argv joined by spaces (a regex option broke the shell) and named
     __main__.py under torchrun; torchrun's own settings were not recorded."""
-    from sslkit.run import environment
+    from sslkit.run_environment import environment
 
     argv = ["/venv/lib/python3.11/site-packages/sslkit/__main__.py", "pretrain", "--data-opt", "group=^([a-z]+)/",
             "--out", "my runs/a b"]

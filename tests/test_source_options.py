@@ -322,7 +322,7 @@ def test_nifti_declares_its_window_and_the_graph_reproduces_its_pixels(tmp_path)
 
 def test_the_window_flag_names_every_ct_preset_the_source_takes():
     """dicom_flags is read without importing the source, so its help lists the presets by hand: every one."""
-    from sslkit_plugins.sources.dicom_decode import PRESETS
+    from sslkit_plugins.sources.dicom_window import PRESETS
     from sslkit_plugins.sources.dicom_flags import FLAGS
 
     listed = FLAGS["window"].split("a CT preset (")[1].split(")")[0].split(", ")

@@ -31,7 +31,8 @@ import pydicom
 
 from sslkit.api import SampleMode, SampleRef, Source, Undecodable, check_dir, first_files, hookimpl, walk_files
 from sslkit.api import IMAGE_SUFFIXES, GraphPreprocessing, UsageError, check_pixel_count, keyed_hash
-from sslkit_plugins.sources.dicom_decode import codec_failure, decode, parse_windows, read_dataset
+from sslkit_plugins.sources.dicom_decode import codec_failure, decode, read_dataset
+from sslkit_plugins.sources.dicom_window import parse_windows
 from sslkit_plugins.sources.dicom_facts import FileFacts, kept_facts
 from sslkit_plugins.sources.dicom_headers import cached_headers, stable_groups
 from sslkit_plugins.sources.dicom_labels import (class_of, named_levels, not_patient_folders, patient_named_classes,

@@ -35,7 +35,8 @@ from pydicom.dataelem import RawDataElement
 from pydicom.tag import BaseTag
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
-from sslkit_plugins.sources.dicom_decode import Window, decode, modality_values, read_dataset
+from sslkit_plugins.sources.dicom_decode import decode, modality_values, read_dataset
+from sslkit_plugins.sources.dicom_window import Window
 from sslkit_plugins.sources.dicom_values import has, transfer_syntax, value
 
 PIXEL_DATA = 0x7FE00010

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from sslkit.api import SampleMode, SampleRef, slab_indices, stack_slab, volume_fit
-from sslkit_plugins.sources.dicom_decode import Window, linear_window
+from sslkit_plugins.sources.dicom_window import Window, linear_window
 from sslkit_plugins.sources.dicom_mosaic import GRID_ISSUES
 from sslkit_plugins.sources.dicom_pixels import read_frame
 from sslkit_plugins.sources.dicom_series import Volume, cut_mosaic

@@ -42,7 +42,8 @@ from sslkit.engine.schedules import Schedule
 from sslkit.errors import UsageError
 from sslkit.init.resume import resumed_init
 from sslkit.optim import build_optimizer, uses_group_lr
-from sslkit.run import CHECKPOINTS, RunConfig, check_run_dir, environment
+from sslkit.run import CHECKPOINTS, RunConfig, check_run_dir
+from sslkit.run_environment import environment
 from sslkit.spec import InputSpec
 from sslkit.views_resume import check_resumed_views
 
@@ -151,40 +152,14 @@ def from_rank0(fn: Callable[[], Any], what: str) -> Any:
 def build(cfg: RunConfig, device: torch.device) -> Setup:
     """Everything a run needs, checked and built (see the module docstring for the order)."""
     rank, world = distributed.rank(), distributed.world_size()
-    cfg = with_backbone(with_init_flags(cfg))
-    backbone_name = cfg.backbone
-    on_main(lambda: check_run_dir(cfg))
-    if cfg.batch_size % world:
-        raise UsageError(f"--batch-size {cfg.batch_size} is the batch over all {world} processes and "
-                         f"must be divisible by their number")
-    _determinism(cfg, device)
-    seed_everything(cfg.seed)
-    check_sample_memory(cfg)  # an oversized sample, before check_pairing builds a model sized from it
-    probe = check_pairing(backbone_name, cfg)  # fail fast, before decoding anything
-    check_channels_last(cfg, probe)
-    cfg = with_task_embedding(cfg, probe)
+    cfg, backbone_name = _checked_config(cfg, device, world)
     resumed = distributed.broadcast_object(on_main(lambda: resumed_init(cfg)))  # --init on --resume
     data = load_run_data(cfg, rank, world)
     check_same_data(data)  # under DDP: one file skipped on one process alone is one line, not a hung collective
     release_freed()  # the decoding pass's freed buffers, which the tuned allocator keeps (sslkit.host_malloc)
     spec = _input_spec(cfg, data)
-    backbone, task = create_model(cfg, backbone_name, spec, resumed)
-    cfg = with_resolved_task_options(cfg, task)
-    if cfg.sync_bn and world > 1:
-        task = torch.nn.SyncBatchNorm.convert_sync_batchnorm(task)
-    elif cfg.sync_bn and rank == 0:  # kept as given: an elastic restart with more processes syncs
-        note("note: --sync-bn shares BatchNorm statistics between the processes of a torchrun run; this one has "
-             "one process: no effect")
-    augment = views_on_device(cfg, task, spec, device)
-    if cfg.resume:  # the views the run recorded, before a step trains on others (sslkit.views_resume)
-        on_main(lambda: check_resumed_views(cfg, augment))
-    if cfg.compile and device.type == "cuda":  # the views fused too (on CPU inductor's compile costs more)
-        augment = compile_views(augment)
-    task.to(device)
-    channels_last = _channels_last(cfg, backbone)
-    if channels_last:
-        task.to(memory_format=torch.channels_last)
-
+    cfg, backbone, task, augment, channels_last = _model_on_device(cfg, backbone_name, spec, resumed, device, rank,
+                                                                   world)
     loader, steps_per_epoch, step_images, schedule = batches_and_schedule(cfg, data, rank, world)
     check_batch(cfg, task, loader.batch_size, len(data.prepared))  # fewer images than the batch: a smaller one
     if rank == 0 and (line := task.data_note(len(data.prepared))):  # every task is a Task (plugins check it)
@@ -202,16 +177,64 @@ def build(cfg: RunConfig, device: torch.device) -> Setup:
               steps_per_epoch, step_images, schedule, optimizer, scaler,
               {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision), ddp,
               compile_model(model) if cfg.compile else model, {})
+    _record_and_capture(s, backbone_name, backbone)
+    return s
+
+
+def _checked_config(cfg: RunConfig, device: torch.device, world: int) -> tuple[RunConfig, str]:
+    """The run's settings, completed (backbone, ``--init`` flags, task embedding) and checked before
+    anything is built or decoded: the run directory, the batch split, one sample's memory, the
+    task/backbone pairing; determinism flags and the seed set. Also the backbone's name."""
+    cfg = with_backbone(with_init_flags(cfg))
+    backbone_name = cfg.backbone
+    on_main(lambda: check_run_dir(cfg))
+    if cfg.batch_size % world:
+        raise UsageError(f"--batch-size {cfg.batch_size} is the batch over all {world} processes and "
+                         f"must be divisible by their number")
+    _determinism(cfg, device)
+    seed_everything(cfg.seed)
+    check_sample_memory(cfg)  # an oversized sample, before check_pairing builds a model sized from it
+    probe = check_pairing(backbone_name, cfg)  # fail fast, before decoding anything
+    check_channels_last(cfg, probe)
+    return with_task_embedding(cfg, probe), backbone_name
+
+
+def _model_on_device(cfg: RunConfig, backbone_name: str, spec: InputSpec, resumed: Any, device: torch.device,
+                     rank: int, world: int) -> tuple[RunConfig, torch.nn.Module, torch.nn.Module, Any, bool]:
+    """``(cfg, backbone, task, augment, channels_last)``: the backbone and task built (``cfg`` with the
+    task's resolved options), SyncBN, the views on the device (checked against the run's on
+    ``--resume``, compiled with ``--compile`` on CUDA), the task moved to the device and its layout."""
+    backbone, task = create_model(cfg, backbone_name, spec, resumed)
+    cfg = with_resolved_task_options(cfg, task)
+    if cfg.sync_bn and world > 1:
+        task = torch.nn.SyncBatchNorm.convert_sync_batchnorm(task)
+    elif cfg.sync_bn and rank == 0:  # kept as given: an elastic restart with more processes syncs
+        note("note: --sync-bn shares BatchNorm statistics between the processes of a torchrun run; this one has "
+             "one process: no effect")
+    augment = views_on_device(cfg, task, spec, device)
+    if cfg.resume:  # the views the run recorded, before a step trains on others (sslkit.views_resume)
+        on_main(lambda: check_resumed_views(cfg, augment))
+    if cfg.compile and device.type == "cuda":  # the views fused too (on CPU inductor's compile costs more)
+        augment = compile_views(augment)
+    task.to(device)
+    channels_last = _channels_last(cfg, backbone)
+    if channels_last:
+        task.to(memory_format=torch.channels_last)
+    return cfg, backbone, task, augment, channels_last
+
+
+def _record_and_capture(s: Setup, backbone_name: str, backbone: torch.nn.Module) -> None:
+    """``s.info`` (the ``run.json`` record, with ``--init``'s), the loader's device-side scaling and
+    ``--capture``'s step capture (which falls back when ``--init`` sets LRs apart)."""
     s.info = run_record(s, backbone_name, int(backbone.num_features))
-    s.loader.raw = device.type == "cuda"  # copy the cached uint16, scale on the device (half the bytes)
+    s.loader.raw = s.device.type == "cuda"  # copy the cached uint16, scale on the device (half the bytes)
     s.capture = make_capture(s)
-    if cfg.init:
+    if s.cfg.init:
         if backbone.init_record:  # ({}: resumed from a checkpoint of a run.json without it)
             s.info["init"] = backbone.init_record
-        if s.capture is not None and s.capture.active and uses_group_lr(optimizer):
+        if s.capture is not None and s.capture.active and uses_group_lr(s.optimizer):
             s.capture.fall_back("--init sets the encoder's LR apart from the heads' (--init-lr-scale, "
-                                "--init-freeze-steps)", tell=cfg.capture == "graphs")
-    return s
+                                "--init-freeze-steps)", tell=s.cfg.capture == "graphs")
 
 
 def _input_spec(cfg: RunConfig, data: LoadedData) -> InputSpec:
