@@ -89,6 +89,11 @@ if rank == 0 and os.environ.get("T_CSV_FAIL_AT"):  # rank 0's metrics.csv row of
                 raise OSError(errno.ENOSPC, "No space left on device")
         return step_end(self, step, metrics)
     csv_callback.CsvMetrics.on_step_end = full
+if rank == 0 and os.environ.get("T_CSV_START_FAIL"):  # a resume's metrics.csv rewrite: a full disk
+    import sslkit_plugins.callbacks.csv as csv_callback
+    def no_room(self, step):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    csv_callback.CsvMetrics._keep_until = no_room
 from sslkit.cli import main
 sys.argv[0] = "sslkit"
 main()
@@ -215,6 +220,24 @@ def test_a_full_disk_at_a_metrics_row_stops_every_rank_at_that_step(tmp_path):
     assert (r0.returncode, r1.returncode) == (0, 0), (r0.stderr[-2000:], r1.stderr[-2000:])
     assert [int(r.split(",")[0]) for r in (out / "metrics.csv").read_text().splitlines()[1:]] == list(range(1, 7))
     assert json.loads((out / "run.json").read_text())["status"] == "finished"
+
+
+def test_a_resumes_metrics_csv_that_cannot_be_rewritten_stops_every_rank_before_a_step(tmp_path):
+    """The resume's metrics.csv rewrite (on_run_start, rank 0 alone) fails: rank 1 used to go on into the
+    first step's all-reduce and die with a gloo traceback. Both exit 2 before any step, rank 0's line once."""
+    out = tmp_path / "run"
+    r0, r1 = two_ranks(tmp_path, "--max-steps", "2", "--no-cache", "--out", str(out))
+    assert (r0.returncode, r1.returncode) == (0, 0), (r0.stderr[-2000:], r1.stderr[-2000:])
+    kept = (out / "metrics.csv").read_bytes()
+    r0, r1 = two_ranks(tmp_path, "--resume", str(out), "--max-steps", "4", "--no-cache", T_CSV_START_FAIL="1")
+    assert (r0.returncode, r1.returncode) == (2, 2), (r0.stderr[-2000:], r1.stderr[-2000:])
+    assert error_lines(r0.stderr) == [
+        f"error: cannot write {str(out / 'metrics.csv')!r}: No space left on device; the run stops at step 2, the "
+        f"last good checkpoint, step-00000002, is kept: free space, then --resume"], r0.stderr[-2000:]
+    assert r1.stderr.strip() == "", r1.stderr[-2000:]
+    assert json.loads((out / "run.json").read_text())["status"] == "failed"
+    assert (out / "metrics.csv").read_bytes() == kept
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000002"]
 
 
 def no_flock(monkeypatch, code: int) -> None:

@@ -90,6 +90,15 @@ def _steps_left(cfg: RunConfig, old: dict[str, Any]) -> int | None:
     return horizon(cfg.epochs, cfg.max_steps, int(per_epoch))[0] - int(done)
 
 
+def _start(s: Setup, events: Events, info: RunInfo) -> None:
+    """``on_run_start`` on every rank. Under torchrun rank 0 alone runs sslkit's own callbacks: a failed write
+    there (a resume's metrics.csv rewrite on a full disk) stops every rank before a step, with rank 0's line
+    (:func:`~sslkit.engine.setup.on_main`), not rank 0 alone while the others wait in the first all-reduce."""
+    if not s.main:  # its all-ranks callbacks (a failure of a third-party one is reported, not raised)
+        events.emit("on_run_start", info)
+    on_main(lambda: events.emit("on_run_start", info))
+
+
 def run(s: Setup, lock: RunLock | None = None, callbacks: list[tuple[str, Any]] | None = None) -> dict[str, Any]:
     """Train a built run to its end (or a stop signal); write the encoder and run.json.
     ``lock``: the run directory's lock, taken (rank 0) once the directory exists; ``callbacks``:
@@ -108,7 +117,7 @@ def run(s: Setup, lock: RunLock | None = None, callbacks: list[tuple[str, Any]] 
     status, began = "failed", (state.step, time.perf_counter())
     with StopSignal() as stop:
         try:  # on_run_start too: a resume's metrics.csv that cannot be rewritten (a full disk) is a failed run
-            events.emit("on_run_start", RunInfo(s.out, s.info, state.step, s.total, s.rank, s.world))
+            _start(s, events, RunInfo(s.out, s.info, state.step, s.total, s.rank, s.world))
             summary = train(s, state, events, stop)
             status = "interrupted" if summary["interrupted"] else "finished"
             summary["stopped_by"] = "signal" if summary["interrupted"] else s.schedule.bound
