@@ -12,9 +12,11 @@
    step by step so machine load hits both alike. Target: <= 1.10.
 
 The corpus is built by benchmarks/make_dicom_corpus.py (CR, 12-bit, MONOCHROME1 every
-4th file, uncompressed / RLE / JPEG 2000) from ../shared/data/pneumonia-train.tar.gz.
+4th file, uncompressed / RLE / JPEG 2000, or all in one of them with ``--syntax``) from
+../shared/data/pneumonia-train.tar.gz.
 
     .venv/bin/python benchmarks/data_pipeline.py --corpus /tmp/cr-corpus --count 300
+    .venv/bin/python benchmarks/data_pipeline.py --corpus /tmp/rle-corpus --syntax rle --first-pass-only
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import torch.nn.functional as F
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
 from first_pass import compare, first_pass, parse_workers
-from make_dicom_corpus import make_corpus
+from make_dicom_corpus import CORPUS_SYNTAXES, make_corpus
 from sslkit.data.loader import BatchLoader
 from sslkit.data.pipeline import load_data
 from sslkit.data.prepare import channel_stats
@@ -125,6 +127,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--corpus", type=Path, default=Path(tempfile.gettempdir()) / "sslkit-cr-corpus")
     ap.add_argument("--count", type=int, default=300)
+    ap.add_argument("--syntax", choices=CORPUS_SYNTAXES, default="mixed",
+                    help="the corpus's transfer syntax (make_dicom_corpus.py): mixed, or every file in one")
     ap.add_argument("--image-size", type=int, default=224)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--train-size", type=int, default=128, help="image side for the training-step ratio")
@@ -134,7 +138,7 @@ def main() -> None:
     ap.add_argument("--first-pass-only", action="store_true", help="stop after the first-pass comparison")
     args = ap.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    files = make_corpus(args.corpus, args.count)
+    files = make_corpus(args.corpus, args.count, syntax=args.syntax)
     data = f"dicom:{args.corpus}"
     print("first pass (index + decode + cache write, new process, empty cache) vs the naive loop, alternated:",
           flush=True)
@@ -152,7 +156,7 @@ def main() -> None:
         load_data(data, args.image_size, cache_dir=cache, progress=False)  # fill the cache
         naive = naive_epoch(files, args.image_size, args.batch_size)
         cached, reads = cached_epoch(data, args.image_size, args.batch_size, cache)
-        print(f"corpus: {len(files)} CR files ({sum(f.stat().st_size for f in files) / 2**20:.0f} MB), "
+        print(f"corpus: {len(files)} CR files, {args.syntax} ({sum(f.stat().st_size for f in files) / 2**20:.0f} MB), "
               f"{args.image_size} px, batch {args.batch_size}")
         print(f"naive per-file pydicom decode + window: {naive:8.1f} samples/s")
         print(f"sslkit epoch 2 (index + cache lookup + batch reads): {cached:8.1f} samples/s "

@@ -4,10 +4,12 @@ Each chest X-ray (8-bit JPEG, 160 px) becomes a CR file the way an archive holds
 upsampled to ``--size`` px, 12 bits stored in 16-bit words with a little detector noise,
 a VOI window in the header, every 4th file MONOCHROME1 (inverted stored values), and
 transfer syntaxes cycling uncompressed (explicit VR LE) / RLE Lossless / JPEG 2000
-Lossless. Patients are made up (an ID per 3 images), so patient-level splits have
+Lossless (``--syntax mixed``, the default), or all in one of them (``--syntax rle``: an RLE
+Lossless corpus). Patients are made up (an ID per 3 images), so patient-level splits have
 something to group. Nothing is downloaded.
 
     .venv/bin/python benchmarks/make_dicom_corpus.py --out /tmp/cr-corpus --count 300
+    .venv/bin/python benchmarks/make_dicom_corpus.py --out /tmp/rle-corpus --count 300 --syntax rle
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ from _common import refuse  # noqa: E402
 
 TAR = REPO.parent / "shared" / "data" / "pneumonia-train.tar.gz"
 SYNTAXES = ("explicit", "rle", "j2k")
+#: ``--syntax`` choices: ``mixed`` cycles :data:`SYNTAXES` file by file; any other writes every file in it
+CORPUS_SYNTAXES = ("mixed", *SYNTAXES)
 #: a corpus folder's markers: ``.complete`` (its settings, written last) and ``.partial`` (written
 #: first, removed with ``.complete`` written): either one says the folder is a corpus script's own
 COMPLETE, PARTIAL = ".complete", ".partial"
@@ -75,10 +79,12 @@ def finish_corpus(out: Path, settings: str) -> None:
     (out / PARTIAL).unlink(missing_ok=True)
 
 
-def make_corpus(out: Path, count: int = 300, size: int = 512, seed: int = 0) -> list[Path]:
+def make_corpus(out: Path, count: int = 300, size: int = 512, seed: int = 0, syntax: str = "mixed") -> list[Path]:
     """Write ``count`` CR files below ``out`` (skipped when ``out/.complete`` says so; another corpus
-    there is removed first, :func:`start_corpus`)."""
-    settings = f"{count} {size} {seed}"
+    there is removed first, :func:`start_corpus`), in transfer syntax ``syntax`` (:data:`CORPUS_SYNTAXES`)."""
+    if syntax not in CORPUS_SYNTAXES:
+        refuse(f"error: unknown --syntax {syntax!r}: one of {', '.join(CORPUS_SYNTAXES)}")
+    settings = f"{count} {size} {seed}" + ("" if syntax == "mixed" else f" {syntax}")
     if start_corpus(out, settings, r"patient\d+(/cr\d+\.dcm)?"):
         return sorted(out.rglob("*.dcm"))
     rng = np.random.default_rng(seed)
@@ -96,7 +102,8 @@ def make_corpus(out: Path, count: int = 300, size: int = 512, seed: int = 0) -> 
             written.append(write_dicom(
                 out / f"patient{i // 3:04d}" / f"cr{i:05d}.dcm", stored, patient_id=f"BENCH{i // 3:04d}",
                 modality="CR", photometric="MONOCHROME1" if mono1 else "MONOCHROME2",
-                syntax=SYNTAXES[i % len(SYNTAXES)], bits_stored=12, window=(4096.0, 2048.0),
+                syntax=SYNTAXES[i % len(SYNTAXES)] if syntax == "mixed" else syntax, bits_stored=12,
+                window=(4096.0, 2048.0),
             ))
     finish_corpus(out, settings)
     return written
@@ -107,10 +114,12 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--count", type=int, default=300)
     ap.add_argument("--size", type=int, default=512)
+    ap.add_argument("--syntax", choices=CORPUS_SYNTAXES, default="mixed",
+                    help="transfer syntax: mixed cycles explicit / rle / j2k; any other, every file in it")
     args = ap.parse_args()
-    files = make_corpus(args.out, args.count, args.size)
+    files = make_corpus(args.out, args.count, args.size, syntax=args.syntax)
     mb = sum(f.stat().st_size for f in files) / 2**20
-    print(f"{len(files)} CR files, {mb:.0f} MB, in {args.out}")
+    print(f"{len(files)} CR files ({args.syntax}), {mb:.0f} MB, in {args.out}")
 
 
 if __name__ == "__main__":

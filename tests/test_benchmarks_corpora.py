@@ -89,6 +89,24 @@ def test_dicom_corpus_of_another_count_replaces_the_old_one(xray_tar, tmp_path):
                          "patient0000/cr00002.dcm"]
 
 
+def test_an_rle_corpus_is_rle_throughout_and_decodes_as_the_mixed_ones_pixels(xray_tar, tmp_path, capsys):
+    """--syntax rle (BENCHMARKS.md "First pass on an RLE Lossless corpus"): every file RLE Lossless, each
+    file's pixels those of the mixed corpus's file of the same name; another corpus in its folder (its
+    settings name the syntax); an unknown syntax is one line, exit code 2."""
+    import pydicom
+    from pydicom.uid import RLELossless
+
+    mixed = {f.name: pydicom.dcmread(f).pixel_array for f in xray_tar.make_corpus(tmp_path / "mixed", 3, 32)}
+    rle = xray_tar.make_corpus(tmp_path / "rle", 3, 32, syntax="rle")
+    assert [pydicom.dcmread(f).file_meta.TransferSyntaxUID for f in rle] == [RLELossless] * 3
+    for f in rle:
+        np.testing.assert_array_equal(pydicom.dcmread(f).pixel_array, mixed[f.name])
+    assert (tmp_path / "rle" / ".complete").read_text().split()[-1] == "rle"
+    with pytest.raises(SystemExit) as exc:
+        xray_tar.make_corpus(tmp_path / "x", 3, 32, syntax="jpeg")
+    assert exc.value.code == 2 and capsys.readouterr().err.count("\n") == 1
+
+
 def test_corpus_scripts_never_empty_a_folder_they_did_not_make(xray_tar, tmp_path, capsys):
     """A folder without the scripts' marker that holds anything, or a marked one holding a file the
     script does not write: one line, exit code 2, every file kept."""
