@@ -104,3 +104,20 @@ def test_release_freed_gives_a_decoding_pass_memory_back():
     out = subprocess.run([sys.executable, "-c", FREED, "system"], capture_output=True, text=True, check=True).stdout
     tuned, released, _, _ = out.rsplit(" ", 3)
     assert tuned == "left as it is: SSLKIT_MALLOC=system" and released == "False", out
+
+
+@pytest.mark.skipif(why_not({}) is not None, reason="glibc on Linux only")
+def test_the_decode_workers_are_tuned_as_the_command_is(tmp_path):
+    """The first pass's spawned decode workers ran with glibc's own thresholds (the sslkit process tunes its
+    own at the CLI's start): ~3x the page faults of a tuned one on an RLE corpus."""
+    from sslkit.data.prepare import _pool
+    from sslkit.registry import create_source
+    from tests.conftest import make_images
+
+    source = create_source(f"folder:{make_images(tmp_path / 'img', n_per_class=1, size=8)}")
+    pool = _pool(source, 3, 8, 1)
+    try:
+        tuned = pool.submit(eval, "__import__('sslkit.host_malloc', fromlist=['_tuned'])._tuned != []").result()
+    finally:
+        pool.shutdown()
+    assert tuned

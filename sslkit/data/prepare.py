@@ -34,6 +34,7 @@ from sslkit.data.room import check_room, sides
 from sslkit.data.skips import skip_reason, transient
 from sslkit.data.source import NotAnImage, SampleRef, Source, to_channels
 from sslkit.errors import UsageError
+from sslkit.host_malloc import tune_host_malloc
 from sslkit.progress import counted
 
 
@@ -216,6 +217,9 @@ _WORKER: dict[str, Any] = {}
 
 
 def _init_worker(source: Source, channels: int, size: int) -> None:
+    # as the sslkit command's own process (cli.py): a spawned worker untuned page-faulted its decode buffers
+    # in afresh, ~3x the faults (BENCHMARKS.md "First pass on an RLE Lossless corpus")
+    tune_host_malloc()
     if "torch" in sys.modules:  # only where a source needs it: the decode itself does not
         sys.modules["torch"].set_num_threads(1)
     _WORKER.update(source=source, channels=channels, size=size)
