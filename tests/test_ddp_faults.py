@@ -89,6 +89,11 @@ if rank == 0 and os.environ.get("T_CSV_FAIL_AT"):  # rank 0's metrics.csv row of
                 raise OSError(errno.ENOSPC, "No space left on device")
         return step_end(self, step, metrics)
     csv_callback.CsvMetrics.on_step_end = full
+if rank == 0 and os.environ.get("T_INFO_FAIL"):  # rank 0's run.json as training starts: a full disk
+    import sslkit.engine.session as session
+    def no_room(s):
+        raise session.UsageError(f"cannot write {str(s.out / 'run.json')!r}: No space left on device")
+    session.write_info = no_room
 if rank == 0 and os.environ.get("T_CSV_START_FAIL"):  # a resume's metrics.csv rewrite: a full disk
     import sslkit_plugins.callbacks.csv as csv_callback
     def no_room(self, step):
@@ -125,6 +130,11 @@ def two_ranks(tmp_path: Path, *args: str, **inject: str) -> list[subprocess.Comp
         for p in procs:
             p.kill()
     return [subprocess.CompletedProcess(cmd, p.returncode, out, err) for p, (out, err) in zip(procs, done)]
+
+
+#: the group's timeout where no fault waits on it: 0.1 min is also the store's connect timeout, and a rank 0 slow
+#: to start on a busy machine made rank 1's connect time out once and retry, logging c10d warnings on its stderr
+STEADY = {"T_TIMEOUT_MIN": "1"}
 
 
 def error_lines(text: str) -> list[str]:
@@ -187,7 +197,7 @@ def test_a_full_disk_at_a_checkpoint_stops_every_rank_at_that_step(tmp_path):
     and die with a gloo traceback. Both exit 2 at step 4, the line printed once, step 2 kept."""
     out = tmp_path / "run"
     r0, r1 = two_ranks(tmp_path, "--max-steps", "6", "--checkpoint-every", "2", "--no-cache", "--out", str(out),
-                       T_CKPT_FAIL_AT="4")
+                       T_CKPT_FAIL_AT="4", **STEADY)
     assert (r0.returncode, r1.returncode) == (2, 2), (r0.stderr[-2000:], r1.stderr[-2000:])
     assert error_lines(r0.stderr) == [
         f"error: cannot write checkpoint step-00000004 in {out / 'checkpoints'}: No space left on device; "
@@ -206,7 +216,7 @@ def test_a_full_disk_at_a_metrics_row_stops_every_rank_at_that_step(tmp_path):
     checkpoint (step 2) is kept and --resume completes the run with every step's row once."""
     out = tmp_path / "run"
     r0, r1 = two_ranks(tmp_path, "--max-steps", "6", "--checkpoint-every", "2", "--no-cache", "--out", str(out),
-                       T_CSV_FAIL_AT="3")
+                       T_CSV_FAIL_AT="3", **STEADY)
     assert (r0.returncode, r1.returncode) == (2, 2), (r0.stderr[-2000:], r1.stderr[-2000:])
     assert error_lines(r0.stderr) == [
         f"error: cannot write {str(out / 'metrics.csv')!r}: No space left on device; the run stops at step 3, the "
@@ -229,7 +239,8 @@ def test_a_resumes_metrics_csv_that_cannot_be_rewritten_stops_every_rank_before_
     r0, r1 = two_ranks(tmp_path, "--max-steps", "2", "--no-cache", "--out", str(out))
     assert (r0.returncode, r1.returncode) == (0, 0), (r0.stderr[-2000:], r1.stderr[-2000:])
     kept = (out / "metrics.csv").read_bytes()
-    r0, r1 = two_ranks(tmp_path, "--resume", str(out), "--max-steps", "4", "--no-cache", T_CSV_START_FAIL="1")
+    r0, r1 = two_ranks(tmp_path, "--resume", str(out), "--max-steps", "4", "--no-cache", T_CSV_START_FAIL="1",
+                       **STEADY)
     assert (r0.returncode, r1.returncode) == (2, 2), (r0.stderr[-2000:], r1.stderr[-2000:])
     assert error_lines(r0.stderr) == [
         f"error: cannot write {str(out / 'metrics.csv')!r}: No space left on device; the run stops at step 2, the "
@@ -238,6 +249,17 @@ def test_a_resumes_metrics_csv_that_cannot_be_rewritten_stops_every_rank_before_
     assert json.loads((out / "run.json").read_text())["status"] == "failed"
     assert (out / "metrics.csv").read_bytes() == kept
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000002"]
+
+
+def test_a_run_json_that_cannot_be_written_as_training_starts_stops_every_rank(tmp_path):
+    """Rank 0 alone writes run.json: a full disk there (after the data is decoded, before the first step) used
+    to leave rank 1 in the first step's all-reduce (a gloo traceback). Both exit 2, rank 0's line once."""
+    r0, r1 = two_ranks(tmp_path, "--max-steps", "2", "--no-cache", "--out", str(tmp_path / "run"), T_INFO_FAIL="1",
+                       **STEADY)
+    assert (r0.returncode, r1.returncode) == (2, 2), (r0.stderr[-2000:], r1.stderr[-2000:])
+    assert error_lines(r0.stderr) == [
+        f"error: cannot write {str(tmp_path / 'run' / 'run.json')!r}: No space left on device"], r0.stderr[-2000:]
+    assert r1.stderr.strip() == "", r1.stderr[-2000:]
 
 
 def no_flock(monkeypatch, code: int) -> None:

@@ -90,6 +90,13 @@ def _steps_left(cfg: RunConfig, old: dict[str, Any]) -> int | None:
     return horizon(cfg.epochs, cfg.max_steps, int(per_epoch))[0] - int(done)
 
 
+def _started(s: Setup, state: run_state.RunState, old: dict[str, Any]) -> None:
+    """Rank 0's run.json as training starts (a resume's continues ``old``, read by _prepare under the lock)."""
+    if s.cfg.resume:
+        continued_record(s, state, old)
+    write_info(s)
+
+
 def _start(s: Setup, events: Events, info: RunInfo) -> None:
     """``on_run_start`` on every rank. Under torchrun rank 0 alone runs sslkit's own callbacks: a failed write
     there (a resume's metrics.csv rewrite on a full disk) stops every rank before a step, with rank 0's line
@@ -109,9 +116,7 @@ def run(s: Setup, lock: RunLock | None = None, callbacks: list[tuple[str, Any]] 
     state = run_state.restore(s)
     if state.step > s.total:
         raise _bound_below(s.cfg.out, state.step, s.total)
-    if s.cfg.resume and s.main:
-        continued_record(s, state, old)  # the run.json _prepare read under the run's lock
-    write_info(s)
+    on_main(lambda: _started(s, state, old))  # a full disk there stops every rank, not rank 0 alone
     events = Events(create_callbacks(s.cfg.callbacks) if callbacks is None else callbacks, s.rank)
     summary: dict[str, Any] = {"steps": state.step}
     status, began = "failed", (state.step, time.perf_counter())
