@@ -12,7 +12,10 @@ and NIfTI (:mod:`sslkit_plugins.sources.dicom_labels`).
 
 Privacy: no identifier leaves this module. Split groups are salted hashes of PatientID
 (else StudyInstanceUID, else the file) and exist only in memory; pydicom's warnings,
-which can quote element values, are silenced; error reasons have quoted values removed.
+which can quote element values, are silenced; error reasons have quoted values removed, and any word
+naming the file's identifying header values (or holding a person name's ``^``) too
+(:func:`~sslkit_plugins.sources.dicom_reasons.safe_reason`). A class folder holding one patient of its
+own is labelled ``folder K (one patient)``, not by its name (:mod:`.dicom_labels`).
 """
 
 from __future__ import annotations
@@ -39,7 +42,8 @@ from sslkit_plugins.sources.dicom_labels import (class_of, named_levels, not_pat
                                                  series_labelled)
 from sslkit_plugins.sources.dicom_limits import TooLarge, frame_count
 from sslkit_plugins.sources.dicom_pixels import decode_located, pixel_facts, read_frame
-from sslkit_plugins.sources.dicom_reasons import NOT_DICOM_IMAGE, failure_reason, incomplete_image, safe_reason
+from sslkit_plugins.sources.dicom_reasons import (NOT_DICOM_IMAGE, failure_reason, header_of, incomplete_image,
+                                                  safe_reason)
 from sslkit_plugins.sources.dicom_series import assemble, geometry
 from sslkit_plugins.sources.dicom_values import has, transfer_syntax, value
 from sslkit_plugins.sources.dicom_volume import VolumeSampler
@@ -151,7 +155,7 @@ def read_header(path: str) -> dict[str, Any]:
                 "pixels": pixels,
             }
         except Exception as exc:
-            return {"kind": "error", "reason": f"bad header value: {safe_reason(exc)}"}
+            return {"kind": "error", "reason": f"bad header value: {safe_reason(exc, ds)}"}
 
 
 def located_pixels(ds: pydicom.Dataset, fp: Any) -> dict[str, Any] | None:
@@ -281,14 +285,14 @@ class DicomSource(Source):
                 try:
                     return decode(ds, ref.frame, self.windows)  # checks the stream's own size first
                 except TooLarge as exc:  # its reason is not a codec's failure
-                    raise Undecodable(failure_reason(exc, "cannot decode")) from None
+                    raise Undecodable(failure_reason(exc, "cannot decode", ds)) from None
                 except Exception as exc:
-                    raise Undecodable(codec_failure(ds, safe_reason(exc))
-                                      or failure_reason(exc, "bad header value")) from None
+                    raise Undecodable(codec_failure(ds, safe_reason(exc, ds))
+                                      or failure_reason(exc, "bad header value", ds)) from None
             except Undecodable:
                 raise
             except Exception as exc:
-                raise Undecodable(failure_reason(exc, "cannot decode")) from None
+                raise Undecodable(failure_reason(exc, "cannot decode", header_of(ref.path))) from None
 
     def load_raw(self, ref: SampleRef) -> np.ndarray:
         """:meth:`load` before windowing: modality values (e.g. HU), float32 (grayscale only)."""
@@ -300,7 +304,7 @@ class DicomSource(Source):
                 facts = self.headers.get(ref.path, {}).get("pixels")
                 return read_frame(ref.path, ref.frame, self.windows, facts, raw=True)
             except Exception as exc:
-                raise Undecodable(failure_reason(exc, "cannot decode")) from None
+                raise Undecodable(failure_reason(exc, "cannot decode", header_of(ref.path))) from None
 
     def spacing_of(self, ref: SampleRef) -> list[float] | None:
         """Voxel spacing of ``load(ref)`` in mm: ``[dz, dy, dx]`` (volume) or ``[dy, dx]``, None if unknown."""

@@ -4,15 +4,18 @@ The class is the first folder below the data root (``ROOT/<class>/<patient>/<stu
 *.dcm``; a file in the root itself has none), however deep the file, as for image folders and
 NIfTI. A series (``--sample slab:K|volume``) takes the class of its
 slices; one whose slices lie under several class folders has none. First folders that each
-hold exactly one patient of their own (three or more) are a plain export's patient folders,
-not classes: no labels; and a first folder whose name carries the PatientName or PatientID of a
-file under it (:func:`named_levels`, read with the header, kept as folder levels only) is never
-a class, whatever the others are.
+hold exactly one patient of their own (three or more, and nothing else) are a plain export's
+patient folders, not classes: no labels; otherwise a first folder that holds one patient of its
+own keeps its class under an alias, ``folder K (one patient)``, not its name (:func:`not_patient_folders`).
+A first folder whose name carries the PatientName or PatientID of a file under it
+(:func:`named_levels`, read with the header, kept as folder levels only) is never a class,
+whatever the others are.
 """
 
 from __future__ import annotations
 
 import re
+from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
@@ -62,20 +65,34 @@ def named_levels(path: str, patient_name: str, patient_id: str) -> list[int]:
     return [k for k, folder in enumerate(parents, 1) if _tokens(folder.name) & words]
 
 
+#: the label of a class folder that holds one patient: the wording of ``--color-by folder``'s aliases
+ONE_PATIENT = "folder {k} (one patient)"
+
+
 def not_patient_folders(refs: list[SampleRef], named: set[str] = frozenset()) -> list[SampleRef]:
-    """``refs`` without labels when the first folders below the root are patients, not classes
-    (three or more, each holding exactly one patient of its own): a plain ``<patient>/<study>/``
-    export would otherwise be evaluated with one class per patient, named after its folder. A
-    class in ``named`` (a folder named after a patient of its files) loses its label in any case."""
+    """``refs`` with no class folder's name that may name a patient, decided per folder:
+
+    * a class in ``named`` (a folder named after a patient of its files) loses its label;
+    * three or more first folders, each holding exactly one patient of its own and nothing else, are a
+      plain ``<patient>/<study>/`` export, not classes: no labels at all;
+    * otherwise a first folder that holds exactly one patient of its own keeps its class under an alias
+      that cannot carry its name, ``folder K (one patient)`` (:data:`ONE_PATIENT`), ``K`` counting these
+      folders' names in sorted order: the same data gives the same aliases in every command. A class of
+      one patient is legitimate (a tiny pilot set), but nothing tells its name from the patient's.
+
+    "Of its own": a patient whose images lie under several first folders is sorted into classes by them
+    (a phantom, one subject's conditions): those folders keep their names."""
     refs = [replace(r, label=None) if r.label in named else r for r in refs]
     groups: dict[str, set[str]] = {}
     for r in refs:
         if r.label is not None:
-            groups.setdefault(r.label, set()).add(r.group)
-    owners = [next(iter(g)) for g in groups.values() if len(g) == 1]
-    if len(groups) >= 3 and len(owners) == len(groups) == len(set(owners)):
+            groups.setdefault(r.label, set()).add(r.group or r.path)
+    folders_of = Counter(g for members in groups.values() for g in members)
+    owners = [label for label, g in groups.items() if len(g) == 1 and folders_of[next(iter(g))] == 1]
+    if len(groups) >= 3 and len(owners) == len(groups):
         return [replace(r, label=None) for r in refs]
-    return refs
+    alias = {name: ONE_PATIENT.format(k=k) for k, name in enumerate(sorted(owners), 1)}
+    return [replace(r, label=alias[r.label]) if r.label in alias else r for r in refs]
 
 
 def patient_named_classes(headers: dict[str, dict[str, Any]], root: Path) -> set[str]:
