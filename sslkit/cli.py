@@ -9,14 +9,14 @@ from pathlib import Path
 
 import click
 
+from sslkit import needs_torch
 from sslkit.cli_types import FiniteFloatRange
 from sslkit.errors import CheckFailed, PluginError, UsageError, printable, say
-from sslkit.eval.cli import RunSourceFlagsCommand  # embed reads data as the run did: its source flags say so
 from sslkit.new_plugin import KINDS as NEW_PLUGIN_KINDS
 from sslkit.plugins import KINDS as PLUGIN_KINDS
 from sslkit.preempt import EXIT_TERMINATED, Preempted, Terminated, requeue_exit, terminable
 from sslkit.run import remove_unused_run_dir
-from sslkit.source_flags import SourceFlagsCommand, flag_values
+from sslkit.source_flags import SourceFlagsCommand
 
 
 class Group(click.Group):
@@ -24,6 +24,10 @@ class Group(click.Group):
     torchrun rank 0 alone prints it (:func:`~sslkit.errors.reports_here`); every rank exits so.
     An exception raised in a third-party plugin's code is one line naming the plugin, exit code 1
     (:func:`~sslkit.plugin_fault.plugin_fault`; ``SSLKIT_TRACEBACK=1``: the traceback)."""
+
+    def resolve_command(self, ctx, args):
+        name, cmd, rest = super().resolve_command(ctx, args)
+        return name, needs_torch.guard(ctx, name, cmd), rest  # without torch: one line, not a traceback
 
     def main(self, *args, **kwargs):
         kwargs["standalone_mode"] = False
@@ -53,6 +57,7 @@ class Group(click.Group):
         except Exception as exc:  # a third-party plugin's bug: one line naming it, exit 1
             from sslkit.plugin_fault import exit_if_plugin_fault
 
+            needs_torch.exit_if_missing_torch(exc)  # torch imported where it is not installed: one line, exit 2
             exit_if_plugin_fault(exc)
             raise  # sslkit's own code or a built-in plugin's (our bug), or SSLKIT_TRACEBACK=1: the traceback
         sys.exit(rv if isinstance(rv, int) else 0)
@@ -340,36 +345,6 @@ def export(run_dir: str, out: str, fmt: str, opset: int | None, with_preprocessi
         click.echo(line)
 
 
-@main.command(cls=RunSourceFlagsCommand)
-@click.argument("model", type=click.Path())
-@click.option("--data", required=True, help="Images to embed: dicom:PATH, folder:PATH or a bare path.")
-@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output .npz file.")
-@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
-@click.option("--data-opt", "data_opts", multiple=True, metavar="KEY=VALUE",
-              help="Source option overriding the run's (repeatable); so do the [source] options below.")
-@click.option("--max-pixels", default=None, type=click.IntRange(min=0),
-              help="Skip images larger than this many pixels (width x height), from the header; "
-                   "0: no limit (default: the run's --max-pixels).")
-@click.option("--device", default="auto", show_default=True,
-              help="Torch device for a run directory: auto (CUDA when available), cpu, cuda, cuda:N.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
-def embed(model: str, data: str, out: str, batch_size: int, data_opts: tuple[str, ...], max_pixels: int | None,
-          device: str, overwrite: bool, quiet: bool, **source_flags) -> None:
-    """Embed images with a run directory (PyTorch) or an exported .onnx file (onnxruntime).
-
-    A run's checkpoint (RUN/checkpoints/step-N) embeds with that step's encoder.
-    """
-    from sslkit.embed import embed_to_file
-    from sslkit.options import parse_pairs
-
-    source_options = {**parse_pairs(data_opts, "--data-opt"), **flag_values(source_flags)}
-    summary = embed_to_file(model, data, out, batch_size=batch_size, source_options=source_options,
-                            device=device, overwrite=overwrite, progress=not quiet, max_pixels=max_pixels)
-    click.echo(f"embedded {summary['n']} images ({summary['dim']}-d, {summary['engine']}); "
-               f"{summary['skipped']} skipped; saved to {out}")
-
-
 @main.command("new-plugin")
 @click.argument("name")
 @click.option("--kind", required=True, type=click.Choice(NEW_PLUGIN_KINDS),
@@ -386,9 +361,11 @@ def new_plugin(name: str, kind: str, out: str | None) -> None:
 
 from sslkit.eval.cli import eval_group  # noqa: E402  (`sslkit eval knn|linear|tsne|attention`)
 from sslkit.data.cli import data_group  # noqa: E402  (`sslkit data inspect`)
+from sslkit.embed_cli import embed  # noqa: E402  (`sslkit embed`)
 
 main.add_command(eval_group)
 main.add_command(data_group)
+main.add_command(embed)
 
 
 if __name__ == "__main__":

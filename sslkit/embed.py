@@ -25,6 +25,7 @@ from sslkit.data.pipeline import load_data, summary_line
 from sslkit.errors import UsageError, first_line, without_quoted
 from sslkit.output_file import check_output, write_atomic
 from sslkit.progress import counted
+from sslkit.pseudonym import file_key
 from sslkit.raw_input import RawInput, fixed_windows, graph_preprocessing_of
 from sslkit.registry import create_source, resolve_data
 from sslkit.sample_modes import (SAMPLE_OPTIONS, check_sample_mode, check_sample_shape, note_other_spacing,
@@ -35,7 +36,7 @@ from sslkit.spec import InputSpec
 @dataclass
 class Embeddings:
     embeddings: np.ndarray  # (N, D) float32
-    ids: list[str]  # file path, plus "#frame" for multi-frame files
+    ids: list[str]  # file path, plus "#frame" for multi-frame files (``embed(ids="key")``: :func:`keyed_id`)
     labels: list[str | None]
     skipped: int = 0  # files that could not be decoded
     skip_reasons: dict[str, int] = field(default_factory=dict)  # why (no file names) -> how many files
@@ -49,6 +50,28 @@ def sample_id(source: Any, ref: Any) -> str:
     series key), else ``ref.id`` (its path, ``#frame`` for a frame)."""
     own = getattr(source, "sample_id", None)
     return own(ref) if own is not None else ref.id
+
+
+#: how ``embed`` and ``data dump`` may name samples: ``key`` (:func:`keyed_id`) or ``path`` (names that can carry
+#: patient names)
+IDS = ("key", "path")
+
+
+def keyed_id(source: Any, ref: Any) -> str:
+    """A sample as output files name it by default: the source's own id where it has one (a DICOM volume's
+    ``series:<key>``), else ``file:`` and the keyed hash of its path below the data root
+    (:func:`~sslkit.pseudonym.file_key`, as ``data_report.json`` and ``sslkit data inspect`` name files),
+    ``#frame`` for a frame or slice: folder and file names can carry patient names."""
+    if (own := sample_id(source, ref)) != ref.id:
+        return own
+    key = file_key(source.relative(ref.path))
+    return key if ref.frame is None else f"{key}#{ref.frame}"
+
+
+def check_ids(ids: str) -> None:
+    """A one-line usage error unless ``ids`` is one of :data:`IDS`."""
+    if ids not in IDS:
+        raise UsageError(f"ids {ids!r}: give one of {', '.join(IDS)}")
 
 
 def label_paths(source: Any, ref: Any) -> tuple[str, ...]:
@@ -260,14 +283,16 @@ def same_graph_window(spec: InputSpec, data: str, options: dict[str, Any], key: 
 
 
 def embed(model: str | Path | Model, data: str, batch_size: int = 64, source_options: dict[str, Any] | None = None,
-          progress: bool = True, weights: bool = True, device: str = "cpu") -> Embeddings:
+          progress: bool = True, weights: bool = True, device: str = "cpu", ids: str = "path") -> Embeddings:
     """Embed every image of ``data``: ``N`` images -> ``(N, D)`` float32 embeddings and ids.
 
     ``model``: a run directory, an exported ``.onnx`` file, or an opened :class:`Model`.
     ``weights=False`` (run directory only) uses a randomly initialised encoder of the same
     architecture (the baseline of ``eval``). Images larger than the model's ``max_pixels``
-    (the run's ``--max-pixels``) are skipped unread, as in the run.
+    (the run's ``--max-pixels``) are skipped unread, as in the run. ``ids``: ``path`` (:func:`sample_id`: a
+    file's path, which ``--labels`` rows are matched against) or ``key`` (:func:`keyed_id`: what files store).
     """
+    check_ids(ids)
     if not isinstance(model, Model):
         model = open_model(model, device, weights)
     spec = model.spec
@@ -276,7 +301,8 @@ def embed(model: str | Path | Model, data: str, batch_size: int = 64, source_opt
     embeddings = encode_pixels(model, loaded.prepared.pixels, batch_size, progress)
     warn_inexact(model)
     refs = loaded.prepared.refs
-    return Embeddings(embeddings, [sample_id(loaded.source, r) for r in refs],
+    name = keyed_id if ids == "key" else sample_id
+    return Embeddings(embeddings, [name(loaded.source, r) for r in refs],
                       [r.label for r in refs], len(loaded.prepared.skipped), skip_reasons(loaded.prepared.skipped),
                       [label_paths(loaded.source, r) for r in refs])
 
@@ -315,17 +341,20 @@ def skipped_line(result: Embeddings) -> str:
     return summary_line(len(result.ids), rows, where="")  # embed writes no data_report.json
 
 
-def embed_to_file(model: str | Path, data: str, out: str | Path, overwrite: bool = False, **kwargs: Any) -> dict[str, Any]:
-    """:func:`embed`, saved as ``.npz`` with ``embeddings`` ``(N, D)`` float32 and ``ids`` (strings).
+def embed_to_file(model: str | Path, data: str, out: str | Path, overwrite: bool = False, ids: str = "key",
+                  **kwargs: Any) -> dict[str, Any]:
+    """:func:`embed`, saved as ``.npz`` with ``embeddings`` ``(N, D)`` float32 and ``ids`` (strings): by default
+    keyed file keys (:func:`keyed_id`); ``ids="path"``: the files' paths, which can carry patient names.
 
     ``labels`` (strings, "" for none) is added when the data layout gives class names.
     The output (an ``.npz`` name) is checked before any work and written atomically; embeddings
     that are not all finite are refused (:func:`check_finite`) and nothing is written.
     """
     out = Path(out)
+    check_ids(ids)
     check_output(out, overwrite, ".npz")  # numpy.savez: embeddings, ids, labels
     opened = open_model(model, kwargs.pop("device", "cpu"), max_pixels=kwargs.pop("max_pixels", None))
-    result = embed(opened, data, **kwargs)
+    result = embed(opened, data, ids=ids, **kwargs)
     check_finite(result.embeddings, f"the model {str(model)!r}")
     if result.skipped:
         print(f"data: {skipped_line(result)}", file=sys.stderr)

@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 from pydicom.uid import generate_uid
 
+from sslkit.pseudonym import file_key
 from sslkit.registry import create_source
 from tests.dicom_factory import write_dicom
 from tests.test_series import AXIAL, MR_STORAGE, _base, mosaic_pixels, write_series
@@ -202,7 +203,7 @@ def test_raw_values_of_a_palette_colour_image_are_refused_like_rgb(tmp_path, cli
         shutil.copy(Path(pydicom_dir) / name, tmp_path / name)
     r = cli("data", "dump", f"dicom:{tmp_path}", "--out", tmp_path / "raw.npz", "--raw")
     assert r.exit_code == 0 and "1 undecodable" in r.output, r.output
-    assert sorted(k for k in np.load(tmp_path / "raw.npz") if k != "__meta__") == ["CT_small.dcm"]
+    assert sorted(k for k in np.load(tmp_path / "raw.npz") if k != "__meta__") == [file_key("CT_small.dcm")]
 
 
 def test_client_steps_say_a_window_stack_has_no_monochrome1_reflection(tmp_path):

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from sslkit.errors import UsageError
+from sslkit.pseudonym import file_key
 from sslkit.registry import create_source
 
 X, Y, Z = 5, 4, 3
@@ -177,7 +178,7 @@ def test_dump_meta_states_the_canonical_orientation_the_arrays_have(tmp_path, cl
         r = cli("data", "dump", f"nifti:{tmp_path / 'lps.nii'}", "--out", out, "--raw", "--sample", mode, *extra)
         assert r.exit_code == 0, r.output
         z = np.load(out)
-        first = z["lps.nii#0"][0] if mode == "slice" else z["lps.nii"][0]
+        first = z[file_key("lps.nii") + "#0"][0] if mode == "slice" else z[file_key("lps.nii")][0]
         np.testing.assert_array_equal(first, displayed(grid())[0] if mode == "slice" else displayed(grid()))
         orientation = json.loads(str(z["__meta__"]))["orientation"]
         assert "as stored (" not in orientation and "canonical RAS+" in orientation, orientation

@@ -12,6 +12,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from sslkit.pseudonym import file_key
 from sslkit.registry import create_source
 from tests.test_nifti import X, Y, Z, displayed, grid, write
 
@@ -91,10 +92,14 @@ def test_class_sub_folders_of_volumes_label_them_for_eval(tmp_path, cli):
 def test_dump_keys_of_names_that_are_not_utf8(tmp_path, cli):
     good = write(tmp_path / "data" / "good.nii", grid())
     shutil.copy(good, os.fsdecode(os.fsencode(tmp_path / "data") + b"/na\xefve.nii"))
-    r = cli("data", "dump", f"nifti:{tmp_path / 'data'}", "--out", tmp_path / "d.npz", "--raw")
+    r = cli("data", "dump", f"nifti:{tmp_path / 'data'}", "--out", tmp_path / "d.npz", "--raw", "--ids", "path")
     assert r.exit_code == 0, r.output
     keys = set(np.load(tmp_path / "d.npz").files) - {"__meta__"}
     assert keys == {f"{name}#{z}" for name in ("good.nii", "na\\xefve.nii") for z in range(Z)}
+    r = cli("data", "dump", f"nifti:{tmp_path / 'data'}", "--out", tmp_path / "k.npz", "--raw")  # file keys
+    assert r.exit_code == 0, r.output
+    keys = set(np.load(tmp_path / "k.npz").files) - {"__meta__"}
+    assert keys == {f"{file_key(name)}#{z}" for name in ("good.nii", os.fsdecode(b"na\xefve.nii")) for z in range(Z)}
 
 
 def test_complex_and_all_non_finite_volumes_are_reported_not_trained_on(tmp_path, cli):

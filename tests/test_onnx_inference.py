@@ -122,7 +122,9 @@ def test_example_client_without_torch_dicom(ct, tmp_path, cli):
     assert proc.returncode == 0, proc.stderr
     assert "torch imported: False" in proc.stdout and "embedded 10 images" in proc.stdout
     ref = tmp_path / "ref.npz"
-    assert cli("embed", ct["run"], "--data", f"dicom:{ct['data']}", "--out", ref, "--quiet").exit_code == 0
+    # the client names files by path: so does embed, asked to
+    r = cli("embed", ct["run"], "--data", f"dicom:{ct['data']}", "--out", ref, "--quiet", "--ids", "path")
+    assert r.exit_code == 0
     client, expected = np.load(out), np.load(ref)
     assert list(client["ids"]) == list(expected["ids"])  # MONOCHROME1 slice 3 included
     # the run stored windowed pixels as 16-bit; the client's HU path is exact float32

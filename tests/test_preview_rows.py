@@ -10,12 +10,13 @@ from tests.conftest import make_images
 from tests.dicom_factory import write_dicom
 
 
-def preview_labels(monkeypatch, src, out, samples):
-    """The row labels of the sheet ``data preview`` draws of ``src``."""
+def preview_labels(monkeypatch, src, out, samples, ids="path"):
+    """The row labels of the sheet ``data preview`` draws of ``src`` (``ids="path"``: with file names, so the
+    folders' aliases and the shortening show; the default keys are tests/test_output_paths_privacy.py's)."""
     figs = []
     real = preview.save_png
     monkeypatch.setattr(preview, "save_png", lambda fig, *a, **k: figs.append(fig) or real(fig, *a, **k))
-    preview.preview(src, out, samples=samples, image_size=16)
+    preview.preview(src, out, samples=samples, image_size=16, ids=ids)
     return [row[0].get_ylabel() for row in np.asarray(figs[0].axes).reshape(samples, -1)]
 
 
@@ -42,7 +43,7 @@ def test_dicom_row_labels_do_not_show_patient_named_folders(tmp_path, monkeypatc
         for i in range(2):
             write_dicom(tmp_path / "dcm" / "CHEST" / name.replace("^", "_").upper() / f"img{i}.dcm", pixels + i,
                         patient_name=name, patient_id=pid)
-    labels = preview_labels(monkeypatch, f"dicom:{tmp_path / 'dcm'}", tmp_path / "p.png", 4)
+    labels = preview_labels(monkeypatch, f"dicom:{tmp_path / 'dcm'}", tmp_path / "p.png", 4, ids="key")
     assert len(labels) == 4 and all(lab.startswith("CHEST/") for lab in labels)
     for lab in labels:
         assert "BRAMBLEWORTH" not in lab.upper() and "QUIXOTEBOTTOM" not in lab.upper(), lab

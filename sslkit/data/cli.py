@@ -11,6 +11,14 @@ from sslkit.progress import human_bytes
 from sslkit.source_flags import SourceFlagsCommand, flag_values
 
 
+#: ``--ids`` of ``data preview`` and ``data dump`` (``sslkit embed``'s says the same)
+IDS_OPTION = click.option(
+    "--ids", default="key", show_default=True, type=click.Choice(["key", "path"]),
+    help="Name samples by file key (file: and a keyed hash of the path below the data root, as data_report.json; "
+         "'sslkit data inspect' prints unusable files' paths with their keys) or by path: folder and file names "
+         "can carry patient names.")
+
+
 @click.group("data")
 def data_group() -> None:
     """Look at a data source before training on it."""
@@ -57,15 +65,16 @@ def inspect(src: str, as_json: bool, data_opts: tuple[str, ...], image_size: int
               help="Side the 2D samples are resized to (as in pretraining).")
 @click.option("--recipe", "recipe_name", default="simclr", show_default=True,
               help="2D augmentation recipe of the two views (simclr, crop, xray, ...).")
+@IDS_OPTION
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
 def preview(src: str, out: str, data_opts: tuple[str, ...], samples: int, image_size: int, recipe_name: str,
-            overwrite: bool, **source_flags) -> None:
+            ids: str, overwrite: bool, **source_flags) -> None:
     """A sheet of decoded samples and two augmented views of each (volumes: three mid-planes)."""
     from sslkit.data.preview import preview as draw
     from sslkit.options import parse_pairs
 
     options = {**parse_pairs(data_opts, "--data-opt"), **flag_values(source_flags)}
-    result = draw(src, out, options, samples, image_size, recipe_name, overwrite=overwrite)
+    result = draw(src, out, options, samples, image_size, recipe_name, overwrite=overwrite, ids=ids)
     click.echo(f"drew {result['samples']} samples ({result['sample']}) to {result['out']}")
 
 
@@ -75,15 +84,17 @@ def preview(src: str, out: str, data_opts: tuple[str, ...], samples: int, image_
 @click.option("--data-opt", "data_opts", multiple=True, metavar="KEY=VALUE", help="Source option (repeatable).")
 @click.option("--raw", is_flag=True, help="Values before windowing (modality values, e.g. HU), float32.")
 @click.option("--limit", default=None, type=click.IntRange(min=1), help="At most this many samples.")
+@IDS_OPTION
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
-def dump(src: str, out: str, data_opts: tuple[str, ...], raw: bool, limit: int | None, overwrite: bool,
+def dump(src: str, out: str, data_opts: tuple[str, ...], raw: bool, limit: int | None, ids: str, overwrite: bool,
          **source_flags) -> None:
-    """Write the decoded arrays, one per sample keyed by id, with spacing and axis order."""
+    """Write the decoded arrays, one per sample keyed by its file key (--ids path: its path), with spacing and
+    axis order."""
     from sslkit.data.dump import dump as write_dump
     from sslkit.options import parse_pairs
 
     options = {**parse_pairs(data_opts, "--data-opt"), **flag_values(source_flags)}
-    result = write_dump(src, out, options, raw, limit, overwrite)
+    result = write_dump(src, out, options, raw, limit, overwrite, ids)
     click.echo(f"wrote {result['samples']} arrays{' (raw)' if raw else ''} to {result['out']}"
                + (f"; {result['skipped']} undecodable" if result["skipped"] else ""))
 

@@ -1,14 +1,16 @@
 """``sslkit data dump``: the decoded arrays of a source, one per sample, to check against any tool.
 
-The ``.npz`` holds one float32 array per sample, keyed by its id (its path relative to the
-data root, ``#frame`` for a frame or slice; ``series:<salted key>`` for a DICOM volume),
-as the source decodes it: ``(C, H, W)`` images, ``(C*K, H, W)`` slabs or ``(C, D, H, W)``
-volumes, in [0, 1] after the window, or with ``raw`` the values before windowing (modality
-values such as Hounsfield units; the sources that have them: ``dicom``, ``nifti``). No
-resizing to ``--image-size``. ``__meta__`` is a JSON string saying the axis order, the
-value kind, the source's preprocessing, each sample's spacing in mm and, for volumes, what the
-padding holds: 0 in [0, 1], and with ``raw`` the value the source's window maps to 0 (so the
-raw volume through an exported ``--with-preprocessing`` graph gives what training gives).
+The ``.npz`` holds one float32 array per sample, keyed by its id: ``file:`` and the keyed hash of
+its path relative to the data root (:func:`sslkit.embed.keyed_id`, as ``data_report.json`` names
+files; ``ids="path"``: that path, which can carry patient names), ``#frame`` for a frame or slice;
+``series:<keyed hash>`` for a DICOM volume. Each array is as the source decodes it: ``(C, H, W)``
+images, ``(C*K, H, W)`` slabs or ``(C, D, H, W)`` volumes, in [0, 1] after the window, or with ``raw``
+the values before windowing (modality values such as Hounsfield units; the sources that have them:
+``dicom``, ``nifti``). No resizing to ``--image-size``. ``__meta__`` is a JSON string saying the axis
+order, the value kind, the source's preprocessing, each sample's spacing in mm, how samples are
+named (``samples_named_by``) and, for volumes, what the padding holds: 0 in [0, 1], and with ``raw``
+the value the source's window maps to 0 (so the raw volume through an exported
+``--with-preprocessing`` graph gives what training gives).
 """
 
 from __future__ import annotations
@@ -33,11 +35,23 @@ PADDING_RAW = ("the value the source's mapping to [0, 1] takes to 0: a fixed win
                "minimum; 0 where the mapping is chosen per slice")
 
 
-def sample_key(source: Any, ref: Any) -> str:
-    """A sample's id as reports show it: relative to the data root, or the source's own id; the
-    bytes of a file name that is not UTF-8 written as ``\\xNN`` (an archive entry's name must be text)."""
-    from sslkit.embed import sample_id
+#: what ``__meta__["samples_named_by"]`` says for each ``ids``
+NAMED_BY = {"key": "file: and a keyed hash of the path below the data root, as data_report.json names files "
+                   "('sslkit data inspect DATA' prints unusable files' paths with their keys); #frame for a frame "
+                   "or slice; a volume of a series: series: and a keyed hash",
+            "path": "the path below the data root (folder and file names can carry patient names); #frame for a "
+                    "frame or slice; a volume of a series: series: and a keyed hash"}
 
+
+def sample_key(source: Any, ref: Any, ids: str = "key") -> str:
+    """A sample's id as outputs name it: by default (``ids="key"``) :func:`sslkit.embed.keyed_id`; ``ids="path"``:
+    relative to the data root, or the source's own id, the bytes of a file name that is not UTF-8 written as
+    ``\\xNN`` (an archive entry's name must be text)."""
+    from sslkit.embed import check_ids, keyed_id, sample_id
+
+    check_ids(ids)
+    if ids == "key":
+        return keyed_id(source, ref)
     if (key := sample_id(source, ref)) != ref.id:
         return key
     rel = source.relative(ref.path)
@@ -46,8 +60,11 @@ def sample_key(source: Any, ref: Any) -> str:
 
 
 def dump(src: str, out: str | Path, options: dict[str, Any] | None = None, raw: bool = False,
-         limit: int | None = None, overwrite: bool = False) -> dict[str, Any]:
+         limit: int | None = None, overwrite: bool = False, ids: str = "key") -> dict[str, Any]:
     """Decode up to ``limit`` samples of ``src`` and save them to ``out`` (see the module docstring)."""
+    from sslkit.embed import check_ids
+
+    check_ids(ids)
     out = Path(out)
     check_output(out, overwrite, ".npz")
     source = create_source(src, **(options or {}))
@@ -63,7 +80,7 @@ def dump(src: str, out: str | Path, options: dict[str, Any] | None = None, raw: 
     spacing: dict[str, Any] = {}
     reasons: list[tuple[str, str]] = []
     for ref in refs:
-        key = sample_key(source, ref)
+        key = sample_key(source, ref, ids)
         try:
             arrays[key] = np.asarray(source.load_raw(ref) if raw else source.load(ref), dtype=np.float32)
         except Exception as exc:
@@ -85,6 +102,7 @@ def dump(src: str, out: str | Path, options: dict[str, Any] | None = None, raw: 
         "spacing_order": "[dz, dy, dx] for volumes, [dy, dx] for images; null where the source does not know",
         "preprocessing": source.describe(),
         "skipped": skipped,
+        "samples_named_by": NAMED_BY[ids],
     }
     if volumetric:
         meta["padding"] = PADDING_RAW if raw else "0 (in [0, 1], after the window)"

@@ -5,10 +5,12 @@ it (resized to ``image_size``; a volume as its three orthogonal mid-planes, axia
 coronal, sagittal), then two augmented views of it (2D: a named recipe of
 :mod:`sslkit.views`, default ``simclr``; volumes: :func:`sslkit.augment3d.pair_volume_recipes`).
 The caption states the source, sample mode, window and spacing. Slabs show their centre
-slice. Row labels are sample ids relative to the data root (DICOM volumes: salted series keys), every
+slice. Row labels are sample paths relative to the data root (DICOM volumes: keyed series keys), every
 folder name below the first level, and one that names or alone holds a patient, replaced (as ``eval tsne
---color-by folder`` does, whatever the name's encoding), a long one shortened to its first folder, ``…``
-and its file name.
+--color-by folder`` does, whatever the name's encoding), and the file name replaced by its keyed file key
+(``file:`` and 12 hex digits, ``#frame`` for a frame or slice: :func:`sslkit.embed.keyed_id`, as
+``data_report.json`` names files; ``ids="path"``: the file name, which can carry a patient's name), a long
+one shortened to its first folder, ``…`` and its last part.
 """
 
 from __future__ import annotations
@@ -70,9 +72,13 @@ def views_of(batch: torch.Tensor, volumetric: bool, size: Any, recipe_name: str)
 
 def preview(src: str, out: str | Path, options: dict[str, Any] | None = None, samples: int = 6,
             image_size: int = 224, recipe_name: str = "simclr", seed: int = 0,
-            overwrite: bool = False) -> dict[str, Any]:
+            overwrite: bool = False, ids: str = "key") -> dict[str, Any]:
     """Draw the sheet (see the module docstring) to ``out`` (PNG); returns what was drawn."""
     import matplotlib
+
+    from sslkit.embed import check_ids
+
+    check_ids(ids)
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -105,7 +111,7 @@ def preview(src: str, out: str | Path, options: dict[str, Any] | None = None, sa
     views = [v.numpy() for v in views_of(batch, mode.volumetric, mode.size if mode.volumetric else image_size,
                                          recipe_name)]
     per = 3 if mode.volumetric else 1
-    labels = row_labels(source, refs, picked)
+    labels = row_labels(source, refs, picked, ids)
     fig, axes = plt.subplots(len(arrays), 3 * per, figsize=(2.2 * 3 * per, 2.3 * len(arrays)), squeeze=False)
     titles = ["decoded", "view 1", "view 2"]
     for i, ref in enumerate(picked):
@@ -135,20 +141,22 @@ def spread(n: int, samples: int) -> list[int]:
     return [int(i) for i in np.unique(np.linspace(0, n - 1, min(samples, n)).round())]
 
 
-def row_labels(source: Any, refs: list, picked: list) -> list[str]:
-    """Each picked sample's key with the folder names ``eval tsne --color-by folder`` hides (every one below
-    the first level, and any that names or alone holds a patient: :func:`sslkit.eval.tsne.folder_aliases`)
-    replaced by their aliases, compared as the key writes them (a name that is not UTF-8 with ``\\xNN``
-    escapes); a long one as its first folder, ``…`` and its file name."""
+def row_labels(source: Any, refs: list, picked: list, ids: str = "key") -> list[str]:
+    """Each picked sample's path below the root with the folder names ``eval tsne --color-by folder`` hides
+    (every one below the first level, and any that names or alone holds a patient:
+    :func:`sslkit.eval.tsne.folder_aliases`) replaced by their aliases, compared as the key writes them (a name
+    that is not UTF-8 with ``\\xNN`` escapes), and (``ids="key"``) the file name by the sample's keyed file key
+    (:func:`sslkit.embed.keyed_id`); a long one as its first folder, ``…`` and its last part."""
     from sslkit.eval.tsne import folder_aliases, shorten
 
     alias = {key_text(name): hidden for name, hidden in folder_aliases(source, refs).items()}
     out = []
     for ref in picked:
-        key = sample_key(source, ref)
+        key = sample_key(source, ref, "path")
         parts = list(PurePath(key).parts)
         if key.startswith(key_text(source.relative(ref.path))):  # a path, not a series key
             parts[:-1] = [alias.get(p, p) for p in parts[:-1]]
+            parts[-1] = sample_key(source, ref, ids) if ids == "key" else parts[-1]
         label = "/".join(parts)
         if len(label) > LABEL_CHARS and len(parts) > 2:
             label = f"{parts[0]}/…/{parts[-1]}"
