@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import make_images
+from tests.conftest import make_images, one_line_error
 
 ARGS = ["--task", "byol", "--backbone", "timm:test_resnet", "--image-size", "32", "--batch-size", "8",
         "--checkpoint-every", "2", "--seed", "1", "--quiet"]
@@ -137,3 +137,76 @@ def test_a_compiled_runs_wrapper_only_record_resumes_with_one_note(started, tmp_
     assert [line for line in done.output.splitlines() if "augmentation" in line] == [
         "sslkit: note: this run's augmentation was not recorded (a --compile run recorded its wrapper alone); its "
         "remaining steps use today's byol views"]
+
+
+# --augment-opt on --resume is held to the record before any image is decoded
+# (sslkit.views_resume.check_views_before_decoding): the views built from the task and run.json's input spec,
+# without data. The resumes decode without the cache (--no-cache), so one that gets that far calls the folder
+# source's load.
+
+
+@pytest.fixture
+def decoded(monkeypatch) -> list[str]:
+    """The files the folder source decodes from now on (its ``load``, wrapped)."""
+    from sslkit_plugins.sources.folder import FolderSource
+
+    calls: list[str] = []
+    load = FolderSource.load
+
+    def spy(self, ref):
+        calls.append(ref.path)
+        return load(self, ref)
+
+    monkeypatch.setattr(FolderSource, "load", spy)
+    return calls
+
+
+def files_of(run: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(run)): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+
+
+def test_a_changed_augment_opt_is_refused_before_any_decode(started, tmp_path, decoded, cli):
+    run = copy_of(started, tmp_path)
+    before = files_of(run)
+    bad = cli("pretrain", "--resume", run, "--max-steps", "4", "--no-cache", "--augment-opt", "saturation=0.3")
+    line = one_line_error(bad)
+    assert line == ("error: byol's augmentation changed since this run started (saturation 0.2 -> 0.3 in view 1 "
+                    "and 2); to continue it exactly: --augment-opt saturation=0.2")
+    assert decoded == []
+    assert files_of(run) == before
+
+
+def test_a_change_under_a_retuned_default_is_refused_before_any_decode(started, tmp_path, decoded, cli):
+    run = copy_of(started, tmp_path)
+    """A run recorded before a recipe default changed (saturation 0.4 then): another value than the recorded
+    one is refused before decoding, naming the flag that continues it; that flag resumes it."""
+    info = json.loads((run / "run.json").read_text())
+    for recipe in info["views"]["."]["recipes"]:
+        recipe["saturation"] = 0.4
+    (run / "run.json").write_text(json.dumps(info))
+    bad = cli("pretrain", "--resume", run, "--max-steps", "4", "--no-cache", "--augment-opt", "saturation=0.3")
+    assert one_line_error(bad, "saturation 0.4 -> 0.3 in view 1 and 2", "--augment-opt saturation=0.4")
+    assert decoded == []
+    ok = cli("pretrain", "--resume", run, "--max-steps", "4", "--no-cache", "--augment-opt", "saturation=0.4")
+    assert ok.exit_code == 0, ok.output
+    assert len(decoded) == 16
+
+
+def test_the_recorded_value_is_taken_and_decodes(started, tmp_path, decoded, cli):
+    run = copy_of(started, tmp_path)
+    ok = cli("pretrain", "--resume", run, "--max-steps", "4", "--no-cache", "--augment-opt", "saturation=0.2")
+    assert ok.exit_code == 0, ok.output
+    assert "trained 2 of them (from step 2)" in ok.output
+    assert len(decoded) == 16  # every image: the spy sees the decoding the refusals above never reach
+    recipes = json.loads((run / "run.json").read_text())["views"]["."]["recipes"]
+    assert [r["saturation"] for r in recipes] == [0.2, 0.2]
+
+
+def test_an_unknown_field_is_one_line_before_any_decode(started, tmp_path, decoded, cli):
+    run = copy_of(started, tmp_path)
+    before = files_of(run)
+    bad = cli("pretrain", "--resume", run, "--max-steps", "4", "--no-cache", "--augment-opt", "saturaton=0.3")
+    line = one_line_error(bad, "saturaton", "saturation")
+    assert "Traceback" not in bad.output and line.startswith("error: --augment-opt")
+    assert decoded == []
+    assert files_of(run) == before
