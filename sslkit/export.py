@@ -17,7 +17,7 @@ from typing import Any, Callable
 import numpy as np
 
 from sslkit.errors import UsageError
-from sslkit.output_file import check_output, file_sha256, read_json
+from sslkit.output_file import OutputExists, check_output, file_sha256, published_here, read_json
 from sslkit.raw_input import graph_preprocessing_of, pixel_grid
 from sslkit.registry import get_exporter
 from sslkit.run import ENCODER_FILE, Run, check_not_run_file, load_run
@@ -191,11 +191,27 @@ def export_run(run_dir: str | Path, out: str | Path, fmt: str = "onnx", overwrit
         report = exporter(encoder, run.spec, metadata, out, samples=samples, samples_note=note,
                           log=log or (lambda line: None), **options)
         check_exported(fmt, out, report)
-    except BaseException:  # an exporter that writes in place leaves a half-written file: not one the user had
-        if not existed and (out.is_file() or out.is_symlink()):
-            out.unlink(missing_ok=True)
+    except OutputExists:  # another process (or the user) put it there meanwhile: theirs, kept
+        raise
+    except BaseException:
+        _remove_own(out, existed, fmt)
         raise
     return {"format": fmt, "out": str(out), **report, **chosen}
+
+
+def _remove_own(out: Path, existed: bool, fmt: str) -> None:
+    """After a failed export: remove what this process wrote at ``out``, never a file the user had or another
+    process published meanwhile (a second export to the same name that lost the race, or was interrupted
+    after the first published). sslkit's exporters publish through write_atomic (:func:`published_here` tells
+    their file); a third-party exporter may write ``out`` in place, and a half-written file where none was
+    before is taken for its own."""
+    from sslkit.plugins import get_plugins
+    from sslkit.registry import plugin_of
+
+    info = get_plugins().infos.get(plugin_of("exporters", fmt))
+    in_place = info is None or not info.builtin
+    if published_here(out) or (in_place and not existed and out.is_file()):
+        out.unlink(missing_ok=True)
 
 
 def check_exported(fmt: str, out: Path, report: Any) -> None:

@@ -42,6 +42,8 @@ TMP_NAME = re.compile(r"\.tmp-(\d+)@([0-9a-f]{6})-")
 STALE_TMP_S = 60  # a dead writer's temporary file is removed once it is this old (seconds)
 #: check_output's word on each output it checked (absolute path -> ``overwrite``), taken by write_atomic
 _OVERWRITE: dict[str, bool] = {}
+#: absolute path -> (device, inode) of the file :func:`write_atomic` last published there (:func:`published_here`)
+_PUBLISHED: dict[str, tuple[int, int]] = {}
 
 
 class OutputExists(UsageError):
@@ -210,6 +212,7 @@ def write_atomic(out: Path, write: Callable[[Path], None], suffix: str = "", *, 
             os.chmod(tmp, mode)
             fsync_path(tmp)
             _publish(tmp, out, overwrite)
+            _PUBLISHED[os.path.abspath(out)] = _identity(out)
             fsync_path(out.parent)
         except write_errors() as exc:
             why = getattr(exc, "strerror", None) or first_line(exc)
@@ -221,6 +224,20 @@ def write_atomic(out: Path, write: Callable[[Path], None], suffix: str = "", *, 
 
 #: what ``link()`` says on a file system without hard links (some FUSE, SMB, FAT mounts)
 NO_HARD_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.ENOSYS}
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def published_here(out: Path) -> bool:
+    """Whether ``out`` is still the file this process published there (:func:`write_atomic`), not one another
+    process (or the user) put there since: what a failed command may remove as its own."""
+    return _identity(out) is not None and _PUBLISHED.get(os.path.abspath(out)) == _identity(out)
 
 
 def _publish(tmp: Path, out: Path, overwrite: bool) -> None:

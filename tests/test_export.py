@@ -236,3 +236,28 @@ def test_a_checkpoint_named_as_the_readme_writes_it_is_found(trained, tmp_path):
     assert plain.checkpoint == load_run(Path(run) / "checkpoints" / "step-00000001").checkpoint is not None
     with pytest.raises(UsageError, match=r"checkpoint '.*step-0*7' does not exist; the run has step-00000001$"):
         load_run(Path(run) / "checkpoints" / "step-7")
+
+
+@pytest.mark.parametrize("when", ["publish", "interrupt"])
+def test_an_export_that_loses_a_race_keeps_the_winners_file(trained, tmp_path, monkeypatch, when):
+    """Two exports to one name (the interrupts audit): the second's failure removed the file the first had
+    just published and reported written -- refused as "written meanwhile by another process" (``publish``),
+    or interrupted after the other published (``interrupt``). The file is the winner's, kept byte for byte."""
+    import sslkit.output_file as output_file
+    from sslkit.export import export_run
+    from sslkit.output_file import OutputExists
+
+    out = tmp_path / "enc.safetensors"
+    theirs = b"the other process's finished export"
+    publish = output_file._publish
+
+    def raced(tmp, dest, overwrite):
+        dest.write_bytes(theirs)  # the other export publishes first
+        if when == "interrupt":
+            raise KeyboardInterrupt
+        publish(tmp, dest, overwrite)
+
+    monkeypatch.setattr(output_file, "_publish", raced)
+    with pytest.raises(KeyboardInterrupt if when == "interrupt" else OutputExists):
+        export_run(trained["run"], out, fmt="safetensors", check_data="none")
+    assert out.read_bytes() == theirs
