@@ -220,7 +220,7 @@ def test_readme_install_line_builds_a_complete_package(tmp_path):
     assert modules - names == set(), "pip install . would miss these files"
     (entry_points,) = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
     text = zipfile.ZipFile(wheel).read(entry_points).decode()
-    assert "sslkit = sslkit.cli:main" in text and "onnx = sslkit_plugins.exporters.onnx" in text
+    assert "sslkit = sslkit.__main__:run" in text and "onnx = sslkit_plugins.exporters.onnx" in text
 
 
 # -- 25: `make test` shows which file runs and how far the suite is ---------------------------

@@ -120,3 +120,23 @@ def test_the_sdist_carries_what_the_tests_and_make_need_and_no_run():
                "benchmarks/cifar10.py", "benchmarks/gpu_checks.sh"}
     assert needed - files == set()
     assert [f for f in files if f.startswith(("runs/", ".venv/")) or f.endswith(".pyc") or "/build/" in f] == []
+
+
+def test_a_ctrl_c_while_the_cli_imports_is_one_line():
+    """The interrupts audit: a Ctrl-C in the first ~0.1 s (sslkit.cli and its imports loading, before the
+    command's own handling) was a 22-line KeyboardInterrupt traceback; the console script's entry
+    (sslkit.__main__:run, as pyproject.toml declares) says "aborted" and exits 130 as a later Ctrl-C does."""
+    entry = PYPROJECT["project"]["scripts"]["sslkit"]
+    module, func = entry.split(":")
+    prelude = ("import builtins, sys\n"
+               "real = builtins.__import__\n"
+               "def interrupted(name, *a, **k):\n"
+               "    if name == 'sslkit.cli':\n"
+               "        raise KeyboardInterrupt\n"
+               "    return real(name, *a, **k)\n"
+               "builtins.__import__ = interrupted\n"
+               f"import {module}\n"
+               "sys.argv = ['sslkit', '--help']\n"
+               f"{module}.{func}()\n")
+    proc = subprocess.run([sys.executable, "-c", prelude], capture_output=True, text=True, timeout=120)
+    assert (proc.returncode, proc.stderr, proc.stdout) == (130, "aborted\n", "")
