@@ -264,11 +264,12 @@ class Run:
 
         status = self.info.get("status", "finished")
         if not file.exists() or status != "finished":  # not finished, or resumed since: an earlier session's
-            why = (f"has no {ENCODER_FILE}: pretraining did not finish" if not file.exists() else
+            why = (f"has no {ENCODER_FILE}: pretraining has not finished (still training, or stopped: its "
+                   f"{RUN_JSON} says {status!r})" if not file.exists() else
                    f"is {status!r} in its {RUN_JSON}, so its {ENCODER_FILE} is from an earlier session, not its "
                    "newest weights")
-            raise UsageError(f"run {str(self.path)!r} {why}{newest_hint(self.path / CHECKPOINTS)}"
-                             + (", or let the run finish" if file.exists() else ""))
+            raise UsageError(f"run {str(self.path)!r} {why}{newest_hint(self.path / CHECKPOINTS)}, or let the run "
+                             "finish (--resume a stopped one)")
         check_regular(file)  # a FIFO or /dev/zero: nothing read (file_sha256 checks too; load_file reads it)
         if self.info.get("encoder_sha256") and file_sha256([file]) != self.info["encoder_sha256"]:
             raise UsageError(f"{file}: changed since the run wrote it (its sha256 is not the one run.json "

@@ -51,7 +51,7 @@ def test_export_embed_and_eval_of_a_crashed_run_through_its_checkpoint(run, tmp_
     r = cli("export", crashed, "--out", tmp_path / "x.onnx")
     assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1
     step = crashed / "checkpoints" / "step-00000002"
-    assert "pretraining did not finish" in r.stderr and f"give {str(step)!r}" in r.stderr
+    assert "pretraining has not finished" in r.stderr and f"give {str(step)!r}" in r.stderr
     r = cli("export", step, "--out", tmp_path / "x.onnx", "--check-data", "none")
     assert r.exit_code == 0, r.output
     import onnx
