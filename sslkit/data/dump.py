@@ -47,9 +47,8 @@ def sample_key(source: Any, ref: Any, ids: str = "key") -> str:
     """A sample's id as outputs name it: by default (``ids="key"``) :func:`sslkit.embed.keyed_id`; ``ids="path"``:
     relative to the data root, or the source's own id, the bytes of a file name that is not UTF-8 written as
     ``\\xNN`` (an archive entry's name must be text)."""
-    from sslkit.embed import check_ids, keyed_id, sample_id
+    from sslkit.embed import keyed_id, sample_id
 
-    check_ids(ids)
     if ids == "key":
         return keyed_id(source, ref)
     if (key := sample_id(source, ref)) != ref.id:
