@@ -23,6 +23,7 @@ from pydicom.uid import (DeflatedExplicitVRLittleEndian, JPEGBaseline8Bit, JPEGL
                          generate_uid)
 
 from sslkit.api import Undecodable
+from sslkit.plugins import get_plugins
 from sslkit.pseudonym import file_key
 from sslkit.registry import create_source
 from sslkit_plugins.sources import dicom_decode
@@ -199,6 +200,7 @@ def test_deflated_data_set_is_inflated_within_a_limit(tmp_path, monkeypatch):
     bomb = _deflated(tmp_path / "data" / "bomb.dcm", private=3_000_000)
     assert bomb.stat().st_size < 16384
     expected = pydicom.dcmread(good)
+    get_plugins()  # loaded before the spy: an import can call zlib.decompress (a zipped package)
     calls = []
     real = zlib.decompress
     monkeypatch.setattr(zlib, "decompress", lambda *a, **k: calls.append(len(a[0])) or real(*a, **k))
@@ -215,3 +217,19 @@ def test_deflated_data_set_is_inflated_within_a_limit(tmp_path, monkeypatch):
     out = src.load(refs[0])
     assert out.shape == (1, 32, 32) and float(out.min()) == 0.0 and float(out.max()) == 1.0
     assert calls == []
+
+
+def test_a_header_reread_for_a_skip_reason_is_inflated_within_the_limit(tmp_path, monkeypatch):
+    """A decode failure re-reads the file's header to drop its identifying values from the reason
+    (dicom_reasons.header_of): that read must be the source's own, bounded one, not a plain dcmread that
+    inflates a deflated data set whole (a file replaced by a bomb between indexing and decoding)."""
+    from sslkit_plugins.sources import dicom_limits
+    from sslkit_plugins.sources.dicom_reasons import header_of
+
+    monkeypatch.setattr(dicom_limits, "DEFLATE_LIMIT", 100_000)
+    bomb = _deflated(tmp_path / "bomb.dcm", private=3_000_000)
+    calls = []
+    real = zlib.decompress
+    monkeypatch.setattr(zlib, "decompress", lambda *a, **k: calls.append(len(a[0])) or real(*a, **k))
+    assert header_of(str(bomb)) is None and calls == []
+    assert header_of(str(_deflated(tmp_path / "good.dcm"))).PatientID == "P1"

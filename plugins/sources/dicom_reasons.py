@@ -72,8 +72,10 @@ def identifying_words(ds: Any) -> tuple[set[str], set[str]]:
 def header_of(path: str) -> Any:
     """The data set of ``path`` without pixels, for :func:`safe_reason` where an error left none at hand;
     None where it cannot be read."""
-    try:
-        return pydicom.dcmread(path, stop_before_pixels=True, force=True)
+    from sslkit_plugins.sources.dicom_decode import read_dataset  # it imports this module
+
+    try:  # read as the source reads it: a deflated data set inflated within its limit
+        return read_dataset(path, stop_before_pixels=True)
     except Exception:
         return None
 
