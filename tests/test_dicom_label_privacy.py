@@ -151,3 +151,17 @@ def test_reasons_of_the_source_drop_header_values(tmp_path, monkeypatch):
     with pytest.raises(Undecodable) as err:
         source.load(ref)
     assert "ZQX" not in str(err.value) and str(err.value).endswith("Invalid value … / … for PN"), str(err.value)
+
+
+def test_a_test_class_of_one_patient_is_refused_with_the_way_out(cli, run, tmp_path):
+    """--train/--test: a class holding one patient in the test root alone is aliased there, so it is not one of
+    the training classes: the one-line refusal says why and what to give (--labels), not only the names."""
+    train = tree(tmp_path / "train", {"a": ["p1", "p2"], "b": ["p3", "p4"]})
+    test = tree(tmp_path / "test", {"a": ["p5"], "b": ["p6", "p7"]}, seed=1)
+    result = cli("eval", "knn", run, "--train", f"dicom:{train}", "--test", f"dicom:{test}", "--no-baseline",
+                 "--quiet")
+    assert result.exit_code == 2, result.output
+    assert result.stderr.strip().splitlines() == [
+        "error: test classes 'folder 1 (one patient)' do not occur in the training set (training classes: a, b); "
+        "a class folder holding one patient is named by an alias, not its name (which may be the patient's): "
+        "give the classes with --labels FILE.csv"]

@@ -151,6 +151,10 @@ def select_labelled(x: np.ndarray, labels: Sequence[str | None], what: str, data
     return Labelled(x[keep], [labels[i] for i in keep], len(labels) - len(keep), [ids[i] for i in keep] if ids else [])
 
 
+#: how a source's alias of a class folder holding one patient ends (``folder K (one patient)``)
+ONE_PATIENT_SUFFIX = "(one patient)"
+
+
 def class_index(train: Sequence[str], test: Sequence[str], positive: str | None) -> tuple[list[str], int | None]:
     """Sorted class names of the training set and the index of the positive class (two classes).
 
@@ -162,8 +166,11 @@ def class_index(train: Sequence[str], test: Sequence[str], positive: str | None)
         raise UsageError(f"the training set has a single class ({classes[0]!r}); a probe needs at least two")
     unseen = sorted(set(test) - set(classes))
     if unseen:
+        aliased = any(name.endswith(ONE_PATIENT_SUFFIX) for name in unseen)
         raise UsageError(f"test classes {', '.join(map(repr, unseen))} do not occur in the training set "
-                         f"(training classes: {', '.join(classes)})")
+                         f"(training classes: {', '.join(classes)})"
+                         + ("; a class folder holding one patient is named by an alias, not its name (which may "
+                            "be the patient's): give the classes with --labels FILE.csv" if aliased else ""))
     if positive is not None and positive not in classes:
         raise UsageError("--positive: " + unknown_name_message("class", positive, classes))
     if len(classes) != 2:
