@@ -54,11 +54,11 @@ def check_views_before_decoding(cfg: Any, info: dict[str, Any]) -> None:
     an ``--augment-opt`` changing the recorded views is refused before the data is decoded. Without a usable
     spec, or where the model cannot be built (the run's own checks say why, in their words), nothing here:
     the views check after decoding stays."""
+    import dataclasses
+
     import torch
 
-    from sslkit.engine.model_setup import views_on_device, with_backbone
-    from sslkit.registry import create_task
-    from sslkit.sample_modes import build_backbone
+    from sslkit.engine.model_setup import create_model, views_on_device, with_backbone
     from sslkit.spec import InputSpec
 
     try:
@@ -67,10 +67,8 @@ def check_views_before_decoding(cfg: Any, info: dict[str, Any]) -> None:
         return
     cfg = with_backbone(cfg)
     with torch.random.fork_rng(devices=[]):  # the run's own model must not depend on this one
-        try:
-            backbone = build_backbone(cfg.backbone, spec.channels, cfg.image_size, spec.volume_size,
-                                      **cfg.backbone_options)
-            task = create_task(cfg.task, backbone, spec, **cfg.task_options)
+        try:  # the run's own model builder, without its --init weights (the views do not depend on them)
+            _, task = create_model(dataclasses.replace(cfg, init=None), cfg.backbone, spec)
         except UsageError:
             return
         augment = views_on_device(cfg, task, spec, torch.device("cpu"))  # a bad --augment-opt: its one line
