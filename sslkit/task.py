@@ -154,6 +154,18 @@ class Task(nn.Module):
         Building the task again with them must give the same values. Default: ``{}``."""
         return {}
 
+    @classmethod
+    def planned_options(cls, total_steps: int) -> dict[str, Any]:
+        """Values for options left at their ``None`` default that depend on how long the run is:
+        ``total_steps``, the optimizer steps it plans (its LR schedule's horizon, known once the data
+        is). The engine fills them in before it builds the task (a value the user gave stands) and
+        records them in ``run.json``, so ``--resume`` keeps them whatever horizon the resumed run
+        has. A task built without a planned run (a probe before the data is read, code that builds it
+        directly) resolves those options itself in ``__init__`` and reports them in
+        ``resolved_options``. Default: ``{}``. The built-in ``byol``: gentle crops and a slow target
+        up to 1,000 steps, the paper's beyond (measured)."""
+        return {}
+
     def on_step_end(self, step: int, total_steps: int) -> None:
         """Called by the engine after every optimizer step (1-based ``step``). ``forward`` runs once per
         micro-batch before it (``--accumulate K``: K times); what it hands over (keys to enqueue, a batch

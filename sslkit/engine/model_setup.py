@@ -241,6 +241,14 @@ def create_model(cfg: RunConfig, backbone_name: str, spec: InputSpec,
     return backbone, task
 
 
+def with_planned_task_options(cfg: RunConfig, total_steps: int) -> RunConfig:
+    """``cfg`` with the values the task gives options left at ``None`` for a run of ``total_steps``
+    optimizer steps (``Task.planned_options``); building the task checks them as it checks ``--task-opt``."""
+    planned = get_task(cfg.task).planned_options(total_steps)
+    fill = {k: v for k, v in planned.items() if cfg.task_options.get(k) is None}
+    return dataclasses.replace(cfg, task_options={**cfg.task_options, **fill}) if fill else cfg
+
+
 def with_resolved_task_options(cfg: RunConfig, task: torch.nn.Module) -> RunConfig:
     """``cfg`` with the values the task chose for options left at ``None`` (``Task.resolved_options``),
     so ``run.json`` records what the run trained with and ``--resume`` rebuilds the same task."""

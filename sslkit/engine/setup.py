@@ -3,8 +3,9 @@
 :func:`build` does, in this order (the order fixes the RNG draws, so it is part of the
 exactness contract): determinism flags and the seed, the memory one sample needs and the
 task/backbone pairing check (before building or decoding anything), DDP-aware data
-loading, the input spec, backbone and task (SyncBN, augmentation, channels-last), the
-batch loader, the LR schedule, optimizer, AMP scaler, DDP wrapper, ``torch.compile``,
+loading, the input spec, the batch loader and the LR schedule (which draw no random numbers;
+the task's options planned for the schedule's horizon), backbone and task (SyncBN,
+augmentation, channels-last), optimizer, AMP scaler, DDP wrapper, ``torch.compile``,
 and the ``run.json`` record. Nothing here writes the run directory. The model's parts
 are built in :mod:`.model_setup`, the data's (loading, the batch loader, the LR schedule)
 in :mod:`.data_setup`.
@@ -37,7 +38,8 @@ from sslkit.engine.data_setup import batches_and_schedule, check_same_data, load
 from sslkit.engine.log import note
 from sslkit.engine.model_setup import (check_batch, check_channels_last, check_pairing, check_sample_memory,
                                        continued_scales, create_model, views_on_device, with_backbone, with_init_flags,
-                                       with_resolved_task_options, with_task_embedding)
+                                       with_planned_task_options, with_resolved_task_options,
+                                       with_task_embedding)
 from sslkit.engine.schedules import Schedule
 from sslkit.errors import UsageError
 from sslkit.init.resume import resumed_init
@@ -158,9 +160,10 @@ def build(cfg: RunConfig, device: torch.device) -> Setup:
     check_same_data(data)  # under DDP: one file skipped on one process alone is one line, not a hung collective
     release_freed()  # the decoding pass's freed buffers, which the tuned allocator keeps (sslkit.host_malloc)
     spec = _input_spec(cfg, data)
+    loader, steps_per_epoch, step_images, schedule = batches_and_schedule(cfg, data, rank, world)
+    cfg = with_planned_task_options(cfg, schedule.total)  # draws no random numbers: the model's init is unchanged
     cfg, backbone, task, augment, channels_last = _model_on_device(cfg, backbone_name, spec, resumed, device, rank,
                                                                    world)
-    loader, steps_per_epoch, step_images, schedule = batches_and_schedule(cfg, data, rank, world)
     check_batch(cfg, task, loader.batch_size, len(data.prepared))  # fewer images than the batch: a smaller one
     if rank == 0 and (line := task.data_note(len(data.prepared))):  # every task is a Task (plugins check it)
         print(f"sslkit: note: task {cfg.task!r}: {line}", file=sys.stderr)

@@ -47,7 +47,9 @@ def check_task(task: Any, *, tmp_path: Path, backbone: str | None = None, backbo
     encoder maps ``(2, C, S, S) -> (2, D)``. Also: the class defines ``views`` and ``forward``; the loss
     of one forward depends on some ``self.encoder`` parameter (is in its autograd graph: a loss that
     ignores the encoder trains nothing; a gradient that is zero at the first step, as behind a
-    zero-initialised head, is fine); ``views(spec)`` has ``override``; with ``export``, ``sslkit export``
+    zero-initialised head, is fine); ``views(spec)`` has ``override``; ``resolved_options()`` and
+    ``planned_options`` (of a 1-step and a 10**6-step run) name options with values it builds with;
+    with ``export``, ``sslkit export``
     writes a verified ONNX file of the encoder (once per distinct architecture in this process); with
     ``resume``, a copy of the first run cut back to its step-1 checkpoint (as a crash leaves it) resumed
     with ``sslkit pretrain --resume`` logs the same losses, bit for bit. A class that is not registered
@@ -180,6 +182,7 @@ def _check_views(cls: type, backbone: str, backbone_options: dict, options: dict
         f"{cls.__name__}.views(spec) has no override(**fields) for --augment-opt (return an sslkit.api.MultiView)"
     assert callable(views.override()), f"{cls.__name__}.views(spec).override() must return the views callable"
     _check_resolved(cls, task, net, options, spec)
+    _check_planned(cls, net, options, spec)
     return task, views, spec
 
 
@@ -224,6 +227,23 @@ def _check_resolved(cls: type, task: Any, net: Any, options: dict, spec: Any) ->
         again = cls(net, build_options(cls.Options, {**options, **resolved}, cls.__name__), spec).resolved_options()
         assert again == resolved, (f"{cls.__name__} built with its resolved options resolves {again}, "
                                    f"not {resolved}: --resume would rebuild another task")
+
+
+def _check_planned(cls: type, net: Any, options: dict, spec: Any) -> None:
+    """``planned_options(total_steps)`` names options of the task, each with a value, for a short and a
+    long run, and the task builds with them (what ``sslkit pretrain`` does once it knows the horizon)."""
+    from sslkit.options import build_options, option_names
+
+    for total in (1, 10**6):
+        planned = cls.planned_options(total)
+        assert isinstance(planned, dict), f"{cls.__name__}.planned_options({total}) must return a dict"
+        unknown = sorted(set(planned) - option_names(cls.Options)) if planned else []
+        assert not unknown, (f"{cls.__name__}.planned_options({total}) names {unknown}, which are not options "
+                             f"of the task")
+        missing = sorted(k for k, v in planned.items() if v is None)
+        assert not missing, f"{cls.__name__}.planned_options({total}) leaves {missing} at None: give the value planned"
+        if planned:
+            cls(net, build_options(cls.Options, {**planned, **options}, cls.__name__), spec)
 
 
 def _check_default_backbone(cls: type, options: dict, image_size: int) -> None:
