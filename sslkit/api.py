@@ -25,7 +25,7 @@ from sslkit.data.unit_range import box_reduce, unit_floats
 from sslkit.data.walk import IMAGE_SUFFIXES, check_dir, first_files, walk_files
 from sslkit.errors import CheckFailed, UsageError, first_line, unknown_name_message, without_quoted
 from sslkit.hookspecs import hookimpl
-from sslkit.options import check_unit_interval
+from sslkit.options import check_unit_interval, fill_unset
 from sslkit.output_file import read_json, write_atomic
 from sslkit.progress import human_bytes
 from sslkit.pseudonym import file_key, keyed_hash
@@ -89,7 +89,8 @@ or changes meaning (see the module docstring and docs/plugins.md)."""
 __all__ = [
     "API_VERSION", "hookimpl",
     # tasks
-    "Task", "Views", "ProjectedPairTask", "reconstruction_views", "check_unit_interval", "hog_tokens",
+    "Task", "Views", "ProjectedPairTask", "reconstruction_views", "check_unit_interval", "fill_unset",
+    "hog_tokens",
     "hog_token_size",
     # augmentation
     "ViewRecipe", "MultiView", "Normalize", "recipe", "byol_recipes", "override_recipe", "rotate", "rotate90",

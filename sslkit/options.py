@@ -27,6 +27,13 @@ def check_unit_interval(name: str, value: float) -> None:
         raise ValueError(f"{name} must be in (0, 1]")
 
 
+def fill_unset(options: Any, values: dict[str, Any]) -> Any:
+    """For a task's ``__init__``: ``options`` (an Options dataclass) with ``values`` in the fields left at None."""
+    import dataclasses
+
+    return dataclasses.replace(options, **{k: v for k, v in values.items() if getattr(options, k) is None})
+
+
 def parse_values(values: dict[str, str]) -> dict[str, Any]:
     """Untyped options (backbone keyword arguments): ints, floats and booleans recognised."""
     out: dict[str, Any] = {}

@@ -30,24 +30,35 @@ def _recorded(run: Path) -> tuple[dict, list]:
     return info["config"]["task_options"], [r["scale"] for r in info["views"]["."]["recipes"]]
 
 
-def test_byol_plans_its_crops_and_target_from_the_runs_length():
-    from sslkit_plugins.tasks.byol import BYOL, SHORT_RUN_STEPS
+#: (task, short-run values, long-run values, the crop scale of its two views in a long run)
+PLANS = [("byol", {"tau_base": 0.999, "min_scale": 0.8}, {"tau_base": 0.996, "min_scale": 0.08}, (0.08, 1.0)),
+         ("dino", {"momentum": 0.999, "global_scale_min": 0.8}, {"momentum": 0.996, "global_scale_min": 0.4},
+          (0.4, 1.0))]
 
-    assert BYOL.planned_options(SHORT_RUN_STEPS) == {"tau_base": 0.999, "min_scale": 0.8}
-    assert BYOL.planned_options(SHORT_RUN_STEPS + 1) == {"tau_base": 0.996, "min_scale": 0.08}
+
+@pytest.mark.parametrize("name,short,long,scale", PLANS)
+def test_byol_and_dino_plan_their_crops_and_target_from_the_runs_length(name, short, long, scale):
+    import importlib
+
+    module = importlib.import_module(f"sslkit_plugins.tasks.{name}")
+    cls = {"byol": "BYOL", "dino": "DINO"}[name]
+    assert getattr(module, cls).planned_options(module.SHORT_RUN_STEPS) == short
+    assert getattr(module, cls).planned_options(module.SHORT_RUN_STEPS + 1) == long
 
 
-def test_a_byol_built_outside_a_run_takes_the_papers_values():
+@pytest.mark.parametrize("name,short,long,scale", PLANS)
+def test_a_task_built_outside_a_run_takes_the_long_runs_values(name, short, long, scale):
     import timm
 
     from sslkit.api import InputSpec
+    from sslkit.registry import get_task
     from sslkit.options import build_options
-    from sslkit_plugins.tasks.byol import BYOL
 
+    cls = get_task(name)
     net = timm.create_model("test_resnet", num_classes=0, in_chans=1)
-    task = BYOL(net, build_options(BYOL.Options, {}, "byol"), InputSpec(1, 32, (0.5,), (0.25,)))
-    assert task.resolved_options() == {"tau_base": 0.996, "min_scale": 0.08}
-    assert [r.scale for r in task.views(task.spec).recipes] == [(0.08, 1.0)] * 2
+    task = cls(net, build_options(cls.Options, {}, name), InputSpec(1, 32, (0.5,), (0.25,)))
+    assert {k: task.resolved_options()[k] for k in long} == long
+    assert [r.scale for r in task.views(task.spec).recipes[:2]] == [scale] * 2
 
 
 def test_a_short_run_records_the_planned_values_and_a_users_value_stands(images, tmp_path, cli):
@@ -61,6 +72,14 @@ def test_a_short_run_records_the_planned_values_and_a_users_value_stands(images,
     assert result.exit_code == 0, result.output
     options, scales = _recorded(tmp_path / "mine")
     assert (options["tau_base"], options["min_scale"], scales) == (0.99, 0.8, [[0.8, 1.0]] * 2)
+
+
+def test_a_short_dino_run_records_its_gentle_crops_and_slow_teacher(images, tmp_path, cli):
+    result = cli("pretrain", "--data", images, "--out", tmp_path / "dino", "--max-steps", "2", *TINY[2:], "--task",
+                 "dino", "--task-opt", "out_dim=64")
+    assert result.exit_code == 0, result.output
+    options, scales = _recorded(tmp_path / "dino")
+    assert (options["momentum"], options["global_scale_min"], scales[:2]) == (0.999, 0.8, [[0.8, 1.0]] * 2)
 
 
 def test_the_horizon_decides_and_a_resume_keeps_what_its_run_planned(images, tmp_path, cli, monkeypatch):

@@ -27,13 +27,13 @@ methods learn most from, and a slow target is a known cost of long runs.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from sslkit.api import (MultiView, Task, VolumeViews, byol_recipes, check_unit_interval, cosine_momentum, ema_update,
-    frozen_copy, hookimpl, mlp, pair_volume_recipes)
+    fill_unset, frozen_copy, hookimpl, mlp, pair_volume_recipes)
 
 
 def byol_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -81,7 +81,7 @@ class BYOL(Task):
 
     def __init__(self, backbone, options: BYOLOptions, spec) -> None:
         # built outside a planned run (no horizon known): the paper's values
-        options = replace(options, **{k: v for k, v in LONG_RUN.items() if getattr(options, k) is None})
+        options = fill_unset(options, LONG_RUN)
         super().__init__(backbone, options, spec)
         o = options
         self.projector = mlp(backbone.num_features, o.proj_hidden_dim, o.proj_dim)

@@ -2,7 +2,7 @@
 
 A student (backbone + DINO head, :class:`sslkit.heads.DINOHead`) and a teacher (the EMA
 of the student) see multi-crop views: 2 global crops (all of the image size, scale
-0.4-1) and ``local_crops`` small crops (scale 0.05-0.4, side ``image_size * 96/224``;
+``global_scale_min``-1) and ``local_crops`` small crops (scale 0.05-0.4, side ``image_size * 96/224``;
 by default 8 from 96 px and none below, see ``default_local_crops``).
 The teacher sees only the global crops. With ``P_t = softmax((g_t(x) - c) / tau_t)``
 (centred, sharpened teacher) and ``P_s = softmax(g_s(x') / tau_s)`` (paper Eq. 1-3)::
@@ -10,7 +10,7 @@ The teacher sees only the global crops. With ``P_t = softmax((g_t(x) - c) / tau_
     L = 1 / |pairs| * sum_{x in globals} sum_{x' in all views, x' != x} -P_t(x) . log P_s(x')
 
 After every step: teacher ``theta_t <- m theta_t + (1 - m) theta_s`` (``m`` cosine from
-0.996 to 1) and centre ``c <- 0.9 c + 0.1 * mean_batch g_t(x)`` (over the global batch).
+``momentum`` to 1) and centre ``c <- 0.9 c + 0.1 * mean_batch g_t(x)`` (over the global batch).
 The teacher temperature warms up linearly from ``warmup_teacher_temp`` to
 ``teacher_temp`` over the first ``teacher_temp_warmup`` fraction of training.
 
@@ -18,6 +18,10 @@ Defaults (paper): tau_s 0.1, tau_t 0.04 -> 0.07 (warm-up 30% of training), centr
 0.9, head 2048 hidden, 256 bottleneck, ``out_dim`` 4096 (paper: 65536); measured instead:
 no local crops below 96 px and ``base_lr`` 3e-3 (BENCHMARKS.md, "DINO without local crops
 below 96 px").
+A run of at most ``SHORT_RUN_STEPS`` planned optimizer steps starts with gentle global crops
+(0.8-1 of the area) and a slow teacher (momentum 0.999), as ``byol`` does (:meth:`DINO.planned_options`);
+longer runs take the paper's momentum 0.996 and the measured 0.4-1 crops (BENCHMARKS.md "byol's and
+dino's defaults follow the run's length").
 The centre, the current teacher temperature and the teacher live in the task's state
 dict (checkpointed). A backbone built for one input size (a timm ViT) cannot take local
 crops: from 96 px, where they are on by default, use ``--task-opt local_crops=0`` or a CNN.
@@ -32,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from sslkit.api import (DINOHead, MultiView, Task, UsageError, ViewRecipe, all_reduce_sum,
-    cosine_momentum, ema_update, frozen_copy, hookimpl)
+    cosine_momentum, ema_update, fill_unset, frozen_copy, hookimpl)
 
 
 def dino_loss(teacher_out: torch.Tensor, student_out: list[torch.Tensor], center: torch.Tensor,
@@ -51,6 +55,13 @@ def dino_loss(teacher_out: torch.Tensor, student_out: list[torch.Tensor], center
     return cross.masked_fill(same, 0).sum() / ((n_t * n_s - min(n_t, n_s)) * t.shape[1])
 
 
+#: Runs planned for at most this many optimizer steps take ``SHORT_RUN``'s values of the options left at None
+#: (gentle global crops, a slow teacher), longer ones ``LONG_RUN``'s (module docstring).
+SHORT_RUN_STEPS = 1000
+SHORT_RUN = {"momentum": 0.999, "global_scale_min": 0.8}
+LONG_RUN = {"momentum": 0.996, "global_scale_min": 0.4}
+
+
 @dataclass
 class DINOOptions:
     out_dim: int = 4096  # number of prototypes: output size of the DINO head (paper: 65536)
@@ -61,14 +72,14 @@ class DINOOptions:
     # DINO's code suggests 0.14 without local crops; measured there (32 px, 2 CPU-min, CIFAR-10 kNN gain over a live
     # random ResNet-18, two seeds, SE 0.8): 0.14 -0.6 / +1.9, 0.08 -0.8 / +1.4, 0.4 -0.1 / +2.2 (BENCHMARKS.md
     # "Recipes again, thirty-eighth session"): 0.4 kept
-    global_scale_min: float = 0.4  # smallest area fraction of the 2 global crops (scale global_scale_min-1)
+    global_scale_min: float | None = None  # smallest area of the 2 global crops; None: 0.8 to 1,000 steps, else 0.4
     local_scale_max: float = 0.4  # largest area fraction of the local crops (scale 0.05 to this), <= global_scale_min
     student_temp: float = 0.1  # softmax temperature of the student's outputs, > 0 (paper: 0.1)
     teacher_temp: float = 0.07  # teacher's softmax temperature after the warm-up, > 0 (paper: 0.07)
     warmup_teacher_temp: float = 0.04  # teacher temperature at step 0, raised linearly to teacher_temp (paper: 0.04)
     teacher_temp_warmup: float = 0.3  # fraction of the run the teacher temperature warms up over, in [0, 1]; 0: none
     center_momentum: float = 0.9  # EMA momentum of the centre taken off the teacher's outputs, in [0, 1) (paper: 0.9)
-    momentum: float = 0.996  # teacher's EMA momentum at step 0, raised to 1 on a cosine schedule, in [0, 1]
+    momentum: float | None = None  # teacher EMA momentum at step 0 (cosine to 1); None 0.999 to 1,000 steps, else 0.996
 
     def __post_init__(self) -> None:
         if min(self.out_dim, self.hidden_dim, self.bottleneck_dim) < 1:
@@ -77,7 +88,7 @@ class DINOOptions:
             raise ValueError("local_crops must be >= 0")
         if self.local_size is not None and self.local_size < 8:
             raise ValueError("local_size must be >= 8 pixels")
-        if not (0 < self.local_scale_max <= 1 and 0 < self.global_scale_min <= 1):
+        if not (0 < self.local_scale_max <= 1 and (self.global_scale_min is None or 0 < self.global_scale_min <= 1)):
             raise ValueError("local_scale_max and global_scale_min are area fractions in (0, 1]")
         temps = (self.student_temp, self.teacher_temp, self.warmup_teacher_temp)
         if not all(math.isfinite(t) and t > 0 for t in temps):
@@ -85,7 +96,7 @@ class DINOOptions:
                              f"got {', '.join(map(str, temps))}")
         if not 0 <= self.teacher_temp_warmup <= 1:
             raise ValueError("teacher_temp_warmup is a fraction of the run, in [0, 1]")
-        if not 0 <= self.center_momentum < 1 or not 0 <= self.momentum <= 1:
+        if not 0 <= self.center_momentum < 1 or (self.momentum is not None and not 0 <= self.momentum <= 1):
             raise ValueError("center_momentum must be in [0, 1) and momentum in [0, 1]")
 
 
@@ -113,7 +124,12 @@ class DINO(Task):
     engine_defaults = {"base_lr": 3e-3}
     default_backbone = "timm:resnet18"
 
+    @classmethod
+    def planned_options(cls, total_steps: int) -> dict:
+        return dict(SHORT_RUN if total_steps <= SHORT_RUN_STEPS else LONG_RUN)
+
     def __init__(self, backbone, options: DINOOptions, spec) -> None:
+        options = fill_unset(options, LONG_RUN)  # built outside a planned run (no horizon known): the paper's
         super().__init__(backbone, options, spec)
         o = options
         self.local_size = o.local_size or max(8, int(round(spec.image_size * 96 / 224 / 2)) * 2)
@@ -138,7 +154,8 @@ class DINO(Task):
         self._center_count = 0
 
     def resolved_options(self):
-        return {"local_crops": self.local_crops, "local_size": self.local_size}
+        return {"local_crops": self.local_crops, "local_size": self.local_size,
+                **{k: getattr(self.options, k) for k in LONG_RUN}}
 
     def head_state(self):
         """``--init RUN_DIR``: the earlier run's heads, not the teacher temperature, a schedule this run starts over."""
