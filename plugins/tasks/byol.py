@@ -18,11 +18,12 @@ asymmetric between the two views (blur only for images >= 96 px). 1-channel data
 brightness / contrast / gamma instead of colour operations.
 
 A run of at most ``SHORT_RUN_STEPS`` planned optimizer steps starts instead with gentle crops
-(0.8-1 of the area) and a slow target (tau_base 0.999) (:meth:`BYOL.planned_options`): in a few
+(0.8-1 of the area) and a slow target (tau_base 0.999) (:meth:`BYOL.planned_options`). In a few
 hundred steps the paper's crops and target took a ResNet-18 below its random start on CIFAR-10
-(-4.7 / -4.4 kNN points at 232 steps, -5.0 / -3.1 at ~900), these above it (+1.1 / +1.7, +0.2 /
-+2.7; BENCHMARKS.md "Recipes, a sixth search"). Beyond, the paper's: strong crops are what these
-methods learn most from, and a slow target is a known cost of long runs.
+(-4.7 / -4.4 kNN points at 232 steps, -2.6 / -3.6 at ~190, -5.0 / -3.1 at ~900); these kept it
+level or above (+1.1 / +1.7, +0.3 / +0.1, +0.2 / +2.7; BENCHMARKS.md "Recipes, a sixth search" and
+"byol's and dino's defaults follow the run's length"). Beyond, the paper's values: strong crops are
+what these methods learn most from, and a slow target is a known cost of long runs.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ def byol_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
 
 
 #: Runs planned for at most this many optimizer steps take ``SHORT_RUN``'s values of the options left at None,
-#: longer ones ``LONG_RUN``'s (the paper's). Measured at 232 and ~900 steps, batch 64 (module docstring).
+#: longer ones ``LONG_RUN``'s (the paper's). Measured from 70 to ~900 steps, batch 64 (module docstring).
 SHORT_RUN_STEPS = 1000
 SHORT_RUN = {"tau_base": 0.999, "min_scale": 0.8}
 LONG_RUN = {"tau_base": 0.996, "min_scale": 0.08}
