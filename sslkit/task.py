@@ -162,8 +162,8 @@ class Task(nn.Module):
         records them in ``run.json``, so ``--resume`` keeps them whatever horizon the resumed run
         has. A task built without a planned run (a probe before the data is read, code that builds it
         directly) resolves those options itself in ``__init__`` and reports them in
-        ``resolved_options``. Default: ``{}``. The built-in ``byol``: gentle crops and a slow target
-        up to 1,000 steps, the paper's beyond (measured)."""
+        ``resolved_options``. Default: ``{}``. The built-in ``byol`` and ``dino``: gentle crops and a
+        slow target up to 1,000 steps, the paper's beyond (measured)."""
         return {}
 
     def on_step_end(self, step: int, total_steps: int) -> None:
