@@ -38,12 +38,14 @@ PLANS = [("byol", {"tau_base": 0.999, "min_scale": 0.8}, {"tau_base": 0.996, "mi
 
 @pytest.mark.parametrize("name,short,long,scale", PLANS)
 def test_byol_and_dino_plan_their_crops_and_target_from_the_runs_length(name, short, long, scale):
-    import importlib
+    import sys
 
-    module = importlib.import_module(f"sslkit_plugins.tasks.{name}")
-    cls = {"byol": "BYOL", "dino": "DINO"}[name]
-    assert getattr(module, cls).planned_options(module.SHORT_RUN_STEPS) == short
-    assert getattr(module, cls).planned_options(module.SHORT_RUN_STEPS + 1) == long
+    from sslkit.registry import get_task
+
+    cls = get_task(name)
+    boundary = sys.modules[cls.__module__].SHORT_RUN_STEPS
+    assert cls.planned_options(boundary) == short
+    assert cls.planned_options(boundary + 1) == long
 
 
 @pytest.mark.parametrize("name,short,long,scale", PLANS)

@@ -211,18 +211,24 @@ def _check_encoder_gradient(name: str, task: Any, views: Any, spec: Any, batch_s
                        f"nothing")
 
 
+def _check_option_values(cls: type, values: Any, method: str, how: str) -> None:
+    """What ``cls.<method>`` returned is a dict of the task's options, none of them None."""
+    from sslkit.options import option_names
+
+    assert isinstance(values, dict), f"{cls.__name__}.{method} must return a dict"
+    unknown = sorted(set(values) - option_names(cls.Options))
+    assert not unknown, f"{cls.__name__}.{method} names {unknown}, which are not options of the task"
+    missing = sorted(k for k, v in values.items() if v is None)
+    assert not missing, f"{cls.__name__}.{method} leaves {missing} at None: give the value {how}"
+
+
 def _check_resolved(cls: type, task: Any, net: Any, options: dict, spec: Any) -> None:
     """``resolved_options()`` names options of the task, each with a value, and building the task
     with them resolves the same values (what ``--resume`` of the run.json they are recorded in does)."""
-    from sslkit.options import build_options, option_names
+    from sslkit.options import build_options
 
     resolved = task.resolved_options()
-    assert isinstance(resolved, dict), f"{cls.__name__}.resolved_options() must return a dict"
-    fields = option_names(cls.Options)
-    unknown = sorted(set(resolved) - fields)
-    assert not unknown, f"{cls.__name__}.resolved_options() names {unknown}, which are not options of the task"
-    missing = sorted(k for k, v in resolved.items() if v is None)
-    assert not missing, f"{cls.__name__}.resolved_options() leaves {missing} at None: give the value chosen"
+    _check_option_values(cls, resolved, "resolved_options()", "chosen")
     if resolved:
         again = cls(net, build_options(cls.Options, {**options, **resolved}, cls.__name__), spec).resolved_options()
         assert again == resolved, (f"{cls.__name__} built with its resolved options resolves {again}, "
@@ -232,16 +238,11 @@ def _check_resolved(cls: type, task: Any, net: Any, options: dict, spec: Any) ->
 def _check_planned(cls: type, net: Any, options: dict, spec: Any) -> None:
     """``planned_options(total_steps)`` names options of the task, each with a value, for a short and a
     long run, and the task builds with them (what ``sslkit pretrain`` does once it knows the horizon)."""
-    from sslkit.options import build_options, option_names
+    from sslkit.options import build_options
 
     for total in (1, 10**6):
         planned = cls.planned_options(total)
-        assert isinstance(planned, dict), f"{cls.__name__}.planned_options({total}) must return a dict"
-        unknown = sorted(set(planned) - option_names(cls.Options)) if planned else []
-        assert not unknown, (f"{cls.__name__}.planned_options({total}) names {unknown}, which are not options "
-                             f"of the task")
-        missing = sorted(k for k, v in planned.items() if v is None)
-        assert not missing, f"{cls.__name__}.planned_options({total}) leaves {missing} at None: give the value planned"
+        _check_option_values(cls, planned, f"planned_options({total})", "planned")
         if planned:
             cls(net, build_options(cls.Options, {**planned, **options}, cls.__name__), spec)
 
