@@ -28,9 +28,6 @@ from tests.test_series import write_slice
 TINY_VIT3D = dict(patch_size=8, hidden_size=48, num_heads=2, num_layers=1)
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
-
 def volume_spec(size=(16, 16, 16), channels: int = 1) -> InputSpec:
     return InputSpec(channels, 224, (0.5,) * channels, (0.25,) * channels, "test",
                      {"sample": "volume", "volume_size": list(size), "spacing_mm": [2.0, 2.0, 2.0]})

@@ -73,7 +73,7 @@ def test_worked_source_example_passes_the_kit(tmp_path):
     assert report["damaged"].startswith("load raises Undecodable")
 
 
-def test_worked_task_example_passes_the_kit(tmp_path, one_thread):
+def test_worked_task_example_passes_the_kit(tmp_path):
     from sslkit.testing import check_task
 
     module = load(tmp_path, "sslkit_rot4.py")
@@ -82,7 +82,7 @@ def test_worked_task_example_passes_the_kit(tmp_path, one_thread):
     assert "kit-rot4" not in api.__dict__ and module.Rot4.Options().min_scale == 0.3
 
 
-def test_worked_callback_example_passes_the_kit(tmp_path, one_thread):
+def test_worked_callback_example_passes_the_kit(tmp_path):
     import csv
     import json
 

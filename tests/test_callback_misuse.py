@@ -14,7 +14,6 @@ import pytest
 from sslkit import plugins
 from tests.conftest import install_plugin
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 PLUGIN = '''
 import json

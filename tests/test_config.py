@@ -10,7 +10,7 @@ import pytest
 
 from sslkit import config, config_values
 from sslkit.errors import UsageError
-from tests.conftest import make_images
+from tests.conftest import make_images, one_line_error
 
 TOML = """
 task = "simclr"
@@ -68,11 +68,8 @@ def test_bad_config_files_are_one_line_usage_errors(tmp_path, cli, text, message
     f.write_text(text)
     with pytest.raises(UsageError, match=re.escape(message)):
         config.resolve({"data": "x", "out": "y"}, str(f))
-    from tests.conftest import run_sslkit
-
-    if "batch_sise" in text:  # and through the real CLI: one line, exit 2
-        proc = run_sslkit("pretrain", "--config", f, "--data", "x", "--out", "y")
-        assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and message in proc.stderr
+    if "batch_sise" in text:  # and through the CLI: one line, exit 2
+        one_line_error(cli("pretrain", "--config", f, "--data", "x", "--out", "y"), message)
 
 
 def test_cli_errors(cli):
@@ -218,14 +215,10 @@ def test_print_config_is_commented_and_round_trips(tmp_path, cli):
     assert config.print_config({}, str(f)) == r.output  # printing it again gives the same file
 
 
-def test_config_that_is_not_utf8_is_one_line(tmp_path):
-    from tests.conftest import run_sslkit
-
+def test_config_that_is_not_utf8_is_one_line(tmp_path, cli):
     f = tmp_path / "latin1.toml"
     f.write_bytes('task = "simclr"\n# Réglages\n'.encode("latin-1"))
-    proc = run_sslkit("pretrain", "--config", f, "--print-config")
-    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
-    assert "is not UTF-8 text" in proc.stderr and "Traceback" not in proc.stderr
+    one_line_error(cli("pretrain", "--config", f, "--print-config"), "is not UTF-8 text")
 
 
 @pytest.mark.parametrize("task, vit_lr", [("simclr", 1e-3), ("moco", 1e-3), ("vicreg", 1e-3), ("barlowtwins", 1e-3),
@@ -245,17 +238,13 @@ def test_lars_tasks_train_a_vit_like_backbone_with_adamw(task, vit_lr):
 
 
 @pytest.mark.parametrize("task, optimizer, made_for", [("rotation", "adamw", "lars"), ("byol", "sgd", "adamw")])
-def test_another_optimizer_without_an_lr_is_one_line(task, optimizer, made_for):
+def test_another_optimizer_without_an_lr_is_one_line(task, optimizer, made_for, cli):
     """A task's default LR belongs to its optimizer (rotation's LARS 2.4 would blow AdamW up): choosing
     another optimizer without an LR is refused in one line; with one it runs."""
-    from tests.conftest import run_sslkit
-
     args = ("pretrain", "--task", task, "--data", "folder:X", "--print-config", "--optimizer", optimizer)
-    proc = run_sslkit(*args)
-    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
-    assert f"is for {made_for}; with --optimizer {optimizer} give --base-lr" in proc.stderr
-    ok = run_sslkit(*args, "--base-lr", "0.01")
-    assert ok.returncode == 0 and re.search(r"^base_lr = 0\.01$", ok.stdout, re.M), ok.stderr
+    one_line_error(cli(*args), f"is for {made_for}; with --optimizer {optimizer} give --base-lr")
+    ok = cli(*args, "--base-lr", "0.01")
+    assert ok.exit_code == 0 and re.search(r"^base_lr = 0\.01$", ok.stdout, re.M), ok.stderr
 
 
 @pytest.mark.parametrize("task, optimizer, decay, scaling", [("simclr", "adamw", 0.05, "linear"),

@@ -21,9 +21,6 @@ from tests.conftest import make_images
 IMAGE_SIZE = {"jigsaw": 64}  # 3x3 tiles of >= 19 px
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
-
 @pytest.mark.parametrize("task", registry.list_tasks())
 def test_task_contract(task, tmp_path):
     report = check_task(task, tmp_path=tmp_path, image_size=IMAGE_SIZE.get(task, 32))

@@ -1,7 +1,8 @@
 """Faults of a two-process (gloo, CPU) run, launched as torchrun launches it (RANK, WORLD_SIZE,
 MASTER_ADDR/PORT) through a wrapper that injects them: a first decode on rank 0 longer than the
 process group's timeout, a user error in that decode, a full disk at a checkpoint; and a file
-system without ``flock`` under the run and cache locks."""
+system without ``flock`` under the run and cache locks. Each way of waiting or stopping runs by default once;
+its other sites (the fingerprint's, metrics.csv's) are marked slow: two processes each, ~25 s on 2 cores."""
 
 from __future__ import annotations
 
@@ -155,6 +156,7 @@ def test_rank0_decoding_longer_than_the_group_timeout_is_waited_for_and_read_in_
     assert ops and all(op & fcntl.LOCK_SH and not op & fcntl.LOCK_EX for op in ops), ops  # a reader: never exclusive
 
 
+@pytest.mark.slow  # the same wait or stop as rank 0's slow decode, which runs by default
 def test_rank0s_dataset_fingerprint_longer_than_the_group_timeout_is_waited_for(tmp_path):
     """Rank 0 alone reads the files for run.json's fingerprint and tells the others; the group's
     timeout is 6 s here and it takes 9 s: rank 1 waits for it without the collective's timeout
@@ -165,6 +167,7 @@ def test_rank0s_dataset_fingerprint_longer_than_the_group_timeout_is_waited_for(
     assert json.loads((tmp_path / "run" / "run.json").read_text())["dataset"]["fingerprint"]
 
 
+@pytest.mark.slow  # the same wait or stop as the user error in rank 0's decode, which runs by default
 def test_a_failure_in_rank0s_fingerprint_stops_both_ranks(tmp_path):
     """Rank 0's fingerprint fails after the group's timeout: rank 1, waiting for it, stops with a line
     saying so (no gloo timeout, no traceback of its own); rank 0 shows its error."""
@@ -210,6 +213,7 @@ def test_a_full_disk_at_a_checkpoint_stops_every_rank_at_that_step(tmp_path):
     assert [int(r.split(",")[0]) for r in rows][-1] == 4  # nobody trained past the failed checkpoint
 
 
+@pytest.mark.slow  # the same wait or stop as the full disk at a checkpoint, which runs by default
 def test_a_full_disk_at_a_metrics_row_stops_every_rank_at_that_step(tmp_path):
     """Rank 0 alone writes metrics.csv: its row of step 3 fails (ENOSPC). Both ranks stop there in one
     line printed once (rank 1 does not go on into the next all-reduce), run.json says failed, the last
@@ -232,6 +236,7 @@ def test_a_full_disk_at_a_metrics_row_stops_every_rank_at_that_step(tmp_path):
     assert json.loads((out / "run.json").read_text())["status"] == "finished"
 
 
+@pytest.mark.slow  # the same wait or stop as the unwritable run.json, which runs by default
 def test_a_resumes_metrics_csv_that_cannot_be_rewritten_stops_every_rank_before_a_step(tmp_path):
     """The resume's metrics.csv rewrite (on_run_start, rank 0 alone) fails: rank 1 used to go on into the
     first step's all-reduce and die with a gloo traceback. Both exit 2 before any step, rank 0's line once."""

@@ -19,7 +19,6 @@ from sslkit.registry import create_source
 from tests.conftest import tiny_run
 from tests.dicom_factory import write_dicom
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 MARK = "ZQXPAT"
 

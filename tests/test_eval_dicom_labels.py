@@ -19,7 +19,6 @@ from tests.conftest import tiny_run
 from tests.dicom_factory import write_dicom
 from tests.test_series import write_slice
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 VOLUME_OPTS = ("--data-opt", "sample=volume", "--data-opt", "spacing=2", "--data-opt", "volume_size=8,8,8")
 SERIES = {"train": [("a", "p0"), ("a", "p1"), ("b", "p2"), ("b", "p3")], "test": [("a", "p4"), ("b", "p5")]}

@@ -12,8 +12,6 @@ import pytest
 from sslkit.errors import UsageError
 from tests.test_eval_split import _json, patients  # noqa: F401 (the module's tiny run, reused as a fixture)
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 def _one_line(result) -> str:
     lines = result.stderr.strip().splitlines()

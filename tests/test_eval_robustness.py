@@ -21,7 +21,6 @@ from sslkit.output_file import file_sha256
 from tests.conftest import make_images, tiny_run
 from tests.test_hardening_data import _one_line_error
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 N_PER_CLASS = 6  # decodable images per class folder
 

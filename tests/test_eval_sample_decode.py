@@ -17,7 +17,6 @@ from sslkit.errors import UsageError
 from sslkit.registry import create_source
 from tests.conftest import make_images, tiny_run
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 N_PER_CLASS = 15
 

@@ -18,8 +18,6 @@ import pytest
 
 from tests.conftest import make_images, tiny_run
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 # --- fine-tuning: the cache's rows, not a copy ----------------------------------------------------
 @pytest.fixture(scope="module")

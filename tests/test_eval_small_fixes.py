@@ -18,7 +18,6 @@ from sslkit.eval import linear
 from sslkit.eval.labels import assign_labels
 from sslkit.progress import human_bytes
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 FIVE_SEVENTHS = ((4 / 7 + 6 / 7) / 2, (5 / 7 + 5 / 7) / 2)  # 0.7142857142857142, 0.7142857142857143
 

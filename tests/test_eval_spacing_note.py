@@ -11,7 +11,6 @@ import pytest
 
 nib = pytest.importorskip("nibabel")
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 NOTE = ("sslkit: note: --spacing {} resamples to another voxel size than the model's (2,2,2 mm, x,y,z): it sees "
         "the anatomy at another scale")

@@ -27,7 +27,6 @@ from sslkit.run import load_run
 from sslkit.spec import InputSpec
 from tests.conftest import tiny_run
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 SIZE = 32
 

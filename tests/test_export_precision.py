@@ -17,7 +17,6 @@ from sslkit.run import load_run
 from tests.conftest import make_images, tiny_run
 from tests.test_hardening_data import _one_line_error
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 SIZE = 32
 VIT = ("--backbone", "timm:vit_tiny_patch16_224", "--backbone-opt", "patch_size=8")

@@ -26,7 +26,6 @@ from sslkit.errors import UsageError
 from sslkit.output_file import check_output
 from tests.conftest import make_images, tiny_run
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 TRAIN = ("--task", "simclr", "--backbone", "timm:resnet10t", "--image-size", "32", "--batch-size", "8",
          "--max-steps", "1", "--epochs", "1", "--device", "cpu", "--no-cache", "--quiet")

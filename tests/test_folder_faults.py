@@ -34,7 +34,6 @@ from sslkit.pseudonym import file_key
 
 tifffile = pytest.importorskip("tifffile")
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 RNG = np.random.default_rng(0)
 LINK_ABOVE = "symbolic link to a folder above the data root"

@@ -17,7 +17,6 @@ from sslkit.data.digest import fingerprint
 from sslkit_plugins.sources.folder import FolderOptions, FolderSource
 from tests.conftest import make_images
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 #: the folder source's whole describe() before 2026-12-05 (git show a1aa4de^:plugins/sources/folder.py)
 OLD_DESCRIBE = {"scale": "8-bit / 255, 16-bit / 65535, float min-max"}

@@ -13,8 +13,6 @@ from sslkit.registry import create_backbone, create_task
 from tests.test_3d import TINY_VIT3D, volume_spec
 from tests.test_tasks import TINY_VIT, build, images, overfit, start_end
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 def ramp(angle: float, size: int = 16, slope: float = 0.01) -> torch.Tensor:
     """``(1, 1, size, size)``: intensity rising by ``slope`` a pixel along ``angle`` (radians, x right, y down)."""

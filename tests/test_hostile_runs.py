@@ -3,6 +3,7 @@ run.json nested 100,000 deep, a labels CSV with a huge field. Each is one line, 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -17,7 +18,6 @@ from sslkit.errors import UsageError
 from sslkit.output_file import check_regular, file_sha256, read_json
 from tests.conftest import make_images, tiny_run
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 KINDS = {"fifo": "a FIFO (named pipe)", "directory": "a directory", "dev-zero": "a device"}
 HANG_S = 120  # seconds a command may take before the test calls it hung (it answers in a few)
@@ -42,13 +42,72 @@ def put_hostile(path: Path, kind: str) -> None:
         path.symlink_to("/dev/zero")
 
 
-def sslkit_within(seconds: float, *args) -> tuple[int, str]:
-    """The real ``sslkit`` in a subprocess, killed (a failed test, not a hung one) after ``seconds``:
-    ``(exit code, stderr)``."""
-    exe = Path(sys.executable).parent / "sslkit"
-    done = subprocess.run([str(exe), *map(str, args)], capture_output=True, text=True, timeout=seconds,
-                          stdin=subprocess.DEVNULL)
-    return done.returncode, done.stderr
+#: runs in one fresh interpreter: each command through the CLI under an alarm (a regression that reads the
+#: FIFO or /dev/zero is reported as hung, not a hung test), its ``[exit code, stderr]`` printed as JSON
+IN_ONE_PROCESS = """
+import json, signal, sys
+from click.testing import CliRunner
+from sslkit.cli import main
+
+class Hung(BaseException):  # past any 'except Exception' (or OSError) of the command
+    pass
+
+def hung(*_):
+    raise Hung
+
+signal.signal(signal.SIGALRM, hung)
+answers = {}
+for name, args in json.loads(sys.argv[1]).items():
+    signal.alarm(int(sys.argv[2]))
+    try:
+        result = CliRunner().invoke(main, args)
+        answers[name] = [result.exit_code, result.stderr + (repr(result.exception) if result.exit_code == 1 else "")]
+    except Hung:
+        answers[name] = [None, f"hung: no answer in {sys.argv[2]} s"]
+    finally:
+        signal.alarm(0)
+print(json.dumps(answers))
+"""
+
+
+def hostile_cases(run: Path, data: Path, root: Path) -> dict[str, list[str]]:
+    """Every command of the tests below that meets a hostile file, each on its own copy of the run."""
+    cases = {}
+
+    def copy_of(name: str) -> Path:
+        return Path(shutil.copytree(run, root / name / "run"))
+
+    for kind in KINDS:
+        for command in ("export", "embed"):
+            copy = copy_of(f"encoder-{command}-{kind}")
+            put_hostile(copy / "encoder.safetensors", kind)
+            (copy.parent / "out").mkdir()
+            cases[f"encoder-{command}-{kind}"] = hostile_command(command, copy, data, copy.parent / "out")
+    for name in ("run.json", "checkpoints/step-00000001/manifest.json"):
+        copy = copy_of(f"fifo-{Path(name).name}")
+        put_hostile(copy / name, "fifo")
+        target = copy / "checkpoints/step-00000001" if name.startswith("checkpoints") else copy
+        cases[f"fifo-{Path(name).name}"] = hostile_command("export", target, data, copy.parent)
+    for kind in ("deep", "fifo"):
+        copy = copy_of(f"resume-{kind}")
+        if kind == "deep":
+            (copy / "run.json").write_text(DEEP_JSON)
+        else:
+            put_hostile(copy / "run.json", "fifo")
+        cases[f"resume-{kind}"] = ["pretrain", "--resume", copy, "--max-steps", 9, "--quiet"]
+    return {name: [str(a) for a in args] for name, args in cases.items()}
+
+
+@pytest.fixture(scope="module")
+def answers(finished, tmp_path_factory) -> dict:
+    """The real CLI on each hostile case, all in one subprocess (one start-up of torch, not ten): ``(exit
+    code, stderr, root of the case)`` by case name."""
+    root = tmp_path_factory.mktemp("hostile_cases")
+    cases = hostile_cases(*finished, root)
+    done = subprocess.run([sys.executable, "-c", IN_ONE_PROCESS, json.dumps(cases), str(HANG_S)],
+                          capture_output=True, text=True, timeout=HANG_S * len(cases), stdin=subprocess.DEVNULL)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return {name: (code, err, root / name) for name, (code, err) in json.loads(done.stdout.splitlines()[-1]).items()}
 
 
 def one_line_error(code: int, stderr: str) -> str:
@@ -70,32 +129,24 @@ def hostile_command(command: str, run: Path, data: Path, out: Path) -> list[str]
 
 @pytest.mark.parametrize("kind", sorted(KINDS))
 @pytest.mark.parametrize("command", ["export", "embed"])
-def test_an_encoder_that_is_a_fifo_folder_or_device_is_refused_without_reading_it(finished, tmp_path, kind, command):
-    run, data = finished
-    copy = Path(shutil.copytree(run, tmp_path / "run"))
-    put_hostile(copy / "encoder.safetensors", kind)
-    out = tmp_path / "out"
-    out.mkdir()
-    # in a subprocess with a timeout: a regression (reading the FIFO, /dev/zero) fails, it does not hang
-    line = one_line_error(*sslkit_within(HANG_S, *hostile_command(command, copy, data, out)))
-    assert line == (f"error: {str(copy / 'encoder.safetensors')!r} is {KINDS[kind]}, not a regular file; "
-                    "sslkit reads only regular files there")
-    assert list(out.iterdir()) == []
+def test_an_encoder_that_is_a_fifo_folder_or_device_is_refused_without_reading_it(answers, kind, command):
+    code, stderr, root = answers[f"encoder-{command}-{kind}"]
+    copy = root / "run"
+    assert one_line_error(code, stderr) == (f"error: {str(copy / 'encoder.safetensors')!r} is {KINDS[kind]}, not a "
+                                            "regular file; sslkit reads only regular files there")
+    assert list((root / "out").iterdir()) == []
 
 
 @pytest.mark.parametrize("name", ["run.json", "checkpoints/step-00000001/manifest.json"])
-def test_a_run_json_or_checkpoint_manifest_that_is_a_fifo_is_refused(finished, tmp_path, name):
-    run, data = finished
-    copy = Path(shutil.copytree(run, tmp_path / "run"))
-    put_hostile(copy / name, "fifo")
-    target = copy / "checkpoints/step-00000001" if name.startswith("checkpoints") else copy
-    line = one_line_error(*sslkit_within(HANG_S, *hostile_command("export", target, data, tmp_path)))
-    if target == copy:
+def test_a_run_json_or_checkpoint_manifest_that_is_a_fifo_is_refused(answers, name):
+    code, stderr, root = answers[f"fifo-{Path(name).name}"]
+    line, copy = one_line_error(code, stderr), root / "run"
+    if name == "run.json":
         assert line == f"error: {str(copy / name)!r} is a FIFO (named pipe), not a regular file; " \
                        "sslkit reads only regular files there"
     else:  # the checkpoint's own check (sslkit.checkpoint.verify), which --resume goes through too
-        assert line == f"error: checkpoint {str(target)!r} is unusable: manifest.json is a FIFO (named pipe), " \
-                       "not a regular file"
+        assert line == f"error: checkpoint {str(copy / 'checkpoints/step-00000001')!r} is unusable: manifest.json " \
+                       "is a FIFO (named pipe), not a regular file"
 
 
 @pytest.mark.parametrize("command", ["export", "embed", "pretrain"])
@@ -166,16 +217,11 @@ def test_a_labels_csv_with_huge_fields_is_one_short_line(finished, tmp_path, cli
 
 
 @pytest.mark.parametrize("kind", ["deep", "fifo"])
-def test_a_resume_of_a_hostile_run_json_is_one_line(finished, tmp_path, kind):
+def test_a_resume_of_a_hostile_run_json_is_one_line(answers, kind):
     """``pretrain --resume`` reads run.json through its own path (sslkit.config_resume): 100,000 nested
     brackets were a RecursionError traceback there, a FIFO was 'holds no sslkit run'."""
-    run, _ = finished
-    copy = Path(shutil.copytree(run, tmp_path / "run"))
-    if kind == "deep":
-        (copy / "run.json").write_text(DEEP_JSON)
-    else:
-        put_hostile(copy / "run.json", "fifo")
-    line = one_line_error(*sslkit_within(HANG_S, "pretrain", "--resume", copy, "--max-steps", 9, "--quiet"))
+    code, stderr, root = answers[f"resume-{kind}"]
+    line, copy = one_line_error(code, stderr), root / "run"
     assert line == (f"error: --resume: {copy / 'run.json'} is not a readable sslkit run.json" if kind == "deep" else
                     f"error: {str(copy / 'run.json')!r} is a FIFO (named pipe), not a regular file; sslkit reads "
                     f"only regular files there")

@@ -18,8 +18,6 @@ from sslkit_plugins.sources.folder import FolderSource
 from tests.conftest import make_images, one_line_error
 from tests.dicom_factory import write_dicom
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 # --- 1: an npz of many tiny images: its index is refused from the header ---------------------------
 def test_an_image_count_whose_index_would_not_fit_memory_is_one_line(tmp_path, cli, monkeypatch):

@@ -572,7 +572,6 @@ def test_layer_decay_scales_by_depth_from_the_top():
     assert fn("encoder.model.patch_embed.proj.weight") == fn("encoder.model.cls_token") == pytest.approx(0.0125)
 
 
-@pytest.mark.usefixtures("one_thread")
 def test_init_run_dir_restores_the_decoder_and_records_the_continue_settings(mae_init, tmp_path):
     from sslkit.checkpoint import list_checkpoints
     from sslkit.engine import build
@@ -602,7 +601,6 @@ def test_init_run_dir_restores_the_decoder_and_records_the_continue_settings(mae
     assert s2.info["init"]["task_parts"]["restored"] == [] and s2.info["init"]["continue"]["freeze_steps"] == 1
 
 
-@pytest.mark.usefixtures("one_thread")
 def test_task_parts_of_another_task_are_not_restored(mae_init, tmp_path):
     from sslkit.init.continued import restore_task_parts
     from sslkit.registry import create_task
@@ -615,7 +613,6 @@ def test_task_parts_of_another_task_are_not_restored(mae_init, tmp_path):
     assert rec["restored"] == [] and "the init run's task is 'mae'" in rec["skipped"][0]
 
 
-@pytest.mark.usefixtures("one_thread")
 def test_resume_across_the_freeze_boundary_repeats_the_uninterrupted_run(mae_init, tmp_path):
     import csv
     import os
@@ -672,7 +669,6 @@ def test_continue_options_refused_without_init_or_out_of_range(tmp_path, cli):
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.usefixtures("one_thread")
 def test_init_from_a_default_run_continues_its_fitted_vit(tmp_path, cli):
     """A run that built mae's default ViT fitted to 16-px images (8-px patches, 6 blocks), given as
     --init without --backbone, is continued in that architecture: every tensor loads, nothing adapted."""
@@ -743,7 +739,6 @@ def test_a_fixed_sincos_table_keeps_its_values_under_init(tmp_path):
     assert rec["kept"] == ["pos_embed"] and "kept the backbone's own fixed pos_embed" in rec["summary"]
 
 
-@pytest.mark.usefixtures("one_thread")
 def test_a_checkpoint_init_does_not_call_the_parts_it_restores_unused(mae_init, tmp_path):
     """``--init RUN/checkpoints/step-N`` reads the whole task: its decoder keys were listed as 'unused'
     on the line before the one that said they were restored."""

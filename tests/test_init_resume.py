@@ -25,7 +25,6 @@ from sslkit.registry import create_backbone
 from tests.conftest import make_images
 from tests.test_init import _random_like
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 BACKBONE = "timm:resnet10t"
 

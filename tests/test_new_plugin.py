@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from sslkit.testing.cli import sslkit
-from tests.conftest import run_sslkit
+from tests.conftest import one_line_error, run_sslkit
 
 KINDS = ("task", "source", "backbone", "exporter", "callback")
 
@@ -129,21 +129,19 @@ def test_generated_names_work_in_pretrain_and_export(generated):
         assert json.loads(str(saved["__sslkit__"]))["task"] == "kit_task"
 
 
-def test_refuses_to_overwrite_and_bad_names(tmp_path):
+def test_refuses_to_overwrite_and_bad_names(tmp_path, cli):
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "keep.txt").write_text("mine")
-    proc = run_sslkit("new-plugin", "demo", "--kind", "task", "--out", tmp_path / "taken")
-    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and "not empty" in proc.stderr
+    one_line_error(cli("new-plugin", "demo", "--kind", "task", "--out", tmp_path / "taken"), "not empty")
     assert sorted(p.name for p in (tmp_path / "taken").iterdir()) == ["keep.txt"]
-    proc = run_sslkit("new-plugin", "My-Plugin", "--kind", "task", "--out", tmp_path / "x")
-    assert proc.returncode == 2 and "lower-case" in proc.stderr and not (tmp_path / "x").exists()
+    one_line_error(cli("new-plugin", "My-Plugin", "--kind", "task", "--out", tmp_path / "x"), "lower-case")
+    assert not (tmp_path / "x").exists()
     # a name an installed plugin registers for that kind: the two would be ambiguous side by side
     for name, kind, listing in (("simclr", "task", "tasks"), ("timm", "backbone", "backbones")):
-        proc = run_sslkit("new-plugin", name, "--kind", kind, "--out", tmp_path / name)
-        assert proc.returncode == 2 and proc.stderr.strip() == (
-            f"error: plugin name {name!r}: the plugin {name!r} already registers a {kind} of that name "
-            f"(sslkit list {listing}); choose another name") and not (tmp_path / name).exists()
+        line = one_line_error(cli("new-plugin", name, "--kind", kind, "--out", tmp_path / name))
+        assert line == (f"error: plugin name {name!r}: the plugin {name!r} already registers a {kind} of that name "
+                        f"(sslkit list {listing}); choose another name") and not (tmp_path / name).exists()
     # another kind of the same name: the entry-point name sslkit's simclr plugin already has
-    proc = run_sslkit("new-plugin", "simclr", "--kind", "exporter", "--out", tmp_path / "e")
-    assert proc.returncode == 2 and "already uses the entry-point name 'simclr'" in proc.stderr
-    assert run_sslkit("new-plugin", "simclr_npz", "--kind", "exporter", "--out", tmp_path / "e").returncode == 0
+    one_line_error(cli("new-plugin", "simclr", "--kind", "exporter", "--out", tmp_path / "e"),
+                   "already uses the entry-point name 'simclr'")
+    assert cli("new-plugin", "simclr_npz", "--kind", "exporter", "--out", tmp_path / "e").exit_code == 0

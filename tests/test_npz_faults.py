@@ -21,8 +21,6 @@ from sslkit.registry import create_source
 from sslkit.pseudonym import file_key
 from tests.conftest import one_line_error
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 def _inspect(cli, path, *extra):
     return cli("data", "inspect", f"npz:{path}", "--image-size", "16", *extra)

@@ -18,7 +18,6 @@ from torch import nn
 from plugins.exporters.onnx import GraphModule, _torch_export, export_onnx, verify
 from sslkit.api import CheckFailed, InputSpec, raw_input_for
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 SPEC = InputSpec(channels=1, image_size=16, mean=(0.5,), std=(0.25,))
 

@@ -12,7 +12,6 @@ import pytest
 
 from tests.conftest import make_images
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 TINY = ("--backbone", "timm:test_resnet", "--image-size", "32", "--batch-size", "4", "--device", "cpu",
         "--quiet", "--no-cache")

@@ -9,7 +9,6 @@ import pytest
 
 from tests.test_cli_errors import _assert_user_error, _pretrain
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 CNN = ("--backbone", "timm:resnet10t")
 

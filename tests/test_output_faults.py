@@ -20,8 +20,6 @@ from sslkit.errors import UsageError
 from sslkit.output_file import check_output, write_atomic
 from tests.conftest import make_images, tiny_run
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> dict[str, Path]:

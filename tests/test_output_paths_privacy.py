@@ -14,7 +14,6 @@ from sslkit.pseudonym import file_key
 from tests.conftest import tiny_run
 from tests.dicom_factory import write_dicom
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 MARKER = "ZQX"
 #: the samples below the data root, as paths (``#frame``: a frame of the multi-frame file)

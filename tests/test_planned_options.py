@@ -14,7 +14,6 @@ from sslkit.api import Task
 from sslkit.testing import check_task
 from tests.conftest import make_images
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 TINY = ("--task", "byol", "--backbone", "timm:test_resnet", "--image-size", "32", "--batch-size", "8", "--quiet")
 

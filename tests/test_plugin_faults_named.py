@@ -10,7 +10,6 @@ import pytest
 from sslkit import plugins
 from tests.conftest import install_plugin, make_images, tiny_run
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 BUGS = """
     import numpy as np

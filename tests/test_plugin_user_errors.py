@@ -18,8 +18,6 @@ from sslkit.api import MultiView, Task, recipe
 from sslkit.errors import UsageError
 from tests.conftest import install_plugin, make_images, tiny_run
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):

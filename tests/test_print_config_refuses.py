@@ -9,7 +9,6 @@ import pytest
 
 from tests.conftest import make_images
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 REFUSED = [
     ("--task", "jigsaw", "--image-size", "32"),

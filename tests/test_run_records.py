@@ -14,7 +14,6 @@ from safetensors.torch import load_file
 
 from tests.conftest import make_images, run_sslkit
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 TINY = ("--task", "simclr", "--backbone", "timm:resnet10t", "--image-size", "16", "--batch-size", "4",
         "--quiet", "--checkpoint-every", "1")

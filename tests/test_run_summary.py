@@ -13,7 +13,6 @@ import pytest
 
 from tests.conftest import install_plugin, make_images
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 REPO = Path(__file__).resolve().parents[1]
 # 16 images, batch 8: 2 steps per epoch

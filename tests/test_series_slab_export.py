@@ -20,7 +20,6 @@ from tests.conftest import run_sslkit, tiny_run
 from tests.test_onnx_inference import EXAMPLE
 from tests.test_series import write_slice
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 GP = {"kind": "window", "window": [{"lower": 0.0, "upper": 1000.0}, {"lower": -500.0, "upper": 1500.0}],
       "client": "modality values", "options": ["window"]}
 

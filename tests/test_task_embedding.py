@@ -15,7 +15,6 @@ from sslkit.engine.setup import with_task_embedding
 from sslkit.registry import create_backbone
 from sslkit.run import RunConfig, load_run
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 VIT = ["--backbone", "timm:vit_tiny_patch16_224", "--backbone-opt", "patch_size=8", "--backbone-opt", "depth=2"]
 MEAN = {"global_pool": "avg", "fc_norm": False}

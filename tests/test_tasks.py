@@ -47,9 +47,6 @@ def images(b: int, channels: int, size: int, seed: int = 0, noise: float = 0.2) 
     return (base * 0.8 + torch.rand(b, channels, size, size, generator=g) * noise).clamp(0, 1)
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
-
 def overfit(task, spec, steps: int, lr: float = 1e-3, batch: int = 8, seed: int = 0,
             metric: str = "loss", noise: float = 0.2) -> list[float]:
     torch.manual_seed(seed)

@@ -14,7 +14,6 @@ from sslkit.run import RunConfig
 from tests.conftest import make_images
 from tests.test_tasks import TINY_VIT, build, images
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 # a ViT has no BatchNorm: a sample's outputs do not depend on the rest of its batch, so K micro-batches
 # and one batch K times larger must give the same state (BatchNorm is the documented exception)

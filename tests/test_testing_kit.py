@@ -61,9 +61,6 @@ class HiddenState(Base):
         return {"loss": super().forward(views)["loss"] * self.calls}
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
-
 class UnfitDefault(Base):
     """Fits its default ResNet with an option a ResNet does not take."""
 

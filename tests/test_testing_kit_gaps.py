@@ -19,8 +19,6 @@ from sslkit.testing import check_backbone, check_source, check_task
 from tests.test_api_docs import DOC, example
 from tests.test_testing_kit import Arrays, Base, Tiny
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 def test_docs_graph_preprocessing_snippet_runs_pasted_into_the_worked_source(tmp_path):
     """The indented ``graph_preprocessing`` of "A source's flags and its export graph" pasted into

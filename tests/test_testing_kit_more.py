@@ -13,8 +13,6 @@ from sslkit.api import UsageError, write_atomic
 from sslkit.testing import check_backbone, check_callback, check_exporter, check_task
 from tests.test_testing_kit import Base, Counts, Tiny
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 class VectorLoss(Base):
     def forward(self, views):

@@ -10,8 +10,6 @@ import torch
 
 from sslkit.registry import create_backbone
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 def _outside_corner_changes(backbone) -> float:
     x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))

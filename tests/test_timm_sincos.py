@@ -16,7 +16,6 @@ from sslkit.optim import param_groups
 from sslkit.registry import create_backbone
 from sslkit.run import load_run
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 OPTS = {"patch_size": 8, "depth": 2}
 

@@ -18,7 +18,6 @@ from sslkit.spec import InputSpec
 from tests.conftest import make_images, tiny_run
 from tests.test_series import write_slice
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 VOLUME_FLAGS = "--sample volume --volume-size 16,16,16"
 

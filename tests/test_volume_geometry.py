@@ -17,7 +17,6 @@ from sslkit.api import SampleMode, crop_or_pad, fit_volume, resample, volume_fit
 from sslkit.registry import create_source
 from tests.test_series import AXIAL, CT_STORAGE, _base, write_series, write_slice
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 GAP = [0.0, 3.0, 9.0, 12.0, 15.0, 18.0]  # a 3 mm step, the slice at 6 mm missing
 HU = [0.0, 20.0, 40.0, 60.0, 80.0, 100.0]  # one value per slice
 

@@ -19,8 +19,6 @@ from sslkit.spec import InputSpec
 
 TINY = dict(patch_size=8, hidden_size=48, num_heads=2, num_layers=1)
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 def write_volumes(root: Path, four_d: bool = False) -> Path:
     """Two 3D files (20x18x12 voxels) in class folders, and with ``four_d`` a 10x10x6 file of 3 time points."""
