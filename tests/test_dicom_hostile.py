@@ -90,7 +90,7 @@ def _jpeg_ls(claim: int) -> bytes:
 
 
 def _encapsulated(path, frames: list[bytes], syntax: str, bits: int = 8, rows: int = 16, cols: int = 16,
-                  samples: int = 1):
+                  samples: int = 1, fragments: int = 1):
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = syntax
@@ -104,7 +104,7 @@ def _encapsulated(path, frames: list[bytes], syntax: str, bits: int = 8, rows: i
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = bits, bits, bits - 1, 0
     if len(frames) > 1:
         ds.NumberOfFrames = len(frames)
-    ds.PixelData = encapsulate(frames)
+    ds.PixelData = encapsulate(frames, fragments_per_frame=fragments)
     ds["PixelData"].VR, ds["PixelData"].is_undefined_length = "OB", True
     path.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(path, enforce_file_format=True)
@@ -170,6 +170,45 @@ def test_one_frame_of_a_multiframe_file_claiming_a_huge_size(tmp_path, decoder):
     assert src.load(refs[0]).shape == (1, 16, 16)
 
 
+def _padded(stream: bytes, pad: int) -> bytes:
+    """``stream`` with ``pad`` bytes of APP15 segments (65,533 data bytes each at most) after its SOI."""
+    segments = []
+    while pad > 0:
+        n = min(pad, 65533)
+        segments.append(b"\xff\xef" + struct.pack(">H", n + 2) + b"\0" * n)
+        pad -= n
+    return stream[:2] + b"".join(segments) + stream[2:]
+
+
+@pytest.mark.parametrize("fragments", [1, 3])
+def test_a_frame_header_behind_a_mib_of_app_segments_is_read_too(tmp_path, decoder, fragments):
+    """The check read a frame's first MiB: a JPEG whose 30000 x 30000 claim sat behind 1.1 MiB of APPn
+    segments reached the decoder. It is refused, in one fragment or several; a truthful frame behind the
+    same segments decodes to the pixels of the frame without them."""
+    pad, data = (1 << 20) + 100_000, tmp_path / "data"
+    _encapsulated(data / "bad.dcm", [_padded(_jpeg(16, 16, (HUGE, HUGE)), pad)], JPEGBaseline8Bit,
+                  fragments=fragments)
+    _encapsulated(data / "good.dcm", [_padded(_jpeg(16, 16), pad)], JPEGBaseline8Bit, fragments=fragments)
+    _encapsulated(data / "plain.dcm", [_jpeg(16, 16)], JPEGBaseline8Bit)
+    src = create_source(f"dicom:{data}", workers=1)
+    refs = {r.path.rsplit("/", 1)[-1]: r for r in src.index()}
+    with pytest.raises(Undecodable, match=f"the JPEG stream is {HUGE}x{HUGE} with 1 component.s., the header says"):
+        src.load(refs["bad.dcm"])
+    assert decoder["refused"] == 0
+    decoder["allow"] = True
+    np.testing.assert_array_equal(src.load(refs["good.dcm"]), src.load(refs["plain.dcm"]))
+
+
+def test_a_jp2_codestream_behind_a_mib_of_boxes_is_read_too(tmp_path, decoder):
+    jp2, pad = _jp2(_j2k_codestream(tmp_path, HUGE)), (1 << 20) + 100_000
+    xml = struct.pack(">I4s", 8 + pad, b"xml ") + b" " * pad  # after the signature and file type boxes
+    path = _encapsulated(tmp_path / "data" / "bad.dcm", [jp2[:32] + xml + jp2[32:]], JPEG2000Lossless, bits=16)
+    src = create_source(f"dicom:{path.parent}", workers=1)
+    with pytest.raises(Undecodable, match=f"the JPEG 2000 stream is {HUGE}x{HUGE} with 1 component"):
+        src.load(src.index()[0])
+    assert decoder["refused"] == 0
+
+
 # ---------------------------------------------------------------- 5: a deflated data set that inflates to gigabytes
 
 
@@ -193,7 +232,7 @@ def _deflated(path, private: int = 0):
 
 def test_deflated_data_set_is_inflated_within_a_limit(tmp_path, monkeypatch):
     limit = 100_000
-    spec = importlib.util.find_spec("sslkit_plugins.sources.dicom_limits")
+    spec = importlib.util.find_spec("sslkit_plugins.sources.dicom_deflate")
     if spec is not None:  # the limit is ~375 MB: a test file that big is not made here
         monkeypatch.setattr(importlib.import_module(spec.name), "DEFLATE_LIMIT", limit)
     good = _deflated(tmp_path / "data" / "good.dcm")
@@ -223,10 +262,10 @@ def test_a_header_reread_for_a_skip_reason_is_inflated_within_the_limit(tmp_path
     """A decode failure re-reads the file's header to drop its identifying values from the reason
     (dicom_reasons.header_of): that read must be the source's own, bounded one, not a plain dcmread that
     inflates a deflated data set whole (a file replaced by a bomb between indexing and decoding)."""
-    from sslkit_plugins.sources import dicom_limits
+    from sslkit_plugins.sources import dicom_deflate
     from sslkit_plugins.sources.dicom_reasons import header_of
 
-    monkeypatch.setattr(dicom_limits, "DEFLATE_LIMIT", 100_000)
+    monkeypatch.setattr(dicom_deflate, "DEFLATE_LIMIT", 100_000)
     bomb = _deflated(tmp_path / "bomb.dcm", private=3_000_000)
     calls = []
     real = zlib.decompress

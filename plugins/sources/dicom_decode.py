@@ -25,7 +25,8 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.pixels import apply_color_lut, apply_modality_lut, pixel_array
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from sslkit_plugins.sources.dicom_limits import check_stream_size, decode_checked, read_deflated
+from sslkit_plugins.sources.dicom_deflate import read_deflated
+from sslkit_plugins.sources.dicom_limits import check_stream_size, decode_checked
 from sslkit_plugins.sources.dicom_reasons import mark_stage
 from sslkit_plugins.sources.dicom_values import has
 from sslkit_plugins.sources.dicom_window import Window, _minmax, _unit, apply_window, own_window

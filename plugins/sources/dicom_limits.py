@@ -5,7 +5,8 @@
   which the decoder allocates whatever Rows and Columns say (a 934-byte file can claim
   30000 x 30000): :func:`check_stream_size` reads it with ``struct`` alone and refuses a
   frame whose size or component count differs from the header (the header's size is what
-  the pixel limit checked). A header it cannot parse is left to the decoder, as before.
+  the pixel limit checked). A JPEG or JP2 header past the frame's first MiB (APPn segments or
+  boxes before it) is read in the whole frame. A header it cannot parse is left to the decoder.
 * An RLE Lossless frame (DICOM PS3.5 Annex G) is a 64-byte header (segment count, offsets)
   and one PackBits segment per byte of each sample, each decoding to Rows x Columns bytes;
   a 2-byte run is at most 128 bytes, so a segment of L bytes gives at most 128 x (L // 2).
@@ -15,42 +16,31 @@
   from the fragment's bytes alone, and a segment whose runs decode to more than its
   Rows x Columns bytes (:func:`packbits_length`, from the run headers: pylibjpeg-rle panics
   on one). A decoder's panic is raised as :class:`DecoderPanic` (:func:`panic_free`).
-* Deflated Explicit VR Little Endian: pydicom inflates the whole data set in one call, even
-  to read a header; :func:`read_deflated` inflates it in steps and refuses a data set that
-  inflates past :data:`DEFLATE_LIMIT` (a 1.5 MB file can hold a 1.5 GB element).
 * NumberOfFrames: :func:`frame_count` refuses, from the header, a count the file's size
   cannot hold (2^31 frames in 33 KB), or more frames than encapsulated pixel data has
   non-empty fragments (:func:`encapsulated_frames`: 10^6 empty items in 8 MB), before the
   index makes one sample per frame.
 
-Reasons name sizes and markers only, never the file.
+Deflated data sets are bounded in :mod:`sslkit_plugins.sources.dicom_deflate`. Reasons name sizes and
+markers only, never the file.
 """
 
 from __future__ import annotations
 
 import io
 import struct
-import zlib
 from pathlib import Path
-from typing import Any, BinaryIO, Callable
+from typing import Any, Callable
 
 import pydicom
 from pydicom.dataset import Dataset
-from pydicom.filebase import DicomBytesIO
-from pydicom.filewriter import write_file_meta_info
-from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, RLELossless
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, RLELossless
 
-from sslkit.api import DEFAULT_MAX_PIXELS, human_bytes
 from sslkit_plugins.sources.dicom_reasons import mark_stage
 from sslkit_plugins.sources.dicom_values import transfer_syntax, value
 
-#: the most bytes a deflated data set may inflate to: the largest allowed 16-bit grayscale
-#: image and 16 MiB of header (a larger one is skipped before it is inflated further)
-DEFLATE_LIMIT = DEFAULT_MAX_PIXELS * 2 + (16 << 20)
 #: a skip reason's text before its first ':' (what a run's summary counts)
 STREAM_STAGE = "compressed frame size differs from the header"
-_DEFLATED = str(DeflatedExplicitVRLittleEndian).encode("ascii")
-_LONG_VRS = (b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV")
 _JP2 = b"\x00\x00\x00\x0cjP  \r\n\x87\n"
 
 
@@ -137,20 +127,42 @@ def _jpeg_size(data: bytes) -> tuple[str, int, int, int] | None:
 def _frame_starts(ds: Dataset, frame: int | None) -> list[tuple[bytes, int]]:
     """``(first bytes, length)`` of each encapsulated frame that ``pixel_array(ds, index=frame)``
     decodes (found as pydicom finds them: one frame through the offset tables, else every frame)."""
-    from pydicom.encaps import generate_fragmented_frames, get_frame
+    from pydicom.encaps import generate_fragmented_frames
 
-    count = int(ds.get("NumberOfFrames", 1) or 1)
-    ext = ds.get("ExtendedOffsetTable"), ds.get("ExtendedOffsetTableLengths")
-    ext = ext if all(v is not None for v in ext) else None
+    count, ext = _frame_table(ds)
     if count > 1 and frame is not None:
-        data = get_frame(ds.PixelData, frame, number_of_frames=count, extended_offsets=ext)
+        data = _whole_frame(ds, frame)
         return [(data[:_HEAD], len(data))]
     frames = generate_fragmented_frames(ds.PixelData, number_of_frames=count, extended_offsets=ext)
-    # a stream's header is at its start: the first bytes of each frame are enough
+    # a stream's header is at its start: the first bytes of each frame, but see _size_past_head
     return [(_head(fragments), sum(map(len, fragments))) for _, fragments in zip(range(count), frames)]
 
 
 _HEAD = 1 << 20
+
+
+def _frame_table(ds: Dataset) -> tuple[int, tuple[bytes, bytes] | None]:
+    """NumberOfFrames and the extended offset table (None if absent), as pydicom takes them."""
+    ext = ds.get("ExtendedOffsetTable"), ds.get("ExtendedOffsetTableLengths")
+    return int(ds.get("NumberOfFrames", 1) or 1), (ext if all(v is not None for v in ext) else None)
+
+
+def _whole_frame(ds: Dataset, index: int) -> bytes:
+    from pydicom.encaps import get_frame
+
+    count, ext = _frame_table(ds)
+    return get_frame(ds.PixelData, index, number_of_frames=count, extended_offsets=ext)
+
+
+def _size_past_head(ds: Dataset, index: int, head: bytes, length: int) -> tuple[str, int, int, int] | None:
+    """The size of a JPEG or JP2 frame whose header lies past its first :data:`_HEAD` bytes (APPn segments or
+    boxes before it: a crafted file hid a 30000 x 30000 claim there), read in the whole frame fetched again."""
+    if length <= len(head) or not (head[:2] == b"\xff\xd8" or head[:12] == _JP2):
+        return None
+    try:
+        return stream_size(_whole_frame(ds, index))
+    except Exception:
+        return None  # the decoder says what is wrong, as before
 
 
 def _head(fragments: tuple[bytes, ...]) -> bytes:
@@ -195,7 +207,7 @@ def check_stream_size(ds: Dataset, frame: int | None, scan: bool = False) -> Non
             problem = rle_problem(start, length, rows, cols, samples, bits, scan)
             problem = problem and f"RLE frame {(frame if frame is not None else i) + 1} {problem}"
         else:
-            size = stream_size(start)
+            size = stream_size(start) or _size_past_head(ds, frame if frame is not None else i, start, length)
             problem = size and size[1:] != (cols, rows, samples) and (
                 f"the {size[0]} stream is {size[1]}x{size[2]} with {size[3]} component(s), the header says "
                 f"{cols}x{rows} with {samples}")
@@ -257,73 +269,6 @@ _NOOP_RUNS = 4096
 #: bytes each PackBits header byte decodes to, and how far it moves the scan
 _GAIN = tuple(n + 1 if n < 128 else 0 if n == 128 else 257 - n for n in range(256))
 _STEP = tuple(n + 2 if n < 128 else 1 if n == 128 else 2 for n in range(256))
-
-
-# ----------------------------------------------------------------------- deflated data sets
-
-def _transfer_syntax(fp: BinaryIO) -> bytes | None:
-    """The Transfer Syntax UID in the file meta group at ``fp`` (read from the element headers
-    alone; explicit or implicit VR), or None."""
-    head = fp.read(132)
-    if head[128:132] != b"DICM":
-        fp.seek(-len(head), io.SEEK_CUR)
-    for _ in range(1000):
-        elem = fp.read(8)
-        if len(elem) < 8 or elem[:2] != b"\x02\x00":
-            return None
-        vr = elem[4:6]
-        if vr in _LONG_VRS:
-            length = struct.unpack("<I", fp.read(4))[0]
-        elif vr.isalpha() and vr.isupper():
-            length = struct.unpack_from("<H", elem, 6)[0]
-        else:  # implicit VR
-            length = struct.unpack_from("<I", elem, 4)[0]
-        if elem[2:4] == b"\x10\x00":
-            return fp.read(min(length, 64)).rstrip(b"\x00 ")
-        fp.seek(length, io.SEEK_CUR)
-    return None
-
-
-def read_deflated(path: str | BinaryIO, stop_before_pixels: bool = False) -> Dataset | None:
-    """``dcmread`` of a deflated file, inflated in steps up to :data:`DEFLATE_LIMIT` bytes
-    (more: :class:`TooLarge`); None, ``path`` left where it was, for any other file."""
-    fp = open(path, "rb") if isinstance(path, str) else path
-    start = fp.tell()
-    try:
-        try:
-            deflated = _transfer_syntax(fp) == _DEFLATED
-        except (OSError, struct.error, ValueError):
-            deflated = False
-        fp.seek(start)
-        return _inflated_dataset(fp, stop_before_pixels) if deflated else None
-    finally:
-        if fp is not path:
-            fp.close()
-
-
-def _inflated_dataset(fp: BinaryIO, stop_before_pixels: bool) -> Dataset:
-    """The deflated file at ``fp`` read as the same data set in Explicit VR Little Endian."""
-    head = pydicom.filereader.read_preamble(fp, True)
-    meta = pydicom.filereader._read_file_meta_info(fp)
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    out = DicomBytesIO()
-    out.write(head + b"DICM" if head is not None else b"")
-    write_file_meta_info(out, meta, enforce_standard=False)
-    parts, size = [out.getvalue()], 0
-    inflate = zlib.decompressobj(-zlib.MAX_WBITS)
-    while not inflate.eof:
-        chunk = inflate.unconsumed_tail or fp.read(1 << 20)
-        if not chunk:
-            break
-        parts.append(inflate.decompress(chunk, DEFLATE_LIMIT + 1 - size))
-        size += len(parts[-1])
-        if size > DEFLATE_LIMIT:
-            raise TooLarge(f"deflated data set larger than {human_bytes(DEFLATE_LIMIT)} inflated (the limit)")
-    if not inflate.eof:  # as zlib.decompress, which pydicom calls, refuses it
-        raise zlib.error("Error -5 while decompressing data: incomplete or truncated stream")
-    ds = pydicom.dcmread(io.BytesIO(b"".join(parts)), stop_before_pixels=stop_before_pixels, force=head is None)
-    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
-    return ds
 
 
 #: encapsulated (compressed) pixel data: every frame is at least one 8-byte item header
