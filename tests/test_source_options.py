@@ -49,6 +49,8 @@ def test_help_and_listing_import_neither_torch_nor_pydicom_needlessly():
                              env={**__import__("os").environ, "SSLKIT_DISABLE_PLUGINS": "dicom"})
     assert listing.returncode == 0 and "simclr" in listing.stdout
     assert "torch" in _imports(listing) and "pydicom" not in _imports(listing)
+    # timm (with torchvision, which imports torch._dynamo: half the start-up) waits for a model to be built
+    assert not {"timm", "torchvision"} & _imports(listing)
 
 
 def _ct_folder(root: Path, n: int = 3) -> Path:

@@ -10,13 +10,19 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import timm
 import torch
 import torch.nn.functional as F
-from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from sslkit.api import UsageError, first_line, hookimpl, unknown_name_message
+
+
+def _is_vit(module: nn.Module) -> bool:
+    """A timm VisionTransformer. timm is imported when a model is built, not when the plugin loads: its import
+    (torchvision's, torch._dynamo's) is half a CLI's start-up, which a listing or a one-line error never needs."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    return isinstance(module, VisionTransformer)
 
 
 class TimmBackbone(nn.Module):
@@ -32,7 +38,7 @@ class TimmBackbone(nn.Module):
         self.model = model
         self.in_chans = in_chans
         self.num_features = int(model.num_features)
-        if isinstance(model, VisionTransformer) and model.pos_embed is not None and not model.dynamic_img_size:
+        if _is_vit(model) and model.pos_embed is not None and not model.dynamic_img_size:
             self.patch_size = int(model.patch_embed.patch_size[0])
             self.embed_dim = int(model.embed_dim)
             self.num_prefix_tokens = int(model.num_prefix_tokens)
@@ -50,7 +56,7 @@ class TimmBackbone(nn.Module):
         same) and the embedding is the mean of the normed patch tokens.
         """
         m = self.model
-        if (embedding == "patch_mean" and isinstance(m, VisionTransformer) and m.global_pool == "token"
+        if (embedding == "patch_mean" and _is_vit(m) and m.global_pool == "token"
                 and isinstance(m.fc_norm, nn.Identity)):
             return {"global_pool": "avg", "fc_norm": False}
         return None
@@ -63,7 +69,7 @@ class TimmBackbone(nn.Module):
         first = (getattr(m, "pretrained_cfg", None) or {}).get("first_conv")
         first = first[0] if isinstance(first, (list, tuple)) else first
         target: dict[str, Any] = {"module": m, "first_conv": f"{first}.weight" if first else None, "pos_embed": None}
-        if isinstance(m, VisionTransformer) and m.pos_embed is not None:
+        if _is_vit(m) and m.pos_embed is not None:
             target.update(pos_embed="pos_embed", grid=tuple(int(g) for g in m.patch_embed.grid_size),
                           prefix_tokens=0 if m.no_embed_class else int(m.num_prefix_tokens))
         return target
@@ -137,7 +143,7 @@ def use_sincos_pos_embed(net: nn.Module) -> None:
     class/register tokens get position 0. ``requires_grad`` is off, so the optimizer leaves the
     table (weights loaded by ``--init`` replace it and stay frozen too).
     """
-    if not isinstance(net, VisionTransformer) or net.pos_embed is None:
+    if not _is_vit(net) or net.pos_embed is None:
         raise UsageError("pos_embed=sincos applies to timm ViTs with position embeddings, "
                          "e.g. timm:vit_tiny_patch16_224")
     from timm.layers import build_sincos2d_pos_embed
@@ -189,6 +195,8 @@ def check_options(options: dict[str, Any]) -> None:
 def _build(model: str, in_chans: int, image_size: int, options: dict[str, Any]) -> nn.Module:
     """``timm.create_model`` with ``options``; what it raises is one line naming them (on torch's meta
     device it is raised as it is, so :func:`sslkit.registry.meta_backbone` builds again for real)."""
+    import timm
+
     kwargs = dict(pretrained=False, num_classes=0, in_chans=in_chans, **timm_create_options(options))
     try:
         try:
@@ -225,7 +233,7 @@ def live_residual_blocks(net: nn.Module) -> int:
 
 def _check_patch_size(model: str, net: nn.Module, image_size: int) -> None:
     """A ViT's patches must tile the image: refused in one line with the sizes that would."""
-    if isinstance(net, VisionTransformer):
+    if _is_vit(net):
         p = int(net.patch_embed.patch_size[0])
         if image_size % p:
             sizes = sorted({s for s in (image_size // p * p, (image_size // p + 1) * p) if s >= p})
@@ -242,6 +250,8 @@ def create(model: str, /, in_chans: int, image_size: int, cifar_stem: bool = Fal
     ``pos_embed=sincos`` gives a ViT fixed sine-cosine position embeddings (:func:`use_sincos_pos_embed`);
     residual blocks start live (:func:`live_residual_blocks`) unless ``zero_init_last`` is given.
     """
+    import timm
+
     if not timm.is_model(model):
         raise UsageError(unknown_name_message("timm model", model, timm.list_models(), "; see timm.list_models()",
                                               suggestions=3, listed=0))

@@ -64,7 +64,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from timm.models.vision_transformer import Block
 from torch import nn
 
 from sslkit.api import (MultiView, Task, ViewRecipe, check_unit_interval, hog_token_size, hog_tokens, hookimpl,
@@ -241,6 +240,8 @@ class MAE(Task):
     def build_decoder(self, num_patches: int, pos_embed, patch_values: int) -> None:
         """The light decoder: embed, mask token, fixed sin-cos positions ``pos_embed(d) -> (N, d)``,
         ``decoder_depth`` blocks, norm, and a linear head to ``patch_values`` per patch."""
+        from timm.models.vision_transformer import Block  # at build, not when the plugin loads (see timm.py)
+
         backbone, options = self.encoder, self.options
         self.num_patches = num_patches
         d = options.decoder_dim or default_decoder_dim(backbone.embed_dim, options.decoder_heads)

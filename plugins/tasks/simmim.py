@@ -55,17 +55,15 @@ from sslkit.api import (Task, UsageError, check_unit_interval, hog_token_size, h
                         reconstruction_views)
 
 
-try:  # the architectures SimMIM knows how to mask
+def _architectures() -> tuple[type, type, type, type]:
+    """timm's ``VisionTransformer, SwinTransformer, SwinTransformerV2, SwinTransformerV2Cr``: what SimMIM knows
+    how to mask, imported when a task is checked or built, not when the plugin loads (see backbones/timm.py)."""
     from timm.models.swin_transformer import SwinTransformer
     from timm.models.swin_transformer_v2 import SwinTransformerV2
     from timm.models.swin_transformer_v2_cr import SwinTransformerV2Cr
-    from timm.models.vision_transformer import Block, VisionTransformer
-except ImportError:  # pragma: no cover
-    SwinTransformer = SwinTransformerV2 = SwinTransformerV2Cr = VisionTransformer = ()  # type: ignore[assignment,misc]
-    Block = None
+    from timm.models.vision_transformer import VisionTransformer
 
-#: trained at the paper's transformer LR (SwinV2-CR's (B, C, H, W) map is masked as a CNN's is)
-TRANSFORMERS = (VisionTransformer, SwinTransformer, SwinTransformerV2, SwinTransformerV2Cr)
+    return VisionTransformer, SwinTransformer, SwinTransformerV2, SwinTransformerV2Cr
 
 
 #: below this image side the default backbone is SMALL_BACKBONE, a CNN (measured; see default_backbone_for)
@@ -161,7 +159,8 @@ class SimMIM(Task):
     @classmethod
     def backbone_engine_defaults(cls, backbone):
         """The paper's settings for ViTs and Swin transformers; the CNN ones (``engine_defaults``) otherwise."""
-        return cls.transformer_engine_defaults if isinstance(_model(backbone), TRANSFORMERS) else None
+        # trained at the paper's transformer LR (SwinV2-CR's (B, C, H, W) map is masked as a CNN's is)
+        return cls.transformer_engine_defaults if isinstance(_model(backbone), _architectures()) else None
 
     @classmethod
     def default_backbone_for(cls, image_size):
@@ -173,7 +172,7 @@ class SimMIM(Task):
     @classmethod
     def check(cls, backbone, spec):
         m = _model(backbone)
-        if isinstance(m, (VisionTransformer, SwinTransformer)):
+        if isinstance(m, _architectures()[:2]):  # a ViT or a Swin (v1)
             return None
         if _cnn_grid(m, backbone, spec) is None:
             return (f"SimMIM masks patch tokens and needs a ViT, a Swin (v1) or a CNN with a square feature map, "
@@ -182,9 +181,12 @@ class SimMIM(Task):
         return None
 
     def __init__(self, backbone, options: SimMIMOptions, spec) -> None:
+        from timm.models.vision_transformer import Block
+
         super().__init__(backbone, options, spec)
         m = _model(backbone)
-        self.kind = "vit" if isinstance(m, VisionTransformer) else "swin" if isinstance(m, SwinTransformer) else "cnn"
+        vit, swin = _architectures()[:2]
+        self.kind = "vit" if isinstance(m, vit) else "swin" if isinstance(m, swin) else "cnn"
         p = CNN_TOKEN if self.kind == "cnn" else int(m.patch_embed.patch_size[0])
         s = spec.image_size
         self.patch = p
