@@ -199,6 +199,16 @@ def test_a_frame_header_behind_a_mib_of_app_segments_is_read_too(tmp_path, decod
     np.testing.assert_array_equal(src.load(refs["good.dcm"]), src.load(refs["plain.dcm"]))
 
 
+def test_one_frame_of_a_multiframe_file_claiming_a_huge_size_behind_a_mib_of_app_segments(tmp_path, decoder):
+    frames = [_jpeg(16, 16), _padded(_jpeg(16, 16, (16, HUGE)), (1 << 20) + 100_000)]
+    path = _encapsulated(tmp_path / "data" / "cine.dcm", frames, JPEGBaseline8Bit)
+    src = create_source(f"dicom:{path.parent}", workers=1)
+    refs = sorted(src.index(), key=lambda r: r.frame)
+    with pytest.raises(Undecodable, match=f"the JPEG stream is {HUGE}x16 with 1 component.s., the header says 16x16"):
+        src.load(refs[1])
+    assert decoder["refused"] == 0
+
+
 def test_a_jp2_codestream_behind_a_mib_of_boxes_is_read_too(tmp_path, decoder):
     jp2, pad = _jp2(_j2k_codestream(tmp_path, HUGE)), (1 << 20) + 100_000
     xml = struct.pack(">I4s", 8 + pad, b"xml ") + b" " * pad  # after the signature and file type boxes

@@ -132,7 +132,7 @@ def _frame_starts(ds: Dataset, frame: int | None) -> list[tuple[bytes, int]]:
     count, ext = _frame_table(ds)
     if count > 1 and frame is not None:
         data = _whole_frame(ds, frame)
-        return [(data[:_HEAD], len(data))]
+        return [(data, len(data))]  # whole already: a header past its first MiB is read without a second fetch
     frames = generate_fragmented_frames(ds.PixelData, number_of_frames=count, extended_offsets=ext)
     # a stream's header is at its start: the first bytes of each frame, but see _size_past_head
     return [(_head(fragments), sum(map(len, fragments))) for _, fragments in zip(range(count), frames)]
@@ -148,6 +148,7 @@ def _frame_table(ds: Dataset) -> tuple[int, tuple[bytes, bytes] | None]:
 
 
 def _whole_frame(ds: Dataset, index: int) -> bytes:
+    """Frame ``index`` of the encapsulated pixel data, its fragments joined (pydicom's ``get_frame``)."""
     from pydicom.encaps import get_frame
 
     count, ext = _frame_table(ds)
