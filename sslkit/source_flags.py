@@ -111,7 +111,7 @@ def _declared(allow: tuple[str, ...] | None, deny: tuple[str, ...]) -> tuple[Sou
 def _not_loadable(plugin: Any) -> bool:
     """Whether the ``sslkit`` entry point ``plugin`` is sure not to load, known without importing it: its
     module is not installed, or its source declares an ``sslkit_api`` range this sslkit is outside of."""
-    from sslkit.plugins import module_file, range_problem, source_api_range
+    from sslkit.plugin_api_range import module_file, range_problem, source_api_range
 
     if plugin is None or (plugin.dist is not None and (plugin.dist.metadata["Name"] or "").lower() == "sslkit"):
         return False  # flags without a plugin of that name, or sslkit's own

@@ -8,7 +8,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from sslkit import plugins, registry
+from sslkit import plugin_api_range, plugins, registry
 from sslkit.errors import UsageError
 from sslkit_plugins.sources.folder import FolderSource
 from tests.test_plugins import fake_dist
@@ -288,8 +288,8 @@ def test_api_range_is_read_from_the_top_level_assignment_not_a_docstring(tmp_pat
 
     sys.path.insert(0, str(tmp_path))
     try:
-        assert plugins.source_api_range("sslkit_docstr_range") == ">=1,<2"
-        assert plugins.source_api_range("sslkit_broken_syntax") is None
+        assert plugin_api_range.source_api_range("sslkit_docstr_range") == ">=1,<2"
+        assert plugin_api_range.source_api_range("sslkit_broken_syntax") is None
     finally:
         sys.path.remove(str(tmp_path))
 
