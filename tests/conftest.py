@@ -66,6 +66,33 @@ def one_thread():
     torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True)
+def _onnx_registry_built_once():
+    """torch's dynamo ONNX exporter builds its table of ATen -> ONNX functions anew at every export (~0.8 s of a
+    tiny network's ~4 s here), from torchlib and the opset alone. Once a test has loaded the exporter, this process
+    builds the table once per opset and gives each later export its own copy (the exporter adds custom ops to the
+    table it gets). Where torch has no such private method, exports run as they always do."""
+    registration = sys.modules.get("torch.onnx._internal.exporter._registration")
+    registry = getattr(registration, "ONNXRegistry", None)
+    build = getattr(registry, "from_torchlib", None)
+    if build is None or getattr(build, "built_once", False):
+        return
+    import copy
+    import functools
+
+    @functools.lru_cache(maxsize=None)
+    def built(*args, **kwargs):  # (the opset)
+        return build(*args, **kwargs)
+
+    def from_torchlib(cls, *args, **kwargs):
+        table = copy.copy(built(*args, **kwargs))
+        table.functions = {op: list(metas) for op, metas in table.functions.items()}
+        return table
+
+    from_torchlib.built_once = True
+    registry.from_torchlib = classmethod(from_torchlib)
+
+
 @pytest.fixture
 def restores_process_state():
     """For tests that call a script's ``main()`` in the test process: the environment (a benchmark sets
