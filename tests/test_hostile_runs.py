@@ -11,12 +11,13 @@ import sys
 import threading
 from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from sslkit.errors import UsageError
 from sslkit.output_file import check_regular, file_sha256, read_json
-from tests.conftest import make_images, tiny_run
+from tests.conftest import make_images, one_line_error, tiny_run
 
 
 KINDS = {"fifo": "a FIFO (named pipe)", "directory": "a directory", "dev-zero": "a device"}
@@ -100,22 +101,15 @@ def hostile_cases(run: Path, data: Path, root: Path) -> dict[str, list[str]]:
 
 @pytest.fixture(scope="module")
 def answers(finished, tmp_path_factory) -> dict:
-    """The real CLI on each hostile case, all in one subprocess (one start-up of torch, not ten): ``(exit
-    code, stderr, root of the case)`` by case name."""
+    """The real CLI on each hostile case, all in one subprocess (one start-up of torch, not ten): ``(result,
+    root of the case)`` by case name, the result with the command's ``exit_code`` and ``stderr``."""
     root = tmp_path_factory.mktemp("hostile_cases")
     cases = hostile_cases(*finished, root)
     done = subprocess.run([sys.executable, "-c", IN_ONE_PROCESS, json.dumps(cases), str(HANG_S)],
                           capture_output=True, text=True, timeout=HANG_S * len(cases), stdin=subprocess.DEVNULL)
     assert done.returncode == 0, done.stderr[-3000:]
-    return {name: (code, err, root / name) for name, (code, err) in json.loads(done.stdout.splitlines()[-1]).items()}
-
-
-def one_line_error(code: int, stderr: str) -> str:
-    """The single stderr line of a command that must fail as a usage error (exit code 2)."""
-    lines = stderr.strip().splitlines()
-    assert code == 2, stderr[-2000:]
-    assert len(lines) == 1 and lines[0].startswith("error: "), stderr[-2000:]
-    return lines[0]
+    return {name: (SimpleNamespace(exit_code=code, stderr=err), root / name)
+            for name, (code, err) in json.loads(done.stdout.splitlines()[-1]).items()}
 
 
 def hostile_command(command: str, run: Path, data: Path, out: Path) -> list[str]:
@@ -130,17 +124,17 @@ def hostile_command(command: str, run: Path, data: Path, out: Path) -> list[str]
 @pytest.mark.parametrize("kind", sorted(KINDS))
 @pytest.mark.parametrize("command", ["export", "embed"])
 def test_an_encoder_that_is_a_fifo_folder_or_device_is_refused_without_reading_it(answers, kind, command):
-    code, stderr, root = answers[f"encoder-{command}-{kind}"]
+    result, root = answers[f"encoder-{command}-{kind}"]
     copy = root / "run"
-    assert one_line_error(code, stderr) == (f"error: {str(copy / 'encoder.safetensors')!r} is {KINDS[kind]}, not a "
+    assert one_line_error(result) == (f"error: {str(copy / 'encoder.safetensors')!r} is {KINDS[kind]}, not a "
                                             "regular file; sslkit reads only regular files there")
     assert list((root / "out").iterdir()) == []
 
 
 @pytest.mark.parametrize("name", ["run.json", "checkpoints/step-00000001/manifest.json"])
 def test_a_run_json_or_checkpoint_manifest_that_is_a_fifo_is_refused(answers, name):
-    code, stderr, root = answers[f"fifo-{Path(name).name}"]
-    line, copy = one_line_error(code, stderr), root / "run"
+    result, root = answers[f"fifo-{Path(name).name}"]
+    line, copy = one_line_error(result), root / "run"
     if name == "run.json":
         assert line == f"error: {str(copy / name)!r} is a FIFO (named pipe), not a regular file; " \
                        "sslkit reads only regular files there"
@@ -157,7 +151,7 @@ def test_a_run_json_nested_too_deeply_is_one_line(finished, tmp_path, cli, comma
     out = tmp_path / "out"
     out.mkdir()
     result = cli(*hostile_command(command, copy, data, out))  # a RecursionError would be raised here
-    line = one_line_error(result.exit_code, result.stderr)
+    line = one_line_error(result)
     if command != "pretrain":  # --init reads a damaged run.json as none, then the folder as plain weights
         assert line == f"error: {copy / 'run.json'} is not valid JSON: nested too deeply"
     assert list(out.iterdir()) == []
@@ -212,7 +206,7 @@ def test_a_labels_csv_with_huge_fields_is_one_short_line(finished, tmp_path, cli
     labels = tmp_path / "labels.csv"
     labels.write_text("path,label\n" + rows)
     result = cli("eval", "knn", run, "--data", f"folder:{data}", "--labels", labels)
-    line = one_line_error(result.exit_code, result.stderr)
+    line = one_line_error(result)
     assert line == f"error: --labels {str(labels)!r}{expected}" and len(line) < 300 + len(str(labels))
 
 
@@ -220,8 +214,8 @@ def test_a_labels_csv_with_huge_fields_is_one_short_line(finished, tmp_path, cli
 def test_a_resume_of_a_hostile_run_json_is_one_line(answers, kind):
     """``pretrain --resume`` reads run.json through its own path (sslkit.config_resume): 100,000 nested
     brackets were a RecursionError traceback there, a FIFO was 'holds no sslkit run'."""
-    code, stderr, root = answers[f"resume-{kind}"]
-    line, copy = one_line_error(code, stderr), root / "run"
+    result, root = answers[f"resume-{kind}"]
+    line, copy = one_line_error(result), root / "run"
     assert line == (f"error: --resume: {copy / 'run.json'} is not a readable sslkit run.json" if kind == "deep" else
                     f"error: {str(copy / 'run.json')!r} is a FIFO (named pipe), not a regular file; sslkit reads "
                     f"only regular files there")
