@@ -278,6 +278,34 @@ def test_the_pairing_check_refuses_only_what_fails_for_any_channel_count(images,
         _check_pairing("timm:resnet10t", config(images, tmp_path / "b", channels=1, **opts))
 
 
+def test_the_pairing_probe_draws_no_weights_unless_it_must(images, tmp_path, monkeypatch):
+    """The probe is built on torch's meta device (a ViT-L's took 6-7 s and gigabytes on the CPU). A task whose
+    constructor reads a tensor's value cannot be built there: it is probed normally, and its refusal is the same."""
+    from sslkit.engine import _check_pairing
+    from sslkit.registry import get_task
+
+    opts = dict(task="simclr", backbone="timm:resnet10t", backbone_options={}, task_options={"proj_dim": 16})
+    probe = _check_pairing("timm:resnet10t", config(images, tmp_path / "a", **opts))
+    assert {p.device.type for p in probe.parameters()} == {"meta"}
+
+    cls, built_on = get_task("simclr"), []
+    init = cls.__init__
+
+    def reads_a_value(self, backbone, options, spec):
+        init(self, backbone, options, spec)
+        built_on.append(next(backbone.parameters()).device.type)
+        if float(next(backbone.parameters()).detach().abs().sum()) == 0:  # a value: no meta tensor has one
+            raise UsageError("all-zero weights")
+        if options.proj_dim == 8:
+            raise UsageError("proj_dim 8 refused by the task")
+
+    monkeypatch.setattr(cls, "__init__", reads_a_value)
+    probe = _check_pairing("timm:resnet10t", config(images, tmp_path / "b", **opts))
+    assert {p.device.type for p in probe.parameters()} == {"cpu"} and built_on == ["meta", "cpu"]
+    with pytest.raises(UsageError, match="proj_dim 8 refused by the task"):
+        _check_pairing("timm:resnet10t", config(images, tmp_path / "c", **{**opts, "task_options": {"proj_dim": 8}}))
+
+
 def test_img_per_s_is_measured_over_each_steps_own_time():
     """Issue 13 item 19: a step's images/s comes from its own wall time, however late its
     scalars are read (at a checkpoint two steps are read back to back)."""

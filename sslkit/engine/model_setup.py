@@ -48,29 +48,50 @@ def check_pairing(backbone_name: str, cfg: RunConfig) -> torch.nn.Module:
     volume = planned_volume(cfg)  # --sample volume: the size and mode, from the source's options
     init = cfg.init if cfg.init and not cfg.resume else None
     if init:  # a missing file, or a Hub that cannot be reached: one line, whatever the channels
-        from sslkit.init import load_init, resolve_init
+        from sslkit.init import resolve_init
 
         resolve_init(init, cfg.allow_download)
     with torch.random.fork_rng(devices=[]):  # the real model's initialisation must not depend on this
         for c in (cfg.channels,) if cfg.channels else (1, 3):
             try:
-                probe = task_default_said(cfg, backbone_name, lambda **options: build_backbone(
-                    backbone_name, c, cfg.image_size, volume.get("volume_size"), **options))
-                if init:  # weights that cannot be fitted to this backbone fail here, before decoding
-                    load_init(init, probe, cfg.allow_download)
-                spec = InputSpec(c, cfg.image_size, (0.5,) * c, (0.25,) * c, **volume)
-                task = create_task(cfg.task, probe, spec, **cfg.task_options)
-                check_batch(cfg, task, cfg.batch_size // distributed.world_size())
-                if cfg.augment_options:  # a bad --augment-opt too, before decoding
-                    with_augment_options(cfg, task.views(spec))
-                if cfg.init and not cfg.resume:  # --layer-decay on a CNN, a freeze past --max-steps: before decoding
-                    from sslkit.init.continued import check_flags
-
-                    check_flags(cfg, task)
-                return probe
+                return _probe(backbone_name, cfg, c, volume, init)
             except UsageError as exc:
                 failed.append((c, exc))
     raise _probe_error(failed, bool(init))
+
+
+def _probe(backbone_name: str, cfg: RunConfig, channels: int, volume: dict[str, Any], init: str | None) -> Any:
+    """The probe of :func:`check_pairing` for ``channels``: built on torch's meta device (no weights drawn,
+    no memory: a ViT-L's probe took seconds and gigabytes), or normally where ``--init`` weights are fitted
+    to it or the task or backbone cannot be built there (that build says the same, or nothing)."""
+    if not init:
+        try:
+            with torch.device("meta"):
+                return _probe_on(backbone_name, cfg, channels, volume, None)
+        except UsageError:
+            raise
+        except Exception:  # e.g. a constructor that reads a value of a tensor
+            pass
+    return _probe_on(backbone_name, cfg, channels, volume, init)
+
+
+def _probe_on(backbone_name: str, cfg: RunConfig, c: int, volume: dict[str, Any], init: str | None) -> Any:
+    probe = task_default_said(cfg, backbone_name, lambda **options: build_backbone(
+        backbone_name, c, cfg.image_size, volume.get("volume_size"), **options))
+    if init:  # weights that cannot be fitted to this backbone fail here, before decoding
+        from sslkit.init import load_init
+
+        load_init(init, probe, cfg.allow_download)
+    spec = InputSpec(c, cfg.image_size, (0.5,) * c, (0.25,) * c, **volume)
+    task = create_task(cfg.task, probe, spec, **cfg.task_options)
+    check_batch(cfg, task, cfg.batch_size // distributed.world_size())
+    if cfg.augment_options:  # a bad --augment-opt too, before decoding
+        with_augment_options(cfg, task.views(spec))
+    if cfg.init and not cfg.resume:  # --layer-decay on a CNN, a freeze past --max-steps: before decoding
+        from sslkit.init.continued import check_flags
+
+        check_flags(cfg, task)
+    return probe
 
 
 def _probe_error(failed: list[tuple[int, UsageError]], init: bool) -> UsageError:
@@ -194,7 +215,8 @@ def check_sample_memory(cfg: RunConfig) -> None:
     """Refuse, before any model is built, a sample that one resize cannot hold in memory: the
     planned ``--volume-size``, else the stored 2D side (``--cache-size`` or ``--image-size``), with
     the data's channels still unknown taken as 1. A backbone sized from the sample (a ViT's position
-    embeddings) would otherwise take that memory first (:func:`check_pairing` builds probes)."""
+    embeddings) would otherwise take that memory first (the run's model, or a probe of :func:`check_pairing`
+    that the meta device cannot hold)."""
     from sslkit.data.room import check_sample_room
 
     check_cache_size(cfg)
