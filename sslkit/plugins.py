@@ -96,8 +96,9 @@ class Plugins:
         deny = set(_env_list("SSLKIT_DISABLE_PLUGINS") or [])
         seen: dict[str, set[str]] = {}  # entry-point name -> distributions that declared it
         found = entry_points(group=GROUP)
-        dists = distributions_of(found)
-        found = sorted(found, key=lambda ep: (ep.name, dists[id(ep)][0].lower() != "sslkit"))  # sslkit's own first
+        dists = _distributions(found)
+        # by name; of entry points sharing a name, sslkit's own first (it keeps the bare name)
+        found = sorted(found, key=lambda ep: (ep.name, dists[id(ep)][0].lower() != "sslkit"))
         self._check_env_names(sorted({ep.name for ep in found}), allow, deny)
         for ep in found:
             dist, version = dists[id(ep)]
@@ -268,7 +269,7 @@ def _reraise_interrupt(exc: BaseException) -> None:
         raise exc
 
 
-def distributions_of(eps: Any) -> dict[int, tuple[str, str | None]]:
+def _distributions(eps: Any) -> dict[int, tuple[str, str | None]]:
     """``id(entry point)`` -> its distribution's name ("" if unknown) and version, each distribution's metadata
     parsed once (sslkit's holds the README: ~2.6 ms a parse, which was three per entry point per load)."""
     read: dict[int, tuple[str, str | None]] = {id(None): ("", None)}
