@@ -21,6 +21,15 @@ Two comparisons, printed as ratios measured in this one run:
 
     .venv/bin/python benchmarks/lightly_simclr.py [--steps 12] [--workers 2] [--data ../shared/data/cifar10-train.tar.gz]
 
+The process sets glibc's malloc as ``sslkit``'s command does at its start (``sslkit.host_malloc``;
+both libraries' sides share it; ``SSLKIT_MALLOC=system`` leaves glibc's own).
+
+On a machine whose step time wanders (the 2-core VM of the forty-seventh and forty-eighth sessions:
+one block's steps 3.6-6.2 s), paired medians of a few dozen steps differ by several per cent between
+runs. So the pipeline's own time is also timed where it runs, in the full-pipeline steps themselves:
+the batch reads and the batched augmentation (sslkit's loader and ``augment``, both in the training
+thread on the CPU); ``synthetic / (synthetic + that time)`` is the efficiency those costs allow.
+
 Each full pipeline runs ``--warmup`` untimed steps first; every measurement has ``--steps``
 timed steps per side, in blocks of 4 (the first step of each block untimed). lightly is a
 benchmark-only dependency.
@@ -37,6 +46,7 @@ from pathlib import Path
 
 import torch
 
+from sslkit.host_malloc import tune_host_malloc
 from step_overhead import (FixedLoader, engine_step_times, fixed_views, interleave, optimizer_label, run_engine,
                            sslkit_trainer, time_calls)
 
@@ -110,6 +120,47 @@ def paired_medians(blocks: int, first, second) -> tuple[float, float, float, flo
     return statistics.median(a), statistics.median(b), cpu_a, cpu_b
 
 
+class _TimedLoader:
+    """A loader whose batches' reads are timed into ``spent`` (seconds, summed per step by the caller)."""
+
+    def __init__(self, loader, spent: list[float]) -> None:
+        self.loader, self.spent = loader, spent
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __getattr__(self, name: str):
+        return getattr(self.loader, name)
+
+    def epoch(self, *args, **kwargs):
+        batches = self.loader.epoch(*args, **kwargs)
+        while True:
+            t = time.perf_counter()
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            self.spent[-1] += time.perf_counter() - t
+            yield batch
+
+
+def time_pipeline(run) -> list[float]:
+    """Time ``run``'s batch reads and augmentation from now on: returns the list that gets each
+    step's seconds in them (one optimizer step is one batch here: no accumulation)."""
+    spent: list[float] = [0.0]
+    augment = run.augment
+
+    def timed_augment(x):
+        t = time.perf_counter()
+        views = augment(x)
+        spent[-1] += time.perf_counter() - t
+        spent.append(0.0)  # the next step's reads and augmentation
+        return views
+
+    run.loader, run.augment = _TimedLoader(run.loader, spent), timed_augment
+    return spent
+
+
 def lightly_loader(images: Path, size: int, batch_size: int, workers: int):
     """lightly's pipeline as its examples build it: LightlyDataset + SimCLRTransform in a DataLoader."""
     from lightly.data import LightlyDataset
@@ -148,7 +199,9 @@ def measure(args, images: Path) -> dict[str, float]:
     # pipeline efficiency: each library's synthetic and full-pipeline blocks alternate
     ours_full = engine_blocks(full)
     ours_full(args.warmup)
+    own = time_pipeline(full)
     r["ours_synth_p"], r["ours_full"], _, _ = paired_medians(blocks, ours_synth, ours_full)
+    r["ours_own"] = statistics.median(own[:-1])  # the last: the step after the last (not run)
     batches = iter(lightly_loader(images, S, B, args.workers))
 
     def theirs_full(n: int) -> list[float]:
@@ -171,6 +224,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2, help="lightly DataLoader workers (the machine's cores)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = ap.parse_args()
+    malloc = tune_host_malloc()  # as sslkit's command does first (sslkit/cli.py)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -179,14 +233,15 @@ def main() -> None:
         images = extract_subset(args.data, Path(tmp) / "cifar", args.batch_size * (full_steps + 1))
         n_images = sum(1 for p in images.rglob("*") if p.is_file())
         r = measure(args, images)
-    report(args, r, n_images)
+    report(args, r, n_images, malloc)
 
 
-def report(args, r: dict, n_images: int) -> None:
+def report(args, r: dict, n_images: int, malloc: str) -> None:
     print(f"SimCLR, timm resnet18, {args.image_size} px, batch {args.batch_size}; sslkit: {r['optimizer']} "
           f"(sslkit pretrain --task simclr's), lightly: AdamW lr {lightly_lr(args.batch_size):.3g}; "
           f"{args.steps} timed steps per side and measurement, in blocks of {PER_BLOCK}; "
-          f"torch threads {torch.get_num_threads()}, lightly workers {args.workers}; {n_images} CIFAR-10 JPEGs")
+          f"torch threads {torch.get_num_threads()}, lightly workers {args.workers}; {n_images} CIFAR-10 JPEGs; "
+          f"malloc {malloc}")
     print(f"sslkit  step on synthetic views   {r['ours_synth'] * 1000:8.1f} ms")
     print(f"lightly step on synthetic views   {r['theirs_synth'] * 1000:8.1f} ms")
     print(f"sslkit  full pipeline step        {r['ours_full'] * 1000:8.1f} ms   (synthetic beside it "
@@ -197,6 +252,8 @@ def report(args, r: dict, n_images: int) -> None:
           f"{r['cpu_ours'] / r['cpu_theirs']:.3f} CPU time  (target <= 1.0)")
     print(f"pipeline efficiency sslkit  (synthetic / full) = {r['ours_synth_p'] / r['ours_full']:.3f}  "
           f"(paired medians; target >= 0.95)")
+    print(f"sslkit pipeline's own time in a full step  {r['ours_own'] * 1000:8.1f} ms (reads + augmentation, median): "
+          f"efficiency it allows {r['ours_synth_p'] / (r['ours_synth_p'] + r['ours_own']):.3f}")
     print(f"pipeline efficiency lightly (synthetic / full) = {r['theirs_synth_p'] / r['theirs_full']:.3f}  "
           f"(paired medians; guide: 0.81)")
     print(f"end-to-end step time sslkit / lightly          = {r['ours_full'] / r['theirs_full']:.3f}")

@@ -7,7 +7,9 @@ same pre-made views. The sslkit side is the engine's real loop (autocast context
 reduction and finiteness check, LR schedule, optimizer step, on_step_end, metrics.csv
 row, progress bar), fed the fixed views instead of fresh augmentations; its per-step
 times are read back from metrics.csv. Blocks of the two alternate, so load from other
-processes on the machine hits both alike; the ratio of the medians is printed.
+processes on the machine hits both alike; the ratio of the medians is printed. The process sets
+glibc's malloc as ``sslkit``'s command does at its start (``sslkit.host_malloc``; both sides share it;
+``SSLKIT_MALLOC=system`` leaves glibc's own).
 
     .venv/bin/python benchmarks/step_overhead.py [--steps 24] [--batch-size 256] [--image-size 32]
 """
@@ -30,6 +32,7 @@ from PIL import Image
 from sslkit.engine import Events, RunInfo, RunState, Setup, StopSignal, build, train
 from sslkit.engine.callbacks import create_callbacks
 from sslkit.config import resolve
+from sslkit.host_malloc import tune_host_malloc
 from sslkit.optim import build_optimizer
 from sslkit_plugins.tasks.simclr import nt_xent_loss
 
@@ -182,6 +185,7 @@ def main() -> None:
     ap.add_argument("--image-size", type=int, default=32)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = ap.parse_args()
+    malloc = tune_host_malloc()  # as sslkit's command does first (sslkit/cli.py); SSLKIT_MALLOC=system: glibc's own
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -211,7 +215,7 @@ def main() -> None:
                                                       lambda n: time_calls(lambda: bare(views), n))
     m_ours, m_bare = statistics.median(ours), statistics.median(theirs)
     print(f"simclr resnet18 {args.image_size}px batch {args.batch_size}, {optimizer_label(trainer)}, "
-          f"{len(ours)} timed steps per side, torch threads {torch.get_num_threads()}")
+          f"{len(ours)} timed steps per side, torch threads {torch.get_num_threads()}; malloc {malloc}")
     print(f"sslkit engine step  median wall {m_ours * 1000:8.1f} ms   CPU {cpu_ours * 1000:8.1f} ms")
     print(f"bare loop step      median wall {m_bare * 1000:8.1f} ms   CPU {cpu_bare * 1000:8.1f} ms")
     print(f"ratio sslkit / bare = {m_ours / m_bare:.3f} wall, {cpu_ours / cpu_bare:.3f} CPU time  (target <= 1.05)")
