@@ -151,3 +151,35 @@ def test_remove_stale_keeps_what_a_live_process_is_filling(tmp_path):
     finally:
         os.close(fd)
     assert remove_stale(root) == [".tmp-live"]  # the lock is free: its owner is gone
+
+
+# a user's script without the ``if __name__ == "__main__":`` guard: each spawned decode worker re-imports it
+_UNGUARDED = """
+import sys
+import torch
+import sslkit.data.prepare as prepare
+prepare.pool_size = lambda count, workers, **kw: 2  # a decode worker, however small the data
+prepare.PROBE_S = prepare.POOL_PAYOFF_S = 0.0
+from sslkit.config import resolve
+from sslkit.engine import build
+cfg = resolve(dict(task="simclr", data=f"folder:{sys.argv[1]}", out=sys.argv[2], backbone="timm:resnet10t",
+                   batch_size=4, image_size=16, epochs=1, progress=False, device="cpu", cache_dir=sys.argv[3]))
+print("samples", len(build(cfg, torch.device("cpu")).data.prepared))
+"""
+
+
+def test_an_unguarded_script_is_not_rerun_by_a_decode_worker(tmp_path):
+    """The spawned worker re-imported the script, which started a second run there: it waited for the
+    parent's cache lock while the parent waited for it, forever. Now the worker stops in one line and the
+    parent decodes its share."""
+    from sslkit.data.parallel import RERUN_SCRIPT
+    from tests.conftest import make_images
+
+    script = tmp_path / "train.py"
+    script.write_text(_UNGUARDED)
+    images = make_images(tmp_path / "img", n_per_class=8, size=20)
+    proc = subprocess.run([sys.executable, str(script), str(images), str(tmp_path / "run"), str(tmp_path / "cache")],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["samples", "16"]
+    assert proc.stderr.count(RERUN_SCRIPT) == 1, proc.stderr[-3000:]

@@ -33,6 +33,21 @@ def default_workers() -> int:
     return max(1, min(16, n))
 
 
+#: what a spawned worker says when the parent's script, which it re-imports, starts an sslkit run there
+RERUN_SCRIPT = ("sslkit: a worker process re-ran this script's top level, which starts another sslkit run; "
+                "put the script's code under 'if __name__ == \"__main__\":' (this worker stops here, "
+                "the run decodes without it)")
+
+
+def stop_a_rerun_script() -> None:
+    """Exit, with :data:`RERUN_SCRIPT`, where this process is a spawned worker still re-importing its
+    parent's main script (spawn runs it as ``__mp_main__`` before the worker's task). A script without the
+    ``__main__`` guard would start a second run there: waiting for the parent's cache lock, forever, or
+    decoding and training in the worker. The parent's pool breaks and it decodes that share itself."""
+    if getattr(multiprocessing.current_process(), "_inheriting", False):  # set by spawn while it prepares
+        raise SystemExit(RERUN_SCRIPT)
+
+
 def can_spawn() -> bool:
     """Whether spawned workers can re-import ``__main__`` (false for ``python -`` / stdin)."""
     main = sys.modules.get("__main__")

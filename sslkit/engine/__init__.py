@@ -25,7 +25,9 @@ The engine knows no task by name: tasks plug in through ``views``, ``forward`` a
 ``on_step_end`` (see :mod:`sslkit.task`). Everything a step depends on is in a
 checkpoint, so a resumed run repeats the uninterrupted one step for step.
 
-Driving the loop yourself (what ``benchmarks/step_overhead.py`` does)::
+Driving the loop yourself (what ``benchmarks/step_overhead.py`` does; in a script, under
+``if __name__ == "__main__":``, since the first decoding pass spawns worker processes that import the
+script again: an unguarded one's workers stop in one line, :func:`sslkit.data.parallel.stop_a_rerun_script`)::
 
     s = build(cfg, torch.device("cpu"))      # nothing written yet
     state = RunState()

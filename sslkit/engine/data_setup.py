@@ -15,6 +15,7 @@ from typing import Iterator
 
 from sslkit import distributed
 from sslkit.data.loader import BatchLoader
+from sslkit.data.parallel import stop_a_rerun_script
 from sslkit.data.pipeline import LoadedData, load_data
 from sslkit.engine.lock import LOCK_HELD, no_locks_error
 from sslkit.engine.log import note
@@ -29,7 +30,9 @@ CACHE_LOCK = ".sslkit-cache.lock"
 
 def load_run_data(cfg: RunConfig, rank: int, world: int) -> LoadedData:
     """Decode the data; under DDP with a disk cache rank 0 fills the cache, then the others read it
-    (:func:`~sslkit.distributed.rank0_first`: their wait has no collective timeout)."""
+    (:func:`~sslkit.distributed.rank0_first`: their wait has no collective timeout). Not in a decode worker
+    re-importing an unguarded script (:func:`~sslkit.data.parallel.stop_a_rerun_script`)."""
+    stop_a_rerun_script()
     check_cache_size(cfg)  # (build checked it already: for callers that come here alone)
     stored_size = cfg.cache_size or cfg.image_size
 
