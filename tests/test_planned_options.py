@@ -30,7 +30,7 @@ def _recorded(run: Path) -> tuple[dict, list]:
 
 
 #: (task, short-run values, long-run values, the crop scale of its two views in a long run)
-PLANS = [("byol", {"tau_base": 0.999, "min_scale": 0.8}, {"tau_base": 0.996, "min_scale": 0.08}, (0.08, 1.0)),
+PLANS = [("byol", {"tau_base": 0.999, "min_scale": 0.9}, {"tau_base": 0.996, "min_scale": 0.08}, (0.08, 1.0)),
          ("dino", {"momentum": 0.999, "global_scale_min": 0.8}, {"momentum": 0.996, "global_scale_min": 0.4},
           (0.4, 1.0))]
 
@@ -66,13 +66,13 @@ def test_a_short_run_records_the_planned_values_and_a_users_value_stands(images,
     result = cli("pretrain", "--data", images, "--out", tmp_path / "short", "--max-steps", "2", *TINY)
     assert result.exit_code == 0, result.output
     options, scales = _recorded(tmp_path / "short")
-    assert (options["tau_base"], options["min_scale"], scales) == (0.999, 0.8, [[0.8, 1.0]] * 2)
+    assert (options["tau_base"], options["min_scale"], scales) == (0.999, 0.9, [[0.9, 1.0]] * 2)
     assert "tau_base = 0.999" in (tmp_path / "short" / "config.toml").read_text()
     result = cli("pretrain", "--data", images, "--out", tmp_path / "mine", "--max-steps", "2", "--task-opt",
                  "tau_base=0.99", *TINY)
     assert result.exit_code == 0, result.output
     options, scales = _recorded(tmp_path / "mine")
-    assert (options["tau_base"], options["min_scale"], scales) == (0.99, 0.8, [[0.8, 1.0]] * 2)
+    assert (options["tau_base"], options["min_scale"], scales) == (0.99, 0.9, [[0.9, 1.0]] * 2)
 
 
 def test_a_short_dino_run_records_its_gentle_crops_and_slow_teacher(images, tmp_path, cli):
@@ -98,7 +98,23 @@ def test_the_horizon_decides_and_a_resume_keeps_what_its_run_planned(images, tmp
     info = json.loads((run / "run.json").read_text())
     assert info["total_steps"] == 3
     options, scales = _recorded(run)
-    assert (options["tau_base"], options["min_scale"], scales) == (0.999, 0.8, [[0.8, 1.0]] * 2)
+    assert (options["tau_base"], options["min_scale"], scales) == (0.999, 0.9, [[0.9, 1.0]] * 2)
+
+
+def test_a_run_planned_before_a_planned_value_changed_resumes_with_its_own(images, tmp_path, cli, monkeypatch):
+    """byol's short runs planned crops of 0.8-1 until the forty-ninth session (now 0.9-1): a run that
+    recorded 0.8 keeps it when resumed by today's code."""
+    from sslkit_plugins.tasks import byol
+
+    run = tmp_path / "run"
+    with monkeypatch.context() as m:
+        m.setitem(byol.SHORT_RUN, "min_scale", 0.8)
+        assert cli("pretrain", "--data", images, "--out", run, "--max-steps", "2", *TINY).exit_code == 0
+    assert _recorded(run)[1] == [[0.8, 1.0]] * 2
+    result = cli("pretrain", "--resume", run, "--max-steps", "3", "--quiet")
+    assert result.exit_code == 0, result.output
+    options, scales = _recorded(run)
+    assert (options["min_scale"], scales) == (0.8, [[0.8, 1.0]] * 2)
 
 
 @dataclass

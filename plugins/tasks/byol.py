@@ -18,12 +18,14 @@ asymmetric between the two views (blur only for images >= 96 px). 1-channel data
 brightness / contrast / gamma instead of colour operations.
 
 A run of at most ``SHORT_RUN_STEPS`` planned optimizer steps starts instead with gentle crops
-(0.8-1 of the area) and a slow target (tau_base 0.999) (:meth:`BYOL.planned_options`). In a few
+(0.9-1 of the area) and a slow target (tau_base 0.999) (:meth:`BYOL.planned_options`). In a few
 hundred steps the paper's crops and target took a ResNet-18 below its random start on CIFAR-10
-(-4.7 / -4.4 kNN points at 232 steps, -2.6 / -3.6 at ~190, -5.0 / -3.1 at ~900); these kept it
-level or above (+1.1 / +1.7, +0.3 / +0.1, +0.2 / +2.7; BENCHMARKS.md "Recipes, a sixth search" and
-"byol's and dino's defaults follow the run's length"). Beyond, the paper's values: strong crops are
-what these methods learn most from, and a slow target is a known cost of long runs.
+(-4.7 / -4.4 kNN points at 232 steps, -2.6 / -3.6 at ~190, -5.0 / -3.1 at ~900). Crops of 0.8-1 kept
+it level or above (+1.1 / +1.7, +0.3 / +0.1, +0.2 / +2.7; BENCHMARKS.md "Recipes, a sixth search" and
+"byol's and dino's defaults follow the run's length"); 0.9-1 passes it at 150-225 steps (+1.1 / +2.6 at
+220 / 225, +0.8 / +2.5 over 0.8-1 there; BENCHMARKS.md "byol's crops of 0.9-1 for short runs"). Beyond,
+the paper's values: strong crops are what these methods learn most from, and a slow target is a known
+cost of long runs.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ def byol_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
 #: Runs planned for at most this many optimizer steps take ``SHORT_RUN``'s values of the options left at None,
 #: longer ones ``LONG_RUN``'s (the paper's). Measured from 70 to ~900 steps, batch 64 (module docstring).
 SHORT_RUN_STEPS = 1000
-SHORT_RUN = {"tau_base": 0.999, "min_scale": 0.8}
+SHORT_RUN = {"tau_base": 0.999, "min_scale": 0.9}
 LONG_RUN = {"tau_base": 0.996, "min_scale": 0.08}
 
 
@@ -55,7 +57,7 @@ class BYOLOptions:
     proj_hidden_dim: int = 4096  # hidden width of the 2-layer projector MLP (paper: 4096)
     proj_dim: int = 256  # output size of the projector and of the predictor (paper: 256)
     pred_hidden_dim: int = 4096  # hidden width of the 2-layer predictor MLP (paper: 4096)
-    min_scale: float | None = None  # smallest crop area (volumes: volume) fraction; None: 0.8 to 1,000 steps, else 0.08
+    min_scale: float | None = None  # smallest crop area (volumes: volume) fraction; None: 0.9 to 1,000 steps, else 0.08
 
     def __post_init__(self) -> None:
         if self.tau_base is not None and not 0 <= self.tau_base <= 1:
