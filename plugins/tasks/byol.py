@@ -22,8 +22,8 @@ A run of at most ``SHORT_RUN_STEPS`` planned optimizer steps starts instead with
 hundred steps the paper's crops and target took a ResNet-18 below its random start on CIFAR-10
 (-4.7 / -4.4 kNN points at 232 steps, -2.6 / -3.6 at ~190, -5.0 / -3.1 at ~900). Crops of 0.8-1 kept
 it level or above (+1.1 / +1.7, +0.3 / +0.1, +0.2 / +2.7; BENCHMARKS.md "Recipes, a sixth search" and
-"byol's and dino's defaults follow the run's length"); 0.9-1 passes it at 150-225 steps (+1.1 / +2.6 at
-220 / 225, +0.8 / +2.5 over 0.8-1 there; BENCHMARKS.md "byol's crops of 0.9-1 for short runs"). Beyond,
+"byol's and dino's defaults follow the run's length"); 0.9-1 passes it at every seed measured at 150-225
+steps (+1.1 / +2.6 / +1.4 at 220-225; BENCHMARKS.md "byol's crops of 0.9-1 for short runs"). Beyond,
 the paper's values: strong crops are what these methods learn most from, and a slow target is a known
 cost of long runs.
 """
