@@ -158,7 +158,7 @@ _UNGUARDED = """
 import sys
 import torch
 import sslkit.data.prepare as prepare
-prepare.pool_size = lambda count, workers, **kw: 2  # a decode worker, however small the data
+prepare.pool_size = lambda count, workers, **kw: 4  # three decode workers, however small the data
 prepare.PROBE_S = prepare.POOL_PAYOFF_S = 0.0
 from sslkit.config import resolve
 from sslkit.engine import build
@@ -170,8 +170,8 @@ print("samples", len(build(cfg, torch.device("cpu")).data.prepared))
 
 def test_an_unguarded_script_is_not_rerun_by_a_decode_worker(tmp_path):
     """The spawned worker re-imported the script, which started a second run there: it waited for the
-    parent's cache lock while the parent waited for it, forever. Now the worker stops in one line and the
-    parent decodes its share."""
+    parent's cache lock while the parent waited for it, forever. Now the workers stop, the first of them
+    in one line (not one line per worker), and the parent decodes their shares."""
     from sslkit.data.parallel import RERUN_SCRIPT
     from tests.conftest import make_images
 
@@ -183,3 +183,13 @@ def test_an_unguarded_script_is_not_rerun_by_a_decode_worker(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.split() == ["samples", "16"]
     assert proc.stderr.count(RERUN_SCRIPT) == 1, proc.stderr[-3000:]
+
+
+def test_the_workers_shared_mark_lasts_as_long_as_their_pass():
+    from sslkit.data.parallel import RERUN_SAID, spawned_workers
+
+    assert RERUN_SAID not in os.environ
+    with spawned_workers():
+        mark = Path(os.environ[RERUN_SAID])
+        assert mark.parent.is_dir() and not mark.exists()  # no worker has said it yet
+    assert RERUN_SAID not in os.environ and not mark.parent.exists()

@@ -13,9 +13,11 @@ from __future__ import annotations
 import multiprocessing
 import os
 import sys
+import tempfile
+from contextlib import contextmanager
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from typing import Any, Callable, Sequence, TypeVar
+from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -39,13 +41,43 @@ RERUN_SCRIPT = ("sslkit: a worker process re-ran this script's top level, which 
                 "the run decodes without it)")
 
 
+#: the environment variable naming the file whose creation says a worker has shown :data:`RERUN_SCRIPT`
+RERUN_SAID = "SSLKIT_RERUN_SAID"
+
+
 def stop_a_rerun_script() -> None:
     """Exit, with :data:`RERUN_SCRIPT`, where this process is a spawned worker still re-importing its
     parent's main script (spawn runs it as ``__mp_main__`` before the worker's task). A script without the
     ``__main__`` guard would start a second run there: waiting for the parent's cache lock, forever, or
-    decoding and training in the worker. The parent's pool breaks and it decodes that share itself."""
-    if getattr(multiprocessing.current_process(), "_inheriting", False):  # set by spawn while it prepares
-        raise SystemExit(RERUN_SCRIPT)
+    decoding and training in the worker. The parent's pool breaks and it decodes that share itself. Of the
+    workers of one pass (:func:`spawned_workers`) only the first to stop shows the line."""
+    if not getattr(multiprocessing.current_process(), "_inheriting", False):  # set by spawn while it prepares
+        return
+    said = os.environ.get(RERUN_SAID)
+    if said:
+        try:
+            os.close(os.open(said, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            raise SystemExit(1) from None  # another worker of this pass has said it
+        except OSError:
+            pass  # the mark cannot be made: say it anyway
+    raise SystemExit(RERUN_SCRIPT)
+
+
+@contextmanager
+def spawned_workers() -> Iterator[None]:
+    """Around the pools of one pass: the workers it spawns share one :data:`RERUN_SAID` mark, so an unguarded
+    script stopped in each of them is reported once, not once per worker."""
+    previous = os.environ.get(RERUN_SAID)
+    with tempfile.TemporaryDirectory(prefix="sslkit-workers-") as folder:
+        os.environ[RERUN_SAID] = os.path.join(folder, "said")
+        try:
+            yield
+        finally:
+            if previous is None:
+                os.environ.pop(RERUN_SAID, None)
+            else:
+                os.environ[RERUN_SAID] = previous
 
 
 def can_spawn() -> bool:
@@ -74,8 +106,8 @@ def parallel_map(fn: Callable[[T], R], items: Sequence[T], workers: int = 0, chu
     if n > 1:
         chunksize = chunksize or max(1, min(64, len(items) // (n * 8)))
         try:
-            with ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn"),
-                                     initializer=initializer, initargs=initargs) as pool:
+            with spawned_workers(), ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn"),
+                                                        initializer=initializer, initargs=initargs) as pool:
                 return list(pool.map(fn, items, chunksize=chunksize))
         except BrokenProcessPool:
             pass  # e.g. a worker could not start: do the work here

@@ -27,7 +27,7 @@ from sslkit.data.cache import (CACHE_FORMAT, cache_key, discard_entry, disk_full
                                mark_root, open_entry, remove_stale, reserve, resolve_cache_dir)
 from sslkit.data.digest import PROGRESS_FROM, readable
 from sslkit.data.digest import FINGERPRINT_SCHEME, FINGERPRINT_SCHEMES, fingerprint  # noqa: F401 (imported from here)
-from sslkit.data.parallel import pool_size
+from sslkit.data.parallel import pool_size, spawned_workers
 from sslkit.data.quantize import SCALE, to_uint16
 from sslkit.data.resize import resize_axis_aa
 from sslkit.data.room import check_room, sides
@@ -314,26 +314,27 @@ def _shared(source: Source, rest: list[SampleRef], channels: int, size, n: int):
         return
     by_file = bool(getattr(source, "loads_whole_file", False)) and len({r.path for r in rest}) < len(rest)
     chunks = _plan(rest, n, max(1, min(32, len(rest) // (n * 4))), by_file)
-    pools = [_pool(source, channels, size, w) for w in ([1] * (n - 1) if by_file else [n - 1])]
-    ahead = AHEAD * (4 if by_file else 1)
-    pending: dict[int, Any] = {}
-    done = 0
-    try:
-        for k, (owner, part) in enumerate(chunks):
-            busy = Counter(chunks[j][0] for j in pending)
-            for j in range(k, min(len(chunks), k + ahead * n)):  # keep the workers fed
-                who = chunks[j][0]
-                if who and j not in pending and busy[who] < ahead:
-                    pending[j] = pools[(who - 1) % len(pools)].submit(_decode_chunk, chunks[j][1])
-                    busy[who] += 1
-            results = pending.pop(k).result() if owner else _decode_chunk(part)
-            yield from results
-            done += len(part)
-    except BrokenProcessPool:
-        yield from (_decode_one(ref) for ref in rest[done:])  # the rest here
-    finally:  # also when the caller stops early: drop the chunks not started
-        for pool in pools:
-            pool.shutdown(cancel_futures=True)
+    with spawned_workers():  # an unguarded script stopped in each worker: one line, not one per worker
+        pools = [_pool(source, channels, size, w) for w in ([1] * (n - 1) if by_file else [n - 1])]
+        ahead = AHEAD * (4 if by_file else 1)
+        pending: dict[int, Any] = {}
+        done = 0
+        try:
+            for k, (owner, part) in enumerate(chunks):
+                busy = Counter(chunks[j][0] for j in pending)
+                for j in range(k, min(len(chunks), k + ahead * n)):  # keep the workers fed
+                    who = chunks[j][0]
+                    if who and j not in pending and busy[who] < ahead:
+                        pending[j] = pools[(who - 1) % len(pools)].submit(_decode_chunk, chunks[j][1])
+                        busy[who] += 1
+                results = pending.pop(k).result() if owner else _decode_chunk(part)
+                yield from results
+                done += len(part)
+        except BrokenProcessPool:
+            yield from (_decode_one(ref) for ref in rest[done:])  # the rest here
+        finally:  # also when the caller stops early: drop the chunks not started
+            for pool in pools:
+                pool.shutdown(cancel_futures=True)
 
 
 AHEAD = 2  # chunks a worker may be ahead of the results taken (x 4 where it holds whole files)
