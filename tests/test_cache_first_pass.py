@@ -193,3 +193,17 @@ def test_the_workers_shared_mark_lasts_as_long_as_their_pass():
         mark = Path(os.environ[RERUN_SAID])
         assert mark.parent.is_dir() and not mark.exists()  # no worker has said it yet
     assert RERUN_SAID not in os.environ and not mark.parent.exists()
+
+
+def test_without_a_temporary_folder_the_workers_still_run(tmp_path, monkeypatch):
+    import tempfile
+
+    from sslkit.data.parallel import RERUN_SAID, parallel_map, spawned_workers
+
+    def refused(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(tempfile, "mkdtemp", refused)
+    with spawned_workers():
+        assert RERUN_SAID not in os.environ  # each worker would say it: no mark to share
+    assert parallel_map(abs, [-3, 2, -1] * 2, workers=2, min_parallel=1) == [3, 2, 1] * 2

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import shutil
 import sys
 import tempfile
 from contextlib import contextmanager
@@ -68,16 +69,21 @@ def stop_a_rerun_script() -> None:
 def spawned_workers() -> Iterator[None]:
     """Around the pools of one pass: the workers it spawns share one :data:`RERUN_SAID` mark, so an unguarded
     script stopped in each of them is reported once, not once per worker."""
+    try:
+        folder = tempfile.mkdtemp(prefix="sslkit-workers-")
+    except OSError:  # no temporary folder (a full or read-only one): each worker says it
+        yield
+        return
     previous = os.environ.get(RERUN_SAID)
-    with tempfile.TemporaryDirectory(prefix="sslkit-workers-") as folder:
-        os.environ[RERUN_SAID] = os.path.join(folder, "said")
-        try:
-            yield
-        finally:
-            if previous is None:
-                os.environ.pop(RERUN_SAID, None)
-            else:
-                os.environ[RERUN_SAID] = previous
+    os.environ[RERUN_SAID] = os.path.join(folder, "said")
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(RERUN_SAID, None)
+        else:
+            os.environ[RERUN_SAID] = previous
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def can_spawn() -> bool:
