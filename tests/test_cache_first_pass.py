@@ -158,7 +158,7 @@ _UNGUARDED = """
 import sys
 import torch
 import sslkit.data.prepare as prepare
-prepare.pool_size = lambda count, workers, **kw: 4  # three decode workers, however small the data
+prepare.pool_size = lambda count, workers, **kw: 3  # two decode workers, however small the data
 prepare.PROBE_S = prepare.POOL_PAYOFF_S = 0.0
 from sslkit.config import resolve
 from sslkit.engine import build
