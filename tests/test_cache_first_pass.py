@@ -195,13 +195,14 @@ def test_the_workers_shared_mark_lasts_as_long_as_their_pass():
     assert RERUN_SAID not in os.environ and not mark.parent.exists()
 
 
-def test_without_a_temporary_folder_the_workers_still_run(tmp_path, monkeypatch):
+def test_without_a_temporary_folder_the_workers_still_run(monkeypatch):
+    import errno
     import tempfile
 
     from sslkit.data.parallel import RERUN_SAID, parallel_map, spawned_workers
 
     def refused(*a, **k):
-        raise OSError(28, "No space left on device")
+        raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(tempfile, "mkdtemp", refused)
     with spawned_workers():
