@@ -90,19 +90,7 @@ def preview(src: str, out: str | Path, options: dict[str, Any] | None = None, sa
     if not refs:
         raise UsageError(f"no images found in {src!r}")
     mode = sample_mode(source)
-    channels = majority_channels(source, refs)  # as the run would train: grey and colour mixed are one kind
-    picked, arrays = [], []
-    first = spread(len(refs), samples)  # then the others, in place of any that does not decode
-    chosen = set(first)
-    for ref in [refs[i] for i in first] + [r for i, r in enumerate(refs) if i not in chosen]:
-        try:
-            x = to_channels(source.load(ref), channels)
-        except Exception:
-            continue
-        arrays.append(x if mode.volumetric else resize_square(x.astype(np.float32), image_size))
-        picked.append(ref)
-        if len(arrays) == samples:
-            break
+    picked, arrays = pick(source, refs, samples, mode, image_size)
     if not arrays:
         raise UsageError(f"no decodable sample in {src!r}")
     torch.manual_seed(seed)
@@ -134,6 +122,26 @@ def preview(src: str, out: str | Path, options: dict[str, Any] | None = None, sa
         plt.close(fig)
     return {"samples": len(arrays), "out": str(out), "sample": mode.describe().get("sample", "slice"),
             "value_range": [low, high] if rescaled else [0.0, 1.0]}
+
+
+def pick(source, refs: list, samples: int, mode, image_size: int) -> tuple[list, list[np.ndarray]]:
+    """Up to ``samples`` references spread over ``refs`` (:func:`spread`; the others, in order, in place of any
+    that does not decode) and their arrays, in the channels the run would train with (grey and colour mixed are
+    one kind), images resized to ``image_size``."""
+    channels = majority_channels(source, refs)
+    picked, arrays = [], []
+    first = spread(len(refs), samples)
+    chosen = set(first)
+    for ref in [refs[i] for i in first] + [r for i, r in enumerate(refs) if i not in chosen]:
+        try:
+            x = to_channels(source.load(ref), channels)
+        except Exception:  # a sheet of what decodes: `sslkit data inspect` lists the others, with reasons
+            continue
+        arrays.append(x if mode.volumetric else resize_square(x.astype(np.float32), image_size))
+        picked.append(ref)
+        if len(arrays) == samples:
+            break
+    return picked, arrays
 
 
 def spread(n: int, samples: int) -> list[int]:
